@@ -1,0 +1,144 @@
+#!/usr/bin/env bash
+# Runs every check of the project: the one command CI runs (.ci/run) and the one a new
+# contributor runs on a fresh Debian 12 machine, as root (or with sudo).
+#
+#   scripts/test.sh                 # install what is missing, fmt, clippy, all tests
+#   scripts/test.sh -- FILTER...    # extra arguments after -- go to the test runner
+#
+# The integration tests mount real FUSE filesystems (/dev/fuse, root). Each test unmounts what
+# it mounted even when it fails and has time limits (tests/common/mod.rs); this script adds a
+# per-test kill switch (.config/nextest.toml) and, on exit, lazily unmounts anything a killed
+# test left behind.
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+section() { printf '\n==== %s ====\n' "$*"; }
+
+runner_args=()
+if [[ "${1:-}" == "--" ]]; then
+    shift
+    runner_args=("$@")
+fi
+
+SUDO=()
+if [[ "$(id -u)" -ne 0 ]]; then
+    SUDO=(sudo)
+fi
+
+# ---------------------------------------------------------------------------------------------
+section "system packages"
+# ---------------------------------------------------------------------------------------------
+APT_UPDATED=0
+apt_install() {
+    if [[ "$APT_UPDATED" -eq 0 ]]; then
+        "${SUDO[@]}" apt-get update -qq
+        APT_UPDATED=1
+    fi
+    echo "installing: $*"
+    DEBIAN_FRONTEND=noninteractive "${SUDO[@]}" apt-get install -y -qq --no-install-recommends "$@"
+}
+
+missing=()
+# fuse3: fusermount3, for mounting as a non-root user (as root cmkfs calls mount(2) itself).
+command -v fusermount3 >/dev/null 2>&1 || missing+=(fuse3)
+# openssl: reference numbers and test fixtures.
+command -v openssl >/dev/null 2>&1 || missing+=(openssl)
+# Later issues add their tools here, e.g.:
+#   PKCS#11 vault tests:  command -v softhsm2-util >/dev/null 2>&1 || missing+=(softhsm2)
+#   comparison benches:   command -v gocryptfs >/dev/null 2>&1 || missing+=(gocryptfs)
+#                         command -v fio >/dev/null 2>&1 || missing+=(fio)
+#   Python SDK tests:     command -v python3 >/dev/null 2>&1 || missing+=(python3 python3-venv)
+if [[ ${#missing[@]} -gt 0 ]]; then
+    apt_install "${missing[@]}"
+else
+    echo "all present"
+fi
+
+# Python venv for SDK interoperability tests (later issues): create it here, e.g.
+#   python3 -m venv .venv && .venv/bin/pip install -q -r tests/python/requirements.txt
+
+if [[ ! -c /dev/fuse ]]; then
+    "${SUDO[@]}" modprobe fuse 2>/dev/null || true
+fi
+if [[ ! -c /dev/fuse ]]; then
+    echo "error: /dev/fuse is missing; the mount tests need FUSE (modprobe fuse, or run the" \
+        "container with --device /dev/fuse --cap-add SYS_ADMIN)" >&2
+    exit 1
+fi
+# fusectl lets the test harness abort a hung FUSE connection instead of hanging.
+if [[ -d /sys/fs/fuse/connections ]] && ! grep -q ' - fusectl ' /proc/self/mountinfo; then
+    "${SUDO[@]}" mount -t fusectl fusectl /sys/fs/fuse/connections 2>/dev/null || true
+fi
+
+# ---------------------------------------------------------------------------------------------
+section "toolchain"
+# ---------------------------------------------------------------------------------------------
+if ! command -v cargo >/dev/null 2>&1 && [[ -x "$HOME/.cargo/bin/cargo" ]]; then
+    export PATH="$HOME/.cargo/bin:$PATH"
+fi
+if ! command -v cargo >/dev/null 2>&1; then
+    echo "error: cargo not found; install Rust >= 1.85 with rustup (https://rustup.rs):" >&2
+    echo "  curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y" >&2
+    exit 1
+fi
+for component in rustfmt clippy; do
+    if ! cargo "${component/rustfmt/fmt}" --version >/dev/null 2>&1; then
+        if command -v rustup >/dev/null 2>&1; then
+            rustup component add "$component"
+        else
+            echo "error: cargo ${component/rustfmt/fmt} is missing and rustup is not available" >&2
+            exit 1
+        fi
+    fi
+done
+cargo --version
+
+# ---------------------------------------------------------------------------------------------
+# Stale mounts: a test killed by the runner (timeout, SIGKILL) cannot run its own cleanup.
+# Abort the FUSE connection (so nothing stays blocked on a dead daemon), then detach the mount.
+# Only mounts under the temp dir whose path says they are ours (tests/common: cmkfs-test-*).
+# ---------------------------------------------------------------------------------------------
+cleanup_stale_mounts() {
+    local tmp="${TMPDIR:-/tmp}"
+    tmp="${tmp%/}"
+    # mountinfo: field 3 is major:minor, field 5 the mount point; the fstype follows " - ".
+    awk -v tmp="$tmp/" '
+        { split($0, halves, " - "); split(halves[2], right, " ") }
+        right[1] ~ /^fuse/ && index($5, tmp) == 1 && $5 ~ /cmkfs-test-/ { print $3, $5 }
+    ' /proc/self/mountinfo | sort -r -k2 | while read -r devno mnt; do
+        local major="${devno%%:*}" minor="${devno##*:}"
+        local conn=$(( (major << 20) | minor ))
+        echo "cleanup: stale mount $mnt (FUSE connection $conn)"
+        if [[ -w "/sys/fs/fuse/connections/$conn/abort" ]]; then
+            echo 1 >"/sys/fs/fuse/connections/$conn/abort" || true
+        fi
+        "${SUDO[@]}" umount -l "$mnt" 2>/dev/null || true
+    done
+}
+trap cleanup_stale_mounts EXIT
+
+# ---------------------------------------------------------------------------------------------
+section "cargo fmt --check"
+# ---------------------------------------------------------------------------------------------
+cargo fmt --all -- --check
+
+# ---------------------------------------------------------------------------------------------
+section "cargo clippy -D warnings"
+# ---------------------------------------------------------------------------------------------
+cargo clippy --all-targets -- -D warnings
+
+# ---------------------------------------------------------------------------------------------
+section "tests"
+# ---------------------------------------------------------------------------------------------
+if cargo nextest --version >/dev/null 2>&1; then
+    # Per-test timeouts and the mount test group live in .config/nextest.toml.
+    cargo nextest run --no-fail-fast "${runner_args[@]}"
+    # nextest does not run doctests.
+    cargo test --doc
+else
+    echo "(cargo-nextest not installed: using cargo test; no per-test kill switch)"
+    cargo test --no-fail-fast -- --test-threads=2 "${runner_args[@]}"
+fi
+
+section "all checks passed"

@@ -1,0 +1,43 @@
+//! The command line: parses, calls the library, prints. No logic of its own.
+
+mod bench;
+mod vault;
+mod volume;
+
+use clap::{Parser, Subcommand};
+
+/// Transparent-encryption filesystem with customer-managed, revocable keys.
+#[derive(Parser, Debug)]
+#[command(name = "cmkfs", version, about, propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Create a new encrypted volume in an empty backing directory.
+    Init(volume::InitArgs),
+    /// Mount a volume (daemonizes and returns once the mount is ready).
+    Mount(volume::MountArgs),
+    /// Unmount a mounted volume.
+    Umount(volume::UmountArgs),
+    /// Show a volume's header (never the key).
+    Info(volume::InfoArgs),
+    /// Manage the vault: keys and their versions.
+    Vault(vault::VaultArgs),
+    /// Measure throughput.
+    Bench(bench::BenchArgs),
+}
+
+/// Runs the parsed command line.
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Init(a) => volume::init(a),
+        Command::Mount(a) => volume::mount(a),
+        Command::Umount(a) => volume::umount(a),
+        Command::Info(a) => volume::info(a),
+        Command::Vault(a) => vault::run(a),
+        Command::Bench(a) => bench::run(a),
+    }
+}

@@ -1,0 +1,789 @@
+//! `cmkfs vault ...`: keys, identities, access policies, settings and the audit log of the
+//! embedded vault. Parses and prints; the rules live in `vault::local`.
+
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context as _};
+use clap::{ArgGroup, Args, Subcommand, ValueEnum};
+use serde::Serialize;
+
+use crate::fsutil::create_private_dir;
+use crate::home::Home;
+use crate::vault::local::{AuditEvent, ConfigUpdate, LocalVault, PolicyScope};
+use crate::vault::{
+    CreateKeyOptions, Credential, DeletedKeyInfo, ImportKeyOptions, KeyInfo, KeyUpdate,
+    Permission, Vault, VaultProperties, WrapAlg,
+};
+
+/// Vault administration.
+#[derive(Args, Debug)]
+pub struct VaultArgs {
+    /// Act as the identity of this credential file (its access policies apply) instead of
+    /// the vault owner.
+    #[arg(long, global = true, value_name = "FILE")]
+    credential: Option<PathBuf>,
+    #[command(subcommand)]
+    command: VaultCommand,
+}
+
+#[derive(Subcommand, Debug)]
+enum VaultCommand {
+    /// Keys and their versions.
+    #[command(subcommand)]
+    Key(KeyCommand),
+    /// Identities that may use the vault (each with a credential file).
+    #[command(subcommand)]
+    Identity(IdentityCommand),
+    /// Access policies: identity × key → permissions.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+    /// Show or change vault settings (soft-delete retention, purge protection).
+    Config(ConfigArgs),
+    /// Read the audit log (one line per vault operation).
+    Audit(AuditArgs),
+}
+
+#[derive(Subcommand, Debug)]
+enum KeyCommand {
+    /// Create a key (RSA, its first version).
+    Create {
+        /// Key name: 1-127 letters, digits and dashes.
+        name: String,
+        /// RSA modulus size: 2048, 3072 or 4096.
+        #[arg(long, default_value_t = 3072, value_name = "BITS")]
+        key_size: u32,
+        /// Default wrap algorithm recorded for the key.
+        #[arg(long, value_enum, default_value_t = AlgArg::RsaOaep256)]
+        alg: AlgArg,
+        /// Print the new version as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Import an RSA private key (PKCS#8 PEM/DER, or PKCS#1 PEM) as a new version.
+    Import {
+        /// Key name (created when absent).
+        name: String,
+        /// The private key file.
+        #[arg(long, value_name = "FILE")]
+        file: PathBuf,
+        /// Default wrap algorithm recorded for the key.
+        #[arg(long, value_enum, default_value_t = AlgArg::RsaOaep256)]
+        alg: AlgArg,
+        /// Print the new version as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List keys (their latest versions).
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one version (the latest by default), disabled ones included.
+    #[command(disable_version_flag = true)]
+    Show {
+        /// Key name.
+        name: String,
+        /// Version id (32 hex digits).
+        #[arg(long, value_name = "V")]
+        version: Option<String>,
+        /// Print JSON (with the full versioned `kid`).
+        #[arg(long)]
+        json: bool,
+    },
+    /// List every version of a key, oldest first.
+    Versions {
+        /// Key name.
+        name: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Add a new version with the same size and operations.
+    Rotate {
+        /// Key name.
+        name: String,
+        /// Print the new version as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Change a version's attributes.
+    #[command(disable_version_flag = true, group(ArgGroup::new("change").required(true).multiple(true)
+        .args(["enable", "disable", "nbf", "exp", "key_ops"])))]
+    Update {
+        /// Key name.
+        name: String,
+        /// Version id (the latest by default).
+        #[arg(long, value_name = "V")]
+        version: Option<String>,
+        /// Enable the version.
+        #[arg(long, conflicts_with = "disable")]
+        enable: bool,
+        /// Disable the version: every operation with it is refused.
+        #[arg(long)]
+        disable: bool,
+        /// Not-before: RFC 3339 time, `now`, `+DURATION`, `-DURATION`, `@UNIXSECS` or `none`.
+        #[arg(long, value_name = "T", allow_hyphen_values = true)]
+        nbf: Option<String>,
+        /// Expiry, same forms as --nbf.
+        #[arg(long, value_name = "T", allow_hyphen_values = true)]
+        exp: Option<String>,
+        /// Permitted operations, comma-separated (wrapKey,unwrapKey,...).
+        #[arg(long, value_name = "OPS", value_delimiter = ',')]
+        key_ops: Option<Vec<String>>,
+        /// Print the updated version as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Soft-delete a key: recoverable until the retention period ends.
+    Delete {
+        /// Key name.
+        name: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List soft-deleted keys.
+    ListDeleted {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a soft-deleted key.
+    ShowDeleted {
+        /// Key name.
+        name: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Undo a soft delete.
+    Recover {
+        /// Key name.
+        name: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a soft-deleted key for good (refused under purge protection until the
+    /// retention period has passed).
+    Purge {
+        /// Key name.
+        name: String,
+    },
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum AlgArg {
+    /// RSA-OAEP with SHA-256.
+    #[value(name = "RSA-OAEP-256")]
+    RsaOaep256,
+    /// RSA-OAEP with SHA-1 (for HSMs without SHA-2 OAEP).
+    #[value(name = "RSA-OAEP")]
+    RsaOaep,
+}
+
+impl From<AlgArg> for WrapAlg {
+    fn from(a: AlgArg) -> WrapAlg {
+        match a {
+            AlgArg::RsaOaep256 => WrapAlg::RsaOaep256,
+            AlgArg::RsaOaep => WrapAlg::RsaOaep,
+        }
+    }
+}
+
+#[derive(Subcommand, Debug)]
+enum IdentityCommand {
+    /// Create an identity and write its credential file (0600).
+    Create {
+        /// Identity name: 1-127 letters, digits and dashes.
+        name: String,
+        /// Where to write the credential (default `$CMKFS_HOME/credentials/NAME.json`).
+        #[arg(long, value_name = "FILE")]
+        credential_file: Option<PathBuf>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List identities.
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete an identity and its policies: its credential stops working at once.
+    Delete {
+        /// Identity name.
+        name: String,
+    },
+}
+
+#[derive(Args, Debug)]
+#[command(group(ArgGroup::new("scope").required(true).args(["key", "all_keys"])))]
+struct ScopeArgs {
+    /// The key the policy covers.
+    #[arg(long, value_name = "NAME")]
+    key: Option<String>,
+    /// The policy covers every key, present and future.
+    #[arg(long)]
+    all_keys: bool,
+}
+
+impl ScopeArgs {
+    fn scope(&self) -> PolicyScope {
+        match &self.key {
+            Some(k) if !self.all_keys => PolicyScope::Key(k.clone()),
+            _ => PolicyScope::AllKeys,
+        }
+    }
+}
+
+#[derive(Subcommand, Debug)]
+enum PolicyCommand {
+    /// Set (replace) an identity's permissions on a key or on all keys.
+    Set {
+        /// Identity name.
+        identity: String,
+        #[command(flatten)]
+        scope: ScopeArgs,
+        /// Comma-separated: get, list, wrapKey, unwrapKey, update, create, import, delete,
+        /// recover, purge, rotate, or `all`.
+        #[arg(long, value_name = "PERMS", value_delimiter = ',', required = true)]
+        permissions: Vec<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove an identity's policy on a key or on all keys.
+    Remove {
+        /// Identity name.
+        identity: String,
+        #[command(flatten)]
+        scope: ScopeArgs,
+    },
+    /// List access policies.
+    List {
+        /// Only this identity's policies.
+        #[arg(long, value_name = "NAME")]
+        identity: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args, Debug)]
+struct ConfigArgs {
+    /// Days a deleted key stays recoverable (7-90); applies to keys deleted from now on.
+    #[arg(long, value_name = "N")]
+    retention_days: Option<u32>,
+    /// `on` turns purge protection on; it can never be turned off again.
+    #[arg(long, value_enum, value_name = "on")]
+    purge_protection: Option<OnOff>,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum OnOff {
+    On,
+    Off,
+}
+
+#[derive(Args, Debug)]
+struct AuditArgs {
+    /// Keep reading: print new events as they are written (stop with Ctrl-C).
+    #[arg(long)]
+    follow: bool,
+    /// Print the events as JSON lines (as stored).
+    #[arg(long)]
+    json: bool,
+    /// Only events about this key.
+    #[arg(long, value_name = "NAME")]
+    key: Option<String>,
+    /// Only events by this identity (`owner` for the vault owner).
+    #[arg(long, value_name = "NAME")]
+    identity: Option<String>,
+    /// Only failed operations.
+    #[arg(long)]
+    failures: bool,
+    /// Only the last N matching events (before following).
+    #[arg(long, value_name = "N")]
+    tail: Option<usize>,
+}
+
+/// Runs `cmkfs vault ...`.
+pub fn run(a: VaultArgs) -> anyhow::Result<()> {
+    let home = Home::from_env();
+    let vault = match &a.credential {
+        Some(path) => LocalVault::open_with_credential(&home.vault_dir(), &Credential::load(path)?)?,
+        None => LocalVault::open(&home.vault_dir())?,
+    };
+    match a.command {
+        VaultCommand::Key(k) => key(&vault, k),
+        VaultCommand::Identity(i) => identity(&vault, &home, i),
+        VaultCommand::Policy(p) => policy(&vault, p),
+        VaultCommand::Config(c) => config(&vault, c),
+        VaultCommand::Audit(a) => audit(&vault, a),
+    }
+}
+
+fn key(v: &LocalVault, cmd: KeyCommand) -> anyhow::Result<()> {
+    match cmd {
+        KeyCommand::Create { name, key_size, alg, json } => {
+            let info = v.create_key(&name, &CreateKeyOptions { key_size, wrap_alg: alg.into() })?;
+            print_key(&info, json, "created")
+        }
+        KeyCommand::Import { name, file, alg, json } => {
+            let bytes = zeroize::Zeroizing::new(
+                std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?,
+            );
+            let der = crate::vault::local::read_private_key(&bytes)
+                .with_context(|| format!("cannot import {}", file.display()))?;
+            let info = v.import_key(&name, &der, &ImportKeyOptions { wrap_alg: alg.into() })?;
+            print_key(&info, json, "imported")
+        }
+        KeyCommand::List { json } => {
+            let keys = v.list_keys()?;
+            if json {
+                return print_json(&keys);
+            }
+            if keys.is_empty() {
+                println!("no keys (create one with `cmkfs vault key create NAME`)");
+                return Ok(());
+            }
+            print_table(
+                &["NAME", "LATEST VERSION", "SIZE", "ENABLED", "EXPIRES", "UPDATED"],
+                keys.iter().map(|k| {
+                    vec![
+                        k.name.clone(),
+                        k.version.clone(),
+                        k.key_size.to_string(),
+                        yes_no(k.enabled).into(),
+                        opt_time(k.exp),
+                        time(k.updated),
+                    ]
+                }),
+            );
+            Ok(())
+        }
+        KeyCommand::Show { name, version, json } => {
+            let info = v.describe_key(&name, version.as_deref())?;
+            print_key(&info, json, "")
+        }
+        KeyCommand::Versions { name, json } => {
+            let versions = v.list_key_versions(&name)?;
+            if json {
+                return print_json(&versions);
+            }
+            print_table(
+                &["VERSION", "SIZE", "ENABLED", "NOT BEFORE", "EXPIRES", "CREATED"],
+                versions.iter().map(|k| {
+                    vec![
+                        k.version.clone(),
+                        k.key_size.to_string(),
+                        yes_no(k.enabled).into(),
+                        opt_time(k.nbf),
+                        opt_time(k.exp),
+                        time(k.created),
+                    ]
+                }),
+            );
+            Ok(())
+        }
+        KeyCommand::Rotate { name, json } => {
+            let info = v.rotate_key(&name)?;
+            print_key(&info, json, "rotated")
+        }
+        KeyCommand::Update { name, version, enable, disable, nbf, exp, key_ops, json } => {
+            let upd = KeyUpdate {
+                enabled: if enable { Some(true) } else if disable { Some(false) } else { None },
+                nbf: nbf.as_deref().map(|t| parse_time(t).context("--nbf")).transpose()?,
+                exp: exp.as_deref().map(|t| parse_time(t).context("--exp")).transpose()?,
+                key_ops: key_ops.map(|ops| ops.into_iter().map(|o| o.trim().to_string()).collect()),
+            };
+            let info = v.update_key(&name, version.as_deref(), &upd)?;
+            print_key(&info, json, "updated")
+        }
+        KeyCommand::Delete { name, json } => {
+            let d = v.delete_key(&name)?;
+            if json {
+                return print_json(&d);
+            }
+            println!(
+                "deleted key {name}: recoverable until {} (`cmkfs vault key recover {name}`)",
+                time(d.scheduled_purge_date)
+            );
+            Ok(())
+        }
+        KeyCommand::ListDeleted { json } => {
+            let keys = v.list_deleted_keys()?;
+            if json {
+                return print_json(&keys);
+            }
+            if keys.is_empty() {
+                println!("no deleted keys");
+                return Ok(());
+            }
+            print_table(
+                &["NAME", "DELETED", "SCHEDULED PURGE", "RECOVERY ID"],
+                keys.iter().map(|d| {
+                    vec![d.key.name.clone(), time(d.deleted_date), time(d.scheduled_purge_date), d.recovery_id.clone()]
+                }),
+            );
+            Ok(())
+        }
+        KeyCommand::ShowDeleted { name, json } => {
+            let d = v.get_deleted_key(&name)?;
+            print_deleted(&d, json)
+        }
+        KeyCommand::Recover { name, json } => {
+            let info = v.recover_deleted_key(&name)?;
+            print_key(&info, json, "recovered")
+        }
+        KeyCommand::Purge { name } => {
+            v.purge_deleted_key(&name)?;
+            println!("purged key {name}: its versions are gone for good");
+            Ok(())
+        }
+    }
+}
+
+fn identity(v: &LocalVault, home: &Home, cmd: IdentityCommand) -> anyhow::Result<()> {
+    match cmd {
+        IdentityCommand::Create { name, credential_file, json } => {
+            let path = match credential_file {
+                Some(p) => p,
+                None => {
+                    let dir = home.root().join("credentials");
+                    create_private_dir(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+                    dir.join(format!("{name}.json"))
+                }
+            };
+            // Checked first so that a refused file leaves no identity behind.
+            if path.exists() {
+                bail!("credential file {} already exists: choose another with --credential-file", path.display());
+            }
+            let (info, cred) = v.create_identity(&name)?;
+            if let Err(e) = cred.save_new(&path) {
+                // Undo: an identity nobody holds a credential for is of no use.
+                let _ = v.delete_identity(&name);
+                return Err(e.into());
+            }
+            if json {
+                #[derive(Serialize)]
+                struct Out<'a> {
+                    name: &'a str,
+                    created: u64,
+                    credential_file: &'a std::path::Path,
+                }
+                return print_json(&Out { name: &info.name, created: info.created, credential_file: &path });
+            }
+            println!(
+                "created identity {name}; credential written to {} (keep it secret: it carries the \
+                 identity's permissions; grant some with `cmkfs vault policy set {name} ...`)",
+                path.display()
+            );
+            Ok(())
+        }
+        IdentityCommand::List { json } => {
+            let ids = v.list_identities()?;
+            if json {
+                return print_json(&ids);
+            }
+            if ids.is_empty() {
+                println!("no identities (create one with `cmkfs vault identity create NAME`)");
+                return Ok(());
+            }
+            print_table(&["NAME", "CREATED"], ids.iter().map(|i| vec![i.name.clone(), time(i.created)]));
+            Ok(())
+        }
+        IdentityCommand::Delete { name } => {
+            v.delete_identity(&name)?;
+            println!("deleted identity {name}: its credential no longer works");
+            Ok(())
+        }
+    }
+}
+
+fn policy(v: &LocalVault, cmd: PolicyCommand) -> anyhow::Result<()> {
+    match cmd {
+        PolicyCommand::Set { identity, scope, permissions, json } => {
+            let mut perms = Vec::new();
+            for p in &permissions {
+                if p.trim().eq_ignore_ascii_case("all") {
+                    perms.extend(Permission::ALL);
+                } else {
+                    perms.push(p.parse::<Permission>()?);
+                }
+            }
+            let pol = v.set_policy(&identity, &scope.scope(), &perms)?;
+            if json {
+                return print_json(&pol);
+            }
+            println!("{} may {} on {}", pol.identity, join_perms(&pol.permissions), scope_text(&pol.key));
+            Ok(())
+        }
+        PolicyCommand::Remove { identity, scope } => {
+            let s = scope.scope();
+            v.remove_policy(&identity, &s)?;
+            println!(
+                "removed the policy of {identity} on {}",
+                match &s {
+                    PolicyScope::AllKeys => "all keys".to_string(),
+                    PolicyScope::Key(k) => format!("key {k}"),
+                }
+            );
+            Ok(())
+        }
+        PolicyCommand::List { identity, json } => {
+            let pols = v.list_policies(identity.as_deref())?;
+            if json {
+                return print_json(&pols);
+            }
+            if pols.is_empty() {
+                println!("no access policies");
+                return Ok(());
+            }
+            print_table(
+                &["IDENTITY", "KEY", "PERMISSIONS"],
+                pols.iter().map(|p| vec![p.identity.clone(), p.key.clone(), join_perms(&p.permissions)]),
+            );
+            Ok(())
+        }
+    }
+}
+
+fn config(v: &LocalVault, c: ConfigArgs) -> anyhow::Result<()> {
+    let props = if c.retention_days.is_none() && c.purge_protection.is_none() {
+        v.config()?
+    } else {
+        v.configure(&ConfigUpdate {
+            retention_days: c.retention_days,
+            purge_protection: c.purge_protection.map(|p| matches!(p, OnOff::On)),
+        })?
+    };
+    if c.json {
+        return print_json(&props);
+    }
+    print_props(&props);
+    Ok(())
+}
+
+fn audit(v: &LocalVault, a: AuditArgs) -> anyhow::Result<()> {
+    let mut reader = v.audit_reader()?;
+    let key_prefix = a.key.as_ref().map(|k| format!("{}/keys/{k}", crate::vault::local::URL));
+    let deleted_prefix = a.key.as_ref().map(|k| format!("{}/deletedkeys/{k}", crate::vault::local::URL));
+    let keep = |ev: &AuditEvent| {
+        let id_matches = |prefix: &Option<String>| {
+            prefix.as_ref().is_some_and(|p| {
+                ev.properties.id == *p || ev.properties.id.starts_with(&format!("{p}/"))
+            })
+        };
+        (a.key.is_none() || id_matches(&key_prefix) || id_matches(&deleted_prefix))
+            && a.identity.as_ref().is_none_or(|i| &ev.identity == i)
+            && (!a.failures || !ev.succeeded())
+    };
+    let mut first: Vec<AuditEvent> = reader.read_new()?.into_iter().filter(|e| keep(e)).collect();
+    if let Some(n) = a.tail {
+        let skip = first.len().saturating_sub(n);
+        first.drain(..skip);
+    }
+    let out = std::io::stdout();
+    let print = |events: &[AuditEvent]| -> anyhow::Result<()> {
+        let mut out = out.lock();
+        for ev in events {
+            if a.json {
+                writeln!(out, "{}", serde_json::to_string(ev)?)?;
+            } else {
+                write!(
+                    out,
+                    "{}  {:<16} {:<12} {} {}  {}  {}ms",
+                    ev.time,
+                    ev.operation_name,
+                    ev.identity,
+                    ev.result_type,
+                    ev.properties.http_status_code,
+                    ev.properties.id,
+                    ev.duration_ms
+                )?;
+                if !ev.result_description.is_empty() {
+                    write!(out, "  {}", ev.result_description)?;
+                }
+                writeln!(out)?;
+            }
+        }
+        out.flush()?;
+        Ok(())
+    };
+    print(&first)?;
+    while a.follow {
+        std::thread::sleep(Duration::from_millis(300));
+        let new: Vec<AuditEvent> = reader.read_new()?.into_iter().filter(|e| keep(e)).collect();
+        print(&new)?;
+    }
+    Ok(())
+}
+
+/// Parses a time argument into Unix seconds (`None` for `none`).
+fn parse_time(t: &str) -> anyhow::Result<Option<u64>> {
+    let t = t.trim();
+    let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
+    let bad = || {
+        anyhow::anyhow!(
+            "invalid time {t:?}: use RFC 3339 (2030-01-31T12:00:00Z), now, +DURATION, -DURATION (e.g. +30d), @UNIXSECS or none"
+        )
+    };
+    if t.eq_ignore_ascii_case("none") {
+        return Ok(None);
+    }
+    if t.eq_ignore_ascii_case("now") {
+        return Ok(Some(now));
+    }
+    if let Some(d) = t.strip_prefix('+') {
+        let d = humantime::parse_duration(d).map_err(|_| bad())?;
+        return Ok(Some(now.saturating_add(d.as_secs())));
+    }
+    if let Some(d) = t.strip_prefix('-') {
+        let d = humantime::parse_duration(d).map_err(|_| bad())?;
+        return Ok(Some(now.saturating_sub(d.as_secs())));
+    }
+    if let Some(s) = t.strip_prefix('@') {
+        return s.parse::<u64>().map(Some).map_err(|_| bad());
+    }
+    let st = humantime::parse_rfc3339_weak(t).map_err(|_| bad())?;
+    Ok(Some(st.duration_since(UNIX_EPOCH).map_err(|_| bad())?.as_secs()))
+}
+
+fn time(t: u64) -> String {
+    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(t)).to_string()
+}
+
+fn opt_time(t: Option<u64>) -> String {
+    t.map_or_else(|| "-".to_string(), time)
+}
+
+fn yes_no(b: bool) -> &'static str {
+    if b {
+        "yes"
+    } else {
+        "no"
+    }
+}
+
+fn join_perms(p: &[Permission]) -> String {
+    p.iter().map(|p| p.as_str()).collect::<Vec<_>>().join(",")
+}
+
+fn scope_text(key: &str) -> String {
+    if key == "*" {
+        "all keys".into()
+    } else {
+        format!("key {key}")
+    }
+}
+
+fn print_json<T: Serialize + ?Sized>(v: &T) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+fn print_key(k: &KeyInfo, json: bool, verb: &str) -> anyhow::Result<()> {
+    if json {
+        return print_json(k);
+    }
+    if !verb.is_empty() {
+        println!("{verb} {}", k.kid);
+    }
+    let rows = [
+        ("kid", k.kid.clone()),
+        ("name", k.name.clone()),
+        ("version", k.version.clone()),
+        ("type", format!("{} {}", k.kty, k.key_size)),
+        ("enabled", yes_no(k.enabled).into()),
+        ("not before", opt_time(k.nbf)),
+        ("expires", opt_time(k.exp)),
+        ("key_ops", k.key_ops.join(",")),
+        ("wrap alg", k.wrap_alg.to_string()),
+        ("origin", if k.imported { "imported" } else { "generated in the vault" }.into()),
+        ("created", time(k.created)),
+        ("updated", time(k.updated)),
+        ("recovery", format!("{} ({} days)", k.recovery_level, k.recoverable_days)),
+    ];
+    for (label, value) in rows {
+        println!("{:<12}{value}", format!("{label}:"));
+    }
+    Ok(())
+}
+
+fn print_deleted(d: &DeletedKeyInfo, json: bool) -> anyhow::Result<()> {
+    if json {
+        return print_json(d);
+    }
+    println!("{:<17}{}", "recovery id:", d.recovery_id);
+    println!("{:<17}{}", "deleted:", time(d.deleted_date));
+    println!("{:<17}{}", "scheduled purge:", time(d.scheduled_purge_date));
+    print_key(&d.key, false, "")
+}
+
+fn print_props(p: &VaultProperties) {
+    println!("{:<18}{}", "vault:", p.url);
+    println!("{:<18}{}", "soft delete:", if p.soft_delete { "on" } else { "off" });
+    println!("{:<18}{} days", "retention:", p.retention_days);
+    println!(
+        "{:<18}{}",
+        "purge protection:",
+        if p.purge_protection { "on (cannot be turned off)" } else { "off" }
+    );
+}
+
+fn print_table(header: &[&str], rows: impl Iterator<Item = Vec<String>>) {
+    let rows: Vec<Vec<String>> = rows.collect();
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in &rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.len());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let mut s = String::new();
+        for (i, (c, w)) in cells.iter().zip(&widths).enumerate() {
+            if i + 1 == cells.len() {
+                s.push_str(c);
+            } else {
+                s.push_str(&format!("{c:<w$}  "));
+            }
+        }
+        println!("{}", s.trim_end());
+    };
+    line(header.to_vec());
+    for r in &rows {
+        line(r.iter().map(String::as_str).collect());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clap_definition_is_valid() {
+        use clap::CommandFactory as _;
+        crate::cli::Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn times_parse() {
+        assert_eq!(parse_time("none").unwrap(), None);
+        assert_eq!(parse_time("@100").unwrap(), Some(100));
+        assert_eq!(parse_time("1970-01-01T00:01:40Z").unwrap(), Some(100));
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
+        let t = parse_time("+1h").unwrap().unwrap();
+        assert!(t >= now + 3599 && t <= now + 3700);
+        assert!(parse_time("-1d").unwrap().unwrap() < now);
+        assert!(parse_time("tomorrow").is_err());
+    }
+}

@@ -1,0 +1,311 @@
+//! `cmkfs init | mount | umount | info`.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::Args;
+
+use crate::home::Home;
+use crate::keyring::Keyring;
+use crate::mount::{self, MountConfig, RunRecord};
+use crate::vault::{self, CreateKeyOptions, VaultError, WrapAlg};
+use crate::volume::header::VolumeHeader;
+use crate::volume::{CreateOptions, Volume, DEFAULT_SECTOR_SIZE};
+
+/// Set in the environment of the daemon that `cmkfs mount` starts: its stdout is a pipe on
+/// which it reports `READY` or `ERROR: ...` once, then goes quiet.
+const READY_ENV: &str = "CMKFS_DAEMON_READY_PIPE";
+/// How long `cmkfs mount` waits for its daemon to be ready (vault calls included).
+const READY_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// `cmkfs init`.
+#[derive(Args, Debug)]
+pub struct InitArgs {
+    /// Backing directory for the encrypted data (must be empty or absent).
+    cipherdir: PathBuf,
+    /// Vault key (KEK) that wraps the volume's DEK; created on first use.
+    #[arg(long, default_value = "default")]
+    key: String,
+    /// RSA size when the key has to be created.
+    #[arg(long, default_value_t = 3072, value_parser = parse_key_size)]
+    key_size: u32,
+    /// Vault URL.
+    #[arg(long, default_value = "local:")]
+    vault: String,
+    /// XTS data unit (sector) size in bytes.
+    #[arg(long, default_value_t = DEFAULT_SECTOR_SIZE, hide = true)]
+    sector_size: u32,
+    /// Print the new volume's info as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+fn parse_key_size(s: &str) -> Result<u32, String> {
+    match s.parse::<u32>() {
+        Ok(n @ (2048 | 3072 | 4096)) => Ok(n),
+        _ => Err(format!("{s:?} is not a supported RSA size (2048, 3072 or 4096)")),
+    }
+}
+
+/// `cmkfs mount`.
+#[derive(Args, Debug)]
+pub struct MountArgs {
+    /// Backing directory of the volume.
+    cipherdir: PathBuf,
+    /// Where the plaintext view appears (an existing directory).
+    mountpoint: PathBuf,
+    /// Stay in the foreground until unmounted (logs go to stderr).
+    #[arg(long, short = 'f')]
+    foreground: bool,
+    /// Allow other users to access the mount (kernel permission checks apply).
+    #[arg(long)]
+    allow_other: bool,
+    /// FUSE worker threads (default: available cores, at least 2).
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+/// `cmkfs umount`.
+#[derive(Args, Debug)]
+pub struct UmountArgs {
+    /// Mountpoint of a cmkfs volume.
+    mountpoint: PathBuf,
+    /// Detach now even if files are open (the mount goes away when they close).
+    #[arg(long, short = 'l')]
+    lazy: bool,
+}
+
+/// `cmkfs info`.
+#[derive(Args, Debug)]
+pub struct InfoArgs {
+    /// Backing directory of the volume.
+    cipherdir: PathBuf,
+    /// JSON output.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn init(a: InitArgs) -> anyhow::Result<()> {
+    let home = Home::from_env();
+    let v = vault::open(&a.vault, &home)?;
+    match v.get_key(&a.key, None) {
+        Ok(_) => {}
+        Err(VaultError::NotFound(_)) => {
+            let k = v
+                .create_key(&a.key, &CreateKeyOptions { key_size: a.key_size, wrap_alg: WrapAlg::RsaOaep256 })
+                .with_context(|| format!("creating key {:?}", a.key))?;
+            eprintln!("created vault key {} (RSA {})", k.kid, k.key_size);
+        }
+        Err(e) => return Err(e).with_context(|| format!("looking up key {:?}", a.key)),
+    }
+    let header = Volume::create(
+        &a.cipherdir,
+        v.as_ref(),
+        &CreateOptions {
+            key_name: a.key.clone(),
+            key_version: None,
+            wrap_alg: WrapAlg::RsaOaep256,
+            sector_size: a.sector_size,
+            des: None,
+        },
+    )?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&info_json(&header))?);
+    } else {
+        println!(
+            "initialized volume {} in {}\n  DEK wrapped by {} ({})",
+            header.volume_id,
+            a.cipherdir.display(),
+            header.key_id,
+            header.wrap_alg
+        );
+    }
+    Ok(())
+}
+
+fn info_json(h: &VolumeHeader) -> serde_json::Value {
+    serde_json::json!({
+        "volume_id": h.volume_id,
+        "format_version": h.format_version,
+        "created": h.created,
+        "cipher": h.cipher,
+        "sector_size": h.sector_size,
+        "name_cipher": h.name_cipher,
+        "key_id": h.key_id,
+        "wrap_alg": h.wrap_alg,
+        "dek_fingerprint": h.dek_fingerprint,
+        "des": h.des,
+    })
+}
+
+pub fn info(a: InfoArgs) -> anyhow::Result<()> {
+    let h = VolumeHeader::read(&a.cipherdir)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&info_json(&h))?);
+    } else {
+        println!("volume       {}", h.volume_id);
+        println!("format       {} v{}", h.format, h.format_version);
+        println!("cipher       {} ({}-byte sectors), names {}", h.cipher, h.sector_size, h.name_cipher);
+        println!("key          {}", h.key_id);
+        println!("wrap         {}", h.wrap_alg);
+        println!("fingerprint  {}", h.dek_fingerprint);
+        if let Some(d) = &h.des {
+            println!("des          {d}");
+        }
+    }
+    Ok(())
+}
+
+pub fn umount(a: UmountArgs) -> anyhow::Result<()> {
+    mount::unmount(&Home::from_env(), &a.mountpoint, a.lazy, Duration::from_secs(30))?;
+    Ok(())
+}
+
+pub fn mount(a: MountArgs) -> anyhow::Result<()> {
+    if a.foreground {
+        return run_foreground(a);
+    }
+    // Catch the obvious mistakes here, before a daemon exists.
+    mount::check_mountpoint(&a.mountpoint)?;
+    VolumeHeader::read(&a.cipherdir)?;
+    spawn_daemon(&a)
+}
+
+fn spawn_daemon(a: &MountArgs) -> anyhow::Result<()> {
+    let home = Home::from_env();
+    crate::fsutil::create_private_dir(&home.run_dir()).context("creating the run directory")?;
+    let mp = std::fs::canonicalize(&a.mountpoint)?;
+    let log_path = home.run_dir().join(format!(
+        "mount-{}.log",
+        hex::encode(&<sha2::Sha256 as sha2::Digest>::digest(mp.as_os_str().as_encoded_bytes())[..8])
+    ));
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .with_context(|| format!("opening log {}", log_path.display()))?;
+    let mut cmd = Command::new(std::env::current_exe().context("locating the cmkfs executable")?);
+    cmd.arg("mount").arg(&a.cipherdir).arg(&a.mountpoint).arg("--foreground");
+    if a.allow_other {
+        cmd.arg("--allow-other");
+    }
+    if let Some(t) = a.threads {
+        cmd.arg("--threads").arg(t.to_string());
+    }
+    cmd.env(READY_ENV, "1").stdin(Stdio::null()).stdout(Stdio::piped()).stderr(log);
+    // SAFETY: setsid is async-signal-safe; it detaches the daemon from our terminal/session.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().context("starting the mount daemon")?;
+    let stdout = child.stdout.take().context("daemon stdout")?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    match rx.recv_timeout(READY_TIMEOUT) {
+        Ok(line) if line.trim() == "READY" => {
+            println!("mounted {} at {}", a.cipherdir.display(), mp.display());
+            Ok(())
+        }
+        Ok(line) if line.starts_with("ERROR: ") => bail!("{}", line["ERROR: ".len()..].trim()),
+        Ok(_) => {
+            let status = child.wait().ok();
+            bail!(
+                "the mount daemon exited before the mount was ready ({}); see {}",
+                status.map(|s| s.to_string()).unwrap_or_default(),
+                log_path.display()
+            )
+        }
+        Err(_) => {
+            let _ = child.kill();
+            bail!("the mount daemon was not ready after {}s; see {}", READY_TIMEOUT.as_secs(), log_path.display())
+        }
+    }
+}
+
+fn run_foreground(a: MountArgs) -> anyhow::Result<()> {
+    let ready_pipe = std::env::var_os(READY_ENV).is_some();
+    init_logging();
+    match serve(&a, ready_pipe) {
+        Ok(()) => Ok(()),
+        Err(e) if ready_pipe => {
+            let msg = e.chain().map(|c| c.to_string()).collect::<Vec<_>>().join(": ");
+            tracing::error!("{msg}");
+            let _ = writeln!(std::io::stdout(), "ERROR: {msg}");
+            std::process::exit(1);
+        }
+        Err(e) => Err(e),
+    }
+}
+
+fn serve(a: &MountArgs, ready_pipe: bool) -> anyhow::Result<()> {
+    let home = Home::from_env();
+    // SAFETY: umask has no preconditions. Backing entries get exactly the modes the kernel asks for.
+    unsafe { libc::umask(0) };
+    let mp = mount::check_mountpoint(&a.mountpoint)?;
+    mount::unmount_on_signal(mp.clone())?;
+    let header = VolumeHeader::read(&a.cipherdir)?;
+    let kid = header.key_id()?;
+    let vault = vault::open(&kid.vault, &home)?;
+    let keyring = Keyring::unlock(vault, &header)?;
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+    let vol = Volume::open(&a.cipherdir, header.clone(), Arc::new(keyring), 0)?;
+    let cipherdir = vol.root().to_path_buf();
+    let cfg = MountConfig { fuse_threads: a.threads.unwrap_or(cores.max(2)), allow_other: a.allow_other };
+    let session = mount::mount(Arc::new(vol), &mp, &cfg)?;
+    let record = RunRecord {
+        pid: std::process::id(),
+        mountpoint: mp.clone(),
+        cipherdir: cipherdir.clone(),
+        volume_id: header.volume_id.clone(),
+        key_id: header.key_id.clone(),
+        started: crate::volume::unix_now(),
+    };
+    if let Err(e) = record.save(&home) {
+        tracing::warn!(error = %e, "could not write the run record");
+    }
+    tracing::info!(cipherdir = %cipherdir.display(), mountpoint = %mp.display(), "mounted");
+    if ready_pipe {
+        announce_ready();
+    }
+    let result = session.run();
+    RunRecord::remove(&home, &mp);
+    tracing::info!(mountpoint = %mp.display(), "unmounted");
+    result.with_context(|| format!("FUSE session at {}", mp.display()))
+}
+
+/// Tells `cmkfs mount` we are up, then points stdout at /dev/null so that nothing later can
+/// fail on the closed pipe.
+fn announce_ready() {
+    let mut out = std::io::stdout();
+    let _ = writeln!(out, "READY");
+    let _ = out.flush();
+    if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
+        use std::os::fd::AsRawFd;
+        // SAFETY: both descriptors are valid; dup2 atomically replaces fd 1.
+        unsafe { libc::dup2(null.as_raw_fd(), 1) };
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CMKFS_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,fuser=error"));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+

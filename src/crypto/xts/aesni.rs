@@ -1,0 +1,333 @@
+//! XTS-AES-256 on AES-NI (x86_64), in the shape of OpenSSL's `aesni_xts`: eight blocks in
+//! flight through the rounds (AESENC has a latency of several cycles but issues every cycle or
+//! two, so one block at a time leaves the unit idle most of the time), the eight tweaks of a
+//! batch computed in SIMD registers, the tweak folded into the first and last round keys.
+//!
+//! Every function with `#[target_feature(enable = "aes,sse2")]` is only reached through
+//! [`Keys`], and a `Keys` exists only once [`Keys::new`] has seen both features on this CPU.
+
+use core::arch::x86_64::*;
+
+use zeroize::Zeroize;
+
+use super::{BlockOps, BLOCK};
+
+/// AES-256 has 14 rounds: 15 round keys.
+const ROUNDS: usize = 14;
+
+type Schedule = [__m128i; ROUNDS + 1];
+
+/// The three key schedules. Round keys are wiped on drop.
+pub(super) struct Keys {
+    /// K1, encryption.
+    enc: Schedule,
+    /// K1, decryption (the "equivalent inverse cipher" schedule: AESIMC of the middle keys).
+    dec: Schedule,
+    /// K2, encryption only: the tweak is always encrypted.
+    tweak: Schedule,
+}
+
+// SAFETY: `__m128i` is plain data (16 bytes, no interior pointers); the schedules are only
+// read after construction, so sharing and sending them across threads is sound.
+unsafe impl Send for Keys {}
+// SAFETY: as above, read-only after construction.
+unsafe impl Sync for Keys {}
+
+impl Drop for Keys {
+    fn drop(&mut self) {
+        self.enc.zeroize();
+        self.dec.zeroize();
+        self.tweak.zeroize();
+    }
+}
+
+impl Keys {
+    /// The schedules for `k1`/`k2`, or `None` when this CPU lacks AES-NI (the caller then uses
+    /// the portable implementation).
+    pub(super) fn new(k1: &[u8; 32], k2: &[u8; 32]) -> Option<Keys> {
+        if !(is_x86_feature_detected!("aes") && is_x86_feature_detected!("sse2")) {
+            return None;
+        }
+        // SAFETY: AES-NI and SSE2 were just detected on this CPU.
+        Some(unsafe { Keys::expand(k1, k2) })
+    }
+
+    /// # Safety
+    /// The CPU has AES-NI and SSE2.
+    #[target_feature(enable = "aes,sse2")]
+    unsafe fn expand(k1: &[u8; 32], k2: &[u8; 32]) -> Keys {
+        let enc = expand_256(k1);
+        let mut dec = enc;
+        dec[0] = enc[ROUNDS];
+        for i in 1..ROUNDS {
+            dec[i] = _mm_aesimc_si128(enc[ROUNDS - i]);
+        }
+        dec[ROUNDS] = enc[0];
+        Keys {
+            enc,
+            dec,
+            tweak: expand_256(k2),
+        }
+    }
+}
+
+impl BlockOps for Keys {
+    fn tweak(&self, tweak: u128) -> u128 {
+        let mut b = tweak.to_le_bytes();
+        // SAFETY: `Keys` exists only on a CPU with AES-NI and SSE2 (see `Keys::new`).
+        unsafe { encrypt1(&self.tweak, &mut b) };
+        u128::from_le_bytes(b)
+    }
+
+    fn encrypt_blocks(&self, t: u128, data: &mut [u8]) -> u128 {
+        // SAFETY: CPU features as above; `xts_blocks` only touches `data`'s whole blocks.
+        unsafe { xts_blocks::<true>(&self.enc, t, data) }
+    }
+
+    fn decrypt_blocks(&self, t: u128, data: &mut [u8]) -> u128 {
+        // SAFETY: as in `encrypt_blocks`.
+        unsafe { xts_blocks::<false>(&self.dec, t, data) }
+    }
+
+    fn encrypt_block(&self, block: &mut [u8; BLOCK]) {
+        // SAFETY: CPU features as above.
+        unsafe { encrypt1(&self.enc, block) }
+    }
+
+    fn decrypt_block(&self, block: &mut [u8; BLOCK]) {
+        // SAFETY: CPU features as above.
+        unsafe { decrypt1(&self.dec, block) }
+    }
+}
+
+// The helpers below are `unsafe fn`s with `#[target_feature]` (rather than safe ones, which
+// need Rust 1.86) and call the intrinsics directly: in edition 2021 the body of an `unsafe fn`
+// is an unsafe context. Their common contract, the `# Safety` of each: the CPU has AES-NI and
+// SSE2, which holds whenever a `Keys` exists.
+
+/// One step of the AES-256 key schedule (Intel's AES-NI white paper): `prev` is the round
+/// key two back, `assist` the broadcast word of the AESKEYGENASSIST of the previous key.
+///
+/// # Safety
+/// SSE2 (x86_64 baseline).
+#[inline]
+#[target_feature(enable = "sse2")]
+unsafe fn expand_step(prev: __m128i, assist: __m128i) -> __m128i {
+    let mut k = prev;
+    let mut s = _mm_slli_si128::<4>(k);
+    k = _mm_xor_si128(k, s);
+    s = _mm_slli_si128::<4>(s);
+    k = _mm_xor_si128(k, s);
+    s = _mm_slli_si128::<4>(s);
+    k = _mm_xor_si128(k, s);
+    _mm_xor_si128(k, assist)
+}
+
+/// AES-256 encryption key schedule.
+///
+/// # Safety
+/// The CPU has AES-NI and SSE2.
+#[target_feature(enable = "aes,sse2")]
+unsafe fn expand_256(key: &[u8; 32]) -> Schedule {
+    let mut rk = [_mm_setzero_si128(); ROUNDS + 1];
+    // `key` is 32 readable bytes; unaligned loads.
+    let mut a = _mm_loadu_si128(key.as_ptr().cast());
+    let mut b = _mm_loadu_si128(key.as_ptr().add(16).cast());
+    rk[0] = a;
+    rk[1] = b;
+    // AESKEYGENASSIST takes its round constant as an immediate, hence the macro.
+    macro_rules! pair {
+        ($i:expr, $rcon:expr) => {
+            a = expand_step(
+                a,
+                _mm_shuffle_epi32::<0xff>(_mm_aeskeygenassist_si128::<$rcon>(b)),
+            );
+            rk[$i] = a;
+            b = expand_step(
+                b,
+                _mm_shuffle_epi32::<0xaa>(_mm_aeskeygenassist_si128::<0>(a)),
+            );
+            rk[$i + 1] = b;
+        };
+    }
+    pair!(2, 0x01);
+    pair!(4, 0x02);
+    pair!(6, 0x04);
+    pair!(8, 0x08);
+    pair!(10, 0x10);
+    pair!(12, 0x20);
+    // The last step makes only the even key.
+    rk[14] = expand_step(
+        a,
+        _mm_shuffle_epi32::<0xff>(_mm_aeskeygenassist_si128::<0x40>(b)),
+    );
+    rk
+}
+
+/// Multiplies a tweak by α in GF(2^128): shift each 64-bit half left by one, then put the
+/// carry out of bit 63 into bit 64 and fold the carry out of bit 127 back as 0x87. The carries
+/// are the sign bits of 32-bit lanes 1 and 3 (SRAI), moved into lanes 2 and 0 (shuffle 0x13).
+///
+/// # Safety
+/// SSE2 (x86_64 baseline).
+#[inline(always)]
+unsafe fn mul_alpha(t: __m128i) -> __m128i {
+    let carries = _mm_shuffle_epi32::<0x13>(_mm_srai_epi32::<31>(t));
+    let poly = _mm_set_epi32(0, 1, 0, 0x87);
+    _mm_xor_si128(_mm_add_epi64(t, t), _mm_and_si128(carries, poly))
+}
+
+/// # Safety
+/// SSE2 (x86_64 baseline).
+#[inline(always)]
+unsafe fn to_m128(t: u128) -> __m128i {
+    _mm_loadu_si128(t.to_le_bytes().as_ptr().cast())
+}
+
+/// # Safety
+/// SSE2 (x86_64 baseline).
+#[inline(always)]
+unsafe fn from_m128(v: __m128i) -> u128 {
+    let mut b = [0u8; 16];
+    _mm_storeu_si128(b.as_mut_ptr().cast(), v);
+    u128::from_le_bytes(b)
+}
+
+/// One AES round, forward or inverse (a macro, not a function: the intrinsic must be
+/// expanded inside the `#[target_feature(enable = "aes")]` function to be inlined).
+macro_rules! round {
+    ($enc:expr, $b:expr, $k:expr) => {
+        if $enc {
+            _mm_aesenc_si128($b, $k)
+        } else {
+            _mm_aesdec_si128($b, $k)
+        }
+    };
+}
+
+/// The last AES round, forward or inverse.
+macro_rules! last_round {
+    ($enc:expr, $b:expr, $k:expr) => {
+        if $enc {
+            _mm_aesenclast_si128($b, $k)
+        } else {
+            _mm_aesdeclast_si128($b, $k)
+        }
+    };
+}
+
+/// XTS over the whole blocks of `data` with schedule `rk` (encryption schedule when `ENC`,
+/// decryption schedule otherwise), first tweak mask `t`; returns the mask after the last
+/// block. A partial trailing block (if any) is left alone.
+///
+/// # Safety
+/// The CPU has AES-NI and SSE2.
+#[target_feature(enable = "aes,sse2")]
+unsafe fn xts_blocks<const ENC: bool>(rk: &Schedule, t: u128, data: &mut [u8]) -> u128 {
+    let mut t = to_m128(t);
+    let mut chunks = data.chunks_exact_mut(8 * BLOCK);
+    for chunk in &mut chunks {
+        // The eight masks of this batch. Their dependency chain overlaps with the rounds of
+        // the previous batch in the out-of-order core.
+        let mut tw = [t; 8];
+        for i in 1..8 {
+            tw[i] = mul_alpha(tw[i - 1]);
+        }
+        t = mul_alpha(tw[7]);
+        let p = chunk.as_mut_ptr();
+        // Whitening: block ⊕ mask ⊕ round key 0. The chunk is 128 bytes; block i is bytes
+        // 16i..16i+16 (unaligned loads and stores).
+        let mut b = [_mm_setzero_si128(); 8];
+        for i in 0..8 {
+            let x = _mm_loadu_si128(p.add(BLOCK * i).cast());
+            b[i] = _mm_xor_si128(x, _mm_xor_si128(tw[i], rk[0]));
+        }
+        for k in &rk[1..ROUNDS] {
+            for x in &mut b {
+                *x = round!(ENC, *x, *k);
+            }
+        }
+        for i in 0..8 {
+            // AESENCLAST/AESDECLAST end with `⊕ round key`, so `⊕ mask` folds into the key.
+            let y = last_round!(ENC, b[i], _mm_xor_si128(rk[ROUNDS], tw[i]));
+            _mm_storeu_si128(p.add(BLOCK * i).cast(), y);
+        }
+    }
+    // Fewer than eight blocks left: only in stealing tails and short units.
+    for blk in chunks.into_remainder().chunks_exact_mut(BLOCK) {
+        let p = blk.as_mut_ptr();
+        let mut y = _mm_xor_si128(_mm_loadu_si128(p.cast()), _mm_xor_si128(t, rk[0]));
+        for k in &rk[1..ROUNDS] {
+            y = round!(ENC, y, *k);
+        }
+        y = last_round!(ENC, y, _mm_xor_si128(rk[ROUNDS], t));
+        _mm_storeu_si128(p.cast(), y);
+        t = mul_alpha(t);
+    }
+    from_m128(t)
+}
+
+/// One raw AES-256 block encryption.
+///
+/// # Safety
+/// The CPU has AES-NI and SSE2.
+#[target_feature(enable = "aes,sse2")]
+unsafe fn encrypt1(rk: &Schedule, block: &mut [u8; BLOCK]) {
+    let mut y = _mm_xor_si128(_mm_loadu_si128(block.as_ptr().cast()), rk[0]);
+    for k in &rk[1..ROUNDS] {
+        y = _mm_aesenc_si128(y, *k);
+    }
+    y = _mm_aesenclast_si128(y, rk[ROUNDS]);
+    _mm_storeu_si128(block.as_mut_ptr().cast(), y);
+}
+
+/// One raw AES-256 block decryption (with the decryption schedule).
+///
+/// # Safety
+/// The CPU has AES-NI and SSE2.
+#[target_feature(enable = "aes,sse2")]
+unsafe fn decrypt1(rk: &Schedule, block: &mut [u8; BLOCK]) {
+    let mut y = _mm_xor_si128(_mm_loadu_si128(block.as_ptr().cast()), rk[0]);
+    for k in &rk[1..ROUNDS] {
+        y = _mm_aesdec_si128(y, *k);
+    }
+    y = _mm_aesdeclast_si128(y, rk[ROUNDS]);
+    _mm_storeu_si128(block.as_mut_ptr().cast(), y);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// FIPS-197 Appendix C.3: AES-256, key 00..1f, plaintext 00112233..ff.
+    #[test]
+    fn fips197_aes256() {
+        let mut key = [0u8; 32];
+        for (i, b) in key.iter_mut().enumerate() {
+            *b = i as u8;
+        }
+        let Some(keys) = Keys::new(&key, &[0xff; 32]) else {
+            eprintln!("NOTE: no AES-NI on this CPU; skipping");
+            return;
+        };
+        let pt: [u8; 16] = core::array::from_fn(|i| (i as u8) * 0x11);
+        let ct = [
+            0x8e, 0xa2, 0xb7, 0xca, 0x51, 0x67, 0x45, 0xbf, 0xea, 0xfc, 0x49, 0x90, 0x4b, 0x49,
+            0x60, 0x89,
+        ];
+        let mut b = pt;
+        keys.encrypt_block(&mut b);
+        assert_eq!(b, ct);
+        keys.decrypt_block(&mut b);
+        assert_eq!(b, pt);
+    }
+
+    #[test]
+    fn simd_mul_alpha_matches_scalar() {
+        for v in [0u128, 1, 1 << 31, 1 << 63, 1 << 64, 1 << 127, u128::MAX, 0x8000_0001 << 95] {
+            // SAFETY: SSE2 is part of the x86_64 baseline.
+            let simd = unsafe { from_m128(mul_alpha(to_m128(v))) };
+            assert_eq!(simd, super::super::mul_alpha(v), "{v:#x}");
+        }
+    }
+}

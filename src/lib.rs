@@ -1,0 +1,17 @@
+//! cmkfs — a transparent-encryption FUSE filesystem with customer-managed keys.
+//!
+//! Rooms (see `docs/ARCHITECTURE.md`): [`crypto`] (pure ciphers and key types), [`engine`]
+//! (parallel sector work), [`volume`] (on-disk format), [`fs`] (thin FUSE adapter),
+//! [`keyring`] (the live key and its state), [`vault`] (KEKs behind one trait), [`cli`].
+
+pub mod bench;
+pub mod cli;
+pub mod crypto;
+pub mod engine;
+pub mod fs;
+pub mod fsutil;
+pub mod home;
+pub mod keyring;
+pub mod mount;
+pub mod vault;
+pub mod volume;

@@ -1,0 +1,271 @@
+//! Mount lifecycle: checks on the mountpoint, the FUSE session, the run record a live mount
+//! leaves under `$CMKFS_HOME/run`, and unmounting.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fuser::{Config, MountOption, Session, SessionACL};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::fs::CmkFs;
+use crate::home::Home;
+use crate::volume::Volume;
+
+/// The filesystem type the kernel shows (`fuse.cmkfs`).
+pub const SUBTYPE: &str = "cmkfs";
+
+/// Why a mount or unmount cannot go ahead.
+#[derive(Debug, thiserror::Error)]
+pub enum MountError {
+    /// Mountpoint missing.
+    #[error("mountpoint {0} does not exist; create it first")]
+    Missing(PathBuf),
+    /// Mountpoint is not a directory.
+    #[error("mountpoint {0} is not a directory")]
+    NotADirectory(PathBuf),
+    /// Something is mounted there already.
+    #[error("mountpoint {0} is busy: something is already mounted there")]
+    Busy(PathBuf),
+    /// Not a cmkfs mount (umount).
+    #[error("{0} is not a mounted cmkfs volume")]
+    NotMounted(PathBuf),
+    /// The kernel refused to unmount (files open).
+    #[error("cannot unmount {path}: {source} (close files using it, or use --lazy)")]
+    Unmount {
+        /// Mountpoint.
+        path: PathBuf,
+        /// Kernel error.
+        source: io::Error,
+    },
+    /// Mount system call or FUSE handshake failed.
+    #[error("mounting at {path} failed: {source}")]
+    Mount {
+        /// Mountpoint.
+        path: PathBuf,
+        /// Error.
+        source: io::Error,
+    },
+    /// Other I/O.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// Path.
+        path: PathBuf,
+        /// Error.
+        source: io::Error,
+    },
+}
+
+/// How to mount.
+#[derive(Clone, Debug)]
+pub struct MountConfig {
+    /// FUSE worker threads.
+    pub fuse_threads: usize,
+    /// Let other users in (kernel permission checks apply either way).
+    pub allow_other: bool,
+}
+
+/// What a live mount records about itself, for `umount` and `status`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RunRecord {
+    /// Daemon process id.
+    pub pid: u32,
+    /// Where it is mounted.
+    pub mountpoint: PathBuf,
+    /// The backing directory.
+    pub cipherdir: PathBuf,
+    /// Volume id.
+    pub volume_id: String,
+    /// KEK id at mount time.
+    pub key_id: String,
+    /// Unix seconds.
+    pub started: u64,
+}
+
+impl RunRecord {
+    fn path(home: &Home, mountpoint: &Path) -> PathBuf {
+        let h = hex::encode(&Sha256::digest(mountpoint.as_os_str().as_encoded_bytes())[..8]);
+        home.run_dir().join(format!("mount-{h}.json"))
+    }
+
+    /// Saves the record (0600) in the home's run directory.
+    pub fn save(&self, home: &Home) -> io::Result<()> {
+        crate::fsutil::create_private_dir(&home.run_dir())?;
+        let json = serde_json::to_vec_pretty(self).map_err(io::Error::other)?;
+        crate::fsutil::write_atomic(&Self::path(home, &self.mountpoint), &json, 0o600)
+    }
+
+    /// Loads the record of the mount at `mountpoint`, if any.
+    pub fn load(home: &Home, mountpoint: &Path) -> Option<RunRecord> {
+        let bytes = std::fs::read(Self::path(home, mountpoint)).ok()?;
+        serde_json::from_slice(&bytes).ok()
+    }
+
+    /// Removes the record.
+    pub fn remove(home: &Home, mountpoint: &Path) {
+        let _ = std::fs::remove_file(Self::path(home, mountpoint));
+    }
+}
+
+/// Resolves and checks a mountpoint: exists, is a directory, nothing mounted on it.
+pub fn check_mountpoint(mp: &Path) -> Result<PathBuf, MountError> {
+    let abs = std::fs::canonicalize(mp).map_err(|e| match e.kind() {
+        io::ErrorKind::NotFound => MountError::Missing(mp.to_path_buf()),
+        _ => MountError::Io { path: mp.to_path_buf(), source: e },
+    })?;
+    if !abs.is_dir() {
+        return Err(MountError::NotADirectory(abs));
+    }
+    if mount_type(&abs).is_some() {
+        return Err(MountError::Busy(abs));
+    }
+    Ok(abs)
+}
+
+/// What is mounted exactly at `mp` (from /proc/self/mountinfo): filesystem type and source.
+pub fn mount_type(mp: &Path) -> Option<(String, PathBuf)> {
+    let info = std::fs::read("/proc/self/mountinfo").ok()?;
+    let mut found = None;
+    for line in info.split(|b| *b == b'\n') {
+        let fields: Vec<&[u8]> = line.split(|b| *b == b' ').collect();
+        let Some(sep) = fields.iter().position(|f| *f == b"-") else { continue };
+        if fields.len() > sep + 2 && fields.len() > 4 && unescape(fields[4]) == mp.as_os_str().as_encoded_bytes() {
+            // Later lines are mounted on top of earlier ones: the last match is visible.
+            let source: std::ffi::OsString = std::os::unix::ffi::OsStringExt::from_vec(unescape(fields[sep + 2]));
+            found = Some((String::from_utf8_lossy(fields[sep + 1]).into_owned(), PathBuf::from(source)));
+        }
+    }
+    found
+}
+
+/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
+fn unescape(f: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(f.len());
+    let mut i = 0;
+    while i < f.len() {
+        if f[i] == b'\\' && i + 4 <= f.len() {
+            if let Ok(v) = u8::from_str_radix(std::str::from_utf8(&f[i + 1..i + 4]).unwrap_or("x"), 8) {
+                out.push(v);
+                i += 4;
+                continue;
+            }
+        }
+        out.push(f[i]);
+        i += 1;
+    }
+    out
+}
+
+/// Mounts `vol` at `mp` and returns the session (not yet serving requests: call `run`).
+pub fn mount(vol: Arc<Volume>, mp: &Path, cfg: &MountConfig) -> Result<Session<CmkFs>, MountError> {
+    let mut c = Config::default();
+    c.n_threads = Some(cfg.fuse_threads.max(1));
+    c.clone_fd = true;
+    c.mount_options = vec![
+        MountOption::FSName(vol.root().display().to_string()),
+        MountOption::Subtype(SUBTYPE.into()),
+        // The kernel checks modes and owners like on a local filesystem.
+        MountOption::DefaultPermissions,
+        MountOption::NoDev,
+        MountOption::NoSuid,
+    ];
+    if cfg.allow_other {
+        c.acl = SessionACL::All;
+    }
+    Session::new(CmkFs::new(vol), mp, &c).map_err(|e| MountError::Mount { path: mp.to_path_buf(), source: e })
+}
+
+/// Unmounts the cmkfs mount at `mp`; `lazy` detaches even while files are open. Waits (up
+/// to `wait`) for the daemon recorded in `home` to exit, so its last writes are done.
+pub fn unmount(home: &Home, mp: &Path, lazy: bool, wait: Duration) -> Result<(), MountError> {
+    let abs = std::fs::canonicalize(mp).map_err(|e| match e.kind() {
+        io::ErrorKind::NotFound => MountError::Missing(mp.to_path_buf()),
+        _ => MountError::Io { path: mp.to_path_buf(), source: e },
+    })?;
+    if !is_cmkfs_mount(&abs) {
+        return Err(MountError::NotMounted(abs));
+    }
+    let record = RunRecord::load(home, &abs);
+    umount_syscall(&abs, lazy).map_err(|e| MountError::Unmount { path: abs.clone(), source: e })?;
+    if let Some(r) = record {
+        let deadline = Instant::now() + wait;
+        while pid_alive(r.pid) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    Ok(())
+}
+
+/// Whether a cmkfs volume is mounted at `mp`. The pure-Rust mount shows type `fuse` (the
+/// subtype is not passed to mount(2)), so the source — the cipher directory — decides.
+pub fn is_cmkfs_mount(mp: &Path) -> bool {
+    match mount_type(mp) {
+        Some((t, source)) => {
+            (t == "fuse" || t == format!("fuse.{SUBTYPE}"))
+                && source.join(crate::volume::header::HEADER_FILE).exists()
+        }
+        None => false,
+    }
+}
+
+/// Unmounts with umount2 as root, else through `fusermount3 -u`.
+pub fn umount_syscall(mp: &Path, lazy: bool) -> io::Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        let c = std::ffi::CString::new(mp.as_os_str().as_encoded_bytes()).map_err(io::Error::other)?;
+        let flags = if lazy { libc::MNT_DETACH } else { 0 };
+        // SAFETY: valid C path.
+        if unsafe { libc::umount2(c.as_ptr(), flags) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        return Ok(());
+    }
+    let mut cmd = std::process::Command::new("fusermount3");
+    cmd.arg("-u");
+    if lazy {
+        cmd.arg("-z");
+    }
+    let out = cmd.arg(mp).output()?;
+    if !out.status.success() {
+        return Err(io::Error::other(String::from_utf8_lossy(&out.stderr).trim().to_string()));
+    }
+    Ok(())
+}
+
+fn pid_alive(pid: u32) -> bool {
+    // Zombies count as gone: their mount work is over.
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => !s.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'),
+        Err(_) => false,
+    }
+}
+
+/// Blocks SIGINT/SIGTERM/SIGHUP in this thread (and threads spawned after) and starts a
+/// thread that unmounts `mp` lazily when one arrives, so the session ends cleanly.
+pub fn unmount_on_signal(mp: PathBuf) -> io::Result<()> {
+    // SAFETY: plain signal-mask manipulation on a zeroed, then filled sigset_t.
+    let set = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for s in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+            libc::sigaddset(&mut set, s);
+        }
+        if libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        set
+    };
+    std::thread::Builder::new().name("cmkfs-signals".into()).spawn(move || {
+        let mut sig = 0;
+        // SAFETY: `set` is a valid signal set blocked in every thread of the process.
+        unsafe { libc::sigwait(&set, &mut sig) };
+        tracing::info!(signal = sig, "signal received, unmounting");
+        if let Err(e) = umount_syscall(&mp, true) {
+            tracing::error!(error = %e, "unmount on signal failed");
+            std::process::exit(1);
+        }
+    })?;
+    Ok(())
+}

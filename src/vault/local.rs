@@ -1,0 +1,1150 @@
+//! The embedded vault (`local:`): RSA key-encryption keys in a store directory under
+//! `$CMKFS_HOME/vault`, with Key Vault's semantics: immutable versions, per-version attributes
+//! (enabled, nbf, exp, key_ops), soft delete with retention, purge protection, identities with
+//! per-key access policies checked on every call, and an audit log line per operation.
+//!
+//! Private keys never leave this module: no function returns them; wrap uses only the public
+//! half, unwrap loads the PKCS#8 into a zeroized buffer for the duration of the call.
+//!
+//! Every state change goes through one path: take the store lock, re-read, validate, write
+//! atomically, bump `<store>/generation` (so a watcher can notice changes by polling or
+//! inotify on that one file), release.
+
+mod audit;
+mod rsa;
+mod store;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use zeroize::Zeroizing;
+
+pub use audit::{AuditEvent, AuditProperties, AuditReader};
+pub use rsa::KEY_SIZES;
+
+use self::store::{DeletedRecord, IdentityRecord, KeyRecord, Store, VaultRecord, VersionRecord};
+use super::{
+    default_key_ops, recovery_level, valid_identity_name, valid_key_name, validate_key_ops,
+    CreateKeyOptions, Credential, DeletedKeyInfo, DenyReason, ImportKeyOptions, KeyId, KeyInfo,
+    KeyUpdate, Permission, Vault, VaultError, VaultProperties, WrapAlg, MAX_RETENTION_DAYS,
+    MIN_RETENTION_DAYS, OWNER_IDENTITY,
+};
+
+/// The URL of the embedded vault: the prefix of every key id it issues.
+pub const URL: &str = "local:";
+
+const DAY: u64 = 86_400;
+
+/// Turns the bytes of a private key file (PKCS#8 PEM/DER, or PKCS#1 PEM/DER) into PKCS#8 DER
+/// for [`Vault::import_key`]. Clear errors for encrypted, non-RSA or public-key files.
+pub fn read_private_key(bytes: &[u8]) -> Result<Zeroizing<Vec<u8>>, VaultError> {
+    rsa::pkcs8_from_file_bytes(bytes)
+}
+
+/// Vault settings to change (`None` = leave as is).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ConfigUpdate {
+    /// Soft-delete retention, 7-90 days; applies to keys deleted from now on.
+    pub retention_days: Option<u32>,
+    /// `Some(true)` turns purge protection on; `Some(false)` is refused once it is on.
+    pub purge_protection: Option<bool>,
+}
+
+/// An identity as listed (never its secret).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct IdentityInfo {
+    /// Identity name.
+    pub name: String,
+    /// Unix seconds.
+    pub created: u64,
+}
+
+/// Which keys an access policy covers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PolicyScope {
+    /// Every key in the vault, present and future (stored as `*`).
+    AllKeys,
+    /// One key, by name.
+    Key(String),
+}
+
+impl PolicyScope {
+    fn as_str(&self) -> &str {
+        match self {
+            PolicyScope::AllKeys => "*",
+            PolicyScope::Key(k) => k,
+        }
+    }
+}
+
+/// One access policy: identity × key (or `*`) → permissions.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AccessPolicy {
+    /// Identity name.
+    pub identity: String,
+    /// Key name, or `*` for every key.
+    pub key: String,
+    /// Granted permissions.
+    pub permissions: Vec<Permission>,
+}
+
+/// Who a connection acts as.
+enum Caller {
+    /// The vault owner (whoever can read the store directory): allowed everything.
+    Owner,
+    /// An identity: authenticated and checked against its policies on every call.
+    Identity { name: String, secret_sha256: [u8; 32] },
+}
+
+/// A connection to the embedded vault, as the owner ([`LocalVault::open`]) or as an identity
+/// ([`LocalVault::open_as`]). Cheap to hold: it keeps paths, not keys.
+pub struct LocalVault {
+    store: Store,
+    caller: Caller,
+    /// Seconds added to the clock: lets tests step past nbf/exp and retention periods.
+    clock_offset: i64,
+}
+
+impl std::fmt::Debug for LocalVault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The secret hash stays out of Debug output.
+        f.debug_struct("LocalVault")
+            .field("store", &self.store.dir())
+            .field("identity", &self.identity())
+            .finish()
+    }
+}
+
+fn sha256(data: &[u8]) -> [u8; 32] {
+    Sha256::digest(data).into()
+}
+
+fn random_hex(bytes: usize) -> Result<String, VaultError> {
+    let mut b = Zeroizing::new(vec![0u8; bytes]);
+    getrandom::getrandom(&mut b).map_err(|e| VaultError::Store(format!("no randomness: {e}")))?;
+    Ok(hex::encode(&*b))
+}
+
+fn check_name(name: &str) -> Result<(), VaultError> {
+    if valid_key_name(name) {
+        Ok(())
+    } else {
+        Err(VaultError::Invalid(format!(
+            "invalid key name {name:?}: use 1-127 letters, digits and dashes"
+        )))
+    }
+}
+
+fn check_identity_name(name: &str) -> Result<(), VaultError> {
+    if valid_identity_name(name) {
+        Ok(())
+    } else if name.eq_ignore_ascii_case(OWNER_IDENTITY) {
+        Err(VaultError::Invalid(format!("identity name {name:?} is reserved for the vault owner")))
+    } else {
+        Err(VaultError::Invalid(format!(
+            "invalid identity name {name:?}: use 1-127 letters, digits and dashes"
+        )))
+    }
+}
+
+fn key_url(name: &str) -> String {
+    format!("{URL}/keys/{name}")
+}
+
+fn kid(name: &str, version: &str) -> String {
+    format!("{URL}/keys/{name}/{version}")
+}
+
+fn denied(reason: DenyReason, what: impl Into<String>) -> VaultError {
+    VaultError::Denied { reason, what: what.into() }
+}
+
+fn fmt_time(t: u64) -> String {
+    humantime::format_rfc3339_seconds(UNIX_EPOCH + std::time::Duration::from_secs(t)).to_string()
+}
+
+impl LocalVault {
+    /// Opens the store at `dir` as its owner, creating it on first use.
+    pub fn open(dir: &Path) -> Result<LocalVault, VaultError> {
+        let v = LocalVault { store: Store::new(dir), caller: Caller::Owner, clock_offset: 0 };
+        v.store.init_if_missing(v.now())?;
+        v.store.read_vault()?;
+        Ok(v)
+    }
+
+    /// Opens the existing store at `dir` as `identity`, proving it with `secret` (from its
+    /// credential file). The credential is checked now and again on every call, so deleting
+    /// the identity or changing its policies takes effect at once.
+    pub fn open_as(dir: &Path, identity: &str, secret: &str) -> Result<LocalVault, VaultError> {
+        check_identity_name(identity)?;
+        let v = LocalVault {
+            store: Store::new(dir),
+            caller: Caller::Identity {
+                name: identity.to_string(),
+                secret_sha256: sha256(secret.as_bytes()),
+            },
+            clock_offset: 0,
+        };
+        v.store.read_vault()?;
+        v.authenticate()?;
+        Ok(v)
+    }
+
+    /// Opens as the identity of a credential (see [`LocalVault::open_as`]).
+    pub fn open_with_credential(dir: &Path, cred: &Credential) -> Result<LocalVault, VaultError> {
+        if cred.vault != URL && cred.vault != "local" {
+            return Err(VaultError::Invalid(format!(
+                "the credential of {} is for vault {:?}, not {URL}",
+                cred.identity, cred.vault
+            )));
+        }
+        LocalVault::open_as(dir, &cred.identity, &cred.secret)
+    }
+
+    /// Shifts this connection's clock by `secs` (tests of nbf/exp and retention).
+    #[doc(hidden)]
+    pub fn with_clock_offset(mut self, secs: i64) -> LocalVault {
+        self.clock_offset = secs;
+        self
+    }
+
+    /// The store directory.
+    pub fn store_dir(&self) -> &Path {
+        self.store.dir()
+    }
+
+    /// The identity this connection acts as (`owner` for the vault owner).
+    pub fn identity(&self) -> &str {
+        match &self.caller {
+            Caller::Owner => OWNER_IDENTITY,
+            Caller::Identity { name, .. } => name,
+        }
+    }
+
+    /// The store's change counter: bumped after every change of keys, identities, policies
+    /// or settings. Watch [`LocalVault::generation_path`] to learn of changes.
+    pub fn generation(&self) -> Result<u64, VaultError> {
+        self.store.generation()
+    }
+
+    /// The file holding the generation counter (replaced atomically on every change).
+    pub fn generation_path(&self) -> PathBuf {
+        self.store.generation_path()
+    }
+
+    /// A reader of the audit log from its beginning (owner only).
+    pub fn audit_reader(&self) -> Result<AuditReader, VaultError> {
+        self.require_owner("reading the audit log")?;
+        self.store.read_vault()?;
+        Ok(AuditReader::new(&self.store.audit_path()))
+    }
+
+    fn now(&self) -> u64 {
+        let real = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        real.saturating_add_signed(self.clock_offset)
+    }
+
+    /// Runs one operation and writes its audit line. `id` names what it addresses; the
+    /// operation may refine it (e.g. to the versioned key id it resolved).
+    fn audited<T>(
+        &self,
+        operation: &str,
+        id: String,
+        f: impl FnOnce(&mut String) -> Result<T, VaultError>,
+    ) -> Result<T, VaultError> {
+        let started = SystemTime::now();
+        let t0 = Instant::now();
+        let mut id = id;
+        let result = f(&mut id);
+        let ev = AuditEvent::new(operation, self.identity(), &id, started, t0.elapsed(), result.as_ref().err());
+        self.write_audit(&ev);
+        result
+    }
+
+    fn write_audit(&self, ev: &AuditEvent) {
+        // A full disk must not take mounted volumes down with it: the operation stands, the
+        // failure to record it is reported on the daemon's log.
+        match serde_json::to_string(ev) {
+            Ok(line) => {
+                if let Err(e) = self.store.append_audit(&line) {
+                    tracing::warn!(error = %e, op = %ev.operation_name, "cannot write vault audit log");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot encode vault audit event"),
+        }
+    }
+
+    /// Checks the caller's credential; returns its record (None for the owner).
+    fn authenticate(&self) -> Result<Option<IdentityRecord>, VaultError> {
+        let Caller::Identity { name, secret_sha256 } = &self.caller else {
+            return Ok(None);
+        };
+        let rejected = || {
+            denied(
+                DenyReason::PermissionDenied,
+                format!("{URL} (identity {name} is unknown or its credential was replaced; ask the vault owner for a new credential)"),
+            )
+        };
+        let rec = self.store.read_identity(name)?.ok_or_else(rejected)?;
+        let stored = hex::decode(&rec.secret_sha256)
+            .map_err(|_| VaultError::Store(format!("identity {name} record is damaged")))?;
+        aws_lc_rs::constant_time::verify_slices_are_equal(&stored, secret_sha256)
+            .map_err(|_| rejected())?;
+        Ok(Some(rec))
+    }
+
+    /// The caller's permissions on key `name`.
+    fn permissions_on(&self, name: &str) -> Result<BTreeSet<Permission>, VaultError> {
+        Ok(match self.authenticate()? {
+            None => Permission::ALL.into_iter().collect(),
+            Some(rec) => effective(&rec, name),
+        })
+    }
+
+    /// Refuses unless the caller holds `perm` on key `name`.
+    fn require(&self, perm: Permission, name: &str) -> Result<(), VaultError> {
+        if self.permissions_on(name)?.contains(&perm) {
+            Ok(())
+        } else {
+            Err(denied(
+                DenyReason::PermissionDenied,
+                format!("{} (identity {} lacks the {perm} permission)", key_url(name), self.identity()),
+            ))
+        }
+    }
+
+    fn require_owner(&self, what: &str) -> Result<(), VaultError> {
+        match &self.caller {
+            Caller::Owner => Ok(()),
+            Caller::Identity { name, .. } => Err(denied(
+                DenyReason::PermissionDenied,
+                format!("{what} (only the vault owner may; identity {name} is not)"),
+            )),
+        }
+    }
+
+    fn info(&self, cfg: &VaultRecord, rec: &KeyRecord, v: &VersionRecord) -> KeyInfo {
+        KeyInfo {
+            kid: kid(&rec.name, &v.version),
+            name: rec.name.clone(),
+            version: v.version.clone(),
+            kty: "RSA".into(),
+            key_size: v.key_size,
+            key_ops: v.key_ops.clone(),
+            enabled: v.enabled,
+            created: v.created,
+            updated: v.updated,
+            wrap_alg: rec.wrap_alg,
+            nbf: v.nbf,
+            exp: v.exp,
+            n: v.n.clone(),
+            e: v.e.clone(),
+            recovery_level: recovery_level(cfg.retention_days, cfg.purge_protection).into(),
+            recoverable_days: cfg.retention_days,
+            imported: v.imported,
+        }
+    }
+
+    fn deleted_info(&self, cfg: &VaultRecord, rec: &KeyRecord, d: &DeletedRecord) -> Result<DeletedKeyInfo, VaultError> {
+        let latest = rec.latest().ok_or_else(|| damaged(&rec.name))?;
+        Ok(DeletedKeyInfo {
+            key: self.info(cfg, rec, latest),
+            recovery_id: format!("{URL}/deletedkeys/{}", rec.name),
+            deleted_date: d.deleted_date,
+            scheduled_purge_date: d.scheduled_purge_date,
+        })
+    }
+
+    /// An active (not deleted) key, or NotFound / Denied(KeyDeleted).
+    fn active_key(&self, name: &str) -> Result<KeyRecord, VaultError> {
+        let rec = self.store.read_key(name)?.ok_or_else(|| not_found(name))?;
+        if rec.deleted.is_some() {
+            return Err(denied(
+                DenyReason::KeyDeleted,
+                format!("{} (recover it with `cmkfs vault key recover {name}`)", key_url(name)),
+            ));
+        }
+        Ok(rec)
+    }
+
+    /// Housekeeping under the lock: leftovers of crashed writers, and deleted keys whose
+    /// retention has run out (purged, as Key Vault does on its scheduled purge date).
+    /// `spare` is a key the current operation addresses itself (an explicit purge).
+    fn maintenance(&self, spare: Option<&str>) {
+        self.store.cleanup();
+        let now = self.now();
+        let Ok(names) = self.store.key_names() else { return };
+        for name in names {
+            if spare == Some(name.as_str()) {
+                continue;
+            }
+            let Ok(Some(rec)) = self.store.read_key(&name) else { continue };
+            let Some(d) = &rec.deleted else { continue };
+            if now < d.scheduled_purge_date {
+                continue;
+            }
+            let started = SystemTime::now();
+            let t0 = Instant::now();
+            let result = self.store.purge_key(&name);
+            let mut ev = AuditEvent::new("KeyPurge", OWNER_IDENTITY, &key_url(&name), started, t0.elapsed(), result.as_ref().err());
+            ev.result_description = match &result {
+                Ok(()) => "retention period ended: purged automatically".into(),
+                Err(e) => format!("automatic purge failed: {e}"),
+            };
+            self.write_audit(&ev);
+            if result.is_ok() {
+                self.bump();
+            }
+        }
+    }
+
+    fn bump(&self) {
+        // After the change is durable: a missed bump delays watchers, it loses no state.
+        if let Err(e) = self.store.bump_generation() {
+            tracing::warn!(error = %e, "cannot bump the vault generation counter");
+        }
+    }
+
+    /// Runs a state change under the store lock: maintenance, `f`, generation bump.
+    fn mutate<T>(&self, f: impl FnOnce(&VaultRecord) -> Result<T, VaultError>) -> Result<T, VaultError> {
+        self.mutate_sparing(None, f)
+    }
+
+    fn mutate_sparing<T>(
+        &self,
+        spare: Option<&str>,
+        f: impl FnOnce(&VaultRecord) -> Result<T, VaultError>,
+    ) -> Result<T, VaultError> {
+        let _lock = self.store.lock()?;
+        self.store.read_vault()?;
+        self.maintenance(spare);
+        let cfg = self.store.read_vault()?;
+        let out = f(&cfg)?;
+        self.bump();
+        Ok(out)
+    }
+
+    fn new_version(&self, m: &rsa::Material, imported: bool) -> Result<VersionRecord, VaultError> {
+        let now = self.now();
+        Ok(VersionRecord {
+            version: random_hex(16)?,
+            key_size: m.key_size,
+            created: now,
+            updated: now,
+            enabled: true,
+            nbf: None,
+            exp: None,
+            key_ops: default_key_ops(),
+            n: m.n.clone(),
+            e: m.e.clone(),
+            imported,
+        })
+    }
+
+    /// Adds a version to key `name` (creating the key when `create`), under the lock.
+    fn add_version(
+        &self,
+        name: &str,
+        m: &rsa::Material,
+        imported: bool,
+        wrap_alg: WrapAlg,
+        create: CreateMode,
+    ) -> Result<KeyInfo, VaultError> {
+        self.mutate(|cfg| {
+            let existing = self.store.read_key(name)?;
+            let mut v = self.new_version(m, imported)?;
+            match existing {
+                Some(rec) if rec.deleted.is_some() => Err(VaultError::Conflict(format!(
+                    "key {name} is soft-deleted: recover it (`cmkfs vault key recover {name}`) \
+                     or purge it (`cmkfs vault key purge {name}`) before reusing the name"
+                ))),
+                Some(_) if create == CreateMode::New => Err(VaultError::Conflict(format!(
+                    "key {name} already exists: add a version with `cmkfs vault key rotate {name}`"
+                ))),
+                Some(mut rec) => {
+                    if create == CreateMode::Rotate {
+                        // A rotation keeps the key's operations; attributes start fresh.
+                        if let Some(last) = rec.latest() {
+                            v.key_ops = last.key_ops.clone();
+                        }
+                    }
+                    if create == CreateMode::Import {
+                        rec.wrap_alg = wrap_alg;
+                    }
+                    self.store.write_version_key(name, &v.version, &m.pkcs8)?;
+                    rec.versions.push(v.clone());
+                    rec.updated = v.created;
+                    if let Err(e) = self.store.write_key(&rec) {
+                        self.store.remove_version_key(name, &v.version);
+                        return Err(e);
+                    }
+                    Ok(self.info(cfg, &rec, &v))
+                }
+                None if create == CreateMode::Rotate => Err(not_found(name)),
+                None => {
+                    let rec = KeyRecord {
+                        format: store::FORMAT,
+                        name: name.to_string(),
+                        created: v.created,
+                        updated: v.created,
+                        wrap_alg,
+                        versions: vec![v.clone()],
+                        deleted: None,
+                    };
+                    self.store.create_key(&rec, &m.pkcs8)?;
+                    Ok(self.info(cfg, &rec, &v))
+                }
+            }
+        })
+    }
+
+    /// Current settings.
+    pub fn config(&self) -> Result<VaultProperties, VaultError> {
+        self.audited("VaultGet", URL.into(), |_| self.props())
+    }
+
+    fn props(&self) -> Result<VaultProperties, VaultError> {
+        self.authenticate()?;
+        let cfg = self.store.read_vault()?;
+        Ok(VaultProperties {
+            url: URL.into(),
+            soft_delete: true,
+            retention_days: cfg.retention_days,
+            purge_protection: cfg.purge_protection,
+        })
+    }
+
+    /// Changes settings (owner only). Retention must be 7-90 days; purge protection can be
+    /// turned on, never off; while it is on, retention can grow but not shrink (shrinking
+    /// would shorten the protection of keys deleted later).
+    pub fn configure(&self, upd: &ConfigUpdate) -> Result<VaultProperties, VaultError> {
+        self.audited("VaultPatch", URL.into(), |_| {
+            self.require_owner("changing vault settings")?;
+            if let Some(d) = upd.retention_days {
+                if !(MIN_RETENTION_DAYS..=MAX_RETENTION_DAYS).contains(&d) {
+                    return Err(VaultError::Invalid(format!(
+                        "retention of {d} days is out of range: use {MIN_RETENTION_DAYS} to {MAX_RETENTION_DAYS} days"
+                    )));
+                }
+            }
+            self.mutate(|cfg| {
+                let mut new = cfg.clone();
+                if upd.purge_protection == Some(false) && cfg.purge_protection {
+                    return Err(VaultError::Conflict(
+                        "purge protection is on and can never be turned off".into(),
+                    ));
+                }
+                if upd.purge_protection == Some(true) {
+                    new.purge_protection = true;
+                }
+                if let Some(d) = upd.retention_days {
+                    if cfg.purge_protection && d < cfg.retention_days {
+                        return Err(VaultError::Conflict(format!(
+                            "purge protection is on: retention can grow but not shrink below {} days",
+                            cfg.retention_days
+                        )));
+                    }
+                    new.retention_days = d;
+                }
+                self.store.write_vault(&new)?;
+                Ok(())
+            })?;
+            self.props()
+        })
+    }
+
+    /// Creates an identity and returns its credential (the only time the secret exists in
+    /// the clear: the vault stores its SHA-256). Owner only.
+    pub fn create_identity(&self, name: &str) -> Result<(IdentityInfo, Credential), VaultError> {
+        self.audited("IdentityCreate", format!("{URL}/identities/{name}"), |_| {
+            self.require_owner("creating identities")?;
+            check_identity_name(name)?;
+            // 32 random bytes: a bearer secret that cannot be guessed, so one SHA-256 suffices.
+            let mut raw = Zeroizing::new([0u8; 32]);
+            getrandom::getrandom(&mut *raw).map_err(|e| VaultError::Store(format!("no randomness: {e}")))?;
+            let secret = Zeroizing::new(URL_SAFE_NO_PAD.encode(*raw));
+            self.mutate(|_| {
+                if self.store.read_identity(name)?.is_some() {
+                    return Err(VaultError::Conflict(format!(
+                        "identity {name} already exists (delete it first to issue a new credential)"
+                    )));
+                }
+                let rec = IdentityRecord {
+                    format: store::FORMAT,
+                    name: name.to_string(),
+                    created: self.now(),
+                    secret_sha256: hex::encode(sha256(secret.as_bytes())),
+                    policies: Default::default(),
+                };
+                self.store.create_identity(&rec)?;
+                Ok((
+                    IdentityInfo { name: rec.name.clone(), created: rec.created },
+                    Credential { vault: URL.into(), identity: rec.name, secret: secret.clone() },
+                ))
+            })
+        })
+    }
+
+    /// Identities, sorted by name (owner only).
+    pub fn list_identities(&self) -> Result<Vec<IdentityInfo>, VaultError> {
+        self.audited("IdentityList", format!("{URL}/identities"), |_| {
+            self.require_owner("listing identities")?;
+            self.store.read_vault()?;
+            let mut out = Vec::new();
+            for name in self.store.identity_names()? {
+                if let Some(rec) = self.store.read_identity(&name)? {
+                    out.push(IdentityInfo { name: rec.name, created: rec.created });
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    /// Deletes an identity and its policies: its credential stops working at once.
+    pub fn delete_identity(&self, name: &str) -> Result<(), VaultError> {
+        self.audited("IdentityDelete", format!("{URL}/identities/{name}"), |_| {
+            self.require_owner("deleting identities")?;
+            check_identity_name(name)?;
+            self.mutate(|_| {
+                self.identity_record(name)?;
+                self.store.remove_identity(name)
+            })
+        })
+    }
+
+    fn identity_record(&self, name: &str) -> Result<IdentityRecord, VaultError> {
+        self.store.read_identity(name)?.ok_or_else(|| {
+            VaultError::NotFound(format!(
+                "identity {name} does not exist in vault {URL} (see `cmkfs vault identity list`)"
+            ))
+        })
+    }
+
+    /// Sets (replaces) the permissions of `identity` on `scope`; an empty list removes the
+    /// policy. A named key must exist (active or soft-deleted). Owner only.
+    pub fn set_policy(&self, identity: &str, scope: &PolicyScope, perms: &[Permission]) -> Result<AccessPolicy, VaultError> {
+        self.audited("AccessPolicySet", format!("{URL}/identities/{identity}"), |_| {
+            self.require_owner("changing access policies")?;
+            check_identity_name(identity)?;
+            if let PolicyScope::Key(k) = scope {
+                check_name(k)?;
+            }
+            self.mutate(|_| {
+                let mut rec = self.identity_record(identity)?;
+                if let PolicyScope::Key(k) = scope {
+                    if self.store.read_key(k)?.is_none() {
+                        return Err(VaultError::NotFound(format!(
+                            "key {k} does not exist in vault {URL} (use --all-keys for a policy on every key)"
+                        )));
+                    }
+                }
+                let set: BTreeSet<Permission> = perms.iter().copied().collect();
+                if set.is_empty() {
+                    rec.policies.remove(scope.as_str());
+                } else {
+                    rec.policies.insert(scope.as_str().to_string(), set.clone());
+                }
+                self.store.write_identity(&rec)?;
+                Ok(AccessPolicy {
+                    identity: identity.to_string(),
+                    key: scope.as_str().to_string(),
+                    permissions: set.into_iter().collect(),
+                })
+            })
+        })
+    }
+
+    /// Removes the policy of `identity` on `scope`. Owner only.
+    pub fn remove_policy(&self, identity: &str, scope: &PolicyScope) -> Result<(), VaultError> {
+        self.audited("AccessPolicyRemove", format!("{URL}/identities/{identity}"), |_| {
+            self.require_owner("changing access policies")?;
+            check_identity_name(identity)?;
+            self.mutate(|_| {
+                let mut rec = self.identity_record(identity)?;
+                if rec.policies.remove(scope.as_str()).is_none() {
+                    return Err(VaultError::NotFound(format!(
+                        "identity {identity} has no access policy on {}",
+                        match scope {
+                            PolicyScope::AllKeys => "all keys".to_string(),
+                            PolicyScope::Key(k) => format!("key {k}"),
+                        }
+                    )));
+                }
+                self.store.write_identity(&rec)
+            })
+        })
+    }
+
+    /// Access policies, of one identity or all, sorted by identity then key. Owner only.
+    pub fn list_policies(&self, identity: Option<&str>) -> Result<Vec<AccessPolicy>, VaultError> {
+        self.audited("AccessPolicyList", format!("{URL}/identities"), |_| {
+            self.require_owner("listing access policies")?;
+            self.store.read_vault()?;
+            let names = match identity {
+                Some(n) => {
+                    check_identity_name(n)?;
+                    self.identity_record(n)?;
+                    vec![n.to_string()]
+                }
+                None => self.store.identity_names()?,
+            };
+            let mut out = Vec::new();
+            for name in names {
+                let Some(rec) = self.store.read_identity(&name)? else { continue };
+                for (key, perms) in &rec.policies {
+                    out.push(AccessPolicy {
+                        identity: rec.name.clone(),
+                        key: key.clone(),
+                        permissions: perms.iter().copied().collect(),
+                    });
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    fn lookup_version<'a>(rec: &'a KeyRecord, version: Option<&str>) -> Result<&'a VersionRecord, VaultError> {
+        match version {
+            None => rec.latest().ok_or_else(|| damaged(&rec.name)),
+            Some(v) => rec.version(v).ok_or_else(|| {
+                VaultError::NotFound(format!(
+                    "key {} has no version {v:?} in vault {URL} (see `cmkfs vault key versions {}`)",
+                    rec.name, rec.name
+                ))
+            }),
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum CreateMode {
+    /// A new key; refuse an existing name.
+    New,
+    /// A new version of an existing key.
+    Rotate,
+    /// A new version, or a new key when absent.
+    Import,
+}
+
+fn effective(rec: &IdentityRecord, name: &str) -> BTreeSet<Permission> {
+    let mut set = rec.policies.get("*").cloned().unwrap_or_default();
+    if let Some(p) = rec.policies.get(name) {
+        set.extend(p.iter().copied());
+    }
+    set
+}
+
+fn not_found(name: &str) -> VaultError {
+    VaultError::NotFound(format!(
+        "key {name} does not exist in vault {URL} (see `cmkfs vault key list`)"
+    ))
+}
+
+fn damaged(name: &str) -> VaultError {
+    VaultError::Store(format!("key {name} has no versions: its key.json is damaged"))
+}
+
+impl Vault for LocalVault {
+    fn url(&self) -> String {
+        URL.to_string()
+    }
+
+    fn create_key(&self, name: &str, opts: &CreateKeyOptions) -> Result<KeyInfo, VaultError> {
+        self.audited("KeyCreate", key_url(name), |id| {
+            check_name(name)?;
+            rsa::check_key_size(opts.key_size)?;
+            self.require(Permission::Create, name)?;
+            self.store.read_vault()?;
+            // Key generation is slow: outside the lock, so other writers are not held up.
+            let m = rsa::generate(opts.key_size)?;
+            let info = self.add_version(name, &m, false, opts.wrap_alg, CreateMode::New)?;
+            id.clone_from(&info.kid);
+            Ok(info)
+        })
+    }
+
+    fn get_key(&self, name: &str, version: Option<&str>) -> Result<KeyInfo, VaultError> {
+        self.audited("KeyGet", key_url(name), |id| {
+            let info = self.describe(name, version, id)?;
+            if !info.enabled {
+                return Err(disabled(&info.kid));
+            }
+            Ok(info)
+        })
+    }
+
+    fn describe_key(&self, name: &str, version: Option<&str>) -> Result<KeyInfo, VaultError> {
+        self.audited("KeyGet", key_url(name), |id| self.describe(name, version, id))
+    }
+
+    fn list_keys(&self) -> Result<Vec<KeyInfo>, VaultError> {
+        self.audited("KeyList", format!("{URL}/keys"), |_| {
+            let cfg = self.store.read_vault()?;
+            let ident = self.authenticate()?;
+            let mut out = Vec::new();
+            let mut any_allowed = ident.is_none();
+            for name in self.store.key_names()? {
+                if let Some(rec) = &ident {
+                    if !effective(rec, &name).contains(&Permission::List) {
+                        continue;
+                    }
+                    any_allowed = true;
+                }
+                let Some(rec) = self.store.read_key(&name)? else { continue };
+                if rec.deleted.is_some() {
+                    continue;
+                }
+                let latest = rec.latest().ok_or_else(|| damaged(&name))?;
+                out.push(self.info(&cfg, &rec, latest));
+            }
+            if !any_allowed {
+                if let Some(rec) = &ident {
+                    if !rec.policies.values().any(|p| p.contains(&Permission::List)) {
+                        return Err(denied(
+                            DenyReason::PermissionDenied,
+                            format!("{URL}/keys (identity {} lacks the list permission)", rec.name),
+                        ));
+                    }
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    fn list_key_versions(&self, name: &str) -> Result<Vec<KeyInfo>, VaultError> {
+        self.audited("KeyListVersions", key_url(name), |_| {
+            check_name(name)?;
+            self.require(Permission::List, name)?;
+            let cfg = self.store.read_vault()?;
+            let rec = self.active_key(name)?;
+            Ok(rec.versions.iter().map(|v| self.info(&cfg, &rec, v)).collect())
+        })
+    }
+
+    fn rotate_key(&self, name: &str) -> Result<KeyInfo, VaultError> {
+        self.audited("KeyRotate", key_url(name), |id| {
+            check_name(name)?;
+            self.require(Permission::Rotate, name)?;
+            self.store.read_vault()?;
+            let rec = self.active_key(name)?;
+            let size = rec.latest().ok_or_else(|| damaged(name))?.key_size;
+            let m = rsa::generate(size)?;
+            let info = self.add_version(name, &m, false, rec.wrap_alg, CreateMode::Rotate)?;
+            id.clone_from(&info.kid);
+            Ok(info)
+        })
+    }
+
+    fn import_key(&self, name: &str, pkcs8_der: &[u8], opts: &ImportKeyOptions) -> Result<KeyInfo, VaultError> {
+        self.audited("KeyImport", key_url(name), |id| {
+            check_name(name)?;
+            let m = rsa::material_from_pkcs8(pkcs8_der)?;
+            self.require(Permission::Import, name)?;
+            let info = self.add_version(name, &m, true, opts.wrap_alg, CreateMode::Import)?;
+            id.clone_from(&info.kid);
+            Ok(info)
+        })
+    }
+
+    fn update_key(&self, name: &str, version: Option<&str>, upd: &KeyUpdate) -> Result<KeyInfo, VaultError> {
+        self.audited("KeyUpdate", key_url(name), |id| {
+            check_name(name)?;
+            if let Some(ops) = &upd.key_ops {
+                validate_key_ops(ops)?;
+            }
+            self.require(Permission::Update, name)?;
+            self.mutate(|cfg| {
+                let mut rec = self.active_key(name)?;
+                let idx = {
+                    let v = Self::lookup_version(&rec, version)?;
+                    rec.versions.iter().position(|x| x.version == v.version).ok_or_else(|| damaged(name))?
+                };
+                let now = self.now();
+                let v = &mut rec.versions[idx];
+                *id = kid(name, &v.version);
+                if let Some(e) = upd.enabled {
+                    v.enabled = e;
+                }
+                if let Some(n) = upd.nbf {
+                    v.nbf = n;
+                }
+                if let Some(x) = upd.exp {
+                    v.exp = x;
+                }
+                if let (Some(n), Some(x)) = (v.nbf, v.exp) {
+                    if n >= x {
+                        return Err(VaultError::Invalid(format!(
+                            "not-before ({}) must be earlier than expiry ({})",
+                            fmt_time(n),
+                            fmt_time(x)
+                        )));
+                    }
+                }
+                if let Some(ops) = &upd.key_ops {
+                    v.key_ops = ops.clone();
+                }
+                v.updated = now;
+                rec.updated = now;
+                let out = rec.versions[idx].clone();
+                self.store.write_key(&rec)?;
+                Ok(self.info(cfg, &rec, &out))
+            })
+        })
+    }
+
+    fn delete_key(&self, name: &str) -> Result<DeletedKeyInfo, VaultError> {
+        self.audited("KeyDelete", key_url(name), |_| {
+            check_name(name)?;
+            self.require(Permission::Delete, name)?;
+            self.mutate(|cfg| {
+                let mut rec = self.store.read_key(name)?.ok_or_else(|| not_found(name))?;
+                if rec.deleted.is_some() {
+                    return Err(VaultError::Conflict(format!(
+                        "key {name} is already deleted (see `cmkfs vault key list-deleted`)"
+                    )));
+                }
+                let now = self.now();
+                let d = DeletedRecord {
+                    deleted_date: now,
+                    scheduled_purge_date: now + u64::from(cfg.retention_days) * DAY,
+                };
+                rec.deleted = Some(d.clone());
+                rec.updated = now;
+                self.store.write_key(&rec)?;
+                self.deleted_info(cfg, &rec, &d)
+            })
+        })
+    }
+
+    fn list_deleted_keys(&self) -> Result<Vec<DeletedKeyInfo>, VaultError> {
+        self.audited("KeyListDeleted", format!("{URL}/deletedkeys"), |_| {
+            let cfg = self.store.read_vault()?;
+            let ident = self.authenticate()?;
+            if let Some(rec) = &ident {
+                if !rec.policies.values().any(|p| p.contains(&Permission::List)) {
+                    return Err(denied(
+                        DenyReason::PermissionDenied,
+                        format!("{URL}/deletedkeys (identity {} lacks the list permission)", rec.name),
+                    ));
+                }
+            }
+            let mut out = Vec::new();
+            for name in self.store.key_names()? {
+                if let Some(rec) = &ident {
+                    if !effective(rec, &name).contains(&Permission::List) {
+                        continue;
+                    }
+                }
+                let Some(rec) = self.store.read_key(&name)? else { continue };
+                if let Some(d) = &rec.deleted {
+                    out.push(self.deleted_info(&cfg, &rec, d)?);
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    fn get_deleted_key(&self, name: &str) -> Result<DeletedKeyInfo, VaultError> {
+        self.audited("KeyGetDeleted", format!("{URL}/deletedkeys/{name}"), |_| {
+            check_name(name)?;
+            self.require(Permission::Get, name)?;
+            let cfg = self.store.read_vault()?;
+            let rec = self.store.read_key(name)?.ok_or_else(|| not_found(name))?;
+            let d = rec.deleted.clone().ok_or_else(|| not_deleted(name))?;
+            self.deleted_info(&cfg, &rec, &d)
+        })
+    }
+
+    fn recover_deleted_key(&self, name: &str) -> Result<KeyInfo, VaultError> {
+        self.audited("KeyRecover", format!("{URL}/deletedkeys/{name}"), |id| {
+            check_name(name)?;
+            self.require(Permission::Recover, name)?;
+            self.mutate(|cfg| {
+                let mut rec = self.store.read_key(name)?.ok_or_else(|| not_found(name))?;
+                if rec.deleted.is_none() {
+                    return Err(not_deleted(name));
+                }
+                rec.deleted = None;
+                rec.updated = self.now();
+                self.store.write_key(&rec)?;
+                let latest = rec.latest().ok_or_else(|| damaged(name))?;
+                *id = kid(name, &latest.version);
+                Ok(self.info(cfg, &rec, latest))
+            })
+        })
+    }
+
+    fn purge_deleted_key(&self, name: &str) -> Result<(), VaultError> {
+        self.audited("KeyPurge", format!("{URL}/deletedkeys/{name}"), |_| {
+            check_name(name)?;
+            self.require(Permission::Purge, name)?;
+            self.mutate_sparing(Some(name), |cfg| {
+                let rec = self.store.read_key(name)?.ok_or_else(|| not_found(name))?;
+                let Some(d) = &rec.deleted else {
+                    return Err(VaultError::Conflict(format!(
+                        "key {name} is not deleted: delete it first (`cmkfs vault key delete {name}`)"
+                    )));
+                };
+                if cfg.purge_protection && self.now() < d.scheduled_purge_date {
+                    return Err(VaultError::Conflict(format!(
+                        "purge protection is on: key {name} cannot be purged before {} \
+                         (it is purged automatically then; until then it can be recovered)",
+                        fmt_time(d.scheduled_purge_date)
+                    )));
+                }
+                self.store.purge_key(name)
+            })
+        })
+    }
+
+    fn properties(&self) -> Result<VaultProperties, VaultError> {
+        self.config()
+    }
+
+    fn permissions(&self, name: &str) -> Result<Vec<Permission>, VaultError> {
+        check_name(name)?;
+        self.store.read_vault()?;
+        Ok(self.permissions_on(name)?.into_iter().collect())
+    }
+
+    fn wrap_key(&self, name: &str, version: Option<&str>, alg: WrapAlg, plaintext: &[u8]) -> Result<super::Wrapped, VaultError> {
+        let target = match version {
+            Some(v) => kid(name, v),
+            None => key_url(name),
+        };
+        self.audited("KeyWrap", target, |id| {
+            check_name(name)?;
+            self.require(Permission::WrapKey, name)?;
+            self.store.read_vault()?;
+            let rec = self.active_key(name)?;
+            let v = Self::lookup_version(&rec, version)?;
+            *id = kid(name, &v.version);
+            usable(v, id, "wrapKey")?;
+            let now = self.now();
+            // Key Vault: outside nbf/exp a key may still decrypt/unwrap, but not encrypt/wrap.
+            if v.nbf.is_some_and(|n| now < n) || v.exp.is_some_and(|x| now >= x) {
+                return Err(denied(
+                    DenyReason::KeyExpired,
+                    format!(
+                        "{id} (valid {} to {}; wrap needs a current key: rotate, or update nbf/exp)",
+                        v.nbf.map_or("always".into(), fmt_time),
+                        v.exp.map_or("forever".into(), fmt_time)
+                    ),
+                ));
+            }
+            let value = rsa::wrap(&v.n, &v.e, alg, plaintext)?;
+            Ok(super::Wrapped {
+                kid: KeyId { vault: URL.into(), name: name.into(), version: v.version.clone() },
+                alg,
+                value,
+            })
+        })
+    }
+
+    fn unwrap_key(&self, key: &KeyId, alg: WrapAlg, wrapped: &[u8]) -> Result<Zeroizing<Vec<u8>>, VaultError> {
+        self.audited("KeyUnwrap", key.to_string(), |id| {
+            if key.vault != URL {
+                return Err(VaultError::Invalid(format!(
+                    "key id {id} belongs to vault {:?}, not {URL}",
+                    key.vault
+                )));
+            }
+            check_name(&key.name)?;
+            self.require(Permission::UnwrapKey, &key.name)?;
+            self.store.read_vault()?;
+            // The key id comes from a volume header: a key that is not there any more was
+            // purged, which is the owner's decision (deny), not a typo.
+            let purged = || denied(DenyReason::KeyPurged, format!("{id} (the key version no longer exists in vault {URL})"));
+            let rec = match self.active_key(&key.name) {
+                Err(VaultError::NotFound(_)) => return Err(purged()),
+                other => other?,
+            };
+            let v = rec.version(&key.version).ok_or_else(purged)?;
+            usable(v, id, "unwrapKey")?;
+            let pkcs8 = self.store.read_version_key(&key.name, &key.version)?.ok_or_else(|| {
+                VaultError::Store(format!("the private key of {id} is missing from the store"))
+            })?;
+            rsa::unwrap(&pkcs8, alg, wrapped)?.map_err(|()| VaultError::UnwrapFailed { kid: id.clone() })
+        })
+    }
+}
+
+impl LocalVault {
+    fn describe(&self, name: &str, version: Option<&str>, id: &mut String) -> Result<KeyInfo, VaultError> {
+        check_name(name)?;
+        self.require(Permission::Get, name)?;
+        let cfg = self.store.read_vault()?;
+        let rec = self.active_key(name)?;
+        let v = Self::lookup_version(&rec, version)?;
+        *id = kid(name, &v.version);
+        Ok(self.info(&cfg, &rec, v))
+    }
+}
+
+/// Refuses a disabled version or one whose `key_ops` lack `op`.
+fn usable(v: &VersionRecord, id: &str, op: &str) -> Result<(), VaultError> {
+    if !v.enabled {
+        return Err(disabled(id));
+    }
+    if !v.key_ops.iter().any(|o| o == op) {
+        return Err(denied(DenyReason::OperationNotAllowed, format!("{id} (key_ops lacks {op})")));
+    }
+    Ok(())
+}
+
+fn disabled(id: &str) -> VaultError {
+    let hint = match id.parse::<KeyId>() {
+        Ok(k) => format!(" (enable it with `cmkfs vault key update {} --version {} --enable`)", k.name, k.version),
+        Err(_) => String::new(),
+    };
+    denied(DenyReason::KeyDisabled, format!("{id}{hint}"))
+}
+
+fn not_deleted(name: &str) -> VaultError {
+    VaultError::NotFound(format!("key {name} is not deleted (see `cmkfs vault key list-deleted`)"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vault() -> (tempfile::TempDir, LocalVault) {
+        let d = tempfile::tempdir().unwrap();
+        let v = LocalVault::open(&d.path().join("vault")).unwrap();
+        (d, v)
+    }
+
+    fn opts() -> CreateKeyOptions {
+        CreateKeyOptions { key_size: 2048, wrap_alg: WrapAlg::RsaOaep256 }
+    }
+
+    #[test]
+    fn create_wrap_unwrap_rotate() {
+        let (_d, v) = vault();
+        let k = v.create_key("k1", &opts()).unwrap();
+        assert_eq!(k.version.len(), 32);
+        assert!(k.version.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
+        let w = v.wrap_key("k1", None, WrapAlg::RsaOaep256, &[5u8; 64]).unwrap();
+        assert_eq!(w.kid.to_string(), k.kid);
+        let r = v.rotate_key("k1").unwrap();
+        assert_ne!(r.version, k.version);
+        assert_eq!(v.get_key("k1", None).unwrap().version, r.version);
+        // Old version still unwraps what it wrapped.
+        assert_eq!(&v.unwrap_key(&w.kid, WrapAlg::RsaOaep256, &w.value).unwrap()[..], &[5u8; 64]);
+        assert!(v.generation().unwrap() >= 2);
+    }
+
+    #[test]
+    fn missing_store_is_unavailable() {
+        let (d, v) = vault();
+        v.create_key("k", &opts()).unwrap();
+        std::fs::rename(d.path().join("vault"), d.path().join("moved")).unwrap();
+        let e = v.get_key("k", None).unwrap_err();
+        assert_eq!(e.class(), crate::vault::ErrorClass::Unavailable, "{e}");
+    }
+}

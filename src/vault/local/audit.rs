@@ -1,0 +1,155 @@
+//! The vault's audit log: one JSON line per operation, shaped like Azure Key Vault's
+//! `AuditEvent` diagnostic log, in `<store>/audit.log`.
+
+use std::fs::File;
+use std::io::{self, Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use serde::{Deserialize, Serialize};
+
+use crate::vault::VaultError;
+
+/// One audit record. Field names follow Key Vault's `AuditEvent` (camelCase JSON).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct AuditEvent {
+    /// RFC 3339 UTC with milliseconds.
+    pub time: String,
+    /// Always `AuditEvent`.
+    pub category: String,
+    /// The vault URL (`local:`).
+    pub resource_id: String,
+    /// `KeyCreate`, `KeyGet`, `KeyList`, `KeyWrap`, `KeyUnwrap`, `KeyUpdate`, `KeyRotate`,
+    /// `KeyDelete`, `KeyRecover`, `KeyPurge`, `VaultPatch`, `IdentityCreate`, ...
+    pub operation_name: String,
+    /// `Success` or `Failure`.
+    pub result_type: String,
+    /// HTTP reason phrase: `OK`, `Forbidden`, `NotFound`, `Conflict`, `BadRequest`, ...
+    pub result_signature: String,
+    /// Empty on success; the error message on failure (never key material).
+    pub result_description: String,
+    /// Wall time of the operation.
+    pub duration_ms: u64,
+    /// Who asked: an identity name, or `owner` for the vault owner.
+    pub identity: String,
+    /// Request details.
+    pub properties: AuditProperties,
+}
+
+/// The `properties` object of an [`AuditEvent`].
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct AuditProperties {
+    /// What the operation addressed: a full versioned key id when known, else
+    /// `<vault>/keys/<name>`, `<vault>/identities/<name>`, or the vault URL.
+    pub id: String,
+    /// 200, 400, 403, 404, 409, 500 or 503.
+    pub http_status_code: u16,
+    /// `cmkfs/<version>` and the process id.
+    pub client_info: String,
+}
+
+impl AuditEvent {
+    /// Builds the record of one finished operation.
+    pub(crate) fn new(
+        operation: &str,
+        identity: &str,
+        id: &str,
+        started: SystemTime,
+        elapsed: Duration,
+        error: Option<&VaultError>,
+    ) -> AuditEvent {
+        let status = error.map_or(200, VaultError::http_status);
+        AuditEvent {
+            time: humantime::format_rfc3339_millis(started).to_string(),
+            category: "AuditEvent".into(),
+            resource_id: super::URL.into(),
+            operation_name: operation.into(),
+            result_type: if error.is_none() { "Success" } else { "Failure" }.into(),
+            result_signature: reason_phrase(status).into(),
+            result_description: error.map(|e| e.to_string()).unwrap_or_default(),
+            duration_ms: u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX),
+            identity: identity.into(),
+            properties: AuditProperties {
+                id: id.into(),
+                http_status_code: status,
+                client_info: format!("cmkfs/{} pid={}", env!("CARGO_PKG_VERSION"), std::process::id()),
+            },
+        }
+    }
+
+    /// Whether the operation succeeded.
+    pub fn succeeded(&self) -> bool {
+        self.result_type == "Success"
+    }
+}
+
+fn reason_phrase(status: u16) -> &'static str {
+    match status {
+        200 => "OK",
+        400 => "BadRequest",
+        401 => "Unauthorized",
+        403 => "Forbidden",
+        404 => "NotFound",
+        409 => "Conflict",
+        503 => "ServiceUnavailable",
+        _ => "InternalServerError",
+    }
+}
+
+/// Reads the audit log incrementally (for `cmkfs vault audit [--follow]`).
+pub struct AuditReader {
+    path: PathBuf,
+    offset: u64,
+    partial: Vec<u8>,
+}
+
+impl AuditReader {
+    /// A reader at the start of the log at `path` (a missing log reads as empty).
+    pub fn new(path: &Path) -> AuditReader {
+        AuditReader { path: path.to_path_buf(), offset: 0, partial: Vec::new() }
+    }
+
+    /// Events appended since the last call. Only whole lines are returned; a line being
+    /// written is kept until its newline arrives. A line that is not an event is reported as
+    /// a store error naming its position.
+    pub fn read_new(&mut self) -> Result<Vec<AuditEvent>, VaultError> {
+        let mut f = match File::open(&self.path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => {
+                return Err(VaultError::Unavailable(format!(
+                    "cannot read audit log {}: {e}",
+                    self.path.display()
+                )))
+            }
+        };
+        let io = |e: io::Error| {
+            VaultError::Unavailable(format!("cannot read audit log {}: {e}", self.path.display()))
+        };
+        let len = f.metadata().map_err(io)?.len();
+        if len < self.offset {
+            // Truncated or replaced: start again.
+            self.offset = 0;
+            self.partial.clear();
+        }
+        f.seek(SeekFrom::Start(self.offset)).map_err(io)?;
+        let mut buf = Vec::new();
+        f.read_to_end(&mut buf).map_err(io)?;
+        self.offset += buf.len() as u64;
+        self.partial.extend_from_slice(&buf);
+        let Some(last_nl) = self.partial.iter().rposition(|&b| b == b'\n') else {
+            return Ok(Vec::new());
+        };
+        let complete: Vec<u8> = self.partial.drain(..=last_nl).collect();
+        let mut out = Vec::new();
+        for line in complete.split(|&b| b == b'\n').filter(|l| !l.iter().all(u8::is_ascii_whitespace)) {
+            let ev = serde_json::from_slice(line).map_err(|e| {
+                VaultError::Store(format!("audit log {} has a damaged line: {e}", self.path.display()))
+            })?;
+            out.push(ev);
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,626 @@
+//! Key vaults: where key-encryption keys (KEKs) live. One trait, several backends.
+//!
+//! Key material never leaves a vault: callers ask it to wrap and unwrap DEKs. Errors separate
+//! *denied* (the key owner said no: disabled, deleted, no permission → revoke now) from
+//! *unavailable* (cannot reach the vault → degrade, revoke after a grace period).
+
+pub mod local;
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
+
+use crate::home::Home;
+
+/// Key-wrapping algorithm (JWA names, as Azure Key Vault uses them).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WrapAlg {
+    /// RSAES-OAEP with SHA-256 and MGF1-SHA-256: the default.
+    #[serde(rename = "RSA-OAEP-256")]
+    #[default]
+    RsaOaep256,
+    /// RSAES-OAEP with SHA-1 and MGF1-SHA-1: for HSMs without SHA-2 OAEP (SoftHSM2 2.6).
+    #[serde(rename = "RSA-OAEP")]
+    RsaOaep,
+}
+
+impl WrapAlg {
+    /// The JWA name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WrapAlg::RsaOaep256 => "RSA-OAEP-256",
+            WrapAlg::RsaOaep => "RSA-OAEP",
+        }
+    }
+}
+
+impl fmt::Display for WrapAlg {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for WrapAlg {
+    type Err = VaultError;
+    fn from_str(s: &str) -> Result<Self, VaultError> {
+        match s {
+            "RSA-OAEP-256" => Ok(WrapAlg::RsaOaep256),
+            "RSA-OAEP" => Ok(WrapAlg::RsaOaep),
+            other => Err(VaultError::Invalid(format!(
+                "unknown wrap algorithm {other:?} (expected RSA-OAEP-256 or RSA-OAEP)"
+            ))),
+        }
+    }
+}
+
+/// A full, versioned key identifier: `<vault-url>/keys/<name>/<version>`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct KeyId {
+    /// Vault URL, e.g. `local:` or `https://vault.example:8443`.
+    pub vault: String,
+    /// Key name.
+    pub name: String,
+    /// Version (32 lowercase hex digits for vaults cmkfs creates).
+    pub version: String,
+}
+
+impl fmt::Display for KeyId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/keys/{}/{}", self.vault, self.name, self.version)
+    }
+}
+
+impl FromStr for KeyId {
+    type Err = VaultError;
+    fn from_str(s: &str) -> Result<Self, VaultError> {
+        let bad = || VaultError::Invalid(format!("malformed key id {s:?}: expected <vault-url>/keys/<name>/<version>"));
+        let idx = s.rfind("/keys/").ok_or_else(bad)?;
+        let (vault, rest) = (&s[..idx], &s[idx + "/keys/".len()..]);
+        let (name, version) = rest.split_once('/').ok_or_else(bad)?;
+        if vault.is_empty() || !valid_key_name(name) || version.is_empty() || version.contains('/') {
+            return Err(bad());
+        }
+        Ok(KeyId { vault: vault.to_string(), name: name.to_string(), version: version.to_string() })
+    }
+}
+
+/// Key names as Azure Key Vault allows them: 1-127 of `[0-9a-zA-Z-]`.
+pub fn valid_key_name(name: &str) -> bool {
+    !name.is_empty() && name.len() <= 127 && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+}
+
+/// Public facts about one key version (never the private key).
+///
+/// Fields added after the first release carry `#[serde(default)]` so older JSON still parses;
+/// build values with `..Default::default()` so new fields do not break struct literals.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct KeyInfo {
+    /// Full versioned id, as a string (`kid` in Key Vault's JSON).
+    pub kid: String,
+    /// Key name.
+    pub name: String,
+    /// Version id.
+    pub version: String,
+    /// Always `RSA` for now.
+    pub kty: String,
+    /// Modulus size in bits.
+    pub key_size: u32,
+    /// Permitted operations (`wrapKey`, `unwrapKey`, ...).
+    pub key_ops: Vec<String>,
+    /// Whether the version may be used at all.
+    pub enabled: bool,
+    /// Unix seconds.
+    pub created: u64,
+    /// Unix seconds.
+    pub updated: u64,
+    /// Algorithm this key wraps with by default.
+    pub wrap_alg: WrapAlg,
+    /// Not-before (Unix seconds): before it, wrap is refused (unwrap still works).
+    #[serde(default)]
+    pub nbf: Option<u64>,
+    /// Expiry (Unix seconds): after it, wrap is refused (unwrap still works).
+    #[serde(default)]
+    pub exp: Option<u64>,
+    /// RSA modulus, base64url without padding (JWK `n`): public.
+    #[serde(default)]
+    pub n: String,
+    /// RSA public exponent, base64url without padding (JWK `e`): public.
+    #[serde(default)]
+    pub e: String,
+    /// Azure's `recoveryLevel`: `Recoverable+Purgeable`, `Recoverable`,
+    /// `CustomizedRecoverable+Purgeable` or `CustomizedRecoverable` (see [`recovery_level`]).
+    #[serde(default)]
+    pub recovery_level: String,
+    /// Days a deleted key stays recoverable (Azure's `recoverableDays`).
+    #[serde(default)]
+    pub recoverable_days: u32,
+    /// Whether the version's private key was imported rather than generated in the vault.
+    #[serde(default)]
+    pub imported: bool,
+}
+
+/// A soft-deleted key: its latest version plus when it was deleted and when it goes for good.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DeletedKeyInfo {
+    /// The latest version as it was when deleted.
+    pub key: KeyInfo,
+    /// Where the deleted key is addressed: `<vault-url>/deletedkeys/<name>`.
+    pub recovery_id: String,
+    /// Unix seconds.
+    pub deleted_date: u64,
+    /// Unix seconds: from then on the vault may purge it (and, with purge protection, only then).
+    pub scheduled_purge_date: u64,
+}
+
+/// Changes to a key version's attributes (`None` = leave as is).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KeyUpdate {
+    /// Enable or disable the version.
+    pub enabled: Option<bool>,
+    /// New not-before: `Some(None)` clears it.
+    pub nbf: Option<Option<u64>>,
+    /// New expiry: `Some(None)` clears it.
+    pub exp: Option<Option<u64>>,
+    /// New permitted operations (JWK `key_ops` names, see [`KEY_OPS`]).
+    pub key_ops: Option<Vec<String>>,
+}
+
+/// Options for importing an existing private key as a new version.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ImportKeyOptions {
+    /// Default wrap algorithm recorded for the key.
+    pub wrap_alg: WrapAlg,
+}
+
+/// The JWK `key_ops` values a key may carry. The vault acts on `wrapKey` and `unwrapKey`.
+pub const KEY_OPS: [&str; 6] = ["encrypt", "decrypt", "sign", "verify", "wrapKey", "unwrapKey"];
+
+/// `key_ops` of a new key: the two operations a KEK exists for.
+pub fn default_key_ops() -> Vec<String> {
+    vec!["wrapKey".to_string(), "unwrapKey".to_string()]
+}
+
+/// Checks a `key_ops` list: known names only, no duplicates.
+pub fn validate_key_ops(ops: &[String]) -> Result<(), VaultError> {
+    for (i, op) in ops.iter().enumerate() {
+        if !KEY_OPS.contains(&op.as_str()) {
+            return Err(VaultError::Invalid(format!(
+                "unknown key operation {op:?} (expected some of {})",
+                KEY_OPS.join(", ")
+            )));
+        }
+        if ops[..i].contains(op) {
+            return Err(VaultError::Invalid(format!("key operation {op:?} is listed twice")));
+        }
+    }
+    Ok(())
+}
+
+/// Azure's `recoveryLevel` for a vault with soft delete always on.
+pub fn recovery_level(retention_days: u32, purge_protection: bool) -> &'static str {
+    match (retention_days >= 90, purge_protection) {
+        (true, false) => "Recoverable+Purgeable",
+        (true, true) => "Recoverable",
+        (false, false) => "CustomizedRecoverable+Purgeable",
+        (false, true) => "CustomizedRecoverable",
+    }
+}
+
+/// Smallest soft-delete retention a vault accepts, in days (Azure's range).
+pub const MIN_RETENTION_DAYS: u32 = 7;
+/// Largest (and default) soft-delete retention, in days.
+pub const MAX_RETENTION_DAYS: u32 = 90;
+
+/// Vault-wide settings.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct VaultProperties {
+    /// The vault URL.
+    pub url: String,
+    /// Soft delete is always on (as in Azure since 2020).
+    pub soft_delete: bool,
+    /// Days a deleted key stays recoverable (7-90).
+    pub retention_days: u32,
+    /// Once on, never off: purge of a deleted key waits for the retention to pass.
+    pub purge_protection: bool,
+}
+
+/// What an identity may do with a key (Key Vault's key permissions).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Permission {
+    /// Read a key's public facts.
+    Get,
+    /// List keys, versions and deleted keys.
+    List,
+    /// Wrap a DEK.
+    WrapKey,
+    /// Unwrap a DEK.
+    UnwrapKey,
+    /// Change attributes (enable, disable, nbf, exp, key_ops).
+    Update,
+    /// Create a key.
+    Create,
+    /// Import a private key as a key version.
+    Import,
+    /// Soft-delete a key.
+    Delete,
+    /// Recover a soft-deleted key.
+    Recover,
+    /// Purge a soft-deleted key for good.
+    Purge,
+    /// Add a new version.
+    Rotate,
+}
+
+impl Permission {
+    /// Every permission, in display order.
+    pub const ALL: [Permission; 11] = [
+        Permission::Get,
+        Permission::List,
+        Permission::WrapKey,
+        Permission::UnwrapKey,
+        Permission::Update,
+        Permission::Create,
+        Permission::Import,
+        Permission::Delete,
+        Permission::Recover,
+        Permission::Purge,
+        Permission::Rotate,
+    ];
+
+    /// The Key Vault name (`wrapKey`, ...).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Permission::Get => "get",
+            Permission::List => "list",
+            Permission::WrapKey => "wrapKey",
+            Permission::UnwrapKey => "unwrapKey",
+            Permission::Update => "update",
+            Permission::Create => "create",
+            Permission::Import => "import",
+            Permission::Delete => "delete",
+            Permission::Recover => "recover",
+            Permission::Purge => "purge",
+            Permission::Rotate => "rotate",
+        }
+    }
+}
+
+impl fmt::Display for Permission {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Permission {
+    type Err = VaultError;
+    /// Case-insensitive (`wrapkey` = `wrapKey`).
+    fn from_str(s: &str) -> Result<Self, VaultError> {
+        Permission::ALL
+            .into_iter()
+            .find(|p| p.as_str().eq_ignore_ascii_case(s.trim()))
+            .ok_or_else(|| {
+                let all: Vec<&str> = Permission::ALL.iter().map(|p| p.as_str()).collect();
+                VaultError::Invalid(format!(
+                    "unknown permission {s:?} (expected some of {})",
+                    all.join(", ")
+                ))
+            })
+    }
+}
+
+/// Identity names follow the key-name rule; `owner` is reserved for the vault owner.
+pub fn valid_identity_name(name: &str) -> bool {
+    valid_key_name(name) && !name.eq_ignore_ascii_case(OWNER_IDENTITY)
+}
+
+/// The identity the audit log names for owner (admin) connections.
+pub const OWNER_IDENTITY: &str = "owner";
+
+/// A credential: what an identity presents to the vault (a managed-identity token analogue).
+///
+/// Stored as a 0600 JSON file; the vault keeps only the SHA-256 of the secret. `Debug` hides
+/// the secret.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct Credential {
+    /// Vault URL the credential is for.
+    pub vault: String,
+    /// Identity name.
+    pub identity: String,
+    /// The bearer secret (base64url). Never logged.
+    #[serde(with = "zeroizing_string")]
+    pub secret: Zeroizing<String>,
+}
+
+/// serde for `Zeroizing<String>` (zeroize's own serde feature is not enabled).
+mod zeroizing_string {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use zeroize::Zeroizing;
+
+    pub fn serialize<S: Serializer>(v: &Zeroizing<String>, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(v)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Zeroizing<String>, D::Error> {
+        String::deserialize(d).map(Zeroizing::new)
+    }
+}
+
+impl fmt::Debug for Credential {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Credential")
+            .field("vault", &self.vault)
+            .field("identity", &self.identity)
+            .field("secret", &"<redacted>")
+            .finish()
+    }
+}
+
+impl Credential {
+    /// Reads a credential file.
+    pub fn load(path: &std::path::Path) -> Result<Credential, VaultError> {
+        let bytes = Zeroizing::new(std::fs::read(path).map_err(|e| {
+            VaultError::Invalid(format!("cannot read credential file {}: {e}", path.display()))
+        })?);
+        serde_json::from_slice(&bytes).map_err(|e| {
+            VaultError::Invalid(format!(
+                "{} is not a cmkfs credential file ({e})",
+                path.display()
+            ))
+        })
+    }
+
+    /// Writes the credential to a new 0600 file (refuses to overwrite one).
+    pub fn save_new(&self, path: &std::path::Path) -> Result<(), VaultError> {
+        let json = Zeroizing::new(
+            serde_json::to_vec_pretty(self).map_err(|e| VaultError::Store(e.to_string()))?,
+        );
+        crate::fsutil::write_new(path, &json, 0o600).map_err(|e| {
+            VaultError::Invalid(format!("cannot write credential file {}: {e}", path.display()))
+        })
+    }
+}
+
+/// Result of a wrap: the exact key version used and the wrapped bytes.
+#[derive(Clone, Debug)]
+pub struct Wrapped {
+    /// The versioned key that wrapped.
+    pub kid: KeyId,
+    /// Algorithm used.
+    pub alg: WrapAlg,
+    /// Wrapped key bytes.
+    pub value: Vec<u8>,
+}
+
+/// Options for a new key (or a new version on rotation).
+#[derive(Clone, Debug)]
+pub struct CreateKeyOptions {
+    /// RSA modulus bits: 2048, 3072 or 4096.
+    pub key_size: u32,
+    /// Default wrap algorithm for this key.
+    pub wrap_alg: WrapAlg,
+}
+
+impl Default for CreateKeyOptions {
+    fn default() -> Self {
+        CreateKeyOptions { key_size: 3072, wrap_alg: WrapAlg::RsaOaep256 }
+    }
+}
+
+/// Why a vault refused: the owner's decision, not a fault.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DenyReason {
+    /// The key version is disabled.
+    KeyDisabled,
+    /// The key is (soft-)deleted.
+    KeyDeleted,
+    /// Outside nbf/exp for an operation the rules refuse.
+    KeyExpired,
+    /// The caller's identity lacks the permission.
+    PermissionDenied,
+    /// The key version no longer exists (purged).
+    KeyPurged,
+    /// The key's `key_ops` do not include the operation.
+    OperationNotAllowed,
+}
+
+impl fmt::Display for DenyReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            DenyReason::KeyDisabled => "key disabled",
+            DenyReason::KeyDeleted => "key deleted",
+            DenyReason::KeyExpired => "key expired or not yet valid",
+            DenyReason::PermissionDenied => "permission denied",
+            DenyReason::KeyPurged => "key purged",
+            DenyReason::OperationNotAllowed => "operation not allowed by key_ops",
+        })
+    }
+}
+
+/// Vault errors; [`VaultError::class`] is what callers branch on.
+#[derive(Debug, thiserror::Error)]
+pub enum VaultError {
+    /// The key owner refuses (revocation).
+    #[error("vault denied access to {what}: {reason}")]
+    Denied {
+        /// Why.
+        reason: DenyReason,
+        /// Key (id or name) concerned.
+        what: String,
+    },
+    /// The vault cannot be reached or did not answer in time.
+    #[error("vault unavailable: {0}")]
+    Unavailable(String),
+    /// No such key, version or identity (the message names which).
+    #[error("not found: {0}")]
+    NotFound(String),
+    /// A name is taken (e.g. by a soft-deleted key).
+    #[error("conflict: {0}")]
+    Conflict(String),
+    /// The wrapped bytes do not unwrap under that key (wrong key or corrupt wrap).
+    #[error("the key {kid} cannot unwrap this DEK (wrong key, or the wrapped key is corrupt)")]
+    UnwrapFailed {
+        /// Key tried.
+        kid: String,
+    },
+    /// Caller input that cannot be right (malformed id, bad size...).
+    #[error("{0}")]
+    Invalid(String),
+    /// The vault store on disk is damaged or unreadable.
+    #[error("vault store: {0}")]
+    Store(String),
+}
+
+/// Coarse classes of [`VaultError`] for the keyring's state machine.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// Revoke now.
+    Denied,
+    /// Degrade, revoke after the grace period.
+    Unavailable,
+    /// Neither: a caller or store error.
+    Other,
+}
+
+impl VaultError {
+    /// The HTTP status Key Vault would answer with (audit log, REST server).
+    pub fn http_status(&self) -> u16 {
+        match self {
+            VaultError::Denied { .. } => 403,
+            VaultError::NotFound(_) => 404,
+            VaultError::Conflict(_) => 409,
+            VaultError::Invalid(_) | VaultError::UnwrapFailed { .. } => 400,
+            VaultError::Unavailable(_) => 503,
+            VaultError::Store(_) => 500,
+        }
+    }
+
+    /// Which class of failure this is.
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            VaultError::Denied { .. } | VaultError::NotFound(_) | VaultError::UnwrapFailed { .. } => ErrorClass::Denied,
+            VaultError::Unavailable(_) => ErrorClass::Unavailable,
+            _ => ErrorClass::Other,
+        }
+    }
+}
+
+/// One vault connection, made for one identity (the credential is part of the connection).
+pub trait Vault: Send + Sync {
+    /// The vault URL: prefix of every key id it issues.
+    fn url(&self) -> String;
+    /// Creates a key (its first version).
+    fn create_key(&self, name: &str, opts: &CreateKeyOptions) -> Result<KeyInfo, VaultError>;
+    /// Public facts of a version (latest enabled-or-not when `version` is None).
+    fn get_key(&self, name: &str, version: Option<&str>) -> Result<KeyInfo, VaultError>;
+    /// Latest version of every key.
+    fn list_keys(&self) -> Result<Vec<KeyInfo>, VaultError>;
+    /// Adds a new version with the same parameters; returns it.
+    fn rotate_key(&self, name: &str) -> Result<KeyInfo, VaultError>;
+    /// Wraps `plaintext` (a DEK) with the given or latest version.
+    fn wrap_key(
+        &self,
+        name: &str,
+        version: Option<&str>,
+        alg: WrapAlg,
+        plaintext: &[u8],
+    ) -> Result<Wrapped, VaultError>;
+    /// Unwraps with exactly the version named in `kid`.
+    fn unwrap_key(
+        &self,
+        kid: &KeyId,
+        alg: WrapAlg,
+        wrapped: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>, VaultError>;
+
+    // Lifecycle operations below have defaults so that test doubles need not implement them.
+
+    /// Public facts of a version for administration: unlike [`Vault::get_key`] it also
+    /// describes a *disabled* version (Azure's list-versions view), so it can be re-enabled.
+    fn describe_key(&self, name: &str, version: Option<&str>) -> Result<KeyInfo, VaultError> {
+        self.get_key(name, version)
+    }
+    /// Every version of a key, oldest first.
+    fn list_key_versions(&self, _name: &str) -> Result<Vec<KeyInfo>, VaultError> {
+        Err(unsupported("listing key versions"))
+    }
+    /// Imports a PKCS#8 DER RSA private key as a new version (creating the key if needed).
+    fn import_key(
+        &self,
+        _name: &str,
+        _pkcs8_der: &[u8],
+        _opts: &ImportKeyOptions,
+    ) -> Result<KeyInfo, VaultError> {
+        Err(unsupported("key import"))
+    }
+    /// Changes a version's attributes (latest when `version` is None).
+    fn update_key(
+        &self,
+        _name: &str,
+        _version: Option<&str>,
+        _update: &KeyUpdate,
+    ) -> Result<KeyInfo, VaultError> {
+        Err(unsupported("key update"))
+    }
+    /// Soft-deletes a key (all its versions).
+    fn delete_key(&self, _name: &str) -> Result<DeletedKeyInfo, VaultError> {
+        Err(unsupported("key deletion"))
+    }
+    /// Soft-deleted keys.
+    fn list_deleted_keys(&self) -> Result<Vec<DeletedKeyInfo>, VaultError> {
+        Err(unsupported("listing deleted keys"))
+    }
+    /// One soft-deleted key.
+    fn get_deleted_key(&self, _name: &str) -> Result<DeletedKeyInfo, VaultError> {
+        Err(unsupported("reading deleted keys"))
+    }
+    /// Undoes a soft delete; returns the latest version.
+    fn recover_deleted_key(&self, _name: &str) -> Result<KeyInfo, VaultError> {
+        Err(unsupported("key recovery"))
+    }
+    /// Deletes a soft-deleted key for good.
+    fn purge_deleted_key(&self, _name: &str) -> Result<(), VaultError> {
+        Err(unsupported("key purge"))
+    }
+    /// Vault-wide settings (soft delete, retention, purge protection).
+    fn properties(&self) -> Result<VaultProperties, VaultError> {
+        Err(unsupported("reading vault properties"))
+    }
+    /// What this connection's identity may do with the key `name` (everything for the owner).
+    fn permissions(&self, _name: &str) -> Result<Vec<Permission>, VaultError> {
+        Err(unsupported("reading permissions"))
+    }
+}
+
+fn unsupported(what: &str) -> VaultError {
+    VaultError::Invalid(format!("{what} is not supported by this vault backend"))
+}
+
+/// Opens the vault a URL names, as its owner. `local:` is the embedded vault of `home`
+/// (created on first use).
+pub fn open(url: &str, home: &Home) -> Result<Box<dyn Vault>, VaultError> {
+    match url {
+        "local:" | "local" => Ok(Box::new(local::LocalVault::open(&home.vault_dir())?)),
+        other => Err(VaultError::Invalid(format!(
+            "unsupported vault URL {other:?} (supported: local:)"
+        ))),
+    }
+}
+
+/// Opens the vault a credential is for, as the credential's identity: every call is checked
+/// against that identity's access policies.
+pub fn open_with_credential(home: &Home, cred: &Credential) -> Result<Box<dyn Vault>, VaultError> {
+    match cred.vault.as_str() {
+        "local:" | "local" => Ok(Box::new(local::LocalVault::open_as(
+            &home.vault_dir(),
+            &cred.identity,
+            &cred.secret,
+        )?)),
+        other => Err(VaultError::Invalid(format!(
+            "unsupported vault URL {other:?} in credential for {} (supported: local:)",
+            cred.identity
+        ))),
+    }
+}

@@ -1,0 +1,282 @@
+//! File contents: the per-file header and sector read / write / truncate.
+//!
+//! A backing file is `FILE_HEADER_LEN` bytes of header followed by the XTS ciphertext, exactly
+//! as long as the plaintext (no expansion). The logical size is therefore
+//! `backing length - FILE_HEADER_LEN` (an empty file may have no header at all), which the
+//! backing filesystem keeps consistent with the data by itself: no separate size record can
+//! disagree with it after a crash.
+//!
+//! Sector `i` of a file is encrypted with tweak `file_id + i` (the file id is random per file),
+//! so equal plaintext in two files, or at two offsets, gives unrelated ciphertext. The last
+//! sector is a short XTS unit (ciphertext stealing); because its ciphertext depends on its
+//! length, any write or truncate that moves the end of the file re-encrypts the old last
+//! sector. All-zero ciphertext units read as zeros: they are holes of the sparse backing file.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::sync::{Mutex, RwLock};
+
+use super::VolumeError;
+use crate::engine::{Holes, SectorEngine};
+use crate::crypto::VolumeKeys;
+
+/// Bytes of the per-file header.
+pub const FILE_HEADER_LEN: usize = 32;
+const FILE_MAGIC: &[u8; 4] = b"CMKF";
+const FILE_VERSION: u16 = 1;
+
+/// The per-file header: magic, version, and the random file id used in the tweak.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FileHeader {
+    /// Random per-file id; the tweak of sector `i` is `file_id + i`.
+    pub file_id: [u8; 16],
+}
+
+impl FileHeader {
+    /// A header with a fresh random file id.
+    pub fn generate() -> Result<FileHeader, VolumeError> {
+        let mut file_id = [0u8; 16];
+        getrandom::getrandom(&mut file_id).map_err(|e| VolumeError::Internal(e.to_string()))?;
+        Ok(FileHeader { file_id })
+    }
+
+    /// On-disk encoding: magic(4) version(2, LE) reserved(2) file_id(16) reserved(8).
+    pub fn encode(&self) -> [u8; FILE_HEADER_LEN] {
+        let mut b = [0u8; FILE_HEADER_LEN];
+        b[..4].copy_from_slice(FILE_MAGIC);
+        b[4..6].copy_from_slice(&FILE_VERSION.to_le_bytes());
+        b[8..24].copy_from_slice(&self.file_id);
+        b
+    }
+
+    /// Parses a header; says what is wrong if it is not one.
+    pub fn decode(b: &[u8]) -> Result<FileHeader, String> {
+        if b.len() < FILE_HEADER_LEN {
+            return Err(format!("file header truncated to {} bytes", b.len()));
+        }
+        if &b[..4] != FILE_MAGIC {
+            return Err("file header has a wrong magic".into());
+        }
+        let v = u16::from_le_bytes([b[4], b[5]]);
+        if v != FILE_VERSION {
+            return Err(format!("file header version {v} is not supported"));
+        }
+        let mut file_id = [0u8; 16];
+        file_id.copy_from_slice(&b[8..24]);
+        Ok(FileHeader { file_id })
+    }
+
+    fn tweak(&self) -> u128 {
+        u128::from_le_bytes(self.file_id)
+    }
+}
+
+/// Logical size of a file whose backing file is `backing_len` bytes long.
+pub fn logical_size(backing_len: u64) -> Result<u64, String> {
+    match backing_len {
+        0 => Ok(0),
+        n if n < FILE_HEADER_LEN as u64 => Err(format!("backing file of {n} bytes is shorter than a file header")),
+        n => Ok(n - FILE_HEADER_LEN as u64),
+    }
+}
+
+/// Shared state of one backing file, common to all its open handles: the lock that makes
+/// read-modify-write and size changes atomic, and the cached header.
+#[derive(Debug, Default)]
+pub struct FileState {
+    /// Shared for reads and whole-sector overwrites inside the file; exclusive for anything
+    /// that reads-modifies-writes a sector or moves the end of the file.
+    pub(crate) rmw: RwLock<()>,
+    header: Mutex<Option<FileHeader>>,
+}
+
+/// The cipher context a content operation needs.
+pub struct Ctx<'a> {
+    /// Live keys.
+    pub keys: &'a VolumeKeys,
+    /// Sector engine.
+    pub engine: &'a SectorEngine,
+    /// Sector (XTS data unit) size.
+    pub sector: u64,
+}
+
+fn corrupt(why: impl Into<String>) -> VolumeError {
+    VolumeError::CorruptFile { path: None, why: why.into() }
+}
+
+fn backing_size(f: &File) -> Result<u64, VolumeError> {
+    let len = f.metadata().map_err(VolumeError::Os)?.len();
+    logical_size(len).map_err(corrupt)
+}
+
+fn header(f: &File, st: &FileState, create: bool) -> Result<Option<FileHeader>, VolumeError> {
+    let mut cached = st.header.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(h) = *cached {
+        return Ok(Some(h));
+    }
+    let len = f.metadata().map_err(VolumeError::Os)?.len();
+    if len == 0 {
+        if !create {
+            return Ok(None);
+        }
+        let h = FileHeader::generate()?;
+        f.write_all_at(&h.encode(), 0).map_err(VolumeError::Os)?;
+        *cached = Some(h);
+        return Ok(Some(h));
+    }
+    let mut b = [0u8; FILE_HEADER_LEN];
+    f.read_exact_at(&mut b, 0).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            corrupt("file header truncated")
+        } else {
+            VolumeError::Os(e)
+        }
+    })?;
+    let h = FileHeader::decode(&b).map_err(corrupt)?;
+    *cached = Some(h);
+    Ok(Some(h))
+}
+
+fn read_exact(f: &File, buf: &mut [u8], off: u64) -> Result<(), VolumeError> {
+    f.read_exact_at(buf, FILE_HEADER_LEN as u64 + off).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            corrupt("backing file shrank while reading (changed behind the mount?)")
+        } else {
+            VolumeError::Os(e)
+        }
+    })
+}
+
+/// Reads and decrypts one whole unit (sector `s` of a file of logical size `size`).
+fn read_unit(f: &File, cx: &Ctx, h: &FileHeader, s: u64, size: u64, out: &mut [u8]) -> Result<usize, VolumeError> {
+    let start = s * cx.sector;
+    let len = (size - start).min(cx.sector) as usize;
+    read_exact(f, &mut out[..len], start)?;
+    cx.engine
+        .decrypt(&cx.keys.xts, h.tweak(), s, &mut out[..len], Holes::Zero)
+        .map_err(VolumeError::Crypto)?;
+    Ok(len)
+}
+
+/// Reads up to `len` bytes at `off`. Returns the plaintext (shorter at end of file).
+pub fn read(f: &File, st: &FileState, cx: &Ctx, off: u64, len: usize) -> Result<Vec<u8>, VolumeError> {
+    let _g = st.rmw.read().unwrap_or_else(|p| p.into_inner());
+    let size = backing_size(f)?;
+    if off >= size || len == 0 {
+        return Ok(Vec::new());
+    }
+    let end = size.min(off.saturating_add(len as u64));
+    let Some(h) = header(f, st, false)? else {
+        return Err(corrupt("non-empty file without a header"));
+    };
+    let first = off / cx.sector;
+    let start = first * cx.sector;
+    let stop = size.min((end - 1) / cx.sector * cx.sector + cx.sector);
+    let mut buf = vec![0u8; (stop - start) as usize];
+    read_exact(f, &mut buf, start)?;
+    cx.engine
+        .decrypt(&cx.keys.xts, h.tweak(), first, &mut buf, Holes::Zero)
+        .map_err(VolumeError::Crypto)?;
+    buf.truncate((end - start) as usize);
+    buf.drain(..(off - start) as usize);
+    Ok(buf)
+}
+
+/// Writes `data` at `off`, growing the file as needed. Returns the bytes written.
+pub fn write(f: &File, st: &FileState, cx: &Ctx, off: u64, data: &[u8]) -> Result<usize, VolumeError> {
+    if data.is_empty() {
+        return Ok(0);
+    }
+    let end = off
+        .checked_add(data.len() as u64)
+        .ok_or(VolumeError::Os(std::io::Error::from_raw_os_error(libc::EFBIG)))?;
+    // Whole sectors strictly inside the file: no read-modify-write and no size change, so
+    // such writes run concurrently under the shared lock.
+    {
+        let _g = st.rmw.read().unwrap_or_else(|p| p.into_inner());
+        let size = backing_size(f)?;
+        if off % cx.sector == 0 && end % cx.sector == 0 && end <= size {
+            let h = header(f, st, false)?.ok_or_else(|| corrupt("non-empty file without a header"))?;
+            let mut buf = data.to_vec();
+            cx.engine
+                .encrypt(&cx.keys.xts, h.tweak(), off / cx.sector, &mut buf)
+                .map_err(VolumeError::Crypto)?;
+            f.write_all_at(&buf, FILE_HEADER_LEN as u64 + off).map_err(VolumeError::Os)?;
+            return Ok(data.len());
+        }
+    }
+    let _g = st.rmw.write().unwrap_or_else(|p| p.into_inner());
+    let size = backing_size(f)?;
+    let h = header(f, st, true)?.ok_or_else(|| corrupt("could not create the file header"))?;
+    let ss = cx.sector;
+    let new_size = size.max(end);
+    let first = off / ss;
+    let last = (end - 1) / ss;
+    // The old last sector was a short unit; if this write starts beyond it, it becomes a
+    // full sector of zeros-padded data. Written first so that a crash leaves a consistent file.
+    if size % ss != 0 && size / ss < first {
+        pad_tail(f, cx, &h, size, (size / ss + 1) * ss)?;
+    }
+    let start = first * ss;
+    let stop = new_size.min((last + 1) * ss);
+    let mut buf = vec![0u8; (stop - start) as usize];
+    // Keep the old bytes of the first and last sectors where the write does not cover them.
+    let edges = [first, last];
+    for &s in &edges[..if first == last { 1 } else { 2 }] {
+        let (s_start, s_old_end) = (s * ss, size.min(s * ss + ss));
+        if s_start < size && !(off <= s_start && end >= s_old_end) {
+            let at = (s_start - start) as usize;
+            read_unit(f, cx, &h, s, size, &mut buf[at..])?;
+        }
+    }
+    buf[(off - start) as usize..(end - start) as usize].copy_from_slice(data);
+    cx.engine
+        .encrypt(&cx.keys.xts, h.tweak(), first, &mut buf)
+        .map_err(VolumeError::Crypto)?;
+    f.write_all_at(&buf, FILE_HEADER_LEN as u64 + start).map_err(VolumeError::Os)?;
+    Ok(data.len())
+}
+
+/// Re-encrypts the short last unit of a file of logical `size` as a unit reaching `new_end`
+/// (within the same sector), zero-padded.
+fn pad_tail(f: &File, cx: &Ctx, h: &FileHeader, size: u64, new_end: u64) -> Result<(), VolumeError> {
+    let s = size / cx.sector;
+    let start = s * cx.sector;
+    let mut buf = vec![0u8; (new_end - start) as usize];
+    read_unit(f, cx, h, s, size, &mut buf)?;
+    cx.engine.encrypt(&cx.keys.xts, h.tweak(), s, &mut buf).map_err(VolumeError::Crypto)?;
+    f.write_all_at(&buf, FILE_HEADER_LEN as u64 + start).map_err(VolumeError::Os)
+}
+
+/// Sets the logical size to `new_size` (shrink or grow with zeros).
+pub fn truncate(f: &File, st: &FileState, cx: &Ctx, new_size: u64) -> Result<(), VolumeError> {
+    let _g = st.rmw.write().unwrap_or_else(|p| p.into_inner());
+    let size = backing_size(f)?;
+    if new_size == size {
+        return Ok(());
+    }
+    let ss = cx.sector;
+    if new_size == 0 {
+        // Dropping the header too means the next write picks a new file id: old and new
+        // contents never share tweaks.
+        f.set_len(0).map_err(VolumeError::Os)?;
+        *st.header.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        return Ok(());
+    }
+    let h = header(f, st, true)?.ok_or_else(|| corrupt("could not create the file header"))?;
+    if new_size > size {
+        if size % ss != 0 {
+            pad_tail(f, cx, &h, size, new_size.min((size / ss + 1) * ss))?;
+        }
+    } else if new_size % ss != 0 {
+        // The new last sector becomes a shorter unit: re-encrypt it at its new length.
+        let s = new_size / ss;
+        let start = s * ss;
+        let mut buf = vec![0u8; ss as usize];
+        read_unit(f, cx, &h, s, size, &mut buf)?;
+        buf.truncate((new_size - start) as usize);
+        cx.engine.encrypt(&cx.keys.xts, h.tweak(), s, &mut buf).map_err(VolumeError::Crypto)?;
+        f.write_all_at(&buf, FILE_HEADER_LEN as u64 + start).map_err(VolumeError::Os)?;
+    }
+    f.set_len(FILE_HEADER_LEN as u64 + new_size).map_err(VolumeError::Os)
+}

@@ -1,0 +1,265 @@
+//! Bad input: each case must fail with a non-zero exit and one line on stderr, mount nothing,
+//! leave no daemon behind, and change nothing on disk (backing dir and mountpoint compared
+//! by a recursive listing with content hashes before and after).
+
+mod common;
+
+use std::ffi::OsStr;
+use std::fs;
+use std::path::Path;
+
+use common::*;
+
+/// Runs `cmkfs mount CIPHER MNT` expecting a clean failure that changes nothing.
+#[track_caller]
+fn expect_mount_fails(env: &Env, cipher: &Path, mnt: &Path, case: &str) {
+    let (c0, m0) = (snapshot(cipher), snapshot(mnt));
+    let mounts_before = mounts_at(mnt).len();
+    let out = env.try_mount(cipher, mnt);
+    eprintln!("{case}: {}", out.stderr.trim_end());
+    if out.ok() {
+        panic!("{case}: mount should have failed:\n{out}");
+    }
+    out.assert_clear_error();
+    assert_eq!(
+        mounts_at(mnt).len(),
+        mounts_before,
+        "{case}: a failed mount left something mounted"
+    );
+    assert!(
+        wait_until(DAEMON_EXIT_TIMEOUT, || daemon_pids(mnt).is_empty()),
+        "{case}: a failed mount left a daemon running"
+    );
+    assert_same_snapshot(&format!("{case}: backing dir"), &c0, &snapshot(cipher));
+    assert_same_snapshot(&format!("{case}: mountpoint"), &m0, &snapshot(mnt));
+}
+
+/// Proves a volume is healthy (so a failure above was caused by the bad input, not by a
+/// broken volume): mounts it and reads back `file`.
+#[track_caller]
+fn assert_mounts_and_reads(env: &Env, cipher: &Path, file: &str, want: &[u8]) {
+    let m = env.mount(cipher, &env.mnt);
+    assert_eq!(read(&m.path(file)), want);
+    m.unmount();
+}
+
+/// A volume with one file in it, unmounted.
+fn volume_with_file(env: &Env, cipher: &Path) {
+    env.init(cipher);
+    let m = env.mount(cipher, &env.mnt);
+    write(&m.path("hello.txt"), b"hello, volume");
+    m.unmount();
+}
+
+#[test]
+fn mount_of_a_non_volume_fails_cleanly() {
+    let env = Env::new();
+    expect_mount_fails(&env, &env.cipher, &env.mnt, "empty directory");
+
+    fs::create_dir(env.cipher.join("sub")).unwrap();
+    fs::write(env.cipher.join("notes.txt"), "plain old file").unwrap();
+    expect_mount_fails(&env, &env.cipher, &env.mnt, "directory with files");
+
+    let missing = env.root.join("no-such-dir");
+    expect_mount_fails(&env, &missing, &env.mnt, "missing backing dir");
+    assert!(!missing.exists());
+}
+
+#[test]
+fn mount_with_corrupt_or_truncated_header_fails_cleanly() {
+    let env = Env::new();
+    volume_with_file(&env, &env.cipher);
+    let header = env.cipher.join(HEADER_NAME);
+    let good = fs::read(&header).unwrap();
+    assert!(good.len() > 4, "header suspiciously small: {good:?}");
+
+    let mut flipped_json = good.clone();
+    flipped_json[0] ^= 0xff;
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("empty header", Vec::new()),
+        ("truncated header (half)", good[..good.len() / 2].to_vec()),
+        (
+            "truncated header (one byte short)",
+            good[..good.len() - 1].to_vec(),
+        ),
+        ("header with its first byte flipped", flipped_json),
+        ("garbage header", vec![0x5a; good.len()]),
+        (
+            "JSON that is not a header",
+            b"{\"hello\": \"world\"}\n".to_vec(),
+        ),
+    ];
+    for (case, bytes) in cases {
+        fs::write(&header, &bytes).unwrap();
+        expect_mount_fails(&env, &env.cipher, &env.mnt, case);
+    }
+    fs::remove_file(&header).unwrap();
+    expect_mount_fails(&env, &env.cipher, &env.mnt, "header missing");
+
+    fs::write(&header, &good).unwrap();
+    assert_mounts_and_reads(&env, &env.cipher, "hello.txt", b"hello, volume");
+}
+
+/// Replaces the volume's key id in its header with `new_kid` (textually, so whatever other
+/// fields the format has stay byte-identical).
+fn point_header_at(cipher: &Path, old_kid: &str, new_kid: &str) {
+    let header = cipher.join(HEADER_NAME);
+    let text = fs::read_to_string(&header).unwrap();
+    assert!(
+        text.contains(old_kid),
+        "the header does not contain the key id {old_kid:?} verbatim (see docs/FORMAT.md): {text}"
+    );
+    fs::write(&header, text.replace(old_kid, new_kid)).unwrap();
+}
+
+#[test]
+fn mount_with_a_key_that_cannot_unwrap_fails_cleanly() {
+    let env = Env::new();
+    volume_with_file(&env, &env.cipher);
+    let header = env.cipher.join(HEADER_NAME);
+    let good = fs::read(&header).unwrap();
+    let kid = env.info(&env.cipher)["key_id"]
+        .as_str()
+        .expect("key_id")
+        .to_string();
+
+    // A different key of the same vault. `init --key other` is the contract's way to create
+    // one; its volume tells us the key's versioned id.
+    let scratch = env.dir("cipher-other");
+    env.init_with(&scratch, &["--key", "other"]);
+    let other_kid = env.info(&scratch)["key_id"]
+        .as_str()
+        .expect("key_id")
+        .to_string();
+    assert_ne!(other_kid, kid);
+    point_header_at(&env.cipher, &kid, &other_kid);
+    expect_mount_fails(&env, &env.cipher, &env.mnt, "header points at another key");
+    fs::write(&header, &good).unwrap();
+
+    // A new version of the same key: rotate, then learn the new version from a fresh volume
+    // (init wraps with the latest version).
+    let out = env.cmkfs(&["vault", "key", "rotate", "default"]);
+    out.assert_ok();
+    let rotated = env.dir("cipher-rotated");
+    env.init(&rotated);
+    let new_kid = env.info(&rotated)["key_id"]
+        .as_str()
+        .expect("key_id")
+        .to_string();
+    assert_ne!(new_kid, kid, "rotation must create a new key version");
+    assert!(
+        new_kid.starts_with("local:/keys/default/"),
+        "unexpected key id after rotation: {new_kid}"
+    );
+    point_header_at(&env.cipher, &kid, &new_kid);
+    expect_mount_fails(
+        &env,
+        &env.cipher,
+        &env.mnt,
+        "header points at the next key version",
+    );
+
+    // A version that does not exist.
+    let bogus = format!("local:/keys/default/{}", "0".repeat(32));
+    fs::write(&header, &good).unwrap();
+    point_header_at(&env.cipher, &kid, &bogus);
+    expect_mount_fails(
+        &env,
+        &env.cipher,
+        &env.mnt,
+        "header points at a missing key version",
+    );
+
+    // The old version still unwraps after rotation: the original header mounts.
+    fs::write(&header, &good).unwrap();
+    assert_mounts_and_reads(&env, &env.cipher, "hello.txt", b"hello, volume");
+}
+
+#[test]
+fn mount_on_a_busy_mountpoint_fails_cleanly() {
+    let env = Env::new();
+    let other = env.dir("cipher-b");
+    volume_with_file(&env, &env.cipher);
+    env.init(&other);
+
+    let m = env.mount(&env.cipher, &env.mnt);
+    expect_mount_fails(&env, &other, &env.mnt, "mountpoint busy (another volume)");
+    expect_mount_fails(&env, &env.cipher, &env.mnt, "mountpoint busy (same volume)");
+    // The first mount is unharmed and not shadowed.
+    assert_eq!(mounts_at(&env.mnt).len(), 1);
+    assert_eq!(read(&m.path("hello.txt")), b"hello, volume");
+    m.unmount();
+}
+
+#[test]
+fn mount_on_a_missing_mountpoint_fails_cleanly() {
+    let env = Env::new();
+    volume_with_file(&env, &env.cipher);
+    let missing = env.root.join("no-such-mountpoint");
+    expect_mount_fails(&env, &env.cipher, &missing, "missing mountpoint");
+    assert!(!missing.exists(), "a failed mount created the mountpoint");
+
+    let file = env.root.join("a-file");
+    fs::write(&file, "not a directory").unwrap();
+    expect_mount_fails(&env, &env.cipher, &file, "mountpoint is a regular file");
+}
+
+#[test]
+fn init_on_a_non_empty_directory_fails_cleanly() {
+    let env = Env::new();
+    // With a fresh home: the failure must not even create the vault.
+    fs::write(env.cipher.join("existing.txt"), "user data").unwrap();
+    let (c0, h0) = (snapshot(&env.cipher), snapshot(&env.home));
+    let out = env.cmkfs(&[
+        OsStr::new("init"),
+        env.cipher.as_os_str(),
+        OsStr::new("--key-size"),
+        OsStr::new(KEY_SIZE),
+    ]);
+    out.assert_clear_error();
+    assert_same_snapshot(
+        "init on a non-empty dir: backing dir",
+        &c0,
+        &snapshot(&env.cipher),
+    );
+    assert_same_snapshot(
+        "init on a non-empty dir: CMKFS_HOME",
+        &h0,
+        &snapshot(&env.home),
+    );
+
+    // init over an existing volume (also non-empty) must not replace its header.
+    let vol = env.dir("vol");
+    volume_with_file(&env, &vol);
+    let v0 = snapshot(&vol);
+    let out = env.cmkfs(&[
+        OsStr::new("init"),
+        vol.as_os_str(),
+        OsStr::new("--key-size"),
+        OsStr::new(KEY_SIZE),
+    ]);
+    out.assert_clear_error();
+    assert_same_snapshot("init over a volume", &v0, &snapshot(&vol));
+    assert_mounts_and_reads(&env, &vol, "hello.txt", b"hello, volume");
+
+    // A regular file where the directory should be.
+    let file = env.root.join("a-file");
+    fs::write(&file, "x").unwrap();
+    let f0 = snapshot(&file);
+    env.cmkfs(&[OsStr::new("init"), file.as_os_str()])
+        .assert_clear_error();
+    assert_same_snapshot("init on a regular file", &f0, &snapshot(&file));
+}
+
+#[test]
+fn info_of_a_non_volume_fails_cleanly() {
+    let env = Env::new();
+    let c0 = snapshot(&env.cipher);
+    env.cmkfs(&[
+        OsStr::new("info"),
+        env.cipher.as_os_str(),
+        OsStr::new("--json"),
+    ])
+    .assert_clear_error();
+    assert_same_snapshot("info of a non-volume", &c0, &snapshot(&env.cipher));
+}
