@@ -31,6 +31,50 @@ pub const MAX_WRITE: u32 = 1 << 20;
 struct Node {
     path: PathBuf,
     nlookup: u64,
+    /// Last (parent, name) it was reached by: what a dentry invalidation needs.
+    parent: u64,
+    name: std::ffi::OsString,
+}
+
+/// The inodes the kernel currently knows (handed out by lookup, create, readdirplus...).
+/// Shared with the revocation monitor, which must invalidate every one of them.
+#[derive(Default)]
+pub struct NodeTable {
+    nodes: Mutex<HashMap<u64, Node>>,
+}
+
+impl NodeTable {
+    /// Every known inode, and every (parent, name) dentry the kernel may have cached.
+    pub fn invalidation_targets(&self) -> (Vec<u64>, Vec<(u64, std::ffi::OsString)>) {
+        let nodes = lock(&self.nodes);
+        let inodes = nodes.keys().copied().collect();
+        let entries = nodes
+            .iter()
+            .filter(|(ino, _)| **ino != INodeNo::ROOT.0)
+            .map(|(_, n)| (n.parent, n.name.clone()))
+            .collect();
+        (inodes, entries)
+    }
+}
+
+/// Drops every cached page, attribute and dentry the kernel holds for this mount. Must run
+/// on its own thread, never inside a request handler (the kernel waits on page locks held by
+/// in-flight reads, which wait on the daemon).
+pub fn invalidate_kernel_caches(table: &NodeTable, notifier: &fuser::Notifier) -> (usize, usize) {
+    let (inodes, entries) = table.invalidation_targets();
+    let mut done = (0, 0);
+    for ino in &inodes {
+        // Offset 0, length 0: all pages of the inode, and its attributes.
+        if notifier.inval_inode(INodeNo(*ino), 0, 0).is_ok() {
+            done.0 += 1;
+        }
+    }
+    for (parent, name) in &entries {
+        if notifier.inval_entry(INodeNo(*parent), name).is_ok() {
+            done.1 += 1;
+        }
+    }
+    done
 }
 
 /// One entry of a directory listing; `attr` (with the backing path) for readdirplus.
@@ -48,7 +92,7 @@ struct DirSnapshot {
 /// The FUSE filesystem of one mounted volume.
 pub struct CmkFs {
     vol: Arc<Volume>,
-    nodes: Mutex<HashMap<u64, Node>>,
+    table: Arc<NodeTable>,
     files: Mutex<HashMap<u64, Arc<OpenFile>>>,
     dirs: Mutex<HashMap<u64, Arc<DirSnapshot>>>,
     next_fh: AtomicU64,
@@ -100,15 +144,23 @@ fn caller(req: &Request) -> Caller {
 impl CmkFs {
     /// Wraps an open volume.
     pub fn new(vol: Arc<Volume>) -> CmkFs {
-        let mut nodes = HashMap::new();
-        nodes.insert(INodeNo::ROOT.0, Node { path: vol.root().to_path_buf(), nlookup: 1 });
+        let table = NodeTable::default();
+        lock(&table.nodes).insert(
+            INodeNo::ROOT.0,
+            Node { path: vol.root().to_path_buf(), nlookup: 1, parent: INodeNo::ROOT.0, name: "/".into() },
+        );
         CmkFs {
             vol,
-            nodes: Mutex::new(nodes),
+            table: Arc::new(table),
             files: Mutex::new(HashMap::new()),
             dirs: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
         }
+    }
+
+    /// The inode table, for the revocation monitor.
+    pub fn node_table(&self) -> Arc<NodeTable> {
+        self.table.clone()
     }
 
     fn ino_of(&self, a: &Attr) -> u64 {
@@ -142,17 +194,25 @@ impl CmkFs {
     }
 
     fn path(&self, ino: INodeNo) -> FsResult<PathBuf> {
-        lock(&self.nodes).get(&ino.0).map(|n| n.path.clone()).ok_or_else(enoent)
+        lock(&self.table.nodes).get(&ino.0).map(|n| n.path.clone()).ok_or_else(enoent)
     }
 
-    /// Records a lookup of `path` and returns the FUSE attributes for the reply.
-    fn remember(&self, path: PathBuf, a: &Attr) -> FileAttr {
+    /// Records a lookup of `name` in `parent` (backing `path`) and returns the FUSE
+    /// attributes for the reply.
+    fn remember(&self, parent: INodeNo, name: &OsStr, path: PathBuf, a: &Attr) -> FileAttr {
         let ino = self.ino_of(a);
-        let mut nodes = lock(&self.nodes);
-        let n = nodes.entry(ino).or_insert(Node { path: path.clone(), nlookup: 0 });
+        let mut nodes = lock(&self.table.nodes);
+        let n = nodes.entry(ino).or_insert(Node {
+            path: path.clone(),
+            nlookup: 0,
+            parent: parent.0,
+            name: name.to_os_string(),
+        });
         n.nlookup += 1;
         // A hard link looked up by another name: the freshest path is the one most likely to exist.
         n.path = path;
+        n.parent = parent.0;
+        n.name = name.to_os_string();
         drop(nodes);
         self.fattr(ino, a)
     }
@@ -184,7 +244,7 @@ impl CmkFs {
     }
 
     fn renamed(&self, from: &Path, to: &Path, exchange: bool) {
-        let mut nodes = lock(&self.nodes);
+        let mut nodes = lock(&self.table.nodes);
         for n in nodes.values_mut() {
             let moved = |p: &Path, a: &Path, b: &Path| p.strip_prefix(a).ok().map(|rest| b.join(rest));
             if let Some(p) = moved(&n.path, from, to) {
@@ -215,7 +275,7 @@ impl CmkFs {
         if ino == INodeNo::ROOT.0 {
             return;
         }
-        let mut nodes = lock(&self.nodes);
+        let mut nodes = lock(&self.table.nodes);
         if let Some(n) = nodes.get_mut(&ino) {
             n.nlookup = n.nlookup.saturating_sub(nlookup);
             if n.nlookup == 0 {
@@ -255,7 +315,7 @@ impl Filesystem for CmkFs {
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let r = self.path(parent).and_then(|dir| self.vol.lookup(&dir, name));
         match r {
-            Ok((path, a)) => reply.entry(&TTL, &self.remember(path, &a), Generation(0)),
+            Ok((path, a)) => reply.entry(&TTL, &self.remember(parent, name, path, &a), Generation(0)),
             Err(e) => reply.error(errno(&e, "lookup", Path::new(name))),
         }
     }
@@ -319,7 +379,7 @@ impl Filesystem for CmkFs {
     ) {
         let r = self.path(parent).and_then(|d| self.vol.mknod(&d, name, mode, rdev, caller(req)));
         match r {
-            Ok((p, a)) => reply.entry(&TTL, &self.remember(p, &a), Generation(0)),
+            Ok((p, a)) => reply.entry(&TTL, &self.remember(parent, name, p, &a), Generation(0)),
             Err(e) => reply.error(errno(&e, "mknod", Path::new(name))),
         }
     }
@@ -327,7 +387,7 @@ impl Filesystem for CmkFs {
     fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, _umask: u32, reply: ReplyEntry) {
         let r = self.path(parent).and_then(|d| self.vol.mkdir(&d, name, mode, caller(req)));
         match r {
-            Ok((p, a)) => reply.entry(&TTL, &self.remember(p, &a), Generation(0)),
+            Ok((p, a)) => reply.entry(&TTL, &self.remember(parent, name, p, &a), Generation(0)),
             Err(e) => reply.error(errno(&e, "mkdir", Path::new(name))),
         }
     }
@@ -349,7 +409,7 @@ impl Filesystem for CmkFs {
     fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
         let r = self.path(parent).and_then(|d| self.vol.symlink(&d, link_name, target.as_os_str(), caller(req)));
         match r {
-            Ok((p, a)) => reply.entry(&TTL, &self.remember(p, &a), Generation(0)),
+            Ok((p, a)) => reply.entry(&TTL, &self.remember(parent, link_name, p, &a), Generation(0)),
             Err(e) => reply.error(errno(&e, "symlink", Path::new(link_name))),
         }
     }
@@ -371,6 +431,11 @@ impl Filesystem for CmkFs {
         match r {
             Ok((from, to)) => {
                 self.renamed(&from, &to, flags.bits() & libc::RENAME_EXCHANGE != 0);
+                let mut nodes = lock(&self.table.nodes);
+                if let Some(n) = nodes.values_mut().find(|n| n.path == to) {
+                    n.parent = newparent.0;
+                    n.name = newname.to_os_string();
+                }
                 reply.ok()
             }
             Err(e) => reply.error(errno(&e, "rename", Path::new(name))),
@@ -383,7 +448,7 @@ impl Filesystem for CmkFs {
             self.vol.link(&p, &nd, newname)
         });
         match r {
-            Ok((p, a)) => reply.entry(&TTL, &self.remember(p, &a), Generation(0)),
+            Ok((p, a)) => reply.entry(&TTL, &self.remember(newparent, newname, p, &a), Generation(0)),
             Err(e) => reply.error(errno(&e, "link", Path::new(newname))),
         }
     }
@@ -470,7 +535,8 @@ impl Filesystem for CmkFs {
     }
 
     fn readdir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
-        match self.dir(fh) {
+        // A listing snapshot holds plaintext names: serve it only while the keys are live.
+        match self.vol.keyring().keys().and_then(|_| self.dir(fh)) {
             Ok(s) => {
                 for (i, e) in s.entries.iter().enumerate().skip(offset as usize) {
                     if reply.add(INodeNo(e.ino), (i + 1) as u64, e.kind, &e.name) {
@@ -491,14 +557,14 @@ impl Filesystem for CmkFs {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
-        let s = match self.dir(fh) {
+        let s = match self.vol.keyring().keys().and_then(|_| self.dir(fh)) {
             Ok(s) => s,
             Err(e) => return reply.error(errno(&e, "readdirplus", Path::new(""))),
         };
         for (i, e) in s.entries.iter().enumerate().skip(offset as usize) {
             let full = match &e.attr {
                 // Entries handed out with attributes count as lookups, as the kernel expects.
-                Some((p, a)) => self.remember(p.clone(), a),
+                Some((p, a)) => self.remember(ino, &e.name, p.clone(), a),
                 None => match self.getattr_of(if e.name == ".." { ino } else { INodeNo(e.ino) }, None) {
                     Ok(a) => a,
                     Err(_) => continue,
@@ -576,7 +642,7 @@ impl Filesystem for CmkFs {
             .and_then(|d| self.vol.create_file(&d, name, mode, flags & libc::O_EXCL != 0, caller(req)));
         match r {
             Ok((p, a, of)) => {
-                let attr = self.remember(p, &a);
+                let attr = self.remember(parent, name, p, &a);
                 let fh = self.add_file(of);
                 reply.created(&TTL, &attr, Generation(0), FileHandle(fh), FopenFlags::empty())
             }

@@ -12,6 +12,7 @@ pub mod fs;
 pub mod fsutil;
 pub mod home;
 pub mod keyring;
+pub mod monitor;
 pub mod mount;
 pub mod vault;
 pub mod volume;

@@ -13,8 +13,8 @@ use crate::fsutil::create_private_dir;
 use crate::home::Home;
 use crate::vault::local::{AuditEvent, ConfigUpdate, LocalVault, PolicyScope};
 use crate::vault::{
-    CreateKeyOptions, Credential, DeletedKeyInfo, ImportKeyOptions, KeyInfo, KeyUpdate,
-    Permission, Vault, VaultProperties, WrapAlg,
+    CreateKeyOptions, Credential, DeletedKeyInfo, ImportKeyOptions, KeyInfo, KeyUpdate, Permission,
+    Vault, VaultProperties, WrapAlg,
 };
 
 /// Vault administration.
@@ -68,9 +68,9 @@ enum KeyCommand {
         /// The private key file.
         #[arg(long, value_name = "FILE")]
         file: PathBuf,
-        /// Default wrap algorithm recorded for the key.
-        #[arg(long, value_enum, default_value_t = AlgArg::RsaOaep256)]
-        alg: AlgArg,
+        /// Wrap algorithm of a new key (default RSA-OAEP-256); an existing key keeps its own.
+        #[arg(long, value_enum)]
+        alg: Option<AlgArg>,
         /// Print the new version as JSON.
         #[arg(long)]
         json: bool,
@@ -319,7 +319,9 @@ struct AuditArgs {
 pub fn run(a: VaultArgs) -> anyhow::Result<()> {
     let home = Home::from_env();
     let vault = match &a.credential {
-        Some(path) => LocalVault::open_with_credential(&home.vault_dir(), &Credential::load(path)?)?,
+        Some(path) => {
+            LocalVault::open_with_credential(&home.vault_dir(), &Credential::load(path)?)?
+        }
         None => LocalVault::open(&home.vault_dir())?,
     };
     match a.command {
@@ -333,17 +335,37 @@ pub fn run(a: VaultArgs) -> anyhow::Result<()> {
 
 fn key(v: &LocalVault, cmd: KeyCommand) -> anyhow::Result<()> {
     match cmd {
-        KeyCommand::Create { name, key_size, alg, json } => {
-            let info = v.create_key(&name, &CreateKeyOptions { key_size, wrap_alg: alg.into() })?;
+        KeyCommand::Create {
+            name,
+            key_size,
+            alg,
+            json,
+        } => {
+            let opts = CreateKeyOptions {
+                key_size,
+                wrap_alg: alg.into(),
+            };
+            let info = with_progress("generating the RSA key", || v.create_key(&name, &opts))?;
             print_key(&info, json, "created")
         }
-        KeyCommand::Import { name, file, alg, json } => {
+        KeyCommand::Import {
+            name,
+            file,
+            alg,
+            json,
+        } => {
             let bytes = zeroize::Zeroizing::new(
                 std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?,
             );
             let der = crate::vault::local::read_private_key(&bytes)
                 .with_context(|| format!("cannot import {}", file.display()))?;
-            let info = v.import_key(&name, &der, &ImportKeyOptions { wrap_alg: alg.into() })?;
+            let info = v.import_key(
+                &name,
+                &der,
+                &ImportKeyOptions {
+                    wrap_alg: alg.map(Into::into),
+                },
+            )?;
             print_key(&info, json, "imported")
         }
         KeyCommand::List { json } => {
@@ -356,7 +378,14 @@ fn key(v: &LocalVault, cmd: KeyCommand) -> anyhow::Result<()> {
                 return Ok(());
             }
             print_table(
-                &["NAME", "LATEST VERSION", "SIZE", "ENABLED", "EXPIRES", "UPDATED"],
+                &[
+                    "NAME",
+                    "LATEST VERSION",
+                    "SIZE",
+                    "ENABLED",
+                    "EXPIRES",
+                    "UPDATED",
+                ],
                 keys.iter().map(|k| {
                     vec![
                         k.name.clone(),
@@ -370,7 +399,11 @@ fn key(v: &LocalVault, cmd: KeyCommand) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        KeyCommand::Show { name, version, json } => {
+        KeyCommand::Show {
+            name,
+            version,
+            json,
+        } => {
             let info = v.describe_key(&name, version.as_deref())?;
             print_key(&info, json, "")
         }
@@ -380,7 +413,14 @@ fn key(v: &LocalVault, cmd: KeyCommand) -> anyhow::Result<()> {
                 return print_json(&versions);
             }
             print_table(
-                &["VERSION", "SIZE", "ENABLED", "NOT BEFORE", "EXPIRES", "CREATED"],
+                &[
+                    "VERSION",
+                    "SIZE",
+                    "ENABLED",
+                    "NOT BEFORE",
+                    "EXPIRES",
+                    "CREATED",
+                ],
                 versions.iter().map(|k| {
                     vec![
                         k.version.clone(),
@@ -395,14 +435,35 @@ fn key(v: &LocalVault, cmd: KeyCommand) -> anyhow::Result<()> {
             Ok(())
         }
         KeyCommand::Rotate { name, json } => {
-            let info = v.rotate_key(&name)?;
+            let info = with_progress("generating the new RSA key version", || v.rotate_key(&name))?;
             print_key(&info, json, "rotated")
         }
-        KeyCommand::Update { name, version, enable, disable, nbf, exp, key_ops, json } => {
+        KeyCommand::Update {
+            name,
+            version,
+            enable,
+            disable,
+            nbf,
+            exp,
+            key_ops,
+            json,
+        } => {
             let upd = KeyUpdate {
-                enabled: if enable { Some(true) } else if disable { Some(false) } else { None },
-                nbf: nbf.as_deref().map(|t| parse_time(t).context("--nbf")).transpose()?,
-                exp: exp.as_deref().map(|t| parse_time(t).context("--exp")).transpose()?,
+                enabled: if enable {
+                    Some(true)
+                } else if disable {
+                    Some(false)
+                } else {
+                    None
+                },
+                nbf: nbf
+                    .as_deref()
+                    .map(|t| parse_time(t).context("--nbf"))
+                    .transpose()?,
+                exp: exp
+                    .as_deref()
+                    .map(|t| parse_time(t).context("--exp"))
+                    .transpose()?,
                 key_ops: key_ops.map(|ops| ops.into_iter().map(|o| o.trim().to_string()).collect()),
             };
             let info = v.update_key(&name, version.as_deref(), &upd)?;
@@ -431,7 +492,12 @@ fn key(v: &LocalVault, cmd: KeyCommand) -> anyhow::Result<()> {
             print_table(
                 &["NAME", "DELETED", "SCHEDULED PURGE", "RECOVERY ID"],
                 keys.iter().map(|d| {
-                    vec![d.key.name.clone(), time(d.deleted_date), time(d.scheduled_purge_date), d.recovery_id.clone()]
+                    vec![
+                        d.key.name.clone(),
+                        time(d.deleted_date),
+                        time(d.scheduled_purge_date),
+                        d.recovery_id.clone(),
+                    ]
                 }),
             );
             Ok(())
@@ -454,18 +520,26 @@ fn key(v: &LocalVault, cmd: KeyCommand) -> anyhow::Result<()> {
 
 fn identity(v: &LocalVault, home: &Home, cmd: IdentityCommand) -> anyhow::Result<()> {
     match cmd {
-        IdentityCommand::Create { name, credential_file, json } => {
+        IdentityCommand::Create {
+            name,
+            credential_file,
+            json,
+        } => {
             let path = match credential_file {
                 Some(p) => p,
                 None => {
                     let dir = home.root().join("credentials");
-                    create_private_dir(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+                    create_private_dir(&dir)
+                        .with_context(|| format!("cannot create {}", dir.display()))?;
                     dir.join(format!("{name}.json"))
                 }
             };
             // Checked first so that a refused file leaves no identity behind.
             if path.exists() {
-                bail!("credential file {} already exists: choose another with --credential-file", path.display());
+                bail!(
+                    "credential file {} already exists: choose another with --credential-file",
+                    path.display()
+                );
             }
             let (info, cred) = v.create_identity(&name)?;
             if let Err(e) = cred.save_new(&path) {
@@ -480,7 +554,11 @@ fn identity(v: &LocalVault, home: &Home, cmd: IdentityCommand) -> anyhow::Result
                     created: u64,
                     credential_file: &'a std::path::Path,
                 }
-                return print_json(&Out { name: &info.name, created: info.created, credential_file: &path });
+                return print_json(&Out {
+                    name: &info.name,
+                    created: info.created,
+                    credential_file: &path,
+                });
             }
             println!(
                 "created identity {name}; credential written to {} (keep it secret: it carries the \
@@ -498,7 +576,10 @@ fn identity(v: &LocalVault, home: &Home, cmd: IdentityCommand) -> anyhow::Result
                 println!("no identities (create one with `cmkfs vault identity create NAME`)");
                 return Ok(());
             }
-            print_table(&["NAME", "CREATED"], ids.iter().map(|i| vec![i.name.clone(), time(i.created)]));
+            print_table(
+                &["NAME", "CREATED"],
+                ids.iter().map(|i| vec![i.name.clone(), time(i.created)]),
+            );
             Ok(())
         }
         IdentityCommand::Delete { name } => {
@@ -511,7 +592,12 @@ fn identity(v: &LocalVault, home: &Home, cmd: IdentityCommand) -> anyhow::Result
 
 fn policy(v: &LocalVault, cmd: PolicyCommand) -> anyhow::Result<()> {
     match cmd {
-        PolicyCommand::Set { identity, scope, permissions, json } => {
+        PolicyCommand::Set {
+            identity,
+            scope,
+            permissions,
+            json,
+        } => {
             let mut perms = Vec::new();
             for p in &permissions {
                 if p.trim().eq_ignore_ascii_case("all") {
@@ -524,7 +610,12 @@ fn policy(v: &LocalVault, cmd: PolicyCommand) -> anyhow::Result<()> {
             if json {
                 return print_json(&pol);
             }
-            println!("{} may {} on {}", pol.identity, join_perms(&pol.permissions), scope_text(&pol.key));
+            println!(
+                "{} may {} on {}",
+                pol.identity,
+                join_perms(&pol.permissions),
+                scope_text(&pol.key)
+            );
             Ok(())
         }
         PolicyCommand::Remove { identity, scope } => {
@@ -550,7 +641,13 @@ fn policy(v: &LocalVault, cmd: PolicyCommand) -> anyhow::Result<()> {
             }
             print_table(
                 &["IDENTITY", "KEY", "PERMISSIONS"],
-                pols.iter().map(|p| vec![p.identity.clone(), p.key.clone(), join_perms(&p.permissions)]),
+                pols.iter().map(|p| {
+                    vec![
+                        p.identity.clone(),
+                        p.key.clone(),
+                        join_perms(&p.permissions),
+                    ]
+                }),
             );
             Ok(())
         }
@@ -575,8 +672,14 @@ fn config(v: &LocalVault, c: ConfigArgs) -> anyhow::Result<()> {
 
 fn audit(v: &LocalVault, a: AuditArgs) -> anyhow::Result<()> {
     let mut reader = v.audit_reader()?;
-    let key_prefix = a.key.as_ref().map(|k| format!("{}/keys/{k}", crate::vault::local::URL));
-    let deleted_prefix = a.key.as_ref().map(|k| format!("{}/deletedkeys/{k}", crate::vault::local::URL));
+    let key_prefix = a
+        .key
+        .as_ref()
+        .map(|k| format!("{}/keys/{k}", crate::vault::local::URL));
+    let deleted_prefix = a
+        .key
+        .as_ref()
+        .map(|k| format!("{}/deletedkeys/{k}", crate::vault::local::URL));
     let keep = |ev: &AuditEvent| {
         let id_matches = |prefix: &Option<String>| {
             prefix.as_ref().is_some_and(|p| {
@@ -620,12 +723,42 @@ fn audit(v: &LocalVault, a: AuditArgs) -> anyhow::Result<()> {
         Ok(())
     };
     print(&first)?;
-    while a.follow {
+    if !a.follow {
+        return Ok(());
+    }
+    // Polling is enough for a human-paced tail, and works on every filesystem.
+    loop {
         std::thread::sleep(Duration::from_millis(300));
         let new: Vec<AuditEvent> = reader.read_new()?.into_iter().filter(|e| keep(e)).collect();
         print(&new)?;
     }
-    Ok(())
+}
+
+/// Runs `f` (RSA key generation: up to a second or more for 4096 bits) with a spinner on
+/// stderr when it is a terminal; the spinner line is erased afterwards.
+fn with_progress<T>(what: &str, f: impl FnOnce() -> T) -> T {
+    use std::io::IsTerminal as _;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    if !std::io::stderr().is_terminal() {
+        return f();
+    }
+    let done = std::sync::Arc::new(AtomicBool::new(false));
+    let flag = done.clone();
+    let what = what.to_string();
+    let spinner = std::thread::spawn(move || {
+        for c in ['|', '/', '-', '\\'].iter().cycle() {
+            if flag.load(Ordering::Relaxed) {
+                break;
+            }
+            eprint!("\r{what} {c}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        eprint!("\r\x1b[K");
+    });
+    let out = f();
+    done.store(true, Ordering::Relaxed);
+    let _ = spinner.join();
+    out
 }
 
 /// Parses a time argument into Unix seconds (`None` for `none`).
@@ -655,7 +788,9 @@ fn parse_time(t: &str) -> anyhow::Result<Option<u64>> {
         return s.parse::<u64>().map(Some).map_err(|_| bad());
     }
     let st = humantime::parse_rfc3339_weak(t).map_err(|_| bad())?;
-    Ok(Some(st.duration_since(UNIX_EPOCH).map_err(|_| bad())?.as_secs()))
+    Ok(Some(
+        st.duration_since(UNIX_EPOCH).map_err(|_| bad())?.as_secs(),
+    ))
 }
 
 fn time(t: u64) -> String {
@@ -708,10 +843,21 @@ fn print_key(k: &KeyInfo, json: bool, verb: &str) -> anyhow::Result<()> {
         ("expires", opt_time(k.exp)),
         ("key_ops", k.key_ops.join(",")),
         ("wrap alg", k.wrap_alg.to_string()),
-        ("origin", if k.imported { "imported" } else { "generated in the vault" }.into()),
+        (
+            "origin",
+            if k.imported {
+                "imported"
+            } else {
+                "generated in the vault"
+            }
+            .into(),
+        ),
         ("created", time(k.created)),
         ("updated", time(k.updated)),
-        ("recovery", format!("{} ({} days)", k.recovery_level, k.recoverable_days)),
+        (
+            "recovery",
+            format!("{} ({} days)", k.recovery_level, k.recoverable_days),
+        ),
     ];
     for (label, value) in rows {
         println!("{:<12}{value}", format!("{label}:"));
@@ -731,12 +877,20 @@ fn print_deleted(d: &DeletedKeyInfo, json: bool) -> anyhow::Result<()> {
 
 fn print_props(p: &VaultProperties) {
     println!("{:<18}{}", "vault:", p.url);
-    println!("{:<18}{}", "soft delete:", if p.soft_delete { "on" } else { "off" });
+    println!(
+        "{:<18}{}",
+        "soft delete:",
+        if p.soft_delete { "on" } else { "off" }
+    );
     println!("{:<18}{} days", "retention:", p.retention_days);
     println!(
         "{:<18}{}",
         "purge protection:",
-        if p.purge_protection { "on (cannot be turned off)" } else { "off" }
+        if p.purge_protection {
+            "on (cannot be turned off)"
+        } else {
+            "off"
+        }
     );
 }
 
@@ -780,7 +934,10 @@ mod tests {
         assert_eq!(parse_time("none").unwrap(), None);
         assert_eq!(parse_time("@100").unwrap(), Some(100));
         assert_eq!(parse_time("1970-01-01T00:01:40Z").unwrap(), Some(100));
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
         let t = parse_time("+1h").unwrap().unwrap();
         assert!(t >= now + 3599 && t <= now + 3700);
         assert!(parse_time("-1d").unwrap().unwrap() < now);

@@ -11,7 +11,7 @@ use anyhow::{bail, Context};
 use clap::Args;
 
 use crate::home::Home;
-use crate::keyring::Keyring;
+use crate::keyring::{Keyring, KeyringConfig};
 use crate::mount::{self, MountConfig, RunRecord};
 use crate::vault::{self, CreateKeyOptions, VaultError, WrapAlg};
 use crate::volume::header::VolumeHeader;
@@ -258,7 +258,7 @@ fn serve(a: &MountArgs, ready_pipe: bool) -> anyhow::Result<()> {
     let header = VolumeHeader::read(&a.cipherdir)?;
     let kid = header.key_id()?;
     let vault = vault::open(&kid.vault, &home)?;
-    let keyring = Keyring::unlock(vault, &header)?;
+    let keyring = Keyring::unlock(vault, &header, Some(a.cipherdir.clone()), KeyringConfig::default())?;
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
     let vol = Volume::open(&a.cipherdir, header.clone(), Arc::new(keyring), 0)?;
     let cipherdir = vol.root().to_path_buf();

@@ -98,7 +98,10 @@ enum Caller {
     /// The vault owner (whoever can read the store directory): allowed everything.
     Owner,
     /// An identity: authenticated and checked against its policies on every call.
-    Identity { name: String, secret_sha256: [u8; 32] },
+    Identity {
+        name: String,
+        secret_sha256: [u8; 32],
+    },
 }
 
 /// A connection to the embedded vault, as the owner ([`LocalVault::open`]) or as an identity
@@ -144,7 +147,9 @@ fn check_identity_name(name: &str) -> Result<(), VaultError> {
     if valid_identity_name(name) {
         Ok(())
     } else if name.eq_ignore_ascii_case(OWNER_IDENTITY) {
-        Err(VaultError::Invalid(format!("identity name {name:?} is reserved for the vault owner")))
+        Err(VaultError::Invalid(format!(
+            "identity name {name:?} is reserved for the vault owner"
+        )))
     } else {
         Err(VaultError::Invalid(format!(
             "invalid identity name {name:?}: use 1-127 letters, digits and dashes"
@@ -161,7 +166,10 @@ fn kid(name: &str, version: &str) -> String {
 }
 
 fn denied(reason: DenyReason, what: impl Into<String>) -> VaultError {
-    VaultError::Denied { reason, what: what.into() }
+    VaultError::Denied {
+        reason,
+        what: what.into(),
+    }
 }
 
 fn fmt_time(t: u64) -> String {
@@ -171,7 +179,11 @@ fn fmt_time(t: u64) -> String {
 impl LocalVault {
     /// Opens the store at `dir` as its owner, creating it on first use.
     pub fn open(dir: &Path) -> Result<LocalVault, VaultError> {
-        let v = LocalVault { store: Store::new(dir), caller: Caller::Owner, clock_offset: 0 };
+        let v = LocalVault {
+            store: Store::new(dir),
+            caller: Caller::Owner,
+            clock_offset: 0,
+        };
         v.store.init_if_missing(v.now())?;
         v.store.read_vault()?;
         Ok(v)
@@ -191,7 +203,22 @@ impl LocalVault {
             clock_offset: 0,
         };
         v.store.read_vault()?;
-        v.authenticate()?;
+        let started = SystemTime::now();
+        let t0 = Instant::now();
+        if let Err(e) = v.authenticate() {
+            // Failed sign-ins are what an auditor looks for first; successes are implied by
+            // the operations that follow.
+            let ev = AuditEvent::new(
+                "Authentication",
+                v.identity(),
+                URL,
+                started,
+                t0.elapsed(),
+                Some(&e),
+            );
+            v.write_audit(&ev);
+            return Err(e);
+        }
         Ok(v)
     }
 
@@ -245,7 +272,10 @@ impl LocalVault {
     }
 
     fn now(&self) -> u64 {
-        let real = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        let real = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
         real.saturating_add_signed(self.clock_offset)
     }
 
@@ -261,7 +291,14 @@ impl LocalVault {
         let t0 = Instant::now();
         let mut id = id;
         let result = f(&mut id);
-        let ev = AuditEvent::new(operation, self.identity(), &id, started, t0.elapsed(), result.as_ref().err());
+        let ev = AuditEvent::new(
+            operation,
+            self.identity(),
+            &id,
+            started,
+            t0.elapsed(),
+            result.as_ref().err(),
+        );
         self.write_audit(&ev);
         result
     }
@@ -281,7 +318,11 @@ impl LocalVault {
 
     /// Checks the caller's credential; returns its record (None for the owner).
     fn authenticate(&self) -> Result<Option<IdentityRecord>, VaultError> {
-        let Caller::Identity { name, secret_sha256 } = &self.caller else {
+        let Caller::Identity {
+            name,
+            secret_sha256,
+        } = &self.caller
+        else {
             return Ok(None);
         };
         let rejected = || {
@@ -313,7 +354,11 @@ impl LocalVault {
         } else {
             Err(denied(
                 DenyReason::PermissionDenied,
-                format!("{} (identity {} lacks the {perm} permission)", key_url(name), self.identity()),
+                format!(
+                    "{} (identity {} lacks the {perm} permission)",
+                    key_url(name),
+                    self.identity()
+                ),
             ))
         }
     }
@@ -350,7 +395,12 @@ impl LocalVault {
         }
     }
 
-    fn deleted_info(&self, cfg: &VaultRecord, rec: &KeyRecord, d: &DeletedRecord) -> Result<DeletedKeyInfo, VaultError> {
+    fn deleted_info(
+        &self,
+        cfg: &VaultRecord,
+        rec: &KeyRecord,
+        d: &DeletedRecord,
+    ) -> Result<DeletedKeyInfo, VaultError> {
         let latest = rec.latest().ok_or_else(|| damaged(&rec.name))?;
         Ok(DeletedKeyInfo {
             key: self.info(cfg, rec, latest),
@@ -366,7 +416,10 @@ impl LocalVault {
         if rec.deleted.is_some() {
             return Err(denied(
                 DenyReason::KeyDeleted,
-                format!("{} (recover it with `cmkfs vault key recover {name}`)", key_url(name)),
+                format!(
+                    "{} (recover it with `cmkfs vault key recover {name}`)",
+                    key_url(name)
+                ),
             ));
         }
         Ok(rec)
@@ -378,12 +431,16 @@ impl LocalVault {
     fn maintenance(&self, spare: Option<&str>) {
         self.store.cleanup();
         let now = self.now();
-        let Ok(names) = self.store.key_names() else { return };
+        let Ok(names) = self.store.key_names() else {
+            return;
+        };
         for name in names {
             if spare == Some(name.as_str()) {
                 continue;
             }
-            let Ok(Some(rec)) = self.store.read_key(&name) else { continue };
+            let Ok(Some(rec)) = self.store.read_key(&name) else {
+                continue;
+            };
             let Some(d) = &rec.deleted else { continue };
             if now < d.scheduled_purge_date {
                 continue;
@@ -391,7 +448,14 @@ impl LocalVault {
             let started = SystemTime::now();
             let t0 = Instant::now();
             let result = self.store.purge_key(&name);
-            let mut ev = AuditEvent::new("KeyPurge", OWNER_IDENTITY, &key_url(&name), started, t0.elapsed(), result.as_ref().err());
+            let mut ev = AuditEvent::new(
+                "KeyPurge",
+                OWNER_IDENTITY,
+                &key_url(&name),
+                started,
+                t0.elapsed(),
+                result.as_ref().err(),
+            );
             ev.result_description = match &result {
                 Ok(()) => "retention period ended: purged automatically".into(),
                 Err(e) => format!("automatic purge failed: {e}"),
@@ -411,7 +475,10 @@ impl LocalVault {
     }
 
     /// Runs a state change under the store lock: maintenance, `f`, generation bump.
-    fn mutate<T>(&self, f: impl FnOnce(&VaultRecord) -> Result<T, VaultError>) -> Result<T, VaultError> {
+    fn mutate<T>(
+        &self,
+        f: impl FnOnce(&VaultRecord) -> Result<T, VaultError>,
+    ) -> Result<T, VaultError> {
         self.mutate_sparing(None, f)
     }
 
@@ -452,7 +519,7 @@ impl LocalVault {
         name: &str,
         m: &rsa::Material,
         imported: bool,
-        wrap_alg: WrapAlg,
+        wrap_alg: Option<WrapAlg>,
         create: CreateMode,
     ) -> Result<KeyInfo, VaultError> {
         self.mutate(|cfg| {
@@ -473,8 +540,12 @@ impl LocalVault {
                             v.key_ops = last.key_ops.clone();
                         }
                     }
-                    if create == CreateMode::Import {
-                        rec.wrap_alg = wrap_alg;
+                    if let Some(alg) = wrap_alg.filter(|a| *a != rec.wrap_alg) {
+                        return Err(VaultError::Invalid(format!(
+                            "key {name} wraps with {}, not {alg}: the algorithm is per key \
+                             (import under a new name to use {alg})",
+                            rec.wrap_alg
+                        )));
                     }
                     self.store.write_version_key(name, &v.version, &m.pkcs8)?;
                     rec.versions.push(v.clone());
@@ -492,7 +563,7 @@ impl LocalVault {
                         name: name.to_string(),
                         created: v.created,
                         updated: v.created,
-                        wrap_alg,
+                        wrap_alg: wrap_alg.unwrap_or_default(),
                         versions: vec![v.clone()],
                         deleted: None,
                     };
@@ -566,7 +637,8 @@ impl LocalVault {
             check_identity_name(name)?;
             // 32 random bytes: a bearer secret that cannot be guessed, so one SHA-256 suffices.
             let mut raw = Zeroizing::new([0u8; 32]);
-            getrandom::getrandom(&mut *raw).map_err(|e| VaultError::Store(format!("no randomness: {e}")))?;
+            getrandom::getrandom(&mut *raw)
+                .map_err(|e| VaultError::Store(format!("no randomness: {e}")))?;
             let secret = Zeroizing::new(URL_SAFE_NO_PAD.encode(*raw));
             self.mutate(|_| {
                 if self.store.read_identity(name)?.is_some() {
@@ -583,8 +655,15 @@ impl LocalVault {
                 };
                 self.store.create_identity(&rec)?;
                 Ok((
-                    IdentityInfo { name: rec.name.clone(), created: rec.created },
-                    Credential { vault: URL.into(), identity: rec.name, secret: secret.clone() },
+                    IdentityInfo {
+                        name: rec.name.clone(),
+                        created: rec.created,
+                    },
+                    Credential {
+                        vault: URL.into(),
+                        identity: rec.name,
+                        secret: secret.clone(),
+                    },
                 ))
             })
         })
@@ -598,7 +677,10 @@ impl LocalVault {
             let mut out = Vec::new();
             for name in self.store.identity_names()? {
                 if let Some(rec) = self.store.read_identity(&name)? {
-                    out.push(IdentityInfo { name: rec.name, created: rec.created });
+                    out.push(IdentityInfo {
+                        name: rec.name,
+                        created: rec.created,
+                    });
                 }
             }
             Ok(out)
@@ -627,7 +709,12 @@ impl LocalVault {
 
     /// Sets (replaces) the permissions of `identity` on `scope`; an empty list removes the
     /// policy. A named key must exist (active or soft-deleted). Owner only.
-    pub fn set_policy(&self, identity: &str, scope: &PolicyScope, perms: &[Permission]) -> Result<AccessPolicy, VaultError> {
+    pub fn set_policy(
+        &self,
+        identity: &str,
+        scope: &PolicyScope,
+        perms: &[Permission],
+    ) -> Result<AccessPolicy, VaultError> {
         self.audited("AccessPolicySet", format!("{URL}/identities/{identity}"), |_| {
             self.require_owner("changing access policies")?;
             check_identity_name(identity)?;
@@ -661,23 +748,27 @@ impl LocalVault {
 
     /// Removes the policy of `identity` on `scope`. Owner only.
     pub fn remove_policy(&self, identity: &str, scope: &PolicyScope) -> Result<(), VaultError> {
-        self.audited("AccessPolicyRemove", format!("{URL}/identities/{identity}"), |_| {
-            self.require_owner("changing access policies")?;
-            check_identity_name(identity)?;
-            self.mutate(|_| {
-                let mut rec = self.identity_record(identity)?;
-                if rec.policies.remove(scope.as_str()).is_none() {
-                    return Err(VaultError::NotFound(format!(
-                        "identity {identity} has no access policy on {}",
-                        match scope {
-                            PolicyScope::AllKeys => "all keys".to_string(),
-                            PolicyScope::Key(k) => format!("key {k}"),
-                        }
-                    )));
-                }
-                self.store.write_identity(&rec)
-            })
-        })
+        self.audited(
+            "AccessPolicyRemove",
+            format!("{URL}/identities/{identity}"),
+            |_| {
+                self.require_owner("changing access policies")?;
+                check_identity_name(identity)?;
+                self.mutate(|_| {
+                    let mut rec = self.identity_record(identity)?;
+                    if rec.policies.remove(scope.as_str()).is_none() {
+                        return Err(VaultError::NotFound(format!(
+                            "identity {identity} has no access policy on {}",
+                            match scope {
+                                PolicyScope::AllKeys => "all keys".to_string(),
+                                PolicyScope::Key(k) => format!("key {k}"),
+                            }
+                        )));
+                    }
+                    self.store.write_identity(&rec)
+                })
+            },
+        )
     }
 
     /// Access policies, of one identity or all, sorted by identity then key. Owner only.
@@ -695,7 +786,9 @@ impl LocalVault {
             };
             let mut out = Vec::new();
             for name in names {
-                let Some(rec) = self.store.read_identity(&name)? else { continue };
+                let Some(rec) = self.store.read_identity(&name)? else {
+                    continue;
+                };
                 for (key, perms) in &rec.policies {
                     out.push(AccessPolicy {
                         identity: rec.name.clone(),
@@ -708,7 +801,10 @@ impl LocalVault {
         })
     }
 
-    fn lookup_version<'a>(rec: &'a KeyRecord, version: Option<&str>) -> Result<&'a VersionRecord, VaultError> {
+    fn lookup_version<'a>(
+        rec: &'a KeyRecord,
+        version: Option<&str>,
+    ) -> Result<&'a VersionRecord, VaultError> {
         match version {
             None => rec.latest().ok_or_else(|| damaged(&rec.name)),
             Some(v) => rec.version(v).ok_or_else(|| {
@@ -746,12 +842,24 @@ fn not_found(name: &str) -> VaultError {
 }
 
 fn damaged(name: &str) -> VaultError {
-    VaultError::Store(format!("key {name} has no versions: its key.json is damaged"))
+    VaultError::Store(format!(
+        "key {name} has no versions: its key.json is damaged"
+    ))
 }
 
 impl Vault for LocalVault {
     fn url(&self) -> String {
         URL.to_string()
+    }
+
+    fn watch(&self) -> Option<std::sync::mpsc::Receiver<()>> {
+        match super::watch::watch_file(&self.generation_path()) {
+            Ok(rx) => Some(rx),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch the vault store; periodic checks only");
+                None
+            }
+        }
     }
 
     fn create_key(&self, name: &str, opts: &CreateKeyOptions) -> Result<KeyInfo, VaultError> {
@@ -762,7 +870,7 @@ impl Vault for LocalVault {
             self.store.read_vault()?;
             // Key generation is slow: outside the lock, so other writers are not held up.
             let m = rsa::generate(opts.key_size)?;
-            let info = self.add_version(name, &m, false, opts.wrap_alg, CreateMode::New)?;
+            let info = self.add_version(name, &m, false, Some(opts.wrap_alg), CreateMode::New)?;
             id.clone_from(&info.kid);
             Ok(info)
         })
@@ -779,7 +887,9 @@ impl Vault for LocalVault {
     }
 
     fn describe_key(&self, name: &str, version: Option<&str>) -> Result<KeyInfo, VaultError> {
-        self.audited("KeyGet", key_url(name), |id| self.describe(name, version, id))
+        self.audited("KeyGet", key_url(name), |id| {
+            self.describe(name, version, id)
+        })
     }
 
     fn list_keys(&self) -> Result<Vec<KeyInfo>, VaultError> {
@@ -795,7 +905,9 @@ impl Vault for LocalVault {
                     }
                     any_allowed = true;
                 }
-                let Some(rec) = self.store.read_key(&name)? else { continue };
+                let Some(rec) = self.store.read_key(&name)? else {
+                    continue;
+                };
                 if rec.deleted.is_some() {
                     continue;
                 }
@@ -807,7 +919,10 @@ impl Vault for LocalVault {
                     if !rec.policies.values().any(|p| p.contains(&Permission::List)) {
                         return Err(denied(
                             DenyReason::PermissionDenied,
-                            format!("{URL}/keys (identity {} lacks the list permission)", rec.name),
+                            format!(
+                                "{URL}/keys (identity {} lacks the list permission)",
+                                rec.name
+                            ),
                         ));
                     }
                 }
@@ -822,7 +937,11 @@ impl Vault for LocalVault {
             self.require(Permission::List, name)?;
             let cfg = self.store.read_vault()?;
             let rec = self.active_key(name)?;
-            Ok(rec.versions.iter().map(|v| self.info(&cfg, &rec, v)).collect())
+            Ok(rec
+                .versions
+                .iter()
+                .map(|v| self.info(&cfg, &rec, v))
+                .collect())
         })
     }
 
@@ -834,13 +953,18 @@ impl Vault for LocalVault {
             let rec = self.active_key(name)?;
             let size = rec.latest().ok_or_else(|| damaged(name))?.key_size;
             let m = rsa::generate(size)?;
-            let info = self.add_version(name, &m, false, rec.wrap_alg, CreateMode::Rotate)?;
+            let info = self.add_version(name, &m, false, None, CreateMode::Rotate)?;
             id.clone_from(&info.kid);
             Ok(info)
         })
     }
 
-    fn import_key(&self, name: &str, pkcs8_der: &[u8], opts: &ImportKeyOptions) -> Result<KeyInfo, VaultError> {
+    fn import_key(
+        &self,
+        name: &str,
+        pkcs8_der: &[u8],
+        opts: &ImportKeyOptions,
+    ) -> Result<KeyInfo, VaultError> {
         self.audited("KeyImport", key_url(name), |id| {
             check_name(name)?;
             let m = rsa::material_from_pkcs8(pkcs8_der)?;
@@ -851,7 +975,12 @@ impl Vault for LocalVault {
         })
     }
 
-    fn update_key(&self, name: &str, version: Option<&str>, upd: &KeyUpdate) -> Result<KeyInfo, VaultError> {
+    fn update_key(
+        &self,
+        name: &str,
+        version: Option<&str>,
+        upd: &KeyUpdate,
+    ) -> Result<KeyInfo, VaultError> {
         self.audited("KeyUpdate", key_url(name), |id| {
             check_name(name)?;
             if let Some(ops) = &upd.key_ops {
@@ -862,7 +991,10 @@ impl Vault for LocalVault {
                 let mut rec = self.active_key(name)?;
                 let idx = {
                     let v = Self::lookup_version(&rec, version)?;
-                    rec.versions.iter().position(|x| x.version == v.version).ok_or_else(|| damaged(name))?
+                    rec.versions
+                        .iter()
+                        .position(|x| x.version == v.version)
+                        .ok_or_else(|| damaged(name))?
                 };
                 let now = self.now();
                 let v = &mut rec.versions[idx];
@@ -929,7 +1061,10 @@ impl Vault for LocalVault {
                 if !rec.policies.values().any(|p| p.contains(&Permission::List)) {
                     return Err(denied(
                         DenyReason::PermissionDenied,
-                        format!("{URL}/deletedkeys (identity {} lacks the list permission)", rec.name),
+                        format!(
+                            "{URL}/deletedkeys (identity {} lacks the list permission)",
+                            rec.name
+                        ),
                     ));
                 }
             }
@@ -940,7 +1075,9 @@ impl Vault for LocalVault {
                         continue;
                     }
                 }
-                let Some(rec) = self.store.read_key(&name)? else { continue };
+                let Some(rec) = self.store.read_key(&name)? else {
+                    continue;
+                };
                 if let Some(d) = &rec.deleted {
                     out.push(self.deleted_info(&cfg, &rec, d)?);
                 }
@@ -1012,7 +1149,13 @@ impl Vault for LocalVault {
         Ok(self.permissions_on(name)?.into_iter().collect())
     }
 
-    fn wrap_key(&self, name: &str, version: Option<&str>, alg: WrapAlg, plaintext: &[u8]) -> Result<super::Wrapped, VaultError> {
+    fn wrap_key(
+        &self,
+        name: &str,
+        version: Option<&str>,
+        alg: WrapAlg,
+        plaintext: &[u8],
+    ) -> Result<super::Wrapped, VaultError> {
         let target = match version {
             Some(v) => kid(name, v),
             None => key_url(name),
@@ -1046,7 +1189,12 @@ impl Vault for LocalVault {
         })
     }
 
-    fn unwrap_key(&self, key: &KeyId, alg: WrapAlg, wrapped: &[u8]) -> Result<Zeroizing<Vec<u8>>, VaultError> {
+    fn unwrap_key(
+        &self,
+        key: &KeyId,
+        alg: WrapAlg,
+        wrapped: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>, VaultError> {
         self.audited("KeyUnwrap", key.to_string(), |id| {
             if key.vault != URL {
                 return Err(VaultError::Invalid(format!(
@@ -1059,23 +1207,37 @@ impl Vault for LocalVault {
             self.store.read_vault()?;
             // The key id comes from a volume header: a key that is not there any more was
             // purged, which is the owner's decision (deny), not a typo.
-            let purged = || denied(DenyReason::KeyPurged, format!("{id} (the key version no longer exists in vault {URL})"));
+            let purged = || {
+                denied(
+                    DenyReason::KeyPurged,
+                    format!("{id} (the key version no longer exists in vault {URL})"),
+                )
+            };
             let rec = match self.active_key(&key.name) {
                 Err(VaultError::NotFound(_)) => return Err(purged()),
                 other => other?,
             };
             let v = rec.version(&key.version).ok_or_else(purged)?;
             usable(v, id, "unwrapKey")?;
-            let pkcs8 = self.store.read_version_key(&key.name, &key.version)?.ok_or_else(|| {
-                VaultError::Store(format!("the private key of {id} is missing from the store"))
-            })?;
-            rsa::unwrap(&pkcs8, alg, wrapped)?.map_err(|()| VaultError::UnwrapFailed { kid: id.clone() })
+            let pkcs8 = self
+                .store
+                .read_version_key(&key.name, &key.version)?
+                .ok_or_else(|| {
+                    VaultError::Store(format!("the private key of {id} is missing from the store"))
+                })?;
+            rsa::unwrap(&pkcs8, alg, wrapped)?
+                .map_err(|()| VaultError::UnwrapFailed { kid: id.clone() })
         })
     }
 }
 
 impl LocalVault {
-    fn describe(&self, name: &str, version: Option<&str>, id: &mut String) -> Result<KeyInfo, VaultError> {
+    fn describe(
+        &self,
+        name: &str,
+        version: Option<&str>,
+        id: &mut String,
+    ) -> Result<KeyInfo, VaultError> {
         check_name(name)?;
         self.require(Permission::Get, name)?;
         let cfg = self.store.read_vault()?;
@@ -1092,21 +1254,29 @@ fn usable(v: &VersionRecord, id: &str, op: &str) -> Result<(), VaultError> {
         return Err(disabled(id));
     }
     if !v.key_ops.iter().any(|o| o == op) {
-        return Err(denied(DenyReason::OperationNotAllowed, format!("{id} (key_ops lacks {op})")));
+        return Err(denied(
+            DenyReason::OperationNotAllowed,
+            format!("{id} (key_ops lacks {op})"),
+        ));
     }
     Ok(())
 }
 
 fn disabled(id: &str) -> VaultError {
     let hint = match id.parse::<KeyId>() {
-        Ok(k) => format!(" (enable it with `cmkfs vault key update {} --version {} --enable`)", k.name, k.version),
+        Ok(k) => format!(
+            " (enable it with `cmkfs vault key update {} --version {} --enable`)",
+            k.name, k.version
+        ),
         Err(_) => String::new(),
     };
     denied(DenyReason::KeyDisabled, format!("{id}{hint}"))
 }
 
 fn not_deleted(name: &str) -> VaultError {
-    VaultError::NotFound(format!("key {name} is not deleted (see `cmkfs vault key list-deleted`)"))
+    VaultError::NotFound(format!(
+        "key {name} is not deleted (see `cmkfs vault key list-deleted`)"
+    ))
 }
 
 #[cfg(test)]
@@ -1120,7 +1290,10 @@ mod tests {
     }
 
     fn opts() -> CreateKeyOptions {
-        CreateKeyOptions { key_size: 2048, wrap_alg: WrapAlg::RsaOaep256 }
+        CreateKeyOptions {
+            key_size: 2048,
+            wrap_alg: WrapAlg::RsaOaep256,
+        }
     }
 
     #[test]
@@ -1128,14 +1301,22 @@ mod tests {
         let (_d, v) = vault();
         let k = v.create_key("k1", &opts()).unwrap();
         assert_eq!(k.version.len(), 32);
-        assert!(k.version.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
-        let w = v.wrap_key("k1", None, WrapAlg::RsaOaep256, &[5u8; 64]).unwrap();
+        assert!(k
+            .version
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
+        let w = v
+            .wrap_key("k1", None, WrapAlg::RsaOaep256, &[5u8; 64])
+            .unwrap();
         assert_eq!(w.kid.to_string(), k.kid);
         let r = v.rotate_key("k1").unwrap();
         assert_ne!(r.version, k.version);
         assert_eq!(v.get_key("k1", None).unwrap().version, r.version);
         // Old version still unwraps what it wrapped.
-        assert_eq!(&v.unwrap_key(&w.kid, WrapAlg::RsaOaep256, &w.value).unwrap()[..], &[5u8; 64]);
+        assert_eq!(
+            &v.unwrap_key(&w.kid, WrapAlg::RsaOaep256, &w.value).unwrap()[..],
+            &[5u8; 64]
+        );
         assert!(v.generation().unwrap() >= 2);
     }
 

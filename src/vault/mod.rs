@@ -5,6 +5,7 @@
 //! *unavailable* (cannot reach the vault → degrade, revoke after a grace period).
 
 pub mod local;
+pub mod watch;
 
 use std::fmt;
 use std::str::FromStr;
@@ -75,20 +76,31 @@ impl fmt::Display for KeyId {
 impl FromStr for KeyId {
     type Err = VaultError;
     fn from_str(s: &str) -> Result<Self, VaultError> {
-        let bad = || VaultError::Invalid(format!("malformed key id {s:?}: expected <vault-url>/keys/<name>/<version>"));
+        let bad = || {
+            VaultError::Invalid(format!(
+                "malformed key id {s:?}: expected <vault-url>/keys/<name>/<version>"
+            ))
+        };
         let idx = s.rfind("/keys/").ok_or_else(bad)?;
         let (vault, rest) = (&s[..idx], &s[idx + "/keys/".len()..]);
         let (name, version) = rest.split_once('/').ok_or_else(bad)?;
-        if vault.is_empty() || !valid_key_name(name) || version.is_empty() || version.contains('/') {
+        if vault.is_empty() || !valid_key_name(name) || version.is_empty() || version.contains('/')
+        {
             return Err(bad());
         }
-        Ok(KeyId { vault: vault.to_string(), name: name.to_string(), version: version.to_string() })
+        Ok(KeyId {
+            vault: vault.to_string(),
+            name: name.to_string(),
+            version: version.to_string(),
+        })
     }
 }
 
 /// Key names as Azure Key Vault allows them: 1-127 of `[0-9a-zA-Z-]`.
 pub fn valid_key_name(name: &str) -> bool {
-    !name.is_empty() && name.len() <= 127 && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    !name.is_empty()
+        && name.len() <= 127
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
 }
 
 /// Public facts about one key version (never the private key).
@@ -170,12 +182,20 @@ pub struct KeyUpdate {
 /// Options for importing an existing private key as a new version.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ImportKeyOptions {
-    /// Default wrap algorithm recorded for the key.
-    pub wrap_alg: WrapAlg,
+    /// Wrap algorithm of a key created by the import; `None` = `RSA-OAEP-256` for a new key,
+    /// the key's own for an existing one (which must not be contradicted: it is per key).
+    pub wrap_alg: Option<WrapAlg>,
 }
 
 /// The JWK `key_ops` values a key may carry. The vault acts on `wrapKey` and `unwrapKey`.
-pub const KEY_OPS: [&str; 6] = ["encrypt", "decrypt", "sign", "verify", "wrapKey", "unwrapKey"];
+pub const KEY_OPS: [&str; 6] = [
+    "encrypt",
+    "decrypt",
+    "sign",
+    "verify",
+    "wrapKey",
+    "unwrapKey",
+];
 
 /// `key_ops` of a new key: the two operations a KEK exists for.
 pub fn default_key_ops() -> Vec<String> {
@@ -192,7 +212,9 @@ pub fn validate_key_ops(ops: &[String]) -> Result<(), VaultError> {
             )));
         }
         if ops[..i].contains(op) {
-            return Err(VaultError::Invalid(format!("key operation {op:?} is listed twice")));
+            return Err(VaultError::Invalid(format!(
+                "key operation {op:?} is listed twice"
+            )));
         }
     }
     Ok(())
@@ -362,7 +384,10 @@ impl Credential {
     /// Reads a credential file.
     pub fn load(path: &std::path::Path) -> Result<Credential, VaultError> {
         let bytes = Zeroizing::new(std::fs::read(path).map_err(|e| {
-            VaultError::Invalid(format!("cannot read credential file {}: {e}", path.display()))
+            VaultError::Invalid(format!(
+                "cannot read credential file {}: {e}",
+                path.display()
+            ))
         })?);
         serde_json::from_slice(&bytes).map_err(|e| {
             VaultError::Invalid(format!(
@@ -378,7 +403,10 @@ impl Credential {
             serde_json::to_vec_pretty(self).map_err(|e| VaultError::Store(e.to_string()))?,
         );
         crate::fsutil::write_new(path, &json, 0o600).map_err(|e| {
-            VaultError::Invalid(format!("cannot write credential file {}: {e}", path.display()))
+            VaultError::Invalid(format!(
+                "cannot write credential file {}: {e}",
+                path.display()
+            ))
         })
     }
 }
@@ -405,7 +433,10 @@ pub struct CreateKeyOptions {
 
 impl Default for CreateKeyOptions {
     fn default() -> Self {
-        CreateKeyOptions { key_size: 3072, wrap_alg: WrapAlg::RsaOaep256 }
+        CreateKeyOptions {
+            key_size: 3072,
+            wrap_alg: WrapAlg::RsaOaep256,
+        }
     }
 }
 
@@ -500,7 +531,9 @@ impl VaultError {
     /// Which class of failure this is.
     pub fn class(&self) -> ErrorClass {
         match self {
-            VaultError::Denied { .. } | VaultError::NotFound(_) | VaultError::UnwrapFailed { .. } => ErrorClass::Denied,
+            VaultError::Denied { .. }
+            | VaultError::NotFound(_)
+            | VaultError::UnwrapFailed { .. } => ErrorClass::Denied,
             VaultError::Unavailable(_) => ErrorClass::Unavailable,
             _ => ErrorClass::Other,
         }
@@ -513,7 +546,8 @@ pub trait Vault: Send + Sync {
     fn url(&self) -> String;
     /// Creates a key (its first version).
     fn create_key(&self, name: &str, opts: &CreateKeyOptions) -> Result<KeyInfo, VaultError>;
-    /// Public facts of a version (latest enabled-or-not when `version` is None).
+    /// Public facts of a version (the latest when `version` is None). Denied for a disabled
+    /// version, as Key Vault refuses every operation on one; see [`Vault::describe_key`].
     fn get_key(&self, name: &str, version: Option<&str>) -> Result<KeyInfo, VaultError>;
     /// Latest version of every key.
     fn list_keys(&self) -> Result<Vec<KeyInfo>, VaultError>;
@@ -591,6 +625,13 @@ pub trait Vault: Send + Sync {
     /// What this connection's identity may do with the key `name` (everything for the owner).
     fn permissions(&self, _name: &str) -> Result<Vec<Permission>, VaultError> {
         Err(unsupported("reading permissions"))
+    }
+
+    /// Push notifications: a channel that receives `()` soon after any key, identity or
+    /// policy change in the vault (bursts may coalesce), so a mount can re-check at once
+    /// instead of waiting for its next periodic check. `None`: this backend cannot push.
+    fn watch(&self) -> Option<std::sync::mpsc::Receiver<()>> {
+        None
     }
 }
 

@@ -66,7 +66,12 @@ impl AuditEvent {
             category: "AuditEvent".into(),
             resource_id: super::URL.into(),
             operation_name: operation.into(),
-            result_type: if error.is_none() { "Success" } else { "Failure" }.into(),
+            result_type: if error.is_none() {
+                "Success"
+            } else {
+                "Failure"
+            }
+            .into(),
             result_signature: reason_phrase(status).into(),
             result_description: error.map(|e| e.to_string()).unwrap_or_default(),
             duration_ms: u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX),
@@ -74,7 +79,11 @@ impl AuditEvent {
             properties: AuditProperties {
                 id: id.into(),
                 http_status_code: status,
-                client_info: format!("cmkfs/{} pid={}", env!("CARGO_PKG_VERSION"), std::process::id()),
+                client_info: format!(
+                    "cmkfs/{} pid={}",
+                    env!("CARGO_PKG_VERSION"),
+                    std::process::id()
+                ),
             },
         }
     }
@@ -108,7 +117,11 @@ pub struct AuditReader {
 impl AuditReader {
     /// A reader at the start of the log at `path` (a missing log reads as empty).
     pub fn new(path: &Path) -> AuditReader {
-        AuditReader { path: path.to_path_buf(), offset: 0, partial: Vec::new() }
+        AuditReader {
+            path: path.to_path_buf(),
+            offset: 0,
+            partial: Vec::new(),
+        }
     }
 
     /// Events appended since the last call. Only whole lines are returned; a line being
@@ -126,7 +139,10 @@ impl AuditReader {
             }
         };
         let io = |e: io::Error| {
-            VaultError::Unavailable(format!("cannot read audit log {}: {e}", self.path.display()))
+            VaultError::Unavailable(format!(
+                "cannot read audit log {}: {e}",
+                self.path.display()
+            ))
         };
         let len = f.metadata().map_err(io)?.len();
         if len < self.offset {
@@ -144,9 +160,15 @@ impl AuditReader {
         };
         let complete: Vec<u8> = self.partial.drain(..=last_nl).collect();
         let mut out = Vec::new();
-        for line in complete.split(|&b| b == b'\n').filter(|l| !l.iter().all(u8::is_ascii_whitespace)) {
+        for line in complete
+            .split(|&b| b == b'\n')
+            .filter(|l| !l.iter().all(u8::is_ascii_whitespace))
+        {
             let ev = serde_json::from_slice(line).map_err(|e| {
-                VaultError::Store(format!("audit log {} has a damaged line: {e}", self.path.display()))
+                VaultError::Store(format!(
+                    "audit log {} has a damaged line: {e}",
+                    self.path.display()
+                ))
             })?;
             out.push(ev);
         }

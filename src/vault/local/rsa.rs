@@ -95,7 +95,9 @@ pub(crate) fn material_from_pkcs8(pkcs8: &[u8]) -> Result<Material, VaultError> 
 /// Turns the bytes of a private key file into PKCS#8 DER: PEM `PRIVATE KEY` (PKCS#8),
 /// PEM `RSA PRIVATE KEY` (PKCS#1, converted), or raw DER of either.
 pub(crate) fn pkcs8_from_file_bytes(input: &[u8]) -> Result<Zeroizing<Vec<u8>>, VaultError> {
-    let text = std::str::from_utf8(input).ok().filter(|t| t.contains("-----BEGIN "));
+    let text = std::str::from_utf8(input)
+        .ok()
+        .filter(|t| t.contains("-----BEGIN "));
     let Some(text) = text else {
         return der_to_pkcs8(input);
     };
@@ -186,7 +188,12 @@ fn oaep(alg: WrapAlg) -> &'static OaepAlgorithm {
 }
 
 /// Wraps with the public key only (base64url `n`, `e`).
-pub(crate) fn wrap(n: &str, e: &str, alg: WrapAlg, plaintext: &[u8]) -> Result<Vec<u8>, VaultError> {
+pub(crate) fn wrap(
+    n: &str,
+    e: &str,
+    alg: WrapAlg,
+    plaintext: &[u8],
+) -> Result<Vec<u8>, VaultError> {
     let damaged = || VaultError::Store("the stored public key is damaged".into());
     let parts = PublicKeyComponents {
         n: URL_SAFE_NO_PAD.decode(n).map_err(|_| damaged())?,
@@ -244,10 +251,15 @@ mod tests {
             assert_eq!(&pt[..], &[7u8; 64]);
         }
         let w = wrap(&m.n, &m.e, WrapAlg::RsaOaep256, &[1u8; 64]).unwrap();
-        assert!(unwrap(&m.pkcs8, WrapAlg::RsaOaep, &w).unwrap().is_err(), "wrong alg fails");
+        assert!(
+            unwrap(&m.pkcs8, WrapAlg::RsaOaep, &w).unwrap().is_err(),
+            "wrong alg fails"
+        );
         let mut bad = w.clone();
         bad[10] ^= 1;
-        assert!(unwrap(&m.pkcs8, WrapAlg::RsaOaep256, &bad).unwrap().is_err());
+        assert!(unwrap(&m.pkcs8, WrapAlg::RsaOaep256, &bad)
+            .unwrap()
+            .is_err());
         assert!(wrap(&m.n, &m.e, WrapAlg::RsaOaep256, &[0u8; 300]).is_err());
         assert!(check_key_size(1024).is_err());
     }
@@ -257,7 +269,13 @@ mod tests {
         let m = generate(2048).unwrap();
         let again = material_from_pkcs8(&m.pkcs8).unwrap();
         assert_eq!(again.n, m.n);
-        assert!(matches!(material_from_pkcs8(b"nope"), Err(VaultError::Invalid(_))));
-        assert!(matches!(pkcs8_from_file_bytes(b"-----BEGIN PRIVATE KEY-----\n!!\n"), Err(VaultError::Invalid(_))));
+        assert!(matches!(
+            material_from_pkcs8(b"nope"),
+            Err(VaultError::Invalid(_))
+        ));
+        assert!(matches!(
+            pkcs8_from_file_bytes(b"-----BEGIN PRIVATE KEY-----\n!!\n"),
+            Err(VaultError::Invalid(_))
+        ));
     }
 }

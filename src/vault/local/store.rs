@@ -135,7 +135,9 @@ fn unavailable(what: impl std::fmt::Display, e: io::Error) -> VaultError {
 
 impl Store {
     pub fn new(dir: &Path) -> Store {
-        Store { dir: dir.to_path_buf() }
+        Store {
+            dir: dir.to_path_buf(),
+        }
     }
 
     pub fn dir(&self) -> &Path {
@@ -175,15 +177,29 @@ impl Store {
         match fs::metadata(self.vault_json()) {
             Ok(_) => return Ok(()),
             Err(e) if e.kind() == ErrorKind::NotFound => {}
-            Err(e) => return Err(unavailable(format!("cannot open vault store {}", self.dir.display()), e)),
+            Err(e) => {
+                return Err(unavailable(
+                    format!("cannot open vault store {}", self.dir.display()),
+                    e,
+                ))
+            }
         }
-        create_private_dir(&self.dir)
-            .map_err(|e| unavailable(format!("cannot create vault store {}", self.dir.display()), e))?;
+        create_private_dir(&self.dir).map_err(|e| {
+            unavailable(
+                format!("cannot create vault store {}", self.dir.display()),
+                e,
+            )
+        })?;
         let _lock = self.lock()?;
         if self.vault_json().exists() {
             return Ok(());
         }
-        let io = |e| unavailable(format!("cannot create vault store {}", self.dir.display()), e);
+        let io = |e| {
+            unavailable(
+                format!("cannot create vault store {}", self.dir.display()),
+                e,
+            )
+        };
         create_private_dir(&self.keys_dir()).map_err(io)?;
         create_private_dir(&self.identities_dir()).map_err(io)?;
         let rec = VaultRecord {
@@ -272,7 +288,9 @@ impl Store {
     pub fn create_key(&self, rec: &KeyRecord, pkcs8: &[u8]) -> Result<(), VaultError> {
         let mut rnd = [0u8; 8];
         getrandom::getrandom(&mut rnd).map_err(|e| VaultError::Store(e.to_string()))?;
-        let staging = self.keys_dir().join(format!(".staging-{}", hex::encode(rnd)));
+        let staging = self
+            .keys_dir()
+            .join(format!(".staging-{}", hex::encode(rnd)));
         let io = |e| unavailable(format!("cannot write key {}", rec.name), e);
         let result = (|| {
             create_private_dir(&staging).map_err(io)?;
@@ -289,7 +307,12 @@ impl Store {
     }
 
     /// Writes the private key file of a new version (before `key.json` lists it).
-    pub fn write_version_key(&self, name: &str, version: &str, pkcs8: &[u8]) -> Result<(), VaultError> {
+    pub fn write_version_key(
+        &self,
+        name: &str,
+        version: &str,
+        pkcs8: &[u8],
+    ) -> Result<(), VaultError> {
         write_new(&self.pk8(name, version), pkcs8, 0o600)
             .map_err(|e| unavailable(format!("cannot write key {name}"), e))
     }
@@ -300,7 +323,11 @@ impl Store {
     }
 
     /// Reads a version's private key; `None` if its file is gone.
-    pub fn read_version_key(&self, name: &str, version: &str) -> Result<Option<Zeroizing<Vec<u8>>>, VaultError> {
+    pub fn read_version_key(
+        &self,
+        name: &str,
+        version: &str,
+    ) -> Result<Option<Zeroizing<Vec<u8>>>, VaultError> {
         let path = self.pk8(name, version);
         match fs::read(&path) {
             Ok(b) => Ok(Some(Zeroizing::new(b))),
@@ -314,17 +341,22 @@ impl Store {
     pub fn purge_key(&self, name: &str) -> Result<(), VaultError> {
         let mut rnd = [0u8; 8];
         getrandom::getrandom(&mut rnd).map_err(|e| VaultError::Store(e.to_string()))?;
-        let gone = self.keys_dir().join(format!(".purging-{}", hex::encode(rnd)));
+        let gone = self
+            .keys_dir()
+            .join(format!(".purging-{}", hex::encode(rnd)));
         fs::rename(self.key_dir(name), &gone)
             .map_err(|e| unavailable(format!("cannot purge key {name}"), e))?;
-        sync_dir(&self.keys_dir()).map_err(|e| unavailable(format!("cannot purge key {name}"), e))?;
+        sync_dir(&self.keys_dir())
+            .map_err(|e| unavailable(format!("cannot purge key {name}"), e))?;
         remove_tree_scrubbing(&gone);
         Ok(())
     }
 
     /// Removes leftovers of interrupted writers. Call with the lock held.
     pub fn cleanup(&self) {
-        let Ok(entries) = fs::read_dir(self.keys_dir()) else { return };
+        let Ok(entries) = fs::read_dir(self.keys_dir()) else {
+            return;
+        };
         for entry in entries.flatten() {
             let name = entry.file_name();
             let name = name.to_string_lossy();
@@ -355,7 +387,9 @@ impl Store {
 
     pub fn identity_names(&self) -> Result<Vec<String>, VaultError> {
         self.list_dir(&self.identities_dir(), |n| {
-            n.strip_suffix(".json").filter(|s| !s.starts_with('.')).map(str::to_string)
+            n.strip_suffix(".json")
+                .filter(|s| !s.starts_with('.'))
+                .map(str::to_string)
         })
     }
 
@@ -371,12 +405,17 @@ impl Store {
         Ok(next)
     }
 
-    fn list_dir(&self, dir: &Path, pick: impl Fn(&str) -> Option<String>) -> Result<Vec<String>, VaultError> {
+    fn list_dir(
+        &self,
+        dir: &Path,
+        pick: impl Fn(&str) -> Option<String>,
+    ) -> Result<Vec<String>, VaultError> {
         let entries = fs::read_dir(dir)
             .map_err(|e| unavailable(format!("cannot list {}", dir.display()), e))?;
         let mut out = Vec::new();
         for entry in entries {
-            let entry = entry.map_err(|e| unavailable(format!("cannot list {}", dir.display()), e))?;
+            let entry =
+                entry.map_err(|e| unavailable(format!("cannot list {}", dir.display()), e))?;
             if let Some(n) = entry.file_name().to_str().and_then(&pick) {
                 if !n.starts_with(TEMP_PREFIX) {
                     out.push(n);
@@ -389,9 +428,9 @@ impl Store {
 
     fn read_json<T: DeserializeOwned>(&self, path: &Path) -> Result<Option<T>, VaultError> {
         match fs::read(path) {
-            Ok(b) => serde_json::from_slice(&b).map(Some).map_err(|e| {
-                VaultError::Store(format!("{} is damaged: {e}", path.display()))
-            }),
+            Ok(b) => serde_json::from_slice(&b)
+                .map(Some)
+                .map_err(|e| VaultError::Store(format!("{} is damaged: {e}", path.display()))),
             Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
             Err(e) => Err(unavailable(format!("cannot read {}", path.display()), e)),
         }
@@ -430,7 +469,9 @@ fn remove_tree_scrubbing(dir: &Path) {
         for entry in entries.flatten() {
             let p = entry.path();
             if p.extension().is_some_and(|e| e == "pk8") {
-                if let (Ok(meta), Ok(mut f)) = (fs::metadata(&p), OpenOptions::new().write(true).open(&p)) {
+                if let (Ok(meta), Ok(mut f)) =
+                    (fs::metadata(&p), OpenOptions::new().write(true).open(&p))
+                {
                     let zeros = vec![0u8; usize::try_from(meta.len()).unwrap_or(0)];
                     let _ = f.write_all(&zeros).and_then(|()| f.sync_all());
                 }

@@ -1,0 +1,246 @@
+//! The revocation monitor of a live mount: one thread that re-validates the KEK on a timer
+//! and on every push from the vault, cuts the mount off when the keyring becomes
+//! Inaccessible (kernel caches invalidated from this thread, never from a request handler),
+//! and publishes state: a status file for `cmkfs status`, one JSON line per state change in
+//! the event log, and the optional alert hook.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use serde::Serialize;
+
+use crate::keyring::{rfc3339, KeyState, Keyring, KeyringStatus, Transition};
+
+/// Longest sleep between wake-ups: bounds how stale the status file's counters get.
+const STATUS_REFRESH: Duration = Duration::from_secs(1);
+/// An alert hook that runs longer than this is killed.
+const HOOK_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Facts about the mount that status and events repeat.
+#[derive(Clone, Debug, Serialize)]
+pub struct MountFacts {
+    /// Mountpoint.
+    pub mountpoint: PathBuf,
+    /// Backing directory.
+    pub cipherdir: PathBuf,
+    /// Volume id.
+    pub volume_id: String,
+    /// Daemon pid.
+    pub pid: u32,
+    /// Whether the vault pushes key changes (else only periodic checks).
+    pub push: bool,
+}
+
+/// What `cmkfs status` reads: the mount's facts plus the keyring's view.
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
+pub struct StatusFile {
+    /// Schema version of this JSON.
+    pub schema: u32,
+    /// Mountpoint.
+    pub mountpoint: PathBuf,
+    /// Backing directory.
+    pub cipherdir: PathBuf,
+    /// Volume id.
+    pub volume_id: String,
+    /// Daemon pid.
+    pub pid: u32,
+    /// Push notifications active.
+    pub push: bool,
+    /// When this file was written (RFC 3339).
+    pub updated: String,
+    /// Keyring state and counters.
+    #[serde(flatten)]
+    pub keyring: serde_json::Value,
+}
+
+/// One state change, as logged and as given to the alert hook.
+#[derive(Clone, Debug, Serialize)]
+pub struct StateEvent {
+    /// RFC 3339.
+    pub time: String,
+    /// Always `StateChange`.
+    pub event: &'static str,
+    /// Mountpoint.
+    pub mountpoint: PathBuf,
+    /// Volume id.
+    pub volume_id: String,
+    /// Previous state.
+    pub from: String,
+    /// New state.
+    pub to: String,
+    /// Why (Degraded / Inaccessible).
+    pub reason: Option<String>,
+    /// KEK id.
+    pub key_id: String,
+}
+
+/// Where the monitor publishes.
+pub struct MonitorSinks {
+    /// Status file (rewritten when anything changes).
+    pub status_path: PathBuf,
+    /// Event log (JSON lines, appended).
+    pub events_path: PathBuf,
+    /// `sh -c` command run per state change with the event JSON on stdin.
+    pub on_state_change: Option<String>,
+}
+
+/// Runs the monitor until `stop` is set. `cut_off` invalidates the kernel's caches.
+pub fn spawn(
+    keyring: Arc<Keyring>,
+    facts: MountFacts,
+    sinks: MonitorSinks,
+    push: Option<Receiver<()>>,
+    cut_off: Box<dyn Fn() + Send>,
+    stop: Arc<AtomicBool>,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new().name("cmkfs-monitor".into()).spawn(move || {
+        let mut push = push;
+        let mut last_status = String::new();
+        let initial = Transition { from: KeyState::Locked, to: keyring.state(), at: SystemTime::now() };
+        publish_event(&keyring, &facts, &sinks, &initial);
+        while !stop.load(Ordering::Relaxed) {
+            let wait = keyring
+                .next_check()
+                .duration_since(SystemTime::now())
+                .unwrap_or_default()
+                .min(STATUS_REFRESH);
+            let pushed = match &push {
+                Some(rx) => match rx.recv_timeout(wait) {
+                    Ok(()) => true,
+                    Err(RecvTimeoutError::Timeout) => false,
+                    Err(RecvTimeoutError::Disconnected) => {
+                        tracing::warn!("vault push channel closed; falling back to periodic checks");
+                        push = None;
+                        false
+                    }
+                },
+                None => {
+                    std::thread::sleep(wait);
+                    false
+                }
+            };
+            if stop.load(Ordering::Relaxed) {
+                break;
+            }
+            if pushed || SystemTime::now() >= keyring.next_check() {
+                if let Some(t) = keyring.check() {
+                    if matches!(t.to, KeyState::Inaccessible { .. }) {
+                        cut_off();
+                    }
+                    publish_event(&keyring, &facts, &sinks, &t);
+                }
+            }
+            last_status = write_status(&keyring, &facts, &sinks, last_status);
+        }
+    })
+}
+
+fn publish_event(keyring: &Keyring, facts: &MountFacts, sinks: &MonitorSinks, t: &Transition) {
+    let ev = StateEvent {
+        time: rfc3339(t.at),
+        event: "StateChange",
+        mountpoint: facts.mountpoint.clone(),
+        volume_id: facts.volume_id.clone(),
+        from: t.from.name().into(),
+        to: t.to.name().into(),
+        reason: t.to.reason().map(str::to_string),
+        key_id: keyring.header().key_id,
+    };
+    let Ok(line) = serde_json::to_string(&ev) else { return };
+    match &t.to {
+        KeyState::Inaccessible { reason } => tracing::warn!(reason = %reason, "volume is now Inaccessible"),
+        KeyState::Degraded { reason } => tracing::warn!(reason = %reason, "volume is now Degraded"),
+        s => tracing::info!(state = s.name(), "volume state"),
+    }
+    if let Some(dir) = sinks.events_path.parent() {
+        let _ = crate::fsutil::create_private_dir(dir);
+    }
+    // One write of a whole line with O_APPEND: lines from several mounts never interleave.
+    let appended = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&sinks.events_path)
+        .and_then(|mut f| f.write_all(format!("{line}\n").as_bytes()));
+    if let Err(e) = appended {
+        tracing::warn!(error = %e, path = %sinks.events_path.display(), "cannot append to the event log");
+    }
+    if let Some(cmd) = &sinks.on_state_change {
+        run_hook(cmd.clone(), line);
+    }
+}
+
+/// Runs the alert hook without blocking the monitor; kills it after [`HOOK_TIMEOUT`].
+fn run_hook(cmd: String, event: String) {
+    let spawned = Command::new("sh")
+        .arg("-c")
+        .arg(&cmd)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn();
+    let mut child = match spawned {
+        Ok(c) => c,
+        Err(e) => return tracing::warn!(error = %e, "cannot run the --on-state-change hook"),
+    };
+    if let Some(mut stdin) = child.stdin.take() {
+        let _ = stdin.write_all(event.as_bytes());
+        let _ = stdin.write_all(b"\n");
+    }
+    std::thread::spawn(move || {
+        let start = std::time::Instant::now();
+        loop {
+            match child.try_wait() {
+                Ok(Some(status)) if !status.success() => {
+                    return tracing::warn!(%status, "the --on-state-change hook failed")
+                }
+                Ok(Some(_)) => return,
+                Ok(None) if start.elapsed() > HOOK_TIMEOUT => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return tracing::warn!("the --on-state-change hook timed out and was killed");
+                }
+                Ok(None) => std::thread::sleep(Duration::from_millis(50)),
+                Err(_) => return,
+            }
+        }
+    });
+}
+
+/// The status document for the current moment.
+pub fn status_doc(keyring: &Keyring, facts: &MountFacts) -> StatusFile {
+    let ks: KeyringStatus = keyring.status();
+    StatusFile {
+        schema: 1,
+        mountpoint: facts.mountpoint.clone(),
+        cipherdir: facts.cipherdir.clone(),
+        volume_id: facts.volume_id.clone(),
+        pid: facts.pid,
+        push: facts.push,
+        updated: rfc3339(SystemTime::now()),
+        keyring: serde_json::to_value(ks).unwrap_or_default(),
+    }
+}
+
+fn write_status(keyring: &Keyring, facts: &MountFacts, sinks: &MonitorSinks, last: String) -> String {
+    let mut doc = status_doc(keyring, facts);
+    // Compare without the timestamp so an idle mount does not rewrite its file every second.
+    doc.updated.clear();
+    let key = serde_json::to_string(&doc).unwrap_or_default();
+    if key == last {
+        return last;
+    }
+    doc.updated = rfc3339(SystemTime::now());
+    if let Ok(json) = serde_json::to_vec_pretty(&doc) {
+        // Not fsynced: the status file is a live view, rebuilt by the next write.
+        let tmp = sinks.status_path.with_extension("json.tmp");
+        if std::fs::write(&tmp, json).and_then(|_| std::fs::rename(&tmp, &sinks.status_path)).is_err() {
+            tracing::warn!(path = %sinks.status_path.display(), "cannot write the status file");
+        }
+    }
+    key
+}
