@@ -158,6 +158,11 @@ impl CmkFs {
         }
     }
 
+    /// The volume served.
+    pub fn volume(&self) -> &Arc<Volume> {
+        &self.vol
+    }
+
     /// The inode table, for the revocation monitor.
     pub fn node_table(&self) -> Arc<NodeTable> {
         self.table.clone()

@@ -38,6 +38,11 @@ impl Home {
         self.root.join("vault")
     }
 
+    /// The event log: one JSON line per state change of any mount.
+    pub fn events_path(&self) -> PathBuf {
+        self.root.join("events.jsonl")
+    }
+
     /// Records of live mounts (status files, logs).
     pub fn run_dir(&self) -> PathBuf {
         self.root.join("run")

@@ -103,6 +103,7 @@ pub fn spawn(
         let mut last_status = String::new();
         let initial = Transition { from: KeyState::Locked, to: keyring.state(), at: SystemTime::now() };
         publish_event(&keyring, &facts, &sinks, &initial);
+        last_status = write_status(&keyring, &facts, &sinks, last_status);
         while !stop.load(Ordering::Relaxed) {
             let wait = keyring
                 .next_check()

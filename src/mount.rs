@@ -3,7 +3,6 @@
 
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fuser::{Config, MountOption, Session, SessionACL};
@@ -12,7 +11,6 @@ use sha2::{Digest, Sha256};
 
 use crate::fs::CmkFs;
 use crate::home::Home;
-use crate::volume::Volume;
 
 /// The filesystem type the kernel shows (`fuse.cmkfs`).
 pub const SUBTYPE: &str = "cmkfs";
@@ -33,28 +31,28 @@ pub enum MountError {
     #[error("{0} is not a mounted cmkfs volume")]
     NotMounted(PathBuf),
     /// The kernel refused to unmount (files open).
-    #[error("cannot unmount {path}: {source} (close files using it, or use --lazy)")]
+    #[error("cannot unmount {path}: {error} (close files using it, or use --lazy)")]
     Unmount {
         /// Mountpoint.
         path: PathBuf,
         /// Kernel error.
-        source: io::Error,
+        error: io::Error,
     },
     /// Mount system call or FUSE handshake failed.
-    #[error("mounting at {path} failed: {source}")]
+    #[error("mounting at {path} failed: {error}")]
     Mount {
         /// Mountpoint.
         path: PathBuf,
         /// Error.
-        source: io::Error,
+        error: io::Error,
     },
     /// Other I/O.
-    #[error("{}: {source}", path.display())]
+    #[error("{}: {error}", path.display())]
     Io {
         /// Path.
         path: PathBuf,
         /// Error.
-        source: io::Error,
+        error: io::Error,
     },
 }
 
@@ -82,6 +80,9 @@ pub struct RunRecord {
     pub key_id: String,
     /// Unix seconds.
     pub started: u64,
+    /// Vault identity the mount uses (`None`: the vault owner).
+    #[serde(default)]
+    pub identity: Option<String>,
 }
 
 impl RunRecord {
@@ -97,15 +98,42 @@ impl RunRecord {
         crate::fsutil::write_atomic(&Self::path(home, &self.mountpoint), &json, 0o600)
     }
 
+    /// The live status file of the mount at `mountpoint` (written by its monitor).
+    pub fn status_path(home: &Home, mountpoint: &Path) -> PathBuf {
+        Self::path(home, mountpoint).with_extension("status.json")
+    }
+
+    /// Every run record in the home (mounts that are, or were until a crash, live).
+    pub fn all(home: &Home) -> Vec<RunRecord> {
+        let Ok(dir) = std::fs::read_dir(home.run_dir()) else { return Vec::new() };
+        let mut out: Vec<RunRecord> = dir
+            .flatten()
+            .filter(|e| {
+                let n = e.file_name();
+                let n = n.to_string_lossy();
+                n.starts_with("mount-") && n.ends_with(".json") && !n.ends_with(".status.json")
+            })
+            .filter_map(|e| serde_json::from_slice(&std::fs::read(e.path()).ok()?).ok())
+            .collect();
+        out.sort_by(|a, b| a.mountpoint.cmp(&b.mountpoint));
+        out
+    }
+
+    /// Whether the daemon that wrote this record is still running.
+    pub fn alive(&self) -> bool {
+        pid_alive(self.pid)
+    }
+
     /// Loads the record of the mount at `mountpoint`, if any.
     pub fn load(home: &Home, mountpoint: &Path) -> Option<RunRecord> {
         let bytes = std::fs::read(Self::path(home, mountpoint)).ok()?;
         serde_json::from_slice(&bytes).ok()
     }
 
-    /// Removes the record.
+    /// Removes the record and the status file.
     pub fn remove(home: &Home, mountpoint: &Path) {
         let _ = std::fs::remove_file(Self::path(home, mountpoint));
+        let _ = std::fs::remove_file(Self::status_path(home, mountpoint));
     }
 }
 
@@ -113,7 +141,7 @@ impl RunRecord {
 pub fn check_mountpoint(mp: &Path) -> Result<PathBuf, MountError> {
     let abs = std::fs::canonicalize(mp).map_err(|e| match e.kind() {
         io::ErrorKind::NotFound => MountError::Missing(mp.to_path_buf()),
-        _ => MountError::Io { path: mp.to_path_buf(), source: e },
+        _ => MountError::Io { path: mp.to_path_buf(), error: e },
     })?;
     if !abs.is_dir() {
         return Err(MountError::NotADirectory(abs));
@@ -158,13 +186,13 @@ fn unescape(f: &[u8]) -> Vec<u8> {
     out
 }
 
-/// Mounts `vol` at `mp` and returns the session (not yet serving requests: call `run`).
-pub fn mount(vol: Arc<Volume>, mp: &Path, cfg: &MountConfig) -> Result<Session<CmkFs>, MountError> {
+/// Mounts `fs` at `mp` and returns the session (not yet serving requests: call `run`).
+pub fn mount(fs: CmkFs, mp: &Path, cfg: &MountConfig) -> Result<Session<CmkFs>, MountError> {
     let mut c = Config::default();
     c.n_threads = Some(cfg.fuse_threads.max(1));
     c.clone_fd = true;
     c.mount_options = vec![
-        MountOption::FSName(vol.root().display().to_string()),
+        MountOption::FSName(fs.volume().root().display().to_string()),
         MountOption::Subtype(SUBTYPE.into()),
         // The kernel checks modes and owners like on a local filesystem.
         MountOption::DefaultPermissions,
@@ -174,7 +202,7 @@ pub fn mount(vol: Arc<Volume>, mp: &Path, cfg: &MountConfig) -> Result<Session<C
     if cfg.allow_other {
         c.acl = SessionACL::All;
     }
-    Session::new(CmkFs::new(vol), mp, &c).map_err(|e| MountError::Mount { path: mp.to_path_buf(), source: e })
+    Session::new(fs, mp, &c).map_err(|e| MountError::Mount { path: mp.to_path_buf(), error: e })
 }
 
 /// Unmounts the cmkfs mount at `mp`; `lazy` detaches even while files are open. Waits (up
@@ -182,13 +210,13 @@ pub fn mount(vol: Arc<Volume>, mp: &Path, cfg: &MountConfig) -> Result<Session<C
 pub fn unmount(home: &Home, mp: &Path, lazy: bool, wait: Duration) -> Result<(), MountError> {
     let abs = std::fs::canonicalize(mp).map_err(|e| match e.kind() {
         io::ErrorKind::NotFound => MountError::Missing(mp.to_path_buf()),
-        _ => MountError::Io { path: mp.to_path_buf(), source: e },
+        _ => MountError::Io { path: mp.to_path_buf(), error: e },
     })?;
     if !is_cmkfs_mount(&abs) {
         return Err(MountError::NotMounted(abs));
     }
     let record = RunRecord::load(home, &abs);
-    umount_syscall(&abs, lazy).map_err(|e| MountError::Unmount { path: abs.clone(), source: e })?;
+    umount_syscall(&abs, lazy).map_err(|e| MountError::Unmount { path: abs.clone(), error: e })?;
     if let Some(r) = record {
         let deadline = Instant::now() + wait;
         while pid_alive(r.pid) && Instant::now() < deadline {

@@ -135,59 +135,63 @@ fn pkcs8_to_pkcs1(p8: &[u8]) -> Vec<u8> {
     octets.to_vec()
 }
 
-/// Test fixture: a throwaway key with no use outside these tests.
-const RSA1024_PKCS8_PEM: &str = "\
------BEGIN PRIVATE KEY-----\n\
-MIICdwIBADANBgkqhkiG9w0BAQEFAASCAmEwggJdAgEAAoGBANp5s3OFBKleGtHP\n\
-qTKb6puhd497RYSrWbFC7sCNXveGOurNuVQclK3jwf+gq14ORa5iB1NXjTVMFQQe\n\
-uaWdElq4zNzL92I9nerjNAcdmaiAGG/CVvdWeeK7toO8PZ/0n6awI/HVt4sjuZAY\n\
-Q/HJOUOsjZJmIWelhj5vtFW6p5IXAgMBAAECgYEAjNC+UmndHFE0ViFTu/P03kTP\n\
-bCKXJzDOScuLWX6FRGM3HFpm5ojZZ88SHnJvodrvHLvAXv5iXITiUtp+6/j2d2OM\n\
-4AclyoR5yIAj4oZV59aHmRWvp9FEyZSSm4xJu1l2S+zjO/U5E5wg6eGbNKfKGCL0\n\
-jgnlxv8XGlnWxWDWqUkCQQD7lsoHanNYGJ+vBtnBd25+z3AOd9MWgTl/RUCMuQuT\n\
-ZERi+65toQTzVjK1re6WNdYBvwmHieUkzILXkX96ZoWbAkEA3k5JlBYKgzGkLxn9\n\
-5ioICjjAyYiHSllnuGbpEr9HAsHvn8v5u5tlD7BTmCRK2iZ9FbDjC+OLg/q49uJ2\n\
-HDTLNQJATu9mf6Ekg1VmdHG/zHV+U4cd70wlDICK26WMtRoxyZLB6hRxC7Bjbz1y\n\
-N5JUswg9FtsrUD0xibQosR3TU0HrVQJBAL700qFA2aDeOGE5W26lNijJnVjATS5h\n\
-ZAXzaEvxQGcu/c3u4cL0dbgnR3dN3XpMS3AhdLaWrBYffVidKMWL1+0CQGjc44ZF\n\
-6Gz+L6atNflLaOvyEoprd2pq5k/uvDl35yQVx0XJ30pB24YtbArdMy7jv0iuRW2g\n\
-Ta1p60ltgYMQzjw=\n\
------END PRIVATE KEY-----\n\
-";
+/// Runs the `openssl` binary (installed by scripts/test.sh) in `dir` and returns the PEM it
+/// wrote to `out`. Test keys are made at test time: no key material is ever committed.
+fn openssl_pem(dir: &Path, out: &str, args: &[&str]) -> String {
+    let o = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("openssl must be installed (scripts/test.sh installs it)");
+    assert!(
+        o.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    fs::read_to_string(dir.join(out)).unwrap()
+}
 
-/// Test fixture: a throwaway key with no use outside these tests.
-const ENCRYPTED_PKCS8_PEM: &str = "\
------BEGIN ENCRYPTED PRIVATE KEY-----\n\
-MIIFLTBXBgkqhkiG9w0BBQ0wSjApBgkqhkiG9w0BBQwwHAQIxzJfujkf3sQCAggA\n\
-MAwGCCqGSIb3DQIJBQAwHQYJYIZIAWUDBAEqBBC/OFGl6PDdPchwEcBZHSJrBIIE\n\
-0BaR/VA5qMSs1MbOnSha06OIP92KRY7ye6ZEQlZ733y7/3Gi7tTHfOObTElKg3zp\n\
-E5NN7k8x6xqQbr5e2W/UMemR61zQ6T5RyTMPwwMqonzWopO6xyragg9iwjuIxALX\n\
-WuVHDg7RKmP5iMihX2HRV6Aez1JMQOIOFt8hSp2sgjgQbvMPTHNWI/swoNWE+uCw\n\
-upMvfjOXhiWT7EbSOuXOJbP4Y+uT+ysSBgRtSCpJwrOQUEnOjAwtYQvmti++6rRe\n\
-X1wGedcgVZVk7Qrqe0foMcINDl+ojd5MFcdtj4rASdGxew4y/lCMObqN+LWsuhEN\n\
-11GxVl5fWoctW0drB3H3o3dOmk1aY44NFSp6R8c0PucUDpmL9EC2ySUT9DGDxkpx\n\
-ca1ZrzvayxlmIw6G4HYWA/UdzZL4IndQM9I+FVk3IE7/MyiHMqvKu/qP5bRjFeCx\n\
-oGTShMKjvhLykayPXfi3VuR6+BkUqolO1Ls3DhJb/e/T6JkM6WCVcUlaOJ+wMIoe\n\
-v+uj25MJozMPqOmS+tX00uZFWRUw0kRiK5h46EEWmQyfpqLQiGbAK7Cz87zkAMe8\n\
-LwdRnD+jeW8SXUDa3GXywj8a6bNeA3zqLyFLzTrLgCjQ5gezD+TRjS19FGqODQGZ\n\
-OZdlK5K+cFcEeFyGNpZ4HCktE93JIKH4Bgw5cT+qeXtv7Omapky16yYfQcLC/QrY\n\
-lt0ascX3n7DEYtlffbVpI8tFcDXrDDW9ERssE7K840Y0u7UC5jWA62SG/c+U7mEQ\n\
-WMscINtHxM7M/MvgjX4YwgSmnfVcmVLBYTP0Rf4aFwMJOwUynd/IZsGis5fk9hZC\n\
-qmJCleAFS4fEfVpVjFUBgiw97v9oqPofZbYsxYqGHAqjSzGANDVzaDLhAuhugkIg\n\
-EITqRpquUlT31gqR4wSFTFDicXAH1GyRsFc7y5U5WYvH5t6pXbDkw0i5eEsVrmvu\n\
-SSJ3e1nEPDmn1po6/bjPe/N5KX4y2NU2fWZbzYXT3sOGcwHgJZapxnrPGODDo/uM\n\
-FrlQliM/Rut8TFDcIs4KEwlVjHKGZhdKbmCLw062Nu7kMaSVKzJdhWwB164I/Hgk\n\
-621o6B/QFzwM0GPkXVQI1bTy+2Cj6zIN21HCLYdCZ9giU+oJ5tteJFhcsAlr55xp\n\
-kT0pA4/rECZ2HaDKIFqMeZ7OKCIrtUJFxkqg/A/lTqcJyenQmF9L04O5KilOA8n6\n\
-3mq/qNhQ0jUDEnFqNvxwaODwP6H0jgoVvJok2tDFI/V8QL5lNSmD6UduaITd2Rkw\n\
-s/fTm52zIjH9LfrheDohOoMwhvj0a8gJAo1KtLWcYkFIIJq03Nx0ePP24GSw0K9L\n\
-Xc2rUj8IGz6yrnQLZi1frFipJxi44kQ10LmlsezSsyUOc5PRR+SRNkGjJRdE1Y2H\n\
-msWRVCl5mhNi0id/jhVOV1kmiEQ2Vk7jgz7YqvH1v1342iXWHXhCNHdeHCAxhMke\n\
-a40gbATK1AEBsocEtgUOrTaLt2IYFkGHiokYO3I7YfoWcbLyzoSWSR/DyQy0bjBY\n\
-+zvnh5Oria6USBopceA+itjaXz8l4gTEt6lXXX4qbaRTYw7NSY+zLXmk/WpGs0/f\n\
-eOK5qdOSLkRFwQuYD2P0gqKHmCP1W5FeTYuDGdgtxAh+\n\
------END ENCRYPTED PRIVATE KEY-----\n\
-";
+/// A fresh RSA-1024 key as PKCS#8 PEM (too small to import), made by openssl in `dir`.
+fn rsa1024_pkcs8_pem(dir: &Path) -> String {
+    openssl_pem(
+        dir,
+        "rsa1024.pem",
+        &[
+            "genpkey",
+            "-algorithm",
+            "RSA",
+            "-pkeyopt",
+            "rsa_keygen_bits:1024",
+            "-out",
+            "rsa1024.pem",
+        ],
+    )
+}
+
+/// A fresh RSA-2048 key as password-encrypted PKCS#8 PEM, made by openssl in `dir`.
+fn encrypted_pkcs8_pem(dir: &Path) -> String {
+    openssl_pem(
+        dir,
+        "plain.pem",
+        &[
+            "genpkey",
+            "-algorithm",
+            "RSA",
+            "-pkeyopt",
+            "rsa_keygen_bits:2048",
+            "-out",
+            "plain.pem",
+        ],
+    );
+    openssl_pem(
+        dir,
+        "enc.pem",
+        &[
+            "pkcs8", "-topk8", "-v2", "aes256", "-passout", "pass:x", "-in", "plain.pem", "-out",
+            "enc.pem",
+        ],
+    )
+}
 
 // ---------------------------------------------------------------- store and basics
 
@@ -892,7 +896,7 @@ fn import_refuses_bad_keys_and_writes_nothing() {
             }
         }
     };
-    let small = err_of(RSA1024_PKCS8_PEM.as_bytes());
+    let small = err_of(rsa1024_pkcs8_pem(f.dir.path()).as_bytes());
     assert!(small.contains("smaller than 2048"), "{small}");
     let rng = aws_lc_rs::rand::SystemRandom::new();
     let ec = aws_lc_rs::signature::EcdsaKeyPair::generate_pkcs8(
@@ -904,7 +908,7 @@ fn import_refuses_bad_keys_and_writes_nothing() {
     assert!(m.contains("not an RSA key"), "{m}");
     let m = err_of(ec.as_ref());
     assert!(m.contains("not an RSA key"), "{m}");
-    let m = err_of(ENCRYPTED_PKCS8_PEM.as_bytes());
+    let m = err_of(encrypted_pkcs8_pem(f.dir.path()).as_bytes());
     assert!(m.contains("encrypted"), "{m}");
     let m = err_of(b"hello world");
     assert!(m.contains("not a private key"), "{m}");
@@ -1777,7 +1781,7 @@ fn cli_import() {
     ]);
     assert_eq!(k["imported"], true);
     let small = c.home.path().join("small.pem");
-    fs::write(&small, RSA1024_PKCS8_PEM).unwrap();
+    fs::write(&small, rsa1024_pkcs8_pem(c.home.path())).unwrap();
     assert!(c
         .fails(&[
             "vault",

@@ -1,6 +1,8 @@
 //! The command line: parses, calls the library, prints. No logic of its own.
 
 mod bench;
+mod drill;
+mod status;
 mod vault;
 mod volume;
 
@@ -24,6 +26,16 @@ enum Command {
     Umount(volume::UmountArgs),
     /// Show a volume's header (never the key).
     Info(volume::InfoArgs),
+    /// Show whether volumes are accessible: state, reason, key, checks, denied requests.
+    Status(status::StatusArgs),
+    /// Rehearse a revocation on a live mount and measure how fast every path is cut off.
+    Drill(drill::DrillArgs),
+    /// Internal: the mmap probe process of a drill.
+    #[command(name = "__mmap-probe", hide = true)]
+    MmapProbe {
+        /// File to map.
+        file: std::path::PathBuf,
+    },
     /// Manage the vault: keys and their versions.
     Vault(vault::VaultArgs),
     /// Measure throughput.
@@ -37,6 +49,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Mount(a) => volume::mount(a),
         Command::Umount(a) => volume::umount(a),
         Command::Info(a) => volume::info(a),
+        Command::Status(a) => status::run(a),
+        Command::Drill(a) => drill::run(a),
+        Command::MmapProbe { file } => crate::drill::mmap_probe_main(&file),
         Command::Vault(a) => vault::run(a),
         Command::Bench(a) => bench::run(a),
     }

@@ -10,10 +10,14 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::Args;
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use crate::fs::CmkFs;
 use crate::home::Home;
+use crate::monitor::{self, MonitorSinks, MountFacts};
 use crate::keyring::{Keyring, KeyringConfig};
 use crate::mount::{self, MountConfig, RunRecord};
-use crate::vault::{self, CreateKeyOptions, VaultError, WrapAlg};
+use crate::vault::{self, CreateKeyOptions, Credential, VaultError, WrapAlg};
 use crate::volume::header::VolumeHeader;
 use crate::volume::{CreateOptions, Volume, DEFAULT_SECTOR_SIZE};
 
@@ -68,6 +72,27 @@ pub struct MountArgs {
     /// FUSE worker threads (default: available cores, at least 2).
     #[arg(long)]
     threads: Option<usize>,
+    /// Re-validate the key with the vault this often (a real unwrap), e.g. 30s, 5m.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    key_check_interval: Duration,
+    /// How long an unreachable vault is tolerated before the volume is cut off; 0 = fail closed.
+    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    grace_period: Duration,
+    /// Command run with `sh -c` on every state change, given the event as JSON on stdin.
+    #[arg(long, value_name = "CMD")]
+    on_state_change: Option<String>,
+    /// Reach the vault as this identity (credential file from `cmkfs vault identity create`),
+    /// so its access policies apply; the vault owner otherwise.
+    #[arg(long, value_name = "FILE")]
+    credential: Option<PathBuf>,
+}
+
+/// Durations as `30s`, `5m`, `1h`, or a plain number of seconds.
+pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
+    if let Ok(n) = s.parse::<u64>() {
+        return Ok(Duration::from_secs(n));
+    }
+    humantime::parse_duration(s).map_err(|e| format!("{s:?} is not a duration like 30s, 5m or 1h ({e})"))
 }
 
 /// `cmkfs umount`.
@@ -197,6 +222,14 @@ fn spawn_daemon(a: &MountArgs) -> anyhow::Result<()> {
     if let Some(t) = a.threads {
         cmd.arg("--threads").arg(t.to_string());
     }
+    cmd.arg("--key-check-interval").arg(format!("{}ms", a.key_check_interval.as_millis()));
+    cmd.arg("--grace-period").arg(format!("{}ms", a.grace_period.as_millis()));
+    if let Some(h) = &a.on_state_change {
+        cmd.arg("--on-state-change").arg(h);
+    }
+    if let Some(c) = &a.credential {
+        cmd.arg("--credential").arg(std::fs::canonicalize(c).with_context(|| format!("credential {}", c.display()))?);
+    }
     cmd.env(READY_ENV, "1").stdin(Stdio::null()).stdout(Stdio::piped()).stderr(log);
     // SAFETY: setsid is async-signal-safe; it detaches the daemon from our terminal/session.
     unsafe {
@@ -257,13 +290,26 @@ fn serve(a: &MountArgs, ready_pipe: bool) -> anyhow::Result<()> {
     mount::unmount_on_signal(mp.clone())?;
     let header = VolumeHeader::read(&a.cipherdir)?;
     let kid = header.key_id()?;
-    let vault = vault::open(&kid.vault, &home)?;
-    let keyring = Keyring::unlock(vault, &header, Some(a.cipherdir.clone()), KeyringConfig::default())?;
+    let (vault, identity) = match &a.credential {
+        Some(path) => {
+            let cred = Credential::load(path)?;
+            if cred.vault != kid.vault {
+                bail!("credential {} is for vault {:?}, but the volume's key is in {:?}", path.display(), cred.vault, kid.vault);
+            }
+            (vault::open_with_credential(&home, &cred)?, Some(cred.identity.clone()))
+        }
+        None => (vault::open(&kid.vault, &home)?, None),
+    };
+    let push = vault.watch();
+    let kcfg = KeyringConfig { check_interval: a.key_check_interval, grace: a.grace_period };
+    let keyring = Arc::new(Keyring::unlock(vault, &header, Some(a.cipherdir.clone()), kcfg)?);
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
-    let vol = Volume::open(&a.cipherdir, header.clone(), Arc::new(keyring), 0)?;
+    let vol = Arc::new(Volume::open(&a.cipherdir, header.clone(), keyring.clone(), 0)?);
     let cipherdir = vol.root().to_path_buf();
+    let fs = CmkFs::new(vol);
+    let table = fs.node_table();
     let cfg = MountConfig { fuse_threads: a.threads.unwrap_or(cores.max(2)), allow_other: a.allow_other };
-    let session = mount::mount(Arc::new(vol), &mp, &cfg)?;
+    let session = mount::mount(fs, &mp, &cfg)?;
     let record = RunRecord {
         pid: std::process::id(),
         mountpoint: mp.clone(),
@@ -271,15 +317,37 @@ fn serve(a: &MountArgs, ready_pipe: bool) -> anyhow::Result<()> {
         volume_id: header.volume_id.clone(),
         key_id: header.key_id.clone(),
         started: crate::volume::unix_now(),
+        identity,
     };
     if let Err(e) = record.save(&home) {
         tracing::warn!(error = %e, "could not write the run record");
     }
+    let facts = MountFacts {
+        mountpoint: mp.clone(),
+        cipherdir: cipherdir.clone(),
+        volume_id: header.volume_id.clone(),
+        pid: std::process::id(),
+        push: push.is_some(),
+    };
+    let sinks = MonitorSinks {
+        status_path: RunRecord::status_path(&home, &mp),
+        events_path: home.events_path(),
+        on_state_change: a.on_state_change.clone(),
+    };
+    let notifier = session.notifier();
+    let cut_off = Box::new(move || {
+        let (inodes, entries) = crate::fs::invalidate_kernel_caches(&table, &notifier);
+        tracing::warn!(inodes, entries, "kernel caches invalidated");
+    });
+    let stop = Arc::new(AtomicBool::new(false));
+    let monitor = monitor::spawn(keyring, facts, sinks, push, cut_off, stop.clone())?;
     tracing::info!(cipherdir = %cipherdir.display(), mountpoint = %mp.display(), "mounted");
     if ready_pipe {
         announce_ready();
     }
     let result = session.run();
+    stop.store(true, Ordering::Relaxed);
+    let _ = monitor.join();
     RunRecord::remove(&home, &mp);
     tracing::info!(mountpoint = %mp.display(), "unmounted");
     result.with_context(|| format!("FUSE session at {}", mp.display()))

@@ -15,7 +15,7 @@ use sha2::Sha256;
 
 use super::VolumeError;
 use crate::crypto::Dek;
-use crate::vault::{KeyId, WrapAlg};
+use crate::vault::{KeyId, WrapAlg, Wrapped};
 
 /// File name of the volume header in the backing directory.
 pub const HEADER_FILE: &str = "cmkfs.volume.json";
@@ -64,17 +64,8 @@ pub struct VolumeHeader {
 }
 
 impl VolumeHeader {
-    /// A header for a new volume; `wrapped` is the DEK as wrapped by the vault.
-    pub fn new(
-        dek: &Dek,
-        volume_id: String,
-        sector_size: u32,
-        file_header_len: u32,
-        key_id: &KeyId,
-        wrap_alg: WrapAlg,
-        wrapped: &[u8],
-        created: u64,
-    ) -> VolumeHeader {
+    /// A header for a new volume whose DEK the vault wrapped as `wrapped`.
+    pub fn new(dek: &Dek, volume_id: String, sector_size: u32, wrapped: &Wrapped, created: u64) -> VolumeHeader {
         let mut h = VolumeHeader {
             format: "cmkfs".into(),
             format_version: FORMAT_VERSION,
@@ -83,10 +74,10 @@ impl VolumeHeader {
             cipher: CIPHER.into(),
             sector_size,
             name_cipher: NAME_CIPHER.into(),
-            file_header_len,
-            key_id: key_id.to_string(),
-            wrap_alg,
-            wrapped_dek: B64.encode(wrapped),
+            file_header_len: super::content::FILE_HEADER_LEN as u32,
+            key_id: wrapped.kid.to_string(),
+            wrap_alg: wrapped.alg,
+            wrapped_dek: B64.encode(&wrapped.value),
             dek_fingerprint: dek.fingerprint(),
             des: None,
             header_mac: String::new(),
@@ -177,11 +168,11 @@ impl VolumeHeader {
     }
 
     /// Re-points the header at a new wrap of the same DEK (rotation / key change).
-    pub fn rewrapped(&self, key_id: &KeyId, alg: WrapAlg, wrapped: &[u8]) -> VolumeHeader {
+    pub fn rewrapped(&self, wrapped: &Wrapped) -> VolumeHeader {
         VolumeHeader {
-            key_id: key_id.to_string(),
-            wrap_alg: alg,
-            wrapped_dek: B64.encode(wrapped),
+            key_id: wrapped.kid.to_string(),
+            wrap_alg: wrapped.alg,
+            wrapped_dek: B64.encode(&wrapped.value),
             ..self.clone()
         }
     }

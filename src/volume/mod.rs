@@ -53,12 +53,12 @@ pub enum VolumeError {
     #[error(transparent)]
     Vault(#[from] VaultError),
     /// An I/O error on a named path.
-    #[error("{}: {source}", path.display())]
+    #[error("{}: {error}", path.display())]
     Io {
         /// The path.
         path: PathBuf,
         /// The error.
-        source: io::Error,
+        error: io::Error,
     },
     /// A plain system call error (its errno goes back to the caller).
     #[error(transparent)]
@@ -88,7 +88,7 @@ pub enum VolumeError {
 impl VolumeError {
     /// Wraps an I/O error with the path it concerns.
     pub fn io(path: &Path, source: io::Error) -> VolumeError {
-        VolumeError::Io { path: path.to_path_buf(), source }
+        VolumeError::Io { path: path.to_path_buf(), error: source }
     }
 
     fn errno_of(e: i32) -> VolumeError {
@@ -99,7 +99,7 @@ impl VolumeError {
     /// denied access. Corrupt data is `EIO`.
     pub fn errno(&self) -> i32 {
         match self {
-            VolumeError::Os(e) | VolumeError::Io { source: e, .. } => e.raw_os_error().unwrap_or(libc::EIO),
+            VolumeError::Os(e) | VolumeError::Io { error: e, .. } => e.raw_os_error().unwrap_or(libc::EIO),
             VolumeError::Inaccessible(_) => libc::EACCES,
             VolumeError::NotEmpty(_) => libc::ENOTEMPTY,
             _ => libc::EIO,
@@ -223,16 +223,7 @@ impl Volume {
         let wrapped = vault.wrap_key(&opts.key_name, opts.key_version.as_deref(), opts.wrap_alg, dek.as_bytes())?;
         let mut id = [0u8; 16];
         getrandom::getrandom(&mut id).map_err(|e| VolumeError::Internal(e.to_string()))?;
-        let mut header = VolumeHeader::new(
-            &dek,
-            hex::encode(id),
-            opts.sector_size,
-            FILE_HEADER_LEN as u32,
-            &wrapped.kid,
-            wrapped.alg,
-            &wrapped.value,
-            unix_now(),
-        );
+        let mut header = VolumeHeader::new(&dek, hex::encode(id), opts.sector_size, &wrapped, unix_now());
         header.des = opts.des.clone();
         let result = (|| {
             if !existed {

@@ -73,10 +73,8 @@ impl Keys {
 
 impl BlockOps for Keys {
     fn tweak(&self, tweak: u128) -> u128 {
-        let mut b = tweak.to_le_bytes();
         // SAFETY: `Keys` exists only on a CPU with AES-NI and SSE2 (see `Keys::new`).
-        unsafe { encrypt1(&self.tweak, &mut b) };
-        u128::from_le_bytes(b)
+        unsafe { from_m128(encrypt_m128(&self.tweak, to_m128(tweak))) }
     }
 
     fn encrypt_blocks(&self, t: u128, data: &mut [u8]) -> u128 {
@@ -177,11 +175,33 @@ unsafe fn mul_alpha(t: __m128i) -> __m128i {
     _mm_xor_si128(_mm_add_epi64(t, t), _mm_and_si128(carries, poly))
 }
 
+/// Multiplies the mask `hi:lo` by α (the scalar twin of [`mul_alpha`]).
+#[inline(always)]
+fn double(lo: u64, hi: u64) -> (u64, u64) {
+    let carry = (((hi as i64) >> 63) as u64) & 0x87;
+    ((lo << 1) ^ carry, (hi << 1) | (lo >> 63))
+}
+
+/// Multiplies the mask `hi:lo` by α^i (1 <= i <= 7) directly: shift the 128 bits left by `i`
+/// and fold the `i` bits shifted out back in, multiplied (carry-less) by 0x87. Unlike `i`
+/// calls of [`double`] there is no dependency chain, so the first batch of a unit does not
+/// wait for one.
+#[inline(always)]
+fn times_alpha_pow(lo: u64, hi: u64, i: u32) -> (u64, u64) {
+    debug_assert!((1..8).contains(&i));
+    let h = hi >> (64 - i);
+    let fold = h ^ (h << 1) ^ (h << 2) ^ (h << 7);
+    ((lo << i) ^ fold, (hi << i) | (lo >> (64 - i)))
+}
+
+/// `t` as a vector register, without a trip through memory (two 8-byte stores read back as
+/// one 16-byte load cannot be store-forwarded, a stall on every call).
+///
 /// # Safety
 /// SSE2 (x86_64 baseline).
 #[inline(always)]
 unsafe fn to_m128(t: u128) -> __m128i {
-    _mm_loadu_si128(t.to_le_bytes().as_ptr().cast())
+    _mm_set_epi64x((t >> 64) as i64, t as i64)
 }
 
 /// # Safety
@@ -225,16 +245,17 @@ macro_rules! last_round {
 /// assembler needs no target feature; the caller is still `#[target_feature(enable = "aes")]`
 /// and only runs on a CPU that has it.
 macro_rules! round8 {
-    ($op:literal, $k:expr, $b:ident) => {
+    ($op:literal, $key:expr, $b:ident) => {
         core::arch::asm!(
-            concat!($op, " {0}, {8}"),
-            concat!($op, " {1}, {8}"),
-            concat!($op, " {2}, {8}"),
-            concat!($op, " {3}, {8}"),
-            concat!($op, " {4}, {8}"),
-            concat!($op, " {5}, {8}"),
-            concat!($op, " {6}, {8}"),
-            concat!($op, " {7}, {8}"),
+            "movdqu {k}, xmmword ptr [{kp}]",
+            concat!($op, " {0}, {k}"),
+            concat!($op, " {1}, {k}"),
+            concat!($op, " {2}, {k}"),
+            concat!($op, " {3}, {k}"),
+            concat!($op, " {4}, {k}"),
+            concat!($op, " {5}, {k}"),
+            concat!($op, " {6}, {k}"),
+            concat!($op, " {7}, {k}"),
             inout(xmm_reg) $b[0],
             inout(xmm_reg) $b[1],
             inout(xmm_reg) $b[2],
@@ -243,8 +264,9 @@ macro_rules! round8 {
             inout(xmm_reg) $b[5],
             inout(xmm_reg) $b[6],
             inout(xmm_reg) $b[7],
-            in(xmm_reg) $k,
-            options(pure, nomem, nostack, preserves_flags),
+            kp = in(reg) $key,
+            k = out(xmm_reg) _,
+            options(pure, readonly, nostack, preserves_flags),
         )
     };
 }
@@ -257,15 +279,21 @@ macro_rules! round8 {
 /// The CPU has AES-NI and SSE2.
 #[target_feature(enable = "aes,sse2")]
 unsafe fn xts_blocks<const ENC: bool>(rk: &Schedule, t: u128, data: &mut [u8]) -> u128 {
-    let mut t = to_m128(t);
     let mut chunks = data.chunks_exact_mut(8 * BLOCK);
-    // The masks of the current batch. Those of the next batch are computed while this one's
-    // rounds run (software pipelining, as OpenSSL does): the doubling chain is serial, and
-    // left at the head of a batch it would delay the first rounds.
-    let mut tw = [t; 8];
-    for i in 1..8 {
-        tw[i] = mul_alpha(tw[i - 1]);
+    // The masks are generated in general-purpose registers and handed to the vector side
+    // through a small stack buffer: the integer ALUs are idle during the rounds, while the
+    // same doublings in SIMD registers (5-7 vector ops each) compete with AESENC for the
+    // vector pipes and cost about a third of the throughput. The masks of the next batch are
+    // computed while this one's rounds run (software pipelining, as OpenSSL does).
+    let (mut lo, mut hi) = (t as u64, (t >> 64) as u64);
+    let mut tw = [_mm_setzero_si128(); 8];
+    tw[0] = _mm_set_epi64x(hi as i64, lo as i64);
+    let mut last = (lo, hi);
+    for (i, m) in tw.iter_mut().enumerate().skip(1) {
+        last = times_alpha_pow(lo, hi, i as u32);
+        *m = _mm_set_epi64x(last.1 as i64, last.0 as i64);
     }
+    (lo, hi) = double(last.0, last.1);
     for chunk in &mut chunks {
         let p = chunk.as_mut_ptr();
         // Whitening: block ⊕ mask ⊕ round key 0. The chunk is 128 bytes; block i is bytes
@@ -275,15 +303,19 @@ unsafe fn xts_blocks<const ENC: bool>(rk: &Schedule, t: u128, data: &mut [u8]) -
             let x = _mm_loadu_si128(p.add(BLOCK * i).cast());
             b[i] = _mm_xor_si128(x, _mm_xor_si128(tw[i], rk[0]));
         }
-        let mut next = [mul_alpha(tw[7]); 8];
-        for i in 1..8 {
-            next[i] = mul_alpha(next[i - 1]);
+        let mut next = [_mm_setzero_si128(); 8];
+        for m in next.iter_mut() {
+            *m = _mm_set_epi64x(hi as i64, lo as i64);
+            (lo, hi) = double(lo, hi);
         }
         for k in &rk[1..ROUNDS] {
+            // The key is loaded inside the asm (from its place in the schedule), so the
+            // compiler does not copy the whole schedule to the stack on every call.
+            let k: *const __m128i = k;
             if ENC {
-                round8!("aesenc", *k, b);
+                round8!("aesenc", k, b);
             } else {
-                round8!("aesdec", *k, b);
+                round8!("aesdec", k, b);
             }
         }
         for i in 0..8 {
@@ -293,7 +325,7 @@ unsafe fn xts_blocks<const ENC: bool>(rk: &Schedule, t: u128, data: &mut [u8]) -
         }
         tw = next;
     }
-    t = tw[0];
+    let mut t = tw[0];
     // Fewer than eight blocks left: only in stealing tails and short units.
     for blk in chunks.into_remainder().chunks_exact_mut(BLOCK) {
         let p = blk.as_mut_ptr();
@@ -306,6 +338,19 @@ unsafe fn xts_blocks<const ENC: bool>(rk: &Schedule, t: u128, data: &mut [u8]) -
         t = mul_alpha(t);
     }
     from_m128(t)
+}
+
+/// One raw AES-256 block encryption of a register.
+///
+/// # Safety
+/// The CPU has AES-NI and SSE2.
+#[target_feature(enable = "aes,sse2")]
+unsafe fn encrypt_m128(rk: &Schedule, block: __m128i) -> __m128i {
+    let mut y = _mm_xor_si128(block, rk[0]);
+    for k in &rk[1..ROUNDS] {
+        y = _mm_aesenc_si128(y, *k);
+    }
+    _mm_aesenclast_si128(y, rk[ROUNDS])
 }
 
 /// One raw AES-256 block encryption.

@@ -1,0 +1,125 @@
+//! `cmkfs status [MOUNTPOINT|CIPHERDIR] [--json]`.
+
+use std::path::{Path, PathBuf};
+
+use clap::Args;
+
+use crate::home::Home;
+use crate::keyring::{self, rfc3339};
+use crate::mount::RunRecord;
+use crate::vault;
+use crate::volume::header::VolumeHeader;
+
+/// `cmkfs status`.
+#[derive(Args, Debug)]
+pub struct StatusArgs {
+    /// A mountpoint or a cipher directory; all mounts when omitted.
+    target: Option<PathBuf>,
+    /// JSON output (one object; an array when listing all mounts).
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(a: StatusArgs) -> anyhow::Result<()> {
+    let home = Home::from_env();
+    let docs: Vec<serde_json::Value> = match &a.target {
+        None => RunRecord::all(&home).iter().map(|r| mounted_status(&home, r)).collect(),
+        Some(t) => vec![target_status(&home, t)?],
+    };
+    if a.json {
+        let out = if a.target.is_some() { docs[0].clone() } else { serde_json::Value::Array(docs) };
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
+    if docs.is_empty() {
+        println!("no cmkfs mounts recorded in {}", home.run_dir().display());
+    }
+    for d in docs {
+        print_human(&d);
+    }
+    Ok(())
+}
+
+fn target_status(home: &Home, target: &Path) -> anyhow::Result<serde_json::Value> {
+    let abs = std::fs::canonicalize(target).map_err(|e| anyhow::anyhow!("{}: {e}", target.display()))?;
+    if let Some(r) = RunRecord::load(home, &abs) {
+        return Ok(mounted_status(home, &r));
+    }
+    if let Some(r) = RunRecord::all(home).into_iter().find(|r| r.cipherdir == abs && r.alive()) {
+        return Ok(mounted_status(home, &r));
+    }
+    // Not mounted: answer with a one-shot check of the key, which is what "accessible" means.
+    let header = VolumeHeader::read(&abs)?;
+    let kid = header.key_id()?;
+    let (state, reason) = match vault::open(&kid.vault, home)
+        .map_err(crate::volume::VolumeError::from)
+        .and_then(|v| keyring::unwrap_dek(v.as_ref(), &header))
+    {
+        Ok(_) => ("Accessible", None),
+        Err(e) => {
+            let denied = matches!(&e, crate::volume::VolumeError::Vault(v) if v.class() == vault::ErrorClass::Denied);
+            (if denied { "Inaccessible" } else { "Unknown" }, Some(e.to_string()))
+        }
+    };
+    Ok(serde_json::json!({
+        "schema": 1,
+        "mounted": false,
+        "cipherdir": abs,
+        "volume_id": header.volume_id,
+        "state": state,
+        "reason": reason,
+        "key_id": header.key_id,
+        "key_version": kid.version,
+        "last_check": rfc3339(std::time::SystemTime::now()),
+        "des": header.des,
+    }))
+}
+
+fn mounted_status(home: &Home, r: &RunRecord) -> serde_json::Value {
+    let path = RunRecord::status_path(home, &r.mountpoint);
+    let mut doc: serde_json::Value = std::fs::read(&path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_else(|| {
+            serde_json::json!({
+                "schema": 1, "mountpoint": r.mountpoint, "cipherdir": r.cipherdir,
+                "volume_id": r.volume_id, "pid": r.pid, "key_id": r.key_id, "state": "Unknown",
+                "reason": "the mount has not published its status yet",
+            })
+        });
+    let alive = r.alive();
+    if let Some(o) = doc.as_object_mut() {
+        o.insert("mounted".into(), serde_json::Value::Bool(alive));
+        if !alive {
+            o.insert("state".into(), "Unknown".into());
+            o.insert("reason".into(), format!("stale record: daemon {} is not running", r.pid).into());
+        }
+    }
+    doc
+}
+
+fn print_human(d: &serde_json::Value) {
+    let s = |k: &str| d.get(k).and_then(|v| v.as_str()).unwrap_or("-").to_string();
+    let where_ = d.get("mountpoint").and_then(|v| v.as_str()).map(str::to_string).unwrap_or_else(|| s("cipherdir"));
+    println!("{where_}");
+    println!("  state          {}{}", s("state"), d.get("reason").and_then(|v| v.as_str()).map(|r| format!(" ({r})")).unwrap_or_default());
+    for (label, key) in [
+        ("since", "since"),
+        ("cipherdir", "cipherdir"),
+        ("key", "key_id"),
+        ("last check", "last_check"),
+        ("last success", "last_success"),
+        ("next check", "next_check"),
+        ("des", "des"),
+    ] {
+        if d.get(key).is_some_and(|v| !v.is_null()) {
+            println!("  {label:<14} {}", s(key));
+        }
+    }
+    if let Some(n) = d.get("requests_denied").and_then(|v| v.as_u64()) {
+        println!("  denied         {n} requests");
+    }
+    if let Some(p) = d.get("push").and_then(|v| v.as_bool()) {
+        println!("  push           {}", if p { "on" } else { "off (periodic checks only)" });
+    }
+}
