@@ -178,8 +178,8 @@ fn random_writes_and_truncates_match_model() {
     let m = env.mount(&env.cipher, &env.mnt);
 
     const FILES: usize = 3;
-    const BATCHES: usize = 10;
-    const OPS: usize = 25;
+    const BATCHES: usize = 16;
+    const OPS: usize = 40;
     let names: Vec<String> = (0..FILES).map(|i| format!("model-{i}.bin")).collect();
     let mut models: Vec<Vec<u8>> = vec![Vec::new(); FILES];
     let handles: Vec<File> = names
@@ -356,117 +356,193 @@ fn list(dir: &Path) -> Vec<String> {
     v
 }
 
-#[test]
-fn directories_renames_symlinks_hardlinks() {
+/// Runs `build` on a fresh mount, then checks that a remount shows exactly the same tree
+/// (types, modes, sizes, contents, symlink targets, link counts) and returns the env and the
+/// remounted mount for further checks.
+fn build_then_remount(build: impl FnOnce(&Mount)) -> (Env, Mount) {
     let env = Env::new();
     env.init(&env.cipher);
     let m = env.mount(&env.cipher, &env.mnt);
-    let p = |r: &str| m.path(r);
-
-    // Directories.
-    fs::create_dir_all(p("a/b/c")).unwrap();
-    write(&p("a/one.txt"), b"one");
-    write(&p("a/b/two.txt"), b"two");
-    write(&p("a/b/c/three.txt"), b"three");
-    assert_eq!(list(&m.mnt), ["a"]);
-    assert_eq!(list(&p("a")), ["b", "one.txt"]);
-    assert_eq!(list(&p("a/b")), ["c", "two.txt"]);
-    assert!(fs::metadata(p("a/b")).unwrap().is_dir());
-    assert_eq!(
-        fs::create_dir(p("a/b")).unwrap_err().kind(),
-        ErrorKind::AlreadyExists
-    );
-    assert_eq!(
-        fs::metadata(p("a/nope")).unwrap_err().kind(),
-        ErrorKind::NotFound
-    );
-
-    // Renames: within a directory, across directories, over an existing file, a whole
-    // directory with contents.
-    fs::rename(p("a/one.txt"), p("a/uno.txt")).unwrap();
-    assert_eq!(list(&p("a")), ["b", "uno.txt"]);
-    assert_eq!(read(&p("a/uno.txt")), b"one");
-    fs::rename(p("a/uno.txt"), p("a/b/c/uno.txt")).unwrap();
-    assert_eq!(list(&p("a")), ["b"]);
-    assert_eq!(read(&p("a/b/c/uno.txt")), b"one");
-    write(&p("a/b/target.txt"), b"old contents, longer than the new");
-    fs::rename(p("a/b/two.txt"), p("a/b/target.txt")).unwrap();
-    assert_eq!(list(&p("a/b")), ["c", "target.txt"]);
-    assert_eq!(read(&p("a/b/target.txt")), b"two");
-    fs::rename(p("a/b"), p("a/bee")).unwrap();
-    assert_eq!(list(&p("a")), ["bee"]);
-    assert_eq!(list(&p("a/bee/c")), ["three.txt", "uno.txt"]);
-    assert_eq!(read(&p("a/bee/c/three.txt")), b"three");
-
-    // rmdir refuses a non-empty directory and removes an empty one; unlink removes a file.
-    assert!(fs::remove_dir(p("a/bee/c")).is_err());
-    fs::create_dir(p("a/empty")).unwrap();
-    fs::remove_dir(p("a/empty")).unwrap();
-    fs::remove_file(p("a/bee/c/uno.txt")).unwrap();
-    assert_eq!(list(&p("a/bee/c")), ["three.txt"]);
-
-    // Symlinks: relative (followed), dangling absolute, and a long target.
-    std::os::unix::fs::symlink("bee/c/three.txt", p("a/rel-link")).unwrap();
-    assert_eq!(
-        fs::read_link(p("a/rel-link")).unwrap(),
-        Path::new("bee/c/three.txt")
-    );
-    assert!(fs::symlink_metadata(p("a/rel-link"))
-        .unwrap()
-        .file_type()
-        .is_symlink());
-    assert_eq!(read(&p("a/rel-link")), b"three");
-    std::os::unix::fs::symlink("/nonexistent/cmkfs/target", p("a/dangling")).unwrap();
-    assert_eq!(
-        fs::read_link(p("a/dangling")).unwrap(),
-        Path::new("/nonexistent/cmkfs/target")
-    );
-    assert_eq!(
-        fs::metadata(p("a/dangling")).unwrap_err().kind(),
-        ErrorKind::NotFound
-    );
-    let long_target = "x/".repeat(1000) + "end";
-    std::os::unix::fs::symlink(&long_target, p("a/long-link")).unwrap();
-    assert_eq!(
-        fs::read_link(p("a/long-link")).unwrap(),
-        Path::new(&long_target)
-    );
-
-    // Hard links: same inode, shared contents, survives unlinking the other name.
-    fs::hard_link(p("a/bee/target.txt"), p("a/hard")).unwrap();
-    let (m1, m2) = (
-        fs::metadata(p("a/bee/target.txt")).unwrap(),
-        fs::metadata(p("a/hard")).unwrap(),
-    );
-    assert_eq!(m1.nlink(), 2, "nlink after link()");
-    assert_eq!(m1.ino(), m2.ino(), "hard links share an inode number");
-    fs::OpenOptions::new()
-        .write(true)
-        .open(p("a/hard"))
-        .unwrap()
-        .write_all_at(b"TWO", 0)
-        .unwrap();
-    assert_eq!(read(&p("a/bee/target.txt")), b"TWO");
-
-    // A FIFO can be created (mknod); it is never opened here (that would block).
-    let fifo = std::ffi::CString::new(p("a/fifo").as_os_str().as_bytes()).unwrap();
-    // SAFETY: valid NUL-terminated path.
-    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0, "mkfifo");
-    assert!(fs::symlink_metadata(p("a/fifo"))
-        .unwrap()
-        .file_type()
-        .is_fifo());
-
+    build(&m);
     let view = tree_view(&m.mnt);
     m.unmount();
-
-    // Everything, including link counts and symlink targets, survives a remount; then the
-    // unlinked-name case of hard links.
     let m = env.mount(&env.cipher, &env.mnt);
     assert_eq!(tree_view(&m.mnt), view, "tree changed across remount");
-    fs::remove_file(m.path("a/bee/target.txt")).unwrap();
-    assert_eq!(read(&m.path("a/hard")), b"TWO");
-    assert_eq!(fs::metadata(m.path("a/hard")).unwrap().nlink(), 1);
+    (env, m)
+}
+
+#[test]
+fn directories_mkdir_rmdir_unlink() {
+    let (_env, m) = build_then_remount(|m| {
+        let p = |r: &str| m.path(r);
+        fs::create_dir_all(p("a/b/c")).unwrap();
+        write(&p("a/one.txt"), b"one");
+        write(&p("a/b/two.txt"), b"two");
+        write(&p("a/b/c/three.txt"), b"three");
+        assert_eq!(list(&m.mnt), ["a"]);
+        assert_eq!(list(&p("a")), ["b", "one.txt"]);
+        assert_eq!(list(&p("a/b")), ["c", "two.txt"]);
+        assert!(fs::metadata(p("a/b")).unwrap().is_dir());
+        assert_eq!(
+            fs::create_dir(p("a/b")).unwrap_err().kind(),
+            ErrorKind::AlreadyExists
+        );
+        assert_eq!(
+            fs::metadata(p("a/nope")).unwrap_err().kind(),
+            ErrorKind::NotFound
+        );
+        // rmdir refuses a non-empty directory and removes an empty one; unlink removes a
+        // file.
+        assert!(fs::remove_dir(p("a/b/c")).is_err());
+        fs::create_dir(p("a/empty")).unwrap();
+        fs::remove_dir(p("a/empty")).unwrap();
+        fs::remove_file(p("a/b/two.txt")).unwrap();
+        assert_eq!(list(&p("a/b")), ["c"]);
+        assert_eq!(
+            fs::read(p("a/b/two.txt")).unwrap_err().kind(),
+            ErrorKind::NotFound
+        );
+        // A FIFO can be created (mknod); it is never opened here (that would block).
+        let fifo = std::ffi::CString::new(p("a/fifo").as_os_str().as_bytes()).unwrap();
+        // SAFETY: valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0, "mkfifo");
+        assert!(fs::symlink_metadata(p("a/fifo"))
+            .unwrap()
+            .file_type()
+            .is_fifo());
+    });
+    assert_eq!(read(&m.path("a/b/c/three.txt")), b"three");
+    // Emptying and removing a whole tree works after the remount too.
+    fs::remove_dir_all(m.path("a")).unwrap();
+    assert!(list(&m.mnt).is_empty());
+    m.unmount();
+}
+
+#[test]
+fn renames() {
+    let (_env, m) = build_then_remount(|m| {
+        let p = |r: &str| m.path(r);
+        fs::create_dir_all(p("a/b/c")).unwrap();
+        write(&p("a/one.txt"), b"one");
+        write(&p("a/b/two.txt"), b"two");
+        write(&p("a/b/c/three.txt"), b"three");
+        // Within a directory.
+        fs::rename(p("a/one.txt"), p("a/uno.txt")).unwrap();
+        assert_eq!(list(&p("a")), ["b", "uno.txt"]);
+        assert_eq!(read(&p("a/uno.txt")), b"one");
+        // Across directories.
+        fs::rename(p("a/uno.txt"), p("a/b/c/uno.txt")).unwrap();
+        assert_eq!(list(&p("a")), ["b"]);
+        assert_eq!(read(&p("a/b/c/uno.txt")), b"one");
+        // Over an existing file, which is replaced.
+        write(&p("a/b/target.txt"), b"old contents, longer than the new");
+        fs::rename(p("a/b/two.txt"), p("a/b/target.txt")).unwrap();
+        assert_eq!(list(&p("a/b")), ["c", "target.txt"]);
+        assert_eq!(read(&p("a/b/target.txt")), b"two");
+        // A whole directory with contents.
+        fs::rename(p("a/b"), p("a/bee")).unwrap();
+        assert_eq!(list(&p("a")), ["bee"]);
+        assert_eq!(list(&p("a/bee/c")), ["three.txt", "uno.txt"]);
+        assert_eq!(read(&p("a/bee/c/three.txt")), b"three");
+        // An open file keeps working across a rename of its directory.
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(p("a/bee/c/three.txt"))
+            .unwrap();
+        fs::rename(p("a/bee/c"), p("a/sea")).unwrap();
+        f.write_all_at(b"THREE", 0).unwrap();
+        drop(f);
+        assert_eq!(read(&p("a/sea/three.txt")), b"THREE");
+    });
+    assert_eq!(list(&m.path("a")), ["bee", "sea"]);
+    assert_eq!(read(&m.path("a/sea/uno.txt")), b"one");
+    m.unmount();
+}
+
+#[test]
+fn symlinks() {
+    let long_target = "x/".repeat(1000) + "end";
+    let (_env, m) = build_then_remount(|m| {
+        let p = |r: &str| m.path(r);
+        fs::create_dir_all(p("a/bee/c")).unwrap();
+        write(&p("a/bee/c/three.txt"), b"three");
+        // Relative, followed by the kernel.
+        std::os::unix::fs::symlink("bee/c/three.txt", p("a/rel-link")).unwrap();
+        assert_eq!(
+            fs::read_link(p("a/rel-link")).unwrap(),
+            Path::new("bee/c/three.txt")
+        );
+        assert!(fs::symlink_metadata(p("a/rel-link"))
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        assert_eq!(
+            fs::symlink_metadata(p("a/rel-link")).unwrap().len(),
+            "bee/c/three.txt".len() as u64,
+            "a symlink's size is its target's length"
+        );
+        assert_eq!(read(&p("a/rel-link")), b"three");
+        // Dangling, absolute.
+        std::os::unix::fs::symlink("/nonexistent/cmkfs/target", p("a/dangling")).unwrap();
+        assert_eq!(
+            fs::read_link(p("a/dangling")).unwrap(),
+            Path::new("/nonexistent/cmkfs/target")
+        );
+        assert_eq!(
+            fs::metadata(p("a/dangling")).unwrap_err().kind(),
+            ErrorKind::NotFound
+        );
+        // Long target.
+        std::os::unix::fs::symlink(&long_target, p("a/long-link")).unwrap();
+        assert_eq!(
+            fs::read_link(p("a/long-link")).unwrap(),
+            Path::new(&long_target)
+        );
+        // A link to a directory, traversed by the kernel.
+        std::os::unix::fs::symlink("bee", p("a/dir-link")).unwrap();
+        assert!(fs::metadata(p("a/dir-link")).unwrap().is_dir());
+        assert_eq!(list(&p("a/dir-link")), ["c"]);
+    });
+    assert_eq!(read(&m.path("a/rel-link")), b"three");
+    assert_eq!(
+        fs::read_link(m.path("a/long-link")).unwrap(),
+        Path::new(&long_target)
+    );
+    // Removing a symlink leaves its target alone.
+    fs::remove_file(m.path("a/rel-link")).unwrap();
+    assert_eq!(read(&m.path("a/bee/c/three.txt")), b"three");
+    m.unmount();
+}
+
+#[test]
+fn hard_links() {
+    let (_env, m) = build_then_remount(|m| {
+        let p = |r: &str| m.path(r);
+        fs::create_dir(p("d")).unwrap();
+        write(&p("d/target.txt"), b"two");
+        // Same inode, shared contents, across directories.
+        fs::hard_link(p("d/target.txt"), p("hard")).unwrap();
+        let (m1, m2) = (
+            fs::metadata(p("d/target.txt")).unwrap(),
+            fs::metadata(p("hard")).unwrap(),
+        );
+        assert_eq!(m1.nlink(), 2, "nlink after link()");
+        assert_eq!(m2.nlink(), 2, "nlink after link()");
+        assert_eq!(m1.ino(), m2.ino(), "hard links share an inode number");
+        OpenOptions::new()
+            .write(true)
+            .open(p("hard"))
+            .unwrap()
+            .write_all_at(b"TWO and more", 0)
+            .unwrap();
+        assert_eq!(read(&p("d/target.txt")), b"TWO and more");
+        assert_eq!(fs::metadata(p("d/target.txt")).unwrap().len(), 12);
+    });
+    // Unlinking one name leaves the other with the contents.
+    fs::remove_file(m.path("d/target.txt")).unwrap();
+    assert_eq!(read(&m.path("hard")), b"TWO and more");
+    assert_eq!(fs::metadata(m.path("hard")).unwrap().nlink(), 1);
     m.unmount();
 }
 

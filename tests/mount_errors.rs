@@ -15,6 +15,8 @@ use common::*;
 fn expect_mount_fails(env: &Env, cipher: &Path, mnt: &Path, case: &str) {
     let (c0, m0) = (snapshot(cipher), snapshot(mnt));
     let mounts_before = mounts_at(mnt).len();
+    // A busy mountpoint already has a legitimate daemon: only new ones count.
+    let daemons_before = daemon_pids(mnt);
     let out = env.try_mount(cipher, mnt);
     eprintln!("{case}: {}", out.stderr.trim_end());
     if out.ok() {
@@ -27,7 +29,9 @@ fn expect_mount_fails(env: &Env, cipher: &Path, mnt: &Path, case: &str) {
         "{case}: a failed mount left something mounted"
     );
     assert!(
-        wait_until(DAEMON_EXIT_TIMEOUT, || daemon_pids(mnt).is_empty()),
+        wait_until(DAEMON_EXIT_TIMEOUT, || daemon_pids(mnt)
+            .iter()
+            .all(|p| daemons_before.contains(p))),
         "{case}: a failed mount left a daemon running"
     );
     assert_same_snapshot(&format!("{case}: backing dir"), &c0, &snapshot(cipher));
@@ -73,14 +77,16 @@ fn mount_with_corrupt_or_truncated_header_fails_cleanly() {
     let good = fs::read(&header).unwrap();
     assert!(good.len() > 4, "header suspiciously small: {good:?}");
 
+    // The last meaningful byte (the header may end in a newline, which JSON ignores).
+    let last = good.trim_ascii_end().len();
     let mut flipped_json = good.clone();
     flipped_json[0] ^= 0xff;
     let cases: Vec<(&str, Vec<u8>)> = vec![
         ("empty header", Vec::new()),
         ("truncated header (half)", good[..good.len() / 2].to_vec()),
         (
-            "truncated header (one byte short)",
-            good[..good.len() - 1].to_vec(),
+            "truncated header (last byte cut)",
+            good[..last - 1].to_vec(),
         ),
         ("header with its first byte flipped", flipped_json),
         ("garbage header", vec![0x5a; good.len()]),
@@ -96,8 +102,94 @@ fn mount_with_corrupt_or_truncated_header_fails_cleanly() {
     fs::remove_file(&header).unwrap();
     expect_mount_fails(&env, &env.cipher, &env.mnt, "header missing");
 
+    // Well-formed JSON with one field tampered with: each must be caught by a structural
+    // check, the unwrap, the fingerprint or the header MAC (docs/FORMAT.md), never mount a
+    // volume with the wrong layout or key.
+    let edits: Vec<(
+        &str,
+        &str,
+        Box<dyn Fn(&serde_json::Value) -> serde_json::Value>,
+    )> = vec![
+        (
+            "wrapped DEK altered",
+            "wrapped_dek",
+            Box::new(|v| alter_text(v, true)),
+        ),
+        (
+            "DEK fingerprint altered",
+            "dek_fingerprint",
+            Box::new(|v| alter_text(v, false)),
+        ),
+        (
+            "header MAC altered",
+            "header_mac",
+            Box::new(|v| alter_text(v, false)),
+        ),
+        (
+            "volume id altered (MAC)",
+            "volume_id",
+            Box::new(|v| alter_text(v, false)),
+        ),
+        (
+            "sector size altered",
+            "sector_size",
+            Box::new(|_| 512.into()),
+        ),
+        (
+            "file header length altered",
+            "file_header_len",
+            Box::new(|_| 0.into()),
+        ),
+        (
+            "unknown format version",
+            "format_version",
+            Box::new(|_| 99.into()),
+        ),
+        (
+            "unknown cipher",
+            "cipher",
+            Box::new(|_| "AES-128-XTS".into()),
+        ),
+        (
+            "wrap algorithm altered",
+            "wrap_alg",
+            Box::new(|_| "RSA-OAEP".into()),
+        ),
+        (
+            "key id malformed",
+            "key_id",
+            Box::new(|_| "not a key id".into()),
+        ),
+    ];
+    let parsed: serde_json::Value = serde_json::from_slice(&good).unwrap();
+    for (case, field, edit) in edits {
+        let mut h = parsed.clone();
+        let old = h
+            .get(field)
+            .unwrap_or_else(|| panic!("header has no {field:?}: {parsed}"));
+        h[field] = edit(old);
+        fs::write(&header, serde_json::to_vec_pretty(&h).unwrap()).unwrap();
+        expect_mount_fails(&env, &env.cipher, &env.mnt, case);
+    }
+
     fs::write(&header, &good).unwrap();
     assert_mounts_and_reads(&env, &env.cipher, "hello.txt", b"hello, volume");
+}
+
+/// A string field with one character changed (staying in the same alphabet: a base64 or
+/// hex digit), so only a check of the value itself can notice.
+fn alter_text(v: &serde_json::Value, base64: bool) -> serde_json::Value {
+    let s = v.as_str().expect("a string field");
+    let mut chars: Vec<char> = s.chars().collect();
+    // Change a character in the middle: base64 padding at the end is left alone.
+    let i = chars.len() / 2;
+    chars[i] = match (chars[i], base64) {
+        ('A', true) => 'B',
+        (_, true) => 'A',
+        ('0', false) => '1',
+        (_, false) => '0',
+    };
+    chars.into_iter().collect::<String>().into()
 }
 
 /// Replaces the volume's key id in its header with `new_kid` (textually, so whatever other

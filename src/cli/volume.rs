@@ -85,6 +85,9 @@ pub struct MountArgs {
     /// so its access policies apply; the vault owner otherwise.
     #[arg(long, value_name = "FILE")]
     credential: Option<PathBuf>,
+    /// Ignore the vault's push notifications and rely on periodic checks only.
+    #[arg(long)]
+    no_push: bool,
 }
 
 /// Durations as `30s`, `5m`, `1h`, or a plain number of seconds.
@@ -227,6 +230,9 @@ fn spawn_daemon(a: &MountArgs) -> anyhow::Result<()> {
     if let Some(h) = &a.on_state_change {
         cmd.arg("--on-state-change").arg(h);
     }
+    if a.no_push {
+        cmd.arg("--no-push");
+    }
     if let Some(c) = &a.credential {
         cmd.arg("--credential").arg(std::fs::canonicalize(c).with_context(|| format!("credential {}", c.display()))?);
     }
@@ -300,7 +306,7 @@ fn serve(a: &MountArgs, ready_pipe: bool) -> anyhow::Result<()> {
         }
         None => (vault::open(&kid.vault, &home)?, None),
     };
-    let push = vault.watch();
+    let push = if a.no_push { None } else { vault.watch() };
     let kcfg = KeyringConfig { check_interval: a.key_check_interval, grace: a.grace_period };
     let keyring = Arc::new(Keyring::unlock(vault, &header, Some(a.cipherdir.clone()), kcfg)?);
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);

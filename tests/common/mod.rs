@@ -553,8 +553,16 @@ impl Env {
     /// is visible. The returned guard unmounts on drop.
     #[track_caller]
     pub fn mount(&self, cipher: &Path, mnt: &Path) -> Mount {
+        self.mount_with(cipher, mnt, &[])
+    }
+
+    /// Like [`Env::mount`] with extra `cmkfs mount` arguments (e.g. `--grace-period 2s`).
+    #[track_caller]
+    pub fn mount_with(&self, cipher: &Path, mnt: &Path, extra: &[&str]) -> Mount {
         let before = mounts_at(mnt).len();
-        let out = self.cmkfs(&[OsStr::new("mount"), cipher.as_os_str(), mnt.as_os_str()]);
+        let mut args: Vec<OsString> = vec!["mount".into(), cipher.into(), mnt.into()];
+        args.extend(extra.iter().map(OsString::from));
+        let out = self.cmkfs(&args);
         if !out.ok() {
             panic!("mount failed:\n{out}");
         }

@@ -1,0 +1,329 @@
+//! The vault server: a local vault store behind an HTTPS REST API shaped like Azure Key
+//! Vault's keys API (api-version 7.4-7.6), so that official Key Vault SDKs work against it and
+//! cmkfs's own HTTP client ([`crate::vault::http`]) works against a real Key Vault.
+//!
+//! It is a thin layer: every request authenticates as a vault identity
+//! ([`LocalVault::open_as`] with the bearer token's identity and secret) and calls the same
+//! [`Vault`](crate::vault::Vault) method the CLI would, so key state, nbf/exp, soft delete,
+//! purge protection, access policies and the audit log behave exactly as for the embedded
+//! vault. Nothing here re-implements a check.
+//!
+//! # Endpoints
+//!
+//! All take `?api-version=7.4|7.5|7.6` (anything else is a 400) and
+//! `Authorization: Bearer <identity>.<secret>` (the token `cmkfs vault identity create --json`
+//! prints); without a valid token the answer is 401 with
+//! `WWW-Authenticate: Bearer authorization="<url>/identities", resource="<url>"`.
+//!
+//! | method and path | operation |
+//! |---|---|
+//! | `POST /keys/{name}/create` | create (RSA 2048/3072/4096; tag `cmkfs-wrap-alg` picks the wrap algorithm) |
+//! | `PUT /keys/{name}` | import a JWK private key as a new version |
+//! | `GET /keys/{name}[/{version}]` | get (403 `KeyDisabled` for a disabled version) |
+//! | `GET /keys` | list (one page; `nextLink` null) |
+//! | `GET /keys/{name}/versions` | list versions |
+//! | `PATCH /keys/{name}/{version}` | update `key_ops`, `attributes.enabled/nbf/exp` |
+//! | `DELETE /keys/{name}` | soft delete |
+//! | `GET /deletedkeys[/{name}]` | list / get deleted keys |
+//! | `POST /deletedkeys/{name}/recover` | recover |
+//! | `DELETE /deletedkeys/{name}` | purge (204) |
+//! | `POST /keys/{name}/rotate` | new version |
+//! | `POST /keys/{name}/{version}/wrapkey`, `.../unwrapkey` | `{"alg","value"}` → `{"kid","value"}` |
+//! | `GET /cmkfs/watch[?generation=N&timeout=S]` | cmkfs extension: long poll for changes |
+//!
+//! `GET /cmkfs/watch` answers `{"generation": G}` with the store's change counter (bumped on
+//! every key, identity, policy or setting change) at once when `generation` is absent or
+//! differs from G, else as soon as it changes, or after `timeout` seconds (default 25, at most
+//! 60). Any authenticated identity may watch; it learns only that *something* changed.
+//!
+//! Errors use Key Vault's envelope `{"error":{"code","message","innererror":{"code"}}}`:
+//! 400 `BadParameter` (malformed JSON, bodies over 64 KiB, bad base64url, unknown api-version),
+//! 401 `Unauthorized`, 403 `Forbidden` (inner `KeyDisabled`, `KeyExpired`, `AccessDenied`,
+//! `OperationNotAllowed`), 404 `KeyNotFound` (inner `KeyDeleted` or `KeyPurged` where the
+//! key id named one), 409 `Conflict` (e.g. creating a soft-deleted name), 503/500.
+//!
+//! Key ids in answers use the URL the client addressed (its `Host` header), or `--url`.
+
+mod api;
+pub mod jwk;
+pub mod tls;
+pub mod wire;
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::vault::local::LocalVault;
+use crate::vault::VaultError;
+
+pub use tls::TlsInfo;
+
+/// Largest request body the server reads (Key Vault requests are a few KiB at most).
+pub const MAX_BODY: usize = 64 * 1024;
+
+/// Errors starting or running the server.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// Binding, runtime or signal set-up failed.
+    #[error("{0}")]
+    Io(String),
+    /// Certificate or key problems.
+    #[error("TLS: {0}")]
+    Tls(String),
+    /// The vault store could not be opened.
+    #[error(transparent)]
+    Vault(#[from] VaultError),
+}
+
+/// How to start a server.
+#[derive(Clone, Debug)]
+pub struct ServeConfig {
+    /// The vault store directory (created on first use).
+    pub store: PathBuf,
+    /// Address to listen on; port 0 picks a free port.
+    pub listen: SocketAddr,
+    /// Certificate chain and key (PEM); `None` = generated into `<store>/tls/`.
+    pub tls_files: Option<(PathBuf, PathBuf)>,
+    /// Extra names/addresses for a generated certificate.
+    pub tls_sans: Vec<String>,
+    /// The URL key ids are issued under; `None` = the URL each client addressed.
+    pub public_url: Option<String>,
+    /// Request body limit in bytes.
+    pub max_body: usize,
+    /// Seconds a graceful shutdown waits for requests in flight.
+    pub shutdown_grace: Duration,
+}
+
+impl ServeConfig {
+    /// Defaults for a store and address.
+    pub fn new(store: impl Into<PathBuf>, listen: SocketAddr) -> ServeConfig {
+        ServeConfig {
+            store: store.into(),
+            listen,
+            tls_files: None,
+            tls_sans: Vec::new(),
+            public_url: None,
+            max_body: MAX_BODY,
+            shutdown_grace: Duration::from_secs(5),
+        }
+    }
+}
+
+/// A bound server, not yet serving (bind first so that the real port is known).
+pub struct Server {
+    rt: tokio::runtime::Runtime,
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    state: Arc<api::AppState>,
+    url: String,
+    tls_info: TlsInfo,
+    grace: Duration,
+}
+
+/// A server running on a background thread (tests, embedding). Dropping it shuts it down.
+pub struct ServerHandle {
+    url: String,
+    handle: axum_server::Handle<SocketAddr>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    grace: Duration,
+}
+
+impl ServerHandle {
+    /// The server's URL.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Stops accepting, lets requests in flight finish (up to the grace period), and waits.
+    pub fn shutdown(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        self.handle.graceful_shutdown(Some(self.grace));
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for ServerHandle {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn url_for(addr: SocketAddr) -> String {
+    match addr.ip() {
+        ip if ip.is_unspecified() => format!("https://localhost:{}", addr.port()),
+        std::net::IpAddr::V6(ip) => format!("https://[{ip}]:{}", addr.port()),
+        std::net::IpAddr::V4(ip) => format!("https://{ip}:{}", addr.port()),
+    }
+}
+
+impl Server {
+    /// Opens (or creates) the store, loads or generates the TLS material, builds the
+    /// runtime and binds the listener.
+    pub fn bind(cfg: &ServeConfig) -> Result<Server, ServerError> {
+        // Creates the store on first use, as the embedded vault does.
+        let owner = LocalVault::open(&cfg.store)?;
+        let material = match &cfg.tls_files {
+            Some((c, k)) => tls::load_files(c, k)?,
+            None => {
+                let mut sans = cfg.tls_sans.clone();
+                if !cfg.listen.ip().is_unspecified() {
+                    sans.push(cfg.listen.ip().to_string());
+                }
+                tls::load_or_generate(&cfg.store, &sans)?
+            }
+        };
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let mut tls_cfg = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| ServerError::Tls(e.to_string()))?
+            .with_no_client_auth()
+            .with_single_cert(material.certs, material.key)
+            .map_err(|e| ServerError::Tls(format!("certificate and key do not fit: {e}")))?;
+        tls_cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(cores.max(2))
+            .thread_name("cmkfs-vault-server")
+            .enable_all()
+            .build()
+            .map_err(|e| ServerError::Io(format!("cannot start the server runtime: {e}")))?;
+        let listener = TcpListener::bind(cfg.listen)
+            .map_err(|e| ServerError::Io(format!("cannot listen on {}: {e}", cfg.listen)))?;
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| ServerError::Io(e.to_string()))?;
+        let local = listener
+            .local_addr()
+            .map_err(|e| ServerError::Io(e.to_string()))?;
+        let url = match &cfg.public_url {
+            Some(u) => u.trim_end_matches('/').to_string(),
+            None => url_for(local),
+        };
+        let generation = {
+            let _guard = rt.enter();
+            api::generation_channel(&owner)
+        };
+        let state = Arc::new(api::AppState::new(
+            cfg.store.clone(),
+            cfg.public_url.clone(),
+            url.clone(),
+            cfg.max_body,
+            generation,
+        ));
+        Ok(Server {
+            rt,
+            listener,
+            tls: Arc::new(tls_cfg),
+            state,
+            url,
+            tls_info: material.info,
+            grace: cfg.shutdown_grace,
+        })
+    }
+
+    /// The URL clients use (`https://127.0.0.1:PORT` with the real port).
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Where the certificate and the file to pin are.
+    pub fn tls_info(&self) -> &TlsInfo {
+        &self.tls_info
+    }
+
+    /// The store directory.
+    pub fn store(&self) -> &Path {
+        self.state.store()
+    }
+
+    fn serve(
+        self,
+        handle: axum_server::Handle<SocketAddr>,
+    ) -> (tokio::runtime::Runtime, impl std::future::Future<Output = std::io::Result<()>>) {
+        let Server {
+            rt,
+            listener,
+            tls,
+            state,
+            ..
+        } = self;
+        let app = api::router(state.clone());
+        let fut = {
+            let _guard = rt.enter();
+            let server = axum_server::from_tcp_rustls(
+                listener,
+                axum_server::tls_rustls::RustlsConfig::from_config(tls),
+            );
+            let shutdown_state = state;
+            let h = handle.clone();
+            async move {
+                let server = server?.handle(h);
+                let out = server.serve(app.into_make_service()).await;
+                // Wake long polls so that they answer instead of holding the shutdown up.
+                shutdown_state.shutting_down();
+                out
+            }
+        };
+        (rt, fut)
+    }
+
+    /// Serves until SIGTERM or SIGINT, then shuts down gracefully (requests in flight finish
+    /// within the grace period; long polls answer at once).
+    pub fn run_until_signal(self) -> Result<(), ServerError> {
+        let handle = axum_server::Handle::new();
+        let grace = self.grace;
+        let state = self.state.clone();
+        let (rt, fut) = self.serve(handle.clone());
+        rt.block_on(async move {
+            use tokio::signal::unix::{signal, SignalKind};
+            let mut term = signal(SignalKind::terminate())
+                .map_err(|e| ServerError::Io(format!("cannot handle SIGTERM: {e}")))?;
+            let mut int = signal(SignalKind::interrupt())
+                .map_err(|e| ServerError::Io(format!("cannot handle SIGINT: {e}")))?;
+            let server = tokio::spawn(fut);
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+                _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+            }
+            state.shutting_down();
+            handle.graceful_shutdown(Some(grace));
+            match server.await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(ServerError::Io(e.to_string())),
+                Err(e) => Err(ServerError::Io(e.to_string())),
+            }
+        })?;
+        // Blocking tasks (store I/O) are short; do not wait for stragglers forever.
+        rt.shutdown_timeout(grace);
+        Ok(())
+    }
+
+    /// Serves on a background thread until the handle is shut down or dropped.
+    pub fn spawn(self) -> Result<ServerHandle, ServerError> {
+        let handle = axum_server::Handle::new();
+        let url = self.url.clone();
+        let grace = self.grace;
+        let (rt, fut) = self.serve(handle.clone());
+        let thread = std::thread::Builder::new()
+            .name("cmkfs-vault-server".into())
+            .spawn(move || {
+                if let Err(e) = rt.block_on(fut) {
+                    tracing::error!(error = %e, "vault server stopped");
+                }
+                rt.shutdown_timeout(grace);
+            })
+            .map_err(|e| ServerError::Io(format!("cannot start the server thread: {e}")))?;
+        Ok(ServerHandle {
+            url,
+            handle,
+            thread: Some(thread),
+            grace,
+        })
+    }
+}

@@ -1,0 +1,293 @@
+//! Revocation through real mounts (issue 5): every revoke reason cuts off every path to
+//! plaintext, restoring access heals without a remount, an unreachable vault degrades and
+//! then cuts off after the grace period, a long write at cut-off ends cleanly, and the status
+//! JSON keeps its schema.
+//!
+//! Times are printed, not asserted: these machines are shared. The waits below are hang
+//! guards (generous limits on polling loops), never speed targets; the bounds themselves are
+//! measured by `cmkfs drill` (see README).
+
+mod common;
+
+use std::ffi::OsStr;
+use std::fs;
+use std::io::{Read, Write};
+use std::path::Path;
+use std::time::Duration;
+
+use common::*;
+
+/// How long a polling loop waits for a state it expects before failing the test.
+const GUARD: Duration = Duration::from_secs(60);
+
+fn status(env: &Env, target: &Path) -> serde_json::Value {
+    let out = env.cmkfs(&[OsStr::new("status"), target.as_os_str(), OsStr::new("--json")]);
+    out.assert_ok();
+    serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("status --json is not JSON ({e}):\n{out}"))
+}
+
+fn state(env: &Env, target: &Path) -> String {
+    status(env, target)["state"].as_str().unwrap_or("").to_string()
+}
+
+#[track_caller]
+fn wait_state(env: &Env, target: &Path, want: &str) -> serde_json::Value {
+    let mut last = serde_json::Value::Null;
+    let ok = wait_until(GUARD, || {
+        last = status(env, target);
+        last["state"] == want
+    });
+    assert!(ok, "state never became {want}; last status: {last:#}");
+    last
+}
+
+fn key_update(env: &Env, args: &[&str]) {
+    let mut a = vec!["vault", "key", "update", "default"];
+    a.extend_from_slice(args);
+    env.cmkfs(&a).assert_ok();
+}
+
+fn drill(env: &Env, how: &str) -> serde_json::Value {
+    let out = env.cmkfs(&[
+        OsStr::new("drill"),
+        env.mnt.as_os_str(),
+        OsStr::new("--revoke"),
+        OsStr::new(how),
+        OsStr::new("--restore"),
+        OsStr::new("--json"),
+        OsStr::new("--timeout"),
+        OsStr::new("30s"),
+    ]);
+    let report: serde_json::Value =
+        serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("drill --json is not JSON ({e}):\n{out}"));
+    println!(
+        "drill --revoke {how}: cut-off {} ms, heal {} ms, verdict {}",
+        report["cutoff_ms"], report["heal_ms"], report["verdict"]
+    );
+    for p in report["paths"].as_array().expect("paths") {
+        assert!(
+            p["denied_ms"].is_number(),
+            "{how}: path {} was never denied: {report:#}",
+            p["path"]
+        );
+        assert_eq!(p["leaked_bytes"], 0, "{how}: path {} leaked plaintext: {report:#}", p["path"]);
+    }
+    let names: Vec<&str> = report["paths"].as_array().unwrap().iter().filter_map(|p| p["path"].as_str()).collect();
+    assert_eq!(names, ["new_open", "cached_read", "open_descriptor", "mmap", "readdir"]);
+    assert_eq!(report["leaked_bytes"], 0);
+    assert_eq!(report["backing_intact"], true, "{report:#}");
+    assert_eq!(report["verified"], true, "heal must give back the same bytes: {report:#}");
+    assert!(report["heal_ms"].is_number());
+    report
+}
+
+#[test]
+fn disable_and_delete_cut_off_every_path_and_heal() {
+    let env = Env::new();
+    env.init(&env.cipher);
+    let m = env.mount(&env.cipher, &env.mnt);
+    write(&m.path("keep.txt"), b"fsynced before the drills");
+    for how in ["disable", "delete"] {
+        drill(&env, how);
+        // Healed: the volume serves again without a remount, and earlier data is intact.
+        assert_eq!(read(&m.path("keep.txt")), b"fsynced before the drills");
+        assert_eq!(state(&env, &env.mnt), "Accessible");
+    }
+    m.unmount();
+}
+
+#[test]
+fn policy_removal_cuts_off_a_mount_that_uses_an_identity() {
+    let env = Env::new();
+    env.init(&env.cipher);
+    let cred = env.root.join("app.cred.json");
+    env.cmkfs(&[
+        OsStr::new("vault"),
+        OsStr::new("identity"),
+        OsStr::new("create"),
+        OsStr::new("app"),
+        OsStr::new("--credential-file"),
+        cred.as_os_str(),
+    ])
+    .assert_ok();
+    env.cmkfs(&["vault", "policy", "set", "app", "--key", "default", "--permissions", "get,wrapKey,unwrapKey"])
+        .assert_ok();
+    let m = env.mount_with(&env.cipher, &env.mnt, &["--credential", cred.to_str().unwrap()]);
+    drill(&env, "policy");
+    m.unmount();
+}
+
+#[test]
+fn periodic_checks_alone_detect_revocation_and_heal() {
+    let env = Env::new();
+    env.init(&env.cipher);
+    let m = env.mount_with(&env.cipher, &env.mnt, &["--no-push", "--key-check-interval", "1s"]);
+    write(&m.path("f"), b"periodic");
+    let st = status(&env, &env.mnt);
+    assert_eq!(st["push"], false);
+    assert_eq!(st["key_check_interval_s"], 1);
+    key_update(&env, &["--disable"]);
+    let st = wait_state(&env, &env.mnt, "Inaccessible");
+    assert_eq!(st["reason"], "key disabled");
+    let err = fs::read(m.path("f")).expect_err("read after cut-off");
+    assert_eq!(err.raw_os_error(), Some(libc::EACCES), "revocation is EACCES: {err}");
+    key_update(&env, &["--enable"]);
+    wait_state(&env, &env.mnt, "Accessible");
+    assert_eq!(read(&m.path("f")), b"periodic");
+    assert!(status(&env, &env.mnt)["requests_denied"].as_u64().unwrap() >= 1);
+    m.unmount();
+}
+
+#[test]
+fn unreachable_vault_degrades_within_grace_then_cuts_off() {
+    let env = Env::new();
+    env.init(&env.cipher);
+    let m = env.mount_with(&env.cipher, &env.mnt, &["--key-check-interval", "1s", "--grace-period", "4s"]);
+    write(&m.path("f"), b"grace");
+    let vault = env.home.join("vault");
+    let away = env.home.join("vault.away");
+    fs::rename(&vault, &away).unwrap();
+    let st = wait_state(&env, &env.mnt, "Degraded");
+    assert!(st["reason"].as_str().unwrap().contains("unavailable"), "{st:#}");
+    // Inside the grace period the keys stay live.
+    assert_eq!(read(&m.path("f")), b"grace");
+    let st = wait_state(&env, &env.mnt, "Inaccessible");
+    assert!(st["reason"].as_str().unwrap().contains("grace period"), "{st:#}");
+    assert!(fs::read(m.path("f")).is_err());
+    fs::rename(&away, &vault).unwrap();
+    wait_state(&env, &env.mnt, "Accessible");
+    assert_eq!(read(&m.path("f")), b"grace");
+    m.unmount();
+}
+
+#[test]
+fn zero_grace_fails_closed_at_once() {
+    let env = Env::new();
+    env.init(&env.cipher);
+    let m = env.mount_with(&env.cipher, &env.mnt, &["--key-check-interval", "1s", "--grace-period", "0"]);
+    fs::rename(env.home.join("vault"), env.home.join("vault.away")).unwrap();
+    let st = wait_state(&env, &env.mnt, "Inaccessible");
+    assert!(st["reason"].as_str().unwrap().contains("unreachable"), "{st:#}");
+    fs::rename(env.home.join("vault.away"), env.home.join("vault")).unwrap();
+    wait_state(&env, &env.mnt, "Accessible");
+    m.unmount();
+}
+
+/// The pattern byte at `off` of the long-write file: every 4 KiB sector is recognisable, so a
+/// torn sector (half old, half new, or garbage) cannot pass.
+fn pattern(off: usize) -> u8 {
+    ((off / 4096) as u8).wrapping_mul(31).wrapping_add((off % 251) as u8)
+}
+
+#[test]
+fn long_write_at_cut_off_ends_cleanly_without_torn_sectors() {
+    let env = Env::new();
+    env.init(&env.cipher);
+    let m = env.mount(&env.cipher, &env.mnt);
+    let path = m.path("big");
+    let writer = std::thread::spawn(move || {
+        let mut f = fs::File::create(&path).unwrap();
+        let chunk = 1 << 20;
+        let mut written = 0usize;
+        // Up to 2 GiB in 1 MiB writes: it is still writing when the key is disabled.
+        for i in 0..2048usize {
+            let buf: Vec<u8> = (i * chunk..(i + 1) * chunk).map(pattern).collect();
+            match f.write(&buf) {
+                Ok(n) => written += n,
+                Err(e) => return (written, Some(e.raw_os_error())),
+            }
+            if i % 16 == 0 && f.sync_data().is_err() {
+                return (written, Some(None));
+            }
+        }
+        (written, None)
+    });
+    // Let it get going, then revoke under it.
+    assert!(wait_until(GUARD, || fs::metadata(m.path("big")).map(|m| m.len() > 8 << 20).unwrap_or(false)));
+    key_update(&env, &["--disable"]);
+    let (written, err) = writer.join().unwrap();
+    println!("writer stopped after {written} bytes with {err:?}");
+    assert!(err.is_some(), "the write must fail once the key is disabled");
+    key_update(&env, &["--enable"]);
+    wait_state(&env, &env.mnt, "Accessible");
+    let mut f = fs::File::open(m.path("big")).unwrap();
+    let mut data = Vec::new();
+    f.read_to_end(&mut data).unwrap();
+    assert!(data.len() >= written, "acknowledged bytes lost: {} < {written}", data.len());
+    for (i, sector) in data.chunks(4096).enumerate() {
+        let want: Vec<u8> = (i * 4096..i * 4096 + sector.len()).map(pattern).collect();
+        assert!(sector == want.as_slice(), "sector {i} is torn");
+    }
+    drop(f);
+    m.unmount();
+}
+
+#[test]
+fn status_json_schema_is_stable_and_the_hook_sees_events() {
+    let env = Env::new();
+    env.init(&env.cipher);
+    let hook_log = env.root.join("hook.jsonl");
+    let hook = format!("cat >> {}", hook_log.display());
+    let m = env.mount_with(&env.cipher, &env.mnt, &["--on-state-change", &hook]);
+    let st = status(&env, &env.mnt);
+    let mut keys: Vec<&str> = st.as_object().unwrap().keys().map(String::as_str).collect();
+    keys.sort_unstable();
+    assert_eq!(
+        keys,
+        [
+            "cipherdir",
+            "des",
+            "grace_period_s",
+            "key_check_interval_s",
+            "key_id",
+            "key_version",
+            "last_check",
+            "last_success",
+            "mounted",
+            "mountpoint",
+            "next_check",
+            "pid",
+            "push",
+            "reason",
+            "requests_denied",
+            "schema",
+            "since",
+            "state",
+            "updated",
+            "volume_id",
+        ]
+    );
+    assert_eq!(st["schema"], 1);
+    assert_eq!(st["state"], "Accessible");
+    assert_eq!(st["mounted"], true);
+    assert_eq!(st["key_id"], env.info(&env.cipher)["key_id"]);
+    // By cipher dir too, and as a list.
+    assert_eq!(status(&env, &env.cipher)["mountpoint"], st["mountpoint"]);
+    let all = env.cmkfs(&["status", "--json"]);
+    let all: serde_json::Value = serde_json::from_str(&all.stdout).unwrap();
+    assert_eq!(all.as_array().map(|a| a.len()), Some(1));
+
+    key_update(&env, &["--disable"]);
+    wait_state(&env, &env.mnt, "Inaccessible");
+    key_update(&env, &["--enable"]);
+    wait_state(&env, &env.mnt, "Accessible");
+    assert!(wait_until(GUARD, || fs::read_to_string(&hook_log).map(|s| s.lines().count() >= 3).unwrap_or(false)));
+    let events: Vec<serde_json::Value> =
+        fs::read_to_string(&hook_log).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let tos: Vec<&str> = events.iter().map(|e| e["to"].as_str().unwrap()).collect();
+    assert_eq!(tos, ["Accessible", "Inaccessible", "Accessible"]);
+    assert_eq!(events[1]["reason"], "key disabled");
+    assert_eq!(events[1]["event"], "StateChange");
+    // The same events are in the home's event log.
+    let log = fs::read_to_string(env.home.join("events.jsonl")).unwrap();
+    assert_eq!(log.lines().count(), 3);
+    m.unmount();
+
+    // Not mounted: status answers with a one-shot check of the key.
+    let st = status(&env, &env.cipher);
+    assert_eq!(st["mounted"], false);
+    assert_eq!(st["state"], "Accessible");
+    key_update(&env, &["--disable"]);
+    let st = status(&env, &env.cipher);
+    assert_eq!(st["state"], "Inaccessible");
+}
