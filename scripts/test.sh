@@ -44,19 +44,33 @@ missing=()
 command -v fusermount3 >/dev/null 2>&1 || missing+=(fuse3)
 # openssl: reference numbers and test fixtures.
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
+# softhsm2: the PKCS#11 vault backend's tests run against throwaway SoftHSM2 tokens.
+command -v softhsm2-util >/dev/null 2>&1 || missing+=(softhsm2)
+# python3 + venv: the Azure Key Vault SDK compatibility test (tests/sdk).
+if ! command -v python3 >/dev/null 2>&1 || ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
+    missing+=(python3 python3-venv)
+fi
 # Later issues add their tools here, e.g.:
-#   PKCS#11 vault tests:  command -v softhsm2-util >/dev/null 2>&1 || missing+=(softhsm2)
 #   comparison benches:   command -v gocryptfs >/dev/null 2>&1 || missing+=(gocryptfs)
 #                         command -v fio >/dev/null 2>&1 || missing+=(fio)
-#   Python SDK tests:     command -v python3 >/dev/null 2>&1 || missing+=(python3 python3-venv)
 if [[ ${#missing[@]} -gt 0 ]]; then
     apt_install "${missing[@]}"
 else
     echo "all present"
 fi
 
-# Python venv for SDK interoperability tests (later issues): create it here, e.g.
-#   python3 -m venv .venv && .venv/bin/pip install -q -r tests/python/requirements.txt
+# Python venv for the SDK interoperability test: created once, reinstalled only when
+# tests/sdk/requirements.txt changes (its copy in the venv is the stamp).
+SDK_VENV=target/sdk-venv
+if ! cmp -s tests/sdk/requirements.txt "$SDK_VENV/requirements.txt" 2>/dev/null; then
+    echo "creating $SDK_VENV (azure-keyvault-keys)"
+    rm -rf "$SDK_VENV"
+    python3 -m venv "$SDK_VENV"
+    "$SDK_VENV/bin/pip" install -q --disable-pip-version-check -r tests/sdk/requirements.txt
+    cp tests/sdk/requirements.txt "$SDK_VENV/requirements.txt"
+else
+    echo "$SDK_VENV is up to date"
+fi
 
 if [[ ! -c /dev/fuse ]]; then
     "${SUDO[@]}" modprobe fuse 2>/dev/null || true
@@ -140,5 +154,11 @@ else
     echo "(cargo-nextest not installed: using cargo test; no per-test kill switch)"
     cargo test --no-fail-fast -- --test-threads=2 "${runner_args[@]}"
 fi
+
+# ---------------------------------------------------------------------------------------------
+section "Azure Key Vault SDK against cmkfs vault serve"
+# ---------------------------------------------------------------------------------------------
+cargo build --bin cmkfs
+CMKFS_BIN=target/debug/cmkfs timeout 300 "$SDK_VENV/bin/python" tests/sdk/test_keyvault_sdk.py
 
 section "all checks passed"

@@ -329,13 +329,65 @@ fn classify(e: &VolumeError) -> (ErrorClass, String) {
     }
 }
 
-/// Unwraps and verifies a header's DEK and builds the volume's ciphers.
+/// Unwraps and verifies a header's DEK(s) and builds the volume's ciphers. A double-encrypted
+/// volume's inner DEK is unwrapped too, through cmkfs's own vault (see [`platform_vault`]):
+/// both keys must answer, so losing either one denies access.
 pub fn unwrap_keys(vault: &dyn Vault, header: &VolumeHeader) -> Result<VolumeKeys, VolumeError> {
-    let dek = unwrap_dek(vault, header)?;
-    VolumeKeys::from_dek(&dek, header.sector_size as usize).map_err(VolumeError::Crypto)
+    let platform = match &header.platform {
+        Some(_) => Some(platform_vault(header)?),
+        None => None,
+    };
+    unwrap_keys_with(vault, platform.as_deref(), header)
 }
 
-/// Unwraps and verifies a header's DEK.
+/// [`unwrap_keys`] with the platform vault given (library callers and tests that do not use
+/// `$CMKFS_HOME`). `platform` is only consulted for a double-encrypted header.
+pub fn unwrap_keys_with(
+    vault: &dyn Vault,
+    platform: Option<&dyn Vault>,
+    header: &VolumeHeader,
+) -> Result<VolumeKeys, VolumeError> {
+    let dek = unwrap_dek(vault, header)?;
+    let inner = match (&header.platform, platform) {
+        (None, _) => None,
+        (Some(_), Some(p)) => Some(unwrap_platform_dek(p, header)?),
+        (Some(_), None) => {
+            return Err(VolumeError::Internal("a double-encrypted volume needs the platform vault".into()))
+        }
+    };
+    VolumeKeys::from_deks(&dek, inner.as_ref(), header.sector_size as usize).map_err(VolumeError::Crypto)
+}
+
+/// The vault that holds a double-encrypted volume's platform key: cmkfs's own (`local:`) vault
+/// of `$CMKFS_HOME`, reached as its owner, because the platform key is cmkfs's, not the
+/// customer's. Opened per call: a check must see the key's current state.
+pub fn platform_vault(header: &VolumeHeader) -> Result<Box<dyn Vault>, VolumeError> {
+    let Some(p) = &header.platform else {
+        return Err(VolumeError::Internal("the volume is not double-encrypted".into()));
+    };
+    let kid = p.key_id()?;
+    Ok(crate::vault::open(&kid.vault, &crate::home::Home::from_env())?)
+}
+
+/// Unwraps and verifies a double-encrypted header's inner (platform-key) DEK.
+pub fn unwrap_platform_dek(platform: &dyn Vault, header: &VolumeHeader) -> Result<Dek, VolumeError> {
+    let Some(p) = &header.platform else {
+        return Err(VolumeError::Internal("the volume is not double-encrypted".into()));
+    };
+    let kid = p.key_id()?;
+    let wrapped = p.wrapped().map_err(|_| VolumeError::CorruptHeader {
+        path: crate::volume::header::HEADER_FILE.into(),
+        why: "platform wrapped_dek is not valid base64".into(),
+    })?;
+    let raw = platform.unwrap_key(&kid, p.wrap_alg, &wrapped)?;
+    let dek = Dek::from_slice(&raw)
+        .map_err(|_| VolumeError::WrongKey(format!("{kid} unwrapped something that is not a cmkfs DEK")))?;
+    p.verify(&dek)?;
+    Ok(dek)
+}
+
+/// Unwraps and verifies a header's (outer, customer-key) DEK. For a double-encrypted volume
+/// this alone does not give access to data: see [`unwrap_keys`].
 pub fn unwrap_dek(vault: &dyn Vault, header: &VolumeHeader) -> Result<Dek, VolumeError> {
     let kid = header.key_id()?;
     let wrapped = header.wrapped().map_err(|_| VolumeError::CorruptHeader {

@@ -7,6 +7,7 @@
 pub mod bench;
 pub mod cli;
 pub mod crypto;
+pub mod des;
 pub mod drill;
 pub mod engine;
 pub mod fs;

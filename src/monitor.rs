@@ -129,6 +129,10 @@ pub fn spawn(
                 break;
             }
             if pushed || SystemTime::now() >= keyring.next_check() {
+                // DES auto-rotation (issue 4 item 7) rides on the key check, so it happens
+                // within one key-check interval of a new key version; it runs first so that
+                // the check below re-reads the rewrapped header and validates it at once.
+                crate::des::auto_rotate_mounted(&facts.cipherdir, keyring.vault());
                 if let Some(t) = keyring.check() {
                     if matches!(t.to, KeyState::Inaccessible { .. }) {
                         cut_off();

@@ -105,61 +105,26 @@ fn mount_with_corrupt_or_truncated_header_fails_cleanly() {
     // Well-formed JSON with one field tampered with: each must be caught by a structural
     // check, the unwrap, the fingerprint or the header MAC (docs/FORMAT.md), never mount a
     // volume with the wrong layout or key.
-    let edits: Vec<(
-        &str,
-        &str,
-        Box<dyn Fn(&serde_json::Value) -> serde_json::Value>,
-    )> = vec![
-        (
-            "wrapped DEK altered",
-            "wrapped_dek",
-            Box::new(|v| alter_text(v, true)),
-        ),
-        (
-            "DEK fingerprint altered",
-            "dek_fingerprint",
-            Box::new(|v| alter_text(v, false)),
-        ),
-        (
-            "header MAC altered",
-            "header_mac",
-            Box::new(|v| alter_text(v, false)),
-        ),
-        (
-            "volume id altered (MAC)",
-            "volume_id",
-            Box::new(|v| alter_text(v, false)),
-        ),
-        (
-            "sector size altered",
-            "sector_size",
-            Box::new(|_| 512.into()),
-        ),
-        (
-            "file header length altered",
-            "file_header_len",
-            Box::new(|_| 0.into()),
-        ),
-        (
-            "unknown format version",
-            "format_version",
-            Box::new(|_| 99.into()),
-        ),
-        (
-            "unknown cipher",
-            "cipher",
-            Box::new(|_| "AES-128-XTS".into()),
-        ),
-        (
-            "wrap algorithm altered",
-            "wrap_alg",
-            Box::new(|_| "RSA-OAEP".into()),
-        ),
-        (
-            "key id malformed",
-            "key_id",
-            Box::new(|_| "not a key id".into()),
-        ),
+    type Edit = fn(&serde_json::Value) -> serde_json::Value;
+    let edits: Vec<(&str, &str, Edit)> = vec![
+        ("wrapped DEK altered", "wrapped_dek", |v| {
+            alter_text(v, true)
+        }),
+        ("DEK fingerprint altered", "dek_fingerprint", |v| {
+            alter_text(v, false)
+        }),
+        ("header MAC altered", "header_mac", |v| alter_text(v, false)),
+        ("volume id altered (MAC)", "volume_id", |v| {
+            alter_text(v, false)
+        }),
+        ("sector size altered", "sector_size", |_| 512.into()),
+        ("file header length altered", "file_header_len", |_| {
+            0.into()
+        }),
+        ("unknown format version", "format_version", |_| 99.into()),
+        ("unknown cipher", "cipher", |_| "AES-128-XTS".into()),
+        ("wrap algorithm altered", "wrap_alg", |_| "RSA-OAEP".into()),
+        ("key id malformed", "key_id", |_| "not a key id".into()),
     ];
     let parsed: serde_json::Value = serde_json::from_slice(&good).unwrap();
     for (case, field, edit) in edits {
@@ -354,4 +319,30 @@ fn info_of_a_non_volume_fails_cleanly() {
     ])
     .assert_clear_error();
     assert_same_snapshot("info of a non-volume", &c0, &snapshot(&env.cipher));
+}
+
+#[test]
+fn umount_of_a_busy_or_missing_mount_fails_cleanly() {
+    let env = Env::new();
+    volume_with_file(&env, &env.cipher);
+    // Not mounted at all.
+    env.cmkfs(&[OsStr::new("umount"), env.mnt.as_os_str()])
+        .assert_clear_error();
+    let missing = env.root.join("no-such-mountpoint");
+    env.cmkfs(&[OsStr::new("umount"), missing.as_os_str()])
+        .assert_clear_error();
+
+    // A file open on the mount keeps it busy: a plain umount refuses, and leaves the mount
+    // fully working.
+    let m = env.mount(&env.cipher, &env.mnt);
+    let open = fs::File::open(m.path("hello.txt")).unwrap();
+    env.cmkfs(&[OsStr::new("umount"), env.mnt.as_os_str()])
+        .assert_clear_error();
+    assert!(
+        is_mounted(&env.mnt),
+        "a refused umount must leave the mount"
+    );
+    assert_eq!(read(&m.path("hello.txt")), b"hello, volume");
+    drop(open);
+    m.unmount();
 }

@@ -187,7 +187,15 @@ fn encrypted_pkcs8_pem(dir: &Path) -> String {
         dir,
         "enc.pem",
         &[
-            "pkcs8", "-topk8", "-v2", "aes256", "-passout", "pass:x", "-in", "plain.pem", "-out",
+            "pkcs8",
+            "-topk8",
+            "-v2",
+            "aes256",
+            "-passout",
+            "pass:x",
+            "-in",
+            "plain.pem",
+            "-out",
             "enc.pem",
         ],
     )

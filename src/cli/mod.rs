@@ -1,6 +1,7 @@
 //! The command line: parses, calls the library, prints. No logic of its own.
 
 mod bench;
+mod des;
 mod drill;
 mod status;
 mod vault;
@@ -38,6 +39,8 @@ enum Command {
     },
     /// Manage the vault: keys and their versions.
     Vault(vault::VaultArgs),
+    /// Disk Encryption Sets: key, identity, rotation and double encryption for volumes.
+    Des(des::DesArgs),
     /// Measure throughput.
     Bench(bench::BenchArgs),
 }
@@ -53,6 +56,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Drill(a) => drill::run(a),
         Command::MmapProbe { file } => crate::drill::mmap_probe_main(&file),
         Command::Vault(a) => vault::run(a),
+        Command::Des(a) => des::run(a),
         Command::Bench(a) => bench::run(a),
     }
 }

@@ -24,6 +24,11 @@ pub struct VaultArgs {
     /// the vault owner.
     #[arg(long, global = true, value_name = "FILE")]
     credential: Option<PathBuf>,
+    /// The vault `key` commands act on: `local:` (default), `https://HOST:PORT` (with
+    /// --credential, or a credential in $CMKFS_HOME/credentials), or
+    /// `pkcs11:/path/module.so?token=LABEL&pin-source=file:/path`.
+    #[arg(long, global = true, value_name = "URL")]
+    vault: Option<String>,
     #[command(subcommand)]
     command: VaultCommand,
 }
@@ -43,6 +48,31 @@ enum VaultCommand {
     Config(ConfigArgs),
     /// Read the audit log (one line per vault operation).
     Audit(AuditArgs),
+    /// Serve the vault store over HTTPS with Azure Key Vault's keys REST API.
+    Serve(ServeArgs),
+}
+
+#[derive(Args, Debug)]
+struct ServeArgs {
+    /// The vault store to serve (default: the embedded vault's, $CMKFS_HOME/vault).
+    #[arg(long, value_name = "DIR")]
+    store: Option<PathBuf>,
+    /// Address and port to listen on (port 0 picks a free one; the URL is printed).
+    #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:8443")]
+    listen: std::net::SocketAddr,
+    /// Certificate chain (PEM); without it a private CA and certificate are generated into
+    /// <store>/tls/ on first start.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// Private key of --tls-cert (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Extra DNS name or IP address for a generated certificate (repeatable).
+    #[arg(long, value_name = "NAME")]
+    tls_san: Vec<String>,
+    /// URL to issue key ids under (default: the URL each client connected to).
+    #[arg(long, value_name = "URL")]
+    url: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -203,7 +233,15 @@ enum IdentityCommand {
         /// Where to write the credential (default `$CMKFS_HOME/credentials/NAME.json`).
         #[arg(long, value_name = "FILE")]
         credential_file: Option<PathBuf>,
-        /// Print JSON.
+        /// Write a credential for this vault server URL (`https://HOST:PORT` of
+        /// `cmkfs vault serve`) instead of the embedded vault, to copy to the client host.
+        #[arg(long, value_name = "URL")]
+        server_url: Option<String>,
+        /// CA certificate to pin in a --server-url credential (default: the server's
+        /// generated <store>/tls/ca.pem when present).
+        #[arg(long, value_name = "FILE", requires = "server_url")]
+        ca_cert: Option<PathBuf>,
+        /// Print JSON, including the bearer `token` for HTTP clients (e.g. the Azure SDKs).
         #[arg(long)]
         json: bool,
     },
@@ -318,14 +356,36 @@ struct AuditArgs {
 /// Runs `cmkfs vault ...`.
 pub fn run(a: VaultArgs) -> anyhow::Result<()> {
     let home = Home::from_env();
+    let command = match a.command {
+        VaultCommand::Serve(s) => return serve(&home, s),
+        VaultCommand::Key(k) => {
+            // Key commands work on every backend; the others are the embedded vault's.
+            let cred = a.credential.as_deref().map(Credential::load).transpose()?;
+            let url = match (&a.vault, &cred) {
+                (Some(u), _) => u.clone(),
+                (None, Some(c)) => c.vault.clone(),
+                (None, None) => crate::vault::local::URL.to_string(),
+            };
+            let v = crate::vault::connect(&url, &home, cred.as_ref())?;
+            return key(v.as_ref(), k);
+        }
+        other => other,
+    };
+    if let Some(u) = a
+        .vault
+        .as_deref()
+        .filter(|u| !matches!(*u, "local:" | "local"))
+    {
+        bail!("--vault {u}: identities, policies, settings and the audit log are managed on the vault host, with the local: vault");
+    }
     let vault = match &a.credential {
         Some(path) => {
             LocalVault::open_with_credential(&home.vault_dir(), &Credential::load(path)?)?
         }
         None => LocalVault::open(&home.vault_dir())?,
     };
-    match a.command {
-        VaultCommand::Key(k) => key(&vault, k),
+    match command {
+        VaultCommand::Key(_) | VaultCommand::Serve(_) => Ok(()),
         VaultCommand::Identity(i) => identity(&vault, &home, i),
         VaultCommand::Policy(p) => policy(&vault, p),
         VaultCommand::Config(c) => config(&vault, c),
@@ -333,7 +393,34 @@ pub fn run(a: VaultArgs) -> anyhow::Result<()> {
     }
 }
 
-fn key(v: &LocalVault, cmd: KeyCommand) -> anyhow::Result<()> {
+/// Runs `cmkfs vault serve`: prints the certificate facts and the URL, serves until SIGTERM.
+fn serve(home: &Home, a: ServeArgs) -> anyhow::Result<()> {
+    use crate::vault::server::{ServeConfig, Server};
+    let mut cfg = ServeConfig::new(a.store.unwrap_or_else(|| home.vault_dir()), a.listen);
+    cfg.tls_files = a.tls_cert.zip(a.tls_key);
+    cfg.tls_sans = a.tls_san;
+    cfg.public_url = a.url;
+    let server = Server::bind(&cfg)?;
+    let tls = server.tls_info();
+    if tls.generated {
+        println!("generated a TLS certificate: {}", tls.cert_path.display());
+    }
+    println!("tls certificate: {}", tls.cert_path.display());
+    println!(
+        "pin this CA on clients: {} (sha256 {})",
+        tls.ca_path.display(),
+        tls.ca_sha256
+    );
+    println!("store: {}", server.store().display());
+    // Tests and scripts wait for this line: it comes once the socket is bound.
+    println!("listening on {}", server.url());
+    std::io::stdout().flush()?;
+    server.run_until_signal()?;
+    eprintln!("vault server stopped");
+    Ok(())
+}
+
+fn key(v: &dyn Vault, cmd: KeyCommand) -> anyhow::Result<()> {
     match cmd {
         KeyCommand::Create {
             name,
@@ -523,6 +610,8 @@ fn identity(v: &LocalVault, home: &Home, cmd: IdentityCommand) -> anyhow::Result
         IdentityCommand::Create {
             name,
             credential_file,
+            server_url,
+            ca_cert,
             json,
         } => {
             let path = match credential_file {
@@ -541,7 +630,29 @@ fn identity(v: &LocalVault, home: &Home, cmd: IdentityCommand) -> anyhow::Result
                     path.display()
                 );
             }
-            let (info, cred) = v.create_identity(&name)?;
+            // Read before creating anything, so that a bad --ca-cert leaves no identity behind.
+            let server = match &server_url {
+                Some(u) => {
+                    let url = crate::vault::http::normalize_url(u)?;
+                    let ca_path = ca_cert.clone().or_else(|| {
+                        let p = crate::vault::server::tls::generated_ca_path(v.store_dir());
+                        p.exists().then_some(p)
+                    });
+                    let ca = ca_path
+                        .map(|p| {
+                            std::fs::read_to_string(&p)
+                                .with_context(|| format!("cannot read {}", p.display()))
+                        })
+                        .transpose()?;
+                    Some((url, ca))
+                }
+                None => None,
+            };
+            let (info, mut cred) = v.create_identity(&name)?;
+            if let Some((url, ca)) = server {
+                cred.vault = url;
+                cred.ca_cert = ca;
+            }
             if let Err(e) = cred.save_new(&path) {
                 // Undo: an identity nobody holds a credential for is of no use.
                 let _ = v.delete_identity(&name);
@@ -553,11 +664,17 @@ fn identity(v: &LocalVault, home: &Home, cmd: IdentityCommand) -> anyhow::Result
                     name: &'a str,
                     created: u64,
                     credential_file: &'a std::path::Path,
+                    vault: &'a str,
+                    /// `Authorization: Bearer <token>` for HTTP clients of `cmkfs vault serve`.
+                    token: &'a str,
                 }
+                let token = cred.bearer_token();
                 return print_json(&Out {
                     name: &info.name,
                     created: info.created,
                     credential_file: &path,
+                    vault: &cred.vault,
+                    token: &token,
                 });
             }
             println!(

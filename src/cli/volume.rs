@@ -38,15 +38,26 @@ pub struct InitArgs {
     /// RSA size when the key has to be created.
     #[arg(long, default_value_t = 3072, value_parser = parse_key_size)]
     key_size: u32,
-    /// Vault URL.
+    /// Vault URL: `local:`, `https://HOST:PORT` (credential from $CMKFS_HOME/credentials) or
+    /// `pkcs11:/path/module.so?token=LABEL&pin-source=file:/path`.
     #[arg(long, default_value = "local:")]
     vault: String,
+    /// Wrap algorithm when the key has to be created (RSA-OAEP for HSMs without SHA-2 OAEP).
+    #[arg(long, default_value = "RSA-OAEP-256", value_parser = parse_alg)]
+    alg: WrapAlg,
     /// XTS data unit (sector) size in bytes.
     #[arg(long, default_value_t = DEFAULT_SECTOR_SIZE, hide = true)]
     sector_size: u32,
     /// Print the new volume's info as JSON.
     #[arg(long)]
     json: bool,
+    /// Bind the volume to this Disk Encryption Set: its key, identity and encryption type.
+    #[arg(long, value_name = "NAME", conflicts_with_all = ["key", "vault"])]
+    des: Option<String>,
+}
+
+fn parse_alg(s: &str) -> Result<WrapAlg, String> {
+    s.parse().map_err(|e: VaultError| e.to_string())
 }
 
 fn parse_key_size(s: &str) -> Result<u32, String> {
@@ -120,30 +131,43 @@ pub struct InfoArgs {
 
 pub fn init(a: InitArgs) -> anyhow::Result<()> {
     let home = Home::from_env();
+    if let Some(des) = &a.des {
+        let header = crate::des::init_volume(&home, des, &a.cipherdir, a.sector_size)?;
+        return print_init(&a, &header);
+    }
+    if a.key == crate::des::PLATFORM_KEY {
+        bail!("{} is cmkfs's platform key (it wraps only the inner key of double-encrypted volumes); choose another --key", a.key);
+    }
     let v = vault::open(&a.vault, &home)?;
-    match v.get_key(&a.key, None) {
-        Ok(_) => {}
+    // The key decides the wrap algorithm (HSMs without SHA-2 OAEP use RSA-OAEP).
+    let wrap_alg = match v.get_key(&a.key, None) {
+        Ok(k) => k.wrap_alg,
         Err(VaultError::NotFound(_)) => {
             let k = v
-                .create_key(&a.key, &CreateKeyOptions { key_size: a.key_size, wrap_alg: WrapAlg::RsaOaep256 })
+                .create_key(&a.key, &CreateKeyOptions { key_size: a.key_size, wrap_alg: a.alg })
                 .with_context(|| format!("creating key {:?}", a.key))?;
-            eprintln!("created vault key {} (RSA {})", k.kid, k.key_size);
+            eprintln!("created vault key {} (RSA {}, {})", k.kid, k.key_size, k.wrap_alg);
+            k.wrap_alg
         }
         Err(e) => return Err(e).with_context(|| format!("looking up key {:?}", a.key)),
-    }
+    };
     let header = Volume::create(
         &a.cipherdir,
         v.as_ref(),
         &CreateOptions {
             key_name: a.key.clone(),
             key_version: None,
-            wrap_alg: WrapAlg::RsaOaep256,
+            wrap_alg,
             sector_size: a.sector_size,
             des: None,
         },
     )?;
+    print_init(&a, &header)
+}
+
+fn print_init(a: &InitArgs, header: &VolumeHeader) -> anyhow::Result<()> {
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&info_json(&header))?);
+        println!("{}", serde_json::to_string_pretty(&info_json(header))?);
     } else {
         println!(
             "initialized volume {} in {}\n  DEK wrapped by {} ({})",
@@ -152,6 +176,12 @@ pub fn init(a: InitArgs) -> anyhow::Result<()> {
             header.key_id,
             header.wrap_alg
         );
+        if let Some(p) = &header.platform {
+            println!("  inner DEK wrapped by platform key {} ({})", p.key_id, p.wrap_alg);
+        }
+        if let Some(d) = &header.des {
+            println!("  Disk Encryption Set {d}");
+        }
     }
     Ok(())
 }
@@ -168,6 +198,7 @@ fn info_json(h: &VolumeHeader) -> serde_json::Value {
         "wrap_alg": h.wrap_alg,
         "dek_fingerprint": h.dek_fingerprint,
         "des": h.des,
+        "platform_key_id": h.platform.as_ref().map(|p| &p.key_id),
     })
 }
 
@@ -184,6 +215,9 @@ pub fn info(a: InfoArgs) -> anyhow::Result<()> {
         println!("fingerprint  {}", h.dek_fingerprint);
         if let Some(d) = &h.des {
             println!("des          {d}");
+        }
+        if let Some(p) = &h.platform {
+            println!("platform     {} ({}; double encryption)", p.key_id, p.wrap_alg);
         }
     }
     Ok(())
@@ -304,7 +338,11 @@ fn serve(a: &MountArgs, ready_pipe: bool) -> anyhow::Result<()> {
             }
             (vault::open_with_credential(&home, &cred)?, Some(cred.identity.clone()))
         }
-        None => (vault::open(&kid.vault, &home)?, None),
+        // A DES volume reaches the vault as its DES identity (issue 4 item 7).
+        None => match crate::des::mount_vault(&home, &header)? {
+            Some((v, identity)) => (v, Some(identity)),
+            None => (vault::open(&kid.vault, &home)?, None),
+        },
     };
     let push = if a.no_push { None } else { vault.watch() };
     let kcfg = KeyringConfig { check_interval: a.key_check_interval, grace: a.grace_period };

@@ -1,20 +1,56 @@
-use super::{CryptoError, Dek, NameCipher, XtsCipher};
+use hkdf::Hkdf;
+use sha2::Sha256;
+use zeroize::Zeroizing;
 
-/// The ciphers a mounted volume works with, all derived from its DEK. Every part zeroizes
+use super::{CryptoError, Dek, NameCipher, XtsCipher, DEK_LEN};
+
+/// The ciphers a mounted volume works with, all derived from its DEK(s). Every part zeroizes
 /// its key material on drop, so dropping the last `Arc<VolumeKeys>` erases the key.
 pub struct VolumeKeys {
-    /// Sector cipher (the DEK itself: K1 || K2).
+    /// Sector cipher (the DEK itself: K1 || K2). For a double-encrypted volume this is the
+    /// outer layer, the customer-key DEK.
     pub xts: XtsCipher,
-    /// Name cipher (HKDF subkey "names").
+    /// Double encryption only: the inner layer's sector cipher (the platform-key DEK), applied
+    /// before [`VolumeKeys::xts`] on write and after it on read. `None` for single encryption,
+    /// whose data path then pays nothing but one branch.
+    pub inner: Option<XtsCipher>,
+    /// Name cipher (HKDF subkey "names"; of both DEKs for a double-encrypted volume).
     pub names: NameCipher,
 }
 
 impl VolumeKeys {
-    /// Builds the ciphers from a DEK.
+    /// Builds the ciphers of a single-encryption volume from its DEK.
     pub fn from_dek(dek: &Dek, sector_size: usize) -> Result<VolumeKeys, CryptoError> {
+        VolumeKeys::from_deks(dek, None, sector_size)
+    }
+
+    /// Builds the ciphers from the customer DEK (`outer`) and, for a double-encrypted volume,
+    /// the platform DEK (`inner`). With two DEKs the name key is derived from both, so that
+    /// names, like data, stay protected while either DEK is withheld.
+    pub fn from_deks(
+        outer: &Dek,
+        inner: Option<&Dek>,
+        sector_size: usize,
+    ) -> Result<VolumeKeys, CryptoError> {
+        let names = match inner {
+            None => outer.derive::<64>("names"),
+            Some(inner) => {
+                let mut ikm = Zeroizing::new([0u8; 2 * DEK_LEN]);
+                ikm[..DEK_LEN].copy_from_slice(outer.as_bytes());
+                ikm[DEK_LEN..].copy_from_slice(inner.as_bytes());
+                let hk = Hkdf::<Sha256>::new(Some(b"cmkfs v1"), &ikm[..]);
+                let mut out = Zeroizing::new([0u8; 64]);
+                hk.expand(b"names+platform", &mut out[..])
+                    .expect("HKDF output length is a small constant");
+                out
+            }
+        };
         Ok(VolumeKeys {
-            xts: XtsCipher::new(dek.as_bytes(), sector_size)?,
-            names: NameCipher::new(dek.derive::<64>("names")),
+            xts: XtsCipher::new(outer.as_bytes(), sector_size)?,
+            inner: inner
+                .map(|d| XtsCipher::new(d.as_bytes(), sector_size))
+                .transpose()?,
+            names: NameCipher::new(names),
         })
     }
 }

@@ -43,11 +43,12 @@ pub(crate) fn mul_alpha(t: u128) -> u128 {
     (t << 1) ^ ((t >> 127) * 0x87)
 }
 
-/// The key schedules of one implementation.
+/// The key schedules of one implementation, boxed: a cipher moved around moves a pointer,
+/// so the round keys live (and are wiped) in one place.
 enum Backend {
-    Portable(portable::Keys),
+    Portable(Box<portable::Keys>),
     #[cfg(target_arch = "x86_64")]
-    AesNi(aesni::Keys),
+    AesNi(Box<aesni::Keys>),
 }
 
 /// XTS-AES-256 with a fixed data-unit size.
@@ -104,7 +105,7 @@ impl XtsCipher {
         }
         Ok(XtsCipher {
             unit_size,
-            backend: Backend::Portable(portable::Keys::new(k1, k2)),
+            backend: Backend::Portable(Box::new(portable::Keys::new(k1, k2))),
         })
     }
 
@@ -115,7 +116,7 @@ impl XtsCipher {
         let (k1, k2) = check_params(key, unit_size)?;
         Ok(XtsCipher {
             unit_size,
-            backend: Backend::Portable(portable::Keys::new(k1, k2)),
+            backend: Backend::Portable(Box::new(portable::Keys::new(k1, k2))),
         })
     }
 
@@ -163,9 +164,9 @@ impl XtsCipher {
     pub fn encrypt_unit(&self, tweak: u128, unit: &mut [u8]) -> Result<(), CryptoError> {
         self.check_len(unit.len())?;
         match &self.backend {
-            Backend::Portable(k) => self.encrypt_with(k, tweak, unit),
+            Backend::Portable(k) => self.encrypt_with(&**k, tweak, unit),
             #[cfg(target_arch = "x86_64")]
-            Backend::AesNi(k) => self.encrypt_with(k, tweak, unit),
+            Backend::AesNi(k) => self.encrypt_with(&**k, tweak, unit),
         }
         Ok(())
     }
@@ -175,9 +176,9 @@ impl XtsCipher {
     pub fn decrypt_unit(&self, tweak: u128, unit: &mut [u8]) -> Result<(), CryptoError> {
         self.check_len(unit.len())?;
         match &self.backend {
-            Backend::Portable(k) => self.decrypt_with(k, tweak, unit),
+            Backend::Portable(k) => self.decrypt_with(&**k, tweak, unit),
             #[cfg(target_arch = "x86_64")]
-            Backend::AesNi(k) => self.decrypt_with(k, tweak, unit),
+            Backend::AesNi(k) => self.decrypt_with(&**k, tweak, unit),
         }
         Ok(())
     }
@@ -200,10 +201,9 @@ impl XtsCipher {
         if len < BLOCK {
             return self.short_tail(keys, tweak, unit);
         }
-        let t0 = keys.tweak(tweak);
         let rem = len % BLOCK;
         if rem == 0 {
-            keys.encrypt_blocks(t0, unit);
+            keys.encrypt_blocks(tweak, unit);
             return;
         }
         // Ciphertext stealing (IEEE 1619-2018 §5.3.2): the last full block is encrypted
@@ -212,7 +212,7 @@ impl XtsCipher {
         // last full block's place.
         let full = len - rem - BLOCK;
         let (head, tail) = unit.split_at_mut(full);
-        let t = keys.encrypt_blocks(t0, head);
+        let t = keys.encrypt_blocks(tweak, head);
         let (last, short) = tail.split_at_mut(BLOCK);
         let mut cc: [u8; BLOCK] = (*last).try_into().unwrap();
         xex_encrypt(keys, t, &mut cc);
@@ -228,17 +228,16 @@ impl XtsCipher {
         if len < BLOCK {
             return self.short_tail(keys, tweak, unit);
         }
-        let t0 = keys.tweak(tweak);
         let rem = len % BLOCK;
         if rem == 0 {
-            keys.decrypt_blocks(t0, unit);
+            keys.decrypt_blocks(tweak, unit);
             return;
         }
         // Ciphertext stealing, inverse: the stored last full block was made with the next
         // tweak, so it is decrypted first.
         let full = len - rem - BLOCK;
         let (head, tail) = unit.split_at_mut(full);
-        let t = keys.decrypt_blocks(t0, head);
+        let t = keys.decrypt_blocks(tweak, head);
         let (last, short) = tail.split_at_mut(BLOCK);
         let mut pp: [u8; BLOCK] = (*last).try_into().unwrap();
         xex_decrypt(keys, mul_alpha(t), &mut pp);
@@ -269,11 +268,13 @@ fn xex_decrypt<B: BlockOps>(keys: &B, t: u128, block: &mut [u8; BLOCK]) {
 trait BlockOps {
     /// `AES-K2(tweak as 16 little-endian bytes)`, as a little-endian integer.
     fn tweak(&self, tweak: u128) -> u128;
-    /// XTS over whole blocks (`data.len() % 16 == 0`) starting with mask `t`; returns the
-    /// mask of the block after the last one.
-    fn encrypt_blocks(&self, t: u128, data: &mut [u8]) -> u128;
+    /// XTS over the whole blocks of `data` (any trailing partial block is left alone) as the
+    /// start of the unit with sequence number `tweak`: computes `T = AES-K2(tweak)` itself
+    /// (one call per unit keeps the fast path in one function) and returns the mask of the
+    /// block after the last one.
+    fn encrypt_blocks(&self, tweak: u128, data: &mut [u8]) -> u128;
     /// Inverse of [`BlockOps::encrypt_blocks`].
-    fn decrypt_blocks(&self, t: u128, data: &mut [u8]) -> u128;
+    fn decrypt_blocks(&self, tweak: u128, data: &mut [u8]) -> u128;
     /// One raw AES-K1 encryption.
     fn encrypt_block(&self, block: &mut [u8; BLOCK]);
     /// One raw AES-K1 decryption.

@@ -663,6 +663,7 @@ impl LocalVault {
                         vault: URL.into(),
                         identity: rec.name,
                         secret: secret.clone(),
+                        ca_cert: None,
                     },
                 ))
             })

@@ -4,7 +4,10 @@
 //! *denied* (the key owner said no: disabled, deleted, no permission → revoke now) from
 //! *unavailable* (cannot reach the vault → degrade, revoke after a grace period).
 
+pub mod http;
 pub mod local;
+pub mod pkcs11;
+pub mod server;
 pub mod watch;
 
 use std::fmt;
@@ -354,6 +357,10 @@ pub struct Credential {
     /// The bearer secret (base64url). Never logged.
     #[serde(with = "zeroizing_string")]
     pub secret: Zeroizing<String>,
+    /// PEM certificate(s) an `https://` vault's TLS certificate must chain to (the server's
+    /// `tls/ca.pem`); absent = the public web roots (a real Azure Key Vault).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_cert: Option<String>,
 }
 
 /// serde for `Zeroizing<String>` (zeroize's own serde feature is not enabled).
@@ -376,11 +383,24 @@ impl fmt::Debug for Credential {
             .field("vault", &self.vault)
             .field("identity", &self.identity)
             .field("secret", &"<redacted>")
+            .field("ca_cert", &self.ca_cert.is_some())
             .finish()
     }
 }
 
 impl Credential {
+    /// The HTTP bearer token: `<identity>.<secret>`, which a cmkfs vault server splits to
+    /// authenticate the identity. A secret that already contains a `.` is a complete token
+    /// issued elsewhere (e.g. an Azure AD access token for `https://vault.azure.net`, which is
+    /// a JWT) and is sent as it is.
+    pub fn bearer_token(&self) -> Zeroizing<String> {
+        if self.secret.contains('.') {
+            self.secret.clone()
+        } else {
+            Zeroizing::new(format!("{}.{}", self.identity, &*self.secret))
+        }
+    }
+
     /// Reads a credential file.
     pub fn load(path: &std::path::Path) -> Result<Credential, VaultError> {
         let bytes = Zeroizing::new(std::fs::read(path).map_err(|e| {
@@ -639,29 +659,96 @@ fn unsupported(what: &str) -> VaultError {
     VaultError::Invalid(format!("{what} is not supported by this vault backend"))
 }
 
-/// Opens the vault a URL names, as its owner. `local:` is the embedded vault of `home`
-/// (created on first use).
+/// Opens the vault a URL names, as its owner where the backend has one (see [`connect`]).
 pub fn open(url: &str, home: &Home) -> Result<Box<dyn Vault>, VaultError> {
-    match url {
-        "local:" | "local" => Ok(Box::new(local::LocalVault::open(&home.vault_dir())?)),
-        other => Err(VaultError::Invalid(format!(
-            "unsupported vault URL {other:?} (supported: local:)"
-        ))),
-    }
+    connect(url, home, None)
 }
 
 /// Opens the vault a credential is for, as the credential's identity: every call is checked
 /// against that identity's access policies.
 pub fn open_with_credential(home: &Home, cred: &Credential) -> Result<Box<dyn Vault>, VaultError> {
-    match cred.vault.as_str() {
-        "local:" | "local" => Ok(Box::new(local::LocalVault::open_as(
-            &home.vault_dir(),
-            &cred.identity,
-            &cred.secret,
-        )?)),
-        other => Err(VaultError::Invalid(format!(
-            "unsupported vault URL {other:?} in credential for {} (supported: local:)",
-            cred.identity
+    connect(&cred.vault, home, Some(cred))
+}
+
+/// Connects to the vault a URL names:
+///
+/// - `local:` — the embedded vault of `home` (created on first use): as the owner without a
+///   credential, as the credential's identity with one.
+/// - `https://host[:port]` — a cmkfs vault server or an Azure Key Vault, as the credential's
+///   identity ([`http::HttpVault`]). Without a credential, the one file in
+///   `$CMKFS_HOME/credentials/*.json` whose `vault` is this URL is used.
+/// - `pkcs11:/path/module.so?token=LABEL&pin-source=file:/path` (or `&pin-value=PIN`, or the
+///   PIN in `$CMKFS_PKCS11_PIN`) — a PKCS#11 token ([`pkcs11::Pkcs11Vault`]); the PIN is the
+///   credential.
+pub fn connect(
+    url: &str,
+    home: &Home,
+    credential: Option<&Credential>,
+) -> Result<Box<dyn Vault>, VaultError> {
+    if url == "local:" || url == "local" {
+        return Ok(match credential {
+            Some(c) => Box::new(local::LocalVault::open_as(
+                &home.vault_dir(),
+                &c.identity,
+                &c.secret,
+            )?),
+            None => Box::new(local::LocalVault::open(&home.vault_dir())?),
+        });
+    }
+    if url.starts_with("https://") {
+        let want = http::normalize_url(url)?;
+        let cred = match credential {
+            Some(c) => c.clone(),
+            None => find_credential(home, &want)?,
+        };
+        if http::normalize_url(&cred.vault)? != want {
+            return Err(VaultError::Invalid(format!(
+                "the credential of {} is for vault {:?}, not {want}",
+                cred.identity, cred.vault
+            )));
+        }
+        return Ok(Box::new(http::HttpVault::connect(&cred)?));
+    }
+    if url.starts_with("pkcs11:") {
+        return Ok(Box::new(pkcs11::Pkcs11Vault::open(url)?));
+    }
+    Err(VaultError::Invalid(format!(
+        "unsupported vault URL {url:?} (supported: local:, https://HOST[:PORT], \
+         pkcs11:/path/module.so?token=LABEL&pin-source=file:/path)"
+    )))
+}
+
+/// The credential in `$CMKFS_HOME/credentials/` for an `https://` vault.
+fn find_credential(home: &Home, url: &str) -> Result<Credential, VaultError> {
+    let dir = home.root().join("credentials");
+    let mut found = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(&dir) {
+        let mut paths: Vec<_> = entries.flatten().map(|e| e.path()).collect();
+        paths.sort();
+        for p in paths {
+            if p.extension().is_some_and(|e| e == "json") {
+                if let Ok(c) = Credential::load(&p) {
+                    if http::normalize_url(&c.vault).ok().as_deref() == Some(url) {
+                        found.push((p, c));
+                    }
+                }
+            }
+        }
+    }
+    match found.len() {
+        1 => Ok(found.remove(0).1),
+        0 => Err(VaultError::Invalid(format!(
+            "vault {url} needs a credential: pass --credential FILE, or put one in {}",
+            dir.display()
+        ))),
+        _ => Err(VaultError::Invalid(format!(
+            "several credentials in {} are for vault {url} ({}): pass --credential FILE",
+            dir.display(),
+            found
+                .iter()
+                .map(|(p, _)| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
         ))),
     }
 }

@@ -147,14 +147,33 @@ fn read_exact(f: &File, buf: &mut [u8], off: u64) -> Result<(), VolumeError> {
     })
 }
 
+/// Encrypts consecutive units in place: the inner (platform-key) layer first when the volume
+/// is double-encrypted, then the outer one. Both layers use the same tweaks; their keys are
+/// independent, so the passes do not cancel.
+fn encrypt(cx: &Ctx, tweak: u128, first: u64, buf: &mut [u8]) -> Result<(), VolumeError> {
+    if let Some(inner) = &cx.keys.inner {
+        cx.engine.encrypt(inner, tweak, first, buf).map_err(VolumeError::Crypto)?;
+    }
+    cx.engine.encrypt(&cx.keys.xts, tweak, first, buf).map_err(VolumeError::Crypto)
+}
+
+/// Decrypts consecutive units in place, the inverse of [`encrypt`]. All-zero units (holes)
+/// stay zeros through both layers: the outer pass leaves them as they are, and a real inner
+/// ciphertext unit is never all zeros.
+fn decrypt(cx: &Ctx, tweak: u128, first: u64, buf: &mut [u8]) -> Result<(), VolumeError> {
+    cx.engine.decrypt(&cx.keys.xts, tweak, first, buf, Holes::Zero).map_err(VolumeError::Crypto)?;
+    if let Some(inner) = &cx.keys.inner {
+        cx.engine.decrypt(inner, tweak, first, buf, Holes::Zero).map_err(VolumeError::Crypto)?;
+    }
+    Ok(())
+}
+
 /// Reads and decrypts one whole unit (sector `s` of a file of logical size `size`).
 fn read_unit(f: &File, cx: &Ctx, h: &FileHeader, s: u64, size: u64, out: &mut [u8]) -> Result<usize, VolumeError> {
     let start = s * cx.sector;
     let len = (size - start).min(cx.sector) as usize;
     read_exact(f, &mut out[..len], start)?;
-    cx.engine
-        .decrypt(&cx.keys.xts, h.tweak(), s, &mut out[..len], Holes::Zero)
-        .map_err(VolumeError::Crypto)?;
+    decrypt(cx, h.tweak(), s, &mut out[..len])?;
     Ok(len)
 }
 
@@ -174,9 +193,7 @@ pub fn read(f: &File, st: &FileState, cx: &Ctx, off: u64, len: usize) -> Result<
     let stop = size.min((end - 1) / cx.sector * cx.sector + cx.sector);
     let mut buf = vec![0u8; (stop - start) as usize];
     read_exact(f, &mut buf, start)?;
-    cx.engine
-        .decrypt(&cx.keys.xts, h.tweak(), first, &mut buf, Holes::Zero)
-        .map_err(VolumeError::Crypto)?;
+    decrypt(cx, h.tweak(), first, &mut buf)?;
     buf.truncate((end - start) as usize);
     buf.drain(..(off - start) as usize);
     Ok(buf)
@@ -198,9 +215,7 @@ pub fn write(f: &File, st: &FileState, cx: &Ctx, off: u64, data: &[u8]) -> Resul
         if off % cx.sector == 0 && end % cx.sector == 0 && end <= size {
             let h = header(f, st, false)?.ok_or_else(|| corrupt("non-empty file without a header"))?;
             let mut buf = data.to_vec();
-            cx.engine
-                .encrypt(&cx.keys.xts, h.tweak(), off / cx.sector, &mut buf)
-                .map_err(VolumeError::Crypto)?;
+            encrypt(cx, h.tweak(), off / cx.sector, &mut buf)?;
             f.write_all_at(&buf, FILE_HEADER_LEN as u64 + off).map_err(VolumeError::Os)?;
             return Ok(data.len());
         }
@@ -230,9 +245,7 @@ pub fn write(f: &File, st: &FileState, cx: &Ctx, off: u64, data: &[u8]) -> Resul
         }
     }
     buf[(off - start) as usize..(end - start) as usize].copy_from_slice(data);
-    cx.engine
-        .encrypt(&cx.keys.xts, h.tweak(), first, &mut buf)
-        .map_err(VolumeError::Crypto)?;
+    encrypt(cx, h.tweak(), first, &mut buf)?;
     f.write_all_at(&buf, FILE_HEADER_LEN as u64 + start).map_err(VolumeError::Os)?;
     Ok(data.len())
 }
@@ -244,7 +257,7 @@ fn pad_tail(f: &File, cx: &Ctx, h: &FileHeader, size: u64, new_end: u64) -> Resu
     let start = s * cx.sector;
     let mut buf = vec![0u8; (new_end - start) as usize];
     read_unit(f, cx, h, s, size, &mut buf)?;
-    cx.engine.encrypt(&cx.keys.xts, h.tweak(), s, &mut buf).map_err(VolumeError::Crypto)?;
+    encrypt(cx, h.tweak(), s, &mut buf)?;
     f.write_all_at(&buf, FILE_HEADER_LEN as u64 + start).map_err(VolumeError::Os)
 }
 
@@ -275,7 +288,7 @@ pub fn truncate(f: &File, st: &FileState, cx: &Ctx, new_size: u64) -> Result<(),
         let mut buf = vec![0u8; ss as usize];
         read_unit(f, cx, &h, s, size, &mut buf)?;
         buf.truncate((new_size - start) as usize);
-        cx.engine.encrypt(&cx.keys.xts, h.tweak(), s, &mut buf).map_err(VolumeError::Crypto)?;
+        encrypt(cx, h.tweak(), s, &mut buf)?;
         f.write_all_at(&buf, FILE_HEADER_LEN as u64 + start).map_err(VolumeError::Os)?;
     }
     f.set_len(FILE_HEADER_LEN as u64 + new_size).map_err(VolumeError::Os)

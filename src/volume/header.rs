@@ -59,8 +59,63 @@ pub struct VolumeHeader {
     /// Disk Encryption Set the volume belongs to, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub des: Option<String>,
+    /// Double encryption (`EncryptionAtRestWithPlatformAndCustomerKeys`): the envelope of the
+    /// second, inner DEK, wrapped by cmkfs's platform key. Absent for single encryption.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub platform: Option<PlatformEnvelope>,
     /// HMAC-SHA256 (hex) over the layout fields, keyed by a DEK-derived key.
     pub header_mac: String,
+}
+
+/// The envelope of a double-encrypted volume's inner DEK: like the main envelope, but the KEK
+/// is the platform key cmkfs keeps in its own vault, not the customer's key.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PlatformEnvelope {
+    /// Full versioned id of the platform key that wraps the inner DEK.
+    pub key_id: String,
+    /// Wrap algorithm.
+    pub wrap_alg: WrapAlg,
+    /// The wrapped inner DEK, standard base64.
+    pub wrapped_dek: String,
+    /// Fingerprint of the inner DEK (covered by the header MAC).
+    pub dek_fingerprint: String,
+}
+
+impl PlatformEnvelope {
+    /// The envelope of an inner DEK the platform vault wrapped as `wrapped`.
+    pub fn new(inner: &Dek, wrapped: &Wrapped) -> PlatformEnvelope {
+        PlatformEnvelope {
+            key_id: wrapped.kid.to_string(),
+            wrap_alg: wrapped.alg,
+            wrapped_dek: B64.encode(&wrapped.value),
+            dek_fingerprint: inner.fingerprint(),
+        }
+    }
+
+    /// The parsed platform key id.
+    pub fn key_id(&self) -> Result<KeyId, VolumeError> {
+        self.key_id.parse().map_err(|e: crate::vault::VaultError| VolumeError::CorruptHeader {
+            path: HEADER_FILE.into(),
+            why: format!("platform key id: {e}"),
+        })
+    }
+
+    /// The wrapped inner DEK bytes.
+    pub fn wrapped(&self) -> Result<Vec<u8>, base64::DecodeError> {
+        B64.decode(&self.wrapped_dek)
+    }
+
+    /// Checks an unwrapped inner DEK against the fingerprint.
+    pub fn verify(&self, inner: &Dek) -> Result<(), VolumeError> {
+        if inner.fingerprint() != self.dek_fingerprint {
+            return Err(VolumeError::WrongKey(format!(
+                "the unwrapped platform key's fingerprint does not match the volume ({})",
+                self.key_id
+            )));
+        }
+        Ok(())
+    }
 }
 
 impl VolumeHeader {
@@ -80,8 +135,26 @@ impl VolumeHeader {
             wrapped_dek: B64.encode(&wrapped.value),
             dek_fingerprint: dek.fingerprint(),
             des: None,
+            platform: None,
             header_mac: String::new(),
         };
+        h.header_mac = h.mac(dek);
+        h
+    }
+
+    /// A header for a new double-encrypted volume: `dek` is the outer (customer) DEK,
+    /// `platform` the envelope of the inner one. The MAC covers the inner DEK's fingerprint,
+    /// so the platform layer cannot be stripped or swapped unnoticed.
+    pub fn new_double(
+        dek: &Dek,
+        volume_id: String,
+        sector_size: u32,
+        wrapped: &Wrapped,
+        created: u64,
+        platform: PlatformEnvelope,
+    ) -> VolumeHeader {
+        let mut h = VolumeHeader::new(dek, volume_id, sector_size, wrapped, created);
+        h.platform = Some(platform);
         h.header_mac = h.mac(dek);
         h
     }
@@ -131,6 +204,13 @@ impl VolumeHeader {
         if self.volume_id.len() != 32 || hex::decode(&self.volume_id).is_err() {
             return Err("volume_id is not 32 hex digits".into());
         }
+        if let Some(p) = &self.platform {
+            p.key_id.parse::<KeyId>().map_err(|e| format!("platform key id: {e}"))?;
+            p.wrapped().map_err(|_| "platform wrapped_dek is not valid base64".to_string())?;
+            if p.dek_fingerprint.len() != 32 || hex::decode(&p.dek_fingerprint).is_err() {
+                return Err("platform dek_fingerprint is not 32 hex digits".into());
+            }
+        }
         Ok(())
     }
 
@@ -167,7 +247,9 @@ impl VolumeHeader {
         Ok(())
     }
 
-    /// Re-points the header at a new wrap of the same DEK (rotation / key change).
+    /// Re-points the header at a new wrap of the same DEK (rotation / key change). The
+    /// platform envelope of a double-encrypted volume is kept as it is: only the customer
+    /// key changes.
     pub fn rewrapped(&self, wrapped: &Wrapped) -> VolumeHeader {
         VolumeHeader {
             key_id: wrapped.kid.to_string(),
@@ -180,9 +262,16 @@ impl VolumeHeader {
     /// Writes the header atomically into `dir`.
     pub fn write(&self, dir: &Path) -> Result<(), VolumeError> {
         let path = dir.join(HEADER_FILE);
+        let json = self.to_bytes()?;
+        crate::fsutil::write_atomic(&path, &json, 0o600).map_err(|e| VolumeError::io(&path, e))
+    }
+
+    /// The header file's exact bytes (pretty JSON and a newline), for writers that replace
+    /// the file step by step themselves (the DES rewrap, which can be interrupted in tests).
+    pub fn to_bytes(&self) -> Result<Vec<u8>, VolumeError> {
         let mut json = serde_json::to_vec_pretty(self).map_err(|e| VolumeError::Internal(e.to_string()))?;
         json.push(b'\n');
-        crate::fsutil::write_atomic(&path, &json, 0o600).map_err(|e| VolumeError::io(&path, e))
+        Ok(json)
     }
 
     fn mac(&self, dek: &Dek) -> String {
@@ -202,6 +291,15 @@ impl VolumeHeader {
         ] {
             m.update(&(field.len() as u64).to_le_bytes());
             m.update(field);
+        }
+        // Double encryption is a layout property (data has two layers): its inner DEK's
+        // fingerprint is covered too. Appended only when present, so single-encryption
+        // headers keep the MAC they always had.
+        if let Some(p) = &self.platform {
+            for field in [b"platform".as_slice(), p.dek_fingerprint.as_bytes()] {
+                m.update(&(field.len() as u64).to_le_bytes());
+                m.update(field);
+            }
         }
         hex::encode(m.finalize().into_bytes())
     }

@@ -185,6 +185,17 @@ pub struct CreateOptions {
     pub des: Option<String>,
 }
 
+/// The platform layer of a double-encrypted volume ([`Volume::create_double`]): which vault
+/// and key wrap the inner DEK.
+pub struct PlatformLayer<'a> {
+    /// cmkfs's own vault (as its owner).
+    pub vault: &'a dyn Vault,
+    /// The platform key's name in it.
+    pub key_name: &'a str,
+    /// Wrap algorithm for the inner DEK.
+    pub wrap_alg: WrapAlg,
+}
+
 /// An open (unlocked) volume.
 pub struct Volume {
     root: PathBuf,
@@ -202,6 +213,27 @@ impl Volume {
     /// the vault key, the root directory id, and the header, written last so that a volume
     /// either has a header or is not a volume at all.
     pub fn create(dir: &Path, vault: &dyn Vault, opts: &CreateOptions) -> Result<VolumeHeader, VolumeError> {
+        Volume::create_layers(dir, vault, None, opts)
+    }
+
+    /// Creates a double-encrypted volume (`EncryptionAtRestWithPlatformAndCustomerKeys`): two
+    /// independent DEKs, the inner one wrapped by the platform key, the outer one by the
+    /// customer key in `vault`. Otherwise as [`Volume::create`].
+    pub fn create_double(
+        dir: &Path,
+        vault: &dyn Vault,
+        platform: &PlatformLayer<'_>,
+        opts: &CreateOptions,
+    ) -> Result<VolumeHeader, VolumeError> {
+        Volume::create_layers(dir, vault, Some(platform), opts)
+    }
+
+    fn create_layers(
+        dir: &Path,
+        vault: &dyn Vault,
+        platform: Option<&PlatformLayer<'_>>,
+        opts: &CreateOptions,
+    ) -> Result<VolumeHeader, VolumeError> {
         let existed = match fs::read_dir(dir) {
             Ok(mut it) => {
                 if it.next().is_some() {
@@ -223,7 +255,15 @@ impl Volume {
         let wrapped = vault.wrap_key(&opts.key_name, opts.key_version.as_deref(), opts.wrap_alg, dek.as_bytes())?;
         let mut id = [0u8; 16];
         getrandom::getrandom(&mut id).map_err(|e| VolumeError::Internal(e.to_string()))?;
-        let mut header = VolumeHeader::new(&dek, hex::encode(id), opts.sector_size, &wrapped, unix_now());
+        let mut header = match platform {
+            None => VolumeHeader::new(&dek, hex::encode(id), opts.sector_size, &wrapped, unix_now()),
+            Some(p) => {
+                let inner = Dek::generate().map_err(|e| VolumeError::Internal(e.to_string()))?;
+                let pw = p.vault.wrap_key(p.key_name, None, p.wrap_alg, inner.as_bytes())?;
+                let env = header::PlatformEnvelope::new(&inner, &pw);
+                VolumeHeader::new_double(&dek, hex::encode(id), opts.sector_size, &wrapped, unix_now(), env)
+            }
+        };
         header.des = opts.des.clone();
         let result = (|| {
             if !existed {

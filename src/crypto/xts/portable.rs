@@ -31,7 +31,8 @@ impl Keys {
     fn run(&self, mut t: u128, data: &mut [u8], op: impl Fn(&mut [Block])) -> u128 {
         let mut blocks = [Block::default(); BATCH];
         let mut tweaks = [0u128; BATCH];
-        for chunk in data.chunks_mut(BATCH * BLOCK) {
+        let whole = data.len() / BLOCK * BLOCK;
+        for chunk in data[..whole].chunks_mut(BATCH * BLOCK) {
             let n = chunk.len() / BLOCK;
             for ((src, blk), tw) in chunk
                 .chunks_exact(BLOCK)
@@ -64,12 +65,12 @@ impl BlockOps for Keys {
         u128::from_le_bytes(b.into())
     }
 
-    fn encrypt_blocks(&self, t: u128, data: &mut [u8]) -> u128 {
-        self.run(t, data, |b| self.k1.encrypt_blocks(b))
+    fn encrypt_blocks(&self, tweak: u128, data: &mut [u8]) -> u128 {
+        self.run(self.tweak(tweak), data, |b| self.k1.encrypt_blocks(b))
     }
 
-    fn decrypt_blocks(&self, t: u128, data: &mut [u8]) -> u128 {
-        self.run(t, data, |b| self.k1.decrypt_blocks(b))
+    fn decrypt_blocks(&self, tweak: u128, data: &mut [u8]) -> u128 {
+        self.run(self.tweak(tweak), data, |b| self.k1.decrypt_blocks(b))
     }
 
     fn encrypt_block(&self, block: &mut [u8; BLOCK]) {

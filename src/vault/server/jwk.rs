@@ -68,7 +68,9 @@ pub fn pkcs1_from_jwk(jwk: &JsonWebKey) -> Result<Zeroizing<Vec<u8>>, VaultError
         let bytes = Zeroizing::new(
             URL_SAFE_NO_PAD
                 .decode(text.trim_end_matches('='))
-                .map_err(|_| VaultError::Invalid(format!("JWK member {name:?} is not base64url")))?,
+                .map_err(|_| {
+                    VaultError::Invalid(format!("JWK member {name:?} is not base64url"))
+                })?,
         );
         push_uint(&mut body, &bytes);
     }

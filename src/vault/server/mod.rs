@@ -245,7 +245,10 @@ impl Server {
     fn serve(
         self,
         handle: axum_server::Handle<SocketAddr>,
-    ) -> (tokio::runtime::Runtime, impl std::future::Future<Output = std::io::Result<()>>) {
+    ) -> (
+        tokio::runtime::Runtime,
+        impl std::future::Future<Output = std::io::Result<()>>,
+    ) {
         let Server {
             rt,
             listener,

@@ -58,7 +58,12 @@ fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, ServerError> 
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
         .map_err(|e| tls_err(format!("cannot read {}: {e}", path.display())))?
         .collect::<Result<_, _>>()
-        .map_err(|e| tls_err(format!("{} is not a PEM certificate file: {e}", path.display())))?;
+        .map_err(|e| {
+            tls_err(format!(
+                "{} is not a PEM certificate file: {e}",
+                path.display()
+            ))
+        })?;
     if certs.is_empty() {
         return Err(tls_err(format!(
             "{} holds no PEM certificate",
@@ -69,8 +74,12 @@ fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, ServerError> 
 }
 
 fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, ServerError> {
-    PrivateKeyDer::from_pem_file(path)
-        .map_err(|e| tls_err(format!("cannot read a PEM private key from {}: {e}", path.display())))
+    PrivateKeyDer::from_pem_file(path).map_err(|e| {
+        tls_err(format!(
+            "cannot read a PEM private key from {}: {e}",
+            path.display()
+        ))
+    })
 }
 
 /// Loads a given certificate chain and key (PEM).
@@ -101,7 +110,11 @@ pub fn generated_ca_path(store: &Path) -> PathBuf {
 /// addresses the server certificate is valid for (besides `localhost`, 127.0.0.1 and ::1).
 pub fn load_or_generate(store: &Path, sans: &[String]) -> Result<TlsMaterial, ServerError> {
     let dir = store.join("tls");
-    let (ca, cert, key) = (dir.join("ca.pem"), dir.join("cert.pem"), dir.join("key.pem"));
+    let (ca, cert, key) = (
+        dir.join("ca.pem"),
+        dir.join("cert.pem"),
+        dir.join("key.pem"),
+    );
     let mut generated = false;
     if !key.exists() {
         generate(&dir, sans)?;

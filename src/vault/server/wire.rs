@@ -195,7 +195,12 @@ pub struct KeyImportParameters {
     /// The private key as a JWK.
     pub key: JsonWebKey,
     /// Whether to keep it in an HSM (ignored).
-    #[serde(rename = "Hsm", alias = "hsm", default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "Hsm",
+        alias = "hsm",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub hsm: Option<bool>,
     /// Attributes of the new version.
     #[serde(default, skip_serializing_if = "Option::is_none")]

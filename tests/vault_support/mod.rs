@@ -1,0 +1,97 @@
+//! Shared by the vault server tests: a `cmkfs vault serve` child process.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// Time limit for the server to print its URL.
+pub const START_TIMEOUT: Duration = Duration::from_secs(60);
+/// Time limit for a SIGTERM to end it (then SIGKILL).
+pub const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The binary under test.
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_cmkfs")
+}
+
+/// A `cmkfs vault serve` process; SIGTERM (then SIGKILL) when dropped.
+pub struct ServerProc {
+    child: Option<Child>,
+    /// `https://127.0.0.1:PORT`.
+    pub url: String,
+    /// The port it listens on.
+    pub port: u16,
+}
+
+impl ServerProc {
+    /// Starts a server on `<home>/vault` and waits for its "listening on" line.
+    pub fn start(home: &Path, port: u16) -> ServerProc {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(home.join("server.log"))
+            .unwrap();
+        let mut child = Command::new(bin())
+            .args(["vault", "serve", "--listen", &format!("127.0.0.1:{port}")])
+            .env("CMKFS_HOME", home)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .expect("start cmkfs vault serve");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(u) = line.strip_prefix("listening on ") {
+                    let _ = tx.send(u.trim().to_string());
+                }
+            }
+        });
+        let mut server = ServerProc {
+            child: Some(child),
+            url: String::new(),
+            port: 0,
+        };
+        match rx.recv_timeout(START_TIMEOUT) {
+            Ok(url) => {
+                server.port = url.rsplit(':').next().unwrap().parse().unwrap();
+                server.url = url;
+            }
+            Err(_) => {
+                server.stop();
+                let log = std::fs::read_to_string(home.join("server.log")).unwrap_or_default();
+                panic!("the vault server did not start within {START_TIMEOUT:?}: {log}");
+            }
+        }
+        server
+    }
+
+    /// SIGTERM, wait, SIGKILL if need be.
+    pub fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        // SAFETY: signalling our own child by its pid.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let t0 = Instant::now();
+        while t0.elapsed() < STOP_TIMEOUT {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+impl Drop for ServerProc {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
