@@ -294,7 +294,14 @@ pub fn measure(
 fn openssl_speed(seconds: u64, decrypt: bool) -> Result<f64, String> {
     let secs = seconds.to_string();
     let mut args = vec![
-        "speed", "-mr", "-evp", "aes-256-xts", "-bytes", "4096", "-seconds", &secs,
+        "speed",
+        "-mr",
+        "-evp",
+        "aes-256-xts",
+        "-bytes",
+        "4096",
+        "-seconds",
+        &secs,
     ];
     if decrypt {
         args.push("-decrypt");

@@ -125,26 +125,51 @@ impl Clock {
 
 /// What it takes to undo a revocation.
 enum Undo {
-    Enable { name: String, version: String },
-    Recover { name: String },
-    Policies { identity: String, policies: Vec<(PolicyScope, Vec<Permission>)> },
+    Enable {
+        name: String,
+        version: String,
+    },
+    Recover {
+        name: String,
+    },
+    Policies {
+        identity: String,
+        policies: Vec<(PolicyScope, Vec<Permission>)>,
+    },
 }
 
 /// Runs a drill against the mount at `mountpoint`.
 pub fn run(home: &Home, mountpoint: &Path, opts: &DrillOptions) -> Result<DrillReport, DrillError> {
-    let mp = std::fs::canonicalize(mountpoint).map_err(|_| DrillError::NotMounted(mountpoint.into()))?;
-    let record = RunRecord::load(home, &mp).filter(|r| r.alive()).ok_or_else(|| DrillError::NotMounted(mp.clone()))?;
+    let mp =
+        std::fs::canonicalize(mountpoint).map_err(|_| DrillError::NotMounted(mountpoint.into()))?;
+    let record = RunRecord::load(home, &mp)
+        .filter(|r| r.alive())
+        .ok_or_else(|| DrillError::NotMounted(mp.clone()))?;
     let status: serde_json::Value = std::fs::read(RunRecord::status_path(home, &mp))
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok())
         .unwrap_or_default();
-    let push = status.get("push").and_then(|v| v.as_bool()).unwrap_or(false);
-    let interval_s = status.get("key_check_interval_s").and_then(|v| v.as_u64()).unwrap_or(30);
-    let bound_ms = if push { 1000.0 } else { (interval_s as f64 + 1.0) * 1000.0 };
-    let header = VolumeHeader::read(&record.cipherdir).map_err(setup("reading the volume header"))?;
+    let push = status
+        .get("push")
+        .and_then(|v| v.as_bool())
+        .unwrap_or(false);
+    let interval_s = status
+        .get("key_check_interval_s")
+        .and_then(|v| v.as_u64())
+        .unwrap_or(30);
+    let bound_ms = if push {
+        1000.0
+    } else {
+        (interval_s as f64 + 1.0) * 1000.0
+    };
+    let header =
+        VolumeHeader::read(&record.cipherdir).map_err(setup("reading the volume header"))?;
     let kid: KeyId = header.key_id.parse()?;
     if kid.vault != crate::vault::local::URL {
-        return Err(DrillError::Setup(format!("drills revoke through the vault owner; {} is not the local vault", kid.vault)));
+        return Err(DrillError::Setup(format!(
+            "drills revoke through the vault owner; {} is not the local vault",
+            kid.vault
+        )));
     }
     let owner = LocalVault::open(&home.vault_dir())?;
 
@@ -156,37 +181,86 @@ pub fn run(home: &Home, mountpoint: &Path, opts: &DrillOptions) -> Result<DrillR
     let probe = mp.join(format!(".cmkfs-drill-{}", hex::encode(rnd)));
     {
         let mut f = File::create(&probe).map_err(setup("creating the probe"))?;
-        f.write_all(&probe_data).map_err(setup("writing the probe"))?;
+        f.write_all(&probe_data)
+            .map_err(setup("writing the probe"))?;
         f.sync_all().map_err(setup("fsyncing the probe"))?;
     }
-    let backing_ino = std::fs::metadata(&probe).map_err(setup("stat of the probe"))?.ino();
+    let backing_ino = std::fs::metadata(&probe)
+        .map_err(setup("stat of the probe"))?
+        .ino();
     let reader = File::open(&probe).map_err(setup("opening the probe"))?;
     let mut warm = vec![0u8; probe_data.len()];
-    reader.read_exact_at(&mut warm, 0).map_err(setup("warming the page cache"))?;
-    let writer = OpenOptions::new().read(true).write(true).open(&probe).map_err(setup("opening the probe rw"))?;
+    reader
+        .read_exact_at(&mut warm, 0)
+        .map_err(setup("warming the page cache"))?;
+    let writer = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&probe)
+        .map_err(setup("opening the probe rw"))?;
     let mut mapper = MmapProbe::start(&probe)?;
 
     let clock = Clock(Instant::now());
-    let mut timeline = vec![(0.0, format!("revoke issued ({:?}) on {kid}", opts.revoke).to_lowercase())];
+    let mut timeline = vec![(
+        0.0,
+        format!("revoke issued ({:?}) on {kid}", opts.revoke).to_lowercase(),
+    )];
     let undo = revoke(&owner, &kid, opts.revoke, record.identity.as_deref())?;
     let revoke_call_ms = clock.ms();
     timeline.push((revoke_call_ms, "vault acknowledged the revocation".into()));
 
-    let mut paths = poll_paths(&clock, opts.timeout, &probe, &mp, &reader, &writer, &mut mapper, &probe_data);
+    let mut paths = poll_paths(
+        &clock,
+        opts.timeout,
+        &probe,
+        &mp,
+        &reader,
+        &writer,
+        &mut mapper,
+        &probe_data,
+    );
     for p in &paths {
         match p.denied_ms {
-            Some(t) => timeline.push((t, format!("{} denied ({})", p.path, p.error.as_deref().unwrap_or("?")))),
-            None => timeline.push((clock.ms(), format!("{} NOT denied within {:?}", p.path, opts.timeout))),
+            Some(t) => timeline.push((
+                t,
+                format!("{} denied ({})", p.path, p.error.as_deref().unwrap_or("?")),
+            )),
+            None => timeline.push((
+                clock.ms(),
+                format!("{} NOT denied within {:?}", p.path, opts.timeout),
+            )),
         }
     }
     timeline.sort_by(|a, b| a.0.total_cmp(&b.0));
-    let cutoff_ms = paths.iter().map(|p| p.denied_ms).collect::<Option<Vec<_>>>().map(|v| v.into_iter().fold(0.0, f64::max));
+    let cutoff_ms = paths
+        .iter()
+        .map(|p| p.denied_ms)
+        .collect::<Option<Vec<_>>>()
+        .map(|v| v.into_iter().fold(0.0, f64::max));
     // Keep trying every path for a moment after cut-off: nothing may leak later either.
-    leak_watch(&mut paths, &probe, &mp, &reader, &writer, &probe_data, Duration::from_millis(200));
+    leak_watch(
+        &mut paths,
+        &probe,
+        &mp,
+        &reader,
+        &writer,
+        &probe_data,
+        Duration::from_millis(200),
+    );
     let leaked_bytes = paths.iter().map(|p| p.leaked_bytes).sum();
 
     let backing_intact = backing_holds_ciphertext(&record.cipherdir, backing_ino, &probe_data);
-    timeline.push((clock.ms(), format!("backing file {}", if backing_intact { "intact (ciphertext, right size)" } else { "NOT intact" })));
+    timeline.push((
+        clock.ms(),
+        format!(
+            "backing file {}",
+            if backing_intact {
+                "intact (ciphertext, right size)"
+            } else {
+                "NOT intact"
+            }
+        ),
+    ));
 
     let (mut heal_ms, mut verified) = (None, None);
     if opts.restore {
@@ -198,7 +272,17 @@ pub fn run(home: &Home, mountpoint: &Path, opts: &DrillOptions) -> Result<DrillR
             if let Ok(bytes) = std::fs::read(&probe) {
                 heal_ms = Some(clock.ms() - t);
                 verified = Some(bytes == probe_data);
-                timeline.push((clock.ms(), format!("healed: probe read back, {}", if bytes == probe_data { "bytes verified" } else { "BYTES DIFFER" })));
+                timeline.push((
+                    clock.ms(),
+                    format!(
+                        "healed: probe read back, {}",
+                        if bytes == probe_data {
+                            "bytes verified"
+                        } else {
+                            "BYTES DIFFER"
+                        }
+                    ),
+                ));
                 break;
             }
             if Instant::now() > deadline {
@@ -210,7 +294,10 @@ pub fn run(home: &Home, mountpoint: &Path, opts: &DrillOptions) -> Result<DrillR
         }
         let _ = std::fs::remove_file(&probe);
     } else {
-        timeline.push((clock.ms(), format!("not restored: the probe stays at {}", probe.display())));
+        timeline.push((
+            clock.ms(),
+            format!("not restored: the probe stays at {}", probe.display()),
+        ));
     }
     drop(mapper);
 
@@ -218,12 +305,17 @@ pub fn run(home: &Home, mountpoint: &Path, opts: &DrillOptions) -> Result<DrillR
     for p in &paths {
         match p.denied_ms {
             None => failures.push(format!("{} was never denied", p.path)),
-            Some(t) if t > bound_ms => failures.push(format!("{} denied after {t:.0} ms > {bound_ms:.0} ms", p.path)),
+            Some(t) if t > bound_ms => failures.push(format!(
+                "{} denied after {t:.0} ms > {bound_ms:.0} ms",
+                p.path
+            )),
             _ => {}
         }
     }
     if leaked_bytes > 0 {
-        failures.push(format!("{leaked_bytes} plaintext bytes readable after cut-off"));
+        failures.push(format!(
+            "{leaked_bytes} plaintext bytes readable after cut-off"
+        ));
     }
     if !backing_intact {
         failures.push("the backing file does not hold the probe's ciphertext".into());
@@ -256,15 +348,32 @@ pub fn run(home: &Home, mountpoint: &Path, opts: &DrillOptions) -> Result<DrillR
     })
 }
 
-fn revoke(v: &LocalVault, kid: &KeyId, how: Revoke, identity: Option<&str>) -> Result<Undo, DrillError> {
+fn revoke(
+    v: &LocalVault,
+    kid: &KeyId,
+    how: Revoke,
+    identity: Option<&str>,
+) -> Result<Undo, DrillError> {
     match how {
         Revoke::Disable => {
-            v.update_key(&kid.name, Some(&kid.version), &KeyUpdate { enabled: Some(false), ..Default::default() })?;
-            Ok(Undo::Enable { name: kid.name.clone(), version: kid.version.clone() })
+            v.update_key(
+                &kid.name,
+                Some(&kid.version),
+                &KeyUpdate {
+                    enabled: Some(false),
+                    ..Default::default()
+                },
+            )?;
+            Ok(Undo::Enable {
+                name: kid.name.clone(),
+                version: kid.version.clone(),
+            })
         }
         Revoke::Delete => {
             v.delete_key(&kid.name)?;
-            Ok(Undo::Recover { name: kid.name.clone() })
+            Ok(Undo::Recover {
+                name: kid.name.clone(),
+            })
         }
         Revoke::Policy => {
             let identity = identity.ok_or_else(|| {
@@ -274,16 +383,26 @@ fn revoke(v: &LocalVault, kid: &KeyId, how: Revoke, identity: Option<&str>) -> R
             })?;
             let mut policies = Vec::new();
             for p in v.list_policies(Some(identity))? {
-                let scope = if p.key == "*" { PolicyScope::AllKeys } else { PolicyScope::Key(p.key.clone()) };
+                let scope = if p.key == "*" {
+                    PolicyScope::AllKeys
+                } else {
+                    PolicyScope::Key(p.key.clone())
+                };
                 if p.key == "*" || p.key == kid.name {
                     v.remove_policy(identity, &scope)?;
                     policies.push((scope, p.permissions));
                 }
             }
             if policies.is_empty() {
-                return Err(DrillError::Setup(format!("identity {identity} has no policy on key {}", kid.name)));
+                return Err(DrillError::Setup(format!(
+                    "identity {identity} has no policy on key {}",
+                    kid.name
+                )));
             }
-            Ok(Undo::Policies { identity: identity.to_string(), policies })
+            Ok(Undo::Policies {
+                identity: identity.to_string(),
+                policies,
+            })
         }
     }
 }
@@ -291,7 +410,14 @@ fn revoke(v: &LocalVault, kid: &KeyId, how: Revoke, identity: Option<&str>) -> R
 fn restore(v: &LocalVault, undo: Undo) -> Result<(), DrillError> {
     match undo {
         Undo::Enable { name, version } => {
-            v.update_key(&name, Some(&version), &KeyUpdate { enabled: Some(true), ..Default::default() })?;
+            v.update_key(
+                &name,
+                Some(&version),
+                &KeyUpdate {
+                    enabled: Some(true),
+                    ..Default::default()
+                },
+            )?;
         }
         Undo::Recover { name } => {
             v.recover_deleted_key(&name)?;
@@ -322,12 +448,17 @@ impl MmapProbe {
             .stderr(Stdio::null())
             .spawn()
             .map_err(setup("starting the mmap probe"))?;
-        let out = child.stdout.take().ok_or_else(|| DrillError::Setup("mmap probe stdout".into()))?;
+        let out = child
+            .stdout
+            .take()
+            .ok_or_else(|| DrillError::Setup("mmap probe stdout".into()))?;
         let mut line = String::new();
         let _ = BufReader::new(out).read_line(&mut line);
         if line.trim() != "READY" {
             let _ = child.kill();
-            return Err(DrillError::Setup("the mmap probe could not map the file".into()));
+            return Err(DrillError::Setup(
+                "the mmap probe could not map the file".into(),
+            ));
         }
         Ok(MmapProbe { child })
     }
@@ -365,7 +496,16 @@ pub fn mmap_probe_main(file: &Path) -> ! {
         std::process::exit(2);
     }
     // SAFETY: a fresh shared read-only mapping of an open file of `len` bytes.
-    let p = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ, libc::MAP_SHARED, f.as_raw_fd(), 0) };
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            f.as_raw_fd(),
+            0,
+        )
+    };
     if p == libc::MAP_FAILED {
         std::process::exit(2);
     }
@@ -407,7 +547,13 @@ fn attempt(
     data: &[u8],
 ) -> Result<u64, String> {
     let mut buf = vec![0u8; 4096];
-    let check = |got: &[u8], off: usize| if got == &data[off..off + got.len()] { got.len() as u64 } else { 0 };
+    let check = |got: &[u8], off: usize| {
+        if got == &data[off..off + got.len()] {
+            got.len() as u64
+        } else {
+            0
+        }
+    };
     match which {
         "new_open" => {
             let f = File::open(probe).map_err(|e| err_text(&e))?;
@@ -422,13 +568,18 @@ fn attempt(
             // The last page through the read-write descriptor, then a write through it: an
             // open descriptor must neither read nor write.
             let off = data.len() - buf.len();
-            let n = writer.read_at(&mut buf, off as u64).map_err(|e| err_text(&e))?;
+            let n = writer
+                .read_at(&mut buf, off as u64)
+                .map_err(|e| err_text(&e))?;
             let seen = check(&buf[..n], off);
             writer.write_at(&data[..16], 0).map_err(|e| err_text(&e))?;
             Ok(seen)
         }
         "readdir" => {
-            let names: Vec<_> = std::fs::read_dir(mp).map_err(|e| err_text(&e))?.collect::<Result<_, _>>().map_err(|e| err_text(&e))?;
+            let names: Vec<_> = std::fs::read_dir(mp)
+                .map_err(|e| err_text(&e))?
+                .collect::<Result<_, _>>()
+                .map_err(|e| err_text(&e))?;
             // Names are plaintext too: count their bytes.
             Ok(names.iter().map(|e| e.file_name().len() as u64).sum())
         }
@@ -436,7 +587,13 @@ fn attempt(
     }
 }
 
-const PATHS: [&str; 5] = ["new_open", "cached_read", "open_descriptor", "mmap", "readdir"];
+const PATHS: [&str; 5] = [
+    "new_open",
+    "cached_read",
+    "open_descriptor",
+    "mmap",
+    "readdir",
+];
 
 #[allow(clippy::too_many_arguments)]
 fn poll_paths(
@@ -451,7 +608,12 @@ fn poll_paths(
 ) -> Vec<PathResult> {
     let mut res: Vec<PathResult> = PATHS
         .iter()
-        .map(|p| PathResult { path: p, denied_ms: None, error: None, leaked_bytes: 0 })
+        .map(|p| PathResult {
+            path: p,
+            denied_ms: None,
+            error: None,
+            leaked_bytes: 0,
+        })
         .collect();
     let deadline = Instant::now() + timeout;
     while res.iter().any(|r| r.denied_ms.is_none()) && Instant::now() < deadline {
@@ -471,10 +633,21 @@ fn poll_paths(
     res
 }
 
-fn leak_watch(paths: &mut [PathResult], probe: &Path, mp: &Path, reader: &File, writer: &File, data: &[u8], d: Duration) {
+fn leak_watch(
+    paths: &mut [PathResult],
+    probe: &Path,
+    mp: &Path,
+    reader: &File,
+    writer: &File,
+    data: &[u8],
+    d: Duration,
+) {
     let until = Instant::now() + d;
     while Instant::now() < until {
-        for r in paths.iter_mut().filter(|r| r.denied_ms.is_some() && r.path != "mmap") {
+        for r in paths
+            .iter_mut()
+            .filter(|r| r.denied_ms.is_some() && r.path != "mmap")
+        {
             if let Ok(n) = attempt(r.path, probe, mp, reader, writer, data) {
                 r.leaked_bytes += n;
             }
@@ -486,15 +659,20 @@ fn leak_watch(paths: &mut [PathResult], probe: &Path, mp: &Path, reader: &File, 
 /// Finds the probe's backing file by inode number (the mount exposes backing inode numbers)
 /// and checks it is ciphertext of the right size.
 fn backing_holds_ciphertext(cipherdir: &Path, ino: u64, data: &[u8]) -> bool {
-    let Ok(dir) = std::fs::read_dir(cipherdir) else { return false };
+    let Ok(dir) = std::fs::read_dir(cipherdir) else {
+        return false;
+    };
     for e in dir.flatten() {
         let Ok(m) = e.metadata() else { continue };
         if m.ino() != ino {
             continue;
         }
-        let Ok(bytes) = std::fs::read(e.path()) else { return false };
+        let Ok(bytes) = std::fs::read(e.path()) else {
+            return false;
+        };
         let right_size = bytes.len() == FILE_HEADER_LEN + data.len();
-        let no_plaintext = !bytes.windows(32).any(|w| w == &data[..32]) && bytes[FILE_HEADER_LEN..] != *data;
+        let no_plaintext =
+            !bytes.windows(32).any(|w| w == &data[..32]) && bytes[FILE_HEADER_LEN..] != *data;
         return right_size && no_plaintext;
     }
     false
@@ -519,7 +697,13 @@ pub fn svg(r: &DrillReport) -> String {
     );
     for (i, (t, what)) in r.timeline.iter().enumerate() {
         let y = 45.0 + row * i as f64;
-        let color = if what.contains("denied") { "#c0392b" } else if what.contains("healed") { "#27ae60" } else { "#2c3e50" };
+        let color = if what.contains("denied") {
+            "#c0392b"
+        } else if what.contains("healed") {
+            "#27ae60"
+        } else {
+            "#2c3e50"
+        };
         s += &format!(
             "<line x1=\"{xx}\" y1=\"{y}\" x2=\"{xx}\" y2=\"{b}\" stroke=\"{color}\" stroke-dasharray=\"2,3\"/>\
              <circle cx=\"{xx}\" cy=\"{y}\" r=\"4\" fill=\"{color}\"/>\
@@ -536,5 +720,7 @@ pub fn svg(r: &DrillReport) -> String {
 }
 
 fn xml_escape(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
 }

@@ -138,12 +138,12 @@ impl SectorEngine {
         match &self.pool {
             Some(pool) if buf.len() >= PARALLEL_MIN_BYTES && units > per_chunk => {
                 pool.install(|| {
-                    buf.par_chunks_mut(per_chunk * unit).enumerate().try_for_each(
-                        |(c, chunk)| {
+                    buf.par_chunks_mut(per_chunk * unit)
+                        .enumerate()
+                        .try_for_each(|(c, chunk)| {
                             let first = base.wrapping_add((c * per_chunk) as u128);
                             run_units(cipher, first, chunk, dir)
-                        },
-                    )
+                        })
                 })
             }
             _ => run_units(cipher, base, buf, dir),

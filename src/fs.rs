@@ -14,10 +14,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
-    AccessFlags, BsdFileFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
-    INodeNo, KernelConfig, LockOwner, OpenAccMode, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
-    ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request,
-    TimeOrNow, WriteFlags,
+    AccessFlags, BsdFileFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
+    Generation, INodeNo, KernelConfig, LockOwner, OpenAccMode, OpenFlags, RenameFlags, ReplyAttr,
+    ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen,
+    ReplyStatfs, ReplyWrite, Request, TimeOrNow, WriteFlags,
 };
 
 use crate::volume::{Attr, Caller, OpenFile, SetAttr, Volume, VolumeError};
@@ -28,12 +28,28 @@ const TTL: Duration = Duration::from_secs(1);
 /// Largest write the kernel may send (its own limit is 256 pages).
 pub const MAX_WRITE: u32 = 1 << 20;
 
-struct Node {
-    path: PathBuf,
-    nlookup: u64,
-    /// Last (parent, name) it was reached by: what a dentry invalidation needs.
+/// One name of an inode: its parent, plaintext name and backing path.
+#[derive(Clone)]
+struct Link {
     parent: u64,
     name: std::ffi::OsString,
+    path: PathBuf,
+}
+
+/// An inode the kernel knows. A hard-linked file may be known by several names; every one
+/// the kernel looked up is kept, so unlinking one name leaves the others usable, and a
+/// revocation can invalidate every dentry.
+struct Node {
+    nlookup: u64,
+    /// Most recently used last. Never empty.
+    links: Vec<Link>,
+}
+
+impl Node {
+    fn path(&self) -> &Path {
+        // `links` is never empty: nodes are created with one and the last is never removed.
+        &self.links[self.links.len() - 1].path
+    }
 }
 
 /// The inodes the kernel currently knows (handed out by lookup, create, readdirplus...).
@@ -51,7 +67,7 @@ impl NodeTable {
         let entries = nodes
             .iter()
             .filter(|(ino, _)| **ino != INodeNo::ROOT.0)
-            .map(|(_, n)| (n.parent, n.name.clone()))
+            .flat_map(|(_, n)| n.links.iter().map(|l| (l.parent, l.name.clone())))
             .collect();
         (inodes, entries)
     }
@@ -138,7 +154,10 @@ fn time(secs: i64, nsecs: i64) -> SystemTime {
 }
 
 fn caller(req: &Request) -> Caller {
-    Caller { uid: req.uid(), gid: req.gid() }
+    Caller {
+        uid: req.uid(),
+        gid: req.gid(),
+    }
 }
 
 impl CmkFs {
@@ -147,7 +166,14 @@ impl CmkFs {
         let table = NodeTable::default();
         lock(&table.nodes).insert(
             INodeNo::ROOT.0,
-            Node { path: vol.root().to_path_buf(), nlookup: 1, parent: INodeNo::ROOT.0, name: "/".into() },
+            Node {
+                nlookup: 1,
+                links: vec![Link {
+                    parent: INodeNo::ROOT.0,
+                    name: "/".into(),
+                    path: vol.root().to_path_buf(),
+                }],
+            },
         );
         CmkFs {
             vol,
@@ -199,7 +225,10 @@ impl CmkFs {
     }
 
     fn path(&self, ino: INodeNo) -> FsResult<PathBuf> {
-        lock(&self.table.nodes).get(&ino.0).map(|n| n.path.clone()).ok_or_else(enoent)
+        lock(&self.table.nodes)
+            .get(&ino.0)
+            .map(|n| n.path().to_path_buf())
+            .ok_or_else(enoent)
     }
 
     /// Records a lookup of `name` in `parent` (backing `path`) and returns the FUSE
@@ -207,17 +236,19 @@ impl CmkFs {
     fn remember(&self, parent: INodeNo, name: &OsStr, path: PathBuf, a: &Attr) -> FileAttr {
         let ino = self.ino_of(a);
         let mut nodes = lock(&self.table.nodes);
-        let n = nodes.entry(ino).or_insert(Node {
-            path: path.clone(),
-            nlookup: 0,
+        let link = Link {
             parent: parent.0,
             name: name.to_os_string(),
+            path,
+        };
+        let n = nodes.entry(ino).or_insert(Node {
+            nlookup: 0,
+            links: Vec::new(),
         });
         n.nlookup += 1;
-        // A hard link looked up by another name: the freshest path is the one most likely to exist.
-        n.path = path;
-        n.parent = parent.0;
-        n.name = name.to_os_string();
+        // The freshest name goes last: it is the one most likely to still exist.
+        n.links.retain(|l| l.path != link.path);
+        n.links.push(link);
         drop(nodes);
         self.fattr(ino, a)
     }
@@ -248,30 +279,71 @@ impl CmkFs {
         Ok(self.fattr(ino.0, &attr))
     }
 
-    fn renamed(&self, from: &Path, to: &Path, exchange: bool) {
+    /// Follows a rename in the table: every backing path under `from` moves under `to` (and
+    /// back for an exchange), and the renamed entry takes its new parent and name.
+    fn renamed(&self, from: &Path, to: &Path, exchange: bool, newparent: INodeNo, newname: &OsStr) {
+        let moved = |p: &Path, a: &Path, b: &Path| {
+            p.strip_prefix(a).ok().map(|rest| {
+                if rest.as_os_str().is_empty() {
+                    b.to_path_buf()
+                } else {
+                    b.join(rest)
+                }
+            })
+        };
         let mut nodes = lock(&self.table.nodes);
         for n in nodes.values_mut() {
-            let moved = |p: &Path, a: &Path, b: &Path| p.strip_prefix(a).ok().map(|rest| b.join(rest));
-            if let Some(p) = moved(&n.path, from, to) {
-                n.path = p;
-            } else if exchange {
-                if let Some(p) = moved(&n.path, to, from) {
-                    n.path = p;
+            for l in &mut n.links {
+                if let Some(p) = moved(&l.path, from, to) {
+                    if l.path == from {
+                        l.parent = newparent.0;
+                        l.name = newname.to_os_string();
+                    }
+                    l.path = p;
+                } else if exchange {
+                    if let Some(p) = moved(&l.path, to, from) {
+                        l.path = p;
+                    }
                 }
+            }
+        }
+    }
+
+    /// Forgets the name at backing `path` (unlink, rmdir, replaced by a rename): an inode
+    /// with other names keeps them; its last name stays as is (an open handle answers).
+    fn unlinked(&self, path: &Path) {
+        let mut nodes = lock(&self.table.nodes);
+        for n in nodes.values_mut() {
+            if n.links.len() > 1 {
+                n.links.retain(|l| l.path != path);
             }
         }
     }
 
     fn snapshot(&self, ino: INodeNo, plus: bool) -> FsResult<DirSnapshot> {
         let path = self.path(ino)?;
-        let dot = |name: &str| DirEntry { ino: ino.0, kind: FileType::Directory, name: name.into(), attr: None };
+        let dot = |name: &str| DirEntry {
+            ino: ino.0,
+            kind: FileType::Directory,
+            name: name.into(),
+            attr: None,
+        };
         let mut entries = vec![dot("."), dot("..")];
         for (name, p, meta) in self.vol.list(&path)? {
             let kind = kind_of(meta.file_type());
             let bino = meta.ino();
-            let attr = if plus { self.vol.attr_from(&p, meta).ok() } else { None };
+            let attr = if plus {
+                self.vol.attr_from(&p, meta).ok()
+            } else {
+                None
+            };
             let ino = attr.as_ref().map(|a| self.ino_of(a)).unwrap_or(bino);
-            entries.push(DirEntry { ino, kind, name, attr: attr.map(|a| (p, a)) });
+            entries.push(DirEntry {
+                ino,
+                kind,
+                name,
+                attr: attr.map(|a| (p, a)),
+            });
         }
         Ok(DirSnapshot { entries })
     }
@@ -318,9 +390,13 @@ impl Filesystem for CmkFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        let r = self.path(parent).and_then(|dir| self.vol.lookup(&dir, name));
+        let r = self
+            .path(parent)
+            .and_then(|dir| self.vol.lookup(&dir, name));
         match r {
-            Ok((path, a)) => reply.entry(&TTL, &self.remember(parent, name, path, &a), Generation(0)),
+            Ok((path, a)) => {
+                reply.entry(&TTL, &self.remember(parent, name, path, &a), Generation(0))
+            }
             Err(e) => reply.error(errno(&e, "lookup", Path::new(name))),
         }
     }
@@ -354,7 +430,14 @@ impl Filesystem for CmkFs {
         _flags: Option<BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        let set = SetAttr { mode, uid, gid, size, atime: time_or_now(atime), mtime: time_or_now(mtime) };
+        let set = SetAttr {
+            mode,
+            uid,
+            gid,
+            size,
+            atime: time_or_now(atime),
+            mtime: time_or_now(mtime),
+        };
         let r = self.path(ino).and_then(|path| {
             let of = fh.and_then(|h| self.file(h).ok());
             self.vol.set_attr(&path, of.as_deref(), &set)
@@ -382,15 +465,27 @@ impl Filesystem for CmkFs {
         rdev: u32,
         reply: ReplyEntry,
     ) {
-        let r = self.path(parent).and_then(|d| self.vol.mknod(&d, name, mode, rdev, caller(req)));
+        let r = self
+            .path(parent)
+            .and_then(|d| self.vol.mknod(&d, name, mode, rdev, caller(req)));
         match r {
             Ok((p, a)) => reply.entry(&TTL, &self.remember(parent, name, p, &a), Generation(0)),
             Err(e) => reply.error(errno(&e, "mknod", Path::new(name))),
         }
     }
 
-    fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, _umask: u32, reply: ReplyEntry) {
-        let r = self.path(parent).and_then(|d| self.vol.mkdir(&d, name, mode, caller(req)));
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        reply: ReplyEntry,
+    ) {
+        let r = self
+            .path(parent)
+            .and_then(|d| self.vol.mkdir(&d, name, mode, caller(req)));
         match r {
             Ok((p, a)) => reply.entry(&TTL, &self.remember(parent, name, p, &a), Generation(0)),
             Err(e) => reply.error(errno(&e, "mkdir", Path::new(name))),
@@ -399,22 +494,42 @@ impl Filesystem for CmkFs {
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         match self.path(parent).and_then(|d| self.vol.unlink(&d, name)) {
-            Ok(_) => reply.ok(),
+            Ok(p) => {
+                self.unlinked(&p);
+                reply.ok()
+            }
             Err(e) => reply.error(errno(&e, "unlink", Path::new(name))),
         }
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         match self.path(parent).and_then(|d| self.vol.rmdir(&d, name)) {
-            Ok(_) => reply.ok(),
+            Ok(p) => {
+                self.unlinked(&p);
+                reply.ok()
+            }
             Err(e) => reply.error(errno(&e, "rmdir", Path::new(name))),
         }
     }
 
-    fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
-        let r = self.path(parent).and_then(|d| self.vol.symlink(&d, link_name, target.as_os_str(), caller(req)));
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
+        let r = self.path(parent).and_then(|d| {
+            self.vol
+                .symlink(&d, link_name, target.as_os_str(), caller(req))
+        });
         match r {
-            Ok((p, a)) => reply.entry(&TTL, &self.remember(parent, link_name, p, &a), Generation(0)),
+            Ok((p, a)) => reply.entry(
+                &TTL,
+                &self.remember(parent, link_name, p, &a),
+                Generation(0),
+            ),
             Err(e) => reply.error(errno(&e, "symlink", Path::new(link_name))),
         }
     }
@@ -435,25 +550,36 @@ impl Filesystem for CmkFs {
         });
         match r {
             Ok((from, to)) => {
-                self.renamed(&from, &to, flags.bits() & libc::RENAME_EXCHANGE != 0);
-                let mut nodes = lock(&self.table.nodes);
-                if let Some(n) = nodes.values_mut().find(|n| n.path == to) {
-                    n.parent = newparent.0;
-                    n.name = newname.to_os_string();
+                let exchange = flags.bits() & libc::RENAME_EXCHANGE != 0;
+                if !exchange {
+                    // Whatever the destination name held before is gone.
+                    self.unlinked(&to);
                 }
+                self.renamed(&from, &to, exchange, newparent, newname);
                 reply.ok()
             }
             Err(e) => reply.error(errno(&e, "rename", Path::new(name))),
         }
     }
 
-    fn link(&self, _req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
+    fn link(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
         let r = self.path(ino).and_then(|p| {
             let nd = self.path(newparent)?;
             self.vol.link(&p, &nd, newname)
         });
         match r {
-            Ok((p, a)) => reply.entry(&TTL, &self.remember(newparent, newname, p, &a), Generation(0)),
+            Ok((p, a)) => reply.entry(
+                &TTL,
+                &self.remember(newparent, newname, p, &a),
+                Generation(0),
+            ),
             Err(e) => reply.error(errno(&e, "link", Path::new(newname))),
         }
     }
@@ -477,7 +603,10 @@ impl Filesystem for CmkFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        match self.file(fh).and_then(|of| self.vol.read(&of, offset, size as usize)) {
+        match self
+            .file(fh)
+            .and_then(|of| self.vol.read(&of, offset, size as usize))
+        {
             Ok(buf) => reply.data(&buf),
             Err(e) => reply.error(errno(&e, "read", Path::new(""))),
         }
@@ -495,13 +624,23 @@ impl Filesystem for CmkFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        match self.file(fh).and_then(|of| self.vol.write(&of, offset, data)) {
+        match self
+            .file(fh)
+            .and_then(|of| self.vol.write(&of, offset, data))
+        {
             Ok(n) => reply.written(n as u32),
             Err(e) => reply.error(errno(&e, "write", Path::new(""))),
         }
     }
 
-    fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lo: LockOwner, reply: ReplyEmpty) {
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lo: LockOwner,
+        reply: ReplyEmpty,
+    ) {
         // Nothing is buffered in the daemon: every write reached the backing file already.
         reply.ok();
     }
@@ -520,7 +659,14 @@ impl Filesystem for CmkFs {
         reply.ok();
     }
 
-    fn fsync(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, datasync: bool, reply: ReplyEmpty) {
+    fn fsync(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        datasync: bool,
+        reply: ReplyEmpty,
+    ) {
         match self.file(fh).and_then(|of| self.vol.fsync(&of, datasync)) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(&e, "fsync", Path::new(""))),
@@ -539,7 +685,14 @@ impl Filesystem for CmkFs {
         }
     }
 
-    fn readdir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+    fn readdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
         // A listing snapshot holds plaintext names: serve it only while the keys are live.
         match self.vol.keyring().keys().and_then(|_| self.dir(fh)) {
             Ok(s) => {
@@ -570,12 +723,21 @@ impl Filesystem for CmkFs {
             let full = match &e.attr {
                 // Entries handed out with attributes count as lookups, as the kernel expects.
                 Some((p, a)) => self.remember(ino, &e.name, p.clone(), a),
-                None => match self.getattr_of(if e.name == ".." { ino } else { INodeNo(e.ino) }, None) {
-                    Ok(a) => a,
-                    Err(_) => continue,
-                },
+                None => {
+                    match self.getattr_of(if e.name == ".." { ino } else { INodeNo(e.ino) }, None) {
+                        Ok(a) => a,
+                        Err(_) => continue,
+                    }
+                }
             };
-            if reply.add(INodeNo(e.ino), (i + 1) as u64, &e.name, &TTL, &full, Generation(0)) {
+            if reply.add(
+                INodeNo(e.ino),
+                (i + 1) as u64,
+                &e.name,
+                &TTL,
+                &full,
+                Generation(0),
+            ) {
                 // Buffer full, entry not sent: undo the lookup count just taken.
                 if e.attr.is_some() {
                     self.forget_n(e.ino, 1);
@@ -586,13 +748,30 @@ impl Filesystem for CmkFs {
         reply.ok();
     }
 
-    fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
         lock(&self.dirs).remove(&fh.0);
         reply.ok();
     }
 
-    fn fsyncdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
-        match self.path(ino).and_then(|p| crate::fsutil::sync_dir(&p).map_err(VolumeError::Os)) {
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        match self
+            .path(ino)
+            .and_then(|p| crate::fsutil::sync_dir(&p).map_err(VolumeError::Os))
+        {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(&e, "fsyncdir", Path::new(""))),
         }
@@ -614,7 +793,14 @@ impl Filesystem for CmkFs {
         }
     }
 
-    fn getxattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, _size: u32, reply: fuser::ReplyXattr) {
+    fn getxattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _name: &OsStr,
+        _size: u32,
+        reply: fuser::ReplyXattr,
+    ) {
         // No extended attributes yet. ENOSYS makes the kernel stop asking (it would otherwise
         // query security.capability before every write).
         reply.error(Errno::ENOSYS);
@@ -642,14 +828,21 @@ impl Filesystem for CmkFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        let r = self
-            .path(parent)
-            .and_then(|d| self.vol.create_file(&d, name, mode, flags & libc::O_EXCL != 0, caller(req)));
+        let r = self.path(parent).and_then(|d| {
+            self.vol
+                .create_file(&d, name, mode, flags & libc::O_EXCL != 0, caller(req))
+        });
         match r {
             Ok((p, a, of)) => {
                 let attr = self.remember(parent, name, p, &a);
                 let fh = self.add_file(of);
-                reply.created(&TTL, &attr, Generation(0), FileHandle(fh), FopenFlags::empty())
+                reply.created(
+                    &TTL,
+                    &attr,
+                    Generation(0),
+                    FileHandle(fh),
+                    FopenFlags::empty(),
+                )
             }
             Err(e) => reply.error(errno(&e, "create", Path::new(name))),
         }

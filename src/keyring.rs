@@ -30,7 +30,10 @@ pub struct KeyringConfig {
 
 impl Default for KeyringConfig {
     fn default() -> Self {
-        KeyringConfig { check_interval: Duration::from_secs(30), grace: Duration::from_secs(3600) }
+        KeyringConfig {
+            check_interval: Duration::from_secs(30),
+            grace: Duration::from_secs(3600),
+        }
     }
 }
 
@@ -223,7 +226,11 @@ impl Keyring {
     pub fn revoke(&self, reason: String) -> Option<Transition> {
         write(&self.live).take();
         let mut inner = self.inner();
-        self.set(&mut inner, KeyState::Inaccessible { reason }, SystemTime::now())
+        self.set(
+            &mut inner,
+            KeyState::Inaccessible { reason },
+            SystemTime::now(),
+        )
     }
 
     /// Re-validates the KEK with a real unwrap and moves the state accordingly: denied →
@@ -233,7 +240,9 @@ impl Keyring {
         if let Some(dir) = &self.cipherdir {
             match VolumeHeader::read(dir) {
                 Ok(h) => *write(&self.header) = h,
-                Err(e) => tracing::warn!(error = %e, "cannot re-read the volume header; using the one in memory"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot re-read the volume header; using the one in memory")
+                }
             }
         }
         let header = self.header();
@@ -352,10 +361,13 @@ pub fn unwrap_keys_with(
         (None, _) => None,
         (Some(_), Some(p)) => Some(unwrap_platform_dek(p, header)?),
         (Some(_), None) => {
-            return Err(VolumeError::Internal("a double-encrypted volume needs the platform vault".into()))
+            return Err(VolumeError::Internal(
+                "a double-encrypted volume needs the platform vault".into(),
+            ))
         }
     };
-    VolumeKeys::from_deks(&dek, inner.as_ref(), header.sector_size as usize).map_err(VolumeError::Crypto)
+    VolumeKeys::from_deks(&dek, inner.as_ref(), header.sector_size as usize)
+        .map_err(VolumeError::Crypto)
 }
 
 /// The vault that holds a double-encrypted volume's platform key: cmkfs's own (`local:`) vault
@@ -363,16 +375,26 @@ pub fn unwrap_keys_with(
 /// customer's. Opened per call: a check must see the key's current state.
 pub fn platform_vault(header: &VolumeHeader) -> Result<Box<dyn Vault>, VolumeError> {
     let Some(p) = &header.platform else {
-        return Err(VolumeError::Internal("the volume is not double-encrypted".into()));
+        return Err(VolumeError::Internal(
+            "the volume is not double-encrypted".into(),
+        ));
     };
     let kid = p.key_id()?;
-    Ok(crate::vault::open(&kid.vault, &crate::home::Home::from_env())?)
+    Ok(crate::vault::open(
+        &kid.vault,
+        &crate::home::Home::from_env(),
+    )?)
 }
 
 /// Unwraps and verifies a double-encrypted header's inner (platform-key) DEK.
-pub fn unwrap_platform_dek(platform: &dyn Vault, header: &VolumeHeader) -> Result<Dek, VolumeError> {
+pub fn unwrap_platform_dek(
+    platform: &dyn Vault,
+    header: &VolumeHeader,
+) -> Result<Dek, VolumeError> {
     let Some(p) = &header.platform else {
-        return Err(VolumeError::Internal("the volume is not double-encrypted".into()));
+        return Err(VolumeError::Internal(
+            "the volume is not double-encrypted".into(),
+        ));
     };
     let kid = p.key_id()?;
     let wrapped = p.wrapped().map_err(|_| VolumeError::CorruptHeader {
@@ -380,8 +402,9 @@ pub fn unwrap_platform_dek(platform: &dyn Vault, header: &VolumeHeader) -> Resul
         why: "platform wrapped_dek is not valid base64".into(),
     })?;
     let raw = platform.unwrap_key(&kid, p.wrap_alg, &wrapped)?;
-    let dek = Dek::from_slice(&raw)
-        .map_err(|_| VolumeError::WrongKey(format!("{kid} unwrapped something that is not a cmkfs DEK")))?;
+    let dek = Dek::from_slice(&raw).map_err(|_| {
+        VolumeError::WrongKey(format!("{kid} unwrapped something that is not a cmkfs DEK"))
+    })?;
     p.verify(&dek)?;
     Ok(dek)
 }
@@ -395,8 +418,9 @@ pub fn unwrap_dek(vault: &dyn Vault, header: &VolumeHeader) -> Result<Dek, Volum
         why: "wrapped_dek is not valid base64".into(),
     })?;
     let raw = vault.unwrap_key(&kid, header.wrap_alg, &wrapped)?;
-    let dek = Dek::from_slice(&raw)
-        .map_err(|_| VolumeError::WrongKey(format!("{kid} unwrapped something that is not a cmkfs DEK")))?;
+    let dek = Dek::from_slice(&raw).map_err(|_| {
+        VolumeError::WrongKey(format!("{kid} unwrapped something that is not a cmkfs DEK"))
+    })?;
     header.verify(&dek)?;
     Ok(dek)
 }

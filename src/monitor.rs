@@ -98,51 +98,59 @@ pub fn spawn(
     cut_off: Box<dyn Fn() + Send>,
     stop: Arc<AtomicBool>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
-    std::thread::Builder::new().name("cmkfs-monitor".into()).spawn(move || {
-        let mut push = push;
-        let mut last_status = String::new();
-        let initial = Transition { from: KeyState::Locked, to: keyring.state(), at: SystemTime::now() };
-        publish_event(&keyring, &facts, &sinks, &initial);
-        last_status = write_status(&keyring, &facts, &sinks, last_status);
-        while !stop.load(Ordering::Relaxed) {
-            let wait = keyring
-                .next_check()
-                .duration_since(SystemTime::now())
-                .unwrap_or_default()
-                .min(STATUS_REFRESH);
-            let pushed = match &push {
-                Some(rx) => match rx.recv_timeout(wait) {
-                    Ok(()) => true,
-                    Err(RecvTimeoutError::Timeout) => false,
-                    Err(RecvTimeoutError::Disconnected) => {
-                        tracing::warn!("vault push channel closed; falling back to periodic checks");
-                        push = None;
+    std::thread::Builder::new()
+        .name("cmkfs-monitor".into())
+        .spawn(move || {
+            let mut push = push;
+            let mut last_status = String::new();
+            let initial = Transition {
+                from: KeyState::Locked,
+                to: keyring.state(),
+                at: SystemTime::now(),
+            };
+            publish_event(&keyring, &facts, &sinks, &initial);
+            last_status = write_status(&keyring, &facts, &sinks, last_status);
+            while !stop.load(Ordering::Relaxed) {
+                let wait = keyring
+                    .next_check()
+                    .duration_since(SystemTime::now())
+                    .unwrap_or_default()
+                    .min(STATUS_REFRESH);
+                let pushed = match &push {
+                    Some(rx) => match rx.recv_timeout(wait) {
+                        Ok(()) => true,
+                        Err(RecvTimeoutError::Timeout) => false,
+                        Err(RecvTimeoutError::Disconnected) => {
+                            tracing::warn!(
+                                "vault push channel closed; falling back to periodic checks"
+                            );
+                            push = None;
+                            false
+                        }
+                    },
+                    None => {
+                        std::thread::sleep(wait);
                         false
                     }
-                },
-                None => {
-                    std::thread::sleep(wait);
-                    false
+                };
+                if stop.load(Ordering::Relaxed) {
+                    break;
                 }
-            };
-            if stop.load(Ordering::Relaxed) {
-                break;
-            }
-            if pushed || SystemTime::now() >= keyring.next_check() {
-                // DES auto-rotation (issue 4 item 7) rides on the key check, so it happens
-                // within one key-check interval of a new key version; it runs first so that
-                // the check below re-reads the rewrapped header and validates it at once.
-                crate::des::auto_rotate_mounted(&facts.cipherdir, keyring.vault());
-                if let Some(t) = keyring.check() {
-                    if matches!(t.to, KeyState::Inaccessible { .. }) {
-                        cut_off();
+                if pushed || SystemTime::now() >= keyring.next_check() {
+                    // DES auto-rotation (issue 4 item 7) rides on the key check, so it happens
+                    // within one key-check interval of a new key version; it runs first so that
+                    // the check below re-reads the rewrapped header and validates it at once.
+                    crate::des::auto_rotate_mounted(&facts.cipherdir, keyring.vault());
+                    if let Some(t) = keyring.check() {
+                        if matches!(t.to, KeyState::Inaccessible { .. }) {
+                            cut_off();
+                        }
+                        publish_event(&keyring, &facts, &sinks, &t);
                     }
-                    publish_event(&keyring, &facts, &sinks, &t);
                 }
+                last_status = write_status(&keyring, &facts, &sinks, last_status);
             }
-            last_status = write_status(&keyring, &facts, &sinks, last_status);
-        }
-    })
+        })
 }
 
 fn publish_event(keyring: &Keyring, facts: &MountFacts, sinks: &MonitorSinks, t: &Transition) {
@@ -156,9 +164,13 @@ fn publish_event(keyring: &Keyring, facts: &MountFacts, sinks: &MonitorSinks, t:
         reason: t.to.reason().map(str::to_string),
         key_id: keyring.header().key_id,
     };
-    let Ok(line) = serde_json::to_string(&ev) else { return };
+    let Ok(line) = serde_json::to_string(&ev) else {
+        return;
+    };
     match &t.to {
-        KeyState::Inaccessible { reason } => tracing::warn!(reason = %reason, "volume is now Inaccessible"),
+        KeyState::Inaccessible { reason } => {
+            tracing::warn!(reason = %reason, "volume is now Inaccessible")
+        }
         KeyState::Degraded { reason } => tracing::warn!(reason = %reason, "volume is now Degraded"),
         s => tracing::info!(state = s.name(), "volume state"),
     }
@@ -231,7 +243,12 @@ pub fn status_doc(keyring: &Keyring, facts: &MountFacts) -> StatusFile {
     }
 }
 
-fn write_status(keyring: &Keyring, facts: &MountFacts, sinks: &MonitorSinks, last: String) -> String {
+fn write_status(
+    keyring: &Keyring,
+    facts: &MountFacts,
+    sinks: &MonitorSinks,
+    last: String,
+) -> String {
     let mut doc = status_doc(keyring, facts);
     // Compare without the timestamp so an idle mount does not rewrite its file every second.
     doc.updated.clear();
@@ -243,7 +260,10 @@ fn write_status(keyring: &Keyring, facts: &MountFacts, sinks: &MonitorSinks, las
     if let Ok(json) = serde_json::to_vec_pretty(&doc) {
         // Not fsynced: the status file is a live view, rebuilt by the next write.
         let tmp = sinks.status_path.with_extension("json.tmp");
-        if std::fs::write(&tmp, json).and_then(|_| std::fs::rename(&tmp, &sinks.status_path)).is_err() {
+        if std::fs::write(&tmp, json)
+            .and_then(|_| std::fs::rename(&tmp, &sinks.status_path))
+            .is_err()
+        {
             tracing::warn!(path = %sinks.status_path.display(), "cannot write the status file");
         }
     }

@@ -105,7 +105,9 @@ impl RunRecord {
 
     /// Every run record in the home (mounts that are, or were until a crash, live).
     pub fn all(home: &Home) -> Vec<RunRecord> {
-        let Ok(dir) = std::fs::read_dir(home.run_dir()) else { return Vec::new() };
+        let Ok(dir) = std::fs::read_dir(home.run_dir()) else {
+            return Vec::new();
+        };
         let mut out: Vec<RunRecord> = dir
             .flatten()
             .filter(|e| {
@@ -141,7 +143,10 @@ impl RunRecord {
 pub fn check_mountpoint(mp: &Path) -> Result<PathBuf, MountError> {
     let abs = std::fs::canonicalize(mp).map_err(|e| match e.kind() {
         io::ErrorKind::NotFound => MountError::Missing(mp.to_path_buf()),
-        _ => MountError::Io { path: mp.to_path_buf(), error: e },
+        _ => MountError::Io {
+            path: mp.to_path_buf(),
+            error: e,
+        },
     })?;
     if !abs.is_dir() {
         return Err(MountError::NotADirectory(abs));
@@ -158,11 +163,20 @@ pub fn mount_type(mp: &Path) -> Option<(String, PathBuf)> {
     let mut found = None;
     for line in info.split(|b| *b == b'\n') {
         let fields: Vec<&[u8]> = line.split(|b| *b == b' ').collect();
-        let Some(sep) = fields.iter().position(|f| *f == b"-") else { continue };
-        if fields.len() > sep + 2 && fields.len() > 4 && unescape(fields[4]) == mp.as_os_str().as_encoded_bytes() {
+        let Some(sep) = fields.iter().position(|f| *f == b"-") else {
+            continue;
+        };
+        if fields.len() > sep + 2
+            && fields.len() > 4
+            && unescape(fields[4]) == mp.as_os_str().as_encoded_bytes()
+        {
             // Later lines are mounted on top of earlier ones: the last match is visible.
-            let source: std::ffi::OsString = std::os::unix::ffi::OsStringExt::from_vec(unescape(fields[sep + 2]));
-            found = Some((String::from_utf8_lossy(fields[sep + 1]).into_owned(), PathBuf::from(source)));
+            let source: std::ffi::OsString =
+                std::os::unix::ffi::OsStringExt::from_vec(unescape(fields[sep + 2]));
+            found = Some((
+                String::from_utf8_lossy(fields[sep + 1]).into_owned(),
+                PathBuf::from(source),
+            ));
         }
     }
     found
@@ -174,7 +188,9 @@ fn unescape(f: &[u8]) -> Vec<u8> {
     let mut i = 0;
     while i < f.len() {
         if f[i] == b'\\' && i + 4 <= f.len() {
-            if let Ok(v) = u8::from_str_radix(std::str::from_utf8(&f[i + 1..i + 4]).unwrap_or("x"), 8) {
+            if let Ok(v) =
+                u8::from_str_radix(std::str::from_utf8(&f[i + 1..i + 4]).unwrap_or("x"), 8)
+            {
                 out.push(v);
                 i += 4;
                 continue;
@@ -202,7 +218,10 @@ pub fn mount(fs: CmkFs, mp: &Path, cfg: &MountConfig) -> Result<Session<CmkFs>, 
     if cfg.allow_other {
         c.acl = SessionACL::All;
     }
-    Session::new(fs, mp, &c).map_err(|e| MountError::Mount { path: mp.to_path_buf(), error: e })
+    Session::new(fs, mp, &c).map_err(|e| MountError::Mount {
+        path: mp.to_path_buf(),
+        error: e,
+    })
 }
 
 /// Unmounts the cmkfs mount at `mp`; `lazy` detaches even while files are open. Waits (up
@@ -210,13 +229,19 @@ pub fn mount(fs: CmkFs, mp: &Path, cfg: &MountConfig) -> Result<Session<CmkFs>, 
 pub fn unmount(home: &Home, mp: &Path, lazy: bool, wait: Duration) -> Result<(), MountError> {
     let abs = std::fs::canonicalize(mp).map_err(|e| match e.kind() {
         io::ErrorKind::NotFound => MountError::Missing(mp.to_path_buf()),
-        _ => MountError::Io { path: mp.to_path_buf(), error: e },
+        _ => MountError::Io {
+            path: mp.to_path_buf(),
+            error: e,
+        },
     })?;
     if !is_cmkfs_mount(&abs) {
         return Err(MountError::NotMounted(abs));
     }
     let record = RunRecord::load(home, &abs);
-    umount_syscall(&abs, lazy).map_err(|e| MountError::Unmount { path: abs.clone(), error: e })?;
+    umount_syscall(&abs, lazy).map_err(|e| MountError::Unmount {
+        path: abs.clone(),
+        error: e,
+    })?;
     if let Some(r) = record {
         let deadline = Instant::now() + wait;
         while pid_alive(r.pid) && Instant::now() < deadline {
@@ -242,7 +267,8 @@ pub fn is_cmkfs_mount(mp: &Path) -> bool {
 pub fn umount_syscall(mp: &Path, lazy: bool) -> io::Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } == 0 {
-        let c = std::ffi::CString::new(mp.as_os_str().as_encoded_bytes()).map_err(io::Error::other)?;
+        let c =
+            std::ffi::CString::new(mp.as_os_str().as_encoded_bytes()).map_err(io::Error::other)?;
         let flags = if lazy { libc::MNT_DETACH } else { 0 };
         // SAFETY: valid C path.
         if unsafe { libc::umount2(c.as_ptr(), flags) } != 0 {
@@ -257,7 +283,9 @@ pub fn umount_syscall(mp: &Path, lazy: bool) -> io::Result<()> {
     }
     let out = cmd.arg(mp).output()?;
     if !out.status.success() {
-        return Err(io::Error::other(String::from_utf8_lossy(&out.stderr).trim().to_string()));
+        return Err(io::Error::other(
+            String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        ));
     }
     Ok(())
 }
@@ -265,7 +293,12 @@ pub fn umount_syscall(mp: &Path, lazy: bool) -> io::Result<()> {
 fn pid_alive(pid: u32) -> bool {
     // Zombies count as gone: their mount work is over.
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(s) => !s.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'),
+        Ok(s) => !s
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z'),
         Err(_) => false,
     }
 }
@@ -285,15 +318,17 @@ pub fn unmount_on_signal(mp: PathBuf) -> io::Result<()> {
         }
         set
     };
-    std::thread::Builder::new().name("cmkfs-signals".into()).spawn(move || {
-        let mut sig = 0;
-        // SAFETY: `set` is a valid signal set blocked in every thread of the process.
-        unsafe { libc::sigwait(&set, &mut sig) };
-        tracing::info!(signal = sig, "signal received, unmounting");
-        if let Err(e) = umount_syscall(&mp, true) {
-            tracing::error!(error = %e, "unmount on signal failed");
-            std::process::exit(1);
-        }
-    })?;
+    std::thread::Builder::new()
+        .name("cmkfs-signals".into())
+        .spawn(move || {
+            let mut sig = 0;
+            // SAFETY: `set` is a valid signal set blocked in every thread of the process.
+            unsafe { libc::sigwait(&set, &mut sig) };
+            tracing::info!(signal = sig, "signal received, unmounting");
+            if let Err(e) = umount_syscall(&mp, true) {
+                tracing::error!(error = %e, "unmount on signal failed");
+                std::process::exit(1);
+            }
+        })?;
     Ok(())
 }

@@ -21,13 +21,21 @@ use common::*;
 const GUARD: Duration = Duration::from_secs(60);
 
 fn status(env: &Env, target: &Path) -> serde_json::Value {
-    let out = env.cmkfs(&[OsStr::new("status"), target.as_os_str(), OsStr::new("--json")]);
+    let out = env.cmkfs(&[
+        OsStr::new("status"),
+        target.as_os_str(),
+        OsStr::new("--json"),
+    ]);
     out.assert_ok();
-    serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("status --json is not JSON ({e}):\n{out}"))
+    serde_json::from_str(&out.stdout)
+        .unwrap_or_else(|e| panic!("status --json is not JSON ({e}):\n{out}"))
 }
 
 fn state(env: &Env, target: &Path) -> String {
-    status(env, target)["state"].as_str().unwrap_or("").to_string()
+    status(env, target)["state"]
+        .as_str()
+        .unwrap_or("")
+        .to_string()
 }
 
 #[track_caller]
@@ -58,8 +66,8 @@ fn drill(env: &Env, how: &str) -> serde_json::Value {
         OsStr::new("--timeout"),
         OsStr::new("30s"),
     ]);
-    let report: serde_json::Value =
-        serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("drill --json is not JSON ({e}):\n{out}"));
+    let report: serde_json::Value = serde_json::from_str(&out.stdout)
+        .unwrap_or_else(|e| panic!("drill --json is not JSON ({e}):\n{out}"));
     println!(
         "drill --revoke {how}: cut-off {} ms, heal {} ms, verdict {}",
         report["cutoff_ms"], report["heal_ms"], report["verdict"]
@@ -70,13 +78,34 @@ fn drill(env: &Env, how: &str) -> serde_json::Value {
             "{how}: path {} was never denied: {report:#}",
             p["path"]
         );
-        assert_eq!(p["leaked_bytes"], 0, "{how}: path {} leaked plaintext: {report:#}", p["path"]);
+        assert_eq!(
+            p["leaked_bytes"], 0,
+            "{how}: path {} leaked plaintext: {report:#}",
+            p["path"]
+        );
     }
-    let names: Vec<&str> = report["paths"].as_array().unwrap().iter().filter_map(|p| p["path"].as_str()).collect();
-    assert_eq!(names, ["new_open", "cached_read", "open_descriptor", "mmap", "readdir"]);
+    let names: Vec<&str> = report["paths"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p["path"].as_str())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "new_open",
+            "cached_read",
+            "open_descriptor",
+            "mmap",
+            "readdir"
+        ]
+    );
     assert_eq!(report["leaked_bytes"], 0);
     assert_eq!(report["backing_intact"], true, "{report:#}");
-    assert_eq!(report["verified"], true, "heal must give back the same bytes: {report:#}");
+    assert_eq!(
+        report["verified"], true,
+        "heal must give back the same bytes: {report:#}"
+    );
     assert!(report["heal_ms"].is_number());
     report
 }
@@ -110,9 +139,22 @@ fn policy_removal_cuts_off_a_mount_that_uses_an_identity() {
         cred.as_os_str(),
     ])
     .assert_ok();
-    env.cmkfs(&["vault", "policy", "set", "app", "--key", "default", "--permissions", "get,wrapKey,unwrapKey"])
-        .assert_ok();
-    let m = env.mount_with(&env.cipher, &env.mnt, &["--credential", cred.to_str().unwrap()]);
+    env.cmkfs(&[
+        "vault",
+        "policy",
+        "set",
+        "app",
+        "--key",
+        "default",
+        "--permissions",
+        "get,wrapKey,unwrapKey",
+    ])
+    .assert_ok();
+    let m = env.mount_with(
+        &env.cipher,
+        &env.mnt,
+        &["--credential", cred.to_str().unwrap()],
+    );
     drill(&env, "policy");
     m.unmount();
 }
@@ -121,7 +163,11 @@ fn policy_removal_cuts_off_a_mount_that_uses_an_identity() {
 fn periodic_checks_alone_detect_revocation_and_heal() {
     let env = Env::new();
     env.init(&env.cipher);
-    let m = env.mount_with(&env.cipher, &env.mnt, &["--no-push", "--key-check-interval", "1s"]);
+    let m = env.mount_with(
+        &env.cipher,
+        &env.mnt,
+        &["--no-push", "--key-check-interval", "1s"],
+    );
     write(&m.path("f"), b"periodic");
     let st = status(&env, &env.mnt);
     assert_eq!(st["push"], false);
@@ -130,7 +176,11 @@ fn periodic_checks_alone_detect_revocation_and_heal() {
     let st = wait_state(&env, &env.mnt, "Inaccessible");
     assert_eq!(st["reason"], "key disabled");
     let err = fs::read(m.path("f")).expect_err("read after cut-off");
-    assert_eq!(err.raw_os_error(), Some(libc::EACCES), "revocation is EACCES: {err}");
+    assert_eq!(
+        err.raw_os_error(),
+        Some(libc::EACCES),
+        "revocation is EACCES: {err}"
+    );
     key_update(&env, &["--enable"]);
     wait_state(&env, &env.mnt, "Accessible");
     assert_eq!(read(&m.path("f")), b"periodic");
@@ -142,17 +192,27 @@ fn periodic_checks_alone_detect_revocation_and_heal() {
 fn unreachable_vault_degrades_within_grace_then_cuts_off() {
     let env = Env::new();
     env.init(&env.cipher);
-    let m = env.mount_with(&env.cipher, &env.mnt, &["--key-check-interval", "1s", "--grace-period", "4s"]);
+    let m = env.mount_with(
+        &env.cipher,
+        &env.mnt,
+        &["--key-check-interval", "1s", "--grace-period", "4s"],
+    );
     write(&m.path("f"), b"grace");
     let vault = env.home.join("vault");
     let away = env.home.join("vault.away");
     fs::rename(&vault, &away).unwrap();
     let st = wait_state(&env, &env.mnt, "Degraded");
-    assert!(st["reason"].as_str().unwrap().contains("unavailable"), "{st:#}");
+    assert!(
+        st["reason"].as_str().unwrap().contains("unavailable"),
+        "{st:#}"
+    );
     // Inside the grace period the keys stay live.
     assert_eq!(read(&m.path("f")), b"grace");
     let st = wait_state(&env, &env.mnt, "Inaccessible");
-    assert!(st["reason"].as_str().unwrap().contains("grace period"), "{st:#}");
+    assert!(
+        st["reason"].as_str().unwrap().contains("grace period"),
+        "{st:#}"
+    );
     assert!(fs::read(m.path("f")).is_err());
     fs::rename(&away, &vault).unwrap();
     wait_state(&env, &env.mnt, "Accessible");
@@ -164,10 +224,17 @@ fn unreachable_vault_degrades_within_grace_then_cuts_off() {
 fn zero_grace_fails_closed_at_once() {
     let env = Env::new();
     env.init(&env.cipher);
-    let m = env.mount_with(&env.cipher, &env.mnt, &["--key-check-interval", "1s", "--grace-period", "0"]);
+    let m = env.mount_with(
+        &env.cipher,
+        &env.mnt,
+        &["--key-check-interval", "1s", "--grace-period", "0"],
+    );
     fs::rename(env.home.join("vault"), env.home.join("vault.away")).unwrap();
     let st = wait_state(&env, &env.mnt, "Inaccessible");
-    assert!(st["reason"].as_str().unwrap().contains("unreachable"), "{st:#}");
+    assert!(
+        st["reason"].as_str().unwrap().contains("unreachable"),
+        "{st:#}"
+    );
     fs::rename(env.home.join("vault.away"), env.home.join("vault")).unwrap();
     wait_state(&env, &env.mnt, "Accessible");
     m.unmount();
@@ -176,7 +243,9 @@ fn zero_grace_fails_closed_at_once() {
 /// The pattern byte at `off` of the long-write file: every 4 KiB sector is recognisable, so a
 /// torn sector (half old, half new, or garbage) cannot pass.
 fn pattern(off: usize) -> u8 {
-    ((off / 4096) as u8).wrapping_mul(31).wrapping_add((off % 251) as u8)
+    ((off / 4096) as u8)
+        .wrapping_mul(31)
+        .wrapping_add((off % 251) as u8)
 }
 
 #[test]
@@ -203,17 +272,26 @@ fn long_write_at_cut_off_ends_cleanly_without_torn_sectors() {
         (written, None)
     });
     // Let it get going, then revoke under it.
-    assert!(wait_until(GUARD, || fs::metadata(m.path("big")).map(|m| m.len() > 8 << 20).unwrap_or(false)));
+    assert!(wait_until(GUARD, || fs::metadata(m.path("big"))
+        .map(|m| m.len() > 8 << 20)
+        .unwrap_or(false)));
     key_update(&env, &["--disable"]);
     let (written, err) = writer.join().unwrap();
     println!("writer stopped after {written} bytes with {err:?}");
-    assert!(err.is_some(), "the write must fail once the key is disabled");
+    assert!(
+        err.is_some(),
+        "the write must fail once the key is disabled"
+    );
     key_update(&env, &["--enable"]);
     wait_state(&env, &env.mnt, "Accessible");
     let mut f = fs::File::open(m.path("big")).unwrap();
     let mut data = Vec::new();
     f.read_to_end(&mut data).unwrap();
-    assert!(data.len() >= written, "acknowledged bytes lost: {} < {written}", data.len());
+    assert!(
+        data.len() >= written,
+        "acknowledged bytes lost: {} < {written}",
+        data.len()
+    );
     for (i, sector) in data.chunks(4096).enumerate() {
         let want: Vec<u8> = (i * 4096..i * 4096 + sector.len()).map(pattern).collect();
         assert!(sector == want.as_slice(), "sector {i} is torn");
@@ -271,9 +349,14 @@ fn status_json_schema_is_stable_and_the_hook_sees_events() {
     wait_state(&env, &env.mnt, "Inaccessible");
     key_update(&env, &["--enable"]);
     wait_state(&env, &env.mnt, "Accessible");
-    assert!(wait_until(GUARD, || fs::read_to_string(&hook_log).map(|s| s.lines().count() >= 3).unwrap_or(false)));
-    let events: Vec<serde_json::Value> =
-        fs::read_to_string(&hook_log).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert!(wait_until(GUARD, || fs::read_to_string(&hook_log)
+        .map(|s| s.lines().count() >= 3)
+        .unwrap_or(false)));
+    let events: Vec<serde_json::Value> = fs::read_to_string(&hook_log)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     let tos: Vec<&str> = events.iter().map(|e| e["to"].as_str().unwrap()).collect();
     assert_eq!(tos, ["Accessible", "Inaccessible", "Accessible"]);
     assert_eq!(events[1]["reason"], "key disabled");

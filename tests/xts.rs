@@ -139,7 +139,10 @@ fn equals_xts_mode_random() {
                 c.encrypt_unit(tweak, &mut ours).unwrap();
                 let mut theirs = pt.clone();
                 oracle(&key).encrypt_sector(&mut theirs, get_tweak_default(tweak));
-                assert!(ours == theirs, "{name}: unit {unit_size} len {len} tweak {tweak:#x}");
+                assert!(
+                    ours == theirs,
+                    "{name}: unit {unit_size} len {len} tweak {tweak:#x}"
+                );
                 c.decrypt_unit(tweak, &mut ours).unwrap();
                 assert!(ours == pt, "{name}: decrypt unit {unit_size} len {len}");
             }
@@ -256,8 +259,14 @@ fn different_key_different_ciphertext() {
     let (k1, k2) = (random_key(&mut r), random_key(&mut r));
     let mut a = vec![0u8; 4096];
     let mut b = a.clone();
-    XtsCipher::new(&k1, 4096).unwrap().encrypt_unit(0, &mut a).unwrap();
-    XtsCipher::new(&k2, 4096).unwrap().encrypt_unit(0, &mut b).unwrap();
+    XtsCipher::new(&k1, 4096)
+        .unwrap()
+        .encrypt_unit(0, &mut a)
+        .unwrap();
+    XtsCipher::new(&k2, 4096)
+        .unwrap()
+        .encrypt_unit(0, &mut b)
+        .unwrap();
     assert!(a != b);
 }
 
@@ -289,7 +298,10 @@ fn bad_input_is_a_typed_error() {
             assert_eq!(c.encrypt_unit(0, &mut empty).unwrap_err(), err);
             assert_eq!(c.decrypt_unit(0, &mut empty).unwrap_err(), err);
             let mut long = vec![0u8; u + 1];
-            let err = CryptoError::BadLength { len: u + 1, unit: u };
+            let err = CryptoError::BadLength {
+                len: u + 1,
+                unit: u,
+            };
             assert_eq!(c.encrypt_unit(0, &mut long).unwrap_err(), err);
             assert_eq!(c.decrypt_unit(0, &mut long).unwrap_err(), err);
             // A refused call leaves the buffer untouched.
@@ -326,7 +338,12 @@ fn openssl(args: &[&str], input: &[u8]) -> Result<Vec<u8>, String> {
         .stderr(Stdio::piped())
         .spawn()
         .map_err(|e| e.to_string())?;
-    child.stdin.take().unwrap().write_all(input).map_err(|e| e.to_string())?;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input)
+        .map_err(|e| e.to_string())?;
     let out = child.wait_with_output().map_err(|e| e.to_string())?;
     if !out.status.success() {
         return Err(String::from_utf8_lossy(&out.stderr).into_owned());
@@ -389,7 +406,16 @@ fn equals_openssl_command() {
     let mut via_ecb = false;
     for (i, sector) in pt.chunks(4096).enumerate() {
         let iv = (first + i as u128).to_le_bytes();
-        let args = ["enc", "-e", "-aes-256-xts", "-nopad", "-K", &khex, "-iv", &hex::encode(iv)];
+        let args = [
+            "enc",
+            "-e",
+            "-aes-256-xts",
+            "-nopad",
+            "-K",
+            &khex,
+            "-iv",
+            &hex::encode(iv),
+        ];
         let direct = if via_ecb {
             None
         } else {
@@ -535,8 +561,18 @@ fn speed_vs_aws_lc() {
     let ctx = unsafe { sys::EVP_CIPHER_CTX_new() };
     for dec in [false, true] {
         unsafe {
-            let init = if dec { sys::EVP_DecryptInit_ex } else { sys::EVP_EncryptInit_ex };
-            init(ctx, sys::EVP_aes_256_xts(), std::ptr::null_mut(), key.as_ptr(), std::ptr::null());
+            let init = if dec {
+                sys::EVP_DecryptInit_ex
+            } else {
+                sys::EVP_EncryptInit_ex
+            };
+            init(
+                ctx,
+                sys::EVP_aes_256_xts(),
+                std::ptr::null_mut(),
+                key.as_ptr(),
+                std::ptr::null(),
+            );
         }
         for _ in 0..3 {
             let ours = rate(|| {
@@ -550,15 +586,30 @@ fn speed_vs_aws_lc() {
                 let iv = 5u128.to_le_bytes();
                 let mut n = 0;
                 if dec {
-                    sys::EVP_DecryptInit_ex(ctx, std::ptr::null(), std::ptr::null_mut(), std::ptr::null(), iv.as_ptr());
+                    sys::EVP_DecryptInit_ex(
+                        ctx,
+                        std::ptr::null(),
+                        std::ptr::null_mut(),
+                        std::ptr::null(),
+                        iv.as_ptr(),
+                    );
                     sys::EVP_DecryptUpdate(ctx, out.as_mut_ptr(), &mut n, buf.as_ptr(), 4096);
                 } else {
-                    sys::EVP_EncryptInit_ex(ctx, std::ptr::null(), std::ptr::null_mut(), std::ptr::null(), iv.as_ptr());
+                    sys::EVP_EncryptInit_ex(
+                        ctx,
+                        std::ptr::null(),
+                        std::ptr::null_mut(),
+                        std::ptr::null(),
+                        iv.as_ptr(),
+                    );
                     sys::EVP_EncryptUpdate(ctx, out.as_mut_ptr(), &mut n, buf.as_ptr(), 4096);
                 }
             });
             let what = if dec { "decrypt" } else { "encrypt" };
-            println!("{what}: ours {ours:.0} MB/s, aws-lc {theirs:.0} MB/s, ratio {:.3}", ours / theirs);
+            println!(
+                "{what}: ours {ours:.0} MB/s, aws-lc {theirs:.0} MB/s, ratio {:.3}",
+                ours / theirs
+            );
         }
     }
     unsafe { sys::EVP_CIPHER_CTX_free(ctx) };

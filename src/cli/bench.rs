@@ -87,11 +87,7 @@ fn print_table(r: &SectorReport) {
         Some(o) => {
             println!(
                 "{:<10}{:>9}{:>16.0}{:>16.0}   ({})",
-                "openssl",
-                1,
-                o.encrypt_mb_per_s,
-                o.decrypt_mb_per_s,
-                o.version
+                "openssl", 1, o.encrypt_mb_per_s, o.decrypt_mb_per_s, o.version
             );
             if let (Some(e), Some(d), Some(oe), Some(od)) = (
                 r.ratio_vs_openssl(Op::Encrypt),

@@ -35,7 +35,12 @@ pub struct DrillArgs {
 }
 
 pub fn run(a: DrillArgs) -> anyhow::Result<()> {
-    let opts = DrillOptions { revoke: a.revoke, restore: a.restore, timeout: a.timeout, probe_size: a.probe_size };
+    let opts = DrillOptions {
+        revoke: a.revoke,
+        restore: a.restore,
+        timeout: a.timeout,
+        probe_size: a.probe_size,
+    };
     let r = drill::run(&Home::from_env(), &a.mountpoint, &opts)?;
     if let Some(p) = &a.plot {
         std::fs::write(p, drill::svg(&r)).with_context(|| format!("writing {}", p.display()))?;
@@ -43,15 +48,28 @@ pub fn run(a: DrillArgs) -> anyhow::Result<()> {
     if a.json {
         println!("{}", serde_json::to_string_pretty(&r)?);
     } else {
-        println!("drill: revoke={:?} mount={} key={}", r.revoke, r.mountpoint.display(), r.key_id);
-        println!("       push={} bound={:.0} ms", if r.push { "on" } else { "off" }, r.bound_ms);
+        println!(
+            "drill: revoke={:?} mount={} key={}",
+            r.revoke,
+            r.mountpoint.display(),
+            r.key_id
+        );
+        println!(
+            "       push={} bound={:.0} ms",
+            if r.push { "on" } else { "off" },
+            r.bound_ms
+        );
         for (t, what) in &r.timeline {
             println!("{t:>10.1} ms  {what}");
         }
         println!(
             "cut-off {}  heal {}  plaintext after cut-off: {} bytes",
-            r.cutoff_ms.map(|c| format!("{c:.1} ms")).unwrap_or("never".into()),
-            r.heal_ms.map(|c| format!("{c:.1} ms")).unwrap_or("-".into()),
+            r.cutoff_ms
+                .map(|c| format!("{c:.1} ms"))
+                .unwrap_or("never".into()),
+            r.heal_ms
+                .map(|c| format!("{c:.1} ms"))
+                .unwrap_or("-".into()),
             r.leaked_bytes
         );
         println!("verdict: {}", r.verdict);

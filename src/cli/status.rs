@@ -23,11 +23,18 @@ pub struct StatusArgs {
 pub fn run(a: StatusArgs) -> anyhow::Result<()> {
     let home = Home::from_env();
     let docs: Vec<serde_json::Value> = match &a.target {
-        None => RunRecord::all(&home).iter().map(|r| mounted_status(&home, r)).collect(),
+        None => RunRecord::all(&home)
+            .iter()
+            .map(|r| mounted_status(&home, r))
+            .collect(),
         Some(t) => vec![target_status(&home, t)?],
     };
     if a.json {
-        let out = if a.target.is_some() { docs[0].clone() } else { serde_json::Value::Array(docs) };
+        let out = if a.target.is_some() {
+            docs[0].clone()
+        } else {
+            serde_json::Value::Array(docs)
+        };
         println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(());
     }
@@ -41,11 +48,15 @@ pub fn run(a: StatusArgs) -> anyhow::Result<()> {
 }
 
 fn target_status(home: &Home, target: &Path) -> anyhow::Result<serde_json::Value> {
-    let abs = std::fs::canonicalize(target).map_err(|e| anyhow::anyhow!("{}: {e}", target.display()))?;
+    let abs =
+        std::fs::canonicalize(target).map_err(|e| anyhow::anyhow!("{}: {e}", target.display()))?;
     if let Some(r) = RunRecord::load(home, &abs) {
         return Ok(mounted_status(home, &r));
     }
-    if let Some(r) = RunRecord::all(home).into_iter().find(|r| r.cipherdir == abs && r.alive()) {
+    if let Some(r) = RunRecord::all(home)
+        .into_iter()
+        .find(|r| r.cipherdir == abs && r.alive())
+    {
         return Ok(mounted_status(home, &r));
     }
     // Not mounted: answer with a one-shot check of the key, which is what "accessible" means.
@@ -58,7 +69,10 @@ fn target_status(home: &Home, target: &Path) -> anyhow::Result<serde_json::Value
         Ok(_) => ("Accessible", None),
         Err(e) => {
             let denied = matches!(&e, crate::volume::VolumeError::Vault(v) if v.class() == vault::ErrorClass::Denied);
-            (if denied { "Inaccessible" } else { "Unknown" }, Some(e.to_string()))
+            (
+                if denied { "Inaccessible" } else { "Unknown" },
+                Some(e.to_string()),
+            )
         }
     };
     Ok(serde_json::json!({
@@ -92,7 +106,10 @@ fn mounted_status(home: &Home, r: &RunRecord) -> serde_json::Value {
         o.insert("mounted".into(), serde_json::Value::Bool(alive));
         if !alive {
             o.insert("state".into(), "Unknown".into());
-            o.insert("reason".into(), format!("stale record: daemon {} is not running", r.pid).into());
+            o.insert(
+                "reason".into(),
+                format!("stale record: daemon {} is not running", r.pid).into(),
+            );
         }
     }
     doc
@@ -100,9 +117,20 @@ fn mounted_status(home: &Home, r: &RunRecord) -> serde_json::Value {
 
 fn print_human(d: &serde_json::Value) {
     let s = |k: &str| d.get(k).and_then(|v| v.as_str()).unwrap_or("-").to_string();
-    let where_ = d.get("mountpoint").and_then(|v| v.as_str()).map(str::to_string).unwrap_or_else(|| s("cipherdir"));
+    let where_ = d
+        .get("mountpoint")
+        .and_then(|v| v.as_str())
+        .map(str::to_string)
+        .unwrap_or_else(|| s("cipherdir"));
     println!("{where_}");
-    println!("  state          {}{}", s("state"), d.get("reason").and_then(|v| v.as_str()).map(|r| format!(" ({r})")).unwrap_or_default());
+    println!(
+        "  state          {}{}",
+        s("state"),
+        d.get("reason")
+            .and_then(|v| v.as_str())
+            .map(|r| format!(" ({r})"))
+            .unwrap_or_default()
+    );
     for (label, key) in [
         ("since", "since"),
         ("cipherdir", "cipherdir"),
@@ -120,6 +148,13 @@ fn print_human(d: &serde_json::Value) {
         println!("  denied         {n} requests");
     }
     if let Some(p) = d.get("push").and_then(|v| v.as_bool()) {
-        println!("  push           {}", if p { "on" } else { "off (periodic checks only)" });
+        println!(
+            "  push           {}",
+            if p {
+                "on"
+            } else {
+                "off (periodic checks only)"
+            }
+        );
     }
 }

@@ -14,8 +14,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::fs::CmkFs;
 use crate::home::Home;
-use crate::monitor::{self, MonitorSinks, MountFacts};
 use crate::keyring::{Keyring, KeyringConfig};
+use crate::monitor::{self, MonitorSinks, MountFacts};
 use crate::mount::{self, MountConfig, RunRecord};
 use crate::vault::{self, CreateKeyOptions, Credential, VaultError, WrapAlg};
 use crate::volume::header::VolumeHeader;
@@ -63,7 +63,9 @@ fn parse_alg(s: &str) -> Result<WrapAlg, String> {
 fn parse_key_size(s: &str) -> Result<u32, String> {
     match s.parse::<u32>() {
         Ok(n @ (2048 | 3072 | 4096)) => Ok(n),
-        _ => Err(format!("{s:?} is not a supported RSA size (2048, 3072 or 4096)")),
+        _ => Err(format!(
+            "{s:?} is not a supported RSA size (2048, 3072 or 4096)"
+        )),
     }
 }
 
@@ -106,7 +108,8 @@ pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     if let Ok(n) = s.parse::<u64>() {
         return Ok(Duration::from_secs(n));
     }
-    humantime::parse_duration(s).map_err(|e| format!("{s:?} is not a duration like 30s, 5m or 1h ({e})"))
+    humantime::parse_duration(s)
+        .map_err(|e| format!("{s:?} is not a duration like 30s, 5m or 1h ({e})"))
 }
 
 /// `cmkfs umount`.
@@ -131,6 +134,8 @@ pub struct InfoArgs {
 
 pub fn init(a: InitArgs) -> anyhow::Result<()> {
     let home = Home::from_env();
+    // Refuse a bad target before the vault is touched (no key created for nothing).
+    Volume::check_new_dir(&a.cipherdir)?;
     if let Some(des) = &a.des {
         let header = crate::des::init_volume(&home, des, &a.cipherdir, a.sector_size)?;
         return print_init(&a, &header);
@@ -144,9 +149,18 @@ pub fn init(a: InitArgs) -> anyhow::Result<()> {
         Ok(k) => k.wrap_alg,
         Err(VaultError::NotFound(_)) => {
             let k = v
-                .create_key(&a.key, &CreateKeyOptions { key_size: a.key_size, wrap_alg: a.alg })
+                .create_key(
+                    &a.key,
+                    &CreateKeyOptions {
+                        key_size: a.key_size,
+                        wrap_alg: a.alg,
+                    },
+                )
                 .with_context(|| format!("creating key {:?}", a.key))?;
-            eprintln!("created vault key {} (RSA {}, {})", k.kid, k.key_size, k.wrap_alg);
+            eprintln!(
+                "created vault key {} (RSA {}, {})",
+                k.kid, k.key_size, k.wrap_alg
+            );
             k.wrap_alg
         }
         Err(e) => return Err(e).with_context(|| format!("looking up key {:?}", a.key)),
@@ -177,7 +191,10 @@ fn print_init(a: &InitArgs, header: &VolumeHeader) -> anyhow::Result<()> {
             header.wrap_alg
         );
         if let Some(p) = &header.platform {
-            println!("  inner DEK wrapped by platform key {} ({})", p.key_id, p.wrap_alg);
+            println!(
+                "  inner DEK wrapped by platform key {} ({})",
+                p.key_id, p.wrap_alg
+            );
         }
         if let Some(d) = &header.des {
             println!("  Disk Encryption Set {d}");
@@ -209,7 +226,10 @@ pub fn info(a: InfoArgs) -> anyhow::Result<()> {
     } else {
         println!("volume       {}", h.volume_id);
         println!("format       {} v{}", h.format, h.format_version);
-        println!("cipher       {} ({}-byte sectors), names {}", h.cipher, h.sector_size, h.name_cipher);
+        println!(
+            "cipher       {} ({}-byte sectors), names {}",
+            h.cipher, h.sector_size, h.name_cipher
+        );
         println!("key          {}", h.key_id);
         println!("wrap         {}", h.wrap_alg);
         println!("fingerprint  {}", h.dek_fingerprint);
@@ -217,14 +237,22 @@ pub fn info(a: InfoArgs) -> anyhow::Result<()> {
             println!("des          {d}");
         }
         if let Some(p) = &h.platform {
-            println!("platform     {} ({}; double encryption)", p.key_id, p.wrap_alg);
+            println!(
+                "platform     {} ({}; double encryption)",
+                p.key_id, p.wrap_alg
+            );
         }
     }
     Ok(())
 }
 
 pub fn umount(a: UmountArgs) -> anyhow::Result<()> {
-    mount::unmount(&Home::from_env(), &a.mountpoint, a.lazy, Duration::from_secs(30))?;
+    mount::unmount(
+        &Home::from_env(),
+        &a.mountpoint,
+        a.lazy,
+        Duration::from_secs(30),
+    )?;
     Ok(())
 }
 
@@ -244,7 +272,9 @@ fn spawn_daemon(a: &MountArgs) -> anyhow::Result<()> {
     let mp = std::fs::canonicalize(&a.mountpoint)?;
     let log_path = home.run_dir().join(format!(
         "mount-{}.log",
-        hex::encode(&<sha2::Sha256 as sha2::Digest>::digest(mp.as_os_str().as_encoded_bytes())[..8])
+        hex::encode(
+            &<sha2::Sha256 as sha2::Digest>::digest(mp.as_os_str().as_encoded_bytes())[..8]
+        )
     ));
     let log = std::fs::OpenOptions::new()
         .create(true)
@@ -252,15 +282,20 @@ fn spawn_daemon(a: &MountArgs) -> anyhow::Result<()> {
         .open(&log_path)
         .with_context(|| format!("opening log {}", log_path.display()))?;
     let mut cmd = Command::new(std::env::current_exe().context("locating the cmkfs executable")?);
-    cmd.arg("mount").arg(&a.cipherdir).arg(&a.mountpoint).arg("--foreground");
+    cmd.arg("mount")
+        .arg(&a.cipherdir)
+        .arg(&a.mountpoint)
+        .arg("--foreground");
     if a.allow_other {
         cmd.arg("--allow-other");
     }
     if let Some(t) = a.threads {
         cmd.arg("--threads").arg(t.to_string());
     }
-    cmd.arg("--key-check-interval").arg(format!("{}ms", a.key_check_interval.as_millis()));
-    cmd.arg("--grace-period").arg(format!("{}ms", a.grace_period.as_millis()));
+    cmd.arg("--key-check-interval")
+        .arg(format!("{}ms", a.key_check_interval.as_millis()));
+    cmd.arg("--grace-period")
+        .arg(format!("{}ms", a.grace_period.as_millis()));
     if let Some(h) = &a.on_state_change {
         cmd.arg("--on-state-change").arg(h);
     }
@@ -268,9 +303,13 @@ fn spawn_daemon(a: &MountArgs) -> anyhow::Result<()> {
         cmd.arg("--no-push");
     }
     if let Some(c) = &a.credential {
-        cmd.arg("--credential").arg(std::fs::canonicalize(c).with_context(|| format!("credential {}", c.display()))?);
+        cmd.arg("--credential")
+            .arg(std::fs::canonicalize(c).with_context(|| format!("credential {}", c.display()))?);
     }
-    cmd.env(READY_ENV, "1").stdin(Stdio::null()).stdout(Stdio::piped()).stderr(log);
+    cmd.env(READY_ENV, "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(log);
     // SAFETY: setsid is async-signal-safe; it detaches the daemon from our terminal/session.
     unsafe {
         cmd.pre_exec(|| {
@@ -302,7 +341,11 @@ fn spawn_daemon(a: &MountArgs) -> anyhow::Result<()> {
         }
         Err(_) => {
             let _ = child.kill();
-            bail!("the mount daemon was not ready after {}s; see {}", READY_TIMEOUT.as_secs(), log_path.display())
+            bail!(
+                "the mount daemon was not ready after {}s; see {}",
+                READY_TIMEOUT.as_secs(),
+                log_path.display()
+            )
         }
     }
 }
@@ -313,7 +356,11 @@ fn run_foreground(a: MountArgs) -> anyhow::Result<()> {
     match serve(&a, ready_pipe) {
         Ok(()) => Ok(()),
         Err(e) if ready_pipe => {
-            let msg = e.chain().map(|c| c.to_string()).collect::<Vec<_>>().join(": ");
+            let msg = e
+                .chain()
+                .map(|c| c.to_string())
+                .collect::<Vec<_>>()
+                .join(": ");
             tracing::error!("{msg}");
             let _ = writeln!(std::io::stdout(), "ERROR: {msg}");
             std::process::exit(1);
@@ -334,9 +381,17 @@ fn serve(a: &MountArgs, ready_pipe: bool) -> anyhow::Result<()> {
         Some(path) => {
             let cred = Credential::load(path)?;
             if cred.vault != kid.vault {
-                bail!("credential {} is for vault {:?}, but the volume's key is in {:?}", path.display(), cred.vault, kid.vault);
+                bail!(
+                    "credential {} is for vault {:?}, but the volume's key is in {:?}",
+                    path.display(),
+                    cred.vault,
+                    kid.vault
+                );
             }
-            (vault::open_with_credential(&home, &cred)?, Some(cred.identity.clone()))
+            (
+                vault::open_with_credential(&home, &cred)?,
+                Some(cred.identity.clone()),
+            )
         }
         // A DES volume reaches the vault as its DES identity (issue 4 item 7).
         None => match crate::des::mount_vault(&home, &header)? {
@@ -345,14 +400,32 @@ fn serve(a: &MountArgs, ready_pipe: bool) -> anyhow::Result<()> {
         },
     };
     let push = if a.no_push { None } else { vault.watch() };
-    let kcfg = KeyringConfig { check_interval: a.key_check_interval, grace: a.grace_period };
-    let keyring = Arc::new(Keyring::unlock(vault, &header, Some(a.cipherdir.clone()), kcfg)?);
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
-    let vol = Arc::new(Volume::open(&a.cipherdir, header.clone(), keyring.clone(), 0)?);
+    let kcfg = KeyringConfig {
+        check_interval: a.key_check_interval,
+        grace: a.grace_period,
+    };
+    let keyring = Arc::new(Keyring::unlock(
+        vault,
+        &header,
+        Some(a.cipherdir.clone()),
+        kcfg,
+    )?);
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2);
+    let vol = Arc::new(Volume::open(
+        &a.cipherdir,
+        header.clone(),
+        keyring.clone(),
+        0,
+    )?);
     let cipherdir = vol.root().to_path_buf();
     let fs = CmkFs::new(vol);
     let table = fs.node_table();
-    let cfg = MountConfig { fuse_threads: a.threads.unwrap_or(cores.max(2)), allow_other: a.allow_other };
+    let cfg = MountConfig {
+        fuse_threads: a.threads.unwrap_or(cores.max(2)),
+        allow_other: a.allow_other,
+    };
     let session = mount::mount(fs, &mp, &cfg)?;
     let record = RunRecord {
         pid: std::process::id(),
@@ -420,4 +493,3 @@ fn init_logging() {
         .with_writer(std::io::stderr)
         .try_init();
 }
-

@@ -68,7 +68,10 @@ mod tests {
         assert_eq!(a, c.seal(&[b"dir-a"], b"secret.txt"));
         assert_ne!(a, c.seal(&[b"dir-b"], b"secret.txt"));
         assert_eq!(&c.open(&[b"dir-a"], &a).unwrap()[..], b"secret.txt");
-        assert_eq!(c.open(&[b"dir-b"], &a).unwrap_err(), CryptoError::Authentication);
+        assert_eq!(
+            c.open(&[b"dir-b"], &a).unwrap_err(),
+            CryptoError::Authentication
+        );
         assert!(cipher(2).open(&[b"dir-a"], &a).is_err());
     }
 }

@@ -309,7 +309,14 @@ mod tests {
             }
             out
         }
-        for v in [0u128, 1, 1 << 63, 1 << 127, u128::MAX, 0x0123_4567_89ab_cdef_u128 << 60] {
+        for v in [
+            0u128,
+            1,
+            1 << 63,
+            1 << 127,
+            u128::MAX,
+            0x0123_4567_89ab_cdef_u128 << 60,
+        ] {
             assert_eq!(mul_alpha(v).to_le_bytes(), bytes_rule(v.to_le_bytes()));
         }
     }
@@ -334,7 +341,10 @@ mod tests {
         let mut big = [0u8; 513];
         assert_eq!(
             c.encrypt_unit(0, &mut big).unwrap_err(),
-            CryptoError::BadLength { len: 513, unit: 512 }
+            CryptoError::BadLength {
+                len: 513,
+                unit: 512
+            }
         );
         assert_eq!(
             c.decrypt_unit(0, &mut []).unwrap_err(),

@@ -17,8 +17,8 @@ use std::os::unix::fs::FileExt;
 use std::sync::{Mutex, RwLock};
 
 use super::VolumeError;
-use crate::engine::{Holes, SectorEngine};
 use crate::crypto::VolumeKeys;
+use crate::engine::{Holes, SectorEngine};
 
 /// Bytes of the per-file header.
 pub const FILE_HEADER_LEN: usize = 32;
@@ -75,7 +75,9 @@ impl FileHeader {
 pub fn logical_size(backing_len: u64) -> Result<u64, String> {
     match backing_len {
         0 => Ok(0),
-        n if n < FILE_HEADER_LEN as u64 => Err(format!("backing file of {n} bytes is shorter than a file header")),
+        n if n < FILE_HEADER_LEN as u64 => Err(format!(
+            "backing file of {n} bytes is shorter than a file header"
+        )),
         n => Ok(n - FILE_HEADER_LEN as u64),
     }
 }
@@ -101,7 +103,10 @@ pub struct Ctx<'a> {
 }
 
 fn corrupt(why: impl Into<String>) -> VolumeError {
-    VolumeError::CorruptFile { path: None, why: why.into() }
+    VolumeError::CorruptFile {
+        path: None,
+        why: why.into(),
+    }
 }
 
 fn backing_size(f: &File) -> Result<u64, VolumeError> {
@@ -138,13 +143,14 @@ fn header(f: &File, st: &FileState, create: bool) -> Result<Option<FileHeader>, 
 }
 
 fn read_exact(f: &File, buf: &mut [u8], off: u64) -> Result<(), VolumeError> {
-    f.read_exact_at(buf, FILE_HEADER_LEN as u64 + off).map_err(|e| {
-        if e.kind() == std::io::ErrorKind::UnexpectedEof {
-            corrupt("backing file shrank while reading (changed behind the mount?)")
-        } else {
-            VolumeError::Os(e)
-        }
-    })
+    f.read_exact_at(buf, FILE_HEADER_LEN as u64 + off)
+        .map_err(|e| {
+            if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                corrupt("backing file shrank while reading (changed behind the mount?)")
+            } else {
+                VolumeError::Os(e)
+            }
+        })
 }
 
 /// Encrypts consecutive units in place: the inner (platform-key) layer first when the volume
@@ -152,24 +158,39 @@ fn read_exact(f: &File, buf: &mut [u8], off: u64) -> Result<(), VolumeError> {
 /// independent, so the passes do not cancel.
 fn encrypt(cx: &Ctx, tweak: u128, first: u64, buf: &mut [u8]) -> Result<(), VolumeError> {
     if let Some(inner) = &cx.keys.inner {
-        cx.engine.encrypt(inner, tweak, first, buf).map_err(VolumeError::Crypto)?;
+        cx.engine
+            .encrypt(inner, tweak, first, buf)
+            .map_err(VolumeError::Crypto)?;
     }
-    cx.engine.encrypt(&cx.keys.xts, tweak, first, buf).map_err(VolumeError::Crypto)
+    cx.engine
+        .encrypt(&cx.keys.xts, tweak, first, buf)
+        .map_err(VolumeError::Crypto)
 }
 
 /// Decrypts consecutive units in place, the inverse of [`encrypt`]. All-zero units (holes)
 /// stay zeros through both layers: the outer pass leaves them as they are, and a real inner
 /// ciphertext unit is never all zeros.
 fn decrypt(cx: &Ctx, tweak: u128, first: u64, buf: &mut [u8]) -> Result<(), VolumeError> {
-    cx.engine.decrypt(&cx.keys.xts, tweak, first, buf, Holes::Zero).map_err(VolumeError::Crypto)?;
+    cx.engine
+        .decrypt(&cx.keys.xts, tweak, first, buf, Holes::Zero)
+        .map_err(VolumeError::Crypto)?;
     if let Some(inner) = &cx.keys.inner {
-        cx.engine.decrypt(inner, tweak, first, buf, Holes::Zero).map_err(VolumeError::Crypto)?;
+        cx.engine
+            .decrypt(inner, tweak, first, buf, Holes::Zero)
+            .map_err(VolumeError::Crypto)?;
     }
     Ok(())
 }
 
 /// Reads and decrypts one whole unit (sector `s` of a file of logical size `size`).
-fn read_unit(f: &File, cx: &Ctx, h: &FileHeader, s: u64, size: u64, out: &mut [u8]) -> Result<usize, VolumeError> {
+fn read_unit(
+    f: &File,
+    cx: &Ctx,
+    h: &FileHeader,
+    s: u64,
+    size: u64,
+    out: &mut [u8],
+) -> Result<usize, VolumeError> {
     let start = s * cx.sector;
     let len = (size - start).min(cx.sector) as usize;
     read_exact(f, &mut out[..len], start)?;
@@ -178,7 +199,13 @@ fn read_unit(f: &File, cx: &Ctx, h: &FileHeader, s: u64, size: u64, out: &mut [u
 }
 
 /// Reads up to `len` bytes at `off`. Returns the plaintext (shorter at end of file).
-pub fn read(f: &File, st: &FileState, cx: &Ctx, off: u64, len: usize) -> Result<Vec<u8>, VolumeError> {
+pub fn read(
+    f: &File,
+    st: &FileState,
+    cx: &Ctx,
+    off: u64,
+    len: usize,
+) -> Result<Vec<u8>, VolumeError> {
     let _g = st.rmw.read().unwrap_or_else(|p| p.into_inner());
     let size = backing_size(f)?;
     if off >= size || len == 0 {
@@ -200,23 +227,31 @@ pub fn read(f: &File, st: &FileState, cx: &Ctx, off: u64, len: usize) -> Result<
 }
 
 /// Writes `data` at `off`, growing the file as needed. Returns the bytes written.
-pub fn write(f: &File, st: &FileState, cx: &Ctx, off: u64, data: &[u8]) -> Result<usize, VolumeError> {
+pub fn write(
+    f: &File,
+    st: &FileState,
+    cx: &Ctx,
+    off: u64,
+    data: &[u8],
+) -> Result<usize, VolumeError> {
     if data.is_empty() {
         return Ok(0);
     }
-    let end = off
-        .checked_add(data.len() as u64)
-        .ok_or(VolumeError::Os(std::io::Error::from_raw_os_error(libc::EFBIG)))?;
+    let end = off.checked_add(data.len() as u64).ok_or(VolumeError::Os(
+        std::io::Error::from_raw_os_error(libc::EFBIG),
+    ))?;
     // Whole sectors strictly inside the file: no read-modify-write and no size change, so
     // such writes run concurrently under the shared lock.
     {
         let _g = st.rmw.read().unwrap_or_else(|p| p.into_inner());
         let size = backing_size(f)?;
         if off % cx.sector == 0 && end % cx.sector == 0 && end <= size {
-            let h = header(f, st, false)?.ok_or_else(|| corrupt("non-empty file without a header"))?;
+            let h =
+                header(f, st, false)?.ok_or_else(|| corrupt("non-empty file without a header"))?;
             let mut buf = data.to_vec();
             encrypt(cx, h.tweak(), off / cx.sector, &mut buf)?;
-            f.write_all_at(&buf, FILE_HEADER_LEN as u64 + off).map_err(VolumeError::Os)?;
+            f.write_all_at(&buf, FILE_HEADER_LEN as u64 + off)
+                .map_err(VolumeError::Os)?;
             return Ok(data.len());
         }
     }
@@ -246,19 +281,27 @@ pub fn write(f: &File, st: &FileState, cx: &Ctx, off: u64, data: &[u8]) -> Resul
     }
     buf[(off - start) as usize..(end - start) as usize].copy_from_slice(data);
     encrypt(cx, h.tweak(), first, &mut buf)?;
-    f.write_all_at(&buf, FILE_HEADER_LEN as u64 + start).map_err(VolumeError::Os)?;
+    f.write_all_at(&buf, FILE_HEADER_LEN as u64 + start)
+        .map_err(VolumeError::Os)?;
     Ok(data.len())
 }
 
 /// Re-encrypts the short last unit of a file of logical `size` as a unit reaching `new_end`
 /// (within the same sector), zero-padded.
-fn pad_tail(f: &File, cx: &Ctx, h: &FileHeader, size: u64, new_end: u64) -> Result<(), VolumeError> {
+fn pad_tail(
+    f: &File,
+    cx: &Ctx,
+    h: &FileHeader,
+    size: u64,
+    new_end: u64,
+) -> Result<(), VolumeError> {
     let s = size / cx.sector;
     let start = s * cx.sector;
     let mut buf = vec![0u8; (new_end - start) as usize];
     read_unit(f, cx, h, s, size, &mut buf)?;
     encrypt(cx, h.tweak(), s, &mut buf)?;
-    f.write_all_at(&buf, FILE_HEADER_LEN as u64 + start).map_err(VolumeError::Os)
+    f.write_all_at(&buf, FILE_HEADER_LEN as u64 + start)
+        .map_err(VolumeError::Os)
 }
 
 /// Sets the logical size to `new_size` (shrink or grow with zeros).
@@ -289,9 +332,11 @@ pub fn truncate(f: &File, st: &FileState, cx: &Ctx, new_size: u64) -> Result<(),
         read_unit(f, cx, &h, s, size, &mut buf)?;
         buf.truncate((new_size - start) as usize);
         encrypt(cx, h.tweak(), s, &mut buf)?;
-        f.write_all_at(&buf, FILE_HEADER_LEN as u64 + start).map_err(VolumeError::Os)?;
+        f.write_all_at(&buf, FILE_HEADER_LEN as u64 + start)
+            .map_err(VolumeError::Os)?;
     }
-    f.set_len(FILE_HEADER_LEN as u64 + new_size).map_err(VolumeError::Os)
+    f.set_len(FILE_HEADER_LEN as u64 + new_size)
+        .map_err(VolumeError::Os)
 }
 
 #[cfg(test)]
@@ -319,12 +364,23 @@ mod tests {
             .open(dir.path().join("f"))
             .unwrap();
         let keys = VolumeKeys::from_dek(&Dek::generate().unwrap(), sector as usize).unwrap();
-        Fixture { _dir: dir, file, st: FileState::default(), keys, engine: SectorEngine::new(threads).unwrap(), sector }
+        Fixture {
+            _dir: dir,
+            file,
+            st: FileState::default(),
+            keys,
+            engine: SectorEngine::new(threads).unwrap(),
+            sector,
+        }
     }
 
     impl Fixture {
         fn cx(&self) -> Ctx<'_> {
-            Ctx { keys: &self.keys, engine: &self.engine, sector: self.sector }
+            Ctx {
+                keys: &self.keys,
+                engine: &self.engine,
+                sector: self.sector,
+            }
         }
         fn all(&self) -> Vec<u8> {
             read(&self.file, &self.st, &self.cx(), 0, usize::MAX / 2).unwrap()
@@ -357,7 +413,11 @@ mod tests {
                 assert_eq!(got.len(), model.len(), "seed {seed} step {step}: size");
                 assert!(got == model, "seed {seed} step {step}: contents differ");
                 let backing = fx.file.metadata().unwrap().len();
-                assert_eq!(logical_size(backing).unwrap(), model.len() as u64, "no ciphertext expansion");
+                assert_eq!(
+                    logical_size(backing).unwrap(),
+                    model.len() as u64,
+                    "no ciphertext expansion"
+                );
                 // Random partial reads agree with the model too.
                 if !model.is_empty() {
                     let off = rng.gen_range(0..model.len());
@@ -371,13 +431,17 @@ mod tests {
 
     #[test]
     fn tails_of_every_short_length_round_trip() {
-        for len in [1usize, 2, 15, 16, 17, 31, 4095, 4096, 4097, 4111, 4112, 8191] {
+        for len in [
+            1usize, 2, 15, 16, 17, 31, 4095, 4096, 4097, 4111, 4112, 8191,
+        ] {
             let fx = fixture(4096, 1);
             let data: Vec<u8> = (0..len).map(|i| (i * 7 + 3) as u8).collect();
             write(&fx.file, &fx.st, &fx.cx(), 0, &data).unwrap();
             assert_eq!(fx.all(), data, "len {len}");
             let mut raw = vec![0u8; len];
-            fx.file.read_exact_at(&mut raw, FILE_HEADER_LEN as u64).unwrap();
+            fx.file
+                .read_exact_at(&mut raw, FILE_HEADER_LEN as u64)
+                .unwrap();
             assert_ne!(raw, data, "len {len}: stored in the clear");
         }
     }
@@ -416,7 +480,10 @@ mod tests {
         let all = fx.all();
         assert_eq!(all.len(), 128 * 3000);
         for (chunk, bytes) in all.chunks(3000).enumerate() {
-            assert!(bytes.iter().all(|b| *b == (chunk % 4) as u8 + 1), "chunk {chunk} torn");
+            assert!(
+                bytes.iter().all(|b| *b == (chunk % 4) as u8 + 1),
+                "chunk {chunk} torn"
+            );
         }
     }
 
@@ -424,8 +491,14 @@ mod tests {
     fn corrupt_headers_are_errors_not_panics() {
         let fx = fixture(4096, 1);
         fx.file.write_all_at(b"short", 0).unwrap();
-        assert!(matches!(read(&fx.file, &fx.st, &fx.cx(), 0, 10), Err(VolumeError::CorruptFile { .. })));
+        assert!(matches!(
+            read(&fx.file, &fx.st, &fx.cx(), 0, 10),
+            Err(VolumeError::CorruptFile { .. })
+        ));
         fx.file.write_all_at(&[0xAA; 64], 0).unwrap();
-        assert!(matches!(read(&fx.file, &fx.st, &fx.cx(), 0, 10), Err(VolumeError::CorruptFile { .. })));
+        assert!(matches!(
+            read(&fx.file, &fx.st, &fx.cx(), 0, 10),
+            Err(VolumeError::CorruptFile { .. })
+        ));
     }
 }

@@ -95,10 +95,12 @@ impl PlatformEnvelope {
 
     /// The parsed platform key id.
     pub fn key_id(&self) -> Result<KeyId, VolumeError> {
-        self.key_id.parse().map_err(|e: crate::vault::VaultError| VolumeError::CorruptHeader {
-            path: HEADER_FILE.into(),
-            why: format!("platform key id: {e}"),
-        })
+        self.key_id
+            .parse()
+            .map_err(|e: crate::vault::VaultError| VolumeError::CorruptHeader {
+                path: HEADER_FILE.into(),
+                why: format!("platform key id: {e}"),
+            })
     }
 
     /// The wrapped inner DEK bytes.
@@ -120,7 +122,13 @@ impl PlatformEnvelope {
 
 impl VolumeHeader {
     /// A header for a new volume whose DEK the vault wrapped as `wrapped`.
-    pub fn new(dek: &Dek, volume_id: String, sector_size: u32, wrapped: &Wrapped, created: u64) -> VolumeHeader {
+    pub fn new(
+        dek: &Dek,
+        volume_id: String,
+        sector_size: u32,
+        wrapped: &Wrapped,
+        created: u64,
+    ) -> VolumeHeader {
         let mut h = VolumeHeader {
             format: "cmkfs".into(),
             format_version: FORMAT_VERSION,
@@ -169,13 +177,19 @@ impl VolumeHeader {
             }
             Err(e) => return Err(VolumeError::io(&path, e)),
         };
-        let corrupt = |why: String| VolumeError::CorruptHeader { path: path.clone(), why };
+        let corrupt = |why: String| VolumeError::CorruptHeader {
+            path: path.clone(),
+            why,
+        };
         if meta.len() > MAX_HEADER_LEN {
-            return Err(corrupt(format!("{} bytes is too large for a header", meta.len())));
+            return Err(corrupt(format!(
+                "{} bytes is too large for a header",
+                meta.len()
+            )));
         }
         let bytes = std::fs::read(&path).map_err(|e| VolumeError::io(&path, e))?;
-        let h: VolumeHeader =
-            serde_json::from_slice(&bytes).map_err(|e| corrupt(format!("not valid header JSON ({e})")))?;
+        let h: VolumeHeader = serde_json::from_slice(&bytes)
+            .map_err(|e| corrupt(format!("not valid header JSON ({e})")))?;
         h.validate().map_err(corrupt)?;
         Ok(h)
     }
@@ -191,22 +205,32 @@ impl VolumeHeader {
             ));
         }
         if self.cipher != CIPHER || self.name_cipher != NAME_CIPHER {
-            return Err(format!("unsupported ciphers {} / {}", self.cipher, self.name_cipher));
+            return Err(format!(
+                "unsupported ciphers {} / {}",
+                self.cipher, self.name_cipher
+            ));
         }
         if !(512..=65536).contains(&self.sector_size) || !self.sector_size.is_power_of_two() {
             return Err(format!("sector size {} is invalid", self.sector_size));
         }
         if self.file_header_len != super::content::FILE_HEADER_LEN as u32 {
-            return Err(format!("file header length {} is invalid", self.file_header_len));
+            return Err(format!(
+                "file header length {} is invalid",
+                self.file_header_len
+            ));
         }
         self.key_id.parse::<KeyId>().map_err(|e| e.to_string())?;
-        self.wrapped().map_err(|_| "wrapped_dek is not valid base64".to_string())?;
+        self.wrapped()
+            .map_err(|_| "wrapped_dek is not valid base64".to_string())?;
         if self.volume_id.len() != 32 || hex::decode(&self.volume_id).is_err() {
             return Err("volume_id is not 32 hex digits".into());
         }
         if let Some(p) = &self.platform {
-            p.key_id.parse::<KeyId>().map_err(|e| format!("platform key id: {e}"))?;
-            p.wrapped().map_err(|_| "platform wrapped_dek is not valid base64".to_string())?;
+            p.key_id
+                .parse::<KeyId>()
+                .map_err(|e| format!("platform key id: {e}"))?;
+            p.wrapped()
+                .map_err(|_| "platform wrapped_dek is not valid base64".to_string())?;
             if p.dek_fingerprint.len() != 32 || hex::decode(&p.dek_fingerprint).is_err() {
                 return Err("platform dek_fingerprint is not 32 hex digits".into());
             }
@@ -216,10 +240,12 @@ impl VolumeHeader {
 
     /// The parsed key id (validated by [`VolumeHeader::read`]).
     pub fn key_id(&self) -> Result<KeyId, VolumeError> {
-        self.key_id.parse().map_err(|e: crate::vault::VaultError| VolumeError::CorruptHeader {
-            path: HEADER_FILE.into(),
-            why: e.to_string(),
-        })
+        self.key_id
+            .parse()
+            .map_err(|e: crate::vault::VaultError| VolumeError::CorruptHeader {
+                path: HEADER_FILE.into(),
+                why: e.to_string(),
+            })
     }
 
     /// The wrapped DEK bytes.
@@ -269,14 +295,16 @@ impl VolumeHeader {
     /// The header file's exact bytes (pretty JSON and a newline), for writers that replace
     /// the file step by step themselves (the DES rewrap, which can be interrupted in tests).
     pub fn to_bytes(&self) -> Result<Vec<u8>, VolumeError> {
-        let mut json = serde_json::to_vec_pretty(self).map_err(|e| VolumeError::Internal(e.to_string()))?;
+        let mut json =
+            serde_json::to_vec_pretty(self).map_err(|e| VolumeError::Internal(e.to_string()))?;
         json.push(b'\n');
         Ok(json)
     }
 
     fn mac(&self, dek: &Dek) -> String {
         let key = dek.derive::<32>("header-mac");
-        let mut m = <Hmac<Sha256> as Mac>::new_from_slice(&key[..]).expect("HMAC takes any key length");
+        let mut m =
+            <Hmac<Sha256> as Mac>::new_from_slice(&key[..]).expect("HMAC takes any key length");
         // Length-prefixed fields: no two different headers give the same MAC input.
         for field in [
             self.format.as_bytes(),

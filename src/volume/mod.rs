@@ -88,7 +88,10 @@ pub enum VolumeError {
 impl VolumeError {
     /// Wraps an I/O error with the path it concerns.
     pub fn io(path: &Path, source: io::Error) -> VolumeError {
-        VolumeError::Io { path: path.to_path_buf(), error: source }
+        VolumeError::Io {
+            path: path.to_path_buf(),
+            error: source,
+        }
     }
 
     fn errno_of(e: i32) -> VolumeError {
@@ -99,7 +102,9 @@ impl VolumeError {
     /// denied access. Corrupt data is `EIO`.
     pub fn errno(&self) -> i32 {
         match self {
-            VolumeError::Os(e) | VolumeError::Io { error: e, .. } => e.raw_os_error().unwrap_or(libc::EIO),
+            VolumeError::Os(e) | VolumeError::Io { error: e, .. } => {
+                e.raw_os_error().unwrap_or(libc::EIO)
+            }
             VolumeError::Inaccessible(_) => libc::EACCES,
             VolumeError::NotEmpty(_) => libc::ENOTEMPTY,
             _ => libc::EIO,
@@ -108,7 +113,10 @@ impl VolumeError {
 
     /// Whether this should be logged (not an ordinary errno like ENOENT).
     pub fn is_notable(&self) -> bool {
-        !matches!(self, VolumeError::Os(_) | VolumeError::Io { .. } | VolumeError::NotEmpty(_))
+        !matches!(
+            self,
+            VolumeError::Os(_) | VolumeError::Io { .. } | VolumeError::NotEmpty(_)
+        )
     }
 }
 
@@ -212,7 +220,11 @@ impl Volume {
     /// Creates a new volume in `dir` (which must be empty or absent): a fresh DEK wrapped by
     /// the vault key, the root directory id, and the header, written last so that a volume
     /// either has a header or is not a volume at all.
-    pub fn create(dir: &Path, vault: &dyn Vault, opts: &CreateOptions) -> Result<VolumeHeader, VolumeError> {
+    pub fn create(
+        dir: &Path,
+        vault: &dyn Vault,
+        opts: &CreateOptions,
+    ) -> Result<VolumeHeader, VolumeError> {
         Volume::create_layers(dir, vault, None, opts)
     }
 
@@ -234,34 +246,44 @@ impl Volume {
         platform: Option<&PlatformLayer<'_>>,
         opts: &CreateOptions,
     ) -> Result<VolumeHeader, VolumeError> {
-        let existed = match fs::read_dir(dir) {
-            Ok(mut it) => {
-                if it.next().is_some() {
-                    return Err(VolumeError::NotEmpty(dir.to_path_buf()));
-                }
-                true
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => false,
-            Err(e) if e.raw_os_error() == Some(libc::ENOTDIR) => {
-                return Err(VolumeError::io(dir, io::Error::other("not a directory")))
-            }
-            Err(e) => return Err(VolumeError::io(dir, e)),
-        };
+        let existed = Volume::check_new_dir(dir)?;
         if !(512..=65536).contains(&opts.sector_size) || !opts.sector_size.is_power_of_two() {
-            return Err(VolumeError::Crypto(CryptoError::BadUnitSize { got: opts.sector_size as usize }));
+            return Err(VolumeError::Crypto(CryptoError::BadUnitSize {
+                got: opts.sector_size as usize,
+            }));
         }
         let dek = Dek::generate().map_err(|e| VolumeError::Internal(e.to_string()))?;
         // Wrap before touching the disk: a vault refusal leaves nothing behind.
-        let wrapped = vault.wrap_key(&opts.key_name, opts.key_version.as_deref(), opts.wrap_alg, dek.as_bytes())?;
+        let wrapped = vault.wrap_key(
+            &opts.key_name,
+            opts.key_version.as_deref(),
+            opts.wrap_alg,
+            dek.as_bytes(),
+        )?;
         let mut id = [0u8; 16];
         getrandom::getrandom(&mut id).map_err(|e| VolumeError::Internal(e.to_string()))?;
         let mut header = match platform {
-            None => VolumeHeader::new(&dek, hex::encode(id), opts.sector_size, &wrapped, unix_now()),
+            None => VolumeHeader::new(
+                &dek,
+                hex::encode(id),
+                opts.sector_size,
+                &wrapped,
+                unix_now(),
+            ),
             Some(p) => {
                 let inner = Dek::generate().map_err(|e| VolumeError::Internal(e.to_string()))?;
-                let pw = p.vault.wrap_key(p.key_name, None, p.wrap_alg, inner.as_bytes())?;
+                let pw = p
+                    .vault
+                    .wrap_key(p.key_name, None, p.wrap_alg, inner.as_bytes())?;
                 let env = header::PlatformEnvelope::new(&inner, &pw);
-                VolumeHeader::new_double(&dek, hex::encode(id), opts.sector_size, &wrapped, unix_now(), env)
+                VolumeHeader::new_double(
+                    &dek,
+                    hex::encode(id),
+                    opts.sector_size,
+                    &wrapped,
+                    unix_now(),
+                    env,
+                )
             }
         };
         header.des = opts.des.clone();
@@ -281,8 +303,32 @@ impl Volume {
         result.map(|_| header)
     }
 
+    /// Checks that `dir` can hold a new volume (empty or absent) without touching anything;
+    /// returns whether it exists. Callers run it before any vault work, so a refused `init`
+    /// changes nothing anywhere.
+    pub fn check_new_dir(dir: &Path) -> Result<bool, VolumeError> {
+        match fs::read_dir(dir) {
+            Ok(mut it) => {
+                if it.next().is_some() {
+                    return Err(VolumeError::NotEmpty(dir.to_path_buf()));
+                }
+                Ok(true)
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) if e.raw_os_error() == Some(libc::ENOTDIR) => {
+                Err(VolumeError::io(dir, io::Error::other("not a directory")))
+            }
+            Err(e) => Err(VolumeError::io(dir, e)),
+        }
+    }
+
     /// Opens a volume whose keyring is already unlocked. `threads` = 0: all cores.
-    pub fn open(dir: &Path, header: VolumeHeader, keyring: Arc<Keyring>, threads: usize) -> Result<Volume, VolumeError> {
+    pub fn open(
+        dir: &Path,
+        header: VolumeHeader,
+        keyring: Arc<Keyring>,
+        threads: usize,
+    ) -> Result<Volume, VolumeError> {
         let root = fs::canonicalize(dir).map_err(|e| VolumeError::io(dir, e))?;
         let engine = SectorEngine::new(threads).map_err(VolumeError::Os)?;
         Ok(Volume {
@@ -324,13 +370,17 @@ impl Volume {
             return Ok(*id);
         }
         let p = dir.join(DIRID_FILE);
-        let bytes = fs::read(&p).map_err(|e| {
-            VolumeError::CorruptFile { path: Some(p.clone()), why: format!("directory id unreadable: {e}") }
-        })?;
-        let id: DirId = bytes.as_slice().try_into().map_err(|_| VolumeError::CorruptFile {
+        let bytes = fs::read(&p).map_err(|e| VolumeError::CorruptFile {
             path: Some(p.clone()),
-            why: format!("directory id has {} bytes, expected 16", bytes.len()),
+            why: format!("directory id unreadable: {e}"),
         })?;
+        let id: DirId = bytes
+            .as_slice()
+            .try_into()
+            .map_err(|_| VolumeError::CorruptFile {
+                path: Some(p.clone()),
+                why: format!("directory id has {} bytes, expected 16", bytes.len()),
+            })?;
         lock(&self.dir_ids).insert(ino, id);
         Ok(id)
     }
@@ -359,7 +409,10 @@ impl Volume {
     /// Attributes from metadata already at hand (an open file's fstat).
     pub fn attr_from(&self, path: &Path, meta: Metadata) -> Result<Attr, VolumeError> {
         let size = if meta.is_file() {
-            content::logical_size(meta.len()).map_err(|why| VolumeError::CorruptFile { path: Some(path.into()), why })?
+            content::logical_size(meta.len()).map_err(|why| VolumeError::CorruptFile {
+                path: Some(path.into()),
+                why,
+            })?
         } else if meta.file_type().is_symlink() {
             self.readlink(path).map(|t| t.len() as u64).unwrap_or(0)
         } else {
@@ -398,7 +451,9 @@ impl Volume {
                         Err(e) => return Err(VolumeError::Os(e)),
                     }
                 }
-                Err(_) => tracing::warn!(path = %ent.path().display(), "name does not decrypt in this directory; entry hidden"),
+                Err(_) => {
+                    tracing::warn!(path = %ent.path().display(), "name does not decrypt in this directory; entry hidden")
+                }
             }
         }
         Ok(out)
@@ -451,7 +506,11 @@ impl Volume {
             return Ok(());
         }
         let parent = fs::metadata(dir).map_err(VolumeError::Os)?;
-        let gid = if parent.mode() & libc::S_ISGID != 0 { parent.gid() } else { caller.gid };
+        let gid = if parent.mode() & libc::S_ISGID != 0 {
+            parent.gid()
+        } else {
+            caller.gid
+        };
         std::os::unix::fs::lchown(path, Some(caller.uid), Some(gid)).map_err(VolumeError::Os)
     }
 
@@ -482,7 +541,13 @@ impl Volume {
 
     /// Creates a directory with its own directory id. Built under a temporary name and
     /// renamed into place, so a crash never leaves a directory without an id.
-    pub fn mkdir(&self, dir: &Path, name: &OsStr, mode: u32, caller: Caller) -> Result<(PathBuf, Attr), VolumeError> {
+    pub fn mkdir(
+        &self,
+        dir: &Path,
+        name: &OsStr,
+        mode: u32,
+        caller: Caller,
+    ) -> Result<(PathBuf, Attr), VolumeError> {
         let (path, ()) = self.make_entry(dir, name, |p| {
             let mut rnd = [0u8; 8];
             getrandom::getrandom(&mut rnd).map_err(|e| VolumeError::Internal(e.to_string()))?;
@@ -490,7 +555,8 @@ impl Volume {
             fs::create_dir(&tmp).map_err(VolumeError::Os)?;
             let built = (|| {
                 write_dir_id(&tmp)?;
-                fs::set_permissions(&tmp, fs::Permissions::from_mode(mode & 0o7777)).map_err(VolumeError::Os)?;
+                fs::set_permissions(&tmp, fs::Permissions::from_mode(mode & 0o7777))
+                    .map_err(VolumeError::Os)?;
                 self.own(dir, &tmp, caller)?;
                 rename_noreplace(&tmp, p)
             })();
@@ -505,7 +571,14 @@ impl Volume {
     }
 
     /// Creates a special file (FIFO, socket) or an empty regular file.
-    pub fn mknod(&self, dir: &Path, name: &OsStr, mode: u32, rdev: u32, caller: Caller) -> Result<(PathBuf, Attr), VolumeError> {
+    pub fn mknod(
+        &self,
+        dir: &Path,
+        name: &OsStr,
+        mode: u32,
+        rdev: u32,
+        caller: Caller,
+    ) -> Result<(PathBuf, Attr), VolumeError> {
         let fmt = mode & libc::S_IFMT;
         if fmt != libc::S_IFIFO && fmt != libc::S_IFSOCK && fmt != libc::S_IFREG && fmt != 0 {
             // Device nodes would let an unprivileged user of the backing store reach devices.
@@ -525,11 +598,19 @@ impl Volume {
     }
 
     /// Creates a symlink whose target is stored encrypted.
-    pub fn symlink(&self, dir: &Path, name: &OsStr, target: &OsStr, caller: Caller) -> Result<(PathBuf, Attr), VolumeError> {
+    pub fn symlink(
+        &self,
+        dir: &Path,
+        name: &OsStr,
+        target: &OsStr,
+        caller: Caller,
+    ) -> Result<(PathBuf, Attr), VolumeError> {
         let keys = self.keys()?;
-        let stored = names::encrypt_target(&keys.names, target).map_err(|e| VolumeError::Internal(e.to_string()))?;
-        let (path, ()) =
-            self.make_entry(dir, name, |p| std::os::unix::fs::symlink(&stored, p).map_err(VolumeError::Os))?;
+        let stored = names::encrypt_target(&keys.names, target)
+            .map_err(|e| VolumeError::Internal(e.to_string()))?;
+        let (path, ()) = self.make_entry(dir, name, |p| {
+            std::os::unix::fs::symlink(&stored, p).map_err(VolumeError::Os)
+        })?;
         self.own(dir, &path, caller)?;
         let attr = self.attr(&path)?;
         Ok((path, attr))
@@ -539,9 +620,11 @@ impl Volume {
     pub fn readlink(&self, path: &Path) -> Result<OsString, VolumeError> {
         let keys = self.keys()?;
         let stored = fs::read_link(path).map_err(VolumeError::Os)?;
-        names::decrypt_target(&keys.names, stored.as_os_str()).map_err(|_| VolumeError::CorruptFile {
-            path: Some(path.to_path_buf()),
-            why: "symlink target does not decrypt".into(),
+        names::decrypt_target(&keys.names, stored.as_os_str()).map_err(|_| {
+            VolumeError::CorruptFile {
+                path: Some(path.to_path_buf()),
+                why: "symlink target does not decrypt".into(),
+            }
         })
     }
 
@@ -607,8 +690,15 @@ impl Volume {
     }
 
     /// Makes a hard link to `path` as `newdir/newname`.
-    pub fn link(&self, path: &Path, newdir: &Path, newname: &OsStr) -> Result<(PathBuf, Attr), VolumeError> {
-        let (new, ()) = self.make_entry(newdir, newname, |p| fs::hard_link(path, p).map_err(VolumeError::Os))?;
+    pub fn link(
+        &self,
+        path: &Path,
+        newdir: &Path,
+        newname: &OsStr,
+    ) -> Result<(PathBuf, Attr), VolumeError> {
+        let (new, ()) = self.make_entry(newdir, newname, |p| {
+            fs::hard_link(path, p).map_err(VolumeError::Os)
+        })?;
         let attr = self.attr(&new)?;
         Ok((new, attr))
     }
@@ -619,7 +709,9 @@ impl Volume {
         // Always read-write when allowed: partial-sector writes read the sector back.
         let file = match OpenOptions::new().read(true).write(true).open(path) {
             Ok(f) => f,
-            Err(e) if !write && e.raw_os_error() == Some(libc::EACCES) => File::open(path).map_err(VolumeError::Os)?,
+            Err(e) if !write && e.raw_os_error() == Some(libc::EACCES) => {
+                File::open(path).map_err(VolumeError::Os)?
+            }
             Err(e) => return Err(VolumeError::Os(e)),
         };
         self.wrap_open(file)
@@ -641,7 +733,11 @@ impl Volume {
     }
 
     fn ctx<'a>(&'a self, keys: &'a VolumeKeys) -> Ctx<'a> {
-        Ctx { keys, engine: &self.engine, sector: self.sector }
+        Ctx {
+            keys,
+            engine: &self.engine,
+            sector: self.sector,
+        }
     }
 
     /// Reads up to `len` plaintext bytes at `off`.
@@ -663,7 +759,12 @@ impl Volume {
     }
 
     /// Applies attribute changes to `path` (through `of` for the size when given).
-    pub fn set_attr(&self, path: &Path, of: Option<&OpenFile>, set: &SetAttr) -> Result<Attr, VolumeError> {
+    pub fn set_attr(
+        &self,
+        path: &Path,
+        of: Option<&OpenFile>,
+        set: &SetAttr,
+    ) -> Result<Attr, VolumeError> {
         if let Some(size) = set.size {
             match of {
                 Some(of) => self.truncate(of, size)?,
@@ -682,14 +783,28 @@ impl Volume {
         }
         if set.atime.is_some() || set.mtime.is_some() {
             let ts = |t: &Option<Option<SystemTime>>| match t {
-                None => libc::timespec { tv_sec: 0, tv_nsec: libc::UTIME_OMIT },
-                Some(None) => libc::timespec { tv_sec: 0, tv_nsec: libc::UTIME_NOW },
+                None => libc::timespec {
+                    tv_sec: 0,
+                    tv_nsec: libc::UTIME_OMIT,
+                },
+                Some(None) => libc::timespec {
+                    tv_sec: 0,
+                    tv_nsec: libc::UTIME_NOW,
+                },
                 Some(Some(t)) => to_timespec(*t),
             };
             let times = [ts(&set.atime), ts(&set.mtime)];
             let c = cstring(path)?;
             // SAFETY: valid C path and a two-element timespec array as utimensat requires.
-            if unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), times.as_ptr(), libc::AT_SYMLINK_NOFOLLOW) } != 0 {
+            if unsafe {
+                libc::utimensat(
+                    libc::AT_FDCWD,
+                    c.as_ptr(),
+                    times.as_ptr(),
+                    libc::AT_SYMLINK_NOFOLLOW,
+                )
+            } != 0
+            {
                 return Err(VolumeError::Os(io::Error::last_os_error()));
             }
         }
@@ -698,7 +813,12 @@ impl Volume {
 
     /// Flushes a file's data (and metadata unless `datasync`) to the backing store.
     pub fn fsync(&self, of: &OpenFile, datasync: bool) -> Result<(), VolumeError> {
-        if datasync { of.file.sync_data() } else { of.file.sync_all() }.map_err(VolumeError::Os)
+        if datasync {
+            of.file.sync_data()
+        } else {
+            of.file.sync_all()
+        }
+        .map_err(VolumeError::Os)
     }
 
     /// Space figures of the backing filesystem.
@@ -731,7 +851,16 @@ fn cstring(p: &Path) -> Result<CString, VolumeError> {
 fn renameat2(src: &Path, dst: &Path, flags: u32) -> Result<(), VolumeError> {
     let (a, b) = (cstring(src)?, cstring(dst)?);
     // SAFETY: valid C paths; renameat2 is a plain syscall wrapper.
-    if unsafe { libc::renameat2(libc::AT_FDCWD, a.as_ptr(), libc::AT_FDCWD, b.as_ptr(), flags) } != 0 {
+    if unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            a.as_ptr(),
+            libc::AT_FDCWD,
+            b.as_ptr(),
+            flags,
+        )
+    } != 0
+    {
         return Err(VolumeError::Os(io::Error::last_os_error()));
     }
     Ok(())
@@ -743,7 +872,10 @@ fn rename_noreplace(src: &Path, dst: &Path) -> Result<(), VolumeError> {
 
 fn to_timespec(t: SystemTime) -> libc::timespec {
     match t.duration_since(SystemTime::UNIX_EPOCH) {
-        Ok(d) => libc::timespec { tv_sec: d.as_secs() as libc::time_t, tv_nsec: d.subsec_nanos() as _ },
+        Ok(d) => libc::timespec {
+            tv_sec: d.as_secs() as libc::time_t,
+            tv_nsec: d.subsec_nanos() as _,
+        },
         Err(e) => {
             let d = e.duration();
             let (mut s, mut ns) = (-(d.as_secs() as i64), -(d.subsec_nanos() as i64));
@@ -751,12 +883,18 @@ fn to_timespec(t: SystemTime) -> libc::timespec {
                 s -= 1;
                 ns += 1_000_000_000;
             }
-            libc::timespec { tv_sec: s as libc::time_t, tv_nsec: ns as _ }
+            libc::timespec {
+                tv_sec: s as libc::time_t,
+                tv_nsec: ns as _,
+            }
         }
     }
 }
 
 /// Seconds since the Unix epoch.
 pub fn unix_now() -> u64 {
-    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }

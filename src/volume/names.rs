@@ -114,7 +114,10 @@ pub fn encrypt(cipher: &NameCipher, dir: &DirId, name: &OsStr) -> Result<Backing
         return Ok(BackingName::Short(enc.into()));
     }
     let hash = B64URL.encode(Sha256::digest(enc.as_bytes()));
-    Ok(BackingName::Long { entry: format!("{LONG_PREFIX}{hash}").into(), full: enc })
+    Ok(BackingName::Long {
+        entry: format!("{LONG_PREFIX}{hash}").into(),
+        full: enc,
+    })
 }
 
 /// Decrypts an encoded name (an entry's name, or a long name's side-file content).
@@ -141,7 +144,9 @@ pub fn encrypt_target(cipher: &NameCipher, target: &OsStr) -> Result<OsString, g
 
 /// Decrypts a symlink target.
 pub fn decrypt_target(cipher: &NameCipher, stored: &OsStr) -> Result<OsString, CryptoError> {
-    let raw = B64URL.decode(stored.as_bytes()).map_err(|_| CryptoError::Encoding)?;
+    let raw = B64URL
+        .decode(stored.as_bytes())
+        .map_err(|_| CryptoError::Encoding)?;
     if raw.len() < 16 {
         return Err(CryptoError::Authentication);
     }
@@ -188,10 +193,22 @@ mod tests {
     fn bad_names_and_wrong_directory() {
         let c = cipher();
         let d = [1u8; 16];
-        assert_eq!(encrypt(&c, &d, OsStr::new("")).unwrap_err(), NameError::Invalid);
-        assert_eq!(encrypt(&c, &d, OsStr::new("..")).unwrap_err(), NameError::Invalid);
-        assert_eq!(encrypt(&c, &d, OsStr::new("a/b")).unwrap_err(), NameError::Invalid);
-        assert_eq!(encrypt(&c, &d, &OsString::from("x".repeat(256))).unwrap_err(), NameError::TooLong);
+        assert_eq!(
+            encrypt(&c, &d, OsStr::new("")).unwrap_err(),
+            NameError::Invalid
+        );
+        assert_eq!(
+            encrypt(&c, &d, OsStr::new("..")).unwrap_err(),
+            NameError::Invalid
+        );
+        assert_eq!(
+            encrypt(&c, &d, OsStr::new("a/b")).unwrap_err(),
+            NameError::Invalid
+        );
+        assert_eq!(
+            encrypt(&c, &d, &OsString::from("x".repeat(256))).unwrap_err(),
+            NameError::TooLong
+        );
         let e = encrypt(&c, &d, OsStr::new("secret")).unwrap();
         assert!(decrypt(&c, &[2u8; 16], e.entry().as_bytes()).is_err());
         assert_eq!(classify(OsStr::new(DIRID_FILE)), EntryKind::Hidden);

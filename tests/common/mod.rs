@@ -20,7 +20,12 @@
 //! Finding the daemon of a daemonized mount: `cmkfs mount` forks and its parent exits, so we do
 //! not own the daemon's pid. Every test uses private temp paths, so the harness scans `/proc`
 //! for a `cmkfs` process whose argv contains `mount` and this exact mountpoint path (a scoped
-//! `pgrep -f`). The `--foreground` variant keeps the daemon as our own child instead.
+//! `pgrep -f`), plus the pid in the mount's run record under `$CMKFS_HOME/run` when there is
+//! one ([`daemon_pids_of`]). The `--foreground` variant keeps the daemon as our own child.
+//!
+//! `scripts/test.sh` adds a last line of defence for a test process killed outright (nextest's
+//! terminate-after, SIGKILL): on exit it aborts and lazily unmounts any FUSE mount left under
+//! `$TMPDIR/cmkfs-test-*`.
 
 // Each test binary uses a different subset of the harness.
 #![allow(dead_code)]

@@ -441,7 +441,16 @@ mod tests {
 
     #[test]
     fn simd_mul_alpha_matches_scalar() {
-        for v in [0u128, 1, 1 << 31, 1 << 63, 1 << 64, 1 << 127, u128::MAX, 0x8000_0001 << 95] {
+        for v in [
+            0u128,
+            1,
+            1 << 31,
+            1 << 63,
+            1 << 64,
+            1 << 127,
+            u128::MAX,
+            0x8000_0001 << 95,
+        ] {
             // SAFETY: SSE2 is part of the x86_64 baseline.
             let simd = unsafe { from_m128(mul_alpha(to_m128(v))) };
             assert_eq!(simd, super::super::mul_alpha(v), "{v:#x}");
