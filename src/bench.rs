@@ -134,9 +134,9 @@ pub struct SectorReport {
     pub seconds: f64,
     /// The "many threads" figure's thread count.
     pub threads: usize,
-    /// All figures, in the order measured.
+    /// All figures, ordered by thread count, size, then encrypt before decrypt.
     pub results: Vec<Measurement>,
-    /// OpenSSL's figure, when `openssl` was found and asked for.
+    /// OpenSSL's figure (best of [`OPENSSL_ROUNDS`]), when `openssl` was found and asked for.
     pub openssl: Option<OpenSslFigure>,
     /// Why there is no OpenSSL figure, when there is none.
     pub openssl_note: Option<String>,
@@ -327,23 +327,25 @@ fn parse_openssl_mr(text: &str) -> Option<f64> {
     (bps.is_finite() && bps > 0.0).then_some(bps / 1e6)
 }
 
-fn openssl_figure(seconds: f64) -> Result<OpenSslFigure, String> {
-    let version = Command::new("openssl")
+fn openssl_version() -> Result<String, String> {
+    let out = Command::new("openssl")
         .arg("version")
         .output()
         .map_err(|e| format!("`openssl` not found ({e})"))?;
-    let version = String::from_utf8_lossy(&version.stdout).trim().to_string();
-    let secs = (seconds.ceil() as u64).max(1);
-    Ok(OpenSslFigure {
-        version,
-        encrypt_mb_per_s: openssl_speed(secs, false)?,
-        decrypt_mb_per_s: openssl_speed(secs, true)?,
-        command: format!("openssl speed -mr -evp aes-256-xts -bytes 4096 -seconds {secs}"),
-    })
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
+
+/// How many times the 1-thread 4 KiB figures and OpenSSL's are taken, interleaved, when
+/// OpenSSL is compared; the best of each counts. On a shared machine noise only ever slows a
+/// run down, so the best run is the closest to what the code can do, for both sides alike.
+pub const OPENSSL_ROUNDS: usize = 2;
 
 /// Runs the whole sector benchmark; `progress` is called with a line of text before each
 /// step (the CLI prints it to stderr).
+///
+/// Order: first the comparison with OpenSSL (ours 1 thread 4 KiB encrypt, OpenSSL encrypt,
+/// ours decrypt, OpenSSL decrypt, [`OPENSSL_ROUNDS`] times, so both sides see the same
+/// machine load), then every other size and thread count once.
 pub fn run_sectors(
     cfg: &SectorBenchConfig,
     mut progress: impl FnMut(&str),
@@ -354,35 +356,93 @@ pub fn run_sectors(
     let cipher = XtsCipher::new(&bench_key(), UNIT_SIZE)?;
     let many = SectorEngine::new(cfg.threads)?;
     let n = many.threads();
+    let one = if n == 1 {
+        None
+    } else {
+        Some(SectorEngine::new(1)?)
+    };
+    let one = one.as_ref().unwrap_or(&many);
+    let mut results: Vec<Measurement> = Vec::new();
+
+    let (mut openssl, mut openssl_note) = (None, Some("not requested".to_string()));
+    if cfg.openssl {
+        match openssl_version() {
+            Ok(version) => {
+                let secs = (cfg.seconds.ceil() as u64).max(1);
+                let mut best: [Option<Measurement>; 2] = [None, None];
+                let mut theirs = [0f64; 2];
+                let mut failed = None;
+                'rounds: for round in 1..=OPENSSL_ROUNDS {
+                    for (i, op) in [Op::Encrypt, Op::Decrypt].into_iter().enumerate() {
+                        progress(&format!("{} 4 KiB, 1 thread (round {round})", op.name()));
+                        let m = measure(one, &cipher, op, 4096, cfg.seconds)?;
+                        if best[i]
+                            .as_ref()
+                            .is_none_or(|b| m.mb_per_cpu_s() > b.mb_per_cpu_s())
+                        {
+                            best[i] = Some(m);
+                        }
+                        progress(&format!("openssl speed, {} (round {round})", op.name()));
+                        match openssl_speed(secs, op == Op::Decrypt) {
+                            Ok(v) => theirs[i] = theirs[i].max(v),
+                            Err(e) => {
+                                failed = Some(e);
+                                break 'rounds;
+                            }
+                        }
+                    }
+                }
+                results.extend(best.into_iter().flatten());
+                match failed {
+                    Some(e) => openssl_note = Some(e),
+                    None => {
+                        openssl = Some(OpenSslFigure {
+                            version,
+                            encrypt_mb_per_s: theirs[0],
+                            decrypt_mb_per_s: theirs[1],
+                            command: format!(
+                                "openssl speed -mr -evp aes-256-xts -bytes 4096 -seconds {secs} \
+                                 [-decrypt]"
+                            ),
+                        });
+                        openssl_note = None;
+                    }
+                }
+            }
+            Err(e) => openssl_note = Some(e),
+        }
+    }
+
     let mut counts = vec![1, n];
     if n > 2 {
         counts.insert(1, 2);
     }
     counts.dedup();
-    let mut results = Vec::new();
     for &t in &counts {
-        let engine = if t == n {
+        let extra = if t == 1 || t == n {
             None
         } else {
             Some(SectorEngine::new(t)?)
         };
-        let engine = engine.as_ref().unwrap_or(&many);
+        let engine = match (&extra, t) {
+            (Some(e), _) => e,
+            (None, 1) => one,
+            (None, _) => &many,
+        };
         for size in SIZES {
             for op in [Op::Encrypt, Op::Decrypt] {
+                if results
+                    .iter()
+                    .any(|m| m.op == op && m.size == size && m.threads == t)
+                {
+                    continue;
+                }
                 progress(&format!("{} {} KiB, {t} thread(s)", op.name(), size / 1024));
                 results.push(measure(engine, &cipher, op, size, cfg.seconds)?);
             }
         }
     }
-    let (openssl, openssl_note) = if cfg.openssl {
-        progress("openssl speed -evp aes-256-xts");
-        match openssl_figure(cfg.seconds) {
-            Ok(f) => (Some(f), None),
-            Err(e) => (None, Some(e)),
-        }
-    } else {
-        (None, Some("not requested".to_string()))
-    };
+    results.sort_by_key(|m| (m.threads, m.size, m.op == Op::Decrypt));
     Ok(SectorReport {
         implementation: cipher.implementation(),
         unit_size: UNIT_SIZE,

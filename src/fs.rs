@@ -369,6 +369,17 @@ impl CmkFs {
     }
 }
 
+/// The xattr size protocol: size 0 asks for the length; too small a buffer is ERANGE.
+fn xattr_reply(reply: fuser::ReplyXattr, size: u32, data: &[u8]) {
+    if size == 0 {
+        reply.size(data.len() as u32);
+    } else if data.len() > size as usize {
+        reply.error(Errno::ERANGE);
+    } else {
+        reply.data(data);
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -386,6 +397,9 @@ impl Filesystem for CmkFs {
             let _ = config.set_max_write(nearest);
         }
         let _ = config.add_capabilities(fuser::InitFlags::FUSE_PARALLEL_DIROPS);
+        // We clear setuid/setgid on write ourselves (FUSE_WRITE_KILL_SUIDGID); in exchange the
+        // kernel stops asking getxattr("security.capability") before every single write.
+        let _ = config.add_capabilities(fuser::InitFlags::FUSE_HANDLE_KILLPRIV_V2);
         Ok(())
     }
 
@@ -619,15 +633,19 @@ impl Filesystem for CmkFs {
         fh: FileHandle,
         offset: u64,
         data: &[u8],
-        _write_flags: WriteFlags,
+        write_flags: WriteFlags,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        match self
-            .file(fh)
-            .and_then(|of| self.vol.write(&of, offset, data))
-        {
+        let kill = write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID);
+        let r = self.file(fh).and_then(|of| {
+            if kill {
+                self.vol.kill_suidgid(&of)?;
+            }
+            self.vol.write(&of, offset, data)
+        });
+        match r {
             Ok(n) => reply.written(n as u32),
             Err(e) => reply.error(errno(&e, "write", Path::new(""))),
         }
@@ -793,21 +811,88 @@ impl Filesystem for CmkFs {
         }
     }
 
-    fn getxattr(
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: fuser::ReplyXattr) {
+        match self.path(ino).and_then(|p| self.vol.get_xattr(&p, name)) {
+            Ok(v) => xattr_reply(reply, size, &v),
+            Err(e) => reply.error(errno(&e, "getxattr", Path::new(name))),
+        }
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        match self.path(ino).and_then(|p| self.vol.set_xattr(&p, name, value, flags)) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(&e, "setxattr", Path::new(name))),
+        }
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: fuser::ReplyXattr) {
+        match self.path(ino).and_then(|p| self.vol.list_xattr(&p)) {
+            Ok(names) => {
+                let mut buf = Vec::new();
+                for n in names {
+                    buf.extend_from_slice(std::os::unix::ffi::OsStrExt::as_bytes(n.as_os_str()));
+                    buf.push(0);
+                }
+                xattr_reply(reply, size, &buf)
+            }
+            Err(e) => reply.error(errno(&e, "listxattr", Path::new(""))),
+        }
+    }
+
+    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        match self.path(ino).and_then(|p| self.vol.remove_xattr(&p, name)) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(&e, "removexattr", Path::new(name))),
+        }
+    }
+
+    fn fallocate(
         &self,
         _req: &Request,
         _ino: INodeNo,
-        _name: &OsStr,
-        _size: u32,
-        reply: fuser::ReplyXattr,
+        fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
     ) {
-        // No extended attributes yet. ENOSYS makes the kernel stop asking (it would otherwise
-        // query security.capability before every write).
-        reply.error(Errno::ENOSYS);
+        match self.file(fh).and_then(|of| self.vol.fallocate(&of, mode, offset, length)) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(&e, "fallocate", Path::new(""))),
+        }
     }
 
-    fn listxattr(&self, _req: &Request, _ino: INodeNo, _size: u32, reply: fuser::ReplyXattr) {
-        reply.error(Errno::ENOSYS);
+    fn copy_file_range(
+        &self,
+        _req: &Request,
+        _ino_in: INodeNo,
+        fh_in: FileHandle,
+        offset_in: u64,
+        _ino_out: INodeNo,
+        fh_out: FileHandle,
+        offset_out: u64,
+        len: u64,
+        _flags: fuser::CopyFileRangeFlags,
+        reply: ReplyWrite,
+    ) {
+        let r = self.file(fh_in).and_then(|i| {
+            let o = self.file(fh_out)?;
+            // One FUSE reply carries a u32 count; the kernel asks again for the rest.
+            self.vol.copy_range(&i, offset_in, &o, offset_out, len.min(1 << 30))
+        });
+        match r {
+            Ok(n) => reply.written(n as u32),
+            Err(e) => reply.error(errno(&e, "copy_file_range", Path::new(""))),
+        }
     }
 
     fn access(&self, _req: &Request, ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {

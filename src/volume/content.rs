@@ -256,6 +256,12 @@ pub fn write(
         }
     }
     let _g = st.rmw.write().unwrap_or_else(|p| p.into_inner());
+    write_locked(f, st, cx, off, data)
+}
+
+/// The read-modify-write body of [`write`]; the caller holds the exclusive lock.
+fn write_locked(f: &File, st: &FileState, cx: &Ctx, off: u64, data: &[u8]) -> Result<usize, VolumeError> {
+    let end = off + data.len() as u64;
     let size = backing_size(f)?;
     let h = header(f, st, true)?.ok_or_else(|| corrupt("could not create the file header"))?;
     let ss = cx.sector;
@@ -307,6 +313,10 @@ fn pad_tail(
 /// Sets the logical size to `new_size` (shrink or grow with zeros).
 pub fn truncate(f: &File, st: &FileState, cx: &Ctx, new_size: u64) -> Result<(), VolumeError> {
     let _g = st.rmw.write().unwrap_or_else(|p| p.into_inner());
+    truncate_locked(f, st, cx, new_size)
+}
+
+fn truncate_locked(f: &File, st: &FileState, cx: &Ctx, new_size: u64) -> Result<(), VolumeError> {
     let size = backing_size(f)?;
     if new_size == size {
         return Ok(());
@@ -337,6 +347,95 @@ pub fn truncate(f: &File, st: &FileState, cx: &Ctx, new_size: u64) -> Result<(),
     }
     f.set_len(FILE_HEADER_LEN as u64 + new_size)
         .map_err(VolumeError::Os)
+}
+
+fn os_err(errno: i32) -> VolumeError {
+    VolumeError::Os(std::io::Error::from_raw_os_error(errno))
+}
+
+/// `fallocate(2)` on the plaintext view. Supported: mode 0 and `KEEP_SIZE` (reserve space;
+/// growth reads as zeros), `PUNCH_HOLE | KEEP_SIZE` and `ZERO_RANGE` (the range reads as
+/// zeros). `COLLAPSE_RANGE` and `INSERT_RANGE` would move data across tweaks: EOPNOTSUPP.
+pub fn fallocate(f: &File, st: &FileState, cx: &Ctx, mode: i32, off: u64, len: u64) -> Result<(), VolumeError> {
+    let supported = libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE;
+    if mode & !supported != 0 {
+        return Err(os_err(libc::EOPNOTSUPP));
+    }
+    if len == 0 {
+        return Err(os_err(libc::EINVAL));
+    }
+    let end = off.checked_add(len).ok_or_else(|| os_err(libc::EFBIG))?;
+    let keep = mode & libc::FALLOC_FL_KEEP_SIZE != 0;
+    let _g = st.rmw.write().unwrap_or_else(|p| p.into_inner());
+    let size = backing_size(f)?;
+    if mode & (libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE) != 0 {
+        zero_range(f, st, cx, off, end.min(size), size)?;
+        if !keep && end > size {
+            truncate_locked(f, st, cx, end)?;
+        }
+        return Ok(());
+    }
+    if !keep && end > size {
+        truncate_locked(f, st, cx, end)?;
+    }
+    // Reserve the blocks so that a later write cannot fail with ENOSPC; unwritten extents
+    // read as zero ciphertext, which reads as zeros.
+    if header(f, st, false)?.is_some() {
+        let r = unsafe_fallocate(f, libc::FALLOC_FL_KEEP_SIZE, FILE_HEADER_LEN as u64 + off, len);
+        if let Err(e) = r {
+            if e.raw_os_error() != Some(libc::EOPNOTSUPP) {
+                return Err(VolumeError::Os(e));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn unsafe_fallocate(f: &File, mode: i32, off: u64, len: u64) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: plain syscall on a valid descriptor.
+    let r = unsafe { libc::fallocate(f.as_raw_fd(), mode, off as libc::off_t, len as libc::off_t) };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Makes `[a, b)` (inside a file of logical `size`) read as zeros: whole sectors become
+/// holes of the backing file (zero ciphertext), partial sectors are rewritten.
+fn zero_range(f: &File, st: &FileState, cx: &Ctx, a: u64, b: u64, size: u64) -> Result<(), VolumeError> {
+    if a >= b {
+        return Ok(());
+    }
+    let ss = cx.sector;
+    // Whole units inside [a, b): the first at or after a, up to the last ending by b
+    // (the file's short last unit counts as whole when b reaches the end of file).
+    let first_full = a.div_ceil(ss) * ss;
+    let last_full_end = if b == size { b } else { b / ss * ss };
+    if first_full < last_full_end {
+        let (off, len) = (FILE_HEADER_LEN as u64 + first_full, last_full_end - first_full);
+        let punched = unsafe_fallocate(f, libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, off, len);
+        if punched.is_err() {
+            // No hole punching here: zero ciphertext reads as zeros all the same.
+            let zeros = vec![0u8; (ss as usize).min(len as usize)];
+            let mut at = 0;
+            while at < len {
+                let n = zeros.len().min((len - at) as usize);
+                f.write_all_at(&zeros[..n], off + at).map_err(VolumeError::Os)?;
+                at += n as u64;
+            }
+        }
+    }
+    // The partial edges, rewritten as encrypted zeros.
+    let head_end = b.min(first_full);
+    if a < head_end {
+        write_locked(f, st, cx, a, &vec![0u8; (head_end - a) as usize])?;
+    }
+    let tail_start = a.max(last_full_end);
+    if tail_start < b && tail_start >= head_end {
+        write_locked(f, st, cx, tail_start, &vec![0u8; (b - tail_start) as usize])?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -399,6 +498,26 @@ mod tests {
                     let n = rng.gen_range(0..max);
                     truncate(&fx.file, &fx.st, &fx.cx(), n as u64).unwrap();
                     model.resize(n, 0);
+                } else if rng.gen_ratio(1, 6) {
+                    let off = rng.gen_range(0..max);
+                    let len = rng.gen_range(1..(sector as usize * 3));
+                    let mode = [
+                        0,
+                        libc::FALLOC_FL_KEEP_SIZE,
+                        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                        libc::FALLOC_FL_ZERO_RANGE,
+                    ][rng.gen_range(0..4)];
+                    fallocate(&fx.file, &fx.st, &fx.cx(), mode, off as u64, len as u64).unwrap();
+                    let keep = mode & libc::FALLOC_FL_KEEP_SIZE != 0;
+                    if !keep && model.len() < off + len {
+                        model.resize(off + len, 0);
+                    }
+                    if mode & (libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE) != 0 {
+                        let stop = (off + len).min(model.len());
+                        if off < stop {
+                            model[off..stop].fill(0);
+                        }
+                    }
                 } else {
                     let off = rng.gen_range(0..max);
                     let len = rng.gen_range(1..(sector as usize * 3));

@@ -7,6 +7,7 @@
 pub mod content;
 pub mod header;
 pub mod names;
+mod xattr;
 
 use std::collections::HashMap;
 use std::ffi::{CString, OsStr, OsString};
@@ -555,7 +556,9 @@ impl Volume {
             fs::create_dir(&tmp).map_err(VolumeError::Os)?;
             let built = (|| {
                 write_dir_id(&tmp)?;
-                fs::set_permissions(&tmp, fs::Permissions::from_mode(mode & 0o7777))
+                // A directory made inside a setgid directory is setgid too (as on ext4).
+                let inherit = fs::metadata(dir).map(|m| m.mode() & libc::S_ISGID).unwrap_or(0);
+                fs::set_permissions(&tmp, fs::Permissions::from_mode((mode & 0o7777) | inherit))
                     .map_err(VolumeError::Os)?;
                 self.own(dir, &tmp, caller)?;
                 rename_noreplace(&tmp, p)
@@ -752,10 +755,84 @@ impl Volume {
         content::write(&of.file, &of.state, &self.ctx(&keys), off, data)
     }
 
+    /// Clears setuid (and setgid when group-executable) before an unprivileged write, as a
+    /// local filesystem does; the kernel delegates this to us (FUSE_HANDLE_KILLPRIV_V2).
+    pub fn kill_suidgid(&self, of: &OpenFile) -> Result<(), VolumeError> {
+        let mode = of.file.metadata().map_err(VolumeError::Os)?.mode();
+        let mut kill = libc::S_ISUID;
+        if mode & libc::S_IXGRP != 0 {
+            kill |= libc::S_ISGID;
+        }
+        if mode & kill != 0 {
+            of.file
+                .set_permissions(fs::Permissions::from_mode(mode & 0o7777 & !kill))
+                .map_err(VolumeError::Os)?;
+        }
+        Ok(())
+    }
+
     /// Sets the logical size of an open file.
     pub fn truncate(&self, of: &OpenFile, size: u64) -> Result<(), VolumeError> {
         let keys = self.keys()?;
         content::truncate(&of.file, &of.state, &self.ctx(&keys), size)
+    }
+
+    /// `fallocate(2)` on an open file (see [`content::fallocate`]).
+    pub fn fallocate(&self, of: &OpenFile, mode: i32, off: u64, len: u64) -> Result<(), VolumeError> {
+        let keys = self.keys()?;
+        content::fallocate(&of.file, &of.state, &self.ctx(&keys), mode, off, len)
+    }
+
+    /// Copies up to `len` plaintext bytes between open files (`copy_file_range`), in 1 MiB
+    /// steps; returns the bytes copied (fewer at end of input).
+    pub fn copy_range(&self, from: &OpenFile, off_in: u64, to: &OpenFile, off_out: u64, len: u64) -> Result<u64, VolumeError> {
+        let mut done = 0u64;
+        while done < len {
+            let n = (len - done).min(1 << 20) as usize;
+            let buf = self.read(from, off_in + done, n)?;
+            if buf.is_empty() {
+                break;
+            }
+            self.write(to, off_out + done, &buf)?;
+            done += buf.len() as u64;
+        }
+        Ok(done)
+    }
+
+    /// Reads extended attribute `name` of `path`. Only `user.*` exists (stored encrypted);
+    /// other namespaces have no attributes.
+    pub fn get_xattr(&self, path: &Path, name: &OsStr) -> Result<Vec<u8>, VolumeError> {
+        let keys = self.keys()?;
+        let backing = xattr_name(&keys, name)?;
+        let stored = xattr::get(path, &backing)?;
+        xattr::open_value(&keys, &backing, &stored).ok_or_else(|| VolumeError::CorruptFile {
+            path: Some(path.to_path_buf()),
+            why: "extended attribute value does not decrypt".into(),
+        })
+    }
+
+    /// Sets extended attribute `name` (`flags`: XATTR_CREATE / XATTR_REPLACE).
+    pub fn set_xattr(&self, path: &Path, name: &OsStr, value: &[u8], flags: i32) -> Result<(), VolumeError> {
+        let keys = self.keys()?;
+        let backing = xattr_name(&keys, name).map_err(|e| match e.errno() {
+            libc::ENODATA => VolumeError::errno_of(libc::EOPNOTSUPP),
+            _ => e,
+        })?;
+        let sealed = xattr::seal_value(&keys, &backing, value).map_err(|e| VolumeError::Internal(e.to_string()))?;
+        xattr::set(path, &backing, &sealed, flags)
+    }
+
+    /// Lists the plaintext names of `path`'s extended attributes.
+    pub fn list_xattr(&self, path: &Path) -> Result<Vec<OsString>, VolumeError> {
+        let keys = self.keys()?;
+        Ok(xattr::list(path)?.into_iter().filter_map(|b| xattr::open_name(&keys, &b)).collect())
+    }
+
+    /// Removes extended attribute `name`.
+    pub fn remove_xattr(&self, path: &Path, name: &OsStr) -> Result<(), VolumeError> {
+        let keys = self.keys()?;
+        let backing = xattr_name(&keys, name)?;
+        xattr::remove(path, &backing)
     }
 
     /// Applies attribute changes to `path` (through `of` for the size when given).
@@ -831,6 +908,14 @@ impl Volume {
         }
         Ok(st)
     }
+}
+
+/// The backing name of plaintext xattr `name`: `user.*` only; other namespaces have none.
+fn xattr_name(keys: &VolumeKeys, name: &OsStr) -> Result<OsString, VolumeError> {
+    if !name.as_bytes().starts_with(b"user.") {
+        return Err(VolumeError::errno_of(libc::ENODATA));
+    }
+    xattr::seal_name(keys, name).ok_or_else(|| VolumeError::errno_of(libc::ERANGE))
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
