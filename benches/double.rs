@@ -36,11 +36,21 @@ fn double(c: &mut Criterion) {
     let all = SectorEngine::new(0).unwrap();
     let dir = tempfile::tempdir_in(scratch_dir()).unwrap();
     let path = dir.path().join("bench");
-    let file: File = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
+    let file: File = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)
+        .unwrap();
     let st = FileState::default();
     // A file as large as the largest request, written once so reads have data.
     {
-        let cx = Ctx { keys: &single, engine: &one, sector: UNIT as u64 };
+        let cx = Ctx {
+            keys: &single,
+            engine: &one,
+            sector: UNIT as u64,
+        };
         content::write(&file, &st, &cx, 0, &vec![0x5a; SIZES[2]]).unwrap();
     }
     let all_t = format!("{}t", all.threads());
@@ -52,12 +62,18 @@ fn double(c: &mut Criterion) {
     ];
     for op in ["write", "read"] {
         let mut g = c.benchmark_group(op);
-        g.warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(2)).sample_size(20);
+        g.warm_up_time(Duration::from_secs(1))
+            .measurement_time(Duration::from_secs(2))
+            .sample_size(20);
         for size in SIZES {
             g.throughput(Throughput::Bytes(size as u64));
             let data = vec![0xa5u8; size];
             for (name, keys, engine) in &configs {
-                let cx = Ctx { keys, engine, sector: UNIT as u64 };
+                let cx = Ctx {
+                    keys,
+                    engine,
+                    sector: UNIT as u64,
+                };
                 g.bench_with_input(BenchmarkId::new(name.as_str(), size), &size, |b, _| {
                     b.iter(|| {
                         if op == "write" {

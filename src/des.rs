@@ -37,6 +37,7 @@ use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 
+use crate::crypto::Dek;
 use crate::fsutil;
 use crate::home::Home;
 use crate::keyring;
@@ -508,9 +509,17 @@ impl KeySpec {
 fn normalize_vault_url(url: &str) -> String {
     if url == "local" {
         crate::vault::local::URL.to_string()
+    } else if url.starts_with("https://") {
+        crate::vault::http::normalize_url(url).unwrap_or_else(|_| url.to_string())
     } else {
         url.to_string()
     }
+}
+
+/// Whether two vault URLs name the same vault (`local` = `local:`, https without a trailing
+/// slash).
+fn same_vault(a: &str, b: &str) -> bool {
+    normalize_vault_url(a) == normalize_vault_url(b)
 }
 
 /// Who a DES acts as: `--identity` (and optionally `--credential`).
@@ -570,7 +579,7 @@ fn open_vault_as(
             id.name
         )));
     }
-    if normalize_vault_url(&cred.vault) != normalize_vault_url(url) {
+    if !same_vault(&cred.vault, url) {
         return Err(DesError::Invalid(format!(
             "the credential of {} is for vault {:?}, but the key is in {url:?}",
             id.name, cred.vault
@@ -586,9 +595,16 @@ pub fn open_vault(home: &Home, des: &DiskEncryptionSet) -> Result<Box<dyn Vault>
 }
 
 /// Checks everything a DES needs of its key, through `vault` as the DES identity `who`, and
-/// returns the exact version: purge protection on the vault, get/wrapKey/unwrapKey for the
-/// identity, the version enabled and currently valid, wrapKey/unwrapKey in its `key_ops`,
-/// and not cmkfs's own platform key.
+/// returns the exact version: not cmkfs's own platform key; get/wrapKey/unwrapKey for the
+/// identity; the version enabled, currently valid and allowing wrapKey/unwrapKey; purge
+/// protection on the vault.
+///
+/// Backends answer differently: where the vault reports its settings and the identity's
+/// permissions (the local vault) they are read directly, so the refusal names exactly what is
+/// missing; over the keys REST API, which has neither, purge protection comes from the key's
+/// `recoveryLevel` (Azure reports `Recoverable` / `CustomizedRecoverable`, without
+/// `+Purgeable`, exactly when purge protection is on) and the permissions are proven by
+/// wrapping and unwrapping a random 64-byte probe.
 pub fn check_key(vault: &dyn Vault, spec: &KeySpec, who: &str) -> Result<KeyInfo, DesError> {
     if spec.is_platform_key() {
         return Err(DesError::Refused(format!(
@@ -596,30 +612,44 @@ pub fn check_key(vault: &dyn Vault, spec: &KeySpec, who: &str) -> Result<KeyInfo
              keys are irreversible, a Disk Encryption Set cannot use (or go back to) the platform key"
         )));
     }
-    let props = vault.properties()?;
-    if !props.purge_protection {
-        return Err(DesError::Refused(format!(
+    let no_purge_protection = || {
+        DesError::Refused(format!(
             "vault {} does not have purge protection on: a Disk Encryption Set needs it, so that \
              its key cannot be purged while volumes depend on it (turn it on with `cmkfs vault \
              config --purge-protection on`)",
             spec.vault
-        )));
+        ))
+    };
+    // `Invalid` is how a backend says it cannot answer (see `vault::unsupported`).
+    let props = match vault.properties() {
+        Ok(p) => Some(p),
+        Err(VaultError::Invalid(_)) => None,
+        Err(e) => return Err(e.into()),
+    };
+    if props.as_ref().is_some_and(|p| !p.purge_protection) {
+        return Err(no_purge_protection());
     }
-    let have = vault.permissions(&spec.name)?;
-    let missing: Vec<&str> = REQUIRED_PERMISSIONS
-        .iter()
-        .filter(|p| !have.contains(p))
-        .map(|p| p.as_str())
-        .collect();
-    if !missing.is_empty() {
-        return Err(DesError::Refused(format!(
-            "identity {who} lacks the {} permission{} on key {} (grant them with `cmkfs vault \
-             policy set {who} --key {} --permissions get,wrapKey,unwrapKey`)",
-            missing.join(", "),
-            if missing.len() == 1 { "" } else { "s" },
-            spec.name,
-            spec.name
-        )));
+    let have = match vault.permissions(&spec.name) {
+        Ok(h) => Some(h),
+        Err(VaultError::Invalid(_)) => None,
+        Err(e) => return Err(e.into()),
+    };
+    if let Some(have) = &have {
+        let missing: Vec<&str> = REQUIRED_PERMISSIONS
+            .iter()
+            .filter(|p| !have.contains(p))
+            .map(|p| p.as_str())
+            .collect();
+        if !missing.is_empty() {
+            return Err(DesError::Refused(format!(
+                "identity {who} lacks the {} permission{} on key {} (grant them with `cmkfs vault \
+                 policy set {who} --key {} --permissions get,wrapKey,unwrapKey`)",
+                missing.join(", "),
+                if missing.len() == 1 { "" } else { "s" },
+                spec.name,
+                spec.name
+            )));
+        }
     }
     let info = match vault.get_key(&spec.name, spec.version.as_deref()) {
         Ok(i) => i,
@@ -635,6 +665,11 @@ pub fn check_key(vault: &dyn Vault, spec: &KeySpec, who: &str) -> Result<KeyInfo
         }
         Err(e) => return Err(e.into()),
     };
+    if props.is_none()
+        && (info.recovery_level.is_empty() || info.recovery_level.contains("Purgeable"))
+    {
+        return Err(no_purge_protection());
+    }
     for op in ["wrapKey", "unwrapKey"] {
         if !info.key_ops.iter().any(|o| o == op) {
             return Err(DesError::Refused(format!(
@@ -652,7 +687,40 @@ pub fn check_key(vault: &dyn Vault, spec: &KeySpec, who: &str) -> Result<KeyInfo
             info.kid
         )));
     }
+    if have.is_none() {
+        probe_wrap_unwrap(vault, &info, who)?;
+    }
     Ok(info)
+}
+
+/// Proves wrapKey and unwrapKey by a round trip of a random probe (never a real DEK).
+fn probe_wrap_unwrap(vault: &dyn Vault, info: &KeyInfo, who: &str) -> Result<(), DesError> {
+    let refused = |op: &str, e: VaultError| {
+        DesError::Refused(format!(
+            "identity {who} cannot {op} with key {} ({e}); a Disk Encryption Set needs get, \
+             wrapKey and unwrapKey",
+            info.kid
+        ))
+    };
+    let probe = Dek::generate().map_err(|e| DesError::Invalid(format!("no randomness: {e}")))?;
+    let w = vault
+        .wrap_key(
+            &info.name,
+            Some(&info.version),
+            info.wrap_alg,
+            probe.as_bytes(),
+        )
+        .map_err(|e| refused("wrapKey", e))?;
+    let back = vault
+        .unwrap_key(&w.kid, w.alg, &w.value)
+        .map_err(|e| refused("unwrapKey", e))?;
+    if back.as_slice() != probe.as_bytes() {
+        return Err(DesError::Invalid(format!(
+            "key {} does not unwrap what it wrapped",
+            info.kid
+        )));
+    }
+    Ok(())
 }
 
 /// Opens cmkfs's platform vault (the `local:` vault of `home`, as its owner) and makes sure
@@ -898,10 +966,7 @@ pub fn init_volume(
 /// The vault a mount of a volume should use: the DES identity of the volume's DES. `None`
 /// when the volume has no DES, or its DES has no identity (the owner then), or the DES record
 /// is not in this home (logged; the owner then).
-pub fn mount_vault(
-    home: &Home,
-    header: &VolumeHeader,
-) -> Result<Option<MountVault>, DesError> {
+pub fn mount_vault(home: &Home, header: &VolumeHeader) -> Result<Option<MountVault>, DesError> {
     let Some(name) = &header.des else {
         return Ok(None);
     };
@@ -1029,12 +1094,62 @@ struct Target {
     info: KeyInfo,
 }
 
+/// The vault connections of a key change: the new key's vault, and, opened on demand, the
+/// vaults of the keys volumes are still wrapped with (a key change may move to a key in
+/// another vault). Each is reached as the DES identity whose credential is for it, else with
+/// that vault's default connection (the owner of `local:`, a token's PIN, a credential found
+/// in `$CMKFS_HOME/credentials`).
+struct Vaults<'a> {
+    home: &'a Home,
+    target_url: String,
+    target: &'a dyn Vault,
+    identities: Vec<DesIdentity>,
+    others: Vec<(String, Box<dyn Vault>)>,
+}
+
+impl<'a> Vaults<'a> {
+    fn new(
+        home: &'a Home,
+        target_url: &str,
+        target: &'a dyn Vault,
+        identities: Vec<DesIdentity>,
+    ) -> Vaults<'a> {
+        Vaults {
+            home,
+            target_url: target_url.to_string(),
+            target,
+            identities,
+            others: Vec::new(),
+        }
+    }
+
+    /// The connection for vault `url`.
+    fn for_url(&mut self, url: &str) -> Result<&dyn Vault, DesError> {
+        if same_vault(url, &self.target_url) {
+            return Ok(self.target);
+        }
+        if let Some(i) = self.others.iter().position(|(u, _)| same_vault(u, url)) {
+            return Ok(self.others[i].1.as_ref());
+        }
+        let id = self.identities.iter().find(|id| {
+            Credential::load(&id.credential_file).is_ok_and(|c| same_vault(&c.vault, url))
+        });
+        let v = open_vault_as(self.home, url, id)?;
+        self.others.push((url.to_string(), v));
+        Ok(self
+            .others
+            .last()
+            .map(|(_, v)| v.as_ref())
+            .unwrap_or(self.target))
+    }
+}
+
 /// Moves one volume to `target`: unwrap with its current key, wrap with the new one, check
 /// the new wrap, replace the header atomically. The DEK and data are untouched.
 fn rewrap_volume(
     dir: &Path,
     des: &DiskEncryptionSet,
-    vault: &dyn Vault,
+    vaults: &mut Vaults,
     target: &Target,
     hooks: &mut Hooks,
 ) -> Result<RewrapOutcome, DesError> {
@@ -1060,7 +1175,8 @@ fn rewrap_volume(
     if header.key_id == new_url {
         return Ok(RewrapOutcome::AlreadyCurrent);
     }
-    let dek = keyring::unwrap_dek(vault, &header)?;
+    let vault = vaults.target;
+    let dek = keyring::unwrap_dek(vaults.for_url(&header.key_id()?.vault)?, &header)?;
     hooks.step(RewrapStep::Unwrapped, dir)?;
     let wrapped = vault.wrap_key(
         &target.kid.name,
@@ -1168,7 +1284,7 @@ impl RotationReport {
 fn rotate_locked(
     store: &DesStore,
     des: &mut DiskEncryptionSet,
-    vault: &dyn Vault,
+    vaults: &mut Vaults,
     target: &Target,
     hooks: &mut Hooks,
 ) -> Result<RotationReport, DesError> {
@@ -1201,7 +1317,7 @@ fn rotate_locked(
     let mut outcomes = Vec::new();
     let mut failures = Vec::new();
     for (i, dir) in des.volumes.clone().iter().enumerate() {
-        match rewrap_volume(dir, des, vault, target, hooks) {
+        match rewrap_volume(dir, des, vaults, target, hooks) {
             Ok(o) => outcomes.push((dir.clone(), o)),
             Err(e @ DesError::Interrupted(_)) => return Err(e),
             Err(e) => failures.push(format!("{}: {e}", dir.display())),
@@ -1349,13 +1465,23 @@ pub fn update(
     });
     let info = check_key(v.as_ref(), &target_spec, &who)?;
     let kid: KeyId = info.kid.parse()?;
-    if req.identity.is_some() && kid.vault == active.vault && !des.previous_keys.is_empty() {
+    if req.identity.is_some()
+        && same_vault(&kid.vault, &active.vault)
+        && !des.previous_keys.is_empty()
+    {
         // The new identity must also be able to unwrap volumes still on a previous key.
         for k in des.previous_keys.clone() {
             let pk = k.key_id()?;
             check_permissions(v.as_ref(), &pk.name, &who)?;
         }
     }
+    // Volumes still on a key of another vault are unwrapped as whichever identity (new or
+    // previous) holds a credential for it.
+    let identities: Vec<DesIdentity> = identity
+        .iter()
+        .chain(des.identity.iter())
+        .cloned()
+        .collect();
     des.identity = identity;
     if let Some(a) = req.auto_rotate {
         des.rotation_to_latest_key_version_enabled = a;
@@ -1367,10 +1493,11 @@ pub fn update(
             .iter()
             .any(|s| s.state == "previous" || s.state == "unknown-key");
     let rotation = if needs_rotation {
+        let mut vaults = Vaults::new(home, &key_vault, v.as_ref(), identities);
         Some(rotate_locked(
             &store,
             &mut des,
-            v.as_ref(),
+            &mut vaults,
             &Target { kid, info },
             hooks,
         )?)
@@ -1382,7 +1509,12 @@ pub fn update(
 }
 
 fn check_permissions(vault: &dyn Vault, key: &str, who: &str) -> Result<(), DesError> {
-    let have = vault.permissions(key)?;
+    let have = match vault.permissions(key) {
+        Ok(h) => h,
+        // A backend that cannot tell (the keys REST API): the rewrap itself will say.
+        Err(VaultError::Invalid(_)) => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
     if REQUIRED_PERMISSIONS.iter().all(|p| have.contains(p)) {
         Ok(())
     } else {
@@ -1461,10 +1593,16 @@ pub fn auto_rotate_for_volume(
             version: Some(kid.version.clone()),
         };
         let info = check_key(vault, &spec, des.identity_name())?;
+        let mut vaults = Vaults::new(
+            home,
+            &kid.vault,
+            vault,
+            des.identity.iter().cloned().collect(),
+        );
         rotate_locked(
             &store,
             &mut des,
-            vault,
+            &mut vaults,
             &Target { kid, info },
             &mut Hooks::default(),
         )

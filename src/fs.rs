@@ -811,7 +811,14 @@ impl Filesystem for CmkFs {
         }
     }
 
-    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: fuser::ReplyXattr) {
+    fn getxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        size: u32,
+        reply: fuser::ReplyXattr,
+    ) {
         match self.path(ino).and_then(|p| self.vol.get_xattr(&p, name)) {
             Ok(v) => xattr_reply(reply, size, &v),
             Err(e) => reply.error(errno(&e, "getxattr", Path::new(name))),
@@ -828,7 +835,10 @@ impl Filesystem for CmkFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        match self.path(ino).and_then(|p| self.vol.set_xattr(&p, name, value, flags)) {
+        match self
+            .path(ino)
+            .and_then(|p| self.vol.set_xattr(&p, name, value, flags))
+        {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(&e, "setxattr", Path::new(name))),
         }
@@ -865,7 +875,10 @@ impl Filesystem for CmkFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        match self.file(fh).and_then(|of| self.vol.fallocate(&of, mode, offset, length)) {
+        match self
+            .file(fh)
+            .and_then(|of| self.vol.fallocate(&of, mode, offset, length))
+        {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(&e, "fallocate", Path::new(""))),
         }
@@ -887,7 +900,8 @@ impl Filesystem for CmkFs {
         let r = self.file(fh_in).and_then(|i| {
             let o = self.file(fh_out)?;
             // One FUSE reply carries a u32 count; the kernel asks again for the rest.
-            self.vol.copy_range(&i, offset_in, &o, offset_out, len.min(1 << 30))
+            self.vol
+                .copy_range(&i, offset_in, &o, offset_out, len.min(1 << 30))
         });
         match r {
             Ok(n) => reply.written(n as u32),

@@ -11,6 +11,7 @@ pub mod des;
 pub mod drill;
 pub mod engine;
 pub mod fs;
+pub mod fsck;
 pub mod fsutil;
 pub mod home;
 pub mod keyring;

@@ -1098,3 +1098,114 @@ fn a_rewrap_interrupted_after_any_step_leaves_volumes_that_mount_with_the_old_or
         println!("{step:?} on volume {nth}: consistent, mounted, finished");
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// A key change to a key in another vault (a vault server over HTTPS)
+// ---------------------------------------------------------------------------------------------
+
+mod vault_support;
+
+/// `cmkfs ARGS` with `CMKFS_HOME=home`, time-limited.
+fn cmkfs_in(home: &Path, args: &[&str]) -> Output {
+    let mut cmd = std::process::Command::new(bin());
+    cmd.args(args)
+        .env("CMKFS_HOME", home)
+        .env_remove("XDG_DATA_HOME");
+    run_with_timeout(cmd, CMD_TIMEOUT).unwrap_or_else(|e| panic!("{e}"))
+}
+
+#[test]
+fn key_change_to_a_key_in_another_vault_over_https() {
+    let env = Env::new();
+    purge_protection(&env);
+    let local_kid = key_create(&env, "k");
+    env.cmkfs(&["des", "create", "d", "--key", "k"]).assert_ok();
+    init_des(&env, &env.cipher, "d");
+    {
+        let m = env.mount(&env.cipher, &env.mnt);
+        write(&m.path("f"), b"moving vaults");
+        m.unmount();
+    }
+    // A second vault, served over HTTPS from its own home.
+    let remote = env.dir("remote-home");
+    cmkfs_in(
+        &remote,
+        &["vault", "key", "create", "rk", "--key-size", KEY_SIZE],
+    )
+    .assert_ok();
+    let server = vault_support::ServerProc::start(&remote, 0);
+    let cred = env.home.join("credentials/remote-id.json");
+    fs::create_dir_all(cred.parent().unwrap()).unwrap();
+    let cred_s = cred.to_str().unwrap().to_string();
+    cmkfs_in(
+        &remote,
+        &[
+            "vault",
+            "identity",
+            "create",
+            "remote-id",
+            "--server-url",
+            &server.url,
+            "--credential-file",
+            &cred_s,
+        ],
+    )
+    .assert_ok();
+    let key_url = format!("{}/keys/rk", server.url);
+    let update = [
+        "des",
+        "update",
+        "d",
+        "--key",
+        &key_url,
+        "--identity",
+        "remote-id",
+    ];
+    let before = des_snapshot(&env);
+    // The REST API has no vault settings or policies: purge protection is read from the key's
+    // recoveryLevel, permissions are proven by a wrap/unwrap probe.
+    let policy = |perms: &str| {
+        cmkfs_in(
+            &remote,
+            &[
+                "vault",
+                "policy",
+                "set",
+                "remote-id",
+                "--key",
+                "rk",
+                "--permissions",
+                perms,
+            ],
+        )
+        .assert_ok();
+    };
+    let refused = |needle: &str| {
+        let out = env.cmkfs(&update);
+        out.assert_clear_error();
+        assert!(out.stderr.contains(needle), "expected {needle:?}:\n{out}");
+        assert_same_snapshot("refused key change", &before, &des_snapshot(&env));
+        assert_eq!(header_kid(&env.cipher), local_kid);
+    };
+    refused("lacks the get permission");
+    policy("get,wrapKey,unwrapKey");
+    refused("purge protection");
+    cmkfs_in(&remote, &["vault", "config", "--purge-protection", "on"]).assert_ok();
+    policy("get");
+    refused("cannot wrapKey");
+    policy("get,wrapKey");
+    refused("cannot unwrapKey");
+    policy("get,wrapKey,unwrapKey");
+
+    let r = json(&env.cmkfs(&[&update[..], &["--json"]].concat()));
+    let new_kid = r["activeKey"]["keyUrl"].as_str().unwrap().to_string();
+    assert!(new_kid.starts_with(&key_url), "{r:#}");
+    assert_eq!(r["identity"]["name"], "remote-id");
+    assert_eq!(header_kid(&env.cipher), new_kid);
+    // The old local key can go; the volume mounts through the remote vault as the DES identity.
+    set_enabled(&env, &local_kid, false);
+    let m = env.mount(&env.cipher, &env.mnt);
+    assert_eq!(read(&m.path("f")), b"moving vaults");
+    m.unmount();
+    drop(server);
+}

@@ -3,6 +3,7 @@
 mod bench;
 mod des;
 mod drill;
+mod fsck;
 mod status;
 mod vault;
 mod volume;
@@ -43,6 +44,8 @@ enum Command {
     Des(des::DesArgs),
     /// Measure throughput.
     Bench(bench::BenchArgs),
+    /// Check a volume's backing directory and repair it (exit 0 clean, 1 repaired, 2 problems left, 8 error).
+    Fsck(fsck::FsckArgs),
 }
 
 /// Runs the parsed command line.
@@ -58,5 +61,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Vault(a) => vault::run(a),
         Command::Des(a) => des::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Fsck(a) => fsck::run(a),
     }
 }

@@ -376,29 +376,7 @@ fn serve(a: &MountArgs, ready_pipe: bool) -> anyhow::Result<()> {
     let mp = mount::check_mountpoint(&a.mountpoint)?;
     mount::unmount_on_signal(mp.clone())?;
     let header = VolumeHeader::read(&a.cipherdir)?;
-    let kid = header.key_id()?;
-    let (vault, identity) = match &a.credential {
-        Some(path) => {
-            let cred = Credential::load(path)?;
-            if cred.vault != kid.vault {
-                bail!(
-                    "credential {} is for vault {:?}, but the volume's key is in {:?}",
-                    path.display(),
-                    cred.vault,
-                    kid.vault
-                );
-            }
-            (
-                vault::open_with_credential(&home, &cred)?,
-                Some(cred.identity.clone()),
-            )
-        }
-        // A DES volume reaches the vault as its DES identity (issue 4 item 7).
-        None => match crate::des::mount_vault(&home, &header)? {
-            Some((v, identity)) => (v, Some(identity)),
-            None => (vault::open(&kid.vault, &home)?, None),
-        },
-    };
+    let (vault, identity) = volume_vault(&home, &header, a.credential.as_deref())?;
     let push = if a.no_push { None } else { vault.watch() };
     let kcfg = KeyringConfig {
         check_interval: a.key_check_interval,
@@ -468,6 +446,38 @@ fn serve(a: &MountArgs, ready_pipe: bool) -> anyhow::Result<()> {
     RunRecord::remove(&home, &mp);
     tracing::info!(mountpoint = %mp.display(), "unmounted");
     result.with_context(|| format!("FUSE session at {}", mp.display()))
+}
+
+/// The vault connection that unwraps `header`'s DEK, and the identity it acts as (`None`: the
+/// vault owner): the identity of `credential` when given, else the volume's DES identity
+/// (issue 4 item 7), else the owner. Mounts and `cmkfs fsck` both reach the vault this way.
+pub(crate) fn volume_vault(
+    home: &Home,
+    header: &VolumeHeader,
+    credential: Option<&std::path::Path>,
+) -> anyhow::Result<(Box<dyn vault::Vault>, Option<String>)> {
+    let kid = header.key_id()?;
+    Ok(match credential {
+        Some(path) => {
+            let cred = Credential::load(path)?;
+            if cred.vault != kid.vault {
+                bail!(
+                    "credential {} is for vault {:?}, but the volume's key is in {:?}",
+                    path.display(),
+                    cred.vault,
+                    kid.vault
+                );
+            }
+            (
+                vault::open_with_credential(home, &cred)?,
+                Some(cred.identity.clone()),
+            )
+        }
+        None => match crate::des::mount_vault(home, header)? {
+            Some((v, identity)) => (v, Some(identity)),
+            None => (vault::open(&kid.vault, home)?, None),
+        },
+    })
 }
 
 /// Tells `cmkfs mount` we are up, then points stdout at /dev/null so that nothing later can

@@ -260,7 +260,13 @@ pub fn write(
 }
 
 /// The read-modify-write body of [`write`]; the caller holds the exclusive lock.
-fn write_locked(f: &File, st: &FileState, cx: &Ctx, off: u64, data: &[u8]) -> Result<usize, VolumeError> {
+fn write_locked(
+    f: &File,
+    st: &FileState,
+    cx: &Ctx,
+    off: u64,
+    data: &[u8],
+) -> Result<usize, VolumeError> {
     let end = off + data.len() as u64;
     let size = backing_size(f)?;
     let h = header(f, st, true)?.ok_or_else(|| corrupt("could not create the file header"))?;
@@ -356,8 +362,16 @@ fn os_err(errno: i32) -> VolumeError {
 /// `fallocate(2)` on the plaintext view. Supported: mode 0 and `KEEP_SIZE` (reserve space;
 /// growth reads as zeros), `PUNCH_HOLE | KEEP_SIZE` and `ZERO_RANGE` (the range reads as
 /// zeros). `COLLAPSE_RANGE` and `INSERT_RANGE` would move data across tweaks: EOPNOTSUPP.
-pub fn fallocate(f: &File, st: &FileState, cx: &Ctx, mode: i32, off: u64, len: u64) -> Result<(), VolumeError> {
-    let supported = libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE;
+pub fn fallocate(
+    f: &File,
+    st: &FileState,
+    cx: &Ctx,
+    mode: i32,
+    off: u64,
+    len: u64,
+) -> Result<(), VolumeError> {
+    let supported =
+        libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE;
     if mode & !supported != 0 {
         return Err(os_err(libc::EOPNOTSUPP));
     }
@@ -381,7 +395,12 @@ pub fn fallocate(f: &File, st: &FileState, cx: &Ctx, mode: i32, off: u64, len: u
     // Reserve the blocks so that a later write cannot fail with ENOSPC; unwritten extents
     // read as zero ciphertext, which reads as zeros.
     if header(f, st, false)?.is_some() {
-        let r = unsafe_fallocate(f, libc::FALLOC_FL_KEEP_SIZE, FILE_HEADER_LEN as u64 + off, len);
+        let r = unsafe_fallocate(
+            f,
+            libc::FALLOC_FL_KEEP_SIZE,
+            FILE_HEADER_LEN as u64 + off,
+            len,
+        );
         if let Err(e) = r {
             if e.raw_os_error() != Some(libc::EOPNOTSUPP) {
                 return Err(VolumeError::Os(e));
@@ -403,7 +422,14 @@ fn unsafe_fallocate(f: &File, mode: i32, off: u64, len: u64) -> std::io::Result<
 
 /// Makes `[a, b)` (inside a file of logical `size`) read as zeros: whole sectors become
 /// holes of the backing file (zero ciphertext), partial sectors are rewritten.
-fn zero_range(f: &File, st: &FileState, cx: &Ctx, a: u64, b: u64, size: u64) -> Result<(), VolumeError> {
+fn zero_range(
+    f: &File,
+    st: &FileState,
+    cx: &Ctx,
+    a: u64,
+    b: u64,
+    size: u64,
+) -> Result<(), VolumeError> {
     if a >= b {
         return Ok(());
     }
@@ -413,15 +439,24 @@ fn zero_range(f: &File, st: &FileState, cx: &Ctx, a: u64, b: u64, size: u64) -> 
     let first_full = a.div_ceil(ss) * ss;
     let last_full_end = if b == size { b } else { b / ss * ss };
     if first_full < last_full_end {
-        let (off, len) = (FILE_HEADER_LEN as u64 + first_full, last_full_end - first_full);
-        let punched = unsafe_fallocate(f, libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, off, len);
+        let (off, len) = (
+            FILE_HEADER_LEN as u64 + first_full,
+            last_full_end - first_full,
+        );
+        let punched = unsafe_fallocate(
+            f,
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            off,
+            len,
+        );
         if punched.is_err() {
             // No hole punching here: zero ciphertext reads as zeros all the same.
             let zeros = vec![0u8; (ss as usize).min(len as usize)];
             let mut at = 0;
             while at < len {
                 let n = zeros.len().min((len - at) as usize);
-                f.write_all_at(&zeros[..n], off + at).map_err(VolumeError::Os)?;
+                f.write_all_at(&zeros[..n], off + at)
+                    .map_err(VolumeError::Os)?;
                 at += n as u64;
             }
         }

@@ -557,7 +557,9 @@ impl Volume {
             let built = (|| {
                 write_dir_id(&tmp)?;
                 // A directory made inside a setgid directory is setgid too (as on ext4).
-                let inherit = fs::metadata(dir).map(|m| m.mode() & libc::S_ISGID).unwrap_or(0);
+                let inherit = fs::metadata(dir)
+                    .map(|m| m.mode() & libc::S_ISGID)
+                    .unwrap_or(0);
                 fs::set_permissions(&tmp, fs::Permissions::from_mode((mode & 0o7777) | inherit))
                     .map_err(VolumeError::Os)?;
                 self.own(dir, &tmp, caller)?;
@@ -778,14 +780,27 @@ impl Volume {
     }
 
     /// `fallocate(2)` on an open file (see [`content::fallocate`]).
-    pub fn fallocate(&self, of: &OpenFile, mode: i32, off: u64, len: u64) -> Result<(), VolumeError> {
+    pub fn fallocate(
+        &self,
+        of: &OpenFile,
+        mode: i32,
+        off: u64,
+        len: u64,
+    ) -> Result<(), VolumeError> {
         let keys = self.keys()?;
         content::fallocate(&of.file, &of.state, &self.ctx(&keys), mode, off, len)
     }
 
     /// Copies up to `len` plaintext bytes between open files (`copy_file_range`), in 1 MiB
     /// steps; returns the bytes copied (fewer at end of input).
-    pub fn copy_range(&self, from: &OpenFile, off_in: u64, to: &OpenFile, off_out: u64, len: u64) -> Result<u64, VolumeError> {
+    pub fn copy_range(
+        &self,
+        from: &OpenFile,
+        off_in: u64,
+        to: &OpenFile,
+        off_out: u64,
+        len: u64,
+    ) -> Result<u64, VolumeError> {
         let mut done = 0u64;
         while done < len {
             let n = (len - done).min(1 << 20) as usize;
@@ -812,20 +827,30 @@ impl Volume {
     }
 
     /// Sets extended attribute `name` (`flags`: XATTR_CREATE / XATTR_REPLACE).
-    pub fn set_xattr(&self, path: &Path, name: &OsStr, value: &[u8], flags: i32) -> Result<(), VolumeError> {
+    pub fn set_xattr(
+        &self,
+        path: &Path,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+    ) -> Result<(), VolumeError> {
         let keys = self.keys()?;
         let backing = xattr_name(&keys, name).map_err(|e| match e.errno() {
             libc::ENODATA => VolumeError::errno_of(libc::EOPNOTSUPP),
             _ => e,
         })?;
-        let sealed = xattr::seal_value(&keys, &backing, value).map_err(|e| VolumeError::Internal(e.to_string()))?;
+        let sealed = xattr::seal_value(&keys, &backing, value)
+            .map_err(|e| VolumeError::Internal(e.to_string()))?;
         xattr::set(path, &backing, &sealed, flags)
     }
 
     /// Lists the plaintext names of `path`'s extended attributes.
     pub fn list_xattr(&self, path: &Path) -> Result<Vec<OsString>, VolumeError> {
         let keys = self.keys()?;
-        Ok(xattr::list(path)?.into_iter().filter_map(|b| xattr::open_name(&keys, &b)).collect())
+        Ok(xattr::list(path)?
+            .into_iter()
+            .filter_map(|b| xattr::open_name(&keys, &b))
+            .collect())
     }
 
     /// Removes extended attribute `name`.

@@ -32,11 +32,18 @@ pub(super) fn open_name(keys: &VolumeKeys, backing: &OsStr) -> Option<OsString> 
     Some(OsString::from_vec(plain.to_vec()))
 }
 
-pub(super) fn seal_value(keys: &VolumeKeys, backing: &OsStr, value: &[u8]) -> Result<Vec<u8>, getrandom::Error> {
+pub(super) fn seal_value(
+    keys: &VolumeKeys,
+    backing: &OsStr,
+    value: &[u8],
+) -> Result<Vec<u8>, getrandom::Error> {
     let mut nonce = [0u8; 16];
     getrandom::getrandom(&mut nonce)?;
     let mut out = nonce.to_vec();
-    out.extend(keys.names.seal(&[b"xattr-value", backing.as_bytes(), &nonce], value));
+    out.extend(
+        keys.names
+            .seal(&[b"xattr-value", backing.as_bytes(), &nonce], value),
+    );
     Ok(out)
 }
 
@@ -45,7 +52,10 @@ pub(super) fn open_value(keys: &VolumeKeys, backing: &OsStr, stored: &[u8]) -> O
         return None;
     }
     let (nonce, sealed) = stored.split_at(16);
-    keys.names.open(&[b"xattr-value", backing.as_bytes(), nonce], sealed).ok().map(|v| v.to_vec())
+    keys.names
+        .open(&[b"xattr-value", backing.as_bytes(), nonce], sealed)
+        .ok()
+        .map(|v| v.to_vec())
 }
 
 fn c(p: &[u8]) -> Result<CString, VolumeError> {
@@ -66,7 +76,8 @@ pub(super) fn get(path: &Path, name: &OsStr) -> Result<Vec<u8>, VolumeError> {
         }
         let mut buf = vec![0u8; size as usize];
         // SAFETY: buf has exactly the stated length.
-        let got = unsafe { libc::lgetxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+        let got =
+            unsafe { libc::lgetxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
         if got >= 0 {
             buf.truncate(got as usize);
             return Ok(buf);
@@ -81,7 +92,16 @@ pub(super) fn get(path: &Path, name: &OsStr) -> Result<Vec<u8>, VolumeError> {
 pub(super) fn set(path: &Path, name: &OsStr, value: &[u8], flags: i32) -> Result<(), VolumeError> {
     let (p, n) = (c(path.as_os_str().as_bytes())?, c(name.as_bytes())?);
     // SAFETY: valid C strings and a value buffer of the stated length.
-    if unsafe { libc::lsetxattr(p.as_ptr(), n.as_ptr(), value.as_ptr().cast(), value.len(), flags) } != 0 {
+    if unsafe {
+        libc::lsetxattr(
+            p.as_ptr(),
+            n.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            flags,
+        )
+    } != 0
+    {
         return Err(last_err());
     }
     Ok(())

@@ -756,6 +756,65 @@ impl Mount {
         assert!(!fired, "the watchdog had to abort this mount (it hung)");
     }
 
+    /// The pid of the daemon serving this mount (a foreground child's, or the first one found
+    /// for a daemonized mount).
+    pub fn daemon_pid(&self) -> Option<u32> {
+        match &self.daemon {
+            Daemon::Child(c, _) => Some(c.id()),
+            Daemon::Detached(pids) => pids.first().map(|&p| p as u32),
+        }
+    }
+
+    /// Simulates a crash of the daemon: SIGKILL, then cleans up the dead mount the way an
+    /// operator would (abort the FUSE connection so nothing stays blocked on it, lazy
+    /// unmount), waits for the mountpoint to be free, and reaps the daemon. Panics if the
+    /// mount cannot be cleaned up within the time limits.
+    #[track_caller]
+    pub fn crash(mut self) {
+        match &self.daemon {
+            Daemon::Child(c, _) => kill_group(c.id(), libc::SIGKILL),
+            Daemon::Detached(pids) => {
+                for &p in pids {
+                    // SAFETY: kill(2) has no memory-safety preconditions.
+                    unsafe {
+                        libc::kill(p, libc::SIGKILL);
+                    }
+                }
+            }
+        }
+        assert!(
+            wait_until(DAEMON_EXIT_TIMEOUT, || self.daemon_exited()),
+            "the daemon of {} survived SIGKILL",
+            self.mnt.display()
+        );
+        // The kernel aborts the connection when the daemon's /dev/fuse descriptors close;
+        // aborting again is harmless and covers a descriptor inherited elsewhere.
+        if let Some(dev) = self.dev {
+            abort_fuse_connection(dev);
+        }
+        while is_mounted(&self.mnt) && detach(&self.mnt) {}
+        assert!(
+            wait_until(UMOUNT_TIMEOUT, || !is_mounted(&self.mnt)),
+            "{} still mounted after the daemon was killed and the mount detached",
+            self.mnt.display()
+        );
+        if let Daemon::Child(c, _) = &mut self.daemon {
+            let _ = c.wait();
+        }
+        if let Some(w) = self.watchdog.take() {
+            w.stop();
+        }
+        self.done = true;
+    }
+
+    /// The daemon's log so far (foreground mounts only; empty otherwise).
+    pub fn daemon_log(&self) -> String {
+        match &self.daemon {
+            Daemon::Child(_, log) => read_all_at(log),
+            Daemon::Detached(_) => String::new(),
+        }
+    }
+
     fn umount_command(&self) -> Command {
         let mut cmd = Command::new(bin());
         cmd.arg("umount")
