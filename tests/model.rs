@@ -273,7 +273,6 @@ impl World {
             1 => rng.gen_range(0..=size_now),
             _ => Self::pick_offset(rng, size_now),
         };
-        if via_handle && self.nodes[&node].nlink == 0 { return Ok(vec![]); }
         if via_handle {
             let h = self
                 .handles

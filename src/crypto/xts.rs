@@ -5,7 +5,7 @@
 //!   refused, as IEEE 1619-2018 §5.1, OpenSSL and aws-lc do.
 //! * Data unit: a power of two in 512..=65536 bytes (4096 in cmkfs), fixed per cipher.
 //! * Tweak: the 128-bit data unit sequence number, encoded little-endian
-//!   ([`u128::to_le_bytes`]), as in the IEEE 1619 test vectors and `openssl enc -iv`.
+//!   ([`u128::to_le_bytes`]), as in the IEEE 1619 test vectors and OpenSSL's XTS IV.
 //!
 //! Units shorter than the unit size are file tails:
 //!
@@ -15,9 +15,10 @@
 //!   short-tail rule.
 //!
 //! Two interchangeable implementations sit behind [`XtsCipher`]: an AES-NI one (x86_64, chosen
-//! at construction when the CPU has AES-NI) that keeps eight blocks in flight with their tweaks
-//! computed in SIMD registers, and a portable one on the `aes` crate's batched block API.
-//! Both are tested against the `xts-mode` crate and the IEEE 1619 vectors.
+//! at construction when the CPU has AES-NI) that keeps eight blocks in flight through the
+//! rounds, as OpenSSL's assembly does, and a portable one on the `aes` crate's batched block
+//! API. Both are tested against the IEEE 1619 vectors, the `xts-mode` crate, aws-lc's XTS and
+//! the `openssl` command (`tests/xts.rs`).
 
 use std::fmt;
 
