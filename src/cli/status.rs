@@ -62,17 +62,20 @@ fn target_status(home: &Home, target: &Path) -> anyhow::Result<serde_json::Value
     // Not mounted: answer with a one-shot check of the key, which is what "accessible" means.
     let header = VolumeHeader::read(&abs)?;
     let kid = header.key_id()?;
-    let (state, reason) = match vault::open(&kid.vault, home)
-        .map_err(crate::volume::VolumeError::from)
-        .and_then(|v| keyring::unwrap_dek(v.as_ref(), &header))
-    {
+    // The same connection a mount would use (DES identity included), and every key the
+    // volume needs (the platform key of a double-encrypted volume too).
+    let checked = super::volume::volume_vault(home, &header, None).and_then(|(v, _)| {
+        keyring::unwrap_keys(v.as_ref(), &header).map_err(anyhow::Error::from)
+    });
+    let (state, reason) = match checked {
         Ok(_) => ("Accessible", None),
         Err(e) => {
-            let denied = matches!(&e, crate::volume::VolumeError::Vault(v) if v.class() == vault::ErrorClass::Denied);
-            (
-                if denied { "Inaccessible" } else { "Unknown" },
-                Some(e.to_string()),
-            )
+            let denied = matches!(
+                e.downcast_ref::<crate::volume::VolumeError>(),
+                Some(crate::volume::VolumeError::Vault(v)) if v.class() == vault::ErrorClass::Denied
+            ) || matches!(e.downcast_ref::<vault::VaultError>(), Some(v) if v.class() == vault::ErrorClass::Denied);
+            let msg = e.chain().map(|c| c.to_string()).collect::<Vec<_>>().join(": ");
+            (if denied { "Inaccessible" } else { "Unknown" }, Some(msg))
         }
     };
     Ok(serde_json::json!({

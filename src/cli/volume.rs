@@ -377,7 +377,15 @@ fn serve(a: &MountArgs, ready_pipe: bool) -> anyhow::Result<()> {
     mount::unmount_on_signal(mp.clone())?;
     let header = VolumeHeader::read(&a.cipherdir)?;
     let (vault, identity) = volume_vault(&home, &header, a.credential.as_deref())?;
-    let push = if a.no_push { None } else { vault.watch() };
+    let vault_push = if a.no_push { None } else { vault.watch() };
+    let push_on = vault_push.is_some();
+    // Also wake on a rewrite of our own header (a `des update` rewrap by another process),
+    // so the mount picks up the new key version at once rather than at its next check.
+    let header_watch = crate::vault::watch::watch_file(&a.cipherdir.join(crate::volume::header::HEADER_FILE))
+        .map_err(|e| tracing::warn!(error = %e, "cannot watch the volume header"))
+        .ok();
+    let wakeups: Vec<_> = vault_push.into_iter().chain(header_watch).collect();
+    let push = (!wakeups.is_empty()).then(|| crate::vault::watch::merge(wakeups));
     let kcfg = KeyringConfig {
         check_interval: a.key_check_interval,
         grace: a.grace_period,
@@ -422,7 +430,7 @@ fn serve(a: &MountArgs, ready_pipe: bool) -> anyhow::Result<()> {
         cipherdir: cipherdir.clone(),
         volume_id: header.volume_id.clone(),
         pid: std::process::id(),
-        push: push.is_some(),
+        push: push_on,
     };
     let sinks = MonitorSinks {
         status_path: RunRecord::status_path(&home, &mp),

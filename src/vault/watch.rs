@@ -77,6 +77,23 @@ pub fn watch_file(file: &Path) -> io::Result<Receiver<()>> {
     Ok(rx)
 }
 
+/// One channel that fires when any of `sources` fires (bursts coalesce, as in
+/// [`watch_file`]). Each source gets a small forwarding thread that ends with its source.
+pub fn merge(sources: Vec<Receiver<()>>) -> Receiver<()> {
+    let (tx, rx) = sync_channel(1);
+    for src in sources {
+        let tx = tx.clone();
+        let _ = std::thread::Builder::new().name("cmkfs-watch-merge".into()).spawn(move || {
+            while src.recv().is_ok() {
+                if let Err(TrySendError::Disconnected(())) = tx.try_send(()) {
+                    return;
+                }
+            }
+        });
+    }
+    rx
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
