@@ -752,3 +752,37 @@ fn find_credential(home: &Home, url: &str) -> Result<Credential, VaultError> {
         ))),
     }
 }
+
+/// Decodes `%XX` escapes; anything else passes through. `plus_is_space`: form-encoded query
+/// strings (HTTP) write a space as `+`; RFC 7512 PKCS#11 URIs do not.
+pub(crate) fn percent_decode(s: &str, plus_is_space: bool) -> String {
+    let b = s.as_bytes();
+    let hex = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            if let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2])) {
+                out.push(h << 4 | l);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(if plus_is_space && b[i] == b'+' { b' ' } else { b[i] });
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod percent_tests {
+    #[test]
+    fn decodes_escapes_and_keeps_broken_ones() {
+        assert_eq!(super::percent_decode("a%20b%2F", false), "a b/");
+        assert_eq!(super::percent_decode("100%", false), "100%");
+        assert_eq!(super::percent_decode("%zz", false), "%zz");
+        assert_eq!(super::percent_decode("a+b", false), "a+b");
+        assert_eq!(super::percent_decode("a+b%41", true), "a bA");
+        assert_eq!(super::percent_decode("%4", false), "%4");
+    }
+}

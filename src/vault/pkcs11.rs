@@ -76,24 +76,6 @@ impl std::fmt::Debug for Pkcs11Url {
     }
 }
 
-fn pct_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let hex = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' && i + 2 < b.len() {
-            if let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2])) {
-                out.push(h << 4 | l);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
 
 fn pct_encode(s: &str) -> String {
     let mut out = String::new();
@@ -131,15 +113,15 @@ impl Pkcs11Url {
                 .split_once('=')
                 .ok_or_else(|| bad("a parameter lacks '='"))?;
             match k {
-                "token" => token = Some(pct_decode(v)),
+                "token" => token = Some(super::percent_decode(v, false)),
                 "pin-source" => {
-                    let v = pct_decode(v);
+                    let v = super::percent_decode(v, false);
                     let p = v
                         .strip_prefix("file:")
                         .ok_or_else(|| bad("pin-source must be file:/path"))?;
                     pin_file = Some(PathBuf::from(p));
                 }
-                "pin-value" => pin_value = Some(Zeroizing::new(pct_decode(v))),
+                "pin-value" => pin_value = Some(Zeroizing::new(super::percent_decode(v, false))),
                 other => return Err(bad(&format!("unknown parameter {other:?}"))),
             }
         }
@@ -147,7 +129,7 @@ impl Pkcs11Url {
             .filter(|t| !t.is_empty())
             .ok_or_else(|| bad("token=LABEL is required"))?;
         Ok(Pkcs11Url {
-            module: PathBuf::from(pct_decode(module)),
+            module: PathBuf::from(super::percent_decode(module, false)),
             token,
             pin_file,
             pin_value,

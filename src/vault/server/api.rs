@@ -363,29 +363,11 @@ fn query(q: Option<&str>) -> HashMap<String, String> {
     let mut out = HashMap::new();
     for pair in q.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        out.insert(percent_decode(k), percent_decode(v));
+        out.insert(crate::vault::percent_decode(k, true), crate::vault::percent_decode(v, true));
     }
     out
 }
 
-fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let hex = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' && i + 2 < b.len() {
-            if let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2])) {
-                out.push(h << 4 | l);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(if b[i] == b'+' { b' ' } else { b[i] });
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
 
 /// `Authorization: Bearer <identity>.<secret>` → a connection as that identity.
 async fn authenticate(st: &AppState, headers: &HeaderMap) -> Result<Arc<LocalVault>, ApiError> {
@@ -864,6 +846,6 @@ mod tests {
         assert_eq!(q["api-version"], "7.6");
         assert_eq!(q["x"], "a/b");
         assert_eq!(q["flag"], "");
-        assert_eq!(percent_decode("%zz%4"), "%zz%4");
+        assert_eq!(crate::vault::percent_decode("%zz%4", true), "%zz%4");
     }
 }
