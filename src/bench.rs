@@ -38,6 +38,11 @@ pub struct SectorBenchConfig {
     pub threads: usize,
     /// Run `openssl speed` when the `openssl` binary exists.
     pub openssl: bool,
+    /// Rounds: every figure (ours and OpenSSL's) is measured once per round, the rounds run
+    /// one after the other, and the best figure of each counts. On a shared machine noise only
+    /// ever slows a run down, so the best is the closest to what the code does, and
+    /// interleaving gives both sides of each ratio the same conditions.
+    pub rounds: usize,
 }
 
 impl Default for SectorBenchConfig {
@@ -46,6 +51,7 @@ impl Default for SectorBenchConfig {
             seconds: 1.0,
             threads: 0,
             openssl: true,
+            rounds: 2,
         }
     }
 }
@@ -132,11 +138,14 @@ pub struct SectorReport {
     pub unit_size: usize,
     /// Seconds per measurement.
     pub seconds: f64,
+    /// Rounds run; each figure is the best of that many.
+    pub rounds: usize,
     /// The "many threads" figure's thread count.
     pub threads: usize,
-    /// All figures, ordered by thread count, size, then encrypt before decrypt.
+    /// All figures (the best of the rounds), ordered by thread count, size, then encrypt
+    /// before decrypt.
     pub results: Vec<Measurement>,
-    /// OpenSSL's figure (best of [`OPENSSL_ROUNDS`]), when `openssl` was found and asked for.
+    /// OpenSSL's figure (best of the rounds), when `openssl` was found and asked for.
     pub openssl: Option<OpenSslFigure>,
     /// Why there is no OpenSSL figure, when there is none.
     pub openssl_note: Option<String>,
@@ -148,6 +157,9 @@ pub enum BenchError {
     /// `seconds` is not a positive finite number.
     #[error("--seconds must be a positive number, got {0}")]
     BadSeconds(f64),
+    /// `rounds` is 0.
+    #[error("--rounds must be at least 1")]
+    BadRounds,
     /// The engine could not start its threads.
     #[error("cannot start the sector engine: {0}")]
     Engine(#[from] std::io::Error),
@@ -188,6 +200,7 @@ impl SectorReport {
     ///   "implementation": "aes-ni" | "portable",
     ///   "unit_size": 4096,            // bytes
     ///   "seconds": 1.0,               // per measurement
+    ///   "rounds": 2,                  // each figure is the best of this many
     ///   "threads": 2,                 // the "N threads" engine size
     ///   "results": [                  // one per (op, size, threads)
     ///     {"op": "encrypt" | "decrypt", "size": 4096, "threads": 1,
@@ -216,6 +229,7 @@ impl SectorReport {
             "implementation": self.implementation,
             "unit_size": self.unit_size,
             "seconds": self.seconds,
+            "rounds": self.rounds,
             "threads": self.threads,
             "results": self.results.iter().map(|m| json!({
                 "op": m.op.name(),
@@ -335,17 +349,13 @@ fn openssl_version() -> Result<String, String> {
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
-/// How many times the 1-thread 4 KiB figures and OpenSSL's are taken, interleaved, when
-/// OpenSSL is compared; the best of each counts. On a shared machine noise only ever slows a
-/// run down, so the best run is the closest to what the code can do, for both sides alike.
-pub const OPENSSL_ROUNDS: usize = 2;
-
 /// Runs the whole sector benchmark; `progress` is called with a line of text before each
 /// step (the CLI prints it to stderr).
 ///
-/// Order: first the comparison with OpenSSL (ours 1 thread 4 KiB encrypt, OpenSSL encrypt,
-/// ours decrypt, OpenSSL decrypt, [`OPENSSL_ROUNDS`] times, so both sides see the same
-/// machine load), then every other size and thread count once.
+/// Each round measures every (size, thread count, direction) of ours and then OpenSSL's
+/// encrypt and decrypt; [`SectorBenchConfig::rounds`] rounds run back to back and the best
+/// figure of each is kept (by throughput per CPU-second for the 1-thread 4 KiB figures, the
+/// ones compared with OpenSSL; by wall-clock throughput for the others).
 pub fn run_sectors(
     cfg: &SectorBenchConfig,
     mut progress: impl FnMut(&str),
@@ -353,104 +363,96 @@ pub fn run_sectors(
     if !(cfg.seconds.is_finite() && cfg.seconds > 0.0) {
         return Err(BenchError::BadSeconds(cfg.seconds));
     }
+    if cfg.rounds == 0 {
+        return Err(BenchError::BadRounds);
+    }
     let cipher = XtsCipher::new(&bench_key(), UNIT_SIZE)?;
     let many = SectorEngine::new(cfg.threads)?;
     let n = many.threads();
-    let one = if n == 1 {
-        None
-    } else {
-        Some(SectorEngine::new(1)?)
-    };
-    let one = one.as_ref().unwrap_or(&many);
-    let mut results: Vec<Measurement> = Vec::new();
-
-    let (mut openssl, mut openssl_note) = (None, Some("not requested".to_string()));
-    if cfg.openssl {
-        match openssl_version() {
-            Ok(version) => {
-                let secs = (cfg.seconds.ceil() as u64).max(1);
-                let mut best: [Option<Measurement>; 2] = [None, None];
-                let mut theirs = [0f64; 2];
-                let mut failed = None;
-                'rounds: for round in 1..=OPENSSL_ROUNDS {
-                    for (i, op) in [Op::Encrypt, Op::Decrypt].into_iter().enumerate() {
-                        progress(&format!("{} 4 KiB, 1 thread (round {round})", op.name()));
-                        let m = measure(one, &cipher, op, 4096, cfg.seconds)?;
-                        if best[i]
-                            .as_ref()
-                            .is_none_or(|b| m.mb_per_cpu_s() > b.mb_per_cpu_s())
-                        {
-                            best[i] = Some(m);
-                        }
-                        progress(&format!("openssl speed, {} (round {round})", op.name()));
-                        match openssl_speed(secs, op == Op::Decrypt) {
-                            Ok(v) => theirs[i] = theirs[i].max(v),
-                            Err(e) => {
-                                failed = Some(e);
-                                break 'rounds;
-                            }
-                        }
-                    }
-                }
-                results.extend(best.into_iter().flatten());
-                match failed {
-                    Some(e) => openssl_note = Some(e),
-                    None => {
-                        openssl = Some(OpenSslFigure {
-                            version,
-                            encrypt_mb_per_s: theirs[0],
-                            decrypt_mb_per_s: theirs[1],
-                            command: format!(
-                                "openssl speed -mr -evp aes-256-xts -bytes 4096 -seconds {secs} \
-                                 [-decrypt]"
-                            ),
-                        });
-                        openssl_note = None;
-                    }
-                }
-            }
-            Err(e) => openssl_note = Some(e),
-        }
-    }
-
     let mut counts = vec![1, n];
     if n > 2 {
         counts.insert(1, 2);
     }
     counts.dedup();
-    for &t in &counts {
-        let extra = if t == 1 || t == n {
-            None
-        } else {
-            Some(SectorEngine::new(t)?)
-        };
-        let engine = match (&extra, t) {
-            (Some(e), _) => e,
-            (None, 1) => one,
-            (None, _) => &many,
-        };
-        for size in SIZES {
-            for op in [Op::Encrypt, Op::Decrypt] {
-                if results
-                    .iter()
-                    .any(|m| m.op == op && m.size == size && m.threads == t)
-                {
-                    continue;
+    let engines = counts
+        .iter()
+        .map(|&t| {
+            if t == n {
+                Ok(None)
+            } else {
+                SectorEngine::new(t).map(Some)
+            }
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+
+    let version = if cfg.openssl {
+        openssl_version()
+    } else {
+        Err("not requested".to_string())
+    };
+    let secs = (cfg.seconds.ceil() as u64).max(1);
+    let mut openssl_err = version.as_ref().err().cloned();
+    let mut theirs = [0f64; 2];
+    let mut results: Vec<Measurement> = Vec::new();
+    for round in 1..=cfg.rounds {
+        for (&t, extra) in counts.iter().zip(&engines) {
+            let engine = extra.as_ref().unwrap_or(&many);
+            for size in SIZES {
+                for op in [Op::Encrypt, Op::Decrypt] {
+                    progress(&format!(
+                        "round {round}: {} {} KiB, {t} thread(s)",
+                        op.name(),
+                        size / 1024
+                    ));
+                    let m = measure(engine, &cipher, op, size, cfg.seconds)?;
+                    let rate = |m: &Measurement| {
+                        if t == 1 && size == 4096 {
+                            m.mb_per_cpu_s()
+                        } else {
+                            m.mb_per_s()
+                        }
+                    };
+                    match results
+                        .iter_mut()
+                        .find(|b| b.op == op && b.size == size && b.threads == t)
+                    {
+                        Some(b) if rate(&m) > rate(b) => *b = m,
+                        Some(_) => {}
+                        None => results.push(m),
+                    }
                 }
-                progress(&format!("{} {} KiB, {t} thread(s)", op.name(), size / 1024));
-                results.push(measure(engine, &cipher, op, size, cfg.seconds)?);
+            }
+        }
+        if openssl_err.is_none() {
+            for (i, op) in [Op::Encrypt, Op::Decrypt].into_iter().enumerate() {
+                progress(&format!("round {round}: openssl speed, {}", op.name()));
+                match openssl_speed(secs, op == Op::Decrypt) {
+                    Ok(v) => theirs[i] = theirs[i].max(v),
+                    Err(e) => openssl_err = Some(e),
+                }
             }
         }
     }
-    results.sort_by_key(|m| (m.threads, m.size, m.op == Op::Decrypt));
+    let openssl = match (&version, &openssl_err) {
+        (Ok(version), None) => Some(OpenSslFigure {
+            version: version.clone(),
+            encrypt_mb_per_s: theirs[0],
+            decrypt_mb_per_s: theirs[1],
+            command: format!(
+                "openssl speed -mr -evp aes-256-xts -bytes 4096 -seconds {secs} [-decrypt]"
+            ),
+        }),
+        _ => None,
+    };
     Ok(SectorReport {
         implementation: cipher.implementation(),
         unit_size: UNIT_SIZE,
         seconds: cfg.seconds,
+        rounds: cfg.rounds,
         threads: n,
         results,
         openssl,
-        openssl_note,
+        openssl_note: openssl_err,
     })
 }
 
@@ -474,10 +476,12 @@ mod tests {
             seconds: 0.01,
             threads: 2,
             openssl: false,
+            rounds: 2,
         };
         let r = run_sectors(&cfg, |_| {}).unwrap();
         assert_eq!(r.results.len(), 12);
         assert!(r.results.iter().all(|m| m.mb_per_s() > 0.0));
+        assert_eq!(r.openssl_note.as_deref(), Some("not requested"));
         assert!(r.scaling_2_threads(Op::Encrypt).is_some());
         let j = r.to_json();
         assert_eq!(j["unit_size"], 4096);
@@ -498,5 +502,13 @@ mod tests {
                 Err(BenchError::BadSeconds(_))
             ));
         }
+        let cfg = SectorBenchConfig {
+            rounds: 0,
+            ..SectorBenchConfig::default()
+        };
+        assert!(matches!(
+            run_sectors(&cfg, |_| {}),
+            Err(BenchError::BadRounds)
+        ));
     }
 }

@@ -132,7 +132,7 @@ impl SectorEngine {
         // A few chunks per thread, so a thread that is descheduled (other processes, FUSE
         // threads) does not hold the whole request back; never below the minimum chunk.
         let per_chunk = units
-            .div_ceil(self.threads * 4)
+            .div_ceil(self.threads.saturating_mul(4))
             .max(MIN_CHUNK_UNITS)
             .max(MIN_CHUNK_BYTES.div_ceil(unit));
         match &self.pool {

@@ -267,14 +267,14 @@ impl CmkFs {
     }
 
     fn getattr_of(&self, ino: INodeNo, fh: Option<FileHandle>) -> FsResult<FileAttr> {
-        let path = self.path(ino)?;
-        // An open handle still answers for a file that was unlinked or renamed away.
+        // An open handle answers for its file even when no name of it is left (unlinked
+        // while open), so it comes before the path.
         let attr = match fh.map(|h| self.file(h)) {
             Some(Ok(of)) => {
                 let meta = of.file().metadata().map_err(VolumeError::Os)?;
-                self.vol.attr_from(&path, meta)?
+                self.vol.attr_from(&self.path(ino).unwrap_or_default(), meta)?
             }
-            _ => self.vol.attr(&path)?,
+            _ => self.vol.attr(&self.path(ino)?)?,
         };
         Ok(self.fattr(ino.0, &attr))
     }
@@ -452,10 +452,13 @@ impl Filesystem for CmkFs {
             atime: time_or_now(atime),
             mtime: time_or_now(mtime),
         };
-        let r = self.path(ino).and_then(|path| {
-            let of = fh.and_then(|h| self.file(h).ok());
-            self.vol.set_attr(&path, of.as_deref(), &set)
-        });
+        // With a handle (ftruncate, fchmod...), the file itself is enough: it may be unlinked.
+        let of = fh.and_then(|h| self.file(h).ok());
+        let r = match (self.path(ino), &of) {
+            (Ok(path), _) => self.vol.set_attr(&path, of.as_deref(), &set),
+            (Err(_), Some(of)) => self.vol.set_attr(Path::new(""), Some(of), &set),
+            (Err(e), None) => Err(e),
+        };
         match r {
             Ok(a) => reply.attr(&TTL, &self.fattr(ino.0, &a)),
             Err(e) => reply.error(errno(&e, "setattr", Path::new(""))),

@@ -12,6 +12,8 @@
 //! - long names: every `cmkfs.long.<hash>` entry has its side file, the side file's hash
 //!   matches, and no side file is left without its entry;
 //! - symlink targets decrypt (with the key);
+//! - encrypted extended attributes (`user.cmkfs.*` on backing files and directories): name
+//!   and value decrypt (with the key);
 //! - leftover temp files (`.cmkfs-tmp.*`) of interrupted atomic updates, interrupted `mkdir`
 //!   temp directories included;
 //! - device nodes (cmkfs never creates them) and anything else that is not in the format
@@ -24,7 +26,9 @@
 //! verified temp copy. Everything else that is wrong — a file whose header is corrupt, a name
 //! that does not decrypt, an entry whose long name is lost, a directory whose id is lost —
 //! is moved into `CIPHERDIR/cmkfs.quarantine/<timestamp>/` under its relative backing path,
-//! out of the plaintext view (the name contains a `.`, so readdir hides it) but kept.
+//! out of the plaintext view (the name contains a `.`, so readdir hides it) but kept. An
+//! extended attribute that does not decrypt is saved, raw, into the batch's
+//! `cmkfs.xattrs.json` and then removed from its file.
 //!
 //! Plaintext names appear only in the [`Report`] handed to the caller, never in anything
 //! written to the backing directory (the quarantine manifest names backing paths only).
@@ -38,6 +42,8 @@ use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
+use base64::Engine as _;
 use serde::Serialize;
 
 use crate::crypto::VolumeKeys;
@@ -55,6 +61,11 @@ use crate::volume::VolumeError;
 pub const QUARANTINE_DIR: &str = "cmkfs.quarantine";
 /// The manifest written into each quarantine batch (backing paths and reasons only).
 pub const MANIFEST_FILE: &str = "cmkfs.fsck.json";
+/// Raw extended attributes set aside by a repair, in each quarantine batch.
+pub const XATTRS_FILE: &str = "cmkfs.xattrs.json";
+/// Backing xattr names of encrypted `user.*` attributes start with this (volume::xattr).
+const XATTR_PREFIX: &str = "user.cmkfs.";
+
 /// Version of the JSON report.
 pub const REPORT_SCHEMA: u32 = 1;
 /// Exit status: nothing wrong.
@@ -153,6 +164,8 @@ pub enum ProblemKind {
     LongNameOrphanSideFile,
     /// A symlink whose stored target does not decrypt.
     SymlinkUndecryptable,
+    /// An encrypted extended attribute whose name or value does not decrypt.
+    XattrUndecryptable,
     /// A temp file of an interrupted side-file (or other atomic) update.
     TempFile,
     /// A temp directory of an interrupted `mkdir`.
@@ -340,6 +353,7 @@ pub fn run(dir: &Path, opts: &Options<'_>) -> Result<Report, FsckError> {
         keys: None,
         batch: None,
         quarantined: Vec::new(),
+        xattrs: Vec::new(),
         report: Report {
             schema: REPORT_SCHEMA,
             cipherdir: root.clone(),
@@ -427,6 +441,8 @@ struct Checker {
     /// (backing path relative to the root, kind, detail) of everything quarantined, for the
     /// manifest.
     quarantined: Vec<(PathBuf, ProblemKind, String)>,
+    /// (backing path, backing xattr name, raw value) of xattrs set aside by a repair.
+    xattrs: Vec<(PathBuf, OsString, Vec<u8>)>,
     report: Report,
 }
 
@@ -516,9 +532,39 @@ impl Checker {
         Ok(to)
     }
 
-    /// Writes the quarantine batch's manifest: what was moved and why, in backing terms only.
-    fn write_manifest(&self) {
-        let Some(batch) = &self.batch else { return };
+    /// Writes the quarantine batch's manifest: what was moved and why, in backing terms only;
+    /// and the raw extended attributes set aside.
+    fn write_manifest(&mut self) {
+        if !self.xattrs.is_empty() && self.batch.is_none() {
+            match new_batch(&self.root) {
+                Ok(b) => {
+                    self.report.quarantine = Some(self.rel(&b));
+                    self.batch = Some(b);
+                }
+                Err(e) => tracing::warn!(error = %e, "could not create a quarantine batch"),
+            }
+        }
+        let Some(batch) = self.batch.clone() else {
+            return;
+        };
+        if !self.xattrs.is_empty() {
+            let items: Vec<serde_json::Value> = self
+                .xattrs
+                .iter()
+                .map(|(rel, name, value)| {
+                    serde_json::json!({
+                        "backing": rel,
+                        "xattr": name.to_string_lossy(),
+                        "value_base64": base64::engine::general_purpose::STANDARD.encode(value),
+                    })
+                })
+                .collect();
+            let path = batch.join(XATTRS_FILE);
+            let bytes = serde_json::to_vec_pretty(&items).unwrap_or_default();
+            if let Err(e) = fsutil::write_atomic(&path, &bytes, 0o600) {
+                tracing::warn!(path = %path.display(), error = %e, "could not save the set-aside xattrs");
+            }
+        }
         let items: Vec<serde_json::Value> = self
             .quarantined
             .iter()
@@ -612,7 +658,7 @@ impl Checker {
                 })
                 .collect();
             // Newest first.
-            candidates.sort_by(|a, b| b.0.cmp(&a.0));
+            candidates.sort_by_key(|c| std::cmp::Reverse(c.0));
             for (_, t) in candidates {
                 let Some(h) = parse_header_file(&t) else {
                     continue;
@@ -884,6 +930,10 @@ impl Checker {
             None
         };
 
+        if ft.is_file() || ft.is_dir() {
+            self.check_xattrs(path, plaintext.as_deref(), plain_dir);
+        }
+
         // A bad name sends the entry (and its side file) to the quarantine.
         let mut moved_with_name: Option<(bool, Option<PathBuf>)> = None;
         if let NameCheck::Bad(kind, detail) = name_check {
@@ -954,6 +1004,83 @@ impl Checker {
                 ProblemKind::Unreadable,
                 format!("cannot read the link: {e}"),
             )),
+        }
+    }
+
+    /// Checks an entry's encrypted extended attributes (volume::xattr's format: backing name
+    /// `user.cmkfs.` + base64url(SIV(name key, ["xattr-name"], name)), value nonce(16) ||
+    /// SIV(name key, ["xattr-value", backing name, nonce], value)). One that does not decrypt
+    /// is unreadable through the mount; a repair sets it aside raw and removes it.
+    fn check_xattrs(&mut self, path: &Path, plaintext: Option<&Path>, plain_dir: Option<&Path>) {
+        let Some(keys) = &self.keys else { return };
+        let list = match list_xattrs(path) {
+            Ok(l) => l,
+            // The backing filesystem may not support xattrs at all: nothing to check.
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => return,
+            Err(e) => {
+                self.problem(
+                    ProblemKind::Unreadable,
+                    path,
+                    plaintext.map(Path::to_path_buf),
+                    plain_dir,
+                    format!("cannot list extended attributes: {e}"),
+                    Fix::None,
+                    None,
+                );
+                return;
+            }
+        };
+        let mut bad = Vec::new();
+        for name in list {
+            let Some(enc) = name.as_bytes().strip_prefix(XATTR_PREFIX.as_bytes()) else {
+                continue; // not ours (e.g. a security label of the backing filesystem)
+            };
+            let name_ok = B64URL
+                .decode(enc)
+                .ok()
+                .is_some_and(|sealed| keys.names.open(&[b"xattr-name"], &sealed).is_ok());
+            let value = get_xattr(path, &name);
+            let value_ok = match &value {
+                Ok(v) if v.len() >= 16 => {
+                    let (nonce, sealed) = v.split_at(16);
+                    keys.names
+                        .open(&[b"xattr-value", name.as_bytes(), nonce], sealed)
+                        .is_ok()
+                }
+                _ => false,
+            };
+            if !(name_ok && value_ok) {
+                bad.push((name, value.unwrap_or_default(), name_ok));
+            }
+        }
+        for (name, value, name_ok) in bad {
+            let what = if name_ok { "value" } else { "name" };
+            let idx = self.report.problems.len();
+            self.problem(
+                ProblemKind::XattrUndecryptable,
+                path,
+                plaintext.map(Path::to_path_buf),
+                plain_dir,
+                format!(
+                    "the {what} of the extended attribute stored as {} does not decrypt",
+                    name.to_string_lossy()
+                ),
+                // Applied below: the attribute is saved, not moved.
+                Fix::Restore,
+                None,
+            );
+            let p = &mut self.report.problems[idx];
+            p.fix = Fix::Quarantine;
+            p.repaired = false;
+            if self.repair {
+                match remove_xattr(path, &name) {
+                    Ok(()) => {
+                        self.report.problems[idx].repaired = true;
+                        self.xattrs.push((self.rel(path), name, value));
+                    }
+                    Err(e) => self.report.problems[idx].repair_error = Some(e.to_string()),
+                }
+            }
         }
     }
 
@@ -1222,6 +1349,72 @@ fn write_fresh_dir_id(dirid_path: &Path) -> io::Result<()> {
     fsutil::write_new(dirid_path, &id, 0o444)
 }
 
+fn cpath(p: &[u8]) -> io::Result<std::ffi::CString> {
+    std::ffi::CString::new(p).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+}
+
+/// The backing extended attribute names of `path` (not following symlinks).
+fn list_xattrs(path: &Path) -> io::Result<Vec<OsString>> {
+    let c = cpath(path.as_os_str().as_bytes())?;
+    loop {
+        // SAFETY: valid C path; a null buffer of size 0 asks for the size.
+        let size = unsafe { libc::llistxattr(c.as_ptr(), std::ptr::null_mut(), 0) };
+        if size < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut buf = vec![0u8; size as usize];
+        // SAFETY: buf has exactly the stated length.
+        let got = unsafe { libc::llistxattr(c.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+        if got < 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ERANGE) {
+                continue; // grew in between
+            }
+            return Err(e);
+        }
+        buf.truncate(got as usize);
+        return Ok(buf
+            .split(|b| *b == 0)
+            .filter(|n| !n.is_empty())
+            .map(|n| OsStr::from_bytes(n).to_owned())
+            .collect());
+    }
+}
+
+/// One backing extended attribute's raw value.
+fn get_xattr(path: &Path, name: &OsStr) -> io::Result<Vec<u8>> {
+    let (p, n) = (cpath(path.as_os_str().as_bytes())?, cpath(name.as_bytes())?);
+    loop {
+        // SAFETY: valid C strings; size query first.
+        let size = unsafe { libc::lgetxattr(p.as_ptr(), n.as_ptr(), std::ptr::null_mut(), 0) };
+        if size < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut buf = vec![0u8; size as usize];
+        // SAFETY: buf has exactly the stated length.
+        let got =
+            unsafe { libc::lgetxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+        if got < 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ERANGE) {
+                continue;
+            }
+            return Err(e);
+        }
+        buf.truncate(got as usize);
+        return Ok(buf);
+    }
+}
+
+fn remove_xattr(path: &Path, name: &OsStr) -> io::Result<()> {
+    let (p, n) = (cpath(path.as_os_str().as_bytes())?, cpath(name.as_bytes())?);
+    // SAFETY: valid C strings.
+    if unsafe { libc::lremovexattr(p.as_ptr(), n.as_ptr()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
     let c = |p: &Path| {
         std::ffi::CString::new(p.as_os_str().as_bytes())
@@ -1242,4 +1435,101 @@ fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kinds(r: &Report) -> Vec<(ProblemKind, Fix, bool)> {
+        r.problems
+            .iter()
+            .map(|p| (p.kind, p.fix, p.repaired))
+            .collect()
+    }
+
+    #[test]
+    fn mountinfo_escapes_are_undone() {
+        assert_eq!(unescape_mountinfo(br"/a\040b\134c"), b"/a b\\c".to_vec());
+        assert_eq!(unescape_mountinfo(br"/x\04"), br"/x\04".to_vec());
+    }
+
+    #[test]
+    fn not_a_volume_is_an_error_not_a_report() {
+        let d = tempfile::tempdir().unwrap();
+        let home = Home::at(d.path().join("home"));
+        let opts = Options {
+            repair: false,
+            vault: None,
+            home: &home,
+        };
+        assert!(matches!(
+            run(d.path(), &opts),
+            Err(FsckError::NotAVolume(_))
+        ));
+    }
+
+    /// Structure-only checks and repairs, without a header or a key: a directory id is all
+    /// it takes to be recognised as (the remains of) a volume.
+    #[test]
+    fn structural_problems_are_found_and_repaired_without_the_key() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("v");
+        fs::create_dir(&root).unwrap();
+        fs::write(root.join(DIRID_FILE), [1u8; 16]).unwrap();
+        fs::write(root.join("cmkfs.long.orphan.name"), b"x").unwrap();
+        fs::write(root.join("QUJD"), b"short").unwrap(); // 5 bytes: truncated header
+        fs::write(root.join("QUJE"), b"").unwrap(); // empty file: fine
+        let mk = root.join(".cmkfs-tmp.mkdir.00");
+        fs::create_dir(&mk).unwrap();
+        fs::write(mk.join(DIRID_FILE), [2u8; 16]).unwrap();
+        let sub = root.join("QUJF");
+        fs::create_dir(&sub).unwrap(); // a directory without an id, holding nothing
+        let home = Home::at(d.path().join("home"));
+
+        let check = Options {
+            repair: false,
+            vault: None,
+            home: &home,
+        };
+        let r = run(&root, &check).unwrap();
+        assert_eq!(r.outcome, Outcome::ProblemsLeft);
+        assert_eq!(r.exit_code, EXIT_PROBLEMS_LEFT);
+        assert_eq!(r.keys, KeyCheck::NotUsed);
+        let k = kinds(&r);
+        for want in [
+            (ProblemKind::HeaderMissing, Fix::None, false),
+            (ProblemKind::LongNameOrphanSideFile, Fix::Remove, false),
+            (ProblemKind::FileHeaderTruncated, Fix::Quarantine, false),
+            (ProblemKind::MkdirTempDir, Fix::Remove, false),
+            (ProblemKind::DirIdMissing, Fix::Recreate, false),
+        ] {
+            assert!(k.contains(&want), "{want:?} missing from {k:?}");
+        }
+        assert_eq!(r.counts.files, 2);
+
+        let repair = Options {
+            repair: true,
+            ..check
+        };
+        let r = run(&root, &repair).unwrap();
+        // The missing header cannot be repaired: problems stay.
+        assert_eq!(r.outcome, Outcome::ProblemsLeft);
+        assert!(!root.join("cmkfs.long.orphan.name").exists());
+        assert!(!mk.exists());
+        assert!(sub.join(DIRID_FILE).is_file());
+        let batch = root.join(r.quarantine.as_ref().expect("a quarantine batch"));
+        assert!(batch.join("QUJD").is_file(), "kept under its relative path");
+        assert!(batch.join(MANIFEST_FILE).is_file());
+        assert!(root.join("QUJE").is_file(), "an empty file is left alone");
+        assert_eq!(
+            names::classify(OsStr::new(QUARANTINE_DIR)),
+            EntryKind::Hidden,
+            "the quarantine is hidden from the plaintext view"
+        );
+        // A second repair finds only the header problem.
+        let r = run(&root, &repair).unwrap();
+        let k = kinds(&r);
+        assert_eq!(k, vec![(ProblemKind::HeaderMissing, Fix::None, false)]);
+    }
 }

@@ -947,7 +947,7 @@ fn hard_links_share_inode_and_count_links() {
     file_with(&a, b"shared contents");
     fs::create_dir(m.path("sub")).unwrap();
     let b = m.path("sub/b");
-    let c = m.path(&"c".repeat(200)); // a long name
+    let c = m.path("c".repeat(200)); // a long name
     fs::hard_link(&a, &b).unwrap();
     fs::hard_link(&b, &c).unwrap();
     let ino = stat(&a).ino();
@@ -971,7 +971,7 @@ fn hard_links_share_inode_and_count_links() {
     assert_eq!(read(&b), b"SHARED contents");
     m.unmount();
     let m = env.mount(&env.cipher, &env.mnt);
-    let (b, c) = (m.path("sub/b"), m.path(&"c".repeat(200)));
+    let (b, c) = (m.path("sub/b"), m.path("c".repeat(200)));
     assert_eq!(stat(&b).ino(), stat(&c).ino(), "same inode after remount");
     assert_eq!(stat(&b).nlink(), 2);
     fs::remove_file(&c).unwrap();
@@ -1546,7 +1546,7 @@ fn fcntl_locks_conflict_between_processes() {
 fn unlink_while_open_keeps_the_file_readable() {
     let (env, m) = setup();
     let mut rng = StdRng::seed_from_u64(seed("unlink_while_open"));
-    let p = m.path(&"u".repeat(190)); // long name: its side file goes too
+    let p = m.path("u".repeat(190)); // long name: its side file goes too
     let mut data = random_bytes(&mut rng, 3 * SECTOR + 17);
     file_with(&p, &data);
     let f = rw(&p);
@@ -1948,13 +1948,13 @@ fn fsck_is_clean_after_the_posix_workout() {
     let d = m.path("d");
     fs::create_dir(&d).unwrap();
     file_with(&d.join("f"), b"data");
-    fs::hard_link(d.join("f"), m.path(&"h".repeat(200))).unwrap();
+    fs::hard_link(d.join("f"), m.path("h".repeat(200))).unwrap();
     std::os::unix::fs::symlink("d/f", m.path("l")).unwrap();
     let c = cpath(&m.path("fifo"));
     // SAFETY: valid path.
     unsafe { libc::mkfifo(c.as_ptr(), 0o600) };
     let _ = setx(&d.join("f"), "user.k", b"v", 0);
-    fs::rename(m.path(&"h".repeat(200)), m.path(&"r".repeat(210))).unwrap();
+    fs::rename(m.path("h".repeat(200)), m.path("r".repeat(210))).unwrap();
     m.unmount();
     let out = env.cmkfs(&[std::ffi::OsStr::new("fsck"), env.cipher.as_os_str()]);
     assert_eq!(out.status.code(), Some(0), "fsck:\n{out}");

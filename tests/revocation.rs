@@ -374,3 +374,27 @@ fn status_json_schema_is_stable_and_the_hook_sees_events() {
     let st = status(&env, &env.cipher);
     assert_eq!(st["state"], "Inaccessible");
 }
+
+#[test]
+fn a_purged_key_cuts_off_for_good() {
+    let env = Env::new();
+    env.init(&env.cipher);
+    let m = env.mount(&env.cipher, &env.mnt);
+    write(&m.path("f"), b"gone with the key");
+    env.cmkfs(&["vault", "key", "delete", "default"]).assert_ok();
+    let st = wait_state(&env, &env.mnt, "Inaccessible");
+    assert_eq!(st["reason"], "key deleted", "{st:#}");
+    // Without purge protection the owner may purge at once: the key material is destroyed.
+    env.cmkfs(&["vault", "key", "purge", "default"]).assert_ok();
+    let st = wait_state(&env, &env.mnt, "Inaccessible");
+    let purged = wait_until(GUARD, || status(&env, &env.mnt)["reason"] == "key purged");
+    assert!(purged, "reason should become `key purged`: {st:#}");
+    assert!(fs::read(m.path("f")).is_err());
+    assert!(fs::read_dir(&env.mnt).is_err());
+    m.unmount();
+    // Nothing can mount it again, and the ciphertext is still there.
+    let out = env.try_mount(&env.cipher, &env.mnt);
+    assert!(!out.ok());
+    out.assert_clear_error();
+    assert_eq!(data_files(&env.cipher).len(), 1);
+}

@@ -26,6 +26,9 @@ struct SectorsArgs {
     /// Threads for the "N threads" figures (0 = all cores).
     #[arg(long, default_value_t = 0)]
     threads: usize,
+    /// Rounds; each figure is the best of this many (noise only ever slows a run down).
+    #[arg(long, default_value_t = 2)]
+    rounds: usize,
     /// Print one JSON object instead of a table (fields: see `cmkfs::bench::SectorReport::to_json`).
     #[arg(long)]
     json: bool,
@@ -46,6 +49,7 @@ fn sectors(a: SectorsArgs) -> anyhow::Result<()> {
         seconds: a.seconds,
         threads: a.threads,
         openssl: !a.no_openssl,
+        rounds: a.rounds,
     };
     let report = run_sectors(&cfg, |step| eprintln!("measuring: {step}"))?;
     if a.json {
@@ -58,8 +62,9 @@ fn sectors(a: SectorsArgs) -> anyhow::Result<()> {
 
 fn print_table(r: &SectorReport) {
     println!(
-        "AES-256-XTS, {} B sectors, implementation {}, {} s per figure (MB = 10^6 bytes)",
-        r.unit_size, r.implementation, r.seconds
+        "AES-256-XTS, {} B sectors, implementation {}, best of {} x {} s per figure \
+         (MB = 10^6 bytes)",
+        r.unit_size, r.implementation, r.rounds, r.seconds
     );
     let mut threads: Vec<usize> = r.results.iter().map(|m| m.threads).collect();
     threads.dedup();

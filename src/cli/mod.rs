@@ -44,7 +44,8 @@ enum Command {
     Des(des::DesArgs),
     /// Measure throughput.
     Bench(bench::BenchArgs),
-    /// Check a volume's backing directory and repair it (exit 0 clean, 1 repaired, 2 problems left, 8 error).
+    /// Check a volume's backing directory; --repair fixes it (exit 0 clean, 1 repaired,
+    /// 2 problems left, 8 could not check).
     Fsck(fsck::FsckArgs),
 }
 

@@ -650,20 +650,40 @@ impl Volume {
         if !meta.is_dir() {
             return Err(VolumeError::errno_of(libc::ENOTDIR));
         }
-        let mut hidden = Vec::new();
+        // Decide before deleting anything: a directory that turns out not to be empty must
+        // keep its id. Hidden files (id, stray side and temp files) go with it; so does the
+        // temp directory of an interrupted mkdir that holds nothing but its own id.
+        let mut files = Vec::new();
+        let mut dead_mkdirs = Vec::new();
         for ent in fs::read_dir(&path).map_err(VolumeError::Os)? {
-            let n = ent.map_err(VolumeError::Os)?.file_name();
+            let ent = ent.map_err(VolumeError::Os)?;
+            let n = ent.file_name();
             if names::classify(&n) != EntryKind::Hidden {
                 return Err(VolumeError::NotEmpty(path));
             }
-            hidden.push(n);
-        }
-        for n in hidden {
-            let p = path.join(&n);
-            if p.is_dir() {
-                return Err(VolumeError::NotEmpty(path));
+            if ent.file_type().map_err(VolumeError::Os)?.is_dir() {
+                let only_id = fs::read_dir(ent.path())
+                    .map_err(VolumeError::Os)?
+                    .all(|e| e.map(|e| e.file_name() == DIRID_FILE).unwrap_or(false));
+                if !(n.as_bytes().starts_with(fsutil::TEMP_PREFIX.as_bytes()) && only_id) {
+                    return Err(VolumeError::NotEmpty(path));
+                }
+                dead_mkdirs.push(ent.path());
+            } else if n != DIRID_FILE {
+                files.push(ent.path());
             }
-            fs::remove_file(&p).map_err(VolumeError::Os)?;
+        }
+        for d in dead_mkdirs {
+            let _ = fs::remove_file(d.join(DIRID_FILE));
+            fs::remove_dir(&d).map_err(VolumeError::Os)?;
+        }
+        for f in files {
+            fs::remove_file(&f).map_err(VolumeError::Os)?;
+        }
+        // The id last: until here the directory is intact if anything fails.
+        match fs::remove_file(path.join(DIRID_FILE)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(VolumeError::Os(e)),
+            _ => {}
         }
         fs::remove_dir(&path).map_err(VolumeError::Os)?;
         lock(&self.dir_ids).remove(&meta.ino());
@@ -856,7 +876,12 @@ impl Volume {
     /// Removes extended attribute `name`.
     pub fn remove_xattr(&self, path: &Path, name: &OsStr) -> Result<(), VolumeError> {
         let keys = self.keys()?;
-        let backing = xattr_name(&keys, name)?;
+        // Outside `user.*` nothing can be stored, so nothing can be removed either (the kernel
+        // also turns setting an empty POSIX ACL into a remove).
+        let backing = xattr_name(&keys, name).map_err(|e| match e.errno() {
+            libc::ENODATA => VolumeError::errno_of(libc::EOPNOTSUPP),
+            _ => e,
+        })?;
         xattr::remove(path, &backing)
     }
 
@@ -873,44 +898,58 @@ impl Volume {
                 None => self.truncate(&self.open_file(path, true)?, size)?,
             }
         }
+        // With an open file, work on it (fchmod, fchown, futimens, fstat): it may have no
+        // name left (unlinked while open) and still be a perfectly good file.
+        let fd = of.map(|o| std::os::fd::AsRawFd::as_raw_fd(&o.file));
+        let check = |r: libc::c_int| {
+            if r != 0 {
+                Err(VolumeError::Os(io::Error::last_os_error()))
+            } else {
+                Ok(())
+            }
+        };
         if let Some(mode) = set.mode {
-            let c = cstring(path)?;
-            // SAFETY: valid C path. fchmodat without AT_SYMLINK_NOFOLLOW: symlink modes are moot.
-            if unsafe { libc::chmod(c.as_ptr(), (mode & 0o7777) as libc::mode_t) } != 0 {
-                return Err(VolumeError::Os(io::Error::last_os_error()));
+            let mode = (mode & 0o7777) as libc::mode_t;
+            match fd {
+                // SAFETY: a valid open descriptor.
+                Some(fd) => check(unsafe { libc::fchmod(fd, mode) })?,
+                None => {
+                    let c = cstring(path)?;
+                    // SAFETY: valid C path (symlink modes are moot, so following is fine).
+                    check(unsafe { libc::chmod(c.as_ptr(), mode) })?
+                }
             }
         }
         if set.uid.is_some() || set.gid.is_some() {
-            std::os::unix::fs::lchown(path, set.uid, set.gid).map_err(VolumeError::Os)?;
+            match of {
+                Some(o) => std::os::unix::fs::fchown(&o.file, set.uid, set.gid),
+                None => std::os::unix::fs::lchown(path, set.uid, set.gid),
+            }
+            .map_err(VolumeError::Os)?;
         }
         if set.atime.is_some() || set.mtime.is_some() {
             let ts = |t: &Option<Option<SystemTime>>| match t {
-                None => libc::timespec {
-                    tv_sec: 0,
-                    tv_nsec: libc::UTIME_OMIT,
-                },
-                Some(None) => libc::timespec {
-                    tv_sec: 0,
-                    tv_nsec: libc::UTIME_NOW,
-                },
+                None => libc::timespec { tv_sec: 0, tv_nsec: libc::UTIME_OMIT },
+                Some(None) => libc::timespec { tv_sec: 0, tv_nsec: libc::UTIME_NOW },
                 Some(Some(t)) => to_timespec(*t),
             };
             let times = [ts(&set.atime), ts(&set.mtime)];
-            let c = cstring(path)?;
-            // SAFETY: valid C path and a two-element timespec array as utimensat requires.
-            if unsafe {
-                libc::utimensat(
-                    libc::AT_FDCWD,
-                    c.as_ptr(),
-                    times.as_ptr(),
-                    libc::AT_SYMLINK_NOFOLLOW,
-                )
-            } != 0
-            {
-                return Err(VolumeError::Os(io::Error::last_os_error()));
+            match fd {
+                // SAFETY: a valid descriptor and a two-element timespec array.
+                Some(fd) => check(unsafe { libc::futimens(fd, times.as_ptr()) })?,
+                None => {
+                    let c = cstring(path)?;
+                    // SAFETY: valid C path and a two-element timespec array.
+                    check(unsafe {
+                        libc::utimensat(libc::AT_FDCWD, c.as_ptr(), times.as_ptr(), libc::AT_SYMLINK_NOFOLLOW)
+                    })?
+                }
             }
         }
-        self.attr(path)
+        match of {
+            Some(o) => self.attr_from(path, o.file.metadata().map_err(VolumeError::Os)?),
+            None => self.attr(path),
+        }
     }
 
     /// Flushes a file's data (and metadata unless `datasync`) to the backing store.

@@ -630,6 +630,43 @@ impl Env {
         m
     }
 
+    /// [`Env::mount_foreground`] with extra `cmkfs mount` arguments (e.g.
+    /// `--key-check-interval 100ms`).
+    #[track_caller]
+    pub fn mount_foreground_with(&self, cipher: &Path, mnt: &Path, extra: &[&str]) -> Mount {
+        let mut args: Vec<OsString> = vec![
+            "mount".into(),
+            cipher.into(),
+            mnt.into(),
+            "--foreground".into(),
+        ];
+        args.extend(extra.iter().map(OsString::from));
+        let mut cmd = self.command(&args);
+        let log = tempfile::tempfile().expect("temp file");
+        cmd.stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log.try_clone().unwrap())
+            .process_group(0);
+        let what = describe(&cmd);
+        let mut child = cmd.spawn().expect("spawn cmkfs mount --foreground");
+        let before = mounts_at(mnt).len();
+        if !wait_until(MOUNT_TIMEOUT, || {
+            mounts_at(mnt).len() > before || !matches!(child.try_wait(), Ok(None))
+        }) || mounts_at(mnt).len() <= before
+        {
+            kill_group(child.id(), libc::SIGKILL);
+            let status = child.wait();
+            detach(mnt);
+            panic!(
+                "`{what}` did not mount ({status:?}):\n{}",
+                read_all_at(&log)
+            );
+        }
+        let mut m = Mount::adopt(self, cipher, mnt);
+        m.daemon = Daemon::Child(child, log);
+        m
+    }
+
     /// Every mount below this env's root (stale ones, if a guard failed).
     fn mounts_below(&self) -> Vec<MountEntry> {
         mounts()
