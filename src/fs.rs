@@ -109,7 +109,8 @@ struct DirSnapshot {
 pub struct CmkFs {
     vol: Arc<Volume>,
     table: Arc<NodeTable>,
-    files: Mutex<HashMap<u64, Arc<OpenFile>>>,
+    /// Open files by handle, with the inode each belongs to.
+    files: Mutex<HashMap<u64, (u64, Arc<OpenFile>)>>,
     dirs: Mutex<HashMap<u64, Arc<DirSnapshot>>>,
     next_fh: AtomicU64,
 }
@@ -256,25 +257,40 @@ impl CmkFs {
     fn file(&self, fh: FileHandle) -> FsResult<Arc<OpenFile>> {
         lock(&self.files)
             .get(&fh.0)
-            .cloned()
+            .map(|(_, of)| of.clone())
             .ok_or_else(|| VolumeError::Os(std::io::Error::from_raw_os_error(libc::EBADF)))
     }
 
-    fn add_file(&self, of: OpenFile) -> u64 {
+    /// Any open handle of inode `ino`: how a file that is open but has no name left (unlinked
+    /// while open) is still reached by requests that carry no handle (fstat, fchmod).
+    fn any_handle_of(&self, ino: INodeNo) -> Option<Arc<OpenFile>> {
+        lock(&self.files).values().find(|(i, _)| *i == ino.0).map(|(_, of)| of.clone())
+    }
+
+    fn add_file(&self, ino: u64, of: OpenFile) -> u64 {
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        lock(&self.files).insert(fh, Arc::new(of));
+        lock(&self.files).insert(fh, (ino, Arc::new(of)));
         fh
     }
 
     fn getattr_of(&self, ino: INodeNo, fh: Option<FileHandle>) -> FsResult<FileAttr> {
-        // An open handle answers for its file even when no name of it is left (unlinked
-        // while open), so it comes before the path.
-        let attr = match fh.map(|h| self.file(h)) {
-            Some(Ok(of)) => {
+        let attr = match (self.path(ino), fh.and_then(|h| self.file(h).ok())) {
+            // With the handle the request names, stat the open file itself.
+            (path, Some(of)) => {
                 let meta = of.file().metadata().map_err(VolumeError::Os)?;
-                self.vol.attr_from(&self.path(ino).unwrap_or_default(), meta)?
+                self.vol.attr_from(&path.unwrap_or_default(), meta)?
             }
-            _ => self.vol.attr(&self.path(ino)?)?,
+            (Ok(path), None) => match self.vol.attr(&path) {
+                Err(e) if e.errno() == libc::ENOENT => match self.any_handle_of(ino) {
+                    Some(of) => self.vol.attr_from(&path, of.file().metadata().map_err(VolumeError::Os)?)?,
+                    None => return Err(e),
+                },
+                r => r?,
+            },
+            (Err(e), None) => match self.any_handle_of(ino) {
+                Some(of) => self.vol.attr_from(Path::new(""), of.file().metadata().map_err(VolumeError::Os)?)?,
+                None => return Err(e),
+            },
         };
         Ok(self.fattr(ino.0, &attr))
     }
@@ -452,9 +468,13 @@ impl Filesystem for CmkFs {
             atime: time_or_now(atime),
             mtime: time_or_now(mtime),
         };
-        // With a handle (ftruncate, fchmod...), the file itself is enough: it may be unlinked.
-        let of = fh.and_then(|h| self.file(h).ok());
-        let r = match (self.path(ino), &of) {
+        // A named handle (ftruncate) is used; without one, the path, and if the file has no
+        // name left (unlinked while open: fchmod, futimens), any open handle of the inode.
+        let named = fh.and_then(|h| self.file(h).ok());
+        let path = self.path(ino);
+        let alive = path.as_ref().map(|p| p.symlink_metadata().is_ok()).unwrap_or(false);
+        let of = if named.is_some() || alive { named } else { self.any_handle_of(ino) };
+        let r = match (path, &of) {
             (Ok(path), _) => self.vol.set_attr(&path, of.as_deref(), &set),
             (Err(_), Some(of)) => self.vol.set_attr(Path::new(""), Some(of), &set),
             (Err(e), None) => Err(e),
@@ -604,7 +624,7 @@ impl Filesystem for CmkFs {
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let write = flags.acc_mode() != OpenAccMode::O_RDONLY;
         match self.path(ino).and_then(|p| self.vol.open_file(&p, write)) {
-            Ok(of) => reply.opened(FileHandle(self.add_file(of)), FopenFlags::empty()),
+            Ok(of) => reply.opened(FileHandle(self.add_file(ino.0, of)), FopenFlags::empty()),
             Err(e) => reply.error(errno(&e, "open", Path::new(""))),
         }
     }
@@ -937,7 +957,7 @@ impl Filesystem for CmkFs {
         match r {
             Ok((p, a, of)) => {
                 let attr = self.remember(parent, name, p, &a);
-                let fh = self.add_file(of);
+                let fh = self.add_file(attr.ino.0, of);
                 reply.created(
                     &TTL,
                     &attr,
