@@ -264,7 +264,10 @@ impl CmkFs {
     /// Any open handle of inode `ino`: how a file that is open but has no name left (unlinked
     /// while open) is still reached by requests that carry no handle (fstat, fchmod).
     fn any_handle_of(&self, ino: INodeNo) -> Option<Arc<OpenFile>> {
-        lock(&self.files).values().find(|(i, _)| *i == ino.0).map(|(_, of)| of.clone())
+        lock(&self.files)
+            .values()
+            .find(|(i, _)| *i == ino.0)
+            .map(|(_, of)| of.clone())
     }
 
     fn add_file(&self, ino: u64, of: OpenFile) -> u64 {
@@ -282,13 +285,18 @@ impl CmkFs {
             }
             (Ok(path), None) => match self.vol.attr(&path) {
                 Err(e) if e.errno() == libc::ENOENT => match self.any_handle_of(ino) {
-                    Some(of) => self.vol.attr_from(&path, of.file().metadata().map_err(VolumeError::Os)?)?,
+                    Some(of) => self
+                        .vol
+                        .attr_from(&path, of.file().metadata().map_err(VolumeError::Os)?)?,
                     None => return Err(e),
                 },
                 r => r?,
             },
             (Err(e), None) => match self.any_handle_of(ino) {
-                Some(of) => self.vol.attr_from(Path::new(""), of.file().metadata().map_err(VolumeError::Os)?)?,
+                Some(of) => self.vol.attr_from(
+                    Path::new(""),
+                    of.file().metadata().map_err(VolumeError::Os)?,
+                )?,
                 None => return Err(e),
             },
         };
@@ -472,8 +480,15 @@ impl Filesystem for CmkFs {
         // name left (unlinked while open: fchmod, futimens), any open handle of the inode.
         let named = fh.and_then(|h| self.file(h).ok());
         let path = self.path(ino);
-        let alive = path.as_ref().map(|p| p.symlink_metadata().is_ok()).unwrap_or(false);
-        let of = if named.is_some() || alive { named } else { self.any_handle_of(ino) };
+        let alive = path
+            .as_ref()
+            .map(|p| p.symlink_metadata().is_ok())
+            .unwrap_or(false);
+        let of = if named.is_some() || alive {
+            named
+        } else {
+            self.any_handle_of(ino)
+        };
         let r = match (path, &of) {
             (Ok(path), _) => self.vol.set_attr(&path, of.as_deref(), &set),
             (Err(_), Some(of)) => self.vol.set_attr(Path::new(""), Some(of), &set),

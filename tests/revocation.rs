@@ -381,7 +381,8 @@ fn a_purged_key_cuts_off_for_good() {
     env.init(&env.cipher);
     let m = env.mount(&env.cipher, &env.mnt);
     write(&m.path("f"), b"gone with the key");
-    env.cmkfs(&["vault", "key", "delete", "default"]).assert_ok();
+    env.cmkfs(&["vault", "key", "delete", "default"])
+        .assert_ok();
     let st = wait_state(&env, &env.mnt, "Inaccessible");
     assert_eq!(st["reason"], "key deleted", "{st:#}");
     // Without purge protection the owner may purge at once: the key material is destroyed.

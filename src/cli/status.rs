@@ -64,9 +64,8 @@ fn target_status(home: &Home, target: &Path) -> anyhow::Result<serde_json::Value
     let kid = header.key_id()?;
     // The same connection a mount would use (DES identity included), and every key the
     // volume needs (the platform key of a double-encrypted volume too).
-    let checked = super::volume::volume_vault(home, &header, None).and_then(|(v, _)| {
-        keyring::unwrap_keys(v.as_ref(), &header).map_err(anyhow::Error::from)
-    });
+    let checked = super::volume::volume_vault(home, &header, None)
+        .and_then(|(v, _)| keyring::unwrap_keys(v.as_ref(), &header).map_err(anyhow::Error::from));
     let (state, reason) = match checked {
         Ok(_) => ("Accessible", None),
         Err(e) => {
@@ -74,7 +73,11 @@ fn target_status(home: &Home, target: &Path) -> anyhow::Result<serde_json::Value
                 e.downcast_ref::<crate::volume::VolumeError>(),
                 Some(crate::volume::VolumeError::Vault(v)) if v.class() == vault::ErrorClass::Denied
             ) || matches!(e.downcast_ref::<vault::VaultError>(), Some(v) if v.class() == vault::ErrorClass::Denied);
-            let msg = e.chain().map(|c| c.to_string()).collect::<Vec<_>>().join(": ");
+            let msg = e
+                .chain()
+                .map(|c| c.to_string())
+                .collect::<Vec<_>>()
+                .join(": ");
             (if denied { "Inaccessible" } else { "Unknown" }, Some(msg))
         }
     };

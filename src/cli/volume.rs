@@ -381,9 +381,10 @@ fn serve(a: &MountArgs, ready_pipe: bool) -> anyhow::Result<()> {
     let push_on = vault_push.is_some();
     // Also wake on a rewrite of our own header (a `des update` rewrap by another process),
     // so the mount picks up the new key version at once rather than at its next check.
-    let header_watch = crate::vault::watch::watch_file(&a.cipherdir.join(crate::volume::header::HEADER_FILE))
-        .map_err(|e| tracing::warn!(error = %e, "cannot watch the volume header"))
-        .ok();
+    let header_watch =
+        crate::vault::watch::watch_file(&a.cipherdir.join(crate::volume::header::HEADER_FILE))
+            .map_err(|e| tracing::warn!(error = %e, "cannot watch the volume header"))
+            .ok();
     let wakeups: Vec<_> = vault_push.into_iter().chain(header_watch).collect();
     let push = (!wakeups.is_empty()).then(|| crate::vault::watch::merge(wakeups));
     let kcfg = KeyringConfig {

@@ -76,7 +76,6 @@ impl std::fmt::Debug for Pkcs11Url {
     }
 }
 
-
 fn pct_encode(s: &str) -> String {
     let mut out = String::new();
     for b in s.bytes() {

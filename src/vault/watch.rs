@@ -83,13 +83,15 @@ pub fn merge(sources: Vec<Receiver<()>>) -> Receiver<()> {
     let (tx, rx) = sync_channel(1);
     for src in sources {
         let tx = tx.clone();
-        let _ = std::thread::Builder::new().name("cmkfs-watch-merge".into()).spawn(move || {
-            while src.recv().is_ok() {
-                if let Err(TrySendError::Disconnected(())) = tx.try_send(()) {
-                    return;
+        let _ = std::thread::Builder::new()
+            .name("cmkfs-watch-merge".into())
+            .spawn(move || {
+                while src.recv().is_ok() {
+                    if let Err(TrySendError::Disconnected(())) = tx.try_send(()) {
+                        return;
+                    }
                 }
-            }
-        });
+            });
     }
     rx
 }

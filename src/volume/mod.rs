@@ -929,8 +929,14 @@ impl Volume {
         }
         if set.atime.is_some() || set.mtime.is_some() {
             let ts = |t: &Option<Option<SystemTime>>| match t {
-                None => libc::timespec { tv_sec: 0, tv_nsec: libc::UTIME_OMIT },
-                Some(None) => libc::timespec { tv_sec: 0, tv_nsec: libc::UTIME_NOW },
+                None => libc::timespec {
+                    tv_sec: 0,
+                    tv_nsec: libc::UTIME_OMIT,
+                },
+                Some(None) => libc::timespec {
+                    tv_sec: 0,
+                    tv_nsec: libc::UTIME_NOW,
+                },
                 Some(Some(t)) => to_timespec(*t),
             };
             let times = [ts(&set.atime), ts(&set.mtime)];
@@ -941,7 +947,12 @@ impl Volume {
                     let c = cstring(path)?;
                     // SAFETY: valid C path and a two-element timespec array.
                     check(unsafe {
-                        libc::utimensat(libc::AT_FDCWD, c.as_ptr(), times.as_ptr(), libc::AT_SYMLINK_NOFOLLOW)
+                        libc::utimensat(
+                            libc::AT_FDCWD,
+                            c.as_ptr(),
+                            times.as_ptr(),
+                            libc::AT_SYMLINK_NOFOLLOW,
+                        )
                     })?
                 }
             }

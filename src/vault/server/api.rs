@@ -363,11 +363,13 @@ fn query(q: Option<&str>) -> HashMap<String, String> {
     let mut out = HashMap::new();
     for pair in q.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        out.insert(crate::vault::percent_decode(k, true), crate::vault::percent_decode(v, true));
+        out.insert(
+            crate::vault::percent_decode(k, true),
+            crate::vault::percent_decode(v, true),
+        );
     }
     out
 }
-
 
 /// `Authorization: Bearer <identity>.<secret>` → a connection as that identity.
 async fn authenticate(st: &AppState, headers: &HeaderMap) -> Result<Arc<LocalVault>, ApiError> {
