@@ -225,6 +225,11 @@ impl CmkFs {
         }
     }
 
+    /// The backing path of `ino` for log lines (empty when unknown).
+    fn at(&self, ino: INodeNo) -> PathBuf {
+        self.path(ino).unwrap_or_default()
+    }
+
     fn path(&self, ino: INodeNo) -> FsResult<PathBuf> {
         lock(&self.table.nodes)
             .get(&ino.0)
@@ -446,7 +451,7 @@ impl Filesystem for CmkFs {
     fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
         match self.getattr_of(ino, fh) {
             Ok(a) => reply.attr(&TTL, &a),
-            Err(e) => reply.error(errno(&e, "getattr", Path::new(""))),
+            Err(e) => reply.error(errno(&e, "getattr", &self.at(ino))),
         }
     }
 
@@ -491,19 +496,19 @@ impl Filesystem for CmkFs {
         };
         let r = match (path, &of) {
             (Ok(path), _) => self.vol.set_attr(&path, of.as_deref(), &set),
-            (Err(_), Some(of)) => self.vol.set_attr(Path::new(""), Some(of), &set),
+            (Err(_), Some(of)) => self.vol.set_attr(&self.at(ino), Some(of), &set),
             (Err(e), None) => Err(e),
         };
         match r {
             Ok(a) => reply.attr(&TTL, &self.fattr(ino.0, &a)),
-            Err(e) => reply.error(errno(&e, "setattr", Path::new(""))),
+            Err(e) => reply.error(errno(&e, "setattr", &self.at(ino))),
         }
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
         match self.path(ino).and_then(|p| self.vol.readlink(&p)) {
             Ok(t) => reply.data(std::os::unix::ffi::OsStrExt::as_bytes(t.as_os_str())),
-            Err(e) => reply.error(errno(&e, "readlink", Path::new(""))),
+            Err(e) => reply.error(errno(&e, "readlink", &self.at(ino))),
         }
     }
 
@@ -640,14 +645,14 @@ impl Filesystem for CmkFs {
         let write = flags.acc_mode() != OpenAccMode::O_RDONLY;
         match self.path(ino).and_then(|p| self.vol.open_file(&p, write)) {
             Ok(of) => reply.opened(FileHandle(self.add_file(ino.0, of)), FopenFlags::empty()),
-            Err(e) => reply.error(errno(&e, "open", Path::new(""))),
+            Err(e) => reply.error(errno(&e, "open", &self.at(ino))),
         }
     }
 
     fn read(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         size: u32,
@@ -660,14 +665,14 @@ impl Filesystem for CmkFs {
             .and_then(|of| self.vol.read(&of, offset, size as usize))
         {
             Ok(buf) => reply.data(&buf),
-            Err(e) => reply.error(errno(&e, "read", Path::new(""))),
+            Err(e) => reply.error(errno(&e, "read", &self.at(ino))),
         }
     }
 
     fn write(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         data: &[u8],
@@ -685,7 +690,7 @@ impl Filesystem for CmkFs {
         });
         match r {
             Ok(n) => reply.written(n as u32),
-            Err(e) => reply.error(errno(&e, "write", Path::new(""))),
+            Err(e) => reply.error(errno(&e, "write", &self.at(ino))),
         }
     }
 
@@ -718,14 +723,14 @@ impl Filesystem for CmkFs {
     fn fsync(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         datasync: bool,
         reply: ReplyEmpty,
     ) {
         match self.file(fh).and_then(|of| self.vol.fsync(&of, datasync)) {
             Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno(&e, "fsync", Path::new(""))),
+            Err(e) => reply.error(errno(&e, "fsync", &self.at(ino))),
         }
     }
 
@@ -892,7 +897,7 @@ impl Filesystem for CmkFs {
                 }
                 xattr_reply(reply, size, &buf)
             }
-            Err(e) => reply.error(errno(&e, "listxattr", Path::new(""))),
+            Err(e) => reply.error(errno(&e, "listxattr", &self.at(ino))),
         }
     }
 
@@ -906,7 +911,7 @@ impl Filesystem for CmkFs {
     fn fallocate(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         length: u64,
@@ -918,7 +923,7 @@ impl Filesystem for CmkFs {
             .and_then(|of| self.vol.fallocate(&of, mode, offset, length))
         {
             Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno(&e, "fallocate", Path::new(""))),
+            Err(e) => reply.error(errno(&e, "fallocate", &self.at(ino))),
         }
     }
 
