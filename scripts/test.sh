@@ -158,7 +158,9 @@ fi
 # ---------------------------------------------------------------------------------------------
 section "Azure Key Vault SDK against cmkfs vault serve"
 # ---------------------------------------------------------------------------------------------
-cargo build --bin cmkfs
+# The test run above built target/debug/cmkfs (integration tests use it); a separate
+# `cargo build` would compile the dependency tree again with other features.
+[[ -x target/debug/cmkfs ]] || cargo build --bin cmkfs
 CMKFS_BIN=target/debug/cmkfs timeout 300 "$SDK_VENV/bin/python" tests/sdk/test_keyvault_sdk.py
 
 section "all checks passed"
