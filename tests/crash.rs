@@ -721,8 +721,11 @@ fn sigkill_during_rewraps_leaves_the_old_or_the_new_header() {
             if status.success() { " (finished)" } else { "" },
             if kill_mount { " +mount killed" } else { "" }
         ));
-        // Finishing the interrupted change works and moves the volume to the new key.
-        env.cmkfs(&["des", "update", "d"]).assert_ok();
+        // Re-issuing the interrupted change finishes it and moves the volume to the new key.
+        // (A plain `des update d` only finishes what was recorded: a kill that lands before
+        // the record is written leaves nothing to finish, and the set on its old key.)
+        env.cmkfs(&["des", "update", "d", "--version", &version(&new)])
+            .assert_ok();
         let show = json(&env.cmkfs(&["des", "show", "d", "--json"]));
         assert_eq!(show["activeKey"]["keyUrl"], new.as_str(), "{show:#}");
         assert_eq!(VolumeHeader::read(&env.cipher).unwrap().key_id, new);
@@ -760,8 +763,10 @@ fn sigkill_during_rewraps_leaves_the_old_or_the_new_header() {
             &data,
         );
         m.unmount();
-        // Whatever the kill interrupted, `des update` completes it.
-        env.cmkfs(&["des", "update", "d"]).assert_ok();
+        // Whatever the kill interrupted, `des update` to the new version completes it (the
+        // kill may land before the rotation was recorded: then there is nothing to finish).
+        env.cmkfs(&["des", "update", "d", "--version", &version(&new)])
+            .assert_ok();
         assert_eq!(VolumeHeader::read(&env.cipher).unwrap().key_id, new);
     }
     let (code, _, out) = fsck(&env, &env.cipher, &["--repair"]);
