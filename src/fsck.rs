@@ -1168,6 +1168,19 @@ impl Checker {
                     fix,
                     None,
                 );
+            } else if rest.starts_with(b"rmdir.") && crate::volume::is_dead_temp_dir(path, name) {
+                // rmdir renames the directory here, then takes it apart: only metadata is left.
+                self.problem(
+                    ProblemKind::TempFile,
+                    path,
+                    None,
+                    plain_dir,
+                    "an interrupted rmdir: the directory was already gone from view; only its \
+                     metadata is left"
+                        .into(),
+                    Fix::Remove,
+                    None,
+                );
             } else {
                 self.problem(
                     ProblemKind::TempFile,

@@ -650,42 +650,31 @@ impl Volume {
         if !meta.is_dir() {
             return Err(VolumeError::errno_of(libc::ENOTDIR));
         }
-        // Decide before deleting anything: a directory that turns out not to be empty must
-        // keep its id. Hidden files (id, stray side and temp files) go with it; so does the
-        // temp directory of an interrupted mkdir that holds nothing but its own id.
-        let mut files = Vec::new();
-        let mut dead_mkdirs = Vec::new();
+        // Decide before touching anything: only hidden metadata may be left inside (the id,
+        // stray side and temp files), and leftover temp directories of an interrupted mkdir
+        // or rmdir that hold nothing but hidden files.
         for ent in fs::read_dir(&path).map_err(VolumeError::Os)? {
             let ent = ent.map_err(VolumeError::Os)?;
             let n = ent.file_name();
             if names::classify(&n) != EntryKind::Hidden {
                 return Err(VolumeError::NotEmpty(path));
             }
-            if ent.file_type().map_err(VolumeError::Os)?.is_dir() {
-                let only_id = fs::read_dir(ent.path())
-                    .map_err(VolumeError::Os)?
-                    .all(|e| e.map(|e| e.file_name() == DIRID_FILE).unwrap_or(false));
-                if !(n.as_bytes().starts_with(fsutil::TEMP_PREFIX.as_bytes()) && only_id) {
-                    return Err(VolumeError::NotEmpty(path));
-                }
-                dead_mkdirs.push(ent.path());
-            } else if n != DIRID_FILE {
-                files.push(ent.path());
+            if ent.file_type().map_err(VolumeError::Os)?.is_dir()
+                && !is_dead_temp_dir(&ent.path(), &n)
+            {
+                return Err(VolumeError::NotEmpty(path));
             }
         }
-        for d in dead_mkdirs {
-            let _ = fs::remove_file(d.join(DIRID_FILE));
-            fs::remove_dir(&d).map_err(VolumeError::Os)?;
+        // The name vanishes in one step: renamed to a hidden temp name, then taken apart. A
+        // crash in between leaves hidden garbage (removed by the parent's rmdir or by fsck),
+        // never a visible directory without its id.
+        let mut rnd = [0u8; 8];
+        getrandom::getrandom(&mut rnd).map_err(|e| VolumeError::Internal(e.to_string()))?;
+        let trash = dir.join(format!("{}rmdir.{}", fsutil::TEMP_PREFIX, hex::encode(rnd)));
+        fs::rename(&path, &trash).map_err(VolumeError::Os)?;
+        if let Err(e) = remove_dead_dir(&trash) {
+            tracing::warn!(path = %trash.display(), error = %e, "leftover of rmdir; `cmkfs fsck --repair` removes it");
         }
-        for f in files {
-            fs::remove_file(&f).map_err(VolumeError::Os)?;
-        }
-        // The id last: until here the directory is intact if anything fails.
-        match fs::remove_file(path.join(DIRID_FILE)) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(VolumeError::Os(e)),
-            _ => {}
-        }
-        fs::remove_dir(&path).map_err(VolumeError::Os)?;
         lock(&self.dir_ids).remove(&meta.ino());
         self.remove_side_file(dir, b.entry());
         Ok(path)
@@ -991,6 +980,37 @@ fn xattr_name(keys: &VolumeKeys, name: &OsStr) -> Result<OsString, VolumeError> 
         return Err(VolumeError::errno_of(libc::ENODATA));
     }
     xattr::seal_name(keys, name).ok_or_else(|| VolumeError::errno_of(libc::ERANGE))
+}
+
+/// A temp directory left by an interrupted mkdir or rmdir: a `.cmkfs-tmp.*` name holding only
+/// hidden files (its id, side files, temp files) — nothing of the user's.
+pub(crate) fn is_dead_temp_dir(path: &Path, name: &OsStr) -> bool {
+    if !name.as_bytes().starts_with(fsutil::TEMP_PREFIX.as_bytes()) {
+        return false;
+    }
+    match fs::read_dir(path) {
+        Ok(rd) => rd.into_iter().all(|e| {
+            e.map(|e| {
+                names::classify(&e.file_name()) == EntryKind::Hidden
+                    && e.file_type().map(|t| !t.is_dir()).unwrap_or(false)
+            })
+            .unwrap_or(false)
+        }),
+        Err(_) => false,
+    }
+}
+
+/// Removes a directory that holds only hidden files, and any dead temp dirs in it.
+fn remove_dead_dir(path: &Path) -> io::Result<()> {
+    for ent in fs::read_dir(path)? {
+        let ent = ent?;
+        if ent.file_type()?.is_dir() {
+            remove_dead_dir(&ent.path())?;
+        } else {
+            fs::remove_file(ent.path())?;
+        }
+    }
+    fs::remove_dir(path)
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
