@@ -88,3 +88,138 @@ fn corrupt_backing_files_fail_alone_and_are_logged() {
     );
     m.unmount();
 }
+
+/// The daemon's peak resident memory in KiB (`VmHWM`).
+fn peak_rss_kib(pid: u32) -> u64 {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+        .expect("VmHWM")
+}
+
+/// The backing entry of mount path `p` (found by inode: the mount shows backing numbers).
+fn backing_of(env: &Env, p: &std::path::Path) -> std::path::PathBuf {
+    use std::os::unix::fs::MetadataExt;
+    let ino = fs::symlink_metadata(p).unwrap().ino();
+    walk(&env.cipher)
+        .into_iter()
+        .find(|b| fs::symlink_metadata(b).map(|m| m.ino()).ok() == Some(ino))
+        .expect("backing entry")
+}
+
+#[test]
+fn the_daemon_never_follows_a_symlink_planted_in_the_backing_store() {
+    // Issue 12: a backing file replaced by a symlink within the attribute-cache window made
+    // the (root) daemon write a file header and ciphertext through it, outside the volume.
+    let env = Env::new();
+    env.init(&env.cipher);
+    let outside = env.dir("outside");
+    let target = outside.join("target");
+    fs::write(&target, b"OUTSIDE").unwrap();
+    let m = env.mount(&env.cipher, &env.mnt);
+    write(&m.path("empty"), b"");
+    write(&m.path("full"), b"full file");
+    fs::create_dir(m.path("dir")).unwrap();
+    for name in ["empty", "full"] {
+        let b = backing_of(&env, &m.path(name));
+        // Cached by the kernel, then swapped behind its back.
+        let _ = fs::metadata(m.path(name)).unwrap();
+        fs::remove_file(&b).unwrap();
+        std::os::unix::fs::symlink(&target, &b).unwrap();
+        let r = fs::OpenOptions::new()
+            .write(true)
+            .open(m.path(name))
+            .and_then(|mut f| std::io::Write::write_all(&mut f, b"ciphertext?"));
+        assert!(
+            r.is_err(),
+            "{name}: writing through a planted symlink must fail"
+        );
+        let r = fs::OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .open(m.path(name));
+        assert!(
+            r.is_err(),
+            "{name}: truncating through a planted symlink must fail"
+        );
+        let _ = fs::read(m.path(name));
+        let _ = fs::set_permissions(m.path(name), fs::Permissions::from_mode(0o777));
+        assert_eq!(
+            fs::read(&target).unwrap(),
+            b"OUTSIDE",
+            "{name}: outside file touched"
+        );
+        assert_eq!(
+            fs::metadata(&target).unwrap().permissions().mode() & 0o777,
+            0o644,
+            "{name}: outside file's mode changed"
+        );
+    }
+    // A directory swapped for a symlink to an outside directory: nothing is created there.
+    let b = backing_of(&env, &m.path("dir"));
+    fs::remove_dir_all(&b).unwrap();
+    std::os::unix::fs::symlink(&outside, &b).unwrap();
+    let _ = fs::write(m.path("dir/new"), b"x");
+    let _ = fs::create_dir(m.path("dir/newdir"));
+    let names: Vec<_> = fs::read_dir(&outside)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(
+        names,
+        vec![std::ffi::OsString::from("target")],
+        "outside dir touched"
+    );
+    m.unmount();
+}
+
+use std::os::unix::fs::PermissionsExt;
+
+#[test]
+fn directory_ids_are_read_with_a_bound_and_never_through_a_symlink_or_fifo() {
+    // Issue 12: a directory-id file swapped for a symlink to a 200 MB file was read whole.
+    let env = Env::new();
+    env.init(&env.cipher);
+    let m = env.mount(&env.cipher, &env.mnt);
+    for d in ["symlink", "fifo", "huge", "good"] {
+        fs::create_dir(m.path(d)).unwrap();
+        write(&m.path(format!("{d}/f")), b"inside");
+    }
+    let backing: Vec<_> = ["symlink", "fifo", "huge"]
+        .iter()
+        .map(|d| backing_of(&env, &m.path(d)))
+        .collect();
+    m.unmount();
+    let big = env.root.join("big");
+    fs::File::create(&big).unwrap().set_len(200 << 20).unwrap();
+    let id = |d: &std::path::Path| d.join(".cmkfs.dirid");
+    fs::remove_file(id(&backing[0])).unwrap();
+    std::os::unix::fs::symlink(&big, id(&backing[0])).unwrap();
+    fs::remove_file(id(&backing[1])).unwrap();
+    let c = std::ffi::CString::new(id(&backing[1]).as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: valid C path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    fs::remove_file(id(&backing[2])).unwrap();
+    fs::File::create(id(&backing[2]))
+        .unwrap()
+        .set_len(200 << 20)
+        .unwrap();
+
+    let m = env.mount(&env.cipher, &env.mnt);
+    for d in ["symlink", "fifo", "huge"] {
+        // The watchdog turns a hang (a blocking open of the FIFO) into a failure.
+        let err = fs::read_dir(m.path(d)).map(|_| ()).expect_err(d);
+        assert_eq!(err.raw_os_error(), Some(libc::EIO), "{d}: {err}");
+        assert!(fs::read(m.path(format!("{d}/f"))).is_err(), "{d}");
+    }
+    assert_eq!(read(&m.path("good/f")), b"inside", "the rest keeps working");
+    let pid = m.daemon_pid().expect("daemon pid");
+    let peak = peak_rss_kib(pid);
+    assert!(
+        peak < 120 * 1024,
+        "the daemon read a huge id file whole: peak RSS {peak} KiB"
+    );
+    m.unmount();
+}

@@ -26,17 +26,17 @@ impl CmkFs {
         r: FsResult<(std::ffi::OsString, Attr)>,
     ) {
         match r {
-            Ok((bname, a)) => {
-                reply.entry(&TTL, &self.remember(parent, name, &bname, &a), Generation(0))
-            }
+            Ok((bname, a)) => reply.entry(
+                &TTL,
+                &self.remember(parent, name, &bname, &a),
+                Generation(0),
+            ),
             Err(e) => reply.error(self.errno(&e, op, Some(parent))),
         }
     }
 
     pub(super) fn do_lookup(&self, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        let r = self
-            .dir(parent)
-            .and_then(|d| self.vol.lookup(&d, name));
+        let r = self.dir(parent).and_then(|d| self.vol.lookup(&d, name));
         self.entry_reply(reply, "lookup", parent, name, r)
     }
 
@@ -127,10 +127,10 @@ impl CmkFs {
         let mut entries = vec![dot("."), dot("..")];
         for l in self.vol.list(&dir)? {
             entries.push(DirEntry {
-                ino: self.table.fuse_ino(l.attr.ino),
-                kind: kind_of(l.attr.mode),
+                ino: self.table.fuse_ino(l.ino),
+                kind: kind_of(l.kind),
                 name: l.name,
-                attr: Some((l.bname, l.attr)),
+                attr: l.attr.map(|a| (l.bname, a)),
             });
         }
         Ok(DirSnapshot { entries })
@@ -151,7 +151,10 @@ impl CmkFs {
     fn listing(&self, fh: FileHandle) -> FsResult<Arc<DirSnapshot>> {
         // A listing snapshot holds plaintext names: serve it only while the keys are live.
         self.vol.keyring().keys()?;
-        lock(&self.dirs).get(&fh.0).cloned().ok_or_else(super::ebadf)
+        lock(&self.dirs)
+            .get(&fh.0)
+            .cloned()
+            .ok_or_else(super::ebadf)
     }
 
     pub(super) fn do_readdir(&self, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
@@ -183,10 +186,12 @@ impl CmkFs {
             let full = match &e.attr {
                 // Entries handed out with attributes count as lookups, as the kernel expects.
                 Some((b, a)) => self.remember(ino, &e.name, b, a),
-                None => match self.getattr_of(ino, None) {
+                None if e.name == "." || e.name == ".." => match self.getattr_of(ino, None) {
                     Ok(a) => a,
                     Err(_) => continue,
                 },
+                // A corrupt entry: not handed out with attributes.
+                None => continue,
             };
             if reply.add(
                 INodeNo(e.ino),

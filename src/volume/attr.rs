@@ -117,9 +117,10 @@ impl Volume {
         match t {
             Target::At(d, n) => self.attr_at(d, n),
             Target::Dir(d) => self.attr_from(&sys::fstat(d.fd()).map_err(os)?, None),
-            Target::File(f) => {
-                self.attr_from(&sys::fstat(std::os::fd::AsFd::as_fd(f.file())).map_err(os)?, None)
-            }
+            Target::File(f) => self.attr_from(
+                &sys::fstat(std::os::fd::AsFd::as_fd(f.file())).map_err(os)?,
+                None,
+            ),
         }
     }
 
@@ -131,9 +132,8 @@ impl Volume {
         at: Option<(&Dir, &OsStr)>,
     ) -> Result<Attr, VolumeError> {
         let size = match st.st_mode & libc::S_IFMT {
-            libc::S_IFREG => super::content::logical_size(st.st_size as u64).map_err(|why| {
-                VolumeError::CorruptFile { path: None, why }
-            })?,
+            libc::S_IFREG => super::content::logical_size(st.st_size as u64)
+                .map_err(|why| VolumeError::CorruptFile { path: None, why })?,
             libc::S_IFLNK => match at {
                 Some((d, n)) => self.target_len(d, n).unwrap_or(0),
                 None => 0,

@@ -57,12 +57,11 @@ impl Dir {
 /// Reads the directory id of `dir`: a regular file of exactly 16 bytes (a symlink, FIFO or
 /// large file in its place is corruption, refused without following or reading it whole).
 pub(super) fn read_dir_id(dir: BorrowedFd<'_>) -> Result<DirId, VolumeError> {
-    let bytes = sys::read_small(dir, OsStr::new(DIRID_FILE), 16).map_err(|e| {
-        VolumeError::CorruptFile {
+    let bytes =
+        sys::read_small(dir, OsStr::new(DIRID_FILE), 16).map_err(|e| VolumeError::CorruptFile {
             path: None,
             why: format!("directory id {DIRID_FILE} unreadable: {e}"),
-        }
-    })?;
+        })?;
     bytes
         .as_slice()
         .try_into()
@@ -85,8 +84,13 @@ pub struct Listed {
     pub name: OsString,
     /// Backing name (the entry in the backing directory).
     pub bname: OsString,
-    /// Attributes as the plaintext view shows them.
-    pub attr: Attr,
+    /// Backing inode number.
+    pub ino: u64,
+    /// Type bits (`S_IFMT`).
+    pub kind: u32,
+    /// Attributes as the plaintext view shows them (`None`: the entry is corrupt, e.g. a
+    /// file shorter than its header; it is listed, and fails when used).
+    pub attr: Option<Attr>,
 }
 
 impl Volume {
@@ -126,11 +130,27 @@ impl Volume {
                 },
             };
             match names::decrypt(&keys.names, dir.id(), &encoded) {
-                Ok(name) => match self.attr_at(dir, &bname) {
-                    Ok(attr) => out.push(Listed { name, bname, attr }),
-                    Err(e) if e.errno() == libc::ENOENT => continue,
-                    Err(e) => return Err(e),
-                },
+                Ok(name) => {
+                    let st = match sys::stat_at(dir.fd(), &bname) {
+                        Ok(st) => st,
+                        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
+                        Err(e) => return Err(os(e)),
+                    };
+                    let attr = match self.attr_from(&st, Some((dir, &bname))) {
+                        Ok(a) => Some(a),
+                        Err(e) => {
+                            tracing::warn!(entry = ?bname, error = %e, "corrupt entry");
+                            None
+                        }
+                    };
+                    out.push(Listed {
+                        name,
+                        bname,
+                        ino: st.st_ino as u64,
+                        kind: st.st_mode & libc::S_IFMT,
+                        attr,
+                    })
+                }
                 Err(_) => {
                     tracing::warn!(entry = ?bname, "name does not decrypt in this directory; entry hidden")
                 }
@@ -141,8 +161,7 @@ impl Volume {
 
     /// A long name's full encoding from its side file, if present and matching.
     pub(super) fn read_side_file(&self, dir: &Dir, entry: &OsStr) -> Option<Vec<u8>> {
-        let full =
-            sys::read_small(dir.fd(), &names::side_file_of(entry), MAX_SIDE_FILE).ok()?;
+        let full = sys::read_small(dir.fd(), &names::side_file_of(entry), MAX_SIDE_FILE).ok()?;
         names::long_name_matches(entry, &full).then_some(full)
     }
 }
@@ -157,8 +176,9 @@ pub(super) fn is_logically_empty(dir: BorrowedFd<'_>) -> Result<bool, VolumeErro
         }
         let is_dir = match ent.is_dir {
             Some(d) => d,
-            None => sys::stat_at(dir, &ent.name).map_err(os)?.st_mode & libc::S_IFMT
-                == libc::S_IFDIR,
+            None => {
+                sys::stat_at(dir, &ent.name).map_err(os)?.st_mode & libc::S_IFMT == libc::S_IFDIR
+            }
         };
         if is_dir && !dead_temp_dir_at(dir, &ent.name) {
             return Ok(false);

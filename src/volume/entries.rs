@@ -133,8 +133,8 @@ impl Volume {
     ) -> Result<(OsString, Attr), VolumeError> {
         let fmt = match mode & libc::S_IFMT {
             0 => libc::S_IFREG,
-            f @ (libc::S_IFREG | libc::S_IFIFO | libc::S_IFSOCK | libc::S_IFCHR
-            | libc::S_IFBLK) => f,
+            f
+            @ (libc::S_IFREG | libc::S_IFIFO | libc::S_IFSOCK | libc::S_IFCHR | libc::S_IFBLK) => f,
             _ => return Err(VolumeError::errno_of(libc::EINVAL)),
         };
         let inherit = self.inherit_acl(dir, fmt | (mode & 0o7777), caller)?;

@@ -19,7 +19,7 @@ mod entries;
 pub mod header;
 pub mod names;
 mod open_create;
-mod rename;
+pub mod rename;
 pub mod symlink;
 pub mod sys;
 mod truncate;
@@ -36,8 +36,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::SystemTime;
 
-pub use content::FILE_HEADER_LEN;
 use content::Ctx;
+pub use content::FILE_HEADER_LEN;
 use header::{VolumeHeader, HEADER_FILE};
 use names::{NameError, DIRID_FILE};
 

@@ -77,8 +77,7 @@ impl Volume {
     ) -> Result<OpenFile, VolumeError> {
         let _ = self.keys()?;
         // Always read-write when allowed: partial-sector writes read the sector back.
-        let (file, st) = match sys::open_regular(dir.fd(), bname, Access::ReadWrite, expect_ino)
-        {
+        let (file, st) = match sys::open_regular(dir.fd(), bname, Access::ReadWrite, expect_ino) {
             Ok(x) => x,
             Err(e) if !write && e.raw_os_error() == Some(libc::EACCES) => {
                 sys::open_regular(dir.fd(), bname, Access::Read, expect_ino).map_err(os)?

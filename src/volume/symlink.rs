@@ -32,8 +32,11 @@ const SEAL_OVERHEAD: usize = 32;
 /// Whether a backing symlink target is a long-target reference: the side file's name.
 pub fn long_target_ref(stored: &[u8]) -> Option<&OsStr> {
     let hex = stored.strip_prefix(LONG_TARGET_PREFIX.as_bytes())?;
-    (hex.len() == 32 && hex.iter().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()))
-        .then(|| OsStr::from_bytes(stored))
+    (hex.len() == 32
+        && hex
+            .iter()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()))
+    .then(|| OsStr::from_bytes(stored))
 }
 
 /// Seals a target for storage: `nonce16 || AES-SIV(...)` (random nonce: equal targets look
@@ -96,15 +99,14 @@ impl Volume {
 
     fn sealed_of(&self, stored: &[u8]) -> Result<Vec<u8>, VolumeError> {
         match long_target_ref(stored) {
-            Some(side) => sys::read_small(
-                self.root_dir.fd(),
-                side,
-                SEAL_OVERHEAD + MAX_TARGET,
-            )
-            .map_err(|e| VolumeError::CorruptFile {
-                path: None,
-                why: format!("long symlink target {} unreadable: {e}", side.to_string_lossy()),
-            }),
+            Some(side) => sys::read_small(self.root_dir.fd(), side, SEAL_OVERHEAD + MAX_TARGET)
+                .map_err(|e| VolumeError::CorruptFile {
+                    path: None,
+                    why: format!(
+                        "long symlink target {} unreadable: {e}",
+                        side.to_string_lossy()
+                    ),
+                }),
             None => B64URL.decode(stored).map_err(|_| VolumeError::CorruptFile {
                 path: None,
                 why: "symlink target is not base64url".into(),
@@ -116,11 +118,9 @@ impl Volume {
     pub fn readlink(&self, dir: &Dir, bname: &OsStr) -> Result<OsString, VolumeError> {
         let keys = self.keys()?;
         let sealed = self.sealed_target(dir, bname)?;
-        names::open_target(&keys.names, &sealed).map_err(|_| {
-            VolumeError::CorruptFile {
-                path: None,
-                why: "symlink target does not decrypt".into(),
-            }
+        names::open_target(&keys.names, &sealed).map_err(|_| VolumeError::CorruptFile {
+            path: None,
+            why: "symlink target does not decrypt".into(),
         })
     }
 

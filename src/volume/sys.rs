@@ -248,7 +248,11 @@ pub fn mkdir(dir: BorrowedFd<'_>, name: &OsStr, mode: u32) -> io::Result<()> {
 
 /// `unlinkat` of a non-directory.
 pub fn unlink(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<()> {
-    Ok(rfs::unlinkat(dir, cstr(name)?.as_c_str(), AtFlags::empty())?)
+    Ok(rfs::unlinkat(
+        dir,
+        cstr(name)?.as_c_str(),
+        AtFlags::empty(),
+    )?)
 }
 
 /// `unlinkat(AT_REMOVEDIR)`.
@@ -599,8 +603,13 @@ mod tests {
         let r = root(&d);
         let e = |r: io::Result<_>| r.map(|_| ()).unwrap_err();
         assert_eq!(
-            e(open_regular(r.as_fd(), OsStr::new("link"), Access::ReadWrite, None))
-                .raw_os_error(),
+            e(open_regular(
+                r.as_fd(),
+                OsStr::new("link"),
+                Access::ReadWrite,
+                None
+            ))
+            .raw_os_error(),
             Some(libc::ELOOP)
         );
         assert!(open_dir(r.as_fd(), OsStr::new("dirlink")).is_err());
@@ -613,7 +622,10 @@ mod tests {
             e(read_small(r.as_fd(), OsStr::new("big"), 16)).raw_os_error(),
             Some(libc::EFBIG)
         );
-        assert_eq!(read_small(r.as_fd(), OsStr::new("big"), 100).unwrap().len(), 100);
+        assert_eq!(
+            read_small(r.as_fd(), OsStr::new("big"), 100).unwrap().len(),
+            100
+        );
         // Writes through the link never reach the outside file.
         assert!(write_atomic(r.as_fd(), OsStr::new("link"), b"x", 0o600).is_ok());
         assert_eq!(
@@ -646,13 +658,24 @@ mod tests {
         let a = open_dir(r.as_fd(), OsStr::new("a")).unwrap();
         write_new(a.as_fd(), OsStr::new("f"), b"hello", 0o644).unwrap();
         rename(r.as_fd(), OsStr::new("a"), r.as_fd(), OsStr::new("b"), 0).unwrap();
-        assert_eq!(read_small(a.as_fd(), OsStr::new("f"), 10).unwrap(), b"hello");
+        assert_eq!(
+            read_small(a.as_fd(), OsStr::new("f"), 10).unwrap(),
+            b"hello"
+        );
         set_xattr(XTarget::Fd(a.as_fd()), OsStr::new("user.k"), b"v", 0).unwrap();
         assert_eq!(
-            get_xattr(XTarget::At(r.as_fd(), OsStr::new("b")), OsStr::new("user.k")).unwrap(),
+            get_xattr(
+                XTarget::At(r.as_fd(), OsStr::new("b")),
+                OsStr::new("user.k")
+            )
+            .unwrap(),
             b"v"
         );
-        let names: Vec<_> = list(a.as_fd()).unwrap().into_iter().map(|e| e.name).collect();
+        let names: Vec<_> = list(a.as_fd())
+            .unwrap()
+            .into_iter()
+            .map(|e| e.name)
+            .collect();
         assert_eq!(names, vec![OsString::from("f")]);
     }
 }

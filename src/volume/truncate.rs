@@ -21,6 +21,13 @@ impl Volume {
         len: u64,
     ) -> Result<(), VolumeError> {
         let keys = self.keys()?;
-        content::fallocate(of.file(), &of.shared().content, &self.ctx(&keys), mode, off, len)
+        content::fallocate(
+            of.file(),
+            &of.shared().content,
+            &self.ctx(&keys),
+            mode,
+            off,
+            len,
+        )
     }
 }

@@ -164,8 +164,8 @@ impl Volume {
         flags: i32,
     ) -> Result<(), VolumeError> {
         let backing = self.backing_xattr(keys, fmt, name)?;
-        let sealed = seal_value(keys, &backing, value)
-            .map_err(|e| VolumeError::Internal(e.to_string()))?;
+        let sealed =
+            seal_value(keys, &backing, value).map_err(|e| VolumeError::Internal(e.to_string()))?;
         match sys::set_xattr(t.xtarget(), &backing, &sealed, flags) {
             // The nonce and tag push a value near the kernel's 64 KiB limit over it; a local
             // filesystem says the value does not fit, not that it is too big to pass.
@@ -314,7 +314,12 @@ impl Volume {
     ) -> Result<Inherit, VolumeError> {
         let keys = self.keys()?;
         let perm = mode & 0o7777;
-        let default = match self.get_raw(&keys, Target::Dir(dir), libc::S_IFDIR, OsStr::new(acl::DEFAULT)) {
+        let default = match self.get_raw(
+            &keys,
+            Target::Dir(dir),
+            libc::S_IFDIR,
+            OsStr::new(acl::DEFAULT),
+        ) {
             Ok(v) => v,
             Err(e) if e.errno() == libc::ENODATA => {
                 return Ok(Inherit {
