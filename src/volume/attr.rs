@@ -156,6 +156,12 @@ impl Volume {
                 Target::Dir(_) => return Err(VolumeError::errno_of(libc::EISDIR)),
             }
             self.kill_capability(t)?;
+            // Any size change request moves mtime and ctime, also to the same size (as ext4
+            // does; truncate(2) sends no time of its own).
+            if set.mtime.is_none() {
+                let touch: sys::Times = [None, Some(None)];
+                self.set_times(t, &touch)?;
+            }
         }
         if let Some(mode) = set.mode {
             match t {
@@ -181,14 +187,17 @@ impl Volume {
         }
         if set.atime.is_some() || set.mtime.is_some() {
             let conv = |t: &Option<Option<SystemTime>>| t.map(|t| t.map(to_timespec));
-            let times: sys::Times = [conv(&set.atime), conv(&set.mtime)];
-            match t {
-                Target::At(d, n) => sys::utimens_at(d.fd(), n, &times),
-                Target::Dir(d) => sys::utimens_fd(d.fd(), &times),
-                Target::File(f) => sys::utimens_fd(std::os::fd::AsFd::as_fd(f.file()), &times),
-            }
-            .map_err(os)?;
+            self.set_times(t, &[conv(&set.atime), conv(&set.mtime)])?;
         }
         self.attr(t)
+    }
+
+    fn set_times(&self, t: Target<'_>, times: &sys::Times) -> Result<(), VolumeError> {
+        match t {
+            Target::At(d, n) => sys::utimens_at(d.fd(), n, times),
+            Target::Dir(d) => sys::utimens_fd(d.fd(), times),
+            Target::File(f) => sys::utimens_fd(std::os::fd::AsFd::as_fd(f.file()), times),
+        }
+        .map_err(os)
     }
 }
