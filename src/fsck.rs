@@ -1217,25 +1217,19 @@ impl Checker {
         };
         let mut bad = Vec::new();
         for name in list {
-            let Some(enc) = XATTR_PREFIXES
+            if !XATTR_PREFIXES
                 .iter()
-                .find_map(|p| name.as_bytes().strip_prefix(p.as_bytes()))
-            else {
+                .any(|p| name.as_bytes().starts_with(p.as_bytes()))
+            {
                 continue; // not ours (e.g. a security label of the backing filesystem)
-            };
-            let name_ok = B64URL
-                .decode(enc)
-                .ok()
-                .is_some_and(|sealed| keys.names.open(&[b"xattr-name"], &sealed).is_ok());
+            }
             let value = get_xattr(&io_path, &name);
-            let value_ok = match &value {
-                Ok(v) if v.len() >= 16 => {
-                    let (nonce, sealed) = v.split_at(16);
-                    keys.names
-                        .open(&[b"xattr-value", name.as_bytes(), nonce], sealed)
-                        .is_ok()
-                }
-                _ => false,
+            let (name_ok, value_ok) = match &value {
+                Ok(v) => crate::volume::xattr::verify_stored(keys, &name, v),
+                Err(_) => (
+                    crate::volume::xattr::open_name(keys, &name).is_some(),
+                    false,
+                ),
             };
             if !(name_ok && value_ok) {
                 bad.push((name, value.unwrap_or_default(), name_ok));

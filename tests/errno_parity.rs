@@ -469,12 +469,23 @@ fn sequence() -> Vec<Step> {
         root(SetXattr("p/ro", "user.big".into(), 65536, 0)),
         root(SetXattr("p/ro", "user.big".into(), 65537, 0)),
         root(SetXattr("p/ro", format!("user.{}", "k".repeat(251)), 1, 0)),
+        // The longest name there is: its encrypted form is hashed in the backing store.
+        root(SetXattr("p/ro", format!("user.{}", "L".repeat(250)), 5, 0)),
+        root(GetXattr(
+            "p/ro",
+            leak(format!("user.{}", "L".repeat(250))),
+            64,
+        )),
         root(SetXattr("p/ro", "trusted.t".into(), 3, 0)),
         root(SetXattr("p/ro", "security.s".into(), 3, 0)),
         root(SetXattr("p/ro", "system.nonsense".into(), 3, 0)),
         root(SetXattr("p/ro", "nonamespace".into(), 3, 0)),
         root(SetXattr("p/ro", "system.posix_acl_access".into(), 3, 0)),
         root(ListXattr("p/ro")),
+        root(RemoveXattr(
+            "p/ro",
+            leak(format!("user.{}", "L".repeat(250))),
+        )),
         root(RemoveXattr("p/ro", "user.missing")),
         root(RemoveXattr("p/ro", "user.a")),
         root(ListXattr("p/ro")),

@@ -601,7 +601,9 @@ mod tests {
         assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
         std::fs::write(d.path().join("big"), vec![7u8; 100]).unwrap();
         let r = root(&d);
-        let e = |r: io::Result<_>| r.map(|_| ()).unwrap_err();
+        fn e<T>(r: io::Result<T>) -> io::Error {
+            r.map(|_| ()).unwrap_err()
+        }
         assert_eq!(
             e(open_regular(
                 r.as_fd(),

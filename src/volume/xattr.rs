@@ -4,7 +4,9 @@
 //! [`super::acl`]). Other `system.*` names are not supported (`EOPNOTSUPP`).
 //!
 //! Backing name: a namespace prefix + base64url(AES-SIV(name key, AD = ["xattr-name"], full
-//! plaintext name)) — deterministic, so a lookup can compute it. The prefix is
+//! plaintext name)) — deterministic, so a lookup can compute it. When that exceeds 255 bytes
+//! (plaintext names over 167 bytes), the prefix + `h.` + base64url(SHA-256(sealed name)), and
+//! the sealed name goes in front of the value. The prefix is
 //! `user.cmkfs.` on regular files and directories and `trusted.cmkfs.` on anything else
 //! (the backing kernel allows `user.*` only on those two; `trusted.*` needs a daemon running
 //! as root). Plaintext namespaces are never used in the backing store: a `security.capability`
@@ -17,6 +19,7 @@ use std::os::unix::ffi::{OsStrExt, OsStringExt};
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
 use base64::Engine as _;
+use sha2::{Digest, Sha256};
 
 use super::{acl, os, sys, Caller, Dir, Target, Volume, VolumeError};
 use crate::crypto::VolumeKeys;
@@ -63,50 +66,119 @@ fn prefix_for(fmt: u32) -> &'static str {
     }
 }
 
-/// The backing name of plaintext attribute `name` under `prefix` (`None`: too long).
-pub fn seal_name(keys: &VolumeKeys, prefix: &str, name: &OsStr) -> Option<OsString> {
-    let enc = B64URL.encode(keys.names.seal(&[b"xattr-name"], name.as_bytes()));
-    let full = format!("{prefix}{enc}");
-    (full.len() <= NAME_MAX).then(|| full.into())
+/// Marks a hashed backing name: `<prefix>h.<base64url(SHA-256(sealed name))>`, for plaintext
+/// names whose sealed encoding would not fit the 255-byte backing limit. Base64url has no
+/// `.`, so a hashed name is never an encoded one.
+const HASHED: &str = "h.";
+
+/// Where a plaintext attribute is stored.
+pub struct Backing {
+    /// The backing attribute name.
+    pub name: OsString,
+    /// For a hashed name: the sealed plaintext name, stored in front of the value.
+    sealed_name: Option<Vec<u8>>,
 }
 
-/// The plaintext name of a backing attribute name (`None`: not ours, or does not decrypt).
-pub fn open_name(keys: &VolumeKeys, backing: &OsStr) -> Option<OsString> {
+/// The backing attribute of plaintext name `name` under `prefix`.
+pub fn seal_name(keys: &VolumeKeys, prefix: &str, name: &OsStr) -> Backing {
+    let sealed = keys.names.seal(&[b"xattr-name"], name.as_bytes());
+    let full = format!("{prefix}{}", B64URL.encode(&sealed));
+    if full.len() <= NAME_MAX {
+        return Backing {
+            name: full.into(),
+            sealed_name: None,
+        };
+    }
+    Backing {
+        name: format!("{prefix}{HASHED}{}", B64URL.encode(Sha256::digest(&sealed))).into(),
+        sealed_name: Some(sealed.to_vec()),
+    }
+}
+
+/// The encoding after our prefix of a backing name (`None`: not ours).
+fn strip_prefix(backing: &OsStr) -> Option<&[u8]> {
     let b = backing.as_bytes();
-    let enc = b
-        .strip_prefix(PREFIX.as_bytes())
-        .or_else(|| b.strip_prefix(TRUSTED_PREFIX.as_bytes()))?;
+    b.strip_prefix(PREFIX.as_bytes())
+        .or_else(|| b.strip_prefix(TRUSTED_PREFIX.as_bytes()))
+}
+
+/// Whether a backing name of ours is a hashed one (its plaintext name is in the value).
+pub fn is_hashed(backing: &OsStr) -> bool {
+    strip_prefix(backing).is_some_and(|e| e.starts_with(HASHED.as_bytes()))
+}
+
+/// The plaintext name of an encoded (not hashed) backing name (`None`: not ours, hashed, or
+/// does not decrypt).
+pub fn open_name(keys: &VolumeKeys, backing: &OsStr) -> Option<OsString> {
+    let enc = strip_prefix(backing)?;
     let sealed = B64URL.decode(enc).ok()?;
     let plain = keys.names.open(&[b"xattr-name"], &sealed).ok()?;
     Some(OsString::from_vec(plain.to_vec()))
 }
 
-/// Seals a value for backing attribute `backing`.
+/// Seals a value for backing attribute `b`: nonce(16) || AES-SIV(value), preceded for a
+/// hashed name by u16-LE length || sealed plaintext name.
 pub fn seal_value(
     keys: &VolumeKeys,
-    backing: &OsStr,
+    b: &Backing,
     value: &[u8],
 ) -> Result<Vec<u8>, getrandom::Error> {
     let mut nonce = [0u8; 16];
     getrandom::getrandom(&mut nonce)?;
-    let mut out = nonce.to_vec();
+    let mut out = Vec::new();
+    if let Some(sn) = &b.sealed_name {
+        out.extend((sn.len() as u16).to_le_bytes());
+        out.extend(sn);
+    }
+    out.extend(nonce);
     out.extend(
         keys.names
-            .seal(&[b"xattr-value", backing.as_bytes(), &nonce], value),
+            .seal(&[b"xattr-value", b.name.as_bytes(), &nonce], value),
     );
     Ok(out)
 }
 
-/// Opens a stored value of backing attribute `backing` (`None`: does not decrypt).
-pub fn open_value(keys: &VolumeKeys, backing: &OsStr, stored: &[u8]) -> Option<Vec<u8>> {
-    if stored.len() < 16 {
+/// Opens a stored value of backing attribute `backing`: the plaintext name when it is kept
+/// in the value (hashed names; checked against the hash) and the value. `None`: does not
+/// decrypt, or the name does not belong to this backing name.
+pub fn open_value(
+    keys: &VolumeKeys,
+    backing: &OsStr,
+    stored: &[u8],
+) -> Option<(Option<OsString>, Vec<u8>)> {
+    let (name, rest) = if is_hashed(backing) {
+        let len = u16::from_le_bytes([*stored.first()?, *stored.get(1)?]) as usize;
+        let sn = stored.get(2..2 + len)?;
+        let hash = &strip_prefix(backing)?[HASHED.len()..];
+        if hash != B64URL.encode(Sha256::digest(sn)).as_bytes() {
+            return None;
+        }
+        let plain = keys.names.open(&[b"xattr-name"], sn).ok()?;
+        (Some(OsString::from_vec(plain.to_vec())), &stored[2 + len..])
+    } else {
+        (None, stored)
+    };
+    if rest.len() < 16 {
         return None;
     }
-    let (nonce, sealed) = stored.split_at(16);
-    keys.names
+    let (nonce, sealed) = rest.split_at(16);
+    let value = keys
+        .names
         .open(&[b"xattr-value", backing.as_bytes(), nonce], sealed)
-        .ok()
-        .map(|v| v.to_vec())
+        .ok()?;
+    Some((name, value.to_vec()))
+}
+
+/// fsck's check of one stored attribute of ours: (name decrypts, value decrypts).
+pub fn verify_stored(keys: &VolumeKeys, backing: &OsStr, stored: &[u8]) -> (bool, bool) {
+    if is_hashed(backing) {
+        let ok = open_value(keys, backing, stored).is_some();
+        return (ok, ok);
+    }
+    (
+        open_name(keys, backing).is_some(),
+        open_value(keys, backing, stored).is_some(),
+    )
 }
 
 /// The mode and ACLs a new entry gets from its parent ([`Volume::inherit_acl`]).
@@ -120,13 +192,8 @@ pub(super) struct Inherit {
 }
 
 impl Volume {
-    fn backing_xattr(
-        &self,
-        keys: &VolumeKeys,
-        fmt: u32,
-        name: &OsStr,
-    ) -> Result<OsString, VolumeError> {
-        seal_name(keys, prefix_for(fmt), name).ok_or_else(|| VolumeError::errno_of(libc::ERANGE))
+    fn backing_xattr(&self, keys: &VolumeKeys, fmt: u32, name: &OsStr) -> Backing {
+        seal_name(keys, prefix_for(fmt), name)
     }
 
     /// The type of what `t` reaches; `fmt` is the caller's knowledge (0: unknown).
@@ -146,12 +213,16 @@ impl Volume {
         fmt: u32,
         name: &OsStr,
     ) -> Result<Vec<u8>, VolumeError> {
-        let backing = self.backing_xattr(keys, fmt, name)?;
-        let stored = sys::get_xattr(t.xtarget(), &backing).map_err(os)?;
-        open_value(keys, &backing, &stored).ok_or_else(|| VolumeError::CorruptFile {
-            path: None,
-            why: "extended attribute value does not decrypt".into(),
-        })
+        let backing = self.backing_xattr(keys, fmt, name);
+        let stored = sys::get_xattr(t.xtarget(), &backing.name).map_err(os)?;
+        match open_value(keys, &backing.name, &stored) {
+            Some((None, v)) => Ok(v),
+            Some((Some(n), v)) if n == name => Ok(v),
+            _ => Err(VolumeError::CorruptFile {
+                path: None,
+                why: "extended attribute value does not decrypt".into(),
+            }),
+        }
     }
 
     fn set_raw(
@@ -163,10 +234,10 @@ impl Volume {
         value: &[u8],
         flags: i32,
     ) -> Result<(), VolumeError> {
-        let backing = self.backing_xattr(keys, fmt, name)?;
+        let backing = self.backing_xattr(keys, fmt, name);
         let sealed =
             seal_value(keys, &backing, value).map_err(|e| VolumeError::Internal(e.to_string()))?;
-        match sys::set_xattr(t.xtarget(), &backing, &sealed, flags) {
+        match sys::set_xattr(t.xtarget(), &backing.name, &sealed, flags) {
             // The nonce and tag push a value near the kernel's 64 KiB limit over it; a local
             // filesystem says the value does not fit, not that it is too big to pass.
             Err(e) if e.raw_os_error() == Some(libc::E2BIG) => {
@@ -183,8 +254,8 @@ impl Volume {
         fmt: u32,
         name: &OsStr,
     ) -> Result<(), VolumeError> {
-        let backing = self.backing_xattr(keys, fmt, name)?;
-        sys::remove_xattr(t.xtarget(), &backing).map_err(os)
+        let backing = self.backing_xattr(keys, fmt, name);
+        sys::remove_xattr(t.xtarget(), &backing.name).map_err(os)
     }
 
     /// Reads extended attribute `name` of `t` (`fmt`: its type bits if known, else 0).
@@ -239,11 +310,23 @@ impl Volume {
     /// Lists the plaintext names of `t`'s extended attributes.
     pub fn list_xattr(&self, t: Target<'_>) -> Result<Vec<OsString>, VolumeError> {
         let keys = self.keys()?;
-        Ok(sys::list_xattr(t.xtarget())
-            .map_err(os)?
-            .into_iter()
-            .filter_map(|b| open_name(&keys, &b))
-            .collect())
+        let mut out = Vec::new();
+        for b in sys::list_xattr(t.xtarget()).map_err(os)? {
+            if is_hashed(&b) {
+                // The name lives in the value.
+                let stored = match sys::get_xattr(t.xtarget(), &b) {
+                    Ok(v) => v,
+                    Err(e) if e.raw_os_error() == Some(libc::ENODATA) => continue,
+                    Err(e) => return Err(os(e)),
+                };
+                if let Some((Some(n), _)) = open_value(&keys, &b, &stored) {
+                    out.push(n);
+                }
+            } else if let Some(n) = open_name(&keys, &b) {
+                out.push(n);
+            }
+        }
+        Ok(out)
     }
 
     /// Removes extended attribute `name`.
@@ -360,5 +443,57 @@ impl Volume {
             self.set_raw(&keys, t, fmt, OsStr::new(acl::DEFAULT), d, 0)?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::Dek;
+
+    fn keys() -> VolumeKeys {
+        VolumeKeys::from_dek(&Dek::generate().unwrap(), 4096).unwrap()
+    }
+
+    #[test]
+    fn names_and_values_round_trip_short_and_hashed() {
+        let k = keys();
+        for len in [1usize, 160, 167, 168, 250] {
+            let name = OsString::from(format!("user.{}", "n".repeat(len)));
+            let b = seal_name(&k, PREFIX, &name);
+            assert!(b.name.len() <= NAME_MAX, "{len}");
+            assert_eq!(is_hashed(&b.name), len > 162, "{len}: {:?}", b.name);
+            let stored = seal_value(&k, &b, b"value").unwrap();
+            let (n, v) = open_value(&k, &b.name, &stored).unwrap();
+            assert_eq!(v, b"value");
+            match n {
+                Some(n) => assert_eq!(n, name),
+                None => assert_eq!(open_name(&k, &b.name).unwrap(), name),
+            }
+            assert_eq!(verify_stored(&k, &b.name, &stored), (true, true));
+            // Deterministic names, randomized values.
+            assert_eq!(seal_name(&k, PREFIX, &name).name, b.name);
+            assert_ne!(seal_value(&k, &b, b"value").unwrap(), stored);
+        }
+    }
+
+    #[test]
+    fn values_are_bound_to_their_names() {
+        let k = keys();
+        let a = seal_name(&k, PREFIX, OsStr::new("user.a"));
+        let b = seal_name(&k, PREFIX, OsStr::new("user.b"));
+        let stored = seal_value(&k, &a, b"secret").unwrap();
+        assert!(open_value(&k, &b.name, &stored).is_none());
+        // A hashed name's value moved under another hashed name does not open either.
+        let long = |c: &str| OsString::from(format!("user.{}", c.repeat(200)));
+        let (x, y) = (
+            seal_name(&k, PREFIX, &long("x")),
+            seal_name(&k, PREFIX, &long("y")),
+        );
+        let stored = seal_value(&k, &x, b"v").unwrap();
+        assert!(open_value(&k, &y.name, &stored).is_none());
+        assert_eq!(verify_stored(&k, &y.name, &stored), (false, false));
+        // Another volume's key opens nothing.
+        assert!(open_value(&keys(), &x.name, &stored).is_none());
     }
 }
