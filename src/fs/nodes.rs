@@ -30,6 +30,9 @@ const DIR_CACHE_MAX: usize = 2048;
 /// PATH_MAX bytes, so at most 2048 components).
 const MAX_DEPTH: usize = 4096;
 
+/// One step down from a cached directory: (inode, backing name).
+type Step = (u64, OsString);
+
 /// One name of an inode.
 #[derive(Clone, Debug)]
 pub(super) struct Link {
@@ -290,7 +293,7 @@ impl NodeTable {
 
     /// The nearest cached directory above (or at) `ino`, and the (inode, backing name) steps
     /// from it down to `ino`, innermost first.
-    fn chain(&self, ino: u64) -> FsResult<(Arc<Dir>, Vec<(u64, OsString)>)> {
+    fn chain(&self, ino: u64) -> FsResult<(Arc<Dir>, Vec<Step>)> {
         let nodes = lock(&self.nodes);
         let mut chain = Vec::new();
         let mut cur = ino;

@@ -40,10 +40,12 @@ pub struct Attr {
 
 impl Attr {
     /// The backing metadata with `size` as the logical size.
+    // The `stat` field widths differ between architectures: the casts are not all no-ops.
+    #[allow(clippy::unnecessary_cast)]
     pub fn from_stat(st: &Stat, size: u64) -> Attr {
         Attr {
             ino: st.st_ino as u64,
-            mode: st.st_mode as u32,
+            mode: st.st_mode,
             nlink: st.st_nlink as u64,
             uid: st.st_uid,
             gid: st.st_gid,

@@ -33,7 +33,7 @@ impl Dir {
     }
 
     fn from_fd(fd: OwnedFd) -> Result<Dir, VolumeError> {
-        let ino = sys::fstat(fd.as_fd()).map_err(os)?.st_ino as u64;
+        let ino = sys::fstat(fd.as_fd()).map_err(os)?.st_ino;
         let id = read_dir_id(fd.as_fd())?;
         Ok(Dir { fd, id, ino })
     }
@@ -146,7 +146,7 @@ impl Volume {
                     out.push(Listed {
                         name,
                         bname,
-                        ino: st.st_ino as u64,
+                        ino: st.st_ino,
                         kind: st.st_mode & libc::S_IFMT,
                         attr,
                     })

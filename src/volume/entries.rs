@@ -176,7 +176,7 @@ impl Volume {
         drop(fd);
         self.discard_dir(dir, b.entry())?;
         self.remove_side_file(dir, b.entry());
-        Ok((b.entry().to_os_string(), st.st_ino as u64))
+        Ok((b.entry().to_os_string(), st.st_ino))
     }
 
     /// Takes away the (empty) directory `bname` of `dir`: its name vanishes in one step, a

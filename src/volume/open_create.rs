@@ -60,7 +60,7 @@ impl Volume {
         })?;
         let st = sys::fstat(file.as_fd()).map_err(os)?;
         let attr = self.attr_from(&st, None)?;
-        let of = self.wrap_open(file, st.st_ino as u64);
+        let of = self.wrap_open(file, st.st_ino);
         of.shared.may_have_cap.store(false, Ordering::Relaxed);
         Ok((bname, attr, of))
     }
@@ -84,7 +84,7 @@ impl Volume {
             }
             Err(e) => return Err(os(e)),
         };
-        Ok(self.wrap_open(file, st.st_ino as u64))
+        Ok(self.wrap_open(file, st.st_ino))
     }
 
     /// Opens the file behind `of` again (a file with no name left that the kernel opens
@@ -98,7 +98,7 @@ impl Volume {
             }
             Err(e) => return Err(os(e)),
         };
-        let ino = sys::fstat(file.as_fd()).map_err(os)?.st_ino as u64;
+        let ino = sys::fstat(file.as_fd()).map_err(os)?.st_ino;
         Ok(self.wrap_open(file, ino))
     }
 

@@ -131,7 +131,7 @@ pub fn open_regular(
             "backing entry is not a regular file (a FIFO, socket or device where a file was expected)",
         ));
     }
-    if expect_ino.is_some_and(|i| i != st.st_ino as u64) {
+    if expect_ino.is_some_and(|i| i != st.st_ino) {
         return Err(errno(libc::ENOENT));
     }
     let flags = match access {
