@@ -419,6 +419,12 @@ fn sequence() -> Vec<Step> {
         as_(ALICE, ALICE, Utimes("t/alice", 0, 0)),
         as_(BOB, BOB, Utimes("t/alice", 0, 0)),
         as_(ALICE, ALICE, Unlink("t/alice")),
+        // Setuid and setgid bits asked for at creation stay (the daemon's chown to the
+        // caller must not drop them).
+        as_(ALICE, ALICE, Create("t/suid", 0o6755)),
+        root(Stat("t/suid")),
+        as_(ALICE, ALICE, Mknod("t/sfifo", libc::S_IFIFO | 0o6644, 0)),
+        root(Stat("t/sfifo")),
         root(Mkdir("s", 0o775)),
         root(Chown("s", 0, STAFF)),
         root(Chmod("s", 0o2775)),

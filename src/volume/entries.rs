@@ -68,8 +68,15 @@ impl Volume {
     }
 
     /// Sets ownership of a new entry to the caller when running as root (as a local
-    /// filesystem would), honouring a setgid parent directory.
-    pub(super) fn own(&self, dir: &Dir, t: Target<'_>, caller: Caller) -> Result<(), VolumeError> {
+    /// filesystem would), honouring a setgid parent directory. A chown drops the setuid and
+    /// setgid bits of a non-directory; `mode` (the entry's permission bits) puts them back.
+    pub(super) fn own(
+        &self,
+        dir: &Dir,
+        t: Target<'_>,
+        caller: Caller,
+        mode: u32,
+    ) -> Result<(), VolumeError> {
         if !self.as_root {
             return Ok(());
         }
@@ -84,7 +91,16 @@ impl Volume {
             Target::Dir(d) => sys::chown_fd(d.fd(), Some(caller.uid), Some(gid)),
             Target::File(f) => sys::chown_fd(f.file().as_fd(), Some(caller.uid), Some(gid)),
         }
-        .map_err(os)
+        .map_err(os)?;
+        if mode & (libc::S_ISUID | libc::S_ISGID) != 0 {
+            match t {
+                Target::At(d, n) => sys::chmod_at(d.fd(), n, mode),
+                Target::Dir(d) => sys::chmod_fd(d.fd(), mode),
+                Target::File(f) => sys::chmod_fd(f.file().as_fd(), mode),
+            }
+            .map_err(os)?;
+        }
+        Ok(())
     }
 
     /// Creates a directory with its own directory id. Built under a temporary name (id,
@@ -107,7 +123,7 @@ impl Volume {
                 let fd = sys::open_dir(dir.fd(), &tmp).map_err(os)?;
                 write_dir_id(fd.as_fd())?;
                 sys::chmod_fd(fd.as_fd(), inherit.mode).map_err(os)?;
-                self.own(dir, Target::At(dir, &tmp), caller)?;
+                self.own(dir, Target::At(dir, &tmp), caller, inherit.mode)?;
                 self.apply_inherited(Target::At(dir, &tmp), &inherit)?;
                 sys::rename(dir.fd(), &tmp, dir.fd(), bname, libc::RENAME_NOREPLACE).map_err(os)
             })();
@@ -140,7 +156,7 @@ impl Volume {
         let inherit = self.inherit_acl(dir, fmt | (mode & 0o7777), caller)?;
         let (bname, ()) = self.make_entry(dir, name, |bname| {
             sys::mknod(dir.fd(), bname, fmt | inherit.mode, rdev).map_err(os)?;
-            self.own(dir, Target::At(dir, bname), caller)?;
+            self.own(dir, Target::At(dir, bname), caller, inherit.mode)?;
             self.apply_inherited(Target::At(dir, bname), &inherit)
         })?;
         let attr = self.attr_at(dir, &bname)?;

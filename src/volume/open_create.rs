@@ -54,7 +54,7 @@ impl Volume {
         let (bname, file) = self.make_entry(dir, name, |bname| {
             let f = sys::create_regular(dir.fd(), bname, inherit.mode).map_err(os)?;
             // Owner and ACL before anyone can open it by name with the wrong ones.
-            self.own(dir, Target::At(dir, bname), caller)?;
+            self.own(dir, Target::At(dir, bname), caller, inherit.mode)?;
             self.apply_inherited(Target::At(dir, bname), &inherit)?;
             Ok(f)
         })?;

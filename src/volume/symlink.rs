@@ -75,7 +75,7 @@ impl Volume {
         };
         let made = self.make_entry(dir, name, |bname| {
             sys::symlink(&stored, dir.fd(), bname).map_err(os)?;
-            self.own(dir, Target::At(dir, bname), caller)
+            self.own(dir, Target::At(dir, bname), caller, 0)
         });
         let (bname, ()) = match made {
             Ok(x) => x,
