@@ -32,6 +32,11 @@ use common::*;
 const NOBODY: u32 = 65534;
 
 fn setup() -> (Env, Mount) {
+    // Every other test run walks from the root for every directory (no descriptor cache).
+    if std::process::id() % 2 == 0 {
+        // SAFETY: set before any thread of this test process reads the environment.
+        unsafe { std::env::set_var("CMKFS_DIR_CACHE", "1") };
+    }
     let env = Env::new();
     env.init(&env.cipher);
     fs::set_permissions(&env.root, fs::Permissions::from_mode(0o755)).unwrap();
@@ -681,4 +686,75 @@ fn big_xattr_values_get_the_errnos_of_ext4() {
     assert_eq!(results[1][1].1, Err(ename(libc::ENOSPC)));
     assert_eq!(results[1][2].1, Err(ename(libc::E2BIG)));
     m.unmount();
+}
+
+#[test]
+fn requests_stay_correct_while_other_requests_rename_the_parents() {
+    // The directory cache is off: every request finds its directory by walking from the
+    // root while another thread keeps moving the directories on that walk around.
+    // SAFETY: set before the mount is started and before any other thread exists.
+    unsafe { std::env::set_var("CMKFS_DIR_CACHE", "1") };
+    let (env, m) = setup();
+    fs::create_dir_all(m.path("a/mid/leaf")).unwrap();
+    fs::create_dir_all(m.path("b")).unwrap();
+    write(&m.path("a/mid/leaf/f"), b"the leaf file");
+    let leaf = File::open(m.path("a/mid/leaf")).unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mover = {
+        let (stop, mnt) = (stop.clone(), env.mnt.clone());
+        std::thread::spawn(move || {
+            let mut n = 0u64;
+            let (mut from, mut to) = (mnt.join("a/mid"), mnt.join("b/mid"));
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                fs::rename(&from, &to).expect("rename of a parent");
+                std::mem::swap(&mut from, &mut to);
+                n += 1;
+            }
+            n
+        })
+    };
+    let f = CString::new("f").unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    let mut reads = 0;
+    while std::time::Instant::now() < deadline {
+        // SAFETY: valid descriptor and C string.
+        let fd = ok(
+            "openat inside a moving directory",
+            sys(unsafe {
+                libc::openat(
+                    leaf.as_raw_fd(),
+                    f.as_ptr(),
+                    libc::O_RDONLY | libc::O_CLOEXEC,
+                )
+            }),
+        );
+        // SAFETY: a descriptor we own.
+        let mut file = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        let mut got = Vec::new();
+        std::io::Read::read_to_end(&mut file, &mut got).unwrap();
+        assert_eq!(got, b"the leaf file");
+        // Creating and removing names in it too.
+        let n = CString::new(format!("x{reads}")).unwrap();
+        // SAFETY: as above.
+        ok(
+            "mkdirat inside a moving directory",
+            sys(unsafe { libc::mkdirat(leaf.as_raw_fd(), n.as_ptr(), 0o755) }),
+        );
+        // SAFETY: as above.
+        ok(
+            "unlinkat inside a moving directory",
+            sys(unsafe { libc::unlinkat(leaf.as_raw_fd(), n.as_ptr(), libc::AT_REMOVEDIR) }),
+        );
+        reads += 1;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let renames = mover.join().unwrap();
+    eprintln!("{reads} opens and {renames} renames of a parent");
+    assert!(
+        reads > 10 && renames > 10,
+        "{reads} opens, {renames} renames"
+    );
+    drop(leaf);
+    m.unmount();
+    fsck_clean(&env);
 }

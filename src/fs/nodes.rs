@@ -15,7 +15,7 @@
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock, RwLockWriteGuard};
 
 use fuser::INodeNo;
 
@@ -24,7 +24,9 @@ use crate::volume::{Attr, Dir, Volume, VolumeError};
 use super::{enoent, lock, FsResult};
 
 /// Directory descriptors cached at most (besides the root). Past it the cache is emptied
-/// and refilled on demand: correctness never depends on an entry being there.
+/// and refilled on demand: correctness never depends on an entry being there. The
+/// environment variable `CMKFS_DIR_CACHE` sets another bound (tests use 1 to make every
+/// request walk from the root).
 const DIR_CACHE_MAX: usize = 2048;
 /// Longest chain of parents walked to reach a directory (plaintext paths are at most
 /// PATH_MAX bytes, so at most 2048 components).
@@ -84,6 +86,10 @@ impl Nodes {
 pub struct NodeTable {
     nodes: Mutex<Nodes>,
     root_backing: u64,
+    cache_max: usize,
+    /// Held shared while a directory is found by walking, exclusively while a rename moves
+    /// entries: a walk never sees a chain of names that a rename is changing.
+    moves: RwLock<()>,
 }
 
 impl NodeTable {
@@ -101,6 +107,11 @@ impl NodeTable {
         NodeTable {
             nodes: Mutex::new(nodes),
             root_backing: vol.root_dir().ino(),
+            cache_max: std::env::var("CMKFS_DIR_CACHE")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(DIR_CACHE_MAX),
+            moves: RwLock::new(()),
         }
     }
 
@@ -263,32 +274,27 @@ impl NodeTable {
             .and_then(|n| n.links.last().cloned())
     }
 
+    /// Taken by a rename for the time it moves entries (see [`NodeTable::dir`]).
+    pub(super) fn moving(&self) -> RwLockWriteGuard<'_, ()> {
+        self.moves.write().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// The directory inode `ino`, held open: from the cache, or opened component by
-    /// component from its nearest cached ancestor.
+    /// component from its nearest cached ancestor. The walk runs while no rename moves
+    /// entries, so its chain of names is current; each step is also checked to be the
+    /// expected inode (a name taken over behind our back is `ENOENT`, never another
+    /// directory).
     pub(super) fn dir(&self, vol: &Volume, ino: u64) -> FsResult<Arc<Dir>> {
-        // A concurrent rename can move a directory between reading its chain and opening
-        // it (the inode check then fails); the next attempt reads the updated chain.
-        for _ in 0..3 {
-            let (mut dir, chain) = self.chain(ino)?;
-            let mut stale = false;
-            for (cino, bname) in chain.iter().rev() {
-                match vol.open_dir(&dir, bname, Some(self.backing_ino(*cino))) {
-                    Ok(d) => {
-                        dir = Arc::new(d);
-                        self.cache(*cino, &dir);
-                    }
-                    Err(e) if matches!(e.errno(), libc::ENOENT | libc::ENOTDIR | libc::ELOOP) => {
-                        stale = true;
-                        break;
-                    }
-                    Err(e) => return Err(e),
-                }
-            }
-            if !stale {
-                return Ok(dir);
-            }
+        if let Some(d) = lock(&self.nodes).map.get(&ino).and_then(|n| n.dir.clone()) {
+            return Ok(d);
         }
-        Err(enoent())
+        let _walk = self.moves.read().unwrap_or_else(|p| p.into_inner());
+        let (mut dir, chain) = self.chain(ino)?;
+        for (cino, bname) in chain.iter().rev() {
+            dir = Arc::new(vol.open_dir(&dir, bname, Some(self.backing_ino(*cino)))?);
+            self.cache(*cino, &dir);
+        }
+        Ok(dir)
     }
 
     /// The nearest cached directory above (or at) `ino`, and the (inode, backing name) steps
@@ -315,7 +321,7 @@ impl NodeTable {
 
     fn cache(&self, ino: u64, dir: &Arc<Dir>) {
         let mut nodes = lock(&self.nodes);
-        if nodes.cached >= DIR_CACHE_MAX {
+        if nodes.cached >= self.cache_max {
             for (i, n) in nodes.map.iter_mut() {
                 if *i != INodeNo::ROOT.0 {
                     n.dir = None;

@@ -19,10 +19,15 @@ impl CmkFs {
     ) {
         let r = self.dir(parent).and_then(|d| {
             let nd = self.dir(newparent)?;
-            self.vol.rename(&d, name, &nd, newname, flags)
+            // No directory walk sees the names while they move (the descriptors resolved
+            // above stay the right directories whatever moves meanwhile).
+            let moving = self.table.moving();
+            self.vol
+                .rename(&d, name, &nd, newname, flags)
+                .map(|done| (done, moving))
         });
         match r {
-            Ok(done) => {
+            Ok((done, _moving)) => {
                 self.table.renamed(
                     parent.0,
                     name,
