@@ -181,6 +181,12 @@ pub fn verify_stored(keys: &VolumeKeys, backing: &OsStr, stored: &[u8]) -> (bool
     )
 }
 
+/// Whether an error says "no such attribute here": none stored, or a backing filesystem
+/// without extended attributes (nothing can be stored there, so nothing is).
+fn absent(e: &VolumeError) -> bool {
+    matches!(e.errno(), libc::ENODATA | libc::EOPNOTSUPP)
+}
+
 /// The mode and ACLs a new entry gets from its parent ([`Volume::inherit_acl`]).
 pub(super) struct Inherit {
     /// Permission bits (special bits included) to create the entry with.
@@ -358,7 +364,7 @@ impl Volume {
         let name = OsStr::new(acl::ACCESS);
         let value = match self.get_raw(&keys, t, fmt, name) {
             Ok(v) => v,
-            Err(e) if e.errno() == libc::ENODATA => return Ok(()),
+            Err(e) if absent(&e) => return Ok(()),
             Err(e) => return Err(e),
         };
         let mut entries = acl::parse(&value).map_err(|_| VolumeError::CorruptFile {
@@ -381,7 +387,7 @@ impl Volume {
             return Ok(());
         }
         match self.remove_raw(&keys, t, fmt, OsStr::new(CAPABILITY)) {
-            Err(e) if e.errno() == libc::ENODATA => Ok(()),
+            Err(e) if absent(&e) => Ok(()),
             r => r,
         }
     }
@@ -404,7 +410,7 @@ impl Volume {
             OsStr::new(acl::DEFAULT),
         ) {
             Ok(v) => v,
-            Err(e) if e.errno() == libc::ENODATA => {
+            Err(e) if absent(&e) => {
                 return Ok(Inherit {
                     mode: perm & !(caller.umask & 0o777),
                     access: None,
