@@ -6,16 +6,25 @@
 //! Private keys never leave this module: no function returns them; wrap uses only the public
 //! half, unwrap loads the PKCS#8 into a zeroized buffer for the duration of the call.
 //!
+//! At rest every private key is sealed by the vault master key ([`seal`]): a store is created
+//! sealed, the master key is unsealed once per process (from this process's cache, the kernel
+//! keyring, or the passphrase) when a private key is first needed. A store written before
+//! sealing existed still opens, with a warning to run `cmkfs vault seal`.
+//!
 //! Every state change goes through one path: take the store lock, re-read, validate, write
 //! atomically, bump `<store>/generation` (so a watcher can notice changes by polling or
 //! inotify on that one file), release.
 
 mod audit;
 mod rsa;
+pub mod seal;
 mod store;
+pub mod unlock;
 
 use std::collections::BTreeSet;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -111,6 +120,12 @@ pub struct LocalVault {
     caller: Caller,
     /// Seconds added to the clock: lets tests step past nbf/exp and retention periods.
     clock_offset: i64,
+    /// The address of the remote client this connection serves (the vault server), for the
+    /// audit log.
+    client: Option<IpAddr>,
+    /// The master key, once resolved (`None` inside: a legacy unsealed store).
+    master: OnceLock<Option<Arc<seal::MasterKey>>>,
+    audit_limits: OnceLock<(u64, u32)>,
 }
 
 impl std::fmt::Debug for LocalVault {
@@ -183,9 +198,13 @@ impl LocalVault {
             store: Store::new(dir),
             caller: Caller::Owner,
             clock_offset: 0,
+            client: None,
+            master: OnceLock::new(),
+            audit_limits: OnceLock::new(),
         };
         v.store.init_if_missing(v.now())?;
         v.store.read_vault()?;
+        v.warn_if_unsealed();
         Ok(v)
     }
 
@@ -193,6 +212,17 @@ impl LocalVault {
     /// credential file). The credential is checked now and again on every call, so deleting
     /// the identity or changing its policies takes effect at once.
     pub fn open_as(dir: &Path, identity: &str, secret: &str) -> Result<LocalVault, VaultError> {
+        LocalVault::open_as_client(dir, identity, secret, None)
+    }
+
+    /// [`LocalVault::open_as`] for a remote client at `client` (the vault server): the
+    /// address goes into every audit line of the connection, failed sign-ins included.
+    pub fn open_as_client(
+        dir: &Path,
+        identity: &str,
+        secret: &str,
+        client: Option<IpAddr>,
+    ) -> Result<LocalVault, VaultError> {
         check_identity_name(identity)?;
         let v = LocalVault {
             store: Store::new(dir),
@@ -201,14 +231,18 @@ impl LocalVault {
                 secret_sha256: sha256(secret.as_bytes()),
             },
             clock_offset: 0,
+            client,
+            master: OnceLock::new(),
+            audit_limits: OnceLock::new(),
         };
         v.store.read_vault()?;
+        v.warn_if_unsealed();
         let started = SystemTime::now();
         let t0 = Instant::now();
         if let Err(e) = v.authenticate() {
             // Failed sign-ins are what an auditor looks for first; successes are implied by
             // the operations that follow.
-            let ev = AuditEvent::new(
+            let mut ev = AuditEvent::new(
                 "Authentication",
                 v.identity(),
                 URL,
@@ -216,6 +250,7 @@ impl LocalVault {
                 t0.elapsed(),
                 Some(&e),
             );
+            ev.caller_ip_address = v.client.map(|a| a.to_string());
             v.write_audit(&ev);
             return Err(e);
         }
@@ -291,7 +326,7 @@ impl LocalVault {
         let t0 = Instant::now();
         let mut id = id;
         let result = f(&mut id);
-        let ev = AuditEvent::new(
+        let mut ev = AuditEvent::new(
             operation,
             self.identity(),
             &id,
@@ -299,8 +334,112 @@ impl LocalVault {
             t0.elapsed(),
             result.as_ref().err(),
         );
+        ev.caller_ip_address = self.client.map(|a| a.to_string());
         self.write_audit(&ev);
         result
+    }
+
+    /// Rotation settings of the audit log, read once per connection.
+    fn audit_limits(&self) -> (u64, u32) {
+        *self.audit_limits.get_or_init(|| match self.store.read_vault() {
+            Ok(c) => (c.audit_max_bytes, c.audit_keep),
+            Err(_) => (store::DEFAULT_AUDIT_MAX_BYTES, store::DEFAULT_AUDIT_KEEP),
+        })
+    }
+
+    /// Writes one audit line on behalf of the vault server (e.g. a throttled sign-in episode).
+    pub fn audit_event(&self, ev: &AuditEvent) {
+        self.write_audit(ev);
+    }
+
+    /// Tells the user, once per process and store, that the store keeps its keys in clear.
+    fn warn_if_unsealed(&self) {
+        static WARNED: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+        if !matches!(seal::read_record(self.store.dir()), Ok(None)) {
+            return;
+        }
+        let mut w = WARNED.lock().unwrap_or_else(|e| e.into_inner());
+        if w.iter().any(|p| p == self.store.dir()) {
+            return;
+        }
+        w.push(self.store.dir().to_path_buf());
+        eprintln!(
+            "cmkfs: warning: the vault {} is not sealed (its keys are stored in clear): run `cmkfs vault seal`",
+            self.store.dir().display()
+        );
+    }
+
+    /// The store's master key (`None` for a legacy unsealed store), resolved once per
+    /// connection.
+    fn master(&self) -> Result<Option<Arc<seal::MasterKey>>, VaultError> {
+        if let Some(m) = self.master.get() {
+            return Ok(m.clone());
+        }
+        let m = seal::master_key(self.store.dir())?;
+        Ok(self.master.get_or_init(|| m).clone())
+    }
+
+    /// The bytes to store for a version's private key: sealed, or clear in a legacy store.
+    fn seal_private_key(
+        &self,
+        name: &str,
+        version: &str,
+        pkcs8: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>, VaultError> {
+        match self.master()? {
+            Some(mk) => Ok(Zeroizing::new(mk.seal_blob(
+                seal::SealRole::KekPrivateKey,
+                &format!("{name}/{version}"),
+                pkcs8,
+            )?)),
+            None if seal::read_record(self.store.dir())?.is_some() => Err(VaultError::Conflict(
+                "the vault was sealed while this operation ran: run it again".into(),
+            )),
+            None => Ok(Zeroizing::new(pkcs8.to_vec())),
+        }
+    }
+
+    /// The PKCS#8 DER of a version from its stored bytes.
+    fn open_private_key(
+        &self,
+        name: &str,
+        version: &str,
+        stored: Zeroizing<Vec<u8>>,
+    ) -> Result<Zeroizing<Vec<u8>>, VaultError> {
+        let what = format!("the private key of {}", kid(name, version));
+        if let Some(env) = seal::Envelope::parse(&stored) {
+            let mk = self.master()?.ok_or_else(|| {
+                VaultError::Store(format!(
+                    "{what} is sealed but the vault {} has no seal.json (restore it from a backup)",
+                    self.store.dir().display()
+                ))
+            })?;
+            return mk.open_blob(
+                &env,
+                seal::SealRole::KekPrivateKey,
+                Some(&format!("{name}/{version}")),
+                &what,
+            );
+        }
+        match seal::read_record(self.store.dir())? {
+            Some(rec) if rec.complete => Err(VaultError::Store(format!(
+                "{what} is stored in clear although the vault is sealed (a file put there by                  hand?): if it is yours, `cmkfs vault seal` seals it"
+            ))),
+            // A legacy store, or a seal still in progress.
+            _ => Ok(stored),
+        }
+    }
+
+    /// Seals bytes for a credential file in `$CMKFS_HOME/credentials`; `None` for a legacy
+    /// unsealed store (the file is then written in clear, as before).
+    pub fn seal_credential(&self, file_name: &str, json: &[u8]) -> Result<Option<Vec<u8>>, VaultError> {
+        self.require_owner("sealing credentials")?;
+        match self.master()? {
+            Some(mk) => mk
+                .seal_blob(seal::SealRole::Credential, file_name, json)
+                .map(Some),
+            None => Ok(None),
+        }
     }
 
     fn write_audit(&self, ev: &AuditEvent) {
@@ -308,7 +447,8 @@ impl LocalVault {
         // failure to record it is reported on the daemon's log.
         match serde_json::to_string(ev) {
             Ok(line) => {
-                if let Err(e) = self.store.append_audit(&line) {
+                let (max, keep) = self.audit_limits();
+                if let Err(e) = self.store.append_audit(&line, max, keep) {
                     tracing::warn!(error = %e, op = %ev.operation_name, "cannot write vault audit log");
                 }
             }
@@ -522,6 +662,8 @@ impl LocalVault {
         wrap_alg: Option<WrapAlg>,
         create: CreateMode,
     ) -> Result<KeyInfo, VaultError> {
+        // Resolved before the lock: it may ask for the passphrase.
+        self.master()?;
         self.mutate(|cfg| {
             let existing = self.store.read_key(name)?;
             let mut v = self.new_version(m, imported)?;
@@ -547,7 +689,8 @@ impl LocalVault {
                             rec.wrap_alg
                         )));
                     }
-                    self.store.write_version_key(name, &v.version, &m.pkcs8)?;
+                    let stored = self.seal_private_key(name, &v.version, &m.pkcs8)?;
+                    self.store.write_version_key(name, &v.version, &stored)?;
                     rec.versions.push(v.clone());
                     rec.updated = v.created;
                     if let Err(e) = self.store.write_key(&rec) {
@@ -567,7 +710,8 @@ impl LocalVault {
                         versions: vec![v.clone()],
                         deleted: None,
                     };
-                    self.store.create_key(&rec, &m.pkcs8)?;
+                    let stored = self.seal_private_key(name, &v.version, &m.pkcs8)?;
+                    self.store.create_key(&rec, &stored)?;
                     Ok(self.info(cfg, &rec, &v))
                 }
             }
@@ -1220,19 +1364,57 @@ impl Vault for LocalVault {
             };
             let v = rec.version(&key.version).ok_or_else(purged)?;
             usable(v, id, "unwrapKey")?;
-            let pkcs8 = self
-                .store
-                .read_version_key(&key.name, &key.version)?
-                .ok_or_else(|| {
-                    VaultError::Store(format!("the private key of {id} is missing from the store"))
-                })?;
-            rsa::unwrap(&pkcs8, alg, wrapped)?
-                .map_err(|()| VaultError::UnwrapFailed { kid: id.clone() })
+            self.unwrap_with(key, id, alg, wrapped)
         })
     }
 }
 
 impl LocalVault {
+    /// Unwraps with the latest version of key `name`, as Key Vault does for an unwrap whose
+    /// key id has no version: it needs only the unwrapKey permission (resolving the version is
+    /// part of the operation, not a `get`). Returns the version used.
+    pub fn unwrap_key_latest(
+        &self,
+        name: &str,
+        alg: WrapAlg,
+        wrapped: &[u8],
+    ) -> Result<(KeyId, Zeroizing<Vec<u8>>), VaultError> {
+        self.audited("KeyUnwrap", key_url(name), |id| {
+            check_name(name)?;
+            self.require(Permission::UnwrapKey, name)?;
+            self.store.read_vault()?;
+            let rec = self.active_key(name)?;
+            let v = rec.latest().ok_or_else(|| damaged(name))?;
+            *id = kid(name, &v.version);
+            usable(v, id, "unwrapKey")?;
+            let key = KeyId {
+                vault: URL.into(),
+                name: name.into(),
+                version: v.version.clone(),
+            };
+            let plain = self.unwrap_with(&key, id, alg, wrapped)?;
+            Ok((key, plain))
+        })
+    }
+
+    /// Reads, opens and uses a version's private key.
+    fn unwrap_with(
+        &self,
+        key: &KeyId,
+        id: &str,
+        alg: WrapAlg,
+        wrapped: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>, VaultError> {
+        let stored = self
+            .store
+            .read_version_key(&key.name, &key.version)?
+            .ok_or_else(|| {
+                VaultError::Store(format!("the private key of {id} is missing from the store"))
+            })?;
+        let pkcs8 = self.open_private_key(&key.name, &key.version, stored)?;
+        rsa::unwrap(&pkcs8, alg, wrapped)?.map_err(|()| VaultError::UnwrapFailed { kid: id.to_string() })
+    }
+
     fn describe(
         &self,
         name: &str,
