@@ -44,6 +44,13 @@ use super::{
     MIN_RETENTION_DAYS, OWNER_IDENTITY,
 };
 
+static QUIET_UNSEALED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Stops the "not sealed" warning in this process (`cmkfs vault seal` itself).
+pub fn suppress_unsealed_warning() {
+    QUIET_UNSEALED.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// The URL of the embedded vault: the prefix of every key id it issues.
 pub const URL: &str = "local:";
 
@@ -53,6 +60,17 @@ const DAY: u64 = 86_400;
 /// for [`Vault::import_key`]. Clear errors for encrypted, non-RSA or public-key files.
 pub fn read_private_key(bytes: &[u8]) -> Result<Zeroizing<Vec<u8>>, VaultError> {
     rsa::pkcs8_from_file_bytes(bytes)
+}
+
+/// What `cmkfs vault seal` did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SealReport {
+    /// The seal id (names the seal in sealed files and in the kernel keyring).
+    pub id: String,
+    /// Whether the store already had a seal (an interrupted seal resumed, or a re-run).
+    pub resumed: bool,
+    /// Files rewritten sealed by this run.
+    pub sealed_files: usize,
 }
 
 /// Vault settings to change (`None` = leave as is).
@@ -355,7 +373,9 @@ impl LocalVault {
     /// Tells the user, once per process and store, that the store keeps its keys in clear.
     fn warn_if_unsealed(&self) {
         static WARNED: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
-        if !matches!(seal::read_record(self.store.dir()), Ok(None)) {
+        if QUIET_UNSEALED.load(std::sync::atomic::Ordering::Relaxed)
+            || !matches!(seal::read_record(self.store.dir()), Ok(None))
+        {
             return;
         }
         let mut w = WARNED.lock().unwrap_or_else(|e| e.into_inner());
@@ -428,6 +448,93 @@ impl LocalVault {
             // A legacy store, or a seal still in progress.
             _ => Ok(stored),
         }
+    }
+
+    /// Seals the store in place (owner only): a master key is made and wrapped under the
+    /// passphrase, then every clear private key (KEK versions, the server's TLS keys) and
+    /// every clear credential file in `credentials_dir` is rewritten sealed, each atomically;
+    /// last, the seal is marked complete. An interrupted run leaves every file whole, clear
+    /// or sealed, and running it again (with the same passphrase) finishes the job.
+    pub fn seal(
+        &self,
+        credentials_dir: Option<&Path>,
+        kdf: seal::KdfParams,
+    ) -> Result<SealReport, VaultError> {
+        self.audited("VaultSeal", URL.into(), |_| {
+            self.require_owner("sealing the vault")?;
+            let _lock = self.store.lock()?;
+            self.store.read_vault()?;
+            self.store.cleanup();
+            let dir = self.store.dir();
+            let (mk, resumed) = seal::begin_seal(dir, self.now(), kdf)?;
+            let mut n = 0;
+            for (name, version, path) in self.store.version_key_files()? {
+                let role_name = format!("{name}/{version}");
+                n += usize::from(seal::seal_file_in_place(
+                    &mk,
+                    &path,
+                    seal::SealRole::KekPrivateKey,
+                    &role_name,
+                )?);
+            }
+            for (file, role) in [
+                ("key.pem", seal::SealRole::TlsKey),
+                ("ca-key.pem", seal::SealRole::TlsCaKey),
+            ] {
+                let path = dir.join("tls").join(file);
+                n += usize::from(seal::seal_file_in_place(&mk, &path, role, file)?);
+            }
+            if let Some(cdir) = credentials_dir {
+                let mut files: Vec<PathBuf> = match std::fs::read_dir(cdir) {
+                    Ok(es) => es.flatten().map(|e| e.path()).collect(),
+                    Err(_) => Vec::new(),
+                };
+                files.sort();
+                for path in files {
+                    let Some(file) = path.file_name().and_then(|f| f.to_str()) else {
+                        continue;
+                    };
+                    if !file.ends_with(".json") || file.starts_with('.') {
+                        continue;
+                    }
+                    // Only what parses as a credential: other files are not ours to touch.
+                    let is_cred = std::fs::read(&path).ok().is_some_and(|b| {
+                        let b = Zeroizing::new(b);
+                        serde_json::from_slice::<Credential>(&b).is_ok()
+                    });
+                    if is_cred {
+                        n += usize::from(seal::seal_file_in_place(
+                            &mk,
+                            &path,
+                            seal::SealRole::Credential,
+                            file,
+                        )?);
+                    }
+                }
+            }
+            seal::finish_seal(dir)?;
+            let _ = self.master.set(Some(mk.clone()));
+            Ok(SealReport {
+                id: mk.id().to_string(),
+                resumed,
+                sealed_files: n,
+            })
+        })
+    }
+
+    /// Changes the passphrase the master key is wrapped under (owner only): the old one is
+    /// checked first; sealed files are untouched (the master key stays the same).
+    pub fn change_passphrase(
+        &self,
+        old: &unlock::Passphrase,
+        new: &unlock::Passphrase,
+        kdf: seal::KdfParams,
+    ) -> Result<(), VaultError> {
+        self.audited("VaultChangePassphrase", URL.into(), |_| {
+            self.require_owner("changing the vault passphrase")?;
+            let _lock = self.store.lock()?;
+            seal::change_passphrase(self.store.dir(), old, new, kdf)
+        })
     }
 
     /// Seals bytes for a credential file in `$CMKFS_HOME/credentials`; `None` for a legacy

@@ -621,12 +621,8 @@ pub(crate) fn begin_seal(
     kdf: KdfParams,
 ) -> Result<(Arc<MasterKey>, bool), VaultError> {
     if let Some(rec) = read_record(store)? {
-        // Resuming (or re-checking a sealed store): the passphrase must be the seal's.
-        let p = passphrase(&format!("the vault {}", store.display()))?;
-        return match unwrap_record(&rec, p.value.as_bytes())? {
-            Some(k) => Ok((cache_put(k), true)),
-            None => Err(wrong_passphrase(store, &p.origin)),
-        };
+        // Resuming (or re-checking a sealed store): the seal's own key.
+        return Ok((master_key_of(store, &rec)?, true));
     }
     let p = new_passphrase(&format!("the vault {}", store.display()))?;
     let mk = MasterKey::generate(hex::encode(random::<16>()?))?;

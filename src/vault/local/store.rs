@@ -347,6 +347,27 @@ impl Store {
             .map_err(|e| unavailable(format!("cannot write key {name}"), e))
     }
 
+    /// Every version private-key file of every key: (key name, version, path).
+    pub fn version_key_files(&self) -> Result<Vec<(String, String, PathBuf)>, VaultError> {
+        let mut out = Vec::new();
+        for name in self.key_names()? {
+            let dir = self.key_dir(&name);
+            let entries = fs::read_dir(&dir)
+                .map_err(|e| unavailable(format!("cannot list {}", dir.display()), e))?;
+            for entry in entries.flatten() {
+                let file = entry.file_name();
+                let Some(version) = file.to_str().and_then(|f| f.strip_suffix(".pk8")) else {
+                    continue;
+                };
+                if !version.starts_with('.') {
+                    out.push((name.clone(), version.to_string(), entry.path()));
+                }
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
     /// Removes a version file that never got listed (failed rotation).
     pub fn remove_version_key(&self, name: &str, version: &str) {
         let _ = fs::remove_file(self.pk8(name, version));

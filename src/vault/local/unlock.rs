@@ -74,7 +74,8 @@ pub struct Passphrase {
     pub origin: String,
 }
 
-fn read_passphrase_file(path: &Path, origin: String) -> Result<Passphrase, VaultError> {
+/// Reads a passphrase from the first line of a file (`origin` names it in messages).
+pub fn read_passphrase_file(path: &Path, origin: String) -> Result<Passphrase, VaultError> {
     let bytes = Zeroizing::new(fs::read(path).map_err(|e| {
         VaultError::Invalid(format!(
             "cannot read the vault passphrase from {origin}: {e}"
@@ -166,22 +167,32 @@ pub fn new_passphrase(what: &str) -> Result<Passphrase, VaultError> {
         return Ok(p);
     }
     if on_terminal() {
-        let a = prompt(&format!("New passphrase for {what}: "))?;
-        let b = prompt("Repeat the passphrase: ")?;
-        if *a != *b {
-            return Err(VaultError::Invalid(
-                "the two passphrases differ: nothing was changed".into(),
-            ));
-        }
-        if a.is_empty() {
-            return Err(VaultError::Invalid("the passphrase is empty".into()));
-        }
-        return Ok(Passphrase {
-            value: a,
-            origin: "the terminal".into(),
-        });
+        return new_passphrase_on_terminal(what);
     }
     Err(no_source(&format!("creating {what}")))
+}
+
+/// A new passphrase asked twice on the terminal.
+pub fn new_passphrase_on_terminal(what: &str) -> Result<Passphrase, VaultError> {
+    if !on_terminal() {
+        return Err(VaultError::Invalid(format!(
+            "the new passphrase for {what} is asked on a terminal: pass --new-passphrase-file FILE"
+        )));
+    }
+    let a = prompt(&format!("New passphrase for {what}: "))?;
+    let b = prompt("Repeat the passphrase: ")?;
+    if *a != *b {
+        return Err(VaultError::Invalid(
+            "the two passphrases differ: nothing was changed".into(),
+        ));
+    }
+    if a.is_empty() {
+        return Err(VaultError::Invalid("the passphrase is empty".into()));
+    }
+    Ok(Passphrase {
+        value: a,
+        origin: "the terminal".into(),
+    })
 }
 
 pub(crate) fn wrong_passphrase(store: &Path, origin: &str) -> VaultError {
@@ -251,3 +262,80 @@ pub fn keyring_drop(id: &str) -> Result<bool, VaultError> {
     Ok(any)
 }
 
+
+// ---------------------------------------------------------------------------------------------
+// Handing the master key to a child process (the mount daemon `cmkfs mount` starts)
+// ---------------------------------------------------------------------------------------------
+
+/// The environment variable naming the pipe a parent hands the master key through.
+pub const KEY_FD_ENV: &str = "CMKFS_VAULT_KEY_FD";
+
+/// Hands `mk` to the child `cmd` will start, through a pipe whose read end the child inherits
+/// (its number in `$CMKFS_VAULT_KEY_FD`): a passphrase typed into `cmkfs mount` then serves
+/// the daemon, which has no terminal. The key is written into the pipe now (it fits the pipe
+/// buffer), so nothing waits on the child.
+pub fn hand_to_child(
+    cmd: &mut std::process::Command,
+    mk: &MasterKey,
+) -> Result<std::os::fd::OwnedFd, VaultError> {
+    use std::io::Write as _;
+    use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+    use std::os::unix::process::CommandExt as _;
+    let mut fds = [0i32; 2];
+    // SAFETY: pipe2 writes two descriptors into the array we own.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(VaultError::Unavailable(format!(
+            "cannot hand the vault key to the daemon: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    // SAFETY: both descriptors were just created and are owned by nobody else.
+    let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    let mut msg = Zeroizing::new(Vec::with_capacity(100));
+    msg.extend_from_slice(mk.id().as_bytes());
+    msg.push(b'\n');
+    msg.extend_from_slice(&mk.bytes()[..]);
+    std::fs::File::from(write)
+        .write_all(&msg)
+        .map_err(|e| VaultError::Unavailable(format!("cannot hand the vault key on: {e}")))?;
+    let fd = read.as_raw_fd();
+    cmd.env(KEY_FD_ENV, fd.to_string());
+    // SAFETY: fcntl is async-signal-safe; it only clears close-on-exec on a descriptor the
+    // child inherited from us.
+    unsafe {
+        cmd.pre_exec(move || {
+            libc::fcntl(fd, libc::F_SETFD, 0);
+            Ok(())
+        });
+    }
+    Ok(read)
+}
+
+/// Takes a master key handed down by the parent ([`hand_to_child`]) into this process's
+/// cache. Call once at start, before other threads exist (it clears the variable).
+pub fn take_handed_key() {
+    use std::io::Read as _;
+    use std::os::fd::FromRawFd as _;
+    let Some(v) = std::env::var_os(KEY_FD_ENV) else {
+        return;
+    };
+    std::env::remove_var(KEY_FD_ENV);
+    let Some(fd) = v.to_str().and_then(|s| s.parse::<i32>().ok()).filter(|&fd| fd > 2) else {
+        return;
+    };
+    // SAFETY: the parent passed this descriptor for us to own; it is read once and closed.
+    let mut f = unsafe { std::fs::File::from_raw_fd(fd) };
+    let mut buf = Zeroizing::new(Vec::new());
+    if f.read_to_end(&mut buf).is_err() {
+        return;
+    }
+    let Some(nl) = buf.iter().position(|&b| b == b'\n') else {
+        return;
+    };
+    let Ok(id) = std::str::from_utf8(&buf[..nl]) else {
+        return;
+    };
+    if let Some(mk) = MasterKey::from_bytes(id, &buf[nl + 1..]) {
+        super::seal::cache_put(mk);
+    }
+}
