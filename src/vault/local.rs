@@ -1574,6 +1574,7 @@ mod tests {
     use super::*;
 
     fn vault() -> (tempfile::TempDir, LocalVault) {
+        unlock::use_test_passphrase();
         let d = tempfile::tempdir().unwrap();
         let v = LocalVault::open(&d.path().join("vault")).unwrap();
         (d, v)

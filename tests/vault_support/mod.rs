@@ -35,7 +35,9 @@ impl ServerProc {
             .append(true)
             .open(home.join("server.log"))
             .unwrap();
-        let mut child = Command::new(bin())
+        let mut cmd = Command::new(bin());
+        passphrase_env(&mut cmd, home);
+        let mut child = cmd
             .args(["vault", "serve", "--listen", &format!("127.0.0.1:{port}")])
             .env("CMKFS_HOME", home)
             .stdin(Stdio::null())
@@ -94,4 +96,41 @@ impl Drop for ServerProc {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The vault passphrase of tests
+// ---------------------------------------------------------------------------------------------
+
+/// The passphrase every test vault is sealed with (test data only).
+pub const TEST_PASSPHRASE: &str = "cmkfs test passphrase";
+
+/// Gives this test process the test passphrase and the cheap Argon2id setting, for vaults it
+/// opens or creates in-process (children get theirs from [`passphrase_env`]).
+pub fn use_test_passphrase() {
+    use cmkfs::vault::local::{seal::KdfParams, unlock};
+    unlock::set_passphrase_source(Some(unlock::PassphraseSource::Value(
+        std::sync::Arc::new(zeroize::Zeroizing::new(TEST_PASSPHRASE.to_string())),
+    )));
+    unlock::set_kdf_params(Some(KdfParams::TEST));
+}
+
+/// Writes the test passphrase into `dir/test-passphrase` (0600) and points `cmd` at it with
+/// `$CMKFS_PASSPHRASE_FILE`, with the cheap Argon2id setting for the vaults it creates.
+pub fn passphrase_env<'a>(cmd: &'a mut Command, dir: &Path) -> &'a mut Command {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let path = dir.join("test-passphrase");
+    if !path.exists() {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&path)
+            .expect("write the test passphrase file");
+        std::io::Write::write_all(&mut f, format!("{TEST_PASSPHRASE}\n").as_bytes())
+            .expect("write the test passphrase file");
+    }
+    cmd.env("CMKFS_PASSPHRASE_FILE", &path)
+        .env("CMKFS_VAULT_KDF", "test")
 }

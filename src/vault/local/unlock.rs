@@ -339,3 +339,12 @@ pub fn take_handed_key() {
         super::seal::cache_put(mk);
     }
 }
+
+/// Unit tests: the test passphrase and the cheap Argon2id setting for this process.
+#[cfg(test)]
+pub(crate) fn use_test_passphrase() {
+    set_passphrase_source(Some(PassphraseSource::Value(Arc::new(Zeroizing::new(
+        "cmkfs test passphrase".to_string(),
+    )))));
+    set_kdf_params(Some(KdfParams::TEST));
+}
