@@ -114,9 +114,33 @@ struct ServeArgs {
     /// Extra DNS name or IP address for a generated certificate (repeatable).
     #[arg(long, value_name = "NAME")]
     tls_san: Vec<String>,
-    /// URL to issue key ids under (default: the URL each client connected to).
+    /// The host name clients reach the server by: used in key ids and the 401 challenge
+    /// (never the request's Host header) and added to a generated certificate.
+    #[arg(long, value_name = "NAME")]
+    hostname: Option<String>,
+    /// Full URL to issue key ids under (overrides --hostname; e.g. behind a proxy).
     #[arg(long, value_name = "URL")]
     url: Option<String>,
+    /// The server log (rotated at 16 MiB, 3 kept); default $CMKFS_HOME/vault-server.log.
+    #[arg(long, value_name = "FILE")]
+    log: Option<PathBuf>,
+    /// Open connections at most (kept below the descriptor limit); at the cap new clients
+    /// wait until one closes.
+    #[arg(long, value_name = "N", default_value_t = 1024)]
+    max_connections: usize,
+    /// Time for the TLS handshake, and for a request head once its first byte arrived.
+    #[arg(long, value_name = "T", default_value = "10s", value_parser = crate::cli::volume::parse_duration)]
+    header_timeout: Duration,
+    /// A connection with no request in flight and no traffic for this long is closed.
+    #[arg(long, value_name = "T", default_value = "60s", value_parser = crate::cli::volume::parse_duration)]
+    idle_timeout: Duration,
+    /// Failed sign-ins allowed in a burst, per client address and per identity; beyond it
+    /// the answer is 429 with Retry-After.
+    #[arg(long, value_name = "N", default_value_t = 20)]
+    sign_in_burst: u32,
+    /// One more failed sign-in is allowed per this interval.
+    #[arg(long, value_name = "T", default_value = "3s", value_parser = crate::cli::volume::parse_duration)]
+    sign_in_refill: Duration,
 }
 
 #[derive(Subcommand, Debug)]
@@ -550,11 +574,37 @@ fn change_passphrase(home: &Home, a: ChangePassphraseArgs) -> anyhow::Result<()>
 /// Runs `cmkfs vault serve`: prints the certificate facts and the URL, serves until SIGTERM.
 fn serve(home: &Home, a: ServeArgs) -> anyhow::Result<()> {
     use crate::vault::server::{ServeConfig, Server};
+    use crate::vault::server::{log, Limits, ThrottleConfig};
+    let log_path = a
+        .log
+        .clone()
+        .unwrap_or_else(|| home.root().join("vault-server.log"));
+    let writer = log::RotatingLog::open(&log_path, log::MAX_BYTES, log::KEEP)
+        .with_context(|| format!("cannot open the server log {}", log_path.display()))?;
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CMKFS_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(false)
+        .with_writer(writer)
+        .try_init();
     let mut cfg = ServeConfig::new(a.store.unwrap_or_else(|| home.vault_dir()), a.listen);
     cfg.tls_files = a.tls_cert.zip(a.tls_key);
     cfg.tls_sans = a.tls_san;
     cfg.public_url = a.url;
-    let server = Server::bind(&cfg)?;
+    cfg.hostname = a.hostname;
+    cfg.limits = Limits {
+        header_timeout: a.header_timeout,
+        idle_timeout: a.idle_timeout,
+        max_connections: a.max_connections,
+        ..Limits::default()
+    };
+    cfg.throttle = ThrottleConfig {
+        burst: a.sign_in_burst.max(1),
+        refill: a.sign_in_refill.max(Duration::from_millis(10)),
+    };
+    let server = Server::bind(&cfg).inspect_err(|e| tracing::error!("cannot start: {e}"))?;
+    tracing::info!(url = %server.url(), store = %server.store().display(), "vault server started");
     let tls = server.tls_info();
     if tls.generated {
         println!("generated a TLS certificate: {}", tls.cert_path.display());
@@ -566,6 +616,7 @@ fn serve(home: &Home, a: ServeArgs) -> anyhow::Result<()> {
         tls.ca_sha256
     );
     println!("store: {}", server.store().display());
+    println!("log: {}", log_path.display());
     // Tests and scripts wait for this line: it comes once the socket is bound.
     println!("listening on {}", server.url());
     std::io::stdout().flush()?;

@@ -230,16 +230,18 @@ impl LocalVault {
     /// credential file). The credential is checked now and again on every call, so deleting
     /// the identity or changing its policies takes effect at once.
     pub fn open_as(dir: &Path, identity: &str, secret: &str) -> Result<LocalVault, VaultError> {
-        LocalVault::open_as_client(dir, identity, secret, None)
+        LocalVault::open_as_client(dir, identity, secret, None, true)
     }
 
     /// [`LocalVault::open_as`] for a remote client at `client` (the vault server): the
-    /// address goes into every audit line of the connection, failed sign-ins included.
+    /// address goes into every audit line of the connection, failed sign-ins included (unless
+    /// `audit_failure` is false: the server's throttle accounts for those).
     pub fn open_as_client(
         dir: &Path,
         identity: &str,
         secret: &str,
         client: Option<IpAddr>,
+        audit_failure: bool,
     ) -> Result<LocalVault, VaultError> {
         check_identity_name(identity)?;
         let v = LocalVault {
@@ -258,6 +260,9 @@ impl LocalVault {
         let started = SystemTime::now();
         let t0 = Instant::now();
         if let Err(e) = v.authenticate() {
+            if !audit_failure {
+                return Err(e);
+            }
             // Failed sign-ins are what an auditor looks for first; successes are implied by
             // the operations that follow.
             let mut ev = AuditEvent::new(
@@ -365,9 +370,36 @@ impl LocalVault {
         })
     }
 
-    /// Writes one audit line on behalf of the vault server (e.g. a throttled sign-in episode).
-    pub fn audit_event(&self, ev: &AuditEvent) {
-        self.write_audit(ev);
+    /// Writes the one audit line of a throttling episode: failed sign-ins from `client` (or
+    /// for `identity`) are answered 429 from now on, without a line each.
+    pub fn audit_sign_in_throttled(
+        dir: &Path,
+        identity: &str,
+        client: Option<IpAddr>,
+        description: String,
+    ) {
+        let v = LocalVault {
+            store: Store::new(dir),
+            caller: Caller::Owner,
+            clock_offset: 0,
+            client,
+            master: OnceLock::new(),
+            audit_limits: OnceLock::new(),
+        };
+        let mut ev = AuditEvent::new(
+            "Authentication",
+            identity,
+            URL,
+            SystemTime::now(),
+            std::time::Duration::ZERO,
+            None,
+        );
+        ev.result_type = "Failure".into();
+        ev.result_signature = "TooManyRequests".into();
+        ev.properties.http_status_code = 429;
+        ev.result_description = description;
+        ev.caller_ip_address = client.map(|a| a.to_string());
+        v.write_audit(&ev);
     }
 
     /// Tells the user, once per process and store, that the store keeps its keys in clear.
