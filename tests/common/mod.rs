@@ -75,9 +75,13 @@ pub fn watchdog_limit() -> Duration {
     Duration::from_secs(secs)
 }
 
-/// Path of the `cmkfs` binary under test.
+/// Path of the `cmkfs` binary under test (`CMKFS_TEST_BIN` runs the tests against another
+/// build, e.g. an older release, to show which of them it fails).
 pub fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_cmkfs")
+    static BIN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        std::env::var("CMKFS_TEST_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_cmkfs").into())
+    })
 }
 
 /// The seed for a test's RNG: `CMKFS_TEST_SEED` if set, else fresh. Always printed, so a
@@ -732,7 +736,7 @@ pub struct Mount {
 
 impl Mount {
     /// Takes charge of a mount that is already visible at `mnt`.
-    fn adopt(env: &Env, cipher: &Path, mnt: &Path) -> Mount {
+    pub fn adopt(env: &Env, cipher: &Path, mnt: &Path) -> Mount {
         let dev = mounts_at(mnt).last().map(|m| m.dev);
         let watchdog = Watchdog::start(mnt.to_path_buf(), dev, watchdog_limit());
         Mount {

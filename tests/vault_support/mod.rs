@@ -13,9 +13,13 @@ pub const START_TIMEOUT: Duration = Duration::from_secs(60);
 /// Time limit for a SIGTERM to end it (then SIGKILL).
 pub const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The binary under test.
+/// The binary under test (`CMKFS_TEST_BIN` runs the tests against another build, e.g. an
+/// older release, to show which of them it fails).
 pub fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_cmkfs")
+    static BIN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        std::env::var("CMKFS_TEST_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_cmkfs").into())
+    })
 }
 
 /// A `cmkfs vault serve` process; SIGTERM (then SIGKILL) when dropped.
@@ -30,6 +34,11 @@ pub struct ServerProc {
 impl ServerProc {
     /// Starts a server on `<home>/vault` and waits for its "listening on" line.
     pub fn start(home: &Path, port: u16) -> ServerProc {
+        ServerProc::start_with(home, &format!("127.0.0.1:{port}"), &[])
+    }
+
+    /// Starts a server listening on `listen` with extra `vault serve` arguments.
+    pub fn start_with(home: &Path, listen: &str, extra: &[&str]) -> ServerProc {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -38,7 +47,8 @@ impl ServerProc {
         let mut cmd = Command::new(bin());
         passphrase_env(&mut cmd, home);
         let mut child = cmd
-            .args(["vault", "serve", "--listen", &format!("127.0.0.1:{port}")])
+            .args(["vault", "serve", "--listen", listen])
+            .args(extra)
             .env("CMKFS_HOME", home)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -71,6 +81,11 @@ impl ServerProc {
             }
         }
         server
+    }
+
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, |c| c.id())
     }
 
     /// SIGTERM, wait, SIGKILL if need be.
