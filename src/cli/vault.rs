@@ -388,6 +388,13 @@ struct ConfigArgs {
     /// `on` turns purge protection on; it can never be turned off again.
     #[arg(long, value_enum, value_name = "on")]
     purge_protection: Option<OnOff>,
+    /// Rotate the audit log (audit.log -> audit.log.1 ..) when a line would take it past
+    /// this many bytes; 0 = never (default 64 MiB).
+    #[arg(long, value_name = "BYTES")]
+    audit_max_size: Option<u64>,
+    /// Rotated audit logs kept (default 5); older ones are deleted.
+    #[arg(long, value_name = "N")]
+    audit_keep: Option<u32>,
     /// Print JSON.
     #[arg(long)]
     json: bool,
@@ -995,18 +1002,44 @@ fn policy(v: &LocalVault, cmd: PolicyCommand) -> anyhow::Result<()> {
 }
 
 fn config(v: &LocalVault, c: ConfigArgs) -> anyhow::Result<()> {
-    let props = if c.retention_days.is_none() && c.purge_protection.is_none() {
+    let props = if c.retention_days.is_none()
+        && c.purge_protection.is_none()
+        && c.audit_max_size.is_none()
+        && c.audit_keep.is_none()
+    {
         v.config()?
     } else {
         v.configure(&ConfigUpdate {
             retention_days: c.retention_days,
             purge_protection: c.purge_protection.map(|p| matches!(p, OnOff::On)),
+            audit_max_bytes: c.audit_max_size,
+            audit_keep: c.audit_keep,
         })?
     };
     if c.json {
         return print_json(&props);
     }
     print_props(&props);
+    let (max, keep) = v.audit_rotation()?;
+    println!(
+        "{:<18}{}",
+        "audit log:",
+        if max == 0 {
+            "never rotated".to_string()
+        } else {
+            format!("rotated at {max} bytes, {keep} kept")
+        }
+    );
+    if let Some(rec) = seal::read_record(v.store_dir())? {
+        println!(
+            "{:<18}yes ({}{})",
+            "sealed:",
+            rec.kdf(),
+            if rec.complete { "" } else { "; an interrupted seal: run `cmkfs vault seal`" }
+        );
+    } else {
+        println!("{:<18}no (run `cmkfs vault seal`)", "sealed:");
+    }
     Ok(())
 }
 

@@ -80,6 +80,11 @@ pub struct ConfigUpdate {
     pub retention_days: Option<u32>,
     /// `Some(true)` turns purge protection on; `Some(false)` is refused once it is on.
     pub purge_protection: Option<bool>,
+    /// Rotate the audit log when a line would take it past this many bytes (0 = never;
+    /// at least 4096 otherwise).
+    pub audit_max_bytes: Option<u64>,
+    /// Rotated audit logs kept (1-1000).
+    pub audit_keep: Option<u32>,
 }
 
 /// An identity as listed (never its secret).
@@ -873,6 +878,12 @@ impl LocalVault {
         })
     }
 
+    /// The audit log's rotation settings: (size limit in bytes, rotated files kept).
+    pub fn audit_rotation(&self) -> Result<(u64, u32), VaultError> {
+        let cfg = self.store.read_vault()?;
+        Ok((cfg.audit_max_bytes, cfg.audit_keep))
+    }
+
     /// Changes settings (owner only). Retention must be 7-90 days; purge protection can be
     /// turned on, never off; while it is on, retention can grow but not shrink (shrinking
     /// would shorten the protection of keys deleted later).
@@ -886,8 +897,24 @@ impl LocalVault {
                     )));
                 }
             }
+            if upd.audit_max_bytes.is_some_and(|b| b != 0 && b < 4096) {
+                return Err(VaultError::Invalid(
+                    "the audit log size limit must be 0 (never rotate) or at least 4096 bytes".into(),
+                ));
+            }
+            if upd.audit_keep.is_some_and(|k| !(1..=1000).contains(&k)) {
+                return Err(VaultError::Invalid(
+                    "keep 1 to 1000 rotated audit logs".into(),
+                ));
+            }
             self.mutate(|cfg| {
                 let mut new = cfg.clone();
+                if let Some(b) = upd.audit_max_bytes {
+                    new.audit_max_bytes = b;
+                }
+                if let Some(k) = upd.audit_keep {
+                    new.audit_keep = k;
+                }
                 if upd.purge_protection == Some(false) && cfg.purge_protection {
                     return Err(VaultError::Conflict(
                         "purge protection is on and can never be turned off".into(),

@@ -205,6 +205,8 @@ pub(super) async fn accept_loop(
             _ = stop.changed() => break,
         };
         let _ = tcp.set_nodelay(true);
+        // A dual-stack listener sees IPv4 clients as ::ffff:a.b.c.d: one address, one form.
+        let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
         tokio::spawn(serve_connection(
             tcp,
             peer,
