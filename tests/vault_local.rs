@@ -27,15 +27,14 @@ fn opts() -> CreateKeyOptions {
     }
 }
 
-
 /// The passphrase test vaults are sealed with, for this process and the children it starts.
 const TEST_PASSPHRASE: &str = "cmkfs test passphrase";
 
 fn use_test_passphrase() {
     use cmkfs::vault::local::{seal::KdfParams, unlock};
-    unlock::set_passphrase_source(Some(unlock::PassphraseSource::Value(
-        std::sync::Arc::new(zeroize::Zeroizing::new(TEST_PASSPHRASE.to_string())),
-    )));
+    unlock::set_passphrase_source(Some(unlock::PassphraseSource::Value(std::sync::Arc::new(
+        zeroize::Zeroizing::new(TEST_PASSPHRASE.to_string()),
+    ))));
     unlock::set_kdf_params(Some(KdfParams::TEST));
 }
 
@@ -1945,10 +1944,10 @@ fn cli_audit() {
         c.home.path(),
     )
     .args(["vault", "audit", "--follow", "--json", "--key", "k"])
-        .env("CMKFS_HOME", c.home.path())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    .env("CMKFS_HOME", c.home.path())
+    .stdout(std::process::Stdio::piped())
+    .spawn()
+    .unwrap();
     std::thread::sleep(std::time::Duration::from_millis(500));
     c.ok(&["vault", "key", "rotate", "k"]);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);

@@ -180,7 +180,11 @@ fn legacy_store_opens_with_a_warning_and_seals_in_place() {
     let pk8 = env
         .home
         .join("vault/keys/legacy/1140e5d33282940caab0154e283066b8.pk8");
-    assert_eq!(fs::read(&pk8).unwrap()[0], 0x30, "the fixture's key is clear DER");
+    assert_eq!(
+        fs::read(&pk8).unwrap()[0],
+        0x30,
+        "the fixture's key is clear DER"
+    );
     let out = env.cmkfs(&["vault", "seal", "--cache-for", "0"]);
     out.assert_ok();
     assert!(out.stdout.contains("3 file(s) rewritten sealed"), "{out}");
@@ -190,17 +194,20 @@ fn legacy_store_opens_with_a_warning_and_seals_in_place() {
         env.home.join("credentials/app.json"),
     ] {
         let b = fs::read(&f).unwrap();
-        assert!(b.starts_with(b"{\"cmkfsSealed\":1"), "{} not sealed", f.display());
+        assert!(
+            b.starts_with(b"{\"cmkfsSealed\":1"),
+            "{} not sealed",
+            f.display()
+        );
     }
     // Sealed: no warning, works with the passphrase, refuses without it.
     let out = env.cmkfs(&["vault", "key", "list"]);
     out.assert_ok();
     assert!(out.stderr.is_empty(), "{out}");
     check_legacy_data(&env, &cipher);
-    let out = run(without_passphrase(env.command(&[
-        OsStr::new("status"),
-        cipher.as_os_str(),
-    ])));
+    let out = run(without_passphrase(
+        env.command(&[OsStr::new("status"), cipher.as_os_str()]),
+    ));
     assert!(
         out.stdout.contains("passphrase") || out.stderr.contains("passphrase"),
         "{out}"
@@ -260,7 +267,11 @@ fn an_interrupted_seal_resumes_from_any_point() {
             }
         }
         // Mid-seal, the volume's key unwraps whichever form its file has.
-        let out = env.cmkfs(&[OsStr::new("status"), cipher.as_os_str(), OsStr::new("--json")]);
+        let out = env.cmkfs(&[
+            OsStr::new("status"),
+            cipher.as_os_str(),
+            OsStr::new("--json"),
+        ]);
         assert!(
             out.stdout.contains("ccessible") && !out.stdout.contains("naccessible"),
             "subset {subset}: {out}"
@@ -268,14 +279,21 @@ fn an_interrupted_seal_resumes_from_any_point() {
         // A wrong passphrase is refused and leaves everything as it was.
         let wrong = env.root.join("wrong-passphrase");
         fs::write(&wrong, "not the passphrase\n").unwrap();
-        let before: Vec<Vec<u8>> = files.iter().map(|f| fs::read(env.home.join(f)).unwrap()).collect();
+        let before: Vec<Vec<u8>> = files
+            .iter()
+            .map(|f| fs::read(env.home.join(f)).unwrap())
+            .collect();
         let mut cmd = env.command(&["vault", "seal", "--cache-for", "0"]);
         cmd.env("CMKFS_PASSPHRASE_FILE", &wrong);
         run(cmd).assert_clear_error();
-        let after: Vec<Vec<u8>> = files.iter().map(|f| fs::read(env.home.join(f)).unwrap()).collect();
+        let after: Vec<Vec<u8>> = files
+            .iter()
+            .map(|f| fs::read(env.home.join(f)).unwrap())
+            .collect();
         assert_eq!(before, after, "subset {subset}");
         // The right one finishes it.
-        env.cmkfs(&["vault", "seal", "--cache-for", "0"]).assert_ok();
+        env.cmkfs(&["vault", "seal", "--cache-for", "0"])
+            .assert_ok();
         for f in files {
             let b = fs::read(env.home.join(f)).unwrap();
             assert!(b.starts_with(b"{\"cmkfsSealed\":1"), "subset {subset}: {f}");
@@ -291,7 +309,10 @@ fn an_interrupted_seal_resumes_from_any_point() {
 fn keyring_usable(env: &Env) -> bool {
     let out = env.cmkfs(&["vault", "unseal", "--timeout", "30s"]);
     if !out.ok() && out.stderr.contains("kernel keyring is not usable") {
-        eprintln!("SKIP: the kernel keyring is not usable here: {}", out.stderr);
+        eprintln!(
+            "SKIP: the kernel keyring is not usable here: {}",
+            out.stderr
+        );
         return false;
     }
     out.assert_ok();
@@ -400,7 +421,10 @@ fn change_passphrase_and_clear_errors() {
     assert!(out.stderr.contains("empty"), "{out}");
     let out = rotate(Some(&env.root.join("missing")));
     out.assert_clear_error();
-    assert!(out.stderr.contains("cannot read the vault passphrase"), "{out}");
+    assert!(
+        out.stderr.contains("cannot read the vault passphrase"),
+        "{out}"
+    );
     // A systemd credential is a passphrase source too.
     let creds = env.dir("creds");
     fs::copy(&new, creds.join("cmkfs-vault-passphrase")).unwrap();
@@ -418,10 +442,7 @@ fn a_terminal_is_asked_for_the_passphrase() {
     }
     let env = Env::new();
     env.init(&env.cipher);
-    let line = format!(
-        "{} vault key rotate default",
-        bin()
-    );
+    let line = format!("{} vault key rotate default", bin());
     let mut cmd = Command::new("sh");
     cmd.arg("-c")
         .arg(format!(

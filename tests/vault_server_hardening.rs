@@ -70,7 +70,9 @@ impl Home {
 
     fn audit_lines(&self) -> Vec<serde_json::Value> {
         let t = std::fs::read_to_string(self.path().join("vault/audit.log")).unwrap_or_default();
-        t.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+        t.lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
     }
 }
 
@@ -199,12 +201,18 @@ fn idle_connections_are_dropped_after_the_idle_timeout() {
         .map(|_| tls_connect(&addr_of(&s.url), &cfg))
         .collect();
     let opened = t0.elapsed();
-    assert!(open_fds(s.pid()) >= base + 250, "the server holds them for now");
+    assert!(
+        open_fds(s.pid()) >= base + 250,
+        "the server holds them for now"
+    );
     // Every one is closed by the server, well before a client would give up.
     let deadline = Instant::now() + Duration::from_secs(30);
     for (i, c) in conns.iter_mut().enumerate() {
         let left = deadline.saturating_duration_since(Instant::now());
-        assert!(closed_within(c, left), "connection {i} still open after 30 s");
+        assert!(
+            closed_within(c, left),
+            "connection {i} still open after 30 s"
+        );
     }
     eprintln!(
         "300 idle TLS connections opened in {opened:?}, all closed by the server after {:?}",
@@ -234,7 +242,9 @@ fn slowloris_is_cut_at_the_header_timeout() {
     let t0 = Instant::now();
     let mut cut = false;
     while t0.elapsed() < Duration::from_secs(30) {
-        if c.write_all(b"X").and_then(|()| c.flush()).is_err() || closed_within(&mut c, Duration::from_millis(200)) {
+        if c.write_all(b"X").and_then(|()| c.flush()).is_err()
+            || closed_within(&mut c, Duration::from_millis(200))
+        {
             cut = true;
             break;
         }
@@ -275,7 +285,10 @@ fn at_the_connection_cap_legitimate_clients_get_through_once_idle_ones_time_out(
         None,
     );
     assert_eq!(st, 200, "{body}");
-    eprintln!("a legitimate request at the cap was served after {:?}", t0.elapsed());
+    eprintln!(
+        "a legitimate request at the cap was served after {:?}",
+        t0.elapsed()
+    );
     drop(idle);
 }
 
@@ -303,7 +316,10 @@ fn failed_sign_ins_are_throttled_and_the_audit_log_stays_small() {
     let (st, _, body) = call(&a, "GET", &url4, Some(&h.app), None, None);
     assert_eq!(st, 200, "{body}");
     // ... while more wrong guesses for `app` are refused from any address.
-    assert_eq!(call(&a, "GET", &url4, Some("Bearer app.nope"), None, None).0, 429);
+    assert_eq!(
+        call(&a, "GET", &url4, Some("Bearer app.nope"), None, None).0,
+        429
+    );
 
     // Per address: 10 000 failed sign-ins from 127.0.0.1 on one connection.
     let (mut n401, mut n429) = (0, 0);
@@ -364,11 +380,22 @@ fn audit_log_rotates_by_size_and_keeps_every_line() {
     let h = Home::new();
     let v = h.vault();
     let out = std::process::Command::new(vault_support::bin())
-        .args(["vault", "config", "--audit-max-size", "20000", "--audit-keep", "50"])
+        .args([
+            "vault",
+            "config",
+            "--audit-max-size",
+            "20000",
+            "--audit-keep",
+            "50",
+        ])
         .env("CMKFS_HOME", h.path())
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let before = h.audit_lines().len()
         + (1..=50)
             .map(|i| {
@@ -437,7 +464,10 @@ fn key_ids_and_the_challenge_use_the_configured_host_name() {
     let (st, hd, _) = call(&a, "GET", &url, None, None, Some("evil.example:1"));
     assert_eq!(st, 401);
     let ch = hd["www-authenticate"].to_str().unwrap();
-    assert!(ch.contains("https://vault.test:") && !ch.contains("evil"), "{ch}");
+    assert!(
+        ch.contains("https://vault.test:") && !ch.contains("evil"),
+        "{ch}"
+    );
     // The generated certificate names the host too.
     let pem = std::fs::read_to_string(h.path().join("vault/tls/cert.pem")).unwrap();
     let text = openssl_x509(&pem, &["-noout", "-ext", "subjectAltName"]);
@@ -464,7 +494,10 @@ fn openssl_x509(pem: &str, args: &[&str]) -> String {
 
 /// Days between notBefore and notAfter of the first certificate in `pem`.
 fn validity_days(pem: &str) -> i64 {
-    let text = openssl_x509(pem, &["-noout", "-startdate", "-enddate", "-dateopt", "iso_8601"]);
+    let text = openssl_x509(
+        pem,
+        &["-noout", "-startdate", "-enddate", "-dateopt", "iso_8601"],
+    );
     let get = |k: &str| {
         let l = text.lines().find(|l| l.starts_with(k)).unwrap();
         let t = humantime::parse_rfc3339_weak(l[k.len()..].trim().trim_end_matches('Z'))
@@ -516,7 +549,10 @@ fn certificates_have_sane_validity_and_are_reissued_by_the_same_ca() {
 fn unversioned_unwrap_needs_only_unwrap_key_and_audit_names_the_client() {
     let h = Home::new();
     let s = ServerProc::start(h.path(), 0);
-    let w = h.vault().wrap_key("k", None, WrapAlg::RsaOaep256, &[7u8; 64]).unwrap();
+    let w = h
+        .vault()
+        .wrap_key("k", None, WrapAlg::RsaOaep256, &[7u8; 64])
+        .unwrap();
     let body = serde_json::json!({
         "alg": "RSA-OAEP-256",
         "value": base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, &w.value),
@@ -571,7 +607,10 @@ fn a_500_points_to_a_server_log_that_exists() {
     let id = hd["x-ms-request-id"].to_str().unwrap().to_string();
     let msg = body["error"]["message"].as_str().unwrap();
     assert!(msg.contains(&id) && msg.contains("log"), "{msg}");
-    assert!(!msg.contains(h.path().to_str().unwrap()), "no server paths: {msg}");
+    assert!(
+        !msg.contains(h.path().to_str().unwrap()),
+        "no server paths: {msg}"
+    );
     let log_path = h.path().join("vault-server.log");
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -579,7 +618,11 @@ fn a_500_points_to_a_server_log_that_exists() {
         if log.contains(&id) && log.contains("key.json") {
             break;
         }
-        assert!(Instant::now() < deadline, "log {}: {log}", log_path.display());
+        assert!(
+            Instant::now() < deadline,
+            "log {}: {log}",
+            log_path.display()
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     use std::os::unix::fs::PermissionsExt;

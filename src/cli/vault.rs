@@ -493,13 +493,20 @@ fn seal(home: &Home, a: SealArgs) -> anyhow::Result<()> {
     let report = vault.seal(Some(&cred_dir), kdf)?;
     let store = home.vault_dir();
     if report.resumed && report.sealed_files == 0 {
-        println!("the vault {} is sealed (nothing left in clear)", store.display());
+        println!(
+            "the vault {} is sealed (nothing left in clear)",
+            store.display()
+        );
     } else {
         println!(
             "sealed the vault {}: {} file(s) rewritten sealed{}",
             store.display(),
             report.sealed_files,
-            if report.resumed { " (an earlier seal finished)" } else { "" }
+            if report.resumed {
+                " (an earlier seal finished)"
+            } else {
+                ""
+            }
         );
     }
     if let Some(rec) = seal::read_record(&store)? {
@@ -551,9 +558,15 @@ fn lock(home: &Home) -> anyhow::Result<()> {
         );
     };
     if unlock::keyring_drop(&rec.id)? {
-        println!("locked the vault {}: the cached master key is gone from the kernel keyring", store.display());
+        println!(
+            "locked the vault {}: the cached master key is gone from the kernel keyring",
+            store.display()
+        );
     } else {
-        println!("the vault {} was not unsealed (nothing cached)", store.display());
+        println!(
+            "the vault {} was not unsealed (nothing cached)",
+            store.display()
+        );
     }
     Ok(())
 }
@@ -570,7 +583,9 @@ fn change_passphrase(home: &Home, a: ChangePassphraseArgs) -> anyhow::Result<()>
     let what = format!("the vault {}", store.display());
     let old = unlock::passphrase(&what)?;
     let new = match &a.new_passphrase_file {
-        Some(p) => unlock::read_passphrase_file(p, format!("--new-passphrase-file {}", p.display()))?,
+        Some(p) => {
+            unlock::read_passphrase_file(p, format!("--new-passphrase-file {}", p.display()))?
+        }
         None => unlock::new_passphrase_on_terminal(&what)?,
     };
     vault.change_passphrase(&old, &new, kdf)?;
@@ -580,8 +595,8 @@ fn change_passphrase(home: &Home, a: ChangePassphraseArgs) -> anyhow::Result<()>
 
 /// Runs `cmkfs vault serve`: prints the certificate facts and the URL, serves until SIGTERM.
 fn serve(home: &Home, a: ServeArgs) -> anyhow::Result<()> {
-    use crate::vault::server::{ServeConfig, Server};
     use crate::vault::server::{log, Limits, ThrottleConfig};
+    use crate::vault::server::{ServeConfig, Server};
     let log_path = a
         .log
         .clone()
@@ -1035,7 +1050,11 @@ fn config(v: &LocalVault, c: ConfigArgs) -> anyhow::Result<()> {
             "{:<18}yes ({}{})",
             "sealed:",
             rec.kdf(),
-            if rec.complete { "" } else { "; an interrupted seal: run `cmkfs vault seal`" }
+            if rec.complete {
+                ""
+            } else {
+                "; an interrupted seal: run `cmkfs vault seal`"
+            }
         );
     } else {
         println!("{:<18}no (run `cmkfs vault seal`)", "sealed:");

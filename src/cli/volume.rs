@@ -369,6 +369,15 @@ fn hand_vault_key(
     if !local {
         return None;
     }
+    if matches!(seal::read_record(&home.vault_dir()), Ok(None))
+        && header.key_id.starts_with(vault::local::URL)
+    {
+        eprintln!(
+            "cmkfs: warning: the vault {} is not sealed (its keys are stored in clear): run `cmkfs vault seal`",
+            home.vault_dir().display()
+        );
+        return None;
+    }
     let mk = seal::master_key(&home.vault_dir()).ok()??;
     unlock::hand_to_child(cmd, &mk).ok()
 }

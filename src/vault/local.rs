@@ -369,10 +369,12 @@ impl LocalVault {
 
     /// Rotation settings of the audit log, read once per connection.
     fn audit_limits(&self) -> (u64, u32) {
-        *self.audit_limits.get_or_init(|| match self.store.read_vault() {
-            Ok(c) => (c.audit_max_bytes, c.audit_keep),
-            Err(_) => (store::DEFAULT_AUDIT_MAX_BYTES, store::DEFAULT_AUDIT_KEEP),
-        })
+        *self
+            .audit_limits
+            .get_or_init(|| match self.store.read_vault() {
+                Ok(c) => (c.audit_max_bytes, c.audit_keep),
+                Err(_) => (store::DEFAULT_AUDIT_MAX_BYTES, store::DEFAULT_AUDIT_KEEP),
+            })
     }
 
     /// Writes the one audit line of a throttling episode: failed sign-ins from `client` (or
@@ -576,7 +578,11 @@ impl LocalVault {
 
     /// Seals bytes for a credential file in `$CMKFS_HOME/credentials`; `None` for a legacy
     /// unsealed store (the file is then written in clear, as before).
-    pub fn seal_credential(&self, file_name: &str, json: &[u8]) -> Result<Option<Vec<u8>>, VaultError> {
+    pub fn seal_credential(
+        &self,
+        file_name: &str,
+        json: &[u8],
+    ) -> Result<Option<Vec<u8>>, VaultError> {
         self.require_owner("sealing credentials")?;
         match self.master()? {
             Some(mk) => mk
@@ -1578,7 +1584,9 @@ impl LocalVault {
                 VaultError::Store(format!("the private key of {id} is missing from the store"))
             })?;
         let pkcs8 = self.open_private_key(&key.name, &key.version, stored)?;
-        rsa::unwrap(&pkcs8, alg, wrapped)?.map_err(|()| VaultError::UnwrapFailed { kid: id.to_string() })
+        rsa::unwrap(&pkcs8, alg, wrapped)?.map_err(|()| VaultError::UnwrapFailed {
+            kid: id.to_string(),
+        })
     }
 
     fn describe(

@@ -1212,9 +1212,9 @@ pub const TEST_PASSPHRASE: &str = "cmkfs test passphrase";
 /// opens or creates in-process (children get theirs from [`passphrase_env`]).
 pub fn use_test_passphrase() {
     use cmkfs::vault::local::{seal::KdfParams, unlock};
-    unlock::set_passphrase_source(Some(unlock::PassphraseSource::Value(
-        std::sync::Arc::new(zeroize::Zeroizing::new(TEST_PASSPHRASE.to_string())),
-    )));
+    unlock::set_passphrase_source(Some(unlock::PassphraseSource::Value(std::sync::Arc::new(
+        zeroize::Zeroizing::new(TEST_PASSPHRASE.to_string()),
+    ))));
     unlock::set_kdf_params(Some(KdfParams::TEST));
 }
 

@@ -190,7 +190,8 @@ impl AuditReader {
                 self.offset = 0;
                 self.partial.clear();
             }
-            f.seek(SeekFrom::Start(self.offset)).map_err(|e| io(&self.path, e))?;
+            f.seek(SeekFrom::Start(self.offset))
+                .map_err(|e| io(&self.path, e))?;
             let mut buf = Vec::new();
             f.read_to_end(&mut buf).map_err(|e| io(&self.path, e))?;
             self.offset += buf.len() as u64;

@@ -314,12 +314,19 @@ impl MasterKey {
         rec.id == self.id
             && unb64(&rec.check, "check")
                 .ok()
-                .and_then(|c| aead_open(&self.key, format!("{CHECK_AAD}\0{}", rec.id).as_bytes(), &c))
+                .and_then(|c| {
+                    aead_open(&self.key, format!("{CHECK_AAD}\0{}", rec.id).as_bytes(), &c)
+                })
                 .is_some()
     }
 
     /// Seals `plain` as a blob of `role` named `name` (see the module docs).
-    pub fn seal_blob(&self, role: SealRole, name: &str, plain: &[u8]) -> Result<Vec<u8>, VaultError> {
+    pub fn seal_blob(
+        &self,
+        role: SealRole,
+        name: &str,
+        plain: &[u8],
+    ) -> Result<Vec<u8>, VaultError> {
         let data = aead_seal(&self.blob_key(), &blob_aad(&self.id, role, name), plain)?;
         let env = Envelope {
             cmkfs_sealed: 1,
@@ -358,13 +365,16 @@ impl MasterKey {
             )));
         }
         let data = unb64(&env.data, what)?;
-        aead_open(&self.blob_key(), &blob_aad(&env.vault, role, &env.name), &data).ok_or_else(
-            || {
-                VaultError::Store(format!(
-                    "{what} does not open under the vault master key (damaged or tampered with)"
-                ))
-            },
+        aead_open(
+            &self.blob_key(),
+            &blob_aad(&env.vault, role, &env.name),
+            &data,
         )
+        .ok_or_else(|| {
+            VaultError::Store(format!(
+                "{what} does not open under the vault master key (damaged or tampered with)"
+            ))
+        })
     }
 }
 
@@ -433,7 +443,11 @@ fn write_record(store: &Path, rec: &SealRecord) -> Result<(), VaultError> {
         .map_err(|e| VaultError::Unavailable(format!("cannot write {}: {e}", path.display())))
 }
 
-fn derive(passphrase: &[u8], salt: &[u8], p: &KdfParams) -> Result<Zeroizing<[u8; 32]>, VaultError> {
+fn derive(
+    passphrase: &[u8],
+    salt: &[u8],
+    p: &KdfParams,
+) -> Result<Zeroizing<[u8; 32]>, VaultError> {
     let mut out = Zeroizing::new([0u8; 32]);
     p.argon2()?
         .hash_password_into(passphrase, salt, &mut out[..])
@@ -491,11 +505,16 @@ pub(crate) fn unwrap_record(
     let salt = unb64(&rec.kdf.salt, "seal.json salt")?;
     let wrapped = unb64(&rec.wrapped_key, "seal.json wrappedKey")?;
     let pk = derive(passphrase, &salt, &rec.kdf.params)?;
-    let Some(raw) = aead_open(&pk, format!("{MASTER_AAD}\0{}", rec.id).as_bytes(), &wrapped) else {
+    let Some(raw) = aead_open(
+        &pk,
+        format!("{MASTER_AAD}\0{}", rec.id).as_bytes(),
+        &wrapped,
+    ) else {
         return Ok(None);
     };
-    let mk = MasterKey::from_bytes(&rec.id, &raw)
-        .ok_or_else(|| VaultError::Store("seal.json holds a master key of the wrong size".into()))?;
+    let mk = MasterKey::from_bytes(&rec.id, &raw).ok_or_else(|| {
+        VaultError::Store("seal.json holds a master key of the wrong size".into())
+    })?;
     Ok(Some(mk))
 }
 
@@ -667,9 +686,8 @@ pub(crate) fn seal_file_in_place(
     role: SealRole,
     name: &str,
 ) -> Result<bool, VaultError> {
-    let io = |e: std::io::Error| {
-        VaultError::Unavailable(format!("cannot seal {}: {e}", path.display()))
-    };
+    let io =
+        |e: std::io::Error| VaultError::Unavailable(format!("cannot seal {}: {e}", path.display()));
     let clear = Zeroizing::new(match fs::read(path) {
         Ok(b) => b,
         Err(e) if e.kind() == ErrorKind::NotFound => return Ok(false),
@@ -698,20 +716,29 @@ mod tests {
     #[test]
     fn blob_round_trip_and_binding() {
         let mk = MasterKey::generate("00".repeat(16)).unwrap();
-        let b = mk.seal_blob(SealRole::KekPrivateKey, "k/v1", b"secret").unwrap();
+        let b = mk
+            .seal_blob(SealRole::KekPrivateKey, "k/v1", b"secret")
+            .unwrap();
         let env = Envelope::parse(&b).unwrap();
         assert_eq!(
-            &mk.open_blob(&env, SealRole::KekPrivateKey, Some("k/v1"), "x").unwrap()[..],
+            &mk.open_blob(&env, SealRole::KekPrivateKey, Some("k/v1"), "x")
+                .unwrap()[..],
             b"secret"
         );
         // Another name or role: refused before decryption; a forged name fails the tag.
-        assert!(mk.open_blob(&env, SealRole::KekPrivateKey, Some("k/v2"), "x").is_err());
+        assert!(mk
+            .open_blob(&env, SealRole::KekPrivateKey, Some("k/v2"), "x")
+            .is_err());
         assert!(mk.open_blob(&env, SealRole::TlsKey, None, "x").is_err());
         let mut forged = env.clone();
         forged.name = "k/v2".into();
-        assert!(mk.open_blob(&forged, SealRole::KekPrivateKey, Some("k/v2"), "x").is_err());
+        assert!(mk
+            .open_blob(&forged, SealRole::KekPrivateKey, Some("k/v2"), "x")
+            .is_err());
         let other = MasterKey::generate("00".repeat(16)).unwrap();
-        assert!(other.open_blob(&env, SealRole::KekPrivateKey, None, "x").is_err());
+        assert!(other
+            .open_blob(&env, SealRole::KekPrivateKey, None, "x")
+            .is_err());
         assert!(Envelope::parse(b"0\x82\x04").is_none());
     }
 

@@ -227,7 +227,13 @@ pub fn keyring_store(mk: &MasterKey, timeout_secs: u64) -> Result<(), VaultError
     // not only those that possess the session keyring it was added from.
     let perms = KeyPermissionsBuilder::builder()
         .posessor(Permission::ALL)
-        .user(Permission::VIEW | Permission::READ | Permission::SEARCH | Permission::WRITE | Permission::SETATTR)
+        .user(
+            Permission::VIEW
+                | Permission::READ
+                | Permission::SEARCH
+                | Permission::WRITE
+                | Permission::SETATTR,
+        )
         .build();
     key.set_perms(perms).map_err(keyring_err)?;
     key.set_timeout(usize::try_from(timeout_secs.max(1)).unwrap_or(usize::MAX))
@@ -261,7 +267,6 @@ pub fn keyring_drop(id: &str) -> Result<bool, VaultError> {
     }
     Ok(any)
 }
-
 
 // ---------------------------------------------------------------------------------------------
 // Handing the master key to a child process (the mount daemon `cmkfs mount` starts)
@@ -320,7 +325,11 @@ pub fn take_handed_key() {
         return;
     };
     std::env::remove_var(KEY_FD_ENV);
-    let Some(fd) = v.to_str().and_then(|s| s.parse::<i32>().ok()).filter(|&fd| fd > 2) else {
+    let Some(fd) = v
+        .to_str()
+        .and_then(|s| s.parse::<i32>().ok())
+        .filter(|&fd| fd > 2)
+    else {
         return;
     };
     // SAFETY: the parent passed this descriptor for us to own; it is read once and closed.

@@ -488,7 +488,10 @@ async fn read_body(
             ApiError::new(
                 StatusCode::REQUEST_TIMEOUT,
                 "RequestTimeout",
-                format!("the request body did not arrive within {} s", deadline.as_secs()),
+                format!(
+                    "the request body did not arrive within {} s",
+                    deadline.as_secs()
+                ),
             )
         })?
 }

@@ -140,10 +140,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Tracked<S> {
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.inner).poll_flush(cx)
     }
-    fn poll_shutdown(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<std::io::Result<()>> {
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
@@ -185,7 +182,10 @@ pub(super) async fn accept_loop(
         if slots.available_permits() == 0
             && cap_logged.is_none_or(|t| t.elapsed() > Duration::from_secs(10))
         {
-            tracing::warn!(max_connections = max, "connection cap reached: new clients wait");
+            tracing::warn!(
+                max_connections = max,
+                "connection cap reached: new clients wait"
+            );
             cap_logged = Some(Instant::now());
         }
         let permit = tokio::select! {

@@ -190,7 +190,8 @@ fn valid_hostname(h: &str) -> bool {
     h.parse::<std::net::IpAddr>().is_ok()
         || (!h.is_empty()
             && h.len() <= 253
-            && h.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.'))
+            && h.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.'))
 }
 
 impl Server {
@@ -346,9 +347,7 @@ impl Server {
                 _ = int.recv() => tracing::info!("SIGINT: shutting down"),
             }
             stop_tx.send_replace(true);
-            server
-                .await
-                .map_err(|e| ServerError::Io(e.to_string()))
+            server.await.map_err(|e| ServerError::Io(e.to_string()))
         })?;
         // Blocking tasks (store I/O) are short; do not wait for stragglers forever.
         rt.shutdown_timeout(grace);

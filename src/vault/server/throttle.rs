@@ -88,9 +88,8 @@ impl<K: Eq + Hash + Clone> Table<K> {
     fn evict(&mut self, cfg: &ThrottleConfig, now: Instant) {
         let full = f64::from(cfg.burst);
         let per = cfg.refill.as_secs_f64().max(1e-3);
-        self.map.retain(|_, b| {
-            b.tokens + now.duration_since(b.updated).as_secs_f64() / per < full
-        });
+        self.map
+            .retain(|_, b| b.tokens + now.duration_since(b.updated).as_secs_f64() / per < full);
         if self.map.len() >= MAX_ENTRIES {
             if let Some(oldest) = self
                 .map

@@ -301,7 +301,12 @@ fn generate(dir: &Path, sans: &[String], mk: Option<&MasterKey>) -> Result<(), S
     // The CA key is kept only sealed: in a legacy store it is used once and forgotten.
     if let Some(mk) = mk {
         let ca_key_pem = zeroize::Zeroizing::new(ca_key.serialize_pem());
-        write_generated_key(&dir.join("ca-key.pem"), &ca_key_pem, SealRole::TlsCaKey, Some(mk))?;
+        write_generated_key(
+            &dir.join("ca-key.pem"),
+            &ca_key_pem,
+            SealRole::TlsCaKey,
+            Some(mk),
+        )?;
     }
     let issuer = Issuer::new(params, ca_key);
     issue_leaf(dir, &names, &issuer, &ca_cert.pem(), mk)
@@ -311,8 +316,8 @@ fn generate(dir: &Path, sans: &[String], mk: Option<&MasterKey>) -> Result<(), S
 fn reissue(dir: &Path, sans: &[String], mk: Option<&MasterKey>) -> Result<(), ServerError> {
     use rcgen::{Issuer, KeyPair};
     let ca_key_pem = read_generated_key(&dir.join("ca-key.pem"), SealRole::TlsCaKey, mk)?;
-    let ca_key_pem = std::str::from_utf8(&ca_key_pem)
-        .map_err(|_| tls_err("tls/ca-key.pem is not PEM"))?;
+    let ca_key_pem =
+        std::str::from_utf8(&ca_key_pem).map_err(|_| tls_err("tls/ca-key.pem is not PEM"))?;
     let ca_key = KeyPair::from_pem(ca_key_pem).map_err(tls_err)?;
     let ca_pem = std::fs::read_to_string(dir.join("ca.pem"))
         .map_err(|e| tls_err(format!("cannot read tls/ca.pem: {e}")))?;
