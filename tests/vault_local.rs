@@ -227,6 +227,7 @@ fn encrypted_pkcs8_pem(dir: &Path) -> String {
 
 #[test]
 fn first_use_creates_a_private_store() {
+    use_test_passphrase();
     let home = tempfile::tempdir().unwrap();
     let h = Home::at(home.path().join("cmkfs"));
     let v = vault::open("local:", &h).unwrap();
@@ -240,6 +241,7 @@ fn first_use_creates_a_private_store() {
         "lock",
         "generation",
         "audit.log",
+        "seal.json",
         "keys/first/key.json",
     ] {
         assert!(store.join(f).is_file(), "{f}");

@@ -227,13 +227,7 @@ pub fn keyring_store(mk: &MasterKey, timeout_secs: u64) -> Result<(), VaultError
     // not only those that possess the session keyring it was added from.
     let perms = KeyPermissionsBuilder::builder()
         .posessor(Permission::ALL)
-        .user(
-            Permission::VIEW
-                | Permission::READ
-                | Permission::SEARCH
-                | Permission::WRITE
-                | Permission::SETATTR,
-        )
+        .user(Permission::VIEW | Permission::READ | Permission::SEARCH)
         .build();
     key.set_perms(perms).map_err(keyring_err)?;
     key.set_timeout(usize::try_from(timeout_secs.max(1)).unwrap_or(usize::MAX))
