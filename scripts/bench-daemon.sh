@@ -18,6 +18,9 @@ command -v strace >/dev/null || {
 }
 W=$(mktemp -d /tmp/cmkfs-benchd-XXXXXX)
 export CMKFS_HOME=$W/home
+# The embedded vault is sealed under a passphrase: a random one for this run (0600).
+(umask 077 && head -c 24 /dev/urandom | base64 >"$W/passphrase")
+export CMKFS_PASSPHRASE_FILE=$W/passphrase
 cleanup() {
     for m in "$W"/mnt-*; do umount -l "$m" 2>/dev/null || true; done
     rm -rf "$W"

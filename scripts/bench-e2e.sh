@@ -25,6 +25,9 @@ cargo build --release --quiet
 B=$PWD/target/release/cmkfs
 W=$(mktemp -d /tmp/cmkfs-bench-XXXXXX)
 export CMKFS_HOME=$W/home
+# The embedded vault is sealed under a passphrase: a random one for this run (0600).
+(umask 077 && head -c 24 /dev/urandom | base64 >"$W/passphrase")
+export CMKFS_PASSPHRASE_FILE=$W/passphrase
 cleanup() {
     "$B" umount "$W/cmkfs" 2>/dev/null || umount -l "$W/cmkfs" 2>/dev/null || true
     "$B" umount "$W/baseline" 2>/dev/null || umount -l "$W/baseline" 2>/dev/null || true

@@ -83,6 +83,9 @@ B=$(realpath "target/$profile/cmkfs")
 W=$(mktemp -d "${TMPDIR:-/tmp}/cmkfs-conformance-XXXXXX")
 chmod 755 "$W"
 export CMKFS_HOME=$W/home
+# The embedded vault is sealed under a passphrase: a random one for this run (0600).
+(umask 077 && head -c 24 /dev/urandom | base64 >"$W/passphrase")
+export CMKFS_PASSPHRASE_FILE=$W/passphrase
 cleanup() {
     cd /
     "$B" umount "$W/mnt" 2>/dev/null || umount -l "$W/mnt" 2>/dev/null || true
