@@ -194,15 +194,24 @@ impl CmkFs {
         self.table.clone()
     }
 
-    /// The errno for a failed request; notable errors are logged with the backing path of
-    /// `ino` (or the plaintext-free `what` of the request).
+    /// The errno for a failed request; notable errors are logged with the absolute backing
+    /// path: that of `ino` (the inode of the request, or the directory of a name-based one),
+    /// joined with the backing name the error names when it is an entry inside it.
     fn errno(&self, e: &VolumeError, op: &str, ino: Option<INodeNo>) -> Errno {
         if e.is_notable() {
-            let path = ino
+            let mut path = ino
                 .and_then(|i| self.table.backing_path(i.0))
                 .map(|p| self.vol.root().join(p))
                 .unwrap_or_else(|| PathBuf::from(self.vol.root()));
-            tracing::warn!(op, path = %path.display(), error = %e, "request failed");
+            if let VolumeError::CorruptFile {
+                path: Some(name), ..
+            } = e
+            {
+                if !path.ends_with(name) {
+                    path.push(name);
+                }
+            }
+            tracing::warn!(op, path = %path.display(), error = %e.detail(), "request failed");
         }
         Errno::from_i32(e.errno())
     }

@@ -134,8 +134,14 @@ impl Volume {
         at: Option<(&Dir, &OsStr)>,
     ) -> Result<Attr, VolumeError> {
         let size = match st.st_mode & libc::S_IFMT {
-            libc::S_IFREG => super::content::logical_size(st.st_size as u64)
-                .map_err(|why| VolumeError::CorruptFile { path: None, why })?,
+            libc::S_IFREG => super::content::logical_size(st.st_size as u64).map_err(|why| {
+                VolumeError::CorruptFile {
+                    // The backing name, relative to its directory (the caller knows where
+                    // that is).
+                    path: at.map(|(_, n)| n.into()),
+                    why,
+                }
+            })?,
             libc::S_IFLNK => match at {
                 Some((d, n)) => self.target_len(d, n).unwrap_or(0),
                 None => 0,

@@ -128,6 +128,14 @@ impl VolumeError {
         }
     }
 
+    /// The error without the path it may carry (callers that log a path of their own).
+    pub fn detail(&self) -> String {
+        match self {
+            VolumeError::CorruptFile { why, .. } => format!("corrupt file: {why}"),
+            other => other.to_string(),
+        }
+    }
+
     /// Whether this should be logged (not an ordinary errno like ENOENT).
     pub fn is_notable(&self) -> bool {
         !matches!(

@@ -119,7 +119,7 @@ impl Volume {
         let keys = self.keys()?;
         let sealed = self.sealed_target(dir, bname)?;
         names::open_target(&keys.names, &sealed).map_err(|_| VolumeError::CorruptFile {
-            path: None,
+            path: Some(bname.into()),
             why: "symlink target does not decrypt".into(),
         })
     }
