@@ -101,6 +101,11 @@ pub fn spawn(
     std::thread::Builder::new()
         .name("cmkfs-monitor".into())
         .spawn(move || {
+            // This thread writes state files (status, events, DES records) while the FUSE
+            // threads run with umask 0 for backing entries: give it a private umask.
+            if let Err(e) = crate::process::private_thread_umask() {
+                tracing::warn!(error = %e, "cannot give the monitor a private umask");
+            }
             let mut push = push;
             let mut last_status = String::new();
             let initial = Transition {
@@ -178,10 +183,7 @@ fn publish_event(keyring: &Keyring, facts: &MountFacts, sinks: &MonitorSinks, t:
         let _ = crate::fsutil::create_private_dir(dir);
     }
     // One write of a whole line with O_APPEND: lines from several mounts never interleave.
-    let appended = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&sinks.events_path)
+    let appended = crate::fsutil::open_private_append(&sinks.events_path)
         .and_then(|mut f| f.write_all(format!("{line}\n").as_bytes()));
     if let Err(e) = appended {
         tracing::warn!(error = %e, path = %sinks.events_path.display(), "cannot append to the event log");
@@ -259,11 +261,7 @@ fn write_status(
     doc.updated = rfc3339(SystemTime::now());
     if let Ok(json) = serde_json::to_vec_pretty(&doc) {
         // Not fsynced: the status file is a live view, rebuilt by the next write.
-        let tmp = sinks.status_path.with_extension("json.tmp");
-        if std::fs::write(&tmp, json)
-            .and_then(|_| std::fs::rename(&tmp, &sinks.status_path))
-            .is_err()
-        {
+        if crate::fsutil::replace_private(&sinks.status_path, &json).is_err() {
             tracing::warn!(path = %sinks.status_path.display(), "cannot write the status file");
         }
     }

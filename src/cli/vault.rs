@@ -353,6 +353,13 @@ struct AuditArgs {
     tail: Option<usize>,
 }
 
+impl VaultArgs {
+    /// Whether this is `vault serve` (a long-running server).
+    pub(crate) fn is_serve(&self) -> bool {
+        matches!(self.command, VaultCommand::Serve(_))
+    }
+}
+
 /// Runs `cmkfs vault ...`.
 pub fn run(a: VaultArgs) -> anyhow::Result<()> {
     let home = Home::from_env();

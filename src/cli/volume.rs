@@ -103,6 +103,13 @@ pub struct MountArgs {
     no_push: bool,
 }
 
+impl MountArgs {
+    /// Whether this process is (or becomes) the mount daemon.
+    pub(crate) fn is_foreground(&self) -> bool {
+        self.foreground
+    }
+}
+
 /// Durations as `30s`, `5m`, `1h`, or a plain number of seconds.
 pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     if let Ok(n) = s.parse::<u64>() {
@@ -276,10 +283,7 @@ fn spawn_daemon(a: &MountArgs) -> anyhow::Result<()> {
             &<sha2::Sha256 as sha2::Digest>::digest(mp.as_os_str().as_encoded_bytes())[..8]
         )
     ));
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&log_path)
+    let log = crate::fsutil::open_private_append(&log_path)
         .with_context(|| format!("opening log {}", log_path.display()))?;
     let mut cmd = Command::new(std::env::current_exe().context("locating the cmkfs executable")?);
     cmd.arg("mount")
@@ -371,8 +375,6 @@ fn run_foreground(a: MountArgs) -> anyhow::Result<()> {
 
 fn serve(a: &MountArgs, ready_pipe: bool) -> anyhow::Result<()> {
     let home = Home::from_env();
-    // SAFETY: umask has no preconditions. Backing entries get exactly the modes the kernel asks for.
-    unsafe { libc::umask(0) };
     let mp = mount::check_mountpoint(&a.mountpoint)?;
     mount::unmount_on_signal(mp.clone())?;
     let header = VolumeHeader::read(&a.cipherdir)?;
@@ -449,6 +451,11 @@ fn serve(a: &MountArgs, ready_pipe: bool) -> anyhow::Result<()> {
     if ready_pipe {
         announce_ready();
     }
+    // Backing entries get exactly the modes the kernel asks for (it applied the caller's
+    // umask already): the FUSE threads, started by `run`, work under umask 0. Everything this
+    // process wrote so far, and the monitor thread (its own umask), stays private.
+    // SAFETY: umask has no preconditions.
+    unsafe { libc::umask(0) };
     let result = session.run();
     stop.store(true, Ordering::Relaxed);
     let _ = monitor.join();

@@ -332,7 +332,10 @@ mod tests {
         assert_ne!(s.pages.ptr, t.pages.ptr);
         let b = SecretBytes::new(b"token");
         assert_eq!(b.as_str(), Some("token"));
-        assert_eq!(format!("{b:?} {t:?}"), "SecretBytes(<redacted>) Secret(<redacted>)");
+        assert_eq!(
+            format!("{b:?} {t:?}"),
+            "SecretBytes(<redacted>) Secret(<redacted>)"
+        );
         if locked_bytes() > 0 {
             assert!(vm_lck_kb() > 0);
         }
@@ -365,7 +368,9 @@ mod tests {
             std::ptr::write_bytes(p, 0xAB, 256);
             let q = a.realloc(p, layout, 512);
             assert!(!q.is_null());
-            assert!(std::slice::from_raw_parts(q, 256).iter().all(|b| *b == 0xAB));
+            assert!(std::slice::from_raw_parts(q, 256)
+                .iter()
+                .all(|b| *b == 0xAB));
             a.dealloc(q, Layout::from_size_align(512, 8).unwrap());
         }
     }
