@@ -137,6 +137,11 @@ impl Pkcs11Url {
         })
     }
 
+    /// Whether the URL carries the PIN itself (`pin-value=`).
+    pub fn has_pin_value(&self) -> bool {
+        self.pin_value.is_some()
+    }
+
     /// The URL as key ids carry it: module, token and PIN file, never a PIN value.
     pub fn vault_url(&self) -> String {
         let mut u = format!(
