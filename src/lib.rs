@@ -18,5 +18,6 @@ pub mod keyring;
 pub mod monitor;
 pub mod mount;
 pub mod process;
+pub mod unlock;
 pub mod vault;
 pub mod volume;

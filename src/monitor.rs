@@ -142,15 +142,24 @@ pub fn spawn(
                     break;
                 }
                 if pushed || SystemTime::now() >= keyring.next_check() {
-                    // DES auto-rotation (issue 4 item 7) rides on the key check, so it happens
-                    // within one key-check interval of a new key version; it runs first so that
-                    // the check below re-reads the rewrapped header and validates it at once.
-                    crate::des::auto_rotate_mounted(&facts.cipherdir, keyring.vault());
-                    if let Some(t) = keyring.check() {
-                        if matches!(t.to, KeyState::Inaccessible { .. }) {
-                            cut_off();
+                    let handle = |t: Option<Transition>| {
+                        if let Some(t) = t {
+                            if matches!(t.to, KeyState::Inaccessible { .. }) {
+                                cut_off();
+                            }
+                            publish_event(&keyring, &facts, &sinks, &t);
                         }
-                        publish_event(&keyring, &facts, &sinks, &t);
+                    };
+                    // The key check first: a header changed on disk is judged before anything
+                    // acts on it. DES auto-rotation (issue 4 item 7) rides on the check, so it
+                    // happens within one key-check interval of a new key version, and only
+                    // while the volume is accessible; a rotation is validated by a second
+                    // check at once.
+                    handle(keyring.check());
+                    if keyring.state() == KeyState::Accessible
+                        && crate::des::auto_rotate_mounted(&facts.cipherdir, keyring.vault())
+                    {
+                        handle(keyring.check());
                     }
                 }
                 last_status = write_status(&keyring, &facts, &sinks, last_status);
@@ -167,7 +176,7 @@ fn publish_event(keyring: &Keyring, facts: &MountFacts, sinks: &MonitorSinks, t:
         from: t.from.name().into(),
         to: t.to.name().into(),
         reason: t.to.reason().map(str::to_string),
-        key_id: keyring.header().key_id,
+        key_id: keyring.key_id(),
     };
     let Ok(line) = serde_json::to_string(&ev) else {
         return;

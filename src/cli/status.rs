@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use clap::Args;
 
 use crate::home::Home;
-use crate::keyring::{self, rfc3339};
+use crate::keyring::rfc3339;
 use crate::mount::RunRecord;
 use crate::vault;
 use crate::volume::header::VolumeHeader;
@@ -64,8 +64,9 @@ fn target_status(home: &Home, target: &Path) -> anyhow::Result<serde_json::Value
     let kid = header.key_id()?;
     // The same connection a mount would use (DES identity included), and every key the
     // volume needs (the platform key of a double-encrypted volume too).
-    let checked = super::volume::volume_vault(home, &header, None)
-        .and_then(|(v, _)| keyring::unwrap_keys(v.as_ref(), &header).map_err(anyhow::Error::from));
+    let checked = super::volume::volume_vault(home, &header, None).and_then(|(v, _)| {
+        crate::unlock::keys(home, &abs, v.as_ref(), &header).map_err(anyhow::Error::from)
+    });
     let (state, reason) = match checked {
         Ok(_) => ("Accessible", None),
         Err(e) => {

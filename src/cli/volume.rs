@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::fs::CmkFs;
 use crate::home::Home;
-use crate::keyring::{Keyring, KeyringConfig};
+use crate::keyring::KeyringConfig;
 use crate::monitor::{self, MonitorSinks, MountFacts};
 use crate::mount::{self, MountConfig, RunRecord};
 use crate::vault::{self, CreateKeyOptions, Credential, VaultError, WrapAlg};
@@ -142,9 +142,22 @@ pub struct InfoArgs {
 pub fn init(a: InitArgs) -> anyhow::Result<()> {
     let home = Home::from_env();
     // Refuse a bad target before the vault is touched (no key created for nothing).
-    Volume::check_new_dir(&a.cipherdir)?;
+    let existed = Volume::check_new_dir(&a.cipherdir)?;
+    // cmkfs runs with umask 077 for its own state; a backing directory it creates gets the
+    // mode the user's umask gives (the mounted root shows it).
+    let user_mode = || {
+        if !existed {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = 0o777 & !crate::process::user_umask();
+            std::fs::set_permissions(&a.cipherdir, std::fs::Permissions::from_mode(mode))
+                .with_context(|| format!("setting the mode of {}", a.cipherdir.display()))
+        } else {
+            Ok(())
+        }
+    };
     if let Some(des) = &a.des {
         let header = crate::des::init_volume(&home, des, &a.cipherdir, a.sector_size)?;
+        user_mode()?;
         return print_init(&a, &header);
     }
     if a.key == crate::des::PLATFORM_KEY {
@@ -183,6 +196,7 @@ pub fn init(a: InitArgs) -> anyhow::Result<()> {
             des: None,
         },
     )?;
+    user_mode()?;
     print_init(&a, &header)
 }
 
@@ -223,11 +237,13 @@ fn info_json(h: &VolumeHeader) -> serde_json::Value {
         "dek_fingerprint": h.dek_fingerprint,
         "des": h.des,
         "platform_key_id": h.platform.as_ref().map(|p| &p.key_id),
+        "mac_version": h.mac_version,
     })
 }
 
 pub fn info(a: InfoArgs) -> anyhow::Result<()> {
     let h = VolumeHeader::read(&a.cipherdir)?;
+    crate::unlock::check_configured(&Home::from_env(), &h)?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&info_json(&h))?);
     } else {
@@ -269,7 +285,8 @@ pub fn mount(a: MountArgs) -> anyhow::Result<()> {
     }
     // Catch the obvious mistakes here, before a daemon exists.
     mount::check_mountpoint(&a.mountpoint)?;
-    VolumeHeader::read(&a.cipherdir)?;
+    let header = VolumeHeader::read(&a.cipherdir)?;
+    crate::unlock::check_configured(&Home::from_env(), &header)?;
     spawn_daemon(&a)
 }
 
@@ -393,12 +410,9 @@ fn serve(a: &MountArgs, ready_pipe: bool) -> anyhow::Result<()> {
         check_interval: a.key_check_interval,
         grace: a.grace_period,
     };
-    let keyring = Arc::new(Keyring::unlock(
-        vault,
-        &header,
-        Some(a.cipherdir.clone()),
-        kcfg,
-    )?);
+    // Everything in the header is authenticated here, before it is acted on (src/unlock.rs).
+    let (keyring, header) = crate::unlock::unlock(&home, vault, &a.cipherdir, &header, kcfg)?;
+    let keyring = Arc::new(keyring);
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(2);

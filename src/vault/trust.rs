@@ -154,7 +154,8 @@ fn update<T>(
     let out = f(&mut file)?;
     let mut json = serde_json::to_vec_pretty(&file).map_err(|e| store_err(&path(home), e))?;
     json.push(b'\n');
-    crate::fsutil::write_atomic(&path(home), &json, 0o600).map_err(|e| store_err(&path(home), e))?;
+    crate::fsutil::write_atomic(&path(home), &json, 0o600)
+        .map_err(|e| store_err(&path(home), e))?;
     Ok(out)
 }
 
@@ -438,7 +439,13 @@ mod tests {
             Some(v.clone())
         );
         assert_eq!(lookup(&home, "prod").unwrap(), Some(v.clone()));
-        assert!(add(&home, "again", "https://vault.example:8443", &AddOptions::default()).is_err());
+        assert!(add(
+            &home,
+            "again",
+            "https://vault.example:8443",
+            &AddOptions::default()
+        )
+        .is_err());
         assert!(add(&home, "local", "https://other:1", &AddOptions::default()).is_err());
         let mode = fs::metadata(path(&home)).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
