@@ -13,6 +13,9 @@ fn main() {
         eprintln!("cmkfs: error: cannot disable core dumps: {e}");
         std::process::exit(1);
     }
+    // Help and usage errors go to a pipe too (`cmkfs --help | head`); daemons turn SIGPIPE
+    // back off below.
+    cmkfs::process::default_sigpipe();
     let cli = match cmkfs::cli::Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) => {
@@ -29,8 +32,8 @@ fn main() {
             std::process::exit(2);
         }
     };
-    if cli.quiet_on_closed_pipe() {
-        cmkfs::process::default_sigpipe();
+    if !cli.quiet_on_closed_pipe() {
+        cmkfs::process::ignore_sigpipe();
     }
     if let Err(e) = cmkfs::cli::run(cli) {
         // One line: the error and its causes, joined.

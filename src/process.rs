@@ -73,6 +73,15 @@ pub fn default_sigpipe() {
     }
 }
 
+/// Ignores SIGPIPE again (Rust's default): for the daemon and the server, which must survive
+/// a reader that went away (writes then fail with `EPIPE`).
+pub fn ignore_sigpipe() {
+    // SAFETY: setting the disposition of one signal.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1154,6 +1154,8 @@ fn key_change_to_a_key_in_another_vault_over_https() {
         ],
     )
     .assert_ok();
+    env.cmkfs(&["vault", "add", "remote", &server.url])
+        .assert_ok();
     let key_url = format!("{}/keys/rk", server.url);
     let update = [
         "des",

@@ -350,6 +350,7 @@ fn cli(hsm: &Hsm, args: &[&str]) -> std::process::Output {
 fn pkcs11_key_commands_across_processes() {
     let hsm = Hsm::new(&["cli"]);
     let url = hsm.url("cli");
+    cli(&hsm, &["vault", "add", "cli-token", &url]);
     let out = cli(
         &hsm,
         &[

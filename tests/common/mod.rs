@@ -75,9 +75,13 @@ pub fn watchdog_limit() -> Duration {
     Duration::from_secs(secs)
 }
 
-/// Path of the `cmkfs` binary under test.
+/// Path of the `cmkfs` binary under test: the one cargo built, or `$CMKFS_TEST_BIN` (to run a
+/// test against another build, e.g. an older release, and see it fail there).
 pub fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_cmkfs")
+    static BIN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        std::env::var("CMKFS_TEST_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_cmkfs").into())
+    })
 }
 
 /// The seed for a test's RNG: `CMKFS_TEST_SEED` if set, else fresh. Always printed, so a
@@ -485,6 +489,8 @@ impl Env {
         for d in [&env.home, &env.cipher, &env.mnt] {
             fs::create_dir(d).expect("create test dir");
         }
+        // As cmkfs keeps its home (it tightens a looser one on first use).
+        fs::set_permissions(&env.home, fs::Permissions::from_mode(0o700)).expect("chmod home");
         env
     }
 
@@ -729,8 +735,9 @@ pub struct Mount {
 }
 
 impl Mount {
-    /// Takes charge of a mount that is already visible at `mnt`.
-    fn adopt(env: &Env, cipher: &Path, mnt: &Path) -> Mount {
+    /// Takes charge of a mount that is already visible at `mnt` (e.g. made by a `cmkfs mount`
+    /// a test ran itself, with its own environment).
+    pub fn adopt(env: &Env, cipher: &Path, mnt: &Path) -> Mount {
         let dev = mounts_at(mnt).last().map(|m| m.dev);
         let watchdog = Watchdog::start(mnt.to_path_buf(), dev, watchdog_limit());
         Mount {

@@ -13,9 +13,12 @@ pub const START_TIMEOUT: Duration = Duration::from_secs(60);
 /// Time limit for a SIGTERM to end it (then SIGKILL).
 pub const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The binary under test.
+/// The binary under test (`$CMKFS_TEST_BIN` overrides it, as in tests/common).
 pub fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_cmkfs")
+    static BIN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        std::env::var("CMKFS_TEST_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_cmkfs").into())
+    })
 }
 
 /// A `cmkfs vault serve` process; SIGTERM (then SIGKILL) when dropped.
