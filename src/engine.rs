@@ -215,7 +215,7 @@ impl Chunks {
 /// keys must not outlive the request on a FUSE or pool thread's stack.
 fn run_units(cipher: &XtsCipher, first: u128, buf: &mut [u8], dir: Dir) -> Result<(), CryptoError> {
     let r = run_units_inner(cipher, first, buf, dir);
-    crate::crypto::secret::scrub_stack_bytes::<4096>();
+    crate::crypto::secret::scrub_stack();
     r
 }
 

@@ -53,9 +53,34 @@ pub struct StatusFile {
     pub push: bool,
     /// When this file was written (RFC 3339).
     pub updated: String,
+    /// How the daemon keeps its keys out of reach (absent in files of older versions).
+    #[serde(default)]
+    pub memory: Option<MemoryStatus>,
     /// Keyring state and counters.
     #[serde(flatten)]
     pub keyring: serde_json::Value,
+}
+
+/// The daemon's memory protections, as it sees them itself.
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
+pub struct MemoryStatus {
+    /// Bytes of key material locked in RAM (0 once the keys are erased).
+    pub locked_bytes: usize,
+    /// Whether the process may be dumped or attached to by same-user processes.
+    pub dumpable: bool,
+    /// Whether a crash could write a core file (RLIMIT_CORE above 0).
+    pub core_dumps: bool,
+}
+
+impl MemoryStatus {
+    /// The current values.
+    pub fn now() -> MemoryStatus {
+        MemoryStatus {
+            locked_bytes: crate::crypto::secret::locked_bytes(),
+            dumpable: crate::process::dumpable(),
+            core_dumps: crate::process::core_limit() > 0,
+        }
+    }
 }
 
 /// One state change, as logged and as given to the alert hook.
@@ -250,6 +275,7 @@ pub fn status_doc(keyring: &Keyring, facts: &MountFacts) -> StatusFile {
         pid: facts.pid,
         push: facts.push,
         updated: rfc3339(SystemTime::now()),
+        memory: Some(MemoryStatus::now()),
         keyring: serde_json::to_value(ks).unwrap_or_default(),
     }
 }

@@ -37,6 +37,25 @@ pub fn forbid_core_dumps() -> io::Result<()> {
     Ok(())
 }
 
+/// Whether this process is dumpable (`PR_GET_DUMPABLE`).
+pub fn dumpable() -> bool {
+    // SAFETY: prctl PR_GET_DUMPABLE takes no pointers.
+    unsafe { libc::prctl(libc::PR_GET_DUMPABLE, 0, 0, 0, 0) != 0 }
+}
+
+/// The soft `RLIMIT_CORE` of this process, in bytes.
+pub fn core_limit() -> u64 {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into `r`.
+    if unsafe { libc::getrlimit(libc::RLIMIT_CORE, &mut r) } != 0 {
+        return u64::MAX;
+    }
+    r.rlim_cur
+}
+
 /// Sets the process umask to 077 and remembers the previous one ([`user_umask`]).
 pub fn private_umask() {
     // SAFETY: umask has no preconditions.
@@ -85,6 +104,23 @@ pub fn ignore_sigpipe() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn core_dumps_are_forbidden_for_good() {
+        // In a child: the test process itself stays dumpable.
+        // SAFETY: the child only makes async-signal-safe calls before _exit.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0);
+        if pid == 0 {
+            let ok = forbid_core_dumps().is_ok() && !dumpable() && core_limit() == 0;
+            // SAFETY: leave the child without running the parent's destructors.
+            unsafe { libc::_exit(if ok { 0 } else { 1 }) };
+        }
+        let mut status = 0;
+        // SAFETY: waiting for our own child.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0);
+    }
 
     #[test]
     fn thread_umask_is_private() {

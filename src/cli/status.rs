@@ -154,6 +154,19 @@ fn print_human(d: &serde_json::Value) {
     if let Some(n) = d.get("requests_denied").and_then(|v| v.as_u64()) {
         println!("  denied         {n} requests");
     }
+    if let Some(m) = d.get("memory").filter(|m| m.is_object()) {
+        let on = |k: &str| m.get(k).and_then(|v| v.as_bool()).unwrap_or(true);
+        println!(
+            "  memory         {} kB of keys locked in RAM, core dumps {}, {}",
+            m.get("locked_bytes").and_then(|v| v.as_u64()).unwrap_or(0) / 1024,
+            if on("core_dumps") { "ON" } else { "off" },
+            if on("dumpable") {
+                "DUMPABLE"
+            } else {
+                "not dumpable"
+            }
+        );
+    }
     if let Some(p) = d.get("push").and_then(|v| v.as_bool()) {
         println!(
             "  push           {}",

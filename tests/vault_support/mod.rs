@@ -74,6 +74,11 @@ impl ServerProc {
         server
     }
 
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
     /// SIGTERM, wait, SIGKILL if need be.
     pub fn stop(&mut self) {
         let Some(mut child) = self.child.take() else {
