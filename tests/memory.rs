@@ -199,7 +199,7 @@ fn status_problems(env: &Env) -> Vec<String> {
     if m["core_dumps"] != false {
         out.push(format!("mount daemon: core dumps on (status memory: {m})"));
     }
-    if !m["locked_bytes"].as_u64().is_some_and(|b| b > 0) {
+    if m["locked_bytes"].as_u64().unwrap_or(0) == 0 {
         out.push(format!("mount daemon: no keys locked (status memory: {m})"));
     }
     out
