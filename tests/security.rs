@@ -423,6 +423,37 @@ fn state_files_are_private_whatever_the_umask() {
     umask0(&["vault", "key", "update", "default", "--enable"]).assert_ok();
     wait_state(&env, &env.mnt, "Accessible", GUARD);
     assert!(env.home.join("events.jsonl").exists());
+    // The vault server too (it generates its TLS files on first start).
+    let mut server = env.command(&["vault", "serve", "--listen", "127.0.0.1:0"]);
+    // SAFETY: umask in the child between fork and exec.
+    unsafe {
+        server.pre_exec(|| {
+            libc::umask(0);
+            Ok(())
+        });
+    }
+    let mut server = server
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = server.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            if line.starts_with("listening on ") {
+                let _ = tx.send(());
+            }
+        }
+    });
+    let listening = rx.recv_timeout(GUARD).is_ok();
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(server.id() as i32, libc::SIGTERM) };
+    let _ = server.wait();
+    assert!(listening, "vault serve did not start");
+    assert!(env.home.join("vault/tls").exists());
     let mut loose = Vec::new();
     for p in walk(&env.home).into_iter().chain([env.home.clone()]) {
         let meta = fs::symlink_metadata(&p).unwrap();
