@@ -1874,6 +1874,7 @@ mod tests {
 
     /// A home with a purge-protected local vault and a 2048-bit key `k`.
     fn home_with_key() -> (tempfile::TempDir, Home, LocalVault) {
+        crate::vault::local::unlock::use_test_passphrase();
         let t = tempfile::tempdir().unwrap();
         let home = Home::at(t.path());
         let v = LocalVault::open(&home.vault_dir()).unwrap();

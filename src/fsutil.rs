@@ -110,6 +110,27 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
+/// Shifts size-rotated logs: `path.{keep-1}` → `path.{keep}` (the oldest is replaced), ...,
+/// `path.1` → `path.2`, then `path` → `path.1`. The caller serializes rotations and creates
+/// the new `path` afterwards; a crash in between leaves every line in one of the files.
+pub fn rotate_numbered(path: &Path, keep: u32) -> io::Result<()> {
+    let numbered = |n: u32| {
+        let mut s = path.as_os_str().to_owned();
+        s.push(format!(".{n}"));
+        PathBuf::from(s)
+    };
+    let keep = keep.max(1);
+    for n in (1..keep).rev() {
+        match fs::rename(numbered(n), numbered(n + 1)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+    }
+    fs::rename(path, numbered(1))?;
+    sync_dir(&parent_dir(path))
+}
+
 fn parent_dir(path: &Path) -> PathBuf {
     match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),

@@ -1121,6 +1121,7 @@ fn cmkfs_in(home: &Path, args: &[&str]) -> Output {
     cmd.args(args)
         .env("CMKFS_HOME", home)
         .env_remove("XDG_DATA_HOME");
+    common::passphrase_env(&mut cmd, home);
     run_with_timeout(cmd, CMD_TIMEOUT).unwrap_or_else(|e| panic!("{e}"))
 }
 

@@ -315,7 +315,9 @@ fn https_vault_keys_leave_the_daemon_on_revocation() {
     let server = vault_support::ServerProc::start(&host, 0);
     let cred = env.home.join("credentials/mnt.json");
     fs::create_dir_all(cred.parent().unwrap()).unwrap();
-    let out = Command::new(vault_support::bin())
+    let mut cmd = Command::new(vault_support::bin());
+    vault_support::passphrase_env(&mut cmd, &host);
+    let out = cmd
         .args([
             "vault",
             "identity",

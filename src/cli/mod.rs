@@ -14,6 +14,11 @@ use clap::{Parser, Subcommand};
 #[derive(Parser, Debug)]
 #[command(name = "cmkfs", version, about, propagate_version = true)]
 pub struct Cli {
+    /// Read the embedded vault's passphrase from the first line of this file (also
+    /// $CMKFS_PASSPHRASE_FILE, or the systemd credential cmkfs-vault-passphrase; else a prompt
+    /// on a terminal, or the key `cmkfs vault unseal` cached).
+    #[arg(long, global = true, value_name = "FILE")]
+    passphrase_file: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -65,6 +70,13 @@ impl Cli {
 
 /// Runs the parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
+    // A master key handed down by `cmkfs mount` to its daemon.
+    crate::vault::local::unlock::take_handed_key();
+    if let Some(p) = cli.passphrase_file {
+        crate::vault::local::unlock::set_passphrase_source(Some(
+            crate::vault::local::unlock::PassphraseSource::File(p),
+        ));
+    }
     if !matches!(cli.command, Command::MmapProbe { .. }) {
         crate::home::Home::from_env().secure()?;
     }

@@ -338,7 +338,11 @@ fn spawn_daemon(a: &MountArgs) -> anyhow::Result<()> {
             Ok(())
         });
     }
+    // A sealed embedded vault is unsealed here, where a terminal may be, and the key handed
+    // to the daemon (which has none); failures are left for the daemon to report.
+    let _key_pipe = hand_vault_key(&home, &a.cipherdir, &mut cmd);
     let mut child = cmd.spawn().context("starting the mount daemon")?;
+    drop(_key_pipe);
     let stdout = child.stdout.take().context("daemon stdout")?;
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -369,6 +373,34 @@ fn spawn_daemon(a: &MountArgs) -> anyhow::Result<()> {
             )
         }
     }
+}
+
+/// Unseals the home's embedded vault when the volume may need it, and hands the master key
+/// to the daemon `cmd` starts (see `unlock::hand_to_child`).
+fn hand_vault_key(
+    home: &Home,
+    cipherdir: &std::path::Path,
+    cmd: &mut Command,
+) -> Option<std::os::fd::OwnedFd> {
+    use crate::vault::local::{seal, unlock};
+    let header = VolumeHeader::read(cipherdir).ok()?;
+    let local = header.key_id.starts_with(vault::local::URL)
+        || header.platform.is_some()
+        || header.des.is_some();
+    if !local {
+        return None;
+    }
+    if matches!(seal::read_record(&home.vault_dir()), Ok(None))
+        && header.key_id.starts_with(vault::local::URL)
+    {
+        eprintln!(
+            "cmkfs: warning: the vault {} is not sealed (its keys are stored in clear): run `cmkfs vault seal`",
+            home.vault_dir().display()
+        );
+        return None;
+    }
+    let mk = seal::master_key(&home.vault_dir()).ok()??;
+    unlock::hand_to_child(cmd, &mk).ok()
 }
 
 fn run_foreground(a: MountArgs) -> anyhow::Result<()> {

@@ -404,12 +404,16 @@ impl Credential {
 
     /// Reads a credential file.
     pub fn load(path: &std::path::Path) -> Result<Credential, VaultError> {
-        let bytes = Zeroizing::new(std::fs::read(path).map_err(|e| {
+        let mut bytes = Zeroizing::new(std::fs::read(path).map_err(|e| {
             VaultError::Invalid(format!(
                 "cannot read credential file {}: {e}",
                 path.display()
             ))
         })?);
+        // Sealed by the embedded vault's master key (files in $CMKFS_HOME/credentials).
+        if let Some(env) = local::seal::Envelope::parse(&bytes) {
+            bytes = local::seal::open_credential(&env, path)?;
+        }
         serde_json::from_slice(&bytes).map_err(|e| {
             VaultError::Invalid(format!(
                 "{} is not a cmkfs credential file ({e})",
@@ -418,12 +422,21 @@ impl Credential {
         })
     }
 
-    /// Writes the credential to a new 0600 file (refuses to overwrite one).
+    /// The credential as the JSON a credential file holds (before any sealing).
+    pub fn to_json(&self) -> Result<Zeroizing<Vec<u8>>, VaultError> {
+        serde_json::to_vec_pretty(self)
+            .map(Zeroizing::new)
+            .map_err(|e| VaultError::Store(e.to_string()))
+    }
+
+    /// Writes the credential to a new 0600 file (refuses to overwrite one), in clear.
     pub fn save_new(&self, path: &std::path::Path) -> Result<(), VaultError> {
-        let json = Zeroizing::new(
-            serde_json::to_vec_pretty(self).map_err(|e| VaultError::Store(e.to_string()))?,
-        );
-        crate::fsutil::write_new(path, &json, 0o600).map_err(|e| {
+        Credential::save_bytes_new(&self.to_json()?, path)
+    }
+
+    /// Writes a credential file's bytes (clear JSON or sealed) to a new 0600 file.
+    pub fn save_bytes_new(json: &[u8], path: &std::path::Path) -> Result<(), VaultError> {
+        crate::fsutil::write_new(path, json, 0o600).map_err(|e| {
             VaultError::Invalid(format!(
                 "cannot write credential file {}: {e}",
                 path.display()
