@@ -150,7 +150,7 @@ impl CmkFs {
 
     fn listing(&self, fh: FileHandle) -> FsResult<Arc<DirSnapshot>> {
         // A listing snapshot holds plaintext names: serve it only while the keys are live.
-        self.vol.keyring().keys()?;
+        self.vol.keyring().keys::<crate::volume::VolumeError>()?;
         lock(&self.dirs)
             .get(&fh.0)
             .cloned()
