@@ -12,7 +12,7 @@ use clap::Args;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use crate::fs::CmkFs;
+use crate::fs::{CmkFs, FsOptions};
 use crate::home::Home;
 use crate::keyring::KeyringConfig;
 use crate::monitor::{self, MonitorSinks, MountFacts};
@@ -101,6 +101,14 @@ pub struct MountArgs {
     /// Ignore the vault's push notifications and rely on periodic checks only.
     #[arg(long)]
     no_push: bool,
+    /// Kernel readahead of the mount in KiB (sequential reads arrive as requests this large,
+    /// up to 1 MiB); 0 keeps the kernel's default (128 KiB). Needs root.
+    #[arg(long, value_name = "KIB", default_value_t = mount::DEFAULT_READAHEAD_KB)]
+    readahead_kb: u32,
+    /// Let the kernel cache writes and send them in large batches (FUSE writeback cache):
+    /// errors of cached writes then surface at fsync or close instead of at write.
+    #[arg(long)]
+    writeback_cache: bool,
 }
 
 impl MountArgs {
@@ -323,6 +331,10 @@ fn spawn_daemon(a: &MountArgs) -> anyhow::Result<()> {
     if a.no_push {
         cmd.arg("--no-push");
     }
+    cmd.arg("--readahead-kb").arg(a.readahead_kb.to_string());
+    if a.writeback_cache {
+        cmd.arg("--writeback-cache");
+    }
     if let Some(c) = &a.credential {
         cmd.arg("--credential")
             .arg(std::fs::canonicalize(c).with_context(|| format!("credential {}", c.display()))?);
@@ -455,11 +467,17 @@ fn serve(a: &MountArgs, ready_pipe: bool) -> anyhow::Result<()> {
         0,
     )?);
     let cipherdir = vol.root().to_path_buf();
-    let fs = CmkFs::new(vol);
+    let fs = CmkFs::with_options(
+        vol,
+        FsOptions {
+            writeback_cache: a.writeback_cache,
+        },
+    );
     let table = fs.node_table();
     let cfg = MountConfig {
         fuse_threads: a.threads.unwrap_or(cores.max(2)),
         allow_other: a.allow_other,
+        readahead_kb: a.readahead_kb,
     };
     let session = mount::mount(fs, &mp, &cfg)?;
     let record = RunRecord {

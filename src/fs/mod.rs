@@ -82,8 +82,18 @@ struct Files {
     by_ino: HashMap<u64, Vec<u64>>,
 }
 
+/// Kernel-side choices of a mount.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct FsOptions {
+    /// Offer FUSE_WRITEBACK_CACHE: the kernel keeps written pages and sends them later in
+    /// large requests; it then owns file sizes and mtimes, and errors of cached writes
+    /// surface at fsync or close.
+    pub writeback_cache: bool,
+}
+
 /// The FUSE filesystem of one mounted volume.
 pub struct CmkFs {
+    opts: FsOptions,
     vol: Arc<Volume>,
     table: Arc<NodeTable>,
     files: Mutex<Files>,
@@ -172,10 +182,16 @@ fn fattr(ino: u64, a: &Attr) -> FileAttr {
 }
 
 impl CmkFs {
-    /// Wraps an open volume.
+    /// Wraps an open volume, with the default options.
     pub fn new(vol: Arc<Volume>) -> CmkFs {
+        Self::with_options(vol, FsOptions::default())
+    }
+
+    /// Wraps an open volume.
+    pub fn with_options(vol: Arc<Volume>, opts: FsOptions) -> CmkFs {
         let table = Arc::new(NodeTable::new(&vol));
         CmkFs {
+            opts,
             vol,
             table,
             files: Mutex::new(Files::default()),
@@ -310,6 +326,9 @@ impl Filesystem for CmkFs {
             let _ = config.set_max_write(nearest);
         }
         let _ = config.add_capabilities(fuser::InitFlags::FUSE_PARALLEL_DIROPS);
+        if self.opts.writeback_cache {
+            let _ = config.add_capabilities(fuser::InitFlags::FUSE_WRITEBACK_CACHE);
+        }
         // We clear setuid/setgid and file capabilities on write ourselves; in exchange the
         // kernel stops asking getxattr("security.capability") before every single write.
         let _ = config.add_capabilities(fuser::InitFlags::FUSE_HANDLE_KILLPRIV_V2);
