@@ -20,6 +20,7 @@
 #                    before/after ratios in the same run
 #   CMKFS_MOUNT_ARGS="..."  extra `cmkfs mount` options (e.g. tuning switches to compare)
 #   CMKFS_BASELINE_ARGS="..."  the same for the baseline (it may be the same binary)
+#   PASSTHROUGH_ARGS="..."  options of examples/passthrough.rs (e.g. --no-writeback-cache)
 #   TARBALL=path     the tarball of the metadata job (default: aws-lc-sys from the cargo cache)
 #
 # Jobs (fio, one job unless said; caches dropped before every read job, so reads are cold):
@@ -159,7 +160,8 @@ if [[ $GOCRYPTFS -eq 1 ]]; then
 fi
 if [[ $PASSTHROUGH -eq 1 ]]; then
     mkdir -p "$W/passthrough" "$W/pt-backing"
-    "$PT_BIN" "$W/pt-backing" "$W/passthrough" &
+    # shellcheck disable=SC2086
+    "$PT_BIN" "$W/pt-backing" "$W/passthrough" ${PASSTHROUGH_ARGS:-} &
     PID[passthrough]=$!
     FSS+=(passthrough)
     wait_mounted "$W/passthrough"
@@ -249,7 +251,11 @@ run_job() { # job fs -> "bytes seconds iops"
         local t5
         t5=$(date +%s.%N)
         # Seconds of the four stages (not the cache drops); bytes: what was extracted.
-        python3 -c 'import sys; a=[float(x) for x in sys.argv[1:7]]; s=(a[1]-a[0])+(a[3]-a[2])+(a[4]-a[3])+(a[5]-a[4]); print(int(sys.argv[7]), s, 0)' \
+        python3 -c '
+import json, sys
+a = [float(x) for x in sys.argv[1:7]]
+st = {"extract": a[1] - a[0], "ls": a[3] - a[2], "sum": a[4] - a[3], "rm": a[5] - a[4]}
+print(int(sys.argv[7]), sum(st.values()), 0, json.dumps(st, separators=(",", ":")))' \
             "$t0" "$t1" "$t2" "$t3" "$t4" "$t5" "$bytes" ;;
     *) echo "unknown job $1" >&2; return 1 ;;
     esac
@@ -258,8 +264,11 @@ run_job() { # job fs -> "bytes seconds iops"
 JOBS=(seq-write-1m seq-read-1m rand-read-4k rand-read-4k-qd16 rand-write-4k rand-write-4k-qd16 seq-write-4k parallel-4 metadata)
 if [[ -n $ONLY ]]; then
     IFS=, read -r -a JOBS <<<"$ONLY"
-    # The read jobs need the file seq-write-1m leaves.
-    [[ " ${JOBS[*]} " == *" seq-write-1m "* ]] || JOBS=(seq-write-1m "${JOBS[@]}")
+    # The read and random write jobs work on the file seq-write-1m leaves.
+    if [[ " ${JOBS[*]} " =~ \ (seq-read-1m|rand-read-4k|rand-read-4k-qd16|rand-write-4k|rand-write-4k-qd16)\  &&
+        " ${JOBS[*]} " != *" seq-write-1m "* ]]; then
+        JOBS=(seq-write-1m "${JOBS[@]}")
+    fi
 fi
 
 LOAD0=$(cut -d' ' -f1-3 /proc/loadavg)
@@ -268,10 +277,10 @@ for ((r = 1; r <= ROUNDS; r++)); do
     for job in "${JOBS[@]}"; do
         for fs in "${FSS[@]}"; do
             c0=$(ticks "$fs")
-            read -r bytes secs iops < <(run_job "$job" "$fs")
+            read -r bytes secs iops stages < <(run_job "$job" "$fs")
             c1=$(ticks "$fs")
-            printf '{"round":%d,"job":"%s","fs":"%s","bytes":%s,"seconds":%s,"iops":%s,"cpu_ticks":%d,"hz":%d}\n' \
-                "$r" "$job" "$fs" "$bytes" "$secs" "$iops" "$((c1 - c0))" "$(getconf CLK_TCK)" >>"$RESULTS"
+            printf '{"round":%d,"job":"%s","fs":"%s","bytes":%s,"seconds":%s,"iops":%s,"cpu_ticks":%d,"hz":%d,"stages":%s}\n' \
+                "$r" "$job" "$fs" "$bytes" "$secs" "$iops" "$((c1 - c0))" "$(getconf CLK_TCK)" "${stages:-null}" >>"$RESULTS"
             printf '  round %d %-20s %-12s %8.1f MB/s %9.0f IOPS %7.2f s\n' "$r" "$job" "$fs" \
                 "$(python3 -c "print($bytes / max($secs, 1e-9) / 1e6)")" "$iops" "$secs"
         done

@@ -101,7 +101,17 @@ def ratio(a, b, unit):
     return b / a if unit == "s" else a / b
 
 
-def table(jobs, fss, med, rss, env):
+def stage_medians(rows, fss):
+    """Median seconds of each stage of the metadata job, per filesystem."""
+    out = {}
+    for f in fss:
+        runs = [r["stages"] for r in rows if r["fs"] == f and r.get("stages")]
+        if runs:
+            out[f] = {k: statistics.median(s[k] for s in runs) for k in runs[0]}
+    return out
+
+
+def table(jobs, fss, med, rss, env, rows):
     others = [f for f in fss if f not in ("raw",)]
     head = ["job", "unit"] + fss
     if "gocryptfs" in fss:
@@ -132,6 +142,11 @@ def table(jobs, fss, med, rss, env):
         "metadata job, time over time, so >1 means faster). CPU: daemon user+system seconds "
         "per GiB moved (metadata: seconds for the whole job), from /proc/PID/stat.\n"
     )
+    stages = stage_medians(rows, fss)
+    if stages:
+        out += "\nMetadata job by stage (seconds, medians): " + "; ".join(
+            f + " " + ", ".join(f"{k} {v:.2f}" for k, v in st.items()) for f, st in stages.items()
+        ) + ".\n"
     if rss:
         out += "\nPeak RSS of each daemon over the whole run (VmHWM): " + ", ".join(
             f"{f} {rss[f] / 1024:.0f} MiB" for f in fss if f in rss and f != "raw"
@@ -237,7 +252,7 @@ def main():
         if r["job"] not in jobs:
             jobs.append(r["job"])
     med = medians(rows)
-    print(table(jobs, fss, med, rss, env))
+    print(table(jobs, fss, med, rss, env, rows))
     env_line = "; ".join(l for l in env.splitlines() if l.startswith(("kernel", "size", "load")))
     (out / "plot.svg").write_text(svg(jobs, fss, med, rss, env_line))
 
