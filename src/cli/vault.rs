@@ -779,6 +779,7 @@ fn key(v: &dyn Vault, cmd: KeyCommand) -> anyhow::Result<()> {
                     .map(|t| parse_time(t).context("--exp"))
                     .transpose()?,
                 key_ops: key_ops.map(|ops| ops.into_iter().map(|o| o.trim().to_string()).collect()),
+                tags: None,
             };
             let info = v.update_key(&name, version.as_deref(), &upd)?;
             print_key(&info, json, "updated")

@@ -16,6 +16,9 @@
 //! inotify on that one file), release.
 
 mod audit;
+mod backup;
+mod crypto;
+pub mod policy;
 mod rsa;
 pub mod seal;
 mod store;
@@ -39,6 +42,7 @@ pub use rsa::KEY_SIZES;
 use self::store::{DeletedRecord, IdentityRecord, KeyRecord, Store, VaultRecord, VersionRecord};
 use super::{
     default_key_ops, recovery_level, valid_identity_name, valid_key_name, validate_key_ops,
+    validate_tags,
     CreateKeyOptions, Credential, DeletedKeyInfo, DenyReason, ImportKeyOptions, KeyId, KeyInfo,
     KeyUpdate, Permission, Vault, VaultError, VaultProperties, WrapAlg, MAX_RETENTION_DAYS,
     MIN_RETENTION_DAYS, OWNER_IDENTITY,
@@ -55,6 +59,9 @@ pub fn suppress_unsealed_warning() {
 pub const URL: &str = "local:";
 
 const DAY: u64 = 86_400;
+
+/// The conflict of a conditional rotation that another writer already made.
+const ALREADY_ROTATED: &str = "the key was rotated meanwhile";
 
 /// Turns the bytes of a private key file (PKCS#8 PEM/DER, or PKCS#1 PEM/DER) into PKCS#8 DER
 /// for [`Vault::import_key`]. Clear errors for encrypted, non-RSA or public-key files.
@@ -682,6 +689,7 @@ impl LocalVault {
             recovery_level: recovery_level(cfg.retention_days, cfg.purge_protection).into(),
             recoverable_days: cfg.retention_days,
             imported: v.imported,
+            tags: v.tags.clone(),
         }
     }
 
@@ -800,6 +808,7 @@ impl LocalVault {
             n: m.n.clone(),
             e: m.e.clone(),
             imported,
+            tags: Default::default(),
         })
     }
 
@@ -812,10 +821,31 @@ impl LocalVault {
         wrap_alg: Option<WrapAlg>,
         create: CreateMode,
     ) -> Result<KeyInfo, VaultError> {
+        self.add_version_checked(name, m, imported, wrap_alg, create, None)
+    }
+
+    /// [`LocalVault::add_version`], refused with [`ALREADY_ROTATED`] when `if_latest` is given
+    /// and the key's latest version is another one by the time the lock is held (two
+    /// processes applying the same due rotation make one version, not two).
+    fn add_version_checked(
+        &self,
+        name: &str,
+        m: &rsa::Material,
+        imported: bool,
+        wrap_alg: Option<WrapAlg>,
+        create: CreateMode,
+        if_latest: Option<&str>,
+    ) -> Result<KeyInfo, VaultError> {
         // Resolved before the lock: it may ask for the passphrase.
         self.master()?;
         self.mutate(|cfg| {
             let existing = self.store.read_key(name)?;
+            if let (Some(want), Some(rec)) = (if_latest, &existing) {
+                if rec.latest().map(|v| v.version.as_str()) != Some(want) || rec.deleted.is_some()
+                {
+                    return Err(VaultError::Conflict(ALREADY_ROTATED.into()));
+                }
+            }
             let mut v = self.new_version(m, imported)?;
             match existing {
                 Some(rec) if rec.deleted.is_some() => Err(VaultError::Conflict(format!(
@@ -827,10 +857,12 @@ impl LocalVault {
                 ))),
                 Some(mut rec) => {
                     if create == CreateMode::Rotate {
-                        // A rotation keeps the key's operations; attributes start fresh.
+                        // A rotation keeps the key's operations; attributes start fresh, but
+                        // for the expiry the rotation policy gives every new version.
                         if let Some(last) = rec.latest() {
                             v.key_ops = last.key_ops.clone();
                         }
+                        v.exp = policy::new_version_expiry(&rec, v.created, self.limits())?;
                     }
                     if let Some(alg) = wrap_alg.filter(|a| *a != rec.wrap_alg) {
                         return Err(VaultError::Invalid(format!(
@@ -859,6 +891,8 @@ impl LocalVault {
                         wrap_alg: wrap_alg.unwrap_or_default(),
                         versions: vec![v.clone()],
                         deleted: None,
+                        rotation_policy: None,
+                        near_expiry_notified: None,
                     };
                     let stored = self.seal_private_key(name, &v.version, &m.pkcs8)?;
                     self.store.create_key(&rec, &stored)?;
@@ -1169,6 +1203,10 @@ impl Vault for LocalVault {
         URL.to_string()
     }
 
+    fn apply_due_rotations(&self) -> Result<Vec<KeyInfo>, VaultError> {
+        self.apply_rotation_policies()
+    }
+
     fn watch(&self) -> Option<std::sync::mpsc::Receiver<()>> {
         match super::watch::watch_file(&self.generation_path()) {
             Ok(rx) => Some(rx),
@@ -1303,6 +1341,9 @@ impl Vault for LocalVault {
             if let Some(ops) = &upd.key_ops {
                 validate_key_ops(ops)?;
             }
+            if let Some(tags) = &upd.tags {
+                validate_tags(tags)?;
+            }
             self.require(Permission::Update, name)?;
             self.mutate(|cfg| {
                 let mut rec = self.active_key(name)?;
@@ -1336,6 +1377,9 @@ impl Vault for LocalVault {
                 }
                 if let Some(ops) = &upd.key_ops {
                     v.key_ops = ops.clone();
+                }
+                if let Some(tags) = &upd.tags {
+                    v.tags = tags.clone();
                 }
                 v.updated = now;
                 rec.updated = now;
@@ -1485,18 +1529,8 @@ impl Vault for LocalVault {
             let v = Self::lookup_version(&rec, version)?;
             *id = kid(name, &v.version);
             usable(v, id, "wrapKey")?;
-            let now = self.now();
             // Key Vault: outside nbf/exp a key may still decrypt/unwrap, but not encrypt/wrap.
-            if v.nbf.is_some_and(|n| now < n) || v.exp.is_some_and(|x| now >= x) {
-                return Err(denied(
-                    DenyReason::KeyExpired,
-                    format!(
-                        "{id} (valid {} to {}; wrap needs a current key: rotate, or update nbf/exp)",
-                        v.nbf.map_or("always".into(), fmt_time),
-                        v.exp.map_or("forever".into(), fmt_time)
-                    ),
-                ));
-            }
+            self.check_current(v, id, "wrap")?;
             let value = rsa::wrap(&v.n, &v.e, alg, plaintext)?;
             Ok(super::Wrapped {
                 kid: KeyId { vault: URL.into(), name: name.into(), version: v.version.clone() },
@@ -1569,6 +1603,17 @@ impl LocalVault {
         })
     }
 
+    /// Reads and opens a version's private key (PKCS#8 DER).
+    fn private_key_of(&self, key: &KeyId, id: &str) -> Result<Zeroizing<Vec<u8>>, VaultError> {
+        let stored = self
+            .store
+            .read_version_key(&key.name, &key.version)?
+            .ok_or_else(|| {
+                VaultError::Store(format!("the private key of {id} is missing from the store"))
+            })?;
+        self.open_private_key(&key.name, &key.version, stored)
+    }
+
     /// Reads, opens and uses a version's private key.
     fn unwrap_with(
         &self,
@@ -1577,13 +1622,7 @@ impl LocalVault {
         alg: WrapAlg,
         wrapped: &[u8],
     ) -> Result<Zeroizing<Vec<u8>>, VaultError> {
-        let stored = self
-            .store
-            .read_version_key(&key.name, &key.version)?
-            .ok_or_else(|| {
-                VaultError::Store(format!("the private key of {id} is missing from the store"))
-            })?;
-        let pkcs8 = self.open_private_key(&key.name, &key.version, stored)?;
+        let pkcs8 = self.private_key_of(key, id)?;
         rsa::unwrap(&pkcs8, alg, wrapped)?.map_err(|()| VaultError::UnwrapFailed {
             kid: id.to_string(),
         })

@@ -52,6 +52,7 @@ impl FromStr for WrapAlg {
         match s {
             "RSA-OAEP-256" => Ok(WrapAlg::RsaOaep256),
             "RSA-OAEP" => Ok(WrapAlg::RsaOaep),
+            "RSA1_5" => Err(rsa1_5_refused()),
             other => Err(VaultError::Invalid(format!(
                 "unknown wrap algorithm {other:?} (expected RSA-OAEP-256 or RSA-OAEP)"
             ))),
@@ -154,6 +155,10 @@ pub struct KeyInfo {
     /// Whether the version's private key was imported rather than generated in the vault.
     #[serde(default)]
     pub imported: bool,
+    /// Application tags of the version (Key Vault's `tags`; cmkfs's own wrap-algorithm tag is
+    /// not among them: it is [`KeyInfo::wrap_alg`]).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub tags: std::collections::BTreeMap<String, String>,
 }
 
 /// A soft-deleted key: its latest version plus when it was deleted and when it goes for good.
@@ -180,6 +185,8 @@ pub struct KeyUpdate {
     pub exp: Option<Option<u64>>,
     /// New permitted operations (JWK `key_ops` names, see [`KEY_OPS`]).
     pub key_ops: Option<Vec<String>>,
+    /// New application tags of the version (replacing all of them; see [`validate_tags`]).
+    pub tags: Option<std::collections::BTreeMap<String, String>>,
 }
 
 /// Options for importing an existing private key as a new version.
@@ -203,6 +210,121 @@ pub const KEY_OPS: [&str; 6] = [
 /// `key_ops` of a new key: the two operations a KEK exists for.
 pub fn default_key_ops() -> Vec<String> {
     vec!["wrapKey".to_string(), "unwrapKey".to_string()]
+}
+
+/// `key_ops` Key Vault gives an RSA key created or imported without any: all six. The vault
+/// server uses them for requests that name none, as the service does; the CLI keeps
+/// [`default_key_ops`] (a KEK needs nothing else).
+pub fn all_key_ops() -> Vec<String> {
+    KEY_OPS.iter().map(|o| o.to_string()).collect()
+}
+
+/// Most tags a key version may carry (Key Vault's limit).
+pub const MAX_TAGS: usize = 15;
+/// Longest tag name and value, in characters (Key Vault's limit).
+pub const MAX_TAG_LEN: usize = 256;
+
+/// Checks application tags against Key Vault's limits: at most 15, names 1-256 characters,
+/// values at most 256.
+pub fn validate_tags(tags: &std::collections::BTreeMap<String, String>) -> Result<(), VaultError> {
+    if tags.len() > MAX_TAGS {
+        return Err(VaultError::Invalid(format!(
+            "{} tags given: a key version carries at most {MAX_TAGS}",
+            tags.len()
+        )));
+    }
+    for (k, v) in tags {
+        if k.is_empty() || k.chars().count() > MAX_TAG_LEN {
+            return Err(VaultError::Invalid(format!(
+                "tag name {k:?} must be 1-{MAX_TAG_LEN} characters"
+            )));
+        }
+        if v.chars().count() > MAX_TAG_LEN {
+            return Err(VaultError::Invalid(format!(
+                "the value of tag {k:?} is longer than {MAX_TAG_LEN} characters"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// RSA signature algorithms (JWA names): what `sign` and `verify` accept. The value signed is
+/// a digest the caller computed with the algorithm's hash, as in Key Vault.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SignAlg {
+    /// RSASSA-PKCS1-v1_5 with SHA-256.
+    Rs256,
+    /// RSASSA-PKCS1-v1_5 with SHA-384.
+    Rs384,
+    /// RSASSA-PKCS1-v1_5 with SHA-512.
+    Rs512,
+    /// RSASSA-PSS with SHA-256, MGF1-SHA-256, salt of 32 bytes.
+    Ps256,
+    /// RSASSA-PSS with SHA-384, MGF1-SHA-384, salt of 48 bytes.
+    Ps384,
+    /// RSASSA-PSS with SHA-512, MGF1-SHA-512, salt of 64 bytes.
+    Ps512,
+}
+
+impl SignAlg {
+    /// The JWA name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SignAlg::Rs256 => "RS256",
+            SignAlg::Rs384 => "RS384",
+            SignAlg::Rs512 => "RS512",
+            SignAlg::Ps256 => "PS256",
+            SignAlg::Ps384 => "PS384",
+            SignAlg::Ps512 => "PS512",
+        }
+    }
+
+    /// Length in bytes of the digest the algorithm signs.
+    pub fn digest_len(self) -> usize {
+        match self {
+            SignAlg::Rs256 | SignAlg::Ps256 => 32,
+            SignAlg::Rs384 | SignAlg::Ps384 => 48,
+            SignAlg::Rs512 | SignAlg::Ps512 => 64,
+        }
+    }
+}
+
+impl fmt::Display for SignAlg {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for SignAlg {
+    type Err = VaultError;
+    fn from_str(s: &str) -> Result<Self, VaultError> {
+        Ok(match s {
+            "RS256" => SignAlg::Rs256,
+            "RS384" => SignAlg::Rs384,
+            "RS512" => SignAlg::Rs512,
+            "PS256" => SignAlg::Ps256,
+            "PS384" => SignAlg::Ps384,
+            "PS512" => SignAlg::Ps512,
+            other => {
+                return Err(VaultError::Invalid(format!(
+                    "signature algorithm {other:?} is not supported for RSA keys \
+                     (use RS256, RS384, RS512, PS256, PS384 or PS512)"
+                )))
+            }
+        })
+    }
+}
+
+/// The refusal of `RSA1_5` (RSAES-PKCS1-v1_5), wherever an algorithm is named: decrypting it
+/// is the Bleichenbacher padding oracle, and its timing variant ("Marvin", 2023) still breaks
+/// careful implementations, so a vault that unwraps what remote callers send must not offer
+/// it at all (half-support would let a client wrap with it and never unwrap again).
+pub fn rsa1_5_refused() -> VaultError {
+    VaultError::Invalid(
+        "RSA1_5 (RSAES-PKCS1-v1_5) is refused by this vault: its decryption is a padding \
+         oracle (Bleichenbacher 1998, Marvin 2023); use RSA-OAEP-256 (or RSA-OAEP)"
+            .into(),
+    )
 }
 
 /// Checks a `key_ops` list: known names only, no duplicates.
@@ -277,11 +399,29 @@ pub enum Permission {
     Purge,
     /// Add a new version.
     Rotate,
+    /// Encrypt with a key (`POST .../encrypt`).
+    Encrypt,
+    /// Decrypt with a key (`POST .../decrypt`).
+    Decrypt,
+    /// Sign a digest (`POST .../sign`).
+    Sign,
+    /// Verify a signature (`POST .../verify`).
+    Verify,
+    /// Export a key as a backup blob sealed by the vault.
+    Backup,
+    /// Restore a key from a backup blob.
+    Restore,
+    /// Read a key's rotation policy.
+    #[serde(rename = "getrotationpolicy")]
+    GetRotationPolicy,
+    /// Change a key's rotation policy.
+    #[serde(rename = "setrotationpolicy")]
+    SetRotationPolicy,
 }
 
 impl Permission {
     /// Every permission, in display order.
-    pub const ALL: [Permission; 11] = [
+    pub const ALL: [Permission; 19] = [
         Permission::Get,
         Permission::List,
         Permission::WrapKey,
@@ -293,6 +433,14 @@ impl Permission {
         Permission::Recover,
         Permission::Purge,
         Permission::Rotate,
+        Permission::Encrypt,
+        Permission::Decrypt,
+        Permission::Sign,
+        Permission::Verify,
+        Permission::Backup,
+        Permission::Restore,
+        Permission::GetRotationPolicy,
+        Permission::SetRotationPolicy,
     ];
 
     /// The Key Vault name (`wrapKey`, ...).
@@ -309,6 +457,14 @@ impl Permission {
             Permission::Recover => "recover",
             Permission::Purge => "purge",
             Permission::Rotate => "rotate",
+            Permission::Encrypt => "encrypt",
+            Permission::Decrypt => "decrypt",
+            Permission::Sign => "sign",
+            Permission::Verify => "verify",
+            Permission::Backup => "backup",
+            Permission::Restore => "restore",
+            Permission::GetRotationPolicy => "getrotationpolicy",
+            Permission::SetRotationPolicy => "setrotationpolicy",
         }
     }
 }
@@ -658,6 +814,14 @@ pub trait Vault: Send + Sync {
     /// What this connection's identity may do with the key `name` (everything for the owner).
     fn permissions(&self, _name: &str) -> Result<Vec<Permission>, VaultError> {
         Err(unsupported("reading permissions"))
+    }
+
+    /// Applies the rotation policies that are due (new key versions on schedule, near-expiry
+    /// notices), as the vault itself: the embedded vault does it whenever a long-running
+    /// process (a mount's monitor) checks its key; a vault server does it on its own timer,
+    /// so remote backends have nothing to do here. Returns the versions created.
+    fn apply_due_rotations(&self) -> Result<Vec<KeyInfo>, VaultError> {
+        Ok(Vec::new())
     }
 
     /// Push notifications: a channel that receives `()` soon after any key, identity or

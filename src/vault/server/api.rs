@@ -645,6 +645,7 @@ fn key_update(key_ops: Option<Vec<String>>, a: Option<KeyAttributesUpdate>) -> K
         nbf: a.nbf,
         exp: a.exp,
         key_ops,
+        tags: None,
     }
 }
 
