@@ -140,6 +140,16 @@ pub fn spawn(
                     // DES auto-rotation (issue 4 item 7) rides on the key check, so it happens
                     // within one key-check interval of a new key version; it runs first so that
                     // the check below re-reads the rewrapped header and validates it at once.
+                    // The embedded vault has no server to apply its rotation policies: a
+                    // mount's checks do it (a no-op for remote vaults, whose server does).
+                    match keyring.vault().apply_due_rotations() {
+                        Ok(made) => {
+                            for k in made {
+                                tracing::info!(kid = %k.kid, "rotation policy made a new key version");
+                            }
+                        }
+                        Err(e) => tracing::warn!(error = %e, "cannot apply rotation policies"),
+                    }
                     crate::des::auto_rotate_mounted(&facts.cipherdir, keyring.vault());
                     if let Some(t) = keyring.check() {
                         if matches!(t.to, KeyState::Inaccessible { .. }) {

@@ -42,10 +42,9 @@ pub use rsa::KEY_SIZES;
 use self::store::{DeletedRecord, IdentityRecord, KeyRecord, Store, VaultRecord, VersionRecord};
 use super::{
     default_key_ops, recovery_level, valid_identity_name, valid_key_name, validate_key_ops,
-    validate_tags,
-    CreateKeyOptions, Credential, DeletedKeyInfo, DenyReason, ImportKeyOptions, KeyId, KeyInfo,
-    KeyUpdate, Permission, Vault, VaultError, VaultProperties, WrapAlg, MAX_RETENTION_DAYS,
-    MIN_RETENTION_DAYS, OWNER_IDENTITY,
+    validate_tags, CreateKeyOptions, Credential, DeletedKeyInfo, DenyReason, ImportKeyOptions,
+    KeyId, KeyInfo, KeyUpdate, Permission, Vault, VaultError, VaultProperties, WrapAlg,
+    MAX_RETENTION_DAYS, MIN_RETENTION_DAYS, OWNER_IDENTITY,
 };
 
 static QUIET_UNSEALED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
@@ -841,8 +840,7 @@ impl LocalVault {
         self.mutate(|cfg| {
             let existing = self.store.read_key(name)?;
             if let (Some(want), Some(rec)) = (if_latest, &existing) {
-                if rec.latest().map(|v| v.version.as_str()) != Some(want) || rec.deleted.is_some()
-                {
+                if rec.latest().map(|v| v.version.as_str()) != Some(want) || rec.deleted.is_some() {
                     return Err(VaultError::Conflict(ALREADY_ROTATED.into()));
                 }
             }
@@ -1207,6 +1205,18 @@ impl Vault for LocalVault {
         self.apply_rotation_policies()
     }
 
+    fn rotation_policy(&self, name: &str) -> Result<policy::RotationPolicy, VaultError> {
+        self.get_rotation_policy(name)
+    }
+
+    fn set_rotation_policy(
+        &self,
+        name: &str,
+        p: &policy::RotationPolicy,
+    ) -> Result<policy::RotationPolicy, VaultError> {
+        LocalVault::set_rotation_policy(self, name, p)
+    }
+
     fn watch(&self) -> Option<std::sync::mpsc::Receiver<()>> {
         match super::watch::watch_file(&self.generation_path()) {
             Ok(rx) => Some(rx),
@@ -1533,7 +1543,11 @@ impl Vault for LocalVault {
             self.check_current(v, id, "wrap")?;
             let value = rsa::wrap(&v.n, &v.e, alg, plaintext)?;
             Ok(super::Wrapped {
-                kid: KeyId { vault: URL.into(), name: name.into(), version: v.version.clone() },
+                kid: KeyId {
+                    vault: URL.into(),
+                    name: name.into(),
+                    version: v.version.clone(),
+                },
                 alg,
                 value,
             })

@@ -816,6 +816,19 @@ pub trait Vault: Send + Sync {
         Err(unsupported("reading permissions"))
     }
 
+    /// A key's rotation policy (Key Vault's default one when none was set).
+    fn rotation_policy(&self, _name: &str) -> Result<local::policy::RotationPolicy, VaultError> {
+        Err(unsupported("rotation policies"))
+    }
+    /// Replaces a key's rotation policy; returns it as stored.
+    fn set_rotation_policy(
+        &self,
+        _name: &str,
+        _policy: &local::policy::RotationPolicy,
+    ) -> Result<local::policy::RotationPolicy, VaultError> {
+        Err(unsupported("rotation policies"))
+    }
+
     /// Applies the rotation policies that are due (new key versions on schedule, near-expiry
     /// notices), as the vault itself: the embedded vault does it whenever a long-running
     /// process (a mount's monitor) checks its key; a vault server does it on its own timer,

@@ -78,7 +78,8 @@ impl LocalVault {
         plaintext: &[u8],
     ) -> Result<(KeyId, Vec<u8>), VaultError> {
         self.audited("KeyEncrypt", target(name, version), |id| {
-            let (_, v) = self.version_for(name, version, Permission::Encrypt, "encrypt", true, id)?;
+            let (_, v) =
+                self.version_for(name, version, Permission::Encrypt, "encrypt", true, id)?;
             let out = rsa::wrap(&v.n, &v.e, alg, plaintext)?;
             Ok((Self::key_id(name, &v), out))
         })
@@ -127,7 +128,8 @@ impl LocalVault {
         signature: &[u8],
     ) -> Result<(KeyId, bool), VaultError> {
         self.audited("KeyVerify", target(name, version), |id| {
-            let (_, v) = self.version_for(name, version, Permission::Verify, "verify", false, id)?;
+            let (_, v) =
+                self.version_for(name, version, Permission::Verify, "verify", false, id)?;
             let ok = rsa::verify_digest(&v.n, &v.e, alg, digest, signature)?;
             Ok((Self::key_id(name, &v), ok))
         })

@@ -278,7 +278,11 @@ pub(super) fn new_version_expiry(
     created: u64,
     limits: PolicyLimits,
 ) -> Result<Option<u64>, VaultError> {
-    match rec.rotation_policy.as_ref().and_then(|p| p.expiry_time.as_ref()) {
+    match rec
+        .rotation_policy
+        .as_ref()
+        .and_then(|p| p.expiry_time.as_ref())
+    {
         // Checked when the policy was set; limits may have changed since (test setting), so
         // only the syntax is re-checked here.
         Some(e) => {
@@ -424,9 +428,9 @@ impl LocalVault {
             };
             for d in todo {
                 let r = match d {
-                    Due::Rotate { latest } => self
-                        .policy_rotate(&rec, &latest)
-                        .map(|k| made.extend(k)),
+                    Due::Rotate { latest } => {
+                        self.policy_rotate(&rec, &latest).map(|k| made.extend(k))
+                    }
                     Due::Notify { latest, exp } => self.policy_notify(&name, &latest, exp),
                 };
                 if let Err(e) = r {
@@ -441,7 +445,14 @@ impl LocalVault {
         }
     }
 
-    fn policy_audit(&self, op: &str, id: &str, started: SystemTime, t0: Instant, r: Result<&str, &VaultError>) {
+    fn policy_audit(
+        &self,
+        op: &str,
+        id: &str,
+        started: SystemTime,
+        t0: Instant,
+        r: Result<&str, &VaultError>,
+    ) {
         let mut ev = AuditEvent::new(op, POLICY_CALLER, id, started, t0.elapsed(), r.err());
         if let Ok(desc) = r {
             ev.result_description = desc.to_string();
@@ -523,7 +534,9 @@ mod tests {
         assert_eq!(parse_duration("P1Y10D").unwrap(), 375 * DAY);
         assert_eq!(parse_duration("PT1M30S").unwrap(), 90);
         assert_eq!(parse_duration("P1W").unwrap(), 7 * DAY);
-        for bad in ["", "P", "PT", "90D", "P1H", "PT1D", "P1.5D", "P1DT", "P-1D", "PxD"] {
+        for bad in [
+            "", "P", "PT", "90D", "P1H", "PT1D", "P1.5D", "P1DT", "P-1D", "PxD",
+        ] {
             assert!(parse_duration(bad).is_err(), "{bad}");
         }
     }
@@ -561,7 +574,8 @@ mod tests {
         p.actions[1] = act(PolicyAction::Notify, Some("P10D"), None);
         assert!(validate(&p, l).is_err(), "notify after create");
         let mut p = ok.clone();
-        p.actions.push(act(PolicyAction::Rotate, Some("P10D"), None));
+        p.actions
+            .push(act(PolicyAction::Rotate, Some("P10D"), None));
         assert!(validate(&p, l).is_err(), "two rotations");
         let mut p = ok;
         p.actions[0] = act(PolicyAction::Rotate, Some("P10D"), Some("P10D"));

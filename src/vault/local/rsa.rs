@@ -356,14 +356,20 @@ mod tests {
             let digest = vec![0x5a; alg.digest_len()];
             let sig = sign_digest(&m.pkcs8, alg, &digest).unwrap();
             assert_eq!(sig.len(), 256);
-            assert!(verify_digest(&m.n, &m.e, alg, &digest, &sig).unwrap(), "{alg}");
+            assert!(
+                verify_digest(&m.n, &m.e, alg, &digest, &sig).unwrap(),
+                "{alg}"
+            );
             let mut bad = sig.clone();
             bad[7] ^= 1;
             assert!(!verify_digest(&m.n, &m.e, alg, &digest, &bad).unwrap());
             let mut other = digest.clone();
             other[0] ^= 1;
             assert!(!verify_digest(&m.n, &m.e, alg, &other, &sig).unwrap());
-            assert!(sign_digest(&m.pkcs8, alg, &digest[1..]).is_err(), "wrong digest size");
+            assert!(
+                sign_digest(&m.pkcs8, alg, &digest[1..]).is_err(),
+                "wrong digest size"
+            );
         }
     }
 

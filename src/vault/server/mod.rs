@@ -54,8 +54,13 @@
 
 mod api;
 pub mod conn;
+mod crypto;
+mod deleted;
 pub mod jwk;
+mod keys;
 pub mod log;
+mod manage;
+mod routes;
 pub mod throttle;
 pub mod tls;
 pub mod wire;
@@ -113,7 +118,12 @@ pub struct ServeConfig {
     pub max_body: usize,
     /// Seconds a graceful shutdown waits for requests in flight.
     pub shutdown_grace: Duration,
+    /// How often the server applies due key rotation policies.
+    pub rotation_check: Duration,
 }
+
+/// Default interval of the rotation policy timer.
+pub const ROTATION_CHECK: Duration = Duration::from_secs(60);
 
 impl ServeConfig {
     /// Defaults for a store and address.
@@ -129,6 +139,7 @@ impl ServeConfig {
             throttle: ThrottleConfig::default(),
             max_body: MAX_BODY,
             shutdown_grace: Duration::from_secs(5),
+            rotation_check: ROTATION_CHECK,
         }
     }
 }
@@ -143,6 +154,7 @@ pub struct Server {
     tls_info: TlsInfo,
     grace: Duration,
     limits: Limits,
+    rotation_check: Duration,
 }
 
 /// A server running on a background thread (tests, embedding). Dropping it shuts it down.
@@ -272,6 +284,7 @@ impl Server {
             tls_info: material.info,
             grace: cfg.shutdown_grace,
             limits: cfg.limits,
+            rotation_check: cfg.rotation_check.max(Duration::from_secs(1)),
         })
     }
 
@@ -307,6 +320,7 @@ impl Server {
             state,
             grace,
             limits,
+            rotation_check,
             ..
         } = self;
         let listener = {
@@ -323,8 +337,14 @@ impl Server {
                 let _ = watch_stop.wait_for(|s| *s).await;
                 shutdown_state.shutting_down();
             });
+            let rotations = tokio::spawn(manage::apply_loop(
+                state.store().to_path_buf(),
+                rotation_check,
+                stop.clone(),
+            ));
             conn::accept_loop(listener, acceptor, state, limits, stop, grace).await;
             waker.abort();
+            rotations.abort();
         };
         Ok((rt, fut))
     }
