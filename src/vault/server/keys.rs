@@ -92,10 +92,11 @@ pub(super) fn deleted_item(base: &str, d: &DeletedKeyInfo) -> DeletedKeyItem {
     }
 }
 
+/// Application tags.
+type Tags = BTreeMap<String, String>;
+
 /// Splits user tags from cmkfs's wrap-algorithm tag; checks Key Vault's tag limits.
-fn user_tags(
-    tags: Option<BTreeMap<String, String>>,
-) -> Result<(Option<BTreeMap<String, String>>, Option<WrapAlg>), ApiError> {
+fn user_tags(tags: Option<Tags>) -> Result<(Option<Tags>, Option<WrapAlg>), ApiError> {
     let Some(mut t) = tags else {
         return Ok((None, None));
     };
