@@ -675,10 +675,11 @@ impl LocalVault {
                 ))),
                 Some(mut rec) => {
                     if create == CreateMode::Rotate {
-                        // A rotation keeps the key's operations; attributes start fresh, but
-                        // for the expiry the rotation policy gives every new version.
+                        // A rotation keeps the key's operations and tags; attributes start
+                        // fresh, but for the expiry the rotation policy gives new versions.
                         if let Some(last) = rec.latest() {
                             v.key_ops = last.key_ops.clone();
+                            v.tags = last.tags.clone();
                         }
                         v.exp = policy::new_version_expiry(&rec, v.created, self.limits())?;
                     }
