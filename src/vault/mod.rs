@@ -4,6 +4,9 @@
 //! *denied* (the key owner said no: disabled, deleted, no permission → revoke now) from
 //! *unavailable* (cannot reach the vault → degrade, revoke after a grace period).
 
+#[cfg(feature = "azure")]
+pub mod azure;
+pub mod azure_auth;
 pub mod http;
 pub mod local;
 pub mod pkcs11;
@@ -517,6 +520,10 @@ pub struct Credential {
     /// `tls/ca.pem`); absent = the public web roots (a real Azure Key Vault).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_cert: Option<String>,
+    /// How to sign in to a real Azure Key Vault or Managed HSM with Entra ID (see
+    /// [`azure_auth`]); absent for a cmkfs vault.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub azure: Option<azure_auth::AzureAuth>,
 }
 
 /// serde for `Zeroizing<String>` (zeroize's own serde feature is not enabled).
@@ -540,6 +547,7 @@ impl fmt::Debug for Credential {
             .field("identity", &self.identity)
             .field("secret", &"<redacted>")
             .field("ca_cert", &self.ca_cert.is_some())
+            .field("azure", &self.azure)
             .finish()
     }
 }
@@ -864,9 +872,12 @@ pub fn open_with_credential(home: &Home, cred: &Credential) -> Result<Box<dyn Va
 ///
 /// - `local:` — the embedded vault of `home` (created on first use): as the owner without a
 ///   credential, as the credential's identity with one.
-/// - `https://host[:port]` — a cmkfs vault server or an Azure Key Vault, as the credential's
-///   identity ([`http::HttpVault`]). Without a credential, the one file in
-///   `$CMKFS_HOME/credentials/*.json` whose `vault` is this URL is used.
+/// - `https://host[:port]` — a cmkfs vault server ([`http::HttpVault`]), or a real Azure Key
+///   Vault or Managed HSM (`*.vault.azure.net`, `*.managedhsm.azure.net`, sovereign clouds) or
+///   any vault whose credential has an `azure` section ([`azure_auth`]): the official Azure
+///   SDK signing in with Entra ID (`azure::AzureVault`, feature `azure`). Without a
+///   credential, the one file in `$CMKFS_HOME/credentials/*.json` whose `vault` is this URL
+///   is used.
 /// - `pkcs11:/path/module.so?token=LABEL&pin-source=file:/path` (or `&pin-value=PIN`, or the
 ///   PIN in `$CMKFS_PKCS11_PIN`) — a PKCS#11 token ([`pkcs11::Pkcs11Vault`]); the PIN is the
 ///   credential.
@@ -895,6 +906,17 @@ pub fn connect(
             return Err(VaultError::Invalid(format!(
                 "the credential of {} is for vault {:?}, not {want}",
                 cred.identity, cred.vault
+            )));
+        }
+        // A real Azure Key Vault or Managed HSM (by its URL), or a credential that signs in
+        // with Entra ID: the Azure SDK. Otherwise a cmkfs vault server.
+        if azure_auth::is_azure_url(&want) || cred.azure.is_some() {
+            #[cfg(feature = "azure")]
+            return Ok(Box::new(azure::AzureVault::connect(&cred)?));
+            #[cfg(not(feature = "azure"))]
+            return Err(VaultError::Invalid(format!(
+                "vault {want} is an Azure Key Vault (or the credential signs in with Entra ID), \
+                 and this cmkfs was built without Azure support: rebuild with the `azure` feature"
             )));
         }
         return Ok(Box::new(http::HttpVault::connect(&cred)?));

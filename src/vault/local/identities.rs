@@ -39,6 +39,7 @@ impl LocalVault {
                         identity: rec.name,
                         secret: secret.clone(),
                         ca_cert: None,
+                        azure: None,
                     },
                 ))
             })
