@@ -52,6 +52,7 @@ pub(super) fn authority(explicit: Option<&str>) -> String {
 fn client_options(transport: &Transport, authority_host: Option<&str>) -> ClientOptions {
     let mut o = ClientOptions {
         transport: Some(transport.clone()),
+        retry: super::retry(),
         ..Default::default()
     };
     if let Some(h) = authority_host {

@@ -54,6 +54,18 @@ use super::{
     KeyUpdate, Permission, Vault, VaultError, VaultProperties, WrapAlg, Wrapped,
 };
 
+/// The retries of every SDK pipeline here (Key Vault and token endpoints): 3 attempts within
+/// 10 s, so that a mount's key check learns of an outage quickly (its grace period covers
+/// longer ones).
+pub(super) fn retry() -> RetryOptions {
+    RetryOptions::exponential(ExponentialRetryOptions {
+        initial_delay: SdkDuration::milliseconds(250),
+        max_retries: 2,
+        max_total_elapsed: SdkDuration::seconds(10),
+        max_delay: SdkDuration::seconds(2),
+    })
+}
+
 /// Which kind of call failed, for reading its errors.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Op {
@@ -87,12 +99,7 @@ impl AzureVault {
         let token = auth::token_credential(cred, &transport)?;
         let mut opts = KeyClientOptions::default();
         opts.client_options.transport = Some(transport);
-        opts.client_options.retry = RetryOptions::exponential(ExponentialRetryOptions {
-            initial_delay: SdkDuration::milliseconds(250),
-            max_retries: 2,
-            max_total_elapsed: SdkDuration::seconds(10),
-            max_delay: SdkDuration::seconds(2),
-        });
+        opts.client_options.retry = retry();
         // The SDK checks that the challenge names a Key Vault domain of the vault's host; a
         // cmkfs server names its own URL, which that check cannot know.
         opts.verify_challenge_resource = Some(is_azure_url(&url));
@@ -270,9 +277,31 @@ fn inner_code(e: &azure_core::Error) -> Option<String> {
     env.error.innererror.map(|i| i.code)
 }
 
+/// The error that carries the HTTP answer: the SDK wraps a token endpoint's refusal in the
+/// policies it passed through, so look down the source chain.
+fn http_cause(e: &azure_core::Error) -> &azure_core::Error {
+    let mut cur: &(dyn std::error::Error + 'static) = e;
+    loop {
+        if let Some(a) = cur.downcast_ref::<azure_core::Error>() {
+            if matches!(a.kind(), ErrorKind::HttpResponse { .. }) {
+                return a;
+            }
+        }
+        match cur.source() {
+            Some(s) => cur = s,
+            None => return e,
+        }
+    }
+}
+
 /// Maps an SDK error onto the trait's classes (see the module docs).
-fn error_from(e: &azure_core::Error, op: Op, what: &str, vault: &str) -> VaultError {
-    let detail = e.to_string();
+fn error_from(outer: &azure_core::Error, op: Op, what: &str, vault: &str) -> VaultError {
+    let e = http_cause(outer);
+    let detail = if std::ptr::eq(e, outer) {
+        outer.to_string()
+    } else {
+        format!("{outer}: {e}")
+    };
     let denied = |reason| VaultError::Denied {
         reason,
         what: format!("{what} ({detail})"),
