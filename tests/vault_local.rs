@@ -253,9 +253,10 @@ fn first_use_creates_a_private_store() {
     // Opening again reuses the store.
     let again = vault::open("local:", &h).unwrap();
     assert_eq!(again.list_keys().unwrap().len(), 1);
+    // A vault this machine did not configure is refused before anything is contacted.
     assert!(matches!(
         vault::open("https://elsewhere", &h),
-        Err(VaultError::Invalid(_))
+        Err(VaultError::NotConfigured { .. })
     ));
 }
 

@@ -83,6 +83,9 @@ fn mount_through_a_vault_server_revoke_heal_restart() {
         )
         .unwrap();
 
+    // The client machine trusts the server (a header alone never makes it connect anywhere).
+    env.cmkfs(&["vault", "add", "keyserver", &server.url])
+        .assert_ok();
     env.init_with(&env.cipher, &["--vault", &server.url, "--key", "kek"]);
     let info = env.info(&env.cipher);
     let kid = info["key_id"].as_str().unwrap_or_default().to_string();

@@ -687,6 +687,8 @@ fn cli_prints_a_token_and_drives_keys_through_the_server() {
         ],
     );
     let c = cred_path.to_str().unwrap();
+    // The client side trusts the server's URL first.
+    cli(home, &["vault", "add", "srv", &fx.server.url]);
     let out = cli(home, &["vault", "--credential", c, "key", "list", "--json"]);
     let keys: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(

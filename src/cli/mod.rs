@@ -54,6 +54,20 @@ enum Command {
     Fsck(fsck::FsckArgs),
 }
 
+impl Cli {
+    /// Whether a closed stdout/stderr pipe should end the command by SIGPIPE, as for any Unix
+    /// tool. Not for the mount daemon and the vault server (long-running, their readers may
+    /// go away) nor the drill's probe process.
+    pub fn quiet_on_closed_pipe(&self) -> bool {
+        match &self.command {
+            Command::Mount(m) => !m.is_foreground(),
+            Command::Vault(v) => !v.is_serve(),
+            Command::MmapProbe { .. } => false,
+            _ => true,
+        }
+    }
+}
+
 /// Runs the parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     // A master key handed down by `cmkfs mount` to its daemon.
@@ -62,6 +76,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         crate::vault::local::unlock::set_passphrase_source(Some(
             crate::vault::local::unlock::PassphraseSource::File(p),
         ));
+    }
+    if !matches!(cli.command, Command::MmapProbe { .. }) {
+        crate::home::Home::from_env().secure()?;
     }
     match cli.command {
         Command::Init(a) => volume::init(a),

@@ -64,6 +64,37 @@ enum VaultCommand {
     Lock,
     /// Change the passphrase the master key is wrapped under (the old one is asked first).
     ChangePassphrase(ChangePassphraseArgs),
+    /// Trust a vault on this machine: volumes (whose headers only name vaults) and commands
+    /// may then use it. local: always is.
+    Add(AddArgs),
+    /// Stop trusting a configured vault (volumes with keys there stop mounting here).
+    Remove {
+        /// Name given at `vault add`.
+        name: String,
+    },
+    /// List the vaults this machine trusts.
+    ListConfigured {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args, Debug)]
+struct AddArgs {
+    /// A local name for the vault (`--vault NAME` accepts it).
+    name: String,
+    /// `https://HOST[:PORT]` or `pkcs11:/path/module.so?token=LABEL&pin-source=file:/path`
+    /// (the module must be owned by root and not writable by others).
+    url: String,
+    /// https: PEM file of the CA the server's certificate must chain to (pinned). With
+    /// `--credential FILE`, that credential is the one the vault is used with (else one in
+    /// $CMKFS_HOME/credentials).
+    #[arg(long, value_name = "FILE")]
+    ca: Option<PathBuf>,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -458,6 +489,13 @@ struct AuditArgs {
     tail: Option<usize>,
 }
 
+impl VaultArgs {
+    /// Whether this is `vault serve` (a long-running server).
+    pub(crate) fn is_serve(&self) -> bool {
+        matches!(self.command, VaultCommand::Serve(_))
+    }
+}
+
 /// Runs `cmkfs vault ...`.
 pub fn run(a: VaultArgs) -> anyhow::Result<()> {
     let home = Home::from_env();
@@ -467,6 +505,10 @@ pub fn run(a: VaultArgs) -> anyhow::Result<()> {
         VaultCommand::Unseal(u) => return unseal(&home, u),
         VaultCommand::Lock => return lock(&home),
         VaultCommand::ChangePassphrase(c) => return change_passphrase(&home, c),
+        // `--credential FILE` (global) is the credential the vault is used with.
+        VaultCommand::Add(add) => return add_vault(&home, add, a.credential),
+        VaultCommand::Remove { name } => return remove_vault(&home, &name),
+        VaultCommand::ListConfigured { json } => return list_configured(&home, json),
         VaultCommand::Key(k) => {
             // Key commands work on every backend; the others are the embedded vault's.
             let cred = a.credential.as_deref().map(Credential::load).transpose()?;
@@ -499,7 +541,10 @@ pub fn run(a: VaultArgs) -> anyhow::Result<()> {
         | VaultCommand::Seal(_)
         | VaultCommand::Unseal(_)
         | VaultCommand::Lock
-        | VaultCommand::ChangePassphrase(_) => Ok(()),
+        | VaultCommand::ChangePassphrase(_)
+        | VaultCommand::Add(_)
+        | VaultCommand::Remove { .. }
+        | VaultCommand::ListConfigured { .. } => Ok(()),
         VaultCommand::Identity(i) => identity(&vault, &home, i),
         VaultCommand::Policy(p) => policy(&vault, p),
         VaultCommand::Config(c) => config(&vault, c),
@@ -1454,6 +1499,66 @@ fn print_table(header: &[&str], rows: impl Iterator<Item = Vec<String>>) {
     for r in &rows {
         line(r.iter().map(String::as_str).collect());
     }
+}
+
+/// `cmkfs vault add`.
+fn add_vault(home: &Home, a: AddArgs, credential: Option<PathBuf>) -> anyhow::Result<()> {
+    use crate::vault::trust;
+    let v = trust::add(
+        home,
+        &a.name,
+        &a.url,
+        &trust::AddOptions {
+            ca: a.ca,
+            credential,
+        },
+    )?;
+    if a.json {
+        return print_json(&v);
+    }
+    println!("configured vault {} ({})", v.name, v.url);
+    Ok(())
+}
+
+/// `cmkfs vault remove`.
+fn remove_vault(home: &Home, name: &str) -> anyhow::Result<()> {
+    let v = crate::vault::trust::remove(home, name)?;
+    println!(
+        "removed vault {} ({}): volumes with keys there no longer mount on this machine",
+        v.name, v.url
+    );
+    Ok(())
+}
+
+/// `cmkfs vault list-configured`.
+fn list_configured(home: &Home, json: bool) -> anyhow::Result<()> {
+    let vaults = crate::vault::trust::list(home)?;
+    if json {
+        return print_json(&vaults);
+    }
+    let mut rows = vec![vec![
+        "local".to_string(),
+        "local".to_string(),
+        crate::vault::local::URL.to_string(),
+        "always configured".to_string(),
+    ]];
+    for v in &vaults {
+        let mut notes = Vec::new();
+        if v.ca_pem.is_some() {
+            notes.push("CA pinned".to_string());
+        }
+        if let Some(c) = &v.credential {
+            notes.push(format!("credential {}", c.display()));
+        }
+        rows.push(vec![
+            v.name.clone(),
+            format!("{:?}", v.kind).to_lowercase(),
+            v.url.clone(),
+            notes.join(", "),
+        ]);
+    }
+    print_table(&["NAME", "KIND", "URL", "NOTES"], rows.into_iter());
+    Ok(())
 }
 
 #[cfg(test)]

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::fs::CmkFs;
 use crate::home::Home;
-use crate::keyring::{Keyring, KeyringConfig};
+use crate::keyring::KeyringConfig;
 use crate::monitor::{self, MonitorSinks, MountFacts};
 use crate::mount::{self, MountConfig, RunRecord};
 use crate::vault::{self, CreateKeyOptions, Credential, VaultError, WrapAlg};
@@ -103,6 +103,13 @@ pub struct MountArgs {
     no_push: bool,
 }
 
+impl MountArgs {
+    /// Whether this process is (or becomes) the mount daemon.
+    pub(crate) fn is_foreground(&self) -> bool {
+        self.foreground
+    }
+}
+
 /// Durations as `30s`, `5m`, `1h`, or a plain number of seconds.
 pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     if let Ok(n) = s.parse::<u64>() {
@@ -135,9 +142,22 @@ pub struct InfoArgs {
 pub fn init(a: InitArgs) -> anyhow::Result<()> {
     let home = Home::from_env();
     // Refuse a bad target before the vault is touched (no key created for nothing).
-    Volume::check_new_dir(&a.cipherdir)?;
+    let existed = Volume::check_new_dir(&a.cipherdir)?;
+    // cmkfs runs with umask 077 for its own state; a backing directory it creates gets the
+    // mode the user's umask gives (the mounted root shows it).
+    let user_mode = || {
+        if !existed {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = 0o777 & !crate::process::user_umask();
+            std::fs::set_permissions(&a.cipherdir, std::fs::Permissions::from_mode(mode))
+                .with_context(|| format!("setting the mode of {}", a.cipherdir.display()))
+        } else {
+            Ok(())
+        }
+    };
     if let Some(des) = &a.des {
         let header = crate::des::init_volume(&home, des, &a.cipherdir, a.sector_size)?;
+        user_mode()?;
         return print_init(&a, &header);
     }
     if a.key == crate::des::PLATFORM_KEY {
@@ -176,6 +196,7 @@ pub fn init(a: InitArgs) -> anyhow::Result<()> {
             des: None,
         },
     )?;
+    user_mode()?;
     print_init(&a, &header)
 }
 
@@ -216,11 +237,13 @@ fn info_json(h: &VolumeHeader) -> serde_json::Value {
         "dek_fingerprint": h.dek_fingerprint,
         "des": h.des,
         "platform_key_id": h.platform.as_ref().map(|p| &p.key_id),
+        "mac_version": h.mac_version,
     })
 }
 
 pub fn info(a: InfoArgs) -> anyhow::Result<()> {
     let h = VolumeHeader::read(&a.cipherdir)?;
+    crate::unlock::check_configured(&Home::from_env(), &h)?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&info_json(&h))?);
     } else {
@@ -262,7 +285,8 @@ pub fn mount(a: MountArgs) -> anyhow::Result<()> {
     }
     // Catch the obvious mistakes here, before a daemon exists.
     mount::check_mountpoint(&a.mountpoint)?;
-    VolumeHeader::read(&a.cipherdir)?;
+    let header = VolumeHeader::read(&a.cipherdir)?;
+    crate::unlock::check_configured(&Home::from_env(), &header)?;
     spawn_daemon(&a)
 }
 
@@ -276,10 +300,7 @@ fn spawn_daemon(a: &MountArgs) -> anyhow::Result<()> {
             &<sha2::Sha256 as sha2::Digest>::digest(mp.as_os_str().as_encoded_bytes())[..8]
         )
     ));
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&log_path)
+    let log = crate::fsutil::open_private_append(&log_path)
         .with_context(|| format!("opening log {}", log_path.display()))?;
     let mut cmd = Command::new(std::env::current_exe().context("locating the cmkfs executable")?);
     cmd.arg("mount")
@@ -403,8 +424,6 @@ fn run_foreground(a: MountArgs) -> anyhow::Result<()> {
 
 fn serve(a: &MountArgs, ready_pipe: bool) -> anyhow::Result<()> {
     let home = Home::from_env();
-    // SAFETY: umask has no preconditions. Backing entries get exactly the modes the kernel asks for.
-    unsafe { libc::umask(0) };
     let mp = mount::check_mountpoint(&a.mountpoint)?;
     mount::unmount_on_signal(mp.clone())?;
     let header = VolumeHeader::read(&a.cipherdir)?;
@@ -423,12 +442,9 @@ fn serve(a: &MountArgs, ready_pipe: bool) -> anyhow::Result<()> {
         check_interval: a.key_check_interval,
         grace: a.grace_period,
     };
-    let keyring = Arc::new(Keyring::unlock(
-        vault,
-        &header,
-        Some(a.cipherdir.clone()),
-        kcfg,
-    )?);
+    // Everything in the header is authenticated here, before it is acted on (src/unlock.rs).
+    let (keyring, header) = crate::unlock::unlock(&home, vault, &a.cipherdir, &header, kcfg)?;
+    let keyring = Arc::new(keyring);
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(2);
@@ -481,6 +497,11 @@ fn serve(a: &MountArgs, ready_pipe: bool) -> anyhow::Result<()> {
     if ready_pipe {
         announce_ready();
     }
+    // Backing entries get exactly the modes the kernel asks for (it applied the caller's
+    // umask already): the FUSE threads, started by `run`, work under umask 0. Everything this
+    // process wrote so far, and the monitor thread (its own umask), stays private.
+    // SAFETY: umask has no preconditions.
+    unsafe { libc::umask(0) };
     let result = session.run();
     stop.store(true, Ordering::Relaxed);
     let _ = monitor.join();

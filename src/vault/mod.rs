@@ -11,6 +11,7 @@ pub mod http;
 pub mod local;
 pub mod pkcs11;
 pub mod server;
+pub mod trust;
 pub mod watch;
 
 use std::fmt;
@@ -699,6 +700,17 @@ pub enum VaultError {
     /// The vault store on disk is damaged or unreadable.
     #[error("vault store: {0}")]
     Store(String),
+    /// A vault URL (from a volume header or an argument) that this machine is not configured
+    /// to use: cmkfs talks only to the vaults of `cmkfs vault add` (see [`trust`]).
+    #[error(
+        "vault {url:?} is not configured on this machine (a volume header or argument only \
+         names a vault; the machine decides which it uses): if you trust it, run \
+         `cmkfs vault add NAME {url:?}`"
+    )]
+    NotConfigured {
+        /// The URL as given.
+        url: String,
+    },
 }
 
 /// Coarse classes of [`VaultError`] for the keyring's state machine.
@@ -722,6 +734,7 @@ impl VaultError {
             VaultError::Invalid(_) | VaultError::UnwrapFailed { .. } => 400,
             VaultError::Unavailable(_) => 503,
             VaultError::Store(_) => 500,
+            VaultError::NotConfigured { .. } => 403,
         }
     }
 
@@ -730,7 +743,8 @@ impl VaultError {
         match self {
             VaultError::Denied { .. }
             | VaultError::NotFound(_)
-            | VaultError::UnwrapFailed { .. } => ErrorClass::Denied,
+            | VaultError::UnwrapFailed { .. }
+            | VaultError::NotConfigured { .. } => ErrorClass::Denied,
             VaultError::Unavailable(_) => ErrorClass::Unavailable,
             _ => ErrorClass::Other,
         }
@@ -868,25 +882,29 @@ pub fn open_with_credential(home: &Home, cred: &Credential) -> Result<Box<dyn Va
     connect(&cred.vault, home, Some(cred))
 }
 
-/// Connects to the vault a URL names:
+/// Connects to the vault a URL (or a configured vault's name) refers to. Only `local:` and the
+/// vaults configured with `cmkfs vault add` are reachable ([`trust`]): any other URL is
+/// [`VaultError::NotConfigured`], before anything is loaded or contacted.
 ///
 /// - `local:` — the embedded vault of `home` (created on first use): as the owner without a
 ///   credential, as the credential's identity with one.
-/// - `https://host[:port]` — a cmkfs vault server ([`http::HttpVault`]), or a real Azure Key
-///   Vault or Managed HSM (`*.vault.azure.net`, `*.managedhsm.azure.net`, sovereign clouds) or
-///   any vault whose credential has an `azure` section ([`azure_auth`]): the official Azure
-///   SDK signing in with Entra ID (`azure::AzureVault`, feature `azure`). Without a
-///   credential, the one file in `$CMKFS_HOME/credentials/*.json` whose `vault` is this URL
-///   is used.
-/// - `pkcs11:/path/module.so?token=LABEL&pin-source=file:/path` (or `&pin-value=PIN`, or the
-///   PIN in `$CMKFS_PKCS11_PIN`) — a PKCS#11 token ([`pkcs11::Pkcs11Vault`]); the PIN is the
-///   credential.
+/// - `https://host[:port]` — a cmkfs vault server, as the credential's identity
+///   ([`http::HttpVault`]); or a real Azure Key Vault or Managed HSM (`*.vault.azure.net`,
+///   `*.managedhsm.azure.net`, sovereign clouds), or any vault whose credential has an
+///   `azure` section ([`azure_auth`]): the official Azure SDK signing in with Entra ID
+///   (`azure::AzureVault`, feature `azure`). Without a credential: the configured one, else
+///   the one file in `$CMKFS_HOME/credentials/*.json` whose `vault` is this URL. A CA
+///   configured with the vault is pinned instead of the credential's.
+/// - `pkcs11:/path/module.so?token=LABEL...` — a configured PKCS#11 token
+///   ([`pkcs11::Pkcs11Vault`]), opened with the *configured* URL (module and PIN source): the
+///   URL given only selects it. The module is checked ([`trust::check_module`]) before every
+///   load.
 pub fn connect(
     url: &str,
     home: &Home,
     credential: Option<&Credential>,
 ) -> Result<Box<dyn Vault>, VaultError> {
-    if url == "local:" || url == "local" {
+    let Some(configured) = trust::lookup(home, url)? else {
         return Ok(match credential {
             Some(c) => Box::new(local::LocalVault::open_as(
                 &home.vault_dir(),
@@ -895,39 +913,49 @@ pub fn connect(
             )?),
             None => Box::new(local::LocalVault::open(&home.vault_dir())?),
         });
-    }
-    if url.starts_with("https://") {
-        let want = http::normalize_url(url)?;
-        let cred = match credential {
-            Some(c) => c.clone(),
-            None => find_credential(home, &want)?,
-        };
-        if http::normalize_url(&cred.vault)? != want {
-            return Err(VaultError::Invalid(format!(
-                "the credential of {} is for vault {:?}, not {want}",
-                cred.identity, cred.vault
-            )));
+    };
+    match configured.kind {
+        trust::VaultKind::Https => {
+            let want = &configured.url;
+            let mut cred = match (credential, &configured.credential) {
+                (Some(c), _) => c.clone(),
+                (None, Some(p)) => Credential::load(p)?,
+                (None, None) => find_credential(home, want)?,
+            };
+            if http::normalize_url(&cred.vault)? != *want {
+                return Err(VaultError::Invalid(format!(
+                    "the credential of {} is for vault {:?}, not {want}",
+                    cred.identity, cred.vault
+                )));
+            }
+            if let Some(ca) = &configured.ca_pem {
+                cred.ca_cert = Some(ca.clone());
+            }
+            // A real Azure Key Vault or Managed HSM (by its URL), or a credential that signs
+            // in with Entra ID: the Azure SDK. Otherwise a cmkfs vault server.
+            if azure_auth::is_azure_url(want) || cred.azure.is_some() {
+                #[cfg(feature = "azure")]
+                return Ok(Box::new(azure::AzureVault::connect(&cred)?));
+                #[cfg(not(feature = "azure"))]
+                return Err(VaultError::Invalid(format!(
+                    "vault {want} is an Azure Key Vault (or the credential signs in with Entra \
+                     ID), and this cmkfs was built without Azure support: rebuild with the \
+                     `azure` feature"
+                )));
+            }
+            Ok(Box::new(http::HttpVault::connect(&cred)?))
         }
-        // A real Azure Key Vault or Managed HSM (by its URL), or a credential that signs in
-        // with Entra ID: the Azure SDK. Otherwise a cmkfs vault server.
-        if azure_auth::is_azure_url(&want) || cred.azure.is_some() {
-            #[cfg(feature = "azure")]
-            return Ok(Box::new(azure::AzureVault::connect(&cred)?));
-            #[cfg(not(feature = "azure"))]
-            return Err(VaultError::Invalid(format!(
-                "vault {want} is an Azure Key Vault (or the credential signs in with Entra ID), \
-                 and this cmkfs was built without Azure support: rebuild with the `azure` feature"
-            )));
+        trust::VaultKind::Pkcs11 => {
+            if let Some(m) = &configured.module {
+                trust::check_module(m)?;
+            }
+            Ok(Box::new(pkcs11::Pkcs11Vault::open(&configured.url)?))
         }
-        return Ok(Box::new(http::HttpVault::connect(&cred)?));
+        trust::VaultKind::Local => Err(VaultError::Invalid(format!(
+            "vault {} is configured as local; only local: is the embedded vault",
+            configured.name
+        ))),
     }
-    if url.starts_with("pkcs11:") {
-        return Ok(Box::new(pkcs11::Pkcs11Vault::open(url)?));
-    }
-    Err(VaultError::Invalid(format!(
-        "unsupported vault URL {url:?} (supported: local:, https://HOST[:PORT], \
-         pkcs11:/path/module.so?token=LABEL&pin-source=file:/path)"
-    )))
 }
 
 /// The credential in `$CMKFS_HOME/credentials/` for an `https://` vault.

@@ -489,6 +489,8 @@ impl Env {
         for d in [&env.home, &env.cipher, &env.mnt] {
             fs::create_dir(d).expect("create test dir");
         }
+        // As cmkfs keeps its home (it tightens a looser one on first use).
+        fs::set_permissions(&env.home, fs::Permissions::from_mode(0o700)).expect("chmod home");
         use_test_passphrase();
         env
     }
@@ -735,7 +737,8 @@ pub struct Mount {
 }
 
 impl Mount {
-    /// Takes charge of a mount that is already visible at `mnt`.
+    /// Takes charge of a mount that is already visible at `mnt` (e.g. made by a `cmkfs mount`
+    /// a test ran itself, with its own environment).
     pub fn adopt(env: &Env, cipher: &Path, mnt: &Path) -> Mount {
         let dev = mounts_at(mnt).last().map(|m| m.dev);
         let watchdog = Watchdog::start(mnt.to_path_buf(), dev, watchdog_limit());

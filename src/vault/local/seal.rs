@@ -40,6 +40,8 @@ use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
+use crate::crypto::secret::Secret;
+
 use super::unlock::{
     kdf_params, keyring_load, new_passphrase, passphrase, wrong_passphrase, Passphrase,
 };
@@ -197,12 +199,11 @@ impl SealRecord {
     }
 }
 
-/// The vault master key. Never printed; zeroized on drop.
-// TODO(issue 11 part A): hold it in the mlocked, MADV_DONTDUMP secret type of src/crypto
-// once that is on main; Zeroizing only clears it on drop.
+/// The vault master key. Never printed; in a secret page (mlocked, kept out of core dumps),
+/// zeroized on drop.
 pub struct MasterKey {
     id: String,
-    key: Box<Zeroizing<[u8; 32]>>,
+    key: Secret<[u8; 32]>,
 }
 
 impl std::fmt::Debug for MasterKey {
@@ -272,13 +273,13 @@ fn unb64(s: &str, what: &str) -> Result<Vec<u8>, VaultError> {
 
 impl MasterKey {
     fn generate(id: String) -> Result<MasterKey, VaultError> {
-        let mut key = Box::new(Zeroizing::new([0u8; 32]));
+        let mut key = Secret::<[u8; 32]>::zeroed();
         getrandom::getrandom(&mut key[..]).map_err(no_random)?;
         Ok(MasterKey { id, key })
     }
 
     pub(crate) fn from_bytes(id: &str, bytes: &[u8]) -> Option<MasterKey> {
-        let mut key = Box::new(Zeroizing::new([0u8; 32]));
+        let mut key = Secret::<[u8; 32]>::zeroed();
         if bytes.len() != 32 {
             return None;
         }

@@ -225,7 +225,9 @@ impl ApiError {
                     "the vault store is unavailable (see the server's log)",
                 )
             }
-            VaultError::Store(_) => {
+            // The store never answers NotConfigured (a client-side refusal); if it did, it
+            // would be a bug of the server.
+            VaultError::Store(_) | VaultError::NotConfigured { .. } => {
                 tracing::error!(error = %e, "vault store error");
                 ApiError::internal()
             }
