@@ -13,7 +13,9 @@
 //!   audit.log                 JSON lines, one per operation (append-only; rotated by size
 //!   audit.log.1 .. .N         to audit.log.1, .2, ... at auditMaxBytes, auditKeep kept)
 //!   audit.lock                flock(2) target that serializes audit appends and rotation
-//!   keys/<name>/key.json      the key: attributes of every version, soft-delete state
+//!   keys/<name>/key.json      the key: attributes and tags of every version, soft-delete
+//!                             state, rotation policy (rotationPolicy) and the version whose
+//!                             near-expiry notice was given (nearExpiryNotified)
 //!   keys/<name>/<version>.pk8 the version's PKCS#8 private key, sealed by the master key
 //!                             (clear DER only in a store sealed before this file existed)
 //!   identities/<name>.json    an identity: SHA-256 of its secret and its access policies
