@@ -52,7 +52,9 @@ use crate::home::Home;
 use crate::mount::RunRecord;
 use crate::vault::{Vault, VaultError};
 use crate::volume::content::{FileHeader, FILE_HEADER_LEN};
-use crate::volume::header::{VolumeHeader, HEADER_FILE};
+use crate::volume::header::{VolumeHeader, FORMAT_VERSION, HEADER_FILE};
+use crate::volume::lock::VolumeLock;
+use crate::volume::upgrade::{self, FormatFinding, JOURNAL_FILE};
 use crate::volume::names::{self, DirId, EntryKind, DIRID_FILE, LONG_PREFIX, LONG_SUFFIX};
 use crate::volume::VolumeError;
 
@@ -176,6 +178,21 @@ pub enum ProblemKind {
     Unreadable,
     /// Something the format does not know (hidden from the plaintext view; left alone).
     UnknownEntry,
+    /// The volume is in on-disk format v1 (`cmkfs upgrade` converts it).
+    FormatV1,
+    /// v1: a file's last 1..15 bytes read as zeros although they hold data (the v1 tail
+    /// bug); `cmkfs upgrade` recovers them.
+    V1TailReadAsZeros,
+    /// v1: a file's last 1..15 bytes are stored as all zeros and taken for a hole.
+    V1TailHole,
+    /// A v1 file in a v2 volume (its reads fail until `cmkfs upgrade`).
+    FileFormatV1,
+    /// A v2 file in a v1 volume (an interrupted upgrade).
+    FileFormatV2,
+    /// A backing length no v2 file can have.
+    FileLengthInvalid,
+    /// The journal of an interrupted `cmkfs upgrade` (a mount or `cmkfs upgrade` finishes it).
+    UpgradeInterrupted,
 }
 
 /// How serious a finding is.
@@ -338,7 +355,7 @@ pub fn run(dir: &Path, opts: &Options<'_>) -> Result<Report, FsckError> {
     if !root.is_dir() {
         return Err(FsckError::io(&root, io::Error::other("not a directory")));
     }
-    if opts.repair {
+    let _lock = if opts.repair {
         if let Some((mountpoint, pid)) = find_mount(&root, opts.home) {
             return Err(FsckError::Mounted {
                 cipherdir: root,
@@ -346,11 +363,16 @@ pub fn run(dir: &Path, opts: &Options<'_>) -> Result<Report, FsckError> {
                 pid,
             });
         }
-    }
+        // Also keeps a mount or an upgrade from starting while repairs run.
+        Some(VolumeLock::exclusive(&root).map_err(|e| FsckError::io(&root, io::Error::other(e)))?)
+    } else {
+        None
+    };
     let mut c = Checker {
         root: root.clone(),
         repair: opts.repair,
         keys: None,
+        format: None,
         batch: None,
         quarantined: Vec::new(),
         xattrs: Vec::new(),
@@ -436,6 +458,8 @@ struct Checker {
     root: PathBuf,
     repair: bool,
     keys: Option<VolumeKeys>,
+    /// The volume header's format version and unit size, when it could be read.
+    format: Option<(u32, u64)>,
     /// This run's quarantine batch, created on first use.
     batch: Option<PathBuf>,
     /// (backing path relative to the root, kind, detail) of everything quarantined, for the
@@ -469,7 +493,10 @@ impl Checker {
         also: Option<&Path>,
     ) {
         let severity = match kind {
-            ProblemKind::UnknownEntry => Severity::Warning,
+            ProblemKind::UnknownEntry
+            | ProblemKind::FormatV1
+            | ProblemKind::V1TailHole
+            | ProblemKind::FileFormatV2 => Severity::Warning,
             _ => Severity::Error,
         };
         let mut p = Problem {
@@ -598,6 +625,22 @@ impl Checker {
         let trouble: Option<(ProblemKind, String)> = match VolumeHeader::read(&root) {
             Ok(h) => {
                 self.report.volume_id = Some(h.volume_id.clone());
+                self.format = Some((h.format_version, h.sector_size as u64));
+                if h.format_version < FORMAT_VERSION {
+                    self.problem(
+                        ProblemKind::FormatV1,
+                        &header_path,
+                        None,
+                        None,
+                        format!(
+                            "the volume is in on-disk format v{}; `cmkfs upgrade` (or a mount) \
+                             converts it to v{FORMAT_VERSION} in place",
+                            h.format_version
+                        ),
+                        Fix::None,
+                        None,
+                    );
+                }
                 match vault {
                     None => None,
                     Some(open) => match self.unlock(open, &h)? {
@@ -826,6 +869,20 @@ impl Checker {
             if is_root && (b == HEADER_FILE.as_bytes() || b == QUARANTINE_DIR.as_bytes()) {
                 continue;
             }
+            if is_root && b == JOURNAL_FILE.as_bytes() {
+                self.problem(
+                    ProblemKind::UpgradeInterrupted,
+                    &path,
+                    None,
+                    plain,
+                    "an upgrade to format v2 was interrupted; `cmkfs upgrade` (or a mount) \
+                     restores the files it was converting and finishes it"
+                        .into(),
+                    Fix::None,
+                    None,
+                );
+                continue;
+            }
             if b.starts_with(TEMP_PREFIX.as_bytes()) {
                 if is_root && b.starts_with(format!("{TEMP_PREFIX}{HEADER_FILE}.").as_bytes()) {
                     continue; // handled with the header
@@ -914,7 +971,9 @@ impl Checker {
             self.check_dir(path, plaintext.as_deref())
         } else if ft.is_file() {
             self.report.counts.files += 1;
-            check_file(path, meta.len())
+            check_file(path, meta.len()).or_else(|| {
+                self.check_file_format(path, meta.len(), plaintext.as_deref(), plain_dir)
+            })
         } else if ft.is_symlink() {
             self.report.counts.symlinks += 1;
             self.check_symlink(path)
@@ -989,6 +1048,49 @@ impl Checker {
     }
 
     /// Checks that a symlink's target decrypts (with the key).
+    /// The format of a file with a valid header: v1 tails that read as zeros, versions that
+    /// do not match the volume's, lengths no v2 file has (volume::upgrade states the rules).
+    /// An invalid length is returned (the file goes to the quarantine like a corrupt header);
+    /// the rest is recorded here with no automatic fix: `cmkfs upgrade` is the fix.
+    fn check_file_format(
+        &mut self,
+        path: &Path,
+        len: u64,
+        plaintext: Option<&Path>,
+        plain_dir: Option<&Path>,
+    ) -> Option<(ProblemKind, String)> {
+        let (version, unit) = self.format?;
+        let found = File::open(path).and_then(|f| {
+            upgrade::check_file_format(&f, len, version, self.keys.as_ref(), unit)
+        });
+        let (finding, detail) = match found {
+            Ok(f) => f?,
+            Err(e) => {
+                return Some((
+                    ProblemKind::Unreadable,
+                    format!("cannot read the file: {e}"),
+                ))
+            }
+        };
+        let kind = match finding {
+            FormatFinding::BadLength => return Some((ProblemKind::FileLengthInvalid, detail)),
+            FormatFinding::V1TailReadAsZeros => ProblemKind::V1TailReadAsZeros,
+            FormatFinding::V1TailHole => ProblemKind::V1TailHole,
+            FormatFinding::FileFormatV1 => ProblemKind::FileFormatV1,
+            FormatFinding::FileFormatV2 => ProblemKind::FileFormatV2,
+        };
+        self.problem(
+            kind,
+            path,
+            plaintext.map(Path::to_path_buf),
+            plain_dir,
+            detail,
+            Fix::None,
+            None,
+        );
+        None
+    }
+
     fn check_symlink(&self, path: &Path) -> Option<(ProblemKind, String)> {
         let keys = self.keys.as_ref()?;
         match fs::read_link(path) {
@@ -1202,7 +1304,19 @@ impl Checker {
             .unwrap_or(rest);
         let is_side =
             target.starts_with(LONG_PREFIX.as_bytes()) && target.ends_with(LONG_SUFFIX.as_bytes());
-        if meta.is_file() && is_side {
+        if meta.is_file() && target == JOURNAL_FILE.as_bytes() {
+            self.problem(
+                ProblemKind::TempFile,
+                path,
+                None,
+                plain_dir,
+                "temp file of an upgrade journal that was never put in place (no file was \
+                 changed under it)"
+                    .into(),
+                Fix::Remove,
+                None,
+            );
+        } else if meta.is_file() && is_side {
             self.problem(
                 ProblemKind::TempFile,
                 path,
