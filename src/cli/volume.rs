@@ -313,13 +313,22 @@ fn upgrade_before_mount(a: &MountArgs, say: &dyn Fn(&str)) -> anyhow::Result<Vol
     if !crate::volume::upgrade::needed(&root, &header) {
         return Ok(lock); // someone else finished it meanwhile
     }
-    say(&format!(
-        "{} is on-disk format v{}: converting it in place to format v{} before mounting (one \
-         time; the same as `cmkfs upgrade`)",
-        root.display(),
-        header.format_version,
-        crate::volume::header::FORMAT_VERSION
-    ));
+    // A damaged journal is refused before anything is said or done.
+    crate::volume::upgrade::pending_journal(&root, &header)?;
+    if header.format_version < crate::volume::header::FORMAT_VERSION {
+        say(&format!(
+            "{} is on-disk format v{}: converting it in place to format v{} before mounting \
+             (one time; the same as `cmkfs upgrade`)",
+            root.display(),
+            header.format_version,
+            crate::volume::header::FORMAT_VERSION
+        ));
+    } else {
+        say(&format!(
+            "{}: an upgrade of it was interrupted; finishing it before mounting",
+            root.display()
+        ));
+    }
     let (vault, _) = volume_vault(&home, &header, a.credential.as_deref())?;
     let report = super::upgrade::convert(&root, &lock, vault.as_ref(), &header, true)?;
     say(&super::upgrade::summary(&report));

@@ -292,8 +292,15 @@ impl VolumeHeader {
     /// The same header in the current format version, its MAC recomputed with `dek` (the
     /// outer DEK): the last step of `cmkfs upgrade`, once every file is converted.
     pub fn upgraded(&self, dek: &Dek) -> VolumeHeader {
+        self.with_format_version(FORMAT_VERSION, dek)
+    }
+
+    /// The same header claiming format `version`, MAC recomputed (tests build old volumes
+    /// with it).
+    #[doc(hidden)]
+    pub fn with_format_version(&self, version: u32, dek: &Dek) -> VolumeHeader {
         let mut h = VolumeHeader {
-            format_version: FORMAT_VERSION,
+            format_version: version,
             ..self.clone()
         };
         h.header_mac = h.mac(dek);

@@ -124,8 +124,9 @@ pub fn logical_size(backing_len: u64) -> Result<u64, String> {
             match d % BLOCK {
                 0 => Ok(d),
                 _ if d < BLOCK => Err(format!(
-                    "data area of {d} bytes is not a valid length (a file shorter than 16 bytes \
-                     is stored as one 16-byte block and its filler)"
+                    "data area of {d} bytes is not a valid format v2 length (a file shorter \
+                     than 16 bytes is stored as one 16-byte block and its filler; a file written \
+                     by an older cmkfs needs `cmkfs upgrade`)"
                 )),
                 _ => Ok(d - BLOCK),
             }

@@ -222,6 +222,29 @@ pub fn needed(dir: &Path, header: &VolumeHeader) -> bool {
     header.format_version < FORMAT_VERSION || Journal::path(dir).exists()
 }
 
+/// The number of files the journal of an interrupted run names (`None`: no journal), or why
+/// it cannot be used: lets a caller refuse a damaged journal before saying anything else.
+pub fn pending_journal(dir: &Path, header: &VolumeHeader) -> Result<Option<usize>, UpgradeError> {
+    let path = Journal::path(dir);
+    let bytes = match fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io_at(&path)(e)),
+    };
+    let bad = |why: String| UpgradeError::Journal {
+        path: path.clone(),
+        why,
+    };
+    let j = Journal::decode(&bytes).map_err(bad)?;
+    if j.volume_id != header.volume_id || j.sector_size != header.sector_size {
+        return Err(bad(format!(
+            "it belongs to volume {} ({}-byte units), not to this one",
+            j.volume_id, j.sector_size
+        )));
+    }
+    Ok(Some(j.entries.len()))
+}
+
 /// Unwraps the DEK(s) of `header` through `vault` (and, for a double-encrypted volume, the
 /// platform vault of `$CMKFS_HOME`), verified against the header: the outer DEK (which keys
 /// the header MAC) and the data ciphers.
@@ -319,23 +342,15 @@ impl Upgrader<'_, '_> {
 
     /// Undoes and redoes the batch of an interrupted run, if its journal is there.
     fn resume(&mut self, header: &VolumeHeader) -> Result<(), UpgradeError> {
+        if pending_journal(&self.root, header)?.is_none() {
+            return Ok(());
+        }
         let path = Journal::path(&self.root);
-        let bytes = match fs::read(&path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(io_at(&path)(e)),
-        };
-        let bad = |why: String| UpgradeError::Journal {
+        let bytes = fs::read(&path).map_err(io_at(&path))?;
+        let j = Journal::decode(&bytes).map_err(|why| UpgradeError::Journal {
             path: path.clone(),
             why,
-        };
-        let j = Journal::decode(&bytes).map_err(bad)?;
-        if j.volume_id != header.volume_id || j.sector_size != header.sector_size {
-            return Err(bad(format!(
-                "it belongs to volume {} ({}-byte units), not to this one",
-                j.volume_id, j.sector_size
-            )));
-        }
+        })?;
         tracing::warn!(journal = %path.display(), files = j.entries.len(), "resuming an interrupted upgrade: restoring and converting again the files it was converting");
         for e in &j.entries {
             let abs = self.root.join(&e.backing);

@@ -30,6 +30,8 @@
 // Each test binary uses a different subset of the harness.
 #![allow(dead_code)]
 
+pub mod v1_fixture;
+
 use std::collections::BTreeMap;
 use std::ffi::{OsStr, OsString};
 use std::fmt;
@@ -729,8 +731,9 @@ pub struct Mount {
 }
 
 impl Mount {
-    /// Takes charge of a mount that is already visible at `mnt`.
-    fn adopt(env: &Env, cipher: &Path, mnt: &Path) -> Mount {
+    /// Takes charge of a mount that is already visible at `mnt` (e.g. made by a `cmkfs
+    /// mount` whose output the test inspects).
+    pub fn adopt(env: &Env, cipher: &Path, mnt: &Path) -> Mount {
         let dev = mounts_at(mnt).last().map(|m| m.dev);
         let watchdog = Watchdog::start(mnt.to_path_buf(), dev, watchdog_limit());
         Mount {
