@@ -54,8 +54,8 @@ use crate::vault::{Vault, VaultError};
 use crate::volume::content::{FileHeader, FILE_HEADER_LEN};
 use crate::volume::header::{VolumeHeader, FORMAT_VERSION, HEADER_FILE};
 use crate::volume::lock::VolumeLock;
-use crate::volume::upgrade::{self, FormatFinding, JOURNAL_FILE};
 use crate::volume::names::{self, DirId, EntryKind, DIRID_FILE, LONG_PREFIX, LONG_SUFFIX};
+use crate::volume::upgrade::{self, FormatFinding, JOURNAL_FILE};
 use crate::volume::VolumeError;
 
 /// The quarantine directory at the backing root. Contains a `.`, so it is metadata: the
@@ -1060,9 +1060,8 @@ impl Checker {
         plain_dir: Option<&Path>,
     ) -> Option<(ProblemKind, String)> {
         let (version, unit) = self.format?;
-        let found = File::open(path).and_then(|f| {
-            upgrade::check_file_format(&f, len, version, self.keys.as_ref(), unit)
-        });
+        let found = File::open(path)
+            .and_then(|f| upgrade::check_file_format(&f, len, version, self.keys.as_ref(), unit));
         let (finding, detail) = match found {
             Ok(f) => f?,
             Err(e) => {

@@ -315,7 +315,10 @@ fn random_ops(w: &mut World, rng: &mut StdRng, ops: usize) {
                 if rng.gen_ratio(1, 2) {
                     let n = rng.gen_range(0..size).max(1);
                     w.note(format!("{step}: bare set_len f{i} {size} -> {n}"));
-                    w.slots[i].file.set_len(layout::backing_len(n as u64)).unwrap();
+                    w.slots[i]
+                        .file
+                        .set_len(layout::backing_len(n as u64))
+                        .unwrap();
                     resize(&mut w.slots[i].model, n);
                     (a, b) = (n.saturating_sub(40), n);
                 } else {
@@ -357,7 +360,9 @@ fn random_ops(w: &mut World, rng: &mut StdRng, ops: usize) {
                 } else {
                     len
                 };
-                w.note(format!("{step}: fallocate f{i} {mode:#x} {off}+{len} (size {size})"));
+                w.note(format!(
+                    "{step}: fallocate f{i} {mode:#x} {off}+{len} (size {size})"
+                ));
                 w.fallocate(i, mode, off as u64, len as u64);
                 (a, b) = (off.saturating_sub(20), off + len + 20);
             }

@@ -177,8 +177,8 @@ fn fixture_fsck_reports_zero_tails_and_upgrade_restores_every_file() {
     }
     for (file, xs) in man["xattrs"].as_object().unwrap() {
         for (name, value) in xs.as_object().unwrap() {
-            let c = std::ffi::CString::new(m.path(file).into_os_string().into_encoded_bytes())
-                .unwrap();
+            let c =
+                std::ffi::CString::new(m.path(file).into_os_string().into_encoded_bytes()).unwrap();
             let n = std::ffi::CString::new(name.as_str()).unwrap();
             let mut buf = [0u8; 256];
             // SAFETY: valid C strings and buffer.
@@ -220,8 +220,9 @@ fn mount_of_a_v1_volume_converts_it_first_and_says_so() {
     assert!(wait_until(MOUNT_TIMEOUT, || is_mounted(&env.mnt)), "{out}");
     let m = Mount::adopt(&env, &env.cipher, &env.mnt);
     assert!(
-        out.stderr
-            .contains("is on-disk format v1: converting it in place to format v2 before mounting (one time"),
+        out.stderr.contains(
+            "is on-disk format v1: converting it in place to format v2 before mounting (one time"
+        ),
         "{out}"
     );
     assert!(out.stderr.contains("is now on-disk format v2"), "{out}");
@@ -241,7 +242,10 @@ fn mount_of_a_v1_volume_converts_it_first_and_says_so() {
         logs.contains("converting it in place to format v2"),
         "{logs}"
     );
-    assert!(logs.contains("format v1 read this file's last bytes as zeros"), "{logs}");
+    assert!(
+        logs.contains("format v1 read this file's last bytes as zeros"),
+        "{logs}"
+    );
     check_files_through(&m, &fx);
     assert_eq!(env.info(&env.cipher)["format_version"], 2);
     m.unmount();
@@ -272,10 +276,7 @@ fn fixture_keys(fx: &V1Fixture) -> (VolumeHeader, Dek, VolumeKeys) {
 fn backing_path(root: &Path, keys: &VolumeKeys, rel: &str) -> PathBuf {
     let mut dir = root.to_path_buf();
     for comp in rel.split('/') {
-        let id: DirId = fs::read(dir.join(DIRID_FILE))
-            .unwrap()
-            .try_into()
-            .unwrap();
+        let id: DirId = fs::read(dir.join(DIRID_FILE)).unwrap().try_into().unwrap();
         let b = names::encrypt(&keys.names, &id, OsStr::new(comp)).unwrap();
         dir = dir.join(b.entry());
     }
@@ -331,10 +332,7 @@ fn write_v1_file(
     plain: &mut Vec<u8>,
     make_zero_tail: bool,
 ) -> PathBuf {
-    let id: DirId = fs::read(dir.join(DIRID_FILE))
-        .unwrap()
-        .try_into()
-        .unwrap();
+    let id: DirId = fs::read(dir.join(DIRID_FILE)).unwrap().try_into().unwrap();
     let path = dir.join(
         names::encrypt(&keys.names, &id, OsStr::new(name))
             .unwrap()
@@ -372,10 +370,7 @@ fn write_v1_file(
 
 /// Makes plaintext directory `name` in backing directory `dir`; returns its backing path.
 fn mkdir_backing(dir: &Path, keys: &VolumeKeys, name: &str) -> PathBuf {
-    let id: DirId = fs::read(dir.join(DIRID_FILE))
-        .unwrap()
-        .try_into()
-        .unwrap();
+    let id: DirId = fs::read(dir.join(DIRID_FILE)).unwrap().try_into().unwrap();
     let path = dir.join(
         names::encrypt(&keys.names, &id, OsStr::new(name))
             .unwrap()
@@ -475,8 +470,12 @@ fn a_crash_after_any_step_of_the_upgrade_is_resumed_without_losing_a_byte() {
             };
             let _ = run_upgrade(&fx.cipher, &dek, &keys, Some(&mut crash2));
         }
-        let rep = run_upgrade(&fx.cipher, &dek, &keys, None)
-            .unwrap_or_else(|e| panic!("seed {seed}, crash point {crash_at} ({:?}): resume failed: {e}", steps[crash_at]));
+        let rep = run_upgrade(&fx.cipher, &dek, &keys, None).unwrap_or_else(|e| {
+            panic!(
+                "seed {seed}, crash point {crash_at} ({:?}): resume failed: {e}",
+                steps[crash_at]
+            )
+        });
         assert_finished(&fx.cipher);
         check_files_in_process(&fx.cipher, &keys, &fx).unwrap_or_else(|e| {
             panic!(
@@ -561,7 +560,11 @@ fn sigkill_of_cmkfs_upgrade_at_random_moments_then_resume_keeps_every_file() {
         for (p, plain) in &extra {
             let got = read_v2(p, &keys, 4096)
                 .unwrap_or_else(|e| panic!("seed {seed} round {round}: {e}"));
-            assert!(got == *plain, "seed {seed} round {round}: {} differs", p.display());
+            assert!(
+                got == *plain,
+                "seed {seed} round {round}: {} differs",
+                p.display()
+            );
         }
     }
     eprintln!("a full upgrade takes {full:?} here; {kills} of 10 kills landed mid-run");
@@ -594,7 +597,10 @@ fn double_encrypted_v1_tails_decode_through_both_layers() {
     header.write(&root).unwrap();
     let keys = VolumeKeys::from_deks(&outer, Some(&inner), 4096).unwrap();
     let mut files = Vec::new();
-    for (i, size) in [1usize, 2, 3, 15, 17, 4097, 4098, 8200].into_iter().enumerate() {
+    for (i, size) in [1usize, 2, 3, 15, 17, 4097, 4098, 8200]
+        .into_iter()
+        .enumerate()
+    {
         for zero in [false, true] {
             if zero && size % 4096 > 2 {
                 continue;
@@ -610,7 +616,11 @@ fn double_encrypted_v1_tails_decode_through_both_layers() {
     file_id[0] = 1;
     let t = u128::from_le_bytes(file_id);
     let mut ks = vec![0u8; 5];
-    keys.inner.as_ref().unwrap().encrypt_unit(t, &mut ks).unwrap();
+    keys.inner
+        .as_ref()
+        .unwrap()
+        .encrypt_unit(t, &mut ks)
+        .unwrap();
     let id: DirId = [3u8; 16];
     let inner_zero = root.join(
         names::encrypt(&keys.names, &id, OsStr::new("inner-zero"))
@@ -682,7 +692,11 @@ fn fsck_on_v2_reports_leftover_v1_files_and_invalid_lengths_and_the_mount_refuse
         let e = fs::read(m.path(f)).unwrap_err();
         assert_eq!(e.raw_os_error(), Some(libc::EIO), "{f}");
     }
-    assert!(m.daemon_log().contains("cmkfs upgrade"), "{}", m.daemon_log());
+    assert!(
+        m.daemon_log().contains("cmkfs upgrade"),
+        "{}",
+        m.daemon_log()
+    );
     m.unmount();
     // `cmkfs upgrade` converts the leftover v1 file.
     let out = env.cmkfs(&[

@@ -124,8 +124,7 @@ pub(crate) fn summary(r: &Report) -> String {
 }
 
 fn print_human(r: &Report) {
-    if r.from_version == r.to_version && r.converted == 0 && r.header_only == 0 && r.resumed == 0
-    {
+    if r.from_version == r.to_version && r.converted == 0 && r.header_only == 0 && r.resumed == 0 {
         println!(
             "{} is already on-disk format v{} ({} files checked)",
             r.cipherdir.display(),

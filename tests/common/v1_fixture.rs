@@ -153,5 +153,11 @@ fn set_xattr(p: &Path, name: &str, value: &[u8]) {
             0,
         )
     };
-    assert_eq!(r, 0, "setxattr {}: {}", p.display(), std::io::Error::last_os_error());
+    assert_eq!(
+        r,
+        0,
+        "setxattr {}: {}",
+        p.display(),
+        std::io::Error::last_os_error()
+    );
 }
