@@ -822,7 +822,7 @@ fn double_encryption_round_trips_and_losing_either_key_denies_access() {
     let owner = LocalVault::open(&Home::at(&env.home).vault_dir()).unwrap();
     let backing = data_files(&env.cipher)
         .into_iter()
-        .find(|p| fs::metadata(p).unwrap().len() == FILE_HEADER_LEN + big.len() as u64)
+        .find(|p| fs::metadata(p).unwrap().len() == backing_len(big.len() as u64))
         .expect("the backing file of big");
     let read_with = |keys: &cmkfs::crypto::VolumeKeys| {
         let f = fs::File::open(&backing).unwrap();

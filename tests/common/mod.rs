@@ -66,6 +66,12 @@ pub const FILE_HEADER_LEN: u64 = cmkfs::volume::FILE_HEADER_LEN as u64;
 /// AES-XTS data unit size of the volume format.
 pub const SECTOR: usize = 4096;
 
+/// Backing length of a non-empty file of `size` plaintext bytes (format v2: the header, the
+/// units padded to whole 16-byte blocks, then `size % 16` filler bytes; docs/FORMAT.md).
+pub fn backing_len(size: u64) -> u64 {
+    cmkfs::volume::layout::backing_len(size)
+}
+
 /// How long a [`Mount`] may stay live before its watchdog aborts the FUSE connection.
 /// `CMKFS_TEST_WATCHDOG_SECS` overrides the default (120 s), which sits below nextest's
 /// terminate-after limit (`.config/nextest.toml`) so the watchdog gets to act first.
