@@ -106,8 +106,9 @@ for name, fn in [("small appends (100 B)", appends), ("1-byte O_TRUNC files", on
                  ("1-byte pwrites in 1 MiB", one_byte_pwrites), ("stat, cold", stats),
                  ("shrinking ftruncate", shrinks)]:
     res = {"old": [], "new": []}
-    for _ in range(rounds):
-        for side, d in (("old", old), ("new", new)):
+    for r in range(rounds):
+        order = (("old", old), ("new", new))
+        for side, d in (order if r % 2 == 0 else order[::-1]):
             res[side].append(fn(d))
     o, n = statistics.median(res["old"]), statistics.median(res["new"])
     print(f"{name:26s} old {o:9.0f}/s   new {n:9.0f}/s   new/old {n / o:5.2f}")

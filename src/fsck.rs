@@ -7,7 +7,11 @@
 //!   would) the DEK fingerprint and the header MAC; leftover temp files of a header update;
 //! - every directory's `.cmkfs.dirid` (present, 16 bytes);
 //! - every regular file's per-file header (a 0-byte file is an empty file; 1..31 bytes is
-//!   corrupt; 32 bytes or more must start with a valid header);
+//!   corrupt; 32 bytes or more must start with a valid header), its version against the
+//!   volume's and its length (format v2: a data area of 1..15 bytes is corrupt); on a
+//!   format v1 volume, every 1..15-byte tail stored as all zeros, which v1 reads as zeros
+//!   (`volume::upgrade::check_file_format`);
+//! - the journal of an interrupted `cmkfs upgrade`;
 //! - every encrypted name decrypts in its directory (with the key);
 //! - long names: every `cmkfs.long.<hash>` entry has its side file, the side file's hash
 //!   matches, and no side file is left without its entry;
