@@ -176,7 +176,8 @@ pub(crate) fn decrypt(
 
 /// Reads unit `s` of a file of logical size `size` into the start of `out` as plaintext, with
 /// every byte at or past `size` zeroed (the padding of the last block may hold stale bytes).
-/// `out` must hold the unit's extent; bytes past it are left alone.
+/// `out` must hold the unit's extent; bytes past it are left alone. Returns whether the unit
+/// is a hole (all-zero stored bytes).
 fn read_unit(
     f: &File,
     cx: &Ctx,
@@ -184,14 +185,20 @@ fn read_unit(
     s: u64,
     size: u64,
     out: &mut [u8],
-) -> Result<(), VolumeError> {
+) -> Result<bool, VolumeError> {
     let (start, end) = unit_extent(s, cx.sector, size);
     let n = (end - start) as usize;
     read_exact(f, &mut out[..n], start)?;
+    let hole = out[..n].iter().all(|b| *b == 0);
     decrypt(cx, h.tweak(), s, &mut out[..n])?;
     let live = (size - start).min(n as u64) as usize;
     out[live..n].fill(0);
-    Ok(())
+    Ok(hole)
+}
+
+/// `n` rounded down to a whole number of AES blocks.
+fn rounddown_block(n: u64) -> u64 {
+    n / BLOCK * BLOCK
 }
 
 /// Reads up to `len` bytes at `off`. Returns the plaintext (shorter at end of file).
@@ -276,26 +283,42 @@ fn write_locked(
     let start = first * ss;
     let stop = units_end(new_size).min((last + 1) * ss);
     let mut buf = vec![0u8; (stop - start) as usize];
+    // What must go back to disk: `buf[lo..hi]`. XTS is deterministic per block, so a block
+    // re-encrypted from the plaintext it already held comes out as the ciphertext stored:
+    // the blocks of a read unit before the write (and before the old end of file, past which
+    // the stale padding is zeroed) and after it (inside the old data) need no write. A hole
+    // unit is written whole: its zeros become ciphertext.
+    let (mut lo, mut hi) = (0u64, stop - start);
     // Keep the old bytes of the first and last units where the write does not cover them.
     let edges = [first, last];
     for &s in &edges[..if first == last { 1 } else { 2 }] {
         let (s_start, s_old_end) = (s * ss, size.min(s * ss + ss));
         if s_start < size && !(off <= s_start && end >= s_old_end) {
             let at = (s_start - start) as usize;
-            read_unit(f, cx, &h, s, size, &mut buf[at..])?;
+            if read_unit(f, cx, &h, s, size, &mut buf[at..])? {
+                continue;
+            }
+            if s == first {
+                lo = rounddown_block(off.min(size)) - start;
+            }
+            let unit_end = (s_start + ss).min(units_end(size));
+            if s == last && new_size == size && unit_end <= rounddown_block(size) {
+                hi = roundup_block(end).min(unit_end) - start;
+            }
         }
     }
     buf[(off - start) as usize..(end - start) as usize].copy_from_slice(data);
     encrypt(cx, h.tweak(), first, &mut buf)?;
-    // When the units written end the file, the filler goes out in the same pwrite, so growth
-    // moves the length together with the data.
+    // Growth: the filler goes out in the same pwrite as the last unit, so the length moves
+    // together with the data.
     let want = layout::backing_len(new_size);
-    if stop == units_end(new_size) {
+    if new_size != size {
         buf.resize(buf.len() + layout::filler_len(new_size) as usize, 0);
+        hi = buf.len() as u64;
     }
-    write_at(f, &buf, start)?;
+    write_at(f, &buf[lo as usize..hi as usize], start + lo)?;
     // Growth inside the old filler shortens the backing file (e.g. 10 → 16 bytes).
-    if old_len.max(FILE_HEADER_LEN as u64 + start + buf.len() as u64) != want {
+    if old_len.max(FILE_HEADER_LEN as u64 + start + hi) != want {
         f.set_len(want).map_err(VolumeError::Os)?;
     }
     Ok(data.len())
