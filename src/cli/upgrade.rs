@@ -80,13 +80,17 @@ pub(crate) fn convert(
         });
         b.set_position(p.done);
     };
-    let mut hooks = Hooks {
-        progress: Some(&mut progress),
-        fault: None,
-    };
-    let report = upgrade::run(root, lock, &dek, &keys, &mut hooks)
-        .with_context(|| format!("upgrading {}", root.display()))?;
-    drop(hooks);
+    let report = upgrade::run(
+        root,
+        lock,
+        &dek,
+        &keys,
+        &mut Hooks {
+            progress: Some(&mut progress),
+            fault: None,
+        },
+    )
+    .with_context(|| format!("upgrading {}", root.display()))?;
     if let Some(b) = drawn {
         b.finish_and_clear();
     }

@@ -6,8 +6,10 @@
 //! a whole number of 16-byte blocks, the last one ending at `roundup16(S)`. Three rules keep
 //! every file consistent (docs/FORMAT.md, "Files"):
 //!
-//! * **Whole units.** Any write that touches a unit writes the whole unit (read-modify-write),
-//!   so a unit is either entirely ciphertext or entirely never written / punched. Only a unit
+//! * **Whole units.** Any write that touches a unit re-encrypts the whole unit
+//!   (read-modify-write; only the blocks whose ciphertext changes go back to disk, since XTS
+//!   is deterministic per block), so a unit is either entirely ciphertext or entirely never
+//!   written / punched. Only a unit
 //!   whose stored bytes are all zero reads as zeros (a hole); a written unit is at least one
 //!   AES block of ciphertext, all zero with probability 2^-128.
 //! * **Growth writes zeros.** The plaintext past `S` inside the last block is unspecified

@@ -156,9 +156,6 @@ mod tests {
         x.downgrade().unwrap();
         assert!(!x.is_exclusive());
         VolumeLock::shared(d.path()).unwrap();
-        assert!(matches!(
-            VolumeLock::shared_wait(d.path(), Duration::from_millis(10)),
-            Ok(_)
-        ));
+        assert!(VolumeLock::shared_wait(d.path(), Duration::from_millis(10)).is_ok());
     }
 }
