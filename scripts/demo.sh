@@ -10,6 +10,8 @@
 #   DEMO_DIR    where the demo lives (default /tmp/cmkfs-demo): cipher/ (backing directory),
 #               plain/ (mountpoint) and, unless CMKFS_HOME is set, home/ (the vault).
 #   CMKFS_HOME  cmkfs state directory (vault) to use instead of $DEMO_DIR/home.
+#   CMKFS_PASSPHRASE_FILE  the vault passphrase (default: a random one the demo writes to
+#               $DEMO_DIR/passphrase, 0600).
 #
 # Re-running is safe: an existing demo volume is reused, a leftover mount is unmounted first.
 set -euo pipefail
@@ -46,6 +48,16 @@ DEMO_DIR="${DEMO_DIR:-/tmp/cmkfs-demo}"
 CIPHER="$DEMO_DIR/cipher"
 PLAIN="$DEMO_DIR/plain"
 export CMKFS_HOME="${CMKFS_HOME:-$DEMO_DIR/home}"
+# The embedded vault is sealed at rest under a passphrase. A real user types it (cmkfs asks on
+# the terminal) or keeps it where a service reads it; the demo makes a random one in a 0600
+# file in its own directory, beside (not inside) the vault, unless one is given.
+if [[ -z "${CMKFS_PASSPHRASE_FILE:-}" ]]; then
+    mkdir -p "$DEMO_DIR"
+    if [[ ! -s "$DEMO_DIR/passphrase" ]]; then
+        (umask 077 && head -c 24 /dev/urandom | base64 >"$DEMO_DIR/passphrase")
+    fi
+    export CMKFS_PASSPHRASE_FILE="$DEMO_DIR/passphrase"
+fi
 
 # ---------------------------------------------------------------------------------------------
 step "Installing what is missing"
@@ -144,6 +156,10 @@ echo "grep -r 'eagle lands' $CIPHER: no match: the sentence never reaches the di
 step "The volume header (the data key is stored only wrapped by the vault's RSA key)"
 # ---------------------------------------------------------------------------------------------
 run "$CMKFS" info "$CIPHER"
+echo "The vault's RSA private key at rest is sealed (AES-256-GCM under the vault master key,"
+echo "itself wrapped by the Argon2id-stretched passphrase):"
+run head -c 160 "$(ls "$CMKFS_HOME"/vault/keys/default/*.pk8 | head -n 1)"
+echo
 
 # ---------------------------------------------------------------------------------------------
 if [[ "$KEEP" -eq 1 ]]; then

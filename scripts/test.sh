@@ -44,6 +44,9 @@ missing=()
 command -v fusermount3 >/dev/null 2>&1 || missing+=(fuse3)
 # openssl: reference numbers and test fixtures.
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
+# cc: the Rust toolchain links with it; tests/security.rs also builds a marker PKCS#11 module
+# with it (to show that a module named by a volume header is never loaded).
+command -v cc >/dev/null 2>&1 || missing+=(gcc libc6-dev)
 # softhsm2: the PKCS#11 vault backend's tests run against throwaway SoftHSM2 tokens.
 command -v softhsm2-util >/dev/null 2>&1 || missing+=(softhsm2)
 # python3 + venv: the Azure Key Vault SDK compatibility test (tests/sdk).

@@ -50,7 +50,7 @@ use crate::volume::{CreateOptions, PlatformLayer, Volume, VolumeError};
 
 /// Name of the platform key in cmkfs's own (`local:`) vault: it wraps the inner DEK of
 /// double-encrypted volumes and is never a customer-managed key.
-pub const PLATFORM_KEY: &str = "cmkfs-platform";
+pub use crate::volume::header::PLATFORM_KEY;
 /// RSA size of the platform key when cmkfs creates it.
 pub const PLATFORM_KEY_SIZE: u32 = 3072;
 /// Schema version of the DES record.
@@ -963,6 +963,65 @@ pub fn init_volume(
     Ok(header)
 }
 
+/// Checks a volume header against this machine's Disk Encryption Set records, which (unlike
+/// the header) a writer of the backing store cannot change:
+///
+/// - a volume a record lists must name that set in its header (a header stripped of its
+///   `des` would be mounted as the vault owner, past the set's identity and its policies);
+/// - a volume naming a set recorded here must be wrapped with a key the record lists (active
+///   or previous): an older header put back after a rotation is refused, so disabling the
+///   new key version cuts the volume off.
+///
+/// Records that cannot be read are skipped (and logged); a set not recorded here is not
+/// checked (the header's MAC still binds it).
+pub fn check_binding(home: &Home, dir: &Path, header: &VolumeHeader) -> Result<(), DesError> {
+    let store = DesStore::new(home);
+    let names: Vec<String> = match fs::read_dir(store.dir()) {
+        Ok(rd) => rd
+            .flatten()
+            .filter_map(|e| {
+                let n = e.file_name().to_str()?.strip_suffix(".json")?.to_string();
+                valid_des_name(&n).then_some(n)
+            })
+            .collect(),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(DesError::io(store.dir(), e)),
+    };
+    let abs = std::path::absolute(dir).ok();
+    let canon = fs::canonicalize(dir).ok();
+    for name in names {
+        let des = match store.load(&name) {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::warn!(error = %e, "skipping an unreadable Disk Encryption Set record");
+                continue;
+            }
+        };
+        let lists = des
+            .volumes
+            .iter()
+            .any(|v| Some(v) == abs.as_ref() || Some(v) == canon.as_ref());
+        if lists && header.des.as_deref() != Some(des.name.as_str()) {
+            return Err(DesError::Refused(format!(
+                "the volume at {} belongs to Disk Encryption Set {}, but its header names {}:                  the header was changed",
+                dir.display(),
+                des.name,
+                header
+                    .des
+                    .as_deref()
+                    .map_or("none".to_string(), |d| format!("set {d}"))
+            )));
+        }
+        if header.des.as_deref() == Some(des.name.as_str()) && !des.knows_key(&header.key_id) {
+            return Err(DesError::Refused(format!(
+                "the volume header names key {}, which Disk Encryption Set {} does not list                  (active: {}): an old or foreign header was put in place",
+                header.key_id, des.name, des.active_key.key_url
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// The vault a mount of a volume should use: the DES identity of the volume's DES. `None`
 /// when the volume has no DES, or its DES has no identity (the owner then), or the DES record
 /// is not in this home (logged; the owner then).
@@ -1182,7 +1241,7 @@ fn rewrap_volume(
         return Ok(RewrapOutcome::AlreadyCurrent);
     }
     let vault = vaults.target;
-    let dek = keyring::unwrap_dek(vaults.for_url(&header.key_id()?.vault)?, &header)?;
+    let dek = header.unwrap_dek(vaults.for_url(&header.key_id()?.vault)?)?;
     hooks.step(RewrapStep::Unwrapped, dir)?;
     let wrapped = vault.wrap_key(
         &target.kid.name,
@@ -1197,10 +1256,10 @@ fn rewrap_volume(
         )));
     }
     hooks.step(RewrapStep::Wrapped, dir)?;
-    let new_header = header.rewrapped(&wrapped);
+    let new_header = header.rewrapped(&wrapped, &dek);
     // Never write a wrap that does not come back: unwrap it again and check it against the
     // volume's fingerprint and MAC.
-    let check = keyring::unwrap_dek(vault, &new_header)?;
+    let check = new_header.unwrap_dek(vault)?;
     if check.as_bytes() != dek.as_bytes() {
         return Err(DesError::Invalid(format!(
             "the new wrap of {} does not unwrap to the volume's key",
@@ -1633,17 +1692,22 @@ pub fn auto_rotate_for_volume(
 /// [`auto_rotate_for_volume`] for a mount's monitor: resolves the home from the environment
 /// and logs instead of returning errors (a failed rotation is recorded in the DES and must not
 /// disturb the mount).
-pub fn auto_rotate_mounted(cipherdir: &Path, vault: &dyn Vault) {
+/// Returns whether volumes were rewrapped.
+pub fn auto_rotate_mounted(cipherdir: &Path, vault: &dyn Vault) -> bool {
     match auto_rotate_for_volume(&Home::from_env(), cipherdir, vault) {
-        Ok(None) => {}
-        Ok(Some(r)) => tracing::info!(
-            des = %r.des,
-            to = %r.to,
-            rewrapped = r.rewrapped(),
-            "Disk Encryption Set auto-rotated to the key's newest version"
-        ),
+        Ok(None) => false,
+        Ok(Some(r)) => {
+            tracing::info!(
+                des = %r.des,
+                to = %r.to,
+                rewrapped = r.rewrapped(),
+                "Disk Encryption Set auto-rotated to the key's newest version"
+            );
+            r.rewrapped() > 0
+        }
         Err(e) => {
-            tracing::warn!(error = %e, "Disk Encryption Set auto-rotation failed; paused until `cmkfs des update`")
+            tracing::warn!(error = %e, "Disk Encryption Set auto-rotation failed; paused until `cmkfs des update`");
+            false
         }
     }
 }
@@ -1656,13 +1720,11 @@ pub fn unwrap_volume(
     vault: &dyn Vault,
     header: &VolumeHeader,
 ) -> Result<(), DesError> {
-    match &header.platform {
-        None => keyring::unwrap_keys_with(vault, None, header)?,
-        Some(p) => {
-            let pv = vault::open(&p.key_id()?.vault, home)?;
-            keyring::unwrap_keys_with(vault, Some(pv.as_ref()), header)?
-        }
-    };
+    header.unwrap_dek(vault)?;
+    if header.platform.is_some() {
+        let pv = vault::open(crate::vault::local::URL, home)?;
+        header.unwrap_platform_dek(pv.as_ref())?;
+    }
     Ok(())
 }
 
@@ -1790,7 +1852,10 @@ mod tests {
             .unwrap()
             .contains("platform"));
         // A rewrap keeps the platform envelope.
-        let moved = double.rewrapped(&wrapped("local:/keys/k2/00000000000000000000000000000003"));
+        let moved = double.rewrapped(
+            &wrapped("local:/keys/k2/00000000000000000000000000000003"),
+            &outer,
+        );
         assert_eq!(moved.platform, double.platform);
         moved.verify(&outer).unwrap();
     }
@@ -1815,6 +1880,7 @@ mod tests {
 
     /// A home with a purge-protected local vault and a 2048-bit key `k`.
     fn home_with_key() -> (tempfile::TempDir, Home, LocalVault) {
+        crate::vault::local::unlock::use_test_passphrase();
         let t = tempfile::tempdir().unwrap();
         let home = Home::at(t.path());
         let v = LocalVault::open(&home.vault_dir()).unwrap();

@@ -211,8 +211,21 @@ impl Chunks {
 }
 
 /// Runs the cipher over consecutive units of `buf` on this thread; unit `i` gets tweak
-/// `first + i`.
+/// `first + i`. Afterwards the stack the cipher ran on is scrubbed: register spills of round
+/// keys must not outlive the request on a FUSE or pool thread's stack.
 fn run_units(cipher: &XtsCipher, first: u128, buf: &mut [u8], dir: Dir) -> Result<(), CryptoError> {
+    let r = run_units_inner(cipher, first, buf, dir);
+    crate::crypto::secret::scrub_stack();
+    r
+}
+
+#[inline(never)]
+fn run_units_inner(
+    cipher: &XtsCipher,
+    first: u128,
+    buf: &mut [u8],
+    dir: Dir,
+) -> Result<(), CryptoError> {
     for (i, u) in buf.chunks_mut(cipher.unit_size()).enumerate() {
         let tweak = first.wrapping_add(i as u128);
         match dir {

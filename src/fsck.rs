@@ -779,18 +779,23 @@ impl Checker {
         h: &VolumeHeader,
     ) -> Result<Result<VolumeKeys, (ProblemKind, String)>, FsckError> {
         let vault = open(h).map_err(FsckError::Key)?;
-        Ok(match crate::keyring::unwrap_keys(vault.as_ref(), h) {
-            Ok(k) => Ok(k),
-            Err(VolumeError::WrongKey(m)) => Err((ProblemKind::HeaderFingerprintMismatch, m)),
-            Err(VolumeError::CorruptHeader { why, .. }) if why.contains("MAC") => {
-                Err((ProblemKind::HeaderMacMismatch, why))
-            }
-            Err(VolumeError::CorruptHeader { why, .. }) => Err((ProblemKind::HeaderCorrupt, why)),
-            Err(e @ VolumeError::Vault(VaultError::UnwrapFailed { .. })) => {
-                Err((ProblemKind::HeaderUnwrapFailed, e.to_string()))
-            }
-            Err(e) => return Err(FsckError::Key(e.to_string())),
-        })
+        let home = Home::from_env();
+        Ok(
+            match crate::unlock::keys(&home, &self.root, vault.as_ref(), h) {
+                Ok(k) => Ok(k),
+                Err(VolumeError::WrongKey(m)) => Err((ProblemKind::HeaderFingerprintMismatch, m)),
+                Err(VolumeError::CorruptHeader { why, .. }) if why.contains("MAC") => {
+                    Err((ProblemKind::HeaderMacMismatch, why))
+                }
+                Err(VolumeError::CorruptHeader { why, .. }) => {
+                    Err((ProblemKind::HeaderCorrupt, why))
+                }
+                Err(e @ VolumeError::Vault(VaultError::UnwrapFailed { .. })) => {
+                    Err((ProblemKind::HeaderUnwrapFailed, e.to_string()))
+                }
+                Err(e) => return Err(FsckError::Key(e.to_string())),
+            },
+        )
     }
 
     // -----------------------------------------------------------------------------------------

@@ -63,9 +63,72 @@ pub fn write_new(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
     sync_dir(&parent_dir(path))
 }
 
+/// Opens `path` for appending (a log), creating it 0600; an existing file with group or
+/// other permission bits (written by an older cmkfs) is tightened to 0600.
+pub fn open_private_append(path: &Path) -> io::Result<File> {
+    let f = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)?;
+    tighten(&f, 0o600)?;
+    Ok(f)
+}
+
+/// Replaces `path` with `bytes` through a temp file and a rename, not fsynced (a live view
+/// that the next write rebuilds, like a status file); the file is 0600.
+pub fn replace_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    let _ = fs::remove_file(&tmp);
+    let result = (|| {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(bytes)?;
+        drop(f);
+        fs::rename(&tmp, path)
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Drops permission bits beyond `mode` from an open file (never adds any).
+pub fn tighten(f: &File, mode: u32) -> io::Result<()> {
+    let have = f.metadata()?.permissions().mode() & 0o7777;
+    if have & !mode != 0 {
+        f.set_permissions(fs::Permissions::from_mode(have & mode))?;
+    }
+    Ok(())
+}
+
 /// fsyncs a directory so that renames and creations inside it are durable.
 pub fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
+}
+
+/// Shifts size-rotated logs: `path.{keep-1}` → `path.{keep}` (the oldest is replaced), ...,
+/// `path.1` → `path.2`, then `path` → `path.1`. The caller serializes rotations and creates
+/// the new `path` afterwards; a crash in between leaves every line in one of the files.
+pub fn rotate_numbered(path: &Path, keep: u32) -> io::Result<()> {
+    let numbered = |n: u32| {
+        let mut s = path.as_os_str().to_owned();
+        s.push(format!(".{n}"));
+        PathBuf::from(s)
+    };
+    let keep = keep.max(1);
+    for n in (1..keep).rev() {
+        match fs::rename(numbered(n), numbered(n + 1)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+    }
+    fs::rename(path, numbered(1))?;
+    sync_dir(&parent_dir(path))
 }
 
 fn parent_dir(path: &Path) -> PathBuf {
@@ -95,5 +158,25 @@ mod tests {
             1,
             "no temp file left"
         );
+    }
+
+    #[test]
+    fn private_files_are_0600_and_loose_ones_are_tightened() {
+        let d = tempfile::tempdir().unwrap();
+        let log = d.path().join("a.log");
+        fs::write(&log, b"old\n").unwrap();
+        fs::set_permissions(&log, fs::Permissions::from_mode(0o666)).unwrap();
+        open_private_append(&log)
+            .unwrap()
+            .write_all(b"new\n")
+            .unwrap();
+        assert_eq!(fs::read(&log).unwrap(), b"old\nnew\n");
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&log), 0o600);
+        let st = d.path().join("s.json");
+        replace_private(&st, b"{}").unwrap();
+        replace_private(&st, b"{ }").unwrap();
+        assert_eq!(mode(&st), 0o600);
+        assert_eq!(fs::read(&st).unwrap(), b"{ }");
     }
 }

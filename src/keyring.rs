@@ -4,20 +4,63 @@
 //!
 //! States (DESIGN.md): `Locked → Accessible ⇄ Inaccessible(reason)`, and `Degraded` while the
 //! vault cannot be reached but the grace period has not run out (keys stay live). A check is
-//! a real unwrap of the wrapped DEK through the vault, with the header re-read from disk so
-//! that a rewrap done by another process (rotation) is picked up.
+//! a real unwrap through the vault, done by a [`KeySource`]: the keyring knows nothing of
+//! volume headers (`crate::unlock` re-reads and verifies the header), only whether the answer
+//! was a key, a denial or an outage.
 
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 
-use crate::crypto::{Dek, VolumeKeys};
-use crate::vault::{ErrorClass, Vault, VaultError};
-use crate::volume::header::VolumeHeader;
-use crate::volume::VolumeError;
+use crate::crypto::{CryptoError, Dek, VolumeKeys};
+use crate::vault::{ErrorClass, KeyId, Vault};
+
+/// The DEK(s) of one successful check, verified by the source: what the keyring builds the
+/// ciphers from.
+pub struct Unwrapped {
+    /// The customer-key DEK (the only one for single encryption).
+    pub outer: Dek,
+    /// Double encryption: the platform-key DEK.
+    pub inner: Option<Dek>,
+    /// Data unit size of the volume.
+    pub sector_size: usize,
+}
+
+impl Unwrapped {
+    /// The volume's ciphers.
+    pub fn keys(&self) -> Result<VolumeKeys, CryptoError> {
+        VolumeKeys::from_deks(&self.outer, self.inner.as_ref(), self.sector_size)
+    }
+}
+
+/// Why a check gave no key: [`ErrorClass::Denied`] (revoke now) or
+/// [`ErrorClass::Unavailable`] (degrade, revoke after the grace period).
+#[derive(Clone, Debug)]
+pub struct CheckFailure {
+    /// Denied or Unavailable.
+    pub class: ErrorClass,
+    /// What `status` shows.
+    pub reason: String,
+}
+
+/// Where a keyring's keys come from: a real unwrap through the vault on every call.
+pub trait KeySource: Send + Sync {
+    /// Re-reads and verifies what the keys are wrapped in, and unwraps them.
+    fn unwrap(&self) -> Result<Unwrapped, CheckFailure>;
+    /// The full versioned id of the KEK in use (for status and events).
+    fn key_id(&self) -> String;
+    /// The Disk Encryption Set of the volume, if any.
+    fn des(&self) -> Option<String>;
+    /// The vault connection checks go through.
+    fn vault(&self) -> &dyn Vault;
+}
+
+/// The keys are not live (revoked, or never unlocked): the reason, for the request's error.
+#[derive(Clone, Debug, thiserror::Error)]
+#[error("volume is inaccessible: {0}")]
+pub struct NotLive(pub String);
 
 /// How often and how forgivingly the keyring re-validates its KEK.
 #[derive(Clone, Copy, Debug)]
@@ -127,9 +170,7 @@ struct Inner {
 
 /// Holds the live keys of one mounted volume.
 pub struct Keyring {
-    vault: Box<dyn Vault>,
-    cipherdir: Option<PathBuf>,
-    header: RwLock<VolumeHeader>,
+    source: Box<dyn KeySource>,
     live: RwLock<Option<Arc<VolumeKeys>>>,
     inner: Mutex<Inner>,
     denied: AtomicU64,
@@ -142,21 +183,17 @@ pub fn rfc3339(t: SystemTime) -> String {
 }
 
 impl Keyring {
-    /// Unwraps the volume's DEK through `vault`, checks it against the header and makes the
-    /// keys live. `cipherdir` (when given) is where checks re-read the header from.
-    pub fn unlock(
-        vault: Box<dyn Vault>,
-        header: &VolumeHeader,
-        cipherdir: Option<PathBuf>,
+    /// A keyring whose keys are live, built from the first unwrap `first` of `source`.
+    pub fn new(
+        source: Box<dyn KeySource>,
+        first: Unwrapped,
         cfg: KeyringConfig,
-    ) -> Result<Keyring, VolumeError> {
-        header.key_id()?;
-        let keys = unwrap_keys(vault.as_ref(), header)?;
+    ) -> Result<Keyring, CryptoError> {
+        let keys = first.keys()?;
+        drop(first);
         let now = SystemTime::now();
         Ok(Keyring {
-            vault,
-            cipherdir,
-            header: RwLock::new(header.clone()),
+            source,
             live: RwLock::new(Some(Arc::new(keys))),
             inner: Mutex::new(Inner {
                 state: KeyState::Accessible,
@@ -171,16 +208,17 @@ impl Keyring {
         })
     }
 
-    /// The live keys, or why there are none. Cheap: a read lock and an `Arc` clone.
-    pub fn keys(&self) -> Result<Arc<VolumeKeys>, VolumeError> {
+    /// The live keys, or why there are none. Cheap: a read lock and an `Arc` clone. Generic in
+    /// the error so that callers get their own error type (`VolumeError: From<NotLive>`).
+    pub fn keys<E: From<NotLive>>(&self) -> Result<Arc<VolumeKeys>, E> {
         if let Some(k) = read(&self.live).as_ref() {
             return Ok(k.clone());
         }
         self.denied.fetch_add(1, Ordering::Relaxed);
-        Err(VolumeError::Inaccessible(match &self.inner().state {
+        Err(E::from(NotLive(match &self.inner().state {
             KeyState::Inaccessible { reason } => reason.clone(),
             _ => "volume is locked".into(),
-        }))
+        })))
     }
 
     fn inner(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -204,12 +242,12 @@ impl Keyring {
 
     /// The vault connection this keyring validates against.
     pub fn vault(&self) -> &dyn Vault {
-        self.vault.as_ref()
+        self.source.vault()
     }
 
-    /// The header as last read.
-    pub fn header(&self) -> VolumeHeader {
-        read(&self.header).clone()
+    /// The full versioned id of the KEK in use.
+    pub fn key_id(&self) -> String {
+        self.source.key_id()
     }
 
     fn set(&self, inner: &mut Inner, to: KeyState, at: SystemTime) -> Option<Transition> {
@@ -233,36 +271,41 @@ impl Keyring {
         )
     }
 
-    /// Re-validates the KEK with a real unwrap and moves the state accordingly: denied →
-    /// Inaccessible now; unreachable → Degraded, Inaccessible once the grace period is over;
-    /// success → Accessible (healing an Inaccessible volume without a remount).
+    /// Re-validates the KEK with a real unwrap (through the source, which re-reads the
+    /// header) and moves the state accordingly: denied → Inaccessible now; unreachable →
+    /// Degraded, Inaccessible once the grace period is over; success → Accessible (healing an
+    /// Inaccessible volume without a remount).
     pub fn check(&self) -> Option<Transition> {
-        if let Some(dir) = &self.cipherdir {
-            match VolumeHeader::read(dir) {
-                Ok(h) => *write(&self.header) = h,
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot re-read the volume header; using the one in memory")
-                }
-            }
-        }
-        let header = self.header();
-        let result = unwrap_keys(self.vault.as_ref(), &header);
+        let result = self.source.unwrap();
+        let t = self.apply(result);
+        // The unwrap, HKDF and key expansion ran on this thread's stack.
+        crate::crypto::secret::scrub_stack();
+        t
+    }
+
+    fn apply(&self, result: Result<Unwrapped, CheckFailure>) -> Option<Transition> {
         let now = SystemTime::now();
         let mut inner = self.inner();
         inner.last_check = Some(now);
         inner.next_check = now + self.cfg.check_interval;
         match result {
-            Ok(keys) => {
+            Ok(unwrapped) => {
                 inner.last_success = Some(now);
                 inner.unreachable_since = None;
                 if inner.state == KeyState::Accessible {
                     return None;
                 }
-                *write(&self.live) = Some(Arc::new(keys));
+                match unwrapped.keys() {
+                    Ok(keys) => *write(&self.live) = Some(Arc::new(keys)),
+                    Err(e) => {
+                        write(&self.live).take();
+                        let reason = format!("the unwrapped key is unusable: {e}");
+                        return self.set(&mut inner, KeyState::Inaccessible { reason }, now);
+                    }
+                }
                 self.set(&mut inner, KeyState::Accessible, now)
             }
-            Err(e) => {
-                let (class, reason) = classify(&e);
+            Err(CheckFailure { class, reason }) => {
                 if class == ErrorClass::Denied {
                     inner.unreachable_since = None;
                     write(&self.live).take();
@@ -288,22 +331,26 @@ impl Keyring {
 
     /// A snapshot for `status`.
     pub fn status(&self) -> KeyringStatus {
-        let header = self.header();
-        let kid = header.key_id().ok();
+        let key_id = self.source.key_id();
+        let version = key_id
+            .parse::<KeyId>()
+            .map(|k| k.version)
+            .unwrap_or_default();
+        let des = self.source.des();
         let inner = self.inner();
         KeyringStatus {
             state: inner.state.name().into(),
             reason: inner.state.reason().map(str::to_string),
             since: rfc3339(inner.since),
-            key_id: header.key_id.clone(),
-            key_version: kid.map(|k| k.version).unwrap_or_default(),
+            key_id,
+            key_version: version,
             last_check: inner.last_check.map(rfc3339),
             last_success: inner.last_success.map(rfc3339),
             next_check: Some(rfc3339(inner.next_check)),
             requests_denied: self.denied.load(Ordering::Relaxed),
             key_check_interval_s: self.cfg.check_interval.as_secs(),
             grace_period_s: self.cfg.grace.as_secs(),
-            des: header.des.clone(),
+            des,
         }
     }
 }
@@ -314,113 +361,4 @@ fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
 
 fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
     l.write().unwrap_or_else(|p| p.into_inner())
-}
-
-/// Sorts a failed check into denied / unavailable, with the reason `status` shows.
-fn classify(e: &VolumeError) -> (ErrorClass, String) {
-    match e {
-        VolumeError::Vault(v) => {
-            let reason = match v {
-                VaultError::Denied { reason, .. } => reason.to_string(),
-                VaultError::NotFound(_) => "key deleted or purged".into(),
-                VaultError::UnwrapFailed { .. } => "key cannot unwrap the DEK".into(),
-                other => other.to_string(),
-            };
-            let class = match v.class() {
-                ErrorClass::Other => ErrorClass::Unavailable,
-                c => c,
-            };
-            (class, reason)
-        }
-        // The vault unwrapped something that is not this volume's key: treat as denied.
-        VolumeError::WrongKey(m) => (ErrorClass::Denied, m.clone()),
-        other => (ErrorClass::Unavailable, other.to_string()),
-    }
-}
-
-/// Unwraps and verifies a header's DEK(s) and builds the volume's ciphers. A double-encrypted
-/// volume's inner DEK is unwrapped too, through cmkfs's own vault (see [`platform_vault`]):
-/// both keys must answer, so losing either one denies access.
-pub fn unwrap_keys(vault: &dyn Vault, header: &VolumeHeader) -> Result<VolumeKeys, VolumeError> {
-    let platform = match &header.platform {
-        Some(_) => Some(platform_vault(header)?),
-        None => None,
-    };
-    unwrap_keys_with(vault, platform.as_deref(), header)
-}
-
-/// [`unwrap_keys`] with the platform vault given (library callers and tests that do not use
-/// `$CMKFS_HOME`). `platform` is only consulted for a double-encrypted header.
-pub fn unwrap_keys_with(
-    vault: &dyn Vault,
-    platform: Option<&dyn Vault>,
-    header: &VolumeHeader,
-) -> Result<VolumeKeys, VolumeError> {
-    let dek = unwrap_dek(vault, header)?;
-    let inner = match (&header.platform, platform) {
-        (None, _) => None,
-        (Some(_), Some(p)) => Some(unwrap_platform_dek(p, header)?),
-        (Some(_), None) => {
-            return Err(VolumeError::Internal(
-                "a double-encrypted volume needs the platform vault".into(),
-            ))
-        }
-    };
-    VolumeKeys::from_deks(&dek, inner.as_ref(), header.sector_size as usize)
-        .map_err(VolumeError::Crypto)
-}
-
-/// The vault that holds a double-encrypted volume's platform key: cmkfs's own (`local:`) vault
-/// of `$CMKFS_HOME`, reached as its owner, because the platform key is cmkfs's, not the
-/// customer's. Opened per call: a check must see the key's current state.
-pub fn platform_vault(header: &VolumeHeader) -> Result<Box<dyn Vault>, VolumeError> {
-    let Some(p) = &header.platform else {
-        return Err(VolumeError::Internal(
-            "the volume is not double-encrypted".into(),
-        ));
-    };
-    let kid = p.key_id()?;
-    Ok(crate::vault::open(
-        &kid.vault,
-        &crate::home::Home::from_env(),
-    )?)
-}
-
-/// Unwraps and verifies a double-encrypted header's inner (platform-key) DEK.
-pub fn unwrap_platform_dek(
-    platform: &dyn Vault,
-    header: &VolumeHeader,
-) -> Result<Dek, VolumeError> {
-    let Some(p) = &header.platform else {
-        return Err(VolumeError::Internal(
-            "the volume is not double-encrypted".into(),
-        ));
-    };
-    let kid = p.key_id()?;
-    let wrapped = p.wrapped().map_err(|_| VolumeError::CorruptHeader {
-        path: crate::volume::header::HEADER_FILE.into(),
-        why: "platform wrapped_dek is not valid base64".into(),
-    })?;
-    let raw = platform.unwrap_key(&kid, p.wrap_alg, &wrapped)?;
-    let dek = Dek::from_slice(&raw).map_err(|_| {
-        VolumeError::WrongKey(format!("{kid} unwrapped something that is not a cmkfs DEK"))
-    })?;
-    p.verify(&dek)?;
-    Ok(dek)
-}
-
-/// Unwraps and verifies a header's (outer, customer-key) DEK. For a double-encrypted volume
-/// this alone does not give access to data: see [`unwrap_keys`].
-pub fn unwrap_dek(vault: &dyn Vault, header: &VolumeHeader) -> Result<Dek, VolumeError> {
-    let kid = header.key_id()?;
-    let wrapped = header.wrapped().map_err(|_| VolumeError::CorruptHeader {
-        path: crate::volume::header::HEADER_FILE.into(),
-        why: "wrapped_dek is not valid base64".into(),
-    })?;
-    let raw = vault.unwrap_key(&kid, header.wrap_alg, &wrapped)?;
-    let dek = Dek::from_slice(&raw).map_err(|_| {
-        VolumeError::WrongKey(format!("{kid} unwrapped something that is not a cmkfs DEK"))
-    })?;
-    header.verify(&dek)?;
-    Ok(dek)
 }

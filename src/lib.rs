@@ -17,5 +17,7 @@ pub mod home;
 pub mod keyring;
 pub mod monitor;
 pub mod mount;
+pub mod process;
+pub mod unlock;
 pub mod vault;
 pub mod volume;

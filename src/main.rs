@@ -1,7 +1,21 @@
 use clap::error::ErrorKind;
 use clap::Parser;
 
+/// Every freed heap block is zeroed: libraries (TLS, HTTP, JSON) buffer DEKs and tokens on
+/// their own, and freed memory must not keep them (see `crypto::secret`).
+#[global_allocator]
+static ALLOC: cmkfs::crypto::secret::ZeroizingAlloc = cmkfs::crypto::secret::ZeroizingAlloc;
+
 fn main() {
+    // Before anything creates a file: state is private whatever umask we were started with.
+    cmkfs::process::private_umask();
+    if let Err(e) = cmkfs::process::forbid_core_dumps() {
+        eprintln!("cmkfs: error: cannot disable core dumps: {e}");
+        std::process::exit(1);
+    }
+    // Help and usage errors go to a pipe too (`cmkfs --help | head`); daemons turn SIGPIPE
+    // back off below.
+    cmkfs::process::default_sigpipe();
     let cli = match cmkfs::cli::Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) => {
@@ -18,6 +32,9 @@ fn main() {
             std::process::exit(2);
         }
     };
+    if !cli.quiet_on_closed_pipe() {
+        cmkfs::process::ignore_sigpipe();
+    }
     if let Err(e) = cmkfs::cli::run(cli) {
         // One line: the error and its causes, joined.
         let msg = e

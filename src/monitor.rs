@@ -53,9 +53,34 @@ pub struct StatusFile {
     pub push: bool,
     /// When this file was written (RFC 3339).
     pub updated: String,
+    /// How the daemon keeps its keys out of reach (absent in files of older versions).
+    #[serde(default)]
+    pub memory: Option<MemoryStatus>,
     /// Keyring state and counters.
     #[serde(flatten)]
     pub keyring: serde_json::Value,
+}
+
+/// The daemon's memory protections, as it sees them itself.
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
+pub struct MemoryStatus {
+    /// Bytes of key material locked in RAM (0 once the keys are erased).
+    pub locked_bytes: usize,
+    /// Whether the process may be dumped or attached to by same-user processes.
+    pub dumpable: bool,
+    /// Whether a crash could write a core file (RLIMIT_CORE above 0).
+    pub core_dumps: bool,
+}
+
+impl MemoryStatus {
+    /// The current values.
+    pub fn now() -> MemoryStatus {
+        MemoryStatus {
+            locked_bytes: crate::crypto::secret::locked_bytes(),
+            dumpable: crate::process::dumpable(),
+            core_dumps: crate::process::core_limit() > 0,
+        }
+    }
 }
 
 /// One state change, as logged and as given to the alert hook.
@@ -101,6 +126,11 @@ pub fn spawn(
     std::thread::Builder::new()
         .name("cmkfs-monitor".into())
         .spawn(move || {
+            // This thread writes state files (status, events, DES records) while the FUSE
+            // threads run with umask 0 for backing entries: give it a private umask.
+            if let Err(e) = crate::process::private_thread_umask() {
+                tracing::warn!(error = %e, "cannot give the monitor a private umask");
+            }
             let mut push = push;
             let mut last_status = String::new();
             let initial = Transition {
@@ -137,15 +167,24 @@ pub fn spawn(
                     break;
                 }
                 if pushed || SystemTime::now() >= keyring.next_check() {
-                    // DES auto-rotation (issue 4 item 7) rides on the key check, so it happens
-                    // within one key-check interval of a new key version; it runs first so that
-                    // the check below re-reads the rewrapped header and validates it at once.
-                    crate::des::auto_rotate_mounted(&facts.cipherdir, keyring.vault());
-                    if let Some(t) = keyring.check() {
-                        if matches!(t.to, KeyState::Inaccessible { .. }) {
-                            cut_off();
+                    let handle = |t: Option<Transition>| {
+                        if let Some(t) = t {
+                            if matches!(t.to, KeyState::Inaccessible { .. }) {
+                                cut_off();
+                            }
+                            publish_event(&keyring, &facts, &sinks, &t);
                         }
-                        publish_event(&keyring, &facts, &sinks, &t);
+                    };
+                    // The key check first: a header changed on disk is judged before anything
+                    // acts on it. DES auto-rotation (issue 4 item 7) rides on the check, so it
+                    // happens within one key-check interval of a new key version, and only
+                    // while the volume is accessible; a rotation is validated by a second
+                    // check at once.
+                    handle(keyring.check());
+                    if keyring.state() == KeyState::Accessible
+                        && crate::des::auto_rotate_mounted(&facts.cipherdir, keyring.vault())
+                    {
+                        handle(keyring.check());
                     }
                 }
                 last_status = write_status(&keyring, &facts, &sinks, last_status);
@@ -162,7 +201,7 @@ fn publish_event(keyring: &Keyring, facts: &MountFacts, sinks: &MonitorSinks, t:
         from: t.from.name().into(),
         to: t.to.name().into(),
         reason: t.to.reason().map(str::to_string),
-        key_id: keyring.header().key_id,
+        key_id: keyring.key_id(),
     };
     let Ok(line) = serde_json::to_string(&ev) else {
         return;
@@ -178,10 +217,7 @@ fn publish_event(keyring: &Keyring, facts: &MountFacts, sinks: &MonitorSinks, t:
         let _ = crate::fsutil::create_private_dir(dir);
     }
     // One write of a whole line with O_APPEND: lines from several mounts never interleave.
-    let appended = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&sinks.events_path)
+    let appended = crate::fsutil::open_private_append(&sinks.events_path)
         .and_then(|mut f| f.write_all(format!("{line}\n").as_bytes()));
     if let Err(e) = appended {
         tracing::warn!(error = %e, path = %sinks.events_path.display(), "cannot append to the event log");
@@ -239,6 +275,7 @@ pub fn status_doc(keyring: &Keyring, facts: &MountFacts) -> StatusFile {
         pid: facts.pid,
         push: facts.push,
         updated: rfc3339(SystemTime::now()),
+        memory: Some(MemoryStatus::now()),
         keyring: serde_json::to_value(ks).unwrap_or_default(),
     }
 }
@@ -259,11 +296,7 @@ fn write_status(
     doc.updated = rfc3339(SystemTime::now());
     if let Ok(json) = serde_json::to_vec_pretty(&doc) {
         // Not fsynced: the status file is a live view, rebuilt by the next write.
-        let tmp = sinks.status_path.with_extension("json.tmp");
-        if std::fs::write(&tmp, json)
-            .and_then(|_| std::fs::rename(&tmp, &sinks.status_path))
-            .is_err()
-        {
+        if crate::fsutil::replace_private(&sinks.status_path, &json).is_err() {
             tracing::warn!(path = %sinks.status_path.display(), "cannot write the status file");
         }
     }

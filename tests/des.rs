@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use cmkfs::des::{self, DesError, Hooks, RewrapStep, UpdateRequest};
 use cmkfs::home::Home;
-use cmkfs::keyring::{self, Keyring, KeyringConfig};
+use cmkfs::keyring::KeyringConfig;
 use cmkfs::vault::local::LocalVault;
 use cmkfs::volume::header::VolumeHeader;
 use cmkfs::volume::{Caller, Volume};
@@ -835,15 +835,18 @@ fn double_encryption_round_trips_and_losing_either_key_denies_access() {
         };
         cmkfs::volume::content::read(&f, &st, &cx, 0, big.len()).unwrap()
     };
-    let outer = keyring::unwrap_dek(&owner, &header).unwrap();
+    let outer = header.unwrap_dek(&owner).unwrap();
     let outer_only = cmkfs::crypto::VolumeKeys::from_dek(&outer, SECTOR).unwrap();
     assert_ne!(
         read_with(&outer_only)[..4096],
         big[..4096],
         "the outer layer alone decrypted the data"
     );
-    let both = keyring::unwrap_keys_with(&owner, Some(&owner as &dyn cmkfs::vault::Vault), &header)
-        .unwrap();
+    let both =
+        cmkfs::unlock::unwrap_with(&owner, Some(&owner as &dyn cmkfs::vault::Vault), &header)
+            .unwrap()
+            .keys()
+            .unwrap();
     assert_bytes_eq("both layers", &read_with(&both), &big);
 
     // Losing the platform key cuts the mount off; restoring it heals.
@@ -969,10 +972,12 @@ fn customer_keys_cannot_be_switched_back_to_the_platform_key() {
 /// A volume with one file, written through the library (as a mount would).
 fn write_file_in_process(dir: &Path, vault: LocalVault, name: &str, data: &[u8]) {
     let header = VolumeHeader::read(dir).unwrap();
-    let kr = Keyring::unlock(
+    let home = Home::at(vault.store_dir().parent().unwrap());
+    let (kr, header) = cmkfs::unlock::unlock(
+        &home,
         Box::new(vault),
+        dir,
         &header,
-        Some(dir.to_path_buf()),
         KeyringConfig::default(),
     )
     .unwrap();
@@ -991,10 +996,12 @@ fn write_file_in_process(dir: &Path, vault: LocalVault, name: &str, data: &[u8])
 
 fn read_file_in_process(dir: &Path, vault: LocalVault, name: &str) -> Vec<u8> {
     let header = VolumeHeader::read(dir).unwrap();
-    let kr = Keyring::unlock(
+    let home = Home::at(vault.store_dir().parent().unwrap());
+    let (kr, header) = cmkfs::unlock::unlock(
+        &home,
         Box::new(vault),
+        dir,
         &header,
-        Some(dir.to_path_buf()),
         KeyringConfig::default(),
     )
     .unwrap_or_else(|e| panic!("{}: does not unlock: {e}", dir.display()));
@@ -1114,6 +1121,7 @@ fn cmkfs_in(home: &Path, args: &[&str]) -> Output {
     cmd.args(args)
         .env("CMKFS_HOME", home)
         .env_remove("XDG_DATA_HOME");
+    common::passphrase_env(&mut cmd, home);
     run_with_timeout(cmd, CMD_TIMEOUT).unwrap_or_else(|e| panic!("{e}"))
 }
 
@@ -1154,6 +1162,8 @@ fn key_change_to_a_key_in_another_vault_over_https() {
         ],
     )
     .assert_ok();
+    env.cmkfs(&["vault", "add", "remote", &server.url])
+        .assert_ok();
     let key_url = format!("{}/keys/rk", server.url);
     let update = [
         "des",

@@ -68,6 +68,8 @@ fn volume_on_a_pkcs11_token_mounts_revokes_and_heals() {
         hsm.join("pin").display()
     );
 
+    // The module is loaded only once this machine configured the token.
+    env.cmkfs(&["vault", "add", "hsm", &url]).assert_ok();
     // SoftHSM 2.6 has no SHA-2 OAEP: the key is created for RSA-OAEP.
     env.init_with(
         &env.cipher,

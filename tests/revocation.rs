@@ -321,6 +321,7 @@ fn status_json_schema_is_stable_and_the_hook_sees_events() {
             "key_version",
             "last_check",
             "last_success",
+            "memory",
             "mounted",
             "mountpoint",
             "next_check",

@@ -268,7 +268,8 @@ fn mount_of_a_v1_volume_converts_it_first_and_says_so() {
 fn fixture_keys(fx: &V1Fixture) -> (VolumeHeader, Dek, VolumeKeys) {
     let header = VolumeHeader::read(&fx.cipher).unwrap();
     let vault = cmkfs::vault::open("local:", &Home::at(&fx.home)).unwrap();
-    let (dek, keys) = upgrade::unlock(vault.as_ref(), &header).unwrap();
+    let (dek, keys) =
+        upgrade::unlock(&Home::at(&fx.home), &fx.cipher, vault.as_ref(), &header).unwrap();
     (header, dek, keys)
 }
 
@@ -575,8 +576,8 @@ fn double_encrypted_v1_tails_decode_through_both_layers() {
     fs::create_dir(&root).unwrap();
     fs::write(root.join(DIRID_FILE), [3u8; 16]).unwrap();
     let (outer, inner) = (Dek::generate().unwrap(), Dek::generate().unwrap());
-    let wrapped = |dek: &Dek| cmkfs::vault::Wrapped {
-        kid: "local:/keys/test/0123456789abcdef0123456789abcdef"
+    let wrapped = |dek: &Dek, key: &str| cmkfs::vault::Wrapped {
+        kid: format!("local:/keys/{key}/0123456789abcdef0123456789abcdef")
             .parse()
             .unwrap(),
         alg: cmkfs::vault::WrapAlg::RsaOaep256,
@@ -586,11 +587,13 @@ fn double_encrypted_v1_tails_decode_through_both_layers() {
         &outer,
         "ab".repeat(16),
         4096,
-        &wrapped(&outer),
+        &wrapped(&outer, "test"),
         1,
-        PlatformEnvelope::new(&inner, &wrapped(&inner)),
+        PlatformEnvelope::new(&inner, &wrapped(&inner, "cmkfs-platform")),
     )
-    .with_format_version(1, &outer);
+    // As the v1 release wrote it: format 1, MAC version 1.
+    .with_format_version(1, &outer)
+    .with_mac_v1_for_tests(&outer);
     header.write(&root).unwrap();
     let keys = VolumeKeys::from_deks(&outer, Some(&inner), 4096).unwrap();
     let mut files = Vec::new();
@@ -639,6 +642,10 @@ fn double_encrypted_v1_tails_decode_through_both_layers() {
     let header = VolumeHeader::read(&root).unwrap();
     header.verify(&outer).unwrap();
     assert!(header.platform.is_some());
+    assert_eq!(
+        (header.format_version, header.mac_version),
+        (2, cmkfs::volume::header::MAC_VERSION)
+    );
     for (p, plain) in &files {
         assert_eq!(&read_v2(p, &keys, 4096).unwrap(), plain, "{}", p.display());
     }

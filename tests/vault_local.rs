@@ -27,6 +27,27 @@ fn opts() -> CreateKeyOptions {
     }
 }
 
+/// The passphrase test vaults are sealed with, for this process and the children it starts.
+const TEST_PASSPHRASE: &str = "cmkfs test passphrase";
+
+fn use_test_passphrase() {
+    use cmkfs::vault::local::{seal::KdfParams, unlock};
+    unlock::set_passphrase_source(Some(unlock::PassphraseSource::Value(std::sync::Arc::new(
+        zeroize::Zeroizing::new(TEST_PASSPHRASE.to_string()),
+    ))));
+    unlock::set_kdf_params(Some(KdfParams::TEST));
+}
+
+/// Points a cmkfs child at a passphrase file in `dir` (written on first use).
+fn passphrase_env<'a>(cmd: &'a mut Command, dir: &std::path::Path) -> &'a mut Command {
+    let path = dir.join("test-passphrase");
+    if !path.exists() {
+        std::fs::write(&path, format!("{TEST_PASSPHRASE}\n")).unwrap();
+    }
+    cmd.env("CMKFS_PASSPHRASE_FILE", &path)
+        .env("CMKFS_VAULT_KDF", "test")
+}
+
 struct Fx {
     dir: tempfile::TempDir,
     v: LocalVault,
@@ -34,6 +55,7 @@ struct Fx {
 
 impl Fx {
     fn new() -> Fx {
+        use_test_passphrase();
         let dir = tempfile::tempdir().unwrap();
         let v = LocalVault::open(&dir.path().join("vault")).unwrap();
         Fx { dir, v }
@@ -205,6 +227,7 @@ fn encrypted_pkcs8_pem(dir: &Path) -> String {
 
 #[test]
 fn first_use_creates_a_private_store() {
+    use_test_passphrase();
     let home = tempfile::tempdir().unwrap();
     let h = Home::at(home.path().join("cmkfs"));
     let v = vault::open("local:", &h).unwrap();
@@ -218,6 +241,7 @@ fn first_use_creates_a_private_store() {
         "lock",
         "generation",
         "audit.log",
+        "seal.json",
         "keys/first/key.json",
     ] {
         assert!(store.join(f).is_file(), "{f}");
@@ -229,9 +253,10 @@ fn first_use_creates_a_private_store() {
     // Opening again reuses the store.
     let again = vault::open("local:", &h).unwrap();
     assert_eq!(again.list_keys().unwrap().len(), 1);
+    // A vault this machine did not configure is refused before anything is contacted.
     assert!(matches!(
         vault::open("https://elsewhere", &h),
-        Err(VaultError::Invalid(_))
+        Err(VaultError::NotConfigured { .. })
     ));
 }
 
@@ -1540,12 +1565,11 @@ impl Cli {
         }
     }
     fn run(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_cmkfs"))
-            .args(args)
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_cmkfs"));
+        cmd.args(args)
             .env("CMKFS_HOME", self.home.path())
-            .env_remove("RUST_LOG")
-            .output()
-            .unwrap()
+            .env_remove("RUST_LOG");
+        passphrase_env(&mut cmd, self.home.path()).output().unwrap()
     }
     #[track_caller]
     fn ok(&self, args: &[&str]) -> String {
@@ -1918,12 +1942,15 @@ fn cli_audit() {
         1
     );
     // --follow prints events written after it started.
-    let mut child = Command::new(env!("CARGO_BIN_EXE_cmkfs"))
-        .args(["vault", "audit", "--follow", "--json", "--key", "k"])
-        .env("CMKFS_HOME", c.home.path())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = passphrase_env(
+        &mut Command::new(env!("CARGO_BIN_EXE_cmkfs")),
+        c.home.path(),
+    )
+    .args(["vault", "audit", "--follow", "--json", "--key", "k"])
+    .env("CMKFS_HOME", c.home.path())
+    .stdout(std::process::Stdio::piped())
+    .spawn()
+    .unwrap();
     std::thread::sleep(std::time::Duration::from_millis(500));
     c.ok(&["vault", "key", "rotate", "k"]);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);

@@ -54,7 +54,9 @@ fn mount_through_a_vault_server_revoke_heal_restart() {
     // server's CA pinned) and placed in the client's $CMKFS_HOME/credentials.
     let cred = env.home.join("credentials/mnt.json");
     std::fs::create_dir_all(cred.parent().unwrap()).unwrap();
-    let out = std::process::Command::new(vault_support::bin())
+    let mut cmd = std::process::Command::new(vault_support::bin());
+    vault_support::passphrase_env(&mut cmd, &host);
+    let out = cmd
         .args([
             "vault",
             "identity",
@@ -81,6 +83,9 @@ fn mount_through_a_vault_server_revoke_heal_restart() {
         )
         .unwrap();
 
+    // The client machine trusts the server (a header alone never makes it connect anywhere).
+    env.cmkfs(&["vault", "add", "keyserver", &server.url])
+        .assert_ok();
     env.init_with(&env.cipher, &["--vault", &server.url, "--key", "kek"]);
     let info = env.info(&env.cipher);
     let kid = info["key_id"].as_str().unwrap_or_default().to_string();

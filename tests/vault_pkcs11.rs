@@ -224,6 +224,12 @@ fn pkcs11_backend_on_softhsm() {
     // The key id's vault URL reconnects (what a mount does with its volume header).
     let kid: KeyId = k.kid.parse().unwrap();
     let home = cmkfs::home::Home::at(hsm.dir.path().join("home"));
+    // Only once this machine configured the token (the module is checked first).
+    assert!(matches!(
+        cmkfs::vault::open(&kid.vault, &home),
+        Err(VaultError::NotConfigured { .. })
+    ));
+    cmkfs::vault::trust::add(&home, "hsm-a", &kid.vault, &Default::default()).unwrap();
     let again = cmkfs::vault::open(&kid.vault, &home).unwrap();
     assert_eq!(
         &again.unwrap_key(&kid, WrapAlg::RsaOaep, &w.value).unwrap()[..],
@@ -350,6 +356,7 @@ fn cli(hsm: &Hsm, args: &[&str]) -> std::process::Output {
 fn pkcs11_key_commands_across_processes() {
     let hsm = Hsm::new(&["cli"]);
     let url = hsm.url("cli");
+    cli(&hsm, &["vault", "add", "cli-token", &url]);
     let out = cli(
         &hsm,
         &[

@@ -36,6 +36,7 @@ struct Fx {
 
 impl Fx {
     fn new() -> Fx {
+        vault_support::use_test_passphrase();
         let home = tempfile::tempdir().unwrap();
         let owner = LocalVault::open(&home.path().join("vault")).unwrap();
         owner.create_key("kek", &opts()).unwrap();
@@ -631,7 +632,9 @@ fn load_200_concurrent_unwraps_from_8_clients() {
 // ------------------------------------------------------------------ the command line
 
 fn cli(home: &Path, args: &[&str]) -> std::process::Output {
-    let out = Command::new(bin())
+    let mut cmd = Command::new(bin());
+    vault_support::passphrase_env(&mut cmd, home);
+    let out = cmd
         .args(args)
         .env("CMKFS_HOME", home)
         .stdin(Stdio::null())
@@ -684,6 +687,8 @@ fn cli_prints_a_token_and_drives_keys_through_the_server() {
         ],
     );
     let c = cred_path.to_str().unwrap();
+    // The client side trusts the server's URL first.
+    cli(home, &["vault", "add", "srv", &fx.server.url]);
     let out = cli(home, &["vault", "--credential", c, "key", "list", "--json"]);
     let keys: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(

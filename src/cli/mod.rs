@@ -15,6 +15,11 @@ use clap::{Parser, Subcommand};
 #[derive(Parser, Debug)]
 #[command(name = "cmkfs", version, about, propagate_version = true)]
 pub struct Cli {
+    /// Read the embedded vault's passphrase from the first line of this file (also
+    /// $CMKFS_PASSPHRASE_FILE, or the systemd credential cmkfs-vault-passphrase; else a prompt
+    /// on a terminal, or the key `cmkfs vault unseal` cached).
+    #[arg(long, global = true, value_name = "FILE")]
+    passphrase_file: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -53,8 +58,32 @@ enum Command {
     Upgrade(upgrade::UpgradeArgs),
 }
 
+impl Cli {
+    /// Whether a closed stdout/stderr pipe should end the command by SIGPIPE, as for any Unix
+    /// tool. Not for the mount daemon and the vault server (long-running, their readers may
+    /// go away) nor the drill's probe process.
+    pub fn quiet_on_closed_pipe(&self) -> bool {
+        match &self.command {
+            Command::Mount(m) => !m.is_foreground(),
+            Command::Vault(v) => !v.is_serve(),
+            Command::MmapProbe { .. } => false,
+            _ => true,
+        }
+    }
+}
+
 /// Runs the parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
+    // A master key handed down by `cmkfs mount` to its daemon.
+    crate::vault::local::unlock::take_handed_key();
+    if let Some(p) = cli.passphrase_file {
+        crate::vault::local::unlock::set_passphrase_source(Some(
+            crate::vault::local::unlock::PassphraseSource::File(p),
+        ));
+    }
+    if !matches!(cli.command, Command::MmapProbe { .. }) {
+        crate::home::Home::from_env().secure()?;
+    }
     match cli.command {
         Command::Init(a) => volume::init(a),
         Command::Mount(a) => volume::mount(a),

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use clap::Args;
 
 use crate::home::Home;
-use crate::keyring::{self, rfc3339};
+use crate::keyring::rfc3339;
 use crate::mount::RunRecord;
 use crate::vault;
 use crate::volume::header::VolumeHeader;
@@ -64,8 +64,9 @@ fn target_status(home: &Home, target: &Path) -> anyhow::Result<serde_json::Value
     let kid = header.key_id()?;
     // The same connection a mount would use (DES identity included), and every key the
     // volume needs (the platform key of a double-encrypted volume too).
-    let checked = super::volume::volume_vault(home, &header, None)
-        .and_then(|(v, _)| keyring::unwrap_keys(v.as_ref(), &header).map_err(anyhow::Error::from));
+    let checked = super::volume::volume_vault(home, &header, None).and_then(|(v, _)| {
+        crate::unlock::keys(home, &abs, v.as_ref(), &header).map_err(anyhow::Error::from)
+    });
     let (state, reason) = match checked {
         Ok(_) => ("Accessible", None),
         Err(e) => {
@@ -152,6 +153,19 @@ fn print_human(d: &serde_json::Value) {
     }
     if let Some(n) = d.get("requests_denied").and_then(|v| v.as_u64()) {
         println!("  denied         {n} requests");
+    }
+    if let Some(m) = d.get("memory").filter(|m| m.is_object()) {
+        let on = |k: &str| m.get(k).and_then(|v| v.as_bool()).unwrap_or(true);
+        println!(
+            "  memory         {} kB of keys locked in RAM, core dumps {}, {}",
+            m.get("locked_bytes").and_then(|v| v.as_u64()).unwrap_or(0) / 1024,
+            if on("core_dumps") { "ON" } else { "off" },
+            if on("dumpable") {
+                "DUMPABLE"
+            } else {
+                "not dumpable"
+            }
+        );
     }
     if let Some(p) = d.get("push").and_then(|v| v.as_bool()) {
         println!(

@@ -44,6 +44,8 @@ pub fn run(a: UpgradeArgs) -> anyhow::Result<()> {
         );
     }
     let lock = VolumeLock::exclusive(&root)?;
+    // A damaged journal is refused before the vault is even opened.
+    upgrade::pending_journal(&root, &header)?;
     let (vault, _) = super::volume::volume_vault(&home, &header, a.credential.as_deref())?;
     let report = convert(&root, &lock, vault.as_ref(), &header, !a.json)?;
     if a.json {
@@ -63,7 +65,7 @@ pub(crate) fn convert(
     header: &VolumeHeader,
     bar: bool,
 ) -> anyhow::Result<Report> {
-    let (dek, keys) = upgrade::unlock(vault, header)?;
+    let (dek, keys) = upgrade::unlock(&Home::from_env(), root, vault, header)?;
     let mut drawn: Option<ProgressBar> = None;
     let mut progress = |p: &Progress| {
         if !bar || p.total < PROGRESS_BAR_FROM {

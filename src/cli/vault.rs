@@ -11,6 +11,8 @@ use serde::Serialize;
 
 use crate::fsutil::create_private_dir;
 use crate::home::Home;
+use crate::vault::local::seal::{self, KdfParams};
+use crate::vault::local::unlock;
 use crate::vault::local::{AuditEvent, ConfigUpdate, LocalVault, PolicyScope};
 use crate::vault::{
     CreateKeyOptions, Credential, DeletedKeyInfo, ImportKeyOptions, KeyInfo, KeyUpdate, Permission,
@@ -50,6 +52,79 @@ enum VaultCommand {
     Audit(AuditArgs),
     /// Serve the vault store over HTTPS with Azure Key Vault's keys REST API.
     Serve(ServeArgs),
+    /// Seal the embedded vault at rest: its private keys, TLS keys and the credentials in
+    /// $CMKFS_HOME/credentials are encrypted under a master key wrapped by a passphrase
+    /// (Argon2id). Resumes an interrupted seal; a new vault is created sealed.
+    Seal(SealArgs),
+    /// Unseal the vault for a while: the master key is cached in the kernel keyring (user
+    /// keyring) so that commands and mounts need no passphrase until it times out.
+    Unseal(UnsealArgs),
+    /// Drop the cached master key from the kernel keyring (running mounts and servers keep
+    /// theirs until they stop).
+    Lock,
+    /// Change the passphrase the master key is wrapped under (the old one is asked first).
+    ChangePassphrase(ChangePassphraseArgs),
+    /// Trust a vault on this machine: volumes (whose headers only name vaults) and commands
+    /// may then use it. local: always is.
+    Add(AddArgs),
+    /// Stop trusting a configured vault (volumes with keys there stop mounting here).
+    Remove {
+        /// Name given at `vault add`.
+        name: String,
+    },
+    /// List the vaults this machine trusts.
+    ListConfigured {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args, Debug)]
+struct AddArgs {
+    /// A local name for the vault (`--vault NAME` accepts it).
+    name: String,
+    /// `https://HOST[:PORT]` or `pkcs11:/path/module.so?token=LABEL&pin-source=file:/path`
+    /// (the module must be owned by root and not writable by others).
+    url: String,
+    /// https: PEM file of the CA the server's certificate must chain to (pinned). With
+    /// `--credential FILE`, that credential is the one the vault is used with (else one in
+    /// $CMKFS_HOME/credentials).
+    #[arg(long, value_name = "FILE")]
+    ca: Option<PathBuf>,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
+struct SealArgs {
+    /// Argon2id cost of a new seal: `default` (64 MiB, t=3, p=4), or m=KIB,t=N,p=N
+    /// (default: $CMKFS_VAULT_KDF, else `default`).
+    #[arg(long, value_name = "PARAMS")]
+    kdf: Option<String>,
+    /// Also cache the master key in the kernel keyring this long (so running mounts of the
+    /// formerly unsealed vault keep working); 0 = do not cache.
+    #[arg(long, default_value = "15m", value_parser = crate::cli::volume::parse_duration)]
+    cache_for: Duration,
+}
+
+#[derive(Args, Debug)]
+struct UnsealArgs {
+    /// How long the kernel keeps the key before it times out.
+    #[arg(long, default_value = "15m", value_parser = crate::cli::volume::parse_duration)]
+    timeout: Duration,
+}
+
+#[derive(Args, Debug)]
+struct ChangePassphraseArgs {
+    /// Read the new passphrase from this file (else asked twice on the terminal); the old
+    /// one comes from --passphrase-file, $CMKFS_PASSPHRASE_FILE or the terminal.
+    #[arg(long, value_name = "FILE")]
+    new_passphrase_file: Option<PathBuf>,
+    /// Argon2id cost for the new wrap (default: the same as before... see `vault seal --kdf`).
+    #[arg(long, value_name = "PARAMS")]
+    kdf: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -70,9 +145,33 @@ struct ServeArgs {
     /// Extra DNS name or IP address for a generated certificate (repeatable).
     #[arg(long, value_name = "NAME")]
     tls_san: Vec<String>,
-    /// URL to issue key ids under (default: the URL each client connected to).
+    /// The host name clients reach the server by: used in key ids and the 401 challenge
+    /// (never the request's Host header) and added to a generated certificate.
+    #[arg(long, value_name = "NAME")]
+    hostname: Option<String>,
+    /// Full URL to issue key ids under (overrides --hostname; e.g. behind a proxy).
     #[arg(long, value_name = "URL")]
     url: Option<String>,
+    /// The server log (rotated at 16 MiB, 3 kept); default $CMKFS_HOME/vault-server.log.
+    #[arg(long, value_name = "FILE")]
+    log: Option<PathBuf>,
+    /// Open connections at most (kept below the descriptor limit); at the cap new clients
+    /// wait until one closes.
+    #[arg(long, value_name = "N", default_value_t = 1024)]
+    max_connections: usize,
+    /// Time for the TLS handshake, and for a request head once its first byte arrived.
+    #[arg(long, value_name = "T", default_value = "10s", value_parser = crate::cli::volume::parse_duration)]
+    header_timeout: Duration,
+    /// A connection with no request in flight and no traffic for this long is closed.
+    #[arg(long, value_name = "T", default_value = "60s", value_parser = crate::cli::volume::parse_duration)]
+    idle_timeout: Duration,
+    /// Failed sign-ins allowed in a burst, per client address and per identity; beyond it
+    /// the answer is 429 with Retry-After.
+    #[arg(long, value_name = "N", default_value_t = 20)]
+    sign_in_burst: u32,
+    /// One more failed sign-in is allowed per this interval.
+    #[arg(long, value_name = "T", default_value = "3s", value_parser = crate::cli::volume::parse_duration)]
+    sign_in_refill: Duration,
 }
 
 #[derive(Subcommand, Debug)]
@@ -320,6 +419,13 @@ struct ConfigArgs {
     /// `on` turns purge protection on; it can never be turned off again.
     #[arg(long, value_enum, value_name = "on")]
     purge_protection: Option<OnOff>,
+    /// Rotate the audit log (audit.log -> audit.log.1 ..) when a line would take it past
+    /// this many bytes; 0 = never (default 64 MiB).
+    #[arg(long, value_name = "BYTES")]
+    audit_max_size: Option<u64>,
+    /// Rotated audit logs kept (default 5); older ones are deleted.
+    #[arg(long, value_name = "N")]
+    audit_keep: Option<u32>,
     /// Print JSON.
     #[arg(long)]
     json: bool,
@@ -353,11 +459,26 @@ struct AuditArgs {
     tail: Option<usize>,
 }
 
+impl VaultArgs {
+    /// Whether this is `vault serve` (a long-running server).
+    pub(crate) fn is_serve(&self) -> bool {
+        matches!(self.command, VaultCommand::Serve(_))
+    }
+}
+
 /// Runs `cmkfs vault ...`.
 pub fn run(a: VaultArgs) -> anyhow::Result<()> {
     let home = Home::from_env();
     let command = match a.command {
         VaultCommand::Serve(s) => return serve(&home, s),
+        VaultCommand::Seal(s) => return seal(&home, s),
+        VaultCommand::Unseal(u) => return unseal(&home, u),
+        VaultCommand::Lock => return lock(&home),
+        VaultCommand::ChangePassphrase(c) => return change_passphrase(&home, c),
+        // `--credential FILE` (global) is the credential the vault is used with.
+        VaultCommand::Add(add) => return add_vault(&home, add, a.credential),
+        VaultCommand::Remove { name } => return remove_vault(&home, &name),
+        VaultCommand::ListConfigured { json } => return list_configured(&home, json),
         VaultCommand::Key(k) => {
             // Key commands work on every backend; the others are the embedded vault's.
             let cred = a.credential.as_deref().map(Credential::load).transpose()?;
@@ -385,7 +506,15 @@ pub fn run(a: VaultArgs) -> anyhow::Result<()> {
         None => LocalVault::open(&home.vault_dir())?,
     };
     match command {
-        VaultCommand::Key(_) | VaultCommand::Serve(_) => Ok(()),
+        VaultCommand::Key(_)
+        | VaultCommand::Serve(_)
+        | VaultCommand::Seal(_)
+        | VaultCommand::Unseal(_)
+        | VaultCommand::Lock
+        | VaultCommand::ChangePassphrase(_)
+        | VaultCommand::Add(_)
+        | VaultCommand::Remove { .. }
+        | VaultCommand::ListConfigured { .. } => Ok(()),
         VaultCommand::Identity(i) => identity(&vault, &home, i),
         VaultCommand::Policy(p) => policy(&vault, p),
         VaultCommand::Config(c) => config(&vault, c),
@@ -393,14 +522,156 @@ pub fn run(a: VaultArgs) -> anyhow::Result<()> {
     }
 }
 
+fn kdf_arg(kdf: Option<&str>) -> anyhow::Result<KdfParams> {
+    Ok(match kdf {
+        Some(k) => KdfParams::parse(k)?,
+        None => unlock::kdf_params()?,
+    })
+}
+
+/// `cmkfs vault seal`.
+fn seal(home: &Home, a: SealArgs) -> anyhow::Result<()> {
+    let kdf = kdf_arg(a.kdf.as_deref())?;
+    crate::vault::local::suppress_unsealed_warning();
+    let vault = LocalVault::open(&home.vault_dir())?;
+    let cred_dir = home.root().join("credentials");
+    let report = vault.seal(Some(&cred_dir), kdf)?;
+    let store = home.vault_dir();
+    if report.resumed && report.sealed_files == 0 {
+        println!(
+            "the vault {} is sealed (nothing left in clear)",
+            store.display()
+        );
+    } else {
+        println!(
+            "sealed the vault {}: {} file(s) rewritten sealed{}",
+            store.display(),
+            report.sealed_files,
+            if report.resumed {
+                " (an earlier seal finished)"
+            } else {
+                ""
+            }
+        );
+    }
+    if let Some(rec) = seal::read_record(&store)? {
+        if rec.kdf().memory_kib < KdfParams::DEFAULT.memory_kib / 4 {
+            eprintln!(
+                "cmkfs: warning: the passphrase is stretched with {} only: a stolen disk's \
+                 passphrase is cheap to guess (use --kdf default for real data)",
+                rec.kdf()
+            );
+        }
+    }
+    if !a.cache_for.is_zero() {
+        if let Some(mk) = seal::master_key(&store)? {
+            match unlock::keyring_store(&mk, a.cache_for.as_secs()) {
+                Ok(()) => println!(
+                    "the master key stays in the kernel keyring for {} (running mounts pick it \
+                     up); `cmkfs vault lock` drops it now",
+                    humantime::format_duration(a.cache_for)
+                ),
+                Err(e) => eprintln!("cmkfs: warning: {e}"),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `cmkfs vault unseal`.
+fn unseal(home: &Home, a: UnsealArgs) -> anyhow::Result<()> {
+    let store = home.vault_dir();
+    let mk = seal::master_key_from_passphrase(&store)?;
+    let secs = a.timeout.as_secs().max(1);
+    unlock::keyring_store(&mk, secs)?;
+    println!(
+        "unsealed the vault {} for {} (kernel keyring: cmkfs:vault:{}); `cmkfs vault lock` seals it again",
+        store.display(),
+        humantime::format_duration(Duration::from_secs(secs)),
+        mk.id()
+    );
+    Ok(())
+}
+
+/// `cmkfs vault lock`.
+fn lock(home: &Home) -> anyhow::Result<()> {
+    let store = home.vault_dir();
+    let Some(rec) = seal::read_record(&store)? else {
+        bail!(
+            "the vault {} is not sealed, so there is nothing to lock: seal it with `cmkfs vault seal`",
+            store.display()
+        );
+    };
+    if unlock::keyring_drop(&rec.id)? {
+        println!(
+            "locked the vault {}: the cached master key is gone from the kernel keyring",
+            store.display()
+        );
+    } else {
+        println!(
+            "the vault {} was not unsealed (nothing cached)",
+            store.display()
+        );
+    }
+    Ok(())
+}
+
+/// `cmkfs vault change-passphrase`.
+fn change_passphrase(home: &Home, a: ChangePassphraseArgs) -> anyhow::Result<()> {
+    let store = home.vault_dir();
+    let rec = seal::read_record(&store)?.ok_or_else(|| seal::not_sealed(&store))?;
+    let kdf = match a.kdf.as_deref() {
+        Some(k) => KdfParams::parse(k)?,
+        None => rec.kdf(),
+    };
+    let vault = LocalVault::open(&store)?;
+    let what = format!("the vault {}", store.display());
+    let old = unlock::passphrase(&what)?;
+    let new = match &a.new_passphrase_file {
+        Some(p) => {
+            unlock::read_passphrase_file(p, format!("--new-passphrase-file {}", p.display()))?
+        }
+        None => unlock::new_passphrase_on_terminal(&what)?,
+    };
+    vault.change_passphrase(&old, &new, kdf)?;
+    println!("changed the passphrase of the vault {}", store.display());
+    Ok(())
+}
+
 /// Runs `cmkfs vault serve`: prints the certificate facts and the URL, serves until SIGTERM.
 fn serve(home: &Home, a: ServeArgs) -> anyhow::Result<()> {
+    use crate::vault::server::{log, Limits, ThrottleConfig};
     use crate::vault::server::{ServeConfig, Server};
+    let log_path = a
+        .log
+        .clone()
+        .unwrap_or_else(|| home.root().join("vault-server.log"));
+    let writer = log::RotatingLog::open(&log_path, log::MAX_BYTES, log::KEEP)
+        .with_context(|| format!("cannot open the server log {}", log_path.display()))?;
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CMKFS_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(false)
+        .with_writer(writer)
+        .try_init();
     let mut cfg = ServeConfig::new(a.store.unwrap_or_else(|| home.vault_dir()), a.listen);
     cfg.tls_files = a.tls_cert.zip(a.tls_key);
     cfg.tls_sans = a.tls_san;
     cfg.public_url = a.url;
-    let server = Server::bind(&cfg)?;
+    cfg.hostname = a.hostname;
+    cfg.limits = Limits {
+        header_timeout: a.header_timeout,
+        idle_timeout: a.idle_timeout,
+        max_connections: a.max_connections,
+        ..Limits::default()
+    };
+    cfg.throttle = ThrottleConfig {
+        burst: a.sign_in_burst.max(1),
+        refill: a.sign_in_refill.max(Duration::from_millis(10)),
+    };
+    let server = Server::bind(&cfg).inspect_err(|e| tracing::error!("cannot start: {e}"))?;
+    tracing::info!(url = %server.url(), store = %server.store().display(), "vault server started");
     let tls = server.tls_info();
     if tls.generated {
         println!("generated a TLS certificate: {}", tls.cert_path.display());
@@ -412,6 +683,7 @@ fn serve(home: &Home, a: ServeArgs) -> anyhow::Result<()> {
         tls.ca_sha256
     );
     println!("store: {}", server.store().display());
+    println!("log: {}", log_path.display());
     // Tests and scripts wait for this line: it comes once the socket is bound.
     println!("listening on {}", server.url());
     std::io::stdout().flush()?;
@@ -614,6 +886,7 @@ fn identity(v: &LocalVault, home: &Home, cmd: IdentityCommand) -> anyhow::Result
             ca_cert,
             json,
         } => {
+            let credential_file_default = credential_file.is_none();
             let path = match credential_file {
                 Some(p) => p,
                 None => {
@@ -653,7 +926,24 @@ fn identity(v: &LocalVault, home: &Home, cmd: IdentityCommand) -> anyhow::Result
                 cred.vault = url;
                 cred.ca_cert = ca;
             }
-            if let Err(e) = cred.save_new(&path) {
+            // A credential kept in this home is sealed like the vault's keys; one written for
+            // another host (--server-url) or to a chosen file is an export, in clear.
+            let in_home = credential_file_default && server_url.is_none();
+            let cred_json = cred.to_json()?;
+            let file_name = path
+                .file_name()
+                .map(|f| f.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let sealed = if in_home {
+                v.seal_credential(&file_name, &cred_json)?
+            } else {
+                None
+            };
+            let saved = match &sealed {
+                Some(b) => Credential::save_bytes_new(b, &path),
+                None => Credential::save_bytes_new(&cred_json, &path),
+            };
+            if let Err(e) = saved {
                 // Undo: an identity nobody holds a credential for is of no use.
                 let _ = v.delete_identity(&name);
                 return Err(e.into());
@@ -772,18 +1062,48 @@ fn policy(v: &LocalVault, cmd: PolicyCommand) -> anyhow::Result<()> {
 }
 
 fn config(v: &LocalVault, c: ConfigArgs) -> anyhow::Result<()> {
-    let props = if c.retention_days.is_none() && c.purge_protection.is_none() {
+    let props = if c.retention_days.is_none()
+        && c.purge_protection.is_none()
+        && c.audit_max_size.is_none()
+        && c.audit_keep.is_none()
+    {
         v.config()?
     } else {
         v.configure(&ConfigUpdate {
             retention_days: c.retention_days,
             purge_protection: c.purge_protection.map(|p| matches!(p, OnOff::On)),
+            audit_max_bytes: c.audit_max_size,
+            audit_keep: c.audit_keep,
         })?
     };
     if c.json {
         return print_json(&props);
     }
     print_props(&props);
+    let (max, keep) = v.audit_rotation()?;
+    println!(
+        "{:<18}{}",
+        "audit log:",
+        if max == 0 {
+            "never rotated".to_string()
+        } else {
+            format!("rotated at {max} bytes, {keep} kept")
+        }
+    );
+    if let Some(rec) = seal::read_record(v.store_dir())? {
+        println!(
+            "{:<18}yes ({}{})",
+            "sealed:",
+            rec.kdf(),
+            if rec.complete {
+                ""
+            } else {
+                "; an interrupted seal: run `cmkfs vault seal`"
+            }
+        );
+    } else {
+        println!("{:<18}no (run `cmkfs vault seal`)", "sealed:");
+    }
     Ok(())
 }
 
@@ -1034,6 +1354,66 @@ fn print_table(header: &[&str], rows: impl Iterator<Item = Vec<String>>) {
     for r in &rows {
         line(r.iter().map(String::as_str).collect());
     }
+}
+
+/// `cmkfs vault add`.
+fn add_vault(home: &Home, a: AddArgs, credential: Option<PathBuf>) -> anyhow::Result<()> {
+    use crate::vault::trust;
+    let v = trust::add(
+        home,
+        &a.name,
+        &a.url,
+        &trust::AddOptions {
+            ca: a.ca,
+            credential,
+        },
+    )?;
+    if a.json {
+        return print_json(&v);
+    }
+    println!("configured vault {} ({})", v.name, v.url);
+    Ok(())
+}
+
+/// `cmkfs vault remove`.
+fn remove_vault(home: &Home, name: &str) -> anyhow::Result<()> {
+    let v = crate::vault::trust::remove(home, name)?;
+    println!(
+        "removed vault {} ({}): volumes with keys there no longer mount on this machine",
+        v.name, v.url
+    );
+    Ok(())
+}
+
+/// `cmkfs vault list-configured`.
+fn list_configured(home: &Home, json: bool) -> anyhow::Result<()> {
+    let vaults = crate::vault::trust::list(home)?;
+    if json {
+        return print_json(&vaults);
+    }
+    let mut rows = vec![vec![
+        "local".to_string(),
+        "local".to_string(),
+        crate::vault::local::URL.to_string(),
+        "always configured".to_string(),
+    ]];
+    for v in &vaults {
+        let mut notes = Vec::new();
+        if v.ca_pem.is_some() {
+            notes.push("CA pinned".to_string());
+        }
+        if let Some(c) = &v.credential {
+            notes.push(format!("credential {}", c.display()));
+        }
+        rows.push(vec![
+            v.name.clone(),
+            format!("{:?}", v.kind).to_lowercase(),
+            v.url.clone(),
+            notes.join(", "),
+        ]);
+    }
+    print_table(&["NAME", "KIND", "URL", "NOTES"], rows.into_iter());
+    Ok(())
 }
 
 #[cfg(test)]

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::fs::CmkFs;
 use crate::home::Home;
-use crate::keyring::{Keyring, KeyringConfig};
+use crate::keyring::KeyringConfig;
 use crate::monitor::{self, MonitorSinks, MountFacts};
 use crate::mount::{self, MountConfig, RunRecord};
 use crate::vault::{self, CreateKeyOptions, Credential, VaultError, WrapAlg};
@@ -104,6 +104,13 @@ pub struct MountArgs {
     no_push: bool,
 }
 
+impl MountArgs {
+    /// Whether this process is (or becomes) the mount daemon.
+    pub(crate) fn is_foreground(&self) -> bool {
+        self.foreground
+    }
+}
+
 /// Durations as `30s`, `5m`, `1h`, or a plain number of seconds.
 pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     if let Ok(n) = s.parse::<u64>() {
@@ -136,9 +143,22 @@ pub struct InfoArgs {
 pub fn init(a: InitArgs) -> anyhow::Result<()> {
     let home = Home::from_env();
     // Refuse a bad target before the vault is touched (no key created for nothing).
-    Volume::check_new_dir(&a.cipherdir)?;
+    let existed = Volume::check_new_dir(&a.cipherdir)?;
+    // cmkfs runs with umask 077 for its own state; a backing directory it creates gets the
+    // mode the user's umask gives (the mounted root shows it).
+    let user_mode = || {
+        if !existed {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = 0o777 & !crate::process::user_umask();
+            std::fs::set_permissions(&a.cipherdir, std::fs::Permissions::from_mode(mode))
+                .with_context(|| format!("setting the mode of {}", a.cipherdir.display()))
+        } else {
+            Ok(())
+        }
+    };
     if let Some(des) = &a.des {
         let header = crate::des::init_volume(&home, des, &a.cipherdir, a.sector_size)?;
+        user_mode()?;
         return print_init(&a, &header);
     }
     if a.key == crate::des::PLATFORM_KEY {
@@ -177,6 +197,7 @@ pub fn init(a: InitArgs) -> anyhow::Result<()> {
             des: None,
         },
     )?;
+    user_mode()?;
     print_init(&a, &header)
 }
 
@@ -217,11 +238,13 @@ fn info_json(h: &VolumeHeader) -> serde_json::Value {
         "dek_fingerprint": h.dek_fingerprint,
         "des": h.des,
         "platform_key_id": h.platform.as_ref().map(|p| &p.key_id),
+        "mac_version": h.mac_version,
     })
 }
 
 pub fn info(a: InfoArgs) -> anyhow::Result<()> {
     let h = VolumeHeader::read(&a.cipherdir)?;
+    crate::unlock::check_configured(&Home::from_env(), &h)?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&info_json(&h))?);
     } else {
@@ -264,6 +287,7 @@ pub fn mount(a: MountArgs) -> anyhow::Result<()> {
     // Catch the obvious mistakes here, before a daemon exists.
     mount::check_mountpoint(&a.mountpoint)?;
     let header = VolumeHeader::read(&a.cipherdir)?;
+    crate::unlock::check_configured(&Home::from_env(), &header)?;
     let home = Home::from_env();
     crate::fsutil::create_private_dir(&home.run_dir()).context("creating the run directory")?;
     let mp = std::fs::canonicalize(&a.mountpoint)?;
@@ -273,10 +297,7 @@ pub fn mount(a: MountArgs) -> anyhow::Result<()> {
             &<sha2::Sha256 as sha2::Digest>::digest(mp.as_os_str().as_encoded_bytes())[..8]
         )
     ));
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&log_path)
+    let log = crate::fsutil::open_private_append(&log_path)
         .with_context(|| format!("opening log {}", log_path.display()))?;
     // An old volume is converted here, in the foreground (progress on the terminal, no
     // daemon start-up time limit), with its log lines in the mount's log.
@@ -389,7 +410,11 @@ fn spawn_daemon(
             Ok(())
         });
     }
+    // A sealed embedded vault is unsealed here, where a terminal may be, and the key handed
+    // to the daemon (which has none); failures are left for the daemon to report.
+    let _key_pipe = hand_vault_key(&Home::from_env(), &a.cipherdir, &mut cmd);
     let mut child = cmd.spawn().context("starting the mount daemon")?;
+    drop(_key_pipe);
     let stdout = child.stdout.take().context("daemon stdout")?;
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -422,6 +447,34 @@ fn spawn_daemon(
     }
 }
 
+/// Unseals the home's embedded vault when the volume may need it, and hands the master key
+/// to the daemon `cmd` starts (see `unlock::hand_to_child`).
+fn hand_vault_key(
+    home: &Home,
+    cipherdir: &std::path::Path,
+    cmd: &mut Command,
+) -> Option<std::os::fd::OwnedFd> {
+    use crate::vault::local::{seal, unlock};
+    let header = VolumeHeader::read(cipherdir).ok()?;
+    let local = header.key_id.starts_with(vault::local::URL)
+        || header.platform.is_some()
+        || header.des.is_some();
+    if !local {
+        return None;
+    }
+    if matches!(seal::read_record(&home.vault_dir()), Ok(None))
+        && header.key_id.starts_with(vault::local::URL)
+    {
+        eprintln!(
+            "cmkfs: warning: the vault {} is not sealed (its keys are stored in clear): run `cmkfs vault seal`",
+            home.vault_dir().display()
+        );
+        return None;
+    }
+    let mk = seal::master_key(&home.vault_dir()).ok()??;
+    unlock::hand_to_child(cmd, &mk).ok()
+}
+
 fn run_foreground(a: MountArgs) -> anyhow::Result<()> {
     let ready_pipe = std::env::var_os(READY_ENV).is_some();
     init_logging();
@@ -443,8 +496,6 @@ fn run_foreground(a: MountArgs) -> anyhow::Result<()> {
 
 fn serve(a: &MountArgs, ready_pipe: bool) -> anyhow::Result<()> {
     let home = Home::from_env();
-    // SAFETY: umask has no preconditions. Backing entries get exactly the modes the kernel asks for.
-    unsafe { libc::umask(0) };
     let mp = mount::check_mountpoint(&a.mountpoint)?;
     mount::unmount_on_signal(mp.clone())?;
     let header = VolumeHeader::read(&a.cipherdir)?;
@@ -474,12 +525,9 @@ fn serve(a: &MountArgs, ready_pipe: bool) -> anyhow::Result<()> {
         check_interval: a.key_check_interval,
         grace: a.grace_period,
     };
-    let keyring = Arc::new(Keyring::unlock(
-        vault,
-        &header,
-        Some(a.cipherdir.clone()),
-        kcfg,
-    )?);
+    // Everything in the header is authenticated here, before it is acted on (src/unlock.rs).
+    let (keyring, header) = crate::unlock::unlock(&home, vault, &a.cipherdir, &header, kcfg)?;
+    let keyring = Arc::new(keyring);
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(2);
@@ -532,6 +580,11 @@ fn serve(a: &MountArgs, ready_pipe: bool) -> anyhow::Result<()> {
     if ready_pipe {
         announce_ready();
     }
+    // Backing entries get exactly the modes the kernel asks for (it applied the caller's
+    // umask already): the FUSE threads, started by `run`, work under umask 0. Everything this
+    // process wrote so far, and the monitor thread (its own umask), stays private.
+    // SAFETY: umask has no preconditions.
+    unsafe { libc::umask(0) };
     let result = session.run();
     stop.store(true, Ordering::Relaxed);
     let _ = monitor.join();

@@ -1,7 +1,8 @@
 use hkdf::Hkdf;
 use sha2::Sha256;
-use zeroize::{Zeroize, Zeroizing};
+use zeroize::Zeroizing;
 
+use super::secret::Secret;
 use super::CryptoError;
 
 /// Length of a DEK: XTS-AES-256 takes two independent AES-256 keys.
@@ -9,11 +10,10 @@ pub const DEK_LEN: usize = 64;
 
 /// A volume's data encryption key.
 ///
-/// Lives in one heap page that is `mlock`ed (so it is not swapped out where the kernel
-/// allows it), is zeroized on drop, and has no `Debug`/`Display` that could print it.
+/// Lives in a [`Secret`] page of its own (`mlock`ed, kept out of core dumps), is zeroized on
+/// drop, and has no `Debug`/`Display` that could print it.
 pub struct Dek {
-    bytes: Box<[u8; DEK_LEN]>,
-    locked: bool,
+    bytes: Secret<[u8; DEK_LEN]>,
 }
 
 impl Dek {
@@ -42,11 +42,9 @@ impl Dek {
     }
 
     fn zeroed() -> Dek {
-        let bytes = Box::new([0u8; DEK_LEN]);
-        // SAFETY: mlock only pins the pages of a live allocation we own; failure (RLIMIT) is
-        // tolerated because the key is still zeroized on drop.
-        let locked = unsafe { libc::mlock(bytes.as_ptr().cast(), DEK_LEN) } == 0;
-        Dek { bytes, locked }
+        Dek {
+            bytes: Secret::zeroed(),
+        }
     }
 
     /// The raw key, for the XTS cipher and for wrapping by the vault.
@@ -65,20 +63,20 @@ impl Dek {
         out
     }
 
+    /// Like [`Dek::derive`], but the subkey is expanded straight into secret pages: for keys
+    /// that live as long as the mount (the name key).
+    pub fn derive_secret<const N: usize>(&self, label: &str) -> Secret<[u8; N]> {
+        let hk = Hkdf::<Sha256>::new(Some(b"cmkfs v1"), &self.bytes[..]);
+        let mut out = Secret::<[u8; N]>::zeroed();
+        hk.expand(label.as_bytes(), &mut out[..])
+            .expect("HKDF output length is a small constant");
+        out
+    }
+
     /// A public, non-secret fingerprint that identifies the DEK (hex of 16 derived bytes):
     /// lets a mount confirm that an unwrap produced the volume's key and not some other one.
     pub fn fingerprint(&self) -> String {
         hex::encode(&self.derive::<16>("fingerprint")[..])
-    }
-}
-
-impl Drop for Dek {
-    fn drop(&mut self) {
-        self.bytes.zeroize();
-        if self.locked {
-            // SAFETY: same allocation that was locked in `zeroed`.
-            unsafe { libc::munlock(self.bytes.as_ptr().cast(), DEK_LEN) };
-        }
     }
 }
 

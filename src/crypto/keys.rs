@@ -1,11 +1,12 @@
 use hkdf::Hkdf;
 use sha2::Sha256;
-use zeroize::Zeroizing;
 
+use super::secret::{scrub_stack, Secret};
 use super::{CryptoError, Dek, NameCipher, XtsCipher, DEK_LEN};
 
-/// The ciphers a mounted volume works with, all derived from its DEK(s). Every part zeroizes
-/// its key material on drop, so dropping the last `Arc<VolumeKeys>` erases the key.
+/// The ciphers a mounted volume works with, all derived from its DEK(s). Every key schedule
+/// and subkey lives in secret pages ([`Secret`]: locked, kept out of core dumps) and is
+/// zeroized on drop, so dropping the last `Arc<VolumeKeys>` erases the key.
 pub struct VolumeKeys {
     /// Sector cipher (the DEK itself: K1 || K2). For a double-encrypted volume this is the
     /// outer layer, the customer-key DEK.
@@ -27,19 +28,33 @@ impl VolumeKeys {
     /// Builds the ciphers from the customer DEK (`outer`) and, for a double-encrypted volume,
     /// the platform DEK (`inner`). With two DEKs the name key is derived from both, so that
     /// names, like data, stay protected while either DEK is withheld.
+    ///
+    /// Key expansion and HKDF run on this thread's stack; it is scrubbed before returning, so
+    /// the only copies of the keys are the secret pages.
     pub fn from_deks(
         outer: &Dek,
         inner: Option<&Dek>,
         sector_size: usize,
     ) -> Result<VolumeKeys, CryptoError> {
+        let keys = Self::build(outer, inner, sector_size);
+        scrub_stack();
+        keys
+    }
+
+    #[inline(never)]
+    fn build(
+        outer: &Dek,
+        inner: Option<&Dek>,
+        sector_size: usize,
+    ) -> Result<VolumeKeys, CryptoError> {
         let names = match inner {
-            None => outer.derive::<64>("names"),
+            None => outer.derive_secret::<64>("names"),
             Some(inner) => {
-                let mut ikm = Zeroizing::new([0u8; 2 * DEK_LEN]);
+                let mut ikm = Secret::<[u8; 2 * DEK_LEN]>::zeroed();
                 ikm[..DEK_LEN].copy_from_slice(outer.as_bytes());
                 ikm[DEK_LEN..].copy_from_slice(inner.as_bytes());
                 let hk = Hkdf::<Sha256>::new(Some(b"cmkfs v1"), &ikm[..]);
-                let mut out = Zeroizing::new([0u8; 64]);
+                let mut out = Secret::<[u8; 64]>::zeroed();
                 hk.expand(b"names+platform", &mut out[..])
                     .expect("HKDF output length is a small constant");
                 out
@@ -50,7 +65,7 @@ impl VolumeKeys {
             inner: inner
                 .map(|d| XtsCipher::new(d.as_bytes(), sector_size))
                 .transpose()?,
-            names: NameCipher::new(names),
+            names: NameCipher::from_secret(names),
         })
     }
 }

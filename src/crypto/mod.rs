@@ -1,9 +1,10 @@
-//! Pure cryptography, no I/O: the XTS sector cipher (the hot path), the name cipher and the
-//! data encryption key type.
+//! Pure cryptography, no I/O: the XTS sector cipher (the hot path), the name cipher, the
+//! data encryption key type, and the memory secrets live in.
 
 mod dek;
 mod keys;
 pub mod names;
+pub mod secret;
 pub mod xts;
 
 pub use dek::{Dek, DEK_LEN};

@@ -9,41 +9,61 @@ use aes_siv::siv::Aes256Siv;
 use aes_siv::KeyInit;
 use zeroize::Zeroizing;
 
+use super::secret::{scrub_stack, Secret};
 use super::CryptoError;
 
 /// AES-256-SIV key length (CMAC key + CTR key).
 pub const NAME_KEY_LEN: usize = 64;
 
-/// Encrypts and decrypts names under one volume's name key.
+/// Encrypts and decrypts names under one volume's name key (kept in a [`Secret`] page).
 pub struct NameCipher {
-    key: Zeroizing<[u8; NAME_KEY_LEN]>,
+    key: Secret<[u8; NAME_KEY_LEN]>,
 }
 
 impl NameCipher {
-    /// A name cipher with a key derived from the DEK.
+    /// A name cipher with a key derived from the DEK (copied into secret pages).
     pub fn new(key: Zeroizing<[u8; NAME_KEY_LEN]>) -> NameCipher {
+        let mut s = Secret::<[u8; NAME_KEY_LEN]>::zeroed();
+        s.copy_from_slice(&key[..]);
+        NameCipher { key: s }
+    }
+
+    /// A name cipher whose key is already in secret pages.
+    pub fn from_secret(key: Secret<[u8; NAME_KEY_LEN]>) -> NameCipher {
         NameCipher { key }
     }
 
-    fn siv(&self) -> Aes256Siv {
-        // Building the SIV state per call keeps NameCipher Sync without a lock; it is a
-        // key schedule, far cheaper than the directory I/O around every name operation.
+    // Building the SIV state per call keeps NameCipher Sync without a lock; it is a key
+    // schedule, far cheaper than the directory I/O around every name operation. It lives on
+    // the stack of the calling thread, so each operation scrubs the stack afterwards
+    // (`scrub_stack`): no copy of the name key outlives the call.
+    #[inline(never)]
+    fn seal_inner(&self, ad: &[&[u8]], plain: &[u8]) -> Vec<u8> {
         Aes256Siv::new((&self.key[..]).into())
-    }
-
-    /// Encrypts `plain` bound to the associated data `ad` (e.g. the directory id).
-    pub fn seal(&self, ad: &[&[u8]], plain: &[u8]) -> Vec<u8> {
-        self.siv()
             .encrypt(ad, plain)
             .expect("AES-SIV encryption of an in-memory buffer cannot fail")
     }
 
-    /// Decrypts and authenticates; fails if the ciphertext or `ad` differs from sealing.
-    pub fn open(&self, ad: &[&[u8]], sealed: &[u8]) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
-        self.siv()
+    #[inline(never)]
+    fn open_inner(&self, ad: &[&[u8]], sealed: &[u8]) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
+        Aes256Siv::new((&self.key[..]).into())
             .decrypt(ad, sealed)
             .map(Zeroizing::new)
             .map_err(|_| CryptoError::Authentication)
+    }
+
+    /// Encrypts `plain` bound to the associated data `ad` (e.g. the directory id).
+    pub fn seal(&self, ad: &[&[u8]], plain: &[u8]) -> Vec<u8> {
+        let out = self.seal_inner(ad, plain);
+        scrub_stack();
+        out
+    }
+
+    /// Decrypts and authenticates; fails if the ciphertext or `ad` differs from sealing.
+    pub fn open(&self, ad: &[&[u8]], sealed: &[u8]) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
+        let out = self.open_inner(ad, sealed);
+        scrub_stack();
+        out
     }
 }
 

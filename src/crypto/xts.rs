@@ -25,6 +25,7 @@
 
 use std::fmt;
 
+use super::secret::Secret;
 use super::CryptoError;
 
 #[cfg(target_arch = "x86_64")]
@@ -47,12 +48,12 @@ pub(crate) fn mul_alpha(t: u128) -> u128 {
     (t << 1) ^ ((t >> 127) * 0x87)
 }
 
-/// The key schedules of one implementation, boxed: a cipher moved around moves a pointer,
-/// so the round keys live (and are wiped) in one place.
+/// The key schedules of one implementation, in secret pages (locked, kept out of core dumps):
+/// a cipher moved around moves a pointer, so the round keys live (and are wiped) in one place.
 enum Backend {
-    Portable(Box<portable::Keys>),
+    Portable(Secret<portable::Keys>),
     #[cfg(target_arch = "x86_64")]
-    AesNi(Box<aesni::Keys>),
+    AesNi(Secret<aesni::Keys>),
 }
 
 /// XTS-AES-256 with a fixed data-unit size.
@@ -109,7 +110,7 @@ impl XtsCipher {
         }
         Ok(XtsCipher {
             unit_size,
-            backend: Backend::Portable(Box::new(portable::Keys::new(k1, k2))),
+            backend: Backend::Portable(portable::Keys::new(k1, k2)),
         })
     }
 
@@ -120,7 +121,7 @@ impl XtsCipher {
         let (k1, k2) = check_params(key, unit_size)?;
         Ok(XtsCipher {
             unit_size,
-            backend: Backend::Portable(Box::new(portable::Keys::new(k1, k2))),
+            backend: Backend::Portable(portable::Keys::new(k1, k2)),
         })
     }
 

@@ -42,6 +42,7 @@ use super::{
     CreateKeyOptions, Credential, DeletedKeyInfo, DenyReason, ImportKeyOptions, KeyId, KeyInfo,
     KeyUpdate, Permission, Vault, VaultError, VaultProperties, WrapAlg, Wrapped,
 };
+use crate::crypto::secret::SecretBytes;
 
 /// Attempts per request (the first try included).
 const ATTEMPTS: u32 = 3;
@@ -72,7 +73,12 @@ pub struct HttpVault {
     url: String,
     agent: ureq::Agent,
     slow_agent: ureq::Agent,
-    token: Zeroizing<String>,
+    /// For wrap and unwrap, whose bodies carry a DEK: a fresh connection per request, dropped
+    /// (and its buffers wiped by the zeroizing allocator) once the answer is read, so no
+    /// pooled connection keeps a DEK in its buffers.
+    key_agent: ureq::Agent,
+    /// The bearer token, in secret pages (shared with the watch thread, never copied).
+    token: Arc<SecretBytes>,
     /// Tells watch threads that the connection is gone.
     closed: Arc<AtomicBool>,
 }
@@ -125,7 +131,7 @@ pub fn normalize_url(url: &str) -> Result<String, VaultError> {
     Ok(u.to_string())
 }
 
-fn agent(opts: &HttpOptions, timeout: Duration) -> Result<ureq::Agent, VaultError> {
+fn agent(opts: &HttpOptions, timeout: Duration, pooled: bool) -> Result<ureq::Agent, VaultError> {
     use ureq::tls::{Certificate, RootCerts, TlsConfig, TlsProvider};
     let roots = match &opts.ca_pem {
         Some(pem) => {
@@ -158,6 +164,8 @@ fn agent(opts: &HttpOptions, timeout: Duration) -> Result<ureq::Agent, VaultErro
         .max_redirects(0)
         .timeout_connect(Some(CONNECT_TIMEOUT))
         .timeout_global(Some(timeout))
+        .max_idle_connections(if pooled { 10 } else { 0 })
+        .max_idle_connections_per_host(if pooled { 3 } else { 0 })
         .user_agent(concat!("cmkfs/", env!("CARGO_PKG_VERSION")))
         .build()
         .new_agent())
@@ -203,9 +211,10 @@ impl HttpVault {
         }
         Ok(HttpVault {
             url,
-            agent: agent(opts, REQUEST_TIMEOUT)?,
-            slow_agent: agent(opts, SLOW_TIMEOUT)?,
-            token,
+            agent: agent(opts, REQUEST_TIMEOUT, true)?,
+            slow_agent: agent(opts, SLOW_TIMEOUT, true)?,
+            key_agent: agent(opts, REQUEST_TIMEOUT, false)?,
+            token: Arc::new(SecretBytes::new(token.as_bytes())),
             closed: Arc::new(AtomicBool::new(false)),
         })
     }
@@ -221,6 +230,11 @@ impl HttpVault {
         )
     }
 
+    fn token_str(&self) -> &str {
+        // Built from a `String` in `new`: always UTF-8.
+        self.token.as_str().unwrap_or_default()
+    }
+
     fn endpoint(&self, path: &str, query: &str) -> String {
         format!("{}{path}?api-version={API_VERSION}{query}", self.url)
     }
@@ -233,10 +247,10 @@ impl HttpVault {
         body: Option<&[u8]>,
         op: Op,
     ) -> Result<(u16, Zeroizing<Vec<u8>>), VaultError> {
-        let agent = if op == Op::Create {
-            &self.slow_agent
-        } else {
-            &self.agent
+        let agent = match op {
+            Op::Create => &self.slow_agent,
+            Op::Wrap | Op::Unwrap => &self.key_agent,
+            Op::Read | Op::Change => &self.agent,
         };
         let mut last = String::new();
         for attempt in 0..ATTEMPTS {
@@ -272,7 +286,7 @@ impl HttpVault {
         url: &str,
         body: Option<&[u8]>,
     ) -> Result<(u16, Zeroizing<Vec<u8>>), Transport> {
-        let auth = Zeroizing::new(format!("Bearer {}", &*self.token));
+        let auth = Zeroizing::new(format!("Bearer {}", self.token_str()));
         let builder = Request::builder()
             .method(method.clone())
             .uri(url)
@@ -812,11 +826,13 @@ impl Vault for HttpVault {
         alg: WrapAlg,
         plaintext: &[u8],
     ) -> Result<Wrapped, VaultError> {
-        let value = Zeroizing::new(URL_SAFE_NO_PAD.encode(plaintext));
-        let body = Self::json_body(&KeyOperationParameters {
+        let mut params = KeyOperationParameters {
             alg: alg.to_string(),
-            value: value.to_string(),
-        })?;
+            value: URL_SAFE_NO_PAD.encode(plaintext),
+        };
+        let body = Self::json_body(&params);
+        zeroize::Zeroize::zeroize(&mut params.value);
+        let body = body?;
         let path = format!(
             "/keys/{}/{}/wrapkey",
             seg(name)?,
@@ -897,7 +913,7 @@ impl Vault for HttpVault {
 
     fn watch(&self) -> Option<Receiver<()>> {
         let probe_url = self.endpoint("/cmkfs/watch", "");
-        let first = match Self::poll_generation(&self.agent, &probe_url, &self.token) {
+        let first = match Self::poll_generation(&self.agent, &probe_url, self.token_str()) {
             Ok(Ok(g)) => Some(g),
             // Not a cmkfs server (a real Key Vault): periodic checks only.
             Ok(Err(400 | 404 | 405)) => return None,
@@ -925,7 +941,11 @@ impl Vault for HttpVault {
                         }
                         _ => base.clone(),
                     };
-                    match Self::poll_generation(&long_agent, &url, &token) {
+                    match Self::poll_generation(
+                        &long_agent,
+                        &url,
+                        token.as_str().unwrap_or_default(),
+                    ) {
                         Ok(Ok(g)) => {
                             // A changed counter, or a connection back after a failure (the
                             // server may have restarted, or changes were missed): re-check.

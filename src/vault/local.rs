@@ -6,16 +6,25 @@
 //! Private keys never leave this module: no function returns them; wrap uses only the public
 //! half, unwrap loads the PKCS#8 into a zeroized buffer for the duration of the call.
 //!
+//! At rest every private key is sealed by the vault master key ([`seal`]): a store is created
+//! sealed, the master key is unsealed once per process (from this process's cache, the kernel
+//! keyring, or the passphrase) when a private key is first needed. A store written before
+//! sealing existed still opens, with a warning to run `cmkfs vault seal`.
+//!
 //! Every state change goes through one path: take the store lock, re-read, validate, write
 //! atomically, bump `<store>/generation` (so a watcher can notice changes by polling or
 //! inotify on that one file), release.
 
 mod audit;
 mod rsa;
+pub mod seal;
 mod store;
+pub mod unlock;
 
 use std::collections::BTreeSet;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -35,6 +44,13 @@ use super::{
     MIN_RETENTION_DAYS, OWNER_IDENTITY,
 };
 
+static QUIET_UNSEALED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Stops the "not sealed" warning in this process (`cmkfs vault seal` itself).
+pub fn suppress_unsealed_warning() {
+    QUIET_UNSEALED.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// The URL of the embedded vault: the prefix of every key id it issues.
 pub const URL: &str = "local:";
 
@@ -46,6 +62,17 @@ pub fn read_private_key(bytes: &[u8]) -> Result<Zeroizing<Vec<u8>>, VaultError> 
     rsa::pkcs8_from_file_bytes(bytes)
 }
 
+/// What `cmkfs vault seal` did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SealReport {
+    /// The seal id (names the seal in sealed files and in the kernel keyring).
+    pub id: String,
+    /// Whether the store already had a seal (an interrupted seal resumed, or a re-run).
+    pub resumed: bool,
+    /// Files rewritten sealed by this run.
+    pub sealed_files: usize,
+}
+
 /// Vault settings to change (`None` = leave as is).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ConfigUpdate {
@@ -53,6 +80,11 @@ pub struct ConfigUpdate {
     pub retention_days: Option<u32>,
     /// `Some(true)` turns purge protection on; `Some(false)` is refused once it is on.
     pub purge_protection: Option<bool>,
+    /// Rotate the audit log when a line would take it past this many bytes (0 = never;
+    /// at least 4096 otherwise).
+    pub audit_max_bytes: Option<u64>,
+    /// Rotated audit logs kept (1-1000).
+    pub audit_keep: Option<u32>,
 }
 
 /// An identity as listed (never its secret).
@@ -111,6 +143,12 @@ pub struct LocalVault {
     caller: Caller,
     /// Seconds added to the clock: lets tests step past nbf/exp and retention periods.
     clock_offset: i64,
+    /// The address of the remote client this connection serves (the vault server), for the
+    /// audit log.
+    client: Option<IpAddr>,
+    /// The master key, once resolved (`None` inside: a legacy unsealed store).
+    master: OnceLock<Option<Arc<seal::MasterKey>>>,
+    audit_limits: OnceLock<(u64, u32)>,
 }
 
 impl std::fmt::Debug for LocalVault {
@@ -183,9 +221,13 @@ impl LocalVault {
             store: Store::new(dir),
             caller: Caller::Owner,
             clock_offset: 0,
+            client: None,
+            master: OnceLock::new(),
+            audit_limits: OnceLock::new(),
         };
         v.store.init_if_missing(v.now())?;
         v.store.read_vault()?;
+        v.warn_if_unsealed();
         Ok(v)
     }
 
@@ -193,6 +235,19 @@ impl LocalVault {
     /// credential file). The credential is checked now and again on every call, so deleting
     /// the identity or changing its policies takes effect at once.
     pub fn open_as(dir: &Path, identity: &str, secret: &str) -> Result<LocalVault, VaultError> {
+        LocalVault::open_as_client(dir, identity, secret, None, true)
+    }
+
+    /// [`LocalVault::open_as`] for a remote client at `client` (the vault server): the
+    /// address goes into every audit line of the connection, failed sign-ins included (unless
+    /// `audit_failure` is false: the server's throttle accounts for those).
+    pub fn open_as_client(
+        dir: &Path,
+        identity: &str,
+        secret: &str,
+        client: Option<IpAddr>,
+        audit_failure: bool,
+    ) -> Result<LocalVault, VaultError> {
         check_identity_name(identity)?;
         let v = LocalVault {
             store: Store::new(dir),
@@ -201,14 +256,21 @@ impl LocalVault {
                 secret_sha256: sha256(secret.as_bytes()),
             },
             clock_offset: 0,
+            client,
+            master: OnceLock::new(),
+            audit_limits: OnceLock::new(),
         };
         v.store.read_vault()?;
+        v.warn_if_unsealed();
         let started = SystemTime::now();
         let t0 = Instant::now();
         if let Err(e) = v.authenticate() {
+            if !audit_failure {
+                return Err(e);
+            }
             // Failed sign-ins are what an auditor looks for first; successes are implied by
             // the operations that follow.
-            let ev = AuditEvent::new(
+            let mut ev = AuditEvent::new(
                 "Authentication",
                 v.identity(),
                 URL,
@@ -216,6 +278,7 @@ impl LocalVault {
                 t0.elapsed(),
                 Some(&e),
             );
+            ev.caller_ip_address = v.client.map(|a| a.to_string());
             v.write_audit(&ev);
             return Err(e);
         }
@@ -291,7 +354,7 @@ impl LocalVault {
         let t0 = Instant::now();
         let mut id = id;
         let result = f(&mut id);
-        let ev = AuditEvent::new(
+        let mut ev = AuditEvent::new(
             operation,
             self.identity(),
             &id,
@@ -299,8 +362,234 @@ impl LocalVault {
             t0.elapsed(),
             result.as_ref().err(),
         );
+        ev.caller_ip_address = self.client.map(|a| a.to_string());
         self.write_audit(&ev);
         result
+    }
+
+    /// Rotation settings of the audit log, read once per connection.
+    fn audit_limits(&self) -> (u64, u32) {
+        *self
+            .audit_limits
+            .get_or_init(|| match self.store.read_vault() {
+                Ok(c) => (c.audit_max_bytes, c.audit_keep),
+                Err(_) => (store::DEFAULT_AUDIT_MAX_BYTES, store::DEFAULT_AUDIT_KEEP),
+            })
+    }
+
+    /// Writes the one audit line of a throttling episode: failed sign-ins from `client` (or
+    /// for `identity`) are answered 429 from now on, without a line each.
+    pub fn audit_sign_in_throttled(
+        dir: &Path,
+        identity: &str,
+        client: Option<IpAddr>,
+        description: String,
+    ) {
+        let v = LocalVault {
+            store: Store::new(dir),
+            caller: Caller::Owner,
+            clock_offset: 0,
+            client,
+            master: OnceLock::new(),
+            audit_limits: OnceLock::new(),
+        };
+        let mut ev = AuditEvent::new(
+            "Authentication",
+            identity,
+            URL,
+            SystemTime::now(),
+            std::time::Duration::ZERO,
+            None,
+        );
+        ev.result_type = "Failure".into();
+        ev.result_signature = "TooManyRequests".into();
+        ev.properties.http_status_code = 429;
+        ev.result_description = description;
+        ev.caller_ip_address = client.map(|a| a.to_string());
+        v.write_audit(&ev);
+    }
+
+    /// Tells the user, once per process and store, that the store keeps its keys in clear.
+    fn warn_if_unsealed(&self) {
+        static WARNED: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+        if QUIET_UNSEALED.load(std::sync::atomic::Ordering::Relaxed)
+            || !matches!(seal::read_record(self.store.dir()), Ok(None))
+        {
+            return;
+        }
+        let mut w = WARNED.lock().unwrap_or_else(|e| e.into_inner());
+        if w.iter().any(|p| p == self.store.dir()) {
+            return;
+        }
+        w.push(self.store.dir().to_path_buf());
+        eprintln!(
+            "cmkfs: warning: the vault {} is not sealed (its keys are stored in clear): run `cmkfs vault seal`",
+            self.store.dir().display()
+        );
+    }
+
+    /// The store's master key (`None` for a legacy unsealed store), resolved once per
+    /// connection.
+    fn master(&self) -> Result<Option<Arc<seal::MasterKey>>, VaultError> {
+        if let Some(m) = self.master.get() {
+            return Ok(m.clone());
+        }
+        let m = seal::master_key(self.store.dir())?;
+        Ok(self.master.get_or_init(|| m).clone())
+    }
+
+    /// The bytes to store for a version's private key: sealed, or clear in a legacy store.
+    fn seal_private_key(
+        &self,
+        name: &str,
+        version: &str,
+        pkcs8: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>, VaultError> {
+        match self.master()? {
+            Some(mk) => Ok(Zeroizing::new(mk.seal_blob(
+                seal::SealRole::KekPrivateKey,
+                &format!("{name}/{version}"),
+                pkcs8,
+            )?)),
+            None if seal::read_record(self.store.dir())?.is_some() => Err(VaultError::Conflict(
+                "the vault was sealed while this operation ran: run it again".into(),
+            )),
+            None => Ok(Zeroizing::new(pkcs8.to_vec())),
+        }
+    }
+
+    /// The PKCS#8 DER of a version from its stored bytes.
+    fn open_private_key(
+        &self,
+        name: &str,
+        version: &str,
+        stored: Zeroizing<Vec<u8>>,
+    ) -> Result<Zeroizing<Vec<u8>>, VaultError> {
+        let what = format!("the private key of {}", kid(name, version));
+        if let Some(env) = seal::Envelope::parse(&stored) {
+            let mk = self.master()?.ok_or_else(|| {
+                VaultError::Store(format!(
+                    "{what} is sealed but the vault {} has no seal.json (restore it from a backup)",
+                    self.store.dir().display()
+                ))
+            })?;
+            return mk.open_blob(
+                &env,
+                seal::SealRole::KekPrivateKey,
+                Some(&format!("{name}/{version}")),
+                &what,
+            );
+        }
+        match seal::read_record(self.store.dir())? {
+            Some(rec) if rec.complete => Err(VaultError::Store(format!(
+                "{what} is stored in clear although the vault is sealed (a file put there by                  hand?): if it is yours, `cmkfs vault seal` seals it"
+            ))),
+            // A legacy store, or a seal still in progress.
+            _ => Ok(stored),
+        }
+    }
+
+    /// Seals the store in place (owner only): a master key is made and wrapped under the
+    /// passphrase, then every clear private key (KEK versions, the server's TLS keys) and
+    /// every clear credential file in `credentials_dir` is rewritten sealed, each atomically;
+    /// last, the seal is marked complete. An interrupted run leaves every file whole, clear
+    /// or sealed, and running it again (with the same passphrase) finishes the job.
+    pub fn seal(
+        &self,
+        credentials_dir: Option<&Path>,
+        kdf: seal::KdfParams,
+    ) -> Result<SealReport, VaultError> {
+        self.audited("VaultSeal", URL.into(), |_| {
+            self.require_owner("sealing the vault")?;
+            let _lock = self.store.lock()?;
+            self.store.read_vault()?;
+            self.store.cleanup();
+            let dir = self.store.dir();
+            let (mk, resumed) = seal::begin_seal(dir, self.now(), kdf)?;
+            let mut n = 0;
+            for (name, version, path) in self.store.version_key_files()? {
+                let role_name = format!("{name}/{version}");
+                n += usize::from(seal::seal_file_in_place(
+                    &mk,
+                    &path,
+                    seal::SealRole::KekPrivateKey,
+                    &role_name,
+                )?);
+            }
+            for (file, role) in [
+                ("key.pem", seal::SealRole::TlsKey),
+                ("ca-key.pem", seal::SealRole::TlsCaKey),
+            ] {
+                let path = dir.join("tls").join(file);
+                n += usize::from(seal::seal_file_in_place(&mk, &path, role, file)?);
+            }
+            if let Some(cdir) = credentials_dir {
+                let mut files: Vec<PathBuf> = match std::fs::read_dir(cdir) {
+                    Ok(es) => es.flatten().map(|e| e.path()).collect(),
+                    Err(_) => Vec::new(),
+                };
+                files.sort();
+                for path in files {
+                    let Some(file) = path.file_name().and_then(|f| f.to_str()) else {
+                        continue;
+                    };
+                    if !file.ends_with(".json") || file.starts_with('.') {
+                        continue;
+                    }
+                    // Only what parses as a credential: other files are not ours to touch.
+                    let is_cred = std::fs::read(&path).ok().is_some_and(|b| {
+                        let b = Zeroizing::new(b);
+                        serde_json::from_slice::<Credential>(&b).is_ok()
+                    });
+                    if is_cred {
+                        n += usize::from(seal::seal_file_in_place(
+                            &mk,
+                            &path,
+                            seal::SealRole::Credential,
+                            file,
+                        )?);
+                    }
+                }
+            }
+            seal::finish_seal(dir)?;
+            let _ = self.master.set(Some(mk.clone()));
+            Ok(SealReport {
+                id: mk.id().to_string(),
+                resumed,
+                sealed_files: n,
+            })
+        })
+    }
+
+    /// Changes the passphrase the master key is wrapped under (owner only): the old one is
+    /// checked first; sealed files are untouched (the master key stays the same).
+    pub fn change_passphrase(
+        &self,
+        old: &unlock::Passphrase,
+        new: &unlock::Passphrase,
+        kdf: seal::KdfParams,
+    ) -> Result<(), VaultError> {
+        self.audited("VaultChangePassphrase", URL.into(), |_| {
+            self.require_owner("changing the vault passphrase")?;
+            let _lock = self.store.lock()?;
+            seal::change_passphrase(self.store.dir(), old, new, kdf)
+        })
+    }
+
+    /// Seals bytes for a credential file in `$CMKFS_HOME/credentials`; `None` for a legacy
+    /// unsealed store (the file is then written in clear, as before).
+    pub fn seal_credential(
+        &self,
+        file_name: &str,
+        json: &[u8],
+    ) -> Result<Option<Vec<u8>>, VaultError> {
+        self.require_owner("sealing credentials")?;
+        match self.master()? {
+            Some(mk) => mk
+                .seal_blob(seal::SealRole::Credential, file_name, json)
+                .map(Some),
+            None => Ok(None),
+        }
     }
 
     fn write_audit(&self, ev: &AuditEvent) {
@@ -308,7 +597,8 @@ impl LocalVault {
         // failure to record it is reported on the daemon's log.
         match serde_json::to_string(ev) {
             Ok(line) => {
-                if let Err(e) = self.store.append_audit(&line) {
+                let (max, keep) = self.audit_limits();
+                if let Err(e) = self.store.append_audit(&line, max, keep) {
                     tracing::warn!(error = %e, op = %ev.operation_name, "cannot write vault audit log");
                 }
             }
@@ -522,6 +812,8 @@ impl LocalVault {
         wrap_alg: Option<WrapAlg>,
         create: CreateMode,
     ) -> Result<KeyInfo, VaultError> {
+        // Resolved before the lock: it may ask for the passphrase.
+        self.master()?;
         self.mutate(|cfg| {
             let existing = self.store.read_key(name)?;
             let mut v = self.new_version(m, imported)?;
@@ -547,7 +839,8 @@ impl LocalVault {
                             rec.wrap_alg
                         )));
                     }
-                    self.store.write_version_key(name, &v.version, &m.pkcs8)?;
+                    let stored = self.seal_private_key(name, &v.version, &m.pkcs8)?;
+                    self.store.write_version_key(name, &v.version, &stored)?;
                     rec.versions.push(v.clone());
                     rec.updated = v.created;
                     if let Err(e) = self.store.write_key(&rec) {
@@ -567,7 +860,8 @@ impl LocalVault {
                         versions: vec![v.clone()],
                         deleted: None,
                     };
-                    self.store.create_key(&rec, &m.pkcs8)?;
+                    let stored = self.seal_private_key(name, &v.version, &m.pkcs8)?;
+                    self.store.create_key(&rec, &stored)?;
                     Ok(self.info(cfg, &rec, &v))
                 }
             }
@@ -590,6 +884,12 @@ impl LocalVault {
         })
     }
 
+    /// The audit log's rotation settings: (size limit in bytes, rotated files kept).
+    pub fn audit_rotation(&self) -> Result<(u64, u32), VaultError> {
+        let cfg = self.store.read_vault()?;
+        Ok((cfg.audit_max_bytes, cfg.audit_keep))
+    }
+
     /// Changes settings (owner only). Retention must be 7-90 days; purge protection can be
     /// turned on, never off; while it is on, retention can grow but not shrink (shrinking
     /// would shorten the protection of keys deleted later).
@@ -603,8 +903,24 @@ impl LocalVault {
                     )));
                 }
             }
+            if upd.audit_max_bytes.is_some_and(|b| b != 0 && b < 4096) {
+                return Err(VaultError::Invalid(
+                    "the audit log size limit must be 0 (never rotate) or at least 4096 bytes".into(),
+                ));
+            }
+            if upd.audit_keep.is_some_and(|k| !(1..=1000).contains(&k)) {
+                return Err(VaultError::Invalid(
+                    "keep 1 to 1000 rotated audit logs".into(),
+                ));
+            }
             self.mutate(|cfg| {
                 let mut new = cfg.clone();
+                if let Some(b) = upd.audit_max_bytes {
+                    new.audit_max_bytes = b;
+                }
+                if let Some(k) = upd.audit_keep {
+                    new.audit_keep = k;
+                }
                 if upd.purge_protection == Some(false) && cfg.purge_protection {
                     return Err(VaultError::Conflict(
                         "purge protection is on and can never be turned off".into(),
@@ -1220,19 +1536,59 @@ impl Vault for LocalVault {
             };
             let v = rec.version(&key.version).ok_or_else(purged)?;
             usable(v, id, "unwrapKey")?;
-            let pkcs8 = self
-                .store
-                .read_version_key(&key.name, &key.version)?
-                .ok_or_else(|| {
-                    VaultError::Store(format!("the private key of {id} is missing from the store"))
-                })?;
-            rsa::unwrap(&pkcs8, alg, wrapped)?
-                .map_err(|()| VaultError::UnwrapFailed { kid: id.clone() })
+            self.unwrap_with(key, id, alg, wrapped)
         })
     }
 }
 
 impl LocalVault {
+    /// Unwraps with the latest version of key `name`, as Key Vault does for an unwrap whose
+    /// key id has no version: it needs only the unwrapKey permission (resolving the version is
+    /// part of the operation, not a `get`). Returns the version used.
+    pub fn unwrap_key_latest(
+        &self,
+        name: &str,
+        alg: WrapAlg,
+        wrapped: &[u8],
+    ) -> Result<(KeyId, Zeroizing<Vec<u8>>), VaultError> {
+        self.audited("KeyUnwrap", key_url(name), |id| {
+            check_name(name)?;
+            self.require(Permission::UnwrapKey, name)?;
+            self.store.read_vault()?;
+            let rec = self.active_key(name)?;
+            let v = rec.latest().ok_or_else(|| damaged(name))?;
+            *id = kid(name, &v.version);
+            usable(v, id, "unwrapKey")?;
+            let key = KeyId {
+                vault: URL.into(),
+                name: name.into(),
+                version: v.version.clone(),
+            };
+            let plain = self.unwrap_with(&key, id, alg, wrapped)?;
+            Ok((key, plain))
+        })
+    }
+
+    /// Reads, opens and uses a version's private key.
+    fn unwrap_with(
+        &self,
+        key: &KeyId,
+        id: &str,
+        alg: WrapAlg,
+        wrapped: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>, VaultError> {
+        let stored = self
+            .store
+            .read_version_key(&key.name, &key.version)?
+            .ok_or_else(|| {
+                VaultError::Store(format!("the private key of {id} is missing from the store"))
+            })?;
+        let pkcs8 = self.open_private_key(&key.name, &key.version, stored)?;
+        rsa::unwrap(&pkcs8, alg, wrapped)?.map_err(|()| VaultError::UnwrapFailed {
+            kid: id.to_string(),
+        })
+    }
+
     fn describe(
         &self,
         name: &str,
@@ -1285,6 +1641,7 @@ mod tests {
     use super::*;
 
     fn vault() -> (tempfile::TempDir, LocalVault) {
+        unlock::use_test_passphrase();
         let d = tempfile::tempdir().unwrap();
         let v = LocalVault::open(&d.path().join("vault")).unwrap();
         (d, v)

@@ -8,6 +8,7 @@ pub mod http;
 pub mod local;
 pub mod pkcs11;
 pub mod server;
+pub mod trust;
 pub mod watch;
 
 use std::fmt;
@@ -403,12 +404,16 @@ impl Credential {
 
     /// Reads a credential file.
     pub fn load(path: &std::path::Path) -> Result<Credential, VaultError> {
-        let bytes = Zeroizing::new(std::fs::read(path).map_err(|e| {
+        let mut bytes = Zeroizing::new(std::fs::read(path).map_err(|e| {
             VaultError::Invalid(format!(
                 "cannot read credential file {}: {e}",
                 path.display()
             ))
         })?);
+        // Sealed by the embedded vault's master key (files in $CMKFS_HOME/credentials).
+        if let Some(env) = local::seal::Envelope::parse(&bytes) {
+            bytes = local::seal::open_credential(&env, path)?;
+        }
         serde_json::from_slice(&bytes).map_err(|e| {
             VaultError::Invalid(format!(
                 "{} is not a cmkfs credential file ({e})",
@@ -417,12 +422,21 @@ impl Credential {
         })
     }
 
-    /// Writes the credential to a new 0600 file (refuses to overwrite one).
+    /// The credential as the JSON a credential file holds (before any sealing).
+    pub fn to_json(&self) -> Result<Zeroizing<Vec<u8>>, VaultError> {
+        serde_json::to_vec_pretty(self)
+            .map(Zeroizing::new)
+            .map_err(|e| VaultError::Store(e.to_string()))
+    }
+
+    /// Writes the credential to a new 0600 file (refuses to overwrite one), in clear.
     pub fn save_new(&self, path: &std::path::Path) -> Result<(), VaultError> {
-        let json = Zeroizing::new(
-            serde_json::to_vec_pretty(self).map_err(|e| VaultError::Store(e.to_string()))?,
-        );
-        crate::fsutil::write_new(path, &json, 0o600).map_err(|e| {
+        Credential::save_bytes_new(&self.to_json()?, path)
+    }
+
+    /// Writes a credential file's bytes (clear JSON or sealed) to a new 0600 file.
+    pub fn save_bytes_new(json: &[u8], path: &std::path::Path) -> Result<(), VaultError> {
+        crate::fsutil::write_new(path, json, 0o600).map_err(|e| {
             VaultError::Invalid(format!(
                 "cannot write credential file {}: {e}",
                 path.display()
@@ -522,6 +536,17 @@ pub enum VaultError {
     /// The vault store on disk is damaged or unreadable.
     #[error("vault store: {0}")]
     Store(String),
+    /// A vault URL (from a volume header or an argument) that this machine is not configured
+    /// to use: cmkfs talks only to the vaults of `cmkfs vault add` (see [`trust`]).
+    #[error(
+        "vault {url:?} is not configured on this machine (a volume header or argument only \
+         names a vault; the machine decides which it uses): if you trust it, run \
+         `cmkfs vault add NAME {url:?}`"
+    )]
+    NotConfigured {
+        /// The URL as given.
+        url: String,
+    },
 }
 
 /// Coarse classes of [`VaultError`] for the keyring's state machine.
@@ -545,6 +570,7 @@ impl VaultError {
             VaultError::Invalid(_) | VaultError::UnwrapFailed { .. } => 400,
             VaultError::Unavailable(_) => 503,
             VaultError::Store(_) => 500,
+            VaultError::NotConfigured { .. } => 403,
         }
     }
 
@@ -553,7 +579,8 @@ impl VaultError {
         match self {
             VaultError::Denied { .. }
             | VaultError::NotFound(_)
-            | VaultError::UnwrapFailed { .. } => ErrorClass::Denied,
+            | VaultError::UnwrapFailed { .. }
+            | VaultError::NotConfigured { .. } => ErrorClass::Denied,
             VaultError::Unavailable(_) => ErrorClass::Unavailable,
             _ => ErrorClass::Other,
         }
@@ -670,22 +697,26 @@ pub fn open_with_credential(home: &Home, cred: &Credential) -> Result<Box<dyn Va
     connect(&cred.vault, home, Some(cred))
 }
 
-/// Connects to the vault a URL names:
+/// Connects to the vault a URL (or a configured vault's name) refers to. Only `local:` and the
+/// vaults configured with `cmkfs vault add` are reachable ([`trust`]): any other URL is
+/// [`VaultError::NotConfigured`], before anything is loaded or contacted.
 ///
 /// - `local:` — the embedded vault of `home` (created on first use): as the owner without a
 ///   credential, as the credential's identity with one.
 /// - `https://host[:port]` — a cmkfs vault server or an Azure Key Vault, as the credential's
-///   identity ([`http::HttpVault`]). Without a credential, the one file in
-///   `$CMKFS_HOME/credentials/*.json` whose `vault` is this URL is used.
-/// - `pkcs11:/path/module.so?token=LABEL&pin-source=file:/path` (or `&pin-value=PIN`, or the
-///   PIN in `$CMKFS_PKCS11_PIN`) — a PKCS#11 token ([`pkcs11::Pkcs11Vault`]); the PIN is the
-///   credential.
+///   identity ([`http::HttpVault`]). Without a credential: the configured one, else the one
+///   file in `$CMKFS_HOME/credentials/*.json` whose `vault` is this URL. A CA configured with
+///   the vault is pinned instead of the credential's.
+/// - `pkcs11:/path/module.so?token=LABEL...` — a configured PKCS#11 token
+///   ([`pkcs11::Pkcs11Vault`]), opened with the *configured* URL (module and PIN source): the
+///   URL given only selects it. The module is checked ([`trust::check_module`]) before every
+///   load.
 pub fn connect(
     url: &str,
     home: &Home,
     credential: Option<&Credential>,
 ) -> Result<Box<dyn Vault>, VaultError> {
-    if url == "local:" || url == "local" {
+    let Some(configured) = trust::lookup(home, url)? else {
         return Ok(match credential {
             Some(c) => Box::new(local::LocalVault::open_as(
                 &home.vault_dir(),
@@ -694,28 +725,37 @@ pub fn connect(
             )?),
             None => Box::new(local::LocalVault::open(&home.vault_dir())?),
         });
-    }
-    if url.starts_with("https://") {
-        let want = http::normalize_url(url)?;
-        let cred = match credential {
-            Some(c) => c.clone(),
-            None => find_credential(home, &want)?,
-        };
-        if http::normalize_url(&cred.vault)? != want {
-            return Err(VaultError::Invalid(format!(
-                "the credential of {} is for vault {:?}, not {want}",
-                cred.identity, cred.vault
-            )));
+    };
+    match configured.kind {
+        trust::VaultKind::Https => {
+            let want = &configured.url;
+            let mut cred = match (credential, &configured.credential) {
+                (Some(c), _) => c.clone(),
+                (None, Some(p)) => Credential::load(p)?,
+                (None, None) => find_credential(home, want)?,
+            };
+            if http::normalize_url(&cred.vault)? != *want {
+                return Err(VaultError::Invalid(format!(
+                    "the credential of {} is for vault {:?}, not {want}",
+                    cred.identity, cred.vault
+                )));
+            }
+            if let Some(ca) = &configured.ca_pem {
+                cred.ca_cert = Some(ca.clone());
+            }
+            Ok(Box::new(http::HttpVault::connect(&cred)?))
         }
-        return Ok(Box::new(http::HttpVault::connect(&cred)?));
+        trust::VaultKind::Pkcs11 => {
+            if let Some(m) = &configured.module {
+                trust::check_module(m)?;
+            }
+            Ok(Box::new(pkcs11::Pkcs11Vault::open(&configured.url)?))
+        }
+        trust::VaultKind::Local => Err(VaultError::Invalid(format!(
+            "vault {} is configured as local; only local: is the embedded vault",
+            configured.name
+        ))),
     }
-    if url.starts_with("pkcs11:") {
-        return Ok(Box::new(pkcs11::Pkcs11Vault::open(url)?));
-    }
-    Err(VaultError::Invalid(format!(
-        "unsupported vault URL {url:?} (supported: local:, https://HOST[:PORT], \
-         pkcs11:/path/module.so?token=LABEL&pin-source=file:/path)"
-    )))
 }
 
 /// The credential in `$CMKFS_HOME/credentials/` for an `https://` vault.

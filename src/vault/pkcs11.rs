@@ -45,6 +45,8 @@ use cryptoki::slot::Slot;
 use cryptoki::types::AuthPin;
 use zeroize::Zeroizing;
 
+use crate::crypto::secret::SecretBytes;
+
 use super::{
     default_key_ops, valid_key_name, CreateKeyOptions, DeletedKeyInfo, DenyReason, KeyId, KeyInfo,
     KeyUpdate, Permission, Vault, VaultError, VaultProperties, WrapAlg, Wrapped,
@@ -135,6 +137,11 @@ impl Pkcs11Url {
         })
     }
 
+    /// Whether the URL carries the PIN itself (`pin-value=`).
+    pub fn has_pin_value(&self) -> bool {
+        self.pin_value.is_some()
+    }
+
     /// The URL as key ids carry it: module, token and PIN file, never a PIN value.
     pub fn vault_url(&self) -> String {
         let mut u = format!(
@@ -151,20 +158,21 @@ impl Pkcs11Url {
         u
     }
 
-    fn pin(&self) -> Result<AuthPin, VaultError> {
+    /// The user PIN, in secret pages (the token's login gets a short-lived copy per session).
+    fn pin(&self) -> Result<SecretBytes, VaultError> {
         if let Some(v) = &self.pin_value {
-            return Ok(AuthPin::from(v.to_string()));
+            return Ok(SecretBytes::new(v.as_bytes()));
         }
         if let Some(p) = &self.pin_file {
             let text = Zeroizing::new(std::fs::read_to_string(p).map_err(|e| {
                 VaultError::Unavailable(format!("cannot read the PIN file {}: {e}", p.display()))
             })?);
-            return Ok(AuthPin::from(
-                text.trim_end_matches(['\n', '\r']).to_string(),
+            return Ok(SecretBytes::new(
+                text.trim_end_matches(['\n', '\r']).as_bytes(),
             ));
         }
-        match std::env::var(PIN_ENV) {
-            Ok(v) if !v.is_empty() => Ok(AuthPin::from(v)),
+        match std::env::var(PIN_ENV).map(Zeroizing::new) {
+            Ok(v) if !v.is_empty() => Ok(SecretBytes::new(v.as_bytes())),
             _ => Err(VaultError::Invalid(format!(
                 "no PIN for PKCS#11 token {:?}: add pin-source=file:/path to the vault URL or set ${PIN_ENV}",
                 self.token
@@ -233,7 +241,8 @@ pub struct Pkcs11Vault {
     token: String,
     ctx: Pkcs11,
     slot: Slot,
-    pin: AuthPin,
+    /// The user PIN (the credential), in secret pages.
+    pin: SecretBytes,
     lock: Arc<Mutex<()>>,
 }
 
@@ -410,12 +419,13 @@ impl Pkcs11Vault {
             .ctx
             .open_rw_session(self.slot)
             .map_err(|e| ck(&self.url, e))?;
-        match s.login(UserType::User, Some(&self.pin)) {
+        let pin = self.auth_pin();
+        match s.login(UserType::User, Some(&pin)) {
             Ok(()) => {}
             // Left over from an interrupted operation: log out and prove the PIN again.
             Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {
                 let _ = s.logout();
-                s.login(UserType::User, Some(&self.pin))
+                s.login(UserType::User, Some(&pin))
                     .map_err(|e| ck(&self.url, e))?;
             }
             Err(e) => return Err(ck(&self.url, e)),
@@ -425,12 +435,17 @@ impl Pkcs11Vault {
         out
     }
 
+    /// A short-lived copy of the PIN for one login (`AuthPin` zeroizes itself on drop).
+    fn auth_pin(&self) -> AuthPin {
+        AuthPin::from(self.pin.as_str().unwrap_or_default().to_string())
+    }
+
     /// Changes the user PIN (the owner revoking every holder of the old one). Holders of
     /// the old PIN are refused from their next operation on.
     pub fn change_pin(&self, new_pin: &str) -> Result<(), VaultError> {
         let new = AuthPin::from(new_pin.to_string());
         self.with_session(|s| {
-            s.set_pin(&self.pin, &new)
+            s.set_pin(&self.auth_pin(), &new)
                 .map_err(|e| ck("changing the PIN", e))
         })
     }

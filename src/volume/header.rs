@@ -1,9 +1,11 @@
 //! The volume header `cmkfs.volume.json`: the envelope around the wrapped DEK.
 //!
 //! Replaced atomically (temp → fsync → rename → fsync dir), so a crash during a rewrap leaves
-//! the old or the new header, never a torn one. The fields that define how data is laid out
-//! are covered by an HMAC under a DEK-derived key, checked after unwrap: a header edited by
-//! someone without the DEK is refused rather than misread.
+//! the old or the new header, never a torn one. Every field is covered by an HMAC under a
+//! DEK-derived key (`mac_version` 2; version 1 covered the layout fields only and is upgraded
+//! on the first mount), checked right after the unwrap and before anything else in the header
+//! is acted on: a header edited by someone without the DEK is refused rather than obeyed. The
+//! backing store is untrusted input; the order of checks is in docs/FORMAT.md.
 
 use std::path::Path;
 
@@ -15,7 +17,7 @@ use sha2::Sha256;
 
 use super::VolumeError;
 use crate::crypto::Dek;
-use crate::vault::{KeyId, WrapAlg, Wrapped};
+use crate::vault::{KeyId, Vault, WrapAlg, Wrapped};
 
 /// File name of the volume header in the backing directory.
 pub const HEADER_FILE: &str = "cmkfs.volume.json";
@@ -30,6 +32,19 @@ pub const CIPHER: &str = "AES-256-XTS";
 pub const NAME_CIPHER: &str = "AES-256-SIV";
 /// Longest header we will read: a header is a few hundred bytes, so anything larger is not one.
 const MAX_HEADER_LEN: u64 = 64 * 1024;
+/// The header MAC this code writes: every field (docs/FORMAT.md).
+pub const MAC_VERSION: u32 = 2;
+/// Name of the platform key in cmkfs's own `local:` vault: the only key a platform envelope
+/// may name.
+pub const PLATFORM_KEY: &str = "cmkfs-platform";
+
+fn mac_v1() -> u32 {
+    1
+}
+
+fn is_mac_v1(v: &u32) -> bool {
+    *v == 1
+}
 
 /// The decoded volume header.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -66,7 +81,11 @@ pub struct VolumeHeader {
     /// second, inner DEK, wrapped by cmkfs's platform key. Absent for single encryption.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub platform: Option<PlatformEnvelope>,
-    /// HMAC-SHA256 (hex) over the layout fields, keyed by a DEK-derived key.
+    /// Which fields `header_mac` covers: 2 = all of them; 1 (absent on disk) = the layout
+    /// fields only, as written before version 2 (accepted, and upgraded by the first mount).
+    #[serde(default = "mac_v1", skip_serializing_if = "is_mac_v1")]
+    pub mac_version: u32,
+    /// HMAC-SHA256 (hex) over the fields `mac_version` says, keyed by a DEK-derived key.
     pub header_mac: String,
 }
 
@@ -147,6 +166,7 @@ impl VolumeHeader {
             dek_fingerprint: dek.fingerprint(),
             des: None,
             platform: None,
+            mac_version: MAC_VERSION,
             header_mac: String::new(),
         };
         h.header_mac = h.mac(dek);
@@ -166,6 +186,16 @@ impl VolumeHeader {
     ) -> VolumeHeader {
         let mut h = VolumeHeader::new(dek, volume_id, sector_size, wrapped, created);
         h.platform = Some(platform);
+        h.header_mac = h.mac(dek);
+        h
+    }
+
+    /// This header bound to a Disk Encryption Set (the MAC is recomputed: `des` is covered).
+    pub fn with_des(&self, des: Option<String>, dek: &Dek) -> VolumeHeader {
+        let mut h = VolumeHeader {
+            des,
+            ..self.clone()
+        };
         h.header_mac = h.mac(dek);
         h
     }
@@ -229,10 +259,38 @@ impl VolumeHeader {
         if self.volume_id.len() != 32 || hex::decode(&self.volume_id).is_err() {
             return Err("volume_id is not 32 hex digits".into());
         }
+        if self.dek_fingerprint.len() != 32 || hex::decode(&self.dek_fingerprint).is_err() {
+            return Err("dek_fingerprint is not 32 hex digits".into());
+        }
+        if !(1..=MAC_VERSION).contains(&self.mac_version) {
+            return Err(format!(
+                "header MAC version {} is not supported (this cmkfs knows 1 and {MAC_VERSION})",
+                self.mac_version
+            ));
+        }
+        if let Some(d) = &self.des {
+            let ok = !d.is_empty()
+                && d.len() <= 80
+                && d.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+            if !ok {
+                return Err(format!("des {d:?} is not a Disk Encryption Set name"));
+            }
+        }
         if let Some(p) = &self.platform {
-            p.key_id
+            let kid = p
+                .key_id
                 .parse::<KeyId>()
                 .map_err(|e| format!("platform key id: {e}"))?;
+            // The inner DEK is wrapped by cmkfs's own platform key, never by anything a
+            // header could point elsewhere.
+            if kid.vault != crate::vault::local::URL || kid.name != PLATFORM_KEY {
+                return Err(format!(
+                    "platform key {} is not cmkfs's platform key ({}/keys/{PLATFORM_KEY}/...)",
+                    p.key_id,
+                    crate::vault::local::URL
+                ));
+            }
             p.wrapped()
                 .map_err(|_| "platform wrapped_dek is not valid base64".to_string())?;
             if p.dek_fingerprint.len() != 32 || hex::decode(&p.dek_fingerprint).is_err() {
@@ -257,7 +315,8 @@ impl VolumeHeader {
         B64.decode(&self.wrapped_dek)
     }
 
-    /// Checks an unwrapped DEK against the fingerprint and the header MAC.
+    /// Checks an unwrapped DEK against the fingerprint and the header MAC (of its
+    /// `mac_version`; constant-time comparison).
     pub fn verify(&self, dek: &Dek) -> Result<(), VolumeError> {
         if dek.fingerprint() != self.dek_fingerprint {
             return Err(VolumeError::WrongKey(format!(
@@ -265,38 +324,166 @@ impl VolumeHeader {
                 self.key_id
             )));
         }
-        let expected = self.mac(dek);
-        // Constant-time compare through the MAC type would need the bytes; hex strings of a
-        // public MAC leak nothing secret, so plain equality is fine here.
-        if expected != self.header_mac {
+        let given = hex::decode(&self.header_mac).unwrap_or_default();
+        if self.mac_state(dek).verify_slice(&given).is_err() {
             return Err(VolumeError::CorruptHeader {
                 path: HEADER_FILE.into(),
-                why: "header MAC does not verify: layout fields were changed".into(),
+                why: if self.mac_version == 1 {
+                    "header MAC does not verify: layout fields were changed".into()
+                } else {
+                    "header MAC does not verify: the header was changed by someone without the key"
+                        .into()
+                },
             });
         }
         Ok(())
     }
 
-    /// Re-points the header at a new wrap of the same DEK (rotation / key change). The
-    /// platform envelope of a double-encrypted volume is kept as it is: only the customer
-    /// key changes.
-    pub fn rewrapped(&self, wrapped: &Wrapped) -> VolumeHeader {
-        VolumeHeader {
+    /// Unwraps the (outer, customer-key) DEK through `vault` and verifies it against this
+    /// header: fingerprint, then the MAC over the header. Nothing else in the header (the
+    /// platform envelope above all) may be acted on before this succeeds.
+    pub fn unwrap_dek(&self, vault: &dyn Vault) -> Result<Dek, VolumeError> {
+        let kid = self.key_id()?;
+        let wrapped = self.wrapped().map_err(|_| VolumeError::CorruptHeader {
+            path: HEADER_FILE.into(),
+            why: "wrapped_dek is not valid base64".into(),
+        })?;
+        let raw = vault.unwrap_key(&kid, self.wrap_alg, &wrapped)?;
+        let dek = Dek::from_slice(&raw).map_err(|_| {
+            VolumeError::WrongKey(format!("{kid} unwrapped something that is not a cmkfs DEK"))
+        })?;
+        drop(raw);
+        self.verify(&dek)?;
+        Ok(dek)
+    }
+
+    /// Unwraps and verifies a double-encrypted header's inner (platform-key) DEK through
+    /// `platform` (cmkfs's own `local:` vault). Call it only with a header whose outer DEK
+    /// verified ([`VolumeHeader::unwrap_dek`]): the MAC is what says the volume is
+    /// double-encrypted at all.
+    pub fn unwrap_platform_dek(&self, platform: &dyn Vault) -> Result<Dek, VolumeError> {
+        let Some(p) = &self.platform else {
+            return Err(VolumeError::Internal(
+                "the volume is not double-encrypted".into(),
+            ));
+        };
+        let kid = p.key_id()?;
+        let wrapped = p.wrapped().map_err(|_| VolumeError::CorruptHeader {
+            path: HEADER_FILE.into(),
+            why: "platform wrapped_dek is not valid base64".into(),
+        })?;
+        let raw = platform.unwrap_key(&kid, p.wrap_alg, &wrapped)?;
+        let dek = Dek::from_slice(&raw).map_err(|_| {
+            VolumeError::WrongKey(format!("{kid} unwrapped something that is not a cmkfs DEK"))
+        })?;
+        drop(raw);
+        p.verify(&dek)?;
+        Ok(dek)
+    }
+
+    /// Re-points the header at a new wrap of the same DEK (rotation / key change) and
+    /// recomputes the MAC (version 2), which needs the DEK: only someone who could unwrap
+    /// the volume can rewrap it. The platform envelope of a double-encrypted volume is kept as
+    /// it is: only the customer key changes.
+    pub fn rewrapped(&self, wrapped: &Wrapped, dek: &Dek) -> VolumeHeader {
+        let mut h = VolumeHeader {
             key_id: wrapped.kid.to_string(),
             wrap_alg: wrapped.alg,
             wrapped_dek: B64.encode(&wrapped.value),
+            mac_version: MAC_VERSION,
             ..self.clone()
+        };
+        h.header_mac = h.mac(dek);
+        h
+    }
+
+    /// The same header with a version 2 MAC (over every field): what the first mount of a
+    /// volume made before version 2 writes back.
+    pub fn upgraded(&self, dek: &Dek) -> VolumeHeader {
+        let mut h = VolumeHeader {
+            mac_version: MAC_VERSION,
+            ..self.clone()
+        };
+        h.header_mac = h.mac(dek);
+        h
+    }
+
+    /// The same header with a version 1 MAC, as cmkfs wrote them before version 2: for tests
+    /// of the upgrade path only.
+    #[doc(hidden)]
+    pub fn with_mac_v1_for_tests(&self, dek: &Dek) -> VolumeHeader {
+        let mut h = VolumeHeader {
+            mac_version: 1,
+            ..self.clone()
+        };
+        h.header_mac = h.mac(dek);
+        h
+    }
+
+    /// Why `newer` cannot be a rewrap of this header: the first field outside the outer
+    /// envelope (`key_id`'s key and version, `wrap_alg`, `wrapped_dek`, the MAC) that differs,
+    /// a different vault, or a MAC version going back. `None` when it could be one.
+    pub fn change_outside_rewrap(&self, newer: &VolumeHeader) -> Option<String> {
+        let fixed: [(&str, bool); 11] = [
+            ("format", self.format == newer.format),
+            (
+                "format_version",
+                self.format_version == newer.format_version,
+            ),
+            ("volume_id", self.volume_id == newer.volume_id),
+            ("created", self.created == newer.created),
+            ("cipher", self.cipher == newer.cipher),
+            ("sector_size", self.sector_size == newer.sector_size),
+            ("name_cipher", self.name_cipher == newer.name_cipher),
+            (
+                "file_header_len",
+                self.file_header_len == newer.file_header_len,
+            ),
+            (
+                "dek_fingerprint",
+                self.dek_fingerprint == newer.dek_fingerprint,
+            ),
+            ("des", self.des == newer.des),
+            ("platform", self.platform == newer.platform),
+        ];
+        if let Some((name, _)) = fixed.iter().find(|(_, same)| !same) {
+            return Some(match *name {
+                "platform" => match (&self.platform, &newer.platform) {
+                    (None, Some(_)) => "a platform entry was added".into(),
+                    (Some(_), None) => "the platform entry was removed".into(),
+                    _ => "the platform entry was changed".into(),
+                },
+                other => format!("{other} was changed"),
+            });
+        }
+        if newer.mac_version < self.mac_version {
+            return Some("the header MAC version went back".into());
+        }
+        match (self.key_id(), newer.key_id()) {
+            (Ok(a), Ok(b)) if a.vault != b.vault => Some(format!(
+                "the key's vault was changed from {:?} to {:?}",
+                a.vault, b.vault
+            )),
+            (Ok(_), Ok(_)) => None,
+            _ => Some("the key id is malformed".into()),
         }
     }
 
-    /// The same header in the current format version, its MAC recomputed with `dek` (the
-    /// outer DEK): the last step of `cmkfs upgrade`, once every file is converted.
-    pub fn upgraded(&self, dek: &Dek) -> VolumeHeader {
-        self.with_format_version(FORMAT_VERSION, dek)
+    /// The same header in the current on-disk format, with a current (version 2) MAC
+    /// recomputed with `dek` (the outer DEK): the last step of `cmkfs upgrade`, once every
+    /// file is converted.
+    pub fn format_upgraded(&self, dek: &Dek) -> VolumeHeader {
+        let mut h = VolumeHeader {
+            format_version: FORMAT_VERSION,
+            mac_version: MAC_VERSION,
+            ..self.clone()
+        };
+        h.header_mac = h.mac(dek);
+        h
     }
 
-    /// The same header claiming format `version`, MAC recomputed (tests build old volumes
-    /// with it).
+    /// The same header claiming on-disk format `version`, its MAC (of the same MAC version)
+    /// recomputed: tests build old volumes with it.
     #[doc(hidden)]
     pub fn with_format_version(&self, version: u32, dek: &Dek) -> VolumeHeader {
         let mut h = VolumeHeader {
@@ -324,10 +511,57 @@ impl VolumeHeader {
     }
 
     fn mac(&self, dek: &Dek) -> String {
+        hex::encode(self.mac_state(dek).finalize().into_bytes())
+    }
+
+    /// The HMAC state over the fields of this header's `mac_version`, ready to finalize or
+    /// verify.
+    fn mac_state(&self, dek: &Dek) -> Hmac<Sha256> {
         let key = dek.derive::<32>("header-mac");
         let mut m =
             <Hmac<Sha256> as Mac>::new_from_slice(&key[..]).expect("HMAC takes any key length");
         // Length-prefixed fields: no two different headers give the same MAC input.
+        let mut put = |field: &[u8]| {
+            m.update(&(field.len() as u64).to_le_bytes());
+            m.update(field);
+        };
+        if self.mac_version >= 2 {
+            // Every field, in this order; optional ones behind a presence byte.
+            put(b"cmkfs header MAC v2");
+            put(self.format.as_bytes());
+            put(&self.format_version.to_le_bytes());
+            put(self.volume_id.as_bytes());
+            put(&self.created.to_le_bytes());
+            put(self.cipher.as_bytes());
+            put(&self.sector_size.to_le_bytes());
+            put(self.name_cipher.as_bytes());
+            put(&self.file_header_len.to_le_bytes());
+            put(self.key_id.as_bytes());
+            put(self.wrap_alg.as_str().as_bytes());
+            put(self.wrapped_dek.as_bytes());
+            put(self.dek_fingerprint.as_bytes());
+            match &self.des {
+                None => put(&[0]),
+                Some(d) => {
+                    put(&[1]);
+                    put(d.as_bytes());
+                }
+            }
+            match &self.platform {
+                None => put(&[0]),
+                Some(p) => {
+                    put(&[1]);
+                    put(p.key_id.as_bytes());
+                    put(p.wrap_alg.as_str().as_bytes());
+                    put(p.wrapped_dek.as_bytes());
+                    put(p.dek_fingerprint.as_bytes());
+                }
+            }
+            put(&self.mac_version.to_le_bytes());
+            return m;
+        }
+        // Version 1: the layout fields only (the envelope was left out so that a rewrap needed
+        // no DEK; version 2 covers it).
         for field in [
             self.format.as_bytes(),
             &self.format_version.to_le_bytes(),
@@ -339,18 +573,172 @@ impl VolumeHeader {
             &self.file_header_len.to_le_bytes(),
             self.dek_fingerprint.as_bytes(),
         ] {
-            m.update(&(field.len() as u64).to_le_bytes());
-            m.update(field);
+            put(field);
         }
         // Double encryption is a layout property (data has two layers): its inner DEK's
-        // fingerprint is covered too. Appended only when present, so single-encryption
-        // headers keep the MAC they always had.
+        // fingerprint is covered too, appended only when present.
         if let Some(p) = &self.platform {
             for field in [b"platform".as_slice(), p.dek_fingerprint.as_bytes()] {
-                m.update(&(field.len() as u64).to_le_bytes());
-                m.update(field);
+                put(field);
             }
         }
-        hex::encode(m.finalize().into_bytes())
+        m
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vault::{KeyId, WrapAlg, Wrapped};
+
+    fn wrapped(kid: &str) -> Wrapped {
+        Wrapped {
+            kid: kid.parse::<KeyId>().unwrap(),
+            alg: WrapAlg::RsaOaep256,
+            value: vec![7u8; 256],
+        }
+    }
+
+    fn double() -> (Dek, VolumeHeader) {
+        let (outer, inner) = (Dek::generate().unwrap(), Dek::generate().unwrap());
+        let env = PlatformEnvelope::new(
+            &inner,
+            &wrapped("local:/keys/cmkfs-platform/00000000000000000000000000000002"),
+        );
+        let h = VolumeHeader::new_double(
+            &outer,
+            "ab".repeat(16),
+            4096,
+            &wrapped("local:/keys/k/00000000000000000000000000000001"),
+            1,
+            env,
+        )
+        .with_des(Some("set-1".into()), &outer);
+        (outer, h)
+    }
+
+    /// Every field of the header, at every depth, is covered: changing any one of them
+    /// (through the JSON a writer of the backing store would edit) fails verification.
+    #[test]
+    fn every_field_is_covered_by_the_mac() {
+        let (dek, h) = double();
+        h.verify(&dek).unwrap();
+        let json = serde_json::to_value(&h).unwrap();
+        let mut paths: Vec<Vec<String>> = Vec::new();
+        for (k, v) in json.as_object().unwrap() {
+            if let Some(o) = v.as_object() {
+                for k2 in o.keys() {
+                    paths.push(vec![k.clone(), k2.clone()]);
+                }
+            } else if k != "header_mac" {
+                paths.push(vec![k.clone()]);
+            }
+        }
+        assert!(paths.len() >= 18, "{paths:?}");
+        for path in &paths {
+            let mut j = json.clone();
+            let mut slot = &mut j;
+            for p in path {
+                slot = slot.get_mut(p).unwrap();
+            }
+            *slot = match slot.clone() {
+                serde_json::Value::Number(n) => (n.as_u64().unwrap() ^ 1).into(),
+                serde_json::Value::String(s) if s == "RSA-OAEP-256" => "RSA-OAEP".into(),
+                serde_json::Value::String(s) => {
+                    // Same shape, one character changed (hex stays hex, ids stay ids).
+                    let mut c: Vec<char> = s.chars().collect();
+                    let last = c.len() - 1;
+                    c[last] = if c[last] == '1' { '2' } else { '1' };
+                    c.into_iter().collect::<String>().into()
+                }
+                other => panic!("unexpected {other}"),
+            };
+            let changed: VolumeHeader = serde_json::from_value(j).unwrap();
+            assert!(
+                changed.verify(&dek).is_err(),
+                "changing {path:?} went unnoticed"
+            );
+        }
+        // Optional fields: removing them is a change too.
+        for strip in ["des", "platform"] {
+            let mut j = json.clone();
+            j.as_object_mut().unwrap().remove(strip);
+            let changed: VolumeHeader = serde_json::from_value(j).unwrap();
+            assert!(
+                changed.verify(&dek).is_err(),
+                "removing {strip} went unnoticed"
+            );
+        }
+    }
+
+    #[test]
+    fn version_1_macs_still_verify_and_upgrade() {
+        let (dek, h) = double();
+        let v1 = h.with_mac_v1_for_tests(&dek);
+        assert_eq!(v1.mac_version, 1);
+        v1.verify(&dek).unwrap();
+        let text = String::from_utf8(v1.to_bytes().unwrap()).unwrap();
+        assert!(!text.contains("mac_version"), "{text}");
+        // Version 1 left the envelope uncovered: that is what the upgrade closes.
+        let moved = VolumeHeader {
+            des: None,
+            ..v1.clone()
+        };
+        moved.verify(&dek).unwrap();
+        let up = v1.upgraded(&dek);
+        assert_eq!(up.mac_version, MAC_VERSION);
+        up.verify(&dek).unwrap();
+        assert!(VolumeHeader {
+            des: None,
+            ..up.clone()
+        }
+        .verify(&dek)
+        .is_err());
+        // Claiming version 1 for a version 2 header's MAC fails.
+        assert!(VolumeHeader {
+            mac_version: 1,
+            ..up
+        }
+        .verify(&dek)
+        .is_err());
+    }
+
+    #[test]
+    fn a_rewrap_keeps_only_the_envelope_changing() {
+        let (dek, h) = double();
+        let r = h.rewrapped(
+            &wrapped("local:/keys/k/00000000000000000000000000000009"),
+            &dek,
+        );
+        r.verify(&dek).unwrap();
+        assert_eq!(h.change_outside_rewrap(&r), None);
+        let elsewhere = h.rewrapped(
+            &wrapped("https://127.0.0.1:1/keys/k/00000000000000000000000000000009"),
+            &dek,
+        );
+        assert!(h
+            .change_outside_rewrap(&elsewhere)
+            .unwrap()
+            .contains("vault"));
+        let single = VolumeHeader {
+            platform: None,
+            ..h.clone()
+        };
+        assert!(single
+            .change_outside_rewrap(&h)
+            .unwrap()
+            .contains("platform entry was added"));
+    }
+
+    #[test]
+    fn a_platform_envelope_must_name_cmkfs_platform_key() {
+        let (_, mut h) = double();
+        h.validate().unwrap();
+        h.platform.as_mut().unwrap().key_id =
+            "pkcs11:/tmp/x.so?token=x/keys/cmkfs-platform/00000000000000000000000000000002".into();
+        assert!(h
+            .validate()
+            .unwrap_err()
+            .contains("not cmkfs's platform key"));
     }
 }

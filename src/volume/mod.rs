@@ -133,6 +133,12 @@ impl VolumeError {
     }
 }
 
+impl From<crate::keyring::NotLive> for VolumeError {
+    fn from(e: crate::keyring::NotLive) -> Self {
+        VolumeError::Inaccessible(e.0)
+    }
+}
+
 impl From<NameError> for VolumeError {
     fn from(e: NameError) -> Self {
         VolumeError::errno_of(match e {
@@ -299,7 +305,8 @@ impl Volume {
                 )
             }
         };
-        header.des = opts.des.clone();
+        // The MAC covers `des` too: bind it with the DEK.
+        header = header.with_des(opts.des.clone(), &dek);
         let result = (|| {
             if !existed {
                 fs::create_dir_all(dir).map_err(|e| VolumeError::io(dir, e))?;

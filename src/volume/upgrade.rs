@@ -44,6 +44,7 @@ use super::v1::{self, TailDecision, TailFinding};
 use super::VolumeError;
 use crate::crypto::{Dek, VolumeKeys};
 use crate::fsutil::{self, TEMP_PREFIX};
+use crate::home::Home;
 use crate::vault::Vault;
 
 /// Files per journal batch: one journal write (two fsyncs) and one `syncfs` per batch.
@@ -245,21 +246,21 @@ pub fn pending_journal(dir: &Path, header: &VolumeHeader) -> Result<Option<usize
     Ok(Some(j.entries.len()))
 }
 
-/// Unwraps the DEK(s) of `header` through `vault` (and, for a double-encrypted volume, the
-/// platform vault of `$CMKFS_HOME`), verified against the header: the outer DEK (which keys
-/// the header MAC) and the data ciphers.
-pub fn unlock(vault: &dyn Vault, header: &VolumeHeader) -> Result<(Dek, VolumeKeys), VolumeError> {
-    let dek = crate::keyring::unwrap_dek(vault, header)?;
-    let inner = match &header.platform {
-        None => None,
-        Some(_) => {
-            let p = crate::keyring::platform_vault(header)?;
-            Some(crate::keyring::unwrap_platform_dek(p.as_ref(), header)?)
-        }
-    };
-    let keys = VolumeKeys::from_deks(&dek, inner.as_ref(), header.sector_size as usize)
-        .map_err(VolumeError::Crypto)?;
-    Ok((dek, keys))
+/// Unwraps the DEK(s) of the volume at `dir` with header `header`, as a mount would
+/// (`crate::unlock`: the header's binding to this machine's Disk Encryption Sets, unwrap
+/// through `vault`, fingerprint and MAC, then the platform DEK through cmkfs's own vault in
+/// `home`): the outer DEK (which keys the header MAC) and the data ciphers.
+pub fn unlock(
+    home: &Home,
+    dir: &Path,
+    vault: &dyn Vault,
+    header: &VolumeHeader,
+) -> Result<(Dek, VolumeKeys), VolumeError> {
+    crate::unlock::binding(home, dir, header)?;
+    let u = crate::unlock::unwrap(home, vault, header)?;
+    let keys = u.keys().map_err(VolumeError::Crypto)?;
+    crate::crypto::secret::scrub_stack();
+    Ok((u.outer, keys))
 }
 
 /// Converts the volume at `dir` to the current format (or finishes an interrupted
@@ -644,7 +645,7 @@ impl Upgrader<'_, '_> {
         }
         let header = VolumeHeader::read(&self.root)?;
         if header.format_version < FORMAT_VERSION {
-            header.upgraded(dek).write(&self.root)?;
+            header.format_upgraded(dek).write(&self.root)?;
             tracing::info!(cipherdir = %self.root.display(), "volume header now says format v{FORMAT_VERSION}");
             self.hooks
                 .step(Step::VolumeHeaderWritten, &self.root.clone())?;

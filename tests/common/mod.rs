@@ -83,9 +83,13 @@ pub fn watchdog_limit() -> Duration {
     Duration::from_secs(secs)
 }
 
-/// Path of the `cmkfs` binary under test.
+/// Path of the `cmkfs` binary under test (`CMKFS_TEST_BIN` runs the tests against another
+/// build, e.g. an older release, to show which of them it fails).
 pub fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_cmkfs")
+    static BIN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        std::env::var("CMKFS_TEST_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_cmkfs").into())
+    })
 }
 
 /// The seed for a test's RNG: `CMKFS_TEST_SEED` if set, else fresh. Always printed, so a
@@ -493,6 +497,9 @@ impl Env {
         for d in [&env.home, &env.cipher, &env.mnt] {
             fs::create_dir(d).expect("create test dir");
         }
+        // As cmkfs keeps its home (it tightens a looser one on first use).
+        fs::set_permissions(&env.home, fs::Permissions::from_mode(0o700)).expect("chmod home");
+        use_test_passphrase();
         env
     }
 
@@ -511,6 +518,7 @@ impl Env {
             .env("CMKFS_HOME", &self.home)
             .env_remove("XDG_DATA_HOME")
             .current_dir(&self.root);
+        passphrase_env(&mut cmd, &self.root);
         cmd
     }
 
@@ -737,8 +745,8 @@ pub struct Mount {
 }
 
 impl Mount {
-    /// Takes charge of a mount that is already visible at `mnt` (e.g. made by a `cmkfs
-    /// mount` whose output the test inspects).
+    /// Takes charge of a mount that is already visible at `mnt` (e.g. made by a `cmkfs mount`
+    /// a test ran itself, with its own environment, or whose output it inspects).
     pub fn adopt(env: &Env, cipher: &Path, mnt: &Path) -> Mount {
         let dev = mounts_at(mnt).last().map(|m| m.dev);
         let watchdog = Watchdog::start(mnt.to_path_buf(), dev, watchdog_limit());
@@ -1202,4 +1210,41 @@ pub fn assert_bytes_eq(what: &str, got: &[u8], want: &[u8]) {
         first / SECTOR,
         first % SECTOR
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// The vault passphrase of tests
+// ---------------------------------------------------------------------------------------------
+
+/// The passphrase every test vault is sealed with (test data only).
+pub const TEST_PASSPHRASE: &str = "cmkfs test passphrase";
+
+/// Gives this test process the test passphrase and the cheap Argon2id setting, for vaults it
+/// opens or creates in-process (children get theirs from [`passphrase_env`]).
+pub fn use_test_passphrase() {
+    use cmkfs::vault::local::{seal::KdfParams, unlock};
+    unlock::set_passphrase_source(Some(unlock::PassphraseSource::Value(std::sync::Arc::new(
+        zeroize::Zeroizing::new(TEST_PASSPHRASE.to_string()),
+    ))));
+    unlock::set_kdf_params(Some(KdfParams::TEST));
+}
+
+/// Writes the test passphrase into `dir/test-passphrase` (0600) and points `cmd` at it with
+/// `$CMKFS_PASSPHRASE_FILE`, with the cheap Argon2id setting for the vaults it creates.
+pub fn passphrase_env<'a>(cmd: &'a mut Command, dir: &Path) -> &'a mut Command {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let path = dir.join("test-passphrase");
+    if !path.exists() {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&path)
+            .expect("write the test passphrase file");
+        std::io::Write::write_all(&mut f, format!("{TEST_PASSPHRASE}\n").as_bytes())
+            .expect("write the test passphrase file");
+    }
+    cmd.env("CMKFS_PASSPHRASE_FILE", &path)
+        .env("CMKFS_VAULT_KDF", "test")
 }

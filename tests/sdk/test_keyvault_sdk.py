@@ -45,10 +45,25 @@ class StaticToken:
         return AccessToken(self._token, int(time.time()) + 3600)
 
 
+def cmkfs_env(home):
+    """The environment of a cmkfs command: the test's home, and the passphrase its vault is
+    sealed with (a test-only file beside the vault; the cheap Argon2id test setting)."""
+    passphrase = os.path.join(home, "test-passphrase")
+    if not os.path.exists(passphrase):
+        with open(os.open(passphrase, os.O_WRONLY | os.O_CREAT, 0o600), "w") as f:
+            f.write("cmkfs sdk test passphrase\n")
+    return {
+        **os.environ,
+        "CMKFS_HOME": home,
+        "CMKFS_PASSPHRASE_FILE": passphrase,
+        "CMKFS_VAULT_KDF": "test",
+    }
+
+
 def cmkfs(home, *args):
     out = subprocess.run(
         [CMKFS, *args],
-        env={**os.environ, "CMKFS_HOME": home},
+        env=cmkfs_env(home),
         capture_output=True,
         text=True,
         timeout=120,
@@ -72,7 +87,7 @@ class KeyVaultSdkTest(unittest.TestCase):
         cls.log = open(os.path.join(home, "server.log"), "w")
         cls.server = subprocess.Popen(
             [CMKFS, "vault", "serve", "--listen", "127.0.0.1:0"],
-            env={**os.environ, "CMKFS_HOME": home},
+            env=cmkfs_env(home),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=cls.log,

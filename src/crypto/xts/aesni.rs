@@ -26,6 +26,7 @@ use core::arch::x86_64::*;
 use zeroize::Zeroize;
 
 use super::{BlockOps, BLOCK};
+use crate::crypto::secret::{Plain, Secret};
 
 /// AES-256 has 14 rounds: 15 round keys.
 const ROUNDS: usize = 14;
@@ -47,6 +48,8 @@ pub(super) struct Keys {
 unsafe impl Send for Keys {}
 // SAFETY: as above, read-only after construction.
 unsafe impl Sync for Keys {}
+// SAFETY: three arrays of `__m128i`: no pointers, and all-zero is a valid value.
+unsafe impl Plain for Keys {}
 
 impl Drop for Keys {
     fn drop(&mut self) {
@@ -60,19 +63,14 @@ impl Keys {
     /// The schedules for `k1`/`k2`, or `None` when this CPU lacks AES-NI (the caller then uses
     /// the portable implementation).
     ///
-    /// Boxed and expanded in place, so the round keys exist in one place only (moving a
-    /// cipher moves the pointer, not the schedules) and that place is wiped on drop.
-    pub(super) fn new(k1: &[u8; 32], k2: &[u8; 32]) -> Option<Box<Keys>> {
+    /// Expanded in place in secret pages, so the round keys exist in one place only (moving
+    /// a cipher moves the pointer, not the schedules) and that place is locked, kept out of
+    /// core dumps and wiped on drop.
+    pub(super) fn new(k1: &[u8; 32], k2: &[u8; 32]) -> Option<Secret<Keys>> {
         if !(is_x86_feature_detected!("aes") && is_x86_feature_detected!("sse2")) {
             return None;
         }
-        // SAFETY: all-zero bytes are a valid `__m128i`.
-        let zero: Schedule = unsafe { core::mem::zeroed() };
-        let mut keys = Box::new(Keys {
-            enc: zero,
-            dec: zero,
-            tweak: zero,
-        });
+        let mut keys = Secret::<Keys>::zeroed();
         // SAFETY: AES-NI and SSE2 were just detected on this CPU.
         unsafe { keys.expand(k1, k2) };
         Some(keys)

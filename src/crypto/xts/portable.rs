@@ -6,6 +6,7 @@ use aes::cipher::{generic_array::GenericArray, BlockDecrypt, BlockEncrypt, KeyIn
 use aes::{Aes256, Aes256Enc, Block};
 
 use super::{mul_alpha, BlockOps, BLOCK};
+use crate::crypto::secret::{Plain, Secret};
 
 /// Blocks per batch: enough to keep the `aes` crate's 8-block pipeline full, small enough to
 /// stay on the stack (32 × 16 bytes of data plus 32 tweaks).
@@ -18,12 +19,19 @@ pub(super) struct Keys {
     k2: Aes256Enc,
 }
 
+// SAFETY: the `aes` crate's key schedules are arrays of round keys (and a zero-sized CPU
+// feature token): no pointers, and all-zero bytes are a valid value.
+unsafe impl Plain for Keys {}
+
 impl Keys {
-    pub(super) fn new(k1: &[u8; 32], k2: &[u8; 32]) -> Keys {
-        Keys {
+    /// The schedules, moved into secret pages. The `aes` crate builds them by value, so a
+    /// copy passes through this thread's stack: the caller scrubs it (`VolumeKeys`
+    /// construction does).
+    pub(super) fn new(k1: &[u8; 32], k2: &[u8; 32]) -> Secret<Keys> {
+        Secret::new(Keys {
             k1: Aes256::new(GenericArray::from_slice(k1)),
             k2: Aes256Enc::new(GenericArray::from_slice(k2)),
-        }
+        })
     }
 
     /// Runs XTS over `data` in batches with `op` as the raw block operation.

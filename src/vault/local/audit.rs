@@ -3,6 +3,7 @@
 
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
@@ -33,6 +34,10 @@ pub struct AuditEvent {
     pub duration_ms: u64,
     /// Who asked: an identity name, or `owner` for the vault owner.
     pub identity: String,
+    /// The remote client's IP address (requests through `cmkfs vault serve`); absent for
+    /// local callers. Key Vault's `callerIpAddress`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub caller_ip_address: Option<String>,
     /// Request details.
     pub properties: AuditProperties,
 }
@@ -76,6 +81,7 @@ impl AuditEvent {
             result_description: error.map(|e| e.to_string()).unwrap_or_default(),
             duration_ms: u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX),
             identity: identity.into(),
+            caller_ip_address: None,
             properties: AuditProperties {
                 id: id.into(),
                 http_status_code: status,
@@ -99,6 +105,7 @@ fn reason_phrase(status: u16) -> &'static str {
         200 => "OK",
         400 => "BadRequest",
         401 => "Unauthorized",
+        429 => "TooManyRequests",
         403 => "Forbidden",
         404 => "NotFound",
         409 => "Conflict",
@@ -107,18 +114,37 @@ fn reason_phrase(status: u16) -> &'static str {
     }
 }
 
-/// Reads the audit log incrementally (for `cmkfs vault audit [--follow]`).
+/// Reads the audit log incrementally (for `cmkfs vault audit [--follow]`), across rotations:
+/// the first read starts with the rotated files (oldest first), and a rotation between two
+/// reads is noticed by the live file's inode changing, so the rest of the old file is read
+/// before the new one (as `tail -F` does).
 pub struct AuditReader {
     path: PathBuf,
+    /// Rotated files still to read before the live one (oldest first).
+    backlog: Vec<PathBuf>,
+    /// The live file as opened, with its inode.
+    current: Option<(File, u64)>,
     offset: u64,
     partial: Vec<u8>,
 }
 
 impl AuditReader {
-    /// A reader at the start of the log at `path` (a missing log reads as empty).
+    /// A reader at the start of the log at `path` and its rotated files `path.1` ..
+    /// (a missing log reads as empty).
     pub fn new(path: &Path) -> AuditReader {
+        let mut backlog = Vec::new();
+        for i in 1.. {
+            let p = rotated_path(path, i);
+            if !p.exists() {
+                break;
+            }
+            backlog.push(p);
+        }
+        backlog.reverse();
         AuditReader {
             path: path.to_path_buf(),
+            backlog,
+            current: None,
             offset: 0,
             partial: Vec::new(),
         }
@@ -128,38 +154,72 @@ impl AuditReader {
     /// written is kept until its newline arrives. A line that is not an event is reported as
     /// a store error naming its position.
     pub fn read_new(&mut self) -> Result<Vec<AuditEvent>, VaultError> {
-        let mut f = match File::open(&self.path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => {
-                return Err(VaultError::Unavailable(format!(
-                    "cannot read audit log {}: {e}",
-                    self.path.display()
-                )))
-            }
+        let io = |p: &Path, e: io::Error| {
+            VaultError::Unavailable(format!("cannot read audit log {}: {e}", p.display()))
         };
-        let io = |e: io::Error| {
-            VaultError::Unavailable(format!(
-                "cannot read audit log {}: {e}",
-                self.path.display()
-            ))
-        };
-        let len = f.metadata().map_err(io)?.len();
-        if len < self.offset {
-            // Truncated or replaced: start again.
-            self.offset = 0;
+        let mut out = Vec::new();
+        for p in std::mem::take(&mut self.backlog) {
+            let bytes = match std::fs::read(&p) {
+                Ok(b) => b,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(io(&p, e)),
+            };
             self.partial.clear();
+            self.take_lines(&bytes, &p, &mut out)?;
         }
-        f.seek(SeekFrom::Start(self.offset)).map_err(io)?;
-        let mut buf = Vec::new();
-        f.read_to_end(&mut buf).map_err(io)?;
-        self.offset += buf.len() as u64;
-        self.partial.extend_from_slice(&buf);
+        loop {
+            if self.current.is_none() {
+                match File::open(&self.path) {
+                    Ok(f) => {
+                        let ino = f.metadata().map_err(|e| io(&self.path, e))?.ino();
+                        self.current = Some((f, ino));
+                        self.offset = 0;
+                        self.partial.clear();
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
+                    Err(e) => return Err(io(&self.path, e)),
+                }
+            }
+            let Some((f, ino)) = self.current.as_mut() else {
+                return Ok(out);
+            };
+            let ino = *ino;
+            let len = f.metadata().map_err(|e| io(&self.path, e))?.len();
+            if len < self.offset {
+                // Truncated in place: start again.
+                self.offset = 0;
+                self.partial.clear();
+            }
+            f.seek(SeekFrom::Start(self.offset))
+                .map_err(|e| io(&self.path, e))?;
+            let mut buf = Vec::new();
+            f.read_to_end(&mut buf).map_err(|e| io(&self.path, e))?;
+            self.offset += buf.len() as u64;
+            let path = self.path.clone();
+            self.take_lines(&buf, &path, &mut out)?;
+            // Rotated since we opened it? Then what we just read was its end: go on with the
+            // new live file.
+            match std::fs::metadata(&self.path) {
+                Ok(m) if m.ino() != ino => {
+                    self.current = None;
+                    continue;
+                }
+                _ => return Ok(out),
+            }
+        }
+    }
+
+    fn take_lines(
+        &mut self,
+        buf: &[u8],
+        path: &Path,
+        out: &mut Vec<AuditEvent>,
+    ) -> Result<(), VaultError> {
+        self.partial.extend_from_slice(buf);
         let Some(last_nl) = self.partial.iter().rposition(|&b| b == b'\n') else {
-            return Ok(Vec::new());
+            return Ok(());
         };
         let complete: Vec<u8> = self.partial.drain(..=last_nl).collect();
-        let mut out = Vec::new();
         for line in complete
             .split(|&b| b == b'\n')
             .filter(|l| !l.iter().all(u8::is_ascii_whitespace))
@@ -167,11 +227,18 @@ impl AuditReader {
             let ev = serde_json::from_slice(line).map_err(|e| {
                 VaultError::Store(format!(
                     "audit log {} has a damaged line: {e}",
-                    self.path.display()
+                    path.display()
                 ))
             })?;
             out.push(ev);
         }
-        Ok(out)
+        Ok(())
     }
+}
+
+/// `audit.log.N`.
+pub(crate) fn rotated_path(path: &Path, n: u32) -> PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(format!(".{n}"));
+    PathBuf::from(s)
 }

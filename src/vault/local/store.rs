@@ -5,12 +5,17 @@
 //!
 //! ```text
 //! <store>/                    0700
-//!   vault.json                settings: format, created, retentionDays, purgeProtection
+//!   vault.json                settings: format, created, retentionDays, purgeProtection,
+//!                             auditMaxBytes, auditKeep
+//!   seal.json                 the master key, wrapped under the passphrase (seal.rs)
 //!   lock                      flock(2) target that serializes writers across processes
 //!   generation                decimal counter, bumped after every state change (watchers)
-//!   audit.log                 JSON lines, one per operation (append-only)
+//!   audit.log                 JSON lines, one per operation (append-only; rotated by size
+//!   audit.log.1 .. .N         to audit.log.1, .2, ... at auditMaxBytes, auditKeep kept)
+//!   audit.lock                flock(2) target that serializes audit appends and rotation
 //!   keys/<name>/key.json      the key: attributes of every version, soft-delete state
-//!   keys/<name>/<version>.pk8 PKCS#8 DER private key of one version
+//!   keys/<name>/<version>.pk8 the version's PKCS#8 private key, sealed by the master key
+//!                             (clear DER only in a store sealed before this file existed)
 //!   identities/<name>.json    an identity: SHA-256 of its secret and its access policies
 //! ```
 //!
@@ -30,7 +35,9 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
-use crate::fsutil::{create_private_dir, sync_dir, write_atomic, write_new, TEMP_PREFIX};
+use crate::fsutil::{
+    create_private_dir, rotate_numbered, sync_dir, write_atomic, write_new, TEMP_PREFIX,
+};
 use crate::vault::{Permission, VaultError, WrapAlg, MAX_RETENTION_DAYS};
 
 /// Store format this code reads and writes.
@@ -44,6 +51,25 @@ pub(crate) struct VaultRecord {
     pub created: u64,
     pub retention_days: u32,
     pub purge_protection: bool,
+    /// The audit log is rotated when a line would take it past this size (0 = never).
+    #[serde(default = "default_audit_max_bytes")]
+    pub audit_max_bytes: u64,
+    /// Rotated audit logs kept (`audit.log.1` .. `audit.log.N`).
+    #[serde(default = "default_audit_keep")]
+    pub audit_keep: u32,
+}
+
+/// Default size at which the audit log is rotated: 64 MiB.
+pub(crate) const DEFAULT_AUDIT_MAX_BYTES: u64 = 64 * 1024 * 1024;
+/// Default number of rotated audit logs kept.
+pub(crate) const DEFAULT_AUDIT_KEEP: u32 = 5;
+
+fn default_audit_max_bytes() -> u64 {
+    DEFAULT_AUDIT_MAX_BYTES
+}
+
+fn default_audit_keep() -> u32 {
+    DEFAULT_AUDIT_KEEP
 }
 
 /// `keys/<name>/key.json`.
@@ -202,11 +228,15 @@ impl Store {
         };
         create_private_dir(&self.keys_dir()).map_err(io)?;
         create_private_dir(&self.identities_dir()).map_err(io)?;
+        // A new store is sealed from the start: its first key is never written in clear.
+        super::seal::create(&self.dir, now)?;
         let rec = VaultRecord {
             format: FORMAT,
             created: now,
             retention_days: MAX_RETENTION_DAYS,
             purge_protection: false,
+            audit_max_bytes: DEFAULT_AUDIT_MAX_BYTES,
+            audit_keep: DEFAULT_AUDIT_KEEP,
         };
         // vault.json last: its presence means "store complete".
         self.write_json(&self.generation_path(), &0u64)?;
@@ -315,6 +345,27 @@ impl Store {
     ) -> Result<(), VaultError> {
         write_new(&self.pk8(name, version), pkcs8, 0o600)
             .map_err(|e| unavailable(format!("cannot write key {name}"), e))
+    }
+
+    /// Every version private-key file of every key: (key name, version, path).
+    pub fn version_key_files(&self) -> Result<Vec<(String, String, PathBuf)>, VaultError> {
+        let mut out = Vec::new();
+        for name in self.key_names()? {
+            let dir = self.key_dir(&name);
+            let entries = fs::read_dir(&dir)
+                .map_err(|e| unavailable(format!("cannot list {}", dir.display()), e))?;
+            for entry in entries.flatten() {
+                let file = entry.file_name();
+                let Some(version) = file.to_str().and_then(|f| f.strip_suffix(".pk8")) else {
+                    continue;
+                };
+                if !version.starts_with('.') {
+                    out.push((name.clone(), version.to_string(), entry.path()));
+                }
+            }
+        }
+        out.sort();
+        Ok(out)
     }
 
     /// Removes a version file that never got listed (failed rotation).
@@ -441,18 +492,51 @@ impl Store {
             .map_err(|e| unavailable(format!("cannot write {}", path.display()), e))
     }
 
-    /// Appends one line to the audit log (created 0600). One `write` call per line, so
-    /// concurrent appenders never interleave within a line.
-    pub fn append_audit(&self, line: &str) -> io::Result<()> {
-        let mut f = OpenOptions::new()
-            .append(true)
+    /// Appends one line to the audit log (created 0600), rotating it first when the line
+    /// would take it past `max_bytes` (see [`rotate_numbered`]). Appends and rotations of
+    /// every process are serialized by an flock on `audit.lock`, so a line is never lost to a
+    /// rotation and never torn.
+    pub fn append_audit(&self, line: &str, max_bytes: u64, keep: u32) -> io::Result<()> {
+        let lock = OpenOptions::new()
+            .read(true)
+            .write(true)
             .create(true)
+            .truncate(false)
             .mode(0o600)
-            .open(self.audit_path())?;
+            .open(self.dir.join("audit.lock"))?;
+        flock_exclusive(&lock)?;
+        let open = || {
+            OpenOptions::new()
+                .append(true)
+                .create(true)
+                .mode(0o600)
+                .open(self.audit_path())
+        };
+        let mut f = open()?;
+        let size = f.metadata()?.len();
+        if max_bytes > 0 && size > 0 && size + line.len() as u64 + 1 > max_bytes {
+            rotate_numbered(&self.audit_path(), keep)?;
+            f = open()?;
+        }
         let mut buf = Vec::with_capacity(line.len() + 1);
         buf.extend_from_slice(line.as_bytes());
         buf.push(b'\n');
         f.write_all(&buf)
+        // `lock` closes here, releasing the flock.
+    }
+}
+
+fn flock_exclusive(file: &File) -> io::Result<()> {
+    loop {
+        // SAFETY: flock on a file descriptor we own; no memory is involved.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
+        if rc == 0 {
+            return Ok(());
+        }
+        let err = io::Error::last_os_error();
+        if err.kind() != ErrorKind::Interrupted {
+            return Err(err);
+        }
     }
 }
 

@@ -10,10 +10,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::{Request, State};
+use axum::extract::Request;
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::Router;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use http_body_util::BodyExt as _;
@@ -22,6 +21,7 @@ use serde::Serialize;
 use zeroize::Zeroizing;
 
 use super::jwk;
+use super::throttle::Throttle;
 use super::wire::{
     DeletedKeyBundle, DeletedKeyItem, ErrorBody, ErrorEnvelope, InnerError, KeyAttributes,
     KeyAttributesUpdate, KeyBundle, KeyCreateParameters, KeyImportParameters, KeyItem,
@@ -44,28 +44,32 @@ const WATCH_MAX: Duration = Duration::from_secs(60);
 /// Shared by all requests.
 pub(super) struct AppState {
     store: PathBuf,
-    public_url: Option<String>,
-    default_url: String,
+    /// The server's own URL: key ids and the 401 challenge.
+    url: String,
     max_body: usize,
+    body_timeout: Duration,
     generation: tokio::sync::watch::Receiver<u64>,
     shutdown: tokio::sync::watch::Sender<bool>,
+    throttle: Throttle,
 }
 
 impl AppState {
     pub(super) fn new(
         store: PathBuf,
-        public_url: Option<String>,
-        default_url: String,
+        url: String,
         max_body: usize,
+        body_timeout: Duration,
         generation: tokio::sync::watch::Receiver<u64>,
+        throttle: Throttle,
     ) -> AppState {
         AppState {
             store,
-            public_url: public_url.map(|u| u.trim_end_matches('/').to_string()),
-            default_url,
+            url: url.trim_end_matches('/').to_string(),
             max_body,
+            body_timeout,
             generation,
             shutdown: tokio::sync::watch::channel(false).0,
+            throttle,
         }
     }
 
@@ -76,28 +80,6 @@ impl AppState {
     /// Makes long polls answer now (graceful shutdown must not wait for them).
     pub(super) fn shutting_down(&self) {
         self.shutdown.send_replace(true);
-    }
-
-    /// The vault URL for this request's key ids: `--url`, else the host the client addressed
-    /// (so a client's key ids name the URL it connects with), else the listening address.
-    fn base_url(&self, headers: &HeaderMap) -> String {
-        if let Some(u) = &self.public_url {
-            return u.clone();
-        }
-        let host = headers
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .filter(|h| {
-                !h.is_empty()
-                    && h.len() <= 255
-                    && h.bytes().all(|b| {
-                        b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'[' | b']')
-                    })
-            });
-        match host {
-            Some(h) => format!("https://{h}"),
-            None => self.default_url.clone(),
-        }
     }
 }
 
@@ -150,10 +132,6 @@ pub(super) fn generation_channel(owner: &LocalVault) -> tokio::sync::watch::Rece
     rx
 }
 
-pub(super) fn router(state: Arc<AppState>) -> Router {
-    Router::new().fallback(handle).with_state(state)
-}
-
 /// A failed request: status, Key Vault error code, message, inner code.
 #[derive(Debug)]
 struct ApiError {
@@ -161,6 +139,8 @@ struct ApiError {
     code: &'static str,
     message: String,
     inner: Option<&'static str>,
+    /// `Retry-After` of a 429.
+    retry_after: Option<Duration>,
 }
 
 impl ApiError {
@@ -170,6 +150,7 @@ impl ApiError {
             code,
             message: message.into(),
             inner: None,
+            retry_after: None,
         }
     }
 
@@ -184,6 +165,21 @@ impl ApiError {
 
     fn unauthorized(message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::UNAUTHORIZED, "Unauthorized", message)
+    }
+
+    fn throttled(retry: Duration) -> ApiError {
+        ApiError {
+            retry_after: Some(retry),
+            ..ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "Throttled",
+                format!(
+                    "Request was not processed because too many failed sign-ins were received: \
+                     retry after {} s",
+                    retry.as_secs().max(1)
+                ),
+            )
+        }
     }
 
     fn internal() -> ApiError {
@@ -234,7 +230,9 @@ impl ApiError {
                     "the vault store is unavailable (see the server's log)",
                 )
             }
-            VaultError::Store(_) => {
+            // The store never answers NotConfigured (a client-side refusal); if it did, it
+            // would be a bug of the server.
+            VaultError::Store(_) | VaultError::NotConfigured { .. } => {
                 tracing::error!(error = %e, "vault store error");
                 ApiError::internal()
             }
@@ -253,6 +251,12 @@ impl ApiError {
             },
         };
         let mut resp = json(self.status, &body);
+        if let Some(r) = self.retry_after {
+            let secs = r.as_secs() + u64::from(r.subsec_nanos() > 0);
+            if let Ok(v) = HeaderValue::from_str(&secs.max(1).to_string()) {
+                resp.headers_mut().insert(header::RETRY_AFTER, v);
+            }
+        }
         if self.status == StatusCode::UNAUTHORIZED {
             // Key Vault's challenge: where tokens come from and what they are for. No `=` or
             // `,` may appear inside the values (the Azure SDKs split on them).
@@ -284,18 +288,46 @@ fn json<T: Serialize>(status: StatusCode, value: &T) -> Response {
     }
 }
 
-async fn handle(State(st): State<Arc<AppState>>, req: Request) -> Response {
+/// Handles one request (the connection task in [`super::conn`] calls it).
+pub(super) async fn handle(st: Arc<AppState>, req: Request) -> Response {
+    use tracing::Instrument as _;
     let (parts, body) = req.into_parts();
-    let base = st.base_url(&parts.headers);
+    let client = parts
+        .extensions
+        .get::<super::conn::ClientAddr>()
+        .map(|c| c.0.ip());
+    let request_id = hex::encode(rand_bytes());
     let method = parts.method.clone();
     let path = parts.uri.path().to_string();
-    let resp = match dispatch(&st, &base, &parts, body).await {
+    let span = tracing::info_span!("request", id = %request_id);
+    let base = st.url.clone();
+    let mut resp = match dispatch(&st, &base, &parts, body, client)
+        .instrument(span.clone())
+        .await
+    {
         Ok(r) => r,
-        Err(e) => e.into_response(&base),
+        Err(mut e) => {
+            if e.status.is_server_error() {
+                // The cause went to the server log in this request's span: point at it.
+                e.message = format!("{} (request {request_id})", e.message);
+            }
+            e.into_response(&base)
+        }
     };
+    if let Ok(v) = HeaderValue::from_str(&request_id) {
+        resp.headers_mut().insert("x-ms-request-id", v);
+    }
     // Never the query or headers: no tokens in logs.
-    tracing::debug!(%method, %path, status = resp.status().as_u16(), "request");
+    span.in_scope(|| {
+        tracing::debug!(%method, %path, status = resp.status().as_u16(), client = ?client, "request")
+    });
     resp
+}
+
+fn rand_bytes() -> [u8; 8] {
+    let mut b = [0u8; 8];
+    let _ = getrandom::getrandom(&mut b);
+    b
 }
 
 /// The routes of the keys API.
@@ -371,8 +403,17 @@ fn query(q: Option<&str>) -> HashMap<String, String> {
     out
 }
 
-/// `Authorization: Bearer <identity>.<secret>` → a connection as that identity.
-async fn authenticate(st: &AppState, headers: &HeaderMap) -> Result<Arc<LocalVault>, ApiError> {
+/// `Authorization: Bearer <identity>.<secret>` → a connection as that identity, within the
+/// failed sign-in limits of [`super::throttle`].
+async fn authenticate(
+    st: &AppState,
+    headers: &HeaderMap,
+    client: Option<std::net::IpAddr>,
+) -> Result<Arc<LocalVault>, ApiError> {
+    if let Some(wait) = client.and_then(|ip| st.throttle.address_blocked(ip)) {
+        return Err(ApiError::throttled(wait));
+    }
+    // No token at all is how the Azure SDKs ask for the challenge: not a failed sign-in.
     let Some(value) = headers.get(header::AUTHORIZATION) else {
         return Err(ApiError::unauthorized(
             "this request needs a bearer token (Authorization: Bearer <token>)",
@@ -381,28 +422,87 @@ async fn authenticate(st: &AppState, headers: &HeaderMap) -> Result<Arc<LocalVau
     let text = value.to_str().unwrap_or("");
     let token = match text.split_once(' ') {
         Some((scheme, t)) if scheme.eq_ignore_ascii_case("bearer") => t.trim(),
-        _ => return Err(ApiError::unauthorized("only bearer tokens are accepted")),
+        _ => "",
     };
-    let Some((identity, secret)) = token.split_once('.') else {
-        return Err(ApiError::unauthorized(
-            "malformed bearer token (expected the token `cmkfs vault identity create --json` prints)",
-        ));
-    };
+    let (identity, secret) = token.split_once('.').unwrap_or(("", ""));
     let (identity, secret) = (identity.to_string(), Zeroizing::new(secret.to_string()));
-    let store = st.store.clone();
-    let conn = tokio::task::spawn_blocking(move || LocalVault::open_as(&store, &identity, &secret))
+    let identity_blocked = st.throttle.identity_blocked(&identity);
+    let conn = if identity.is_empty() {
+        Err(VaultError::Invalid("malformed bearer token".into()))
+    } else {
+        let store = st.store.clone();
+        let who = identity.clone();
+        let audit = identity_blocked.is_none();
+        tokio::task::spawn_blocking(move || {
+            LocalVault::open_as_client(&store, &who, &secret, client, audit)
+        })
         .await
-        .map_err(|_| ApiError::internal())?;
+        .map_err(|_| ApiError::internal())?
+    };
     match conn {
         Ok(v) => Ok(Arc::new(v)),
-        Err(VaultError::Denied { .. }) | Err(VaultError::Invalid(_)) => Err(ApiError::unauthorized(
-            "the bearer token is not valid for this vault (unknown identity, or its credential was replaced)",
-        )),
+        Err(VaultError::Denied { .. }) | Err(VaultError::Invalid(_)) => {
+            if let Some(wait) = identity_blocked {
+                return Err(ApiError::throttled(wait));
+            }
+            if let Some(ip) = client {
+                let f = st.throttle.failed(ip, &identity);
+                if f.throttled_now {
+                    let (store, who) = (st.store.clone(), identity.clone());
+                    let secs = st.throttle.refill().as_secs().max(1);
+                    tracing::warn!(client = %ip, identity = %who, "failed sign-ins throttled");
+                    let _ = tokio::task::spawn_blocking(move || {
+                        LocalVault::audit_sign_in_throttled(
+                            &store,
+                            &who,
+                            Some(ip),
+                            format!(
+                                "too many failed sign-ins from {ip} or for identity {who}: \
+                                 further ones are answered 429 and not logged one by one \
+                                 (one more is allowed every {secs} s)"
+                            ),
+                        )
+                    })
+                    .await;
+                }
+            }
+            if text.is_empty() || token.is_empty() {
+                return Err(ApiError::unauthorized("only bearer tokens are accepted"));
+            }
+            Err(ApiError::unauthorized(
+                "the bearer token is not valid for this vault (unknown identity, or its credential was replaced)",
+            ))
+        }
         Err(e) => Err(ApiError::from_vault(e)),
     }
 }
 
-async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Vec<u8>, ApiError> {
+/// Reads a body of at most `limit` bytes within `deadline` (a slow client is cut off).
+async fn read_body(
+    body: Body,
+    headers: &HeaderMap,
+    limit: usize,
+    deadline: Duration,
+) -> Result<Vec<u8>, ApiError> {
+    tokio::time::timeout(deadline, read_body_inner(body, headers, limit))
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "RequestTimeout",
+                format!(
+                    "the request body did not arrive within {} s",
+                    deadline.as_secs()
+                ),
+            )
+        })?
+}
+
+async fn read_body_inner(
+    body: Body,
+    headers: &HeaderMap,
+    limit: usize,
+) -> Result<Vec<u8>, ApiError> {
     let too_large = || ApiError::bad(format!("the request body is larger than {limit} bytes"));
     let declared = headers
         .get(header::CONTENT_LENGTH)
@@ -563,10 +663,11 @@ async fn dispatch(
     base: &str,
     parts: &axum::http::request::Parts,
     body: Body,
+    client: Option<std::net::IpAddr>,
 ) -> Result<Response, ApiError> {
     // Authentication first: the Azure SDKs send a body-less first request and expect the
     // challenge, whatever else is wrong with it.
-    let conn = authenticate(st, &parts.headers).await?;
+    let conn = authenticate(st, &parts.headers, client).await?;
     let q = query(parts.uri.query());
     match q.get("api-version") {
         None => {
@@ -608,7 +709,7 @@ async fn dispatch(
         });
     };
     let body = if route.has_body() {
-        read_body(body, &parts.headers, st.max_body).await?
+        read_body(body, &parts.headers, st.max_body, st.body_timeout).await?
     } else {
         Vec::new()
     };
@@ -743,19 +844,19 @@ async fn dispatch(
             let alg = parse_alg(&p.alg)?;
             let wrapped = decode_b64url(&p.value)?;
             let (n, v) = (n.to_string(), v.map(str::to_string));
-            let (version, plain) = blocking(move || {
-                // A versionless unwrap means the latest version (resolving it needs `get`).
-                let version = match v {
-                    Some(v) => v,
-                    None => conn.describe_key(&n, None)?.version,
-                };
-                let key = KeyId {
-                    vault: crate::vault::local::URL.into(),
-                    name: n,
-                    version: version.clone(),
-                };
-                let plain = conn.unwrap_key(&key, alg, &wrapped)?;
-                Ok((key, plain))
+            let (version, plain) = blocking(move || match v {
+                Some(v) => {
+                    let key = KeyId {
+                        vault: crate::vault::local::URL.into(),
+                        name: n,
+                        version: v,
+                    };
+                    let plain = conn.unwrap_key(&key, alg, &wrapped)?;
+                    Ok((key, plain))
+                }
+                // A versionless unwrap uses the latest version and, as in Key Vault, needs
+                // only unwrapKey.
+                None => conn.unwrap_key_latest(&n, alg, &wrapped),
             })
             .await?;
             // The plaintext DEK leaves in this answer; our copies are zeroized. (hyper's

@@ -42,10 +42,21 @@
 //! `OperationNotAllowed`), 404 `KeyNotFound` (inner `KeyDeleted` or `KeyPurged` where the
 //! key id named one), 409 `Conflict` (e.g. creating a soft-deleted name), 503/500.
 //!
-//! Key ids in answers use the URL the client addressed (its `Host` header), or `--url`.
+//! 429 `Throttled` with `Retry-After` answers requests from an address, or with a wrong
+//! credential for an identity, that failed to sign in too often ([`throttle`]).
+//!
+//! Key ids in answers and the 401 challenge use the server's own URL: `--url`, else
+//! `https://<--hostname>:<port>`, else the listening address; never the request's `Host`
+//! header (a client must not choose what the server calls itself).
+//!
+//! Connections are bounded in number and time ([`conn`]); every request with a 500 answer is
+//! logged with an id the answer repeats, in the server log `cmkfs vault serve` writes.
 
 mod api;
+pub mod conn;
 pub mod jwk;
+pub mod log;
+pub mod throttle;
 pub mod tls;
 pub mod wire;
 
@@ -57,6 +68,8 @@ use std::time::Duration;
 use crate::vault::local::LocalVault;
 use crate::vault::VaultError;
 
+pub use conn::Limits;
+pub use throttle::ThrottleConfig;
 pub use tls::TlsInfo;
 
 /// Largest request body the server reads (Key Vault requests are a few KiB at most).
@@ -87,8 +100,15 @@ pub struct ServeConfig {
     pub tls_files: Option<(PathBuf, PathBuf)>,
     /// Extra names/addresses for a generated certificate.
     pub tls_sans: Vec<String>,
-    /// The URL key ids are issued under; `None` = the URL each client addressed.
+    /// The URL key ids are issued under; `None` = `https://<hostname>:<port>`.
     pub public_url: Option<String>,
+    /// The host name the server calls itself (key ids, the 401 challenge, and a SAN of a
+    /// generated certificate); `None` = the listening address (`localhost` for 0.0.0.0/::).
+    pub hostname: Option<String>,
+    /// Connection limits.
+    pub limits: Limits,
+    /// Failed sign-in limits.
+    pub throttle: ThrottleConfig,
     /// Request body limit in bytes.
     pub max_body: usize,
     /// Seconds a graceful shutdown waits for requests in flight.
@@ -104,6 +124,9 @@ impl ServeConfig {
             tls_files: None,
             tls_sans: Vec::new(),
             public_url: None,
+            hostname: None,
+            limits: Limits::default(),
+            throttle: ThrottleConfig::default(),
             max_body: MAX_BODY,
             shutdown_grace: Duration::from_secs(5),
         }
@@ -119,14 +142,14 @@ pub struct Server {
     url: String,
     tls_info: TlsInfo,
     grace: Duration,
+    limits: Limits,
 }
 
 /// A server running on a background thread (tests, embedding). Dropping it shuts it down.
 pub struct ServerHandle {
     url: String,
-    handle: axum_server::Handle<SocketAddr>,
+    stop: tokio::sync::watch::Sender<bool>,
     thread: Option<std::thread::JoinHandle<()>>,
-    grace: Duration,
 }
 
 impl ServerHandle {
@@ -137,11 +160,11 @@ impl ServerHandle {
 
     /// Stops accepting, lets requests in flight finish (up to the grace period), and waits.
     pub fn shutdown(mut self) {
-        self.stop();
+        self.halt();
     }
 
-    fn stop(&mut self) {
-        self.handle.graceful_shutdown(Some(self.grace));
+    fn halt(&mut self) {
+        self.stop.send_replace(true);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -150,24 +173,42 @@ impl ServerHandle {
 
 impl Drop for ServerHandle {
     fn drop(&mut self) {
-        self.stop();
+        self.halt();
     }
 }
 
-fn url_for(addr: SocketAddr) -> String {
+fn host_for(addr: SocketAddr) -> String {
     match addr.ip() {
-        ip if ip.is_unspecified() => format!("https://localhost:{}", addr.port()),
-        std::net::IpAddr::V6(ip) => format!("https://[{ip}]:{}", addr.port()),
-        std::net::IpAddr::V4(ip) => format!("https://{ip}:{}", addr.port()),
+        ip if ip.is_unspecified() => "localhost".to_string(),
+        std::net::IpAddr::V6(ip) => format!("[{ip}]"),
+        std::net::IpAddr::V4(ip) => ip.to_string(),
     }
+}
+
+/// Checks a `--hostname`: a DNS name or an IP address.
+fn valid_hostname(h: &str) -> bool {
+    h.parse::<std::net::IpAddr>().is_ok()
+        || (!h.is_empty()
+            && h.len() <= 253
+            && h.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.'))
 }
 
 impl Server {
-    /// Opens (or creates) the store, loads or generates the TLS material, builds the
-    /// runtime and binds the listener.
+    /// Opens (or creates) the store, unseals it, loads or generates the TLS material, builds
+    /// the runtime and binds the listener.
     pub fn bind(cfg: &ServeConfig) -> Result<Server, ServerError> {
+        if let Some(h) = &cfg.hostname {
+            if !valid_hostname(h) {
+                return Err(ServerError::Io(format!(
+                    "invalid --hostname {h:?}: use a DNS name or an IP address"
+                )));
+            }
+        }
         // Creates the store on first use, as the embedded vault does.
         let owner = LocalVault::open(&cfg.store)?;
+        // Unsealed once, now: requests never wait for (or fail on) a passphrase.
+        crate::vault::local::seal::master_key(&cfg.store)?;
         let material = match &cfg.tls_files {
             Some((c, k)) => tls::load_files(c, k)?,
             None => {
@@ -175,6 +216,7 @@ impl Server {
                 if !cfg.listen.ip().is_unspecified() {
                     sans.push(cfg.listen.ip().to_string());
                 }
+                sans.extend(cfg.hostname.iter().cloned());
                 tls::load_or_generate(&cfg.store, &sans)?
             }
         };
@@ -201,9 +243,13 @@ impl Server {
         let local = listener
             .local_addr()
             .map_err(|e| ServerError::Io(e.to_string()))?;
-        let url = match &cfg.public_url {
-            Some(u) => u.trim_end_matches('/').to_string(),
-            None => url_for(local),
+        let url = match (&cfg.public_url, &cfg.hostname) {
+            (Some(u), _) => u.trim_end_matches('/').to_string(),
+            (None, Some(h)) if h.parse::<std::net::Ipv6Addr>().is_ok() => {
+                format!("https://[{h}]:{}", local.port())
+            }
+            (None, Some(h)) => format!("https://{h}:{}", local.port()),
+            (None, None) => format!("https://{}:{}", host_for(local), local.port()),
         };
         let generation = {
             let _guard = rt.enter();
@@ -211,10 +257,11 @@ impl Server {
         };
         let state = Arc::new(api::AppState::new(
             cfg.store.clone(),
-            cfg.public_url.clone(),
             url.clone(),
             cfg.max_body,
+            cfg.limits.body_timeout,
             generation,
+            throttle::Throttle::new(cfg.throttle),
         ));
         Ok(Server {
             rt,
@@ -224,6 +271,7 @@ impl Server {
             url,
             tls_info: material.info,
             grace: cfg.shutdown_grace,
+            limits: cfg.limits,
         })
     }
 
@@ -244,45 +292,49 @@ impl Server {
 
     fn serve(
         self,
-        handle: axum_server::Handle<SocketAddr>,
-    ) -> (
-        tokio::runtime::Runtime,
-        impl std::future::Future<Output = std::io::Result<()>>,
-    ) {
+        stop: tokio::sync::watch::Receiver<bool>,
+    ) -> Result<
+        (
+            tokio::runtime::Runtime,
+            impl std::future::Future<Output = ()>,
+        ),
+        ServerError,
+    > {
         let Server {
             rt,
             listener,
             tls,
             state,
+            grace,
+            limits,
             ..
         } = self;
-        let app = api::router(state.clone());
-        let fut = {
+        let listener = {
             let _guard = rt.enter();
-            let server = axum_server::from_tcp_rustls(
-                listener,
-                axum_server::tls_rustls::RustlsConfig::from_config(tls),
-            );
-            let shutdown_state = state;
-            let h = handle.clone();
-            async move {
-                let server = server?.handle(h);
-                let out = server.serve(app.into_make_service()).await;
-                // Wake long polls so that they answer instead of holding the shutdown up.
-                shutdown_state.shutting_down();
-                out
-            }
+            tokio::net::TcpListener::from_std(listener)
+                .map_err(|e| ServerError::Io(format!("cannot listen: {e}")))?
         };
-        (rt, fut)
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+        let fut = async move {
+            let shutdown_state = state.clone();
+            let mut watch_stop = stop.clone();
+            // Wake long polls so that they answer instead of holding the shutdown up.
+            let waker = tokio::spawn(async move {
+                let _ = watch_stop.wait_for(|s| *s).await;
+                shutdown_state.shutting_down();
+            });
+            conn::accept_loop(listener, acceptor, state, limits, stop, grace).await;
+            waker.abort();
+        };
+        Ok((rt, fut))
     }
 
     /// Serves until SIGTERM or SIGINT, then shuts down gracefully (requests in flight finish
     /// within the grace period; long polls answer at once).
     pub fn run_until_signal(self) -> Result<(), ServerError> {
-        let handle = axum_server::Handle::new();
         let grace = self.grace;
-        let state = self.state.clone();
-        let (rt, fut) = self.serve(handle.clone());
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let (rt, fut) = self.serve(stop_rx)?;
         rt.block_on(async move {
             use tokio::signal::unix::{signal, SignalKind};
             let mut term = signal(SignalKind::terminate())
@@ -294,13 +346,8 @@ impl Server {
                 _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
                 _ = int.recv() => tracing::info!("SIGINT: shutting down"),
             }
-            state.shutting_down();
-            handle.graceful_shutdown(Some(grace));
-            match server.await {
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(e)) => Err(ServerError::Io(e.to_string())),
-                Err(e) => Err(ServerError::Io(e.to_string())),
-            }
+            stop_tx.send_replace(true);
+            server.await.map_err(|e| ServerError::Io(e.to_string()))
         })?;
         // Blocking tasks (store I/O) are short; do not wait for stragglers forever.
         rt.shutdown_timeout(grace);
@@ -309,24 +356,21 @@ impl Server {
 
     /// Serves on a background thread until the handle is shut down or dropped.
     pub fn spawn(self) -> Result<ServerHandle, ServerError> {
-        let handle = axum_server::Handle::new();
         let url = self.url.clone();
         let grace = self.grace;
-        let (rt, fut) = self.serve(handle.clone());
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let (rt, fut) = self.serve(stop_rx)?;
         let thread = std::thread::Builder::new()
             .name("cmkfs-vault-server".into())
             .spawn(move || {
-                if let Err(e) = rt.block_on(fut) {
-                    tracing::error!(error = %e, "vault server stopped");
-                }
+                rt.block_on(fut);
                 rt.shutdown_timeout(grace);
             })
             .map_err(|e| ServerError::Io(format!("cannot start the server thread: {e}")))?;
         Ok(ServerHandle {
             url,
-            handle,
+            stop: stop_tx,
             thread: Some(thread),
-            grace,
         })
     }
 }

@@ -2,14 +2,19 @@
 //! generated on first start into `<store>/tls/`:
 //!
 //! ```text
-//! <store>/tls/ca.pem     the CA certificate clients pin (public; copy it to the clients)
-//! <store>/tls/cert.pem   the server certificate followed by the CA certificate
-//! <store>/tls/key.pem    the server's private key (0600)
+//! <store>/tls/ca.pem      the CA certificate clients pin (public; copy it to the clients)
+//! <store>/tls/cert.pem    the server certificate followed by the CA certificate
+//! <store>/tls/key.pem     the server's private key (0600), sealed by the vault master key
+//! <store>/tls/ca-key.pem  the CA's private key (0600), sealed: re-issues the server certificate
+//! <store>/tls/leaf.json   {"notAfter": unix seconds} of the server certificate
 //! ```
 //!
-//! The CA's private key is used once, to sign the server certificate, and never stored: nobody
-//! can mint another certificate that clients pinning `ca.pem` would trust. Delete `tls/` to
-//! make a new pair (clients then need the new `ca.pem`).
+//! Validity: the CA for [`CA_DAYS`] days, the server certificate for [`LEAF_DAYS`] days (both
+//! from an hour before generation, for clock skew). At every start a server certificate with
+//! less than [`RENEW_DAYS`] days left is re-issued by the same CA, so clients keep their pin.
+//! In a store sealed at rest both private keys are sealed; in a legacy unsealed store they are
+//! written in clear as before (and its CA key is not kept: delete `tls/` to make a new pair,
+//! then give clients the new `ca.pem`).
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -19,7 +24,15 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use sha2::{Digest, Sha256};
 
 use super::ServerError;
-use crate::fsutil::{create_private_dir, write_new};
+use crate::fsutil::{create_private_dir, write_atomic, write_new};
+use crate::vault::local::seal::{self, Envelope, MasterKey, SealRole};
+
+/// Days a generated CA certificate is valid.
+pub const CA_DAYS: i64 = 5 * 365;
+/// Days a generated server certificate is valid (below the 398 days browsers accept).
+pub const LEAF_DAYS: i64 = 365;
+/// A server certificate with fewer days left is re-issued at start.
+pub const RENEW_DAYS: i64 = 30;
 
 /// What the server presents, and where it came from.
 pub struct TlsMaterial {
@@ -82,6 +95,44 @@ fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, ServerError> {
     })
 }
 
+/// A generated key file's PEM: opened with the master key when sealed.
+fn read_generated_key(
+    path: &Path,
+    role: SealRole,
+    mk: Option<&MasterKey>,
+) -> Result<zeroize::Zeroizing<Vec<u8>>, ServerError> {
+    let bytes = zeroize::Zeroizing::new(
+        std::fs::read(path).map_err(|e| tls_err(format!("cannot read {}: {e}", path.display())))?,
+    );
+    let Some(env) = Envelope::parse(&bytes) else {
+        return Ok(bytes);
+    };
+    let mk = mk.ok_or_else(|| {
+        tls_err(format!(
+            "{} is sealed but its vault store has no seal.json",
+            path.display()
+        ))
+    })?;
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    Ok(mk.open_blob(&env, role, Some(name), &path.display().to_string())?)
+}
+
+/// Writes a generated private key: sealed when the store is.
+fn write_generated_key(
+    path: &Path,
+    pem: &str,
+    role: SealRole,
+    mk: Option<&MasterKey>,
+) -> Result<(), ServerError> {
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    let bytes = match mk {
+        Some(mk) => zeroize::Zeroizing::new(mk.seal_blob(role, name, pem.as_bytes())?),
+        None => zeroize::Zeroizing::new(pem.as_bytes().to_vec()),
+    };
+    write_atomic(path, &bytes, 0o600)
+        .map_err(|e| tls_err(format!("cannot write {}: {e}", path.display())))
+}
+
 /// Loads a given certificate chain and key (PEM).
 pub fn load_files(cert: &Path, key: &Path) -> Result<TlsMaterial, ServerError> {
     let certs = read_certs(cert)?;
@@ -106,8 +157,9 @@ pub fn generated_ca_path(store: &Path) -> PathBuf {
     store.join("tls").join("ca.pem")
 }
 
-/// Loads `<store>/tls/`, generating it first when missing. `sans` are the names and
-/// addresses the server certificate is valid for (besides `localhost`, 127.0.0.1 and ::1).
+/// Loads `<store>/tls/`, generating it first when missing and re-issuing a server
+/// certificate close to its end. `sans` are the names and addresses the server certificate is
+/// valid for (besides `localhost`, 127.0.0.1 and ::1).
 pub fn load_or_generate(store: &Path, sans: &[String]) -> Result<TlsMaterial, ServerError> {
     let dir = store.join("tls");
     let (ca, cert, key) = (
@@ -115,13 +167,25 @@ pub fn load_or_generate(store: &Path, sans: &[String]) -> Result<TlsMaterial, Se
         dir.join("cert.pem"),
         dir.join("key.pem"),
     );
+    let mk = seal::master_key(store)?;
     let mut generated = false;
     if !key.exists() {
-        generate(&dir, sans)?;
+        generate(&dir, sans, mk.as_deref())?;
         generated = true;
+    } else if leaf_days_left(&dir).is_some_and(|d| d < RENEW_DAYS)
+        && dir.join("ca-key.pem").exists()
+    {
+        reissue(&dir, sans, mk.as_deref())?;
+        tracing::info!("re-issued the vault server certificate (it was close to its end)");
     }
     let certs = read_certs(&cert)?;
-    let key = read_key(&key)?;
+    let key_pem = read_generated_key(&key, SealRole::TlsKey, mk.as_deref())?;
+    let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| {
+        tls_err(format!(
+            "cannot read a PEM private key from {}: {e}",
+            key.display()
+        ))
+    })?;
     let ca_certs = read_certs(&ca)?;
     Ok(TlsMaterial {
         certs,
@@ -135,11 +199,19 @@ pub fn load_or_generate(store: &Path, sans: &[String]) -> Result<TlsMaterial, Se
     })
 }
 
-fn generate(dir: &Path, sans: &[String]) -> Result<(), ServerError> {
-    use rcgen::{
-        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
-        KeyPair, KeyUsagePurpose,
-    };
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct LeafRecord {
+    not_after: i64,
+}
+
+fn leaf_days_left(dir: &Path) -> Option<i64> {
+    let b = std::fs::read(dir.join("leaf.json")).ok()?;
+    let r: LeafRecord = serde_json::from_slice(&b).ok()?;
+    Some((r.not_after - time::OffsetDateTime::now_utc().unix_timestamp()) / 86_400)
+}
+
+fn cert_names(sans: &[String]) -> Result<Vec<String>, ServerError> {
     let mut names: Vec<String> = vec!["localhost".into(), "127.0.0.1".into(), "::1".into()];
     for s in sans {
         let s = s.trim();
@@ -158,44 +230,99 @@ fn generate(dir: &Path, sans: &[String]) -> Result<(), ServerError> {
             )));
         }
     }
-    let ca_key = KeyPair::generate().map_err(tls_err)?;
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).map_err(tls_err)?;
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    ca_params
-        .distinguished_name
+    Ok(names)
+}
+
+fn ca_params() -> Result<rcgen::CertificateParams, ServerError> {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyUsagePurpose};
+    let now = time::OffsetDateTime::now_utc();
+    let mut p = CertificateParams::new(Vec::<String>::new()).map_err(tls_err)?;
+    p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    p.distinguished_name
         .push(DnType::CommonName, "cmkfs vault server CA");
-    ca_params.key_usages = vec![
+    p.key_usages = vec![
         KeyUsagePurpose::KeyCertSign,
         KeyUsagePurpose::CrlSign,
         KeyUsagePurpose::DigitalSignature,
     ];
-    let ca_cert = ca_params.self_signed(&ca_key).map_err(tls_err)?;
-    let issuer = Issuer::new(ca_params, ca_key);
+    p.not_before = now - time::Duration::hours(1);
+    p.not_after = now + time::Duration::days(CA_DAYS);
+    Ok(p)
+}
 
+/// Signs a new server certificate and key with the CA; writes cert.pem, key.pem, leaf.json.
+fn issue_leaf(
+    dir: &Path,
+    sans: &[String],
+    issuer: &rcgen::Issuer<'_, rcgen::KeyPair>,
+    ca_pem: &str,
+    mk: Option<&MasterKey>,
+) -> Result<(), ServerError> {
+    use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose, KeyPair, KeyUsagePurpose};
+    let now = time::OffsetDateTime::now_utc();
     let srv_key = KeyPair::generate().map_err(tls_err)?;
-    let mut params = CertificateParams::new(names).map_err(tls_err)?;
+    let mut params = CertificateParams::new(cert_names(sans)?).map_err(tls_err)?;
     params
         .distinguished_name
         .push(DnType::CommonName, "cmkfs vault server");
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     params.use_authority_key_identifier_extension = true;
-    let srv_cert = params.signed_by(&srv_key, &issuer).map_err(tls_err)?;
+    params.not_before = now - time::Duration::hours(1);
+    params.not_after = now + time::Duration::days(LEAF_DAYS);
+    let not_after = params.not_after.unix_timestamp();
+    let srv_cert = params.signed_by(&srv_key, issuer).map_err(tls_err)?;
+    let io = |p: &Path, e: std::io::Error| tls_err(format!("cannot write {}: {e}", p.display()));
+    // The key last: its presence marks the directory as complete (a crash before regenerates).
+    let cert_path = dir.join("cert.pem");
+    let chain = format!("{}{ca_pem}", srv_cert.pem());
+    write_atomic(&cert_path, chain.as_bytes(), 0o644).map_err(|e| io(&cert_path, e))?;
+    let leaf = serde_json::to_vec(&LeafRecord { not_after }).map_err(tls_err)?;
+    let leaf_path = dir.join("leaf.json");
+    write_atomic(&leaf_path, &leaf, 0o644).map_err(|e| io(&leaf_path, e))?;
+    let key_pem = zeroize::Zeroizing::new(srv_key.serialize_pem());
+    write_generated_key(&dir.join("key.pem"), &key_pem, SealRole::TlsKey, mk)
+}
 
+fn generate(dir: &Path, sans: &[String], mk: Option<&MasterKey>) -> Result<(), ServerError> {
+    use rcgen::{Issuer, KeyPair};
+    let names = cert_names(sans)?;
+    let ca_key = KeyPair::generate().map_err(tls_err)?;
+    let params = ca_params()?;
+    let ca_cert = params.self_signed(&ca_key).map_err(tls_err)?;
     let io = |p: &Path, e: std::io::Error| tls_err(format!("cannot write {}: {e}", p.display()));
     create_private_dir(dir).map_err(|e| io(dir, e))?;
-    // The key first and 0600; its presence is what marks the directory as complete, so it
-    // is written last of all (a crash in between regenerates everything on the next start).
     let ca_path = dir.join("ca.pem");
-    let cert_path = dir.join("cert.pem");
     let key_path = dir.join("key.pem");
-    for p in [&ca_path, &cert_path, &key_path] {
+    for p in [&key_path, &ca_path] {
         let _ = std::fs::remove_file(p);
     }
     write_new(&ca_path, ca_cert.pem().as_bytes(), 0o644).map_err(|e| io(&ca_path, e))?;
-    let chain = format!("{}{}", srv_cert.pem(), ca_cert.pem());
-    write_new(&cert_path, chain.as_bytes(), 0o644).map_err(|e| io(&cert_path, e))?;
-    let key_pem = zeroize::Zeroizing::new(srv_key.serialize_pem());
-    write_new(&key_path, key_pem.as_bytes(), 0o600).map_err(|e| io(&key_path, e))?;
-    Ok(())
+    // The CA key is kept only sealed: in a legacy store it is used once and forgotten.
+    if let Some(mk) = mk {
+        let ca_key_pem = zeroize::Zeroizing::new(ca_key.serialize_pem());
+        write_generated_key(
+            &dir.join("ca-key.pem"),
+            &ca_key_pem,
+            SealRole::TlsCaKey,
+            Some(mk),
+        )?;
+    }
+    let issuer = Issuer::new(params, ca_key);
+    issue_leaf(dir, &names, &issuer, &ca_cert.pem(), mk)
+}
+
+/// Re-issues the server certificate with the stored CA key (same CA: clients keep their pin).
+fn reissue(dir: &Path, sans: &[String], mk: Option<&MasterKey>) -> Result<(), ServerError> {
+    use rcgen::{Issuer, KeyPair};
+    let ca_key_pem = read_generated_key(&dir.join("ca-key.pem"), SealRole::TlsCaKey, mk)?;
+    let ca_key_pem =
+        std::str::from_utf8(&ca_key_pem).map_err(|_| tls_err("tls/ca-key.pem is not PEM"))?;
+    let ca_key = KeyPair::from_pem(ca_key_pem).map_err(tls_err)?;
+    let ca_pem = std::fs::read_to_string(dir.join("ca.pem"))
+        .map_err(|e| tls_err(format!("cannot read tls/ca.pem: {e}")))?;
+    // The same subject and key as the stored CA certificate (its key identifier is derived
+    // from the key): what a chain check compares.
+    let issuer = Issuer::new(ca_params()?, ca_key);
+    issue_leaf(dir, sans, &issuer, &ca_pem, mk)
 }

@@ -1,0 +1,315 @@
+//! How a volume's keys are reached, and how a mount keeps its header honest.
+//!
+//! The backing store is untrusted input: whoever can write it can write the header. So the
+//! order of a mount (and of `status`, `fsck`) is fixed:
+//!
+//! 1. structural checks ([`VolumeHeader::read`]);
+//! 2. the vault must be one this machine configured (`vault::connect` refuses any other
+//!    before loading or contacting anything), and the header must agree with this machine's
+//!    Disk Encryption Set records ([`des::check_binding`]);
+//! 3. unwrap → fingerprint → MAC over every field ([`VolumeHeader::unwrap_dek`]);
+//! 4. only then the platform envelope (double encryption), through cmkfs's own `local:`
+//!    vault;
+//! 5. a header with a version 1 MAC is rewritten with a version 2 one (mount only).
+//!
+//! While mounted, [`HeaderSource`] re-reads the header before every check and compares it
+//! with the one it verified: a change that a rewrap could not have made (anything outside the
+//! outer envelope, another vault, a platform entry appearing, a key the volume's Disk
+//! Encryption Set does not list, a MAC that does not verify with the volume's DEK) is a
+//! *denial* — the mount is cut off at once — never an outage that would only degrade it.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::RwLock;
+
+use crate::crypto::VolumeKeys;
+use crate::des;
+use crate::home::Home;
+use crate::keyring::{CheckFailure, KeySource, Keyring, KeyringConfig, Unwrapped};
+use crate::vault::{self, ErrorClass, Vault, VaultError};
+use crate::volume::header::VolumeHeader;
+use crate::volume::VolumeError;
+
+/// Refuses a header whose vault this machine has not configured (step 2 of the module docs,
+/// for commands that do not connect: `info`, and `mount` before it starts its daemon).
+pub fn check_configured(home: &Home, header: &VolumeHeader) -> Result<(), VolumeError> {
+    let kid = header.key_id()?;
+    vault::trust::lookup(home, &kid.vault)?;
+    Ok(())
+}
+
+/// Unwraps and verifies a header's DEK(s): the outer one through `vault` (fingerprint and
+/// MAC checked), then, for a double-encrypted volume only, the inner one through `platform`.
+pub fn unwrap_with(
+    vault: &dyn Vault,
+    platform: Option<&dyn Vault>,
+    header: &VolumeHeader,
+) -> Result<Unwrapped, VolumeError> {
+    let outer = header.unwrap_dek(vault)?;
+    // The MAC just verified: `platform` is honoured only because the volume was made
+    // double-encrypted.
+    let inner = match (&header.platform, platform) {
+        (None, _) => None,
+        (Some(_), Some(p)) => Some(header.unwrap_platform_dek(p)?),
+        (Some(_), None) => {
+            return Err(VolumeError::Internal(
+                "a double-encrypted volume needs the platform vault".into(),
+            ))
+        }
+    };
+    Ok(Unwrapped {
+        outer,
+        inner,
+        sector_size: header.sector_size as usize,
+    })
+}
+
+/// [`unwrap_with`], the platform vault being cmkfs's own `local:` vault of `home` (as its
+/// owner), opened only after the outer DEK verified.
+pub fn unwrap(
+    home: &Home,
+    vault: &dyn Vault,
+    header: &VolumeHeader,
+) -> Result<Unwrapped, VolumeError> {
+    let outer = header.unwrap_dek(vault)?;
+    let inner = match &header.platform {
+        None => None,
+        Some(_) => {
+            let pv = vault::open(vault::local::URL, home)?;
+            Some(header.unwrap_platform_dek(pv.as_ref())?)
+        }
+    };
+    Ok(Unwrapped {
+        outer,
+        inner,
+        sector_size: header.sector_size as usize,
+    })
+}
+
+/// The volume's ciphers, for one-shot checks (`status CIPHERDIR`, `fsck`): the header's
+/// binding to this machine's Disk Encryption Sets, then [`unwrap`].
+pub fn keys(
+    home: &Home,
+    dir: &Path,
+    vault: &dyn Vault,
+    header: &VolumeHeader,
+) -> Result<VolumeKeys, VolumeError> {
+    binding(home, dir, header)?;
+    let keys = unwrap(home, vault, header)?
+        .keys()
+        .map_err(VolumeError::Crypto);
+    crate::crypto::secret::scrub_stack();
+    keys
+}
+
+/// Step 2's Disk Encryption Set part: the header agrees with this machine's records.
+pub(crate) fn binding(home: &Home, dir: &Path, header: &VolumeHeader) -> Result<(), VolumeError> {
+    des::check_binding(home, dir, header).map_err(|e| match e {
+        des::DesError::Volume(v) => v,
+        des::DesError::Vault(v) => VolumeError::Vault(v),
+        other => VolumeError::CorruptHeader {
+            path: dir.join(crate::volume::header::HEADER_FILE),
+            why: other.to_string(),
+        },
+    })
+}
+
+/// Unlocks a volume for a mount: the checks of the module docs, in order, then a keyring
+/// whose checks re-read and re-verify the header ([`HeaderSource`]). Returns the keyring and
+/// the header it verified (upgraded to a version 2 MAC where the backing store allowed it).
+pub fn unlock(
+    home: &Home,
+    vault: Box<dyn Vault>,
+    dir: &Path,
+    header: &VolumeHeader,
+    cfg: KeyringConfig,
+) -> Result<(Keyring, VolumeHeader), VolumeError> {
+    let result = unlock_inner(home, vault, dir, header, cfg);
+    crate::crypto::secret::scrub_stack();
+    result
+}
+
+#[inline(never)]
+fn unlock_inner(
+    home: &Home,
+    vault: Box<dyn Vault>,
+    dir: &Path,
+    header: &VolumeHeader,
+    cfg: KeyringConfig,
+) -> Result<(Keyring, VolumeHeader), VolumeError> {
+    binding(home, dir, header)?;
+    let first = unwrap(home, vault.as_ref(), header)?;
+    let verified = if header.mac_version < crate::volume::header::MAC_VERSION {
+        upgrade(home, dir, header, &first)
+    } else {
+        header.clone()
+    };
+    let source = HeaderSource {
+        home: home.clone(),
+        dir: dir.to_path_buf(),
+        vault,
+        verified: RwLock::new(verified.clone()),
+    };
+    let keyring = Keyring::new(Box::new(source), first, cfg).map_err(VolumeError::Crypto)?;
+    Ok((keyring, verified))
+}
+
+/// Rewrites a header that carries a version 1 MAC (layout fields only) with a version 2 one
+/// (every field), now that the DEK verified it and this machine's records agree with it.
+/// Under the Disk Encryption Set's lock, so that a concurrent rewrap is never overwritten;
+/// skipped (and retried at the next mount) when the set is busy or the backing store is
+/// read-only. Returns the header now in force.
+fn upgrade(home: &Home, dir: &Path, header: &VolumeHeader, keys: &Unwrapped) -> VolumeHeader {
+    let store = des::DesStore::new(home);
+    let _lock = match &header.des {
+        Some(d) if store.load(d).is_ok() => {
+            match store.try_lock() {
+                Ok(Some(l)) => Some(l),
+                _ => {
+                    tracing::info!("the Disk Encryption Set is busy: the header MAC is upgraded at a later mount");
+                    return header.clone();
+                }
+            }
+        }
+        _ => None,
+    };
+    // Only if the header is still the one verified.
+    if VolumeHeader::read(dir).ok().as_ref() != Some(header) {
+        return header.clone();
+    }
+    let up = header.upgraded(&keys.outer);
+    match up.write(dir) {
+        Ok(()) => {
+            tracing::info!("volume header upgraded to a MAC over every field (mac_version 2)");
+            up
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot upgrade the volume header's MAC (read-only backing store?); it stays at version 1");
+            header.clone()
+        }
+    }
+}
+
+/// A mounted volume's key source: before every unwrap it re-reads the header and accepts a
+/// change only if a rewrap could have made it (see the module docs).
+pub struct HeaderSource {
+    home: Home,
+    dir: PathBuf,
+    vault: Box<dyn Vault>,
+    verified: RwLock<VolumeHeader>,
+}
+
+impl HeaderSource {
+    fn verified(&self) -> VolumeHeader {
+        self.verified
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+fn denied(reason: String) -> CheckFailure {
+    CheckFailure {
+        class: ErrorClass::Denied,
+        reason,
+    }
+}
+
+/// Sorts a failed unwrap of the header into denied / unavailable. `changed`: the header is
+/// not the one verified before, so anything but a vault outage means it is not a rewrap.
+fn classify(e: &VolumeError, changed: bool) -> CheckFailure {
+    let (class, reason) = match e {
+        VolumeError::Vault(v) => {
+            let reason = match v {
+                VaultError::Denied { reason, .. } => reason.to_string(),
+                VaultError::NotFound(_) => "key deleted or purged".into(),
+                VaultError::UnwrapFailed { .. } => "key cannot unwrap the DEK".into(),
+                other => other.to_string(),
+            };
+            let class = match v.class() {
+                ErrorClass::Other if changed => ErrorClass::Denied,
+                ErrorClass::Other => ErrorClass::Unavailable,
+                c => c,
+            };
+            (class, reason)
+        }
+        // The vault unwrapped something that is not this volume's key, or the header does
+        // not verify with it: not something an outage does.
+        VolumeError::WrongKey(m) => (ErrorClass::Denied, m.clone()),
+        VolumeError::CorruptHeader { why, .. } => (ErrorClass::Denied, why.clone()),
+        other if changed => (ErrorClass::Denied, other.to_string()),
+        other => (ErrorClass::Unavailable, other.to_string()),
+    };
+    let reason = if changed && class == ErrorClass::Denied {
+        format!("the volume header was changed on disk and does not verify: {reason}")
+    } else {
+        reason
+    };
+    CheckFailure { class, reason }
+}
+
+impl KeySource for HeaderSource {
+    fn unwrap(&self) -> Result<Unwrapped, CheckFailure> {
+        let verified = self.verified();
+        let current = match VolumeHeader::read(&self.dir) {
+            Ok(h) => h,
+            // The disk failing is an outage; a header that vanished or no longer parses was
+            // written by someone.
+            Err(VolumeError::Io { error, .. }) if error.kind() != io::ErrorKind::NotFound => {
+                return Err(CheckFailure {
+                    class: ErrorClass::Unavailable,
+                    reason: format!("cannot read the volume header: {error}"),
+                })
+            }
+            Err(e) => {
+                return Err(denied(format!(
+                    "the volume header on disk is no longer this volume's ({e})"
+                )))
+            }
+        };
+        if current == verified {
+            return unwrap(&self.home, self.vault.as_ref(), &verified)
+                .map_err(|e| classify(&e, false));
+        }
+        if let Some(why) = verified.change_outside_rewrap(&current) {
+            return Err(denied(format!(
+                "the volume header was changed on disk: {why} (not a rewrap)"
+            )));
+        }
+        if current.mac_version < crate::volume::header::MAC_VERSION {
+            return Err(denied(
+                "the volume header was changed on disk without a MAC over every field (not a \
+                 rewrap)"
+                    .into(),
+            ));
+        }
+        if current.key_id != verified.key_id {
+            binding(&self.home, &self.dir, &current)
+                .map_err(|e| denied(format!("the volume header was changed on disk: {e}")))?;
+            if current.des.is_none() {
+                return Err(denied(
+                    "the volume header was changed on disk: its key changed, but only a Disk \
+                     Encryption Set rewraps volumes"
+                        .into(),
+                ));
+            }
+        }
+        let r =
+            unwrap(&self.home, self.vault.as_ref(), &current).map_err(|e| classify(&e, true))?;
+        // A verified rewrap: it becomes the header to compare with.
+        *self.verified.write().unwrap_or_else(|p| p.into_inner()) = current;
+        Ok(r)
+    }
+
+    fn key_id(&self) -> String {
+        self.verified().key_id
+    }
+
+    fn des(&self) -> Option<String> {
+        self.verified().des
+    }
+
+    fn vault(&self) -> &dyn Vault {
+        self.vault.as_ref()
+    }
+}
