@@ -585,7 +585,15 @@ impl Env {
         args.extend(extra.iter().map(OsString::from));
         let out = self.cmkfs(&args);
         if !out.ok() {
-            panic!("mount failed:\n{out}");
+            // The daemon's log is in the temp dir, gone once the test ends: show it now.
+            let logs: String = fs::read_dir(self.home.join("run"))
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter(|e| e.file_name().to_string_lossy().ends_with(".log"))
+                .map(|e| fs::read_to_string(e.path()).unwrap_or_default())
+                .collect();
+            panic!("mount failed:\n{out}\n  daemon log:\n{logs}");
         }
         // The contract says the command returns once the mount is ready; still poll briefly
         // (without a second assertion on timing) in case the kernel table lags.
