@@ -354,6 +354,21 @@ pub fn abort_fuse_connection(dev: u64) -> bool {
         .is_ok()
 }
 
+/// Aborts FUSE connection `dev`, which a mount at `mnt` had, unless another mount holds that
+/// number now: a connection's number is freed with its superblock (a detached mount's goes
+/// when its daemon lets go) and the next FUSE mount gets it, so a late abort by number would
+/// cut off another test's mount. Returns whether the abort was written.
+pub fn abort_own_connection(dev: u64, mnt: &Path) -> bool {
+    if mounts()
+        .iter()
+        .any(|m| m.dev == dev && m.mount_point != mnt)
+    {
+        eprintln!("harness: FUSE connection {dev} now belongs to another mount; not aborting it");
+        return false;
+    }
+    abort_fuse_connection(dev)
+}
+
 /// `umount2(path, MNT_DETACH)`: the mount disappears from the namespace at once, whatever
 /// state the daemon is in. Best effort.
 pub fn detach(path: &Path) -> bool {
@@ -852,7 +867,7 @@ impl Mount {
         // The kernel aborts the connection when the daemon's /dev/fuse descriptors close;
         // aborting again is harmless and covers a descriptor inherited elsewhere.
         if let Some(dev) = self.dev {
-            abort_fuse_connection(dev);
+            abort_own_connection(dev, &self.mnt);
         }
         while is_mounted(&self.mnt) && detach(&self.mnt) {}
         assert!(
@@ -905,7 +920,7 @@ impl Mount {
         if !wait_until(Duration::from_secs(5), || self.daemon_exited()) {
             // A detached mount may keep the connection (and daemon) alive: abort it.
             if let Some(dev) = self.dev {
-                if abort_fuse_connection(dev) {
+                if abort_own_connection(dev, &self.mnt) {
                     eprintln!("harness: aborted FUSE connection {dev}");
                 }
             }
@@ -974,7 +989,7 @@ impl Watchdog {
                     mnt.display()
                 );
                 if let Some(dev) = dev {
-                    abort_fuse_connection(dev);
+                    abort_own_connection(dev, &mnt);
                 }
                 detach(&mnt);
             }
