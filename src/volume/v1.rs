@@ -290,7 +290,11 @@ mod tests {
                 let plain: Vec<u8> = (0..size).map(|i| (i * 7 + 1) as u8).collect();
                 let f = v1_file(d.path(), &k, 99, &plain);
                 let u = read_last_unit(&f, size, 4096).unwrap();
-                let got = decrypt_last_unit(&k, 99, &u, None).unwrap().unwrap();
+                // These tails are data: with random keys a 1..15-byte one is stored as all
+                // zeros once in 256^len (the bug itself), so say so.
+                let got = decrypt_last_unit(&k, 99, &u, Some(TailDecision::Data))
+                    .unwrap()
+                    .unwrap();
                 assert_eq!(got[..], plain[u.start as usize..], "size {size}");
             }
         }
