@@ -607,7 +607,7 @@ fn stored_tails_leak_no_xor_and_a_flipped_bit_garbles_a_block() {
         .filter(|(x, y)| x != y)
         .count();
     assert!(
-        changed >= 5,
+        changed >= 4,
         "only {changed} of 6 tail bytes changed: {:?}",
         &got[4096..]
     );
