@@ -30,6 +30,7 @@
 // Each test binary uses a different subset of the harness.
 #![allow(dead_code)]
 
+pub mod sys;
 pub mod v1_fixture;
 
 use std::collections::BTreeMap;
