@@ -53,6 +53,12 @@ command -v softhsm2-util >/dev/null 2>&1 || missing+=(softhsm2)
 if ! command -v python3 >/dev/null 2>&1 || ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
     missing+=(python3 python3-venv)
 fi
+# POSIX tests against real tools: setfacl/getfacl (acl), setfattr/getfattr (attr), setcap/getcap
+# (libcap2-bin), rsync -aHAX (rsync).
+command -v setfacl >/dev/null 2>&1 || missing+=(acl)
+command -v setfattr >/dev/null 2>&1 || missing+=(attr)
+command -v setcap >/dev/null 2>&1 || missing+=(libcap2-bin)
+command -v rsync >/dev/null 2>&1 || missing+=(rsync)
 # Later issues add their tools here, e.g.:
 #   comparison benches:   command -v gocryptfs >/dev/null 2>&1 || missing+=(gocryptfs)
 #                         command -v fio >/dev/null 2>&1 || missing+=(fio)

@@ -7,17 +7,26 @@
 //!   would) the DEK fingerprint and the header MAC; leftover temp files of a header update;
 //! - every directory's `.cmkfs.dirid` (present, 16 bytes);
 //! - every regular file's per-file header (a 0-byte file is an empty file; 1..31 bytes is
-//!   corrupt; 32 bytes or more must start with a valid header);
+//!   corrupt; 32 bytes or more must start with a valid header), its version against the
+//!   volume's and its length (format v2: a data area of 1..15 bytes is corrupt); on a
+//!   format v1 volume, every 1..15-byte tail stored as all zeros, which v1 reads as zeros
+//!   (`volume::upgrade::check_file_format`);
+//! - the journal of an interrupted `cmkfs upgrade`;
 //! - every encrypted name decrypts in its directory (with the key);
 //! - long names: every `cmkfs.long.<hash>` entry has its side file, the side file's hash
 //!   matches, and no side file is left without its entry;
-//! - symlink targets decrypt (with the key);
-//! - encrypted extended attributes (`user.cmkfs.*` on backing files and directories): name
-//!   and value decrypt (with the key);
+//! - symlink targets decrypt (with the key), long targets' side files (`.cmkfs.target.*` at
+//!   the root) exist, and none is left without a symlink;
+//! - encrypted extended attributes (`user.cmkfs.*` on backing files and directories,
+//!   `trusted.cmkfs.*` on other entries): name and value decrypt (with the key);
 //! - leftover temp files (`.cmkfs-tmp.*`) of interrupted atomic updates, interrupted `mkdir`
-//!   temp directories included;
-//! - device nodes (cmkfs never creates them) and anything else that is not in the format
-//!   (reported as a warning and left alone: it is hidden from the plaintext view anyway).
+//!   temp directories included, and directories a rename over an empty directory replaced
+//!   (marked `.cmkfs.replaced`) but did not get to remove;
+//! - anything else that is not in the format (reported as a warning and left alone: it is
+//!   hidden from the plaintext view anyway).
+//!
+//! The walk reaches deep directories through descriptors (`/proc/self/fd/N/name`), so a
+//! backing path longer than PATH_MAX is checked like any other.
 //!
 //! Repairs ([`Options::repair`]) never delete user data. Metadata that no entry needs any more
 //! (orphaned side files, temp files of interrupted header / side-file updates, `mkdir` temp
@@ -38,7 +47,7 @@ use std::ffi::{OsStr, OsString};
 use std::fs::{self, File};
 use std::io::{self, Read};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
@@ -52,8 +61,12 @@ use crate::home::Home;
 use crate::mount::RunRecord;
 use crate::vault::{Vault, VaultError};
 use crate::volume::content::{FileHeader, FILE_HEADER_LEN};
-use crate::volume::header::{VolumeHeader, HEADER_FILE};
+use crate::volume::header::{VolumeHeader, FORMAT_VERSION, HEADER_FILE};
+use crate::volume::lock::VolumeLock;
 use crate::volume::names::{self, DirId, EntryKind, DIRID_FILE, LONG_PREFIX, LONG_SUFFIX};
+use crate::volume::rename::REPLACED_MARKER;
+use crate::volume::symlink::{long_target_ref, LONG_TARGET_PREFIX, MAX_TARGET};
+use crate::volume::upgrade::{self, FormatFinding, JOURNAL_FILE};
 use crate::volume::VolumeError;
 
 /// The quarantine directory at the backing root. Contains a `.`, so it is metadata: the
@@ -63,8 +76,13 @@ pub const QUARANTINE_DIR: &str = "cmkfs.quarantine";
 pub const MANIFEST_FILE: &str = "cmkfs.fsck.json";
 /// Raw extended attributes set aside by a repair, in each quarantine batch.
 pub const XATTRS_FILE: &str = "cmkfs.xattrs.json";
-/// Backing xattr names of encrypted `user.*` attributes start with this (volume::xattr).
-const XATTR_PREFIX: &str = "user.cmkfs.";
+/// Backing xattr names of encrypted attributes start with these (volume::xattr).
+const XATTR_PREFIXES: [&str; 2] = [
+    crate::volume::xattr::PREFIX,
+    crate::volume::xattr::TRUSTED_PREFIX,
+];
+/// Backing paths longer than this are reached through a descriptor of their directory.
+const LONG_PATH: usize = 2048;
 
 /// Version of the JSON report.
 pub const REPORT_SCHEMA: u32 = 1;
@@ -170,12 +188,34 @@ pub enum ProblemKind {
     TempFile,
     /// A temp directory of an interrupted `mkdir`.
     MkdirTempDir,
-    /// A device node (cmkfs never creates one).
+    /// A device node (no longer a problem: cmkfs stores device nodes since format issue 12;
+    /// kept so that old reports still parse).
     DeviceNode,
+    /// A long symlink target's side file (`.cmkfs.target.*`) no symlink refers to (left by
+    /// an interrupted symlink or unlink).
+    LongTargetOrphan,
+    /// A directory a rename over an empty directory replaced but did not get to remove
+    /// (a crash between the two steps).
+    ReplacedDirLeftover,
     /// An entry that could not be read.
     Unreadable,
     /// Something the format does not know (hidden from the plaintext view; left alone).
     UnknownEntry,
+    /// The volume is in on-disk format v1 (`cmkfs upgrade` converts it).
+    FormatV1,
+    /// v1: a file's last 1..15 bytes read as zeros although they hold data (the v1 tail
+    /// bug); `cmkfs upgrade` recovers them.
+    V1TailReadAsZeros,
+    /// v1: a file's last 1..15 bytes are stored as all zeros and taken for a hole.
+    V1TailHole,
+    /// A v1 file in a v2 volume (its reads fail until `cmkfs upgrade`).
+    FileFormatV1,
+    /// A v2 file in a v1 volume (an interrupted upgrade).
+    FileFormatV2,
+    /// A backing length no v2 file can have.
+    FileLengthInvalid,
+    /// The journal of an interrupted `cmkfs upgrade` (a mount or `cmkfs upgrade` finishes it).
+    UpgradeInterrupted,
 }
 
 /// How serious a finding is.
@@ -238,7 +278,7 @@ pub struct Counts {
     pub files: u64,
     /// Symlinks.
     pub symlinks: u64,
-    /// FIFOs and sockets.
+    /// FIFOs, sockets and device nodes.
     pub special: u64,
     /// Entries stored under a long name.
     pub long_names: u64,
@@ -338,7 +378,7 @@ pub fn run(dir: &Path, opts: &Options<'_>) -> Result<Report, FsckError> {
     if !root.is_dir() {
         return Err(FsckError::io(&root, io::Error::other("not a directory")));
     }
-    if opts.repair {
+    let _lock = if opts.repair {
         if let Some((mountpoint, pid)) = find_mount(&root, opts.home) {
             return Err(FsckError::Mounted {
                 cipherdir: root,
@@ -346,14 +386,22 @@ pub fn run(dir: &Path, opts: &Options<'_>) -> Result<Report, FsckError> {
                 pid,
             });
         }
-    }
+        // Also keeps a mount or an upgrade from starting while repairs run.
+        Some(VolumeLock::exclusive(&root).map_err(|e| FsckError::io(&root, io::Error::other(e)))?)
+    } else {
+        None
+    };
     let mut c = Checker {
         root: root.clone(),
         repair: opts.repair,
         keys: None,
+        format: None,
         batch: None,
         quarantined: Vec::new(),
         xattrs: Vec::new(),
+        deep: std::collections::HashMap::new(),
+        targets_used: BTreeSet::new(),
+        walk_complete: true,
         report: Report {
             schema: REPORT_SCHEMA,
             cipherdir: root.clone(),
@@ -370,6 +418,7 @@ pub fn run(dir: &Path, opts: &Options<'_>) -> Result<Report, FsckError> {
     c.check_header(opts.vault)?;
     // The root never goes to the quarantine: its problems are recorded inside.
     let _ = c.check_dir(&root, Some(Path::new("/")));
+    c.check_long_targets();
     c.write_manifest();
     c.report.finish();
     Ok(c.report)
@@ -436,6 +485,8 @@ struct Checker {
     root: PathBuf,
     repair: bool,
     keys: Option<VolumeKeys>,
+    /// The volume header's format version and unit size, when it could be read.
+    format: Option<(u32, u64)>,
     /// This run's quarantine batch, created on first use.
     batch: Option<PathBuf>,
     /// (backing path relative to the root, kind, detail) of everything quarantined, for the
@@ -443,10 +494,52 @@ struct Checker {
     quarantined: Vec<(PathBuf, ProblemKind, String)>,
     /// (backing path, backing xattr name, raw value) of xattrs set aside by a repair.
     xattrs: Vec<(PathBuf, OsString, Vec<u8>)>,
+    /// Directories with long backing paths, held open: their entries are reached as
+    /// `/proc/self/fd/N/name` (see [`Checker::io`]).
+    deep: std::collections::HashMap<PathBuf, std::os::fd::OwnedFd>,
+    /// Long-target side files some symlink refers to.
+    targets_used: BTreeSet<OsString>,
+    /// Whether every directory could be listed (orphans are only decided then).
+    walk_complete: bool,
     report: Report,
 }
 
 impl Checker {
+    /// The path to use for system calls on `p`: `p` itself, or for an entry of a deep
+    /// directory, `/proc/self/fd/N/<name>` through the directory's descriptor (no length
+    /// limit beyond one name; nothing on the way is a symlink we follow: the descriptors
+    /// were opened with O_NOFOLLOW).
+    fn io(&self, p: &Path) -> PathBuf {
+        use std::os::fd::AsRawFd;
+        if let Some(fd) = self.deep.get(p) {
+            return PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()));
+        }
+        match (p.parent(), p.file_name()) {
+            (Some(dir), Some(name)) => match self.deep.get(dir) {
+                Some(fd) => PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd())).join(name),
+                None => p.to_path_buf(),
+            },
+            _ => p.to_path_buf(),
+        }
+    }
+
+    /// Holds `dir` open when its path is long, so that [`Checker::io`] reaches inside it.
+    fn enter(&mut self, dir: &Path) {
+        if dir.as_os_str().len() > LONG_PATH && !self.deep.contains_key(dir) {
+            let opened = rustix::fs::open(
+                self.io(dir).as_path(),
+                rustix::fs::OFlags::PATH
+                    | rustix::fs::OFlags::DIRECTORY
+                    | rustix::fs::OFlags::NOFOLLOW
+                    | rustix::fs::OFlags::CLOEXEC,
+                rustix::fs::Mode::empty(),
+            );
+            if let Ok(fd) = opened {
+                self.deep.insert(dir.to_path_buf(), fd);
+            }
+        }
+    }
+
     fn rel(&self, p: &Path) -> PathBuf {
         match p.strip_prefix(&self.root) {
             Ok(r) if r.as_os_str().is_empty() => PathBuf::from("."),
@@ -469,7 +562,10 @@ impl Checker {
         also: Option<&Path>,
     ) {
         let severity = match kind {
-            ProblemKind::UnknownEntry => Severity::Warning,
+            ProblemKind::UnknownEntry
+            | ProblemKind::FormatV1
+            | ProblemKind::V1TailHole
+            | ProblemKind::FileFormatV2 => Severity::Warning,
             _ => Severity::Error,
         };
         let mut p = Problem {
@@ -485,8 +581,9 @@ impl Checker {
             repair_error: None,
         };
         if self.repair && severity == Severity::Error {
+            let io_path = self.io(path);
             let result = match fix {
-                Fix::Remove => remove_any(path),
+                Fix::Remove => remove_any(&io_path),
                 Fix::Quarantine => self.quarantine(path, kind, &p.detail).map(|to| {
                     p.moved_to = Some(self.rel(&to));
                     if let Some(side) = also.filter(|s| s.exists()) {
@@ -495,7 +592,7 @@ impl Checker {
                         }
                     }
                 }),
-                Fix::Recreate => write_fresh_dir_id(path),
+                Fix::Recreate => write_fresh_dir_id(&io_path),
                 // Restores are applied where they are decided (they need the header).
                 Fix::Restore => Ok(()),
                 Fix::None => Err(io::Error::other("cannot be repaired automatically")),
@@ -527,7 +624,7 @@ impl Checker {
                 .mode(0o700)
                 .create(parent)?;
         }
-        rename_noreplace(path, &to)?;
+        rename_noreplace(&self.io(path), &to)?;
         self.quarantined.push((rel, kind, detail.to_string()));
         Ok(to)
     }
@@ -598,6 +695,22 @@ impl Checker {
         let trouble: Option<(ProblemKind, String)> = match VolumeHeader::read(&root) {
             Ok(h) => {
                 self.report.volume_id = Some(h.volume_id.clone());
+                self.format = Some((h.format_version, h.sector_size as u64));
+                if h.format_version < FORMAT_VERSION {
+                    self.problem(
+                        ProblemKind::FormatV1,
+                        &header_path,
+                        None,
+                        None,
+                        format!(
+                            "the volume is in on-disk format v{}; `cmkfs upgrade` (or a mount) \
+                             converts it to v{FORMAT_VERSION} in place",
+                            h.format_version
+                        ),
+                        Fix::None,
+                        None,
+                    );
+                }
                 match vault {
                     None => None,
                     Some(open) => match self.unlock(open, &h)? {
@@ -759,11 +872,23 @@ impl Checker {
     /// itself must go to the quarantine (its id is lost and it holds entries whose names need
     /// it), if it must: the caller, which knows its name and side file, records and moves it.
     fn check_dir(&mut self, dir: &Path, plain: Option<&Path>) -> Option<(ProblemKind, String)> {
+        self.enter(dir);
+        let verdict = self.check_dir_entries(dir, plain);
+        self.deep.remove(dir);
+        verdict
+    }
+
+    fn check_dir_entries(
+        &mut self,
+        dir: &Path,
+        plain: Option<&Path>,
+    ) -> Option<(ProblemKind, String)> {
         self.report.counts.directories += 1;
         let is_root = dir == self.root;
-        let mut entries: Vec<OsString> = match fs::read_dir(dir) {
+        let mut entries: Vec<OsString> = match fs::read_dir(self.io(dir)) {
             Ok(rd) => rd.filter_map(|e| e.ok().map(|e| e.file_name())).collect(),
             Err(e) => {
+                self.walk_complete = false;
                 self.problem(
                     ProblemKind::Unreadable,
                     dir,
@@ -784,7 +909,7 @@ impl Checker {
 
         // The directory id: without it no name in here can be decrypted.
         let mut verdict = None;
-        let id: Option<DirId> = match read_dir_id(dir) {
+        let id: Option<DirId> = match read_dir_id(&self.io(dir)) {
             Ok(id) => Some(id),
             Err((kind, why)) if !holds_names => {
                 self.problem(
@@ -829,6 +954,27 @@ impl Checker {
                 continue;
             }
             if is_root && (b == HEADER_FILE.as_bytes() || b == QUARANTINE_DIR.as_bytes()) {
+                continue;
+            }
+            if is_root && b == JOURNAL_FILE.as_bytes() {
+                self.problem(
+                    ProblemKind::UpgradeInterrupted,
+                    &path,
+                    None,
+                    plain,
+                    "an upgrade to format v2 was interrupted; `cmkfs upgrade` (or a mount) \
+                     restores the files it was converting and finishes it"
+                        .into(),
+                    Fix::None,
+                    None,
+                );
+                continue;
+            }
+            // Long symlink targets are checked after the walk (they need every symlink seen);
+            // a rename's marker is checked with its directory (check_entry).
+            if (is_root && b.starts_with(LONG_TARGET_PREFIX.as_bytes()))
+                || b == REPLACED_MARKER.as_bytes()
+            {
                 continue;
             }
             if b.starts_with(TEMP_PREFIX.as_bytes()) {
@@ -897,7 +1043,7 @@ impl Checker {
             (NameCheck::Good(Some(n)), Some(d)) => Some(d.join(n)),
             _ => None,
         };
-        let meta = match fs::symlink_metadata(path) {
+        let meta = match fs::symlink_metadata(self.io(path)) {
             Ok(m) => m,
             Err(e) => {
                 self.problem(
@@ -915,29 +1061,26 @@ impl Checker {
         // The object's own problem, if any. Checked before anything moves: a directory is
         // walked (and repaired inside) before it may go to the quarantine.
         let ft = meta.file_type();
+        if ft.is_dir() && self.replaced_leftover(path, side.as_deref(), plain_dir) {
+            return;
+        }
         let object_problem: Option<(ProblemKind, String)> = if ft.is_dir() {
             self.check_dir(path, plaintext.as_deref())
         } else if ft.is_file() {
             self.report.counts.files += 1;
-            check_file(path, meta.len())
+            check_file(&self.io(path), meta.len()).or_else(|| {
+                self.check_file_format(path, meta.len(), plaintext.as_deref(), plain_dir)
+            })
         } else if ft.is_symlink() {
             self.report.counts.symlinks += 1;
             self.check_symlink(path)
-        } else if ft.is_fifo() || ft.is_socket() {
-            self.report.counts.special += 1;
-            None
-        } else if ft.is_block_device() || ft.is_char_device() {
-            Some((
-                ProblemKind::DeviceNode,
-                "a device node (cmkfs never creates one: it would give access to a device)".into(),
-            ))
         } else {
+            // FIFOs, sockets, device nodes: they hold no data.
+            self.report.counts.special += 1;
             None
         };
 
-        if ft.is_file() || ft.is_dir() {
-            self.check_xattrs(path, plaintext.as_deref(), plain_dir);
-        }
+        self.check_xattrs(path, plaintext.as_deref(), plain_dir);
 
         // A bad name sends the entry (and its side file) to the quarantine.
         let mut moved_with_name: Option<(bool, Option<PathBuf>)> = None;
@@ -993,22 +1136,168 @@ impl Checker {
         }
     }
 
-    /// Checks that a symlink's target decrypts (with the key).
-    fn check_symlink(&self, path: &Path) -> Option<(ProblemKind, String)> {
+    /// The format of a file with a valid header: v1 tails that read as zeros, versions that
+    /// do not match the volume's, lengths no v2 file has (volume::upgrade states the rules).
+    /// An invalid length is returned (the file goes to the quarantine like a corrupt header);
+    /// the rest is recorded here with no automatic fix: `cmkfs upgrade` is the fix.
+    fn check_file_format(
+        &mut self,
+        path: &Path,
+        len: u64,
+        plaintext: Option<&Path>,
+        plain_dir: Option<&Path>,
+    ) -> Option<(ProblemKind, String)> {
+        let (version, unit) = self.format?;
+        let found = File::open(self.io(path))
+            .and_then(|f| upgrade::check_file_format(&f, len, version, self.keys.as_ref(), unit));
+        let (finding, detail) = match found {
+            Ok(f) => f?,
+            Err(e) => {
+                return Some((
+                    ProblemKind::Unreadable,
+                    format!("cannot read the file: {e}"),
+                ))
+            }
+        };
+        let kind = match finding {
+            FormatFinding::BadLength => return Some((ProblemKind::FileLengthInvalid, detail)),
+            FormatFinding::V1TailReadAsZeros => ProblemKind::V1TailReadAsZeros,
+            FormatFinding::V1TailHole => ProblemKind::V1TailHole,
+            FormatFinding::FileFormatV1 => ProblemKind::FileFormatV1,
+            FormatFinding::FileFormatV2 => ProblemKind::FileFormatV2,
+        };
+        self.problem(
+            kind,
+            path,
+            plaintext.map(Path::to_path_buf),
+            plain_dir,
+            detail,
+            Fix::None,
+            None,
+        );
+        None
+    }
+
+    /// Checks that a symlink's target decrypts (with the key); a long target's side file
+    /// must exist (and is noted as used).
+    fn check_symlink(&mut self, path: &Path) -> Option<(ProblemKind, String)> {
+        let stored = match fs::read_link(self.io(path)) {
+            Ok(t) => t.into_os_string(),
+            Err(e) => {
+                return Some((
+                    ProblemKind::Unreadable,
+                    format!("cannot read the link: {e}"),
+                ))
+            }
+        };
+        let sealed = match long_target_ref(stored.as_bytes()) {
+            Some(side) => {
+                self.targets_used.insert(side.to_os_string());
+                let p = self.root.join(side);
+                match fs::symlink_metadata(&p) {
+                    Ok(m) if m.is_file() && m.len() <= 32 + MAX_TARGET as u64 => {}
+                    _ => {
+                        return Some((
+                            ProblemKind::SymlinkUndecryptable,
+                            format!(
+                                "the long target's side file {} is missing or not a small file",
+                                side.to_string_lossy()
+                            ),
+                        ))
+                    }
+                }
+                self.keys.as_ref()?;
+                fs::read(&p).ok()
+            }
+            None => {
+                self.keys.as_ref()?;
+                B64URL.decode(stored.as_bytes()).ok()
+            }
+        };
         let keys = self.keys.as_ref()?;
-        match fs::read_link(path) {
-            Ok(t) => names::decrypt_target(&keys.names, t.as_os_str())
-                .err()
-                .map(|_| {
-                    (
-                        ProblemKind::SymlinkUndecryptable,
-                        "the symlink target does not decrypt".into(),
-                    )
-                }),
-            Err(e) => Some((
-                ProblemKind::Unreadable,
-                format!("cannot read the link: {e}"),
-            )),
+        let ok = sealed.is_some_and(|s| names::open_target(&keys.names, &s).is_ok());
+        (!ok).then(|| {
+            (
+                ProblemKind::SymlinkUndecryptable,
+                "the symlink target does not decrypt".into(),
+            )
+        })
+    }
+
+    /// A directory marked by an interrupted rename over an empty directory: removed with its
+    /// name's side file when nothing of the user's is inside; otherwise only the marker goes
+    /// (the directory stays, as it is visible). Returns whether the directory was handled.
+    fn replaced_leftover(
+        &mut self,
+        path: &Path,
+        side: Option<&Path>,
+        plain_dir: Option<&Path>,
+    ) -> bool {
+        let marker = path.join(REPLACED_MARKER);
+        if fs::symlink_metadata(self.io(&marker)).is_err() {
+            return false;
+        }
+        let empty = path.as_os_str().len() <= LONG_PATH
+            && fs::read_dir(path).is_ok_and(|rd| {
+                rd.filter_map(|e| e.ok())
+                    .all(|e| names::classify(&e.file_name()) == EntryKind::Hidden)
+            });
+        if empty {
+            self.problem(
+                ProblemKind::ReplacedDirLeftover,
+                path,
+                None,
+                plain_dir,
+                "an empty directory a rename replaced, left by a crash before its removal".into(),
+                Fix::Remove,
+                None,
+            );
+            if let Some(side) = side {
+                if self.repair && self.report.problems.last().is_some_and(|p| p.repaired) {
+                    let _ = remove_any(&self.io(side));
+                }
+            }
+            return true;
+        }
+        self.problem(
+            ProblemKind::ReplacedDirLeftover,
+            &marker,
+            None,
+            plain_dir,
+            "marker of an interrupted rename over an empty directory, but the directory holds              entries now: only the marker goes"
+                .into(),
+            Fix::Remove,
+            None,
+        );
+        false
+    }
+
+    /// Long targets' side files at the root that no symlink refers to (only decided after a
+    /// complete walk).
+    fn check_long_targets(&mut self) {
+        if !self.walk_complete {
+            return;
+        }
+        let Ok(rd) = fs::read_dir(&self.root) else {
+            return;
+        };
+        let mut orphans: Vec<OsString> = rd
+            .filter_map(|e| e.ok().map(|e| e.file_name()))
+            .filter(|n| long_target_ref(n.as_bytes()).is_some() && !self.targets_used.contains(n))
+            .collect();
+        orphans.sort();
+        for n in orphans {
+            let p = self.root.join(&n);
+            self.problem(
+                ProblemKind::LongTargetOrphan,
+                &p,
+                None,
+                Some(Path::new("/")),
+                "long symlink target without its symlink (left by an interrupted symlink or                  unlink)"
+                    .into(),
+                Fix::Remove,
+                None,
+            );
         }
     }
 
@@ -1018,7 +1307,8 @@ impl Checker {
     /// is unreadable through the mount; a repair sets it aside raw and removes it.
     fn check_xattrs(&mut self, path: &Path, plaintext: Option<&Path>, plain_dir: Option<&Path>) {
         let Some(keys) = &self.keys else { return };
-        let list = match list_xattrs(path) {
+        let io_path = self.io(path);
+        let list = match list_xattrs(&io_path) {
             Ok(l) => l,
             // The backing filesystem may not support xattrs at all: nothing to check.
             Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => return,
@@ -1037,22 +1327,19 @@ impl Checker {
         };
         let mut bad = Vec::new();
         for name in list {
-            let Some(enc) = name.as_bytes().strip_prefix(XATTR_PREFIX.as_bytes()) else {
+            if !XATTR_PREFIXES
+                .iter()
+                .any(|p| name.as_bytes().starts_with(p.as_bytes()))
+            {
                 continue; // not ours (e.g. a security label of the backing filesystem)
-            };
-            let name_ok = B64URL
-                .decode(enc)
-                .ok()
-                .is_some_and(|sealed| keys.names.open(&[b"xattr-name"], &sealed).is_ok());
-            let value = get_xattr(path, &name);
-            let value_ok = match &value {
-                Ok(v) if v.len() >= 16 => {
-                    let (nonce, sealed) = v.split_at(16);
-                    keys.names
-                        .open(&[b"xattr-value", name.as_bytes(), nonce], sealed)
-                        .is_ok()
-                }
-                _ => false,
+            }
+            let value = get_xattr(&io_path, &name);
+            let (name_ok, value_ok) = match &value {
+                Ok(v) => crate::volume::xattr::verify_stored(keys, &name, v),
+                Err(_) => (
+                    crate::volume::xattr::open_name(keys, &name).is_some(),
+                    false,
+                ),
             };
             if !(name_ok && value_ok) {
                 bad.push((name, value.unwrap_or_default(), name_ok));
@@ -1078,7 +1365,7 @@ impl Checker {
             p.fix = Fix::Quarantine;
             p.repaired = false;
             if self.repair {
-                match remove_xattr(path, &name) {
+                match remove_xattr(&io_path, &name) {
                     Ok(()) => {
                         self.report.problems[idx].repaired = true;
                         self.xattrs.push((self.rel(path), name, value));
@@ -1093,7 +1380,7 @@ impl Checker {
     fn check_name(&self, name: &OsStr, side: Option<&Path>, id: Option<&DirId>) -> NameCheck {
         let encoded: Vec<u8> = match side {
             None => name.as_bytes().to_vec(),
-            Some(side) => match fs::read(side) {
+            Some(side) => match fs::read(self.io(side)) {
                 Ok(full) => {
                     if !names::long_name_matches(name, &full) {
                         return NameCheck::Bad(
@@ -1136,7 +1423,7 @@ impl Checker {
     /// A `.cmkfs-tmp.*` entry outside the header's: an interrupted `mkdir` or atomic update.
     fn check_temp(&mut self, path: &Path, name: &OsStr, plain_dir: Option<&Path>) {
         let rest = &name.as_bytes()[TEMP_PREFIX.len()..];
-        let meta = match fs::symlink_metadata(path) {
+        let meta = match fs::symlink_metadata(self.io(path)) {
             Ok(m) => m,
             Err(_) => return, // gone meanwhile
         };
@@ -1145,7 +1432,7 @@ impl Checker {
                 // mkdir builds a directory here, writes its id, then renames it into place;
                 // until the rename the mkdir has not happened. Undo it, unless something
                 // besides the id got in (then keep it in the quarantine).
-                let only_id = fs::read_dir(path)
+                let only_id = fs::read_dir(self.io(path))
                     .map(|rd| {
                         rd.filter_map(|e| e.ok())
                             .all(|e| e.file_name() == DIRID_FILE)
@@ -1173,7 +1460,9 @@ impl Checker {
                     fix,
                     None,
                 );
-            } else if rest.starts_with(b"rmdir.") && crate::volume::is_dead_temp_dir(path, name) {
+            } else if rest.starts_with(b"rmdir.")
+                && crate::volume::is_dead_temp_dir(&self.io(path), name)
+            {
                 // rmdir renames the directory here, then takes it apart: only metadata is left.
                 self.problem(
                     ProblemKind::TempFile,
@@ -1205,16 +1494,29 @@ impl Checker {
             .rposition(|b| *b == b'.')
             .map(|i| &rest[..i])
             .unwrap_or(rest);
-        let is_side =
-            target.starts_with(LONG_PREFIX.as_bytes()) && target.ends_with(LONG_SUFFIX.as_bytes());
-        if meta.is_file() && is_side {
+        let is_side = (target.starts_with(LONG_PREFIX.as_bytes())
+            && target.ends_with(LONG_SUFFIX.as_bytes()))
+            || long_target_ref(target).is_some();
+        if meta.is_file() && target == JOURNAL_FILE.as_bytes() {
             self.problem(
                 ProblemKind::TempFile,
                 path,
                 None,
                 plain_dir,
-                "temp file of an interrupted long-name side-file update (the update never took \
-                 effect)"
+                "temp file of an upgrade journal that was never put in place (no file was \
+                 changed under it)"
+                    .into(),
+                Fix::Remove,
+                None,
+            );
+        } else if meta.is_file() && is_side {
+            self.problem(
+                ProblemKind::TempFile,
+                path,
+                None,
+                plain_dir,
+                "temp file of an interrupted side-file update (a long name or a long symlink \
+                 target; the update never took effect)"
                     .into(),
                 Fix::Remove,
                 None,

@@ -887,7 +887,7 @@ fn double_encryption_round_trips_and_losing_either_key_denies_access() {
     let owner = LocalVault::open(&Home::at(&env.home).vault_dir()).unwrap();
     let backing = data_files(&env.cipher)
         .into_iter()
-        .find(|p| fs::metadata(p).unwrap().len() == FILE_HEADER_LEN + big.len() as u64)
+        .find(|p| fs::metadata(p).unwrap().len() == backing_len(big.len() as u64))
         .expect("the backing file of big");
     let read_with = |keys: &cmkfs::crypto::VolumeKeys| {
         let f = fs::File::open(&backing).unwrap();
@@ -1049,11 +1049,14 @@ fn write_file_in_process(dir: &Path, vault: LocalVault, name: &str, data: &[u8])
     let vol = Volume::open(dir, header, Arc::new(kr), 1).unwrap();
     let (_, _, of) = vol
         .create_file(
-            vol.root(),
+            vol.root_dir(),
             OsStr::new(name),
             0o644,
-            true,
-            Caller { uid: 0, gid: 0 },
+            Caller {
+                uid: 0,
+                gid: 0,
+                umask: 0,
+            },
         )
         .unwrap();
     vol.write(&of, 0, data).unwrap();
@@ -1071,8 +1074,10 @@ fn read_file_in_process(dir: &Path, vault: LocalVault, name: &str) -> Vec<u8> {
     )
     .unwrap_or_else(|e| panic!("{}: does not unlock: {e}", dir.display()));
     let vol = Volume::open(dir, header, Arc::new(kr), 1).unwrap();
-    let (path, _) = vol.lookup(vol.root(), OsStr::new(name)).unwrap();
-    let of = vol.open_file(&path, false).unwrap();
+    let (bname, attr) = vol.lookup(vol.root_dir(), OsStr::new(name)).unwrap();
+    let of = vol
+        .open_file(vol.root_dir(), &bname, false, Some(attr.ino))
+        .unwrap();
     vol.read(&of, 0, 1 << 20).unwrap()
 }
 

@@ -6,7 +6,11 @@
 //! descriptor or a fresh open), truncate (descriptor or path), fallocate (extend, keep-size,
 //! punch hole), rename (also over an existing name and between hard links of one file), link,
 //! unlink (also of files still open), reopen, shared-mmap write, and a remount half-way.
-//! Names include long ones (side files) and three directories.
+//! Names include long ones (side files) and three directories. Since issue 12 also: symlinks
+//! (targets of 1..=4095 bytes, long ones in side files), FIFOs and device nodes, mkdir and
+//! rmdir of subdirectories and directories renamed over (empty or not) directories, and
+//! extended attributes (`user.*`, `trusted.*`) set and removed by name or through a
+//! descriptor, also of a file unlinked while open.
 //!
 //! Seeds: `CMKFS_MODEL_SEEDS=1,2,3` (a list) replaces the default set (two fixed seeds and one
 //! fresh seed, printed, replayable with `CMKFS_TEST_SEED`); `CMKFS_MODEL_OPS=N` sets the
@@ -19,7 +23,7 @@ use std::ffi::CString;
 use std::fs::{self, File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
 use std::path::Path;
 
 use common::*;
@@ -34,6 +38,10 @@ const MAX_HANDLES: usize = 4;
 const FULL_CHECK_EVERY: usize = 25;
 
 const DIRS: [&str; 3] = ["", "d1", "d2"];
+/// Names of the subdirectories the model makes and removes (in any of `DIRS`).
+const SUBDIRS: [&str; 2] = ["s1", "s2"];
+/// The file a subdirectory may hold (so that it is not empty).
+const INNER: &str = "inner";
 
 fn names() -> Vec<String> {
     let mut v: Vec<String> = ["a", "b", "c", "d"].iter().map(|s| s.to_string()).collect();
@@ -60,10 +68,32 @@ fn short(p: &str) -> String {
     }
 }
 
+/// What a node is.
+#[derive(Clone, Debug, PartialEq)]
+enum Kind {
+    File,
+    Symlink(Vec<u8>),
+    Fifo,
+    CharDev(u64),
+}
+
 #[derive(Clone, Debug)]
 struct Node {
+    kind: Kind,
     data: Vec<u8>,
     nlink: u32,
+    xattrs: BTreeMap<String, Vec<u8>>,
+}
+
+impl Node {
+    fn new(kind: Kind) -> Node {
+        Node {
+            kind,
+            data: Vec::new(),
+            nlink: 1,
+            xattrs: BTreeMap::new(),
+        }
+    }
 }
 
 struct Handle {
@@ -73,8 +103,10 @@ struct Handle {
 
 /// The model and the mount side by side.
 struct World {
-    /// Plaintext path (relative) → node.
+    /// Plaintext path (relative) → node (everything but directories).
     paths: BTreeMap<String, usize>,
+    /// Subdirectories made by the model (relative path) → whether they hold `INNER`.
+    subdirs: BTreeMap<String, bool>,
     nodes: HashMap<usize, Node>,
     next_node: usize,
     handles: Vec<Handle>,
@@ -94,6 +126,7 @@ impl World {
     fn new() -> World {
         World {
             paths: BTreeMap::new(),
+            subdirs: BTreeMap::new(),
             nodes: HashMap::new(),
             next_node: 0,
             handles: Vec::new(),
@@ -115,12 +148,37 @@ impl World {
         self.inos.retain(|id, _| nodes.contains_key(id));
     }
 
+    /// Any existing name (file, symlink, FIFO, device).
     fn existing(&self, rng: &mut StdRng) -> Option<String> {
         if self.paths.is_empty() {
             return None;
         }
         let i = rng.gen_range(0..self.paths.len());
         self.paths.keys().nth(i).cloned()
+    }
+
+    /// An existing name of a regular file.
+    fn existing_file(&self, rng: &mut StdRng) -> Option<String> {
+        let files: Vec<&String> = self
+            .paths
+            .iter()
+            .filter(|(_, n)| self.nodes[n].kind == Kind::File)
+            .map(|(p, _)| p)
+            .collect();
+        (!files.is_empty()).then(|| files[rng.gen_range(0..files.len())].clone())
+    }
+
+    /// A path for a new entry, or `None` when a subdirectory has that name.
+    fn free_path(&self, rng: &mut StdRng, names: &[String]) -> Option<String> {
+        let p = Self::any_path(rng, names);
+        (!self.subdirs.contains_key(&p)).then_some(p)
+    }
+
+    fn new_node(&mut self, kind: Kind) -> usize {
+        let n = self.next_node;
+        self.next_node += 1;
+        self.nodes.insert(n, Node::new(kind));
+        n
     }
 
     fn any_path(rng: &mut StdRng, names: &[String]) -> String {
@@ -143,7 +201,7 @@ impl World {
         rng: &mut StdRng,
         names: &[String],
     ) -> Result<Vec<usize>, String> {
-        let roll = rng.gen_range(0..100);
+        let roll = rng.gen_range(0..120);
         match roll {
             0..=7 => self.op_create(mnt, rng, names),
             8..=37 => self.op_write(mnt, rng),
@@ -154,7 +212,13 @@ impl World {
             72..=79 => self.op_unlink(mnt, rng),
             80..=87 => self.op_reopen(mnt, rng),
             88..=93 => self.op_mmap(rng),
-            _ => self.op_read(rng),
+            94..=99 => self.op_read(rng),
+            100..=103 => self.op_symlink(mnt, rng, names),
+            104..=105 => self.op_mknod(mnt, rng, names),
+            106..=108 => self.op_mkdir(mnt, rng),
+            109..=110 => self.op_rmdir(mnt, rng),
+            111..=113 => self.op_rename_dir(mnt, rng, names),
+            _ => self.op_xattr(mnt, rng),
         }
     }
 
@@ -164,7 +228,16 @@ impl World {
         rng: &mut StdRng,
         names: &[String],
     ) -> Result<Vec<usize>, String> {
-        let p = Self::any_path(rng, names);
+        let Some(p) = self.free_path(rng, names) else {
+            return Ok(vec![]);
+        };
+        if self
+            .paths
+            .get(&p)
+            .is_some_and(|n| self.nodes[n].kind != Kind::File)
+        {
+            return Ok(vec![]); // a symlink would be followed, a FIFO would block
+        }
         // O_CREAT|O_TRUNC: a new file, or an existing one emptied.
         let f = OpenOptions::new()
             .read(true)
@@ -179,15 +252,7 @@ impl World {
                 n
             }
             None => {
-                let n = self.next_node;
-                self.next_node += 1;
-                self.nodes.insert(
-                    n,
-                    Node {
-                        data: Vec::new(),
-                        nlink: 1,
-                    },
-                );
+                let n = self.new_node(Kind::File);
                 self.paths.insert(p.clone(), n);
                 n
             }
@@ -232,7 +297,7 @@ impl World {
                 format!("fd{i}"),
             )
         } else {
-            let Some(p) = self.existing(rng) else {
+            let Some(p) = self.existing_file(rng) else {
                 return Ok(vec![]);
             };
             let n = self.paths[&p];
@@ -262,7 +327,7 @@ impl World {
             let n = self.handles[i].node;
             (n, self.nodes[&n].data.len())
         } else {
-            let Some(p) = self.existing(rng) else {
+            let Some(p) = self.existing_file(rng) else {
                 return Ok(vec![]);
             };
             let n = self.paths[&p];
@@ -369,6 +434,16 @@ impl World {
         if dst == src {
             return Ok(vec![]);
         }
+        if self.subdirs.contains_key(&dst) {
+            // A non-directory over a directory: EISDIR, nothing changes.
+            let r = fs::rename(mnt.join(&src), mnt.join(&dst));
+            return match r {
+                Err(e) if errno_of(&e) == libc::EISDIR => Ok(vec![]),
+                other => Err(format!(
+                    "rename {src} over directory {dst}: {other:?}, want EISDIR"
+                )),
+            };
+        }
         let node = self.paths[&src];
         self.note(format!(
             "rename {} -> {} (node {node})",
@@ -404,7 +479,7 @@ impl World {
             return Ok(vec![]);
         };
         let dst = Self::any_path(rng, names);
-        if self.paths.contains_key(&dst) {
+        if self.paths.contains_key(&dst) || self.subdirs.contains_key(&dst) {
             // Must fail with EEXIST and change nothing.
             let r = fs::hard_link(mnt.join(&src), mnt.join(&dst));
             return match r {
@@ -452,7 +527,7 @@ impl World {
             drop(h);
             self.collect();
         }
-        if let Some(p) = self.existing(rng) {
+        if let Some(p) = self.existing_file(rng) {
             let node = self.paths[&p];
             let file = Self::open_rw(mnt, &p)?;
             self.note(format!(
@@ -541,6 +616,226 @@ impl World {
         Ok(vec![])
     }
 
+    fn op_symlink(
+        &mut self,
+        mnt: &Path,
+        rng: &mut StdRng,
+        names: &[String],
+    ) -> Result<Vec<usize>, String> {
+        let Some(p) = self.free_path(rng, names) else {
+            return Ok(vec![]);
+        };
+        // Short targets, targets around the side-file threshold (3039/3040), and long ones.
+        let len = match rng.gen_range(0..4) {
+            0 => rng.gen_range(1..=64),
+            1 => rng.gen_range(3030..=3050),
+            2 => rng.gen_range(3051..=4094),
+            _ => 4095,
+        };
+        // Any byte but NUL; a fixed first byte keeps it from resolving anywhere real.
+        let mut target: Vec<u8> = (0..len).map(|_| rng.gen_range(1..=255u8)).collect();
+        target[0] = b'~';
+        let r = std::os::unix::fs::symlink(std::ffi::OsStr::from_bytes(&target), mnt.join(&p));
+        if self.paths.contains_key(&p) {
+            return match r {
+                Err(e) if errno_of(&e) == libc::EEXIST => Ok(vec![]),
+                other => Err(format!("symlink over existing {p}: {other:?}, want EEXIST")),
+            };
+        }
+        r.map_err(|e| format!("symlink {p} ({len}-byte target): {e}"))?;
+        let node = self.new_node(Kind::Symlink(target));
+        self.paths.insert(p.clone(), node);
+        self.note(format!(
+            "symlink {} ({len} bytes) -> node {node}",
+            short(&p)
+        ));
+        Ok(vec![node])
+    }
+
+    fn op_mknod(
+        &mut self,
+        mnt: &Path,
+        rng: &mut StdRng,
+        names: &[String],
+    ) -> Result<Vec<usize>, String> {
+        let Some(p) = self.free_path(rng, names) else {
+            return Ok(vec![]);
+        };
+        let (kind, mode, dev) = if rng.gen_bool(0.5) {
+            (Kind::Fifo, libc::S_IFIFO | 0o644, 0)
+        } else {
+            let dev = libc::makedev(rng.gen_range(1..300), rng.gen_range(0..70000));
+            (Kind::CharDev(dev), libc::S_IFCHR | 0o600, dev)
+        };
+        let c = CString::new(mnt.join(&p).as_os_str().as_bytes()).expect("path");
+        // SAFETY: valid C path.
+        let r = unsafe { libc::mknod(c.as_ptr(), mode, dev) };
+        let e = std::io::Error::last_os_error();
+        if self.paths.contains_key(&p) {
+            return match r {
+                -1 if errno_of(&e) == libc::EEXIST => Ok(vec![]),
+                _ => Err(format!("mknod over existing {p}: {r} {e}, want EEXIST")),
+            };
+        }
+        if r != 0 {
+            return Err(format!("mknod {p} {kind:?}: {e}"));
+        }
+        let node = self.new_node(kind.clone());
+        self.paths.insert(p.clone(), node);
+        self.note(format!("mknod {} {kind:?} -> node {node}", short(&p)));
+        Ok(vec![node])
+    }
+
+    fn any_subdir(rng: &mut StdRng) -> String {
+        rel(
+            DIRS[rng.gen_range(0..DIRS.len())],
+            SUBDIRS[rng.gen_range(0..SUBDIRS.len())],
+        )
+    }
+
+    fn op_mkdir(&mut self, mnt: &Path, rng: &mut StdRng) -> Result<Vec<usize>, String> {
+        let p = Self::any_subdir(rng);
+        let r = fs::create_dir(mnt.join(&p));
+        if self.subdirs.contains_key(&p) {
+            return match r {
+                Err(e) if errno_of(&e) == libc::EEXIST => Ok(vec![]),
+                other => Err(format!("mkdir existing {p}: {other:?}, want EEXIST")),
+            };
+        }
+        r.map_err(|e| format!("mkdir {p}: {e}"))?;
+        let inner = rng.gen_bool(0.4);
+        if inner {
+            fs::write(mnt.join(&p).join(INNER), p.as_bytes())
+                .map_err(|e| format!("write {p}/{INNER}: {e}"))?;
+        }
+        self.note(format!("mkdir {p} (inner: {inner})"));
+        self.subdirs.insert(p, inner);
+        Ok(vec![])
+    }
+
+    fn op_rmdir(&mut self, mnt: &Path, rng: &mut StdRng) -> Result<Vec<usize>, String> {
+        if self.subdirs.is_empty() {
+            return Ok(vec![]);
+        }
+        let i = rng.gen_range(0..self.subdirs.len());
+        let (p, inner) = self
+            .subdirs
+            .iter()
+            .nth(i)
+            .map(|(p, i)| (p.clone(), *i))
+            .expect("dir");
+        let r = fs::remove_dir(mnt.join(&p));
+        if inner {
+            return match r {
+                Err(e) if errno_of(&e) == libc::ENOTEMPTY => Ok(vec![]),
+                other => Err(format!("rmdir non-empty {p}: {other:?}, want ENOTEMPTY")),
+            };
+        }
+        r.map_err(|e| format!("rmdir {p}: {e}"))?;
+        self.note(format!("rmdir {p}"));
+        self.subdirs.remove(&p);
+        Ok(vec![])
+    }
+
+    /// Renames a subdirectory: to a free name, over an empty directory (which it replaces),
+    /// over a non-empty one (ENOTEMPTY), or over a non-directory (ENOTDIR).
+    fn op_rename_dir(
+        &mut self,
+        mnt: &Path,
+        rng: &mut StdRng,
+        names: &[String],
+    ) -> Result<Vec<usize>, String> {
+        if self.subdirs.is_empty() {
+            return Ok(vec![]);
+        }
+        let i = rng.gen_range(0..self.subdirs.len());
+        let (src, inner) = self
+            .subdirs
+            .iter()
+            .nth(i)
+            .map(|(p, i)| (p.clone(), *i))
+            .expect("dir");
+        let dst = if rng.gen_bool(0.8) {
+            Self::any_subdir(rng)
+        } else {
+            Self::any_path(rng, names)
+        };
+        if dst == src {
+            return Ok(vec![]);
+        }
+        let r = fs::rename(mnt.join(&src), mnt.join(&dst));
+        let want = if self.paths.contains_key(&dst) {
+            Some(libc::ENOTDIR)
+        } else if self.subdirs.get(&dst) == Some(&true) {
+            Some(libc::ENOTEMPTY)
+        } else {
+            None
+        };
+        self.note(format!("rename dir {src} -> {dst} (want {want:?})"));
+        match (r, want) {
+            (Ok(()), None) => {
+                self.subdirs.remove(&src);
+                self.subdirs.insert(dst, inner);
+                Ok(vec![])
+            }
+            (Err(e), Some(w)) if errno_of(&e) == w => Ok(vec![]),
+            (r, w) => Err(format!("rename dir {src} -> {dst}: {r:?}, want {w:?}")),
+        }
+    }
+
+    /// Sets or removes an extended attribute of a regular file, by name or through a
+    /// descriptor (also of a file unlinked while open).
+    fn op_xattr(&mut self, mnt: &Path, rng: &mut StdRng) -> Result<Vec<usize>, String> {
+        let via_handle = !self.handles.is_empty() && rng.gen_bool(0.5);
+        let (node, target) = if via_handle {
+            let i = rng.gen_range(0..self.handles.len());
+            (
+                self.handles[i].node,
+                XTarget::Fd(self.handles[i].file.as_raw_fd()),
+            )
+        } else {
+            let Some(p) = self.existing_file(rng) else {
+                return Ok(vec![]);
+            };
+            (self.paths[&p], XTarget::Path(mnt.join(&p)))
+        };
+        let name = format!(
+            "{}.k{}",
+            ["user", "trusted"][rng.gen_range(0..2)],
+            rng.gen_range(0..3)
+        );
+        if rng.gen_bool(0.25) {
+            let r = target.remove(&name);
+            let had = self
+                .nodes
+                .get_mut(&node)
+                .expect("node")
+                .xattrs
+                .remove(&name)
+                .is_some();
+            self.note(format!("removexattr node {node} {name} (had: {had})"));
+            return match (r, had) {
+                (Ok(()), true) => Ok(vec![node]),
+                (Err(libc::ENODATA), false) => Ok(vec![node]),
+                (r, _) => Err(format!("removexattr {name} of node {node}: {r:?}")),
+            };
+        }
+        let len = rng.gen_range(0..=300);
+        let value = random_bytes(rng, len);
+        self.note(format!(
+            "setxattr node {node} {name} ({len} bytes, via fd: {via_handle})"
+        ));
+        target
+            .set(&name, &value)
+            .map_err(|e| format!("setxattr {name} of node {node}: errno {e}"))?;
+        self.nodes
+            .get_mut(&node)
+            .expect("node")
+            .xattrs
+            .insert(name, value);
+        Ok(vec![node])
+    }
+
     /// Compares the mount with the model: listings, types, sizes, link counts, inode
     /// identity, and the contents of `touched` nodes (all nodes when `full`).
     fn verify(&mut self, mnt: &Path, touched: &[usize], full: bool) -> Result<(), String> {
@@ -556,6 +851,7 @@ impl World {
             let mut want: Vec<String> = self
                 .paths
                 .keys()
+                .chain(self.subdirs.keys())
                 .filter_map(|p| {
                     let (pd, n) = p.rsplit_once('/').unwrap_or(("", p));
                     (pd == d).then(|| n.to_string())
@@ -570,14 +866,56 @@ impl World {
                 ));
             }
         }
+        for (p, &inner) in &self.subdirs {
+            let md = fs::symlink_metadata(mnt.join(p)).map_err(|e| format!("stat {p}: {e}"))?;
+            if !md.is_dir() {
+                return Err(format!("{p}: not a directory ({:?})", md.file_type()));
+            }
+            let names: Vec<_> = fs::read_dir(mnt.join(p))
+                .map_err(|e| format!("readdir {p}: {e}"))?
+                .map(|e| e.map(|e| e.file_name()))
+                .collect::<Result<_, _>>()
+                .map_err(|e| format!("readdir {p}: {e}"))?;
+            if inner {
+                // The inner file says where its directory was made.
+                if names != [std::ffi::OsString::from(INNER)] {
+                    return Err(format!("{p}: holds {names:?}, want [{INNER}]"));
+                }
+                fs::read(mnt.join(p).join(INNER)).map_err(|e| format!("read {p}/{INNER}: {e}"))?;
+            } else if !names.is_empty() {
+                return Err(format!("{p}: holds {names:?}, want nothing"));
+            }
+        }
         let mut seen_inos: HashMap<u64, usize> = HashMap::new();
         for (p, &node) in &self.paths {
             let md = fs::symlink_metadata(mnt.join(p)).map_err(|e| format!("stat {p}: {e}"))?;
             let n = &self.nodes[&node];
-            if !md.is_file() {
-                return Err(format!("{p}: not a regular file ({:?})", md.file_type()));
+            let ft = md.file_type();
+            let kind_ok = match &n.kind {
+                Kind::File => ft.is_file(),
+                Kind::Symlink(t) => {
+                    ft.is_symlink()
+                        && md.len() == t.len() as u64
+                        && fs::read_link(mnt.join(p))
+                            .map(|g| g.as_os_str().as_bytes() == t.as_slice())
+                            .unwrap_or(false)
+                }
+                Kind::Fifo => ft.is_fifo(),
+                Kind::CharDev(d) => ft.is_char_device() && md.rdev() == *d,
+            };
+            if !kind_ok {
+                return Err(format!(
+                    "{}: type {ft:?} size {} rdev {:x}, want {:?} (node {node})",
+                    short(p),
+                    md.len(),
+                    md.rdev(),
+                    match &n.kind {
+                        Kind::Symlink(t) => format!("symlink of {} bytes", t.len()),
+                        k => format!("{k:?}"),
+                    }
+                ));
             }
-            if md.len() != n.data.len() as u64 {
+            if n.kind == Kind::File && md.len() != n.data.len() as u64 {
                 return Err(format!(
                     "{}: size {} , want {} (node {node})",
                     short(p),
@@ -626,6 +964,10 @@ impl World {
             let Some(n) = self.nodes.get(&node) else {
                 continue;
             };
+            if n.kind != Kind::File {
+                continue;
+            }
+            self.verify_xattrs(mnt, node)?;
             let path = self
                 .paths
                 .iter()
@@ -669,6 +1011,140 @@ impl World {
             }
         }
         Ok(())
+    }
+}
+
+impl World {
+    /// The `user.*` and `trusted.*` attributes of a file, by name or through a descriptor
+    /// when it has no name left.
+    fn verify_xattrs(&self, mnt: &Path, node: usize) -> Result<(), String> {
+        let target = match self.paths.iter().find(|(_, &x)| x == node) {
+            Some((p, _)) => XTarget::Path(mnt.join(p)),
+            None => match self.handles.iter().find(|h| h.node == node) {
+                Some(h) => XTarget::Fd(h.file.as_raw_fd()),
+                None => return Ok(()),
+            },
+        };
+        let mut got = BTreeMap::new();
+        for name in target
+            .list()
+            .map_err(|e| format!("listxattr node {node}: errno {e}"))?
+        {
+            if name.starts_with("user.") || name.starts_with("trusted.") {
+                let v = target
+                    .get(&name)
+                    .map_err(|e| format!("getxattr {name} of node {node}: errno {e}"))?;
+                got.insert(name, v);
+            }
+        }
+        if got != self.nodes[&node].xattrs {
+            return Err(format!(
+                "xattrs of node {node}: got {:?}, want {:?}",
+                got.iter().map(|(k, v)| (k, v.len())).collect::<Vec<_>>(),
+                self.nodes[&node]
+                    .xattrs
+                    .iter()
+                    .map(|(k, v)| (k, v.len()))
+                    .collect::<Vec<_>>()
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Where an xattr call goes: a path or an open descriptor.
+enum XTarget {
+    Path(std::path::PathBuf),
+    Fd(i32),
+}
+
+impl XTarget {
+    fn set(&self, name: &str, value: &[u8]) -> Result<(), i32> {
+        let n = CString::new(name).expect("name");
+        // SAFETY: valid C strings, descriptor and buffer.
+        let r = unsafe {
+            match self {
+                XTarget::Path(p) => {
+                    let c = CString::new(p.as_os_str().as_bytes()).expect("path");
+                    libc::setxattr(
+                        c.as_ptr(),
+                        n.as_ptr(),
+                        value.as_ptr().cast(),
+                        value.len(),
+                        0,
+                    )
+                }
+                XTarget::Fd(fd) => {
+                    libc::fsetxattr(*fd, n.as_ptr(), value.as_ptr().cast(), value.len(), 0)
+                }
+            }
+        };
+        if r != 0 {
+            return Err(errno_of(&std::io::Error::last_os_error()));
+        }
+        Ok(())
+    }
+
+    fn remove(&self, name: &str) -> Result<(), i32> {
+        let n = CString::new(name).expect("name");
+        // SAFETY: valid C strings and descriptor.
+        let r = unsafe {
+            match self {
+                XTarget::Path(p) => {
+                    let c = CString::new(p.as_os_str().as_bytes()).expect("path");
+                    libc::removexattr(c.as_ptr(), n.as_ptr())
+                }
+                XTarget::Fd(fd) => libc::fremovexattr(*fd, n.as_ptr()),
+            }
+        };
+        if r != 0 {
+            return Err(errno_of(&std::io::Error::last_os_error()));
+        }
+        Ok(())
+    }
+
+    fn get(&self, name: &str) -> Result<Vec<u8>, i32> {
+        let n = CString::new(name).expect("name");
+        let mut buf = vec![0u8; 4096];
+        // SAFETY: valid C strings, descriptor and buffer.
+        let r = unsafe {
+            match self {
+                XTarget::Path(p) => {
+                    let c = CString::new(p.as_os_str().as_bytes()).expect("path");
+                    libc::getxattr(c.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len())
+                }
+                XTarget::Fd(fd) => {
+                    libc::fgetxattr(*fd, n.as_ptr(), buf.as_mut_ptr().cast(), buf.len())
+                }
+            }
+        };
+        if r < 0 {
+            return Err(errno_of(&std::io::Error::last_os_error()));
+        }
+        buf.truncate(r as usize);
+        Ok(buf)
+    }
+
+    fn list(&self) -> Result<Vec<String>, i32> {
+        let mut buf = vec![0u8; 4096];
+        // SAFETY: valid C strings, descriptor and buffer.
+        let r = unsafe {
+            match self {
+                XTarget::Path(p) => {
+                    let c = CString::new(p.as_os_str().as_bytes()).expect("path");
+                    libc::listxattr(c.as_ptr(), buf.as_mut_ptr().cast(), buf.len())
+                }
+                XTarget::Fd(fd) => libc::flistxattr(*fd, buf.as_mut_ptr().cast(), buf.len()),
+            }
+        };
+        if r < 0 {
+            return Err(errno_of(&std::io::Error::last_os_error()));
+        }
+        Ok(buf[..r as usize]
+            .split(|b| *b == 0)
+            .filter(|n| !n.is_empty())
+            .map(|n| String::from_utf8_lossy(n).into_owned())
+            .collect())
     }
 }
 

@@ -88,3 +88,153 @@ fn corrupt_backing_files_fail_alone_and_are_logged() {
     );
     m.unmount();
 }
+
+/// The daemon's peak resident memory in KiB (`VmHWM`).
+fn peak_rss_kib(pid: u32) -> u64 {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+        .expect("VmHWM")
+}
+
+/// The backing entry of mount path `p` (found by inode: the mount shows backing numbers).
+fn backing_of(env: &Env, p: &std::path::Path) -> std::path::PathBuf {
+    use std::os::unix::fs::MetadataExt;
+    let ino = fs::symlink_metadata(p).unwrap().ino();
+    walk(&env.cipher)
+        .into_iter()
+        .find(|b| fs::symlink_metadata(b).map(|m| m.ino()).ok() == Some(ino))
+        .expect("backing entry")
+}
+
+#[test]
+fn the_daemon_never_follows_a_symlink_planted_in_the_backing_store() {
+    // Issue 12: a backing file replaced by a symlink within the attribute-cache window made
+    // the (root) daemon write a file header and ciphertext through it, outside the volume.
+    let env = Env::new();
+    env.init(&env.cipher);
+    let outside = env.dir("outside");
+    let target = outside.join("target");
+    let m = env.mount(&env.cipher, &env.mnt);
+    type Attack = fn(&std::path::Path) -> std::io::Result<()>;
+    let attacks: [(&str, Attack); 4] = [
+        ("write", |p| {
+            fs::OpenOptions::new()
+                .write(true)
+                .open(p)
+                .and_then(|mut f| std::io::Write::write_all(&mut f, b"ciphertext?"))
+        }),
+        ("truncate", |p| {
+            fs::OpenOptions::new().write(true).open(p)?.set_len(5000)
+        }),
+        ("chmod", |p| {
+            fs::set_permissions(p, fs::Permissions::from_mode(0o777))
+        }),
+        ("setxattr", |p| {
+            let (c, n) = (
+                std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap(),
+                std::ffi::CString::new("user.x").unwrap(),
+            );
+            // SAFETY: valid C strings and buffer.
+            match unsafe { libc::setxattr(c.as_ptr(), n.as_ptr(), b"v".as_ptr().cast(), 1, 0) } {
+                0 => Ok(()),
+                _ => Err(std::io::Error::last_os_error()),
+            }
+        }),
+    ];
+    for (what, attack) in attacks {
+        // An empty file outside the volume: the old daemon wrote a file header into it.
+        fs::write(&target, b"").unwrap();
+        fs::set_permissions(&target, fs::Permissions::from_mode(0o644)).unwrap();
+        let name = m.path(what);
+        write(&name, b"");
+        let b = backing_of(&env, &name);
+        // Cached by the kernel (attributes and dentry live for a second), then swapped
+        // behind its back, then attacked within that window.
+        let _ = fs::metadata(&name).unwrap();
+        fs::remove_file(&b).unwrap();
+        std::os::unix::fs::symlink(&target, &b).unwrap();
+        let _ = attack(&name);
+        let meta = fs::metadata(&target).unwrap();
+        assert_eq!(meta.len(), 0, "{what}: written through a planted symlink");
+        assert_eq!(
+            meta.permissions().mode() & 0o777,
+            0o644,
+            "{what}: mode changed through it"
+        );
+        let x = std::ffi::CString::new(target.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: valid C strings; a size query.
+        let has_xattr =
+            unsafe { libc::getxattr(x.as_ptr(), c"user.x".as_ptr(), std::ptr::null_mut(), 0) } >= 0;
+        assert!(!has_xattr, "{what}: xattr set through it");
+    }
+    // A directory swapped for a symlink to an outside directory: nothing is created there.
+    fs::create_dir(m.path("dir")).unwrap();
+    let b = backing_of(&env, &m.path("dir"));
+    let _ = fs::metadata(m.path("dir")).unwrap();
+    fs::remove_dir_all(&b).unwrap();
+    std::os::unix::fs::symlink(&outside, &b).unwrap();
+    let _ = fs::write(m.path("dir/new"), b"x");
+    let _ = fs::create_dir(m.path("dir/newdir"));
+    let names: Vec<_> = fs::read_dir(&outside)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(
+        names,
+        vec![std::ffi::OsString::from("target")],
+        "outside dir touched"
+    );
+    m.unmount();
+}
+
+use std::os::unix::fs::PermissionsExt;
+
+#[test]
+fn directory_ids_are_read_with_a_bound_and_never_through_a_symlink_or_fifo() {
+    // Issue 12: a directory-id file swapped for a symlink to a 200 MB file was read whole.
+    let env = Env::new();
+    env.init(&env.cipher);
+    let m = env.mount(&env.cipher, &env.mnt);
+    for d in ["symlink", "fifo", "huge", "good"] {
+        fs::create_dir(m.path(d)).unwrap();
+        write(&m.path(format!("{d}/f")), b"inside");
+    }
+    let backing: Vec<_> = ["symlink", "fifo", "huge"]
+        .iter()
+        .map(|d| backing_of(&env, &m.path(d)))
+        .collect();
+    m.unmount();
+    let big = env.root.join("big");
+    fs::File::create(&big).unwrap().set_len(200 << 20).unwrap();
+    let id = |d: &std::path::Path| d.join(".cmkfs.dirid");
+    fs::remove_file(id(&backing[0])).unwrap();
+    std::os::unix::fs::symlink(&big, id(&backing[0])).unwrap();
+    fs::remove_file(id(&backing[1])).unwrap();
+    let c = std::ffi::CString::new(id(&backing[1]).as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: valid C path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    fs::remove_file(id(&backing[2])).unwrap();
+    fs::File::create(id(&backing[2]))
+        .unwrap()
+        .set_len(200 << 20)
+        .unwrap();
+
+    let m = env.mount(&env.cipher, &env.mnt);
+    for d in ["symlink", "fifo", "huge"] {
+        // The watchdog turns a hang (a blocking open of the FIFO) into a failure.
+        let err = fs::read_dir(m.path(d)).map(|_| ()).expect_err(d);
+        assert_eq!(err.raw_os_error(), Some(libc::EIO), "{d}: {err}");
+        assert!(fs::read(m.path(format!("{d}/f"))).is_err(), "{d}");
+    }
+    assert_eq!(read(&m.path("good/f")), b"inside", "the rest keeps working");
+    let pid = m.daemon_pid().expect("daemon pid");
+    let peak = peak_rss_kib(pid);
+    assert!(
+        peak < 120 * 1024,
+        "the daemon read a huge id file whole: peak RSS {peak} KiB"
+    );
+    m.unmount();
+}

@@ -1,0 +1,220 @@
+//! Directory operations: lookup, making and removing names (mkdir, mknod, symlink, unlink,
+//! rmdir), readlink, and listings (opendir / readdir / readdirplus snapshots, fsyncdir).
+
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use fuser::{
+    FileHandle, FileType, FopenFlags, Generation, INodeNo, ReplyData, ReplyDirectory,
+    ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen,
+};
+
+use super::{kind_of, lock, CmkFs, DirEntry, DirSnapshot, FsResult, Resolved, TTL};
+use crate::volume::{Attr, Caller};
+
+impl CmkFs {
+    /// Replies with a new entry the kernel now knows.
+    fn entry_reply(
+        &self,
+        reply: ReplyEntry,
+        op: &str,
+        parent: INodeNo,
+        name: &OsStr,
+        r: FsResult<(std::ffi::OsString, Attr)>,
+    ) {
+        match r {
+            Ok((bname, a)) => reply.entry(
+                &TTL,
+                &self.remember(parent, name, &bname, &a),
+                Generation(0),
+            ),
+            Err(e) => reply.error(self.errno(&e, op, Some(parent))),
+        }
+    }
+
+    pub(super) fn do_lookup(&self, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let r = self.dir(parent).and_then(|d| self.vol.lookup(&d, name));
+        self.entry_reply(reply, "lookup", parent, name, r)
+    }
+
+    pub(super) fn do_mknod(
+        &self,
+        c: Caller,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        let r = self
+            .dir(parent)
+            .and_then(|d| self.vol.mknod(&d, name, mode, rdev as u64, c));
+        self.entry_reply(reply, "mknod", parent, name, r)
+    }
+
+    pub(super) fn do_mkdir(
+        &self,
+        c: Caller,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        reply: ReplyEntry,
+    ) {
+        let r = self
+            .dir(parent)
+            .and_then(|d| self.vol.mkdir(&d, name, mode, c));
+        self.entry_reply(reply, "mkdir", parent, name, r)
+    }
+
+    pub(super) fn do_symlink(
+        &self,
+        c: Caller,
+        parent: INodeNo,
+        name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
+        let r = self
+            .dir(parent)
+            .and_then(|d| self.vol.symlink(&d, name, target.as_os_str(), c));
+        self.entry_reply(reply, "symlink", parent, name, r)
+    }
+
+    pub(super) fn do_readlink(&self, ino: INodeNo, reply: ReplyData) {
+        let r = self.resolve(ino, None).and_then(|r| match r {
+            Resolved::At(d, b) => self.vol.readlink(&d, &b),
+            _ => Err(crate::volume::VolumeError::Os(
+                std::io::Error::from_raw_os_error(libc::EINVAL),
+            )),
+        });
+        match r {
+            Ok(t) => reply.data(t.as_bytes()),
+            Err(e) => reply.error(self.errno(&e, "readlink", Some(ino))),
+        }
+    }
+
+    pub(super) fn do_unlink(&self, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        match self.dir(parent).and_then(|d| self.vol.unlink(&d, name)) {
+            Ok(_) => {
+                self.table.unlinked(parent.0, name, false);
+                reply.ok()
+            }
+            Err(e) => reply.error(self.errno(&e, "unlink", Some(parent))),
+        }
+    }
+
+    pub(super) fn do_rmdir(&self, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        match self.dir(parent).and_then(|d| self.vol.rmdir(&d, name)) {
+            Ok(_) => {
+                self.table.unlinked(parent.0, name, true);
+                reply.ok()
+            }
+            Err(e) => reply.error(self.errno(&e, "rmdir", Some(parent))),
+        }
+    }
+
+    fn snapshot(&self, ino: INodeNo) -> FsResult<DirSnapshot> {
+        let dir = self.dir(ino)?;
+        let dot = |name: &str| DirEntry {
+            ino: ino.0,
+            kind: FileType::Directory,
+            name: name.into(),
+            attr: None,
+        };
+        let mut entries = vec![dot("."), dot("..")];
+        for l in self.vol.list(&dir)? {
+            entries.push(DirEntry {
+                ino: self.table.fuse_ino(l.ino),
+                kind: kind_of(l.kind),
+                name: l.name,
+                attr: l.attr.map(|a| (l.bname, a)),
+            });
+        }
+        Ok(DirSnapshot { entries })
+    }
+
+    pub(super) fn do_opendir(&self, ino: INodeNo, reply: ReplyOpen) {
+        // Snapshot at open: offsets stay valid while entries change under a reader.
+        match self.snapshot(ino) {
+            Ok(s) => {
+                let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+                lock(&self.dirs).insert(fh, Arc::new(s));
+                reply.opened(FileHandle(fh), FopenFlags::empty());
+            }
+            Err(e) => reply.error(self.errno(&e, "opendir", Some(ino))),
+        }
+    }
+
+    fn listing(&self, fh: FileHandle) -> FsResult<Arc<DirSnapshot>> {
+        // A listing snapshot holds plaintext names: serve it only while the keys are live.
+        self.vol.keyring().keys::<crate::volume::VolumeError>()?;
+        lock(&self.dirs)
+            .get(&fh.0)
+            .cloned()
+            .ok_or_else(super::ebadf)
+    }
+
+    pub(super) fn do_readdir(&self, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+        match self.listing(fh) {
+            Ok(s) => {
+                for (i, e) in s.entries.iter().enumerate().skip(offset as usize) {
+                    if reply.add(INodeNo(e.ino), (i + 1) as u64, e.kind, &e.name) {
+                        break;
+                    }
+                }
+                reply.ok();
+            }
+            Err(e) => reply.error(self.errno(&e, "readdir", None)),
+        }
+    }
+
+    pub(super) fn do_readdirplus(
+        &self,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let s = match self.listing(fh) {
+            Ok(s) => s,
+            Err(e) => return reply.error(self.errno(&e, "readdirplus", Some(ino))),
+        };
+        for (i, e) in s.entries.iter().enumerate().skip(offset as usize) {
+            let full = match &e.attr {
+                // Entries handed out with attributes count as lookups, as the kernel expects.
+                Some((b, a)) => self.remember(ino, &e.name, b, a),
+                None if e.name == "." || e.name == ".." => match self.getattr_of(ino, None) {
+                    Ok(a) => a,
+                    Err(_) => continue,
+                },
+                // A corrupt entry: not handed out with attributes.
+                None => continue,
+            };
+            if reply.add(
+                INodeNo(e.ino),
+                (i + 1) as u64,
+                &e.name,
+                &TTL,
+                &full,
+                Generation(0),
+            ) {
+                // Buffer full, entry not sent: undo the lookup count just taken.
+                if e.attr.is_some() {
+                    self.table.forget(e.ino, 1);
+                }
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    pub(super) fn do_fsyncdir(&self, ino: INodeNo, reply: ReplyEmpty) {
+        match self.dir(ino).and_then(|d| self.vol.fsync_dir(&d)) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(self.errno(&e, "fsyncdir", Some(ino))),
+        }
+    }
+}

@@ -1,0 +1,636 @@
+//! The FUSE adapter: translates kernel requests into [`Volume`] calls. Thin by design: it
+//! keeps the tables FUSE needs (inodes, open files, directory listings) and nothing else;
+//! the format, the ciphers, the locking and every system call on the backing store live in
+//! `volume`.
+//!
+//! One file per family of operations, as gocryptfs's frontend: `nodes` (the inode table and
+//! how an inode is reached), `dir_ops` (lookup, mkdir, mknod, symlink, unlink, rmdir,
+//! listings), `open_create` (create, open, read, write, fsync, release, allocation, copy),
+//! `attr` (getattr, setattr, statfs, access), `rename_link`, `xattr`. The `Filesystem`
+//! trait impl below only dispatches to them.
+
+mod attr;
+mod dir_ops;
+mod nodes;
+mod open_create;
+mod rename_link;
+mod xattr;
+
+use std::collections::HashMap;
+use std::ffi::{OsStr, OsString};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fuser::{
+    AccessFlags, BsdFileFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, INodeNo,
+    KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
+    ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite,
+    Request, TimeOrNow, WriteFlags,
+};
+
+pub use nodes::NodeTable;
+
+use crate::volume::{Attr, Caller, Dir, OpenFile, Target, Volume, VolumeError};
+
+/// How long the kernel may cache attributes and entries. Short, because a revocation must
+/// not leave names usable from the dentry cache for long (it also invalidates explicitly).
+const TTL: Duration = Duration::from_secs(1);
+/// Largest write the kernel may send (its own limit is 256 pages).
+pub const MAX_WRITE: u32 = 1 << 20;
+
+type FsResult<T> = Result<T, VolumeError>;
+
+/// Drops every cached page, attribute and dentry the kernel holds for this mount. Must run
+/// on its own thread, never inside a request handler (the kernel waits on page locks held by
+/// in-flight reads, which wait on the daemon).
+pub fn invalidate_kernel_caches(table: &NodeTable, notifier: &fuser::Notifier) -> (usize, usize) {
+    let (inodes, entries) = table.invalidation_targets();
+    let mut done = (0, 0);
+    for ino in &inodes {
+        // Offset 0, length 0: all pages of the inode, and its attributes.
+        if notifier.inval_inode(INodeNo(*ino), 0, 0).is_ok() {
+            done.0 += 1;
+        }
+    }
+    for (parent, name) in &entries {
+        if notifier.inval_entry(INodeNo(*parent), name).is_ok() {
+            done.1 += 1;
+        }
+    }
+    done
+}
+
+/// One entry of a directory listing; with attributes (and backing name) for readdirplus.
+struct DirEntry {
+    ino: u64,
+    kind: FileType,
+    name: OsString,
+    attr: Option<(OsString, Attr)>,
+}
+
+struct DirSnapshot {
+    entries: Vec<DirEntry>,
+}
+
+/// The open files: by handle, and the handles of each inode (how a file with no name left
+/// is still reached by requests that carry no handle).
+#[derive(Default)]
+struct Files {
+    by_fh: HashMap<u64, (u64, Arc<OpenFile>)>,
+    by_ino: HashMap<u64, Vec<u64>>,
+}
+
+/// The FUSE filesystem of one mounted volume.
+pub struct CmkFs {
+    vol: Arc<Volume>,
+    table: Arc<NodeTable>,
+    files: Mutex<Files>,
+    dirs: Mutex<HashMap<u64, Arc<DirSnapshot>>>,
+    next_fh: AtomicU64,
+}
+
+/// What a request's inode resolves to.
+enum Resolved {
+    /// A directory, held open.
+    Dir(Arc<Dir>),
+    /// A non-directory by its name: parent directory and backing name.
+    At(Arc<Dir>, OsString),
+    /// An open handle of the inode.
+    File(Arc<OpenFile>),
+}
+
+impl Resolved {
+    fn target(&self) -> Target<'_> {
+        match self {
+            Resolved::Dir(d) => Target::Dir(d),
+            Resolved::At(d, n) => Target::At(d, n),
+            Resolved::File(f) => Target::File(f),
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn enoent() -> VolumeError {
+    VolumeError::Os(std::io::Error::from_raw_os_error(libc::ENOENT))
+}
+
+fn ebadf() -> VolumeError {
+    VolumeError::Os(std::io::Error::from_raw_os_error(libc::EBADF))
+}
+
+fn kind_of(mode: u32) -> FileType {
+    match mode & libc::S_IFMT {
+        libc::S_IFDIR => FileType::Directory,
+        libc::S_IFLNK => FileType::Symlink,
+        libc::S_IFIFO => FileType::NamedPipe,
+        libc::S_IFSOCK => FileType::Socket,
+        libc::S_IFCHR => FileType::CharDevice,
+        libc::S_IFBLK => FileType::BlockDevice,
+        _ => FileType::RegularFile,
+    }
+}
+
+fn time((secs, nsecs): (i64, u32)) -> SystemTime {
+    if secs >= 0 {
+        UNIX_EPOCH + Duration::new(secs as u64, nsecs)
+    } else {
+        UNIX_EPOCH - Duration::from_secs(secs.unsigned_abs()) + Duration::from_nanos(nsecs as u64)
+    }
+}
+
+fn caller(req: &Request, umask: u32) -> Caller {
+    Caller {
+        uid: req.uid(),
+        gid: req.gid(),
+        umask,
+    }
+}
+
+fn fattr(ino: u64, a: &Attr) -> FileAttr {
+    FileAttr {
+        ino: INodeNo(ino),
+        size: a.size,
+        blocks: a.blocks,
+        atime: time(a.atime),
+        mtime: time(a.mtime),
+        ctime: time(a.ctime),
+        crtime: time(a.mtime),
+        kind: kind_of(a.mode),
+        perm: (a.mode & 0o7777) as u16,
+        nlink: a.nlink as u32,
+        uid: a.uid,
+        gid: a.gid,
+        rdev: a.rdev as u32,
+        blksize: 4096,
+        flags: 0,
+    }
+}
+
+impl CmkFs {
+    /// Wraps an open volume.
+    pub fn new(vol: Arc<Volume>) -> CmkFs {
+        let table = Arc::new(NodeTable::new(&vol));
+        CmkFs {
+            vol,
+            table,
+            files: Mutex::new(Files::default()),
+            dirs: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+        }
+    }
+
+    /// The volume served.
+    pub fn volume(&self) -> &Arc<Volume> {
+        &self.vol
+    }
+
+    /// The inode table, for the revocation monitor.
+    pub fn node_table(&self) -> Arc<NodeTable> {
+        self.table.clone()
+    }
+
+    /// The errno for a failed request; notable errors are logged with the absolute backing
+    /// path: that of `ino` (the inode of the request, or the directory of a name-based one),
+    /// joined with the backing name the error names when it is an entry inside it.
+    fn errno(&self, e: &VolumeError, op: &str, ino: Option<INodeNo>) -> Errno {
+        if e.is_notable() {
+            let mut path = ino
+                .and_then(|i| self.table.backing_path(i.0))
+                .map(|p| self.vol.root().join(p))
+                .unwrap_or_else(|| PathBuf::from(self.vol.root()));
+            if let VolumeError::CorruptFile {
+                path: Some(name), ..
+            } = e
+            {
+                if !path.ends_with(name) {
+                    path.push(name);
+                }
+            }
+            tracing::warn!(op, path = %path.display(), error = %e.detail(), "request failed");
+        }
+        Errno::from_i32(e.errno())
+    }
+
+    /// Records an entry handed to the kernel and returns its FUSE attributes.
+    fn remember(&self, parent: INodeNo, name: &OsStr, bname: &OsStr, a: &Attr) -> FileAttr {
+        let ino = self.table.remember(parent.0, name, bname, a);
+        fattr(ino, a)
+    }
+
+    /// Directory inode `ino`, held open.
+    fn dir(&self, ino: INodeNo) -> FsResult<Arc<Dir>> {
+        self.table.dir(&self.vol, ino.0)
+    }
+
+    fn file(&self, fh: FileHandle) -> FsResult<Arc<OpenFile>> {
+        lock(&self.files)
+            .by_fh
+            .get(&fh.0)
+            .map(|(_, of)| of.clone())
+            .ok_or_else(ebadf)
+    }
+
+    /// Any open handle of inode `ino`.
+    fn any_handle_of(&self, ino: INodeNo) -> Option<Arc<OpenFile>> {
+        let files = lock(&self.files);
+        let fh = files.by_ino.get(&ino.0)?.first()?;
+        files.by_fh.get(fh).map(|(_, of)| of.clone())
+    }
+
+    /// What inode `ino` resolves to: the handle the request names; a directory's
+    /// descriptor; a file's name; or, for a file with no name left, any open handle.
+    fn resolve(&self, ino: INodeNo, fh: Option<FileHandle>) -> FsResult<Resolved> {
+        if let Some(of) = fh.and_then(|h| self.file(h).ok()) {
+            return Ok(Resolved::File(of));
+        }
+        match self.table.kind(ino.0) {
+            Some(libc::S_IFDIR) => Ok(Resolved::Dir(self.dir(ino)?)),
+            Some(_) => {
+                if let Some(l) = self.table.link(ino.0) {
+                    match self.dir(INodeNo(l.parent)) {
+                        Ok(d) => return Ok(Resolved::At(d, l.bname)),
+                        Err(e) if e.errno() != libc::ENOENT => return Err(e),
+                        Err(_) => {}
+                    }
+                }
+                self.any_handle_of(ino)
+                    .map(Resolved::File)
+                    .ok_or_else(enoent)
+            }
+            None => self
+                .any_handle_of(ino)
+                .map(Resolved::File)
+                .ok_or_else(enoent),
+        }
+    }
+
+    /// Attributes through `r`, checked to be inode `ino` (a name taken over by another inode
+    /// behind our back falls back to an open handle, else ENOENT).
+    fn attr_of(&self, ino: INodeNo, r: &Resolved) -> FsResult<Attr> {
+        let a = match self.vol.attr(r.target()) {
+            Err(e) if e.errno() == libc::ENOENT && matches!(r, Resolved::At(..)) => None,
+            r => Some(r?),
+        };
+        match a {
+            Some(a) if a.ino == self.table.backing_ino(ino.0) => Ok(a),
+            _ => match self.any_handle_of(ino) {
+                Some(of) => self.vol.attr(Target::File(&of)),
+                None => Err(enoent()),
+            },
+        }
+    }
+}
+
+/// The xattr size protocol: size 0 asks for the length; too small a buffer is ERANGE.
+fn xattr_reply(reply: fuser::ReplyXattr, size: u32, data: &[u8]) {
+    if size == 0 {
+        reply.size(data.len() as u32);
+    } else if data.len() > size as usize {
+        reply.error(Errno::ERANGE);
+    } else {
+        reply.data(data);
+    }
+}
+
+fn time_or_now(t: Option<TimeOrNow>) -> Option<Option<SystemTime>> {
+    t.map(|t| match t {
+        TimeOrNow::SpecificTime(t) => Some(t),
+        TimeOrNow::Now => None,
+    })
+}
+
+impl Filesystem for CmkFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        if let Err(nearest) = config.set_max_write(MAX_WRITE) {
+            let _ = config.set_max_write(nearest);
+        }
+        let _ = config.add_capabilities(fuser::InitFlags::FUSE_PARALLEL_DIROPS);
+        // We clear setuid/setgid and file capabilities on write ourselves; in exchange the
+        // kernel stops asking getxattr("security.capability") before every single write.
+        let _ = config.add_capabilities(fuser::InitFlags::FUSE_HANDLE_KILLPRIV_V2);
+        // The kernel enforces POSIX ACLs (with default_permissions); we store them and keep
+        // mode bits in step. With ACLs on, the umask is ours to apply (a default ACL
+        // replaces it), so the kernel must pass modes unmasked.
+        let _ = config
+            .add_capabilities(fuser::InitFlags::FUSE_POSIX_ACL | fuser::InitFlags::FUSE_DONT_MASK);
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        self.do_lookup(parent, name, reply)
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.table.forget(ino.0, nlookup);
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
+        self.do_getattr(ino, fh, reply)
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let set = crate::volume::SetAttr {
+            mode,
+            uid,
+            gid,
+            size,
+            atime: time_or_now(atime),
+            mtime: time_or_now(mtime),
+        };
+        self.do_setattr(ino, fh, &set, reply)
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        self.do_readlink(ino, reply)
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        self.do_mknod(caller(req, umask), parent, name, mode, rdev, reply)
+    }
+
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        reply: ReplyEntry,
+    ) {
+        self.do_mkdir(caller(req, umask), parent, name, mode, reply)
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.do_unlink(parent, name, reply)
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.do_rmdir(parent, name, reply)
+    }
+
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
+        self.do_symlink(caller(req, 0), parent, link_name, target, reply)
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        self.do_rename(parent, name, newparent, newname, flags.bits(), reply)
+    }
+
+    fn link(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        self.do_link(ino, newparent, newname, reply)
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        self.do_open(ino, flags, reply)
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        self.do_read(ino, fh, offset, size, reply)
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        self.do_write(ino, fh, offset, data, write_flags, reply)
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lo: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        // Nothing is buffered in the daemon: every write reached the backing file already.
+        reply.ok();
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.do_release(fh, reply)
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.do_fsync(ino, fh, datasync, reply)
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        self.do_opendir(ino, reply)
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        reply: ReplyDirectory,
+    ) {
+        self.do_readdir(fh, offset, reply)
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        reply: ReplyDirectoryPlus,
+    ) {
+        self.do_readdirplus(ino, fh, offset, reply)
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        lock(&self.dirs).remove(&fh.0);
+        reply.ok();
+    }
+
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.do_fsyncdir(ino, reply)
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        self.do_statfs(reply)
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        self.do_setxattr(ino, name, value, flags, reply)
+    }
+
+    fn getxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        size: u32,
+        reply: fuser::ReplyXattr,
+    ) {
+        self.do_getxattr(ino, name, size, reply)
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: fuser::ReplyXattr) {
+        self.do_listxattr(ino, size, reply)
+    }
+
+    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.do_removexattr(ino, name, reply)
+    }
+
+    fn access(&self, _req: &Request, ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
+        self.do_access(ino, reply)
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        self.do_create(caller(req, umask), parent, name, mode, flags, reply)
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        self.do_fallocate(ino, fh, offset, length, mode, reply)
+    }
+
+    fn copy_file_range(
+        &self,
+        _req: &Request,
+        _ino_in: INodeNo,
+        fh_in: FileHandle,
+        offset_in: u64,
+        _ino_out: INodeNo,
+        fh_out: FileHandle,
+        offset_out: u64,
+        len: u64,
+        _flags: fuser::CopyFileRangeFlags,
+        reply: ReplyWrite,
+    ) {
+        self.do_copy_file_range(fh_in, offset_in, fh_out, offset_out, len, reply)
+    }
+}

@@ -1,0 +1,356 @@
+//! The inodes the kernel knows, and how a request's inode is turned into something the
+//! volume can act on.
+//!
+//! Each inode keeps the names it was reached by as links — (parent inode, plaintext name,
+//! backing name) — never a backing path: a path would go stale when another request renames
+//! a parent, and could outgrow PATH_MAX long before the plaintext path does. A directory
+//! is reached through its cached descriptor ([`Dir`], which follows the directory through
+//! renames) or, when none is cached, by opening it from its nearest cached ancestor one
+//! component at a time, checking at each step that the inode is the one expected. The cache
+//! is bounded; the root is always in it.
+//!
+//! Inode numbers are the backing inode numbers, except the root, which is 1 (and a backing
+//! inode numbered 1, which shows as `u64::MAX`).
+
+use std::collections::HashMap;
+use std::ffi::{OsStr, OsString};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, RwLock, RwLockWriteGuard};
+
+use fuser::INodeNo;
+
+use crate::volume::{Attr, Dir, Volume, VolumeError};
+
+use super::{enoent, lock, FsResult};
+
+/// Directory descriptors cached at most (besides the root). Past it the cache is emptied
+/// and refilled on demand: correctness never depends on an entry being there. The
+/// environment variable `CMKFS_DIR_CACHE` sets another bound (tests use 1 to make every
+/// request walk from the root).
+const DIR_CACHE_MAX: usize = 2048;
+/// Longest chain of parents walked to reach a directory (plaintext paths are at most
+/// PATH_MAX bytes, so at most 2048 components).
+const MAX_DEPTH: usize = 4096;
+
+/// One step down from a cached directory: (inode, backing name).
+type Step = (u64, OsString);
+
+/// One name of an inode.
+#[derive(Clone, Debug)]
+pub(super) struct Link {
+    pub(super) parent: u64,
+    pub(super) name: OsString,
+    pub(super) bname: OsString,
+}
+
+struct Node {
+    nlookup: u64,
+    /// `S_IFMT` bits.
+    kind: u32,
+    /// Most recently used last. Empty when every name the kernel knew is gone (the file may
+    /// still be open).
+    links: Vec<Link>,
+    dir: Option<Arc<Dir>>,
+}
+
+#[derive(Default)]
+struct Nodes {
+    map: HashMap<u64, Node>,
+    by_name: HashMap<(u64, OsString), u64>,
+    cached: usize,
+}
+
+impl Nodes {
+    fn drop_link(&mut self, parent: u64, name: &OsStr) -> Option<u64> {
+        let ino = self.by_name.remove(&(parent, name.to_os_string()))?;
+        if let Some(n) = self.map.get_mut(&ino) {
+            n.links.retain(|l| !(l.parent == parent && l.name == name));
+        }
+        Some(ino)
+    }
+
+    fn drop_dir(&mut self, ino: u64) {
+        if ino == INodeNo::ROOT.0 {
+            return;
+        }
+        if let Some(n) = self.map.get_mut(&ino) {
+            if n.dir.take().is_some() {
+                self.cached = self.cached.saturating_sub(1);
+            }
+        }
+    }
+}
+
+/// The inodes the kernel currently knows (handed out by lookup, create, readdirplus...).
+/// Shared with the revocation monitor, which must invalidate every one of them.
+pub struct NodeTable {
+    nodes: Mutex<Nodes>,
+    root_backing: u64,
+    cache_max: usize,
+    /// Held shared while a directory is found by walking, exclusively while a rename moves
+    /// entries: a walk never sees a chain of names that a rename is changing.
+    moves: RwLock<()>,
+}
+
+impl NodeTable {
+    pub(super) fn new(vol: &Volume) -> NodeTable {
+        let mut nodes = Nodes::default();
+        nodes.map.insert(
+            INodeNo::ROOT.0,
+            Node {
+                nlookup: 1,
+                kind: libc::S_IFDIR,
+                links: Vec::new(),
+                dir: Some(vol.root_dir().clone()),
+            },
+        );
+        NodeTable {
+            nodes: Mutex::new(nodes),
+            root_backing: vol.root_dir().ino(),
+            cache_max: std::env::var("CMKFS_DIR_CACHE")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(DIR_CACHE_MAX),
+            moves: RwLock::new(()),
+        }
+    }
+
+    /// Every known inode, and every (parent, name) dentry the kernel may have cached.
+    pub fn invalidation_targets(&self) -> (Vec<u64>, Vec<(u64, OsString)>) {
+        let nodes = lock(&self.nodes);
+        let inodes = nodes.map.keys().copied().collect();
+        let entries = nodes.by_name.keys().cloned().collect();
+        (inodes, entries)
+    }
+
+    /// The inode number the kernel sees for backing inode `b`.
+    pub(super) fn fuse_ino(&self, b: u64) -> u64 {
+        if b == self.root_backing {
+            INodeNo::ROOT.0
+        } else if b == INodeNo::ROOT.0 {
+            u64::MAX
+        } else {
+            b
+        }
+    }
+
+    /// The backing inode number of kernel inode `ino`.
+    pub(super) fn backing_ino(&self, ino: u64) -> u64 {
+        if ino == INodeNo::ROOT.0 {
+            self.root_backing
+        } else if ino == u64::MAX {
+            INodeNo::ROOT.0
+        } else {
+            ino
+        }
+    }
+
+    /// Records that the kernel now knows `name` in `parent` (backing `bname`) as the inode
+    /// of `attr` (one more lookup). Returns the inode number.
+    pub(super) fn remember(&self, parent: u64, name: &OsStr, bname: &OsStr, attr: &Attr) -> u64 {
+        let ino = self.fuse_ino(attr.ino);
+        let mut nodes = lock(&self.nodes);
+        let key = (parent, name.to_os_string());
+        if let Some(old) = nodes.by_name.get(&key).copied() {
+            if old != ino {
+                nodes.drop_link(parent, name);
+            }
+        }
+        let n = nodes.map.entry(ino).or_insert(Node {
+            nlookup: 0,
+            kind: attr.kind(),
+            links: Vec::new(),
+            dir: None,
+        });
+        n.nlookup += 1;
+        if n.kind != attr.kind() {
+            // The backing inode number was reused by an object of another type.
+            n.kind = attr.kind();
+            n.links.clear();
+            if n.dir.take().is_some() {
+                nodes.cached = nodes.cached.saturating_sub(1);
+            }
+        }
+        let n = nodes.map.get_mut(&ino).expect("inserted above");
+        // The freshest name goes last: it is the one most likely to still exist.
+        n.links.retain(|l| !(l.parent == parent && l.name == name));
+        n.links.push(Link {
+            parent,
+            name: name.to_os_string(),
+            bname: bname.to_os_string(),
+        });
+        nodes.by_name.insert(key, ino);
+        ino
+    }
+
+    /// The kernel forgot `n` lookups of `ino`.
+    pub(super) fn forget(&self, ino: u64, n: u64) {
+        if ino == INodeNo::ROOT.0 {
+            return;
+        }
+        let mut nodes = lock(&self.nodes);
+        let Some(node) = nodes.map.get_mut(&ino) else {
+            return;
+        };
+        node.nlookup = node.nlookup.saturating_sub(n);
+        if node.nlookup > 0 {
+            return;
+        }
+        if let Some(node) = nodes.map.remove(&ino) {
+            if node.dir.is_some() {
+                nodes.cached = nodes.cached.saturating_sub(1);
+            }
+            for l in node.links {
+                let key = (l.parent, l.name);
+                if nodes.by_name.get(&key) == Some(&ino) {
+                    nodes.by_name.remove(&key);
+                }
+            }
+        }
+    }
+
+    /// `name` in `parent` is gone (unlink, rmdir). Its inode keeps its other names; a
+    /// removed directory's cached descriptor is dropped (its inode number may be reused).
+    pub(super) fn unlinked(&self, parent: u64, name: &OsStr, was_dir: bool) {
+        let mut nodes = lock(&self.nodes);
+        if let Some(ino) = nodes.drop_link(parent, name) {
+            if was_dir {
+                nodes.drop_dir(ino);
+            }
+        }
+    }
+
+    /// Follows a rename: the entry at (`parent`, `name`) is now (`newparent`, `newname`) with
+    /// backing name `to`; whatever was at the destination lost that name (or, for an
+    /// exchange, moved to the source name with backing name `from`).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn renamed(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        newparent: u64,
+        newname: &OsStr,
+        from: &OsStr,
+        to: &OsStr,
+        exchange: bool,
+    ) {
+        let mut nodes = lock(&self.nodes);
+        let moved = nodes.drop_link(parent, name);
+        let other = nodes.drop_link(newparent, newname);
+        let relink = |nodes: &mut Nodes, ino: u64, parent: u64, name: &OsStr, bname: &OsStr| {
+            if let Some(n) = nodes.map.get_mut(&ino) {
+                n.links.push(Link {
+                    parent,
+                    name: name.to_os_string(),
+                    bname: bname.to_os_string(),
+                });
+                nodes.by_name.insert((parent, name.to_os_string()), ino);
+            }
+        };
+        if let Some(ino) = moved {
+            relink(&mut nodes, ino, newparent, newname, to);
+        }
+        if let Some(ino) = other {
+            if exchange {
+                relink(&mut nodes, ino, parent, name, from);
+            } else if Some(ino) != moved {
+                // A directory replaced by the rename is gone.
+                nodes.drop_dir(ino);
+            }
+        }
+    }
+
+    /// The type bits of a known inode.
+    pub(super) fn kind(&self, ino: u64) -> Option<u32> {
+        lock(&self.nodes).map.get(&ino).map(|n| n.kind)
+    }
+
+    /// The parent directory and backing name of a known non-directory inode (its freshest
+    /// name), if it still has one.
+    pub(super) fn link(&self, ino: u64) -> Option<Link> {
+        lock(&self.nodes)
+            .map
+            .get(&ino)
+            .and_then(|n| n.links.last().cloned())
+    }
+
+    /// Taken by a rename for the time it moves entries (see [`NodeTable::dir`]).
+    pub(super) fn moving(&self) -> RwLockWriteGuard<'_, ()> {
+        self.moves.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The directory inode `ino`, held open: from the cache, or opened component by
+    /// component from its nearest cached ancestor. The walk runs while no rename moves
+    /// entries, so its chain of names is current; each step is also checked to be the
+    /// expected inode (a name taken over behind our back is `ENOENT`, never another
+    /// directory).
+    pub(super) fn dir(&self, vol: &Volume, ino: u64) -> FsResult<Arc<Dir>> {
+        if let Some(d) = lock(&self.nodes).map.get(&ino).and_then(|n| n.dir.clone()) {
+            return Ok(d);
+        }
+        let _walk = self.moves.read().unwrap_or_else(|p| p.into_inner());
+        let (mut dir, chain) = self.chain(ino)?;
+        for (cino, bname) in chain.iter().rev() {
+            dir = Arc::new(vol.open_dir(&dir, bname, Some(self.backing_ino(*cino)))?);
+            self.cache(*cino, &dir);
+        }
+        Ok(dir)
+    }
+
+    /// The nearest cached directory above (or at) `ino`, and the (inode, backing name) steps
+    /// from it down to `ino`, innermost first.
+    fn chain(&self, ino: u64) -> FsResult<(Arc<Dir>, Vec<Step>)> {
+        let nodes = lock(&self.nodes);
+        let mut chain = Vec::new();
+        let mut cur = ino;
+        loop {
+            let n = nodes.map.get(&cur).ok_or_else(enoent)?;
+            if let Some(d) = &n.dir {
+                return Ok((d.clone(), chain));
+            }
+            if n.kind != libc::S_IFDIR || chain.len() > MAX_DEPTH {
+                return Err(VolumeError::Os(std::io::Error::from_raw_os_error(
+                    libc::ENOTDIR,
+                )));
+            }
+            let l = n.links.last().ok_or_else(enoent)?;
+            chain.push((cur, l.bname.clone()));
+            cur = l.parent;
+        }
+    }
+
+    fn cache(&self, ino: u64, dir: &Arc<Dir>) {
+        let mut nodes = lock(&self.nodes);
+        if nodes.cached >= self.cache_max {
+            for (i, n) in nodes.map.iter_mut() {
+                if *i != INodeNo::ROOT.0 {
+                    n.dir = None;
+                }
+            }
+            nodes.cached = 0;
+        }
+        if let Some(n) = nodes.map.get_mut(&ino) {
+            if n.dir.is_none() {
+                n.dir = Some(dir.clone());
+                nodes.cached += 1;
+            }
+        }
+    }
+
+    /// The backing path of `ino` below the backing root, for log lines only (nothing is
+    /// ever opened by it).
+    pub(super) fn backing_path(&self, ino: u64) -> Option<PathBuf> {
+        let nodes = lock(&self.nodes);
+        let mut parts = Vec::new();
+        let mut cur = ino;
+        while cur != INodeNo::ROOT.0 {
+            let l = nodes.map.get(&cur)?.links.last()?;
+            parts.push(l.bname.clone());
+            cur = l.parent;
+            if parts.len() > MAX_DEPTH {
+                return None;
+            }
+        }
+        Some(parts.iter().rev().collect())
+    }
+}

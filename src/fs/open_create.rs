@@ -1,0 +1,175 @@
+//! Open files: create, open, read, write, fsync, release, fallocate, copy_file_range.
+
+use std::ffi::OsStr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use fuser::{
+    FileHandle, FopenFlags, Generation, INodeNo, OpenAccMode, OpenFlags, ReplyCreate, ReplyData,
+    ReplyEmpty, ReplyOpen, ReplyWrite, WriteFlags,
+};
+
+use super::{lock, CmkFs, Resolved, TTL};
+use crate::volume::{Caller, OpenFile, VolumeError};
+
+impl CmkFs {
+    fn add_file(&self, ino: u64, of: OpenFile) -> u64 {
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        let mut files = lock(&self.files);
+        files.by_fh.insert(fh, (ino, Arc::new(of)));
+        files.by_ino.entry(ino).or_default().push(fh);
+        fh
+    }
+
+    pub(super) fn do_release(&self, fh: FileHandle, reply: fuser::ReplyEmpty) {
+        let mut files = lock(&self.files);
+        if let Some((ino, _)) = files.by_fh.remove(&fh.0) {
+            if let Some(v) = files.by_ino.get_mut(&ino) {
+                v.retain(|h| *h != fh.0);
+                if v.is_empty() {
+                    files.by_ino.remove(&ino);
+                }
+            }
+        }
+        reply.ok();
+    }
+
+    pub(super) fn do_create(
+        &self,
+        c: Caller,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let r = self.dir(parent).and_then(|d| {
+            match self.vol.create_file(&d, name, mode, c) {
+                // Created by someone else since the kernel's lookup: open it, as open(2)
+                // without O_EXCL does.
+                Err(e) if e.errno() == libc::EEXIST && flags & libc::O_EXCL == 0 => {
+                    let (bname, attr) = self.vol.lookup(&d, name)?;
+                    let of = self.vol.open_file(&d, &bname, true, Some(attr.ino))?;
+                    Ok((bname, attr, of))
+                }
+                r => r,
+            }
+        });
+        match r {
+            Ok((bname, a, of)) => {
+                let attr = self.remember(parent, name, &bname, &a);
+                let fh = self.add_file(attr.ino.0, of);
+                reply.created(
+                    &TTL,
+                    &attr,
+                    Generation(0),
+                    FileHandle(fh),
+                    FopenFlags::empty(),
+                )
+            }
+            Err(e) => reply.error(self.errno(&e, "create", Some(parent))),
+        }
+    }
+
+    pub(super) fn do_open(&self, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let write = flags.acc_mode() != OpenAccMode::O_RDONLY;
+        let expect = self.table.backing_ino(ino.0);
+        let r = self.resolve(ino, None).and_then(|r| match r {
+            Resolved::At(d, b) => self.vol.open_file(&d, &b, write, Some(expect)),
+            Resolved::Dir(_) => Err(VolumeError::Os(std::io::Error::from_raw_os_error(
+                libc::EISDIR,
+            ))),
+            // No name left, but open (via /proc/PID/fd): reopen the same backing file.
+            Resolved::File(of) => self.vol.reopen(&of, write),
+        });
+        match r {
+            Ok(of) => reply.opened(FileHandle(self.add_file(ino.0, of)), FopenFlags::empty()),
+            Err(e) => reply.error(self.errno(&e, "open", Some(ino))),
+        }
+    }
+
+    pub(super) fn do_read(
+        &self,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        reply: ReplyData,
+    ) {
+        match self
+            .file(fh)
+            .and_then(|of| self.vol.read(&of, offset, size as usize))
+        {
+            Ok(buf) => reply.data(&buf),
+            Err(e) => reply.error(self.errno(&e, "read", Some(ino))),
+        }
+    }
+
+    pub(super) fn do_write(
+        &self,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        write_flags: WriteFlags,
+        reply: ReplyWrite,
+    ) {
+        let kill = write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID);
+        let r = self.file(fh).and_then(|of| {
+            if kill {
+                self.vol.kill_suidgid(&of)?;
+            }
+            self.vol.write(&of, offset, data)
+        });
+        match r {
+            Ok(n) => reply.written(n as u32),
+            Err(e) => reply.error(self.errno(&e, "write", Some(ino))),
+        }
+    }
+
+    pub(super) fn do_fsync(&self, ino: INodeNo, fh: FileHandle, datasync: bool, reply: ReplyEmpty) {
+        match self.file(fh).and_then(|of| self.vol.fsync(&of, datasync)) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(self.errno(&e, "fsync", Some(ino))),
+        }
+    }
+
+    pub(super) fn do_fallocate(
+        &self,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        match self
+            .file(fh)
+            .and_then(|of| self.vol.fallocate(&of, mode, offset, length))
+        {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(self.errno(&e, "fallocate", Some(ino))),
+        }
+    }
+
+    pub(super) fn do_copy_file_range(
+        &self,
+        fh_in: FileHandle,
+        offset_in: u64,
+        fh_out: FileHandle,
+        offset_out: u64,
+        len: u64,
+        reply: ReplyWrite,
+    ) {
+        let r = self.file(fh_in).and_then(|i| {
+            let o = self.file(fh_out)?;
+            // One FUSE reply carries a u32 count; the kernel asks again for the rest.
+            self.vol
+                .copy_range(&i, offset_in, &o, offset_out, len.min(1 << 30))
+        });
+        match r {
+            Ok(n) => reply.written(n as u32),
+            Err(e) => reply.error(self.errno(&e, "copy_file_range", None)),
+        }
+    }
+}

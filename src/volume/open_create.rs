@@ -1,0 +1,198 @@
+//! Open files: creating and opening backing files, and the data path (read, write, fsync,
+//! copy). The hot path — read and write through an open handle — makes no system call
+//! beyond the sector I/O itself (`content`); everything name-related happens at open.
+
+use std::ffi::OsStr;
+use std::fs::File;
+use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
+
+use super::content::{self, FileState};
+use super::sys::{self, Access};
+use super::{lock, os, Attr, Caller, Dir, Target, Volume, VolumeError};
+
+/// State shared by every open handle of one backing inode.
+#[derive(Default)]
+pub(super) struct Shared {
+    /// Content lock and cached file header (`content`'s).
+    pub(super) content: FileState,
+    /// Whether the file may carry a stored `security.capability`, which every write,
+    /// truncate and chown removes (the kernel leaves this to us: FUSE_HANDLE_KILLPRIV_V2).
+    /// Starts true; the first write finds out and clears it.
+    pub(super) may_have_cap: AtomicBool,
+}
+
+/// A backing file opened for content operations.
+pub struct OpenFile {
+    file: File,
+    shared: Arc<Shared>,
+}
+
+impl OpenFile {
+    /// The backing file (for fsync, fstat).
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    pub(super) fn shared(&self) -> &Shared {
+        &self.shared
+    }
+}
+
+impl Volume {
+    /// Creates regular file `name` in `dir` (refused if the name exists) and opens it. The
+    /// mode follows the parent's default ACL or else the caller's umask.
+    pub fn create_file(
+        &self,
+        dir: &Dir,
+        name: &OsStr,
+        mode: u32,
+        caller: Caller,
+    ) -> Result<(std::ffi::OsString, Attr, OpenFile), VolumeError> {
+        let inherit = self.inherit_acl(dir, libc::S_IFREG | (mode & 0o7777), caller)?;
+        let (bname, file) = self.make_entry(dir, name, |bname| {
+            let f = sys::create_regular(dir.fd(), bname, inherit.mode).map_err(os)?;
+            // Owner and ACL before anyone can open it by name with the wrong ones.
+            self.own(dir, Target::At(dir, bname), caller, inherit.mode)?;
+            self.apply_inherited(Target::At(dir, bname), &inherit)?;
+            Ok(f)
+        })?;
+        let st = sys::fstat(file.as_fd()).map_err(os)?;
+        let attr = self.attr_from(&st, None)?;
+        let of = self.wrap_open(file, st.st_ino);
+        of.shared.may_have_cap.store(false, Ordering::Relaxed);
+        Ok((bname, attr, of))
+    }
+
+    /// Opens regular file `bname` in `dir` for content operations; `expect_ino` refuses
+    /// another inode under that name (`ENOENT`). Never follows a symlink and never opens a
+    /// FIFO or device node planted in the backing store.
+    pub fn open_file(
+        &self,
+        dir: &Dir,
+        bname: &OsStr,
+        write: bool,
+        expect_ino: Option<u64>,
+    ) -> Result<OpenFile, VolumeError> {
+        let _ = self.keys()?;
+        // Always read-write when allowed: partial-sector writes read the sector back.
+        let (file, st) = match sys::open_regular(dir.fd(), bname, Access::ReadWrite, expect_ino) {
+            Ok(x) => x,
+            Err(e) if !write && e.raw_os_error() == Some(libc::EACCES) => {
+                sys::open_regular(dir.fd(), bname, Access::Read, expect_ino).map_err(os)?
+            }
+            Err(e) => return Err(os(e)),
+        };
+        Ok(self.wrap_open(file, st.st_ino))
+    }
+
+    /// Opens the file behind `of` again (a file with no name left that the kernel opens
+    /// anew, e.g. through `/proc/PID/fd`).
+    pub fn reopen(&self, of: &OpenFile, write: bool) -> Result<OpenFile, VolumeError> {
+        let _ = self.keys()?;
+        let file = match sys::reopen(of.file.as_fd(), Access::ReadWrite) {
+            Ok(f) => f,
+            Err(e) if !write && e.raw_os_error() == Some(libc::EACCES) => {
+                sys::reopen(of.file.as_fd(), Access::Read).map_err(os)?
+            }
+            Err(e) => return Err(os(e)),
+        };
+        let ino = sys::fstat(file.as_fd()).map_err(os)?.st_ino;
+        Ok(self.wrap_open(file, ino))
+    }
+
+    fn wrap_open(&self, file: File, ino: u64) -> OpenFile {
+        let mut files = lock(&self.files);
+        let shared = match files.get(&ino).and_then(Weak::upgrade) {
+            Some(s) => s,
+            None => {
+                files.retain(|_, w| w.strong_count() > 0);
+                let s = Arc::new(Shared {
+                    content: FileState::default(),
+                    may_have_cap: AtomicBool::new(true),
+                });
+                files.insert(ino, Arc::downgrade(&s));
+                s
+            }
+        };
+        OpenFile { file, shared }
+    }
+
+    /// Tells every open handle of inode `ino` that it may now carry a capability.
+    pub(super) fn note_capability(&self, ino: u64) {
+        if let Some(s) = lock(&self.files).get(&ino).and_then(Weak::upgrade) {
+            s.may_have_cap.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// Reads up to `len` plaintext bytes at `off`.
+    pub fn read(&self, of: &OpenFile, off: u64, len: usize) -> Result<Vec<u8>, VolumeError> {
+        let keys = self.keys()?;
+        content::read(&of.file, &of.shared.content, &self.ctx(&keys), off, len)
+    }
+
+    /// Writes plaintext at `off`.
+    pub fn write(&self, of: &OpenFile, off: u64, data: &[u8]) -> Result<usize, VolumeError> {
+        let keys = self.keys()?;
+        // A write drops a file capability, whoever writes (as the kernel does locally). The
+        // flag makes this free after the first write of a file without one.
+        if of.shared.may_have_cap.load(Ordering::Relaxed) {
+            self.kill_capability(Target::File(of))?;
+            of.shared.may_have_cap.store(false, Ordering::Relaxed);
+        }
+        content::write(&of.file, &of.shared.content, &self.ctx(&keys), off, data)
+    }
+
+    /// Clears setuid (and setgid when group-executable) before an unprivileged write, as a
+    /// local filesystem does; the kernel delegates this to us (FUSE_HANDLE_KILLPRIV_V2).
+    pub fn kill_suidgid(&self, of: &OpenFile) -> Result<(), VolumeError> {
+        let mode = sys::fstat(of.file.as_fd()).map_err(os)?.st_mode;
+        let mut kill = libc::S_ISUID;
+        if mode & libc::S_IXGRP != 0 {
+            kill |= libc::S_ISGID;
+        }
+        if mode & kill != 0 {
+            sys::chmod_fd(of.file.as_fd(), mode & 0o7777 & !kill).map_err(os)?;
+        }
+        Ok(())
+    }
+
+    /// Flushes a file's data (and metadata unless `datasync`) to the backing store.
+    pub fn fsync(&self, of: &OpenFile, datasync: bool) -> Result<(), VolumeError> {
+        if datasync {
+            of.file.sync_data()
+        } else {
+            of.file.sync_all()
+        }
+        .map_err(os)
+    }
+
+    /// fsyncs a directory (its entries become durable).
+    pub fn fsync_dir(&self, dir: &Dir) -> Result<(), VolumeError> {
+        sys::fsync_dir(dir.fd()).map_err(os)
+    }
+
+    /// Copies up to `len` plaintext bytes between open files (`copy_file_range`), in 1 MiB
+    /// steps; returns the bytes copied (fewer at end of input).
+    pub fn copy_range(
+        &self,
+        from: &OpenFile,
+        off_in: u64,
+        to: &OpenFile,
+        off_out: u64,
+        len: u64,
+    ) -> Result<u64, VolumeError> {
+        let mut done = 0u64;
+        while done < len {
+            let n = (len - done).min(1 << 20) as usize;
+            let buf = self.read(from, off_in + done, n)?;
+            if buf.is_empty() {
+                break;
+            }
+            self.write(to, off_out + done, &buf)?;
+            done += buf.len() as u64;
+        }
+        Ok(done)
+    }
+}
