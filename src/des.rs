@@ -1203,6 +1203,9 @@ impl<'a> Vaults<'a> {
     }
 }
 
+/// How long a rewrap waits for a running `cmkfs upgrade` of the volume.
+const UPGRADE_WAIT: std::time::Duration = std::time::Duration::from_secs(600);
+
 /// Moves one volume to `target`: unwrap with its current key, wrap with the new one, check
 /// the new wrap, replace the header atomically. The DEK and data are untouched.
 fn rewrap_volume(
@@ -1212,11 +1215,14 @@ fn rewrap_volume(
     target: &Target,
     hooks: &mut Hooks,
 ) -> Result<RewrapOutcome, DesError> {
-    let header = match VolumeHeader::read(dir) {
-        Ok(h) => h,
-        Err(VolumeError::NotAVolume(_)) => return Ok(RewrapOutcome::Missing),
-        Err(e) => return Err(e.into()),
-    };
+    if let Err(VolumeError::NotAVolume(_)) = VolumeHeader::read(dir) {
+        return Ok(RewrapOutcome::Missing);
+    }
+    // Not while `cmkfs upgrade` rewrites this header (it holds the volume lock exclusively):
+    // wait for it. Mounts share the lock, so online rewraps go ahead.
+    let _lock = crate::volume::lock::VolumeLock::shared_wait(dir, UPGRADE_WAIT)
+        .map_err(|e| DesError::Refused(e.to_string()))?;
+    let header = VolumeHeader::read(dir)?;
     if header.des.as_deref() != Some(des.name.as_str()) {
         return Err(DesError::Refused(format!(
             "the volume at {} belongs to {}, not to Disk Encryption Set {}",

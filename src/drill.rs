@@ -670,9 +670,10 @@ fn backing_holds_ciphertext(cipherdir: &Path, ino: u64, data: &[u8]) -> bool {
         let Ok(bytes) = std::fs::read(e.path()) else {
             return false;
         };
-        let right_size = bytes.len() == FILE_HEADER_LEN + data.len();
-        let no_plaintext =
-            !bytes.windows(32).any(|w| w == &data[..32]) && bytes[FILE_HEADER_LEN..] != *data;
+        let right_size =
+            bytes.len() as u64 == crate::volume::layout::backing_len(data.len() as u64);
+        let no_plaintext = !bytes.windows(32).any(|w| w == &data[..32])
+            && !bytes[FILE_HEADER_LEN..].starts_with(data);
         return right_size && no_plaintext;
     }
     false

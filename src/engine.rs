@@ -40,8 +40,8 @@ pub enum Holes {
     /// Decrypt every unit.
     Decrypt,
     /// Leave all-zero units as zeros: they are holes of a sparse backing file (a real
-    /// ciphertext unit is all zeros with probability 2^-(8·len), i.e. never for a full unit).
-    /// This applies to a short last unit too.
+    /// ciphertext unit is all zeros with probability 2^-(8·len): never, as format v2 makes
+    /// every unit at least one 16-byte block; a 1..15-byte v1 tail was not so safe).
     Zero,
 }
 

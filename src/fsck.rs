@@ -7,7 +7,11 @@
 //!   would) the DEK fingerprint and the header MAC; leftover temp files of a header update;
 //! - every directory's `.cmkfs.dirid` (present, 16 bytes);
 //! - every regular file's per-file header (a 0-byte file is an empty file; 1..31 bytes is
-//!   corrupt; 32 bytes or more must start with a valid header);
+//!   corrupt; 32 bytes or more must start with a valid header), its version against the
+//!   volume's and its length (format v2: a data area of 1..15 bytes is corrupt); on a
+//!   format v1 volume, every 1..15-byte tail stored as all zeros, which v1 reads as zeros
+//!   (`volume::upgrade::check_file_format`);
+//! - the journal of an interrupted `cmkfs upgrade`;
 //! - every encrypted name decrypts in its directory (with the key);
 //! - long names: every `cmkfs.long.<hash>` entry has its side file, the side file's hash
 //!   matches, and no side file is left without its entry;
@@ -57,10 +61,12 @@ use crate::home::Home;
 use crate::mount::RunRecord;
 use crate::vault::{Vault, VaultError};
 use crate::volume::content::{FileHeader, FILE_HEADER_LEN};
-use crate::volume::header::{VolumeHeader, HEADER_FILE};
+use crate::volume::header::{VolumeHeader, FORMAT_VERSION, HEADER_FILE};
+use crate::volume::lock::VolumeLock;
 use crate::volume::names::{self, DirId, EntryKind, DIRID_FILE, LONG_PREFIX, LONG_SUFFIX};
 use crate::volume::rename::REPLACED_MARKER;
 use crate::volume::symlink::{long_target_ref, LONG_TARGET_PREFIX, MAX_TARGET};
+use crate::volume::upgrade::{self, FormatFinding, JOURNAL_FILE};
 use crate::volume::VolumeError;
 
 /// The quarantine directory at the backing root. Contains a `.`, so it is metadata: the
@@ -195,6 +201,21 @@ pub enum ProblemKind {
     Unreadable,
     /// Something the format does not know (hidden from the plaintext view; left alone).
     UnknownEntry,
+    /// The volume is in on-disk format v1 (`cmkfs upgrade` converts it).
+    FormatV1,
+    /// v1: a file's last 1..15 bytes read as zeros although they hold data (the v1 tail
+    /// bug); `cmkfs upgrade` recovers them.
+    V1TailReadAsZeros,
+    /// v1: a file's last 1..15 bytes are stored as all zeros and taken for a hole.
+    V1TailHole,
+    /// A v1 file in a v2 volume (its reads fail until `cmkfs upgrade`).
+    FileFormatV1,
+    /// A v2 file in a v1 volume (an interrupted upgrade).
+    FileFormatV2,
+    /// A backing length no v2 file can have.
+    FileLengthInvalid,
+    /// The journal of an interrupted `cmkfs upgrade` (a mount or `cmkfs upgrade` finishes it).
+    UpgradeInterrupted,
 }
 
 /// How serious a finding is.
@@ -357,7 +378,7 @@ pub fn run(dir: &Path, opts: &Options<'_>) -> Result<Report, FsckError> {
     if !root.is_dir() {
         return Err(FsckError::io(&root, io::Error::other("not a directory")));
     }
-    if opts.repair {
+    let _lock = if opts.repair {
         if let Some((mountpoint, pid)) = find_mount(&root, opts.home) {
             return Err(FsckError::Mounted {
                 cipherdir: root,
@@ -365,11 +386,16 @@ pub fn run(dir: &Path, opts: &Options<'_>) -> Result<Report, FsckError> {
                 pid,
             });
         }
-    }
+        // Also keeps a mount or an upgrade from starting while repairs run.
+        Some(VolumeLock::exclusive(&root).map_err(|e| FsckError::io(&root, io::Error::other(e)))?)
+    } else {
+        None
+    };
     let mut c = Checker {
         root: root.clone(),
         repair: opts.repair,
         keys: None,
+        format: None,
         batch: None,
         quarantined: Vec::new(),
         xattrs: Vec::new(),
@@ -459,6 +485,8 @@ struct Checker {
     root: PathBuf,
     repair: bool,
     keys: Option<VolumeKeys>,
+    /// The volume header's format version and unit size, when it could be read.
+    format: Option<(u32, u64)>,
     /// This run's quarantine batch, created on first use.
     batch: Option<PathBuf>,
     /// (backing path relative to the root, kind, detail) of everything quarantined, for the
@@ -534,7 +562,10 @@ impl Checker {
         also: Option<&Path>,
     ) {
         let severity = match kind {
-            ProblemKind::UnknownEntry => Severity::Warning,
+            ProblemKind::UnknownEntry
+            | ProblemKind::FormatV1
+            | ProblemKind::V1TailHole
+            | ProblemKind::FileFormatV2 => Severity::Warning,
             _ => Severity::Error,
         };
         let mut p = Problem {
@@ -664,6 +695,22 @@ impl Checker {
         let trouble: Option<(ProblemKind, String)> = match VolumeHeader::read(&root) {
             Ok(h) => {
                 self.report.volume_id = Some(h.volume_id.clone());
+                self.format = Some((h.format_version, h.sector_size as u64));
+                if h.format_version < FORMAT_VERSION {
+                    self.problem(
+                        ProblemKind::FormatV1,
+                        &header_path,
+                        None,
+                        None,
+                        format!(
+                            "the volume is in on-disk format v{}; `cmkfs upgrade` (or a mount) \
+                             converts it to v{FORMAT_VERSION} in place",
+                            h.format_version
+                        ),
+                        Fix::None,
+                        None,
+                    );
+                }
                 match vault {
                     None => None,
                     Some(open) => match self.unlock(open, &h)? {
@@ -909,6 +956,20 @@ impl Checker {
             if is_root && (b == HEADER_FILE.as_bytes() || b == QUARANTINE_DIR.as_bytes()) {
                 continue;
             }
+            if is_root && b == JOURNAL_FILE.as_bytes() {
+                self.problem(
+                    ProblemKind::UpgradeInterrupted,
+                    &path,
+                    None,
+                    plain,
+                    "an upgrade to format v2 was interrupted; `cmkfs upgrade` (or a mount) \
+                     restores the files it was converting and finishes it"
+                        .into(),
+                    Fix::None,
+                    None,
+                );
+                continue;
+            }
             // Long symlink targets are checked after the walk (they need every symlink seen);
             // a rename's marker is checked with its directory (check_entry).
             if (is_root && b.starts_with(LONG_TARGET_PREFIX.as_bytes()))
@@ -1007,7 +1068,9 @@ impl Checker {
             self.check_dir(path, plaintext.as_deref())
         } else if ft.is_file() {
             self.report.counts.files += 1;
-            check_file(&self.io(path), meta.len())
+            check_file(&self.io(path), meta.len()).or_else(|| {
+                self.check_file_format(path, meta.len(), plaintext.as_deref(), plain_dir)
+            })
         } else if ft.is_symlink() {
             self.report.counts.symlinks += 1;
             self.check_symlink(path)
@@ -1071,6 +1134,48 @@ impl Checker {
                 );
             }
         }
+    }
+
+    /// The format of a file with a valid header: v1 tails that read as zeros, versions that
+    /// do not match the volume's, lengths no v2 file has (volume::upgrade states the rules).
+    /// An invalid length is returned (the file goes to the quarantine like a corrupt header);
+    /// the rest is recorded here with no automatic fix: `cmkfs upgrade` is the fix.
+    fn check_file_format(
+        &mut self,
+        path: &Path,
+        len: u64,
+        plaintext: Option<&Path>,
+        plain_dir: Option<&Path>,
+    ) -> Option<(ProblemKind, String)> {
+        let (version, unit) = self.format?;
+        let found = File::open(self.io(path))
+            .and_then(|f| upgrade::check_file_format(&f, len, version, self.keys.as_ref(), unit));
+        let (finding, detail) = match found {
+            Ok(f) => f?,
+            Err(e) => {
+                return Some((
+                    ProblemKind::Unreadable,
+                    format!("cannot read the file: {e}"),
+                ))
+            }
+        };
+        let kind = match finding {
+            FormatFinding::BadLength => return Some((ProblemKind::FileLengthInvalid, detail)),
+            FormatFinding::V1TailReadAsZeros => ProblemKind::V1TailReadAsZeros,
+            FormatFinding::V1TailHole => ProblemKind::V1TailHole,
+            FormatFinding::FileFormatV1 => ProblemKind::FileFormatV1,
+            FormatFinding::FileFormatV2 => ProblemKind::FileFormatV2,
+        };
+        self.problem(
+            kind,
+            path,
+            plaintext.map(Path::to_path_buf),
+            plain_dir,
+            detail,
+            Fix::None,
+            None,
+        );
+        None
     }
 
     /// Checks that a symlink's target decrypts (with the key); a long target's side file
@@ -1392,7 +1497,19 @@ impl Checker {
         let is_side = (target.starts_with(LONG_PREFIX.as_bytes())
             && target.ends_with(LONG_SUFFIX.as_bytes()))
             || long_target_ref(target).is_some();
-        if meta.is_file() && is_side {
+        if meta.is_file() && target == JOURNAL_FILE.as_bytes() {
+            self.problem(
+                ProblemKind::TempFile,
+                path,
+                None,
+                plain_dir,
+                "temp file of an upgrade journal that was never put in place (no file was \
+                 changed under it)"
+                    .into(),
+                Fix::Remove,
+                None,
+            );
+        } else if meta.is_file() && is_side {
             self.problem(
                 ProblemKind::TempFile,
                 path,

@@ -102,7 +102,8 @@ pub fn keys(
     keys
 }
 
-fn binding(home: &Home, dir: &Path, header: &VolumeHeader) -> Result<(), VolumeError> {
+/// Step 2's Disk Encryption Set part: the header agrees with this machine's records.
+pub(crate) fn binding(home: &Home, dir: &Path, header: &VolumeHeader) -> Result<(), VolumeError> {
     des::check_binding(home, dir, header).map_err(|e| match e {
         des::DesError::Volume(v) => v,
         des::DesError::Vault(v) => VolumeError::Vault(v),

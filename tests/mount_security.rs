@@ -136,7 +136,7 @@ fn same_plaintext_gives_different_ciphertext() {
     let files = data_files_in(&env.cipher);
     assert_eq!(files.len(), 2, "two backing files in the root: {files:?}");
     let (a, b) = (read(&files[0]), read(&files[1]));
-    assert_eq!(a.len() as u64, plain.len() as u64 + FILE_HEADER_LEN);
+    assert_eq!(a.len() as u64, backing_len(plain.len() as u64));
     assert_ne!(
         a[..FILE_HEADER_LEN as usize],
         b[..FILE_HEADER_LEN as usize],
@@ -197,7 +197,7 @@ fn foreign_ciphertext_does_not_decrypt() {
     // B's backing file of victim.bin is the one with victim's size.
     let fb: Vec<PathBuf> = data_files_in(&cb)
         .into_iter()
-        .filter(|p| fs::metadata(p).unwrap().len() == secret.len() as u64 + FILE_HEADER_LEN)
+        .filter(|p| fs::metadata(p).unwrap().len() == backing_len(secret.len() as u64))
         .collect();
     assert_eq!(fb.len(), 1, "{fb:?}");
     // Attack 1: A's backing file over B's victim.bin (B's name, A's header + ciphertext).

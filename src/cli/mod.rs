@@ -5,6 +5,7 @@ mod des;
 mod drill;
 mod fsck;
 mod status;
+mod upgrade;
 mod vault;
 mod volume;
 
@@ -52,6 +53,9 @@ enum Command {
     /// Check a volume's backing directory; --repair fixes it (exit 0 clean, 1 repaired,
     /// 2 problems left, 8 could not check).
     Fsck(fsck::FsckArgs),
+    /// Convert a volume made by an older cmkfs to the current on-disk format, in place
+    /// (crash-safe and resumable; `mount` does it too).
+    Upgrade(upgrade::UpgradeArgs),
 }
 
 impl Cli {
@@ -92,5 +96,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Des(a) => des::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Fsck(a) => fsck::run(a),
+        Command::Upgrade(a) => upgrade::run(a),
     }
 }

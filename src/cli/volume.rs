@@ -19,6 +19,7 @@ use crate::monitor::{self, MonitorSinks, MountFacts};
 use crate::mount::{self, MountConfig, RunRecord};
 use crate::vault::{self, CreateKeyOptions, Credential, VaultError, WrapAlg};
 use crate::volume::header::VolumeHeader;
+use crate::volume::lock::VolumeLock;
 use crate::volume::{CreateOptions, Volume, DEFAULT_SECTOR_SIZE};
 
 /// Set in the environment of the daemon that `cmkfs mount` starts: its stdout is a pipe on
@@ -295,10 +296,6 @@ pub fn mount(a: MountArgs) -> anyhow::Result<()> {
     mount::check_mountpoint(&a.mountpoint)?;
     let header = VolumeHeader::read(&a.cipherdir)?;
     crate::unlock::check_configured(&Home::from_env(), &header)?;
-    spawn_daemon(&a)
-}
-
-fn spawn_daemon(a: &MountArgs) -> anyhow::Result<()> {
     let home = Home::from_env();
     crate::fsutil::create_private_dir(&home.run_dir()).context("creating the run directory")?;
     let mp = std::fs::canonicalize(&a.mountpoint)?;
@@ -310,6 +307,81 @@ fn spawn_daemon(a: &MountArgs) -> anyhow::Result<()> {
     ));
     let log = crate::fsutil::open_private_append(&log_path)
         .with_context(|| format!("opening log {}", log_path.display()))?;
+    // An old volume is converted here, in the foreground (progress on the terminal, no
+    // daemon start-up time limit), with its log lines in the mount's log.
+    if crate::volume::upgrade::needed(&a.cipherdir, &header) {
+        if let Ok(writer) = log.try_clone() {
+            let _ = tracing_subscriber::fmt()
+                .with_ansi(false)
+                .with_writer(std::sync::Mutex::new(writer))
+                .try_init();
+        }
+        drop(upgrade_before_mount(&a, &|line| {
+            eprintln!("cmkfs: {line}");
+            tracing::warn!("{line}");
+        })?);
+    }
+    spawn_daemon(&a, mp, log, &log_path)
+}
+
+/// Converts an old volume (or finishes an interrupted conversion) before it is mounted;
+/// returns the volume lock, held exclusively. `say` tells the user (one line per call).
+fn upgrade_before_mount(a: &MountArgs, say: &dyn Fn(&str)) -> anyhow::Result<VolumeLock> {
+    let home = Home::from_env();
+    let root = std::fs::canonicalize(&a.cipherdir)
+        .with_context(|| format!("{}", a.cipherdir.display()))?;
+    if let Some((mountpoint, pid)) = crate::fsck::find_mount(&root, &home) {
+        bail!(
+            "{} needs a format upgrade but is mounted at {} (daemon {pid}); unmount it first",
+            root.display(),
+            mountpoint.display()
+        );
+    }
+    let lock = VolumeLock::exclusive(&root)?;
+    let header = VolumeHeader::read(&root)?;
+    if !crate::volume::upgrade::needed(&root, &header) {
+        return Ok(lock); // someone else finished it meanwhile
+    }
+    // A damaged journal is refused before anything is said or done.
+    crate::volume::upgrade::pending_journal(&root, &header)?;
+    if header.format_version < crate::volume::header::FORMAT_VERSION {
+        say(&format!(
+            "{} is on-disk format v{}: converting it in place to format v{} before mounting \
+             (one time; the same as `cmkfs upgrade`)",
+            root.display(),
+            header.format_version,
+            crate::volume::header::FORMAT_VERSION
+        ));
+    } else {
+        say(&format!(
+            "{}: an upgrade of it was interrupted; finishing it before mounting",
+            root.display()
+        ));
+    }
+    let (vault, _) = volume_vault(&home, &header, a.credential.as_deref())?;
+    let report = super::upgrade::convert(&root, &lock, vault.as_ref(), &header, true)?;
+    say(&super::upgrade::summary(&report));
+    for z in &report.zero_tails {
+        say(&format!(
+            "  {}: last {} bytes (offset {}) {}",
+            z.plaintext.as_ref().unwrap_or(&z.backing).display(),
+            z.len,
+            z.offset,
+            match z.decision {
+                crate::volume::v1::TailDecision::Data => "recovered (format v1 read them as zeros)",
+                crate::volume::v1::TailDecision::Hole => "kept as zeros (a hole)",
+            }
+        ));
+    }
+    Ok(lock)
+}
+
+fn spawn_daemon(
+    a: &MountArgs,
+    mp: PathBuf,
+    log: std::fs::File,
+    log_path: &std::path::Path,
+) -> anyhow::Result<()> {
     let mut cmd = Command::new(std::env::current_exe().context("locating the cmkfs executable")?);
     cmd.arg("mount")
         .arg(&a.cipherdir)
@@ -352,7 +424,7 @@ fn spawn_daemon(a: &MountArgs) -> anyhow::Result<()> {
     }
     // A sealed embedded vault is unsealed here, where a terminal may be, and the key handed
     // to the daemon (which has none); failures are left for the daemon to report.
-    let _key_pipe = hand_vault_key(&home, &a.cipherdir, &mut cmd);
+    let _key_pipe = hand_vault_key(&Home::from_env(), &a.cipherdir, &mut cmd);
     let mut child = cmd.spawn().context("starting the mount daemon")?;
     drop(_key_pipe);
     let stdout = child.stdout.take().context("daemon stdout")?;
@@ -439,6 +511,17 @@ fn serve(a: &MountArgs, ready_pipe: bool) -> anyhow::Result<()> {
     let mp = mount::check_mountpoint(&a.mountpoint)?;
     mount::unmount_on_signal(mp.clone())?;
     let header = VolumeHeader::read(&a.cipherdir)?;
+    // Held for the whole mount: no upgrade can start under it. An old volume is converted
+    // first (a daemonized mount's parent has normally done that already).
+    let mut lock = if crate::volume::upgrade::needed(&a.cipherdir, &header) {
+        upgrade_before_mount(a, &|line| tracing::warn!("{line}"))?
+    } else {
+        VolumeLock::shared(&a.cipherdir)?
+    };
+    if lock.is_exclusive() {
+        lock.downgrade()?;
+    }
+    let header = VolumeHeader::read(&a.cipherdir)?;
     let (vault, identity) = volume_vault(&home, &header, a.credential.as_deref())?;
     let vault_push = if a.no_push { None } else { vault.watch() };
     let push_on = vault_push.is_some();
@@ -524,6 +607,7 @@ fn serve(a: &MountArgs, ready_pipe: bool) -> anyhow::Result<()> {
     stop.store(true, Ordering::Relaxed);
     let _ = monitor.join();
     RunRecord::remove(&home, &mp);
+    drop(lock);
     tracing::info!(mountpoint = %mp.display(), "unmounted");
     result.with_context(|| format!("FUSE session at {}", mp.display()))
 }

@@ -9,10 +9,13 @@
 //!
 //! Units shorter than the unit size are file tails:
 //!
-//! * length a multiple of 16: plain XTS over those blocks;
+//! * length a multiple of 16: plain XTS over those blocks — the only shape on-disk format v2
+//!   uses (docs/FORMAT.md: the last block is padded);
 //! * length >= 16, not a multiple of 16: standard XTS ciphertext stealing;
 //! * length 1..=15 (no full block to steal from): see [`XtsCipher::encrypt_unit`] for the
 //!   short-tail rule.
+//!
+//! The last two exist to read volumes of format v1 (`cmkfs upgrade`, `volume::v1`).
 //!
 //! Two interchangeable implementations sit behind [`XtsCipher`]: an AES-NI one (x86_64, chosen
 //! at construction when the CPU has AES-NI) that keeps eight blocks in flight through the
@@ -155,8 +158,10 @@ impl XtsCipher {
     /// `n = unit_size / 16`, the keystream is `AES-K1(T ⊗ α^n)` and `C = P XOR` its first
     /// `L` bytes (encryption and decryption are the same operation).
     ///
-    /// This is a stream rule: two versions of the same short tail (same key and tweak) leak
-    /// their XOR, where a full XTS block would only leak equality. It is still sound for the
+    /// Format v1 only (v2 pads the last block instead). This is a stream rule: two versions
+    /// of the same short tail (same key and tweak) leak their XOR, where a full XTS block
+    /// would only leak equality; and with v1's "an all-zero unit is a hole" it made one
+    /// 1-byte tail in 256 read back as zeros (issue 10). It is still sound for the
     /// threat model (an attacker who reads the backing store, possibly several times): the
     /// keystream block is unique per (key, tweak) because `T ⊗ α^n` is the mask of block index
     /// `n`, which no block of any unit of this size ever uses (blocks are `0..n-1`), and the

@@ -1,93 +1,42 @@
-//! File contents: the per-file header and sector read / write / truncate.
+//! File contents (format v2): read / write / truncate / fallocate of one backing file.
 //!
-//! A backing file is `FILE_HEADER_LEN` bytes of header followed by the XTS ciphertext, exactly
-//! as long as the plaintext (no expansion). The logical size is therefore
-//! `backing length - FILE_HEADER_LEN` (an empty file may have no header at all), which the
-//! backing filesystem keeps consistent with the data by itself: no separate size record can
-//! disagree with it after a crash.
+//! The layout is in [`super::layout`]: the 32-byte file header, then the data units, then
+//! `S % 16` filler bytes, so the backing length says the logical size `S` exactly. Unit `i`
+//! is plain XTS (IEEE 1619, no ciphertext stealing) with tweak `file_id + i`; every unit is
+//! a whole number of 16-byte blocks, the last one ending at `roundup16(S)`. Three rules keep
+//! every file consistent (docs/FORMAT.md, "Files"):
 //!
-//! Sector `i` of a file is encrypted with tweak `file_id + i` (the file id is random per file),
-//! so equal plaintext in two files, or at two offsets, gives unrelated ciphertext. The last
-//! sector is a short XTS unit (ciphertext stealing); because its ciphertext depends on its
-//! length, any write or truncate that moves the end of the file re-encrypts the old last
-//! sector. All-zero ciphertext units read as zeros: they are holes of the sparse backing file.
+//! * **Whole units.** Any write that touches a unit re-encrypts the whole unit
+//!   (read-modify-write; only the blocks whose ciphertext changes go back to disk, since XTS
+//!   is deterministic per block), so a unit is either entirely ciphertext or entirely never
+//!   written / punched. Only a unit
+//!   whose stored bytes are all zero reads as zeros (a hole); a written unit is at least one
+//!   AES block of ciphertext, all zero with probability 2^-128.
+//! * **Growth writes zeros.** The plaintext past `S` inside the last block is unspecified
+//!   (stale after a shrink); everything that grows a file first rewrites the old last unit
+//!   with zeros past the old size, so growth always reads zeros.
+//! * **Data before length.** Each change writes the units first and moves the length last
+//!   (often in the same `pwrite`), so a crash leaves the old or the new size over units that
+//!   decrypt. Because XTS encrypts each block independently, a prefix of a unit is a valid
+//!   shorter unit: a shrinking truncate only shortens the backing file, then scrubs the
+//!   padding of the new last block.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::sync::{Mutex, RwLock};
 
+use super::layout::{self, roundup_block, unit_extent, units_end, BLOCK};
+pub use super::layout::{logical_size, FileHeader, FILE_HEADER_LEN};
 use super::VolumeError;
 use crate::crypto::VolumeKeys;
 use crate::engine::{Holes, SectorEngine};
-
-/// Bytes of the per-file header.
-pub const FILE_HEADER_LEN: usize = 32;
-const FILE_MAGIC: &[u8; 4] = b"CMKF";
-const FILE_VERSION: u16 = 1;
-
-/// The per-file header: magic, version, and the random file id used in the tweak.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct FileHeader {
-    /// Random per-file id; the tweak of sector `i` is `file_id + i`.
-    pub file_id: [u8; 16],
-}
-
-impl FileHeader {
-    /// A header with a fresh random file id.
-    pub fn generate() -> Result<FileHeader, VolumeError> {
-        let mut file_id = [0u8; 16];
-        getrandom::getrandom(&mut file_id).map_err(|e| VolumeError::Internal(e.to_string()))?;
-        Ok(FileHeader { file_id })
-    }
-
-    /// On-disk encoding: magic(4) version(2, LE) reserved(2) file_id(16) reserved(8).
-    pub fn encode(&self) -> [u8; FILE_HEADER_LEN] {
-        let mut b = [0u8; FILE_HEADER_LEN];
-        b[..4].copy_from_slice(FILE_MAGIC);
-        b[4..6].copy_from_slice(&FILE_VERSION.to_le_bytes());
-        b[8..24].copy_from_slice(&self.file_id);
-        b
-    }
-
-    /// Parses a header; says what is wrong if it is not one.
-    pub fn decode(b: &[u8]) -> Result<FileHeader, String> {
-        if b.len() < FILE_HEADER_LEN {
-            return Err(format!("file header truncated to {} bytes", b.len()));
-        }
-        if &b[..4] != FILE_MAGIC {
-            return Err("file header has a wrong magic".into());
-        }
-        let v = u16::from_le_bytes([b[4], b[5]]);
-        if v != FILE_VERSION {
-            return Err(format!("file header version {v} is not supported"));
-        }
-        let mut file_id = [0u8; 16];
-        file_id.copy_from_slice(&b[8..24]);
-        Ok(FileHeader { file_id })
-    }
-
-    fn tweak(&self) -> u128 {
-        u128::from_le_bytes(self.file_id)
-    }
-}
-
-/// Logical size of a file whose backing file is `backing_len` bytes long.
-pub fn logical_size(backing_len: u64) -> Result<u64, String> {
-    match backing_len {
-        0 => Ok(0),
-        n if n < FILE_HEADER_LEN as u64 => Err(format!(
-            "backing file of {n} bytes is shorter than a file header"
-        )),
-        n => Ok(n - FILE_HEADER_LEN as u64),
-    }
-}
 
 /// Shared state of one backing file, common to all its open handles: the lock that makes
 /// read-modify-write and size changes atomic, and the cached header.
 #[derive(Debug, Default)]
 pub struct FileState {
-    /// Shared for reads and whole-sector overwrites inside the file; exclusive for anything
-    /// that reads-modifies-writes a sector or moves the end of the file.
+    /// Shared for reads and whole-unit overwrites inside the file; exclusive for anything
+    /// that reads-modifies-writes a unit or moves the end of the file.
     pub(crate) rmw: RwLock<()>,
     header: Mutex<Option<FileHeader>>,
 }
@@ -109,9 +58,14 @@ fn corrupt(why: impl Into<String>) -> VolumeError {
     }
 }
 
-fn backing_size(f: &File) -> Result<u64, VolumeError> {
+fn os_err(errno: i32) -> VolumeError {
+    VolumeError::Os(std::io::Error::from_raw_os_error(errno))
+}
+
+/// The backing length and the logical size it encodes.
+fn backing_state(f: &File) -> Result<(u64, u64), VolumeError> {
     let len = f.metadata().map_err(VolumeError::Os)?.len();
-    logical_size(len).map_err(corrupt)
+    Ok((len, logical_size(len).map_err(corrupt)?))
 }
 
 fn header(f: &File, st: &FileState, create: bool) -> Result<Option<FileHeader>, VolumeError> {
@@ -124,7 +78,7 @@ fn header(f: &File, st: &FileState, create: bool) -> Result<Option<FileHeader>, 
         if !create {
             return Ok(None);
         }
-        let h = FileHeader::generate()?;
+        let h = FileHeader::generate().map_err(|e| VolumeError::Internal(e.to_string()))?;
         f.write_all_at(&h.encode(), 0).map_err(VolumeError::Os)?;
         *cached = Some(h);
         return Ok(Some(h));
@@ -138,8 +92,19 @@ fn header(f: &File, st: &FileState, create: bool) -> Result<Option<FileHeader>, 
         }
     })?;
     let h = FileHeader::decode(&b).map_err(corrupt)?;
+    if h.version != layout::FILE_VERSION {
+        // Its last unit follows another rule: reading it as v2 would return wrong bytes.
+        return Err(corrupt(format!(
+            "file is in format v{} (written by an older cmkfs); `cmkfs upgrade` converts it",
+            h.version
+        )));
+    }
     *cached = Some(h);
     Ok(Some(h))
+}
+
+fn existing_header(f: &File, st: &FileState) -> Result<FileHeader, VolumeError> {
+    header(f, st, false)?.ok_or_else(|| corrupt("non-empty file without a header"))
 }
 
 fn read_exact(f: &File, buf: &mut [u8], off: u64) -> Result<(), VolumeError> {
@@ -153,10 +118,33 @@ fn read_exact(f: &File, buf: &mut [u8], off: u64) -> Result<(), VolumeError> {
         })
 }
 
+fn write_at(f: &File, buf: &[u8], off: u64) -> Result<(), VolumeError> {
+    f.write_all_at(buf, FILE_HEADER_LEN as u64 + off)
+        .map_err(VolumeError::Os)
+}
+
+/// Refuses a buffer that is not whole AES blocks: the cipher would fall back to ciphertext
+/// stealing or the v1 short-tail rule, which format v2 never uses.
+fn check_blocks(buf: &[u8]) -> Result<(), VolumeError> {
+    if buf.len() as u64 % BLOCK != 0 {
+        return Err(VolumeError::Internal(format!(
+            "a {}-byte unit buffer is not whole AES blocks",
+            buf.len()
+        )));
+    }
+    Ok(())
+}
+
 /// Encrypts consecutive units in place: the inner (platform-key) layer first when the volume
-/// is double-encrypted, then the outer one. Both layers use the same tweaks; their keys are
-/// independent, so the passes do not cancel.
-fn encrypt(cx: &Ctx, tweak: u128, first: u64, buf: &mut [u8]) -> Result<(), VolumeError> {
+/// is double-encrypted, then the outer one. Both layers use the same tweaks and the same
+/// whole-block units; their keys are independent, so the passes do not cancel.
+pub(crate) fn encrypt(
+    cx: &Ctx,
+    tweak: u128,
+    first: u64,
+    buf: &mut [u8],
+) -> Result<(), VolumeError> {
+    check_blocks(buf)?;
     if let Some(inner) = &cx.keys.inner {
         cx.engine
             .encrypt(inner, tweak, first, buf)
@@ -169,8 +157,14 @@ fn encrypt(cx: &Ctx, tweak: u128, first: u64, buf: &mut [u8]) -> Result<(), Volu
 
 /// Decrypts consecutive units in place, the inverse of [`encrypt`]. All-zero units (holes)
 /// stay zeros through both layers: the outer pass leaves them as they are, and a real inner
-/// ciphertext unit is never all zeros.
-fn decrypt(cx: &Ctx, tweak: u128, first: u64, buf: &mut [u8]) -> Result<(), VolumeError> {
+/// ciphertext unit (at least one AES block) is never all zeros.
+pub(crate) fn decrypt(
+    cx: &Ctx,
+    tweak: u128,
+    first: u64,
+    buf: &mut [u8],
+) -> Result<(), VolumeError> {
+    check_blocks(buf)?;
     cx.engine
         .decrypt(&cx.keys.xts, tweak, first, buf, Holes::Zero)
         .map_err(VolumeError::Crypto)?;
@@ -182,7 +176,10 @@ fn decrypt(cx: &Ctx, tweak: u128, first: u64, buf: &mut [u8]) -> Result<(), Volu
     Ok(())
 }
 
-/// Reads and decrypts one whole unit (sector `s` of a file of logical size `size`).
+/// Reads unit `s` of a file of logical size `size` into the start of `out` as plaintext, with
+/// every byte at or past `size` zeroed (the padding of the last block may hold stale bytes).
+/// `out` must hold the unit's extent; bytes past it are left alone. Returns whether the unit
+/// is a hole (all-zero stored bytes).
 fn read_unit(
     f: &File,
     cx: &Ctx,
@@ -190,12 +187,20 @@ fn read_unit(
     s: u64,
     size: u64,
     out: &mut [u8],
-) -> Result<usize, VolumeError> {
-    let start = s * cx.sector;
-    let len = (size - start).min(cx.sector) as usize;
-    read_exact(f, &mut out[..len], start)?;
-    decrypt(cx, h.tweak(), s, &mut out[..len])?;
-    Ok(len)
+) -> Result<bool, VolumeError> {
+    let (start, end) = unit_extent(s, cx.sector, size);
+    let n = (end - start) as usize;
+    read_exact(f, &mut out[..n], start)?;
+    let hole = out[..n].iter().all(|b| *b == 0);
+    decrypt(cx, h.tweak(), s, &mut out[..n])?;
+    let live = (size - start).min(n as u64) as usize;
+    out[live..n].fill(0);
+    Ok(hole)
+}
+
+/// `n` rounded down to a whole number of AES blocks.
+fn rounddown_block(n: u64) -> u64 {
+    n / BLOCK * BLOCK
 }
 
 /// Reads up to `len` bytes at `off`. Returns the plaintext (shorter at end of file).
@@ -207,17 +212,15 @@ pub fn read(
     len: usize,
 ) -> Result<Vec<u8>, VolumeError> {
     let _g = st.rmw.read().unwrap_or_else(|p| p.into_inner());
-    let size = backing_size(f)?;
+    let (_, size) = backing_state(f)?;
     if off >= size || len == 0 {
         return Ok(Vec::new());
     }
     let end = size.min(off.saturating_add(len as u64));
-    let Some(h) = header(f, st, false)? else {
-        return Err(corrupt("non-empty file without a header"));
-    };
+    let h = existing_header(f, st)?;
     let first = off / cx.sector;
     let start = first * cx.sector;
-    let stop = size.min((end - 1) / cx.sector * cx.sector + cx.sector);
+    let stop = units_end(size).min((end - 1) / cx.sector * cx.sector + cx.sector);
     let mut buf = vec![0u8; (stop - start) as usize];
     read_exact(f, &mut buf, start)?;
     decrypt(cx, h.tweak(), first, &mut buf)?;
@@ -237,21 +240,21 @@ pub fn write(
     if data.is_empty() {
         return Ok(0);
     }
-    let end = off.checked_add(data.len() as u64).ok_or(VolumeError::Os(
-        std::io::Error::from_raw_os_error(libc::EFBIG),
-    ))?;
-    // Whole sectors strictly inside the file: no read-modify-write and no size change, so
-    // such writes run concurrently under the shared lock.
+    let end = off
+        .checked_add(data.len() as u64)
+        .ok_or_else(|| os_err(libc::EFBIG))?;
+    // Whole units inside the file (the last one counts when the write reaches the end of
+    // file): no read-modify-write and no size change, so such writes run concurrently under
+    // the shared lock. The last unit's padding is written as zeros; the filler is untouched.
     {
         let _g = st.rmw.read().unwrap_or_else(|p| p.into_inner());
-        let size = backing_size(f)?;
-        if off % cx.sector == 0 && end % cx.sector == 0 && end <= size {
-            let h =
-                header(f, st, false)?.ok_or_else(|| corrupt("non-empty file without a header"))?;
+        let (_, size) = backing_state(f)?;
+        if off % cx.sector == 0 && end <= size && (end % cx.sector == 0 || end == size) {
+            let h = existing_header(f, st)?;
             let mut buf = data.to_vec();
+            buf.resize(roundup_block(data.len() as u64) as usize, 0);
             encrypt(cx, h.tweak(), off / cx.sector, &mut buf)?;
-            f.write_all_at(&buf, FILE_HEADER_LEN as u64 + off)
-                .map_err(VolumeError::Os)?;
+            write_at(f, &buf, off)?;
             return Ok(data.len());
         }
     }
@@ -268,66 +271,130 @@ fn write_locked(
     data: &[u8],
 ) -> Result<usize, VolumeError> {
     let end = off + data.len() as u64;
-    let size = backing_size(f)?;
+    let (old_len, size) = backing_state(f)?;
     let h = header(f, st, true)?.ok_or_else(|| corrupt("could not create the file header"))?;
     let ss = cx.sector;
     let new_size = size.max(end);
     let first = off / ss;
     let last = (end - 1) / ss;
-    // The old last sector was a short unit; if this write starts beyond it, it becomes a
-    // full sector of zeros-padded data. Written first so that a crash leaves a consistent file.
-    if size % ss != 0 && size / ss < first {
-        pad_tail(f, cx, &h, size, (size / ss + 1) * ss)?;
+    // A write that starts past the old last unit turns that unit into a full one (zeros past
+    // the old end of file): written first, so a crash leaves a consistent file.
+    if size > 0 && (size - 1) / ss < first {
+        extend_last_unit(f, cx, &h, size, ((size - 1) / ss + 1) * ss)?;
     }
     let start = first * ss;
-    let stop = new_size.min((last + 1) * ss);
+    let stop = units_end(new_size).min((last + 1) * ss);
     let mut buf = vec![0u8; (stop - start) as usize];
-    // Keep the old bytes of the first and last sectors where the write does not cover them.
+    // What must go back to disk: `buf[lo..hi]`. XTS is deterministic per block, so a block
+    // re-encrypted from the plaintext it already held comes out as the ciphertext stored:
+    // the blocks of a read unit before the write (and before the old end of file, past which
+    // the stale padding is zeroed) and after it (inside the old data) need no write. A hole
+    // unit is written whole: its zeros become ciphertext.
+    let (mut lo, mut hi) = (0u64, stop - start);
+    // Keep the old bytes of the first and last units where the write does not cover them.
     let edges = [first, last];
     for &s in &edges[..if first == last { 1 } else { 2 }] {
         let (s_start, s_old_end) = (s * ss, size.min(s * ss + ss));
         if s_start < size && !(off <= s_start && end >= s_old_end) {
             let at = (s_start - start) as usize;
-            read_unit(f, cx, &h, s, size, &mut buf[at..])?;
+            if read_unit(f, cx, &h, s, size, &mut buf[at..])? {
+                continue;
+            }
+            if s == first {
+                lo = rounddown_block(off.min(size)) - start;
+            }
+            let unit_end = (s_start + ss).min(units_end(size));
+            if s == last && new_size == size && unit_end <= rounddown_block(size) {
+                hi = roundup_block(end).min(unit_end) - start;
+            }
         }
     }
     buf[(off - start) as usize..(end - start) as usize].copy_from_slice(data);
     encrypt(cx, h.tweak(), first, &mut buf)?;
-    f.write_all_at(&buf, FILE_HEADER_LEN as u64 + start)
-        .map_err(VolumeError::Os)?;
+    // Growth: the filler goes out in the same pwrite as the last unit, so the length moves
+    // together with the data.
+    let want = layout::backing_len(new_size);
+    if new_size != size {
+        buf.resize(buf.len() + layout::filler_len(new_size) as usize, 0);
+        hi = buf.len() as u64;
+    }
+    write_at(f, &buf[lo as usize..hi as usize], start + lo)?;
+    // Growth inside the old filler shortens the backing file (e.g. 10 → 16 bytes).
+    if old_len.max(FILE_HEADER_LEN as u64 + start + hi) != want {
+        f.set_len(want).map_err(VolumeError::Os)?;
+    }
     Ok(data.len())
 }
 
-/// Re-encrypts the short last unit of a file of logical `size` as a unit reaching `new_end`
-/// (within the same sector), zero-padded.
-fn pad_tail(
+/// Rewrites the last unit of a file of logical `size` so that it reaches `new_end` (a block
+/// boundary inside the same unit, at or past its current end), with zeros past `size`. Also
+/// zeroes old filler bytes that would otherwise lie inside the grown file. Does not shrink
+/// the backing file; the caller sets the final length.
+fn extend_last_unit(
     f: &File,
     cx: &Ctx,
     h: &FileHeader,
     size: u64,
     new_end: u64,
 ) -> Result<(), VolumeError> {
-    let s = size / cx.sector;
+    if size % cx.sector == 0 {
+        return Ok(()); // a full unit, no padding, no filler
+    }
+    let s = (size - 1) / cx.sector;
     let start = s * cx.sector;
+    let old_data_end = layout::data_len(size);
     let mut buf = vec![0u8; (new_end - start) as usize];
+    let units_end = units_end(size);
+    read_exact(f, &mut buf[..(units_end - start) as usize], start)?;
+    if buf.iter().all(|b| *b == 0) {
+        // A hole stays a hole (sparse files stay sparse): only the old filler, which the
+        // grown unit or the next one now covers, must read as zeros.
+        let filler = vec![0u8; (old_data_end - units_end) as usize];
+        return write_at(f, &filler, units_end);
+    }
     read_unit(f, cx, h, s, size, &mut buf)?;
     encrypt(cx, h.tweak(), s, &mut buf)?;
-    f.write_all_at(&buf, FILE_HEADER_LEN as u64 + start)
-        .map_err(VolumeError::Os)
+    if old_data_end > new_end {
+        buf.resize((old_data_end - start) as usize, 0);
+    }
+    write_at(f, &buf, start)
 }
 
-/// Sets the logical size to `new_size` (shrink or grow with zeros).
+/// After a shrink to `size`: overwrites the padding of the last block (plaintext past `size`,
+/// stale since the shrink) and the filler with zeros, so no truncated byte can show up again
+/// when the file grows. A hole unit holds nothing stale: only the filler is zeroed.
+fn scrub_tail(f: &File, cx: &Ctx, h: &FileHeader, size: u64) -> Result<(), VolumeError> {
+    if size % BLOCK == 0 {
+        return Ok(()); // no padding and no filler
+    }
+    let s = (size - 1) / cx.sector;
+    let (start, end) = unit_extent(s, cx.sector, size);
+    let mut unit = vec![0u8; (end - start) as usize];
+    read_exact(f, &mut unit, start)?;
+    let filler = vec![0u8; layout::filler_len(size) as usize];
+    if unit.iter().all(|b| *b == 0) {
+        return write_at(f, &filler, end);
+    }
+    decrypt(cx, h.tweak(), s, &mut unit)?;
+    unit[(size - start) as usize..].fill(0);
+    encrypt(cx, h.tweak(), s, &mut unit)?;
+    // Blocks are independent: only the last one changed.
+    let mut tail = unit[unit.len() - BLOCK as usize..].to_vec();
+    tail.extend_from_slice(&filler);
+    write_at(f, &tail, end - BLOCK)
+}
+
+/// Sets the logical size to `new_size` (shrink, or grow with zeros).
 pub fn truncate(f: &File, st: &FileState, cx: &Ctx, new_size: u64) -> Result<(), VolumeError> {
     let _g = st.rmw.write().unwrap_or_else(|p| p.into_inner());
     truncate_locked(f, st, cx, new_size)
 }
 
 fn truncate_locked(f: &File, st: &FileState, cx: &Ctx, new_size: u64) -> Result<(), VolumeError> {
-    let size = backing_size(f)?;
+    let (_, size) = backing_state(f)?;
     if new_size == size {
         return Ok(());
     }
-    let ss = cx.sector;
     if new_size == 0 {
         // Dropping the header too means the next write picks a new file id: old and new
         // contents never share tweaks.
@@ -336,27 +403,21 @@ fn truncate_locked(f: &File, st: &FileState, cx: &Ctx, new_size: u64) -> Result<
         return Ok(());
     }
     let h = header(f, st, true)?.ok_or_else(|| corrupt("could not create the file header"))?;
+    let want = layout::backing_len(new_size);
     if new_size > size {
-        if size % ss != 0 {
-            pad_tail(f, cx, &h, size, new_size.min((size / ss + 1) * ss))?;
+        if size > 0 {
+            let s = (size - 1) / cx.sector;
+            let new_end = units_end(new_size).min((s + 1) * cx.sector);
+            extend_last_unit(f, cx, &h, size, new_end)?;
         }
-    } else if new_size % ss != 0 {
-        // The new last sector becomes a shorter unit: re-encrypt it at its new length.
-        let s = new_size / ss;
-        let start = s * ss;
-        let mut buf = vec![0u8; ss as usize];
-        read_unit(f, cx, &h, s, size, &mut buf)?;
-        buf.truncate((new_size - start) as usize);
-        encrypt(cx, h.tweak(), s, &mut buf)?;
-        f.write_all_at(&buf, FILE_HEADER_LEN as u64 + start)
-            .map_err(VolumeError::Os)?;
+        // Units past the old last one are holes of the backing file: they read as zeros.
+        return f.set_len(want).map_err(VolumeError::Os);
     }
-    f.set_len(FILE_HEADER_LEN as u64 + new_size)
-        .map_err(VolumeError::Os)
-}
-
-fn os_err(errno: i32) -> VolumeError {
-    VolumeError::Os(std::io::Error::from_raw_os_error(errno))
+    // Every unit keeps a valid prefix (XTS blocks are independent): shortening the backing
+    // file is the whole truncate, atomic as one system call. The scrub after it only
+    // overwrites bytes past the new end.
+    f.set_len(want).map_err(VolumeError::Os)?;
+    scrub_tail(f, cx, &h, new_size)
 }
 
 /// `fallocate(2)` on the plaintext view. Supported: mode 0 and `KEEP_SIZE` (reserve space;
@@ -381,7 +442,7 @@ pub fn fallocate(
     let end = off.checked_add(len).ok_or_else(|| os_err(libc::EFBIG))?;
     let keep = mode & libc::FALLOC_FL_KEEP_SIZE != 0;
     let _g = st.rmw.write().unwrap_or_else(|p| p.into_inner());
-    let size = backing_size(f)?;
+    let (_, size) = backing_state(f)?;
     if mode & (libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE) != 0 {
         zero_range(f, st, cx, off, end.min(size), size)?;
         if !keep && end > size {
@@ -395,7 +456,7 @@ pub fn fallocate(
     // Reserve the blocks so that a later write cannot fail with ENOSPC; unwritten extents
     // read as zero ciphertext, which reads as zeros.
     if header(f, st, false)?.is_some() {
-        let r = unsafe_fallocate(
+        let r = sys_fallocate(
             f,
             libc::FALLOC_FL_KEEP_SIZE,
             FILE_HEADER_LEN as u64 + off,
@@ -410,7 +471,7 @@ pub fn fallocate(
     Ok(())
 }
 
-fn unsafe_fallocate(f: &File, mode: i32, off: u64, len: u64) -> std::io::Result<()> {
+fn sys_fallocate(f: &File, mode: i32, off: u64, len: u64) -> std::io::Result<()> {
     use std::os::fd::AsRawFd;
     // SAFETY: plain syscall on a valid descriptor.
     let r = unsafe { libc::fallocate(f.as_raw_fd(), mode, off as libc::off_t, len as libc::off_t) };
@@ -420,8 +481,8 @@ fn unsafe_fallocate(f: &File, mode: i32, off: u64, len: u64) -> std::io::Result<
     Ok(())
 }
 
-/// Makes `[a, b)` (inside a file of logical `size`) read as zeros: whole sectors become
-/// holes of the backing file (zero ciphertext), partial sectors are rewritten.
+/// Makes `[a, b)` (inside a file of logical `size`) read as zeros: whole units become holes
+/// of the backing file (all-zero stored bytes), partial units are rewritten whole.
 fn zero_range(
     f: &File,
     st: &FileState,
@@ -434,23 +495,28 @@ fn zero_range(
         return Ok(());
     }
     let ss = cx.sector;
-    // Whole units inside [a, b): the first at or after a, up to the last ending by b
-    // (the file's short last unit counts as whole when b reaches the end of file).
+    // Whole units inside [a, b): the first at or after a, up to the last ending by b (the
+    // file's last unit counts as whole when b reaches the end of file; it is stored up to
+    // the end of its last block, and the filler after it belongs to no unit).
     let first_full = a.div_ceil(ss) * ss;
-    let last_full_end = if b == size { b } else { b / ss * ss };
+    let last_full_end = if b == size {
+        units_end(size)
+    } else {
+        b / ss * ss
+    };
     if first_full < last_full_end {
         let (off, len) = (
             FILE_HEADER_LEN as u64 + first_full,
             last_full_end - first_full,
         );
-        let punched = unsafe_fallocate(
+        let punched = sys_fallocate(
             f,
             libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
             off,
             len,
         );
         if punched.is_err() {
-            // No hole punching here: zero ciphertext reads as zeros all the same.
+            // No hole punching here: zero stored bytes read as zeros all the same.
             let zeros = vec![0u8; (ss as usize).min(len as usize)];
             let mut at = 0;
             while at < len {
@@ -488,7 +554,7 @@ mod tests {
         sector: u64,
     }
 
-    fn fixture(sector: u64, threads: usize) -> Fixture {
+    fn fixture_keys(sector: u64, threads: usize, double: bool) -> Fixture {
         let dir = tempfile::tempdir().unwrap();
         let file = std::fs::OpenOptions::new()
             .read(true)
@@ -497,7 +563,13 @@ mod tests {
             .truncate(true)
             .open(dir.path().join("f"))
             .unwrap();
-        let keys = VolumeKeys::from_dek(&Dek::generate().unwrap(), sector as usize).unwrap();
+        let inner = Dek::generate().unwrap();
+        let keys = VolumeKeys::from_deks(
+            &Dek::generate().unwrap(),
+            double.then_some(&inner),
+            sector as usize,
+        )
+        .unwrap();
         Fixture {
             _dir: dir,
             file,
@@ -506,6 +578,10 @@ mod tests {
             engine: SectorEngine::new(threads).unwrap(),
             sector,
         }
+    }
+
+    fn fixture(sector: u64, threads: usize) -> Fixture {
+        fixture_keys(sector, threads, false)
     }
 
     impl Fixture {
@@ -519,19 +595,37 @@ mod tests {
         fn all(&self) -> Vec<u8> {
             read(&self.file, &self.st, &self.cx(), 0, usize::MAX / 2).unwrap()
         }
+        fn raw(&self) -> Vec<u8> {
+            std::fs::read(self._dir.path().join("f")).unwrap()
+        }
+        fn write(&self, off: u64, data: &[u8]) {
+            write(&self.file, &self.st, &self.cx(), off, data).unwrap();
+        }
+        fn truncate(&self, n: u64) {
+            truncate(&self.file, &self.st, &self.cx(), n).unwrap();
+        }
+        fn file_id(&self) -> FileHeader {
+            FileHeader::decode(&self.raw()[..FILE_HEADER_LEN]).unwrap()
+        }
     }
 
     #[test]
     fn random_writes_and_truncates_match_a_model() {
-        for (seed, sector) in [(1u64, 512u64), (2, 512), (3, 4096), (4, 4096), (5, 1024)] {
-            let fx = fixture(sector, 2);
+        for (seed, sector, double) in [
+            (1u64, 512u64, false),
+            (2, 512, true),
+            (3, 4096, false),
+            (4, 4096, true),
+            (5, 1024, false),
+        ] {
+            let fx = fixture_keys(sector, 2, double);
             let mut model: Vec<u8> = Vec::new();
             let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
             for step in 0..400 {
                 let max = (sector * 6) as usize;
                 if rng.gen_ratio(1, 5) {
                     let n = rng.gen_range(0..max);
-                    truncate(&fx.file, &fx.st, &fx.cx(), n as u64).unwrap();
+                    fx.truncate(n as u64);
                     model.resize(n, 0);
                 } else if rng.gen_ratio(1, 6) {
                     let off = rng.gen_range(0..max);
@@ -557,7 +651,7 @@ mod tests {
                     let off = rng.gen_range(0..max);
                     let len = rng.gen_range(1..(sector as usize * 3));
                     let data: Vec<u8> = (0..len).map(|_| rng.gen()).collect();
-                    write(&fx.file, &fx.st, &fx.cx(), off as u64, &data).unwrap();
+                    fx.write(off as u64, &data);
                     if model.len() < off + len {
                         model.resize(off + len, 0);
                     }
@@ -567,10 +661,11 @@ mod tests {
                 assert_eq!(got.len(), model.len(), "seed {seed} step {step}: size");
                 assert!(got == model, "seed {seed} step {step}: contents differ");
                 let backing = fx.file.metadata().unwrap().len();
-                assert_eq!(
-                    logical_size(backing).unwrap(),
-                    model.len() as u64,
-                    "no ciphertext expansion"
+                assert!(
+                    backing == layout::backing_len(model.len() as u64)
+                        || (model.is_empty() && backing == 0),
+                    "seed {seed} step {step}: backing length {backing} for size {}",
+                    model.len()
                 );
                 // Random partial reads agree with the model too.
                 if !model.is_empty() {
@@ -590,27 +685,197 @@ mod tests {
         ] {
             let fx = fixture(4096, 1);
             let data: Vec<u8> = (0..len).map(|i| (i * 7 + 3) as u8).collect();
-            write(&fx.file, &fx.st, &fx.cx(), 0, &data).unwrap();
+            fx.write(0, &data);
             assert_eq!(fx.all(), data, "len {len}");
-            let mut raw = vec![0u8; len];
-            fx.file
-                .read_exact_at(&mut raw, FILE_HEADER_LEN as u64)
-                .unwrap();
-            assert_ne!(raw, data, "len {len}: stored in the clear");
+            let raw = fx.raw();
+            assert_eq!(
+                raw.len() as u64,
+                layout::backing_len(len as u64),
+                "len {len}"
+            );
+            assert_ne!(
+                raw[FILE_HEADER_LEN..][..len],
+                data[..],
+                "len {len}: in the clear"
+            );
         }
+    }
+
+    /// The v1 keystream of a short tail: what plaintext the old rule stored as all zeros.
+    fn v1_zero_making_tail(keys: &VolumeKeys, tweak: u128, r: usize) -> Vec<u8> {
+        let mut k = vec![0u8; r];
+        keys.xts.encrypt_unit(tweak, &mut k).unwrap();
+        k
+    }
+
+    #[test]
+    fn contents_that_v1_stored_as_zeros_read_back() {
+        // The deterministic form, for every tail length and in the first three units:
+        // the plaintext the v1 stream rule turned into all-zero stored bytes (read back as a
+        // hole) is ordinary data now.
+        for r in 1..=15usize {
+            for unit in 0..3u64 {
+                let fx = fixture(4096, 1);
+                let off = unit * 4096;
+                fx.write(0, &vec![0x11; off as usize + r]);
+                let h = fx.file_id();
+                let k = v1_zero_making_tail(&fx.keys, h.tweak().wrapping_add(unit as u128), r);
+                fx.write(off, &k);
+                let all = fx.all();
+                assert_eq!(&all[off as usize..], &k[..], "r {r} unit {unit}");
+                let raw = fx.raw();
+                let stored = &raw[FILE_HEADER_LEN + off as usize..][..16];
+                assert!(stored.iter().any(|b| *b != 0), "r {r} unit {unit}");
+                // Appending after it keeps it (v1 re-encrypted the misread zeros).
+                fx.write(off + r as u64, b"more");
+                assert_eq!(&fx.all()[off as usize..][..r], &k[..], "r {r} unit {unit}");
+            }
+        }
+    }
+
+    #[test]
+    fn two_versions_of_a_tail_reveal_nothing_like_their_xor() {
+        let fx = fixture(4096, 1);
+        let (a, b) = (*b"secret", *b"public");
+        fx.write(0, &a);
+        let ca = fx.raw()[FILE_HEADER_LEN..][..16].to_vec();
+        fx.write(0, &b);
+        let cb = fx.raw()[FILE_HEADER_LEN..][..16].to_vec();
+        let xc: Vec<u8> = ca.iter().zip(&cb).map(|(x, y)| x ^ y).collect();
+        let xp: Vec<u8> = a.iter().zip(&b).map(|(x, y)| x ^ y).collect();
+        assert_ne!(
+            &xc[..6],
+            &xp[..],
+            "stored XOR equals plaintext XOR: a stream rule"
+        );
+        // A one-bit change of the plaintext changes about half of the stored block's bits.
+        fx.write(0, b"secreu");
+        let cc = fx.raw()[FILE_HEADER_LEN..][..16].to_vec();
+        let flipped: u32 = ca.iter().zip(&cc).map(|(x, y)| (x ^ y).count_ones()).sum();
+        assert!(flipped > 20, "only {flipped} stored bits changed");
+    }
+
+    #[test]
+    fn a_flipped_stored_bit_garbles_a_whole_block() {
+        for len in [6usize, 17, 4097, 5000] {
+            let fx = fixture(4096, 1);
+            let data: Vec<u8> = (0..len).map(|i| (i * 13 + 1) as u8).collect();
+            fx.write(0, &data);
+            // Flip one bit of the last stored block that holds data.
+            let at = FILE_HEADER_LEN + (len - 1) / 16 * 16 + 3;
+            let mut raw = fx.raw();
+            raw[at] ^= 0x10;
+            fx.file.write_all_at(&raw, 0).unwrap();
+            let got = fx.all();
+            let block = (len - 1) / 16 * 16;
+            assert_eq!(
+                got[..block],
+                data[..block],
+                "len {len}: other blocks intact"
+            );
+            let diff = got[block..]
+                .iter()
+                .zip(&data[block..])
+                .filter(|(x, y)| x != y)
+                .count();
+            let live = len - block;
+            assert!(
+                diff + 2 >= live,
+                "len {len}: only {diff} of {live} bytes of the block changed"
+            );
+        }
+    }
+
+    #[test]
+    fn shrink_is_one_set_len_and_growth_reads_zeros() {
+        let fx = fixture(4096, 1);
+        let data: Vec<u8> = (0..10_000).map(|i| (i % 251 + 1) as u8).collect();
+        fx.write(0, &data);
+        for n in [9_999u64, 8_193, 8_192, 4_100, 33, 17, 5, 1] {
+            fx.truncate(n);
+            assert_eq!(fx.all(), data[..n as usize], "shrink to {n}");
+            assert_eq!(fx.raw().len() as u64, layout::backing_len(n));
+            // Growth shows zeros, not the bytes that were cut off.
+            fx.truncate(n + 20);
+            let all = fx.all();
+            assert_eq!(all[..n as usize], data[..n as usize]);
+            assert!(all[n as usize..].iter().all(|b| *b == 0), "grow from {n}");
+            fx.truncate(n);
+        }
+    }
+
+    #[test]
+    fn filler_and_padding_are_never_read_as_data() {
+        // Stale bytes in the padding or the filler (e.g. left by a crash between a shrink
+        // and its scrub) must not show up when the file grows by any means.
+        for (size, grow) in [
+            (10u64, 12u64),
+            (10, 5000),
+            (4095, 4097),
+            (4090, 9000),
+            (17, 40),
+        ] {
+            for how in 0..3 {
+                let fx = fixture(4096, 1);
+                let data = vec![0xA5u8; size as usize];
+                fx.write(0, &data);
+                let mut raw = fx.raw();
+                let data_end = raw.len();
+                // Garbage in the filler (stale padding: see the next test).
+                for b in &mut raw[FILE_HEADER_LEN + units_end(size) as usize..data_end] {
+                    *b = 0xEE;
+                }
+                fx.file.write_all_at(&raw, 0).unwrap();
+                assert_eq!(fx.all(), data);
+                match how {
+                    0 => fx.truncate(grow),
+                    1 => fx.write(grow - 1, &[7]),
+                    _ => fallocate(&fx.file, &fx.st, &fx.cx(), 0, 0, grow).unwrap(),
+                }
+                let all = fx.all();
+                assert_eq!(all.len() as u64, grow, "{size}->{grow} how {how}");
+                assert_eq!(all[..size as usize], data[..], "{size}->{grow} how {how}");
+                let end = if how == 1 { grow - 1 } else { grow } as usize;
+                assert!(
+                    all[size as usize..end].iter().all(|b| *b == 0),
+                    "{size}->{grow} how {how}: growth does not read zeros"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn stale_padding_after_a_bare_set_len_stays_invisible() {
+        // A crash between a shrink's set_len and its scrub leaves stale plaintext in the
+        // padding of the last block; growth still reads zeros there.
+        let fx = fixture(4096, 1);
+        fx.write(0, &[0x5A; 40]);
+        fx.file.set_len(layout::backing_len(20)).unwrap();
+        assert_eq!(fx.all(), vec![0x5A; 20]);
+        fx.write(25, b"x");
+        let all = fx.all();
+        assert_eq!(all[..20], [0x5A; 20]);
+        assert_eq!(all[20..25], [0; 5]);
+        assert_eq!(&all[25..], b"x");
     }
 
     #[test]
     fn sparse_growth_reads_zeros_and_keeps_old_tail() {
         let fx = fixture(4096, 1);
-        write(&fx.file, &fx.st, &fx.cx(), 0, b"0123456789").unwrap();
-        truncate(&fx.file, &fx.st, &fx.cx(), 3 * 4096 + 100).unwrap();
-        write(&fx.file, &fx.st, &fx.cx(), 5 * 4096 + 1, b"end").unwrap();
+        fx.write(0, b"0123456789");
+        fx.truncate(3 * 4096 + 100);
+        fx.write(5 * 4096 + 1, b"end");
         let all = fx.all();
         assert_eq!(all.len(), 5 * 4096 + 4);
         assert_eq!(&all[..10], b"0123456789");
         assert!(all[10..5 * 4096 + 1].iter().all(|b| *b == 0));
         assert_eq!(&all[5 * 4096 + 1..], b"end");
+        // Units 1..=4 were never written: they stay holes of the backing file.
+        let raw = fx.raw();
+        for u in 1..5 {
+            let unit = &raw[FILE_HEADER_LEN + u * 4096..][..4096];
+            assert!(unit.iter().all(|b| *b == 0), "unit {u} was written");
+        }
     }
 
     #[test]
@@ -623,7 +888,7 @@ mod tests {
                     for i in 0..32u64 {
                         // Unaligned, sector-straddling chunks interleaved across threads.
                         let off = (i * 4 + t as u64) * 3000;
-                        write(&fx.file, &fx.st, &fx.cx(), off, &[t + 1; 3000]).unwrap();
+                        fx.write(off, &[t + 1; 3000]);
                     }
                 })
             })
@@ -642,7 +907,7 @@ mod tests {
     }
 
     #[test]
-    fn corrupt_headers_are_errors_not_panics() {
+    fn corrupt_headers_lengths_and_v1_files_are_errors_not_panics() {
         let fx = fixture(4096, 1);
         fx.file.write_all_at(b"short", 0).unwrap();
         assert!(matches!(
@@ -654,5 +919,43 @@ mod tests {
             read(&fx.file, &fx.st, &fx.cx(), 0, 10),
             Err(VolumeError::CorruptFile { .. })
         ));
+        // A data area of 1..15 bytes cannot be a v2 file.
+        let h = FileHeader::generate().unwrap();
+        fx.file.set_len(0).unwrap();
+        fx.file.write_all_at(&h.encode(), 0).unwrap();
+        fx.file.set_len(FILE_HEADER_LEN as u64 + 7).unwrap();
+        assert!(matches!(
+            read(&fx.file, &fx.st, &fx.cx(), 0, 10),
+            Err(VolumeError::CorruptFile { .. })
+        ));
+        // A v1 file is refused, not misread.
+        let fx = fixture(4096, 1);
+        let v1 = FileHeader {
+            version: layout::FILE_VERSION_V1,
+            ..h
+        };
+        fx.file.write_all_at(&v1.encode(), 0).unwrap();
+        fx.file.write_all_at(&[1; 48], 32).unwrap();
+        let e = read(&fx.file, &fx.st, &fx.cx(), 0, 10).unwrap_err();
+        assert!(e.to_string().contains("cmkfs upgrade"), "{e}");
+    }
+
+    #[test]
+    fn units_are_whole_block_xts_with_zero_padding() {
+        // The last unit is XTS over whole blocks (padding zero-filled), never ciphertext
+        // stealing, followed by the filler.
+        let fx = fixture(4096, 1);
+        let data: Vec<u8> = (0..4096 + 21).map(|i| (i * 31 + 7) as u8).collect();
+        fx.write(0, &data);
+        let h = fx.file_id();
+        let raw = fx.raw();
+        let mut unit1 = data[4096..].to_vec();
+        unit1.resize(32, 0);
+        fx.keys
+            .xts
+            .encrypt_unit(h.tweak().wrapping_add(1), &mut unit1)
+            .unwrap();
+        assert_eq!(&raw[FILE_HEADER_LEN + 4096..][..32], &unit1[..]);
+        assert_eq!(raw.len(), FILE_HEADER_LEN + 4096 + 32 + 5);
     }
 }

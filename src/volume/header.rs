@@ -21,8 +21,11 @@ use crate::vault::{KeyId, Vault, WrapAlg, Wrapped};
 
 /// File name of the volume header in the backing directory.
 pub const HEADER_FILE: &str = "cmkfs.volume.json";
-/// The on-disk format this code writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// The on-disk format this code writes and mounts: 2 (every data unit whole AES blocks, the
+/// size kept in the backing length; docs/FORMAT.md).
+pub const FORMAT_VERSION: u32 = 2;
+/// The oldest format this code still reads, to convert it (`cmkfs upgrade`).
+pub const OLDEST_FORMAT_VERSION: u32 = 1;
 /// Sector cipher name.
 pub const CIPHER: &str = "AES-256-XTS";
 /// Name cipher name.
@@ -228,9 +231,10 @@ impl VolumeHeader {
         if self.format != "cmkfs" {
             return Err(format!("format is {:?}, not \"cmkfs\"", self.format));
         }
-        if self.format_version != FORMAT_VERSION {
+        if !(OLDEST_FORMAT_VERSION..=FORMAT_VERSION).contains(&self.format_version) {
             return Err(format!(
-                "format version {} is not supported (this cmkfs reads version {FORMAT_VERSION})",
+                "format version {} is not supported (this cmkfs reads versions \
+                 {OLDEST_FORMAT_VERSION} to {FORMAT_VERSION})",
                 self.format_version
             ));
         }
@@ -463,6 +467,31 @@ impl VolumeHeader {
             (Ok(_), Ok(_)) => None,
             _ => Some("the key id is malformed".into()),
         }
+    }
+
+    /// The same header in the current on-disk format, with a current (version 2) MAC
+    /// recomputed with `dek` (the outer DEK): the last step of `cmkfs upgrade`, once every
+    /// file is converted.
+    pub fn format_upgraded(&self, dek: &Dek) -> VolumeHeader {
+        let mut h = VolumeHeader {
+            format_version: FORMAT_VERSION,
+            mac_version: MAC_VERSION,
+            ..self.clone()
+        };
+        h.header_mac = h.mac(dek);
+        h
+    }
+
+    /// The same header claiming on-disk format `version`, its MAC (of the same MAC version)
+    /// recomputed: tests build old volumes with it.
+    #[doc(hidden)]
+    pub fn with_format_version(&self, version: u32, dek: &Dek) -> VolumeHeader {
+        let mut h = VolumeHeader {
+            format_version: version,
+            ..self.clone()
+        };
+        h.header_mac = h.mac(dek);
+        h
     }
 
     /// Writes the header atomically into `dir`.

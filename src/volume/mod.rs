@@ -17,12 +17,16 @@ pub mod content;
 mod dir;
 mod entries;
 pub mod header;
+pub mod layout;
+pub mod lock;
 pub mod names;
 mod open_create;
 pub mod rename;
 pub mod symlink;
 pub mod sys;
 mod truncate;
+pub mod upgrade;
+pub mod v1;
 pub mod xattr;
 
 pub use attr::{Attr, SetAttr, Target};
@@ -100,6 +104,14 @@ pub enum VolumeError {
     /// A bug or an impossible state.
     #[error("internal error: {0}")]
     Internal(String),
+    /// The volume is in an older on-disk format that this cmkfs converts before use.
+    #[error("{} is in on-disk format v{version}; convert it with `cmkfs upgrade {}` (or mount it: the mount converts it first)", .path.display(), .path.display())]
+    NeedsUpgrade {
+        /// The backing directory.
+        path: PathBuf,
+        /// Its format version.
+        version: u32,
+    },
 }
 
 impl VolumeError {
@@ -326,6 +338,14 @@ impl Volume {
         threads: usize,
     ) -> Result<Volume, VolumeError> {
         let root = fs::canonicalize(dir).map_err(|e| VolumeError::io(dir, e))?;
+        // The data path knows the current unit rule only: an older volume's short tails
+        // would be misread (docs/FORMAT.md, "Upgrade from format v1").
+        if header.format_version != header::FORMAT_VERSION {
+            return Err(VolumeError::NeedsUpgrade {
+                path: root,
+                version: header.format_version,
+            });
+        }
         let root_dir = Arc::new(Dir::open_root(&root)?);
         let engine = SectorEngine::new(threads).map_err(VolumeError::Os)?;
         Ok(Volume {

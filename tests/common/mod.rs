@@ -31,6 +31,7 @@
 #![allow(dead_code)]
 
 pub mod sys;
+pub mod v1_fixture;
 
 use std::collections::BTreeMap;
 use std::ffi::{OsStr, OsString};
@@ -65,6 +66,12 @@ pub const HEADER_NAME: &str = "cmkfs.volume.json";
 pub const FILE_HEADER_LEN: u64 = cmkfs::volume::FILE_HEADER_LEN as u64;
 /// AES-XTS data unit size of the volume format.
 pub const SECTOR: usize = 4096;
+
+/// Backing length of a non-empty file of `size` plaintext bytes (format v2: the header, the
+/// units padded to whole 16-byte blocks, then `size % 16` filler bytes; docs/FORMAT.md).
+pub fn backing_len(size: u64) -> u64 {
+    cmkfs::volume::layout::backing_len(size)
+}
 
 /// How long a [`Mount`] may stay live before its watchdog aborts the FUSE connection.
 /// `CMKFS_TEST_WATCHDOG_SECS` overrides the default (120 s), which sits below nextest's
@@ -348,6 +355,21 @@ pub fn abort_fuse_connection(dev: u64) -> bool {
         .is_ok()
 }
 
+/// Aborts FUSE connection `dev`, which a mount at `mnt` had, unless another mount holds that
+/// number now: a connection's number is freed with its superblock (a detached mount's goes
+/// when its daemon lets go) and the next FUSE mount gets it, so a late abort by number would
+/// cut off another test's mount. Returns whether the abort was written.
+pub fn abort_own_connection(dev: u64, mnt: &Path) -> bool {
+    if mounts()
+        .iter()
+        .any(|m| m.dev == dev && m.mount_point != mnt)
+    {
+        eprintln!("harness: FUSE connection {dev} now belongs to another mount; not aborting it");
+        return false;
+    }
+    abort_fuse_connection(dev)
+}
+
 /// `umount2(path, MNT_DETACH)`: the mount disappears from the namespace at once, whatever
 /// state the daemon is in. Best effort.
 pub fn detach(path: &Path) -> bool {
@@ -579,7 +601,15 @@ impl Env {
         args.extend(extra.iter().map(OsString::from));
         let out = self.cmkfs(&args);
         if !out.ok() {
-            panic!("mount failed:\n{out}");
+            // The daemon's log is in the temp dir, gone once the test ends: show it now.
+            let logs: String = fs::read_dir(self.home.join("run"))
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter(|e| e.file_name().to_string_lossy().ends_with(".log"))
+                .map(|e| fs::read_to_string(e.path()).unwrap_or_default())
+                .collect();
+            panic!("mount failed:\n{out}\n  daemon log:\n{logs}");
         }
         // The contract says the command returns once the mount is ready; still poll briefly
         // (without a second assertion on timing) in case the kernel table lags.
@@ -740,7 +770,7 @@ pub struct Mount {
 
 impl Mount {
     /// Takes charge of a mount that is already visible at `mnt` (e.g. made by a `cmkfs mount`
-    /// a test ran itself, with its own environment).
+    /// a test ran itself, with its own environment, or whose output it inspects).
     pub fn adopt(env: &Env, cipher: &Path, mnt: &Path) -> Mount {
         let dev = mounts_at(mnt).last().map(|m| m.dev);
         let watchdog = Watchdog::start(mnt.to_path_buf(), dev, watchdog_limit());
@@ -838,7 +868,7 @@ impl Mount {
         // The kernel aborts the connection when the daemon's /dev/fuse descriptors close;
         // aborting again is harmless and covers a descriptor inherited elsewhere.
         if let Some(dev) = self.dev {
-            abort_fuse_connection(dev);
+            abort_own_connection(dev, &self.mnt);
         }
         while is_mounted(&self.mnt) && detach(&self.mnt) {}
         assert!(
@@ -891,7 +921,7 @@ impl Mount {
         if !wait_until(Duration::from_secs(5), || self.daemon_exited()) {
             // A detached mount may keep the connection (and daemon) alive: abort it.
             if let Some(dev) = self.dev {
-                if abort_fuse_connection(dev) {
+                if abort_own_connection(dev, &self.mnt) {
                     eprintln!("harness: aborted FUSE connection {dev}");
                 }
             }
@@ -960,7 +990,7 @@ impl Watchdog {
                     mnt.display()
                 );
                 if let Some(dev) = dev {
-                    abort_fuse_connection(dev);
+                    abort_own_connection(dev, &mnt);
                 }
                 detach(&mnt);
             }
