@@ -170,7 +170,13 @@ pub fn spawn(
                     let handle = |t: Option<Transition>| {
                         if let Some(t) = t {
                             if matches!(t.to, KeyState::Inaccessible { .. }) {
+                                // Plaintext kept for reuse in the data path's buffers goes
+                                // with the keys.
+                                crate::volume::bufpool::wipe();
                                 cut_off();
+                            } else if t.to == KeyState::Accessible {
+                                // Keys usable again: the data path may keep its buffers.
+                                crate::volume::bufpool::reopen();
                             }
                             publish_event(&keyring, &facts, &sinks, &t);
                         }

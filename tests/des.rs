@@ -1078,7 +1078,7 @@ fn read_file_in_process(dir: &Path, vault: LocalVault, name: &str) -> Vec<u8> {
     let of = vol
         .open_file(vol.root_dir(), &bname, false, Some(attr.ino))
         .unwrap();
-    vol.read(&of, 0, 1 << 20).unwrap()
+    vol.read(&of, 0, 1 << 20).unwrap().to_vec()
 }
 
 #[test]

@@ -22,23 +22,58 @@
 //!   padding of the new last block.
 
 use std::fs::File;
+use std::ops::{Deref, Range};
 use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, RwLock};
 
 use super::layout::{self, roundup_block, unit_extent, units_end, BLOCK};
 pub use super::layout::{logical_size, FileHeader, FILE_HEADER_LEN};
+use super::bufpool::PoolBuf;
 use super::VolumeError;
 use crate::crypto::VolumeKeys;
 use crate::engine::{Holes, SectorEngine};
 
 /// Shared state of one backing file, common to all its open handles: the lock that makes
-/// read-modify-write and size changes atomic, and the cached header.
-#[derive(Debug, Default)]
+/// read-modify-write and size changes atomic, the cached header and the cached backing
+/// length.
+#[derive(Debug)]
 pub struct FileState {
     /// Shared for reads and whole-unit overwrites inside the file; exclusive for anything
     /// that reads-modifies-writes a unit or moves the end of the file.
     pub(crate) rmw: RwLock<()>,
     header: Mutex<Option<FileHeader>>,
+    /// The backing length, so that a request needs no `fstat`: [`UNKNOWN_LEN`] until first
+    /// read from the file, set under the exclusive lock by every change of length, and
+    /// forgotten after a failed change or a read that found the file shorter (the backing
+    /// store changed behind the mount). The file is only changed under `rmw`, so a holder of
+    /// the shared lock sees a length no one is changing.
+    len: AtomicU64,
+}
+
+/// [`FileState`]'s length when not known.
+const UNKNOWN_LEN: u64 = u64::MAX;
+
+impl Default for FileState {
+    fn default() -> Self {
+        FileState {
+            rmw: RwLock::new(()),
+            header: Mutex::new(None),
+            len: AtomicU64::new(UNKNOWN_LEN),
+        }
+    }
+}
+
+impl FileState {
+    /// Records the backing length after a change made under the exclusive lock.
+    fn set_len(&self, len: u64) {
+        self.len.store(len, Ordering::Release);
+    }
+
+    /// Forgets the backing length: the next request reads it from the file.
+    fn forget_len(&self) {
+        self.len.store(UNKNOWN_LEN, Ordering::Release);
+    }
 }
 
 /// The cipher context a content operation needs.
@@ -62,9 +97,21 @@ fn os_err(errno: i32) -> VolumeError {
     VolumeError::Os(std::io::Error::from_raw_os_error(errno))
 }
 
-/// The backing length and the logical size it encodes.
-fn backing_state(f: &File) -> Result<(u64, u64), VolumeError> {
-    let len = f.metadata().map_err(VolumeError::Os)?.len();
+/// The backing length (cached, else from `fstat`); the caller holds `st.rmw`.
+fn backing_len(f: &File, st: &FileState) -> Result<u64, VolumeError> {
+    match st.len.load(Ordering::Acquire) {
+        UNKNOWN_LEN => {
+            let len = f.metadata().map_err(VolumeError::Os)?.len();
+            st.len.store(len, Ordering::Release);
+            Ok(len)
+        }
+        len => Ok(len),
+    }
+}
+
+/// The backing length and the logical size it encodes; the caller holds `st.rmw`.
+fn backing_state(f: &File, st: &FileState) -> Result<(u64, u64), VolumeError> {
+    let len = backing_len(f, st)?;
     Ok((len, logical_size(len).map_err(corrupt)?))
 }
 
@@ -73,13 +120,15 @@ fn header(f: &File, st: &FileState, create: bool) -> Result<Option<FileHeader>, 
     if let Some(h) = *cached {
         return Ok(Some(h));
     }
-    let len = f.metadata().map_err(VolumeError::Os)?.len();
+    let len = backing_len(f, st)?;
     if len == 0 {
         if !create {
             return Ok(None);
         }
         let h = FileHeader::generate().map_err(|e| VolumeError::Internal(e.to_string()))?;
+        st.forget_len();
         f.write_all_at(&h.encode(), 0).map_err(VolumeError::Os)?;
+        st.set_len(FILE_HEADER_LEN as u64);
         *cached = Some(h);
         return Ok(Some(h));
     }
@@ -203,7 +252,75 @@ fn rounddown_block(n: u64) -> u64 {
     n / BLOCK * BLOCK
 }
 
-/// Reads up to `len` bytes at `off`. Returns the plaintext (shorter at end of file).
+/// The plaintext of a read: the decrypted units in a pooled buffer and the part of them the
+/// request asked for. Derefs to that part, so a reply goes out from the buffer the data was
+/// read and decrypted in, without a copy.
+#[derive(Debug)]
+pub struct ReadBuf {
+    buf: PoolBuf,
+    range: Range<usize>,
+}
+
+impl ReadBuf {
+    fn empty() -> ReadBuf {
+        ReadBuf {
+            buf: PoolBuf::take(0),
+            range: 0..0,
+        }
+    }
+}
+
+impl Deref for ReadBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.buf[self.range.clone()]
+    }
+}
+
+/// Reads up to `len` bytes at `off`: the plaintext (shorter at end of file), in place in the
+/// units it was decrypted in.
+pub fn read_buf(
+    f: &File,
+    st: &FileState,
+    cx: &Ctx,
+    off: u64,
+    len: usize,
+) -> Result<ReadBuf, VolumeError> {
+    let _g = st.rmw.read().unwrap_or_else(|p| p.into_inner());
+    let r = read_locked(f, st, cx, off, len);
+    if r.is_err() {
+        st.forget_len();
+    }
+    r
+}
+
+fn read_locked(
+    f: &File,
+    st: &FileState,
+    cx: &Ctx,
+    off: u64,
+    len: usize,
+) -> Result<ReadBuf, VolumeError> {
+    let (_, size) = backing_state(f, st)?;
+    if off >= size || len == 0 {
+        return Ok(ReadBuf::empty());
+    }
+    let end = size.min(off.saturating_add(len as u64));
+    let h = existing_header(f, st)?;
+    let first = off / cx.sector;
+    let start = first * cx.sector;
+    let stop = units_end(size).min((end - 1) / cx.sector * cx.sector + cx.sector);
+    // Every byte of the buffer is read from the file before it is used.
+    let mut buf = PoolBuf::take((stop - start) as usize);
+    read_exact(f, &mut buf, start)?;
+    decrypt(cx, h.tweak(), first, &mut buf)?;
+    Ok(ReadBuf {
+        buf,
+        range: (off - start) as usize..(end - start) as usize,
+    })
+}
+
+/// Reads up to `len` bytes at `off` into a new vector (shorter at end of file).
 pub fn read(
     f: &File,
     st: &FileState,
@@ -211,22 +328,7 @@ pub fn read(
     off: u64,
     len: usize,
 ) -> Result<Vec<u8>, VolumeError> {
-    let _g = st.rmw.read().unwrap_or_else(|p| p.into_inner());
-    let (_, size) = backing_state(f)?;
-    if off >= size || len == 0 {
-        return Ok(Vec::new());
-    }
-    let end = size.min(off.saturating_add(len as u64));
-    let h = existing_header(f, st)?;
-    let first = off / cx.sector;
-    let start = first * cx.sector;
-    let stop = units_end(size).min((end - 1) / cx.sector * cx.sector + cx.sector);
-    let mut buf = vec![0u8; (stop - start) as usize];
-    read_exact(f, &mut buf, start)?;
-    decrypt(cx, h.tweak(), first, &mut buf)?;
-    buf.truncate((end - start) as usize);
-    buf.drain(..(off - start) as usize);
-    Ok(buf)
+    read_buf(f, st, cx, off, len).map(|b| b.to_vec())
 }
 
 /// Writes `data` at `off`, growing the file as needed. Returns the bytes written.
@@ -248,18 +350,39 @@ pub fn write(
     // the shared lock. The last unit's padding is written as zeros; the filler is untouched.
     {
         let _g = st.rmw.read().unwrap_or_else(|p| p.into_inner());
-        let (_, size) = backing_state(f)?;
+        let (_, size) = backing_state(f, st)?;
         if off % cx.sector == 0 && end <= size && (end % cx.sector == 0 || end == size) {
-            let h = existing_header(f, st)?;
-            let mut buf = data.to_vec();
-            buf.resize(roundup_block(data.len() as u64) as usize, 0);
-            encrypt(cx, h.tweak(), off / cx.sector, &mut buf)?;
-            write_at(f, &buf, off)?;
-            return Ok(data.len());
+            let r = overwrite_units(f, st, cx, off, data);
+            if r.is_err() {
+                st.forget_len();
+            }
+            return r;
         }
     }
     let _g = st.rmw.write().unwrap_or_else(|p| p.into_inner());
-    write_locked(f, st, cx, off, data)
+    let r = write_locked(f, st, cx, off, data);
+    if r.is_err() {
+        st.forget_len();
+    }
+    r
+}
+
+/// Whole units inside the file, under the shared lock: encrypted in a pooled buffer (which
+/// then holds ciphertext only), written back as they are.
+fn overwrite_units(
+    f: &File,
+    st: &FileState,
+    cx: &Ctx,
+    off: u64,
+    data: &[u8],
+) -> Result<usize, VolumeError> {
+    let h = existing_header(f, st)?;
+    let mut buf = PoolBuf::take(roundup_block(data.len() as u64) as usize);
+    buf[..data.len()].copy_from_slice(data);
+    buf[data.len()..].fill(0);
+    encrypt(cx, h.tweak(), off / cx.sector, &mut buf)?;
+    write_at(f, &buf, off)?;
+    Ok(data.len())
 }
 
 /// The read-modify-write body of [`write`]; the caller holds the exclusive lock.
@@ -271,7 +394,7 @@ fn write_locked(
     data: &[u8],
 ) -> Result<usize, VolumeError> {
     let end = off + data.len() as u64;
-    let (old_len, size) = backing_state(f)?;
+    let (old_len, size) = backing_state(f, st)?;
     let h = header(f, st, true)?.ok_or_else(|| corrupt("could not create the file header"))?;
     let ss = cx.sector;
     let new_size = size.max(end);
@@ -284,7 +407,19 @@ fn write_locked(
     }
     let start = first * ss;
     let stop = units_end(new_size).min((last + 1) * ss);
-    let mut buf = vec![0u8; (stop - start) as usize];
+    let units = (stop - start) as usize;
+    // Growth: the filler goes out in the same pwrite as the last unit, so the length moves
+    // together with the data.
+    let filler = if new_size != size {
+        layout::filler_len(new_size) as usize
+    } else {
+        0
+    };
+    // Zeros wherever neither the old units nor `data` will be put: before and after the
+    // written range (the edge units read below overwrite parts of that), and the filler.
+    let mut buf = PoolBuf::take(units + filler);
+    buf[..(off - start) as usize].fill(0);
+    buf[(end - start) as usize..].fill(0);
     // What must go back to disk: `buf[lo..hi]`. XTS is deterministic per block, so a block
     // re-encrypted from the plaintext it already held comes out as the ciphertext stored:
     // the blocks of a read unit before the write (and before the old end of file, past which
@@ -310,19 +445,18 @@ fn write_locked(
         }
     }
     buf[(off - start) as usize..(end - start) as usize].copy_from_slice(data);
-    encrypt(cx, h.tweak(), first, &mut buf)?;
-    // Growth: the filler goes out in the same pwrite as the last unit, so the length moves
-    // together with the data.
+    encrypt(cx, h.tweak(), first, &mut buf[..units])?;
     let want = layout::backing_len(new_size);
     if new_size != size {
-        buf.resize(buf.len() + layout::filler_len(new_size) as usize, 0);
         hi = buf.len() as u64;
     }
+    st.forget_len();
     write_at(f, &buf[lo as usize..hi as usize], start + lo)?;
     // Growth inside the old filler shortens the backing file (e.g. 10 → 16 bytes).
     if old_len.max(FILE_HEADER_LEN as u64 + start + hi) != want {
         f.set_len(want).map_err(VolumeError::Os)?;
     }
+    st.set_len(want);
     Ok(data.len())
 }
 
@@ -387,11 +521,14 @@ fn scrub_tail(f: &File, cx: &Ctx, h: &FileHeader, size: u64) -> Result<(), Volum
 /// Sets the logical size to `new_size` (shrink, or grow with zeros).
 pub fn truncate(f: &File, st: &FileState, cx: &Ctx, new_size: u64) -> Result<(), VolumeError> {
     let _g = st.rmw.write().unwrap_or_else(|p| p.into_inner());
-    truncate_locked(f, st, cx, new_size)
+    let r = truncate_locked(f, st, cx, new_size);
+    // Rare: the next request reads the new length from the file.
+    st.forget_len();
+    r
 }
 
 fn truncate_locked(f: &File, st: &FileState, cx: &Ctx, new_size: u64) -> Result<(), VolumeError> {
-    let (_, size) = backing_state(f)?;
+    let (_, size) = backing_state(f, st)?;
     if new_size == size {
         return Ok(());
     }
@@ -440,9 +577,24 @@ pub fn fallocate(
         return Err(os_err(libc::EINVAL));
     }
     let end = off.checked_add(len).ok_or_else(|| os_err(libc::EFBIG))?;
-    let keep = mode & libc::FALLOC_FL_KEEP_SIZE != 0;
     let _g = st.rmw.write().unwrap_or_else(|p| p.into_inner());
-    let (_, size) = backing_state(f)?;
+    let r = fallocate_locked(f, st, cx, mode, off, len, end);
+    // Rare: the next request reads the new length from the file.
+    st.forget_len();
+    r
+}
+
+fn fallocate_locked(
+    f: &File,
+    st: &FileState,
+    cx: &Ctx,
+    mode: i32,
+    off: u64,
+    len: u64,
+    end: u64,
+) -> Result<(), VolumeError> {
+    let keep = mode & libc::FALLOC_FL_KEEP_SIZE != 0;
+    let (_, size) = backing_state(f, st)?;
     if mode & (libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE) != 0 {
         zero_range(f, st, cx, off, end.min(size), size)?;
         if !keep && end > size {

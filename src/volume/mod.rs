@@ -13,6 +13,7 @@
 
 pub mod acl;
 mod attr;
+pub mod bufpool;
 pub mod content;
 mod dir;
 mod entries;

@@ -8,7 +8,7 @@ use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 
-use super::content::{self, FileState};
+use super::content::{self, FileState, ReadBuf};
 use super::sys::{self, Access};
 use super::{lock, os, Attr, Caller, Dir, Target, Volume, VolumeError};
 
@@ -126,10 +126,11 @@ impl Volume {
         }
     }
 
-    /// Reads up to `len` plaintext bytes at `off`.
-    pub fn read(&self, of: &OpenFile, off: u64, len: usize) -> Result<Vec<u8>, VolumeError> {
+    /// Reads up to `len` plaintext bytes at `off` (fewer at end of file), in a pooled buffer
+    /// that derefs to them: reply from it directly.
+    pub fn read(&self, of: &OpenFile, off: u64, len: usize) -> Result<ReadBuf, VolumeError> {
         let keys = self.keys()?;
-        content::read(&of.file, &of.shared.content, &self.ctx(&keys), off, len)
+        content::read_buf(&of.file, &of.shared.content, &self.ctx(&keys), off, len)
     }
 
     /// Writes plaintext at `off`.
