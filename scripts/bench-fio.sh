@@ -16,6 +16,7 @@
 #   --svg FILE       also copy the plot there (e.g. docs/bench/fio.svg)
 #   --only JOBS      run only these jobs (names as in the table's first column)
 #   CMKFS_BIN=path   the cmkfs binary to measure (default: target/release/cmkfs, built here)
+#   PT_BIN=path      the passthrough binary (default: examples/passthrough.rs, built here)
 #   CMKFS_BASELINE=path  also mount this cmkfs binary (an older build) as "cmkfs-base", for
 #                    before/after ratios in the same run
 #   CMKFS_MOUNT_ARGS="..."  extra `cmkfs mount` options (e.g. tuning switches to compare)
@@ -80,7 +81,7 @@ if [[ -z "${CMKFS_BIN:-}" ]]; then
     CMKFS_BIN=$ROOT/target/release/cmkfs
 fi
 CMKFS_BIN=$(realpath "$CMKFS_BIN")
-if [[ $PASSTHROUGH -eq 1 ]]; then
+if [[ $PASSTHROUGH -eq 1 && -z "${PT_BIN:-}" ]]; then
     cargo build --release --quiet --example passthrough
     PT_BIN=$ROOT/target/release/examples/passthrough
 fi

@@ -400,3 +400,46 @@ fn a_purged_key_cuts_off_for_good() {
     out.assert_clear_error();
     assert_eq!(data_files(&env.cipher).len(), 1);
 }
+
+/// With the writeback cache (`--writeback-cache`), the kernel holds written pages and sends
+/// them later: at cut-off, pages still dirty must never reach the backing store in plaintext
+/// (they can only go out through the daemon, which has no key any more), and pages cached
+/// from reads must be dropped. The marker text is searched for in every backing file, after
+/// the cut-off and again after the unmount (which flushes whatever is left).
+#[test]
+fn writeback_cache_dirty_pages_at_cut_off_never_reach_the_disk_in_plaintext() {
+    const MARKER: &[u8] = b"<<cmkfs writeback plaintext marker>>";
+    let env = Env::new();
+    env.init(&env.cipher);
+    let m = env.mount_with(&env.cipher, &env.mnt, &["--writeback-cache"]);
+    let text: Vec<u8> = MARKER.iter().copied().cycle().take(4 << 20).collect();
+    write(&m.path("cached"), &text);
+    assert_eq!(read(&m.path("cached")), text, "read back through the cache");
+    // Dirty pages: written, never synced, the file still open at the cut-off.
+    let mut dirty = fs::File::create(m.path("dirty")).unwrap();
+    dirty.write_all(&text).unwrap();
+    key_update(&env, &["--disable"]);
+    wait_state(&env, &env.mnt, "Inaccessible");
+    let sync = dirty.sync_all();
+    println!("fsync of the dirty file after the cut-off: {sync:?}");
+    assert!(
+        fs::read(m.path("cached")).is_err(),
+        "a page cached before the cut-off was served after it"
+    );
+    let in_backing = |when: &str| {
+        for f in walk(&env.cipher) {
+            if fs::symlink_metadata(&f).is_ok_and(|md| md.is_file()) {
+                let bytes = fs::read(&f).unwrap_or_default();
+                assert!(
+                    !bytes.windows(MARKER.len()).any(|w| w == MARKER),
+                    "plaintext in {} {when}",
+                    f.display()
+                );
+            }
+        }
+    };
+    in_backing("after the cut-off");
+    drop(dirty);
+    m.unmount();
+    in_backing("after the unmount");
+}

@@ -24,7 +24,6 @@
 use std::fs::File;
 use std::ops::{Deref, Range};
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, RwLock};
 
 use super::layout::{self, roundup_block, unit_extent, units_end, BLOCK};
@@ -35,45 +34,17 @@ use crate::crypto::VolumeKeys;
 use crate::engine::{Holes, SectorEngine};
 
 /// Shared state of one backing file, common to all its open handles: the lock that makes
-/// read-modify-write and size changes atomic, the cached header and the cached backing
-/// length.
-#[derive(Debug)]
+/// read-modify-write and size changes atomic, and the cached header.
+///
+/// The backing length is not cached: it is read (`fstat`) by every request, so a backing
+/// file changed behind the mount (a sync client, a restore) is seen at once, never written
+/// through with a stale length (docs/PERFORMANCE.md).
+#[derive(Debug, Default)]
 pub struct FileState {
     /// Shared for reads and whole-unit overwrites inside the file; exclusive for anything
     /// that reads-modifies-writes a unit or moves the end of the file.
     pub(crate) rmw: RwLock<()>,
     header: Mutex<Option<FileHeader>>,
-    /// The backing length, so that a request needs no `fstat`: [`UNKNOWN_LEN`] until first
-    /// read from the file, set under the exclusive lock by every change of length, and
-    /// forgotten after a failed change or a read that found the file shorter (the backing
-    /// store changed behind the mount). The file is only changed under `rmw`, so a holder of
-    /// the shared lock sees a length no one is changing.
-    len: AtomicU64,
-}
-
-/// [`FileState`]'s length when not known.
-const UNKNOWN_LEN: u64 = u64::MAX;
-
-impl Default for FileState {
-    fn default() -> Self {
-        FileState {
-            rmw: RwLock::new(()),
-            header: Mutex::new(None),
-            len: AtomicU64::new(UNKNOWN_LEN),
-        }
-    }
-}
-
-impl FileState {
-    /// Records the backing length after a change made under the exclusive lock.
-    fn set_len(&self, len: u64) {
-        self.len.store(len, Ordering::Release);
-    }
-
-    /// Forgets the backing length: the next request reads it from the file.
-    fn forget_len(&self) {
-        self.len.store(UNKNOWN_LEN, Ordering::Release);
-    }
 }
 
 /// The cipher context a content operation needs.
@@ -97,21 +68,9 @@ fn os_err(errno: i32) -> VolumeError {
     VolumeError::Os(std::io::Error::from_raw_os_error(errno))
 }
 
-/// The backing length (cached, else from `fstat`); the caller holds `st.rmw`.
-fn backing_len(f: &File, st: &FileState) -> Result<u64, VolumeError> {
-    match st.len.load(Ordering::Acquire) {
-        UNKNOWN_LEN => {
-            let len = f.metadata().map_err(VolumeError::Os)?.len();
-            st.len.store(len, Ordering::Release);
-            Ok(len)
-        }
-        len => Ok(len),
-    }
-}
-
-/// The backing length and the logical size it encodes; the caller holds `st.rmw`.
-fn backing_state(f: &File, st: &FileState) -> Result<(u64, u64), VolumeError> {
-    let len = backing_len(f, st)?;
+/// The backing length and the logical size it encodes.
+fn backing_state(f: &File) -> Result<(u64, u64), VolumeError> {
+    let len = f.metadata().map_err(VolumeError::Os)?.len();
     Ok((len, logical_size(len).map_err(corrupt)?))
 }
 
@@ -120,15 +79,13 @@ fn header(f: &File, st: &FileState, create: bool) -> Result<Option<FileHeader>, 
     if let Some(h) = *cached {
         return Ok(Some(h));
     }
-    let len = backing_len(f, st)?;
+    let len = f.metadata().map_err(VolumeError::Os)?.len();
     if len == 0 {
         if !create {
             return Ok(None);
         }
         let h = FileHeader::generate().map_err(|e| VolumeError::Internal(e.to_string()))?;
-        st.forget_len();
         f.write_all_at(&h.encode(), 0).map_err(VolumeError::Os)?;
-        st.set_len(FILE_HEADER_LEN as u64);
         *cached = Some(h);
         return Ok(Some(h));
     }
@@ -287,21 +244,7 @@ pub fn read_buf(
     len: usize,
 ) -> Result<ReadBuf, VolumeError> {
     let _g = st.rmw.read().unwrap_or_else(|p| p.into_inner());
-    let r = read_locked(f, st, cx, off, len);
-    if r.is_err() {
-        st.forget_len();
-    }
-    r
-}
-
-fn read_locked(
-    f: &File,
-    st: &FileState,
-    cx: &Ctx,
-    off: u64,
-    len: usize,
-) -> Result<ReadBuf, VolumeError> {
-    let (_, size) = backing_state(f, st)?;
+    let (_, size) = backing_state(f)?;
     if off >= size || len == 0 {
         return Ok(ReadBuf::empty());
     }
@@ -350,21 +293,13 @@ pub fn write(
     // the shared lock. The last unit's padding is written as zeros; the filler is untouched.
     {
         let _g = st.rmw.read().unwrap_or_else(|p| p.into_inner());
-        let (_, size) = backing_state(f, st)?;
+        let (_, size) = backing_state(f)?;
         if off % cx.sector == 0 && end <= size && (end % cx.sector == 0 || end == size) {
-            let r = overwrite_units(f, st, cx, off, data);
-            if r.is_err() {
-                st.forget_len();
-            }
-            return r;
+            return overwrite_units(f, st, cx, off, data);
         }
     }
     let _g = st.rmw.write().unwrap_or_else(|p| p.into_inner());
-    let r = write_locked(f, st, cx, off, data);
-    if r.is_err() {
-        st.forget_len();
-    }
-    r
+    write_locked(f, st, cx, off, data)
 }
 
 /// Whole units inside the file, under the shared lock: encrypted in a pooled buffer (which
@@ -394,7 +329,7 @@ fn write_locked(
     data: &[u8],
 ) -> Result<usize, VolumeError> {
     let end = off + data.len() as u64;
-    let (old_len, size) = backing_state(f, st)?;
+    let (old_len, size) = backing_state(f)?;
     let h = header(f, st, true)?.ok_or_else(|| corrupt("could not create the file header"))?;
     let ss = cx.sector;
     let new_size = size.max(end);
@@ -450,13 +385,11 @@ fn write_locked(
     if new_size != size {
         hi = buf.len() as u64;
     }
-    st.forget_len();
     write_at(f, &buf[lo as usize..hi as usize], start + lo)?;
     // Growth inside the old filler shortens the backing file (e.g. 10 → 16 bytes).
     if old_len.max(FILE_HEADER_LEN as u64 + start + hi) != want {
         f.set_len(want).map_err(VolumeError::Os)?;
     }
-    st.set_len(want);
     Ok(data.len())
 }
 
@@ -521,14 +454,11 @@ fn scrub_tail(f: &File, cx: &Ctx, h: &FileHeader, size: u64) -> Result<(), Volum
 /// Sets the logical size to `new_size` (shrink, or grow with zeros).
 pub fn truncate(f: &File, st: &FileState, cx: &Ctx, new_size: u64) -> Result<(), VolumeError> {
     let _g = st.rmw.write().unwrap_or_else(|p| p.into_inner());
-    let r = truncate_locked(f, st, cx, new_size);
-    // Rare: the next request reads the new length from the file.
-    st.forget_len();
-    r
+    truncate_locked(f, st, cx, new_size)
 }
 
 fn truncate_locked(f: &File, st: &FileState, cx: &Ctx, new_size: u64) -> Result<(), VolumeError> {
-    let (_, size) = backing_state(f, st)?;
+    let (_, size) = backing_state(f)?;
     if new_size == size {
         return Ok(());
     }
@@ -577,24 +507,9 @@ pub fn fallocate(
         return Err(os_err(libc::EINVAL));
     }
     let end = off.checked_add(len).ok_or_else(|| os_err(libc::EFBIG))?;
-    let _g = st.rmw.write().unwrap_or_else(|p| p.into_inner());
-    let r = fallocate_locked(f, st, cx, mode, off, len, end);
-    // Rare: the next request reads the new length from the file.
-    st.forget_len();
-    r
-}
-
-fn fallocate_locked(
-    f: &File,
-    st: &FileState,
-    cx: &Ctx,
-    mode: i32,
-    off: u64,
-    len: u64,
-    end: u64,
-) -> Result<(), VolumeError> {
     let keep = mode & libc::FALLOC_FL_KEEP_SIZE != 0;
-    let (_, size) = backing_state(f, st)?;
+    let _g = st.rmw.write().unwrap_or_else(|p| p.into_inner());
+    let (_, size) = backing_state(f)?;
     if mode & (libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE) != 0 {
         zero_range(f, st, cx, off, end.min(size), size)?;
         if !keep && end > size {
