@@ -154,6 +154,8 @@ impl Passthrough {
         o
     }
 
+    // The arguments of fuser's `setattr`, passed on as they come.
+    #[allow(clippy::too_many_arguments)]
     fn setattr_inner(
         &self,
         ino: INodeNo,

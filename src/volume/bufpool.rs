@@ -5,15 +5,16 @@
 //! two passes over 1 MiB besides the cipher. A pooled buffer is taken as it is (every path
 //! overwrites what it uses), and given back without being freed.
 //!
-//! Plaintext must not outlive the volume's access: freed memory is zeroed by the allocator,
-//! and buffers kept here are zeroed by [`wipe`], which the revocation monitor calls when the
-//! keys are erased. [`wipe`] also closes the pool until [`reopen`] (keys usable again): a
-//! buffer that was out when it ran (a request in flight, which may still hold the old keys
-//! and decrypt after the cut-off), or taken while closed, is zeroed when it comes back and
-//! not kept, so nothing decrypted around the cut-off stays in the pool.
+//! While the volume is accessible, idle buffers hold the plaintext of recent requests (as
+//! the kernel's page cache does). It must not outlive the access: freed memory is zeroed by
+//! the allocator, and buffers kept here are zeroed by [`wipe`], which the revocation monitor
+//! calls when the keys are erased. [`wipe`] also closes the pool until [`reopen`] (keys
+//! usable again): a buffer that was out when it ran (a request in flight, which may still
+//! hold the old keys and decrypt after the cut-off), or taken while closed, is zeroed when
+//! it comes back and not kept, so nothing decrypted around the cut-off stays in the pool.
 //!
-//! At most [`MAX_IDLE`] buffers of [`POOL_BUF_LEN`] bytes are kept (9 MiB); a request needing
-//! more than [`POOL_BUF_LEN`] gets a buffer of its own, freed (and zeroed) after use.
+//! At most [`MAX_IDLE`] buffers of [`POOL_BUF_LEN`] bytes are kept (about 8 MiB); a request
+//! needing more than [`POOL_BUF_LEN`] gets a buffer of its own, freed (and zeroed) after use.
 
 use std::ops::{Deref, DerefMut};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -121,8 +122,7 @@ impl Drop for PoolBuf {
         if buf.len() != POOL_BUF_LEN {
             return; // freed, and zeroed by the allocator
         }
-        if CLOSED.load(Ordering::Acquire) || GENERATION.load(Ordering::Acquire) != self.generation
-        {
+        if CLOSED.load(Ordering::Acquire) || GENERATION.load(Ordering::Acquire) != self.generation {
             // Freed below or kept: zeroed either way (the allocator of a library user may
             // not clear freed memory).
             buf.fill(0);

@@ -26,9 +26,9 @@ use std::ops::{Deref, Range};
 use std::os::unix::fs::FileExt;
 use std::sync::{Mutex, RwLock};
 
+use super::bufpool::PoolBuf;
 use super::layout::{self, roundup_block, unit_extent, units_end, BLOCK};
 pub use super::layout::{logical_size, FileHeader, FILE_HEADER_LEN};
-use super::bufpool::PoolBuf;
 use super::VolumeError;
 use crate::crypto::VolumeKeys;
 use crate::engine::{Holes, SectorEngine};
