@@ -8,7 +8,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -123,7 +123,8 @@ pub fn spawn(
     cut_off: Box<dyn Fn() + Send>,
     stop: Arc<AtomicBool>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
-    std::thread::Builder::new()
+    let (ready_tx, ready_rx) = sync_channel::<()>(1);
+    let handle = std::thread::Builder::new()
         .name("cmkfs-monitor".into())
         .spawn(move || {
             // This thread writes state files (status, events, DES records) while the FUSE
@@ -138,8 +139,12 @@ pub fn spawn(
                 to: keyring.state(),
                 at: SystemTime::now(),
             };
-            publish_event(&keyring, &facts, &sinks, &initial);
+            // The status file first, and only then is the mount announced ready (below):
+            // `cmkfs status` right after `cmkfs mount` finds it. The event's hook (a user
+            // command) runs after.
             last_status = write_status(&keyring, &facts, &sinks, last_status);
+            let _ = ready_tx.send(());
+            publish_event(&keyring, &facts, &sinks, &initial);
             while !stop.load(Ordering::Relaxed) {
                 let wait = keyring
                     .next_check()
@@ -208,7 +213,11 @@ pub fn spawn(
                 }
                 last_status = write_status(&keyring, &facts, &sinks, last_status);
             }
-        })
+        })?;
+    // Bounded: a status file that cannot be written (a full disk) must not hold up the mount;
+    // the thread logs that itself.
+    let _ = ready_rx.recv_timeout(Duration::from_secs(10));
+    Ok(handle)
 }
 
 fn publish_event(keyring: &Keyring, facts: &MountFacts, sinks: &MonitorSinks, t: &Transition) {
