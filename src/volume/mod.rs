@@ -29,7 +29,7 @@ pub mod upgrade;
 pub mod v1;
 pub mod xattr;
 
-pub use attr::{Attr, SetAttr, Target};
+pub use attr::{Attr, Pinned, SetAttr, Target};
 pub use dir::{is_dead_temp_dir, Dir, Listed};
 pub use open_create::OpenFile;
 
