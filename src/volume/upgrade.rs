@@ -518,9 +518,9 @@ impl Upgrader<'_, '_> {
                 }
             };
             if let Some((decision, reason)) = finding {
-                let shown = p.found.plain.as_ref().unwrap_or(&p.found.rel);
+                // The backing path only: logs never name plaintext (the report, shown to the
+                // user, does).
                 tracing::warn!(
-                    file = %shown.display(),
                     backing = %p.found.rel.display(),
                     offset = unit.start,
                     bytes = unit.stored.len(),
