@@ -217,3 +217,22 @@ fn commands_refuse_a_planted_header_with_one_line() {
         "the rotation completed: {show:#}"
     );
 }
+
+/// Second review, L6: a key name whose case was changed in the header gave a misleading "key
+/// purged" error; the error now says the key id names no key here (and which one it
+/// resembles).
+#[test]
+fn a_key_name_with_another_case_is_not_called_purged() {
+    let env = Env::new();
+    env.init(&env.cipher);
+    let p = env.cipher.join(HEADER_NAME);
+    let text = fs::read_to_string(&p).unwrap();
+    fs::write(&p, text.replace("/keys/default/", "/keys/Default/")).unwrap();
+    let out = env.try_mount(&env.cipher, &env.mnt);
+    out.assert_clear_error();
+    assert!(
+        out.stderr.contains("\"Default\"") && !out.stderr.contains("purged"),
+        "{out}"
+    );
+    assert!(!is_mounted(&env.mnt));
+}
