@@ -186,7 +186,7 @@ impl Volume {
     ) -> Result<Pinned<'a>, VolumeError> {
         let p = self.pin(dir, bname, None)?;
         // (Directories cannot be hard-linked, and some filesystems count their links oddly.)
-        let linked = kind != libc::S_IFDIR && p.st.st_nlink as u64 != 1;
+        let linked = kind != libc::S_IFDIR && p.st.st_nlink != 1;
         // SAFETY: geteuid has no preconditions.
         let foreign = self.as_root && p.st.st_uid != unsafe { libc::geteuid() };
         if p.kind() != kind || linked || foreign {
