@@ -44,7 +44,7 @@
 
 use std::collections::BTreeSet;
 use std::ffi::{OsStr, OsString};
-use std::fs::{self, File};
+use std::fs;
 use std::io::{self, Read};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
@@ -66,8 +66,15 @@ use crate::volume::lock::VolumeLock;
 use crate::volume::names::{self, DirId, EntryKind, DIRID_FILE, LONG_PREFIX, LONG_SUFFIX};
 use crate::volume::rename::REPLACED_MARKER;
 use crate::volume::symlink::{long_target_ref, LONG_TARGET_PREFIX, MAX_TARGET};
+use crate::volume::sys::{self, Access};
 use crate::volume::upgrade::{self, FormatFinding, JOURNAL_FILE};
 use crate::volume::VolumeError;
+
+/// Most bytes read from a long-name side file (a name is at most 255 bytes; its encrypted,
+/// encoded form far less than this).
+const MAX_SIDE_FILE: usize = 4096;
+/// Most bytes read from a directory id file (16 are valid; a few more make a clear error).
+const MAX_DIRID_FILE: usize = 64;
 
 /// The quarantine directory at the backing root. Contains a `.`, so it is metadata: the
 /// plaintext view never shows it and no encrypted name can collide with it.
@@ -1148,8 +1155,9 @@ impl Checker {
         plain_dir: Option<&Path>,
     ) -> Option<(ProblemKind, String)> {
         let (version, unit) = self.format?;
-        let found = File::open(self.io(path))
-            .and_then(|f| upgrade::check_file_format(&f, len, version, self.keys.as_ref(), unit));
+        let found = sys::open_regular_path(&self.io(path), Access::Read).and_then(|(f, _)| {
+            upgrade::check_file_format(&f, len, version, self.keys.as_ref(), unit)
+        });
         let (finding, detail) = match found {
             Ok(f) => f?,
             Err(e) => {
@@ -1207,7 +1215,7 @@ impl Checker {
                     }
                 }
                 self.keys.as_ref()?;
-                fs::read(&p).ok()
+                sys::read_bounded(&p, 32 + MAX_TARGET).ok()
             }
             None => {
                 self.keys.as_ref()?;
@@ -1380,7 +1388,7 @@ impl Checker {
     fn check_name(&self, name: &OsStr, side: Option<&Path>, id: Option<&DirId>) -> NameCheck {
         let encoded: Vec<u8> = match side {
             None => name.as_bytes().to_vec(),
-            Some(side) => match fs::read(self.io(side)) {
+            Some(side) => match sys::read_bounded(&self.io(side), MAX_SIDE_FILE) {
                 Ok(full) => {
                     if !names::long_name_matches(name, &full) {
                         return NameCheck::Bad(
@@ -1554,8 +1562,8 @@ fn read_dir_id(dir: &Path) -> Result<DirId, (ProblemKind, String)> {
             format!("{DIRID_FILE} is not a regular file"),
         ));
     }
-    let bytes =
-        fs::read(&p).map_err(|e| (ProblemKind::DirIdCorrupt, format!("{DIRID_FILE}: {e}")))?;
+    let bytes = sys::read_bounded(&p, MAX_DIRID_FILE)
+        .map_err(|e| (ProblemKind::DirIdCorrupt, format!("{DIRID_FILE}: {e}")))?;
     bytes.as_slice().try_into().map_err(|_| {
         (
             ProblemKind::DirIdCorrupt,
@@ -1574,7 +1582,8 @@ fn check_file(path: &Path, len: u64) -> Option<(ProblemKind, String)> {
         )),
         _ => {
             let mut b = [0u8; FILE_HEADER_LEN];
-            let read = File::open(path).and_then(|mut f| f.read_exact(&mut b));
+            let read = sys::open_regular_path(path, Access::Read)
+                .and_then(|(mut f, _)| f.read_exact(&mut b));
             match read {
                 Ok(()) => FileHeader::decode(&b)
                     .err()
@@ -1604,11 +1613,7 @@ fn header_temps(root: &Path) -> Result<Vec<PathBuf>, FsckError> {
 /// Parses a header from any file (a temp copy); `None` if it is not a complete header.
 /// Structural checks beyond the JSON shape happen in the unwrap (key id) and the MAC check.
 fn parse_header_file(path: &Path) -> Option<VolumeHeader> {
-    let meta = fs::metadata(path).ok()?;
-    if !meta.is_file() || meta.len() > 64 * 1024 {
-        return None;
-    }
-    let bytes = fs::read(path).ok()?;
+    let bytes = sys::read_bounded(path, 64 * 1024).ok()?;
     let h: VolumeHeader = serde_json::from_slice(&bytes).ok()?;
     (h.format == "cmkfs").then_some(h)
 }
