@@ -742,7 +742,7 @@ fn find_files(root: &Path, keys: &VolumeKeys) -> Result<Vec<Found>, UpgradeError
 fn plaintext_name(dir: &Path, name: &OsStr, id: &DirId, keys: &VolumeKeys) -> Option<PathBuf> {
     let encoded = match names::classify(name) {
         EntryKind::Long => {
-            let full = fs::read(dir.join(names::side_file_of(name))).ok()?;
+            let full = sys::read_bounded(&dir.join(names::side_file_of(name)), 4096).ok()?;
             names::long_name_matches(name, &full).then_some(full)?
         }
         _ => name.as_bytes().to_vec(),
