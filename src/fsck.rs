@@ -88,7 +88,7 @@ const XATTR_PREFIXES: [&str; 2] = [
     crate::volume::xattr::PREFIX,
     crate::volume::xattr::TRUSTED_PREFIX,
 ];
-/// Backing paths longer than this are reached through a descriptor of their directory.
+/// Longest backing path some checks still make by path (longer ones are skipped there).
 const LONG_PATH: usize = 2048;
 
 /// Version of the JSON report.
@@ -501,8 +501,8 @@ struct Checker {
     quarantined: Vec<(PathBuf, ProblemKind, String)>,
     /// (backing path, backing xattr name, raw value) of xattrs set aside by a repair.
     xattrs: Vec<(PathBuf, OsString, Vec<u8>)>,
-    /// Directories with long backing paths, held open: their entries are reached as
-    /// `/proc/self/fd/N/name` (see [`Checker::io`]).
+    /// The directories being checked (the one in hand and its ancestors), held open: their
+    /// entries are reached as `/proc/self/fd/N/name` (see [`Checker::io`]).
     deep: std::collections::HashMap<PathBuf, std::os::fd::OwnedFd>,
     /// Long-target side files some symlink refers to.
     targets_used: BTreeSet<OsString>,
@@ -530,21 +530,23 @@ impl Checker {
         }
     }
 
-    /// Holds `dir` open when its path is long, so that [`Checker::io`] reaches inside it.
-    fn enter(&mut self, dir: &Path) {
-        if dir.as_os_str().len() > LONG_PATH && !self.deep.contains_key(dir) {
-            let opened = rustix::fs::open(
-                self.io(dir).as_path(),
-                rustix::fs::OFlags::PATH
-                    | rustix::fs::OFlags::DIRECTORY
-                    | rustix::fs::OFlags::NOFOLLOW
-                    | rustix::fs::OFlags::CLOEXEC,
-                rustix::fs::Mode::empty(),
-            );
-            if let Ok(fd) = opened {
-                self.deep.insert(dir.to_path_buf(), fd);
-            }
+    /// Holds `dir` open (`O_PATH|O_NOFOLLOW`, through its parent's descriptor) while it is
+    /// checked, so that [`Checker::io`] reaches everything inside it through that descriptor:
+    /// a directory swapped for a symlink while fsck runs cannot lead it (or `--repair`)
+    /// outside the volume, and long paths need no length check.
+    fn enter(&mut self, dir: &Path) -> io::Result<()> {
+        if self.deep.contains_key(dir) {
+            return Ok(());
         }
+        let mut flags =
+            rustix::fs::OFlags::PATH | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC;
+        // The root is the path the user named (it may be a symlink they chose).
+        if dir != self.root {
+            flags |= rustix::fs::OFlags::NOFOLLOW;
+        }
+        let fd = rustix::fs::open(self.io(dir).as_path(), flags, rustix::fs::Mode::empty())?;
+        self.deep.insert(dir.to_path_buf(), fd);
+        Ok(())
     }
 
     fn rel(&self, p: &Path) -> PathBuf {
@@ -879,7 +881,19 @@ impl Checker {
     /// itself must go to the quarantine (its id is lost and it holds entries whose names need
     /// it), if it must: the caller, which knows its name and side file, records and moves it.
     fn check_dir(&mut self, dir: &Path, plain: Option<&Path>) -> Option<(ProblemKind, String)> {
-        self.enter(dir);
+        if let Err(e) = self.enter(dir) {
+            self.walk_complete = false;
+            self.problem(
+                ProblemKind::Unreadable,
+                dir,
+                plain.map(Path::to_path_buf),
+                None,
+                format!("cannot open the directory (it is no longer a directory?): {e}"),
+                Fix::None,
+                None,
+            );
+            return None;
+        }
         let verdict = self.check_dir_entries(dir, plain);
         self.deep.remove(dir);
         verdict
