@@ -2,7 +2,7 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
@@ -290,6 +290,7 @@ pub fn mount(a: MountArgs) -> anyhow::Result<()> {
     let header = VolumeHeader::read(&a.cipherdir)?;
     crate::unlock::check_configured(&Home::from_env(), &header)?;
     let home = Home::from_env();
+    refuse_second_mount(&a.cipherdir, &home)?;
     crate::fsutil::create_private_dir(&home.run_dir()).context("creating the run directory")?;
     let mp = std::fs::canonicalize(&a.mountpoint)?;
     let log_path = home.run_dir().join(format!(
@@ -316,6 +317,28 @@ pub fn mount(a: MountArgs) -> anyhow::Result<()> {
         })?);
     }
     spawn_daemon(&a, mp, log, &log_path)
+}
+
+/// Refuses to mount a volume that is already mounted (by this or another `CMKFS_HOME`): two
+/// daemons each cache file headers and take their own per-file locks, so a truncate through
+/// one and a write through the other can leave a file without its header (data lost).
+fn refuse_second_mount(cipherdir: &Path, home: &Home) -> anyhow::Result<()> {
+    let root =
+        std::fs::canonicalize(cipherdir).with_context(|| format!("{}", cipherdir.display()))?;
+    if let Some((mountpoint, pid)) = crate::fsck::find_mount(&root, home) {
+        let by = if pid == 0 {
+            String::new()
+        } else {
+            format!(" (daemon {pid})")
+        };
+        bail!(
+            "{} is already mounted at {}{by}; a volume can be mounted only once at a time \
+             (use that mount, or unmount it first)",
+            root.display(),
+            mountpoint.display()
+        );
+    }
+    Ok(())
 }
 
 /// Converts an old volume (or finishes an interrupted conversion) before it is mounted;
@@ -525,6 +548,8 @@ fn serve(a: &MountArgs, ready_pipe: bool) -> anyhow::Result<()> {
     if lock.is_exclusive() {
         lock.downgrade()?;
     }
+    // Again here: the foreground path starts here, and another mount may have won a race.
+    refuse_second_mount(&a.cipherdir, &home)?;
     let header = VolumeHeader::read(&a.cipherdir)?;
     let (vault, identity) = volume_vault(&home, &header, a.credential.as_deref())?;
     let vault_push = if a.no_push { None } else { vault.watch() };

@@ -244,6 +244,16 @@ impl Volume {
         st: &Stat,
         at: Option<(&Dir, &OsStr)>,
     ) -> Result<Attr, VolumeError> {
+        #[allow(clippy::unnecessary_cast)] // dev_t is not u64 everywhere
+        if st.st_dev as u64 != self.root_dev {
+            return Err(VolumeError::CorruptFile {
+                path: at.map(|(_, n)| n.into()),
+                why: "it is on another filesystem than the volume (a mount point inside the \
+                      backing directory): inode numbers would collide; keep a volume's \
+                      backing directory on one filesystem"
+                    .into(),
+            });
+        }
         let size = match st.st_mode & libc::S_IFMT {
             libc::S_IFREG => super::content::logical_size(st.st_size as u64).map_err(|why| {
                 VolumeError::CorruptFile {

@@ -624,14 +624,22 @@ mod tests {
             let raw = fx.raw();
             let unit = FILE_HEADER_LEN + 4096..FILE_HEADER_LEN + 2 * 4096;
             let page_end = 2 * 4096; // the backing page boundary inside unit 1
-            for cut in [page_end, FILE_HEADER_LEN + 4096 + 16, FILE_HEADER_LEN + 4096 + 4080] {
+            for cut in [
+                page_end,
+                FILE_HEADER_LEN + 4096 + 16,
+                FILE_HEADER_LEN + 4096 + 4080,
+            ] {
                 let mut torn = raw.clone();
                 torn[cut..unit.end].fill(0);
                 std::fs::write(fx._dir.path().join("f"), &torn).unwrap();
                 let got = fx.all();
                 assert_eq!(got.len(), 3 * 4096, "cut {cut}");
                 let landed = cut - unit.start;
-                assert_eq!(&got[4096..4096 + landed], &data[..landed], "cut {cut} double {double}");
+                assert_eq!(
+                    &got[4096..4096 + landed],
+                    &data[..landed],
+                    "cut {cut} double {double}"
+                );
                 assert!(
                     got[4096 + landed..].iter().all(|&b| b == 0),
                     "cut {cut} double {double}: bytes the write never stored must read as zeros"
