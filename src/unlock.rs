@@ -46,6 +46,17 @@ pub fn unwrap_with(
     header: &VolumeHeader,
 ) -> Result<Unwrapped, VolumeError> {
     let outer = header.unwrap_dek(vault)?;
+    layers(vault, platform, header, outer)
+}
+
+/// The rest of [`unwrap_with`] once the outer DEK (and so the MAC) verified: the inner DEK of
+/// a double-encrypted volume, the retiring DEK(s) of a re-encrypting one.
+fn layers(
+    vault: &dyn Vault,
+    platform: Option<&dyn Vault>,
+    header: &VolumeHeader,
+    outer: crate::crypto::Dek,
+) -> Result<Unwrapped, VolumeError> {
     // The MAC just verified: `platform` is honoured only because the volume was made
     // double-encrypted.
     let inner = match (&header.platform, platform) {
@@ -57,10 +68,30 @@ pub fn unwrap_with(
             ))
         }
     };
+    let retiring = match &header.retiring {
+        None => None,
+        Some(r) => Some(Box::new(Unwrapped {
+            outer: header.unwrap_retiring_dek(vault)?,
+            inner: match (&r.platform, platform) {
+                (None, _) => None,
+                (Some(_), Some(p)) => Some(header.unwrap_retiring_platform_dek(p)?),
+                (Some(_), None) => {
+                    return Err(VolumeError::Internal(
+                        "a double-encrypted volume needs the platform vault".into(),
+                    ))
+                }
+            },
+            sector_size: header.sector_size as usize,
+            generation: r.key_generation,
+            retiring: None,
+        })),
+    };
     Ok(Unwrapped {
         outer,
         inner,
         sector_size: header.sector_size as usize,
+        generation: header.key_generation,
+        retiring,
     })
 }
 
@@ -71,19 +102,13 @@ pub fn unwrap(
     vault: &dyn Vault,
     header: &VolumeHeader,
 ) -> Result<Unwrapped, VolumeError> {
+    // The outer DEK (and the MAC) first: nothing else in the header counts before it.
     let outer = header.unwrap_dek(vault)?;
-    let inner = match &header.platform {
+    let pv = match &header.platform {
         None => None,
-        Some(_) => {
-            let pv = vault::open(vault::local::URL, home)?;
-            Some(header.unwrap_platform_dek(pv.as_ref())?)
-        }
+        Some(_) => Some(vault::open(vault::local::URL, home)?),
     };
-    Ok(Unwrapped {
-        outer,
-        inner,
-        sector_size: header.sector_size as usize,
-    })
+    layers(vault, pv.as_deref(), header, outer)
 }
 
 /// The volume's ciphers, for one-shot checks (`status CIPHERDIR`, `fsck`): the header's
