@@ -526,7 +526,8 @@ fn serve(a: &MountArgs, ready_pipe: bool) -> anyhow::Result<()> {
         grace: a.grace_period,
     };
     // Everything in the header is authenticated here, before it is acted on (src/unlock.rs).
-    let (keyring, header) = crate::unlock::unlock(&home, vault, &a.cipherdir, &header, kcfg)?;
+    let (keyring, header, handle) =
+        crate::unlock::unlock_with_handle(&home, vault, &a.cipherdir, &header, kcfg)?;
     let keyring = Arc::new(keyring);
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
@@ -537,6 +538,20 @@ fn serve(a: &MountArgs, ready_pipe: bool) -> anyhow::Result<()> {
         keyring.clone(),
         0,
     )?);
+    // An interrupted re-encryption: its names phase and its last batch are finished before
+    // anything is served (the rest resumes with `cmkfs volume reencrypt`).
+    if header.retiring.is_some() {
+        let access = crate::unlock::ReencryptAccess::new(&home, keyring.vault(), handle.clone())?;
+        let r = crate::volume::reencrypt::Session::new(&vol, &access, None, Default::default())
+            .recover()
+            .context("finishing the interrupted step of a re-encryption")?;
+        tracing::warn!(
+            names = r.names,
+            ranges = r.ranges_restored,
+            "a re-encryption of this volume is in progress (key generation {}); it resumes with `cmkfs volume reencrypt`",
+            header.key_generation
+        );
+    }
     let cipherdir = vol.root().to_path_buf();
     let fs = CmkFs::new(vol);
     let table = fs.node_table();

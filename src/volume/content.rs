@@ -41,6 +41,22 @@ pub struct FileState {
     header: Mutex<Option<FileHeader>>,
 }
 
+impl FileState {
+    /// Replaces the cached file header (after writing it to disk).
+    pub(crate) fn set_cached_header(&self, h: Option<FileHeader>) {
+        *self.header.lock().unwrap_or_else(|p| p.into_inner()) = h;
+    }
+}
+
+/// The file header of `f` (cached in `st`), `None` for an empty file without one.
+pub(crate) fn file_header(
+    f: &File,
+    st: &FileState,
+    cx: &Ctx,
+) -> Result<Option<FileHeader>, VolumeError> {
+    header(f, st, cx, false)
+}
+
 /// The cipher context a content operation needs.
 pub struct Ctx<'a> {
     /// Live keys.
