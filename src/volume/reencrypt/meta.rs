@@ -65,7 +65,9 @@ pub(super) fn run(
     while let Some(dir) = stack.pop() {
         ids.insert(dir.ino(), *dir.id());
         convert_xattrs(s, sys::XTarget::Fd(dir.fd()), new, old, counts)?;
-        for ent in sys::list(dir.fd()).map_err(ReencryptError::os)? {
+        let listed = sys::list(dir.fd()).map_err(ReencryptError::os)?;
+        remove_leftovers(&dir, &listed);
+        for ent in listed {
             let Some(bname) = convert_name(s, &dir, &ent.name, new, old, counts)? else {
                 continue;
             };
@@ -88,6 +90,36 @@ pub(super) fn run(
         }
     }
     Ok(ids)
+}
+
+/// Removes what an interrupted run of this phase leaves in `dir` (nothing runs beside it:
+/// the gates are closed): new symlinks never renamed into place, temp files of side-file
+/// writes, and long-name side files whose entry is gone (the old side file of a renamed
+/// entry). All are garbage by construction (`fsck --repair` removes them too).
+fn remove_leftovers(dir: &Dir, listed: &[sys::RawEntry]) {
+    let names: std::collections::HashSet<&OsStr> =
+        listed.iter().map(|e| e.name.as_os_str()).collect();
+    let t = crate::fsutil::TEMP_PREFIX;
+    let tmp_symlink = format!("{t}symlink.");
+    let tmp_sides = [
+        format!("{t}{}", names::LONG_PREFIX),
+        format!("{t}{LONG_TARGET_PREFIX}"),
+    ];
+    for e in listed {
+        let b = e.name.as_bytes();
+        let orphan_side = b.starts_with(names::LONG_PREFIX.as_bytes())
+            && b.ends_with(names::LONG_SUFFIX.as_bytes())
+            && !names.contains(OsStr::from_bytes(&b[..b.len() - names::LONG_SUFFIX.len()]));
+        let tmp_link = b.starts_with(tmp_symlink.as_bytes())
+            && sys::stat_at(dir.fd(), &e.name)
+                .is_ok_and(|st| st.st_mode & libc::S_IFMT == libc::S_IFLNK);
+        let tmp_side = tmp_sides.iter().any(|p| b.starts_with(p.as_bytes()))
+            && sys::stat_at(dir.fd(), &e.name)
+                .is_ok_and(|st| st.st_mode & libc::S_IFMT == libc::S_IFREG);
+        if orphan_side || tmp_link || tmp_side {
+            let _ = sys::unlink(dir.fd(), &e.name);
+        }
+    }
 }
 
 /// Re-encrypts the name of entry `bname` of `dir` if it is under the old key; returns the

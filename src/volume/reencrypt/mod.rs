@@ -454,6 +454,13 @@ impl<'a> Session<'a> {
         }
         self.hooks.step(Step::HeaderFinished)?;
         Journal::remove(root.fd()).map_err(ReencryptError::os)?;
+        // Temp files of journal writes a crash interrupted.
+        let tmp = format!("{}{JOURNAL_FILE}.", crate::fsutil::TEMP_PREFIX);
+        for e in crate::volume::sys::list(root.fd()).unwrap_or_default() {
+            if e.name.as_encoded_bytes().starts_with(tmp.as_bytes()) {
+                let _ = crate::volume::sys::unlink(root.fd(), &e.name);
+            }
+        }
         tracing::info!(generation = deks.generation, "re-encryption finished: the old DEK is gone from the header");
         Ok(())
     }
