@@ -440,12 +440,20 @@ impl crate::volume::reencrypt::KeyAccess for ReencryptAccess<'_> {
         header: &VolumeHeader,
         outer: &crate::crypto::Dek,
         inner: Option<&crate::crypto::Dek>,
-    ) -> Result<(vault::Wrapped, Option<crate::volume::header::PlatformEnvelope>), VolumeError>
-    {
+    ) -> Result<
+        (
+            vault::Wrapped,
+            Option<crate::volume::header::PlatformEnvelope>,
+        ),
+        VolumeError,
+    > {
         let kid = header.key_id()?;
-        let wrapped =
-            self.vault
-                .wrap_key(&kid.name, Some(&kid.version), header.wrap_alg, outer.as_bytes())?;
+        let wrapped = self.vault.wrap_key(
+            &kid.name,
+            Some(&kid.version),
+            header.wrap_alg,
+            outer.as_bytes(),
+        )?;
         if wrapped.kid != kid {
             return Err(VolumeError::WrongKey(format!(
                 "the vault wrapped with {} instead of {kid}",

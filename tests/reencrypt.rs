@@ -31,7 +31,7 @@ pub fn populate(root: &Path, rng: &mut StdRng, files: usize) {
         root.join("a"),
         root.join("a/b"),
         root.join("a/b/c"),
-        root.join(&"d".repeat(200)),
+        root.join("d".repeat(200)),
     ];
     for d in &dirs[1..] {
         fs::create_dir_all(d).unwrap();
@@ -65,7 +65,11 @@ pub fn populate(root: &Path, rng: &mut StdRng, files: usize) {
     for (p, n, v) in [
         ("a/f1", "user.note", b"hello".to_vec()),
         ("a", "user.dir-attr", vec![7u8; 300]),
-        ("a/b/c/f3", &*format!("user.{}", "x".repeat(200)), b"hashed name".to_vec()),
+        (
+            "a/b/c/f3",
+            &*format!("user.{}", "x".repeat(200)),
+            b"hashed name".to_vec(),
+        ),
     ] {
         xattr_set(&root.join(p), n, &v);
     }
@@ -163,7 +167,7 @@ fn lib_view(vol: &Volume) -> BTreeMap<String, String> {
             } else {
                 format!("{path}/{}", l.name.to_string_lossy())
             };
-            let attr = l.attr.clone().unwrap_or_else(|| panic!("{rel}: corrupt entry"));
+            let attr = l.attr.unwrap_or_else(|| panic!("{rel}: corrupt entry"));
             let desc = match l.kind {
                 libc::S_IFDIR => {
                     let d = vol.open_dir(&dir, &l.bname, Some(l.ino)).unwrap();
@@ -197,10 +201,14 @@ fn lib_view(vol: &Volume) -> BTreeMap<String, String> {
                 .into_iter()
                 .filter(|n| !n.as_bytes().starts_with(b"system."))
                 .map(|n| {
-                    let v = vol.get_xattr(t, l.kind, &n).unwrap_or_else(|e| {
-                        panic!("{rel}: xattr {}: {e}", n.to_string_lossy())
-                    });
-                    format!("{}={}", n.to_string_lossy(), hex::encode(Sha256::digest(&v)))
+                    let v = vol
+                        .get_xattr(t, l.kind, &n)
+                        .unwrap_or_else(|e| panic!("{rel}: xattr {}: {e}", n.to_string_lossy()));
+                    format!(
+                        "{}={}",
+                        n.to_string_lossy(),
+                        hex::encode(Sha256::digest(&v))
+                    )
                 })
                 .collect();
             x.sort();
@@ -374,16 +382,27 @@ fn a_crash_after_any_step_of_the_reencryption_is_resumed_without_losing_a_byte()
         for s in [Step::NameConverted, Step::JournalDurable, Step::BatchSynced] {
             assert!(kinds.contains(&s), "seed {seed}: never went through {s:?}");
         }
-        eprintln!("generation {generation}: {crashes} crashes over {} steps", all.len());
+        eprintln!(
+            "generation {generation}: {crashes} crashes over {} steps",
+            all.len()
+        );
     }
     let after = VolumeHeader::read(&env.cipher).unwrap();
     assert_ne!(after.dek_fingerprint, before.dek_fingerprint);
     assert_ne!(after.wrapped_dek, before.wrapped_dek);
     // Nothing of the old ciphertext or the old names is left.
-    let shared = ciphertext_blocks(&env.cipher).intersection(&old_blocks).count();
-    assert_eq!(shared, 0, "{shared} ciphertext blocks of the old DEK are left");
+    let shared = ciphertext_blocks(&env.cipher)
+        .intersection(&old_blocks)
+        .count();
+    assert_eq!(
+        shared, 0,
+        "{shared} ciphertext blocks of the old DEK are left"
+    );
     let names = backing_names(&env.cipher);
-    assert!(names.is_disjoint(&old_names), "backing names of the old key are left");
+    assert!(
+        names.is_disjoint(&old_names),
+        "backing names of the old key are left"
+    );
     // Through a mount, and fsck finds nothing.
     let m = env.mount(&env.cipher, &env.mnt);
     assert_views(&mount_view(&env.mnt), &want, "through a mount at the end");

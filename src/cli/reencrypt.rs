@@ -86,13 +86,8 @@ fn reencrypt(a: ReencryptArgs) -> anyhow::Result<()> {
         );
     }
     let (vault, _) = super::volume::volume_vault(&home, &header, a.credential.as_deref())?;
-    let (keyring, header, handle) = crate::unlock::unlock_with_handle(
-        &home,
-        vault,
-        &root,
-        &header,
-        KeyringConfig::default(),
-    )?;
+    let (keyring, header, handle) =
+        crate::unlock::unlock_with_handle(&home, vault, &root, &header, KeyringConfig::default())?;
     let keyring = Arc::new(keyring);
     let vol = Volume::open(&root, header, keyring.clone(), 0)?;
     let access = crate::unlock::ReencryptAccess::new(&home, keyring.vault(), handle)?;
@@ -158,11 +153,7 @@ impl Bar {
 }
 
 /// Prints what a re-encryption did.
-pub(crate) fn print_report(
-    root: &std::path::Path,
-    r: &Report,
-    json: bool,
-) -> anyhow::Result<()> {
+pub(crate) fn print_report(root: &std::path::Path, r: &Report, json: bool) -> anyhow::Result<()> {
     if json {
         println!("{}", serde_json::to_string_pretty(r)?);
         return Ok(());

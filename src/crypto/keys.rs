@@ -79,11 +79,7 @@ impl VolumeKeys {
 
     /// These keys as generation `generation`, with `retiring` as the previous generation's
     /// keys while a re-encryption runs.
-    pub fn with_generation(
-        mut self,
-        generation: u32,
-        retiring: Option<VolumeKeys>,
-    ) -> VolumeKeys {
+    pub fn with_generation(mut self, generation: u32, retiring: Option<VolumeKeys>) -> VolumeKeys {
         self.generation = generation;
         self.retiring = retiring.map(Box::new);
         self

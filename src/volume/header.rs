@@ -365,9 +365,8 @@ impl VolumeHeader {
                         p.key_id
                     ));
                 }
-                p.wrapped().map_err(|_| {
-                    "retiring platform wrapped_dek is not valid base64".to_string()
-                })?;
+                p.wrapped()
+                    .map_err(|_| "retiring platform wrapped_dek is not valid base64".to_string())?;
             }
         }
         Ok(())
@@ -634,7 +633,10 @@ impl VolumeHeader {
             ),
             ("des", self.des == newer.des),
             ("platform", self.platform == newer.platform),
-            ("key_generation", self.key_generation == newer.key_generation),
+            (
+                "key_generation",
+                self.key_generation == newer.key_generation,
+            ),
             ("retiring", retiring_same),
         ];
         if let Some((name, _)) = fixed.iter().find(|(_, same)| !same) {

@@ -49,7 +49,10 @@ pub(super) struct Found {
 }
 
 /// Every regular file of the tree (each inode once) that has data.
-pub(super) fn walk(root: &Arc<Dir>, vol: &crate::volume::Volume) -> Result<Vec<Found>, ReencryptError> {
+pub(super) fn walk(
+    root: &Arc<Dir>,
+    vol: &crate::volume::Volume,
+) -> Result<Vec<Found>, ReencryptError> {
     let mut out = Vec::new();
     let mut seen = HashSet::new();
     let mut stack: Vec<(Arc<Dir>, Vec<String>)> = vec![(root.clone(), Vec::new())];
@@ -215,16 +218,22 @@ fn run_batch(
     let cx = s.vol.ctx(&keys);
     let guards: Vec<_> = work
         .iter()
-        .map(|w| w.of.shared().content.rmw.write().unwrap_or_else(|p| p.into_inner()))
+        .map(|w| {
+            w.of.shared()
+                .content
+                .rmw
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+        })
         .collect();
     let mut plans = Vec::new();
     let mut unfinished = HashSet::new();
     for (idx, w) in work.iter().enumerate() {
         let f = w.of.file();
         let st = &w.of.shared().content;
-        if let Some(p) = plan(f, st, &cx, old, w.max_units).map_err(|e| {
-            ReencryptError::Refused(format!("{}: {e}", display_path(&w.path)))
-        })? {
+        if let Some(p) = plan(f, st, &cx, old, w.max_units)
+            .map_err(|e| ReencryptError::Refused(format!("{}: {e}", display_path(&w.path))))?
+        {
             if !p.last {
                 unfinished.insert(idx);
             }
@@ -235,11 +244,7 @@ fn run_batch(
         drop(guards);
         return Ok((0, 0, unfinished));
     }
-    let mut j = Journal::new(
-        &s.volume_id,
-        keys.generation,
-        Phase::Contents,
-    );
+    let mut j = Journal::new(&s.volume_id, keys.generation, Phase::Contents);
     for p in &plans {
         let at = FILE_HEADER_LEN as u64 + p.from * cx.sector;
         j.items.push(Item {
@@ -320,10 +325,8 @@ fn plan(
         });
     }
     let len = f.metadata().map_err(VolumeError::Os)?.len();
-    let size = layout::logical_size(len).map_err(|why| VolumeError::CorruptFile {
-        path: None,
-        why,
-    })?;
+    let size =
+        layout::logical_size(len).map_err(|why| VolumeError::CorruptFile { path: None, why })?;
     let end = layout::units_end(size);
     let n_units = end.div_ceil(cx.sector);
     let from = h.reencrypted.min(n_units);
@@ -386,10 +389,7 @@ fn write_units(
 /// Finishes the batch a crash interrupted: every range the journal names is decided sector
 /// by sector (new ciphertext where the sector's hash matches, old elsewhere) and written
 /// again under the new key; returns how many ranges were restored.
-pub(super) fn recover(
-    s: &mut Session<'_>,
-    j: &Journal,
-) -> Result<u64, ReencryptError> {
+pub(super) fn recover(s: &mut Session<'_>, j: &Journal) -> Result<u64, ReencryptError> {
     let keys = s.vol.current_keys()?;
     let Some(old) = keys.retiring.as_deref() else {
         return Ok(0);
@@ -401,13 +401,20 @@ pub(super) fn recover(
             tracing::warn!(path = %item.path.join("/"), "a file of the interrupted batch is gone; nothing to restore");
             continue;
         };
-        let _g = of.shared().content.rmw.write().unwrap_or_else(|p| p.into_inner());
+        let _g = of
+            .shared()
+            .content
+            .rmw
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
         let f = of.file();
         let h = match content::file_header(f, &of.shared().content, &cx) {
             Ok(Some(h)) => h,
             _ => continue,
         };
-        let hashes = item.hashes().map_err(|why| ReencryptError::Journal { why })?;
+        let hashes = item
+            .hashes()
+            .map_err(|why| ReencryptError::Journal { why })?;
         let len = f.metadata().map_err(ReencryptError::os)?.len();
         let size = layout::logical_size(len).unwrap_or(0);
         let end = layout::units_end(size);
@@ -450,7 +457,8 @@ pub(super) fn recover(
             write_units(f, cx.sector, item.from, &data, &holes)?;
         }
         let nh = next_header(&h, keys.generation, item.to, item.last);
-        f.write_all_at(&nh.encode(), 0).map_err(ReencryptError::os)?;
+        f.write_all_at(&nh.encode(), 0)
+            .map_err(ReencryptError::os)?;
         of.shared().content.set_cached_header(Some(nh));
         n += 1;
         s.hooks.step(Step::RangeRestored)?;

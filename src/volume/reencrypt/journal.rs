@@ -270,7 +270,9 @@ mod tests {
         assert!(Journal::read(root.as_fd(), &other, "ab", 3).is_err());
         // Edited: refused.
         let p = d.path().join(JOURNAL_FILE);
-        let text = std::fs::read_to_string(&p).unwrap().replace("\"to\":2", "\"to\":9");
+        let text = std::fs::read_to_string(&p)
+            .unwrap()
+            .replace("\"to\":2", "\"to\":9");
         std::fs::write(&p, text).unwrap();
         assert!(Journal::read(root.as_fd(), &dek, "ab", 3).is_err());
         Journal::remove(root.as_fd()).unwrap();

@@ -55,7 +55,10 @@ pub(super) fn run(
     let mut links: HashMap<u64, (Arc<Dir>, OsString)> = HashMap::new();
     // Long targets' side files live at the root.
     for ent in sys::list(root.fd()).map_err(ReencryptError::os)? {
-        if ent.name.as_bytes().starts_with(LONG_TARGET_PREFIX.as_bytes())
+        if ent
+            .name
+            .as_bytes()
+            .starts_with(LONG_TARGET_PREFIX.as_bytes())
             && long_target_ref(ent.name.as_bytes()).is_some()
         {
             reseal_long_target(s, &root, &ent.name, new, old, counts)?;
@@ -135,15 +138,13 @@ fn convert_name(
     let encoded = match names::classify(bname) {
         EntryKind::Hidden => return Ok(None),
         EntryKind::Encrypted => bname.as_bytes().to_vec(),
-        EntryKind::Long => {
-            match sys::read_small(dir.fd(), &names::side_file_of(bname), MAX_SIDE) {
-                Ok(full) if names::long_name_matches(bname, &full) => full,
-                _ => {
-                    tracing::warn!(entry = ?bname, "long-name side file missing or wrong; entry left as it is");
-                    return Ok(None);
-                }
+        EntryKind::Long => match sys::read_small(dir.fd(), &names::side_file_of(bname), MAX_SIDE) {
+            Ok(full) if names::long_name_matches(bname, &full) => full,
+            _ => {
+                tracing::warn!(entry = ?bname, "long-name side file missing or wrong; entry left as it is");
+                return Ok(None);
             }
-        }
+        },
     };
     if names::decrypt(&new.names, dir.id(), &encoded).is_ok() {
         return Ok(Some(bname.to_os_string()));
@@ -158,13 +159,7 @@ fn convert_name(
         let side = b.side_file().unwrap_or_default();
         sys::write_atomic(dir.fd(), &side, full.as_bytes(), 0o644).map_err(ReencryptError::os)?;
     }
-    match sys::rename(
-        dir.fd(),
-        bname,
-        dir.fd(),
-        b.entry(),
-        libc::RENAME_NOREPLACE,
-    ) {
+    match sys::rename(dir.fd(), bname, dir.fd(), b.entry(), libc::RENAME_NOREPLACE) {
         Ok(()) => {}
         Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(None),
         Err(e) => return Err(ReencryptError::os(e)),

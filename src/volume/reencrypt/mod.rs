@@ -343,12 +343,20 @@ impl<'a> Session<'a> {
             // No request runs while the header and the keys change together.
             let _closed = self.vol.gates().close();
             self.access.replace_header(&new_header)?;
-            if !self.vol.keyring().install(&deks).map_err(ReencryptError::other)? {
+            if !self
+                .vol
+                .keyring()
+                .install(&deks)
+                .map_err(ReencryptError::other)?
+            {
                 return Err(ReencryptError::Revoked("the keys are not live".into()));
             }
         }
         self.hooks.step(Step::HeaderStarted)?;
-        tracing::info!(generation = gen, "re-encryption started: new DEK in the header, the old one retiring");
+        tracing::info!(
+            generation = gen,
+            "re-encryption started: new DEK in the header, the old one retiring"
+        );
         Ok(deks)
     }
 
@@ -450,7 +458,10 @@ impl<'a> Session<'a> {
                 generation: deks.generation,
                 retiring: None,
             };
-            self.vol.keyring().install(&now).map_err(ReencryptError::other)?;
+            self.vol
+                .keyring()
+                .install(&now)
+                .map_err(ReencryptError::other)?;
         }
         self.hooks.step(Step::HeaderFinished)?;
         Journal::remove(root.fd()).map_err(ReencryptError::os)?;
@@ -461,7 +472,10 @@ impl<'a> Session<'a> {
                 let _ = crate::volume::sys::unlink(root.fd(), &e.name);
             }
         }
-        tracing::info!(generation = deks.generation, "re-encryption finished: the old DEK is gone from the header");
+        tracing::info!(
+            generation = deks.generation,
+            "re-encryption finished: the old DEK is gone from the header"
+        );
         Ok(())
     }
 }
