@@ -1183,8 +1183,24 @@ fn run_seed_with(seed: u64, ops: usize, reencrypt: bool) {
     }
     let fail = |world: &World, step: usize, why: String| -> ! {
         let start = world.log.len().saturating_sub(30);
+        // The daemon's warnings say what it saw (the temp dir is gone after the test).
+        let warnings: String = fs::read_dir(env.home.join("run"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".log"))
+            .flat_map(|e| {
+                fs::read_to_string(e.path())
+                    .unwrap_or_default()
+                    .lines()
+                    .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+                    .map(|l| format!("  {l}\n"))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
         panic!(
             "model mismatch, seed {seed}, step {step}: {why}\nlast operations:\n  {}\n\
+             daemon warnings:\n{warnings}\
              replay: CMKFS_MODEL_SEEDS={seed} CMKFS_MODEL_OPS={ops} cargo nextest run --test model",
             world.log[start..].join("\n  ")
         );

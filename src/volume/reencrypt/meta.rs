@@ -95,6 +95,22 @@ pub(super) fn run(
     Ok(ids)
 }
 
+/// Re-seals the extended attributes of files a mount holds open (those with no name left
+/// are reached only so; the others again, harmlessly: already converted ones are skipped).
+pub(super) fn convert_open_xattrs(
+    s: &mut Session<'_>,
+    files: &[Arc<crate::volume::OpenFile>],
+    new: &VolumeKeys,
+    old: &VolumeKeys,
+    counts: &mut MetaCounts,
+) -> Result<(), ReencryptError> {
+    for of in files {
+        let fd = std::os::fd::AsFd::as_fd(of.file());
+        convert_xattrs(s, sys::XTarget::Fd(fd), new, old, counts)?;
+    }
+    Ok(())
+}
+
 /// Removes what an interrupted run of this phase leaves in `dir` (nothing runs beside it:
 /// the gates are closed): new symlinks never renamed into place, temp files of side-file
 /// writes, and long-name side files whose entry is gone (the old side file of a renamed
