@@ -586,6 +586,7 @@ fn serve(a: &MountArgs, ready_pipe: bool) -> anyhow::Result<()> {
         on_state_change: a.on_state_change.clone(),
     };
     let notifier = session.notifier();
+    online.set_notifier(session.notifier());
     let cut_off = Box::new(move || {
         let (inodes, entries) = crate::fs::invalidate_kernel_caches(&table, &notifier);
         tracing::warn!(inodes, entries, "kernel caches invalidated");

@@ -174,6 +174,10 @@ pub trait Online: Sync {
     /// The names phase changed every backing name (with every request held back): cached
     /// backing names must be recomputed with `keys` and the directory ids `ids`.
     fn names_changed(&self, ids: &DirIds, keys: &VolumeKeys);
+    /// After the names phase, with requests flowing again: the symlinks whose backing inodes
+    /// `old` were replaced by new ones; the kernel must forget the old inodes' names (the
+    /// session then lets go of the inodes).
+    fn symlinks_replaced(&self, old: &[u64]);
     /// Every file the mount holds open (those with no name left are reached only so).
     fn open_files(&self) -> Vec<Arc<OpenFile>>;
 }
@@ -401,6 +405,15 @@ impl<'a> Session<'a> {
                 if let Some(o) = self.online {
                     meta::convert_open_xattrs(self, &o.open_files(), &keys, old, &mut counts)?;
                     o.names_changed(&ids, &keys);
+                }
+            }
+            if let Some(o) = self.online {
+                if !counts.replaced.is_empty() {
+                    o.symlinks_replaced(&counts.replaced);
+                }
+                let root = self.vol.root_dir().clone();
+                for ino in &counts.replaced {
+                    let _ = super::sys::unlink(root.fd(), &meta::retired_name(*ino));
                 }
             }
             report.names += counts.names;
