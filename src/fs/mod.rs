@@ -343,6 +343,29 @@ impl CmkFs {
         }
     }
 
+    /// Runs the change `f` on what `r` reaches, pinned to inode `ino` when `r` is a name: a
+    /// change never lands on whatever took the name over behind the kernel's back (see
+    /// `volume::Pinned`). A name that now holds another inode falls back to an open handle
+    /// of `ino`, else `ENOENT`.
+    fn change<T>(
+        &self,
+        ino: INodeNo,
+        r: &Resolved,
+        f: impl FnOnce(Target<'_>) -> FsResult<T>,
+    ) -> FsResult<T> {
+        let Resolved::At(d, b) = r else {
+            return f(r.target());
+        };
+        match self.vol.pin(d, b, Some(self.table.backing_ino(ino.0))) {
+            Ok(p) => f(Target::Pinned(&p)),
+            Err(e) if e.errno() == libc::ENOENT => match self.any_handle_of(ino) {
+                Some(of) => f(Target::File(&of)),
+                None => Err(e),
+            },
+            Err(e) => Err(e),
+        }
+    }
+
     /// Attributes through `r`, checked to be inode `ino` (a name taken over by another inode
     /// behind our back falls back to an open handle, else ENOENT).
     fn attr_of(&self, ino: INodeNo, r: &Resolved) -> FsResult<Attr> {

@@ -30,7 +30,7 @@ pub mod upgrade;
 pub mod v1;
 pub mod xattr;
 
-pub use attr::{Attr, SetAttr, Target};
+pub use attr::{Attr, Pinned, SetAttr, Target};
 pub use dir::{is_dead_temp_dir, Dir, Listed};
 pub use open_create::OpenFile;
 
@@ -221,6 +221,11 @@ pub struct Volume {
     engine: SectorEngine,
     sector: u64,
     as_root: bool,
+    /// The backing root's device: inode numbers are unique on one filesystem only, and both
+    /// the kernel's inodes and the per-file state below are keyed by them, so an entry on
+    /// another device (a mount point inside the backing directory) is refused, never served
+    /// under a number that may belong to another file.
+    root_dev: u64,
     /// Per-inode state shared by every open handle of a file.
     files: Mutex<HashMap<u64, Weak<open_create::Shared>>>,
     gates: Gates,
@@ -427,10 +432,13 @@ impl Volume {
             });
         }
         let root_dir = Arc::new(Dir::open_root(&root)?);
+        #[allow(clippy::unnecessary_cast)] // dev_t is not u64 everywhere
+        let root_dev = sys::fstat(root_dir.fd()).map_err(VolumeError::Os)?.st_dev as u64;
         let engine = SectorEngine::new(threads).map_err(VolumeError::Os)?;
         Ok(Volume {
             root,
             root_dir,
+            root_dev,
             sector: header.sector_size as u64,
             header,
             keyring,
