@@ -1256,7 +1256,21 @@ fn rewrap_volume(
         )));
     }
     hooks.step(RewrapStep::Wrapped, dir)?;
-    let new_header = header.rewrapped(&wrapped, &dek);
+    // A re-encryption in progress: its retiring DEK moves to the new key as well, so that
+    // both stay reachable with the key the record lists.
+    let retiring = match &header.retiring {
+        None => None,
+        Some(_) => {
+            let old = header.unwrap_retiring_dek(vaults.for_url(&header.key_id()?.vault)?)?;
+            Some(vault.wrap_key(
+                &target.kid.name,
+                Some(&target.kid.version),
+                target.info.wrap_alg,
+                old.as_bytes(),
+            )?)
+        }
+    };
+    let new_header = header.rewrapped_both(&wrapped, retiring.as_ref(), &dek);
     // Never write a wrap that does not come back: unwrap it again and check it against the
     // volume's fingerprint and MAC.
     let check = new_header.unwrap_dek(vault)?;
@@ -1265,6 +1279,9 @@ fn rewrap_volume(
             "the new wrap of {} does not unwrap to the volume's key",
             dir.display()
         )));
+    }
+    if new_header.retiring.is_some() {
+        new_header.unwrap_retiring_dek(vault)?;
     }
     drop((check, dek));
     hooks.step(RewrapStep::Verified, dir)?;

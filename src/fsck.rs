@@ -223,6 +223,9 @@ pub enum ProblemKind {
     FileLengthInvalid,
     /// The journal of an interrupted `cmkfs upgrade` (a mount or `cmkfs upgrade` finishes it).
     UpgradeInterrupted,
+    /// A re-encryption under a new DEK is in progress or was interrupted (`cmkfs volume
+    /// reencrypt` resumes it; the volume mounts meanwhile).
+    ReencryptInProgress,
 }
 
 /// How serious a finding is.
@@ -574,7 +577,8 @@ impl Checker {
             ProblemKind::UnknownEntry
             | ProblemKind::FormatV1
             | ProblemKind::V1TailHole
-            | ProblemKind::FileFormatV2 => Severity::Warning,
+            | ProblemKind::FileFormatV2
+            | ProblemKind::ReencryptInProgress => Severity::Warning,
             _ => Severity::Error,
         };
         let mut p = Problem {
@@ -975,6 +979,19 @@ impl Checker {
                 continue;
             }
             if is_root && (b == HEADER_FILE.as_bytes() || b == QUARANTINE_DIR.as_bytes()) {
+                continue;
+            }
+            if is_root && b == crate::volume::reencrypt::JOURNAL_FILE.as_bytes() {
+                self.problem(
+                    ProblemKind::ReencryptInProgress,
+                    &path,
+                    None,
+                    plain,
+                    "a re-encryption under a new DEK is in progress or was interrupted;                      `cmkfs volume reencrypt` resumes it (the volume mounts meanwhile)"
+                        .into(),
+                    Fix::None,
+                    None,
+                );
                 continue;
             }
             if is_root && b == JOURNAL_FILE.as_bytes() {
@@ -1431,7 +1448,11 @@ impl Checker {
         let (Some(keys), Some(id)) = (&self.keys, id) else {
             return NameCheck::Good(None);
         };
-        match names::decrypt(&keys.names, id, &encoded) {
+        // During a re-encryption's names phase a name may still be under the retiring key.
+        let retiring = keys.retiring.as_deref().map(|r| &r.names);
+        match names::decrypt(&keys.names, id, &encoded)
+            .or_else(|e| retiring.map_or(Err(e), |r| names::decrypt(r, id, &encoded)))
+        {
             Ok(n) => NameCheck::Good(Some(n)),
             Err(_) => NameCheck::Bad(
                 ProblemKind::NameUndecryptable,
@@ -1519,7 +1540,29 @@ impl Checker {
         let is_side = (target.starts_with(LONG_PREFIX.as_bytes())
             && target.ends_with(LONG_SUFFIX.as_bytes()))
             || long_target_ref(target).is_some();
-        if meta.is_file() && target == JOURNAL_FILE.as_bytes() {
+        if meta.is_file() && target == crate::volume::reencrypt::JOURNAL_FILE.as_bytes() {
+            self.problem(
+                ProblemKind::TempFile,
+                path,
+                None,
+                plain_dir,
+                "temp file of a re-encryption journal that was never put in place".into(),
+                Fix::Remove,
+                None,
+            );
+        } else if meta.file_type().is_symlink() && target == b"symlink" {
+            self.problem(
+                ProblemKind::TempFile,
+                path,
+                None,
+                plain_dir,
+                "new symlink of an interrupted re-encryption, never renamed into place (the \
+                 original is intact)"
+                    .into(),
+                Fix::Remove,
+                None,
+            );
+        } else if meta.is_file() && target == JOURNAL_FILE.as_bytes() {
             self.problem(
                 ProblemKind::TempFile,
                 path,

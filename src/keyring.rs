@@ -26,12 +26,21 @@ pub struct Unwrapped {
     pub inner: Option<Dek>,
     /// Data unit size of the volume.
     pub sector_size: usize,
+    /// The key generation of these DEKs (0 until the first re-encryption).
+    pub generation: u32,
+    /// While a re-encryption runs: the DEK(s) being retired (the previous generation),
+    /// unwrapped and verified in the same check, so that a revocation takes both.
+    pub retiring: Option<Box<Unwrapped>>,
 }
 
 impl Unwrapped {
-    /// The volume's ciphers.
+    /// The volume's ciphers (with the retiring generation's, during a re-encryption).
     pub fn keys(&self) -> Result<VolumeKeys, CryptoError> {
-        VolumeKeys::from_deks(&self.outer, self.inner.as_ref(), self.sector_size)
+        let retiring = self.retiring.as_ref().map(|r| r.keys()).transpose()?;
+        Ok(
+            VolumeKeys::from_deks(&self.outer, self.inner.as_ref(), self.sector_size)?
+                .with_generation(self.generation, retiring),
+        )
     }
 }
 
@@ -327,6 +336,20 @@ impl Keyring {
                 }
             }
         }
+    }
+
+    /// Puts keys unwrapped from a header this process just wrote in place of the live ones (a
+    /// re-encryption starting or finishing): requests from now on use them; requests in
+    /// flight finish with the keys they hold. Refused (false) while the keys are not live: a
+    /// revocation is never undone this way.
+    pub fn install(&self, unwrapped: &Unwrapped) -> Result<bool, CryptoError> {
+        let keys = unwrapped.keys()?;
+        let mut live = write(&self.live);
+        if live.is_none() {
+            return Ok(false);
+        }
+        *live = Some(Arc::new(keys));
+        Ok(true)
     }
 
     /// A snapshot for `status`.

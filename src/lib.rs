@@ -6,6 +6,7 @@
 
 pub mod bench;
 pub mod cli;
+pub mod control;
 pub mod crypto;
 pub mod des;
 pub mod drill;

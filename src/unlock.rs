@@ -19,7 +19,7 @@
 //! *denial* — the mount is cut off at once — never an outage that would only degrade it.
 
 use std::path::{Path, PathBuf};
-use std::sync::RwLock;
+use std::sync::{Arc, Mutex, RwLock};
 
 use crate::crypto::VolumeKeys;
 use crate::des;
@@ -45,6 +45,17 @@ pub fn unwrap_with(
     header: &VolumeHeader,
 ) -> Result<Unwrapped, VolumeError> {
     let outer = header.unwrap_dek(vault)?;
+    layers(vault, platform, header, outer)
+}
+
+/// The rest of [`unwrap_with`] once the outer DEK (and so the MAC) verified: the inner DEK of
+/// a double-encrypted volume, the retiring DEK(s) of a re-encrypting one.
+fn layers(
+    vault: &dyn Vault,
+    platform: Option<&dyn Vault>,
+    header: &VolumeHeader,
+    outer: crate::crypto::Dek,
+) -> Result<Unwrapped, VolumeError> {
     // The MAC just verified: `platform` is honoured only because the volume was made
     // double-encrypted.
     let inner = match (&header.platform, platform) {
@@ -56,10 +67,30 @@ pub fn unwrap_with(
             ))
         }
     };
+    let retiring = match &header.retiring {
+        None => None,
+        Some(r) => Some(Box::new(Unwrapped {
+            outer: header.unwrap_retiring_dek(vault)?,
+            inner: match (&r.platform, platform) {
+                (None, _) => None,
+                (Some(_), Some(p)) => Some(header.unwrap_retiring_platform_dek(p)?),
+                (Some(_), None) => {
+                    return Err(VolumeError::Internal(
+                        "a double-encrypted volume needs the platform vault".into(),
+                    ))
+                }
+            },
+            sector_size: header.sector_size as usize,
+            generation: r.key_generation,
+            retiring: None,
+        })),
+    };
     Ok(Unwrapped {
         outer,
         inner,
         sector_size: header.sector_size as usize,
+        generation: header.key_generation,
+        retiring,
     })
 }
 
@@ -70,19 +101,13 @@ pub fn unwrap(
     vault: &dyn Vault,
     header: &VolumeHeader,
 ) -> Result<Unwrapped, VolumeError> {
+    // The outer DEK (and the MAC) first: nothing else in the header counts before it.
     let outer = header.unwrap_dek(vault)?;
-    let inner = match &header.platform {
+    let pv = match &header.platform {
         None => None,
-        Some(_) => {
-            let pv = vault::open(vault::local::URL, home)?;
-            Some(header.unwrap_platform_dek(pv.as_ref())?)
-        }
+        Some(_) => Some(vault::open(vault::local::URL, home)?),
     };
-    Ok(Unwrapped {
-        outer,
-        inner,
-        sector_size: header.sector_size as usize,
-    })
+    layers(vault, pv.as_deref(), header, outer)
 }
 
 /// The volume's ciphers, for one-shot checks (`status CIPHERDIR`, `fsck`): the header's
@@ -123,9 +148,59 @@ pub fn unlock(
     header: &VolumeHeader,
     cfg: KeyringConfig,
 ) -> Result<(Keyring, VolumeHeader), VolumeError> {
+    unlock_with_handle(home, vault, dir, header, cfg).map(|(k, h, _)| (k, h))
+}
+
+/// [`unlock`], and the handle through which this process replaces the header it verified
+/// (a re-encryption starting or finishing) without its own checks taking that for a
+/// tampered header.
+pub fn unlock_with_handle(
+    home: &Home,
+    vault: Box<dyn Vault>,
+    dir: &Path,
+    header: &VolumeHeader,
+    cfg: KeyringConfig,
+) -> Result<(Keyring, VolumeHeader, HeaderHandle), VolumeError> {
     let result = unlock_inner(home, vault, dir, header, cfg);
     crate::crypto::secret::scrub_stack();
     result
+}
+
+/// Shared with a mount's [`HeaderSource`]: the header it verified last, and the lock its
+/// checks hold, so that a header this process writes itself is adopted atomically.
+#[derive(Clone)]
+pub struct HeaderHandle {
+    verified: Arc<RwLock<VolumeHeader>>,
+    update: Arc<Mutex<()>>,
+    dir: PathBuf,
+}
+
+impl HeaderHandle {
+    /// The header in force.
+    pub fn current(&self) -> VolumeHeader {
+        self.verified
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Writes `new` as the volume header (atomically) and makes it the one checks compare
+    /// with, with no check in between.
+    pub fn replace(&self, new: &VolumeHeader) -> Result<(), VolumeError> {
+        let _g = self.update.lock().unwrap_or_else(|p| p.into_inner());
+        new.write(&self.dir)?;
+        *self.verified.write().unwrap_or_else(|p| p.into_inner()) = new.clone();
+        Ok(())
+    }
+
+    /// A handle for a process that checks nothing itself (offline commands).
+    pub fn detached(dir: &Path, header: VolumeHeader) -> HeaderHandle {
+        HeaderHandle {
+            verified: Arc::new(RwLock::new(header)),
+            update: Arc::new(Mutex::new(())),
+            dir: dir.to_path_buf(),
+        }
+    }
 }
 
 #[inline(never)]
@@ -135,7 +210,7 @@ fn unlock_inner(
     dir: &Path,
     header: &VolumeHeader,
     cfg: KeyringConfig,
-) -> Result<(Keyring, VolumeHeader), VolumeError> {
+) -> Result<(Keyring, VolumeHeader, HeaderHandle), VolumeError> {
     binding(home, dir, header)?;
     let first = unwrap(home, vault.as_ref(), header)?;
     let verified = if header.mac_version < crate::volume::header::MAC_VERSION {
@@ -143,14 +218,15 @@ fn unlock_inner(
     } else {
         header.clone()
     };
+    let handle = HeaderHandle::detached(dir, verified.clone());
     let source = HeaderSource {
         home: home.clone(),
         dir: dir.to_path_buf(),
         vault,
-        verified: RwLock::new(verified.clone()),
+        handle: handle.clone(),
     };
     let keyring = Keyring::new(Box::new(source), first, cfg).map_err(VolumeError::Crypto)?;
-    Ok((keyring, verified))
+    Ok((keyring, verified, handle))
 }
 
 /// Rewrites a header that carries a version 1 MAC (layout fields only) with a version 2 one
@@ -195,15 +271,12 @@ pub struct HeaderSource {
     home: Home,
     dir: PathBuf,
     vault: Box<dyn Vault>,
-    verified: RwLock<VolumeHeader>,
+    handle: HeaderHandle,
 }
 
 impl HeaderSource {
     fn verified(&self) -> VolumeHeader {
-        self.verified
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.handle.current()
     }
 }
 
@@ -250,6 +323,8 @@ fn classify(e: &VolumeError, changed: bool) -> CheckFailure {
 
 impl KeySource for HeaderSource {
     fn unwrap(&self) -> Result<Unwrapped, CheckFailure> {
+        // A header this process is writing itself is adopted before we look again.
+        let _g = self.handle.update.lock().unwrap_or_else(|p| p.into_inner());
         let verified = self.verified();
         let current = match VolumeHeader::read(&self.dir) {
             Ok(h) => h,
@@ -294,7 +369,11 @@ impl KeySource for HeaderSource {
         let r =
             unwrap(&self.home, self.vault.as_ref(), &current).map_err(|e| classify(&e, true))?;
         // A verified rewrap: it becomes the header to compare with.
-        *self.verified.write().unwrap_or_else(|p| p.into_inner()) = current;
+        *self
+            .handle
+            .verified
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = current;
         Ok(r)
     }
 
@@ -308,5 +387,101 @@ impl KeySource for HeaderSource {
 
     fn vault(&self) -> &dyn Vault {
         self.vault.as_ref()
+    }
+}
+
+/// What a re-encryption needs from the vault and the header in force
+/// ([`crate::volume::reencrypt::KeyAccess`]): the volume's vault connection (the mount's, or
+/// the command's), cmkfs's platform vault for a double-encrypted volume, and the header
+/// handle of the process's keyring.
+pub struct ReencryptAccess<'a> {
+    home: Home,
+    vault: &'a dyn Vault,
+    platform: Option<Box<dyn Vault>>,
+    handle: HeaderHandle,
+}
+
+impl<'a> ReencryptAccess<'a> {
+    /// Access through `vault` (the volume's) for the volume whose header `handle` holds.
+    pub fn new(
+        home: &Home,
+        vault: &'a dyn Vault,
+        handle: HeaderHandle,
+    ) -> Result<ReencryptAccess<'a>, VolumeError> {
+        let platform = match handle.current().platform {
+            Some(_) => Some(vault::open(vault::local::URL, home)?),
+            None => None,
+        };
+        Ok(ReencryptAccess {
+            home: home.clone(),
+            vault,
+            platform,
+            handle,
+        })
+    }
+}
+
+impl crate::volume::reencrypt::KeyAccess for ReencryptAccess<'_> {
+    fn current_header(&self) -> VolumeHeader {
+        self.handle.current()
+    }
+
+    fn unwrap(&self, header: &VolumeHeader) -> Result<Unwrapped, VolumeError> {
+        let r = unwrap_with(self.vault, self.platform.as_deref(), header);
+        crate::crypto::secret::scrub_stack();
+        r
+    }
+
+    fn wrap(
+        &self,
+        header: &VolumeHeader,
+        outer: &crate::crypto::Dek,
+        inner: Option<&crate::crypto::Dek>,
+    ) -> Result<
+        (
+            vault::Wrapped,
+            Option<crate::volume::header::PlatformEnvelope>,
+        ),
+        VolumeError,
+    > {
+        let kid = header.key_id()?;
+        let wrapped = self.vault.wrap_key(
+            &kid.name,
+            Some(&kid.version),
+            header.wrap_alg,
+            outer.as_bytes(),
+        )?;
+        if wrapped.kid != kid {
+            return Err(VolumeError::WrongKey(format!(
+                "the vault wrapped with {} instead of {kid}",
+                wrapped.kid
+            )));
+        }
+        let platform = match (inner, &header.platform, &self.platform) {
+            (Some(d), Some(p), Some(pv)) => {
+                let pk = p.key_id()?;
+                let w = pv.wrap_key(&pk.name, None, p.wrap_alg, d.as_bytes())?;
+                Some(crate::volume::header::PlatformEnvelope::new(d, &w))
+            }
+            (None, None, _) => None,
+            _ => {
+                return Err(VolumeError::Internal(
+                    "a double-encrypted volume needs its platform vault".into(),
+                ))
+            }
+        };
+        Ok((wrapped, platform))
+    }
+
+    fn replace_header(&self, new: &VolumeHeader) -> Result<(), VolumeError> {
+        // Not beside a rewrap of the volume's Disk Encryption Set (it rewrites the header).
+        let store = des::DesStore::new(&self.home);
+        let _lock = match &new.des {
+            Some(d) if store.load(d).is_ok() => Some(store.lock().map_err(|e| {
+                VolumeError::Internal(format!("locking Disk Encryption Set {d}: {e}"))
+            })?),
+            _ => None,
+        };
+        self.handle.replace(new)
     }
 }

@@ -356,7 +356,9 @@ fn write_v1_file(
     }
     let h = layout::FileHeader {
         version: layout::FILE_VERSION_V1,
+        key_gen: 0,
         file_id,
+        reencrypted: 0,
     };
     let mut bytes = h.encode().to_vec();
     bytes.extend(v1_ciphertext(keys, file_id, plain));
@@ -663,7 +665,9 @@ fn double_encrypted_v1_tails_decode_through_both_layers() {
     );
     let mut bytes = layout::FileHeader {
         version: layout::FILE_VERSION_V1,
+        key_gen: 0,
         file_id,
+        reencrypted: 0,
     }
     .encode()
     .to_vec();

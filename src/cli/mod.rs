@@ -1,9 +1,11 @@
 //! The command line: parses, calls the library, prints. No logic of its own.
 
 mod bench;
+mod control;
 mod des;
 mod drill;
 mod fsck;
+mod reencrypt;
 mod status;
 mod upgrade;
 mod vault;
@@ -53,6 +55,8 @@ enum Command {
     /// Check a volume's backing directory; --repair fixes it (exit 0 clean, 1 repaired,
     /// 2 problems left, 8 could not check).
     Fsck(fsck::FsckArgs),
+    /// Volume maintenance: `reencrypt` (replace the DEK).
+    Volume(reencrypt::VolumeArgs),
     /// Convert a volume made by an older cmkfs to the current on-disk format, in place
     /// (crash-safe and resumable; `mount` does it too).
     Upgrade(upgrade::UpgradeArgs),
@@ -97,5 +101,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(a) => bench::run(a),
         Command::Fsck(a) => fsck::run(a),
         Command::Upgrade(a) => upgrade::run(a),
+        Command::Volume(a) => reencrypt::run(a),
     }
 }

@@ -579,7 +579,8 @@ fn serve(a: &MountArgs, ready_pipe: bool) -> anyhow::Result<()> {
         grace: a.grace_period,
     };
     // Everything in the header is authenticated here, before it is acted on (src/unlock.rs).
-    let (keyring, header) = crate::unlock::unlock(&home, vault, &a.cipherdir, &header, kcfg)?;
+    let (keyring, header, handle) =
+        crate::unlock::unlock_with_handle(&home, vault, &a.cipherdir, &header, kcfg)?;
     let keyring = Arc::new(keyring);
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
@@ -590,6 +591,20 @@ fn serve(a: &MountArgs, ready_pipe: bool) -> anyhow::Result<()> {
         keyring.clone(),
         0,
     )?);
+    // An interrupted re-encryption: its names phase and its last batch are finished before
+    // anything is served (the rest resumes with `cmkfs volume reencrypt`).
+    if header.retiring.is_some() {
+        let access = crate::unlock::ReencryptAccess::new(&home, keyring.vault(), handle.clone())?;
+        let r = crate::volume::reencrypt::Session::new(&vol, &access, None, Default::default())
+            .recover()
+            .context("finishing the interrupted step of a re-encryption")?;
+        tracing::warn!(
+            names = r.names,
+            ranges = r.ranges_restored,
+            "a re-encryption of this volume is in progress (key generation {}); it resumes with `cmkfs volume reencrypt`",
+            header.key_generation
+        );
+    }
     let cipherdir = vol.root().to_path_buf();
     let fs = CmkFs::with_options(
         vol,
@@ -598,6 +613,7 @@ fn serve(a: &MountArgs, ready_pipe: bool) -> anyhow::Result<()> {
         },
     );
     let table = fs.node_table();
+    let online = fs.online();
     let cfg = MountConfig {
         fuse_threads: a.threads.unwrap_or(cores.max(2)),
         allow_other: a.allow_other,
@@ -629,11 +645,25 @@ fn serve(a: &MountArgs, ready_pipe: bool) -> anyhow::Result<()> {
         on_state_change: a.on_state_change.clone(),
     };
     let notifier = session.notifier();
+    online.set_notifier(session.notifier());
     let cut_off = Box::new(move || {
         let (inodes, entries) = crate::fs::invalidate_kernel_caches(&table, &notifier);
         tracing::warn!(inodes, entries, "kernel caches invalidated");
     });
     let stop = Arc::new(AtomicBool::new(false));
+    // Online re-encryption and backup freezes reach the mount through its control socket.
+    let control_path = crate::control::socket_path(&home, &mp);
+    if let Err(e) = crate::control::spawn(
+        control_path.clone(),
+        crate::control::Control {
+            home: home.clone(),
+            keyring: keyring.clone(),
+            handle,
+            online,
+        },
+    ) {
+        tracing::warn!(error = %e, "no control socket: online re-encryption and frozen backups are not available");
+    }
     let monitor = monitor::spawn(keyring, facts, sinks, push, cut_off, stop.clone())?;
     tracing::info!(cipherdir = %cipherdir.display(), mountpoint = %mp.display(), "mounted");
     if ready_pipe {
@@ -648,6 +678,7 @@ fn serve(a: &MountArgs, ready_pipe: bool) -> anyhow::Result<()> {
     stop.store(true, Ordering::Relaxed);
     let _ = monitor.join();
     RunRecord::remove(&home, &mp);
+    let _ = std::fs::remove_file(&control_path);
     drop(lock);
     tracing::info!(mountpoint = %mp.display(), "unmounted");
     result.with_context(|| format!("FUSE session at {}", mp.display()))

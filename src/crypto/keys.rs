@@ -17,6 +17,12 @@ pub struct VolumeKeys {
     pub inner: Option<XtsCipher>,
     /// Name cipher (HKDF subkey "names"; of both DEKs for a double-encrypted volume).
     pub names: NameCipher,
+    /// Key generation of these DEK(s): 0 for a volume never re-encrypted, one more after each
+    /// `cmkfs volume reencrypt`. Every file header records the generation of its data.
+    pub generation: u32,
+    /// While a re-encryption runs: the ciphers of the DEK(s) being retired (the previous
+    /// generation), for files not converted yet. `None` otherwise.
+    pub retiring: Option<Box<VolumeKeys>>,
 }
 
 impl VolumeKeys {
@@ -66,7 +72,28 @@ impl VolumeKeys {
                 .map(|d| XtsCipher::new(d.as_bytes(), sector_size))
                 .transpose()?,
             names: NameCipher::from_secret(names),
+            generation: 0,
+            retiring: None,
         })
+    }
+
+    /// These keys as generation `generation`, with `retiring` as the previous generation's
+    /// keys while a re-encryption runs.
+    pub fn with_generation(mut self, generation: u32, retiring: Option<VolumeKeys>) -> VolumeKeys {
+        self.generation = generation;
+        self.retiring = retiring.map(Box::new);
+        self
+    }
+
+    /// The keys of file key generation `gen` (the low 16 bits of a generation, as file
+    /// headers store it): these, or the retiring ones while a re-encryption runs.
+    pub fn for_file_generation(&self, gen: u16) -> Option<&VolumeKeys> {
+        if self.generation as u16 == gen {
+            return Some(self);
+        }
+        self.retiring
+            .as_deref()
+            .filter(|r| r.generation as u16 == gen)
     }
 }
 

@@ -90,6 +90,9 @@ pub struct NodeTable {
     /// Held shared while a directory is found by walking, exclusively while a rename moves
     /// entries: a walk never sees a chain of names that a rename is changing.
     moves: RwLock<()>,
+    /// Bumped when a re-encryption changed every backing name ([`NodeTable::rekey`]): a
+    /// listing taken before carries stale backing names.
+    epoch: std::sync::atomic::AtomicU64,
 }
 
 impl NodeTable {
@@ -112,7 +115,56 @@ impl NodeTable {
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(DIR_CACHE_MAX),
             moves: RwLock::new(()),
+            epoch: std::sync::atomic::AtomicU64::new(0),
         }
+    }
+
+    /// How many times every backing name changed (see the field).
+    pub(super) fn epoch(&self) -> u64 {
+        self.epoch.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// A re-encryption sealed every name again (no request runs meanwhile): each link's
+    /// backing name becomes `new_name(parent's backing inode, plaintext name)` (left as it is
+    /// where that gives nothing: the parent is gone).
+    pub(super) fn rekey(&self, new_name: impl Fn(u64, &OsStr) -> Option<OsString>) {
+        let mut nodes = lock(&self.nodes);
+        for node in nodes.map.values_mut() {
+            for l in node.links.iter_mut() {
+                if let Some(b) = new_name(self.backing_ino(l.parent), &l.name) {
+                    l.bname = b;
+                }
+            }
+        }
+        self.epoch.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// The names of inode `ino` (backing number): (parent inode, plaintext name).
+    pub(super) fn links_of(&self, backing: u64) -> Vec<(u64, OsString)> {
+        let ino = self.fuse_ino(backing);
+        lock(&self.nodes)
+            .map
+            .get(&ino)
+            .map(|n| n.links.iter().map(|l| (l.parent, l.name.clone())).collect())
+            .unwrap_or_default()
+    }
+
+    /// The names of inode `ino` (backing number), for the kernel to forget: they are dropped
+    /// here, so that the number, once reused, is a new object.
+    pub(super) fn take_links(&self, backing: u64) -> Vec<(u64, OsString)> {
+        let ino = self.fuse_ino(backing);
+        let mut nodes = lock(&self.nodes);
+        let links = match nodes.map.get_mut(&ino) {
+            Some(n) => std::mem::take(&mut n.links),
+            None => return Vec::new(),
+        };
+        for l in &links {
+            let key = (l.parent, l.name.clone());
+            if nodes.by_name.get(&key) == Some(&ino) {
+                nodes.by_name.remove(&key);
+            }
+        }
+        links.into_iter().map(|l| (l.parent, l.name)).collect()
     }
 
     /// Every known inode, and every (parent, name) dentry the kernel may have cached.

@@ -47,6 +47,22 @@ pub struct FileState {
     header: Mutex<Option<FileHeader>>,
 }
 
+impl FileState {
+    /// Replaces the cached file header (after writing it to disk).
+    pub(crate) fn set_cached_header(&self, h: Option<FileHeader>) {
+        *self.header.lock().unwrap_or_else(|p| p.into_inner()) = h;
+    }
+}
+
+/// The file header of `f` (cached in `st`), `None` for an empty file without one.
+pub(crate) fn file_header(
+    f: &File,
+    st: &FileState,
+    cx: &Ctx,
+) -> Result<Option<FileHeader>, VolumeError> {
+    header(f, st, cx, false)
+}
+
 /// The cipher context a content operation needs.
 pub struct Ctx<'a> {
     /// Live keys.
@@ -74,7 +90,12 @@ fn backing_state(f: &File) -> Result<(u64, u64), VolumeError> {
     Ok((len, logical_size(len).map_err(corrupt)?))
 }
 
-fn header(f: &File, st: &FileState, create: bool) -> Result<Option<FileHeader>, VolumeError> {
+fn header(
+    f: &File,
+    st: &FileState,
+    cx: &Ctx,
+    create: bool,
+) -> Result<Option<FileHeader>, VolumeError> {
     let mut cached = st.header.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(h) = *cached {
         return Ok(Some(h));
@@ -84,7 +105,8 @@ fn header(f: &File, st: &FileState, create: bool) -> Result<Option<FileHeader>, 
         if !create {
             return Ok(None);
         }
-        let h = FileHeader::generate().map_err(|e| VolumeError::Internal(e.to_string()))?;
+        let h = FileHeader::generate(cx.keys.generation)
+            .map_err(|e| VolumeError::Internal(e.to_string()))?;
         f.write_all_at(&h.encode(), 0).map_err(VolumeError::Os)?;
         *cached = Some(h);
         return Ok(Some(h));
@@ -109,8 +131,8 @@ fn header(f: &File, st: &FileState, create: bool) -> Result<Option<FileHeader>, 
     Ok(Some(h))
 }
 
-fn existing_header(f: &File, st: &FileState) -> Result<FileHeader, VolumeError> {
-    header(f, st, false)?.ok_or_else(|| corrupt("non-empty file without a header"))
+fn existing_header(f: &File, st: &FileState, cx: &Ctx) -> Result<FileHeader, VolumeError> {
+    header(f, st, cx, false)?.ok_or_else(|| corrupt("non-empty file without a header"))
 }
 
 fn read_exact(f: &File, buf: &mut [u8], off: u64) -> Result<(), VolumeError> {
@@ -141,23 +163,80 @@ fn check_blocks(buf: &[u8]) -> Result<(), VolumeError> {
     Ok(())
 }
 
-/// Encrypts consecutive units in place: the inner (platform-key) layer first when the volume
-/// is double-encrypted, then the outer one. Both layers use the same tweaks and the same
-/// whole-block units; their keys are independent, so the passes do not cancel.
+/// The keys of a file's units `[first, first + n)` as runs: `(units, keys)`. A file is
+/// under the DEK of its header's key generation, except while a re-encryption converts it:
+/// then its first `reencrypted` units are under the volume's current DEK already.
+fn key_runs<'k>(
+    cx: &Ctx<'k>,
+    h: &FileHeader,
+    first: u64,
+    n: u64,
+) -> Result<[(u64, &'k VolumeKeys); 2], VolumeError> {
+    let current: &'k VolumeKeys = cx.keys;
+    if h.key_gen == current.generation as u16 {
+        return Ok([(n, current), (0, current)]);
+    }
+    let Some(old) = current.for_file_generation(h.key_gen) else {
+        return Err(corrupt(format!(
+            "file data is under key generation {}, but the volume's keys are of generation {}{}",
+            h.key_gen,
+            current.generation as u16,
+            match &current.retiring {
+                Some(r) => format!(" and {} (retiring)", r.generation as u16),
+                None => String::new(),
+            }
+        )));
+    };
+    let done = h.reencrypted.saturating_sub(first).min(n);
+    Ok([(done, current), (n - done, old)])
+}
+
+/// The number of whole units `buf` covers starting at unit boundary (the last may be short).
+fn units_in(cx: &Ctx, buf: &[u8]) -> u64 {
+    (buf.len() as u64).div_ceil(cx.sector)
+}
+
+/// Encrypts consecutive units in place, each with the keys of its file's generation (see
+/// [`key_runs`]): the inner (platform-key) layer first when the volume is double-encrypted,
+/// then the outer one. Both layers use the same tweaks and the same whole-block units; their
+/// keys are independent, so the passes do not cancel.
 pub(crate) fn encrypt(
     cx: &Ctx,
+    h: &FileHeader,
+    first: u64,
+    buf: &mut [u8],
+) -> Result<(), VolumeError> {
+    check_blocks(buf)?;
+    let mut at = 0usize;
+    let mut unit = first;
+    for (n, keys) in key_runs(cx, h, first, units_in(cx, buf))? {
+        if n == 0 {
+            continue;
+        }
+        let end = (at + (n * cx.sector) as usize).min(buf.len());
+        encrypt_with(cx, keys, h.tweak(), unit, &mut buf[at..end])?;
+        at = end;
+        unit += n;
+    }
+    Ok(())
+}
+
+/// Encrypts consecutive units in place with `keys`.
+pub(crate) fn encrypt_with(
+    cx: &Ctx,
+    keys: &VolumeKeys,
     tweak: u128,
     first: u64,
     buf: &mut [u8],
 ) -> Result<(), VolumeError> {
     check_blocks(buf)?;
-    if let Some(inner) = &cx.keys.inner {
+    if let Some(inner) = &keys.inner {
         cx.engine
             .encrypt(inner, tweak, first, buf)
             .map_err(VolumeError::Crypto)?;
     }
     cx.engine
-        .encrypt(&cx.keys.xts, tweak, first, buf)
+        .encrypt(&keys.xts, tweak, first, buf)
         .map_err(VolumeError::Crypto)
 }
 
@@ -166,15 +245,38 @@ pub(crate) fn encrypt(
 /// ciphertext unit (at least one AES block) is never all zeros.
 pub(crate) fn decrypt(
     cx: &Ctx,
+    h: &FileHeader,
+    first: u64,
+    buf: &mut [u8],
+) -> Result<(), VolumeError> {
+    check_blocks(buf)?;
+    let mut at = 0usize;
+    let mut unit = first;
+    for (n, keys) in key_runs(cx, h, first, units_in(cx, buf))? {
+        if n == 0 {
+            continue;
+        }
+        let end = (at + (n * cx.sector) as usize).min(buf.len());
+        decrypt_with(cx, keys, h.tweak(), unit, &mut buf[at..end])?;
+        at = end;
+        unit += n;
+    }
+    Ok(())
+}
+
+/// Decrypts consecutive units in place with `keys`.
+pub(crate) fn decrypt_with(
+    cx: &Ctx,
+    keys: &VolumeKeys,
     tweak: u128,
     first: u64,
     buf: &mut [u8],
 ) -> Result<(), VolumeError> {
     check_blocks(buf)?;
     cx.engine
-        .decrypt(&cx.keys.xts, tweak, first, buf, Holes::Zero)
+        .decrypt(&keys.xts, tweak, first, buf, Holes::Zero)
         .map_err(VolumeError::Crypto)?;
-    if let Some(inner) = &cx.keys.inner {
+    if let Some(inner) = &keys.inner {
         cx.engine
             .decrypt(inner, tweak, first, buf, Holes::Zero)
             .map_err(VolumeError::Crypto)?;
@@ -198,7 +300,7 @@ fn read_unit(
     let n = (end - start) as usize;
     read_exact(f, &mut out[..n], start)?;
     let hole = out[..n].iter().all(|b| *b == 0);
-    decrypt(cx, h.tweak(), s, &mut out[..n])?;
+    decrypt(cx, h, s, &mut out[..n])?;
     let live = (size - start).min(n as u64) as usize;
     out[live..n].fill(0);
     Ok(hole)
@@ -249,14 +351,14 @@ pub fn read_buf(
         return Ok(ReadBuf::empty());
     }
     let end = size.min(off.saturating_add(len as u64));
-    let h = existing_header(f, st)?;
+    let h = existing_header(f, st, cx)?;
     let first = off / cx.sector;
     let start = first * cx.sector;
     let stop = units_end(size).min((end - 1) / cx.sector * cx.sector + cx.sector);
     // Every byte of the buffer is read from the file before it is used.
     let mut buf = PoolBuf::take((stop - start) as usize);
     read_exact(f, &mut buf, start)?;
-    decrypt(cx, h.tweak(), first, &mut buf)?;
+    decrypt(cx, &h, first, &mut buf)?;
     Ok(ReadBuf {
         buf,
         range: (off - start) as usize..(end - start) as usize,
@@ -311,11 +413,11 @@ fn overwrite_units(
     off: u64,
     data: &[u8],
 ) -> Result<usize, VolumeError> {
-    let h = existing_header(f, st)?;
+    let h = existing_header(f, st, cx)?;
     let mut buf = PoolBuf::take(roundup_block(data.len() as u64) as usize);
     buf[..data.len()].copy_from_slice(data);
     buf[data.len()..].fill(0);
-    encrypt(cx, h.tweak(), off / cx.sector, &mut buf)?;
+    encrypt(cx, &h, off / cx.sector, &mut buf)?;
     write_at(f, &buf, off)?;
     Ok(data.len())
 }
@@ -330,7 +432,7 @@ fn write_locked(
 ) -> Result<usize, VolumeError> {
     let end = off + data.len() as u64;
     let (old_len, size) = backing_state(f)?;
-    let h = header(f, st, true)?.ok_or_else(|| corrupt("could not create the file header"))?;
+    let h = header(f, st, cx, true)?.ok_or_else(|| corrupt("could not create the file header"))?;
     let ss = cx.sector;
     let new_size = size.max(end);
     let first = off / ss;
@@ -380,7 +482,7 @@ fn write_locked(
         }
     }
     buf[(off - start) as usize..(end - start) as usize].copy_from_slice(data);
-    encrypt(cx, h.tweak(), first, &mut buf[..units])?;
+    encrypt(cx, &h, first, &mut buf[..units])?;
     let want = layout::backing_len(new_size);
     if new_size != size {
         hi = buf.len() as u64;
@@ -420,7 +522,7 @@ fn extend_last_unit(
         return write_at(f, &filler, units_end);
     }
     read_unit(f, cx, h, s, size, &mut buf)?;
-    encrypt(cx, h.tweak(), s, &mut buf)?;
+    encrypt(cx, h, s, &mut buf)?;
     if old_data_end > new_end {
         buf.resize((old_data_end - start) as usize, 0);
     }
@@ -442,9 +544,9 @@ fn scrub_tail(f: &File, cx: &Ctx, h: &FileHeader, size: u64) -> Result<(), Volum
     if unit.iter().all(|b| *b == 0) {
         return write_at(f, &filler, end);
     }
-    decrypt(cx, h.tweak(), s, &mut unit)?;
+    decrypt(cx, h, s, &mut unit)?;
     unit[(size - start) as usize..].fill(0);
-    encrypt(cx, h.tweak(), s, &mut unit)?;
+    encrypt(cx, h, s, &mut unit)?;
     // Blocks are independent: only the last one changed.
     let mut tail = unit[unit.len() - BLOCK as usize..].to_vec();
     tail.extend_from_slice(&filler);
@@ -469,7 +571,7 @@ fn truncate_locked(f: &File, st: &FileState, cx: &Ctx, new_size: u64) -> Result<
         *st.header.lock().unwrap_or_else(|p| p.into_inner()) = None;
         return Ok(());
     }
-    let h = header(f, st, true)?.ok_or_else(|| corrupt("could not create the file header"))?;
+    let h = header(f, st, cx, true)?.ok_or_else(|| corrupt("could not create the file header"))?;
     let want = layout::backing_len(new_size);
     if new_size > size {
         if size > 0 {
@@ -522,7 +624,7 @@ pub fn fallocate(
     }
     // Reserve the blocks so that a later write cannot fail with ENOSPC; unwritten extents
     // read as zero ciphertext, which reads as zeros.
-    if header(f, st, false)?.is_some() {
+    if header(f, st, cx, false)?.is_some() {
         let r = sys_fallocate(
             f,
             libc::FALLOC_FL_KEEP_SIZE,
@@ -1027,7 +1129,7 @@ mod tests {
             Err(VolumeError::CorruptFile { .. })
         ));
         // A data area of 1..15 bytes cannot be a v2 file.
-        let h = FileHeader::generate().unwrap();
+        let h = FileHeader::generate(0).unwrap();
         fx.file.set_len(0).unwrap();
         fx.file.write_all_at(&h.encode(), 0).unwrap();
         fx.file.set_len(FILE_HEADER_LEN as u64 + 7).unwrap();

@@ -46,6 +46,10 @@ fn is_mac_v1(v: &u32) -> bool {
     *v == 1
 }
 
+fn is_zero(v: &u32) -> bool {
+    *v == 0
+}
+
 /// The decoded volume header.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -81,6 +85,14 @@ pub struct VolumeHeader {
     /// second, inner DEK, wrapped by cmkfs's platform key. Absent for single encryption.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub platform: Option<PlatformEnvelope>,
+    /// Generation of the DEK(s) above: 0 (absent) for a volume never re-encrypted, one more
+    /// after each `cmkfs volume reencrypt`. File headers record the generation of their data.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub key_generation: u32,
+    /// Only while a re-encryption runs: the DEK(s) being retired, wrapped by the same key
+    /// (`key_id`, `wrap_alg`). Files not converted yet are still encrypted with them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retiring: Option<RetiringEnvelope>,
     /// Which fields `header_mac` covers: 2 = all of them; 1 (absent on disk) = the layout
     /// fields only, as written before version 2 (accepted, and upgraded by the first mount).
     #[serde(default = "mac_v1", skip_serializing_if = "is_mac_v1")]
@@ -102,6 +114,30 @@ pub struct PlatformEnvelope {
     pub wrapped_dek: String,
     /// Fingerprint of the inner DEK (covered by the header MAC).
     pub dek_fingerprint: String,
+}
+
+/// The envelope of the DEK(s) a running re-encryption retires: the previous generation,
+/// wrapped by the header's KEK (`key_id`, `wrap_alg`; a rewrap rewraps it too), and, for a
+/// double-encrypted volume, the previous inner DEK under the platform key.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RetiringEnvelope {
+    /// The retiring DEK's generation (the header's `key_generation` − 1).
+    pub key_generation: u32,
+    /// The retiring (outer) DEK wrapped by the header's KEK, standard base64.
+    pub wrapped_dek: String,
+    /// Its fingerprint.
+    pub dek_fingerprint: String,
+    /// Double encryption: the retiring inner DEK's envelope.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub platform: Option<PlatformEnvelope>,
+}
+
+impl RetiringEnvelope {
+    /// The wrapped retiring DEK bytes.
+    pub fn wrapped(&self) -> Result<Vec<u8>, base64::DecodeError> {
+        B64.decode(&self.wrapped_dek)
+    }
 }
 
 impl PlatformEnvelope {
@@ -166,6 +202,8 @@ impl VolumeHeader {
             dek_fingerprint: dek.fingerprint(),
             des: None,
             platform: None,
+            key_generation: 0,
+            retiring: None,
             mac_version: MAC_VERSION,
             header_mac: String::new(),
         };
@@ -311,6 +349,40 @@ impl VolumeHeader {
                 return Err("platform dek_fingerprint is not 32 hex digits".into());
             }
         }
+        if (self.key_generation != 0 || self.retiring.is_some()) && self.mac_version < 2 {
+            // Only a MAC over every field covers them (version 1 did not).
+            return Err("a re-encrypted volume's header needs a version 2 MAC".into());
+        }
+        if let Some(r) = &self.retiring {
+            if self.key_generation == 0 || r.key_generation != self.key_generation - 1 {
+                return Err(format!(
+                    "retiring key generation {} does not precede generation {}",
+                    r.key_generation, self.key_generation
+                ));
+            }
+            r.wrapped()
+                .map_err(|_| "retiring wrapped_dek is not valid base64".to_string())?;
+            if r.dek_fingerprint.len() != 32 || hex::decode(&r.dek_fingerprint).is_err() {
+                return Err("retiring dek_fingerprint is not 32 hex digits".into());
+            }
+            if r.platform.is_some() != self.platform.is_some() {
+                return Err("the retiring keys and the current ones differ in layers".into());
+            }
+            if let Some(p) = &r.platform {
+                let kid = p
+                    .key_id
+                    .parse::<KeyId>()
+                    .map_err(|e| format!("retiring platform key id: {e}"))?;
+                if kid.vault != crate::vault::local::URL || kid.name != PLATFORM_KEY {
+                    return Err(format!(
+                        "retiring platform key {} is not cmkfs's platform key",
+                        p.key_id
+                    ));
+                }
+                p.wrapped()
+                    .map_err(|_| "retiring platform wrapped_dek is not valid base64".to_string())?;
+            }
+        }
         Ok(())
     }
 
@@ -395,16 +467,122 @@ impl VolumeHeader {
         Ok(dek)
     }
 
+    /// Unwraps a re-encrypting volume's retiring (outer) DEK through `vault` (the header's
+    /// KEK) and checks its fingerprint. Call it only with a header whose current DEK verified
+    /// ([`VolumeHeader::unwrap_dek`]): the MAC covers the retiring envelope.
+    pub fn unwrap_retiring_dek(&self, vault: &dyn Vault) -> Result<Dek, VolumeError> {
+        let Some(r) = &self.retiring else {
+            return Err(VolumeError::Internal(
+                "no re-encryption is running on the volume".into(),
+            ));
+        };
+        let kid = self.key_id()?;
+        let wrapped = r.wrapped().map_err(|_| VolumeError::CorruptHeader {
+            path: HEADER_FILE.into(),
+            why: "retiring wrapped_dek is not valid base64".into(),
+        })?;
+        let raw = vault.unwrap_key(&kid, self.wrap_alg, &wrapped)?;
+        let dek = Dek::from_slice(&raw).map_err(|_| {
+            VolumeError::WrongKey(format!("{kid} unwrapped something that is not a cmkfs DEK"))
+        })?;
+        drop(raw);
+        if dek.fingerprint() != r.dek_fingerprint {
+            return Err(VolumeError::WrongKey(format!(
+                "the unwrapped retiring key's fingerprint does not match the volume ({kid})"
+            )));
+        }
+        Ok(dek)
+    }
+
+    /// Unwraps a re-encrypting double-encrypted volume's retiring inner DEK through
+    /// `platform` and checks its fingerprint (after [`VolumeHeader::unwrap_dek`]).
+    pub fn unwrap_retiring_platform_dek(&self, platform: &dyn Vault) -> Result<Dek, VolumeError> {
+        let Some(p) = self.retiring.as_ref().and_then(|r| r.platform.as_ref()) else {
+            return Err(VolumeError::Internal(
+                "the retiring keys have no platform layer".into(),
+            ));
+        };
+        let kid = p.key_id()?;
+        let wrapped = p.wrapped().map_err(|_| VolumeError::CorruptHeader {
+            path: HEADER_FILE.into(),
+            why: "retiring platform wrapped_dek is not valid base64".into(),
+        })?;
+        let raw = platform.unwrap_key(&kid, p.wrap_alg, &wrapped)?;
+        let dek = Dek::from_slice(&raw).map_err(|_| {
+            VolumeError::WrongKey(format!("{kid} unwrapped something that is not a cmkfs DEK"))
+        })?;
+        drop(raw);
+        p.verify(&dek)?;
+        Ok(dek)
+    }
+
     /// Re-points the header at a new wrap of the same DEK (rotation / key change) and
     /// recomputes the MAC (version 2), which needs the DEK: only someone who could unwrap
     /// the volume can rewrap it. The platform envelope of a double-encrypted volume is kept as
-    /// it is: only the customer key changes.
+    /// it is: only the customer key changes. A re-encrypting volume's retiring DEK must be
+    /// rewrapped by the same key (`retiring`), so that both stay reachable.
     pub fn rewrapped(&self, wrapped: &Wrapped, dek: &Dek) -> VolumeHeader {
+        self.rewrapped_both(wrapped, None, dek)
+    }
+
+    /// [`VolumeHeader::rewrapped`] of a header whose retiring DEK `retiring` wrapped as well
+    /// (`None`: keep it as it is; only for headers without one).
+    pub fn rewrapped_both(
+        &self,
+        wrapped: &Wrapped,
+        retiring: Option<&Wrapped>,
+        dek: &Dek,
+    ) -> VolumeHeader {
         let mut h = VolumeHeader {
             key_id: wrapped.kid.to_string(),
             wrap_alg: wrapped.alg,
             wrapped_dek: B64.encode(&wrapped.value),
             mac_version: MAC_VERSION,
+            ..self.clone()
+        };
+        if let (Some(r), Some(w)) = (h.retiring.as_mut(), retiring) {
+            r.wrapped_dek = B64.encode(&w.value);
+        }
+        h.header_mac = h.mac(dek);
+        h
+    }
+
+    /// The header of a re-encryption's start: the new DEK (`dek`, wrapped as `wrapped`,
+    /// with the new inner envelope `platform` for a double-encrypted volume) becomes the
+    /// volume's, one generation up, and the current one moves to `retiring` (wrapped again
+    /// by the same key as `retiring_wrapped`). The MAC is the new DEK's.
+    pub fn reencrypting(
+        &self,
+        dek: &Dek,
+        wrapped: &Wrapped,
+        platform: Option<PlatformEnvelope>,
+        retiring_wrapped: &Wrapped,
+    ) -> VolumeHeader {
+        let mut h = VolumeHeader {
+            key_id: wrapped.kid.to_string(),
+            wrap_alg: wrapped.alg,
+            wrapped_dek: B64.encode(&wrapped.value),
+            dek_fingerprint: dek.fingerprint(),
+            platform,
+            key_generation: self.key_generation.wrapping_add(1),
+            retiring: Some(RetiringEnvelope {
+                key_generation: self.key_generation,
+                wrapped_dek: B64.encode(&retiring_wrapped.value),
+                dek_fingerprint: self.dek_fingerprint.clone(),
+                platform: self.platform.clone(),
+            }),
+            mac_version: MAC_VERSION,
+            ..self.clone()
+        };
+        h.header_mac = h.mac(dek);
+        h
+    }
+
+    /// The header at a re-encryption's end: the retiring DEK is gone (MAC by `dek`, the
+    /// current DEK).
+    pub fn reencrypted(&self, dek: &Dek) -> VolumeHeader {
+        let mut h = VolumeHeader {
+            retiring: None,
             ..self.clone()
         };
         h.header_mac = h.mac(dek);
@@ -438,7 +616,17 @@ impl VolumeHeader {
     /// envelope (`key_id`'s key and version, `wrap_alg`, `wrapped_dek`, the MAC) that differs,
     /// a different vault, or a MAC version going back. `None` when it could be one.
     pub fn change_outside_rewrap(&self, newer: &VolumeHeader) -> Option<String> {
-        let fixed: [(&str, bool); 11] = [
+        let retiring_same = match (&self.retiring, &newer.retiring) {
+            (None, None) => true,
+            // A rewrap rewraps the retiring DEK too: only its wrap may change.
+            (Some(a), Some(b)) => {
+                a.key_generation == b.key_generation
+                    && a.dek_fingerprint == b.dek_fingerprint
+                    && a.platform == b.platform
+            }
+            _ => false,
+        };
+        let fixed: [(&str, bool); 13] = [
             ("format", self.format == newer.format),
             (
                 "format_version",
@@ -459,6 +647,11 @@ impl VolumeHeader {
             ),
             ("des", self.des == newer.des),
             ("platform", self.platform == newer.platform),
+            (
+                "key_generation",
+                self.key_generation == newer.key_generation,
+            ),
+            ("retiring", retiring_same),
         ];
         if let Some((name, _)) = fixed.iter().find(|(_, same)| !same) {
             return Some(match *name {
@@ -569,6 +762,31 @@ impl VolumeHeader {
                     put(p.wrap_alg.as_str().as_bytes());
                     put(p.wrapped_dek.as_bytes());
                     put(p.dek_fingerprint.as_bytes());
+                }
+            }
+            // Re-encryption fields, only when present: a header without them keeps the MAC
+            // it had before they existed.
+            if self.key_generation != 0 || self.retiring.is_some() {
+                put(b"key generation");
+                put(&self.key_generation.to_le_bytes());
+                match &self.retiring {
+                    None => put(&[0]),
+                    Some(r) => {
+                        put(&[1]);
+                        put(&r.key_generation.to_le_bytes());
+                        put(r.wrapped_dek.as_bytes());
+                        put(r.dek_fingerprint.as_bytes());
+                        match &r.platform {
+                            None => put(&[0]),
+                            Some(p) => {
+                                put(&[1]);
+                                put(p.key_id.as_bytes());
+                                put(p.wrap_alg.as_str().as_bytes());
+                                put(p.wrapped_dek.as_bytes());
+                                put(p.dek_fingerprint.as_bytes());
+                            }
+                        }
+                    }
                 }
             }
             put(&self.mac_version.to_le_bytes());

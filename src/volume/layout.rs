@@ -28,33 +28,46 @@ pub const FILE_VERSION: u16 = 2;
 /// `cmkfs upgrade`.
 pub const FILE_VERSION_V1: u16 = 1;
 
-/// The per-file header: magic, version, and the random file id used in the tweak.
+/// The per-file header: magic, version, the key generation of the data, the random file id
+/// used in the tweak, and a re-encryption's progress through the file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FileHeader {
     /// [`FILE_VERSION`] for files the data path reads; [`FILE_VERSION_V1`] for files not yet
     /// upgraded.
     pub version: u16,
+    /// The low 16 bits of the key generation (volume header `key_generation`) whose DEK
+    /// encrypts the data: 0 on volumes never re-encrypted.
+    pub key_gen: u16,
     /// Random per-file id; the tweak of unit `i` is `file_id + i` (as a little-endian u128).
     pub file_id: [u8; 16],
+    /// While a re-encryption converts this file: units `[0, reencrypted)` are already under
+    /// the volume's current DEK, the rest under `key_gen`'s. 0 otherwise.
+    pub reencrypted: u64,
 }
 
 impl FileHeader {
-    /// A current-version header with a fresh random file id.
-    pub fn generate() -> Result<FileHeader, getrandom::Error> {
+    /// A current-version header with a fresh random file id, for data of key generation
+    /// `generation`.
+    pub fn generate(generation: u32) -> Result<FileHeader, getrandom::Error> {
         let mut file_id = [0u8; 16];
         getrandom::getrandom(&mut file_id)?;
         Ok(FileHeader {
             version: FILE_VERSION,
+            key_gen: generation as u16,
             file_id,
+            reencrypted: 0,
         })
     }
 
-    /// On-disk encoding: magic(4) version(2, LE) reserved(2) file_id(16) reserved(8).
+    /// On-disk encoding: magic(4) version(2, LE) key_gen(2, LE) file_id(16)
+    /// reencrypted(8, LE).
     pub fn encode(&self) -> [u8; FILE_HEADER_LEN] {
         let mut b = [0u8; FILE_HEADER_LEN];
         b[..4].copy_from_slice(FILE_MAGIC);
         b[4..6].copy_from_slice(&self.version.to_le_bytes());
+        b[6..8].copy_from_slice(&self.key_gen.to_le_bytes());
         b[8..24].copy_from_slice(&self.file_id);
+        b[24..32].copy_from_slice(&self.reencrypted.to_le_bytes());
         b
     }
 
@@ -72,7 +85,14 @@ impl FileHeader {
         }
         let mut file_id = [0u8; 16];
         file_id.copy_from_slice(&b[8..24]);
-        Ok(FileHeader { version, file_id })
+        let mut w = [0u8; 8];
+        w.copy_from_slice(&b[24..32]);
+        Ok(FileHeader {
+            version,
+            key_gen: u16::from_le_bytes([b[6], b[7]]),
+            file_id,
+            reencrypted: u64::from_le_bytes(w),
+        })
     }
 
     /// The tweak of unit 0 (unit `i` uses `tweak + i`, wrapping).
@@ -181,8 +201,14 @@ mod tests {
 
     #[test]
     fn header_round_trip_and_versions() {
-        let h = FileHeader::generate().unwrap();
+        let h = FileHeader::generate(0).unwrap();
         assert_eq!(h.version, FILE_VERSION);
+        let g = FileHeader {
+            key_gen: 7,
+            reencrypted: 99,
+            ..h
+        };
+        assert_eq!(FileHeader::decode(&g.encode()), Ok(g));
         assert_eq!(FileHeader::decode(&h.encode()), Ok(h));
         let v1 = FileHeader {
             version: FILE_VERSION_V1,

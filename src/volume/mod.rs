@@ -22,6 +22,7 @@ pub mod layout;
 pub mod lock;
 pub mod names;
 mod open_create;
+pub mod reencrypt;
 pub mod rename;
 pub mod symlink;
 pub mod sys;
@@ -38,7 +39,8 @@ use std::collections::HashMap;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak};
 use std::time::SystemTime;
 
 use content::Ctx;
@@ -227,6 +229,84 @@ pub struct Volume {
     root_dev: u64,
     /// Per-inode state shared by every open handle of a file.
     files: Mutex<HashMap<u64, Weak<open_create::Shared>>>,
+    gates: Gates,
+    /// Renames and links so far (see [`Volume::moves`]).
+    moves: AtomicU64,
+}
+
+/// Two gates every request of a mount passes (`crate::fs` takes them), which the mount's own
+/// long operations close: `names` is held shared by every request and exclusively while a
+/// re-encryption swaps keys or re-encrypts names (requests wait, none fails); `writes` is
+/// held shared by every request that changes something and exclusively while a backup reads
+/// a point-in-time view (reads go on). Always `names` before `writes`.
+///
+/// The long operations themselves (a [`Gates::close`], a [`Gates::freeze_writes`]) take
+/// `exclusive` first, which requests never take: a close waiting behind a freeze waits
+/// there, holding nothing, so reads go on during the freeze (a close queued on `names`
+/// would hold every new request back until the freeze ends).
+#[derive(Debug, Default)]
+pub struct Gates {
+    exclusive: Mutex<()>,
+    names: RwLock<()>,
+    writes: RwLock<()>,
+}
+
+/// A request's pass through the [`Gates`].
+pub struct Pass<'a> {
+    _names: RwLockReadGuard<'a, ()>,
+    _writes: Option<RwLockReadGuard<'a, ()>>,
+}
+
+/// The [`Gates`] closed: no request runs.
+pub struct Closed<'a> {
+    _writes: RwLockWriteGuard<'a, ()>,
+    _names: RwLockWriteGuard<'a, ()>,
+    _exclusive: MutexGuard<'a, ()>,
+}
+
+/// Writes frozen ([`Gates::freeze_writes`]): no request that changes anything runs.
+pub struct Frozen<'a> {
+    _writes: RwLockWriteGuard<'a, ()>,
+    _exclusive: MutexGuard<'a, ()>,
+}
+
+impl Gates {
+    /// For a request that reads (lookups, listings, attributes, reads).
+    pub fn read(&self) -> Pass<'_> {
+        Pass {
+            _names: self.names.read().unwrap_or_else(|p| p.into_inner()),
+            _writes: None,
+        }
+    }
+
+    /// For a request that changes anything (and for a re-encryption's own batches).
+    pub fn write(&self) -> Pass<'_> {
+        let names = self.names.read().unwrap_or_else(|p| p.into_inner());
+        Pass {
+            _names: names,
+            _writes: Some(self.writes.read().unwrap_or_else(|p| p.into_inner())),
+        }
+    }
+
+    /// Waits for every request in flight and holds all new ones back.
+    pub fn close(&self) -> Closed<'_> {
+        let exclusive = self.exclusive.lock().unwrap_or_else(|p| p.into_inner());
+        let names = self.names.write().unwrap_or_else(|p| p.into_inner());
+        Closed {
+            _writes: self.writes.write().unwrap_or_else(|p| p.into_inner()),
+            _names: names,
+            _exclusive: exclusive,
+        }
+    }
+
+    /// Waits for every change in flight and holds new ones back; reads go on.
+    pub fn freeze_writes(&self) -> Frozen<'_> {
+        let exclusive = self.exclusive.lock().unwrap_or_else(|p| p.into_inner());
+        Frozen {
+            _writes: self.writes.write().unwrap_or_else(|p| p.into_inner()),
+            _exclusive: exclusive,
+        }
+    }
 }
 
 impl Volume {
@@ -367,7 +447,24 @@ impl Volume {
             // SAFETY: geteuid has no preconditions.
             as_root: unsafe { libc::geteuid() } == 0,
             files: Mutex::new(HashMap::new()),
+            gates: Gates::default(),
+            moves: AtomicU64::new(0),
         })
+    }
+
+    /// The gates requests pass (see [`Gates`]).
+    pub fn gates(&self) -> &Gates {
+        &self.gates
+    }
+
+    /// How many renames and links this volume has made: a walk of the tree during which
+    /// it did not change saw every name at least once.
+    pub fn moves(&self) -> u64 {
+        self.moves.load(Ordering::SeqCst)
+    }
+
+    fn note_move(&self) {
+        self.moves.fetch_add(1, Ordering::SeqCst);
     }
 
     /// The backing (cipher) directory, for messages and the mount table (never used to
@@ -395,7 +492,17 @@ impl Volume {
         self.keyring.keys()
     }
 
-    fn ctx<'a>(&'a self, keys: &'a VolumeKeys) -> Ctx<'a> {
+    /// The live keys (an error when revoked or locked).
+    pub fn current_keys(&self) -> Result<Arc<VolumeKeys>, VolumeError> {
+        self.keyring.keys()
+    }
+
+    /// The data unit size in bytes.
+    pub fn unit_size(&self) -> u64 {
+        self.sector
+    }
+
+    pub(crate) fn ctx<'a>(&'a self, keys: &'a VolumeKeys) -> Ctx<'a> {
         Ctx {
             keys,
             engine: &self.engine,

@@ -37,6 +37,9 @@ impl Volume {
         newname: &OsStr,
         flags: u32,
     ) -> Result<Renamed, VolumeError> {
+        // Before the move: a re-encryption's walk that sees the count unchanged missed
+        // nothing (see `reencrypt`).
+        self.note_move();
         let from = self.backing_name(dir, name)?;
         let to = self.backing_name(newdir, newname)?;
         let (src, dst) = (from.entry(), to.entry());
@@ -127,6 +130,7 @@ impl Volume {
         newdir: &Dir,
         newname: &OsStr,
     ) -> Result<(OsString, Attr), VolumeError> {
+        self.note_move();
         let (new, ()) = self.make_entry(newdir, newname, |nb| {
             sys::link(dir.fd(), bname, newdir.fd(), nb).map_err(os)
         })?;

@@ -632,7 +632,9 @@ impl Upgrader<'_, '_> {
         self.hooks.step(Step::TailWritten, abs)?;
         let v2 = FileHeader {
             version: layout::FILE_VERSION,
+            key_gen: 0,
             file_id: e.file_id,
+            reencrypted: 0,
         };
         f.write_all_at(&v2.encode()[4..6], 4).map_err(io_at(abs))?;
         self.hooks.step(Step::FileHeaderWritten, abs)

@@ -1,0 +1,359 @@
+//! The names phase of a re-encryption: every name, long-name side file, symlink target (short
+//! and long form) and extended attribute is sealed again under the new DEK's name key.
+//!
+//! Idempotent, so a crash anywhere only means running it again: SIV authenticates, so each
+//! stored name, target or attribute opens under exactly one of the two keys, and whatever
+//! already opens under the new one is left alone. Each change is one atomic step (a rename
+//! of the entry, an atomic replace of a side file, a symlink replaced by rename, an attribute
+//! set under its new name before the old one goes), so a crash leaves every item readable
+//! under one of the keys, and at worst an orphaned side file (`fsck --repair` removes it).
+//! A hard-linked symlink gets one new symlink linked under all its names when they are met
+//! in one run; a crash between two of its names leaves them as separate symlinks with the
+//! same target.
+
+use std::collections::HashMap;
+use std::ffi::{OsStr, OsString};
+use std::os::unix::ffi::OsStrExt;
+use std::sync::Arc;
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
+use base64::Engine as _;
+
+use super::{ReencryptError, Session, Step};
+use crate::crypto::VolumeKeys;
+use crate::volume::names::{self, EntryKind};
+use crate::volume::symlink::{long_target_ref, LONG_TARGET_PREFIX};
+use crate::volume::{sys, xattr, Dir};
+
+/// Size bound of a long name's side file and of a long target's side file.
+const MAX_SIDE: usize = 8192;
+
+/// What the names phase changed.
+#[derive(Debug, Default, Clone)]
+pub struct MetaCounts {
+    /// Entries renamed.
+    pub names: u64,
+    /// Symlink targets sealed again.
+    pub targets: u64,
+    /// Extended attributes sealed again.
+    pub xattrs: u64,
+    /// Online: backing inode numbers of the symlinks replaced (see [`RETIRED_PREFIX`]).
+    pub replaced: Vec<u64>,
+}
+
+/// Online, a replaced symlink's old inode is kept linked at the root under this prefix (after
+/// the temp prefix: garbage if left) until the mount has made the kernel forget it: its
+/// number, which the kernel knows the symlink by, must not be reused meanwhile for a new
+/// object (the mount would take that for the old symlink).
+pub const RETIRED_PREFIX: &str = "retired-symlink.";
+
+/// The root name holding retired symlink inode `ino`.
+pub fn retired_name(ino: u64) -> OsString {
+    format!("{}{RETIRED_PREFIX}{ino}", crate::fsutil::TEMP_PREFIX).into()
+}
+
+/// The directory ids of every directory met, by backing inode: the fs layer recomputes its
+/// cached backing names with them.
+pub type DirIds = HashMap<u64, names::DirId>;
+
+/// Runs the names phase over the whole tree.
+pub(super) fn run(
+    s: &mut Session<'_>,
+    new: &VolumeKeys,
+    old: &VolumeKeys,
+    counts: &mut MetaCounts,
+) -> Result<DirIds, ReencryptError> {
+    let root = s.vol.root_dir().clone();
+    let mut ids = DirIds::new();
+    let mut links: HashMap<u64, (Arc<Dir>, OsString)> = HashMap::new();
+    // Long targets' side files live at the root.
+    for ent in sys::list(root.fd()).map_err(ReencryptError::os)? {
+        if ent
+            .name
+            .as_bytes()
+            .starts_with(LONG_TARGET_PREFIX.as_bytes())
+            && long_target_ref(ent.name.as_bytes()).is_some()
+        {
+            reseal_long_target(s, &root, &ent.name, new, old, counts)?;
+        }
+    }
+    let mut stack = vec![root];
+    while let Some(dir) = stack.pop() {
+        ids.insert(dir.ino(), *dir.id());
+        convert_xattrs(s, sys::XTarget::Fd(dir.fd()), new, old, counts)?;
+        let listed = sys::list(dir.fd()).map_err(ReencryptError::os)?;
+        remove_leftovers(&dir, &listed);
+        for ent in listed {
+            let Some(bname) = convert_name(s, &dir, &ent.name, new, old, counts)? else {
+                continue;
+            };
+            let st = match sys::stat_at(dir.fd(), &bname) {
+                Ok(st) => st,
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
+                Err(e) => return Err(ReencryptError::os(e)),
+            };
+            match st.st_mode & libc::S_IFMT {
+                libc::S_IFDIR => {
+                    let sub = s.vol.open_dir(&dir, &bname, Some(st.st_ino))?;
+                    stack.push(Arc::new(sub));
+                }
+                libc::S_IFLNK => {
+                    let name = convert_symlink(s, &dir, &bname, &st, new, old, counts, &mut links)?;
+                    convert_xattrs(s, sys::XTarget::At(dir.fd(), &name), new, old, counts)?;
+                }
+                _ => convert_xattrs(s, sys::XTarget::At(dir.fd(), &bname), new, old, counts)?,
+            }
+        }
+    }
+    Ok(ids)
+}
+
+/// Re-seals the extended attributes of files a mount holds open (those with no name left
+/// are reached only so; the others again, harmlessly: already converted ones are skipped).
+pub(super) fn convert_open_xattrs(
+    s: &mut Session<'_>,
+    files: &[Arc<crate::volume::OpenFile>],
+    new: &VolumeKeys,
+    old: &VolumeKeys,
+    counts: &mut MetaCounts,
+) -> Result<(), ReencryptError> {
+    for of in files {
+        let fd = std::os::fd::AsFd::as_fd(of.file());
+        convert_xattrs(s, sys::XTarget::Fd(fd), new, old, counts)?;
+    }
+    Ok(())
+}
+
+/// Removes what an interrupted run of this phase leaves in `dir` (nothing runs beside it:
+/// the gates are closed): new symlinks never renamed into place, temp files of side-file
+/// writes, and long-name side files whose entry is gone (the old side file of a renamed
+/// entry). All are garbage by construction (`fsck --repair` removes them too).
+fn remove_leftovers(dir: &Dir, listed: &[sys::RawEntry]) {
+    let names: std::collections::HashSet<&OsStr> =
+        listed.iter().map(|e| e.name.as_os_str()).collect();
+    let t = crate::fsutil::TEMP_PREFIX;
+    let tmp_symlink = format!("{t}symlink.");
+    let tmp_sides = [
+        format!("{t}{}", names::LONG_PREFIX),
+        format!("{t}{LONG_TARGET_PREFIX}"),
+    ];
+    for e in listed {
+        let b = e.name.as_bytes();
+        let orphan_side = b.starts_with(names::LONG_PREFIX.as_bytes())
+            && b.ends_with(names::LONG_SUFFIX.as_bytes())
+            && !names.contains(OsStr::from_bytes(&b[..b.len() - names::LONG_SUFFIX.len()]));
+        let tmp_link = b.starts_with(tmp_symlink.as_bytes())
+            && sys::stat_at(dir.fd(), &e.name)
+                .is_ok_and(|st| st.st_mode & libc::S_IFMT == libc::S_IFLNK);
+        let tmp_side = tmp_sides.iter().any(|p| b.starts_with(p.as_bytes()))
+            && sys::stat_at(dir.fd(), &e.name)
+                .is_ok_and(|st| st.st_mode & libc::S_IFMT == libc::S_IFREG);
+        if orphan_side || tmp_link || tmp_side {
+            let _ = sys::unlink(dir.fd(), &e.name);
+        }
+    }
+}
+
+/// Re-encrypts the name of entry `bname` of `dir` if it is under the old key; returns the
+/// entry's backing name now (`None`: not an entry of ours, or gone).
+fn convert_name(
+    s: &mut Session<'_>,
+    dir: &Dir,
+    bname: &OsStr,
+    new: &VolumeKeys,
+    old: &VolumeKeys,
+    counts: &mut MetaCounts,
+) -> Result<Option<OsString>, ReencryptError> {
+    let encoded = match names::classify(bname) {
+        EntryKind::Hidden => return Ok(None),
+        EntryKind::Encrypted => bname.as_bytes().to_vec(),
+        EntryKind::Long => match sys::read_small(dir.fd(), &names::side_file_of(bname), MAX_SIDE) {
+            Ok(full) if names::long_name_matches(bname, &full) => full,
+            _ => {
+                tracing::warn!(entry = ?bname, "long-name side file missing or wrong; entry left as it is");
+                return Ok(None);
+            }
+        },
+    };
+    if names::decrypt(&new.names, dir.id(), &encoded).is_ok() {
+        return Ok(Some(bname.to_os_string()));
+    }
+    let Ok(plain) = names::decrypt(&old.names, dir.id(), &encoded) else {
+        tracing::warn!(entry = ?bname, "name decrypts under neither key; entry left as it is");
+        return Ok(None);
+    };
+    let b = names::encrypt(&new.names, dir.id(), &plain)
+        .map_err(|e| ReencryptError::Refused(format!("name cannot be re-encrypted: {e:?}")))?;
+    if let names::BackingName::Long { full, .. } = &b {
+        let side = b.side_file().unwrap_or_default();
+        sys::write_atomic(dir.fd(), &side, full.as_bytes(), 0o644).map_err(ReencryptError::os)?;
+    }
+    match sys::rename(dir.fd(), bname, dir.fd(), b.entry(), libc::RENAME_NOREPLACE) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(None),
+        Err(e) => return Err(ReencryptError::os(e)),
+    }
+    if names::classify(bname) == EntryKind::Long {
+        let _ = sys::unlink(dir.fd(), &names::side_file_of(bname));
+    }
+    counts.names += 1;
+    s.hooks.step(Step::NameConverted)?;
+    Ok(Some(b.entry().to_os_string()))
+}
+
+/// Re-seals a short-form symlink target under the new key by replacing the symlink (a new
+/// symlink under a temp name, owner and times as before, renamed over it). Returns the name
+/// it has (unchanged).
+#[allow(clippy::too_many_arguments)]
+fn convert_symlink(
+    s: &mut Session<'_>,
+    dir: &Arc<Dir>,
+    bname: &OsStr,
+    st: &rustix::fs::Stat,
+    new: &VolumeKeys,
+    old: &VolumeKeys,
+    counts: &mut MetaCounts,
+    links: &mut HashMap<u64, (Arc<Dir>, OsString)>,
+) -> Result<OsString, ReencryptError> {
+    let stored = sys::readlink(dir.fd(), bname).map_err(ReencryptError::os)?;
+    if long_target_ref(&stored).is_some() {
+        return Ok(bname.to_os_string()); // its side file was re-sealed at the root
+    }
+    let stored_os = OsStr::from_bytes(&stored);
+    if names::decrypt_target(&new.names, stored_os).is_ok() {
+        return Ok(bname.to_os_string());
+    }
+    let Ok(target) = names::decrypt_target(&old.names, stored_os) else {
+        tracing::warn!(entry = ?bname, "symlink target decrypts under neither key; left as it is");
+        return Ok(bname.to_os_string());
+    };
+    let tmp = sys::temp_name("symlink").map_err(ReencryptError::os)?;
+    match links.get(&st.st_ino) {
+        // Another name of this symlink was converted in this run: link to that one.
+        Some((d, n)) => sys::link(d.fd(), n, dir.fd(), &tmp).map_err(ReencryptError::os)?,
+        None => {
+            let sealed =
+                names::encrypt_target(&new.names, &target).map_err(ReencryptError::other)?;
+            sys::symlink(sealed.as_bytes(), dir.fd(), &tmp).map_err(ReencryptError::os)?;
+            let _ = sys::chown_at(dir.fd(), &tmp, Some(st.st_uid), Some(st.st_gid));
+            // The attributes of the old symlink go onto the new one, sealed anew.
+            for b in sys::list_xattr(sys::XTarget::At(dir.fd(), bname)).unwrap_or_default() {
+                if let Ok(v) = sys::get_xattr(sys::XTarget::At(dir.fd(), bname), &b) {
+                    let _ = sys::set_xattr(sys::XTarget::At(dir.fd(), &tmp), &b, &v, 0);
+                }
+            }
+            convert_xattrs(s, sys::XTarget::At(dir.fd(), &tmp), new, old, counts)?;
+            let times: sys::Times = [
+                Some(Some((st.st_atime, st.st_atime_nsec as u32))),
+                Some(Some((st.st_mtime, st.st_mtime_nsec as u32))),
+            ];
+            let _ = sys::utimens_at(dir.fd(), &tmp, &times);
+        }
+    }
+    if s.online.is_some() {
+        // Keep the old inode (see RETIRED_PREFIX); a second name of it is held already.
+        let root = s.vol.root_dir().clone();
+        match sys::link(dir.fd(), bname, root.fd(), &retired_name(st.st_ino)) {
+            Ok(()) => counts.replaced.push(st.st_ino),
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
+            Err(e) => {
+                let _ = sys::unlink(dir.fd(), &tmp);
+                return Err(ReencryptError::os(e));
+            }
+        }
+    }
+    if let Err(e) = sys::rename(dir.fd(), &tmp, dir.fd(), bname, 0) {
+        let _ = sys::unlink(dir.fd(), &tmp);
+        return Err(ReencryptError::os(e));
+    }
+    if st.st_nlink > 1 {
+        links
+            .entry(st.st_ino)
+            .or_insert_with(|| (dir.clone(), bname.to_os_string()));
+    }
+    counts.targets += 1;
+    s.hooks.step(Step::TargetConverted)?;
+    Ok(bname.to_os_string())
+}
+
+/// Re-seals a long target's side file `.cmkfs.target.<hex>` (atomic replace).
+fn reseal_long_target(
+    s: &mut Session<'_>,
+    root: &Dir,
+    name: &OsStr,
+    new: &VolumeKeys,
+    old: &VolumeKeys,
+    counts: &mut MetaCounts,
+) -> Result<(), ReencryptError> {
+    let Ok(raw) = sys::read_small(root.fd(), name, MAX_SIDE) else {
+        return Ok(());
+    };
+    if names::open_target(&new.names, &raw).is_ok() {
+        return Ok(());
+    }
+    let Ok(target) = names::open_target(&old.names, &raw) else {
+        return Ok(());
+    };
+    let sealed = names::encrypt_target(&new.names, &target).map_err(ReencryptError::other)?;
+    let raw_new = B64URL
+        .decode(sealed.as_bytes())
+        .map_err(ReencryptError::other)?;
+    sys::write_atomic(root.fd(), name, &raw_new, 0o400).map_err(ReencryptError::os)?;
+    counts.targets += 1;
+    s.hooks.step(Step::TargetConverted)
+}
+
+/// Re-seals every extended attribute of ours on `t` that is under the old key: set under its
+/// new backing name (value sealed anew), then the old one removed.
+fn convert_xattrs(
+    s: &mut Session<'_>,
+    t: sys::XTarget<'_>,
+    new: &VolumeKeys,
+    old: &VolumeKeys,
+    counts: &mut MetaCounts,
+) -> Result<(), ReencryptError> {
+    let list = match sys::list_xattr(t) {
+        Ok(l) => l,
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::ENOENT)) => {
+            return Ok(())
+        }
+        Err(e) => return Err(ReencryptError::os(e)),
+    };
+    for b in list {
+        let prefix = if b.as_bytes().starts_with(xattr::PREFIX.as_bytes()) {
+            xattr::PREFIX
+        } else if b.as_bytes().starts_with(xattr::TRUSTED_PREFIX.as_bytes()) {
+            xattr::TRUSTED_PREFIX
+        } else {
+            continue;
+        };
+        let stored = match sys::get_xattr(t, &b) {
+            Ok(v) => v,
+            Err(_) => continue,
+        };
+        if xattr::open_value(new, &b, &stored).is_some() {
+            continue;
+        }
+        let Some((kept_name, value)) = xattr::open_value(old, &b, &stored) else {
+            continue;
+        };
+        let plain_name = match kept_name {
+            Some(n) => n,
+            None => match xattr::open_name(old, &b) {
+                Some(n) => n,
+                None => continue,
+            },
+        };
+        let nb = xattr::seal_name(new, prefix, &plain_name);
+        let sealed = xattr::seal_value(new, &nb, &value).map_err(ReencryptError::other)?;
+        sys::set_xattr(t, &nb.name, &sealed, 0).map_err(ReencryptError::os)?;
+        s.hooks.step(Step::XattrSet)?;
+        match sys::remove_xattr(t, &b) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENODATA) => {}
+            Err(e) => return Err(ReencryptError::os(e)),
+        }
+        counts.xattrs += 1;
+    }
+    Ok(())
+}

@@ -1,0 +1,514 @@
+//! `cmkfs volume reencrypt`: replaces a volume's DEK, re-encrypting everything under a new
+//! one, crash-safe and resumable, offline or inside a live mount (docs/FORMAT.md,
+//! "Re-encryption").
+//!
+//! 1. **Start.** A new DEK (and a new inner DEK on a double-encrypted volume) is wrapped by
+//!    the volume's KEK; the journal (phase *names*) is written, then the header: the new DEK
+//!    one generation up, the current one as `retiring` (wrapped by the same KEK, so a
+//!    revocation takes both). From here every check unwraps both, and everything new (file
+//!    headers, names) is written under the new DEK.
+//! 2. **Names** (`meta`): names, long-name side files, symlink targets and extended
+//!    attributes are sealed again under the new name key, with every request held back
+//!    (the mount's gates closed); idempotent, so an interrupted run is simply run again (a
+//!    mount does that before it serves). Then `syncfs` and the journal says *contents*.
+//! 3. **Contents** (`contents`): file data in batches under the journal; each file header
+//!    records its key generation and, for a file that spans batches, how far it got, so the
+//!    data path reads every unit with the right key at every moment.
+//! 4. **Finish.** Once a walk finds nothing left (online: and nothing was renamed or linked
+//!    during it), the header is written without `retiring` — the old DEK is gone — and the
+//!    journal removed.
+
+mod contents;
+pub mod journal;
+mod meta;
+
+use std::io;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+pub use journal::JOURNAL_FILE;
+use journal::{Journal, Phase};
+pub use meta::DirIds;
+
+use super::header::{PlatformEnvelope, VolumeHeader};
+use super::{Closed, OpenFile, Volume, VolumeError};
+use crate::crypto::{Dek, VolumeKeys};
+use crate::keyring::Unwrapped;
+use crate::vault::Wrapped;
+
+/// How often an offline re-encryption asks the vault again (a revocation stops it).
+const CHECK_EVERY: Duration = Duration::from_secs(2);
+/// Walks an online re-encryption makes while renames keep happening, before the last one
+/// runs with every request held back.
+const ONLINE_ROUNDS: usize = 4;
+
+/// The steps of a re-encryption, for fault injection: a [`Hooks::fault`] hook called after
+/// each can stop it there, as a crash would.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+pub enum Step {
+    /// The journal of a new re-encryption is written.
+    JournalStarted,
+    /// The header with the new DEK and the retiring one is written.
+    HeaderStarted,
+    /// An entry was renamed under the new name key.
+    NameConverted,
+    /// A symlink target was sealed again.
+    TargetConverted,
+    /// An extended attribute was set under its new name (the old one not yet removed).
+    XattrSet,
+    /// The names phase is complete and durable.
+    NamesDone,
+    /// A batch's journal is durable.
+    JournalDurable,
+    /// The first range of a batch is written.
+    DataWritten,
+    /// Every range and file header of a batch is written.
+    HeadersWritten,
+    /// A batch is durable.
+    BatchSynced,
+    /// A batch's journal is retired.
+    JournalRetired,
+    /// A range of an interrupted batch was restored.
+    RangeRestored,
+    /// The header without the retiring DEK is written.
+    HeaderFinished,
+}
+
+/// A fault-injection hook (tests).
+pub type FaultHook<'a> = &'a mut dyn FnMut(Step) -> io::Result<()>;
+
+/// Where a re-encryption is.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Progress {
+    /// `names` or `contents`.
+    pub phase: String,
+    /// Data bytes rewritten so far.
+    pub bytes_done: u64,
+    /// Data bytes of the files found (an estimate while a mount changes them).
+    pub bytes_total: u64,
+    /// Files converted so far.
+    pub files_done: u64,
+    /// Files found.
+    pub files_total: u64,
+}
+
+/// Observers of a re-encryption.
+#[derive(Default)]
+pub struct Hooks<'a> {
+    /// Progress reports.
+    pub progress: Option<&'a mut dyn FnMut(&Progress)>,
+    /// Fault injection for crash-safety tests.
+    #[doc(hidden)]
+    pub fault: Option<FaultHook<'a>>,
+}
+
+impl Hooks<'_> {
+    fn step(&mut self, step: Step) -> Result<(), ReencryptError> {
+        match &mut self.fault {
+            Some(f) => f(step).map_err(|_| ReencryptError::Interrupted(step)),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Why a re-encryption stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ReencryptError {
+    /// The volume or its keys.
+    #[error(transparent)]
+    Volume(#[from] VolumeError),
+    /// A system call on the backing store.
+    #[error("{0}")]
+    Io(io::Error),
+    /// The journal cannot be used.
+    #[error("the re-encryption journal {JOURNAL_FILE} cannot be used: {why}; nothing was changed")]
+    Journal {
+        /// What is wrong.
+        why: String,
+    },
+    /// The keys were revoked meanwhile.
+    #[error("the volume became inaccessible during the re-encryption ({0}); it resumes with `cmkfs volume reencrypt` once access is back")]
+    Revoked(String),
+    /// A fault hook stopped it (tests).
+    #[error("interrupted after step {0:?}")]
+    Interrupted(Step),
+    /// Something makes it impossible.
+    #[error("{0}")]
+    Refused(String),
+}
+
+impl ReencryptError {
+    fn os(e: io::Error) -> ReencryptError {
+        ReencryptError::Io(e)
+    }
+
+    fn other(e: impl std::fmt::Display) -> ReencryptError {
+        ReencryptError::Refused(e.to_string())
+    }
+}
+
+/// What a re-encryption needs from outside the volume layer: the vault (unwrap, wrap) and
+/// the header this process keeps in force (a mount's checks must adopt what it writes).
+pub trait KeyAccess {
+    /// The header in force.
+    fn current_header(&self) -> VolumeHeader;
+    /// Unwraps and verifies every DEK of `header` (current, inner, retiring).
+    fn unwrap(&self, header: &VolumeHeader) -> Result<Unwrapped, VolumeError>;
+    /// Wraps new DEKs with `header`'s key (same key version) and, for a double-encrypted
+    /// volume, the platform key.
+    fn wrap(
+        &self,
+        header: &VolumeHeader,
+        outer: &Dek,
+        inner: Option<&Dek>,
+    ) -> Result<(Wrapped, Option<PlatformEnvelope>), VolumeError>;
+    /// Writes `new` as the volume header (atomically; under the Disk Encryption Set's lock
+    /// where one applies) and makes it the one in force.
+    fn replace_header(&self, new: &VolumeHeader) -> Result<(), VolumeError>;
+}
+
+/// What a live mount does for an online re-encryption.
+pub trait Online: Sync {
+    /// The names phase changed every backing name (with every request held back): cached
+    /// backing names must be recomputed with `keys` and the directory ids `ids`.
+    fn names_changed(&self, ids: &DirIds, keys: &VolumeKeys);
+    /// After the names phase, with requests flowing again: the symlinks whose backing inodes
+    /// `old` were replaced by new ones; the kernel must forget the old inodes' names (the
+    /// session then lets go of the inodes).
+    fn symlinks_replaced(&self, old: &[u64]);
+    /// Every file the mount holds open (those with no name left are reached only so).
+    fn open_files(&self) -> Vec<Arc<OpenFile>>;
+}
+
+/// What a re-encryption did.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Report {
+    /// Whether it resumed an interrupted one.
+    pub resumed: bool,
+    /// The key generation now.
+    pub key_generation: u32,
+    /// The new DEK's fingerprint.
+    pub dek_fingerprint: String,
+    /// Entries renamed under the new name key.
+    pub names: u64,
+    /// Symlink targets sealed again.
+    pub symlink_targets: u64,
+    /// Extended attributes sealed again.
+    pub xattrs: u64,
+    /// Files whose data was re-encrypted.
+    pub files: u64,
+    /// Data bytes rewritten.
+    pub bytes: u64,
+    /// Ranges of an interrupted batch restored.
+    pub ranges_restored: u64,
+    /// Seconds taken.
+    pub seconds: f64,
+}
+
+/// A re-encryption of one open volume.
+pub struct Session<'a> {
+    vol: &'a Volume,
+    access: &'a dyn KeyAccess,
+    online: Option<&'a dyn Online>,
+    hooks: Hooks<'a>,
+    /// Checks the vault itself every [`CHECK_EVERY`] (offline: no monitor does it).
+    check_vault: bool,
+    last_check: Instant,
+    volume_id: String,
+    /// The current (new) outer DEK: the journal's MAC key.
+    journal_dek: Option<Dek>,
+    progress: Progress,
+}
+
+impl<'a> Session<'a> {
+    /// A re-encryption of `vol`. `online`: the live mount serving it (`None` offline, where
+    /// the caller holds the volume lock exclusively and the session checks the vault itself).
+    pub fn new(
+        vol: &'a Volume,
+        access: &'a dyn KeyAccess,
+        online: Option<&'a dyn Online>,
+        hooks: Hooks<'a>,
+    ) -> Session<'a> {
+        Session {
+            vol,
+            access,
+            online,
+            hooks,
+            check_vault: online.is_none(),
+            last_check: Instant::now(),
+            volume_id: vol.header().volume_id.clone(),
+            journal_dek: None,
+            progress: Progress::default(),
+        }
+    }
+
+    fn journal_key(&self) -> Result<&Dek, ReencryptError> {
+        self.journal_dek
+            .as_ref()
+            .ok_or_else(|| ReencryptError::Refused("no journal key".into()))
+    }
+
+    fn report_progress(&mut self) {
+        if let Some(f) = &mut self.hooks.progress {
+            f(&self.progress);
+        }
+    }
+
+    /// Offline: asks the vault again now and then; a denial stops the run.
+    fn check_revocation(&mut self) -> Result<(), ReencryptError> {
+        if self.check_vault && self.last_check.elapsed() >= CHECK_EVERY {
+            self.vol.keyring().check();
+            self.last_check = Instant::now();
+        }
+        self.vol
+            .current_keys()
+            .map(|_| ())
+            .map_err(|e| ReencryptError::Revoked(e.to_string()))
+    }
+
+    /// Runs (or resumes) the re-encryption to its end.
+    pub fn run(mut self) -> Result<Report, ReencryptError> {
+        let t0 = Instant::now();
+        let mut report = Report::default();
+        let mut header = self.access.current_header();
+        let vol = self.vol;
+        let deks = match header.retiring {
+            None => {
+                // From the new keys to the end of the names phase no request runs: a mount
+                // looks names up under the current key only, so it must not see a name that
+                // is still under the old one.
+                let closed = vol.gates().close();
+                let d = self.start(&header, &closed)?;
+                header = self.access.current_header();
+                self.journal_dek = Some(copy_dek(&d.outer)?);
+                self.resume(&header, &mut report, Some(closed))?;
+                d
+            }
+            Some(_) => {
+                report.resumed = true;
+                let d = self.access.unwrap(&header)?;
+                self.journal_dek = Some(copy_dek(&d.outer)?);
+                self.resume(&header, &mut report, None)?;
+                d
+            }
+        };
+        self.contents(&mut report)?;
+        self.finish(&deks)?;
+        report.key_generation = header.key_generation;
+        report.dek_fingerprint = header.dek_fingerprint.clone();
+        report.seconds = t0.elapsed().as_secs_f64();
+        Ok(report)
+    }
+
+    /// Brings an interrupted re-encryption to a state the data path serves: the names
+    /// phase completed, an interrupted batch finished. What a mount runs before it serves a
+    /// volume whose header has a retiring DEK (the rest resumes with the command).
+    pub fn recover(mut self) -> Result<Report, ReencryptError> {
+        let header = self.access.current_header();
+        let mut report = Report::default();
+        if header.retiring.is_none() {
+            return Ok(report);
+        }
+        let deks = self.access.unwrap(&header)?;
+        self.journal_dek = Some(copy_dek(&deks.outer)?);
+        report.resumed = true;
+        self.resume(&header, &mut report, None)?;
+        Ok(report)
+    }
+
+    /// Step 1: new DEK(s), journal, header, keys (the caller holds the gates `closed`).
+    fn start(
+        &mut self,
+        header: &VolumeHeader,
+        _closed: &Closed<'_>,
+    ) -> Result<Unwrapped, ReencryptError> {
+        if header.format_version != super::header::FORMAT_VERSION {
+            return Err(ReencryptError::Refused(
+                "the volume needs `cmkfs upgrade` first".into(),
+            ));
+        }
+        let old = self.access.unwrap(header)?;
+        let outer = Dek::generate().map_err(ReencryptError::other)?;
+        let inner = match header.platform {
+            Some(_) => Some(Dek::generate().map_err(ReencryptError::other)?),
+            None => None,
+        };
+        let (wrapped, platform) = self.access.wrap(header, &outer, inner.as_ref())?;
+        let retiring = Wrapped {
+            kid: header.key_id()?,
+            alg: header.wrap_alg,
+            value: header.wrapped().map_err(ReencryptError::other)?,
+        };
+        let new_header = header.reencrypting(&outer, &wrapped, platform, &retiring);
+        let gen = new_header.key_generation;
+        Journal::new(&header.volume_id, gen, Phase::Names)
+            .write(self.vol.root_dir().fd(), &outer)
+            .map_err(ReencryptError::os)?;
+        self.hooks.step(Step::JournalStarted)?;
+        let sector = header.sector_size as usize;
+        let deks = Unwrapped {
+            outer,
+            inner,
+            sector_size: sector,
+            generation: gen,
+            retiring: Some(Box::new(old)),
+        };
+        self.access.replace_header(&new_header)?;
+        if !self
+            .vol
+            .keyring()
+            .install(&deks)
+            .map_err(ReencryptError::other)?
+        {
+            return Err(ReencryptError::Revoked("the keys are not live".into()));
+        }
+        self.hooks.step(Step::HeaderStarted)?;
+        tracing::info!(
+            generation = gen,
+            "re-encryption started: new DEK in the header, the old one retiring"
+        );
+        Ok(deks)
+    }
+
+    /// The names phase if it is not done, and an interrupted batch. `closed`: the gates, if
+    /// the caller closed them already (they are opened once the names phase is done).
+    fn resume(
+        &mut self,
+        header: &VolumeHeader,
+        report: &mut Report,
+        closed: Option<Closed<'a>>,
+    ) -> Result<(), ReencryptError> {
+        let root = self.vol.root_dir().clone();
+        let journal = Journal::read(
+            root.fd(),
+            self.journal_key()?,
+            &header.volume_id,
+            header.key_generation,
+        )
+        .map_err(|why| ReencryptError::Journal { why })?
+        // No journal (removed by hand?): the names phase is idempotent, run it again.
+        .unwrap_or_else(|| Journal::new(&header.volume_id, header.key_generation, Phase::Names));
+        if journal.phase == Phase::Names {
+            self.progress.phase = "names".into();
+            self.report_progress();
+            let keys = self.vol.current_keys()?;
+            let Some(old) = keys.retiring.as_deref() else {
+                return Err(ReencryptError::Refused("no retiring key".into()));
+            };
+            let mut counts = meta::MetaCounts::default();
+            {
+                let vol = self.vol;
+                let _closed = closed.unwrap_or_else(|| vol.gates().close());
+                let ids = meta::run(self, &keys, old, &mut counts)?;
+                if let Some(o) = self.online {
+                    meta::convert_open_xattrs(self, &o.open_files(), &keys, old, &mut counts)?;
+                    o.names_changed(&ids, &keys);
+                }
+            }
+            if let Some(o) = self.online {
+                if !counts.replaced.is_empty() {
+                    o.symlinks_replaced(&counts.replaced);
+                }
+                let root = self.vol.root_dir().clone();
+                for ino in &counts.replaced {
+                    let _ = super::sys::unlink(root.fd(), &meta::retired_name(*ino));
+                }
+            }
+            report.names += counts.names;
+            report.symlink_targets += counts.targets;
+            report.xattrs += counts.xattrs;
+            contents::syncfs(&root)?;
+            Journal::new(&header.volume_id, header.key_generation, Phase::Contents)
+                .write(root.fd(), self.journal_key()?)
+                .map_err(ReencryptError::os)?;
+            self.hooks.step(Step::NamesDone)?;
+        } else if !journal.items.is_empty() {
+            report.ranges_restored += contents::recover(self, &journal)?;
+        }
+        Ok(())
+    }
+
+    /// Step 3: every file's data.
+    fn contents(&mut self, report: &mut Report) -> Result<(), ReencryptError> {
+        self.progress.phase = "contents".into();
+        let root = self.vol.root_dir().clone();
+        for round in 0..=ONLINE_ROUNDS {
+            let last = self.online.is_some() && round == ONLINE_ROUNDS;
+            let moves = self.vol.moves();
+            let closed = last.then(|| self.vol.gates().close());
+            let files = contents::walk(&root, self.vol)?;
+            if round == 0 {
+                self.progress.files_total = files.len() as u64;
+                self.progress.bytes_total = files.iter().map(|f| f.len).sum();
+                self.report_progress();
+            }
+            let (n, bytes) = contents::convert(self, files, closed.is_none())?;
+            report.files += n;
+            report.bytes += bytes;
+            drop(closed);
+            // Offline nothing moves; online, a walk that converted nothing while nothing
+            // was renamed or linked has seen every file.
+            if self.online.is_none() || last || (n == 0 && self.vol.moves() == moves) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Step 4: the header without the retiring DEK.
+    fn finish(&mut self, deks: &Unwrapped) -> Result<(), ReencryptError> {
+        let root = self.vol.root_dir().clone();
+        let vol = self.vol;
+        {
+            let _closed = vol.gates().close();
+            if let Some(o) = self.online {
+                // Files the mount holds open with no name left.
+                let mut seen = std::collections::HashSet::new();
+                let open: Vec<_> = o
+                    .open_files()
+                    .into_iter()
+                    .filter(|of| {
+                        crate::volume::sys::fstat(std::os::fd::AsFd::as_fd(of.file()))
+                            .is_ok_and(|st| seen.insert(st.st_ino))
+                    })
+                    .collect();
+                contents::convert_open(self, open)?;
+            }
+            contents::syncfs(&root)?;
+            // The header in force (a rotation may have rewrapped it meanwhile).
+            let done = self.access.current_header().reencrypted(&deks.outer);
+            self.access.replace_header(&done)?;
+            let now = Unwrapped {
+                outer: copy_dek(&deks.outer)?,
+                inner: deks.inner.as_ref().map(copy_dek).transpose()?,
+                sector_size: deks.sector_size,
+                generation: deks.generation,
+                retiring: None,
+            };
+            self.vol
+                .keyring()
+                .install(&now)
+                .map_err(ReencryptError::other)?;
+        }
+        self.hooks.step(Step::HeaderFinished)?;
+        Journal::remove(root.fd()).map_err(ReencryptError::os)?;
+        // Temp files of journal writes a crash interrupted.
+        let tmp = format!("{}{JOURNAL_FILE}.", crate::fsutil::TEMP_PREFIX);
+        for e in crate::volume::sys::list(root.fd()).unwrap_or_default() {
+            if e.name.as_encoded_bytes().starts_with(tmp.as_bytes()) {
+                let _ = crate::volume::sys::unlink(root.fd(), &e.name);
+            }
+        }
+        tracing::info!(
+            generation = deks.generation,
+            "re-encryption finished: the old DEK is gone from the header"
+        );
+        Ok(())
+    }
+}
+
+fn copy_dek(d: &Dek) -> Result<Dek, ReencryptError> {
+    Dek::from_slice(d.as_bytes()).map_err(ReencryptError::other)
+}

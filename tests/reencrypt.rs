@@ -1,0 +1,480 @@
+//! `cmkfs volume reencrypt` (issue 13): a volume re-encrypted under a new DEK keeps every
+//! byte, name, symlink target, extended attribute and link; crashes at any step and SIGKILLs
+//! at random moments are resumed; a mount of a half re-encrypted volume reads correctly; at
+//! the end the old DEK is gone from the header and no ciphertext block of the old volume is
+//! left.
+
+mod common;
+
+use std::collections::{BTreeMap, HashSet};
+use std::fs;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{symlink, MetadataExt};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cmkfs::home::Home;
+use cmkfs::keyring::KeyringConfig;
+use cmkfs::volume::header::VolumeHeader;
+use cmkfs::volume::reencrypt::{Hooks, Session, Step};
+use cmkfs::volume::{Dir, Target, Volume};
+use common::*;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use sha2::{Digest, Sha256};
+
+/// Fills a mounted volume with every kind of thing a re-encryption must carry over.
+pub fn populate(root: &Path, rng: &mut StdRng, files: usize) {
+    let dirs = [
+        root.to_path_buf(),
+        root.join("a"),
+        root.join("a/b"),
+        root.join("a/b/c"),
+        root.join("d".repeat(200)),
+    ];
+    for d in &dirs[1..] {
+        fs::create_dir_all(d).unwrap();
+    }
+    for i in 0..files {
+        let dir = &dirs[i % dirs.len()];
+        let size = match i % 7 {
+            0 => rng.gen_range(0..=8200),
+            1 => 4096 * rng.gen_range(1..4) + rng.gen_range(1..16),
+            2 => rng.gen_range(1..16),
+            3 => rng.gen_range(8200..70_000),
+            _ => rng.gen_range(0..5000),
+        };
+        let name = if i % 11 == 0 {
+            format!("{}{i}", "long-name-".repeat(20))
+        } else {
+            format!("f{i}")
+        };
+        fs::write(dir.join(&name), random_bytes(rng, size)).unwrap();
+    }
+    // Large enough to span batches of the test's batch size.
+    fs::write(root.join("big"), random_bytes(rng, 700_000)).unwrap();
+    // Sparse: holes stay holes.
+    let f = fs::File::create(root.join("sparse")).unwrap();
+    f.set_len(1 << 20).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, b"tail", (1 << 20) - 4).unwrap();
+    drop(f);
+    symlink("a/b/f2", root.join("short-link")).unwrap();
+    symlink("t".repeat(3500), root.join("long-link")).unwrap();
+    fs::hard_link(root.join("a/f1"), root.join("hard-link-of-f1")).unwrap();
+    for (p, n, v) in [
+        ("a/f1", "user.note", b"hello".to_vec()),
+        ("a", "user.dir-attr", vec![7u8; 300]),
+        (
+            "a/b/c/f3",
+            &*format!("user.{}", "x".repeat(200)),
+            b"hashed name".to_vec(),
+        ),
+    ] {
+        xattr_set(&root.join(p), n, &v);
+    }
+    std::process::Command::new("mkfifo")
+        .arg(root.join("a/fifo"))
+        .status()
+        .unwrap();
+}
+
+fn xattr_set(path: &Path, name: &str, value: &[u8]) {
+    let p = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+    let n = std::ffi::CString::new(name).unwrap();
+    // SAFETY: valid strings and buffer.
+    let r = unsafe {
+        libc::lsetxattr(
+            p.as_ptr(),
+            n.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
+    };
+    assert_eq!(r, 0, "setxattr {name} on {}", path.display());
+}
+
+/// The plaintext view of a mounted tree: path → what it is (content hash, target, xattrs).
+pub fn mount_view(root: &Path) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).unwrap() {
+            let e = e.unwrap();
+            let p = e.path();
+            let rel = p.strip_prefix(root).unwrap().display().to_string();
+            let md = fs::symlink_metadata(&p).unwrap();
+            let ft = md.file_type();
+            let desc = if ft.is_dir() {
+                stack.push(p.clone());
+                format!("dir {:o}", md.mode())
+            } else if ft.is_symlink() {
+                format!("link -> {}", fs::read_link(&p).unwrap().display())
+            } else if ft.is_file() {
+                let data = fs::read(&p).unwrap();
+                format!(
+                    "file {:o} {} {}",
+                    md.mode(),
+                    data.len(),
+                    hex::encode(Sha256::digest(&data))
+                )
+            } else {
+                format!("other {:o}", md.mode())
+            };
+            let mut x = xattrs(&p);
+            x.sort();
+            out.insert(rel, format!("{desc} {x:?}"));
+        }
+    }
+    out
+}
+
+fn xattrs(p: &Path) -> Vec<String> {
+    let c = std::ffi::CString::new(p.as_os_str().as_bytes()).unwrap();
+    let mut buf = vec![0u8; 65536];
+    // SAFETY: valid path and buffer.
+    let n = unsafe { libc::llistxattr(c.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    if n <= 0 {
+        return Vec::new();
+    }
+    buf.truncate(n as usize);
+    let mut out = Vec::new();
+    for name in buf.split(|b| *b == 0).filter(|n| !n.is_empty()) {
+        let nc = std::ffi::CString::new(name).unwrap();
+        let mut v = vec![0u8; 65536];
+        // SAFETY: as above.
+        let m = unsafe { libc::lgetxattr(c.as_ptr(), nc.as_ptr(), v.as_mut_ptr().cast(), v.len()) };
+        let v = if m >= 0 { &v[..m as usize] } else { &[][..] };
+        out.push(format!(
+            "{}={}",
+            String::from_utf8_lossy(name),
+            hex::encode(Sha256::digest(v))
+        ));
+    }
+    out
+}
+
+/// The same view read in-process through the library (what a crash leaves, before any
+/// mount touches it).
+fn lib_view(vol: &Volume) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    let mut stack: Vec<(Arc<Dir>, String)> = vec![(vol.root_dir().clone(), String::new())];
+    while let Some((dir, path)) = stack.pop() {
+        for l in vol.list(&dir).unwrap() {
+            let rel = if path.is_empty() {
+                l.name.to_string_lossy().into_owned()
+            } else {
+                format!("{path}/{}", l.name.to_string_lossy())
+            };
+            let attr = l.attr.unwrap_or_else(|| panic!("{rel}: corrupt entry"));
+            let desc = match l.kind {
+                libc::S_IFDIR => {
+                    let d = vol.open_dir(&dir, &l.bname, Some(l.ino)).unwrap();
+                    stack.push((Arc::new(d), rel.clone()));
+                    format!("dir {:o}", attr.mode)
+                }
+                libc::S_IFLNK => format!(
+                    "link -> {}",
+                    vol.readlink(&dir, &l.bname)
+                        .unwrap_or_else(|e| panic!("{rel}: {e}"))
+                        .to_string_lossy()
+                ),
+                libc::S_IFREG => {
+                    let of = vol.open_file(&dir, &l.bname, false, None).unwrap();
+                    let data = vol
+                        .read(&of, 0, usize::MAX / 4)
+                        .unwrap_or_else(|e| panic!("{rel}: {e}"));
+                    format!(
+                        "file {:o} {} {}",
+                        attr.mode,
+                        data.len(),
+                        hex::encode(Sha256::digest(&data))
+                    )
+                }
+                _ => format!("other {:o}", attr.mode),
+            };
+            let t = Target::At(&dir, &l.bname);
+            let mut x: Vec<String> = vol
+                .list_xattr(t)
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|n| !n.as_bytes().starts_with(b"system."))
+                .map(|n| {
+                    let v = vol
+                        .get_xattr(t, l.kind, &n)
+                        .unwrap_or_else(|e| panic!("{rel}: xattr {}: {e}", n.to_string_lossy()));
+                    format!(
+                        "{}={}",
+                        n.to_string_lossy(),
+                        hex::encode(Sha256::digest(&v))
+                    )
+                })
+                .collect();
+            x.sort();
+            out.insert(rel, format!("{desc} {x:?}"));
+        }
+    }
+    out
+}
+
+/// Compares two views, showing only what differs.
+#[track_caller]
+fn assert_views(got: &BTreeMap<String, String>, want: &BTreeMap<String, String>, what: &str) {
+    if got == want {
+        return;
+    }
+    let short = |s: &str| s.chars().take(120).collect::<String>();
+    let mut diff = Vec::new();
+    for (k, v) in want {
+        match got.get(k) {
+            None => diff.push(format!("missing {}", short(k))),
+            Some(g) if g != v => diff.push(format!("{}: {} != {}", short(k), short(g), short(v))),
+            _ => {}
+        }
+    }
+    for k in got.keys().filter(|k| !want.contains_key(*k)) {
+        diff.push(format!("extra {}", short(k)));
+    }
+    diff.truncate(20);
+    panic!("{what}: views differ:\n  {}", diff.join("\n  "));
+}
+
+/// Opens the volume in-process as a fresh process would (after a crash).
+fn open(env: &Env) -> (Volume, cmkfs::unlock::HeaderHandle) {
+    let home = Home::at(&env.home);
+    let header = VolumeHeader::read(&env.cipher).unwrap();
+    let vault = cmkfs::vault::open("local:", &home).unwrap();
+    let (kr, header, handle) = cmkfs::unlock::unlock_with_handle(
+        &home,
+        vault,
+        &env.cipher,
+        &header,
+        KeyringConfig::default(),
+    )
+    .unwrap();
+    let vol = Volume::open(&env.cipher, header, Arc::new(kr), 1).unwrap();
+    (vol, handle)
+}
+
+/// Every 16-byte block of the backing store's files that is not all zero (file headers and
+/// metadata files excluded).
+fn ciphertext_blocks(cipher: &Path) -> HashSet<[u8; 16]> {
+    let mut out = HashSet::new();
+    for p in data_files(cipher) {
+        let b = fs::read(&p).unwrap();
+        if b.len() <= FILE_HEADER_LEN as usize {
+            continue;
+        }
+        for c in b[FILE_HEADER_LEN as usize..].chunks_exact(16) {
+            if c.iter().any(|x| *x != 0) {
+                out.insert(c.try_into().unwrap());
+            }
+        }
+    }
+    out
+}
+
+fn backing_names(cipher: &Path) -> HashSet<String> {
+    walk(cipher)
+        .into_iter()
+        .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .filter(|n| !n.contains('.'))
+        .collect()
+}
+
+fn small_batches() {
+    // Files span batches and every batch is a step of its own.
+    std::env::set_var("CMKFS_REENCRYPT_BATCH_BYTES", "65536");
+}
+
+/// Runs (or resumes) a re-encryption in-process, stopped after `stop_after` fault steps
+/// (`None`: to the end). Returns whether it finished and the steps it went through.
+fn run_until(env: &Env, stop_after: Option<usize>, recover_only: bool) -> (bool, Vec<Step>) {
+    let (vol, handle) = open(env);
+    let home = Home::at(&env.home);
+    let access = cmkfs::unlock::ReencryptAccess::new(&home, vol.keyring().vault(), handle).unwrap();
+    let mut steps = Vec::new();
+    let mut fault = |s: Step| {
+        steps.push(s);
+        if stop_after.is_some_and(|n| steps.len() >= n) {
+            return Err(std::io::Error::other("crash"));
+        }
+        Ok(())
+    };
+    let session = Session::new(
+        &vol,
+        &access,
+        None,
+        Hooks {
+            progress: None,
+            fault: Some(&mut fault),
+        },
+    );
+    let r = if recover_only {
+        session.recover()
+    } else {
+        session.run()
+    };
+    let done = match r {
+        Ok(_) => true,
+        Err(cmkfs::volume::reencrypt::ReencryptError::Interrupted(_)) => false,
+        Err(e) => panic!("re-encryption failed: {e}"),
+    };
+    (done, steps)
+}
+
+#[test]
+fn a_crash_after_any_step_of_the_reencryption_is_resumed_without_losing_a_byte() {
+    small_batches();
+    let seed = seed("reencrypt crash steps");
+    let mut rng = StdRng::seed_from_u64(seed);
+    let env = Env::new();
+    env.init(&env.cipher).assert_ok();
+    let m = env.mount(&env.cipher, &env.mnt);
+    populate(&env.mnt, &mut rng, 120);
+    let want = mount_view(&env.mnt);
+    m.unmount();
+    let before = VolumeHeader::read(&env.cipher).unwrap();
+    let old_blocks = ciphertext_blocks(&env.cipher);
+    let old_names = backing_names(&env.cipher);
+    {
+        let (vol, _) = open(&env);
+        assert_views(&lib_view(&vol), &want, "the library's view before");
+    }
+    // Two re-encryptions in a row, each crashed at random steps until it finishes; after
+    // every crash the volume, opened afresh, shows every byte.
+    for generation in 1..=2u32 {
+        let mut crashes = 0;
+        let mut all = Vec::new();
+        loop {
+            // As a mount opens the volume: the interrupted step first (crashed too, at times).
+            let stop = Some(rng.gen_range(1..=6)).filter(|_| crashes < 40 && rng.gen_bool(0.3));
+            let (recovered, steps) = run_until(&env, stop, true);
+            all.extend(steps);
+            if !recovered {
+                crashes += 1;
+                continue;
+            }
+            let (vol, _) = open(&env);
+            assert_views(
+                &lib_view(&vol),
+                &want,
+                &format!(
+                    "seed {seed}: generation {generation}, after crash {crashes} at {:?}",
+                    all.last()
+                ),
+            );
+            drop(vol);
+            let stop = Some(rng.gen_range(1..=6)).filter(|_| crashes < 40);
+            let (done, steps) = run_until(&env, stop, false);
+            all.extend(steps);
+            if done {
+                break;
+            }
+            crashes += 1;
+        }
+        let h = VolumeHeader::read(&env.cipher).unwrap();
+        assert_eq!(h.key_generation, generation);
+        assert!(h.retiring.is_none(), "the old DEK is still in the header");
+        assert!(!env.cipher.join("cmkfs.reencrypt.journal").exists());
+        let kinds: HashSet<Step> = all.iter().copied().collect();
+        for s in [Step::NameConverted, Step::JournalDurable, Step::BatchSynced] {
+            assert!(kinds.contains(&s), "seed {seed}: never went through {s:?}");
+        }
+        eprintln!(
+            "generation {generation}: {crashes} crashes over {} steps",
+            all.len()
+        );
+    }
+    let after = VolumeHeader::read(&env.cipher).unwrap();
+    assert_ne!(after.dek_fingerprint, before.dek_fingerprint);
+    assert_ne!(after.wrapped_dek, before.wrapped_dek);
+    // Nothing of the old ciphertext or the old names is left.
+    let shared = ciphertext_blocks(&env.cipher)
+        .intersection(&old_blocks)
+        .count();
+    assert_eq!(
+        shared, 0,
+        "{shared} ciphertext blocks of the old DEK are left"
+    );
+    let names = backing_names(&env.cipher);
+    assert!(
+        names.is_disjoint(&old_names),
+        "backing names of the old key are left"
+    );
+    // Through a mount, and fsck finds nothing.
+    let m = env.mount(&env.cipher, &env.mnt);
+    assert_views(&mount_view(&env.mnt), &want, "through a mount at the end");
+    m.unmount();
+    let out = env.cmkfs(&["fsck", env.cipher.to_str().unwrap()]);
+    assert!(out.ok(), "fsck: {out}");
+}
+
+#[test]
+fn sigkill_of_the_command_at_random_moments_then_mount_and_resume_keeps_every_file() {
+    let seed = seed("reencrypt sigkill");
+    let mut rng = StdRng::seed_from_u64(seed);
+    let env = Env::new();
+    env.init(&env.cipher).assert_ok();
+    let m = env.mount(&env.cipher, &env.mnt);
+    populate(&env.mnt, &mut rng, 400);
+    let want = mount_view(&env.mnt);
+    m.unmount();
+    let cipher = env.cipher.to_str().unwrap().to_string();
+    for round in 0..4 {
+        let mut cmd = env.command(&["volume", "reencrypt", &cipher]);
+        cmd.env("CMKFS_REENCRYPT_BATCH_BYTES", "65536")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        let mut child = cmd.spawn().unwrap();
+        std::thread::sleep(Duration::from_millis(rng.gen_range(20..400)));
+        let _ = child.kill();
+        let status = child.wait().unwrap();
+        // A mount of whatever the kill left reads every file.
+        let m = env.mount(&env.cipher, &env.mnt);
+        assert_views(
+            &mount_view(&env.mnt),
+            &want,
+            &format!("seed {seed}: round {round} ({status})"),
+        );
+        m.unmount();
+    }
+    let mut cmd = env.command(&["volume", "reencrypt", &cipher, "--json"]);
+    cmd.env("CMKFS_REENCRYPT_BATCH_BYTES", "65536");
+    let out = run_with_timeout(cmd, Duration::from_secs(120)).unwrap();
+    out.assert_ok();
+    let h = VolumeHeader::read(&env.cipher).unwrap();
+    assert!(h.retiring.is_none() && h.key_generation >= 1, "{out}");
+    let m = env.mount(&env.cipher, &env.mnt);
+    assert_views(&mount_view(&env.mnt), &want, "at the end");
+    m.unmount();
+    let out = env.cmkfs(&["fsck", &cipher]);
+    assert!(out.ok(), "fsck: {out}");
+}
+
+#[test]
+fn a_mounted_volume_is_refused_without_online_and_revocation_stops_the_command() {
+    let env = Env::new();
+    env.init(&env.cipher).assert_ok();
+    let m = env.mount(&env.cipher, &env.mnt);
+    fs::write(env.mnt.join("x"), b"data").unwrap();
+    let cipher = env.cipher.to_str().unwrap();
+    let out = env.cmkfs(&["volume", "reencrypt", cipher]);
+    out.assert_clear_error();
+    assert!(out.stderr.contains("--online"), "{out}");
+    m.unmount();
+    // A disabled key: nothing starts.
+    let h = VolumeHeader::read(&env.cipher).unwrap();
+    env.cmkfs(&["vault", "key", "update", "default", "--disable"])
+        .assert_ok();
+    let out = env.cmkfs(&["volume", "reencrypt", cipher]);
+    out.assert_clear_error();
+    assert_eq!(VolumeHeader::read(&env.cipher).unwrap(), h);
+    env.cmkfs(&["vault", "key", "update", "default", "--enable"])
+        .assert_ok();
+    env.cmkfs(&["volume", "reencrypt", cipher]).assert_ok();
+    let m = env.mount(&env.cipher, &env.mnt);
+    assert_eq!(fs::read(env.mnt.join("x")).unwrap(), b"data");
+    m.unmount();
+}
