@@ -189,7 +189,7 @@ fn lib_view(vol: &Volume) -> BTreeMap<String, String> {
                         "file {:o} {} {}",
                         attr.mode,
                         data.len(),
-                        hex::encode(Sha256::digest(&data))
+                        hex::encode(Sha256::digest(&data[..]))
                     )
                 }
                 _ => format!("other {:o}", attr.mode),
