@@ -265,24 +265,78 @@ fn read_decimal(r: &mut impl Read, consumed: &mut u64) -> Result<u64, BackupErro
     }
 }
 
-/// Parses the member `e` (its header and pax records; for a sparse file also the map, which
-/// it consumes from the data).
-pub fn parse<R: Read>(e: &mut tar::Entry<'_, R>) -> Result<Parsed, BackupError> {
-    let mut records: Vec<(String, Vec<u8>)> = Vec::new();
-    if let Some(pax) = e.pax_extensions().map_err(BackupError::Read)? {
-        for r in pax {
-            let r = r.map_err(BackupError::Read)?;
-            let k = r
-                .key()
-                .map_err(|_| corrupt("a pax record key is not UTF-8"))?;
-            records.push((k.to_string(), r.value_bytes().to_vec()));
+/// Upper bound on one member's pax records (many xattrs of up to 64 KiB each fit).
+const MAX_PAX: u64 = 16 << 20;
+
+/// Parses pax records (`"<len> <key>=<value>\n"`, where the value may hold any byte,
+/// newlines included: the length says where a record ends).
+pub fn parse_pax(mut data: &[u8]) -> Result<Vec<(String, Vec<u8>)>, BackupError> {
+    let bad = || corrupt("a pax header is malformed");
+    let mut out = Vec::new();
+    while !data.is_empty() {
+        let sp = data.iter().position(|b| *b == b' ').ok_or_else(bad)?;
+        let len: usize = std::str::from_utf8(&data[..sp])
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(bad)?;
+        if len <= sp + 1 || len > data.len() || data[len - 1] != b'\n' {
+            return Err(bad());
         }
+        let rec = &data[sp + 1..len - 1];
+        let eq = rec.iter().position(|b| *b == b'=').ok_or_else(bad)?;
+        let key = std::str::from_utf8(&rec[..eq]).map_err(|_| bad())?;
+        out.push((key.to_string(), rec[eq + 1..].to_vec()));
+        data = &data[len..];
     }
+    Ok(out)
+}
+
+/// The next member of a raw entry stream (pax headers read and applied here, not by the
+/// `tar` crate, whose pax parser splits binary values at newlines), parsed; `None` at the
+/// end of the archive.
+pub fn next<'a, R: Read>(
+    entries: &mut tar::Entries<'a, R>,
+) -> Result<Option<(tar::Entry<'a, R>, Parsed)>, BackupError> {
+    let mut records: Option<Vec<(String, Vec<u8>)>> = None;
+    loop {
+        let Some(e) = entries.next() else {
+            return match records {
+                Some(_) => Err(corrupt("the archive ends after a pax header")),
+                None => Ok(None),
+            };
+        };
+        let mut e = e.map_err(BackupError::Read)?;
+        let t = e.header().entry_type();
+        if t.is_pax_local_extensions() {
+            if records.is_some() || e.size() > MAX_PAX {
+                return Err(corrupt("a pax header is misplaced or too large"));
+            }
+            let mut data = Vec::with_capacity(e.size() as usize);
+            e.read_to_end(&mut data).map_err(BackupError::Read)?;
+            records = Some(parse_pax(&data)?);
+            continue;
+        }
+        if t.is_pax_global_extensions() || t.is_gnu_longname() || t.is_gnu_longlink() {
+            return Err(corrupt(format!("unexpected member type {t:?}")));
+        }
+        let p = parse(&mut e, records.unwrap_or_default())?;
+        return Ok(Some((e, p)));
+    }
+}
+
+/// Parses the member `e` with its pax `records` (for a sparse file it also consumes the map
+/// from the data).
+fn parse<R: Read>(
+    e: &mut tar::Entry<'_, R>,
+    records: Vec<(String, Vec<u8>)>,
+) -> Result<Parsed, BackupError> {
     let get = |k: &str| records.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_slice());
     let sparse_name = get("GNU.sparse.name").map(<[u8]>::to_vec);
-    let name = sparse_name
-        .clone()
-        .unwrap_or_else(|| e.path_bytes().into_owned());
+    let name = match (&sparse_name, get("path")) {
+        (Some(n), _) => n.clone(),
+        (None, Some(p)) => p.to_vec(),
+        (None, None) => e.header().path_bytes().into_owned(),
+    };
     if !name.starts_with(VOLUME_PREFIX.as_bytes()) {
         let n = String::from_utf8_lossy(&name).into_owned();
         return Ok(Parsed::Own(n));
@@ -317,10 +371,9 @@ pub fn parse<R: Read>(e: &mut tar::Entry<'_, R>) -> Result<Parsed, BackupError> 
     let (mtime, atime) = (time("mtime")?, time("atime")?);
     let target = match kind {
         Kind::Symlink | Kind::Hardlink => {
-            let l = e
-                .link_name_bytes()
+            let l = get("linkpath")
                 .ok_or_else(|| corrupt(format!("link member {path:?} has no target")))?
-                .into_owned();
+                .to_vec();
             Some(if kind == Kind::Hardlink {
                 rel_path(&l, "a hard link target")?
             } else {
@@ -439,9 +492,10 @@ mod tests {
         }
         let bytes = w.finish().unwrap();
         let mut a = tar::Archive::new(&bytes[..]);
-        for (i, e) in a.entries().unwrap().enumerate() {
-            let mut e = e.unwrap();
-            let Parsed::Member(m) = parse(&mut e).unwrap() else {
+        let mut entries = a.entries().unwrap().raw(true);
+        let mut i = 0;
+        while let Some((mut e, p)) = next(&mut entries).unwrap() {
+            let Parsed::Member(m) = p else {
                 panic!("own member")
             };
             assert_eq!(*m, ms[i]);
@@ -451,7 +505,26 @@ mod tests {
             assert_eq!(buf.len() as u64, m.data_len());
             h.update(&buf);
             assert_eq!(hex::encode(h.finalize()), digests[i]);
+            i += 1;
         }
+        assert_eq!(i, ms.len());
+    }
+
+    #[test]
+    fn pax_values_may_hold_newlines_and_any_byte() {
+        let mut w = Writer::new(Vec::new());
+        let mut m = member("x", 0, vec![]);
+        m.xattrs = vec![("user.cmkfs.v".into(), hex::encode(b"a\nb=c\n\0\xff"))];
+        w.member(&m, Some(&mut io::empty())).unwrap();
+        let bytes = w.finish().unwrap();
+        let mut a = tar::Archive::new(&bytes[..]);
+        let mut entries = a.entries().unwrap().raw(true);
+        let (_, p) = next(&mut entries).unwrap().unwrap();
+        let Parsed::Member(got) = p else { panic!() };
+        assert_eq!(*got, m);
+        assert!(parse_pax(b"5 a=b\n").is_ok());
+        assert!(parse_pax(b"6 a=b\n").is_err());
+        assert!(parse_pax(b"99 a=b\n").is_err());
     }
 
     #[test]

@@ -343,14 +343,12 @@ pub fn restore(
         inner: BufReader::with_capacity(1 << 20, file),
         n: count.clone(),
     });
-    let mut entries = ar.entries().map_err(BackupError::Read)?;
+    let mut entries = ar.entries().map_err(BackupError::Read)?.raw(true);
 
     // 2. The key envelope, and the caller's right to unwrap it.
-    let mut first = entries
-        .next()
-        .ok_or_else(|| BackupError::Corrupt("the archive is empty".into()))?
-        .map_err(BackupError::Read)?;
-    match archive::parse(&mut first)? {
+    let (mut first, p) = archive::next(&mut entries)?
+        .ok_or_else(|| BackupError::Corrupt("the archive is empty".into()))?;
+    match p {
         Parsed::Own(n) if n == KEY_MEMBER => {}
         _ => {
             return Err(BackupError::Corrupt(
@@ -406,11 +404,10 @@ pub fn restore(
             ..Progress::default()
         };
         let manifest_bytes = loop {
-            let mut e = entries
-                .next()
-                .ok_or_else(|| BackupError::Corrupt("the archive ends before its manifest".into()))?
-                .map_err(BackupError::Read)?;
-            match archive::parse(&mut e)? {
+            let (mut e, p) = archive::next(&mut entries)?.ok_or_else(|| {
+                BackupError::Corrupt("the archive ends before its manifest".into())
+            })?;
+            match p {
                 Parsed::Member(m) => {
                     let d = extract(&mut tree, &m, &mut e, &mut files, &mut dirs)?;
                     got.push(Entry {
@@ -432,17 +429,14 @@ pub fn restore(
             }
         };
         let mac = {
-            let mut e = entries
-                .next()
-                .ok_or_else(|| BackupError::Corrupt("the manifest MAC is missing".into()))?
-                .map_err(BackupError::Read)?;
-            match archive::parse(&mut e)? {
+            let (mut e, p) = archive::next(&mut entries)?
+                .ok_or_else(|| BackupError::Corrupt("the manifest MAC is missing".into()))?;
+            match p {
                 Parsed::Own(n) if n == MAC_MEMBER => read_small(&mut e, manifest::MAX_SMALL, "MAC")?,
                 _ => return Err(BackupError::Corrupt("the manifest MAC is missing".into())),
             }
         };
-        if let Some(extra) = entries.next() {
-            extra.map_err(BackupError::Read)?;
+        if archive::next(&mut entries)?.is_some() {
             return Err(BackupError::Corrupt("members follow the manifest MAC".into()));
         }
         // 4. The manifest.
