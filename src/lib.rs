@@ -7,6 +7,7 @@
 pub mod backup;
 pub mod bench;
 pub mod cli;
+pub mod control;
 pub mod crypto;
 pub mod des;
 pub mod drill;

@@ -181,6 +181,19 @@ pub fn spawn(
                     // while the volume is accessible; a rotation is validated by a second
                     // check at once.
                     handle(keyring.check());
+                    if keyring.state() == KeyState::Accessible {
+                        // The embedded vault has no server to apply its rotation policies: a
+                        // mount's checks do it (a no-op for remote vaults, whose server does),
+                        // so an auto-rotating DES follows a policy's new version at once.
+                        match keyring.vault().apply_due_rotations() {
+                            Ok(made) => {
+                                for k in made {
+                                    tracing::info!(kid = %k.kid, "rotation policy made a new key version");
+                                }
+                            }
+                            Err(e) => tracing::warn!(error = %e, "cannot apply rotation policies"),
+                        }
+                    }
                     if keyring.state() == KeyState::Accessible
                         && crate::des::auto_rotate_mounted(&facts.cipherdir, keyring.vault())
                     {

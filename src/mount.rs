@@ -103,6 +103,11 @@ impl RunRecord {
         Self::path(home, mountpoint).with_extension("status.json")
     }
 
+    /// The control socket of the mount at `mountpoint` (`crate::control`).
+    pub fn socket_path(home: &Home, mountpoint: &Path) -> PathBuf {
+        Self::path(home, mountpoint).with_extension("sock")
+    }
+
     /// Every run record in the home (mounts that are, or were until a crash, live).
     pub fn all(home: &Home) -> Vec<RunRecord> {
         let Ok(dir) = std::fs::read_dir(home.run_dir()) else {

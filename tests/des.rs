@@ -658,6 +658,71 @@ fn auto_rotation_moves_a_mounted_volume_to_the_new_version_within_a_check() {
 }
 
 #[test]
+fn a_rotation_policy_rotates_the_key_and_the_auto_rotating_des_follows_through_the_mount() {
+    // Policies in seconds (Key Vault's limits are days); inherited by the mount daemon.
+    std::env::set_var("CMKFS_VAULT_POLICY_LIMITS", "test");
+    let env = Env::new();
+    purge_protection(&env);
+    let first = key_create(&env, "k");
+    env.cmkfs(&["des", "create", "d", "--key", "k", "--auto-rotate"])
+        .assert_ok();
+    init_des(&env, &env.cipher, "d");
+    let m = env.mount_with(&env.cipher, &env.mnt, &["--key-check-interval", "2s"]);
+    write(&m.path("f"), b"policy");
+    env.cmkfs(&[
+        "vault",
+        "key",
+        "rotation-policy",
+        "k",
+        "--rotate-after-create",
+        "PT3S",
+        "--expiry",
+        "PT1H",
+    ])
+    .assert_ok();
+    // Nobody rotates by hand and no server runs: the mount's own checks apply the embedded
+    // vault's due policy, and the auto-rotating DES then moves the volume to the new version.
+    let t0 = Instant::now();
+    assert!(
+        wait_until(GUARD, || header_kid(&env.cipher) != first
+            && des_show(&env, "d")["previousKeys"] == serde_json::json!([])),
+        "the policy's rotation did not reach the volume: {}",
+        header_kid(&env.cipher)
+    );
+    println!(
+        "policy rotation reached the volume after {:?}",
+        t0.elapsed()
+    );
+    let new = header_kid(&env.cipher);
+    let audit = fs::read_to_string(env.home.join("vault/audit.log")).unwrap();
+    assert!(
+        audit.lines().any(|l| l.contains("\"KeyRotate\"")
+            && l.contains("(rotation policy)")
+            && l.contains(version_of(&new))),
+        "the audit log names the policy as the rotation's caller"
+    );
+    let shown = json(&env.cmkfs(&[
+        "vault",
+        "key",
+        "show",
+        "k",
+        "--version",
+        version_of(&new),
+        "--json",
+    ]));
+    let life = shown["exp"].as_u64().unwrap() - shown["created"].as_u64().unwrap();
+    assert_eq!(
+        life, 3600,
+        "expiryTime applied to the new version: {shown:#}"
+    );
+    assert_eq!(read(&m.path("f")), b"policy");
+    m.unmount();
+    let m = env.mount(&env.cipher, &env.mnt);
+    assert_eq!(read(&m.path("f")), b"policy");
+    m.unmount();
+}
+
+#[test]
 fn a_failed_auto_rotation_is_recorded_and_pauses_until_des_update() {
     let env = Env::new();
     purge_protection(&env);

@@ -1166,12 +1166,18 @@ fn first_difference(got: &[u8], want: &[u8]) -> String {
 /// Runs `ops` random operations from `seed` on a fresh volume; remounts half-way and at the
 /// end. Panics with the seed and the last operations on the first mismatch.
 fn run_seed(seed: u64, ops: usize) {
+    run_seed_with(seed, ops, false)
+}
+
+/// [`run_seed`]; with `reencrypt`, `cmkfs volume reencrypt --online` runs again and again on
+/// the mount meanwhile (issue 13: reads and writes during an online re-encryption).
+fn run_seed_with(seed: u64, ops: usize, reencrypt: bool) {
     let env = Env::new();
     env.init(&env.cipher);
     let names = names();
     let mut rng = StdRng::seed_from_u64(seed);
     let mut world = World::new();
-    let mut m = env.mount(&env.cipher, &env.mnt);
+    let m = env.mount(&env.cipher, &env.mnt);
     for d in DIRS.iter().filter(|d| !d.is_empty()) {
         fs::create_dir(m.mnt.join(d)).unwrap();
     }
@@ -1183,25 +1189,60 @@ fn run_seed(seed: u64, ops: usize) {
             world.log[start..].join("\n  ")
         );
     };
-    for step in 0..ops {
-        if step == ops / 2 {
-            // Everything must survive a remount (descriptors closed first).
-            world.handles.clear();
-            world.collect();
-            world.note("remount".into());
-            m.unmount();
-            m = env.mount(&env.cipher, &env.mnt);
-            if let Err(e) = world.verify(&m.mnt, &[], true) {
-                fail(&world, step, format!("after remount: {e}"));
+    let remounting = std::sync::Mutex::new(());
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let finished = std::sync::atomic::AtomicUsize::new(0);
+    let m = std::thread::scope(|sc| {
+        let mut m = m;
+        if reencrypt {
+            sc.spawn(|| {
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    let _g = remounting.lock().unwrap_or_else(|p| p.into_inner());
+                    let out = env.cmkfs(&[
+                        std::ffi::OsStr::new("volume"),
+                        std::ffi::OsStr::new("reencrypt"),
+                        env.cipher.as_os_str(),
+                        std::ffi::OsStr::new("--online"),
+                        std::ffi::OsStr::new("--json"),
+                    ]);
+                    assert!(out.ok(), "seed {seed}: online re-encryption failed:\n{out}");
+                    finished.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
+            });
+        }
+        for step in 0..ops {
+            if step == ops / 2 {
+                // Everything must survive a remount (descriptors closed first).
+                let _g = remounting.lock().unwrap_or_else(|p| p.into_inner());
+                world.handles.clear();
+                world.collect();
+                world.note("remount".into());
+                m.unmount();
+                m = env.mount(&env.cipher, &env.mnt);
+                if let Err(e) = world.verify(&m.mnt, &[], true) {
+                    fail(&world, step, format!("after remount: {e}"));
+                }
+            }
+            let touched = match world.step(&m.mnt, &mut rng, &names) {
+                Ok(t) => t,
+                Err(e) => fail(&world, step, e),
+            };
+            if let Err(e) = world.verify(&m.mnt, &touched, step % FULL_CHECK_EVERY == 0) {
+                fail(&world, step, e);
             }
         }
-        let touched = match world.step(&m.mnt, &mut rng, &names) {
-            Ok(t) => t,
-            Err(e) => fail(&world, step, e),
-        };
-        if let Err(e) = world.verify(&m.mnt, &touched, step % FULL_CHECK_EVERY == 0) {
-            fail(&world, step, e);
-        }
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        m
+    });
+    if reencrypt {
+        let n = finished.load(std::sync::atomic::Ordering::SeqCst);
+        let h = cmkfs::volume::header::VolumeHeader::read(&env.cipher).unwrap();
+        assert!(
+            n >= 1 && h.key_generation as usize >= n,
+            "seed {seed}: {n} re-encryptions, generation {}",
+            h.key_generation
+        );
+        eprintln!("seed {seed}: {n} online re-encryptions ran during the operations");
     }
     world.handles.clear();
     world.collect();
@@ -1244,6 +1285,14 @@ fn ops() -> usize {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(600)
+}
+
+#[test]
+fn random_operations_match_the_model_while_the_volume_is_reencrypted_online() {
+    // Small batches: files are converted over several batches while they are used.
+    std::env::set_var("CMKFS_REENCRYPT_BATCH_BYTES", "16384");
+    let s = seed("model during online reencrypt");
+    run_seed_with(s, ops(), true);
 }
 
 #[test]

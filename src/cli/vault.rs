@@ -172,6 +172,9 @@ struct ServeArgs {
     /// One more failed sign-in is allowed per this interval.
     #[arg(long, value_name = "T", default_value = "3s", value_parser = crate::cli::volume::parse_duration)]
     sign_in_refill: Duration,
+    /// How often the server applies due key rotation policies (new versions on schedule).
+    #[arg(long, value_name = "T", default_value = "60s", value_parser = crate::cli::volume::parse_duration)]
+    rotation_check: Duration,
 }
 
 #[derive(Subcommand, Debug)]
@@ -235,6 +238,33 @@ enum KeyCommand {
         /// Key name.
         name: String,
         /// Print the new version as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Apply every due rotation policy now (new versions, near-expiry notices); a vault
+    /// server and mounts of the embedded vault also do it on their own.
+    RotateDue {
+        /// Print the new versions as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show or set a key's rotation policy (ISO 8601 durations: P90D, P3M, PT48H).
+    RotationPolicy {
+        /// Key name.
+        name: String,
+        /// Rotate this long after the latest version was created.
+        #[arg(long, value_name = "DURATION", conflicts_with = "rotate_before_expiry")]
+        rotate_after_create: Option<String>,
+        /// Rotate this long before the latest version expires.
+        #[arg(long, value_name = "DURATION")]
+        rotate_before_expiry: Option<String>,
+        /// Record a near-expiry notice this long before the latest version expires.
+        #[arg(long, value_name = "DURATION")]
+        notify_before_expiry: Option<String>,
+        /// Expiry given to every new version.
+        #[arg(long, value_name = "DURATION")]
+        expiry: Option<String>,
+        /// Print JSON.
         #[arg(long)]
         json: bool,
     },
@@ -670,6 +700,7 @@ fn serve(home: &Home, a: ServeArgs) -> anyhow::Result<()> {
         burst: a.sign_in_burst.max(1),
         refill: a.sign_in_refill.max(Duration::from_millis(10)),
     };
+    cfg.rotation_check = a.rotation_check;
     let server = Server::bind(&cfg).inspect_err(|e| tracing::error!("cannot start: {e}"))?;
     tracing::info!(url = %server.url(), store = %server.store().display(), "vault server started");
     let tls = server.tls_info();
@@ -797,6 +828,61 @@ fn key(v: &dyn Vault, cmd: KeyCommand) -> anyhow::Result<()> {
             let info = with_progress("generating the new RSA key version", || v.rotate_key(&name))?;
             print_key(&info, json, "rotated")
         }
+        KeyCommand::RotateDue { json } => {
+            let made = with_progress("applying due rotation policies", || v.apply_due_rotations())?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&made)?);
+            } else if made.is_empty() {
+                println!("no rotation was due");
+            } else {
+                for k in &made {
+                    println!("rotated by policy: {}", k.kid);
+                }
+            }
+            Ok(())
+        }
+        KeyCommand::RotationPolicy {
+            name,
+            rotate_after_create,
+            rotate_before_expiry,
+            notify_before_expiry,
+            expiry,
+            json,
+        } => {
+            use crate::vault::local::policy::{LifetimeAction, PolicyAction, RotationPolicy};
+            let setting = rotate_after_create.is_some()
+                || rotate_before_expiry.is_some()
+                || notify_before_expiry.is_some()
+                || expiry.is_some();
+            let p = if setting {
+                let mut actions = Vec::new();
+                if rotate_after_create.is_some() || rotate_before_expiry.is_some() {
+                    actions.push(LifetimeAction {
+                        action: PolicyAction::Rotate,
+                        time_after_create: rotate_after_create,
+                        time_before_expiry: rotate_before_expiry,
+                    });
+                }
+                if let Some(t) = notify_before_expiry {
+                    actions.push(LifetimeAction {
+                        action: PolicyAction::Notify,
+                        time_after_create: None,
+                        time_before_expiry: Some(t),
+                    });
+                }
+                v.set_rotation_policy(
+                    &name,
+                    &RotationPolicy {
+                        actions,
+                        expiry_time: expiry,
+                        ..Default::default()
+                    },
+                )?
+            } else {
+                v.rotation_policy(&name)?
+            };
+            print_policy(&name, &p, json)
+        }
         KeyCommand::Update {
             name,
             version,
@@ -824,6 +910,7 @@ fn key(v: &dyn Vault, cmd: KeyCommand) -> anyhow::Result<()> {
                     .map(|t| parse_time(t).context("--exp"))
                     .transpose()?,
                 key_ops: key_ops.map(|ops| ops.into_iter().map(|o| o.trim().to_string()).collect()),
+                tags: None,
             };
             let info = v.update_key(&name, version.as_deref(), &upd)?;
             print_key(&info, json, "updated")
@@ -1260,6 +1347,64 @@ fn scope_text(key: &str) -> String {
 
 fn print_json<T: Serialize + ?Sized>(v: &T) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+fn print_policy(
+    name: &str,
+    p: &crate::vault::local::policy::RotationPolicy,
+    json: bool,
+) -> anyhow::Result<()> {
+    if json {
+        let actions: Vec<serde_json::Value> = p
+            .actions
+            .iter()
+            .map(|a| {
+                serde_json::json!({
+                    "action": a.action.as_str(),
+                    "timeAfterCreate": a.time_after_create,
+                    "timeBeforeExpiry": a.time_before_expiry,
+                })
+            })
+            .collect();
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "key": name,
+                "lifetimeActions": actions,
+                "expiryTime": p.expiry_time,
+                "created": p.created,
+                "updated": p.updated,
+            }))?
+        );
+        return Ok(());
+    }
+    if p.created.is_none() {
+        println!("key {name}: no rotation policy set (the default: notify 30 days before expiry)");
+    } else {
+        println!("key {name}: rotation policy");
+    }
+    for a in &p.actions {
+        match (&a.time_after_create, &a.time_before_expiry) {
+            (Some(t), _) => println!(
+                "  {} {t} after the latest version's creation",
+                a.action.as_str()
+            ),
+            (_, Some(t)) => println!(
+                "  {} {t} before the latest version's expiry",
+                a.action.as_str()
+            ),
+            _ => {}
+        }
+    }
+    println!(
+        "  new versions expire: {}",
+        p.expiry_time
+            .as_deref()
+            .map_or("never (no expiryTime)".to_string(), |e| format!(
+                "{e} after creation"
+            ))
+    );
     Ok(())
 }
 

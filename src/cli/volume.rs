@@ -555,6 +555,7 @@ fn serve(a: &MountArgs, ready_pipe: bool) -> anyhow::Result<()> {
     let cipherdir = vol.root().to_path_buf();
     let fs = CmkFs::new(vol);
     let table = fs.node_table();
+    let online = fs.online();
     let cfg = MountConfig {
         fuse_threads: a.threads.unwrap_or(cores.max(2)),
         allow_other: a.allow_other,
@@ -590,6 +591,19 @@ fn serve(a: &MountArgs, ready_pipe: bool) -> anyhow::Result<()> {
         tracing::warn!(inodes, entries, "kernel caches invalidated");
     });
     let stop = Arc::new(AtomicBool::new(false));
+    // Online re-encryption and backup freezes reach the mount through its control socket.
+    let control_path = crate::control::socket_path(&home, &mp);
+    if let Err(e) = crate::control::spawn(
+        control_path.clone(),
+        crate::control::Control {
+            home: home.clone(),
+            keyring: keyring.clone(),
+            handle,
+            online,
+        },
+    ) {
+        tracing::warn!(error = %e, "no control socket: online re-encryption and frozen backups are not available");
+    }
     let monitor = monitor::spawn(keyring, facts, sinks, push, cut_off, stop.clone())?;
     tracing::info!(cipherdir = %cipherdir.display(), mountpoint = %mp.display(), "mounted");
     if ready_pipe {
@@ -604,6 +618,7 @@ fn serve(a: &MountArgs, ready_pipe: bool) -> anyhow::Result<()> {
     stop.store(true, Ordering::Relaxed);
     let _ = monitor.join();
     RunRecord::remove(&home, &mp);
+    let _ = std::fs::remove_file(&control_path);
     drop(lock);
     tracing::info!(mountpoint = %mp.display(), "unmounted");
     result.with_context(|| format!("FUSE session at {}", mp.display()))

@@ -133,7 +133,10 @@ impl CmkFs {
                 attr: l.attr.map(|a| (l.bname, a)),
             });
         }
-        Ok(DirSnapshot { entries })
+        Ok(DirSnapshot {
+            entries,
+            epoch: self.table.epoch(),
+        })
     }
 
     pub(super) fn do_opendir(&self, ino: INodeNo, reply: ReplyOpen) {
@@ -182,10 +185,20 @@ impl CmkFs {
             Ok(s) => s,
             Err(e) => return reply.error(self.errno(&e, "readdirplus", Some(ino))),
         };
+        // Taken before a re-encryption sealed every name again: backing names recomputed.
+        let stale = (s.epoch != self.table.epoch())
+            .then(|| self.dir(ino).ok())
+            .flatten();
         for (i, e) in s.entries.iter().enumerate().skip(offset as usize) {
             let full = match &e.attr {
                 // Entries handed out with attributes count as lookups, as the kernel expects.
-                Some((b, a)) => self.remember(ino, &e.name, b, a),
+                Some((b, a)) => match &stale {
+                    None => self.remember(ino, &e.name, b, a),
+                    Some(d) => match self.vol.backing_name(d, &e.name) {
+                        Ok(nb) => self.remember(ino, &e.name, nb.entry(), a),
+                        Err(_) => continue,
+                    },
+                },
                 None if e.name == "." || e.name == ".." => match self.getattr_of(ino, None) {
                     Ok(a) => a,
                     Err(_) => continue,

@@ -72,6 +72,8 @@ struct DirEntry {
 
 struct DirSnapshot {
     entries: Vec<DirEntry>,
+    /// The node table's epoch when taken: backing names of an older one are stale.
+    epoch: u64,
 }
 
 /// The open files: by handle, and the handles of each inode (how a file with no name left
@@ -86,9 +88,47 @@ struct Files {
 pub struct CmkFs {
     vol: Arc<Volume>,
     table: Arc<NodeTable>,
-    files: Mutex<Files>,
+    files: Arc<Mutex<Files>>,
     dirs: Mutex<HashMap<u64, Arc<DirSnapshot>>>,
     next_fh: AtomicU64,
+}
+
+/// The filesystem's side of an online re-encryption
+/// ([`crate::volume::reencrypt::Online`]).
+pub struct OnlineHandle {
+    vol: Arc<Volume>,
+    table: Arc<NodeTable>,
+    files: Arc<Mutex<Files>>,
+}
+
+impl crate::volume::reencrypt::Online for OnlineHandle {
+    fn names_changed(
+        &self,
+        ids: &crate::volume::reencrypt::DirIds,
+        keys: &crate::crypto::VolumeKeys,
+    ) {
+        self.table.rekey(|parent, name| {
+            let id = ids.get(&parent)?;
+            crate::volume::names::encrypt(&keys.names, id, name)
+                .ok()
+                .map(|b| b.entry().to_os_string())
+        });
+    }
+
+    fn open_files(&self) -> Vec<Arc<OpenFile>> {
+        lock(&self.files)
+            .by_fh
+            .values()
+            .map(|(_, of)| of.clone())
+            .collect()
+    }
+}
+
+impl OnlineHandle {
+    /// The volume.
+    pub fn volume(&self) -> &Arc<Volume> {
+        &self.vol
+    }
 }
 
 /// What a request's inode resolves to.
@@ -178,7 +218,7 @@ impl CmkFs {
         CmkFs {
             vol,
             table,
-            files: Mutex::new(Files::default()),
+            files: Arc::new(Mutex::new(Files::default())),
             dirs: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
         }
@@ -192,6 +232,16 @@ impl CmkFs {
     /// The inode table, for the revocation monitor.
     pub fn node_table(&self) -> Arc<NodeTable> {
         self.table.clone()
+    }
+
+    /// What an online re-encryption run by the mount's control thread needs of the
+    /// filesystem.
+    pub fn online(&self) -> OnlineHandle {
+        OnlineHandle {
+            vol: self.vol.clone(),
+            table: self.table.clone(),
+            files: self.files.clone(),
+        }
     }
 
     /// The errno for a failed request; notable errors are logged with the absolute backing
@@ -278,6 +328,15 @@ impl CmkFs {
         };
         match a {
             Some(a) if a.ino == self.table.backing_ino(ino.0) => Ok(a),
+            // A re-encryption replaces a symlink whole (its target is sealed again under the
+            // new key): under the same name, it is the same symlink.
+            Some(a)
+                if a.kind() == libc::S_IFLNK
+                    && self.table.kind(ino.0) == Some(libc::S_IFLNK)
+                    && matches!(r, Resolved::At(..)) =>
+            {
+                Ok(a)
+            }
             _ => match self.any_handle_of(ino) {
                 Some(of) => self.vol.attr(Target::File(&of)),
                 None => Err(enoent()),
@@ -322,6 +381,7 @@ impl Filesystem for CmkFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let _pass = self.vol.gates().read();
         self.do_lookup(parent, name, reply)
     }
 
@@ -330,6 +390,7 @@ impl Filesystem for CmkFs {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
+        let _pass = self.vol.gates().read();
         self.do_getattr(ino, fh, reply)
     }
 
@@ -359,10 +420,12 @@ impl Filesystem for CmkFs {
             atime: time_or_now(atime),
             mtime: time_or_now(mtime),
         };
+        let _pass = self.vol.gates().write();
         self.do_setattr(ino, fh, &set, reply)
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        let _pass = self.vol.gates().read();
         self.do_readlink(ino, reply)
     }
 
@@ -376,6 +439,7 @@ impl Filesystem for CmkFs {
         rdev: u32,
         reply: ReplyEntry,
     ) {
+        let _pass = self.vol.gates().write();
         self.do_mknod(caller(req, umask), parent, name, mode, rdev, reply)
     }
 
@@ -388,14 +452,17 @@ impl Filesystem for CmkFs {
         umask: u32,
         reply: ReplyEntry,
     ) {
+        let _pass = self.vol.gates().write();
         self.do_mkdir(caller(req, umask), parent, name, mode, reply)
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _pass = self.vol.gates().write();
         self.do_unlink(parent, name, reply)
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _pass = self.vol.gates().write();
         self.do_rmdir(parent, name, reply)
     }
 
@@ -407,6 +474,7 @@ impl Filesystem for CmkFs {
         target: &Path,
         reply: ReplyEntry,
     ) {
+        let _pass = self.vol.gates().write();
         self.do_symlink(caller(req, 0), parent, link_name, target, reply)
     }
 
@@ -420,6 +488,7 @@ impl Filesystem for CmkFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
+        let _pass = self.vol.gates().write();
         self.do_rename(parent, name, newparent, newname, flags.bits(), reply)
     }
 
@@ -431,10 +500,12 @@ impl Filesystem for CmkFs {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
+        let _pass = self.vol.gates().write();
         self.do_link(ino, newparent, newname, reply)
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let _pass = self.vol.gates().read();
         self.do_open(ino, flags, reply)
     }
 
@@ -449,6 +520,7 @@ impl Filesystem for CmkFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        let _pass = self.vol.gates().read();
         self.do_read(ino, fh, offset, size, reply)
     }
 
@@ -464,6 +536,7 @@ impl Filesystem for CmkFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        let _pass = self.vol.gates().write();
         self.do_write(ino, fh, offset, data, write_flags, reply)
     }
 
@@ -489,6 +562,7 @@ impl Filesystem for CmkFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        let _pass = self.vol.gates().read();
         self.do_release(fh, reply)
     }
 
@@ -500,10 +574,12 @@ impl Filesystem for CmkFs {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
+        let _pass = self.vol.gates().read();
         self.do_fsync(ino, fh, datasync, reply)
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let _pass = self.vol.gates().read();
         self.do_opendir(ino, reply)
     }
 
@@ -515,6 +591,7 @@ impl Filesystem for CmkFs {
         offset: u64,
         reply: ReplyDirectory,
     ) {
+        let _pass = self.vol.gates().read();
         self.do_readdir(fh, offset, reply)
     }
 
@@ -526,6 +603,7 @@ impl Filesystem for CmkFs {
         offset: u64,
         reply: ReplyDirectoryPlus,
     ) {
+        let _pass = self.vol.gates().read();
         self.do_readdirplus(ino, fh, offset, reply)
     }
 
@@ -549,10 +627,12 @@ impl Filesystem for CmkFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
+        let _pass = self.vol.gates().read();
         self.do_fsyncdir(ino, reply)
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let _pass = self.vol.gates().read();
         self.do_statfs(reply)
     }
 
@@ -566,6 +646,7 @@ impl Filesystem for CmkFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
+        let _pass = self.vol.gates().write();
         self.do_setxattr(ino, name, value, flags, reply)
     }
 
@@ -577,18 +658,22 @@ impl Filesystem for CmkFs {
         size: u32,
         reply: fuser::ReplyXattr,
     ) {
+        let _pass = self.vol.gates().read();
         self.do_getxattr(ino, name, size, reply)
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: fuser::ReplyXattr) {
+        let _pass = self.vol.gates().read();
         self.do_listxattr(ino, size, reply)
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _pass = self.vol.gates().write();
         self.do_removexattr(ino, name, reply)
     }
 
     fn access(&self, _req: &Request, ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
+        let _pass = self.vol.gates().read();
         self.do_access(ino, reply)
     }
 
@@ -602,6 +687,7 @@ impl Filesystem for CmkFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
+        let _pass = self.vol.gates().write();
         self.do_create(caller(req, umask), parent, name, mode, flags, reply)
     }
 
@@ -615,6 +701,7 @@ impl Filesystem for CmkFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
+        let _pass = self.vol.gates().write();
         self.do_fallocate(ino, fh, offset, length, mode, reply)
     }
 
@@ -631,6 +718,7 @@ impl Filesystem for CmkFs {
         _flags: fuser::CopyFileRangeFlags,
         reply: ReplyWrite,
     ) {
+        let _pass = self.vol.gates().write();
         self.do_copy_file_range(fh_in, offset_in, fh_out, offset_out, len, reply)
     }
 }

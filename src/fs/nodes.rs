@@ -90,6 +90,9 @@ pub struct NodeTable {
     /// Held shared while a directory is found by walking, exclusively while a rename moves
     /// entries: a walk never sees a chain of names that a rename is changing.
     moves: RwLock<()>,
+    /// Bumped when a re-encryption changed every backing name ([`NodeTable::rekey`]): a
+    /// listing taken before carries stale backing names.
+    epoch: std::sync::atomic::AtomicU64,
 }
 
 impl NodeTable {
@@ -112,7 +115,28 @@ impl NodeTable {
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(DIR_CACHE_MAX),
             moves: RwLock::new(()),
+            epoch: std::sync::atomic::AtomicU64::new(0),
         }
+    }
+
+    /// How many times every backing name changed (see the field).
+    pub(super) fn epoch(&self) -> u64 {
+        self.epoch.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// A re-encryption sealed every name again (no request runs meanwhile): each link's
+    /// backing name becomes `new_name(parent's backing inode, plaintext name)` (left as it is
+    /// where that gives nothing: the parent is gone).
+    pub(super) fn rekey(&self, new_name: impl Fn(u64, &OsStr) -> Option<OsString>) {
+        let mut nodes = lock(&self.nodes);
+        for node in nodes.map.values_mut() {
+            for l in node.links.iter_mut() {
+                if let Some(b) = new_name(self.backing_ino(l.parent), &l.name) {
+                    l.bname = b;
+                }
+            }
+        }
+        self.epoch.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Every known inode, and every (parent, name) dentry the kernel may have cached.

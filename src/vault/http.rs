@@ -728,7 +728,7 @@ impl Vault for HttpVault {
                 nbf: update.nbf,
                 exp: update.exp,
             }),
-            tags: None,
+            tags: update.tags.clone(),
         })?;
         let path = format!(
             "/keys/{}/{}",

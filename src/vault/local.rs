@@ -16,8 +16,15 @@
 //! inotify on that one file), release.
 
 mod audit;
+mod backup;
+mod crypto;
+mod identities;
+mod keys;
+pub mod policy;
 mod rsa;
 pub mod seal;
+mod sealing;
+mod settings;
 mod store;
 pub mod unlock;
 
@@ -39,9 +46,9 @@ pub use rsa::KEY_SIZES;
 use self::store::{DeletedRecord, IdentityRecord, KeyRecord, Store, VaultRecord, VersionRecord};
 use super::{
     default_key_ops, recovery_level, valid_identity_name, valid_key_name, validate_key_ops,
-    CreateKeyOptions, Credential, DeletedKeyInfo, DenyReason, ImportKeyOptions, KeyId, KeyInfo,
-    KeyUpdate, Permission, Vault, VaultError, VaultProperties, WrapAlg, MAX_RETENTION_DAYS,
-    MIN_RETENTION_DAYS, OWNER_IDENTITY,
+    validate_tags, CreateKeyOptions, Credential, DeletedKeyInfo, DenyReason, ImportKeyOptions,
+    KeyId, KeyInfo, KeyUpdate, Permission, Vault, VaultError, VaultProperties, WrapAlg,
+    MAX_RETENTION_DAYS, MIN_RETENTION_DAYS, OWNER_IDENTITY,
 };
 
 static QUIET_UNSEALED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
@@ -55,6 +62,9 @@ pub fn suppress_unsealed_warning() {
 pub const URL: &str = "local:";
 
 const DAY: u64 = 86_400;
+
+/// The conflict of a conditional rotation that another writer already made.
+const ALREADY_ROTATED: &str = "the key was rotated meanwhile";
 
 /// Turns the bytes of a private key file (PKCS#8 PEM/DER, or PKCS#1 PEM/DER) into PKCS#8 DER
 /// for [`Vault::import_key`]. Clear errors for encrypted, non-RSA or public-key files.
@@ -409,189 +419,6 @@ impl LocalVault {
         v.write_audit(&ev);
     }
 
-    /// Tells the user, once per process and store, that the store keeps its keys in clear.
-    fn warn_if_unsealed(&self) {
-        static WARNED: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
-        if QUIET_UNSEALED.load(std::sync::atomic::Ordering::Relaxed)
-            || !matches!(seal::read_record(self.store.dir()), Ok(None))
-        {
-            return;
-        }
-        let mut w = WARNED.lock().unwrap_or_else(|e| e.into_inner());
-        if w.iter().any(|p| p == self.store.dir()) {
-            return;
-        }
-        w.push(self.store.dir().to_path_buf());
-        eprintln!(
-            "cmkfs: warning: the vault {} is not sealed (its keys are stored in clear): run `cmkfs vault seal`",
-            self.store.dir().display()
-        );
-    }
-
-    /// The store's master key (`None` for a legacy unsealed store), resolved once per
-    /// connection.
-    fn master(&self) -> Result<Option<Arc<seal::MasterKey>>, VaultError> {
-        if let Some(m) = self.master.get() {
-            return Ok(m.clone());
-        }
-        let m = seal::master_key(self.store.dir())?;
-        Ok(self.master.get_or_init(|| m).clone())
-    }
-
-    /// The bytes to store for a version's private key: sealed, or clear in a legacy store.
-    fn seal_private_key(
-        &self,
-        name: &str,
-        version: &str,
-        pkcs8: &[u8],
-    ) -> Result<Zeroizing<Vec<u8>>, VaultError> {
-        match self.master()? {
-            Some(mk) => Ok(Zeroizing::new(mk.seal_blob(
-                seal::SealRole::KekPrivateKey,
-                &format!("{name}/{version}"),
-                pkcs8,
-            )?)),
-            None if seal::read_record(self.store.dir())?.is_some() => Err(VaultError::Conflict(
-                "the vault was sealed while this operation ran: run it again".into(),
-            )),
-            None => Ok(Zeroizing::new(pkcs8.to_vec())),
-        }
-    }
-
-    /// The PKCS#8 DER of a version from its stored bytes.
-    fn open_private_key(
-        &self,
-        name: &str,
-        version: &str,
-        stored: Zeroizing<Vec<u8>>,
-    ) -> Result<Zeroizing<Vec<u8>>, VaultError> {
-        let what = format!("the private key of {}", kid(name, version));
-        if let Some(env) = seal::Envelope::parse(&stored) {
-            let mk = self.master()?.ok_or_else(|| {
-                VaultError::Store(format!(
-                    "{what} is sealed but the vault {} has no seal.json (restore it from a backup)",
-                    self.store.dir().display()
-                ))
-            })?;
-            return mk.open_blob(
-                &env,
-                seal::SealRole::KekPrivateKey,
-                Some(&format!("{name}/{version}")),
-                &what,
-            );
-        }
-        match seal::read_record(self.store.dir())? {
-            Some(rec) if rec.complete => Err(VaultError::Store(format!(
-                "{what} is stored in clear although the vault is sealed (a file put there by                  hand?): if it is yours, `cmkfs vault seal` seals it"
-            ))),
-            // A legacy store, or a seal still in progress.
-            _ => Ok(stored),
-        }
-    }
-
-    /// Seals the store in place (owner only): a master key is made and wrapped under the
-    /// passphrase, then every clear private key (KEK versions, the server's TLS keys) and
-    /// every clear credential file in `credentials_dir` is rewritten sealed, each atomically;
-    /// last, the seal is marked complete. An interrupted run leaves every file whole, clear
-    /// or sealed, and running it again (with the same passphrase) finishes the job.
-    pub fn seal(
-        &self,
-        credentials_dir: Option<&Path>,
-        kdf: seal::KdfParams,
-    ) -> Result<SealReport, VaultError> {
-        self.audited("VaultSeal", URL.into(), |_| {
-            self.require_owner("sealing the vault")?;
-            let _lock = self.store.lock()?;
-            self.store.read_vault()?;
-            self.store.cleanup();
-            let dir = self.store.dir();
-            let (mk, resumed) = seal::begin_seal(dir, self.now(), kdf)?;
-            let mut n = 0;
-            for (name, version, path) in self.store.version_key_files()? {
-                let role_name = format!("{name}/{version}");
-                n += usize::from(seal::seal_file_in_place(
-                    &mk,
-                    &path,
-                    seal::SealRole::KekPrivateKey,
-                    &role_name,
-                )?);
-            }
-            for (file, role) in [
-                ("key.pem", seal::SealRole::TlsKey),
-                ("ca-key.pem", seal::SealRole::TlsCaKey),
-            ] {
-                let path = dir.join("tls").join(file);
-                n += usize::from(seal::seal_file_in_place(&mk, &path, role, file)?);
-            }
-            if let Some(cdir) = credentials_dir {
-                let mut files: Vec<PathBuf> = match std::fs::read_dir(cdir) {
-                    Ok(es) => es.flatten().map(|e| e.path()).collect(),
-                    Err(_) => Vec::new(),
-                };
-                files.sort();
-                for path in files {
-                    let Some(file) = path.file_name().and_then(|f| f.to_str()) else {
-                        continue;
-                    };
-                    if !file.ends_with(".json") || file.starts_with('.') {
-                        continue;
-                    }
-                    // Only what parses as a credential: other files are not ours to touch.
-                    let is_cred = std::fs::read(&path).ok().is_some_and(|b| {
-                        let b = Zeroizing::new(b);
-                        serde_json::from_slice::<Credential>(&b).is_ok()
-                    });
-                    if is_cred {
-                        n += usize::from(seal::seal_file_in_place(
-                            &mk,
-                            &path,
-                            seal::SealRole::Credential,
-                            file,
-                        )?);
-                    }
-                }
-            }
-            seal::finish_seal(dir)?;
-            let _ = self.master.set(Some(mk.clone()));
-            Ok(SealReport {
-                id: mk.id().to_string(),
-                resumed,
-                sealed_files: n,
-            })
-        })
-    }
-
-    /// Changes the passphrase the master key is wrapped under (owner only): the old one is
-    /// checked first; sealed files are untouched (the master key stays the same).
-    pub fn change_passphrase(
-        &self,
-        old: &unlock::Passphrase,
-        new: &unlock::Passphrase,
-        kdf: seal::KdfParams,
-    ) -> Result<(), VaultError> {
-        self.audited("VaultChangePassphrase", URL.into(), |_| {
-            self.require_owner("changing the vault passphrase")?;
-            let _lock = self.store.lock()?;
-            seal::change_passphrase(self.store.dir(), old, new, kdf)
-        })
-    }
-
-    /// Seals bytes for a credential file in `$CMKFS_HOME/credentials`; `None` for a legacy
-    /// unsealed store (the file is then written in clear, as before).
-    pub fn seal_credential(
-        &self,
-        file_name: &str,
-        json: &[u8],
-    ) -> Result<Option<Vec<u8>>, VaultError> {
-        self.require_owner("sealing credentials")?;
-        match self.master()? {
-            Some(mk) => mk
-                .seal_blob(seal::SealRole::Credential, file_name, json)
-                .map(Some),
-            None => Ok(None),
-        }
-    }
-
     fn write_audit(&self, ev: &AuditEvent) {
         // A full disk must not take mounted volumes down with it: the operation stands, the
         // failure to record it is reported on the daemon's log.
@@ -682,6 +509,7 @@ impl LocalVault {
             recovery_level: recovery_level(cfg.retention_days, cfg.purge_protection).into(),
             recoverable_days: cfg.retention_days,
             imported: v.imported,
+            tags: v.tags.clone(),
         }
     }
 
@@ -800,6 +628,7 @@ impl LocalVault {
             n: m.n.clone(),
             e: m.e.clone(),
             imported,
+            tags: Default::default(),
         })
     }
 
@@ -812,10 +641,30 @@ impl LocalVault {
         wrap_alg: Option<WrapAlg>,
         create: CreateMode,
     ) -> Result<KeyInfo, VaultError> {
+        self.add_version_checked(name, m, imported, wrap_alg, create, None)
+    }
+
+    /// [`LocalVault::add_version`], refused with [`ALREADY_ROTATED`] when `if_latest` is given
+    /// and the key's latest version is another one by the time the lock is held (two
+    /// processes applying the same due rotation make one version, not two).
+    fn add_version_checked(
+        &self,
+        name: &str,
+        m: &rsa::Material,
+        imported: bool,
+        wrap_alg: Option<WrapAlg>,
+        create: CreateMode,
+        if_latest: Option<&str>,
+    ) -> Result<KeyInfo, VaultError> {
         // Resolved before the lock: it may ask for the passphrase.
         self.master()?;
         self.mutate(|cfg| {
             let existing = self.store.read_key(name)?;
+            if let (Some(want), Some(rec)) = (if_latest, &existing) {
+                if rec.latest().map(|v| v.version.as_str()) != Some(want) || rec.deleted.is_some() {
+                    return Err(VaultError::Conflict(ALREADY_ROTATED.into()));
+                }
+            }
             let mut v = self.new_version(m, imported)?;
             match existing {
                 Some(rec) if rec.deleted.is_some() => Err(VaultError::Conflict(format!(
@@ -827,10 +676,13 @@ impl LocalVault {
                 ))),
                 Some(mut rec) => {
                     if create == CreateMode::Rotate {
-                        // A rotation keeps the key's operations; attributes start fresh.
+                        // A rotation keeps the key's operations and tags; attributes start
+                        // fresh, but for the expiry the rotation policy gives new versions.
                         if let Some(last) = rec.latest() {
                             v.key_ops = last.key_ops.clone();
+                            v.tags = last.tags.clone();
                         }
+                        v.exp = policy::new_version_expiry(&rec, v.created, self.limits())?;
                     }
                     if let Some(alg) = wrap_alg.filter(|a| *a != rec.wrap_alg) {
                         return Err(VaultError::Invalid(format!(
@@ -859,262 +711,14 @@ impl LocalVault {
                         wrap_alg: wrap_alg.unwrap_or_default(),
                         versions: vec![v.clone()],
                         deleted: None,
+                        rotation_policy: None,
+                        near_expiry_notified: None,
                     };
                     let stored = self.seal_private_key(name, &v.version, &m.pkcs8)?;
                     self.store.create_key(&rec, &stored)?;
                     Ok(self.info(cfg, &rec, &v))
                 }
             }
-        })
-    }
-
-    /// Current settings.
-    pub fn config(&self) -> Result<VaultProperties, VaultError> {
-        self.audited("VaultGet", URL.into(), |_| self.props())
-    }
-
-    fn props(&self) -> Result<VaultProperties, VaultError> {
-        self.authenticate()?;
-        let cfg = self.store.read_vault()?;
-        Ok(VaultProperties {
-            url: URL.into(),
-            soft_delete: true,
-            retention_days: cfg.retention_days,
-            purge_protection: cfg.purge_protection,
-        })
-    }
-
-    /// The audit log's rotation settings: (size limit in bytes, rotated files kept).
-    pub fn audit_rotation(&self) -> Result<(u64, u32), VaultError> {
-        let cfg = self.store.read_vault()?;
-        Ok((cfg.audit_max_bytes, cfg.audit_keep))
-    }
-
-    /// Changes settings (owner only). Retention must be 7-90 days; purge protection can be
-    /// turned on, never off; while it is on, retention can grow but not shrink (shrinking
-    /// would shorten the protection of keys deleted later).
-    pub fn configure(&self, upd: &ConfigUpdate) -> Result<VaultProperties, VaultError> {
-        self.audited("VaultPatch", URL.into(), |_| {
-            self.require_owner("changing vault settings")?;
-            if let Some(d) = upd.retention_days {
-                if !(MIN_RETENTION_DAYS..=MAX_RETENTION_DAYS).contains(&d) {
-                    return Err(VaultError::Invalid(format!(
-                        "retention of {d} days is out of range: use {MIN_RETENTION_DAYS} to {MAX_RETENTION_DAYS} days"
-                    )));
-                }
-            }
-            if upd.audit_max_bytes.is_some_and(|b| b != 0 && b < 4096) {
-                return Err(VaultError::Invalid(
-                    "the audit log size limit must be 0 (never rotate) or at least 4096 bytes".into(),
-                ));
-            }
-            if upd.audit_keep.is_some_and(|k| !(1..=1000).contains(&k)) {
-                return Err(VaultError::Invalid(
-                    "keep 1 to 1000 rotated audit logs".into(),
-                ));
-            }
-            self.mutate(|cfg| {
-                let mut new = cfg.clone();
-                if let Some(b) = upd.audit_max_bytes {
-                    new.audit_max_bytes = b;
-                }
-                if let Some(k) = upd.audit_keep {
-                    new.audit_keep = k;
-                }
-                if upd.purge_protection == Some(false) && cfg.purge_protection {
-                    return Err(VaultError::Conflict(
-                        "purge protection is on and can never be turned off".into(),
-                    ));
-                }
-                if upd.purge_protection == Some(true) {
-                    new.purge_protection = true;
-                }
-                if let Some(d) = upd.retention_days {
-                    if cfg.purge_protection && d < cfg.retention_days {
-                        return Err(VaultError::Conflict(format!(
-                            "purge protection is on: retention can grow but not shrink below {} days",
-                            cfg.retention_days
-                        )));
-                    }
-                    new.retention_days = d;
-                }
-                self.store.write_vault(&new)?;
-                Ok(())
-            })?;
-            self.props()
-        })
-    }
-
-    /// Creates an identity and returns its credential (the only time the secret exists in
-    /// the clear: the vault stores its SHA-256). Owner only.
-    pub fn create_identity(&self, name: &str) -> Result<(IdentityInfo, Credential), VaultError> {
-        self.audited("IdentityCreate", format!("{URL}/identities/{name}"), |_| {
-            self.require_owner("creating identities")?;
-            check_identity_name(name)?;
-            // 32 random bytes: a bearer secret that cannot be guessed, so one SHA-256 suffices.
-            let mut raw = Zeroizing::new([0u8; 32]);
-            getrandom::getrandom(&mut *raw)
-                .map_err(|e| VaultError::Store(format!("no randomness: {e}")))?;
-            let secret = Zeroizing::new(URL_SAFE_NO_PAD.encode(*raw));
-            self.mutate(|_| {
-                if self.store.read_identity(name)?.is_some() {
-                    return Err(VaultError::Conflict(format!(
-                        "identity {name} already exists (delete it first to issue a new credential)"
-                    )));
-                }
-                let rec = IdentityRecord {
-                    format: store::FORMAT,
-                    name: name.to_string(),
-                    created: self.now(),
-                    secret_sha256: hex::encode(sha256(secret.as_bytes())),
-                    policies: Default::default(),
-                };
-                self.store.create_identity(&rec)?;
-                Ok((
-                    IdentityInfo {
-                        name: rec.name.clone(),
-                        created: rec.created,
-                    },
-                    Credential {
-                        vault: URL.into(),
-                        identity: rec.name,
-                        secret: secret.clone(),
-                        ca_cert: None,
-                    },
-                ))
-            })
-        })
-    }
-
-    /// Identities, sorted by name (owner only).
-    pub fn list_identities(&self) -> Result<Vec<IdentityInfo>, VaultError> {
-        self.audited("IdentityList", format!("{URL}/identities"), |_| {
-            self.require_owner("listing identities")?;
-            self.store.read_vault()?;
-            let mut out = Vec::new();
-            for name in self.store.identity_names()? {
-                if let Some(rec) = self.store.read_identity(&name)? {
-                    out.push(IdentityInfo {
-                        name: rec.name,
-                        created: rec.created,
-                    });
-                }
-            }
-            Ok(out)
-        })
-    }
-
-    /// Deletes an identity and its policies: its credential stops working at once.
-    pub fn delete_identity(&self, name: &str) -> Result<(), VaultError> {
-        self.audited("IdentityDelete", format!("{URL}/identities/{name}"), |_| {
-            self.require_owner("deleting identities")?;
-            check_identity_name(name)?;
-            self.mutate(|_| {
-                self.identity_record(name)?;
-                self.store.remove_identity(name)
-            })
-        })
-    }
-
-    fn identity_record(&self, name: &str) -> Result<IdentityRecord, VaultError> {
-        self.store.read_identity(name)?.ok_or_else(|| {
-            VaultError::NotFound(format!(
-                "identity {name} does not exist in vault {URL} (see `cmkfs vault identity list`)"
-            ))
-        })
-    }
-
-    /// Sets (replaces) the permissions of `identity` on `scope`; an empty list removes the
-    /// policy. A named key must exist (active or soft-deleted). Owner only.
-    pub fn set_policy(
-        &self,
-        identity: &str,
-        scope: &PolicyScope,
-        perms: &[Permission],
-    ) -> Result<AccessPolicy, VaultError> {
-        self.audited("AccessPolicySet", format!("{URL}/identities/{identity}"), |_| {
-            self.require_owner("changing access policies")?;
-            check_identity_name(identity)?;
-            if let PolicyScope::Key(k) = scope {
-                check_name(k)?;
-            }
-            self.mutate(|_| {
-                let mut rec = self.identity_record(identity)?;
-                if let PolicyScope::Key(k) = scope {
-                    if self.store.read_key(k)?.is_none() {
-                        return Err(VaultError::NotFound(format!(
-                            "key {k} does not exist in vault {URL} (use --all-keys for a policy on every key)"
-                        )));
-                    }
-                }
-                let set: BTreeSet<Permission> = perms.iter().copied().collect();
-                if set.is_empty() {
-                    rec.policies.remove(scope.as_str());
-                } else {
-                    rec.policies.insert(scope.as_str().to_string(), set.clone());
-                }
-                self.store.write_identity(&rec)?;
-                Ok(AccessPolicy {
-                    identity: identity.to_string(),
-                    key: scope.as_str().to_string(),
-                    permissions: set.into_iter().collect(),
-                })
-            })
-        })
-    }
-
-    /// Removes the policy of `identity` on `scope`. Owner only.
-    pub fn remove_policy(&self, identity: &str, scope: &PolicyScope) -> Result<(), VaultError> {
-        self.audited(
-            "AccessPolicyRemove",
-            format!("{URL}/identities/{identity}"),
-            |_| {
-                self.require_owner("changing access policies")?;
-                check_identity_name(identity)?;
-                self.mutate(|_| {
-                    let mut rec = self.identity_record(identity)?;
-                    if rec.policies.remove(scope.as_str()).is_none() {
-                        return Err(VaultError::NotFound(format!(
-                            "identity {identity} has no access policy on {}",
-                            match scope {
-                                PolicyScope::AllKeys => "all keys".to_string(),
-                                PolicyScope::Key(k) => format!("key {k}"),
-                            }
-                        )));
-                    }
-                    self.store.write_identity(&rec)
-                })
-            },
-        )
-    }
-
-    /// Access policies, of one identity or all, sorted by identity then key. Owner only.
-    pub fn list_policies(&self, identity: Option<&str>) -> Result<Vec<AccessPolicy>, VaultError> {
-        self.audited("AccessPolicyList", format!("{URL}/identities"), |_| {
-            self.require_owner("listing access policies")?;
-            self.store.read_vault()?;
-            let names = match identity {
-                Some(n) => {
-                    check_identity_name(n)?;
-                    self.identity_record(n)?;
-                    vec![n.to_string()]
-                }
-                None => self.store.identity_names()?,
-            };
-            let mut out = Vec::new();
-            for name in names {
-                let Some(rec) = self.store.read_identity(&name)? else {
-                    continue;
-                };
-                for (key, perms) in &rec.policies {
-                    out.push(AccessPolicy {
-                        identity: rec.name.clone(),
-                        key: key.clone(),
-                        permissions: perms.iter().copied().collect(),
-                    });
-                }
-            }
-            Ok(out)
         })
     }
 
@@ -1162,447 +766,6 @@ fn damaged(name: &str) -> VaultError {
     VaultError::Store(format!(
         "key {name} has no versions: its key.json is damaged"
     ))
-}
-
-impl Vault for LocalVault {
-    fn url(&self) -> String {
-        URL.to_string()
-    }
-
-    fn watch(&self) -> Option<std::sync::mpsc::Receiver<()>> {
-        match super::watch::watch_file(&self.generation_path()) {
-            Ok(rx) => Some(rx),
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot watch the vault store; periodic checks only");
-                None
-            }
-        }
-    }
-
-    fn create_key(&self, name: &str, opts: &CreateKeyOptions) -> Result<KeyInfo, VaultError> {
-        self.audited("KeyCreate", key_url(name), |id| {
-            check_name(name)?;
-            rsa::check_key_size(opts.key_size)?;
-            self.require(Permission::Create, name)?;
-            self.store.read_vault()?;
-            // Key generation is slow: outside the lock, so other writers are not held up.
-            let m = rsa::generate(opts.key_size)?;
-            let info = self.add_version(name, &m, false, Some(opts.wrap_alg), CreateMode::New)?;
-            id.clone_from(&info.kid);
-            Ok(info)
-        })
-    }
-
-    fn get_key(&self, name: &str, version: Option<&str>) -> Result<KeyInfo, VaultError> {
-        self.audited("KeyGet", key_url(name), |id| {
-            let info = self.describe(name, version, id)?;
-            if !info.enabled {
-                return Err(disabled(&info.kid));
-            }
-            Ok(info)
-        })
-    }
-
-    fn describe_key(&self, name: &str, version: Option<&str>) -> Result<KeyInfo, VaultError> {
-        self.audited("KeyGet", key_url(name), |id| {
-            self.describe(name, version, id)
-        })
-    }
-
-    fn list_keys(&self) -> Result<Vec<KeyInfo>, VaultError> {
-        self.audited("KeyList", format!("{URL}/keys"), |_| {
-            let cfg = self.store.read_vault()?;
-            let ident = self.authenticate()?;
-            let mut out = Vec::new();
-            let mut any_allowed = ident.is_none();
-            for name in self.store.key_names()? {
-                if let Some(rec) = &ident {
-                    if !effective(rec, &name).contains(&Permission::List) {
-                        continue;
-                    }
-                    any_allowed = true;
-                }
-                let Some(rec) = self.store.read_key(&name)? else {
-                    continue;
-                };
-                if rec.deleted.is_some() {
-                    continue;
-                }
-                let latest = rec.latest().ok_or_else(|| damaged(&name))?;
-                out.push(self.info(&cfg, &rec, latest));
-            }
-            if !any_allowed {
-                if let Some(rec) = &ident {
-                    if !rec.policies.values().any(|p| p.contains(&Permission::List)) {
-                        return Err(denied(
-                            DenyReason::PermissionDenied,
-                            format!(
-                                "{URL}/keys (identity {} lacks the list permission)",
-                                rec.name
-                            ),
-                        ));
-                    }
-                }
-            }
-            Ok(out)
-        })
-    }
-
-    fn list_key_versions(&self, name: &str) -> Result<Vec<KeyInfo>, VaultError> {
-        self.audited("KeyListVersions", key_url(name), |_| {
-            check_name(name)?;
-            self.require(Permission::List, name)?;
-            let cfg = self.store.read_vault()?;
-            let rec = self.active_key(name)?;
-            Ok(rec
-                .versions
-                .iter()
-                .map(|v| self.info(&cfg, &rec, v))
-                .collect())
-        })
-    }
-
-    fn rotate_key(&self, name: &str) -> Result<KeyInfo, VaultError> {
-        self.audited("KeyRotate", key_url(name), |id| {
-            check_name(name)?;
-            self.require(Permission::Rotate, name)?;
-            self.store.read_vault()?;
-            let rec = self.active_key(name)?;
-            let size = rec.latest().ok_or_else(|| damaged(name))?.key_size;
-            let m = rsa::generate(size)?;
-            let info = self.add_version(name, &m, false, None, CreateMode::Rotate)?;
-            id.clone_from(&info.kid);
-            Ok(info)
-        })
-    }
-
-    fn import_key(
-        &self,
-        name: &str,
-        pkcs8_der: &[u8],
-        opts: &ImportKeyOptions,
-    ) -> Result<KeyInfo, VaultError> {
-        self.audited("KeyImport", key_url(name), |id| {
-            check_name(name)?;
-            let m = rsa::material_from_pkcs8(pkcs8_der)?;
-            self.require(Permission::Import, name)?;
-            let info = self.add_version(name, &m, true, opts.wrap_alg, CreateMode::Import)?;
-            id.clone_from(&info.kid);
-            Ok(info)
-        })
-    }
-
-    fn update_key(
-        &self,
-        name: &str,
-        version: Option<&str>,
-        upd: &KeyUpdate,
-    ) -> Result<KeyInfo, VaultError> {
-        self.audited("KeyUpdate", key_url(name), |id| {
-            check_name(name)?;
-            if let Some(ops) = &upd.key_ops {
-                validate_key_ops(ops)?;
-            }
-            self.require(Permission::Update, name)?;
-            self.mutate(|cfg| {
-                let mut rec = self.active_key(name)?;
-                let idx = {
-                    let v = Self::lookup_version(&rec, version)?;
-                    rec.versions
-                        .iter()
-                        .position(|x| x.version == v.version)
-                        .ok_or_else(|| damaged(name))?
-                };
-                let now = self.now();
-                let v = &mut rec.versions[idx];
-                *id = kid(name, &v.version);
-                if let Some(e) = upd.enabled {
-                    v.enabled = e;
-                }
-                if let Some(n) = upd.nbf {
-                    v.nbf = n;
-                }
-                if let Some(x) = upd.exp {
-                    v.exp = x;
-                }
-                if let (Some(n), Some(x)) = (v.nbf, v.exp) {
-                    if n >= x {
-                        return Err(VaultError::Invalid(format!(
-                            "not-before ({}) must be earlier than expiry ({})",
-                            fmt_time(n),
-                            fmt_time(x)
-                        )));
-                    }
-                }
-                if let Some(ops) = &upd.key_ops {
-                    v.key_ops = ops.clone();
-                }
-                v.updated = now;
-                rec.updated = now;
-                let out = rec.versions[idx].clone();
-                self.store.write_key(&rec)?;
-                Ok(self.info(cfg, &rec, &out))
-            })
-        })
-    }
-
-    fn delete_key(&self, name: &str) -> Result<DeletedKeyInfo, VaultError> {
-        self.audited("KeyDelete", key_url(name), |_| {
-            check_name(name)?;
-            self.require(Permission::Delete, name)?;
-            self.mutate(|cfg| {
-                let mut rec = self.store.read_key(name)?.ok_or_else(|| not_found(name))?;
-                if rec.deleted.is_some() {
-                    return Err(VaultError::Conflict(format!(
-                        "key {name} is already deleted (see `cmkfs vault key list-deleted`)"
-                    )));
-                }
-                let now = self.now();
-                let d = DeletedRecord {
-                    deleted_date: now,
-                    scheduled_purge_date: now + u64::from(cfg.retention_days) * DAY,
-                };
-                rec.deleted = Some(d.clone());
-                rec.updated = now;
-                self.store.write_key(&rec)?;
-                self.deleted_info(cfg, &rec, &d)
-            })
-        })
-    }
-
-    fn list_deleted_keys(&self) -> Result<Vec<DeletedKeyInfo>, VaultError> {
-        self.audited("KeyListDeleted", format!("{URL}/deletedkeys"), |_| {
-            let cfg = self.store.read_vault()?;
-            let ident = self.authenticate()?;
-            if let Some(rec) = &ident {
-                if !rec.policies.values().any(|p| p.contains(&Permission::List)) {
-                    return Err(denied(
-                        DenyReason::PermissionDenied,
-                        format!(
-                            "{URL}/deletedkeys (identity {} lacks the list permission)",
-                            rec.name
-                        ),
-                    ));
-                }
-            }
-            let mut out = Vec::new();
-            for name in self.store.key_names()? {
-                if let Some(rec) = &ident {
-                    if !effective(rec, &name).contains(&Permission::List) {
-                        continue;
-                    }
-                }
-                let Some(rec) = self.store.read_key(&name)? else {
-                    continue;
-                };
-                if let Some(d) = &rec.deleted {
-                    out.push(self.deleted_info(&cfg, &rec, d)?);
-                }
-            }
-            Ok(out)
-        })
-    }
-
-    fn get_deleted_key(&self, name: &str) -> Result<DeletedKeyInfo, VaultError> {
-        self.audited("KeyGetDeleted", format!("{URL}/deletedkeys/{name}"), |_| {
-            check_name(name)?;
-            self.require(Permission::Get, name)?;
-            let cfg = self.store.read_vault()?;
-            let rec = self.store.read_key(name)?.ok_or_else(|| not_found(name))?;
-            let d = rec.deleted.clone().ok_or_else(|| not_deleted(name))?;
-            self.deleted_info(&cfg, &rec, &d)
-        })
-    }
-
-    fn recover_deleted_key(&self, name: &str) -> Result<KeyInfo, VaultError> {
-        self.audited("KeyRecover", format!("{URL}/deletedkeys/{name}"), |id| {
-            check_name(name)?;
-            self.require(Permission::Recover, name)?;
-            self.mutate(|cfg| {
-                let mut rec = self.store.read_key(name)?.ok_or_else(|| not_found(name))?;
-                if rec.deleted.is_none() {
-                    return Err(not_deleted(name));
-                }
-                rec.deleted = None;
-                rec.updated = self.now();
-                self.store.write_key(&rec)?;
-                let latest = rec.latest().ok_or_else(|| damaged(name))?;
-                *id = kid(name, &latest.version);
-                Ok(self.info(cfg, &rec, latest))
-            })
-        })
-    }
-
-    fn purge_deleted_key(&self, name: &str) -> Result<(), VaultError> {
-        self.audited("KeyPurge", format!("{URL}/deletedkeys/{name}"), |_| {
-            check_name(name)?;
-            self.require(Permission::Purge, name)?;
-            self.mutate_sparing(Some(name), |cfg| {
-                let rec = self.store.read_key(name)?.ok_or_else(|| not_found(name))?;
-                let Some(d) = &rec.deleted else {
-                    return Err(VaultError::Conflict(format!(
-                        "key {name} is not deleted: delete it first (`cmkfs vault key delete {name}`)"
-                    )));
-                };
-                if cfg.purge_protection && self.now() < d.scheduled_purge_date {
-                    return Err(VaultError::Conflict(format!(
-                        "purge protection is on: key {name} cannot be purged before {} \
-                         (it is purged automatically then; until then it can be recovered)",
-                        fmt_time(d.scheduled_purge_date)
-                    )));
-                }
-                self.store.purge_key(name)
-            })
-        })
-    }
-
-    fn properties(&self) -> Result<VaultProperties, VaultError> {
-        self.config()
-    }
-
-    fn permissions(&self, name: &str) -> Result<Vec<Permission>, VaultError> {
-        check_name(name)?;
-        self.store.read_vault()?;
-        Ok(self.permissions_on(name)?.into_iter().collect())
-    }
-
-    fn wrap_key(
-        &self,
-        name: &str,
-        version: Option<&str>,
-        alg: WrapAlg,
-        plaintext: &[u8],
-    ) -> Result<super::Wrapped, VaultError> {
-        let target = match version {
-            Some(v) => kid(name, v),
-            None => key_url(name),
-        };
-        self.audited("KeyWrap", target, |id| {
-            check_name(name)?;
-            self.require(Permission::WrapKey, name)?;
-            self.store.read_vault()?;
-            let rec = self.active_key(name)?;
-            let v = Self::lookup_version(&rec, version)?;
-            *id = kid(name, &v.version);
-            usable(v, id, "wrapKey")?;
-            let now = self.now();
-            // Key Vault: outside nbf/exp a key may still decrypt/unwrap, but not encrypt/wrap.
-            if v.nbf.is_some_and(|n| now < n) || v.exp.is_some_and(|x| now >= x) {
-                return Err(denied(
-                    DenyReason::KeyExpired,
-                    format!(
-                        "{id} (valid {} to {}; wrap needs a current key: rotate, or update nbf/exp)",
-                        v.nbf.map_or("always".into(), fmt_time),
-                        v.exp.map_or("forever".into(), fmt_time)
-                    ),
-                ));
-            }
-            let value = rsa::wrap(&v.n, &v.e, alg, plaintext)?;
-            Ok(super::Wrapped {
-                kid: KeyId { vault: URL.into(), name: name.into(), version: v.version.clone() },
-                alg,
-                value,
-            })
-        })
-    }
-
-    fn unwrap_key(
-        &self,
-        key: &KeyId,
-        alg: WrapAlg,
-        wrapped: &[u8],
-    ) -> Result<Zeroizing<Vec<u8>>, VaultError> {
-        self.audited("KeyUnwrap", key.to_string(), |id| {
-            if key.vault != URL {
-                return Err(VaultError::Invalid(format!(
-                    "key id {id} belongs to vault {:?}, not {URL}",
-                    key.vault
-                )));
-            }
-            check_name(&key.name)?;
-            self.require(Permission::UnwrapKey, &key.name)?;
-            self.store.read_vault()?;
-            // The key id comes from a volume header: a key that is not there any more was
-            // purged, which is the owner's decision (deny), not a typo.
-            let purged = || {
-                denied(
-                    DenyReason::KeyPurged,
-                    format!("{id} (the key version no longer exists in vault {URL})"),
-                )
-            };
-            let rec = match self.active_key(&key.name) {
-                Err(VaultError::NotFound(_)) => return Err(purged()),
-                other => other?,
-            };
-            let v = rec.version(&key.version).ok_or_else(purged)?;
-            usable(v, id, "unwrapKey")?;
-            self.unwrap_with(key, id, alg, wrapped)
-        })
-    }
-}
-
-impl LocalVault {
-    /// Unwraps with the latest version of key `name`, as Key Vault does for an unwrap whose
-    /// key id has no version: it needs only the unwrapKey permission (resolving the version is
-    /// part of the operation, not a `get`). Returns the version used.
-    pub fn unwrap_key_latest(
-        &self,
-        name: &str,
-        alg: WrapAlg,
-        wrapped: &[u8],
-    ) -> Result<(KeyId, Zeroizing<Vec<u8>>), VaultError> {
-        self.audited("KeyUnwrap", key_url(name), |id| {
-            check_name(name)?;
-            self.require(Permission::UnwrapKey, name)?;
-            self.store.read_vault()?;
-            let rec = self.active_key(name)?;
-            let v = rec.latest().ok_or_else(|| damaged(name))?;
-            *id = kid(name, &v.version);
-            usable(v, id, "unwrapKey")?;
-            let key = KeyId {
-                vault: URL.into(),
-                name: name.into(),
-                version: v.version.clone(),
-            };
-            let plain = self.unwrap_with(&key, id, alg, wrapped)?;
-            Ok((key, plain))
-        })
-    }
-
-    /// Reads, opens and uses a version's private key.
-    fn unwrap_with(
-        &self,
-        key: &KeyId,
-        id: &str,
-        alg: WrapAlg,
-        wrapped: &[u8],
-    ) -> Result<Zeroizing<Vec<u8>>, VaultError> {
-        let stored = self
-            .store
-            .read_version_key(&key.name, &key.version)?
-            .ok_or_else(|| {
-                VaultError::Store(format!("the private key of {id} is missing from the store"))
-            })?;
-        let pkcs8 = self.open_private_key(&key.name, &key.version, stored)?;
-        rsa::unwrap(&pkcs8, alg, wrapped)?.map_err(|()| VaultError::UnwrapFailed {
-            kid: id.to_string(),
-        })
-    }
-
-    fn describe(
-        &self,
-        name: &str,
-        version: Option<&str>,
-        id: &mut String,
-    ) -> Result<KeyInfo, VaultError> {
-        check_name(name)?;
-        self.require(Permission::Get, name)?;
-        let cfg = self.store.read_vault()?;
-        let rec = self.active_key(name)?;
-        let v = Self::lookup_version(&rec, version)?;
-        *id = kid(name, &v.version);
-        Ok(self.info(&cfg, &rec, v))
-    }
 }
 
 /// Refuses a disabled version or one whose `key_ops` lack `op`.

@@ -4,6 +4,9 @@
 //! *denied* (the key owner said no: disabled, deleted, no permission → revoke now) from
 //! *unavailable* (cannot reach the vault → degrade, revoke after a grace period).
 
+#[cfg(feature = "azure")]
+pub mod azure;
+pub mod azure_auth;
 pub mod http;
 pub mod local;
 pub mod pkcs11;
@@ -53,6 +56,7 @@ impl FromStr for WrapAlg {
         match s {
             "RSA-OAEP-256" => Ok(WrapAlg::RsaOaep256),
             "RSA-OAEP" => Ok(WrapAlg::RsaOaep),
+            "RSA1_5" => Err(rsa1_5_refused()),
             other => Err(VaultError::Invalid(format!(
                 "unknown wrap algorithm {other:?} (expected RSA-OAEP-256 or RSA-OAEP)"
             ))),
@@ -155,6 +159,10 @@ pub struct KeyInfo {
     /// Whether the version's private key was imported rather than generated in the vault.
     #[serde(default)]
     pub imported: bool,
+    /// Application tags of the version (Key Vault's `tags`; cmkfs's own wrap-algorithm tag is
+    /// not among them: it is [`KeyInfo::wrap_alg`]).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub tags: std::collections::BTreeMap<String, String>,
 }
 
 /// A soft-deleted key: its latest version plus when it was deleted and when it goes for good.
@@ -181,6 +189,8 @@ pub struct KeyUpdate {
     pub exp: Option<Option<u64>>,
     /// New permitted operations (JWK `key_ops` names, see [`KEY_OPS`]).
     pub key_ops: Option<Vec<String>>,
+    /// New application tags of the version (replacing all of them; see [`validate_tags`]).
+    pub tags: Option<std::collections::BTreeMap<String, String>>,
 }
 
 /// Options for importing an existing private key as a new version.
@@ -204,6 +214,121 @@ pub const KEY_OPS: [&str; 6] = [
 /// `key_ops` of a new key: the two operations a KEK exists for.
 pub fn default_key_ops() -> Vec<String> {
     vec!["wrapKey".to_string(), "unwrapKey".to_string()]
+}
+
+/// `key_ops` Key Vault gives an RSA key created or imported without any: all six. The vault
+/// server uses them for requests that name none, as the service does; the CLI keeps
+/// [`default_key_ops`] (a KEK needs nothing else).
+pub fn all_key_ops() -> Vec<String> {
+    KEY_OPS.iter().map(|o| o.to_string()).collect()
+}
+
+/// Most tags a key version may carry (Key Vault's limit).
+pub const MAX_TAGS: usize = 15;
+/// Longest tag name and value, in characters (Key Vault's limit).
+pub const MAX_TAG_LEN: usize = 256;
+
+/// Checks application tags against Key Vault's limits: at most 15, names 1-256 characters,
+/// values at most 256.
+pub fn validate_tags(tags: &std::collections::BTreeMap<String, String>) -> Result<(), VaultError> {
+    if tags.len() > MAX_TAGS {
+        return Err(VaultError::Invalid(format!(
+            "{} tags given: a key version carries at most {MAX_TAGS}",
+            tags.len()
+        )));
+    }
+    for (k, v) in tags {
+        if k.is_empty() || k.chars().count() > MAX_TAG_LEN {
+            return Err(VaultError::Invalid(format!(
+                "tag name {k:?} must be 1-{MAX_TAG_LEN} characters"
+            )));
+        }
+        if v.chars().count() > MAX_TAG_LEN {
+            return Err(VaultError::Invalid(format!(
+                "the value of tag {k:?} is longer than {MAX_TAG_LEN} characters"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// RSA signature algorithms (JWA names): what `sign` and `verify` accept. The value signed is
+/// a digest the caller computed with the algorithm's hash, as in Key Vault.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SignAlg {
+    /// RSASSA-PKCS1-v1_5 with SHA-256.
+    Rs256,
+    /// RSASSA-PKCS1-v1_5 with SHA-384.
+    Rs384,
+    /// RSASSA-PKCS1-v1_5 with SHA-512.
+    Rs512,
+    /// RSASSA-PSS with SHA-256, MGF1-SHA-256, salt of 32 bytes.
+    Ps256,
+    /// RSASSA-PSS with SHA-384, MGF1-SHA-384, salt of 48 bytes.
+    Ps384,
+    /// RSASSA-PSS with SHA-512, MGF1-SHA-512, salt of 64 bytes.
+    Ps512,
+}
+
+impl SignAlg {
+    /// The JWA name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SignAlg::Rs256 => "RS256",
+            SignAlg::Rs384 => "RS384",
+            SignAlg::Rs512 => "RS512",
+            SignAlg::Ps256 => "PS256",
+            SignAlg::Ps384 => "PS384",
+            SignAlg::Ps512 => "PS512",
+        }
+    }
+
+    /// Length in bytes of the digest the algorithm signs.
+    pub fn digest_len(self) -> usize {
+        match self {
+            SignAlg::Rs256 | SignAlg::Ps256 => 32,
+            SignAlg::Rs384 | SignAlg::Ps384 => 48,
+            SignAlg::Rs512 | SignAlg::Ps512 => 64,
+        }
+    }
+}
+
+impl fmt::Display for SignAlg {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for SignAlg {
+    type Err = VaultError;
+    fn from_str(s: &str) -> Result<Self, VaultError> {
+        Ok(match s {
+            "RS256" => SignAlg::Rs256,
+            "RS384" => SignAlg::Rs384,
+            "RS512" => SignAlg::Rs512,
+            "PS256" => SignAlg::Ps256,
+            "PS384" => SignAlg::Ps384,
+            "PS512" => SignAlg::Ps512,
+            other => {
+                return Err(VaultError::Invalid(format!(
+                    "signature algorithm {other:?} is not supported for RSA keys \
+                     (use RS256, RS384, RS512, PS256, PS384 or PS512)"
+                )))
+            }
+        })
+    }
+}
+
+/// The refusal of `RSA1_5` (RSAES-PKCS1-v1_5), wherever an algorithm is named: decrypting it
+/// is the Bleichenbacher padding oracle, and its timing variant ("Marvin", 2023) still breaks
+/// careful implementations, so a vault that unwraps what remote callers send must not offer
+/// it at all (half-support would let a client wrap with it and never unwrap again).
+pub fn rsa1_5_refused() -> VaultError {
+    VaultError::Invalid(
+        "RSA1_5 (RSAES-PKCS1-v1_5) is refused by this vault: its decryption is a padding \
+         oracle (Bleichenbacher 1998, Marvin 2023); use RSA-OAEP-256 (or RSA-OAEP)"
+            .into(),
+    )
 }
 
 /// Checks a `key_ops` list: known names only, no duplicates.
@@ -278,11 +403,29 @@ pub enum Permission {
     Purge,
     /// Add a new version.
     Rotate,
+    /// Encrypt with a key (`POST .../encrypt`).
+    Encrypt,
+    /// Decrypt with a key (`POST .../decrypt`).
+    Decrypt,
+    /// Sign a digest (`POST .../sign`).
+    Sign,
+    /// Verify a signature (`POST .../verify`).
+    Verify,
+    /// Export a key as a backup blob sealed by the vault.
+    Backup,
+    /// Restore a key from a backup blob.
+    Restore,
+    /// Read a key's rotation policy.
+    #[serde(rename = "getrotationpolicy")]
+    GetRotationPolicy,
+    /// Change a key's rotation policy.
+    #[serde(rename = "setrotationpolicy")]
+    SetRotationPolicy,
 }
 
 impl Permission {
     /// Every permission, in display order.
-    pub const ALL: [Permission; 11] = [
+    pub const ALL: [Permission; 19] = [
         Permission::Get,
         Permission::List,
         Permission::WrapKey,
@@ -294,6 +437,14 @@ impl Permission {
         Permission::Recover,
         Permission::Purge,
         Permission::Rotate,
+        Permission::Encrypt,
+        Permission::Decrypt,
+        Permission::Sign,
+        Permission::Verify,
+        Permission::Backup,
+        Permission::Restore,
+        Permission::GetRotationPolicy,
+        Permission::SetRotationPolicy,
     ];
 
     /// The Key Vault name (`wrapKey`, ...).
@@ -310,6 +461,14 @@ impl Permission {
             Permission::Recover => "recover",
             Permission::Purge => "purge",
             Permission::Rotate => "rotate",
+            Permission::Encrypt => "encrypt",
+            Permission::Decrypt => "decrypt",
+            Permission::Sign => "sign",
+            Permission::Verify => "verify",
+            Permission::Backup => "backup",
+            Permission::Restore => "restore",
+            Permission::GetRotationPolicy => "getrotationpolicy",
+            Permission::SetRotationPolicy => "setrotationpolicy",
         }
     }
 }
@@ -362,6 +521,10 @@ pub struct Credential {
     /// `tls/ca.pem`); absent = the public web roots (a real Azure Key Vault).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_cert: Option<String>,
+    /// How to sign in to a real Azure Key Vault or Managed HSM with Entra ID (see
+    /// [`azure_auth`]); absent for a cmkfs vault.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub azure: Option<azure_auth::AzureAuth>,
 }
 
 /// serde for `Zeroizing<String>` (zeroize's own serde feature is not enabled).
@@ -385,6 +548,7 @@ impl fmt::Debug for Credential {
             .field("identity", &self.identity)
             .field("secret", &"<redacted>")
             .field("ca_cert", &self.ca_cert.is_some())
+            .field("azure", &self.azure)
             .finish()
     }
 }
@@ -674,6 +838,27 @@ pub trait Vault: Send + Sync {
         Err(unsupported("reading permissions"))
     }
 
+    /// A key's rotation policy (Key Vault's default one when none was set).
+    fn rotation_policy(&self, _name: &str) -> Result<local::policy::RotationPolicy, VaultError> {
+        Err(unsupported("rotation policies"))
+    }
+    /// Replaces a key's rotation policy; returns it as stored.
+    fn set_rotation_policy(
+        &self,
+        _name: &str,
+        _policy: &local::policy::RotationPolicy,
+    ) -> Result<local::policy::RotationPolicy, VaultError> {
+        Err(unsupported("rotation policies"))
+    }
+
+    /// Applies the rotation policies that are due (new key versions on schedule, near-expiry
+    /// notices), as the vault itself: the embedded vault does it whenever a long-running
+    /// process (a mount's monitor) checks its key; a vault server does it on its own timer,
+    /// so remote backends have nothing to do here. Returns the versions created.
+    fn apply_due_rotations(&self) -> Result<Vec<KeyInfo>, VaultError> {
+        Ok(Vec::new())
+    }
+
     /// Push notifications: a channel that receives `()` soon after any key, identity or
     /// policy change in the vault (bursts may coalesce), so a mount can re-check at once
     /// instead of waiting for its next periodic check. `None`: this backend cannot push.
@@ -703,10 +888,13 @@ pub fn open_with_credential(home: &Home, cred: &Credential) -> Result<Box<dyn Va
 ///
 /// - `local:` — the embedded vault of `home` (created on first use): as the owner without a
 ///   credential, as the credential's identity with one.
-/// - `https://host[:port]` — a cmkfs vault server or an Azure Key Vault, as the credential's
-///   identity ([`http::HttpVault`]). Without a credential: the configured one, else the one
-///   file in `$CMKFS_HOME/credentials/*.json` whose `vault` is this URL. A CA configured with
-///   the vault is pinned instead of the credential's.
+/// - `https://host[:port]` — a cmkfs vault server, as the credential's identity
+///   ([`http::HttpVault`]); or a real Azure Key Vault or Managed HSM (`*.vault.azure.net`,
+///   `*.managedhsm.azure.net`, sovereign clouds), or any vault whose credential has an
+///   `azure` section ([`azure_auth`]): the official Azure SDK signing in with Entra ID
+///   (`azure::AzureVault`, feature `azure`). Without a credential: the configured one, else
+///   the one file in `$CMKFS_HOME/credentials/*.json` whose `vault` is this URL. A CA
+///   configured with the vault is pinned instead of the credential's.
 /// - `pkcs11:/path/module.so?token=LABEL...` — a configured PKCS#11 token
 ///   ([`pkcs11::Pkcs11Vault`]), opened with the *configured* URL (module and PIN source): the
 ///   URL given only selects it. The module is checked ([`trust::check_module`]) before every
@@ -742,6 +930,18 @@ pub fn connect(
             }
             if let Some(ca) = &configured.ca_pem {
                 cred.ca_cert = Some(ca.clone());
+            }
+            // A real Azure Key Vault or Managed HSM (by its URL), or a credential that signs
+            // in with Entra ID: the Azure SDK. Otherwise a cmkfs vault server.
+            if azure_auth::is_azure_url(want) || cred.azure.is_some() {
+                #[cfg(feature = "azure")]
+                return Ok(Box::new(azure::AzureVault::connect(&cred)?));
+                #[cfg(not(feature = "azure"))]
+                return Err(VaultError::Invalid(format!(
+                    "vault {want} is an Azure Key Vault (or the credential signs in with Entra \
+                     ID), and this cmkfs was built without Azure support: rebuild with the \
+                     `azure` feature"
+                )));
             }
             Ok(Box::new(http::HttpVault::connect(&cred)?))
         }

@@ -14,7 +14,7 @@ use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine as _;
 use zeroize::Zeroizing;
 
-use crate::vault::{VaultError, WrapAlg};
+use crate::vault::{SignAlg, VaultError, WrapAlg};
 
 /// RSA modulus sizes the vault creates and accepts.
 pub const KEY_SIZES: [u32; 3] = [2048, 3072, 4096];
@@ -195,12 +195,7 @@ pub(crate) fn wrap(
     plaintext: &[u8],
 ) -> Result<Vec<u8>, VaultError> {
     let damaged = || VaultError::Store("the stored public key is damaged".into());
-    let parts = PublicKeyComponents {
-        n: URL_SAFE_NO_PAD.decode(n).map_err(|_| damaged())?,
-        e: URL_SAFE_NO_PAD.decode(e).map_err(|_| damaged())?,
-    };
-    let public: PublicEncryptingKey = parts.try_into().map_err(|_| damaged())?;
-    let key = OaepPublicEncryptingKey::new(public).map_err(|_| damaged())?;
+    let key = OaepPublicEncryptingKey::new(public_key(n, e)?).map_err(|_| damaged())?;
     let max = key.max_plaintext_size(oaep(alg));
     if plaintext.is_empty() || plaintext.len() > max {
         return Err(VaultError::Invalid(format!(
@@ -236,6 +231,89 @@ pub(crate) fn unwrap(
     })
 }
 
+fn public_key(n: &str, e: &str) -> Result<PublicEncryptingKey, VaultError> {
+    let damaged = || VaultError::Store("the stored public key is damaged".into());
+    let parts = PublicKeyComponents {
+        n: URL_SAFE_NO_PAD.decode(n).map_err(|_| damaged())?,
+        e: URL_SAFE_NO_PAD.decode(e).map_err(|_| damaged())?,
+    };
+    parts.try_into().map_err(|_| damaged())
+}
+
+fn digest_of(alg: SignAlg, digest: &[u8]) -> Result<aws_lc_rs::digest::Digest, VaultError> {
+    use aws_lc_rs::digest::{SHA256, SHA384, SHA512};
+    let which = match alg.digest_len() {
+        32 => &SHA256,
+        48 => &SHA384,
+        _ => &SHA512,
+    };
+    aws_lc_rs::digest::Digest::import_less_safe(digest, which).map_err(|_| {
+        VaultError::Invalid(format!(
+            "{alg} signs a {}-byte digest, not {} bytes: hash the message first",
+            alg.digest_len(),
+            digest.len()
+        ))
+    })
+}
+
+/// Signs a digest the caller computed (Key Vault's `sign`), with the private key.
+pub(crate) fn sign_digest(
+    pkcs8: &[u8],
+    alg: SignAlg,
+    digest: &[u8],
+) -> Result<Vec<u8>, VaultError> {
+    use aws_lc_rs::signature::{
+        RsaEncoding, RSA_PKCS1_SHA256, RSA_PKCS1_SHA384, RSA_PKCS1_SHA512, RSA_PSS_SHA256,
+        RSA_PSS_SHA384, RSA_PSS_SHA512,
+    };
+    let d = digest_of(alg, digest)?;
+    let pad: &'static dyn RsaEncoding = match alg {
+        SignAlg::Rs256 => &RSA_PKCS1_SHA256,
+        SignAlg::Rs384 => &RSA_PKCS1_SHA384,
+        SignAlg::Rs512 => &RSA_PKCS1_SHA512,
+        SignAlg::Ps256 => &RSA_PSS_SHA256,
+        SignAlg::Ps384 => &RSA_PSS_SHA384,
+        SignAlg::Ps512 => &RSA_PSS_SHA512,
+    };
+    let pair = KeyPair::from_pkcs8(pkcs8)
+        .map_err(|_| VaultError::Store("a stored private key is damaged".into()))?;
+    let mut sig = vec![0u8; pair.public_modulus_len()];
+    pair.sign_digest(pad, &d, &mut sig)
+        .map_err(|_| VaultError::Store("RSA signing failed".into()))?;
+    Ok(sig)
+}
+
+/// Verifies a signature of a digest with the public key only: `Ok(false)` for a signature
+/// that does not verify.
+pub(crate) fn verify_digest(
+    n: &str,
+    e: &str,
+    alg: SignAlg,
+    digest: &[u8],
+    signature: &[u8],
+) -> Result<bool, VaultError> {
+    use aws_lc_rs::signature::{
+        RsaParameters, UnparsedPublicKey, RSA_PKCS1_2048_8192_SHA256, RSA_PKCS1_2048_8192_SHA384,
+        RSA_PKCS1_2048_8192_SHA512, RSA_PSS_2048_8192_SHA256, RSA_PSS_2048_8192_SHA384,
+        RSA_PSS_2048_8192_SHA512,
+    };
+    let d = digest_of(alg, digest)?;
+    let params: &'static RsaParameters = match alg {
+        SignAlg::Rs256 => &RSA_PKCS1_2048_8192_SHA256,
+        SignAlg::Rs384 => &RSA_PKCS1_2048_8192_SHA384,
+        SignAlg::Rs512 => &RSA_PKCS1_2048_8192_SHA512,
+        SignAlg::Ps256 => &RSA_PSS_2048_8192_SHA256,
+        SignAlg::Ps384 => &RSA_PSS_2048_8192_SHA384,
+        SignAlg::Ps512 => &RSA_PSS_2048_8192_SHA512,
+    };
+    let der = public_key(n, e)?
+        .as_der()
+        .map_err(|_| VaultError::Store("the stored public key is damaged".into()))?;
+    Ok(UnparsedPublicKey::new(params, der.as_ref())
+        .verify_digest(&d, signature)
+        .is_ok())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -262,6 +340,37 @@ mod tests {
             .is_err());
         assert!(wrap(&m.n, &m.e, WrapAlg::RsaOaep256, &[0u8; 300]).is_err());
         assert!(check_key_size(1024).is_err());
+    }
+
+    #[test]
+    fn sign_verify_every_algorithm() {
+        let m = generate(2048).unwrap();
+        for alg in [
+            SignAlg::Rs256,
+            SignAlg::Rs384,
+            SignAlg::Rs512,
+            SignAlg::Ps256,
+            SignAlg::Ps384,
+            SignAlg::Ps512,
+        ] {
+            let digest = vec![0x5a; alg.digest_len()];
+            let sig = sign_digest(&m.pkcs8, alg, &digest).unwrap();
+            assert_eq!(sig.len(), 256);
+            assert!(
+                verify_digest(&m.n, &m.e, alg, &digest, &sig).unwrap(),
+                "{alg}"
+            );
+            let mut bad = sig.clone();
+            bad[7] ^= 1;
+            assert!(!verify_digest(&m.n, &m.e, alg, &digest, &bad).unwrap());
+            let mut other = digest.clone();
+            other[0] ^= 1;
+            assert!(!verify_digest(&m.n, &m.e, alg, &other, &sig).unwrap());
+            assert!(
+                sign_digest(&m.pkcs8, alg, &digest[1..]).is_err(),
+                "wrong digest size"
+            );
+        }
     }
 
     #[test]

@@ -27,7 +27,7 @@
 //! The AEAD key is HKDF-SHA256(master key, "cmkfs vault seal v1: blobs"); the associated data
 //! binds the seal id, the role and the name, so a blob moved to another file (a TLS key put
 //! where a KEK is expected, one key version's file swapped for another's) fails to open.
-//! Roles are open-ended: a later "key backup blob sealed by the vault" is one more role.
+//! Roles are open-ended: a key backup (`key-backup`, see `local/backup.rs`) is one of them.
 
 use std::fs;
 use std::io::{ErrorKind, Write as _};
@@ -69,6 +69,9 @@ pub enum SealRole {
     TlsKey,
     /// The private key of the vault server's generated CA (`tls/ca-key.pem`).
     TlsCaKey,
+    /// A key backup (`POST /keys/{name}/backup`): every version of a key, private keys
+    /// included; name: the key name. Only a vault with the same master key opens it.
+    KeyBackup,
 }
 
 impl SealRole {
@@ -79,6 +82,7 @@ impl SealRole {
             SealRole::Credential => "credential",
             SealRole::TlsKey => "tls-key",
             SealRole::TlsCaKey => "tls-ca-key",
+            SealRole::KeyBackup => "key-backup",
         }
     }
 }

@@ -13,7 +13,9 @@
 //!   audit.log                 JSON lines, one per operation (append-only; rotated by size
 //!   audit.log.1 .. .N         to audit.log.1, .2, ... at auditMaxBytes, auditKeep kept)
 //!   audit.lock                flock(2) target that serializes audit appends and rotation
-//!   keys/<name>/key.json      the key: attributes of every version, soft-delete state
+//!   keys/<name>/key.json      the key: attributes and tags of every version, soft-delete
+//!                             state, rotation policy (rotationPolicy) and the version whose
+//!                             near-expiry notice was given (nearExpiryNotified)
 //!   keys/<name>/<version>.pk8 the version's PKCS#8 private key, sealed by the master key
 //!                             (clear DER only in a store sealed before this file existed)
 //!   identities/<name>.json    an identity: SHA-256 of its secret and its access policies
@@ -87,6 +89,38 @@ pub(crate) struct KeyRecord {
     /// Set while the key is soft-deleted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deleted: Option<DeletedRecord>,
+    /// The key's rotation policy, once one was set (see `local/policy.rs`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotation_policy: Option<RotationPolicyRecord>,
+    /// The version whose near-expiry notice was last given (one notice per version).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub near_expiry_notified: Option<String>,
+}
+
+/// A key's rotation policy as set: ISO 8601 durations kept as given (they round-trip to
+/// clients unchanged) and parsed where they are applied.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct RotationPolicyRecord {
+    pub created: u64,
+    pub updated: u64,
+    /// Expiry given to each new version, e.g. `P90D`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expiry_time: Option<String>,
+    #[serde(default)]
+    pub actions: Vec<LifetimeActionRecord>,
+}
+
+/// One lifetime action: `Rotate` or `Notify`, with its trigger.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct LifetimeActionRecord {
+    /// `Rotate` or `Notify`.
+    pub action: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time_after_create: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time_before_expiry: Option<String>,
 }
 
 impl KeyRecord {
@@ -120,6 +154,9 @@ pub(crate) struct VersionRecord {
     pub e: String,
     #[serde(default)]
     pub imported: bool,
+    /// Application tags.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub tags: BTreeMap<String, String>,
 }
 
 /// Soft-delete state of a key.
@@ -316,6 +353,17 @@ impl Store {
 
     /// Creates a key directory with its first version, atomically: staged, then renamed.
     pub fn create_key(&self, rec: &KeyRecord, pkcs8: &[u8]) -> Result<(), VaultError> {
+        let version = rec.versions[0].version.clone();
+        self.create_key_versions(rec, &[(version, Zeroizing::new(pkcs8.to_vec()))])
+    }
+
+    /// Creates a key directory with every version's private-key file (a restore),
+    /// atomically: staged, then renamed. A key name that is taken is a conflict.
+    pub fn create_key_versions(
+        &self,
+        rec: &KeyRecord,
+        files: &[(String, Zeroizing<Vec<u8>>)],
+    ) -> Result<(), VaultError> {
         let mut rnd = [0u8; 8];
         getrandom::getrandom(&mut rnd).map_err(|e| VaultError::Store(e.to_string()))?;
         let staging = self
@@ -324,9 +372,16 @@ impl Store {
         let io = |e| unavailable(format!("cannot write key {}", rec.name), e);
         let result = (|| {
             create_private_dir(&staging).map_err(io)?;
-            let version = &rec.versions[0].version;
-            write_new(&staging.join(format!("{version}.pk8")), pkcs8, 0o600).map_err(io)?;
+            for (version, bytes) in files {
+                write_new(&staging.join(format!("{version}.pk8")), bytes, 0o600).map_err(io)?;
+            }
             write_new(&staging.join("key.json"), &to_json(rec)?, 0o600).map_err(io)?;
+            if self.key_dir(&rec.name).exists() {
+                return Err(VaultError::Conflict(format!(
+                    "key {} already exists in this vault",
+                    rec.name
+                )));
+            }
             fs::rename(&staging, self.key_dir(&rec.name)).map_err(io)?;
             sync_dir(&self.keys_dir()).map_err(io)
         })();

@@ -1,8 +1,7 @@
-//! Request handling: authenticate, check `api-version`, route, read and parse the body, call
-//! the vault (on tokio's blocking pool: store I/O and RSA), and shape the answer. One fallback
-//! handler does the routing by hand so that trailing slashes and empty versions
-//! (`/keys/k/`, `/keys/k//wrapkey`, as the Azure SDKs send them) and the error bodies of
-//! unknown paths are under our control.
+//! Request handling: authenticate, check `api-version`, route ([`super::routes`]), read the
+//! body, and hand the request to its family's handlers ([`super::keys`], [`super::crypto`],
+//! [`super::manage`], [`super::deleted`]), which call the vault on tokio's blocking pool
+//! (store I/O and RSA). Errors are shaped here, in Key Vault's envelope.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -11,7 +10,7 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::Request;
-use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
@@ -20,19 +19,15 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use zeroize::Zeroizing;
 
-use super::jwk;
+use super::routes::{Route, METHODS};
 use super::throttle::Throttle;
 use super::wire::{
-    DeletedKeyBundle, DeletedKeyItem, ErrorBody, ErrorEnvelope, InnerError, KeyAttributes,
-    KeyAttributesUpdate, KeyBundle, KeyCreateParameters, KeyImportParameters, KeyItem,
-    KeyOperationParameters, KeyOperationResult, KeyUpdateParameters, Page, WatchResult,
-    API_VERSIONS, WRAP_ALG_TAG,
+    api_version_rank, ErrorBody, ErrorEnvelope, InnerError, WatchResult, API_VERSION_TABLE,
+    NEWEST_API_VERSION,
 };
+use super::{crypto, deleted, keys, manage};
 use crate::vault::local::LocalVault;
-use crate::vault::{
-    default_key_ops, CreateKeyOptions, DeletedKeyInfo, DenyReason, ImportKeyOptions, KeyId,
-    KeyInfo, KeyUpdate, Vault, VaultError, WrapAlg,
-};
+use crate::vault::{DenyReason, VaultError, WrapAlg};
 
 /// Bytes of an oversized body the server still reads (and drops) before answering 400, so
 /// that a client that sends its whole body before reading gets the answer, not a reset.
@@ -134,10 +129,10 @@ pub(super) fn generation_channel(owner: &LocalVault) -> tokio::sync::watch::Rece
 
 /// A failed request: status, Key Vault error code, message, inner code.
 #[derive(Debug)]
-struct ApiError {
-    status: StatusCode,
-    code: &'static str,
-    message: String,
+pub(super) struct ApiError {
+    pub(super) status: StatusCode,
+    pub(super) code: &'static str,
+    pub(super) message: String,
     inner: Option<&'static str>,
     /// `Retry-After` of a 429.
     retry_after: Option<Duration>,
@@ -159,7 +154,7 @@ impl ApiError {
         self
     }
 
-    fn bad(message: impl Into<String>) -> ApiError {
+    pub(super) fn bad(message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::BAD_REQUEST, "BadParameter", message)
     }
 
@@ -182,7 +177,7 @@ impl ApiError {
         }
     }
 
-    fn internal() -> ApiError {
+    pub(super) fn internal() -> ApiError {
         ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "InternalServerError",
@@ -276,7 +271,7 @@ impl From<VaultError> for ApiError {
     }
 }
 
-fn json<T: Serialize>(status: StatusCode, value: &T) -> Response {
+pub(super) fn json<T: Serialize>(status: StatusCode, value: &T) -> Response {
     match serde_json::to_vec(value) {
         Ok(body) => (
             status,
@@ -328,67 +323,6 @@ fn rand_bytes() -> [u8; 8] {
     let mut b = [0u8; 8];
     let _ = getrandom::getrandom(&mut b);
     b
-}
-
-/// The routes of the keys API.
-#[derive(Debug, PartialEq, Eq)]
-enum Route<'a> {
-    ListKeys,
-    Create(&'a str),
-    Import(&'a str),
-    Get(&'a str, Option<&'a str>),
-    Versions(&'a str),
-    Update(&'a str, Option<&'a str>),
-    Delete(&'a str),
-    Rotate(&'a str),
-    Wrap(&'a str, Option<&'a str>),
-    Unwrap(&'a str, Option<&'a str>),
-    ListDeleted,
-    GetDeleted(&'a str),
-    Recover(&'a str),
-    Purge(&'a str),
-    Watch,
-}
-
-fn version(v: &str) -> Option<&str> {
-    (!v.is_empty()).then_some(v)
-}
-
-impl<'a> Route<'a> {
-    fn parse(method: &Method, segs: &[&'a str]) -> Option<Route<'a>> {
-        let m = method.as_str();
-        Some(match (m, segs) {
-            ("GET", ["keys"] | ["keys", ""]) => Route::ListKeys,
-            ("POST", ["keys", n, "create"]) => Route::Create(n),
-            ("PUT", ["keys", n]) => Route::Import(n),
-            ("GET", ["keys", n] | ["keys", n, ""]) => Route::Get(n, None),
-            ("GET", ["keys", n, "versions"]) => Route::Versions(n),
-            ("GET", ["keys", n, v]) => Route::Get(n, Some(v)),
-            ("PATCH", ["keys", n] | ["keys", n, ""]) => Route::Update(n, None),
-            ("PATCH", ["keys", n, v]) => Route::Update(n, Some(v)),
-            ("DELETE", ["keys", n]) => Route::Delete(n),
-            ("POST", ["keys", n, "rotate"]) => Route::Rotate(n),
-            ("POST", ["keys", n, v, "wrapkey"]) => Route::Wrap(n, version(v)),
-            ("POST", ["keys", n, v, "unwrapkey"]) => Route::Unwrap(n, version(v)),
-            ("GET", ["deletedkeys"] | ["deletedkeys", ""]) => Route::ListDeleted,
-            ("GET", ["deletedkeys", n]) => Route::GetDeleted(n),
-            ("DELETE", ["deletedkeys", n]) => Route::Purge(n),
-            ("POST", ["deletedkeys", n, "recover"]) => Route::Recover(n),
-            ("GET", ["cmkfs", "watch"]) => Route::Watch,
-            _ => return None,
-        })
-    }
-
-    fn has_body(&self) -> bool {
-        matches!(
-            self,
-            Route::Create(_)
-                | Route::Import(_)
-                | Route::Update(..)
-                | Route::Wrap(..)
-                | Route::Unwrap(..)
-        )
-    }
 }
 
 fn query(q: Option<&str>) -> HashMap<String, String> {
@@ -532,14 +466,14 @@ async fn read_body_inner(
     Ok(buf)
 }
 
-fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+pub(super) fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     if body.is_empty() {
         return Err(ApiError::bad("the request needs a JSON body"));
     }
     serde_json::from_slice(body).map_err(|e| ApiError::bad(format!("malformed JSON body: {e}")))
 }
 
-fn decode_b64url(value: &str) -> Result<Zeroizing<Vec<u8>>, ApiError> {
+pub(super) fn decode_b64url(value: &str) -> Result<Zeroizing<Vec<u8>>, ApiError> {
     // Key Vault sends base64url without padding; tolerate padding, refuse anything else.
     URL_SAFE_NO_PAD
         .decode(value.trim_end_matches('='))
@@ -547,24 +481,16 @@ fn decode_b64url(value: &str) -> Result<Zeroizing<Vec<u8>>, ApiError> {
         .map_err(|_| ApiError::bad("`value` is not base64url"))
 }
 
-fn parse_alg(alg: &str) -> Result<WrapAlg, ApiError> {
-    alg.parse::<WrapAlg>().map_err(|_| {
-        ApiError::bad(format!(
+pub(super) fn parse_alg(alg: &str) -> Result<WrapAlg, ApiError> {
+    alg.parse::<WrapAlg>().map_err(|e| match alg {
+        "RSA1_5" => ApiError::from(e),
+        _ => ApiError::bad(format!(
             "unsupported algorithm {alg:?}: use RSA-OAEP-256 or RSA-OAEP"
-        ))
+        )),
     })
 }
 
-fn wrap_alg_tag(
-    tags: &Option<std::collections::BTreeMap<String, String>>,
-) -> Result<Option<WrapAlg>, ApiError> {
-    match tags.as_ref().and_then(|t| t.get(WRAP_ALG_TAG)) {
-        Some(a) => parse_alg(a).map(Some),
-        None => Ok(None),
-    }
-}
-
-async fn blocking<T: Send + 'static>(
+pub(super) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, VaultError> + Send + 'static,
 ) -> Result<T, ApiError> {
     tokio::task::spawn_blocking(f)
@@ -573,89 +499,41 @@ async fn blocking<T: Send + 'static>(
         .map_err(ApiError::from_vault)
 }
 
-fn kid(base: &str, name: &str, version: &str) -> String {
-    format!("{base}/keys/{name}/{version}")
+/// One authenticated request, ready for its route's handler.
+pub(super) struct Call {
+    /// The caller's connection to the vault.
+    pub conn: Arc<LocalVault>,
+    /// The server's URL (key ids, next links).
+    pub base: String,
+    /// The request's api-version (a known one).
+    pub api_version: String,
+    /// Decoded query parameters.
+    pub query: HashMap<String, String>,
+    /// The JSON body (empty for routes without one).
+    pub body: Vec<u8>,
 }
 
-fn attributes(k: &KeyInfo) -> KeyAttributes {
-    KeyAttributes {
-        enabled: Some(k.enabled),
-        nbf: k.nbf,
-        exp: k.exp,
-        created: Some(k.created),
-        updated: Some(k.updated),
-        recovery_level: Some(k.recovery_level.clone()),
-        recoverable_days: Some(k.recoverable_days),
-        exportable: Some(false),
+fn check_api_version(q: &HashMap<String, String>) -> Result<String, ApiError> {
+    let supported = || {
+        API_VERSION_TABLE
+            .iter()
+            .map(|v| v.name)
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    match q.get("api-version") {
+        None => Err(ApiError::bad(format!(
+            "The api-version query parameter is required. Consider using the latest supported \
+             version ({NEWEST_API_VERSION}); supported: {}.",
+            supported()
+        ))),
+        // The service's own words for an unknown version.
+        Some(v) if api_version_rank(v).is_none() => Err(ApiError::bad(format!(
+            "The specified version ({v}) is not recognized. Consider using the latest \
+             supported version ({NEWEST_API_VERSION})."
+        ))),
+        Some(v) => Ok(v.clone()),
     }
-}
-
-fn tags(k: &KeyInfo) -> std::collections::BTreeMap<String, String> {
-    [(WRAP_ALG_TAG.to_string(), k.wrap_alg.to_string())].into()
-}
-
-fn bundle(base: &str, k: &KeyInfo) -> KeyBundle {
-    KeyBundle {
-        key: super::wire::JsonWebKey {
-            kid: Some(kid(base, &k.name, &k.version)),
-            kty: k.kty.clone(),
-            key_ops: k.key_ops.clone(),
-            n: Some(k.n.clone()),
-            e: Some(k.e.clone()),
-            ..Default::default()
-        },
-        attributes: attributes(k),
-        tags: tags(k),
-    }
-}
-
-fn item(base: &str, k: &KeyInfo, versioned: bool) -> KeyItem {
-    KeyItem {
-        kid: if versioned {
-            kid(base, &k.name, &k.version)
-        } else {
-            format!("{base}/keys/{}", k.name)
-        },
-        attributes: attributes(k),
-        tags: tags(k),
-        managed: None,
-    }
-}
-
-fn deleted_bundle(base: &str, d: &DeletedKeyInfo) -> DeletedKeyBundle {
-    DeletedKeyBundle {
-        bundle: bundle(base, &d.key),
-        recovery_id: format!("{base}/deletedkeys/{}", d.key.name),
-        deleted_date: Some(d.deleted_date),
-        scheduled_purge_date: Some(d.scheduled_purge_date),
-    }
-}
-
-fn deleted_item(base: &str, d: &DeletedKeyInfo) -> DeletedKeyItem {
-    DeletedKeyItem {
-        item: item(base, &d.key, false),
-        recovery_id: format!("{base}/deletedkeys/{}", d.key.name),
-        deleted_date: Some(d.deleted_date),
-        scheduled_purge_date: Some(d.scheduled_purge_date),
-    }
-}
-
-fn key_update(key_ops: Option<Vec<String>>, a: Option<KeyAttributesUpdate>) -> KeyUpdate {
-    let a = a.unwrap_or_default();
-    KeyUpdate {
-        enabled: a.enabled,
-        nbf: a.nbf,
-        exp: a.exp,
-        key_ops,
-    }
-}
-
-/// Whether an update asks for anything a new version does not already have.
-fn changes_defaults(u: &KeyUpdate) -> bool {
-    u.enabled == Some(false)
-        || matches!(u.nbf, Some(Some(_)))
-        || matches!(u.exp, Some(Some(_)))
-        || u.key_ops.as_ref().is_some_and(|o| *o != default_key_ops())
 }
 
 async fn dispatch(
@@ -669,31 +547,11 @@ async fn dispatch(
     // challenge, whatever else is wrong with it.
     let conn = authenticate(st, &parts.headers, client).await?;
     let q = query(parts.uri.query());
-    match q.get("api-version") {
-        None => {
-            return Err(ApiError::bad(
-                "the api-version query parameter is required (supported: 7.4, 7.5, 7.6)",
-            ))
-        }
-        Some(v) if !API_VERSIONS.contains(&v.as_str()) => {
-            return Err(ApiError::bad(format!(
-                "api-version {v:?} is not supported (supported: 7.4, 7.5, 7.6)"
-            )))
-        }
-        Some(_) => {}
-    }
+    let api_version = check_api_version(&q)?;
     let path = parts.uri.path();
     let segs: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     let Some(route) = Route::parse(&parts.method, &segs) else {
-        let known = [
-            Method::GET,
-            Method::POST,
-            Method::PUT,
-            Method::PATCH,
-            Method::DELETE,
-        ]
-        .iter()
-        .any(|m| Route::parse(m, &segs).is_some());
+        let known = METHODS.iter().any(|m| Route::parse(m, &segs).is_some());
         return Err(if known {
             ApiError::new(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -708,240 +566,99 @@ async fn dispatch(
             )
         });
     };
+    if !route.in_version(&api_version) {
+        return Err(ApiError::bad(format!(
+            "this operation ({} {path}) is not in api-version {api_version}: use {} or later",
+            parts.method,
+            route.since()
+        )));
+    }
     let body = if route.has_body() {
         read_body(body, &parts.headers, st.max_body, st.body_timeout).await?
     } else {
         Vec::new()
     };
-    let base = base.to_string();
+    if let Route::Watch = route {
+        drop(conn);
+        return watch(st, &q).await;
+    }
+    let call = Call {
+        conn,
+        base: base.to_string(),
+        api_version,
+        query: q,
+        body,
+    };
+    let s = |x: &str| x.to_string();
+    let o = |x: Option<&str>| x.map(str::to_string);
     match route {
-        Route::ListKeys => {
-            let keys = blocking(move || conn.list_keys()).await?;
-            let page = Page {
-                value: keys.iter().map(|k| item(&base, k, false)).collect(),
-                next_link: None,
-            };
-            Ok(json(StatusCode::OK, &page))
-        }
-        Route::Versions(n) => {
-            let n = n.to_string();
-            let keys = blocking(move || conn.list_key_versions(&n)).await?;
-            let page = Page {
-                value: keys.iter().map(|k| item(&base, k, true)).collect(),
-                next_link: None,
-            };
-            Ok(json(StatusCode::OK, &page))
-        }
-        Route::Get(n, v) => {
-            let (n, v) = (n.to_string(), v.map(str::to_string));
-            let k = blocking(move || conn.get_key(&n, v.as_deref())).await?;
-            Ok(json(StatusCode::OK, &bundle(&base, &k)))
-        }
-        Route::Create(n) => {
-            let p: KeyCreateParameters = parse(&body)?;
-            if !matches!(p.kty.as_str(), "RSA" | "RSA-HSM") {
-                return Err(ApiError::bad(format!(
-                    "key type {:?} is not supported: only RSA (RSA-HSM) keys",
-                    p.kty
-                )));
-            }
-            if p.public_exponent.is_some_and(|e| e != 65537) {
-                return Err(ApiError::bad("only the public exponent 65537 is supported"));
-            }
-            let opts = CreateKeyOptions {
-                key_size: p.key_size.unwrap_or(2048),
-                wrap_alg: wrap_alg_tag(&p.tags)?.unwrap_or_default(),
-            };
-            let upd = key_update(p.key_ops, p.attributes);
-            let n = n.to_string();
-            let k = blocking(move || {
-                let k = conn.create_key(&n, &opts)?;
-                if changes_defaults(&upd) {
-                    return conn.update_key(&n, Some(&k.version), &upd);
-                }
-                Ok(k)
-            })
-            .await?;
-            Ok(json(StatusCode::OK, &bundle(&base, &k)))
-        }
-        Route::Import(n) => {
-            let mut p: KeyImportParameters = parse(&body)?;
-            let pkcs1 = jwk::pkcs1_from_jwk(&p.key);
-            let key_ops = std::mem::take(&mut p.key.key_ops);
-            jwk::zeroize_private(&mut p.key);
-            let der = crate::vault::local::read_private_key(&pkcs1?)?;
-            let opts = ImportKeyOptions {
-                wrap_alg: wrap_alg_tag(&p.tags)?,
-            };
-            let upd = key_update((!key_ops.is_empty()).then_some(key_ops), p.attributes);
-            let n = n.to_string();
-            let k = blocking(move || {
-                let k = conn.import_key(&n, &der, &opts)?;
-                if changes_defaults(&upd) {
-                    return conn.update_key(&n, Some(&k.version), &upd);
-                }
-                Ok(k)
-            })
-            .await?;
-            Ok(json(StatusCode::OK, &bundle(&base, &k)))
-        }
-        Route::Update(n, v) => {
-            let p: KeyUpdateParameters = parse(&body)?;
-            let upd = key_update(p.key_ops, p.attributes);
-            let (n, v) = (n.to_string(), v.map(str::to_string));
-            let k = blocking(move || conn.update_key(&n, v.as_deref(), &upd)).await?;
-            Ok(json(StatusCode::OK, &bundle(&base, &k)))
-        }
-        Route::Delete(n) => {
-            let n = n.to_string();
-            let d = blocking(move || conn.delete_key(&n)).await?;
-            Ok(json(StatusCode::OK, &deleted_bundle(&base, &d)))
-        }
-        Route::Rotate(n) => {
-            let n = n.to_string();
-            let k = blocking(move || conn.rotate_key(&n)).await?;
-            Ok(json(StatusCode::OK, &bundle(&base, &k)))
-        }
-        Route::ListDeleted => {
-            let ds = blocking(move || conn.list_deleted_keys()).await?;
-            let page = Page {
-                value: ds.iter().map(|d| deleted_item(&base, d)).collect(),
-                next_link: None,
-            };
-            Ok(json(StatusCode::OK, &page))
-        }
-        Route::GetDeleted(n) => {
-            let n = n.to_string();
-            let d = blocking(move || conn.get_deleted_key(&n)).await?;
-            Ok(json(StatusCode::OK, &deleted_bundle(&base, &d)))
-        }
-        Route::Recover(n) => {
-            let n = n.to_string();
-            let k = blocking(move || conn.recover_deleted_key(&n)).await?;
-            Ok(json(StatusCode::OK, &bundle(&base, &k)))
-        }
-        Route::Purge(n) => {
-            let n = n.to_string();
-            blocking(move || conn.purge_deleted_key(&n)).await?;
-            Ok(StatusCode::NO_CONTENT.into_response())
-        }
-        Route::Wrap(n, v) => {
-            let p: KeyOperationParameters = parse(&body)?;
-            let alg = parse_alg(&p.alg)?;
-            let pt = decode_b64url(&p.value)?;
-            let (n, v) = (n.to_string(), v.map(str::to_string));
-            let w = blocking(move || conn.wrap_key(&n, v.as_deref(), alg, &pt)).await?;
-            Ok(json(
-                StatusCode::OK,
-                &KeyOperationResult {
-                    kid: kid(&base, &w.kid.name, &w.kid.version),
-                    value: URL_SAFE_NO_PAD.encode(&w.value),
-                },
-            ))
-        }
-        Route::Unwrap(n, v) => {
-            let p: KeyOperationParameters = parse(&body)?;
-            let alg = parse_alg(&p.alg)?;
-            let wrapped = decode_b64url(&p.value)?;
-            let (n, v) = (n.to_string(), v.map(str::to_string));
-            let (version, plain) = blocking(move || match v {
-                Some(v) => {
-                    let key = KeyId {
-                        vault: crate::vault::local::URL.into(),
-                        name: n,
-                        version: v,
-                    };
-                    let plain = conn.unwrap_key(&key, alg, &wrapped)?;
-                    Ok((key, plain))
-                }
-                // A versionless unwrap uses the latest version and, as in Key Vault, needs
-                // only unwrapKey.
-                None => conn.unwrap_key_latest(&n, alg, &wrapped),
-            })
-            .await?;
-            // The plaintext DEK leaves in this answer; our copies are zeroized. (hyper's
-            // output buffer is not ours to clear.)
-            let value = Zeroizing::new(URL_SAFE_NO_PAD.encode(&*plain));
-            let body = Zeroizing::new(
-                serde_json::to_vec(&KeyOperationResult {
-                    kid: kid(&base, &version.name, &version.version),
-                    value: value.to_string(),
-                })
-                .map_err(|_| ApiError::internal())?,
-            );
-            Ok((
-                StatusCode::OK,
-                [(header::CONTENT_TYPE, "application/json; charset=utf-8")],
-                body.to_vec(),
-            )
-                .into_response())
-        }
-        Route::Watch => {
-            let since = match q.get("generation") {
-                Some(g) => Some(
-                    g.parse::<u64>()
-                        .map_err(|_| ApiError::bad("`generation` must be a number"))?,
-                ),
-                None => None,
-            };
-            let wait = match q.get("timeout") {
-                Some(t) => Duration::from_secs(
-                    t.parse::<u64>()
-                        .map_err(|_| ApiError::bad("`timeout` must be seconds"))?,
-                )
-                .min(WATCH_MAX),
-                None => WATCH_DEFAULT,
-            };
-            drop(conn);
-            let mut rx = st.generation.clone();
-            let mut stop = st.shutdown.subscribe();
-            let current = *rx.borrow_and_update();
-            if since.is_some_and(|s| s == current) && !*stop.borrow() {
-                tokio::select! {
-                    _ = rx.changed() => {}
-                    _ = tokio::time::sleep(wait) => {}
-                    _ = stop.changed() => {}
-                }
-            }
-            let generation = *rx.borrow();
-            Ok(json(StatusCode::OK, &WatchResult { generation }))
+        Route::ListKeys => keys::list(call).await,
+        Route::Versions(n) => keys::versions(call, s(n)).await,
+        Route::Get(n, v) => keys::get(call, s(n), o(v)).await,
+        Route::Create(n) => keys::create(call, s(n)).await,
+        Route::Import(n) => keys::import(call, s(n)).await,
+        Route::Update(n, v) => keys::update(call, s(n), o(v)).await,
+        Route::Delete(n) => keys::delete(call, s(n)).await,
+        Route::Rotate(n) => keys::rotate(call, s(n)).await,
+        Route::Wrap(n, v) => crypto::wrap(call, s(n), o(v)).await,
+        Route::Unwrap(n, v) => crypto::unwrap(call, s(n), o(v)).await,
+        Route::Encrypt(n, v) => crypto::encrypt(call, s(n), o(v)).await,
+        Route::Decrypt(n, v) => crypto::decrypt(call, s(n), o(v)).await,
+        Route::Sign(n, v) => crypto::sign(call, s(n), o(v)).await,
+        Route::Verify(n, v) => crypto::verify(call, s(n), o(v)).await,
+        Route::Random => crypto::random(call).await,
+        Route::Release(n, _) => crypto::release(call, s(n)).await,
+        Route::Attestation(n, _) => crypto::attestation(call, s(n)).await,
+        Route::Backup(n) => manage::backup(call, s(n)).await,
+        Route::Restore => manage::restore(call).await,
+        Route::GetPolicy(n) => manage::get_policy(call, s(n)).await,
+        Route::SetPolicy(n) => manage::set_policy(call, s(n)).await,
+        Route::ListDeleted => deleted::list(call).await,
+        Route::GetDeleted(n) => deleted::get(call, s(n)).await,
+        Route::Recover(n) => deleted::recover(call, s(n)).await,
+        Route::Purge(n) => deleted::purge(call, s(n)).await,
+        Route::Watch => unreachable_watch(),
+    }
+}
+
+fn unreachable_watch() -> Result<Response, ApiError> {
+    Err(ApiError::internal())
+}
+
+/// `GET /cmkfs/watch`: the long poll (see the module docs of the server).
+async fn watch(st: &Arc<AppState>, q: &HashMap<String, String>) -> Result<Response, ApiError> {
+    let since = match q.get("generation") {
+        Some(g) => Some(
+            g.parse::<u64>()
+                .map_err(|_| ApiError::bad("`generation` must be a number"))?,
+        ),
+        None => None,
+    };
+    let wait = match q.get("timeout") {
+        Some(t) => Duration::from_secs(
+            t.parse::<u64>()
+                .map_err(|_| ApiError::bad("`timeout` must be seconds"))?,
+        )
+        .min(WATCH_MAX),
+        None => WATCH_DEFAULT,
+    };
+    let mut rx = st.generation.clone();
+    let mut stop = st.shutdown.subscribe();
+    let current = *rx.borrow_and_update();
+    if since.is_some_and(|s| s == current) && !*stop.borrow() {
+        tokio::select! {
+            _ = rx.changed() => {}
+            _ = tokio::time::sleep(wait) => {}
+            _ = stop.changed() => {}
         }
     }
+    let generation = *rx.borrow();
+    Ok(json(StatusCode::OK, &WatchResult { generation }))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn routes() {
-        let p = |m: Method, path: &'static str| {
-            let segs: Vec<&str> = path.trim_start_matches('/').split('/').collect();
-            Route::parse(&m, &segs)
-        };
-        assert_eq!(p(Method::GET, "/keys"), Some(Route::ListKeys));
-        assert_eq!(p(Method::GET, "/keys/"), Some(Route::ListKeys));
-        assert_eq!(p(Method::GET, "/keys/k/"), Some(Route::Get("k", None)));
-        assert_eq!(
-            p(Method::GET, "/keys/k/v1"),
-            Some(Route::Get("k", Some("v1")))
-        );
-        assert_eq!(
-            p(Method::GET, "/keys/k/versions"),
-            Some(Route::Versions("k"))
-        );
-        assert_eq!(p(Method::PATCH, "/keys/k/"), Some(Route::Update("k", None)));
-        assert_eq!(
-            p(Method::POST, "/keys/k//wrapkey"),
-            Some(Route::Wrap("k", None))
-        );
-        assert_eq!(
-            p(Method::POST, "/keys/k/v/unwrapkey"),
-            Some(Route::Unwrap("k", Some("v")))
-        );
-        assert_eq!(p(Method::DELETE, "/deletedkeys/k"), Some(Route::Purge("k")));
-        assert_eq!(p(Method::GET, "/secrets/x"), None);
-    }
 
     #[test]
     fn query_decodes() {
@@ -950,5 +667,33 @@ mod tests {
         assert_eq!(q["x"], "a/b");
         assert_eq!(q["flag"], "");
         assert_eq!(crate::vault::percent_decode("%zz%4", true), "%zz%4");
+    }
+
+    #[test]
+    fn api_versions_in_the_service_words() {
+        let q = |v: &str| query(Some(&format!("api-version={v}")));
+        for v in [
+            "7.0",
+            "7.1",
+            "7.2",
+            "7.3",
+            "7.4",
+            "7.5",
+            "7.6",
+            "2025-07-01",
+        ] {
+            assert_eq!(check_api_version(&q(v)).unwrap(), v);
+        }
+        let e = check_api_version(&q("7.9")).unwrap_err();
+        assert_eq!(
+            (e.status, e.code),
+            (StatusCode::BAD_REQUEST, "BadParameter")
+        );
+        assert_eq!(
+            e.message,
+            "The specified version (7.9) is not recognized. Consider using the latest \
+             supported version (2025-07-01)."
+        );
+        assert!(check_api_version(&query(None)).is_err());
     }
 }

@@ -1,35 +1,25 @@
 //! The vault server: a local vault store behind an HTTPS REST API shaped like Azure Key
-//! Vault's keys API (api-version 7.4-7.6), so that official Key Vault SDKs work against it and
-//! cmkfs's own HTTP client ([`crate::vault::http`]) works against a real Key Vault.
+//! Vault's keys API (every api-version the service accepts for keys, 7.0-7.6 and 2025-07-01),
+//! so that official Key Vault SDKs work against it at their defaults and cmkfs's own HTTP
+//! client ([`crate::vault::http`]) works against it too.
 //!
 //! It is a thin layer: every request authenticates as a vault identity
 //! ([`LocalVault::open_as`] with the bearer token's identity and secret) and calls the same
-//! [`Vault`](crate::vault::Vault) method the CLI would, so key state, nbf/exp, soft delete,
-//! purge protection, access policies and the audit log behave exactly as for the embedded
-//! vault. Nothing here re-implements a check.
+//! [`LocalVault`] method the CLI would, so key state, nbf/exp, key_ops, soft delete, purge
+//! protection, access policies and the audit log behave exactly as for the embedded vault.
+//! Nothing here re-implements a check. It also applies due key rotation policies on a timer
+//! ([`ServeConfig::rotation_check`]).
 //!
 //! # Endpoints
 //!
-//! All take `?api-version=7.4|7.5|7.6` (anything else is a 400) and
+//! Every operation of the keys API (docs/KEYVAULT.md has the table: which are served, which
+//! are refused on purpose and why), routed by family: `keys.rs` (lifecycle and paging),
+//! `crypto.rs` (wrap/unwrap, encrypt/decrypt, sign/verify, random bytes; release and
+//! attestation refused), `manage.rs` (backup/restore, rotation policy), `deleted.rs`. All take
+//! `?api-version=` (an unknown one is the service's 400) and
 //! `Authorization: Bearer <identity>.<secret>` (the token `cmkfs vault identity create --json`
 //! prints); without a valid token the answer is 401 with
 //! `WWW-Authenticate: Bearer authorization="<url>/identities", resource="<url>"`.
-//!
-//! | method and path | operation |
-//! |---|---|
-//! | `POST /keys/{name}/create` | create (RSA 2048/3072/4096; tag `cmkfs-wrap-alg` picks the wrap algorithm) |
-//! | `PUT /keys/{name}` | import a JWK private key as a new version |
-//! | `GET /keys/{name}[/{version}]` | get (403 `KeyDisabled` for a disabled version) |
-//! | `GET /keys` | list (one page; `nextLink` null) |
-//! | `GET /keys/{name}/versions` | list versions |
-//! | `PATCH /keys/{name}/{version}` | update `key_ops`, `attributes.enabled/nbf/exp` |
-//! | `DELETE /keys/{name}` | soft delete |
-//! | `GET /deletedkeys[/{name}]` | list / get deleted keys |
-//! | `POST /deletedkeys/{name}/recover` | recover |
-//! | `DELETE /deletedkeys/{name}` | purge (204) |
-//! | `POST /keys/{name}/rotate` | new version |
-//! | `POST /keys/{name}/{version}/wrapkey`, `.../unwrapkey` | `{"alg","value"}` → `{"kid","value"}` |
-//! | `GET /cmkfs/watch[?generation=N&timeout=S]` | cmkfs extension: long poll for changes |
 //!
 //! `GET /cmkfs/watch` answers `{"generation": G}` with the store's change counter (bumped on
 //! every key, identity, policy or setting change) at once when `generation` is absent or
@@ -37,7 +27,8 @@
 //! 60). Any authenticated identity may watch; it learns only that *something* changed.
 //!
 //! Errors use Key Vault's envelope `{"error":{"code","message","innererror":{"code"}}}`:
-//! 400 `BadParameter` (malformed JSON, bodies over 64 KiB, bad base64url, unknown api-version),
+//! 400 `BadParameter` (malformed JSON, bodies over 64 KiB, bad base64url, unknown api-version,
+//! RSA1_5, refused operations),
 //! 401 `Unauthorized`, 403 `Forbidden` (inner `KeyDisabled`, `KeyExpired`, `AccessDenied`,
 //! `OperationNotAllowed`), 404 `KeyNotFound` (inner `KeyDeleted` or `KeyPurged` where the
 //! key id named one), 409 `Conflict` (e.g. creating a soft-deleted name), 503/500.
@@ -54,8 +45,13 @@
 
 mod api;
 pub mod conn;
+mod crypto;
+mod deleted;
 pub mod jwk;
+mod keys;
 pub mod log;
+mod manage;
+mod routes;
 pub mod throttle;
 pub mod tls;
 pub mod wire;
@@ -113,7 +109,12 @@ pub struct ServeConfig {
     pub max_body: usize,
     /// Seconds a graceful shutdown waits for requests in flight.
     pub shutdown_grace: Duration,
+    /// How often the server applies due key rotation policies.
+    pub rotation_check: Duration,
 }
+
+/// Default interval of the rotation policy timer.
+pub const ROTATION_CHECK: Duration = Duration::from_secs(60);
 
 impl ServeConfig {
     /// Defaults for a store and address.
@@ -129,6 +130,7 @@ impl ServeConfig {
             throttle: ThrottleConfig::default(),
             max_body: MAX_BODY,
             shutdown_grace: Duration::from_secs(5),
+            rotation_check: ROTATION_CHECK,
         }
     }
 }
@@ -143,6 +145,7 @@ pub struct Server {
     tls_info: TlsInfo,
     grace: Duration,
     limits: Limits,
+    rotation_check: Duration,
 }
 
 /// A server running on a background thread (tests, embedding). Dropping it shuts it down.
@@ -272,6 +275,7 @@ impl Server {
             tls_info: material.info,
             grace: cfg.shutdown_grace,
             limits: cfg.limits,
+            rotation_check: cfg.rotation_check.max(Duration::from_secs(1)),
         })
     }
 
@@ -307,6 +311,7 @@ impl Server {
             state,
             grace,
             limits,
+            rotation_check,
             ..
         } = self;
         let listener = {
@@ -323,8 +328,14 @@ impl Server {
                 let _ = watch_stop.wait_for(|s| *s).await;
                 shutdown_state.shutting_down();
             });
+            let rotations = tokio::spawn(manage::apply_loop(
+                state.store().to_path_buf(),
+                rotation_check,
+                stop.clone(),
+            ));
             conn::accept_loop(listener, acceptor, state, limits, stop, grace).await;
             waker.abort();
+            rotations.abort();
         };
         Ok((rt, fut))
     }

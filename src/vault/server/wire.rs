@@ -1,5 +1,7 @@
-//! The JSON shapes of Azure Key Vault's keys REST API (api-version 7.4-7.6), shared by the
-//! vault server and the HTTP client so that both speak exactly the same wire format.
+//! The JSON shapes of Azure Key Vault's keys REST API (api-versions 7.0-7.6 and 2025-07-01,
+//! per the service's swagger `specification/keyvault/data-plane/Microsoft.KeyVault/stable/
+//! */keys.json`), shared by the vault server and the HTTP client so that both speak exactly
+//! the same wire format.
 //!
 //! Field names follow the service's own spelling (`key_ops`, `recoveryLevel`, `nextLink`...),
 //! which is why the renames below are per field and not one `rename_all`.
@@ -8,10 +10,65 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Deserializer, Serialize};
 
-/// The API versions the server accepts and the client sends (the last one).
-pub const API_VERSIONS: [&str; 3] = ["7.4", "7.5", "7.6"];
+/// One api-version of the keys API the service accepts, oldest first, and what it added
+/// that the server serves. The server accepts every one and answers each with the newest
+/// behaviour; an operation a version does not have is refused for that version (400).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ApiVersion {
+    /// The `api-version` value.
+    pub name: &'static str,
+    /// What it added to the keys API (documentation; the route table gates on the order).
+    pub adds: &'static str,
+}
 
-/// The API version the client sends.
+/// Every api-version the service accepts for keys, oldest first; the last is the newest.
+pub const API_VERSION_TABLE: [ApiVersion; 8] = [
+    ApiVersion {
+        name: "7.0",
+        adds: "keys, versions, wrap/unwrap, encrypt/decrypt, sign/verify, backup/restore, \
+               soft delete (deletedkeys, recover, purge)",
+    },
+    ApiVersion {
+        name: "7.1",
+        adds: "no new key operations",
+    },
+    ApiVersion {
+        name: "7.2",
+        adds: "no new key operations served here (Managed HSM key types)",
+    },
+    ApiVersion {
+        name: "7.3",
+        adds: "rotate, rotation policies, random bytes (rng), key release",
+    },
+    ApiVersion {
+        name: "7.4",
+        adds: "no new key operations",
+    },
+    ApiVersion {
+        name: "7.5",
+        adds: "no new key operations",
+    },
+    ApiVersion {
+        name: "7.6",
+        adds: "key attestation (Managed HSM)",
+    },
+    ApiVersion {
+        name: "2025-07-01",
+        adds: "no new key operations (the default of azure-keyvault-keys 4.11)",
+    },
+];
+
+/// The position of an api-version in [`API_VERSION_TABLE`], `None` for one the service does
+/// not accept.
+pub fn api_version_rank(v: &str) -> Option<usize> {
+    API_VERSION_TABLE.iter().position(|a| a.name == v)
+}
+
+/// The newest api-version.
+pub const NEWEST_API_VERSION: &str = "2025-07-01";
+
+/// The API version the client sends: 7.6, which every cmkfs server since the first accepts
+/// (a newer client must keep working against an older server).
 pub const API_VERSION: &str = "7.6";
 
 /// Tag carrying a key's cmkfs wrap algorithm. Tags are a real Key Vault feature, so the
@@ -242,7 +299,7 @@ pub struct KeyUpdateParameters {
     /// New attributes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attributes: Option<KeyAttributesUpdate>,
-    /// Tags (accepted, not stored: cmkfs keys carry only their wrap-algorithm tag).
+    /// Tags: replace the version's tags when present.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tags: Option<BTreeMap<String, String>>,
 }
@@ -254,6 +311,124 @@ pub struct KeyOperationParameters {
     pub alg: String,
     /// base64url without padding.
     pub value: String,
+}
+
+/// `POST .../sign` request.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct KeySignParameters {
+    /// `RS256` ... `PS512`.
+    pub alg: String,
+    /// The digest, base64url.
+    pub value: String,
+}
+
+/// `POST .../verify` request.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct KeyVerifyParameters {
+    /// `RS256` ... `PS512`.
+    pub alg: String,
+    /// The digest that was signed, base64url.
+    pub digest: String,
+    /// The signature, base64url.
+    pub value: String,
+}
+
+/// `POST .../verify` answer.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct KeyVerifyResult {
+    /// Whether the signature verifies.
+    pub value: bool,
+}
+
+/// `POST /keys/{name}/backup` answer and `POST /keys/restore` request.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct KeyBackupBlob {
+    /// The backup blob, base64url.
+    pub value: String,
+}
+
+/// `POST /rng` request.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RandomBytesRequest {
+    /// 1-128.
+    pub count: i64,
+}
+
+/// `POST /rng` answer.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RandomBytes {
+    /// The bytes, base64url.
+    pub value: String,
+}
+
+/// `GET|PUT /keys/{name}/rotationpolicy`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct KeyRotationPolicy {
+    /// `<vault>/keys/<name>/rotationpolicy` (answers only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// At most one `Rotate` and one `Notify`.
+    #[serde(rename = "lifetimeActions", default)]
+    pub lifetime_actions: Vec<LifetimeActions>,
+    /// `expiryTime`, `created`, `updated`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attributes: Option<KeyRotationPolicyAttributes>,
+}
+
+/// One lifetime action.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LifetimeActions {
+    /// When.
+    #[serde(default)]
+    pub trigger: LifetimeActionsTrigger,
+    /// What.
+    #[serde(default)]
+    pub action: LifetimeActionsType,
+}
+
+/// A lifetime action's trigger (ISO 8601 durations).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LifetimeActionsTrigger {
+    /// After the latest version's creation.
+    #[serde(
+        rename = "timeAfterCreate",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub time_after_create: Option<String>,
+    /// Before the latest version's expiry.
+    #[serde(
+        rename = "timeBeforeExpiry",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub time_before_expiry: Option<String>,
+}
+
+/// A lifetime action's type.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LifetimeActionsType {
+    /// `Rotate` or `Notify` (case-insensitive).
+    #[serde(rename = "type", default)]
+    pub kind: String,
+}
+
+/// A rotation policy's attributes.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct KeyRotationPolicyAttributes {
+    /// ISO 8601 expiry given to new versions.
+    #[serde(
+        rename = "expiryTime",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub expiry_time: Option<String>,
+    /// Unix seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created: Option<u64>,
+    /// Unix seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub updated: Option<u64>,
 }
 
 /// `POST .../wrapkey|unwrapkey` answer.

@@ -26,7 +26,7 @@ use std::io;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 pub use journal::JOURNAL_FILE;
 use journal::{Journal, Phase};
@@ -80,7 +80,7 @@ pub enum Step {
 pub type FaultHook<'a> = &'a mut dyn FnMut(Step) -> io::Result<()>;
 
 /// Where a re-encryption is.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Progress {
     /// `names` or `contents`.
     pub phase: String,
@@ -179,7 +179,7 @@ pub trait Online: Sync {
 }
 
 /// What a re-encryption did.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Report {
     /// Whether it resumed an interrupted one.
     pub resumed: bool,

@@ -1,0 +1,273 @@
+//! A mount's control socket, `$CMKFS_HOME/run/mount-<hash>.sock` (0600 in the private run
+//! directory; a peer must be the daemon's user or root, checked with `SO_PEERCRED`): how
+//! commands reach work that only the mount's own process can do while it serves.
+//!
+//! One request per connection, a JSON line; answers are JSON lines:
+//!
+//! * `{"op":"reencrypt"}` — runs (or resumes) the volume's re-encryption inside the mount
+//!   ([`crate::volume::reencrypt`], online): `{"progress":{..}}` lines, then `{"done":{..}}`
+//!   or `{"error":".."}`. When the client goes away the re-encryption stops at its next step
+//!   (a crash-safe point) and resumes with the next request.
+//! * `{"op":"freeze"}` — closes the write gate: every change through the mount waits (reads
+//!   go on), `{"frozen":true}` is answered, and the gate opens again when the client sends
+//!   `thaw` or goes away. What a backup of a mounted volume reads meanwhile is one point in
+//!   time.
+
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::fs::OnlineHandle;
+use crate::home::Home;
+use crate::keyring::Keyring;
+use crate::unlock::HeaderHandle;
+use crate::volume::reencrypt::{Hooks, Progress, Report, Session};
+
+/// A request on the control socket.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "lowercase")]
+pub enum Request {
+    /// Run or resume the re-encryption.
+    Reencrypt,
+    /// Hold every change back until the connection ends.
+    Freeze,
+}
+
+/// An answer line.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Answer {
+    /// How far a re-encryption is.
+    Progress(Progress),
+    /// The re-encryption finished.
+    Done(Report),
+    /// Writes are held back.
+    Frozen(bool),
+    /// What went wrong.
+    Error(String),
+}
+
+/// The control socket of the mount at `mountpoint`.
+pub fn socket_path(home: &Home, mountpoint: &Path) -> PathBuf {
+    crate::mount::RunRecord::socket_path(home, mountpoint)
+}
+
+/// A request line longer than this is refused (requests are a few dozen bytes).
+const MAX_REQUEST: u64 = 4096;
+/// How long a client may take to send its request.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What the control thread works with.
+pub struct Control {
+    /// The cmkfs home.
+    pub home: Home,
+    /// The mount's keyring (its vault connection reaches the KEK).
+    pub keyring: Arc<Keyring>,
+    /// The header the mount's checks compare with.
+    pub handle: HeaderHandle,
+    /// The filesystem's side.
+    pub online: OnlineHandle,
+}
+
+/// Binds the socket at `path` (a stale one from a crashed daemon is replaced) and serves it
+/// on a thread of its own.
+pub fn spawn(path: PathBuf, ctl: Control) -> io::Result<std::thread::JoinHandle<()>> {
+    let _ = std::fs::remove_file(&path);
+    let listener = UnixListener::bind(&path)?;
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    let ctl = Arc::new(ctl);
+    let busy = Arc::new(Mutex::new(()));
+    std::thread::Builder::new()
+        .name("cmkfs-control".into())
+        .spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { continue };
+                if !peer_allowed(&conn) {
+                    let _ = answer(&conn, &Answer::Error("not allowed".into()));
+                    continue;
+                }
+                let (ctl, busy) = (ctl.clone(), busy.clone());
+                let _ = std::thread::Builder::new()
+                    .name("cmkfs-control-conn".into())
+                    .spawn(move || serve(conn, &ctl, &busy));
+            }
+        })
+}
+
+/// Only the daemon's own user and root may use the socket.
+fn peer_allowed(conn: &UnixStream) -> bool {
+    use std::os::fd::AsRawFd;
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: u32::MAX,
+        gid: u32::MAX,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: getsockopt fills `cred` (of the size given) for a valid socket.
+    let r = unsafe {
+        libc::getsockopt(
+            conn.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    r == 0 && (cred.uid == me || cred.uid == 0)
+}
+
+fn answer(mut conn: &UnixStream, a: &Answer) -> io::Result<()> {
+    let mut line = serde_json::to_vec(a).map_err(io::Error::other)?;
+    line.push(b'\n');
+    conn.write_all(&line)
+}
+
+fn serve(conn: UnixStream, ctl: &Control, busy: &Mutex<()>) {
+    let mut reader = BufReader::new(match conn.try_clone() {
+        Ok(c) => c,
+        Err(_) => return,
+    });
+    // A client that sends nothing, or too much, does not hold a thread.
+    let _ = conn.set_read_timeout(Some(REQUEST_TIMEOUT));
+    let mut line = String::new();
+    if (&mut reader)
+        .take(MAX_REQUEST)
+        .read_line(&mut line)
+        .is_err()
+        || !line.ends_with('\n')
+    {
+        let _ = answer(
+            &conn,
+            &Answer::Error("no request line (or one too long)".into()),
+        );
+        return;
+    }
+    let _ = conn.set_read_timeout(None);
+    let req: Request = match serde_json::from_str(line.trim()) {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = answer(&conn, &Answer::Error(format!("bad request: {e}")));
+            return;
+        }
+    };
+    // The client going away (or sending anything more) ends the request.
+    let gone = Arc::new(AtomicBool::new(false));
+    let watch = {
+        let gone = gone.clone();
+        std::thread::spawn(move || {
+            let mut rest = String::new();
+            let _ = reader.read_line(&mut rest);
+            gone.store(true, Ordering::SeqCst);
+        })
+    };
+    match req {
+        Request::Freeze => {
+            let vol = ctl.online.volume().clone();
+            let frozen = vol.gates().freeze_writes();
+            tracing::info!("writes frozen for a backup");
+            if answer(&conn, &Answer::Frozen(true)).is_ok() {
+                let _ = watch.join();
+            }
+            drop(frozen);
+            tracing::info!("writes thawed");
+        }
+        Request::Reencrypt => {
+            let Ok(_busy) = busy.try_lock() else {
+                let _ = answer(
+                    &conn,
+                    &Answer::Error("a re-encryption of this volume is already running".into()),
+                );
+                return;
+            };
+            let r = reencrypt(&conn, ctl, &gone);
+            let a = match r {
+                Ok(report) => Answer::Done(report),
+                Err(e) => Answer::Error(e),
+            };
+            let _ = answer(&conn, &a);
+        }
+    }
+}
+
+fn reencrypt(conn: &UnixStream, ctl: &Control, gone: &AtomicBool) -> Result<Report, String> {
+    let vol = ctl.online.volume().clone();
+    let access =
+        crate::unlock::ReencryptAccess::new(&ctl.home, ctl.keyring.vault(), ctl.handle.clone())
+            .map_err(|e| e.to_string())?;
+    let mut progress = |p: &Progress| {
+        if answer(conn, &Answer::Progress(p.clone())).is_err() {
+            gone.store(true, Ordering::SeqCst);
+        }
+    };
+    // The client going away stops the run at its next step, a crash-safe point.
+    let mut fault = |_| {
+        if gone.load(Ordering::SeqCst) {
+            Err(io::Error::other("the client went away"))
+        } else {
+            Ok(())
+        }
+    };
+    tracing::info!("online re-encryption requested");
+    let r = Session::new(
+        &vol,
+        &access,
+        Some(&ctl.online),
+        Hooks {
+            progress: Some(&mut progress),
+            fault: Some(&mut fault),
+        },
+    )
+    .run();
+    match r {
+        Ok(report) => {
+            tracing::info!(
+                files = report.files,
+                bytes = report.bytes,
+                "online re-encryption finished"
+            );
+            Ok(report)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "online re-encryption stopped; it resumes with `cmkfs volume reencrypt --online`");
+            Err(e.to_string())
+        }
+    }
+}
+
+/// Sends `req` to the mount at `mountpoint` and returns the connection, for the caller to read
+/// the answers of.
+pub fn connect(home: &Home, mountpoint: &Path, req: &Request) -> io::Result<UnixStream> {
+    let path = socket_path(home, mountpoint);
+    let mut s = UnixStream::connect(&path).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!(
+                "cannot reach the mount's control socket {} ({e}); the mount may be from an \
+                 older cmkfs: unmount and mount it again",
+                path.display()
+            ),
+        )
+    })?;
+    let mut line = serde_json::to_vec(req).map_err(io::Error::other)?;
+    line.push(b'\n');
+    s.write_all(&line)?;
+    Ok(s)
+}
+
+/// Reads one answer line (`None` at the end).
+pub fn read_answer(r: &mut impl BufRead) -> io::Result<Option<Answer>> {
+    let mut line = String::new();
+    if r.read_line(&mut line)? == 0 {
+        return Ok(None);
+    }
+    serde_json::from_str(line.trim())
+        .map(Some)
+        .map_err(|e| io::Error::other(format!("bad answer from the mount: {e}")))
+}
