@@ -115,9 +115,9 @@ fn populate(root: &Path, rng: &mut StdRng) {
     assert!(dacl.success());
     fs::set_permissions(root.join("sticky"), fs::Permissions::from_mode(0o1777)).unwrap();
     fs::set_permissions(root.join("setgid"), fs::Permissions::from_mode(0o2750)).unwrap();
-    fs::set_permissions(root.join("a/f2"), fs::Permissions::from_mode(0o4711)).unwrap();
+    fs::set_permissions(root.join("a/f5"), fs::Permissions::from_mode(0o4711)).unwrap();
     fs::set_permissions(root.join("a/b"), fs::Permissions::from_mode(0o500)).unwrap();
-    std::os::unix::fs::lchown(root.join("a/f6"), Some(1234), Some(5678)).unwrap();
+    std::os::unix::fs::lchown(root.join("a/f13"), Some(1234), Some(5678)).unwrap();
     std::os::unix::fs::lchown(root.join("short-link"), Some(77), Some(88)).unwrap();
     std::os::unix::fs::chown(root.join("empty"), Some(4242), Some(4343)).unwrap();
     let c = CString::new(root.join("fifo").as_os_str().as_bytes()).unwrap();

@@ -156,7 +156,7 @@ impl Read for ExtentReader<'_> {
 }
 
 /// One walk over the tree; `visit` gets each entry's parent descriptor, name, path and stat.
-fn walk(
+pub(super) fn walk(
     root: &OwnedFd,
     visit: &mut dyn FnMut(BorrowedFd<'_>, Option<&OsStr>, &str, &Stat) -> Result<(), BackupError>,
 ) -> Result<(), BackupError> {

@@ -14,7 +14,7 @@
 //!    `--new-dek` the tree is re-encrypted under a fresh DEK (the offline re-encryption);
 //!    then, under the set's lock, the volume is listed in the set and renamed into place.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
 use std::fs::File;
 use std::io::{self, BufReader, Read};
@@ -554,32 +554,66 @@ fn header_for(
     Ok(h.with_des(Some(des_rec.name.clone()), dek))
 }
 
+/// Times of every entry of the tree at `dir`, by inode.
+fn times_by_inode(dir: &Path) -> Result<HashMap<u64, sys::Times>, BackupError> {
+    let root = sys::open_root(dir).map_err(|e| BackupError::io("", e))?;
+    let mut out = HashMap::new();
+    super::create::walk(&root, &mut |_, _, _, st| {
+        out.insert(
+            st.st_ino as u64,
+            [
+                Some(Some((st.st_atime as i64, st.st_atime_nsec as u32))),
+                Some(Some((st.st_mtime as i64, st.st_mtime_nsec as u32))),
+            ],
+        );
+        Ok(())
+    })?;
+    Ok(out)
+}
+
 /// `--new-dek`: the offline re-encryption of the restored tree (names, targets, xattrs and
 /// every data unit under a fresh DEK; the archive's DEK is gone from the header at the end).
+/// It rewrites data in place and renames entries (same inodes), which moves their times:
+/// they are put back as the archive had them.
 fn reencrypt(
     home: &Home,
     des_rec: &DiskEncryptionSet,
     dir: &Path,
     header: &VolumeHeader,
 ) -> Result<Report, BackupError> {
-    let _lock = crate::volume::lock::VolumeLock::exclusive(dir)
-        .map_err(|e| BackupError::Refused(e.to_string()))?;
-    let v = des::open_vault(home, des_rec)?;
-    let (kr, header, handle) =
-        crate::unlock::unlock_with_handle(home, v, dir, header, KeyringConfig::default())?;
-    let kr = Arc::new(kr);
-    let vol = Volume::open(dir, header, kr.clone(), 0)?;
-    let access = crate::unlock::ReencryptAccess::new(home, kr.vault(), handle)?;
-    let report = Session::new(
-        &vol,
-        &access,
-        None,
-        Hooks {
-            progress: None,
-            fault: None,
-        },
-    )
-    .run()?;
+    let times = times_by_inode(dir)?;
+    let report = {
+        let _lock = crate::volume::lock::VolumeLock::exclusive(dir)
+            .map_err(|e| BackupError::Refused(e.to_string()))?;
+        let v = des::open_vault(home, des_rec)?;
+        let (kr, header, handle) =
+            crate::unlock::unlock_with_handle(home, v, dir, header, KeyringConfig::default())?;
+        let kr = Arc::new(kr);
+        let vol = Volume::open(dir, header, kr.clone(), 0)?;
+        let access = crate::unlock::ReencryptAccess::new(home, kr.vault(), handle)?;
+        Session::new(
+            &vol,
+            &access,
+            None,
+            Hooks {
+                progress: None,
+                fault: None,
+            },
+        )
+        .run()?
+    };
+    let root = sys::open_root(dir).map_err(|e| BackupError::io("", e))?;
+    // Setting an entry's times does not touch its directory's: any order will do.
+    super::create::walk(&root, &mut |parent, name, path, st| {
+        let Some(t) = times.get(&(st.st_ino as u64)) else {
+            return Ok(()); // new since (a symlink re-made keeps its times itself)
+        };
+        match name {
+            Some(n) => sys::utimens_at(parent, n, t),
+            None => sys::utimens_fd(parent, t),
+        }
+        .map_err(|e| BackupError::io(path, e))
+    })?;
     Ok(report)
 }
 

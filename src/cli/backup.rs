@@ -111,22 +111,18 @@ struct Freeze {
     since: Instant,
 }
 
-fn control_socket(home: &Home, mountpoint: &Path) -> PathBuf {
-    crate::mount::RunRecord::status_path(home, mountpoint)
-        .with_extension("")
-        .with_extension("sock")
-}
-
 /// Asks the mount at `mountpoint` to freeze writes (after flushing what the kernel holds).
 fn freeze(home: &Home, mountpoint: &Path) -> anyhow::Result<Freeze> {
     if let Ok(d) = std::fs::File::open(mountpoint) {
         let _ = rustix::fs::syncfs(&d);
     }
-    let path = control_socket(home, mountpoint);
+    let path = crate::control::socket_path(home, mountpoint);
     let mut conn = UnixStream::connect(&path)
         .with_context(|| format!("the mount has no control socket ({})", path.display()))?;
     conn.set_read_timeout(Some(FREEZE_ANSWER))?;
-    conn.write_all(b"{\"op\":\"freeze\"}\n")?;
+    let mut req = serde_json::to_vec(&crate::control::Request::Freeze)?;
+    req.push(b'\n');
+    conn.write_all(&req)?;
     let mut line = String::new();
     BufReader::new(conn.try_clone()?)
         .read_line(&mut line)
