@@ -37,25 +37,53 @@ fn setup(env: &Env) {
         env.cmkfs(&["vault", "key", "create", k, "--key-size", KEY_SIZE])
             .assert_ok();
     }
-    env.cmkfs(&["des", "create", "d", "--key", "dkey"]).assert_ok();
+    env.cmkfs(&["des", "create", "d", "--key", "dkey"])
+        .assert_ok();
 }
 
 fn setxattr(p: &Path, name: &str, value: &[u8]) {
     let c = CString::new(p.as_os_str().as_bytes()).unwrap();
     let n = CString::new(name).unwrap();
     // SAFETY: valid strings and buffer.
-    let r = unsafe { libc::lsetxattr(c.as_ptr(), n.as_ptr(), value.as_ptr().cast(), value.len(), 0) };
-    assert_eq!(r, 0, "setxattr {name} on {}: {}", p.display(), std::io::Error::last_os_error());
+    let r = unsafe {
+        libc::lsetxattr(
+            c.as_ptr(),
+            n.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
+    };
+    assert_eq!(
+        r,
+        0,
+        "setxattr {name} on {}: {}",
+        p.display(),
+        std::io::Error::last_os_error()
+    );
 }
 
 fn set_times(p: &Path, mtime: (i64, i64)) {
     let c = CString::new(p.as_os_str().as_bytes()).unwrap();
     let ts = [
-        libc::timespec { tv_sec: 1_600_000_000, tv_nsec: 5 },
-        libc::timespec { tv_sec: mtime.0, tv_nsec: mtime.1 },
+        libc::timespec {
+            tv_sec: 1_600_000_000,
+            tv_nsec: 5,
+        },
+        libc::timespec {
+            tv_sec: mtime.0,
+            tv_nsec: mtime.1,
+        },
     ];
     // SAFETY: valid path and two timespecs.
-    let r = unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), ts.as_ptr(), libc::AT_SYMLINK_NOFOLLOW) };
+    let r = unsafe {
+        libc::utimensat(
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            ts.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    };
     assert_eq!(r, 0, "utimensat {}", p.display());
 }
 
@@ -66,7 +94,12 @@ fn populate(root: &Path, rng: &mut StdRng) {
         fs::create_dir_all(root.join(d)).unwrap();
     }
     fs::create_dir(&long_dir).unwrap();
-    let dirs = [root.to_path_buf(), root.join("a"), root.join("a/b/c"), long_dir.clone()];
+    let dirs = [
+        root.to_path_buf(),
+        root.join("a"),
+        root.join("a/b/c"),
+        long_dir.clone(),
+    ];
     for i in 0..60 {
         let size = match i % 5 {
             0 => rng.gen_range(0..=8200),
@@ -99,7 +132,11 @@ fn populate(root: &Path, rng: &mut StdRng) {
     fs::hard_link(root.join("a/f1"), long_dir.join("hard-2")).unwrap();
     setxattr(&root.join("a/f1"), "user.note", b"hello\nworld\0=");
     setxattr(&root.join("a"), "user.dir", &[7u8; 300]);
-    setxattr(&root.join("a/b/c"), &format!("user.{}", "x".repeat(200)), b"hashed");
+    setxattr(
+        &root.join("a/b/c"),
+        &format!("user.{}", "x".repeat(200)),
+        b"hashed",
+    );
     setxattr(&root.join("short-link"), "trusted.on-a-symlink", b"t");
     let acl = std::process::Command::new("setfacl")
         .args(["-m", "u:1234:rw,g:99:r"])
@@ -125,7 +162,10 @@ fn populate(root: &Path, rng: &mut StdRng) {
     assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o640) }, 0);
     let c = CString::new(root.join("null-dev").as_os_str().as_bytes()).unwrap();
     // SAFETY: valid path; root makes device nodes.
-    assert_eq!(unsafe { libc::mknod(c.as_ptr(), libc::S_IFCHR | 0o600, libc::makedev(1, 3)) }, 0);
+    assert_eq!(
+        unsafe { libc::mknod(c.as_ptr(), libc::S_IFCHR | 0o600, libc::makedev(1, 3)) },
+        0
+    );
     set_times(&root.join("a/f1"), (1_234_567_890, 123_456_789));
     set_times(&root.join("short-link"), (1_000_000_000, 1));
     set_times(&root.join("empty"), (1_500_000_000, 999_999_999));
@@ -147,7 +187,8 @@ fn xattrs(p: &Path) -> Vec<String> {
             let nc = CString::new(name).unwrap();
             let mut v = vec![0u8; 65536];
             // SAFETY: as above.
-            let m = unsafe { libc::lgetxattr(c.as_ptr(), nc.as_ptr(), v.as_mut_ptr().cast(), v.len()) };
+            let m =
+                unsafe { libc::lgetxattr(c.as_ptr(), nc.as_ptr(), v.as_mut_ptr().cast(), v.len()) };
             let v = if m >= 0 { &v[..m as usize] } else { &[][..] };
             format!("{}={}", String::from_utf8_lossy(name), hex::encode(v))
         })
@@ -176,7 +217,10 @@ fn view(root: &Path) -> BTreeMap<String, String> {
                 format!("link -> {}", fs::read_link(&p).unwrap().display())
             } else if ft.is_file() {
                 inodes.entry(md.ino()).or_default().push(rel.clone());
-                format!("file {}", hex::encode(Sha256::digest(fs::read(&p).unwrap())))
+                format!(
+                    "file {}",
+                    hex::encode(Sha256::digest(fs::read(&p).unwrap()))
+                )
             } else {
                 format!("special rdev {}", md.rdev())
             };
@@ -212,7 +256,12 @@ fn assert_views(got: &BTreeMap<String, String>, want: &BTreeMap<String, String>,
     for (k, v) in want {
         match got.get(k) {
             None => diff.push(format!("missing {}", short(k))),
-            Some(g) if g != v => diff.push(format!("{}:\n    got  {}\n    want {}", short(k), short(g), short(v))),
+            Some(g) if g != v => diff.push(format!(
+                "{}:\n    got  {}\n    want {}",
+                short(k),
+                short(g),
+                short(v)
+            )),
             _ => {}
         }
     }
@@ -229,7 +278,11 @@ fn ciphertext_blocks(cipher: &Path) -> HashSet<[u8; 16]> {
     let mut out = HashSet::new();
     for p in data_files(cipher) {
         let b = fs::read(&p).unwrap();
-        for c in b.get(FILE_HEADER_LEN as usize..).unwrap_or(&[]).chunks_exact(16) {
+        for c in b
+            .get(FILE_HEADER_LEN as usize..)
+            .unwrap_or(&[])
+            .chunks_exact(16)
+        {
             if c.iter().any(|x| *x != 0) {
                 out.insert(c.try_into().unwrap());
             }
@@ -248,13 +301,20 @@ fn backing(cipher: &Path) -> BTreeMap<String, String> {
         }
         let md = fs::symlink_metadata(&p).unwrap();
         let d = if md.is_file() {
-            format!("{} blocks {}", hex::encode(Sha256::digest(fs::read(&p).unwrap())), md.blocks())
+            format!(
+                "{} blocks {}",
+                hex::encode(Sha256::digest(fs::read(&p).unwrap())),
+                md.blocks()
+            )
         } else if md.file_type().is_symlink() {
             fs::read_link(&p).unwrap().display().to_string()
         } else {
             String::new()
         };
-        out.insert(rel, format!("{:o} {}:{} {d}", md.mode(), md.uid(), md.gid()));
+        out.insert(
+            rel,
+            format!("{:o} {}:{} {d}", md.mode(), md.uid(), md.gid()),
+        );
     }
     out
 }
@@ -293,13 +353,28 @@ fn round_trip_keeps_every_byte_and_metadata_and_new_dek_shares_no_ciphertext_blo
         !bytes.windows(MARKER.len()).any(|w| w == MARKER),
         "the archive contains plaintext"
     );
-    assert!(!bytes.windows(5).any(|w| w == b"f1\0\0\0"), "a plaintext name in the archive");
+    assert!(
+        !bytes.windows(5).any(|w| w == b"f1\0\0\0"),
+        "a plaintext name in the archive"
+    );
     // A sparse file is stored as its data extents only (GNU sparse 1.0): the archive is far
     // smaller than the 3 MiB file.
-    assert!(bytes.len() < 2 << 20, "archive of {} bytes: holes were stored", bytes.len());
+    assert!(
+        bytes.len() < 2 << 20,
+        "archive of {} bytes: holes were stored",
+        bytes.len()
+    );
     // A standard tool reads it.
-    let list = std::process::Command::new("tar").arg("tvf").arg(&archive).output().unwrap();
-    assert!(list.status.success(), "tar tvf: {}", String::from_utf8_lossy(&list.stderr));
+    let list = std::process::Command::new("tar")
+        .arg("tvf")
+        .arg(&archive)
+        .output()
+        .unwrap();
+    assert!(
+        list.status.success(),
+        "tar tvf: {}",
+        String::from_utf8_lossy(&list.stderr)
+    );
 
     // Restore under the set: the same backing bytes, a header under the set's key.
     let r1 = env.root.join("restored");
@@ -330,7 +405,11 @@ fn round_trip_keeps_every_byte_and_metadata_and_new_dek_shares_no_ciphertext_blo
             .map(|md| md.blocks())
             .sum()
     };
-    assert!(blocks_of(&r1) < 64, "the sparse file's holes were filled: {} blocks", blocks_of(&r1));
+    assert!(
+        blocks_of(&r1) < 64,
+        "the sparse file's holes were filled: {} blocks",
+        blocks_of(&r1)
+    );
 
     // --new-dek: same plaintext, no shared key, no shared ciphertext block.
     let r2 = env.root.join("restored-new-dek");
@@ -348,12 +427,18 @@ fn round_trip_keeps_every_byte_and_metadata_and_new_dek_shares_no_ciphertext_blo
     assert_ne!(h1["dek_fingerprint"], h2["dek_fingerprint"]);
     let raw: serde_json::Value =
         serde_json::from_slice(&fs::read(r2.join(HEADER_NAME)).unwrap()).unwrap();
-    assert!(raw.get("retiring").is_none(), "the archive's DEK is still in the header");
+    assert!(
+        raw.get("retiring").is_none(),
+        "the archive's DEK is still in the header"
+    );
     let old = ciphertext_blocks(&env.cipher);
     let new = ciphertext_blocks(&r2);
     assert!(old.len() > 1000 && new.len() > 1000);
     let shared = old.intersection(&new).count();
-    assert_eq!(shared, 0, "{shared} ciphertext blocks shared with the source");
+    assert_eq!(
+        shared, 0,
+        "{shared} ciphertext blocks shared with the source"
+    );
     let m = env.mount(&r2, &mnt2);
     assert_views(&view(&mnt2), &want, "restored with a new DEK");
     m.unmount();
@@ -366,7 +451,9 @@ fn tar_members(b: &[u8]) -> Vec<(usize, u8, usize, usize)> {
     let mut o = 0;
     while o + 512 <= b.len() && b[o..o + 512].iter().any(|x| *x != 0) {
         let size_field = std::str::from_utf8(&b[o + 124..o + 136]).unwrap();
-        let size = usize::from_str_radix(size_field.trim_matches(|c: char| c == '\0' || c == ' '), 8).unwrap();
+        let size =
+            usize::from_str_radix(size_field.trim_matches(|c: char| c == '\0' || c == ' '), 8)
+                .unwrap();
         out.push((o, b[o + 156], o + 512, size));
         o += 512 + size.div_ceil(512) * 512;
     }
@@ -401,16 +488,25 @@ fn assert_refused(env: &Env, archive: &Path, what: &str) -> String {
     let left: Vec<PathBuf> = fs::read_dir(&env.root)
         .unwrap()
         .map(|e| e.unwrap().path())
-        .filter(|p| p.file_name().unwrap().to_string_lossy().contains("cmkfs-restore"))
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .contains("cmkfs-restore")
+        })
         .collect();
     assert!(left.is_empty(), "{what}: left {left:?}");
     let des = fs::read_to_string(env.home.join("des/d.json")).unwrap();
-    assert!(!des.contains(&*target.to_string_lossy()), "{what}: listed in the set");
+    assert!(
+        !des.contains(&*target.to_string_lossy()),
+        "{what}: listed in the set"
+    );
     out.stderr
 }
 
 #[test]
-fn tampered_truncated_or_foreign_archives_and_a_disabled_backup_key_are_refused_with_nothing_written() {
+fn tampered_truncated_or_foreign_archives_and_a_disabled_backup_key_are_refused_with_nothing_written(
+) {
     let env = Env::new();
     setup(&env);
     {
@@ -422,8 +518,14 @@ fn tampered_truncated_or_foreign_archives_and_a_disabled_backup_key_are_refused_
         m.unmount();
     }
     let archive = env.root.join("a.tar");
-    env.cmkfs(&["backup".as_ref(), env.cipher.as_os_str(), archive.as_os_str(), "--key".as_ref(), "bkey".as_ref()])
-        .assert_ok();
+    env.cmkfs(&[
+        "backup".as_ref(),
+        env.cipher.as_os_str(),
+        archive.as_os_str(),
+        "--key".as_ref(),
+        "bkey".as_ref(),
+    ])
+    .assert_ok();
     let good = fs::read(&archive).unwrap();
     let members = tar_members(&good);
     let bad = env.root.join("bad.tar");
@@ -436,8 +538,13 @@ fn tampered_truncated_or_foreign_archives_and_a_disabled_backup_key_are_refused_
     // A byte of each member's data (pax records, key envelope, files, manifest, MAC).
     for (i, &(hdr, t, data, len)) in members.iter().enumerate() {
         if len > 0 {
-            let name = String::from_utf8_lossy(&good[hdr..hdr + 100]).trim_end_matches('\0').to_string();
-            cases.push((format!("data of member {i} ({name}, type {})", t as char), flip(data + len / 2)));
+            let name = String::from_utf8_lossy(&good[hdr..hdr + 100])
+                .trim_end_matches('\0')
+                .to_string();
+            cases.push((
+                format!("data of member {i} ({name}, type {})", t as char),
+                flip(data + len / 2),
+            ));
         }
     }
     // Metadata in tar headers, with the header checksum made right again (so only our digests
@@ -456,15 +563,27 @@ fn tampered_truncated_or_foreign_archives_and_a_disabled_backup_key_are_refused_
         let eq = at + good[at..].iter().position(|b| *b == b'=').unwrap();
         let mut b = good.clone();
         b[eq + 3] ^= 0x01;
-        cases.push((format!("value of pax record {}", String::from_utf8_lossy(key)), b));
+        cases.push((
+            format!("value of pax record {}", String::from_utf8_lossy(key)),
+            b,
+        ));
     }
     // Header checksum broken (tar itself refuses).
     cases.push(("a header byte".into(), flip(members[1].0 + 3)));
-    for cut in [100, 512 * 3, good.len() / 2, good.len() - 2048, good.len() - 1100] {
+    for cut in [
+        100,
+        512 * 3,
+        good.len() / 2,
+        good.len() - 2048,
+        good.len() - 1100,
+    ] {
         cases.push((format!("truncated at {cut}"), good[..cut].to_vec()));
     }
     // Members dropped: everything after the first file member's data.
-    cases.push(("trailing members removed".into(), good[..members[members.len() - 3].0].to_vec()));
+    cases.push((
+        "trailing members removed".into(),
+        good[..members[members.len() - 3].0].to_vec(),
+    ));
     for (what, bytes) in &cases {
         fs::write(&bad, bytes).unwrap();
         assert_refused(&env, &bad, what);
@@ -472,8 +591,14 @@ fn tampered_truncated_or_foreign_archives_and_a_disabled_backup_key_are_refused_
     // Another backup's key envelope in front of this one's members (both wrapped by keys the
     // caller may use): the manifest names the first envelope, so the swap is found.
     let other = env.root.join("other.tar");
-    env.cmkfs(&["backup".as_ref(), env.cipher.as_os_str(), other.as_os_str(), "--key".as_ref(), "dkey".as_ref()])
-        .assert_ok();
+    env.cmkfs(&[
+        "backup".as_ref(),
+        env.cipher.as_os_str(),
+        other.as_os_str(),
+        "--key".as_ref(),
+        "dkey".as_ref(),
+    ])
+    .assert_ok();
     let ob = fs::read(&other).unwrap();
     let om = tar_members(&ob);
     let mut swapped = ob[..om[1].0].to_vec();
@@ -483,15 +608,29 @@ fn tampered_truncated_or_foreign_archives_and_a_disabled_backup_key_are_refused_
     assert!(e.contains("key envelope") || e.contains("MAC"), "{e}");
 
     // The backup key disabled: refused, with the reason; enabled again: restored.
-    env.cmkfs(&["vault", "key", "update", "bkey", "--disable"]).assert_ok();
+    env.cmkfs(&["vault", "key", "update", "bkey", "--disable"])
+        .assert_ok();
     let e = assert_refused(&env, &archive, "disabled backup key");
     assert!(e.contains("bkey") && e.contains("disabled"), "{e}");
-    env.cmkfs(&["vault", "key", "update", "bkey", "--enable"]).assert_ok();
-    let target = env.root.join("target");
-    env.cmkfs(&["restore".as_ref(), archive.as_os_str(), target.as_os_str(), "--des".as_ref(), "d".as_ref()])
+    env.cmkfs(&["vault", "key", "update", "bkey", "--enable"])
         .assert_ok();
+    let target = env.root.join("target");
+    env.cmkfs(&[
+        "restore".as_ref(),
+        archive.as_os_str(),
+        target.as_os_str(),
+        "--des".as_ref(),
+        "d".as_ref(),
+    ])
+    .assert_ok();
     // A non-empty target is refused before anything else.
-    let out = env.cmkfs(&["restore".as_ref(), archive.as_os_str(), target.as_os_str(), "--des".as_ref(), "d".as_ref()]);
+    let out = env.cmkfs(&[
+        "restore".as_ref(),
+        archive.as_os_str(),
+        target.as_os_str(),
+        "--des".as_ref(),
+        "d".as_ref(),
+    ]);
     out.assert_clear_error();
     assert!(out.stderr.contains("not empty"), "{out}");
 }
@@ -510,8 +649,18 @@ fn backup_of_a_mounted_volume_while_a_writer_runs_is_one_point_in_time() {
         let (stop, mnt) = (stop.clone(), env.mnt.clone());
         std::thread::spawn(move || {
             use std::os::unix::fs::FileExt;
-            let fa = fs::OpenOptions::new().create(true).truncate(false).write(true).open(mnt.join("a")).unwrap();
-            let fb = fs::OpenOptions::new().create(true).truncate(false).write(true).open(mnt.join("b")).unwrap();
+            let fa = fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(mnt.join("a"))
+                .unwrap();
+            let fb = fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(mnt.join("b"))
+                .unwrap();
             let mut v = 0u8;
             while !stop.load(Ordering::SeqCst) {
                 v = v.wrapping_add(1).max(1);
@@ -538,15 +687,29 @@ fn backup_of_a_mounted_volume_while_a_writer_runs_is_one_point_in_time() {
     m.unmount();
 
     let target = env.root.join("r");
-    env.cmkfs(&["restore".as_ref(), archive.as_os_str(), target.as_os_str(), "--des".as_ref(), "d".as_ref()])
-        .assert_ok();
+    env.cmkfs(&[
+        "restore".as_ref(),
+        archive.as_os_str(),
+        target.as_os_str(),
+        "--des".as_ref(),
+        "d".as_ref(),
+    ])
+    .assert_ok();
     let m = env.mount(&target, &env.mnt);
     let a = fs::read(env.mnt.join("a")).unwrap();
     let bb = fs::read(env.mnt.join("b")).unwrap();
     assert_eq!((a.len(), bb.len()), (SIZE, SIZE));
     let whole = |d: &[u8]| d.iter().all(|x| *x == d[0]);
-    assert!(whole(&a) && whole(&bb), "a torn file: a {:?}, b {:?}", &a[..4], &bb[..4]);
+    assert!(
+        whole(&a) && whole(&bb),
+        "a torn file: a {:?}, b {:?}",
+        &a[..4],
+        &bb[..4]
+    );
     let (va, vb) = (a[0], bb[0]);
-    assert!(va == vb || va == vb.wrapping_add(1).max(1), "a at {va}, b at {vb}: not one point in time");
+    assert!(
+        va == vb || va == vb.wrapping_add(1).max(1),
+        "a at {va}, b at {vb}: not one point in time"
+    );
     m.unmount();
 }

@@ -45,7 +45,10 @@ fn ustar(kind: tar::EntryType, mode: u32, size: u64, mtime: i64) -> tar::Header 
 /// readers use).
 fn set_name(h: &mut tar::Header, name: &str) {
     if h.set_path(name).is_err() {
-        let short = format!("{VOLUME_PREFIX}long.{}", &hex::encode(Sha256::digest(name))[..32]);
+        let short = format!(
+            "{VOLUME_PREFIX}long.{}",
+            &hex::encode(Sha256::digest(name))[..32]
+        );
         let _ = h.set_path(short);
     }
 }
@@ -140,7 +143,10 @@ impl<W: Write> Writer<W> {
             pax.push(("GNU.sparse.major".into(), b"1".to_vec()));
             pax.push(("GNU.sparse.minor".into(), b"0".to_vec()));
             pax.push(("GNU.sparse.name".into(), name.clone().into_bytes()));
-            pax.push(("GNU.sparse.realsize".into(), m.size.to_string().into_bytes()));
+            pax.push((
+                "GNU.sparse.realsize".into(),
+                m.size.to_string().into_bytes(),
+            ));
         } else {
             pax.push(("path".into(), name.clone().into_bytes()));
         }
@@ -330,7 +336,12 @@ fn parse<R: Read>(
     e: &mut tar::Entry<'_, R>,
     records: Vec<(String, Vec<u8>)>,
 ) -> Result<Parsed, BackupError> {
-    let get = |k: &str| records.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_slice());
+    let get = |k: &str| {
+        records
+            .iter()
+            .find(|(n, _)| n == k)
+            .map(|(_, v)| v.as_slice())
+    };
     let sparse_name = get("GNU.sparse.name").map(<[u8]>::to_vec);
     let name = match (&sparse_name, get("path")) {
         (Some(n), _) => n.clone(),
@@ -436,7 +447,14 @@ fn parse<R: Read>(
         }
         (size, ext)
     } else {
-        (total, if total > 0 { vec![(0, total)] } else { Vec::new() })
+        (
+            total,
+            if total > 0 {
+                vec![(0, total)]
+            } else {
+                Vec::new()
+            },
+        )
     };
     Ok(Parsed::Member(Box::new(Member {
         path,

@@ -86,8 +86,8 @@ fn member_of(path: &str, kind: Kind, st: &Stat) -> Member {
         mode: st.st_mode & 0o7777,
         uid: u64::from(st.st_uid),
         gid: u64::from(st.st_gid),
-        mtime: (st.st_mtime as i64, st.st_mtime_nsec as u32),
-        atime: (st.st_atime as i64, st.st_atime_nsec as u32),
+        mtime: (st.st_mtime, st.st_mtime_nsec as u32),
+        atime: (st.st_atime, st.st_atime_nsec as u32),
         target: None,
         rdev: None,
         xattrs: Vec::new(),
@@ -155,11 +155,13 @@ impl Read for ExtentReader<'_> {
     }
 }
 
-/// One walk over the tree; `visit` gets each entry's parent descriptor, name, path and stat.
-pub(super) fn walk(
-    root: &OwnedFd,
-    visit: &mut dyn FnMut(BorrowedFd<'_>, Option<&OsStr>, &str, &Stat) -> Result<(), BackupError>,
-) -> Result<(), BackupError> {
+/// What [`walk`] calls for each entry: its parent's descriptor (the root's own for the
+/// root), its name (`None` for the root), its path and its `lstat`.
+pub(super) type Visit<'v> =
+    dyn FnMut(BorrowedFd<'_>, Option<&OsStr>, &str, &Stat) -> Result<(), BackupError> + 'v;
+
+/// One walk over the tree, directories before their entries.
+pub(super) fn walk(root: &OwnedFd, visit: &mut Visit<'_>) -> Result<(), BackupError> {
     let st = sys::fstat(root.as_fd()).map_err(|e| BackupError::io("", e))?;
     visit(root.as_fd(), None, "", &st)?;
     let mut stack: Vec<(OwnedFd, String)> = Vec::new();
@@ -199,7 +201,8 @@ pub(super) fn walk(
             };
             visit(dir.as_fd(), Some(&name), &path, &st)?;
             if st.st_mode & libc::S_IFMT == libc::S_IFDIR {
-                let sub = sys::open_dir(dir.as_fd(), &name).map_err(|e| BackupError::io(&path, e))?;
+                let sub =
+                    sys::open_dir(dir.as_fd(), &name).map_err(|e| BackupError::io(&path, e))?;
                 stack.push((sub, path));
             }
         }
@@ -254,7 +257,8 @@ pub fn backup(
         &wrapped,
         inner.as_ref().map(|(d, w)| (*d, w)),
     );
-    let env_bytes = serde_json::to_vec_pretty(&envelope).map_err(|e| BackupError::Internal(e.to_string()))?;
+    let env_bytes =
+        serde_json::to_vec_pretty(&envelope).map_err(|e| BackupError::Internal(e.to_string()))?;
 
     let root = sys::open_root(req.root).map_err(|e| BackupError::io("", e))?;
     // A first walk for the progress bar's total.
@@ -267,11 +271,14 @@ pub fn backup(
         Ok(())
     })?;
 
-    let dir = req.archive.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let fname = req
+    let dir = req
         .archive
-        .file_name()
-        .ok_or_else(|| BackupError::Refused(format!("{} is not a file name", req.archive.display())))?;
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let fname = req.archive.file_name().ok_or_else(|| {
+        BackupError::Refused(format!("{} is not a file name", req.archive.display()))
+    })?;
     let tmp = dir.join(format!(
         "{TEMP_PREFIX}{}.{}",
         fname.to_string_lossy(),
@@ -286,7 +293,8 @@ pub fn backup(
     let result = (|| {
         let mut report = write_archive(req, &root, out, &env_bytes, total, progress)?;
         let f = File::open(&tmp).map_err(|e| BackupError::io(&tmp.display().to_string(), e))?;
-        f.sync_all().map_err(|e| BackupError::io(&tmp.display().to_string(), e))?;
+        f.sync_all()
+            .map_err(|e| BackupError::io(&tmp.display().to_string(), e))?;
         rustix::fs::renameat_with(
             rustix::fs::CWD,
             &tmp,
@@ -319,7 +327,8 @@ fn write_archive(
     let created = now();
     let werr = |e: io::Error| BackupError::io(&req.archive.display().to_string(), e);
     let mut w = Writer::new(BufWriter::with_capacity(1 << 20, out));
-    w.small(KEY_MEMBER, env_bytes, created as i64).map_err(werr)?;
+    w.small(KEY_MEMBER, env_bytes, created as i64)
+        .map_err(werr)?;
     let mut entries: Vec<Entry> = Vec::new();
     let mut totals = Totals::default();
     let mut sockets = 0u64;
@@ -346,12 +355,15 @@ fn write_archive(
         };
         let mut m = member_of(path, kind, st);
         if kind != Kind::Dir && st.st_nlink > 1 {
-            let key = (st.st_dev as u64, st.st_ino as u64);
+            let key = (st.st_dev, st.st_ino);
             if let Some(first) = seen.get(&key) {
                 m.kind = Kind::Hardlink;
                 m.target = Some(first.clone());
                 let d = w.member(&m, None).map_err(werr)?;
-                entries.push(Entry { path: path.into(), sha256: d });
+                entries.push(Entry {
+                    path: path.into(),
+                    sha256: d,
+                });
                 totals.hardlinks += 1;
                 return Ok(());
             }
@@ -363,7 +375,7 @@ fn write_archive(
                 let Some(n) = name else {
                     return Err(BackupError::Internal("the root is a file".into()));
                 };
-                let (f, fst) = match sys::open_regular(dir, n, sys::Access::Read, Some(st.st_ino as u64)) {
+                let (f, fst) = match sys::open_regular(dir, n, sys::Access::Read, Some(st.st_ino)) {
                     Ok(x) => x,
                     Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(()),
                     Err(e) => return Err(BackupError::io(path, e)),
@@ -434,8 +446,10 @@ fn write_archive(
     };
     let mbytes = serde_json::to_vec(&manifest).map_err(|e| BackupError::Internal(e.to_string()))?;
     let mac = manifest::mac(&req.deks.outer, &mbytes);
-    w.small(MANIFEST_MEMBER, &mbytes, created as i64).map_err(werr)?;
-    w.small(MAC_MEMBER, mac.as_bytes(), created as i64).map_err(werr)?;
+    w.small(MANIFEST_MEMBER, &mbytes, created as i64)
+        .map_err(werr)?;
+    w.small(MAC_MEMBER, mac.as_bytes(), created as i64)
+        .map_err(werr)?;
     let mut buf = w.finish().map_err(werr)?;
     buf.flush().map_err(werr)?;
     Ok(BackupReport {

@@ -104,13 +104,16 @@ impl KeyEnvelope {
 
     /// The backup key id.
     pub fn kid(&self) -> Result<KeyId, BackupError> {
-        self.key_id.parse().map_err(|e| {
-            BackupError::Corrupt(format!("the key envelope's key id is invalid: {e}"))
-        })
+        self.key_id
+            .parse()
+            .map_err(|e| BackupError::Corrupt(format!("the key envelope's key id is invalid: {e}")))
     }
 
     /// Unwraps the DEK(s) through `vault` (as the caller) and checks their fingerprints.
-    pub fn unwrap(&self, vault: &dyn crate::vault::Vault) -> Result<(Dek, Option<Dek>), BackupError> {
+    pub fn unwrap(
+        &self,
+        vault: &dyn crate::vault::Vault,
+    ) -> Result<(Dek, Option<Dek>), BackupError> {
         let kid = self.kid()?;
         let one = |wrapped: &str, fp: &str| -> Result<Dek, BackupError> {
             let w = B64

@@ -69,7 +69,11 @@ pub enum BackupError {
 impl BackupError {
     fn io(path: &str, source: io::Error) -> BackupError {
         BackupError::Io {
-            path: if path.is_empty() { "/".into() } else { path.into() },
+            path: if path.is_empty() {
+                "/".into()
+            } else {
+                path.into()
+            },
             source,
         }
     }

@@ -240,7 +240,9 @@ fn extract(
         Kind::Symlink | Kind::Fifo | Kind::Char | Kind::Block => {
             let p = tree.parent(parent)?;
             let r = match m.kind {
-                Kind::Symlink => sys::symlink(m.target.as_deref().unwrap_or("").as_bytes(), p, name),
+                Kind::Symlink => {
+                    sys::symlink(m.target.as_deref().unwrap_or("").as_bytes(), p, name)
+                }
                 Kind::Fifo => sys::mknod(p, name, libc::S_IFIFO | m.mode, 0),
                 _ => {
                     let (maj, min) = m.rdev.unwrap_or((0, 0));
@@ -284,7 +286,11 @@ fn finish_dirs(tree: &mut Tree, dirs: &[Member]) -> Result<(), BackupError> {
     Ok(())
 }
 
-fn read_small<R: Read>(e: &mut tar::Entry<'_, R>, max: u64, what: &str) -> Result<Vec<u8>, BackupError> {
+fn read_small<R: Read>(
+    e: &mut tar::Entry<'_, R>,
+    max: u64,
+    what: &str,
+) -> Result<Vec<u8>, BackupError> {
     if e.size() > max {
         return Err(BackupError::Corrupt(format!("the {what} is too large")));
     }
@@ -367,7 +373,11 @@ pub fn restore(
         return Err(BackupError::Refused(format!(
             "the archive holds a {} volume, but Disk Encryption Set {} is {}: choose a set of \
              the same encryption type",
-            if inner.is_some() { "double-encrypted" } else { "single-encryption" },
+            if inner.is_some() {
+                "double-encrypted"
+            } else {
+                "single-encryption"
+            },
             des_rec.name,
             des_rec.encryption_type.as_str()
         )));
@@ -375,9 +385,9 @@ pub fn restore(
 
     // 3. Extract into a temp directory beside the target.
     let parent = target.parent().unwrap_or(Path::new("/"));
-    let tname = target
-        .file_name()
-        .ok_or_else(|| BackupError::Refused(format!("{} is not a directory name", target.display())))?;
+    let tname = target.file_name().ok_or_else(|| {
+        BackupError::Refused(format!("{} is not a directory name", target.display()))
+    })?;
     let tmp = parent.join(format!(
         ".{}.cmkfs-restore.{}",
         tname.to_string_lossy(),
@@ -432,19 +442,25 @@ pub fn restore(
             let (mut e, p) = archive::next(&mut entries)?
                 .ok_or_else(|| BackupError::Corrupt("the manifest MAC is missing".into()))?;
             match p {
-                Parsed::Own(n) if n == MAC_MEMBER => read_small(&mut e, manifest::MAX_SMALL, "MAC")?,
+                Parsed::Own(n) if n == MAC_MEMBER => {
+                    read_small(&mut e, manifest::MAX_SMALL, "MAC")?
+                }
                 _ => return Err(BackupError::Corrupt("the manifest MAC is missing".into())),
             }
         };
         if archive::next(&mut entries)?.is_some() {
-            return Err(BackupError::Corrupt("members follow the manifest MAC".into()));
+            return Err(BackupError::Corrupt(
+                "members follow the manifest MAC".into(),
+            ));
         }
         // 4. The manifest.
         manifest::verify_mac(&dek, &manifest_bytes, &mac)?;
         let man: Manifest = serde_json::from_slice(&manifest_bytes)
             .map_err(|e| BackupError::Corrupt(format!("the manifest is invalid: {e}")))?;
         if man.format != manifest::FORMAT || man.version != manifest::VERSION {
-            return Err(BackupError::Corrupt("the manifest's format is unknown".into()));
+            return Err(BackupError::Corrupt(
+                "the manifest's format is unknown".into(),
+            ));
         }
         if man.key_envelope_sha256 != manifest::sha256_hex(&env_bytes) {
             return Err(BackupError::Corrupt("the key envelope was replaced".into()));
@@ -480,7 +496,14 @@ pub fn restore(
         finish_dirs(&mut tree, &dirs)?;
 
         // 5. The header under the set's key, the new DEK, the set's record, the rename.
-        let header = header_for(req.home, &des_rec, des_vault.as_ref(), &man, &dek, inner.as_ref())?;
+        let header = header_for(
+            req.home,
+            &des_rec,
+            des_vault.as_ref(),
+            &man,
+            &dek,
+            inner.as_ref(),
+        )?;
         header.write(&tmp)?;
         let owners_skipped = tree.owners_skipped;
         drop(tree);
@@ -560,10 +583,10 @@ fn times_by_inode(dir: &Path) -> Result<HashMap<u64, sys::Times>, BackupError> {
     let mut out = HashMap::new();
     super::create::walk(&root, &mut |_, _, _, st| {
         out.insert(
-            st.st_ino as u64,
+            st.st_ino,
             [
-                Some(Some((st.st_atime as i64, st.st_atime_nsec as u32))),
-                Some(Some((st.st_mtime as i64, st.st_mtime_nsec as u32))),
+                Some(Some((st.st_atime, st.st_atime_nsec as u32))),
+                Some(Some((st.st_mtime, st.st_mtime_nsec as u32))),
             ],
         );
         Ok(())
@@ -605,7 +628,7 @@ fn reencrypt(
     let root = sys::open_root(dir).map_err(|e| BackupError::io("", e))?;
     // Setting an entry's times does not touch its directory's: any order will do.
     super::create::walk(&root, &mut |parent, name, path, st| {
-        let Some(t) = times.get(&(st.st_ino as u64)) else {
+        let Some(t) = times.get(&st.st_ino) else {
             return Ok(()); // new since (a symlink re-made keeps its times itself)
         };
         match name {

@@ -278,12 +278,17 @@ fn print_backup(root: &Path, r: &BackupReport, json: bool) -> anyhow::Result<()>
     );
     println!("  DEK wrapped by {}", r.key_id);
     match r.freeze_seconds {
-        Some(s) => println!("  writes through the mount were frozen for {s:.2} s (a point-in-time view)"),
+        Some(s) => {
+            println!("  writes through the mount were frozen for {s:.2} s (a point-in-time view)")
+        }
         None if r.point_in_time => {}
         None => println!("  not a point-in-time view: the mount kept writing (--force)"),
     }
     if r.sockets_skipped > 0 {
-        println!("  {} sockets skipped (they hold no data)", r.sockets_skipped);
+        println!(
+            "  {} sockets skipped (they hold no data)",
+            r.sockets_skipped
+        );
     }
     Ok(())
 }
