@@ -439,6 +439,7 @@ fn round_trip_keeps_every_byte_and_metadata_and_new_dek_shares_no_ciphertext_blo
         shared, 0,
         "{shared} ciphertext blocks shared with the source"
     );
+    assert!(blocks_of(&r2) < 64, "--new-dek filled the sparse file's holes: {} blocks", blocks_of(&r2));
     let m = env.mount(&r2, &mnt2);
     assert_views(&view(&mnt2), &want, "restored with a new DEK");
     m.unmount();
