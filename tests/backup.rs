@@ -202,6 +202,18 @@ fn xattrs(p: &Path) -> Vec<String> {
 /// an inode.
 fn view(root: &Path) -> BTreeMap<String, String> {
     let mut out = BTreeMap::new();
+    let rmd = fs::metadata(root).unwrap();
+    out.insert(
+        "(root)".into(),
+        format!(
+            "mode {:o} owner {}:{} mtime {}.{:09}",
+            rmd.mode(),
+            rmd.uid(),
+            rmd.gid(),
+            rmd.mtime(),
+            rmd.mtime_nsec()
+        ),
+    );
     let mut inodes: BTreeMap<u64, Vec<String>> = BTreeMap::new();
     let mut stack = vec![root.to_path_buf()];
     while let Some(d) = stack.pop() {
@@ -256,12 +268,21 @@ fn assert_views(got: &BTreeMap<String, String>, want: &BTreeMap<String, String>,
     for (k, v) in want {
         match got.get(k) {
             None => diff.push(format!("missing {}", short(k))),
-            Some(g) if g != v => diff.push(format!(
-                "{}:\n    got  {}\n    want {}",
-                short(k),
-                short(g),
-                short(v)
-            )),
+            Some(g) if g != v => {
+                // Show where they start to differ.
+                let at = g
+                    .bytes()
+                    .zip(v.bytes())
+                    .position(|(a, b)| a != b)
+                    .unwrap_or(0);
+                let from = g[..at].rfind(' ').unwrap_or(0);
+                diff.push(format!(
+                    "{}:\n    got  ...{}\n    want ...{}",
+                    short(k),
+                    short(&g[from..]),
+                    short(&v[from..])
+                ))
+            }
             _ => {}
         }
     }
@@ -439,7 +460,11 @@ fn round_trip_keeps_every_byte_and_metadata_and_new_dek_shares_no_ciphertext_blo
         shared, 0,
         "{shared} ciphertext blocks shared with the source"
     );
-    assert!(blocks_of(&r2) < 64, "--new-dek filled the sparse file's holes: {} blocks", blocks_of(&r2));
+    assert!(
+        blocks_of(&r2) < 64,
+        "--new-dek filled the sparse file's holes: {} blocks",
+        blocks_of(&r2)
+    );
     let m = env.mount(&r2, &mnt2);
     assert_views(&view(&mnt2), &want, "restored with a new DEK");
     m.unmount();
@@ -569,6 +594,26 @@ fn tampered_truncated_or_foreign_archives_and_a_disabled_backup_key_are_refused_
             b,
         ));
     }
+    // A path that climbs out (`..`), same length so the pax record stays well formed.
+    let mut escape = None;
+    let mut from = 0;
+    while let Some(at) = find(&good[from..], b" path=volume/") {
+        let start = from + at + b" path=".len();
+        let end = start + good[start..].iter().position(|b| *b == b'\n').unwrap();
+        if end - start > 30 && good[end - 1] != b'/' {
+            let mut evil = b"volume/../../../cmkfs-evil-".to_vec();
+            evil.resize(end - start, b'A');
+            let mut b = good.clone();
+            b[start..end].copy_from_slice(&evil);
+            escape = Some(b);
+            break;
+        }
+        from = end;
+    }
+    let escape = escape.expect("a member path to rewrite");
+    fs::write(&bad, &escape).unwrap();
+    let e = assert_refused(&env, &bad, "a path with ..");
+    assert!(e.contains("unsafe path"), "{e}");
     // Header checksum broken (tar itself refuses).
     cases.push(("a header byte".into(), flip(members[1].0 + 3)));
     for cut in [

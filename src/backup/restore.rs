@@ -493,9 +493,8 @@ pub fn restore(
                  members were added or removed)"
             )));
         }
-        finish_dirs(&mut tree, &dirs)?;
-
-        // 5. The header under the set's key, the new DEK, the set's record, the rename.
+        // 5. The header under the set's key (written before the directories' times are set,
+        // the root's included), the new DEK, the set's record, the rename.
         let header = header_for(
             req.home,
             &des_rec,
@@ -505,6 +504,7 @@ pub fn restore(
             inner.as_ref(),
         )?;
         header.write(&tmp)?;
+        finish_dirs(&mut tree, &dirs)?;
         let owners_skipped = tree.owners_skipped;
         drop(tree);
         let new_dek = if req.new_dek {
@@ -597,7 +597,7 @@ fn times_by_inode(dir: &Path) -> Result<HashMap<u64, sys::Times>, BackupError> {
 /// `--new-dek`: the offline re-encryption of the restored tree (names, targets, xattrs and
 /// every data unit under a fresh DEK; the archive's DEK is gone from the header at the end).
 /// It rewrites data in place and renames entries (same inodes), which moves their times:
-/// they are put back as the archive had them.
+/// those of files and directories are put back as the archive had them.
 fn reencrypt(
     home: &Home,
     des_rec: &DiskEncryptionSet,
@@ -628,8 +628,13 @@ fn reencrypt(
     let root = sys::open_root(dir).map_err(|e| BackupError::io("", e))?;
     // Setting an entry's times does not touch its directory's: any order will do.
     super::create::walk(&root, &mut |parent, name, path, st| {
+        // Symlinks are made anew (with their times) and may reuse a freed inode number of
+        // another entry: left alone. Files and directories keep their inodes.
+        if st.st_mode & libc::S_IFMT == libc::S_IFLNK {
+            return Ok(());
+        }
         let Some(t) = times.get(&st.st_ino) else {
-            return Ok(()); // new since (a symlink re-made keeps its times itself)
+            return Ok(());
         };
         match name {
             Some(n) => sys::utimens_at(parent, n, t),
