@@ -540,8 +540,8 @@ mod tests {
         let (_, p) = next(&mut entries).unwrap().unwrap();
         let Parsed::Member(got) = p else { panic!() };
         assert_eq!(*got, m);
-        assert!(parse_pax(b"5 a=b\n").is_ok());
-        assert!(parse_pax(b"6 a=b\n").is_err());
+        assert!(parse_pax(b"6 a=b\n").is_ok());
+        assert!(parse_pax(b"5 a=b\n").is_err());
         assert!(parse_pax(b"99 a=b\n").is_err());
     }
 
