@@ -814,3 +814,74 @@ fn backup_of_a_mounted_volume_while_a_writer_runs_is_one_point_in_time() {
     );
     m.unmount();
 }
+
+#[test]
+fn a_double_encrypted_volume_round_trips_under_a_double_set_and_is_refused_by_a_single_one() {
+    let env = Env::new();
+    env.cmkfs(&["vault", "config", "--purge-protection", "on"])
+        .assert_ok();
+    for k in ["bkey", "dkey"] {
+        env.cmkfs(&["vault", "key", "create", k, "--key-size", KEY_SIZE])
+            .assert_ok();
+    }
+    env.cmkfs(&[
+        "des",
+        "create",
+        "dd",
+        "--key",
+        "dkey",
+        "--encryption-type",
+        "EncryptionAtRestWithPlatformAndCustomerKeys",
+    ])
+    .assert_ok();
+    env.cmkfs(&["des", "create", "d", "--key", "dkey"])
+        .assert_ok();
+    env.init_with(&env.cipher, &["--des", "dd"]);
+    let mut rng = StdRng::seed_from_u64(seed("backup double"));
+    let want = {
+        let m = env.mount(&env.cipher, &env.mnt);
+        fs::create_dir(env.mnt.join("d")).unwrap();
+        for i in 0..12 {
+            let n = rng.gen_range(0..=8200);
+            fs::write(env.mnt.join(format!("d/f{i}")), random_bytes(&mut rng, n)).unwrap();
+        }
+        symlink("d/f1", env.mnt.join("l")).unwrap();
+        let v = view(&env.mnt);
+        m.unmount();
+        v
+    };
+    let archive = env.root.join("double.tar");
+    env.cmkfs(&[
+        "backup".as_ref(),
+        env.cipher.as_os_str(),
+        archive.as_os_str(),
+        "--key".as_ref(),
+        "bkey".as_ref(),
+    ])
+    .assert_ok();
+    let e = assert_refused(&env, &archive, "double archive into a single set");
+    assert!(e.contains("double-encrypted"), "{e}");
+    for (dir, extra) in [("r", None), ("r-new", Some("--new-dek"))] {
+        let target = env.root.join(dir);
+        let mut args = vec![
+            "restore".as_ref(),
+            archive.as_os_str(),
+            target.as_os_str(),
+            "--des".as_ref(),
+            "dd".as_ref(),
+        ];
+        args.extend(extra.map(std::ffi::OsStr::new));
+        env.cmkfs(&args).assert_ok();
+        assert!(
+            env.info(&target)["platform"].is_object(),
+            "not double-encrypted"
+        );
+        let m = env.mount(&target, &env.mnt);
+        let mut got = view(&env.mnt);
+        let mut want = want.clone();
+        got.remove("(root)");
+        want.remove("(root)");
+        assert_views(&got, &want, dir);
+        m.unmount();
+    }
+}
