@@ -26,7 +26,7 @@ use crate::fs::OnlineHandle;
 use crate::home::Home;
 use crate::keyring::Keyring;
 use crate::unlock::HeaderHandle;
-use crate::volume::reencrypt::{Hooks, Progress, Report, Session};
+use crate::volume::reencrypt::{Hooks, Progress, Report, Session, Step};
 
 /// A request on the control socket.
 #[derive(Debug, Serialize, Deserialize)]
@@ -206,9 +206,11 @@ fn reencrypt(conn: &UnixStream, ctl: &Control, gone: &AtomicBool) -> Result<Repo
             gone.store(true, Ordering::SeqCst);
         }
     };
-    // The client going away stops the run at its next step, a crash-safe point.
-    let mut fault = |_| {
-        if gone.load(Ordering::SeqCst) {
+    // The client going away stops the run after its next batch. Never inside the names
+    // phase: the mount looks names up under the new key only, so that phase runs to its end
+    // (with every request held back) once started.
+    let mut fault = |step| {
+        if matches!(step, Step::JournalRetired | Step::NamesDone) && gone.load(Ordering::SeqCst) {
             Err(io::Error::other("the client went away"))
         } else {
             Ok(())

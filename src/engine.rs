@@ -39,9 +39,12 @@ pub const MIN_CHUNK_BYTES: usize = 64 * 1024;
 pub enum Holes {
     /// Decrypt every unit.
     Decrypt,
-    /// Leave all-zero units as zeros: they are holes of a sparse backing file (a real
-    /// ciphertext unit is all zeros with probability 2^-(8·len): never, as format v2 makes
-    /// every unit at least one 16-byte block; a 1..15-byte v1 tail was not so safe).
+    /// Leave every all-zero 16-byte block as zeros: whole units of zeros are holes of a
+    /// sparse backing file, and single zero blocks inside a unit are the parts of a hole unit
+    /// that a torn or failed write did not reach (a backing `pwrite` can stop at a page
+    /// boundary, and a unit straddles two pages behind the 32-byte file header). A real
+    /// ciphertext block is all zeros with probability 2^-128: never in practice. Needs units
+    /// that are whole blocks (format v2); a 1..15-byte v1 tail was not so safe.
     Zero,
 }
 
@@ -230,12 +233,42 @@ fn run_units_inner(
         let tweak = first.wrapping_add(i as u128);
         match dir {
             Dir::Encrypt => cipher.encrypt_unit(tweak, u)?,
-            Dir::Decrypt(Holes::Zero) if is_zero(u) => {}
-            Dir::Decrypt(_) => cipher.decrypt_unit(tweak, u)?,
+            Dir::Decrypt(Holes::Zero) => decrypt_keeping_zero_blocks(cipher, tweak, u)?,
+            Dir::Decrypt(Holes::Decrypt) => cipher.decrypt_unit(tweak, u)?,
         }
     }
     Ok(())
 }
+
+/// Decrypts one unit, leaving its all-zero 16-byte blocks as zeros ([`Holes::Zero`]). XTS
+/// decrypts each block on its own (no ciphertext stealing in whole-block units), so zeroing a
+/// block's plaintext afterwards is the same as never decrypting it.
+fn decrypt_keeping_zero_blocks(
+    cipher: &XtsCipher,
+    tweak: u128,
+    u: &mut [u8],
+) -> Result<(), CryptoError> {
+    if is_zero(u) {
+        return Ok(());
+    }
+    let zero_blocks: Vec<usize> = if u.len() % BLOCK == 0 {
+        u.chunks_exact(BLOCK)
+            .enumerate()
+            .filter(|(_, b)| b.iter().fold(0u8, |a, &x| a | x) == 0)
+            .map(|(i, _)| i)
+            .collect()
+    } else {
+        Vec::new()
+    };
+    cipher.decrypt_unit(tweak, u)?;
+    for i in zero_blocks {
+        u[i * BLOCK..(i + 1) * BLOCK].fill(0);
+    }
+    Ok(())
+}
+
+/// The AES block size: the granularity of [`Holes::Zero`].
+const BLOCK: usize = 16;
 
 /// True when every byte is zero. Works 64 bytes at a time with an OR-fold the compiler
 /// vectorises, and stops at the first non-zero chunk (real ciphertext stops at the first).

@@ -44,7 +44,7 @@
 
 use std::collections::BTreeSet;
 use std::ffi::{OsStr, OsString};
-use std::fs::{self, File};
+use std::fs;
 use std::io::{self, Read};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
@@ -66,8 +66,15 @@ use crate::volume::lock::VolumeLock;
 use crate::volume::names::{self, DirId, EntryKind, DIRID_FILE, LONG_PREFIX, LONG_SUFFIX};
 use crate::volume::rename::REPLACED_MARKER;
 use crate::volume::symlink::{long_target_ref, LONG_TARGET_PREFIX, MAX_TARGET};
+use crate::volume::sys::{self, Access};
 use crate::volume::upgrade::{self, FormatFinding, JOURNAL_FILE};
 use crate::volume::VolumeError;
+
+/// Most bytes read from a long-name side file (a name is at most 255 bytes; its encrypted,
+/// encoded form far less than this).
+const MAX_SIDE_FILE: usize = 4096;
+/// Most bytes read from a directory id file (16 are valid; a few more make a clear error).
+const MAX_DIRID_FILE: usize = 64;
 
 /// The quarantine directory at the backing root. Contains a `.`, so it is metadata: the
 /// plaintext view never shows it and no encrypted name can collide with it.
@@ -81,7 +88,7 @@ const XATTR_PREFIXES: [&str; 2] = [
     crate::volume::xattr::PREFIX,
     crate::volume::xattr::TRUSTED_PREFIX,
 ];
-/// Backing paths longer than this are reached through a descriptor of their directory.
+/// Longest backing path some checks still make by path (longer ones are skipped there).
 const LONG_PATH: usize = 2048;
 
 /// Version of the JSON report.
@@ -497,8 +504,8 @@ struct Checker {
     quarantined: Vec<(PathBuf, ProblemKind, String)>,
     /// (backing path, backing xattr name, raw value) of xattrs set aside by a repair.
     xattrs: Vec<(PathBuf, OsString, Vec<u8>)>,
-    /// Directories with long backing paths, held open: their entries are reached as
-    /// `/proc/self/fd/N/name` (see [`Checker::io`]).
+    /// The directories being checked (the one in hand and its ancestors), held open: their
+    /// entries are reached as `/proc/self/fd/N/name` (see [`Checker::io`]).
     deep: std::collections::HashMap<PathBuf, std::os::fd::OwnedFd>,
     /// Long-target side files some symlink refers to.
     targets_used: BTreeSet<OsString>,
@@ -526,21 +533,23 @@ impl Checker {
         }
     }
 
-    /// Holds `dir` open when its path is long, so that [`Checker::io`] reaches inside it.
-    fn enter(&mut self, dir: &Path) {
-        if dir.as_os_str().len() > LONG_PATH && !self.deep.contains_key(dir) {
-            let opened = rustix::fs::open(
-                self.io(dir).as_path(),
-                rustix::fs::OFlags::PATH
-                    | rustix::fs::OFlags::DIRECTORY
-                    | rustix::fs::OFlags::NOFOLLOW
-                    | rustix::fs::OFlags::CLOEXEC,
-                rustix::fs::Mode::empty(),
-            );
-            if let Ok(fd) = opened {
-                self.deep.insert(dir.to_path_buf(), fd);
-            }
+    /// Holds `dir` open (`O_PATH|O_NOFOLLOW`, through its parent's descriptor) while it is
+    /// checked, so that [`Checker::io`] reaches everything inside it through that descriptor:
+    /// a directory swapped for a symlink while fsck runs cannot lead it (or `--repair`)
+    /// outside the volume, and long paths need no length check.
+    fn enter(&mut self, dir: &Path) -> io::Result<()> {
+        if self.deep.contains_key(dir) {
+            return Ok(());
         }
+        let mut flags =
+            rustix::fs::OFlags::PATH | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC;
+        // The root is the path the user named (it may be a symlink they chose).
+        if dir != self.root {
+            flags |= rustix::fs::OFlags::NOFOLLOW;
+        }
+        let fd = rustix::fs::open(self.io(dir).as_path(), flags, rustix::fs::Mode::empty())?;
+        self.deep.insert(dir.to_path_buf(), fd);
+        Ok(())
     }
 
     fn rel(&self, p: &Path) -> PathBuf {
@@ -876,7 +885,19 @@ impl Checker {
     /// itself must go to the quarantine (its id is lost and it holds entries whose names need
     /// it), if it must: the caller, which knows its name and side file, records and moves it.
     fn check_dir(&mut self, dir: &Path, plain: Option<&Path>) -> Option<(ProblemKind, String)> {
-        self.enter(dir);
+        if let Err(e) = self.enter(dir) {
+            self.walk_complete = false;
+            self.problem(
+                ProblemKind::Unreadable,
+                dir,
+                plain.map(Path::to_path_buf),
+                None,
+                format!("cannot open the directory (it is no longer a directory?): {e}"),
+                Fix::None,
+                None,
+            );
+            return None;
+        }
         let verdict = self.check_dir_entries(dir, plain);
         self.deep.remove(dir);
         verdict
@@ -1165,8 +1186,9 @@ impl Checker {
         plain_dir: Option<&Path>,
     ) -> Option<(ProblemKind, String)> {
         let (version, unit) = self.format?;
-        let found = File::open(self.io(path))
-            .and_then(|f| upgrade::check_file_format(&f, len, version, self.keys.as_ref(), unit));
+        let found = sys::open_regular_path(&self.io(path), Access::Read).and_then(|(f, _)| {
+            upgrade::check_file_format(&f, len, version, self.keys.as_ref(), unit)
+        });
         let (finding, detail) = match found {
             Ok(f) => f?,
             Err(e) => {
@@ -1224,7 +1246,7 @@ impl Checker {
                     }
                 }
                 self.keys.as_ref()?;
-                fs::read(&p).ok()
+                sys::read_bounded(&p, 32 + MAX_TARGET).ok()
             }
             None => {
                 self.keys.as_ref()?;
@@ -1397,7 +1419,7 @@ impl Checker {
     fn check_name(&self, name: &OsStr, side: Option<&Path>, id: Option<&DirId>) -> NameCheck {
         let encoded: Vec<u8> = match side {
             None => name.as_bytes().to_vec(),
-            Some(side) => match fs::read(self.io(side)) {
+            Some(side) => match sys::read_bounded(&self.io(side), MAX_SIDE_FILE) {
                 Ok(full) => {
                     if !names::long_name_matches(name, &full) {
                         return NameCheck::Bad(
@@ -1597,8 +1619,8 @@ fn read_dir_id(dir: &Path) -> Result<DirId, (ProblemKind, String)> {
             format!("{DIRID_FILE} is not a regular file"),
         ));
     }
-    let bytes =
-        fs::read(&p).map_err(|e| (ProblemKind::DirIdCorrupt, format!("{DIRID_FILE}: {e}")))?;
+    let bytes = sys::read_bounded(&p, MAX_DIRID_FILE)
+        .map_err(|e| (ProblemKind::DirIdCorrupt, format!("{DIRID_FILE}: {e}")))?;
     bytes.as_slice().try_into().map_err(|_| {
         (
             ProblemKind::DirIdCorrupt,
@@ -1617,7 +1639,8 @@ fn check_file(path: &Path, len: u64) -> Option<(ProblemKind, String)> {
         )),
         _ => {
             let mut b = [0u8; FILE_HEADER_LEN];
-            let read = File::open(path).and_then(|mut f| f.read_exact(&mut b));
+            let read = sys::open_regular_path(path, Access::Read)
+                .and_then(|(mut f, _)| f.read_exact(&mut b));
             match read {
                 Ok(()) => FileHeader::decode(&b)
                     .err()
@@ -1647,11 +1670,7 @@ fn header_temps(root: &Path) -> Result<Vec<PathBuf>, FsckError> {
 /// Parses a header from any file (a temp copy); `None` if it is not a complete header.
 /// Structural checks beyond the JSON shape happen in the unwrap (key id) and the MAC check.
 fn parse_header_file(path: &Path) -> Option<VolumeHeader> {
-    let meta = fs::metadata(path).ok()?;
-    if !meta.is_file() || meta.len() > 64 * 1024 {
-        return None;
-    }
-    let bytes = fs::read(path).ok()?;
+    let bytes = sys::read_bounded(path, 64 * 1024).ok()?;
     let h: VolumeHeader = serde_json::from_slice(&bytes).ok()?;
     (h.format == "cmkfs").then_some(h)
 }

@@ -35,6 +35,7 @@ fn main() {
     if !cli.quiet_on_closed_pipe() {
         cmkfs::process::ignore_sigpipe();
     }
+    cmkfs::process::ignore_file_size_signal();
     if let Err(e) = cmkfs::cli::run(cli) {
         // One line: the error and its causes, joined.
         let msg = e

@@ -46,6 +46,10 @@ pub enum MountError {
         /// Error.
         error: io::Error,
     },
+    /// The backing directory and the mountpoint overlap: the daemon would reach its own
+    /// mount through the backing store and wait on itself.
+    #[error("{0}; use a mountpoint outside the backing directory (and not above it)")]
+    Overlap(String),
     /// Other I/O.
     #[error("{}: {error}", path.display())]
     Io {
@@ -160,6 +164,41 @@ pub fn check_mountpoint(mp: &Path) -> Result<PathBuf, MountError> {
         return Err(MountError::Busy(abs));
     }
     Ok(abs)
+}
+
+/// Refuses a backing directory and a mountpoint that overlap (after resolving symlinks): the
+/// same directory, the backing directory inside the mountpoint (hidden under the mount, so
+/// every backing call would come back to this daemon and wait on itself), or the mountpoint
+/// inside the backing directory (the backing store would hold its own plaintext view).
+pub fn check_separate(cipherdir: &Path, mountpoint: &Path) -> Result<(), MountError> {
+    let canon = |p: &Path| {
+        std::fs::canonicalize(p).map_err(|e| MountError::Io {
+            path: p.to_path_buf(),
+            error: e,
+        })
+    };
+    let (c, m) = (canon(cipherdir)?, canon(mountpoint)?);
+    let why = if c == m {
+        format!(
+            "the backing directory and the mountpoint are the same directory ({})",
+            c.display()
+        )
+    } else if c.starts_with(&m) {
+        format!(
+            "the backing directory {} is inside the mountpoint {}",
+            c.display(),
+            m.display()
+        )
+    } else if m.starts_with(&c) {
+        format!(
+            "the mountpoint {} is inside the backing directory {}",
+            m.display(),
+            c.display()
+        )
+    } else {
+        return Ok(());
+    };
+    Err(MountError::Overlap(why))
 }
 
 /// What is mounted exactly at `mp` (from /proc/self/mountinfo): filesystem type and source.

@@ -11,6 +11,8 @@
 //!   for) and its state-writing threads their own umask ([`private_thread_umask`]).
 //! * [`default_sigpipe`]: a command whose output goes to a closed pipe (`cmkfs status |
 //!   head`) ends the way Unix tools do, by SIGPIPE, instead of panicking on `EPIPE`.
+//! * [`ignore_file_size_signal`]: a file-size limit turns a backing write into `EFBIG` for
+//!   the writer instead of killing the daemon.
 
 use std::io;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -98,6 +100,16 @@ pub fn ignore_sigpipe() {
     // SAFETY: setting the disposition of one signal.
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+    }
+}
+
+/// Ignores SIGXFSZ: with a file-size limit (`ulimit -f`) inherited from the shell, a backing
+/// write past it would otherwise kill the mount daemon silently and leave the mount dead
+/// (ENOTCONN); ignored, the write fails with `EFBIG`, which reaches the writer as its error.
+pub fn ignore_file_size_signal() {
+    // SAFETY: setting the disposition of one signal.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
     }
 }
 

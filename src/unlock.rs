@@ -18,7 +18,6 @@
 //! Encryption Set does not list, a MAC that does not verify with the volume's DEK) is a
 //! *denial* — the mount is cut off at once — never an outage that would only degrade it.
 
-use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -310,8 +309,9 @@ fn classify(e: &VolumeError, changed: bool) -> CheckFailure {
         // not verify with it: not something an outage does.
         VolumeError::WrongKey(m) => (ErrorClass::Denied, m.clone()),
         VolumeError::CorruptHeader { why, .. } => (ErrorClass::Denied, why.clone()),
-        other if changed => (ErrorClass::Denied, other.to_string()),
-        other => (ErrorClass::Unavailable, other.to_string()),
+        // Only the vault's answers are sorted by their class: anything else that fails an
+        // unwrap of this volume (its header, the platform envelope) is no outage.
+        other => (ErrorClass::Denied, other.to_string()),
     };
     let reason = if changed && class == ErrorClass::Denied {
         format!("the volume header was changed on disk and does not verify: {reason}")
@@ -328,17 +328,14 @@ impl KeySource for HeaderSource {
         let verified = self.verified();
         let current = match VolumeHeader::read(&self.dir) {
             Ok(h) => h,
-            // The disk failing is an outage; a header that vanished or no longer parses was
-            // written by someone.
-            Err(VolumeError::Io { error, .. }) if error.kind() != io::ErrorKind::NotFound => {
-                return Err(CheckFailure {
-                    class: ErrorClass::Unavailable,
-                    reason: format!("cannot read the volume header: {error}"),
-                })
-            }
+            // Whatever the errno: a header that cannot be read as a small regular file, or no
+            // longer parses, is denied. Only the vault's transport may cause an outage — a
+            // writer of the backing store can make a read fail at will (a symlink to a
+            // directory, a socket, a file the daemon may not open), and an outage would keep
+            // plaintext flowing for the whole grace period.
             Err(e) => {
                 return Err(denied(format!(
-                    "the volume header on disk is no longer this volume's ({e})"
+                    "the volume header on disk cannot be read as this volume's ({e})"
                 )))
             }
         };

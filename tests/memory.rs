@@ -434,3 +434,51 @@ fn pkcs11_vault_keys_leave_the_daemon_on_revocation() {
     });
     drop(m);
 }
+
+/// Second review, M2: the plaintext of the last WRITE stayed in the daemon's memory after
+/// revocation (fuser's per-worker request buffer kept the payload until a later request of
+/// the same size overwrote it). Writes a 1 MiB payload that appears nowhere else (random,
+/// so every 32-byte window is unique), revokes, and scans the daemon for windows of it.
+#[test]
+fn the_last_write_leaves_no_plaintext_in_the_daemon_after_revocation() {
+    use rand::RngCore as _;
+    use std::io::Write as _;
+    let env = Env::new();
+    env.init(&env.cipher);
+    let m = env.mount_with(&env.cipher, &env.mnt, &["--key-check-interval", "1s"]);
+    let pid = daemon_pids_of(&env.home, &env.mnt)[0] as u32;
+    let mut payload = vec![0u8; 1 << 20];
+    rand::thread_rng().fill_bytes(&mut payload);
+    // Windows across the payload: each FUSE request carries a slice of it (up to max_write),
+    // and a later small request overwrites only the start of a worker's buffer.
+    let needles: Vec<(String, Vec<u8>)> = (0..64)
+        .map(|i| {
+            let at = i * (payload.len() / 64) + 4000;
+            (format!("payload[{at}..]"), payload[at..at + 32].to_vec())
+        })
+        .collect();
+    {
+        let mut f = File::create(m.path("written")).unwrap();
+        f.write_all(&payload).unwrap();
+        f.write_all(&payload[..7]).unwrap(); // a short tail write too
+    }
+    assert_eq!(
+        fs::metadata(m.path("written")).unwrap().len(),
+        payload.len() as u64 + 7
+    );
+    env.cmkfs(&["vault", "key", "update", "default", "--disable"])
+        .assert_ok();
+    assert!(
+        wait_until(GUARD, || state(&env) == "Inaccessible"),
+        "the mount was not cut off"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let found = scan(pid, &needles);
+    drop(payload);
+    assert!(
+        found.is_empty(),
+        "plaintext of the last write in the daemon after revocation:\n{}",
+        found.join("\n")
+    );
+    drop(m);
+}

@@ -346,3 +346,43 @@ fn umount_of_a_busy_or_missing_mount_fails_cleanly() {
     drop(open);
     m.unmount();
 }
+
+/// Second review, L1: `cmkfs mount C C` (or the backing directory inside the mountpoint, or
+/// the mountpoint inside it) was accepted and deadlocked on itself (SIGTERM did not end it).
+/// Refused with one line, in the daemonizing and the foreground form.
+#[test]
+fn a_mountpoint_overlapping_the_backing_directory_is_refused() {
+    let env = Env::new();
+    volume_with_file(&env, &env.cipher);
+    let inner = env.cipher.join("inner-mnt");
+    fs::create_dir(&inner).unwrap();
+    let outer = env.dir("outer");
+    let nested = outer.join("cipher");
+    fs::create_dir(&nested).unwrap();
+    env.init(&nested);
+    for (cipher, mnt, case) in [
+        (&env.cipher, &env.cipher, "the same directory"),
+        (
+            &env.cipher,
+            &inner,
+            "mountpoint inside the backing directory",
+        ),
+        (&nested, &outer, "backing directory inside the mountpoint"),
+    ] {
+        expect_mount_fails(&env, cipher, mnt, case);
+        assert!(
+            env.try_mount(cipher, mnt).stderr.contains("mountpoint"),
+            "{case}"
+        );
+        let out = env.cmkfs(&[
+            OsStr::new("mount"),
+            cipher.as_os_str(),
+            mnt.as_os_str(),
+            OsStr::new("--foreground"),
+        ]);
+        out.assert_clear_error();
+        assert!(!is_mounted(mnt), "{case}");
+    }
+    fs::remove_dir(&inner).unwrap();
+    assert_mounts_and_reads(&env, &env.cipher, "hello.txt", b"hello, volume");
+}

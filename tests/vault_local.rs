@@ -43,6 +43,9 @@ fn passphrase_env<'a>(cmd: &'a mut Command, dir: &std::path::Path) -> &'a mut Co
     let path = dir.join("test-passphrase");
     if !path.exists() {
         std::fs::write(&path, format!("{TEST_PASSPHRASE}\n")).unwrap();
+        // 0600: a passphrase file others may read is refused.
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
     }
     cmd.env("CMKFS_PASSPHRASE_FILE", &path)
         .env("CMKFS_VAULT_KDF", "test")

@@ -67,6 +67,13 @@ fn run(cmd: Command) -> Output {
     run_with_timeout(cmd, CMD_TIMEOUT).unwrap_or_else(|e| panic!("{e}"))
 }
 
+/// Writes a passphrase file as a user should: 0600 (a looser one is refused).
+fn write_private(p: &Path, text: &str) {
+    use std::os::unix::fs::PermissionsExt as _;
+    fs::write(p, text).unwrap();
+    fs::set_permissions(p, fs::Permissions::from_mode(0o600)).unwrap();
+}
+
 #[test]
 fn stolen_disk_and_home_reveal_no_key() {
     let env = Env::new();
@@ -278,7 +285,7 @@ fn an_interrupted_seal_resumes_from_any_point() {
         );
         // A wrong passphrase is refused and leaves everything as it was.
         let wrong = env.root.join("wrong-passphrase");
-        fs::write(&wrong, "not the passphrase\n").unwrap();
+        write_private(&wrong, "not the passphrase\n");
         let before: Vec<Vec<u8>> = files
             .iter()
             .map(|f| fs::read(env.home.join(f)).unwrap())
@@ -393,7 +400,7 @@ fn change_passphrase_and_clear_errors() {
     let env = Env::new();
     env.init(&env.cipher);
     let new = env.root.join("new-passphrase");
-    fs::write(&new, "a new passphrase\n").unwrap();
+    write_private(&new, "a new passphrase\n");
     let out = env.cmkfs(&[
         OsStr::new("vault"),
         OsStr::new("change-passphrase"),
@@ -415,7 +422,7 @@ fn change_passphrase_and_clear_errors() {
     rotate(Some(&new)).assert_ok();
     // An empty or missing passphrase file: one line saying so.
     let empty = env.root.join("empty");
-    fs::write(&empty, "\n").unwrap();
+    write_private(&empty, "\n");
     let out = rotate(Some(&empty));
     out.assert_clear_error();
     assert!(out.stderr.contains("empty"), "{out}");
@@ -454,4 +461,184 @@ fn a_terminal_is_asked_for_the_passphrase() {
     out.assert_ok();
     assert!(out.stdout.contains("Passphrase of the vault"), "{out}");
     assert!(out.stdout.contains("local:/keys/default/"), "{out}");
+}
+
+/// Second review, H1: `vault identity create NAME --server-url URL` wrote the bearer secret
+/// in clear into the sealed home's credentials directory. Whatever vault it is for, a
+/// credential kept in the home is sealed; an export for another host goes only to a file the
+/// user names, 0600, with a line saying it is in clear and how to seal it there.
+#[test]
+fn credentials_in_a_sealed_home_are_sealed_and_exports_say_they_are_clear() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let env = Env::new();
+    env.init(&env.cipher);
+    let out = env.cmkfs(&[
+        "vault",
+        "identity",
+        "create",
+        "remote",
+        "--server-url",
+        "https://vault.example:8443",
+        "--json",
+    ]);
+    out.assert_ok();
+    let j: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    let secret = j["token"]
+        .as_str()
+        .unwrap()
+        .split_once('.')
+        .unwrap()
+        .1
+        .to_string();
+    let kept = env.home.join("credentials/remote.json");
+    let bytes = fs::read(&kept).unwrap();
+    assert!(
+        bytes.starts_with(b"{\"cmkfsSealed\":1") && !contains(&bytes, secret.as_bytes()),
+        "{} is not sealed",
+        kept.display()
+    );
+    // An export: where the user says, 0600, in clear, and said so.
+    let export = env.root.join("for-the-client.json");
+    let out = env.cmkfs(&[
+        OsStr::new("vault"),
+        OsStr::new("identity"),
+        OsStr::new("create"),
+        OsStr::new("client"),
+        OsStr::new("--server-url"),
+        OsStr::new("https://vault.example:8443"),
+        OsStr::new("--credential-file"),
+        export.as_os_str(),
+    ]);
+    out.assert_ok();
+    assert!(
+        out.stderr.contains("in clear") && out.stderr.contains("cmkfs vault seal"),
+        "{out}"
+    );
+    assert_eq!(
+        fs::metadata(&export).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let cred: serde_json::Value = serde_json::from_slice(&fs::read(&export).unwrap()).unwrap();
+    assert_eq!(cred["vault"], "https://vault.example:8443");
+    // Named inside the home's credentials directory, it is kept (sealed), not exported.
+    let inside = env.home.join("credentials/named.json");
+    env.cmkfs(&[
+        OsStr::new("vault"),
+        OsStr::new("identity"),
+        OsStr::new("create"),
+        OsStr::new("named"),
+        OsStr::new("--credential-file"),
+        inside.as_os_str(),
+    ])
+    .assert_ok();
+    assert!(fs::read(&inside)
+        .unwrap()
+        .starts_with(b"{\"cmkfsSealed\":1"));
+}
+
+/// Second review, L2-L5: a hostile or damaged seal.json, a vault that lost it, caches asked
+/// for too long, and passphrase files others can read.
+#[test]
+fn seal_records_caches_and_passphrase_files_are_checked() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let env = Env::new();
+    env.init(&env.cipher);
+    let seal_json = env.home.join("vault/seal.json");
+    let original = fs::read(&seal_json).unwrap();
+    // L2: unbounded Argon2id parameters in seal.json (a panic and a hang before): one line.
+    for (field, value) in [("memoryKib", 4294967295u64), ("iterations", 4000000000)] {
+        let mut rec: serde_json::Value = serde_json::from_slice(&original).unwrap();
+        rec["kdf"][field] = value.into();
+        fs::write(&seal_json, serde_json::to_vec_pretty(&rec).unwrap()).unwrap();
+        let out = env.cmkfs(&["vault", "key", "rotate", "default"]);
+        out.assert_clear_error();
+        assert!(out.stderr.contains("out of bounds"), "{field}: {out}");
+    }
+    fs::write(&seal_json, &original).unwrap();
+    // L2: --kdf on a sealed vault is refused (it was ignored), and nothing is cached in the
+    // kernel keyring unless asked.
+    let out = env.cmkfs(&["vault", "seal", "--kdf", "m=131072,t=4,p=4"]);
+    out.assert_clear_error();
+    assert!(out.stderr.contains("change-passphrase --kdf"), "{out}");
+    env.cmkfs(&["vault", "seal"]).assert_ok();
+    let id = serde_json::from_slice::<serde_json::Value>(&original).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let keys = fs::read_to_string("/proc/keys").unwrap_or_default();
+    assert!(
+        !keys.contains(&format!("cmkfs:vault:{id}")),
+        "cached unasked: {keys}"
+    );
+    // L4: caches are capped (a day).
+    for args in [
+        vec!["vault", "unseal", "--timeout", "99999999999d"],
+        vec!["vault", "unseal", "--timeout", "25h"],
+        vec!["vault", "seal", "--cache-for", "2d"],
+    ] {
+        let out = env.cmkfs(&args);
+        out.assert_clear_error();
+        assert!(
+            out.stderr.contains("24h") || out.stderr.contains("1day"),
+            "{out}"
+        );
+    }
+    // L5: a passphrase file others can read is refused, like ssh's private keys; a systemd
+    // credential (0440) is fine.
+    let loose = env.root.join("loose-passphrase");
+    fs::write(&loose, format!("{TEST_PASSPHRASE}\n")).unwrap();
+    fs::set_permissions(&loose, fs::Permissions::from_mode(0o644)).unwrap();
+    let mut cmd = without_passphrase(env.command(&["vault", "key", "rotate", "default"]));
+    cmd.env("CMKFS_PASSPHRASE_FILE", &loose);
+    let out = run(cmd);
+    out.assert_clear_error();
+    assert!(out.stderr.contains("chmod 600"), "{out}");
+    let creds = env.dir("creds");
+    let cred = creds.join("cmkfs-vault-passphrase");
+    fs::write(&cred, format!("{TEST_PASSPHRASE}\n")).unwrap();
+    fs::set_permissions(&cred, fs::Permissions::from_mode(0o440)).unwrap();
+    let mut cmd = without_passphrase(env.command(&["vault", "key", "rotate", "default"]));
+    cmd.env("CREDENTIALS_DIRECTORY", &creds);
+    run(cmd).assert_ok();
+    // L3: a sealed vault whose seal.json is gone is not a "legacy" store: refused, and no key
+    // is written in clear.
+    fs::remove_file(&seal_json).unwrap();
+    let before = files_under(&env.home.join("vault/keys")).len();
+    for args in [
+        vec!["vault", "key", "create", "k2", "--key-size", KEY_SIZE],
+        vec!["vault", "key", "list"],
+    ] {
+        let out = env.cmkfs(&args);
+        out.assert_clear_error();
+        assert!(out.stderr.contains("seal.json"), "{out}");
+    }
+    assert_eq!(files_under(&env.home.join("vault/keys")).len(), before);
+    let out = env.try_mount(&env.cipher, &env.mnt);
+    out.assert_clear_error();
+    assert!(!is_mounted(&env.mnt));
+}
+
+/// L3: a store that was never sealed (before issue 11) keeps working with the keys it has,
+/// but gets no new key in clear: it must be sealed first.
+#[test]
+fn a_legacy_store_gets_no_new_key_in_clear() {
+    let env = Env::new();
+    legacy(&env);
+    let before = files_under(&env.home.join("vault/keys"));
+    let out = run(without_passphrase(env.command(&[
+        "vault",
+        "key",
+        "create",
+        "fresh",
+        "--key-size",
+        KEY_SIZE,
+    ])));
+    // (The store's "not sealed" warning comes first.)
+    assert!(!out.ok() && out.status.code().is_some(), "{out}");
+    assert!(out.stderr.contains("writes no new key in clear"), "{out}");
+    assert_eq!(files_under(&env.home.join("vault/keys")), before);
+    // Sealed, it does.
+    env.cmkfs(&["vault", "seal"]).assert_ok();
+    env.cmkfs(&["vault", "key", "create", "fresh", "--key-size", KEY_SIZE])
+        .assert_ok();
 }

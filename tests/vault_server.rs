@@ -483,7 +483,12 @@ fn bad_input_is_a_400_with_an_error_body_never_a_crash() {
                 .uri(&url)
                 .header("authorization", &app);
             b = b.header("content-type", "application/json");
-            if let Ok(mut r) = raw.run(b.body(body.unwrap_or_default().to_vec()).unwrap()) {
+            // (An agent of its own: the closed connection must not go back to the shared
+            // pool, where the next POST would find it broken.)
+            if let Ok(mut r) = fx
+                .raw()
+                .run(b.body(body.unwrap_or_default().to_vec()).unwrap())
+            {
                 assert_eq!(r.status().as_u16(), 400);
                 let e: serde_json::Value =
                     serde_json::from_str(&r.body_mut().read_to_string().unwrap()).unwrap();

@@ -2,7 +2,7 @@
 //! embedded vault. Parses and prints; the rules live in `vault::local`.
 
 use std::io::Write as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context as _};
@@ -100,19 +100,37 @@ struct AddArgs {
 #[derive(Args, Debug)]
 struct SealArgs {
     /// Argon2id cost of a new seal: `default` (64 MiB, t=3, p=4), or m=KIB,t=N,p=N
-    /// (default: $CMKFS_VAULT_KDF, else `default`).
+    /// (default: $CMKFS_VAULT_KDF, else `default`). A vault already sealed keeps its cost:
+    /// change it with `cmkfs vault change-passphrase --kdf`.
     #[arg(long, value_name = "PARAMS")]
     kdf: Option<String>,
-    /// Also cache the master key in the kernel keyring this long (so running mounts of the
-    /// formerly unsealed vault keep working); 0 = do not cache.
-    #[arg(long, default_value = "15m", value_parser = crate::cli::volume::parse_duration)]
-    cache_for: Duration,
+    /// Also cache the master key in the kernel keyring this long (so that mounts started
+    /// before the seal keep working), at most 24h; by default nothing is cached.
+    #[arg(long, value_parser = parse_cache_time)]
+    cache_for: Option<Duration>,
+}
+
+/// Longest time the kernel keyring keeps an unsealed master key (`vault unseal --timeout`,
+/// `vault seal --cache-for`): a day. A cache is a trade of safety for convenience; one that
+/// outlives a working day is a vault left open.
+pub const MAX_CACHE_TIME: Duration = Duration::from_secs(24 * 3600);
+
+fn parse_cache_time(s: &str) -> Result<Duration, String> {
+    let d = crate::cli::volume::parse_duration(s)?;
+    if d > MAX_CACHE_TIME {
+        return Err(format!(
+            "{s} is longer than the {} cmkfs keeps an unsealed key cached (use `cmkfs vault \
+             unseal` again when it runs out)",
+            humantime::format_duration(MAX_CACHE_TIME)
+        ));
+    }
+    Ok(d)
 }
 
 #[derive(Args, Debug)]
 struct UnsealArgs {
-    /// How long the kernel keeps the key before it times out.
-    #[arg(long, default_value = "15m", value_parser = crate::cli::volume::parse_duration)]
+    /// How long the kernel keeps the key before it times out (at most 24h).
+    #[arg(long, default_value = "15m", value_parser = parse_cache_time)]
     timeout: Duration,
 }
 
@@ -155,10 +173,14 @@ struct ServeArgs {
     /// The server log (rotated at 16 MiB, 3 kept); default $CMKFS_HOME/vault-server.log.
     #[arg(long, value_name = "FILE")]
     log: Option<PathBuf>,
-    /// Open connections at most (kept below the descriptor limit); at the cap new clients
-    /// wait until one closes.
+    /// Open connections at most (kept below the descriptor limit). At the cap a new client
+    /// takes the place of the oldest idle connection that never authenticated; when all have,
+    /// it waits until one closes.
     #[arg(long, value_name = "N", default_value_t = 1024)]
     max_connections: usize,
+    /// Open connections from one client address at most; more are closed at once.
+    #[arg(long, value_name = "N", default_value_t = 64)]
+    max_per_address: usize,
     /// Time for the TLS handshake, and for a request head once its first byte arrived.
     #[arg(long, value_name = "T", default_value = "10s", value_parser = crate::cli::volume::parse_duration)]
     header_timeout: Duration,
@@ -359,11 +381,14 @@ enum IdentityCommand {
     Create {
         /// Identity name: 1-127 letters, digits and dashes.
         name: String,
-        /// Where to write the credential (default `$CMKFS_HOME/credentials/NAME.json`).
+        /// Where to write the credential (default `$CMKFS_HOME/credentials/NAME.json`, sealed
+        /// with the vault's keys). A file elsewhere is an export for another host, written in
+        /// clear (0600): seal it there (`cmkfs vault seal`) and delete the copy.
         #[arg(long, value_name = "FILE")]
         credential_file: Option<PathBuf>,
         /// Write a credential for this vault server URL (`https://HOST:PORT` of
-        /// `cmkfs vault serve`) instead of the embedded vault, to copy to the client host.
+        /// `cmkfs vault serve`) instead of the embedded vault. Kept in this home it is sealed;
+        /// to copy it to a client host, name the export with --credential-file.
         #[arg(long, value_name = "URL")]
         server_url: Option<String>,
         /// CA certificate to pin in a --server-url credential (default: the server's
@@ -562,6 +587,16 @@ fn kdf_arg(kdf: Option<&str>) -> anyhow::Result<KdfParams> {
 /// `cmkfs vault seal`.
 fn seal(home: &Home, a: SealArgs) -> anyhow::Result<()> {
     let kdf = kdf_arg(a.kdf.as_deref())?;
+    if let (Some(given), Some(rec)) = (&a.kdf, seal::read_record(&home.vault_dir())?) {
+        if rec.kdf() != kdf {
+            bail!(
+                "the vault {} is already sealed with {}; --kdf only sets the cost of a new \
+                 seal: to change it, run `cmkfs vault change-passphrase --kdf {given}`",
+                home.vault_dir().display(),
+                rec.kdf()
+            );
+        }
+    }
     crate::vault::local::suppress_unsealed_warning();
     let vault = LocalVault::open(&home.vault_dir())?;
     let cred_dir = home.root().join("credentials");
@@ -593,17 +628,25 @@ fn seal(home: &Home, a: SealArgs) -> anyhow::Result<()> {
             );
         }
     }
-    if !a.cache_for.is_zero() {
-        if let Some(mk) = seal::master_key(&store)? {
-            match unlock::keyring_store(&mk, a.cache_for.as_secs()) {
-                Ok(()) => println!(
-                    "the master key stays in the kernel keyring for {} (running mounts pick it \
-                     up); `cmkfs vault lock` drops it now",
-                    humantime::format_duration(a.cache_for)
-                ),
-                Err(e) => eprintln!("cmkfs: warning: {e}"),
+    match a.cache_for.filter(|d| !d.is_zero()) {
+        Some(d) => {
+            if let Some(mk) = seal::master_key(&store)? {
+                match unlock::keyring_store(&mk, d.as_secs()) {
+                    Ok(()) => println!(
+                        "the master key stays in the kernel keyring for {} (running mounts \
+                         pick it up); `cmkfs vault lock` drops it now",
+                        humantime::format_duration(d)
+                    ),
+                    Err(e) => eprintln!("cmkfs: warning: {e}"),
+                }
             }
         }
+        // Only a store that was in clear until now can have mounts that never needed the key.
+        None if !report.resumed => println!(
+            "mounts and servers started before this seal need the master key at their next key \
+             use: give it to them with `cmkfs vault unseal` (or seal with --cache-for 15m)"
+        ),
+        None => {}
     }
     Ok(())
 }
@@ -694,6 +737,7 @@ fn serve(home: &Home, a: ServeArgs) -> anyhow::Result<()> {
         header_timeout: a.header_timeout,
         idle_timeout: a.idle_timeout,
         max_connections: a.max_connections,
+        max_per_address: a.max_per_address,
         ..Limits::default()
     };
     cfg.throttle = ThrottleConfig {
@@ -973,15 +1017,32 @@ fn identity(v: &LocalVault, home: &Home, cmd: IdentityCommand) -> anyhow::Result
             ca_cert,
             json,
         } => {
-            let credential_file_default = credential_file.is_none();
+            let cred_dir = home.root().join("credentials");
             let path = match credential_file {
                 Some(p) => p,
                 None => {
-                    let dir = home.root().join("credentials");
-                    create_private_dir(&dir)
-                        .with_context(|| format!("cannot create {}", dir.display()))?;
-                    dir.join(format!("{name}.json"))
+                    create_private_dir(&cred_dir)
+                        .with_context(|| format!("cannot create {}", cred_dir.display()))?;
+                    cred_dir.join(format!("{name}.json"))
                 }
+            };
+            // A credential that lands in this home's credentials directory is sealed with the
+            // vault's keys, whatever vault it is for (a --server-url credential kept here
+            // included); only a file the user names elsewhere is an export, in clear.
+            let in_home = match (
+                path.parent().map(|d| {
+                    if d.as_os_str().is_empty() {
+                        Path::new(".")
+                    } else {
+                        d
+                    }
+                }),
+                std::fs::canonicalize(&cred_dir),
+            ) {
+                (Some(parent), Ok(home_creds)) => {
+                    std::fs::canonicalize(parent).is_ok_and(|p| p == home_creds)
+                }
+                _ => false,
             };
             // Checked first so that a refused file leaves no identity behind.
             if path.exists() {
@@ -1013,9 +1074,6 @@ fn identity(v: &LocalVault, home: &Home, cmd: IdentityCommand) -> anyhow::Result
                 cred.vault = url;
                 cred.ca_cert = ca;
             }
-            // A credential kept in this home is sealed like the vault's keys; one written for
-            // another host (--server-url) or to a chosen file is an export, in clear.
-            let in_home = credential_file_default && server_url.is_none();
             let cred_json = cred.to_json()?;
             let file_name = path
                 .file_name()
@@ -1034,6 +1092,19 @@ fn identity(v: &LocalVault, home: &Home, cmd: IdentityCommand) -> anyhow::Result
                 // Undo: an identity nobody holds a credential for is of no use.
                 let _ = v.delete_identity(&name);
                 return Err(e.into());
+            }
+            if sealed.is_none() {
+                eprintln!(
+                    "note: {} holds the identity's secret in clear (0600); {}",
+                    path.display(),
+                    if in_home {
+                        "this vault is not sealed: run `cmkfs vault seal` to seal it".to_string()
+                    } else {
+                        "on the host that will use it, move it into $CMKFS_HOME/credentials/ and \
+                         run `cmkfs vault seal` there, then delete every other copy"
+                            .to_string()
+                    }
+                );
             }
             if json {
                 #[derive(Serialize)]

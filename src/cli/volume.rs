@@ -2,7 +2,7 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
@@ -286,9 +286,11 @@ pub fn mount(a: MountArgs) -> anyhow::Result<()> {
     }
     // Catch the obvious mistakes here, before a daemon exists.
     mount::check_mountpoint(&a.mountpoint)?;
+    mount::check_separate(&a.cipherdir, &a.mountpoint)?;
     let header = VolumeHeader::read(&a.cipherdir)?;
     crate::unlock::check_configured(&Home::from_env(), &header)?;
     let home = Home::from_env();
+    refuse_second_mount(&a.cipherdir, &home)?;
     crate::fsutil::create_private_dir(&home.run_dir()).context("creating the run directory")?;
     let mp = std::fs::canonicalize(&a.mountpoint)?;
     let log_path = home.run_dir().join(format!(
@@ -308,17 +310,42 @@ pub fn mount(a: MountArgs) -> anyhow::Result<()> {
                 .with_writer(std::sync::Mutex::new(writer))
                 .try_init();
         }
-        drop(upgrade_before_mount(&a, &|line| {
-            eprintln!("cmkfs: {line}");
-            tracing::warn!("{line}");
+        // The terminal may see plaintext paths; the log gets backing paths only.
+        drop(upgrade_before_mount(&a, &|user, log| {
+            eprintln!("cmkfs: {user}");
+            tracing::warn!("{log}");
         })?);
     }
     spawn_daemon(&a, mp, log, &log_path)
 }
 
+/// Refuses to mount a volume that is already mounted (by this or another `CMKFS_HOME`): two
+/// daemons each cache file headers and take their own per-file locks, so a truncate through
+/// one and a write through the other can leave a file without its header (data lost).
+fn refuse_second_mount(cipherdir: &Path, home: &Home) -> anyhow::Result<()> {
+    let root =
+        std::fs::canonicalize(cipherdir).with_context(|| format!("{}", cipherdir.display()))?;
+    if let Some((mountpoint, pid)) = crate::fsck::find_mount(&root, home) {
+        let by = if pid == 0 {
+            String::new()
+        } else {
+            format!(" (daemon {pid})")
+        };
+        bail!(
+            "{} is already mounted at {}{by}; a volume can be mounted only once at a time \
+             (use that mount, or unmount it first)",
+            root.display(),
+            mountpoint.display()
+        );
+    }
+    Ok(())
+}
+
 /// Converts an old volume (or finishes an interrupted conversion) before it is mounted;
-/// returns the volume lock, held exclusively. `say` tells the user (one line per call).
-fn upgrade_before_mount(a: &MountArgs, say: &dyn Fn(&str)) -> anyhow::Result<VolumeLock> {
+/// returns the volume lock, held exclusively. `say(user, log)` tells the user and the mount's
+/// log (one line per call): the same line, except that the log's names no plaintext path.
+fn upgrade_before_mount(a: &MountArgs, say: &dyn Fn(&str, &str)) -> anyhow::Result<VolumeLock> {
+    let say_both = |line: &str| say(line, line);
     let home = Home::from_env();
     let root = std::fs::canonicalize(&a.cipherdir)
         .with_context(|| format!("{}", a.cipherdir.display()))?;
@@ -337,7 +364,7 @@ fn upgrade_before_mount(a: &MountArgs, say: &dyn Fn(&str)) -> anyhow::Result<Vol
     // A damaged journal is refused before anything is said or done.
     crate::volume::upgrade::pending_journal(&root, &header)?;
     if header.format_version < crate::volume::header::FORMAT_VERSION {
-        say(&format!(
+        say_both(&format!(
             "{} is on-disk format v{}: converting it in place to format v{} before mounting \
              (one time; the same as `cmkfs upgrade`)",
             root.display(),
@@ -345,25 +372,32 @@ fn upgrade_before_mount(a: &MountArgs, say: &dyn Fn(&str)) -> anyhow::Result<Vol
             crate::volume::header::FORMAT_VERSION
         ));
     } else {
-        say(&format!(
+        say_both(&format!(
             "{}: an upgrade of it was interrupted; finishing it before mounting",
             root.display()
         ));
     }
     let (vault, _) = volume_vault(&home, &header, a.credential.as_deref())?;
     let report = super::upgrade::convert(&root, &lock, vault.as_ref(), &header, true)?;
-    say(&super::upgrade::summary(&report));
+    say_both(&super::upgrade::summary(&report));
     for z in &report.zero_tails {
-        say(&format!(
-            "  {}: last {} bytes (offset {}) {}",
-            z.plaintext.as_ref().unwrap_or(&z.backing).display(),
-            z.len,
-            z.offset,
-            match z.decision {
-                crate::volume::v1::TailDecision::Data => "recovered (format v1 read them as zeros)",
-                crate::volume::v1::TailDecision::Hole => "kept as zeros (a hole)",
-            }
-        ));
+        let line = |p: &std::path::Path| {
+            format!(
+                "  {}: last {} bytes (offset {}) {}",
+                p.display(),
+                z.len,
+                z.offset,
+                match z.decision {
+                    crate::volume::v1::TailDecision::Data =>
+                        "recovered (format v1 read them as zeros)",
+                    crate::volume::v1::TailDecision::Hole => "kept as zeros (a hole)",
+                }
+            )
+        };
+        say(
+            &line(z.plaintext.as_ref().unwrap_or(&z.backing)),
+            &line(&z.backing),
+        );
     }
     Ok(lock)
 }
@@ -465,6 +499,10 @@ fn hand_vault_key(
     if matches!(seal::read_record(&home.vault_dir()), Ok(None))
         && header.key_id.starts_with(vault::local::URL)
     {
+        // A sealed store that lost seal.json is no legacy one: the daemon says what is wrong.
+        if seal::check_seal_not_lost(&home.vault_dir()).is_err() {
+            return None;
+        }
         eprintln!(
             "cmkfs: warning: the vault {} is not sealed (its keys are stored in clear): run `cmkfs vault seal`",
             home.vault_dir().display()
@@ -497,18 +535,21 @@ fn run_foreground(a: MountArgs) -> anyhow::Result<()> {
 fn serve(a: &MountArgs, ready_pipe: bool) -> anyhow::Result<()> {
     let home = Home::from_env();
     let mp = mount::check_mountpoint(&a.mountpoint)?;
+    mount::check_separate(&a.cipherdir, &mp)?;
     mount::unmount_on_signal(mp.clone())?;
     let header = VolumeHeader::read(&a.cipherdir)?;
     // Held for the whole mount: no upgrade can start under it. An old volume is converted
     // first (a daemonized mount's parent has normally done that already).
     let mut lock = if crate::volume::upgrade::needed(&a.cipherdir, &header) {
-        upgrade_before_mount(a, &|line| tracing::warn!("{line}"))?
+        upgrade_before_mount(a, &|_, log| tracing::warn!("{log}"))?
     } else {
         VolumeLock::shared(&a.cipherdir)?
     };
     if lock.is_exclusive() {
         lock.downgrade()?;
     }
+    // Again here: the foreground path starts here, and another mount may have won a race.
+    refuse_second_mount(&a.cipherdir, &home)?;
     let header = VolumeHeader::read(&a.cipherdir)?;
     let (vault, identity) = volume_vault(&home, &header, a.credential.as_deref())?;
     let vault_push = if a.no_push { None } else { vault.watch() };
@@ -586,6 +627,7 @@ fn serve(a: &MountArgs, ready_pipe: bool) -> anyhow::Result<()> {
         on_state_change: a.on_state_change.clone(),
     };
     let notifier = session.notifier();
+    online.set_notifier(session.notifier());
     let cut_off = Box::new(move || {
         let (inodes, entries) = crate::fs::invalidate_kernel_caches(&table, &notifier);
         tracing::warn!(inodes, entries, "kernel caches invalidated");
@@ -670,8 +712,16 @@ fn announce_ready() {
 }
 
 fn init_logging() {
+    // fuser's own messages name requests' file names in plaintext (its debug lines, and its
+    // "[Not Implemented]" warnings): whatever $CMKFS_LOG asks, they stay at error (the mount
+    // log must never hold a plaintext name).
     let filter = tracing_subscriber::EnvFilter::try_from_env("CMKFS_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,fuser=error"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
+        .add_directive(
+            "fuser=error"
+                .parse()
+                .expect("a constant, valid filter directive"),
+        );
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -35,7 +35,7 @@ impl CmkFs {
         // name left (unlinked while open: fchmod, futimens), any open handle of the inode.
         let r = self
             .resolve(ino, fh)
-            .and_then(|r| self.vol.set_attr(r.target(), set));
+            .and_then(|r| self.change(ino, &r, |t| self.vol.set_attr(t, set)));
         match r {
             Ok(a) => reply.attr(&super::TTL, &fattr(ino.0, &a)),
             Err(e) => reply.error(self.errno(&e, "setattr", Some(ino))),

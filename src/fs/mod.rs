@@ -99,6 +99,8 @@ pub struct OnlineHandle {
     vol: Arc<Volume>,
     table: Arc<NodeTable>,
     files: Arc<Mutex<Files>>,
+    /// The session's notifier, set once the session exists ([`OnlineHandle::set_notifier`]).
+    notifier: std::sync::OnceLock<fuser::Notifier>,
 }
 
 impl crate::volume::reencrypt::Online for OnlineHandle {
@@ -115,6 +117,22 @@ impl crate::volume::reencrypt::Online for OnlineHandle {
         });
     }
 
+    fn symlinks_replaced(&self, old: &[u64]) {
+        // Outside the gates: the kernel may hold a directory's lock for a request that waits
+        // for them. The kernel forgets the names first (meanwhile the old inode still
+        // resolves, by name, to the new symlink), then the table lets go of them.
+        for ino in old {
+            let fuse_ino = self.table.fuse_ino(*ino);
+            if let Some(n) = self.notifier.get() {
+                for (parent, name) in self.table.links_of(*ino) {
+                    let _ = n.inval_entry(INodeNo(parent), &name);
+                }
+                let _ = n.inval_inode(INodeNo(fuse_ino), 0, 0);
+            }
+            self.table.take_links(*ino);
+        }
+    }
+
     fn open_files(&self) -> Vec<Arc<OpenFile>> {
         lock(&self.files)
             .by_fh
@@ -125,6 +143,11 @@ impl crate::volume::reencrypt::Online for OnlineHandle {
 }
 
 impl OnlineHandle {
+    /// Gives the handle the session's notifier (kernel cache invalidation).
+    pub fn set_notifier(&self, n: fuser::Notifier) {
+        let _ = self.notifier.set(n);
+    }
+
     /// The volume.
     pub fn volume(&self) -> &Arc<Volume> {
         &self.vol
@@ -241,6 +264,7 @@ impl CmkFs {
             vol: self.vol.clone(),
             table: self.table.clone(),
             files: self.files.clone(),
+            notifier: std::sync::OnceLock::new(),
         }
     }
 
@@ -316,6 +340,29 @@ impl CmkFs {
                 .any_handle_of(ino)
                 .map(Resolved::File)
                 .ok_or_else(enoent),
+        }
+    }
+
+    /// Runs the change `f` on what `r` reaches, pinned to inode `ino` when `r` is a name: a
+    /// change never lands on whatever took the name over behind the kernel's back (see
+    /// `volume::Pinned`). A name that now holds another inode falls back to an open handle
+    /// of `ino`, else `ENOENT`.
+    fn change<T>(
+        &self,
+        ino: INodeNo,
+        r: &Resolved,
+        f: impl FnOnce(Target<'_>) -> FsResult<T>,
+    ) -> FsResult<T> {
+        let Resolved::At(d, b) = r else {
+            return f(r.target());
+        };
+        match self.vol.pin(d, b, Some(self.table.backing_ino(ino.0))) {
+            Ok(p) => f(Target::Pinned(&p)),
+            Err(e) if e.errno() == libc::ENOENT => match self.any_handle_of(ino) {
+                Some(of) => f(Target::File(&of)),
+                None => Err(e),
+            },
+            Err(e) => Err(e),
         }
     }
 

@@ -139,6 +139,34 @@ impl NodeTable {
         self.epoch.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     }
 
+    /// The names of inode `ino` (backing number): (parent inode, plaintext name).
+    pub(super) fn links_of(&self, backing: u64) -> Vec<(u64, OsString)> {
+        let ino = self.fuse_ino(backing);
+        lock(&self.nodes)
+            .map
+            .get(&ino)
+            .map(|n| n.links.iter().map(|l| (l.parent, l.name.clone())).collect())
+            .unwrap_or_default()
+    }
+
+    /// The names of inode `ino` (backing number), for the kernel to forget: they are dropped
+    /// here, so that the number, once reused, is a new object.
+    pub(super) fn take_links(&self, backing: u64) -> Vec<(u64, OsString)> {
+        let ino = self.fuse_ino(backing);
+        let mut nodes = lock(&self.nodes);
+        let links = match nodes.map.get_mut(&ino) {
+            Some(n) => std::mem::take(&mut n.links),
+            None => return Vec::new(),
+        };
+        for l in &links {
+            let key = (l.parent, l.name.clone());
+            if nodes.by_name.get(&key) == Some(&ino) {
+                nodes.by_name.remove(&key);
+            }
+        }
+        links.into_iter().map(|l| (l.parent, l.name)).collect()
+    }
+
     /// Every known inode, and every (parent, name) dentry the kernel may have cached.
     pub fn invalidation_targets(&self) -> (Vec<u64>, Vec<(u64, OsString)>) {
         let nodes = lock(&self.nodes);

@@ -32,8 +32,10 @@ impl CmkFs {
         reply: ReplyEmpty,
     ) {
         let r = self.resolve(ino, None).and_then(|r| {
-            self.vol
-                .set_xattr(r.target(), self.kind_hint(ino), name, value, flags)
+            self.change(ino, &r, |t| {
+                self.vol
+                    .set_xattr(t, self.kind_hint(ino), name, value, flags)
+            })
         });
         match r {
             Ok(()) => reply.ok(),
@@ -59,9 +61,11 @@ impl CmkFs {
     }
 
     pub(super) fn do_removexattr(&self, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let r = self
-            .resolve(ino, None)
-            .and_then(|r| self.vol.remove_xattr(r.target(), self.kind_hint(ino), name));
+        let r = self.resolve(ino, None).and_then(|r| {
+            self.change(ino, &r, |t| {
+                self.vol.remove_xattr(t, self.kind_hint(ino), name)
+            })
+        });
         match r {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(self.errno(&e, "removexattr", Some(ino))),

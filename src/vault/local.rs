@@ -237,6 +237,7 @@ impl LocalVault {
         };
         v.store.init_if_missing(v.now())?;
         v.store.read_vault()?;
+        seal::check_seal_not_lost(v.store.dir())?;
         v.warn_if_unsealed();
         Ok(v)
     }
@@ -271,6 +272,7 @@ impl LocalVault {
             audit_limits: OnceLock::new(),
         };
         v.store.read_vault()?;
+        seal::check_seal_not_lost(v.store.dir())?;
         v.warn_if_unsealed();
         let started = SystemTime::now();
         let t0 = Instant::now();

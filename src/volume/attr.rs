@@ -3,6 +3,7 @@
 //! directory descriptor, or an open handle (also of a file unlinked while open).
 
 use std::ffi::OsStr;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::time::SystemTime;
 
 use rustix::fs::Stat;
@@ -78,15 +79,58 @@ pub enum Target<'a> {
     Dir(&'a Dir),
     /// An open file: works when the file has no name left.
     File(&'a OpenFile),
+    /// An entry held by descriptor and checked to be the inode a request is about
+    /// ([`Volume::pin`]): a change reaches exactly that inode, whatever holds its name by then.
+    Pinned(&'a Pinned<'a>),
 }
 
 impl Target<'_> {
     pub(super) fn xtarget(&self) -> sys::XTarget<'_> {
-        match self {
-            Target::At(d, n) => sys::XTarget::At(d.fd(), n),
-            Target::Dir(d) => sys::XTarget::Fd(d.fd()),
-            Target::File(f) => sys::XTarget::Fd(std::os::fd::AsFd::as_fd(f.file())),
+        match self.fd() {
+            Some(fd) => sys::XTarget::Fd(fd),
+            None => match self {
+                Target::At(d, n) => sys::XTarget::At(d.fd(), n),
+                _ => unreachable!("every other target has a descriptor"),
+            },
         }
+    }
+
+    /// The descriptor a change goes through: every target but a bare name has one.
+    pub(super) fn fd(&self) -> Option<BorrowedFd<'_>> {
+        match self {
+            Target::At(..) => None,
+            Target::Dir(d) => Some(d.fd()),
+            Target::File(f) => Some(f.file().as_fd()),
+            Target::Pinned(p) => Some(p.fd.as_fd()),
+        }
+    }
+}
+
+/// An entry of a directory held by an `O_PATH` descriptor (never a symlink's target: the
+/// symlink itself), with the `fstat` taken when it was pinned.
+///
+/// A writer of the backing store can swap an entry for a symlink, a hard link to a file
+/// outside the volume or a FIFO between the kernel's lookup and a request that acts on it by
+/// name. Calls made by name (`fchmodat`, `fchownat`, `utimensat`, `lsetxattr`) would then act
+/// on whatever holds the name; calls through a pinned descriptor act on the inode that was
+/// checked, so the daemon (root, on `--allow-other` mounts) never changes anything but the
+/// entry the request is about.
+pub struct Pinned<'a> {
+    fd: OwnedFd,
+    st: Stat,
+    dir: &'a Dir,
+    name: &'a OsStr,
+}
+
+impl Pinned<'_> {
+    /// The descriptor (`O_PATH`, or the open file it was made from).
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+
+    /// The entry's type bits (`S_IFMT`).
+    pub fn kind(&self) -> u32 {
+        self.st.st_mode & libc::S_IFMT
     }
 }
 
@@ -108,6 +152,71 @@ pub struct SetAttr {
 }
 
 impl Volume {
+    /// Pins entry `bname` of `dir` ([`Pinned`]): opened `O_PATH|O_NOFOLLOW` and, when
+    /// `expect_ino` is given, checked to be that backing inode (`ENOENT` if the name now
+    /// belongs to another: the entry the request was about is gone from it).
+    pub fn pin<'a>(
+        &self,
+        dir: &'a Dir,
+        bname: &'a OsStr,
+        expect_ino: Option<u64>,
+    ) -> Result<Pinned<'a>, VolumeError> {
+        let fd = sys::open_path(dir.fd(), bname).map_err(os)?;
+        let st = sys::fstat(fd.as_fd()).map_err(os)?;
+        if expect_ino.is_some_and(|i| i != st.st_ino) {
+            return Err(VolumeError::errno_of(libc::ENOENT));
+        }
+        Ok(Pinned {
+            fd,
+            st,
+            dir,
+            name: bname,
+        })
+    }
+
+    /// Pins an entry this daemon has just created by name (`mknodat`, `symlinkat`, `mkdirat`
+    /// give no descriptor): it must still be of type `kind`, have one name (a hard link to a
+    /// file elsewhere has two) and, for a daemon running as root, belong to root (anyone
+    /// else's file is not the one just made). Otherwise the entry was swapped before it could be set up: `EIO`.
+    pub(super) fn pin_new<'a>(
+        &self,
+        dir: &'a Dir,
+        bname: &'a OsStr,
+        kind: u32,
+    ) -> Result<Pinned<'a>, VolumeError> {
+        let p = self.pin(dir, bname, None)?;
+        // (Directories cannot be hard-linked, and some filesystems count their links oddly.)
+        let linked = kind != libc::S_IFDIR && p.st.st_nlink != 1;
+        // SAFETY: geteuid has no preconditions.
+        let foreign = self.as_root && p.st.st_uid != unsafe { libc::geteuid() };
+        if p.kind() != kind || linked || foreign {
+            tracing::warn!(
+                entry = ?bname,
+                "a new backing entry was replaced before it was set up (a writer of the backing store?)"
+            );
+            return Err(VolumeError::errno_of(libc::EIO));
+        }
+        Ok(p)
+    }
+
+    /// A pin of a descriptor this daemon already holds for entry `bname` (a file it created
+    /// with `O_EXCL`, a directory it opened `O_PATH`).
+    pub(super) fn pin_fd<'a>(
+        &self,
+        fd: BorrowedFd<'_>,
+        dir: &'a Dir,
+        bname: &'a OsStr,
+    ) -> Result<Pinned<'a>, VolumeError> {
+        let fd = fd.try_clone_to_owned().map_err(os)?;
+        let st = sys::fstat(fd.as_fd()).map_err(os)?;
+        Ok(Pinned {
+            fd,
+            st,
+            dir,
+            name: bname,
+        })
+    }
+
     /// Attributes of entry `bname` in `dir`.
     pub fn attr_at(&self, dir: &Dir, bname: &OsStr) -> Result<Attr, VolumeError> {
         let st = sys::stat_at(dir.fd(), bname).map_err(os)?;
@@ -119,10 +228,12 @@ impl Volume {
         match t {
             Target::At(d, n) => self.attr_at(d, n),
             Target::Dir(d) => self.attr_from(&sys::fstat(d.fd()).map_err(os)?, None),
-            Target::File(f) => self.attr_from(
-                &sys::fstat(std::os::fd::AsFd::as_fd(f.file())).map_err(os)?,
-                None,
-            ),
+            Target::File(f) => self.attr_from(&sys::fstat(f.file().as_fd()).map_err(os)?, None),
+            Target::Pinned(p) => {
+                let st = sys::fstat(p.fd.as_fd()).map_err(os)?;
+                // A symlink's length needs its target, read by name (nothing is changed).
+                self.attr_from(&st, Some((p.dir, p.name)))
+            }
         }
     }
 
@@ -133,6 +244,16 @@ impl Volume {
         st: &Stat,
         at: Option<(&Dir, &OsStr)>,
     ) -> Result<Attr, VolumeError> {
+        #[allow(clippy::unnecessary_cast)] // dev_t is not u64 everywhere
+        if st.st_dev as u64 != self.root_dev {
+            return Err(VolumeError::CorruptFile {
+                path: at.map(|(_, n)| n.into()),
+                why: "it is on another filesystem than the volume (a mount point inside the \
+                      backing directory): inode numbers would collide; keep a volume's \
+                      backing directory on one filesystem"
+                    .into(),
+            });
+        }
         let size = match st.st_mode & libc::S_IFMT {
             libc::S_IFREG => super::content::logical_size(st.st_size as u64).map_err(|why| {
                 VolumeError::CorruptFile {
@@ -161,6 +282,10 @@ impl Volume {
                     let of = self.open_file(d, n, true, None)?;
                     self.truncate(&of, size)?
                 }
+                Target::Pinned(p) => {
+                    let of = self.open_file(p.dir, p.name, true, Some(p.st.st_ino))?;
+                    self.truncate(&of, size)?
+                }
                 Target::Dir(_) => return Err(VolumeError::errno_of(libc::EISDIR)),
             }
             self.kill_capability(t)?;
@@ -172,25 +297,13 @@ impl Volume {
             }
         }
         if let Some(mode) = set.mode {
-            match t {
-                Target::At(d, n) => sys::chmod_at(d.fd(), n, mode),
-                Target::Dir(d) => sys::chmod_fd(d.fd(), mode),
-                Target::File(f) => sys::chmod_fd(std::os::fd::AsFd::as_fd(f.file()), mode),
-            }
-            .map_err(os)?;
+            self.chmod_target(t, mode)?;
             // An access ACL follows the new mode bits (its owner, group-or-mask and other
             // entries), as `chmod` on a local filesystem with ACLs does.
             self.acl_chmod(t, mode)?;
         }
         if set.uid.is_some() || set.gid.is_some() {
-            match t {
-                Target::At(d, n) => sys::chown_at(d.fd(), n, set.uid, set.gid),
-                Target::Dir(d) => sys::chown_fd(d.fd(), set.uid, set.gid),
-                Target::File(f) => {
-                    sys::chown_fd(std::os::fd::AsFd::as_fd(f.file()), set.uid, set.gid)
-                }
-            }
-            .map_err(os)?;
+            self.chown_target(t, set.uid, set.gid)?;
             self.kill_capability(t)?;
         }
         if set.atime.is_some() || set.mtime.is_some() {
@@ -201,10 +314,41 @@ impl Volume {
     }
 
     fn set_times(&self, t: Target<'_>, times: &sys::Times) -> Result<(), VolumeError> {
-        match t {
-            Target::At(d, n) => sys::utimens_at(d.fd(), n, times),
-            Target::Dir(d) => sys::utimens_fd(d.fd(), times),
-            Target::File(f) => sys::utimens_fd(std::os::fd::AsFd::as_fd(f.file()), times),
+        match (t.fd(), t) {
+            (Some(fd), _) => sys::utimens_fd(fd, times),
+            (None, Target::At(d, n)) => sys::utimens_at(d.fd(), n, times),
+            (None, _) => unreachable!("every other target has a descriptor"),
+        }
+        .map_err(os)
+    }
+
+    /// chmod of what `t` reaches (never through a symlink).
+    pub(super) fn chmod_target(&self, t: Target<'_>, mode: u32) -> Result<(), VolumeError> {
+        if let Target::Pinned(p) = t {
+            // A symlink has no mode of its own (the magic link would reach the symlink).
+            if p.kind() == libc::S_IFLNK {
+                return Err(VolumeError::errno_of(libc::EOPNOTSUPP));
+            }
+        }
+        match (t.fd(), t) {
+            (Some(fd), _) => sys::chmod_fd(fd, mode),
+            (None, Target::At(d, n)) => sys::chmod_at(d.fd(), n, mode),
+            (None, _) => unreachable!("every other target has a descriptor"),
+        }
+        .map_err(os)
+    }
+
+    /// chown of what `t` reaches (a symlink itself, never its target).
+    pub(super) fn chown_target(
+        &self,
+        t: Target<'_>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+    ) -> Result<(), VolumeError> {
+        match (t.fd(), t) {
+            (Some(fd), _) => sys::chown_fd(fd, uid, gid),
+            (None, Target::At(d, n)) => sys::chown_at(d.fd(), n, uid, gid),
+            (None, _) => unreachable!("every other target has a descriptor"),
         }
         .map_err(os)
     }

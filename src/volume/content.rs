@@ -9,9 +9,9 @@
 //! * **Whole units.** Any write that touches a unit re-encrypts the whole unit
 //!   (read-modify-write; only the blocks whose ciphertext changes go back to disk, since XTS
 //!   is deterministic per block), so a unit is either entirely ciphertext or entirely never
-//!   written / punched. Only a unit
-//!   whose stored bytes are all zero reads as zeros (a hole); a written unit is at least one
-//!   AES block of ciphertext, all zero with probability 2^-128.
+//!   written / punched. A stored 16-byte block that is all zero reads as zeros: whole units
+//!   of them are holes, and single ones are what a torn or failed write into a hole did not
+//!   reach; a block of real ciphertext is all zero with probability 2^-128.
 //! * **Growth writes zeros.** The plaintext past `S` inside the last block is unspecified
 //!   (stale after a shrink); everything that grows a file first rewrites the old last unit
 //!   with zeros past the old size, so growth always reads zeros.
@@ -708,6 +708,46 @@ mod tests {
         }
         fn file_id(&self) -> FileHeader {
             FileHeader::decode(&self.raw()[..FILE_HEADER_LEN]).unwrap()
+        }
+    }
+
+    /// A write into a hole unit that reaches the disk only in part (ENOSPC after the first
+    /// page, or a power cut between the unit's two pages: behind the 32-byte header a unit
+    /// straddles two pages) leaves whole old (zero) and new blocks, never garbage. Found by a
+    /// hostile tester: the unfinished part decrypted to random bytes the user never wrote.
+    #[test]
+    fn a_torn_write_into_a_hole_leaves_zeros_where_it_did_not_land() {
+        for double in [false, true] {
+            let fx = fixture_keys(4096, 1, double);
+            fx.truncate(3 * 4096);
+            let data: Vec<u8> = (0..4096u32).map(|i| (i % 251) as u8 + 1).collect();
+            // What a full write of unit 1 stores; then only a part of it reaches the disk.
+            fx.write(4096, &data);
+            let raw = fx.raw();
+            let unit = FILE_HEADER_LEN + 4096..FILE_HEADER_LEN + 2 * 4096;
+            let page_end = 2 * 4096; // the backing page boundary inside unit 1
+            for cut in [
+                page_end,
+                FILE_HEADER_LEN + 4096 + 16,
+                FILE_HEADER_LEN + 4096 + 4080,
+            ] {
+                let mut torn = raw.clone();
+                torn[cut..unit.end].fill(0);
+                std::fs::write(fx._dir.path().join("f"), &torn).unwrap();
+                let got = fx.all();
+                assert_eq!(got.len(), 3 * 4096, "cut {cut}");
+                let landed = cut - unit.start;
+                assert_eq!(
+                    &got[4096..4096 + landed],
+                    &data[..landed],
+                    "cut {cut} double {double}"
+                );
+                assert!(
+                    got[4096 + landed..].iter().all(|&b| b == 0),
+                    "cut {cut} double {double}: bytes the write never stored must read as zeros"
+                );
+                assert!(got[..4096].iter().all(|&b| b == 0));
+            }
         }
     }
 

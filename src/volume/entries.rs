@@ -86,19 +86,9 @@ impl Volume {
         } else {
             caller.gid
         };
-        match t {
-            Target::At(d, n) => sys::chown_at(d.fd(), n, Some(caller.uid), Some(gid)),
-            Target::Dir(d) => sys::chown_fd(d.fd(), Some(caller.uid), Some(gid)),
-            Target::File(f) => sys::chown_fd(f.file().as_fd(), Some(caller.uid), Some(gid)),
-        }
-        .map_err(os)?;
+        self.chown_target(t, Some(caller.uid), Some(gid))?;
         if mode & (libc::S_ISUID | libc::S_ISGID) != 0 {
-            match t {
-                Target::At(d, n) => sys::chmod_at(d.fd(), n, mode),
-                Target::Dir(d) => sys::chmod_fd(d.fd(), mode),
-                Target::File(f) => sys::chmod_fd(f.file().as_fd(), mode),
-            }
-            .map_err(os)?;
+            self.chmod_target(t, mode)?;
         }
         Ok(())
     }
@@ -120,11 +110,12 @@ impl Volume {
             let tmp = sys::temp_name("mkdir").map_err(os)?;
             sys::mkdir(dir.fd(), &tmp, 0o700).map_err(os)?;
             let built = (|| {
-                let fd = sys::open_dir(dir.fd(), &tmp).map_err(os)?;
-                write_dir_id(fd.as_fd())?;
-                sys::chmod_fd(fd.as_fd(), inherit.mode).map_err(os)?;
-                self.own(dir, Target::At(dir, &tmp), caller, inherit.mode)?;
-                self.apply_inherited(Target::At(dir, &tmp), &inherit)?;
+                // Set up through its descriptor, never by name (see `Pinned`).
+                let new = self.pin_new(dir, &tmp, libc::S_IFDIR)?;
+                write_dir_id(new.fd())?;
+                self.chmod_target(Target::Pinned(&new), inherit.mode)?;
+                self.own(dir, Target::Pinned(&new), caller, inherit.mode)?;
+                self.apply_inherited(Target::Pinned(&new), &inherit)?;
                 sys::rename(dir.fd(), &tmp, dir.fd(), bname, libc::RENAME_NOREPLACE).map_err(os)
             })();
             if built.is_err() {
@@ -156,8 +147,9 @@ impl Volume {
         let inherit = self.inherit_acl(dir, fmt | (mode & 0o7777), caller)?;
         let (bname, ()) = self.make_entry(dir, name, |bname| {
             sys::mknod(dir.fd(), bname, fmt | inherit.mode, rdev).map_err(os)?;
-            self.own(dir, Target::At(dir, bname), caller, inherit.mode)?;
-            self.apply_inherited(Target::At(dir, bname), &inherit)
+            let new = self.pin_new(dir, bname, fmt)?;
+            self.own(dir, Target::Pinned(&new), caller, inherit.mode)?;
+            self.apply_inherited(Target::Pinned(&new), &inherit)
         })?;
         let attr = self.attr_at(dir, &bname)?;
         Ok((bname, attr))

@@ -31,7 +31,7 @@ pub const CIPHER: &str = "AES-256-XTS";
 /// Name cipher name.
 pub const NAME_CIPHER: &str = "AES-256-SIV";
 /// Longest header we will read: a header is a few hundred bytes, so anything larger is not one.
-const MAX_HEADER_LEN: u64 = 64 * 1024;
+pub const MAX_HEADER_LEN: usize = 64 * 1024;
 /// The header MAC this code writes: every field (docs/FORMAT.md).
 pub const MAC_VERSION: u32 = 2;
 /// Name of the platform key in cmkfs's own `local:` vault: the only key a platform envelope
@@ -238,27 +238,41 @@ impl VolumeHeader {
         h
     }
 
-    /// Reads and structurally validates the header of the volume at `dir`.
+    /// Reads and structurally validates the header of the volume at `dir` (a path the user
+    /// named; it may be a symlink). The header file itself is untrusted: it is read through
+    /// [`sys::read_bounded`](super::sys::read_bounded) — never through a symlink, never a
+    /// FIFO, socket or device, at most [`MAX_HEADER_LEN`] bytes — so no planted file can block
+    /// or exhaust the reader. A header that is there but is not such a file is
+    /// [`VolumeError::CorruptHeader`].
     pub fn read(dir: &Path) -> Result<VolumeHeader, VolumeError> {
         let path = dir.join(HEADER_FILE);
-        let meta = match std::fs::metadata(&path) {
-            Ok(m) => m,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(VolumeError::NotAVolume(dir.to_path_buf()))
-            }
-            Err(e) => return Err(VolumeError::io(&path, e)),
-        };
         let corrupt = |why: String| VolumeError::CorruptHeader {
             path: path.clone(),
             why,
         };
-        if meta.len() > MAX_HEADER_LEN {
-            return Err(corrupt(format!(
-                "{} bytes is too large for a header",
-                meta.len()
-            )));
-        }
-        let bytes = std::fs::read(&path).map_err(|e| VolumeError::io(&path, e))?;
+        let bytes = match super::sys::read_bounded(&path, MAX_HEADER_LEN) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(VolumeError::NotAVolume(dir.to_path_buf()))
+            }
+            Err(e) => {
+                return Err(match e.raw_os_error() {
+                    Some(libc::ELOOP) => corrupt(
+                        "it is a symlink; cmkfs never follows a symlink in the backing store \
+                         (put the volume's real header back)"
+                            .into(),
+                    ),
+                    Some(libc::EFBIG) => corrupt(format!(
+                        "it is larger than {MAX_HEADER_LEN} bytes, too large for a header"
+                    )),
+                    Some(libc::EISDIR) => corrupt("it is a directory".into()),
+                    None if e.kind() == std::io::ErrorKind::InvalidData => {
+                        corrupt(format!("{e} (put the volume's real header back)"))
+                    }
+                    _ => VolumeError::io(&path, e),
+                })
+            }
+        };
         let h: VolumeHeader = serde_json::from_slice(&bytes)
             .map_err(|e| corrupt(format!("not valid header JSON ({e})")))?;
         h.validate().map_err(corrupt)?;

@@ -30,7 +30,7 @@ pub mod upgrade;
 pub mod v1;
 pub mod xattr;
 
-pub use attr::{Attr, SetAttr, Target};
+pub use attr::{Attr, Pinned, SetAttr, Target};
 pub use dir::{is_dead_temp_dir, Dir, Listed};
 pub use open_create::OpenFile;
 
@@ -39,7 +39,7 @@ use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak};
 use std::time::SystemTime;
 
 use content::Ctx;
@@ -221,6 +221,11 @@ pub struct Volume {
     engine: SectorEngine,
     sector: u64,
     as_root: bool,
+    /// The backing root's device: inode numbers are unique on one filesystem only, and both
+    /// the kernel's inodes and the per-file state below are keyed by them, so an entry on
+    /// another device (a mount point inside the backing directory) is refused, never served
+    /// under a number that may belong to another file.
+    root_dev: u64,
     /// Per-inode state shared by every open handle of a file.
     files: Mutex<HashMap<u64, Weak<open_create::Shared>>>,
     gates: Gates,
@@ -233,8 +238,14 @@ pub struct Volume {
 /// re-encryption swaps keys or re-encrypts names (requests wait, none fails); `writes` is
 /// held shared by every request that changes something and exclusively while a backup reads
 /// a point-in-time view (reads go on). Always `names` before `writes`.
+///
+/// The long operations themselves (a [`Gates::close`], a [`Gates::freeze_writes`]) take
+/// `exclusive` first, which requests never take: a close waiting behind a freeze waits
+/// there, holding nothing, so reads go on during the freeze (a close queued on `names`
+/// would hold every new request back until the freeze ends).
 #[derive(Debug, Default)]
 pub struct Gates {
+    exclusive: Mutex<()>,
     names: RwLock<()>,
     writes: RwLock<()>,
 }
@@ -247,8 +258,15 @@ pub struct Pass<'a> {
 
 /// The [`Gates`] closed: no request runs.
 pub struct Closed<'a> {
-    _names: RwLockWriteGuard<'a, ()>,
     _writes: RwLockWriteGuard<'a, ()>,
+    _names: RwLockWriteGuard<'a, ()>,
+    _exclusive: MutexGuard<'a, ()>,
+}
+
+/// Writes frozen ([`Gates::freeze_writes`]): no request that changes anything runs.
+pub struct Frozen<'a> {
+    _writes: RwLockWriteGuard<'a, ()>,
+    _exclusive: MutexGuard<'a, ()>,
 }
 
 impl Gates {
@@ -271,16 +289,22 @@ impl Gates {
 
     /// Waits for every request in flight and holds all new ones back.
     pub fn close(&self) -> Closed<'_> {
+        let exclusive = self.exclusive.lock().unwrap_or_else(|p| p.into_inner());
         let names = self.names.write().unwrap_or_else(|p| p.into_inner());
         Closed {
-            _names: names,
             _writes: self.writes.write().unwrap_or_else(|p| p.into_inner()),
+            _names: names,
+            _exclusive: exclusive,
         }
     }
 
     /// Waits for every change in flight and holds new ones back; reads go on.
-    pub fn freeze_writes(&self) -> RwLockWriteGuard<'_, ()> {
-        self.writes.write().unwrap_or_else(|p| p.into_inner())
+    pub fn freeze_writes(&self) -> Frozen<'_> {
+        let exclusive = self.exclusive.lock().unwrap_or_else(|p| p.into_inner());
+        Frozen {
+            _writes: self.writes.write().unwrap_or_else(|p| p.into_inner()),
+            _exclusive: exclusive,
+        }
     }
 }
 
@@ -408,10 +432,13 @@ impl Volume {
             });
         }
         let root_dir = Arc::new(Dir::open_root(&root)?);
+        #[allow(clippy::unnecessary_cast)] // dev_t is not u64 everywhere
+        let root_dev = sys::fstat(root_dir.fd()).map_err(VolumeError::Os)?.st_dev as u64;
         let engine = SectorEngine::new(threads).map_err(VolumeError::Os)?;
         Ok(Volume {
             root,
             root_dir,
+            root_dev,
             sector: header.sector_size as u64,
             header,
             keyring,

@@ -53,9 +53,11 @@ impl Volume {
         let inherit = self.inherit_acl(dir, libc::S_IFREG | (mode & 0o7777), caller)?;
         let (bname, file) = self.make_entry(dir, name, |bname| {
             let f = sys::create_regular(dir.fd(), bname, inherit.mode).map_err(os)?;
-            // Owner and ACL before anyone can open it by name with the wrong ones.
-            self.own(dir, Target::At(dir, bname), caller, inherit.mode)?;
-            self.apply_inherited(Target::At(dir, bname), &inherit)?;
+            // Owner and ACL before anyone can open it by name with the wrong ones; through the
+            // new file's descriptor, never by name (see `Pinned`).
+            let new = self.pin_fd(f.as_fd(), dir, bname)?;
+            self.own(dir, Target::Pinned(&new), caller, inherit.mode)?;
+            self.apply_inherited(Target::Pinned(&new), &inherit)?;
             Ok(f)
         })?;
         let st = sys::fstat(file.as_fd()).map_err(os)?;

@@ -75,7 +75,8 @@ impl Volume {
         };
         let made = self.make_entry(dir, name, |bname| {
             sys::symlink(&stored, dir.fd(), bname).map_err(os)?;
-            self.own(dir, Target::At(dir, bname), caller, 0)
+            let new = self.pin_new(dir, bname, libc::S_IFLNK)?;
+            self.own(dir, Target::Pinned(&new), caller, 0)
         });
         let (bname, ()) = match made {
             Ok(x) => x,

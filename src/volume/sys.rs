@@ -106,6 +106,19 @@ pub enum Access {
     ReadWrite,
 }
 
+/// What a non-regular file is, for error messages.
+fn file_kind(mode: u32) -> &'static str {
+    match mode & libc::S_IFMT {
+        libc::S_IFIFO => "a FIFO",
+        libc::S_IFSOCK => "a socket",
+        libc::S_IFCHR => "a character device",
+        libc::S_IFBLK => "a block device",
+        libc::S_IFLNK => "a symlink",
+        libc::S_IFDIR => "a directory",
+        _ => "not a regular file",
+    }
+}
+
 /// Opens the regular file `name` in `dir` for I/O. Refuses anything else (`ELOOP` for a
 /// symlink, `EIO` for a FIFO, socket or device planted in the backing store) before it is
 /// opened for I/O, and, when `expect_ino` is given, a file that is not that inode (`ENOENT`:
@@ -116,7 +129,29 @@ pub fn open_regular(
     access: Access,
     expect_ino: Option<u64>,
 ) -> io::Result<(File, Stat)> {
-    let path = open_path(dir, name)?;
+    regular_from_path(open_path(dir, name)?, access, expect_ino)
+}
+
+/// Opens the regular file at `path` for I/O, for tools that walk the backing store by path
+/// (`fsck`, `upgrade`) and for the volume header: the last component is never followed
+/// (`ELOOP`), and a FIFO, socket or device is refused before it is opened for I/O, like
+/// [`open_regular`]. Components before the last are resolved as usual (the caller named
+/// them, or walked them as directories).
+pub fn open_regular_path(path: &Path, access: Access) -> io::Result<(File, Stat)> {
+    let fd = rfs::open(
+        path,
+        OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    regular_from_path(fd, access, None)
+}
+
+/// The checks of [`open_regular`] on an `O_PATH` descriptor, then the reopen for I/O.
+fn regular_from_path(
+    path: OwnedFd,
+    access: Access,
+    expect_ino: Option<u64>,
+) -> io::Result<(File, Stat)> {
     let st = rfs::fstat(&path)?;
     let fmt = st.st_mode & libc::S_IFMT;
     if fmt == libc::S_IFLNK {
@@ -128,7 +163,10 @@ pub fn open_regular(
     if fmt != libc::S_IFREG {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
-            "backing entry is not a regular file (a FIFO, socket or device where a file was expected)",
+            format!(
+                "backing entry is {} where a regular file was expected",
+                file_kind(st.st_mode)
+            ),
         ));
     }
     if expect_ino.is_some_and(|i| i != st.st_ino) {
@@ -138,10 +176,11 @@ pub fn open_regular(
         Access::Read => OFlags::RDONLY,
         Access::ReadWrite => OFlags::RDWR,
     };
-    // Reopening the O_PATH descriptor through its magic link opens exactly that inode.
+    // Reopening the O_PATH descriptor through its magic link opens exactly that inode (a
+    // regular file: O_NONBLOCK changes nothing for it, and guards the reopen all the same).
     let fd = rfs::open(
         proc_fd(path.as_fd()).as_c_str(),
-        flags | OFlags::CLOEXEC | OFlags::NOCTTY,
+        flags | OFlags::CLOEXEC | OFlags::NOCTTY | OFlags::NONBLOCK,
         Mode::empty(),
     )?;
     Ok((File::from(fd), st))
@@ -178,10 +217,24 @@ pub fn create_regular(dir: BorrowedFd<'_>, name: &OsStr, mode: u32) -> io::Resul
 /// symlinks, FIFOs and devices like [`open_regular`].
 pub fn read_small(dir: BorrowedFd<'_>, name: &OsStr, max: usize) -> io::Result<Vec<u8>> {
     let (f, st) = open_regular(dir, name, Access::Read, None)?;
+    read_bounded_file(f, &st, max)
+}
+
+/// Reads the regular file at `path` with the rules of [`open_regular_path`]: at most `max`
+/// bytes, else `EFBIG` (a file that grows while read is cut at `max + 1` and refused). The
+/// one reader of backing-store files that tools reach by path: nothing it is given can block
+/// it (a FIFO), send it elsewhere (a symlink) or make it allocate more than `max` bytes
+/// (`/dev/zero`, a huge file).
+pub fn read_bounded(path: &Path, max: usize) -> io::Result<Vec<u8>> {
+    let (f, st) = open_regular_path(path, Access::Read)?;
+    read_bounded_file(f, &st, max)
+}
+
+fn read_bounded_file(f: File, st: &Stat, max: usize) -> io::Result<Vec<u8>> {
     if st.st_size as u64 > max as u64 {
         return Err(errno(libc::EFBIG));
     }
-    let mut buf = Vec::with_capacity(max.min(64 * 1024) + 1);
+    let mut buf = Vec::with_capacity((st.st_size as usize).min(max) + 1);
     f.take(max as u64 + 1).read_to_end(&mut buf)?;
     if buf.len() > max {
         return Err(errno(libc::EFBIG));

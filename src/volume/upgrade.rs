@@ -27,9 +27,9 @@ use std::collections::HashSet;
 use std::ffi::OsStr;
 use std::fs::{self, File, OpenOptions};
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
@@ -42,6 +42,7 @@ use super::header::{VolumeHeader, FORMAT_VERSION};
 use super::layout::{self, FileHeader, FILE_HEADER_LEN};
 use super::lock::{LockError, VolumeLock};
 use super::names::{self, DirId, EntryKind, DIRID_FILE};
+use super::sys::{self, Access};
 use super::v1::{self, TailDecision, TailFinding};
 use super::VolumeError;
 use crate::crypto::{Dek, VolumeKeys};
@@ -51,6 +52,10 @@ use crate::vault::Vault;
 
 /// Files per journal batch: one journal write (two fsyncs) and one `syncfs` per batch.
 pub const BATCH_FILES: usize = 64;
+
+/// Most bytes read from a journal ([`BATCH_FILES`] entries of one data unit and a path each
+/// take far less): a journal is read from the backing store, which may be hostile.
+const MAX_JOURNAL: usize = 16 << 20;
 
 /// The steps of an upgrade, in order. A [`Hooks::fault`] hook is called after each one and
 /// can stop the upgrade right there, as a crash would (nothing is cleaned up).
@@ -229,7 +234,7 @@ pub fn needed(dir: &Path, header: &VolumeHeader) -> bool {
 /// it cannot be used: lets a caller refuse a damaged journal before saying anything else.
 pub fn pending_journal(dir: &Path, header: &VolumeHeader) -> Result<Option<usize>, UpgradeError> {
     let path = Journal::path(dir);
-    let bytes = match fs::read(&path) {
+    let bytes = match sys::read_bounded(&path, MAX_JOURNAL) {
         Ok(b) => b,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(io_at(&path)(e)),
@@ -349,7 +354,7 @@ impl Upgrader<'_, '_> {
             return Ok(());
         }
         let path = Journal::path(&self.root);
-        let bytes = fs::read(&path).map_err(io_at(&path))?;
+        let bytes = sys::read_bounded(&path, MAX_JOURNAL).map_err(io_at(&path))?;
         let j = Journal::decode(&bytes).map_err(|why| UpgradeError::Journal {
             path: path.clone(),
             why,
@@ -518,9 +523,9 @@ impl Upgrader<'_, '_> {
                 }
             };
             if let Some((decision, reason)) = finding {
-                let shown = p.found.plain.as_ref().unwrap_or(&p.found.rel);
+                // The backing path only: logs never name plaintext (the report, shown to the
+                // user, does).
                 tracing::warn!(
-                    file = %shown.display(),
                     backing = %p.found.rel.display(),
                     offset = unit.start,
                     bytes = unit.stored.len(),
@@ -671,22 +676,18 @@ fn undo(f: &File, e: &Entry, unit: u64) -> io::Result<()> {
 /// write permission for its owner is opened through a brief `u+w` (the descriptor keeps its
 /// access; the mode is put back at once), as cmkfs owns its backing files.
 fn open_rw(path: &Path) -> io::Result<File> {
-    let open = || {
-        OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(path)
-    };
-    match open() {
+    // Never a symlink, FIFO or device planted in the backing store (sys::open_regular_path),
+    // and the mode change goes through the descriptor: it reaches that file and no other.
+    match sys::open_regular_path(path, Access::ReadWrite) {
         Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
-            let mode = fs::symlink_metadata(path)?.permissions().mode();
-            fs::set_permissions(path, fs::Permissions::from_mode(mode | 0o200))?;
-            let f = open();
-            fs::set_permissions(path, fs::Permissions::from_mode(mode))?;
+            let (ro, st) = sys::open_regular_path(path, Access::Read)?;
+            let mode = st.st_mode & 0o7777;
+            sys::chmod_fd(ro.as_fd(), mode | 0o200)?;
+            let f = sys::reopen(ro.as_fd(), Access::ReadWrite);
+            sys::chmod_fd(ro.as_fd(), mode)?;
             f
         }
-        other => other,
+        other => other.map(|(f, _)| f),
     }
 }
 
@@ -707,7 +708,7 @@ fn find_files(root: &Path, keys: &VolumeKeys) -> Result<Vec<Found>, UpgradeError
     let mut seen: HashSet<(u64, u64)> = HashSet::new();
     let mut stack: Vec<(PathBuf, Option<PathBuf>)> = vec![(root.to_path_buf(), Some("/".into()))];
     while let Some((dir, plain_dir)) = stack.pop() {
-        let id: Option<DirId> = fs::read(dir.join(DIRID_FILE))
+        let id: Option<DirId> = sys::read_bounded(&dir.join(DIRID_FILE), 64)
             .ok()
             .and_then(|b| b.as_slice().try_into().ok());
         let mut entries: Vec<fs::DirEntry> = fs::read_dir(&dir)
@@ -743,7 +744,7 @@ fn find_files(root: &Path, keys: &VolumeKeys) -> Result<Vec<Found>, UpgradeError
 fn plaintext_name(dir: &Path, name: &OsStr, id: &DirId, keys: &VolumeKeys) -> Option<PathBuf> {
     let encoded = match names::classify(name) {
         EntryKind::Long => {
-            let full = fs::read(dir.join(names::side_file_of(name))).ok()?;
+            let full = sys::read_bounded(&dir.join(names::side_file_of(name)), 4096).ok()?;
             names::long_name_matches(name, &full).then_some(full)?
         }
         _ => name.as_bytes().to_vec(),

@@ -207,6 +207,7 @@ impl Volume {
         Ok(match t {
             Target::Dir(_) => libc::S_IFDIR,
             Target::File(_) => libc::S_IFREG,
+            Target::Pinned(p) => p.kind(),
             Target::At(..) if fmt != 0 => fmt,
             Target::At(..) => self.attr(t)?.kind(),
         })
@@ -341,16 +342,6 @@ impl Volume {
         classify(name)?;
         let fmt = self.fmt_of(t, fmt)?;
         self.remove_raw(&keys, t, fmt, name)
-    }
-
-    fn chmod_target(&self, t: Target<'_>, mode: u32) -> Result<(), VolumeError> {
-        use std::os::fd::AsFd;
-        match t {
-            Target::At(d, n) => sys::chmod_at(d.fd(), n, mode),
-            Target::Dir(d) => sys::chmod_fd(d.fd(), mode),
-            Target::File(f) => sys::chmod_fd(f.file().as_fd(), mode),
-        }
-        .map_err(os)
     }
 
     /// After a chmod to `mode`: rewrites a stored access ACL to match (owner, mask or group,

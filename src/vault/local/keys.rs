@@ -386,7 +386,24 @@ impl Vault for LocalVault {
                 )
             };
             let rec = match self.active_key(&key.name) {
-                Err(VaultError::NotFound(_)) => return Err(purged()),
+                Err(VaultError::NotFound(_)) => {
+                    // Not the same as purged: a name that differs from one of ours only in
+                    // case was never a key here (key ids are matched exactly), so the id was
+                    // typed or edited wrongly — say so instead of "purged".
+                    let names = self.store.key_names()?;
+                    if let Some(near) = names
+                        .iter()
+                        .find(|n| n.eq_ignore_ascii_case(&key.name) && **n != key.name)
+                    {
+                        return Err(VaultError::Invalid(format!(
+                            "{id}: vault {URL} has no key {:?} (key names are matched exactly; \
+                             it has {near:?}): the key id was changed, e.g. in an edited volume \
+                             header",
+                            key.name
+                        )));
+                    }
+                    return Err(purged());
+                }
                 other => other?,
             };
             let v = rec.version(&key.version).ok_or_else(purged)?;

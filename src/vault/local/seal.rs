@@ -31,7 +31,7 @@
 
 use std::fs;
 use std::io::{ErrorKind, Write as _};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LEN};
@@ -141,7 +141,44 @@ impl KdfParams {
             }
         }
         p.argon2().map_err(|_| bad())?;
+        p.check().map_err(|why| {
+            VaultError::Invalid(format!("invalid Argon2id parameters {s:?}: {why}"))
+        })?;
         Ok(p)
+    }
+
+    /// Most memory a seal may ask for: 4 GiB (twice RFC 9106's first recommended option).
+    pub const MAX_MEMORY_KIB: u32 = 4 * 1024 * 1024;
+    /// Most passes a seal may ask for (t = 64 at the default memory takes about a minute here).
+    pub const MAX_ITERATIONS: u32 = 64;
+    /// Most lanes a seal may ask for.
+    pub const MAX_PARALLELISM: u32 = 64;
+
+    /// Checks the parameters against the bounds above and Argon2's own rules: a `seal.json`
+    /// is read from disk, and its numbers decide how much memory and time an unseal takes.
+    pub fn check(&self) -> Result<(), String> {
+        if self.memory_kib > Self::MAX_MEMORY_KIB {
+            return Err(format!(
+                "m = {} KiB is more than the {} KiB (4 GiB) cmkfs allows",
+                self.memory_kib,
+                Self::MAX_MEMORY_KIB
+            ));
+        }
+        if !(1..=Self::MAX_ITERATIONS).contains(&self.iterations) {
+            return Err(format!(
+                "t = {} is outside 1..={}",
+                self.iterations,
+                Self::MAX_ITERATIONS
+            ));
+        }
+        if !(1..=Self::MAX_PARALLELISM).contains(&self.parallelism) {
+            return Err(format!(
+                "p = {} is outside 1..={}",
+                self.parallelism,
+                Self::MAX_PARALLELISM
+            ));
+        }
+        self.argon2().map(|_| ()).map_err(|e| e.to_string())
     }
 
     fn argon2(&self) -> Result<argon2::Argon2<'static>, VaultError> {
@@ -430,6 +467,15 @@ pub(crate) fn read_record(store: &Path) -> Result<Option<SealRecord>, VaultError
                     rec.format
                 )));
             }
+            // Its numbers decide how much memory and time an unseal takes: bounded before
+            // anything is derived (an edited file must not exhaust memory or hang us).
+            rec.kdf.params.check().map_err(|why| {
+                VaultError::Store(format!(
+                    "{} has Argon2id parameters out of bounds ({why}): the file is damaged or \
+                     was edited; restore it from a backup",
+                    path.display()
+                ))
+            })?;
             Ok(Some(rec))
         }
         Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
@@ -454,9 +500,23 @@ fn derive(
     p: &KdfParams,
 ) -> Result<Zeroizing<[u8; 32]>, VaultError> {
     let mut out = Zeroizing::new([0u8; 32]);
-    p.argon2()?
-        .hash_password_into(passphrase, salt, &mut out[..])
-        .map_err(|e| VaultError::Invalid(format!("Argon2id: {e}")))?;
+    let argon = p.argon2()?;
+    // The memory is ours to allocate, so that too little of it is an error and not an abort.
+    let count = argon2::Params::new(p.memory_kib, p.iterations, p.parallelism, Some(32))
+        .map_err(|e| VaultError::Invalid(format!("Argon2id parameters: {e}")))?
+        .block_count();
+    let mut blocks: Vec<argon2::Block> = Vec::new();
+    blocks.try_reserve_exact(count).map_err(|_| {
+        VaultError::Unavailable(format!(
+            "not enough memory for the vault's Argon2id ({p}): free some, or change the \
+             passphrase's cost on a bigger machine (`cmkfs vault change-passphrase --kdf ...`)"
+        ))
+    })?;
+    blocks.resize(count, argon2::Block::default());
+    let r = argon.hash_password_into_with_memory(passphrase, salt, &mut out[..], &mut blocks);
+    // The blocks are derived from the passphrase.
+    zeroize::Zeroize::zeroize(&mut blocks);
+    r.map_err(|e| VaultError::Invalid(format!("Argon2id: {e}")))?;
     Ok(out)
 }
 
@@ -559,9 +619,57 @@ pub fn forget_process_keys() {
 /// keyring, or a passphrase (see [`passphrase`]). `None` for a legacy (unsealed) store.
 pub fn master_key(store: &Path) -> Result<Option<Arc<MasterKey>>, VaultError> {
     let Some(rec) = read_record(store)? else {
+        check_seal_not_lost(store)?;
         return Ok(None);
     };
     master_key_of(store, &rec).map(Some)
+}
+
+/// Refuses a store without `seal.json` that holds sealed files: it was sealed and lost its
+/// record (deleted by hand, a partial restore), and must not be taken for a legacy store in
+/// clear (whose new keys would be written in clear).
+pub(crate) fn check_seal_not_lost(store: &Path) -> Result<(), VaultError> {
+    if read_record(store)?.is_some() {
+        return Ok(());
+    }
+    match sealed_trace(store) {
+        Some(trace) => Err(VaultError::Store(format!(
+            "the vault {} has no seal.json, but it was sealed ({} is sealed): without seal.json \
+             its keys cannot be opened; restore vault/seal.json from a backup",
+            store.display(),
+            trace.display()
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// A sealed file in a store that has no `seal.json` (it was deleted or lost): the store was
+/// sealed and must not be taken for a legacy one. Looks at every KEK version and the TLS keys.
+fn sealed_trace(store: &Path) -> Option<PathBuf> {
+    let is_sealed = |p: &Path| {
+        crate::volume::sys::read_bounded(p, 1 << 20)
+            .ok()
+            .map(Zeroizing::new)
+            .is_some_and(|b| Envelope::parse(&b).is_some())
+    };
+    let mut candidates = vec![
+        store.join("tls").join("key.pem"),
+        store.join("tls").join("ca-key.pem"),
+    ];
+    if let Ok(keys) = fs::read_dir(store.join("keys")) {
+        for k in keys.flatten() {
+            if let Ok(versions) = fs::read_dir(k.path()) {
+                candidates.extend(
+                    versions
+                        .flatten()
+                        .map(|v| v.path())
+                        .filter(|p| p.extension().is_some_and(|e| e == "pk8")),
+                );
+            }
+        }
+    }
+    candidates.sort();
+    candidates.into_iter().find(|p| is_sealed(p))
 }
 
 pub(crate) fn master_key_of(store: &Path, rec: &SealRecord) -> Result<Arc<MasterKey>, VaultError> {

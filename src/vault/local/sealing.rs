@@ -34,7 +34,7 @@ impl LocalVault {
         Ok(self.master.get_or_init(|| m).clone())
     }
 
-    /// The bytes to store for a version's private key: sealed, or clear in a legacy store.
+    /// The bytes to store for a version's private key: sealed (a legacy store is refused).
     pub(super) fn seal_private_key(
         &self,
         name: &str,
@@ -50,7 +50,13 @@ impl LocalVault {
             None if seal::read_record(self.store.dir())?.is_some() => Err(VaultError::Conflict(
                 "the vault was sealed while this operation ran: run it again".into(),
             )),
-            None => Ok(Zeroizing::new(pkcs8.to_vec())),
+            // A legacy store keeps the keys it has, but gets no new key in clear: a user of an
+            // encrypted filesystem expects a new key to be protected at rest.
+            None => Err(VaultError::Invalid(format!(
+                "the vault {} is not sealed, and cmkfs writes no new key in clear: seal it first \
+                 with `cmkfs vault seal`",
+                self.store.dir().display()
+            ))),
         }
     }
 

@@ -74,13 +74,48 @@ pub struct Passphrase {
     pub origin: String,
 }
 
-/// Reads a passphrase from the first line of a file (`origin` names it in messages).
+/// Longest passphrase file read (a passphrase is one line).
+const MAX_PASSPHRASE_FILE: u64 = 64 * 1024;
+
+/// Reads a passphrase from the first line of a file (`origin` names it in messages). Like
+/// ssh with a private key, a regular file that others may read (or anyone but its owner may
+/// write) is refused: chmod 600. Pipes (`--passphrase-file <(...)`) have no such bits.
 pub fn read_passphrase_file(path: &Path, origin: String) -> Result<Passphrase, VaultError> {
-    let bytes = Zeroizing::new(fs::read(path).map_err(|e| {
+    read_passphrase(path, origin, false)
+}
+
+/// [`read_passphrase_file`]; `systemd`: a credential systemd placed in the unit's private
+/// `$CREDENTIALS_DIRECTORY`, which may be group-readable by design (0440).
+fn read_passphrase(path: &Path, origin: String, systemd: bool) -> Result<Passphrase, VaultError> {
+    use std::io::Read as _;
+    use std::os::unix::fs::MetadataExt as _;
+    let cannot = |e: std::io::Error| {
         VaultError::Invalid(format!(
             "cannot read the vault passphrase from {origin}: {e}"
         ))
-    })?);
+    };
+    let f = fs::File::open(path).map_err(cannot)?;
+    let meta = f.metadata().map_err(cannot)?;
+    if meta.is_file() {
+        let mode = meta.mode() & 0o777;
+        // Group read is what a systemd credential (0440) or a root:root 0640 file gets;
+        // nothing else may reach a passphrase file.
+        let group_read_ok = systemd || (meta.uid() == 0 && meta.gid() == 0);
+        let too_open =
+            mode & 0o007 != 0 || mode & 0o020 != 0 || (mode & 0o040 != 0 && !group_read_ok);
+        if too_open {
+            return Err(VaultError::Invalid(format!(
+                "the vault passphrase file {} (from {origin}) may be read or changed by others \
+                 (mode {mode:03o}): run `chmod 600 {}`",
+                path.display(),
+                path.display()
+            )));
+        }
+    }
+    let mut bytes = Zeroizing::new(Vec::new());
+    f.take(MAX_PASSPHRASE_FILE)
+        .read_to_end(&mut bytes)
+        .map_err(cannot)?;
     let text = std::str::from_utf8(&bytes).map_err(|_| {
         VaultError::Invalid(format!("the vault passphrase in {origin} is not UTF-8"))
     })?;
@@ -122,7 +157,7 @@ fn configured_source() -> Result<Option<Passphrase>, VaultError> {
         let p = PathBuf::from(dir).join(SYSTEMD_CREDENTIAL);
         if p.exists() {
             let o = format!("the systemd credential {SYSTEMD_CREDENTIAL}");
-            return read_passphrase_file(&p, o).map(Some);
+            return read_passphrase(&p, o, true).map(Some);
         }
     }
     Ok(None)

@@ -347,8 +347,14 @@ async fn authenticate(
     if let Some(wait) = client.and_then(|ip| st.throttle.address_blocked(ip)) {
         return Err(ApiError::throttled(wait));
     }
-    // No token at all is how the Azure SDKs ask for the challenge: not a failed sign-in.
+    // No token at all is how the Azure SDKs ask for the challenge: not a failed sign-in, but
+    // it spends the address's allowance (a flood of them must not be free).
     let Some(value) = headers.get(header::AUTHORIZATION) else {
+        if let Some(ip) = client {
+            if st.throttle.tokenless(ip) {
+                tracing::warn!(client = %ip, "requests without a credential throttled");
+            }
+        }
         return Err(ApiError::unauthorized(
             "this request needs a bearer token (Authorization: Bearer <token>)",
         ));

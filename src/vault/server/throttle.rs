@@ -1,7 +1,7 @@
 //! Failed sign-in rate limits, per client address and per identity (token buckets).
 //!
 //! Every failed sign-in (401) takes a token from the bucket of its address and of the identity
-//! it named; buckets refill at one token per `refill` up to `burst`. With the address's bucket
+//! it named, and a request with no credential at all from the bucket of its address; buckets refill at one token per `refill` up to `burst`. With the address's bucket
 //! empty, every request from that address is answered 429 with `Retry-After` before any work
 //! (as Key Vault throttles: code `Throttled`). With an identity's bucket empty, a request for
 //! that identity is still checked, and passes when its credential is right (so nobody locks a
@@ -164,6 +164,20 @@ impl Throttle {
         }
     }
 
+    /// Records a request from `addr` that carried no credential at all. The Azure SDKs send
+    /// one such request to learn the challenge (once per client), so it is not a failed
+    /// sign-in (no audit line, no identity), but it spends the address's allowance like one:
+    /// otherwise one address could send tokenless requests without end (second review, M3).
+    /// Returns whether this request emptied the address's bucket.
+    pub fn tokenless(&self, addr: IpAddr) -> bool {
+        let (had, empty) = self.addrs.lock().unwrap_or_else(|e| e.into_inner()).take(
+            &addr,
+            &self.cfg,
+            Instant::now(),
+        );
+        had && empty
+    }
+
     /// The retry delay to advertise once a bucket is empty.
     pub fn refill(&self) -> Duration {
         self.cfg.refill
@@ -191,6 +205,20 @@ mod tests {
         assert!(!more.audit && !more.throttled_now);
         std::thread::sleep(Duration::from_millis(450));
         assert!(t.address_blocked(a).is_none());
+    }
+
+    #[test]
+    fn tokenless_requests_spend_the_address_allowance_only() {
+        let t = Throttle::new(ThrottleConfig {
+            burst: 3,
+            refill: Duration::from_secs(60),
+        });
+        let a: IpAddr = "127.0.0.2".parse().unwrap();
+        let emptied: Vec<bool> = (0..4).map(|_| t.tokenless(a)).collect();
+        assert_eq!(emptied, [false, false, true, false]);
+        assert!(t.address_blocked(a).is_some());
+        assert!(t.address_blocked("127.0.0.3".parse().unwrap()).is_none());
+        assert!(t.identity_blocked("").is_none());
     }
 
     #[test]

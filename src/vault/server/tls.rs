@@ -169,6 +169,13 @@ pub fn load_or_generate(store: &Path, sans: &[String]) -> Result<TlsMaterial, Se
     );
     let mk = seal::master_key(store)?;
     let mut generated = false;
+    if !key.exists() && mk.is_none() {
+        return Err(tls_err(format!(
+            "the vault {} is not sealed, and cmkfs writes no new TLS key in clear: seal it \
+             first with `cmkfs vault seal`",
+            store.display()
+        )));
+    }
     if !key.exists() {
         generate(&dir, sans, mk.as_deref())?;
         generated = true;

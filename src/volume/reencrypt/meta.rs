@@ -29,7 +29,7 @@ use crate::volume::{sys, xattr, Dir};
 const MAX_SIDE: usize = 8192;
 
 /// What the names phase changed.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone)]
 pub struct MetaCounts {
     /// Entries renamed.
     pub names: u64,
@@ -37,6 +37,19 @@ pub struct MetaCounts {
     pub targets: u64,
     /// Extended attributes sealed again.
     pub xattrs: u64,
+    /// Online: backing inode numbers of the symlinks replaced (see [`RETIRED_PREFIX`]).
+    pub replaced: Vec<u64>,
+}
+
+/// Online, a replaced symlink's old inode is kept linked at the root under this prefix (after
+/// the temp prefix: garbage if left) until the mount has made the kernel forget it: its
+/// number, which the kernel knows the symlink by, must not be reused meanwhile for a new
+/// object (the mount would take that for the old symlink).
+pub const RETIRED_PREFIX: &str = "retired-symlink.";
+
+/// The root name holding retired symlink inode `ino`.
+pub fn retired_name(ino: u64) -> OsString {
+    format!("{}{RETIRED_PREFIX}{ino}", crate::fsutil::TEMP_PREFIX).into()
 }
 
 /// The directory ids of every directory met, by backing inode: the fs layer recomputes its
@@ -93,6 +106,22 @@ pub(super) fn run(
         }
     }
     Ok(ids)
+}
+
+/// Re-seals the extended attributes of files a mount holds open (those with no name left
+/// are reached only so; the others again, harmlessly: already converted ones are skipped).
+pub(super) fn convert_open_xattrs(
+    s: &mut Session<'_>,
+    files: &[Arc<crate::volume::OpenFile>],
+    new: &VolumeKeys,
+    old: &VolumeKeys,
+    counts: &mut MetaCounts,
+) -> Result<(), ReencryptError> {
+    for of in files {
+        let fd = std::os::fd::AsFd::as_fd(of.file());
+        convert_xattrs(s, sys::XTarget::Fd(fd), new, old, counts)?;
+    }
+    Ok(())
 }
 
 /// Removes what an interrupted run of this phase leaves in `dir` (nothing runs beside it:
@@ -219,6 +248,18 @@ fn convert_symlink(
                 Some(Some((st.st_mtime, st.st_mtime_nsec as u32))),
             ];
             let _ = sys::utimens_at(dir.fd(), &tmp, &times);
+        }
+    }
+    if s.online.is_some() {
+        // Keep the old inode (see RETIRED_PREFIX); a second name of it is held already.
+        let root = s.vol.root_dir().clone();
+        match sys::link(dir.fd(), bname, root.fd(), &retired_name(st.st_ino)) {
+            Ok(()) => counts.replaced.push(st.st_ino),
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
+            Err(e) => {
+                let _ = sys::unlink(dir.fd(), &tmp);
+                return Err(ReencryptError::os(e));
+            }
         }
     }
     if let Err(e) = sys::rename(dir.fd(), &tmp, dir.fd(), bname, 0) {

@@ -33,7 +33,7 @@ use journal::{Journal, Phase};
 pub use meta::DirIds;
 
 use super::header::{PlatformEnvelope, VolumeHeader};
-use super::{OpenFile, Volume, VolumeError};
+use super::{Closed, OpenFile, Volume, VolumeError};
 use crate::crypto::{Dek, VolumeKeys};
 use crate::keyring::Unwrapped;
 use crate::vault::Wrapped;
@@ -174,6 +174,10 @@ pub trait Online: Sync {
     /// The names phase changed every backing name (with every request held back): cached
     /// backing names must be recomputed with `keys` and the directory ids `ids`.
     fn names_changed(&self, ids: &DirIds, keys: &VolumeKeys);
+    /// After the names phase, with requests flowing again: the symlinks whose backing inodes
+    /// `old` were replaced by new ones; the kernel must forget the old inodes' names (the
+    /// session then lets go of the inodes).
+    fn symlinks_replaced(&self, old: &[u64]);
     /// Every file the mount holds open (those with no name left are reached only so).
     fn open_files(&self) -> Vec<Arc<OpenFile>>;
 }
@@ -269,19 +273,27 @@ impl<'a> Session<'a> {
         let t0 = Instant::now();
         let mut report = Report::default();
         let mut header = self.access.current_header();
+        let vol = self.vol;
         let deks = match header.retiring {
             None => {
-                let d = self.start(&header)?;
+                // From the new keys to the end of the names phase no request runs: a mount
+                // looks names up under the current key only, so it must not see a name that
+                // is still under the old one.
+                let closed = vol.gates().close();
+                let d = self.start(&header, &closed)?;
                 header = self.access.current_header();
+                self.journal_dek = Some(copy_dek(&d.outer)?);
+                self.resume(&header, &mut report, Some(closed))?;
                 d
             }
             Some(_) => {
                 report.resumed = true;
-                self.access.unwrap(&header)?
+                let d = self.access.unwrap(&header)?;
+                self.journal_dek = Some(copy_dek(&d.outer)?);
+                self.resume(&header, &mut report, None)?;
+                d
             }
         };
-        self.journal_dek = Some(copy_dek(&deks.outer)?);
-        self.resume(&header, &mut report)?;
         self.contents(&mut report)?;
         self.finish(&deks)?;
         report.key_generation = header.key_generation;
@@ -302,12 +314,16 @@ impl<'a> Session<'a> {
         let deks = self.access.unwrap(&header)?;
         self.journal_dek = Some(copy_dek(&deks.outer)?);
         report.resumed = true;
-        self.resume(&header, &mut report)?;
+        self.resume(&header, &mut report, None)?;
         Ok(report)
     }
 
-    /// Step 1: new DEK(s), journal, header, keys.
-    fn start(&mut self, header: &VolumeHeader) -> Result<Unwrapped, ReencryptError> {
+    /// Step 1: new DEK(s), journal, header, keys (the caller holds the gates `closed`).
+    fn start(
+        &mut self,
+        header: &VolumeHeader,
+        _closed: &Closed<'_>,
+    ) -> Result<Unwrapped, ReencryptError> {
         if header.format_version != super::header::FORMAT_VERSION {
             return Err(ReencryptError::Refused(
                 "the volume needs `cmkfs upgrade` first".into(),
@@ -339,18 +355,14 @@ impl<'a> Session<'a> {
             generation: gen,
             retiring: Some(Box::new(old)),
         };
+        self.access.replace_header(&new_header)?;
+        if !self
+            .vol
+            .keyring()
+            .install(&deks)
+            .map_err(ReencryptError::other)?
         {
-            // No request runs while the header and the keys change together.
-            let _closed = self.vol.gates().close();
-            self.access.replace_header(&new_header)?;
-            if !self
-                .vol
-                .keyring()
-                .install(&deks)
-                .map_err(ReencryptError::other)?
-            {
-                return Err(ReencryptError::Revoked("the keys are not live".into()));
-            }
+            return Err(ReencryptError::Revoked("the keys are not live".into()));
         }
         self.hooks.step(Step::HeaderStarted)?;
         tracing::info!(
@@ -360,8 +372,14 @@ impl<'a> Session<'a> {
         Ok(deks)
     }
 
-    /// The names phase if it is not done, and an interrupted batch.
-    fn resume(&mut self, header: &VolumeHeader, report: &mut Report) -> Result<(), ReencryptError> {
+    /// The names phase if it is not done, and an interrupted batch. `closed`: the gates, if
+    /// the caller closed them already (they are opened once the names phase is done).
+    fn resume(
+        &mut self,
+        header: &VolumeHeader,
+        report: &mut Report,
+        closed: Option<Closed<'a>>,
+    ) -> Result<(), ReencryptError> {
         let root = self.vol.root_dir().clone();
         let journal = Journal::read(
             root.fd(),
@@ -381,10 +399,21 @@ impl<'a> Session<'a> {
             };
             let mut counts = meta::MetaCounts::default();
             {
-                let _closed = self.vol.gates().close();
+                let vol = self.vol;
+                let _closed = closed.unwrap_or_else(|| vol.gates().close());
                 let ids = meta::run(self, &keys, old, &mut counts)?;
                 if let Some(o) = self.online {
+                    meta::convert_open_xattrs(self, &o.open_files(), &keys, old, &mut counts)?;
                     o.names_changed(&ids, &keys);
+                }
+            }
+            if let Some(o) = self.online {
+                if !counts.replaced.is_empty() {
+                    o.symlinks_replaced(&counts.replaced);
+                }
+                let root = self.vol.root_dir().clone();
+                for ino in &counts.replaced {
+                    let _ = super::sys::unlink(root.fd(), &meta::retired_name(*ino));
                 }
             }
             report.names += counts.names;

@@ -1,0 +1,116 @@
+#!/usr/bin/env bash
+# Re-encryption throughput (issue 13) beside a plain copy of the same backing tree on the same
+# disk: ROUNDS trials (default 3), each `cmkfs volume reencrypt` of the volume (offline, then
+# online through a mount), and `cp -a` of its backing directory to a sibling directory followed
+# by `sync -f` (a re-encryption makes its batches durable too), back to back so that both see
+# the same load. Prints per trial the MB/s of each (backing bytes / wall seconds) and the
+# ratio reencrypt / cp, then the median ratio. Root and FUSE needed for the online trials.
+#
+#   scripts/bench-reencrypt.sh [MIB] [ROUNDS]        (default 256 MiB of files, 3 rounds)
+#
+# CMKFS: the binary (default target/release/cmkfs, built if missing). BENCH_DIR: where the
+# volume lives (default a temp dir under /var/tmp, i.e. the root disk).
+set -euo pipefail
+
+mib=${1:-256}
+rounds=${2:-3}
+root=$(cd "$(dirname "$0")/.." && pwd)
+cmkfs=${CMKFS:-$root/target/release/cmkfs}
+if [[ ! -x $cmkfs ]]; then
+    (cd "$root" && cargo build --release --quiet)
+fi
+work=$(mktemp -d "${BENCH_DIR:-/var/tmp}/cmkfs-bench-reencrypt.XXXXXX")
+export CMKFS_HOME="$work/home"
+# The embedded vault is sealed under a passphrase: a random one for this run (0600).
+(umask 077 && head -c 24 /dev/urandom | base64 >"$work/passphrase")
+export CMKFS_PASSPHRASE_FILE=$work/passphrase
+cleanup() {
+    "$cmkfs" umount "$work/mnt" >/dev/null 2>&1 || true
+    rm -rf "$work"
+}
+trap cleanup EXIT
+mkdir -p "$work/mnt"
+"$cmkfs" init "$work/cipher" --key-size 2048 >/dev/null 2>&1
+"$cmkfs" mount "$work/cipher" "$work/mnt" >/dev/null
+
+# A tree like a home directory: many small files, some medium, a few large (sizes drawn
+# from a fixed seed), filled with random data through the mount.
+python3 - "$work/mnt" "$mib" <<'EOF'
+import os, random, sys
+mnt, mib = sys.argv[1], int(sys.argv[2])
+rng = random.Random(13)
+left = mib << 20
+i = 0
+chunk = os.urandom(1 << 20)
+while left > 0:
+    kind = rng.random()
+    size = rng.randrange(0, 16 << 10) if kind < 0.6 else \
+        rng.randrange(16 << 10, 1 << 20) if kind < 0.95 else rng.randrange(4 << 20, 32 << 20)
+    size = min(size, left)
+    d = os.path.join(mnt, "d%02d" % (i % 37))
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, "f%06d" % i), "wb") as f:
+        done = 0
+        while done < size:
+            n = min(size - done, len(chunk))
+            f.write(chunk[:n] if done else os.urandom(min(n, 64)) + chunk[64:n])
+            done += n
+    left -= size
+    i += 1
+print(f"{i} files, {mib} MiB", file=sys.stderr)
+EOF
+"$cmkfs" umount "$work/mnt" >/dev/null
+bytes=$(du -sb "$work/cipher" | cut -f1)
+files=$(find "$work/cipher" -type f | wc -l)
+echo "backing tree: $files files, $((bytes >> 20)) MiB ($(df -T "$work" | awk 'NR==2{print $2}') on $(df "$work" | awk 'NR==2{print $1}')), $(nproc) cores"
+
+now() { date +%s.%N; }
+mbs() { python3 -c "import sys; print('%.0f' % ($bytes / 1e6 / (float(sys.argv[2]) - float(sys.argv[1]))))" "$1" "$2"; }
+copy() {
+    rm -rf "$work/copy"
+    local t0 t1
+    t0=$(now)
+    cp -a "$work/cipher" "$work/copy"
+    sync -f "$work/copy"
+    t1=$(now)
+    rm -rf "$work/copy"
+    mbs "$t0" "$t1"
+}
+# Wall-clock MB/s of the whole command (unsealing the vault, unwrapping included); the
+# command's own report (`seconds`: the re-encryption alone) goes to $work/last.json.
+reencrypt() {
+    local t0 t1
+    t0=$(now)
+    "$cmkfs" volume reencrypt "$work/cipher" "$@" --json >"$work/last.json"
+    t1=$(now)
+    mbs "$t0" "$t1"
+}
+inner() { python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print('%.0f' % ($bytes / 1e6 / r['seconds']))" "$work/last.json"; }
+
+ratios=()
+online_ratios=()
+inner_ratios=()
+printf '%-6s %11s %13s %7s %15s %7s %12s %7s\n' round "cp -a MB/s" "offline MB/s" ratio "(inner MB/s)" ratio "online MB/s" ratio
+for r in $(seq 1 "$rounds"); do
+    sync
+    c=$(copy)
+    off=$(reencrypt)
+    in=$(inner)
+    "$cmkfs" mount "$work/cipher" "$work/mnt" >/dev/null
+    on=$(reencrypt --online)
+    "$cmkfs" umount "$work/mnt" >/dev/null
+    ratio=$(python3 -c "print('%.2f' % ($off / $c))")
+    iratio=$(python3 -c "print('%.2f' % ($in / $c))")
+    oratio=$(python3 -c "print('%.2f' % ($on / $c))")
+    ratios+=("$ratio")
+    inner_ratios+=("$iratio")
+    online_ratios+=("$oratio")
+    printf '%-6s %11s %13s %7s %15s %7s %12s %7s\n' "$r" "$c" "$off" "$ratio" "$in" "$iratio" "$on" "$oratio"
+done
+python3 - "${ratios[*]}" "${inner_ratios[*]}" "${online_ratios[*]}" <<'EOF'
+import statistics, sys
+off, inner, on = ([float(x) for x in a.split()] for a in sys.argv[1:4])
+print(f"median reencrypt / cp -a: offline {statistics.median(off):.2f} (the re-encryption "
+      f"alone {statistics.median(inner):.2f}), online {statistics.median(on):.2f} (target >= 0.50)")
+EOF
+"$cmkfs" fsck "$work/cipher" >/dev/null && echo "fsck: clean"

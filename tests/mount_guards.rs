@@ -1,0 +1,173 @@
+//! What a mount refuses or survives so that data cannot be lost behind the user's back (found
+//! by a hostile tester): a second mount of the same volume, a backing directory that spans
+//! two filesystems, a file-size limit inherited by the daemon.
+
+mod common;
+
+use std::ffi::OsStr;
+use std::fs;
+use std::io::Write;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::Command;
+
+use common::*;
+
+/// Two daemons on one volume each cache file headers and lock files on their own: a
+/// truncate through one and a write through the other left a file without its header.
+#[test]
+fn a_volume_mounted_once_cannot_be_mounted_again() {
+    let env = Env::new();
+    env.init(&env.cipher);
+    let m = env.mount(&env.cipher, &env.mnt);
+    write(&m.path("log"), b"first line\n");
+    let second = env.dir("second");
+    let before = snapshot(&env.cipher);
+    let out = env.try_mount(&env.cipher, &second);
+    assert!(
+        !out.ok(),
+        "a second mount of a mounted volume must be refused:\n{out}"
+    );
+    out.assert_clear_error();
+    assert!(
+        out.stderr.contains("already mounted at") && out.stderr.contains(env.mnt.to_str().unwrap()),
+        "the error names the existing mount:\n{out}"
+    );
+    assert!(!is_mounted(&second));
+    assert_same_snapshot("backing dir", &before, &snapshot(&env.cipher));
+    assert_eq!(read(&m.path("log")), b"first line\n");
+    m.unmount();
+    // Unmounted, it mounts again at either place.
+    let m = env.mount(&env.cipher, &second);
+    assert_eq!(read(&m.path("log")), b"first line\n");
+    m.unmount();
+}
+
+/// Unmounts a tmpfs on drop (and on a failed assertion).
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &Path) -> Tmpfs {
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=8m", "cmkfs-test-tmpfs"])
+            .arg(at)
+            .status()
+            .expect("run mount")
+            .success();
+        assert!(ok, "mount -t tmpfs {}", at.display());
+        Tmpfs(at.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// Inode numbers are unique on one filesystem only: with a backing subdirectory moved onto a
+/// filesystem of its own, a file there and one at the root had the same number and a write
+/// to one landed in the other. Such entries are refused (EIO, logged), never served.
+#[test]
+fn entries_on_another_filesystem_are_refused_not_confused() {
+    let env = Env::new();
+    env.init(&env.cipher);
+    let m = env.mount(&env.cipher, &env.mnt);
+    fs::create_dir(m.path("sub")).unwrap();
+    for i in 0..8 {
+        write(
+            &m.path(format!("r{i}")),
+            format!("root file {i}").as_bytes(),
+        );
+        write(
+            &m.path(format!("sub/s{i}")),
+            format!("sub file {i}").as_bytes(),
+        );
+    }
+    m.unmount();
+    // The backing directory of `sub`: the one directory at the backing root.
+    let sub = fs::read_dir(&env.cipher)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.is_dir() && !is_metadata_name(p.file_name().unwrap()))
+        .expect("backing dir of sub");
+    let saved = env.dir("saved");
+    let cp = |from: &Path, to: &Path| {
+        let ok = Command::new("cp")
+            .arg("-a")
+            .arg(format!("{}/.", from.display()))
+            .arg(to)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "cp -a {} {}", from.display(), to.display());
+    };
+    cp(&sub, &saved);
+    let _tmpfs = Tmpfs::mount(&sub);
+    cp(&saved, &sub);
+    let m = env.mount_foreground(&env.cipher, &env.mnt);
+    for i in 0..8 {
+        assert_eq!(
+            read(&m.path(format!("r{i}"))),
+            format!("root file {i}").as_bytes()
+        );
+    }
+    let err = fs::metadata(m.path("sub")).expect_err("an entry on another filesystem is refused");
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    assert!(
+        fs::write(m.path("sub/s1"), b"NEW").is_err(),
+        "nothing is written through a refused entry"
+    );
+    assert_eq!(read(&m.path("r1")), b"root file 1");
+    let log = m.daemon_log();
+    assert!(
+        log.contains("another filesystem"),
+        "the refusal is logged:\n{log}"
+    );
+    m.unmount();
+}
+
+/// A daemon started under `ulimit -f` was killed by SIGXFSZ at the first backing write past
+/// the limit, leaving a dead mount (ENOTCONN) and no log line. The write must fail (EFBIG)
+/// and the mount live on.
+#[test]
+fn a_file_size_limit_fails_the_write_and_keeps_the_mount() {
+    let env = Env::new();
+    env.init(&env.cipher);
+    let mut cmd = env.command(&[
+        OsStr::new("mount"),
+        env.cipher.as_os_str(),
+        env.mnt.as_os_str(),
+    ]);
+    // SAFETY: setrlimit is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            let lim = libc::rlimit {
+                rlim_cur: 100 * 1024,
+                rlim_max: 100 * 1024,
+            };
+            if libc::setrlimit(libc::RLIMIT_FSIZE, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    run_with_timeout(cmd, watchdog_limit()).unwrap().assert_ok();
+    let m = Mount::adopt(&env, &env.cipher, &env.mnt);
+    let mut f = fs::File::create(m.path("big")).unwrap();
+    let chunk = vec![7u8; 16 * 1024];
+    let mut err = None;
+    for _ in 0..16 {
+        if let Err(e) = f.write_all(&chunk).and_then(|_| f.sync_all()) {
+            err = Some(e);
+            break;
+        }
+    }
+    drop(f);
+    let err = err.expect("a write past the daemon's file-size limit fails");
+    assert_eq!(err.raw_os_error(), Some(libc::EFBIG), "{err}");
+    // The mount is alive and serves the rest.
+    write(&m.path("small"), b"still here");
+    assert_eq!(read(&m.path("small")), b"still here");
+    m.unmount();
+}

@@ -1,0 +1,484 @@
+//! `cmkfs volume reencrypt --online` (issue 13): a mounted volume re-encrypted inside its
+//! mount while it is in use. Reads, writes, truncates and renames during the run match a
+//! plain directory byte for byte and errno for errno; a SIGKILL of the daemon in the middle
+//! leaves a volume that mounts and reads every file, and the command resumes; a revocation
+//! during the run cuts off both DEKs (the retiring one and the new one) and restoring access
+//! heals, after which the command resumes.
+
+mod common;
+
+use std::collections::{BTreeMap, HashSet};
+use std::fs;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::FileExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use cmkfs::volume::header::VolumeHeader;
+use common::*;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+/// Hang guard of every polling loop and of each re-encryption (not a speed target).
+const GUARD: Duration = Duration::from_secs(90);
+
+/// Names the workload uses: two directories, so that renames move files between them.
+fn names() -> Vec<String> {
+    let mut v = Vec::new();
+    for d in ["", "d/"] {
+        for i in 0..12 {
+            v.push(format!("{d}f{i}"));
+        }
+    }
+    v
+}
+
+/// Random sizes as the house rules want them: 0..=8200, unit-sized plus a 1..15-byte tail,
+/// and some that span many batches.
+fn size(rng: &mut StdRng) -> usize {
+    match rng.gen_range(0..5) {
+        0 => rng.gen_range(0..=8200),
+        1 => 4096 * rng.gen_range(1..4) + rng.gen_range(1..16),
+        2 => rng.gen_range(1..16),
+        _ => rng.gen_range(8200..120_000),
+    }
+}
+
+/// The same operations on a plain directory and on the mount.
+struct Twin {
+    plain: PathBuf,
+    mnt: PathBuf,
+    names: Vec<String>,
+    log: Vec<String>,
+}
+
+fn errno_of<T>(r: std::io::Result<T>) -> Result<T, i32> {
+    r.map_err(|e| e.raw_os_error().unwrap_or(-1))
+}
+
+impl Twin {
+    fn new(plain: &Path, mnt: &Path) -> Twin {
+        for root in [plain, mnt] {
+            fs::create_dir_all(root.join("d")).unwrap();
+        }
+        Twin {
+            plain: plain.to_path_buf(),
+            mnt: mnt.to_path_buf(),
+            names: names(),
+            log: Vec::new(),
+        }
+    }
+
+    /// Runs `op` on both sides and compares results (errnos included).
+    fn both<T: PartialEq + std::fmt::Debug>(
+        &mut self,
+        what: String,
+        op: impl Fn(&Path) -> std::io::Result<T>,
+    ) -> Result<(), String> {
+        let want = errno_of(op(&self.plain));
+        let got = errno_of(op(&self.mnt));
+        self.log.push(what);
+        if want != got {
+            return Err(format!(
+                "{}: plain directory {want:?}, mount {got:?}",
+                self.log.last().unwrap()
+            ));
+        }
+        Ok(())
+    }
+
+    /// One random operation, then the file(s) it touched are read back on both sides.
+    fn step(&mut self, rng: &mut StdRng) -> Result<(), String> {
+        let a = self.names[rng.gen_range(0..self.names.len())].clone();
+        let b = self.names[rng.gen_range(0..self.names.len())].clone();
+        match rng.gen_range(0..10) {
+            0..=3 => {
+                let off = rng.gen_range(0..150_000u64);
+                let data = {
+                    let n = size(rng);
+                    random_bytes(rng, n)
+                };
+                self.both(format!("pwrite {a} @{off} +{}", data.len()), |r| {
+                    let f = fs::OpenOptions::new()
+                        .create(true)
+                        .truncate(false)
+                        .write(true)
+                        .open(r.join(&a))?;
+                    f.write_all_at(&data, off)
+                })?
+            }
+            4 => {
+                let data = {
+                    let n = size(rng);
+                    random_bytes(rng, n)
+                };
+                self.both(format!("write {a} {}", data.len()), |r| {
+                    fs::write(r.join(&a), &data)
+                })?
+            }
+            5 => {
+                let len = rng.gen_range(0..130_000u64);
+                self.both(format!("truncate {a} {len}"), |r| {
+                    fs::OpenOptions::new()
+                        .write(true)
+                        .open(r.join(&a))?
+                        .set_len(len)
+                })?
+            }
+            6 => self.both(format!("rename {a} {b}"), |r| {
+                fs::rename(r.join(&a), r.join(&b))
+            })?,
+            7 => self.both(format!("unlink {a}"), |r| fs::remove_file(r.join(&a)))?,
+            8 => self.both(format!("link {a} {b}.l"), |r| {
+                fs::hard_link(r.join(&a), r.join(format!("{b}.l")))
+            })?,
+            _ => {
+                // A read through a descriptor opened before a batch may convert the file.
+                let off = rng.gen_range(0..130_000u64);
+                let len = rng.gen_range(1..20_000);
+                self.both(format!("pread {a} @{off} {len}"), |r| {
+                    let f = fs::File::open(r.join(&a))?;
+                    let mut buf = vec![0u8; len];
+                    let n = f.read_at(&mut buf, off)?;
+                    buf.truncate(n);
+                    Ok(buf)
+                })?
+            }
+        }
+        for n in [&a, &b] {
+            self.both(format!("read {n}"), |r| fs::read(r.join(n)))?;
+        }
+        Ok(())
+    }
+
+    /// Every file of both sides, byte for byte (names whose last operation a crash
+    /// interrupted are left out: a crash may cut them anywhere).
+    fn compare_all(&self, skip: &HashSet<String>) -> Result<(), String> {
+        let view = |root: &Path| -> BTreeMap<String, String> {
+            tree_view(root)
+                .into_iter()
+                .filter(|(k, _)| {
+                    !skip
+                        .iter()
+                        .any(|s| k == s || k.starts_with(&format!("{s}.")))
+                })
+                .collect()
+        };
+        let (want, got) = (view(&self.plain), view(&self.mnt));
+        if want != got {
+            let mut diff = String::new();
+            for k in want
+                .keys()
+                .chain(got.keys())
+                .collect::<std::collections::BTreeSet<_>>()
+            {
+                if want.get(k) != got.get(k) {
+                    diff.push_str(&format!(
+                        "  {k}: plain {:?}, mount {:?}\n",
+                        want.get(k),
+                        got.get(k)
+                    ));
+                }
+            }
+            return Err(format!(
+                "the mount differs from the plain directory:\n{diff}last operations:\n  {}",
+                self.log[self.log.len().saturating_sub(20)..].join("\n  ")
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Fills both sides with a tree large enough for many batches.
+fn fill(t: &mut Twin, rng: &mut StdRng, extra_files: usize) {
+    for n in t.names.clone() {
+        let data = {
+            let n = size(rng);
+            random_bytes(rng, n)
+        };
+        t.both(format!("fill {n}"), |r| fs::write(r.join(&n), &data))
+            .unwrap();
+    }
+    for i in 0..extra_files {
+        let n = format!("d/x{i}");
+        let data = {
+            let n = rng.gen_range(1..40_000);
+            random_bytes(rng, n)
+        };
+        t.both(format!("fill {n}"), |r| fs::write(r.join(&n), &data))
+            .unwrap();
+    }
+}
+
+/// Starts `cmkfs volume reencrypt CIPHER --online --json`.
+fn start_reencrypt(env: &Env) -> Child {
+    let mut cmd = env.command(&[
+        "volume",
+        "reencrypt",
+        env.cipher.to_str().unwrap(),
+        "--online",
+        "--json",
+    ]);
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    cmd.spawn().expect("spawn cmkfs volume reencrypt --online")
+}
+
+/// Waits for `child` (killed and failed past [`GUARD`]); (success, stdout, stderr).
+fn finish(mut child: Child) -> (bool, String, String) {
+    let deadline = Instant::now() + GUARD;
+    loop {
+        if let Ok(Some(_)) = child.try_wait() {
+            break;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the online re-encryption did not end within {GUARD:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn header(env: &Env) -> VolumeHeader {
+    VolumeHeader::read(&env.cipher).unwrap()
+}
+
+#[track_caller]
+fn assert_finished(env: &Env, generation: u32, report: &str) {
+    let h = header(env);
+    assert!(
+        h.retiring.is_none(),
+        "the old DEK is still in the header: {report}"
+    );
+    assert_eq!(h.key_generation, generation, "{report}");
+    assert!(!env.cipher.join("cmkfs.reencrypt.journal").exists());
+    let r: serde_json::Value = serde_json::from_str(report)
+        .unwrap_or_else(|e| panic!("report is not JSON ({e}): {report}"));
+    assert_eq!(r["key_generation"], generation, "{report}");
+}
+
+/// Waits until a re-encryption has started (the header carries a retiring DEK).
+#[track_caller]
+fn wait_started(env: &Env) {
+    assert!(
+        wait_until(GUARD, || header(env).retiring.is_some()),
+        "the re-encryption never started"
+    );
+}
+
+#[test]
+fn reads_writes_truncates_and_renames_during_an_online_reencrypt_match_a_plain_directory() {
+    // Small batches: files are converted over several batches while they are used.
+    std::env::set_var("CMKFS_REENCRYPT_BATCH_BYTES", "16384");
+    let seed = seed("online reencrypt differential");
+    let mut rng = StdRng::seed_from_u64(seed);
+    let env = Env::new();
+    env.init(&env.cipher);
+    let m = env.mount(&env.cipher, &env.mnt);
+    let mut t = Twin::new(&env.dir("plain"), &env.mnt);
+    fill(&mut t, &mut rng, 150);
+    let mut ops = 0;
+    // Two runs back to back, the workload running through both.
+    for generation in 1..=2u32 {
+        let child = start_reencrypt(&env);
+        let mut child = Some(child);
+        let mut report = None;
+        while report.is_none() || ops < 300 * generation as usize {
+            if let Err(e) = t.step(&mut rng) {
+                panic!("seed {seed}, operation {ops}, generation {generation}: {e}");
+            }
+            ops += 1;
+            if let Some(c) = child.as_mut() {
+                if !matches!(c.try_wait(), Ok(None)) {
+                    let (ok, out, err) = finish(child.take().unwrap());
+                    assert!(ok, "seed {seed}: online re-encryption failed:\n{err}");
+                    report = Some(out);
+                }
+            }
+            assert!(ops < 20_000, "seed {seed}: the re-encryption never ended");
+        }
+        let report = report.unwrap();
+        assert_finished(&env, generation, &report);
+        t.compare_all(&HashSet::new())
+            .unwrap_or_else(|e| panic!("seed {seed}, generation {generation}: {e}"));
+    }
+    eprintln!("seed {seed}: {ops} operations during two online re-encryptions matched");
+    m.unmount();
+    let m = env.mount(&env.cipher, &env.mnt);
+    t.compare_all(&HashSet::new())
+        .unwrap_or_else(|e| panic!("seed {seed}, after a remount: {e}"));
+    m.unmount();
+    let out = env.cmkfs(&["fsck", env.cipher.to_str().unwrap()]);
+    assert!(out.ok(), "fsck: {out}");
+}
+
+#[test]
+fn sigkill_of_the_daemon_during_an_online_reencrypt_then_remount_reads_every_file_and_resume_finishes(
+) {
+    std::env::set_var("CMKFS_REENCRYPT_BATCH_BYTES", "16384");
+    let seed = seed("online reencrypt sigkill");
+    let mut rng = StdRng::seed_from_u64(seed);
+    let env = Env::new();
+    env.init(&env.cipher);
+    let m = env.mount_foreground(&env.cipher, &env.mnt);
+    let mut t = Twin::new(&env.dir("plain"), &env.mnt);
+    fill(&mut t, &mut rng, 300);
+    let child = start_reencrypt(&env);
+    wait_started(&env);
+    // The workload runs until the daemon dies under it, a random moment later.
+    let kill_at = Instant::now() + Duration::from_millis(rng.gen_range(0..600));
+    let mut ops = 0;
+    while Instant::now() < kill_at {
+        t.step(&mut rng)
+            .unwrap_or_else(|e| panic!("seed {seed}, operation {ops}: {e}"));
+        ops += 1;
+    }
+    let retiring = header(&env).retiring.is_some();
+    m.crash();
+    let (ok, _, err) = finish(child);
+    assert!(!ok, "the command must fail when the mount dies under it");
+    assert!(err.contains("stopped answering"), "{err}");
+    // The mount finishes the interrupted step before it serves; every file reads back.
+    let m = env.mount(&env.cipher, &env.mnt);
+    t.compare_all(&HashSet::new())
+        .unwrap_or_else(|e| panic!("seed {seed}, after the kill ({ops} operations): {e}"));
+    // The command resumes (online) and finishes while the workload goes on.
+    let mut child = Some(start_reencrypt(&env));
+    let mut report = None;
+    while report.is_none() {
+        t.step(&mut rng)
+            .unwrap_or_else(|e| panic!("seed {seed}, operation {ops}: {e}"));
+        ops += 1;
+        if let Some(c) = child.as_mut() {
+            if !matches!(c.try_wait(), Ok(None)) {
+                let (ok, out, err) = finish(child.take().unwrap());
+                assert!(ok, "seed {seed}: resuming failed:\n{err}");
+                report = Some(out);
+            }
+        }
+    }
+    let report = report.unwrap();
+    assert_finished(&env, 1, &report);
+    if retiring {
+        let r: serde_json::Value = serde_json::from_str(&report).unwrap();
+        assert_eq!(r["resumed"], true, "{report}");
+    }
+    t.compare_all(&HashSet::new())
+        .unwrap_or_else(|e| panic!("seed {seed}, at the end: {e}"));
+    m.unmount();
+    let out = env.cmkfs(&["fsck", env.cipher.to_str().unwrap()]);
+    assert!(out.ok(), "fsck: {out}");
+    eprintln!("seed {seed}: killed after {ops} operations; resumed and finished");
+}
+
+fn status(env: &Env) -> serde_json::Value {
+    let out = env.cmkfs(&[
+        std::ffi::OsStr::new("status"),
+        env.mnt.as_os_str(),
+        std::ffi::OsStr::new("--json"),
+    ]);
+    out.assert_ok();
+    serde_json::from_str(&out.stdout).unwrap()
+}
+
+#[track_caller]
+fn wait_state(env: &Env, want: &str) {
+    let mut last = serde_json::Value::Null;
+    let ok = wait_until(GUARD, || {
+        last = status(env);
+        last["state"] == want
+    });
+    assert!(ok, "state never became {want}; last status: {last:#}");
+}
+
+/// Holds the mount's writes back through its control socket (`{"op":"freeze"}`) until the
+/// returned stream is dropped.
+fn freeze(env: &Env) -> UnixStream {
+    let sock = fs::read_dir(env.home.join("run"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "sock"))
+        .expect("the mount has a control socket");
+    let mut s = UnixStream::connect(sock).unwrap();
+    s.set_read_timeout(Some(GUARD)).unwrap();
+    s.write_all(b"{\"op\":\"freeze\"}\n").unwrap();
+    let mut line = String::new();
+    BufReader::new(s.try_clone().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line.trim(), "{\"frozen\":true}");
+    s
+}
+
+#[test]
+fn revocation_during_an_online_reencrypt_cuts_off_both_keys_and_heals() {
+    std::env::set_var("CMKFS_REENCRYPT_BATCH_BYTES", "16384");
+    let seed = seed("online reencrypt revocation");
+    let mut rng = StdRng::seed_from_u64(seed);
+    let env = Env::new();
+    env.init(&env.cipher);
+    let m = env.mount_with(&env.cipher, &env.mnt, &["--key-check-interval", "1s"]);
+    let mut t = Twin::new(&env.dir("plain"), &env.mnt);
+    fill(&mut t, &mut rng, 300);
+    let child = start_reencrypt(&env);
+    wait_started(&env);
+    // Held between two batches: both DEKs are in use (files under each).
+    let frozen = freeze(&env);
+    assert!(
+        header(&env).retiring.is_some(),
+        "seed {seed}: finished before the freeze"
+    );
+    env.cmkfs(&["vault", "key", "update", "default", "--disable"])
+        .assert_ok();
+    wait_state(&env, "Inaccessible");
+    // Nothing reads: neither files under the new DEK nor those under the retiring one.
+    for n in t.names.clone() {
+        if let Err(e) = fs::read(env.mnt.join(&n)) {
+            assert!(
+                matches!(e.raw_os_error(), Some(libc::EACCES | libc::EIO)),
+                "{n}: {e}"
+            );
+        } else {
+            panic!("seed {seed}: {n} reads after the revocation");
+        }
+    }
+    drop(frozen);
+    let (ok, _, err) = finish(child);
+    assert!(
+        !ok,
+        "seed {seed}: the re-encryption went on after the revocation"
+    );
+    assert!(
+        err.contains("inaccessible") || err.contains("revoked") || err.contains("disabled"),
+        "{err}"
+    );
+    assert!(header(&env).retiring.is_some());
+    // The volume stays shut to a new mount as well.
+    let other = env.dir("mnt2");
+    let out = env.cmkfs(&[
+        std::ffi::OsStr::new("mount"),
+        env.cipher.as_os_str(),
+        other.as_os_str(),
+    ]);
+    assert!(!out.ok(), "a revoked volume mounted: {out}");
+    env.cmkfs(&["vault", "key", "update", "default", "--enable"])
+        .assert_ok();
+    wait_state(&env, "Accessible");
+    t.compare_all(&HashSet::new())
+        .unwrap_or_else(|e| panic!("seed {seed}, after healing: {e}"));
+    let (ok, out, err) = finish(start_reencrypt(&env));
+    assert!(ok, "seed {seed}: resuming failed:\n{err}");
+    assert_finished(&env, 1, &out);
+    t.compare_all(&HashSet::new())
+        .unwrap_or_else(|e| panic!("seed {seed}, at the end: {e}"));
+    m.unmount();
+}
