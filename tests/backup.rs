@@ -873,7 +873,7 @@ fn a_double_encrypted_volume_round_trips_under_a_double_set_and_is_refused_by_a_
         args.extend(extra.map(std::ffi::OsStr::new));
         env.cmkfs(&args).assert_ok();
         assert!(
-            env.info(&target)["platform"].is_object(),
+            env.info(&target)["platform_key_id"].is_string(),
             "not double-encrypted"
         );
         let m = env.mount(&target, &env.mnt);
