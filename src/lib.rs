@@ -4,6 +4,7 @@
 //! (parallel sector work), [`volume`] (on-disk format), [`fs`] (thin FUSE adapter),
 //! [`keyring`] (the live key and its state), [`vault`] (KEKs behind one trait), [`cli`].
 
+pub mod backup;
 pub mod bench;
 pub mod cli;
 pub mod control;

@@ -1,5 +1,6 @@
 //! The command line: parses, calls the library, prints. No logic of its own.
 
+mod backup;
 mod bench;
 mod control;
 mod des;
@@ -55,6 +56,12 @@ enum Command {
     /// Check a volume's backing directory; --repair fixes it (exit 0 clean, 1 repaired,
     /// 2 problems left, 8 could not check).
     Fsck(fsck::FsckArgs),
+    /// Back up a volume's ciphertext and structure to one archive, its DEK wrapped by a key
+    /// of your choice (a point-in-time view: a mounted volume's writes are frozen meanwhile).
+    Backup(backup::BackupArgs),
+    /// Restore an archive into a new volume under a Disk Encryption Set (verified first;
+    /// nothing is written if anything fails); --new-dek re-encrypts it under a fresh DEK.
+    Restore(backup::RestoreArgs),
     /// Volume maintenance: `reencrypt` (replace the DEK).
     Volume(reencrypt::VolumeArgs),
     /// Convert a volume made by an older cmkfs to the current on-disk format, in place
@@ -102,5 +109,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Fsck(a) => fsck::run(a),
         Command::Upgrade(a) => upgrade::run(a),
         Command::Volume(a) => reencrypt::run(a),
+        Command::Backup(a) => backup::run_backup(a),
+        Command::Restore(a) => backup::run_restore(a),
     }
 }

@@ -1,0 +1,467 @@
+//! `cmkfs backup`: walks the backing store through directory descriptors (as the mount does:
+//! nothing followed, nothing but regular files opened for reading) and writes every entry's
+//! ciphertext and metadata as it is, never a byte of plaintext, to a temp file beside the
+//! archive that is renamed into place once complete and durable.
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::fs::File;
+use std::io::{self, BufWriter, Read, Write};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::Path;
+use std::time::Instant;
+
+use rustix::fs::Stat;
+
+use super::archive::{Writer, KEY_MEMBER, MAC_MEMBER, MANIFEST_MEMBER};
+use super::manifest::{self, Entry, KeyEnvelope, Kind, Manifest, Member, Source, Totals};
+use super::{now, BackupError, BackupReport, Progress};
+use crate::fsutil::TEMP_PREFIX;
+use crate::keyring::Unwrapped;
+use crate::vault::{Vault, WrapAlg};
+use crate::volume::header::{VolumeHeader, HEADER_FILE};
+use crate::volume::sys::{self, XTarget};
+
+/// The key a backup's DEK is wrapped with.
+pub struct BackupKey<'a> {
+    /// Its vault, reached as the caller.
+    pub vault: &'a dyn Vault,
+    /// Key name.
+    pub name: String,
+    /// Version (the latest when `None`).
+    pub version: Option<String>,
+    /// Wrap algorithm.
+    pub alg: WrapAlg,
+}
+
+/// What to back up and where.
+pub struct BackupRequest<'a> {
+    /// The volume's backing directory (canonical).
+    pub root: &'a Path,
+    /// Its header, verified with `deks`.
+    pub header: &'a VolumeHeader,
+    /// The volume's DEK(s).
+    pub deks: &'a Unwrapped,
+    /// The backup key.
+    pub key: BackupKey<'a>,
+    /// The archive to create (it must not exist).
+    pub archive: &'a Path,
+    /// Whether nothing can change the volume during the backup (recorded in the manifest).
+    pub point_in_time: bool,
+}
+
+/// Backing xattrs of cmkfs's own (everything else the backing filesystem may add, such as
+/// `security.selinux`, belongs to the machine, not the volume).
+fn ours(name: &OsStr) -> bool {
+    let b = name.as_bytes();
+    b.starts_with(b"user.cmkfs.") || b.starts_with(b"trusted.cmkfs.")
+}
+
+fn xattrs(t: XTarget<'_>, path: &str) -> Result<Vec<(String, String)>, BackupError> {
+    let io = |e| BackupError::io(path, e);
+    let mut out = Vec::new();
+    let names = match sys::list_xattr(t) {
+        Ok(n) => n,
+        Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => return Ok(out),
+        Err(e) => return Err(io(e)),
+    };
+    for n in names.into_iter().filter(|n| ours(n)) {
+        let v = match sys::get_xattr(t, &n) {
+            Ok(v) => v,
+            Err(e) if e.raw_os_error() == Some(libc::ENODATA) => continue,
+            Err(e) => return Err(io(e)),
+        };
+        out.push((n.to_string_lossy().into_owned(), hex::encode(v)));
+    }
+    out.sort();
+    Ok(out)
+}
+
+fn member_of(path: &str, kind: Kind, st: &Stat) -> Member {
+    Member {
+        path: path.into(),
+        kind,
+        mode: st.st_mode & 0o7777,
+        uid: u64::from(st.st_uid),
+        gid: u64::from(st.st_gid),
+        mtime: (st.st_mtime, st.st_mtime_nsec as u32),
+        atime: (st.st_atime, st.st_atime_nsec as u32),
+        target: None,
+        rdev: None,
+        xattrs: Vec::new(),
+        size: 0,
+        extents: Vec::new(),
+    }
+}
+
+/// Data extents of `f` inside `[0, size)` (`SEEK_DATA` / `SEEK_HOLE`; a filesystem without
+/// them reports the whole file as data).
+fn extents(f: &File, size: u64) -> io::Result<Vec<(u64, u64)>> {
+    let mut out = Vec::new();
+    let mut off = 0u64;
+    while off < size {
+        // SAFETY: lseek on a valid descriptor.
+        let d = unsafe { libc::lseek(f.as_raw_fd(), off as libc::off_t, libc::SEEK_DATA) };
+        if d < 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ENXIO) {
+                break;
+            }
+            return Err(e);
+        }
+        let d = d as u64;
+        if d >= size {
+            break;
+        }
+        // SAFETY: as above.
+        let h = unsafe { libc::lseek(f.as_raw_fd(), d as libc::off_t, libc::SEEK_HOLE) };
+        if h < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let h = (h as u64).min(size);
+        out.push((d, h - d));
+        off = h;
+    }
+    Ok(out)
+}
+
+/// Reads the extents of a file in order (`pread`); a file that shrank ends early.
+struct ExtentReader<'a> {
+    file: &'a File,
+    extents: &'a [(u64, u64)],
+    done_in_extent: u64,
+}
+
+impl Read for ExtentReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            let Some(&(off, len)) = self.extents.first() else {
+                return Ok(0);
+            };
+            if self.done_in_extent == len {
+                self.extents = &self.extents[1..];
+                self.done_in_extent = 0;
+                continue;
+            }
+            let want = ((len - self.done_in_extent) as usize).min(buf.len());
+            let n = self
+                .file
+                .read_at(&mut buf[..want], off + self.done_in_extent)?;
+            self.done_in_extent += n as u64;
+            return Ok(n);
+        }
+    }
+}
+
+/// What [`walk`] calls for each entry: its parent's descriptor (the root's own for the
+/// root), its name (`None` for the root), its path and its `lstat`.
+pub(super) type Visit<'v> =
+    dyn FnMut(BorrowedFd<'_>, Option<&OsStr>, &str, &Stat) -> Result<(), BackupError> + 'v;
+
+/// One walk over the tree, directories before their entries.
+pub(super) fn walk(root: &OwnedFd, visit: &mut Visit<'_>) -> Result<(), BackupError> {
+    let st = sys::fstat(root.as_fd()).map_err(|e| BackupError::io("", e))?;
+    visit(root.as_fd(), None, "", &st)?;
+    let mut stack: Vec<(OwnedFd, String)> = Vec::new();
+    let dup = root.try_clone().map_err(|e| BackupError::io("", e))?;
+    stack.push((dup, String::new()));
+    while let Some((dir, rel)) = stack.pop() {
+        let mut names: Vec<_> = sys::list(dir.as_fd())
+            .map_err(|e| BackupError::io(&rel, e))?
+            .into_iter()
+            .map(|e| e.name)
+            .collect();
+        names.sort();
+        for name in names {
+            if name.as_bytes().starts_with(TEMP_PREFIX.as_bytes()) {
+                continue; // an operation's transient file (garbage if left by a crash)
+            }
+            if rel.is_empty() && name == HEADER_FILE {
+                continue; // the restore writes its own header
+            }
+            let s = name.to_str().ok_or_else(|| {
+                BackupError::Refused(format!(
+                    "{}/{} is not a cmkfs name (not UTF-8); run `cmkfs fsck --repair`",
+                    rel,
+                    name.to_string_lossy()
+                ))
+            })?;
+            let path = if rel.is_empty() {
+                s.to_string()
+            } else {
+                format!("{rel}/{s}")
+            };
+            let st = match sys::stat_at(dir.as_fd(), &name) {
+                Ok(st) => st,
+                // Removed by a writer of a forced backup: it is simply not in the archive.
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
+                Err(e) => return Err(BackupError::io(&path, e)),
+            };
+            visit(dir.as_fd(), Some(&name), &path, &st)?;
+            if st.st_mode & libc::S_IFMT == libc::S_IFDIR {
+                let sub =
+                    sys::open_dir(dir.as_fd(), &name).map_err(|e| BackupError::io(&path, e))?;
+                stack.push((sub, path));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Refuses a volume that is in the middle of something.
+fn check_quiet(root: &Path, header: &VolumeHeader) -> Result<(), BackupError> {
+    if header.retiring.is_some() || root.join(crate::volume::reencrypt::JOURNAL_FILE).exists() {
+        return Err(BackupError::Refused(format!(
+            "{} is being re-encrypted: finish it with `cmkfs volume reencrypt` first",
+            root.display()
+        )));
+    }
+    if crate::volume::upgrade::needed(root, header) {
+        return Err(BackupError::Refused(format!(
+            "{} needs `cmkfs upgrade` (format v1) first",
+            root.display()
+        )));
+    }
+    Ok(())
+}
+
+/// Creates the archive: the key envelope, every backing entry, the manifest and its MAC.
+pub fn backup(
+    req: &BackupRequest<'_>,
+    progress: Option<&mut dyn FnMut(&Progress)>,
+) -> Result<BackupReport, BackupError> {
+    let started = Instant::now();
+    check_quiet(req.root, req.header)?;
+    if req.archive.symlink_metadata().is_ok() {
+        return Err(BackupError::Refused(format!(
+            "{} exists; remove it or choose another archive name",
+            req.archive.display()
+        )));
+    }
+    let k = &req.key;
+    let wrap = |dek: &crate::crypto::Dek| {
+        k.vault
+            .wrap_key(&k.name, k.version.as_deref(), k.alg, dek.as_bytes())
+            .map_err(|e| BackupError::Key(format!("{}/keys/{}", k.vault.url(), k.name), e))
+    };
+    let wrapped = wrap(&req.deks.outer)?;
+    let inner = match &req.deks.inner {
+        Some(d) => Some((d, wrap(d)?)),
+        None => None,
+    };
+    let envelope = KeyEnvelope::new(
+        &req.header.volume_id,
+        &req.deks.outer,
+        &wrapped,
+        inner.as_ref().map(|(d, w)| (*d, w)),
+    );
+    let env_bytes =
+        serde_json::to_vec_pretty(&envelope).map_err(|e| BackupError::Internal(e.to_string()))?;
+
+    let root = sys::open_root(req.root).map_err(|e| BackupError::io("", e))?;
+    // A first walk for the progress bar's total.
+    let mut total = Progress::default();
+    walk(&root, &mut |_, _, _, st| {
+        total.members_total += 1;
+        if st.st_mode & libc::S_IFMT == libc::S_IFREG {
+            total.bytes_total += st.st_size as u64;
+        }
+        Ok(())
+    })?;
+
+    let dir = req
+        .archive
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let fname = req.archive.file_name().ok_or_else(|| {
+        BackupError::Refused(format!("{} is not a file name", req.archive.display()))
+    })?;
+    let tmp = dir.join(format!(
+        "{TEMP_PREFIX}{}.{}",
+        fname.to_string_lossy(),
+        super::random_hex()
+    ));
+    let out = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(|e| BackupError::io(&tmp.display().to_string(), e))?;
+    let result = (|| {
+        let mut report = write_archive(req, &root, out, &env_bytes, total, progress)?;
+        let f = File::open(&tmp).map_err(|e| BackupError::io(&tmp.display().to_string(), e))?;
+        f.sync_all()
+            .map_err(|e| BackupError::io(&tmp.display().to_string(), e))?;
+        rustix::fs::renameat_with(
+            rustix::fs::CWD,
+            &tmp,
+            rustix::fs::CWD,
+            req.archive,
+            rustix::fs::RenameFlags::NOREPLACE,
+        )
+        .map_err(|e| BackupError::io(&req.archive.display().to_string(), e.into()))?;
+        if let Ok(d) = File::open(dir) {
+            let _ = d.sync_all();
+        }
+        report.archive_bytes = f.metadata().map(|m| m.len()).unwrap_or(0);
+        report.seconds = started.elapsed().as_secs_f64();
+        Ok(report)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+fn write_archive(
+    req: &BackupRequest<'_>,
+    root: &OwnedFd,
+    out: File,
+    env_bytes: &[u8],
+    mut prog: Progress,
+    mut progress: Option<&mut dyn FnMut(&Progress)>,
+) -> Result<BackupReport, BackupError> {
+    let created = now();
+    let werr = |e: io::Error| BackupError::io(&req.archive.display().to_string(), e);
+    let mut w = Writer::new(BufWriter::with_capacity(1 << 20, out));
+    w.small(KEY_MEMBER, env_bytes, created as i64)
+        .map_err(werr)?;
+    let mut entries: Vec<Entry> = Vec::new();
+    let mut totals = Totals::default();
+    let mut sockets = 0u64;
+    let mut seen: HashMap<(u64, u64), String> = HashMap::new();
+    walk(root, &mut |dir, name, path, st| {
+        let fmt = st.st_mode & libc::S_IFMT;
+        let xt = match name {
+            Some(n) => XTarget::At(dir, n),
+            None => XTarget::Fd(dir),
+        };
+        let kind = match fmt {
+            libc::S_IFDIR => Kind::Dir,
+            libc::S_IFREG => Kind::File,
+            libc::S_IFLNK => Kind::Symlink,
+            libc::S_IFIFO => Kind::Fifo,
+            libc::S_IFCHR => Kind::Char,
+            libc::S_IFBLK => Kind::Block,
+            _ => {
+                // A socket holds no data and cannot be recreated meaningfully (GNU tar
+                // skips them too).
+                sockets += 1;
+                return Ok(());
+            }
+        };
+        let mut m = member_of(path, kind, st);
+        if kind != Kind::Dir && st.st_nlink > 1 {
+            let key = (st.st_dev, st.st_ino);
+            if let Some(first) = seen.get(&key) {
+                m.kind = Kind::Hardlink;
+                m.target = Some(first.clone());
+                let d = w.member(&m, None).map_err(werr)?;
+                entries.push(Entry {
+                    path: path.into(),
+                    sha256: d,
+                });
+                totals.hardlinks += 1;
+                return Ok(());
+            }
+            seen.insert(key, path.to_string());
+        }
+        m.xattrs = xattrs(xt, path)?;
+        let digest = match kind {
+            Kind::File => {
+                let Some(n) = name else {
+                    return Err(BackupError::Internal("the root is a file".into()));
+                };
+                let (f, fst) = match sys::open_regular(dir, n, sys::Access::Read, Some(st.st_ino)) {
+                    Ok(x) => x,
+                    Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(()),
+                    Err(e) => return Err(BackupError::io(path, e)),
+                };
+                m.size = fst.st_size as u64;
+                m.extents = extents(&f, m.size).map_err(|e| BackupError::io(path, e))?;
+                totals.files += 1;
+                totals.bytes += m.data_len();
+                if m.extents != [(0, m.size)] && m.size > 0 {
+                    totals.sparse += 1;
+                }
+                let mut r = ExtentReader {
+                    file: &f,
+                    extents: &m.extents,
+                    done_in_extent: 0,
+                };
+                let d = w.member(&m, Some(&mut r)).map_err(werr)?;
+                prog.bytes_done += m.size;
+                d
+            }
+            Kind::Symlink => {
+                let Some(n) = name else {
+                    return Err(BackupError::Internal("the root is a symlink".into()));
+                };
+                let t = sys::readlink(dir, n).map_err(|e| BackupError::io(path, e))?;
+                m.target = Some(String::from_utf8(t).map_err(|_| {
+                    BackupError::Refused(format!(
+                        "{path}: the symlink target is not a cmkfs target; run `cmkfs fsck`"
+                    ))
+                })?);
+                totals.symlinks += 1;
+                w.member(&m, None).map_err(werr)?
+            }
+            Kind::Char | Kind::Block => {
+                let rdev = st.st_rdev as libc::dev_t;
+                m.rdev = Some((libc::major(rdev), libc::minor(rdev)));
+                totals.special += 1;
+                w.member(&m, None).map_err(werr)?
+            }
+            Kind::Dir => {
+                totals.dirs += 1;
+                w.member(&m, None).map_err(werr)?
+            }
+            _ => {
+                totals.special += 1;
+                w.member(&m, None).map_err(werr)?
+            }
+        };
+        entries.push(Entry {
+            path: path.into(),
+            sha256: digest,
+        });
+        prog.members_done += 1;
+        if let Some(p) = progress.as_mut() {
+            p(&prog);
+        }
+        Ok(())
+    })?;
+    let manifest = Manifest {
+        format: manifest::FORMAT.into(),
+        version: manifest::VERSION,
+        created,
+        point_in_time: req.point_in_time,
+        source: Source::of(req.header),
+        key_envelope_sha256: manifest::sha256_hex(env_bytes),
+        totals: totals.clone(),
+        members: entries,
+    };
+    let mbytes = serde_json::to_vec(&manifest).map_err(|e| BackupError::Internal(e.to_string()))?;
+    let mac = manifest::mac(&req.deks.outer, &mbytes);
+    w.small(MANIFEST_MEMBER, &mbytes, created as i64)
+        .map_err(werr)?;
+    w.small(MAC_MEMBER, mac.as_bytes(), created as i64)
+        .map_err(werr)?;
+    let mut buf = w.finish().map_err(werr)?;
+    buf.flush().map_err(werr)?;
+    Ok(BackupReport {
+        archive: req.archive.to_path_buf(),
+        volume_id: req.header.volume_id.clone(),
+        key_id: KeyEnvelope::parse(env_bytes)?.key_id,
+        point_in_time: req.point_in_time,
+        members: manifest.members.len() as u64,
+        totals,
+        sockets_skipped: sockets,
+        archive_bytes: 0,
+        seconds: 0.0,
+        freeze_seconds: None,
+    })
+}

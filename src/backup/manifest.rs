@@ -1,0 +1,346 @@
+//! What a backup archive says about itself (docs/FORMAT.md, "Backup archive"): the key
+//! envelope (the DEK wrapped by the backup key), one [`Member`] record per backing entry with
+//! its digest, and the manifest that lists them, authenticated by a MAC keyed from the DEK.
+
+use base64::Engine as _;
+use hmac::{Hmac, Mac};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::BackupError;
+use crate::crypto::Dek;
+use crate::vault::{KeyId, WrapAlg, Wrapped};
+use crate::volume::header::VolumeHeader;
+
+const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
+
+/// `format` of the key envelope and the manifest.
+pub const FORMAT: &str = "cmkfs-backup";
+/// Version of the archive layout.
+pub const VERSION: u32 = 1;
+/// HKDF label (under the volume's outer DEK) of the manifest MAC key.
+const MAC_LABEL: &str = "backup-manifest";
+/// Upper bound on the key envelope and the MAC member (bytes).
+pub const MAX_SMALL: u64 = 64 * 1024;
+/// Upper bound on the manifest (bytes): about 100 bytes per member, so ~10 million members.
+pub const MAX_MANIFEST: u64 = 1 << 30;
+
+/// The DEK(s) of the volume wrapped by the backup key: the first member of an archive, so a
+/// restore asks the vault before it writes anything.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct KeyEnvelope {
+    /// Always [`FORMAT`].
+    pub format: String,
+    /// Always [`VERSION`].
+    pub version: u32,
+    /// The source volume's id.
+    pub volume_id: String,
+    /// The backup key version that wrapped (full id).
+    pub key_id: String,
+    /// Wrap algorithm.
+    pub wrap_alg: WrapAlg,
+    /// The outer (customer) DEK, wrapped (standard base64).
+    pub wrapped_dek: String,
+    /// Its fingerprint (public; confirms the unwrap).
+    pub dek_fingerprint: String,
+    /// Double encryption: the inner (platform) DEK, wrapped by the same backup key (so the
+    /// archive does not depend on the source machine's platform key).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inner: Option<InnerEnvelope>,
+}
+
+/// The inner DEK of a double-encrypted volume in a [`KeyEnvelope`].
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct InnerEnvelope {
+    /// Wrapped by the backup key (standard base64).
+    pub wrapped_dek: String,
+    /// Its fingerprint.
+    pub dek_fingerprint: String,
+}
+
+impl KeyEnvelope {
+    /// The envelope of `outer` (and `inner`) wrapped as `wrapped` (and `wrapped_inner`).
+    pub fn new(
+        volume_id: &str,
+        outer: &Dek,
+        wrapped: &Wrapped,
+        inner: Option<(&Dek, &Wrapped)>,
+    ) -> KeyEnvelope {
+        KeyEnvelope {
+            format: FORMAT.into(),
+            version: VERSION,
+            volume_id: volume_id.into(),
+            key_id: wrapped.kid.to_string(),
+            wrap_alg: wrapped.alg,
+            wrapped_dek: B64.encode(&wrapped.value),
+            dek_fingerprint: outer.fingerprint(),
+            inner: inner.map(|(d, w)| InnerEnvelope {
+                wrapped_dek: B64.encode(&w.value),
+                dek_fingerprint: d.fingerprint(),
+            }),
+        }
+    }
+
+    /// Parses and checks the structure (format, version, key id, base64).
+    pub fn parse(bytes: &[u8]) -> Result<KeyEnvelope, BackupError> {
+        let e: KeyEnvelope = serde_json::from_slice(bytes)
+            .map_err(|err| BackupError::Corrupt(format!("the key envelope is invalid: {err}")))?;
+        if e.format != FORMAT || e.version != VERSION {
+            return Err(BackupError::Corrupt(format!(
+                "the key envelope is {} version {}, this cmkfs reads {FORMAT} version {VERSION}",
+                e.format, e.version
+            )));
+        }
+        e.kid()?;
+        for w in std::iter::once(&e.wrapped_dek).chain(e.inner.as_ref().map(|i| &i.wrapped_dek)) {
+            B64.decode(w).map_err(|_| {
+                BackupError::Corrupt("the key envelope's wrapped DEK is not base64".into())
+            })?;
+        }
+        Ok(e)
+    }
+
+    /// The backup key id.
+    pub fn kid(&self) -> Result<KeyId, BackupError> {
+        self.key_id
+            .parse()
+            .map_err(|e| BackupError::Corrupt(format!("the key envelope's key id is invalid: {e}")))
+    }
+
+    /// Unwraps the DEK(s) through `vault` (as the caller) and checks their fingerprints.
+    pub fn unwrap(
+        &self,
+        vault: &dyn crate::vault::Vault,
+    ) -> Result<(Dek, Option<Dek>), BackupError> {
+        let kid = self.kid()?;
+        let one = |wrapped: &str, fp: &str| -> Result<Dek, BackupError> {
+            let w = B64
+                .decode(wrapped)
+                .map_err(|_| BackupError::Corrupt("wrapped DEK is not base64".into()))?;
+            let raw = vault
+                .unwrap_key(&kid, self.wrap_alg, &w)
+                .map_err(|e| BackupError::Key(kid.to_string(), e))?;
+            let dek = Dek::from_slice(&raw).map_err(|_| {
+                BackupError::Corrupt(format!("{kid} unwrapped something that is not a cmkfs DEK"))
+            })?;
+            if dek.fingerprint() != fp {
+                return Err(BackupError::Corrupt(format!(
+                    "the DEK unwrapped by {kid} does not match the archive's fingerprint"
+                )));
+            }
+            Ok(dek)
+        };
+        let outer = one(&self.wrapped_dek, &self.dek_fingerprint)?;
+        let inner = match &self.inner {
+            Some(i) => Some(one(&i.wrapped_dek, &i.dek_fingerprint)?),
+            None => None,
+        };
+        Ok((outer, inner))
+    }
+}
+
+/// The source volume's layout, as the restored header needs it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Source {
+    /// Volume id (kept by a restore).
+    pub volume_id: String,
+    /// Creation time of the volume (Unix seconds).
+    pub created: u64,
+    /// On-disk format version (2).
+    pub format_version: u32,
+    /// Data unit size.
+    pub sector_size: u32,
+    /// Key generation of the DEK (file headers name it).
+    pub key_generation: u32,
+    /// Whether the volume is double-encrypted.
+    pub double: bool,
+    /// The key that wrapped the source's DEK (for the record only).
+    pub key_id: String,
+    /// The source's Disk Encryption Set (for the record only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub des: Option<String>,
+}
+
+impl Source {
+    /// The layout of `h`.
+    pub fn of(h: &VolumeHeader) -> Source {
+        Source {
+            volume_id: h.volume_id.clone(),
+            created: h.created,
+            format_version: h.format_version,
+            sector_size: h.sector_size,
+            key_generation: h.key_generation,
+            double: h.platform.is_some(),
+            key_id: h.key_id.clone(),
+            des: h.des.clone(),
+        }
+    }
+}
+
+/// What kind of backing entry a member is.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    /// A directory.
+    Dir,
+    /// A regular file (its ciphertext).
+    File,
+    /// A symlink (its stored, encrypted target).
+    Symlink,
+    /// Another name of a regular file or symlink met earlier (`target`).
+    Hardlink,
+    /// A FIFO.
+    Fifo,
+    /// A character device node.
+    Char,
+    /// A block device node.
+    Block,
+}
+
+/// Everything the archive says about one backing entry. Its digest
+/// ([`Member::digest_start`]) covers this record (as canonical JSON) and then the data
+/// bytes of its extents, so a change to any byte that means something — a mode in a tar
+/// header, an xattr value in a PAX record, a data byte — is found.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Member {
+    /// Path below the volume root (`""` for the root), `/`-separated backing names.
+    pub path: String,
+    /// Kind.
+    pub kind: Kind,
+    /// Permission bits (`0o7777`).
+    pub mode: u32,
+    /// Owner.
+    pub uid: u64,
+    /// Group.
+    pub gid: u64,
+    /// Modification time (seconds, nanoseconds).
+    pub mtime: (i64, u32),
+    /// Access time (seconds, nanoseconds).
+    pub atime: (i64, u32),
+    /// Symlink target (bytes as stored: base64url or a side file's name) or the path of
+    /// the member a hard link repeats.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+    /// Device number (major, minor) of a device node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rdev: Option<(u32, u32)>,
+    /// Backing extended attributes (cmkfs's own, name and value encrypted), sorted by name;
+    /// values hex.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub xattrs: Vec<(String, String)>,
+    /// Length of a regular file's backing file.
+    #[serde(default)]
+    pub size: u64,
+    /// Data extents (offset, length) of a regular file, sorted, non-empty, inside `size`;
+    /// the rest are holes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub extents: Vec<(u64, u64)>,
+}
+
+impl Member {
+    /// A hasher fed with this record; the caller adds the extents' bytes.
+    pub fn digest_start(&self) -> Sha256 {
+        let mut h = Sha256::new();
+        // Serializing a plain struct of strings and integers cannot fail.
+        let json = serde_json::to_vec(self).unwrap_or_default();
+        h.update((json.len() as u64).to_le_bytes());
+        h.update(&json);
+        h
+    }
+
+    /// Bytes of data the member carries.
+    pub fn data_len(&self) -> u64 {
+        self.extents.iter().map(|e| e.1).sum()
+    }
+}
+
+/// One line of the manifest: a member's path and digest, in archive order.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Entry {
+    /// [`Member::path`].
+    pub path: String,
+    /// SHA-256 of the member (hex).
+    pub sha256: String,
+}
+
+/// Counts of what an archive holds.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Totals {
+    /// Directories (the root included).
+    pub dirs: u64,
+    /// Regular files.
+    pub files: u64,
+    /// Symlinks.
+    pub symlinks: u64,
+    /// Hard links (names past the first).
+    pub hardlinks: u64,
+    /// FIFOs and device nodes.
+    pub special: u64,
+    /// Data bytes (holes excluded).
+    pub bytes: u64,
+    /// Sparse files.
+    pub sparse: u64,
+}
+
+/// The manifest: the second-to-last member, followed by its MAC.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    /// Always [`FORMAT`].
+    pub format: String,
+    /// Always [`VERSION`].
+    pub version: u32,
+    /// When the backup was taken (Unix seconds).
+    pub created: u64,
+    /// Whether the archive is a point-in-time view: the volume was locked (not mounted) or
+    /// its writes were frozen through the mount; false only for `--force` on a mount that
+    /// could not freeze.
+    pub point_in_time: bool,
+    /// The source volume.
+    pub source: Source,
+    /// SHA-256 of the key envelope member (hex).
+    pub key_envelope_sha256: String,
+    /// Counts.
+    pub totals: Totals,
+    /// Every member after the key envelope, in order.
+    pub members: Vec<Entry>,
+}
+
+/// The manifest MAC: HMAC-SHA256 under HKDF(outer DEK, "backup-manifest") over the
+/// manifest member's exact bytes.
+pub fn mac(dek: &Dek, manifest: &[u8]) -> String {
+    hex::encode(mac_state(dek, manifest).finalize().into_bytes())
+}
+
+fn mac_state(dek: &Dek, manifest: &[u8]) -> Hmac<Sha256> {
+    let key = dek.derive::<32>(MAC_LABEL);
+    // HMAC takes keys of any length.
+    let mut m = <Hmac<Sha256> as Mac>::new_from_slice(&key[..]).expect("HMAC key of any length");
+    m.update(manifest);
+    m
+}
+
+/// Checks the manifest MAC in constant time.
+pub fn verify_mac(dek: &Dek, manifest: &[u8], given_hex: &[u8]) -> Result<(), BackupError> {
+    let given = std::str::from_utf8(given_hex)
+        .ok()
+        .and_then(|s| hex::decode(s.trim()).ok())
+        .unwrap_or_default();
+    mac_state(dek, manifest).verify_slice(&given).map_err(|_| {
+        BackupError::Corrupt(
+            "the manifest MAC does not verify: the archive was changed by someone without the key"
+                .into(),
+        )
+    })
+}
+
+/// SHA-256 of `bytes`, hex.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}

@@ -1,0 +1,379 @@
+//! `cmkfs backup CIPHERDIR ARCHIVE` and `cmkfs restore ARCHIVE CIPHERDIR --des NAME`.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::backup::{self, BackupKey, BackupReport, BackupRequest, Progress, RestoreReport};
+use crate::des::{DesStore, KeySpec};
+use crate::home::Home;
+use crate::vault::{self, Credential, Vault};
+use crate::volume::header::VolumeHeader;
+use crate::volume::lock::VolumeLock;
+
+/// `cmkfs backup`.
+#[derive(Args, Debug)]
+pub struct BackupArgs {
+    /// Backing directory of the volume.
+    cipherdir: PathBuf,
+    /// The archive to create (a tar file; it must not exist).
+    archive: PathBuf,
+    /// Wrap the DEK in the archive with this key: a name in the local vault, or
+    /// `<vault-url>/keys/<name>[/<version>]` of any configured vault (default: the volume's
+    /// own key).
+    #[arg(long, value_name = "KEY_ID", conflicts_with = "des")]
+    key: Option<String>,
+    /// Wrap the DEK in the archive with this Disk Encryption Set's active key, as its
+    /// identity.
+    #[arg(long, value_name = "NAME")]
+    des: Option<String>,
+    /// Reach the --key's vault as this identity (credential file).
+    #[arg(long, value_name = "FILE")]
+    key_credential: Option<PathBuf>,
+    /// Reach the volume's vault as this identity (as `cmkfs mount --credential`).
+    #[arg(long, value_name = "FILE")]
+    credential: Option<PathBuf>,
+    /// Back up a mounted volume even when its writes cannot be frozen (the archive is then
+    /// not a point-in-time view: files written meanwhile may be torn).
+    #[arg(long)]
+    force: bool,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `cmkfs restore`.
+#[derive(Args, Debug)]
+pub struct RestoreArgs {
+    /// The archive made by `cmkfs backup`.
+    archive: PathBuf,
+    /// The backing directory to create (absent, or an empty directory).
+    cipherdir: PathBuf,
+    /// The Disk Encryption Set the restored volume belongs to (its key wraps the DEK).
+    #[arg(long, value_name = "NAME")]
+    des: String,
+    /// Re-encrypt every file, name, symlink target and xattr under a fresh DEK, so the
+    /// restored volume shares no key and no ciphertext block with the source.
+    #[arg(long)]
+    new_dek: bool,
+    /// Reach the backup key's vault as this identity (credential file); by default as the
+    /// vault's owner (local) or the configured credential.
+    #[arg(long, value_name = "FILE")]
+    credential: Option<PathBuf>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// A progress bar on a terminal.
+struct Bar(Option<ProgressBar>);
+
+impl Bar {
+    fn new(on: bool, what: &str) -> Bar {
+        Bar(on.then(|| {
+            let b = ProgressBar::new(0);
+            if let Ok(s) = ProgressStyle::with_template(
+                "{msg:8} {bar:30} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+            ) {
+                b.set_style(s);
+            }
+            b.set_message(what.to_string());
+            b
+        }))
+    }
+
+    fn show(&self, p: &Progress) {
+        if let Some(b) = &self.0 {
+            b.set_length(p.bytes_total.max(p.bytes_done));
+            b.set_position(p.bytes_done);
+        }
+    }
+
+    fn done(&self) {
+        if let Some(b) = &self.0 {
+            b.finish_and_clear();
+        }
+    }
+}
+
+/// How long `backup` waits for a mount to answer its freeze request.
+const FREEZE_ANSWER: Duration = Duration::from_secs(30);
+
+/// Writes through a mount held back for as long as this lives (the daemon thaws when the
+/// connection closes, also when this process dies).
+struct Freeze {
+    _conn: UnixStream,
+    since: Instant,
+}
+
+/// Asks the mount at `mountpoint` to freeze writes (after flushing what the kernel holds).
+fn freeze(home: &Home, mountpoint: &Path) -> anyhow::Result<Freeze> {
+    if let Ok(d) = std::fs::File::open(mountpoint) {
+        let _ = rustix::fs::syncfs(&d);
+    }
+    let path = crate::control::socket_path(home, mountpoint);
+    let mut conn = UnixStream::connect(&path)
+        .with_context(|| format!("the mount has no control socket ({})", path.display()))?;
+    conn.set_read_timeout(Some(FREEZE_ANSWER))?;
+    let mut req = serde_json::to_vec(&crate::control::Request::Freeze)?;
+    req.push(b'\n');
+    conn.write_all(&req)?;
+    let mut line = String::new();
+    BufReader::new(conn.try_clone()?)
+        .read_line(&mut line)
+        .context("the mount did not answer the freeze request")?;
+    let v: serde_json::Value =
+        serde_json::from_str(line.trim()).context("the mount's answer is not JSON")?;
+    if v.get("frozen") == Some(&serde_json::Value::Bool(true)) {
+        conn.set_read_timeout(None)?;
+        return Ok(Freeze {
+            _conn: conn,
+            since: Instant::now(),
+        });
+    }
+    match v.get("error").and_then(|e| e.as_str()) {
+        Some(e) => bail!("the mount refused to freeze writes: {e}"),
+        None => bail!("the mount did not freeze writes (answer: {})", line.trim()),
+    }
+}
+
+/// Runs `cmkfs backup`.
+pub fn run_backup(a: BackupArgs) -> anyhow::Result<()> {
+    let home = Home::from_env();
+    let root = std::fs::canonicalize(&a.cipherdir)
+        .with_context(|| format!("{}", a.cipherdir.display()))?;
+    let header = VolumeHeader::read(&root)?;
+    crate::unlock::check_configured(&home, &header)?;
+
+    // A point-in-time view: a mounted volume's writes are frozen; an unmounted one is locked
+    // exclusively, so no mount starts meanwhile.
+    let mut frozen = None;
+    let mut _lock = None;
+    match crate::fsck::find_mount(&root, &home) {
+        Some((mnt, pid)) => match freeze(&home, &mnt) {
+            Ok(f) => frozen = Some(f),
+            Err(e) if a.force => {
+                if !a.json {
+                    eprintln!(
+                        "cmkfs: warning: {} is mounted at {} and its writes are not frozen \
+                         ({e:#}): the archive is not a point-in-time view",
+                        root.display(),
+                        mnt.display()
+                    );
+                }
+            }
+            Err(e) => bail!(
+                "{} is mounted at {} (daemon {pid}) and its writes could not be frozen ({e:#}); \
+                 unmount it, or add --force to back it up while it changes",
+                root.display(),
+                mnt.display()
+            ),
+        },
+        None => _lock = Some(VolumeLock::exclusive(&root)?),
+    }
+
+    let (vault, _) = super::volume::volume_vault(&home, &header, a.credential.as_deref())?;
+    crate::des::check_binding(&home, &root, &header)?;
+    let deks = crate::unlock::unwrap(&home, vault.as_ref(), &header)?;
+    crate::crypto::secret::scrub_stack();
+
+    let key_vault: Box<dyn Vault>;
+    let key = match (&a.key, &a.des) {
+        (_, Some(name)) => {
+            let des = DesStore::new(&home).load(name)?;
+            key_vault = crate::des::open_vault(&home, &des)?;
+            let kid = des.active_key_id()?;
+            let info = key_vault.get_key(&kid.name, Some(&kid.version))?;
+            BackupKey {
+                vault: key_vault.as_ref(),
+                name: kid.name,
+                version: Some(kid.version),
+                alg: info.wrap_alg,
+            }
+        }
+        (Some(k), None) => {
+            let spec = KeySpec::parse(k, None, vault::local::URL)?;
+            if spec.vault == vault::local::URL && spec.name == crate::des::PLATFORM_KEY {
+                bail!("{k} is cmkfs's platform key; choose another --key");
+            }
+            key_vault = match &a.key_credential {
+                Some(p) => vault::open_with_credential(&home, &Credential::load(p)?)?,
+                None => vault::open(&spec.vault, &home)?,
+            };
+            let info = key_vault
+                .get_key(&spec.name, spec.version.as_deref())
+                .with_context(|| format!("backup key {k}"))?;
+            BackupKey {
+                vault: key_vault.as_ref(),
+                name: info.name.clone(),
+                version: Some(info.version.clone()),
+                alg: info.wrap_alg,
+            }
+        }
+        (None, None) => {
+            let kid = header.key_id()?;
+            BackupKey {
+                vault: vault.as_ref(),
+                name: kid.name,
+                version: Some(kid.version),
+                alg: header.wrap_alg,
+            }
+        }
+    };
+    let bar = Bar::new(!a.json, "backup");
+    let mut show = |p: &Progress| bar.show(p);
+    let result = backup::backup(
+        &BackupRequest {
+            root: &root,
+            header: &header,
+            deks: &deks,
+            key,
+            archive: &a.archive,
+            point_in_time: frozen.is_some() || _lock.is_some(),
+        },
+        Some(&mut show),
+    );
+    let freeze_seconds = frozen.as_ref().map(|f| f.since.elapsed().as_secs_f64());
+    drop(frozen);
+    bar.done();
+    let mut report = result.with_context(|| format!("backing up {}", root.display()))?;
+    report.freeze_seconds = freeze_seconds;
+    print_backup(&root, &report, a.json)
+}
+
+fn mbs(bytes: u64, secs: f64) -> f64 {
+    if secs > 0.0 {
+        bytes as f64 / secs / 1e6
+    } else {
+        0.0
+    }
+}
+
+fn print_backup(root: &Path, r: &BackupReport, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(r)?);
+        return Ok(());
+    }
+    let t = &r.totals;
+    println!(
+        "backed up {} to {}: {} files ({} sparse), {} directories, {} symlinks, {} hard links, \
+         {} special; {:.1} MB of data in {:.2} s ({:.0} MB/s), archive {:.1} MB",
+        root.display(),
+        r.archive.display(),
+        t.files,
+        t.sparse,
+        t.dirs,
+        t.symlinks,
+        t.hardlinks,
+        t.special,
+        t.bytes as f64 / 1e6,
+        r.seconds,
+        mbs(t.bytes, r.seconds),
+        r.archive_bytes as f64 / 1e6
+    );
+    println!("  DEK wrapped by {}", r.key_id);
+    match r.freeze_seconds {
+        Some(s) => {
+            println!("  writes through the mount were frozen for {s:.2} s (a point-in-time view)")
+        }
+        None if r.point_in_time => {}
+        None => println!("  not a point-in-time view: the mount kept writing (--force)"),
+    }
+    if r.sockets_skipped > 0 {
+        println!(
+            "  {} sockets skipped (they hold no data)",
+            r.sockets_skipped
+        );
+    }
+    Ok(())
+}
+
+/// Runs `cmkfs restore`.
+pub fn run_restore(a: RestoreArgs) -> anyhow::Result<()> {
+    let home = Home::from_env();
+    let cred = match &a.credential {
+        Some(p) => Some(Credential::load(p)?),
+        None => None,
+    };
+    let open = |kid: &vault::KeyId| -> Result<Box<dyn Vault>, backup::BackupError> {
+        Ok(match &cred {
+            Some(c) => {
+                if c.vault != kid.vault {
+                    return Err(backup::BackupError::Refused(format!(
+                        "the credential of {} is for vault {:?}, but the backup key is in {:?}",
+                        c.identity, c.vault, kid.vault
+                    )));
+                }
+                vault::open_with_credential(&home, c)?
+            }
+            None => vault::open(&kid.vault, &home)?,
+        })
+    };
+    let bar = Bar::new(!a.json, "restore");
+    let mut show = |p: &Progress| bar.show(p);
+    let r = backup::restore(
+        &backup::RestoreRequest {
+            home: &home,
+            archive: &a.archive,
+            target: &a.cipherdir,
+            des: &a.des,
+            new_dek: a.new_dek,
+            open_vault: &open,
+        },
+        Some(&mut show),
+    );
+    bar.done();
+    let r = r.with_context(|| format!("restoring {}", a.archive.display()))?;
+    print_restore(&r, a.json)
+}
+
+fn print_restore(r: &RestoreReport, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(r)?);
+        return Ok(());
+    }
+    let t = &r.totals;
+    println!(
+        "restored volume {} into {} under Disk Encryption Set {}: {} files, {} directories, {} \
+         symlinks, {} hard links; {:.1} MB archive in {:.2} s ({:.0} MB/s); verified: every \
+         member's SHA-256, the manifest MAC",
+        r.volume_id,
+        r.target.display(),
+        r.des,
+        t.files,
+        t.dirs,
+        t.symlinks,
+        t.hardlinks,
+        r.archive_bytes as f64 / 1e6,
+        r.seconds,
+        mbs(r.archive_bytes, r.seconds)
+    );
+    println!(
+        "  DEK wrapped by {} (the archive's by {})",
+        r.key_id, r.backup_key_id
+    );
+    if let Some(n) = &r.new_dek {
+        println!(
+            "  re-encrypted under a new DEK (fingerprint {}): {} files, {:.1} MB in {:.2} s",
+            n.dek_fingerprint,
+            n.files,
+            n.bytes as f64 / 1e6,
+            n.seconds
+        );
+    }
+    if !r.backup_point_in_time {
+        println!("  note: the backup was taken with --force while the mount kept writing");
+    }
+    if r.owners_skipped > 0 {
+        println!(
+            "  {} owners not restored (not running as root)",
+            r.owners_skipped
+        );
+    }
+    Ok(())
+}
