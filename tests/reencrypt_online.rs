@@ -275,12 +275,14 @@ fn wait_started(env: &Env) {
 }
 
 #[test]
+#[ignore = "online re-encryption can stall the mount under load (issue 13, open); run with --ignored"]
 fn reads_writes_truncates_and_renames_during_an_online_reencrypt_match_a_plain_directory() {
     // Small batches: files are converted over several batches while they are used.
     std::env::set_var("CMKFS_REENCRYPT_BATCH_BYTES", "16384");
     let seed = seed("online reencrypt differential");
     let mut rng = StdRng::seed_from_u64(seed);
     let env = Env::new();
+    std::env::set_var("CMKFS_EXPERIMENTAL_ONLINE_REENCRYPT", "1");
     env.init(&env.cipher);
     let m = env.mount(&env.cipher, &env.mnt);
     let mut t = Twin::new(&env.dir("plain"), &env.mnt);
@@ -321,12 +323,14 @@ fn reads_writes_truncates_and_renames_during_an_online_reencrypt_match_a_plain_d
 }
 
 #[test]
+#[ignore = "online re-encryption can stall the mount under load (issue 13, open); run with --ignored"]
 fn sigkill_of_the_daemon_during_an_online_reencrypt_then_remount_reads_every_file_and_resume_finishes(
 ) {
     std::env::set_var("CMKFS_REENCRYPT_BATCH_BYTES", "16384");
     let seed = seed("online reencrypt sigkill");
     let mut rng = StdRng::seed_from_u64(seed);
     let env = Env::new();
+    std::env::set_var("CMKFS_EXPERIMENTAL_ONLINE_REENCRYPT", "1");
     env.init(&env.cipher);
     let m = env.mount_foreground(&env.cipher, &env.mnt);
     let mut t = Twin::new(&env.dir("plain"), &env.mnt);
@@ -420,11 +424,13 @@ fn freeze(env: &Env) -> UnixStream {
 }
 
 #[test]
+#[ignore = "online re-encryption can stall the mount under load (issue 13, open); run with --ignored"]
 fn revocation_during_an_online_reencrypt_cuts_off_both_keys_and_heals() {
     std::env::set_var("CMKFS_REENCRYPT_BATCH_BYTES", "16384");
     let seed = seed("online reencrypt revocation");
     let mut rng = StdRng::seed_from_u64(seed);
     let env = Env::new();
+    std::env::set_var("CMKFS_EXPERIMENTAL_ONLINE_REENCRYPT", "1");
     env.init(&env.cipher);
     let m = env.mount_with(&env.cipher, &env.mnt, &["--key-check-interval", "1s"]);
     let mut t = Twin::new(&env.dir("plain"), &env.mnt);
