@@ -90,7 +90,10 @@ command -v cargo >/dev/null 2>&1 || {
 step "Building cmkfs (release)"
 # ---------------------------------------------------------------------------------------------
 cargo build --release --quiet --bin cmkfs
-CMKFS="$PWD/target/release/cmkfs"
+# Where cargo put it (CARGO_TARGET_DIR, when set, moves the target directory).
+target_dir="${CARGO_TARGET_DIR:-target}"
+[[ "$target_dir" = /* ]] || target_dir="$PWD/$target_dir"
+CMKFS="$target_dir/release/cmkfs"
 echo "built $CMKFS"
 
 is_mounted() { grep -qF " $1 " /proc/self/mountinfo; }
