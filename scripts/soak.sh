@@ -65,7 +65,7 @@ for (( first = BASE; first < BASE + SEEDS; first += BATCH )); do
     list=$(seq -s, "$first" "$last")
     echo "---- model seeds $list"
     if ! CMKFS_MODEL_SEEDS="$list" CMKFS_MODEL_OPS="$OPS" \
-        cargo test "${PROFILE[@]+"${PROFILE[@]}"}" -q --test model -- --nocapture --test-threads=1; then
+        cargo test "${PROFILE[@]+"${PROFILE[@]}"}" -q --test suite model:: -- --nocapture --test-threads=1; then
         echo "FAILED: model seeds $list (replay one with CMKFS_MODEL_SEEDS=<seed> CMKFS_MODEL_OPS=$OPS)"
         failed=1
     fi
@@ -75,7 +75,7 @@ for (( run = 1; run <= CRASH_RUNS; run++ )); do
     seed=$(( $(od -An -N4 -tu4 /dev/urandom) ))
     echo "---- crash run $run/$CRASH_RUNS: seed $seed, $CRASH_ROUNDS rounds"
     if ! CMKFS_TEST_SEED="$seed" CMKFS_CRASH_ROUNDS="$CRASH_ROUNDS" \
-        cargo test "${PROFILE[@]+"${PROFILE[@]}"}" -q --test crash -- --nocapture --test-threads=1 sigkill; then
+        cargo test "${PROFILE[@]+"${PROFILE[@]}"}" -q --test suite crash::sigkill -- --nocapture --test-threads=1; then
         echo "FAILED: crash run with CMKFS_TEST_SEED=$seed CMKFS_CRASH_ROUNDS=$CRASH_ROUNDS"
         failed=1
     fi

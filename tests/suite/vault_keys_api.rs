@@ -13,7 +13,7 @@ use cmkfs::vault::{
     CreateKeyOptions, DenyReason, KeyId, KeyUpdate, Permission, SignAlg, Vault, VaultError, WrapAlg,
 };
 
-mod vault_support;
+use crate::vault_support;
 
 const DAY: i64 = 86_400;
 

@@ -6,8 +6,8 @@
 //! `CMKFS_TEST_BIN=/path/to/old/cmkfs` runs these against another build (the c00a716 release
 //! fails `stolen_disk_and_home_reveal_no_key` on its clear PKCS#8 files).
 
-mod common;
-mod vault_support;
+use crate::common;
+use crate::vault_support;
 
 use std::ffi::OsStr;
 use std::fs;

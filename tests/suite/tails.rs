@@ -13,7 +13,7 @@
 //! * What the stored bytes reveal: two versions of a tail give nothing like the XOR of their
 //!   plaintexts; a flipped stored bit garbles a whole 16-byte block.
 
-mod common;
+use crate::common;
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;

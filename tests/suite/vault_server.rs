@@ -15,7 +15,7 @@ use cmkfs::vault::{
 };
 
 const DEK: [u8; 64] = [0x42; 64];
-mod vault_support;
+use crate::vault_support;
 use vault_support::{bin, ServerProc};
 
 fn opts() -> CreateKeyOptions {

@@ -6,7 +6,7 @@
 //! have sane validity and are re-issued by the same CA, an unversioned unwrap needs only
 //! unwrapKey, audit lines carry the client address, and a 500 points to a log that exists.
 
-mod vault_support;
+use crate::vault_support;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;

@@ -2,7 +2,7 @@
 //! leave no daemon behind, and change nothing on disk (backing dir and mountpoint compared
 //! by a recursive listing with content hashes before and after).
 
-mod common;
+use crate::common;
 
 use std::ffi::OsStr;
 use std::fs;

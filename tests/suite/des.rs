@@ -7,7 +7,7 @@
 //! Waits are hang guards (generous polling limits), never speed assertions; observed times
 //! are printed.
 
-mod common;
+use crate::common;
 
 use std::ffi::OsStr;
 use std::fs;
@@ -1183,7 +1183,7 @@ fn a_rewrap_interrupted_after_any_step_leaves_volumes_that_mount_with_the_old_or
 // A key change to a key in another vault (a vault server over HTTPS)
 // ---------------------------------------------------------------------------------------------
 
-mod vault_support;
+use crate::vault_support;
 
 /// `cmkfs ARGS` with `CMKFS_HOME=home`, time-limited.
 fn cmkfs_in(home: &Path, args: &[&str]) -> Output {

@@ -2,7 +2,7 @@
 //! truncated, a name that does not decrypt, a backing file changed behind the mount → EIO (or
 //! the entry hidden) for that file and a log line naming it, while the rest keeps working.
 
-mod common;
+use crate::common;
 
 use std::fs;
 use std::os::unix::fs::FileExt;

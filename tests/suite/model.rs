@@ -16,7 +16,7 @@
 //! fresh seed, printed, replayable with `CMKFS_TEST_SEED`); `CMKFS_MODEL_OPS=N` sets the
 //! operations per seed (default 600). `scripts/soak.sh` runs long sets.
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ffi::CString;
@@ -1217,7 +1217,7 @@ fn run_seed_with(seed: u64, ops: usize, reencrypt: bool) {
         panic!(
             "model mismatch, seed {seed}, step {step}: {why}\nlast operations:\n  {}\n\
              daemon warnings:\n{warnings}\
-             replay: CMKFS_MODEL_SEEDS={seed} CMKFS_MODEL_OPS={ops} cargo nextest run --test model",
+             replay: CMKFS_MODEL_SEEDS={seed} CMKFS_MODEL_OPS={ops} cargo nextest run -E 'test(/^model::/)'",
             world.log[start..].join("\n  ")
         );
     };

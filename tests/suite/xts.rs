@@ -530,7 +530,7 @@ fn equals_aws_lc_random() {
 
 /// Not a test: single-thread throughput of ours against aws-lc's XTS on 4 KiB units, both
 /// per second of user CPU time, interleaved several times. Run with
-/// `cargo test --release --test xts -- --ignored --nocapture speed_vs_aws_lc`.
+/// `cargo test --release --test suite xts::speed_vs_aws_lc -- --ignored --nocapture`.
 #[test]
 #[ignore]
 fn speed_vs_aws_lc() {

@@ -7,7 +7,7 @@
 //! guards (generous limits on polling loops), never speed targets; the bounds themselves are
 //! measured by `cmkfs drill` (see README).
 
-mod common;
+use crate::common;
 
 use std::ffi::OsStr;
 use std::fs;

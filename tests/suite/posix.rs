@@ -14,7 +14,7 @@
 //! and then makes only raw system calls (no allocation after `fork`), returning 0 or the
 //! errno as its exit status.
 
-mod common;
+use crate::common;
 
 use std::ffi::CString;
 use std::fs::{self, File, OpenOptions};

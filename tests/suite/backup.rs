@@ -4,7 +4,7 @@
 //! truncated archive is refused with nothing written; a backup taken while a writer runs is
 //! one point in time.
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeMap, HashSet};
 use std::ffi::CString;

@@ -2,7 +2,7 @@
 //! symlink targets; identical plaintext never gives identical ciphertext; and one volume's
 //! ciphertext copied into another volume does not decrypt there.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 use std::fs::{self, File};

@@ -20,7 +20,7 @@
 //! Seeds are printed; replay with `CMKFS_TEST_SEED=<seed>`. `CMKFS_CRASH_ROUNDS` sets the
 //! number of kill rounds (default 5).
 
-mod common;
+use crate::common;
 
 use std::ffi::OsStr;
 use std::fs::{self, File, OpenOptions};

@@ -8,7 +8,7 @@
 //! directories, rename flags, hard-link counts and timestamps. Steps marked with a user run
 //! in a forked child as that user (raw system calls only).
 
-mod common;
+use crate::common;
 
 use std::ffi::CString;
 use std::fs;

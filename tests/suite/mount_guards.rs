@@ -2,7 +2,7 @@
 //! by a hostile tester): a second mount of the same volume, a backing directory that spans
 //! two filesystems, a file-size limit inherited by the daemon.
 
-mod common;
+use crate::common;
 
 use std::ffi::OsStr;
 use std::fs;

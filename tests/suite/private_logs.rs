@@ -4,7 +4,7 @@
 //! revocation; the mount of an old volume logged the plaintext path of every file whose v1
 //! tail it recovered. Logs name backing (encrypted) names and inode numbers only.
 
-mod common;
+use crate::common;
 
 use std::ffi::OsStr;
 use std::fs;

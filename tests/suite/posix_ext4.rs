@@ -15,7 +15,7 @@
 //! filesystem (ext4 here) and the outputs must match. The hostile-backing-store findings
 //! (symlinks followed by the daemon) are in `mount_corrupt.rs`.
 
-mod common;
+use crate::common;
 
 use std::ffi::CString;
 use std::fs::{self, File, OpenOptions};

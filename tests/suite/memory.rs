@@ -10,8 +10,8 @@
 //! vault itself. Before revoking, the same scan must find the live key (a positive control:
 //! the scanner sees locked, undumpable pages of a non-dumpable process).
 
-mod common;
-mod vault_support;
+use crate::common;
+use crate::vault_support;
 
 use std::collections::BTreeSet;
 use std::fs::{self, File};

@@ -3,8 +3,8 @@
 //! disables the key on the vault host, heals when it is re-enabled, rides out a server
 //! restart (grace period) and reconnects, push included.
 
-mod common;
-mod vault_support;
+use crate::common;
+use crate::vault_support;
 
 use std::time::{Duration, Instant};
 

@@ -5,7 +5,7 @@
 //! during the run cuts off both DEKs (the retiring one and the new one) and restoring access
 //! heals, after which the command resumes.
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeMap, HashSet};
 use std::fs;

@@ -12,7 +12,7 @@
 //! (whatever the errno), or no longer parses or verifies, is *denied* (cut off at once); only
 //! the vault's transport causes outages. Commands end at once with one line.
 
-mod common;
+use crate::common;
 
 use std::ffi::OsStr;
 use std::fs;

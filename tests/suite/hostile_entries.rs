@@ -17,7 +17,7 @@
 //! `/dev/zero` links and huge files as directory ids or long-name side files must neither
 //! block a request nor make the daemon allocate them.
 
-mod common;
+use crate::common;
 
 use std::ffi::CString;
 use std::fs;

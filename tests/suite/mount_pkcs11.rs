@@ -2,7 +2,7 @@
 //! revoke on the token (decrypt permission cleared) and heal — through real FUSE mounts.
 //! PKCS#11 has no push, so the mount relies on its periodic check (1 s here).
 
-mod common;
+use crate::common;
 
 use std::ffi::OsStr;
 use std::path::Path;

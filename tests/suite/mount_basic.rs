@@ -5,7 +5,7 @@
 //! Every test mounts a fresh volume under a private temp dir; see `common` for how mounts are
 //! always unmounted and never allowed to hang.
 
-mod common;
+use crate::common;
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{ErrorKind, Write};

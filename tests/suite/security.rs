@@ -5,9 +5,9 @@
 //! a closed pipe ends quietly.
 //!
 //! Each test reproduces one finding of the review against the release before the fix
-//! (`CMKFS_TEST_BIN=<old cmkfs> cargo test --test security` fails) and passes now.
+//! (`CMKFS_TEST_BIN=<old cmkfs> cargo test --test suite security::` fails) and passes now.
 
-mod common;
+use crate::common;
 
 use std::ffi::OsStr;
 use std::fs;

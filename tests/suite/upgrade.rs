@@ -13,7 +13,7 @@
 //! * fsck on v2 (v1 files left over, invalid lengths), the lock against mounts, a damaged
 //!   journal.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::ffi::OsStr;

@@ -29,7 +29,7 @@ use cmkfs::vault::{
 };
 use zeroize::Zeroizing;
 
-mod vault_support;
+use crate::vault_support;
 use vault_support::ServerProc;
 
 const DEK: [u8; 64] = [0x24; 64];

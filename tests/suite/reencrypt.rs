@@ -4,7 +4,7 @@
 //! the end the old DEK is gone from the header and no ciphertext block of the old volume is
 //! left.
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeMap, HashSet};
 use std::fs;
