@@ -321,12 +321,54 @@ fn classify(e: &VolumeError, changed: bool) -> CheckFailure {
     CheckFailure { class, reason }
 }
 
+/// How long a key check waits for the volume header. A backing store that stops answering
+/// (a hung NFS or SMB share, a stopped FUSE filesystem) blocks `read` even with `O_NONBLOCK`;
+/// without a deadline the check never ends and revocation never applies.
+const HEADER_READ_DEADLINE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Header reads still blocked in the backing store: at most one is ever left behind, so a
+/// stalled store cannot make each check leak a thread.
+static STUCK_HEADER_READS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// [`VolumeHeader::read`] on a thread of its own, given up after `deadline` (an error that
+/// says so: the caller denies, as for any header it cannot read).
+fn read_header_within(
+    dir: &std::path::Path,
+    deadline: std::time::Duration,
+) -> Result<VolumeHeader, String> {
+    use std::sync::atomic::Ordering;
+    if STUCK_HEADER_READS.load(Ordering::SeqCst) > 0 {
+        return Err("an earlier read of it is still blocked: the backing store does not answer".into());
+    }
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    let dir = dir.to_path_buf();
+    STUCK_HEADER_READS.fetch_add(1, Ordering::SeqCst);
+    let spawned = std::thread::Builder::new()
+        .name("header-read".into())
+        .spawn(move || {
+            let r = VolumeHeader::read(&dir).map_err(|e| e.to_string());
+            STUCK_HEADER_READS.fetch_sub(1, Ordering::SeqCst);
+            let _ = tx.send(r);
+        });
+    if let Err(e) = spawned {
+        STUCK_HEADER_READS.fetch_sub(1, Ordering::SeqCst);
+        return Err(format!("cannot start its reader: {e}"));
+    }
+    match rx.recv_timeout(deadline) {
+        Ok(r) => r,
+        Err(_) => Err(format!(
+            "no answer within {} s: the backing store does not answer",
+            deadline.as_secs()
+        )),
+    }
+}
+
 impl KeySource for HeaderSource {
     fn unwrap(&self) -> Result<Unwrapped, CheckFailure> {
         // A header this process is writing itself is adopted before we look again.
         let _g = self.handle.update.lock().unwrap_or_else(|p| p.into_inner());
         let verified = self.verified();
-        let current = match VolumeHeader::read(&self.dir) {
+        let current = match read_header_within(&self.dir, HEADER_READ_DEADLINE) {
             Ok(h) => h,
             // Whatever the errno: a header that cannot be read as a small regular file, or no
             // longer parses, is denied. Only the vault's transport may cause an outage — a

@@ -443,3 +443,50 @@ fn writeback_cache_dirty_pages_at_cut_off_never_reach_the_disk_in_plaintext() {
     m.unmount();
     in_backing("after the unmount");
 }
+
+/// Sends SIGCONT on drop: a stopped daemon must never outlive a failed assertion.
+struct Stopped(i32);
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        // SAFETY: kill with a pid and a signal number.
+        unsafe { libc::kill(self.0, libc::SIGCONT) };
+    }
+}
+
+/// A backing store that stops answering (a hung network share; here a cmkfs mount whose
+/// daemon is stopped) blocked the key check's header read forever: the volume stayed
+/// Accessible after its key was disabled, even with no grace period. The read now has a
+/// deadline and a header that does not come is denied.
+#[test]
+fn a_stalled_backing_store_cannot_hold_off_revocation() {
+    let env = Env::new();
+    env.init(&env.cipher);
+    let share = env.mount(&env.cipher, &env.mnt);
+    let inner = share.path("inner-cipher");
+    fs::create_dir(&inner).unwrap();
+    env.init_with(&inner, &["--key", "inner"]).assert_ok();
+    let inner_mnt = env.dir("inner-mnt");
+    let m = env.mount_with(
+        &inner,
+        &inner_mnt,
+        &["--no-push", "--key-check-interval", "1s", "--grace-period", "0s"],
+    );
+    write(&m.path("f"), b"behind a share");
+    let pid = share.daemon_pid().expect("the share's daemon") as i32;
+    // SAFETY: kill with a pid and a signal number.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+    let stopped = Stopped(pid);
+    env.cmkfs(&["vault", "key", "update", "inner", "--disable"])
+        .assert_ok();
+    let st = wait_state(&env, &inner_mnt, "Inaccessible");
+    assert!(
+        st["reason"].as_str().unwrap_or("").contains("does not answer"),
+        "{st:#}"
+    );
+    drop(stopped);
+    let err = fs::read(m.path("f")).expect_err("read after cut-off");
+    assert_eq!(err.raw_os_error(), Some(libc::EACCES), "{err}");
+    m.unmount();
+    share.unmount();
+}

@@ -3,9 +3,10 @@
 //!
 //! - **Connection cap**: at most `max_connections` are open, kept below the descriptor limit.
 //!   At the cap the newest connection takes the place of the oldest one that has not yet
-//!   shown a credential and has no request in flight (connections that authenticated are
-//!   never displaced, so capacity stays for them); when every open connection has
-//!   authenticated or is busy, the newest waits for one to close.
+//!   had a request carried out (2xx) and has no request in flight (connections that had one
+//!   are never displaced, so capacity stays for the clients the vault serves; a signed-in
+//!   identity whose requests are refused, 403/404, earns no such place); when every open
+//!   connection has had one or is busy, the newest waits for one to close.
 //! - **Per address**: at most `max_per_address` connections from one client address. Past it
 //!   the newest takes the place of the oldest from that address that has not shown a
 //!   credential and is idle, else it is closed at once, before the TLS handshake. One address
@@ -436,7 +437,11 @@ async fn serve_connection(
                     hyper::header::CONNECTION,
                     hyper::header::HeaderValue::from_static("close"),
                 );
-            } else {
+            } else if status.is_success() {
+                // Only a request the vault carried out earns the connection its protection
+                // at the cap: a signed-in identity without rights (403, 404: e.g. one whose
+                // policy was removed) must not be able to hold slots that mounts need to
+                // learn of a revocation.
                 authenticated.store(true, Ordering::Relaxed);
             }
             drop(guard);
