@@ -103,6 +103,17 @@ fn read_passphrase(path: &Path, origin: String, systemd: bool) -> Result<Passphr
         let group_read_ok = systemd || (meta.uid() == 0 && meta.gid() == 0);
         let too_open =
             mode & 0o007 != 0 || mode & 0o020 != 0 || (mode & 0o040 != 0 && !group_read_ok);
+        // As ssh's StrictModes: a file another user owns is theirs to rewrite (chmod too).
+        // SAFETY: geteuid has no preconditions.
+        let euid = unsafe { libc::geteuid() };
+        if meta.uid() != euid && meta.uid() != 0 {
+            return Err(VaultError::Invalid(format!(
+                "the vault passphrase file {} (from {origin}) belongs to another user (uid {}), \
+                 who could change it: use a file owned by you or root (chown)",
+                path.display(),
+                meta.uid()
+            )));
+        }
         if too_open {
             return Err(VaultError::Invalid(format!(
                 "the vault passphrase file {} (from {origin}) may be read or changed by others \
