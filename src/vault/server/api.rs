@@ -344,12 +344,18 @@ async fn authenticate(
     headers: &HeaderMap,
     client: Option<std::net::IpAddr>,
 ) -> Result<Arc<LocalVault>, ApiError> {
-    if let Some(wait) = client.and_then(|ip| st.throttle.address_blocked(ip)) {
-        return Err(ApiError::throttled(wait));
-    }
+    // A throttled address still gets its valid tokens honoured: otherwise anyone sharing the
+    // mount host's address (a local user, a NAT) could keep it throttled without a credential
+    // and turn every key check into "unavailable" (Degraded, plaintext served through the
+    // grace period) after a revocation. Requests without a token, and failed sign-ins, from
+    // a throttled address are answered 429.
+    let address_blocked = client.and_then(|ip| st.throttle.address_blocked(ip));
     // No token at all is how the Azure SDKs ask for the challenge: not a failed sign-in, but
     // it spends the address's allowance (a flood of them must not be free).
     let Some(value) = headers.get(header::AUTHORIZATION) else {
+        if let Some(wait) = address_blocked {
+            return Err(ApiError::throttled(wait));
+        }
         if let Some(ip) = client {
             if st.throttle.tokenless(ip) {
                 tracing::warn!(client = %ip, "requests without a credential throttled");
@@ -372,7 +378,7 @@ async fn authenticate(
     } else {
         let store = st.store.clone();
         let who = identity.clone();
-        let audit = identity_blocked.is_none();
+        let audit = identity_blocked.is_none() && address_blocked.is_none();
         tokio::task::spawn_blocking(move || {
             LocalVault::open_as_client(&store, &who, &secret, client, audit)
         })
@@ -382,7 +388,7 @@ async fn authenticate(
     match conn {
         Ok(v) => Ok(Arc::new(v)),
         Err(VaultError::Denied { .. }) | Err(VaultError::Invalid(_)) => {
-            if let Some(wait) = identity_blocked {
+            if let Some(wait) = identity_blocked.or(address_blocked) {
                 return Err(ApiError::throttled(wait));
             }
             if let Some(ip) = client {
