@@ -251,7 +251,7 @@ fn decrypt_keeping_zero_blocks(
     if is_zero(u) {
         return Ok(());
     }
-    let zero_blocks: Vec<usize> = if u.len() % BLOCK == 0 {
+    let zero_blocks: Vec<usize> = if u.len().is_multiple_of(BLOCK) {
         u.chunks_exact(BLOCK)
             .enumerate()
             .filter(|(_, b)| b.iter().fold(0u8, |a, &x| a | x) == 0)

@@ -338,7 +338,9 @@ fn read_header_within(
 ) -> Result<VolumeHeader, String> {
     use std::sync::atomic::Ordering;
     if STUCK_HEADER_READS.load(Ordering::SeqCst) > 0 {
-        return Err("an earlier read of it is still blocked: the backing store does not answer".into());
+        return Err(
+            "an earlier read of it is still blocked: the backing store does not answer".into(),
+        );
     }
     let (tx, rx) = std::sync::mpsc::sync_channel(1);
     let dir = dir.to_path_buf();

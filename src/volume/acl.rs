@@ -39,7 +39,7 @@ pub struct Invalid;
 
 /// Parses an xattr value into entries (checks the version and entry tags).
 pub fn parse(v: &[u8]) -> Result<Vec<Entry>, Invalid> {
-    if v.len() < 4 || (v.len() - 4) % 8 != 0 {
+    if v.len() < 4 || !(v.len() - 4).is_multiple_of(8) {
         return Err(Invalid);
     }
     if u32::from_le_bytes([v[0], v[1], v[2], v[3]]) != VERSION {

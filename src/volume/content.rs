@@ -154,7 +154,7 @@ fn write_at(f: &File, buf: &[u8], off: u64) -> Result<(), VolumeError> {
 /// Refuses a buffer that is not whole AES blocks: the cipher would fall back to ciphertext
 /// stealing or the v1 short-tail rule, which format v2 never uses.
 fn check_blocks(buf: &[u8]) -> Result<(), VolumeError> {
-    if buf.len() as u64 % BLOCK != 0 {
+    if !(buf.len() as u64).is_multiple_of(BLOCK) {
         return Err(VolumeError::Internal(format!(
             "a {}-byte unit buffer is not whole AES blocks",
             buf.len()
@@ -396,7 +396,7 @@ pub fn write(
     {
         let _g = st.rmw.read().unwrap_or_else(|p| p.into_inner());
         let (_, size) = backing_state(f)?;
-        if off % cx.sector == 0 && end <= size && (end % cx.sector == 0 || end == size) {
+        if off.is_multiple_of(cx.sector) && end <= size && (end % cx.sector == 0 || end == size) {
             return overwrite_units(f, st, cx, off, data);
         }
     }
@@ -506,7 +506,7 @@ fn extend_last_unit(
     size: u64,
     new_end: u64,
 ) -> Result<(), VolumeError> {
-    if size % cx.sector == 0 {
+    if size.is_multiple_of(cx.sector) {
         return Ok(()); // a full unit, no padding, no filler
     }
     let s = (size - 1) / cx.sector;
@@ -533,7 +533,7 @@ fn extend_last_unit(
 /// stale since the shrink) and the filler with zeros, so no truncated byte can show up again
 /// when the file grows. A hole unit holds nothing stale: only the filler is zeroed.
 fn scrub_tail(f: &File, cx: &Ctx, h: &FileHeader, size: u64) -> Result<(), VolumeError> {
-    if size % BLOCK == 0 {
+    if size.is_multiple_of(BLOCK) {
         return Ok(()); // no padding and no filler
     }
     let s = (size - 1) / cx.sector;

@@ -473,7 +473,7 @@ impl Upgrader<'_, '_> {
             return Ok(None);
         }
         let size = len - FILE_HEADER_LEN as u64;
-        if size % layout::BLOCK != 0 {
+        if !size.is_multiple_of(layout::BLOCK) {
             return Ok(Some(Pending { found }));
         }
         // Whole blocks: v1 and v2 store the same bytes; only the version changes.

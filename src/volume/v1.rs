@@ -222,7 +222,7 @@ pub fn inspect_tail(
     size: u64,
     unit_size: u64,
 ) -> io::Result<Option<TailFinding>> {
-    if size == 0 || size % unit_size >= 16 || size % unit_size == 0 {
+    if size == 0 || size % unit_size >= 16 || size.is_multiple_of(unit_size) {
         return Ok(None);
     }
     let unit = read_last_unit(f, size, unit_size)?;

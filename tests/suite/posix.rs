@@ -1522,7 +1522,7 @@ fn readdir_while_entries_change() {
         thread::spawn(move || {
             let mut i = 0u64;
             while !stop.load(Ordering::Relaxed) && i < 20_000 {
-                let name = if i % 7 == 0 {
+                let name = if i.is_multiple_of(7) {
                     format!("churn-{}-{}", i % 50, "x".repeat(180))
                 } else {
                     format!("churn-{}", i % 50)
@@ -1536,7 +1536,7 @@ fn readdir_while_entries_change() {
                         let _ = fs::remove_file(&p);
                     }
                 }
-                if i % 11 == 0 {
+                if i.is_multiple_of(11) {
                     let _ = fs::rename(&p, d.join(format!("renamed-{}", i % 13)));
                 }
                 i += 1;

@@ -33,7 +33,7 @@ const NOBODY: u32 = 65534;
 
 fn setup() -> (Env, Mount) {
     // Every other test run walks from the root for every directory (no descriptor cache).
-    if std::process::id() % 2 == 0 {
+    if std::process::id().is_multiple_of(2) {
         // SAFETY: set before any thread of this test process reads the environment.
         unsafe { std::env::set_var("CMKFS_DIR_CACHE", "1") };
     }

@@ -470,7 +470,13 @@ fn a_stalled_backing_store_cannot_hold_off_revocation() {
     let m = env.mount_with(
         &inner,
         &inner_mnt,
-        &["--no-push", "--key-check-interval", "1s", "--grace-period", "0s"],
+        &[
+            "--no-push",
+            "--key-check-interval",
+            "1s",
+            "--grace-period",
+            "0s",
+        ],
     );
     write(&m.path("f"), b"behind a share");
     let pid = share.daemon_pid().expect("the share's daemon") as i32;
@@ -481,7 +487,10 @@ fn a_stalled_backing_store_cannot_hold_off_revocation() {
         .assert_ok();
     let st = wait_state(&env, &inner_mnt, "Inaccessible");
     assert!(
-        st["reason"].as_str().unwrap_or("").contains("does not answer"),
+        st["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("does not answer"),
         "{st:#}"
     );
     drop(stopped);
