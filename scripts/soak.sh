@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Long randomized runs for soak testing (issue 6 items 4 and 5): the model test
-# (tests/model.rs) over many seeds and operations, and the SIGKILL crash tests
-# (tests/crash.rs) over many rounds. Every seed is printed; a failure prints the seed and
+# (tests/suite/model.rs) over many seeds and operations, and the SIGKILL crash tests
+# (tests/suite/crash.rs) over many rounds. Every seed is printed; a failure prints the seed and
 # the last operations, and replays with the command it shows.
 #
 #   scripts/soak.sh                       # defaults below

@@ -6,7 +6,7 @@
 #   scripts/test.sh -- FILTER...    # extra arguments after -- go to the test runner
 #
 # The integration tests mount real FUSE filesystems (/dev/fuse, root). Each test unmounts what
-# it mounted even when it fails and has time limits (tests/common/mod.rs); this script adds a
+# it mounted even when it fails and has time limits (tests/suite/common/mod.rs); this script adds a
 # per-test kill switch (.config/nextest.toml) and, on exit, lazily unmounts anything a killed
 # test left behind.
 set -euo pipefail
@@ -44,7 +44,7 @@ missing=()
 command -v fusermount3 >/dev/null 2>&1 || missing+=(fuse3)
 # openssl: reference numbers and test fixtures.
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
-# cc: the Rust toolchain links with it; tests/security.rs also builds a marker PKCS#11 module
+# cc: the Rust toolchain links with it; tests/suite/security.rs also builds a marker PKCS#11 module
 # with it (to show that a module named by a volume header is never loaded).
 command -v cc >/dev/null 2>&1 || missing+=(gcc libc6-dev)
 # softhsm2: the PKCS#11 vault backend's tests run against throwaway SoftHSM2 tokens.
@@ -120,7 +120,7 @@ cargo --version
 # ---------------------------------------------------------------------------------------------
 # Stale mounts: a test killed by the runner (timeout, SIGKILL) cannot run its own cleanup.
 # Abort the FUSE connection (so nothing stays blocked on a dead daemon), then detach the mount.
-# Only mounts under the temp dir whose path says they are ours (tests/common: cmkfs-test-*).
+# Only mounts under the temp dir whose path says they are ours (tests/suite/common: cmkfs-test-*).
 # ---------------------------------------------------------------------------------------------
 cleanup_stale_mounts() {
     local tmp="${TMPDIR:-/tmp}"

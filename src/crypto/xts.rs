@@ -21,7 +21,7 @@
 //! at construction when the CPU has AES-NI) that keeps eight blocks in flight through the
 //! rounds, as OpenSSL's assembly does, and a portable one on the `aes` crate's batched block
 //! API. Both are tested against the IEEE 1619 vectors, the `xts-mode` crate, aws-lc's XTS and
-//! the `openssl` command (`tests/xts.rs`).
+//! the `openssl` command (`tests/suite/xts.rs`).
 
 use std::fmt;
 
