@@ -206,6 +206,22 @@ pub(crate) fn encrypt(
     first: u64,
     buf: &mut [u8],
 ) -> Result<(), VolumeError> {
+    by_key_runs(cx, h, first, buf, encrypt_with)
+}
+
+/// One cipher pass over consecutive units with one generation's keys: [`encrypt_with`] or
+/// [`decrypt_with`] (context, keys, file tweak, first unit, buffer).
+type CipherPass = fn(&Ctx, &VolumeKeys, u128, u64, &mut [u8]) -> Result<(), VolumeError>;
+
+/// Runs `pass` over consecutive units of `buf` (unit `first` at its start), one run of units
+/// per key generation ([`key_runs`]).
+fn by_key_runs(
+    cx: &Ctx,
+    h: &FileHeader,
+    first: u64,
+    buf: &mut [u8],
+    pass: CipherPass,
+) -> Result<(), VolumeError> {
     check_blocks(buf)?;
     let mut at = 0usize;
     let mut unit = first;
@@ -214,7 +230,7 @@ pub(crate) fn encrypt(
             continue;
         }
         let end = (at + (n * cx.sector) as usize).min(buf.len());
-        encrypt_with(cx, keys, h.tweak(), unit, &mut buf[at..end])?;
+        pass(cx, keys, h.tweak(), unit, &mut buf[at..end])?;
         at = end;
         unit += n;
     }
@@ -240,28 +256,16 @@ pub(crate) fn encrypt_with(
         .map_err(VolumeError::Crypto)
 }
 
-/// Decrypts consecutive units in place, the inverse of [`encrypt`]. All-zero units (holes)
-/// stay zeros through both layers: the outer pass leaves them as they are, and a real inner
-/// ciphertext unit (at least one AES block) is never all zeros.
+/// Decrypts consecutive units in place, the inverse of [`encrypt`]. All-zero stored blocks
+/// (holes) stay zeros through both layers: the outer pass leaves them as they are, and a real
+/// inner ciphertext block is all zero with probability 2^-128.
 pub(crate) fn decrypt(
     cx: &Ctx,
     h: &FileHeader,
     first: u64,
     buf: &mut [u8],
 ) -> Result<(), VolumeError> {
-    check_blocks(buf)?;
-    let mut at = 0usize;
-    let mut unit = first;
-    for (n, keys) in key_runs(cx, h, first, units_in(cx, buf))? {
-        if n == 0 {
-            continue;
-        }
-        let end = (at + (n * cx.sector) as usize).min(buf.len());
-        decrypt_with(cx, keys, h.tweak(), unit, &mut buf[at..end])?;
-        at = end;
-        unit += n;
-    }
-    Ok(())
+    by_key_runs(cx, h, first, buf, decrypt_with)
 }
 
 /// Decrypts consecutive units in place with `keys`.

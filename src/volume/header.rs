@@ -178,6 +178,26 @@ impl PlatformEnvelope {
     }
 }
 
+/// Unwraps one DEK envelope (`what` names its field in messages) through `vault`: the
+/// wrapped bytes must be base64 and must unwrap to a DEK-shaped key. Checking it against the
+/// header (fingerprint, MAC) is the caller's.
+fn unwrap_envelope(
+    vault: &dyn Vault,
+    kid: &KeyId,
+    alg: WrapAlg,
+    wrapped: Result<Vec<u8>, base64::DecodeError>,
+    what: &str,
+) -> Result<Dek, VolumeError> {
+    let wrapped = wrapped.map_err(|_| VolumeError::CorruptHeader {
+        path: HEADER_FILE.into(),
+        why: format!("{what} is not valid base64"),
+    })?;
+    let raw = vault.unwrap_key(kid, alg, &wrapped)?;
+    Dek::from_slice(&raw).map_err(|_| {
+        VolumeError::WrongKey(format!("{kid} unwrapped something that is not a cmkfs DEK"))
+    })
+}
+
 impl VolumeHeader {
     /// A header for a new volume whose DEK the vault wrapped as `wrapped`.
     pub fn new(
@@ -430,15 +450,7 @@ impl VolumeHeader {
     /// platform envelope above all) may be acted on before this succeeds.
     pub fn unwrap_dek(&self, vault: &dyn Vault) -> Result<Dek, VolumeError> {
         let kid = self.key_id()?;
-        let wrapped = self.wrapped().map_err(|_| VolumeError::CorruptHeader {
-            path: HEADER_FILE.into(),
-            why: "wrapped_dek is not valid base64".into(),
-        })?;
-        let raw = vault.unwrap_key(&kid, self.wrap_alg, &wrapped)?;
-        let dek = Dek::from_slice(&raw).map_err(|_| {
-            VolumeError::WrongKey(format!("{kid} unwrapped something that is not a cmkfs DEK"))
-        })?;
-        drop(raw);
+        let dek = unwrap_envelope(vault, &kid, self.wrap_alg, self.wrapped(), "wrapped_dek")?;
         self.verify(&dek)?;
         Ok(dek)
     }
@@ -454,15 +466,13 @@ impl VolumeHeader {
             ));
         };
         let kid = p.key_id()?;
-        let wrapped = p.wrapped().map_err(|_| VolumeError::CorruptHeader {
-            path: HEADER_FILE.into(),
-            why: "platform wrapped_dek is not valid base64".into(),
-        })?;
-        let raw = platform.unwrap_key(&kid, p.wrap_alg, &wrapped)?;
-        let dek = Dek::from_slice(&raw).map_err(|_| {
-            VolumeError::WrongKey(format!("{kid} unwrapped something that is not a cmkfs DEK"))
-        })?;
-        drop(raw);
+        let dek = unwrap_envelope(
+            platform,
+            &kid,
+            p.wrap_alg,
+            p.wrapped(),
+            "platform wrapped_dek",
+        )?;
         p.verify(&dek)?;
         Ok(dek)
     }
@@ -477,15 +487,13 @@ impl VolumeHeader {
             ));
         };
         let kid = self.key_id()?;
-        let wrapped = r.wrapped().map_err(|_| VolumeError::CorruptHeader {
-            path: HEADER_FILE.into(),
-            why: "retiring wrapped_dek is not valid base64".into(),
-        })?;
-        let raw = vault.unwrap_key(&kid, self.wrap_alg, &wrapped)?;
-        let dek = Dek::from_slice(&raw).map_err(|_| {
-            VolumeError::WrongKey(format!("{kid} unwrapped something that is not a cmkfs DEK"))
-        })?;
-        drop(raw);
+        let dek = unwrap_envelope(
+            vault,
+            &kid,
+            self.wrap_alg,
+            r.wrapped(),
+            "retiring wrapped_dek",
+        )?;
         if dek.fingerprint() != r.dek_fingerprint {
             return Err(VolumeError::WrongKey(format!(
                 "the unwrapped retiring key's fingerprint does not match the volume ({kid})"
@@ -503,15 +511,13 @@ impl VolumeHeader {
             ));
         };
         let kid = p.key_id()?;
-        let wrapped = p.wrapped().map_err(|_| VolumeError::CorruptHeader {
-            path: HEADER_FILE.into(),
-            why: "retiring platform wrapped_dek is not valid base64".into(),
-        })?;
-        let raw = platform.unwrap_key(&kid, p.wrap_alg, &wrapped)?;
-        let dek = Dek::from_slice(&raw).map_err(|_| {
-            VolumeError::WrongKey(format!("{kid} unwrapped something that is not a cmkfs DEK"))
-        })?;
-        drop(raw);
+        let dek = unwrap_envelope(
+            platform,
+            &kid,
+            p.wrap_alg,
+            p.wrapped(),
+            "retiring platform wrapped_dek",
+        )?;
         p.verify(&dek)?;
         Ok(dek)
     }
