@@ -158,6 +158,16 @@ fn stolen_disk_and_home_reveal_no_key() {
 fn legacy(env: &Env) -> PathBuf {
     fs::remove_dir(&env.home).unwrap();
     copy_tree(&Path::new(FIXTURE).join("home"), &env.home);
+    // The fixture's TLS files are committed as `*.pem.fixture` (no key file in the repository
+    // looks like a real one); the release that made the home named them `*.pem`.
+    let tls = env.home.join("vault/tls");
+    for f in ["ca", "cert", "key"] {
+        fs::rename(
+            tls.join(format!("{f}.pem.fixture")),
+            tls.join(format!("{f}.pem")),
+        )
+        .unwrap();
+    }
     let cipher = env.dir("legacy-cipher");
     fs::remove_dir(&cipher).unwrap();
     copy_tree(&Path::new(FIXTURE).join("cipher"), &cipher);
