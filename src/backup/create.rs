@@ -181,6 +181,9 @@ pub(super) fn walk(root: &OwnedFd, visit: &mut Visit<'_>) -> Result<(), BackupEr
             if rel.is_empty() && name == HEADER_FILE {
                 continue; // the restore writes its own header
             }
+            if rel.is_empty() && name == crate::volume::lock::LOCK_FILE {
+                continue; // the volume lock: a restore's volume has its own
+            }
             let s = name.to_str().ok_or_else(|| {
                 BackupError::Refused(format!(
                     "{}/{} is not a cmkfs name (not UTF-8); run `cmkfs fsck --repair`",

@@ -290,19 +290,47 @@ enum KeyCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Change a version's attributes.
+    /// Disable a key: every version (or only `--version V`), so that every volume wrapped by
+    /// it is cut off, whichever version wraps its DEK. Prints the versions it disabled.
+    #[command(disable_version_flag = true)]
+    Disable {
+        /// Key name.
+        name: String,
+        /// Disable only this version (32 hex digits), as Key Vault's API does.
+        #[arg(long, value_name = "V")]
+        version: Option<String>,
+        /// Print the versions changed as JSON (an array).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Enable a key: every version (or only `--version V`); the counterpart of `disable`.
+    #[command(disable_version_flag = true)]
+    Enable {
+        /// Key name.
+        name: String,
+        /// Enable only this version (32 hex digits).
+        #[arg(long, value_name = "V")]
+        version: Option<String>,
+        /// Print the versions changed as JSON (an array).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Change a version's attributes (`--enable`/`--disable` without `--version`: every
+    /// version, as `key enable`/`key disable`).
     #[command(disable_version_flag = true, group(ArgGroup::new("change").required(true).multiple(true)
         .args(["enable", "disable", "nbf", "exp", "key_ops"])))]
     Update {
         /// Key name.
         name: String,
-        /// Version id (the latest by default).
+        /// Version id (the latest by default; for --enable/--disable, every version by
+        /// default).
         #[arg(long, value_name = "V")]
         version: Option<String>,
-        /// Enable the version.
+        /// Enable the version (every version without --version).
         #[arg(long, conflicts_with = "disable")]
         enable: bool,
-        /// Disable the version: every operation with it is refused.
+        /// Disable the version (every version without --version): every operation with it
+        /// is refused.
         #[arg(long)]
         disable: bool,
         /// Not-before: RFC 3339 time, `now`, `+DURATION`, `-DURATION`, `@UNIXSECS` or `none`.
@@ -937,14 +965,21 @@ fn key(v: &dyn Vault, cmd: KeyCommand) -> anyhow::Result<()> {
             key_ops,
             json,
         } => {
+            let enabled = if enable {
+                Some(true)
+            } else if disable {
+                Some(false)
+            } else {
+                None
+            };
+            // Without --version, enabling or disabling is for the key as a whole: a volume
+            // wrapped by an older version must be cut off too (revocation).
+            let mut changed = Vec::new();
+            if let (Some(e), None) = (enabled, &version) {
+                changed = set_enabled(v, &name, None, e)?;
+            }
             let upd = KeyUpdate {
-                enabled: if enable {
-                    Some(true)
-                } else if disable {
-                    Some(false)
-                } else {
-                    None
-                },
+                enabled: if version.is_some() { enabled } else { None },
                 nbf: nbf
                     .as_deref()
                     .map(|t| parse_time(t).context("--nbf"))
@@ -956,8 +991,39 @@ fn key(v: &dyn Vault, cmd: KeyCommand) -> anyhow::Result<()> {
                 key_ops: key_ops.map(|ops| ops.into_iter().map(|o| o.trim().to_string()).collect()),
                 tags: None,
             };
-            let info = v.update_key(&name, version.as_deref(), &upd)?;
+            let info = if upd == KeyUpdate::default() {
+                v.get_key(&name, None)?
+            } else {
+                v.update_key(&name, version.as_deref(), &upd)?
+            };
+            if !json {
+                print_enabled_changes(&changed, enabled.unwrap_or(true));
+            }
             print_key(&info, json, "updated")
+        }
+        KeyCommand::Disable {
+            name,
+            version,
+            json,
+        } => {
+            let changed = set_enabled(v, &name, version.as_deref(), false)?;
+            if json {
+                return print_json(&changed);
+            }
+            print_enabled_changes(&changed, false);
+            Ok(())
+        }
+        KeyCommand::Enable {
+            name,
+            version,
+            json,
+        } => {
+            let changed = set_enabled(v, &name, version.as_deref(), true)?;
+            if json {
+                return print_json(&changed);
+            }
+            print_enabled_changes(&changed, true);
+            Ok(())
         }
         KeyCommand::Delete { name, json } => {
             let d = v.delete_key(&name)?;
@@ -1477,6 +1543,53 @@ fn print_policy(
             ))
     );
     Ok(())
+}
+
+/// Enables or disables `version` of key `name`, or every version of it: the newest first, so
+/// that new wraps stop before old unwraps do. Versions already in that state are left alone.
+/// Returns the versions changed; on an error, says which ones were changed before it.
+fn set_enabled(
+    v: &dyn Vault,
+    name: &str,
+    version: Option<&str>,
+    enabled: bool,
+) -> anyhow::Result<Vec<KeyInfo>> {
+    let upd = KeyUpdate {
+        enabled: Some(enabled),
+        ..Default::default()
+    };
+    let mut targets = match version {
+        Some(ver) => vec![v.get_key(name, Some(ver))?],
+        None => v.list_key_versions(name)?,
+    };
+    targets.sort_by_key(|k| std::cmp::Reverse(k.created));
+    let mut changed = Vec::new();
+    for k in targets.into_iter().filter(|k| k.enabled != enabled) {
+        match v.update_key(name, Some(&k.version), &upd) {
+            Ok(info) => changed.push(info),
+            Err(e) => {
+                let done: Vec<&str> = changed.iter().map(|k: &KeyInfo| k.version.as_str()).collect();
+                return Err(anyhow::Error::new(e).context(format!(
+                    "{} version {} of key {name} (changed before the error: {})",
+                    if enabled { "enabling" } else { "disabling" },
+                    k.version,
+                    if done.is_empty() { "none".to_string() } else { done.join(", ") }
+                )));
+            }
+        }
+    }
+    Ok(changed)
+}
+
+/// One line per version [`set_enabled`] changed, or a line saying nothing needed to change.
+fn print_enabled_changes(changed: &[KeyInfo], enabled: bool) {
+    let verb = if enabled { "enabled" } else { "disabled" };
+    if changed.is_empty() {
+        println!("no version changed: every version concerned was {verb} already");
+    }
+    for k in changed {
+        println!("{verb} {}", k.kid);
+    }
 }
 
 fn print_key(k: &KeyInfo, json: bool, verb: &str) -> anyhow::Result<()> {

@@ -105,7 +105,11 @@ impl Checker {
             if b == DIRID_FILE.as_bytes() {
                 continue;
             }
-            if is_root && (b == HEADER_FILE.as_bytes() || b == QUARANTINE_DIR.as_bytes()) {
+            if is_root
+                && (b == HEADER_FILE.as_bytes()
+                    || b == QUARANTINE_DIR.as_bytes()
+                    || b == crate::volume::lock::LOCK_FILE.as_bytes())
+            {
                 continue;
             }
             if is_root && b == crate::volume::reencrypt::JOURNAL_FILE.as_bytes() {

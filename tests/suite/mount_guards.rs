@@ -171,3 +171,71 @@ fn a_file_size_limit_fails_the_write_and_keeps_the_mount() {
     assert_eq!(read(&m.path("small")), b"still here");
     m.unmount();
 }
+
+/// Third review: the volume lock was an `flock` on the 0755 backing directory, which any
+/// local user could take, making every mount refuse ("in use"). The lock is now on a 0600
+/// file only the volume's owner can open.
+#[test]
+fn another_user_holding_a_flock_on_the_backing_directory_blocks_no_mount() {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    use std::time::Duration;
+
+    let env = Env::new();
+    env.init(&env.cipher);
+    // The temp root is 0700: let another user reach the 0755 backing directory, as on a
+    // real machine.
+    fs::set_permissions(&env.root, fs::Permissions::from_mode(0o755)).unwrap();
+    let cipher = CString::new(env.cipher.as_os_str().as_bytes()).unwrap();
+    let lock_file = CString::new(env.cipher.join("cmkfs.lock").as_os_str().as_bytes()).unwrap();
+    let stop_path = env.root.join("stop");
+    let stop = CString::new(stop_path.as_os_str().as_bytes()).unwrap();
+    const NOBODY: u32 = 65534;
+
+    // nobody takes an exclusive flock on the backing directory and keeps it.
+    let holder = std::thread::spawn(move || {
+        sys::as_user(NOBODY, NOBODY, &[], || {
+            // SAFETY: raw system calls on C strings prepared before the fork.
+            unsafe {
+                let fd = libc::open(cipher.as_ptr(), libc::O_RDONLY | libc::O_DIRECTORY);
+                if fd < 0 || libc::flock(fd, libc::LOCK_EX | libc::LOCK_NB) != 0 {
+                    return 100;
+                }
+                for _ in 0..600 {
+                    if libc::access(stop.as_ptr(), libc::F_OK) == 0 {
+                        return 0;
+                    }
+                    libc::usleep(100_000);
+                }
+                101
+            }
+        })
+    });
+    let dir_ino = fs::metadata(&env.cipher).unwrap().ino();
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            fs::read_to_string("/proc/locks").is_ok_and(|l| {
+                l.lines()
+                    .any(|x| x.contains("FLOCK") && x.contains(&format!(":{dir_ino} ")))
+            })
+        }),
+        "the other user's flock never showed in /proc/locks"
+    );
+
+    let m = env.mount(&env.cipher, &env.mnt);
+    write(&m.path("f"), b"mounted despite the other user's flock");
+    assert_eq!(read(&m.path("f")), b"mounted despite the other user's flock");
+    // The lock file is the owner's alone: the other user cannot open it (to flock it).
+    let md = fs::symlink_metadata(env.cipher.join("cmkfs.lock")).unwrap();
+    assert_eq!((md.mode() & 0o777, md.uid()), (0o600, 0));
+    let opened = sys::as_user(NOBODY, NOBODY, &[], || {
+        // SAFETY: a raw system call on a C string prepared before the fork.
+        sys::rc(unsafe { libc::open(lock_file.as_ptr(), libc::O_RDONLY) })
+    });
+    assert_eq!(opened, libc::EACCES, "the lock file opened for another user");
+    m.unmount();
+
+    fs::write(&stop_path, b"").unwrap();
+    assert_eq!(holder.join().unwrap(), 0, "the other user's flock child failed");
+}

@@ -499,3 +499,74 @@ fn a_stalled_backing_store_cannot_hold_off_revocation() {
     m.unmount();
     share.unmount();
 }
+
+/// Disabling a key revokes it whichever version wraps a volume's DEK. Before, `vault key
+/// update NAME --disable` disabled the newest version only (Key Vault's per-version call), so
+/// a volume wrapped by an older version (after a rotation) stayed Accessible.
+#[test]
+fn disabling_a_key_cuts_off_volumes_wrapped_by_an_older_version() {
+    let env = Env::new();
+    env.init(&env.cipher);
+    // After the rotation the volume's DEK is still wrapped by the older version.
+    env.cmkfs(&["vault", "key", "rotate", "default"])
+        .assert_ok();
+    let m = env.mount_with(&env.cipher, &env.mnt, &["--key-check-interval", "1s"]);
+    write(&m.path("f"), b"older version");
+    let versions = |env: &Env| -> Vec<bool> {
+        let out = env.cmkfs(&["vault", "key", "versions", "default", "--json"]);
+        out.assert_ok();
+        let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|k| k["enabled"].as_bool().unwrap())
+            .collect()
+    };
+
+    for (off, on) in [
+        (&["disable"][..], &["enable"][..]),
+        (&["update", "--disable"][..], &["update", "--enable"][..]),
+    ] {
+        let mut a = vec!["vault", "key", off[0], "default"];
+        a.extend_from_slice(&off[1..]);
+        let out = env.cmkfs(&a);
+        out.assert_ok();
+        assert_eq!(
+            out.stdout.lines().filter(|l| l.starts_with("disabled ")).count(),
+            2,
+            "{off:?} says which versions it disabled: {out}"
+        );
+        assert_eq!(versions(&env), [false, false]);
+        let st = wait_state(&env, &env.mnt, "Inaccessible");
+        assert_eq!(st["reason"], "key disabled");
+        let err = fs::read(m.path("f")).expect_err("read after cut-off");
+        assert_eq!(err.raw_os_error(), Some(libc::EACCES));
+
+        let mut a = vec!["vault", "key", on[0], "default"];
+        a.extend_from_slice(&on[1..]);
+        let out = env.cmkfs(&a);
+        out.assert_ok();
+        assert_eq!(
+            out.stdout.lines().filter(|l| l.starts_with("enabled ")).count(),
+            2,
+            "{on:?}: {out}"
+        );
+        assert_eq!(versions(&env), [true, true]);
+        wait_state(&env, &env.mnt, "Accessible");
+        assert_eq!(read(&m.path("f")), b"older version");
+    }
+
+    // --version V: that version only (Key Vault's semantics, kept on request).
+    let newest = {
+        let out = env.cmkfs(&["vault", "key", "show", "default", "--json"]);
+        let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+        v["version"].as_str().unwrap().to_string()
+    };
+    let out = env.cmkfs(&["vault", "key", "disable", "default", "--version", &newest, "--json"]);
+    out.assert_ok();
+    let changed: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(changed.as_array().unwrap().len(), 1);
+    assert_eq!(versions(&env), [true, false]);
+    assert_eq!(state(&env, &env.mnt), "Accessible");
+    m.unmount();
+}
