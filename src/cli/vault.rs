@@ -992,7 +992,11 @@ fn key(v: &dyn Vault, cmd: KeyCommand) -> anyhow::Result<()> {
                 tags: None,
             };
             let info = if upd == KeyUpdate::default() {
-                v.get_key(&name, None)?
+                // The latest version as it is now (`get` would refuse a disabled one).
+                v.list_key_versions(&name)?
+                    .into_iter()
+                    .max_by_key(|k| k.created)
+                    .with_context(|| format!("key {name} has no versions"))?
             } else {
                 v.update_key(&name, version.as_deref(), &upd)?
             };
@@ -1562,7 +1566,9 @@ fn set_enabled(
         Some(ver) => vec![v.get_key(name, Some(ver))?],
         None => v.list_key_versions(name)?,
     };
-    targets.sort_by_key(|k| std::cmp::Reverse(k.created));
+    // Newest first; the listing is oldest first, which breaks ties of `created` (seconds).
+    targets.sort_by_key(|k| k.created);
+    targets.reverse();
     let mut changed = Vec::new();
     for k in targets.into_iter().filter(|k| k.enabled != enabled) {
         match v.update_key(name, Some(&k.version), &upd) {

@@ -31,6 +31,8 @@ pub(super) struct Checker {
     pub(super) targets_used: BTreeSet<OsString>,
     /// Whether every directory could be listed (orphans are only decided then).
     pub(super) walk_complete: bool,
+    /// Directory levels entered (the root is 1), at most [`MAX_DEPTH`].
+    pub(super) depth: usize,
     pub(super) report: Report,
 }
 

@@ -26,7 +26,11 @@
 //!   hidden from the plaintext view anyway).
 //!
 //! The walk reaches deep directories through descriptors (`/proc/self/fd/N/name`), so a
-//! backing path longer than PATH_MAX is checked like any other.
+//! backing path longer than PATH_MAX is checked like any other. It recurses per directory
+//! level on a thread of its own ([`WALK_STACK`]) and goes no deeper than [`MAX_DEPTH`] levels:
+//! below that it reports [`ProblemKind::TooDeep`] instead of overflowing its stack (a writer
+//! can nest a backing tree tens of thousands of levels deep by copying a directory into
+//! itself).
 //!
 //! Repairs ([`Options::repair`]) never delete user data. Metadata that no entry needs any more
 //! (orphaned side files, temp files of interrupted header / side-file updates, `mkdir` temp
@@ -75,6 +79,16 @@ use crate::volume::VolumeError;
 const MAX_SIDE_FILE: usize = 4096;
 /// Most bytes read from a directory id file (16 are valid; a few more make a clear error).
 const MAX_DIRID_FILE: usize = 64;
+
+/// Deepest directory level the walk checks (the backing root is level 1); deeper directories
+/// are reported as [`ProblemKind::TooDeep`], not entered. Every level holds its path and a
+/// descriptor while the levels below it are checked, so the bound also bounds those.
+pub const MAX_DEPTH: usize = 1000;
+
+/// Stack of the walk's thread: the walk recurses once per directory level, and a debug build
+/// takes a few KiB per level ([`MAX_DEPTH`] levels need far less than this; the pages are only
+/// committed as they are used).
+pub const WALK_STACK: usize = 64 << 20;
 
 /// The quarantine directory at the backing root. Contains a `.`, so it is metadata: the
 /// plaintext view never shows it and no encrypted name can collide with it.
@@ -226,6 +240,9 @@ pub enum ProblemKind {
     /// A re-encryption under a new DEK is in progress or was interrupted (`cmkfs volume
     /// reencrypt` resumes it; the volume mounts meanwhile).
     ReencryptInProgress,
+    /// A directory more than [`MAX_DEPTH`] levels below the root: not checked (nor anything
+    /// below it), so orphans are not decided either.
+    TooDeep,
 }
 
 /// How serious a finding is.
@@ -412,6 +429,7 @@ pub fn run(dir: &Path, opts: &Options<'_>) -> Result<Report, FsckError> {
         deep: std::collections::HashMap::new(),
         targets_used: BTreeSet::new(),
         walk_complete: true,
+        depth: 0,
         report: Report {
             schema: REPORT_SCHEMA,
             cipherdir: root.clone(),
@@ -426,8 +444,19 @@ pub fn run(dir: &Path, opts: &Options<'_>) -> Result<Report, FsckError> {
         },
     };
     c.check_header(opts.vault)?;
-    // The root never goes to the quarantine: its problems are recorded inside.
-    let _ = c.check_dir(&root, Some(Path::new("/")));
+    // The root never goes to the quarantine: its problems are recorded inside. The walk runs
+    // on a thread with a stack sized for MAX_DEPTH levels, whatever the caller's stack.
+    std::thread::scope(|s| {
+        std::thread::Builder::new()
+            .name("fsck-walk".into())
+            .stack_size(WALK_STACK)
+            .spawn_scoped(s, || {
+                let _ = c.check_dir(&root, Some(Path::new("/")));
+            })
+            .map_err(|e| FsckError::io(&root, e))?
+            .join()
+            .map_err(|_| FsckError::io(&root, io::Error::other("the directory walk panicked")))
+    })?;
     c.check_long_targets();
     c.write_manifest();
     c.report.finish();
@@ -586,5 +615,87 @@ mod tests {
         let r = run(&root, &repair).unwrap();
         let k = kinds(&r);
         assert_eq!(k, vec![(ProblemKind::HeaderMissing, Fix::None, false)]);
+    }
+
+    /// A backing tree 30 000 levels deep (a directory a writer copied into itself) made fsck
+    /// overflow its stack and abort. It now checks MAX_DEPTH levels and reports where it
+    /// stopped, and `--repair` leaves the subtree alone.
+    #[test]
+    fn a_30000_level_tree_is_reported_not_a_crash() {
+        use rustix::fs::{Mode, OFlags};
+        use std::os::fd::AsFd;
+        const LEVELS: usize = 30_000;
+        // On tmpfs where there is one: removing 30 000 levels from a disk filesystem takes
+        // a minute on a busy machine, from memory a second.
+        let shm = Path::new("/dev/shm");
+        let d = if shm.is_dir() {
+            tempfile::tempdir_in(shm).unwrap()
+        } else {
+            tempfile::tempdir().unwrap()
+        };
+        let root = d.path().join("v");
+        fs::create_dir(&root).unwrap();
+        fs::write(root.join(DIRID_FILE), [1u8; 16]).unwrap();
+        // mkdirat chains: one descriptor at a time, no path longer than one name.
+        let mut fd = sys::open_root(&root).unwrap();
+        for level in 0..LEVELS {
+            rustix::fs::mkdirat(&fd, "QUJF", Mode::from_raw_mode(0o700)).unwrap();
+            let next = rustix::fs::openat(
+                &fd,
+                "QUJF",
+                OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            .unwrap();
+            if level <= MAX_DEPTH + 1 {
+                // Ids where the walk goes: the only finding is the depth.
+                // (Not sys::write_new: a thousand fsyncs would make this slow.)
+                let mut f = sys::create_regular(next.as_fd(), OsStr::new(DIRID_FILE), 0o444).unwrap();
+                io::Write::write_all(&mut f, &[2u8; 16]).unwrap();
+            }
+            fd = next;
+        }
+        drop(fd);
+        let home = Home::at(d.path().join("home"));
+        for repair in [false, true] {
+            // On a small stack of its own, as a CLI caller's thread might be.
+            let r = std::thread::scope(|s| {
+                std::thread::Builder::new()
+                    .stack_size(256 << 10)
+                    .spawn_scoped(s, || {
+                        let opts = Options {
+                            repair,
+                            vault: None,
+                            home: &home,
+                        };
+                        run(&root, &opts).unwrap()
+                    })
+                    .unwrap()
+                    .join()
+                    .unwrap()
+            });
+            let k = kinds(&r);
+            assert_eq!(
+                k,
+                vec![
+                    (ProblemKind::HeaderMissing, Fix::None, false),
+                    (ProblemKind::TooDeep, Fix::None, false)
+                ],
+                "repair: {repair}"
+            );
+            let deep = &r.problems[1];
+            assert_eq!(deep.backing.components().count(), MAX_DEPTH);
+            assert!(deep.detail.contains("not checked below"), "{}", deep.detail);
+            assert_eq!(r.counts.directories as usize, MAX_DEPTH);
+            assert_eq!(r.exit_code, EXIT_PROBLEMS_LEFT);
+        }
+        assert!(!root.join(QUARANTINE_DIR).exists(), "nothing was moved");
+        // std's remove_dir_all holds a descriptor per level: rm(1) walks it without.
+        let rm = std::process::Command::new("rm")
+            .arg("-rf")
+            .arg(&root)
+            .status()
+            .unwrap();
+        assert!(rm.success());
     }
 }

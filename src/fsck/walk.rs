@@ -25,7 +25,9 @@ impl Checker {
             );
             return None;
         }
+        self.depth += 1;
         let verdict = self.check_dir_entries(dir, plain);
+        self.depth -= 1;
         self.deep.remove(dir);
         verdict
     }
@@ -233,7 +235,25 @@ impl Checker {
         if ft.is_dir() && self.replaced_leftover(path, side.as_deref(), plain_dir) {
             return;
         }
-        let object_problem: Option<(ProblemKind, String)> = if ft.is_dir() {
+        let object_problem: Option<(ProblemKind, String)> = if ft.is_dir() && self.depth >= MAX_DEPTH
+        {
+            // Recursing further would only risk the stack: report where the check stops.
+            self.walk_complete = false;
+            self.problem(
+                ProblemKind::TooDeep,
+                path,
+                plaintext.clone(),
+                plain_dir,
+                format!(
+                    "directories nest more than {MAX_DEPTH} levels deep here: not checked below \
+                     (a tree this deep is usually a directory a writer of the backing store \
+                     copied into itself)"
+                ),
+                Fix::None,
+                None,
+            );
+            None
+        } else if ft.is_dir() {
             self.check_dir(path, plaintext.as_deref())
         } else if ft.is_file() {
             self.report.counts.files += 1;

@@ -276,6 +276,28 @@ pub fn fsync_dir(dir: BorrowedFd<'_>) -> io::Result<()> {
     Ok(rfs::fsync(open_dir_readable(dir)?)?)
 }
 
+/// The directory at relative path `rel` below `root`, reached one component at a time with
+/// [`open_dir`] (`O_PATH|O_NOFOLLOW`): a symlink anywhere on the way is refused (`ELOOP` or
+/// `ENOTDIR`), never followed, and `rel` must be relative and hold no `..` (`EINVAL`), so
+/// the result is always inside `root`. For tools that walk the backing tree and come back to
+/// an entry later by its relative path (`upgrade`).
+pub fn open_dir_beneath(root: BorrowedFd<'_>, rel: &Path) -> io::Result<OwnedFd> {
+    let mut dir = rfs::openat(
+        root,
+        c".",
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    for c in rel.components() {
+        match c {
+            std::path::Component::Normal(name) => dir = open_dir(dir.as_fd(), name)?,
+            std::path::Component::CurDir => {}
+            _ => return Err(errno(libc::EINVAL)),
+        }
+    }
+    Ok(dir)
+}
+
 /// `fstatat(dir, name, AT_SYMLINK_NOFOLLOW)`.
 pub fn stat_at(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<Stat> {
     Ok(rfs::statat(

@@ -24,13 +24,14 @@ mod check;
 pub mod journal;
 
 use std::collections::HashSet;
-use std::ffi::OsStr;
+use std::ffi::{OsStr, OsString};
 use std::fs::{self, File, OpenOptions};
 use std::io;
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 
 use serde::Serialize;
 
@@ -306,11 +307,12 @@ pub fn run(
             skipped: Vec::new(),
             zero_tails: Vec::new(),
         },
+        root_fd: sys::open_root(&root).map_err(io_at(&root))?,
         root,
     };
     up.remove_journal_temps()?;
     up.resume(&header)?;
-    let files = find_files(&up.root, keys)?;
+    let files = find_files(&up.root, up.root_fd.as_fd(), keys)?;
     up.convert_all(files)?;
     up.finish(dek)?;
     Ok(up.report)
@@ -318,6 +320,9 @@ pub fn run(
 
 struct Upgrader<'a, 'h> {
     root: PathBuf,
+    /// The backing root, held open: every file is reached from it one name at a time
+    /// ([`open_rw`]), never by a path a swapped directory could redirect.
+    root_fd: OwnedFd,
     unit: u64,
     keys: &'a VolumeKeys,
     hooks: &'a mut Hooks<'h>,
@@ -326,6 +331,7 @@ struct Upgrader<'a, 'h> {
 
 /// A regular file found in the backing tree.
 struct Found {
+    /// For messages only: files are opened by `rel` from the root's descriptor.
     abs: PathBuf,
     rel: PathBuf,
     plain: Option<PathBuf>,
@@ -385,7 +391,7 @@ impl Upgrader<'_, '_> {
                 why: why.into(),
             });
         };
-        let f = match open_rw(abs) {
+        let f = match open_rw(self.root_fd.as_fd(), &e.backing) {
             Ok(f) => f,
             Err(err) if err.kind() == io::ErrorKind::NotFound => {
                 skip(self, "named by the upgrade journal but gone");
@@ -446,10 +452,7 @@ impl Upgrader<'_, '_> {
             });
             Ok(None)
         };
-        let f = match open_rw(&found.abs) {
-            Ok(f) => f,
-            Err(e) => return Err(io_at(&found.abs)(e)),
-        };
+        let f = open_rw(self.root_fd.as_fd(), &found.rel).map_err(io_at(&found.abs))?;
         let len = f.metadata().map_err(io_at(&found.abs))?.len();
         if len == 0 {
             self.report.empty += 1;
@@ -492,7 +495,7 @@ impl Upgrader<'_, '_> {
         let mut items = Vec::with_capacity(batch.len());
         for p in batch {
             let abs = &p.found.abs;
-            let f = open_rw(abs).map_err(io_at(abs))?;
+            let f = open_rw(self.root_fd.as_fd(), &p.found.rel).map_err(io_at(abs))?;
             let len = f.metadata().map_err(io_at(abs))?.len();
             let mut old_header = [0u8; FILE_HEADER_LEN];
             f.read_exact_at(&mut old_header, 0).map_err(io_at(abs))?;
@@ -672,15 +675,22 @@ fn undo(f: &File, e: &Entry, unit: u64) -> io::Result<()> {
     f.sync_all()
 }
 
-/// Opens a backing file for reading and writing without following a symlink. A file without
-/// write permission for its owner is opened through a brief `u+w` (the descriptor keeps its
-/// access; the mode is put back at once), as cmkfs owns its backing files.
-fn open_rw(path: &Path) -> io::Result<File> {
-    // Never a symlink, FIFO or device planted in the backing store (sys::open_regular_path),
-    // and the mode change goes through the descriptor: it reaches that file and no other.
-    match sys::open_regular_path(path, Access::ReadWrite) {
+/// Opens the backing file at `rel` below the root for reading and writing, one name at a
+/// time from the root's descriptor, following no symlink on the way or at the end: a
+/// directory swapped for a symlink after the walk found the file cannot lead the upgrade
+/// outside the volume (`ELOOP`/`ENOTDIR`). A file without write permission for its owner is
+/// opened through a brief `u+w` (the descriptor keeps its access; the mode is put back at
+/// once), as cmkfs owns its backing files.
+fn open_rw(root: BorrowedFd<'_>, rel: &Path) -> io::Result<File> {
+    let name = rel
+        .file_name()
+        .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
+    let dir = sys::open_dir_beneath(root, rel.parent().unwrap_or(Path::new("")))?;
+    // Never a symlink, FIFO or device planted in the backing store (sys::open_regular), and
+    // the mode change goes through the descriptor: it reaches that file and no other.
+    match sys::open_regular(dir.as_fd(), name, Access::ReadWrite, None) {
         Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
-            let (ro, st) = sys::open_regular_path(path, Access::Read)?;
+            let (ro, st) = sys::open_regular(dir.as_fd(), name, Access::Read, None)?;
             let mode = st.st_mode & 0o7777;
             sys::chmod_fd(ro.as_fd(), mode | 0o200)?;
             let f = sys::reopen(ro.as_fd(), Access::ReadWrite);
@@ -702,49 +712,72 @@ fn syncfs(root: &Path) -> Result<(), UpgradeError> {
 
 /// Every regular file of the backing tree that may be a cmkfs file (encrypted or long names,
 /// quarantined ones included), each inode once, with its plaintext path when the names on
-/// the way decrypt. Symlinks are not followed.
-fn find_files(root: &Path, keys: &VolumeKeys) -> Result<Vec<Found>, UpgradeError> {
+/// the way decrypt. The walk goes through directory descriptors, one name at a time
+/// (`O_NOFOLLOW`): symlinks are neither followed nor listed. Pending directories are held as
+/// (parent descriptor, name): only the ancestors of the walk's position stay open.
+fn find_files(
+    root: &Path,
+    root_fd: BorrowedFd<'_>,
+    keys: &VolumeKeys,
+) -> Result<Vec<Found>, UpgradeError> {
     let mut out = Vec::new();
     let mut seen: HashSet<(u64, u64)> = HashSet::new();
-    let mut stack: Vec<(PathBuf, Option<PathBuf>)> = vec![(root.to_path_buf(), Some("/".into()))];
-    while let Some((dir, plain_dir)) = stack.pop() {
-        let id: Option<DirId> = sys::read_bounded(&dir.join(DIRID_FILE), 64)
+    let top = Rc::new(sys::open_dir_beneath(root_fd, Path::new("")).map_err(io_at(root))?);
+    let mut stack: Vec<(Rc<OwnedFd>, Option<OsString>, PathBuf, Option<PathBuf>)> =
+        vec![(top, None, PathBuf::new(), Some("/".into()))];
+    while let Some((parent, name, rel, plain_dir)) = stack.pop() {
+        let abs = root.join(&rel);
+        let dir = match &name {
+            None => parent,
+            Some(n) => Rc::new(sys::open_dir(parent.as_fd(), n).map_err(io_at(&abs))?),
+        };
+        let id: Option<DirId> = sys::read_small(dir.as_fd(), OsStr::new(DIRID_FILE), 64)
             .ok()
             .and_then(|b| b.as_slice().try_into().ok());
-        let mut entries: Vec<fs::DirEntry> = fs::read_dir(&dir)
-            .map_err(io_at(&dir))?
-            .collect::<Result<_, _>>()
-            .map_err(io_at(&dir))?;
-        entries.sort_by_key(|e| e.file_name());
+        let mut entries = sys::list(dir.as_fd()).map_err(io_at(&abs))?;
+        entries.sort_by(|a, b| a.name.cmp(&b.name));
         for ent in entries {
-            let name = ent.file_name();
-            let ft = ent.file_type().map_err(io_at(&ent.path()))?;
+            let name = ent.name;
+            let st = match sys::stat_at(dir.as_fd(), &name) {
+                Ok(st) => st,
+                // Gone since the listing: nothing to convert.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(io_at(&abs.join(&name))(e)),
+            };
+            let fmt = st.st_mode & libc::S_IFMT;
             let kind = names::classify(&name);
             let plain = match (&plain_dir, &id, &kind) {
                 (Some(d), Some(id), EntryKind::Encrypted | EntryKind::Long) => {
-                    plaintext_name(&dir, &name, id, keys).map(|n| d.join(n))
+                    plaintext_name(dir.as_fd(), &name, id, keys).map(|n| d.join(n))
                 }
                 _ => None,
             };
-            if ft.is_dir() {
-                stack.push((ent.path(), plain));
-            } else if ft.is_file() && kind != EntryKind::Hidden {
-                let meta = ent.metadata().map_err(io_at(&ent.path()))?;
-                if seen.insert((meta.dev(), meta.ino())) {
-                    let abs = ent.path();
-                    let rel = abs.strip_prefix(root).unwrap_or(&abs).to_path_buf();
-                    out.push(Found { abs, rel, plain });
-                }
+            if fmt == libc::S_IFDIR {
+                stack.push((dir.clone(), Some(name.clone()), rel.join(&name), plain));
+            } else if fmt == libc::S_IFREG
+                && kind != EntryKind::Hidden
+                && seen.insert((st.st_dev, st.st_ino))
+            {
+                out.push(Found {
+                    abs: abs.join(&name),
+                    rel: rel.join(&name),
+                    plain,
+                });
             }
         }
     }
     Ok(out)
 }
 
-fn plaintext_name(dir: &Path, name: &OsStr, id: &DirId, keys: &VolumeKeys) -> Option<PathBuf> {
+fn plaintext_name(
+    dir: BorrowedFd<'_>,
+    name: &OsStr,
+    id: &DirId,
+    keys: &VolumeKeys,
+) -> Option<PathBuf> {
     let encoded = match names::classify(name) {
         EntryKind::Long => {
-            let full = sys::read_bounded(&dir.join(names::side_file_of(name)), 4096).ok()?;
+            let full = sys::read_small(dir, &names::side_file_of(name), 4096).ok()?;
             names::long_name_matches(name, &full).then_some(full)?
         }
         _ => name.as_bytes().to_vec(),

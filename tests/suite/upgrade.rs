@@ -810,3 +810,65 @@ fn files_whose_size_is_a_multiple_of_16_change_only_their_version_byte() {
         assert_eq!(diff, vec![4], "{rel}: only the version byte changes");
     }
 }
+
+/// `cmkfs upgrade` used to walk the backing tree, then open each file by its full path: a
+/// directory swapped for a symlink in between led it into the symlink's target (here a
+/// writer's copy of the directory outside the volume, which it converted). Files are now
+/// reached one name at a time from the root's descriptor, following no symlink.
+#[test]
+fn a_directory_swapped_for_a_symlink_mid_upgrade_leads_it_nowhere() {
+    let env = Env::new();
+    let fx = v1_fixture::copy(&env.root);
+    let (_, dek, keys) = fixture_keys(&fx);
+    let root = fx.cipher.clone();
+    let sub = mkdir_backing(&root, &keys, "swapped");
+    // 5003 bytes: a short last unit, converted under the journal.
+    let mut plain = vec![7u8; 5003];
+    write_v1_file(&sub, &keys, "f", &mut plain, false);
+    // A writer's copy of that directory outside the volume: valid v1 files of this volume.
+    let outside = env.dir("outside");
+    let st = Command::new("cp")
+        .arg("-a")
+        .arg(&sub)
+        .arg(outside.join("copy"))
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let before = snapshot(&outside);
+
+    // Once the walk has found every file: the directory becomes a symlink to the copy.
+    let moved = env.root.join("moved-away");
+    let mut swapped = false;
+    let mut swap = |p: &upgrade::Progress| {
+        if !swapped && p.done == 0 {
+            fs::rename(&sub, &moved).unwrap();
+            std::os::unix::fs::symlink(outside.join("copy"), &sub).unwrap();
+            swapped = true;
+        }
+    };
+    let lock = VolumeLock::exclusive(&root).unwrap();
+    let r = upgrade::run(
+        &root,
+        &lock,
+        &dek,
+        &keys,
+        &mut Hooks {
+            progress: Some(&mut swap),
+            fault: None,
+        },
+    );
+    drop(lock);
+    assert!(swapped);
+    let e = r.expect_err("a directory that became a symlink stops the upgrade");
+    println!("upgrade over the swapped directory: {e}");
+    assert_same_snapshot("outside the volume", &before, &snapshot(&outside));
+
+    // Put back, the upgrade completes and every file reads as it was.
+    fs::remove_file(&sub).unwrap();
+    fs::rename(&moved, &sub).unwrap();
+    run_upgrade(&root, &dek, &keys, None).unwrap();
+    assert_finished(&root);
+    check_files_in_process(&root, &keys, &fx).unwrap();
+    let f = backing_path(&root, &keys, "swapped/f");
+    assert_eq!(read_v2(&f, &keys, 4096).unwrap(), plain);
+}
