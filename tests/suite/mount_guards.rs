@@ -192,6 +192,14 @@ fn another_user_holding_a_flock_on_the_backing_directory_blocks_no_mount() {
     let stop_path = env.root.join("stop");
     let stop = CString::new(stop_path.as_os_str().as_bytes()).unwrap();
     const NOBODY: u32 = 65534;
+    // Ends the other user's child on every exit of this test, a failed assertion included.
+    struct Stop(std::path::PathBuf);
+    impl Drop for Stop {
+        fn drop(&mut self) {
+            let _ = fs::write(&self.0, b"");
+        }
+    }
+    let stop_guard = Stop(stop_path.clone());
 
     // nobody takes an exclusive flock on the backing directory and keeps it.
     let holder = std::thread::spawn(move || {
@@ -236,6 +244,6 @@ fn another_user_holding_a_flock_on_the_backing_directory_blocks_no_mount() {
     assert_eq!(opened, libc::EACCES, "the lock file opened for another user");
     m.unmount();
 
-    fs::write(&stop_path, b"").unwrap();
+    drop(stop_guard);
     assert_eq!(holder.join().unwrap(), 0, "the other user's flock child failed");
 }

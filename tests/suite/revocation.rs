@@ -524,19 +524,19 @@ fn disabling_a_key_cuts_off_volumes_wrapped_by_an_older_version() {
     };
 
     for (off, on) in [
-        (&["disable"][..], &["enable"][..]),
         (&["update", "--disable"][..], &["update", "--enable"][..]),
+        (&["disable"][..], &["enable"][..]),
     ] {
         let mut a = vec!["vault", "key", off[0], "default"];
         a.extend_from_slice(&off[1..]);
         let out = env.cmkfs(&a);
         out.assert_ok();
+        assert_eq!(versions(&env), [false, false], "{off:?} disables every version");
         assert_eq!(
             out.stdout.lines().filter(|l| l.starts_with("disabled ")).count(),
             2,
             "{off:?} says which versions it disabled: {out}"
         );
-        assert_eq!(versions(&env), [false, false]);
         let st = wait_state(&env, &env.mnt, "Inaccessible");
         assert_eq!(st["reason"], "key disabled");
         let err = fs::read(m.path("f")).expect_err("read after cut-off");
