@@ -1574,12 +1574,19 @@ fn set_enabled(
         match v.update_key(name, Some(&k.version), &upd) {
             Ok(info) => changed.push(info),
             Err(e) => {
-                let done: Vec<&str> = changed.iter().map(|k: &KeyInfo| k.version.as_str()).collect();
+                let done: Vec<&str> = changed
+                    .iter()
+                    .map(|k: &KeyInfo| k.version.as_str())
+                    .collect();
                 return Err(anyhow::Error::new(e).context(format!(
                     "{} version {} of key {name} (changed before the error: {})",
                     if enabled { "enabling" } else { "disabling" },
                     k.version,
-                    if done.is_empty() { "none".to_string() } else { done.join(", ") }
+                    if done.is_empty() {
+                        "none".to_string()
+                    } else {
+                        done.join(", ")
+                    }
                 )));
             }
         }

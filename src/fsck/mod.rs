@@ -650,7 +650,8 @@ mod tests {
             if level <= MAX_DEPTH + 1 {
                 // Ids where the walk goes: the only finding is the depth.
                 // (Not sys::write_new: a thousand fsyncs would make this slow.)
-                let mut f = sys::create_regular(next.as_fd(), OsStr::new(DIRID_FILE), 0o444).unwrap();
+                let mut f =
+                    sys::create_regular(next.as_fd(), OsStr::new(DIRID_FILE), 0o444).unwrap();
                 io::Write::write_all(&mut f, &[2u8; 16]).unwrap();
             }
             fd = next;

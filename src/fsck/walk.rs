@@ -235,39 +235,39 @@ impl Checker {
         if ft.is_dir() && self.replaced_leftover(path, side.as_deref(), plain_dir) {
             return;
         }
-        let object_problem: Option<(ProblemKind, String)> = if ft.is_dir() && self.depth >= MAX_DEPTH
-        {
-            // Recursing further would only risk the stack: report where the check stops.
-            self.walk_complete = false;
-            self.problem(
-                ProblemKind::TooDeep,
-                path,
-                plaintext.clone(),
-                plain_dir,
-                format!(
+        let object_problem: Option<(ProblemKind, String)> =
+            if ft.is_dir() && self.depth >= MAX_DEPTH {
+                // Recursing further would only risk the stack: report where the check stops.
+                self.walk_complete = false;
+                self.problem(
+                    ProblemKind::TooDeep,
+                    path,
+                    plaintext.clone(),
+                    plain_dir,
+                    format!(
                     "directories nest more than {MAX_DEPTH} levels deep here: not checked below \
                      (a tree this deep is usually a directory a writer of the backing store \
                      copied into itself)"
                 ),
-                Fix::None,
-                None,
-            );
-            None
-        } else if ft.is_dir() {
-            self.check_dir(path, plaintext.as_deref())
-        } else if ft.is_file() {
-            self.report.counts.files += 1;
-            check_file(&self.io(path), meta.len()).or_else(|| {
-                self.check_file_format(path, meta.len(), plaintext.as_deref(), plain_dir)
-            })
-        } else if ft.is_symlink() {
-            self.report.counts.symlinks += 1;
-            self.check_symlink(path)
-        } else {
-            // FIFOs, sockets, device nodes: they hold no data.
-            self.report.counts.special += 1;
-            None
-        };
+                    Fix::None,
+                    None,
+                );
+                None
+            } else if ft.is_dir() {
+                self.check_dir(path, plaintext.as_deref())
+            } else if ft.is_file() {
+                self.report.counts.files += 1;
+                check_file(&self.io(path), meta.len()).or_else(|| {
+                    self.check_file_format(path, meta.len(), plaintext.as_deref(), plain_dir)
+                })
+            } else if ft.is_symlink() {
+                self.report.counts.symlinks += 1;
+                self.check_symlink(path)
+            } else {
+                // FIFOs, sockets, device nodes: they hold no data.
+                self.report.counts.special += 1;
+                None
+            };
 
         self.check_xattrs(path, plaintext.as_deref(), plain_dir);
 

@@ -175,9 +175,8 @@ fn open_lock_file(dir: &Path) -> Result<File, LockError> {
             }
             // A read-only store: an existing lock file is locked read-only.
             Err(e) if e.raw_os_error() == Some(libc::EROFS) => {
-                break sys::open_regular(root.as_fd(), name, Access::Read, None).map_err(
-                    |e| untrusted_or_io(dir, &path, e),
-                )?
+                break sys::open_regular(root.as_fd(), name, Access::Read, None)
+                    .map_err(|e| untrusted_or_io(dir, &path, e))?
             }
             Err(e) => return Err(untrusted_or_io(dir, &path, e)),
         }
@@ -233,12 +232,12 @@ fn holders(f: &File) -> String {
     }
     let named: Vec<String> = pids
         .iter()
-        .map(|pid| {
-            match std::fs::read_to_string(format!("/proc/{pid}/comm")) {
+        .map(
+            |pid| match std::fs::read_to_string(format!("/proc/{pid}/comm")) {
                 Ok(c) => format!("{pid} `{}`", c.trim_end()),
                 Err(_) => pid.to_string(),
-            }
-        })
+            },
+        )
         .collect();
     format!(
         " (held by PID{} {})",

@@ -233,7 +233,10 @@ fn another_user_holding_a_flock_on_the_backing_directory_blocks_no_mount() {
 
     let m = env.mount(&env.cipher, &env.mnt);
     write(&m.path("f"), b"mounted despite the other user's flock");
-    assert_eq!(read(&m.path("f")), b"mounted despite the other user's flock");
+    assert_eq!(
+        read(&m.path("f")),
+        b"mounted despite the other user's flock"
+    );
     // The lock file is the owner's alone: the other user cannot open it (to flock it).
     let md = fs::symlink_metadata(env.cipher.join("cmkfs.lock")).unwrap();
     assert_eq!((md.mode() & 0o777, md.uid()), (0o600, 0));
@@ -241,9 +244,17 @@ fn another_user_holding_a_flock_on_the_backing_directory_blocks_no_mount() {
         // SAFETY: a raw system call on a C string prepared before the fork.
         sys::rc(unsafe { libc::open(lock_file.as_ptr(), libc::O_RDONLY) })
     });
-    assert_eq!(opened, libc::EACCES, "the lock file opened for another user");
+    assert_eq!(
+        opened,
+        libc::EACCES,
+        "the lock file opened for another user"
+    );
     m.unmount();
 
     drop(stop_guard);
-    assert_eq!(holder.join().unwrap(), 0, "the other user's flock child failed");
+    assert_eq!(
+        holder.join().unwrap(),
+        0,
+        "the other user's flock child failed"
+    );
 }

@@ -531,9 +531,16 @@ fn disabling_a_key_cuts_off_volumes_wrapped_by_an_older_version() {
         a.extend_from_slice(&off[1..]);
         let out = env.cmkfs(&a);
         out.assert_ok();
-        assert_eq!(versions(&env), [false, false], "{off:?} disables every version");
         assert_eq!(
-            out.stdout.lines().filter(|l| l.starts_with("disabled ")).count(),
+            versions(&env),
+            [false, false],
+            "{off:?} disables every version"
+        );
+        assert_eq!(
+            out.stdout
+                .lines()
+                .filter(|l| l.starts_with("disabled "))
+                .count(),
             2,
             "{off:?} says which versions it disabled: {out}"
         );
@@ -547,7 +554,10 @@ fn disabling_a_key_cuts_off_volumes_wrapped_by_an_older_version() {
         let out = env.cmkfs(&a);
         out.assert_ok();
         assert_eq!(
-            out.stdout.lines().filter(|l| l.starts_with("enabled ")).count(),
+            out.stdout
+                .lines()
+                .filter(|l| l.starts_with("enabled "))
+                .count(),
             2,
             "{on:?}: {out}"
         );
@@ -562,7 +572,15 @@ fn disabling_a_key_cuts_off_volumes_wrapped_by_an_older_version() {
         let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
         v["version"].as_str().unwrap().to_string()
     };
-    let out = env.cmkfs(&["vault", "key", "disable", "default", "--version", &newest, "--json"]);
+    let out = env.cmkfs(&[
+        "vault",
+        "key",
+        "disable",
+        "default",
+        "--version",
+        &newest,
+        "--json",
+    ]);
     out.assert_ok();
     let changed: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
     assert_eq!(changed.as_array().unwrap().len(), 1);
