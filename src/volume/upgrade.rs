@@ -723,9 +723,19 @@ fn find_files(
     let mut out = Vec::new();
     let mut seen: HashSet<(u64, u64)> = HashSet::new();
     let top = Rc::new(sys::open_dir_beneath(root_fd, Path::new("")).map_err(io_at(root))?);
-    let mut stack: Vec<(Rc<OwnedFd>, Option<OsString>, PathBuf, Option<PathBuf>)> =
-        vec![(top, None, PathBuf::new(), Some("/".into()))];
-    while let Some((parent, name, rel, plain_dir)) = stack.pop() {
+    let mut stack = vec![PendingDir {
+        parent: top,
+        name: None,
+        rel: PathBuf::new(),
+        plain: Some("/".into()),
+    }];
+    while let Some(PendingDir {
+        parent,
+        name,
+        rel,
+        plain: plain_dir,
+    }) = stack.pop()
+    {
         let abs = root.join(&rel);
         let dir = match &name {
             None => parent,
@@ -753,7 +763,12 @@ fn find_files(
                 _ => None,
             };
             if fmt == libc::S_IFDIR {
-                stack.push((dir.clone(), Some(name.clone()), rel.join(&name), plain));
+                stack.push(PendingDir {
+                    parent: dir.clone(),
+                    name: Some(name.clone()),
+                    rel: rel.join(&name),
+                    plain,
+                });
             } else if fmt == libc::S_IFREG
                 && kind != EntryKind::Hidden
                 && seen.insert((st.st_dev, st.st_ino))
@@ -767,6 +782,15 @@ fn find_files(
         }
     }
     Ok(out)
+}
+
+/// A directory [`find_files`] has yet to list: entry `name` of `parent` (the root itself when
+/// `None`), at `rel` below the root, with its plaintext path when known.
+struct PendingDir {
+    parent: Rc<OwnedFd>,
+    name: Option<OsString>,
+    rel: PathBuf,
+    plain: Option<PathBuf>,
 }
 
 fn plaintext_name(
