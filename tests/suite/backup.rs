@@ -317,7 +317,8 @@ fn backing(cipher: &Path) -> BTreeMap<String, String> {
     let mut out = BTreeMap::new();
     for p in walk(cipher) {
         let rel = p.strip_prefix(cipher).unwrap().display().to_string();
-        if rel == HEADER_NAME {
+        // The header and the volume lock are each volume's own (neither is backed up).
+        if rel == HEADER_NAME || rel == "cmkfs.lock" {
             continue;
         }
         let md = fs::symlink_metadata(&p).unwrap();
