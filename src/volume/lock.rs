@@ -159,8 +159,15 @@ fn open_lock_file(dir: &Path) -> Result<File, LockError> {
         match sys::open_regular(root.as_fd(), name, Access::ReadWrite, None) {
             Ok(f) => break f,
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                let dir_before = sys::fstat(root.as_fd()).map_err(io_err)?;
                 match sys::create_regular(root.as_fd(), name, 0o600) {
                     Ok(f) => {
+                        // The backing root's mtime is the plaintext root's: a hidden lock file
+                        // appearing (the first lock of a volume) must not show as a change.
+                        let mtime = (dir_before.st_mtime as i64, dir_before.st_mtime_nsec as u32);
+                        if let Err(e) = sys::utimens_fd(root.as_fd(), &[None, Some(Some(mtime))]) {
+                            tracing::debug!(error = %e, "could not keep the backing root's mtime");
+                        }
                         let st = sys::fstat(f.as_fd()).map_err(io_err)?;
                         break (f, st);
                     }
@@ -314,7 +321,18 @@ mod tests {
     fn the_lock_file_is_private_and_never_a_planted_one() {
         use std::os::unix::fs::{MetadataExt, PermissionsExt};
         let d = tempfile::tempdir().unwrap();
+        let old = std::time::UNIX_EPOCH + Duration::from_secs(1_000_000_000);
+        std::fs::File::open(d.path())
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
         let lock = VolumeLock::exclusive(d.path()).unwrap();
+        // Creating the (hidden) lock file does not change the root's mtime, which the
+        // plaintext view shows.
+        assert_eq!(
+            std::fs::metadata(d.path()).unwrap().modified().unwrap(),
+            old
+        );
         let md = std::fs::symlink_metadata(d.path().join(LOCK_FILE)).unwrap();
         assert!(md.is_file());
         assert_eq!(md.mode() & 0o777, 0o600);
