@@ -1,16 +1,21 @@
 //! `cmkfs restore`: verify first, write nothing that is not verified, rename at the end.
 //!
-//! 1. The target must be absent or an empty directory, the Disk Encryption Set usable.
-//! 2. The key envelope (first member) is unwrapped through the backup key's vault with the
-//!    caller's rights: a disabled, deleted or forbidden key refuses the restore here, with
-//!    the vault's reason, before anything is written.
-//! 3. Members are extracted into `.<target>.cmkfs-restore.<random>` beside the target
-//!    (nothing followed: every entry is created relative to its parent's descriptor, names
-//!    are single components, a hard link only repeats an earlier file), each one's digest
-//!    computed as it streams.
-//! 4. The manifest must verify (MAC under the DEK) and list exactly those digests, and the
-//!    archive must end there. Any failure removes the temp directory.
-//! 5. Directory metadata, then the header (the DEK wrapped by the set's key); with
+//! 1. The target must be absent or an empty directory, the Disk Encryption Set usable; temp
+//!    directories of killed restores into the target are removed (a running one refuses).
+//! 2. For every archive of the chain (a full archive, then its incremental archives, oldest
+//!    first): the seals are read ([`super::chain`]), the key envelope is unwrapped through
+//!    the backup key's vault with the caller's rights (a disabled, deleted or forbidden key
+//!    refuses here, with the vault's reason), the manifest MAC verified under the DEK; then
+//!    the chain is checked (each incremental names its base by the SHA-256 of its
+//!    manifest). All this before anything is written.
+//! 3. Each archive is applied into a fresh `.<target>.cmkfs-restore.<random>` beside the
+//!    target (held under the volume lock while in use), in manifest order: stored members
+//!    are extracted (nothing followed: every entry is created relative to its parent's
+//!    descriptor, names are single components, a hard link only repeats an earlier file),
+//!    references to the previous state take its files over (moved, not copied), and each
+//!    entry's digest must equal the manifest's as soon as it is made. The previous temp
+//!    directory then goes. Any failure removes every temp directory.
+//! 4. Directory metadata, then the header (the DEK wrapped by the set's key); with
 //!    `--new-dek` the tree is re-encrypted under a fresh DEK (the offline re-encryption);
 //!    then, under the set's lock, the volume is listed in the set and renamed into place.
 
@@ -26,10 +31,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use serde::Serialize;
-use sha2::Digest;
 
-use super::archive::{self, Parsed, KEY_MEMBER, MAC_MEMBER, MANIFEST_MEMBER};
-use super::manifest::{self, Entry, KeyEnvelope, Kind, Manifest, Member, Totals};
+use super::archive::{self, Parsed, KEY_MEMBER, MANIFEST_MEMBER};
+use super::chain::{check_chain, read_sealed, read_small, Link};
+use super::manifest::{self, Kind, Manifest, Member, Totals};
 use super::{BackupError, Progress};
 use crate::crypto::Dek;
 use crate::des::{self, DesStore, DiskEncryptionSet};
@@ -37,6 +42,7 @@ use crate::home::Home;
 use crate::keyring::KeyringConfig;
 use crate::vault::{KeyId, Vault};
 use crate::volume::header::{PlatformEnvelope, VolumeHeader};
+use crate::volume::lock::VolumeLock;
 use crate::volume::reencrypt::{Hooks, Report, Session};
 use crate::volume::sys::{self, XTarget};
 use crate::volume::Volume;
@@ -48,8 +54,9 @@ pub type OpenVault<'a> = &'a dyn Fn(&KeyId) -> Result<Box<dyn Vault>, BackupErro
 pub struct RestoreRequest<'a> {
     /// The cmkfs home (Disk Encryption Sets, platform key).
     pub home: &'a Home,
-    /// The archive.
-    pub archive: &'a Path,
+    /// The archives: a full backup, then its incremental archives in the order they were
+    /// taken (the last one is the state restored).
+    pub archives: &'a [PathBuf],
     /// The backing directory to create (absent, or an empty directory).
     pub target: &'a Path,
     /// The Disk Encryption Set the restored volume belongs to.
@@ -75,9 +82,11 @@ pub struct RestoreReport {
     pub backup_key_id: String,
     /// When the backup was taken (Unix seconds) and whether writes were frozen for it.
     pub backup_created: u64,
-    /// See [`Manifest::point_in_time`].
+    /// See [`Manifest::point_in_time`] (of every archive of the chain).
     pub backup_point_in_time: bool,
-    /// Members restored.
+    /// The archives restored, oldest first.
+    pub archives: Vec<PathBuf>,
+    /// Entries restored.
     pub members: u64,
     /// What they are.
     pub totals: Totals,
@@ -85,8 +94,10 @@ pub struct RestoreReport {
     pub owners_skipped: u64,
     /// The re-encryption under a new DEK, with `--new-dek`.
     pub new_dek: Option<Report>,
-    /// Size of the archive.
+    /// Size of the archives.
     pub archive_bytes: u64,
+    /// Temp directories of killed restores into the target, removed first.
+    pub cleaned_up: Vec<PathBuf>,
     /// Time taken.
     pub seconds: f64,
 }
@@ -121,6 +132,16 @@ fn split(path: &str) -> (&str, &OsStr) {
 }
 
 impl Tree {
+    fn new(dir: &Path) -> Result<Tree, BackupError> {
+        Ok(Tree {
+            root: sys::open_root(dir).map_err(|e| BackupError::io("", e))?,
+            last: None,
+            // SAFETY: geteuid has no preconditions.
+            root_user: unsafe { libc::geteuid() } == 0,
+            owners_skipped: 0,
+        })
+    }
+
     /// Opens directory `rel` below the root one component at a time (no symlink followed).
     fn open(&self, rel: &str) -> Result<OwnedFd, BackupError> {
         let mut fd = self.root.try_clone().map_err(|e| BackupError::io(rel, e))?;
@@ -174,21 +195,22 @@ fn ids(m: &Member) -> (Option<u32>, Option<u32>) {
 }
 
 /// Creates one member in the temp tree, reading a file's extents from `data`; returns its
-/// digest.
+/// digest and data digest ([`manifest::Digester`] of layout `version`).
 fn extract(
     tree: &mut Tree,
     m: &Member,
     data: &mut dyn Read,
     files: &mut HashSet<String>,
     dirs: &mut Vec<Member>,
-) -> Result<String, BackupError> {
-    let mut hash = m.digest_start();
+    version: u32,
+) -> Result<(String, Option<String>), BackupError> {
+    let mut hash = manifest::Digester::new(m, version);
     if m.path.is_empty() {
         if m.kind != Kind::Dir || !dirs.is_empty() {
             return Err(BackupError::Corrupt("the root member is misplaced".into()));
         }
         dirs.push(m.clone());
-        return Ok(hex::encode(hash.finalize()));
+        return Ok(hash.finish());
     }
     if dirs.is_empty() {
         return Err(BackupError::Corrupt("the root member is missing".into()));
@@ -268,7 +290,7 @@ fn extract(
             files.insert(m.path.clone());
         }
     }
-    Ok(hex::encode(hash.finalize()))
+    Ok(hash.finish())
 }
 
 /// Directories get their xattrs, owner, mode and times last, deepest first (creating their
@@ -284,19 +306,6 @@ fn finish_dirs(tree: &mut Tree, dirs: &[Member]) -> Result<(), BackupError> {
         sys::utimens_fd(fd.as_fd(), &times(m)).map_err(|e| BackupError::io(&m.path, e))?;
     }
     Ok(())
-}
-
-fn read_small<R: Read>(
-    e: &mut tar::Entry<'_, R>,
-    max: u64,
-    what: &str,
-) -> Result<Vec<u8>, BackupError> {
-    if e.size() > max {
-        return Err(BackupError::Corrupt(format!("the {what} is too large")));
-    }
-    let mut v = Vec::with_capacity(e.size() as usize);
-    e.read_to_end(&mut v).map_err(BackupError::Read)?;
-    Ok(v)
 }
 
 /// Checks the target: absent, or an empty directory.
@@ -325,7 +334,8 @@ fn check_target(target: &Path) -> Result<(), BackupError> {
     }
 }
 
-/// Restores an archive (module docs).
+/// Restores an archive, or a chain of a full archive and its incremental archives (module
+/// docs).
 pub fn restore(
     req: &RestoreRequest<'_>,
     mut progress: Option<&mut dyn FnMut(&Progress)>,
@@ -334,6 +344,15 @@ pub fn restore(
     let target = std::path::absolute(req.target)
         .map_err(|e| BackupError::io(&req.target.display().to_string(), e))?;
     check_target(&target)?;
+    let tname = target
+        .file_name()
+        .ok_or_else(|| {
+            BackupError::Refused(format!("{} is not a directory name", target.display()))
+        })?
+        .to_string_lossy()
+        .into_owned();
+    let parent = target.parent().unwrap_or(Path::new("/")).to_path_buf();
+    let cleaned_up = clean_leftovers(&target)?;
     let store = DesStore::new(req.home);
     let des_rec = store.load(req.des)?;
     // The set's key must be usable before anything is unpacked.
@@ -341,167 +360,99 @@ pub fn restore(
     let dkid = des_rec.active_key_id()?;
     des_vault.get_key(&dkid.name, Some(&dkid.version))?;
 
-    let file = File::open(req.archive)
-        .map_err(|e| BackupError::io(&req.archive.display().to_string(), e))?;
-    let archive_bytes = file.metadata().map(|m| m.len()).unwrap_or(0);
-    let count = Arc::new(AtomicU64::new(0));
-    let mut ar = tar::Archive::new(Counting {
-        inner: BufReader::with_capacity(1 << 20, file),
-        n: count.clone(),
-    });
-    let mut entries = ar.entries().map_err(BackupError::Read)?.raw(true);
-
-    // 2. The key envelope, and the caller's right to unwrap it.
-    let (mut first, p) = archive::next(&mut entries)?
-        .ok_or_else(|| BackupError::Corrupt("the archive is empty".into()))?;
-    match p {
-        Parsed::Own(n) if n == KEY_MEMBER => {}
-        _ => {
-            return Err(BackupError::Corrupt(
-                "the archive does not start with its key envelope (not a cmkfs backup?)".into(),
-            ))
+    // 1. Every archive's seals, key and MAC, and the chain, before anything is written.
+    let mut links: Vec<Link> = Vec::with_capacity(req.archives.len());
+    for path in req.archives {
+        let sealed = read_sealed(path).map_err(|e| in_archive(path, req.archives.len(), e))?;
+        let kid = sealed.envelope.kid()?;
+        let vault = (req.open_vault)(&kid)?;
+        let (dek, inner) = sealed.envelope.unwrap(vault.as_ref())?;
+        drop(vault);
+        if inner.is_some() != des_rec.encryption_type.is_double() {
+            return Err(BackupError::Refused(format!(
+                "the archive holds a {} volume, but Disk Encryption Set {} is {}: choose a set \
+                 of the same encryption type",
+                if inner.is_some() {
+                    "double-encrypted"
+                } else {
+                    "single-encryption"
+                },
+                des_rec.name,
+                des_rec.encryption_type.as_str()
+            )));
         }
+        let manifest = sealed
+            .open(&dek, inner.is_some())
+            .map_err(|e| in_archive(path, req.archives.len(), e))?;
+        links.push(Link {
+            sealed,
+            manifest,
+            dek,
+            inner,
+        });
     }
-    let env_bytes = read_small(&mut first, manifest::MAX_SMALL, "key envelope")?;
-    drop(first);
-    let envelope = KeyEnvelope::parse(&env_bytes)?;
-    let bkid = envelope.kid()?;
-    let bvault = (req.open_vault)(&bkid)?;
-    let (dek, inner) = envelope.unwrap(bvault.as_ref())?;
-    drop(bvault);
-    if inner.is_some() != des_rec.encryption_type.is_double() {
-        return Err(BackupError::Refused(format!(
-            "the archive holds a {} volume, but Disk Encryption Set {} is {}: choose a set of \
-             the same encryption type",
-            if inner.is_some() {
-                "double-encrypted"
-            } else {
-                "single-encryption"
-            },
-            des_rec.name,
-            des_rec.encryption_type.as_str()
-        )));
-    }
+    check_chain(&links)?;
+    let archive_bytes: u64 = links.iter().map(|l| l.sealed.size).sum();
 
-    // 3. Extract into a temp directory beside the target.
-    let parent = target.parent().unwrap_or(Path::new("/"));
-    let tname = target.file_name().ok_or_else(|| {
-        BackupError::Refused(format!("{} is not a directory name", target.display()))
-    })?;
-    let tmp = parent.join(format!(
-        ".{}.cmkfs-restore.{}",
-        tname.to_string_lossy(),
-        super::random_hex()
-    ));
-    std::fs::DirBuilder::new()
-        .mode(0o700)
-        .create(&tmp)
-        .map_err(|e| BackupError::io(&tmp.display().to_string(), e))?;
+    // 2. Each archive applied in turn into a temp directory of its own beside the target.
+    let mut temps: Vec<PathBuf> = Vec::new();
     let result = (|| {
-        let root = sys::open_root(&tmp).map_err(|e| BackupError::io("", e))?;
-        let mut tree = Tree {
-            root,
-            last: None,
-            // SAFETY: geteuid has no preconditions.
-            root_user: unsafe { libc::geteuid() } == 0,
-            owners_skipped: 0,
-        };
-        let mut got: Vec<Entry> = Vec::new();
-        let mut files = HashSet::new();
-        let mut dirs: Vec<Member> = Vec::new();
         let mut prog = Progress {
             bytes_total: archive_bytes,
             ..Progress::default()
         };
-        let manifest_bytes = loop {
-            let (mut e, p) = archive::next(&mut entries)?.ok_or_else(|| {
-                BackupError::Corrupt("the archive ends before its manifest".into())
-            })?;
-            match p {
-                Parsed::Member(m) => {
-                    let d = extract(&mut tree, &m, &mut e, &mut files, &mut dirs)?;
-                    got.push(Entry {
-                        path: m.path.clone(),
-                        sha256: d,
-                    });
-                    prog.members_done += 1;
-                    prog.bytes_done = count.load(Ordering::Relaxed);
+        let mut prev: Option<(Tree, State, VolumeLock)> = None;
+        let mut dirs = Vec::new();
+        for (i, link) in links.iter().enumerate() {
+            let tmp = parent.join(super::leftovers::temp_name(&tname));
+            std::fs::DirBuilder::new()
+                .mode(0o700)
+                .create(&tmp)
+                .map_err(|e| BackupError::io(&tmp.display().to_string(), e))?;
+            temps.push(tmp.clone());
+            // Held while the restore works in it: a later restore or fsck tells a running
+            // restore from a killed one by it.
+            let lock = VolumeLock::exclusive(&tmp).map_err(|e| BackupError::Refused(e.to_string()))?;
+            let mut tree = Tree::new(&tmp)?;
+            let done_before = prog.bytes_done;
+            let (state, d) = apply(
+                &mut tree,
+                prev.as_ref().map(|(t, s, _)| (t, s)),
+                link,
+                &mut |bytes, members| {
+                    prog.bytes_done = done_before + bytes;
+                    prog.members_done = members;
                     if let Some(p) = progress.as_mut() {
                         p(&prog);
                     }
-                }
-                Parsed::Own(n) if n == MANIFEST_MEMBER => {
-                    break read_small(&mut e, manifest::MAX_MANIFEST, "manifest")?
-                }
-                Parsed::Own(n) => {
-                    return Err(BackupError::Corrupt(format!("unexpected member {n:?}")))
-                }
+                },
+            )
+            .map_err(|e| in_archive(&link.sealed.path, links.len(), e))?;
+            prog.bytes_done = done_before + link.sealed.size;
+            dirs = d;
+            if let Some((_, _, old_lock)) = prev.take() {
+                let old = &temps[i - 1];
+                std::fs::remove_dir_all(old)
+                    .map_err(|e| BackupError::io(&old.display().to_string(), e))?;
+                drop(old_lock);
             }
+            prev = Some((tree, state, lock));
+        }
+        let Some((mut tree, state, lock)) = prev else {
+            return Err(BackupError::Internal("no archive applied".into()));
         };
-        let mac = {
-            let (mut e, p) = archive::next(&mut entries)?
-                .ok_or_else(|| BackupError::Corrupt("the manifest MAC is missing".into()))?;
-            match p {
-                Parsed::Own(n) if n == MAC_MEMBER => {
-                    read_small(&mut e, manifest::MAX_SMALL, "MAC")?
-                }
-                _ => return Err(BackupError::Corrupt("the manifest MAC is missing".into())),
-            }
-        };
-        if archive::next(&mut entries)?.is_some() {
-            return Err(BackupError::Corrupt(
-                "members follow the manifest MAC".into(),
-            ));
-        }
-        // 4. The manifest.
-        manifest::verify_mac(&dek, &manifest_bytes, &mac)?;
-        let man: Manifest = serde_json::from_slice(&manifest_bytes)
-            .map_err(|e| BackupError::Corrupt(format!("the manifest is invalid: {e}")))?;
-        if man.format != manifest::FORMAT || man.version != manifest::VERSION {
-            return Err(BackupError::Corrupt(
-                "the manifest's format is unknown".into(),
-            ));
-        }
-        if man.key_envelope_sha256 != manifest::sha256_hex(&env_bytes) {
-            return Err(BackupError::Corrupt("the key envelope was replaced".into()));
-        }
-        if man.source.volume_id != envelope.volume_id || man.source.double != inner.is_some() {
-            return Err(BackupError::Corrupt(
-                "the key envelope belongs to another volume".into(),
-            ));
-        }
-        if man.source.format_version != crate::volume::header::FORMAT_VERSION {
-            return Err(BackupError::Refused(format!(
-                "the archive holds a volume of on-disk format {}; this cmkfs restores {}",
-                man.source.format_version,
-                crate::volume::header::FORMAT_VERSION
-            )));
-        }
-        if man.members != got {
-            let at = man
-                .members
-                .iter()
-                .zip(&got)
-                .position(|(a, b)| a != b)
-                .unwrap_or(man.members.len().min(got.len()));
-            let which = got
-                .get(at)
-                .or(man.members.get(at))
-                .map_or("(end)".to_string(), |e| e.path.clone());
-            return Err(BackupError::Corrupt(format!(
-                "member {which:?} does not match the manifest (its bytes or metadata changed, or \
-                 members were added or removed)"
-            )));
-        }
-        // 5. The header under the set's key (written before the directories' times are set,
+        let tmp = temps.last().cloned().unwrap_or_default();
+        let first = &links[0];
+        let last = &links[links.len() - 1];
+        // 3. The header under the set's key (written before the directories' times are set,
         // the root's included), the new DEK, the set's record, the rename.
         let header = header_for(
             req.home,
             &des_rec,
             des_vault.as_ref(),
-            &man,
-            &dek,
-            inner.as_ref(),
+            &last.manifest,
+            &first.dek,
+            first.inner.as_ref(),
         )?;
         header.write(&tmp)?;
         finish_dirs(&mut tree, &dirs)?;
@@ -515,19 +466,23 @@ pub fn restore(
         rustix::fs::syncfs(File::open(&tmp).map_err(|e| BackupError::io("", e))?)
             .map_err(|e| BackupError::io("", e.into()))?;
         let key_id = place(req.home, &store, req.des, &tmp, &target)?;
+        drop(lock);
+        temps.clear();
         Ok(RestoreReport {
             target: target.clone(),
-            volume_id: man.source.volume_id.clone(),
+            volume_id: last.manifest.source.volume_id.clone(),
             des: req.des.to_string(),
             key_id,
-            backup_key_id: envelope.key_id.clone(),
-            backup_created: man.created,
-            backup_point_in_time: man.point_in_time,
-            members: got.len() as u64,
-            totals: man.totals.clone(),
+            backup_key_id: last.sealed.envelope.key_id.clone(),
+            backup_created: last.manifest.created,
+            backup_point_in_time: links.iter().all(|l| l.manifest.point_in_time),
+            archives: links.iter().map(|l| l.sealed.path.clone()).collect(),
+            members: state.entries.len() as u64,
+            totals: last.manifest.totals.clone(),
             owners_skipped,
             new_dek,
             archive_bytes,
+            cleaned_up: cleaned_up.clone(),
             seconds: 0.0,
         })
     })();
@@ -537,10 +492,253 @@ pub fn restore(
             Ok(r)
         }
         Err(e) => {
-            let _ = std::fs::remove_dir_all(&tmp);
+            for t in &temps {
+                let _ = super::leftovers::remove(t);
+            }
             Err(e)
         }
     }
+}
+
+/// Names the archive an error is about when a chain has several.
+fn in_archive(path: &Path, n: usize, e: BackupError) -> BackupError {
+    if n < 2 {
+        return e;
+    }
+    let name = path.file_name().unwrap_or(path.as_os_str()).to_string_lossy();
+    match e {
+        BackupError::Corrupt(m) => BackupError::Corrupt(format!("{name}: {m}")),
+        BackupError::Read(err) => BackupError::Corrupt(format!(
+            "{name}: reading failed ({err}): it is truncated or damaged"
+        )),
+        other => other,
+    }
+}
+
+/// Removes the temp directories of killed restores into `target`; refuses while another
+/// restore into it runs.
+fn clean_leftovers(target: &Path) -> Result<Vec<PathBuf>, BackupError> {
+    let shown = target.display().to_string();
+    let mut out = Vec::new();
+    for l in super::leftovers::find(target).map_err(|e| BackupError::io(&shown, e))? {
+        let removed = !l.running
+            && super::leftovers::remove(&l.path)
+                .map_err(|e| BackupError::io(&l.path.display().to_string(), e))?;
+        if !removed {
+            return Err(BackupError::Refused(format!(
+                "another `cmkfs restore` into {shown} is running (it works in {}); wait for it \
+                 to finish",
+                l.path.display()
+            )));
+        }
+        out.push(l.path);
+    }
+    Ok(out)
+}
+
+/// The entries of a restored state: each one's record and digests, by path.
+#[derive(Default)]
+struct State {
+    entries: Vec<(Member, String, Option<String>)>,
+    by_path: HashMap<String, usize>,
+}
+
+impl State {
+    fn get(&self, path: &str) -> Option<&(Member, String, Option<String>)> {
+        self.by_path.get(path).map(|i| &self.entries[*i])
+    }
+}
+
+/// Applies one archive of a chain: its stored members are extracted, its references taken
+/// from the previous state (`prev`, whose files are moved over), in manifest order, each
+/// checked against the manifest as it is made. Returns the new state and its directories.
+fn apply(
+    tree: &mut Tree,
+    prev: Option<(&Tree, &State)>,
+    link: &Link,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<(State, Vec<Member>), BackupError> {
+    let man = &link.manifest;
+    let version = man.version;
+    let shown = link.sealed.path.display().to_string();
+    let file = File::open(&link.sealed.path).map_err(|e| BackupError::io(&shown, e))?;
+    let count = Arc::new(AtomicU64::new(0));
+    let mut ar = tar::Archive::new(Counting {
+        inner: BufReader::with_capacity(1 << 20, file),
+        n: count.clone(),
+    });
+    let mut entries = ar.entries().map_err(BackupError::Read)?.raw(true);
+    let corrupt = |m: String| BackupError::Corrupt(m);
+    // The archive read now must be the one whose seals were checked.
+    match archive::next(&mut entries)? {
+        Some((mut e, Parsed::Own(n))) if n == KEY_MEMBER => {
+            let b = read_small(&mut e, manifest::MAX_SMALL, "key envelope")?;
+            if manifest::sha256_hex(&b) != man.key_envelope_sha256 {
+                return Err(corrupt("the archive changed while it was restored".into()));
+            }
+        }
+        _ => return Err(corrupt("the archive changed while it was restored".into())),
+    }
+    let mut state = State::default();
+    let mut files = HashSet::new();
+    let mut dirs: Vec<Member> = Vec::new();
+    let mut moved: HashMap<String, String> = HashMap::new();
+    for want in &man.members {
+        let (m, digest, data) = match &want.from {
+            None => {
+                let (mut e, p) = archive::next(&mut entries)?.ok_or_else(|| {
+                    corrupt(format!("the archive ends before member {:?}", want.path))
+                })?;
+                let Parsed::Member(m) = p else {
+                    return Err(corrupt(format!(
+                        "member {:?} is missing from the archive",
+                        want.path
+                    )));
+                };
+                if m.path != want.path {
+                    return Err(corrupt(format!(
+                        "member {:?} is not the one the manifest lists next ({:?})",
+                        m.path, want.path
+                    )));
+                }
+                let (d, data) = extract(tree, &m, &mut e, &mut files, &mut dirs, version)?;
+                (*m, d, data)
+            }
+            Some(from) => {
+                let Some((ptree, pstate)) = prev else {
+                    return Err(corrupt(format!(
+                        "{:?} refers to a base, but there is none",
+                        want.path
+                    )));
+                };
+                let (pm, psha, pdata) = pstate.get(from).ok_or_else(|| {
+                    corrupt(format!(
+                        "{:?} refers to {from:?}, which its base does not hold",
+                        want.path
+                    ))
+                })?;
+                let m = match &want.record {
+                    Some(r) => (**r).clone(),
+                    None if *psha == want.sha256 => pm.clone(),
+                    None => {
+                        return Err(corrupt(format!(
+                            "{:?} is not the same as in its base",
+                            want.path
+                        )))
+                    }
+                };
+                let data = if m.kind == Kind::File {
+                    if pm.kind != Kind::File || pm.size != m.size || pm.extents != m.extents {
+                        return Err(corrupt(format!(
+                            "{:?} takes the data of {from:?}, which is not that data",
+                            want.path
+                        )));
+                    }
+                    pdata.clone()
+                } else {
+                    None
+                };
+                let d = manifest::Digester::with_data(&m, data.as_deref())?;
+                if d != want.sha256 || data != want.data_sha256 {
+                    return Err(corrupt(format!(
+                        "{:?} does not match the manifest",
+                        want.path
+                    )));
+                }
+                if m.kind == Kind::File {
+                    take_file(tree, ptree, from, &m, &mut moved)?;
+                    files.insert(m.path.clone());
+                } else {
+                    extract(tree, &m, &mut io::empty(), &mut files, &mut dirs, version)?;
+                }
+                (m, d, data)
+            }
+        };
+        if digest != want.sha256 || (want.data_sha256.is_some() && data != want.data_sha256) {
+            return Err(corrupt(format!(
+                "member {:?} does not match the manifest (its bytes or metadata changed)",
+                want.path
+            )));
+        }
+        state.by_path.insert(m.path.clone(), state.entries.len());
+        state.entries.push((m, digest, data));
+        progress(count.load(Ordering::Relaxed), state.entries.len() as u64);
+    }
+    match archive::next(&mut entries)? {
+        Some((mut e, Parsed::Own(n))) if n == MANIFEST_MEMBER => {
+            let b = read_small(&mut e, manifest::MAX_MANIFEST, "manifest")?;
+            if b != link.sealed.manifest_bytes {
+                return Err(corrupt("the archive changed while it was restored".into()));
+            }
+        }
+        Some((_, Parsed::Member(m))) => {
+            return Err(corrupt(format!(
+                "member {:?} is not in the manifest",
+                m.path
+            )))
+        }
+        _ => return Err(corrupt("the manifest is missing".into())),
+    }
+    Ok((state, dirs))
+}
+
+/// Moves the previous state's file `from` to `m.path` in the new tree (a second reference to
+/// the same file gets a copy) and gives it `m`'s metadata.
+fn take_file(
+    tree: &mut Tree,
+    ptree: &Tree,
+    from: &str,
+    m: &Member,
+    moved: &mut HashMap<String, String>,
+) -> Result<(), BackupError> {
+    let (np, nn) = split(&m.path);
+    if let Some(at) = moved.get(from).cloned() {
+        let (ap, an) = split(&at);
+        let src_dir = tree.open(ap)?;
+        let (src, _) = sys::open_regular(src_dir.as_fd(), an, sys::Access::Read, None)
+            .map_err(|e| BackupError::io(&at, e))?;
+        let p = tree.parent(np)?;
+        let dst = sys::create_regular(p, nn, 0o600).map_err(|e| BackupError::io(&m.path, e))?;
+        let mut buf = vec![0u8; 1 << 20];
+        for &(off, len) in &m.extents {
+            let mut done = 0u64;
+            while done < len {
+                let k = ((len - done) as usize).min(buf.len());
+                src.read_exact_at(&mut buf[..k], off + done)
+                    .map_err(|e| BackupError::io(&at, e))?;
+                dst.write_all_at(&buf[..k], off + done)
+                    .map_err(|e| BackupError::io(&m.path, e))?;
+                done += k as u64;
+            }
+        }
+        dst.set_len(m.size)
+            .map_err(|e| BackupError::io(&m.path, e))?;
+    } else {
+        let (pp, pn) = split(from);
+        let src_dir = ptree.open(pp)?;
+        let p = tree.parent(np)?;
+        sys::rename(src_dir.as_fd(), pn, p, nn, libc::RENAME_NOREPLACE)
+            .map_err(|e| BackupError::io(&m.path, e))?;
+        moved.insert(from.to_string(), m.path.clone());
+    }
+    let p = tree.parent(np)?;
+    let (f, _) = sys::open_regular(p, nn, sys::Access::Read, None)
+        .map_err(|e| BackupError::io(&m.path, e))?;
+    // The xattrs are exactly the record's: those of the base that it lacks go.
+    let t = XTarget::Fd(f.as_fd());
+    let have = sys::list_xattr(t).map_err(|e| BackupError::io(&m.path, e))?;
+    for n in have {
+        if !m.xattrs.iter().any(|(k, _)| OsStr::new(k) == n) {
+            sys::remove_xattr(t, &n).map_err(|e| BackupError::io(&m.path, e))?;
+        }
+    }
+    set_xattrs(t, m)?;
+    let (uid, gid) = ids(m);
+    let r = sys::chown_fd(f.as_fd(), uid, gid);
+    tree.chown(r, &m.path)?;
+    sys::chmod_fd(f.as_fd(), m.mode).map_err(|e| BackupError::io(&m.path, e))?;
+    sys::utimens_fd(f.as_fd(), &times(m)).map_err(|e| BackupError::io(&m.path, e))?;
+    Ok(())
 }
 
 /// The restored volume's header: the source's layout and key generation, the DEK wrapped by
@@ -605,9 +803,8 @@ fn reencrypt(
     header: &VolumeHeader,
 ) -> Result<Report, BackupError> {
     let times = times_by_inode(dir)?;
+    // The caller holds the volume lock on `dir` exclusive.
     let report = {
-        let _lock = crate::volume::lock::VolumeLock::exclusive(dir)
-            .map_err(|e| BackupError::Refused(e.to_string()))?;
         let v = des::open_vault(home, des_rec)?;
         let (kr, header, handle) =
             crate::unlock::unlock_with_handle(home, v, dir, header, KeyringConfig::default())?;
