@@ -74,8 +74,19 @@ impl BaseState {
         header: &VolumeHeader,
         deks: &Unwrapped,
     ) -> Result<BaseState, BackupError> {
-        let sealed = super::chain::read_sealed(path)?;
         let shown = path.display();
+        let unusable = |e: BackupError| match e {
+            BackupError::Corrupt(m) => BackupError::Refused(format!(
+                "{shown} is damaged or was changed ({m}): name another base, or take a full \
+                 backup"
+            )),
+            BackupError::Read(err) => BackupError::Refused(format!(
+                "{shown} cannot be read ({err}): it is truncated or damaged; name another \
+                 base, or take a full backup"
+            )),
+            other => other,
+        };
+        let sealed = super::chain::read_sealed(path).map_err(unusable)?;
         if sealed.envelope.volume_id != header.volume_id {
             return Err(BackupError::Refused(format!(
                 "{shown} is a backup of volume {}, not of this one ({}): name a previous \
@@ -89,7 +100,9 @@ impl BaseState {
                  take a full backup"
             )));
         }
-        let man = sealed.open(&deks.outer, deks.inner.is_some())?;
+        let man = sealed
+            .open(&deks.outer, deks.inner.is_some())
+            .map_err(unusable)?;
         if man.version < 2 {
             return Err(BackupError::Refused(format!(
                 "{shown} is an archive of version {} (an older cmkfs) without data digests: \

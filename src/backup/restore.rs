@@ -896,3 +896,7 @@ fn place(
     }
     Ok(header.key_id)
 }
+
+#[cfg(test)]
+#[path = "hostile_tests.rs"]
+mod hostile_tests;

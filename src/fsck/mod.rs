@@ -226,6 +226,9 @@ pub enum ProblemKind {
     /// A re-encryption under a new DEK is in progress or was interrupted (`cmkfs volume
     /// reencrypt` resumes it; the volume mounts meanwhile).
     ReencryptInProgress,
+    /// The temp directory of a `cmkfs restore` into this target that was killed (or, as a
+    /// warning, of one still running), beside the target.
+    RestoreLeftover,
 }
 
 /// How serious a finding is.
@@ -384,6 +387,9 @@ impl Report {
 
 /// Checks (and with [`Options::repair`], repairs) the volume in `dir`.
 pub fn run(dir: &Path, opts: &Options<'_>) -> Result<Report, FsckError> {
+    if let Some(r) = restore_temp::check_target(dir, opts.repair) {
+        return Ok(r);
+    }
     let root = fs::canonicalize(dir).map_err(|e| FsckError::io(dir, e))?;
     if !root.is_dir() {
         return Err(FsckError::io(&root, io::Error::other("not a directory")));
@@ -430,6 +436,9 @@ pub fn run(dir: &Path, opts: &Options<'_>) -> Result<Report, FsckError> {
     let _ = c.check_dir(&root, Some(Path::new("/")));
     c.check_long_targets();
     c.write_manifest();
+    c.report
+        .problems
+        .extend(restore_temp::beside(&root, opts.repair));
     c.report.finish();
     Ok(c.report)
 }
@@ -486,6 +495,7 @@ fn unescape_mountinfo(f: &[u8]) -> Vec<u8> {
 mod backing;
 mod checker;
 mod header;
+mod restore_temp;
 mod walk;
 mod xattrs;
 
