@@ -94,16 +94,27 @@ pub fn read_sealed(path: &Path) -> Result<Sealed, BackupError> {
             Parsed::Own(n) => return Err(corrupt(format!("unexpected member {n:?}"))),
         }
     };
-    let mac = {
+    let (mac, end) = {
         let (mut e, p) = archive::next(&mut entries)?
             .ok_or_else(|| corrupt("the manifest MAC is missing"))?;
         match p {
-            Parsed::Own(n) if n == MAC_MEMBER => read_small(&mut e, MAX_SMALL, "MAC")?,
+            Parsed::Own(n) if n == MAC_MEMBER => {
+                let end = e.raw_file_position() + e.size().div_ceil(512) * 512;
+                (read_small(&mut e, MAX_SMALL, "MAC")?, end)
+            }
             _ => return Err(corrupt("the manifest MAC is missing")),
         }
     };
     if archive::next(&mut entries)?.is_some() {
         return Err(corrupt("members follow the manifest MAC"));
+    }
+    // Reading seeks past data, so a cut in the last member's padding or in the end-of-archive
+    // blocks reads as an end: the size tells.
+    if size < end + 1024 {
+        return Err(BackupError::Read(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "the end-of-archive blocks are missing",
+        )));
     }
     Ok(Sealed {
         path: path.to_path_buf(),
