@@ -55,9 +55,10 @@ pub struct Sealed {
 impl Sealed {
     /// The archive's file name, for messages.
     pub fn name(&self) -> String {
-        self.path
-            .file_name()
-            .map_or_else(|| self.path.display().to_string(), |n| n.to_string_lossy().into())
+        self.path.file_name().map_or_else(
+            || self.path.display().to_string(),
+            |n| n.to_string_lossy().into(),
+        )
     }
 }
 
@@ -95,8 +96,8 @@ pub fn read_sealed(path: &Path) -> Result<Sealed, BackupError> {
         }
     };
     let (mac, end) = {
-        let (mut e, p) = archive::next(&mut entries)?
-            .ok_or_else(|| corrupt("the manifest MAC is missing"))?;
+        let (mut e, p) =
+            archive::next(&mut entries)?.ok_or_else(|| corrupt("the manifest MAC is missing"))?;
         match p {
             Parsed::Own(n) if n == MAC_MEMBER => {
                 let end = e.raw_file_position() + e.size().div_ceil(512) * 512;
@@ -153,9 +154,10 @@ impl Sealed {
                 crate::volume::header::FORMAT_VERSION
             )));
         }
-        if man.base.is_some() != man.stored.is_some() || (man.version < 2 && man.base.is_some())
-        {
-            return Err(corrupt("the manifest's incremental fields are inconsistent"));
+        if man.base.is_some() != man.stored.is_some() || (man.version < 2 && man.base.is_some()) {
+            return Err(corrupt(
+                "the manifest's incremental fields are inconsistent",
+            ));
         }
         let mut seen = HashSet::with_capacity(man.members.len());
         let mut references = 0u64;
@@ -177,7 +179,10 @@ impl Sealed {
                 archive::check_rel(from)?;
                 match &e.record {
                     Some(r) if r.path != e.path => {
-                        return Err(corrupt(format!("the record of {:?} names another path", e.path)))
+                        return Err(corrupt(format!(
+                            "the record of {:?} names another path",
+                            e.path
+                        )))
                     }
                     Some(r) if r.kind == Kind::File && e.data_sha256.is_none() => {
                         return Err(corrupt(format!("{:?} lacks its data digest", e.path)))
@@ -216,10 +221,8 @@ pub struct Link {
 }
 
 fn when(secs: u64) -> String {
-    humantime::format_rfc3339_seconds(
-        std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs),
-    )
-    .to_string()
+    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs))
+        .to_string()
 }
 
 /// Checks that `links` are one chain, oldest first: a full archive, then each incremental
@@ -291,7 +294,10 @@ pub fn check_chain(links: &[Link]) -> Result<(), BackupError> {
 pub fn find_chain(newest: &Path, dir: &Path) -> Result<Vec<PathBuf>, BackupError> {
     let base_of = |s: &Sealed| -> Result<Option<manifest::BaseLink>, BackupError> {
         let m: Manifest = serde_json::from_slice(&s.manifest_bytes).map_err(|e| {
-            corrupt(format!("{}: the manifest is invalid: {e}", s.path.display()))
+            corrupt(format!(
+                "{}: the manifest is invalid: {e}",
+                s.path.display()
+            ))
         })?;
         Ok(m.base)
     };

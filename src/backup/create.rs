@@ -147,7 +147,11 @@ impl BaseState {
         if let Some(e) = self.entries.get(path).filter(|e| e.change.is_some()) {
             cands.push(e);
         }
-        if let Some(e) = self.by_ino.get(&change.ino).and_then(|p| self.entries.get(p)) {
+        if let Some(e) = self
+            .by_ino
+            .get(&change.ino)
+            .and_then(|p| self.entries.get(p))
+        {
             if e.path != path {
                 cands.push(e);
             }

@@ -253,7 +253,10 @@ fn crafted_archives_that_climb_out_or_name_absolute_paths_are_refused() {
         refused(vec![m], "unsafe path");
     }
     for name in ["/tmp/escaped", "../escaped", "escaped"] {
-        refused(vec![raw(name, tar::EntryType::Regular)], "unexpected member");
+        refused(
+            vec![raw(name, tar::EntryType::Regular)],
+            "unexpected member",
+        );
     }
     // Hard links out of the tree, to nothing, or forward.
     for (target, why) in [
@@ -291,10 +294,15 @@ fn entries_through_a_crafted_symlink_are_refused_and_nothing_lands_where_it_poin
         }
         let members = vec![raw("volume/", tar::EntryType::Directory), l, evil];
         let a = craft(d.path(), &members, &dek, false);
-        let e = try_restore(d.path(), &a, dek).expect_err(second).to_string();
+        let e = try_restore(d.path(), &a, dek)
+            .expect_err(second)
+            .to_string();
         assert!(!e.contains('\n'), "{e}");
         let outside: Vec<_> = fs::read_dir(d.path().join("outside")).unwrap().collect();
-        assert!(outside.is_empty(), "{second}: written through the symlink: {e}");
+        assert!(
+            outside.is_empty(),
+            "{second}: written through the symlink: {e}"
+        );
     }
 }
 
@@ -339,7 +347,15 @@ fn crafted_duplicates_huge_sizes_truncation_and_stray_references_are_refused() {
         false,
     );
     let full = fs::read(&a).unwrap();
-    for cut in [0, 100, 512, 1536, full.len() / 2, full.len() - 1100, full.len() - 600] {
+    for cut in [
+        0,
+        100,
+        512,
+        1536,
+        full.len() / 2,
+        full.len() - 1100,
+        full.len() - 600,
+    ] {
         fs::write(&a, &full[..cut]).unwrap();
         assert!(read_sealed(&a).is_err(), "cut at {cut} of {}", full.len());
     }

@@ -319,7 +319,9 @@ impl Digester {
                 let raw = hex::decode(h)
                     .ok()
                     .filter(|r| r.len() == 32)
-                    .ok_or_else(|| BackupError::Corrupt(format!("{:?}: bad data digest", m.path)))?;
+                    .ok_or_else(|| {
+                        BackupError::Corrupt(format!("{:?}: bad data digest", m.path))
+                    })?;
                 d.record.update(&raw);
             }
             (Kind::File, None) => {

@@ -412,7 +412,8 @@ pub fn restore(
             temps.push(tmp.clone());
             // Held while the restore works in it: a later restore or fsck tells a running
             // restore from a killed one by it.
-            let lock = VolumeLock::exclusive(&tmp).map_err(|e| BackupError::Refused(e.to_string()))?;
+            let lock =
+                VolumeLock::exclusive(&tmp).map_err(|e| BackupError::Refused(e.to_string()))?;
             let mut tree = Tree::new(&tmp)?;
             let done_before = prog.bytes_done;
             let (state, d) = apply(
@@ -505,7 +506,10 @@ fn in_archive(path: &Path, n: usize, e: BackupError) -> BackupError {
     if n < 2 {
         return e;
     }
-    let name = path.file_name().unwrap_or(path.as_os_str()).to_string_lossy();
+    let name = path
+        .file_name()
+        .unwrap_or(path.as_os_str())
+        .to_string_lossy();
     match e {
         BackupError::Corrupt(m) => BackupError::Corrupt(format!("{name}: {m}")),
         BackupError::Read(err) => BackupError::Corrupt(format!(

@@ -259,7 +259,11 @@ pub(crate) fn view(root: &Path) -> BTreeMap<String, String> {
 }
 
 #[track_caller]
-pub(crate) fn assert_views(got: &BTreeMap<String, String>, want: &BTreeMap<String, String>, what: &str) {
+pub(crate) fn assert_views(
+    got: &BTreeMap<String, String>,
+    want: &BTreeMap<String, String>,
+    what: &str,
+) {
     if got == want {
         return;
     }

@@ -199,7 +199,13 @@ fn an_incremental_chain_restores_every_change_byte_for_byte_with_its_metadata() 
     m.unmount();
     // The newest archive with the directory of its bases.
     let r3 = env.root.join("r-bases");
-    restore(&env, &[&inc2], &r3, &["--bases", &env.root.to_string_lossy()]).assert_ok();
+    restore(
+        &env,
+        &[&inc2],
+        &r3,
+        &["--bases", &env.root.to_string_lossy()],
+    )
+    .assert_ok();
     assert_eq!(backing(&r3), backing(&env.cipher), "--bases");
 }
 
@@ -361,7 +367,10 @@ fn a_restore_killed_midway_leaves_its_temp_dir_which_fsck_reports_and_a_rerun_re
         assert_eq!(p["kind"], "restore_leftover", "{r}");
         assert_eq!(p["fix"], "remove", "{r}");
         assert!(
-            p["detail"].as_str().unwrap().contains("run the restore again"),
+            p["detail"]
+                .as_str()
+                .unwrap()
+                .contains("run the restore again"),
             "{r}"
         );
     }
