@@ -68,7 +68,9 @@ pub fn read_sealed(path: &Path) -> Result<Sealed, BackupError> {
     let shown = path.display().to_string();
     let f = File::open(path).map_err(|e| BackupError::io(&shown, e))?;
     let size = f.metadata().map_err(|e| BackupError::io(&shown, e))?.len();
-    let mut ar = tar::Archive::new(BufReader::with_capacity(64 << 10, f));
+    // A small buffer: every seek past a member's data drops it, and a member's headers are
+    // a few blocks.
+    let mut ar = tar::Archive::new(BufReader::with_capacity(4096, f));
     let mut entries = ar.entries_with_seek().map_err(BackupError::Read)?.raw(true);
     let (mut first, p) =
         archive::next(&mut entries)?.ok_or_else(|| corrupt("the archive is empty"))?;
