@@ -23,7 +23,9 @@
 //!   temp directories included, and directories a rename over an empty directory replaced
 //!   (marked `.cmkfs.replaced`) but did not get to remove;
 //! - anything else that is not in the format (reported as a warning and left alone: it is
-//!   hidden from the plaintext view anyway).
+//!   hidden from the plaintext view anyway);
+//! - beside the backing directory (or instead of it, when it is not a volume yet), the temp
+//!   directory of a killed `cmkfs restore` into it (`restore_temp`).
 //!
 //! The walk reaches deep directories through descriptors (`/proc/self/fd/N/name`), so a
 //! backing path longer than PATH_MAX is checked like any other.
