@@ -9,7 +9,6 @@ use crate::backup::{assert_views, backing, json, populate, setup, setxattr, tar_
 use crate::common;
 
 use std::fs;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::{symlink, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -426,12 +425,8 @@ fn a_restore_killed_midway_leaves_its_temp_dir_which_fsck_reports_and_a_rerun_re
     let target2 = env.root.join("target2");
     let busy = env.root.join(".target2.cmkfs-restore.0123456789abcdef");
     fs::create_dir(&busy).unwrap();
-    let held = fs::File::open(&busy).unwrap();
-    // SAFETY: flock on a valid descriptor.
-    assert_eq!(
-        unsafe { libc::flock(held.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) },
-        0
-    );
+    // Held as a restore holds it: the volume lock (its lock file) of the temp dir.
+    let held = cmkfs::volume::lock::VolumeLock::exclusive(&busy).unwrap();
     let out = restore(&env, &[&archive], &target2, &[]);
     out.assert_clear_error();
     assert!(out.stderr.contains("is running"), "{out}");
