@@ -540,3 +540,48 @@ fn an_xattr_too_large_to_be_held_twice_is_moved_through_the_journal_at_every_cra
     assert_views(&mount_view(&env.mnt), &want, "after a second re-encryption");
     m.unmount();
 }
+
+/// fsck of a volume whose re-encryption stopped in its names phase knows both keys: names,
+/// symlink targets and attributes still under the retiring DEK are valid (once they were
+/// reported undecryptable and `--repair` stripped them, for good).
+#[test]
+fn fsck_repair_of_a_volume_stopped_in_its_names_phase_finds_nothing_to_repair() {
+    let env = Env::new();
+    env.init(&env.cipher).assert_ok();
+    let m = env.mount(&env.cipher, &env.mnt);
+    for i in 0..8 {
+        let f = env.mnt.join(format!("f{i}"));
+        fs::write(&f, format!("file {i}")).unwrap();
+        xattr_set(&f, "user.a", format!("value {i}").as_bytes());
+        xattr_set(&f, "user.b", &[i as u8; 100]);
+        symlink(format!("f{i}"), env.mnt.join(format!("l{i}"))).unwrap();
+    }
+    symlink("t".repeat(3000), env.mnt.join("long-link")).unwrap();
+    fs::create_dir(env.mnt.join("d")).unwrap();
+    xattr_set(&env.mnt.join("d"), "user.d", b"dir");
+    let want = mount_view(&env.mnt);
+    m.unmount();
+    // Stopped after the header, a few names, targets and attributes in.
+    let (done, steps) = run_until(&env, Some(12), false);
+    assert!(!done, "{steps:?}");
+    assert!(VolumeHeader::read(&env.cipher).unwrap().retiring.is_some());
+    let cipher = env.cipher.to_str().unwrap();
+    let out = env.cmkfs(&["fsck", cipher, "--repair", "--json"]);
+    let report: serde_json::Value = serde_json::from_str(&out.stdout).unwrap_or_default();
+    let kinds: Vec<String> = report["problems"]
+        .as_array()
+        .map(|a| a.iter().map(|p| p["kind"].to_string()).collect())
+        .unwrap_or_default();
+    assert!(
+        out.ok() && kinds.iter().all(|k| k.contains("reencrypt_in_progress")),
+        "{kinds:?} {out}"
+    );
+    env.cmkfs(&["volume", "reencrypt", cipher]).assert_ok();
+    let m = env.mount(&env.cipher, &env.mnt);
+    assert_views(
+        &mount_view(&env.mnt),
+        &want,
+        "after fsck --repair and the resumed run",
+    );
+    m.unmount();
+}
