@@ -253,8 +253,10 @@ pub fn check_chain(links: &[Link]) -> Result<(), BackupError> {
                 prev.sealed.name()
             )));
         };
+        let fp = |d: Option<&Dek>| d.map(Dek::fingerprint);
         if l.sealed.envelope.volume_id != first.sealed.envelope.volume_id
             || l.dek.fingerprint() != first.dek.fingerprint()
+            || fp(l.inner.as_ref()) != fp(first.inner.as_ref())
         {
             return Err(BackupError::Refused(format!(
                 "{} is a backup of another volume (or of it under another DEK) than {}",

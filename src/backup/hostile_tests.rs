@@ -10,9 +10,12 @@ use std::fs;
 use std::path::Path;
 
 use super::*;
-use crate::backup::archive::{KEY_MEMBER, MAC_MEMBER, MANIFEST_MEMBER};
+use crate::backup::archive::MAC_MEMBER;
 use crate::backup::chain::read_sealed;
-use crate::backup::manifest::{ChangeKey, Digester, Entry, KeyEnvelope, Source, Stored, VERSION};
+use crate::backup::manifest::{
+    ChangeKey, Digester, Entry, KeyEnvelope, Manifest, Source, Stored, Totals, VERSION,
+};
+use crate::crypto::Dek;
 use crate::vault::WrapAlg;
 
 const KID: &str = "local:/keys/k/0123456789abcdef0123456789abcdef";
