@@ -183,7 +183,14 @@ impl SectorEngine {
         buf: &mut [u8],
         holes: Holes,
     ) -> Result<(), CryptoError> {
-        self.run(cipher, file_tweak, first_unit, buf, Dir::Decrypt(holes), None)
+        self.run(
+            cipher,
+            file_tweak,
+            first_unit,
+            buf,
+            Dir::Decrypt(holes),
+            None,
+        )
     }
 
     fn run(

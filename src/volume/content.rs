@@ -529,7 +529,14 @@ fn write_locked(
             }
         }
     }
-    encrypt_copying(cx, &h, first, &mut buf[..units], data, (off - start) as usize)?;
+    encrypt_copying(
+        cx,
+        &h,
+        first,
+        &mut buf[..units],
+        data,
+        (off - start) as usize,
+    )?;
     let want = layout::backing_len(new_size);
     if new_size != size {
         hi = buf.len() as u64;
