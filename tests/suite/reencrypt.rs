@@ -478,3 +478,110 @@ fn a_mounted_volume_is_refused_without_online_and_revocation_stops_the_command()
     assert_eq!(fs::read(env.mnt.join("x")).unwrap(), b"data");
     m.unmount();
 }
+
+/// An extended attribute too large for ext4 to hold in its old and new forms at once (both
+/// must fit in one block) once made the names phase fail with ENOSPC, for good (mount too).
+/// It is moved through the journal: a crash after any step, then what a mount runs first,
+/// shows every attribute; the run then finishes.
+#[test]
+fn an_xattr_too_large_to_be_held_twice_is_moved_through_the_journal_at_every_crash_point() {
+    let env = Env::new();
+    env.init(&env.cipher).assert_ok();
+    let m = env.mount(&env.cipher, &env.mnt);
+    fs::create_dir(env.mnt.join("d")).unwrap();
+    fs::write(env.mnt.join("d/f"), b"a\n").unwrap();
+    xattr_set(&env.mnt.join("d/f"), "user.big", &[b'A'; 2500]);
+    xattr_set(&env.mnt.join("d/f"), "user.small", b"s");
+    xattr_set(&env.mnt.join("d"), "user.big", &[b'B'; 2500]);
+    let want = mount_view(&env.mnt);
+    m.unmount();
+    let pristine = env.cipher.with_extension("pristine");
+    let cp = |from: &Path, to: &Path| {
+        let _ = fs::remove_dir_all(to);
+        let ok = std::process::Command::new("cp")
+            .args(["-a", "--preserve=all"])
+            .arg(from)
+            .arg(to)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "cp -a");
+    };
+    cp(&env.cipher, &pristine);
+    let mut seen = HashSet::new();
+    for k in 1.. {
+        cp(&pristine, &env.cipher);
+        let (done, steps) = run_until(&env, Some(k), false);
+        seen.extend(steps.iter().copied());
+        if done {
+            break;
+        }
+        assert!(run_until(&env, None, true).0);
+        let (vol, _) = open(&env);
+        assert_views(
+            &lib_view(&vol),
+            &want,
+            &format!("after a crash at {:?} and recovery", steps.last()),
+        );
+    }
+    for s in [Step::XattrRecorded, Step::XattrRemoved] {
+        assert!(seen.contains(&s), "never went through {s:?}");
+    }
+    let _ = fs::remove_dir_all(&pristine);
+    let h = VolumeHeader::read(&env.cipher).unwrap();
+    assert!(h.retiring.is_none());
+    let m = env.mount(&env.cipher, &env.mnt);
+    assert_views(&mount_view(&env.mnt), &want, "through a mount at the end");
+    m.unmount();
+    // `restore --new-dek` runs the same names phase; the command itself, once more.
+    let cipher = env.cipher.to_str().unwrap();
+    env.cmkfs(&["volume", "reencrypt", cipher]).assert_ok();
+    let m = env.mount(&env.cipher, &env.mnt);
+    assert_views(&mount_view(&env.mnt), &want, "after a second re-encryption");
+    m.unmount();
+}
+
+/// fsck of a volume whose re-encryption stopped in its names phase knows both keys: names,
+/// symlink targets and attributes still under the retiring DEK are valid (once they were
+/// reported undecryptable and `--repair` stripped them, for good).
+#[test]
+fn fsck_repair_of_a_volume_stopped_in_its_names_phase_finds_nothing_to_repair() {
+    let env = Env::new();
+    env.init(&env.cipher).assert_ok();
+    let m = env.mount(&env.cipher, &env.mnt);
+    for i in 0..8 {
+        let f = env.mnt.join(format!("f{i}"));
+        fs::write(&f, format!("file {i}")).unwrap();
+        xattr_set(&f, "user.a", format!("value {i}").as_bytes());
+        xattr_set(&f, "user.b", &[i as u8; 100]);
+        symlink(format!("f{i}"), env.mnt.join(format!("l{i}"))).unwrap();
+    }
+    symlink("t".repeat(3000), env.mnt.join("long-link")).unwrap();
+    fs::create_dir(env.mnt.join("d")).unwrap();
+    xattr_set(&env.mnt.join("d"), "user.d", b"dir");
+    let want = mount_view(&env.mnt);
+    m.unmount();
+    // Stopped after the header, a few names, targets and attributes in.
+    let (done, steps) = run_until(&env, Some(12), false);
+    assert!(!done, "{steps:?}");
+    assert!(VolumeHeader::read(&env.cipher).unwrap().retiring.is_some());
+    let cipher = env.cipher.to_str().unwrap();
+    let out = env.cmkfs(&["fsck", cipher, "--repair", "--json"]);
+    let report: serde_json::Value = serde_json::from_str(&out.stdout).unwrap_or_default();
+    let kinds: Vec<String> = report["problems"]
+        .as_array()
+        .map(|a| a.iter().map(|p| p["kind"].to_string()).collect())
+        .unwrap_or_default();
+    assert!(
+        out.ok() && kinds.iter().all(|k| k.contains("reencrypt_in_progress")),
+        "{kinds:?} {out}"
+    );
+    env.cmkfs(&["volume", "reencrypt", cipher]).assert_ok();
+    let m = env.mount(&env.cipher, &env.mnt);
+    assert_views(
+        &mount_view(&env.mnt),
+        &want,
+        "after fsck --repair and the resumed run",
+    );
+    m.unmount();
+}

@@ -84,7 +84,31 @@ pub struct Journal {
     pub phase: Phase,
     /// The batch being written (empty between batches).
     pub items: Vec<Item>,
+    /// Names phase: the extended attribute being moved under the new key by
+    /// remove-then-set (it did not fit beside its old form).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub xattr: Option<XattrMove>,
     mac: String,
+}
+
+/// An extended attribute too large to be stored twice on its inode (ext4 keeps all of an
+/// inode's attributes in one block: ENOSPC), moved under the new key in three durable steps:
+/// this record (with the value already sealed under the new DEK: no plaintext), the old
+/// attribute removed, the new one set; then the record goes. Recovery sets the new one on
+/// the recorded inode if it is not there.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct XattrMove {
+    /// Backing path from the root, one name per component (empty: the root itself).
+    pub path: Vec<String>,
+    /// The backing inode number at `path` (the record applies to that inode only).
+    pub ino: u64,
+    /// The attribute's backing name under the retiring key.
+    pub old_name: String,
+    /// Its backing name under the new key.
+    pub new_name: String,
+    /// Base64 of its value sealed under the new key.
+    pub value: String,
 }
 
 impl Journal {
@@ -97,6 +121,7 @@ impl Journal {
             key_generation,
             phase,
             items: Vec::new(),
+            xattr: None,
             mac: String::new(),
         }
     }

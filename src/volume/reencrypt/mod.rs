@@ -58,6 +58,10 @@ pub enum Step {
     TargetConverted,
     /// An extended attribute was set under its new name (the old one not yet removed).
     XattrSet,
+    /// The move of an extended attribute too large to be held twice is in the journal.
+    XattrRecorded,
+    /// Such an attribute's old form is removed (the new one not yet set).
+    XattrRemoved,
     /// The names phase is complete and durable.
     NamesDone,
     /// A batch's journal is durable.
@@ -217,6 +221,8 @@ pub struct Session<'a> {
     check_vault: bool,
     last_check: Instant,
     volume_id: String,
+    /// The key generation being written (the journal's).
+    generation: u32,
     /// The current (new) outer DEK: the journal's MAC key.
     journal_dek: Option<Dek>,
     progress: Progress,
@@ -239,6 +245,7 @@ impl<'a> Session<'a> {
             check_vault: online.is_none(),
             last_check: Instant::now(),
             volume_id: vol.header().volume_id.clone(),
+            generation: 0,
             journal_dek: None,
             progress: Progress::default(),
         }
@@ -401,6 +408,10 @@ impl<'a> Session<'a> {
             {
                 let vol = self.vol;
                 let _closed = closed.unwrap_or_else(|| vol.gates().close());
+                self.generation = header.key_generation;
+                if let Some(m) = &journal.xattr {
+                    meta::finish_xattr_move(self, m)?;
+                }
                 let ids = meta::run(self, &keys, old, &mut counts)?;
                 if let Some(o) = self.online {
                     meta::convert_open_xattrs(self, &o.open_files(), &keys, old, &mut counts)?;
