@@ -129,7 +129,19 @@ fn answer(mut conn: &UnixStream, a: &Answer) -> io::Result<()> {
     conn.write_all(&line)
 }
 
+/// Shuts a connection down when dropped (a panic included): the client then reads the end
+/// of the stream, and the watcher thread, which holds a clone of the socket, its end too.
+/// Without it a request that died left its client waiting forever (issue 13's "stall").
+struct Hangup<'a>(&'a UnixStream);
+
+impl Drop for Hangup<'_> {
+    fn drop(&mut self) {
+        let _ = self.0.shutdown(std::net::Shutdown::Both);
+    }
+}
+
 fn serve(conn: UnixStream, ctl: &Control, busy: &Mutex<()>) {
+    let _hangup = Hangup(&conn);
     let mut reader = BufReader::new(match conn.try_clone() {
         Ok(c) => c,
         Err(_) => return,
@@ -179,14 +191,36 @@ fn serve(conn: UnixStream, ctl: &Control, busy: &Mutex<()>) {
             tracing::info!("writes thawed");
         }
         Request::Reencrypt => {
-            let Ok(_busy) = busy.try_lock() else {
-                let _ = answer(
-                    &conn,
-                    &Answer::Error("a re-encryption of this volume is already running".into()),
-                );
-                return;
+            let _busy = match busy.try_lock() {
+                Ok(g) => g,
+                // A run that panicked poisoned it; it is over all the same.
+                Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+                Err(std::sync::TryLockError::WouldBlock) => {
+                    let _ = answer(
+                        &conn,
+                        &Answer::Error("a re-encryption of this volume is already running".into()),
+                    );
+                    return;
+                }
             };
-            let r = reencrypt(&conn, ctl, &gone);
+            // A bug in the run must end the request with an answer, never leave the client
+            // waiting: the run stops where it was, which is always a state the mount serves.
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                reencrypt(&conn, ctl, &gone)
+            }))
+            .unwrap_or_else(|p| {
+                let what = p
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| p.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                tracing::error!(panic = %what, "online re-encryption failed on a bug");
+                finish_interrupted(ctl);
+                Err(format!(
+                    "internal error ({what}); the re-encryption stopped at a safe point and \
+                     resumes with `cmkfs volume reencrypt --online`"
+                ))
+            });
             let a = match r {
                 Ok(report) => Answer::Done(report),
                 Err(e) => Answer::Error(e),
@@ -239,6 +273,47 @@ fn reencrypt(conn: &UnixStream, ctl: &Control, gone: &AtomicBool) -> Result<Repo
         Err(e) => {
             tracing::warn!(error = %e, "online re-encryption stopped; it resumes with `cmkfs volume reencrypt --online`");
             Err(e.to_string())
+        }
+    }
+}
+
+/// After a run that panicked: a batch may be half written (new ciphertext under a header
+/// that still names the old key), which the mount would serve wrongly. What a remount does
+/// first is done here: the journal's interrupted step is finished. If that fails too, the
+/// daemon stops (a remount recovers the same way) rather than serve a file it cannot read
+/// correctly.
+fn finish_interrupted(ctl: &Control) {
+    use crate::volume::reencrypt::ReencryptError;
+    use crate::volume::VolumeError;
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let vol = ctl.online.volume().clone();
+        let access = crate::unlock::ReencryptAccess::new(
+            &ctl.home,
+            ctl.keyring.vault(),
+            ctl.handle.clone(),
+        )?;
+        Session::new(&vol, &access, Some(&ctl.online), Hooks::default())
+            .recover()
+            .map(|_| ())
+    }));
+    match r {
+        Ok(Ok(())) => tracing::info!("the interrupted re-encryption step was finished"),
+        // The keys are gone: nothing is served meanwhile, and the next run (or a remount)
+        // finishes the step first.
+        Ok(Err(
+            e @ (ReencryptError::Revoked(_) | ReencryptError::Volume(VolumeError::Inaccessible(_))),
+        )) => tracing::warn!(error = %e, "the interrupted re-encryption step waits for access"),
+        other => {
+            let why = match other {
+                Ok(Err(e)) => e.to_string(),
+                _ => "a bug".to_string(),
+            };
+            tracing::error!(
+                error = %why,
+                "the interrupted re-encryption step cannot be finished; the daemon stops so \
+                 that no half-converted file is served (mount again: it finishes the step)"
+            );
+            std::process::abort();
         }
     }
 }

@@ -333,7 +333,10 @@ fn plan(
     let to = n_units.min(from + max_units.max(1));
     let last = to >= n_units;
     let start = from * cx.sector;
-    let stop = (to * cx.sector).min(end);
+    // A file truncated below the point an earlier batch reached (`reencrypted`) has nothing
+    // left under the old key: `from` is its last unit's end, past `end` when that unit is
+    // partial, and the range is empty (it once underflowed here and killed the run).
+    let stop = (to * cx.sector).min(end).max(start);
     let mut data = vec![0u8; (stop - start) as usize];
     f.read_exact_at(&mut data, FILE_HEADER_LEN as u64 + start)
         .map_err(VolumeError::Os)?;
