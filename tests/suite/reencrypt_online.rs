@@ -488,3 +488,235 @@ fn revocation_during_an_online_reencrypt_cuts_off_both_keys_and_heals() {
         .unwrap_or_else(|e| panic!("seed {seed}, at the end: {e}"));
     m.unmount();
 }
+
+/// The backing file of every regular file under `cipher`, by inode number (the mount shows
+/// backing inode numbers).
+fn backing_by_ino(cipher: &Path) -> BTreeMap<u64, PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    let mut out = BTreeMap::new();
+    let mut stack = vec![cipher.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).into_iter().flatten().flatten() {
+            let Ok(md) = fs::symlink_metadata(e.path()) else {
+                continue;
+            };
+            if md.is_dir() {
+                stack.push(e.path());
+            } else if md.is_file() {
+                out.insert(md.ino(), e.path());
+            }
+        }
+    }
+    out
+}
+
+/// (key generation, `reencrypted`) of a backing file's header (docs/FORMAT.md: magic,
+/// version, key_gen u16 LE at 6, file id, reencrypted u64 LE at 24).
+fn conversion_state(backing: &fs::File) -> Option<(u16, u64)> {
+    let mut h = [0u8; 32];
+    backing.read_exact_at(&mut h, 0).ok()?;
+    Some((
+        u16::from_le_bytes([h[6], h[7]]),
+        u64::from_le_bytes(h[24..32].try_into().ok()?),
+    ))
+}
+
+/// Issue 13's "stall", forced: files converted one unit per batch are truncated below the
+/// point their conversion reached (with a 1..15-byte tail past a unit) while writers,
+/// renamers and readers work on the volume. The run used to die on it and leave its client
+/// waiting forever. Every blocking step has a time limit (the workers' progress is watched;
+/// the harness's watchdog aborts a stuck mount), so a regression fails instead of hanging.
+#[test]
+fn truncates_below_the_converted_point_under_a_busy_workload_never_stall_an_online_reencrypt() {
+    use std::os::unix::fs::MetadataExt;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::{Arc, Mutex};
+    std::env::set_var("CMKFS_REENCRYPT_BATCH_BYTES", "4096");
+    std::env::set_var("CMKFS_EXPERIMENTAL_ONLINE_REENCRYPT", "1");
+    let seed = seed("online reencrypt forced truncate");
+    let mut rng = StdRng::seed_from_u64(seed);
+    let env = Env::new();
+    env.init(&env.cipher);
+    let m = env.mount(&env.cipher, &env.mnt);
+    let mnt = env.mnt.clone();
+    const BIG: usize = 6;
+    let big: Vec<Vec<u8>> = (0..BIG)
+        .map(|i| {
+            let data = random_bytes(&mut rng, 160 * 4096 + 7);
+            fs::write(mnt.join(format!("big{i}")), &data).unwrap();
+            data
+        })
+        .collect();
+    fs::create_dir(mnt.join("w")).unwrap();
+    let by_ino = backing_by_ino(&env.cipher);
+    // Opened now: the names phase renames every backing file.
+    let backing: Vec<fs::File> = (0..BIG)
+        .map(|i| {
+            let ino = fs::metadata(mnt.join(format!("big{i}"))).unwrap().ino();
+            fs::File::open(&by_ino[&ino]).unwrap()
+        })
+        .collect();
+    // Big files' lengths now (the readers accept either).
+    let cut: Arc<Mutex<Vec<Option<usize>>>> = Arc::new(Mutex::new(vec![None; BIG]));
+    let stop = Arc::new(AtomicBool::new(false));
+    let failure: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(None));
+    let progress: Vec<Arc<AtomicU64>> = (0..4).map(|_| Arc::new(AtomicU64::new(0))).collect();
+    // Plain threads, never joined on failure: a stuck one must not hold the test.
+    for (k, done) in progress.iter().enumerate() {
+        let (mnt, stop, failure, done) = (mnt.clone(), stop.clone(), failure.clone(), done.clone());
+        let (big, cut) = (big.clone(), cut.clone());
+        let mut rng = StdRng::seed_from_u64(seed ^ (k as u64 + 1));
+        std::thread::spawn(move || {
+            let fail = |why: String| {
+                failure.lock().unwrap().get_or_insert(why);
+            };
+            let mut model: Vec<u8> = Vec::new();
+            let (a, b) = (mnt.join(format!("w/r{k}a")), mnt.join(format!("w/r{k}b")));
+            let file = mnt.join(format!("w/f{k}"));
+            if k == 1 {
+                fs::write(&a, b"renamed").unwrap();
+            }
+            while !stop.load(Ordering::SeqCst) {
+                match k {
+                    // A small writer: random pwrites (sizes 0..=8200, tails), read back.
+                    0 | 3 => {
+                        let off = rng.gen_range(0..20_000usize);
+                        let n = match rng.gen_range(0..3) {
+                            0 => rng.gen_range(0..=8200),
+                            1 => 4096 * rng.gen_range(1..3) + rng.gen_range(1..16),
+                            _ => rng.gen_range(1..16),
+                        };
+                        let data = random_bytes(&mut rng, n);
+                        let f = fs::OpenOptions::new()
+                            .create(true)
+                            .truncate(false)
+                            .write(true)
+                            .open(&file)
+                            .and_then(|f| f.write_all_at(&data, off as u64));
+                        if let Err(e) = f {
+                            return fail(format!("writer {k}: {e}"));
+                        }
+                        if n > 0 {
+                            if model.len() < off + n {
+                                model.resize(off + n, 0);
+                            }
+                            model[off..off + n].copy_from_slice(&data);
+                        }
+                        match fs::read(&file) {
+                            Ok(got) if got == model => {}
+                            Ok(got) => {
+                                return fail(format!(
+                                    "writer {k}: read {} bytes back, want {} (seed {seed})",
+                                    got.len(),
+                                    model.len()
+                                ))
+                            }
+                            Err(e) => return fail(format!("writer {k}: read back: {e}")),
+                        }
+                    }
+                    // A renamer: back and forth in one directory, read after each.
+                    1 => {
+                        let (from, to) = if a.exists() { (&a, &b) } else { (&b, &a) };
+                        if let Err(e) = fs::rename(from, to) {
+                            return fail(format!("renamer: {e}"));
+                        }
+                        match fs::read(to) {
+                            Ok(got) if got == b"renamed" => {}
+                            other => return fail(format!("renamer: read back {other:?}")),
+                        }
+                    }
+                    // A reader of the big files being converted (and cut).
+                    _ => {
+                        let i = rng.gen_range(0..BIG);
+                        // A read racing the truncate may stop anywhere (as on any
+                        // filesystem); what it returns must be the file's data.
+                        match fs::read(mnt.join(format!("big{i}"))) {
+                            Ok(got) => {
+                                if !big[i].starts_with(&got) {
+                                    return fail(format!(
+                                        "reader: big{i} read {} bytes that are not its data \
+                                         (seed {seed})",
+                                        got.len()
+                                    ));
+                                }
+                            }
+                            Err(e) => return fail(format!("reader: big{i}: {e}")),
+                        }
+                    }
+                }
+                done.fetch_add(1, Ordering::SeqCst);
+            }
+        });
+    }
+    let mut child = Some(start_reencrypt(&env));
+    let mut report = None;
+    let mut hits = 0;
+    let mut last = (Instant::now(), 0u64);
+    let deadline = Instant::now() + GUARD;
+    while report.is_none() {
+        if let Some(why) = failure.lock().unwrap().clone() {
+            stop.store(true, Ordering::SeqCst);
+            panic!("seed {seed}: {why}");
+        }
+        // Cut each big file once its conversion is under way (units under both keys).
+        for i in 0..BIG {
+            if cut.lock().unwrap()[i].is_some() {
+                continue;
+            }
+            if let Some((0, done)) = conversion_state(&backing[i]) {
+                if done >= 2 {
+                    let len = 4096 + rng.gen_range(1..16usize);
+                    cut.lock().unwrap()[i] = Some(len);
+                    fs::OpenOptions::new()
+                        .write(true)
+                        .open(mnt.join(format!("big{i}")))
+                        .and_then(|f| f.set_len(len as u64))
+                        .unwrap_or_else(|e| panic!("seed {seed}: truncate big{i}: {e}"));
+                    hits += 1;
+                }
+            }
+        }
+        let total: u64 = progress.iter().map(|p| p.load(Ordering::SeqCst)).sum();
+        if total != last.1 {
+            last = (Instant::now(), total);
+        }
+        if last.0.elapsed() > Duration::from_secs(30) || Instant::now() > deadline {
+            stop.store(true, Ordering::SeqCst);
+            panic!(
+                "seed {seed}: the mount stalled ({total} worker steps, none for {:?}; \
+                 re-encryption running: {})",
+                last.0.elapsed(),
+                child.is_some()
+            );
+        }
+        if let Some(c) = child.as_mut() {
+            if !matches!(c.try_wait(), Ok(None)) {
+                let (ok, out, err) = finish(child.take().unwrap());
+                assert!(ok, "seed {seed}: online re-encryption failed:\n{err}");
+                report = Some(out);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    stop.store(true, Ordering::SeqCst);
+    assert!(
+        hits > 0,
+        "seed {seed}: no file was cut during its conversion (the test did not force its case)"
+    );
+    assert_finished(&env, 1, &report.unwrap());
+    if let Some(why) = failure.lock().unwrap().clone() {
+        panic!("seed {seed}: {why}");
+    }
+    let cut = cut.lock().unwrap().clone();
+    for (i, data) in big.iter().enumerate() {
+        let want = &data[..cut[i].unwrap_or(data.len())];
+        let got = fs::read(mnt.join(format!("big{i}"))).unwrap();
+        assert!(got == want, "seed {seed}: big{i} differs after the run");
+    }
+    // Let the workers see `stop` before the unmount.
+    std::thread::sleep(Duration::from_millis(200));
+    m.unmount();
+    let out = env.cmkfs(&["fsck", env.cipher.to_str().unwrap()]);
+    assert!(out.ok(), "fsck: {out}");
+    eprintln!("seed {seed}: {hits} files cut during their conversion");
+}
