@@ -720,3 +720,159 @@ fn truncates_below_the_converted_point_under_a_busy_workload_never_stall_an_onli
     assert!(out.ok(), "fsck: {out}");
     eprintln!("seed {seed}: {hits} files cut during their conversion");
 }
+
+/// (inode, atime, mtime, size, nlink) of `p` itself (a symlink not followed), through the
+/// mount.
+fn identity(p: &Path) -> (u64, (i64, i64), (i64, i64), u64, u64) {
+    use std::os::unix::fs::MetadataExt;
+    let md = fs::symlink_metadata(p).unwrap_or_else(|e| panic!("stat {}: {e}", p.display()));
+    (
+        md.ino(),
+        (md.atime(), md.atime_nsec()),
+        (md.mtime(), md.mtime_nsec()),
+        md.len(),
+        md.nlink(),
+    )
+}
+
+/// What must not change of an entry: all of [`identity`], but a symlink's atime, which moves
+/// whenever the mount reads its target (every `stat`: its size is the target's length),
+/// re-encryption or not.
+fn untouched(
+    p: &str,
+    v: &(u64, (i64, i64), (i64, i64), u64, u64),
+) -> (u64, (i64, i64), (i64, i64), u64, u64) {
+    match p.contains("s_") {
+        true => (v.0, (0, 0), v.2, v.3, v.4),
+        false => *v,
+    }
+}
+
+/// Sets `p`'s atime and mtime (the symlink itself, not its target) through the mount.
+fn set_times(p: &Path, atime: i64, mtime: i64) {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(p.as_os_str().as_bytes()).unwrap();
+    let ts = [
+        libc::timespec {
+            tv_sec: atime,
+            tv_nsec: 123_456_789,
+        },
+        libc::timespec {
+            tv_sec: mtime,
+            tv_nsec: 987_654_321,
+        },
+    ];
+    // SAFETY: a valid C string and two timespecs.
+    let r = unsafe {
+        libc::utimensat(
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            ts.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    };
+    assert_eq!(
+        r,
+        0,
+        "utimensat {}: {}",
+        p.display(),
+        std::io::Error::last_os_error()
+    );
+}
+
+/// Issue 13: a re-encryption leaves every entry looking untouched to `stat`. Online, every
+/// entry keeps its inode number (regular files, directories, hard links, and symlinks,
+/// which the names phase replaces by new backing inodes) and its atime and mtime; after a
+/// remount, and after an offline run, the times are still those set before (a replaced
+/// symlink shows its new backing number once the mount that ran it is gone).
+#[test]
+fn every_entry_keeps_its_inode_number_and_times_across_an_online_and_an_offline_reencrypt() {
+    std::env::set_var("CMKFS_REENCRYPT_BATCH_BYTES", "4096");
+    std::env::set_var("CMKFS_EXPERIMENTAL_ONLINE_REENCRYPT", "1");
+    let env = Env::new();
+    env.init(&env.cipher);
+    let m = env.mount(&env.cipher, &env.mnt);
+    let mnt = env.mnt.clone();
+    fs::create_dir_all(mnt.join("d/e")).unwrap();
+    fs::write(mnt.join("f_empty"), b"").unwrap();
+    fs::write(mnt.join("f_small"), b"7 bytes").unwrap();
+    fs::write(mnt.join("f_big"), vec![7u8; 3 * 4096 + 5]).unwrap();
+    fs::write(mnt.join("d/e/f_in"), vec![9u8; 5000]).unwrap();
+    std::os::unix::fs::symlink("f_small", mnt.join("s_short")).unwrap();
+    std::os::unix::fs::symlink("l".repeat(3000), mnt.join("d/s_long")).unwrap();
+    fs::hard_link(mnt.join("f_big"), mnt.join("d/f_big.l")).unwrap();
+    fs::hard_link(mnt.join("s_short"), mnt.join("d/s_short.l")).unwrap();
+    let paths = [
+        "f_empty",
+        "f_small",
+        "f_big",
+        "d/e/f_in",
+        "s_short",
+        "d/s_long",
+        "d/f_big.l",
+        "d/s_short.l",
+        "d/e",
+        "d",
+    ];
+    // Children first: setting a child's times does not touch its directory's.
+    for (i, p) in paths.iter().enumerate() {
+        set_times(
+            &mnt.join(p),
+            1_000_000_000 + i as i64,
+            900_000_000 + i as i64,
+        );
+    }
+    let before: Vec<_> = paths.iter().map(|p| identity(&mnt.join(p))).collect();
+    let (ok, out, err) = finish(start_reencrypt(&env));
+    assert!(ok, "online re-encryption failed:\n{err}");
+    assert_finished(&env, 1, &out);
+    let r: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(r["symlink_targets"].as_u64().unwrap() >= 2, "{out}");
+    // Past the kernel's attribute cache (1 s): these come from the daemon.
+    std::thread::sleep(Duration::from_millis(1100));
+    for (p, want) in paths.iter().zip(&before) {
+        assert_eq!(
+            untouched(p, &identity(&mnt.join(p))),
+            untouched(p, want),
+            "{p}: after the online run"
+        );
+    }
+    assert_eq!(
+        fs::read_link(mnt.join("s_short")).unwrap(),
+        Path::new("f_small")
+    );
+    m.unmount();
+    let times = |p: &str, v: &(u64, (i64, i64), (i64, i64), u64, u64)| {
+        let u = untouched(p, v);
+        (u.1, u.2, u.3, u.4)
+    };
+    let m = env.mount(&env.cipher, &env.mnt);
+    for (p, want) in paths.iter().zip(&before) {
+        assert_eq!(
+            times(p, &identity(&mnt.join(p))),
+            times(p, want),
+            "{p}: after a remount"
+        );
+    }
+    m.unmount();
+    let out = env.cmkfs(&[
+        "volume",
+        "reencrypt",
+        env.cipher.to_str().unwrap(),
+        "--json",
+    ]);
+    out.assert_ok();
+    let m = env.mount(&env.cipher, &env.mnt);
+    for (p, want) in paths.iter().zip(&before) {
+        assert_eq!(
+            times(p, &identity(&mnt.join(p))),
+            times(p, want),
+            "{p}: after an offline run"
+        );
+    }
+    assert_eq!(
+        fs::read(mnt.join("f_big")).unwrap(),
+        vec![7u8; 3 * 4096 + 5]
+    );
+    m.unmount();
+}

@@ -57,7 +57,7 @@ pub(super) fn walk(
     let mut seen = HashSet::new();
     let mut stack: Vec<(Arc<Dir>, Vec<String>)> = vec![(root.clone(), Vec::new())];
     while let Some((dir, path)) = stack.pop() {
-        let ents = match sys::list(dir.fd()) {
+        let ents = match list_keeping_atime(&dir) {
             Ok(e) => e,
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
             Err(e) => return Err(ReencryptError::os(e)),
@@ -93,6 +93,19 @@ pub(super) fn walk(
     Ok(out)
 }
 
+/// The entries of `dir`; a listing moves a directory's atime (relatime, once its ctime is
+/// newer), which a re-encryption sets back: it leaves the tree looking untouched.
+pub(super) fn list_keeping_atime(dir: &Dir) -> std::io::Result<Vec<sys::RawEntry>> {
+    let before = sys::fstat(dir.fd()).map(|st| sys::times_of(&st)[0]);
+    let ents = sys::list(dir.fd())?;
+    if let Ok(atime) = before {
+        if sys::fstat(dir.fd()).is_ok_and(|st| sys::times_of(&st)[0] != atime) {
+            let _ = sys::utimens_fd(dir.fd(), &[atime, None]);
+        }
+    }
+    Ok(ents)
+}
+
 /// One file's part of a batch.
 struct Work {
     of: Arc<OpenFile>,
@@ -112,6 +125,9 @@ struct Plan {
     data: Vec<u8>,
     /// Which of those units are holes (not written).
     holes: Vec<bool>,
+    /// The file's access and modification times before the batch, set back after it: a
+    /// re-encrypted file looks untouched to `stat` (its ctime moves).
+    times: sys::Times,
 }
 
 /// Converts every file in `files` (those already under the new generation are skipped);
@@ -272,6 +288,7 @@ fn run_batch(
         let h = next_header(&p.header, keys.generation, p.to, p.last);
         f.write_all_at(&h.encode(), 0).map_err(ReencryptError::os)?;
         w.of.shared().content.set_cached_header(Some(h));
+        sys::utimens_fd(std::os::fd::AsFd::as_fd(f), &p.times).map_err(ReencryptError::os)?;
         if p.last {
             done += 1;
         }
@@ -312,12 +329,19 @@ fn plan(
     old: &VolumeKeys,
     max_units: u64,
 ) -> Result<Option<Plan>, VolumeError> {
-    let Some(h) = content::file_header(f, st, cx)? else {
-        return Ok(None);
+    // Before anything reads the file (a read may move its atime).
+    let fd = std::os::fd::AsFd::as_fd(f);
+    let times = sys::times_of(&sys::fstat(fd).map_err(VolumeError::Os)?);
+    let h = match content::file_header(f, st, cx)? {
+        Some(h) if h.key_gen != cx.keys.generation as u16 => h,
+        _ => {
+            // Nothing to do, but reading the header may have moved the atime (relatime).
+            if sys::fstat(fd).is_ok_and(|now| sys::times_of(&now)[0] != times[0]) {
+                let _ = sys::utimens_fd(fd, &[times[0], None]);
+            }
+            return Ok(None);
+        }
     };
-    if h.key_gen == cx.keys.generation as u16 {
-        return Ok(None);
-    }
     if h.key_gen != old.generation as u16 {
         return Err(VolumeError::CorruptFile {
             path: None,
@@ -359,6 +383,7 @@ fn plan(
         last,
         data,
         holes,
+        times,
     }))
 }
 

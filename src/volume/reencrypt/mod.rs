@@ -30,7 +30,7 @@ use serde::{Deserialize, Serialize};
 
 pub use journal::JOURNAL_FILE;
 use journal::{Journal, Phase};
-pub use meta::DirIds;
+pub use meta::{DirIds, ReplacedSymlink};
 
 use super::header::{PlatformEnvelope, VolumeHeader};
 use super::{Closed, OpenFile, Volume, VolumeError};
@@ -174,10 +174,10 @@ pub trait Online: Sync {
     /// The names phase changed every backing name (with every request held back): cached
     /// backing names must be recomputed with `keys` and the directory ids `ids`.
     fn names_changed(&self, ids: &DirIds, keys: &VolumeKeys);
-    /// After the names phase, with requests flowing again: the symlinks whose backing inodes
-    /// `old` were replaced by new ones; the kernel must forget the old inodes' names (the
-    /// session then lets go of the inodes).
-    fn symlinks_replaced(&self, old: &[u64]);
+    /// Still with every request held back: the symlinks the names phase replaced by new
+    /// inodes. The mount keeps showing each under the number the kernel knows it by (no
+    /// kernel notification: none may be sent while requests wait on the gates).
+    fn symlinks_replaced(&self, replaced: Vec<meta::ReplacedSymlink>);
     /// Every file the mount holds open (those with no name left are reached only so).
     fn open_files(&self) -> Vec<Arc<OpenFile>>;
 }
@@ -405,15 +405,7 @@ impl<'a> Session<'a> {
                 if let Some(o) = self.online {
                     meta::convert_open_xattrs(self, &o.open_files(), &keys, old, &mut counts)?;
                     o.names_changed(&ids, &keys);
-                }
-            }
-            if let Some(o) = self.online {
-                if !counts.replaced.is_empty() {
-                    o.symlinks_replaced(&counts.replaced);
-                }
-                let root = self.vol.root_dir().clone();
-                for ino in &counts.replaced {
-                    let _ = super::sys::unlink(root.fd(), &meta::retired_name(*ino));
+                    o.symlinks_replaced(std::mem::take(&mut counts.replaced));
                 }
             }
             report.names += counts.names;
@@ -496,7 +488,7 @@ impl<'a> Session<'a> {
         Journal::remove(root.fd()).map_err(ReencryptError::os)?;
         // Temp files of journal writes a crash interrupted.
         let tmp = format!("{}{JOURNAL_FILE}.", crate::fsutil::TEMP_PREFIX);
-        for e in crate::volume::sys::list(root.fd()).unwrap_or_default() {
+        for e in contents::list_keeping_atime(&root).unwrap_or_default() {
             if e.name.as_encoded_bytes().starts_with(tmp.as_bytes()) {
                 let _ = crate::volume::sys::unlink(root.fd(), &e.name);
             }
