@@ -10,8 +10,10 @@
 //!   (a crash-safe point) and resumes with the next request.
 //! * `{"op":"freeze"}` — closes the write gate: every change through the mount waits (reads
 //!   go on), `{"frozen":true}` is answered, and the gate opens again when the client sends
-//!   `thaw` or goes away. What a backup of a mounted volume reads meanwhile is one point in
-//!   time.
+//!   `thaw` (any line but `renew`) or goes away, or when no `renew` line came for the
+//!   mount's `--freeze-limit` (a lease: a stuck client cannot hold writers forever); then
+//!   `{"thawed":"<why>"}`. What a backup of a mounted volume reads meanwhile is one point
+//!   in time.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -48,6 +50,10 @@ pub enum Answer {
     Done(Report),
     /// Writes are held back.
     Frozen(bool),
+    /// Writes go on again, and why: `released` (the client said so or went away), or the
+    /// freeze outlived its limit without a `renew` (a backup taken meanwhile is not a
+    /// point-in-time view).
+    Thawed(String),
     /// What went wrong.
     Error(String),
 }
@@ -56,6 +62,9 @@ pub enum Answer {
 pub fn socket_path(home: &Home, mountpoint: &Path) -> PathBuf {
     crate::mount::RunRecord::socket_path(home, mountpoint)
 }
+
+/// The line a freezing client sends to hold its freeze for another `--freeze-limit`.
+pub const RENEW: &str = "renew";
 
 /// A request line longer than this is refused (requests are a few dozen bytes).
 const MAX_REQUEST: u64 = 4096;
@@ -72,6 +81,8 @@ pub struct Control {
     pub handle: HeaderHandle,
     /// The filesystem's side.
     pub online: OnlineHandle,
+    /// How long a freeze lasts without a `renew` line (`cmkfs mount --freeze-limit`).
+    pub freeze_limit: Duration,
 }
 
 /// Binds the socket at `path` (a stale one from a crashed daemon is replaced) and serves it
@@ -169,26 +180,59 @@ fn serve(conn: UnixStream, ctl: &Control, busy: &Mutex<()>) {
             return;
         }
     };
-    // The client going away (or sending anything more) ends the request.
+    // The client going away, or sending any line but `renew`, ends the request. The lines
+    // go to `lines` (`None`: the end); the thread ends when the connection does.
     let gone = Arc::new(AtomicBool::new(false));
-    let watch = {
+    let (tx, lines) = std::sync::mpsc::channel::<Option<String>>();
+    {
         let gone = gone.clone();
-        std::thread::spawn(move || {
-            let mut rest = String::new();
-            let _ = reader.read_line(&mut rest);
-            gone.store(true, Ordering::SeqCst);
-        })
-    };
+        std::thread::spawn(move || loop {
+            let mut l = String::new();
+            match (&mut reader).take(MAX_REQUEST).read_line(&mut l) {
+                Ok(n) if n > 0 && l.ends_with('\n') => {
+                    if l.trim() != RENEW {
+                        gone.store(true, Ordering::SeqCst);
+                    }
+                    if tx.send(Some(l)).is_err() {
+                        break;
+                    }
+                }
+                _ => {
+                    gone.store(true, Ordering::SeqCst);
+                    let _ = tx.send(None);
+                    break;
+                }
+            }
+        });
+    }
     match req {
         Request::Freeze => {
             let vol = ctl.online.volume().clone();
             let frozen = vol.gates().freeze_writes();
-            tracing::info!("writes frozen for a backup");
+            tracing::info!(limit = ?ctl.freeze_limit, "writes frozen for a backup");
+            let mut why = "released";
             if answer(&conn, &Answer::Frozen(true)).is_ok() {
-                let _ = watch.join();
+                // A lease: each `renew` line holds the freeze for another `freeze_limit`.
+                // A client that is stuck (stopped, hung on something else) does not hold
+                // every writer of the mount forever.
+                loop {
+                    match lines.recv_timeout(ctl.freeze_limit) {
+                        Ok(Some(l)) if l.trim() == RENEW => continue,
+                        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                            why = "the freeze was not renewed within the mount's --freeze-limit";
+                            break;
+                        }
+                        _ => break,
+                    }
+                }
             }
             drop(frozen);
-            tracing::info!("writes thawed");
+            if why == "released" {
+                tracing::info!("writes thawed");
+            } else {
+                tracing::warn!(limit = ?ctl.freeze_limit, "writes thawed: {why}");
+            }
+            let _ = answer(&conn, &Answer::Thawed(why.into()));
         }
         Request::Reencrypt => {
             let _busy = match busy.try_lock() {

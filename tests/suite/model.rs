@@ -950,9 +950,13 @@ impl World {
                 }
                 Some(&ino) if ino != md.ino() => {
                     return Err(format!(
-                        "{}: inode {} changed from {ino} (node {node})",
+                        "{}: inode {} changed from {ino} (node {node}, {})",
                         short(p),
-                        md.ino()
+                        md.ino(),
+                        match &n.kind {
+                            Kind::Symlink(t) => format!("symlink of {} bytes", t.len()),
+                            k => format!("{k:?}"),
+                        }
                     ))
                 }
                 Some(_) => {}
@@ -1291,6 +1295,7 @@ fn run_seed_with(seed: u64, ops: usize, reencrypt: bool) {
     world.collect();
     m.unmount();
     let m = env.mount(&env.cipher, &env.mnt);
+    world.symlinks_renumbered = reencrypt;
     if let Err(e) = world.verify(&m.mnt, &[], true) {
         fail(&world, ops, format!("after the final remount: {e}"));
     }

@@ -564,7 +564,7 @@ fn truncates_below_the_converted_point_under_a_busy_workload_never_stall_an_onli
     // Plain threads, never joined on failure: a stuck one must not hold the test.
     for (k, done) in progress.iter().enumerate() {
         let (mnt, stop, failure, done) = (mnt.clone(), stop.clone(), failure.clone(), done.clone());
-        let (big, cut) = (big.clone(), cut.clone());
+        let big = big.clone();
         let mut rng = StdRng::seed_from_u64(seed ^ (k as u64 + 1));
         std::thread::spawn(move || {
             let fail = |why: String| {
@@ -874,5 +874,130 @@ fn every_entry_keeps_its_inode_number_and_times_across_an_online_and_an_offline_
         fs::read(mnt.join("f_big")).unwrap(),
         vec![7u8; 3 * 4096 + 5]
     );
+    m.unmount();
+}
+
+/// Runs `f` on a thread; its result, or `None` if it did not end within `limit` (the thread
+/// is left behind: a stuck filesystem call must fail the test, not hang it).
+fn within<T: Send + 'static>(limit: Duration, f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(limit).ok()
+}
+
+/// A write through the mount that the freeze holds back, on its own thread: the receiver
+/// gets its result once it ran.
+fn blocked_write(mnt: &Path) -> std::sync::mpsc::Receiver<std::io::Result<()>> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let p = mnt.join("written-while-frozen");
+    std::thread::spawn(move || {
+        let _ = tx.send(fs::write(p, b"after the freeze"));
+    });
+    rx
+}
+
+/// Issue 13: a freeze is a lease. A client that holds it without renewing (stopped, stuck)
+/// loses it after the mount's `--freeze-limit`: writes resume and the socket says why.
+#[test]
+fn a_freeze_not_renewed_is_lifted_by_the_daemon_after_its_limit() {
+    let env = Env::new();
+    env.init(&env.cipher);
+    let m = env.mount_with(&env.cipher, &env.mnt, &["--freeze-limit", "2s"]);
+    let s = freeze(&env);
+    let done = blocked_write(&env.mnt);
+    let written = done
+        .recv_timeout(GUARD)
+        .expect("a write stayed frozen past the limit");
+    written.unwrap();
+    let mut line = String::new();
+    BufReader::new(s.try_clone().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(
+        line.contains("thawed") && line.contains("freeze-limit"),
+        "answer after the limit: {line}"
+    );
+    assert_eq!(
+        fs::read(env.mnt.join("written-while-frozen")).unwrap(),
+        b"after the freeze"
+    );
+    // `cmkfs mount` refuses a limit too short for a backup to renew.
+    let out = env.cmkfs(&[
+        std::ffi::OsStr::new("mount"),
+        env.cipher.as_os_str(),
+        env.dir("mnt2").as_os_str(),
+        std::ffi::OsStr::new("--freeze-limit"),
+        std::ffi::OsStr::new("1s"),
+    ]);
+    assert!(!out.ok() && out.stderr.contains("at least 2s"), "{out}");
+    m.unmount();
+}
+
+/// The client process of [`a_client_killed_while_holding_a_freeze_thaws_the_mount_at_once`]:
+/// freezes the mount whose socket `CMKFS_TEST_FREEZE_SOCKET` names, says so, and waits to be
+/// killed. Does nothing when run as a test of its own.
+#[test]
+#[ignore = "a helper process of a_client_killed_while_holding_a_freeze_thaws_the_mount_at_once"]
+fn freeze_holder_process() {
+    let Some(sock) = std::env::var_os("CMKFS_TEST_FREEZE_SOCKET") else {
+        return;
+    };
+    let mut s = UnixStream::connect(sock).unwrap();
+    s.write_all(b"{\"op\":\"freeze\"}\n").unwrap();
+    let mut line = String::new();
+    BufReader::new(s.try_clone().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    println!("HOLDER {}", line.trim());
+    std::thread::sleep(GUARD * 2);
+}
+
+/// Issue 13: `kill -9` of the process holding a freeze thaws the mount at once (the socket
+/// closes), long before the daemon's own time limit.
+#[test]
+fn a_client_killed_while_holding_a_freeze_thaws_the_mount_at_once() {
+    let env = Env::new();
+    env.init(&env.cipher);
+    let m = env.mount_with(&env.cipher, &env.mnt, &["--freeze-limit", "1h"]);
+    let sock = fs::read_dir(env.home.join("run"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "sock"))
+        .expect("the mount has a control socket");
+    let mut holder = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "reencrypt_online::freeze_holder_process",
+            "--exact",
+            "--ignored",
+            "--nocapture",
+        ])
+        .env("CMKFS_TEST_FREEZE_SOCKET", &sock)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(holder.stdout.take().unwrap());
+    let said = within(GUARD, move || {
+        let mut line = String::new();
+        while out.read_line(&mut line).is_ok_and(|n| n > 0) && !line.contains("HOLDER") {
+            line.clear();
+        }
+        line
+    });
+    let said = said.unwrap_or_else(|| {
+        let _ = holder.kill();
+        panic!("the holder never froze the mount")
+    });
+    assert!(said.contains("{\"frozen\":true}"), "{said}");
+    let done = blocked_write(&env.mnt);
+    // SAFETY: kill(2) of our own child.
+    unsafe { libc::kill(holder.id() as i32, libc::SIGKILL) };
+    let _ = holder.wait();
+    done.recv_timeout(GUARD)
+        .expect("writes stayed frozen after the client was killed")
+        .unwrap();
     m.unmount();
 }

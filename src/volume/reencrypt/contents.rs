@@ -154,6 +154,15 @@ pub(super) fn convert(
                 None => match s.vol.open_file(&f.dir, &f.bname, true, None) {
                     Ok(of) => Arc::new(of),
                     Err(e) if e.errno() == libc::ENOENT => continue,
+                    // Online, a rename through the mount may have put a symlink, directory
+                    // or special file under the name since the walk (the file itself is
+                    // elsewhere now: a later walk finds it).
+                    Err(_)
+                        if sys::stat_at(f.dir.fd(), &f.bname)
+                            .map_or(true, |st| st.st_mode & libc::S_IFMT != libc::S_IFREG) =>
+                    {
+                        continue
+                    }
                     Err(e) => {
                         return Err(ReencryptError::Refused(format!(
                             "cannot open {} to re-encrypt it: {e}",
