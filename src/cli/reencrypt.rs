@@ -29,10 +29,6 @@ enum VolumeCommand {
     Reencrypt(ReencryptArgs),
 }
 
-/// Set to `1` to allow `--online`: online re-encryption can stall a mount under load (an
-/// open bug of issue 13), so it is opt-in until that is fixed.
-pub const EXPERIMENTAL_ONLINE: &str = "CMKFS_EXPERIMENTAL_ONLINE_REENCRYPT";
-
 /// `cmkfs volume reencrypt`.
 #[derive(Args, Debug)]
 pub struct ReencryptArgs {
@@ -70,14 +66,6 @@ fn reencrypt(a: ReencryptArgs) -> anyhow::Result<()> {
                 "{} is mounted at {} (daemon {pid}); add --online to re-encrypt it in place \
                  while it stays in use, or unmount it first",
                 root.display(),
-                mountpoint.display()
-            );
-        }
-        if std::env::var_os(EXPERIMENTAL_ONLINE).is_none_or(|v| v != "1") {
-            bail!(
-                "online re-encryption is experimental: under load it can stall the mount (a \
-                 known bug); unmount {} and re-encrypt offline, or set \
-                 {EXPERIMENTAL_ONLINE}=1 to try it anyway",
                 mountpoint.display()
             );
         }

@@ -670,6 +670,7 @@ fn serve(a: &MountArgs, ready_pipe: bool) -> anyhow::Result<()> {
         tracing::warn!(inodes, entries, "kernel caches invalidated");
     });
     let stop = Arc::new(AtomicBool::new(false));
+    crate::process::raise_open_files();
     // Online re-encryption and backup freezes reach the mount through its control socket.
     let control_path = crate::control::socket_path(&home, &mp);
     if let Err(e) = crate::control::spawn(

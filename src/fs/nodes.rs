@@ -85,8 +85,11 @@ impl Nodes {
 /// Symlinks an online re-encryption replaced while the kernel knew them: each keeps its old
 /// number (`st_ino` does not change under a running program), mapped to the new backing
 /// inode. The old inode is held open (`O_PATH`, unlinked) for as long as the alias lives, so
-/// the backing filesystem cannot give its number to another object meanwhile. An alias ends
-/// when the kernel forgets the inode. A leaf lock: nothing else is taken while it is held.
+/// the backing filesystem cannot give its number to another object meanwhile. An alias
+/// lives as long as the mount, unless the symlink loses its last name through the mount
+/// (then its new backing number may be reused: it no longer maps to the old one, which
+/// stays held until the kernel forgets it). A leaf lock: nothing else is taken while it is
+/// held.
 #[derive(Default)]
 struct Aliases {
     /// New backing inode → the number shown.
@@ -138,49 +141,6 @@ impl NodeTable {
         }
     }
 
-    /// A re-encryption replaced these symlinks (no request runs meanwhile): those the kernel
-    /// knows keep their number ([`Aliases`]); the others are simply met under the new one.
-    pub(super) fn symlinks_replaced(
-        &self,
-        replaced: Vec<crate::volume::reencrypt::ReplacedSymlink>,
-    ) {
-        for r in replaced {
-            let shown = self.fuse_ino(r.old);
-            // Held across the change, so that a forget in between cannot leave an alias of
-            // an inode the kernel no longer knows (nodes before aliases, as everywhere).
-            let nodes = lock(&self.nodes);
-            let known = nodes.map.contains_key(&shown);
-            let mut a = lock(&self.aliases);
-            a.shown.remove(&r.old);
-            if !known {
-                // Replaced again after an earlier run: the first old inode goes too.
-                a.backing.remove(&shown);
-                continue;
-            }
-            a.shown.insert(r.new, shown);
-            match a.backing.get_mut(&shown) {
-                // Replaced again: the inode held since the first run still reserves `shown`.
-                Some(e) => e.0 = r.new,
-                None => {
-                    a.backing.insert(shown, (r.new, r.hold));
-                }
-            }
-            self.any_alias
-                .store(true, std::sync::atomic::Ordering::SeqCst);
-        }
-    }
-
-    /// The kernel forgot `ino`: an alias of it ends (its held inode is let go).
-    fn drop_alias(&self, ino: u64) {
-        if !self.any_alias.load(std::sync::atomic::Ordering::SeqCst) {
-            return;
-        }
-        let mut a = lock(&self.aliases);
-        if let Some((b, _hold)) = a.backing.remove(&ino) {
-            a.shown.remove(&b);
-        }
-    }
-
     /// How many times every backing name changed (see the field).
     pub(super) fn epoch(&self) -> u64 {
         self.epoch.load(std::sync::atomic::Ordering::SeqCst)
@@ -199,6 +159,68 @@ impl NodeTable {
             }
         }
         self.epoch.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// A re-encryption replaced these symlinks (no request runs meanwhile): each keeps the
+    /// number it had ([`Aliases`]), whether the kernel knows it now or not (it forgets an
+    /// unused entry a TTL after its last use, and a program's `stat` before the run must
+    /// match one after).
+    pub(super) fn symlinks_replaced(
+        &self,
+        replaced: Vec<crate::volume::reencrypt::ReplacedSymlink>,
+    ) {
+        for r in replaced {
+            let shown = self.fuse_ino(r.old);
+            let mut a = lock(&self.aliases);
+            a.shown.remove(&r.old);
+            a.shown.insert(r.new, shown);
+            match a.backing.get_mut(&shown) {
+                // Replaced again: the inode held since the first run still reserves `shown`
+                // (the intermediate one, `r.hold`, goes).
+                Some(e) => e.0 = r.new,
+                None => {
+                    a.backing.insert(shown, (r.new, r.hold));
+                }
+            }
+            self.any_alias
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    /// Kernel inode `ino` lost a name (unlink, rename over it) and the table knows no other:
+    /// its backing inode may be freed and its number reused, which must then show as itself,
+    /// not as `ino`. The held number stays reserved until the kernel forgets `ino`.
+    fn name_gone(&self, nodes: &Nodes, ino: u64) {
+        if !self.any_alias.load(std::sync::atomic::Ordering::SeqCst)
+            || nodes.map.get(&ino).is_some_and(|n| !n.links.is_empty())
+        {
+            return;
+        }
+        let mut a = lock(&self.aliases);
+        if let Some(b) = a.backing.get(&ino).map(|e| e.0) {
+            if a.shown.get(&b) == Some(&ino) {
+                a.shown.remove(&b);
+            }
+            if !nodes.map.contains_key(&ino) {
+                a.backing.remove(&ino);
+            }
+        }
+    }
+
+    /// The kernel forgot `ino`: an alias whose symlink is gone ends (its held inode is let
+    /// go). One whose symlink lives on stays: the next lookup shows the same number.
+    fn drop_alias(&self, ino: u64) {
+        if !self.any_alias.load(std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
+        let mut a = lock(&self.aliases);
+        let live = a
+            .backing
+            .get(&ino)
+            .is_some_and(|e| a.shown.get(&e.0) == Some(&ino));
+        if !live {
+            a.backing.remove(&ino);
+        }
     }
 
     /// Every known inode, and every (parent, name) dentry the kernel may have cached.
@@ -313,6 +335,7 @@ impl NodeTable {
             if was_dir {
                 nodes.drop_dir(ino);
             }
+            self.name_gone(&nodes, ino);
         }
     }
 
@@ -352,6 +375,7 @@ impl NodeTable {
             } else if Some(ino) != moved {
                 // A directory replaced by the rename is gone.
                 nodes.drop_dir(ino);
+                self.name_gone(&nodes, ino);
             }
         }
     }

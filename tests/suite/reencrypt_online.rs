@@ -275,14 +275,12 @@ fn wait_started(env: &Env) {
 }
 
 #[test]
-#[ignore = "online re-encryption can stall the mount under load (issue 13, open); run with --ignored"]
 fn reads_writes_truncates_and_renames_during_an_online_reencrypt_match_a_plain_directory() {
     // Small batches: files are converted over several batches while they are used.
     std::env::set_var("CMKFS_REENCRYPT_BATCH_BYTES", "16384");
     let seed = seed("online reencrypt differential");
     let mut rng = StdRng::seed_from_u64(seed);
     let env = Env::new();
-    std::env::set_var("CMKFS_EXPERIMENTAL_ONLINE_REENCRYPT", "1");
     env.init(&env.cipher);
     let m = env.mount(&env.cipher, &env.mnt);
     let mut t = Twin::new(&env.dir("plain"), &env.mnt);
@@ -323,14 +321,12 @@ fn reads_writes_truncates_and_renames_during_an_online_reencrypt_match_a_plain_d
 }
 
 #[test]
-#[ignore = "online re-encryption can stall the mount under load (issue 13, open); run with --ignored"]
 fn sigkill_of_the_daemon_during_an_online_reencrypt_then_remount_reads_every_file_and_resume_finishes(
 ) {
     std::env::set_var("CMKFS_REENCRYPT_BATCH_BYTES", "16384");
     let seed = seed("online reencrypt sigkill");
     let mut rng = StdRng::seed_from_u64(seed);
     let env = Env::new();
-    std::env::set_var("CMKFS_EXPERIMENTAL_ONLINE_REENCRYPT", "1");
     env.init(&env.cipher);
     let m = env.mount_foreground(&env.cipher, &env.mnt);
     let mut t = Twin::new(&env.dir("plain"), &env.mnt);
@@ -424,13 +420,11 @@ fn freeze(env: &Env) -> UnixStream {
 }
 
 #[test]
-#[ignore = "online re-encryption can stall the mount under load (issue 13, open); run with --ignored"]
 fn revocation_during_an_online_reencrypt_cuts_off_both_keys_and_heals() {
     std::env::set_var("CMKFS_REENCRYPT_BATCH_BYTES", "16384");
     let seed = seed("online reencrypt revocation");
     let mut rng = StdRng::seed_from_u64(seed);
     let env = Env::new();
-    std::env::set_var("CMKFS_EXPERIMENTAL_ONLINE_REENCRYPT", "1");
     env.init(&env.cipher);
     let m = env.mount_with(&env.cipher, &env.mnt, &["--key-check-interval", "1s"]);
     let mut t = Twin::new(&env.dir("plain"), &env.mnt);
@@ -532,7 +526,6 @@ fn truncates_below_the_converted_point_under_a_busy_workload_never_stall_an_onli
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     use std::sync::{Arc, Mutex};
     std::env::set_var("CMKFS_REENCRYPT_BATCH_BYTES", "4096");
-    std::env::set_var("CMKFS_EXPERIMENTAL_ONLINE_REENCRYPT", "1");
     let seed = seed("online reencrypt forced truncate");
     let mut rng = StdRng::seed_from_u64(seed);
     let env = Env::new();
@@ -788,7 +781,6 @@ fn set_times(p: &Path, atime: i64, mtime: i64) {
 #[test]
 fn every_entry_keeps_its_inode_number_and_times_across_an_online_and_an_offline_reencrypt() {
     std::env::set_var("CMKFS_REENCRYPT_BATCH_BYTES", "4096");
-    std::env::set_var("CMKFS_EXPERIMENTAL_ONLINE_REENCRYPT", "1");
     let env = Env::new();
     env.init(&env.cipher);
     let m = env.mount(&env.cipher, &env.mnt);
