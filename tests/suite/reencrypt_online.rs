@@ -637,9 +637,10 @@ fn truncates_below_the_converted_point_under_a_busy_workload_never_stall_an_onli
                                     .zip(big[i].chunks(4096))
                                     .enumerate()
                                     .find(|(n, (g, w))| {
-                                        !w.starts_with(g)
-                                            && !(cut_at.is_some_and(|c| n * 4096 >= c & !4095)
-                                                && g.iter().all(|b| *b == 0))
+                                        let zeros_past_cut = cut_at
+                                            .is_some_and(|c| n * 4096 >= c & !4095)
+                                            && g.iter().all(|b| *b == 0);
+                                        !(w.starts_with(g) || zeros_past_cut)
                                     })
                                     .map(|(n, _)| n * 4096);
                                 if got.len() > big[i].len() || bad.is_some() {
@@ -670,11 +671,11 @@ fn truncates_below_the_converted_point_under_a_busy_workload_never_stall_an_onli
             panic!("seed {seed}: {why}");
         }
         // Cut each big file once its conversion is under way (units under both keys).
-        for i in 0..BIG {
+        for (i, file) in backing.iter().enumerate() {
             if cut.lock().unwrap()[i].is_some() {
                 continue;
             }
-            if let Some((0, done)) = conversion_state(&backing[i]) {
+            if let Some((0, done)) = conversion_state(file) {
                 if done >= 2 {
                     let len = 4096 + rng.gen_range(1..16usize);
                     cut.lock().unwrap()[i] = Some(len);
