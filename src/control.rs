@@ -235,7 +235,7 @@ fn serve(conn: UnixStream, ctl: &Control, busy: &Mutex<()>) {
             let _ = answer(&conn, &Answer::Thawed(why.into()));
         }
         Request::Reencrypt => {
-            let _busy = match busy.try_lock() {
+            let running = match busy.try_lock() {
                 Ok(g) => g,
                 // A run that panicked poisoned it; it is over all the same.
                 Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
@@ -269,6 +269,9 @@ fn serve(conn: UnixStream, ctl: &Control, busy: &Mutex<()>) {
                 Ok(report) => Answer::Done(report),
                 Err(e) => Answer::Error(e),
             };
+            // Free before the client hears the end: a next request it sends at once must
+            // not find this one still "running".
+            drop(running);
             let _ = answer(&conn, &a);
         }
     }
