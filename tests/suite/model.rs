@@ -1239,6 +1239,7 @@ fn run_seed_with(seed: u64, ops: usize, reencrypt: bool) {
         let mut m = m;
         let _stop = StopOnDrop(&stop);
         if reencrypt {
+            std::env::set_var("CMKFS_EXPERIMENTAL_ONLINE_REENCRYPT", "1");
             sc.spawn(|| {
                 while !stop.load(std::sync::atomic::Ordering::SeqCst) {
                     let _g = remounting.lock().unwrap_or_else(|p| p.into_inner());
