@@ -1336,6 +1336,7 @@ fn ops() -> usize {
 }
 
 #[test]
+#[ignore = "online re-encryption is opt-in (issue 13); ~15-40 s, past the suite budget: run with --run-ignored all"]
 fn random_operations_match_the_model_while_the_volume_is_reencrypted_online() {
     // Small batches: files are converted over several batches while they are used.
     std::env::set_var("CMKFS_REENCRYPT_BATCH_BYTES", "16384");

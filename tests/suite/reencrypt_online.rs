@@ -277,6 +277,7 @@ fn wait_started(env: &Env) {
 }
 
 #[test]
+#[ignore = "online re-encryption is opt-in (issue 13); ~10 s each under CI load, past the suite budget: run with --run-ignored all"]
 fn reads_writes_truncates_and_renames_during_an_online_reencrypt_match_a_plain_directory() {
     // Small batches: files are converted over several batches while they are used.
     std::env::set_var("CMKFS_REENCRYPT_BATCH_BYTES", "16384");
@@ -323,6 +324,7 @@ fn reads_writes_truncates_and_renames_during_an_online_reencrypt_match_a_plain_d
 }
 
 #[test]
+#[ignore = "online re-encryption is opt-in (issue 13); ~10 s each under CI load, past the suite budget: run with --run-ignored all"]
 fn sigkill_of_the_daemon_during_an_online_reencrypt_then_remount_reads_every_file_and_resume_finishes(
 ) {
     std::env::set_var("CMKFS_REENCRYPT_BATCH_BYTES", "16384");
@@ -422,6 +424,7 @@ fn freeze(env: &Env) -> UnixStream {
 }
 
 #[test]
+#[ignore = "online re-encryption is opt-in (issue 13); ~10 s each under CI load, past the suite budget: run with --run-ignored all"]
 fn revocation_during_an_online_reencrypt_cuts_off_both_keys_and_heals() {
     std::env::set_var("CMKFS_REENCRYPT_BATCH_BYTES", "16384");
     let seed = seed("online reencrypt revocation");
