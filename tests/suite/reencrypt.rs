@@ -611,14 +611,14 @@ fn holes_stay_holes_and_cost_nothing() {
     let m = env.mount(&env.cipher, &env.mnt);
     let mut rng = StdRng::seed_from_u64(seed("reencrypt holes"));
     let f = fs::File::create(env.mnt.join("sparse")).unwrap();
-    f.set_len(256 << 20).unwrap();
-    for at in [0u64, 100 << 20, (256 << 20) - 5000] {
+    f.set_len(32 << 20).unwrap();
+    for at in [0u64, 20 << 20, (32 << 20) - 5000] {
         std::os::unix::fs::FileExt::write_all_at(&f, &random_bytes(&mut rng, 5000), at).unwrap();
     }
     drop(f);
     fs::File::create(env.mnt.join("empty-but-long"))
         .unwrap()
-        .set_len(64 << 20)
+        .set_len(16 << 20)
         .unwrap();
     fs::write(env.mnt.join("dense"), random_bytes(&mut rng, 100_000)).unwrap();
     let want = mount_view(&env.mnt);
