@@ -562,9 +562,16 @@ fn reencrypt_runs(
     small.par_iter_mut().try_for_each(one)
 }
 
-/// True when every byte is zero.
+/// True when every byte is zero. 64 bytes at a time (an OR-fold the compiler vectorises),
+/// stopping at the first non-zero chunk: ciphertext, the common case, stops at once.
 fn is_zero(b: &[u8]) -> bool {
-    b.iter().fold(0u8, |a, x| a | x) == 0
+    let mut chunks = b.chunks_exact(64);
+    for c in &mut chunks {
+        if c.iter().fold(0u8, |a, x| a | x) != 0 {
+            return false;
+        }
+    }
+    chunks.remainder().iter().all(|x| *x == 0)
 }
 
 /// Writes the non-zero units of `data` (units from `from`) in runs: an all-zero unit was a
