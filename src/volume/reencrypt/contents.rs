@@ -120,9 +120,8 @@ struct Work {
 
 /// A run of data units of a plan, and where its bytes are in the batch buffer.
 struct DataRun {
-    /// Units `[from, to)`.
+    /// First unit.
     from: u64,
-    to: u64,
     /// Its bytes in the batch buffer (the last unit may be short: the file's last block).
     buf: Range<usize>,
 }
@@ -319,16 +318,29 @@ fn run_batch(
             from: p.from,
             to: p.to,
             last: p.last,
+            // One journal run per stretch of units that is written: a mark must come from
+            // bytes the batch changes, and a sector can begin with the end of an all-zero
+            // unit that is left as it is (its first 8 bytes would then match whether the
+            // rest of the sector was written or not).
             runs: p
                 .runs
                 .iter()
-                .map(|r| Run {
-                    from: r.from,
-                    to: r.to,
-                    marks: journal::encode_marks(
-                        FILE_HEADER_LEN as u64 + r.from * cx.sector,
-                        &data[r.buf.clone()],
-                    ),
+                .flat_map(|r| {
+                    let bytes = &data[r.buf.clone()];
+                    live_stretches(bytes, cx.sector)
+                        .into_iter()
+                        .map(move |(a, b)| {
+                            let part = &bytes[a..b];
+                            let first = r.from + (a as u64) / cx.sector;
+                            Run {
+                                from: first,
+                                to: first + (part.len() as u64).div_ceil(cx.sector),
+                                marks: journal::encode_marks(
+                                    FILE_HEADER_LEN as u64 + first * cx.sector,
+                                    part,
+                                ),
+                            }
+                        })
                 })
                 .collect(),
         });
@@ -419,7 +431,6 @@ fn plan(
             let bytes = ((b * cx.sector).min(end) - a * cx.sector) as usize;
             let r = DataRun {
                 from: a,
-                to: b,
                 buf: *used..*used + bytes,
             };
             *used += bytes;
@@ -574,12 +585,13 @@ fn is_zero(b: &[u8]) -> bool {
     chunks.remainder().iter().all(|x| *x == 0)
 }
 
-/// Writes the non-zero units of `data` (units from `from`) in runs: an all-zero unit was a
-/// hole inside an allocated extent and stays as it is (real ciphertext is never all zeros).
-fn write_units(f: &File, sector: u64, from: u64, data: &[u8]) -> Result<(), ReencryptError> {
+/// The byte ranges of `data` (consecutive units of `sector` bytes, the last maybe short) that
+/// are maximal stretches of units not all zero.
+fn live_stretches(data: &[u8], sector: u64) -> Vec<(usize, usize)> {
     let sector = sector as usize;
     let units = data.len().div_ceil(sector);
     let zero = |k: usize| is_zero(&data[k * sector..((k + 1) * sector).min(data.len())]);
+    let mut out = Vec::new();
     let mut i = 0;
     while i < units {
         if zero(i) {
@@ -587,14 +599,21 @@ fn write_units(f: &File, sector: u64, from: u64, data: &[u8]) -> Result<(), Reen
             continue;
         }
         let j = (i..units).find(|&k| zero(k)).unwrap_or(units);
-        let a = i * sector;
-        let b = (j * sector).min(data.len());
+        out.push((i * sector, (j * sector).min(data.len())));
+        i = j;
+    }
+    out
+}
+
+/// Writes the non-zero units of `data` (units from `from`) in runs: an all-zero unit was a
+/// hole inside an allocated extent and stays as it is (real ciphertext is never all zeros).
+fn write_units(f: &File, sector: u64, from: u64, data: &[u8]) -> Result<(), ReencryptError> {
+    for (a, b) in live_stretches(data, sector) {
         f.write_all_at(
             &data[a..b],
-            FILE_HEADER_LEN as u64 + from * sector as u64 + a as u64,
+            FILE_HEADER_LEN as u64 + from * sector + a as u64,
         )
         .map_err(ReencryptError::os)?;
-        i = j;
     }
     Ok(())
 }

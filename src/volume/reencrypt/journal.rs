@@ -3,9 +3,9 @@
 //! It says which phase the re-encryption is in (names, then contents) and, while a batch of
 //! file ranges is being rewritten in place, enough to finish that batch after a crash: per
 //! range its file (backing path from the root, checked against the file id), the units
-//! `[from, to)`, and per *data run* of the range (the units it rewrites; holes between runs
-//! are neither read nor written) a **mark** of every 512-byte sector of the backing file the
-//! run touches: the first 8 bytes of the run's bytes in that sector *as they are written*
+//! `[from, to)`, and per *run* of the range (a stretch of units it rewrites; holes and
+//! all-zero units between runs are neither written nor marked) a **mark** of every 512-byte
+//! sector of the backing file the run touches: the first 8 bytes of the run's bytes in that sector *as they are written*
 //! (ciphertext under the new DEK, never plaintext). After a crash, a sector that starts with
 //! its mark holds new ciphertext, any other one old ciphertext: sectors are written whole
 //! (the same assumption as LUKS2's "checksum" resilience; a killed process leaves whole
@@ -88,7 +88,9 @@ impl MarkKind {
     }
 }
 
-/// A run of units of one range that the batch rewrites.
+/// A stretch of units of one range that the batch rewrites, every one of them: a mark must
+/// be taken from bytes that change (an all-zero unit is left as it is, and a sector may
+/// begin with the end of one).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Run {
@@ -116,8 +118,8 @@ pub struct Item {
     /// Whether the file is complete after this range (its header then says the new
     /// generation).
     pub last: bool,
-    /// The data runs inside `[from, to)`, in order; the units between them were holes and
-    /// are not written.
+    /// The runs inside `[from, to)`, in order; the units between them were holes or all
+    /// zeros and are not written.
     pub runs: Vec<Run>,
 }
 
