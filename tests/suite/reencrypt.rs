@@ -498,14 +498,14 @@ fn backing_bytes(cipher: &Path) -> BTreeMap<std::path::PathBuf, Vec<u8>> {
 /// files spanning batches, tails of 1..15 bytes, a sparse file with data between holes.
 #[test]
 fn a_batch_torn_at_any_sector_is_finished_from_the_journal_marks() {
-    // Batches of 64 units: every file of the tree is in a few of them, and each is torn.
-    std::env::set_var("CMKFS_REENCRYPT_BATCH_BYTES", "262144");
+    // Batches of 256 units: the tree fits in a few of them, and each is torn.
+    std::env::set_var("CMKFS_REENCRYPT_BATCH_BYTES", "1048576");
     let seed = seed("reencrypt torn sectors");
     let mut rng = StdRng::seed_from_u64(seed);
     let env = Env::new();
     env.init(&env.cipher).assert_ok();
     let m = env.mount(&env.cipher, &env.mnt);
-    populate(&env.mnt, &mut rng, 40);
+    populate(&env.mnt, &mut rng, 30);
     {
         // Data between holes, crossing a unit boundary behind the file header: the sector
         // where a data unit begins also holds the end of an all-zero unit.
