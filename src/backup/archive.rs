@@ -9,7 +9,7 @@ use std::io::{self, Read, Write};
 
 use sha2::{Digest, Sha256};
 
-use super::manifest::{Kind, Member};
+use super::manifest::{Digester, Kind, Member, VERSION};
 use super::BackupError;
 
 /// Prefix of every backing entry's member name.
@@ -71,7 +71,7 @@ fn parse_time(v: &[u8]) -> Option<(i64, u32)> {
 /// A reader that hashes what passes through it.
 struct Hashing<'a, R> {
     inner: R,
-    hash: &'a mut Sha256,
+    hash: &'a mut Digester,
 }
 
 impl<R: Read> Read for Hashing<'_, R> {
@@ -120,9 +120,14 @@ impl<W: Write> Writer<W> {
     }
 
     /// Appends the member `m`; `data` yields the bytes of its extents, in order (regular
-    /// files only). Returns the member's digest (hex).
-    pub fn member(&mut self, m: &Member, data: Option<&mut dyn Read>) -> io::Result<String> {
-        let mut hash = m.digest_start();
+    /// files only). Returns the member's digest and data digest ([`Digester`], layout
+    /// [`VERSION`], hex).
+    pub fn member(
+        &mut self,
+        m: &Member,
+        data: Option<&mut dyn Read>,
+    ) -> io::Result<(String, Option<String>)> {
+        let mut hash = Digester::new(m, VERSION);
         let name = format!(
             "{VOLUME_PREFIX}{}{}",
             m.path,
@@ -212,7 +217,7 @@ impl<W: Write> Writer<W> {
             }
             _ => self.tar.append(&h, io::empty())?,
         }
-        Ok(hex::encode(hash.finalize()))
+        Ok(hash.finish())
     }
 
     /// Ends the archive and returns the output.
@@ -247,6 +252,18 @@ fn rel_path(name: &[u8], what: &str) -> Result<String, BackupError> {
         }
     }
     Ok(rel.to_string())
+}
+
+/// Checks a relative backing path named by a manifest (the rule of member names: `/`-separated
+/// single components, no `.`, `..` or empty ones; `""` is the root).
+pub fn check_rel(rel: &str) -> Result<(), BackupError> {
+    if !rel.is_empty() {
+        for c in rel.split('/') {
+            crate::volume::sys::component(std::ffi::OsStr::new(c))
+                .map_err(|_| corrupt(format!("the manifest names an unsafe path {rel:?}")))?;
+        }
+    }
+    Ok(())
 }
 
 fn read_decimal(r: &mut impl Read, consumed: &mut u64) -> Result<u64, BackupError> {
@@ -517,12 +534,14 @@ mod tests {
                 panic!("own member")
             };
             assert_eq!(*m, ms[i]);
-            let mut h = m.digest_start();
+            let mut h = Digester::new(&m, VERSION);
             let mut buf = Vec::new();
             e.read_to_end(&mut buf).unwrap();
             assert_eq!(buf.len() as u64, m.data_len());
             h.update(&buf);
-            assert_eq!(hex::encode(h.finalize()), digests[i]);
+            let (d, data) = h.finish();
+            assert_eq!((d.clone(), data.clone()), digests[i]);
+            assert_eq!(Digester::with_data(&m, data.as_deref()).unwrap(), d);
             i += 1;
         }
         assert_eq!(i, ms.len());

@@ -16,7 +16,10 @@ use std::time::Instant;
 use rustix::fs::Stat;
 
 use super::archive::{Writer, KEY_MEMBER, MAC_MEMBER, MANIFEST_MEMBER};
-use super::manifest::{self, Entry, KeyEnvelope, Kind, Manifest, Member, Source, Totals};
+use super::manifest::{
+    self, BaseLink, ChangeKey, Digester, Entry, KeyEnvelope, Kind, Manifest, Member, Source,
+    Stored, Totals,
+};
 use super::{now, BackupError, BackupReport, Progress};
 use crate::fsutil::TEMP_PREFIX;
 use crate::keyring::Unwrapped;
@@ -50,6 +53,147 @@ pub struct BackupRequest<'a> {
     pub archive: &'a Path,
     /// Whether nothing can change the volume during the backup (recorded in the manifest).
     pub point_in_time: bool,
+    /// For an incremental backup: the previous archive of the chain.
+    pub base: Option<&'a BaseState>,
+}
+
+/// The state a previous archive recorded, as an incremental backup compares against it.
+pub struct BaseState {
+    /// The previous archive.
+    pub path: std::path::PathBuf,
+    link: BaseLink,
+    entries: HashMap<String, Entry>,
+    by_ino: HashMap<u64, String>,
+}
+
+impl BaseState {
+    /// Reads and authenticates the archive at `path` (its manifest's MAC under the volume's
+    /// DEK) as the base of an incremental backup of the volume of `header`.
+    pub fn load(
+        path: &Path,
+        header: &VolumeHeader,
+        deks: &Unwrapped,
+    ) -> Result<BaseState, BackupError> {
+        let shown = path.display();
+        let unusable = |e: BackupError| match e {
+            BackupError::Corrupt(m) => BackupError::Refused(format!(
+                "{shown} is damaged or was changed ({m}): name another base, or take a full \
+                 backup"
+            )),
+            BackupError::Read(err) => BackupError::Refused(format!(
+                "{shown} cannot be read ({err}): it is truncated or damaged; name another \
+                 base, or take a full backup"
+            )),
+            other => other,
+        };
+        let sealed = super::chain::read_sealed(path).map_err(unusable)?;
+        if sealed.envelope.volume_id != header.volume_id {
+            return Err(BackupError::Refused(format!(
+                "{shown} is a backup of volume {}, not of this one ({}): name a previous \
+                 backup of this volume",
+                sealed.envelope.volume_id, header.volume_id
+            )));
+        }
+        if sealed.envelope.dek_fingerprint != deks.outer.fingerprint() {
+            return Err(BackupError::Refused(format!(
+                "{shown} was taken under another DEK (the volume was re-encrypted since): \
+                 take a full backup"
+            )));
+        }
+        let man = sealed
+            .open(&deks.outer, deks.inner.is_some())
+            .map_err(unusable)?;
+        if man.version < 2 {
+            return Err(BackupError::Refused(format!(
+                "{shown} is an archive of version {} (an older cmkfs) without data digests: \
+                 take a full backup to start a chain",
+                man.version
+            )));
+        }
+        let depth = man.base.as_ref().map_or(0, |b| b.depth) + 1;
+        let mut by_ino = HashMap::new();
+        let mut entries = HashMap::with_capacity(man.members.len());
+        for e in man.members {
+            if let Some(c) = &e.change {
+                by_ino.insert(c.ino, e.path.clone());
+            }
+            entries.insert(e.path.clone(), e);
+        }
+        Ok(BaseState {
+            path: path.to_path_buf(),
+            link: BaseLink {
+                manifest_sha256: sealed.manifest_sha256.clone(),
+                created: man.created,
+                archive: sealed.name(),
+                depth,
+            },
+            entries,
+            by_ino,
+        })
+    }
+
+    /// The base entry whose data `f` (at `path`, with `change` and record `m`) has: without
+    /// reading when a candidate's change key is the same, else by comparing data digests.
+    /// Returns the base path and the data digest; `hashed` counts files read.
+    fn same_data(
+        &self,
+        path: &str,
+        change: &ChangeKey,
+        f: &File,
+        m: &Member,
+        hashed: &mut u64,
+    ) -> Result<Option<(String, String)>, BackupError> {
+        let mut cands: Vec<&Entry> = Vec::new();
+        if let Some(e) = self.entries.get(path).filter(|e| e.change.is_some()) {
+            cands.push(e);
+        }
+        if let Some(e) = self
+            .by_ino
+            .get(&change.ino)
+            .and_then(|p| self.entries.get(p))
+        {
+            if e.path != path {
+                cands.push(e);
+            }
+        }
+        for e in &cands {
+            if e.change.as_ref() == Some(change) {
+                if let Some(d) = &e.data_sha256 {
+                    return Ok(Some((e.path.clone(), d.clone())));
+                }
+            }
+        }
+        cands.retain(|e| {
+            e.change
+                .as_ref()
+                .is_some_and(|c| c.size == change.size && c.layout == change.layout)
+        });
+        if cands.is_empty() {
+            return Ok(None);
+        }
+        *hashed += 1;
+        let mut d = Digester::new(m, manifest::VERSION);
+        let mut r = ExtentReader {
+            file: f,
+            extents: &m.extents,
+            done_in_extent: 0,
+        };
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = r.read(&mut buf).map_err(|e| BackupError::io(path, e))?;
+            if n == 0 {
+                break;
+            }
+            d.update(&buf[..n]);
+        }
+        let Some(data) = d.finish().1 else {
+            return Ok(None);
+        };
+        Ok(cands
+            .iter()
+            .find(|e| e.data_sha256.as_deref() == Some(data.as_str()))
+            .map(|e| (e.path.clone(), data.clone())))
+    }
 }
 
 /// Backing xattrs of cmkfs's own (everything else the backing filesystem may add, such as
@@ -125,6 +269,19 @@ fn extents(f: &File, size: u64) -> io::Result<Vec<(u64, u64)>> {
         off = h;
     }
     Ok(out)
+}
+
+/// Asks that reading `f` leave its access time alone (`O_NOATIME`), so a backup does not
+/// change the records the next incremental backup compares (the owner or root may; for
+/// anyone else the kernel refuses and the read moves atime as usual).
+fn no_atime(f: &File) {
+    // SAFETY: fcntl on a valid descriptor with integer arguments only.
+    unsafe {
+        let fl = libc::fcntl(f.as_raw_fd(), libc::F_GETFL);
+        if fl >= 0 {
+            libc::fcntl(f.as_raw_fd(), libc::F_SETFL, fl | libc::O_NOATIME);
+        }
+    }
 }
 
 /// Reads the extents of a file in order (`pread`); a file that shrank ends early.
@@ -331,7 +488,18 @@ fn write_archive(
         .map_err(werr)?;
     let mut entries: Vec<Entry> = Vec::new();
     let mut totals = Totals::default();
+    let mut stored = Stored::default();
+    let mut files_compared = 0u64;
     let mut sockets = 0u64;
+    let base = req.base;
+    let entry = |path: &str, sha256: String| Entry {
+        path: path.into(),
+        sha256,
+        data_sha256: None,
+        change: None,
+        from: None,
+        record: None,
+    };
     let mut seen: HashMap<(u64, u64), String> = HashMap::new();
     walk(root, &mut |dir, name, path, st| {
         let fmt = st.st_mode & libc::S_IFMT;
@@ -359,43 +527,94 @@ fn write_archive(
             if let Some(first) = seen.get(&key) {
                 m.kind = Kind::Hardlink;
                 m.target = Some(first.clone());
-                let d = w.member(&m, None).map_err(werr)?;
-                entries.push(Entry {
-                    path: path.into(),
-                    sha256: d,
-                });
                 totals.hardlinks += 1;
+                let (d, _) = Digester::new(&m, manifest::VERSION).finish();
+                if base.is_some_and(|b| b.entries.get(path).is_some_and(|e| e.sha256 == d)) {
+                    stored.referenced += 1;
+                    entries.push(Entry {
+                        from: Some(path.into()),
+                        ..entry(path, d)
+                    });
+                } else {
+                    let (d, _) = w.member(&m, None).map_err(werr)?;
+                    stored.members += 1;
+                    entries.push(entry(path, d));
+                }
                 return Ok(());
             }
             seen.insert(key, path.to_string());
         }
         m.xattrs = xattrs(xt, path)?;
-        let digest = match kind {
-            Kind::File => {
-                let Some(n) = name else {
-                    return Err(BackupError::Internal("the root is a file".into()));
-                };
-                let (f, fst) = match sys::open_regular(dir, n, sys::Access::Read, Some(st.st_ino)) {
-                    Ok(x) => x,
-                    Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(()),
-                    Err(e) => return Err(BackupError::io(path, e)),
-                };
-                m.size = fst.st_size as u64;
-                m.extents = extents(&f, m.size).map_err(|e| BackupError::io(path, e))?;
-                totals.files += 1;
-                totals.bytes += m.data_len();
-                if m.extents != [(0, m.size)] && m.size > 0 {
-                    totals.sparse += 1;
-                }
-                let mut r = ExtentReader {
-                    file: &f,
-                    extents: &m.extents,
-                    done_in_extent: 0,
-                };
-                let d = w.member(&m, Some(&mut r)).map_err(werr)?;
-                prog.bytes_done += m.size;
-                d
+        if kind == Kind::File {
+            let Some(n) = name else {
+                return Err(BackupError::Internal("the root is a file".into()));
+            };
+            let (f, fst) = match sys::open_regular(dir, n, sys::Access::Read, Some(st.st_ino)) {
+                Ok(x) => x,
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(()),
+                Err(e) => return Err(BackupError::io(path, e)),
+            };
+            no_atime(&f);
+            m.size = fst.st_size as u64;
+            m.extents = extents(&f, m.size).map_err(|e| BackupError::io(path, e))?;
+            totals.files += 1;
+            totals.bytes += m.data_len();
+            if m.extents != [(0, m.size)] && m.size > 0 {
+                totals.sparse += 1;
             }
+            let change = ChangeKey {
+                ino: fst.st_ino,
+                size: m.size,
+                mtime: (fst.st_mtime, fst.st_mtime_nsec as u32),
+                ctime: (fst.st_ctime, fst.st_ctime_nsec as u32),
+                layout: ChangeKey::layout_of(&m.extents),
+            };
+            let same = match base {
+                Some(b) => b.same_data(path, &change, &f, &m, &mut files_compared)?,
+                None => None,
+            };
+            let e = match same {
+                Some((from, data)) => {
+                    let d = Digester::with_data(&m, Some(&data))?;
+                    let unchanged = from == path
+                        && base.is_some_and(|b| b.entries.get(path).is_some_and(|e| e.sha256 == d));
+                    stored.referenced += 1;
+                    if !unchanged {
+                        stored.changed_records += 1;
+                    }
+                    Entry {
+                        data_sha256: Some(data),
+                        change: Some(change),
+                        from: Some(from),
+                        record: (!unchanged).then(|| Box::new(m.clone())),
+                        ..entry(path, d)
+                    }
+                }
+                None => {
+                    let mut r = ExtentReader {
+                        file: &f,
+                        extents: &m.extents,
+                        done_in_extent: 0,
+                    };
+                    let (d, data) = w.member(&m, Some(&mut r)).map_err(werr)?;
+                    stored.members += 1;
+                    stored.bytes += m.data_len();
+                    Entry {
+                        data_sha256: data,
+                        change: Some(change),
+                        ..entry(path, d)
+                    }
+                }
+            };
+            entries.push(e);
+            prog.bytes_done += m.size;
+            prog.members_done += 1;
+            if let Some(p) = progress.as_mut() {
+                p(&prog);
+            }
+            return Ok(());
+        }
+        match kind {
             Kind::Symlink => {
                 let Some(n) = name else {
                     return Err(BackupError::Internal("the root is a symlink".into()));
@@ -407,27 +626,27 @@ fn write_archive(
                     ))
                 })?);
                 totals.symlinks += 1;
-                w.member(&m, None).map_err(werr)?
             }
             Kind::Char | Kind::Block => {
                 let rdev = st.st_rdev as libc::dev_t;
                 m.rdev = Some((libc::major(rdev), libc::minor(rdev)));
                 totals.special += 1;
-                w.member(&m, None).map_err(werr)?
             }
-            Kind::Dir => {
-                totals.dirs += 1;
-                w.member(&m, None).map_err(werr)?
-            }
-            _ => {
-                totals.special += 1;
-                w.member(&m, None).map_err(werr)?
-            }
-        };
-        entries.push(Entry {
-            path: path.into(),
-            sha256: digest,
-        });
+            Kind::Dir => totals.dirs += 1,
+            _ => totals.special += 1,
+        }
+        let (d, _) = Digester::new(&m, manifest::VERSION).finish();
+        if base.is_some_and(|b| b.entries.get(path).is_some_and(|e| e.sha256 == d)) {
+            stored.referenced += 1;
+            entries.push(Entry {
+                from: Some(path.into()),
+                ..entry(path, d)
+            });
+        } else {
+            let (d, _) = w.member(&m, None).map_err(werr)?;
+            stored.members += 1;
+            entries.push(entry(path, d));
+        }
         prog.members_done += 1;
         if let Some(p) = progress.as_mut() {
             p(&prog);
@@ -443,6 +662,8 @@ fn write_archive(
         key_envelope_sha256: manifest::sha256_hex(env_bytes),
         totals: totals.clone(),
         members: entries,
+        base: base.map(|b| b.link.clone()),
+        stored: base.map(|_| stored.clone()),
     };
     let mbytes = serde_json::to_vec(&manifest).map_err(|e| BackupError::Internal(e.to_string()))?;
     let mac = manifest::mac(&req.deks.outer, &mbytes);
@@ -460,6 +681,10 @@ fn write_archive(
         members: manifest.members.len() as u64,
         totals,
         sockets_skipped: sockets,
+        base: base.map(|b| b.path.clone()),
+        chain_depth: base.map(|b| b.link.depth),
+        stored: base.map(|_| stored),
+        files_compared,
         archive_bytes: 0,
         seconds: 0.0,
         freeze_seconds: None,

@@ -16,8 +16,11 @@ const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STA
 
 /// `format` of the key envelope and the manifest.
 pub const FORMAT: &str = "cmkfs-backup";
-/// Version of the archive layout.
-pub const VERSION: u32 = 1;
+/// Version of the archive layout this cmkfs writes: 2 (member digests over the data's
+/// SHA-256, per-file data digests and change keys, incremental archives).
+pub const VERSION: u32 = 2;
+/// Oldest archive layout this cmkfs restores (1: member digests over the data bytes).
+pub const MIN_VERSION: u32 = 1;
 /// HKDF label (under the volume's outer DEK) of the manifest MAC key.
 const MAC_LABEL: &str = "backup-manifest";
 /// Upper bound on the key envelope and the MAC member (bytes).
@@ -87,9 +90,10 @@ impl KeyEnvelope {
     pub fn parse(bytes: &[u8]) -> Result<KeyEnvelope, BackupError> {
         let e: KeyEnvelope = serde_json::from_slice(bytes)
             .map_err(|err| BackupError::Corrupt(format!("the key envelope is invalid: {err}")))?;
-        if e.format != FORMAT || e.version != VERSION {
+        if e.format != FORMAT || !(MIN_VERSION..=VERSION).contains(&e.version) {
             return Err(BackupError::Corrupt(format!(
-                "the key envelope is {} version {}, this cmkfs reads {FORMAT} version {VERSION}",
+                "the key envelope is {} version {}, this cmkfs reads {FORMAT} versions \
+                 {MIN_VERSION} to {VERSION}",
                 e.format, e.version
             )));
         }
@@ -200,10 +204,10 @@ pub enum Kind {
     Block,
 }
 
-/// Everything the archive says about one backing entry. Its digest
-/// ([`Member::digest_start`]) covers this record (as canonical JSON) and then the data
-/// bytes of its extents, so a change to any byte that means something — a mode in a tar
-/// header, an xattr value in a PAX record, a data byte — is found.
+/// Everything the archive says about one backing entry. Its digest ([`Digester`]) covers
+/// this record (as canonical JSON) and the data bytes of its extents, so a change to any
+/// byte that means something — a mode in a tar header, an xattr value in a PAX record, a
+/// data byte — is found.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct Member {
@@ -242,30 +246,177 @@ pub struct Member {
 }
 
 impl Member {
-    /// A hasher fed with this record; the caller adds the extents' bytes.
-    pub fn digest_start(&self) -> Sha256 {
-        let mut h = Sha256::new();
-        // Serializing a plain struct of strings and integers cannot fail.
-        let json = serde_json::to_vec(self).unwrap_or_default();
-        h.update((json.len() as u64).to_le_bytes());
-        h.update(&json);
-        h
-    }
-
     /// Bytes of data the member carries.
     pub fn data_len(&self) -> u64 {
         self.extents.iter().map(|e| e.1).sum()
     }
 }
 
-/// One line of the manifest: a member's path and digest, in archive order.
+/// Computes a member's digest as its data streams (docs/FORMAT.md, "Backup archive"):
+///
+/// - version 1: SHA-256(len(json) as u64 LE ‖ json ‖ data bytes);
+/// - version 2: SHA-256(len(json) as u64 LE ‖ json ‖ D) for a regular file, where D, the
+///   member's *data digest*, is SHA-256(size ‖ extent count ‖ (offset, length)… ‖ data
+///   bytes), all numbers u64 LE; SHA-256(len(json) ‖ json) for anything else. An
+///   incremental archive can so name a file's data by D without carrying it.
+pub struct Digester {
+    version: u32,
+    record: Sha256,
+    data: Option<Sha256>,
+}
+
+impl Digester {
+    /// A digester of `m` under archive layout `version`.
+    pub fn new(m: &Member, version: u32) -> Digester {
+        let mut record = Sha256::new();
+        // Serializing a plain struct of strings and integers cannot fail.
+        let json = serde_json::to_vec(m).unwrap_or_default();
+        record.update((json.len() as u64).to_le_bytes());
+        record.update(&json);
+        let data = (version >= 2 && m.kind == Kind::File).then(|| {
+            let mut d = Sha256::new();
+            d.update(m.size.to_le_bytes());
+            d.update((m.extents.len() as u64).to_le_bytes());
+            for (o, l) in &m.extents {
+                d.update(o.to_le_bytes());
+                d.update(l.to_le_bytes());
+            }
+            d
+        });
+        Digester {
+            version,
+            record,
+            data,
+        }
+    }
+
+    /// Feeds data bytes (the extents', in order).
+    pub fn update(&mut self, bytes: &[u8]) {
+        match (&mut self.data, self.version) {
+            (Some(d), _) => d.update(bytes),
+            (None, 1) => self.record.update(bytes),
+            // Version 2 and not a file: there is no data.
+            (None, _) => {}
+        }
+    }
+
+    /// The member digest and, for a version 2 file, its data digest (hex).
+    pub fn finish(mut self) -> (String, Option<String>) {
+        let data = self.data.take().map(|d| d.finalize());
+        if let Some(d) = &data {
+            self.record.update(d);
+        }
+        (hex::encode(self.record.finalize()), data.map(hex::encode))
+    }
+
+    /// The version 2 digest of `m` whose data digest is `data` (hex; files only), without
+    /// the data: how an incremental archive's references are checked.
+    pub fn with_data(m: &Member, data: Option<&str>) -> Result<String, BackupError> {
+        let mut d = Digester::new(m, 2);
+        d.data = None;
+        match (m.kind, data) {
+            (Kind::File, Some(h)) => {
+                let raw = hex::decode(h)
+                    .ok()
+                    .filter(|r| r.len() == 32)
+                    .ok_or_else(|| {
+                        BackupError::Corrupt(format!("{:?}: bad data digest", m.path))
+                    })?;
+                d.record.update(&raw);
+            }
+            (Kind::File, None) => {
+                return Err(BackupError::Corrupt(format!(
+                    "{:?}: a file without its data digest",
+                    m.path
+                )))
+            }
+            _ => {}
+        }
+        Ok(hex::encode(d.record.finalize()))
+    }
+}
+
+/// What tells an incremental backup, without reading a file, that its ciphertext has not
+/// changed since the base (as restic and git do): the backing file's inode, size, mtime,
+/// ctime (which no caller can set back) and data layout, all as the base saw them.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ChangeKey {
+    /// Inode number.
+    pub ino: u64,
+    /// Length.
+    pub size: u64,
+    /// Modification time (seconds, nanoseconds).
+    pub mtime: (i64, u32),
+    /// Status change time (seconds, nanoseconds).
+    pub ctime: (i64, u32),
+    /// SHA-256 (hex, first 16 bytes) of the data extents list.
+    pub layout: String,
+}
+
+impl ChangeKey {
+    /// The layout hash of `extents`.
+    pub fn layout_of(extents: &[(u64, u64)]) -> String {
+        let mut h = Sha256::new();
+        for (o, l) in extents {
+            h.update(o.to_le_bytes());
+            h.update(l.to_le_bytes());
+        }
+        hex::encode(&h.finalize()[..16])
+    }
+}
+
+/// One line of the manifest: an entry of the volume, in walk order (parents first).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct Entry {
     /// [`Member::path`].
     pub path: String,
-    /// SHA-256 of the member (hex).
+    /// The member digest ([`Digester`], hex).
     pub sha256: String,
+    /// Version 2, regular files: the data digest ([`Digester`], hex).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_sha256: Option<String>,
+    /// Version 2, regular files: the change key the backup saw.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub change: Option<ChangeKey>,
+    /// Incremental archives: the entry is not stored in this archive; its data (a regular
+    /// file's) is that of the base state's entry at this path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
+    /// With `from`: the entry's record when it differs from the base entry's (renamed,
+    /// owner, mode, times or xattrs changed); absent when identical (then `from` is `path`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub record: Option<Box<Member>>,
+}
+
+/// The archive an incremental archive is based on.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct BaseLink {
+    /// SHA-256 (hex) of the base's manifest member: binds the whole base (every member
+    /// digest, its key envelope, its own base).
+    pub manifest_sha256: String,
+    /// When the base was taken (Unix seconds).
+    pub created: u64,
+    /// The base's file name when this archive was made (for messages only).
+    pub archive: String,
+    /// Archives before this one in its chain (1: the base is a full backup).
+    pub depth: u32,
+}
+
+/// What an incremental archive itself carries.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Stored {
+    /// Members stored (new or changed entries).
+    pub members: u64,
+    /// Data bytes stored.
+    pub bytes: u64,
+    /// Entries taken from the base by reference.
+    pub referenced: u64,
+    /// Of those, files whose record changed (renamed, metadata) with the same data.
+    pub changed_records: u64,
 }
 
 /// Counts of what an archive holds.
@@ -306,10 +457,17 @@ pub struct Manifest {
     pub source: Source,
     /// SHA-256 of the key envelope member (hex).
     pub key_envelope_sha256: String,
-    /// Counts.
+    /// Counts (of the whole volume, also in an incremental archive).
     pub totals: Totals,
-    /// Every member after the key envelope, in order.
+    /// Every entry of the volume, in walk order; in a full archive each is a member after
+    /// the key envelope, in the same order.
     pub members: Vec<Entry>,
+    /// Incremental archives: the archive this one is based on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<BaseLink>,
+    /// Incremental archives: what this archive carries itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stored: Option<Stored>,
 }
 
 /// The manifest MAC: HMAC-SHA256 under HKDF(outer DEK, "backup-manifest") over the

@@ -11,9 +11,16 @@
 //! only a fully verified tree gets a header (the DEK wrapped by the chosen Disk Encryption
 //! Set's key), is optionally re-encrypted under a fresh DEK, and is renamed into place.
 //! Anything wrong removes the temp directory: nothing is left half-written.
+//!
+//! An incremental backup (`--incremental-from PREVIOUS`) stores only the entries that
+//! changed since the previous archive of the chain and names the rest by reference; it is
+//! bound to its base by the SHA-256 of the base's manifest ([`chain`]).
 
 pub mod archive;
+pub mod chain;
 pub mod create;
+mod extract;
+pub mod leftovers;
 pub mod manifest;
 pub mod restore;
 
@@ -22,8 +29,8 @@ use std::path::PathBuf;
 
 use serde::Serialize;
 
-pub use create::{backup, BackupKey, BackupRequest};
-pub use manifest::Totals;
+pub use create::{backup, BackupKey, BackupRequest, BaseState};
+pub use manifest::{Stored, Totals};
 pub use restore::{restore, RestoreReport, RestoreRequest};
 
 /// Why a backup or restore failed.
@@ -111,6 +118,15 @@ pub struct BackupReport {
     pub totals: Totals,
     /// Sockets skipped (they hold nothing).
     pub sockets_skipped: u64,
+    /// An incremental archive: its base (the previous archive of the chain).
+    pub base: Option<PathBuf>,
+    /// An incremental archive: archives before it in its chain.
+    pub chain_depth: Option<u32>,
+    /// An incremental archive: what it stores itself, and what it takes from its base.
+    pub stored: Option<Stored>,
+    /// An incremental archive: files read to compare their data with the base (their change
+    /// key differed: touched, renamed, metadata changed).
+    pub files_compared: u64,
     /// Size of the archive.
     pub archive_bytes: u64,
     /// Time taken.

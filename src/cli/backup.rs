@@ -38,6 +38,11 @@ pub struct BackupArgs {
     /// Reach the volume's vault as this identity (as `cmkfs mount --credential`).
     #[arg(long, value_name = "FILE")]
     credential: Option<PathBuf>,
+    /// Store only what changed since this previous archive of the volume (a full or an
+    /// incremental one): the new archive names it as its base, and `cmkfs restore` needs
+    /// the whole chain, the full backup first.
+    #[arg(long, value_name = "PREVIOUS")]
+    incremental_from: Option<PathBuf>,
     /// Back up a mounted volume even when its writes cannot be frozen (the archive is then
     /// not a point-in-time view: files written meanwhile may be torn).
     #[arg(long)]
@@ -50,10 +55,16 @@ pub struct BackupArgs {
 /// `cmkfs restore`.
 #[derive(Args, Debug)]
 pub struct RestoreArgs {
-    /// The archive made by `cmkfs backup`.
-    archive: PathBuf,
+    /// The archive made by `cmkfs backup`; for incremental backups the chain: the full
+    /// backup, then each incremental archive in the order they were taken.
+    #[arg(required = true, num_args = 1.., value_name = "ARCHIVE")]
+    archives: Vec<PathBuf>,
     /// The backing directory to create (absent, or an empty directory).
     cipherdir: PathBuf,
+    /// Find the bases of the (one) ARCHIVE given in this directory: the chain is followed
+    /// back from ARCHIVE to its full backup through the archives there.
+    #[arg(long, value_name = "DIR")]
+    bases: Option<PathBuf>,
     /// The Disk Encryption Set the restored volume belongs to (its key wraps the DEK).
     #[arg(long, value_name = "NAME")]
     des: String,
@@ -225,6 +236,13 @@ pub fn run_backup(a: BackupArgs) -> anyhow::Result<()> {
             }
         }
     };
+    let base = match &a.incremental_from {
+        Some(p) => Some(
+            backup::BaseState::load(p, &header, &deks)
+                .with_context(|| format!("previous archive {}", p.display()))?,
+        ),
+        None => None,
+    };
     let bar = Bar::new(!a.json, "backup");
     let mut show = |p: &Progress| bar.show(p);
     let result = backup::backup(
@@ -235,6 +253,7 @@ pub fn run_backup(a: BackupArgs) -> anyhow::Result<()> {
             key,
             archive: &a.archive,
             point_in_time: frozen.is_some() || _lock.is_some(),
+            base: base.as_ref(),
         },
         Some(&mut show),
     );
@@ -277,6 +296,20 @@ fn print_backup(root: &Path, r: &BackupReport, json: bool) -> anyhow::Result<()>
         r.archive_bytes as f64 / 1e6
     );
     println!("  DEK wrapped by {}", r.key_id);
+    if let (Some(base), Some(s)) = (&r.base, &r.stored) {
+        println!(
+            "  incremental (archive {} of its chain) on {}: {} members ({:.1} MB) stored, {} \
+             taken from the base ({} of them renamed or with new metadata), {} files read to \
+             compare",
+            r.chain_depth.unwrap_or(0) + 1,
+            base.display(),
+            s.members,
+            s.bytes as f64 / 1e6,
+            s.referenced,
+            s.changed_records,
+            r.files_compared
+        );
+    }
     match r.freeze_seconds {
         Some(s) => {
             println!("  writes through the mount were frozen for {s:.2} s (a point-in-time view)")
@@ -314,12 +347,25 @@ pub fn run_restore(a: RestoreArgs) -> anyhow::Result<()> {
             None => vault::open(&kid.vault, &home)?,
         })
     };
+    let archives = match &a.bases {
+        None => a.archives.clone(),
+        Some(dir) => {
+            let [newest] = a.archives.as_slice() else {
+                bail!("--bases takes one ARCHIVE (the newest of its chain); its bases are found in {}", dir.display());
+            };
+            backup::chain::find_chain(newest, dir)?
+        }
+    };
+    let shown = archives
+        .last()
+        .map(|p| p.display().to_string())
+        .unwrap_or_default();
     let bar = Bar::new(!a.json, "restore");
     let mut show = |p: &Progress| bar.show(p);
     let r = backup::restore(
         &backup::RestoreRequest {
             home: &home,
-            archive: &a.archive,
+            archives: &archives,
             target: &a.cipherdir,
             des: &a.des,
             new_dek: a.new_dek,
@@ -328,7 +374,7 @@ pub fn run_restore(a: RestoreArgs) -> anyhow::Result<()> {
         Some(&mut show),
     );
     bar.done();
-    let r = r.with_context(|| format!("restoring {}", a.archive.display()))?;
+    let r = r.with_context(|| format!("restoring {shown}"))?;
     print_restore(&r, a.json)
 }
 
@@ -357,6 +403,23 @@ fn print_restore(r: &RestoreReport, json: bool) -> anyhow::Result<()> {
         "  DEK wrapped by {} (the archive's by {})",
         r.key_id, r.backup_key_id
     );
+    if r.archives.len() > 1 {
+        println!(
+            "  chain of {} archives: {}",
+            r.archives.len(),
+            r.archives
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(" <- ")
+        );
+    }
+    for c in &r.cleaned_up {
+        println!(
+            "  removed {}, left by a restore that was killed",
+            c.display()
+        );
+    }
     if let Some(n) = &r.new_dek {
         println!(
             "  re-encrypted under a new DEK (fingerprint {}): {} files, {:.1} MB in {:.2} s",

@@ -23,7 +23,9 @@
 //!   temp directories included, and directories a rename over an empty directory replaced
 //!   (marked `.cmkfs.replaced`) but did not get to remove;
 //! - anything else that is not in the format (reported as a warning and left alone: it is
-//!   hidden from the plaintext view anyway).
+//!   hidden from the plaintext view anyway);
+//! - beside the backing directory (or instead of it, when it is not a volume yet), the temp
+//!   directory of a killed `cmkfs restore` into it (`restore_temp`).
 //!
 //! The walk reaches deep directories through descriptors (`/proc/self/fd/N/name`), so a
 //! backing path longer than PATH_MAX is checked like any other.
@@ -226,6 +228,9 @@ pub enum ProblemKind {
     /// A re-encryption under a new DEK is in progress or was interrupted (`cmkfs volume
     /// reencrypt` resumes it; the volume mounts meanwhile).
     ReencryptInProgress,
+    /// The temp directory of a `cmkfs restore` into this target that was killed (or, as a
+    /// warning, of one still running), beside the target.
+    RestoreLeftover,
 }
 
 /// How serious a finding is.
@@ -384,6 +389,9 @@ impl Report {
 
 /// Checks (and with [`Options::repair`], repairs) the volume in `dir`.
 pub fn run(dir: &Path, opts: &Options<'_>) -> Result<Report, FsckError> {
+    if let Some(r) = restore_temp::check_target(dir, opts.repair) {
+        return Ok(r);
+    }
     let root = fs::canonicalize(dir).map_err(|e| FsckError::io(dir, e))?;
     if !root.is_dir() {
         return Err(FsckError::io(&root, io::Error::other("not a directory")));
@@ -430,6 +438,9 @@ pub fn run(dir: &Path, opts: &Options<'_>) -> Result<Report, FsckError> {
     let _ = c.check_dir(&root, Some(Path::new("/")));
     c.check_long_targets();
     c.write_manifest();
+    c.report
+        .problems
+        .extend(restore_temp::beside(&root, opts.repair));
     c.report.finish();
     Ok(c.report)
 }
@@ -486,6 +497,7 @@ fn unescape_mountinfo(f: &[u8]) -> Vec<u8> {
 mod backing;
 mod checker;
 mod header;
+mod restore_temp;
 mod walk;
 mod xattrs;
 

@@ -23,13 +23,13 @@ use sha2::{Digest, Sha256};
 
 const MARKER: &[u8] = b"PLAINTEXT-MARKER-b4ckup";
 
-fn json(out: &Output) -> serde_json::Value {
+pub(crate) fn json(out: &Output) -> serde_json::Value {
     out.assert_ok();
     serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("not JSON ({e}):\n{out}"))
 }
 
 /// A volume, a second key for backups, and a Disk Encryption Set `d` (key `dkey`).
-fn setup(env: &Env) {
+pub(crate) fn setup(env: &Env) {
     env.init(&env.cipher);
     env.cmkfs(&["vault", "config", "--purge-protection", "on"])
         .assert_ok();
@@ -41,7 +41,7 @@ fn setup(env: &Env) {
         .assert_ok();
 }
 
-fn setxattr(p: &Path, name: &str, value: &[u8]) {
+pub(crate) fn setxattr(p: &Path, name: &str, value: &[u8]) {
     let c = CString::new(p.as_os_str().as_bytes()).unwrap();
     let n = CString::new(name).unwrap();
     // SAFETY: valid strings and buffer.
@@ -63,7 +63,7 @@ fn setxattr(p: &Path, name: &str, value: &[u8]) {
     );
 }
 
-fn set_times(p: &Path, mtime: (i64, i64)) {
+pub(crate) fn set_times(p: &Path, mtime: (i64, i64)) {
     let c = CString::new(p.as_os_str().as_bytes()).unwrap();
     let ts = [
         libc::timespec {
@@ -88,7 +88,7 @@ fn set_times(p: &Path, mtime: (i64, i64)) {
 }
 
 /// Fills a mounted volume with every kind of thing a backup must carry.
-fn populate(root: &Path, rng: &mut StdRng) {
+pub(crate) fn populate(root: &Path, rng: &mut StdRng) {
     let long_dir = root.join("d".repeat(220));
     for d in ["a/b/c", "empty", "sticky", "setgid"] {
         fs::create_dir_all(root.join(d)).unwrap();
@@ -200,7 +200,7 @@ fn xattrs(p: &Path) -> Vec<String> {
 /// Everything a user sees of a mounted tree: per path its type, mode, owner, size, mtime
 /// (ns), content hash, target, device number, xattrs (ACLs included), and which paths share
 /// an inode.
-fn view(root: &Path) -> BTreeMap<String, String> {
+pub(crate) fn view(root: &Path) -> BTreeMap<String, String> {
     let mut out = BTreeMap::new();
     let rmd = fs::metadata(root).unwrap();
     out.insert(
@@ -259,7 +259,11 @@ fn view(root: &Path) -> BTreeMap<String, String> {
 }
 
 #[track_caller]
-fn assert_views(got: &BTreeMap<String, String>, want: &BTreeMap<String, String>, what: &str) {
+pub(crate) fn assert_views(
+    got: &BTreeMap<String, String>,
+    want: &BTreeMap<String, String>,
+    what: &str,
+) {
     if got == want {
         return;
     }
@@ -313,7 +317,7 @@ fn ciphertext_blocks(cipher: &Path) -> HashSet<[u8; 16]> {
 }
 
 /// Backing view: relative path -> type and bytes (the header excluded).
-fn backing(cipher: &Path) -> BTreeMap<String, String> {
+pub(crate) fn backing(cipher: &Path) -> BTreeMap<String, String> {
     let mut out = BTreeMap::new();
     for p in walk(cipher) {
         let rel = p.strip_prefix(cipher).unwrap().display().to_string();
@@ -472,7 +476,7 @@ fn round_trip_keeps_every_byte_and_metadata_and_new_dek_shares_no_ciphertext_blo
 
 /// Offsets in a tar file: (header offset, type flag, data offset, data length) per block
 /// header, in order.
-fn tar_members(b: &[u8]) -> Vec<(usize, u8, usize, usize)> {
+pub(crate) fn tar_members(b: &[u8]) -> Vec<(usize, u8, usize, usize)> {
     let mut out = Vec::new();
     let mut o = 0;
     while o + 512 <= b.len() && b[o..o + 512].iter().any(|x| *x != 0) {

@@ -7,6 +7,7 @@ mod vault_support;
 
 mod azure_client;
 mod backup;
+mod backup_chain;
 mod content_model;
 mod crash;
 mod des;
