@@ -88,9 +88,10 @@ pub type FaultHook<'a> = &'a mut dyn FnMut(Step) -> io::Result<()>;
 pub struct Progress {
     /// `names` or `contents`.
     pub phase: String,
-    /// Data bytes rewritten so far.
+    /// Data bytes rewritten so far (holes are neither read nor written).
     pub bytes_done: u64,
-    /// Data bytes of the files found (an estimate while a mount changes them).
+    /// Data bytes of the files found: their allocated bytes, so a sparse file counts what it
+    /// holds (an estimate; more while a mount writes).
     pub bytes_total: u64,
     /// Files converted so far.
     pub files_done: u64,
@@ -452,7 +453,7 @@ impl<'a> Session<'a> {
             let files = contents::walk(&root, self.vol)?;
             if round == 0 {
                 self.progress.files_total = files.len() as u64;
-                self.progress.bytes_total = files.iter().map(|f| f.len).sum();
+                self.progress.bytes_total = files.iter().map(|f| f.alloc).sum();
                 self.report_progress();
             }
             let (n, bytes) = contents::convert(self, files, closed.is_none())?;
