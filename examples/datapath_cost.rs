@@ -10,6 +10,8 @@
 //! workload, runs each and prints the time per request (best of 3). Under
 //! `valgrind --tool=callgrind` the instruction counts compare two builds on a noisy machine:
 //! `valgrind --tool=callgrind target/release/examples/datapath_cost read1m 200`.
+//! `datapath_cost stackdepth` prints how deep the sector loop writes into the stack in this
+//! build, against the bytes the engine scrubs after it.
 
 use std::fs::{File, OpenOptions};
 use std::time::{Duration, Instant};
@@ -155,6 +157,16 @@ const ALL: [(&str, u32); 6] = [
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    #[cfg(target_arch = "x86_64")]
+    if args.first().map(String::as_str) == Some("stackdepth") {
+        // What the sector engine's stack scrub must cover in this (optimized) build.
+        println!(
+            "sector loop stack depth: {} bytes; the engine scrubs {} bytes",
+            cmkfs::engine::stack_depth(),
+            cmkfs::engine::ENGINE_SCRUB_BYTES
+        );
+        return;
+    }
     let fx = Fixture::new();
     if let Some(w) = args.first() {
         let n = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(1000);

@@ -37,12 +37,19 @@ fn main() {
     }
     cmkfs::process::ignore_file_size_signal();
     if let Err(e) = cmkfs::cli::run(cli) {
-        // One line: the error and its causes, joined.
-        let msg = e
-            .chain()
-            .map(|c| c.to_string())
-            .collect::<Vec<_>>()
-            .join(": ");
+        // One line: the error and its causes, joined; a cause an error's own message already
+        // shows (`{path}: {source}`) is said once.
+        let mut msg = String::new();
+        for c in e.chain() {
+            let c = c.to_string();
+            if msg.contains(&c) {
+                continue;
+            }
+            if !msg.is_empty() {
+                msg.push_str(": ");
+            }
+            msg.push_str(&c);
+        }
         eprintln!("cmkfs: error: {msg}");
         std::process::exit(1);
     }

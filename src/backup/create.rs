@@ -10,7 +10,7 @@ use std::io::{self, BufWriter, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use rustix::fs::Stat;
@@ -436,6 +436,7 @@ pub fn backup(
     let fname = req.archive.file_name().ok_or_else(|| {
         BackupError::Refused(format!("{} is not a file name", req.archive.display()))
     })?;
+    let stale = remove_stale_temps(dir, &fname.to_string_lossy());
     let tmp = dir.join(format!(
         "{TEMP_PREFIX}{}.{}",
         fname.to_string_lossy(),
@@ -447,8 +448,18 @@ pub fn backup(
         .mode(0o600)
         .open(&tmp)
         .map_err(|e| BackupError::io(&tmp.display().to_string(), e))?;
+    // Held until the end (the lock is the open file's, shared by this descriptor): it tells
+    // a later backup that this temp file is being written, not left by a killed one.
+    let _writing = out
+        .try_clone()
+        .and_then(|f| {
+            rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive)?;
+            Ok(f)
+        })
+        .map_err(|e| BackupError::io(&tmp.display().to_string(), e))?;
     let result = (|| {
         let mut report = write_archive(req, &root, out, &env_bytes, total, progress)?;
+        report.stale_temp_removed = stale;
         let f = File::open(&tmp).map_err(|e| BackupError::io(&tmp.display().to_string(), e))?;
         f.sync_all()
             .map_err(|e| BackupError::io(&tmp.display().to_string(), e))?;
@@ -471,6 +482,53 @@ pub fn backup(
         let _ = std::fs::remove_file(&tmp);
     }
     result
+}
+
+/// How old an unlocked temp file must be to count as a killed backup's (one just created
+/// is locked a moment later).
+const STALE_AFTER: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Removes the temp files that killed backups to the archive named `fname` left in `dir`
+/// (`.cmkfs-tmp.<fname>.<16 hex>`): a running backup holds an exclusive `flock` on its
+/// own, so one that can be locked, and is not brand new, has no writer. Returns them.
+fn remove_stale_temps(dir: &Path, fname: &str) -> Vec<PathBuf> {
+    let prefix = format!("{TEMP_PREFIX}{fname}.");
+    let mut out = Vec::new();
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    for e in rd.flatten() {
+        let name = e.file_name();
+        let Some(rand) = name.to_str().and_then(|n| n.strip_prefix(&prefix)) else {
+            continue;
+        };
+        if rand.len() != 16 || !rand.bytes().all(|b| b.is_ascii_hexdigit()) {
+            continue;
+        }
+        let p = e.path();
+        let Ok(f) = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&p)
+        else {
+            continue;
+        };
+        let old = f
+            .metadata()
+            .ok()
+            .filter(|m| m.is_file())
+            .and_then(|m| m.modified().ok())
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age >= STALE_AFTER);
+        if old
+            && rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_ok()
+            && std::fs::remove_file(&p).is_ok()
+        {
+            tracing::info!(path = %p.display(), "removed the temp file of a killed backup");
+            out.push(p);
+        }
+    }
+    out
 }
 
 fn write_archive(
@@ -686,7 +744,38 @@ fn write_archive(
         stored: base.map(|_| stored),
         files_compared,
         archive_bytes: 0,
+        stale_temp_removed: Vec::new(),
         seconds: 0.0,
         freeze_seconds: None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_unlocked_old_temp_files_of_the_same_archive_are_removed() {
+        let d = tempfile::tempdir().unwrap();
+        let old = std::time::SystemTime::now() - 2 * STALE_AFTER;
+        let make = |name: &str, aged: bool| {
+            let p = d.path().join(name);
+            let f = File::create(&p).unwrap();
+            if aged {
+                f.set_modified(old).unwrap();
+            }
+            (p, f)
+        };
+        let (killed, _) = make(".cmkfs-tmp.a.tar.0123456789abcdef", true);
+        let (running, rf) = make(".cmkfs-tmp.a.tar.fedcba9876543210", true);
+        rustix::fs::flock(&rf, rustix::fs::FlockOperation::NonBlockingLockExclusive).unwrap();
+        let (fresh, _) = make(".cmkfs-tmp.a.tar.00112233445566ff", false);
+        let (other, _) = make(".cmkfs-tmp.b.tar.0123456789abcdef", true);
+        let (odd, _) = make(".cmkfs-tmp.a.tar.not-hex", true);
+        assert_eq!(remove_stale_temps(d.path(), "a.tar"), vec![killed.clone()]);
+        assert!(!killed.exists());
+        for p in [running, fresh, other, odd] {
+            assert!(p.exists(), "{}", p.display());
+        }
+    }
 }

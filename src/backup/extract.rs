@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use super::archive::{self, Parsed, KEY_MEMBER, MANIFEST_MEMBER};
 use super::chain::{read_small, Link};
-use super::manifest::{self, Kind, Member};
+use super::manifest::{self, Kind, Manifest, Member};
 use super::BackupError;
 use crate::volume::sys::{self, XTarget};
 
@@ -271,6 +271,7 @@ pub(super) fn apply(
     let mut files = HashSet::new();
     let mut dirs: Vec<Member> = Vec::new();
     let mut moved: HashMap<String, String> = HashMap::new();
+    let mut blocks = Allocation::new(man);
     for want in &man.members {
         let (m, digest, data) = match &want.from {
             None => {
@@ -289,7 +290,9 @@ pub(super) fn apply(
                         m.path, want.path
                     )));
                 }
-                let (d, data) = extract(tree, &m, &mut e, &mut files, &mut dirs, version)?;
+                blocks.admit(&m, want)?;
+                let (d, data) = extract(tree, &m, &mut e, &mut files, &mut dirs, version)
+                    .map_err(|e| crafted(&m.path, e))?;
                 (*m, d, data)
             }
             Some(from) => {
@@ -368,6 +371,71 @@ pub(super) fn apply(
         _ => return Err(corrupt("the manifest is missing".into())),
     }
     Ok((state, dirs))
+}
+
+/// What a name clash or a path through a non-directory says when a member is created: the
+/// archive is crafted or damaged (a duplicate entry, a member below a symlink), not the
+/// disk.
+fn crafted(path: &str, e: BackupError) -> BackupError {
+    match e {
+        BackupError::Io { source, .. }
+            if matches!(
+                source.raw_os_error(),
+                Some(libc::EEXIST | libc::ENOTDIR | libc::ELOOP | libc::ENOENT)
+            ) =>
+        {
+            BackupError::Corrupt(format!("member {path:?} cannot be created ({source})"))
+        }
+        e => e,
+    }
+}
+
+/// The disk blocks a restore may allocate for the stored files of an archive, checked
+/// before a byte of a member is written: a stored file's size and data extents must be those
+/// the manifest recorded (its change key), and all files together may not touch more 4 KiB
+/// blocks than the manifest's data bytes need (plus a partial block at each end of a
+/// file). A crafted sparse map of many tiny extents would otherwise allocate a block for
+/// each byte.
+struct Allocation {
+    left: u64,
+}
+
+impl Allocation {
+    const BLOCK: u64 = 4096;
+
+    fn new(man: &Manifest) -> Allocation {
+        let slack = 2 * Self::BLOCK * (man.totals.files + 1);
+        Allocation {
+            left: man.totals.bytes.saturating_add(slack),
+        }
+    }
+
+    fn admit(&mut self, m: &Member, want: &manifest::Entry) -> Result<(), BackupError> {
+        if m.kind != Kind::File {
+            return Ok(());
+        }
+        if let Some(c) = &want.change {
+            if c.size != m.size || c.layout != manifest::ChangeKey::layout_of(&m.extents) {
+                return Err(BackupError::Corrupt(format!(
+                    "member {:?}: its size or sparse map is not the one the manifest recorded",
+                    m.path
+                )));
+            }
+        }
+        let touched = m.extents.iter().fold(0u64, |acc, &(off, len)| {
+            let first = off / Self::BLOCK;
+            let end = off.saturating_add(len).div_ceil(Self::BLOCK);
+            acc.saturating_add((end - first).saturating_mul(Self::BLOCK))
+        });
+        self.left = self.left.checked_sub(touched).ok_or_else(|| {
+            BackupError::Corrupt(format!(
+                "member {:?}: its sparse map needs more disk blocks than the manifest's data \
+                 bytes",
+                m.path
+            ))
+        })?;
+        Ok(())
+    }
 }
 
 /// Moves the previous state's file `from` to `m.path` in the new tree (a second reference to

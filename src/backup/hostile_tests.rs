@@ -13,7 +13,7 @@ use super::*;
 use crate::backup::archive::MAC_MEMBER;
 use crate::backup::chain::read_sealed;
 use crate::backup::manifest::{
-    Digester, Entry, KeyEnvelope, Manifest, Source, Stored, Totals, VERSION,
+    ChangeKey, Digester, Entry, KeyEnvelope, Manifest, Source, Stored, Totals, VERSION,
 };
 use crate::crypto::Dek;
 use crate::vault::WrapAlg;
@@ -31,6 +31,12 @@ struct Raw {
     size: Option<u64>,
     listed: Option<String>,
     from: Option<String>,
+    /// More pax records (a sparse map's).
+    pax: Vec<(&'static str, Vec<u8>)>,
+    /// The record the manifest lists, when not the one `record` makes of the data.
+    rec: Option<Member>,
+    /// The change key the manifest lists.
+    change: Option<ChangeKey>,
 }
 
 fn raw(name: &str, kind: tar::EntryType) -> Raw {
@@ -44,6 +50,9 @@ fn raw(name: &str, kind: tar::EntryType) -> Raw {
             .strip_prefix("volume/")
             .map(|p| p.trim_end_matches('/').to_string()),
         from: None,
+        pax: Vec::new(),
+        rec: None,
+        change: None,
     }
 }
 
@@ -92,6 +101,7 @@ fn craft(dir: &Path, members: &[Raw], dek: &Dek, stored: bool) -> std::path::Pat
     };
     small(&mut b, KEY_MEMBER, &env_bytes);
     let mut entries = Vec::new();
+    let mut totals = Totals::default();
     for m in members {
         let mut pax: Vec<(&str, &[u8])> = vec![
             ("path", &m.name),
@@ -102,6 +112,9 @@ fn craft(dir: &Path, members: &[Raw], dek: &Dek, stored: bool) -> std::path::Pat
         ];
         if let Some(l) = &m.link {
             pax.push(("linkpath", l));
+        }
+        for (k, v) in &m.pax {
+            pax.push((k, v));
         }
         if m.from.is_none() {
             b.append_pax_extensions(pax).unwrap();
@@ -130,15 +143,28 @@ fn craft(dir: &Path, members: &[Raw], dek: &Dek, stored: bool) -> std::path::Pat
                 let l = String::from_utf8_lossy(l).into_owned();
                 l.strip_prefix("volume/").map(str::to_string).unwrap_or(l)
             });
-            let r = record(path, kind, target.as_deref(), &m.data);
+            let r = m
+                .rec
+                .clone()
+                .unwrap_or_else(|| record(path, kind, target.as_deref(), &m.data));
+            if r.kind == Kind::File {
+                totals.files += 1;
+                totals.bytes += r.data_len();
+            }
             let mut d = Digester::new(&r, VERSION);
-            d.update(&m.data);
+            // A sparse member's data starts with its map: the extents' bytes follow it.
+            let skip = if m.rec.is_some() {
+                m.data.len().saturating_sub(r.data_len() as usize)
+            } else {
+                0
+            };
+            d.update(&m.data[skip..]);
             let (sha256, data_sha256) = d.finish();
             entries.push(Entry {
                 path: path.clone(),
                 sha256,
                 data_sha256,
-                change: None,
+                change: m.change.clone(),
                 from: m.from.clone(),
                 record: None,
             });
@@ -160,7 +186,7 @@ fn craft(dir: &Path, members: &[Raw], dek: &Dek, stored: bool) -> std::path::Pat
             des: None,
         },
         key_envelope_sha256: manifest::sha256_hex(&env_bytes),
-        totals: Totals::default(),
+        totals,
         members: entries,
         base: None,
         stored: stored.then(Stored::default),
@@ -362,4 +388,76 @@ fn crafted_duplicates_huge_sizes_truncation_and_stray_references_are_refused() {
         fs::write(&a, &full[..cut]).unwrap();
         assert!(read_sealed(&a).is_err(), "cut at {cut} of {}", full.len());
     }
+}
+
+/// A GNU sparse 1.0 member `volume/<name>` of `n` one-byte extents 4 KiB apart (a few KiB
+/// of archive; a block of disk for each byte once written).
+fn many_extents(name: &str, n: u64) -> Raw {
+    let mut map = format!("{n}\n");
+    for k in 0..n {
+        map.push_str(&format!("{}\n1\n", k * 4096));
+    }
+    let mut data = map.into_bytes();
+    data.resize(data.len().div_ceil(512) * 512, 0);
+    data.extend(std::iter::repeat_n(b'A', n as usize));
+    let mut m = raw(&format!("volume/{name}"), tar::EntryType::Regular);
+    m.pax = vec![
+        ("GNU.sparse.major", b"1".to_vec()),
+        ("GNU.sparse.minor", b"0".to_vec()),
+        ("GNU.sparse.name", format!("volume/{name}").into_bytes()),
+        ("GNU.sparse.realsize", (n * 4096).to_string().into_bytes()),
+    ];
+    m.data = data;
+    m
+}
+
+#[test]
+fn a_crafted_sparse_map_of_many_tiny_extents_is_refused_before_a_block_is_written() {
+    // The manifest recorded a 5-byte file (its change key says so): a map that differs is
+    // refused before the file is even created.
+    let mut m = many_extents("s", 2000);
+    let mut rec = record("s", Kind::File, None, b"12345");
+    m.change = Some(ChangeKey {
+        ino: 1,
+        size: rec.size,
+        mtime: (1, 0),
+        ctime: (1, 0),
+        layout: ChangeKey::layout_of(&rec.extents),
+    });
+    m.rec = Some(rec.clone());
+    refused(vec![m], "not the one the manifest recorded");
+    // No change key to compare with (a version 1 manifest): the blocks its extents touch
+    // must fit the manifest's data bytes.
+    let mut m = many_extents("s", 2000);
+    rec.size = 2000 * 4096;
+    rec.extents = (0..2000).map(|k| (k * 4096, 1)).collect();
+    m.rec = Some(rec);
+    refused(vec![m], "more disk blocks than the manifest's data bytes");
+    // A sparse file whose map is the manifest's restores, holes as holes.
+    let d = sandbox();
+    let dek = Dek::generate().unwrap();
+    let mut m = many_extents("s", 3);
+    let mut rec = record("s", Kind::File, None, b"");
+    rec.size = 3 * 4096;
+    rec.extents = vec![(0, 1), (4096, 1), (8192, 1)];
+    m.change = Some(ChangeKey {
+        ino: 1,
+        size: rec.size,
+        mtime: (1, 0),
+        ctime: (1, 0),
+        layout: ChangeKey::layout_of(&rec.extents),
+    });
+    m.rec = Some(rec);
+    let a = craft(
+        d.path(),
+        &[raw("volume/", tar::EntryType::Directory), m],
+        &dek,
+        false,
+    );
+    try_restore(d.path(), &a, dek).unwrap();
+    let got = fs::read(d.path().join("work/t/s")).unwrap();
+    assert_eq!(
+        (got.len(), got[0], got[4096], got[1]),
+        (3 * 4096, b'A', b'A', 0)
+    );
 }

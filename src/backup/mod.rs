@@ -129,6 +129,8 @@ pub struct BackupReport {
     pub files_compared: u64,
     /// Size of the archive.
     pub archive_bytes: u64,
+    /// Temp files of killed backups to the same archive name, removed first.
+    pub stale_temp_removed: Vec<PathBuf>,
     /// Time taken.
     pub seconds: f64,
 }

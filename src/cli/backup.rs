@@ -406,6 +406,9 @@ fn print_backup(root: &Path, r: &BackupReport, json: bool) -> anyhow::Result<()>
             r.sockets_skipped
         );
     }
+    for p in &r.stale_temp_removed {
+        println!("  removed {} (left by a killed backup)", p.display());
+    }
     Ok(())
 }
 

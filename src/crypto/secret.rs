@@ -262,7 +262,15 @@ impl std::fmt::Debug for SecretBytes {
 /// Call it from the function that ran the key operations, after they returned.
 #[inline(never)]
 pub fn scrub_stack() {
-    let mut area = [0u8; SCRUB_BYTES];
+    scrub_stack_bytes::<SCRUB_BYTES>();
+}
+
+/// Zeroes `N` bytes of stack below the caller's frame, for a caller that knows how deep the
+/// key operations it ran go (the sector engine: [`crate::engine::ENGINE_SCRUB_BYTES`], pinned
+/// by a test). [`scrub_stack`] is this with [`SCRUB_BYTES`].
+#[inline(never)]
+pub fn scrub_stack_bytes<const N: usize>() {
+    let mut area = [0u8; N];
     // SAFETY: `area` is a local array of exactly this size.
     unsafe { wipe(area.as_mut_ptr(), area.len()) };
     std::hint::black_box(&mut area);

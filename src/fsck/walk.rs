@@ -114,7 +114,8 @@ impl Checker {
                     &path,
                     None,
                     plain,
-                    "a re-encryption under a new DEK is in progress or was interrupted;                      `cmkfs volume reencrypt` resumes it (the volume mounts meanwhile)"
+                    "a re-encryption under a new DEK is in progress or was interrupted; \
+                     `cmkfs volume reencrypt` resumes it (the volume mounts meanwhile)"
                         .into(),
                     Fix::None,
                     None,
@@ -381,7 +382,14 @@ impl Checker {
             }
         };
         let keys = self.keys.as_ref()?;
-        let ok = sealed.is_some_and(|s| names::open_target(&keys.names, &s).is_ok());
+        // While a re-encryption is in progress a target may still be under the retiring key.
+        let ok = sealed.is_some_and(|s| {
+            names::open_target(&keys.names, &s).is_ok()
+                || keys
+                    .retiring
+                    .as_deref()
+                    .is_some_and(|r| names::open_target(&r.names, &s).is_ok())
+        });
         (!ok).then(|| {
             (
                 ProblemKind::SymlinkUndecryptable,

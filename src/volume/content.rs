@@ -209,6 +209,51 @@ pub(crate) fn encrypt(
     by_key_runs(cx, h, first, buf, encrypt_with)
 }
 
+/// Copies `data` into `buf[at..]` and encrypts `buf` as [`encrypt`] does, in one pass over
+/// memory: each unit gets its part of `data` just before it is encrypted (the request's
+/// plaintext goes from the FUSE buffer to ciphertext in the pooled one, never to plaintext
+/// in a second buffer first).
+fn encrypt_copying(
+    cx: &Ctx,
+    h: &FileHeader,
+    first: u64,
+    buf: &mut [u8],
+    data: &[u8],
+    at: usize,
+) -> Result<(), VolumeError> {
+    check_blocks(buf)?;
+    let mut pos = 0usize;
+    let mut unit = first;
+    for (n, keys) in key_runs(cx, h, first, units_in(cx, buf))? {
+        if n == 0 {
+            continue;
+        }
+        let end = (pos + (n * cx.sector) as usize).min(buf.len());
+        // The part of `data` inside this run (`lo >= at` whenever the part is not empty).
+        let lo = at.clamp(pos, end);
+        let hi = (at + data.len()).clamp(lo, end);
+        let run = &mut buf[pos..end];
+        let tweak = h.tweak();
+        if hi > lo {
+            let part = &data[lo - at..hi - at];
+            let layer = keys.inner.as_ref().unwrap_or(&keys.xts);
+            cx.engine
+                .encrypt_from(layer, tweak, unit, run, part, lo - pos)
+                .map_err(VolumeError::Crypto)?;
+            if keys.inner.is_some() {
+                cx.engine
+                    .encrypt(&keys.xts, tweak, unit, run)
+                    .map_err(VolumeError::Crypto)?;
+            }
+        } else {
+            encrypt_with(cx, keys, tweak, unit, run)?;
+        }
+        pos = end;
+        unit += n;
+    }
+    Ok(())
+}
+
 /// One cipher pass over consecutive units with one generation's keys: [`encrypt_with`] or
 /// [`decrypt_with`] (context, keys, file tweak, first unit, buffer).
 type CipherPass = fn(&Ctx, &VolumeKeys, u128, u64, &mut [u8]) -> Result<(), VolumeError>;
@@ -419,9 +464,8 @@ fn overwrite_units(
 ) -> Result<usize, VolumeError> {
     let h = existing_header(f, st, cx)?;
     let mut buf = PoolBuf::take(roundup_block(data.len() as u64) as usize);
-    buf[..data.len()].copy_from_slice(data);
     buf[data.len()..].fill(0);
-    encrypt(cx, &h, off / cx.sector, &mut buf)?;
+    encrypt_copying(cx, &h, off / cx.sector, &mut buf, data, 0)?;
     write_at(f, &buf, off)?;
     Ok(data.len())
 }
@@ -485,8 +529,14 @@ fn write_locked(
             }
         }
     }
-    buf[(off - start) as usize..(end - start) as usize].copy_from_slice(data);
-    encrypt(cx, &h, first, &mut buf[..units])?;
+    encrypt_copying(
+        cx,
+        &h,
+        first,
+        &mut buf[..units],
+        data,
+        (off - start) as usize,
+    )?;
     let want = layout::backing_len(new_size);
     if new_size != size {
         hi = buf.len() as u64;

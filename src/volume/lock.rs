@@ -48,8 +48,8 @@ pub struct VolumeLock {
 const BUSY_EXCLUSIVE: &str =
     "it is mounted, or a header update or `cmkfs upgrade` of it is running (unmount it, or wait \
      for the other command to finish)";
-const BUSY_SHARED: &str =
-    "`cmkfs upgrade` (or `fsck --repair`) is working on it; wait for it to finish";
+const BUSY_SHARED: &str = "a command that needs it alone (`cmkfs volume reencrypt`, `cmkfs \
+     upgrade`, `cmkfs restore` or `fsck --repair`) is working on it; wait for it to finish";
 
 impl VolumeLock {
     /// Takes the lock shared (mounts, rewraps) without waiting.

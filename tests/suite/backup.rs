@@ -673,6 +673,16 @@ fn tampered_truncated_or_foreign_archives_and_a_disabled_backup_key_are_refused_
         "d".as_ref(),
     ])
     .assert_ok();
+    // A missing archive: one line that says its OS error once.
+    let out = env.cmkfs(&[
+        "restore".as_ref(),
+        env.root.join("missing.tar").as_os_str(),
+        env.root.join("t2").as_os_str(),
+        "--des".as_ref(),
+        "d".as_ref(),
+    ]);
+    out.assert_clear_error();
+    assert_eq!(out.stderr.matches("os error 2").count(), 1, "{out}");
     // A non-empty target is refused before anything else.
     let out = env.cmkfs(&[
         "restore".as_ref(),

@@ -5,7 +5,8 @@
 //! stored name, target or attribute opens under exactly one of the two keys, and whatever
 //! already opens under the new one is left alone. Each change is one atomic step (a rename
 //! of the entry, an atomic replace of a side file, a symlink replaced by rename, an attribute
-//! set under its new name before the old one goes), so a crash leaves every item readable
+//! set under its new name before the old one goes, or, for one too large to be held twice,
+//! a move recorded in the journal first), so a crash leaves every item readable
 //! under one of the keys, and at worst an orphaned side file (`fsck --repair` removes it).
 //! A hard-linked symlink gets one new symlink linked under all its names when they are met
 //! in one run; a crash between two of its names leaves them as separate symlinks with the
@@ -16,9 +17,13 @@ use std::ffi::{OsStr, OsString};
 use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
 
+use base64::engine::general_purpose::STANDARD as B64STD;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
 use base64::Engine as _;
 
+use std::os::fd::AsFd;
+
+use super::journal::{Journal, Phase, XattrMove};
 use super::{ReencryptError, Session, Step};
 use crate::crypto::VolumeKeys;
 use crate::volume::names::{self, EntryKind};
@@ -85,14 +90,18 @@ pub(super) fn run(
         }
     }
     let root_ino = root.ino();
-    let mut stack = vec![root];
-    while let Some(dir) = stack.pop() {
+    let mut stack = vec![(root, Vec::new())];
+    while let Some((dir, path)) = stack.pop() {
         let times = match dir.ino() == root_ino {
             true => root_times,
             false => sys::fstat(dir.fd()).map(|st| sys::times_of(&st)).ok(),
         };
         ids.insert(dir.ino(), *dir.id());
-        convert_xattrs(s, sys::XTarget::Fd(dir.fd()), new, old, counts)?;
+        let here = Loc {
+            path: path.clone(),
+            ino: dir.ino(),
+        };
+        convert_xattrs(s, sys::XTarget::Fd(dir.fd()), Some(&here), new, old, counts)?;
         let listed = sys::list(dir.fd()).map_err(ReencryptError::os)?;
         remove_leftovers(&dir, &listed);
         for ent in listed {
@@ -104,16 +113,32 @@ pub(super) fn run(
                 Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
                 Err(e) => return Err(ReencryptError::os(e)),
             };
+            let mut sub_path = path.clone();
+            sub_path.push(bname.clone());
             match st.st_mode & libc::S_IFMT {
                 libc::S_IFDIR => {
                     let sub = s.vol.open_dir(&dir, &bname, Some(st.st_ino))?;
-                    stack.push(Arc::new(sub));
+                    stack.push((Arc::new(sub), sub_path));
                 }
                 libc::S_IFLNK => {
-                    let name = convert_symlink(s, &dir, &bname, &st, new, old, counts, &mut links)?;
-                    convert_xattrs(s, sys::XTarget::At(dir.fd(), &name), new, old, counts)?;
+                    let name =
+                        convert_symlink(s, &dir, &path, &bname, &st, new, old, counts, &mut links)?;
+                    let ino = sys::stat_at(dir.fd(), &name).map_or(st.st_ino, |st| st.st_ino);
+                    let at = Loc {
+                        path: sub_path,
+                        ino,
+                    };
+                    let t = sys::XTarget::At(dir.fd(), &name);
+                    convert_xattrs(s, t, Some(&at), new, old, counts)?;
                 }
-                _ => convert_xattrs(s, sys::XTarget::At(dir.fd(), &bname), new, old, counts)?,
+                _ => {
+                    let at = Loc {
+                        path: sub_path,
+                        ino: st.st_ino,
+                    };
+                    let t = sys::XTarget::At(dir.fd(), &bname);
+                    convert_xattrs(s, t, Some(&at), new, old, counts)?;
+                }
             }
         }
         if let Some(t) = times {
@@ -134,7 +159,8 @@ pub(super) fn convert_open_xattrs(
 ) -> Result<(), ReencryptError> {
     for of in files {
         let fd = std::os::fd::AsFd::as_fd(of.file());
-        convert_xattrs(s, sys::XTarget::Fd(fd), new, old, counts)?;
+        // No name to record: a crash takes such a file with it anyway.
+        convert_xattrs(s, sys::XTarget::Fd(fd), None, new, old, counts)?;
     }
     Ok(())
 }
@@ -223,6 +249,7 @@ fn convert_name(
 fn convert_symlink(
     s: &mut Session<'_>,
     dir: &Arc<Dir>,
+    dir_path: &[OsString],
     bname: &OsStr,
     st: &rustix::fs::Stat,
     new: &VolumeKeys,
@@ -257,7 +284,22 @@ fn convert_symlink(
                     let _ = sys::set_xattr(sys::XTarget::At(dir.fd(), &tmp), &b, &v, 0);
                 }
             }
-            convert_xattrs(s, sys::XTarget::At(dir.fd(), &tmp), new, old, counts)?;
+            let mut path = dir_path.to_vec();
+            path.push(tmp.clone());
+            let at = Loc {
+                path,
+                ino: sys::stat_at(dir.fd(), &tmp)
+                    .map_err(ReencryptError::os)?
+                    .st_ino,
+            };
+            convert_xattrs(
+                s,
+                sys::XTarget::At(dir.fd(), &tmp),
+                Some(&at),
+                new,
+                old,
+                counts,
+            )?;
             let times: sys::Times = [
                 Some(Some((st.st_atime, st.st_atime_nsec as u32))),
                 Some(Some((st.st_mtime, st.st_mtime_nsec as u32))),
@@ -332,21 +374,47 @@ fn reseal_long_target(
     s.hooks.step(Step::TargetConverted)
 }
 
+/// Where an inode whose extended attributes are converted is: backing path from the root
+/// (empty: the root) and inode number, for the journal record and for error messages.
+struct Loc {
+    path: Vec<OsString>,
+    ino: u64,
+}
+
+impl Loc {
+    fn display(&self) -> String {
+        if self.path.is_empty() {
+            return "the backing root".into();
+        }
+        let p: Vec<_> = self.path.iter().map(|c| c.to_string_lossy()).collect();
+        format!("backing entry {}", p.join("/"))
+    }
+}
+
 /// Re-seals every extended attribute of ours on `t` that is under the old key: set under its
-/// new backing name (value sealed anew), then the old one removed.
+/// new backing name (value sealed anew), then the old one removed; one too large to be held
+/// twice by the inode goes through the journal instead ([`move_xattr`]). `at`: where `t` is
+/// (`None`: an open file with no name).
 fn convert_xattrs(
     s: &mut Session<'_>,
     t: sys::XTarget<'_>,
+    at: Option<&Loc>,
     new: &VolumeKeys,
     old: &VolumeKeys,
     counts: &mut MetaCounts,
 ) -> Result<(), ReencryptError> {
+    let whose = || at.map_or_else(|| "an open file with no name".to_string(), Loc::display);
     let list = match sys::list_xattr(t) {
         Ok(l) => l,
         Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::ENOENT)) => {
             return Ok(())
         }
-        Err(e) => return Err(ReencryptError::os(e)),
+        Err(e) => {
+            return Err(ReencryptError::Refused(format!(
+                "{}: listing its extended attributes: {e}",
+                whose()
+            )))
+        }
     };
     for b in list {
         let prefix = if b.as_bytes().starts_with(xattr::PREFIX.as_bytes()) {
@@ -375,14 +443,147 @@ fn convert_xattrs(
         };
         let nb = xattr::seal_name(new, prefix, &plain_name);
         let sealed = xattr::seal_value(new, &nb, &value).map_err(ReencryptError::other)?;
-        sys::set_xattr(t, &nb.name, &sealed, 0).map_err(ReencryptError::os)?;
-        s.hooks.step(Step::XattrSet)?;
-        match sys::remove_xattr(t, &b) {
-            Ok(()) => {}
-            Err(e) if e.raw_os_error() == Some(libc::ENODATA) => {}
-            Err(e) => return Err(ReencryptError::os(e)),
+        let fail = |e: std::io::Error| {
+            ReencryptError::Refused(format!(
+                "{}: extended attribute {}: {e}",
+                whose(),
+                b.to_string_lossy()
+            ))
+        };
+        match sys::set_xattr(t, &nb.name, &sealed, 0) {
+            Ok(()) => {
+                s.hooks.step(Step::XattrSet)?;
+                match sys::remove_xattr(t, &b) {
+                    Ok(()) => {}
+                    Err(e) if e.raw_os_error() == Some(libc::ENODATA) => {}
+                    Err(e) => return Err(fail(e)),
+                }
+            }
+            // No room for both forms at once (ext4: ENOSPC past one block of attributes).
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::E2BIG)) => {
+                move_xattr(s, t, at, &b, &nb.name, &sealed).map_err(|e| match e {
+                    ReencryptError::Io(e) => fail(e),
+                    e => e,
+                })?;
+            }
+            Err(e) => return Err(fail(e)),
         }
         counts.xattrs += 1;
     }
     Ok(())
+}
+
+/// Moves attribute `old_name` of `t` to `new_name` (value `sealed`, under the new key) by
+/// remove-then-set, crash-safely: the move is recorded in the journal first and the record
+/// cleared after ([`finish_xattr_move`] completes a recorded one).
+fn move_xattr(
+    s: &mut Session<'_>,
+    t: sys::XTarget<'_>,
+    at: Option<&Loc>,
+    old_name: &OsStr,
+    new_name: &OsStr,
+    sealed: &[u8],
+) -> Result<(), ReencryptError> {
+    if let Some(at) = at {
+        let utf8 = |c: &OsStr| {
+            c.to_str().map(str::to_owned).ok_or_else(|| {
+                ReencryptError::Refused(format!("{}: a name is not UTF-8", at.display()))
+            })
+        };
+        let m = XattrMove {
+            path: at.path.iter().map(|c| utf8(c)).collect::<Result<_, _>>()?,
+            ino: at.ino,
+            old_name: utf8(old_name)?,
+            new_name: utf8(new_name)?,
+            value: B64STD.encode(sealed),
+        };
+        write_names_journal(s, Some(m))?;
+        s.hooks.step(Step::XattrRecorded)?;
+    }
+    match sys::remove_xattr(t, old_name) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::ENODATA) => {}
+        Err(e) => return Err(ReencryptError::os(e)),
+    }
+    s.hooks.step(Step::XattrRemoved)?;
+    sys::set_xattr(t, new_name, sealed, 0).map_err(ReencryptError::os)?;
+    if at.is_some() {
+        write_names_journal(s, None)?;
+    }
+    Ok(())
+}
+
+/// Writes the journal of the names phase, with attribute move `m` recorded or none.
+fn write_names_journal(s: &mut Session<'_>, m: Option<XattrMove>) -> Result<(), ReencryptError> {
+    let mut j = Journal::new(&s.volume_id, s.generation, Phase::Names);
+    j.xattr = m;
+    let root = s.vol.root_dir().clone();
+    j.write(root.fd(), s.journal_key()?)
+        .map_err(ReencryptError::os)
+}
+
+/// Completes attribute move `m` recorded by an interrupted run: on the inode it names (if it
+/// is still there), the new attribute set unless it is, the old one removed; then the record
+/// is cleared.
+pub(super) fn finish_xattr_move(s: &mut Session<'_>, m: &XattrMove) -> Result<(), ReencryptError> {
+    let value = B64STD
+        .decode(&m.value)
+        .map_err(|_| ReencryptError::Journal {
+            why: "its recorded extended attribute is not base64".into(),
+        })?;
+    let root = s.vol.root_dir().clone();
+    let comps: Vec<OsString> = m.path.iter().map(OsString::from).collect();
+    let (new_name, old_name) = (OsStr::new(&m.new_name), OsStr::new(&m.old_name));
+    let mut parent: Option<std::os::fd::OwnedFd> = None;
+    let mut found = true;
+    if let Some((last, dirs)) = comps.split_last() {
+        for c in dirs {
+            let at = parent.as_ref().map_or(root.fd(), |p| p.as_fd());
+            match sys::open_dir(at, c) {
+                Ok(fd) => parent = Some(fd),
+                Err(_) => {
+                    found = false;
+                    break;
+                }
+            }
+        }
+        if found {
+            let at = parent.as_ref().map_or(root.fd(), |p| p.as_fd());
+            found = sys::stat_at(at, last).is_ok_and(|st| st.st_ino == m.ino);
+        }
+    } else {
+        found = root.ino() == m.ino;
+    }
+    if found {
+        let pfd = parent.as_ref().map_or(root.fd(), |p| p.as_fd());
+        let t = match comps.last() {
+            Some(last) => sys::XTarget::At(pfd, last),
+            None => sys::XTarget::Fd(root.fd()),
+        };
+        let fail = |e: std::io::Error| {
+            ReencryptError::Refused(format!(
+                "{}: extended attribute {}: finishing its move under the new key: {e}",
+                Loc {
+                    path: comps.clone(),
+                    ino: m.ino
+                }
+                .display(),
+                m.old_name
+            ))
+        };
+        if sys::get_xattr(t, new_name).is_err() {
+            match sys::remove_xattr(t, old_name) {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(libc::ENODATA) => {}
+                Err(e) => return Err(fail(e)),
+            }
+            sys::set_xattr(t, new_name, &value, 0).map_err(fail)?;
+        } else {
+            let _ = sys::remove_xattr(t, old_name);
+        }
+    } else {
+        // A temp symlink of an interrupted run (garbage, removed by this run), or gone.
+        tracing::warn!(path = ?m.path, "the inode of a recorded attribute move is gone; record dropped");
+    }
+    write_names_journal(s, None)
 }

@@ -58,6 +58,10 @@ pub enum Step {
     TargetConverted,
     /// An extended attribute was set under its new name (the old one not yet removed).
     XattrSet,
+    /// The move of an extended attribute too large to be held twice is in the journal.
+    XattrRecorded,
+    /// Such an attribute's old form is removed (the new one not yet set).
+    XattrRemoved,
     /// The names phase is complete and durable.
     NamesDone,
     /// A batch's journal is durable.
@@ -84,9 +88,10 @@ pub type FaultHook<'a> = &'a mut dyn FnMut(Step) -> io::Result<()>;
 pub struct Progress {
     /// `names` or `contents`.
     pub phase: String,
-    /// Data bytes rewritten so far.
+    /// Data bytes rewritten so far (holes are neither read nor written).
     pub bytes_done: u64,
-    /// Data bytes of the files found (an estimate while a mount changes them).
+    /// Data bytes of the files found: their allocated bytes, so a sparse file counts what it
+    /// holds (an estimate; more while a mount writes).
     pub bytes_total: u64,
     /// Files converted so far.
     pub files_done: u64,
@@ -217,6 +222,8 @@ pub struct Session<'a> {
     check_vault: bool,
     last_check: Instant,
     volume_id: String,
+    /// The key generation being written (the journal's).
+    generation: u32,
     /// The current (new) outer DEK: the journal's MAC key.
     journal_dek: Option<Dek>,
     progress: Progress,
@@ -239,6 +246,7 @@ impl<'a> Session<'a> {
             check_vault: online.is_none(),
             last_check: Instant::now(),
             volume_id: vol.header().volume_id.clone(),
+            generation: 0,
             journal_dek: None,
             progress: Progress::default(),
         }
@@ -401,6 +409,10 @@ impl<'a> Session<'a> {
             {
                 let vol = self.vol;
                 let _closed = closed.unwrap_or_else(|| vol.gates().close());
+                self.generation = header.key_generation;
+                if let Some(m) = &journal.xattr {
+                    meta::finish_xattr_move(self, m)?;
+                }
                 let ids = meta::run(self, &keys, old, &mut counts)?;
                 if let Some(o) = self.online {
                     meta::convert_open_xattrs(self, &o.open_files(), &keys, old, &mut counts)?;
@@ -433,7 +445,7 @@ impl<'a> Session<'a> {
             let files = contents::walk(&root, self.vol)?;
             if round == 0 {
                 self.progress.files_total = files.len() as u64;
-                self.progress.bytes_total = files.iter().map(|f| f.len).sum();
+                self.progress.bytes_total = files.iter().map(|f| f.alloc).sum();
                 self.report_progress();
             }
             let (n, bytes) = contents::convert(self, files, closed.is_none())?;
