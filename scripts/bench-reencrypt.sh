@@ -9,7 +9,11 @@
 #   scripts/bench-reencrypt.sh [MIB] [ROUNDS]        (default 256 MiB of files, 3 rounds)
 #
 # CMKFS: the binary (default target/release/cmkfs, built if missing). BENCH_DIR: where the
-# volume lives (default a temp dir under /var/tmp, i.e. the root disk).
+# volume lives (default a temp dir under /var/tmp, i.e. the root disk). CMKFS_BASELINE:
+# another cmkfs binary (e.g. a build of an older commit) whose offline re-encryption is timed
+# in the same rounds, for a before/after ratio taken under the same load. BENCH_ONLINE=1:
+# the online trials too (experimental: they need CMKFS_EXPERIMENTAL_ONLINE_REENCRYPT, set
+# here), otherwise they are skipped.
 set -euo pipefail
 
 mib=${1:-256}
@@ -81,10 +85,11 @@ copy() {
 reencrypt() {
     local t0 t1
     t0=$(now)
-    "$cmkfs" volume reencrypt "$work/cipher" "$@" --json >"$work/last.json"
+    "${bin:-$cmkfs}" volume reencrypt "$work/cipher" "$@" --json >"$work/last.json"
     t1=$(now)
     mbs "$t0" "$t1"
 }
+baseline=${CMKFS_BASELINE:-}
 inner() { python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print('%.0f' % ($bytes / 1e6 / r['seconds']))" "$work/last.json"; }
 
 ratios=()
@@ -96,21 +101,33 @@ for r in $(seq 1 "$rounds"); do
     c=$(copy)
     off=$(reencrypt)
     in=$(inner)
-    "$cmkfs" mount "$work/cipher" "$work/mnt" >/dev/null
-    on=$(reencrypt --online)
-    "$cmkfs" umount "$work/mnt" >/dev/null
+    if [[ ${BENCH_ONLINE:-0} == 1 ]]; then
+        "$cmkfs" mount "$work/cipher" "$work/mnt" >/dev/null
+        on=$(CMKFS_EXPERIMENTAL_ONLINE_REENCRYPT=1 reencrypt --online)
+        "$cmkfs" umount "$work/mnt" >/dev/null
+        oratio=$(python3 -c "print('%.2f' % ($on / $c))")
+        online_ratios+=("$oratio")
+    else
+        on=- oratio=-
+    fi
     ratio=$(python3 -c "print('%.2f' % ($off / $c))")
     iratio=$(python3 -c "print('%.2f' % ($in / $c))")
-    oratio=$(python3 -c "print('%.2f' % ($on / $c))")
     ratios+=("$ratio")
     inner_ratios+=("$iratio")
-    online_ratios+=("$oratio")
     printf '%-6s %11s %13s %7s %15s %7s %12s %7s\n' "$r" "$c" "$off" "$ratio" "$in" "$iratio" "$on" "$oratio"
+    if [[ -n $baseline ]]; then
+        b=$(bin=$baseline reencrypt)
+        bi=$(inner)
+        printf '%-6s baseline %s: offline %s MB/s (%s / cp -a), the re-encryption alone %s MB/s (%s)\n' \
+            "$r" "$(basename "$baseline")" "$b" "$(python3 -c "print('%.2f' % ($b / $c))")" \
+            "$bi" "$(python3 -c "print('%.2f' % ($bi / $c))")"
+    fi
 done
 python3 - "${ratios[*]}" "${inner_ratios[*]}" "${online_ratios[*]}" <<'EOF'
 import statistics, sys
 off, inner, on = ([float(x) for x in a.split()] for a in sys.argv[1:4])
+online = f"{statistics.median(on):.2f}" if on else "not run"
 print(f"median reencrypt / cp -a: offline {statistics.median(off):.2f} (the re-encryption "
-      f"alone {statistics.median(inner):.2f}), online {statistics.median(on):.2f} (target >= 0.50)")
+      f"alone {statistics.median(inner):.2f}), online {online} (target >= 0.50)")
 EOF
 "$cmkfs" fsck "$work/cipher" >/dev/null && echo "fsck: clean"

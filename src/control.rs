@@ -10,8 +10,10 @@
 //!   (a crash-safe point) and resumes with the next request.
 //! * `{"op":"freeze"}` — closes the write gate: every change through the mount waits (reads
 //!   go on), `{"frozen":true}` is answered, and the gate opens again when the client sends
-//!   `thaw` or goes away. What a backup of a mounted volume reads meanwhile is one point in
-//!   time.
+//!   `thaw` (any line but `renew`) or goes away, or when no `renew` line came for the
+//!   mount's `--freeze-limit` (a lease: a stuck client cannot hold writers forever); then
+//!   `{"thawed":"<why>"}`. What a backup of a mounted volume reads meanwhile is one point
+//!   in time.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -48,6 +50,10 @@ pub enum Answer {
     Done(Report),
     /// Writes are held back.
     Frozen(bool),
+    /// Writes go on again, and why: `released` (the client said so or went away), or the
+    /// freeze outlived its limit without a `renew` (a backup taken meanwhile is not a
+    /// point-in-time view).
+    Thawed(String),
     /// What went wrong.
     Error(String),
 }
@@ -56,6 +62,9 @@ pub enum Answer {
 pub fn socket_path(home: &Home, mountpoint: &Path) -> PathBuf {
     crate::mount::RunRecord::socket_path(home, mountpoint)
 }
+
+/// The line a freezing client sends to hold its freeze for another `--freeze-limit`.
+pub const RENEW: &str = "renew";
 
 /// A request line longer than this is refused (requests are a few dozen bytes).
 const MAX_REQUEST: u64 = 4096;
@@ -72,6 +81,8 @@ pub struct Control {
     pub handle: HeaderHandle,
     /// The filesystem's side.
     pub online: OnlineHandle,
+    /// How long a freeze lasts without a `renew` line (`cmkfs mount --freeze-limit`).
+    pub freeze_limit: Duration,
 }
 
 /// Binds the socket at `path` (a stale one from a crashed daemon is replaced) and serves it
@@ -129,7 +140,19 @@ fn answer(mut conn: &UnixStream, a: &Answer) -> io::Result<()> {
     conn.write_all(&line)
 }
 
+/// Shuts a connection down when dropped (a panic included): the client then reads the end
+/// of the stream, and the watcher thread, which holds a clone of the socket, its end too.
+/// Without it a request that died left its client waiting forever (issue 13's "stall").
+struct Hangup<'a>(&'a UnixStream);
+
+impl Drop for Hangup<'_> {
+    fn drop(&mut self) {
+        let _ = self.0.shutdown(std::net::Shutdown::Both);
+    }
+}
+
 fn serve(conn: UnixStream, ctl: &Control, busy: &Mutex<()>) {
+    let _hangup = Hangup(&conn);
     let mut reader = BufReader::new(match conn.try_clone() {
         Ok(c) => c,
         Err(_) => return,
@@ -157,40 +180,98 @@ fn serve(conn: UnixStream, ctl: &Control, busy: &Mutex<()>) {
             return;
         }
     };
-    // The client going away (or sending anything more) ends the request.
+    // The client going away, or sending any line but `renew`, ends the request. The lines
+    // go to `lines` (`None`: the end); the thread ends when the connection does.
     let gone = Arc::new(AtomicBool::new(false));
-    let watch = {
+    let (tx, lines) = std::sync::mpsc::channel::<Option<String>>();
+    {
         let gone = gone.clone();
-        std::thread::spawn(move || {
-            let mut rest = String::new();
-            let _ = reader.read_line(&mut rest);
-            gone.store(true, Ordering::SeqCst);
-        })
-    };
+        std::thread::spawn(move || loop {
+            let mut l = String::new();
+            match (&mut reader).take(MAX_REQUEST).read_line(&mut l) {
+                Ok(n) if n > 0 && l.ends_with('\n') => {
+                    if l.trim() != RENEW {
+                        gone.store(true, Ordering::SeqCst);
+                    }
+                    if tx.send(Some(l)).is_err() {
+                        break;
+                    }
+                }
+                _ => {
+                    gone.store(true, Ordering::SeqCst);
+                    let _ = tx.send(None);
+                    break;
+                }
+            }
+        });
+    }
     match req {
         Request::Freeze => {
             let vol = ctl.online.volume().clone();
             let frozen = vol.gates().freeze_writes();
-            tracing::info!("writes frozen for a backup");
+            tracing::info!(limit = ?ctl.freeze_limit, "writes frozen for a backup");
+            let mut why = "released";
             if answer(&conn, &Answer::Frozen(true)).is_ok() {
-                let _ = watch.join();
+                // A lease: each `renew` line holds the freeze for another `freeze_limit`.
+                // A client that is stuck (stopped, hung on something else) does not hold
+                // every writer of the mount forever.
+                loop {
+                    match lines.recv_timeout(ctl.freeze_limit) {
+                        Ok(Some(l)) if l.trim() == RENEW => continue,
+                        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                            why = "the freeze was not renewed within the mount's --freeze-limit";
+                            break;
+                        }
+                        _ => break,
+                    }
+                }
             }
             drop(frozen);
-            tracing::info!("writes thawed");
+            if why == "released" {
+                tracing::info!("writes thawed");
+            } else {
+                tracing::warn!(limit = ?ctl.freeze_limit, "writes thawed: {why}");
+            }
+            let _ = answer(&conn, &Answer::Thawed(why.into()));
         }
         Request::Reencrypt => {
-            let Ok(_busy) = busy.try_lock() else {
-                let _ = answer(
-                    &conn,
-                    &Answer::Error("a re-encryption of this volume is already running".into()),
-                );
-                return;
+            let running = match busy.try_lock() {
+                Ok(g) => g,
+                // A run that panicked poisoned it; it is over all the same.
+                Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+                Err(std::sync::TryLockError::WouldBlock) => {
+                    let _ = answer(
+                        &conn,
+                        &Answer::Error("a re-encryption of this volume is already running".into()),
+                    );
+                    return;
+                }
             };
-            let r = reencrypt(&conn, ctl, &gone);
+            // A bug in the run must end the request with an answer, never leave the client
+            // waiting: the run stops where it was, which is always a state the mount serves.
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                reencrypt(&conn, ctl, &gone)
+            }))
+            .unwrap_or_else(|p| {
+                let what = p
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| p.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                tracing::error!(panic = %what, "online re-encryption failed on a bug");
+                finish_interrupted(ctl);
+                Err(format!(
+                    "internal error ({what}); the re-encryption stopped at a safe point and \
+                     resumes with `cmkfs volume reencrypt --online`"
+                ))
+            });
             let a = match r {
                 Ok(report) => Answer::Done(report),
                 Err(e) => Answer::Error(e),
             };
+            // Free before the client hears the end: a next request it sends at once must
+            // not find this one still "running".
+            drop(running);
             let _ = answer(&conn, &a);
         }
     }
@@ -239,6 +320,47 @@ fn reencrypt(conn: &UnixStream, ctl: &Control, gone: &AtomicBool) -> Result<Repo
         Err(e) => {
             tracing::warn!(error = %e, "online re-encryption stopped; it resumes with `cmkfs volume reencrypt --online`");
             Err(e.to_string())
+        }
+    }
+}
+
+/// After a run that panicked: a batch may be half written (new ciphertext under a header
+/// that still names the old key), which the mount would serve wrongly. What a remount does
+/// first is done here: the journal's interrupted step is finished. If that fails too, the
+/// daemon stops (a remount recovers the same way) rather than serve a file it cannot read
+/// correctly.
+fn finish_interrupted(ctl: &Control) {
+    use crate::volume::reencrypt::ReencryptError;
+    use crate::volume::VolumeError;
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let vol = ctl.online.volume().clone();
+        let access = crate::unlock::ReencryptAccess::new(
+            &ctl.home,
+            ctl.keyring.vault(),
+            ctl.handle.clone(),
+        )?;
+        Session::new(&vol, &access, Some(&ctl.online), Hooks::default())
+            .recover()
+            .map(|_| ())
+    }));
+    match r {
+        Ok(Ok(())) => tracing::info!("the interrupted re-encryption step was finished"),
+        // The keys are gone: nothing is served meanwhile, and the next run (or a remount)
+        // finishes the step first.
+        Ok(Err(
+            e @ (ReencryptError::Revoked(_) | ReencryptError::Volume(VolumeError::Inaccessible(_))),
+        )) => tracing::warn!(error = %e, "the interrupted re-encryption step waits for access"),
+        other => {
+            let why = match other {
+                Ok(Err(e)) => e.to_string(),
+                _ => "a bug".to_string(),
+            };
+            tracing::error!(
+                error = %why,
+                "the interrupted re-encryption step cannot be finished; the daemon stops so \
+                 that no half-converted file is served (mount again: it finishes the step)"
+            );
+            std::process::abort();
         }
     }
 }

@@ -113,6 +113,23 @@ pub fn ignore_file_size_signal() {
     }
 }
 
+/// Raises the soft limit of open descriptors to the hard one (a mount daemon: after an
+/// online re-encryption it holds one `O_PATH` descriptor per replaced symlink, which keeps
+/// the symlink's inode number; past the limit a symlink shows its new number instead).
+pub fn raise_open_files() {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a struct we own.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 && r.rlim_cur < r.rlim_max {
+            r.rlim_cur = r.rlim_max;
+            let _ = libc::setrlimit(libc::RLIMIT_NOFILE, &r);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

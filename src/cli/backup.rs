@@ -116,10 +116,59 @@ impl Bar {
 const FREEZE_ANSWER: Duration = Duration::from_secs(30);
 
 /// Writes through a mount held back for as long as this lives (the daemon thaws when the
-/// connection closes, also when this process dies).
+/// connection closes, also when this process dies, and when the freeze is not renewed
+/// within the mount's `--freeze-limit`: a thread renews it every second).
 struct Freeze {
-    _conn: UnixStream,
+    conn: UnixStream,
     since: Instant,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    renewer: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Freeze {
+    /// Ends the freeze; an error if the mount lifted it before (its time limit passed while
+    /// this process could not renew it): then what was read is not one point in time.
+    fn release(mut self) -> anyhow::Result<()> {
+        use std::sync::atomic::Ordering;
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.renewer.take() {
+            let _ = t.join();
+        }
+        let _ = send_nosignal(&self.conn, b"thaw\n");
+        self.conn.set_read_timeout(Some(FREEZE_ANSWER))?;
+        let mut line = String::new();
+        let _ = BufReader::new(&self.conn).read_line(&mut line);
+        match serde_json::from_str::<crate::control::Answer>(line.trim()) {
+            Ok(crate::control::Answer::Thawed(why)) if why == "released" => Ok(()),
+            Ok(crate::control::Answer::Thawed(why)) => bail!(
+                "the mount lifted the write freeze before the backup ended ({why}): the \
+                 archive is not a point-in-time view"
+            ),
+            _ => bail!(
+                "the mount did not confirm the write freeze at the end of the backup (answer: \
+                 {:?}): the archive may not be a point-in-time view",
+                line.trim()
+            ),
+        }
+    }
+}
+
+/// `send(2)` with `MSG_NOSIGNAL`: a peer that closed the socket is an error, not a SIGPIPE.
+fn send_nosignal(conn: &UnixStream, b: &[u8]) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: send on a valid socket from a valid buffer of the given length.
+    let r = unsafe {
+        libc::send(
+            conn.as_raw_fd(),
+            b.as_ptr().cast(),
+            b.len(),
+            libc::MSG_NOSIGNAL,
+        )
+    };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Asks the mount at `mountpoint` to freeze writes (after flushing what the kernel holds).
@@ -142,9 +191,31 @@ fn freeze(home: &Home, mountpoint: &Path) -> anyhow::Result<Freeze> {
         serde_json::from_str(line.trim()).context("the mount's answer is not JSON")?;
     if v.get("frozen") == Some(&serde_json::Value::Bool(true)) {
         conn.set_read_timeout(None)?;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let renewer = {
+            let (conn, stop) = (conn.try_clone()?, stop.clone());
+            std::thread::spawn(move || {
+                let line = format!("{}\n", crate::control::RENEW);
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    // NOSIGNAL: a mount that lifted the freeze closed the socket; the end of
+                    // the backup reports it, no SIGPIPE kills this process.
+                    if send_nosignal(&conn, line.as_bytes()).is_err() {
+                        break;
+                    }
+                    for _ in 0..10 {
+                        if stop.load(std::sync::atomic::Ordering::SeqCst) {
+                            break;
+                        }
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                }
+            })
+        };
         return Ok(Freeze {
-            _conn: conn,
+            conn,
             since: Instant::now(),
+            stop,
+            renewer: Some(renewer),
         });
     }
     match v.get("error").and_then(|e| e.as_str()) {
@@ -258,9 +329,21 @@ pub fn run_backup(a: BackupArgs) -> anyhow::Result<()> {
         Some(&mut show),
     );
     let freeze_seconds = frozen.as_ref().map(|f| f.since.elapsed().as_secs_f64());
-    drop(frozen);
+    let held = frozen.map(Freeze::release).transpose();
     bar.done();
     let mut report = result.with_context(|| format!("backing up {}", root.display()))?;
+    if let Err(e) = held {
+        // Not the view it claims to be: removed rather than left looking like one.
+        let _ = std::fs::remove_file(&a.archive);
+        return Err(e).with_context(|| {
+            format!(
+                "backing up {} ({} removed; mount with a larger --freeze-limit, or back up \
+                 with --force to accept a view that is not one point in time)",
+                root.display(),
+                a.archive.display()
+            )
+        });
+    }
     report.freeze_seconds = freeze_seconds;
     print_backup(&root, &report, a.json)
 }

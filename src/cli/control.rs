@@ -33,7 +33,7 @@ pub(crate) fn reencrypt_online(home: &Home, mountpoint: &Path, json: bool) -> an
                     mountpoint.display()
                 )
             }
-            Some(Answer::Frozen(_)) => {}
+            Some(Answer::Frozen(_) | Answer::Thawed(_)) => {}
             None => {
                 bar.done();
                 bail!(

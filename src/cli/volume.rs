@@ -92,6 +92,11 @@ pub struct MountArgs {
     /// How long an unreachable vault is tolerated before the volume is cut off; 0 = fail closed.
     #[arg(long, default_value = "1h", value_parser = parse_duration)]
     grace_period: Duration,
+    /// Longest a backup's write freeze holds the mount's writers without being renewed (the
+    /// daemon lifts it then, so a stuck or killed `cmkfs backup` never leaves the mount
+    /// frozen); `cmkfs backup` renews every second. At least 2s.
+    #[arg(long, default_value = "30s", value_parser = parse_freeze_limit)]
+    freeze_limit: Duration,
     /// Command run with `sh -c` on every state change, given the event as JSON on stdin.
     #[arg(long, value_name = "CMD")]
     on_state_change: Option<String>,
@@ -126,6 +131,18 @@ pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     }
     humantime::parse_duration(s)
         .map_err(|e| format!("{s:?} is not a duration like 30s, 5m or 1h ({e})"))
+}
+
+/// `--freeze-limit`: a duration of at least 2 s (`cmkfs backup` renews every second).
+fn parse_freeze_limit(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d < Duration::from_secs(2) {
+        return Err(format!(
+            "{s:?} is too short: a freeze limit is at least 2s (a backup renews its freeze \
+             every second)"
+        ));
+    }
+    Ok(d)
 }
 
 /// `cmkfs umount`.
@@ -431,6 +448,8 @@ fn spawn_daemon(
         .arg(format!("{}ms", a.key_check_interval.as_millis()));
     cmd.arg("--grace-period")
         .arg(format!("{}ms", a.grace_period.as_millis()));
+    cmd.arg("--freeze-limit")
+        .arg(format!("{}ms", a.freeze_limit.as_millis()));
     if let Some(h) = &a.on_state_change {
         cmd.arg("--on-state-change").arg(h);
     }
@@ -651,6 +670,7 @@ fn serve(a: &MountArgs, ready_pipe: bool) -> anyhow::Result<()> {
         tracing::warn!(inodes, entries, "kernel caches invalidated");
     });
     let stop = Arc::new(AtomicBool::new(false));
+    crate::process::raise_open_files();
     // Online re-encryption and backup freezes reach the mount through its control socket.
     let control_path = crate::control::socket_path(&home, &mp);
     if let Err(e) = crate::control::spawn(
@@ -660,6 +680,7 @@ fn serve(a: &MountArgs, ready_pipe: bool) -> anyhow::Result<()> {
             keyring: keyring.clone(),
             handle,
             online,
+            freeze_limit: a.freeze_limit,
         },
     ) {
         tracing::warn!(error = %e, "no control socket: online re-encryption and frozen backups are not available");

@@ -127,20 +127,8 @@ impl crate::volume::reencrypt::Online for OnlineHandle {
         });
     }
 
-    fn symlinks_replaced(&self, old: &[u64]) {
-        // Outside the gates: the kernel may hold a directory's lock for a request that waits
-        // for them. The kernel forgets the names first (meanwhile the old inode still
-        // resolves, by name, to the new symlink), then the table lets go of them.
-        for ino in old {
-            let fuse_ino = self.table.fuse_ino(*ino);
-            if let Some(n) = self.notifier.get() {
-                for (parent, name) in self.table.links_of(*ino) {
-                    let _ = n.inval_entry(INodeNo(parent), &name);
-                }
-                let _ = n.inval_inode(INodeNo(fuse_ino), 0, 0);
-            }
-            self.table.take_links(*ino);
-        }
+    fn symlinks_replaced(&self, replaced: Vec<crate::volume::reencrypt::ReplacedSymlink>) {
+        self.table.symlinks_replaced(replaced);
     }
 
     fn open_files(&self) -> Vec<Arc<OpenFile>> {

@@ -10,7 +10,8 @@
 //! is bounded; the root is always in it.
 //!
 //! Inode numbers are the backing inode numbers, except the root, which is 1 (and a backing
-//! inode numbered 1, which shows as `u64::MAX`).
+//! inode numbered 1, which shows as `u64::MAX`), and a symlink an online re-encryption
+//! replaced by a new inode, which keeps the number the kernel knows it by ([`Aliases`]).
 
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
@@ -81,6 +82,22 @@ impl Nodes {
     }
 }
 
+/// Symlinks an online re-encryption replaced while the kernel knew them: each keeps its old
+/// number (`st_ino` does not change under a running program), mapped to the new backing
+/// inode. The old inode is held open (`O_PATH`, unlinked) for as long as the alias lives, so
+/// the backing filesystem cannot give its number to another object meanwhile. An alias
+/// lives as long as the mount, unless the symlink loses its last name through the mount
+/// (then its new backing number may be reused: it no longer maps to the old one, which
+/// stays held until the kernel forgets it). A leaf lock: nothing else is taken while it is
+/// held.
+#[derive(Default)]
+struct Aliases {
+    /// New backing inode → the number shown.
+    shown: HashMap<u64, u64>,
+    /// Number shown → (new backing inode, the held old inode).
+    backing: HashMap<u64, (u64, std::os::fd::OwnedFd)>,
+}
+
 /// The inodes the kernel currently knows (handed out by lookup, create, readdirplus...).
 /// Shared with the revocation monitor, which must invalidate every one of them.
 pub struct NodeTable {
@@ -93,6 +110,9 @@ pub struct NodeTable {
     /// Bumped when a re-encryption changed every backing name ([`NodeTable::rekey`]): a
     /// listing taken before carries stale backing names.
     epoch: std::sync::atomic::AtomicU64,
+    aliases: Mutex<Aliases>,
+    /// Whether `aliases` has any (the per-request number translations skip the lock).
+    any_alias: std::sync::atomic::AtomicBool,
 }
 
 impl NodeTable {
@@ -116,6 +136,8 @@ impl NodeTable {
                 .unwrap_or(DIR_CACHE_MAX),
             moves: RwLock::new(()),
             epoch: std::sync::atomic::AtomicU64::new(0),
+            aliases: Mutex::new(Aliases::default()),
+            any_alias: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -139,32 +161,66 @@ impl NodeTable {
         self.epoch.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     }
 
-    /// The names of inode `ino` (backing number): (parent inode, plaintext name).
-    pub(super) fn links_of(&self, backing: u64) -> Vec<(u64, OsString)> {
-        let ino = self.fuse_ino(backing);
-        lock(&self.nodes)
-            .map
-            .get(&ino)
-            .map(|n| n.links.iter().map(|l| (l.parent, l.name.clone())).collect())
-            .unwrap_or_default()
+    /// A re-encryption replaced these symlinks (no request runs meanwhile): each keeps the
+    /// number it had ([`Aliases`]), whether the kernel knows it now or not (it forgets an
+    /// unused entry a TTL after its last use, and a program's `stat` before the run must
+    /// match one after).
+    pub(super) fn symlinks_replaced(
+        &self,
+        replaced: Vec<crate::volume::reencrypt::ReplacedSymlink>,
+    ) {
+        for r in replaced {
+            let shown = self.fuse_ino(r.old);
+            let mut a = lock(&self.aliases);
+            a.shown.remove(&r.old);
+            a.shown.insert(r.new, shown);
+            match a.backing.get_mut(&shown) {
+                // Replaced again: the inode held since the first run still reserves `shown`
+                // (the intermediate one, `r.hold`, goes).
+                Some(e) => e.0 = r.new,
+                None => {
+                    a.backing.insert(shown, (r.new, r.hold));
+                }
+            }
+            self.any_alias
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+        }
     }
 
-    /// The names of inode `ino` (backing number), for the kernel to forget: they are dropped
-    /// here, so that the number, once reused, is a new object.
-    pub(super) fn take_links(&self, backing: u64) -> Vec<(u64, OsString)> {
-        let ino = self.fuse_ino(backing);
-        let mut nodes = lock(&self.nodes);
-        let links = match nodes.map.get_mut(&ino) {
-            Some(n) => std::mem::take(&mut n.links),
-            None => return Vec::new(),
-        };
-        for l in &links {
-            let key = (l.parent, l.name.clone());
-            if nodes.by_name.get(&key) == Some(&ino) {
-                nodes.by_name.remove(&key);
+    /// Kernel inode `ino` lost a name (unlink, rename over it) and the table knows no other:
+    /// its backing inode may be freed and its number reused, which must then show as itself,
+    /// not as `ino`. The held number stays reserved until the kernel forgets `ino`.
+    fn name_gone(&self, nodes: &Nodes, ino: u64) {
+        if !self.any_alias.load(std::sync::atomic::Ordering::SeqCst)
+            || nodes.map.get(&ino).is_some_and(|n| !n.links.is_empty())
+        {
+            return;
+        }
+        let mut a = lock(&self.aliases);
+        if let Some(b) = a.backing.get(&ino).map(|e| e.0) {
+            if a.shown.get(&b) == Some(&ino) {
+                a.shown.remove(&b);
+            }
+            if !nodes.map.contains_key(&ino) {
+                a.backing.remove(&ino);
             }
         }
-        links.into_iter().map(|l| (l.parent, l.name)).collect()
+    }
+
+    /// The kernel forgot `ino`: an alias whose symlink is gone ends (its held inode is let
+    /// go). One whose symlink lives on stays: the next lookup shows the same number.
+    fn drop_alias(&self, ino: u64) {
+        if !self.any_alias.load(std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
+        let mut a = lock(&self.aliases);
+        let live = a
+            .backing
+            .get(&ino)
+            .is_some_and(|e| a.shown.get(&e.0) == Some(&ino));
+        if !live {
+            a.backing.remove(&ino);
+        }
     }
 
     /// Every known inode, and every (parent, name) dentry the kernel may have cached.
@@ -181,6 +237,8 @@ impl NodeTable {
             INodeNo::ROOT.0
         } else if b == INodeNo::ROOT.0 {
             u64::MAX
+        } else if self.any_alias.load(std::sync::atomic::Ordering::SeqCst) {
+            lock(&self.aliases).shown.get(&b).copied().unwrap_or(b)
         } else {
             b
         }
@@ -192,6 +250,12 @@ impl NodeTable {
             self.root_backing
         } else if ino == u64::MAX {
             INodeNo::ROOT.0
+        } else if self.any_alias.load(std::sync::atomic::Ordering::SeqCst) {
+            lock(&self.aliases)
+                .backing
+                .get(&ino)
+                .map(|e| e.0)
+                .unwrap_or(ino)
         } else {
             ino
         }
@@ -259,6 +323,8 @@ impl NodeTable {
                 }
             }
         }
+        drop(nodes);
+        self.drop_alias(ino);
     }
 
     /// `name` in `parent` is gone (unlink, rmdir). Its inode keeps its other names; a
@@ -269,6 +335,7 @@ impl NodeTable {
             if was_dir {
                 nodes.drop_dir(ino);
             }
+            self.name_gone(&nodes, ino);
         }
     }
 
@@ -308,6 +375,7 @@ impl NodeTable {
             } else if Some(ino) != moved {
                 // A directory replaced by the rename is gone.
                 nodes.drop_dir(ino);
+                self.name_gone(&nodes, ino);
             }
         }
     }

@@ -501,6 +501,15 @@ pub fn utimens_at(dir: BorrowedFd<'_>, name: &OsStr, t: &Times) -> io::Result<()
     )?)
 }
 
+/// The access and modification times of `st`, to set them back with [`utimens_fd`] or
+/// [`utimens_at`] (work done behind the user's back, a re-encryption, keeps them).
+pub fn times_of(st: &Stat) -> Times {
+    [
+        Some(Some((st.st_atime, st.st_atime_nsec as u32))),
+        Some(Some((st.st_mtime, st.st_mtime_nsec as u32))),
+    ]
+}
+
 /// Sets the times of what `fd` refers to (`O_PATH` descriptors too).
 pub fn utimens_fd(fd: BorrowedFd<'_>, t: &Times) -> io::Result<()> {
     Ok(rfs::utimensat(

@@ -214,6 +214,8 @@ fn fill(t: &mut Twin, rng: &mut StdRng, extra_files: usize) {
 
 /// Starts `cmkfs volume reencrypt CIPHER --online --json`.
 fn start_reencrypt(env: &Env) -> Child {
+    // Online re-encryption is opt-in (src/cli/reencrypt.rs, EXPERIMENTAL_ONLINE).
+    std::env::set_var("CMKFS_EXPERIMENTAL_ONLINE_REENCRYPT", "1");
     let mut cmd = env.command(&[
         "volume",
         "reencrypt",
@@ -275,14 +277,13 @@ fn wait_started(env: &Env) {
 }
 
 #[test]
-#[ignore = "online re-encryption can stall the mount under load (issue 13, open); run with --ignored"]
+#[ignore = "online re-encryption is opt-in (issue 13); ~10 s each under CI load, past the suite budget: run with --run-ignored all"]
 fn reads_writes_truncates_and_renames_during_an_online_reencrypt_match_a_plain_directory() {
     // Small batches: files are converted over several batches while they are used.
     std::env::set_var("CMKFS_REENCRYPT_BATCH_BYTES", "16384");
     let seed = seed("online reencrypt differential");
     let mut rng = StdRng::seed_from_u64(seed);
     let env = Env::new();
-    std::env::set_var("CMKFS_EXPERIMENTAL_ONLINE_REENCRYPT", "1");
     env.init(&env.cipher);
     let m = env.mount(&env.cipher, &env.mnt);
     let mut t = Twin::new(&env.dir("plain"), &env.mnt);
@@ -323,14 +324,13 @@ fn reads_writes_truncates_and_renames_during_an_online_reencrypt_match_a_plain_d
 }
 
 #[test]
-#[ignore = "online re-encryption can stall the mount under load (issue 13, open); run with --ignored"]
+#[ignore = "online re-encryption is opt-in (issue 13); ~10 s each under CI load, past the suite budget: run with --run-ignored all"]
 fn sigkill_of_the_daemon_during_an_online_reencrypt_then_remount_reads_every_file_and_resume_finishes(
 ) {
     std::env::set_var("CMKFS_REENCRYPT_BATCH_BYTES", "16384");
     let seed = seed("online reencrypt sigkill");
     let mut rng = StdRng::seed_from_u64(seed);
     let env = Env::new();
-    std::env::set_var("CMKFS_EXPERIMENTAL_ONLINE_REENCRYPT", "1");
     env.init(&env.cipher);
     let m = env.mount_foreground(&env.cipher, &env.mnt);
     let mut t = Twin::new(&env.dir("plain"), &env.mnt);
@@ -424,13 +424,12 @@ fn freeze(env: &Env) -> UnixStream {
 }
 
 #[test]
-#[ignore = "online re-encryption can stall the mount under load (issue 13, open); run with --ignored"]
+#[ignore = "online re-encryption is opt-in (issue 13); ~10 s each under CI load, past the suite budget: run with --run-ignored all"]
 fn revocation_during_an_online_reencrypt_cuts_off_both_keys_and_heals() {
     std::env::set_var("CMKFS_REENCRYPT_BATCH_BYTES", "16384");
     let seed = seed("online reencrypt revocation");
     let mut rng = StdRng::seed_from_u64(seed);
     let env = Env::new();
-    std::env::set_var("CMKFS_EXPERIMENTAL_ONLINE_REENCRYPT", "1");
     env.init(&env.cipher);
     let m = env.mount_with(&env.cipher, &env.mnt, &["--key-check-interval", "1s"]);
     let mut t = Twin::new(&env.dir("plain"), &env.mnt);
@@ -486,5 +485,537 @@ fn revocation_during_an_online_reencrypt_cuts_off_both_keys_and_heals() {
     assert_finished(&env, 1, &out);
     t.compare_all(&HashSet::new())
         .unwrap_or_else(|e| panic!("seed {seed}, at the end: {e}"));
+    m.unmount();
+}
+
+/// The backing file of every regular file under `cipher`, by inode number (the mount shows
+/// backing inode numbers).
+fn backing_by_ino(cipher: &Path) -> BTreeMap<u64, PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    let mut out = BTreeMap::new();
+    let mut stack = vec![cipher.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).into_iter().flatten().flatten() {
+            let Ok(md) = fs::symlink_metadata(e.path()) else {
+                continue;
+            };
+            if md.is_dir() {
+                stack.push(e.path());
+            } else if md.is_file() {
+                out.insert(md.ino(), e.path());
+            }
+        }
+    }
+    out
+}
+
+/// (key generation, `reencrypted`) of a backing file's header (docs/FORMAT.md: magic,
+/// version, key_gen u16 LE at 6, file id, reencrypted u64 LE at 24).
+fn conversion_state(backing: &fs::File) -> Option<(u16, u64)> {
+    let mut h = [0u8; 32];
+    backing.read_exact_at(&mut h, 0).ok()?;
+    Some((
+        u16::from_le_bytes([h[6], h[7]]),
+        u64::from_le_bytes(h[24..32].try_into().ok()?),
+    ))
+}
+
+/// Issue 13's "stall", forced: files converted one unit per batch are truncated below the
+/// point their conversion reached (with a 1..15-byte tail past a unit) while writers,
+/// renamers and readers work on the volume. The run used to die on it and leave its client
+/// waiting forever. Every blocking step has a time limit (the workers' progress is watched;
+/// the harness's watchdog aborts a stuck mount), so a regression fails instead of hanging.
+#[test]
+#[ignore = "issue 13, open: one run in ~20 saw EIO reading a just-renamed file during the run \
+            (seed 17955580817435415930, not reproduced); run with --run-ignored all"]
+fn truncates_below_the_converted_point_under_a_busy_workload_never_stall_an_online_reencrypt() {
+    use std::os::unix::fs::MetadataExt;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::{Arc, Mutex};
+    std::env::set_var("CMKFS_REENCRYPT_BATCH_BYTES", "4096");
+    let seed = seed("online reencrypt forced truncate");
+    let mut rng = StdRng::seed_from_u64(seed);
+    let env = Env::new();
+    env.init(&env.cipher);
+    let m = env.mount(&env.cipher, &env.mnt);
+    let mnt = env.mnt.clone();
+    const BIG: usize = 6;
+    let big: Vec<Vec<u8>> = (0..BIG)
+        .map(|i| {
+            let data = random_bytes(&mut rng, 160 * 4096 + 7);
+            fs::write(mnt.join(format!("big{i}")), &data).unwrap();
+            data
+        })
+        .collect();
+    fs::create_dir(mnt.join("w")).unwrap();
+    let by_ino = backing_by_ino(&env.cipher);
+    // Opened now: the names phase renames every backing file.
+    let backing: Vec<fs::File> = (0..BIG)
+        .map(|i| {
+            let ino = fs::metadata(mnt.join(format!("big{i}"))).unwrap().ino();
+            fs::File::open(&by_ino[&ino]).unwrap()
+        })
+        .collect();
+    // Big files' lengths now (the readers accept either).
+    let cut: Arc<Mutex<Vec<Option<usize>>>> = Arc::new(Mutex::new(vec![None; BIG]));
+    let stop = Arc::new(AtomicBool::new(false));
+    let failure: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(None));
+    let progress: Vec<Arc<AtomicU64>> = (0..4).map(|_| Arc::new(AtomicU64::new(0))).collect();
+    // Plain threads, never joined on failure: a stuck one must not hold the test.
+    for (k, done) in progress.iter().enumerate() {
+        let (mnt, stop, failure, done) = (mnt.clone(), stop.clone(), failure.clone(), done.clone());
+        let (big, cut) = (big.clone(), cut.clone());
+        let mut rng = StdRng::seed_from_u64(seed ^ (k as u64 + 1));
+        std::thread::spawn(move || {
+            let fail = |why: String| {
+                failure.lock().unwrap().get_or_insert(why);
+            };
+            let mut model: Vec<u8> = Vec::new();
+            let (a, b) = (mnt.join(format!("w/r{k}a")), mnt.join(format!("w/r{k}b")));
+            let file = mnt.join(format!("w/f{k}"));
+            if k == 1 {
+                fs::write(&a, b"renamed").unwrap();
+            }
+            while !stop.load(Ordering::SeqCst) {
+                match k {
+                    // A small writer: random pwrites (sizes 0..=8200, tails), read back.
+                    0 | 3 => {
+                        let off = rng.gen_range(0..20_000usize);
+                        let n = match rng.gen_range(0..3) {
+                            0 => rng.gen_range(0..=8200),
+                            1 => 4096 * rng.gen_range(1..3) + rng.gen_range(1..16),
+                            _ => rng.gen_range(1..16),
+                        };
+                        let data = random_bytes(&mut rng, n);
+                        let f = fs::OpenOptions::new()
+                            .create(true)
+                            .truncate(false)
+                            .write(true)
+                            .open(&file)
+                            .and_then(|f| f.write_all_at(&data, off as u64));
+                        if let Err(e) = f {
+                            return fail(format!("writer {k}: {e}"));
+                        }
+                        if n > 0 {
+                            if model.len() < off + n {
+                                model.resize(off + n, 0);
+                            }
+                            model[off..off + n].copy_from_slice(&data);
+                        }
+                        match fs::read(&file) {
+                            Ok(got) if got == model => {}
+                            Ok(got) => {
+                                return fail(format!(
+                                    "writer {k}: read {} bytes back, want {} (seed {seed})",
+                                    got.len(),
+                                    model.len()
+                                ))
+                            }
+                            Err(e) => return fail(format!("writer {k}: read back: {e}")),
+                        }
+                    }
+                    // A renamer: back and forth in one directory, read after each.
+                    1 => {
+                        let (from, to) = if a.exists() { (&a, &b) } else { (&b, &a) };
+                        if let Err(e) = fs::rename(from, to) {
+                            return fail(format!("renamer: {e}"));
+                        }
+                        match fs::read(to) {
+                            Ok(got) if got == b"renamed" => {}
+                            other => return fail(format!("renamer: read back {other:?}")),
+                        }
+                    }
+                    // A reader of the big files being converted (and cut).
+                    _ => {
+                        let i = rng.gen_range(0..BIG);
+                        // A read racing the truncate may stop anywhere (as on any
+                        // filesystem); what it returns must be the file's data. Past the
+                        // cut it may also be zeros: FUSE fills a page whose read came back
+                        // short (the file was cut meanwhile) with zeros, and a reader that
+                        // checked the size before the cut copies them. Bytes under a wrong
+                        // key would be neither.
+                        match fs::read(mnt.join(format!("big{i}"))) {
+                            Ok(got) => {
+                                let cut_at = cut.lock().unwrap()[i];
+                                // The first page that is neither its data nor (past the cut)
+                                // zeros.
+                                let bad = got
+                                    .chunks(4096)
+                                    .zip(big[i].chunks(4096))
+                                    .enumerate()
+                                    .find(|(n, (g, w))| {
+                                        let zeros_past_cut = cut_at
+                                            .is_some_and(|c| n * 4096 >= c & !4095)
+                                            && g.iter().all(|b| *b == 0);
+                                        !(w.starts_with(g) || zeros_past_cut)
+                                    })
+                                    .map(|(n, _)| n * 4096);
+                                if got.len() > big[i].len() || bad.is_some() {
+                                    return fail(format!(
+                                        "reader: big{i} read {} bytes that are not its data \
+                                         (first wrong byte at {bad:?}, cut at {cut_at:?}; seed \
+                                         {seed})",
+                                        got.len()
+                                    ));
+                                }
+                            }
+                            Err(e) => return fail(format!("reader: big{i}: {e}")),
+                        }
+                    }
+                }
+                done.fetch_add(1, Ordering::SeqCst);
+            }
+        });
+    }
+    let mut child = Some(start_reencrypt(&env));
+    let mut report = None;
+    let mut hits = 0;
+    let mut last = (Instant::now(), 0u64);
+    let deadline = Instant::now() + GUARD;
+    while report.is_none() {
+        if let Some(why) = failure.lock().unwrap().clone() {
+            stop.store(true, Ordering::SeqCst);
+            panic!("seed {seed}: {why}");
+        }
+        // Cut each big file once its conversion is under way (units under both keys).
+        for (i, file) in backing.iter().enumerate() {
+            if cut.lock().unwrap()[i].is_some() {
+                continue;
+            }
+            if let Some((0, done)) = conversion_state(file) {
+                if done >= 2 {
+                    let len = 4096 + rng.gen_range(1..16usize);
+                    cut.lock().unwrap()[i] = Some(len);
+                    fs::OpenOptions::new()
+                        .write(true)
+                        .open(mnt.join(format!("big{i}")))
+                        .and_then(|f| f.set_len(len as u64))
+                        .unwrap_or_else(|e| panic!("seed {seed}: truncate big{i}: {e}"));
+                    hits += 1;
+                }
+            }
+        }
+        let total: u64 = progress.iter().map(|p| p.load(Ordering::SeqCst)).sum();
+        if total != last.1 {
+            last = (Instant::now(), total);
+        }
+        if last.0.elapsed() > Duration::from_secs(30) || Instant::now() > deadline {
+            stop.store(true, Ordering::SeqCst);
+            panic!(
+                "seed {seed}: the mount stalled ({total} worker steps, none for {:?}; \
+                 re-encryption running: {})",
+                last.0.elapsed(),
+                child.is_some()
+            );
+        }
+        if let Some(c) = child.as_mut() {
+            if !matches!(c.try_wait(), Ok(None)) {
+                let (ok, out, err) = finish(child.take().unwrap());
+                assert!(ok, "seed {seed}: online re-encryption failed:\n{err}");
+                report = Some(out);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    stop.store(true, Ordering::SeqCst);
+    assert!(
+        hits > 0,
+        "seed {seed}: no file was cut during its conversion (the test did not force its case)"
+    );
+    assert_finished(&env, 1, &report.unwrap());
+    if let Some(why) = failure.lock().unwrap().clone() {
+        panic!("seed {seed}: {why}");
+    }
+    let cut = cut.lock().unwrap().clone();
+    for (i, data) in big.iter().enumerate() {
+        let want = &data[..cut[i].unwrap_or(data.len())];
+        let got = fs::read(mnt.join(format!("big{i}"))).unwrap();
+        assert!(got == want, "seed {seed}: big{i} differs after the run");
+    }
+    // Let the workers see `stop` before the unmount.
+    std::thread::sleep(Duration::from_millis(200));
+    m.unmount();
+    let out = env.cmkfs(&["fsck", env.cipher.to_str().unwrap()]);
+    assert!(out.ok(), "fsck: {out}");
+    eprintln!("seed {seed}: {hits} files cut during their conversion");
+}
+
+/// (inode, atime, mtime, size, nlink) of `p` itself (a symlink not followed), through the
+/// mount.
+fn identity(p: &Path) -> (u64, (i64, i64), (i64, i64), u64, u64) {
+    use std::os::unix::fs::MetadataExt;
+    let md = fs::symlink_metadata(p).unwrap_or_else(|e| panic!("stat {}: {e}", p.display()));
+    (
+        md.ino(),
+        (md.atime(), md.atime_nsec()),
+        (md.mtime(), md.mtime_nsec()),
+        md.len(),
+        md.nlink(),
+    )
+}
+
+/// What must not change of an entry: all of [`identity`], but a symlink's atime, which moves
+/// whenever the mount reads its target (every `stat`: its size is the target's length),
+/// re-encryption or not.
+fn untouched(
+    p: &str,
+    v: &(u64, (i64, i64), (i64, i64), u64, u64),
+) -> (u64, (i64, i64), (i64, i64), u64, u64) {
+    match p.contains("s_") {
+        true => (v.0, (0, 0), v.2, v.3, v.4),
+        false => *v,
+    }
+}
+
+/// Sets `p`'s atime and mtime (the symlink itself, not its target) through the mount.
+fn set_times(p: &Path, atime: i64, mtime: i64) {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(p.as_os_str().as_bytes()).unwrap();
+    let ts = [
+        libc::timespec {
+            tv_sec: atime,
+            tv_nsec: 123_456_789,
+        },
+        libc::timespec {
+            tv_sec: mtime,
+            tv_nsec: 987_654_321,
+        },
+    ];
+    // SAFETY: a valid C string and two timespecs.
+    let r = unsafe {
+        libc::utimensat(
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            ts.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    };
+    assert_eq!(
+        r,
+        0,
+        "utimensat {}: {}",
+        p.display(),
+        std::io::Error::last_os_error()
+    );
+}
+
+/// Issue 13: a re-encryption leaves every entry looking untouched to `stat`. Online, every
+/// entry keeps its inode number (regular files, directories, hard links, and symlinks,
+/// which the names phase replaces by new backing inodes) and its atime and mtime; after a
+/// remount, and after an offline run, the times are still those set before (a replaced
+/// symlink shows its new backing number once the mount that ran it is gone).
+#[test]
+fn every_entry_keeps_its_inode_number_and_times_across_an_online_and_an_offline_reencrypt() {
+    std::env::set_var("CMKFS_REENCRYPT_BATCH_BYTES", "4096");
+    let env = Env::new();
+    env.init(&env.cipher);
+    let m = env.mount(&env.cipher, &env.mnt);
+    let mnt = env.mnt.clone();
+    fs::create_dir_all(mnt.join("d/e")).unwrap();
+    fs::write(mnt.join("f_empty"), b"").unwrap();
+    fs::write(mnt.join("f_small"), b"7 bytes").unwrap();
+    fs::write(mnt.join("f_big"), vec![7u8; 3 * 4096 + 5]).unwrap();
+    fs::write(mnt.join("d/e/f_in"), vec![9u8; 5000]).unwrap();
+    std::os::unix::fs::symlink("f_small", mnt.join("s_short")).unwrap();
+    std::os::unix::fs::symlink("l".repeat(3000), mnt.join("d/s_long")).unwrap();
+    fs::hard_link(mnt.join("f_big"), mnt.join("d/f_big.l")).unwrap();
+    fs::hard_link(mnt.join("s_short"), mnt.join("d/s_short.l")).unwrap();
+    let paths = [
+        "f_empty",
+        "f_small",
+        "f_big",
+        "d/e/f_in",
+        "s_short",
+        "d/s_long",
+        "d/f_big.l",
+        "d/s_short.l",
+        "d/e",
+        "d",
+    ];
+    // Children first: setting a child's times does not touch its directory's.
+    for (i, p) in paths.iter().enumerate() {
+        set_times(
+            &mnt.join(p),
+            1_000_000_000 + i as i64,
+            900_000_000 + i as i64,
+        );
+    }
+    let before: Vec<_> = paths.iter().map(|p| identity(&mnt.join(p))).collect();
+    let (ok, out, err) = finish(start_reencrypt(&env));
+    assert!(ok, "online re-encryption failed:\n{err}");
+    assert_finished(&env, 1, &out);
+    let r: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(r["symlink_targets"].as_u64().unwrap() >= 2, "{out}");
+    // Past the kernel's attribute cache (1 s): these come from the daemon.
+    std::thread::sleep(Duration::from_millis(1100));
+    for (p, want) in paths.iter().zip(&before) {
+        assert_eq!(
+            untouched(p, &identity(&mnt.join(p))),
+            untouched(p, want),
+            "{p}: after the online run"
+        );
+    }
+    assert_eq!(
+        fs::read_link(mnt.join("s_short")).unwrap(),
+        Path::new("f_small")
+    );
+    m.unmount();
+    let times = |p: &str, v: &(u64, (i64, i64), (i64, i64), u64, u64)| {
+        let u = untouched(p, v);
+        (u.1, u.2, u.3, u.4)
+    };
+    let m = env.mount(&env.cipher, &env.mnt);
+    for (p, want) in paths.iter().zip(&before) {
+        assert_eq!(
+            times(p, &identity(&mnt.join(p))),
+            times(p, want),
+            "{p}: after a remount"
+        );
+    }
+    m.unmount();
+    let out = env.cmkfs(&[
+        "volume",
+        "reencrypt",
+        env.cipher.to_str().unwrap(),
+        "--json",
+    ]);
+    out.assert_ok();
+    let m = env.mount(&env.cipher, &env.mnt);
+    for (p, want) in paths.iter().zip(&before) {
+        assert_eq!(
+            times(p, &identity(&mnt.join(p))),
+            times(p, want),
+            "{p}: after an offline run"
+        );
+    }
+    assert_eq!(
+        fs::read(mnt.join("f_big")).unwrap(),
+        vec![7u8; 3 * 4096 + 5]
+    );
+    m.unmount();
+}
+
+/// Runs `f` on a thread; its result, or `None` if it did not end within `limit` (the thread
+/// is left behind: a stuck filesystem call must fail the test, not hang it).
+fn within<T: Send + 'static>(limit: Duration, f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(limit).ok()
+}
+
+/// A write through the mount that the freeze holds back, on its own thread: the receiver
+/// gets its result once it ran.
+fn blocked_write(mnt: &Path) -> std::sync::mpsc::Receiver<std::io::Result<()>> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let p = mnt.join("written-while-frozen");
+    std::thread::spawn(move || {
+        let _ = tx.send(fs::write(p, b"after the freeze"));
+    });
+    rx
+}
+
+/// Issue 13: a freeze is a lease. A client that holds it without renewing (stopped, stuck)
+/// loses it after the mount's `--freeze-limit`: writes resume and the socket says why.
+#[test]
+fn a_freeze_not_renewed_is_lifted_by_the_daemon_after_its_limit() {
+    let env = Env::new();
+    env.init(&env.cipher);
+    let m = env.mount_with(&env.cipher, &env.mnt, &["--freeze-limit", "2s"]);
+    let s = freeze(&env);
+    let done = blocked_write(&env.mnt);
+    let written = done
+        .recv_timeout(GUARD)
+        .expect("a write stayed frozen past the limit");
+    written.unwrap();
+    let mut line = String::new();
+    BufReader::new(s.try_clone().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(
+        line.contains("thawed") && line.contains("freeze-limit"),
+        "answer after the limit: {line}"
+    );
+    assert_eq!(
+        fs::read(env.mnt.join("written-while-frozen")).unwrap(),
+        b"after the freeze"
+    );
+    // `cmkfs mount` refuses a limit too short for a backup to renew.
+    let out = env.cmkfs(&[
+        std::ffi::OsStr::new("mount"),
+        env.cipher.as_os_str(),
+        env.dir("mnt2").as_os_str(),
+        std::ffi::OsStr::new("--freeze-limit"),
+        std::ffi::OsStr::new("1s"),
+    ]);
+    assert!(!out.ok() && out.stderr.contains("at least 2s"), "{out}");
+    m.unmount();
+}
+
+/// The client process of [`a_client_killed_while_holding_a_freeze_thaws_the_mount_at_once`]:
+/// freezes the mount whose socket `CMKFS_TEST_FREEZE_SOCKET` names, says so, and waits to be
+/// killed. Does nothing when run as a test of its own.
+#[test]
+#[ignore = "a helper process of a_client_killed_while_holding_a_freeze_thaws_the_mount_at_once"]
+fn freeze_holder_process() {
+    let Some(sock) = std::env::var_os("CMKFS_TEST_FREEZE_SOCKET") else {
+        return;
+    };
+    let mut s = UnixStream::connect(sock).unwrap();
+    s.write_all(b"{\"op\":\"freeze\"}\n").unwrap();
+    let mut line = String::new();
+    BufReader::new(s.try_clone().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    println!("HOLDER {}", line.trim());
+    std::thread::sleep(GUARD * 2);
+}
+
+/// Issue 13: `kill -9` of the process holding a freeze thaws the mount at once (the socket
+/// closes), long before the daemon's own time limit.
+#[test]
+fn a_client_killed_while_holding_a_freeze_thaws_the_mount_at_once() {
+    let env = Env::new();
+    env.init(&env.cipher);
+    let m = env.mount_with(&env.cipher, &env.mnt, &["--freeze-limit", "1h"]);
+    let sock = fs::read_dir(env.home.join("run"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "sock"))
+        .expect("the mount has a control socket");
+    let mut holder = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "reencrypt_online::freeze_holder_process",
+            "--exact",
+            "--ignored",
+            "--nocapture",
+        ])
+        .env("CMKFS_TEST_FREEZE_SOCKET", &sock)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(holder.stdout.take().unwrap());
+    let said = within(GUARD, move || {
+        let mut line = String::new();
+        while out.read_line(&mut line).is_ok_and(|n| n > 0) && !line.contains("HOLDER") {
+            line.clear();
+        }
+        line
+    });
+    let said = said.unwrap_or_else(|| {
+        let _ = holder.kill();
+        panic!("the holder never froze the mount")
+    });
+    assert!(said.contains("{\"frozen\":true}"), "{said}");
+    let done = blocked_write(&env.mnt);
+    // SAFETY: kill(2) of our own child.
+    unsafe { libc::kill(holder.id() as i32, libc::SIGKILL) };
+    let _ = holder.wait();
+    done.recv_timeout(GUARD)
+        .expect("writes stayed frozen after the client was killed")
+        .unwrap();
     m.unmount();
 }

@@ -33,8 +33,22 @@ use crate::volume::{sys, xattr, Dir};
 /// Size bound of a long name's side file and of a long target's side file.
 const MAX_SIDE: usize = 8192;
 
+/// A symlink the names phase replaced by a new one (a symlink's target cannot be rewritten in
+/// place), for a live mount.
+#[derive(Debug)]
+pub struct ReplacedSymlink {
+    /// Backing inode number of the old symlink.
+    pub old: u64,
+    /// Backing inode number of the new one.
+    pub new: u64,
+    /// An `O_PATH` descriptor of the old inode (gone from the tree): while it is open the
+    /// backing filesystem cannot give its number to another object, so a mount can keep
+    /// showing the symlink under it (`st_ino` unchanged across the run).
+    pub hold: std::os::fd::OwnedFd,
+}
+
 /// What the names phase changed.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default)]
 pub struct MetaCounts {
     /// Entries renamed.
     pub names: u64,
@@ -42,19 +56,8 @@ pub struct MetaCounts {
     pub targets: u64,
     /// Extended attributes sealed again.
     pub xattrs: u64,
-    /// Online: backing inode numbers of the symlinks replaced (see [`RETIRED_PREFIX`]).
-    pub replaced: Vec<u64>,
-}
-
-/// Online, a replaced symlink's old inode is kept linked at the root under this prefix (after
-/// the temp prefix: garbage if left) until the mount has made the kernel forget it: its
-/// number, which the kernel knows the symlink by, must not be reused meanwhile for a new
-/// object (the mount would take that for the old symlink).
-pub const RETIRED_PREFIX: &str = "retired-symlink.";
-
-/// The root name holding retired symlink inode `ino`.
-pub fn retired_name(ino: u64) -> OsString {
-    format!("{}{RETIRED_PREFIX}{ino}", crate::fsutil::TEMP_PREFIX).into()
+    /// Online: the symlinks replaced (each old inode once).
+    pub replaced: Vec<ReplacedSymlink>,
 }
 
 /// The directory ids of every directory met, by backing inode: the fs layer recomputes its
@@ -71,6 +74,10 @@ pub(super) fn run(
     let root = s.vol.root_dir().clone();
     let mut ids = DirIds::new();
     let mut links: HashMap<u64, (Arc<Dir>, OsString)> = HashMap::new();
+    // Renames inside a directory move its mtime: each directory gets its times back once
+    // its entries are done (nothing else changes it meanwhile: offline the volume is locked,
+    // online no request runs), so a re-encrypted tree looks untouched to `stat`.
+    let root_times = sys::fstat(root.fd()).map(|st| sys::times_of(&st)).ok();
     // Long targets' side files live at the root.
     for ent in sys::list(root.fd()).map_err(ReencryptError::os)? {
         if ent
@@ -82,8 +89,13 @@ pub(super) fn run(
             reseal_long_target(s, &root, &ent.name, new, old, counts)?;
         }
     }
+    let root_ino = root.ino();
     let mut stack = vec![(root, Vec::new())];
     while let Some((dir, path)) = stack.pop() {
+        let times = match dir.ino() == root_ino {
+            true => root_times,
+            false => sys::fstat(dir.fd()).map(|st| sys::times_of(&st)).ok(),
+        };
         ids.insert(dir.ino(), *dir.id());
         let here = Loc {
             path: path.clone(),
@@ -128,6 +140,9 @@ pub(super) fn run(
                     convert_xattrs(s, t, Some(&at), new, old, counts)?;
                 }
             }
+        }
+        if let Some(t) = times {
+            let _ = sys::utimens_fd(dir.fd(), &t);
         }
     }
     Ok(ids)
@@ -292,21 +307,35 @@ fn convert_symlink(
             let _ = sys::utimens_at(dir.fd(), &tmp, &times);
         }
     }
-    if s.online.is_some() {
-        // Keep the old inode (see RETIRED_PREFIX); a second name of it is held already.
-        let root = s.vol.root_dir().clone();
-        match sys::link(dir.fd(), bname, root.fd(), &retired_name(st.st_ino)) {
-            Ok(()) => counts.replaced.push(st.st_ino),
-            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
-            Err(e) => {
-                let _ = sys::unlink(dir.fd(), &tmp);
-                return Err(ReencryptError::os(e));
+    // Online, the mount keeps showing the symlink under its old number: the old inode is
+    // held (see ReplacedSymlink), once per inode (a second name of it links the same new one).
+    let hold = match s.online {
+        Some(_) if !counts.replaced.iter().any(|r| r.old == st.st_ino) => {
+            let new = sys::stat_at(dir.fd(), &tmp).map(|t| t.st_ino);
+            match (sys::open_path(dir.fd(), bname), new) {
+                (Ok(fd), Ok(new)) => Some((fd, new)),
+                // Out of descriptors: this symlink shows its new number (documented limit).
+                (Err(e), _) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
+                    None
+                }
+                (Err(e), _) | (_, Err(e)) => {
+                    let _ = sys::unlink(dir.fd(), &tmp);
+                    return Err(ReencryptError::os(e));
+                }
             }
         }
-    }
+        _ => None,
+    };
     if let Err(e) = sys::rename(dir.fd(), &tmp, dir.fd(), bname, 0) {
         let _ = sys::unlink(dir.fd(), &tmp);
         return Err(ReencryptError::os(e));
+    }
+    if let Some((hold, new)) = hold {
+        counts.replaced.push(ReplacedSymlink {
+            old: st.st_ino,
+            new,
+            hold,
+        });
     }
     if st.st_nlink > 1 {
         links

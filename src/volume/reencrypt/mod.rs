@@ -30,7 +30,7 @@ use serde::{Deserialize, Serialize};
 
 pub use journal::JOURNAL_FILE;
 use journal::{Journal, Phase};
-pub use meta::DirIds;
+pub use meta::{DirIds, ReplacedSymlink};
 
 use super::header::{PlatformEnvelope, VolumeHeader};
 use super::{Closed, OpenFile, Volume, VolumeError};
@@ -88,9 +88,10 @@ pub type FaultHook<'a> = &'a mut dyn FnMut(Step) -> io::Result<()>;
 pub struct Progress {
     /// `names` or `contents`.
     pub phase: String,
-    /// Data bytes rewritten so far.
+    /// Data bytes rewritten so far (holes are neither read nor written).
     pub bytes_done: u64,
-    /// Data bytes of the files found (an estimate while a mount changes them).
+    /// Data bytes of the files found: their allocated bytes, so a sparse file counts what it
+    /// holds (an estimate; more while a mount writes).
     pub bytes_total: u64,
     /// Files converted so far.
     pub files_done: u64,
@@ -178,10 +179,10 @@ pub trait Online: Sync {
     /// The names phase changed every backing name (with every request held back): cached
     /// backing names must be recomputed with `keys` and the directory ids `ids`.
     fn names_changed(&self, ids: &DirIds, keys: &VolumeKeys);
-    /// After the names phase, with requests flowing again: the symlinks whose backing inodes
-    /// `old` were replaced by new ones; the kernel must forget the old inodes' names (the
-    /// session then lets go of the inodes).
-    fn symlinks_replaced(&self, old: &[u64]);
+    /// Still with every request held back: the symlinks the names phase replaced by new
+    /// inodes. The mount keeps showing each under the number the kernel knows it by (no
+    /// kernel notification: none may be sent while requests wait on the gates).
+    fn symlinks_replaced(&self, replaced: Vec<meta::ReplacedSymlink>);
     /// Every file the mount holds open (those with no name left are reached only so).
     fn open_files(&self) -> Vec<Arc<OpenFile>>;
 }
@@ -416,15 +417,7 @@ impl<'a> Session<'a> {
                 if let Some(o) = self.online {
                     meta::convert_open_xattrs(self, &o.open_files(), &keys, old, &mut counts)?;
                     o.names_changed(&ids, &keys);
-                }
-            }
-            if let Some(o) = self.online {
-                if !counts.replaced.is_empty() {
-                    o.symlinks_replaced(&counts.replaced);
-                }
-                let root = self.vol.root_dir().clone();
-                for ino in &counts.replaced {
-                    let _ = super::sys::unlink(root.fd(), &meta::retired_name(*ino));
+                    o.symlinks_replaced(std::mem::take(&mut counts.replaced));
                 }
             }
             report.names += counts.names;
@@ -452,7 +445,7 @@ impl<'a> Session<'a> {
             let files = contents::walk(&root, self.vol)?;
             if round == 0 {
                 self.progress.files_total = files.len() as u64;
-                self.progress.bytes_total = files.iter().map(|f| f.len).sum();
+                self.progress.bytes_total = files.iter().map(|f| f.alloc).sum();
                 self.report_progress();
             }
             let (n, bytes) = contents::convert(self, files, closed.is_none())?;
@@ -507,7 +500,7 @@ impl<'a> Session<'a> {
         Journal::remove(root.fd()).map_err(ReencryptError::os)?;
         // Temp files of journal writes a crash interrupted.
         let tmp = format!("{}{JOURNAL_FILE}.", crate::fsutil::TEMP_PREFIX);
-        for e in crate::volume::sys::list(root.fd()).unwrap_or_default() {
+        for e in contents::list_keeping_atime(&root).unwrap_or_default() {
             if e.name.as_encoded_bytes().starts_with(tmp.as_bytes()) {
                 let _ = crate::volume::sys::unlink(root.fd(), &e.name);
             }
