@@ -22,6 +22,7 @@ pub mod create;
 mod extract;
 pub mod leftovers;
 pub mod manifest;
+mod renumber;
 pub mod restore;
 
 use std::io;
@@ -31,6 +32,7 @@ use serde::Serialize;
 
 pub use create::{backup, BackupKey, BackupRequest, BaseState};
 pub use manifest::{Stored, Totals};
+pub use renumber::Renumbered;
 pub use restore::{restore, RestoreReport, RestoreRequest};
 
 /// Why a backup or restore failed.

@@ -32,6 +32,7 @@ use serde::Serialize;
 use super::chain::{check_chain, read_sealed, Link};
 use super::extract::{apply, finish_dirs, State, Tree};
 use super::manifest::{Manifest, Totals};
+use super::renumber::{self, Renumbered};
 use super::{BackupError, Progress};
 use crate::crypto::Dek;
 use crate::des::{self, DesStore, DiskEncryptionSet};
@@ -91,6 +92,8 @@ pub struct RestoreReport {
     pub owners_skipped: u64,
     /// The re-encryption under a new DEK, with `--new-dek`.
     pub new_dek: Option<Report>,
+    /// With `--new-dek`: the fresh directory ids, file ids and long-target names given.
+    pub new_ids: Option<Renumbered>,
     /// Size of the archives.
     pub archive_bytes: u64,
     /// Temp directories of killed restores into the target, removed first.
@@ -245,15 +248,23 @@ pub fn restore(
             &last.manifest,
             &first.dek,
             first.inner.as_ref(),
+            req.new_dek,
         )?;
         header.write(&tmp)?;
         finish_dirs(&mut tree, &dirs)?;
         let owners_skipped = tree.owners_skipped;
         drop(tree);
-        let new_dek = if req.new_dek {
-            Some(reencrypt(req.home, &des_rec, &tmp, &header)?)
+        let (new_dek, new_ids) = if req.new_dek {
+            let keys = renumber::Keys {
+                dek: &first.dek,
+                inner: first.inner.as_ref(),
+                sector: last.manifest.source.sector_size,
+                generation: last.manifest.source.key_generation,
+            };
+            let (r, ids) = reencrypt(req.home, &des_rec, &tmp, &header, &keys)?;
+            (Some(r), Some(ids))
         } else {
-            None
+            (None, None)
         };
         rustix::fs::syncfs(File::open(&tmp).map_err(|e| BackupError::io("", e))?)
             .map_err(|e| BackupError::io("", e.into()))?;
@@ -262,7 +273,7 @@ pub fn restore(
         temps.clear();
         Ok(RestoreReport {
             target: target.clone(),
-            volume_id: last.manifest.source.volume_id.clone(),
+            volume_id: header.volume_id.clone(),
             des: req.des.to_string(),
             key_id,
             backup_key_id: last.sealed.envelope.key_id.clone(),
@@ -273,6 +284,7 @@ pub fn restore(
             totals: last.manifest.totals.clone(),
             owners_skipped,
             new_dek,
+            new_ids,
             archive_bytes,
             cleaned_up: cleaned_up.clone(),
             seconds: 0.0,
@@ -332,7 +344,10 @@ fn clean_leftovers(target: &Path) -> Result<Vec<PathBuf>, BackupError> {
 }
 
 /// The restored volume's header: the source's layout and key generation, the DEK wrapped by
-/// the set's active key (and the inner one by cmkfs's platform key), bound to the set.
+/// the set's active key (and the inner one by cmkfs's platform key), bound to the set. A
+/// plain restore is the source volume again (its id and creation time); `fresh` (a
+/// `--new-dek` restore, an independent volume) gets a new random id and is created now.
+#[allow(clippy::too_many_arguments)]
 fn header_for(
     home: &Home,
     des_rec: &DiskEncryptionSet,
@@ -340,22 +355,30 @@ fn header_for(
     man: &Manifest,
     dek: &Dek,
     inner: Option<&Dek>,
+    fresh: bool,
 ) -> Result<VolumeHeader, BackupError> {
     let kid = des_rec.active_key_id()?;
     let info = v.get_key(&kid.name, Some(&kid.version))?;
     let wrapped = v.wrap_key(&kid.name, Some(&kid.version), info.wrap_alg, dek.as_bytes())?;
     let s = &man.source;
+    let (volume_id, created) = if fresh {
+        let mut id = [0u8; 16];
+        getrandom::getrandom(&mut id).map_err(|e| BackupError::Internal(e.to_string()))?;
+        (hex::encode(id), super::now())
+    } else {
+        (s.volume_id.clone(), s.created)
+    };
     let mut h = match inner {
-        None => VolumeHeader::new(dek, s.volume_id.clone(), s.sector_size, &wrapped, s.created),
+        None => VolumeHeader::new(dek, volume_id, s.sector_size, &wrapped, created),
         Some(i) => {
             let (pv, pinfo) = des::ensure_platform_key(home)?;
             let w = pv.wrap_key(des::PLATFORM_KEY, None, pinfo.wrap_alg, i.as_bytes())?;
             VolumeHeader::new_double(
                 dek,
-                s.volume_id.clone(),
+                volume_id,
                 s.sector_size,
                 &wrapped,
-                s.created,
+                created,
                 PlatformEnvelope::new(i, &w),
             )
         }
@@ -382,17 +405,20 @@ fn times_by_inode(dir: &Path) -> Result<HashMap<u64, sys::Times>, BackupError> {
     Ok(out)
 }
 
-/// `--new-dek`: the offline re-encryption of the restored tree (names, targets, xattrs and
-/// every data unit under a fresh DEK; the archive's DEK is gone from the header at the end).
-/// It rewrites data in place and renames entries (same inodes), which moves their times:
-/// those of files and directories are put back as the archive had them.
+/// `--new-dek`: fresh directory ids, file ids and long-target names ([`renumber`]), then
+/// the offline re-encryption of the restored tree (names, targets, xattrs and every data
+/// unit under a fresh DEK; the archive's DEK is gone from the header at the end). Both
+/// rewrite data in place and rename entries (same inodes), which moves their times: those of
+/// files and directories are put back as the archive had them.
 fn reencrypt(
     home: &Home,
     des_rec: &DiskEncryptionSet,
     dir: &Path,
     header: &VolumeHeader,
-) -> Result<Report, BackupError> {
+    keys: &renumber::Keys<'_>,
+) -> Result<(Report, Renumbered), BackupError> {
     let times = times_by_inode(dir)?;
+    let ids = renumber::renumber(dir, keys)?;
     // The caller holds the volume lock on `dir` exclusive.
     let report = {
         let v = des::open_vault(home, des_rec)?;
@@ -429,7 +455,7 @@ fn reencrypt(
         }
         .map_err(|e| BackupError::io(path, e))
     })?;
-    Ok(report)
+    Ok((report, ids))
 }
 
 /// Under the set's lock: the header rewrapped if the set's key changed meanwhile, the target

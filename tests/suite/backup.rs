@@ -470,9 +470,59 @@ fn round_trip_keeps_every_byte_and_metadata_and_new_dek_shares_no_ciphertext_blo
         "--new-dek filled the sparse file's holes: {} blocks",
         blocks_of(&r2)
     );
+    // Unlinkable (F7): no 16-byte id of the source (volume id, file ids, directory ids, long
+    // targets' side-file names), raw or hex, anywhere in the restored store.
+    assert_ne!(
+        h1["volume_id"], h2["volume_id"],
+        "the source's volume id was kept"
+    );
+    assert_eq!(r["volume_id"], h2["volume_id"], "{r}");
+    let ids = source_ids(&env.cipher);
+    assert!(ids.len() > 40, "only {} ids found in the source", ids.len());
+    let hexes: Vec<String> = ids.iter().map(hex::encode).collect();
+    let markers: Vec<&[u8]> = ids
+        .iter()
+        .map(|i| &i[..])
+        .chain(hexes.iter().map(|h| h.as_bytes()))
+        .collect();
+    // The scan sees them where they are: a plain restore is the source volume again.
+    assert!(find_markers(&r1, &markers).len() > 40);
+    let found = find_markers(&r2, &markers);
+    assert!(
+        found.is_empty(),
+        "source ids in the restored store:\n{}",
+        found.join("\n")
+    );
+    assert_eq!(r["new_ids"]["long_targets"], 1, "{r}");
     let m = env.mount(&r2, &mnt2);
     assert_views(&view(&mnt2), &want, "restored with a new DEK");
     m.unmount();
+}
+
+/// Every 16-byte id of a backing store: its volume id, each file's id (header bytes 8..24),
+/// each directory's id, each long target's side-file name.
+fn source_ids(cipher: &Path) -> Vec<[u8; 16]> {
+    let h: serde_json::Value =
+        serde_json::from_slice(&fs::read(cipher.join(HEADER_NAME)).unwrap()).unwrap();
+    let mut out = vec![hex::decode(h["volume_id"].as_str().unwrap())
+        .unwrap()
+        .try_into()
+        .unwrap()];
+    for p in data_files(cipher) {
+        let b = fs::read(&p).unwrap();
+        if b.len() >= FILE_HEADER_LEN as usize {
+            out.push(b[8..24].try_into().unwrap());
+        }
+    }
+    for p in walk(cipher) {
+        let name = p.file_name().unwrap().to_string_lossy().into_owned();
+        if name == ".cmkfs.dirid" {
+            out.push(fs::read(&p).unwrap().try_into().unwrap());
+        } else if let Some(x) = name.strip_prefix(".cmkfs.target.") {
+            out.push(hex::decode(x).unwrap().try_into().unwrap());
+        }
+    }
+    out
 }
 
 /// Offsets in a tar file: (header offset, type flag, data offset, data length) per block
