@@ -70,8 +70,12 @@ pub struct RestoreRequest<'a> {
 pub struct RestoreReport {
     /// The restored backing directory.
     pub target: PathBuf,
-    /// The volume's id.
+    /// The volume's id: the source's for a plain restore, a new one with `--new-dek` or when
+    /// the source is still live here (`source_live_at`).
     pub volume_id: String,
+    /// A plain restore whose source volume (same id, same DEK) is live on this machine, at
+    /// this path: the restored copy got a new volume id.
+    pub source_live_at: Option<PathBuf>,
     /// The Disk Encryption Set it belongs to.
     pub des: String,
     /// The key that wraps its DEK now.
@@ -241,6 +245,28 @@ pub fn restore(
         let last = &links[links.len() - 1];
         // 3. The header under the set's key (written before the directories' times are set,
         // the root's included), the new DEK, the set's record, the rename.
+        let src = &last.manifest.source;
+        // A plain restore is the source volume again (its id: its backups' chain goes on),
+        // unless the source is still live here: two volumes, one id, would be mistaken for
+        // each other (a backup chain continued across both), so the copy gets its own id.
+        // A `--new-dek` restore is an independent volume: a new id, created now.
+        let twin = if req.new_dek {
+            None
+        } else {
+            live_twin(req.home, &src.volume_id, &target)
+        };
+        let ident = if req.new_dek || twin.is_some() {
+            let mut id = [0u8; 16];
+            getrandom::getrandom(&mut id).map_err(|e| BackupError::Internal(e.to_string()))?;
+            let created = if req.new_dek {
+                super::now()
+            } else {
+                src.created
+            };
+            (hex::encode(id), created)
+        } else {
+            (src.volume_id.clone(), src.created)
+        };
         let header = header_for(
             req.home,
             &des_rec,
@@ -248,7 +274,7 @@ pub fn restore(
             &last.manifest,
             &first.dek,
             first.inner.as_ref(),
-            req.new_dek,
+            ident,
         )?;
         header.write(&tmp)?;
         finish_dirs(&mut tree, &dirs)?;
@@ -274,6 +300,7 @@ pub fn restore(
         Ok(RestoreReport {
             target: target.clone(),
             volume_id: header.volume_id.clone(),
+            source_live_at: twin,
             des: req.des.to_string(),
             key_id,
             backup_key_id: last.sealed.envelope.key_id.clone(),
@@ -344,9 +371,8 @@ fn clean_leftovers(target: &Path) -> Result<Vec<PathBuf>, BackupError> {
 }
 
 /// The restored volume's header: the source's layout and key generation, the DEK wrapped by
-/// the set's active key (and the inner one by cmkfs's platform key), bound to the set. A
-/// plain restore is the source volume again (its id and creation time); `fresh` (a
-/// `--new-dek` restore, an independent volume) gets a new random id and is created now.
+/// the set's active key (and the inner one by cmkfs's platform key), bound to the set, with
+/// the volume id and creation time `ident`.
 #[allow(clippy::too_many_arguments)]
 fn header_for(
     home: &Home,
@@ -355,19 +381,13 @@ fn header_for(
     man: &Manifest,
     dek: &Dek,
     inner: Option<&Dek>,
-    fresh: bool,
+    ident: (String, u64),
 ) -> Result<VolumeHeader, BackupError> {
     let kid = des_rec.active_key_id()?;
     let info = v.get_key(&kid.name, Some(&kid.version))?;
     let wrapped = v.wrap_key(&kid.name, Some(&kid.version), info.wrap_alg, dek.as_bytes())?;
     let s = &man.source;
-    let (volume_id, created) = if fresh {
-        let mut id = [0u8; 16];
-        getrandom::getrandom(&mut id).map_err(|e| BackupError::Internal(e.to_string()))?;
-        (hex::encode(id), super::now())
-    } else {
-        (s.volume_id.clone(), s.created)
-    };
+    let (volume_id, created) = ident;
     let mut h = match inner {
         None => VolumeHeader::new(dek, volume_id, s.sector_size, &wrapped, created),
         Some(i) => {
@@ -386,6 +406,24 @@ fn header_for(
     h.key_generation = s.key_generation;
     // `with_des` recomputes the MAC over every field, the key generation included.
     Ok(h.with_des(Some(des_rec.name.clone()), dek))
+}
+
+/// A live volume on this machine whose id is `volume_id` (other than `target`): one a Disk
+/// Encryption Set lists, or one mounted now. Unreadable headers are no twin (nothing can
+/// confuse them with the restored volume until they read again).
+fn live_twin(home: &Home, volume_id: &str, target: &Path) -> Option<PathBuf> {
+    let same =
+        |p: &Path| p != target && VolumeHeader::read(p).is_ok_and(|h| h.volume_id == volume_id);
+    let listed = DesStore::new(home)
+        .list()
+        .unwrap_or_default()
+        .into_iter()
+        .flat_map(|d| d.volumes);
+    let mounted = crate::mount::RunRecord::all(home)
+        .into_iter()
+        .filter(|r| r.alive() && r.volume_id == volume_id)
+        .map(|r| r.cipherdir);
+    listed.chain(mounted).find(|p| same(p))
 }
 
 /// Times of every entry of the tree at `dir`, by inode.

@@ -489,6 +489,14 @@ fn print_restore(r: &RestoreReport, json: bool) -> anyhow::Result<()> {
         "  DEK wrapped by {} (the archive's by {})",
         r.key_id, r.backup_key_id
     );
+    if let Some(p) = &r.source_live_at {
+        println!(
+            "  the source volume is live at {} (same DEK): the restored copy got a new volume \
+             id, so that the two are never taken for each other (incremental backups of the \
+             copy start with a full one; --new-dek makes an independent copy under its own DEK)",
+            p.display()
+        );
+    }
     if r.archives.len() > 1 {
         println!(
             "  chain of {} archives: {}",

@@ -416,6 +416,29 @@ fn round_trip_keeps_every_byte_and_metadata_and_new_dek_shares_no_ciphertext_blo
     assert_eq!(backing(&r1), backing(&env.cipher), "backing trees differ");
     let info = env.info(&r1);
     assert_eq!(info["des"], "d", "{info}");
+    assert_eq!(
+        info["volume_id"],
+        env.info(&env.cipher)["volume_id"],
+        "a plain restore is the same volume"
+    );
+    // Restored again while that copy is live (listed in set d): same DEK, but its own id.
+    let r3 = env.root.join("restored-again");
+    let r = json(&env.cmkfs(&[
+        "restore".as_ref(),
+        archive.as_os_str(),
+        r3.as_os_str(),
+        "--des".as_ref(),
+        "d".as_ref(),
+        "--json".as_ref(),
+    ]));
+    assert_eq!(r["source_live_at"], r1.display().to_string(), "{r}");
+    let info3 = env.info(&r3);
+    assert_ne!(
+        info3["volume_id"], info["volume_id"],
+        "two live volumes, one id"
+    );
+    assert_eq!(r["volume_id"], info3["volume_id"], "{r}");
+    assert_eq!(info3["dek_fingerprint"], info["dek_fingerprint"]);
     let mnt2 = env.dir("mnt2");
     let m = env.mount(&r1, &mnt2);
     assert_views(&view(&mnt2), &want, "restored");
