@@ -149,7 +149,7 @@ impl KeyEnvelope {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct Source {
-    /// Volume id (kept by a restore).
+    /// Volume id (kept by a plain restore; see docs/FORMAT.md, "Restore", step 5).
     pub volume_id: String,
     /// Creation time of the volume (Unix seconds).
     pub created: u64,

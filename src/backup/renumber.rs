@@ -50,6 +50,10 @@ pub struct Renumbered {
     pub names: u64,
     /// Long symlink targets whose side file got a new name.
     pub long_targets: u64,
+    /// Data bytes re-tweaked (holes excluded).
+    pub bytes: u64,
+    /// Time taken (seconds).
+    pub seconds: f64,
 }
 
 /// The keys of the tree as extracted (the archive's DEK and, double-encrypted, its inner
@@ -68,6 +72,7 @@ pub(super) struct Keys<'a> {
 /// Gives the tree at `dir` fresh directory ids, file ids and long-target side-file names
 /// (module docs). The caller holds the tree's volume lock.
 pub(super) fn renumber(dir: &Path, k: &Keys<'_>) -> Result<Renumbered, BackupError> {
+    let started = std::time::Instant::now();
     let keys = VolumeKeys::from_deks(k.dek, k.inner, k.sector as usize)
         .map_err(|e| BackupError::Internal(e.to_string()))?
         .with_generation(k.generation, None);
@@ -101,8 +106,9 @@ pub(super) fn renumber(dir: &Path, k: &Keys<'_>) -> Result<Renumbered, BackupErr
                     stack.push((s, sub));
                 }
                 libc::S_IFREG if files_done.insert(st.st_ino) => {
-                    if retweak_file(&cx, d, &bname, &sub, k.generation)? {
+                    if let Some(n) = retweak_file(&cx, d, &bname, &sub, k.generation)? {
                         out.files += 1;
+                        out.bytes += n;
                     }
                 }
                 libc::S_IFLNK => {
@@ -114,6 +120,7 @@ pub(super) fn renumber(dir: &Path, k: &Keys<'_>) -> Result<Renumbered, BackupErr
         write_id(d, &path, &new_id)?;
         out.dirs += 1;
     }
+    out.seconds = started.elapsed().as_secs_f64();
     Ok(out)
 }
 
@@ -196,22 +203,22 @@ fn rename_entry(
     Ok(Some(b.entry().to_os_string()))
 }
 
-/// Re-tweaks the data of file `bname` under a fresh file id; false for a file without a
-/// header (empty). Its times are put back.
+/// Re-tweaks the data of file `bname` under a fresh file id; returns the data bytes written
+/// (`None` for a file without a header: empty). Its times are put back.
 fn retweak_file(
     cx: &Ctx<'_>,
     d: BorrowedFd<'_>,
     bname: &OsStr,
     shown: &str,
     generation: u32,
-) -> Result<bool, BackupError> {
+) -> Result<Option<u64>, BackupError> {
     let io = |e: std::io::Error| BackupError::io(shown, e);
     let (f, st) = sys::open_regular(d, bname, sys::Access::ReadWrite, None).map_err(io)?;
     let len = st.st_size as u64;
     let size = logical_size(len)
         .map_err(|e| BackupError::Corrupt(format!("backing file {shown:?}: {e}")))?;
     if len == 0 {
-        return Ok(false);
+        return Ok(None);
     }
     let mut hb = [0u8; FILE_HEADER_LEN];
     f.read_exact_at(&mut hb, 0).map_err(io)?;
@@ -233,6 +240,7 @@ fn retweak_file(
     let mut buf = vec![0u8; (CHUNK_UNITS * sector) as usize];
     let mut zero = Vec::new();
     let mut pos = hdr;
+    let mut written = 0u64;
     while pos < end {
         // The next stretch of data; holes are neither read nor written.
         let data = match rustix::fs::seek(&f, rustix::fs::SeekFrom::Data(pos)) {
@@ -269,6 +277,7 @@ fn retweak_file(
             if w1 > w0 {
                 f.write_all_at(&b[(w0 - from) as usize..(w1 - from) as usize], w0)
                     .map_err(io)?;
+                written += w1 - w0;
             }
             unit += CHUNK_UNITS;
         }
@@ -276,7 +285,7 @@ fn retweak_file(
     }
     f.write_all_at(&new.encode(), 0).map_err(io)?;
     sys::utimens_fd(f.as_fd(), &sys::times_of(&st)).map_err(io)?;
-    Ok(true)
+    Ok(Some(written))
 }
 
 /// Gives every long target's side file at the root a new random name; returns the old names

@@ -523,6 +523,19 @@ fn print_restore(r: &RestoreReport, json: bool) -> anyhow::Result<()> {
             n.seconds
         );
     }
+    if let Some(n) = &r.new_ids {
+        println!(
+            "  fresh ids (unlinkable to the source): volume {}, {} directory ids ({} names \
+             sealed again), {} file ids ({:.1} MB re-tweaked in {:.2} s), {} long-target names",
+            r.volume_id,
+            n.dirs,
+            n.names,
+            n.files,
+            n.bytes as f64 / 1e6,
+            n.seconds,
+            n.long_targets
+        );
+    }
     if !r.backup_point_in_time {
         println!("  note: the backup was taken with --force while the mount kept writing");
     }
