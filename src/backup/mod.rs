@@ -19,6 +19,7 @@
 pub mod archive;
 pub mod chain;
 pub mod create;
+pub mod delta;
 mod extract;
 pub mod leftovers;
 pub mod manifest;
