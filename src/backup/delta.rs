@@ -1,7 +1,7 @@
 //! Changed-chunk incrementals (archive version 3; docs/FORMAT.md, "Backup archive").
 //!
-//! Every file of a version 3 manifest carries one digest per [`CHUNK`] bytes of its backing
-//! file ([`ChunkHasher`]). An incremental backup of a file whose data changed compares the
+//! Every file of a version 3 manifest carries one digest per chunk ([`grain`] bytes: 64 KiB
+//! for files up to 4 GiB) of its backing file ([`ChunkHasher`]). An incremental backup of a file whose data changed compares the
 //! file's chunk digests with the base entry's and, when that saves at least half of its
 //! data, stores only the changed chunks: a member with the file's record but only the data
 //! extents inside those chunks ([`plan`]). A restore takes the base entry's file, makes each
@@ -10,9 +10,10 @@
 //! entry counts as made ([`apply`]). The base archive is not read at backup time: its
 //! manifest has what is needed.
 //!
-//! The grain, 1 MiB, keeps the manifest small (a digest of 32 hex digits per MiB of data:
-//! about 35 bytes, 0.003%; a chunk without data is `""`) while a changed 4 KiB data unit
-//! costs at most 1 MiB in the archive.
+//! The grain, 64 KiB (16 data units), keeps the manifest small (a digest of 32 hex digits per
+//! chunk: about 35 bytes, 0.05% of the data; a chunk without data is `""`) while a changed
+//! 4 KiB data unit costs at most 64 KiB in the archive. Files over 4 GiB get larger chunks
+//! (at most 65536 per file), so no file's entry passes 2.3 MB.
 
 use std::fs::File;
 use std::io::{self, Read};
@@ -24,20 +25,33 @@ use sha2::{Digest, Sha256};
 use super::manifest::{self, Delta, Digester, Entry, Kind, Member};
 use super::BackupError;
 
-/// Bytes of backing file per chunk digest.
-pub const CHUNK: u64 = 1 << 20;
+/// The smallest chunk: 16 data units.
+pub const MIN_CHUNK: u64 = 64 << 10;
+/// The most chunks a file has (bounds its manifest entry: 35 bytes per digest, 2.3 MB).
+pub const MAX_CHUNKS: u64 = 1 << 16;
+
+/// Bytes of backing file per chunk digest for a file of `size` bytes: 64 KiB up to 4 GiB,
+/// then the power of two that keeps the file at [`MAX_CHUNKS`] chunks or fewer. A function of
+/// the size alone: backup and restore agree on it without recording it.
+pub fn grain(size: u64) -> u64 {
+    size.div_ceil(MAX_CHUNKS)
+        .checked_next_power_of_two()
+        .unwrap_or(1 << 63)
+        .max(MIN_CHUNK)
+}
 
 /// Chunks of a backing file of `size` bytes.
 pub fn chunk_count(size: u64) -> u64 {
-    size.div_ceil(CHUNK)
+    size.div_ceil(grain(size))
 }
 
 /// Computes the chunk digests of a file from the bytes of its data extents, fed in order.
-/// Chunk `i` covers `[i·CHUNK, min((i+1)·CHUNK, size))`; its digest is the first 16 bytes
+/// Chunk `i` covers `[i·g, min((i+1)·g, size))` with `g` = [`grain`]`(size)`; its digest is the first 16 bytes
 /// (hex) of SHA-256 over each part of a data extent inside it, in order: offset (u64 LE),
 /// length (u64 LE), bytes. A chunk with no data has the digest `""`. Equal digests so mean
 /// equal bytes and equal holes.
 pub struct ChunkHasher {
+    grain: u64,
     extents: Vec<(u64, u64)>,
     out: Vec<String>,
     /// Index into `extents`, and bytes of it done.
@@ -52,6 +66,7 @@ impl ChunkHasher {
     /// A hasher for a file of `size` bytes whose data extents are `extents`.
     pub fn new(size: u64, extents: &[(u64, u64)]) -> ChunkHasher {
         ChunkHasher {
+            grain: grain(size),
             extents: extents.to_vec(),
             out: vec![String::new(); chunk_count(size) as usize],
             ext: 0,
@@ -78,12 +93,13 @@ impl ChunkHasher {
                     return;
                 };
                 let off = o + self.in_ext;
-                let c = off / CHUNK;
+                let g = self.grain;
+                let c = off / g;
                 if self.cur.as_ref().is_none_or(|(i, _)| *i != c) {
                     self.finish_chunk();
                     self.cur = Some((c, Sha256::new()));
                 }
-                let len = (o + l).min((c + 1) * CHUNK) - off;
+                let len = (o + l).min((c + 1) * g) - off;
                 if let Some((_, h)) = &mut self.cur {
                     h.update(off.to_le_bytes());
                     h.update(len.to_le_bytes());
@@ -131,11 +147,13 @@ impl<R: Read> Read for Chunking<'_, R> {
     }
 }
 
-/// `extents` cut to the chunks `chunks` (sorted): the data a delta member stores.
+/// `extents` cut to the chunks `chunks` (sorted) of a file of `size` bytes: the data a delta
+/// member stores.
 pub fn extents_in(extents: &[(u64, u64)], chunks: &[u64], size: u64) -> Vec<(u64, u64)> {
+    let g = grain(size);
     let mut out: Vec<(u64, u64)> = Vec::new();
     for &c in chunks {
-        let (lo, hi) = (c * CHUNK, ((c + 1) * CHUNK).min(size));
+        let (lo, hi) = (c * g, ((c + 1) * g).min(size));
         for &(o, l) in extents {
             let (a, b) = (o.max(lo), (o + l).min(hi));
             if a < b {
@@ -167,7 +185,8 @@ pub fn plan(base: &Entry, m: &Member, f: &File) -> io::Result<Option<Plan>> {
     let Some(old) = &base.chunks else {
         return Ok(None);
     };
-    if m.data_len() == 0 {
+    let base_size = base.change.as_ref().map_or(0, |c| c.size);
+    if m.data_len() == 0 || grain(base_size) != grain(m.size) {
         return Ok(None);
     }
     let mut ch = ChunkHasher::new(m.size, &m.extents);
@@ -258,8 +277,9 @@ pub fn write(
 ) -> Result<String, BackupError> {
     let io = |e: io::Error| BackupError::io(path, e);
     f.set_len(dm.size).map_err(io)?;
+    let g = grain(dm.size);
     for &c in &delta.chunks {
-        let (lo, hi) = (c * CHUNK, ((c + 1) * CHUNK).min(dm.size));
+        let (lo, hi) = (c * g, ((c + 1) * g).min(dm.size));
         punch(f, lo, hi - lo).map_err(io)?;
     }
     let mut hash = Digester::new(dm, version);
@@ -283,7 +303,7 @@ fn punch(f: &File, off: u64, len: u64) -> io::Result<()> {
     match rustix::fs::fallocate(f.as_fd(), F::PUNCH_HOLE | F::KEEP_SIZE, off, len) {
         Ok(()) => Ok(()),
         Err(e) if e == rustix::io::Errno::OPNOTSUPP => {
-            let zeros = vec![0u8; CHUNK as usize];
+            let zeros = vec![0u8; 1 << 20];
             let mut done = 0u64;
             while done < len {
                 let k = ((len - done) as usize).min(zeros.len());
@@ -366,12 +386,23 @@ mod tests {
         h.finish()
     }
 
+    const CHUNK: u64 = MIN_CHUNK;
+
+    #[test]
+    fn the_grain_is_64_kib_up_to_4_gib_then_keeps_65536_chunks() {
+        assert_eq!(grain(0), MIN_CHUNK);
+        assert_eq!(grain(4 << 30), MIN_CHUNK);
+        assert_eq!(grain((4 << 30) + 1), 2 * MIN_CHUNK);
+        assert_eq!(chunk_count(1 << 40), MAX_CHUNKS);
+        assert!(chunk_count(u64::MAX) <= MAX_CHUNKS);
+    }
+
     #[test]
     fn chunk_digests_do_not_depend_on_how_the_bytes_arrive_and_see_holes() {
         let size = 3 * CHUNK + 100;
         let ext = [(10, CHUNK), (2 * CHUNK + 5, CHUNK + 90)];
         let data: Vec<u8> = (0..(2 * CHUNK + 90)).map(|i| (i * 7 % 251) as u8).collect();
-        let a = digests(size, &ext, &data, 1 << 20);
+        let a = digests(size, &ext, &data, 1 << 17);
         assert_eq!(a.len(), 4);
         assert_eq!(a, digests(size, &ext, &data, 4097));
         assert_eq!(a, digests(size, &ext, &data, 1));
@@ -390,6 +421,85 @@ mod tests {
         let e = digests(3 * CHUNK, &[(0, 10)], &[1; 10], 3);
         assert_eq!(e[1], "");
         assert_eq!(e[2], "");
+    }
+
+    #[test]
+    fn crafted_deltas_are_refused_before_anything_is_written() {
+        let rec = Member {
+            path: "f".into(),
+            kind: Kind::File,
+            mode: 0o600,
+            uid: 0,
+            gid: 0,
+            mtime: (0, 0),
+            atime: (0, 0),
+            target: None,
+            rdev: None,
+            xattrs: Vec::new(),
+            size: 4 * CHUNK,
+            extents: vec![(0, 4 * CHUNK)],
+        };
+        let delta = |chunks: Vec<u64>| Delta {
+            from: "f".into(),
+            base_sha256: String::new(),
+            chunks,
+            member_sha256: String::new(),
+        };
+        let dm = |extents: Vec<(u64, u64)>| Member {
+            extents,
+            ..rec.clone()
+        };
+        let good = dm(vec![(CHUNK, CHUNK), (3 * CHUNK, CHUNK)]);
+        check(&good, &rec, &delta(vec![1, 3])).unwrap();
+        let refused = |dm: &Member, rec: &Member, d: &Delta, why: &str| {
+            let e = check(dm, rec, d).unwrap_err().to_string();
+            assert!(e.contains(why), "{e}");
+        };
+        // Chunks outside the file, repeated, out of order.
+        refused(&good, &rec, &delta(vec![1, 4]), "outside the file");
+        refused(&good, &rec, &delta(vec![1, 1, 3]), "repeated");
+        refused(&good, &rec, &delta(vec![3, 1]), "out of order");
+        // Stored extents outside the listed chunks, or overlapping, or past the end.
+        let d13 = delta(vec![1, 3]);
+        refused(
+            &dm(vec![(0, 2 * CHUNK), (3 * CHUNK, CHUNK)]),
+            &rec,
+            &d13,
+            "not the changed",
+        );
+        refused(
+            &dm(vec![(CHUNK, CHUNK), (CHUNK + 5, 10), (3 * CHUNK, CHUNK)]),
+            &rec,
+            &d13,
+            "not the changed",
+        );
+        refused(
+            &dm(vec![(CHUNK, CHUNK), (3 * CHUNK, CHUNK + 1)]),
+            &rec,
+            &d13,
+            "not the changed",
+        );
+        // A record whose own extents overlap or pass its size.
+        let overlapping = Member {
+            extents: vec![(0, 2 * CHUNK), (CHUNK, CHUNK)],
+            ..rec.clone()
+        };
+        refused(&good, &overlapping, &d13, "overlap");
+        let past = Member {
+            extents: vec![(0, 5 * CHUNK)],
+            ..rec.clone()
+        };
+        refused(&good, &past, &d13, "outside the file");
+        // A size that differs from the record's.
+        refused(
+            &Member {
+                size: 5 * CHUNK,
+                ..good.clone()
+            },
+            &rec,
+            &d13,
+            "not the changed",
+        );
     }
 
     #[test]

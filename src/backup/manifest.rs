@@ -395,7 +395,7 @@ pub struct Entry {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub record: Option<Box<Member>>,
     /// Version 3, regular files: the chunk digests ([`super::delta::chunk_digests`]), one per
-    /// [`super::delta::CHUNK`] bytes of the backing file.
+    /// [`super::delta::grain`] bytes of the backing file.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub chunks: Option<Vec<String>>,
     /// Version 3 incremental archives: the file is stored as the chunks that changed since
