@@ -473,7 +473,6 @@ fn a_changed_file_is_stored_as_its_changed_chunks_and_a_chain_of_three_rebuilds_
     let len1 = fs::metadata(&inc1).unwrap().len();
     assert!(len1 < 1 << 20, "incremental of {len1} bytes: {i1}");
     assert_eq!(i1["stored"]["deltas"], 1, "{i1}");
-    let backing1 = bytes_and_metadata(&env.cipher);
 
     // Shrunk to a tail of 5 bytes mid-chunk, grown by a hole and data past the old end,
     // a hole punched in the middle of the data.
@@ -505,7 +504,6 @@ fn a_changed_file_is_stored_as_its_changed_chunks_and_a_chain_of_three_rebuilds_
         assert_eq!(r, 0, "punch: {}", std::io::Error::last_os_error());
         libc::close(fd);
     }
-    let want = view(&mnt);
     m.unmount();
     let inc2 = env.root.join("inc2.tar");
     let i2 = backup(&env, &inc2, Some(&inc1));
@@ -513,6 +511,8 @@ fn a_changed_file_is_stored_as_its_changed_chunks_and_a_chain_of_three_rebuilds_
     let len2 = fs::metadata(&inc2).unwrap().len();
     assert!(len2 < 1 << 20, "incremental of {len2} bytes: {i2}");
 
+    // The same backing bytes under the same DEK: the same plaintext (the other chain test
+    // mounts its restore).
     let r = env.root.join("r");
     restore(&env, &[&full, &inc1, &inc2], &r, &[]).assert_ok();
     assert_eq!(
@@ -520,11 +520,9 @@ fn a_changed_file_is_stored_as_its_changed_chunks_and_a_chain_of_three_rebuilds_
         bytes_and_metadata(&env.cipher),
         "chain of three"
     );
-    let mnt2 = env.dir("mnt2");
-    let m = env.mount(&r, &mnt2);
-    assert_views(&view(&mnt2), &want, "chain of three");
-    m.unmount();
-    let r1 = env.root.join("r1");
-    restore(&env, &[&full, &inc1], &r1, &[]).assert_ok();
-    assert_eq!(bytes_and_metadata(&r1), backing1, "state of inc1");
+    let (src, got) = (sparse_blocks(&env.cipher), sparse_blocks(&r));
+    assert!(
+        got <= src + 64,
+        "holes filled: {got} blocks, the source has {src}"
+    );
 }
