@@ -272,6 +272,17 @@ pub(super) fn apply(
     let mut files = HashSet::new();
     let mut dirs: Vec<Member> = Vec::new();
     let mut moved: HashMap<String, String> = HashMap::new();
+    // How many entries take each base file (a reference or a changed-chunk file).
+    let mut uses: HashMap<&str, usize> = HashMap::new();
+    for e in &man.members {
+        if let Some(f) = e
+            .from
+            .as_deref()
+            .or(e.delta.as_ref().map(|d| d.from.as_str()))
+        {
+            *uses.entry(f).or_default() += 1;
+        }
+    }
     let mut blocks = Allocation::new(man);
     for want in &man.members {
         let (m, digest, data) = match &want.from {
@@ -293,8 +304,10 @@ pub(super) fn apply(
                 }
                 blocks.admit(&m, want)?;
                 if let Some(delta) = &want.delta {
-                    let r = rebuild(tree, prev, want, delta, &m, &mut e, &mut moved, version)
-                        .map_err(|e| crafted(&m.path, e))?;
+                    let r = rebuild(
+                        tree, prev, want, delta, &m, &mut e, &mut moved, &uses, version,
+                    )
+                    .map_err(|e| crafted(&m.path, e))?;
                     files.insert(r.0.path.clone());
                     r
                 } else {
@@ -345,7 +358,7 @@ pub(super) fn apply(
                     )));
                 }
                 if m.kind == Kind::File {
-                    take_file(tree, ptree, from, &m, &mut moved)?;
+                    take_file(tree, ptree, from, &m, &mut moved, false)?;
                     files.insert(m.path.clone());
                 } else {
                     extract(tree, &m, &mut io::empty(), &mut files, &mut dirs, version)?;
@@ -460,6 +473,7 @@ fn rebuild(
     dm: &Member,
     data: &mut dyn Read,
     moved: &mut HashMap<String, String>,
+    uses: &HashMap<&str, usize>,
     version: u32,
 ) -> Result<(Member, String, Option<String>), BackupError> {
     let p = &want.path;
@@ -497,7 +511,10 @@ fn rebuild(
         path: record.path.clone(),
         ..pm.clone()
     };
-    take_file(tree, ptree, &dl.from, &base_as, moved)?;
+    // Changed in place: taken as a copy when another entry of this archive also takes that
+    // base file (it must still find the base's bytes).
+    let shared = uses.get(dl.from.as_str()).is_some_and(|n| *n > 1);
+    take_file(tree, ptree, &dl.from, &base_as, moved, shared)?;
     let (np, nn) = split(&record.path);
     let dir = tree.parent(np)?;
     let (f, _) = sys::open_regular(dir, nn, sys::Access::ReadWrite, None)
@@ -522,12 +539,16 @@ fn take_file(
     from: &str,
     m: &Member,
     moved: &mut HashMap<String, String>,
+    copy: bool,
 ) -> Result<(), BackupError> {
     let (np, nn) = split(&m.path);
-    if let Some(at) = moved.get(from).cloned() {
-        let (ap, an) = split(&at);
-        let src_dir = tree.open(ap)?;
-        let (src, _) = sys::open_regular(src_dir.as_fd(), an, sys::Access::Read, None)
+    let moved_to = moved.get(from).cloned();
+    if moved_to.is_some() || copy {
+        let (src_dir, at) = match moved_to {
+            Some(at) => (tree.open(split(&at).0)?, at),
+            None => (ptree.open(split(from).0)?, from.to_string()),
+        };
+        let (src, _) = sys::open_regular(src_dir.as_fd(), split(&at).1, sys::Access::Read, None)
             .map_err(|e| BackupError::io(&at, e))?;
         let p = tree.parent(np)?;
         let dst = sys::create_regular(p, nn, 0o600).map_err(|e| BackupError::io(&m.path, e))?;

@@ -458,6 +458,7 @@ fn a_changed_file_is_stored_as_its_changed_chunks_and_a_chain_of_three_rebuilds_
         1 << 20,
         &random_bytes(&mut rng, 1 << 20),
     );
+    fs::write(mnt.join("doc"), random_bytes(&mut rng, 1 << 20)).unwrap();
     m.unmount();
     let full = env.root.join("full.tar");
     backup(&env, &full, None);
@@ -477,6 +478,14 @@ fn a_changed_file_is_stored_as_its_changed_chunks_and_a_chain_of_three_rebuilds_
     // Shrunk to a tail of 5 bytes mid-chunk, grown by a hole and data past the old end,
     // a hole punched in the middle of the data.
     let m = env.mount(&env.cipher, &mnt);
+    // An editor's save: the old file renamed to a backup name (a reference to the base's
+    // file) and a changed copy written under the name: a new file, with a new file id, so
+    // all of its ciphertext differs and it is stored whole.
+    let doc = fs::read(mnt.join("doc")).unwrap();
+    fs::rename(mnt.join("doc"), mnt.join("doc~")).unwrap();
+    let mut doc2 = doc.clone();
+    doc2[300_000] ^= 0xff;
+    fs::write(mnt.join("doc"), &doc2).unwrap();
     let big = fs::OpenOptions::new()
         .write(true)
         .open(mnt.join("big"))
@@ -509,7 +518,8 @@ fn a_changed_file_is_stored_as_its_changed_chunks_and_a_chain_of_three_rebuilds_
     let i2 = backup(&env, &inc2, Some(&inc1));
     assert_eq!(i2["stored"]["deltas"], 2, "{i2}");
     let len2 = fs::metadata(&inc2).unwrap().len();
-    assert!(len2 < 1 << 20, "incremental of {len2} bytes: {i2}");
+    // The 1 MiB of the new doc, and the chunks of the two deltas.
+    assert!(len2 < 2 << 20, "incremental of {len2} bytes: {i2}");
 
     // The same backing bytes under the same DEK: the same plaintext (the other chain test
     // mounts its restore).
