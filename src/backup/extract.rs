@@ -517,6 +517,8 @@ fn rebuild(
     take_file(tree, ptree, &dl.from, &base_as, moved, shared)?;
     let (np, nn) = split(&record.path);
     let dir = tree.parent(np)?;
+    // The base's mode may be read-only; `set_meta` below gives the record's.
+    sys::chmod_at(dir, nn, 0o600).map_err(|e| BackupError::io(p, e))?;
     let (f, _) = sys::open_regular(dir, nn, sys::Access::ReadWrite, None)
         .map_err(|e| BackupError::io(p, e))?;
     let md = delta::write(&f, dm, dl, data, version, p)?;
