@@ -519,11 +519,30 @@ fn round_trip_keeps_every_byte_and_metadata_and_new_dek_shares_no_ciphertext_blo
 /// Where any of `ids`, raw or as lowercase hex, is in the tree at `dir` (entry names, symlink
 /// targets, file contents): one line per finding.
 fn ids_in(dir: &Path, ids: &[[u8; 16]]) -> Vec<String> {
-    let raw: HashSet<&[u8]> = ids.iter().map(|i| &i[..]).collect();
     let hexes: Vec<String> = ids.iter().map(hex::encode).collect();
-    let hex: HashSet<&[u8]> = hexes.iter().map(|h| h.as_bytes()).collect();
-    let hit =
-        |b: &[u8]| b.windows(16).any(|w| raw.contains(w)) || b.windows(32).any(|w| hex.contains(w));
+    // The needles of each length, and which first two bytes they have (a cheap filter before
+    // the set: the test binary is not optimized, and a tree holds megabytes).
+    let sets: Vec<(usize, HashSet<&[u8]>, Vec<bool>)> = [
+        ids.iter().map(|i| &i[..]).collect::<Vec<_>>(),
+        hexes.iter().map(|h| h.as_bytes()).collect(),
+    ]
+    .into_iter()
+    .map(|needles| {
+        let mut first = vec![false; 1 << 16];
+        for n in &needles {
+            first[usize::from(n[0]) << 8 | usize::from(n[1])] = true;
+        }
+        (needles[0].len(), needles.into_iter().collect(), first)
+    })
+    .collect();
+    let hit = |b: &[u8]| {
+        sets.iter().any(|(len, set, first)| {
+            (0..(b.len() + 1).saturating_sub(*len)).any(|k| {
+                first[usize::from(b[k]) << 8 | usize::from(b[k + 1])]
+                    && set.contains(&b[k..k + len])
+            })
+        })
+    };
     let mut found = Vec::new();
     for p in walk(dir) {
         let md = fs::symlink_metadata(&p).unwrap();
