@@ -522,7 +522,9 @@ fn ids_in(dir: &Path, ids: &[[u8; 16]]) -> Vec<String> {
     let hexes: Vec<String> = ids.iter().map(hex::encode).collect();
     // The needles of each length, and which first two bytes they have (a cheap filter before
     // the set: the test binary is not optimized, and a tree holds megabytes).
-    let sets: Vec<(usize, HashSet<&[u8]>, Vec<bool>)> = [
+    /// Needle length, the needles, and the first-two-bytes filter.
+    type Needles<'a> = (usize, HashSet<&'a [u8]>, Vec<bool>);
+    let sets: Vec<Needles> = [
         ids.iter().map(|i| &i[..]).collect::<Vec<_>>(),
         hexes.iter().map(|h| h.as_bytes()).collect(),
     ]
