@@ -269,6 +269,12 @@ impl Moves {
         }
     }
 
+    /// Moves in flight now.
+    pub fn in_flight(&self) -> u64 {
+        let finished = self.finished.load(Ordering::SeqCst);
+        self.started.load(Ordering::SeqCst).saturating_sub(finished)
+    }
+
     /// True when no move was in flight at `mark` and none has started since: everything
     /// that looked at the tree in between saw every name at least once.
     pub fn quiet_since(&self, mark: MoveMark) -> bool {

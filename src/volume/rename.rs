@@ -40,7 +40,7 @@ impl Volume {
         // Counted from before the move to after it: a re-encryption's walk that saw no move
         // in flight and none started missed nothing (see `Moves`).
         let _moving = self.note_move();
-        super::reencrypt::test_pause("CMKFS_TEST_RENAME_PAUSE_MS");
+        super::reencrypt::test_rename_counted();
         let from = self.backing_name(dir, name)?;
         let to = self.backing_name(newdir, newname)?;
         let (src, dst) = (from.entry(), to.entry());

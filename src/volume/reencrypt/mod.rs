@@ -449,8 +449,11 @@ impl<'a> Session<'a> {
     fn contents(&mut self, report: &mut Report) -> Result<(), ReencryptError> {
         self.progress.phase = "contents".into();
         let root = self.vol.root_dir().clone();
-        test_pause("CMKFS_TEST_REENCRYPT_PAUSE_AFTER_NAMES_MS");
         for round in 0..ONLINE_ROUNDS {
+            #[cfg(debug_assertions)]
+            if round == 0 {
+                race::before_first_walk(self.vol);
+            }
             let mark = self.vol.moves().mark();
             let files = contents::walk(&root, self.vol)?;
             let files = test_hide(files);
@@ -459,8 +462,9 @@ impl<'a> Session<'a> {
                 self.progress.bytes_total = files.iter().map(|f| f.alloc).sum();
                 self.report_progress();
             }
+            #[cfg(debug_assertions)]
             if round == 0 {
-                test_pause("CMKFS_TEST_REENCRYPT_PAUSE_AFTER_FIRST_WALK_MS");
+                race::after_first_walk(self.vol);
             }
             let (n, bytes) = contents::convert(self, files, true)?;
             report.files += n;
@@ -543,15 +547,54 @@ impl<'a> Session<'a> {
     }
 }
 
-/// Test pauses at the points where a re-encryption races a mount's requests: sleeps for
-/// the milliseconds in `var`. Debug builds only: a release build ignores the variables.
-pub(crate) fn test_pause(var: &str) {
-    #[cfg(debug_assertions)]
-    if let Some(ms) = std::env::var(var).ok().and_then(|v| v.parse::<u64>().ok()) {
-        std::thread::sleep(Duration::from_millis(ms));
+/// Test hook (debug builds only; a release build ignores the variable): with
+/// `CMKFS_TEST_REENCRYPT_RACE=1`, issue 13's interleaving is forced. A rename through the
+/// mount, once counted, waits (at most 5 s) until the contents phase's first walk has listed
+/// the tree; that walk begins only once a rename is in flight, and its batches only once
+/// the rename is done: the walk lists the file under its old name, and the batch finds it
+/// gone.
+#[cfg(debug_assertions)]
+mod race {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::{Duration, Instant};
+
+    static WALKED: AtomicBool = AtomicBool::new(false);
+
+    fn on() -> bool {
+        std::env::var_os("CMKFS_TEST_REENCRYPT_RACE").is_some_and(|v| v == "1")
     }
-    #[cfg(not(debug_assertions))]
-    let _ = var;
+
+    fn wait(cond: impl Fn() -> bool) {
+        let end = Instant::now() + Duration::from_secs(5);
+        while !cond() && Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    pub fn rename_counted() {
+        if on() {
+            wait(|| WALKED.load(Ordering::SeqCst));
+        }
+    }
+
+    pub fn before_first_walk(vol: &crate::volume::Volume) {
+        if on() {
+            wait(|| vol.moves().in_flight() > 0);
+        }
+    }
+
+    pub fn after_first_walk(vol: &crate::volume::Volume) {
+        if on() {
+            WALKED.store(true, Ordering::SeqCst);
+            wait(|| vol.moves().in_flight() == 0);
+        }
+    }
+}
+
+/// See [`race`]: a rename waits here between its count and its backing call.
+pub(crate) fn test_rename_counted() {
+    #[cfg(debug_assertions)]
+    race::rename_counted();
 }
 
 /// Test hook: `CMKFS_TEST_REENCRYPT_WALKS_MISS=1` makes every walk of step 3 find nothing,
