@@ -14,9 +14,10 @@
 //! 3. **Contents** (`contents`): file data in batches under the journal; each file header
 //!    records its key generation and, for a file that spans batches, how far it got, so the
 //!    data path reads every unit with the right key at every moment.
-//! 4. **Finish.** Once a walk finds nothing left (online: and nothing was renamed or linked
-//!    during it), the header is written without `retiring` — the old DEK is gone — and the
-//!    journal removed.
+//! 4. **Finish.** Once a walk finds nothing left (online: and no rename or link was in
+//!    flight at its start or started during it), online a final check with every request
+//!    held back converts whatever a walk may still have missed; then the header is written
+//!    without `retiring` — the old DEK is gone — and the journal removed.
 
 mod contents;
 pub mod journal;
