@@ -456,7 +456,7 @@ impl<'a> Session<'a> {
                 race::before_first_walk(self.vol);
             }
             let mark = self.vol.moves().mark();
-            let files = contents::walk(&root, self.vol)?;
+            let files = contents::walk(&root, self.vol, false)?;
             let files = test_hide(files);
             if round == 0 {
                 self.progress.files_total = files.len() as u64;
@@ -490,7 +490,7 @@ impl<'a> Session<'a> {
         {
             let _closed = vol.gates().close();
             if let Some(o) = self.online {
-                let files = contents::walk(&root, vol)?;
+                let files = contents::walk(&root, vol, true)?;
                 let (n, bytes) = contents::convert(self, files, false)?;
                 report.files += n;
                 report.bytes += bytes;
