@@ -95,12 +95,7 @@ pub(super) fn walk(
             match st.st_mode & libc::S_IFMT {
                 libc::S_IFDIR => match vol.open_dir(&dir, &ent.name, Some(st.st_ino)) {
                     Ok(d) => stack.push((Arc::new(d), p)),
-                    Err(e) if strict => return Err(ReencryptError::Refused(format!(
-                        "backing directory {} cannot be opened ({e}); the old DEK is kept until \
-                             every file is converted: run `cmkfs fsck`, then the re-encryption \
-                             again",
-                        p.join("/")
-                    ))),
+                    Err(e) if strict => return Err(unopened_dir(&p, &e)),
                     Err(e) => tracing::warn!(entry = ?ent.name, error = %e, "directory skipped"),
                 },
                 libc::S_IFREG if st.st_size > 0 && seen.insert(st.st_ino) => out.push(Found {
@@ -117,6 +112,15 @@ pub(super) fn walk(
         }
     }
     Ok(out)
+}
+
+/// Why the final check stops at a directory it cannot open.
+fn unopened_dir(path: &[String], e: &VolumeError) -> ReencryptError {
+    ReencryptError::Refused(format!(
+        "backing directory {} cannot be opened ({e}); the old DEK is kept until every file \
+         is converted: run `cmkfs fsck`, then the re-encryption again",
+        path.join("/")
+    ))
 }
 
 /// The entries of `dir`; a listing moves a directory's atime (relatime, once its ctime is
