@@ -592,7 +592,8 @@ mod race {
     }
 }
 
-/// See [`race`]: a rename waits here between its count and its backing call.
+/// A rename waits here between its count and its backing call when the `race` test hook
+/// is on (debug builds only).
 pub(crate) fn test_rename_counted() {
     #[cfg(debug_assertions)]
     race::rename_counted();
