@@ -60,6 +60,10 @@ pub struct RestoreRequest<'a> {
     pub des: &'a str,
     /// Re-encrypt everything under a fresh DEK.
     pub new_dek: bool,
+    /// With `new_dek`: leave the archive's `cmkfs.quarantine/` out (it cannot be
+    /// re-encrypted: see `volume::reencrypt`); without it, an archive whose quarantine holds
+    /// anything is refused.
+    pub discard_quarantine: bool,
     /// How to reach the backup key's vault.
     pub open_vault: OpenVault<'a>,
 }
@@ -251,7 +255,13 @@ pub fn restore(
         let owners_skipped = tree.owners_skipped;
         drop(tree);
         let new_dek = if req.new_dek {
-            Some(reencrypt(req.home, &des_rec, &tmp, &header)?)
+            Some(reencrypt(
+                req.home,
+                &des_rec,
+                &tmp,
+                &header,
+                req.discard_quarantine,
+            )?)
         } else {
             None
         };
@@ -391,7 +401,23 @@ fn reencrypt(
     des_rec: &DiskEncryptionSet,
     dir: &Path,
     header: &VolumeHeader,
+    discard_quarantine: bool,
 ) -> Result<Report, BackupError> {
+    // The quarantine keeps the names of the source's directories, so it cannot be sealed
+    // again: copied verbatim it would share ciphertext with the source, under a DEK the
+    // restored volume no longer has.
+    let held = crate::volume::reencrypt::quarantine_entries(dir)
+        .map_err(|e| BackupError::io(crate::fsck::QUARANTINE_DIR, e))?;
+    if held > 0 && !discard_quarantine {
+        return Err(BackupError::Refused(format!(
+            "the archive's {q}/ holds {held} entries set aside by `cmkfs fsck --repair`, which \
+             cannot be re-encrypted under a new DEK: restore without --new-dek to look at \
+             them (`cmkfs fsck`, {q}/*/{m}), or add --discard-quarantine to leave them out; \
+             nothing was restored",
+            q = crate::fsck::QUARANTINE_DIR,
+            m = crate::fsck::MANIFEST_FILE,
+        )));
+    }
     let times = times_by_inode(dir)?;
     // The caller holds the volume lock on `dir` exclusive.
     let report = {
@@ -410,6 +436,7 @@ fn reencrypt(
                 fault: None,
             },
         )
+        .discard_quarantine(discard_quarantine)
         .run()?
     };
     let root = sys::open_root(dir).map_err(|e| BackupError::io("", e))?;
