@@ -28,7 +28,7 @@ mod posix_ext4;
 mod private_logs;
 mod reencrypt;
 mod reencrypt_online;
-mod reencrypt_preflight;
+mod reencrypt_safety;
 mod revocation;
 mod security;
 mod tails;

@@ -2,7 +2,7 @@
 //! (session 5 findings F7, F8): a directory whose id is lost, and what `fsck --repair` set
 //! aside in `cmkfs.quarantine/` (it cannot be sealed again, so it is never silently left
 //! under a DEK about to be erased), through the CLI and, for the damage met mid-run, through
-//! the library's fault hooks.
+//! the library's fault hooks; and (F1) a batch a crash interrupted keeps its file's times.
 
 use crate::common;
 
@@ -254,4 +254,72 @@ fn damage_met_mid_run_stops_it_with_the_old_dek_kept_and_the_volume_mounting() {
     );
     let out = env.cmkfs(&["fsck", env.cipher.to_str().unwrap()]);
     assert!(out.ok(), "fsck: {out}");
+}
+
+#[test]
+fn a_batch_interrupted_by_a_crash_keeps_its_files_times_after_recovery_and_resume() {
+    // Files span batches: the crash lands inside one file's conversion.
+    std::env::set_var("CMKFS_REENCRYPT_BATCH_BYTES", "65536");
+    let env = Env::new();
+    env.init(&env.cipher).assert_ok();
+    let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(seed("reencrypt times"));
+    let data = random_bytes(&mut rng, 300_000);
+    let m = env.mount(&env.cipher, &env.mnt);
+    let (f, g) = (env.mnt.join("f"), env.mnt.join("g"));
+    fs::write(&f, &data).unwrap();
+    fs::write(&g, &data[..5000]).unwrap();
+    let old = std::time::UNIX_EPOCH + std::time::Duration::new(1_577_836_800, 123_000_000);
+    for p in [&f, &g] {
+        let times = fs::FileTimes::new().set_accessed(old).set_modified(old);
+        fs::File::options()
+            .write(true)
+            .open(p)
+            .unwrap()
+            .set_times(times)
+            .unwrap();
+    }
+    m.unmount();
+    let mtimes = |what: &str| {
+        let m = env.mount(&env.cipher, &env.mnt);
+        for p in ["f", "g"] {
+            let md = fs::metadata(env.mnt.join(p)).unwrap();
+            assert_eq!(md.modified().unwrap(), old, "{what}: {p}'s mtime moved");
+        }
+        assert_bytes_eq(what, &fs::read(env.mnt.join("f")).unwrap(), &data);
+        m.unmount();
+    };
+    // Stopped after the first range of its second batch is written (a crash there): the
+    // file's header and times are the batch's to fix, which the mount's recovery does.
+    let mut batches = 0;
+    let mut fault = |s: Step| {
+        if s == Step::DataWritten {
+            batches += 1;
+            if batches == 2 {
+                return Err(std::io::Error::other("crash"));
+            }
+        }
+        Ok(())
+    };
+    let (vol, handle) = open(&env);
+    let home = Home::at(&env.home);
+    let access = cmkfs::unlock::ReencryptAccess::new(&home, vol.keyring().vault(), handle).unwrap();
+    let r = Session::new(
+        &vol,
+        &access,
+        None,
+        Hooks {
+            progress: None,
+            fault: Some(&mut fault),
+        },
+    )
+    .run();
+    assert!(
+        matches!(r, Err(ReencryptError::Interrupted(Step::DataWritten))),
+        "{:?}",
+        r.map(|_| ())
+    );
+    drop(vol);
+    mtimes("after the mount's recovery");
+    reencrypt(&env, &[]).assert_ok();
+    mtimes("after the resumed run");
 }
