@@ -140,9 +140,9 @@ pub(super) fn check_quarantine(s: &Session<'_>) -> Result<u64, ReencryptError> {
         return Err(ReencryptError::Refused(format!(
             "{QUARANTINE_DIR}/ holds {n} entries set aside by `cmkfs fsck --repair`, under the \
              current DEK, which re-encryption would make unreadable for good (their names \
-             cannot be sealed again); look at them with `cmkfs fsck` or in {}/{QUARANTINE_DIR}/*/{MANIFEST_FILE}, \
-             move one back to its backing path to make it visible again, or add \
-             --discard-quarantine to delete them; nothing was changed",
+             cannot be sealed again): they are listed in {}/{QUARANTINE_DIR}/*/{MANIFEST_FILE}; \
+             move one back to its backing path to make it visible again (then `cmkfs fsck`), \
+             or add --discard-quarantine to delete them; nothing was changed",
             root.display()
         )));
     }
