@@ -412,8 +412,8 @@ fn reencrypt(
         return Err(BackupError::Refused(format!(
             "the archive's {q}/ holds {held} entries set aside by `cmkfs fsck --repair`, which \
              cannot be re-encrypted under a new DEK: restore without --new-dek to look at \
-             them (`cmkfs fsck`, {q}/*/{m}), or add --discard-quarantine to leave them out; \
-             nothing was restored",
+             them (listed in {q}/*/{m} of the restored volume), or add \
+             --discard-quarantine to leave them out; nothing was restored",
             q = crate::fsck::QUARANTINE_DIR,
             m = crate::fsck::MANIFEST_FILE,
         )));
