@@ -519,12 +519,12 @@ fn print_restore(r: &RestoreReport, json: bool) -> anyhow::Result<()> {
             n.bytes as f64 / 1e6,
             n.seconds
         );
-        if n.quarantine_discarded > 0 {
-            println!(
-                "  {} entries of the archive's cmkfs.quarantine/ left out (--discard-quarantine)",
-                n.quarantine_discarded
-            );
-        }
+    }
+    if r.quarantine_left_out > 0 {
+        println!(
+            "  {} entries of the archive's cmkfs.quarantine/ left out (--discard-quarantine)",
+            r.quarantine_left_out
+        );
     }
     if !r.backup_point_in_time {
         println!("  note: the backup was taken with --force while the mount kept writing");
