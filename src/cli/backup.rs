@@ -520,14 +520,14 @@ fn print_restore(r: &RestoreReport, json: bool) -> anyhow::Result<()> {
             n.seconds
         );
     }
+    if !r.backup_point_in_time {
+        println!("  note: the backup was taken with --force while the mount kept writing");
+    }
     if r.quarantine_left_out > 0 {
         println!(
             "  {} entries of the archive's cmkfs.quarantine/ left out (--discard-quarantine)",
             r.quarantine_left_out
         );
-    }
-    if !r.backup_point_in_time {
-        println!("  note: the backup was taken with --force while the mount kept writing");
     }
     if r.owners_skipped > 0 {
         println!(
