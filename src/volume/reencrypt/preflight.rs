@@ -32,8 +32,12 @@ const MAX_MANIFEST: usize = 64 << 20;
 pub(super) fn check_dirs(vol: &Volume, before_start: bool) -> Result<(), ReencryptError> {
     let mut stack: Vec<(Arc<Dir>, Vec<OsString>)> = vec![(vol.root_dir().clone(), Vec::new())];
     while let Some((dir, path)) = stack.pop() {
-        let ents = super::contents::list_keeping_atime(&dir)
-            .map_err(|e| damaged(&path, &e, before_start))?;
+        let ents = match super::contents::list_keeping_atime(&dir) {
+            Ok(e) => e,
+            // Removed meanwhile (online, a mount's rmdir): nothing of it is left to convert.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
+            Err(e) => return Err(damaged(&path, &e, before_start)),
+        };
         for ent in ents {
             if names::classify(&ent.name) == EntryKind::Hidden {
                 continue;
@@ -48,6 +52,11 @@ pub(super) fn check_dirs(vol: &Volume, before_start: bool) -> Result<(), Reencry
             p.push(ent.name.clone());
             match vol.open_dir(&dir, &ent.name, Some(st.st_ino)) {
                 Ok(d) => stack.push((Arc::new(d), p)),
+                // Online a rename or rmdir may have moved it meanwhile: where it went, the
+                // walks (and the final check) meet it.
+                Err(_)
+                    if !sys::stat_at(dir.fd(), &ent.name)
+                        .is_ok_and(|now| now.st_ino == st.st_ino) => {}
                 Err(e) => return Err(damaged(&p, &e, before_start)),
             }
         }
