@@ -244,6 +244,11 @@ pub fn restore(
             true => quarantine(&tmp, req.discard_quarantine)?,
             false => 0,
         };
+        if quarantine_left_out > 0 {
+            // Its directories are gone: no metadata to set on them.
+            let q = crate::fsck::QUARANTINE_DIR;
+            dirs.retain(|m| m.path != q && !m.path.starts_with(&format!("{q}/")));
+        }
         let first = &links[0];
         let last = &links[links.len() - 1];
         // 3. The header under the set's key (written before the directories' times are set,
