@@ -1339,11 +1339,11 @@ fn random_operations_match_the_model_while_the_volume_is_reencrypted_online() {
     // Small batches: files are converted over several batches while they are used.
     std::env::set_var("CMKFS_REENCRYPT_BATCH_BYTES", "16384");
     let s = seed("model during online reencrypt");
-    // Suite budget (issue 13): a quarter of the plain model's operations unless
+    // Suite budget (issue 13): a sixth of the plain model's operations unless
     // `CMKFS_MODEL_OPS` says otherwise.
     let ops = match std::env::var("CMKFS_MODEL_OPS") {
         Ok(_) => ops(),
-        Err(_) => 150,
+        Err(_) => 100,
     };
     run_seed_with(s, ops, true);
 }
