@@ -61,6 +61,10 @@ pub struct RestoreRequest<'a> {
     pub des: &'a str,
     /// Re-encrypt everything under a fresh DEK.
     pub new_dek: bool,
+    /// With `new_dek`: leave the archive's `cmkfs.quarantine/` out (it cannot be
+    /// re-encrypted: see `volume::reencrypt`); without it, an archive whose quarantine holds
+    /// anything is refused.
+    pub discard_quarantine: bool,
     /// How to reach the backup key's vault.
     pub open_vault: OpenVault<'a>,
 }
@@ -102,6 +106,8 @@ pub struct RestoreReport {
     pub archive_bytes: u64,
     /// Temp directories of killed restores into the target, removed first.
     pub cleaned_up: Vec<PathBuf>,
+    /// With `--new-dek --discard-quarantine`: entries of the archive's quarantine left out.
+    pub quarantine_left_out: u64,
     /// Time taken.
     pub seconds: f64,
 }
@@ -241,6 +247,15 @@ pub fn restore(
             return Err(BackupError::Internal("no archive applied".into()));
         };
         let tmp = temps.last().cloned().unwrap_or_default();
+        let quarantine_left_out = match req.new_dek {
+            true => quarantine(&tmp, req.discard_quarantine)?,
+            false => 0,
+        };
+        if quarantine_left_out > 0 {
+            // Its directories are gone: no metadata to set on them.
+            let q = crate::fsck::QUARANTINE_DIR;
+            dirs.retain(|m| m.path != q && !m.path.starts_with(&format!("{q}/")));
+        }
         let first = &links[0];
         let last = &links[links.len() - 1];
         // 3. The header under the set's key (written before the directories' times are set,
@@ -314,6 +329,7 @@ pub fn restore(
             new_ids,
             archive_bytes,
             cleaned_up: cleaned_up.clone(),
+            quarantine_left_out,
             seconds: 0.0,
         })
     })();
@@ -549,4 +565,35 @@ fn place(
         }
     }
     Ok(header.key_id)
+}
+
+/// `--new-dek`: the archive's `cmkfs.quarantine/` keeps the names of the source's
+/// directories, so it cannot be sealed again; re-encrypted around, it would share ciphertext
+/// with the source under a DEK the restored volume no longer has. Refused while it holds
+/// anything, unless `discard` (then removed from `dir`, the restore's temp tree); returns
+/// how many entries were left out.
+fn quarantine(dir: &Path, discard: bool) -> Result<u64, BackupError> {
+    let q = crate::fsck::QUARANTINE_DIR;
+    let held =
+        crate::volume::reencrypt::quarantine_entries(dir).map_err(|e| BackupError::io(q, e))?;
+    if held == 0 {
+        return Ok(0);
+    }
+    if !discard {
+        return Err(BackupError::Refused(format!(
+            "the archive's {q}/ holds {held} entries set aside by `cmkfs fsck --repair`, which \
+             cannot be re-encrypted under a new DEK: restore without --new-dek to look at \
+             them (listed in {q}/*/{m} of the restored volume), or add \
+             --discard-quarantine to leave them out; nothing was restored",
+            m = crate::fsck::MANIFEST_FILE,
+        )));
+    }
+    // Nothing followed: a symlink planted there is removed, not its target.
+    let path = dir.join(q);
+    match std::fs::symlink_metadata(&path) {
+        Ok(md) if md.is_dir() => std::fs::remove_dir_all(&path),
+        _ => std::fs::remove_file(&path),
+    }
+    .map_err(|e| BackupError::io(q, e))?;
+    Ok(held)
 }

@@ -72,6 +72,10 @@ pub struct RestoreArgs {
     /// restored volume shares no key and no ciphertext block with the source.
     #[arg(long)]
     new_dek: bool,
+    /// With --new-dek: leave out what `cmkfs fsck --repair` set aside in the archive's
+    /// `cmkfs.quarantine/` (it cannot be re-encrypted); without it such an archive is refused.
+    #[arg(long, requires = "new_dek")]
+    discard_quarantine: bool,
     /// Reach the backup key's vault as this identity (credential file); by default as the
     /// vault's owner (local) or the configured credential.
     #[arg(long, value_name = "FILE")]
@@ -455,6 +459,7 @@ pub fn run_restore(a: RestoreArgs) -> anyhow::Result<()> {
             target: &a.cipherdir,
             des: &a.des,
             new_dek: a.new_dek,
+            discard_quarantine: a.discard_quarantine,
             open_vault: &open,
         },
         Some(&mut show),
@@ -538,6 +543,12 @@ fn print_restore(r: &RestoreReport, json: bool) -> anyhow::Result<()> {
     }
     if !r.backup_point_in_time {
         println!("  note: the backup was taken with --force while the mount kept writing");
+    }
+    if r.quarantine_left_out > 0 {
+        println!(
+            "  {} entries of the archive's cmkfs.quarantine/ left out (--discard-quarantine)",
+            r.quarantine_left_out
+        );
     }
     if r.owners_skipped > 0 {
         println!(
