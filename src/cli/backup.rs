@@ -348,8 +348,46 @@ pub fn run_backup(a: BackupArgs) -> anyhow::Result<()> {
             )
         });
     }
+    #[cfg(debug_assertions)]
+    test_pause_before_recheck();
+    // A key owner who revoked the volume's KEK while the backup ran has cut the mount off
+    // already; the archive would otherwise be a fresh copy of the DEK, usable under the
+    // backup key, made after the revocation. The same unwrap as at the start, on the header
+    // as it is now (a rotation meanwhile is not a revocation).
+    let still = VolumeHeader::read(&root)
+        .map_err(anyhow::Error::from)
+        .and_then(|h| Ok(crate::unlock::unwrap(&home, vault.as_ref(), &h)?));
+    crate::crypto::secret::scrub_stack();
+    if let Err(e) = still {
+        let _ = std::fs::remove_file(&a.archive);
+        return Err(e).with_context(|| {
+            format!(
+                "backing up {}: the volume's key stopped unwrapping its DEK before the backup                  ended (revoked or disabled?), so {} was removed; back up again once access                  is restored",
+                root.display(),
+                a.archive.display()
+            )
+        });
+    }
     report.freeze_seconds = freeze_seconds;
     print_backup(&root, &report, a.json)
+}
+
+/// Debug builds only (tests): with `CMKFS_TEST_BACKUP_PAUSE=PATH`, the archive is complete
+/// and `PATH.reached` is created, then the backup waits (at most 20 s) for `PATH` to exist
+/// before its final key check, so a test can revoke the key in between.
+#[cfg(debug_assertions)]
+fn test_pause_before_recheck() {
+    let Some(gate) = std::env::var_os("CMKFS_TEST_BACKUP_PAUSE").map(std::path::PathBuf::from)
+    else {
+        return;
+    };
+    let mut reached = gate.clone().into_os_string();
+    reached.push(".reached");
+    let _ = std::fs::write(&reached, b"");
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !gate.exists() && std::time::Instant::now() < end {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
 }
 
 fn mbs(bytes: u64, secs: f64) -> f64 {

@@ -810,6 +810,47 @@ fn tampered_truncated_or_foreign_archives_and_a_disabled_backup_key_are_refused_
     assert!(out.stderr.contains("not empty"), "{out}");
 }
 
+/// A KEK revoked while a backup runs: the archive (a new copy of the DEK under the backup
+/// key, made after the revocation) is removed and the backup fails with the reason.
+#[test]
+fn a_backup_whose_volume_key_is_disabled_before_it_ends_removes_its_archive() {
+    let env = Env::new();
+    setup(&env);
+    let archive = env.root.join("late.tar");
+    let gate = env.root.join("gate");
+    let mut cmd = env.command(&[
+        "backup".as_ref(),
+        env.cipher.as_os_str(),
+        archive.as_os_str(),
+        "--key".as_ref(),
+        "bkey".as_ref(),
+    ]);
+    cmd.env("CMKFS_TEST_BACKUP_PAUSE", &gate)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let child = cmd.spawn().unwrap();
+    let reached = env.root.join("gate.reached");
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !reached.exists() {
+        assert!(
+            std::time::Instant::now() < end,
+            "the backup never reached its end"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    env.cmkfs(&["vault", "key", "disable", "default"])
+        .assert_ok();
+    fs::write(&gate, b"").unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("revoked or disabled"), "{stderr}");
+    assert!(
+        !archive.exists(),
+        "the archive made after the revocation is still there"
+    );
+}
+
 #[test]
 fn backup_of_a_mounted_volume_while_a_writer_runs_is_one_point_in_time() {
     let env = Env::new();
