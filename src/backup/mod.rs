@@ -23,6 +23,7 @@ mod extract;
 pub mod leftovers;
 pub mod manifest;
 pub mod restore;
+mod screen;
 
 use std::io;
 use std::path::PathBuf;

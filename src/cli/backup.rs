@@ -72,6 +72,11 @@ pub struct RestoreArgs {
     /// restored volume shares no key and no ciphertext block with the source.
     #[arg(long)]
     new_dek: bool,
+    /// Recreate the archive's device nodes (block and character). Without it an archive
+    /// holding one is refused: a device node in the restored backing directory is usable
+    /// directly by whoever its mode lets in, outside the mount's `nodev`.
+    #[arg(long)]
+    allow_devices: bool,
     /// Reach the backup key's vault as this identity (credential file); by default as the
     /// vault's owner (local) or the configured credential.
     #[arg(long, value_name = "FILE")]
@@ -455,6 +460,7 @@ pub fn run_restore(a: RestoreArgs) -> anyhow::Result<()> {
             target: &a.cipherdir,
             des: &a.des,
             new_dek: a.new_dek,
+            allow_devices: a.allow_devices,
             open_vault: &open,
         },
         Some(&mut show),
