@@ -36,7 +36,8 @@ fn restore(env: &Env, archives: &[&Path], target: &Path, extra: &[&str]) -> Outp
     let mut args = os(archives);
     args.insert(0, "restore".into());
     args.push(target.as_os_str().to_owned());
-    args.extend(["--des", "d"].iter().map(Into::into));
+    // The volumes `populate` fills hold a device node.
+    args.extend(["--des", "d", "--allow-devices"].iter().map(Into::into));
     args.extend(extra.iter().map(Into::into));
     env.cmkfs(&args)
 }
