@@ -316,3 +316,166 @@ fn a_sparse_map_is_bounded_by_the_bytes_the_archive_stores_not_by_what_it_claims
         "created before the refusal"
     );
 }
+
+/// Restores a full crafted archive of `members` into `dir/base`: the base state of an
+/// incremental one.
+fn base_state(dir: &Path, members: &[Raw], dek: &Dek) -> (Tree, State) {
+    let a = craft(dir, members, dek, false);
+    let sealed = read_sealed(&a).unwrap();
+    let manifest = sealed.open(dek, false).unwrap();
+    let dek = Dek::from_slice(dek.as_bytes()).unwrap();
+    let link = Link {
+        sealed,
+        manifest,
+        dek,
+        inner: None,
+    };
+    let t = dir.join("base");
+    fs::create_dir_all(&t).unwrap();
+    let mut tree = Tree::new(&t).unwrap();
+    let (state, _) = apply(&mut tree, None, &link, &mut |_, _| {}).unwrap();
+    (tree, state)
+}
+
+/// An incremental archive (valid MAC) that stores nothing: every entry of `entries` is a
+/// reference to the base.
+fn incremental(dir: &Path, dek: &Dek, entries: Vec<Entry>) -> Link {
+    let env = KeyEnvelope {
+        format: manifest::FORMAT.into(),
+        version: VERSION,
+        volume_id: VOL.into(),
+        key_id: KID.into(),
+        wrap_alg: WrapAlg::RsaOaep256,
+        wrapped_dek: "AAAA".into(),
+        dek_fingerprint: dek.fingerprint(),
+        inner: None,
+    };
+    let env_bytes = serde_json::to_vec(&env).unwrap();
+    let man = Manifest {
+        format: manifest::FORMAT.into(),
+        version: VERSION,
+        created: 2,
+        point_in_time: true,
+        source: Source {
+            volume_id: VOL.into(),
+            created: 1,
+            format_version: crate::volume::header::FORMAT_VERSION,
+            sector_size: 4096,
+            key_generation: 1,
+            double: false,
+            key_id: KID.into(),
+            des: None,
+        },
+        key_envelope_sha256: manifest::sha256_hex(&env_bytes),
+        totals: Totals::default(),
+        stored: Some(Stored {
+            referenced: entries.len() as u64,
+            ..Stored::default()
+        }),
+        members: entries,
+        base: Some(manifest::BaseLink {
+            manifest_sha256: "0".repeat(64),
+            created: 1,
+            archive: "base.tar".into(),
+            depth: 1,
+        }),
+    };
+    let mb = serde_json::to_vec(&man).unwrap();
+    let mut b = tar::Builder::new(Vec::new());
+    for (name, bytes) in [
+        (KEY_MEMBER, env_bytes),
+        (MANIFEST_MEMBER, mb.clone()),
+        (MAC_MEMBER, manifest::mac(dek, &mb).into_bytes()),
+    ] {
+        let mut h = tar::Header::new_ustar();
+        h.set_path(name).unwrap();
+        h.set_size(bytes.len() as u64);
+        h.set_mode(0o600);
+        h.set_cksum();
+        b.append(&h, &bytes[..]).unwrap();
+    }
+    let p = dir.join("inc.tar");
+    fs::write(&p, b.into_inner().unwrap()).unwrap();
+    let sealed = read_sealed(&p).unwrap();
+    let manifest = sealed.open(dek, false).unwrap();
+    Link {
+        sealed,
+        manifest,
+        dek: Dek::from_slice(dek.as_bytes()).unwrap(),
+        inner: None,
+    }
+}
+
+/// Applies an incremental archive over a base of the root, `.cmkfs.dirid` and a data file
+/// `f`; its entries are the root's reference and `path` taken from `from` with the record
+/// `edit` makes of the base entry's.
+fn try_reference(path: &str, from: &str, edit: &dyn Fn(&mut Member)) -> Result<(), BackupError> {
+    let d = sandbox();
+    let dek = Dek::generate().unwrap();
+    let members = [
+        raw("volume/", tar::EntryType::Directory),
+        file(".cmkfs.dirid", vec![9; 16], 0o444),
+        file("f", ct(b"data"), 0o600),
+    ];
+    let (ptree, pstate) = base_state(d.path(), &members, &dek);
+    let base = |p: &str| pstate.entries.iter().find(|e| e.0.path == p).unwrap();
+    let root = base("");
+    let (pm, _, pdata) = base(from);
+    let mut rec = Member {
+        path: path.into(),
+        ..pm.clone()
+    };
+    edit(&mut rec);
+    let entries = vec![
+        Entry {
+            path: String::new(),
+            sha256: root.1.clone(),
+            data_sha256: None,
+            change: None,
+            from: Some(String::new()),
+            record: None,
+        },
+        Entry {
+            path: path.into(),
+            sha256: Digester::with_data(&rec, pdata.as_deref()).unwrap(),
+            data_sha256: pdata.clone(),
+            change: None,
+            from: Some(from.into()),
+            record: Some(Box::new(rec)),
+        },
+    ];
+    let link = incremental(d.path(), &dek, entries);
+    let t = d.path().join("work/t");
+    fs::create_dir_all(&t).unwrap();
+    let mut tree = Tree::new(&t).unwrap();
+    let r = apply(&mut tree, Some((&ptree, &pstate)), &link, &mut |_, _| {}).map(|_| ());
+    if r.is_err() {
+        assert!(
+            t.join(path).symlink_metadata().is_err() && d.path().join("base").join(from).exists(),
+            "{path} was made, or {from} taken, before the refusal"
+        );
+    }
+    r
+}
+
+#[test]
+fn an_incremental_reference_gets_the_same_screen_as_a_stored_member() {
+    // A record that adds file capabilities, or a data name that takes a side file's bytes.
+    let e = try_reference("x", "f", &|m| {
+        m.mode = 0o4755;
+        m.xattrs = vec![("security.capability".into(), "0100000200200000".into())];
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("backing xattr \"security.capability\""), "{e}");
+    let e = try_reference("y", ".cmkfs.dirid", &|m| m.mode = 0o4755)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("takes the data of \".cmkfs.dirid\""), "{e}");
+    // A renamed data file that became set-id, with cmkfs's own xattrs: what a volume does.
+    try_reference("z", "f", &|m| {
+        m.mode = 0o4755;
+        m.xattrs = vec![("user.cmkfs.AAAA".into(), "00".into())];
+    })
+    .unwrap();
+}
