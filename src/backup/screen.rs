@@ -58,6 +58,12 @@ fn is_b64url(s: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
+/// The hash of a long name: base64url of a SHA-256, 43 characters (never a short, chosen
+/// "extension" that a `binfmt_misc` handler could match).
+fn is_long_hash(s: &str) -> bool {
+    s.len() == 43 && is_b64url(s)
+}
+
 fn is_target_name(s: &str) -> bool {
     s.strip_prefix(LONG_TARGET_PREFIX)
         .is_some_and(|h| h.len() == 32 && h.bytes().all(|b| b.is_ascii_hexdigit()))
@@ -74,7 +80,7 @@ fn class(path: &str) -> Class {
     let (parent, name) = path.rsplit_once('/').unwrap_or(("", path));
     let at_root = parent.is_empty();
     // Below a directory the volume cannot name (a foreign one), nothing is the volume's.
-    let data_name = |c: &str| is_b64url(c) || c.strip_prefix(LONG_PREFIX).is_some_and(is_b64url);
+    let data_name = |c: &str| is_b64url(c) || c.strip_prefix(LONG_PREFIX).is_some_and(is_long_hash);
     if !at_root && !parent.split('/').all(data_name) {
         return Class::Foreign;
     }
@@ -82,10 +88,10 @@ fn class(path: &str) -> Class {
         return Class::Data;
     }
     if let Some(rest) = name.strip_prefix(LONG_PREFIX) {
-        if is_b64url(rest) {
+        if is_long_hash(rest) {
             return Class::Data;
         }
-        if rest.strip_suffix(LONG_SUFFIX).is_some_and(is_b64url) {
+        if rest.strip_suffix(LONG_SUFFIX).is_some_and(is_long_hash) {
             return Class::LongName;
         }
     }
@@ -324,6 +330,8 @@ mod tests {
             ("cmkfs.quarantine/b/x.y", Class::Quarantine),
             ("cmkfs.quarantinex", Class::Foreign),
             ("lost+found", Class::Foreign),
+            ("cmkfs.long.jar", Class::Foreign),
+            ("cmkfs.long.jar.name", Class::Foreign),
             ("lost+found/abc", Class::Foreign),
             ("lost+found/.cmkfs.dirid", Class::Foreign),
             (&format!("{long}/abc/.cmkfs.dirid"), Class::DirId),
