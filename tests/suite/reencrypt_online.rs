@@ -1089,6 +1089,54 @@ fn a_rename_in_flight_when_a_walk_begins_cannot_hide_its_file_from_the_walk() {
     assert!(out.ok(), "fsck: {out}");
 }
 
+/// F10's hang, forced. The first walk lists two files, `d1/a` and `d2/b`; before its batch
+/// opens them (a debug-build hook holds it: `CMKFS_TEST_REENCRYPT_PAUSE_DIR`), a hard link
+/// and a rename through the mount put `a`'s inode under `d2/b` too. The batch then opened
+/// one inode twice and took its content lock twice: the daemon's re-encryption never
+/// returned, and every request to that file, then every request once the final check
+/// queued its gate close, waited forever. Now the second name is left out of the batch: the
+/// run ends, both names read `a`'s bytes, and a write to the file goes through.
+#[test]
+fn one_inode_reached_by_two_listed_names_is_converted_once_without_a_hang() {
+    let env = Env::new();
+    let sync = env.dir("pause");
+    // The daemon inherits it from this test's process.
+    std::env::set_var("CMKFS_TEST_REENCRYPT_PAUSE_DIR", &sync);
+    env.init(&env.cipher);
+    let m = env.mount(&env.cipher, &env.mnt);
+    let mnt = env.mnt.clone();
+    for d in ["d1", "d2"] {
+        fs::create_dir(mnt.join(d)).unwrap();
+    }
+    let a: Vec<u8> = (0..2 * 4096 + 7).map(|i| (i % 251) as u8).collect();
+    fs::write(mnt.join("d1/a"), &a).unwrap();
+    fs::write(mnt.join("d2/b"), b"another inode").unwrap();
+    let child = start_reencrypt(&env);
+    assert!(
+        wait_until(GUARD, || sync.join("walked").exists()),
+        "the contents phase's first walk never ended"
+    );
+    fs::hard_link(mnt.join("d1/a"), mnt.join("d2/c")).unwrap();
+    fs::rename(mnt.join("d2/c"), mnt.join("d2/b")).unwrap();
+    fs::write(sync.join("go"), b"").unwrap();
+    let (ok, out, err) = finish(child);
+    assert!(ok, "online re-encryption failed:\n{err}");
+    assert_finished(&env, 1, &out);
+    assert_eq!(report_count(&out, "files"), 1, "{out}");
+    for n in ["d1/a", "d2/b"] {
+        assert!(fs::read(mnt.join(n)).unwrap() == a, "{n} differs");
+    }
+    fs::OpenOptions::new()
+        .write(true)
+        .open(mnt.join("d2/b"))
+        .unwrap()
+        .write_all_at(b"still served", 5)
+        .unwrap();
+    m.unmount();
+    let out = env.cmkfs(&["fsck", env.cipher.to_str().unwrap()]);
+    assert!(out.ok(), "fsck: {out}");
+}
+
 /// The safety net: files every walk of the contents phase missed (a debug-build hook hides
 /// all of them) are converted by the final check, with every request held back, before the
 /// retiring DEK is erased; the report counts them. Every file reads back, through the mount

@@ -225,6 +225,18 @@ pub(super) fn convert(
                     }
                 },
             };
+            // One inode once per batch: the batch takes each file's content lock
+            // exclusively, and a second take of the same lock by the same thread never
+            // returns (F10: every request to that file, then the final check's gate close,
+            // then every request, waited on it forever). The walk lists each inode once,
+            // but online the names it saw can reach one inode by the time they are opened
+            // (a rename or a hard link moved onto a name listed for another file).
+            if batch
+                .iter()
+                .any(|(_, other, _)| std::ptr::eq(other.shared(), of.shared()))
+            {
+                continue;
+            }
             // Data units are what a batch holds: a sparse file's holes take no budget. Its
             // allocated blocks say about how many it has (a unit straddles two blocks behind
             // the 32-byte file header: one more); a file with more than that goes on in the

@@ -612,7 +612,8 @@ impl<'a> Session<'a> {
 /// mount, once counted, waits (at most 5 s) until the contents phase's first walk has listed
 /// the tree; that walk begins only once a rename is in flight, and its batches only once
 /// the rename is done: the walk lists the file under its old name, and the batch finds it
-/// gone.
+/// gone. With `CMKFS_TEST_REENCRYPT_PAUSE_DIR=DIR`, the first walk's batches wait until the
+/// test has changed the tree (F10, see `after_first_walk`).
 #[cfg(debug_assertions)]
 mod race {
     use std::sync::atomic::{AtomicBool, Ordering};
@@ -647,6 +648,14 @@ mod race {
         if on() {
             WALKED.store(true, Ordering::SeqCst);
             wait(|| vol.moves().in_flight() == 0);
+        }
+        // F10's interleaving: the test changes the tree through the mount between the first
+        // walk's listing and its batches' opens (`walked` says the listing is done; the
+        // batches wait, at most 5 s, for `go`).
+        if let Some(dir) = std::env::var_os("CMKFS_TEST_REENCRYPT_PAUSE_DIR") {
+            let dir = std::path::PathBuf::from(dir);
+            let _ = std::fs::write(dir.join("walked"), b"");
+            wait(|| dir.join("go").exists());
         }
     }
 }
