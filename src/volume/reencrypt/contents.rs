@@ -317,6 +317,19 @@ fn run_batch(
         ));
     };
     let cx = s.vol.ctx(&keys);
+    // The lock below is taken once per entry: an inode twice would wait on itself forever
+    // (F10). `convert` never builds such a batch; should one come, stop rather than hang.
+    let mut inodes = HashSet::new();
+    if !work
+        .iter()
+        .all(|w| inodes.insert(w.of.shared() as *const _ as usize))
+    {
+        return Err(ReencryptError::Refused(
+            "internal error: a re-encryption batch holds one file twice; nothing was changed, \
+             run the command again"
+                .into(),
+        ));
+    }
     let guards: Vec<_> = work
         .iter()
         .map(|w| {
