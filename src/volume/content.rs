@@ -24,6 +24,7 @@
 use std::fs::File;
 use std::ops::{Deref, Range};
 use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, RwLock};
 
 use super::bufpool::PoolBuf;
@@ -45,6 +46,12 @@ pub struct FileState {
     /// that reads-modifies-writes a unit or moves the end of the file.
     pub(crate) rmw: RwLock<()>,
     header: Mutex<Option<FileHeader>>,
+    /// Whether the last write through the exclusive lock grew the file: a hint that the
+    /// next one will too (a sequential writer), so it takes the exclusive lock at once
+    /// instead of first checking the length under the shared one (one `fstat` less per
+    /// append). A wrong hint costs concurrency, never correctness: the exclusive path
+    /// handles every write.
+    appending: AtomicBool,
 }
 
 impl FileState {
@@ -454,9 +461,10 @@ pub fn write(
     // Whole units inside the file (the last one counts when the write reaches the end of
     // file): no read-modify-write and no size change, so such writes run concurrently under
     // the shared lock. The last unit's padding is written as zeros; the filler is untouched.
-    // (A write that starts inside a unit never is one: it goes straight to the exclusive
-    // lock, with one `fstat` instead of two.)
-    if off.is_multiple_of(cx.sector) {
+    // (A write that starts inside a unit never is one, nor, most likely, is the next write of
+    // a file that the last write grew: they go straight to the exclusive lock, with one
+    // `fstat` instead of two.)
+    if off.is_multiple_of(cx.sector) && !st.appending.load(Ordering::Relaxed) {
         let _g = st.rmw.read().unwrap_or_else(|p| p.into_inner());
         let (blen, size) = backing_state(f)?;
         if end <= size && (end % cx.sector == 0 || end == size) {
@@ -495,6 +503,7 @@ fn write_locked(
 ) -> Result<usize, VolumeError> {
     let end = off + data.len() as u64;
     let (old_len, size) = backing_state(f)?;
+    st.appending.store(end > size, Ordering::Relaxed);
     let h = header(f, st, cx, true, Some(old_len))?
         .ok_or_else(|| corrupt("could not create the file header"))?;
     let ss = cx.sector;
