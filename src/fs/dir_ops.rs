@@ -191,28 +191,27 @@ impl CmkFs {
             Ok(s) => s,
             Err(e) => return reply.error(self.errno(&e, "readdirplus", Some(ino))),
         };
-        let dir = match self.dir(ino) {
-            Ok(d) => d,
-            Err(e) => return reply.error(self.errno(&e, "readdirplus", Some(ino))),
-        };
+        // A directory that cannot be reached now (moved or removed behind the mount) still
+        // lists its snapshot, as READDIR does: without attributes.
+        let dir = self.dir(ino).ok();
         // Taken before a re-encryption sealed every name again: backing names recomputed.
         let stale = s.epoch != self.table.epoch();
         for (i, e) in s.entries.iter().enumerate().skip(offset as usize) {
             let off = (i + 1) as u64;
-            let fresh = match &e.attr {
-                Some((b, _)) => {
+            let fresh = match (&e.attr, &dir) {
+                (Some((b, _)), Some(dir)) => {
                     let bname = if stale {
                         self.vol
-                            .backing_name(&dir, &e.name)
+                            .backing_name(dir, &e.name)
                             .map(|nb| nb.entry().to_owned())
                     } else {
                         Ok(b.clone())
                     };
                     bname
-                        .and_then(|b| self.vol.attr_at(&dir, &b).map(|a| (b, a)))
+                        .and_then(|b| self.vol.attr_at(dir, &b).map(|a| (b, a)))
                         .ok()
                 }
-                None => None,
+                _ => None,
             };
             let full = match fresh {
                 // Entries handed out with attributes count as lookups, as the kernel expects.
