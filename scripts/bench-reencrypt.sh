@@ -12,8 +12,7 @@
 # volume lives (default a temp dir under /var/tmp, i.e. the root disk). CMKFS_BASELINE:
 # another cmkfs binary (e.g. a build of an older commit) whose offline re-encryption is timed
 # in the same rounds, for a before/after ratio taken under the same load. BENCH_ONLINE=1:
-# the online trials too (experimental: they need CMKFS_EXPERIMENTAL_ONLINE_REENCRYPT, set
-# here), otherwise they are skipped.
+# the online trials too, otherwise they are skipped.
 set -euo pipefail
 
 mib=${1:-256}
@@ -80,7 +79,7 @@ for r in $(seq 1 "$rounds"); do
     in=$(inner)
     if [[ ${BENCH_ONLINE:-0} == 1 ]]; then
         "$cmkfs" mount "$work/cipher" "$work/mnt" >/dev/null
-        on=$(CMKFS_EXPERIMENTAL_ONLINE_REENCRYPT=1 reencrypt --online)
+        on=$(reencrypt --online)
         "$cmkfs" umount "$work/mnt" >/dev/null
         oratio=$(python3 -c "print('%.2f' % ($on / $c))")
         online_ratios+=("$oratio")

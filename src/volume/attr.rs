@@ -313,7 +313,23 @@ impl Volume {
         self.attr(t)
     }
 
+    /// Sets times through `t`. A regular file's are set under its content lock (shared):
+    /// a re-encryption batch holds it exclusively from the moment it reads a file's times
+    /// to the moment it sets them back after rewriting the file, so a time set in between
+    /// would be undone; it waits for the batch instead.
     fn set_times(&self, t: Target<'_>, times: &sys::Times) -> Result<(), VolumeError> {
+        let shared = match t {
+            Target::File(of) => Some(of.shared.clone()),
+            Target::Pinned(p) if p.kind() == libc::S_IFREG => Some(self.shared_of(p.st.st_ino)),
+            Target::At(d, n) => sys::stat_at(d.fd(), n)
+                .ok()
+                .filter(|st| st.st_mode & libc::S_IFMT == libc::S_IFREG)
+                .map(|st| self.shared_of(st.st_ino)),
+            _ => None,
+        };
+        let _lock = shared
+            .as_ref()
+            .map(|s| s.content.rmw.read().unwrap_or_else(|p| p.into_inner()));
         match (t.fd(), t) {
             (Some(fd), _) => sys::utimens_fd(fd, times),
             (None, Target::At(d, n)) => sys::utimens_at(d.fd(), n, times),

@@ -26,7 +26,7 @@ pub(super) struct Shared {
 /// A backing file opened for content operations.
 pub struct OpenFile {
     file: File,
-    shared: Arc<Shared>,
+    pub(super) shared: Arc<Shared>,
 }
 
 impl OpenFile {
@@ -105,8 +105,16 @@ impl Volume {
     }
 
     fn wrap_open(&self, file: File, ino: u64) -> OpenFile {
+        OpenFile {
+            file,
+            shared: self.shared_of(ino),
+        }
+    }
+
+    /// The state shared by every handle of backing inode `ino` (made if none has it).
+    pub(super) fn shared_of(&self, ino: u64) -> Arc<Shared> {
         let mut files = lock(&self.files);
-        let shared = match files.get(&ino).and_then(Weak::upgrade) {
+        match files.get(&ino).and_then(Weak::upgrade) {
             Some(s) => s,
             None => {
                 files.retain(|_, w| w.strong_count() > 0);
@@ -117,8 +125,7 @@ impl Volume {
                 files.insert(ino, Arc::downgrade(&s));
                 s
             }
-        };
-        OpenFile { file, shared }
+        }
     }
 
     /// Tells every open handle of inode `ino` that it may now carry a capability.

@@ -37,9 +37,10 @@ impl Volume {
         newname: &OsStr,
         flags: u32,
     ) -> Result<Renamed, VolumeError> {
-        // Before the move: a re-encryption's walk that sees the count unchanged missed
-        // nothing (see `reencrypt`).
-        self.note_move();
+        // Counted from before the move to after it: a re-encryption's walk that saw no move
+        // in flight and none started missed nothing (see `Moves`).
+        let _moving = self.note_move();
+        super::reencrypt::test_rename_counted();
         let from = self.backing_name(dir, name)?;
         let to = self.backing_name(newdir, newname)?;
         let (src, dst) = (from.entry(), to.entry());
@@ -130,7 +131,7 @@ impl Volume {
         newdir: &Dir,
         newname: &OsStr,
     ) -> Result<(OsString, Attr), VolumeError> {
-        self.note_move();
+        let _moving = self.note_move();
         let (new, ()) = self.make_entry(newdir, newname, |nb| {
             sys::link(dir.fd(), bname, newdir.fd(), nb).map_err(os)
         })?;

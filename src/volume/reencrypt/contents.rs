@@ -62,10 +62,13 @@ pub(super) struct Found {
     pub(super) alloc: u64,
 }
 
-/// Every regular file of the tree (each inode once) that has data.
+/// Every regular file of the tree (each inode once) that has data. A directory that cannot
+/// be opened is skipped with a warning, unless `strict` (the final check before the old DEK
+/// is erased: a file left unseen would be lost with it, so the run stops instead).
 pub(super) fn walk(
     root: &Arc<Dir>,
     vol: &crate::volume::Volume,
+    strict: bool,
 ) -> Result<Vec<Found>, ReencryptError> {
     let mut out = Vec::new();
     let mut seen = HashSet::new();
@@ -92,6 +95,7 @@ pub(super) fn walk(
             match st.st_mode & libc::S_IFMT {
                 libc::S_IFDIR => match vol.open_dir(&dir, &ent.name, Some(st.st_ino)) {
                     Ok(d) => stack.push((Arc::new(d), p)),
+                    Err(e) if strict => return Err(unopened_dir(&p, &e)),
                     Err(e) => tracing::warn!(entry = ?ent.name, error = %e, "directory skipped"),
                 },
                 libc::S_IFREG if st.st_size > 0 && seen.insert(st.st_ino) => out.push(Found {
@@ -108,6 +112,15 @@ pub(super) fn walk(
         }
     }
     Ok(out)
+}
+
+/// Why the final check stops at a directory it cannot open.
+fn unopened_dir(path: &[String], e: &VolumeError) -> ReencryptError {
+    ReencryptError::Refused(format!(
+        "backing directory {} cannot be opened ({e}); the old DEK is kept until every file \
+         is converted: run `cmkfs fsck`, then the re-encryption again",
+        path.join("/")
+    ))
 }
 
 /// The entries of `dir`; a listing moves a directory's atime (relatime, once its ctime is
@@ -765,7 +778,7 @@ fn locate(s: &Session<'_>, item: &Item) -> Result<Option<Arc<OpenFile>>, Reencry
             }
         }
     }
-    for f in walk(s.vol.root_dir(), s.vol)? {
+    for f in walk(s.vol.root_dir(), s.vol, false)? {
         if let Ok(of) = s.vol.open_file(&f.dir, &f.bname, true, None) {
             if matches(&of) {
                 return Ok(Some(Arc::new(of)));

@@ -14,9 +14,10 @@
 //! 3. **Contents** (`contents`): file data in batches under the journal; each file header
 //!    records its key generation and, for a file that spans batches, how far it got, so the
 //!    data path reads every unit with the right key at every moment.
-//! 4. **Finish.** Once a walk finds nothing left (online: and nothing was renamed or linked
-//!    during it), the header is written without `retiring` — the old DEK is gone — and the
-//!    journal removed.
+//! 4. **Finish.** Once a walk finds nothing left (online: and no rename or link was in
+//!    flight at its start or started during it), online a final check with every request
+//!    held back converts whatever a walk may still have missed; then the header is written
+//!    without `retiring` — the old DEK is gone — and the journal removed.
 
 mod contents;
 pub mod journal;
@@ -40,8 +41,8 @@ use crate::vault::Wrapped;
 
 /// How often an offline re-encryption asks the vault again (a revocation stops it).
 const CHECK_EVERY: Duration = Duration::from_secs(2);
-/// Walks an online re-encryption makes while renames keep happening, before the last one
-/// runs with every request held back.
+/// Walks an online re-encryption makes beside the mount's requests while renames keep
+/// happening, before the final check runs with every request held back.
 const ONLINE_ROUNDS: usize = 4;
 
 /// The steps of a re-encryption, for fault injection: a [`Hooks::fault`] hook called after
@@ -208,6 +209,11 @@ pub struct Report {
     pub bytes: u64,
     /// Ranges of an interrupted batch restored.
     pub ranges_restored: u64,
+    /// Online: files the final check found still under the retiring DEK although the last
+    /// walk looked complete (0 unless a walk missed a file; each was converted before the
+    /// old DEK was erased).
+    #[serde(default)]
+    pub missed: u64,
     /// Seconds taken.
     pub seconds: f64,
 }
@@ -227,6 +233,8 @@ pub struct Session<'a> {
     /// The current (new) outer DEK: the journal's MAC key.
     journal_dek: Option<Dek>,
     progress: Progress,
+    /// Online: step 3 ended on a walk it took for complete (see [`Report::missed`]).
+    walks_complete: bool,
 }
 
 impl<'a> Session<'a> {
@@ -249,6 +257,7 @@ impl<'a> Session<'a> {
             generation: 0,
             journal_dek: None,
             progress: Progress::default(),
+            walks_complete: false,
         }
     }
 
@@ -303,7 +312,7 @@ impl<'a> Session<'a> {
             }
         };
         self.contents(&mut report)?;
-        self.finish(&deks)?;
+        self.finish(&deks, &mut report)?;
         report.key_generation = header.key_generation;
         report.dek_fingerprint = header.dek_fingerprint.clone();
         report.seconds = t0.elapsed().as_secs_f64();
@@ -434,40 +443,66 @@ impl<'a> Session<'a> {
         Ok(())
     }
 
-    /// Step 3: every file's data.
+    /// Step 3: every file's data. Online, walks again while renames and links move files
+    /// between directories a walk has and has not visited, until one converts nothing while
+    /// no move was in flight or started (or [`ONLINE_ROUNDS`] walks were made); the final
+    /// check of [`Session::finish`] catches whatever is left, with every request held back.
     fn contents(&mut self, report: &mut Report) -> Result<(), ReencryptError> {
         self.progress.phase = "contents".into();
         let root = self.vol.root_dir().clone();
-        for round in 0..=ONLINE_ROUNDS {
-            let last = self.online.is_some() && round == ONLINE_ROUNDS;
-            let moves = self.vol.moves();
-            let closed = last.then(|| self.vol.gates().close());
-            let files = contents::walk(&root, self.vol)?;
+        for round in 0..ONLINE_ROUNDS {
+            #[cfg(debug_assertions)]
+            if round == 0 {
+                race::before_first_walk(self.vol);
+            }
+            let mark = self.vol.moves().mark();
+            let files = contents::walk(&root, self.vol, false)?;
+            let files = test_hide(files);
             if round == 0 {
                 self.progress.files_total = files.len() as u64;
                 self.progress.bytes_total = files.iter().map(|f| f.alloc).sum();
                 self.report_progress();
             }
-            let (n, bytes) = contents::convert(self, files, closed.is_none())?;
+            #[cfg(debug_assertions)]
+            if round == 0 {
+                race::after_first_walk(self.vol);
+            }
+            let (n, bytes) = contents::convert(self, files, true)?;
             report.files += n;
             report.bytes += bytes;
-            drop(closed);
-            // Offline nothing moves; online, a walk that converted nothing while nothing
-            // was renamed or linked has seen every file.
-            if self.online.is_none() || last || (n == 0 && self.vol.moves() == moves) {
+            // Offline nothing moves; online, a walk that converted nothing while no move was
+            // in flight or started has seen every file.
+            if self.online.is_none() || (n == 0 && self.vol.moves().quiet_since(mark)) {
+                self.walks_complete = true;
                 break;
             }
         }
         Ok(())
     }
 
-    /// Step 4: the header without the retiring DEK.
-    fn finish(&mut self, deks: &Unwrapped) -> Result<(), ReencryptError> {
+    /// Step 4: the header without the retiring DEK. Online, first a final check with every
+    /// request held back: a walk of the whole tree converts any file still under the
+    /// retiring DEK (the walks of step 3 ran beside renames; a file they all missed would
+    /// otherwise be lost with the key), then the open files with no name left.
+    fn finish(&mut self, deks: &Unwrapped, report: &mut Report) -> Result<(), ReencryptError> {
         let root = self.vol.root_dir().clone();
         let vol = self.vol;
         {
             let _closed = vol.gates().close();
             if let Some(o) = self.online {
+                let files = contents::walk(&root, vol, true)?;
+                let (n, bytes) = contents::convert(self, files, false)?;
+                report.files += n;
+                report.bytes += bytes;
+                if n > 0 && self.walks_complete {
+                    // Step 3 ended on a walk it took for complete: a bug, caught here.
+                    report.missed += n;
+                    tracing::warn!(
+                        files = n,
+                        "the final check found files the re-encryption's walks had missed; \
+                         they are converted now, before the old DEK goes"
+                    );
+                }
                 // Files the mount holds open with no name left.
                 let mut seen = std::collections::HashSet::new();
                 let open: Vec<_> = o
@@ -511,6 +546,68 @@ impl<'a> Session<'a> {
         );
         Ok(())
     }
+}
+
+/// Test hook (debug builds only; a release build ignores the variable): with
+/// `CMKFS_TEST_REENCRYPT_RACE=1`, issue 13's interleaving is forced. A rename through the
+/// mount, once counted, waits (at most 5 s) until the contents phase's first walk has listed
+/// the tree; that walk begins only once a rename is in flight, and its batches only once
+/// the rename is done: the walk lists the file under its old name, and the batch finds it
+/// gone.
+#[cfg(debug_assertions)]
+mod race {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::{Duration, Instant};
+
+    static WALKED: AtomicBool = AtomicBool::new(false);
+
+    fn on() -> bool {
+        std::env::var_os("CMKFS_TEST_REENCRYPT_RACE").is_some_and(|v| v == "1")
+    }
+
+    fn wait(cond: impl Fn() -> bool) {
+        let end = Instant::now() + Duration::from_secs(5);
+        while !cond() && Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    pub fn rename_counted() {
+        if on() {
+            wait(|| WALKED.load(Ordering::SeqCst));
+        }
+    }
+
+    pub fn before_first_walk(vol: &crate::volume::Volume) {
+        if on() {
+            wait(|| vol.moves().in_flight() > 0);
+        }
+    }
+
+    pub fn after_first_walk(vol: &crate::volume::Volume) {
+        if on() {
+            WALKED.store(true, Ordering::SeqCst);
+            wait(|| vol.moves().in_flight() == 0);
+        }
+    }
+}
+
+/// A rename waits here between its count and its backing call when the `race` test hook
+/// is on (debug builds only).
+pub(crate) fn test_rename_counted() {
+    #[cfg(debug_assertions)]
+    race::rename_counted();
+}
+
+/// Test hook: `CMKFS_TEST_REENCRYPT_WALKS_MISS=1` makes every walk of step 3 find nothing,
+/// as a walk that missed files would, so that the final check must convert them all.
+/// Debug builds only.
+fn test_hide(files: Vec<contents::Found>) -> Vec<contents::Found> {
+    #[cfg(debug_assertions)]
+    if std::env::var_os("CMKFS_TEST_REENCRYPT_WALKS_MISS").is_some_and(|v| v == "1") {
+        return Vec::new();
+    }
+    files
 }
 
 fn copy_dek(d: &Dek) -> Result<Dek, ReencryptError> {
