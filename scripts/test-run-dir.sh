@@ -11,6 +11,9 @@ test_run_dir_start() {
     local tmp="${TMPDIR:-/tmp}"
     tmp="${tmp%/}"
     CMKFS_TEST_RUN_DIR="$(mktemp -d "$tmp/cmkfs-run-XXXXXX")"
+    # Traversable like the temp dir it stands in for (mktemp makes it 0700): tests that act as
+    # an unprivileged user open their own root (0700 otherwise) to reach a volume in it.
+    chmod 755 "$CMKFS_TEST_RUN_DIR"
     # Canonical, as mountinfo shows mount points.
     CMKFS_TEST_RUN_DIR="$(cd "$CMKFS_TEST_RUN_DIR" && pwd -P)"
     export CMKFS_TEST_RUN_DIR
