@@ -35,7 +35,11 @@ use crate::volume::reencrypt::{Hooks, Progress, Report, Session, Step};
 #[serde(tag = "op", rename_all = "lowercase")]
 pub enum Request {
     /// Run or resume the re-encryption.
-    Reencrypt,
+    Reencrypt {
+        /// Delete `cmkfs.quarantine/` rather than refuse (`--discard-quarantine`).
+        #[serde(default)]
+        discard_quarantine: bool,
+    },
     /// Hold every change back until the connection ends.
     Freeze,
 }
@@ -234,7 +238,7 @@ fn serve(conn: UnixStream, ctl: &Control, busy: &Mutex<()>) {
             }
             let _ = answer(&conn, &Answer::Thawed(why.into()));
         }
-        Request::Reencrypt => {
+        Request::Reencrypt { discard_quarantine } => {
             let running = match busy.try_lock() {
                 Ok(g) => g,
                 // A run that panicked poisoned it; it is over all the same.
@@ -250,7 +254,7 @@ fn serve(conn: UnixStream, ctl: &Control, busy: &Mutex<()>) {
             // A bug in the run must end the request with an answer, never leave the client
             // waiting: the run stops where it was, which is always a state the mount serves.
             let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                reencrypt(&conn, ctl, &gone)
+                reencrypt(&conn, ctl, &gone, discard_quarantine)
             }))
             .unwrap_or_else(|p| {
                 let what = p
@@ -277,7 +281,12 @@ fn serve(conn: UnixStream, ctl: &Control, busy: &Mutex<()>) {
     }
 }
 
-fn reencrypt(conn: &UnixStream, ctl: &Control, gone: &AtomicBool) -> Result<Report, String> {
+fn reencrypt(
+    conn: &UnixStream,
+    ctl: &Control,
+    gone: &AtomicBool,
+    discard_quarantine: bool,
+) -> Result<Report, String> {
     let vol = ctl.online.volume().clone();
     let access =
         crate::unlock::ReencryptAccess::new(&ctl.home, ctl.keyring.vault(), ctl.handle.clone())
@@ -307,6 +316,7 @@ fn reencrypt(conn: &UnixStream, ctl: &Control, gone: &AtomicBool) -> Result<Repo
             fault: Some(&mut fault),
         },
     )
+    .discard_quarantine(discard_quarantine)
     .run();
     match r {
         Ok(report) => {

@@ -171,7 +171,27 @@ impl Sealed {
             if !seen.insert(e.path.as_str()) {
                 return Err(corrupt(format!("the manifest lists {:?} twice", e.path)));
             }
-            if let Some(from) = &e.from {
+            if let Some(dl) = &e.delta {
+                if man.base.is_none() || man.version < manifest::DELTA_VERSION || e.from.is_some() {
+                    return Err(corrupt(format!(
+                        "{:?} is stored as changed chunks, but not in an incremental archive \
+                         of version {} or later",
+                        e.path,
+                        manifest::DELTA_VERSION
+                    )));
+                }
+                archive::check_rel(&dl.from)?;
+                match &e.record {
+                    Some(r)
+                        if r.path == e.path && r.kind == Kind::File && e.data_sha256.is_some() => {}
+                    _ => {
+                        return Err(corrupt(format!(
+                            "{:?} is stored as changed chunks without its file record",
+                            e.path
+                        )))
+                    }
+                }
+            } else if let Some(from) = &e.from {
                 if man.base.is_none() {
                     return Err(corrupt(format!(
                         "{:?} refers to a base, but the archive is a full backup",

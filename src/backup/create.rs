@@ -16,8 +16,9 @@ use std::time::Instant;
 use rustix::fs::Stat;
 
 use super::archive::{Writer, KEY_MEMBER, MAC_MEMBER, MANIFEST_MEMBER};
+use super::delta::{self, ChunkHasher, Chunking};
 use super::manifest::{
-    self, BaseLink, ChangeKey, Digester, Entry, KeyEnvelope, Kind, Manifest, Member, Source,
+    self, BaseLink, ChangeKey, Delta, Digester, Entry, KeyEnvelope, Kind, Manifest, Member, Source,
     Stored, Totals,
 };
 use super::{now, BackupError, BackupReport, Progress};
@@ -560,6 +561,8 @@ fn write_archive(
         change: None,
         from: None,
         record: None,
+        chunks: None,
+        delta: None,
     };
     let mut seen: HashMap<(u64, u64), String> = HashMap::new();
     walk(root, &mut |dir, name, path, st| {
@@ -643,27 +646,78 @@ fn write_archive(
                     if !unchanged {
                         stored.changed_records += 1;
                     }
+                    let chunks = base
+                        .and_then(|b| b.entries.get(&from))
+                        .and_then(|e| e.chunks.clone());
                     Entry {
                         data_sha256: Some(data),
                         change: Some(change),
                         from: Some(from),
                         record: (!unchanged).then(|| Box::new(m.clone())),
+                        chunks,
                         ..entry(path, d)
                     }
                 }
                 None => {
-                    let mut r = ExtentReader {
-                        file: &f,
-                        extents: &m.extents,
-                        done_in_extent: 0,
+                    // Only the changed chunks, when the base entry has chunk digests and
+                    // that saves half of the data; not under `--force` (the file may change
+                    // between the comparison and the copy).
+                    let planned = match base.and_then(|b| b.entries.get(path)) {
+                        Some(be) if req.point_in_time && be.data_sha256.is_some() => {
+                            delta::plan(be, &m, &f)
+                                .map_err(|e| BackupError::io(path, e))?
+                                .map(|p| (p, be.data_sha256.clone().unwrap_or_default()))
+                        }
+                        _ => None,
                     };
-                    let (d, data) = w.member(&m, Some(&mut r)).map_err(werr)?;
-                    stored.members += 1;
-                    stored.bytes += m.data_len();
-                    Entry {
-                        data_sha256: data,
-                        change: Some(change),
-                        ..entry(path, d)
+                    match planned {
+                        Some((p, base_sha256)) => {
+                            let mut r = ExtentReader {
+                                file: &f,
+                                extents: &p.member.extents,
+                                done_in_extent: 0,
+                            };
+                            let (md, _) = w.member(&p.member, Some(&mut r)).map_err(werr)?;
+                            stored.members += 1;
+                            stored.bytes += p.member.data_len();
+                            stored.deltas += 1;
+                            let d = Digester::with_data(&m, Some(&p.data_sha256))?;
+                            Entry {
+                                data_sha256: Some(p.data_sha256),
+                                change: Some(change),
+                                record: Some(Box::new(m.clone())),
+                                chunks: Some(p.digests),
+                                delta: Some(Delta {
+                                    from: path.into(),
+                                    base_sha256,
+                                    chunks: p.chunks,
+                                    member_sha256: md,
+                                }),
+                                ..entry(path, d)
+                            }
+                        }
+                        None => {
+                            let mut ch = ChunkHasher::new(m.size, &m.extents);
+                            let (d, data) = {
+                                let mut r = Chunking {
+                                    inner: ExtentReader {
+                                        file: &f,
+                                        extents: &m.extents,
+                                        done_in_extent: 0,
+                                    },
+                                    hash: &mut ch,
+                                };
+                                w.member(&m, Some(&mut r)).map_err(werr)?
+                            };
+                            stored.members += 1;
+                            stored.bytes += m.data_len();
+                            Entry {
+                                data_sha256: data,
+                                change: Some(change),
+                                chunks: Some(ch.finish()),
+                                ..entry(path, d)
+                            }
+                        }
                     }
                 }
             };

@@ -14,6 +14,7 @@ use std::sync::Arc;
 
 use super::archive::{self, Parsed, KEY_MEMBER, MANIFEST_MEMBER};
 use super::chain::{read_small, Link};
+use super::delta;
 use super::manifest::{self, Kind, Manifest, Member};
 use super::BackupError;
 use crate::volume::sys::{self, XTarget};
@@ -271,6 +272,17 @@ pub(super) fn apply(
     let mut files = HashSet::new();
     let mut dirs: Vec<Member> = Vec::new();
     let mut moved: HashMap<String, String> = HashMap::new();
+    // How many entries take each base file (a reference or a changed-chunk file).
+    let mut uses: HashMap<&str, usize> = HashMap::new();
+    for e in &man.members {
+        if let Some(f) = e
+            .from
+            .as_deref()
+            .or(e.delta.as_ref().map(|d| d.from.as_str()))
+        {
+            *uses.entry(f).or_default() += 1;
+        }
+    }
     let mut blocks = Allocation::new(man);
     for want in &man.members {
         let (m, digest, data) = match &want.from {
@@ -291,9 +303,18 @@ pub(super) fn apply(
                     )));
                 }
                 blocks.admit(&m, want)?;
-                let (d, data) = extract(tree, &m, &mut e, &mut files, &mut dirs, version)
+                if let Some(delta) = &want.delta {
+                    let r = rebuild(
+                        tree, prev, want, delta, &m, &mut e, &mut moved, &uses, version,
+                    )
                     .map_err(|e| crafted(&m.path, e))?;
-                (*m, d, data)
+                    files.insert(r.0.path.clone());
+                    r
+                } else {
+                    let (d, data) = extract(tree, &m, &mut e, &mut files, &mut dirs, version)
+                        .map_err(|e| crafted(&m.path, e))?;
+                    (*m, d, data)
+                }
             }
             Some(from) => {
                 let Some((ptree, pstate)) = prev else {
@@ -337,7 +358,7 @@ pub(super) fn apply(
                     )));
                 }
                 if m.kind == Kind::File {
-                    take_file(tree, ptree, from, &m, &mut moved)?;
+                    take_file(tree, ptree, from, &m, &mut moved, false)?;
                     files.insert(m.path.clone());
                 } else {
                     extract(tree, &m, &mut io::empty(), &mut files, &mut dirs, version)?;
@@ -414,7 +435,8 @@ impl Allocation {
         if m.kind != Kind::File {
             return Ok(());
         }
-        if let Some(c) = &want.change {
+        // A delta member holds part of the file: `rebuild` checks it against the record.
+        if let Some(c) = want.change.as_ref().filter(|_| want.delta.is_none()) {
             if c.size != m.size || c.layout != manifest::ChangeKey::layout_of(&m.extents) {
                 return Err(BackupError::Corrupt(format!(
                     "member {:?}: its size or sparse map is not the one the manifest recorded",
@@ -438,6 +460,79 @@ impl Allocation {
     }
 }
 
+/// Makes a file stored as its changed chunks ([`delta`]): checks the member against the
+/// manifest and the base entry's data digest before anything is written, takes the base's
+/// file, applies the chunks, and checks the result (the data digest over the record's
+/// extents, zeros elsewhere). Returns the record, its digest and data digest.
+#[allow(clippy::too_many_arguments)]
+fn rebuild(
+    tree: &mut Tree,
+    prev: Option<(&Tree, &State)>,
+    want: &manifest::Entry,
+    dl: &manifest::Delta,
+    dm: &Member,
+    data: &mut dyn Read,
+    moved: &mut HashMap<String, String>,
+    uses: &HashMap<&str, usize>,
+    version: u32,
+) -> Result<(Member, String, Option<String>), BackupError> {
+    let p = &want.path;
+    let corrupt = |m: String| BackupError::Corrupt(m);
+    let record = want
+        .record
+        .as_deref()
+        .ok_or_else(|| corrupt(format!("{p:?}: changed chunks without the file's record")))?;
+    delta::check(dm, record, dl)?;
+    if let Some(c) = &want.change {
+        if c.size != record.size || c.layout != manifest::ChangeKey::layout_of(&record.extents) {
+            return Err(corrupt(format!(
+                "{p:?}: its size or sparse map is not the one the manifest recorded"
+            )));
+        }
+    }
+    let Some((ptree, pstate)) = prev else {
+        return Err(corrupt(format!(
+            "{p:?} refers to a base, but there is none"
+        )));
+    };
+    let (pm, _, pdata) = pstate.get(&dl.from).ok_or_else(|| {
+        corrupt(format!(
+            "{p:?} changes {:?}, which its base does not hold",
+            dl.from
+        ))
+    })?;
+    if pm.kind != Kind::File || pdata.as_deref() != Some(dl.base_sha256.as_str()) {
+        return Err(corrupt(format!(
+            "{p:?} changes {:?}, whose data in the base is not the data it was compared with",
+            dl.from
+        )));
+    }
+    let base_as = Member {
+        path: record.path.clone(),
+        ..pm.clone()
+    };
+    // Changed in place: taken as a copy when another entry of this archive also takes that
+    // base file (it must still find the base's bytes).
+    let shared = uses.get(dl.from.as_str()).is_some_and(|n| *n > 1);
+    take_file(tree, ptree, &dl.from, &base_as, moved, shared)?;
+    let (np, nn) = split(&record.path);
+    let dir = tree.parent(np)?;
+    // The base's mode may be read-only; `set_meta` below gives the record's.
+    sys::chmod_at(dir, nn, 0o600).map_err(|e| BackupError::io(p, e))?;
+    let (f, _) = sys::open_regular(dir, nn, sys::Access::ReadWrite, None)
+        .map_err(|e| BackupError::io(p, e))?;
+    let md = delta::write(&f, dm, dl, data, version, p)?;
+    if md != dl.member_sha256 {
+        return Err(corrupt(format!(
+            "member {p:?} does not match the manifest (its bytes or metadata changed)"
+        )));
+    }
+    let data = delta::verify(&f, record, p)?;
+    set_meta(tree, &f, record)?;
+    let d = manifest::Digester::with_data(record, Some(&data))?;
+    Ok((record.clone(), d, Some(data)))
+}
+
 /// Moves the previous state's file `from` to `m.path` in the new tree (a second reference to
 /// the same file gets a copy) and gives it `m`'s metadata.
 fn take_file(
@@ -446,12 +541,16 @@ fn take_file(
     from: &str,
     m: &Member,
     moved: &mut HashMap<String, String>,
+    copy: bool,
 ) -> Result<(), BackupError> {
     let (np, nn) = split(&m.path);
-    if let Some(at) = moved.get(from).cloned() {
-        let (ap, an) = split(&at);
-        let src_dir = tree.open(ap)?;
-        let (src, _) = sys::open_regular(src_dir.as_fd(), an, sys::Access::Read, None)
+    let moved_to = moved.get(from).cloned();
+    if moved_to.is_some() || copy {
+        let (src_dir, at) = match moved_to {
+            Some(at) => (tree.open(split(&at).0)?, at),
+            None => (ptree.open(split(from).0)?, from.to_string()),
+        };
+        let (src, _) = sys::open_regular(src_dir.as_fd(), split(&at).1, sys::Access::Read, None)
             .map_err(|e| BackupError::io(&at, e))?;
         let p = tree.parent(np)?;
         let dst = sys::create_regular(p, nn, 0o600).map_err(|e| BackupError::io(&m.path, e))?;
@@ -480,6 +579,11 @@ fn take_file(
     let p = tree.parent(np)?;
     let (f, _) = sys::open_regular(p, nn, sys::Access::Read, None)
         .map_err(|e| BackupError::io(&m.path, e))?;
+    set_meta(tree, &f, m)
+}
+
+/// Gives the file `f` (taken from a base) exactly the xattrs, owner, mode and times of `m`.
+fn set_meta(tree: &mut Tree, f: &File, m: &Member) -> Result<(), BackupError> {
     // The xattrs are exactly the record's: those of the base that it lacks go.
     let t = XTarget::Fd(f.as_fd());
     let have = sys::list_xattr(t).map_err(|e| BackupError::io(&m.path, e))?;

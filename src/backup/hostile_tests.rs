@@ -167,6 +167,8 @@ fn craft(dir: &Path, members: &[Raw], dek: &Dek, stored: bool) -> std::path::Pat
                 change: m.change.clone(),
                 from: m.from.clone(),
                 record: None,
+                chunks: None,
+                delta: None,
             });
         }
     }

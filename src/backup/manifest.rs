@@ -16,9 +16,13 @@ const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STA
 
 /// `format` of the key envelope and the manifest.
 pub const FORMAT: &str = "cmkfs-backup";
-/// Version of the archive layout this cmkfs writes: 2 (member digests over the data's
-/// SHA-256, per-file data digests and change keys, incremental archives).
-pub const VERSION: u32 = 2;
+/// Version of the archive layout this cmkfs writes: 3 (version 2 — member digests over the
+/// data's SHA-256, per-file data digests and change keys, incremental archives — plus
+/// per-chunk digests of each file, so an incremental archive may store only the chunks of a
+/// file that changed: [`Delta`]).
+pub const VERSION: u32 = 3;
+/// The first version whose files carry chunk digests and may be stored as a [`Delta`].
+pub const DELTA_VERSION: u32 = 3;
 /// Oldest archive layout this cmkfs restores (1: member digests over the data bytes).
 pub const MIN_VERSION: u32 = 1;
 /// HKDF label (under the volume's outer DEK) of the manifest MAC key.
@@ -149,7 +153,7 @@ impl KeyEnvelope {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct Source {
-    /// Volume id (kept by a restore).
+    /// Volume id (kept by a plain restore; see docs/FORMAT.md, "Restore", step 5).
     pub volume_id: String,
     /// Creation time of the volume (Unix seconds).
     pub created: u64,
@@ -386,8 +390,36 @@ pub struct Entry {
     pub from: Option<String>,
     /// With `from`: the entry's record when it differs from the base entry's (renamed,
     /// owner, mode, times or xattrs changed); absent when identical (then `from` is `path`).
+    /// With `delta`: the file's whole record (the stored member carries only the changed
+    /// chunks' extents).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub record: Option<Box<Member>>,
+    /// Version 3, regular files: the chunk digests ([`super::delta::chunk_digests`]), one per
+    /// [`super::delta::grain`] bytes of the backing file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chunks: Option<Vec<String>>,
+    /// Version 3 incremental archives: the file is stored as the chunks that changed since
+    /// the base entry `delta.from`; the rest is the base's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delta: Option<Delta>,
+}
+
+/// A file of an incremental archive stored as its changed chunks: the stored member is the
+/// file's record with only the data extents inside those chunks (a GNU sparse member); the
+/// restore takes the base entry's file, makes each listed chunk a hole, writes the member's
+/// extents, sets the size, and checks the result against `data_sha256`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Delta {
+    /// The base state's entry whose file this one starts from (a regular file).
+    pub from: String,
+    /// The data digest of that base entry, which the chunk digests were compared against:
+    /// a restore checks it before it takes the base's file.
+    pub base_sha256: String,
+    /// Indices of the chunks stored (sorted, unique, inside the file).
+    pub chunks: Vec<u64>,
+    /// The stored member's own digest (its record with the changed extents only).
+    pub member_sha256: String,
 }
 
 /// The archive an incremental archive is based on.
@@ -417,6 +449,9 @@ pub struct Stored {
     pub referenced: u64,
     /// Of those, files whose record changed (renamed, metadata) with the same data.
     pub changed_records: u64,
+    /// Of the members stored, files stored as their changed chunks only ([`Delta`]).
+    #[serde(default)]
+    pub deltas: u64,
 }
 
 /// Counts of what an archive holds.

@@ -19,9 +19,11 @@
 pub mod archive;
 pub mod chain;
 pub mod create;
+pub mod delta;
 mod extract;
 pub mod leftovers;
 pub mod manifest;
+mod renumber;
 pub mod restore;
 
 use std::io;
@@ -31,6 +33,7 @@ use serde::Serialize;
 
 pub use create::{backup, BackupKey, BackupRequest, BaseState};
 pub use manifest::{Stored, Totals};
+pub use renumber::Renumbered;
 pub use restore::{restore, RestoreReport, RestoreRequest};
 
 /// Why a backup or restore failed.

@@ -32,6 +32,7 @@ use serde::Serialize;
 use super::chain::{check_chain, read_sealed, Link};
 use super::extract::{apply, finish_dirs, State, Tree};
 use super::manifest::{Manifest, Totals};
+use super::renumber::{self, Renumbered};
 use super::{BackupError, Progress};
 use crate::crypto::Dek;
 use crate::des::{self, DesStore, DiskEncryptionSet};
@@ -60,6 +61,10 @@ pub struct RestoreRequest<'a> {
     pub des: &'a str,
     /// Re-encrypt everything under a fresh DEK.
     pub new_dek: bool,
+    /// With `new_dek`: leave the archive's `cmkfs.quarantine/` out (it cannot be
+    /// re-encrypted: see `volume::reencrypt`); without it, an archive whose quarantine holds
+    /// anything is refused.
+    pub discard_quarantine: bool,
     /// How to reach the backup key's vault.
     pub open_vault: OpenVault<'a>,
 }
@@ -69,8 +74,12 @@ pub struct RestoreRequest<'a> {
 pub struct RestoreReport {
     /// The restored backing directory.
     pub target: PathBuf,
-    /// The volume's id.
+    /// The volume's id: the source's for a plain restore, a new one with `--new-dek` or when
+    /// the source is still live here (`source_live_at`).
     pub volume_id: String,
+    /// A plain restore whose source volume (same id, same DEK) is live on this machine, at
+    /// this path: the restored copy got a new volume id.
+    pub source_live_at: Option<PathBuf>,
     /// The Disk Encryption Set it belongs to.
     pub des: String,
     /// The key that wraps its DEK now.
@@ -91,10 +100,14 @@ pub struct RestoreReport {
     pub owners_skipped: u64,
     /// The re-encryption under a new DEK, with `--new-dek`.
     pub new_dek: Option<Report>,
+    /// With `--new-dek`: the fresh directory ids, file ids and long-target names given.
+    pub new_ids: Option<Renumbered>,
     /// Size of the archives.
     pub archive_bytes: u64,
     /// Temp directories of killed restores into the target, removed first.
     pub cleaned_up: Vec<PathBuf>,
+    /// With `--new-dek --discard-quarantine`: entries of the archive's quarantine left out.
+    pub quarantine_left_out: u64,
     /// Time taken.
     pub seconds: f64,
 }
@@ -234,10 +247,41 @@ pub fn restore(
             return Err(BackupError::Internal("no archive applied".into()));
         };
         let tmp = temps.last().cloned().unwrap_or_default();
+        let quarantine_left_out = match req.new_dek {
+            true => quarantine(&tmp, req.discard_quarantine)?,
+            false => 0,
+        };
+        if quarantine_left_out > 0 {
+            // Its directories are gone: no metadata to set on them.
+            let q = crate::fsck::QUARANTINE_DIR;
+            dirs.retain(|m| m.path != q && !m.path.starts_with(&format!("{q}/")));
+        }
         let first = &links[0];
         let last = &links[links.len() - 1];
         // 3. The header under the set's key (written before the directories' times are set,
         // the root's included), the new DEK, the set's record, the rename.
+        let src = &last.manifest.source;
+        // A plain restore is the source volume again (its id: its backups' chain goes on),
+        // unless the source is still live here: two volumes, one id, would be mistaken for
+        // each other (a backup chain continued across both), so the copy gets its own id.
+        // A `--new-dek` restore is an independent volume: a new id, created now.
+        let twin = if req.new_dek {
+            None
+        } else {
+            live_twin(req.home, &src.volume_id, &target)
+        };
+        let ident = if req.new_dek || twin.is_some() {
+            let mut id = [0u8; 16];
+            getrandom::getrandom(&mut id).map_err(|e| BackupError::Internal(e.to_string()))?;
+            let created = if req.new_dek {
+                super::now()
+            } else {
+                src.created
+            };
+            (hex::encode(id), created)
+        } else {
+            (src.volume_id.clone(), src.created)
+        };
         let header = header_for(
             req.home,
             &des_rec,
@@ -245,15 +289,23 @@ pub fn restore(
             &last.manifest,
             &first.dek,
             first.inner.as_ref(),
+            ident,
         )?;
         header.write(&tmp)?;
         finish_dirs(&mut tree, &dirs)?;
         let owners_skipped = tree.owners_skipped;
         drop(tree);
-        let new_dek = if req.new_dek {
-            Some(reencrypt(req.home, &des_rec, &tmp, &header)?)
+        let (new_dek, new_ids) = if req.new_dek {
+            let keys = renumber::Keys {
+                dek: &first.dek,
+                inner: first.inner.as_ref(),
+                sector: last.manifest.source.sector_size,
+                generation: last.manifest.source.key_generation,
+            };
+            let (r, ids) = reencrypt(req.home, &des_rec, &tmp, &header, &keys)?;
+            (Some(r), Some(ids))
         } else {
-            None
+            (None, None)
         };
         rustix::fs::syncfs(File::open(&tmp).map_err(|e| BackupError::io("", e))?)
             .map_err(|e| BackupError::io("", e.into()))?;
@@ -262,7 +314,8 @@ pub fn restore(
         temps.clear();
         Ok(RestoreReport {
             target: target.clone(),
-            volume_id: last.manifest.source.volume_id.clone(),
+            volume_id: header.volume_id.clone(),
+            source_live_at: twin,
             des: req.des.to_string(),
             key_id,
             backup_key_id: last.sealed.envelope.key_id.clone(),
@@ -273,8 +326,10 @@ pub fn restore(
             totals: last.manifest.totals.clone(),
             owners_skipped,
             new_dek,
+            new_ids,
             archive_bytes,
             cleaned_up: cleaned_up.clone(),
+            quarantine_left_out,
             seconds: 0.0,
         })
     })();
@@ -332,7 +387,9 @@ fn clean_leftovers(target: &Path) -> Result<Vec<PathBuf>, BackupError> {
 }
 
 /// The restored volume's header: the source's layout and key generation, the DEK wrapped by
-/// the set's active key (and the inner one by cmkfs's platform key), bound to the set.
+/// the set's active key (and the inner one by cmkfs's platform key), bound to the set, with
+/// the volume id and creation time `ident`.
+#[allow(clippy::too_many_arguments)]
 fn header_for(
     home: &Home,
     des_rec: &DiskEncryptionSet,
@@ -340,22 +397,24 @@ fn header_for(
     man: &Manifest,
     dek: &Dek,
     inner: Option<&Dek>,
+    ident: (String, u64),
 ) -> Result<VolumeHeader, BackupError> {
     let kid = des_rec.active_key_id()?;
     let info = v.get_key(&kid.name, Some(&kid.version))?;
     let wrapped = v.wrap_key(&kid.name, Some(&kid.version), info.wrap_alg, dek.as_bytes())?;
     let s = &man.source;
+    let (volume_id, created) = ident;
     let mut h = match inner {
-        None => VolumeHeader::new(dek, s.volume_id.clone(), s.sector_size, &wrapped, s.created),
+        None => VolumeHeader::new(dek, volume_id, s.sector_size, &wrapped, created),
         Some(i) => {
             let (pv, pinfo) = des::ensure_platform_key(home)?;
             let w = pv.wrap_key(des::PLATFORM_KEY, None, pinfo.wrap_alg, i.as_bytes())?;
             VolumeHeader::new_double(
                 dek,
-                s.volume_id.clone(),
+                volume_id,
                 s.sector_size,
                 &wrapped,
-                s.created,
+                created,
                 PlatformEnvelope::new(i, &w),
             )
         }
@@ -363,6 +422,24 @@ fn header_for(
     h.key_generation = s.key_generation;
     // `with_des` recomputes the MAC over every field, the key generation included.
     Ok(h.with_des(Some(des_rec.name.clone()), dek))
+}
+
+/// A live volume on this machine whose id is `volume_id` (other than `target`): one a Disk
+/// Encryption Set lists, or one mounted now. Unreadable headers are no twin (nothing can
+/// confuse them with the restored volume until they read again).
+fn live_twin(home: &Home, volume_id: &str, target: &Path) -> Option<PathBuf> {
+    let same =
+        |p: &Path| p != target && VolumeHeader::read(p).is_ok_and(|h| h.volume_id == volume_id);
+    let listed = DesStore::new(home)
+        .list()
+        .unwrap_or_default()
+        .into_iter()
+        .flat_map(|d| d.volumes);
+    let mounted = crate::mount::RunRecord::all(home)
+        .into_iter()
+        .filter(|r| r.alive() && r.volume_id == volume_id)
+        .map(|r| r.cipherdir);
+    listed.chain(mounted).find(|p| same(p))
 }
 
 /// Times of every entry of the tree at `dir`, by inode.
@@ -382,17 +459,20 @@ fn times_by_inode(dir: &Path) -> Result<HashMap<u64, sys::Times>, BackupError> {
     Ok(out)
 }
 
-/// `--new-dek`: the offline re-encryption of the restored tree (names, targets, xattrs and
-/// every data unit under a fresh DEK; the archive's DEK is gone from the header at the end).
-/// It rewrites data in place and renames entries (same inodes), which moves their times:
-/// those of files and directories are put back as the archive had them.
+/// `--new-dek`: fresh directory ids, file ids and long-target names ([`renumber`]), then
+/// the offline re-encryption of the restored tree (names, targets, xattrs and every data
+/// unit under a fresh DEK; the archive's DEK is gone from the header at the end). Both
+/// rewrite data in place and rename entries (same inodes), which moves their times: those of
+/// files and directories are put back as the archive had them.
 fn reencrypt(
     home: &Home,
     des_rec: &DiskEncryptionSet,
     dir: &Path,
     header: &VolumeHeader,
-) -> Result<Report, BackupError> {
+    keys: &renumber::Keys<'_>,
+) -> Result<(Report, Renumbered), BackupError> {
     let times = times_by_inode(dir)?;
+    let ids = renumber::renumber(dir, keys)?;
     // The caller holds the volume lock on `dir` exclusive.
     let report = {
         let v = des::open_vault(home, des_rec)?;
@@ -429,7 +509,7 @@ fn reencrypt(
         }
         .map_err(|e| BackupError::io(path, e))
     })?;
-    Ok(report)
+    Ok((report, ids))
 }
 
 /// Under the set's lock: the header rewrapped if the set's key changed meanwhile, the target
@@ -485,4 +565,35 @@ fn place(
         }
     }
     Ok(header.key_id)
+}
+
+/// `--new-dek`: the archive's `cmkfs.quarantine/` keeps the names of the source's
+/// directories, so it cannot be sealed again; re-encrypted around, it would share ciphertext
+/// with the source under a DEK the restored volume no longer has. Refused while it holds
+/// anything, unless `discard` (then removed from `dir`, the restore's temp tree); returns
+/// how many entries were left out.
+fn quarantine(dir: &Path, discard: bool) -> Result<u64, BackupError> {
+    let q = crate::fsck::QUARANTINE_DIR;
+    let held =
+        crate::volume::reencrypt::quarantine_entries(dir).map_err(|e| BackupError::io(q, e))?;
+    if held == 0 {
+        return Ok(0);
+    }
+    if !discard {
+        return Err(BackupError::Refused(format!(
+            "the archive's {q}/ holds {held} entries set aside by `cmkfs fsck --repair`, which \
+             cannot be re-encrypted under a new DEK: restore without --new-dek to look at \
+             them (listed in {q}/*/{m} of the restored volume), or add \
+             --discard-quarantine to leave them out; nothing was restored",
+            m = crate::fsck::MANIFEST_FILE,
+        )));
+    }
+    // Nothing followed: a symlink planted there is removed, not its target.
+    let path = dir.join(q);
+    match std::fs::symlink_metadata(&path) {
+        Ok(md) if md.is_dir() => std::fs::remove_dir_all(&path),
+        _ => std::fs::remove_file(&path),
+    }
+    .map_err(|e| BackupError::io(q, e))?;
+    Ok(held)
 }

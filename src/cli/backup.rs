@@ -72,6 +72,10 @@ pub struct RestoreArgs {
     /// restored volume shares no key and no ciphertext block with the source.
     #[arg(long)]
     new_dek: bool,
+    /// With --new-dek: leave out what `cmkfs fsck --repair` set aside in the archive's
+    /// `cmkfs.quarantine/` (it cannot be re-encrypted); without it such an archive is refused.
+    #[arg(long, requires = "new_dek")]
+    discard_quarantine: bool,
     /// Reach the backup key's vault as this identity (credential file); by default as the
     /// vault's owner (local) or the configured credential.
     #[arg(long, value_name = "FILE")]
@@ -344,8 +348,46 @@ pub fn run_backup(a: BackupArgs) -> anyhow::Result<()> {
             )
         });
     }
+    #[cfg(debug_assertions)]
+    test_pause_before_recheck();
+    // A key owner who revoked the volume's KEK while the backup ran has cut the mount off
+    // already; the archive would otherwise be a fresh copy of the DEK, usable under the
+    // backup key, made after the revocation. The same unwrap as at the start, on the header
+    // as it is now (a rotation meanwhile is not a revocation).
+    let still = VolumeHeader::read(&root)
+        .map_err(anyhow::Error::from)
+        .and_then(|h| Ok(crate::unlock::unwrap(&home, vault.as_ref(), &h)?));
+    crate::crypto::secret::scrub_stack();
+    if let Err(e) = still {
+        let _ = std::fs::remove_file(&a.archive);
+        return Err(e).with_context(|| {
+            format!(
+                "backing up {}: the volume's key stopped unwrapping its DEK before the backup                  ended (revoked or disabled?), so {} was removed; back up again once access                  is restored",
+                root.display(),
+                a.archive.display()
+            )
+        });
+    }
     report.freeze_seconds = freeze_seconds;
     print_backup(&root, &report, a.json)
+}
+
+/// Debug builds only (tests): with `CMKFS_TEST_BACKUP_PAUSE=PATH`, the archive is complete
+/// and `PATH.reached` is created, then the backup waits (at most 20 s) for `PATH` to exist
+/// before its final key check, so a test can revoke the key in between.
+#[cfg(debug_assertions)]
+fn test_pause_before_recheck() {
+    let Some(gate) = std::env::var_os("CMKFS_TEST_BACKUP_PAUSE").map(std::path::PathBuf::from)
+    else {
+        return;
+    };
+    let mut reached = gate.clone().into_os_string();
+    reached.push(".reached");
+    let _ = std::fs::write(&reached, b"");
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !gate.exists() && std::time::Instant::now() < end {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
 }
 
 fn mbs(bytes: u64, secs: f64) -> f64 {
@@ -455,6 +497,7 @@ pub fn run_restore(a: RestoreArgs) -> anyhow::Result<()> {
             target: &a.cipherdir,
             des: &a.des,
             new_dek: a.new_dek,
+            discard_quarantine: a.discard_quarantine,
             open_vault: &open,
         },
         Some(&mut show),
@@ -489,6 +532,14 @@ fn print_restore(r: &RestoreReport, json: bool) -> anyhow::Result<()> {
         "  DEK wrapped by {} (the archive's by {})",
         r.key_id, r.backup_key_id
     );
+    if let Some(p) = &r.source_live_at {
+        println!(
+            "  the source volume is live at {} (same DEK): the restored copy got a new volume \
+             id, so that the two are never taken for each other (incremental backups of the \
+             copy start with a full one; --new-dek makes an independent copy under its own DEK)",
+            p.display()
+        );
+    }
     if r.archives.len() > 1 {
         println!(
             "  chain of {} archives: {}",
@@ -515,8 +566,27 @@ fn print_restore(r: &RestoreReport, json: bool) -> anyhow::Result<()> {
             n.seconds
         );
     }
+    if let Some(n) = &r.new_ids {
+        println!(
+            "  fresh ids (unlinkable to the source): volume {}, {} directory ids ({} names \
+             sealed again), {} file ids ({:.1} MB re-tweaked in {:.2} s), {} long-target names",
+            r.volume_id,
+            n.dirs,
+            n.names,
+            n.files,
+            n.bytes as f64 / 1e6,
+            n.seconds,
+            n.long_targets
+        );
+    }
     if !r.backup_point_in_time {
         println!("  note: the backup was taken with --force while the mount kept writing");
+    }
+    if r.quarantine_left_out > 0 {
+        println!(
+            "  {} entries of the archive's cmkfs.quarantine/ left out (--discard-quarantine)",
+            r.quarantine_left_out
+        );
     }
     if r.owners_skipped > 0 {
         println!(

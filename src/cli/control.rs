@@ -10,8 +10,14 @@ use crate::home::Home;
 
 /// Asks the daemon serving `mountpoint` to re-encrypt its volume, showing its progress; an
 /// interrupted command (Ctrl-C) stops it at a crash-safe point, and running it again resumes.
-pub(crate) fn reencrypt_online(home: &Home, mountpoint: &Path, json: bool) -> anyhow::Result<()> {
-    let conn = control::connect(home, mountpoint, &Request::Reencrypt).with_context(|| {
+pub(crate) fn reencrypt_online(
+    home: &Home,
+    mountpoint: &Path,
+    json: bool,
+    discard_quarantine: bool,
+) -> anyhow::Result<()> {
+    let req = Request::Reencrypt { discard_quarantine };
+    let conn = control::connect(home, mountpoint, &req).with_context(|| {
         format!(
             "re-encrypting the volume mounted at {}",
             mountpoint.display()

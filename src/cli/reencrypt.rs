@@ -45,6 +45,11 @@ pub struct ReencryptArgs {
     /// volume's Disk Encryption Set identity, else the vault owner.
     #[arg(long, value_name = "FILE")]
     credential: Option<PathBuf>,
+    /// Delete what `cmkfs fsck --repair` set aside in `cmkfs.quarantine/` (it cannot be
+    /// re-encrypted, and would be unreadable once the old DEK is gone); without it, a
+    /// non-empty quarantine makes the command refuse.
+    #[arg(long)]
+    discard_quarantine: bool,
 }
 
 /// Runs `cmkfs volume ...`.
@@ -69,7 +74,7 @@ fn reencrypt(a: ReencryptArgs) -> anyhow::Result<()> {
                 mountpoint.display()
             );
         }
-        return super::control::reencrypt_online(&home, &mountpoint, a.json);
+        return super::control::reencrypt_online(&home, &mountpoint, a.json, a.discard_quarantine);
     }
     if a.online && !a.json {
         eprintln!(
@@ -102,6 +107,7 @@ fn reencrypt(a: ReencryptArgs) -> anyhow::Result<()> {
             fault: None,
         },
     )
+    .discard_quarantine(a.discard_quarantine)
     .run()
     .with_context(|| format!("re-encrypting {}", root.display()))?;
     bar.done();
@@ -188,6 +194,12 @@ pub(crate) fn print_report(root: &std::path::Path, r: &Report, json: bool) -> an
         r.symlink_targets,
         r.xattrs
     );
+    if r.quarantine_discarded > 0 {
+        println!(
+            "{} entries of cmkfs.quarantine/ were deleted (--discard-quarantine)",
+            r.quarantine_discarded
+        );
+    }
     if r.missed > 0 {
         // A bug the final check caught: worth a report, though nothing was lost.
         eprintln!(

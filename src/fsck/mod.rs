@@ -239,6 +239,12 @@ pub enum ProblemKind {
     FileLengthInvalid,
     /// The journal of an interrupted `cmkfs upgrade` (a mount or `cmkfs upgrade` finishes it).
     UpgradeInterrupted,
+    /// An upgrade journal that cannot be used (damaged, or not this volume's): mounts and
+    /// `cmkfs upgrade` refuse the volume while it is there.
+    UpgradeJournalUnusable,
+    /// `cmkfs.lock` is not a regular file of the volume's owner (a symlink, FIFO, directory, or
+    /// another user's file): every mount and command refuses the volume while it is there.
+    LockFileInvalid,
     /// A re-encryption under a new DEK is in progress or was interrupted (`cmkfs volume
     /// reencrypt` resumes it; the volume mounts meanwhile).
     ReencryptInProgress,
@@ -413,7 +419,7 @@ pub fn run(dir: &Path, opts: &Options<'_>) -> Result<Report, FsckError> {
     if !root.is_dir() {
         return Err(FsckError::io(&root, io::Error::other("not a directory")));
     }
-    let _lock = if opts.repair {
+    if opts.repair {
         if let Some((mountpoint, pid)) = find_mount(&root, opts.home) {
             return Err(FsckError::Mounted {
                 cipherdir: root,
@@ -421,11 +427,7 @@ pub fn run(dir: &Path, opts: &Options<'_>) -> Result<Report, FsckError> {
                 pid,
             });
         }
-        // Also keeps a mount or an upgrade from starting while repairs run.
-        Some(VolumeLock::exclusive(&root).map_err(|e| FsckError::io(&root, io::Error::other(e)))?)
-    } else {
-        None
-    };
+    }
     let mut c = Checker {
         root: root.clone(),
         repair: opts.repair,
@@ -450,6 +452,14 @@ pub fn run(dir: &Path, opts: &Options<'_>) -> Result<Report, FsckError> {
             outcome: Outcome::Clean,
             exit_code: EXIT_CLEAN,
         },
+    };
+    // A lock file no command can use is set aside first: the repair needs the lock itself.
+    c.check_lock_file();
+    // Also keeps a mount or an upgrade from starting while repairs run.
+    let _lock = if opts.repair {
+        Some(VolumeLock::exclusive(&root).map_err(|e| FsckError::io(&root, io::Error::other(e)))?)
+    } else {
+        None
     };
     c.check_header(opts.vault)?;
     // The root never goes to the quarantine: its problems are recorded inside. The walk runs
@@ -525,6 +535,7 @@ fn unescape_mountinfo(f: &[u8]) -> Vec<u8> {
 
 mod backing;
 mod checker;
+mod control_files;
 mod header;
 mod restore_temp;
 mod walk;
@@ -542,6 +553,67 @@ mod tests {
             .iter()
             .map(|p| (p.kind, p.fix, p.repaired))
             .collect()
+    }
+
+    #[test]
+    fn a_lock_file_that_is_not_a_regular_file_is_reported_and_set_aside() {
+        let d = tempfile::tempdir().unwrap();
+        let home = Home::at(d.path().join("home"));
+        let victim = d.path().join("victim");
+        fs::write(&victim, b"untouched").unwrap();
+        for planted in ["symlink", "fifo", "dir"] {
+            let root = d.path().join(planted);
+            fs::create_dir(&root).unwrap();
+            fs::write(root.join(DIRID_FILE), [1u8; 16]).unwrap();
+            let lock = root.join(crate::volume::lock::LOCK_FILE);
+            match planted {
+                "symlink" => std::os::unix::fs::symlink(&victim, &lock).unwrap(),
+                "fifo" => rustix::fs::mknodat(
+                    rustix::fs::CWD,
+                    &lock,
+                    rustix::fs::FileType::Fifo,
+                    rustix::fs::Mode::from_raw_mode(0o600),
+                    0,
+                )
+                .unwrap(),
+                _ => fs::create_dir(&lock).unwrap(),
+            }
+            assert!(VolumeLock::exclusive(&root).is_err(), "{planted}");
+            for repair in [false, true] {
+                let opts = Options {
+                    repair,
+                    vault: None,
+                    home: &home,
+                };
+                // (Without a header this volume also reports `header_missing`.)
+                let r = run(&root, &opts).unwrap();
+                assert_eq!(
+                    kinds(&r)[0],
+                    (ProblemKind::LockFileInvalid, Fix::Quarantine, repair),
+                    "{planted}"
+                );
+            }
+            // Moved, not followed: the lock works again, the symlink's target is untouched.
+            assert!(fs::symlink_metadata(&lock).unwrap().is_file(), "{planted}");
+            assert!(VolumeLock::exclusive(&root).is_ok(), "{planted}");
+            let r = run(
+                &root,
+                &Options {
+                    repair: false,
+                    vault: None,
+                    home: &home,
+                },
+            )
+            .unwrap();
+            assert!(
+                r.problems
+                    .iter()
+                    .all(|p| p.kind != ProblemKind::LockFileInvalid),
+                "{planted}: {:?}",
+                kinds(&r)
+            );
+        }
+        assert_eq!(fs::read(&victim).unwrap(), b"untouched");
     }
 
     #[test]

@@ -129,6 +129,22 @@ impl Checker {
                 continue;
             }
             if is_root && b == JOURNAL_FILE.as_bytes() {
+                if let Some(why) = self.unusable_upgrade_journal() {
+                    self.problem(
+                        ProblemKind::UpgradeJournalUnusable,
+                        &path,
+                        None,
+                        plain,
+                        format!(
+                            "{why}; mounts and `cmkfs upgrade` refuse the volume while it is \
+                             there; `cmkfs fsck --repair` moves it to the quarantine (then \
+                             `cmkfs fsck` checks the files it may have named)"
+                        ),
+                        Fix::Quarantine,
+                        None,
+                    );
+                    continue;
+                }
                 self.problem(
                     ProblemKind::UpgradeInterrupted,
                     &path,

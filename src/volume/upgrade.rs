@@ -143,7 +143,7 @@ pub enum UpgradeError {
         error: io::Error,
     },
     /// The journal of an interrupted run cannot be used.
-    #[error("the upgrade journal {} cannot be used: {why}; nothing was changed (keep the volume and the journal as they are and report the problem)", path.display())]
+    #[error("the upgrade journal {} cannot be used: {why}; nothing was changed; `cmkfs fsck` says more, and `cmkfs fsck --repair` moves the journal to the quarantine (keep a copy of the volume first if it was mid-upgrade)", path.display())]
     Journal {
         /// The journal's path.
         path: PathBuf,

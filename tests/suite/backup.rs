@@ -416,6 +416,29 @@ fn round_trip_keeps_every_byte_and_metadata_and_new_dek_shares_no_ciphertext_blo
     assert_eq!(backing(&r1), backing(&env.cipher), "backing trees differ");
     let info = env.info(&r1);
     assert_eq!(info["des"], "d", "{info}");
+    assert_eq!(
+        info["volume_id"],
+        env.info(&env.cipher)["volume_id"],
+        "a plain restore is the same volume"
+    );
+    // Restored again while that copy is live (listed in set d): same DEK, but its own id.
+    let r3 = env.root.join("restored-again");
+    let r = json(&env.cmkfs(&[
+        "restore".as_ref(),
+        archive.as_os_str(),
+        r3.as_os_str(),
+        "--des".as_ref(),
+        "d".as_ref(),
+        "--json".as_ref(),
+    ]));
+    assert_eq!(r["source_live_at"], r1.display().to_string(), "{r}");
+    let info3 = env.info(&r3);
+    assert_ne!(
+        info3["volume_id"], info["volume_id"],
+        "two live volumes, one id"
+    );
+    assert_eq!(r["volume_id"], info3["volume_id"], "{r}");
+    assert_eq!(info3["dek_fingerprint"], info["dek_fingerprint"]);
     let mnt2 = env.dir("mnt2");
     let m = env.mount(&r1, &mnt2);
     assert_views(&view(&mnt2), &want, "restored");
@@ -470,9 +493,100 @@ fn round_trip_keeps_every_byte_and_metadata_and_new_dek_shares_no_ciphertext_blo
         "--new-dek filled the sparse file's holes: {} blocks",
         blocks_of(&r2)
     );
+    // Unlinkable (F7): no 16-byte id of the source (volume id, file ids, directory ids, long
+    // targets' side-file names), raw or hex, anywhere in the restored store.
+    assert_ne!(
+        h1["volume_id"], h2["volume_id"],
+        "the source's volume id was kept"
+    );
+    assert_eq!(r["volume_id"], h2["volume_id"], "{r}");
+    let ids = source_ids(&env.cipher);
+    assert!(ids.len() > 40, "only {} ids found in the source", ids.len());
+    // The scan sees them where they are: a plain restore is the source volume again.
+    assert!(ids_in(&r1, &ids).len() > 40);
+    let found = ids_in(&r2, &ids);
+    assert!(
+        found.is_empty(),
+        "source ids in the restored store:\n{}",
+        found.join("\n")
+    );
+    assert_eq!(r["new_ids"]["long_targets"], 1, "{r}");
     let m = env.mount(&r2, &mnt2);
     assert_views(&view(&mnt2), &want, "restored with a new DEK");
     m.unmount();
+}
+
+/// Where any of `ids`, raw or as lowercase hex, is in the tree at `dir` (entry names, symlink
+/// targets, file contents): one line per finding.
+fn ids_in(dir: &Path, ids: &[[u8; 16]]) -> Vec<String> {
+    let hexes: Vec<String> = ids.iter().map(hex::encode).collect();
+    // The needles of each length, and which first two bytes they have (a cheap filter before
+    // the set: the test binary is not optimized, and a tree holds megabytes).
+    /// Needle length, the needles, and the first-two-bytes filter.
+    type Needles<'a> = (usize, HashSet<&'a [u8]>, Vec<bool>);
+    let sets: Vec<Needles> = [
+        ids.iter().map(|i| &i[..]).collect::<Vec<_>>(),
+        hexes.iter().map(|h| h.as_bytes()).collect(),
+    ]
+    .into_iter()
+    .map(|needles| {
+        let mut first = vec![false; 1 << 16];
+        for n in &needles {
+            first[usize::from(n[0]) << 8 | usize::from(n[1])] = true;
+        }
+        (needles[0].len(), needles.into_iter().collect(), first)
+    })
+    .collect();
+    let hit = |b: &[u8]| {
+        sets.iter().any(|(len, set, first)| {
+            (0..(b.len() + 1).saturating_sub(*len)).any(|k| {
+                first[usize::from(b[k]) << 8 | usize::from(b[k + 1])]
+                    && set.contains(&b[k..k + len])
+            })
+        })
+    };
+    let mut found = Vec::new();
+    for p in walk(dir) {
+        let md = fs::symlink_metadata(&p).unwrap();
+        let mut check = |what: &str, b: &[u8]| {
+            if hit(b) {
+                found.push(format!("{what} of {}", p.display()));
+            }
+        };
+        check("name", p.file_name().unwrap().as_bytes());
+        if md.file_type().is_symlink() {
+            check("target", fs::read_link(&p).unwrap().as_os_str().as_bytes());
+        } else if md.is_file() {
+            check("contents", &fs::read(&p).unwrap());
+        }
+    }
+    found
+}
+
+/// Every 16-byte id of a backing store: its volume id, each file's id (header bytes 8..24),
+/// each directory's id, each long target's side-file name.
+fn source_ids(cipher: &Path) -> Vec<[u8; 16]> {
+    let h: serde_json::Value =
+        serde_json::from_slice(&fs::read(cipher.join(HEADER_NAME)).unwrap()).unwrap();
+    let mut out = vec![hex::decode(h["volume_id"].as_str().unwrap())
+        .unwrap()
+        .try_into()
+        .unwrap()];
+    for p in data_files(cipher) {
+        let b = fs::read(&p).unwrap();
+        if b.len() >= FILE_HEADER_LEN as usize {
+            out.push(b[8..24].try_into().unwrap());
+        }
+    }
+    for p in walk(cipher) {
+        let name = p.file_name().unwrap().to_string_lossy().into_owned();
+        if name == ".cmkfs.dirid" {
+            out.push(fs::read(&p).unwrap().try_into().unwrap());
+        } else if let Some(x) = name.strip_prefix(".cmkfs.target.") {
+            out.push(hex::decode(x).unwrap().try_into().unwrap());
+        }
+    }
+    out
 }
 
 /// Offsets in a tar file: (header offset, type flag, data offset, data length) per block
@@ -694,6 +808,47 @@ fn tampered_truncated_or_foreign_archives_and_a_disabled_backup_key_are_refused_
     ]);
     out.assert_clear_error();
     assert!(out.stderr.contains("not empty"), "{out}");
+}
+
+/// A KEK revoked while a backup runs: the archive (a new copy of the DEK under the backup
+/// key, made after the revocation) is removed and the backup fails with the reason.
+#[test]
+fn a_backup_whose_volume_key_is_disabled_before_it_ends_removes_its_archive() {
+    let env = Env::new();
+    setup(&env);
+    let archive = env.root.join("late.tar");
+    let gate = env.root.join("gate");
+    let mut cmd = env.command(&[
+        "backup".as_ref(),
+        env.cipher.as_os_str(),
+        archive.as_os_str(),
+        "--key".as_ref(),
+        "bkey".as_ref(),
+    ]);
+    cmd.env("CMKFS_TEST_BACKUP_PAUSE", &gate)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let child = cmd.spawn().unwrap();
+    let reached = env.root.join("gate.reached");
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !reached.exists() {
+        assert!(
+            std::time::Instant::now() < end,
+            "the backup never reached its end"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    env.cmkfs(&["vault", "key", "disable", "default"])
+        .assert_ok();
+    fs::write(&gate, b"").unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("revoked or disabled"), "{stderr}");
+    assert!(
+        !archive.exists(),
+        "the archive made after the revocation is still there"
+    );
 }
 
 #[test]

@@ -433,3 +433,106 @@ fn a_restore_killed_midway_leaves_its_temp_dir_which_fsck_reports_and_a_rerun_re
     assert!(busy.exists() && !target2.exists());
     drop(held);
 }
+
+/// Writes `bytes` at `off` of the file at `p` (through a mount).
+fn pwrite(p: &Path, off: u64, bytes: &[u8]) {
+    use std::os::unix::fs::FileExt;
+    let f = fs::OpenOptions::new().write(true).open(p).unwrap();
+    f.write_all_at(bytes, off).unwrap();
+}
+
+#[test]
+fn a_changed_file_is_stored_as_its_changed_chunks_and_a_chain_of_three_rebuilds_it() {
+    let env = Env::new();
+    setup(&env);
+    let mut rng = StdRng::seed_from_u64(seed("backup deltas"));
+    let mnt = env.mnt.clone();
+    let m = env.mount(&env.cipher, &mnt);
+    fs::write(mnt.join("big"), random_bytes(&mut rng, 64 << 20)).unwrap();
+    // Sparse: data in its second MiB only.
+    let sp = fs::File::create(mnt.join("sparse")).unwrap();
+    sp.set_len(8 << 20).unwrap();
+    drop(sp);
+    pwrite(
+        &mnt.join("sparse"),
+        1 << 20,
+        &random_bytes(&mut rng, 1 << 20),
+    );
+    fs::write(mnt.join("doc"), random_bytes(&mut rng, 1 << 20)).unwrap();
+    m.unmount();
+    let full = env.root.join("full.tar");
+    backup(&env, &full, None);
+
+    // Three sectors of the 64 MiB file, far apart.
+    let m = env.mount(&env.cipher, &mnt);
+    for off in [5 << 20, (30 << 20) + 3 * 4096 + 7, (64 << 20) - 100] {
+        pwrite(&mnt.join("big"), off, b"three changed sectors");
+    }
+    m.unmount();
+    let inc1 = env.root.join("inc1.tar");
+    let i1 = backup(&env, &inc1, Some(&full));
+    let len1 = fs::metadata(&inc1).unwrap().len();
+    assert!(len1 < 1 << 20, "incremental of {len1} bytes: {i1}");
+    assert_eq!(i1["stored"]["deltas"], 1, "{i1}");
+
+    // Shrunk to a tail of 5 bytes mid-chunk, grown by a hole and data past the old end,
+    // a hole punched in the middle of the data.
+    let m = env.mount(&env.cipher, &mnt);
+    // An editor's save: the old file renamed to a backup name (a reference to the base's
+    // file) and a changed copy written under the name: a new file, with a new file id, so
+    // all of its ciphertext differs and it is stored whole.
+    let doc = fs::read(mnt.join("doc")).unwrap();
+    fs::rename(mnt.join("doc"), mnt.join("doc~")).unwrap();
+    let mut doc2 = doc.clone();
+    doc2[300_000] ^= 0xff;
+    fs::write(mnt.join("doc"), &doc2).unwrap();
+    let big = fs::OpenOptions::new()
+        .write(true)
+        .open(mnt.join("big"))
+        .unwrap();
+    big.set_len((40 << 20) + 5).unwrap();
+    drop(big);
+    pwrite(&mnt.join("big"), 10 << 20, b"x");
+    pwrite(
+        &mnt.join("sparse"),
+        11 << 20,
+        b"grown past its end, after a hole",
+    );
+    let c =
+        std::ffi::CString::new(mnt.join("sparse").as_os_str().as_encoded_bytes().to_vec()).unwrap();
+    // SAFETY: a valid path; plain system calls.
+    unsafe {
+        let fd = libc::open(c.as_ptr(), libc::O_WRONLY);
+        assert!(fd >= 0);
+        let r = libc::fallocate(
+            fd,
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            (1 << 20) + (256 << 10),
+            128 << 10,
+        );
+        assert_eq!(r, 0, "punch: {}", std::io::Error::last_os_error());
+        libc::close(fd);
+    }
+    m.unmount();
+    let inc2 = env.root.join("inc2.tar");
+    let i2 = backup(&env, &inc2, Some(&inc1));
+    assert_eq!(i2["stored"]["deltas"], 2, "{i2}");
+    let len2 = fs::metadata(&inc2).unwrap().len();
+    // The 1 MiB of the new doc, and the chunks of the two deltas.
+    assert!(len2 < 2 << 20, "incremental of {len2} bytes: {i2}");
+
+    // The same backing bytes under the same DEK: the same plaintext (the other chain test
+    // mounts its restore).
+    let r = env.root.join("r");
+    restore(&env, &[&full, &inc1, &inc2], &r, &[]).assert_ok();
+    assert_eq!(
+        bytes_and_metadata(&r),
+        bytes_and_metadata(&env.cipher),
+        "chain of three"
+    );
+    let (src, got) = (sparse_blocks(&env.cipher), sparse_blocks(&r));
+    assert!(
+        got <= src + 64,
+        "holes filled: {got} blocks, the source has {src}"
+    );
+}

@@ -28,6 +28,7 @@ mod posix_ext4;
 mod private_logs;
 mod reencrypt;
 mod reencrypt_online;
+mod reencrypt_safety;
 mod revocation;
 mod security;
 mod tails;

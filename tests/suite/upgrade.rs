@@ -783,9 +783,22 @@ fn upgrade_refuses_a_mounted_volume_a_non_volume_and_a_damaged_journal() {
     let (code, r) = fsck(&env);
     assert_eq!(code, 2);
     assert!(
-        problems(&r).iter().any(|(k, _)| k == "upgrade_interrupted"),
+        problems(&r)
+            .iter()
+            .any(|(k, _)| k == "upgrade_journal_unusable"),
         "{r:#}"
     );
+    // `fsck --repair` sets the journal aside (kept in the quarantine), and the volume mounts.
+    let out = env.cmkfs(&[
+        OsStr::new("fsck"),
+        env.cipher.as_os_str(),
+        OsStr::new("--repair"),
+    ]);
+    assert!(out.status.code().is_some_and(|c| c <= 1), "{out}");
+    assert!(!env.cipher.join(JOURNAL_FILE).exists());
+    let (code, r) = fsck(&env);
+    assert_eq!(code, 0, "{r:#}");
+    env.mount(&env.cipher, &env.mnt).unmount();
 }
 
 #[test]

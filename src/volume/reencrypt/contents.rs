@@ -356,6 +356,10 @@ fn run_batch(
             from: p.from,
             to: p.to,
             last: p.last,
+            times: match p.times {
+                [Some(Some(a)), Some(Some(m))] => Some([a, m]),
+                _ => None,
+            },
             // One journal run per stretch of units that is written: a mark must come from
             // bytes the batch changes, and a sector can begin with the end of an all-zero
             // unit that is left as it is (its first 8 bytes would then match whether the
@@ -738,6 +742,11 @@ pub(super) fn recover(s: &mut Session<'_>, j: &Journal) -> Result<u64, Reencrypt
         f.write_all_at(&nh.encode(), 0)
             .map_err(ReencryptError::os)?;
         of.shared().content.set_cached_header(Some(nh));
+        // The batch's writes moved the times (a crash kept it from setting them back).
+        if let Some([a, m]) = item.times {
+            sys::utimens_fd(std::os::fd::AsFd::as_fd(f), &[Some(Some(a)), Some(Some(m))])
+                .map_err(ReencryptError::os)?;
+        }
         n += 1;
         s.hooks.step(Step::RangeRestored)?;
     }

@@ -121,6 +121,11 @@ pub struct Item {
     /// The runs inside `[from, to)`, in order; the units between them were holes or all
     /// zeros and are not written.
     pub runs: Vec<Run>,
+    /// The file's access and modification times before the batch, (seconds, nanoseconds):
+    /// the batch's writes move them, and a recovery that finishes the batch sets them back
+    /// (under the journal's MAC like the rest). Absent in journals of earlier versions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub times: Option<[(i64, u32); 2]>,
 }
 
 /// The journal.
@@ -325,6 +330,7 @@ impl Journal {
                             from: i.from,
                             to: i.to,
                             last: i.last,
+                            times: None,
                         })
                         .collect(),
                     mac: old.mac,
@@ -454,6 +460,7 @@ mod tests {
                 to: 4,
                 marks: B64.encode([1; 8]),
             }],
+            times: Some([(1_577_836_800, 5), (1_577_836_800, 7)]),
         });
         j.write(root.as_fd(), &dek).unwrap();
         let back = Journal::read(root.as_fd(), &dek, "ab", 3).unwrap().unwrap();

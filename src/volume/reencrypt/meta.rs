@@ -116,10 +116,18 @@ pub(super) fn run(
             let mut sub_path = path.clone();
             sub_path.push(bname.clone());
             match st.st_mode & libc::S_IFMT {
-                libc::S_IFDIR => {
-                    let sub = s.vol.open_dir(&dir, &bname, Some(st.st_ino))?;
-                    stack.push((Arc::new(sub), sub_path));
-                }
+                libc::S_IFDIR => match s.vol.open_dir(&dir, &bname, Some(st.st_ino)) {
+                    Ok(sub) => stack.push((Arc::new(sub), sub_path)),
+                    // Damaged after the run's check (or met by a mount's recovery): the rest
+                    // is converted, and the run stops before the old DEK can go (see
+                    // `Session::run`), so a damaged directory never makes the volume
+                    // unmountable.
+                    Err(e) => {
+                        let at = super::preflight::show(&sub_path);
+                        tracing::warn!(directory = %at, error = %e, "directory skipped by the names phase");
+                        s.damaged.push(format!("{at}: {e}"));
+                    }
+                },
                 libc::S_IFLNK => {
                     let name =
                         convert_symlink(s, &dir, &path, &bname, &st, new, old, counts, &mut links)?;

@@ -22,6 +22,7 @@
 mod contents;
 pub mod journal;
 mod meta;
+mod preflight;
 
 use std::io;
 use std::sync::Arc;
@@ -32,6 +33,7 @@ use serde::{Deserialize, Serialize};
 pub use journal::JOURNAL_FILE;
 use journal::{Journal, Phase};
 pub use meta::{DirIds, ReplacedSymlink};
+pub use preflight::quarantine_entries;
 
 use super::header::{PlatformEnvelope, VolumeHeader};
 use super::{Closed, OpenFile, Volume, VolumeError};
@@ -214,6 +216,14 @@ pub struct Report {
     /// old DEK was erased).
     #[serde(default)]
     pub missed: u64,
+    /// Entries of `cmkfs.quarantine/` deleted on request (`--discard-quarantine`).
+    #[serde(default)]
+    pub quarantine_discarded: u64,
+    /// Directories the names phase could not enter (backing path and why); while there are
+    /// any the run stops before its contents phase and the old DEK is kept. A mount's
+    /// recovery serves the volume with them left as they are.
+    #[serde(default)]
+    pub damaged: Vec<String>,
     /// Seconds taken.
     pub seconds: f64,
 }
@@ -235,6 +245,10 @@ pub struct Session<'a> {
     progress: Progress,
     /// Online: step 3 ended on a walk it took for complete (see [`Report::missed`]).
     walks_complete: bool,
+    /// Delete `cmkfs.quarantine/` rather than refuse (see `preflight`).
+    discard_quarantine: bool,
+    /// Directories the names phase could not enter (see [`Report::damaged`]).
+    damaged: Vec<String>,
 }
 
 impl<'a> Session<'a> {
@@ -258,7 +272,17 @@ impl<'a> Session<'a> {
             journal_dek: None,
             progress: Progress::default(),
             walks_complete: false,
+            discard_quarantine: false,
+            damaged: Vec::new(),
         }
+    }
+
+    /// Whether `cmkfs.quarantine/` is deleted (`true`) or makes the run refuse (`false`, the
+    /// default): its entries cannot be sealed again under the new DEK, and erasing the old
+    /// one would make them unreadable for good.
+    pub fn discard_quarantine(mut self, discard: bool) -> Session<'a> {
+        self.discard_quarantine = discard;
+        self
     }
 
     fn journal_key(&self) -> Result<&Dek, ReencryptError> {
@@ -291,6 +315,10 @@ impl<'a> Session<'a> {
         let mut report = Report::default();
         let mut header = self.access.current_header();
         let vol = self.vol;
+        if header.retiring.is_none() {
+            preflight::check_dirs(vol, true)?;
+        }
+        report.quarantine_discarded += preflight::check_quarantine(&self)?;
         let deks = match header.retiring {
             None => {
                 // From the new keys to the end of the names phase no request runs: a mount
@@ -311,6 +339,17 @@ impl<'a> Session<'a> {
                 d
             }
         };
+        if !self.damaged.is_empty() {
+            return Err(ReencryptError::Refused(format!(
+                "the names phase could not enter {} director{} ({}): the old DEK is kept and \
+                 the volume mounts meanwhile; run `cmkfs fsck` on the volume (put a \
+                 directory's `.cmkfs.dirid` back from a backup, or `cmkfs fsck --repair`), \
+                 then the re-encryption again",
+                self.damaged.len(),
+                if self.damaged.len() == 1 { "y" } else { "ies" },
+                self.damaged.join("; ")
+            )));
+        }
         self.contents(&mut report)?;
         self.finish(&deks, &mut report)?;
         report.key_generation = header.key_generation;
@@ -332,6 +371,14 @@ impl<'a> Session<'a> {
         self.journal_dek = Some(copy_dek(&deks.outer)?);
         report.resumed = true;
         self.resume(&header, &mut report, None)?;
+        if !self.damaged.is_empty() {
+            tracing::warn!(
+                directories = %self.damaged.join("; "),
+                "the interrupted names phase could not enter these directories: they are \
+                 left as they are (run `cmkfs fsck`); the rest of the volume is served"
+            );
+            report.damaged = std::mem::take(&mut self.damaged);
+        }
         Ok(report)
     }
 
@@ -433,6 +480,11 @@ impl<'a> Session<'a> {
             report.symlink_targets += counts.targets;
             report.xattrs += counts.xattrs;
             contents::syncfs(&root)?;
+            if !self.damaged.is_empty() {
+                // The journal stays at *names*: the next run enters those directories again
+                // once they are repaired, and the old DEK is kept meanwhile.
+                return Ok(());
+            }
             Journal::new(&header.volume_id, header.key_generation, Phase::Contents)
                 .write(root.fd(), self.journal_key()?)
                 .map_err(ReencryptError::os)?;
@@ -489,6 +541,13 @@ impl<'a> Session<'a> {
         let vol = self.vol;
         {
             let _closed = vol.gates().close();
+            // Nothing under the old DEK may be left once it is erased: the quarantine (which
+            // `fsck --repair` may have filled since the run began), and offline, where the
+            // walks skip a directory they cannot open with a warning, every directory.
+            report.quarantine_discarded += preflight::check_quarantine(self)?;
+            if self.online.is_none() {
+                preflight::check_dirs(vol, false)?;
+            }
             if let Some(o) = self.online {
                 let files = contents::walk(&root, vol, true)?;
                 let (n, bytes) = contents::convert(self, files, false)?;

@@ -1,0 +1,63 @@
+//! The volume's own files at the backing root whose bad copy makes every command refuse the
+//! volume: the lock file and the journal of an interrupted upgrade. Whoever can write the
+//! backing directory can plant either, so fsck names them and `--repair` sets them aside.
+
+use std::os::unix::fs::FileTypeExt;
+
+use super::*;
+use crate::volume::lock::LOCK_FILE;
+use crate::volume::upgrade::UpgradeError;
+
+impl Checker {
+    /// Reports (and with `--repair` moves to the quarantine) a `cmkfs.lock` that is not a
+    /// regular file. Runs before the repair takes the volume lock, which such a file refuses;
+    /// no mount can hold a lock through it, so nothing is in flight.
+    pub(super) fn check_lock_file(&mut self) {
+        let path = self.root.join(LOCK_FILE);
+        let Ok(meta) = fs::symlink_metadata(&path) else {
+            return;
+        };
+        let t = meta.file_type();
+        let what = if t.is_file() {
+            return;
+        } else if t.is_symlink() {
+            "a symlink"
+        } else if t.is_dir() {
+            "a directory"
+        } else if t.is_fifo() {
+            "a FIFO"
+        } else if t.is_socket() {
+            "a socket"
+        } else {
+            "a device node"
+        };
+        self.problem(
+            ProblemKind::LockFileInvalid,
+            &path,
+            None,
+            None,
+            format!(
+                "the volume lock file is {what}, not a regular file: mounts and every command \
+                 refuse the volume while it is there; `cmkfs fsck --repair` moves it to the \
+                 quarantine (cmkfs creates a new one)"
+            ),
+            Fix::Quarantine,
+            None,
+        );
+    }
+
+    /// Why the upgrade journal at the root cannot be used (damaged, not whole, or another
+    /// volume's), or `None` when it can (or the header cannot be read: reported elsewhere).
+    pub(super) fn unusable_upgrade_journal(&self) -> Option<String> {
+        let header = VolumeHeader::read(&self.root).ok()?;
+        match upgrade::pending_journal(&self.root, &header) {
+            Ok(_) => None,
+            Err(UpgradeError::Journal { why, .. }) => Some(format!(
+                "the journal of an interrupted upgrade cannot be used: {why}"
+            )),
+            Err(e) => Some(format!(
+                "the journal of an interrupted upgrade cannot be read: {e}"
+            )),
+        }
+    }
+}

@@ -1,0 +1,176 @@
+//! Checks a re-encryption makes before it changes anything, and again before it erases the
+//! old DEK (docs/FORMAT.md, "Re-encryption"): the rule is that no DEK is erased while
+//! anything encrypted under it is left.
+//!
+//! - **Directories.** Every directory the walks reach must open (its `.cmkfs.dirid` readable)
+//!   and list: a directory the names phase cannot enter would keep its names under the old
+//!   key. Checked before the header switches, so a damaged tree is refused with nothing
+//!   written (`cmkfs fsck` names the damage; restoring the id from a backup, or `fsck
+//!   --repair`, fixes it).
+//! - **Quarantine.** What `cmkfs fsck --repair` set aside in `cmkfs.quarantine/` keeps the
+//!   backing names of its original directory, whose id is lost or unknown there, so it cannot
+//!   be sealed again; erasing the old DEK would make it unreadable for good (while a leaked
+//!   copy of that DEK still reads it). A re-encryption refuses while the quarantine holds
+//!   anything, unless told to discard it ([`Session::discard_quarantine`]), which deletes it.
+
+use std::ffi::OsString;
+use std::fs;
+use std::io;
+use std::path::Path;
+use std::sync::Arc;
+
+use super::{ReencryptError, Session};
+use crate::fsck::{MANIFEST_FILE, QUARANTINE_DIR, XATTRS_FILE};
+use crate::volume::names::{self, EntryKind};
+use crate::volume::{sys, Dir, Volume};
+
+/// Most bytes read of a quarantine manifest (to count its items).
+const MAX_MANIFEST: usize = 64 << 20;
+
+/// Every directory of the tree opens and lists; otherwise a one-line refusal naming the first
+/// that does not (by its backing path) and what to do.
+pub(super) fn check_dirs(vol: &Volume, before_start: bool) -> Result<(), ReencryptError> {
+    let mut stack: Vec<(Arc<Dir>, Vec<OsString>)> = vec![(vol.root_dir().clone(), Vec::new())];
+    while let Some((dir, path)) = stack.pop() {
+        let ents = match super::contents::list_keeping_atime(&dir) {
+            Ok(e) => e,
+            // Removed meanwhile (online, a mount's rmdir): nothing of it is left to convert.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
+            Err(e) => return Err(damaged(&path, &e, before_start)),
+        };
+        for ent in ents {
+            if names::classify(&ent.name) == EntryKind::Hidden {
+                continue;
+            }
+            let Ok(st) = sys::stat_at(dir.fd(), &ent.name) else {
+                continue;
+            };
+            if st.st_mode & libc::S_IFMT != libc::S_IFDIR {
+                continue;
+            }
+            let mut p = path.clone();
+            p.push(ent.name.clone());
+            match vol.open_dir(&dir, &ent.name, Some(st.st_ino)) {
+                Ok(d) => stack.push((Arc::new(d), p)),
+                // Online a rename or rmdir may have moved it meanwhile: where it went, the
+                // walks (and the final check) meet it.
+                Err(_)
+                    if !sys::stat_at(dir.fd(), &ent.name)
+                        .is_ok_and(|now| now.st_ino == st.st_ino) => {}
+                Err(e) => return Err(damaged(&p, &e, before_start)),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A backing path for messages.
+pub(super) fn show(path: &[OsString]) -> String {
+    if path.is_empty() {
+        return "/".into();
+    }
+    path.iter()
+        .map(|c| c.to_string_lossy())
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
+fn damaged(path: &[OsString], e: &dyn std::fmt::Display, before_start: bool) -> ReencryptError {
+    let then = if before_start {
+        "nothing was changed"
+    } else {
+        "the old DEK is kept and the volume mounts meanwhile"
+    };
+    ReencryptError::Refused(format!(
+        "backing directory {} cannot be read ({e}): {then}; run `cmkfs fsck` on the volume \
+         (put the directory's `.cmkfs.dirid` back from a backup, or `cmkfs fsck --repair`), \
+         then the re-encryption again",
+        show(path)
+    ))
+}
+
+/// Entries in the quarantine: the items of each batch's manifest and its set-aside extended
+/// attributes (a batch without a readable manifest counts its entries).
+pub fn quarantine_entries(root: &Path) -> io::Result<u64> {
+    let q = root.join(QUARANTINE_DIR);
+    let md = match fs::symlink_metadata(&q) {
+        Ok(md) => md,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(e),
+    };
+    if !md.is_dir() {
+        return Ok(1);
+    }
+    let mut n = 0u64;
+    for batch in fs::read_dir(&q)? {
+        let batch = batch?;
+        if !batch.file_type()?.is_dir() {
+            n += 1;
+            continue;
+        }
+        let b = batch.path();
+        let items = |name: &str| -> Option<u64> {
+            let bytes = sys::read_bounded(&b.join(name), MAX_MANIFEST).ok()?;
+            let v: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+            let list = match name {
+                MANIFEST_FILE => v.get("items")?,
+                _ => &v,
+            };
+            Some(list.as_array()?.len() as u64)
+        };
+        match items(MANIFEST_FILE) {
+            Some(k) => n += k + items(XATTRS_FILE).unwrap_or(0),
+            None => {
+                for e in fs::read_dir(&b)? {
+                    let e = e?;
+                    if e.file_name() != MANIFEST_FILE {
+                        n += 1;
+                    }
+                }
+            }
+        }
+    }
+    Ok(n)
+}
+
+/// The quarantine check: with nothing in it, nothing to do; told to discard it, it is
+/// deleted (returns how many entries went); otherwise a one-line refusal.
+pub(super) fn check_quarantine(s: &Session<'_>) -> Result<u64, ReencryptError> {
+    let root = s.vol.root();
+    let n = quarantine_entries(root).map_err(|e| {
+        ReencryptError::Refused(format!(
+            "{QUARANTINE_DIR}/ cannot be read ({e}); nothing was changed"
+        ))
+    })?;
+    if n == 0 {
+        return Ok(0);
+    }
+    if !s.discard_quarantine {
+        return Err(ReencryptError::Refused(format!(
+            "{QUARANTINE_DIR}/ holds {n} entries set aside by `cmkfs fsck --repair`, under the \
+             current DEK, which re-encryption would make unreadable for good (their names \
+             cannot be sealed again): they are listed in {}/{QUARANTINE_DIR}/*/{MANIFEST_FILE}; \
+             move one back to its backing path to make it visible again (then `cmkfs fsck`), \
+             or add --discard-quarantine to delete them; nothing was changed",
+            root.display()
+        )));
+    }
+    let q = root.join(QUARANTINE_DIR);
+    // Does not follow symlinks: a link planted there is removed, not its target.
+    let r = match fs::symlink_metadata(&q) {
+        Ok(md) if md.is_dir() => fs::remove_dir_all(&q),
+        Ok(_) => fs::remove_file(&q),
+        Err(e) => Err(e),
+    };
+    r.and_then(|()| crate::fsutil::sync_dir(root))
+        .map_err(|e| {
+            ReencryptError::Refused(format!(
+                "{QUARANTINE_DIR}/ could not be deleted ({e}); the old DEK is kept"
+            ))
+        })?;
+    tracing::warn!(
+        entries = n,
+        "the quarantine was discarded before the re-encryption (--discard-quarantine)"
+    );
+    Ok(n)
+}
