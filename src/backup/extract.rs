@@ -15,7 +15,8 @@ use std::sync::Arc;
 use super::archive::{self, Parsed, KEY_MEMBER, MANIFEST_MEMBER};
 use super::chain::{read_small, Link};
 use super::delta;
-use super::manifest::{self, Kind, Manifest, Member};
+use super::manifest::{self, Kind, Member};
+use super::screen::Screen;
 use super::BackupError;
 use crate::volume::sys::{self, XTarget};
 
@@ -39,6 +40,8 @@ pub(super) struct Tree {
     last: Option<(String, OwnedFd)>,
     root_user: bool,
     pub(super) owners_skipped: u64,
+    /// Recreate device nodes (`--allow-devices`); refused otherwise ([`Screen`]).
+    pub(super) allow_devices: bool,
 }
 
 fn split(path: &str) -> (&str, &OsStr) {
@@ -56,6 +59,7 @@ impl Tree {
             // SAFETY: geteuid has no preconditions.
             root_user: unsafe { libc::geteuid() } == 0,
             owners_skipped: 0,
+            allow_devices: false,
         })
     }
 
@@ -283,7 +287,8 @@ pub(super) fn apply(
             *uses.entry(f).or_default() += 1;
         }
     }
-    let mut blocks = Allocation::new(man);
+    let mut blocks = Allocation::default();
+    let mut screen = Screen::new(tree.allow_devices);
     for want in &man.members {
         let (m, digest, data) = match &want.from {
             None => {
@@ -302,16 +307,30 @@ pub(super) fn apply(
                         m.path, want.path
                     )));
                 }
+                screen.record(&m)?;
                 blocks.admit(&m, want)?;
                 if let Some(delta) = &want.delta {
                     let r = rebuild(
-                        tree, prev, want, delta, &m, &mut e, &mut moved, &uses, version,
+                        tree,
+                        prev,
+                        want,
+                        delta,
+                        &m,
+                        &mut e,
+                        &mut moved,
+                        &uses,
+                        version,
+                        &mut screen,
                     )
                     .map_err(|e| crafted(&m.path, e))?;
                     files.insert(r.0.path.clone());
                     r
                 } else {
-                    let (d, data) = extract(tree, &m, &mut e, &mut files, &mut dirs, version)
+                    // A delta member's stream does not start with the file header; a whole
+                    // file's does, checked before the file exists.
+                    let head = screen.header(&m, &mut e)?;
+                    let mut data = io::Cursor::new(head).chain(&mut e);
+                    let (d, data) = extract(tree, &m, &mut data, &mut files, &mut dirs, version)
                         .map_err(|e| crafted(&m.path, e))?;
                     (*m, d, data)
                 }
@@ -350,6 +369,8 @@ pub(super) fn apply(
                 } else {
                     None
                 };
+                screen.record(&m)?;
+                screen.reference(&m, from)?;
                 let d = manifest::Digester::with_data(&m, data.as_deref())?;
                 if d != want.sha256 || data != want.data_sha256 {
                     return Err(corrupt(format!(
@@ -413,23 +434,23 @@ fn crafted(path: &str, e: BackupError) -> BackupError {
 
 /// The disk blocks a restore may allocate for the stored files of an archive, checked
 /// before a byte of a member is written: a stored file's size and data extents must be those
-/// the manifest recorded (its change key), and all files together may not touch more 4 KiB
-/// blocks than the manifest's data bytes need (plus a partial block at each end of a
-/// file). A crafted sparse map of many tiny extents would otherwise allocate a block for
-/// each byte.
+/// the manifest recorded (its change key), and the 4 KiB blocks all stored files so far touch
+/// may not exceed the data bytes they store in the archive (their maps' lengths, which must
+/// be there to be read) plus two blocks per file (a partial block at each end). Nothing the
+/// archive merely states (the manifest's `totals.bytes`) enters the bound: a crafted sparse
+/// map of many tiny extents would otherwise allocate a block for each byte.
+#[derive(Default)]
 struct Allocation {
-    left: u64,
+    /// Data bytes of the stored files admitted so far.
+    stored: u64,
+    /// Bytes of the 4 KiB blocks their extents touch.
+    touched: u64,
+    /// Stored files admitted so far.
+    files: u64,
 }
 
 impl Allocation {
     const BLOCK: u64 = 4096;
-
-    fn new(man: &Manifest) -> Allocation {
-        let slack = 2 * Self::BLOCK * (man.totals.files + 1);
-        Allocation {
-            left: man.totals.bytes.saturating_add(slack),
-        }
-    }
 
     fn admit(&mut self, m: &Member, want: &manifest::Entry) -> Result<(), BackupError> {
         if m.kind != Kind::File {
@@ -449,13 +470,17 @@ impl Allocation {
             let end = off.saturating_add(len).div_ceil(Self::BLOCK);
             acc.saturating_add((end - first).saturating_mul(Self::BLOCK))
         });
-        self.left = self.left.checked_sub(touched).ok_or_else(|| {
-            BackupError::Corrupt(format!(
-                "member {:?}: its sparse map needs more disk blocks than the manifest's data \
-                 bytes",
-                m.path
-            ))
-        })?;
+        self.stored = self.stored.saturating_add(m.data_len());
+        self.touched = self.touched.saturating_add(touched);
+        self.files += 1;
+        let allowed = self.stored.saturating_add(2 * Self::BLOCK * self.files);
+        if self.touched > allowed {
+            return Err(BackupError::Corrupt(format!(
+                "member {:?}: its sparse map needs more disk blocks than the data the archive \
+                 stores ({} bytes of blocks for {} data bytes in {} files)",
+                m.path, self.touched, self.stored, self.files
+            )));
+        }
         Ok(())
     }
 }
@@ -475,6 +500,7 @@ fn rebuild(
     moved: &mut HashMap<String, String>,
     uses: &HashMap<&str, usize>,
     version: u32,
+    screen: &mut Screen,
 ) -> Result<(Member, String, Option<String>), BackupError> {
     let p = &want.path;
     let corrupt = |m: String| BackupError::Corrupt(m);
@@ -507,6 +533,8 @@ fn rebuild(
             dl.from
         )));
     }
+    screen.record(record)?;
+    screen.reference(record, &dl.from)?;
     let base_as = Member {
         path: record.path.clone(),
         ..pm.clone()
@@ -528,6 +556,13 @@ fn rebuild(
         )));
     }
     let data = delta::verify(&f, record, p)?;
+    // A chunk may have rewritten offset 0: the rebuilt file must still start with a header.
+    if record.size > 0 {
+        let mut h = vec![0u8; crate::volume::content::FILE_HEADER_LEN.min(record.size as usize)];
+        f.read_exact_at(&mut h, 0)
+            .map_err(|e| BackupError::io(p, e))?;
+        screen.header(record, &mut &h[..])?;
+    }
     set_meta(tree, &f, record)?;
     let d = manifest::Digester::with_data(record, Some(&data))?;
     Ok((record.clone(), d, Some(data)))

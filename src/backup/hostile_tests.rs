@@ -37,6 +37,11 @@ struct Raw {
     rec: Option<Member>,
     /// The change key the manifest lists.
     change: Option<ChangeKey>,
+    /// Permission bits (tar header) and owner (pax `uid`).
+    mode: u32,
+    uid: u64,
+    /// Device number of a device node.
+    rdev: Option<(u32, u32)>,
 }
 
 fn raw(name: &str, kind: tar::EntryType) -> Raw {
@@ -53,7 +58,20 @@ fn raw(name: &str, kind: tar::EntryType) -> Raw {
         pax: Vec::new(),
         rec: None,
         change: None,
+        mode: 0o700,
+        uid: 0,
+        rdev: None,
     }
+}
+
+/// A data file's bytes: a valid cmkfs file header, then `tail`.
+fn ct(tail: &[u8]) -> Vec<u8> {
+    let mut b = crate::volume::layout::FileHeader::generate(0)
+        .unwrap()
+        .encode()
+        .to_vec();
+    b.extend_from_slice(tail);
+    b
 }
 
 fn record(path: &str, kind: Kind, target: Option<&str>, data: &[u8]) -> Member {
@@ -79,6 +97,18 @@ fn record(path: &str, kind: Kind, target: Option<&str>, data: &[u8]) -> Member {
 
 /// Writes an archive of `members` with a valid key envelope, manifest and MAC under `dek`.
 fn craft(dir: &Path, members: &[Raw], dek: &Dek, stored: bool) -> std::path::PathBuf {
+    craft_with(dir, members, dek, stored, 0)
+}
+
+/// [`craft`], with `more_bytes` added to the manifest's `totals.bytes` (a claim the archive
+/// makes of itself).
+fn craft_with(
+    dir: &Path,
+    members: &[Raw],
+    dek: &Dek,
+    stored: bool,
+    more_bytes: u64,
+) -> std::path::PathBuf {
     let env = KeyEnvelope {
         format: manifest::FORMAT.into(),
         version: VERSION,
@@ -103,11 +133,12 @@ fn craft(dir: &Path, members: &[Raw], dek: &Dek, stored: bool) -> std::path::Pat
     let mut entries = Vec::new();
     let mut totals = Totals::default();
     for m in members {
+        let uid = m.uid.to_string();
         let mut pax: Vec<(&str, &[u8])> = vec![
             ("path", &m.name),
             ("mtime", b"1.000000000"),
             ("atime", b"1.000000000"),
-            ("uid", b"0"),
+            ("uid", uid.as_bytes()),
             ("gid", b"0"),
         ];
         if let Some(l) = &m.link {
@@ -121,7 +152,11 @@ fn craft(dir: &Path, members: &[Raw], dek: &Dek, stored: bool) -> std::path::Pat
             let mut h = tar::Header::new_ustar();
             h.set_path("volume/x").unwrap();
             h.set_entry_type(m.kind);
-            h.set_mode(0o700);
+            h.set_mode(m.mode);
+            if let Some((maj, min)) = m.rdev {
+                h.set_device_major(maj).unwrap();
+                h.set_device_minor(min).unwrap();
+            }
             h.set_size(m.size.unwrap_or(m.data.len() as u64));
             h.set_cksum();
             if m.size.is_some() {
@@ -137,16 +172,23 @@ fn craft(dir: &Path, members: &[Raw], dek: &Dek, stored: bool) -> std::path::Pat
                 tar::EntryType::Directory => Kind::Dir,
                 tar::EntryType::Symlink => Kind::Symlink,
                 tar::EntryType::Link => Kind::Hardlink,
+                tar::EntryType::Fifo => Kind::Fifo,
+                tar::EntryType::Char => Kind::Char,
+                tar::EntryType::Block => Kind::Block,
                 _ => Kind::File,
             };
             let target = m.link.as_ref().map(|l| {
                 let l = String::from_utf8_lossy(l).into_owned();
                 l.strip_prefix("volume/").map(str::to_string).unwrap_or(l)
             });
-            let r = m
-                .rec
-                .clone()
-                .unwrap_or_else(|| record(path, kind, target.as_deref(), &m.data));
+            let r = m.rec.clone().unwrap_or_else(|| {
+                let mut r = record(path, kind, target.as_deref(), &m.data);
+                (r.mode, r.uid, r.rdev) = (m.mode, m.uid, m.rdev);
+                if !matches!(kind, Kind::File) {
+                    (r.size, r.extents) = (0, Vec::new());
+                }
+                r
+            });
             if r.kind == Kind::File {
                 totals.files += 1;
                 totals.bytes += r.data_len();
@@ -188,7 +230,10 @@ fn craft(dir: &Path, members: &[Raw], dek: &Dek, stored: bool) -> std::path::Pat
             des: None,
         },
         key_envelope_sha256: manifest::sha256_hex(&env_bytes),
-        totals,
+        totals: Totals {
+            bytes: totals.bytes + more_bytes,
+            ..totals
+        },
         members: entries,
         base: None,
         stored: stored.then(Stored::default),
@@ -256,7 +301,7 @@ fn a_well_formed_crafted_archive_restores_so_the_refusals_below_are_for_their_re
     let d = sandbox();
     let dek = Dek::generate().unwrap();
     let mut f = raw("volume/f", tar::EntryType::Regular);
-    f.data = b"data".to_vec();
+    f.data = ct(b"data");
     let mut h = raw("volume/h", tar::EntryType::Link);
     h.link = Some(b"volume/f".to_vec());
     let members = vec![
@@ -267,7 +312,7 @@ fn a_well_formed_crafted_archive_restores_so_the_refusals_below_are_for_their_re
     ];
     let a = craft(d.path(), &members, &dek, false);
     try_restore(d.path(), &a, dek).unwrap();
-    assert_eq!(fs::read(d.path().join("work/t/f")).unwrap(), b"data");
+    assert_eq!(&fs::read(d.path().join("work/t/f")).unwrap()[32..], b"data");
 }
 
 #[test]
@@ -304,9 +349,11 @@ fn crafted_archives_that_climb_out_or_name_absolute_paths_are_refused() {
 #[test]
 fn entries_through_a_crafted_symlink_are_refused_and_nothing_lands_where_it_points() {
     for (outside_target, second, kind) in [
-        (true, "volume/l/evil", tar::EntryType::Regular),
-        (true, "volume/l/dir/", tar::EntryType::Directory),
-        (false, "volume/l/evil", tar::EntryType::Symlink),
+        // A name cmkfs never makes: its symlink may point anywhere (it is not a cmkfs
+        // symlink), so what is below it must be stopped by the extraction itself.
+        (true, "volume/q.l/evil", tar::EntryType::Regular),
+        (true, "volume/q.l/dir/", tar::EntryType::Directory),
+        (false, "volume/q.l/evil", tar::EntryType::Symlink),
     ] {
         let d = sandbox();
         let target = if outside_target {
@@ -315,13 +362,13 @@ fn entries_through_a_crafted_symlink_are_refused_and_nothing_lands_where_it_poin
             "../../outside".into()
         };
         let dek = Dek::generate().unwrap();
-        let mut l = raw("volume/l", tar::EntryType::Symlink);
+        let mut l = raw("volume/q.l", tar::EntryType::Symlink);
         l.link = Some(target.into_bytes());
         let mut evil = raw(second, kind);
         if kind == tar::EntryType::Symlink {
             evil.link = Some(b"x".to_vec());
         } else if kind == tar::EntryType::Regular {
-            evil.data = b"evil".to_vec();
+            evil.data = ct(b"evil");
         }
         let members = vec![raw("volume/", tar::EntryType::Directory), l, evil];
         let a = craft(d.path(), &members, &dek, false);
@@ -392,16 +439,17 @@ fn crafted_duplicates_huge_sizes_truncation_and_stray_references_are_refused() {
     }
 }
 
-/// A GNU sparse 1.0 member `volume/<name>` of `n` one-byte extents 4 KiB apart (a few KiB
-/// of archive; a block of disk for each byte once written).
+/// A GNU sparse 1.0 member `volume/<name>` of a file header and `n - 1` one-byte extents
+/// 4 KiB apart (a few KiB of archive; a block of disk for each byte once written).
 fn many_extents(name: &str, n: u64) -> Raw {
-    let mut map = format!("{n}\n");
-    for k in 0..n {
+    let mut map = format!("{n}\n0\n32\n");
+    for k in 1..n {
         map.push_str(&format!("{}\n1\n", k * 4096));
     }
     let mut data = map.into_bytes();
     data.resize(data.len().div_ceil(512) * 512, 0);
-    data.extend(std::iter::repeat_n(b'A', n as usize));
+    data.extend(ct(b""));
+    data.extend(std::iter::repeat_n(b'A', n as usize - 1));
     let mut m = raw(&format!("volume/{name}"), tar::EntryType::Regular);
     m.pax = vec![
         ("GNU.sparse.major", b"1".to_vec()),
@@ -429,19 +477,19 @@ fn a_crafted_sparse_map_of_many_tiny_extents_is_refused_before_a_block_is_writte
     m.rec = Some(rec.clone());
     refused(vec![m], "not the one the manifest recorded");
     // No change key to compare with (a version 1 manifest): the blocks its extents touch
-    // must fit the manifest's data bytes.
+    // must fit the data bytes the archive stores (plus two blocks a file).
     let mut m = many_extents("s", 2000);
     rec.size = 2000 * 4096;
-    rec.extents = (0..2000).map(|k| (k * 4096, 1)).collect();
+    rec.extents = extents_of(2000);
     m.rec = Some(rec);
-    refused(vec![m], "more disk blocks than the manifest's data bytes");
+    refused(vec![m], "more disk blocks than the data the archive stores");
     // A sparse file whose map is the manifest's restores, holes as holes.
     let d = sandbox();
     let dek = Dek::generate().unwrap();
-    let mut m = many_extents("s", 3);
+    let mut m = many_extents("s", 2);
     let mut rec = record("s", Kind::File, None, b"");
-    rec.size = 3 * 4096;
-    rec.extents = vec![(0, 1), (4096, 1), (8192, 1)];
+    rec.size = 2 * 4096;
+    rec.extents = extents_of(2);
     m.change = Some(ChangeKey {
         ino: 1,
         size: rec.size,
@@ -459,7 +507,17 @@ fn a_crafted_sparse_map_of_many_tiny_extents_is_refused_before_a_block_is_writte
     try_restore(d.path(), &a, dek).unwrap();
     let got = fs::read(d.path().join("work/t/s")).unwrap();
     assert_eq!(
-        (got.len(), got[0], got[4096], got[1]),
-        (3 * 4096, b'A', b'A', 0)
+        (got.len(), &got[..4], got[4096], got[32]),
+        (2 * 4096, &b"CMKF"[..], b'A', 0)
     );
 }
+
+/// The extents of [`many_extents`].
+fn extents_of(n: u64) -> Vec<(u64, u64)> {
+    std::iter::once((0, 32))
+        .chain((1..n).map(|k| (k * 4096, 1)))
+        .collect()
+}
+
+#[path = "screen_tests.rs"]
+mod screen_tests;

@@ -25,6 +25,7 @@ pub mod leftovers;
 pub mod manifest;
 mod renumber;
 pub mod restore;
+mod screen;
 
 use std::io;
 use std::path::PathBuf;

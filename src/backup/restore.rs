@@ -65,6 +65,9 @@ pub struct RestoreRequest<'a> {
     /// re-encrypted: see `volume::reencrypt`); without it, an archive whose quarantine holds
     /// anything is refused.
     pub discard_quarantine: bool,
+    /// Recreate the archive's device nodes; without it an archive holding one is refused
+    /// (docs/FORMAT.md, restore step 4).
+    pub allow_devices: bool,
     /// How to reach the backup key's vault.
     pub open_vault: OpenVault<'a>,
 }
@@ -219,6 +222,7 @@ pub fn restore(
             let lock =
                 VolumeLock::exclusive(&tmp).map_err(|e| BackupError::Refused(e.to_string()))?;
             let mut tree = Tree::new(&tmp)?;
+            tree.allow_devices = req.allow_devices;
             let done_before = prog.bytes_done;
             let (state, d) = apply(
                 &mut tree,

@@ -76,6 +76,11 @@ pub struct RestoreArgs {
     /// `cmkfs.quarantine/` (it cannot be re-encrypted); without it such an archive is refused.
     #[arg(long, requires = "new_dek")]
     discard_quarantine: bool,
+    /// Recreate the archive's device nodes (block and character). Without it an archive
+    /// holding one is refused: a device node in the restored backing directory is usable
+    /// directly by whoever its mode lets in, outside the mount's `nodev`.
+    #[arg(long)]
+    allow_devices: bool,
     /// Reach the backup key's vault as this identity (credential file); by default as the
     /// vault's owner (local) or the configured credential.
     #[arg(long, value_name = "FILE")]
@@ -498,6 +503,7 @@ pub fn run_restore(a: RestoreArgs) -> anyhow::Result<()> {
             des: &a.des,
             new_dek: a.new_dek,
             discard_quarantine: a.discard_quarantine,
+            allow_devices: a.allow_devices,
             open_vault: &open,
         },
         Some(&mut show),

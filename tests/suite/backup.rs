@@ -402,14 +402,39 @@ fn round_trip_keeps_every_byte_and_metadata_and_new_dek_shares_no_ciphertext_blo
         String::from_utf8_lossy(&list.stderr)
     );
 
-    // Restore under the set: the same backing bytes, a header under the set's key.
+    // The volume holds a device node (null-dev): without --allow-devices the restore says
+    // so, and nothing is written.
     let r1 = env.root.join("restored");
+    let out = env.cmkfs(&[
+        "restore".as_ref(),
+        archive.as_os_str(),
+        r1.as_os_str(),
+        "--des".as_ref(),
+        "d".as_ref(),
+    ]);
+    assert!(
+        !out.status.success()
+            && out.stderr.contains("character device node")
+            && out.stderr.contains("(device 1:3, mode 0600, owner 0)")
+            && out.stderr.contains("--allow-devices"),
+        "{out}"
+    );
+    assert!(!r1.exists(), "written by a refused restore");
+    let beside: Vec<_> = fs::read_dir(&env.root)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("cmkfs-restore"))
+        .collect();
+    assert!(beside.is_empty(), "temp left: {beside:?}");
+    // Restore under the set: the same backing bytes (set-id data files, FIFO, sticky and
+    // setgid directories, xattrs, ACLs, long names and targets), a header under the set's key.
     let r = json(&env.cmkfs(&[
         "restore".as_ref(),
         archive.as_os_str(),
         r1.as_os_str(),
         "--des".as_ref(),
         "d".as_ref(),
+        "--allow-devices".as_ref(),
         "--json".as_ref(),
     ]));
     assert!(r["key_id"].as_str().unwrap().contains("/keys/dkey/"), "{r}");
@@ -429,6 +454,7 @@ fn round_trip_keeps_every_byte_and_metadata_and_new_dek_shares_no_ciphertext_blo
         r3.as_os_str(),
         "--des".as_ref(),
         "d".as_ref(),
+        "--allow-devices".as_ref(),
         "--json".as_ref(),
     ]));
     assert_eq!(r["source_live_at"], r1.display().to_string(), "{r}");
@@ -469,6 +495,7 @@ fn round_trip_keeps_every_byte_and_metadata_and_new_dek_shares_no_ciphertext_blo
         "--des".as_ref(),
         "d".as_ref(),
         "--new-dek".as_ref(),
+        "--allow-devices".as_ref(),
         "--json".as_ref(),
     ]));
     assert!(r["new_dek"]["files"].as_u64().unwrap() > 10, "{r}");

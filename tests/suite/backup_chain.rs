@@ -36,7 +36,8 @@ fn restore(env: &Env, archives: &[&Path], target: &Path, extra: &[&str]) -> Outp
     let mut args = os(archives);
     args.insert(0, "restore".into());
     args.push(target.as_os_str().to_owned());
-    args.extend(["--des", "d"].iter().map(Into::into));
+    // The volumes `populate` fills hold a device node.
+    args.extend(["--des", "d", "--allow-devices"].iter().map(Into::into));
     args.extend(extra.iter().map(Into::into));
     env.cmkfs(&args)
 }
@@ -257,23 +258,39 @@ fn tamper(src: &Path, dst: &Path, what: &[u8]) {
     fs::write(dst, b).unwrap();
 }
 
+/// What may stand in for a backing data file written straight into the backing store: a
+/// cmkfs file header (magic, version 2, a file id), then `body`. A restore copies ciphertext
+/// as it is, but checks that every data file starts with a file header.
+fn data_file(body: &[u8]) -> Vec<u8> {
+    let mut b = b"CMKF\x02\0\0\0".to_vec();
+    b.extend_from_slice(&[7; 16]);
+    b.extend_from_slice(&[0; 8]);
+    b.extend_from_slice(body);
+    b
+}
+
 #[test]
 fn a_missing_reordered_replaced_foreign_or_tampered_archive_of_a_chain_is_refused() {
     let env = Env::new();
     setup(&env);
     // Written straight into the backing store (a restore copies ciphertext as it is, so
-    // these need not decrypt; no mount needed for what is tested here).
+    // these need not decrypt; only a file header, `data_file`; no mount needed for what is
+    // tested here).
     let c = env.cipher.clone();
     for i in 0..6 {
-        fs::write(c.join(format!("f{i}")), vec![i as u8; 20_000 + i]).unwrap();
+        fs::write(
+            c.join(format!("f{i}")),
+            data_file(&vec![i as u8; 20_000 + i]),
+        )
+        .unwrap();
     }
     let [full, inc1, inc2, full2] = ["full.tar", "inc1.tar", "inc2.tar", "full2.tar"]
         .map(|n| env.root.join("archives").join(n));
     fs::create_dir(env.root.join("archives")).unwrap();
     backup(&env, &full, None);
     for (i, (inc, base)) in [(&inc1, &full), (&inc2, &inc1)].into_iter().enumerate() {
-        fs::write(c.join(format!("new{i}")), b"new").unwrap();
-        fs::write(c.join("f1"), vec![9u8; 1000 + i]).unwrap();
+        fs::write(c.join(format!("new{i}")), data_file(b"new")).unwrap();
+        fs::write(c.join("f1"), data_file(&vec![9u8; 1000 + i])).unwrap();
         backup(&env, inc, Some(base));
     }
     backup(&env, &full2, None);
@@ -340,13 +357,13 @@ fn a_restore_killed_midway_leaves_its_temp_dir_which_fsck_reports_and_a_rerun_re
     let env = Env::new();
     setup(&env);
     // Large backing files written straight into the backing store (a restore copies
-    // ciphertext as it is, so they need not decrypt): the restore takes long enough to be
-    // killed in the middle.
+    // ciphertext as it is, so they need not decrypt; only a file header): the restore takes
+    // long enough to be killed in the middle.
     let mut rng = StdRng::seed_from_u64(seed("backup killed restore"));
     for i in 0..2 {
         fs::write(
             env.cipher.join(format!("big{i}")),
-            random_bytes(&mut rng, 12 << 20),
+            data_file(&random_bytes(&mut rng, 12 << 20)),
         )
         .unwrap();
     }
