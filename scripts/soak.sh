@@ -37,22 +37,9 @@ PROFILE=(${SOAK_PROFILE:-})
 # ample time.
 export CMKFS_TEST_WATCHDOG_SECS=$(( 600 + OPS / 20 ))
 
-cleanup_stale_mounts() {
-    local tmp="${TMPDIR:-/tmp}"
-    tmp="${tmp%/}"
-    awk -v tmp="$tmp/" '
-        { split($0, halves, " - "); split(halves[2], right, " ") }
-        right[1] ~ /^fuse/ && index($5, tmp) == 1 && $5 ~ /cmkfs-test-/ { print $3, $5 }
-    ' /proc/self/mountinfo | sort -r -k2 | while read -r devno mnt; do
-        local major="${devno%%:*}" minor="${devno##*:}"
-        local conn=$(( (major << 20) | minor ))
-        if [[ -w "/sys/fs/fuse/connections/$conn/abort" ]]; then
-            echo 1 >"/sys/fs/fuse/connections/$conn/abort" || true
-        fi
-        umount -l "$mnt" 2>/dev/null || true
-    done
-}
-trap cleanup_stale_mounts EXIT
+# Test temp dirs in a directory of this run's own, cleaned up on exit (scripts/test-run-dir.sh).
+source scripts/test-run-dir.sh
+test_run_dir_start
 
 echo "building test binaries"
 cargo build "${PROFILE[@]+"${PROFILE[@]}"}" --tests --bin cmkfs

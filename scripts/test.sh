@@ -8,7 +8,7 @@
 # The integration tests mount real FUSE filesystems (/dev/fuse, root). Each test unmounts what
 # it mounted even when it fails and has time limits (tests/suite/common/mod.rs); this script adds a
 # per-test kill switch (.config/nextest.toml) and, on exit, lazily unmounts anything a killed
-# test left behind.
+# test of this run left behind (scripts/test-run-dir.sh).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -118,28 +118,13 @@ done
 cargo --version
 
 # ---------------------------------------------------------------------------------------------
-# Stale mounts: a test killed by the runner (timeout, SIGKILL) cannot run its own cleanup.
-# Abort the FUSE connection (so nothing stays blocked on a dead daemon), then detach the mount.
-# Only mounts under the temp dir whose path says they are ours (tests/suite/common: cmkfs-test-*).
+# This run's test temp dirs live under a directory of its own ($CMKFS_TEST_RUN_DIR); on exit,
+# whatever a killed test left mounted there is aborted and detached, and the directory removed.
+# Mounts of a suite running beside this one are not touched (scripts/test-run-dir.sh).
 # ---------------------------------------------------------------------------------------------
-cleanup_stale_mounts() {
-    local tmp="${TMPDIR:-/tmp}"
-    tmp="${tmp%/}"
-    # mountinfo: field 3 is major:minor, field 5 the mount point; the fstype follows " - ".
-    awk -v tmp="$tmp/" '
-        { split($0, halves, " - "); split(halves[2], right, " ") }
-        right[1] ~ /^fuse/ && index($5, tmp) == 1 && $5 ~ /cmkfs-test-/ { print $3, $5 }
-    ' /proc/self/mountinfo | sort -r -k2 | while read -r devno mnt; do
-        local major="${devno%%:*}" minor="${devno##*:}"
-        local conn=$(( (major << 20) | minor ))
-        echo "cleanup: stale mount $mnt (FUSE connection $conn)"
-        if [[ -w "/sys/fs/fuse/connections/$conn/abort" ]]; then
-            echo 1 >"/sys/fs/fuse/connections/$conn/abort" || true
-        fi
-        "${SUDO[@]}" umount -l "$mnt" 2>/dev/null || true
-    done
-}
-trap cleanup_stale_mounts EXIT
+# shellcheck source=scripts/test-run-dir.sh
+source scripts/test-run-dir.sh
+test_run_dir_start
 
 # ---------------------------------------------------------------------------------------------
 section "cargo fmt --check"

@@ -275,7 +275,7 @@ pub(super) fn apply(
     let mut state = State::default();
     let mut files = HashSet::new();
     let mut dirs: Vec<Member> = Vec::new();
-    let mut moved: HashMap<String, String> = HashMap::new();
+    let mut moved = Taken::default();
     // How many entries take each base file (a reference or a changed-chunk file).
     let mut uses: HashMap<&str, usize> = HashMap::new();
     for e in &man.members {
@@ -497,7 +497,7 @@ fn rebuild(
     dl: &manifest::Delta,
     dm: &Member,
     data: &mut dyn Read,
-    moved: &mut HashMap<String, String>,
+    moved: &mut Taken,
     uses: &HashMap<&str, usize>,
     version: u32,
     screen: &mut Screen,
@@ -575,12 +575,22 @@ fn take_file(
     ptree: &Tree,
     from: &str,
     m: &Member,
-    moved: &mut HashMap<String, String>,
+    moved: &mut Taken,
     copy: bool,
 ) -> Result<(), BackupError> {
     let (np, nn) = split(&m.path);
-    let moved_to = moved.get(from).cloned();
+    let moved_to = moved.moved.get(from).cloned();
     if moved_to.is_some() || copy {
+        // A real volume never has a base file taken by more than two entries (one move and
+        // one copy: see `rebuild`); more would let a small crafted incremental copy one big
+        // base file once per entry and fill the disk.
+        if !moved.copied.insert(from.to_string()) {
+            return Err(BackupError::Corrupt(format!(
+                "{:?} takes the data of {from:?}, which other entries of this archive take \
+                 already: crafted or damaged",
+                m.path
+            )));
+        }
         let (src_dir, at) = match moved_to {
             Some(at) => (tree.open(split(&at).0)?, at),
             None => (ptree.open(split(from).0)?, from.to_string()),
@@ -609,12 +619,19 @@ fn take_file(
         let p = tree.parent(np)?;
         sys::rename(src_dir.as_fd(), pn, p, nn, libc::RENAME_NOREPLACE)
             .map_err(|e| BackupError::io(&m.path, e))?;
-        moved.insert(from.to_string(), m.path.clone());
+        moved.moved.insert(from.to_string(), m.path.clone());
     }
     let p = tree.parent(np)?;
     let (f, _) = sys::open_regular(p, nn, sys::Access::Read, None)
         .map_err(|e| BackupError::io(&m.path, e))?;
     set_meta(tree, &f, m)
+}
+
+/// The base files an archive's entries took so far: moved (base path -> new path) and copied.
+#[derive(Default)]
+struct Taken {
+    moved: HashMap<String, String>,
+    copied: HashSet<String>,
 }
 
 /// Gives the file `f` (taken from a base) exactly the xattrs, owner, mode and times of `m`.

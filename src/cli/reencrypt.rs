@@ -111,6 +111,16 @@ fn reencrypt(a: ReencryptArgs) -> anyhow::Result<()> {
     .run()
     .with_context(|| format!("re-encrypting {}", root.display()))?;
     bar.done();
+    // A header update this command (or another) made when it was killed left its temp file;
+    // with the lock held exclusively none is in flight, so a completed run leaves none.
+    let stale = VolumeHeader::remove_stale_temps(&root)
+        .with_context(|| format!("removing leftover header temp files in {}", root.display()))?;
+    if stale > 0 {
+        tracing::info!(
+            files = stale,
+            "removed header temp files of interrupted updates"
+        );
+    }
     drop(lock);
     print_report(&root, &report, a.json)
 }

@@ -8,7 +8,7 @@ use crate::volume::SetAttr;
 impl CmkFs {
     /// FUSE attributes of `ino` (through the named handle when given).
     pub(super) fn getattr_of(&self, ino: INodeNo, fh: Option<FileHandle>) -> FsResult<FileAttr> {
-        let r = self.resolve(ino, fh)?;
+        let r = self.resolve_inode(ino, fh)?;
         let a = match r {
             // The handle the request names is that inode by construction.
             Resolved::File(ref of) => self.vol.attr(crate::volume::Target::File(of))?,
@@ -33,9 +33,14 @@ impl CmkFs {
     ) {
         // A named handle (ftruncate) is used; without one, the name, and if the file has no
         // name left (unlinked while open: fchmod, futimens), any open handle of the inode.
-        let r = self
-            .resolve(ino, fh)
-            .and_then(|r| self.change(ino, &r, |t| self.vol.set_attr(t, set)));
+        // A size change without a handle goes by name (read-write): an open handle may be
+        // read-only.
+        let r = if set.size.is_some() {
+            self.resolve(ino, fh)
+        } else {
+            self.resolve_inode(ino, fh)
+        };
+        let r = r.and_then(|r| self.change(ino, &r, |t| self.vol.set_attr(t, set)));
         match r {
             Ok(a) => reply.attr(&super::TTL, &fattr(ino.0, &a)),
             Err(e) => reply.error(self.errno(&e, "setattr", Some(ino))),
@@ -44,7 +49,10 @@ impl CmkFs {
 
     pub(super) fn do_access(&self, ino: INodeNo, reply: ReplyEmpty) {
         // Permission checks are the kernel's (default_permissions); this only says it exists.
-        match self.resolve(ino, None).and_then(|r| self.attr_of(ino, &r)) {
+        match self
+            .resolve_inode(ino, None)
+            .and_then(|r| self.attr_of(ino, &r))
+        {
             Ok(_) => reply.ok(),
             Err(e) => reply.error(self.errno(&e, "access", Some(ino))),
         }

@@ -174,6 +174,12 @@ impl CmkFs {
         }
     }
 
+    /// READDIRPLUS: the snapshot's names, each with attributes read now (as LOOKUP would),
+    /// so the kernel gets them without a LOOKUP per entry. The snapshot's own attributes
+    /// are not sent: taken at opendir, they may be older than a write or rename the kernel
+    /// has seen since, and the kernel would take a stale size for the truth (it only
+    /// guards against changes made while this request is in flight). An entry whose name
+    /// is gone, or is corrupt, is listed without attributes (as READDIR lists it).
     pub(super) fn do_readdirplus(
         &self,
         ino: INodeNo,
@@ -185,38 +191,53 @@ impl CmkFs {
             Ok(s) => s,
             Err(e) => return reply.error(self.errno(&e, "readdirplus", Some(ino))),
         };
+        // A directory that cannot be reached now (moved or removed behind the mount) still
+        // lists its snapshot, as READDIR does: without attributes.
+        let dir = self.dir(ino).ok();
         // Taken before a re-encryption sealed every name again: backing names recomputed.
-        let stale = (s.epoch != self.table.epoch())
-            .then(|| self.dir(ino).ok())
-            .flatten();
+        let stale = s.epoch != self.table.epoch();
         for (i, e) in s.entries.iter().enumerate().skip(offset as usize) {
-            let full = match &e.attr {
+            let off = (i + 1) as u64;
+            let fresh = match (&e.attr, &dir) {
+                (Some((b, _)), Some(dir)) => {
+                    let bname = if stale {
+                        self.vol
+                            .backing_name(dir, &e.name)
+                            .map(|nb| nb.entry().to_owned())
+                    } else {
+                        Ok(b.clone())
+                    };
+                    bname
+                        .and_then(|b| self.vol.attr_at(dir, &b).map(|a| (b, a)))
+                        .ok()
+                }
+                _ => None,
+            };
+            let full = match fresh {
                 // Entries handed out with attributes count as lookups, as the kernel expects.
-                Some((b, a)) => match &stale {
-                    None => self.remember(ino, &e.name, b, a),
-                    Some(d) => match self.vol.backing_name(d, &e.name) {
-                        Ok(nb) => self.remember(ino, &e.name, nb.entry(), a),
-                        Err(_) => continue,
-                    },
-                },
+                Some((b, a)) => self.remember(ino, &e.name, &b, &a),
+                // "." and "..": the kernel makes no dentry of them.
                 None if e.name == "." || e.name == ".." => match self.getattr_of(ino, None) {
                     Ok(a) => a,
-                    Err(_) => continue,
+                    Err(_) => {
+                        if reply.add_bare(INodeNo(e.ino), off, e.kind, &e.name) {
+                            break;
+                        }
+                        continue;
+                    }
                 },
-                // A corrupt entry: not handed out with attributes.
-                None => continue,
+                None => {
+                    if reply.add_bare(INodeNo(e.ino), off, e.kind, &e.name) {
+                        break;
+                    }
+                    continue;
+                }
             };
-            if reply.add(
-                INodeNo(e.ino),
-                (i + 1) as u64,
-                &e.name,
-                &TTL,
-                &full,
-                Generation(0),
-            ) {
+            let counted = !(e.name == "." || e.name == "..");
+            if reply.add(full.ino, off, &e.name, &TTL, &full, Generation(0)) {
                 // Buffer full, entry not sent: undo the lookup count just taken.
-                if e.attr.is_some() {
-                    self.table.forget(e.ino, 1);
+                if counted {
+                    self.table.forget(full.ino.0, 1);
                 }
                 break;
             }

@@ -15,7 +15,7 @@ impl CmkFs {
 
     pub(super) fn do_getxattr(&self, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
         let r = self
-            .resolve(ino, None)
+            .resolve_inode(ino, None)
             .and_then(|r| self.vol.get_xattr(r.target(), self.kind_hint(ino), name));
         match r {
             Ok(v) => xattr_reply(reply, size, &v),
@@ -31,7 +31,7 @@ impl CmkFs {
         flags: i32,
         reply: ReplyEmpty,
     ) {
-        let r = self.resolve(ino, None).and_then(|r| {
+        let r = self.resolve_inode(ino, None).and_then(|r| {
             self.change(ino, &r, |t| {
                 self.vol
                     .set_xattr(t, self.kind_hint(ino), name, value, flags)
@@ -45,7 +45,7 @@ impl CmkFs {
 
     pub(super) fn do_listxattr(&self, ino: INodeNo, size: u32, reply: ReplyXattr) {
         match self
-            .resolve(ino, None)
+            .resolve_inode(ino, None)
             .and_then(|r| self.vol.list_xattr(r.target()))
         {
             Ok(names) => {
@@ -61,7 +61,7 @@ impl CmkFs {
     }
 
     pub(super) fn do_removexattr(&self, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let r = self.resolve(ino, None).and_then(|r| {
+        let r = self.resolve_inode(ino, None).and_then(|r| {
             self.change(ino, &r, |t| {
                 self.vol.remove_xattr(t, self.kind_hint(ino), name)
             })

@@ -24,6 +24,7 @@
 use std::fs::File;
 use std::ops::{Deref, Range};
 use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, RwLock};
 
 use super::bufpool::PoolBuf;
@@ -45,6 +46,12 @@ pub struct FileState {
     /// that reads-modifies-writes a unit or moves the end of the file.
     pub(crate) rmw: RwLock<()>,
     header: Mutex<Option<FileHeader>>,
+    /// Whether the last write through the exclusive lock grew the file: a hint that the
+    /// next one will too (a sequential writer), so it takes the exclusive lock at once
+    /// instead of first checking the length under the shared one (one `fstat` less per
+    /// append). A wrong hint costs concurrency, never correctness: the exclusive path
+    /// handles every write.
+    appending: AtomicBool,
 }
 
 impl FileState {
@@ -60,7 +67,7 @@ pub(crate) fn file_header(
     st: &FileState,
     cx: &Ctx,
 ) -> Result<Option<FileHeader>, VolumeError> {
-    header(f, st, cx, false)
+    header(f, st, cx, false, None)
 }
 
 /// The cipher context a content operation needs.
@@ -90,17 +97,24 @@ fn backing_state(f: &File) -> Result<(u64, u64), VolumeError> {
     Ok((len, logical_size(len).map_err(corrupt)?))
 }
 
+/// The file header, from the cache or the file (written first when `create` and the file is
+/// empty). `len`: the backing length if the caller has just read it under the content lock
+/// (saves an `fstat` on the first request of each open file).
 fn header(
     f: &File,
     st: &FileState,
     cx: &Ctx,
     create: bool,
+    len: Option<u64>,
 ) -> Result<Option<FileHeader>, VolumeError> {
     let mut cached = st.header.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(h) = *cached {
         return Ok(Some(h));
     }
-    let len = f.metadata().map_err(VolumeError::Os)?.len();
+    let len = match len {
+        Some(l) => l,
+        None => f.metadata().map_err(VolumeError::Os)?.len(),
+    };
     if len == 0 {
         if !create {
             return Ok(None);
@@ -131,8 +145,13 @@ fn header(
     Ok(Some(h))
 }
 
-fn existing_header(f: &File, st: &FileState, cx: &Ctx) -> Result<FileHeader, VolumeError> {
-    header(f, st, cx, false)?.ok_or_else(|| corrupt("non-empty file without a header"))
+fn existing_header(
+    f: &File,
+    st: &FileState,
+    cx: &Ctx,
+    len: Option<u64>,
+) -> Result<FileHeader, VolumeError> {
+    header(f, st, cx, false, len)?.ok_or_else(|| corrupt("non-empty file without a header"))
 }
 
 fn read_exact(f: &File, buf: &mut [u8], off: u64) -> Result<(), VolumeError> {
@@ -395,12 +414,12 @@ pub fn read_buf(
     len: usize,
 ) -> Result<ReadBuf, VolumeError> {
     let _g = st.rmw.read().unwrap_or_else(|p| p.into_inner());
-    let (_, size) = backing_state(f)?;
+    let (blen, size) = backing_state(f)?;
     if off >= size || len == 0 {
         return Ok(ReadBuf::empty());
     }
     let end = size.min(off.saturating_add(len as u64));
-    let h = existing_header(f, st, cx)?;
+    let h = existing_header(f, st, cx, Some(blen))?;
     let first = off / cx.sector;
     let start = first * cx.sector;
     let stop = units_end(size).min((end - 1) / cx.sector * cx.sector + cx.sector);
@@ -442,11 +461,14 @@ pub fn write(
     // Whole units inside the file (the last one counts when the write reaches the end of
     // file): no read-modify-write and no size change, so such writes run concurrently under
     // the shared lock. The last unit's padding is written as zeros; the filler is untouched.
-    {
+    // (A write that starts inside a unit never is one, nor, most likely, is the next write of
+    // a file that the last write grew: they go straight to the exclusive lock, with one
+    // `fstat` instead of two.)
+    if off.is_multiple_of(cx.sector) && !st.appending.load(Ordering::Relaxed) {
         let _g = st.rmw.read().unwrap_or_else(|p| p.into_inner());
-        let (_, size) = backing_state(f)?;
-        if off.is_multiple_of(cx.sector) && end <= size && (end % cx.sector == 0 || end == size) {
-            return overwrite_units(f, st, cx, off, data);
+        let (blen, size) = backing_state(f)?;
+        if end <= size && (end % cx.sector == 0 || end == size) {
+            return overwrite_units(f, st, cx, off, data, blen);
         }
     }
     let _g = st.rmw.write().unwrap_or_else(|p| p.into_inner());
@@ -461,8 +483,9 @@ fn overwrite_units(
     cx: &Ctx,
     off: u64,
     data: &[u8],
+    blen: u64,
 ) -> Result<usize, VolumeError> {
-    let h = existing_header(f, st, cx)?;
+    let h = existing_header(f, st, cx, Some(blen))?;
     let mut buf = PoolBuf::take(roundup_block(data.len() as u64) as usize);
     buf[data.len()..].fill(0);
     encrypt_copying(cx, &h, off / cx.sector, &mut buf, data, 0)?;
@@ -480,7 +503,9 @@ fn write_locked(
 ) -> Result<usize, VolumeError> {
     let end = off + data.len() as u64;
     let (old_len, size) = backing_state(f)?;
-    let h = header(f, st, cx, true)?.ok_or_else(|| corrupt("could not create the file header"))?;
+    st.appending.store(end > size, Ordering::Relaxed);
+    let h = header(f, st, cx, true, Some(old_len))?
+        .ok_or_else(|| corrupt("could not create the file header"))?;
     let ss = cx.sector;
     let new_size = size.max(end);
     let first = off / ss;
@@ -614,7 +639,7 @@ pub fn truncate(f: &File, st: &FileState, cx: &Ctx, new_size: u64) -> Result<(),
 }
 
 fn truncate_locked(f: &File, st: &FileState, cx: &Ctx, new_size: u64) -> Result<(), VolumeError> {
-    let (_, size) = backing_state(f)?;
+    let (blen, size) = backing_state(f)?;
     if new_size == size {
         return Ok(());
     }
@@ -625,7 +650,8 @@ fn truncate_locked(f: &File, st: &FileState, cx: &Ctx, new_size: u64) -> Result<
         *st.header.lock().unwrap_or_else(|p| p.into_inner()) = None;
         return Ok(());
     }
-    let h = header(f, st, cx, true)?.ok_or_else(|| corrupt("could not create the file header"))?;
+    let h = header(f, st, cx, true, Some(blen))?
+        .ok_or_else(|| corrupt("could not create the file header"))?;
     let want = layout::backing_len(new_size);
     if new_size > size {
         if size > 0 {
@@ -678,7 +704,7 @@ pub fn fallocate(
     }
     // Reserve the blocks so that a later write cannot fail with ENOSPC; unwritten extents
     // read as zero ciphertext, which reads as zeros.
-    if header(f, st, cx, false)?.is_some() {
+    if header(f, st, cx, false, None)?.is_some() {
         let r = sys_fallocate(
             f,
             libc::FALLOC_FL_KEEP_SIZE,

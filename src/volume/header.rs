@@ -714,6 +714,31 @@ impl VolumeHeader {
         crate::fsutil::write_atomic(&path, &json, 0o600).map_err(|e| VolumeError::io(&path, e))
     }
 
+    /// Removes the temp files header updates killed before their rename left in `dir`
+    /// (`.cmkfs-tmp.cmkfs.volume.json.<hex>`: updates that never took effect; `cmkfs fsck`
+    /// reports them as `header_temp_file`). Only for a caller that holds the volume lock
+    /// **exclusively**: every header writer (mount, rewrap) holds it, so none of them can be
+    /// between its temp file and its rename. Returns how many were removed; the first error
+    /// other than "already gone" stops it.
+    pub fn remove_stale_temps(dir: &Path) -> Result<usize, VolumeError> {
+        let prefix = format!("{}{HEADER_FILE}.", crate::fsutil::TEMP_PREFIX);
+        let mut removed = 0;
+        for entry in std::fs::read_dir(dir).map_err(|e| VolumeError::io(dir, e))? {
+            let entry = entry.map_err(|e| VolumeError::io(dir, e))?;
+            let name = entry.file_name();
+            if !name.as_encoded_bytes().starts_with(prefix.as_bytes()) {
+                continue;
+            }
+            // Never a directory's contents: a directory under this name is not ours.
+            match std::fs::remove_file(entry.path()) {
+                Ok(()) => removed += 1,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(VolumeError::io(&entry.path(), e)),
+            }
+        }
+        Ok(removed)
+    }
+
     /// The header file's exact bytes (pretty JSON and a newline), for writers that replace
     /// the file step by step themselves (the DES rewrap, which can be interrupted in tests).
     pub fn to_bytes(&self) -> Result<Vec<u8>, VolumeError> {

@@ -21,6 +21,7 @@ mod mount_basic;
 mod mount_corrupt;
 mod mount_errors;
 mod mount_guards;
+mod mount_listing;
 mod mount_pkcs11;
 mod mount_security;
 mod posix;

@@ -24,8 +24,9 @@
 //! one ([`daemon_pids_of`]). The `--foreground` variant keeps the daemon as our own child.
 //!
 //! `scripts/test.sh` adds a last line of defence for a test process killed outright (nextest's
-//! terminate-after, SIGKILL): on exit it aborts and lazily unmounts any FUSE mount left under
-//! `$TMPDIR/cmkfs-test-*`.
+//! terminate-after, SIGKILL): it gives each run a directory of its own, `$CMKFS_TEST_RUN_DIR`
+//! ([`run_dir`]), and on exit aborts and lazily unmounts any FUSE mount left under it (only
+//! this run's: a suite running beside it keeps its mounts).
 
 // Each test binary uses a different subset of the harness.
 #![allow(dead_code)]
@@ -74,6 +75,39 @@ pub fn backing_len(size: u64) -> u64 {
 }
 
 /// How long a [`Mount`] may stay live before its watchdog aborts the FUSE connection.
+/// Where [`Env`] puts its temp dirs: `$CMKFS_TEST_RUN_DIR` when set (`scripts/test.sh` makes one
+/// per run, so its exit cleanup unmounts only what this run mounted, never the mounts of a
+/// suite running beside it), else the system temp dir.
+pub fn run_dir() -> PathBuf {
+    match std::env::var_os("CMKFS_TEST_RUN_DIR") {
+        Some(d) if !d.is_empty() => {
+            let d = PathBuf::from(d);
+            assert!(
+                d.is_dir(),
+                "CMKFS_TEST_RUN_DIR={} is not a directory: create it or unset the variable",
+                d.display()
+            );
+            d
+        }
+        _ => std::env::temp_dir(),
+    }
+}
+
+/// A unix socket path has room for 107 bytes (`sun_path`, 108 with its NUL). The longest one a
+/// test makes is a mount's control socket, `<home>/run/mount-<16 hex>.sock`, with the home at
+/// `<root>/home`: a temp root too deep for it would fail later with an obscure bind error.
+fn check_socket_room(root: &Path) {
+    const SUN_PATH_MAX: usize = 107;
+    let sock = root.join("home/run/mount-0123456789abcdef.sock");
+    let len = sock.as_os_str().len();
+    assert!(
+        len <= SUN_PATH_MAX,
+        "test temp dir {} is too deep: a control socket under it takes {len} bytes, more than \
+         the {SUN_PATH_MAX} a unix socket path holds; use a shorter TMPDIR or CMKFS_TEST_RUN_DIR",
+        root.display()
+    );
+}
+
 /// `CMKFS_TEST_WATCHDOG_SECS` overrides the default (120 s), which sits below nextest's
 /// terminate-after limit (`.config/nextest.toml`) so the watchdog gets to act first.
 pub fn watchdog_limit() -> Duration {
@@ -494,15 +528,16 @@ pub struct Env {
 }
 
 impl Env {
-    /// A fresh environment under the system temp dir (prefix `cmkfs-test-`, which
-    /// `scripts/test.sh` uses to find stale mounts).
+    /// A fresh environment (prefix `cmkfs-test-`) under [`run_dir`]: this run's directory
+    /// when `scripts/test.sh` names one, else the system temp dir.
     pub fn new() -> Env {
         let tmp = tempfile::Builder::new()
             .prefix("cmkfs-test-")
-            .tempdir()
+            .tempdir_in(run_dir())
             .expect("create temp dir");
         // Canonical, so paths compare equal to what mountinfo shows.
         let root = tmp.path().canonicalize().expect("canonicalize temp dir");
+        check_socket_room(&root);
         let env = Env {
             home: root.join("home"),
             cipher: root.join("cipher"),

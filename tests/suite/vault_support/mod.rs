@@ -13,14 +13,8 @@ pub const START_TIMEOUT: Duration = Duration::from_secs(60);
 /// Time limit for a SIGTERM to end it (then SIGKILL).
 pub const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The binary under test (`CMKFS_TEST_BIN` runs the tests against another build, e.g. an
-/// older release, to show which of them it fails).
-pub fn bin() -> &'static str {
-    static BIN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    BIN.get_or_init(|| {
-        std::env::var("CMKFS_TEST_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_cmkfs").into())
-    })
-}
+/// The binary under test: the harness's [`crate::common::bin`].
+pub use crate::common::bin;
 
 /// A `cmkfs vault serve` process; SIGTERM (then SIGKILL) when dropped.
 pub struct ServerProc {
@@ -113,39 +107,5 @@ impl Drop for ServerProc {
     }
 }
 
-// ---------------------------------------------------------------------------------------------
-// The vault passphrase of tests
-// ---------------------------------------------------------------------------------------------
-
-/// The passphrase every test vault is sealed with (test data only).
-pub const TEST_PASSPHRASE: &str = "cmkfs test passphrase";
-
-/// Gives this test process the test passphrase and the cheap Argon2id setting, for vaults it
-/// opens or creates in-process (children get theirs from [`passphrase_env`]).
-pub fn use_test_passphrase() {
-    use cmkfs::vault::local::{seal::KdfParams, unlock};
-    unlock::set_passphrase_source(Some(unlock::PassphraseSource::Value(std::sync::Arc::new(
-        zeroize::Zeroizing::new(TEST_PASSPHRASE.to_string()),
-    ))));
-    unlock::set_kdf_params(Some(KdfParams::TEST));
-}
-
-/// Writes the test passphrase into `dir/test-passphrase` (0600) and points `cmd` at it with
-/// `$CMKFS_PASSPHRASE_FILE`, with the cheap Argon2id setting for the vaults it creates.
-pub fn passphrase_env<'a>(cmd: &'a mut Command, dir: &Path) -> &'a mut Command {
-    use std::os::unix::fs::OpenOptionsExt as _;
-    let path = dir.join("test-passphrase");
-    if !path.exists() {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&path)
-            .expect("write the test passphrase file");
-        std::io::Write::write_all(&mut f, format!("{TEST_PASSPHRASE}\n").as_bytes())
-            .expect("write the test passphrase file");
-    }
-    cmd.env("CMKFS_PASSPHRASE_FILE", &path)
-        .env("CMKFS_VAULT_KDF", "test")
-}
+// The vault passphrase of tests: the harness's (one suite binary, one copy).
+pub use crate::common::{passphrase_env, use_test_passphrase};

@@ -781,6 +781,22 @@ impl ReplyDirectoryPlus {
         ))
     }
 
+    /// cmkfs patch: adds an entry without attributes (`nodeid` 0 in `fuse_entry_out`): the
+    /// kernel lists it as READDIR would, without a dentry or a lookup count. Returns true if
+    /// the buffer is full.
+    #[must_use]
+    pub fn add_bare<T: AsRef<OsStr>>(
+        &mut self,
+        ino: INodeNo,
+        offset: u64,
+        kind: FileType,
+        name: T,
+    ) -> bool {
+        use std::os::unix::ffi::OsStrExt;
+        self.buf
+            .push_bare(ino, offset, kind, name.as_ref().as_bytes())
+    }
+
     /// Reply to a request with the filled directory buffer
     pub fn ok(self) {
         let response: ll::ResponseData = self.buf.into();
