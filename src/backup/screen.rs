@@ -224,6 +224,14 @@ impl Screen {
                 }
             }
             Class::Quarantine | Class::Foreign => {
+                // fsck moves entries into `cmkfs.quarantine/`: anything but a directory there
+                // (a symlink to a host directory) would take them out of the volume.
+                if p == crate::fsck::QUARANTINE_DIR && m.kind != Kind::Dir {
+                    return Err(crafted(
+                        p,
+                        "the quarantine of a volume is a directory, never a link or a file",
+                    ));
+                }
                 if m.kind == Kind::Hardlink {
                     return self.link(m, c);
                 }

@@ -170,6 +170,14 @@ fn foreign_and_quarantined_entries_may_not_be_set_id_or_executable() {
         "of mode 4644",
         "cmkfs.quarantine/f",
     );
+    // A quarantine that is a link to a host directory: fsck would move entries out through it.
+    let mut ql = raw("volume/cmkfs.quarantine", tar::EntryType::Symlink);
+    ql.link = Some(b"/tmp".to_vec());
+    refused_before(
+        vec![ql],
+        "the quarantine of a volume is a directory",
+        "cmkfs.quarantine",
+    );
 }
 
 /// Restores as `restore` would, recreating device nodes.

@@ -367,7 +367,9 @@ pub fn run_backup(a: BackupArgs) -> anyhow::Result<()> {
         let _ = std::fs::remove_file(&a.archive);
         return Err(e).with_context(|| {
             format!(
-                "backing up {}: the volume's key stopped unwrapping its DEK before the backup                  ended (revoked or disabled?), so {} was removed; back up again once access                  is restored",
+                "backing up {}: the volume's key stopped unwrapping its DEK before the backup \
+                 ended (revoked or disabled?), so {} was removed; back up again once access \
+                 is restored",
                 root.display(),
                 a.archive.display()
             )

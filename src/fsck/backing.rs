@@ -80,10 +80,18 @@ pub(super) fn parse_header_file(path: &Path) -> Option<VolumeHeader> {
 /// A new quarantine batch directory `root/cmkfs.quarantine/<UTC timestamp>[-n]`.
 pub(super) fn new_batch(root: &Path) -> io::Result<PathBuf> {
     let q = root.join(QUARANTINE_DIR);
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(&q)?;
+    match fs::DirBuilder::new().mode(0o700).create(&q) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e),
+    }
+    // Whoever can write the backing store can put a symlink there: entries moved through it
+    // would leave the volume (`check_quarantine_dir` reports it; nothing is moved meanwhile).
+    if !fs::symlink_metadata(&q)?.is_dir() {
+        return Err(io::Error::other(format!(
+            "{QUARANTINE_DIR} is not a directory; nothing is moved into it"
+        )));
+    }
     // 2025-01-31T12:00:00Z → 20250131T120000Z: no `.` needed, sorts by time.
     let stamp: String = humantime::format_rfc3339_seconds(SystemTime::now())
         .to_string()

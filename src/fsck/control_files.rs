@@ -46,6 +46,44 @@ impl Checker {
         );
     }
 
+    /// Reports a `cmkfs.quarantine` that is not a directory: repairs would move entries
+    /// through it, out of the volume (a symlink to any host directory). A link, FIFO, socket
+    /// or device is removed by `--repair` (that deletes no data: a link's target stays where
+    /// it is); a regular file is left for the owner to move. Runs before anything else can
+    /// quarantine.
+    pub(super) fn check_quarantine_dir(&mut self) {
+        let path = self.root.join(QUARANTINE_DIR);
+        let Ok(meta) = fs::symlink_metadata(&path) else {
+            return;
+        };
+        let t = meta.file_type();
+        let (what, fix) = if t.is_dir() {
+            return;
+        } else if t.is_symlink() {
+            ("a symlink", Fix::Remove)
+        } else if t.is_file() {
+            ("a regular file", Fix::None)
+        } else {
+            ("a FIFO, socket or device", Fix::Remove)
+        };
+        let repair = match fix {
+            Fix::Remove => "`cmkfs fsck --repair` removes it (the link alone, never its target)",
+            _ => "move it out of the backing directory",
+        };
+        self.problem(
+            ProblemKind::QuarantineInvalid,
+            &path,
+            None,
+            None,
+            format!(
+                "{QUARANTINE_DIR} is {what}, not a directory: nothing is moved into it until \
+                 it is gone; {repair}"
+            ),
+            fix,
+            None,
+        );
+    }
+
     /// Why the upgrade journal at the root cannot be used (damaged, not whole, or another
     /// volume's), or `None` when it can (or the header cannot be read: reported elsewhere).
     pub(super) fn unusable_upgrade_journal(&self) -> Option<String> {

@@ -245,6 +245,9 @@ pub enum ProblemKind {
     /// `cmkfs.lock` is not a regular file of the volume's owner (a symlink, FIFO, directory, or
     /// another user's file): every mount and command refuses the volume while it is there.
     LockFileInvalid,
+    /// `cmkfs.quarantine` is not a directory (a symlink could take repaired entries out of
+    /// the volume): nothing is quarantined while it is there.
+    QuarantineInvalid,
     /// A re-encryption under a new DEK is in progress or was interrupted (`cmkfs volume
     /// reencrypt` resumes it; the volume mounts meanwhile).
     ReencryptInProgress,
@@ -454,6 +457,7 @@ pub fn run(dir: &Path, opts: &Options<'_>) -> Result<Report, FsckError> {
         },
     };
     // A lock file no command can use is set aside first: the repair needs the lock itself.
+    c.check_quarantine_dir();
     c.check_lock_file();
     // Also keeps a mount or an upgrade from starting while repairs run.
     let _lock = if opts.repair {
@@ -614,6 +618,51 @@ mod tests {
             );
         }
         assert_eq!(fs::read(&victim).unwrap(), b"untouched");
+    }
+
+    #[test]
+    fn a_quarantine_that_is_a_symlink_is_never_followed_and_repair_removes_the_link() {
+        let d = tempfile::tempdir().unwrap();
+        let home = Home::at(d.path().join("home"));
+        let outside = d.path().join("outside");
+        fs::create_dir(&outside).unwrap();
+        let root = d.path().join("v");
+        fs::create_dir(&root).unwrap();
+        fs::write(root.join(DIRID_FILE), [1u8; 16]).unwrap();
+        std::os::unix::fs::symlink(&outside, root.join(QUARANTINE_DIR)).unwrap();
+        // Something a repair would move to the quarantine: a lock file that is a directory.
+        fs::create_dir(root.join(crate::volume::lock::LOCK_FILE)).unwrap();
+        for repair in [false, true] {
+            let opts = Options {
+                repair,
+                vault: None,
+                home: &home,
+            };
+            let r = run(&root, &opts).unwrap();
+            let k = kinds(&r);
+            assert_eq!(
+                k[0],
+                (ProblemKind::QuarantineInvalid, Fix::Remove, repair),
+                "{k:?}"
+            );
+            assert!(
+                k.contains(&(ProblemKind::LockFileInvalid, Fix::Quarantine, repair)),
+                "{k:?}"
+            );
+            assert_eq!(
+                fs::read_dir(&outside).unwrap().count(),
+                0,
+                "repair {repair}"
+            );
+        }
+        // The link is gone, the quarantine is a real directory holding the lock directory.
+        let q = fs::symlink_metadata(root.join(QUARANTINE_DIR)).unwrap();
+        assert!(q.is_dir() && !q.file_type().is_symlink());
+        assert!(
+            fs::symlink_metadata(root.join(crate::volume::lock::LOCK_FILE))
+                .unwrap()
+                .is_file()
+        );
     }
 
     #[test]
