@@ -872,7 +872,10 @@ fn a_backup_whose_volume_key_is_disabled_before_it_ends_removes_its_archive() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{stderr}");
     assert!(stderr.contains("revoked or disabled"), "{stderr}");
-    assert!(!stderr.contains("   "), "one line, no runs of spaces: {stderr}");
+    assert!(
+        !stderr.contains("   "),
+        "one line, no runs of spaces: {stderr}"
+    );
     assert!(
         !archive.exists(),
         "the archive made after the revocation is still there"
