@@ -415,9 +415,17 @@ fn incremental(dir: &Path, dek: &Dek, entries: Vec<Entry>) -> Link {
 }
 
 /// Applies an incremental archive over a base of the root, `.cmkfs.dirid` and a data file
-/// `f`; its entries are the root's reference and `path` taken from `from` with the record
-/// `edit` makes of the base entry's.
-fn try_reference(path: &str, from: &str, edit: &dyn Fn(&mut Member)) -> Result<(), BackupError> {
+/// `f`; its entries are the root's reference and, for each `(path, from)` of `takers`, `path`
+/// taken from `from` with the record `edit` makes of the base entry's. Returns the sandbox
+/// (kept alive), the restore's tree and the result.
+fn apply_takers(
+    takers: &[(&str, &str)],
+    edit: &dyn Fn(&mut Member),
+) -> (
+    tempfile::TempDir,
+    std::path::PathBuf,
+    Result<(), BackupError>,
+) {
     let d = sandbox();
     let dek = Dek::generate().unwrap();
     let members = [
@@ -428,24 +436,24 @@ fn try_reference(path: &str, from: &str, edit: &dyn Fn(&mut Member)) -> Result<(
     let (ptree, pstate) = base_state(d.path(), &members, &dek);
     let base = |p: &str| pstate.entries.iter().find(|e| e.0.path == p).unwrap();
     let root = base("");
-    let (pm, _, pdata) = base(from);
-    let mut rec = Member {
-        path: path.into(),
-        ..pm.clone()
-    };
-    edit(&mut rec);
-    let entries = vec![
-        Entry {
-            path: String::new(),
-            sha256: root.1.clone(),
-            data_sha256: None,
-            change: None,
-            from: Some(String::new()),
-            record: None,
-            chunks: None,
-            delta: None,
-        },
-        Entry {
+    let mut entries = vec![Entry {
+        path: String::new(),
+        sha256: root.1.clone(),
+        data_sha256: None,
+        change: None,
+        from: Some(String::new()),
+        record: None,
+        chunks: None,
+        delta: None,
+    }];
+    for &(path, from) in takers {
+        let (pm, _, pdata) = base(from);
+        let mut rec = Member {
+            path: path.into(),
+            ..pm.clone()
+        };
+        edit(&mut rec);
+        entries.push(Entry {
             path: path.into(),
             sha256: Digester::with_data(&rec, pdata.as_deref()).unwrap(),
             data_sha256: pdata.clone(),
@@ -454,13 +462,20 @@ fn try_reference(path: &str, from: &str, edit: &dyn Fn(&mut Member)) -> Result<(
             record: Some(Box::new(rec)),
             chunks: None,
             delta: None,
-        },
-    ];
+        });
+    }
     let link = incremental(d.path(), &dek, entries);
     let t = d.path().join("work/t");
     fs::create_dir_all(&t).unwrap();
     let mut tree = Tree::new(&t).unwrap();
     let r = apply(&mut tree, Some((&ptree, &pstate)), &link, &mut |_, _| {}).map(|_| ());
+    (d, t, r)
+}
+
+/// One reference, `path` taken from `from` (see [`apply_takers`]); on a refusal, neither
+/// was `path` made nor `from` taken.
+fn try_reference(path: &str, from: &str, edit: &dyn Fn(&mut Member)) -> Result<(), BackupError> {
+    let (d, t, r) = apply_takers(&[(path, from)], edit);
     if r.is_err() {
         assert!(
             t.join(path).symlink_metadata().is_err() && d.path().join("base").join(from).exists(),
@@ -497,55 +512,10 @@ fn an_incremental_reference_gets_the_same_screen_as_a_stored_member() {
 /// and a copy), a third is refused.
 #[test]
 fn a_base_file_is_taken_by_at_most_two_entries() {
-    for takers in [2usize, 3] {
-        let d = sandbox();
-        let dek = Dek::generate().unwrap();
-        let members = [
-            raw("volume/", tar::EntryType::Directory),
-            file(".cmkfs.dirid", vec![9; 16], 0o444),
-            file("f", ct(b"data"), 0o600),
-        ];
-        let (ptree, pstate) = base_state(d.path(), &members, &dek);
-        let base = |p: &str| pstate.entries.iter().find(|e| e.0.path == p).unwrap();
-        let root = base("");
-        let (pm, _, pdata) = base("f");
-        let mut entries = vec![Entry {
-            path: String::new(),
-            sha256: root.1.clone(),
-            data_sha256: None,
-            change: None,
-            from: Some(String::new()),
-            record: None,
-            chunks: None,
-            delta: None,
-        }];
-        for name in ["f", "g", "h"].into_iter().take(takers) {
-            let rec = Member {
-                path: name.into(),
-                ..pm.clone()
-            };
-            entries.push(Entry {
-                path: name.into(),
-                sha256: Digester::with_data(&rec, pdata.as_deref()).unwrap(),
-                data_sha256: pdata.clone(),
-                change: None,
-                from: Some("f".into()),
-                record: Some(Box::new(rec)),
-                chunks: None,
-                delta: None,
-            });
-        }
-        let link = incremental(d.path(), &dek, entries);
-        let t = d.path().join("work/t");
-        fs::create_dir_all(&t).unwrap();
-        let mut tree = Tree::new(&t).unwrap();
-        let r = apply(&mut tree, Some((&ptree, &pstate)), &link, &mut |_, _| {});
-        match takers {
-            2 => assert!(r.is_ok(), "{:?}", r.err()),
-            _ => {
-                let e = r.err().expect("a third taker must be refused").to_string();
-                assert!(e.contains("take already"), "{e}");
-            }
-        }
-    }
+    let takers = [("f", "f"), ("g", "f"), ("h", "f")];
+    let (_d, _t, r) = apply_takers(&takers[..2], &|_| {});
+    assert!(r.is_ok(), "{:?}", r.err());
+    let (_d, _t, r) = apply_takers(&takers, &|_| {});
+    let e = r.expect_err("a third taker must be refused").to_string();
+    assert!(e.contains("take already"), "{e}");
 }
