@@ -111,16 +111,27 @@ pub struct MountArgs {
     /// up to 1 MiB); 0 keeps the kernel's default (128 KiB). Needs root.
     #[arg(long, value_name = "KIB", default_value_t = mount::DEFAULT_READAHEAD_KB)]
     readahead_kb: u32,
-    /// Let the kernel cache writes and send them in large batches (FUSE writeback cache):
-    /// errors of cached writes then surface at fsync or close instead of at write.
-    #[arg(long)]
+    /// Let the kernel cache writes and send them in large batches (FUSE writeback cache,
+    /// the default): errors of cached writes then surface at fsync or close instead of at
+    /// write. Kept for scripts written before it became the default.
+    #[arg(long, overrides_with = "no_writeback_cache")]
     writeback_cache: bool,
+    /// Send every write to the daemon as it is made (no FUSE writeback cache): errors at
+    /// write, at the cost of one request per write(2).
+    #[arg(long, overrides_with = "writeback_cache")]
+    no_writeback_cache: bool,
 }
 
 impl MountArgs {
     /// Whether this process is (or becomes) the mount daemon.
     pub(crate) fn is_foreground(&self) -> bool {
         self.foreground
+    }
+
+    /// Whether the kernel's writeback cache is offered: on unless `--no-writeback-cache`
+    /// came last (the two switches override each other).
+    fn writeback_cache(&self) -> bool {
+        self.writeback_cache || !self.no_writeback_cache
     }
 }
 
@@ -457,8 +468,8 @@ fn spawn_daemon(
         cmd.arg("--no-push");
     }
     cmd.arg("--readahead-kb").arg(a.readahead_kb.to_string());
-    if a.writeback_cache {
-        cmd.arg("--writeback-cache");
+    if a.no_writeback_cache {
+        cmd.arg("--no-writeback-cache");
     }
     if let Some(c) = &a.credential {
         cmd.arg("--credential")
@@ -628,7 +639,7 @@ fn serve(a: &MountArgs, ready_pipe: bool) -> anyhow::Result<()> {
     let fs = CmkFs::with_options(
         vol,
         FsOptions {
-            writeback_cache: a.writeback_cache,
+            writeback_cache: a.writeback_cache(),
         },
     );
     let table = fs.node_table();

@@ -258,26 +258,32 @@ fn long_write_at_cut_off_ends_cleanly_without_torn_sectors() {
         let mut f = fs::File::create(&path).unwrap();
         let chunk = 1 << 20;
         let mut written = 0usize;
+        // What a successful fsync acknowledged: with the writeback cache a write(2) only
+        // reaches the kernel's pages, and the error of a refused write-back comes at fsync.
+        let mut synced = 0usize;
         // Up to 2 GiB in 1 MiB writes: it is still writing when the key is disabled.
         for i in 0..2048usize {
             let buf: Vec<u8> = (i * chunk..(i + 1) * chunk).map(pattern).collect();
             match f.write(&buf) {
                 Ok(n) => written += n,
-                Err(e) => return (written, Some(e.raw_os_error())),
+                Err(e) => return (written, synced, Some(e.raw_os_error())),
             }
-            if i % 16 == 0 && f.sync_data().is_err() {
-                return (written, Some(None));
+            if i % 16 == 0 {
+                if f.sync_data().is_err() {
+                    return (written, synced, Some(None));
+                }
+                synced = written;
             }
         }
-        (written, None)
+        (written, synced, None)
     });
     // Let it get going, then revoke under it.
     assert!(wait_until(GUARD, || fs::metadata(m.path("big"))
         .map(|m| m.len() > 8 << 20)
         .unwrap_or(false)));
     key_update(&env, &["--disable"]);
-    let (written, err) = writer.join().unwrap();
-    println!("writer stopped after {written} bytes with {err:?}");
+    let (written, synced, err) = writer.join().unwrap();
+    println!("writer stopped after {written} bytes ({synced} synced) with {err:?}");
     assert!(
         err.is_some(),
         "the write must fail once the key is disabled"
@@ -288,8 +294,8 @@ fn long_write_at_cut_off_ends_cleanly_without_torn_sectors() {
     let mut data = Vec::new();
     f.read_to_end(&mut data).unwrap();
     assert!(
-        data.len() >= written,
-        "acknowledged bytes lost: {} < {written}",
+        data.len() >= synced,
+        "acknowledged bytes lost: {} < {synced}",
         data.len()
     );
     for (i, sector) in data.chunks(4096).enumerate() {
@@ -442,6 +448,201 @@ fn writeback_cache_dirty_pages_at_cut_off_never_reach_the_disk_in_plaintext() {
     drop(dirty);
     m.unmount();
     in_backing("after the unmount");
+}
+
+/// Waits up to a minute for `fd` to be readable, then reads into `buf` (0 on timeout).
+fn read_within(fd: i32, buf: &mut [u8]) -> usize {
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd; a read into a buffer of the length given.
+    unsafe {
+        if libc::poll(&mut p, 1, 60_000) != 1 {
+            return 0;
+        }
+        libc::read(fd, buf.as_mut_ptr().cast(), buf.len()).max(0) as usize
+    }
+}
+
+/// A cut-off while a writer holds dirty pages (the default writeback cache keeps written
+/// pages in the kernel): (a) nothing of the files is readable afterwards, by name or through
+/// the writer's own descriptors, and no plaintext reached the backing store; (b) the writer
+/// hears of it, at `fsync` or at `close` (a write-back the daemon refuses is EIO, never
+/// dropped in silence); (c) once the key is back, every data unit holds either the old or the
+/// new data, and what a successful `fsync`/`close` acknowledged is there. One file is
+/// overwritten in place and synced, one overwritten and closed, one extended.
+///
+/// The writer is a forked child: every `close` of a descriptor of the file flushes its dirty
+/// pages, and a process that runs a command (`cmkfs vault key update`) closes its inherited
+/// descriptors at `exec`, so the writer must not be the process that revokes.
+#[test]
+fn a_cut_off_with_dirty_pages_fails_the_writer_and_leaves_old_or_new_units() {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    let marker = format!("<<dirty page plaintext {}>>", unique_hex());
+    let env = Env::new();
+    env.init(&env.cipher);
+    let m = env.mount(&env.cipher, &env.mnt);
+    let old = repeated(b"<old unit>", 5 * SECTOR + 7);
+    let cases = [
+        ("fsynced", old.len()),
+        ("closed", old.len()),
+        ("extended", 9 * SECTOR + 3),
+    ];
+    let mut paths = Vec::new();
+    let mut news = Vec::new();
+    for (name, len) in cases {
+        let mut f = fs::File::create(m.path(name)).unwrap();
+        f.write_all(&old).unwrap();
+        f.sync_all().unwrap();
+        paths.push(CString::new(m.path(name).as_os_str().as_bytes()).unwrap());
+        news.push(repeated(marker.as_bytes(), len));
+    }
+    let pipe = || {
+        let mut fds = [0i32; 2];
+        // SAFETY: a two-element out-array.
+        assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+        fds
+    };
+    let (ready, go, results) = (pipe(), pipe(), pipe());
+    let mut scratch = vec![0u8; SECTOR];
+    // SAFETY: the child makes only raw system calls on data prepared above, then _exit()s.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork failed");
+    if pid == 0 {
+        // SAFETY: as above.
+        unsafe {
+            let errno = || *libc::__errno_location();
+            let mut fds = [-1i32; 3];
+            for i in 0..3 {
+                fds[i] = libc::open(paths[i].as_ptr(), libc::O_RDWR);
+                let n = news[i].len();
+                if fds[i] < 0 || libc::pwrite(fds[i], news[i].as_ptr().cast(), n, 0) != n as isize {
+                    libc::_exit(10 + i as i32);
+                }
+            }
+            libc::write(ready[1], b"r".as_ptr().cast(), 1);
+            let mut b = [0u8; 1];
+            libc::read(go[0], b.as_mut_ptr().cast(), 1);
+            // Per file: the errno of a read through the writer's descriptor (0: it read),
+            // then that of the fsync (or of the close, for the second file).
+            let mut res = [0i32; 6];
+            for i in 0..3 {
+                if libc::pread(fds[i], scratch.as_mut_ptr().cast(), SECTOR, 0) < 0 {
+                    res[2 * i] = errno();
+                }
+                if i != 1 && libc::fsync(fds[i]) != 0 {
+                    res[2 * i + 1] = errno();
+                }
+                if libc::close(fds[i]) != 0 && i == 1 {
+                    res[2 * i + 1] = errno();
+                }
+            }
+            libc::write(results[1], res.as_ptr().cast(), std::mem::size_of_val(&res));
+            libc::_exit(0);
+        }
+    }
+    // SAFETY: closing the child's ends in the parent.
+    unsafe {
+        libc::close(ready[1]);
+        libc::close(go[0]);
+        libc::close(results[1]);
+    }
+    let mut b = [0u8; 1];
+    let wrote = read_within(ready[0], &mut b) == 1;
+    if wrote {
+        key_update(&env, &["--disable"]);
+        wait_state(&env, &env.mnt, "Inaccessible");
+        // (a), by name and in the backing store, while the writer still holds its pages.
+        for (name, _) in cases {
+            assert!(
+                fs::read(m.path(name)).is_err(),
+                "{name} readable by name after the cut-off"
+            );
+        }
+        assert_eq!(
+            find_markers(&env.cipher, &[marker.as_bytes()]),
+            Vec::<String>::new(),
+            "plaintext in the backing store"
+        );
+    }
+    // SAFETY: a one-byte write to our pipe, then reading the child's report.
+    let mut res = [0i32; 6];
+    let got = unsafe {
+        libc::write(go[1], b"g".as_ptr().cast(), 1);
+        let bytes = std::slice::from_raw_parts_mut(res.as_mut_ptr().cast::<u8>(), 24);
+        read_within(results[0], bytes)
+    };
+    let mut status = 0;
+    // SAFETY: our own child; it has reported (or is killed first).
+    unsafe {
+        if got != 24 {
+            libc::kill(pid, libc::SIGKILL);
+        }
+        libc::waitpid(pid, &mut status, 0);
+        for fd in [ready[0], go[1], results[0]] {
+            libc::close(fd);
+        }
+    }
+    assert!(wrote && got == 24, "the writer failed: status {status:#x}");
+    let mut outcome = Vec::new();
+    for (i, (name, len)) in cases.iter().enumerate() {
+        let (read_errno, end_errno) = (res[2 * i], res[2 * i + 1]);
+        let how = if i == 1 { "close" } else { "fsync" };
+        println!("{name}: the writer's read errno {read_errno}, its {how} errno {end_errno}");
+        // (a), through the writer's own descriptor.
+        assert_ne!(
+            read_errno, 0,
+            "{name}: the writer's own page was served after the cut-off"
+        );
+        outcome.push((*name, *len, end_errno == 0));
+    }
+    // (b)
+    assert!(
+        outcome.iter().all(|(_, _, ok)| !ok),
+        "a writer was told its dirty pages were written after the cut-off: {outcome:?}"
+    );
+    // (c)
+    key_update(&env, &["--enable"]);
+    wait_state(&env, &env.mnt, "Accessible");
+    let check = |mnt: &Path, when: &str| {
+        for (i, (name, len, acknowledged)) in outcome.iter().enumerate() {
+            let new = &news[i];
+            let got = read(&mnt.join(name));
+            if *acknowledged {
+                assert_bytes_eq(&format!("{name} {when} (acknowledged)"), &got, new);
+                continue;
+            }
+            assert!(
+                got.len() == old.len() || got.len() == *len,
+                "{name} {when}: size {} is neither the old {} nor the new {len}",
+                got.len(),
+                old.len()
+            );
+            for (u, unit) in got.chunks(SECTOR).enumerate() {
+                let at = |v: &[u8]| {
+                    v.get(u * SECTOR..u * SECTOR + unit.len())
+                        .map(<[u8]>::to_vec)
+                };
+                assert!(
+                    at(&old).as_deref() == Some(unit) || at(new).as_deref() == Some(unit),
+                    "{name} {when}: unit {u} is neither old nor new data"
+                );
+            }
+        }
+    };
+    check(&env.mnt, "after the key came back");
+    m.unmount();
+    let m = env.mount(&env.cipher, &env.mnt);
+    check(&env.mnt, "after a remount");
+    m.unmount();
+    assert_eq!(
+        find_markers(&env.cipher, &[marker.as_bytes()]),
+        Vec::<String>::new(),
+        "plaintext in the backing store after the unmount"
+    );
 }
 
 /// Sends SIGCONT on drop: a stopped daemon must never outlive a failed assertion.

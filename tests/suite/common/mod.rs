@@ -523,6 +523,10 @@ pub struct Env {
     pub home: PathBuf,
     pub cipher: PathBuf,
     pub mnt: PathBuf,
+    /// Put in front of every `cmkfs mount`'s extra arguments: `$CMKFS_TEST_MOUNT_ARGS`
+    /// (split on whitespace; e.g. `--no-writeback-cache` runs a test in the non-default
+    /// cache mode), or what a test sets ([`Env::in_mode`]).
+    pub mount_args: Vec<OsString>,
     // Declared last: dropped after `Drop for Env` has cleaned up the mounts inside it.
     _tmp: tempfile::TempDir,
 }
@@ -542,6 +546,11 @@ impl Env {
             home: root.join("home"),
             cipher: root.join("cipher"),
             mnt: root.join("mnt"),
+            mount_args: std::env::var("CMKFS_TEST_MOUNT_ARGS")
+                .unwrap_or_default()
+                .split_whitespace()
+                .map(OsString::from)
+                .collect(),
             root,
             _tmp: tmp,
         };
@@ -552,6 +561,13 @@ impl Env {
         fs::set_permissions(&env.home, fs::Permissions::from_mode(0o700)).expect("chmod home");
         use_test_passphrase();
         env
+    }
+
+    /// This env with its mounts in the given cache mode (`--no-writeback-cache`, or the
+    /// default with `&[]`), whatever `$CMKFS_TEST_MOUNT_ARGS` says.
+    pub fn in_mode(mut self, args: &[&str]) -> Env {
+        self.mount_args = args.iter().map(OsString::from).collect();
+        self
     }
 
     /// Creates (if needed) and returns the directory `root/name`.
@@ -633,6 +649,7 @@ impl Env {
     pub fn mount_with(&self, cipher: &Path, mnt: &Path, extra: &[&str]) -> Mount {
         let before = mounts_at(mnt).len();
         let mut args: Vec<OsString> = vec!["mount".into(), cipher.into(), mnt.into()];
+        args.extend(self.mount_args.iter().cloned());
         args.extend(extra.iter().map(OsString::from));
         let out = self.cmkfs(&args);
         if !out.ok() {
@@ -663,12 +680,14 @@ impl Env {
     /// mount is visible. The returned guard unmounts on drop and reaps the child.
     #[track_caller]
     pub fn mount_foreground(&self, cipher: &Path, mnt: &Path) -> Mount {
-        let mut cmd = self.command(&[
-            OsStr::new("mount"),
-            cipher.as_os_str(),
-            mnt.as_os_str(),
-            OsStr::new("--foreground"),
-        ]);
+        let mut args: Vec<OsString> = vec![
+            "mount".into(),
+            cipher.into(),
+            mnt.into(),
+            "--foreground".into(),
+        ];
+        args.extend(self.mount_args.iter().cloned());
+        let mut cmd = self.command(&args);
         let log = tempfile::tempfile().expect("temp file");
         cmd.stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
@@ -715,6 +734,7 @@ impl Env {
             mnt.into(),
             "--foreground".into(),
         ];
+        args.extend(self.mount_args.iter().cloned());
         args.extend(extra.iter().map(OsString::from));
         let mut cmd = self.command(&args);
         let log = tempfile::tempfile().expect("temp file");
