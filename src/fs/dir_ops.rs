@@ -26,11 +26,10 @@ impl CmkFs {
         r: FsResult<(std::ffi::OsString, Attr)>,
     ) {
         match r {
-            Ok((bname, a)) => reply.entry(
-                &TTL,
-                &self.remember(parent, name, &bname, &a),
-                Generation(0),
-            ),
+            Ok((bname, a)) => {
+                let (attr, generation) = self.remember(parent, name, &bname, &a, op != "lookup");
+                reply.entry(&TTL, &attr, generation)
+            }
             Err(e) => reply.error(self.errno(&e, op, Some(parent))),
         }
     }
@@ -213,12 +212,13 @@ impl CmkFs {
                 }
                 _ => None,
             };
-            let full = match fresh {
+            let (full, generation) = match fresh {
                 // Entries handed out with attributes count as lookups, as the kernel expects.
-                Some((b, a)) => self.remember(ino, &e.name, &b, &a),
-                // "." and "..": the kernel makes no dentry of them.
+                Some((b, a)) => self.remember(ino, &e.name, &b, &a, false),
+                // "." and "..": the kernel makes no dentry of them (nor looks at the
+                // generation).
                 None if e.name == "." || e.name == ".." => match self.getattr_of(ino, None) {
-                    Ok(a) => a,
+                    Ok(a) => (a, Generation(0)),
                     Err(_) => {
                         if reply.add_bare(INodeNo(e.ino), off, e.kind, &e.name) {
                             break;
@@ -234,7 +234,7 @@ impl CmkFs {
                 }
             };
             let counted = !(e.name == "." || e.name == "..");
-            if reply.add(full.ino, off, &e.name, &TTL, &full, Generation(0)) {
+            if reply.add(full.ino, off, &e.name, &TTL, &full, generation) {
                 // Buffer full, entry not sent: undo the lookup count just taken.
                 if counted {
                     self.table.forget(full.ino.0, 1);

@@ -294,10 +294,18 @@ impl CmkFs {
         Errno::from_i32(e.errno())
     }
 
-    /// Records an entry handed to the kernel and returns its FUSE attributes.
-    fn remember(&self, parent: INodeNo, name: &OsStr, bname: &OsStr, a: &Attr) -> FileAttr {
-        let ino = self.table.remember(parent.0, name, bname, a);
-        fattr(ino, a)
+    /// Records an entry handed to the kernel (`fresh`: an object just made) and returns its
+    /// FUSE attributes and generation.
+    fn remember(
+        &self,
+        parent: INodeNo,
+        name: &OsStr,
+        bname: &OsStr,
+        a: &Attr,
+        fresh: bool,
+    ) -> (FileAttr, fuser::Generation) {
+        let (ino, generation) = self.table.remember(parent.0, name, bname, a, fresh);
+        (fattr(ino, a), fuser::Generation(generation))
     }
 
     /// Directory inode `ino`, held open.

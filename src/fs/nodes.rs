@@ -52,6 +52,10 @@ struct Node {
     /// still be open).
     links: Vec<Link>,
     dir: Option<Arc<Dir>>,
+    /// The FUSE generation the kernel knows this number with. Bumped when the number is
+    /// handed out for a new object while the kernel may still hold the old one (see
+    /// [`NodeTable::remember`]).
+    generation: u64,
 }
 
 #[derive(Default)]
@@ -125,6 +129,7 @@ impl NodeTable {
                 kind: libc::S_IFDIR,
                 links: Vec::new(),
                 dir: Some(vol.root_dir().clone()),
+                generation: 0,
             },
         );
         NodeTable {
@@ -262,8 +267,24 @@ impl NodeTable {
     }
 
     /// Records that the kernel now knows `name` in `parent` (backing `bname`) as the inode
-    /// of `attr` (one more lookup). Returns the inode number.
-    pub(super) fn remember(&self, parent: u64, name: &OsStr, bname: &OsStr, attr: &Attr) -> u64 {
+    /// of `attr` (one more lookup). `fresh`: the object was just made (create, mkdir, mknod,
+    /// symlink). Returns the inode number and its generation.
+    ///
+    /// Inode numbers are the backing ones, which the backing filesystem reuses as soon as a
+    /// file is gone, while the kernel may still hold its inode for the old file (a file
+    /// replaced by a rename, not yet forgotten). Handed out again with the same generation,
+    /// the kernel would take the new file for the old inode, keeping that inode's cached
+    /// size (with the writeback cache the kernel trusts its own size: the new file's first
+    /// write-back went out as long as the old file). A new object under a number the kernel
+    /// still knows therefore gets a new generation, and the kernel drops the old inode.
+    pub(super) fn remember(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        bname: &OsStr,
+        attr: &Attr,
+        fresh: bool,
+    ) -> (u64, u64) {
         let ino = self.fuse_ino(attr.ino);
         let mut nodes = lock(&self.nodes);
         let key = (parent, name.to_os_string());
@@ -277,17 +298,28 @@ impl NodeTable {
             kind: attr.kind(),
             links: Vec::new(),
             dir: None,
+            generation: 0,
         });
+        let reused = n.nlookup > 0 && (fresh || n.kind != attr.kind());
         n.nlookup += 1;
-        if n.kind != attr.kind() {
-            // The backing inode number was reused by an object of another type.
+        if reused && ino != INodeNo::ROOT.0 {
+            // The backing inode number was reused by another object.
+            n.generation += 1;
             n.kind = attr.kind();
-            n.links.clear();
-            if n.dir.take().is_some() {
+            let stale: Vec<Link> = std::mem::take(&mut n.links);
+            let had_dir = n.dir.take().is_some();
+            for l in stale {
+                let key = (l.parent, l.name);
+                if nodes.by_name.get(&key) == Some(&ino) {
+                    nodes.by_name.remove(&key);
+                }
+            }
+            if had_dir {
                 nodes.cached = nodes.cached.saturating_sub(1);
             }
         }
         let n = nodes.map.get_mut(&ino).expect("inserted above");
+        let generation = n.generation;
         // The freshest name goes last: it is the one most likely to still exist.
         n.links.retain(|l| !(l.parent == parent && l.name == name));
         n.links.push(Link {
@@ -296,7 +328,7 @@ impl NodeTable {
             bname: bname.to_os_string(),
         });
         nodes.by_name.insert(key, ino);
-        ino
+        (ino, generation)
     }
 
     /// The kernel forgot `n` lookups of `ino`.

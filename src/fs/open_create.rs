@@ -5,8 +5,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use fuser::{
-    FileHandle, FopenFlags, Generation, INodeNo, OpenAccMode, OpenFlags, ReplyCreate, ReplyData,
-    ReplyEmpty, ReplyOpen, ReplyWrite, WriteFlags,
+    FileHandle, FopenFlags, INodeNo, OpenAccMode, OpenFlags, ReplyCreate, ReplyData, ReplyEmpty,
+    ReplyOpen, ReplyWrite, WriteFlags,
 };
 
 use super::{lock, CmkFs, Resolved, TTL};
@@ -45,27 +45,22 @@ impl CmkFs {
     ) {
         let r = self.dir(parent).and_then(|d| {
             match self.vol.create_file(&d, name, mode, c) {
+                Ok((bname, attr, of)) => Ok((bname, attr, of, true)),
                 // Created by someone else since the kernel's lookup: open it, as open(2)
                 // without O_EXCL does.
                 Err(e) if e.errno() == libc::EEXIST && flags & libc::O_EXCL == 0 => {
                     let (bname, attr) = self.vol.lookup(&d, name)?;
                     let of = self.vol.open_file(&d, &bname, true, Some(attr.ino))?;
-                    Ok((bname, attr, of))
+                    Ok((bname, attr, of, false))
                 }
-                r => r,
+                Err(e) => Err(e),
             }
         });
         match r {
-            Ok((bname, a, of)) => {
-                let attr = self.remember(parent, name, &bname, &a);
+            Ok((bname, a, of, fresh)) => {
+                let (attr, generation) = self.remember(parent, name, &bname, &a, fresh);
                 let fh = self.add_file(attr.ino.0, of);
-                reply.created(
-                    &TTL,
-                    &attr,
-                    Generation(0),
-                    FileHandle(fh),
-                    FopenFlags::empty(),
-                )
+                reply.created(&TTL, &attr, generation, FileHandle(fh), FopenFlags::empty())
             }
             Err(e) => reply.error(self.errno(&e, "create", Some(parent))),
         }

@@ -2,7 +2,7 @@
 
 use std::ffi::OsStr;
 
-use fuser::{Generation, INodeNo, ReplyEmpty, ReplyEntry};
+use fuser::{INodeNo, ReplyEmpty, ReplyEntry};
 
 use super::{CmkFs, Resolved, TTL};
 use crate::volume::VolumeError;
@@ -62,11 +62,10 @@ impl CmkFs {
             }
         });
         match r {
-            Ok((bname, a)) => reply.entry(
-                &TTL,
-                &self.remember(newparent, newname, &bname, &a),
-                Generation(0),
-            ),
+            Ok((bname, a)) => {
+                let (attr, generation) = self.remember(newparent, newname, &bname, &a, false);
+                reply.entry(&TTL, &attr, generation)
+            }
             Err(e) => reply.error(self.errno(&e, "link", Some(ino))),
         }
     }

@@ -458,7 +458,10 @@ fn sequence() -> Vec<Step> {
         root(Stat("p/ro")),
         root(Truncate("p/ro", -1)),
         root(Truncate("d", 0)),
-        root(Times("p/ro", Box::new(Truncate("p/ro", 5000)))),
+        // A size change moves both times. (A truncate to the size the file has already
+        // moves them on ext4 but not through the writeback cache, where the kernel owns a
+        // regular file's times and moves them only when the size changes: README.)
+        root(Times("p/ro", Box::new(Truncate("p/ro", 4000)))),
         root(Times("p/ro", Box::new(Chmod("p/ro", 0o600)))),
         root(Times(
             "p/ro",
