@@ -15,6 +15,10 @@
 //! Seeds: `CMKFS_MODEL_SEEDS=1,2,3` (a list) replaces the default set (two fixed seeds and one
 //! fresh seed, printed, replayable with `CMKFS_TEST_SEED`); `CMKFS_MODEL_OPS=N` sets the
 //! operations per seed (default 600). `scripts/soak.sh` runs long sets.
+//!
+//! Cache mode: the mounts use the default (the kernel's writeback cache); one cheap test
+//! runs the model with `--no-writeback-cache`, and `CMKFS_TEST_MOUNT_ARGS=--no-writeback-cache`
+//! runs every test of the suite in that mode.
 
 use crate::common;
 
@@ -1186,13 +1190,16 @@ fn first_difference(got: &[u8], want: &[u8]) -> String {
 /// Runs `ops` random operations from `seed` on a fresh volume; remounts half-way and at the
 /// end. Panics with the seed and the last operations on the first mismatch.
 fn run_seed(seed: u64, ops: usize) {
-    run_seed_with(seed, ops, false)
+    run_seed_with(seed, ops, false, None)
 }
 
 /// [`run_seed`]; with `reencrypt`, `cmkfs volume reencrypt --online` runs again and again on
 /// the mount meanwhile (issue 13: reads and writes during an online re-encryption).
-fn run_seed_with(seed: u64, ops: usize, reencrypt: bool) {
-    let env = Env::new();
+fn run_seed_with(seed: u64, ops: usize, reencrypt: bool, mode: Option<&[&str]>) {
+    let mut env = Env::new();
+    if let Some(mode) = mode {
+        env = env.in_mode(mode);
+    }
     env.init(&env.cipher);
     let names = names();
     let mut rng = StdRng::seed_from_u64(seed);
@@ -1345,7 +1352,21 @@ fn random_operations_match_the_model_while_the_volume_is_reencrypted_online() {
         Ok(_) => ops(),
         Err(_) => 100,
     };
-    run_seed_with(s, ops, true);
+    run_seed_with(s, ops, true, None);
+}
+
+/// The cache mode that is not the default (`--no-writeback-cache`: every write goes to the
+/// daemon at once), on a cheap subset: one fresh seed, a quarter of the default operations
+/// unless `CMKFS_MODEL_OPS` says otherwise. The other tests run in the default mode, or in
+/// the one `CMKFS_TEST_MOUNT_ARGS` names.
+#[test]
+fn random_operations_match_the_model_without_the_writeback_cache() {
+    let s = seed("model without the writeback cache");
+    let ops = match std::env::var("CMKFS_MODEL_OPS") {
+        Ok(_) => ops(),
+        Err(_) => 150,
+    };
+    run_seed_with(s, ops, false, Some(&["--no-writeback-cache"]));
 }
 
 #[test]

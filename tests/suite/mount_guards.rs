@@ -172,6 +172,55 @@ fn a_file_size_limit_fails_the_write_and_keeps_the_mount() {
     m.unmount();
 }
 
+/// A full backing disk: with the writeback cache the writes themselves may land in the
+/// kernel's pages and succeed; the write-back the daemon cannot store must then fail the
+/// `fsync` with ENOSPC (never be dropped in silence), the mount must live on, and each unit
+/// the file holds afterwards is the data written, or a part of it followed by zeros (where
+/// the disk filled up, and past it up to the size the kernel keeps), never garbage.
+#[test]
+fn a_full_backing_disk_fails_the_write_or_the_fsync_with_enospc() {
+    let env = Env::new();
+    let small = env.dir("small");
+    let _fs = Tmpfs::mount(&small);
+    env.init(&small);
+    let m = env.mount(&small, &env.mnt);
+    let unit: Vec<u8> = (0..4096u32).map(|i| (i % 251) as u8).collect();
+    let mut f = fs::File::create(m.path("big")).unwrap();
+    // 16 MiB onto an 8 MiB filesystem.
+    let mut written = 0usize;
+    let mut err = None;
+    for _ in 0..4096 {
+        match f.write_all(&unit) {
+            Ok(()) => written += unit.len(),
+            Err(e) => {
+                err = Some(e);
+                break;
+            }
+        }
+    }
+    let synced = f.sync_all();
+    println!("wrote {written} bytes, write error {err:?}, fsync {synced:?}");
+    let err = err.or(synced.err()).expect("16 MiB fit on an 8 MiB disk");
+    assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "{err}");
+    drop(f);
+    let got = read(&m.path("big"));
+    for (i, u) in got.chunks(4096).enumerate() {
+        // Where the backing disk filled up, a unit may end early: the rest reads as zeros.
+        let same = u.iter().zip(&unit).take_while(|(a, b)| a == b).count();
+        assert!(
+            u[same..].iter().all(|&b| b == 0),
+            "unit {i} of {} of the file on a full disk ({} bytes) is garbage: {:?}…",
+            got.len().div_ceil(4096),
+            got.len(),
+            &u[..u.len().min(32)]
+        );
+    }
+    fs::remove_file(m.path("big")).unwrap();
+    write(&m.path("small"), b"still here");
+    assert_eq!(read(&m.path("small")), b"still here");
+    m.unmount();
+}
+
 /// Third review: the volume lock was an `flock` on the 0755 backing directory, which any
 /// local user could take, making every mount refuse ("in use"). The lock is now on a 0600
 /// file only the volume's owner can open.
