@@ -111,13 +111,12 @@ pub struct MountArgs {
     /// up to 1 MiB); 0 keeps the kernel's default (128 KiB). Needs root.
     #[arg(long, value_name = "KIB", default_value_t = mount::DEFAULT_READAHEAD_KB)]
     readahead_kb: u32,
-    /// Let the kernel cache writes and send them in large batches (FUSE writeback cache,
-    /// the default): errors of cached writes then surface at fsync or close instead of at
-    /// write. Kept for scripts written before it became the default.
+    /// Let the kernel cache writes and send them in large batches (FUSE writeback cache):
+    /// errors of cached writes then surface at fsync or close instead of at write, and a
+    /// backup of the mount is a point in time of what reached the daemon (README).
     #[arg(long, overrides_with = "no_writeback_cache")]
     writeback_cache: bool,
-    /// Send every write to the daemon as it is made (no FUSE writeback cache): errors at
-    /// write, at the cost of one request per write(2).
+    /// Send every write to the daemon as it is made (the default; no FUSE writeback cache).
     #[arg(long, overrides_with = "writeback_cache")]
     no_writeback_cache: bool,
 }
@@ -128,10 +127,10 @@ impl MountArgs {
         self.foreground
     }
 
-    /// Whether the kernel's writeback cache is offered: on unless `--no-writeback-cache`
-    /// came last (the two switches override each other).
+    /// Whether the kernel's writeback cache is offered: when `--writeback-cache` came last
+    /// (the two switches override each other; off by default).
     fn writeback_cache(&self) -> bool {
-        self.writeback_cache || !self.no_writeback_cache
+        self.writeback_cache && !self.no_writeback_cache
     }
 }
 
@@ -468,8 +467,8 @@ fn spawn_daemon(
         cmd.arg("--no-push");
     }
     cmd.arg("--readahead-kb").arg(a.readahead_kb.to_string());
-    if a.no_writeback_cache {
-        cmd.arg("--no-writeback-cache");
+    if a.writeback_cache() {
+        cmd.arg("--writeback-cache");
     }
     if let Some(c) = &a.credential {
         cmd.arg("--credential")

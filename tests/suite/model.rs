@@ -16,9 +16,9 @@
 //! fresh seed, printed, replayable with `CMKFS_TEST_SEED`); `CMKFS_MODEL_OPS=N` sets the
 //! operations per seed (default 600). `scripts/soak.sh` runs long sets.
 //!
-//! Cache mode: the mounts use the default (the kernel's writeback cache); one cheap test
-//! runs the model with `--no-writeback-cache`, and `CMKFS_TEST_MOUNT_ARGS=--no-writeback-cache`
-//! runs every test of the suite in that mode.
+//! Cache mode: the mounts use the default (no writeback cache); one cheap test runs the
+//! model with `--writeback-cache`, and `CMKFS_TEST_MOUNT_ARGS=--writeback-cache` runs every
+//! test of the suite in that mode.
 
 use crate::common;
 
@@ -1355,18 +1355,18 @@ fn random_operations_match_the_model_while_the_volume_is_reencrypted_online() {
     run_seed_with(s, ops, true, None);
 }
 
-/// The cache mode that is not the default (`--no-writeback-cache`: every write goes to the
-/// daemon at once), on a cheap subset: one fresh seed, a quarter of the default operations
-/// unless `CMKFS_MODEL_OPS` says otherwise. The other tests run in the default mode, or in
-/// the one `CMKFS_TEST_MOUNT_ARGS` names.
+/// The cache mode that is not the default (`--writeback-cache`: the kernel keeps written
+/// pages, sizes and times), on a cheap subset: one fresh seed, a quarter of the default
+/// operations unless `CMKFS_MODEL_OPS` says otherwise. The other tests run in the default
+/// mode, or in the one `CMKFS_TEST_MOUNT_ARGS` names.
 #[test]
-fn random_operations_match_the_model_without_the_writeback_cache() {
-    let s = seed("model without the writeback cache");
+fn random_operations_match_the_model_with_the_writeback_cache() {
+    let s = seed("model with the writeback cache");
     let ops = match std::env::var("CMKFS_MODEL_OPS") {
         Ok(_) => ops(),
         Err(_) => 150,
     };
-    run_seed_with(s, ops, false, Some(&["--no-writeback-cache"]));
+    run_seed_with(s, ops, false, Some(&["--writeback-cache"]));
 }
 
 #[test]

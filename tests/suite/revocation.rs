@@ -407,49 +407,6 @@ fn a_purged_key_cuts_off_for_good() {
     assert_eq!(data_files(&env.cipher).len(), 1);
 }
 
-/// With the writeback cache (`--writeback-cache`), the kernel holds written pages and sends
-/// them later: at cut-off, pages still dirty must never reach the backing store in plaintext
-/// (they can only go out through the daemon, which has no key any more), and pages cached
-/// from reads must be dropped. The marker text is searched for in every backing file, after
-/// the cut-off and again after the unmount (which flushes whatever is left).
-#[test]
-fn writeback_cache_dirty_pages_at_cut_off_never_reach_the_disk_in_plaintext() {
-    const MARKER: &[u8] = b"<<cmkfs writeback plaintext marker>>";
-    let env = Env::new();
-    env.init(&env.cipher);
-    let m = env.mount_with(&env.cipher, &env.mnt, &["--writeback-cache"]);
-    let text: Vec<u8> = MARKER.iter().copied().cycle().take(4 << 20).collect();
-    write(&m.path("cached"), &text);
-    assert_eq!(read(&m.path("cached")), text, "read back through the cache");
-    // Dirty pages: written, never synced, the file still open at the cut-off.
-    let mut dirty = fs::File::create(m.path("dirty")).unwrap();
-    dirty.write_all(&text).unwrap();
-    key_update(&env, &["--disable"]);
-    wait_state(&env, &env.mnt, "Inaccessible");
-    let sync = dirty.sync_all();
-    println!("fsync of the dirty file after the cut-off: {sync:?}");
-    assert!(
-        fs::read(m.path("cached")).is_err(),
-        "a page cached before the cut-off was served after it"
-    );
-    let in_backing = |when: &str| {
-        for f in walk(&env.cipher) {
-            if fs::symlink_metadata(&f).is_ok_and(|md| md.is_file()) {
-                let bytes = fs::read(&f).unwrap_or_default();
-                assert!(
-                    !bytes.windows(MARKER.len()).any(|w| w == MARKER),
-                    "plaintext in {} {when}",
-                    f.display()
-                );
-            }
-        }
-    };
-    in_backing("after the cut-off");
-    drop(dirty);
-    m.unmount();
-    in_backing("after the unmount");
-}
-
 /// Waits up to a minute for `fd` to be readable, then reads into `buf` (0 on timeout).
 fn read_within(fd: i32, buf: &mut [u8]) -> usize {
     let mut p = libc::pollfd {
@@ -466,8 +423,8 @@ fn read_within(fd: i32, buf: &mut [u8]) -> usize {
     }
 }
 
-/// A cut-off while a writer holds dirty pages (the default writeback cache keeps written
-/// pages in the kernel): (a) nothing of the files is readable afterwards, by name or through
+/// A cut-off while a writer holds dirty pages (`--writeback-cache` keeps written pages in
+/// the kernel): (a) nothing of the files is readable afterwards, by name or through
 /// the writer's own descriptors, and no plaintext reached the backing store; (b) the writer
 /// hears of it, at `fsync` or at `close` (a write-back the daemon refuses is EIO, never
 /// dropped in silence); (c) once the key is back, every data unit holds either the old or the
@@ -482,7 +439,7 @@ fn a_cut_off_with_dirty_pages_fails_the_writer_and_leaves_old_or_new_units() {
     use std::ffi::CString;
     use std::os::unix::ffi::OsStrExt;
     let marker = format!("<<dirty page plaintext {}>>", unique_hex());
-    let env = Env::new();
+    let env = Env::new().in_mode(&["--writeback-cache"]);
     env.init(&env.cipher);
     let m = env.mount(&env.cipher, &env.mnt);
     let old = repeated(b"<old unit>", 5 * SECTOR + 7);

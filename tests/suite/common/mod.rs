@@ -524,7 +524,7 @@ pub struct Env {
     pub cipher: PathBuf,
     pub mnt: PathBuf,
     /// Put in front of every `cmkfs mount`'s extra arguments: `$CMKFS_TEST_MOUNT_ARGS`
-    /// (split on whitespace; e.g. `--no-writeback-cache` runs a test in the non-default
+    /// (split on whitespace; e.g. `--writeback-cache` runs the tests in the non-default
     /// cache mode), or what a test sets ([`Env::in_mode`]).
     pub mount_args: Vec<OsString>,
     // Declared last: dropped after `Drop for Env` has cleaned up the mounts inside it.
@@ -563,7 +563,7 @@ impl Env {
         env
     }
 
-    /// This env with its mounts in the given cache mode (`--no-writeback-cache`, or the
+    /// This env with its mounts in the given cache mode (`--writeback-cache`, or the
     /// default with `&[]`), whatever `$CMKFS_TEST_MOUNT_ARGS` says.
     pub fn in_mode(mut self, args: &[&str]) -> Env {
         self.mount_args = args.iter().map(OsString::from).collect();
