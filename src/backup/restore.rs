@@ -159,7 +159,6 @@ pub fn restore(
         .to_string_lossy()
         .into_owned();
     let parent = target.parent().unwrap_or(Path::new("/")).to_path_buf();
-    let cleaned_up = clean_leftovers(&target)?;
     let store = DesStore::new(req.home);
     let des_rec = store.load(req.des)?;
     // The set's key must be usable before anything is unpacked.
@@ -199,6 +198,16 @@ pub fn restore(
         });
     }
     check_chain(&links)?;
+    if req.new_dek && !req.discard_quarantine {
+        // Known from the manifest: refused before anything is written (the check on the
+        // extracted tree below stays, as a backstop).
+        let names = quarantine_names(&links[links.len() - 1].manifest);
+        if names > 0 {
+            return Err(quarantine_refusal(&format!("{names} names")));
+        }
+    }
+    // Only now that everything is verified: temp directories of killed restores go.
+    let cleaned_up = clean_leftovers(&target)?;
     let archive_bytes: u64 = links.iter().map(|l| l.sealed.size).sum();
 
     // 2. Each archive applied in turn into a temp directory of its own beside the target.
@@ -571,6 +580,34 @@ fn place(
     Ok(header.key_id)
 }
 
+/// The refusal of `--new-dek` while the archive's quarantine holds `what` (a count).
+fn quarantine_refusal(what: &str) -> BackupError {
+    let q = crate::fsck::QUARANTINE_DIR;
+    BackupError::Refused(format!(
+        "the archive's {q}/ holds {what} set aside by `cmkfs fsck --repair`, which cannot be \
+         re-encrypted under a new DEK: restore without --new-dek to look at them (listed in \
+         {q}/*/{m} of the restored volume), or add --discard-quarantine to leave them out; \
+         nothing was restored",
+        m = crate::fsck::MANIFEST_FILE,
+    ))
+}
+
+/// Names in the quarantine of the state `manifest` describes that hold something fsck set
+/// aside: anything below a batch directory (`cmkfs.quarantine/<time>/`) but the batch's own
+/// report, `cmkfs.fsck.json` (its set-aside extended attributes, `cmkfs.xattrs.json`, count).
+/// An empty batch directory, or a quarantine that is not a directory, is left to the check
+/// on the extracted tree (`quarantine`), which counts exactly as a re-encryption does.
+fn quarantine_names(manifest: &Manifest) -> u64 {
+    let q = crate::fsck::QUARANTINE_DIR;
+    manifest
+        .members
+        .iter()
+        .filter_map(|e| e.path.strip_prefix(q)?.strip_prefix('/'))
+        .filter_map(|below| below.split_once('/').map(|(_, rest)| rest))
+        .filter(|rest| *rest != crate::fsck::MANIFEST_FILE)
+        .count() as u64
+}
+
 /// `--new-dek`: the archive's `cmkfs.quarantine/` keeps the names of the source's
 /// directories, so it cannot be sealed again; re-encrypted around, it would share ciphertext
 /// with the source under a DEK the restored volume no longer has. Refused while it holds
@@ -584,13 +621,7 @@ fn quarantine(dir: &Path, discard: bool) -> Result<u64, BackupError> {
         return Ok(0);
     }
     if !discard {
-        return Err(BackupError::Refused(format!(
-            "the archive's {q}/ holds {held} entries set aside by `cmkfs fsck --repair`, which \
-             cannot be re-encrypted under a new DEK: restore without --new-dek to look at \
-             them (listed in {q}/*/{m} of the restored volume), or add \
-             --discard-quarantine to leave them out; nothing was restored",
-            m = crate::fsck::MANIFEST_FILE,
-        )));
+        return Err(quarantine_refusal(&format!("{held} entries")));
     }
     // Nothing followed: a symlink planted there is removed, not its target.
     let path = dir.join(q);

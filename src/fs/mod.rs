@@ -496,7 +496,7 @@ impl Filesystem for CmkFs {
             atime: time_or_now(atime),
             mtime: time_or_now(mtime),
         };
-        let _pass = self.vol.gates().write();
+        let _pass = self.vol.gates().write_in(ino == INodeNo::ROOT);
         self.do_setattr(ino, fh, &set, reply)
     }
 
@@ -515,7 +515,7 @@ impl Filesystem for CmkFs {
         rdev: u32,
         reply: ReplyEntry,
     ) {
-        let _pass = self.vol.gates().write();
+        let _pass = self.vol.gates().write_in(parent == INodeNo::ROOT);
         self.do_mknod(caller(req, umask), parent, name, mode, rdev, reply)
     }
 
@@ -528,17 +528,17 @@ impl Filesystem for CmkFs {
         umask: u32,
         reply: ReplyEntry,
     ) {
-        let _pass = self.vol.gates().write();
+        let _pass = self.vol.gates().write_in(parent == INodeNo::ROOT);
         self.do_mkdir(caller(req, umask), parent, name, mode, reply)
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let _pass = self.vol.gates().write();
+        let _pass = self.vol.gates().write_in(parent == INodeNo::ROOT);
         self.do_unlink(parent, name, reply)
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let _pass = self.vol.gates().write();
+        let _pass = self.vol.gates().write_in(parent == INodeNo::ROOT);
         self.do_rmdir(parent, name, reply)
     }
 
@@ -550,7 +550,7 @@ impl Filesystem for CmkFs {
         target: &Path,
         reply: ReplyEntry,
     ) {
-        let _pass = self.vol.gates().write();
+        let _pass = self.vol.gates().write_in(parent == INodeNo::ROOT);
         self.do_symlink(caller(req, 0), parent, link_name, target, reply)
     }
 
@@ -564,7 +564,10 @@ impl Filesystem for CmkFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        let _pass = self.vol.gates().write();
+        let _pass = self
+            .vol
+            .gates()
+            .write_in(parent == INodeNo::ROOT || newparent == INodeNo::ROOT);
         self.do_rename(parent, name, newparent, newname, flags.bits(), reply)
     }
 
@@ -576,7 +579,7 @@ impl Filesystem for CmkFs {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
-        let _pass = self.vol.gates().write();
+        let _pass = self.vol.gates().write_in(newparent == INodeNo::ROOT);
         self.do_link(ino, newparent, newname, reply)
     }
 
@@ -763,7 +766,7 @@ impl Filesystem for CmkFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        let _pass = self.vol.gates().write();
+        let _pass = self.vol.gates().write_in(parent == INodeNo::ROOT);
         self.do_create(caller(req, umask), parent, name, mode, flags, reply)
     }
 

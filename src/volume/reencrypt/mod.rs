@@ -407,9 +407,11 @@ impl<'a> Session<'a> {
         };
         let new_header = header.reencrypting(&outer, &wrapped, platform, &retiring);
         let gen = new_header.key_generation;
-        Journal::new(&header.volume_id, gen, Phase::Names)
-            .write(self.vol.root_dir().fd(), &outer)
-            .map_err(ReencryptError::os)?;
+        let vol = self.vol;
+        vol.keeping_root_mtime(|| {
+            Journal::new(&header.volume_id, gen, Phase::Names).write(vol.root_dir().fd(), &outer)
+        })
+        .map_err(ReencryptError::os)?;
         self.hooks.step(Step::JournalStarted)?;
         let sector = header.sector_size as usize;
         let deks = Unwrapped {
@@ -419,7 +421,7 @@ impl<'a> Session<'a> {
             generation: gen,
             retiring: Some(Box::new(old)),
         };
-        self.access.replace_header(&new_header)?;
+        vol.keeping_root_mtime(|| self.access.replace_header(&new_header))?;
         if !self
             .vol
             .keyring()
@@ -485,8 +487,12 @@ impl<'a> Session<'a> {
                 // once they are repaired, and the old DEK is kept meanwhile.
                 return Ok(());
             }
-            Journal::new(&header.volume_id, header.key_generation, Phase::Contents)
-                .write(root.fd(), self.journal_key()?)
+            let key = self.journal_key()?;
+            self.vol
+                .keeping_root_mtime(|| {
+                    Journal::new(&header.volume_id, header.key_generation, Phase::Contents)
+                        .write(root.fd(), key)
+                })
                 .map_err(ReencryptError::os)?;
             self.hooks.step(Step::NamesDone)?;
         } else if !journal.items.is_empty() {
@@ -577,7 +583,7 @@ impl<'a> Session<'a> {
             contents::syncfs(&root)?;
             // The header in force (a rotation may have rewrapped it meanwhile).
             let done = self.access.current_header().reencrypted(&deks.outer);
-            self.access.replace_header(&done)?;
+            vol.keeping_root_mtime(|| self.access.replace_header(&done))?;
             let now = Unwrapped {
                 outer: copy_dek(&deks.outer)?,
                 inner: deks.inner.as_ref().map(copy_dek).transpose()?,
@@ -591,14 +597,18 @@ impl<'a> Session<'a> {
                 .map_err(ReencryptError::other)?;
         }
         self.hooks.step(Step::HeaderFinished)?;
-        Journal::remove(root.fd()).map_err(ReencryptError::os)?;
-        // Temp files of journal writes a crash interrupted.
-        let tmp = format!("{}{JOURNAL_FILE}.", crate::fsutil::TEMP_PREFIX);
-        for e in contents::list_keeping_atime(&root).unwrap_or_default() {
-            if e.name.as_encoded_bytes().starts_with(tmp.as_bytes()) {
-                let _ = crate::volume::sys::unlink(root.fd(), &e.name);
+        vol.keeping_root_mtime(|| {
+            Journal::remove(root.fd())?;
+            // Temp files of journal writes a crash interrupted.
+            let tmp = format!("{}{JOURNAL_FILE}.", crate::fsutil::TEMP_PREFIX);
+            for e in contents::list_keeping_atime(&root).unwrap_or_default() {
+                if e.name.as_encoded_bytes().starts_with(tmp.as_bytes()) {
+                    let _ = crate::volume::sys::unlink(root.fd(), &e.name);
+                }
             }
-        }
+            Ok(())
+        })
+        .map_err(ReencryptError::os)?;
         tracing::info!(
             generation = deks.generation,
             "re-encryption finished: the old DEK is gone from the header"
