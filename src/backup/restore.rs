@@ -201,9 +201,8 @@ pub fn restore(
     if req.new_dek && !req.discard_quarantine {
         // Known from the manifest: refused before anything is written (the check on the
         // extracted tree below stays, as a backstop).
-        let names = quarantine_names(&links[links.len() - 1].manifest);
-        if names > 0 {
-            return Err(quarantine_refusal(&format!("{names} names")));
+        if quarantine_names(&links[links.len() - 1].manifest) > 0 {
+            return Err(quarantine_refusal("entries"));
         }
     }
     // Only now that everything is verified: temp directories of killed restores go.

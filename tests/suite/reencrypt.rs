@@ -335,6 +335,14 @@ fn a_crash_after_any_step_of_the_reencryption_is_resumed_without_losing_a_byte()
     populate(&env.mnt, &mut rng, 120);
     let want = mount_view(&env.mnt);
     m.unmount();
+    // The backing root's times are the mount root's: no control-file write (journal,
+    // header, their removal) may move its mtime, whatever step a crash stops at (F4).
+    let root_mtime = || fs::metadata(&env.cipher).unwrap().modified().unwrap();
+    fs::File::open(&env.cipher)
+        .unwrap()
+        .set_modified(std::time::UNIX_EPOCH + Duration::new(1_500_000_000, 5))
+        .unwrap();
+    let mtime = root_mtime();
     let before = VolumeHeader::read(&env.cipher).unwrap();
     let old_blocks = ciphertext_blocks(&env.cipher);
     let old_names = backing_names(&env.cipher);
@@ -356,6 +364,12 @@ fn a_crash_after_any_step_of_the_reencryption_is_resumed_without_losing_a_byte()
                 crashes += 1;
                 continue;
             }
+            // A crash in the names phase leaves the root renamed in, until this recovery.
+            assert_eq!(
+                root_mtime(),
+                mtime,
+                "seed {seed}: the root's mtime, at {all:?}"
+            );
             let (vol, _) = open(&env);
             assert_views(
                 &lib_view(&vol),
@@ -370,6 +384,11 @@ fn a_crash_after_any_step_of_the_reencryption_is_resumed_without_losing_a_byte()
             let (done, steps) = run_until(&env, stop, false);
             all.extend(steps);
             if done {
+                assert_eq!(
+                    root_mtime(),
+                    mtime,
+                    "seed {seed}: the root's mtime at the end"
+                );
                 break;
             }
             crashes += 1;

@@ -138,10 +138,37 @@ fn a_lost_directory_id_or_a_quarantine_is_refused_with_nothing_changed_and_resto
     let out = restore(r1.to_str().unwrap(), &[]);
     out.assert_clear_error();
     assert!(
-        out.stderr.contains("holds 1 entries") && out.stderr.contains("--discard-quarantine"),
+        out.stderr.contains("cmkfs.quarantine/ holds entries")
+            && out.stderr.contains("--discard-quarantine"),
         "{out}"
     );
     assert!(!r1.exists(), "a refused restore left {}", r1.display());
+    // Refused from the archive's manifest, before a single member is extracted (the check of
+    // the extracted tree, "holds 1 entries", stays as a backstop).
+    let home = Home::at(&env.home);
+    let open = |kid: &cmkfs::vault::KeyId| -> Result<_, cmkfs::backup::BackupError> {
+        Ok(cmkfs::vault::open(&kid.vault, &home)?)
+    };
+    let mut extracted = 0u64;
+    let mut progress = |p: &cmkfs::backup::Progress| extracted = extracted.max(p.members_done);
+    let archives = [archive.clone()];
+    let r = cmkfs::backup::restore::restore(
+        &cmkfs::backup::restore::RestoreRequest {
+            home: &home,
+            archives: &archives,
+            target: &r1,
+            des: "d",
+            new_dek: true,
+            discard_quarantine: false,
+            allow_devices: false,
+            open_vault: &open,
+        },
+        Some(&mut progress),
+    );
+    let err = r.err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(err.contains("holds entries"), "{err}");
+    assert_eq!(extracted, 0, "members were extracted before the refusal");
+    assert!(!r1.exists());
     let r2 = env.root.join("r2");
     let out = restore(r2.to_str().unwrap(), &["--discard-quarantine"]);
     out.assert_ok();

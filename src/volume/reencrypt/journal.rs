@@ -146,6 +146,13 @@ pub struct Journal {
     /// remove-then-set (it did not fit beside its old form).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub xattr: Option<XattrMove>,
+    /// Names phase: the backing root's access and modification times, (seconds,
+    /// nanoseconds), from before the re-encryption began. The names phase renames entries in
+    /// the root and sets its times back only once they are all done: after a crash in
+    /// between, the resumed phase sets these (the root's own times are then the crash's).
+    /// Absent in journals of earlier cmkfs versions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root_times: Option<[(i64, u32); 2]>,
     mac: String,
 }
 
@@ -237,6 +244,7 @@ impl Journal {
             phase,
             items: Vec::new(),
             xattr: None,
+            root_times: None,
             mac: String::new(),
         }
     }
@@ -316,6 +324,7 @@ impl Journal {
                     key_generation: old.key_generation,
                     phase: old.phase,
                     xattr: None,
+                    root_times: None,
                     items: old
                         .items
                         .into_iter()

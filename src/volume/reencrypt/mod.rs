@@ -249,6 +249,11 @@ pub struct Session<'a> {
     discard_quarantine: bool,
     /// Directories the names phase could not enter (see [`Report::damaged`]).
     damaged: Vec<String>,
+    /// The backing root's (atime, mtime) from before the names phase began, which it sets
+    /// back once the root's entries are renamed: read when this session starts a run, else
+    /// from the journal of the interrupted one (`Journal::root_times`) when nothing can
+    /// have changed the root since (offline, or a mount's recovery before it serves).
+    root_times: Option<[(i64, u32); 2]>,
 }
 
 impl<'a> Session<'a> {
@@ -274,6 +279,7 @@ impl<'a> Session<'a> {
             walks_complete: false,
             discard_quarantine: false,
             damaged: Vec::new(),
+            root_times: None,
         }
     }
 
@@ -408,10 +414,11 @@ impl<'a> Session<'a> {
         let new_header = header.reencrypting(&outer, &wrapped, platform, &retiring);
         let gen = new_header.key_generation;
         let vol = self.vol;
-        vol.keeping_root_mtime(|| {
-            Journal::new(&header.volume_id, gen, Phase::Names).write(vol.root_dir().fd(), &outer)
-        })
-        .map_err(ReencryptError::os)?;
+        self.root_times = root_times(vol);
+        let mut journal = Journal::new(&header.volume_id, gen, Phase::Names);
+        journal.root_times = self.root_times;
+        vol.keeping_root_mtime(|| journal.write(vol.root_dir().fd(), &outer))
+            .map_err(ReencryptError::os)?;
         self.hooks.step(Step::JournalStarted)?;
         let sector = header.sector_size as usize;
         let deks = Unwrapped {
@@ -457,6 +464,14 @@ impl<'a> Session<'a> {
         // No journal (removed by hand?): the names phase is idempotent, run it again.
         .unwrap_or_else(|| Journal::new(&header.volume_id, header.key_generation, Phase::Names));
         if journal.phase == Phase::Names {
+            if self.root_times.is_none() {
+                // Online a mount served the root since the journal was written: its users'
+                // changes stand.
+                self.root_times = journal
+                    .root_times
+                    .filter(|_| self.online.is_none())
+                    .or_else(|| root_times(self.vol));
+            }
             self.progress.phase = "names".into();
             self.report_progress();
             let keys = self.vol.current_keys()?;
@@ -686,6 +701,15 @@ fn test_hide(files: Vec<contents::Found>) -> Vec<contents::Found> {
         return Vec::new();
     }
     files
+}
+
+/// The backing root's (atime, mtime) now.
+fn root_times(vol: &Volume) -> Option<[(i64, u32); 2]> {
+    let st = super::sys::fstat(vol.root_dir().fd()).ok()?;
+    Some([
+        (st.st_atime, st.st_atime_nsec as u32),
+        (st.st_mtime, st.st_mtime_nsec as u32),
+    ])
 }
 
 fn copy_dek(d: &Dek) -> Result<Dek, ReencryptError> {
