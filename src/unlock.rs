@@ -187,8 +187,18 @@ impl HeaderHandle {
     /// Writes `new` as the volume header (atomically) and makes it the one checks compare
     /// with, with no check in between.
     pub fn replace(&self, new: &VolumeHeader) -> Result<(), VolumeError> {
+        self.replace_then(new, &mut || ())
+    }
+
+    /// [`HeaderHandle::replace`], calling `changed` right after each change of the backing
+    /// directory, before the fsyncs ([`VolumeHeader::write_then`]).
+    pub fn replace_then(
+        &self,
+        new: &VolumeHeader,
+        changed: &mut dyn FnMut(),
+    ) -> Result<(), VolumeError> {
         let _g = self.update.lock().unwrap_or_else(|p| p.into_inner());
-        new.write(&self.dir)?;
+        new.write_then(&self.dir, changed)?;
         *self.verified.write().unwrap_or_else(|p| p.into_inner()) = new.clone();
         Ok(())
     }
@@ -517,7 +527,11 @@ impl crate::volume::reencrypt::KeyAccess for ReencryptAccess<'_> {
         Ok((wrapped, platform))
     }
 
-    fn replace_header(&self, new: &VolumeHeader) -> Result<(), VolumeError> {
+    fn replace_header(
+        &self,
+        new: &VolumeHeader,
+        changed: &mut dyn FnMut(),
+    ) -> Result<(), VolumeError> {
         // Not beside a rewrap of the volume's Disk Encryption Set (it rewrites the header).
         let store = des::DesStore::new(&self.home);
         let _lock = match &new.des {
@@ -526,6 +540,6 @@ impl crate::volume::reencrypt::KeyAccess for ReencryptAccess<'_> {
             })?),
             _ => None,
         };
-        self.handle.replace(new)
+        self.handle.replace_then(new, changed)
     }
 }

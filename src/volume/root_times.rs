@@ -27,11 +27,37 @@ use super::{sys, Volume};
 /// How long a control-file write tries for the root gate before writing without it.
 const TRY_FOR: Duration = Duration::from_millis(50);
 
+/// The backing root's mtime from before a control-file write, for
+/// [`Volume::keeping_root_mtime`]'s `op` to put back as soon as its change is made (then
+/// again after `op`, if it moved since).
+pub struct RootMtime<'a> {
+    dir: BorrowedFd<'a>,
+    /// (seconds, nanoseconds); `None`: not to be put back (the gate was busy).
+    before: Option<(i64, u32)>,
+}
+
+impl RootMtime<'_> {
+    /// Sets the root's mtime back, if it moved.
+    pub fn put_back(&self) {
+        let Some(m) = self.before else {
+            return;
+        };
+        let moved = sys::fstat(self.dir).is_ok_and(|st| sys::times_of(&st)[1] != Some(Some(m)));
+        if moved {
+            if let Err(e) = sys::utimens_fd(self.dir, &[None, Some(Some(m))]) {
+                tracing::debug!(error = %e, "cannot set the backing root's mtime back");
+            }
+        }
+    }
+}
+
 impl Volume {
     /// Runs `op`, which creates, replaces or removes control files in the backing root, and
-    /// puts the root's mtime back as it was before (module docs). Offline (no requests) the
-    /// gate is always free.
-    pub fn keeping_root_mtime<T>(&self, op: impl FnOnce() -> T) -> T {
+    /// puts the root's mtime back as it was before (module docs); `op` may put it back
+    /// itself as soon as its change is made ([`RootMtime::put_back`]: before the directory
+    /// is fsynced, so that both are durable together and a kill in between is unlikely).
+    /// Offline (no requests) the gate is always free.
+    pub fn keeping_root_mtime<T>(&self, op: impl FnOnce(&RootMtime<'_>) -> T) -> T {
         let deadline = Instant::now() + TRY_FOR;
         let held = loop {
             match self.gates.root.try_write() {
@@ -43,10 +69,17 @@ impl Volume {
                 Err(std::sync::TryLockError::WouldBlock) => break None,
             }
         };
-        if held.is_none() {
-            return op();
-        }
-        keep_mtime(self.root_dir.fd(), op)
+        let dir = self.root_dir.fd();
+        let keeper = RootMtime {
+            dir,
+            before: held
+                .as_ref()
+                .and_then(|_| sys::fstat(dir).ok())
+                .and_then(|st| sys::times_of(&st)[1].flatten()),
+        };
+        let r = op(&keeper);
+        keeper.put_back();
+        r
     }
 }
 

@@ -255,9 +255,31 @@ pub fn write_new(dir: BorrowedFd<'_>, name: &OsStr, bytes: &[u8], mode: u32) -> 
 /// Replaces `name` in `dir` with `bytes` atomically: a temp file beside it, fsync, rename
 /// over the name, fsync the directory. A crash leaves the old or the new content.
 pub fn write_atomic(dir: BorrowedFd<'_>, name: &OsStr, bytes: &[u8], mode: u32) -> io::Result<()> {
+    write_atomic_then(dir, name, bytes, mode, &mut || ())
+}
+
+/// [`write_atomic`], calling `changed` right after each change of the directory (the temp
+/// file created, then renamed into place), before the fsyncs: what it changes in the
+/// directory's own inode (its times, set back) is made durable with the rename, and a kill
+/// between a change and the call has a few instructions to land in, not an fsync.
+pub fn write_atomic_then(
+    dir: BorrowedFd<'_>,
+    name: &OsStr,
+    bytes: &[u8],
+    mode: u32,
+    changed: &mut dyn FnMut(),
+) -> io::Result<()> {
     let tmp = temp_name(&name.to_string_lossy())?;
-    write_new(dir, &tmp, bytes, mode)?;
-    let r = rename(dir, &tmp, dir, name, 0).and_then(|()| fsync_dir(dir));
+    let mut f = create_regular(dir, &tmp, mode)?;
+    changed();
+    let r = f
+        .write_all(bytes)
+        .and_then(|()| f.sync_all())
+        .and_then(|()| rename(dir, &tmp, dir, name, 0))
+        .and_then(|()| {
+            changed();
+            fsync_dir(dir)
+        });
     if r.is_err() {
         let _ = unlink(dir, &tmp);
     }

@@ -440,6 +440,15 @@ fn sigkill_of_the_command_at_random_moments_then_mount_and_resume_keeps_every_fi
     populate(&env.mnt, &mut rng, 400);
     let want = mount_view(&env.mnt);
     m.unmount();
+    // Whatever the kills interrupt, the root (whose times are the mount root's) ends with
+    // its mtime (F4).
+    let set_root_mtime = || {
+        fs::File::open(&env.cipher)
+            .unwrap()
+            .set_modified(std::time::UNIX_EPOCH + Duration::new(1_500_000_000, 5))
+            .unwrap()
+    };
+    set_root_mtime();
     let cipher = env.cipher.to_str().unwrap().to_string();
     for round in 0..4 {
         let mut cmd = env.command(&["volume", "reencrypt", &cipher]);
@@ -465,6 +474,7 @@ fn sigkill_of_the_command_at_random_moments_then_mount_and_resume_keeps_every_fi
     let stale = env.cipher.join(".cmkfs-tmp.cmkfs.volume.json.0123456789ab");
     let header = fs::read(env.cipher.join("cmkfs.volume.json")).unwrap();
     fs::write(&stale, &header[..header.len() / 2]).unwrap();
+    set_root_mtime();
     let mut cmd = env.command(&["volume", "reencrypt", &cipher, "--json"]);
     cmd.env("CMKFS_REENCRYPT_BATCH_BYTES", "65536");
     let out = run_with_timeout(cmd, Duration::from_secs(120)).unwrap();
@@ -474,6 +484,11 @@ fn sigkill_of_the_command_at_random_moments_then_mount_and_resume_keeps_every_fi
     assert!(
         !stale.exists(),
         "a completed run left a header temp file: {out}"
+    );
+    assert_eq!(
+        fs::metadata(&env.cipher).unwrap().modified().unwrap(),
+        std::time::UNIX_EPOCH + Duration::new(1_500_000_000, 5),
+        "seed {seed}: the root's mtime"
     );
     let m = env.mount(&env.cipher, &env.mnt);
     assert_views(&mount_view(&env.mnt), &want, "at the end");

@@ -414,7 +414,7 @@ fn run_batch(
     }
     let key = s.journal_key()?;
     s.vol
-        .keeping_root_mtime(|| j.write(s.vol.root_dir().fd(), key))
+        .keeping_root_mtime(|k| j.write_then(s.vol.root_dir().fd(), key, &mut || k.put_back()))
         .map_err(ReencryptError::os)?;
     s.hooks.step(Step::JournalDurable)?;
     let mut wrote = 0u64;
@@ -451,9 +451,12 @@ fn run_batch(
 fn retire_journal(s: &Session<'_>, generation: u32) -> Result<(), ReencryptError> {
     let key = s.journal_key()?;
     s.vol
-        .keeping_root_mtime(|| {
-            Journal::new(&s.volume_id, generation, Phase::Contents)
-                .write(s.vol.root_dir().fd(), key)
+        .keeping_root_mtime(|k| {
+            Journal::new(&s.volume_id, generation, Phase::Contents).write_then(
+                s.vol.root_dir().fd(),
+                key,
+                &mut || k.put_back(),
+            )
         })
         .map_err(ReencryptError::os)
 }

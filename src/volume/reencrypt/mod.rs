@@ -173,8 +173,14 @@ pub trait KeyAccess {
         inner: Option<&Dek>,
     ) -> Result<(Wrapped, Option<PlatformEnvelope>), VolumeError>;
     /// Writes `new` as the volume header (atomically; under the Disk Encryption Set's lock
-    /// where one applies) and makes it the one in force.
-    fn replace_header(&self, new: &VolumeHeader) -> Result<(), VolumeError>;
+    /// where one applies) and makes it the one in force; `changed` is called right after each
+    /// change of the backing root (the temp file created, the rename), before the fsyncs
+    /// (the root's mtime is put back there).
+    fn replace_header(
+        &self,
+        new: &VolumeHeader,
+        changed: &mut dyn FnMut(),
+    ) -> Result<(), VolumeError>;
 }
 
 /// What a live mount does for an online re-encryption.
@@ -417,8 +423,10 @@ impl<'a> Session<'a> {
         self.root_times = root_times(vol);
         let mut journal = Journal::new(&header.volume_id, gen, Phase::Names);
         journal.root_times = self.root_times;
-        vol.keeping_root_mtime(|| journal.write(vol.root_dir().fd(), &outer))
-            .map_err(ReencryptError::os)?;
+        vol.keeping_root_mtime(|k| {
+            journal.write_then(vol.root_dir().fd(), &outer, &mut || k.put_back())
+        })
+        .map_err(ReencryptError::os)?;
         self.hooks.step(Step::JournalStarted)?;
         let sector = header.sector_size as usize;
         let deks = Unwrapped {
@@ -428,7 +436,10 @@ impl<'a> Session<'a> {
             generation: gen,
             retiring: Some(Box::new(old)),
         };
-        vol.keeping_root_mtime(|| self.access.replace_header(&new_header))?;
+        vol.keeping_root_mtime(|k| {
+            self.access
+                .replace_header(&new_header, &mut || k.put_back())
+        })?;
         if !self
             .vol
             .keyring()
@@ -504,9 +515,9 @@ impl<'a> Session<'a> {
             }
             let key = self.journal_key()?;
             self.vol
-                .keeping_root_mtime(|| {
+                .keeping_root_mtime(|k| {
                     Journal::new(&header.volume_id, header.key_generation, Phase::Contents)
-                        .write(root.fd(), key)
+                        .write_then(root.fd(), key, &mut || k.put_back())
                 })
                 .map_err(ReencryptError::os)?;
             self.hooks.step(Step::NamesDone)?;
@@ -598,7 +609,7 @@ impl<'a> Session<'a> {
             contents::syncfs(&root)?;
             // The header in force (a rotation may have rewrapped it meanwhile).
             let done = self.access.current_header().reencrypted(&deks.outer);
-            vol.keeping_root_mtime(|| self.access.replace_header(&done))?;
+            vol.keeping_root_mtime(|k| self.access.replace_header(&done, &mut || k.put_back()))?;
             let now = Unwrapped {
                 outer: copy_dek(&deks.outer)?,
                 inner: deks.inner.as_ref().map(copy_dek).transpose()?,
@@ -612,8 +623,8 @@ impl<'a> Session<'a> {
                 .map_err(ReencryptError::other)?;
         }
         self.hooks.step(Step::HeaderFinished)?;
-        vol.keeping_root_mtime(|| {
-            Journal::remove(root.fd())?;
+        vol.keeping_root_mtime(|k| {
+            Journal::remove(root.fd(), &mut || k.put_back())?;
             // Temp files of journal writes a crash interrupted.
             let tmp = format!("{}{JOURNAL_FILE}.", crate::fsutil::TEMP_PREFIX);
             for e in contents::list_keeping_atime(&root).unwrap_or_default() {
