@@ -1,13 +1,15 @@
 //! `cmkfs restore`: verify first, write nothing that is not verified, rename at the end.
 //!
-//! 1. The target must be absent or an empty directory, the Disk Encryption Set usable; temp
-//!    directories of killed restores into the target are removed (a running one refuses).
+//! 1. The target must be absent or an empty directory, the Disk Encryption Set usable.
 //! 2. For every archive of the chain (a full archive, then its incremental archives, oldest
 //!    first): the seals are read ([`super::chain`]), the key envelope is unwrapped through
 //!    the backup key's vault with the caller's rights (a disabled, deleted or forbidden key
 //!    refuses here, with the vault's reason), the manifest MAC verified under the DEK; then
 //!    the chain is checked (each incremental names its base by the SHA-256 of its
-//!    manifest). All this before anything is written.
+//!    manifest). With `--new-dek`, an archive whose quarantine holds entries is refused
+//!    (from the last manifest; see `quarantine_names`). All this before anything is
+//!    written; then temp directories of killed restores into the target are removed (a
+//!    running one refuses).
 //! 3. Each archive is applied into a fresh `.<target>.cmkfs-restore.<random>` beside the
 //!    target (held under the volume lock while in use), in manifest order: stored members
 //!    are extracted (nothing followed: every entry is created relative to its parent's
