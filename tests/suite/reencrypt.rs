@@ -17,7 +17,7 @@ use std::time::Duration;
 use cmkfs::home::Home;
 use cmkfs::keyring::KeyringConfig;
 use cmkfs::volume::header::VolumeHeader;
-use cmkfs::volume::reencrypt::{Hooks, Session, Step};
+use cmkfs::volume::reencrypt::{Hooks, ReencryptError, Session, Step};
 use cmkfs::volume::{Dir, Target, Volume};
 use common::*;
 use rand::rngs::StdRng;
@@ -241,7 +241,7 @@ fn assert_views(got: &BTreeMap<String, String>, want: &BTreeMap<String, String>,
 }
 
 /// Opens the volume in-process as a fresh process would (after a crash).
-fn open(env: &Env) -> (Volume, cmkfs::unlock::HeaderHandle) {
+pub(crate) fn open(env: &Env) -> (Volume, cmkfs::unlock::HeaderHandle) {
     let home = Home::at(&env.home);
     let header = VolumeHeader::read(&env.cipher).unwrap();
     let vault = cmkfs::vault::open("local:", &home).unwrap();
@@ -288,12 +288,35 @@ fn small_batches() {
     std::env::set_var("CMKFS_REENCRYPT_BATCH_BYTES", "65536");
 }
 
-/// Runs (or resumes) a re-encryption in-process, stopped after `stop_after` fault steps
-/// (`None`: to the end). Returns whether it finished and the steps it went through.
-fn run_until(env: &Env, stop_after: Option<usize>, recover_only: bool) -> (bool, Vec<Step>) {
+/// Runs (or resumes) a re-encryption in-process on the volume opened afresh ([`open`]),
+/// with `fault` called after each step (an error stops it there, as a crash would);
+/// `recover_only`: only what a mount runs before it serves.
+pub(crate) fn run_in_process(
+    env: &Env,
+    recover_only: bool,
+    fault: &mut dyn FnMut(Step) -> std::io::Result<()>,
+) -> Result<cmkfs::volume::reencrypt::Report, ReencryptError> {
     let (vol, handle) = open(env);
     let home = Home::at(&env.home);
     let access = cmkfs::unlock::ReencryptAccess::new(&home, vol.keyring().vault(), handle).unwrap();
+    let session = Session::new(
+        &vol,
+        &access,
+        None,
+        Hooks {
+            progress: None,
+            fault: Some(fault),
+        },
+    );
+    match recover_only {
+        true => session.recover(),
+        false => session.run(),
+    }
+}
+
+/// Runs (or resumes) a re-encryption in-process, stopped after `stop_after` fault steps
+/// (`None`: to the end). Returns whether it finished and the steps it went through.
+fn run_until(env: &Env, stop_after: Option<usize>, recover_only: bool) -> (bool, Vec<Step>) {
     let mut steps = Vec::new();
     let mut fault = |s: Step| {
         steps.push(s);
@@ -302,23 +325,9 @@ fn run_until(env: &Env, stop_after: Option<usize>, recover_only: bool) -> (bool,
         }
         Ok(())
     };
-    let session = Session::new(
-        &vol,
-        &access,
-        None,
-        Hooks {
-            progress: None,
-            fault: Some(&mut fault),
-        },
-    );
-    let r = if recover_only {
-        session.recover()
-    } else {
-        session.run()
-    };
-    let done = match r {
+    let done = match run_in_process(env, recover_only, &mut fault) {
         Ok(_) => true,
-        Err(cmkfs::volume::reencrypt::ReencryptError::Interrupted(_)) => false,
+        Err(ReencryptError::Interrupted(_)) => false,
         Err(e) => panic!("re-encryption failed: {e}"),
     };
     (done, steps)
@@ -677,11 +686,6 @@ fn a_batch_torn_at_any_sector_is_finished_from_the_journal_marks() {
             let mut before = None;
             let mut after = None;
             let done = {
-                let (vol, handle) = open(&env);
-                let home = Home::at(&env.home);
-                let access =
-                    cmkfs::unlock::ReencryptAccess::new(&home, vol.keyring().vault(), handle)
-                        .unwrap();
                 let cipher = env.cipher.clone();
                 let mut fault = |s: Step| {
                     match s {
@@ -694,17 +698,7 @@ fn a_batch_torn_at_any_sector_is_finished_from_the_journal_marks() {
                     }
                     Ok(())
                 };
-                Session::new(
-                    &vol,
-                    &access,
-                    None,
-                    Hooks {
-                        progress: None,
-                        fault: Some(&mut fault),
-                    },
-                )
-                .run()
-                .is_ok()
+                run_in_process(&env, false, &mut fault).is_ok()
             };
             if done {
                 break;
