@@ -316,13 +316,32 @@ pub fn restore(
                 sector: last.manifest.source.sector_size,
                 generation: last.manifest.source.key_generation,
             };
-            let (r, ids) = reencrypt(req.home, &des_rec, &tmp, &header, &keys)?;
+            let (r, ids) = reencrypt(req.home, &des_rec, &tmp, &keys)?;
             (Some(r), Some(ids))
         } else {
             (None, None)
         };
         rustix::fs::syncfs(File::open(&tmp).map_err(|e| BackupError::io("", e))?)
             .map_err(|e| BackupError::io("", e.into()))?;
+        #[cfg(debug_assertions)]
+        test_pause("CMKFS_TEST_RESTORE_PAUSE");
+        // A key owner who disabled or revoked the backup key while the restore ran must not
+        // find a usable volume published after that: the same unwrap as at the start, for
+        // every archive of the chain, right before the rename (as a backup does before it
+        // publishes its archive).
+        for link in &links {
+            let kid = link.sealed.envelope.kid()?;
+            let still = (req.open_vault)(&kid)
+                .and_then(|v| link.sealed.envelope.unwrap(v.as_ref()).map(drop));
+            crate::crypto::secret::scrub_stack();
+            if let Err(e) = still {
+                return Err(BackupError::Refused(format!(
+                    "{e}; the backup key stopped unwrapping the archive's DEK before the \
+                     restore ended (disabled or revoked meanwhile?), so nothing was restored; \
+                     restore again once the key owner allows it"
+                )));
+            }
+        }
         let key_id = place(req.home, &store, req.des, &tmp, &target)?;
         drop(lock);
         temps.clear();
@@ -358,6 +377,25 @@ pub fn restore(
             }
             Err(e)
         }
+    }
+}
+
+/// Debug builds only (tests): with the environment variable `var` set to PATH, the restore
+/// creates `PATH.reached`, then waits (at most 20 s) for `PATH` to exist, so a test can
+/// change keys at that point. `CMKFS_TEST_RESTORE_PAUSE`: the tree is complete, before the
+/// final backup-key check; `CMKFS_TEST_RESTORE_PAUSE_NEW_DEK`: before the `--new-dek`
+/// re-encryption.
+#[cfg(debug_assertions)]
+fn test_pause(var: &str) {
+    let Some(gate) = std::env::var_os(var).map(PathBuf::from) else {
+        return;
+    };
+    let mut reached = gate.clone().into_os_string();
+    reached.push(".reached");
+    let _ = std::fs::write(&reached, b"");
+    let end = Instant::now() + std::time::Duration::from_secs(20);
+    while !gate.exists() && Instant::now() < end {
+        std::thread::sleep(std::time::Duration::from_millis(10));
     }
 }
 
@@ -482,14 +520,20 @@ fn reencrypt(
     home: &Home,
     des_rec: &DiskEncryptionSet,
     dir: &Path,
-    header: &VolumeHeader,
     keys: &renumber::Keys<'_>,
 ) -> Result<(Report, Renumbered), BackupError> {
     let times = times_by_inode(dir)?;
     let ids = renumber::renumber(dir, keys)?;
+    #[cfg(debug_assertions)]
+    test_pause("CMKFS_TEST_RESTORE_PAUSE_NEW_DEK");
+    // The set's key may have changed since the header was written (`cmkfs des update`
+    // meanwhile): the temp tree is not listed in the set, so nothing rewrapped it, and the
+    // unlock below would take its header for an old one put back.
+    let (des_rec, header) = rewrap_to_active(home, &DesStore::new(home), &des_rec.name, dir)?;
+    let header = &header;
     // The caller holds the volume lock on `dir` exclusive.
     let report = {
-        let v = des::open_vault(home, des_rec)?;
+        let v = des::open_vault(home, &des_rec)?;
         let (kr, header, handle) =
             crate::unlock::unlock_with_handle(home, v, dir, header, KeyringConfig::default())?;
         let kr = Arc::new(kr);
@@ -526,6 +570,40 @@ fn reencrypt(
     Ok((report, ids))
 }
 
+/// [`rewrap_locked`] under the set's lock.
+fn rewrap_to_active(
+    home: &Home,
+    store: &DesStore,
+    des_name: &str,
+    tmp: &Path,
+) -> Result<(DiskEncryptionSet, VolumeHeader), BackupError> {
+    let _lock = store.lock()?;
+    rewrap_locked(home, store, des_name, tmp)
+}
+
+/// The set's record as it is now, and the header of the restore's temp tree `tmp` wrapped by
+/// the set's active key: rewrapped (same DEK) and rewritten if the set's key changed since it
+/// was written. The caller holds the set's lock.
+fn rewrap_locked(
+    home: &Home,
+    store: &DesStore,
+    des_name: &str,
+    tmp: &Path,
+) -> Result<(DiskEncryptionSet, VolumeHeader), BackupError> {
+    let rec = store.load(des_name)?;
+    let mut header = VolumeHeader::read(tmp)?;
+    if header.key_id != rec.active_key.key_url {
+        let v = des::open_vault(home, &rec)?;
+        let dek = header.unwrap_dek(v.as_ref())?;
+        let kid = rec.active_key_id()?;
+        let info = v.get_key(&kid.name, Some(&kid.version))?;
+        let w = v.wrap_key(&kid.name, Some(&kid.version), info.wrap_alg, dek.as_bytes())?;
+        header = header.rewrapped(&w, &dek);
+        header.write(tmp)?;
+    }
+    Ok((rec, header))
+}
+
 /// Under the set's lock: the header rewrapped if the set's key changed meanwhile, the target
 /// listed in the set, the temp directory renamed into place (over an empty directory, or
 /// where nothing is). Returns the key id of the header.
@@ -537,17 +615,7 @@ fn place(
     target: &Path,
 ) -> Result<String, BackupError> {
     let _lock = store.lock()?;
-    let mut rec = store.load(des_name)?;
-    let mut header = VolumeHeader::read(tmp)?;
-    if header.key_id != rec.active_key.key_url {
-        let v = des::open_vault(home, &rec)?;
-        let dek = header.unwrap_dek(v.as_ref())?;
-        let kid = rec.active_key_id()?;
-        let info = v.get_key(&kid.name, Some(&kid.version))?;
-        let w = v.wrap_key(&kid.name, Some(&kid.version), info.wrap_alg, dek.as_bytes())?;
-        header = header.rewrapped(&w, &dek);
-        header.write(tmp)?;
-    }
+    let (mut rec, header) = rewrap_locked(home, store, des_name, tmp)?;
     let listed = rec.volumes.iter().any(|p| p == target);
     if !listed {
         rec.volumes.push(target.to_path_buf());

@@ -803,3 +803,70 @@ fn holes_stay_holes_and_cost_nothing() {
     assert_views(&mount_view(&env.mnt), &want, "after the re-encryption");
     m.unmount();
 }
+
+/// An offline re-encryption holds the volume lock and, to change the header, needs its Disk
+/// Encryption Set's lock; `cmkfs des update` takes them in the other order. While another
+/// command holds the set's lock, the re-encryption waits only a while, then stops with the
+/// volume as it was (it still mounts) and resumes when run again: the two never wait for
+/// each other for ever.
+#[test]
+fn an_offline_reencryption_does_not_wait_for_ever_for_a_busy_disk_encryption_set() {
+    let env = Env::new();
+    env.cmkfs(&["vault", "config", "--purge-protection", "on"])
+        .assert_ok();
+    env.cmkfs(&["vault", "key", "create", "dkey", "--key-size", KEY_SIZE])
+        .assert_ok();
+    env.cmkfs(&["des", "create", "d", "--key", "dkey"])
+        .assert_ok();
+    env.cmkfs(&[
+        "init".as_ref(),
+        env.cipher.as_os_str(),
+        "--des".as_ref(),
+        "d".as_ref(),
+    ])
+    .assert_ok();
+    {
+        let m = env.mount(&env.cipher, &env.mnt);
+        fs::write(env.mnt.join("f"), b"kept across a stopped run").unwrap();
+        m.unmount();
+    }
+    // Held as `cmkfs des update` holds it while it waits for the volume.
+    let set_lock = fs::File::open(env.home.join("des/.lock")).unwrap();
+    // SAFETY: flock on a descriptor this test owns.
+    assert_eq!(
+        unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&set_lock), libc::LOCK_EX) },
+        0
+    );
+    let mut cmd = env.command(&[
+        "volume".as_ref(),
+        "reencrypt".as_ref(),
+        env.cipher.as_os_str(),
+    ]);
+    cmd.env("CMKFS_TEST_SET_LOCK_WAIT_MS", "300");
+    let out = cmd.output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("is busy"), "{stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    drop(set_lock);
+    {
+        let m = env.mount(&env.cipher, &env.mnt);
+        assert_eq!(
+            fs::read(env.mnt.join("f")).unwrap(),
+            b"kept across a stopped run"
+        );
+        m.unmount();
+    }
+    env.cmkfs(&[
+        "volume".as_ref(),
+        "reencrypt".as_ref(),
+        env.cipher.as_os_str(),
+    ])
+    .assert_ok();
+    let m = env.mount(&env.cipher, &env.mnt);
+    assert_eq!(
+        fs::read(env.mnt.join("f")).unwrap(),
+        b"kept across a stopped run"
+    );
+    m.unmount();
+}
