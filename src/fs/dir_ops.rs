@@ -12,7 +12,7 @@ use fuser::{
     ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen,
 };
 
-use super::{kind_of, lock, CmkFs, DirEntry, DirSnapshot, FsResult, Resolved, TTL};
+use super::{kind_of, lock, CmkFs, DirEntry, DirSnapshot, FsResult, Resolved};
 use crate::volume::{Attr, Caller};
 
 impl CmkFs {
@@ -27,7 +27,7 @@ impl CmkFs {
     ) {
         match r {
             Ok((bname, a)) => reply.entry(
-                &TTL,
+                &self.ttl,
                 &self.remember(parent, name, &bname, &a),
                 Generation(0),
             ),
@@ -234,7 +234,7 @@ impl CmkFs {
                 }
             };
             let counted = !(e.name == "." || e.name == "..");
-            if reply.add(full.ino, off, &e.name, &TTL, &full, Generation(0)) {
+            if reply.add(full.ino, off, &e.name, &self.ttl, &full, Generation(0)) {
                 // Buffer full, entry not sent: undo the lookup count just taken.
                 if counted {
                     self.table.forget(full.ino.0, 1);
