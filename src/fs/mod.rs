@@ -65,12 +65,13 @@ pub fn invalidate_kernel_caches(table: &NodeTable, notifier: &fuser::Notifier) -
     done
 }
 
-/// One entry of a directory listing; with attributes (and backing name) for readdirplus.
+/// One entry of a directory listing: inode and type as listed at opendir (what a reply
+/// sends when it cannot read them again), and the backing name (`None` for `.` and `..`).
 struct DirEntry {
     ino: u64,
     kind: FileType,
     name: OsString,
-    attr: Option<(OsString, Attr)>,
+    bname: Option<OsString>,
 }
 
 struct DirSnapshot {
@@ -678,13 +679,13 @@ impl Filesystem for CmkFs {
     fn readdir(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         reply: ReplyDirectory,
     ) {
         let _pass = self.vol.gates().read();
-        self.do_readdir(fh, offset, reply)
+        self.do_readdir(ino, fh, offset, reply)
     }
 
     fn readdirplus(
