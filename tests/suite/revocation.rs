@@ -623,4 +623,14 @@ fn cached_names_and_attributes_are_dropped_at_cut_off() {
     assert_eq!(read(&m.path("d/l")), b"cached");
     assert_eq!(fs::read_dir(m.path("d")).unwrap().count(), 2);
     m.unmount();
+    // A timeout past an hour is refused with one line (nothing is mounted).
+    let out = env.cmkfs(&[
+        OsStr::new("mount"),
+        env.cipher.as_os_str(),
+        env.mnt.as_os_str(),
+        OsStr::new("--cache-timeout"),
+        OsStr::new("2h"),
+    ]);
+    assert!(!out.ok() && out.stderr.contains("at most 1h"), "{out}");
+    assert!(!is_mounted(&env.mnt));
 }
