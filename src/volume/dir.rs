@@ -74,7 +74,7 @@ pub(super) fn read_dir_id(dir: BorrowedFd<'_>) -> Result<DirId, VolumeError> {
 /// Writes a fresh random id into the new directory `dir` (fsynced).
 pub(super) fn write_dir_id(dir: BorrowedFd<'_>) -> Result<(), VolumeError> {
     let mut id = [0u8; 16];
-    getrandom::getrandom(&mut id).map_err(|e| VolumeError::Internal(e.to_string()))?;
+    super::idrand::fill(&mut id).map_err(|e| VolumeError::Internal(e.to_string()))?;
     sys::write_new(dir, OsStr::new(DIRID_FILE), &id, 0o444).map_err(os)
 }
 

@@ -267,7 +267,7 @@ pub fn write_atomic(dir: BorrowedFd<'_>, name: &OsStr, bytes: &[u8], mode: u32) 
 /// A fresh hidden temp name `.cmkfs-tmp.<what>.<random>` (fsck knows the prefix).
 pub fn temp_name(what: &str) -> io::Result<OsString> {
     let mut rnd = [0u8; 8];
-    getrandom::getrandom(&mut rnd).map_err(io::Error::other)?;
+    super::idrand::fill(&mut rnd).map_err(io::Error::other)?;
     Ok(format!("{TEMP_PREFIX}{what}.{}", hex::encode(rnd)).into())
 }
 
