@@ -18,6 +18,7 @@ pub mod content;
 mod dir;
 mod entries;
 pub mod header;
+pub mod idrand;
 pub mod layout;
 pub mod lock;
 pub mod names;

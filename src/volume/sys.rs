@@ -289,7 +289,7 @@ pub fn write_atomic_then(
 /// A fresh hidden temp name `.cmkfs-tmp.<what>.<random>` (fsck knows the prefix).
 pub fn temp_name(what: &str) -> io::Result<OsString> {
     let mut rnd = [0u8; 8];
-    getrandom::getrandom(&mut rnd).map_err(io::Error::other)?;
+    super::idrand::fill(&mut rnd).map_err(io::Error::other)?;
     Ok(format!("{TEMP_PREFIX}{what}.{}", hex::encode(rnd)).into())
 }
 
@@ -553,6 +553,10 @@ pub struct RawEntry {
     pub name: OsString,
     /// Whether it is a directory (from the listing's `d_type`; `None` when unknown).
     pub is_dir: Option<bool>,
+    /// Inode number (the listing's `d_ino`).
+    pub ino: u64,
+    /// Type bits (`S_IFMT`) from the listing's `d_type`; `None` when unknown.
+    pub kind: Option<u32>,
 }
 
 /// Lists directory `dir` (without `.` and `..`).
@@ -565,14 +569,21 @@ pub fn list(dir: BorrowedFd<'_>) -> io::Result<Vec<RawEntry>> {
         if name == b"." || name == b".." {
             continue;
         }
-        let is_dir = match ent.file_type() {
-            rfs::FileType::Directory => Some(true),
-            rfs::FileType::Unknown => None,
-            _ => Some(false),
+        let kind = match ent.file_type() {
+            rfs::FileType::RegularFile => Some(libc::S_IFREG),
+            rfs::FileType::Directory => Some(libc::S_IFDIR),
+            rfs::FileType::Symlink => Some(libc::S_IFLNK),
+            rfs::FileType::Fifo => Some(libc::S_IFIFO),
+            rfs::FileType::Socket => Some(libc::S_IFSOCK),
+            rfs::FileType::CharacterDevice => Some(libc::S_IFCHR),
+            rfs::FileType::BlockDevice => Some(libc::S_IFBLK),
+            _ => None,
         };
         out.push(RawEntry {
             name: OsString::from_vec(name.to_vec()),
-            is_dir,
+            is_dir: kind.map(|k| k == libc::S_IFDIR),
+            ino: ent.ino(),
+            kind,
         });
     }
     Ok(out)

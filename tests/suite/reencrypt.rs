@@ -167,7 +167,9 @@ fn lib_view(vol: &Volume) -> BTreeMap<String, String> {
             } else {
                 format!("{path}/{}", l.name.to_string_lossy())
             };
-            let attr = l.attr.unwrap_or_else(|| panic!("{rel}: corrupt entry"));
+            let attr = vol
+                .attr_at(&dir, &l.bname)
+                .unwrap_or_else(|e| panic!("{rel}: corrupt entry: {e}"));
             let desc = match l.kind {
                 libc::S_IFDIR => {
                     let d = vol.open_dir(&dir, &l.bname, Some(l.ino)).unwrap();

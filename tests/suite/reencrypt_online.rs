@@ -820,7 +820,8 @@ fn every_entry_keeps_its_inode_number_and_times_across_an_online_and_an_offline_
     std::env::set_var("CMKFS_REENCRYPT_BATCH_BYTES", "4096");
     let env = Env::new();
     env.init(&env.cipher);
-    let m = env.mount(&env.cipher, &env.mnt);
+    // Attributes cached for 1 s only: after the run, what `stat` shows comes from the daemon.
+    let m = env.mount_with(&env.cipher, &env.mnt, &["--cache-timeout", "1s"]);
     let mnt = env.mnt.clone();
     fs::create_dir_all(mnt.join("d/e")).unwrap();
     fs::write(mnt.join("f_empty"), b"").unwrap();
