@@ -28,6 +28,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, RwLock};
 
 use super::bufpool::PoolBuf;
+use super::direct::{self, DirectFile};
 use super::layout::{self, roundup_block, unit_extent, units_end, BLOCK};
 pub use super::layout::{logical_size, FileHeader, FILE_HEADER_LEN};
 use super::VolumeError;
@@ -52,6 +53,8 @@ pub struct FileState {
     /// append). A wrong hint costs concurrency, never correctness: the exclusive path
     /// handles every write.
     appending: AtomicBool,
+    /// The file's `O_DIRECT` descriptor for large reads ([`direct`]).
+    direct: DirectFile,
 }
 
 impl FileState {
@@ -154,15 +157,18 @@ fn existing_header(
     header(f, st, cx, false, len)?.ok_or_else(|| corrupt("non-empty file without a header"))
 }
 
+/// A read of the backing file failed: short (the file shrank behind the mount) or an error.
+fn read_error(e: std::io::Error) -> VolumeError {
+    if e.kind() == std::io::ErrorKind::UnexpectedEof {
+        corrupt("backing file shrank while reading (changed behind the mount?)")
+    } else {
+        VolumeError::Os(e)
+    }
+}
+
 fn read_exact(f: &File, buf: &mut [u8], off: u64) -> Result<(), VolumeError> {
     f.read_exact_at(buf, FILE_HEADER_LEN as u64 + off)
-        .map_err(|e| {
-            if e.kind() == std::io::ErrorKind::UnexpectedEof {
-                corrupt("backing file shrank while reading (changed behind the mount?)")
-            } else {
-                VolumeError::Os(e)
-            }
-        })
+        .map_err(read_error)
 }
 
 fn write_at(f: &File, buf: &[u8], off: u64) -> Result<(), VolumeError> {
@@ -423,13 +429,22 @@ pub fn read_buf(
     let first = off / cx.sector;
     let start = first * cx.sector;
     let stop = units_end(size).min((end - 1) / cx.sector * cx.sector + cx.sector);
-    // Every byte of the buffer is read from the file before it is used.
-    let mut buf = PoolBuf::take((stop - start) as usize);
-    read_exact(f, &mut buf, start)?;
-    decrypt(cx, &h, first, &mut buf)?;
+    let n = (stop - start) as usize;
+    // Large requests read without the page-cache copy, the units at `at` in an aligned
+    // buffer; the others buffered, at its start. Every byte of the units is read from the
+    // file before it is used.
+    let (mut buf, at) = match direct::read(&st.direct, f, FILE_HEADER_LEN as u64 + start, n) {
+        Some(r) => r.map_err(read_error)?,
+        None => {
+            let mut buf = PoolBuf::take(n);
+            read_exact(f, &mut buf, start)?;
+            (buf, 0)
+        }
+    };
+    decrypt(cx, &h, first, &mut buf[at..at + n])?;
     Ok(ReadBuf {
         buf,
-        range: (off - start) as usize..(end - start) as usize,
+        range: at + (off - start) as usize..at + (end - start) as usize,
     })
 }
 
