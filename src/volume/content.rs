@@ -983,6 +983,49 @@ mod tests {
     }
 
     #[test]
+    fn large_reads_decrypt_where_the_direct_read_put_the_units() {
+        // Units at every alignment in the direct buffer (sector 512: the units of a request
+        // start at any multiple of 512, plus the 32-byte header), holes, the last partial
+        // unit, both layers; the backing file's page cache dropped so the disk is read.
+        for (seed, sector, double) in [(1u64, 512u64, false), (2, 4096, true), (3, 1024, false)] {
+            let fx = fixture_keys(sector, 2, double);
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+            let size = (700 << 10) + rng.gen_range(1..16);
+            let mut model: Vec<u8> = (0..size).map(|_| rng.gen()).collect();
+            fx.write(0, &model);
+            // A hole of whole units in the middle.
+            let hole = 200 * 1024..(300 << 10);
+            fallocate(
+                &fx.file,
+                &fx.st,
+                &fx.cx(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                hole.start as u64,
+                (hole.end - hole.start) as u64,
+            )
+            .unwrap();
+            model[hole].fill(0);
+            let before = direct::direct_reads();
+            for i in 0..24 {
+                if i % 3 == 0 {
+                    fx.file.sync_data().unwrap();
+                    rustix::fs::fadvise(&fx.file, 0, None, rustix::fs::Advice::DontNeed).unwrap();
+                }
+                let off = rng.gen_range(0..size - 1000);
+                let len = rng.gen_range(direct::DIRECT_MIN..(1 << 20) + 8192);
+                let got = read(&fx.file, &fx.st, &fx.cx(), off as u64, len).unwrap();
+                let stop = (off + len).min(size);
+                assert!(got == model[off..stop], "seed {seed} read {i}: {off}+{len}");
+            }
+            assert!(fx.all() == model, "seed {seed}: whole file");
+            // Skipped where the backing filesystem has no O_DIRECT (tmpfs before Linux 6.6).
+            if fx.st.direct.get(&fx.file).is_some() {
+                assert!(direct::direct_reads() > before, "seed {seed}: never direct");
+            }
+        }
+    }
+
+    #[test]
     fn tails_of_every_short_length_round_trip() {
         for len in [
             1usize, 2, 15, 16, 17, 31, 4095, 4096, 4097, 4111, 4112, 8191,

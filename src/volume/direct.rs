@@ -8,10 +8,10 @@
 //! it reads the aligned superset of the units the request needs (they start 32 bytes into
 //! the file); the caller decrypts them where they landed.
 //!
-//! What stays buffered: requests under [`DIRECT_MIN`], ciphertext the page cache already
-//! holds (a `RWF_NOWAIT` read takes it first: cached data, including data just written
-//! through the mount and not yet on disk, is copied as before and never forces a
-//! writeback), and files or filesystems that refuse `O_DIRECT`.
+//! What stays buffered: requests under [`DIRECT_MIN`], ranges the page cache holds (half or
+//! more of it, or any dirty page: data just written through the mount is copied from memory
+//! as before and never forced to disk by a read; `cachestat(2)` tells), and files or
+//! filesystems that refuse `O_DIRECT`.
 //!
 //! Coherency with writes, which stay buffered: a direct read writes back and waits for the
 //! dirty pages of its range first (the kernel's `kiocb_write_and_wait`), so it returns what
@@ -20,13 +20,11 @@
 
 use std::collections::HashSet;
 use std::fs::File;
-use std::io::{self, IoSliceMut};
-use std::os::fd::AsFd;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
-
-use rustix::io::{preadv2, Errno, ReadWriteFlags};
 
 use super::bufpool::{PoolBuf, DIO_ALIGN};
 use super::sys;
@@ -77,7 +75,7 @@ pub struct DirectFile {
 impl DirectFile {
     /// The direct descriptor and the backing filesystem's device, if this file takes
     /// direct reads.
-    fn get(&self, f: &File) -> Option<&(File, u64)> {
+    pub(crate) fn get(&self, f: &File) -> Option<&(File, u64)> {
         if self.off.load(Ordering::Relaxed) {
             return None;
         }
@@ -104,70 +102,111 @@ fn open(f: &File) -> Option<(File, u64)> {
 /// Reads backing bytes `[pos, pos + n)` (file offsets, header included) into a pooled
 /// buffer aligned for `O_DIRECT`: returns it and where the bytes start in it (`at`;
 /// `buf[at..at + n]`). Fewer bytes than `n` exist when the file is shorter: then
-/// `UnexpectedEof`. `None` when this read should be buffered (too small, or direct reads
-/// refused here); the caller then reads as before.
+/// `UnexpectedEof`. `None` when this read should be buffered (too small, cached, or direct
+/// reads refused here); the caller then reads as before.
 pub fn read(df: &DirectFile, f: &File, pos: u64, n: usize) -> Option<io::Result<(PoolBuf, usize)>> {
     if n < DIRECT_MIN {
         return None;
     }
     let (d, dev) = df.get(f)?;
+    if cached(f, pos, n) {
+        return None;
+    }
+    match read_direct(d, pos, n) {
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            // Alignment or direct I/O refused by this file or filesystem: buffered from
+            // now on (the caller reads this request again, buffered).
+            df.off.store(true, Ordering::Relaxed);
+            refuse(*dev);
+            None
+        }
+        r => Some(r),
+    }
+}
+
+/// `cachestat(2)` (Linux 6.5): the number is the same on every architecture.
+const SYS_CACHESTAT: libc::c_long = 451;
+
+/// `struct cachestat_range`.
+#[repr(C)]
+struct CachestatRange {
+    off: u64,
+    len: u64,
+}
+
+/// `struct cachestat`.
+#[repr(C)]
+#[derive(Default)]
+struct Cachestat {
+    nr_cache: u64,
+    nr_dirty: u64,
+    nr_writeback: u64,
+    nr_evicted: u64,
+    nr_recently_evicted: u64,
+}
+
+/// Whether a buffered read suits `[pos, pos + n)` better: the page cache holds half of it
+/// or more (a copy from memory beats the disk), or any page of it is dirty or being written
+/// back (a direct read would first write it back and wait: data just written through the
+/// mount is read from memory, as before). Asks `cachestat(2)`, which starts no I/O (a
+/// `RWF_NOWAIT` read would: it starts readahead on a miss). Where it is missing (before
+/// Linux 6.5), nothing counts as cached: correct, since a direct read writes back what is
+/// dirty first.
+fn cached(f: &File, pos: u64, n: usize) -> bool {
+    let range = CachestatRange {
+        off: pos,
+        len: n as u64,
+    };
+    let mut cs = Cachestat::default();
+    // SAFETY: the kernel reads `range` and writes `cs`, both live `repr(C)` values of the
+    // layout `cachestat(2)` documents; `f` is an open descriptor.
+    let r = unsafe {
+        libc::syscall(
+            SYS_CACHESTAT,
+            f.as_raw_fd(),
+            &range as *const CachestatRange,
+            &mut cs as *mut Cachestat,
+            0u32,
+        )
+    };
+    if r != 0 {
+        return false;
+    }
+    let pages = (pos + n as u64).div_ceil(4096) - pos / 4096;
+    cs.nr_dirty + cs.nr_writeback > 0 || cs.nr_cache * 2 >= pages
+}
+
+/// The direct read itself: the aligned superset of `[pos, pos + n)` into an aligned buffer.
+fn read_direct(d: &File, pos: u64, n: usize) -> io::Result<(PoolBuf, usize)> {
     let align = DIO_ALIGN as u64;
     let a = pos / align * align;
     let end = pos + n as u64;
     let e = end.div_ceil(align) * align;
     let mut buf = PoolBuf::take_aligned((e - a) as usize);
-    let at = (pos - a) as usize;
-    // Whatever the page cache holds of the range, from its start: a copy from memory, and
-    // no forced writeback of dirty pages. `RWF_NOWAIT` implies `IOCB_NOIO`: a miss starts
-    // no readahead (which would read the range twice).
-    let cached = match preadv2(
-        f,
-        &mut [IoSliceMut::new(&mut buf[at..at + n])],
-        pos,
-        ReadWriteFlags::NOWAIT,
-    ) {
-        Ok(k) => k,
-        Err(Errno::AGAIN) => 0,
-        // No `RWF_NOWAIT` here (or a real error, which the direct read will meet too).
-        Err(_) => 0,
-    };
-    if cached == n {
-        return Some(Ok((buf, at)));
-    }
-    // The rest from the block that holds its first byte (the bytes before it in that block
-    // are read again, the same way, in one piece with what follows).
-    let mut from = (pos + cached as u64) / align * align;
     DIRECT_READS.fetch_add(1, Ordering::Relaxed);
+    let mut from = a;
     while from < end {
         let i = (from - a) as usize;
         match d.read_at(&mut buf[i..], from) {
-            Ok(0) => return Some(Err(io::ErrorKind::UnexpectedEof.into())),
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
             Ok(k) => {
                 from += k as u64;
                 // A short direct read ends at the end of file (not at a block boundary);
                 // the next read would be refused as unaligned.
                 if from < end && !from.is_multiple_of(align) {
-                    return Some(Err(io::ErrorKind::UnexpectedEof.into()));
+                    return Err(io::ErrorKind::UnexpectedEof.into());
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                // Alignment or direct I/O refused by this file or filesystem: buffered
-                // from now on (the caller reads this request again, buffered).
-                df.off.store(true, Ordering::Relaxed);
-                refuse(*dev);
-                return None;
-            }
-            Err(e) => return Some(Err(e)),
+            Err(e) => return Err(e),
         }
     }
-    Some(Ok((buf, at)))
+    Ok((buf, (pos - a) as usize))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::FileExt as _;
 
     fn data(n: usize) -> Vec<u8> {
         (0..n).map(|i| (i * 7 + i / 4096) as u8).collect()
@@ -187,46 +226,78 @@ mod tests {
         (dir, f)
     }
 
+    fn drop_cache(f: &File) {
+        f.sync_data().unwrap();
+        rustix::fs::fadvise(f, 0, None, rustix::fs::Advice::DontNeed).unwrap();
+    }
+
     #[test]
-    fn direct_reads_see_every_offset_length_and_fresh_write() {
+    fn direct_reads_see_every_offset_length_and_dirty_page() {
         let (_d, f) = scratch("direct");
         let all = data(3 << 20);
         f.write_all_at(&all, 0).unwrap();
         let df = DirectFile::default();
+        let Some((d, _)) = df.get(&f) else {
+            return; // no O_DIRECT on this filesystem: nothing to test
+        };
         let mut rng = 0x9E37_79B9_7F4A_7C15u64;
-        let before = direct_reads();
-        for round in 0..200u64 {
+        for round in 0..100u64 {
             rng ^= rng << 13;
             rng ^= rng >> 7;
             rng ^= rng << 17;
             let pos = rng % (1 << 20) / 16 * 16 + 32 * (round % 2);
             let n = DIRECT_MIN + (rng >> 32) as usize % (1 << 20);
-            // Out of the page cache (as after a cold start), so the read goes to the disk...
-            f.sync_data().unwrap();
-            rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::DontNeed).unwrap();
-            // ...but for a buffered write of a few bytes just before: a dirty page the read
-            // must see (inside the range, or at its start: then a cached prefix).
+            // Out of the page cache, but for a buffered write of a few bytes just before: a
+            // dirty page the direct read must see (the kernel writes it back first).
+            drop_cache(&f);
             let at = pos as usize + (rng >> 8) as usize % n;
             let b = [round as u8; 3];
             f.write_all_at(&b, at as u64).unwrap();
-            let mut want = all.clone();
-            want[at..at + 3].copy_from_slice(&b);
-            let (buf, i) = read(&df, &f, pos, n).unwrap().unwrap();
+            let (buf, i) = read_direct(d, pos, n).unwrap();
             assert_eq!(buf.as_ptr() as usize % DIO_ALIGN, 0);
+            let want = |k: usize| {
+                if (at..at + 3).contains(&k) {
+                    b[k - at]
+                } else {
+                    all[k]
+                }
+            };
             assert!(
-                buf[i..i + n] == want[pos as usize..pos as usize + n],
+                buf[i..i + n]
+                    .iter()
+                    .enumerate()
+                    .all(|(j, x)| *x == want(pos as usize + j)),
                 "round {round}"
             );
             f.write_all_at(&all[at..at + 3], at as u64).unwrap();
         }
-        assert!(
-            direct_reads() > before + 100,
-            "the direct path was not taken"
-        );
         // Past the end of file: short.
-        let r = read(&df, &f, (3 << 20) - 4096, DIRECT_MIN).unwrap();
+        let r = read_direct(d, (3 << 20) - 4096, DIRECT_MIN);
         assert_eq!(r.unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
-        // Small reads stay buffered.
-        assert!(read(&df, &f, 0, DIRECT_MIN - 16).is_none());
+    }
+
+    #[test]
+    fn cached_and_dirty_ranges_and_small_reads_stay_buffered() {
+        let (_d, f) = scratch("choice");
+        f.write_all_at(&data(2 << 20), 0).unwrap();
+        let df = DirectFile::default();
+        if df.get(&f).is_none() {
+            return;
+        }
+        drop_cache(&f);
+        // (`read` answers `None` exactly when the caller must read buffered.)
+        assert!(read(&df, &f, 32, 1 << 20).is_some(), "cold: direct");
+        assert!(
+            read(&df, &f, 32, DIRECT_MIN - 16).is_none(),
+            "small: buffered"
+        );
+        // A dirty page inside the range: buffered (no writeback forced by a read).
+        f.write_all_at(b"x", 600 << 10).unwrap();
+        assert!(read(&df, &f, 32, 1 << 20).is_none(), "dirty: buffered");
+        // Mostly cached (read buffered before): buffered.
+        drop_cache(&f);
+        let mut b = vec![0u8; 1 << 20];
+        f.read_exact_at(&mut b, 32).unwrap();
+        assert!(read(&df, &f, 32, 1 << 20).is_none(), "cached: buffered");
     }
 }
