@@ -4,7 +4,7 @@ use std::ffi::OsStr;
 
 use fuser::{INodeNo, ReplyEmpty, ReplyEntry};
 
-use super::{CmkFs, Resolved, TTL};
+use super::{CmkFs, Resolved};
 use crate::volume::VolumeError;
 
 impl CmkFs {
@@ -64,7 +64,7 @@ impl CmkFs {
         match r {
             Ok((bname, a)) => {
                 let (attr, generation) = self.remember(newparent, newname, &bname, &a, false);
-                reply.entry(&TTL, &attr, generation)
+                reply.entry(&self.ttl, &attr, generation)
             }
             Err(e) => reply.error(self.errno(&e, "link", Some(ino))),
         }
