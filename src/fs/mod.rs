@@ -329,7 +329,11 @@ impl CmkFs {
         match self.table.kind(ino.0) {
             Some(libc::S_IFDIR) => Ok(Resolved::Dir(self.dir(ino)?)),
             Some(_) => {
-                if let Some(l) = self.table.link(ino.0) {
+                // Every name, freshest first: the kernel forgets a directory once no entry
+                // below it is in use (memory pressure) while the inode stays known by
+                // another name (a hard link elsewhere, a descriptor), and a name in a
+                // directory it forgot cannot be reached until it is looked up again.
+                for l in self.table.links(ino.0) {
                     match self.dir(INodeNo(l.parent)) {
                         Ok(d) => return Ok(Resolved::At(d, l.bname)),
                         Err(e) if e.errno() != libc::ENOENT => return Err(e),
