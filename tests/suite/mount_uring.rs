@@ -141,8 +141,14 @@ fn io_uring_mount_matches_a_plain_directory_and_is_cut_off_by_revocation() {
         &["--io-uring", "--no-push", "--key-check-interval", "1s"],
     );
     let pid = m.daemon_pid().expect("daemon pid");
+    // The queues start with the session loop, a moment after the mount is visible.
+    wait_until(Duration::from_secs(20), || uring_thread_switches(pid).0 > 0);
     let (threads, before) = uring_thread_switches(pid);
-    assert!(threads >= 1, "no fuser-uring-* thread in daemon {pid}");
+    assert!(
+        threads >= 1,
+        "no fuser-uring-* thread in daemon {pid}; its log:\n{}",
+        m.daemon_log()
+    );
 
     let seed = seed("io_uring differential");
     let mut rng = StdRng::seed_from_u64(seed);
