@@ -141,8 +141,15 @@ fn io_uring_mount_matches_a_plain_directory_and_is_cut_off_by_revocation() {
         &["--io-uring", "--no-push", "--key-check-interval", "1s"],
     );
     let pid = m.daemon_pid().expect("daemon pid");
-    // The queues start with the session loop, a moment after the mount is visible.
-    wait_until(Duration::from_secs(20), || uring_thread_switches(pid).0 > 0);
+    // The queues (one per possible CPU) start with the session loop, a moment after the
+    // mount is visible.
+    let cpus = fs::read_to_string("/sys/devices/system/cpu/possible")
+        .ok()
+        .and_then(|s| s.trim().rsplit(['-', ',']).next()?.parse::<usize>().ok())
+        .map_or(1, |n| n + 1);
+    wait_until(Duration::from_secs(20), || {
+        uring_thread_switches(pid).0 >= cpus
+    });
     let (threads, before) = uring_thread_switches(pid);
     assert!(
         threads >= 1,
@@ -231,8 +238,34 @@ fn io_uring_mount_matches_a_plain_directory_and_is_cut_off_by_revocation() {
          operations): requests went through /dev/fuse"
     );
 
+    // Plaintext through the rings: a 1 MiB write (requests) read back with O_DIRECT
+    // (replies); every 32-byte window of it is unique.
+    let mut payload = vec![0u8; 1 << 20];
+    rng.fill(&mut payload[..]);
+    let needles: Vec<(String, Vec<u8>)> = (0..64)
+        .map(|i| {
+            let at = i * (payload.len() / 64) + 4000;
+            (format!("payload[{at}..]"), payload[at..at + 32].to_vec())
+        })
+        .collect();
+    fs::write(m.path("kept"), &payload).unwrap();
+    let f = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(m.path("kept"))
+        .unwrap();
+    let mut back = vec![0u8; payload.len()];
+    let mut got = 0;
+    while got < back.len() {
+        let n = f.read_at(&mut back[got..], got as u64).unwrap();
+        assert!(n > 0, "short read of kept at {got}");
+        got += n;
+    }
+    drop(f);
+    assert!(back == payload, "kept read back differently");
+    drop(back);
+
     // Revocation cuts the io_uring path off like the /dev/fuse one.
-    fs::write(m.path("kept"), b"secret").unwrap();
     env.cmkfs(&["vault", "key", "update", "default", "--disable"])
         .assert_ok();
     let guard = Duration::from_secs(60);
@@ -249,6 +282,15 @@ fn io_uring_mount_matches_a_plain_directory_and_is_cut_off_by_revocation() {
     assert!(
         matches!(err.raw_os_error(), Some(libc::EACCES) | Some(libc::EIO)),
         "write after revocation: {err}"
+    );
+    // ... and what went through the ring buffers is gone from the daemon.
+    std::thread::sleep(Duration::from_millis(500));
+    let found = crate::memory::scan(pid, &needles);
+    drop(payload);
+    assert!(
+        found.is_empty(),
+        "plaintext that went through the io_uring entries is still in the daemon:\n{}",
+        found.join("\n")
     );
     env.cmkfs(&["vault", "key", "update", "default", "--enable"])
         .assert_ok();
