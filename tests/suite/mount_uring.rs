@@ -67,7 +67,11 @@ fn status(env: &Env, target: &Path) -> serde_json::Value {
 fn uring_thread_switches(pid: u32) -> (usize, u64) {
     let mut threads = 0;
     let mut switches = 0;
-    for t in fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten().flatten() {
+    for t in fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
         let comm = fs::read_to_string(t.path().join("comm")).unwrap_or_default();
         if !comm.starts_with("fuser-uring-") {
             continue;
@@ -207,11 +211,7 @@ fn io_uring_mount_matches_a_plain_directory_and_is_cut_off_by_revocation() {
                 };
                 match (errno_of(r(&m.path(""), true)), errno_of(r(&plain, false))) {
                     (Ok(got), Ok(want)) => assert_bytes_eq(&ctx, &got, &want),
-                    (got, want) => assert_eq!(
-                        got.map(|v| v.len()),
-                        want.map(|v| v.len()),
-                        "{ctx}"
-                    ),
+                    (got, want) => assert_eq!(got.map(|v| v.len()), want.map(|v| v.len()), "{ctx}"),
                 }
             }
             3 => {

@@ -302,6 +302,8 @@ pub(crate) fn run_queue<FS: Filesystem>(
     let mut registered = false;
     let mut pending: Vec<(usize, i32)> = Vec::with_capacity(2 * n);
     let chs = ch.sender();
+    // Entries committed by the last io_uring_enter, with their reply's payload size.
+    let mut committed: Vec<(usize, usize)> = Vec::with_capacity(n);
     'serve: loop {
         match ring.submit_and_wait(1) {
             Ok(_) => {}
@@ -312,12 +314,13 @@ pub(crate) fn run_queue<FS: Filesystem>(
                 break 'serve;
             }
         }
+        settle(&entries, &mut committed, &mut stale);
         pending.clear();
         pending.extend(
             ring.completion()
                 .map(|c| (c.user_data() as usize, c.result())),
         );
-        for &(i, res) in &pending {
+        for (k, &(i, res)) in pending.iter().enumerate() {
             if i >= n || closed[i] {
                 continue;
             }
@@ -343,7 +346,9 @@ pub(crate) fn run_queue<FS: Filesystem>(
                 info!("FUSE io_uring queue {qid}: serving");
             }
             let e = &entries[i];
-            // SAFETY: the completion hands the entry's buffers to us until the next commit.
+            let (len, unique, psz, valid, size) = {
+            // SAFETY: the completion hands the entry's buffers to us until the next commit;
+            // these borrows end before a reply can write them.
             let (header, payload) = unsafe { (e.header(), e.payload()) };
             let len = u32::from_ne_bytes(header[0..4].try_into().unwrap_or_default()) as usize;
             let unique = u64::from_ne_bytes(header[8..16].try_into().unwrap_or_default());
@@ -370,6 +375,8 @@ pub(crate) fn run_queue<FS: Filesystem>(
             payload[..psz.max(stale[i]).min(plen)].fill(0);
             header[..COMMIT_ID].fill(0);
             stale[i] = 0;
+            (len, unique, psz, valid, size)
+            };
             *e.reply.lock() = None;
             let sender = UringSender {
                 entry: e.clone(),
@@ -404,6 +411,8 @@ pub(crate) fn run_queue<FS: Filesystem>(
             };
             SERVED.fetch_add(1, Ordering::Relaxed);
             // 0 marks "no new request yet"; the kernel writes the next one's unique here.
+            // SAFETY: the reply is written; the entry is ours until the commit.
+            let header = unsafe { e.header() };
             header[COMMIT_ID..COMMIT_ID + 8].fill(0);
             let sqe = opcode::UringCmd80::new(fd, FUSE_IO_URING_CMD_COMMIT_AND_FETCH)
                 .cmd(cmd_req(unique, qid))
@@ -415,29 +424,21 @@ pub(crate) fn run_queue<FS: Filesystem>(
                 first_error = Some(io::Error::other("io_uring submission queue full"));
                 break 'serve;
             }
-            loop {
-                match ring.submit() {
-                    Ok(_) => break,
-                    Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EAGAIN)) => {}
-                    Err(e) => {
-                        first_error = Some(e);
-                        break 'serve;
+            committed.push((i, reply_len));
+            // The last request of a batch is committed by the wait at the top of the loop
+            // (one io_uring_enter per request); earlier ones now, so their callers go on.
+            if k + 1 < pending.len() {
+                loop {
+                    match ring.submit() {
+                        Ok(_) => break,
+                        Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EAGAIN)) => {}
+                        Err(e) => {
+                            first_error = Some(e);
+                            break 'serve;
+                        }
                     }
                 }
-            }
-            // SAFETY: with DEFER_TASKRUN the kernel fills an idle entry only inside our
-            // own io_uring_enter with GETEVENTS; the plain submit above may have filled it
-            // inline (commit_id set) or left it alone until the next wait.
-            let refilled = unsafe {
-                std::ptr::read_volatile(header[COMMIT_ID..].as_ptr().cast::<[u8; 8]>())
-            } != [0u8; 8];
-            if refilled {
-                stale[i] = reply_len;
-            } else {
-                let plen = payload.len();
-                payload[..reply_len.min(plen)].fill(0);
-                header[..OUT_HEADER_SIZE].fill(0);
-                compiler_fence(Ordering::SeqCst);
+                settle(&entries, &mut committed, &mut stale);
             }
         }
         if closed.iter().all(|c| *c) {
@@ -461,6 +462,29 @@ pub(crate) fn run_queue<FS: Filesystem>(
     match first_error {
         Some(e) => Err(e),
         None => Ok(()),
+    }
+}
+
+/// After an `io_uring_enter`: zeroes the replies the kernel has taken from entries that are
+/// idle now, and marks for later (`stale`) those already holding a new request.
+fn settle(entries: &[Arc<Entry>], committed: &mut Vec<(usize, usize)>, stale: &mut [usize]) {
+    for (i, reply_len) in committed.drain(..) {
+        let e = &entries[i];
+        // SAFETY: with DEFER_TASKRUN the kernel fills an idle entry only inside this
+        // thread's io_uring_enter with GETEVENTS: the call that just returned filled it
+        // (commit_id set) or it stays untouched until the next one.
+        let (header, payload) = unsafe { (e.header(), e.payload()) };
+        let refilled = unsafe {
+            std::ptr::read_volatile(header[COMMIT_ID..].as_ptr().cast::<[u8; 8]>())
+        } != [0u8; 8];
+        if refilled {
+            stale[i] = reply_len;
+        } else {
+            let plen = payload.len();
+            payload[..reply_len.min(plen)].fill(0);
+            header[..OUT_HEADER_SIZE].fill(0);
+            compiler_fence(Ordering::SeqCst);
+        }
     }
 }
 
