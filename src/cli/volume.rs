@@ -120,6 +120,12 @@ pub struct MountArgs {
     /// enable_uring set to Y.
     #[arg(long)]
     io_uring: bool,
+    /// How long the kernel may cache names and attributes, e.g. 60s, 1s, 0. Changes made
+    /// through the mount are always seen at once; a longer time only delays changes made to
+    /// the backing directory behind the mount (another program or a sync client writing
+    /// there): use 0 or 1s when that happens.
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_cache_timeout)]
+    cache_timeout: Duration,
 }
 
 impl MountArgs {
@@ -136,6 +142,18 @@ pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     }
     humantime::parse_duration(s)
         .map_err(|e| format!("{s:?} is not a duration like 30s, 5m or 1h ({e})"))
+}
+
+/// `--cache-timeout`: a duration of at most an hour (the kernel counts it in whole seconds
+/// plus nanoseconds; longer buys nothing, as every entry is revalidated after it anyway).
+fn parse_cache_timeout(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d > Duration::from_secs(3600) {
+        return Err(format!(
+            "{s:?} is too long: a cache timeout is at most 1h (use 0 to turn the cache off)"
+        ));
+    }
+    Ok(d)
 }
 
 /// `--freeze-limit`: a duration of at least 2 s (`cmkfs backup` renews every second).
@@ -476,6 +494,8 @@ fn spawn_daemon(
     if a.io_uring {
         cmd.arg("--io-uring");
     }
+    cmd.arg("--cache-timeout")
+        .arg(format!("{}ms", a.cache_timeout.as_millis()));
     if let Some(c) = &a.credential {
         cmd.arg("--credential")
             .arg(std::fs::canonicalize(c).with_context(|| format!("credential {}", c.display()))?);
@@ -646,6 +666,7 @@ fn serve(a: &MountArgs, ready_pipe: bool) -> anyhow::Result<()> {
         FsOptions {
             writeback_cache: a.writeback_cache,
             io_uring: a.io_uring,
+            cache_timeout: Some(a.cache_timeout),
         },
     );
     let table = fs.node_table();
