@@ -15,6 +15,10 @@
 //!
 //! At most [`MAX_IDLE`] buffers of [`POOL_BUF_LEN`] bytes are kept (about 8 MiB); a request
 //! needing more than [`POOL_BUF_LEN`] gets a buffer of its own, freed (and zeroed) after use.
+//!
+//! [`PoolBuf::take_aligned`] gives a view that starts at a [`DIO_ALIGN`] boundary, for
+//! `O_DIRECT` reads of the backing file (`direct`): every allocation has [`ALIGN_SLACK`]
+//! spare bytes for that, so aligned and plain views share one pool (and one wipe).
 
 use std::ops::{Deref, DerefMut};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -23,6 +27,18 @@ use std::sync::Mutex;
 /// Bytes of a pooled buffer: the largest FUSE request (1 MiB) plus a data unit on each side
 /// (a request that starts and ends inside units) plus the filler of a file's end.
 pub const POOL_BUF_LEN: usize = (1 << 20) + 2 * 4096 + 16;
+
+/// Alignment of [`PoolBuf::take_aligned`] views: the largest logical block size `O_DIRECT`
+/// asks of buffers and file offsets on common devices (512 or 4096 bytes).
+pub const DIO_ALIGN: usize = 4096;
+
+/// Spare bytes of every allocation: up to `DIO_ALIGN - 1` to reach an aligned address, and
+/// up to two more blocks for the aligned superset of a request's units (the backing file's
+/// units start 32 bytes in, so its first and last blocks straddle alignment boundaries).
+pub const ALIGN_SLACK: usize = 3 * DIO_ALIGN;
+
+/// Bytes of each pooled allocation.
+const ALLOC_LEN: usize = POOL_BUF_LEN + ALIGN_SLACK;
 
 /// Buffers kept when idle: more than the FUSE threads and engine helpers that can hold one
 /// at a time on a small machine; more in use at once are simply allocated.
@@ -40,6 +56,8 @@ static CLOSED: AtomicBool = AtomicBool::new(false);
 /// user overwrites what it reads. Derefs to exactly `len` bytes.
 pub struct PoolBuf {
     buf: Option<Box<[u8]>>,
+    /// Start of the view in `buf` (non-zero only for aligned views).
+    start: usize,
     len: usize,
     generation: u64,
 }
@@ -47,21 +65,35 @@ pub struct PoolBuf {
 impl PoolBuf {
     /// Takes a buffer of `len` bytes.
     pub fn take(len: usize) -> PoolBuf {
+        PoolBuf::take_with(len, 1, POOL_BUF_LEN)
+    }
+
+    /// Takes a buffer of `len` bytes whose first byte lies at a [`DIO_ALIGN`] boundary (for
+    /// `O_DIRECT` I/O). Pooled when `len <= POOL_BUF_LEN + 2 * DIO_ALIGN`.
+    pub fn take_aligned(len: usize) -> PoolBuf {
+        PoolBuf::take_with(len, DIO_ALIGN, POOL_BUF_LEN + 2 * DIO_ALIGN)
+    }
+
+    /// A view of `len` bytes at an `align` boundary; from the pool when `len <= pooled`.
+    fn take_with(len: usize, align: usize, pooled: usize) -> PoolBuf {
         let generation = GENERATION.load(Ordering::Acquire);
         let buf = if len == 0 {
             return PoolBuf {
                 buf: None,
+                start: 0,
                 len: 0,
                 generation,
             };
-        } else if len <= POOL_BUF_LEN {
+        } else if len <= pooled {
             let idle = IDLE.lock().unwrap_or_else(|p| p.into_inner()).pop();
-            idle.unwrap_or_else(|| vec![0u8; POOL_BUF_LEN].into_boxed_slice())
+            idle.unwrap_or_else(|| vec![0u8; ALLOC_LEN].into_boxed_slice())
         } else {
-            vec![0u8; len].into_boxed_slice()
+            vec![0u8; len + align - 1].into_boxed_slice()
         };
+        let start = buf.as_ptr().align_offset(align);
         PoolBuf {
             buf: Some(buf),
+            start,
             len,
             generation,
         }
@@ -82,7 +114,7 @@ impl PoolBuf {
     /// Lengthens the view to `len` bytes within the buffer, the new bytes set to zero.
     /// Returns false (and changes nothing) when the buffer is too small.
     pub fn extend_zeroed(&mut self, len: usize) -> bool {
-        let cap = self.buf.as_ref().map_or(0, |b| b.len());
+        let cap = self.buf.as_ref().map_or(0, |b| b.len() - self.start);
         if len > cap {
             return false;
         }
@@ -99,7 +131,7 @@ impl Deref for PoolBuf {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
         match &self.buf {
-            Some(b) => &b[..self.len],
+            Some(b) => &b[self.start..self.start + self.len],
             None => &[],
         }
     }
@@ -108,7 +140,7 @@ impl Deref for PoolBuf {
 impl DerefMut for PoolBuf {
     fn deref_mut(&mut self) -> &mut [u8] {
         match &mut self.buf {
-            Some(b) => &mut b[..self.len],
+            Some(b) => &mut b[self.start..self.start + self.len],
             None => &mut [],
         }
     }
@@ -119,7 +151,7 @@ impl Drop for PoolBuf {
         let Some(mut buf) = self.buf.take() else {
             return;
         };
-        if buf.len() != POOL_BUF_LEN {
+        if buf.len() != ALLOC_LEN {
             return; // freed, and zeroed by the allocator
         }
         if CLOSED.load(Ordering::Acquire) || GENERATION.load(Ordering::Acquire) != self.generation {
@@ -166,7 +198,7 @@ pub fn reopen() {
 
 /// Bytes held by idle pooled buffers (for tests and the memory report).
 pub fn idle_bytes() -> usize {
-    IDLE.lock().unwrap_or_else(|p| p.into_inner()).len() * POOL_BUF_LEN
+    IDLE.lock().unwrap_or_else(|p| p.into_inner()).len() * ALLOC_LEN
 }
 
 #[cfg(test)]
@@ -211,7 +243,23 @@ mod tests {
         assert!(z[100..].iter().all(|x| *x == 0));
         z.truncate(3);
         assert_eq!(&z[..], b"abc");
-        assert!(!z.extend_zeroed(POOL_BUF_LEN + 1));
+        assert!(!z.extend_zeroed(ALLOC_LEN + 1));
         assert_eq!(format!("{z:?}"), "PoolBuf { len: 3 }");
+    }
+
+    #[test]
+    fn aligned_views_start_at_a_block_boundary_pooled_or_not() {
+        for len in [
+            1,
+            4096,
+            POOL_BUF_LEN + 2 * DIO_ALIGN,
+            POOL_BUF_LEN + 3 * DIO_ALIGN,
+        ] {
+            let mut b = PoolBuf::take_aligned(len);
+            assert_eq!(b.len(), len);
+            assert_eq!(b.as_ptr() as usize % DIO_ALIGN, 0, "len {len}");
+            b.fill(0x5A); // the whole view is inside the allocation
+            assert!(b.extend_zeroed(len));
+        }
     }
 }

@@ -16,6 +16,7 @@ mod attr;
 pub mod bufpool;
 pub mod content;
 mod dir;
+pub mod direct;
 mod entries;
 pub mod header;
 pub mod idrand;

@@ -201,6 +201,18 @@ pub fn reopen(fd: BorrowedFd<'_>, access: Access) -> io::Result<File> {
     Ok(File::from(fd))
 }
 
+/// Opens the file behind `fd` again, read-only with `O_DIRECT` (a second open file
+/// description, so buffered I/O through `fd` is unaffected). `EINVAL`: the filesystem does
+/// not do direct I/O.
+pub fn reopen_direct(fd: BorrowedFd<'_>) -> io::Result<File> {
+    let fd = rfs::open(
+        proc_fd(fd).as_c_str(),
+        OFlags::RDONLY | OFlags::DIRECT | OFlags::CLOEXEC | OFlags::NOCTTY,
+        Mode::empty(),
+    )?;
+    Ok(File::from(fd))
+}
+
 /// Creates regular file `name` in `dir` (`O_EXCL`: never opens an existing entry) with
 /// `mode`, open for reading and writing.
 pub fn create_regular(dir: BorrowedFd<'_>, name: &OsStr, mode: u32) -> io::Result<File> {

@@ -19,6 +19,7 @@ mod memory;
 mod model;
 mod mount_basic;
 mod mount_corrupt;
+mod mount_direct;
 mod mount_errors;
 mod mount_guards;
 mod mount_listing;

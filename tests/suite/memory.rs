@@ -438,7 +438,8 @@ fn pkcs11_vault_keys_leave_the_daemon_on_revocation() {
 /// Second review, M2: the plaintext of the last WRITE stayed in the daemon's memory after
 /// revocation (fuser's per-worker request buffer kept the payload until a later request of
 /// the same size overwrote it). Writes a 1 MiB payload that appears nowhere else (random,
-/// so every 32-byte window is unique), revokes, and scans the daemon for windows of it.
+/// so every 32-byte window is unique), reads it back (a direct read of the backing file in
+/// the daemon), revokes, and scans the daemon for windows of it.
 #[test]
 fn the_last_write_leaves_no_plaintext_in_the_daemon_after_revocation() {
     use rand::RngCore as _;
@@ -466,6 +467,27 @@ fn the_last_write_leaves_no_plaintext_in_the_daemon_after_revocation() {
         fs::metadata(m.path("written")).unwrap().len(),
         payload.len() as u64 + 7
     );
+    // And the last large READ: with the backing file out of the page cache, the daemon reads
+    // it with O_DIRECT into an aligned pooled buffer and decrypts it there (issue 15); the
+    // pool's wipe at the cut-off must cover that buffer too.
+    {
+        use std::os::fd::AsRawFd as _;
+        use std::os::unix::fs::{FileExt as _, OpenOptionsExt as _};
+        File::open(m.path("written")).unwrap().sync_all().unwrap();
+        for b in data_files(&env.cipher) {
+            let bf = File::open(&b).unwrap();
+            // SAFETY: plain syscall on a valid descriptor.
+            unsafe { libc::posix_fadvise(bf.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        }
+        let r = fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(m.path("written"))
+            .unwrap();
+        let mut back = vec![0u8; payload.len()];
+        r.read_exact_at(&mut back, 0).unwrap();
+        assert!(back == payload, "read back through the mount");
+    }
     env.cmkfs(&["vault", "key", "update", "default", "--disable"])
         .assert_ok();
     assert!(
