@@ -288,6 +288,15 @@ fn unescape(f: &[u8]) -> Vec<u8> {
     out
 }
 
+/// The fuse module's switch for FUSE over io_uring.
+pub const ENABLE_URING_PARAM: &str = "/sys/module/fuse/parameters/enable_uring";
+
+/// Whether the kernel will offer FUSE over io_uring to a new mount: the fuse module's
+/// `enable_uring` parameter is `Y` (it exists with `CONFIG_FUSE_IO_URING`, Linux 6.14+).
+pub fn io_uring_enabled() -> bool {
+    std::fs::read_to_string(ENABLE_URING_PARAM).is_ok_and(|v| v.trim() == "Y")
+}
+
 /// Mounts `fs` at `mp` and returns the session (not yet serving requests: call `run`).
 pub fn mount(fs: CmkFs, mp: &Path, cfg: &MountConfig) -> Result<Session<CmkFs>, MountError> {
     let mut c = Config::default();

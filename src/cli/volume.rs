@@ -119,6 +119,11 @@ pub struct MountArgs {
     /// Send every write to the daemon as it is made (the default; no FUSE writeback cache).
     #[arg(long, overrides_with = "writeback_cache")]
     no_writeback_cache: bool,
+    /// Experimental: serve requests over FUSE io_uring queues (one per CPU) instead of
+    /// read/write on /dev/fuse. Needs Linux 6.14+ with the fuse module parameter
+    /// enable_uring set to Y.
+    #[arg(long)]
+    io_uring: bool,
     /// How long the kernel may cache names and attributes, e.g. 60s, 1s, 0. Changes made
     /// through the mount are always seen at once; a longer time only delays changes made to
     /// the backing directory behind the mount (another program or a sync client writing
@@ -334,6 +339,14 @@ pub fn umount(a: UmountArgs) -> anyhow::Result<()> {
 }
 
 pub fn mount(a: MountArgs) -> anyhow::Result<()> {
+    if a.io_uring && !mount::io_uring_enabled() {
+        bail!(
+            "--io-uring: the kernel does not offer FUSE over io_uring ({} is not Y; it needs \
+             Linux 6.14+ with CONFIG_FUSE_IO_URING; as root: echo Y > {})",
+            mount::ENABLE_URING_PARAM,
+            mount::ENABLE_URING_PARAM
+        );
+    }
     if a.foreground {
         return run_foreground(a);
     }
@@ -487,6 +500,9 @@ fn spawn_daemon(
     cmd.arg("--readahead-kb").arg(a.readahead_kb.to_string());
     if a.writeback_cache() {
         cmd.arg("--writeback-cache");
+    }
+    if a.io_uring {
+        cmd.arg("--io-uring");
     }
     cmd.arg("--cache-timeout")
         .arg(format!("{}ms", a.cache_timeout.as_millis()));
@@ -659,6 +675,7 @@ fn serve(a: &MountArgs, ready_pipe: bool) -> anyhow::Result<()> {
         vol,
         FsOptions {
             writeback_cache: a.writeback_cache(),
+            io_uring: a.io_uring,
             cache_timeout: Some(a.cache_timeout),
         },
     );
@@ -732,7 +749,11 @@ fn serve(a: &MountArgs, ready_pipe: bool) -> anyhow::Result<()> {
     RunRecord::remove(&home, &mp);
     let _ = std::fs::remove_file(&control_path);
     drop(lock);
-    tracing::info!(mountpoint = %mp.display(), "unmounted");
+    tracing::info!(
+        mountpoint = %mp.display(),
+        io_uring_requests = fuser::uring_requests_served(),
+        "unmounted"
+    );
     result.with_context(|| format!("FUSE session at {}", mp.display()))
 }
 

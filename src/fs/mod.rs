@@ -95,6 +95,10 @@ pub struct FsOptions {
     /// large requests; it then owns file sizes and mtimes, and errors of cached writes
     /// surface at fsync or close.
     pub writeback_cache: bool,
+    /// Experimental: ask for FUSE over io_uring (`FUSE_OVER_IO_URING`, Linux 6.14+ with the
+    /// fuse module's `enable_uring` on); requests then arrive on one ring per CPU instead of
+    /// `read(2)` on /dev/fuse (vendor/fuser/CMKFS-PATCH.md, docs/PERFORMANCE.md).
+    pub io_uring: bool,
     /// How long the kernel may cache entries and attributes (`None`:
     /// [`DEFAULT_CACHE_TIMEOUT`]; zero: ask the daemon every time).
     pub cache_timeout: Option<Duration>,
@@ -347,7 +351,11 @@ impl CmkFs {
         match self.table.kind(ino.0) {
             Some(libc::S_IFDIR) => Ok(Resolved::Dir(self.dir(ino)?)),
             Some(_) => {
-                if let Some(l) = self.table.link(ino.0) {
+                // Every name, freshest first: the kernel forgets a directory once no entry
+                // below it is in use (memory pressure) while the inode stays known by
+                // another name (a hard link elsewhere, a descriptor), and a name in a
+                // directory it forgot cannot be reached until it is looked up again.
+                for l in self.table.links(ino.0) {
                     match self.dir(INodeNo(l.parent)) {
                         Ok(d) => return Ok(Resolved::At(d, l.bname)),
                         Err(e) if e.errno() != libc::ENOENT => return Err(e),
@@ -466,6 +474,16 @@ impl Filesystem for CmkFs {
         let _ = config.add_capabilities(fuser::InitFlags::FUSE_AUTO_INVAL_DATA);
         if self.opts.writeback_cache {
             let _ = config.add_capabilities(fuser::InitFlags::FUSE_WRITEBACK_CACHE);
+        }
+        if self.opts.io_uring
+            && config
+                .add_capabilities(fuser::InitFlags::FUSE_OVER_IO_URING)
+                .is_err()
+        {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::Unsupported,
+                "the kernel did not offer FUSE over io_uring (fuse module parameter enable_uring is off)",
+            ));
         }
         // We clear setuid/setgid and file capabilities on write ourselves; in exchange the
         // kernel stops asking getxattr("security.capability") before every single write.

@@ -417,13 +417,14 @@ impl NodeTable {
         lock(&self.nodes).map.get(&ino).map(|n| n.kind)
     }
 
-    /// The parent directory and backing name of a known non-directory inode (its freshest
-    /// name), if it still has one.
-    pub(super) fn link(&self, ino: u64) -> Option<Link> {
+    /// The names (parent directory, backing name) of a known non-directory inode, freshest
+    /// first.
+    pub(super) fn links(&self, ino: u64) -> Vec<Link> {
         lock(&self.nodes)
             .map
             .get(&ino)
-            .and_then(|n| n.links.last().cloned())
+            .map(|n| n.links.iter().rev().cloned().collect())
+            .unwrap_or_default()
     }
 
     /// Taken by a rename for the time it moves entries (see [`NodeTable::dir`]).

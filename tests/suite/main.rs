@@ -25,6 +25,7 @@ mod mount_guards;
 mod mount_listing;
 mod mount_pkcs11;
 mod mount_security;
+mod mount_uring;
 mod posix;
 mod posix_ext4;
 mod private_logs;

@@ -54,7 +54,7 @@ fn secrets_of(dek: &[u8]) -> Vec<(String, Vec<u8>)> {
 /// Every needle found in the readable memory of `pid`, with the mapping it is in. Reads
 /// `/proc/PID/mem` (root: CAP_SYS_PTRACE passes the non-dumpable process's protection).
 /// Read-only file mappings (code, constants from disk) cannot hold runtime secrets: skipped.
-fn scan(pid: u32, needles: &[(String, Vec<u8>)]) -> Vec<String> {
+pub(crate) fn scan(pid: u32, needles: &[(String, Vec<u8>)]) -> Vec<String> {
     let maps = fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
     let mut mem = File::open(format!("/proc/{pid}/mem")).unwrap();
     let finders: Vec<_> = needles

@@ -547,6 +547,69 @@ fn hard_links() {
     m.unmount();
 }
 
+/// A hard-linked symlink stays readable by its inode after the kernel forgets the directory
+/// of its freshest name. Under memory pressure the kernel drops unused entries and inodes: a
+/// directory goes once nothing below it is in use, while the symlink stays known by another
+/// name. The daemon tried only the freshest name, whose directory it no longer knew, and
+/// answered `readlink` with ENOENT (the model test hit it about one run in three on a busy
+/// machine). Also: the two names share a long target's side file, which goes with the last.
+#[test]
+fn hard_linked_symlink_reads_after_the_kernel_forgets_one_names_directory() {
+    use rustix::fs::{Mode, OFlags};
+    let env = Env::new();
+    env.init(&env.cipher);
+    let m = env.mount(&env.cipher, &env.mnt);
+    let p = |r: &str| m.path(r);
+    let side_files = || {
+        fs::read_dir(&env.cipher)
+            .unwrap()
+            .flatten()
+            .filter(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .starts_with(".cmkfs.target.")
+            })
+            .count()
+    };
+    // A long target (side file) and a short one.
+    for (i, len) in [3500usize, 40].into_iter().enumerate() {
+        let target = format!("~{}", "t".repeat(len - 1));
+        let (dir, a, b) = (format!("d{i}"), format!("d{i}/a"), format!("b{i}"));
+        fs::create_dir(p(&dir)).unwrap();
+        // Made at `b`, linked as `d/a`: `d/a` is the freshest name the daemon knows.
+        std::os::unix::fs::symlink(&target, p(&b)).unwrap();
+        // `b`, held, keeps the symlink's inode known to the kernel throughout.
+        let keep = rustix::fs::open(
+            p(&b),
+            OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .unwrap();
+        fs::hard_link(p(&b), p(&a)).unwrap();
+        // Memory pressure, asked for (root): `d/a` and `d` go, and the kernel tells the
+        // daemon to forget `d`.
+        if let Err(e) = fs::write("/proc/sys/vm/drop_caches", "2") {
+            eprintln!("cannot drop the kernel's caches ({e}): checked without the forget");
+        }
+        // The forget is sent asynchronously: give the daemon a moment to take it.
+        std::thread::sleep(Duration::from_millis(300));
+        // Through the held descriptor: no walk, so no lookup of `b` makes it the freshest.
+        let got = rustix::fs::readlinkat(&keep, c"", Vec::new()).unwrap_or_else(|e| {
+            panic!("readlink of {b} ({len}-byte target) after {dir} was forgotten: {e}")
+        });
+        assert_eq!(got.as_bytes(), target.as_bytes(), "{b}");
+        drop(keep);
+        assert_eq!(fs::read_link(p(&a)).unwrap(), Path::new(&target));
+        // One name gone, the other still reads its target; both gone, the side file too.
+        fs::remove_file(p(&b)).unwrap();
+        assert_eq!(fs::read_link(p(&a)).unwrap(), Path::new(&target));
+        assert_eq!(side_files(), usize::from(len > 3039), "{a} alone");
+        fs::remove_file(p(&a)).unwrap();
+        assert_eq!(side_files(), 0, "{a} and {b} gone");
+    }
+    m.unmount();
+}
+
 #[test]
 fn long_unicode_and_many_names() {
     let env = Env::new();

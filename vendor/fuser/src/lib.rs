@@ -101,6 +101,11 @@ mod request;
 mod request_param;
 mod session;
 mod time;
+// cmkfs patch (CMKFS-PATCH.md, third change): FUSE over io_uring.
+#[cfg(target_os = "linux")]
+mod uring;
+#[cfg(target_os = "linux")]
+pub use crate::uring::requests_served as uring_requests_served;
 
 /// We generally support async reads
 #[cfg(not(target_os = "macos"))]

@@ -29,11 +29,30 @@ use crate::reply::ReplySender;
 use crate::session::SessionACL;
 use crate::session::SessionEventLoop;
 
+/// Where a request's reply goes: `/dev/fuse`, or (cmkfs patch, CMKFS-PATCH.md) the io_uring
+/// entry the request came in.
+#[derive(Debug, Clone)]
+pub(crate) enum ReplyTo {
+    Channel(ChannelSender),
+    #[cfg(target_os = "linux")]
+    Uring(crate::uring::UringSender),
+}
+
+impl ReplyTo {
+    fn sender(&self) -> ReplySender {
+        match self {
+            ReplyTo::Channel(ch) => ReplySender::Channel(ch.clone()),
+            #[cfg(target_os = "linux")]
+            ReplyTo::Uring(u) => ReplySender::Uring(u.clone()),
+        }
+    }
+}
+
 /// Request data structure
 #[derive(Debug)]
 pub(crate) struct RequestWithSender<'a> {
-    /// Channel sender for sending the reply
-    ch: ChannelSender,
+    /// Where the reply goes
+    ch: ReplyTo,
     /// Parsed request
     pub(crate) request: ll::AnyRequest<'a>,
 }
@@ -49,7 +68,29 @@ impl<'a> RequestWithSender<'a> {
             }
         };
 
-        Some(Self { ch, request })
+        Some(Self {
+            ch: ReplyTo::Channel(ch),
+            request,
+        })
+    }
+
+    /// A request that came over an io_uring entry: its reply goes back into that entry.
+    #[cfg(target_os = "linux")]
+    pub(crate) fn new_uring(
+        sender: crate::uring::UringSender,
+        data: &'a [u8],
+    ) -> Option<RequestWithSender<'a>> {
+        let request = match ll::AnyRequest::try_from(data) {
+            Ok(request) => request,
+            Err(err) => {
+                error!("{err}");
+                return None;
+            }
+        };
+        Some(Self {
+            ch: ReplyTo::Uring(sender),
+            request,
+        })
     }
 
     /// Dispatch request to the given filesystem.
@@ -304,7 +345,7 @@ impl<'a> RequestWithSender<'a> {
                     x.offset(),
                     ReplyDirectory::new(
                         self.request.unique(),
-                        ReplySender::Channel(self.ch.clone()),
+                        self.ch.sender(),
                         x.size() as usize,
                     ),
                 );
@@ -479,7 +520,7 @@ impl<'a> RequestWithSender<'a> {
                     x.offset(),
                     ReplyDirectoryPlus::new(
                         self.request.unique(),
-                        ReplySender::Channel(self.ch.clone()),
+                        self.ch.sender(),
                         x.size() as usize,
                     ),
                 );
@@ -552,7 +593,7 @@ impl<'a> RequestWithSender<'a> {
     /// Create a reply object for this request that can be passed to the filesystem
     /// implementation and makes sure that a request is replied exactly once
     pub(crate) fn reply<T: Reply>(&self) -> T {
-        Reply::new(self.request.unique(), ReplySender::Channel(self.ch.clone()))
+        Reply::new(self.request.unique(), self.ch.sender())
     }
 
     /// Returns a Request reference for this request

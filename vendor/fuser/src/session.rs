@@ -139,6 +139,9 @@ pub struct Session<FS: Filesystem> {
     /// The field is set to `Some` when the init message is received.
     pub(crate) proto_version: Option<Version>,
     pub(crate) config: Config,
+    /// cmkfs patch: set when INIT negotiated FUSE_OVER_IO_URING.
+    #[cfg(target_os = "linux")]
+    uring: Option<crate::uring::UringParams>,
 }
 
 impl<FS: Filesystem> AsFd for Session<FS> {
@@ -186,6 +189,8 @@ impl<FS: Filesystem> Session<FS> {
             session_owner: geteuid(),
             proto_version: None,
             config: options.clone(),
+            #[cfg(target_os = "linux")]
+            uring: None,
         };
 
         session.handshake()?;
@@ -214,6 +219,8 @@ impl<FS: Filesystem> Session<FS> {
             session_owner: geteuid(),
             proto_version: None,
             config,
+            #[cfg(target_os = "linux")]
+            uring: None,
         };
 
         session.handshake()?;
@@ -252,6 +259,8 @@ impl<FS: Filesystem> Session<FS> {
             session_owner,
             proto_version: _,
             config,
+            #[cfg(target_os = "linux")]
+            uring,
         } = self;
 
         let n_threads = config.n_threads.unwrap_or(1);
@@ -289,6 +298,34 @@ impl<FS: Filesystem> Session<FS> {
         channels.push(ch);
 
         let mut threads = Vec::with_capacity(n_threads);
+
+        // cmkfs patch (CMKFS-PATCH.md, third change): one io_uring queue per possible CPU,
+        // beside the /dev/fuse loops (which keep FORGET, INTERRUPT and notifications).
+        #[cfg(target_os = "linux")]
+        if let Some(params) = uring {
+            for qid in 0..crate::uring::possible_cpus() {
+                let ch = channels[0].clone();
+                let se = SessionEventLoop {
+                    thread_name: format!("fuser-uring-{qid}"),
+                    filesystem: filesystem.clone(),
+                    ch: ch.clone(),
+                    allowed,
+                    session_owner,
+                };
+                threads.push(
+                    thread::Builder::new()
+                        .name(format!("fuser-uring-{qid}"))
+                        .spawn(move || {
+                            // A queue that cannot be set up leaves the kernel on /dev/fuse
+                            // (REGISTER failing clears its io_uring flag): not fatal.
+                            if let Err(e) = crate::uring::run_queue(qid as u16, params, ch, se) {
+                                warn!("FUSE io_uring queue {qid} ended: {e}");
+                            }
+                            Ok(())
+                        })?,
+                );
+            }
+        }
 
         for (i, ch) in channels.into_iter().enumerate() {
             let thread_name = format!("fuser-{i}");
@@ -431,6 +468,18 @@ impl<FS: Filesystem> Session<FS> {
 
             // Remember the ABI version supported by kernel and mark the session initialized.
             self.proto_version = Some(v);
+
+            // cmkfs patch: FUSE over io_uring when the filesystem asked and the kernel
+            // offered it; each entry's payload buffer must hold the kernel's
+            // max_payload_sz = max(FUSE_MIN_READ_BUFFER, max_write, max_pages * page size).
+            #[cfg(target_os = "linux")]
+            if (init.capabilities() & config.requested).contains(InitFlags::FUSE_OVER_IO_URING) {
+                let page = page_size::get();
+                let payload_size = 8192
+                    .max(config.max_write as usize)
+                    .max(usize::from(config.max_pages()) * page);
+                self.uring = Some(crate::uring::UringParams { payload_size });
+            }
 
             // Log capability status for debugging
             for bit in 0..64 {
