@@ -205,17 +205,26 @@ fn freeze(home: &Home, mountpoint: &Path) -> anyhow::Result<Freeze> {
             let (conn, stop) = (conn.try_clone()?, stop.clone());
             std::thread::spawn(move || {
                 let line = format!("{}\n", crate::control::RENEW);
+                let mut seen = backup::activity();
                 while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    for _ in 0..10 {
+                        if stop.load(std::sync::atomic::Ordering::SeqCst) {
+                            return;
+                        }
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                    // Renewed only while the backup advances: one blocked (its archive on a
+                    // frozen mount, its own or another backup's) loses the freeze after the
+                    // mount's --freeze-limit, and then fails, instead of freezing for ever.
+                    let now = backup::activity();
+                    if now == seen {
+                        continue;
+                    }
+                    seen = now;
                     // NOSIGNAL: a mount that lifted the freeze closed the socket; the end of
                     // the backup reports it, no SIGPIPE kills this process.
                     if send_nosignal(&conn, line.as_bytes()).is_err() {
                         break;
-                    }
-                    for _ in 0..10 {
-                        if stop.load(std::sync::atomic::Ordering::SeqCst) {
-                            break;
-                        }
-                        std::thread::sleep(Duration::from_millis(100));
                     }
                 }
             })
@@ -233,19 +242,120 @@ fn freeze(home: &Home, mountpoint: &Path) -> anyhow::Result<Freeze> {
     }
 }
 
+/// Refuses an archive inside the volume it backs up (its backing directory, or the mount
+/// being frozen): its writes would wait on the backup's own freeze.
+fn refuse_archive_inside(archive: &Path, root: &Path, mnt: Option<&Path>) -> anyhow::Result<()> {
+    let dir = archive
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let Ok(dir) = std::fs::canonicalize(dir) else {
+        return Ok(()); // creating the temp file beside it reports the error
+    };
+    for (inside, what) in [(Some(root), "backing directory"), (mnt, "mount")] {
+        if let Some(p) = inside.filter(|p| dir.starts_with(p)) {
+            bail!(
+                "{} lies inside the volume it backs up (its {what} {}): write the archive \
+                 outside the volume",
+                archive.display(),
+                p.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// What a backup needs from the volume's header: its vault, its DEK(s), the base.
+struct Unlocked {
+    vault: Box<dyn Vault>,
+    deks: crate::keyring::Unwrapped,
+    base: Option<backup::BaseState>,
+}
+
+fn unlock_for_backup(
+    home: &Home,
+    root: &Path,
+    header: &VolumeHeader,
+    a: &BackupArgs,
+) -> anyhow::Result<Unlocked> {
+    let (vault, _) = super::volume::volume_vault(home, header, a.credential.as_deref())?;
+    crate::des::check_binding(home, root, header)?;
+    let deks = crate::unlock::unwrap(home, vault.as_ref(), header)?;
+    crate::crypto::secret::scrub_stack();
+    let base = match &a.incremental_from {
+        Some(p) => Some(
+            backup::BaseState::load(p, header, &deks)
+                .with_context(|| format!("previous archive {}", p.display()))?,
+        ),
+        None => None,
+    };
+    Ok(Unlocked { vault, deks, base })
+}
+
 /// Runs `cmkfs backup`.
 pub fn run_backup(a: BackupArgs) -> anyhow::Result<()> {
     let home = Home::from_env();
     let root = std::fs::canonicalize(&a.cipherdir)
         .with_context(|| format!("{}", a.cipherdir.display()))?;
-    let header = VolumeHeader::read(&root)?;
-    crate::unlock::check_configured(&home, &header)?;
+    let before = VolumeHeader::read(&root)?;
+    crate::unlock::check_configured(&home, &before)?;
+    let mount = crate::fsck::find_mount(&root, &home);
+    refuse_archive_inside(&a.archive, &root, mount.as_ref().map(|(m, _)| m.as_path()))?;
+    // Everything that may wait (the vault, the base archive, the archive's directory) before
+    // the freeze: a frozen backup only walks the volume and writes its archive. A volume
+    // being re-encrypted is refused at once, not after waiting for the freeze.
+    backup::check_quiet(&root, &before)?;
+    let chosen: Option<(Box<dyn Vault>, String, Option<String>, vault::WrapAlg)> =
+        match (&a.key, &a.des) {
+            (_, Some(name)) => {
+                let des = DesStore::new(&home).load(name)?;
+                let key_vault = crate::des::open_vault(&home, &des)?;
+                let kid = des.active_key_id()?;
+                let info = key_vault.get_key(&kid.name, Some(&kid.version))?;
+                Some((key_vault, kid.name, Some(kid.version), info.wrap_alg))
+            }
+            (Some(k), None) => {
+                let spec = KeySpec::parse(k, None, vault::local::URL)?;
+                if spec.vault == vault::local::URL && spec.name == crate::des::PLATFORM_KEY {
+                    bail!("{k} is cmkfs's platform key; choose another --key");
+                }
+                let key_vault = match &a.key_credential {
+                    Some(p) => {
+                        let cred = Credential::load(p)?;
+                        if !crate::des::same_vault(&cred.vault, &spec.vault) {
+                            bail!(
+                            "--key-credential {} is for vault {}, but --key {k} is in vault {}: \
+                             give a credential of {} (or name the key with its vault's URL)",
+                            p.display(),
+                            cred.vault,
+                            spec.vault,
+                            spec.vault
+                        );
+                        }
+                        vault::open_with_credential(&home, &cred)?
+                    }
+                    None => vault::open(&spec.vault, &home)?,
+                };
+                let info = key_vault
+                    .get_key(&spec.name, spec.version.as_deref())
+                    .with_context(|| format!("backup key {k}"))?;
+                Some((
+                    key_vault,
+                    info.name.clone(),
+                    Some(info.version.clone()),
+                    info.wrap_alg,
+                ))
+            }
+            (None, None) => None,
+        };
+    let mut unlocked = unlock_for_backup(&home, &root, &before, &a)?;
+    let temp = backup::ArchiveTemp::prepare(&a.archive)?;
 
     // A point-in-time view: a mounted volume's writes are frozen; an unmounted one is locked
     // exclusively, so no mount starts meanwhile.
     let mut frozen = None;
     let mut _lock = None;
-    match crate::fsck::find_mount(&root, &home) {
+    match mount {
         Some((mnt, pid)) => match freeze(&home, &mnt) {
             Ok(f) => frozen = Some(f),
             Err(e) if a.force => {
@@ -267,46 +377,22 @@ pub fn run_backup(a: BackupArgs) -> anyhow::Result<()> {
         },
         None => _lock = Some(VolumeLock::exclusive(&root)?),
     }
-
-    let (vault, _) = super::volume::volume_vault(&home, &header, a.credential.as_deref())?;
-    crate::des::check_binding(&home, &root, &header)?;
-    let deks = crate::unlock::unwrap(&home, vault.as_ref(), &header)?;
-    crate::crypto::secret::scrub_stack();
-
-    let key_vault: Box<dyn Vault>;
-    let key = match (&a.key, &a.des) {
-        (_, Some(name)) => {
-            let des = DesStore::new(&home).load(name)?;
-            key_vault = crate::des::open_vault(&home, &des)?;
-            let kid = des.active_key_id()?;
-            let info = key_vault.get_key(&kid.name, Some(&kid.version))?;
-            BackupKey {
-                vault: key_vault.as_ref(),
-                name: kid.name,
-                version: Some(kid.version),
-                alg: info.wrap_alg,
-            }
-        }
-        (Some(k), None) => {
-            let spec = KeySpec::parse(k, None, vault::local::URL)?;
-            if spec.vault == vault::local::URL && spec.name == crate::des::PLATFORM_KEY {
-                bail!("{k} is cmkfs's platform key; choose another --key");
-            }
-            key_vault = match &a.key_credential {
-                Some(p) => vault::open_with_credential(&home, &Credential::load(p)?)?,
-                None => vault::open(&spec.vault, &home)?,
-            };
-            let info = key_vault
-                .get_key(&spec.name, spec.version.as_deref())
-                .with_context(|| format!("backup key {k}"))?;
-            BackupKey {
-                vault: key_vault.as_ref(),
-                name: info.name.clone(),
-                version: Some(info.version.clone()),
-                alg: info.wrap_alg,
-            }
-        }
-        (None, None) => {
+    // The header as it is now that nothing changes it: the freeze may have waited for an
+    // online re-encryption (or a rewrap) to end; then the finished volume is backed up (or
+    // refused by `backup` if it is still in the middle of something).
+    let header = VolumeHeader::read(&root)?;
+    if header != before {
+        unlocked = unlock_for_backup(&home, &root, &header, &a)?;
+    }
+    let Unlocked { vault, deks, base } = unlocked;
+    let key = match &chosen {
+        Some((key_vault, name, version, alg)) => BackupKey {
+            vault: key_vault.as_ref(),
+            name: name.clone(),
+            version: version.clone(),
+            alg: *alg,
+        },
+        None => {
             let kid = header.key_id()?;
             BackupKey {
                 vault: vault.as_ref(),
@@ -316,16 +402,9 @@ pub fn run_backup(a: BackupArgs) -> anyhow::Result<()> {
             }
         }
     };
-    let base = match &a.incremental_from {
-        Some(p) => Some(
-            backup::BaseState::load(p, &header, &deks)
-                .with_context(|| format!("previous archive {}", p.display()))?,
-        ),
-        None => None,
-    };
     let bar = Bar::new(!a.json, "backup");
     let mut show = |p: &Progress| bar.show(p);
-    let result = backup::backup(
+    let result = backup::backup_into(
         &BackupRequest {
             root: &root,
             header: &header,
@@ -335,6 +414,7 @@ pub fn run_backup(a: BackupArgs) -> anyhow::Result<()> {
             point_in_time: frozen.is_some() || _lock.is_some(),
             base: base.as_ref(),
         },
+        temp,
         Some(&mut show),
     );
     let freeze_seconds = frozen.as_ref().map(|f| f.since.elapsed().as_secs_f64());
