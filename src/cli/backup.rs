@@ -350,6 +350,8 @@ pub fn run_backup(a: BackupArgs) -> anyhow::Result<()> {
         };
     let mut unlocked = unlock_for_backup(&home, &root, &before, &a)?;
     let temp = backup::ArchiveTemp::prepare(&a.archive)?;
+    #[cfg(debug_assertions)]
+    test_hold("before-freeze");
 
     // A point-in-time view: a mounted volume's writes are frozen; an unmounted one is locked
     // exclusively, so no mount starts meanwhile.
@@ -377,6 +379,8 @@ pub fn run_backup(a: BackupArgs) -> anyhow::Result<()> {
         },
         None => _lock = Some(VolumeLock::exclusive(&root)?),
     }
+    #[cfg(debug_assertions)]
+    test_hold("frozen");
     // The header as it is now that nothing changes it: the freeze may have waited for an
     // online re-encryption (or a rewrap) to end; then the finished volume is backed up (or
     // refused by `backup` if it is still in the middle of something).
@@ -471,6 +475,27 @@ fn test_pause_before_recheck() {
     let mut reached = gate.clone().into_os_string();
     reached.push(".reached");
     let _ = std::fs::write(&reached, b"");
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !gate.exists() && std::time::Instant::now() < end {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+/// Debug builds only (tests): with `CMKFS_TEST_BACKUP_HOLD=STAGE:PATH`, at `STAGE`
+/// (`before-freeze`: everything prepared, the freeze not yet asked for; `frozen`: the freeze
+/// granted, nothing copied) `PATH.reached` is created and the backup waits, doing nothing
+/// (at most 20 s), for `PATH` to exist.
+#[cfg(debug_assertions)]
+fn test_hold(stage: &str) {
+    let Some(v) = std::env::var_os("CMKFS_TEST_BACKUP_HOLD") else {
+        return;
+    };
+    let v = v.to_string_lossy();
+    let Some(gate) = v.strip_prefix(stage).and_then(|r| r.strip_prefix(':')) else {
+        return;
+    };
+    let gate = std::path::PathBuf::from(gate);
+    let _ = std::fs::write(format!("{}.reached", gate.display()), b"");
     let end = std::time::Instant::now() + std::time::Duration::from_secs(20);
     while !gate.exists() && std::time::Instant::now() < end {
         std::thread::sleep(std::time::Duration::from_millis(10));
