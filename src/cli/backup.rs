@@ -292,6 +292,14 @@ fn unlock_for_backup(
     Ok(Unlocked { vault, deks, base })
 }
 
+/// A backup key named by `--key` or `--des`, resolved before the freeze.
+struct ChosenKey {
+    vault: Box<dyn Vault>,
+    name: String,
+    version: Option<String>,
+    alg: vault::WrapAlg,
+}
+
 /// Runs `cmkfs backup`.
 pub fn run_backup(a: BackupArgs) -> anyhow::Result<()> {
     let home = Home::from_env();
@@ -305,25 +313,29 @@ pub fn run_backup(a: BackupArgs) -> anyhow::Result<()> {
     // the freeze: a frozen backup only walks the volume and writes its archive. A volume
     // being re-encrypted is refused at once, not after waiting for the freeze.
     backup::check_quiet(&root, &before)?;
-    let chosen: Option<(Box<dyn Vault>, String, Option<String>, vault::WrapAlg)> =
-        match (&a.key, &a.des) {
-            (_, Some(name)) => {
-                let des = DesStore::new(&home).load(name)?;
-                let key_vault = crate::des::open_vault(&home, &des)?;
-                let kid = des.active_key_id()?;
-                let info = key_vault.get_key(&kid.name, Some(&kid.version))?;
-                Some((key_vault, kid.name, Some(kid.version), info.wrap_alg))
+    let chosen: Option<ChosenKey> = match (&a.key, &a.des) {
+        (_, Some(name)) => {
+            let des = DesStore::new(&home).load(name)?;
+            let key_vault = crate::des::open_vault(&home, &des)?;
+            let kid = des.active_key_id()?;
+            let info = key_vault.get_key(&kid.name, Some(&kid.version))?;
+            Some(ChosenKey {
+                vault: key_vault,
+                name: kid.name,
+                version: Some(kid.version),
+                alg: info.wrap_alg,
+            })
+        }
+        (Some(k), None) => {
+            let spec = KeySpec::parse(k, None, vault::local::URL)?;
+            if spec.vault == vault::local::URL && spec.name == crate::des::PLATFORM_KEY {
+                bail!("{k} is cmkfs's platform key; choose another --key");
             }
-            (Some(k), None) => {
-                let spec = KeySpec::parse(k, None, vault::local::URL)?;
-                if spec.vault == vault::local::URL && spec.name == crate::des::PLATFORM_KEY {
-                    bail!("{k} is cmkfs's platform key; choose another --key");
-                }
-                let key_vault = match &a.key_credential {
-                    Some(p) => {
-                        let cred = Credential::load(p)?;
-                        if !crate::des::same_vault(&cred.vault, &spec.vault) {
-                            bail!(
+            let key_vault = match &a.key_credential {
+                Some(p) => {
+                    let cred = Credential::load(p)?;
+                    if !crate::des::same_vault(&cred.vault, &spec.vault) {
+                        bail!(
                             "--key-credential {} is for vault {}, but --key {k} is in vault {}: \
                              give a credential of {} (or name the key with its vault's URL)",
                             p.display(),
@@ -331,23 +343,23 @@ pub fn run_backup(a: BackupArgs) -> anyhow::Result<()> {
                             spec.vault,
                             spec.vault
                         );
-                        }
-                        vault::open_with_credential(&home, &cred)?
                     }
-                    None => vault::open(&spec.vault, &home)?,
-                };
-                let info = key_vault
-                    .get_key(&spec.name, spec.version.as_deref())
-                    .with_context(|| format!("backup key {k}"))?;
-                Some((
-                    key_vault,
-                    info.name.clone(),
-                    Some(info.version.clone()),
-                    info.wrap_alg,
-                ))
-            }
-            (None, None) => None,
-        };
+                    vault::open_with_credential(&home, &cred)?
+                }
+                None => vault::open(&spec.vault, &home)?,
+            };
+            let info = key_vault
+                .get_key(&spec.name, spec.version.as_deref())
+                .with_context(|| format!("backup key {k}"))?;
+            Some(ChosenKey {
+                vault: key_vault,
+                name: info.name.clone(),
+                version: Some(info.version.clone()),
+                alg: info.wrap_alg,
+            })
+        }
+        (None, None) => None,
+    };
     let mut unlocked = unlock_for_backup(&home, &root, &before, &a)?;
     let temp = backup::ArchiveTemp::prepare(&a.archive)?;
     #[cfg(debug_assertions)]
@@ -390,11 +402,11 @@ pub fn run_backup(a: BackupArgs) -> anyhow::Result<()> {
     }
     let Unlocked { vault, deks, base } = unlocked;
     let key = match &chosen {
-        Some((key_vault, name, version, alg)) => BackupKey {
-            vault: key_vault.as_ref(),
-            name: name.clone(),
-            version: version.clone(),
-            alg: *alg,
+        Some(c) => BackupKey {
+            vault: c.vault.as_ref(),
+            name: c.name.clone(),
+            version: c.version.clone(),
+            alg: c.alg,
         },
         None => {
             let kid = header.key_id()?;
