@@ -32,7 +32,8 @@ pub struct BackupArgs {
     /// identity.
     #[arg(long, value_name = "NAME")]
     des: Option<String>,
-    /// Reach the --key's vault as this identity (credential file).
+    /// Reach the --key's vault as this identity (a credential file of that vault; one of
+    /// another vault is refused).
     #[arg(long, value_name = "FILE")]
     key_credential: Option<PathBuf>,
     /// Reach the volume's vault as this identity (as `cmkfs mount --credential`).
@@ -336,12 +337,13 @@ pub fn run_backup(a: BackupArgs) -> anyhow::Result<()> {
                     let cred = Credential::load(p)?;
                     if !crate::des::same_vault(&cred.vault, &spec.vault) {
                         bail!(
-                            "--key-credential {} is for vault {}, but --key {k} is in vault {}: \
-                             give a credential of {} (or name the key with its vault's URL)",
+                            "--key-credential {} is for vault {}, not for the vault of --key {k} \
+                             ({}): give a credential of {}, or name the key by its URL in {}",
                             p.display(),
                             cred.vault,
                             spec.vault,
-                            spec.vault
+                            spec.vault,
+                            cred.vault
                         );
                     }
                     vault::open_with_credential(&home, &cred)?
