@@ -301,6 +301,27 @@ struct ChosenKey {
     alg: vault::WrapAlg,
 }
 
+/// How long a backup whose freeze came in the middle of an online re-encryption waits for
+/// the run to end before it is refused.
+const RUN_TO_END: Duration = Duration::from_secs(30);
+
+/// Waits (at most `limit`) until the volume at `root` is not in the middle of something.
+fn wait_quiet(root: &Path, limit: Duration) -> bool {
+    let end = Instant::now() + limit;
+    loop {
+        let quiet = VolumeHeader::read(root)
+            .ok()
+            .is_some_and(|h| backup::check_quiet(root, &h).is_ok());
+        if quiet {
+            return true;
+        }
+        if Instant::now() > end {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// Runs `cmkfs backup`.
 pub fn run_backup(a: BackupArgs) -> anyhow::Result<()> {
     let home = Home::from_env();
@@ -371,34 +392,56 @@ pub fn run_backup(a: BackupArgs) -> anyhow::Result<()> {
     // exclusively, so no mount starts meanwhile.
     let mut frozen = None;
     let mut _lock = None;
-    match mount {
-        Some((mnt, pid)) => match freeze(&home, &mnt) {
-            Ok(f) => frozen = Some(f),
-            Err(e) if a.force => {
-                if !a.json {
-                    eprintln!(
-                        "cmkfs: warning: {} is mounted at {} and its writes are not frozen \
-                         ({e:#}): the archive is not a point-in-time view",
-                        root.display(),
-                        mnt.display()
-                    );
+    let mut rounds = 0;
+    let header = loop {
+        rounds += 1;
+        match &mount {
+            Some((mnt, pid)) => match freeze(&home, mnt) {
+                Ok(f) => frozen = Some(f),
+                Err(e) if a.force => {
+                    if !a.json {
+                        eprintln!(
+                            "cmkfs: warning: {} is mounted at {} and its writes are not frozen \
+                             ({e:#}): the archive is not a point-in-time view",
+                            root.display(),
+                            mnt.display()
+                        );
+                    }
                 }
-            }
-            Err(e) => bail!(
-                "{} is mounted at {} (daemon {pid}) and its writes could not be frozen ({e:#}); \
-                 unmount it, or add --force to back it up while it changes",
+                Err(e) => bail!(
+                    "{} is mounted at {} (daemon {pid}) and its writes could not be frozen \
+                     ({e:#}); unmount it, or add --force to back it up while it changes",
+                    root.display(),
+                    mnt.display()
+                ),
+            },
+            None => _lock = Some(VolumeLock::exclusive(&root)?),
+        }
+        #[cfg(debug_assertions)]
+        test_hold("frozen");
+        // The header as it is now that nothing changes it: the freeze may have waited for
+        // an online re-encryption (or a rewrap) to end; then the finished volume is backed up.
+        let header = VolumeHeader::read(&root)?;
+        let Some(f) = frozen.take() else {
+            break header;
+        };
+        if rounds > 3 || backup::check_quiet(&root, &header).is_ok() {
+            frozen = Some(f); // after three rounds `backup` refuses it
+            break header;
+        }
+        // An online re-encryption began after the check above, and the mount granted the
+        // freeze between its phases or just before it wrote its final header: let it end,
+        // then freeze again (a run that does not end soon is refused, as one at the start).
+        let _ = f.release();
+        if !wait_quiet(&root, RUN_TO_END) {
+            bail!(
+                "{} is being re-encrypted (a run started while this backup waited for its \
+                 freeze and has not ended within {} s): back up once it has finished",
                 root.display(),
-                mnt.display()
-            ),
-        },
-        None => _lock = Some(VolumeLock::exclusive(&root)?),
-    }
-    #[cfg(debug_assertions)]
-    test_hold("frozen");
-    // The header as it is now that nothing changes it: the freeze may have waited for an
-    // online re-encryption (or a rewrap) to end; then the finished volume is backed up (or
-    // refused by `backup` if it is still in the middle of something).
-    let header = VolumeHeader::read(&root)?;
+                RUN_TO_END.as_secs()
+            );
+        }
+    };
     if header != before {
         unlocked = unlock_for_backup(&home, &root, &header, &a)?;
     }
