@@ -22,6 +22,17 @@ pub fn create_private_dir(dir: &Path) -> io::Result<()> {
 /// the target, fsync the directory. A crash leaves either the old or the new content (and at
 /// worst a stray temp file), never a torn file.
 pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
+    write_atomic_then(path, bytes, mode, &mut || ())
+}
+
+/// [`write_atomic`], calling `changed` right after the temp file is created and right after
+/// the rename, before the fsyncs (see `volume::sys::write_atomic_then`).
+pub fn write_atomic_then(
+    path: &Path,
+    bytes: &[u8],
+    mode: u32,
+    changed: &mut dyn FnMut(),
+) -> io::Result<()> {
     let dir = parent_dir(path);
     let name = path
         .file_name()
@@ -39,10 +50,12 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
             .create_new(true)
             .mode(mode)
             .open(&tmp)?;
+        changed();
         f.write_all(bytes)?;
         f.sync_all()?;
         drop(f);
         fs::rename(&tmp, path)?;
+        changed();
         sync_dir(&dir)
     })();
     if result.is_err() {

@@ -187,8 +187,18 @@ impl HeaderHandle {
     /// Writes `new` as the volume header (atomically) and makes it the one checks compare
     /// with, with no check in between.
     pub fn replace(&self, new: &VolumeHeader) -> Result<(), VolumeError> {
+        self.replace_then(new, &mut || ())
+    }
+
+    /// [`HeaderHandle::replace`], calling `changed` right after each change of the backing
+    /// directory, before the fsyncs ([`VolumeHeader::write_then`]).
+    pub fn replace_then(
+        &self,
+        new: &VolumeHeader,
+        changed: &mut dyn FnMut(),
+    ) -> Result<(), VolumeError> {
         let _g = self.update.lock().unwrap_or_else(|p| p.into_inner());
-        new.write(&self.dir)?;
+        new.write_then(&self.dir, changed)?;
         *self.verified.write().unwrap_or_else(|p| p.into_inner()) = new.clone();
         Ok(())
     }
@@ -517,15 +527,67 @@ impl crate::volume::reencrypt::KeyAccess for ReencryptAccess<'_> {
         Ok((wrapped, platform))
     }
 
-    fn replace_header(&self, new: &VolumeHeader) -> Result<(), VolumeError> {
+    fn replace_header(
+        &self,
+        new: &VolumeHeader,
+        changed: &mut dyn FnMut(),
+    ) -> Result<(), VolumeError> {
         // Not beside a rewrap of the volume's Disk Encryption Set (it rewrites the header).
         let store = des::DesStore::new(&self.home);
+        // The set's lock is taken before a volume's everywhere else (`cmkfs des update`
+        // holds it, then waits for the volume lock to rewrap): an offline re-encryption holds
+        // the volume lock exclusive here, so it only tries for a while, then stops with the
+        // volume as it is (resumable) and lets the update go on.
         let _lock = match &new.des {
-            Some(d) if store.load(d).is_ok() => Some(store.lock().map_err(|e| {
-                VolumeError::Internal(format!("locking Disk Encryption Set {d}: {e}"))
-            })?),
+            Some(d) if store.load(d).is_ok() => Some(lock_set_bounded(&store, d)?),
             _ => None,
         };
-        self.handle.replace(new)
+        self.handle.replace_then(new, changed)
+    }
+}
+
+/// How long a header replacement waits for its Disk Encryption Set's lock.
+const SET_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The lock of set `name`, tried until [`SET_LOCK_WAIT`] has passed.
+///
+/// # Errors
+/// [`VolumeError::Os`] (`WouldBlock`) saying the set is busy (another command holds its
+/// lock for longer than the wait); [`VolumeError::Internal`] why the lock could not be taken.
+fn lock_set_bounded(store: &des::DesStore, name: &str) -> Result<des::DesLock, VolumeError> {
+    #[allow(unused_mut)]
+    let mut wait = SET_LOCK_WAIT;
+    // Debug builds only (tests): a shorter wait.
+    #[cfg(debug_assertions)]
+    if let Some(ms) = std::env::var("CMKFS_TEST_SET_LOCK_WAIT_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        wait = std::time::Duration::from_millis(ms);
+    }
+    let end = std::time::Instant::now() + wait;
+    loop {
+        match store.try_lock() {
+            Ok(Some(l)) => return Ok(l),
+            Ok(None) if std::time::Instant::now() < end => {
+                std::thread::sleep(std::time::Duration::from_millis(50))
+            }
+            Ok(None) => {
+                return Err(VolumeError::Os(std::io::Error::new(
+                    std::io::ErrorKind::WouldBlock,
+                    format!(
+                        "Disk Encryption Set {name} is busy (a `cmkfs des update` or other set \
+                     command holds it, and may be waiting for this volume): stopped before \
+                     changing the header; run the command again once it has finished, and it \
+                     resumes where it stopped"
+                    ),
+                )))
+            }
+            Err(e) => {
+                return Err(VolumeError::Internal(format!(
+                    "locking Disk Encryption Set {name}: {e}"
+                )))
+            }
+        }
     }
 }

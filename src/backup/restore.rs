@@ -1,13 +1,15 @@
 //! `cmkfs restore`: verify first, write nothing that is not verified, rename at the end.
 //!
-//! 1. The target must be absent or an empty directory, the Disk Encryption Set usable; temp
-//!    directories of killed restores into the target are removed (a running one refuses).
+//! 1. The target must be absent or an empty directory, the Disk Encryption Set usable.
 //! 2. For every archive of the chain (a full archive, then its incremental archives, oldest
 //!    first): the seals are read ([`super::chain`]), the key envelope is unwrapped through
 //!    the backup key's vault with the caller's rights (a disabled, deleted or forbidden key
 //!    refuses here, with the vault's reason), the manifest MAC verified under the DEK; then
 //!    the chain is checked (each incremental names its base by the SHA-256 of its
-//!    manifest). All this before anything is written.
+//!    manifest). With `--new-dek`, an archive whose quarantine holds entries is refused
+//!    (from the last manifest; see `quarantine_names`). All this before anything is
+//!    written; then temp directories of killed restores into the target are removed (a
+//!    running one refuses).
 //! 3. Each archive is applied into a fresh `.<target>.cmkfs-restore.<random>` beside the
 //!    target (held under the volume lock while in use), in manifest order: stored members
 //!    are extracted (nothing followed: every entry is created relative to its parent's
@@ -159,7 +161,6 @@ pub fn restore(
         .to_string_lossy()
         .into_owned();
     let parent = target.parent().unwrap_or(Path::new("/")).to_path_buf();
-    let cleaned_up = clean_leftovers(&target)?;
     let store = DesStore::new(req.home);
     let des_rec = store.load(req.des)?;
     // The set's key must be usable before anything is unpacked.
@@ -199,6 +200,15 @@ pub fn restore(
         });
     }
     check_chain(&links)?;
+    if req.new_dek && !req.discard_quarantine {
+        // Known from the manifest: refused before anything is written (the check on the
+        // extracted tree below stays, as a backstop).
+        if quarantine_names(&links[links.len() - 1].manifest) > 0 {
+            return Err(quarantine_refusal("entries"));
+        }
+    }
+    // Only now that everything is verified: temp directories of killed restores go.
+    let cleaned_up = clean_leftovers(&target)?;
     let archive_bytes: u64 = links.iter().map(|l| l.sealed.size).sum();
 
     // 2. Each archive applied in turn into a temp directory of its own beside the target.
@@ -306,13 +316,32 @@ pub fn restore(
                 sector: last.manifest.source.sector_size,
                 generation: last.manifest.source.key_generation,
             };
-            let (r, ids) = reencrypt(req.home, &des_rec, &tmp, &header, &keys)?;
+            let (r, ids) = reencrypt(req.home, &des_rec, &tmp, &keys)?;
             (Some(r), Some(ids))
         } else {
             (None, None)
         };
         rustix::fs::syncfs(File::open(&tmp).map_err(|e| BackupError::io("", e))?)
             .map_err(|e| BackupError::io("", e.into()))?;
+        #[cfg(debug_assertions)]
+        test_pause("CMKFS_TEST_RESTORE_PAUSE");
+        // A key owner who disabled or revoked the backup key while the restore ran must not
+        // find a usable volume published after that: the same unwrap as at the start, for
+        // every archive of the chain, right before the rename (as a backup does before it
+        // publishes its archive).
+        for link in &links {
+            let kid = link.sealed.envelope.kid()?;
+            let still = (req.open_vault)(&kid)
+                .and_then(|v| link.sealed.envelope.unwrap(v.as_ref()).map(drop));
+            crate::crypto::secret::scrub_stack();
+            if let Err(e) = still {
+                return Err(BackupError::Refused(format!(
+                    "{e}; the backup key stopped unwrapping the archive's DEK before the \
+                     restore ended (disabled or revoked meanwhile?), so nothing was restored; \
+                     restore again once the key owner allows it"
+                )));
+            }
+        }
         let key_id = place(req.home, &store, req.des, &tmp, &target)?;
         drop(lock);
         temps.clear();
@@ -348,6 +377,25 @@ pub fn restore(
             }
             Err(e)
         }
+    }
+}
+
+/// Debug builds only (tests): with the environment variable `var` set to PATH, the restore
+/// creates `PATH.reached`, then waits (at most 20 s) for `PATH` to exist, so a test can
+/// change keys at that point. `CMKFS_TEST_RESTORE_PAUSE`: the tree is complete, before the
+/// final backup-key check; `CMKFS_TEST_RESTORE_PAUSE_NEW_DEK`: before the `--new-dek`
+/// re-encryption.
+#[cfg(debug_assertions)]
+fn test_pause(var: &str) {
+    let Some(gate) = std::env::var_os(var).map(PathBuf::from) else {
+        return;
+    };
+    let mut reached = gate.clone().into_os_string();
+    reached.push(".reached");
+    let _ = std::fs::write(&reached, b"");
+    let end = Instant::now() + std::time::Duration::from_secs(20);
+    while !gate.exists() && Instant::now() < end {
+        std::thread::sleep(std::time::Duration::from_millis(10));
     }
 }
 
@@ -472,14 +520,20 @@ fn reencrypt(
     home: &Home,
     des_rec: &DiskEncryptionSet,
     dir: &Path,
-    header: &VolumeHeader,
     keys: &renumber::Keys<'_>,
 ) -> Result<(Report, Renumbered), BackupError> {
     let times = times_by_inode(dir)?;
     let ids = renumber::renumber(dir, keys)?;
+    #[cfg(debug_assertions)]
+    test_pause("CMKFS_TEST_RESTORE_PAUSE_NEW_DEK");
+    // The set's key may have changed since the header was written (`cmkfs des update`
+    // meanwhile): the temp tree is not listed in the set, so nothing rewrapped it, and the
+    // unlock below would take its header for an old one put back.
+    let (des_rec, header) = rewrap_to_active(home, &DesStore::new(home), &des_rec.name, dir)?;
+    let header = &header;
     // The caller holds the volume lock on `dir` exclusive.
     let report = {
-        let v = des::open_vault(home, des_rec)?;
+        let v = des::open_vault(home, &des_rec)?;
         let (kr, header, handle) =
             crate::unlock::unlock_with_handle(home, v, dir, header, KeyringConfig::default())?;
         let kr = Arc::new(kr);
@@ -516,6 +570,40 @@ fn reencrypt(
     Ok((report, ids))
 }
 
+/// [`rewrap_locked`] under the set's lock.
+fn rewrap_to_active(
+    home: &Home,
+    store: &DesStore,
+    des_name: &str,
+    tmp: &Path,
+) -> Result<(DiskEncryptionSet, VolumeHeader), BackupError> {
+    let _lock = store.lock()?;
+    rewrap_locked(home, store, des_name, tmp)
+}
+
+/// The set's record as it is now, and the header of the restore's temp tree `tmp` wrapped by
+/// the set's active key: rewrapped (same DEK) and rewritten if the set's key changed since it
+/// was written. The caller holds the set's lock.
+fn rewrap_locked(
+    home: &Home,
+    store: &DesStore,
+    des_name: &str,
+    tmp: &Path,
+) -> Result<(DiskEncryptionSet, VolumeHeader), BackupError> {
+    let rec = store.load(des_name)?;
+    let mut header = VolumeHeader::read(tmp)?;
+    if header.key_id != rec.active_key.key_url {
+        let v = des::open_vault(home, &rec)?;
+        let dek = header.unwrap_dek(v.as_ref())?;
+        let kid = rec.active_key_id()?;
+        let info = v.get_key(&kid.name, Some(&kid.version))?;
+        let w = v.wrap_key(&kid.name, Some(&kid.version), info.wrap_alg, dek.as_bytes())?;
+        header = header.rewrapped(&w, &dek);
+        header.write(tmp)?;
+    }
+    Ok((rec, header))
+}
+
 /// Under the set's lock: the header rewrapped if the set's key changed meanwhile, the target
 /// listed in the set, the temp directory renamed into place (over an empty directory, or
 /// where nothing is). Returns the key id of the header.
@@ -527,17 +615,7 @@ fn place(
     target: &Path,
 ) -> Result<String, BackupError> {
     let _lock = store.lock()?;
-    let mut rec = store.load(des_name)?;
-    let mut header = VolumeHeader::read(tmp)?;
-    if header.key_id != rec.active_key.key_url {
-        let v = des::open_vault(home, &rec)?;
-        let dek = header.unwrap_dek(v.as_ref())?;
-        let kid = rec.active_key_id()?;
-        let info = v.get_key(&kid.name, Some(&kid.version))?;
-        let w = v.wrap_key(&kid.name, Some(&kid.version), info.wrap_alg, dek.as_bytes())?;
-        header = header.rewrapped(&w, &dek);
-        header.write(tmp)?;
-    }
+    let (mut rec, header) = rewrap_locked(home, store, des_name, tmp)?;
     let listed = rec.volumes.iter().any(|p| p == target);
     if !listed {
         rec.volumes.push(target.to_path_buf());
@@ -571,6 +649,34 @@ fn place(
     Ok(header.key_id)
 }
 
+/// The refusal of `--new-dek` while the archive's quarantine holds `what` (a count).
+fn quarantine_refusal(what: &str) -> BackupError {
+    let q = crate::fsck::QUARANTINE_DIR;
+    BackupError::Refused(format!(
+        "the archive's {q}/ holds {what} set aside by `cmkfs fsck --repair`, which cannot be \
+         re-encrypted under a new DEK: restore without --new-dek to look at them (listed in \
+         {q}/*/{m} of the restored volume), or add --discard-quarantine to leave them out; \
+         nothing was restored",
+        m = crate::fsck::MANIFEST_FILE,
+    ))
+}
+
+/// Names in the quarantine of the state `manifest` describes that hold something fsck set
+/// aside: anything below a batch directory (`cmkfs.quarantine/<time>/`) but the batch's own
+/// report, `cmkfs.fsck.json` (its set-aside extended attributes, `cmkfs.xattrs.json`, count).
+/// An empty batch directory, or a quarantine that is not a directory, is left to the check
+/// on the extracted tree (`quarantine`), which counts exactly as a re-encryption does.
+fn quarantine_names(manifest: &Manifest) -> u64 {
+    let q = crate::fsck::QUARANTINE_DIR;
+    manifest
+        .members
+        .iter()
+        .filter_map(|e| e.path.strip_prefix(q)?.strip_prefix('/'))
+        .filter_map(|below| below.split_once('/').map(|(_, rest)| rest))
+        .filter(|rest| *rest != crate::fsck::MANIFEST_FILE)
+        .count() as u64
+}
+
 /// `--new-dek`: the archive's `cmkfs.quarantine/` keeps the names of the source's
 /// directories, so it cannot be sealed again; re-encrypted around, it would share ciphertext
 /// with the source under a DEK the restored volume no longer has. Refused while it holds
@@ -584,13 +690,7 @@ fn quarantine(dir: &Path, discard: bool) -> Result<u64, BackupError> {
         return Ok(0);
     }
     if !discard {
-        return Err(BackupError::Refused(format!(
-            "the archive's {q}/ holds {held} entries set aside by `cmkfs fsck --repair`, which \
-             cannot be re-encrypted under a new DEK: restore without --new-dek to look at \
-             them (listed in {q}/*/{m} of the restored volume), or add \
-             --discard-quarantine to leave them out; nothing was restored",
-            m = crate::fsck::MANIFEST_FILE,
-        )));
+        return Err(quarantine_refusal(&format!("{held} entries")));
     }
     // Nothing followed: a symlink planted there is removed, not its target.
     let path = dir.join(q);

@@ -113,8 +113,11 @@ fn reencrypt(a: ReencryptArgs) -> anyhow::Result<()> {
     bar.done();
     // A header update this command (or another) made when it was killed left its temp file;
     // with the lock held exclusively none is in flight, so a completed run leaves none.
-    let stale = VolumeHeader::remove_stale_temps(&root)
-        .with_context(|| format!("removing leftover header temp files in {}", root.display()))?;
+    // Listing the root moves its atime: put back, as the run kept every time.
+    let stale = crate::volume::keep_times(vol.root_dir().fd(), || {
+        VolumeHeader::remove_stale_temps(&root)
+    })
+    .with_context(|| format!("removing leftover header temp files in {}", root.display()))?;
     if stale > 0 {
         tracing::info!(
             files = stale,

@@ -115,6 +115,12 @@ pub struct MountArgs {
     /// errors of cached writes then surface at fsync or close instead of at write.
     #[arg(long)]
     writeback_cache: bool,
+    /// How long the kernel may cache names and attributes, e.g. 60s, 1s, 0. Changes made
+    /// through the mount are always seen at once; a longer time only delays changes made to
+    /// the backing directory behind the mount (another program or a sync client writing
+    /// there): use 0 or 1s when that happens.
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_cache_timeout)]
+    cache_timeout: Duration,
 }
 
 impl MountArgs {
@@ -131,6 +137,18 @@ pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     }
     humantime::parse_duration(s)
         .map_err(|e| format!("{s:?} is not a duration like 30s, 5m or 1h ({e})"))
+}
+
+/// `--cache-timeout`: a duration of at most an hour (the kernel counts it in whole seconds
+/// plus nanoseconds; longer buys nothing, as every entry is revalidated after it anyway).
+fn parse_cache_timeout(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d > Duration::from_secs(3600) {
+        return Err(format!(
+            "{s:?} is too long: a cache timeout is at most 1h (use 0 to turn the cache off)"
+        ));
+    }
+    Ok(d)
 }
 
 /// `--freeze-limit`: a duration of at least 2 s (`cmkfs backup` renews every second).
@@ -460,6 +478,8 @@ fn spawn_daemon(
     if a.writeback_cache {
         cmd.arg("--writeback-cache");
     }
+    cmd.arg("--cache-timeout")
+        .arg(format!("{}ms", a.cache_timeout.as_millis()));
     if let Some(c) = &a.credential {
         cmd.arg("--credential")
             .arg(std::fs::canonicalize(c).with_context(|| format!("credential {}", c.display()))?);
@@ -629,6 +649,7 @@ fn serve(a: &MountArgs, ready_pipe: bool) -> anyhow::Result<()> {
         vol,
         FsOptions {
             writeback_cache: a.writeback_cache,
+            cache_timeout: Some(a.cache_timeout),
         },
     );
     let table = fs.node_table();

@@ -113,7 +113,8 @@ pub fn check_binding(home: &Home, dir: &Path, header: &VolumeHeader) -> Result<(
             .any(|v| Some(v) == abs.as_ref() || Some(v) == canon.as_ref());
         if lists && header.des.as_deref() != Some(des.name.as_str()) {
             return Err(DesError::Refused(format!(
-                "the volume at {} belongs to Disk Encryption Set {}, but its header names {}:                  the header was changed",
+                "the volume at {} belongs to Disk Encryption Set {}, but its header names {}: \
+                 the header was changed",
                 dir.display(),
                 des.name,
                 header
@@ -124,7 +125,8 @@ pub fn check_binding(home: &Home, dir: &Path, header: &VolumeHeader) -> Result<(
         }
         if header.des.as_deref() == Some(des.name.as_str()) && !des.knows_key(&header.key_id) {
             return Err(DesError::Refused(format!(
-                "the volume header names key {}, which Disk Encryption Set {} does not list                  (active: {}): an old or foreign header was put in place",
+                "the volume header names key {}, which Disk Encryption Set {} does not list \
+                 (active: {}): an old or foreign header was put in place",
                 header.key_id, des.name, des.active_key.key_url
             )));
         }

@@ -238,7 +238,20 @@ fn rewrap_volume(
     }
     drop((check, dek));
     hooks.step(RewrapStep::Verified, dir)?;
-    replace_header(dir, &new_header, hooks)?;
+    // The header is a control file in the backing root, whose times are the mount root's:
+    // an unmounted volume's root keeps its mtime. A mounted one's users may change the root
+    // while the header is replaced, and this process cannot hold their requests back: there
+    // the mtime moves.
+    let unmounted = fs::canonicalize(dir)
+        .ok()
+        .filter(|root| !crate::fsck::mounted_anywhere(root))
+        .and_then(|_| fs::File::open(dir).ok());
+    match unmounted {
+        Some(d) => crate::volume::keep_mtime(std::os::fd::AsFd::as_fd(&d), || {
+            replace_header(dir, &new_header, hooks)
+        })?,
+        None => replace_header(dir, &new_header, hooks)?,
+    }
     Ok(RewrapOutcome::Rewrapped)
 }
 

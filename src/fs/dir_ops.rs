@@ -12,7 +12,7 @@ use fuser::{
     ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen,
 };
 
-use super::{kind_of, lock, CmkFs, DirEntry, DirSnapshot, FsResult, Resolved, TTL};
+use super::{kind_of, lock, CmkFs, DirEntry, DirSnapshot, FsResult, Resolved};
 use crate::volume::{Attr, Caller};
 
 impl CmkFs {
@@ -27,7 +27,7 @@ impl CmkFs {
     ) {
         match r {
             Ok((bname, a)) => reply.entry(
-                &TTL,
+                &self.ttl,
                 &self.remember(parent, name, &bname, &a),
                 Generation(0),
             ),
@@ -122,7 +122,7 @@ impl CmkFs {
             ino: ino.0,
             kind: FileType::Directory,
             name: name.into(),
-            attr: None,
+            bname: None,
         };
         let mut entries = vec![dot("."), dot("..")];
         for l in self.vol.list(&dir)? {
@@ -130,7 +130,7 @@ impl CmkFs {
                 ino: self.table.fuse_ino(l.ino),
                 kind: kind_of(l.kind),
                 name: l.name,
-                attr: l.attr.map(|a| (l.bname, a)),
+                bname: Some(l.bname),
             });
         }
         Ok(DirSnapshot {
@@ -160,18 +160,55 @@ impl CmkFs {
             .ok_or_else(super::ebadf)
     }
 
-    pub(super) fn do_readdir(&self, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
-        match self.listing(fh) {
-            Ok(s) => {
-                for (i, e) in s.entries.iter().enumerate().skip(offset as usize) {
-                    if reply.add(INodeNo(e.ino), (i + 1) as u64, e.kind, &e.name) {
-                        break;
-                    }
-                }
-                reply.ok();
-            }
-            Err(e) => reply.error(self.errno(&e, "readdir", None)),
+    /// The backing name of listed entry `e` now: the snapshot's, recomputed when a
+    /// re-encryption sealed every name again since it was taken (`stale`).
+    fn listed_bname(
+        &self,
+        dir: &crate::volume::Dir,
+        e: &DirEntry,
+        stale: bool,
+    ) -> Option<std::ffi::OsString> {
+        let b = e.bname.as_ref()?;
+        if stale {
+            self.vol
+                .backing_name(dir, &e.name)
+                .ok()
+                .map(|nb| nb.entry().to_owned())
+        } else {
+            Some(b.clone())
         }
+    }
+
+    /// READDIR: the snapshot's names, each with its inode number and type read now (as
+    /// LOOKUP gives them); an entry that cannot be read any more (gone since opendir) keeps
+    /// what the backing listing said.
+    pub(super) fn do_readdir(
+        &self,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let s = match self.listing(fh) {
+            Ok(s) => s,
+            Err(e) => return reply.error(self.errno(&e, "readdir", None)),
+        };
+        let dir = self.dir(ino).ok();
+        let stale = s.epoch != self.table.epoch();
+        for (i, e) in s.entries.iter().enumerate().skip(offset as usize) {
+            let now = dir.as_ref().and_then(|dir| {
+                let b = self.listed_bname(dir, e, stale)?;
+                self.vol.entry_kind(dir, &b).ok()
+            });
+            let (ino, kind) = match now {
+                Some((b, k)) => (self.table.fuse_ino(b), kind_of(k)),
+                None => (e.ino, e.kind),
+            };
+            if reply.add(INodeNo(ino), (i + 1) as u64, kind, &e.name) {
+                break;
+            }
+        }
+        reply.ok();
     }
 
     /// READDIRPLUS: the snapshot's names, each with attributes read now (as LOOKUP would),
@@ -198,24 +235,21 @@ impl CmkFs {
         let stale = s.epoch != self.table.epoch();
         for (i, e) in s.entries.iter().enumerate().skip(offset as usize) {
             let off = (i + 1) as u64;
-            let fresh = match (&e.attr, &dir) {
-                (Some((b, _)), Some(dir)) => {
-                    let bname = if stale {
-                        self.vol
-                            .backing_name(dir, &e.name)
-                            .map(|nb| nb.entry().to_owned())
-                    } else {
-                        Ok(b.clone())
-                    };
-                    bname
-                        .and_then(|b| self.vol.attr_at(dir, &b).map(|a| (b, a)))
-                        .ok()
+            let fresh = dir.as_ref().and_then(|dir| {
+                let b = self.listed_bname(dir, e, stale)?;
+                match self.vol.attr_at(dir, &b) {
+                    Ok(a) => Some((b, a)),
+                    Err(err) => {
+                        if err.errno() != libc::ENOENT {
+                            tracing::warn!(entry = ?b, error = %err, "corrupt entry");
+                        }
+                        None
+                    }
                 }
-                _ => None,
-            };
+            });
             let full = match fresh {
                 // Entries handed out with attributes count as lookups, as the kernel expects.
-                Some((b, a)) => self.remember(ino, &e.name, &b, &a),
+                Some((b, a)) => self.remember(ino, &e.name, b.as_os_str(), &a),
                 // "." and "..": the kernel makes no dentry of them.
                 None if e.name == "." || e.name == ".." => match self.getattr_of(ino, None) {
                     Ok(a) => a,
@@ -234,7 +268,7 @@ impl CmkFs {
                 }
             };
             let counted = !(e.name == "." || e.name == "..");
-            if reply.add(full.ino, off, &e.name, &TTL, &full, Generation(0)) {
+            if reply.add(full.ino, off, &e.name, &self.ttl, &full, Generation(0)) {
                 // Buffer full, entry not sent: undo the lookup count just taken.
                 if counted {
                     self.table.forget(full.ino.0, 1);

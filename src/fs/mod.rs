@@ -34,9 +34,12 @@ pub use nodes::NodeTable;
 
 use crate::volume::{Attr, Caller, Dir, OpenFile, Target, Volume, VolumeError};
 
-/// How long the kernel may cache attributes and entries. Short, because a revocation must
-/// not leave names usable from the dentry cache for long (it also invalidates explicitly).
-const TTL: Duration = Duration::from_secs(1);
+/// How long the kernel may cache attributes and entries by default
+/// ([`FsOptions::cache_timeout`]). Everything done through the mount keeps the kernel's
+/// caches right on its own, and a revocation drops them explicitly
+/// ([`invalidate_kernel_caches`]), so the timeout only bounds how late a change made to the
+/// backing directory behind the mount shows.
+pub const DEFAULT_CACHE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Largest write the kernel may send (its own limit is 256 pages).
 pub const MAX_WRITE: u32 = 1 << 20;
 
@@ -62,12 +65,13 @@ pub fn invalidate_kernel_caches(table: &NodeTable, notifier: &fuser::Notifier) -
     done
 }
 
-/// One entry of a directory listing; with attributes (and backing name) for readdirplus.
+/// One entry of a directory listing: inode and type as listed at opendir (what a reply
+/// sends when it cannot read them again), and the backing name (`None` for `.` and `..`).
 struct DirEntry {
     ino: u64,
     kind: FileType,
     name: OsString,
-    attr: Option<(OsString, Attr)>,
+    bname: Option<OsString>,
 }
 
 struct DirSnapshot {
@@ -91,11 +95,16 @@ pub struct FsOptions {
     /// large requests; it then owns file sizes and mtimes, and errors of cached writes
     /// surface at fsync or close.
     pub writeback_cache: bool,
+    /// How long the kernel may cache entries and attributes (`None`:
+    /// [`DEFAULT_CACHE_TIMEOUT`]; zero: ask the daemon every time).
+    pub cache_timeout: Option<Duration>,
 }
 
 /// The FUSE filesystem of one mounted volume.
 pub struct CmkFs {
     opts: FsOptions,
+    /// Entry and attribute timeout given to the kernel.
+    ttl: Duration,
     vol: Arc<Volume>,
     table: Arc<NodeTable>,
     files: Arc<Mutex<Files>>,
@@ -242,6 +251,7 @@ impl CmkFs {
     pub fn with_options(vol: Arc<Volume>, opts: FsOptions) -> CmkFs {
         let table = Arc::new(NodeTable::new(&vol));
         CmkFs {
+            ttl: opts.cache_timeout.unwrap_or(DEFAULT_CACHE_TIMEOUT),
             opts,
             vol,
             table,
@@ -442,6 +452,10 @@ impl Filesystem for CmkFs {
         let _ = config.add_capabilities(
             fuser::InitFlags::FUSE_DO_READDIRPLUS | fuser::InitFlags::FUSE_READDIRPLUS_AUTO,
         );
+        // Pages kept across opens (FOPEN_KEEP_CACHE) are dropped when a refreshed size or
+        // mtime differs from the cached one: a change behind the mount is not served stale
+        // past the attribute timeout.
+        let _ = config.add_capabilities(fuser::InitFlags::FUSE_AUTO_INVAL_DATA);
         if self.opts.writeback_cache {
             let _ = config.add_capabilities(fuser::InitFlags::FUSE_WRITEBACK_CACHE);
         }
@@ -496,7 +510,7 @@ impl Filesystem for CmkFs {
             atime: time_or_now(atime),
             mtime: time_or_now(mtime),
         };
-        let _pass = self.vol.gates().write();
+        let _pass = self.vol.gates().write_in(ino == INodeNo::ROOT);
         self.do_setattr(ino, fh, &set, reply)
     }
 
@@ -515,7 +529,7 @@ impl Filesystem for CmkFs {
         rdev: u32,
         reply: ReplyEntry,
     ) {
-        let _pass = self.vol.gates().write();
+        let _pass = self.vol.gates().write_in(parent == INodeNo::ROOT);
         self.do_mknod(caller(req, umask), parent, name, mode, rdev, reply)
     }
 
@@ -528,17 +542,17 @@ impl Filesystem for CmkFs {
         umask: u32,
         reply: ReplyEntry,
     ) {
-        let _pass = self.vol.gates().write();
+        let _pass = self.vol.gates().write_in(parent == INodeNo::ROOT);
         self.do_mkdir(caller(req, umask), parent, name, mode, reply)
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let _pass = self.vol.gates().write();
+        let _pass = self.vol.gates().write_in(parent == INodeNo::ROOT);
         self.do_unlink(parent, name, reply)
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let _pass = self.vol.gates().write();
+        let _pass = self.vol.gates().write_in(parent == INodeNo::ROOT);
         self.do_rmdir(parent, name, reply)
     }
 
@@ -550,7 +564,7 @@ impl Filesystem for CmkFs {
         target: &Path,
         reply: ReplyEntry,
     ) {
-        let _pass = self.vol.gates().write();
+        let _pass = self.vol.gates().write_in(parent == INodeNo::ROOT);
         self.do_symlink(caller(req, 0), parent, link_name, target, reply)
     }
 
@@ -564,7 +578,10 @@ impl Filesystem for CmkFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        let _pass = self.vol.gates().write();
+        let _pass = self
+            .vol
+            .gates()
+            .write_in(parent == INodeNo::ROOT || newparent == INodeNo::ROOT);
         self.do_rename(parent, name, newparent, newname, flags.bits(), reply)
     }
 
@@ -576,7 +593,7 @@ impl Filesystem for CmkFs {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
-        let _pass = self.vol.gates().write();
+        let _pass = self.vol.gates().write_in(newparent == INodeNo::ROOT);
         self.do_link(ino, newparent, newname, reply)
     }
 
@@ -625,7 +642,10 @@ impl Filesystem for CmkFs {
         reply: ReplyEmpty,
     ) {
         // Nothing is buffered in the daemon: every write reached the backing file already.
-        reply.ok();
+        // ENOSYS makes the kernel stop sending FLUSH at every close (one request per file
+        // saved); it still writes back its own dirty pages and reports their errors at
+        // close without us, and no lock is ours to release (the kernel keeps POSIX locks).
+        reply.error(Errno::ENOSYS);
     }
 
     fn release(
@@ -662,13 +682,13 @@ impl Filesystem for CmkFs {
     fn readdir(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         reply: ReplyDirectory,
     ) {
         let _pass = self.vol.gates().read();
-        self.do_readdir(fh, offset, reply)
+        self.do_readdir(ino, fh, offset, reply)
     }
 
     fn readdirplus(
@@ -763,7 +783,7 @@ impl Filesystem for CmkFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        let _pass = self.vol.gates().write();
+        let _pass = self.vol.gates().write_in(parent == INodeNo::ROOT);
         self.do_create(caller(req, umask), parent, name, mode, flags, reply)
     }
 

@@ -9,7 +9,7 @@ use fuser::{
     ReplyEmpty, ReplyOpen, ReplyWrite, WriteFlags,
 };
 
-use super::{lock, CmkFs, Resolved, TTL};
+use super::{lock, CmkFs, Resolved};
 use crate::volume::{Caller, OpenFile, VolumeError};
 
 impl CmkFs {
@@ -19,6 +19,20 @@ impl CmkFs {
         files.by_fh.insert(fh, (ino, Arc::new(of)));
         files.by_ino.entry(ino).or_default().push(fh);
         fh
+    }
+
+    /// The flags of an open file's reply. The kernel keeps a file's cached pages across
+    /// opens (`cat f; sha256sum f` reads it once) while it caches attributes at all:
+    /// everything written through the mount updates them, a size or mtime changed behind the
+    /// mount drops them when the attributes are next fetched (FUSE_AUTO_INVAL_DATA), and a
+    /// revocation drops them all. With a zero cache timeout (a backing directory others
+    /// write to) every open drops them, as without the flag.
+    fn open_flags(&self) -> FopenFlags {
+        if self.ttl.is_zero() {
+            FopenFlags::empty()
+        } else {
+            FopenFlags::FOPEN_KEEP_CACHE
+        }
     }
 
     pub(super) fn do_release(&self, fh: FileHandle, reply: fuser::ReplyEmpty) {
@@ -60,11 +74,11 @@ impl CmkFs {
                 let attr = self.remember(parent, name, &bname, &a);
                 let fh = self.add_file(attr.ino.0, of);
                 reply.created(
-                    &TTL,
+                    &self.ttl,
                     &attr,
                     Generation(0),
                     FileHandle(fh),
-                    FopenFlags::empty(),
+                    self.open_flags(),
                 )
             }
             Err(e) => reply.error(self.errno(&e, "create", Some(parent))),
@@ -83,7 +97,7 @@ impl CmkFs {
             Resolved::File(of) => self.vol.reopen(&of, write),
         });
         match r {
-            Ok(of) => reply.opened(FileHandle(self.add_file(ino.0, of)), FopenFlags::empty()),
+            Ok(of) => reply.opened(FileHandle(self.add_file(ino.0, of)), self.open_flags()),
             Err(e) => reply.error(self.errno(&e, "open", Some(ino))),
         }
     }

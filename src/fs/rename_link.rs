@@ -4,7 +4,7 @@ use std::ffi::OsStr;
 
 use fuser::{Generation, INodeNo, ReplyEmpty, ReplyEntry};
 
-use super::{CmkFs, Resolved, TTL};
+use super::{CmkFs, Resolved};
 use crate::volume::VolumeError;
 
 impl CmkFs {
@@ -63,7 +63,7 @@ impl CmkFs {
         });
         match r {
             Ok((bname, a)) => reply.entry(
-                &TTL,
+                &self.ttl,
                 &self.remember(newparent, newname, &bname, &a),
                 Generation(0),
             ),

@@ -64,7 +64,6 @@ use serde::Serialize;
 use crate::crypto::VolumeKeys;
 use crate::fsutil::{self, TEMP_PREFIX};
 use crate::home::Home;
-use crate::mount::RunRecord;
 use crate::vault::{Vault, VaultError};
 use crate::volume::content::{FileHeader, FILE_HEADER_LEN};
 use crate::volume::header::{VolumeHeader, FORMAT_VERSION, HEADER_FILE};
@@ -488,65 +487,20 @@ pub fn run(dir: &Path, opts: &Options<'_>) -> Result<Report, FsckError> {
     Ok(c.report)
 }
 
-/// The mount of the volume at `root` (canonical), if one is live: a FUSE mount whose source is
-/// `root` in this process's mount table, or a live daemon whose run record names `root`.
-/// Returns the mountpoint and the daemon's pid (0 when unknown).
-pub fn find_mount(root: &Path, home: &Home) -> Option<(PathBuf, u32)> {
-    if let Some(r) = RunRecord::all(home)
-        .into_iter()
-        .find(|r| r.cipherdir == root && r.alive())
-    {
-        return Some((r.mountpoint, r.pid));
-    }
-    let info = fs::read("/proc/self/mountinfo").ok()?;
-    for line in info.split(|b| *b == b'\n') {
-        let fields: Vec<&[u8]> = line.split(|b| *b == b' ').collect();
-        let Some(sep) = fields.iter().position(|f| *f == b"-") else {
-            continue;
-        };
-        let (Some(fstype), Some(source), Some(mp)) =
-            (fields.get(sep + 1), fields.get(sep + 2), fields.get(4))
-        else {
-            continue;
-        };
-        if fstype.starts_with(b"fuse") && unescape_mountinfo(source) == root.as_os_str().as_bytes()
-        {
-            let mp = OsStr::from_bytes(&unescape_mountinfo(mp)).to_owned();
-            return Some((PathBuf::from(mp), 0));
-        }
-    }
-    None
-}
-
-/// Undoes mountinfo's `\ooo` escapes (space, tab, newline, backslash).
-fn unescape_mountinfo(f: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(f.len());
-    let mut i = 0;
-    while i < f.len() {
-        if f[i] == b'\\'
-            && i + 3 < f.len()
-            && f[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            out.push((f[i + 1] - b'0') * 64 + (f[i + 2] - b'0') * 8 + (f[i + 3] - b'0'));
-            i += 4;
-        } else {
-            out.push(f[i]);
-            i += 1;
-        }
-    }
-    out
-}
-
 mod backing;
 mod checker;
 mod control_files;
 mod header;
+mod mounted;
 mod restore_temp;
 mod walk;
 mod xattrs;
 
 use backing::*;
 use checker::*;
+#[cfg(test)]
+use mounted::unescape_mountinfo;
+pub use mounted::{find_mount, mounted_anywhere, UNKNOWN_MOUNTPOINT};
 
 #[cfg(test)]
 mod tests {

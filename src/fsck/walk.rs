@@ -478,7 +478,8 @@ impl Checker {
             &marker,
             None,
             plain_dir,
-            "marker of an interrupted rename over an empty directory, but the directory holds              entries now: only the marker goes"
+            "marker of an interrupted rename over an empty directory, but the directory holds \
+             entries now: only the marker goes"
                 .into(),
             Fix::Remove,
             None,
@@ -507,7 +508,8 @@ impl Checker {
                 &p,
                 None,
                 Some(Path::new("/")),
-                "long symlink target without its symlink (left by an interrupted symlink or                  unlink)"
+                "long symlink target without its symlink (left by an interrupted symlink or \
+                 unlink)"
                     .into(),
                 Fix::Remove,
                 None,

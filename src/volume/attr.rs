@@ -116,16 +116,36 @@ impl Target<'_> {
 /// checked, so the daemon (root, on `--allow-other` mounts) never changes anything but the
 /// entry the request is about.
 pub struct Pinned<'a> {
-    fd: OwnedFd,
+    fd: PinFd<'a>,
     st: Stat,
     dir: &'a Dir,
     name: &'a OsStr,
+}
+
+/// A pin's descriptor: its own, or one its maker holds (a file just created).
+enum PinFd<'a> {
+    Owned(OwnedFd),
+    Borrowed(BorrowedFd<'a>),
+}
+
+impl AsFd for PinFd<'_> {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match self {
+            PinFd::Owned(fd) => fd.as_fd(),
+            PinFd::Borrowed(fd) => *fd,
+        }
+    }
 }
 
 impl Pinned<'_> {
     /// The descriptor (`O_PATH`, or the open file it was made from).
     pub fn fd(&self) -> BorrowedFd<'_> {
         self.fd.as_fd()
+    }
+
+    /// The entry's metadata when it was pinned.
+    pub(super) fn stat(&self) -> &Stat {
+        &self.st
     }
 
     /// The entry's type bits (`S_IFMT`).
@@ -167,7 +187,7 @@ impl Volume {
             return Err(VolumeError::errno_of(libc::ENOENT));
         }
         Ok(Pinned {
-            fd,
+            fd: PinFd::Owned(fd),
             st,
             dir,
             name: bname,
@@ -200,21 +220,20 @@ impl Volume {
     }
 
     /// A pin of a descriptor this daemon already holds for entry `bname` (a file it created
-    /// with `O_EXCL`, a directory it opened `O_PATH`).
+    /// with `O_EXCL`), with that descriptor's `fstat`: no system call.
     pub(super) fn pin_fd<'a>(
         &self,
-        fd: BorrowedFd<'_>,
+        fd: BorrowedFd<'a>,
+        st: Stat,
         dir: &'a Dir,
         bname: &'a OsStr,
-    ) -> Result<Pinned<'a>, VolumeError> {
-        let fd = fd.try_clone_to_owned().map_err(os)?;
-        let st = sys::fstat(fd.as_fd()).map_err(os)?;
-        Ok(Pinned {
-            fd,
+    ) -> Pinned<'a> {
+        Pinned {
+            fd: PinFd::Borrowed(fd),
             st,
             dir,
             name: bname,
-        })
+        }
     }
 
     /// Attributes of entry `bname` in `dir`.

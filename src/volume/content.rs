@@ -59,6 +59,12 @@ impl FileState {
     pub(crate) fn set_cached_header(&self, h: Option<FileHeader>) {
         *self.header.lock().unwrap_or_else(|p| p.into_inner()) = h;
     }
+
+    /// Sets the appending hint (a file just created will most likely be written from its
+    /// start to its end: its first write goes straight to the exclusive lock).
+    pub(crate) fn expect_appends(&self) {
+        self.appending.store(true, Ordering::Relaxed);
+    }
 }
 
 /// The file header of `f` (cached in `st`), `None` for an empty file without one.

@@ -8,7 +8,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
 use super::names::{self, DirId, EntryKind, DIRID_FILE};
-use super::{os, sys, Attr, Volume, VolumeError};
+use super::{os, sys, Volume, VolumeError};
 use crate::fsutil;
 
 /// Size bound of a long name's side file: a base64url encoding of at most NAME_MAX bytes plus
@@ -74,11 +74,12 @@ pub(super) fn read_dir_id(dir: BorrowedFd<'_>) -> Result<DirId, VolumeError> {
 /// Writes a fresh random id into the new directory `dir` (fsynced).
 pub(super) fn write_dir_id(dir: BorrowedFd<'_>) -> Result<(), VolumeError> {
     let mut id = [0u8; 16];
-    getrandom::getrandom(&mut id).map_err(|e| VolumeError::Internal(e.to_string()))?;
+    super::idrand::fill(&mut id).map_err(|e| VolumeError::Internal(e.to_string()))?;
     sys::write_new(dir, OsStr::new(DIRID_FILE), &id, 0o444).map_err(os)
 }
 
-/// One plaintext entry of a listing.
+/// One plaintext entry of a listing, as the backing directory's listing gives it (no
+/// attributes: they are read when a reply needs them, see [`Volume::entry_kind`]).
 pub struct Listed {
     /// Plaintext name.
     pub name: OsString,
@@ -88,9 +89,6 @@ pub struct Listed {
     pub ino: u64,
     /// Type bits (`S_IFMT`).
     pub kind: u32,
-    /// Attributes as the plaintext view shows them (`None`: the entry is corrupt, e.g. a
-    /// file shorter than its header; it is listed, and fails when used).
-    pub attr: Option<Attr>,
 }
 
 impl Volume {
@@ -131,24 +129,22 @@ impl Volume {
             };
             match names::decrypt(&keys.names, dir.id(), &encoded) {
                 Ok(name) => {
-                    let st = match sys::stat_at(dir.fd(), &bname) {
-                        Ok(st) => st,
-                        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
-                        Err(e) => return Err(os(e)),
-                    };
-                    let attr = match self.attr_from(&st, Some((dir, &bname))) {
-                        Ok(a) => Some(a),
-                        Err(e) => {
-                            tracing::warn!(entry = ?bname, error = %e, "corrupt entry");
-                            None
-                        }
+                    // The listing's own inode and type: no `stat` per entry (a reply reads
+                    // what it sends when it is built); only a backing filesystem that gives
+                    // no `d_type` needs one here.
+                    let (ino, kind) = match ent.kind {
+                        Some(k) => (ent.ino, k),
+                        None => match sys::stat_at(dir.fd(), &bname) {
+                            Ok(st) => (st.st_ino, st.st_mode & libc::S_IFMT),
+                            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
+                            Err(e) => return Err(os(e)),
+                        },
                     };
                     out.push(Listed {
                         name,
                         bname,
-                        ino: st.st_ino,
-                        kind: st.st_mode & libc::S_IFMT,
-                        attr,
+                        ino,
+                        kind,
                     })
                 }
                 Err(_) => {
@@ -157,6 +153,12 @@ impl Volume {
             }
         }
         Ok(out)
+    }
+
+    /// Backing inode number and type bits (`S_IFMT`) of entry `bname` of `dir` now.
+    pub fn entry_kind(&self, dir: &Dir, bname: &OsStr) -> Result<(u64, u32), VolumeError> {
+        let st = sys::stat_at(dir.fd(), bname).map_err(os)?;
+        Ok((st.st_ino, st.st_mode & libc::S_IFMT))
     }
 
     /// A long name's full encoding from its side file, if present and matching.

@@ -6,7 +6,7 @@ use std::os::fd::AsFd;
 
 use super::dir::{is_logically_empty, remove_dead_dir, write_dir_id};
 use super::names::{self, BackingName, EntryKind};
-use super::{os, sys, Attr, Caller, Dir, Target, Volume, VolumeError};
+use super::{os, sys, Attr, Caller, Dir, Pinned, Target, Volume, VolumeError};
 
 impl Volume {
     /// Where plaintext `name` lives in `dir`.
@@ -70,27 +70,42 @@ impl Volume {
     /// Sets ownership of a new entry to the caller when running as root (as a local
     /// filesystem would), honouring a setgid parent directory. A chown drops the setuid and
     /// setgid bits of a non-directory; `mode` (the entry's permission bits) puts them back.
+    /// Returns whether anything was changed: nothing is when the entry already has that
+    /// owner (a root caller, or the backing filesystem gave it the right group).
     pub(super) fn own(
         &self,
         dir: &Dir,
-        t: Target<'_>,
+        new: &Pinned<'_>,
         caller: Caller,
         mode: u32,
-    ) -> Result<(), VolumeError> {
+    ) -> Result<bool, VolumeError> {
         if !self.as_root {
-            return Ok(());
+            return Ok(false);
         }
-        let parent = sys::fstat(dir.fd()).map_err(os)?;
-        let gid = if parent.st_mode & libc::S_ISGID != 0 {
-            parent.st_gid
-        } else {
+        let st = new.stat();
+        // The group: the parent's when it is setgid, else the caller's. The backing
+        // filesystem applied the same rule when it made the entry (a setgid directory gives
+        // its group to every entry made in it), so an entry that has the caller's group has
+        // the right one either way; only otherwise is the parent looked at.
+        let gid = if st.st_gid == caller.gid {
             caller.gid
+        } else {
+            let parent = sys::fstat(dir.fd()).map_err(os)?;
+            if parent.st_mode & libc::S_ISGID != 0 {
+                parent.st_gid
+            } else {
+                caller.gid
+            }
         };
+        if st.st_uid == caller.uid && st.st_gid == gid {
+            return Ok(false);
+        }
+        let t = Target::Pinned(new);
         self.chown_target(t, Some(caller.uid), Some(gid))?;
         if mode & (libc::S_ISUID | libc::S_ISGID) != 0 {
             self.chmod_target(t, mode)?;
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Creates a directory with its own directory id. Built under a temporary name (id,
@@ -114,7 +129,7 @@ impl Volume {
                 let new = self.pin_new(dir, &tmp, libc::S_IFDIR)?;
                 write_dir_id(new.fd())?;
                 self.chmod_target(Target::Pinned(&new), inherit.mode)?;
-                self.own(dir, Target::Pinned(&new), caller, inherit.mode)?;
+                self.own(dir, &new, caller, inherit.mode)?;
                 self.apply_inherited(Target::Pinned(&new), &inherit)?;
                 sys::rename(dir.fd(), &tmp, dir.fd(), bname, libc::RENAME_NOREPLACE).map_err(os)
             })();
@@ -148,7 +163,7 @@ impl Volume {
         let (bname, ()) = self.make_entry(dir, name, |bname| {
             sys::mknod(dir.fd(), bname, fmt | inherit.mode, rdev).map_err(os)?;
             let new = self.pin_new(dir, bname, fmt)?;
-            self.own(dir, Target::Pinned(&new), caller, inherit.mode)?;
+            self.own(dir, &new, caller, inherit.mode)?;
             self.apply_inherited(Target::Pinned(&new), &inherit)
         })?;
         let attr = self.attr_at(dir, &bname)?;

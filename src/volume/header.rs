@@ -709,9 +709,16 @@ impl VolumeHeader {
 
     /// Writes the header atomically into `dir`.
     pub fn write(&self, dir: &Path) -> Result<(), VolumeError> {
+        self.write_then(dir, &mut || ())
+    }
+
+    /// [`VolumeHeader::write`], calling `changed` right after each change of `dir` (the temp
+    /// file created, the rename), before the fsyncs (`fsutil::write_atomic_then`).
+    pub fn write_then(&self, dir: &Path, changed: &mut dyn FnMut()) -> Result<(), VolumeError> {
         let path = dir.join(HEADER_FILE);
         let json = self.to_bytes()?;
-        crate::fsutil::write_atomic(&path, &json, 0o600).map_err(|e| VolumeError::io(&path, e))
+        crate::fsutil::write_atomic_then(&path, &json, 0o600, changed)
+            .map_err(|e| VolumeError::io(&path, e))
     }
 
     /// Removes the temp files header updates killed before their rename left in `dir`

@@ -50,7 +50,7 @@ impl FileHeader {
     /// `generation`.
     pub fn generate(generation: u32) -> Result<FileHeader, getrandom::Error> {
         let mut file_id = [0u8; 16];
-        getrandom::getrandom(&mut file_id)?;
+        super::idrand::fill(&mut file_id)?;
         Ok(FileHeader {
             version: FILE_VERSION,
             key_gen: generation as u16,

@@ -18,10 +18,13 @@ pub mod content;
 mod dir;
 mod entries;
 pub mod header;
+pub mod idrand;
 pub mod layout;
 pub mod lock;
 pub mod names;
 mod open_create;
+mod root_times;
+pub(crate) use root_times::{keep_mtime, keep_times};
 pub mod reencrypt;
 pub mod rename;
 pub mod symlink;
@@ -307,12 +310,17 @@ pub struct Gates {
     exclusive: Mutex<()>,
     names: RwLock<()>,
     writes: RwLock<()>,
+    /// Held shared by every request that changes the backing root's entries or times, and
+    /// exclusively (never waited for) while cmkfs writes one of its control files there
+    /// ([`Volume::keeping_root_mtime`]).
+    root: RwLock<()>,
 }
 
 /// A request's pass through the [`Gates`].
 pub struct Pass<'a> {
     _names: RwLockReadGuard<'a, ()>,
     _writes: Option<RwLockReadGuard<'a, ()>>,
+    _root: Option<RwLockReadGuard<'a, ()>>,
 }
 
 /// The [`Gates`] closed: no request runs.
@@ -334,6 +342,7 @@ impl Gates {
         Pass {
             _names: self.names.read().unwrap_or_else(|p| p.into_inner()),
             _writes: None,
+            _root: None,
         }
     }
 
@@ -343,7 +352,20 @@ impl Gates {
         Pass {
             _names: names,
             _writes: Some(self.writes.read().unwrap_or_else(|p| p.into_inner())),
+            _root: None,
         }
+    }
+
+    /// [`Gates::write`] for a request that may change the backing root (`root`: it creates,
+    /// removes or renames a name in the root directory, or sets the root's attributes):
+    /// it also holds the root gate, so that cmkfs never sets the root's mtime back over
+    /// such a change ([`Volume::keeping_root_mtime`]).
+    pub fn write_in(&self, root: bool) -> Pass<'_> {
+        let mut pass = self.write();
+        if root {
+            pass._root = Some(self.root.read().unwrap_or_else(|p| p.into_inner()));
+        }
+        pass
     }
 
     /// Waits for every request in flight and holds all new ones back.

@@ -21,6 +21,10 @@ pub(super) struct Shared {
     /// truncate and chown removes (the kernel leaves this to us: FUSE_HANDLE_KILLPRIV_V2).
     /// Starts true; the first write finds out and clears it.
     pub(super) may_have_cap: AtomicBool,
+    /// Whether the file may carry a stored access ACL, which a chmod must bring in step with
+    /// the new mode. Starts true; false for a file created here without one, until an ACL
+    /// is set through the mount.
+    pub(super) may_have_acl: AtomicBool,
 }
 
 /// A backing file opened for content operations.
@@ -51,19 +55,33 @@ impl Volume {
         caller: Caller,
     ) -> Result<(std::ffi::OsString, Attr, OpenFile), VolumeError> {
         let inherit = self.inherit_acl(dir, libc::S_IFREG | (mode & 0o7777), caller)?;
-        let (bname, file) = self.make_entry(dir, name, |bname| {
+        let (bname, (file, st)) = self.make_entry(dir, name, |bname| {
             let f = sys::create_regular(dir.fd(), bname, inherit.mode).map_err(os)?;
+            let st = sys::fstat(f.as_fd()).map_err(os)?;
             // Owner and ACL before anyone can open it by name with the wrong ones; through the
             // new file's descriptor, never by name (see `Pinned`).
-            let new = self.pin_fd(f.as_fd(), dir, bname)?;
-            self.own(dir, Target::Pinned(&new), caller, inherit.mode)?;
+            let new = self.pin_fd(f.as_fd(), st, dir, bname);
+            let changed = self.own(dir, &new, caller, inherit.mode)?;
             self.apply_inherited(Target::Pinned(&new), &inherit)?;
-            Ok(f)
+            drop(new);
+            // What the kernel is told: the `fstat` taken at creation unless something was
+            // changed since (a chown, an ACL: new owner, mode or ctime).
+            let st = if changed || inherit.has_acl() {
+                sys::fstat(f.as_fd()).map_err(os)?
+            } else {
+                st
+            };
+            Ok((f, st))
         })?;
-        let st = sys::fstat(file.as_fd()).map_err(os)?;
         let attr = self.attr_from(&st, None)?;
         let of = self.wrap_open(file, st.st_ino);
+        // Made here: no capability, an ACL only if one was inherited, and most likely written
+        // from start to end.
         of.shared.may_have_cap.store(false, Ordering::Relaxed);
+        of.shared
+            .may_have_acl
+            .store(inherit.has_access_acl(), Ordering::Relaxed);
+        of.shared.content.expect_appends();
         Ok((bname, attr, of))
     }
 
@@ -121,6 +139,7 @@ impl Volume {
                 let s = Arc::new(Shared {
                     content: FileState::default(),
                     may_have_cap: AtomicBool::new(true),
+                    may_have_acl: AtomicBool::new(true),
                 });
                 files.insert(ino, Arc::downgrade(&s));
                 s
@@ -128,10 +147,22 @@ impl Volume {
         }
     }
 
+    /// The state shared by the open handles of backing inode `ino`, if it has any.
+    pub(super) fn open_shared(&self, ino: u64) -> Option<Arc<Shared>> {
+        lock(&self.files).get(&ino).and_then(Weak::upgrade)
+    }
+
     /// Tells every open handle of inode `ino` that it may now carry a capability.
     pub(super) fn note_capability(&self, ino: u64) {
         if let Some(s) = lock(&self.files).get(&ino).and_then(Weak::upgrade) {
             s.may_have_cap.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// Tells every open handle of inode `ino` that it may now carry an access ACL.
+    pub(super) fn note_acl(&self, ino: u64) {
+        if let Some(s) = lock(&self.files).get(&ino).and_then(Weak::upgrade) {
+            s.may_have_acl.store(true, Ordering::Relaxed);
         }
     }
 

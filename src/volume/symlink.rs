@@ -18,7 +18,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
 use base64::Engine as _;
 
 use super::names;
-use super::{os, sys, Attr, Caller, Dir, Target, Volume, VolumeError};
+use super::{os, sys, Attr, Caller, Dir, Volume, VolumeError};
 
 /// Longest plaintext symlink target (PATH_MAX - 1, as ext4 takes).
 pub const MAX_TARGET: usize = 4095;
@@ -76,7 +76,7 @@ impl Volume {
         let made = self.make_entry(dir, name, |bname| {
             sys::symlink(&stored, dir.fd(), bname).map_err(os)?;
             let new = self.pin_new(dir, bname, libc::S_IFLNK)?;
-            self.own(dir, Target::Pinned(&new), caller, 0)
+            self.own(dir, &new, caller, 0).map(|_| ())
         });
         let (bname, ()) = match made {
             Ok(x) => x,

@@ -255,9 +255,31 @@ pub fn write_new(dir: BorrowedFd<'_>, name: &OsStr, bytes: &[u8], mode: u32) -> 
 /// Replaces `name` in `dir` with `bytes` atomically: a temp file beside it, fsync, rename
 /// over the name, fsync the directory. A crash leaves the old or the new content.
 pub fn write_atomic(dir: BorrowedFd<'_>, name: &OsStr, bytes: &[u8], mode: u32) -> io::Result<()> {
+    write_atomic_then(dir, name, bytes, mode, &mut || ())
+}
+
+/// [`write_atomic`], calling `changed` right after each change of the directory (the temp
+/// file created, then renamed into place), before the fsyncs: what it changes in the
+/// directory's own inode (its times, set back) is made durable with the rename, and a kill
+/// between a change and the call has a few instructions to land in, not an fsync.
+pub fn write_atomic_then(
+    dir: BorrowedFd<'_>,
+    name: &OsStr,
+    bytes: &[u8],
+    mode: u32,
+    changed: &mut dyn FnMut(),
+) -> io::Result<()> {
     let tmp = temp_name(&name.to_string_lossy())?;
-    write_new(dir, &tmp, bytes, mode)?;
-    let r = rename(dir, &tmp, dir, name, 0).and_then(|()| fsync_dir(dir));
+    let mut f = create_regular(dir, &tmp, mode)?;
+    changed();
+    let r = f
+        .write_all(bytes)
+        .and_then(|()| f.sync_all())
+        .and_then(|()| rename(dir, &tmp, dir, name, 0))
+        .and_then(|()| {
+            changed();
+            fsync_dir(dir)
+        });
     if r.is_err() {
         let _ = unlink(dir, &tmp);
     }
@@ -267,7 +289,7 @@ pub fn write_atomic(dir: BorrowedFd<'_>, name: &OsStr, bytes: &[u8], mode: u32) 
 /// A fresh hidden temp name `.cmkfs-tmp.<what>.<random>` (fsck knows the prefix).
 pub fn temp_name(what: &str) -> io::Result<OsString> {
     let mut rnd = [0u8; 8];
-    getrandom::getrandom(&mut rnd).map_err(io::Error::other)?;
+    super::idrand::fill(&mut rnd).map_err(io::Error::other)?;
     Ok(format!("{TEMP_PREFIX}{what}.{}", hex::encode(rnd)).into())
 }
 
@@ -531,6 +553,10 @@ pub struct RawEntry {
     pub name: OsString,
     /// Whether it is a directory (from the listing's `d_type`; `None` when unknown).
     pub is_dir: Option<bool>,
+    /// Inode number (the listing's `d_ino`).
+    pub ino: u64,
+    /// Type bits (`S_IFMT`) from the listing's `d_type`; `None` when unknown.
+    pub kind: Option<u32>,
 }
 
 /// Lists directory `dir` (without `.` and `..`).
@@ -543,14 +569,21 @@ pub fn list(dir: BorrowedFd<'_>) -> io::Result<Vec<RawEntry>> {
         if name == b"." || name == b".." {
             continue;
         }
-        let is_dir = match ent.file_type() {
-            rfs::FileType::Directory => Some(true),
-            rfs::FileType::Unknown => None,
-            _ => Some(false),
+        let kind = match ent.file_type() {
+            rfs::FileType::RegularFile => Some(libc::S_IFREG),
+            rfs::FileType::Directory => Some(libc::S_IFDIR),
+            rfs::FileType::Symlink => Some(libc::S_IFLNK),
+            rfs::FileType::Fifo => Some(libc::S_IFIFO),
+            rfs::FileType::Socket => Some(libc::S_IFSOCK),
+            rfs::FileType::CharacterDevice => Some(libc::S_IFCHR),
+            rfs::FileType::BlockDevice => Some(libc::S_IFBLK),
+            _ => None,
         };
         out.push(RawEntry {
             name: OsString::from_vec(name.to_vec()),
-            is_dir,
+            is_dir: kind.map(|k| k == libc::S_IFDIR),
+            ino: ent.ino(),
+            kind,
         });
     }
     Ok(out)

@@ -197,6 +197,18 @@ pub(super) struct Inherit {
     default: Option<Vec<u8>>,
 }
 
+impl Inherit {
+    /// Whether an ACL is stored on the new entry ([`Volume::apply_inherited`]).
+    pub(super) fn has_acl(&self) -> bool {
+        self.access.is_some() || self.default.is_some()
+    }
+
+    /// Whether an access ACL is stored on the new entry.
+    pub(super) fn has_access_acl(&self) -> bool {
+        self.access.is_some()
+    }
+}
+
 impl Volume {
     fn backing_xattr(&self, keys: &VolumeKeys, fmt: u32, name: &OsStr) -> Backing {
         seal_name(keys, prefix_for(fmt), name)
@@ -269,8 +281,38 @@ impl Volume {
     pub fn get_xattr(&self, t: Target<'_>, fmt: u32, name: &OsStr) -> Result<Vec<u8>, VolumeError> {
         let keys = self.keys()?;
         classify(name)?;
+        // The kernel asks for the capability before a file's first write and at every chown
+        // (to know whether to drop it): a file this daemon knows has none is answered
+        // without a system call.
+        if name.as_bytes() == CAPABILITY.as_bytes() && self.surely_no_capability(t) {
+            return Err(VolumeError::errno_of(libc::ENODATA));
+        }
         let fmt = self.fmt_of(t, fmt)?;
         self.get_raw(&keys, t, fmt, name)
+    }
+
+    /// Whether `t` is a regular file that surely has no access ACL: one held open whose
+    /// shared state says it was created here without one and none was set since (see
+    /// `Shared::may_have_acl`).
+    fn surely_no_acl(&self, t: Target<'_>) -> bool {
+        let shared = match t {
+            Target::File(of) => Some(of.shared.clone()),
+            Target::Pinned(p) if p.kind() == libc::S_IFREG => self.open_shared(p.stat().st_ino),
+            _ => None,
+        };
+        shared.is_some_and(|s| !s.may_have_acl.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    /// Whether `t` is a regular file that surely has no `security.capability`: one held open
+    /// whose shared state says none was stored since it was created here or since a write,
+    /// truncate or chown through the mount removed it (see `Shared::may_have_cap`).
+    fn surely_no_capability(&self, t: Target<'_>) -> bool {
+        let shared = match t {
+            Target::File(of) => Some(of.shared.clone()),
+            Target::Pinned(p) if p.kind() == libc::S_IFREG => self.open_shared(p.stat().st_ino),
+            _ => None,
+        };
+        shared.is_some_and(|s| !s.may_have_cap.load(std::sync::atomic::Ordering::Relaxed))
     }
 
     /// Sets extended attribute `name` (`flags`: XATTR_CREATE / XATTR_REPLACE). Setting the
@@ -291,6 +333,10 @@ impl Volume {
         let kind = classify(name)?;
         let fmt = self.fmt_of(t, fmt)?;
         if kind == Kind::Acl && name.as_bytes() == acl::ACCESS.as_bytes() {
+            // Before it is stored: a chmod meanwhile must not skip it.
+            if let Ok(a) = self.attr(t) {
+                self.note_acl(a.ino);
+            }
             let entries = acl::parse(value).map_err(|_| VolumeError::errno_of(libc::EINVAL))?;
             let (perm, not_equiv) = acl::equiv_mode(&entries);
             let old = self.attr(t)?.mode;
@@ -349,7 +395,7 @@ impl Volume {
     pub(super) fn acl_chmod(&self, t: Target<'_>, mode: u32) -> Result<(), VolumeError> {
         let keys = self.keys()?;
         let fmt = self.fmt_of(t, 0)?;
-        if fmt == libc::S_IFLNK {
+        if fmt == libc::S_IFLNK || self.surely_no_acl(t) {
             return Ok(());
         }
         let name = OsStr::new(acl::ACCESS);
@@ -374,13 +420,19 @@ impl Volume {
     pub(super) fn kill_capability(&self, t: Target<'_>) -> Result<(), VolumeError> {
         let keys = self.keys()?;
         let fmt = self.fmt_of(t, 0)?;
-        if fmt != libc::S_IFREG {
+        if fmt != libc::S_IFREG || self.surely_no_capability(t) {
             return Ok(());
         }
         match self.remove_raw(&keys, t, fmt, OsStr::new(CAPABILITY)) {
             Err(e) if absent(&e) => Ok(()),
             r => r,
+        }?;
+        if let Target::File(of) = t {
+            of.shared
+                .may_have_cap
+                .store(false, std::sync::atomic::Ordering::Relaxed);
         }
+        Ok(())
     }
 
     /// The mode and ACLs of a new entry of type and mode `mode` in `dir`: with a default ACL

@@ -882,6 +882,127 @@ fn a_backup_whose_volume_key_is_disabled_before_it_ends_removes_its_archive() {
     );
 }
 
+/// Runs `restore ARCHIVE TARGET --des d [extra]` with the debug gate `var`, calls `at_gate`
+/// once the restore reached it, then lets it go on; returns its output.
+fn restore_across_a_gate(
+    env: &Env,
+    archive: &Path,
+    target: &Path,
+    extra: &[&str],
+    var: &str,
+    at_gate: impl FnOnce(),
+) -> std::process::Output {
+    let gate = env.root.join(format!("gate-{var}"));
+    let mut args: Vec<&std::ffi::OsStr> = vec![
+        "restore".as_ref(),
+        archive.as_os_str(),
+        target.as_os_str(),
+        "--des".as_ref(),
+        "d".as_ref(),
+    ];
+    args.extend(extra.iter().map(std::ffi::OsStr::new));
+    let mut cmd = env.command(&args);
+    cmd.env(var, &gate)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let child = cmd.spawn().unwrap();
+    let reached = env.root.join(format!("gate-{var}.reached"));
+    let end = std::time::Instant::now() + Duration::from_secs(60);
+    while !reached.exists() {
+        assert!(
+            std::time::Instant::now() < end,
+            "the restore never reached {var}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    at_gate();
+    fs::write(&gate, b"").unwrap();
+    child.wait_with_output().unwrap()
+}
+
+/// A backup key disabled while a restore runs: nothing is published (the mirror of the
+/// backup's final check). A set whose key changes (`des update`) while a `--new-dek` restore
+/// runs: the restore ends under the set's new key.
+#[test]
+fn a_restore_ends_under_a_key_changed_meanwhile_and_publishes_nothing_once_its_backup_key_is_disabled(
+) {
+    let env = Env::new();
+    setup(&env);
+    {
+        let m = env.mount(&env.cipher, &env.mnt);
+        fs::create_dir(env.mnt.join("dir")).unwrap();
+        fs::write(env.mnt.join("dir/file"), vec![7u8; 20_000]).unwrap();
+        m.unmount();
+    }
+    let archive = env.root.join("a.tar");
+    env.cmkfs(&[
+        "backup".as_ref(),
+        env.cipher.as_os_str(),
+        archive.as_os_str(),
+        "--key".as_ref(),
+        "bkey".as_ref(),
+    ])
+    .assert_ok();
+    env.cmkfs(&["vault", "key", "create", "dkey2", "--key-size", KEY_SIZE])
+        .assert_ok();
+    let renewed = env.root.join("renewed");
+    let out = restore_across_a_gate(
+        &env,
+        &archive,
+        &renewed,
+        &["--new-dek"],
+        "CMKFS_TEST_RESTORE_PAUSE_NEW_DEK",
+        || {
+            env.cmkfs(&["des", "update", "d", "--key", "dkey2"])
+                .assert_ok();
+        },
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let header = fs::read_to_string(renewed.join("cmkfs.volume.json")).unwrap();
+    assert!(header.contains("/keys/dkey2/"), "{header}");
+    {
+        let m = env.mount(&renewed, &env.mnt);
+        assert_eq!(
+            fs::read(env.mnt.join("dir/file")).unwrap(),
+            vec![7u8; 20_000]
+        );
+        m.unmount();
+    }
+
+    let late = env.root.join("late");
+    let out = restore_across_a_gate(
+        &env,
+        &archive,
+        &late,
+        &[],
+        "CMKFS_TEST_RESTORE_PAUSE",
+        || {
+            env.cmkfs(&["vault", "key", "disable", "bkey"]).assert_ok();
+        },
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("nothing was restored"), "{stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    assert!(!stderr.contains("   "), "no runs of spaces: {stderr}");
+    assert!(
+        !late.exists(),
+        "a restore was published after its backup key was disabled"
+    );
+    let left: Vec<PathBuf> = fs::read_dir(&env.root)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.to_string_lossy().contains("cmkfs-restore"))
+        .collect();
+    assert!(left.is_empty(), "left {left:?}");
+    let des = fs::read_to_string(env.home.join("des/d.json")).unwrap();
+    assert!(!des.contains(&*late.to_string_lossy()), "listed in the set");
+}
+
 #[test]
 fn backup_of_a_mounted_volume_while_a_writer_runs_is_one_point_in_time() {
     let env = Env::new();

@@ -612,6 +612,21 @@ fn key_change_to_another_key_then_the_old_key_can_be_disabled() {
     let m = env.mount(&env.cipher, &env.mnt);
     assert_eq!(read(&m.path("f")), b"key change");
     m.unmount();
+    // Unmounted, a rewrap replaces the header in the backing root (whose times are the mount
+    // root's) and keeps the root's mtime (attack session 6, F4).
+    let mtime = std::time::UNIX_EPOCH + std::time::Duration::new(1_500_000_000, 5);
+    fs::File::open(&env.cipher)
+        .unwrap()
+        .set_modified(mtime)
+        .unwrap();
+    set_enabled(&env, &k1, true);
+    env.cmkfs(&["des", "update", "d", "--key", "k1"])
+        .assert_ok();
+    assert_eq!(header_kid(&env.cipher), k1);
+    assert_eq!(
+        fs::metadata(&env.cipher).unwrap().modified().unwrap(),
+        mtime
+    );
 }
 
 #[test]

@@ -258,3 +258,77 @@ fn another_user_holding_a_flock_on_the_backing_directory_blocks_no_mount() {
         "the other user's flock child failed"
     );
 }
+
+/// Unmounts a bind mount on drop (and on a failed assertion).
+struct Bind(std::path::PathBuf);
+
+impl Bind {
+    fn mount(from: &Path, at: &Path) -> Bind {
+        let ok = Command::new("mount")
+            .arg("--bind")
+            .arg(from)
+            .arg(at)
+            .status()
+            .expect("run mount")
+            .success();
+        assert!(ok, "mount --bind {} {}", from.display(), at.display());
+        Bind(at.to_path_buf())
+    }
+}
+
+impl Drop for Bind {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// Attack session 6, F6: the "is it mounted?" test compared paths, so through a `mount
+/// --bind` alias of the backing directory (the lock file swapped by a writer of the backing
+/// store, so the lock does not stop them either) an offline re-encryption and `fsck --repair`
+/// ran beside the live mount. The directory is identified by device and inode: every
+/// command that refuses a mounted volume refuses the alias, and a backing directory renamed
+/// since it was mounted (found through the daemon holding it), with one line each.
+#[test]
+fn a_mounted_volume_is_recognised_through_a_bind_alias_and_after_a_rename() {
+    let env = Env::new();
+    env.init(&env.cipher);
+    let m = env.mount(&env.cipher, &env.mnt);
+    write(&m.path("f"), b"live data");
+    // A writer of the backing store swaps the lock file: a fresh one nobody holds.
+    fs::rename(env.cipher.join("cmkfs.lock"), env.cipher.join(".old-lock")).unwrap();
+    fs::File::create(env.cipher.join("cmkfs.lock")).unwrap();
+    let alias = env.dir("alias");
+    let bind = Bind::mount(&env.cipher, &alias);
+    let before = snapshot(&env.cipher);
+    let check = |dir: &Path| {
+        let d = dir.to_str().unwrap();
+        let second = env.dir("second");
+        for (args, what) in [
+            (vec!["volume", "reencrypt", d], "--online"),
+            (vec!["fsck", "--repair", d], "fsck --repair"),
+            (vec!["upgrade", d], "cmkfs upgrade"),
+            (
+                vec!["mount", d, second.to_str().unwrap()],
+                "already mounted",
+            ),
+        ] {
+            let out = env.cmkfs(&args);
+            out.assert_clear_error();
+            assert!(
+                out.stderr.contains("mounted") && out.stderr.contains(what),
+                "{args:?} through {d}:\n{out}"
+            );
+        }
+        assert!(!is_mounted(&second));
+    };
+    check(&alias);
+    drop(bind);
+    // Renamed since it was mounted: the mount table still names the old path.
+    let renamed = env.root.join("renamed");
+    fs::rename(&env.cipher, &renamed).unwrap();
+    check(&renamed);
+    fs::rename(&renamed, &env.cipher).unwrap();
+    assert_same_snapshot("backing dir", &before, &snapshot(&env.cipher));
+    assert_eq!(read(&m.path("f")), b"live data");
+    m.unmount();
+}

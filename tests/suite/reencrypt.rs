@@ -17,7 +17,7 @@ use std::time::Duration;
 use cmkfs::home::Home;
 use cmkfs::keyring::KeyringConfig;
 use cmkfs::volume::header::VolumeHeader;
-use cmkfs::volume::reencrypt::{Hooks, Session, Step};
+use cmkfs::volume::reencrypt::{Hooks, ReencryptError, Session, Step};
 use cmkfs::volume::{Dir, Target, Volume};
 use common::*;
 use rand::rngs::StdRng;
@@ -167,7 +167,9 @@ fn lib_view(vol: &Volume) -> BTreeMap<String, String> {
             } else {
                 format!("{path}/{}", l.name.to_string_lossy())
             };
-            let attr = l.attr.unwrap_or_else(|| panic!("{rel}: corrupt entry"));
+            let attr = vol
+                .attr_at(&dir, &l.bname)
+                .unwrap_or_else(|e| panic!("{rel}: corrupt entry: {e}"));
             let desc = match l.kind {
                 libc::S_IFDIR => {
                     let d = vol.open_dir(&dir, &l.bname, Some(l.ino)).unwrap();
@@ -241,7 +243,7 @@ fn assert_views(got: &BTreeMap<String, String>, want: &BTreeMap<String, String>,
 }
 
 /// Opens the volume in-process as a fresh process would (after a crash).
-fn open(env: &Env) -> (Volume, cmkfs::unlock::HeaderHandle) {
+pub(crate) fn open(env: &Env) -> (Volume, cmkfs::unlock::HeaderHandle) {
     let home = Home::at(&env.home);
     let header = VolumeHeader::read(&env.cipher).unwrap();
     let vault = cmkfs::vault::open("local:", &home).unwrap();
@@ -288,12 +290,35 @@ fn small_batches() {
     std::env::set_var("CMKFS_REENCRYPT_BATCH_BYTES", "65536");
 }
 
-/// Runs (or resumes) a re-encryption in-process, stopped after `stop_after` fault steps
-/// (`None`: to the end). Returns whether it finished and the steps it went through.
-fn run_until(env: &Env, stop_after: Option<usize>, recover_only: bool) -> (bool, Vec<Step>) {
+/// Runs (or resumes) a re-encryption in-process on the volume opened afresh ([`open`]),
+/// with `fault` called after each step (an error stops it there, as a crash would);
+/// `recover_only`: only what a mount runs before it serves.
+pub(crate) fn run_in_process(
+    env: &Env,
+    recover_only: bool,
+    fault: &mut dyn FnMut(Step) -> std::io::Result<()>,
+) -> Result<cmkfs::volume::reencrypt::Report, ReencryptError> {
     let (vol, handle) = open(env);
     let home = Home::at(&env.home);
     let access = cmkfs::unlock::ReencryptAccess::new(&home, vol.keyring().vault(), handle).unwrap();
+    let session = Session::new(
+        &vol,
+        &access,
+        None,
+        Hooks {
+            progress: None,
+            fault: Some(fault),
+        },
+    );
+    match recover_only {
+        true => session.recover(),
+        false => session.run(),
+    }
+}
+
+/// Runs (or resumes) a re-encryption in-process, stopped after `stop_after` fault steps
+/// (`None`: to the end). Returns whether it finished and the steps it went through.
+fn run_until(env: &Env, stop_after: Option<usize>, recover_only: bool) -> (bool, Vec<Step>) {
     let mut steps = Vec::new();
     let mut fault = |s: Step| {
         steps.push(s);
@@ -302,23 +327,9 @@ fn run_until(env: &Env, stop_after: Option<usize>, recover_only: bool) -> (bool,
         }
         Ok(())
     };
-    let session = Session::new(
-        &vol,
-        &access,
-        None,
-        Hooks {
-            progress: None,
-            fault: Some(&mut fault),
-        },
-    );
-    let r = if recover_only {
-        session.recover()
-    } else {
-        session.run()
-    };
-    let done = match r {
+    let done = match run_in_process(env, recover_only, &mut fault) {
         Ok(_) => true,
-        Err(cmkfs::volume::reencrypt::ReencryptError::Interrupted(_)) => false,
+        Err(ReencryptError::Interrupted(_)) => false,
         Err(e) => panic!("re-encryption failed: {e}"),
     };
     (done, steps)
@@ -335,6 +346,14 @@ fn a_crash_after_any_step_of_the_reencryption_is_resumed_without_losing_a_byte()
     populate(&env.mnt, &mut rng, 120);
     let want = mount_view(&env.mnt);
     m.unmount();
+    // The backing root's times are the mount root's: no control-file write (journal,
+    // header, their removal) may move its mtime, whatever step a crash stops at (F4).
+    let root_mtime = || fs::metadata(&env.cipher).unwrap().modified().unwrap();
+    fs::File::open(&env.cipher)
+        .unwrap()
+        .set_modified(std::time::UNIX_EPOCH + Duration::new(1_500_000_000, 5))
+        .unwrap();
+    let mtime = root_mtime();
     let before = VolumeHeader::read(&env.cipher).unwrap();
     let old_blocks = ciphertext_blocks(&env.cipher);
     let old_names = backing_names(&env.cipher);
@@ -356,6 +375,12 @@ fn a_crash_after_any_step_of_the_reencryption_is_resumed_without_losing_a_byte()
                 crashes += 1;
                 continue;
             }
+            // A crash in the names phase leaves the root renamed in, until this recovery.
+            assert_eq!(
+                root_mtime(),
+                mtime,
+                "seed {seed}: the root's mtime, at {all:?}"
+            );
             let (vol, _) = open(&env);
             assert_views(
                 &lib_view(&vol),
@@ -370,6 +395,11 @@ fn a_crash_after_any_step_of_the_reencryption_is_resumed_without_losing_a_byte()
             let (done, steps) = run_until(&env, stop, false);
             all.extend(steps);
             if done {
+                assert_eq!(
+                    root_mtime(),
+                    mtime,
+                    "seed {seed}: the root's mtime at the end"
+                );
                 break;
             }
             crashes += 1;
@@ -421,6 +451,15 @@ fn sigkill_of_the_command_at_random_moments_then_mount_and_resume_keeps_every_fi
     populate(&env.mnt, &mut rng, 400);
     let want = mount_view(&env.mnt);
     m.unmount();
+    // Whatever the kills interrupt, the root (whose times are the mount root's) ends with
+    // its mtime (F4).
+    let set_root_mtime = || {
+        fs::File::open(&env.cipher)
+            .unwrap()
+            .set_modified(std::time::UNIX_EPOCH + Duration::new(1_500_000_000, 5))
+            .unwrap()
+    };
+    set_root_mtime();
     let cipher = env.cipher.to_str().unwrap().to_string();
     for round in 0..4 {
         let mut cmd = env.command(&["volume", "reencrypt", &cipher]);
@@ -446,6 +485,7 @@ fn sigkill_of_the_command_at_random_moments_then_mount_and_resume_keeps_every_fi
     let stale = env.cipher.join(".cmkfs-tmp.cmkfs.volume.json.0123456789ab");
     let header = fs::read(env.cipher.join("cmkfs.volume.json")).unwrap();
     fs::write(&stale, &header[..header.len() / 2]).unwrap();
+    set_root_mtime();
     let mut cmd = env.command(&["volume", "reencrypt", &cipher, "--json"]);
     cmd.env("CMKFS_REENCRYPT_BATCH_BYTES", "65536");
     let out = run_with_timeout(cmd, Duration::from_secs(120)).unwrap();
@@ -455,6 +495,11 @@ fn sigkill_of_the_command_at_random_moments_then_mount_and_resume_keeps_every_fi
     assert!(
         !stale.exists(),
         "a completed run left a header temp file: {out}"
+    );
+    assert_eq!(
+        fs::metadata(&env.cipher).unwrap().modified().unwrap(),
+        std::time::UNIX_EPOCH + Duration::new(1_500_000_000, 5),
+        "seed {seed}: the root's mtime"
     );
     let m = env.mount(&env.cipher, &env.mnt);
     assert_views(&mount_view(&env.mnt), &want, "at the end");
@@ -643,11 +688,6 @@ fn a_batch_torn_at_any_sector_is_finished_from_the_journal_marks() {
             let mut before = None;
             let mut after = None;
             let done = {
-                let (vol, handle) = open(&env);
-                let home = Home::at(&env.home);
-                let access =
-                    cmkfs::unlock::ReencryptAccess::new(&home, vol.keyring().vault(), handle)
-                        .unwrap();
                 let cipher = env.cipher.clone();
                 let mut fault = |s: Step| {
                     match s {
@@ -660,17 +700,7 @@ fn a_batch_torn_at_any_sector_is_finished_from_the_journal_marks() {
                     }
                     Ok(())
                 };
-                Session::new(
-                    &vol,
-                    &access,
-                    None,
-                    Hooks {
-                        progress: None,
-                        fault: Some(&mut fault),
-                    },
-                )
-                .run()
-                .is_ok()
+                run_in_process(&env, false, &mut fault).is_ok()
             };
             if done {
                 break;
@@ -773,5 +803,72 @@ fn holes_stay_holes_and_cost_nothing() {
     );
     let m = env.mount(&env.cipher, &env.mnt);
     assert_views(&mount_view(&env.mnt), &want, "after the re-encryption");
+    m.unmount();
+}
+
+/// An offline re-encryption holds the volume lock and, to change the header, needs its Disk
+/// Encryption Set's lock; `cmkfs des update` takes them in the other order. While another
+/// command holds the set's lock, the re-encryption waits only a while, then stops with the
+/// volume as it was (it still mounts) and resumes when run again: the two never wait for
+/// each other for ever.
+#[test]
+fn an_offline_reencryption_does_not_wait_for_ever_for_a_busy_disk_encryption_set() {
+    let env = Env::new();
+    env.cmkfs(&["vault", "config", "--purge-protection", "on"])
+        .assert_ok();
+    env.cmkfs(&["vault", "key", "create", "dkey", "--key-size", KEY_SIZE])
+        .assert_ok();
+    env.cmkfs(&["des", "create", "d", "--key", "dkey"])
+        .assert_ok();
+    env.cmkfs(&[
+        "init".as_ref(),
+        env.cipher.as_os_str(),
+        "--des".as_ref(),
+        "d".as_ref(),
+    ])
+    .assert_ok();
+    {
+        let m = env.mount(&env.cipher, &env.mnt);
+        fs::write(env.mnt.join("f"), b"kept across a stopped run").unwrap();
+        m.unmount();
+    }
+    // Held as `cmkfs des update` holds it while it waits for the volume.
+    let set_lock = fs::File::open(env.home.join("des/.lock")).unwrap();
+    // SAFETY: flock on a descriptor this test owns.
+    assert_eq!(
+        unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&set_lock), libc::LOCK_EX) },
+        0
+    );
+    let mut cmd = env.command(&[
+        "volume".as_ref(),
+        "reencrypt".as_ref(),
+        env.cipher.as_os_str(),
+    ]);
+    cmd.env("CMKFS_TEST_SET_LOCK_WAIT_MS", "300");
+    let out = cmd.output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("is busy"), "{stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    drop(set_lock);
+    {
+        let m = env.mount(&env.cipher, &env.mnt);
+        assert_eq!(
+            fs::read(env.mnt.join("f")).unwrap(),
+            b"kept across a stopped run"
+        );
+        m.unmount();
+    }
+    env.cmkfs(&[
+        "volume".as_ref(),
+        "reencrypt".as_ref(),
+        env.cipher.as_os_str(),
+    ])
+    .assert_ok();
+    let m = env.mount(&env.cipher, &env.mnt);
+    assert_eq!(
+        fs::read(env.mnt.join("f")).unwrap(),
+        b"kept across a stopped run"
+    );
     m.unmount();
 }

@@ -820,7 +820,8 @@ fn every_entry_keeps_its_inode_number_and_times_across_an_online_and_an_offline_
     std::env::set_var("CMKFS_REENCRYPT_BATCH_BYTES", "4096");
     let env = Env::new();
     env.init(&env.cipher);
-    let m = env.mount(&env.cipher, &env.mnt);
+    // Attributes cached for 1 s only: after the run, what `stat` shows comes from the daemon.
+    let m = env.mount_with(&env.cipher, &env.mnt, &["--cache-timeout", "1s"]);
     let mnt = env.mnt.clone();
     fs::create_dir_all(mnt.join("d/e")).unwrap();
     fs::write(mnt.join("f_empty"), b"").unwrap();
@@ -842,6 +843,9 @@ fn every_entry_keeps_its_inode_number_and_times_across_an_online_and_an_offline_
         "d/s_short.l",
         "d/e",
         "d",
+        // The root last (attack session 6, F4): the journal and the header are written in
+        // the backing root, whose times are the mount root's.
+        ".",
     ];
     // Children first: setting a child's times does not touch its directory's.
     for (i, p) in paths.iter().enumerate() {
@@ -903,6 +907,29 @@ fn every_entry_keeps_its_inode_number_and_times_across_an_online_and_an_offline_
         fs::read(mnt.join("f_big")).unwrap(),
         vec![7u8; 3 * 4096 + 5]
     );
+    // Online, the users' changes to the root stand: files created in it while a run writes
+    // its journal and header there leave the root's mtime at their time, never set back.
+    let mut child = start_reencrypt(&env);
+    let mut last = None;
+    for i in 0..5000 {
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        last = Some(std::time::SystemTime::now());
+        fs::write(mnt.join(format!("u{i}")), b"u").unwrap();
+    }
+    let (ok, out, err) = finish(child);
+    assert!(ok, "online re-encryption failed:\n{err}");
+    assert_finished(&env, 3, &out);
+    // The backing root's, which the mount shows (no attribute cache to wait out).
+    let root = fs::metadata(&env.cipher).unwrap().modified().unwrap();
+    if let Some(last) = last {
+        // The kernel's file times come from a clock that may lag the system's by a tick.
+        assert!(
+            root + Duration::from_millis(50) >= last,
+            "the root's mtime {root:?} was set back over a file created at {last:?}"
+        );
+    }
     m.unmount();
 }
 

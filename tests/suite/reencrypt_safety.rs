@@ -8,13 +8,11 @@ use crate::common;
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
+use crate::reencrypt::run_in_process;
 use cmkfs::home::Home;
-use cmkfs::keyring::KeyringConfig;
 use cmkfs::volume::header::VolumeHeader;
-use cmkfs::volume::reencrypt::{Hooks, ReencryptError, Session, Step};
-use cmkfs::volume::Volume;
+use cmkfs::volume::reencrypt::{ReencryptError, Step};
 use common::*;
 
 const JOURNAL: &str = "cmkfs.reencrypt.journal";
@@ -138,10 +136,37 @@ fn a_lost_directory_id_or_a_quarantine_is_refused_with_nothing_changed_and_resto
     let out = restore(r1.to_str().unwrap(), &[]);
     out.assert_clear_error();
     assert!(
-        out.stderr.contains("holds 1 entries") && out.stderr.contains("--discard-quarantine"),
+        out.stderr.contains("cmkfs.quarantine/ holds entries")
+            && out.stderr.contains("--discard-quarantine"),
         "{out}"
     );
     assert!(!r1.exists(), "a refused restore left {}", r1.display());
+    // Refused from the archive's manifest, before a single member is extracted (the check of
+    // the extracted tree, "holds 1 entries", stays as a backstop).
+    let home = Home::at(&env.home);
+    let open = |kid: &cmkfs::vault::KeyId| -> Result<_, cmkfs::backup::BackupError> {
+        Ok(cmkfs::vault::open(&kid.vault, &home)?)
+    };
+    let mut extracted = 0u64;
+    let mut progress = |p: &cmkfs::backup::Progress| extracted = extracted.max(p.members_done);
+    let archives = [archive.clone()];
+    let r = cmkfs::backup::restore::restore(
+        &cmkfs::backup::restore::RestoreRequest {
+            home: &home,
+            archives: &archives,
+            target: &r1,
+            des: "d",
+            new_dek: true,
+            discard_quarantine: false,
+            allow_devices: false,
+            open_vault: &open,
+        },
+        Some(&mut progress),
+    );
+    let err = r.err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(err.contains("holds entries"), "{err}");
+    assert_eq!(extracted, 0, "members were extracted before the refusal");
+    assert!(!r1.exists());
     let r2 = env.root.join("r2");
     let out = restore(r2.to_str().unwrap(), &["--discard-quarantine"]);
     out.assert_ok();
@@ -166,42 +191,12 @@ fn a_lost_directory_id_or_a_quarantine_is_refused_with_nothing_changed_and_resto
     assert_mount_reads(&env, &[("d/x", b"in d")], "at the end");
 }
 
-/// Opens the volume in-process as a fresh process would.
-fn open(env: &Env) -> (Volume, cmkfs::unlock::HeaderHandle) {
-    let home = Home::at(&env.home);
-    let header = VolumeHeader::read(&env.cipher).unwrap();
-    let vault = cmkfs::vault::open("local:", &home).unwrap();
-    let (kr, header, handle) = cmkfs::unlock::unlock_with_handle(
-        &home,
-        vault,
-        &env.cipher,
-        &header,
-        KeyringConfig::default(),
-    )
-    .unwrap();
-    let vol = Volume::open(&env.cipher, header, Arc::new(kr), 1).unwrap();
-    (vol, handle)
-}
-
 /// Runs (or resumes) a re-encryption in-process, calling `at` at each step.
 fn run_with(env: &Env, at: &mut dyn FnMut(Step)) -> Result<(), ReencryptError> {
-    let (vol, handle) = open(env);
-    let home = Home::at(&env.home);
-    let access = cmkfs::unlock::ReencryptAccess::new(&home, vol.keyring().vault(), handle).unwrap();
-    let mut fault = |s: Step| {
+    run_in_process(env, false, &mut |s| {
         at(s);
         Ok(())
-    };
-    Session::new(
-        &vol,
-        &access,
-        None,
-        Hooks {
-            progress: None,
-            fault: Some(&mut fault),
-        },
-    )
-    .run()
+    })
     .map(|_| ())
 }
 
@@ -300,25 +295,12 @@ fn a_batch_interrupted_by_a_crash_keeps_its_files_times_after_recovery_and_resum
         }
         Ok(())
     };
-    let (vol, handle) = open(&env);
-    let home = Home::at(&env.home);
-    let access = cmkfs::unlock::ReencryptAccess::new(&home, vol.keyring().vault(), handle).unwrap();
-    let r = Session::new(
-        &vol,
-        &access,
-        None,
-        Hooks {
-            progress: None,
-            fault: Some(&mut fault),
-        },
-    )
-    .run();
+    let r = run_in_process(&env, false, &mut fault);
     assert!(
         matches!(r, Err(ReencryptError::Interrupted(Step::DataWritten))),
         "{:?}",
         r.map(|_| ())
     );
-    drop(vol);
     mtimes("after the mount's recovery");
     reencrypt(&env, &[]).assert_ok();
     mtimes("after the resumed run");

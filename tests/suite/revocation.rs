@@ -588,3 +588,49 @@ fn disabling_a_key_cuts_off_volumes_wrapped_by_an_older_version() {
     assert_eq!(state(&env, &env.mnt), "Accessible");
     m.unmount();
 }
+
+/// Names, attributes, symlink targets and listings are cached by the kernel for the mount's
+/// cache timeout (60 s by default): at cut-off the daemon drops them all, so nothing the
+/// kernel cached before answers after it, and everything comes back when the key does.
+#[test]
+fn cached_names_and_attributes_are_dropped_at_cut_off() {
+    let env = Env::new();
+    env.init(&env.cipher);
+    let m = env.mount(&env.cipher, &env.mnt);
+    fs::create_dir_all(m.path("d/sub")).unwrap();
+    write(&m.path("d/sub/f"), b"cached");
+    std::os::unix::fs::symlink("sub/f", m.path("d/l")).unwrap();
+    // Into the kernel's caches: dentries, attributes, the link's target.
+    let before = fs::metadata(m.path("d/sub/f")).unwrap();
+    assert_eq!(before.len(), 6);
+    assert_eq!(fs::read_link(m.path("d/l")).unwrap(), Path::new("sub/f"));
+    assert_eq!(fs::read_dir(m.path("d")).unwrap().count(), 2);
+    key_update(&env, &["--disable"]);
+    wait_state(&env, &env.mnt, "Inaccessible");
+    for p in ["d", "d/sub", "d/sub/f", "d/l"] {
+        let err = fs::symlink_metadata(m.path(p)).expect_err(p);
+        assert_eq!(err.raw_os_error(), Some(libc::EACCES), "stat {p}: {err}");
+    }
+    assert!(
+        fs::metadata(m.path("d/l")).is_err(),
+        "stat through the link"
+    );
+    assert!(fs::read_link(m.path("d/l")).is_err(), "readlink");
+    assert!(fs::read_dir(m.path("d")).is_err(), "listing");
+    assert!(fs::read(m.path("d/sub/f")).is_err(), "read");
+    key_update(&env, &["--enable"]);
+    wait_state(&env, &env.mnt, "Accessible");
+    assert_eq!(read(&m.path("d/l")), b"cached");
+    assert_eq!(fs::read_dir(m.path("d")).unwrap().count(), 2);
+    m.unmount();
+    // A timeout past an hour is refused with one line (nothing is mounted).
+    let out = env.cmkfs(&[
+        OsStr::new("mount"),
+        env.cipher.as_os_str(),
+        env.mnt.as_os_str(),
+        OsStr::new("--cache-timeout"),
+        OsStr::new("2h"),
+    ]);
+    assert!(!out.ok() && out.stderr.contains("at most 1h"), "{out}");
+    assert!(!is_mounted(&env.mnt));
+}

@@ -84,7 +84,8 @@ impl LocalVault {
         }
         match seal::read_record(self.store.dir())? {
             Some(rec) if rec.complete => Err(VaultError::Store(format!(
-                "{what} is stored in clear although the vault is sealed (a file put there by                  hand?): if it is yours, `cmkfs vault seal` seals it"
+                "{what} is stored in clear although the vault is sealed (a file put there by \
+                 hand?): if it is yours, `cmkfs vault seal` seals it"
             ))),
             // A legacy store, or a seal still in progress.
             _ => Ok(stored),

@@ -412,7 +412,9 @@ fn run_batch(
                 .collect(),
         });
     }
-    j.write(s.vol.root_dir().fd(), s.journal_key()?)
+    let key = s.journal_key()?;
+    s.vol
+        .keeping_root_mtime(|k| j.write_then(s.vol.root_dir().fd(), key, &mut || k.put_back()))
         .map_err(ReencryptError::os)?;
     s.hooks.step(Step::JournalDurable)?;
     let mut wrote = 0u64;
@@ -438,12 +440,25 @@ fn run_batch(
     s.hooks.step(Step::HeadersWritten)?;
     syncfs(s.vol.root_dir())?;
     s.hooks.step(Step::BatchSynced)?;
-    Journal::new(&s.volume_id, keys.generation, Phase::Contents)
-        .write(s.vol.root_dir().fd(), s.journal_key()?)
-        .map_err(ReencryptError::os)?;
+    retire_journal(s, keys.generation)?;
     s.hooks.step(Step::JournalRetired)?;
     drop(guards);
     Ok((done, wrote, unfinished))
+}
+
+/// Writes the journal of a batch that is done (phase *contents*, no items), keeping the
+/// backing root's mtime.
+fn retire_journal(s: &Session<'_>, generation: u32) -> Result<(), ReencryptError> {
+    let key = s.journal_key()?;
+    s.vol
+        .keeping_root_mtime(|k| {
+            Journal::new(&s.volume_id, generation, Phase::Contents).write_then(
+                s.vol.root_dir().fd(),
+                key,
+                &mut || k.put_back(),
+            )
+        })
+        .map_err(ReencryptError::os)
 }
 
 /// The header a file gets after a batch took units up to `to`.
@@ -776,9 +791,7 @@ pub(super) fn recover(s: &mut Session<'_>, j: &Journal) -> Result<u64, Reencrypt
         s.hooks.step(Step::RangeRestored)?;
     }
     syncfs(s.vol.root_dir())?;
-    Journal::new(&s.volume_id, keys.generation, Phase::Contents)
-        .write(s.vol.root_dir().fd(), s.journal_key()?)
-        .map_err(ReencryptError::os)?;
+    retire_journal(s, keys.generation)?;
     Ok(n)
 }
 

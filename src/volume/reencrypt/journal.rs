@@ -146,6 +146,13 @@ pub struct Journal {
     /// remove-then-set (it did not fit beside its old form).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub xattr: Option<XattrMove>,
+    /// Names phase: the backing root's access and modification times, (seconds,
+    /// nanoseconds), from before the re-encryption began. The names phase renames entries in
+    /// the root and sets its times back only once they are all done: after a crash in
+    /// between, the resumed phase sets these (the root's own times are then the crash's).
+    /// Absent in journals of earlier cmkfs versions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root_times: Option<[(i64, u32); 2]>,
     mac: String,
 }
 
@@ -237,6 +244,7 @@ impl Journal {
             phase,
             items: Vec::new(),
             xattr: None,
+            root_times: None,
             mac: String::new(),
         }
     }
@@ -262,6 +270,17 @@ impl Journal {
 
     /// Writes the journal (MAC by `dek`) atomically into the backing root `root`.
     pub fn write(&self, root: BorrowedFd<'_>, dek: &Dek) -> std::io::Result<()> {
+        self.write_then(root, dek, &mut || ())
+    }
+
+    /// [`Journal::write`], calling `changed` right after each change of the root (the temp
+    /// file created, the rename), before the fsyncs ([`sys::write_atomic_then`]).
+    pub fn write_then(
+        &self,
+        root: BorrowedFd<'_>,
+        dek: &Dek,
+        changed: &mut dyn FnMut(),
+    ) -> std::io::Result<()> {
         if self.version != VERSION {
             return Err(std::io::Error::other(
                 "a journal of an older version is only read, never written",
@@ -270,7 +289,7 @@ impl Journal {
         let mut j = self.clone();
         j.mac = self.mac(dek).map_err(std::io::Error::other)?;
         let bytes = serde_json::to_vec(&j).map_err(std::io::Error::other)?;
-        sys::write_atomic(root, OsStr::new(JOURNAL_FILE), &bytes, 0o600)
+        sys::write_atomic_then(root, OsStr::new(JOURNAL_FILE), &bytes, 0o600, changed)
     }
 
     /// Reads the journal of the volume `volume_id` at generation `generation` from `root`:
@@ -316,6 +335,7 @@ impl Journal {
                     key_generation: old.key_generation,
                     phase: old.phase,
                     xattr: None,
+                    root_times: None,
                     items: old
                         .items
                         .into_iter()
@@ -345,10 +365,14 @@ impl Journal {
         Ok(Some(j))
     }
 
-    /// Removes the journal (and makes that durable).
-    pub fn remove(root: BorrowedFd<'_>) -> std::io::Result<()> {
+    /// Removes the journal (and makes that durable), calling `removed` in between (see
+    /// [`Journal::write_then`]).
+    pub fn remove(root: BorrowedFd<'_>, removed: &mut dyn FnMut()) -> std::io::Result<()> {
         match sys::unlink(root, OsStr::new(JOURNAL_FILE)) {
-            Ok(()) => sys::fsync_dir(root),
+            Ok(()) => {
+                removed();
+                sys::fsync_dir(root)
+            }
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
             Err(e) => Err(e),
         }
@@ -478,7 +502,7 @@ mod tests {
             .replace("\"to\":4", "\"to\":5");
         std::fs::write(&p, text).unwrap();
         assert!(Journal::read(root.as_fd(), &dek, "ab", 3).is_err());
-        Journal::remove(root.as_fd()).unwrap();
+        Journal::remove(root.as_fd(), &mut || ()).unwrap();
         assert_eq!(Journal::read(root.as_fd(), &dek, "ab", 3).unwrap(), None);
     }
 

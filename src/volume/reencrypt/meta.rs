@@ -77,7 +77,11 @@ pub(super) fn run(
     // Renames inside a directory move its mtime: each directory gets its times back once
     // its entries are done (nothing else changes it meanwhile: offline the volume is locked,
     // online no request runs), so a re-encrypted tree looks untouched to `stat`.
-    let root_times = sys::fstat(root.fd()).map(|st| sys::times_of(&st)).ok();
+    // The root's: those from before the run began (see `Session::root_times`).
+    let root_times = match s.root_times {
+        Some([a, m]) => Some([Some(Some(a)), Some(Some(m))]),
+        None => sys::fstat(root.fd()).map(|st| sys::times_of(&st)).ok(),
+    };
     // Long targets' side files live at the root.
     for ent in sys::list(root.fd()).map_err(ReencryptError::os)? {
         if ent
@@ -525,6 +529,7 @@ fn move_xattr(
 fn write_names_journal(s: &mut Session<'_>, m: Option<XattrMove>) -> Result<(), ReencryptError> {
     let mut j = Journal::new(&s.volume_id, s.generation, Phase::Names);
     j.xattr = m;
+    j.root_times = s.root_times;
     let root = s.vol.root_dir().clone();
     j.write(root.fd(), s.journal_key()?)
         .map_err(ReencryptError::os)

@@ -173,8 +173,14 @@ pub trait KeyAccess {
         inner: Option<&Dek>,
     ) -> Result<(Wrapped, Option<PlatformEnvelope>), VolumeError>;
     /// Writes `new` as the volume header (atomically; under the Disk Encryption Set's lock
-    /// where one applies) and makes it the one in force.
-    fn replace_header(&self, new: &VolumeHeader) -> Result<(), VolumeError>;
+    /// where one applies) and makes it the one in force; `changed` is called right after each
+    /// change of the backing root (the temp file created, the rename), before the fsyncs
+    /// (the root's mtime is put back there).
+    fn replace_header(
+        &self,
+        new: &VolumeHeader,
+        changed: &mut dyn FnMut(),
+    ) -> Result<(), VolumeError>;
 }
 
 /// What a live mount does for an online re-encryption.
@@ -249,6 +255,11 @@ pub struct Session<'a> {
     discard_quarantine: bool,
     /// Directories the names phase could not enter (see [`Report::damaged`]).
     damaged: Vec<String>,
+    /// The backing root's (atime, mtime) from before the names phase began, which it sets
+    /// back once the root's entries are renamed: read when this session starts a run, else
+    /// from the journal of the interrupted one (`Journal::root_times`) when nothing can
+    /// have changed the root since (offline, or a mount's recovery before it serves).
+    root_times: Option<[(i64, u32); 2]>,
 }
 
 impl<'a> Session<'a> {
@@ -274,6 +285,7 @@ impl<'a> Session<'a> {
             walks_complete: false,
             discard_quarantine: false,
             damaged: Vec::new(),
+            root_times: None,
         }
     }
 
@@ -407,9 +419,14 @@ impl<'a> Session<'a> {
         };
         let new_header = header.reencrypting(&outer, &wrapped, platform, &retiring);
         let gen = new_header.key_generation;
-        Journal::new(&header.volume_id, gen, Phase::Names)
-            .write(self.vol.root_dir().fd(), &outer)
-            .map_err(ReencryptError::os)?;
+        let vol = self.vol;
+        self.root_times = root_times(vol);
+        let mut journal = Journal::new(&header.volume_id, gen, Phase::Names);
+        journal.root_times = self.root_times;
+        vol.keeping_root_mtime(|k| {
+            journal.write_then(vol.root_dir().fd(), &outer, &mut || k.put_back())
+        })
+        .map_err(ReencryptError::os)?;
         self.hooks.step(Step::JournalStarted)?;
         let sector = header.sector_size as usize;
         let deks = Unwrapped {
@@ -419,7 +436,10 @@ impl<'a> Session<'a> {
             generation: gen,
             retiring: Some(Box::new(old)),
         };
-        self.access.replace_header(&new_header)?;
+        vol.keeping_root_mtime(|k| {
+            self.access
+                .replace_header(&new_header, &mut || k.put_back())
+        })?;
         if !self
             .vol
             .keyring()
@@ -455,6 +475,14 @@ impl<'a> Session<'a> {
         // No journal (removed by hand?): the names phase is idempotent, run it again.
         .unwrap_or_else(|| Journal::new(&header.volume_id, header.key_generation, Phase::Names));
         if journal.phase == Phase::Names {
+            if self.root_times.is_none() {
+                // Online a mount served the root since the journal was written: its users'
+                // changes stand.
+                self.root_times = journal
+                    .root_times
+                    .filter(|_| self.online.is_none())
+                    .or_else(|| root_times(self.vol));
+            }
             self.progress.phase = "names".into();
             self.report_progress();
             let keys = self.vol.current_keys()?;
@@ -485,8 +513,12 @@ impl<'a> Session<'a> {
                 // once they are repaired, and the old DEK is kept meanwhile.
                 return Ok(());
             }
-            Journal::new(&header.volume_id, header.key_generation, Phase::Contents)
-                .write(root.fd(), self.journal_key()?)
+            let key = self.journal_key()?;
+            self.vol
+                .keeping_root_mtime(|k| {
+                    Journal::new(&header.volume_id, header.key_generation, Phase::Contents)
+                        .write_then(root.fd(), key, &mut || k.put_back())
+                })
                 .map_err(ReencryptError::os)?;
             self.hooks.step(Step::NamesDone)?;
         } else if !journal.items.is_empty() {
@@ -577,7 +609,7 @@ impl<'a> Session<'a> {
             contents::syncfs(&root)?;
             // The header in force (a rotation may have rewrapped it meanwhile).
             let done = self.access.current_header().reencrypted(&deks.outer);
-            self.access.replace_header(&done)?;
+            vol.keeping_root_mtime(|k| self.access.replace_header(&done, &mut || k.put_back()))?;
             let now = Unwrapped {
                 outer: copy_dek(&deks.outer)?,
                 inner: deks.inner.as_ref().map(copy_dek).transpose()?,
@@ -591,14 +623,18 @@ impl<'a> Session<'a> {
                 .map_err(ReencryptError::other)?;
         }
         self.hooks.step(Step::HeaderFinished)?;
-        Journal::remove(root.fd()).map_err(ReencryptError::os)?;
-        // Temp files of journal writes a crash interrupted.
-        let tmp = format!("{}{JOURNAL_FILE}.", crate::fsutil::TEMP_PREFIX);
-        for e in contents::list_keeping_atime(&root).unwrap_or_default() {
-            if e.name.as_encoded_bytes().starts_with(tmp.as_bytes()) {
-                let _ = crate::volume::sys::unlink(root.fd(), &e.name);
+        vol.keeping_root_mtime(|k| {
+            Journal::remove(root.fd(), &mut || k.put_back())?;
+            // Temp files of journal writes a crash interrupted.
+            let tmp = format!("{}{JOURNAL_FILE}.", crate::fsutil::TEMP_PREFIX);
+            for e in contents::list_keeping_atime(&root).unwrap_or_default() {
+                if e.name.as_encoded_bytes().starts_with(tmp.as_bytes()) {
+                    let _ = crate::volume::sys::unlink(root.fd(), &e.name);
+                }
             }
-        }
+            Ok(())
+        })
+        .map_err(ReencryptError::os)?;
         tracing::info!(
             generation = deks.generation,
             "re-encryption finished: the old DEK is gone from the header"
@@ -676,6 +712,15 @@ fn test_hide(files: Vec<contents::Found>) -> Vec<contents::Found> {
         return Vec::new();
     }
     files
+}
+
+/// The backing root's (atime, mtime) now.
+fn root_times(vol: &Volume) -> Option<[(i64, u32); 2]> {
+    let st = super::sys::fstat(vol.root_dir().fd()).ok()?;
+    Some([
+        (st.st_atime, st.st_atime_nsec as u32),
+        (st.st_mtime, st.st_mtime_nsec as u32),
+    ])
 }
 
 fn copy_dek(d: &Dek) -> Result<Dek, ReencryptError> {

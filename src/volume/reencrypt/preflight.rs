@@ -157,11 +157,14 @@ pub(super) fn check_quarantine(s: &Session<'_>) -> Result<u64, ReencryptError> {
     }
     let q = root.join(QUARANTINE_DIR);
     // Does not follow symlinks: a link planted there is removed, not its target.
-    let r = match fs::symlink_metadata(&q) {
-        Ok(md) if md.is_dir() => fs::remove_dir_all(&q),
-        Ok(_) => fs::remove_file(&q),
-        Err(e) => Err(e),
-    };
+    // Hidden from the mount, like every control file: the root keeps its mtime.
+    let r = s
+        .vol
+        .keeping_root_mtime(|_| match fs::symlink_metadata(&q) {
+            Ok(md) if md.is_dir() => fs::remove_dir_all(&q),
+            Ok(_) => fs::remove_file(&q),
+            Err(e) => Err(e),
+        });
     r.and_then(|()| crate::fsutil::sync_dir(root))
         .map_err(|e| {
             ReencryptError::Refused(format!(
