@@ -9,8 +9,8 @@ use std::fs::File;
 use std::io::{self, BufWriter, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
-use std::path::{Path, PathBuf};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
 use std::time::Instant;
 
 use rustix::fs::Stat;
@@ -21,6 +21,7 @@ use super::manifest::{
     self, BaseLink, ChangeKey, Delta, Digester, Entry, KeyEnvelope, Kind, Manifest, Member, Source,
     Stored, Totals,
 };
+use super::temp::ArchiveTemp;
 use super::{now, BackupError, BackupReport, Progress};
 use crate::fsutil::TEMP_PREFIX;
 use crate::keyring::Unwrapped;
@@ -285,6 +286,22 @@ fn no_atime(f: &File) {
     }
 }
 
+/// The archive's output: each write that went through counts as progress ([`super::tick`]),
+/// one that blocks (an archive on a frozen mount) does not.
+struct Ticking(File);
+
+impl Write for Ticking {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.0.write(buf)?;
+        super::tick();
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.0.flush()
+    }
+}
+
 /// Reads the extents of a file in order (`pread`); a file that shrank ends early.
 struct ExtentReader<'a> {
     file: &'a File,
@@ -307,6 +324,7 @@ impl Read for ExtentReader<'_> {
             let n = self
                 .file
                 .read_at(&mut buf[..want], off + self.done_in_extent)?;
+            super::tick();
             self.done_in_extent += n as u64;
             return Ok(n);
         }
@@ -361,6 +379,7 @@ pub(super) fn walk(root: &OwnedFd, visit: &mut Visit<'_>) -> Result<(), BackupEr
                 Err(e) => return Err(BackupError::io(&path, e)),
             };
             visit(dir.as_fd(), Some(&name), &path, &st)?;
+            super::tick();
             if st.st_mode & libc::S_IFMT == libc::S_IFDIR {
                 let sub =
                     sys::open_dir(dir.as_fd(), &name).map_err(|e| BackupError::io(&path, e))?;
@@ -371,8 +390,8 @@ pub(super) fn walk(root: &OwnedFd, visit: &mut Visit<'_>) -> Result<(), BackupEr
     Ok(())
 }
 
-/// Refuses a volume that is in the middle of something.
-fn check_quiet(root: &Path, header: &VolumeHeader) -> Result<(), BackupError> {
+/// Refuses a volume that is in the middle of something (a re-encryption, a format upgrade).
+pub fn check_quiet(root: &Path, header: &VolumeHeader) -> Result<(), BackupError> {
     if header.retiring.is_some() || root.join(crate::volume::reencrypt::JOURNAL_FILE).exists() {
         return Err(BackupError::Refused(format!(
             "{} is being re-encrypted: finish it with `cmkfs volume reencrypt` first",
@@ -388,24 +407,38 @@ fn check_quiet(root: &Path, header: &VolumeHeader) -> Result<(), BackupError> {
     Ok(())
 }
 
-/// Creates the archive: the key envelope, every backing entry, the manifest and its MAC.
+/// Creates the archive: the key envelope, every backing entry, the manifest and its MAC
+/// (prepares its temp file, then [`backup_into`]).
 pub fn backup(
     req: &BackupRequest<'_>,
     progress: Option<&mut dyn FnMut(&Progress)>,
 ) -> Result<BackupReport, BackupError> {
+    let temp = ArchiveTemp::prepare(req.archive)?;
+    backup_into(req, temp, progress)
+}
+
+/// [`backup`] into a temp file prepared before (for a mounted volume: before its writes
+/// were frozen); `req.archive` must be the archive `temp` was prepared for.
+pub fn backup_into(
+    req: &BackupRequest<'_>,
+    mut temp: ArchiveTemp,
+    progress: Option<&mut dyn FnMut(&Progress)>,
+) -> Result<BackupReport, BackupError> {
     let started = Instant::now();
-    check_quiet(req.root, req.header)?;
-    if req.archive.symlink_metadata().is_ok() {
-        return Err(BackupError::Refused(format!(
-            "{} exists; remove it or choose another archive name",
-            req.archive.display()
-        )));
+    if temp.archive != req.archive {
+        return Err(BackupError::Internal(
+            "the temp file was prepared for another archive".into(),
+        ));
     }
+    check_quiet(req.root, req.header)?;
     let k = &req.key;
     let wrap = |dek: &crate::crypto::Dek| {
-        k.vault
+        let w = k
+            .vault
             .wrap_key(&k.name, k.version.as_deref(), k.alg, dek.as_bytes())
-            .map_err(|e| BackupError::Key(format!("{}/keys/{}", k.vault.url(), k.name), e))
+            .map_err(|e| BackupError::Key(format!("{}/keys/{}", k.vault.url(), k.name), e));
+        super::tick();
+        w
     };
     let wrapped = wrap(&req.deks.outer)?;
     let inner = match &req.deks.inner {
@@ -431,108 +464,15 @@ pub fn backup(
         }
         Ok(())
     })?;
-
-    let dir = req
-        .archive
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let fname = req.archive.file_name().ok_or_else(|| {
-        BackupError::Refused(format!("{} is not a file name", req.archive.display()))
-    })?;
-    let stale = remove_stale_temps(dir, &fname.to_string_lossy());
-    let tmp = dir.join(format!(
-        "{TEMP_PREFIX}{}.{}",
-        fname.to_string_lossy(),
-        super::random_hex()
-    ));
-    let out = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(|e| BackupError::io(&tmp.display().to_string(), e))?;
-    // Held until the end (the lock is the open file's, shared by this descriptor): it tells
-    // a later backup that this temp file is being written, not left by a killed one.
-    let _writing = out
-        .try_clone()
-        .and_then(|f| {
-            rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive)?;
-            Ok(f)
-        })
-        .map_err(|e| BackupError::io(&tmp.display().to_string(), e))?;
-    let result = (|| {
-        let mut report = write_archive(req, &root, out, &env_bytes, total, progress)?;
-        report.stale_temp_removed = stale;
-        let f = File::open(&tmp).map_err(|e| BackupError::io(&tmp.display().to_string(), e))?;
-        f.sync_all()
-            .map_err(|e| BackupError::io(&tmp.display().to_string(), e))?;
-        rustix::fs::renameat_with(
-            rustix::fs::CWD,
-            &tmp,
-            rustix::fs::CWD,
-            req.archive,
-            rustix::fs::RenameFlags::NOREPLACE,
-        )
-        .map_err(|e| BackupError::io(&req.archive.display().to_string(), e.into()))?;
-        if let Ok(d) = File::open(dir) {
-            let _ = d.sync_all();
-        }
-        report.archive_bytes = f.metadata().map(|m| m.len()).unwrap_or(0);
-        report.seconds = started.elapsed().as_secs_f64();
-        Ok(report)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
-}
-
-/// How old an unlocked temp file must be to count as a killed backup's (one just created
-/// is locked a moment later).
-const STALE_AFTER: std::time::Duration = std::time::Duration::from_secs(10);
-
-/// Removes the temp files that killed backups to the archive named `fname` left in `dir`
-/// (`.cmkfs-tmp.<fname>.<16 hex>`): a running backup holds an exclusive `flock` on its
-/// own, so one that can be locked, and is not brand new, has no writer. Returns them.
-fn remove_stale_temps(dir: &Path, fname: &str) -> Vec<PathBuf> {
-    let prefix = format!("{TEMP_PREFIX}{fname}.");
-    let mut out = Vec::new();
-    let Ok(rd) = std::fs::read_dir(dir) else {
-        return out;
-    };
-    for e in rd.flatten() {
-        let name = e.file_name();
-        let Some(rand) = name.to_str().and_then(|n| n.strip_prefix(&prefix)) else {
-            continue;
-        };
-        if rand.len() != 16 || !rand.bytes().all(|b| b.is_ascii_hexdigit()) {
-            continue;
-        }
-        let p = e.path();
-        let Ok(f) = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&p)
-        else {
-            continue;
-        };
-        let old = f
-            .metadata()
-            .ok()
-            .filter(|m| m.is_file())
-            .and_then(|m| m.modified().ok())
-            .and_then(|t| t.elapsed().ok())
-            .is_some_and(|age| age >= STALE_AFTER);
-        if old
-            && rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_ok()
-            && std::fs::remove_file(&p).is_ok()
-        {
-            tracing::info!(path = %p.display(), "removed the temp file of a killed backup");
-            out.push(p);
-        }
-    }
-    out
+    let out = temp
+        .out
+        .take()
+        .ok_or_else(|| BackupError::Internal("the temp file was used already".into()))?;
+    let mut report = write_archive(req, &root, out, &env_bytes, total, progress)?;
+    report.stale_temp_removed = std::mem::take(&mut temp.stale);
+    report.archive_bytes = temp.commit()?;
+    report.seconds = started.elapsed().as_secs_f64();
+    Ok(report)
 }
 
 fn write_archive(
@@ -545,7 +485,7 @@ fn write_archive(
 ) -> Result<BackupReport, BackupError> {
     let created = now();
     let werr = |e: io::Error| BackupError::io(&req.archive.display().to_string(), e);
-    let mut w = Writer::new(BufWriter::with_capacity(1 << 20, out));
+    let mut w = Writer::new(BufWriter::with_capacity(1 << 20, Ticking(out)));
     w.small(KEY_MEMBER, env_bytes, created as i64)
         .map_err(werr)?;
     let mut entries: Vec<Entry> = Vec::new();
@@ -805,34 +745,4 @@ fn write_archive(
         seconds: 0.0,
         freeze_seconds: None,
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn only_unlocked_old_temp_files_of_the_same_archive_are_removed() {
-        let d = tempfile::tempdir().unwrap();
-        let old = std::time::SystemTime::now() - 2 * STALE_AFTER;
-        let make = |name: &str, aged: bool| {
-            let p = d.path().join(name);
-            let f = File::create(&p).unwrap();
-            if aged {
-                f.set_modified(old).unwrap();
-            }
-            (p, f)
-        };
-        let (killed, _) = make(".cmkfs-tmp.a.tar.0123456789abcdef", true);
-        let (running, rf) = make(".cmkfs-tmp.a.tar.fedcba9876543210", true);
-        rustix::fs::flock(&rf, rustix::fs::FlockOperation::NonBlockingLockExclusive).unwrap();
-        let (fresh, _) = make(".cmkfs-tmp.a.tar.00112233445566ff", false);
-        let (other, _) = make(".cmkfs-tmp.b.tar.0123456789abcdef", true);
-        let (odd, _) = make(".cmkfs-tmp.a.tar.not-hex", true);
-        assert_eq!(remove_stale_temps(d.path(), "a.tar"), vec![killed.clone()]);
-        assert!(!killed.exists());
-        for p in [running, fresh, other, odd] {
-            assert!(p.exists(), "{}", p.display());
-        }
-    }
 }

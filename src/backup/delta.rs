@@ -197,6 +197,7 @@ pub fn plan(base: &Entry, m: &Member, f: &File) -> io::Result<Option<Plan>> {
         while done < len {
             let k = ((len - done) as usize).min(buf.len());
             f.read_exact_at(&mut buf[..k], off + done)?;
+            super::tick();
             ch.update(&buf[..k]);
             d.update(&buf[..k]);
             done += k as u64;

@@ -26,16 +26,34 @@ pub mod manifest;
 mod renumber;
 pub mod restore;
 mod screen;
+pub mod temp;
 
 use std::io;
 use std::path::PathBuf;
 
 use serde::Serialize;
 
-pub use create::{backup, BackupKey, BackupRequest, BaseState};
+pub use create::{backup, backup_into, check_quiet, BackupKey, BackupRequest, BaseState};
 pub use manifest::{Stored, Totals};
 pub use renumber::Renumbered;
 pub use restore::{restore, RestoreReport, RestoreRequest};
+pub use temp::ArchiveTemp;
+
+/// Work done by the backups of this process: entries walked, data read, archive bytes
+/// written, keys wrapped. A mounted volume's freeze is renewed only while it advances, so a
+/// backup that blocks (its archive on a frozen mount, a stuck disk) loses the freeze after
+/// the mount's `--freeze-limit` instead of holding writers for ever.
+static ACTIVITY: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// The work count (compare two readings: progress if they differ).
+pub fn activity() -> u64 {
+    ACTIVITY.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Records a step of a backup's work.
+pub(crate) fn tick() {
+    ACTIVITY.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+}
 
 /// Why a backup or restore failed.
 #[derive(Debug, thiserror::Error)]

@@ -32,7 +32,8 @@ pub struct BackupArgs {
     /// identity.
     #[arg(long, value_name = "NAME")]
     des: Option<String>,
-    /// Reach the --key's vault as this identity (credential file).
+    /// Reach the --key's vault as this identity (a credential file of that vault; one of
+    /// another vault is refused).
     #[arg(long, value_name = "FILE")]
     key_credential: Option<PathBuf>,
     /// Reach the volume's vault as this identity (as `cmkfs mount --credential`).
@@ -205,17 +206,26 @@ fn freeze(home: &Home, mountpoint: &Path) -> anyhow::Result<Freeze> {
             let (conn, stop) = (conn.try_clone()?, stop.clone());
             std::thread::spawn(move || {
                 let line = format!("{}\n", crate::control::RENEW);
+                let mut seen = backup::activity();
                 while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    for _ in 0..10 {
+                        if stop.load(std::sync::atomic::Ordering::SeqCst) {
+                            return;
+                        }
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                    // Renewed only while the backup advances: one blocked (its archive on a
+                    // frozen mount, its own or another backup's) loses the freeze after the
+                    // mount's --freeze-limit, and then fails, instead of freezing for ever.
+                    let now = backup::activity();
+                    if now == seen {
+                        continue;
+                    }
+                    seen = now;
                     // NOSIGNAL: a mount that lifted the freeze closed the socket; the end of
                     // the backup reports it, no SIGPIPE kills this process.
                     if send_nosignal(&conn, line.as_bytes()).is_err() {
                         break;
-                    }
-                    for _ in 0..10 {
-                        if stop.load(std::sync::atomic::Ordering::SeqCst) {
-                            break;
-                        }
-                        std::thread::sleep(Duration::from_millis(100));
                     }
                 }
             })
@@ -233,80 +243,217 @@ fn freeze(home: &Home, mountpoint: &Path) -> anyhow::Result<Freeze> {
     }
 }
 
+/// Refuses an archive inside the volume it backs up (its backing directory, or the mount
+/// being frozen): its writes would wait on the backup's own freeze.
+fn refuse_archive_inside(archive: &Path, root: &Path, mnt: Option<&Path>) -> anyhow::Result<()> {
+    let dir = archive
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let Ok(dir) = std::fs::canonicalize(dir) else {
+        return Ok(()); // creating the temp file beside it reports the error
+    };
+    for (inside, what) in [(Some(root), "backing directory"), (mnt, "mount")] {
+        if let Some(p) = inside.filter(|p| dir.starts_with(p)) {
+            bail!(
+                "{} lies inside the volume it backs up (its {what} {}): write the archive \
+                 outside the volume",
+                archive.display(),
+                p.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// What a backup needs from the volume's header: its vault, its DEK(s), the base.
+struct Unlocked {
+    vault: Box<dyn Vault>,
+    deks: crate::keyring::Unwrapped,
+    base: Option<backup::BaseState>,
+}
+
+fn unlock_for_backup(
+    home: &Home,
+    root: &Path,
+    header: &VolumeHeader,
+    a: &BackupArgs,
+) -> anyhow::Result<Unlocked> {
+    let (vault, _) = super::volume::volume_vault(home, header, a.credential.as_deref())?;
+    crate::des::check_binding(home, root, header)?;
+    let deks = crate::unlock::unwrap(home, vault.as_ref(), header)?;
+    crate::crypto::secret::scrub_stack();
+    let base = match &a.incremental_from {
+        Some(p) => Some(
+            backup::BaseState::load(p, header, &deks)
+                .with_context(|| format!("previous archive {}", p.display()))?,
+        ),
+        None => None,
+    };
+    Ok(Unlocked { vault, deks, base })
+}
+
+/// A backup key named by `--key` or `--des`, resolved before the freeze.
+struct ChosenKey {
+    vault: Box<dyn Vault>,
+    name: String,
+    version: Option<String>,
+    alg: vault::WrapAlg,
+}
+
+/// How long a backup whose freeze came in the middle of an online re-encryption waits for
+/// the run to end before it is refused.
+const RUN_TO_END: Duration = Duration::from_secs(30);
+
+/// Waits (at most `limit`) until the volume at `root` is not in the middle of something.
+fn wait_quiet(root: &Path, limit: Duration) -> bool {
+    let end = Instant::now() + limit;
+    loop {
+        let quiet = VolumeHeader::read(root)
+            .ok()
+            .is_some_and(|h| backup::check_quiet(root, &h).is_ok());
+        if quiet {
+            return true;
+        }
+        if Instant::now() > end {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// Runs `cmkfs backup`.
 pub fn run_backup(a: BackupArgs) -> anyhow::Result<()> {
     let home = Home::from_env();
     let root = std::fs::canonicalize(&a.cipherdir)
         .with_context(|| format!("{}", a.cipherdir.display()))?;
-    let header = VolumeHeader::read(&root)?;
-    crate::unlock::check_configured(&home, &header)?;
-
-    // A point-in-time view: a mounted volume's writes are frozen; an unmounted one is locked
-    // exclusively, so no mount starts meanwhile.
-    let mut frozen = None;
-    let mut _lock = None;
-    match crate::fsck::find_mount(&root, &home) {
-        Some((mnt, pid)) => match freeze(&home, &mnt) {
-            Ok(f) => frozen = Some(f),
-            Err(e) if a.force => {
-                if !a.json {
-                    eprintln!(
-                        "cmkfs: warning: {} is mounted at {} and its writes are not frozen \
-                         ({e:#}): the archive is not a point-in-time view",
-                        root.display(),
-                        mnt.display()
-                    );
-                }
-            }
-            Err(e) => bail!(
-                "{} is mounted at {} (daemon {pid}) and its writes could not be frozen ({e:#}); \
-                 unmount it, or add --force to back it up while it changes",
-                root.display(),
-                mnt.display()
-            ),
-        },
-        None => _lock = Some(VolumeLock::exclusive(&root)?),
-    }
-
-    let (vault, _) = super::volume::volume_vault(&home, &header, a.credential.as_deref())?;
-    crate::des::check_binding(&home, &root, &header)?;
-    let deks = crate::unlock::unwrap(&home, vault.as_ref(), &header)?;
-    crate::crypto::secret::scrub_stack();
-
-    let key_vault: Box<dyn Vault>;
-    let key = match (&a.key, &a.des) {
+    let before = VolumeHeader::read(&root)?;
+    crate::unlock::check_configured(&home, &before)?;
+    let mount = crate::fsck::find_mount(&root, &home);
+    refuse_archive_inside(&a.archive, &root, mount.as_ref().map(|(m, _)| m.as_path()))?;
+    // Everything that may wait (the vault, the base archive, the archive's directory) before
+    // the freeze: a frozen backup only walks the volume and writes its archive. A volume
+    // being re-encrypted is refused at once, not after waiting for the freeze.
+    backup::check_quiet(&root, &before)?;
+    let chosen: Option<ChosenKey> = match (&a.key, &a.des) {
         (_, Some(name)) => {
             let des = DesStore::new(&home).load(name)?;
-            key_vault = crate::des::open_vault(&home, &des)?;
+            let key_vault = crate::des::open_vault(&home, &des)?;
             let kid = des.active_key_id()?;
             let info = key_vault.get_key(&kid.name, Some(&kid.version))?;
-            BackupKey {
-                vault: key_vault.as_ref(),
+            Some(ChosenKey {
+                vault: key_vault,
                 name: kid.name,
                 version: Some(kid.version),
                 alg: info.wrap_alg,
-            }
+            })
         }
         (Some(k), None) => {
             let spec = KeySpec::parse(k, None, vault::local::URL)?;
             if spec.vault == vault::local::URL && spec.name == crate::des::PLATFORM_KEY {
                 bail!("{k} is cmkfs's platform key; choose another --key");
             }
-            key_vault = match &a.key_credential {
-                Some(p) => vault::open_with_credential(&home, &Credential::load(p)?)?,
+            let key_vault = match &a.key_credential {
+                Some(p) => {
+                    let cred = Credential::load(p)?;
+                    if !crate::des::same_vault(&cred.vault, &spec.vault) {
+                        bail!(
+                            "--key-credential {} is for vault {}, not for the vault of --key {k} \
+                             ({}): give a credential of {}, or name the key by its URL in {}",
+                            p.display(),
+                            cred.vault,
+                            spec.vault,
+                            spec.vault,
+                            cred.vault
+                        );
+                    }
+                    vault::open_with_credential(&home, &cred)?
+                }
                 None => vault::open(&spec.vault, &home)?,
             };
             let info = key_vault
                 .get_key(&spec.name, spec.version.as_deref())
                 .with_context(|| format!("backup key {k}"))?;
-            BackupKey {
-                vault: key_vault.as_ref(),
+            Some(ChosenKey {
+                vault: key_vault,
                 name: info.name.clone(),
                 version: Some(info.version.clone()),
                 alg: info.wrap_alg,
-            }
+            })
         }
-        (None, None) => {
+        (None, None) => None,
+    };
+    let mut unlocked = unlock_for_backup(&home, &root, &before, &a)?;
+    let temp = backup::ArchiveTemp::prepare(&a.archive)?;
+    #[cfg(debug_assertions)]
+    test_hold("before-freeze");
+
+    // A point-in-time view: a mounted volume's writes are frozen; an unmounted one is locked
+    // exclusively, so no mount starts meanwhile.
+    let mut frozen = None;
+    let mut _lock = None;
+    let mut rounds = 0;
+    let header = loop {
+        rounds += 1;
+        match &mount {
+            Some((mnt, pid)) => match freeze(&home, mnt) {
+                Ok(f) => frozen = Some(f),
+                Err(e) if a.force => {
+                    if !a.json {
+                        eprintln!(
+                            "cmkfs: warning: {} is mounted at {} and its writes are not frozen \
+                             ({e:#}): the archive is not a point-in-time view",
+                            root.display(),
+                            mnt.display()
+                        );
+                    }
+                }
+                Err(e) => bail!(
+                    "{} is mounted at {} (daemon {pid}) and its writes could not be frozen \
+                     ({e:#}); unmount it, or add --force to back it up while it changes",
+                    root.display(),
+                    mnt.display()
+                ),
+            },
+            None => _lock = Some(VolumeLock::exclusive(&root)?),
+        }
+        #[cfg(debug_assertions)]
+        test_hold("frozen");
+        // The header as it is now that nothing changes it: the freeze may have waited for
+        // an online re-encryption (or a rewrap) to end; then the finished volume is backed up.
+        let header = VolumeHeader::read(&root)?;
+        let Some(f) = frozen.take() else {
+            break header;
+        };
+        if rounds > 3 || backup::check_quiet(&root, &header).is_ok() {
+            frozen = Some(f); // after three rounds `backup` refuses it
+            break header;
+        }
+        // An online re-encryption began after the check above, and the mount granted the
+        // freeze between its phases or just before it wrote its final header: let it end,
+        // then freeze again (a run that does not end soon is refused, as one at the start).
+        let _ = f.release();
+        if !wait_quiet(&root, RUN_TO_END) {
+            bail!(
+                "{} is being re-encrypted (a run started while this backup waited for its \
+                 freeze and has not ended within {} s): back up once it has finished",
+                root.display(),
+                RUN_TO_END.as_secs()
+            );
+        }
+    };
+    if header != before {
+        unlocked = unlock_for_backup(&home, &root, &header, &a)?;
+    }
+    let Unlocked { vault, deks, base } = unlocked;
+    let key = match &chosen {
+        Some(c) => BackupKey {
+            vault: c.vault.as_ref(),
+            name: c.name.clone(),
+            version: c.version.clone(),
+            alg: c.alg,
+        },
+        None => {
             let kid = header.key_id()?;
             BackupKey {
                 vault: vault.as_ref(),
@@ -316,16 +463,9 @@ pub fn run_backup(a: BackupArgs) -> anyhow::Result<()> {
             }
         }
     };
-    let base = match &a.incremental_from {
-        Some(p) => Some(
-            backup::BaseState::load(p, &header, &deks)
-                .with_context(|| format!("previous archive {}", p.display()))?,
-        ),
-        None => None,
-    };
     let bar = Bar::new(!a.json, "backup");
     let mut show = |p: &Progress| bar.show(p);
-    let result = backup::backup(
+    let result = backup::backup_into(
         &BackupRequest {
             root: &root,
             header: &header,
@@ -335,6 +475,7 @@ pub fn run_backup(a: BackupArgs) -> anyhow::Result<()> {
             point_in_time: frozen.is_some() || _lock.is_some(),
             base: base.as_ref(),
         },
+        temp,
         Some(&mut show),
     );
     let freeze_seconds = frozen.as_ref().map(|f| f.since.elapsed().as_secs_f64());
@@ -391,6 +532,27 @@ fn test_pause_before_recheck() {
     let mut reached = gate.clone().into_os_string();
     reached.push(".reached");
     let _ = std::fs::write(&reached, b"");
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !gate.exists() && std::time::Instant::now() < end {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+/// Debug builds only (tests): with `CMKFS_TEST_BACKUP_HOLD=STAGE:PATH`, at `STAGE`
+/// (`before-freeze`: everything prepared, the freeze not yet asked for; `frozen`: the freeze
+/// granted, nothing copied) `PATH.reached` is created and the backup waits, doing nothing
+/// (at most 20 s), for `PATH` to exist.
+#[cfg(debug_assertions)]
+fn test_hold(stage: &str) {
+    let Some(v) = std::env::var_os("CMKFS_TEST_BACKUP_HOLD") else {
+        return;
+    };
+    let v = v.to_string_lossy();
+    let Some(gate) = v.strip_prefix(stage).and_then(|r| r.strip_prefix(':')) else {
+        return;
+    };
+    let gate = std::path::PathBuf::from(gate);
+    let _ = std::fs::write(format!("{}.reached", gate.display()), b"");
     let end = std::time::Instant::now() + std::time::Duration::from_secs(20);
     while !gate.exists() && std::time::Instant::now() < end {
         std::thread::sleep(std::time::Duration::from_millis(10));

@@ -89,7 +89,7 @@ fn normalize_vault_url(url: &str) -> String {
 
 /// Whether two vault URLs name the same vault (`local` = `local:`, https without a trailing
 /// slash).
-pub(super) fn same_vault(a: &str, b: &str) -> bool {
+pub(crate) fn same_vault(a: &str, b: &str) -> bool {
     normalize_vault_url(a) == normalize_vault_url(b)
 }
 

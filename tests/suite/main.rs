@@ -8,6 +8,7 @@ mod vault_support;
 mod azure_client;
 mod backup;
 mod backup_chain;
+mod backup_freeze;
 mod content_model;
 mod crash;
 mod des;
