@@ -335,6 +335,18 @@ impl CmkFs {
             .ok_or_else(ebadf)
     }
 
+    /// `EACCES` once the keys are gone (revocation): every request that reaches an inode goes
+    /// through [`CmkFs::resolve`] or [`CmkFs::resolve_inode`], and neither a handle opened
+    /// before the cut-off nor a name the node table still knows may change or describe it
+    /// then (attack session 8, F3: `fchmod`, `fchown`, `futimens` through a descriptor opened
+    /// before the cut-off were applied to the backing file; F1: `fstat` answered).
+    fn require_keys(&self) -> FsResult<()> {
+        self.vol
+            .keyring()
+            .keys::<crate::volume::VolumeError>()
+            .map(drop)
+    }
+
     /// Any open handle of inode `ino`.
     fn any_handle_of(&self, ino: INodeNo) -> Option<Arc<OpenFile>> {
         let files = lock(&self.files);
@@ -345,6 +357,7 @@ impl CmkFs {
     /// What inode `ino` resolves to: the handle the request names; a directory's
     /// descriptor; a file's name; or, for a file with no name left, any open handle.
     fn resolve(&self, ino: INodeNo, fh: Option<FileHandle>) -> FsResult<Resolved> {
+        self.require_keys()?;
         if let Some(of) = fh.and_then(|h| self.file(h).ok()) {
             return Ok(Resolved::File(of));
         }
@@ -381,6 +394,7 @@ impl CmkFs {
     /// open (`tar` setting owner, mode and times before `close`), each request is one
     /// system call on the backing store instead of four.
     fn resolve_inode(&self, ino: INodeNo, fh: Option<FileHandle>) -> FsResult<Resolved> {
+        self.require_keys()?;
         if fh.is_none() && !matches!(self.table.kind(ino.0), Some(libc::S_IFDIR)) {
             if let Some(of) = self.any_handle_of(ino) {
                 return Ok(Resolved::File(of));

@@ -13,9 +13,13 @@
 //! 2. every cmkfs FUSE mount of this mount namespace (`/proc/self/mountinfo`, type `fuse` or
 //!    `fuse.cmkfs`): its source is the backing directory's path at mount time, compared as a
 //!    path and by (device, inode): this covers mounts made from any cmkfs home;
-//! 3. every process that holds `/dev/fuse` open (a FUSE daemon) and a descriptor of the
+//! 3. every process that holds the FUSE device open (a FUSE daemon) and a descriptor of the
 //!    backing directory itself (a cmkfs daemon keeps its backing root open for its whole
 //!    life): this covers a directory renamed since, whatever its path was.
+//!
+//! Sources 2 and 3 count only mounts and processes of root or of the backing directory's
+//! owner (attack session 8, F2: otherwise any local user could make the volume look
+//! mounted).
 
 use std::ffi::OsStr;
 use std::fs;
@@ -41,8 +45,9 @@ pub fn find_mount(root: &Path, home: &Home) -> Option<(PathBuf, u32)> {
     {
         return Some((r.mountpoint, r.pid));
     }
-    let mounts = fuse_mounts();
-    let daemon = || id.and_then(daemon_holding);
+    let owner = dir_owner(root);
+    let mounts = fuse_mounts(owner);
+    let daemon = || id.and_then(|id| daemon_holding(id, owner));
     if let Some((_, mp)) = mounts
         .iter()
         .find(|(source, _)| source.is_absolute() && same(source))
@@ -63,10 +68,34 @@ pub fn mounted_anywhere(root: &Path) -> bool {
     let Some(id) = dir_id(root) else {
         return false;
     };
-    fuse_mounts()
+    let owner = dir_owner(root);
+    fuse_mounts(owner)
         .iter()
         .any(|(source, _)| source == root || (source.is_absolute() && dir_id(source) == Some(id)))
-        || daemon_holding(id).is_some()
+        || daemon_holding(id, owner).is_some()
+}
+
+/// The owner of the backing directory `root` (`None` when it cannot be read).
+fn dir_owner(root: &Path) -> Option<u32> {
+    fs::metadata(root).ok().map(|m| m.uid())
+}
+
+/// Whether a mount or daemon of user `uid` may be the volume's: root's, or the backing
+/// directory's owner's. Anyone can make a FUSE mount whose source names any directory
+/// (`fusermount` takes the source as given) or hold `/dev/fuse` and a descriptor of a
+/// directory they may search: counted, that let any local user make `mount`, `fsck
+/// --repair`, `volume reencrypt` and `backup` refuse a volume that was not mounted (attack
+/// session 8, F2).
+fn trusted(uid: u32, owner: Option<u32>) -> bool {
+    uid == 0 || Some(uid) == owner
+}
+
+/// The FUSE device (character device 10, 229), followed through `/proc/PID/fd/N`: not
+/// whatever file has that name in the holder's mount namespace.
+fn is_fuse_device(fd: &Path) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    fs::metadata(fd)
+        .is_ok_and(|m| m.file_type().is_char_device() && m.rdev() == libc::makedev(10, 229))
 }
 
 /// A directory's (device, inode), following symlinks.
@@ -81,7 +110,7 @@ fn dir_id(p: &Path) -> Option<(u64, u64)> {
 /// mount passes no subtype to mount(2)) or `fuse.cmkfs`. Other FUSE filesystems (their
 /// sources are not cmkfs backing directories, and stat-ing them could wait on a remote
 /// server) are left out.
-fn fuse_mounts() -> Vec<(PathBuf, PathBuf)> {
+fn fuse_mounts(owner: Option<u32>) -> Vec<(PathBuf, PathBuf)> {
     let Ok(info) = fs::read("/proc/self/mountinfo") else {
         return Vec::new();
     };
@@ -96,7 +125,15 @@ fn fuse_mounts() -> Vec<(PathBuf, PathBuf)> {
         else {
             continue;
         };
-        if *fstype == b"fuse" || *fstype == b"fuse.cmkfs" {
+        // A FUSE mount's super options name its owner (`user_id=`).
+        let by_trusted = fields.get(sep + 3).is_some_and(|opts| {
+            opts.split(|b| *b == b',').any(|o| {
+                o.strip_prefix(b"user_id=")
+                    .and_then(|v| std::str::from_utf8(v).ok()?.parse::<u32>().ok())
+                    .is_some_and(|uid| trusted(uid, owner))
+            })
+        });
+        if (*fstype == b"fuse" || *fstype == b"fuse.cmkfs") && by_trusted {
             let path = |f: &[u8]| PathBuf::from(OsStr::from_bytes(&unescape_mountinfo(f)));
             out.push((path(source), path(mp)));
         }
@@ -106,7 +143,7 @@ fn fuse_mounts() -> Vec<(PathBuf, PathBuf)> {
 
 /// A FUSE daemon (other than this process) holding a descriptor of the directory `id`:
 /// its pid and the directory's path as the kernel names it now.
-fn daemon_holding(id: (u64, u64)) -> Option<(u32, PathBuf)> {
+fn daemon_holding(id: (u64, u64), owner: Option<u32>) -> Option<(u32, PathBuf)> {
     let me = std::process::id();
     for proc_ent in fs::read_dir("/proc").ok()?.flatten() {
         let Some(pid) = proc_ent
@@ -119,6 +156,10 @@ fn daemon_holding(id: (u64, u64)) -> Option<(u32, PathBuf)> {
         if pid == me {
             continue;
         }
+        // The process's owner (its effective uid owns its /proc directory).
+        if !fs::metadata(proc_ent.path()).is_ok_and(|m| trusted(m.uid(), owner)) {
+            continue;
+        }
         let fd_dir = proc_ent.path().join("fd");
         // Unreadable (another user's process, or gone): not ours to judge.
         let Ok(fds) = fs::read_dir(&fd_dir) else {
@@ -128,7 +169,10 @@ fn daemon_holding(id: (u64, u64)) -> Option<(u32, PathBuf)> {
             .flatten()
             .filter_map(|e| fs::read_link(e.path()).ok().map(|t| (e.path(), t)))
             .collect();
-        if !links.iter().any(|(_, t)| t == Path::new("/dev/fuse")) {
+        if !links
+            .iter()
+            .any(|(fd, t)| t == Path::new("/dev/fuse") && is_fuse_device(fd))
+        {
             continue;
         }
         for (fd, target) in links {

@@ -383,3 +383,46 @@ fn a_mounted_volume_is_recognised_through_a_bind_alias_and_after_a_rename() {
     assert_eq!(read(&m.path("f")), b"live data");
     m.unmount();
 }
+
+/// Only a real FUSE daemon of root or of the volume's owner makes an unmounted volume count
+/// as mounted (attack session 8, F2): a process of another user holding `/dev/fuse` and a
+/// descriptor of the backing directory, or a root process holding a plain file that its own
+/// mount namespace calls `/dev/fuse`, blocks nothing.
+#[test]
+fn a_process_that_only_looks_like_a_fuse_daemon_blocks_no_command() {
+    let env = Env::new();
+    env.init(&env.cipher);
+    let c = env.cipher.to_str().unwrap().to_string();
+    let fake = env.root.join("fake-fuse");
+    fs::write(&fake, b"").unwrap();
+    let holders = [
+        // Opened as root, then run as nobody.
+        format!(
+            "exec 3<>/dev/fuse 4<'{c}'; exec setpriv --reuid=65534 --regid=65534 \
+             --clear-groups sleep 60"
+        ),
+        // Root, but its /dev/fuse is a plain file.
+        format!(
+            "exec unshare -m sh -c \"mount --bind '{}' /dev/fuse && exec 3<>/dev/fuse \
+             4<'{c}' sleep 60\"",
+            fake.display()
+        ),
+    ];
+    for script in holders {
+        let mut holder = Command::new("sh").args(["-c", &script]).spawn().unwrap();
+        // Until it holds both descriptors (fd 4 is the backing directory).
+        let fd4 = format!("/proc/{}/fd/4", holder.id());
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while fs::read_link(&fd4).map_or(true, |t| !t.starts_with(&env.cipher)) {
+            assert!(
+                std::time::Instant::now() < end,
+                "{script}: never held the directory"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let out = env.cmkfs(&["fsck", "--repair", &c]);
+        let _ = holder.kill();
+        let _ = holder.wait();
+        out.assert_ok();
+    }
+}

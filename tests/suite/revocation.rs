@@ -12,6 +12,7 @@ use crate::common;
 use std::ffi::OsStr;
 use std::fs;
 use std::io::{Read, Write};
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::time::Duration;
 
@@ -763,8 +764,61 @@ fn cached_names_and_attributes_are_dropped_at_cut_off() {
     assert_eq!(before.len(), 6);
     assert_eq!(fs::read_link(m.path("d/l")).unwrap(), Path::new("sub/f"));
     assert_eq!(fs::read_dir(m.path("d")).unwrap().count(), 2);
+    // Descriptors opened before the cut-off (a file, a directory, the root).
+    let held: Vec<fs::File> = ["d/sub/f", "d", ""]
+        .iter()
+        .map(|p| fs::File::open(m.path(p)).unwrap())
+        .collect();
+    let backing_meta = || {
+        let mut out = Vec::new();
+        let mut stack = vec![env.cipher.clone()];
+        while let Some(d) = stack.pop() {
+            let md = fs::symlink_metadata(&d).unwrap();
+            out.push((
+                d.clone(),
+                md.mode(),
+                md.uid(),
+                md.gid(),
+                md.mtime(),
+                md.mtime_nsec(),
+            ));
+            if md.is_dir() {
+                stack.extend(fs::read_dir(&d).unwrap().map(|e| e.unwrap().path()));
+            }
+        }
+        out.sort();
+        out
+    };
+    let meta_before = backing_meta();
     key_update(&env, &["--disable"]);
     wait_state(&env, &env.mnt, "Inaccessible");
+    // Through them: nothing described, nothing changed (attack session 8, F1 and F3).
+    for f in &held {
+        use std::os::fd::AsRawFd;
+        let fd = f.as_raw_fd();
+        let e = f.metadata().expect_err("fstat after the cut-off");
+        assert_eq!(e.raw_os_error(), Some(libc::EACCES), "fstat: {e}");
+        // SAFETY: plain syscalls on a descriptor this test owns; a null times pointer
+        // means "now".
+        let rc = unsafe {
+            [
+                libc::fchmod(fd, 0o600),
+                libc::fchown(fd, 65534, 65534),
+                libc::futimens(fd, std::ptr::null()),
+            ]
+        };
+        assert_eq!(
+            rc,
+            [-1, -1, -1],
+            "a change through a held descriptor succeeded"
+        );
+    }
+    assert_eq!(
+        backing_meta(),
+        meta_before,
+        "the backing store changed after the cut-off"
+    );
+    drop(held);
     for p in ["d", "d/sub", "d/sub/f", "d/l"] {
         let err = fs::symlink_metadata(m.path(p)).expect_err(p);
         assert_eq!(err.raw_os_error(), Some(libc::EACCES), "stat {p}: {err}");
