@@ -86,6 +86,10 @@ pub struct MountArgs {
     /// FUSE worker threads (default: available cores, at least 2).
     #[arg(long)]
     threads: Option<usize>,
+    /// Threads that encrypt and decrypt one large request (0 = available cores; 1 = the FUSE
+    /// thread alone, no helper threads).
+    #[arg(long, default_value_t = 0)]
+    cipher_threads: usize,
     /// Re-validate the key with the vault this often (a real unwrap), e.g. 30s, 5m.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     key_check_interval: Duration,
@@ -485,6 +489,8 @@ fn spawn_daemon(
     if let Some(t) = a.threads {
         cmd.arg("--threads").arg(t.to_string());
     }
+    cmd.arg("--cipher-threads")
+        .arg(a.cipher_threads.to_string());
     cmd.arg("--key-check-interval")
         .arg(format!("{}ms", a.key_check_interval.as_millis()));
     cmd.arg("--grace-period")
@@ -654,7 +660,7 @@ fn serve(a: &MountArgs, ready_pipe: bool) -> anyhow::Result<()> {
         &a.cipherdir,
         header.clone(),
         keyring.clone(),
-        0,
+        a.cipher_threads,
     )?);
     // An interrupted re-encryption: its names phase and its last batch are finished before
     // anything is served (the rest resumes with `cmkfs volume reencrypt`).
