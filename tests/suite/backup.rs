@@ -41,6 +41,18 @@ pub(crate) fn setup(env: &Env) {
         .assert_ok();
 }
 
+/// `cmkfs backup` of the test volume to `archive` under the backup key `bkey` of [`setup`].
+pub(crate) fn backup_with_bkey(env: &Env, archive: &Path) {
+    env.cmkfs(&[
+        "backup".as_ref(),
+        env.cipher.as_os_str(),
+        archive.as_os_str(),
+        "--key".as_ref(),
+        "bkey".as_ref(),
+    ])
+    .assert_ok();
+}
+
 pub(crate) fn setxattr(p: &Path, name: &str, value: &[u8]) {
     let c = CString::new(p.as_os_str().as_bytes()).unwrap();
     let n = CString::new(name).unwrap();
@@ -690,14 +702,7 @@ fn tampered_truncated_or_foreign_archives_and_a_disabled_backup_key_are_refused_
         m.unmount();
     }
     let archive = env.root.join("a.tar");
-    env.cmkfs(&[
-        "backup".as_ref(),
-        env.cipher.as_os_str(),
-        archive.as_os_str(),
-        "--key".as_ref(),
-        "bkey".as_ref(),
-    ])
-    .assert_ok();
+    backup_with_bkey(&env, &archive);
     let good = fs::read(&archive).unwrap();
     let members = tar_members(&good);
     let bad = env.root.join("bad.tar");
@@ -935,14 +940,7 @@ fn a_restore_ends_under_a_key_changed_meanwhile_and_publishes_nothing_once_its_b
         m.unmount();
     }
     let archive = env.root.join("a.tar");
-    env.cmkfs(&[
-        "backup".as_ref(),
-        env.cipher.as_os_str(),
-        archive.as_os_str(),
-        "--key".as_ref(),
-        "bkey".as_ref(),
-    ])
-    .assert_ok();
+    backup_with_bkey(&env, &archive);
     env.cmkfs(&["vault", "key", "create", "dkey2", "--key-size", KEY_SIZE])
         .assert_ok();
     let renewed = env.root.join("renewed");
@@ -1173,14 +1171,7 @@ fn a_double_encrypted_volume_round_trips_under_a_double_set_and_is_refused_by_a_
         v
     };
     let archive = env.root.join("double.tar");
-    env.cmkfs(&[
-        "backup".as_ref(),
-        env.cipher.as_os_str(),
-        archive.as_os_str(),
-        "--key".as_ref(),
-        "bkey".as_ref(),
-    ])
-    .assert_ok();
+    backup_with_bkey(&env, &archive);
     let e = assert_refused(&env, &archive, "double archive into a single set");
     assert!(e.contains("double-encrypted"), "{e}");
     for (dir, extra) in [("r", None), ("r-new", Some("--new-dek"))] {
