@@ -31,6 +31,8 @@
 // Each test binary uses a different subset of the harness.
 #![allow(dead_code)]
 
+pub mod gate;
+pub use gate::{run_across_a_gate, run_to_gate, AtGate};
 pub mod sys;
 pub mod v1_fixture;
 
@@ -429,16 +431,23 @@ fn argv(pid: i32) -> Option<Vec<OsString>> {
 }
 
 /// Whether `pid` is alive (exists and is not a zombie: orphaned daemons are reparented to a
-/// pid 1 that may never reap them).
+/// pid 1 that may never reap them). Every thread counts: an exiting process's leader shows
+/// `Z` while another thread may still hold its descriptors (one waiting for the answer to a
+/// FUSE request already sent to a stalled filesystem), and unmounting the filesystem below
+/// it then fails with EBUSY (`revocation::a_stalled_backing_store_cannot_hold_off_revocation`
+/// under load).
 pub fn pid_alive(pid: i32) -> bool {
-    match fs::read_to_string(format!("/proc/{pid}/stat")) {
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().any(|t| {
         // The state follows the parenthesised command name, which may itself contain ')'.
-        Ok(stat) => stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.trim_start().chars().next())
-            .is_some_and(|state| state != 'Z' && state != 'X'),
-        Err(_) => false,
-    }
+        fs::read_to_string(t.path().join("stat")).is_ok_and(|stat| {
+            stat.rsplit_once(')')
+                .and_then(|(_, rest)| rest.trim_start().chars().next())
+                .is_some_and(|state| state != 'Z' && state != 'X')
+        })
+    })
 }
 
 /// Pids of live processes (other than us) whose argv satisfies `pred`.
