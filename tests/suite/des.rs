@@ -746,7 +746,11 @@ fn a_create_in_the_root_during_a_rewrap_of_the_mounted_volume_moves_the_roots_mt
     assert_eq!(header_kid(&env.cipher), new);
     assert_eq!(read(&m.path("created-meanwhile")), b"meanwhile");
     let root = mtime(&env.cipher);
-    assert_ne!(root, past(), "the root's mtime was set back over the create");
+    assert_ne!(
+        root,
+        past(),
+        "the root's mtime was set back over the create"
+    );
     assert_eq!(mtime(&m.path("")), root);
     m.unmount();
 }
