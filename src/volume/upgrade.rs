@@ -709,9 +709,9 @@ impl Upgrader<'_, '_> {
         }
         let header = VolumeHeader::read(&self.root)?;
         if header.format_version < FORMAT_VERSION {
-            header.format_upgraded(dek).write(&self.root)?;
-            self.put_back_root_times();
-            fsutil::sync_dir(&self.root).map_err(io_at(&self.root))?;
+            header
+                .format_upgraded(dek)
+                .write_then(&self.root, &mut || self.put_back_root_times())?;
             tracing::info!(cipherdir = %self.root.display(), "volume header now says format v{FORMAT_VERSION}");
             self.hooks
                 .step(Step::VolumeHeaderWritten, &self.root.clone())?;
