@@ -657,15 +657,9 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
 }
 
-/// Restore of `archive` into a fresh target must fail with one line and leave nothing.
-#[track_caller]
-fn assert_refused(env: &Env, archive: &Path, what: &str) -> String {
-    let target = env.root.join("target");
-    let out = restore_to(env, archive, &target, &[]);
-    assert!(!out.ok(), "{what}: restore succeeded");
-    out.assert_clear_error();
-    assert!(!target.exists(), "{what}: the target was created");
-    let left: Vec<PathBuf> = fs::read_dir(&env.root)
+/// What a restore left in `dir`: its temp trees (`cmkfs-restore` in the name).
+pub(crate) fn restore_temps_in(dir: &Path) -> Vec<PathBuf> {
+    fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap().path())
         .filter(|p| {
@@ -674,7 +668,18 @@ fn assert_refused(env: &Env, archive: &Path, what: &str) -> String {
                 .to_string_lossy()
                 .contains("cmkfs-restore")
         })
-        .collect();
+        .collect()
+}
+
+/// Restore of `archive` into a fresh target must fail with one line and leave nothing.
+#[track_caller]
+fn assert_refused(env: &Env, archive: &Path, what: &str) -> String {
+    let target = env.root.join("target");
+    let out = restore_to(env, archive, &target, &[]);
+    assert!(!out.ok(), "{what}: restore succeeded");
+    out.assert_clear_error();
+    assert!(!target.exists(), "{what}: the target was created");
+    let left = restore_temps_in(&env.root);
     assert!(left.is_empty(), "{what}: left {left:?}");
     let des = fs::read_to_string(env.home.join("des/d.json")).unwrap();
     assert!(

@@ -67,16 +67,7 @@ fn sparse_blocks(cipher: &Path) -> u64 {
 }
 
 fn temps_beside(dir: &Path) -> Vec<PathBuf> {
-    fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| {
-            p.file_name()
-                .unwrap()
-                .to_string_lossy()
-                .contains("cmkfs-restore")
-        })
-        .collect()
+    crate::backup::restore_temps_in(dir)
 }
 
 /// A restore of `archives` must fail with one line naming `why`, and leave nothing.
