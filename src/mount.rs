@@ -399,18 +399,20 @@ fn pid_alive(pid: u32) -> bool {
     // FUSE request already sent to a stalled filesystem waits for its answer even when
     // killed). An unmount of the filesystem below it then fails with EBUSY
     // (`revocation::a_stalled_backing_store_cannot_hold_off_revocation`, under load).
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return false;
-    };
-    tasks.flatten().any(|t| {
-        std::fs::read_to_string(t.path().join("stat")).is_ok_and(|s| {
+    let live = |stat: &Path| {
+        std::fs::read_to_string(stat).is_ok_and(|s| {
             !s.rsplit(')')
                 .next()
                 .unwrap_or("")
                 .trim_start()
                 .starts_with(['Z', 'X'])
         })
-    })
+    };
+    if live(Path::new(&format!("/proc/{pid}/stat"))) {
+        return true;
+    }
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .is_ok_and(|tasks| tasks.flatten().any(|t| live(&t.path().join("stat"))))
 }
 
 /// Blocks SIGINT/SIGTERM/SIGHUP in this thread (and threads spawned after) and starts a

@@ -437,17 +437,19 @@ fn argv(pid: i32) -> Option<Vec<OsString>> {
 /// it then fails with EBUSY (`revocation::a_stalled_backing_store_cannot_hold_off_revocation`
 /// under load).
 pub fn pid_alive(pid: i32) -> bool {
-    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
-        return false;
-    };
-    tasks.flatten().any(|t| {
-        // The state follows the parenthesised command name, which may itself contain ')'.
-        fs::read_to_string(t.path().join("stat")).is_ok_and(|stat| {
+    // The state follows the parenthesised command name, which may itself contain ')'.
+    let live = |stat: &Path| {
+        fs::read_to_string(stat).is_ok_and(|stat| {
             stat.rsplit_once(')')
                 .and_then(|(_, rest)| rest.trim_start().chars().next())
                 .is_some_and(|state| state != 'Z' && state != 'X')
         })
-    })
+    };
+    if live(Path::new(&format!("/proc/{pid}/stat"))) {
+        return true;
+    }
+    fs::read_dir(format!("/proc/{pid}/task"))
+        .is_ok_and(|tasks| tasks.flatten().any(|t| live(&t.path().join("stat"))))
 }
 
 /// Pids of live processes (other than us) whose argv satisfies `pred`.
@@ -457,8 +459,8 @@ fn pids_where(pred: impl Fn(&[OsString]) -> bool) -> Vec<i32> {
         return Vec::new();
     };
     rd.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|&pid| pid != me && pid_alive(pid))
-        .filter(|&pid| argv(pid).is_some_and(|a| pred(&a)))
+        .filter(|&pid| pid != me && argv(pid).is_some_and(|a| pred(&a)))
+        .filter(|&pid| pid_alive(pid))
         .collect()
 }
 
