@@ -113,12 +113,14 @@ fn fixture_fsck_reports_zero_tails_and_upgrade_restores_every_file() {
     assert!(p.iter().any(|(k, _)| k == "format_v1"), "{r:#}");
 
     // The upgrade.
+    crate::backup::set_times(&env.cipher, ROOT_MTIME);
     let out = env.cmkfs(&[
         OsStr::new("upgrade"),
         env.cipher.as_os_str(),
         OsStr::new("--json"),
     ]);
     out.assert_ok();
+    assert_root_times_kept(&env.cipher, "cmkfs upgrade");
     let rep = json(&out);
     assert_eq!(rep["from_version"], 1);
     assert_eq!(rep["to_version"], 2);
