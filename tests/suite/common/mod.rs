@@ -691,6 +691,13 @@ impl Env {
     /// mount is visible. The returned guard unmounts on drop and reaps the child.
     #[track_caller]
     pub fn mount_foreground(&self, cipher: &Path, mnt: &Path) -> Mount {
+        self.mount_foreground_with(cipher, mnt, &[])
+    }
+
+    /// [`Env::mount_foreground`] with extra `cmkfs mount` arguments (e.g.
+    /// `--key-check-interval 100ms`).
+    #[track_caller]
+    pub fn mount_foreground_with(&self, cipher: &Path, mnt: &Path, extra: &[&str]) -> Mount {
         let mut args: Vec<OsString> = vec![
             "mount".into(),
             cipher.into(),
@@ -698,6 +705,7 @@ impl Env {
             "--foreground".into(),
         ];
         args.extend(self.mount_args.iter().cloned());
+        args.extend(extra.iter().map(OsString::from));
         let mut cmd = self.command(&args);
         let log = tempfile::tempfile().expect("temp file");
         cmd.stdin(Stdio::null())
@@ -729,44 +737,6 @@ impl Env {
                 );
             }
             thread::sleep(Duration::from_millis(20));
-        }
-        let mut m = Mount::adopt(self, cipher, mnt);
-        m.daemon = Daemon::Child(child, log);
-        m
-    }
-
-    /// [`Env::mount_foreground`] with extra `cmkfs mount` arguments (e.g.
-    /// `--key-check-interval 100ms`).
-    #[track_caller]
-    pub fn mount_foreground_with(&self, cipher: &Path, mnt: &Path, extra: &[&str]) -> Mount {
-        let mut args: Vec<OsString> = vec![
-            "mount".into(),
-            cipher.into(),
-            mnt.into(),
-            "--foreground".into(),
-        ];
-        args.extend(self.mount_args.iter().cloned());
-        args.extend(extra.iter().map(OsString::from));
-        let mut cmd = self.command(&args);
-        let log = tempfile::tempfile().expect("temp file");
-        cmd.stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log.try_clone().unwrap())
-            .process_group(0);
-        let what = describe(&cmd);
-        let mut child = cmd.spawn().expect("spawn cmkfs mount --foreground");
-        let before = mounts_at(mnt).len();
-        if !wait_until(MOUNT_TIMEOUT, || {
-            mounts_at(mnt).len() > before || !matches!(child.try_wait(), Ok(None))
-        }) || mounts_at(mnt).len() <= before
-        {
-            kill_group(child.id(), libc::SIGKILL);
-            let status = child.wait();
-            detach(mnt);
-            panic!(
-                "`{what}` did not mount ({status:?}):\n{}",
-                read_all_at(&log)
-            );
         }
         let mut m = Mount::adopt(self, cipher, mnt);
         m.daemon = Daemon::Child(child, log);
