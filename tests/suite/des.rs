@@ -128,14 +128,6 @@ fn init_des(env: &Env, cipher: &Path, des: &str) {
     );
 }
 
-fn status(env: &Env, target: &Path) -> serde_json::Value {
-    json(&env.cmkfs(&[
-        OsStr::new("status"),
-        target.as_os_str(),
-        OsStr::new("--json"),
-    ]))
-}
-
 #[track_caller]
 fn wait_status(
     env: &Env,
@@ -146,7 +138,7 @@ fn wait_status(
     let mut last = serde_json::Value::Null;
     let t0 = Instant::now();
     let ok = wait_until(GUARD, || {
-        last = status(env, target);
+        last = env.status(target);
         cond(&last)
     });
     assert!(ok, "{what} never happened; last status: {last:#}");
@@ -570,14 +562,14 @@ fn rotation_keeps_a_mounted_volume_readable_and_the_old_version_can_then_be_disa
 
     // Disabling the old version does not hurt: the mount stays Accessible.
     set_enabled(&env, &old, false);
-    let checked = status(&env, &env.mnt)["last_check"].clone();
+    let checked = env.status(&env.mnt)["last_check"].clone();
     wait_status(
         &env,
         &env.mnt,
         "a key check after disabling the old version",
         |s| s["last_check"] != checked,
     );
-    let s = status(&env, &env.mnt);
+    let s = env.status(&env.mnt);
     assert_eq!(s["state"], "Accessible", "{s:#}");
     assert_bytes_eq(
         "read with the old version disabled",
@@ -625,11 +617,11 @@ fn key_change_to_another_key_then_the_old_key_can_be_disabled() {
     });
 
     set_enabled(&env, &k1, false);
-    let checked = status(&env, &env.mnt)["last_check"].clone();
+    let checked = env.status(&env.mnt)["last_check"].clone();
     wait_status(&env, &env.mnt, "a key check after disabling k1", |s| {
         s["last_check"] != checked
     });
-    assert_eq!(status(&env, &env.mnt)["state"], "Accessible");
+    assert_eq!(env.status(&env.mnt)["state"], "Accessible");
     assert_eq!(read(&m.path("f")), b"key change");
     m.unmount();
     let m = env.mount(&env.cipher, &env.mnt);

@@ -637,6 +637,19 @@ impl Env {
             .unwrap_or_else(|e| panic!("info --json printed invalid JSON ({e}):\n{out}"))
     }
 
+    /// `cmkfs status TARGET --json` (a mountpoint or a backing directory), asserted to succeed.
+    #[track_caller]
+    pub fn status(&self, target: &Path) -> serde_json::Value {
+        let out = self.cmkfs(&[
+            OsStr::new("status"),
+            target.as_os_str(),
+            OsStr::new("--json"),
+        ]);
+        out.assert_ok();
+        serde_json::from_str(&out.stdout)
+            .unwrap_or_else(|e| panic!("status --json is not JSON ({e}):\n{out}"))
+    }
+
     /// Runs `cmkfs mount CIPHER MNT` (daemonizing) and returns its output without asserting;
     /// for the bad-input tests. If it unexpectedly mounts something, `Drop for Env` cleans up.
     pub fn try_mount(&self, cipher: &Path, mnt: &Path) -> Output {
