@@ -23,11 +23,6 @@ use sha2::{Digest, Sha256};
 
 const MARKER: &[u8] = b"PLAINTEXT-MARKER-b4ckup";
 
-pub(crate) fn json(out: &Output) -> serde_json::Value {
-    out.assert_ok();
-    serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("not JSON ({e}):\n{out}"))
-}
-
 /// A volume, a second key for backups, and a Disk Encryption Set `d` (key `dkey`).
 pub(crate) fn setup(env: &Env) {
     env.init(&env.cipher);

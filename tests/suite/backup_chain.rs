@@ -5,7 +5,7 @@
 //! restore killed midway leaves only its temp directory, which fsck reports and a re-run
 //! removes.
 
-use crate::backup::{assert_views, backing, json, populate, setup, setxattr, tar_members, view};
+use crate::backup::{assert_views, backing, populate, setup, setxattr, tar_members, view};
 use crate::common;
 
 use std::fs;

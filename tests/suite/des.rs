@@ -33,12 +33,6 @@ const DOUBLE: &str = "EncryptionAtRestWithPlatformAndCustomerKeys";
 // Helpers
 // ---------------------------------------------------------------------------------------------
 
-#[track_caller]
-fn json(out: &Output) -> serde_json::Value {
-    out.assert_ok();
-    serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("not JSON ({e}):\n{out}"))
-}
-
 /// Turns purge protection on (every DES needs it).
 fn purge_protection(env: &Env) {
     env.cmkfs(&["vault", "config", "--purge-protection", "on"])

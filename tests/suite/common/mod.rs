@@ -522,6 +522,14 @@ fn terminate(pids: &[i32]) {
     }
 }
 
+/// The JSON a successful command printed (`--json`); panics, with the output, if it failed or
+/// printed something else.
+#[track_caller]
+pub fn json(out: &Output) -> serde_json::Value {
+    out.assert_ok();
+    serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("not JSON ({e}):\n{out}"))
+}
+
 // ---------------------------------------------------------------------------------------------
 // Env: one test's private CMKFS_HOME, backing dir and mountpoint
 // ---------------------------------------------------------------------------------------------
