@@ -61,6 +61,8 @@ pub const MOUNT_TIMEOUT: Duration = Duration::from_secs(30);
 pub const UMOUNT_TIMEOUT: Duration = Duration::from_secs(20);
 /// Time limit for the daemon to exit once its mount is gone.
 pub const DAEMON_EXIT_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long [`Mount::unmount`] tries again when the mount is busy.
+pub const BUSY_RETRY: Duration = Duration::from_secs(10);
 /// RSA key size the tests ask for: the smallest allowed, to keep key generation quick.
 pub const KEY_SIZE: &str = "2048";
 /// The volume header's file name at the backing dir root (docs/FORMAT.md).
@@ -862,10 +864,26 @@ impl Mount {
     /// Unmounts with `cmkfs umount` and asserts it all went cleanly: the command succeeds,
     /// the mount disappears, the daemon exits (a foreground daemon with status 0), and the
     /// watchdog never fired. On a failed assertion `Drop` still cleans up.
+    ///
+    /// A busy mount (EBUSY) is tried again for up to [`BUSY_RETRY`]: a process of the test
+    /// that uses the mount may still be exiting (a daemon of a volume stored in this mount
+    /// closes its files only when its last thread ends, which waits for this mount's
+    /// answers). A file left open for good still fails the test.
     #[track_caller]
     pub fn unmount(mut self) {
-        let out = run_with_timeout(self.umount_command(), UMOUNT_TIMEOUT)
-            .unwrap_or_else(|e| panic!("{e}"));
+        let end = Instant::now() + BUSY_RETRY;
+        let out = loop {
+            let out = run_with_timeout(self.umount_command(), UMOUNT_TIMEOUT)
+                .unwrap_or_else(|e| panic!("{e}"));
+            if out.ok() || !out.stderr.contains("busy") || Instant::now() > end {
+                break out;
+            }
+            eprintln!(
+                "harness: {} busy at unmount; trying again",
+                self.mnt.display()
+            );
+            thread::sleep(Duration::from_millis(100));
+        };
         assert!(out.ok(), "umount failed:\n{out}");
         assert!(
             wait_until(UMOUNT_TIMEOUT, || !is_mounted(&self.mnt)),
