@@ -137,6 +137,12 @@ impl CmkFs {
             self.vol.write(&of, offset, data)
         });
         match r {
+            // The kernel takes a write-back of its cached pages as all or nothing (it drops
+            // a short count): a full backing disk is the cause of a short one, and the error
+            // makes the kernel report it at fsync or close.
+            Ok(n) if n < data.len() && write_flags.contains(WriteFlags::FUSE_WRITE_CACHE) => {
+                reply.error(fuser::Errno::ENOSPC)
+            }
             Ok(n) => reply.written(n as u32),
             Err(e) => reply.error(self.errno(&e, "write", Some(ino))),
         }

@@ -130,7 +130,11 @@ fn header(
         }
         let h = FileHeader::generate(cx.keys.generation)
             .map_err(|e| VolumeError::Internal(e.to_string()))?;
-        f.write_all_at(&h.encode(), 0).map_err(VolumeError::Os)?;
+        if let Err(e) = f.write_all_at(&h.encode(), 0) {
+            // A torn header (full disk) would make the file unreadable: it stays empty.
+            let _ = f.set_len(0);
+            return Err(VolumeError::Os(e));
+        }
         *cached = Some(h);
         return Ok(Some(h));
     }
@@ -180,6 +184,66 @@ fn read_exact(f: &File, buf: &mut [u8], off: u64) -> Result<(), VolumeError> {
 fn write_at(f: &File, buf: &[u8], off: u64) -> Result<(), VolumeError> {
     f.write_all_at(buf, FILE_HEADER_LEN as u64 + off)
         .map_err(VolumeError::Os)
+}
+
+/// [`write_at`] that, when it fails, also says how many bytes landed before: a full backing
+/// disk (ENOSPC) or its file-size limit (EFBIG) stops a write midway, with a prefix stored.
+fn write_counted(f: &File, buf: &[u8], off: u64) -> Result<(), (usize, std::io::Error)> {
+    let mut done = 0usize;
+    while done < buf.len() {
+        match f.write_at(&buf[done..], FILE_HEADER_LEN as u64 + off + done as u64) {
+            Ok(0) => return Err((done, std::io::Error::from_raw_os_error(libc::ENOSPC))),
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err((done, e)),
+        }
+    }
+    Ok(())
+}
+
+/// A write of the ciphertext `buf` at data offset `at` into a file of old logical `size`
+/// stopped after `landed` bytes. Leaves every stored unit readable as old or new bytes and
+/// returns where the new bytes end (a block boundary; at or before `at + landed`):
+/// - a block that landed in part is completed (its rest is in a page the write already
+///   allocated on local filesystems); when even that fails the block is garbled: EIO, logged;
+/// - a unit that was a hole (all zeros stored) and now holds new blocks followed by stored
+///   zeros inside the old data would decrypt those zeros to garbage: its new blocks are
+///   zeroed again (overwriting bytes that landed needs no space), so it stays a hole, and the
+///   new bytes end at the unit's start.
+fn settle_torn(
+    f: &File,
+    cx: &Ctx,
+    buf: &[u8],
+    at: u64,
+    landed: usize,
+    size: u64,
+) -> Result<u64, VolumeError> {
+    let mut pos = at + landed as u64;
+    if !pos.is_multiple_of(BLOCK) {
+        let stop = roundup_block(pos).min(at + buf.len() as u64);
+        if let Err((_, e)) = write_counted(f, &buf[landed..(stop - at) as usize], pos) {
+            tracing::error!(
+                offset = pos,
+                error = %e,
+                "a write stopped inside an AES block and its rest cannot be stored: the block is garbled"
+            );
+            return Err(os_err(libc::EIO));
+        }
+        pos = stop;
+    }
+    let u_start = pos / cx.sector * cx.sector;
+    let old_end = units_end(size);
+    if pos != u_start && pos < old_end {
+        let stop = (u_start + cx.sector).min(old_end);
+        let mut rest = vec![0u8; (stop - pos) as usize];
+        read_exact(f, &mut rest, pos)?;
+        if rest.iter().all(|b| *b == 0) {
+            let from = u_start.max(at);
+            write_at(f, &vec![0u8; (pos - from) as usize], from)?;
+            pos = u_start;
+        }
+    }
+    Ok(pos)
 }
 
 /// Refuses a buffer that is not whole AES blocks: the cipher would fall back to ciphertext
@@ -510,8 +574,19 @@ fn overwrite_units(
     let mut buf = PoolBuf::take(roundup_block(data.len() as u64) as usize);
     buf[data.len()..].fill(0);
     encrypt_copying(cx, &h, off / cx.sector, &mut buf, data, 0)?;
-    write_at(f, &buf, off)?;
-    Ok(data.len())
+    match write_counted(f, &buf, off) {
+        Ok(()) => Ok(data.len()),
+        Err((landed, e)) => {
+            // A hole's units need new blocks: the disk may fill up midway. As a local
+            // filesystem: the bytes that landed, or the error when none did.
+            let size = logical_size(blen).map_err(corrupt)?;
+            let pos = settle_torn(f, cx, &buf, off, landed, size)?;
+            match pos.saturating_sub(off).min(data.len() as u64) {
+                0 => Err(VolumeError::Os(e)),
+                n => Ok(n as usize),
+            }
+        }
+    }
 }
 
 /// The read-modify-write body of [`write`]; the caller holds the exclusive lock.
@@ -534,7 +609,12 @@ fn write_locked(
     // A write that starts past the old last unit turns that unit into a full one (zeros past
     // the old end of file): written first, so a crash leaves a consistent file.
     if size > 0 && (size - 1) / ss < first {
-        extend_last_unit(f, cx, &h, size, ((size - 1) / ss + 1) * ss)?;
+        if let Err(e) = extend_last_unit(f, cx, &h, size, ((size - 1) / ss + 1) * ss) {
+            // It re-encrypted the same plaintext (zeros past `size`): the old length
+            // makes the file what it was.
+            undo_growth(f, st, old_len);
+            return Err(e);
+        }
     }
     let start = first * ss;
     let stop = units_end(new_size).min((last + 1) * ss);
@@ -587,12 +667,48 @@ fn write_locked(
     if new_size != size {
         hi = buf.len() as u64;
     }
-    write_at(f, &buf[lo as usize..hi as usize], start + lo)?;
-    // Growth inside the old filler shortens the backing file (e.g. 10 → 16 bytes).
-    if old_len.max(FILE_HEADER_LEN as u64 + start + hi) != want {
+    let torn = write_counted(f, &buf[lo as usize..hi as usize], start + lo);
+    let (written, want) = match torn {
+        Ok(()) => (data.len(), want),
+        Err((landed, e)) => {
+            // The backing disk filled up (or its file-size limit came) midway. As a local
+            // filesystem: a short count of the bytes that landed, the size grown to their
+            // end at most; when none landed, the error and the file as it was.
+            let pos = settle_torn(
+                f,
+                cx,
+                &buf[lo as usize..hi as usize],
+                start + lo,
+                landed,
+                size,
+            )
+            .inspect_err(|_| undo_growth(f, st, old_len))?;
+            match pos.saturating_sub(off).min(data.len() as u64) {
+                0 => {
+                    undo_growth(f, st, old_len);
+                    return Err(VolumeError::Os(e));
+                }
+                n => (n as usize, layout::backing_len(size.max(off + n))),
+            }
+        }
+    };
+    // Growth inside the old filler shortens the backing file (e.g. 10 → 16 bytes); a torn
+    // write may have left the length anywhere.
+    if written < data.len() || old_len.max(FILE_HEADER_LEN as u64 + start + hi) != want {
         f.set_len(want).map_err(VolumeError::Os)?;
     }
-    Ok(data.len())
+    Ok(written)
+}
+
+/// A growing write failed: sets the backing length back to `old_len` (best effort: a shrink
+/// needs no space), and forgets the header written for a file that was empty.
+fn undo_growth(f: &File, st: &FileState, old_len: u64) {
+    if let Err(e) = f.set_len(old_len) {
+        tracing::error!(error = %e, "could not undo a failed write's growth of a file");
+    }
+    if old_len == 0 {
+        *st.header.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
 }
 
 /// Rewrites the last unit of a file of logical `size` so that it reaches `new_end` (a block
