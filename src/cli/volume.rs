@@ -662,6 +662,9 @@ fn serve(a: &MountArgs, ready_pipe: bool) -> anyhow::Result<()> {
         keyring.clone(),
         a.cipher_threads,
     )?);
+    // Another volume's valid header copied over this one's unwraps fine: the names tell,
+    // before anything is written (a re-encryption's recovery included).
+    vol.check_root_names()?;
     // An interrupted re-encryption: its names phase and its last batch are finished before
     // anything is served (the rest resumes with `cmkfs volume reencrypt`).
     if header.retiring.is_some() {

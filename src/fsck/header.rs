@@ -179,4 +179,37 @@ impl Checker {
             },
         )
     }
+
+    /// With the key: true when the root holds encrypted names and none of them decrypts
+    /// ([`names::none_decrypt`]). A root whose id or listing cannot be read is left to the
+    /// walk, which reports it.
+    pub(super) fn header_is_foreign(&self) -> bool {
+        let Some(keys) = &self.keys else {
+            return false;
+        };
+        let Ok(id) = fs::read(self.root.join(DIRID_FILE)) else {
+            return false;
+        };
+        let Ok(id) = DirId::try_from(id.as_slice()) else {
+            return false;
+        };
+        let Ok(rd) = fs::read_dir(&self.root) else {
+            return false;
+        };
+        let encodings = rd.filter_map(|e| e.ok()).filter_map(|e| {
+            let name = e.file_name();
+            match names::classify(&name) {
+                EntryKind::Hidden => None,
+                EntryKind::Encrypted => Some(name.as_bytes().to_vec()),
+                EntryKind::Long => {
+                    let side = self.root.join(names::side_file_of(&name));
+                    sys::read_bounded(&side, MAX_SIDE_FILE)
+                        .ok()
+                        .filter(|full| names::long_name_matches(&name, full))
+                }
+            }
+        });
+        let retiring = keys.retiring.as_deref().map(|r| &r.names);
+        names::none_decrypt(&keys.names, retiring, &id, encodings)
+    }
 }

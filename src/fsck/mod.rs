@@ -151,6 +151,10 @@ pub enum FsckError {
     /// The DEK could not be had for reasons outside the volume (vault denied, unreachable).
     #[error("cannot unwrap the volume key: {0} (run with --no-key to check the structure only)")]
     Key(String),
+    /// The header's key opens none of the names at the root: another volume's header. A
+    /// walk would report (and `--repair` quarantine) every entry of the volume.
+    #[error("{0}")]
+    ForeignHeader(String),
     /// An I/O error that stops the whole check.
     #[error("{}: {error}", path.display())]
     Io {
@@ -200,6 +204,9 @@ pub enum ProblemKind {
     LongNameSideFileMissing,
     /// A long-name side file whose content does not hash to its entry's name.
     LongNameHashMismatch,
+    /// A long-name entry whose side file holds an encoding short enough for a plain entry:
+    /// never written by cmkfs (planted); hidden from listings, else shown twice.
+    LongNameNotCanonical,
     /// A long-name side file whose entry does not exist.
     LongNameOrphanSideFile,
     /// A symlink whose stored target does not decrypt.
@@ -465,6 +472,11 @@ pub fn run(dir: &Path, opts: &Options<'_>) -> Result<Report, FsckError> {
         None
     };
     c.check_header(opts.vault)?;
+    if c.header_is_foreign() {
+        return Err(FsckError::ForeignHeader(names::foreign_header_message(
+            &root,
+        )));
+    }
     // The root never goes to the quarantine: its problems are recorded inside. The walk runs
     // on a thread with a stack sized for MAX_DEPTH levels, whatever the caller's stack.
     std::thread::scope(|s| {

@@ -536,6 +536,14 @@ impl Checker {
                                 .into(),
                         );
                     }
+                    if !names::is_long_encoding(&full) {
+                        return NameCheck::Bad(
+                            ProblemKind::LongNameNotCanonical,
+                            "long-name entry for a name whose encoding fits a plain entry: \
+                             cmkfs never writes one (planted); hidden from listings"
+                                .into(),
+                        );
+                    }
                     full
                 }
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {

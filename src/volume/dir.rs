@@ -120,7 +120,11 @@ impl Volume {
                 EntryKind::Hidden => continue,
                 EntryKind::Encrypted => bname.as_bytes().to_vec(),
                 EntryKind::Long => match self.read_side_file(dir, &bname) {
-                    Some(full) => full,
+                    Some(full) if names::is_long_encoding(&full) => full,
+                    Some(_) => {
+                        tracing::warn!(entry = ?bname, "long-name entry for a name that has a short form (planted?); entry hidden, `cmkfs fsck --repair` quarantines it");
+                        continue;
+                    }
                     None => {
                         tracing::warn!(entry = ?bname, "long-name side file missing or wrong; entry hidden");
                         continue;
@@ -153,6 +157,36 @@ impl Volume {
             }
         }
         Ok(out)
+    }
+
+    /// Refuses a header whose name key opens none of the names at the backing root (see
+    /// [`names::none_decrypt`]): checked at mount, before anything is served or written.
+    /// Costs one listing of the root, ended at the first name that decrypts.
+    pub fn check_root_names(&self) -> Result<(), VolumeError> {
+        let keys = self.keys()?;
+        let root = self.root_dir();
+        let mut encodings = Vec::new();
+        for ent in sys::list(root.fd()).map_err(os)? {
+            let encoded = match names::classify(&ent.name) {
+                EntryKind::Hidden => continue,
+                EntryKind::Encrypted => ent.name.as_bytes().to_vec(),
+                EntryKind::Long => match self.read_side_file(root, &ent.name) {
+                    Some(full) => full,
+                    None => continue,
+                },
+            };
+            if names::decrypt(&keys.names, root.id(), &encoded).is_ok() {
+                return Ok(());
+            }
+            encodings.push(encoded);
+        }
+        let retiring = keys.retiring.as_deref().map(|r| &r.names);
+        if names::none_decrypt(&keys.names, retiring, root.id(), encodings) {
+            return Err(VolumeError::WrongKey(names::foreign_header_message(
+                self.root(),
+            )));
+        }
+        Ok(())
     }
 
     /// Backing inode number and type bits (`S_IFMT`) of entry `bname` of `dir` now.

@@ -127,6 +127,45 @@ pub fn decrypt(cipher: &NameCipher, dir: &DirId, encoded: &[u8]) -> Result<OsStr
     Ok(OsString::from_vec(plain.to_vec()))
 }
 
+/// Whether `encoded` is the canonical long form's content: only encodings longer than
+/// [`NAME_MAX`] go to a side file. A shorter one planted in long form would show its name
+/// twice (beside its short form) and leave a ghost no lookup reaches.
+pub fn is_long_encoding(full: &[u8]) -> bool {
+    full.len() > NAME_MAX
+}
+
+/// The refusal of a header whose name key opens none of the names at the backing root
+/// (`cipherdir`): another volume's valid header copied over this one's, which would show an
+/// empty volume and encrypt new files under the other volume's DEK.
+pub fn foreign_header_message(cipherdir: &std::path::Path) -> String {
+    format!(
+        "the volume header does not belong to the files in {} (another volume's header?): \
+         restore this volume's own cmkfs.volume.json from a backup",
+        cipherdir.display()
+    )
+}
+
+/// True when `encodings` (the encoded names at the backing root) holds at least one and none
+/// decrypts under `cipher` (nor `retiring`, a re-encryption's old name key) in directory
+/// `dir`: the header does not belong to these files. A few damaged names among good ones
+/// are not this (they stay per-entry errors).
+pub fn none_decrypt(
+    cipher: &NameCipher,
+    retiring: Option<&NameCipher>,
+    dir: &DirId,
+    encodings: impl IntoIterator<Item = Vec<u8>>,
+) -> bool {
+    let mut any = false;
+    for e in encodings {
+        any = true;
+        if decrypt(cipher, dir, &e).is_ok() || retiring.is_some_and(|r| decrypt(r, dir, &e).is_ok())
+        {
+            return false;
+        }
+    }
+    any
+}
+
 /// Checks that a long-name side file really belongs to `entry` (its hash matches).
 pub fn long_name_matches(entry: &OsStr, full: &[u8]) -> bool {
     let hash = B64URL.encode(Sha256::digest(full));

@@ -238,3 +238,114 @@ fn directory_ids_are_read_with_a_bound_and_never_through_a_symlink_or_fifo() {
     );
     m.unmount();
 }
+
+/// Fourth hostile finding of session 7: another volume's valid header (same vault, a key the
+/// mounting identity unwraps) copied over `cmkfs.volume.json` mounted without a word: an
+/// empty view, and new files written under the other volume's DEK. Now `mount` (before it
+/// writes anything) and `fsck` (before a repair would quarantine every entry) refuse with
+/// one line, since not one name at the root decrypts.
+#[test]
+fn another_volumes_header_over_this_one_is_refused_by_mount_and_fsck() {
+    let env = Env::new();
+    env.init(&env.cipher);
+    let m = env.mount(&env.cipher, &env.mnt);
+    write(&m.path("old"), b"victim data");
+    fs::create_dir(m.path("dir")).unwrap();
+    m.unmount();
+    let other = env.dir("other");
+    env.init(&other);
+    let header = env.cipher.join("cmkfs.volume.json");
+    let own = fs::read(&header).unwrap();
+    fs::copy(other.join("cmkfs.volume.json"), &header).unwrap();
+    let before = snapshot(&env.cipher);
+    let out = env.try_mount(&env.cipher, &env.mnt);
+    assert!(!out.ok(), "a foreign header was mounted:\n{out}");
+    out.assert_clear_error();
+    assert!(
+        out.stderr.contains("does not belong to the files in")
+            && out
+                .stderr
+                .contains("restore this volume's own cmkfs.volume.json"),
+        "{out}"
+    );
+    assert!(!is_mounted(&env.mnt));
+    for args in [&["fsck"][..], &["fsck", "--repair"]] {
+        let mut a: Vec<&std::ffi::OsStr> = args.iter().map(std::ffi::OsStr::new).collect();
+        a.push(env.cipher.as_os_str());
+        let out = env.cmkfs(&a);
+        assert!(!out.ok(), "{args:?} took a foreign header:\n{out}");
+        out.assert_clear_error();
+        assert!(
+            out.stderr.contains("does not belong to the files in"),
+            "{out}"
+        );
+    }
+    assert_same_snapshot("backing dir", &before, &snapshot(&env.cipher));
+    // Its own header back: everything is there. A fresh volume (no names yet) mounts.
+    fs::write(&header, own).unwrap();
+    let m = env.mount(&env.cipher, &env.mnt);
+    assert_eq!(read(&m.path("old")), b"victim data");
+    m.unmount();
+    env.mount(&other, &env.mnt).unmount();
+}
+
+/// Second hostile finding of session 7: a short name planted in long form
+/// (`cmkfs.long.<hash>` and a side file holding an encoding of at most 255 bytes) was listed
+/// twice, left a ghost after `rm` that made the directory impossible to remove, and `fsck`
+/// called the volume clean. Now readdir hides it (logged), fsck reports it and `--repair`
+/// moves it to the quarantine.
+#[test]
+fn a_short_name_planted_in_long_form_is_hidden_and_quarantined() {
+    use base64::Engine as _;
+    use sha2::Digest as _;
+    let env = Env::new();
+    env.init(&env.cipher);
+    let m = env.mount(&env.cipher, &env.mnt);
+    fs::create_dir(m.path("dd")).unwrap();
+    write(&m.path("dd/x"), b"x");
+    m.unmount();
+    let visible = |e: &fs::DirEntry| !e.file_name().to_string_lossy().starts_with(['.', 'c']);
+    let bdir = fs::read_dir(&env.cipher)
+        .unwrap()
+        .map(|e| e.unwrap())
+        .find(|e| e.path().is_dir() && visible(e))
+        .unwrap()
+        .path();
+    let ent = fs::read_dir(&bdir)
+        .unwrap()
+        .map(|e| e.unwrap())
+        .find(visible)
+        .unwrap()
+        .file_name();
+    let enc = ent.to_str().unwrap();
+    let hash = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sha2::Sha256::digest(enc));
+    fs::write(bdir.join(format!("cmkfs.long.{hash}.name")), enc).unwrap();
+    fs::copy(bdir.join(enc), bdir.join(format!("cmkfs.long.{hash}"))).unwrap();
+
+    let m = env.mount(&env.cipher, &env.mnt);
+    assert_eq!(list(&m.path("dd")), ["x"], "the planted twin is listed");
+    fs::remove_file(m.path("dd/x")).unwrap();
+    assert!(list(&m.path("dd")).is_empty(), "a ghost stays listed");
+    m.unmount();
+    let out = env.cmkfs(&["fsck".as_ref(), env.cipher.as_os_str()]);
+    assert!(!out.ok(), "fsck calls the planted entry clean:\n{out}");
+    assert!(out.stdout.contains("cmkfs never writes one"), "{out}");
+    let out = env.cmkfs(&["fsck".as_ref(), "--repair".as_ref(), env.cipher.as_os_str()]);
+    assert!(
+        out.stdout.contains("long_name_not_canonical") && out.stdout.contains("moved to"),
+        "{out}"
+    );
+    let m = env.mount(&env.cipher, &env.mnt);
+    fs::remove_dir(m.path("dd")).unwrap();
+    m.unmount();
+}
+
+/// The plaintext names in directory `p`, sorted.
+fn list(p: &std::path::Path) -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir(p)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
