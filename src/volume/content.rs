@@ -543,6 +543,7 @@ pub fn write(
     let end = off
         .checked_add(data.len() as u64)
         .ok_or_else(|| os_err(libc::EFBIG))?;
+    checked_backing_len(end)?;
     // Whole units inside the file (the last one counts when the write reaches the end of
     // file): no read-modify-write and no size change, so such writes run concurrently under
     // the shared lock. The last unit's padding is written as zeros; the filler is untouched.
@@ -776,6 +777,7 @@ pub fn truncate(f: &File, st: &FileState, cx: &Ctx, new_size: u64) -> Result<(),
 }
 
 fn truncate_locked(f: &File, st: &FileState, cx: &Ctx, new_size: u64) -> Result<(), VolumeError> {
+    checked_backing_len(new_size)?;
     let (blen, size) = backing_state(f)?;
     if new_size == size {
         return Ok(());
@@ -806,6 +808,32 @@ fn truncate_locked(f: &File, st: &FileState, cx: &Ctx, new_size: u64) -> Result<
     scrub_tail(f, cx, &h, new_size)
 }
 
+/// The backing length of a file of logical size `size`, or EFBIG where it would pass the
+/// largest file offset (`i64::MAX`): a local filesystem's errno, never the EIO of a length
+/// the system call cannot take.
+fn checked_backing_len(size: u64) -> Result<u64, VolumeError> {
+    size.checked_add(FILE_HEADER_LEN as u64 + BLOCK)
+        .filter(|n| *n <= i64::MAX as u64)
+        .map(|_| layout::backing_len(size))
+        .ok_or_else(|| os_err(libc::EFBIG))
+}
+
+/// EFBIG where a file of logical size `end` would pass the backing filesystem's file-size
+/// limit, as the kernel answers an `fallocate` past it. The limit is the backing
+/// filesystem's own (ext4: 16 TiB - 4 KiB with 4 KiB blocks), asked with a one-byte
+/// `PUNCH_HOLE | KEEP_SIZE` past the backing file's end, which changes nothing.
+fn check_size_limit(f: &File, blen: u64, end: u64) -> Result<(), VolumeError> {
+    let want = checked_backing_len(end)?;
+    if want <= blen {
+        return Ok(());
+    }
+    let probe = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+    match sys_fallocate(f, probe, want - 1, 1) {
+        Err(e) if e.raw_os_error() == Some(libc::EFBIG) => Err(VolumeError::Os(e)),
+        _ => Ok(()),
+    }
+}
+
 /// `fallocate(2)` on the plaintext view. Supported: mode 0 and `KEEP_SIZE` (reserve space;
 /// growth reads as zeros), `PUNCH_HOLE | KEEP_SIZE` and `ZERO_RANGE` (the range reads as
 /// zeros). `COLLAPSE_RANGE` and `INSERT_RANGE` would move data across tweaks: EOPNOTSUPP.
@@ -828,7 +856,8 @@ pub fn fallocate(
     let end = off.checked_add(len).ok_or_else(|| os_err(libc::EFBIG))?;
     let keep = mode & libc::FALLOC_FL_KEEP_SIZE != 0;
     let _g = st.rmw.write().unwrap_or_else(|p| p.into_inner());
-    let (_, size) = backing_state(f)?;
+    let (blen, size) = backing_state(f)?;
+    check_size_limit(f, blen, end)?;
     if mode & (libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE) != 0 {
         zero_range(f, st, cx, off, end.min(size), size)?;
         if !keep && end > size {
