@@ -624,3 +624,60 @@ fn describe(c: &Call) -> String {
         }
     }
 }
+
+/// Third hostile finding of session 7, near the largest file size: `fallocate(PUNCH_HOLE |
+/// KEEP_SIZE)` past the backing filesystem's limit succeeded (ext4: EFBIG), `ftruncate` to
+/// 2^63 - 1 said EIO (ext4: EFBIG), and a pwrite that failed with EFBIG had grown the file.
+/// Each against a plain directory of the same filesystem (the pwrite: where the two limits
+/// differ by cmkfs's file header, a failed write must leave the size as it was and a short
+/// one grow it to what it wrote).
+#[test]
+fn calls_past_the_largest_file_size_fail_as_on_the_backing_filesystem() {
+    use std::os::unix::fs::FileExt;
+    let env = Env::new();
+    env.init(&env.cipher);
+    let m = env.mount(&env.cipher, &env.mnt);
+    let plain = env.dir("plain");
+    let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+    let near_max = (1u64 << 44) - 4096 - 10;
+    let mut results = Vec::new();
+    for dir in [&plain, &env.mnt] {
+        let p = dir.join("edge");
+        fs::write(&p, b"hello").unwrap();
+        let f = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&p)
+            .unwrap();
+        let errno = |r: i32| {
+            (r != 0)
+                .then(std::io::Error::last_os_error)
+                .map(|e| e.raw_os_error())
+        };
+        use std::os::fd::AsRawFd;
+        // SAFETY: plain system calls on a descriptor the test holds open.
+        let punched = errno(unsafe { libc::fallocate(f.as_raw_fd(), punch, 0, 1 << 44) });
+        let truncated = f.set_len(i64::MAX as u64).map_err(|e| e.raw_os_error());
+        let written = f.write_at(&[b'y'; 10], near_max);
+        let size = f.metadata().unwrap().len();
+        match &written {
+            Ok(n) => assert_eq!(size, near_max + *n as u64, "{}", p.display()),
+            Err(e) => {
+                assert_eq!(e.raw_os_error(), Some(libc::EFBIG), "{}", p.display());
+                assert_eq!(size, 5, "a failed pwrite grew {}", p.display());
+            }
+        }
+        let mut head = [0u8; 5];
+        f.read_exact_at(&mut head, 0).unwrap();
+        assert_eq!(&head, b"hello");
+        results.push((punched, truncated));
+        // A 16 TiB sparse file left for the harness's cleanup costs it seconds.
+        drop(f);
+        fs::remove_file(&p).unwrap();
+    }
+    assert_eq!(
+        results[1], results[0],
+        "cmkfs (right) and the plain directory (left) differ"
+    );
+    m.unmount();
+}
