@@ -131,3 +131,147 @@ fn reads_right_after_writes_through_the_mount_match_a_model() {
     drop((r, w));
     m.unmount();
 }
+
+/// Holds `fs.fuse.max_pages_limit` at a value for the test and restores the one it found.
+/// The kernel reads it when a mount is made; a mount made meanwhile by another test gets the
+/// larger requests too, which is as correct as the smaller ones.
+struct PagesLimit {
+    was: String,
+}
+
+impl PagesLimit {
+    fn try_new(pages: u32) -> Option<PagesLimit> {
+        let was = match fs::read_to_string(cmkfs::mount::MAX_PAGES_LIMIT) {
+            Ok(v) => v.trim().to_string(),
+            Err(e) => {
+                println!("SKIP: fs.fuse.max_pages_limit unreadable ({e}): kernel before 6.13");
+                return None;
+            }
+        };
+        if let Err(e) = fs::write(cmkfs::mount::MAX_PAGES_LIMIT, pages.to_string()) {
+            println!("SKIP: cannot raise fs.fuse.max_pages_limit ({e}); needs root");
+            return None;
+        }
+        Some(PagesLimit { was })
+    }
+}
+
+impl Drop for PagesLimit {
+    fn drop(&mut self) {
+        let _ = fs::write(cmkfs::mount::MAX_PAGES_LIMIT, &self.was);
+    }
+}
+
+/// Read system calls the process has made (`/proc/PID/io`, `syscr`).
+fn read_syscalls(pid: u32) -> u64 {
+    fs::read_to_string(format!("/proc/{pid}/io"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("syscr:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap()
+}
+
+/// With `fs.fuse.max_pages_limit` raised to 1024 pages, the daemon's 4 MiB `max_write` takes
+/// effect: writes and reads reach it as requests of up to 4 MiB (pooled buffers of that size,
+/// direct reads of 4 MiB + a block), the default readahead follows (4096 KiB), and every byte
+/// still matches a model: writes of up to 9 MiB at any offset (tails of 1..15 bytes), direct
+/// and buffered reads with the backing cache dropped or not.
+#[test]
+fn four_mib_requests_when_the_kernel_allows_them_match_a_model() {
+    let Some(_limit) = PagesLimit::try_new(1024) else {
+        return;
+    };
+    let env = Env::new();
+    env.init(&env.cipher);
+    let m = env.mount(&env.cipher, &env.mnt);
+    let pid = m.daemon_pid().expect("daemon pid");
+    let dev = fs::metadata(&env.mnt).unwrap().dev();
+    let ra = format!(
+        "/sys/class/bdi/{}:{}/read_ahead_kb",
+        libc::major(dev),
+        libc::minor(dev)
+    );
+    assert_eq!(fs::read_to_string(&ra).unwrap().trim(), "4096", "{ra}");
+    let seed = seed("mount_direct_4m");
+    let mut rng = StdRng::seed_from_u64(seed);
+    let p = m.path("f");
+    let w = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&p)
+        .unwrap();
+    let mut model = random_bytes(&mut rng, (9 << 20) + 5);
+    w.write_all_at(&model, 0).unwrap();
+    w.sync_data().unwrap();
+    let ino = fs::metadata(&p).unwrap().ino();
+    let backing_path = data_files(&env.cipher)
+        .into_iter()
+        .find(|b| fs::metadata(b).is_ok_and(|m| m.ino() == ino))
+        .expect("backing file of f");
+    let backing = File::open(&backing_path).unwrap();
+    drop_backing_cache(&backing);
+    let r = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&p)
+        .unwrap();
+    let mut buf = vec![0u8; 10 << 20];
+    // 8 MiB in one O_DIRECT read: two 4 MiB requests (a pread and a /dev/fuse read each),
+    // where 1 MiB requests would take 16 read system calls.
+    let before = read_syscalls(pid);
+    let n = r.read_at(&mut buf[..8 << 20], 0).unwrap();
+    let calls = read_syscalls(pid) - before;
+    assert_eq!(n, 8 << 20);
+    assert_bytes_eq("first 8 MiB", &buf[..n], &model[..n]);
+    assert!(
+        calls < 12,
+        "{calls} read system calls for 8 MiB: requests of 1 MiB?"
+    );
+    for i in 0..16 {
+        let why = format!("seed {seed} step {i}");
+        if i % 4 == 0 {
+            w.sync_data().unwrap();
+            drop_backing_cache(&backing);
+        }
+        if rng.gen_ratio(1, 6) {
+            let n = rng.gen_range(1 << 20..10 << 20) / 16 * 16 + rng.gen_range(1..16);
+            w.set_len(n as u64).unwrap();
+            model.resize(n, 0);
+        } else {
+            let len = match rng.gen_range(0..4) {
+                0 => rng.gen_range(1..16),
+                1 => rng.gen_range(0..8201),
+                _ => rng.gen_range(8201..9 << 20),
+            };
+            let off = rng.gen_range(0..model.len() + 8192);
+            let data = random_bytes(&mut rng, len);
+            w.write_all_at(&data, off as u64).unwrap();
+            if model.len() < off + len {
+                model.resize(off + len, 0);
+            }
+            model[off..off + len].copy_from_slice(&data);
+        }
+        let len = rng.gen_range(1..(9 << 20) + 8193);
+        let off = if rng.gen_ratio(1, 3) {
+            model.len().saturating_sub(rng.gen_range(1..len + 1))
+        } else {
+            rng.gen_range(0..model.len())
+        };
+        let mut got = 0;
+        while got < len {
+            let n = r.read_at(&mut buf[got..len], (off + got) as u64).unwrap();
+            if n == 0 {
+                break;
+            }
+            got += n;
+        }
+        let want = &model[off.min(model.len())..(off + len).min(model.len())];
+        assert_bytes_eq(&why, &buf[..got], want);
+    }
+    assert_bytes_eq("whole file", &read(&p), &model);
+    drop((r, w));
+    m.unmount();
+}
