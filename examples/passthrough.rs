@@ -219,7 +219,7 @@ impl Passthrough {
 
 impl Filesystem for Passthrough {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
-        let _ = config.set_max_write(4 << 20);
+        let _ = config.set_max_write(1 << 20);
         let _ = config.add_capabilities(fuser::InitFlags::FUSE_PARALLEL_DIROPS);
         if self.writeback {
             let _ = config.add_capabilities(fuser::InitFlags::FUSE_WRITEBACK_CACHE);
@@ -569,8 +569,7 @@ impl Filesystem for Passthrough {
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut pos = Vec::new();
-    let (mut threads, mut writeback) = (2usize, true);
-    let mut ra_kb = Some(cmkfs::mount::default_readahead_kb());
+    let (mut threads, mut writeback, mut ra_kb) = (2usize, true, Some(1024u32));
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {

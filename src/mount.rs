@@ -71,36 +71,9 @@ pub struct MountConfig {
     pub readahead_kb: u32,
 }
 
-/// Least readahead of a mount unless told otherwise (KiB): one request of the kernel's
-/// default size (`fs.fuse.max_pages_limit` = 256 pages).
+/// Readahead of a mount unless told otherwise: the largest request the kernel sends
+/// (`max_pages` = 256 pages, from the 1 MiB `max_write`).
 pub const DEFAULT_READAHEAD_KB: u32 = 1024;
-
-/// The kernel's cap on a FUSE request's pages (Linux 6.13+; a fixed 256 before).
-pub const MAX_PAGES_LIMIT: &str = "/proc/sys/fs/fuse/max_pages_limit";
-
-/// Bytes of the largest request the kernel will send a mount made now: the daemon's
-/// `max_write` ([`crate::fs::MAX_WRITE`], 4 MiB) capped by `fs.fuse.max_pages_limit` pages,
-/// which is 256 (1 MiB) unless root raised it (`sysctl fs.fuse.max_pages_limit=1024`; the
-/// kernel reads it when a mount is made). docs/PERFORMANCE.md, "Session 7", measured it.
-pub fn request_limit() -> u32 {
-    let pages = std::fs::read_to_string(MAX_PAGES_LIMIT)
-        .ok()
-        .and_then(|s| s.trim().parse::<u64>().ok())
-        .unwrap_or(256)
-        .max(1);
-    // SAFETY: sysconf has no preconditions.
-    let page = u64::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
-    pages
-        .saturating_mul(page)
-        .min(u64::from(crate::fs::MAX_WRITE)) as u32
-}
-
-/// Readahead of a mount unless told otherwise (KiB): the largest request the kernel will send
-/// ([`request_limit`]), so a sequential read arrives in requests that large, and at least
-/// [`DEFAULT_READAHEAD_KB`].
-pub fn default_readahead_kb() -> u32 {
-    (request_limit() / 1024).max(DEFAULT_READAHEAD_KB)
-}
 
 /// What a live mount records about itself, for `umount` and `status`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -280,8 +253,7 @@ pub fn mount_device(mp: &Path) -> Option<(u32, u32)> {
 /// Sets the kernel readahead window of the FUSE mount at `mp` (its backing-device info,
 /// `/sys/class/bdi/MAJOR:MINOR/read_ahead_kb`). The kernel caps what a FUSE daemon may ask for
 /// in its init reply at the default (128 KiB); root may raise it afterwards, which turns a
-/// sequential read into requests of up to `max_pages` ([`request_limit`]) instead of 128 KiB
-/// ones.
+/// sequential read into requests of up to `max_pages` (1 MiB) instead of 128 KiB ones.
 /// `mp` must be the absolute, canonical mountpoint. Errors: not mounted, not root.
 pub fn set_readahead(mp: &Path, kb: u32) -> io::Result<()> {
     let (major, minor) = mount_device(mp).ok_or_else(|| {

@@ -112,11 +112,9 @@ pub struct MountArgs {
     #[arg(long)]
     no_push: bool,
     /// Kernel readahead of the mount in KiB (sequential reads arrive as requests this large,
-    /// up to the kernel's request limit); 0 keeps the kernel's default (128 KiB). Default:
-    /// that limit, at least 1024 (1 MiB; 4 MiB once root raised fs.fuse.max_pages_limit to
-    /// 1024). Needs root.
-    #[arg(long, value_name = "KIB")]
-    readahead_kb: Option<u32>,
+    /// up to 1 MiB); 0 keeps the kernel's default (128 KiB). Needs root.
+    #[arg(long, value_name = "KIB", default_value_t = mount::DEFAULT_READAHEAD_KB)]
+    readahead_kb: u32,
     /// Let the kernel cache writes and send them in large batches (FUSE writeback cache):
     /// errors of cached writes then surface at fsync or close instead of at write, and a
     /// backup of the mount is a point in time of what reached the daemon (README).
@@ -505,9 +503,7 @@ fn spawn_daemon(
     if a.no_push {
         cmd.arg("--no-push");
     }
-    if let Some(kb) = a.readahead_kb {
-        cmd.arg("--readahead-kb").arg(kb.to_string());
-    }
+    cmd.arg("--readahead-kb").arg(a.readahead_kb.to_string());
     if a.writeback_cache() {
         cmd.arg("--writeback-cache");
     }
@@ -694,7 +690,7 @@ fn serve(a: &MountArgs, ready_pipe: bool) -> anyhow::Result<()> {
     let cfg = MountConfig {
         fuse_threads: a.threads.unwrap_or(cores.max(2)),
         allow_other: a.allow_other,
-        readahead_kb: a.readahead_kb.unwrap_or_else(mount::default_readahead_kb),
+        readahead_kb: a.readahead_kb,
     };
     let session = mount::mount(fs, &mp, &cfg)?;
     let record = RunRecord {

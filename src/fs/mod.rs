@@ -40,9 +40,8 @@ use crate::volume::{Attr, Caller, Dir, OpenFile, Target, Volume, VolumeError};
 /// ([`invalidate_kernel_caches`]), so the timeout only bounds how late a change made to the
 /// backing directory behind the mount shows.
 pub const DEFAULT_CACHE_TIMEOUT: Duration = Duration::from_secs(60);
-/// Largest write (and read) the daemon asks the kernel to send: 4 MiB; the kernel caps it at
-/// `fs.fuse.max_pages_limit` pages (256 = 1 MiB unless root raised it).
-pub const MAX_WRITE: u32 = crate::volume::bufpool::MAX_REQUEST as u32;
+/// Largest write the kernel may send (its own limit is 256 pages).
+pub const MAX_WRITE: u32 = 1 << 20;
 
 type FsResult<T> = Result<T, VolumeError>;
 

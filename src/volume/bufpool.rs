@@ -13,11 +13,8 @@
 //! hold the old keys and decrypt after the cut-off), or taken while closed, is zeroed when
 //! it comes back and not kept, so nothing decrypted around the cut-off stays in the pool.
 //!
-//! At most [`MAX_IDLE`] buffers of [`POOL_BUF_LEN`] bytes (a 4 MiB request and its edges) are
-//! kept; only the pages that requests touched are resident (about 1 MiB each with the
-//! kernel's default 1 MiB requests: the fresh allocation is the allocator's untouched zero
-//! pages). A request needing more than [`POOL_BUF_LEN`] gets a buffer of its own, freed (and
-//! zeroed) after use.
+//! At most [`MAX_IDLE`] buffers of [`POOL_BUF_LEN`] bytes are kept (about 8 MiB); a request
+//! needing more than [`POOL_BUF_LEN`] gets a buffer of its own, freed (and zeroed) after use.
 //!
 //! [`PoolBuf::take_aligned`] gives a view that starts at a [`DIO_ALIGN`] boundary, for
 //! `O_DIRECT` reads of the backing file (`direct`): every allocation has [`ALIGN_SLACK`]
@@ -27,15 +24,9 @@ use std::ops::{Deref, DerefMut};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 
-/// The largest FUSE request the daemon asks the kernel for (`max_write`, and through it
-/// `max_pages`): 4 MiB. The kernel caps it at `/proc/sys/fs/fuse/max_pages_limit` pages
-/// (256 by default, 1 MiB), so requests are 1 MiB unless root raised that limit.
-pub const MAX_REQUEST: usize = 4 << 20;
-
-/// Bytes of a pooled buffer: the largest FUSE request ([`MAX_REQUEST`]) plus a data unit on
-/// each side (a request that starts and ends inside units) plus the filler of a file's end.
-/// Only the pages a request touches become resident.
-pub const POOL_BUF_LEN: usize = MAX_REQUEST + 2 * 4096 + 16;
+/// Bytes of a pooled buffer: the largest FUSE request (1 MiB) plus a data unit on each side
+/// (a request that starts and ends inside units) plus the filler of a file's end.
+pub const POOL_BUF_LEN: usize = (1 << 20) + 2 * 4096 + 16;
 
 /// Alignment of [`PoolBuf::take_aligned`] views: the largest logical block size `O_DIRECT`
 /// asks of buffers and file offsets on common devices (512 or 4096 bytes).
