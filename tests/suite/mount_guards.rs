@@ -226,8 +226,9 @@ fn a_full_backing_disk_fails_the_write_or_the_fsync_with_enospc() {
 /// Pwrites onto a full filesystem under `dir` (a file of 35002 bytes, the disk filled, then
 /// 100 KiB freed before each write), each checked against what a local filesystem promises:
 /// an error changes nothing; a short count `n` changed exactly `[off, off + n)` and grew the
-/// size to `off + n` at most. Returns how many writes were short (the edge was reached).
-fn torn_writes_keep_their_promise(dir: &Path) -> usize {
+/// size to `off + n` at most. Returns how many writes were short and how many failed (the
+/// edges were reached).
+fn torn_writes_keep_their_promise(dir: &Path) -> (usize, usize) {
     use std::os::unix::fs::FileExt;
     let p = dir.join("e");
     let mut model = vec![0x11u8; 35002];
@@ -239,19 +240,25 @@ fn torn_writes_keep_their_promise(dir: &Path) -> usize {
         .write(true)
         .open(&p)
         .unwrap();
-    let mut short = 0;
+    let (mut short, mut failed) = (0, 0);
     // Growth from inside the last unit, unaligned; an overwrite then growth; growth past a
-    // sparse hole; unit-aligned and unaligned writes into that hole (inside the file).
-    let steps: [(u64, usize, Option<u64>); 5] = [
+    // sparse hole; growth from a unit boundary; an unaligned write into the hole and a
+    // unit-aligned one inside the file (the shared-lock path), each torn inside a hole unit.
+    // Last, into the hole with nothing freed: nothing can land.
+    let steps: [(u64, usize, Option<u64>); 7] = [
         (28681, 1_772_033, None),
         (40000, 2_000_000, None),
         (0, 900_000, Some(3_000_000)),
         (4_096_000, 700_000, None),
         (3_500_007, 600_000, None),
+        (3_600_384, 200_000, None),
+        (3_900_001, 10_000, None),
     ];
     for (i, (off, len, grow)) in steps.into_iter().enumerate() {
-        let free_to = fill.metadata().unwrap().len().saturating_sub(100 * 1024);
-        fill.set_len(free_to).unwrap();
+        if i < steps.len() - 1 {
+            let free_to = fill.metadata().unwrap().len().saturating_sub(100 * 1024);
+            fill.set_len(free_to).unwrap();
+        }
         if let Some(n) = grow {
             let n = n.max(model.len() as u64);
             f.set_len(n).unwrap();
@@ -275,7 +282,10 @@ fn torn_writes_keep_their_promise(dir: &Path) -> usize {
                 }
                 model[off as usize..end].copy_from_slice(&data[..n]);
             }
-            Err(e) => assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "step {i}: {e}"),
+            Err(e) => {
+                assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "step {i}: {e}");
+                failed += 1;
+            }
         }
         let got = fs::read(&p).unwrap();
         assert_eq!(
@@ -287,7 +297,7 @@ fn torn_writes_keep_their_promise(dir: &Path) -> usize {
             panic!("step {i}: pwrite({len} at {off}) left byte {at} different from a local filesystem's");
         }
     }
-    short
+    (short, failed)
 }
 
 /// Fifth hostile test: on a full backing disk a pwrite returned ENOSPC after it had
@@ -299,18 +309,14 @@ fn a_write_on_a_full_backing_disk_is_short_or_changes_nothing() {
     let env = Env::new().in_mode(&["--no-writeback-cache"]);
     let plain = env.dir("plain");
     let _plain_fs = Tmpfs::mount(&plain);
-    assert!(
-        torn_writes_keep_their_promise(&plain) > 0,
-        "tmpfs: no write was short"
-    );
+    // (short writes, failed writes): every edge was reached.
+    let want = (6, 1);
+    assert_eq!(torn_writes_keep_their_promise(&plain), want, "tmpfs");
     let small = env.dir("small");
     let _fs = Tmpfs::mount(&small);
     env.init(&small);
     let m = env.mount(&small, &env.mnt);
-    assert!(
-        torn_writes_keep_their_promise(&env.mnt) > 0,
-        "cmkfs: no write was short"
-    );
+    assert_eq!(torn_writes_keep_their_promise(&env.mnt), want, "cmkfs");
     m.unmount();
 }
 
