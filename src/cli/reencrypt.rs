@@ -95,6 +95,8 @@ fn reencrypt(a: ReencryptArgs) -> anyhow::Result<()> {
         crate::unlock::unlock_with_handle(&home, vault, &root, &header, KeyringConfig::default())?;
     let keyring = Arc::new(keyring);
     let vol = Volume::open(&root, header, keyring.clone(), 0)?;
+    // Another volume's header would have every file rewritten under its key.
+    vol.check_root_names()?;
     let access = crate::unlock::ReencryptAccess::new(&home, keyring.vault(), handle)?;
     let bar = Bar::new(!a.json);
     let mut progress = |p: &Progress| bar.show(p);
