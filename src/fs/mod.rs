@@ -10,6 +10,7 @@
 //! trait impl below only dispatches to them.
 
 mod attr;
+mod drain;
 mod dir_ops;
 mod nodes;
 mod open_create;
@@ -25,11 +26,12 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
     AccessFlags, BsdFileFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, INodeNo,
-    KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
+    KernelConfig, LockOwner, OpenAccMode, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
     ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite,
     Request, TimeOrNow, WriteFlags,
 };
 
+pub use drain::{DrainError, Drained};
 pub use nodes::NodeTable;
 
 use crate::volume::{Attr, Caller, Dir, OpenFile, Target, Volume, VolumeError};
@@ -124,6 +126,8 @@ pub struct OnlineHandle {
     files: Arc<Mutex<Files>>,
     /// The session's notifier, set once the session exists ([`OnlineHandle::set_notifier`]).
     notifier: std::sync::OnceLock<fuser::Notifier>,
+    /// Whether the kernel caches writes (a backup's freeze then drains them first).
+    writeback_cache: bool,
 }
 
 impl crate::volume::reencrypt::Online for OnlineHandle {
@@ -283,6 +287,7 @@ impl CmkFs {
             table: self.table.clone(),
             files: self.files.clone(),
             notifier: std::sync::OnceLock::new(),
+            writeback_cache: self.opts.writeback_cache,
         }
     }
 
@@ -325,6 +330,16 @@ impl CmkFs {
     /// Directory inode `ino`, held open.
     fn dir(&self, ino: INodeNo) -> FsResult<Arc<Dir>> {
         self.table.dir(&self.vol, ino.0)
+    }
+
+    /// The entry and attribute timeout of a reply: none during a backup's quiesce, so that
+    /// the kernel holds no valid attributes of a file then (see `Gates`).
+    fn attr_ttl(&self) -> &Duration {
+        if self.vol.gates().quiescing() {
+            &Duration::ZERO
+        } else {
+            &self.ttl
+        }
     }
 
     fn file(&self, fh: FileHandle) -> FsResult<Arc<OpenFile>> {
@@ -519,7 +534,11 @@ impl Filesystem for CmkFs {
         self.table.forget(ino.0, nlookup);
     }
 
-    fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
+    fn getattr(&self, req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
+        // A cached `write(2)` asks for a regular file's attributes first once they are
+        // invalid: a backup's quiesce holds it here (see `Gates`).
+        let _hold = (self.table.kind(ino.0) == Some(libc::S_IFREG))
+            .then(|| self.vol.gates().attrs(req.pid()));
         let _pass = self.vol.gates().read();
         self.do_getattr(ino, fh, reply)
     }
@@ -637,7 +656,11 @@ impl Filesystem for CmkFs {
         self.do_link(ino, newparent, newname, reply)
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        // No new handle for writing appears while a backup's quiesce drains the open ones.
+        let writing =
+            flags.acc_mode() != OpenAccMode::O_RDONLY || flags.0 & libc::O_TRUNC != 0;
+        let _hold = writing.then(|| self.vol.gates().attrs(req.pid()));
         let _pass = self.vol.gates().read();
         self.do_open(ino, flags, reply)
     }

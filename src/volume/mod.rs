@@ -43,7 +43,7 @@ use std::collections::HashMap;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak};
 use std::time::SystemTime;
 
@@ -306,6 +306,13 @@ impl Drop for MoveGuard<'_> {
 /// `exclusive` first, which requests never take: a close waiting behind a freeze waits
 /// there, holding nothing, so reads go on during the freeze (a close queued on `names`
 /// would hold every new request back until the freeze ends).
+///
+/// With the kernel's writeback cache a backup's freeze comes in two steps
+/// ([`Gates::quiesce`], then [`Quiesced::freeze`]): `attrs` is held exclusively meanwhile,
+/// and every GETATTR of a regular file and every OPEN for writing ([`Gates::attrs`]) waits
+/// (the kernel asks for a regular file's attributes before each cached `write(2)`, outside
+/// the inode lock, once they are invalid: so no new `write(2)` starts while the cached
+/// ones are written back). The drain's own thread ([`Gates::set_drainer`]) passes.
 #[derive(Debug, Default)]
 pub struct Gates {
     exclusive: Mutex<()>,
@@ -315,6 +322,52 @@ pub struct Gates {
     /// exclusively (never waited for) while cmkfs writes one of its control files there
     /// ([`Volume::keeping_root_mtime`]).
     root: RwLock<()>,
+    /// Held shared by GETATTR of regular files and OPEN for writing, exclusively during a
+    /// quiesce.
+    attrs: RwLock<()>,
+    /// True from the start of a quiesce until its freeze: attributes are then given to the
+    /// kernel with a zero timeout, so that none it holds stays valid.
+    quiescing: AtomicBool,
+    /// The thread id (as FUSE requests carry it) of the drain, whose requests pass `attrs`.
+    drainer: AtomicU32,
+    /// Bumped by [`Gates::lift_freezes`]: a freeze or quiesce that sees it move ends.
+    lifts: AtomicU64,
+}
+
+/// A quiesce ([`Gates::quiesce`]): no GETATTR of a regular file and no OPEN for writing
+/// runs, except the drain's; every other request does.
+pub struct Quiesced<'a> {
+    gates: &'a Gates,
+    attrs: Option<RwLockWriteGuard<'a, ()>>,
+    exclusive: Option<MutexGuard<'a, ()>>,
+    /// [`Gates::lifts`] when it began.
+    pub lifts: u64,
+}
+
+impl<'a> Quiesced<'a> {
+    /// Closes the write gate (as [`Gates::freeze_writes`]), then lets the held GETATTRs and
+    /// OPENs go on: a `write(2)` that waited in its GETATTR writes into the kernel's pages,
+    /// and their WRITEs wait for the thaw.
+    pub fn freeze(mut self) -> Frozen<'a> {
+        let writes = self.gates.writes.write().unwrap_or_else(|p| p.into_inner());
+        self.end();
+        Frozen {
+            _writes: writes,
+            _exclusive: self.exclusive.take().expect("held until freeze or drop"),
+        }
+    }
+
+    fn end(&mut self) {
+        self.gates.quiescing.store(false, Ordering::SeqCst);
+        self.gates.drainer.store(0, Ordering::SeqCst);
+        self.attrs = None;
+    }
+}
+
+impl Drop for Quiesced<'_> {
+    fn drop(&mut self) {
+        self.end();
+    }
 }
 
 /// A request's pass through the [`Gates`].
@@ -378,6 +431,59 @@ impl Gates {
             _names: names,
             _exclusive: exclusive,
         }
+    }
+
+    /// For a GETATTR of a regular file or an OPEN for writing by thread `tid` (the FUSE
+    /// request's pid): waits while a quiesce holds them, unless `tid` is the drain's.
+    pub fn attrs(&self, tid: u32) -> Option<RwLockReadGuard<'_, ()>> {
+        if tid != 0 && self.drainer.load(Ordering::SeqCst) == tid {
+            return None;
+        }
+        Some(self.attrs.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// True during a quiesce: attributes go to the kernel with a zero timeout.
+    pub fn quiescing(&self) -> bool {
+        self.quiescing.load(Ordering::SeqCst)
+    }
+
+    /// Names the thread whose requests pass a quiesce (`0`: none).
+    pub fn set_drainer(&self, tid: u32) {
+        self.drainer.store(tid, Ordering::SeqCst);
+    }
+
+    /// First step of a backup's freeze with the writeback cache (see [`Gates`]): waits for
+    /// the GETATTRs and OPENs in flight and holds new ones back. The caller then invalidates
+    /// the kernel's attributes and drains its cached writes, then calls
+    /// [`Quiesced::freeze`]; dropping the guard instead ends the quiesce.
+    pub fn quiesce(&self) -> Quiesced<'_> {
+        let exclusive = self.exclusive.lock().unwrap_or_else(|p| p.into_inner());
+        // Before the gate closes: a reply built from now on gives no attribute timeout.
+        self.quiescing.store(true, Ordering::SeqCst);
+        let attrs = self.attrs.write().unwrap_or_else(|p| p.into_inner());
+        Quiesced {
+            gates: self,
+            attrs: Some(attrs),
+            exclusive: Some(exclusive),
+            lifts: self.lifts.load(Ordering::SeqCst),
+        }
+    }
+
+    /// Ends every quiesce and freeze soon (their owners watch [`Gates::lifted_since`]): a
+    /// revocation's cut-off sends the kernel's dirty pages to the daemon, and those WRITEs
+    /// must not wait for a backup.
+    pub fn lift_freezes(&self) {
+        self.lifts.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// True when [`Gates::lift_freezes`] was called since `lifts` was read.
+    pub fn lifted_since(&self, lifts: u64) -> bool {
+        self.lifts.load(Ordering::SeqCst) != lifts
+    }
+
+    /// The current [`Gates::lift_freezes`] count.
+    pub fn lifts(&self) -> u64 {
+        self.lifts.load(Ordering::SeqCst)
     }
 
     /// Waits for every change in flight and holds new ones back; reads go on.
