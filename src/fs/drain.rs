@@ -6,14 +6,15 @@
 //! alone would then cut a running `write(2)` in two (part written back, part held). So,
 //! with the kernel facts this relies on (Linux 6.18, fs/fuse):
 //!
-//! 1. **Quiesce** ([`crate::volume::Gates::quiesce`]): GETATTR of regular files and OPEN
-//!    for writing wait; replies give attributes no timeout; then every inode the kernel
+//! 1. **Quiesce** ([`crate::volume::Gates::quiesce`]): GETATTRs of regular files are parked
+//!    (kept unanswered, holding no thread, in the order they came); replies give attributes
+//!    no timeout; then every inode the kernel
 //!    knows gets its attributes invalidated (`FUSE_NOTIFY_INVAL_INODE` with offset < 0:
 //!    `fuse_reverse_inval_inode` invalidates attributes, pages only for offset >= 0). A
 //!    cached `write(2)` (`fuse_cache_write_iter`) calls `fuse_update_attributes(..,
 //!    STATX_SIZE | STATX_MODE)` before it takes the inode lock, and an invalid mode (or an
-//!    expired timeout) makes that a GETATTR: every new `write(2)` waits in the daemon,
-//!    holding nothing. A reply to a request sent before the invalidation carries an older
+//!    expired timeout) makes that a GETATTR: every new `write(2)` waits for its answer,
+//!    holding no lock. A reply to a request sent before the invalidation carries an older
 //!    attribute version, which the kernel drops (`fuse_change_attributes_i`).
 //! 2. **Drain**: a `write(2)` already past that point holds the inode lock while it
 //!    copies. A thread of the daemon opens every regular file with an open handle through
@@ -26,7 +27,7 @@
 //!    quiesce (its thread id, [`crate::volume::Gates::set_drainer`]); WRITE, FSYNC,
 //!    RELEASE and every other request go on meanwhile.
 //! 3. **Freeze** ([`crate::volume::Quiesced::freeze`]): every change waits, WRITE
-//!    included, then the held GETATTRs and OPENs go on: new writes fill the kernel's pages
+//!    included, then the parked GETATTRs are answered: new writes fill the kernel's pages
 //!    and their WRITEs wait for the thaw.
 
 use std::fs::File;
@@ -37,7 +38,7 @@ use std::time::{Duration, Instant};
 
 use fuser::INodeNo;
 
-use super::{lock, OnlineHandle};
+use super::{lock, CmkFs, OnlineHandle};
 use crate::volume::{Frozen, Volume};
 
 /// Why a backup's freeze could not be taken.
@@ -93,10 +94,14 @@ impl OnlineHandle {
         mountpoint: &Path,
         limit: Duration,
     ) -> Result<(Frozen<'v>, Option<Drained>), DrainError> {
-        if !self.writeback_cache {
+        if !self.opts.writeback_cache {
             return Ok((vol.gates().freeze_writes(), None));
         }
         let quiet = vol.gates().quiesce();
+        lock(&self.parked).on = true;
+        // Answers the parked GETATTRs however this ends (after the freeze when it is taken:
+        // declared before it, dropped after).
+        let _unpark = Unpark(self);
         if let Some(n) = self.notifier.get() {
             let (inodes, _) = self.table.invalidation_targets();
             for ino in inodes {
@@ -147,6 +152,40 @@ impl OnlineHandle {
             tracing::info!(files = d.files, exact = d.exact, "cached writes drained");
         }
         Ok((quiet.freeze(), drained))
+    }
+}
+
+/// Ends the parking of GETATTRs and answers those parked, in order.
+struct Unpark<'a>(&'a OnlineHandle);
+
+impl Drop for Unpark<'_> {
+    fn drop(&mut self) {
+        let parked = {
+            let mut p = lock(&self.0.parked);
+            p.on = false;
+            std::mem::take(&mut p.getattrs)
+        };
+        if parked.is_empty() {
+            return;
+        }
+        tracing::debug!(
+            n = parked.len(),
+            "answering the GETATTRs parked by the quiesce"
+        );
+        let fs = CmkFs {
+            opts: self.0.opts,
+            ttl: self.0.ttl,
+            vol: self.0.vol.clone(),
+            table: self.0.table.clone(),
+            files: self.0.files.clone(),
+            dirs: std::sync::Mutex::default(),
+            next_fh: std::sync::atomic::AtomicU64::new(0),
+            parked: self.0.parked.clone(),
+        };
+        for (ino, fh, reply) in parked {
+            let _pass = fs.vol.gates().read();
+            fs.do_getattr(ino, fh, reply);
+        }
     }
 }
 

@@ -10,8 +10,8 @@
 //! trait impl below only dispatches to them.
 
 mod attr;
-mod drain;
 mod dir_ops;
+mod drain;
 mod nodes;
 mod open_create;
 mod rename_link;
@@ -26,7 +26,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
     AccessFlags, BsdFileFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, INodeNo,
-    KernelConfig, LockOwner, OpenAccMode, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
+    KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
     ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite,
     Request, TimeOrNow, WriteFlags,
 };
@@ -90,6 +90,13 @@ struct Files {
     by_ino: HashMap<u64, Vec<u64>>,
 }
 
+/// GETATTRs parked during a backup's quiesce (`drain`), answered when it ends.
+#[derive(Default)]
+struct Parked {
+    on: bool,
+    getattrs: Vec<(INodeNo, Option<FileHandle>, ReplyAttr)>,
+}
+
 /// Kernel-side choices of a mount.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct FsOptions {
@@ -116,6 +123,7 @@ pub struct CmkFs {
     files: Arc<Mutex<Files>>,
     dirs: Mutex<HashMap<u64, Arc<DirSnapshot>>>,
     next_fh: AtomicU64,
+    parked: Arc<Mutex<Parked>>,
 }
 
 /// The filesystem's side of an online re-encryption
@@ -126,8 +134,11 @@ pub struct OnlineHandle {
     files: Arc<Mutex<Files>>,
     /// The session's notifier, set once the session exists ([`OnlineHandle::set_notifier`]).
     notifier: std::sync::OnceLock<fuser::Notifier>,
-    /// Whether the kernel caches writes (a backup's freeze then drains them first).
-    writeback_cache: bool,
+    /// The mount's choices (a backup's freeze drains cached writes first).
+    opts: FsOptions,
+    /// Entry and attribute timeout given to the kernel.
+    ttl: Duration,
+    parked: Arc<Mutex<Parked>>,
 }
 
 impl crate::volume::reencrypt::Online for OnlineHandle {
@@ -266,6 +277,7 @@ impl CmkFs {
             files: Arc::new(Mutex::new(Files::default())),
             dirs: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
+            parked: Arc::default(),
         }
     }
 
@@ -287,7 +299,9 @@ impl CmkFs {
             table: self.table.clone(),
             files: self.files.clone(),
             notifier: std::sync::OnceLock::new(),
-            writeback_cache: self.opts.writeback_cache,
+            opts: self.opts,
+            ttl: self.ttl,
+            parked: self.parked.clone(),
         }
     }
 
@@ -536,9 +550,14 @@ impl Filesystem for CmkFs {
 
     fn getattr(&self, req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
         // A cached `write(2)` asks for a regular file's attributes first once they are
-        // invalid: a backup's quiesce holds it here (see `Gates`).
-        let _hold = (self.table.kind(ino.0) == Some(libc::S_IFREG))
-            .then(|| self.vol.gates().attrs(req.pid()));
+        // invalid: a backup's quiesce parks it here (see `Gates`), holding no thread.
+        if self.vol.gates().parks(req.pid()) && self.table.kind(ino.0) == Some(libc::S_IFREG) {
+            let mut p = lock(&self.parked);
+            if p.on {
+                p.getattrs.push((ino, fh, reply));
+                return;
+            }
+        }
         let _pass = self.vol.gates().read();
         self.do_getattr(ino, fh, reply)
     }
@@ -656,11 +675,7 @@ impl Filesystem for CmkFs {
         self.do_link(ino, newparent, newname, reply)
     }
 
-    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        // No new handle for writing appears while a backup's quiesce drains the open ones.
-        let writing =
-            flags.acc_mode() != OpenAccMode::O_RDONLY || flags.0 & libc::O_TRUNC != 0;
-        let _hold = writing.then(|| self.vol.gates().attrs(req.pid()));
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let _pass = self.vol.gates().read();
         self.do_open(ino, flags, reply)
     }

@@ -308,11 +308,10 @@ impl Drop for MoveGuard<'_> {
 /// would hold every new request back until the freeze ends).
 ///
 /// With the kernel's writeback cache a backup's freeze comes in two steps
-/// ([`Gates::quiesce`], then [`Quiesced::freeze`]): `attrs` is held exclusively meanwhile,
-/// and every GETATTR of a regular file and every OPEN for writing ([`Gates::attrs`]) waits
-/// (the kernel asks for a regular file's attributes before each cached `write(2)`, outside
-/// the inode lock, once they are invalid: so no new `write(2)` starts while the cached
-/// ones are written back). The drain's own thread ([`Gates::set_drainer`]) passes.
+/// ([`Gates::quiesce`], then [`Quiesced::freeze`]): meanwhile `crate::fs` parks every
+/// GETATTR of a regular file but the drain's ([`Gates::parks`]; the kernel asks for a
+/// regular file's attributes before each cached `write(2)`, outside the inode lock, once
+/// they are invalid: so no new `write(2)` starts while the cached ones are written back).
 #[derive(Debug, Default)]
 pub struct Gates {
     exclusive: Mutex<()>,
@@ -322,32 +321,28 @@ pub struct Gates {
     /// exclusively (never waited for) while cmkfs writes one of its control files there
     /// ([`Volume::keeping_root_mtime`]).
     root: RwLock<()>,
-    /// Held shared by GETATTR of regular files and OPEN for writing, exclusively during a
-    /// quiesce.
-    attrs: RwLock<()>,
     /// True from the start of a quiesce until its freeze: attributes are then given to the
     /// kernel with a zero timeout, so that none it holds stays valid.
     quiescing: AtomicBool,
-    /// The thread id (as FUSE requests carry it) of the drain, whose requests pass `attrs`.
+    /// The thread id (as FUSE requests carry it) of the drain, whose GETATTRs pass.
     drainer: AtomicU32,
     /// Bumped by [`Gates::lift_freezes`]: a freeze or quiesce that sees it move ends.
     lifts: AtomicU64,
 }
 
-/// A quiesce ([`Gates::quiesce`]): no GETATTR of a regular file and no OPEN for writing
-/// runs, except the drain's; every other request does.
+/// A quiesce ([`Gates::quiesce`]): GETATTRs of regular files are parked, except the
+/// drain's; every other request runs.
 pub struct Quiesced<'a> {
     gates: &'a Gates,
-    attrs: Option<RwLockWriteGuard<'a, ()>>,
     exclusive: Option<MutexGuard<'a, ()>>,
     /// [`Gates::lifts`] when it began.
     pub lifts: u64,
 }
 
 impl<'a> Quiesced<'a> {
-    /// Closes the write gate (as [`Gates::freeze_writes`]), then lets the held GETATTRs and
-    /// OPENs go on: a `write(2)` that waited in its GETATTR writes into the kernel's pages,
-    /// and their WRITEs wait for the thaw.
+    /// Closes the write gate (as [`Gates::freeze_writes`]) and ends the quiesce: the parked
+    /// GETATTRs are then answered (`crate::fs`), a `write(2)` that waited in one writes into
+    /// the kernel's pages, and their WRITEs wait for the thaw.
     pub fn freeze(mut self) -> Frozen<'a> {
         let writes = self.gates.writes.write().unwrap_or_else(|p| p.into_inner());
         self.end();
@@ -360,7 +355,6 @@ impl<'a> Quiesced<'a> {
     fn end(&mut self) {
         self.gates.quiescing.store(false, Ordering::SeqCst);
         self.gates.drainer.store(0, Ordering::SeqCst);
-        self.attrs = None;
     }
 }
 
@@ -433,13 +427,10 @@ impl Gates {
         }
     }
 
-    /// For a GETATTR of a regular file or an OPEN for writing by thread `tid` (the FUSE
-    /// request's pid): waits while a quiesce holds them, unless `tid` is the drain's.
-    pub fn attrs(&self, tid: u32) -> Option<RwLockReadGuard<'_, ()>> {
-        if tid != 0 && self.drainer.load(Ordering::SeqCst) == tid {
-            return None;
-        }
-        Some(self.attrs.read().unwrap_or_else(|p| p.into_inner()))
+    /// Whether a GETATTR of a regular file by thread `tid` (the FUSE request's pid) is
+    /// parked: during a quiesce, unless `tid` is the drain's.
+    pub fn parks(&self, tid: u32) -> bool {
+        self.quiescing() && !(tid != 0 && self.drainer.load(Ordering::SeqCst) == tid)
     }
 
     /// True during a quiesce: attributes go to the kernel with a zero timeout.
@@ -452,18 +443,15 @@ impl Gates {
         self.drainer.store(tid, Ordering::SeqCst);
     }
 
-    /// First step of a backup's freeze with the writeback cache (see [`Gates`]): waits for
-    /// the GETATTRs and OPENs in flight and holds new ones back. The caller then invalidates
-    /// the kernel's attributes and drains its cached writes, then calls
-    /// [`Quiesced::freeze`]; dropping the guard instead ends the quiesce.
+    /// First step of a backup's freeze with the writeback cache (see [`Gates`]): from now
+    /// on replies give no attribute timeout and GETATTRs of regular files are parked. The
+    /// caller then invalidates the kernel's attributes and drains its cached writes, then
+    /// calls [`Quiesced::freeze`]; dropping the guard instead ends the quiesce.
     pub fn quiesce(&self) -> Quiesced<'_> {
         let exclusive = self.exclusive.lock().unwrap_or_else(|p| p.into_inner());
-        // Before the gate closes: a reply built from now on gives no attribute timeout.
         self.quiescing.store(true, Ordering::SeqCst);
-        let attrs = self.attrs.write().unwrap_or_else(|p| p.into_inner());
         Quiesced {
             gates: self,
-            attrs: Some(attrs),
             exclusive: Some(exclusive),
             lifts: self.lifts.load(Ordering::SeqCst),
         }
