@@ -118,6 +118,11 @@ impl OnlineHandle {
                 .filter_map(|ino| Some((*ino, self.table.generation(*ino)? as u32)))
                 .collect()
         };
+        tracing::debug!(
+            handles = lock(&self.files).by_ino.len(),
+            files = targets.len(),
+            "draining the kernel's cached writes"
+        );
         let (tx, rx) = mpsc::channel();
         let (v, mp) = (self.vol.clone(), mountpoint.to_path_buf());
         let spawned = std::thread::Builder::new()
