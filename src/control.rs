@@ -16,6 +16,12 @@
 //!   mount's `--freeze-limit` (a lease: a stuck client cannot hold writers forever); then
 //!   `{"thawed":"<why>"}`. What a backup of a mounted volume reads meanwhile is one point
 //!   in time.
+//! * `{"op":"keeprootmtime"}` — for another process that replaces a control file in the
+//!   backing root (a Disk Encryption Set rewrap's header, [`crate::des`]): takes the root gate
+//!   as the mount's own control-file writes do ([`crate::volume::Volume::keeping_root_mtime`]),
+//!   answers `{"rootgate":true}` (`false`: requests kept changing the root; nothing will be put
+//!   back), and when the client sends a line or goes away (or after [`ROOT_HOLD_LIMIT`]) puts
+//!   the root's mtime back, lets the root's changes go on and answers `"released"`.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -44,6 +50,9 @@ pub enum Request {
     },
     /// Hold every change back until the connection ends.
     Freeze,
+    /// Hold the root's changes back while the client replaces a control file in the backing
+    /// root, then put the root's mtime back.
+    KeepRootMtime,
 }
 
 /// An answer line.
@@ -60,6 +69,11 @@ pub enum Answer {
     /// freeze outlived its limit without a `renew` (a backup taken meanwhile is not a
     /// point-in-time view).
     Thawed(String),
+    /// The root gate is held (`false`: requests kept changing the root, and the root's
+    /// mtime will not be put back).
+    RootGate(bool),
+    /// The root's mtime is put back and its changes go on.
+    Released,
     /// What went wrong.
     Error(String),
 }
@@ -81,6 +95,10 @@ const DRAIN_LIMIT: Duration = Duration::from_secs(20);
 const LIFT_POLL: Duration = Duration::from_millis(100);
 /// How long a client may take to send its request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a `keeprootmtime` client may hold the root's changes back: replacing a header
+/// takes milliseconds; a client that is stuck does not hold the mount's users for longer.
+pub const ROOT_HOLD_LIMIT: Duration = Duration::from_secs(10);
 
 /// What the control thread works with.
 pub struct Control {
@@ -267,6 +285,15 @@ fn serve(conn: UnixStream, ctl: &Control, busy: &Mutex<()>) {
                 tracing::warn!(limit = ?ctl.freeze_limit, "writes thawed: {why}");
             }
             let _ = answer(&conn, &Answer::Thawed(why.into()));
+        }
+        Request::KeepRootMtime => {
+            let vol = ctl.online.volume().clone();
+            vol.keeping_root_mtime(|k| {
+                if answer(&conn, &Answer::RootGate(k.held())).is_ok() {
+                    let _ = lines.recv_timeout(ROOT_HOLD_LIMIT);
+                }
+            });
+            let _ = answer(&conn, &Answer::Released);
         }
         Request::Reencrypt { discard_quarantine } => {
             let running = match busy.try_lock() {

@@ -151,6 +151,23 @@ fn parent_dir(path: &Path) -> PathBuf {
     }
 }
 
+/// Debug builds only (tests): with the environment variable `var` set to PATH, creates
+/// `PATH.reached`, then waits (at most 20 s) for `PATH` to exist, so that a test can act at
+/// that point of a command (change keys, change the volume) and then let it go on.
+#[cfg(debug_assertions)]
+pub fn test_pause(var: &str) {
+    let Some(gate) = std::env::var_os(var).map(PathBuf::from) else {
+        return;
+    };
+    let mut reached = gate.clone().into_os_string();
+    reached.push(".reached");
+    let _ = fs::write(&reached, b"");
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !gate.exists() && std::time::Instant::now() < end {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

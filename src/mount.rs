@@ -393,16 +393,26 @@ pub fn umount_syscall(mp: &Path, lazy: bool) -> io::Result<()> {
 }
 
 fn pid_alive(pid: u32) -> bool {
-    // Zombies count as gone: their mount work is over.
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(s) => !s
-            .rsplit(')')
-            .next()
-            .unwrap_or("")
-            .trim_start()
-            .starts_with('Z'),
-        Err(_) => false,
+    // Zombies count as gone: their mount work is over. But every thread counts, not only the
+    // leader's `/proc/PID/stat`: when a process exits, its leader shows `Z` at once while
+    // another thread may still be finishing, holding the descriptors (a thread waiting for a
+    // FUSE request already sent to a stalled filesystem waits for its answer even when
+    // killed). An unmount of the filesystem below it then fails with EBUSY
+    // (`revocation::a_stalled_backing_store_cannot_hold_off_revocation`, under load).
+    let live = |stat: &Path| {
+        std::fs::read_to_string(stat).is_ok_and(|s| {
+            !s.rsplit(')')
+                .next()
+                .unwrap_or("")
+                .trim_start()
+                .starts_with(['Z', 'X'])
+        })
+    };
+    if live(Path::new(&format!("/proc/{pid}/stat"))) {
+        return true;
     }
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .is_ok_and(|tasks| tasks.flatten().any(|t| live(&t.path().join("stat"))))
 }
 
 /// Blocks SIGINT/SIGTERM/SIGHUP in this thread (and threads spawned after) and starts a

@@ -380,23 +380,12 @@ pub fn restore(
     }
 }
 
-/// Debug builds only (tests): with the environment variable `var` set to PATH, the restore
-/// creates `PATH.reached`, then waits (at most 20 s) for `PATH` to exist, so a test can
-/// change keys at that point. `CMKFS_TEST_RESTORE_PAUSE`: the tree is complete, before the
-/// final backup-key check; `CMKFS_TEST_RESTORE_PAUSE_NEW_DEK`: before the `--new-dek`
-/// re-encryption.
+/// Debug builds only (tests), [`crate::fsutil::test_pause`]: `CMKFS_TEST_RESTORE_PAUSE`:
+/// the tree is complete, before the final backup-key check;
+/// `CMKFS_TEST_RESTORE_PAUSE_NEW_DEK`: before the `--new-dek` re-encryption.
 #[cfg(debug_assertions)]
 fn test_pause(var: &str) {
-    let Some(gate) = std::env::var_os(var).map(PathBuf::from) else {
-        return;
-    };
-    let mut reached = gate.clone().into_os_string();
-    reached.push(".reached");
-    let _ = std::fs::write(&reached, b"");
-    let end = Instant::now() + std::time::Duration::from_secs(20);
-    while !gate.exists() && Instant::now() < end {
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
+    crate::fsutil::test_pause(var);
 }
 
 /// Names the archive an error is about when a chain has several.

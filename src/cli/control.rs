@@ -39,7 +39,9 @@ pub(crate) fn reencrypt_online(
                     mountpoint.display()
                 )
             }
-            Some(Answer::Frozen(_) | Answer::Thawed(_)) => {}
+            Some(
+                Answer::Frozen(_) | Answer::Thawed(_) | Answer::RootGate(_) | Answer::Released,
+            ) => {}
             None => {
                 bar.done();
                 bail!(

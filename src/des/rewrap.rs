@@ -239,20 +239,74 @@ fn rewrap_volume(
     drop((check, dek));
     hooks.step(RewrapStep::Verified, dir)?;
     // The header is a control file in the backing root, whose times are the mount root's:
-    // an unmounted volume's root keeps its mtime. A mounted one's users may change the root
-    // while the header is replaced, and this process cannot hold their requests back: there
-    // the mtime moves.
-    let unmounted = fs::canonicalize(dir)
-        .ok()
-        .filter(|root| !crate::fsck::mounted_anywhere(root))
-        .and_then(|_| fs::File::open(dir).ok());
-    match unmounted {
-        Some(d) => crate::volume::keep_mtime(std::os::fd::AsFd::as_fd(&d), || {
-            replace_header(dir, &new_header, hooks)
-        })?,
-        None => replace_header(dir, &new_header, hooks)?,
+    // the root keeps its mtime. A mounted volume's users may change the root meanwhile, and
+    // their change must stand: the mount holds their requests back while the header is
+    // replaced (its control socket), as it does for its own control files.
+    let root = fs::canonicalize(dir).ok();
+    if root.as_deref().is_some_and(crate::fsck::mounted_anywhere) {
+        let hold = root
+            .as_deref()
+            .and_then(|r| MountRootHold::take(vaults.home, r));
+        // Tests: a user's change of the root while the header is replaced.
+        #[cfg(debug_assertions)]
+        fsutil::test_pause("CMKFS_TEST_DES_REWRAP_PAUSE");
+        let r = replace_header(dir, &new_header, hooks);
+        if let Some(h) = hold {
+            h.release();
+        }
+        r?;
+    } else {
+        match fs::File::open(dir) {
+            Ok(d) => crate::volume::keep_mtime(std::os::fd::AsFd::as_fd(&d), || {
+                replace_header(dir, &new_header, hooks)
+            })?,
+            Err(_) => replace_header(dir, &new_header, hooks)?,
+        }
     }
     Ok(RewrapOutcome::Rewrapped)
+}
+
+/// How long a rewrap waits for each answer of a mount's control socket.
+const CONTROL_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// A mount's root gate, held for this process through the mount's control socket
+/// (`keeprootmtime`, [`crate::control`]): while it is held, no request of the mount changes
+/// the root, and on release the mount puts the root's mtime back.
+struct MountRootHold(std::os::unix::net::UnixStream);
+
+impl MountRootHold {
+    /// Asks the mount of the volume at `root` (canonical), found in `home`'s run records, to
+    /// hold its root gate. `None` when it cannot: no record in this home (a mount of another
+    /// `CMKFS_HOME`), an older daemon, a busy root (requests kept changing it); the header is
+    /// then replaced without it and the root's mtime moves, as it did before.
+    fn take(home: &Home, root: &Path) -> Option<MountRootHold> {
+        use crate::control::{self, Answer, Request};
+        let record = crate::mount::RunRecord::all(home)
+            .into_iter()
+            .find(|r| r.alive() && fs::canonicalize(&r.cipherdir).is_ok_and(|c| c == root))?;
+        let conn = control::connect(home, &record.mountpoint, &Request::KeepRootMtime)
+            .inspect_err(|e| tracing::debug!(error = %e, "the mount cannot keep the root's mtime"))
+            .ok()?;
+        conn.set_read_timeout(Some(CONTROL_WAIT)).ok()?;
+        let mut r = io::BufReader::new(conn.try_clone().ok()?);
+        match control::read_answer(&mut r) {
+            Ok(Some(Answer::RootGate(true))) => Some(MountRootHold(conn)),
+            other => {
+                tracing::debug!(answer = ?other.ok(), "the mount did not hold its root gate");
+                None
+            }
+        }
+    }
+
+    /// Lets the mount put the root's mtime back and release its root gate; waits (bounded)
+    /// until it has, so that the root's times are settled when the rewrap reports.
+    fn release(self) {
+        let mut conn = self.0;
+        if conn.write_all(b"done\n").is_ok() {
+            let mut r = io::BufReader::new(&conn);
+            let _ = crate::control::read_answer(&mut r);
+        }
+    }
 }
 
 /// [`VolumeHeader::write`]'s atomic replace, step by step so that [`Hooks::fault`] can stop

@@ -37,6 +37,11 @@ pub struct RootMtime<'a> {
 }
 
 impl RootMtime<'_> {
+    /// Whether the root gate is held: the mtime will be put back.
+    pub fn held(&self) -> bool {
+        self.before.is_some()
+    }
+
     /// Sets the root's mtime back, if it moved.
     pub fn put_back(&self) {
         let Some(m) = self.before else {

@@ -15,6 +15,12 @@
 //!   all-zero tail;
 //! * the volume header flips to version 2 (MAC recomputed) only once every file is v2.
 //!
+//! The journal and the volume header are control files in the backing root, whose times are
+//! the mount root's: the root's atime and mtime from before the upgrade are put back after
+//! each change of the root (before the directory is fsynced, so that both are durable
+//! together) and at the end; the journal records them, so that a run resumed after a crash
+//! puts back those, not the times the crashed run left.
+//!
 //! Per-file versions live in the file headers, so a volume may be half converted; the mount
 //! refuses it until the upgrade is done. The caller holds the volume lock exclusively
 //! ([`VolumeLock`]): no mount and no other upgrade runs meanwhile. Hard links are converted
@@ -37,7 +43,7 @@ use serde::Serialize;
 
 pub use check::{check_file_format, FormatFinding};
 pub use journal::JOURNAL_FILE;
-use journal::{Entry, Journal};
+use journal::{Entry, Journal, RootTimes};
 
 use super::header::{VolumeHeader, FORMAT_VERSION};
 use super::layout::{self, FileHeader, FILE_HEADER_LEN};
@@ -308,14 +314,37 @@ pub fn run(
             zero_tails: Vec::new(),
         },
         root_fd: sys::open_root(&root).map_err(io_at(&root))?,
+        root_times: None,
         root,
     };
-    up.remove_journal_temps()?;
-    up.resume(&header)?;
-    let files = find_files(&up.root, up.root_fd.as_fd(), keys)?;
-    up.convert_all(files)?;
-    up.finish(dek)?;
-    Ok(up.report)
+    up.root_times = root_times_of(up.root_fd.as_fd());
+    let r = (|| {
+        up.remove_journal_temps()?;
+        up.resume(&header)?;
+        let files = find_files(&up.root, up.root_fd.as_fd(), keys)?;
+        // The listing (atime) and the removed temps (mtime): put back before any crash point.
+        up.put_back_root_times();
+        up.convert_all(files)?;
+        up.finish(dek)
+    })();
+    match r {
+        // As a crash would: the journal has the root's times for the resumed run.
+        Err(e @ UpgradeError::Interrupted(_)) => Err(e),
+        r => {
+            up.put_back_root_times();
+            r.map(|()| up.report)
+        }
+    }
+}
+
+/// A directory's (atime, mtime) now.
+fn root_times_of(dir: BorrowedFd<'_>) -> Option<RootTimes> {
+    sys::fstat(dir).ok().map(|st| {
+        [
+            (st.st_atime, st.st_atime_nsec as u32),
+            (st.st_mtime, st.st_mtime_nsec as u32),
+        ]
+    })
 }
 
 struct Upgrader<'a, 'h> {
@@ -327,6 +356,9 @@ struct Upgrader<'a, 'h> {
     keys: &'a VolumeKeys,
     hooks: &'a mut Hooks<'h>,
     report: Report,
+    /// The backing root's (atime, mtime) from before the upgrade (an interrupted run's, from
+    /// its journal), put back after each change of the root's entries.
+    root_times: Option<RootTimes>,
 }
 
 /// A regular file found in the backing tree.
@@ -343,6 +375,19 @@ struct Pending {
 }
 
 impl Upgrader<'_, '_> {
+    /// Sets the backing root's times back to [`Upgrader::root_times`], if they moved.
+    fn put_back_root_times(&self) {
+        let Some(t) = self.root_times else {
+            return;
+        };
+        if root_times_of(self.root_fd.as_fd()) != Some(t) {
+            let [a, m] = t;
+            if let Err(e) = sys::utimens_fd(self.root_fd.as_fd(), &[Some(Some(a)), Some(Some(m))]) {
+                tracing::debug!(error = %e, "cannot set the backing root's times back");
+            }
+        }
+    }
+
     fn remove_journal_temps(&mut self) -> Result<(), UpgradeError> {
         let prefix = format!("{TEMP_PREFIX}{JOURNAL_FILE}.");
         for e in fs::read_dir(&self.root).map_err(io_at(&self.root))? {
@@ -366,6 +411,9 @@ impl Upgrader<'_, '_> {
             why,
         })?;
         tracing::warn!(journal = %path.display(), files = j.entries.len(), "resuming an interrupted upgrade: restoring and converting again the files it was converting");
+        if j.root_times.is_some() {
+            self.root_times = j.root_times;
+        }
         for e in &j.entries {
             let abs = self.root.join(&e.backing);
             let Some(f) = self.open_journaled(&abs, e)? else {
@@ -560,6 +608,7 @@ impl Upgrader<'_, '_> {
             volume_id: self.report.volume_id.clone(),
             sector_size: self.unit as u32,
             entries: items.iter().map(|(_, _, e)| e.clone()).collect(),
+            root_times: self.root_times,
         };
         self.write_journal(&j)?;
         for (p, f, e) in &items {
@@ -584,6 +633,7 @@ impl Upgrader<'_, '_> {
             .mode(0o600)
             .open(&tmp)
             .map_err(io_at(&tmp))?;
+        self.put_back_root_times();
         let written = f.write_all_at(&j.encode(), 0).and_then(|()| f.sync_all());
         drop(f);
         if let Err(e) = written {
@@ -592,6 +642,7 @@ impl Upgrader<'_, '_> {
         }
         self.hooks.step(Step::JournalTempSynced, &tmp)?;
         fs::rename(&tmp, &path).map_err(io_at(&path))?;
+        self.put_back_root_times();
         fsutil::sync_dir(&self.root).map_err(io_at(&self.root))?;
         self.hooks.step(Step::JournalDurable, &path)
     }
@@ -649,6 +700,7 @@ impl Upgrader<'_, '_> {
         let path = Journal::path(&self.root);
         match fs::remove_file(&path) {
             Ok(()) => {
+                self.put_back_root_times();
                 fsutil::sync_dir(&self.root).map_err(io_at(&self.root))?;
                 self.hooks.step(Step::JournalRemoved, &path)?;
             }
@@ -657,7 +709,9 @@ impl Upgrader<'_, '_> {
         }
         let header = VolumeHeader::read(&self.root)?;
         if header.format_version < FORMAT_VERSION {
-            header.format_upgraded(dek).write(&self.root)?;
+            header
+                .format_upgraded(dek)
+                .write_then(&self.root, &mut || self.put_back_root_times())?;
             tracing::info!(cipherdir = %self.root.display(), "volume header now says format v{FORMAT_VERSION}");
             self.hooks
                 .step(Step::VolumeHeaderWritten, &self.root.clone())?;

@@ -7,7 +7,7 @@
 use crate::common;
 
 use std::collections::{BTreeMap, HashSet};
-use std::ffi::CString;
+use std::ffi::{CString, OsStr};
 use std::fs;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};
@@ -22,11 +22,6 @@ use rand::{Rng, SeedableRng};
 use sha2::{Digest, Sha256};
 
 const MARKER: &[u8] = b"PLAINTEXT-MARKER-b4ckup";
-
-pub(crate) fn json(out: &Output) -> serde_json::Value {
-    out.assert_ok();
-    serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("not JSON ({e}):\n{out}"))
-}
 
 /// A volume, a second key for backups, and a Disk Encryption Set `d` (key `dkey`).
 pub(crate) fn setup(env: &Env) {
@@ -51,6 +46,24 @@ pub(crate) fn backup_with_bkey(env: &Env, archive: &Path) {
         "bkey".as_ref(),
     ])
     .assert_ok();
+}
+
+/// The arguments of `cmkfs restore ARCHIVE TARGET --des d EXTRA...` (the set of [`setup`]).
+fn restore_args<'a>(archive: &'a Path, target: &'a Path, extra: &[&'a str]) -> Vec<&'a OsStr> {
+    let mut args: Vec<&OsStr> = vec![
+        "restore".as_ref(),
+        archive.as_os_str(),
+        target.as_os_str(),
+        "--des".as_ref(),
+        "d".as_ref(),
+    ];
+    args.extend(extra.iter().map(|e| OsStr::new(*e)));
+    args
+}
+
+/// Runs `cmkfs restore ARCHIVE TARGET --des d EXTRA...` (not asserted: the caller checks).
+pub(crate) fn restore_to(env: &Env, archive: &Path, target: &Path, extra: &[&str]) -> Output {
+    env.cmkfs(&restore_args(archive, target, extra))
 }
 
 pub(crate) fn setxattr(p: &Path, name: &str, value: &[u8]) {
@@ -427,13 +440,7 @@ fn round_trip_keeps_every_byte_and_metadata_and_new_dek_shares_no_ciphertext_blo
     // The volume holds a device node (null-dev): without --allow-devices the restore says
     // so, and nothing is written.
     let r1 = env.root.join("restored");
-    let out = env.cmkfs(&[
-        "restore".as_ref(),
-        archive.as_os_str(),
-        r1.as_os_str(),
-        "--des".as_ref(),
-        "d".as_ref(),
-    ]);
+    let out = restore_to(&env, &archive, &r1, &[]);
     assert!(
         !out.status.success()
             && out.stderr.contains("character device node")
@@ -450,15 +457,12 @@ fn round_trip_keeps_every_byte_and_metadata_and_new_dek_shares_no_ciphertext_blo
     assert!(beside.is_empty(), "temp left: {beside:?}");
     // Restore under the set: the same backing bytes (set-id data files, FIFO, sticky and
     // setgid directories, xattrs, ACLs, long names and targets), a header under the set's key.
-    let r = json(&env.cmkfs(&[
-        "restore".as_ref(),
-        archive.as_os_str(),
-        r1.as_os_str(),
-        "--des".as_ref(),
-        "d".as_ref(),
-        "--allow-devices".as_ref(),
-        "--json".as_ref(),
-    ]));
+    let r = json(&restore_to(
+        &env,
+        &archive,
+        &r1,
+        &["--allow-devices", "--json"],
+    ));
     assert!(r["key_id"].as_str().unwrap().contains("/keys/dkey/"), "{r}");
     assert_eq!(backing(&r1), backing(&env.cipher), "backing trees differ");
     let info = env.info(&r1);
@@ -470,15 +474,12 @@ fn round_trip_keeps_every_byte_and_metadata_and_new_dek_shares_no_ciphertext_blo
     );
     // Restored again while that copy is live (listed in set d): same DEK, but its own id.
     let r3 = env.root.join("restored-again");
-    let r = json(&env.cmkfs(&[
-        "restore".as_ref(),
-        archive.as_os_str(),
-        r3.as_os_str(),
-        "--des".as_ref(),
-        "d".as_ref(),
-        "--allow-devices".as_ref(),
-        "--json".as_ref(),
-    ]));
+    let r = json(&restore_to(
+        &env,
+        &archive,
+        &r3,
+        &["--allow-devices", "--json"],
+    ));
     assert_eq!(r["source_live_at"], r1.display().to_string(), "{r}");
     let info3 = env.info(&r3);
     assert_ne!(
@@ -510,16 +511,12 @@ fn round_trip_keeps_every_byte_and_metadata_and_new_dek_shares_no_ciphertext_blo
 
     // --new-dek: same plaintext, no shared key, no shared ciphertext block.
     let r2 = env.root.join("restored-new-dek");
-    let r = json(&env.cmkfs(&[
-        "restore".as_ref(),
-        archive.as_os_str(),
-        r2.as_os_str(),
-        "--des".as_ref(),
-        "d".as_ref(),
-        "--new-dek".as_ref(),
-        "--allow-devices".as_ref(),
-        "--json".as_ref(),
-    ]));
+    let r = json(&restore_to(
+        &env,
+        &archive,
+        &r2,
+        &["--new-dek", "--allow-devices", "--json"],
+    ));
     assert!(r["new_dek"]["files"].as_u64().unwrap() > 10, "{r}");
     let (h1, h2) = (env.info(&env.cipher), env.info(&r2));
     assert_ne!(h1["dek_fingerprint"], h2["dek_fingerprint"]);
@@ -665,21 +662,9 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
 }
 
-/// Restore of `archive` into a fresh target must fail with one line and leave nothing.
-#[track_caller]
-fn assert_refused(env: &Env, archive: &Path, what: &str) -> String {
-    let target = env.root.join("target");
-    let out = env.cmkfs(&[
-        "restore".as_ref(),
-        archive.as_os_str(),
-        target.as_os_str(),
-        "--des".as_ref(),
-        "d".as_ref(),
-    ]);
-    assert!(!out.ok(), "{what}: restore succeeded");
-    out.assert_clear_error();
-    assert!(!target.exists(), "{what}: the target was created");
-    let left: Vec<PathBuf> = fs::read_dir(&env.root)
+/// What a restore left in `dir`: its temp trees (`cmkfs-restore` in the name).
+pub(crate) fn restore_temps_in(dir: &Path) -> Vec<PathBuf> {
+    fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap().path())
         .filter(|p| {
@@ -688,7 +673,18 @@ fn assert_refused(env: &Env, archive: &Path, what: &str) -> String {
                 .to_string_lossy()
                 .contains("cmkfs-restore")
         })
-        .collect();
+        .collect()
+}
+
+/// Restore of `archive` into a fresh target must fail with one line and leave nothing.
+#[track_caller]
+fn assert_refused(env: &Env, archive: &Path, what: &str) -> String {
+    let target = env.root.join("target");
+    let out = restore_to(env, archive, &target, &[]);
+    assert!(!out.ok(), "{what}: restore succeeded");
+    out.assert_clear_error();
+    assert!(!target.exists(), "{what}: the target was created");
+    let left = restore_temps_in(&env.root);
     assert!(left.is_empty(), "{what}: left {left:?}");
     let des = fs::read_to_string(env.home.join("des/d.json")).unwrap();
     assert!(
@@ -822,32 +818,18 @@ fn tampered_truncated_or_foreign_archives_and_a_disabled_backup_key_are_refused_
     env.cmkfs(&["vault", "key", "update", "bkey", "--enable"])
         .assert_ok();
     let target = env.root.join("target");
-    env.cmkfs(&[
-        "restore".as_ref(),
-        archive.as_os_str(),
-        target.as_os_str(),
-        "--des".as_ref(),
-        "d".as_ref(),
-    ])
-    .assert_ok();
+    restore_to(&env, &archive, &target, &[]).assert_ok();
     // A missing archive: one line that says its OS error once.
-    let out = env.cmkfs(&[
-        "restore".as_ref(),
-        env.root.join("missing.tar").as_os_str(),
-        env.root.join("t2").as_os_str(),
-        "--des".as_ref(),
-        "d".as_ref(),
-    ]);
+    let out = restore_to(
+        &env,
+        &env.root.join("missing.tar"),
+        &env.root.join("t2"),
+        &[],
+    );
     out.assert_clear_error();
     assert_eq!(out.stderr.matches("os error 2").count(), 1, "{out}");
     // A non-empty target is refused before anything else.
-    let out = env.cmkfs(&[
-        "restore".as_ref(),
-        archive.as_os_str(),
-        target.as_os_str(),
-        "--des".as_ref(),
-        "d".as_ref(),
-    ]);
+    let out = restore_to(&env, &archive, &target, &[]);
     out.assert_clear_error();
     assert!(out.stderr.contains("not empty"), "{out}");
 }
@@ -908,31 +890,8 @@ fn restore_across_a_gate(
     at_gate: impl FnOnce(),
 ) -> std::process::Output {
     let gate = env.root.join(format!("gate-{var}"));
-    let mut args: Vec<&std::ffi::OsStr> = vec![
-        "restore".as_ref(),
-        archive.as_os_str(),
-        target.as_os_str(),
-        "--des".as_ref(),
-        "d".as_ref(),
-    ];
-    args.extend(extra.iter().map(std::ffi::OsStr::new));
-    let mut cmd = env.command(&args);
-    cmd.env(var, &gate)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped());
-    let child = cmd.spawn().unwrap();
-    let reached = env.root.join(format!("gate-{var}.reached"));
-    let end = std::time::Instant::now() + Duration::from_secs(60);
-    while !reached.exists() {
-        assert!(
-            std::time::Instant::now() < end,
-            "the restore never reached {var}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    at_gate();
-    fs::write(&gate, b"").unwrap();
-    child.wait_with_output().unwrap()
+    let cmd = env.command(&restore_args(archive, target, extra));
+    run_across_a_gate(cmd, var, &gate, &gate, at_gate)
 }
 
 /// A backup key disabled while a restore runs: nothing is published (the mirror of the
@@ -1075,14 +1034,7 @@ fn backup_of_a_mounted_volume_while_a_writer_runs_is_one_point_in_time() {
     if let Ok(v) = std::env::var("CMKFS_TEST_SHOW_TORN") {
         // Evidence that the writer does tear an unfrozen copy (not asserted: timing).
         let t = env.root.join(format!("torn-{v}"));
-        env.cmkfs(&[
-            "restore".as_ref(),
-            forced.as_os_str(),
-            t.as_os_str(),
-            "--des".as_ref(),
-            "d".as_ref(),
-        ])
-        .assert_ok();
+        restore_to(&env, &forced, &t, &[]).assert_ok();
         let m2 = env.dir("m-torn");
         let mm = env.mount(&t, &m2);
         let (a, b) = (
@@ -1118,14 +1070,7 @@ fn backup_of_a_mounted_volume_while_a_writer_runs_is_one_point_in_time() {
     m.unmount();
 
     let target = env.root.join("r");
-    env.cmkfs(&[
-        "restore".as_ref(),
-        archive.as_os_str(),
-        target.as_os_str(),
-        "--des".as_ref(),
-        "d".as_ref(),
-    ])
-    .assert_ok();
+    restore_to(&env, &archive, &target, &[]).assert_ok();
     let m = env.mount(&target, &env.mnt);
     let a = fs::read(env.mnt.join("a")).unwrap();
     let bb = fs::read(env.mnt.join("b")).unwrap();

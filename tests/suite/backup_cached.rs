@@ -20,8 +20,6 @@ use common::*;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::backup::json;
-
 /// Longest wait for any step here: far past every step, far below a hang.
 const GUARD: Duration = Duration::from_secs(40);
 

@@ -5,7 +5,7 @@
 //! restore killed midway leaves only its temp directory, which fsck reports and a re-run
 //! removes.
 
-use crate::backup::{assert_views, backing, json, populate, setup, setxattr, tar_members, view};
+use crate::backup::{assert_views, backing, populate, setup, setxattr, tar_members, view};
 use crate::common;
 
 use std::fs;
@@ -67,16 +67,7 @@ fn sparse_blocks(cipher: &Path) -> u64 {
 }
 
 fn temps_beside(dir: &Path) -> Vec<PathBuf> {
-    fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| {
-            p.file_name()
-                .unwrap()
-                .to_string_lossy()
-                .contains("cmkfs-restore")
-        })
-        .collect()
+    crate::backup::restore_temps_in(dir)
 }
 
 /// A restore of `archives` must fail with one line naming `why`, and leave nothing.

@@ -8,58 +8,31 @@ use crate::common;
 
 use std::fs;
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
+use std::path::Path;
 use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 
-/// Longest wait for anything in these tests: far past every step, far below a hang.
-const GUARD: Duration = Duration::from_secs(30);
-
 /// Starts `cmkfs backup CIPHER ARCHIVE` held at `stage` (`CMKFS_TEST_BACKUP_HOLD`) until
 /// `gate` exists; returns once it got there.
-fn held_backup(env: &Env, archive: &Path, stage: &str, gate: &Path) -> Child {
-    let mut cmd = env.command(&[
+fn held_backup(env: &Env, archive: &Path, stage: &str, gate: &Path) -> AtGate {
+    let cmd = env.command(&[
         "backup".as_ref(),
         env.cipher.as_os_str(),
         archive.as_os_str(),
     ]);
-    cmd.env(
+    run_to_gate(
+        cmd,
         "CMKFS_TEST_BACKUP_HOLD",
         format!("{stage}:{}", gate.display()),
+        gate,
     )
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped());
-    let mut child = cmd.spawn().unwrap();
-    let reached = PathBuf::from(format!("{}.reached", gate.display()));
-    let end = Instant::now() + GUARD;
-    while !reached.exists() {
-        if Instant::now() > end || child.try_wait().unwrap().is_some() {
-            let _ = child.kill();
-            let out = child.wait_with_output().unwrap();
-            panic!(
-                "the backup never reached {stage}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child
 }
 
-/// Waits for `child` (killed past [`GUARD`]): (success, stderr).
-fn finish(mut child: Child) -> (bool, String) {
-    let end = Instant::now() + GUARD;
-    while child.try_wait().unwrap().is_none() {
-        if Instant::now() > end {
-            let _ = child.kill();
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let out = child.wait_with_output().unwrap();
+/// Waits for the held backup to end (killed past [`GATE_GUARD`]): (success, stderr).
+fn finish(backup: AtGate) -> (bool, String) {
+    let out = backup.wait();
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
@@ -155,14 +128,7 @@ fn a_backup_waiting_out_an_online_reencryption_backs_up_the_finished_volume() {
     a_key_credential_of_another_vault_is_refused(&env);
 
     let target = env.root.join("r");
-    env.cmkfs(&[
-        "restore".as_ref(),
-        archive.as_os_str(),
-        target.as_os_str(),
-        "--des".as_ref(),
-        "d".as_ref(),
-    ])
-    .assert_ok();
+    crate::backup::restore_to(&env, &archive, &target, &[]).assert_ok();
     let m = env.mount(&target, &env.mnt);
     assert!(fs::read(env.mnt.join("f")).unwrap() == data, "f differs");
     assert_eq!(fs::read(env.mnt.join("tail")).unwrap(), b"0123456789abc");

@@ -609,11 +609,6 @@ fn short(s: &str) -> String {
 // Rewraps
 // ---------------------------------------------------------------------------------------------
 
-fn json(out: &Output) -> serde_json::Value {
-    out.assert_ok();
-    serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("not JSON ({e}):\n{out}"))
-}
-
 /// After a killed rewrap: the header is the old or the new one; fsck finds at most a temp
 /// file to remove. Returns "old" or "new".
 fn check_rewrapped_header(env: &Env, round: usize, before: &str, new: &str) -> &'static str {

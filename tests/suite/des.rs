@@ -33,12 +33,6 @@ const DOUBLE: &str = "EncryptionAtRestWithPlatformAndCustomerKeys";
 // Helpers
 // ---------------------------------------------------------------------------------------------
 
-#[track_caller]
-fn json(out: &Output) -> serde_json::Value {
-    out.assert_ok();
-    serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("not JSON ({e}):\n{out}"))
-}
-
 /// Turns purge protection on (every DES needs it).
 fn purge_protection(env: &Env) {
     env.cmkfs(&["vault", "config", "--purge-protection", "on"])
@@ -128,14 +122,6 @@ fn init_des(env: &Env, cipher: &Path, des: &str) {
     );
 }
 
-fn status(env: &Env, target: &Path) -> serde_json::Value {
-    json(&env.cmkfs(&[
-        OsStr::new("status"),
-        target.as_os_str(),
-        OsStr::new("--json"),
-    ]))
-}
-
 #[track_caller]
 fn wait_status(
     env: &Env,
@@ -146,7 +132,7 @@ fn wait_status(
     let mut last = serde_json::Value::Null;
     let t0 = Instant::now();
     let ok = wait_until(GUARD, || {
-        last = status(env, target);
+        last = env.status(target);
         cond(&last)
     });
     assert!(ok, "{what} never happened; last status: {last:#}");
@@ -160,6 +146,23 @@ fn des_snapshot(env: &Env) -> std::collections::BTreeMap<String, String> {
     // The lock file is created on first use and holds no state.
     s.retain(|k, _| k != ".lock");
     s
+}
+
+/// A root mtime no run of a test can give by accident.
+const PAST: (u64, u32) = (1_500_000_000, 5);
+
+fn past() -> std::time::SystemTime {
+    std::time::UNIX_EPOCH + Duration::new(PAST.0, PAST.1)
+}
+
+fn mtime(p: &Path) -> std::time::SystemTime {
+    fs::metadata(p).unwrap().modified().unwrap()
+}
+
+/// Sets the root's mtime to [`past`] through the mount (it reaches the backing root).
+fn set_root_mtime_past(mnt: &Path) {
+    fs::File::open(mnt).unwrap().set_modified(past()).unwrap();
+    assert_eq!(mtime(mnt), past());
 }
 
 fn canonical(p: &Path) -> PathBuf {
@@ -516,12 +519,18 @@ fn rotation_keeps_a_mounted_volume_readable_and_the_old_version_can_then_be_disa
     let m = env.mount_with(&env.cipher, &env.mnt, &["--key-check-interval", "1s"]);
     let data = repeated(b"rotation ", 100_000);
     write(&m.path("f"), &data);
+    set_root_mtime_past(&m.path(""));
     let backing_before = snapshot(&env.cipher);
 
     let new = key_rotate(&env, "k");
     let out = env.cmkfs(&["des", "update", "d", "--version", version_of(&new)]);
     out.assert_ok();
     assert!(out.stdout.contains("2 volumes rewrapped"), "{out}");
+    // The header is a control file in the backing root, whose times are the mount root's:
+    // the rewrap of a mounted volume keeps the root's mtime, in the backing directory and
+    // through the mount.
+    assert_eq!(mtime(&env.cipher), past(), "the backing root's mtime");
+    assert_eq!(mtime(&m.path("")), past(), "the mount root's mtime");
     assert_eq!(
         env.info(&env.cipher)["key_id"],
         new.as_str(),
@@ -547,14 +556,14 @@ fn rotation_keeps_a_mounted_volume_readable_and_the_old_version_can_then_be_disa
 
     // Disabling the old version does not hurt: the mount stays Accessible.
     set_enabled(&env, &old, false);
-    let checked = status(&env, &env.mnt)["last_check"].clone();
+    let checked = env.status(&env.mnt)["last_check"].clone();
     wait_status(
         &env,
         &env.mnt,
         "a key check after disabling the old version",
         |s| s["last_check"] != checked,
     );
-    let s = status(&env, &env.mnt);
+    let s = env.status(&env.mnt);
     assert_eq!(s["state"], "Accessible", "{s:#}");
     assert_bytes_eq(
         "read with the old version disabled",
@@ -602,11 +611,11 @@ fn key_change_to_another_key_then_the_old_key_can_be_disabled() {
     });
 
     set_enabled(&env, &k1, false);
-    let checked = status(&env, &env.mnt)["last_check"].clone();
+    let checked = env.status(&env.mnt)["last_check"].clone();
     wait_status(&env, &env.mnt, "a key check after disabling k1", |s| {
         s["last_check"] != checked
     });
-    assert_eq!(status(&env, &env.mnt)["state"], "Accessible");
+    assert_eq!(env.status(&env.mnt)["state"], "Accessible");
     assert_eq!(read(&m.path("f")), b"key change");
     m.unmount();
     let m = env.mount(&env.cipher, &env.mnt);
@@ -641,6 +650,7 @@ fn auto_rotation_moves_a_mounted_volume_to_the_new_version_within_a_check() {
     init_des(&env, &v2, "d");
     let m = env.mount_with(&env.cipher, &env.mnt, &["--key-check-interval", "2s"]);
     write(&m.path("f"), b"auto");
+    set_root_mtime_past(&m.path(""));
 
     let new = key_rotate(&env, "k");
     let t0 = Instant::now();
@@ -669,6 +679,65 @@ fn auto_rotation_moves_a_mounted_volume_to_the_new_version_within_a_check() {
         s["key_id"] == new.as_str() && s["state"] == "Accessible"
     });
     assert_eq!(read(&m.path("f")), b"auto");
+    // The mount's own rotation keeps its root's mtime too.
+    assert_eq!(mtime(&env.cipher), past(), "the backing root's mtime");
+    assert_eq!(mtime(&m.path("")), past(), "the mount root's mtime");
+    m.unmount();
+}
+
+/// A user's change of the root while a rewrap replaces a mounted volume's header stands:
+/// the mount holds the user's create back until the header is replaced and the root's mtime
+/// put back, then the create moves the mtime (never set back over it).
+#[test]
+fn a_create_in_the_root_during_a_rewrap_of_the_mounted_volume_moves_the_roots_mtime() {
+    let env = Env::new();
+    purge_protection(&env);
+    key_create(&env, "k");
+    env.cmkfs(&["des", "create", "d", "--key", "k"]).assert_ok();
+    init_des(&env, &env.cipher, "d");
+    let m = env.mount(&env.cipher, &env.mnt);
+    set_root_mtime_past(&m.path(""));
+    let new = key_rotate(&env, "k");
+    let gate = env.root.join("gate");
+    let created = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut creator = None;
+    let out = run_across_a_gate(
+        env.command(&["des", "update", "d", "--version", version_of(&new)]),
+        "CMKFS_TEST_DES_REWRAP_PAUSE",
+        &gate,
+        &gate,
+        || {
+            let (tx, rx) = std::sync::mpsc::channel();
+            let (p, done) = (m.path("created-meanwhile"), created.clone());
+            creator = Some(std::thread::spawn(move || {
+                tx.send(()).unwrap();
+                let r = fs::write(p, b"meanwhile");
+                done.store(true, std::sync::atomic::Ordering::SeqCst);
+                r
+            }));
+            rx.recv().unwrap();
+            std::thread::sleep(Duration::from_millis(300));
+            assert!(
+                !created.load(std::sync::atomic::Ordering::SeqCst),
+                "a create in the root went through while the rewrap held the root"
+            );
+        },
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    creator.unwrap().join().unwrap().unwrap();
+    assert_eq!(header_kid(&env.cipher), new);
+    assert_eq!(read(&m.path("created-meanwhile")), b"meanwhile");
+    let root = mtime(&env.cipher);
+    assert_ne!(
+        root,
+        past(),
+        "the root's mtime was set back over the create"
+    );
+    assert_eq!(mtime(&m.path("")), root);
     m.unmount();
 }
 

@@ -52,16 +52,6 @@ impl Drop for UringOn {
     }
 }
 
-fn status(env: &Env, target: &Path) -> serde_json::Value {
-    let out = env.cmkfs(&[
-        OsStr::new("status"),
-        target.as_os_str(),
-        OsStr::new("--json"),
-    ]);
-    out.assert_ok();
-    serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("status --json: {e}\n{out}"))
-}
-
 /// Voluntary context switches of the daemon's io_uring queue threads: each request served
 /// on a queue ends one wait in io_uring_enter, so this counts at least the waits.
 fn uring_thread_switches(pid: u32) -> (usize, u64) {
@@ -270,7 +260,7 @@ fn io_uring_mount_matches_a_plain_directory_and_is_cut_off_by_revocation() {
         .assert_ok();
     let guard = Duration::from_secs(60);
     assert!(
-        wait_until(guard, || status(&env, &env.mnt)["state"] == "Inaccessible"),
+        wait_until(guard, || env.status(&env.mnt)["state"] == "Inaccessible"),
         "never cut off"
     );
     let err = fs::read(m.path("kept")).expect_err("read after revocation");

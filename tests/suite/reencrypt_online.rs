@@ -398,13 +398,7 @@ fn sigkill_of_the_daemon_during_an_online_reencrypt_then_remount_reads_every_fil
 }
 
 fn status(env: &Env) -> serde_json::Value {
-    let out = env.cmkfs(&[
-        std::ffi::OsStr::new("status"),
-        env.mnt.as_os_str(),
-        std::ffi::OsStr::new("--json"),
-    ]);
-    out.assert_ok();
-    serde_json::from_str(&out.stdout).unwrap()
+    env.status(&env.mnt)
 }
 
 #[track_caller]

@@ -112,25 +112,11 @@ fn a_lost_directory_id_or_a_quarantine_is_refused_with_nothing_changed_and_resto
 
     // restore --new-dek of an archive with a quarantine: refused, unless left out.
     let archive = env.root.join("q.tar");
-    env.cmkfs(&[
-        "backup".as_ref(),
-        env.cipher.as_os_str(),
-        archive.as_os_str(),
-        "--key".as_ref(),
-        "bkey".as_ref(),
-    ])
-    .assert_ok();
+    crate::backup::backup_with_bkey(&env, &archive);
     let restore = |dir: &str, extra: &[&str]| {
-        let mut args = vec![
-            "restore",
-            archive.to_str().unwrap(),
-            dir,
-            "--des",
-            "d",
-            "--new-dek",
-        ];
+        let mut args = vec!["--new-dek"];
         args.extend_from_slice(extra);
-        env.cmkfs(&args)
+        crate::backup::restore_to(&env, &archive, Path::new(dir), &args)
     };
     let r1 = env.root.join("r1");
     let out = restore(r1.to_str().unwrap(), &[]);

@@ -21,19 +21,8 @@ use common::*;
 /// How long a polling loop waits for a state it expects before failing the test.
 const GUARD: Duration = Duration::from_secs(60);
 
-fn status(env: &Env, target: &Path) -> serde_json::Value {
-    let out = env.cmkfs(&[
-        OsStr::new("status"),
-        target.as_os_str(),
-        OsStr::new("--json"),
-    ]);
-    out.assert_ok();
-    serde_json::from_str(&out.stdout)
-        .unwrap_or_else(|e| panic!("status --json is not JSON ({e}):\n{out}"))
-}
-
 fn state(env: &Env, target: &Path) -> String {
-    status(env, target)["state"]
+    env.status(target)["state"]
         .as_str()
         .unwrap_or("")
         .to_string()
@@ -43,7 +32,7 @@ fn state(env: &Env, target: &Path) -> String {
 fn wait_state(env: &Env, target: &Path, want: &str) -> serde_json::Value {
     let mut last = serde_json::Value::Null;
     let ok = wait_until(GUARD, || {
-        last = status(env, target);
+        last = env.status(target);
         last["state"] == want
     });
     assert!(ok, "state never became {want}; last status: {last:#}");
@@ -170,7 +159,7 @@ fn periodic_checks_alone_detect_revocation_and_heal() {
         &["--no-push", "--key-check-interval", "1s"],
     );
     write(&m.path("f"), b"periodic");
-    let st = status(&env, &env.mnt);
+    let st = env.status(&env.mnt);
     assert_eq!(st["push"], false);
     assert_eq!(st["key_check_interval_s"], 1);
     key_update(&env, &["--disable"]);
@@ -185,7 +174,7 @@ fn periodic_checks_alone_detect_revocation_and_heal() {
     key_update(&env, &["--enable"]);
     wait_state(&env, &env.mnt, "Accessible");
     assert_eq!(read(&m.path("f")), b"periodic");
-    assert!(status(&env, &env.mnt)["requests_denied"].as_u64().unwrap() >= 1);
+    assert!(env.status(&env.mnt)["requests_denied"].as_u64().unwrap() >= 1);
     m.unmount();
 }
 
@@ -314,7 +303,7 @@ fn status_json_schema_is_stable_and_the_hook_sees_events() {
     let hook_log = env.root.join("hook.jsonl");
     let hook = format!("cat >> {}", hook_log.display());
     let m = env.mount_with(&env.cipher, &env.mnt, &["--on-state-change", &hook]);
-    let st = status(&env, &env.mnt);
+    let st = env.status(&env.mnt);
     let mut keys: Vec<&str> = st.as_object().unwrap().keys().map(String::as_str).collect();
     keys.sort_unstable();
     assert_eq!(
@@ -348,7 +337,7 @@ fn status_json_schema_is_stable_and_the_hook_sees_events() {
     assert_eq!(st["mounted"], true);
     assert_eq!(st["key_id"], env.info(&env.cipher)["key_id"]);
     // By cipher dir too, and as a list.
-    assert_eq!(status(&env, &env.cipher)["mountpoint"], st["mountpoint"]);
+    assert_eq!(env.status(&env.cipher)["mountpoint"], st["mountpoint"]);
     let all = env.cmkfs(&["status", "--json"]);
     let all: serde_json::Value = serde_json::from_str(&all.stdout).unwrap();
     assert_eq!(all.as_array().map(|a| a.len()), Some(1));
@@ -375,11 +364,11 @@ fn status_json_schema_is_stable_and_the_hook_sees_events() {
     m.unmount();
 
     // Not mounted: status answers with a one-shot check of the key.
-    let st = status(&env, &env.cipher);
+    let st = env.status(&env.cipher);
     assert_eq!(st["mounted"], false);
     assert_eq!(st["state"], "Accessible");
     key_update(&env, &["--disable"]);
-    let st = status(&env, &env.cipher);
+    let st = env.status(&env.cipher);
     assert_eq!(st["state"], "Inaccessible");
 }
 
@@ -396,7 +385,7 @@ fn a_purged_key_cuts_off_for_good() {
     // Without purge protection the owner may purge at once: the key material is destroyed.
     env.cmkfs(&["vault", "key", "purge", "default"]).assert_ok();
     let st = wait_state(&env, &env.mnt, "Inaccessible");
-    let purged = wait_until(GUARD, || status(&env, &env.mnt)["reason"] == "key purged");
+    let purged = wait_until(GUARD, || env.status(&env.mnt)["reason"] == "key purged");
     assert!(purged, "reason should become `key purged`: {st:#}");
     assert!(fs::read(m.path("f")).is_err());
     assert!(fs::read_dir(&env.mnt).is_err());

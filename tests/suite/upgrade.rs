@@ -113,12 +113,14 @@ fn fixture_fsck_reports_zero_tails_and_upgrade_restores_every_file() {
     assert!(p.iter().any(|(k, _)| k == "format_v1"), "{r:#}");
 
     // The upgrade.
+    crate::backup::set_times(&env.cipher, ROOT_MTIME);
     let out = env.cmkfs(&[
         OsStr::new("upgrade"),
         env.cipher.as_os_str(),
         OsStr::new("--json"),
     ]);
     out.assert_ok();
+    assert_root_times_kept(&env.cipher, "cmkfs upgrade");
     let rep = json(&out);
     assert_eq!(rep["from_version"], 1);
     assert_eq!(rep["to_version"], 2);
@@ -413,6 +415,21 @@ fn assert_finished(root: &Path) {
     }
 }
 
+/// The backing root's mtime before an upgrade (its atime: [`crate::backup::set_times`]'s).
+const ROOT_MTIME: (i64, i64) = (1_500_000_000, 7);
+
+/// The upgrade's journal and header writes in the backing root (whose times are the mount
+/// root's) leave the root's atime and mtime as they were, after a crash and resume too.
+#[track_caller]
+fn assert_root_times_kept(root: &Path, what: &str) {
+    let m = fs::metadata(root).unwrap();
+    assert_eq!(
+        [(m.atime(), m.atime_nsec()), (m.mtime(), m.mtime_nsec())],
+        [(1_600_000_000, 5), ROOT_MTIME],
+        "{what}: the backing root's (atime, mtime)"
+    );
+}
+
 #[test]
 fn a_crash_after_any_step_of_the_upgrade_is_resumed_without_losing_a_byte() {
     let env = Env::new();
@@ -425,7 +442,9 @@ fn a_crash_after_any_step_of_the_upgrade_is_resumed_without_losing_a_byte() {
         steps.push(s);
         Ok(())
     };
+    crate::backup::set_times(&fx.cipher, ROOT_MTIME);
     run_upgrade(&fx.cipher, &dek, &keys, Some(&mut count)).unwrap();
+    assert_root_times_kept(&fx.cipher, "a full run");
     check_files_in_process(&fx.cipher, &keys, &fx).unwrap();
     let total = steps.len();
     for s in [
@@ -481,6 +500,7 @@ fn a_crash_after_any_step_of_the_upgrade_is_resumed_without_losing_a_byte() {
         let step = &steps[crash_at];
         let dir = env.dir(&format!("crash{crash_at}"));
         let fx = v1_fixture::copy(&dir);
+        crate::backup::set_times(&fx.cipher, ROOT_MTIME);
         let mut n = 0usize;
         let mut crash = |s: Step, _: &Path| -> io::Result<()> {
             n += 1;
@@ -510,6 +530,10 @@ fn a_crash_after_any_step_of_the_upgrade_is_resumed_without_losing_a_byte() {
         let rep = run_upgrade(&fx.cipher, &dek, &keys, None).unwrap_or_else(|e| {
             panic!("seed {seed}, crash point {crash_at} ({step:?}): resume failed: {e}")
         });
+        assert_root_times_kept(
+            &fx.cipher,
+            &format!("seed {seed}, crash point {crash_at} ({step:?})"),
+        );
         assert_finished(&fx.cipher);
         check_files_in_process(&fx.cipher, &keys, &fx).unwrap_or_else(|e| {
             panic!(

@@ -4,7 +4,10 @@
 //! is needed to put it back exactly as it was: its backing path (relative, as stored), its
 //! file id, old length, old file header, and the old **ciphertext** of its last unit — never
 //! plaintext — plus the decision taken on an all-zero tail, so that a redo after a crash
-//! decides the same way (the undo rewrites the tail, which changes its allocation).
+//! decides the same way (the undo rewrites the tail, which changes its allocation). It also
+//! records the backing root's atime and mtime from before the upgrade began (the journal is a
+//! control file in the root, whose times are the mount root's): a run resumed after a crash
+//! puts those back, not the times the crashed run's journal writes left.
 //!
 //! Encoding: one line of JSON, then one line with the hex SHA-256 of that JSON line. The file
 //! is replaced atomically (temp → fsync → rename → fsync dir), so a reader sees a whole
@@ -56,7 +59,13 @@ pub struct Journal {
     pub sector_size: u32,
     /// The batch.
     pub entries: Vec<Entry>,
+    /// The backing root's (atime, mtime) before the upgrade began, as (seconds, nanoseconds);
+    /// `None` in a journal of a cmkfs that did not record them.
+    pub root_times: Option<RootTimes>,
 }
+
+/// A directory's (atime, mtime), each (seconds, nanoseconds).
+pub type RootTimes = [(i64, u32); 2];
 
 #[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -66,6 +75,8 @@ struct Wire {
     volume_id: String,
     sector_size: u32,
     entries: Vec<WireEntry>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    root_times: Option<RootTimes>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -103,6 +114,7 @@ impl Journal {
                     zero_tail: e.zero_tail,
                 })
                 .collect(),
+            root_times: self.root_times,
         };
         // Serializing plain strings and numbers cannot fail.
         let mut out = serde_json::to_vec(&wire).unwrap_or_default();
@@ -133,6 +145,11 @@ impl Journal {
                 "journal format {} v{} is unknown",
                 w.format, w.version
             ));
+        }
+        if w.root_times
+            .is_some_and(|t| t.iter().any(|(_, ns)| *ns >= 1_000_000_000))
+        {
+            return Err("journal has bad root times".into());
         }
         let entries = w
             .entries
@@ -179,6 +196,7 @@ impl Journal {
             volume_id: w.volume_id,
             sector_size: w.sector_size,
             entries,
+            root_times: w.root_times,
         })
     }
 
@@ -206,6 +224,7 @@ mod tests {
                 old_unit: vec![0, 0, 0],
                 zero_tail: Some(TailDecision::Hole),
             }],
+            root_times: Some([(1_600_000_000, 5), (1_500_000_000, 999_999_999)]),
         };
         let b = j.encode();
         assert_eq!(Journal::decode(&b), Ok(j.clone()));
@@ -213,8 +232,19 @@ mod tests {
         bad[20] ^= 1;
         assert!(Journal::decode(&bad).is_err());
         assert!(Journal::decode(&b[..b.len() - 5]).is_err());
-        let mut escape = j;
+        let mut escape = j.clone();
         escape.entries[0].backing = PathBuf::from("../x");
         assert!(Journal::decode(&escape.encode()).is_err());
+        let mut times = j.clone();
+        times.root_times = Some([(0, 1_000_000_000), (0, 0)]);
+        assert!(Journal::decode(&times.encode()).is_err());
+        // A journal without root times (an older cmkfs's) reads as such.
+        let old = Journal {
+            root_times: None,
+            ..j
+        };
+        let b = old.encode();
+        assert!(!String::from_utf8_lossy(&b).contains("root_times"));
+        assert_eq!(Journal::decode(&b), Ok(old));
     }
 }

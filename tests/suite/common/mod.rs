@@ -31,6 +31,8 @@
 // Each test binary uses a different subset of the harness.
 #![allow(dead_code)]
 
+pub mod gate;
+pub use gate::{run_across_a_gate, run_to_gate, AtGate};
 pub mod sys;
 pub mod v1_fixture;
 
@@ -59,6 +61,8 @@ pub const MOUNT_TIMEOUT: Duration = Duration::from_secs(30);
 pub const UMOUNT_TIMEOUT: Duration = Duration::from_secs(20);
 /// Time limit for the daemon to exit once its mount is gone.
 pub const DAEMON_EXIT_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long [`Mount::unmount`] tries again when the mount is busy.
+pub const BUSY_RETRY: Duration = Duration::from_secs(10);
 /// RSA key size the tests ask for: the smallest allowed, to keep key generation quick.
 pub const KEY_SIZE: &str = "2048";
 /// The volume header's file name at the backing dir root (docs/FORMAT.md).
@@ -429,16 +433,25 @@ fn argv(pid: i32) -> Option<Vec<OsString>> {
 }
 
 /// Whether `pid` is alive (exists and is not a zombie: orphaned daemons are reparented to a
-/// pid 1 that may never reap them).
+/// pid 1 that may never reap them). Every thread counts: an exiting process's leader shows
+/// `Z` while another thread may still hold its descriptors (one waiting for the answer to a
+/// FUSE request already sent to a stalled filesystem), and unmounting the filesystem below
+/// it then fails with EBUSY (`revocation::a_stalled_backing_store_cannot_hold_off_revocation`
+/// under load).
 pub fn pid_alive(pid: i32) -> bool {
-    match fs::read_to_string(format!("/proc/{pid}/stat")) {
-        // The state follows the parenthesised command name, which may itself contain ')'.
-        Ok(stat) => stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.trim_start().chars().next())
-            .is_some_and(|state| state != 'Z' && state != 'X'),
-        Err(_) => false,
+    // The state follows the parenthesised command name, which may itself contain ')'.
+    let live = |stat: &Path| {
+        fs::read_to_string(stat).is_ok_and(|stat| {
+            stat.rsplit_once(')')
+                .and_then(|(_, rest)| rest.trim_start().chars().next())
+                .is_some_and(|state| state != 'Z' && state != 'X')
+        })
+    };
+    if live(Path::new(&format!("/proc/{pid}/stat"))) {
+        return true;
     }
+    fs::read_dir(format!("/proc/{pid}/task"))
+        .is_ok_and(|tasks| tasks.flatten().any(|t| live(&t.path().join("stat"))))
 }
 
 /// Pids of live processes (other than us) whose argv satisfies `pred`.
@@ -448,8 +461,8 @@ fn pids_where(pred: impl Fn(&[OsString]) -> bool) -> Vec<i32> {
         return Vec::new();
     };
     rd.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|&pid| pid != me && pid_alive(pid))
-        .filter(|&pid| argv(pid).is_some_and(|a| pred(&a)))
+        .filter(|&pid| pid != me && argv(pid).is_some_and(|a| pred(&a)))
+        .filter(|&pid| pid_alive(pid))
         .collect()
 }
 
@@ -509,6 +522,14 @@ fn terminate(pids: &[i32]) {
             }
         }
     }
+}
+
+/// The JSON a successful command printed (`--json`); panics, with the output, if it failed or
+/// printed something else.
+#[track_caller]
+pub fn json(out: &Output) -> serde_json::Value {
+    out.assert_ok();
+    serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("not JSON ({e}):\n{out}"))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -626,6 +647,19 @@ impl Env {
             .unwrap_or_else(|e| panic!("info --json printed invalid JSON ({e}):\n{out}"))
     }
 
+    /// `cmkfs status TARGET --json` (a mountpoint or a backing directory), asserted to succeed.
+    #[track_caller]
+    pub fn status(&self, target: &Path) -> serde_json::Value {
+        let out = self.cmkfs(&[
+            OsStr::new("status"),
+            target.as_os_str(),
+            OsStr::new("--json"),
+        ]);
+        out.assert_ok();
+        serde_json::from_str(&out.stdout)
+            .unwrap_or_else(|e| panic!("status --json is not JSON ({e}):\n{out}"))
+    }
+
     /// Runs `cmkfs mount CIPHER MNT` (daemonizing) and returns its output without asserting;
     /// for the bad-input tests. If it unexpectedly mounts something, `Drop for Env` cleans up.
     pub fn try_mount(&self, cipher: &Path, mnt: &Path) -> Output {
@@ -680,6 +714,13 @@ impl Env {
     /// mount is visible. The returned guard unmounts on drop and reaps the child.
     #[track_caller]
     pub fn mount_foreground(&self, cipher: &Path, mnt: &Path) -> Mount {
+        self.mount_foreground_with(cipher, mnt, &[])
+    }
+
+    /// [`Env::mount_foreground`] with extra `cmkfs mount` arguments (e.g.
+    /// `--key-check-interval 100ms`).
+    #[track_caller]
+    pub fn mount_foreground_with(&self, cipher: &Path, mnt: &Path, extra: &[&str]) -> Mount {
         let mut args: Vec<OsString> = vec![
             "mount".into(),
             cipher.into(),
@@ -687,6 +728,7 @@ impl Env {
             "--foreground".into(),
         ];
         args.extend(self.mount_args.iter().cloned());
+        args.extend(extra.iter().map(OsString::from));
         let mut cmd = self.command(&args);
         let log = tempfile::tempfile().expect("temp file");
         cmd.stdin(Stdio::null())
@@ -718,44 +760,6 @@ impl Env {
                 );
             }
             thread::sleep(Duration::from_millis(20));
-        }
-        let mut m = Mount::adopt(self, cipher, mnt);
-        m.daemon = Daemon::Child(child, log);
-        m
-    }
-
-    /// [`Env::mount_foreground`] with extra `cmkfs mount` arguments (e.g.
-    /// `--key-check-interval 100ms`).
-    #[track_caller]
-    pub fn mount_foreground_with(&self, cipher: &Path, mnt: &Path, extra: &[&str]) -> Mount {
-        let mut args: Vec<OsString> = vec![
-            "mount".into(),
-            cipher.into(),
-            mnt.into(),
-            "--foreground".into(),
-        ];
-        args.extend(self.mount_args.iter().cloned());
-        args.extend(extra.iter().map(OsString::from));
-        let mut cmd = self.command(&args);
-        let log = tempfile::tempfile().expect("temp file");
-        cmd.stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log.try_clone().unwrap())
-            .process_group(0);
-        let what = describe(&cmd);
-        let mut child = cmd.spawn().expect("spawn cmkfs mount --foreground");
-        let before = mounts_at(mnt).len();
-        if !wait_until(MOUNT_TIMEOUT, || {
-            mounts_at(mnt).len() > before || !matches!(child.try_wait(), Ok(None))
-        }) || mounts_at(mnt).len() <= before
-        {
-            kill_group(child.id(), libc::SIGKILL);
-            let status = child.wait();
-            detach(mnt);
-            panic!(
-                "`{what}` did not mount ({status:?}):\n{}",
-                read_all_at(&log)
-            );
         }
         let mut m = Mount::adopt(self, cipher, mnt);
         m.daemon = Daemon::Child(child, log);
@@ -860,10 +864,26 @@ impl Mount {
     /// Unmounts with `cmkfs umount` and asserts it all went cleanly: the command succeeds,
     /// the mount disappears, the daemon exits (a foreground daemon with status 0), and the
     /// watchdog never fired. On a failed assertion `Drop` still cleans up.
+    ///
+    /// A busy mount (EBUSY) is tried again for up to [`BUSY_RETRY`]: a process of the test
+    /// that uses the mount may still be exiting (a daemon of a volume stored in this mount
+    /// closes its files only when its last thread ends, which waits for this mount's
+    /// answers). A file left open for good still fails the test.
     #[track_caller]
     pub fn unmount(mut self) {
-        let out = run_with_timeout(self.umount_command(), UMOUNT_TIMEOUT)
-            .unwrap_or_else(|e| panic!("{e}"));
+        let end = Instant::now() + BUSY_RETRY;
+        let out = loop {
+            let out = run_with_timeout(self.umount_command(), UMOUNT_TIMEOUT)
+                .unwrap_or_else(|e| panic!("{e}"));
+            if out.ok() || !out.stderr.contains("busy") || Instant::now() > end {
+                break out;
+            }
+            eprintln!(
+                "harness: {} busy at unmount; trying again",
+                self.mnt.display()
+            );
+            thread::sleep(Duration::from_millis(100));
+        };
         assert!(out.ok(), "umount failed:\n{out}");
         assert!(
             wait_until(UMOUNT_TIMEOUT, || !is_mounted(&self.mnt)),
