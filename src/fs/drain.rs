@@ -1,5 +1,5 @@
 //! A backup's freeze of a mount whose kernel caches writes (FUSE writeback cache): quiesce,
-//! drain, freeze (docs/ARCHITECTURE.md, "Backups of a mounted volume").
+//! drain, freeze (docs/ARCHITECTURE.md, "Gates").
 //!
 //! With the cache, `write(2)` copies into the kernel's pages and returns; the kernel's
 //! writeback sends the pages later, in pieces of its own choosing. Closing the write gate
@@ -8,8 +8,7 @@
 //!
 //! 1. **Quiesce** ([`crate::volume::Gates::quiesce`]): GETATTRs of regular files are parked
 //!    (kept unanswered, holding no thread, in the order they came); replies give attributes
-//!    no timeout; then every inode the kernel
-//!    knows gets its attributes invalidated (`FUSE_NOTIFY_INVAL_INODE` with offset < 0:
+//!    no timeout; then every inode the kernel knows gets its attributes invalidated (`FUSE_NOTIFY_INVAL_INODE` with offset < 0:
 //!    `fuse_reverse_inval_inode` invalidates attributes, pages only for offset >= 0). A
 //!    cached `write(2)` (`fuse_cache_write_iter`) calls `fuse_update_attributes(..,
 //!    STATX_SIZE | STATX_MODE)` before it takes the inode lock, and an invalid mode (or an
@@ -21,9 +20,11 @@
 //!    the mount (`open_by_handle_at`: the kernel finds the inode it holds by node id and
 //!    generation, `fuse_get_dentry`) and `fsync`s it: `fuse_fsync` takes the inode lock
 //!    (so waits for that `write(2)`), writes back and waits, then sends FSYNC. Two rounds
-//!    (a `write(2)` that had passed its GETATTR but not yet taken the lock when the first
-//!    round's `fsync` took it is waited for by the second), then `syncfs` of the mount
-//!    (pages dirtied through `mmap` of closed files). The drain's own requests pass the
+//!    (a `write(2)` that had passed its attribute check but not yet taken the lock when the
+//!    first round's `fsync` took it is waited for by the second; one that still has not
+//!    taken it after a whole round, a few instructions of the writer's, is the window this
+//!    does not close), then `syncfs` of the mount (pages dirtied through `mmap` of closed
+//!    files). The drain's own requests pass the
 //!    quiesce (its thread id, [`crate::volume::Gates::set_drainer`]); WRITE, FSYNC,
 //!    RELEASE and every other request go on meanwhile.
 //! 3. **Freeze** ([`crate::volume::Quiesced::freeze`]): every change waits, WRITE
