@@ -16,7 +16,7 @@ ROUNDS=${3:-3}
 command -v strace >/dev/null || {
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq strace
 }
-W=$(mktemp -d /tmp/cmkfs-benchd-XXXXXX)
+W=$(mktemp -d "${TMPDIR:-/tmp}/cmkfs-benchd-XXXXXX")
 export CMKFS_HOME=$W/home
 # The embedded vault is sealed under a passphrase: a random one for this run (0600).
 (umask 077 && head -c 24 /dev/urandom | base64 >"$W/passphrase")
@@ -114,6 +114,10 @@ for job in "${jobs[@]}"; do
     b=$(echo "${cpu[B,$job]}" | median)
     awk -v j="$job" -v a="$a" -v b="$b" -v hz="$hz" \
         'BEGIN {printf "%-8s %8.2f %8.2f %8.2f\n", j, a/hz, b/hz, (a > 0 ? b/a : 0)}'
+done
+echo "clock ticks per round (1/$hz s), A | B:"
+for job in "${jobs[@]}"; do
+    printf "  %-8s %s| %s\n" "$job" "${cpu[A,$job]}" "${cpu[B,$job]}"
 done
 
 # System calls of the daemon per workload (one run each, under strace: slow, counts only).
