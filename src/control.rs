@@ -9,7 +9,9 @@
 //!   or `{"error":".."}`. When the client goes away the re-encryption stops at its next step
 //!   (a crash-safe point) and resumes with the next request.
 //! * `{"op":"freeze"}` — closes the write gate: every change through the mount waits (reads
-//!   go on), `{"frozen":true}` is answered, and the gate opens again when the client sends
+//!   go on; with the writeback cache, the kernel's cached writes are drained first, see
+//!   `crate::fs::drain`, and a drain that does not end in time is `{"error":".."}`),
+//!   `{"frozen":true}` is answered, and the gate opens again when the client sends
 //!   `thaw` (any line but `renew`) or goes away, or when no `renew` line came for the
 //!   mount's `--freeze-limit` (a lease: a stuck client cannot hold writers forever); then
 //!   `{"thawed":"<why>"}`. What a backup of a mounted volume reads meanwhile is one point
@@ -86,6 +88,11 @@ pub const RENEW: &str = "renew";
 
 /// A request line longer than this is refused (requests are a few dozen bytes).
 const MAX_REQUEST: u64 = 4096;
+/// The longest a backup's freeze waits for the kernel's cached writes to be written back
+/// (never longer than the mount's `--freeze-limit`).
+const DRAIN_LIMIT: Duration = Duration::from_secs(20);
+/// How often a freeze looks for a cut-off that ends it.
+const LIFT_POLL: Duration = Duration::from_millis(100);
 /// How long a client may take to send its request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -105,6 +112,8 @@ pub struct Control {
     pub online: OnlineHandle,
     /// How long a freeze lasts without a `renew` line (`cmkfs mount --freeze-limit`).
     pub freeze_limit: Duration,
+    /// Where the volume is mounted (a freeze drains the kernel's cached writes through it).
+    pub mountpoint: PathBuf,
 }
 
 /// Binds the socket at `path` (a stale one from a crashed daemon is replaced) and serves it
@@ -230,19 +239,40 @@ fn serve(conn: UnixStream, ctl: &Control, busy: &Mutex<()>) {
     match req {
         Request::Freeze => {
             let vol = ctl.online.volume().clone();
-            let frozen = vol.gates().freeze_writes();
+            let lifts = vol.gates().lifts();
+            let frozen = match ctl.online.freeze_for_backup(
+                &vol,
+                &ctl.mountpoint,
+                DRAIN_LIMIT.min(ctl.freeze_limit),
+            ) {
+                Ok((f, _)) => f,
+                Err(e) => {
+                    tracing::warn!(error = %e, "no freeze for the backup");
+                    let _ = answer(&conn, &Answer::Error(e.to_string()));
+                    return;
+                }
+            };
             tracing::info!(limit = ?ctl.freeze_limit, "writes frozen for a backup");
             let mut why = "released";
             if answer(&conn, &Answer::Frozen(true)).is_ok() {
                 // A lease: each `renew` line holds the freeze for another `freeze_limit`.
                 // A client that is stuck (stopped, hung on something else) does not hold
-                // every writer of the mount forever.
+                // every writer of the mount forever. A cut-off ends it at once: its
+                // invalidation writes the kernel's dirty pages back, which must not wait.
+                let mut renewed = std::time::Instant::now();
                 loop {
-                    match lines.recv_timeout(ctl.freeze_limit) {
-                        Ok(Some(l)) if l.trim() == RENEW => continue,
+                    if vol.gates().lifted_since(lifts) {
+                        why = "the volume's key was revoked";
+                        break;
+                    }
+                    match lines.recv_timeout(LIFT_POLL) {
+                        Ok(Some(l)) if l.trim() == RENEW => renewed = std::time::Instant::now(),
                         Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                            why = "the freeze was not renewed within the mount's --freeze-limit";
-                            break;
+                            if renewed.elapsed() >= ctl.freeze_limit {
+                                why =
+                                    "the freeze was not renewed within the mount's --freeze-limit";
+                                break;
+                            }
                         }
                         _ => break,
                     }

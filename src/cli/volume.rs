@@ -115,12 +115,13 @@ pub struct MountArgs {
     /// up to 1 MiB); 0 keeps the kernel's default (128 KiB). Needs root.
     #[arg(long, value_name = "KIB", default_value_t = mount::DEFAULT_READAHEAD_KB)]
     readahead_kb: u32,
-    /// Let the kernel cache writes and send them in large batches (FUSE writeback cache):
-    /// errors of cached writes then surface at fsync or close instead of at write, and a
-    /// backup of the mount is a point in time of what reached the daemon (README).
+    /// Let the kernel cache writes and send them in large batches (FUSE writeback cache; the
+    /// default): errors of cached writes then surface at fsync or close instead of at write
+    /// (README, "Writes, errors and the writeback cache").
     #[arg(long, overrides_with = "no_writeback_cache")]
     writeback_cache: bool,
-    /// Send every write to the daemon as it is made (the default; no FUSE writeback cache).
+    /// Send every write to the daemon as it is made (no FUSE writeback cache): errors at
+    /// write(2) itself, fewer bytes per request.
     #[arg(long, overrides_with = "writeback_cache")]
     no_writeback_cache: bool,
     /// Experimental: serve requests over FUSE io_uring queues (one per CPU) instead of
@@ -142,10 +143,10 @@ impl MountArgs {
         self.foreground
     }
 
-    /// Whether the kernel's writeback cache is offered: when `--writeback-cache` came last
-    /// (the two switches override each other; off by default).
+    /// Whether the kernel's writeback cache is offered: unless `--no-writeback-cache` came
+    /// last (the two switches override each other; on by default).
     fn writeback_cache(&self) -> bool {
-        self.writeback_cache && !self.no_writeback_cache
+        self.writeback_cache || !self.no_writeback_cache
     }
 }
 
@@ -504,9 +505,11 @@ fn spawn_daemon(
         cmd.arg("--no-push");
     }
     cmd.arg("--readahead-kb").arg(a.readahead_kb.to_string());
-    if a.writeback_cache() {
-        cmd.arg("--writeback-cache");
-    }
+    cmd.arg(if a.writeback_cache() {
+        "--writeback-cache"
+    } else {
+        "--no-writeback-cache"
+    });
     if a.io_uring {
         cmd.arg("--io-uring");
     }
@@ -722,7 +725,10 @@ fn serve(a: &MountArgs, ready_pipe: bool) -> anyhow::Result<()> {
     };
     let notifier = session.notifier();
     online.set_notifier(session.notifier());
+    let cut_vol = online.volume().clone();
     let cut_off = Box::new(move || {
+        // A backup's freeze would hold the WRITEs of the dirty pages this invalidates.
+        cut_vol.gates().lift_freezes();
         let (inodes, entries) = crate::fs::invalidate_kernel_caches(&table, &notifier);
         tracing::warn!(inodes, entries, "kernel caches invalidated");
     });
@@ -738,6 +744,7 @@ fn serve(a: &MountArgs, ready_pipe: bool) -> anyhow::Result<()> {
             handle,
             online,
             freeze_limit: a.freeze_limit,
+            mountpoint: mp.clone(),
         },
     ) {
         tracing::warn!(error = %e, "no control socket: online re-encryption and frozen backups are not available");

@@ -19,7 +19,7 @@ impl CmkFs {
 
     pub(super) fn do_getattr(&self, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
         match self.getattr_of(ino, fh) {
-            Ok(a) => reply.attr(&self.ttl, &a),
+            Ok(a) => reply.attr(self.attr_ttl(), &a),
             Err(e) => reply.error(self.errno(&e, "getattr", Some(ino))),
         }
     }
@@ -42,7 +42,7 @@ impl CmkFs {
         };
         let r = r.and_then(|r| self.change(ino, &r, |t| self.vol.set_attr(t, set)));
         match r {
-            Ok(a) => reply.attr(&self.ttl, &fattr(ino.0, &a)),
+            Ok(a) => reply.attr(self.attr_ttl(), &fattr(ino.0, &a)),
             Err(e) => reply.error(self.errno(&e, "setattr", Some(ino))),
         }
     }

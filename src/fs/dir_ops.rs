@@ -28,7 +28,7 @@ impl CmkFs {
         match r {
             Ok((bname, a)) => {
                 let (attr, generation) = self.remember(parent, name, &bname, &a, op != "lookup");
-                reply.entry(&self.ttl, &attr, generation)
+                reply.entry(self.attr_ttl(), &attr, generation)
             }
             Err(e) => reply.error(self.errno(&e, op, Some(parent))),
         }
@@ -268,7 +268,7 @@ impl CmkFs {
                 }
             };
             let counted = !(e.name == "." || e.name == "..");
-            if reply.add(full.ino, off, &e.name, &self.ttl, &full, generation) {
+            if reply.add(full.ino, off, &e.name, self.attr_ttl(), &full, generation) {
                 // Buffer full, entry not sent: undo the lookup count just taken.
                 if counted {
                     self.table.forget(full.ino.0, 1);

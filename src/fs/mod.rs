@@ -11,6 +11,7 @@
 
 mod attr;
 mod dir_ops;
+mod drain;
 mod nodes;
 mod open_create;
 mod rename_link;
@@ -30,6 +31,7 @@ use fuser::{
     Request, TimeOrNow, WriteFlags,
 };
 
+pub use drain::{DrainError, Drained};
 pub use nodes::NodeTable;
 
 use crate::volume::{Attr, Caller, Dir, OpenFile, Target, Volume, VolumeError};
@@ -88,6 +90,13 @@ struct Files {
     by_ino: HashMap<u64, Vec<u64>>,
 }
 
+/// GETATTRs parked during a backup's quiesce (`drain`), answered when it ends.
+#[derive(Default)]
+struct Parked {
+    on: bool,
+    getattrs: Vec<(INodeNo, Option<FileHandle>, ReplyAttr)>,
+}
+
 /// Kernel-side choices of a mount.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct FsOptions {
@@ -114,6 +123,7 @@ pub struct CmkFs {
     files: Arc<Mutex<Files>>,
     dirs: Mutex<HashMap<u64, Arc<DirSnapshot>>>,
     next_fh: AtomicU64,
+    parked: Arc<Mutex<Parked>>,
 }
 
 /// The filesystem's side of an online re-encryption
@@ -124,6 +134,11 @@ pub struct OnlineHandle {
     files: Arc<Mutex<Files>>,
     /// The session's notifier, set once the session exists ([`OnlineHandle::set_notifier`]).
     notifier: std::sync::OnceLock<fuser::Notifier>,
+    /// The mount's choices (a backup's freeze drains cached writes first).
+    opts: FsOptions,
+    /// Entry and attribute timeout given to the kernel.
+    ttl: Duration,
+    parked: Arc<Mutex<Parked>>,
 }
 
 impl crate::volume::reencrypt::Online for OnlineHandle {
@@ -262,6 +277,7 @@ impl CmkFs {
             files: Arc::new(Mutex::new(Files::default())),
             dirs: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
+            parked: Arc::default(),
         }
     }
 
@@ -283,6 +299,9 @@ impl CmkFs {
             table: self.table.clone(),
             files: self.files.clone(),
             notifier: std::sync::OnceLock::new(),
+            opts: self.opts,
+            ttl: self.ttl,
+            parked: self.parked.clone(),
         }
     }
 
@@ -325,6 +344,16 @@ impl CmkFs {
     /// Directory inode `ino`, held open.
     fn dir(&self, ino: INodeNo) -> FsResult<Arc<Dir>> {
         self.table.dir(&self.vol, ino.0)
+    }
+
+    /// The entry and attribute timeout of a reply: none during a backup's quiesce, so that
+    /// the kernel holds no valid attributes of a file then (see `Gates`).
+    fn attr_ttl(&self) -> &Duration {
+        if self.vol.gates().quiescing() {
+            &Duration::ZERO
+        } else {
+            &self.ttl
+        }
     }
 
     fn file(&self, fh: FileHandle) -> FsResult<Arc<OpenFile>> {
@@ -519,7 +548,16 @@ impl Filesystem for CmkFs {
         self.table.forget(ino.0, nlookup);
     }
 
-    fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
+    fn getattr(&self, req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
+        // A cached `write(2)` asks for a regular file's attributes first once they are
+        // invalid: a backup's quiesce parks it here (see `Gates`), holding no thread.
+        if self.vol.gates().parks(req.pid()) && self.table.kind(ino.0) == Some(libc::S_IFREG) {
+            let mut p = lock(&self.parked);
+            if p.on {
+                p.getattrs.push((ino, fh, reply));
+                return;
+            }
+        }
         let _pass = self.vol.gates().read();
         self.do_getattr(ino, fh, reply)
     }

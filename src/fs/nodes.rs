@@ -413,6 +413,11 @@ impl NodeTable {
     }
 
     /// The type bits of a known inode.
+    /// The FUSE generation the kernel knows inode `ino` with.
+    pub(super) fn generation(&self, ino: u64) -> Option<u64> {
+        lock(&self.nodes).map.get(&ino).map(|n| n.generation)
+    }
+
     pub(super) fn kind(&self, ino: u64) -> Option<u32> {
         lock(&self.nodes).map.get(&ino).map(|n| n.kind)
     }

@@ -75,7 +75,7 @@ impl CmkFs {
                 let (attr, generation) = self.remember(parent, name, &bname, &a, fresh);
                 let fh = self.add_file(attr.ino.0, of);
                 reply.created(
-                    &self.ttl,
+                    self.attr_ttl(),
                     &attr,
                     generation,
                     FileHandle(fh),

@@ -64,7 +64,7 @@ impl CmkFs {
         match r {
             Ok((bname, a)) => {
                 let (attr, generation) = self.remember(newparent, newname, &bname, &a, false);
-                reply.entry(&self.ttl, &attr, generation)
+                reply.entry(self.attr_ttl(), &attr, generation)
             }
             Err(e) => reply.error(self.errno(&e, "link", Some(ino))),
         }

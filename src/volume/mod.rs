@@ -43,7 +43,7 @@ use std::collections::HashMap;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak};
 use std::time::SystemTime;
 
@@ -306,6 +306,12 @@ impl Drop for MoveGuard<'_> {
 /// `exclusive` first, which requests never take: a close waiting behind a freeze waits
 /// there, holding nothing, so reads go on during the freeze (a close queued on `names`
 /// would hold every new request back until the freeze ends).
+///
+/// With the kernel's writeback cache a backup's freeze comes in two steps
+/// ([`Gates::quiesce`], then [`Quiesced::freeze`]): meanwhile `crate::fs` parks every
+/// GETATTR of a regular file but the drain's ([`Gates::parks`]; the kernel asks for a
+/// regular file's attributes before each cached `write(2)`, outside the inode lock, once
+/// they are invalid: so no new `write(2)` starts while the cached ones are written back).
 #[derive(Debug, Default)]
 pub struct Gates {
     exclusive: Mutex<()>,
@@ -315,6 +321,47 @@ pub struct Gates {
     /// exclusively (never waited for) while cmkfs writes one of its control files there
     /// ([`Volume::keeping_root_mtime`]).
     root: RwLock<()>,
+    /// True from the start of a quiesce until its freeze: attributes are then given to the
+    /// kernel with a zero timeout, so that none it holds stays valid.
+    quiescing: AtomicBool,
+    /// The thread id (as FUSE requests carry it) of the drain, whose GETATTRs pass.
+    drainer: AtomicU32,
+    /// Bumped by [`Gates::lift_freezes`]: a freeze or quiesce that sees it move ends.
+    lifts: AtomicU64,
+}
+
+/// A quiesce ([`Gates::quiesce`]): GETATTRs of regular files are parked, except the
+/// drain's; every other request runs.
+pub struct Quiesced<'a> {
+    gates: &'a Gates,
+    exclusive: Option<MutexGuard<'a, ()>>,
+    /// [`Gates::lifts`] when it began.
+    pub lifts: u64,
+}
+
+impl<'a> Quiesced<'a> {
+    /// Closes the write gate (as [`Gates::freeze_writes`]) and ends the quiesce: the parked
+    /// GETATTRs are then answered (`crate::fs`), a `write(2)` that waited in one writes into
+    /// the kernel's pages, and their WRITEs wait for the thaw.
+    pub fn freeze(mut self) -> Frozen<'a> {
+        let writes = self.gates.writes.write().unwrap_or_else(|p| p.into_inner());
+        self.end();
+        Frozen {
+            _writes: writes,
+            _exclusive: self.exclusive.take().expect("held until freeze or drop"),
+        }
+    }
+
+    fn end(&mut self) {
+        self.gates.quiescing.store(false, Ordering::SeqCst);
+        self.gates.drainer.store(0, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Quiesced<'_> {
+    fn drop(&mut self) {
+        self.end();
+    }
 }
 
 /// A request's pass through the [`Gates`].
@@ -378,6 +425,53 @@ impl Gates {
             _names: names,
             _exclusive: exclusive,
         }
+    }
+
+    /// Whether a GETATTR of a regular file by thread `tid` (the FUSE request's pid) is
+    /// parked: during a quiesce, unless `tid` is the drain's.
+    pub fn parks(&self, tid: u32) -> bool {
+        self.quiescing() && !(tid != 0 && self.drainer.load(Ordering::SeqCst) == tid)
+    }
+
+    /// True during a quiesce: attributes go to the kernel with a zero timeout.
+    pub fn quiescing(&self) -> bool {
+        self.quiescing.load(Ordering::SeqCst)
+    }
+
+    /// Names the thread whose requests pass a quiesce (`0`: none).
+    pub fn set_drainer(&self, tid: u32) {
+        self.drainer.store(tid, Ordering::SeqCst);
+    }
+
+    /// First step of a backup's freeze with the writeback cache (see [`Gates`]): from now
+    /// on replies give no attribute timeout and GETATTRs of regular files are parked. The
+    /// caller then invalidates the kernel's attributes and drains its cached writes, then
+    /// calls [`Quiesced::freeze`]; dropping the guard instead ends the quiesce.
+    pub fn quiesce(&self) -> Quiesced<'_> {
+        let exclusive = self.exclusive.lock().unwrap_or_else(|p| p.into_inner());
+        self.quiescing.store(true, Ordering::SeqCst);
+        Quiesced {
+            gates: self,
+            exclusive: Some(exclusive),
+            lifts: self.lifts.load(Ordering::SeqCst),
+        }
+    }
+
+    /// Ends every quiesce and freeze soon (their owners watch [`Gates::lifted_since`]): a
+    /// revocation's cut-off sends the kernel's dirty pages to the daemon, and those WRITEs
+    /// must not wait for a backup.
+    pub fn lift_freezes(&self) {
+        self.lifts.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// True when [`Gates::lift_freezes`] was called since `lifts` was read.
+    pub fn lifted_since(&self, lifts: u64) -> bool {
+        self.lifts.load(Ordering::SeqCst) != lifts
+    }
+
+    /// The current [`Gates::lift_freezes`] count.
+    pub fn lifts(&self) -> u64 {
+        self.lifts.load(Ordering::SeqCst)
     }
 
     /// Waits for every change in flight and holds new ones back; reads go on.

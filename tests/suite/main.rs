@@ -7,6 +7,7 @@ mod vault_support;
 
 mod azure_client;
 mod backup;
+mod backup_cached;
 mod backup_chain;
 mod backup_freeze;
 mod content_model;

@@ -16,9 +16,9 @@
 //! fresh seed, printed, replayable with `CMKFS_TEST_SEED`); `CMKFS_MODEL_OPS=N` sets the
 //! operations per seed (default 600). `scripts/soak.sh` runs long sets.
 //!
-//! Cache mode: the mounts use the default (no writeback cache); one cheap test runs the
-//! model with `--writeback-cache`, and `CMKFS_TEST_MOUNT_ARGS=--writeback-cache` runs every
-//! test of the suite in that mode.
+//! Cache mode: the mounts use the default (the writeback cache); one cheap test runs the
+//! model with `--no-writeback-cache`, and `CMKFS_TEST_MOUNT_ARGS=--no-writeback-cache` runs
+//! every test of the suite in that mode.
 
 use crate::common;
 
@@ -1355,19 +1355,19 @@ fn random_operations_match_the_model_while_the_volume_is_reencrypted_online() {
     run_seed_with(s, ops, true, None);
 }
 
-/// The cache mode that is not the default (`--writeback-cache`: the kernel keeps written
-/// pages, sizes and times), on a cheap subset: one fresh seed, a sixth of the default
+/// The cache mode that is not the default (`--no-writeback-cache`: every write reaches the
+/// daemon as it is made), on a cheap subset: one fresh seed, a sixth of the default
 /// operations unless `CMKFS_MODEL_OPS` says otherwise (`scripts/soak.sh` with
-/// `CMKFS_TEST_MOUNT_ARGS=--writeback-cache` runs long sets in that mode). The other tests run in the default
-/// mode, or in the one `CMKFS_TEST_MOUNT_ARGS` names.
+/// `CMKFS_TEST_MOUNT_ARGS=--no-writeback-cache` runs long sets in that mode). The other tests
+/// run in the default mode, or in the one `CMKFS_TEST_MOUNT_ARGS` names.
 #[test]
-fn random_operations_match_the_model_with_the_writeback_cache() {
-    let s = seed("model with the writeback cache");
+fn random_operations_match_the_model_without_the_writeback_cache() {
+    let s = seed("model without the writeback cache");
     let ops = match std::env::var("CMKFS_MODEL_OPS") {
         Ok(_) => ops(),
         Err(_) => 100,
     };
-    run_seed_with(s, ops, false, Some(&["--writeback-cache"]));
+    run_seed_with(s, ops, false, Some(&["--no-writeback-cache"]));
 }
 
 #[test]
