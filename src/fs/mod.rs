@@ -6,7 +6,8 @@
 //! One file per family of operations, as gocryptfs's frontend: `nodes` (the inode table and
 //! how an inode is reached), `dir_ops` (lookup, mkdir, mknod, symlink, unlink, rmdir,
 //! listings), `open_create` (create, open, read, write, fsync, release, allocation, copy),
-//! `attr` (getattr, setattr, statfs, access), `rename_link`, `xattr`. The `Filesystem`
+//! `attr` (getattr, setattr, statfs, access), `rename_link`, `xattr`, `wb_errors` (what
+//! FLUSH and FSYNC report of refused write-backs). The `Filesystem`
 //! trait impl below only dispatches to them.
 
 mod attr;
@@ -15,6 +16,7 @@ mod drain;
 mod nodes;
 mod open_create;
 mod rename_link;
+mod wb_errors;
 mod xattr;
 
 use std::collections::HashMap;
@@ -88,6 +90,8 @@ struct DirSnapshot {
 struct Files {
     by_fh: HashMap<u64, (u64, Arc<OpenFile>)>,
     by_ino: HashMap<u64, Vec<u64>>,
+    /// Refused write-backs and what each handle has reported of them.
+    wb: wb_errors::WbErrors,
 }
 
 /// GETATTRs parked during a backup's quiesce (`drain`), answered when it ends.
@@ -714,16 +718,18 @@ impl Filesystem for CmkFs {
     fn flush(
         &self,
         _req: &Request,
-        _ino: INodeNo,
-        _fh: FileHandle,
+        ino: INodeNo,
+        fh: FileHandle,
         _lo: LockOwner,
         reply: ReplyEmpty,
     ) {
-        // Nothing is buffered in the daemon: every write reached the backing file already.
-        // ENOSYS makes the kernel stop sending FLUSH at every close (one request per file
-        // saved); it still writes back its own dirty pages and reports their errors at
-        // close without us, and no lock is ours to release (the kernel keeps POSIX locks).
-        reply.error(Errno::ENOSYS);
+        // Sent at every close with the writeback cache, after the kernel wrote its dirty
+        // pages back: reports a write-back the daemon refused since this handle last did
+        // (see `wb_errors`; the kernel's own flag for close is cleared by anyone's fsync or
+        // sync). A map look-up: no gate (a backup's freeze must not hold a reader's close),
+        // no keys (after a revocation a refused write is still reported), no system call.
+        // No lock is ours to release (the kernel keeps POSIX locks).
+        self.do_flush(ino, fh, reply)
     }
 
     fn release(

@@ -1,4 +1,4 @@
-//! Open files: create, open, read, write, fsync, release, fallocate, copy_file_range.
+//! Open files: create, open, read, write, flush, fsync, release, fallocate, copy_file_range.
 
 use std::ffi::OsStr;
 use std::sync::atomic::Ordering;
@@ -13,11 +13,13 @@ use super::{lock, CmkFs, Resolved};
 use crate::volume::{Caller, OpenFile, VolumeError};
 
 impl CmkFs {
-    fn add_file(&self, ino: u64, of: OpenFile) -> u64 {
+    /// Records an open handle of inode `ino` (`write`: opened for writing) and returns it.
+    fn add_file(&self, ino: u64, of: OpenFile, write: bool) -> u64 {
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         let mut files = lock(&self.files);
         files.by_fh.insert(fh, (ino, Arc::new(of)));
         files.by_ino.entry(ino).or_default().push(fh);
+        files.wb.opened(fh, ino, write);
         fh
     }
 
@@ -38,12 +40,15 @@ impl CmkFs {
     pub(super) fn do_release(&self, fh: FileHandle, reply: fuser::ReplyEmpty) {
         let mut files = lock(&self.files);
         if let Some((ino, _)) = files.by_fh.remove(&fh.0) {
+            let mut last = true;
             if let Some(v) = files.by_ino.get_mut(&ino) {
                 v.retain(|h| *h != fh.0);
-                if v.is_empty() {
+                last = v.is_empty();
+                if last {
                     files.by_ino.remove(&ino);
                 }
             }
+            files.wb.released(fh.0, last);
         }
         reply.ok();
     }
@@ -73,7 +78,8 @@ impl CmkFs {
         match r {
             Ok((bname, a, of, fresh)) => {
                 let (attr, generation) = self.remember(parent, name, &bname, &a, fresh);
-                let fh = self.add_file(attr.ino.0, of);
+                let write = flags & libc::O_ACCMODE != libc::O_RDONLY;
+                let fh = self.add_file(attr.ino.0, of, write);
                 reply.created(
                     self.attr_ttl(),
                     &attr,
@@ -98,7 +104,10 @@ impl CmkFs {
             Resolved::File(of) => self.vol.reopen(&of, write),
         });
         match r {
-            Ok(of) => reply.opened(FileHandle(self.add_file(ino.0, of)), self.open_flags()),
+            Ok(of) => reply.opened(
+                FileHandle(self.add_file(ino.0, of, write)),
+                self.open_flags(),
+            ),
             Err(e) => reply.error(self.errno(&e, "open", Some(ino))),
         }
     }
@@ -136,20 +145,41 @@ impl CmkFs {
             }
             self.vol.write(&of, offset, data)
         });
-        match r {
+        // A write-back of the kernel's cache: the `write(2)` that made it returned long ago.
+        let cached = write_flags.contains(WriteFlags::FUSE_WRITE_CACHE);
+        let refused = match r {
             // The kernel takes a write-back of its cached pages as all or nothing (it drops
-            // a short count): a full backing disk is the cause of a short one, and the error
-            // makes the kernel report it at fsync or close.
-            Ok(n) if n < data.len() && write_flags.contains(WriteFlags::FUSE_WRITE_CACHE) => {
-                reply.error(fuser::Errno::ENOSPC)
+            // a short count): a full backing disk is the cause of a short one.
+            Ok(n) if n < data.len() && cached => fuser::Errno::ENOSPC,
+            Ok(n) => return reply.written(n as u32),
+            Err(e) => self.errno(&e, "write", Some(ino)),
+        };
+        if cached {
+            // Reported at the next close and fsync of every handle open now (`wb_errors`).
+            lock(&self.files).wb.refused(ino.0, refused.code());
+        }
+        reply.error(refused)
+    }
+
+    /// FLUSH (every `close`): the write-back error this handle has not reported yet.
+    pub(super) fn do_flush(&self, ino: INodeNo, fh: FileHandle, reply: ReplyEmpty) {
+        match lock(&self.files).wb.take(fh.0, true) {
+            None => reply.ok(),
+            Some(errno) => {
+                tracing::debug!(ino = ino.0, errno, "close reports a refused write-back");
+                reply.error(fuser::Errno::from_i32(errno))
             }
-            Ok(n) => reply.written(n as u32),
-            Err(e) => reply.error(self.errno(&e, "write", Some(ino))),
         }
     }
 
     pub(super) fn do_fsync(&self, ino: INodeNo, fh: FileHandle, datasync: bool, reply: ReplyEmpty) {
-        match self.file(fh).and_then(|of| self.vol.fsync(&of, datasync)) {
+        let r = self.file(fh).and_then(|of| self.vol.fsync(&of, datasync));
+        // What this handle has not reported yet comes first: the kernel reports a refused
+        // write-back at fsync on its own, but not one whose flag another fsync consumed.
+        if let Some(errno) = lock(&self.files).wb.take(fh.0, false) {
+            return reply.error(fuser::Errno::from_i32(errno));
+        }
+        match r {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(self.errno(&e, "fsync", Some(ino))),
         }
