@@ -163,7 +163,7 @@ impl CmkFs {
 
     /// FLUSH (every `close`): the write-back error this handle has not reported yet.
     pub(super) fn do_flush(&self, ino: INodeNo, fh: FileHandle, reply: ReplyEmpty) {
-        match lock(&self.files).wb.take(fh.0, true) {
+        match lock(&self.files).wb.take(fh.0) {
             None => reply.ok(),
             Some(errno) => {
                 tracing::debug!(ino = ino.0, errno, "close reports a refused write-back");
@@ -173,13 +173,10 @@ impl CmkFs {
     }
 
     pub(super) fn do_fsync(&self, ino: INodeNo, fh: FileHandle, datasync: bool, reply: ReplyEmpty) {
-        let r = self.file(fh).and_then(|of| self.vol.fsync(&of, datasync));
-        // What this handle has not reported yet comes first: the kernel reports a refused
-        // write-back at fsync on its own, but not one whose flag another fsync consumed.
-        if let Some(errno) = lock(&self.files).wb.take(fh.0, false) {
-            return reply.error(fuser::Errno::from_i32(errno));
-        }
-        match r {
+        // The kernel found no refused write-back this descriptor had not been told of
+        // (`wb_errors`): its close need not repeat one.
+        lock(&self.files).wb.caught_up(fh.0);
+        match self.file(fh).and_then(|of| self.vol.fsync(&of, datasync)) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(self.errno(&e, "fsync", Some(ino))),
         }

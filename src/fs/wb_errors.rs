@@ -11,12 +11,16 @@
 //! So the daemon keeps its own, like the kernel's `errseq_t`: per inode a counter of
 //! refused write-backs and the last errno; each open handle remembers the counter it has
 //! reported up to (the value at open: an error before a handle existed is not that
-//! handle's). FLUSH (sent at every `close` with the writeback cache) and FSYNC of a handle
-//! report the errno when the counter moved since, and move the handle's cursor.
+//! handle's). FLUSH (sent at every `close` with the writeback cache) of a handle opened for
+//! writing reports the errno when the counter moved since, and moves the cursor.
 //!
-//! Only handles opened for writing report at FLUSH: a reader's `close` has nothing to lose,
-//! and every reader's close (the backup's drain, `cat`) would otherwise fail. FSYNC reports
-//! to every handle, as the kernel's own sequence does.
+//! `fsync` needs no help: the kernel's per-descriptor sequence (`f_wb_err`) is not consumed
+//! by anyone else's `fsync` or `sync`, and the kernel answers an `fsync` that finds a new
+//! error itself, without sending FSYNC. An FSYNC that does arrive therefore moves the
+//! cursor silently (nothing new for this descriptor). A descriptor told at `fsync` by the
+//! kernel may hear the same error again at its `close`: the daemon never sees that report.
+//! Handles opened for reading only say nothing at `close`: a reader has nothing to lose,
+//! and every reader's close (the backup's drain, `cat`) would otherwise fail.
 
 use std::collections::HashMap;
 
@@ -68,12 +72,12 @@ impl WbErrors {
         s.errno = errno;
     }
 
-    /// The errno to report to handle `fh` (for a `close` when `flush`, else an `fsync`), if
-    /// its inode had a write-back refused since the handle last reported one; the handle
-    /// is then up to date. `None` for an unknown handle.
-    pub(super) fn take(&mut self, fh: u64, flush: bool) -> Option<i32> {
+    /// The errno a `close` of handle `fh` reports, if its inode had a write-back refused
+    /// since the handle was opened or last caught up; the handle is then up to date. `None`
+    /// for a handle opened for reading only, or an unknown one.
+    pub(super) fn take(&mut self, fh: u64) -> Option<i32> {
         let c = self.cursors.get_mut(&fh)?;
-        if flush && !c.write {
+        if !c.write {
             return None;
         }
         let s = self.seqs.get(&c.ino)?;
@@ -83,6 +87,16 @@ impl WbErrors {
         c.seen = s.count;
         Some(s.errno)
     }
+
+    /// An FSYNC of handle `fh` reached the daemon: the kernel checked its own sequence for
+    /// this descriptor first and found nothing it had not reported already (it answers the
+    /// `fsync` itself with the error otherwise, and sends no FSYNC), so every refusal the
+    /// handle has not seen was told at an earlier `fsync`: a `close` must not repeat it.
+    pub(super) fn caught_up(&mut self, fh: u64) {
+        if let Some(c) = self.cursors.get_mut(&fh) {
+            c.seen = self.seqs.get(&c.ino).map_or(0, |s| s.count);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -90,27 +104,28 @@ mod tests {
     use super::WbErrors;
 
     #[test]
-    fn each_handle_open_at_the_refusal_reports_it_once() {
+    fn each_writer_open_at_the_refusal_reports_it_once() {
         let mut w = WbErrors::default();
         w.opened(1, 7, true);
         w.opened(2, 7, true);
         w.opened(3, 7, false);
-        assert_eq!(w.take(1, true), None);
+        assert_eq!(w.take(1), None);
         w.refused(7, libc::ENOSPC);
         w.opened(4, 7, true);
-        assert_eq!(w.take(1, true), Some(libc::ENOSPC));
-        assert_eq!(w.take(1, true), None);
-        assert_eq!(w.take(2, false), Some(libc::ENOSPC));
-        assert_eq!(w.take(2, true), None);
-        // A reader's close says nothing; its fsync does.
-        assert_eq!(w.take(3, true), None);
-        assert_eq!(w.take(3, false), Some(libc::ENOSPC));
+        assert_eq!(w.take(1), Some(libc::ENOSPC));
+        assert_eq!(w.take(1), None);
+        // Told by the kernel at an fsync (the FSYNC that follows reaches the daemon).
+        w.caught_up(2);
+        assert_eq!(w.take(2), None);
+        // A reader's close says nothing.
+        assert_eq!(w.take(3), None);
         // Opened after the refusal.
-        assert_eq!(w.take(4, true), None);
+        assert_eq!(w.take(4), None);
         w.refused(7, libc::EIO);
-        assert_eq!(w.take(4, true), Some(libc::EIO));
+        assert_eq!(w.take(4), Some(libc::EIO));
+        assert_eq!(w.take(2), Some(libc::EIO));
         // Another inode is not touched; the last release forgets the inode.
-        assert_eq!(w.take(9, true), None);
+        assert_eq!(w.take(9), None);
         for fh in 1..=3 {
             w.released(fh, false);
         }

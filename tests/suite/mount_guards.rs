@@ -223,6 +223,280 @@ fn a_full_backing_disk_fails_the_write_or_the_fsync_with_enospc() {
     m.unmount();
 }
 
+/// Raw descriptors: `std::fs::File` drops its `close` error, and the errno of each call is
+/// what these tests look at.
+mod raw {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    use std::path::Path;
+
+    fn errno_of(rc: i32) -> i32 {
+        if rc == 0 {
+            0
+        } else {
+            std::io::Error::last_os_error().raw_os_error().unwrap_or(-1)
+        }
+    }
+
+    pub fn open(p: &Path, flags: i32) -> i32 {
+        let c = CString::new(p.as_os_str().as_bytes()).unwrap();
+        // SAFETY: a NUL-terminated path.
+        let fd = unsafe { libc::open(c.as_ptr(), flags | libc::O_CLOEXEC, 0o644) };
+        assert!(
+            fd >= 0,
+            "open {}: {}",
+            p.display(),
+            std::io::Error::last_os_error()
+        );
+        fd
+    }
+
+    /// Writes all of `data` at offset 0 (into the kernel's cache: it must succeed).
+    pub fn pwrite_all(fd: i32, data: &[u8]) {
+        // SAFETY: a live buffer of that length.
+        let n = unsafe { libc::pwrite(fd, data.as_ptr().cast(), data.len(), 0) };
+        assert_eq!(
+            n,
+            data.len() as isize,
+            "cached pwrite: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+
+    /// 0 or the errno of `fsync`.
+    pub fn fsync(fd: i32) -> i32 {
+        // SAFETY: plain system call.
+        errno_of(unsafe { libc::fsync(fd) })
+    }
+
+    /// 0 or the errno of `close`.
+    pub fn close(fd: i32) -> i32 {
+        // SAFETY: our own descriptor, closed once.
+        errno_of(unsafe { libc::close(fd) })
+    }
+}
+
+/// Fills the backing disk of mount `m` (an 8 MiB tmpfs) through the mount: 16 MiB written,
+/// the write-back refused with ENOSPC.
+fn fill_backing_disk(m: &Mount) {
+    let mut f = fs::File::create(m.path("filler")).unwrap();
+    let mb = vec![0x5au8; 1 << 20];
+    let mut err = None;
+    for _ in 0..16 {
+        if let Err(e) = f.write_all(&mb) {
+            err = Some(e);
+            break;
+        }
+    }
+    let err = err
+        .or(f.sync_all().err())
+        .expect("16 MiB fit on an 8 MiB disk");
+    assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "{err}");
+}
+
+/// Attack session 10, F1: with the writeback cache a refused write-back (full backing
+/// disk) was reported at the writer's `close` only through the kernel's flag for it, which
+/// the first `fsync` or `close` of anyone clears: another process's `fsync` of a read-only
+/// descriptor, or a child process the writer ran (its copy of the descriptor is closed at
+/// `exec`), before the writer's `close` made that close return 0 with the data gone. The
+/// daemon now answers FLUSH with the refusals it recorded.
+#[test]
+fn a_refused_write_back_fails_the_writers_close_after_another_fsync_or_close() {
+    let env = Env::new().in_mode(&["--writeback-cache"]);
+    let small = env.dir("small");
+    let _fs = Tmpfs::mount(&small);
+    env.init(&small);
+    let m = env.mount(&small, &env.mnt);
+    fill_backing_disk(&m);
+    let data = vec![0x44u8; 1 << 20];
+    let mut closes = Vec::new();
+    for how in ["fsync of a reader", "child process", "sync"] {
+        let p = m.path(format!("lost after {how}"));
+        let w = raw::open(&p, libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC);
+        raw::pwrite_all(w, &data);
+        match how {
+            "fsync of a reader" => {
+                let r = raw::open(&p, libc::O_RDONLY);
+                assert_eq!(raw::fsync(r), libc::ENOSPC, "the reader's fsync wrote back");
+                assert_eq!(raw::close(r), 0, "a reader's close reports nothing");
+            }
+            // The child's copy of the descriptor is closed at `exec` (O_CLOEXEC): that
+            // close wrote back and took the kernel's flag.
+            "child process" => assert!(Command::new("true").status().unwrap().success()),
+            // SAFETY: plain system call.
+            _ => unsafe { libc::sync() },
+        }
+        closes.push((how, raw::close(w)));
+    }
+    println!("the writer's close errno after each: {closes:?}");
+    assert!(
+        closes.iter().all(|(_, e)| *e == libc::ENOSPC),
+        "the writer's close must report the refused write-back: {closes:?}"
+    );
+    m.unmount();
+}
+
+/// F1 with two writers and a reader of one file (errseq rules): a refused write-back is
+/// reported once to each descriptor open for writing at the time, at its `fsync` (by the
+/// kernel) or its `close` (by the daemon), whoever cleared the kernel's flag before; a
+/// descriptor opened after the refusal, and a reader's close, report nothing.
+#[test]
+fn a_refused_write_back_is_reported_once_to_each_writer_open_at_the_time() {
+    let env = Env::new().in_mode(&["--writeback-cache"]);
+    let small = env.dir("small");
+    let _fs = Tmpfs::mount(&small);
+    env.init(&small);
+    let m = env.mount(&small, &env.mnt);
+    fill_backing_disk(&m);
+    let p = m.path("shared");
+    let a = raw::open(&p, libc::O_WRONLY | libc::O_CREAT);
+    let b = raw::open(&p, libc::O_RDWR);
+    let r = raw::open(&p, libc::O_RDONLY);
+    raw::pwrite_all(a, &vec![0x41u8; 1 << 20]);
+    // Someone else's fsync writes back and clears the kernel's flag.
+    let x = raw::open(&p, libc::O_RDONLY);
+    assert_eq!(raw::fsync(x), libc::ENOSPC);
+    assert_eq!(raw::close(x), 0);
+    let late = raw::open(&p, libc::O_WRONLY);
+    assert_eq!(raw::close(a), libc::ENOSPC, "first writer's close");
+    assert_eq!(raw::fsync(b), libc::ENOSPC, "second writer's fsync");
+    assert_eq!(raw::fsync(b), 0, "second writer's next fsync: told already");
+    assert_eq!(raw::close(b), 0, "second writer's close: told already");
+    assert_eq!(raw::close(r), 0, "a reader's close");
+    assert_eq!(raw::close(late), 0, "a writer opened after the refusal");
+    m.unmount();
+}
+
+/// F1b: the same at a revocation. A writer keeps rewriting a file (cached) while the key is
+/// disabled, until a `write(2)` meets the cut-off; the cached writes still held then are
+/// refused. A `sync` (the command: the writer's descriptor inherited by it and closed at
+/// `exec`) or another descriptor's `fsync` before the writer's `close` cleared the kernel's
+/// flag and the close said 0 while the file kept its old data. Now the close fails, or (had every accepted
+/// write reached the disk before the cut-off) the file holds the last accepted write.
+///
+/// The writer is a forked child: the process that runs `cmkfs vault key update` closes its
+/// inherited descriptors at `exec`, and every close writes the file's dirty pages back.
+#[test]
+fn a_cut_off_refusing_cached_writes_fails_the_writers_close_after_another_fsync() {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    let env = Env::new().in_mode(&["--writeback-cache"]);
+    env.init(&env.cipher);
+    let m = env.mount(&env.cipher, &env.mnt);
+    const LEN: usize = 65536;
+    write(&m.path("f"), &[0x11u8; LEN]);
+    let path = CString::new(m.path("f").as_os_str().as_bytes()).unwrap();
+    let pipe = || {
+        let mut fds = [0i32; 2];
+        // SAFETY: a two-element out-array.
+        assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+        fds
+    };
+    let (ready, results) = (pipe(), pipe());
+    let bufs: Vec<Vec<u8>> = (0..50u8).map(|i| vec![0x22 + i; LEN]).collect();
+    // SAFETY: the child makes only raw system calls on data prepared above, then _exit()s.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork failed");
+    if pid == 0 {
+        // SAFETY: as above.
+        unsafe {
+            let fd = libc::open(path.as_ptr(), libc::O_RDWR);
+            // Another descriptor whose fsync after the cut-off takes the kernel's flag.
+            let other = libc::open(path.as_ptr(), libc::O_RDONLY);
+            if fd < 0 || other < 0 {
+                libc::_exit(10);
+            }
+            let mut start: libc::timespec = std::mem::zeroed();
+            libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut start);
+            // [writes accepted, errno of the refused write, errno of close]
+            let mut res = [0i32; 3];
+            loop {
+                let b = &bufs[res[0] as usize % bufs.len()];
+                if libc::pwrite(fd, b.as_ptr().cast(), LEN, 0) != LEN as isize {
+                    res[1] = *libc::__errno_location();
+                    break;
+                }
+                res[0] += 1;
+                if res[0] == 1 {
+                    libc::write(ready[1], b"r".as_ptr().cast(), 1);
+                }
+                let mut now: libc::timespec = std::mem::zeroed();
+                libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now);
+                if now.tv_sec - start.tv_sec > 60 {
+                    break;
+                }
+            }
+            libc::sync();
+            libc::fsync(other);
+            if libc::close(fd) != 0 {
+                res[2] = *libc::__errno_location();
+            }
+            libc::write(results[1], res.as_ptr().cast(), std::mem::size_of_val(&res));
+            libc::_exit(0);
+        }
+    }
+    // SAFETY: closing the child's ends in the parent.
+    unsafe {
+        libc::close(ready[1]);
+        libc::close(results[1]);
+    }
+    let mut b = [0u8; 1];
+    let wrote = read_within(ready[0], &mut b) == 1;
+    if wrote {
+        env.cmkfs(&["vault", "key", "update", "default", "--disable"])
+            .assert_ok();
+    }
+    let mut res = [0i32; 3];
+    // SAFETY: reading the child's report into a 12-byte buffer.
+    let got = read_within(results[0], unsafe {
+        std::slice::from_raw_parts_mut(res.as_mut_ptr().cast::<u8>(), 12)
+    });
+    let mut status = 0;
+    // SAFETY: our own child; it has reported (or is killed first).
+    unsafe {
+        if got != 12 {
+            libc::kill(pid, libc::SIGKILL);
+        }
+        libc::waitpid(pid, &mut status, 0);
+        libc::close(ready[0]);
+        libc::close(results[0]);
+    }
+    assert!(wrote && got == 12, "the writer failed: status {status:#x}");
+    let [accepted, refused, closed] = res;
+    println!("{accepted} writes accepted, then errno {refused}; close after another fsync: errno {closed}");
+    assert_eq!(refused, libc::EACCES, "the write that met the cut-off");
+    env.cmkfs(&["vault", "key", "update", "default", "--enable"])
+        .assert_ok();
+    assert!(
+        wait_until(CMD_TIMEOUT, || fs::read(m.path("f")).is_ok()),
+        "the mount never healed"
+    );
+    if closed == 0 {
+        let last = &bufs[(accepted as usize - 1) % bufs.len()];
+        assert!(
+            read(&m.path("f")) == *last,
+            "close said 0 after {accepted} accepted writes, but the file lacks the last one"
+        );
+    }
+    m.unmount();
+}
+
+/// Reads up to `buf.len()` bytes from `fd`, waiting at most 60 s for them (0: nothing came).
+fn read_within(fd: i32, buf: &mut [u8]) -> usize {
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, then a read into a live buffer.
+    unsafe {
+        if libc::poll(&mut pfd, 1, 60_000) != 1 {
+            return 0;
+        }
+        libc::read(fd, buf.as_mut_ptr().cast(), buf.len()).max(0) as usize
+    }
+}
+
 /// Pwrites onto a full filesystem under `dir` (a file of 35002 bytes, the disk filled, then
 /// 100 KiB freed before each write), each checked against what a local filesystem promises:
 /// an error changes nothing; a short count `n` changed exactly `[off, off + n)` and grew the
