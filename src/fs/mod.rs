@@ -92,6 +92,8 @@ struct Files {
     by_ino: HashMap<u64, Vec<u64>>,
     /// Refused write-backs and what each handle has reported of them.
     wb: wb_errors::WbErrors,
+    /// Drops the kernel's pages of a file whose write-back was refused.
+    refused_pages: wb_errors::RefusedPages,
 }
 
 /// GETATTRs parked during a backup's quiesce (`drain`), answered when it ends.
@@ -173,8 +175,10 @@ impl crate::volume::reencrypt::Online for OnlineHandle {
 }
 
 impl OnlineHandle {
-    /// Gives the handle the session's notifier (kernel cache invalidation).
+    /// Gives the handle the session's notifier (kernel cache invalidation); the
+    /// filesystem's pages of refused write-backs are dropped from then on.
     pub fn set_notifier(&self, n: fuser::Notifier) {
+        lock(&self.files).refused_pages.start(n.clone());
         let _ = self.notifier.set(n);
     }
 

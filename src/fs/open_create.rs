@@ -155,10 +155,13 @@ impl CmkFs {
             Err(e) => self.errno(&e, "write", Some(ino)),
         };
         if cached {
-            // Reported at the next close and fsync of every handle open now (`wb_errors`).
+            // Reported at the next close of every handle open for writing now (`wb_errors`).
             lock(&self.files).wb.refused(ino.0, refused.code());
         }
-        reply.error(refused)
+        reply.error(refused);
+        if cached {
+            lock(&self.files).refused_pages.refused(ino.0);
+        }
     }
 
     /// FLUSH (every `close`): the write-back error this handle has not reported yet.

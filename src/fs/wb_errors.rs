@@ -22,7 +22,11 @@
 //! Handles opened for reading only say nothing at `close`: a reader has nothing to lose,
 //! and every reader's close (the backup's drain, `cat`) would otherwise fail.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::mpsc;
+
+use fuser::{INodeNo, Notifier};
+
 
 /// One inode's refused write-backs: how many, and the errno of the last one.
 #[derive(Clone, Copy, Debug, Default)]
@@ -95,6 +99,50 @@ impl WbErrors {
     pub(super) fn caught_up(&mut self, fh: u64) {
         if let Some(c) = self.cursors.get_mut(&fh) {
             c.seen = self.seqs.get(&c.ino).map_or(0, |s| s.count);
+        }
+    }
+}
+
+/// Drops the kernel's pages of an inode after a refused write-back, so that readers see
+/// what the backing file holds (zeros up to the size the kernel keeps) instead of the bytes
+/// that were never stored (attack session 10, F3). The kernel keeps refused pages, clean,
+/// until the inode leaves its cache otherwise. Done on a thread of its own after the WRITE
+/// was answered, never inside the handler: the invalidation waits for pages under
+/// write-back, and the kernel waits for that very reply. Dirty pages are written back
+/// first (`launder`), so nothing accepted is dropped.
+#[derive(Default)]
+pub(super) struct RefusedPages {
+    tx: Option<mpsc::Sender<u64>>,
+}
+
+impl RefusedPages {
+    /// Starts the thread that invalidates, once the session's notifier exists. Without it
+    /// (no thread could be started) refused pages stay cached, as before.
+    pub(super) fn start(&mut self, n: Notifier) {
+        let (tx, rx) = mpsc::channel::<u64>();
+        let spawned = std::thread::Builder::new()
+            .name("cmkfs-wb-inval".into())
+            .spawn(move || {
+                while let Ok(ino) = rx.recv() {
+                    // Many refusals of one file (a write-back of several requests) come
+                    // together: one invalidation each.
+                    let inos: BTreeSet<u64> = std::iter::once(ino).chain(rx.try_iter()).collect();
+                    for ino in inos {
+                        // Offset 0, length 0: every page of the inode, and its attributes.
+                        let _ = n.inval_inode(INodeNo(ino), 0, 0);
+                    }
+                }
+            });
+        match spawned {
+            Ok(_) => self.tx = Some(tx),
+            Err(e) => tracing::warn!(error = %e, "refused write-backs stay in the kernel's cache"),
+        }
+    }
+
+    /// A write-back of inode `ino` was refused and answered: drop its pages soon.
+    pub(super) fn refused(&self, ino: u64) {
+        if let Some(tx) = &self.tx {
+            let _ = tx.send(ino);
         }
     }
 }

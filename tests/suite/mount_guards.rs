@@ -333,6 +333,19 @@ fn a_refused_write_back_fails_the_writers_close_after_another_fsync_or_close() {
         closes.iter().all(|(_, e)| *e == libc::ENOSPC),
         "the writer's close must report the refused write-back: {closes:?}"
     );
+    // F3: readers see what is stored (zeros up to the size the kernel keeps), not the
+    // refused bytes, once the daemon has dropped the file's pages (soon after the refusal).
+    let p = m.path("lost after sync");
+    let mut last = Vec::new();
+    let stored = wait_until(CMD_TIMEOUT, || {
+        last = read(&p);
+        !last.contains(&0x44)
+    });
+    assert!(
+        stored && last.iter().all(|&b| b == 0),
+        "the refused bytes are still read ({} bytes)",
+        last.len()
+    );
     m.unmount();
 }
 
