@@ -27,7 +27,6 @@ use std::sync::mpsc;
 
 use fuser::{INodeNo, Notifier};
 
-
 /// One inode's refused write-backs: how many, and the errno of the last one.
 #[derive(Clone, Copy, Debug, Default)]
 struct Seq {
