@@ -139,17 +139,26 @@ impl CmkFs {
         reply: ReplyWrite,
     ) {
         let kill = write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID);
+        // A write-back of the kernel's cache: the `write(2)` that made it returned long ago.
+        let cached = write_flags.contains(WriteFlags::FUSE_WRITE_CACHE);
         let r = self.file(fh).and_then(|of| {
             if kill {
                 self.vol.kill_suidgid(&of)?;
             }
-            self.vol.write(&of, offset, data)
+            let mut n = self.vol.write(&of, offset, data)?;
+            // The kernel takes a write-back as all or nothing (it drops a short count): the
+            // rest is written again, which stores it or says why not (a full backing disk,
+            // `ENOSPC`; a file size limit, `EFBIG`).
+            while cached && n < data.len() {
+                match self.vol.write(&of, offset + n as u64, &data[n..])? {
+                    0 => break,
+                    k => n += k,
+                }
+            }
+            Ok(n)
         });
-        // A write-back of the kernel's cache: the `write(2)` that made it returned long ago.
-        let cached = write_flags.contains(WriteFlags::FUSE_WRITE_CACHE);
         let refused = match r {
-            // The kernel takes a write-back of its cached pages as all or nothing (it drops
-            // a short count): a full backing disk is the cause of a short one.
+            // Nothing more could be placed and no error said why: a full backing disk.
             Ok(n) if n < data.len() && cached => fuser::Errno::ENOSPC,
             Ok(n) => return reply.written(n as u32),
             Err(e) => self.errno(&e, "write", Some(ino)),
