@@ -10,7 +10,8 @@
 //!   (a crash-safe point) and resumes with the next request.
 //! * `{"op":"freeze"}` — closes the write gate: every change through the mount waits (reads
 //!   go on; with the writeback cache, the kernel's cached writes are drained first, see
-//!   `crate::fs::drain`, and a drain that does not end in time is `{"error":".."}`),
+//!   `crate::fs::drain`, and a drain that does not end in time is `{"error":".."}`; a
+//!   client that goes away during the drain ends it at once, the mount thawed),
 //!   `{"frozen":true}` is answered, and the gate opens again when the client sends
 //!   `thaw` (any line but `renew`) or goes away, or when no `renew` line came for the
 //!   mount's `--freeze-limit` (a lease: a stuck client cannot hold writers forever); then
@@ -244,6 +245,7 @@ fn serve(conn: UnixStream, ctl: &Control, busy: &Mutex<()>) {
                 &vol,
                 &ctl.mountpoint,
                 DRAIN_LIMIT.min(ctl.freeze_limit),
+                &gone,
             ) {
                 Ok((f, _)) => f,
                 Err(e) => {

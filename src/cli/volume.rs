@@ -227,7 +227,7 @@ pub fn init(a: InitArgs) -> anyhow::Result<()> {
     if a.key == crate::des::PLATFORM_KEY {
         bail!("{} is cmkfs's platform key (it wraps only the inner key of double-encrypted volumes); choose another --key", a.key);
     }
-    let v = vault::open(&a.vault, &home)?;
+    let v = vault::open_or_create(&a.vault, &home)?;
     // The key decides the wrap algorithm (HSMs without SHA-2 OAEP use RSA-OAEP).
     let wrap_alg = match v.get_key(&a.key, None) {
         Ok(k) => k.wrap_alg,
@@ -580,6 +580,10 @@ fn hand_vault_key(
         || header.platform.is_some()
         || header.des.is_some();
     if !local {
+        return None;
+    }
+    // No vault at all: the daemon says so (one line), nothing to warn about.
+    if !home.vault_dir().join("vault.json").exists() {
         return None;
     }
     if matches!(seal::read_record(&home.vault_dir()), Ok(None))

@@ -297,7 +297,7 @@ fn probe_wrap_unwrap(vault: &dyn Vault, info: &KeyInfo, who: &str) -> Result<(),
 /// Opens cmkfs's platform vault (the `local:` vault of `home`, as its owner) and makes sure
 /// the platform key exists and is enabled, creating it on first use.
 pub fn ensure_platform_key(home: &Home) -> Result<(Box<dyn Vault>, KeyInfo), DesError> {
-    let v = vault::open(crate::vault::local::URL, home)?;
+    let v = vault::open_or_create(crate::vault::local::URL, home)?;
     let info = match v.get_key(PLATFORM_KEY, None) {
         Ok(i) => i,
         Err(VaultError::NotFound(_)) => v.create_key(

@@ -34,7 +34,9 @@
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fuser::INodeNo;
@@ -54,6 +56,9 @@ pub enum DrainError {
     /// A revocation's cut-off ended the quiesce.
     #[error("the volume's key was revoked while the mount prepared the freeze")]
     Lifted,
+    /// The client that asked for the freeze went away (a backup that died) during the drain.
+    #[error("the backup went away while the mount prepared the freeze")]
+    ClientGone,
 }
 
 /// What the drain did.
@@ -86,14 +91,21 @@ impl OnlineHandle {
     /// backing store holds then has every `write(2)` that returned before it whole, and
     /// none that started after. Without the writeback cache the gate is closed at once.
     ///
-    /// Errors: [`DrainError::Timeout`] when the drain took longer than `limit`, and
-    /// [`DrainError::Lifted`] when a cut-off came meanwhile; the quiesce then ends, nothing
-    /// is held.
+    /// `client_gone` is looked at while the drain runs (every 50 ms): once it is true (the
+    /// backup that asked died or hung up) the quiesce ends at once.
+    ///
+    /// Errors: [`DrainError::Timeout`] when the drain took longer than `limit`,
+    /// [`DrainError::Lifted`] when a cut-off came meanwhile, and [`DrainError::ClientGone`]
+    /// when `client_gone` became true; the quiesce then ends at once (the parked GETATTRs
+    /// answered, attribute timeouts back), nothing is held, even while the drain thread is
+    /// still blocked in an `fsync` (a `write(2)` that does not end): it stops after that
+    /// `fsync` and its end changes nothing.
     pub fn freeze_for_backup<'v>(
         &self,
         vol: &'v Volume,
         mountpoint: &Path,
         limit: Duration,
+        client_gone: &AtomicBool,
     ) -> Result<(Frozen<'v>, Option<Drained>), DrainError> {
         if !self.opts.writeback_cache {
             return Ok((vol.gates().freeze_writes(), None));
@@ -124,28 +136,51 @@ impl OnlineHandle {
             files = targets.len(),
             "draining the kernel's cached writes"
         );
+        // The drain thread may outlive this call (blocked in an `fsync` behind a `write(2)`
+        // that does not end): `stop` (set however this call ends) makes it stop after that
+        // `fsync`. It names itself the drainer only through this thread (`go`), while the
+        // quiesce lasts: a late start never leaves a stale drainer for the next quiesce.
+        let stop = Arc::new(AtomicBool::new(false));
+        let _stop = StopDrain(&stop);
         let (tx, rx) = mpsc::channel();
-        let (v, mp) = (self.vol.clone(), mountpoint.to_path_buf());
+        let (tid_tx, tid_rx) = mpsc::channel();
+        let (go_tx, go_rx) = mpsc::channel::<()>();
+        let (mp, thread_stop) = (mountpoint.to_path_buf(), stop.clone());
         let spawned = std::thread::Builder::new()
             .name("cmkfs-drain".into())
             .spawn(move || {
                 // SAFETY: gettid has no preconditions.
                 let tid = unsafe { libc::gettid() } as u32;
-                v.gates().set_drainer(tid);
-                let r = drain(&mp, &targets);
+                if tid_tx.send(tid).is_err() || go_rx.recv().is_err() {
+                    return;
+                }
+                let r = drain(&mp, &targets, &thread_stop);
                 let _ = tx.send(r);
             });
         if spawned.is_err() {
             return Err(DrainError::Timeout(0));
         }
         let deadline = Instant::now() + limit;
+        let mut started = false;
         let drained = loop {
-            match rx.recv_timeout(Duration::from_millis(50)) {
+            if !started {
+                if let Ok(tid) = tid_rx.try_recv() {
+                    vol.gates().set_drainer(tid);
+                    let _ = go_tx.send(());
+                    started = true;
+                }
+            }
+            match rx.recv_timeout(Duration::from_millis(if started { 50 } else { 1 })) {
                 Ok(d) => break Some(d),
-                Err(RecvTimeoutError::Disconnected) => break None,
+                Err(RecvTimeoutError::Disconnected) if started => break None,
+                Err(RecvTimeoutError::Disconnected) => return Err(DrainError::Timeout(0)),
                 Err(RecvTimeoutError::Timeout) => {
                     if vol.gates().lifted_since(quiet.lifts) {
                         return Err(DrainError::Lifted);
+                    }
+                    if client_gone.load(Ordering::SeqCst) {
+                        tracing::warn!("the backup went away during the drain: the quiesce ends");
+                        return Err(DrainError::ClientGone);
                     }
                     if Instant::now() >= deadline {
                         tracing::warn!(limit = ?limit, "the drain of cached writes did not end in time");
@@ -158,6 +193,15 @@ impl OnlineHandle {
             tracing::info!(files = d.files, exact = d.exact, "cached writes drained");
         }
         Ok((quiet.freeze(), drained))
+    }
+}
+
+/// Tells the drain thread to stop at its next step, however the freeze's preparation ends.
+struct StopDrain<'a>(&'a AtomicBool);
+
+impl Drop for StopDrain<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
     }
 }
 
@@ -197,7 +241,8 @@ impl Drop for Unpark<'_> {
 
 /// Opens each `(node id, generation)` through the mount at `mp` and `fsync`s it, `ROUNDS`
 /// times, then `syncfs`. A file gone meanwhile (`ESTALE`, `ENOENT`) has nothing to drain.
-fn drain(mp: &Path, targets: &[(u64, u32)]) -> Drained {
+/// Once `stop` is set (the freeze's preparation ended without it) nothing more is done.
+fn drain(mp: &Path, targets: &[(u64, u32)], stop: &AtomicBool) -> Drained {
     let mut d = Drained {
         files: 0,
         exact: true,
@@ -208,6 +253,9 @@ fn drain(mp: &Path, targets: &[(u64, u32)]) -> Drained {
     };
     'rounds: for _ in 0..ROUNDS {
         for &(ino, generation) in targets {
+            if stop.load(Ordering::SeqCst) {
+                return d;
+            }
             match open_by_handle(&root, ino, generation) {
                 Ok(f) => {
                     // Its error (a write-back that failed) is the writer's to see at its own
@@ -224,7 +272,9 @@ fn drain(mp: &Path, targets: &[(u64, u32)]) -> Drained {
             }
         }
     }
-    let _ = rustix::fs::syncfs(&root);
+    if !stop.load(Ordering::SeqCst) {
+        let _ = rustix::fs::syncfs(&root);
+    }
     d
 }
 

@@ -242,6 +242,39 @@ impl LocalVault {
         Ok(v)
     }
 
+    /// Opens the existing store at `dir` as its owner, never creating one: for the commands
+    /// that only use a vault (backup, restore, mount, status, fsck...).
+    ///
+    /// Errors: [`VaultError::Invalid`] naming `dir`, the home to point `CMKFS_HOME` at and
+    /// `cmkfs init`, when there is no store there; nothing is created.
+    pub fn open_existing(dir: &Path) -> Result<LocalVault, VaultError> {
+        let store = Store::new(dir);
+        if let Err(e) = std::fs::symlink_metadata(store.vault_json()) {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                let home = dir.parent().unwrap_or(dir);
+                return Err(VaultError::Invalid(format!(
+                    "there is no vault in {} (the home {}): this command uses the vault that \
+                     holds the volume's key and never creates one; set CMKFS_HOME to the home \
+                     that holds it, or create a vault with `cmkfs init`",
+                    dir.display(),
+                    home.display()
+                )));
+            }
+        }
+        let v = LocalVault {
+            store,
+            caller: Caller::Owner,
+            clock_offset: 0,
+            client: None,
+            master: OnceLock::new(),
+            audit_limits: OnceLock::new(),
+        };
+        v.store.read_vault()?;
+        seal::check_seal_not_lost(v.store.dir())?;
+        v.warn_if_unsealed();
+        Ok(v)
+    }
+
     /// Opens the existing store at `dir` as `identity`, proving it with `secret` (from its
     /// credential file). The credential is checked now and again on every call, so deleting
     /// the identity or changing its policies takes effect at once.

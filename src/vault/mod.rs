@@ -871,9 +871,17 @@ fn unsupported(what: &str) -> VaultError {
     VaultError::Invalid(format!("{what} is not supported by this vault backend"))
 }
 
-/// Opens the vault a URL names, as its owner where the backend has one (see [`connect`]).
+/// Opens the vault a URL names, as its owner where the backend has one (see [`connect`]),
+/// for a command that only uses it: the embedded `local:` vault must exist (one line naming
+/// the home otherwise, nothing created).
 pub fn open(url: &str, home: &Home) -> Result<Box<dyn Vault>, VaultError> {
-    connect(url, home, None)
+    connect_as(url, home, None, false)
+}
+
+/// [`open`] that creates the embedded `local:` vault on first use (`cmkfs init`, a Disk
+/// Encryption Set's platform key).
+pub fn open_or_create(url: &str, home: &Home) -> Result<Box<dyn Vault>, VaultError> {
+    connect_as(url, home, None, true)
 }
 
 /// Opens the vault a credential is for, as the credential's identity: every call is checked
@@ -886,8 +894,9 @@ pub fn open_with_credential(home: &Home, cred: &Credential) -> Result<Box<dyn Va
 /// vaults configured with `cmkfs vault add` are reachable ([`trust`]): any other URL is
 /// [`VaultError::NotConfigured`], before anything is loaded or contacted.
 ///
-/// - `local:` — the embedded vault of `home` (created on first use): as the owner without a
-///   credential, as the credential's identity with one.
+/// - `local:` — the embedded vault of `home` (created on first use by `connect` and
+///   [`open_or_create`], never by [`open`]): as the owner without a credential, as the
+///   credential's identity with one.
 /// - `https://host[:port]` — a cmkfs vault server, as the credential's identity
 ///   ([`http::HttpVault`]); or a real Azure Key Vault or Managed HSM (`*.vault.azure.net`,
 ///   `*.managedhsm.azure.net`, sovereign clouds), or any vault whose credential has an
@@ -904,6 +913,16 @@ pub fn connect(
     home: &Home,
     credential: Option<&Credential>,
 ) -> Result<Box<dyn Vault>, VaultError> {
+    connect_as(url, home, credential, true)
+}
+
+/// [`connect`]; `create`: whether the embedded vault is created when `home` has none.
+fn connect_as(
+    url: &str,
+    home: &Home,
+    credential: Option<&Credential>,
+    create: bool,
+) -> Result<Box<dyn Vault>, VaultError> {
     let Some(configured) = trust::lookup(home, url)? else {
         return Ok(match credential {
             Some(c) => Box::new(local::LocalVault::open_as(
@@ -911,7 +930,8 @@ pub fn connect(
                 &c.identity,
                 &c.secret,
             )?),
-            None => Box::new(local::LocalVault::open(&home.vault_dir())?),
+            None if create => Box::new(local::LocalVault::open(&home.vault_dir())?),
+            None => Box::new(local::LocalVault::open_existing(&home.vault_dir())?),
         });
     };
     match configured.kind {

@@ -564,3 +564,186 @@ fn a_cut_off_during_a_freeze_with_dirty_pages_ends_the_freeze_and_fails_the_back
     );
     m.unmount();
 }
+
+/// A thread held inside `write(2)` of a file on a mount, with the inode lock held: its
+/// source buffer is a page registered with `userfaultfd` that nobody serves, so the kernel's
+/// copy from it (`fault_in_iov_iter_readable`, under the lock) waits. Dropping it closes
+/// the `userfaultfd`: the page reads as zeros and the `write(2)` ends.
+struct StuckWriter {
+    uffd: i32,
+    page: *mut libc::c_void,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+// The page pointer is only unmapped by the owner, after the thread ended.
+unsafe impl Send for StuckWriter {}
+
+/// `struct uffdio_api`, `struct uffdio_register` (linux/userfaultfd.h).
+#[repr(C)]
+struct UffdioApi {
+    api: u64,
+    features: u64,
+    ioctls: u64,
+}
+#[repr(C)]
+struct UffdioRegister {
+    start: u64,
+    len: u64,
+    mode: u64,
+    ioctls: u64,
+}
+const UFFD_API: u64 = 0xaa;
+const UFFDIO_API: libc::c_ulong = 0xc018_aa3f;
+const UFFDIO_REGISTER: libc::c_ulong = 0xc020_aa00;
+const UFFDIO_REGISTER_MODE_MISSING: u64 = 1;
+
+impl StuckWriter {
+    /// Opens `path` for writing and returns once a thread is held inside its `write(2)`.
+    fn start(path: &Path) -> StuckWriter {
+        const PAGE: usize = 4096;
+        // SAFETY: raw system calls on values made here; every result is checked.
+        unsafe {
+            let uffd = libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC) as i32;
+            assert!(
+                uffd >= 0,
+                "userfaultfd: {}",
+                std::io::Error::last_os_error()
+            );
+            let mut api = UffdioApi {
+                api: UFFD_API,
+                features: 0,
+                ioctls: 0,
+            };
+            assert_eq!(libc::ioctl(uffd, UFFDIO_API, &mut api), 0, "UFFDIO_API");
+            let page = libc::mmap(
+                std::ptr::null_mut(),
+                PAGE,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            );
+            assert_ne!(page, libc::MAP_FAILED);
+            let mut reg = UffdioRegister {
+                start: page as u64,
+                len: PAGE as u64,
+                mode: UFFDIO_REGISTER_MODE_MISSING,
+                ioctls: 0,
+            };
+            assert_eq!(
+                libc::ioctl(uffd, UFFDIO_REGISTER, &mut reg),
+                0,
+                "UFFDIO_REGISTER"
+            );
+            let f = fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(path)
+                .unwrap();
+            let src = page as usize;
+            let thread = std::thread::spawn(move || {
+                use std::os::fd::AsRawFd;
+                libc::write(f.as_raw_fd(), src as *const libc::c_void, PAGE);
+            });
+            // The fault arrives once the thread is inside write(2), the inode lock held.
+            let mut pfd = libc::pollfd {
+                fd: uffd,
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            assert_eq!(
+                libc::poll(&mut pfd, 1, GUARD.as_millis() as i32),
+                1,
+                "the writer never reached its source page"
+            );
+            StuckWriter {
+                uffd,
+                page,
+                thread: Some(thread),
+            }
+        }
+    }
+}
+
+impl Drop for StuckWriter {
+    fn drop(&mut self) {
+        // SAFETY: our own descriptor; the page is unmapped only once the writer ended.
+        unsafe { libc::close(self.uffd) };
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        // SAFETY: the mapping made in `start`, no longer used.
+        unsafe { libc::munmap(self.page, 4096) };
+    }
+}
+
+/// Whether process `pid` has a thread named `name`.
+fn has_thread(pid: i32, name: &str) -> bool {
+    fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|t| fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim_end() == name))
+}
+
+/// Attack 10 F2: a backup killed (SIGKILL) while its drain waits on a writer held inside
+/// `write(2)` thaws the mount at once: `stat` of a regular file (its GETATTR parked by the
+/// quiesce) answers right after, not at the drain's limit (20 s). Once the writer goes on,
+/// the drain thread left behind ends without freezing anything: a write and a new backup
+/// go through.
+#[test]
+fn a_backup_killed_while_its_drain_waits_on_a_stuck_writer_thaws_the_mount_at_once() {
+    let env = Env::new();
+    env.init(&env.cipher);
+    let m = env.mount(&env.cipher, &env.mnt);
+    let other = env.mnt.join("other");
+    fs::write(&other, b"other").unwrap();
+    let pid = *daemon_pids(&env.mnt).first().expect("the mount's daemon");
+    let stuck = StuckWriter::start(&env.mnt.join("stuck"));
+
+    let archive = env.root.join("killed.tar");
+    let mut backup = env
+        .command(&[
+            "backup".as_ref(),
+            env.cipher.as_os_str(),
+            archive.as_os_str(),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // The daemon's drain thread exists from the quiesce on (GETATTRs parked).
+    let draining = wait_until(GUARD, || has_thread(pid, "cmkfs-drain"));
+    let _ = backup.kill();
+    let _ = backup.wait();
+    let started = Instant::now();
+    let p = other.clone();
+    let stat = within(Duration::from_secs(5), move || {
+        fs::metadata(p).map(|m| m.len()).ok()
+    });
+    println!("stat after the backup was killed: {:?}", started.elapsed());
+    drop(stuck);
+    assert!(draining, "the backup's drain never started");
+    assert_eq!(
+        stat,
+        Some(Some(5)),
+        "stat of a regular file stayed parked after the backup died"
+    );
+
+    let after = env.mnt.join("after");
+    let wrote = within(GUARD, move || {
+        let f = fs::File::create(&after).unwrap();
+        f.write_all_at(b"after", 0).unwrap();
+        f.sync_all().is_ok()
+    });
+    assert_eq!(wrote, Some(true), "a write after the late drain waited");
+    let second = env.root.join("after.tar");
+    env.cmkfs(&[
+        "backup".as_ref(),
+        env.cipher.as_os_str(),
+        second.as_os_str(),
+    ])
+    .assert_ok();
+    m.unmount();
+}

@@ -233,7 +233,13 @@ fn first_use_creates_a_private_store() {
     use_test_passphrase();
     let home = tempfile::tempdir().unwrap();
     let h = Home::at(home.path().join("cmkfs"));
-    let v = vault::open("local:", &h).unwrap();
+    // A command that only uses a vault never creates one (attack 10 F4).
+    assert!(matches!(
+        vault::open("local:", &h),
+        Err(VaultError::Invalid(m)) if m.contains("there is no vault")
+    ));
+    assert!(!h.vault_dir().exists());
+    let v = vault::open_or_create("local:", &h).unwrap();
     assert_eq!(v.url(), "local:");
     let k = v.create_key("first", &opts()).unwrap();
     v.wrap_key("first", None, WrapAlg::RsaOaep256, &DEK)

@@ -652,3 +652,72 @@ fn a_legacy_store_gets_no_new_key_in_clear() {
     env.cmkfs(&["vault", "key", "create", "fresh", "--key-size", KEY_SIZE])
         .assert_ok();
 }
+
+/// Attack 10 F4: a command that only uses the embedded vault (backup, fsck, offline
+/// re-encryption, restore, mount), run with a home that has none and no passphrase, says in
+/// one line that there is no vault there (the home, `CMKFS_HOME`, `cmkfs init`) and creates
+/// nothing; `cmkfs init` without a passphrase makes nothing of a vault either.
+#[test]
+fn commands_that_use_a_vault_never_create_one() {
+    let env = Env::new();
+    env.init(&env.cipher);
+    let archive = env.root.join("a.tar");
+    env.cmkfs(&[
+        "backup".as_ref(),
+        env.cipher.as_os_str(),
+        archive.as_os_str(),
+    ])
+    .assert_ok();
+    let home = env.root.join("other-home");
+    let mnt = env.dir("m");
+    let (b, r) = (env.root.join("b.tar"), env.root.join("restored"));
+    let cases: [Vec<&OsStr>; 5] = [
+        vec!["backup".as_ref(), env.cipher.as_os_str(), b.as_os_str()],
+        vec!["fsck".as_ref(), env.cipher.as_os_str()],
+        vec![
+            "volume".as_ref(),
+            "reencrypt".as_ref(),
+            env.cipher.as_os_str(),
+        ],
+        vec![
+            "restore".as_ref(),
+            archive.as_os_str(),
+            r.as_os_str(),
+            "--des".as_ref(),
+            "d".as_ref(),
+        ],
+        vec!["mount".as_ref(), env.cipher.as_os_str(), mnt.as_os_str()],
+    ];
+    for args in cases {
+        let mut cmd = without_passphrase(env.command(&args));
+        cmd.env("CMKFS_HOME", &home);
+        let out = run(cmd);
+        if is_mounted(&mnt) {
+            while is_mounted(&mnt) && detach(&mnt) {}
+        }
+        out.assert_clear_error();
+        if args[0] != "restore" {
+            assert!(
+                out.stderr.contains("there is no vault in")
+                    && out.stderr.contains(&*home.to_string_lossy())
+                    && out.stderr.contains("cmkfs init"),
+                "{args:?}: {out}"
+            );
+        }
+        assert!(!home.join("vault").exists(), "{args:?} made a vault: {out}");
+        assert!(
+            !b.exists() && !r.exists(),
+            "{args:?} wrote something: {out}"
+        );
+    }
+    let mut cmd =
+        without_passphrase(env.command(&["init".as_ref(), env.root.join("c2").as_os_str()]));
+    cmd.env("CMKFS_HOME", &home);
+    let out = run(cmd);
+    out.assert_clear_error();
+    assert!(out.stderr.contains("passphrase"), "{out}");
+    assert!(
+        !home.join("vault").exists(),
+        "init without a passphrase left a vault: {out}"
+    );
+}

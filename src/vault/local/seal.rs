@@ -735,10 +735,15 @@ pub fn open_credential(env: &Envelope, path: &Path) -> Result<Zeroizing<Vec<u8>>
     mk.open_blob(env, SealRole::Credential, None, &what)
 }
 
-/// Creates the seal of a new store (called while the store is being created).
-pub(crate) fn create(store: &Path, now: u64) -> Result<Arc<MasterKey>, VaultError> {
-    let what = format!("the new vault {}", store.display());
-    let p = new_passphrase(&what)?;
+/// The passphrase of a new store at `store`, asked before anything of it is made (a
+/// command without one leaves nothing behind).
+pub(crate) fn new_store_passphrase(store: &Path) -> Result<Passphrase, VaultError> {
+    new_passphrase(&format!("the new vault {}", store.display()))
+}
+
+/// Creates the seal of a new store under `p` ([`new_store_passphrase`]; called while the
+/// store is being created).
+pub(crate) fn create(store: &Path, now: u64, p: &Passphrase) -> Result<Arc<MasterKey>, VaultError> {
     let mk = MasterKey::generate(hex::encode(random::<16>()?))?;
     let rec = wrap_record(&mk, p.value.as_bytes(), kdf_params()?, now, true)?;
     write_record(store, &rec)?;

@@ -247,6 +247,8 @@ impl Store {
                 ))
             }
         }
+        // The passphrase first: without one nothing of the store is made.
+        let passphrase = super::seal::new_store_passphrase(&self.dir)?;
         create_private_dir(&self.dir).map_err(|e| {
             unavailable(
                 format!("cannot create vault store {}", self.dir.display()),
@@ -266,7 +268,7 @@ impl Store {
         create_private_dir(&self.keys_dir()).map_err(io)?;
         create_private_dir(&self.identities_dir()).map_err(io)?;
         // A new store is sealed from the start: its first key is never written in clear.
-        super::seal::create(&self.dir, now)?;
+        super::seal::create(&self.dir, now, &passphrase)?;
         let rec = VaultRecord {
             format: FORMAT,
             created: now,
