@@ -166,7 +166,9 @@ impl Volume {
         let keys = self.keys()?;
         let root = self.root_dir();
         let mut encodings = Vec::new();
-        for ent in sys::list(root.fd()).map_err(os)? {
+        // Listing moves the root's atime: a mount or fsck that only looks leaves it as it was.
+        let listed = super::root_times::keep_times(root.fd(), || sys::list(root.fd()));
+        for ent in listed.map_err(os)? {
             let encoded = match names::classify(&ent.name) {
                 EntryKind::Hidden => continue,
                 EntryKind::Encrypted => ent.name.as_bytes().to_vec(),
