@@ -279,14 +279,7 @@ fn backups_under_writers(env: &Env, rounds: usize, aligned: bool) {
     );
     for (i, archive) in archives.iter().enumerate() {
         let target = env.root.join(format!("r{i}"));
-        env.cmkfs(&[
-            "restore".as_ref(),
-            archive.as_os_str(),
-            target.as_os_str(),
-            "--des".as_ref(),
-            "d".as_ref(),
-        ])
-        .assert_ok();
+        crate::backup::restore_to(env, archive, &target, &[]).assert_ok();
         let mnt = env.dir(&format!("m{i}"));
         let m = env.mount(&target, &mnt);
         let r = fs::read(mnt.join("r")).unwrap();
@@ -469,14 +462,7 @@ fn during_a_freeze_cached_writes_reads_and_listings_go_on_and_stay_out_of_the_ba
     m.unmount();
 
     let target = env.root.join("r");
-    env.cmkfs(&[
-        "restore".as_ref(),
-        archive.as_os_str(),
-        target.as_os_str(),
-        "--des".as_ref(),
-        "d".as_ref(),
-    ])
-    .assert_ok();
+    crate::backup::restore_to(&env, &archive, &target, &[]).assert_ok();
     let m = env.mount(&target, &env.mnt);
     assert!(
         fs::read(env.mnt.join("f")).unwrap() == old,
