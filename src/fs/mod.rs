@@ -724,7 +724,7 @@ impl Filesystem for CmkFs {
         _req: &Request,
         ino: INodeNo,
         fh: FileHandle,
-        _lo: LockOwner,
+        lo: LockOwner,
         reply: ReplyEmpty,
     ) {
         // Sent at every close with the writeback cache, after the kernel wrote its dirty
@@ -733,7 +733,9 @@ impl Filesystem for CmkFs {
         // sync). A map look-up: no gate (a backup's freeze must not hold a reader's close),
         // no keys (after a revocation a refused write is still reported), no system call.
         // No lock is ours to release (the kernel keeps POSIX locks).
-        self.do_flush(ino, fh, reply)
+        // The lock owner tells processes apart (one per `files_struct`), so a forked child's
+        // close does not use up its parent's report.
+        self.do_flush(ino, fh, lo.0, reply)
     }
 
     fn release(

@@ -174,8 +174,8 @@ impl CmkFs {
     }
 
     /// FLUSH (every `close`): the write-back error this handle has not reported yet.
-    pub(super) fn do_flush(&self, ino: INodeNo, fh: FileHandle, reply: ReplyEmpty) {
-        match lock(&self.files).wb.take(fh.0) {
+    pub(super) fn do_flush(&self, ino: INodeNo, fh: FileHandle, owner: u64, reply: ReplyEmpty) {
+        match lock(&self.files).wb.take(fh.0, owner) {
             None => reply.ok(),
             Some(errno) => {
                 tracing::debug!(ino = ino.0, errno, "close reports a refused write-back");

@@ -34,12 +34,16 @@ struct Seq {
     errno: i32,
 }
 
-/// What one open handle has been told.
-#[derive(Clone, Copy, Debug)]
+/// What one open handle has been told: `seen` is where every process starts; `owners` where
+/// each process (FLUSH's lock owner: one per `files_struct`) that closed a descriptor of it
+/// since is. Forked children share the handle (one open file description), and their
+/// closes (at `exec`, at exit) must not use up the parent's report (attack session 11, F1).
+#[derive(Clone, Debug)]
 struct Cursor {
     ino: u64,
     seen: u64,
     write: bool,
+    owners: HashMap<u64, u64>,
 }
 
 /// The refused write-backs of every inode with an open handle, and each handle's cursor.
@@ -55,7 +59,15 @@ impl WbErrors {
     /// refusals from now on.
     pub(super) fn opened(&mut self, fh: u64, ino: u64, write: bool) {
         let seen = self.seqs.get(&ino).map_or(0, |s| s.count);
-        self.cursors.insert(fh, Cursor { ino, seen, write });
+        self.cursors.insert(
+            fh,
+            Cursor {
+                ino,
+                seen,
+                write,
+                owners: HashMap::new(),
+            },
+        );
     }
 
     /// Handle `fh` was released; `last`: it was the inode's last open handle, so nothing
@@ -75,19 +87,21 @@ impl WbErrors {
         s.errno = errno;
     }
 
-    /// The errno a `close` of handle `fh` reports, if its inode had a write-back refused
-    /// since the handle was opened or last caught up; the handle is then up to date. `None`
-    /// for a handle opened for reading only, or an unknown one.
-    pub(super) fn take(&mut self, fh: u64) -> Option<i32> {
+    /// The errno a `close` of handle `fh` by the process `owner` (FLUSH's lock owner)
+    /// reports, if its inode had a write-back refused since the handle was opened or last
+    /// caught up, and this process was not told yet; it is then up to date. `None` for a
+    /// handle opened for reading only, or an unknown one.
+    pub(super) fn take(&mut self, fh: u64, owner: u64) -> Option<i32> {
         let c = self.cursors.get_mut(&fh)?;
         if !c.write {
             return None;
         }
         let s = self.seqs.get(&c.ino)?;
-        if s.count == c.seen {
+        let seen = c.owners.get(&owner).copied().unwrap_or(c.seen);
+        if s.count == seen {
             return None;
         }
-        c.seen = s.count;
+        c.owners.insert(owner, s.count);
         Some(s.errno)
     }
 
@@ -97,7 +111,10 @@ impl WbErrors {
     /// handle has not seen was told at an earlier `fsync`: a `close` must not repeat it.
     pub(super) fn caught_up(&mut self, fh: u64) {
         if let Some(c) = self.cursors.get_mut(&fh) {
+            // The kernel's sequence is per open file description, shared with forked
+            // children: every process sharing it was caught up with it.
             c.seen = self.seqs.get(&c.ino).map_or(0, |s| s.count);
+            c.owners.clear();
         }
     }
 }
@@ -156,27 +173,46 @@ mod tests {
         w.opened(1, 7, true);
         w.opened(2, 7, true);
         w.opened(3, 7, false);
-        assert_eq!(w.take(1), None);
+        assert_eq!(w.take(1, 100), None);
         w.refused(7, libc::ENOSPC);
         w.opened(4, 7, true);
-        assert_eq!(w.take(1), Some(libc::ENOSPC));
-        assert_eq!(w.take(1), None);
+        assert_eq!(w.take(1, 100), Some(libc::ENOSPC));
+        assert_eq!(w.take(1, 100), None);
         // Told by the kernel at an fsync (the FSYNC that follows reaches the daemon).
         w.caught_up(2);
-        assert_eq!(w.take(2), None);
+        assert_eq!(w.take(2, 100), None);
         // A reader's close says nothing.
-        assert_eq!(w.take(3), None);
+        assert_eq!(w.take(3, 100), None);
         // Opened after the refusal.
-        assert_eq!(w.take(4), None);
+        assert_eq!(w.take(4, 100), None);
         w.refused(7, libc::EIO);
-        assert_eq!(w.take(4), Some(libc::EIO));
-        assert_eq!(w.take(2), Some(libc::EIO));
+        assert_eq!(w.take(4, 100), Some(libc::EIO));
+        assert_eq!(w.take(2, 100), Some(libc::EIO));
         // Another inode is not touched; the last release forgets the inode.
-        assert_eq!(w.take(9), None);
+        assert_eq!(w.take(9, 100), None);
         for fh in 1..=3 {
             w.released(fh, false);
         }
         w.released(4, true);
         assert!(w.seqs.is_empty() && w.cursors.is_empty());
+    }
+
+    /// Forked children share a handle: each process that closes it is told once, and the
+    /// children's closes (at exec, at exit) leave the parent's report (attack session 11).
+    #[test]
+    fn each_process_sharing_a_handle_is_told_once() {
+        let mut w = WbErrors::default();
+        w.opened(1, 7, true);
+        w.refused(7, libc::ENOSPC);
+        assert_eq!(w.take(1, 201), Some(libc::ENOSPC));
+        assert_eq!(w.take(1, 202), Some(libc::ENOSPC));
+        assert_eq!(w.take(1, 201), None);
+        assert_eq!(w.take(1, 100), Some(libc::ENOSPC));
+        assert_eq!(w.take(1, 100), None);
+        // An fsync of the shared description caught every process up.
+        w.refused(7, libc::EIO);
+        w.caught_up(1);
+        assert_eq!(w.take(1, 100), None);
+        assert_eq!(w.take(1, 203), None);
     }
 }

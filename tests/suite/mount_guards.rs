@@ -310,7 +310,12 @@ fn a_refused_write_back_fails_the_writers_close_after_another_fsync_or_close() {
     fill_backing_disk(&m);
     let data = vec![0x44u8; 1 << 20];
     let mut closes = Vec::new();
-    for how in ["fsync of a reader", "child process", "sync"] {
+    for how in [
+        "fsync of a reader",
+        "child process",
+        "two child processes",
+        "sync",
+    ] {
         let p = m.path(format!("lost after {how}"));
         let w = raw::open(&p, libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC);
         raw::pwrite_all(w, &data);
@@ -323,6 +328,14 @@ fn a_refused_write_back_fails_the_writers_close_after_another_fsync_or_close() {
             // The child's copy of the descriptor is closed at `exec` (O_CLOEXEC): that
             // close wrote back and took the kernel's flag.
             "child process" => assert!(Command::new("true").status().unwrap().success()),
+            // Attack session 11, F1: the children share the writer's open file description
+            // (one FUSE handle); the first child's close took the kernel's flag, the second
+            // the handle's report, until reports were kept per process (FLUSH's lock owner).
+            "two child processes" => {
+                for _ in 0..2 {
+                    assert!(Command::new("true").status().unwrap().success());
+                }
+            }
             // SAFETY: plain system call.
             _ => unsafe { libc::sync() },
         }
