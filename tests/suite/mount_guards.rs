@@ -43,25 +43,37 @@ fn a_volume_mounted_once_cannot_be_mounted_again() {
     m.unmount();
 }
 
-/// Unmounts a tmpfs on drop (and on a failed assertion).
-struct Tmpfs(std::path::PathBuf);
+/// A kernel mount made by `mount(8)` for a test (a tmpfs, a bind alias), unmounted on drop
+/// (and on a failed assertion).
+struct Mounted(std::path::PathBuf);
 
-impl Tmpfs {
-    fn mount(at: &Path) -> Tmpfs {
+impl Mounted {
+    /// Runs `mount ARGS... AT`.
+    fn with(args: &[&OsStr], at: &Path) -> Mounted {
         let ok = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", "size=8m", "cmkfs-test-tmpfs"])
+            .args(args)
             .arg(at)
             .status()
             .expect("run mount")
             .success();
-        assert!(ok, "mount -t tmpfs {}", at.display());
-        Tmpfs(at.to_path_buf())
+        assert!(ok, "mount {args:?} {}", at.display());
+        Mounted(at.to_path_buf())
     }
 }
 
-impl Drop for Tmpfs {
+impl Drop for Mounted {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// An 8 MiB tmpfs at `at`.
+struct Tmpfs;
+
+impl Tmpfs {
+    fn mount(at: &Path) -> Mounted {
+        let args = ["-t", "tmpfs", "-o", "size=8m", "cmkfs-test-tmpfs"];
+        Mounted::with(&args.map(OsStr::new), at)
     }
 }
 
@@ -707,26 +719,12 @@ fn another_user_holding_a_flock_on_the_backing_directory_blocks_no_mount() {
     );
 }
 
-/// Unmounts a bind mount on drop (and on a failed assertion).
-struct Bind(std::path::PathBuf);
+/// A bind mount of `from` at `at`.
+struct Bind;
 
 impl Bind {
-    fn mount(from: &Path, at: &Path) -> Bind {
-        let ok = Command::new("mount")
-            .arg("--bind")
-            .arg(from)
-            .arg(at)
-            .status()
-            .expect("run mount")
-            .success();
-        assert!(ok, "mount --bind {} {}", from.display(), at.display());
-        Bind(at.to_path_buf())
-    }
-}
-
-impl Drop for Bind {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    fn mount(from: &Path, at: &Path) -> Mounted {
+        Mounted::with(&["--bind".as_ref(), from.as_os_str()], at)
     }
 }
 
