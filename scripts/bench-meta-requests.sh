@@ -5,7 +5,10 @@
 # tracefs instance), and the daemon's system calls (strace -c -f). Also the daemon's CPU
 # ticks and the wall seconds of each stage (those do move with the load).
 #
-#   scripts/bench-meta-requests.sh BIN|gocryptfs [MOUNT ARGS...]
+#   scripts/bench-meta-requests.sh BIN|gocryptfs|passthrough [MOUNT ARGS...]
+#
+# `passthrough` mounts examples/passthrough.rs (PT_BIN, default target/release/examples/passthrough):
+# FUSE's own cost on the same fuser setup, no encryption.
 #
 # Stages: extract TARBALL (default: aws-lc-sys from the cargo cache), ls -lR (cold),
 # sha256sum of every file, rm -rf. STRACE=0 skips strace (it slows the daemon); TOPN=N
@@ -46,6 +49,12 @@ mkdir -p "$W/c" "$W/m"
 if [[ $BIN == gocryptfs ]]; then
     gocryptfs -q -init -extpass "echo bench" -scryptn 10 "$W/c" >/dev/null
     gocryptfs -q -fg -extpass "echo bench" "$W/c" "$W/m" &
+    PID=$!
+    for _ in $(seq 200); do mountpoint -q "$W/m" && break; sleep 0.05; done
+elif [[ $BIN == passthrough ]]; then
+    PT_BIN=${PT_BIN:-$(dirname "$0")/../target/release/examples/passthrough}
+    [[ -x $PT_BIN ]] || { echo "bench-meta-requests.sh: no passthrough binary at $PT_BIN (cargo build --release --example passthrough)" >&2; exit 1; }
+    "$PT_BIN" "$W/c" "$W/m" "$@" &
     PID=$!
     for _ in $(seq 200); do mountpoint -q "$W/m" && break; sleep 0.05; done
 else

@@ -22,7 +22,7 @@ mod xattr;
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -130,6 +130,11 @@ pub struct CmkFs {
     dirs: Mutex<HashMap<u64, Arc<DirSnapshot>>>,
     next_fh: AtomicU64,
     parked: Arc<Mutex<Parked>>,
+    /// Set (for good) before the first refused write-back is recorded in
+    /// `Files::wb`: until then every FLUSH and FSYNC has nothing to report or catch up,
+    /// and is answered without the open-files lock (a `close` sends FLUSH right before
+    /// its RELEASE, which takes that lock: the two met on it at every other close).
+    wb_refused: Arc<AtomicBool>,
 }
 
 /// The filesystem's side of an online re-encryption
@@ -286,6 +291,7 @@ impl CmkFs {
             dirs: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             parked: Arc::default(),
+            wb_refused: Arc::default(),
         }
     }
 

@@ -165,6 +165,8 @@ impl CmkFs {
         };
         if cached {
             // Reported at the next close of every handle open for writing now (`wb_errors`).
+            // The flag first: a FLUSH that finds it clear answers without the record.
+            self.wb_refused.store(true, Ordering::SeqCst);
             lock(&self.files).wb.refused(ino.0, refused.code());
         }
         reply.error(refused);
@@ -175,6 +177,11 @@ impl CmkFs {
 
     /// FLUSH (every `close`): the write-back error this handle has not reported yet.
     pub(super) fn do_flush(&self, ino: INodeNo, fh: FileHandle, owner: u64, reply: ReplyEmpty) {
+        // No write-back refused since the mount: nothing any handle could report. A refusal
+        // answered before this FLUSH was sent set the flag before its reply went out.
+        if !self.wb_refused.load(Ordering::SeqCst) {
+            return reply.ok();
+        }
         match lock(&self.files).wb.take(fh.0, owner) {
             None => reply.ok(),
             Some(errno) => {
@@ -186,8 +193,11 @@ impl CmkFs {
 
     pub(super) fn do_fsync(&self, ino: INodeNo, fh: FileHandle, datasync: bool, reply: ReplyEmpty) {
         // The kernel found no refused write-back this descriptor had not been told of
-        // (`wb_errors`): its close need not repeat one.
-        lock(&self.files).wb.caught_up(fh.0);
+        // (`wb_errors`): its close need not repeat one. Nothing to catch up with before the
+        // first refusal.
+        if self.wb_refused.load(Ordering::SeqCst) {
+            lock(&self.files).wb.caught_up(fh.0);
+        }
         match self.file(fh).and_then(|of| self.vol.fsync(&of, datasync)) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(self.errno(&e, "fsync", Some(ino))),
