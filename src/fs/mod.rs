@@ -554,6 +554,10 @@ impl Filesystem for CmkFs {
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
         self.table.forget(ino.0, nlookup);
+        if self.table.kind(ino.0).is_none() {
+            // Gone from the kernel: a refused write-back kept for its next opener goes too.
+            lock(&self.files).wb.forgotten(ino.0);
+        }
     }
 
     fn getattr(&self, req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {

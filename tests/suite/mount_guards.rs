@@ -405,6 +405,129 @@ fn a_refused_write_back_is_reported_once_to_each_writer_open_at_the_time() {
     m.unmount();
 }
 
+/// Attack session 11, F2: the daemon answered a refused write-back with its error, so the
+/// kernel set its own flag for `close`, and the first `close` of ANY descriptor of the file
+/// took it: a reader, or a writer that wrote nothing, opened after the refusal had its
+/// `close` fail with ENOSPC (and took the flag). The daemon now answers the write-back as
+/// done and reports the refusal itself, to the descriptors open at the time only.
+#[test]
+fn a_refused_write_back_is_not_reported_to_descriptors_opened_after_it() {
+    let env = Env::new().in_mode(&["--writeback-cache"]);
+    let small = env.dir("small");
+    let _fs = Tmpfs::mount(&small);
+    env.init(&small);
+    let m = env.mount(&small, &env.mnt);
+    fill_backing_disk(&m);
+    let p = m.path("f2");
+    let a = raw::open(&p, libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC);
+    raw::pwrite_all(a, &vec![0x46u8; 1 << 20]);
+    // `sync` writes the cached pages back and waits: the daemon refuses them (full disk).
+    // SAFETY: plain system call.
+    unsafe { libc::sync() };
+    let reader = raw::open(&p, libc::O_RDONLY);
+    let idle = raw::open(&p, libc::O_WRONLY);
+    let late = raw::open(&p, libc::O_RDONLY);
+    assert_eq!(raw::close(reader), 0, "a reader opened after the refusal");
+    assert_eq!(
+        raw::close(idle),
+        0,
+        "a writer opened after the refusal, which wrote nothing"
+    );
+    assert_eq!(raw::fsync(late), 0, "fsync of a descriptor opened after");
+    assert_eq!(raw::close(late), 0);
+    assert_eq!(raw::close(a), libc::ENOSPC, "the writer's close");
+    m.unmount();
+}
+
+/// The other ways a refused write-back reaches a program, now that the daemon reports it:
+/// each descriptor open at the refusal hears it once at `fsync` (errseq rules, readers
+/// included), and a writer told there is not told again at `close`; `msync(MS_SYNC)` of a
+/// mapping reports it; and a refusal of the write-back the kernel makes when the last
+/// reference goes (a mapping unmapped after its descriptor was closed: no `close` comes
+/// after it) is kept for the next descriptor opened, whose `fsync` reports it (as Linux
+/// does for an error nobody has seen), never dropped in silence.
+#[test]
+fn a_refused_write_back_is_reported_once_at_fsync_and_at_msync() {
+    let env = Env::new().in_mode(&["--writeback-cache"]);
+    let small = env.dir("small");
+    let _fs = Tmpfs::mount(&small);
+    env.init(&small);
+    let m = env.mount(&small, &env.mnt);
+    const LEN: usize = 1 << 20;
+    // Mapped files get their size while the disk has room (the pages fill in later).
+    let sized = |name: &str| {
+        let fd = raw::open(&m.path(name), libc::O_RDWR | libc::O_CREAT);
+        // SAFETY: our own descriptor.
+        assert_eq!(unsafe { libc::ftruncate(fd, LEN as libc::off_t) }, 0);
+        fd
+    };
+    let mapped = sized("mapped");
+    let unmapped = sized("unmapped");
+    fill_backing_disk(&m);
+
+    let p = m.path("synced");
+    let w = raw::open(&p, libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC);
+    let r = raw::open(&p, libc::O_RDONLY);
+    raw::pwrite_all(w, &vec![0x53u8; LEN]);
+    assert_eq!(raw::fsync(w), libc::ENOSPC, "the writer's fsync");
+    assert_eq!(raw::fsync(w), 0, "the writer's next fsync: told already");
+    // SAFETY: plain system call.
+    assert_eq!(unsafe { libc::fdatasync(w) }, 0, "and its fdatasync");
+    assert_eq!(raw::fsync(r), libc::ENOSPC, "a reader open at the refusal");
+    assert_eq!(raw::close(r), 0);
+    assert_eq!(raw::close(w), 0, "the writer's close: told at fsync");
+
+    let map = |fd: i32| {
+        // SAFETY: a fresh shared mapping of LEN bytes of a file that long.
+        let at = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                LEN,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd,
+                0,
+            )
+        };
+        assert_ne!(at, libc::MAP_FAILED, "mmap");
+        at
+    };
+    let msync = |at: *mut libc::c_void| {
+        // SAFETY: our live mapping of LEN bytes.
+        if unsafe { libc::msync(at, LEN, libc::MS_SYNC) } == 0 {
+            0
+        } else {
+            std::io::Error::last_os_error().raw_os_error().unwrap_or(-1)
+        }
+    };
+    let at = map(mapped);
+    // SAFETY: writes inside our mapping.
+    unsafe { std::ptr::write_bytes(at.cast::<u8>(), 0x4d, LEN) };
+    assert_eq!(msync(at), libc::ENOSPC, "msync(MS_SYNC) of a mapping");
+    assert_eq!(msync(at), 0, "the next msync: told already");
+    // SAFETY: our mapping, unmapped once.
+    assert_eq!(unsafe { libc::munmap(at, LEN) }, 0);
+    assert_eq!(raw::close(mapped), 0, "close after msync reported");
+
+    // Written through a mapping whose descriptor is closed: the write-back comes when the
+    // mapping goes, after the last `close`.
+    let at = map(unmapped);
+    assert_eq!(raw::close(unmapped), 0, "nothing written yet");
+    // SAFETY: writes inside our mapping, then unmapped once.
+    unsafe {
+        std::ptr::write_bytes(at.cast::<u8>(), 0x55, LEN);
+        assert_eq!(libc::munmap(at, LEN), 0);
+    }
+    let next = raw::open(&m.path("unmapped"), libc::O_RDONLY);
+    assert_eq!(raw::fsync(next), libc::ENOSPC, "the next opener's fsync");
+    assert_eq!(raw::fsync(next), 0, "once");
+    assert_eq!(raw::close(next), 0);
+    let after = raw::open(&m.path("unmapped"), libc::O_RDONLY);
+    assert_eq!(raw::fsync(after), 0, "told already: the opener after that");
+    assert_eq!(raw::close(after), 0);
+    m.unmount();
+}
+
 /// F1b: the same at a revocation. A writer keeps rewriting a file (cached) while the key is
 /// disabled, until a `write(2)` meets the cut-off; the cached writes still held then are
 /// refused. A `sync` (the command: the writer's descriptor inherited by it and closed at
