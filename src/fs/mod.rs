@@ -733,8 +733,8 @@ impl Filesystem for CmkFs {
     ) {
         // Sent at every close with the writeback cache, after the kernel wrote its dirty
         // pages back: reports a write-back the daemon refused since this handle last did
-        // (see `wb_errors`; the kernel's own flag for close is cleared by anyone's fsync or
-        // sync). A map look-up: no gate (a backup's freeze must not hold a reader's close),
+        // (see `wb_errors`: the daemon owns these errors, the kernel never hears of them).
+        // A map look-up: no gate (a backup's freeze must not hold a reader's close),
         // no keys (after a revocation a refused write is still reported), no system call.
         // No lock is ours to release (the kernel keeps POSIX locks).
         // The lock owner tells processes apart (one per `files_struct`), so a forked child's

@@ -107,12 +107,18 @@ impl WbErrors {
         if let Some(c) = self.cursors.remove(&fh) {
             if last {
                 match self.seqs.get(&c.ino) {
-                    Some(s) if s.told < s.count => tracing::warn!(
-                        ino = c.ino,
-                        errno = s.errno,
-                        "a refused write-back was not reported yet: the next open's fsync \
-                         will"
-                    ),
+                    // Said once, when no writer was told (not again by each later opener
+                    // that leaves it untold, a `cat`).
+                    Some(s) if s.told < s.count => {
+                        if !c.adopted {
+                            tracing::warn!(
+                                ino = c.ino,
+                                errno = s.errno,
+                                "a refused write-back was not reported yet: the next open's \
+                                 fsync will"
+                            );
+                        }
+                    }
                     _ => {
                         self.seqs.remove(&c.ino);
                     }

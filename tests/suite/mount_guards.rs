@@ -421,9 +421,10 @@ fn a_refused_write_back_is_not_reported_to_descriptors_opened_after_it() {
     let p = m.path("f2");
     let a = raw::open(&p, libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC);
     raw::pwrite_all(a, &vec![0x46u8; 1 << 20]);
-    // `sync` writes the cached pages back and waits: the daemon refuses them (full disk).
-    // SAFETY: plain system call.
-    unsafe { libc::sync() };
+    // `syncfs` writes the mount's cached pages back and waits: the daemon refuses them
+    // (full disk), and `syncfs` cannot report it (FUSE sends no request for it).
+    // SAFETY: plain system call on our own descriptor.
+    assert_eq!(unsafe { libc::syncfs(a) }, 0, "syncfs");
     let reader = raw::open(&p, libc::O_RDONLY);
     let idle = raw::open(&p, libc::O_WRONLY);
     let late = raw::open(&p, libc::O_RDONLY);
@@ -441,8 +442,8 @@ fn a_refused_write_back_is_not_reported_to_descriptors_opened_after_it() {
 
 /// The other ways a refused write-back reaches a program, now that the daemon reports it:
 /// each descriptor open at the refusal hears it once at `fsync` (errseq rules, readers
-/// included), and a writer told there is not told again at `close`; `msync(MS_SYNC)` of a
-/// mapping reports it; and a refusal of the write-back the kernel makes when the last
+/// included), and a writer told there is not told again at `close`; so does the `fsync`
+/// that ends an `O_SYNC` write (the write fails), and `msync(MS_SYNC)` of a mapping; and a refusal of the write-back the kernel makes when the last
 /// reference goes (a mapping unmapped after its descriptor was closed: no `close` comes
 /// after it) is kept for the next descriptor opened, whose `fsync` reports it (as Linux
 /// does for an error nobody has seen), never dropped in silence.
@@ -476,6 +477,16 @@ fn a_refused_write_back_is_reported_once_at_fsync_and_at_msync() {
     assert_eq!(raw::fsync(r), libc::ENOSPC, "a reader open at the refusal");
     assert_eq!(raw::close(r), 0);
     assert_eq!(raw::close(w), 0, "the writer's close: told at fsync");
+    // An O_SYNC write is cached, then written back by the fsync that ends it.
+    let s = raw::open(
+        &m.path("osync"),
+        libc::O_WRONLY | libc::O_CREAT | libc::O_SYNC,
+    );
+    // SAFETY: a live buffer of that length.
+    let n = unsafe { libc::pwrite(s, [0x59u8; 8192].as_ptr().cast(), 8192, 0) };
+    let e = std::io::Error::last_os_error().raw_os_error();
+    assert_eq!((n, e), (-1, Some(libc::ENOSPC)), "an O_SYNC write");
+    assert_eq!(raw::close(s), 0, "its close: told at the write");
 
     let map = |fd: i32| {
         // SAFETY: a fresh shared mapping of LEN bytes of a file that long.
