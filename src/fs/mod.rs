@@ -346,6 +346,11 @@ impl CmkFs {
         fresh: bool,
     ) -> (FileAttr, fuser::Generation) {
         let (ino, generation) = self.table.remember(parent.0, name, bname, a, fresh);
+        if fresh {
+            // A new file under a reused inode number takes over no refused write-back of
+            // the old one (`wb_errors`).
+            lock(&self.files).wb.forgotten(ino);
+        }
         (fattr(ino, a), fuser::Generation(generation))
     }
 

@@ -127,8 +127,8 @@ impl WbErrors {
         }
     }
 
-    /// The kernel forgot inode `ino`: a refusal kept for its next opener goes too (the
-    /// inode number may be handed to another file).
+    /// The kernel forgot inode `ino`, or the number was handed to a new file: a refusal
+    /// kept for its next opener goes (the number may be another file's now).
     pub(super) fn forgotten(&mut self, ino: u64) {
         if self.seqs.contains_key(&ino) && !self.cursors.values().any(|c| c.ino == ino) {
             self.seqs.remove(&ino);
