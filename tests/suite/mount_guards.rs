@@ -422,9 +422,10 @@ fn a_refused_write_back_is_not_reported_to_descriptors_opened_after_it() {
     let a = raw::open(&p, libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC);
     raw::pwrite_all(a, &vec![0x46u8; 1 << 20]);
     // `syncfs` writes the mount's cached pages back and waits: the daemon refuses them
-    // (full disk), and `syncfs` cannot report it (FUSE sends no request for it).
+    // (full disk). Its result is not this test's (README: it reports no refused write-back
+    // now; it did while the kernel was told).
     // SAFETY: plain system call on our own descriptor.
-    assert_eq!(unsafe { libc::syncfs(a) }, 0, "syncfs");
+    unsafe { libc::syncfs(a) };
     let reader = raw::open(&p, libc::O_RDONLY);
     let idle = raw::open(&p, libc::O_WRONLY);
     let late = raw::open(&p, libc::O_RDONLY);
