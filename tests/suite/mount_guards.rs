@@ -438,6 +438,48 @@ fn a_refused_write_back_is_not_reported_to_descriptors_opened_after_it() {
     assert_eq!(raw::fsync(late), 0, "fsync of a descriptor opened after");
     assert_eq!(raw::close(late), 0);
     assert_eq!(raw::close(a), libc::ENOSPC, "the writer's close");
+    // The same with a reader opening and closing all along, racing each write-back (its
+    // close writes the file back too): the fix tried in session 7 (clearing the kernel's
+    // flag after the refusal) lost such races. No reader's close may report; every writer's
+    // must.
+    use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+    use std::sync::Arc;
+    let q = m.path("raced");
+    assert_eq!(raw::close(raw::open(&q, libc::O_WRONLY | libc::O_CREAT)), 0);
+    let stop = Arc::new(AtomicBool::new(false));
+    let closes = Arc::new(AtomicU32::new(0));
+    let reader = {
+        let (q, stop, closes) = (q.clone(), stop.clone(), closes.clone());
+        std::thread::spawn(move || {
+            let mut failed = Vec::new();
+            while !stop.load(Ordering::SeqCst) {
+                let e = raw::close(raw::open(&q, libc::O_RDONLY));
+                closes.fetch_add(1, Ordering::SeqCst);
+                if e != 0 {
+                    failed.push(e);
+                }
+            }
+            failed
+        })
+    };
+    let mut writers = Vec::new();
+    for _ in 0..20 {
+        let w = raw::open(&q, libc::O_WRONLY | libc::O_TRUNC);
+        raw::pwrite_all(w, &vec![0x52u8; 256 << 10]);
+        // At least one reader's close (and its write-back) between the write and the close.
+        let before = closes.load(Ordering::SeqCst);
+        assert!(wait_until(CMD_TIMEOUT, || closes.load(Ordering::SeqCst) > before + 1));
+        writers.push(raw::close(w));
+    }
+    stop.store(true, Ordering::SeqCst);
+    let failed = reader.join().expect("the reader thread");
+    let closes = closes.load(Ordering::SeqCst);
+    println!("{closes} reader closes; failed: {failed:?}; writers' closes: {writers:?}");
+    assert!(failed.is_empty(), "a reader's close reported: {failed:?}");
+    assert!(
+        writers.iter().all(|&e| e == libc::ENOSPC),
+        "every writer's close reports its refused write-back: {writers:?}"
+    );
     m.unmount();
 }
 
