@@ -335,4 +335,133 @@ mod tests {
         w.refused(7, libc::ENOSYS);
         assert_eq!(w.take(1, 100), Some(libc::EIO));
     }
+
+    /// 100 000 random operations on three inodes (opens for reading and writing, refusals,
+    /// closes by three processes, fsyncs, releases, forgets), each answer compared with a
+    /// model written in other terms: refusals as events with one number line for all
+    /// inodes, the rules as the README states them. Seed printed; `CMKFS_SEED=N` replays.
+    #[test]
+    fn random_operations_follow_the_model() {
+        use std::collections::{BTreeMap, HashMap};
+        let seed: u64 = std::env::var("CMKFS_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(1, |d| d.as_nanos() as u64)
+            });
+        println!("seed {seed} (CMKFS_SEED={seed} replays it)");
+        let mut x = seed | 1;
+        let mut rnd = move |n: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % n
+        };
+        /// An inode: its last refusal (event number) and errno, and up to which event a
+        /// writer (or a handle that took an untold refusal over) was told.
+        #[derive(Default)]
+        struct Ino {
+            last: u64,
+            errno: i32,
+            told: u64,
+        }
+        /// A handle: what its fsync and each process's close have heard up to.
+        struct H {
+            ino: u64,
+            write: bool,
+            adopted: bool,
+            fsync: u64,
+            owners: HashMap<u64, u64>,
+        }
+        let mut w = WbErrors::default();
+        let mut inos: HashMap<u64, Ino> = HashMap::new();
+        let mut hs: BTreeMap<u64, H> = BTreeMap::new();
+        let (mut next_fh, mut event) = (1u64, 0u64);
+        let errnos = [libc::ENOSPC, libc::EFBIG, libc::EACCES, libc::EIO];
+        let mut reports = 0u32;
+        for step in 0..100_000u32 {
+            let ino = 1 + rnd(3);
+            let fh = hs.keys().nth(rnd(hs.len().max(1) as u64) as usize).copied();
+            let op = rnd(100);
+            let ctx = format!("seed {seed}, step {step}, op {op}");
+            let open_on = |hs: &BTreeMap<u64, H>, ino: u64| hs.values().any(|h| h.ino == ino);
+            match (op, fh) {
+                (0..=19, _) if hs.len() < 8 => {
+                    let write = rnd(2) == 0;
+                    let m = inos.entry(ino).or_default();
+                    let adopted = !open_on(&hs, ino) && m.told < m.last;
+                    let base = if adopted { m.told } else { m.last };
+                    w.opened(next_fh, ino, write);
+                    hs.insert(
+                        next_fh,
+                        H {
+                            ino,
+                            write,
+                            adopted,
+                            fsync: base,
+                            owners: HashMap::new(),
+                        },
+                    );
+                    next_fh += 1;
+                }
+                (20..=39, _) => {
+                    event += 1;
+                    let errno = errnos[rnd(4) as usize];
+                    let m = inos.entry(ino).or_default();
+                    m.last = event;
+                    m.errno = errno;
+                    w.refused(ino, errno);
+                }
+                (40..=59, Some(fh)) => {
+                    let owner = 1 + rnd(3);
+                    let h = hs.get_mut(&fh).expect("listed");
+                    let m = inos.entry(h.ino).or_default();
+                    let pt = h.owners.get(&owner).copied().unwrap_or(h.fsync);
+                    let want = (h.write && m.last > pt).then(|| {
+                        h.owners.insert(owner, m.last);
+                        m.told = m.last;
+                        m.errno
+                    });
+                    assert_eq!(w.take(fh, owner), want, "close: {ctx}");
+                    reports += u32::from(want.is_some());
+                }
+                (60..=79, Some(fh)) => {
+                    let h = hs.get_mut(&fh).expect("listed");
+                    let m = inos.entry(h.ino).or_default();
+                    h.owners.clear();
+                    let want = (m.last > h.fsync).then(|| {
+                        h.fsync = m.last;
+                        if h.write || h.adopted {
+                            m.told = m.last;
+                        }
+                        m.errno
+                    });
+                    assert_eq!(w.fsynced(fh), want, "fsync: {ctx}");
+                    reports += u32::from(want.is_some());
+                }
+                (80..=94, Some(fh)) => {
+                    let h = hs.remove(&fh).expect("listed");
+                    w.released(fh, !open_on(&hs, h.ino));
+                }
+                (95..=99, _) => {
+                    if !open_on(&hs, ino) {
+                        let m = inos.entry(ino).or_default();
+                        m.told = m.last;
+                    }
+                    w.forgotten(ino);
+                }
+                _ => {}
+            }
+            // The record holds nothing for an inode with no handle and nothing untold.
+            for (i, m) in &inos {
+                if !open_on(&hs, *i) && m.told >= m.last {
+                    assert!(!w.seqs.contains_key(i), "kept for nothing: {ctx}");
+                }
+            }
+        }
+        println!("{reports} reports");
+        assert!(reports > 1000, "the operations reached too few reports");
+    }
 }
