@@ -486,7 +486,8 @@ fn a_refused_write_back_is_not_reported_to_descriptors_opened_after_it() {
 /// The other ways a refused write-back reaches a program, now that the daemon reports it:
 /// each descriptor open at the refusal hears it once at `fsync` (errseq rules, readers
 /// included), and a writer told there is not told again at `close`; so does the `fsync`
-/// that ends an `O_SYNC` write (the write fails), and `msync(MS_SYNC)` of a mapping; and a refusal of the write-back the kernel makes when the last
+/// that ends an `O_SYNC` write (the write fails), and `msync(MS_SYNC)` of a mapping; an
+/// `O_DIRECT` write, not cached, fails itself and leaves nothing for its `close`; and a refusal of the write-back the kernel makes when the last
 /// reference goes (a mapping unmapped after its descriptor was closed: no `close` comes
 /// after it) is kept for the next descriptor opened, whose `fsync` reports it (as Linux
 /// does for an error nobody has seen), never dropped in silence.
@@ -530,6 +531,20 @@ fn a_refused_write_back_is_reported_once_at_fsync_and_at_msync() {
     let e = std::io::Error::last_os_error().raw_os_error();
     assert_eq!((n, e), (-1, Some(libc::ENOSPC)), "an O_SYNC write");
     assert_eq!(raw::close(s), 0, "its close: told at the write");
+    // An O_DIRECT write is no write-back: the daemon answers it with its error, at once.
+    let d = raw::open(
+        &m.path("odirect"),
+        libc::O_WRONLY | libc::O_CREAT | libc::O_DIRECT,
+    );
+    // SAFETY: a live buffer of that length.
+    let n = unsafe { libc::pwrite(d, [0x44u8; 8192].as_ptr().cast(), 8192, 0) };
+    let e = std::io::Error::last_os_error().raw_os_error();
+    assert_eq!((n, e), (-1, Some(libc::ENOSPC)), "an O_DIRECT write");
+    assert_eq!(
+        raw::close(d),
+        0,
+        "its close: nothing was refused after the write"
+    );
 
     let map = |fd: i32| {
         // SAFETY: a fresh shared mapping of LEN bytes of a file that long.
