@@ -38,8 +38,8 @@
 //!   hands an error nobody has seen to the next opener's `fsync` the same way), until the
 //!   kernel forgets the inode (the kernel drops its own record with the inode too).
 //!
-//! `syncfs(2)` cannot report these: FUSE sends no request for it, and the kernel's per
-//! filesystem sequence only sees errors the kernel was given.
+//! `syncfs(2)` and `sync_file_range(2)` cannot report these: FUSE sends no request for
+//! them, and the kernel's own sequences only see errors the kernel was given.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::mpsc;
@@ -189,10 +189,10 @@ impl WbErrors {
 /// that were never stored (attack session 10, F3). The kernel keeps the pages of a
 /// write-back answered done, clean, until the inode leaves its cache otherwise; the
 /// invalidation also drops the inode's attributes (the size stays the kernel's while it
-/// caches writes). Done on a thread of its own after the WRITE
-/// was answered, never inside the handler: the invalidation waits for pages under
-/// write-back, and the kernel waits for that very reply. Dirty pages are written back
-/// first (`launder`), so nothing accepted is dropped.
+/// caches writes). Done on a thread of its own after the WRITE was answered, never inside
+/// the handler: the invalidation waits for pages under write-back, and the kernel waits for
+/// that very reply. Dirty pages are written back first (`launder`), so nothing accepted is
+/// dropped.
 #[derive(Default)]
 pub(super) struct RefusedPages {
     tx: Option<mpsc::Sender<u64>>,
