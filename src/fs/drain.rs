@@ -231,8 +231,9 @@ impl Drop for Unpark<'_> {
             dirs: std::sync::Mutex::default(),
             next_fh: std::sync::atomic::AtomicU64::new(0),
             parked: self.0.parked.clone(),
-            // Only answers GETATTRs: no FLUSH goes through it.
+            // Only answers GETATTRs: no FLUSH or WRITE goes through it.
             wb_refused: Arc::default(),
+            held: Arc::default(),
         };
         for (ino, fh, reply) in parked {
             let _pass = fs.vol.gates().read();
