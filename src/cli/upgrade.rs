@@ -34,6 +34,15 @@ pub struct UpgradeArgs {
 pub fn run(a: UpgradeArgs) -> anyhow::Result<()> {
     let home = Home::from_env();
     let header = VolumeHeader::read(&a.cipherdir)?;
+    if header.format_version > crate::volume::header::FORMAT_V2 {
+        // v3 is the newest format and no in-place conversion leads to or from it.
+        println!(
+            "{} is already on-disk format v{}, the newest: nothing to upgrade",
+            a.cipherdir.display(),
+            header.format_version
+        );
+        return Ok(());
+    }
     let root = std::fs::canonicalize(&a.cipherdir)
         .with_context(|| format!("{}", a.cipherdir.display()))?;
     if let Some((mountpoint, pid)) = crate::fsck::find_mount(&root, &home) {
@@ -132,7 +141,9 @@ pub(crate) fn summary(r: &Report) -> String {
 fn print_human(r: &Report) {
     if r.from_version == r.to_version && r.converted == 0 && r.header_only == 0 && r.resumed == 0 {
         println!(
-            "{} is already on-disk format v{} ({} files checked)",
+            "{} is already on-disk format v{} ({} files checked); `cmkfs upgrade` does not \
+             convert v2 to v3 (page-aligned data units): for v3, copy the files into a new \
+             volume (`cmkfs init`, mount both, copy)",
             r.cipherdir.display(),
             r.to_version,
             r.files
