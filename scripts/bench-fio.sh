@@ -35,7 +35,7 @@
 #   parallel-4       4 jobs at once, each on its own file: random 4 KiB reads and writes
 #                    (half each), psync, RUNTIME seconds, cold
 #   metadata         extract a real source tarball, ls -lR, sha256 of every file (cold), rm -rf;
-#                    also records `du -sk` of the backing store after the extraction
+#                    also records what the extraction added to `du -sk` of the backing store
 #                    (stages.backing_kib in results.jsonl, and a line per filesystem at the end)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -134,7 +134,7 @@ wait_mounted() { # dir
 
 backing_dir() { # fs -> the directory holding its backing store ("" if unknown)
     case $1 in
-    raw) echo "$W/raw/tree" ;;
+    raw) echo "$W/raw" ;;
     gocryptfs) echo "$W/gc-cipher" ;;
     cmkfs | cmkfs-base) echo "$W/$1-cipher" ;;
     passthrough) echo "$W/pt-backing" ;;
@@ -246,18 +246,19 @@ run_job() { # job fs -> "bytes seconds iops"
             --runtime="$RUNTIME" --time_based
         rm -f "$d"/p4.* ;;
     metadata)
-        local t0 t1 t2 t3 t4 bytes
+        local t0 t1 t2 t3 t4 bytes kib0=0 kib=0 bdir
         rm -rf "$d/tree"
         mkdir "$d/tree"
+        bdir=$(backing_dir "$2")
+        sync
+        [[ -n $bdir && -d $bdir ]] && kib0=$(du -sk "$bdir" | cut -f1)
         t0=$(date +%s.%N)
         tar -xzf "$TARBALL" -C "$d/tree"
         t1=$(date +%s.%N)
         drop
-        # Space the extracted tree takes in the backing store (after the drop's sync; not
-        # timed): the cost of a format's per-file overhead (format v3's header area).
-        local kib=0 bdir
-        bdir=$(backing_dir "$2")
-        [[ -n $bdir && -d $bdir ]] && kib=$(du -sk "$bdir" | cut -f1)
+        # Space the extracted tree takes in the backing store (du after the drop's sync minus
+        # du before; not timed): the cost of a format's per-file overhead (v3's header area).
+        [[ -n $bdir && -d $bdir ]] && kib=$(($(du -sk "$bdir" | cut -f1) - kib0))
         t2=$(date +%s.%N)
         ls -lR "$d/tree" >/dev/null
         drop
@@ -327,7 +328,7 @@ for line in open(sys.argv[1]):
     if r.get("job") == "metadata" and "backing_kib" in st:
         kib.setdefault(r["fs"], []).append(st["backing_kib"])
 if kib:
-    print("\nbacking store after the metadata job's extraction (du -sk, KiB, median): "
+    print("\nwhat the metadata job's extraction added to the backing store (du -sk, KiB, median): "
           + ", ".join(f"{fs} {int(statistics.median(v))}" for fs, v in kib.items()))
 PY
 if [[ -n $SVG ]]; then

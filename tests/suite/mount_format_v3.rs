@@ -34,6 +34,31 @@ fn backing_of(cipher: &Path, p: &Path) -> PathBuf {
         .unwrap_or_else(|| panic!("no backing file for {}", p.display()))
 }
 
+/// An strace attached to the daemon: stopped (SIGINT, so it flushes its output) within 10 s,
+/// killed on drop if still there (the kernel then detaches it from the daemon).
+struct Tracer(std::process::Child);
+
+impl Tracer {
+    fn stop(&mut self) {
+        // SAFETY: signalling the strace child this test started.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGINT) };
+        let t0 = std::time::Instant::now();
+        while t0.elapsed() < std::time::Duration::from_secs(10) {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Tracer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// The volume's keys, unwrapped with the test vault (not through the data path).
 fn keys_of(env: &Env, cipher: &Path) -> VolumeKeys {
     let header = VolumeHeader::read(cipher).unwrap();
@@ -82,12 +107,14 @@ fn v3_units_sit_on_backing_pages_and_aligned_writes_stay_page_aligned() {
     let m = env.mount_foreground(&env.cipher, &env.mnt);
     let pid = m.daemon_pid().expect("the daemon's pid");
     let trace = env.root.join("strace.out");
-    let mut st = std::process::Command::new("strace")
-        .args(["-f", "-qq", "-e", "trace=pwrite64", "-o"])
-        .arg(&trace)
-        .args(["-p", &pid.to_string()])
-        .spawn()
-        .expect("strace");
+    let mut st = Tracer(
+        std::process::Command::new("strace")
+            .args(["-f", "-qq", "-e", "trace=pwrite64", "-o"])
+            .arg(&trace)
+            .args(["-p", &pid.to_string()])
+            .spawn()
+            .expect("strace"),
+    );
     // strace attaches before it writes anything: wait for the file it creates.
     let t0 = std::time::Instant::now();
     while !trace.exists() && t0.elapsed() < std::time::Duration::from_secs(10) {
@@ -101,9 +128,7 @@ fn v3_units_sit_on_backing_pages_and_aligned_writes_stay_page_aligned() {
         f.sync_data().unwrap();
     }
     drop(f);
-    // SAFETY: signalling the strace child this test started.
-    unsafe { libc::kill(st.id() as i32, libc::SIGINT) };
-    let _ = st.wait();
+    st.stop();
     m.unmount();
     let log = fs::read_to_string(&trace).unwrap_or_default();
     let offsets: Vec<(u64, u64)> = log
