@@ -346,6 +346,11 @@ impl CmkFs {
         fresh: bool,
     ) -> (FileAttr, fuser::Generation) {
         let (ino, generation) = self.table.remember(parent.0, name, bname, a, fresh);
+        if fresh {
+            // A new file under a reused inode number takes over no refused write-back of
+            // the old one (`wb_errors`).
+            lock(&self.files).wb.forgotten(ino);
+        }
         (fattr(ino, a), fuser::Generation(generation))
     }
 
@@ -554,6 +559,10 @@ impl Filesystem for CmkFs {
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
         self.table.forget(ino.0, nlookup);
+        if self.table.kind(ino.0).is_none() {
+            // Gone from the kernel: a refused write-back kept for its next opener goes too.
+            lock(&self.files).wb.forgotten(ino.0);
+        }
     }
 
     fn getattr(&self, req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
@@ -729,8 +738,8 @@ impl Filesystem for CmkFs {
     ) {
         // Sent at every close with the writeback cache, after the kernel wrote its dirty
         // pages back: reports a write-back the daemon refused since this handle last did
-        // (see `wb_errors`; the kernel's own flag for close is cleared by anyone's fsync or
-        // sync). A map look-up: no gate (a backup's freeze must not hold a reader's close),
+        // (see `wb_errors`: the daemon owns these errors, the kernel never hears of them).
+        // A map look-up: no gate (a backup's freeze must not hold a reader's close),
         // no keys (after a revocation a refused write is still reported), no system call.
         // No lock is ours to release (the kernel keeps POSIX locks).
         // The lock owner tells processes apart (one per `files_struct`), so a forked child's

@@ -416,7 +416,7 @@ fn read_within(fd: i32, buf: &mut [u8]) -> usize {
 /// A cut-off while a writer holds dirty pages (`--writeback-cache` keeps written pages in
 /// the kernel): (a) nothing of the files is readable afterwards, by name or through
 /// the writer's own descriptors, and no plaintext reached the backing store; (b) the writer
-/// hears of it, at `fsync` or at `close` (a write-back the daemon refuses is EIO, never
+/// hears of it, at `fsync` or at `close` (a write-back the daemon refuses is reported, never
 /// dropped in silence); (c) once the key is back, every data unit holds either the old or the
 /// new data, and what a successful `fsync`/`close` acknowledged is there. One file is
 /// overwritten in place and synced, one overwritten and closed, one extended.
