@@ -34,15 +34,6 @@ pub struct UpgradeArgs {
 pub fn run(a: UpgradeArgs) -> anyhow::Result<()> {
     let home = Home::from_env();
     let header = VolumeHeader::read(&a.cipherdir)?;
-    if header.format_version > crate::volume::header::FORMAT_V2 {
-        // v3 is the newest format and no in-place conversion leads to or from it.
-        println!(
-            "{} is already on-disk format v{}, the newest: nothing to upgrade",
-            a.cipherdir.display(),
-            header.format_version
-        );
-        return Ok(());
-    }
     let root = std::fs::canonicalize(&a.cipherdir)
         .with_context(|| format!("{}", a.cipherdir.display()))?;
     if let Some((mountpoint, pid)) = crate::fsck::find_mount(&root, &home) {
@@ -53,6 +44,26 @@ pub fn run(a: UpgradeArgs) -> anyhow::Result<()> {
         );
     }
     let lock = VolumeLock::exclusive(&root)?;
+    if header.format_version > crate::volume::header::FORMAT_V2 {
+        // After the mount and lock checks, which refuse as for any volume: v3 is the newest
+        // format and no in-place conversion leads to or from it.
+        if a.json {
+            let v = serde_json::json!({
+                "cipherdir": a.cipherdir,
+                "from_version": header.format_version,
+                "to_version": header.format_version,
+                "files": 0,
+            });
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        } else {
+            println!(
+                "{} is already on-disk format v{}, the newest: nothing to upgrade",
+                a.cipherdir.display(),
+                header.format_version
+            );
+        }
+        return Ok(());
+    }
     // A damaged journal is refused before the vault is even opened.
     upgrade::pending_journal(&root, &header)?;
     let (vault, _) = super::volume::volume_vault(&home, &header, a.credential.as_deref())?;

@@ -1,10 +1,11 @@
 //! File contents (formats v2 and v3): read / write / truncate / fallocate of one backing file.
 //!
 //! The layout is in [`super::layout`]: the header area (the 32-byte file header; in v3 padded
-//! with zeros to 4096 bytes), then the data units, then `S % 16` filler bytes, so the backing length says the logical size `S` exactly. Unit `i`
-//! is plain XTS (IEEE 1619, no ciphertext stealing) with tweak `file_id + i`; every unit is
-//! a whole number of 16-byte blocks, the last one ending at `roundup16(S)`. Three rules keep
-//! every file consistent (docs/FORMAT.md, "Files"):
+//! with zeros to 4096 bytes), then the data units, then `S % 16` filler bytes, so the backing
+//! length says the logical size `S` exactly. Unit `i` is plain XTS (IEEE 1619, no ciphertext
+//! stealing) with tweak `file_id + i`; every unit is a whole number of 16-byte blocks, the last
+//! one ending at `roundup16(S)`. Three rules keep every file consistent (docs/FORMAT.md,
+//! "Files"):
 //!
 //! * **Whole units.** Any write that touches a unit re-encrypts the whole unit
 //!   (read-modify-write; only the blocks whose ciphertext changes go back to disk, since XTS
@@ -164,7 +165,7 @@ fn header(
         } else {
             format!(
                 "file header says format v{} in a format v{} volume (copied in from another \
-                 volume?); copy its plaintext in through a mount instead",
+                 volume?): unreadable here; `cmkfs fsck --repair` moves it to the quarantine",
                 h.version,
                 cx.layout.format_version()
             )
