@@ -7,8 +7,7 @@
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError};
+use std::sync::mpsc::{channel, sync_channel, Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -114,16 +113,57 @@ pub struct MonitorSinks {
     pub on_state_change: Option<String>,
 }
 
-/// Runs the monitor until `stop` is set. `cut_off` invalidates the kernel's caches.
+/// What wakes the monitor before its next timed check.
+enum Wake {
+    /// The vault pushed a change.
+    Push,
+    /// The vault's push channel closed: periodic checks only from now on.
+    PushClosed,
+    /// The mount ended: exit at once.
+    Stop,
+}
+
+/// The running monitor thread.
+pub struct Monitor {
+    thread: std::thread::JoinHandle<()>,
+    wake: Sender<Wake>,
+}
+
+impl Monitor {
+    /// Stops the thread and waits for it: at once, not at its next timed wake-up (a sleeping
+    /// monitor used to hold every unmount up to [`STATUS_REFRESH`]).
+    pub fn stop(self) {
+        let _ = self.wake.send(Wake::Stop);
+        let _ = self.thread.join();
+    }
+}
+
+/// Starts the monitor; it runs until [`Monitor::stop`]. `cut_off` invalidates the kernel's
+/// caches. Returns once the first status file is written (or after 10 s).
 pub fn spawn(
     keyring: Arc<Keyring>,
     facts: MountFacts,
     sinks: MonitorSinks,
     push: Option<Receiver<()>>,
     cut_off: Box<dyn Fn() + Send>,
-    stop: Arc<AtomicBool>,
-) -> std::io::Result<std::thread::JoinHandle<()>> {
+) -> std::io::Result<Monitor> {
     let (ready_tx, ready_rx) = sync_channel::<()>(1);
+    let (wake, wakes) = channel::<Wake>();
+    if let Some(push) = push {
+        // The vault's channel and the stop request meet in one channel the monitor waits on.
+        // This thread ends when the vault drops its end, or with the process.
+        let wake = wake.clone();
+        std::thread::Builder::new()
+            .name("cmkfs-push".into())
+            .spawn(move || {
+                while push.recv().is_ok() {
+                    if wake.send(Wake::Push).is_err() {
+                        return;
+                    }
+                }
+                let _ = wake.send(Wake::PushClosed);
+            })?;
+    }
     let handle = std::thread::Builder::new()
         .name("cmkfs-monitor".into())
         .spawn(move || {
@@ -132,7 +172,6 @@ pub fn spawn(
             if let Err(e) = crate::process::private_thread_umask() {
                 tracing::warn!(error = %e, "cannot give the monitor a private umask");
             }
-            let mut push = push;
             let mut last_status = String::new();
             let initial = Transition {
                 from: KeyState::Locked,
@@ -145,32 +184,23 @@ pub fn spawn(
             last_status = write_status(&keyring, &facts, &sinks, last_status);
             let _ = ready_tx.send(());
             publish_event(&keyring, &facts, &sinks, &initial);
-            while !stop.load(Ordering::Relaxed) {
+            loop {
                 let wait = keyring
                     .next_check()
                     .duration_since(SystemTime::now())
                     .unwrap_or_default()
                     .min(STATUS_REFRESH);
-                let pushed = match &push {
-                    Some(rx) => match rx.recv_timeout(wait) {
-                        Ok(()) => true,
-                        Err(RecvTimeoutError::Timeout) => false,
-                        Err(RecvTimeoutError::Disconnected) => {
-                            tracing::warn!(
-                                "vault push channel closed; falling back to periodic checks"
-                            );
-                            push = None;
-                            false
-                        }
-                    },
-                    None => {
-                        std::thread::sleep(wait);
+                let pushed = match wakes.recv_timeout(wait) {
+                    Ok(Wake::Push) => true,
+                    Ok(Wake::PushClosed) => {
+                        tracing::warn!(
+                            "vault push channel closed; falling back to periodic checks"
+                        );
                         false
                     }
+                    Ok(Wake::Stop) | Err(RecvTimeoutError::Disconnected) => break,
+                    Err(RecvTimeoutError::Timeout) => false,
                 };
-                if stop.load(Ordering::Relaxed) {
-                    break;
-                }
                 if pushed || SystemTime::now() >= keyring.next_check() {
                     let handle = |t: Option<Transition>| {
                         if let Some(t) = t {
@@ -217,7 +247,10 @@ pub fn spawn(
     // Bounded: a status file that cannot be written (a full disk) must not hold up the mount;
     // the thread logs that itself.
     let _ = ready_rx.recv_timeout(Duration::from_secs(10));
-    Ok(handle)
+    Ok(Monitor {
+        thread: handle,
+        wake,
+    })
 }
 
 fn publish_event(keyring: &Keyring, facts: &MountFacts, sinks: &MonitorSinks, t: &Transition) {

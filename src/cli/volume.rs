@@ -10,8 +10,6 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::Args;
 
-use std::sync::atomic::{AtomicBool, Ordering};
-
 use crate::fs::{CmkFs, FsOptions};
 use crate::home::Home;
 use crate::keyring::KeyringConfig;
@@ -754,7 +752,6 @@ fn serve(a: &MountArgs, ready_pipe: bool) -> anyhow::Result<()> {
         let (inodes, entries) = crate::fs::invalidate_kernel_caches(&table, &notifier);
         tracing::warn!(inodes, entries, "kernel caches invalidated");
     });
-    let stop = Arc::new(AtomicBool::new(false));
     crate::process::raise_open_files();
     // Online re-encryption and backup freezes reach the mount through its control socket.
     let control_path = crate::control::socket_path(&home, &mp);
@@ -771,7 +768,7 @@ fn serve(a: &MountArgs, ready_pipe: bool) -> anyhow::Result<()> {
     ) {
         tracing::warn!(error = %e, "no control socket: online re-encryption and frozen backups are not available");
     }
-    let monitor = monitor::spawn(keyring, facts, sinks, push, cut_off, stop.clone())?;
+    let monitor = monitor::spawn(keyring, facts, sinks, push, cut_off)?;
     tracing::info!(cipherdir = %cipherdir.display(), mountpoint = %mp.display(), "mounted");
     if ready_pipe {
         announce_ready();
@@ -782,8 +779,7 @@ fn serve(a: &MountArgs, ready_pipe: bool) -> anyhow::Result<()> {
     // SAFETY: umask has no preconditions.
     unsafe { libc::umask(0) };
     let result = session.run();
-    stop.store(true, Ordering::Relaxed);
-    let _ = monitor.join();
+    monitor.stop();
     RunRecord::remove(&home, &mp);
     let _ = std::fs::remove_file(&control_path);
     drop(lock);

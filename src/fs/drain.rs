@@ -231,6 +231,7 @@ impl Drop for Unpark<'_> {
             dirs: std::sync::Mutex::default(),
             next_fh: std::sync::atomic::AtomicU64::new(0),
             parked: self.0.parked.clone(),
+            held: Arc::default(),
         };
         for (ino, fh, reply) in parked {
             let _pass = fs.vol.gates().read();

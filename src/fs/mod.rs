@@ -13,6 +13,7 @@
 mod attr;
 mod dir_ops;
 mod drain;
+mod held_writes;
 mod nodes;
 mod open_create;
 mod rename_link;
@@ -46,6 +47,10 @@ use crate::volume::{Attr, Caller, Dir, OpenFile, Target, Volume, VolumeError};
 pub const DEFAULT_CACHE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Largest write the kernel may send (its own limit is 256 pages).
 pub const MAX_WRITE: u32 = 1 << 20;
+
+/// Background requests (write-backs, readahead) the kernel keeps in flight at most
+/// (`max_background`; the congestion threshold is 3/4 of it). fuser's default is 16.
+pub const MAX_BACKGROUND: u16 = 64;
 
 type FsResult<T> = Result<T, VolumeError>;
 
@@ -130,6 +135,8 @@ pub struct CmkFs {
     dirs: Mutex<HashMap<u64, Arc<DirSnapshot>>>,
     next_fh: AtomicU64,
     parked: Arc<Mutex<Parked>>,
+    /// WRITEs a backup's freeze holds, answered by a thread of their own after the thaw.
+    held: Arc<held_writes::HeldWrites>,
 }
 
 /// The filesystem's side of an online re-encryption
@@ -286,6 +293,23 @@ impl CmkFs {
             dirs: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             parked: Arc::default(),
+            held: Arc::default(),
+        }
+    }
+
+    /// The same filesystem for a thread of the daemon's own (it answers requests kept from
+    /// the FUSE threads); directory listings and new handles are not its business.
+    fn view(&self) -> CmkFs {
+        CmkFs {
+            opts: self.opts,
+            ttl: self.ttl,
+            vol: self.vol.clone(),
+            table: self.table.clone(),
+            files: self.files.clone(),
+            dirs: Mutex::default(),
+            next_fh: AtomicU64::new(0),
+            parked: self.parked.clone(),
+            held: self.held.clone(),
         }
     }
 
@@ -518,6 +542,15 @@ impl Filesystem for CmkFs {
             let _ = config.set_max_write(nearest);
         }
         let _ = config.add_capabilities(fuser::InitFlags::FUSE_PARALLEL_DIROPS);
+        // Each WRITE a backup's freeze holds counts against the kernel's limit of background
+        // requests until its reply, and readahead READs are background requests too: at the
+        // default 16, a heavy writer's held write-backs made every read of uncached pages
+        // wait for the thaw. Write-backs in flight are bounded by the FUSE device's dirty
+        // limit (about 47 MiB here: 1 MiB WRITEs), so 64 leaves room for reads behind a
+        // sequential writer (README, "Backups of a mounted volume").
+        if let Err(nearest) = config.set_max_background(MAX_BACKGROUND) {
+            let _ = config.set_max_background(nearest);
+        }
         // Listings carry each entry's attributes (READDIRPLUS), so `ls -l`, `find` and
         // `rm -rf` need no LOOKUP per entry; AUTO lets the kernel fall back to plain READDIR
         // for a directory read again without lookups in between.
@@ -724,6 +757,22 @@ impl Filesystem for CmkFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        // A WRITE held by a backup's freeze must not take this thread until the thaw
+        // (`held_writes`): it is queued, and answered after the thaw.
+        let pass = match self.held.busy() {
+            false => self.vol.gates().try_write(),
+            true => None,
+        };
+        let reply = match pass {
+            Some(_pass) => return self.do_write(ino, fh, offset, data, write_flags, reply),
+            None => match self
+                .held
+                .hold(self, ino, fh, offset, data, write_flags, reply)
+            {
+                Ok(()) => return,
+                Err(reply) => reply,
+            },
+        };
         let _pass = self.vol.gates().write();
         self.do_write(ino, fh, offset, data, write_flags, reply)
     }

@@ -243,7 +243,7 @@ impl LocalVault {
     }
 
     /// Opens the existing store at `dir` as its owner, never creating one: for the commands
-    /// that only use a vault (backup, restore, mount, status, fsck...).
+    /// that only use a vault (backup, restore, mount, status, fsck, `vault key list`...).
     ///
     /// Errors: [`VaultError::Invalid`] naming `dir`, the home to point `CMKFS_HOME` at and
     /// `cmkfs init`, when there is no store there; nothing is created.
@@ -253,9 +253,9 @@ impl LocalVault {
             if e.kind() == std::io::ErrorKind::NotFound {
                 let home = dir.parent().unwrap_or(dir);
                 return Err(VaultError::Invalid(format!(
-                    "there is no vault in {} (the home {}): this command uses the vault that \
-                     holds the volume's key and never creates one; set CMKFS_HOME to the home \
-                     that holds it, or create a vault with `cmkfs init`",
+                    "there is no vault in {} (the home {}): this command uses an existing \
+                     vault and never creates one; set CMKFS_HOME to the home that holds it, or \
+                     create a vault with `cmkfs init` or `cmkfs vault key create`",
                     dir.display(),
                     home.display()
                 )));

@@ -408,6 +408,24 @@ impl Gates {
         }
     }
 
+    /// [`Gates::write`] without waiting for the write gate: `None` while writes are frozen
+    /// (or a freeze or close is being taken). A WRITE then waits off its FUSE thread
+    /// (`crate::fs`). The name gate is taken first, waiting, as [`Gates::write`] does: the
+    /// same order, so no deadlock with [`Gates::close`].
+    pub fn try_write(&self) -> Option<Pass<'_>> {
+        let names = self.names.read().unwrap_or_else(|p| p.into_inner());
+        let writes = match self.writes.try_read() {
+            Ok(w) => w,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return None,
+        };
+        Some(Pass {
+            _names: names,
+            _writes: Some(writes),
+            _root: None,
+        })
+    }
+
     /// [`Gates::write`] for a request that may change the backing root (`root`: it creates,
     /// removes or renames a name in the root directory, or sets the root's attributes):
     /// it also holds the root gate, so that cmkfs never sets the root's mtime back over

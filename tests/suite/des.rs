@@ -1176,20 +1176,30 @@ fn a_rewrap_interrupted_after_any_step_leaves_volumes_that_mount_with_the_old_or
             cases.push((step, 2));
         }
     }
-    for (step, nth) in cases {
-        let env = Env::new();
-        let home = Home::at(&env.home);
-        purge_protection(&env);
-        let old = key_create(&env, "k");
-        env.cmkfs(&["des", "create", "d", "--key", "k"]).assert_ok();
-        let vols = [env.dir("v1"), env.dir("v2")];
-        for (i, v) in vols.iter().enumerate() {
-            init_des(&env, v, "d");
-            let vault = LocalVault::open(&home.vault_dir()).unwrap();
-            write_file_in_process(v, vault, "f", format!("data of volume {i}").as_bytes());
-        }
-        let new = key_rotate(&env, "k");
+    // One state, set up once (two keys made, two volumes bound to the DES, the key rotated)
+    // and copied back before each case: each case starts from the same bytes.
+    let env = Env::new();
+    let home = Home::at(&env.home);
+    purge_protection(&env);
+    let old = key_create(&env, "k");
+    env.cmkfs(&["des", "create", "d", "--key", "k"]).assert_ok();
+    let vols = [env.dir("v1"), env.dir("v2")];
+    for (i, v) in vols.iter().enumerate() {
+        init_des(&env, v, "d");
+        let vault = LocalVault::open(&home.vault_dir()).unwrap();
+        write_file_in_process(v, vault, "f", format!("data of volume {i}").as_bytes());
+    }
+    let new = key_rotate(&env, "k");
+    let saved = env.dir("saved");
+    let state = [&env.home, &vols[0], &vols[1]];
+    for (i, p) in state.iter().enumerate() {
+        copy_tree(p, &saved.join(i.to_string()));
+    }
 
+    for (step, nth) in cases {
+        for (i, p) in state.iter().enumerate() {
+            copy_tree(&saved.join(i.to_string()), p);
+        }
         let mut seen = 0;
         let mut fault = |s: RewrapStep, _at: &Path| -> io::Result<()> {
             if s == step {

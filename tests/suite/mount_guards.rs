@@ -997,10 +997,15 @@ fn a_process_that_only_looks_like_a_fuse_daemon_blocks_no_command() {
     ];
     for script in holders {
         let mut holder = Command::new("sh").args(["-c", &script]).spawn().unwrap();
-        // Until it holds both descriptors (fd 4 is the backing directory).
+        // Until it holds both descriptors (fd 4 is the backing directory) and runs `sleep`:
+        // before that exec the first holder is still root (setpriv has not dropped it yet),
+        // which a command may rightly count as a daemon.
         let fd4 = format!("/proc/{}/fd/4", holder.id());
+        let comm = format!("/proc/{}/comm", holder.id());
         let end = std::time::Instant::now() + std::time::Duration::from_secs(20);
-        while fs::read_link(&fd4).map_or(true, |t| !t.starts_with(&env.cipher)) {
+        while fs::read_link(&fd4).map_or(true, |t| !t.starts_with(&env.cipher))
+            || fs::read_to_string(&comm).map_or(true, |c| c.trim() != "sleep")
+        {
             assert!(
                 std::time::Instant::now() < end,
                 "{script}: never held the directory"

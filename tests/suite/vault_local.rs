@@ -1768,6 +1768,11 @@ fn cli_update_delete_recover_purge() {
 #[test]
 fn cli_config_and_purge_protection() {
     let c = Cli::new();
+    // Showing the settings of a home without a vault creates none.
+    assert!(c
+        .fails(&["vault", "config", "--json"])
+        .contains("there is no vault in"));
+    c.ok(&["vault", "key", "create", "first", "--key-size", "2048"]);
     let p = c.json(&["vault", "config", "--json"]);
     assert_eq!(
         (

@@ -42,16 +42,6 @@ fn files_under(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
-fn copy_tree(from: &Path, to: &Path) {
-    let st = Command::new("cp")
-        .arg("-a")
-        .arg(from)
-        .arg(to)
-        .status()
-        .unwrap();
-    assert!(st.success(), "cp -a {} {}", from.display(), to.display());
-}
-
 fn contains(hay: &[u8], needle: &[u8]) -> bool {
     !needle.is_empty() && hay.windows(needle.len()).any(|w| w == needle)
 }
@@ -671,8 +661,23 @@ fn commands_that_use_a_vault_never_create_one() {
     let home = env.root.join("other-home");
     let mnt = env.dir("m");
     let (b, r) = (env.root.join("b.tar"), env.root.join("restored"));
-    let cases: [Vec<&OsStr>; 5] = [
+    fn v(a: &[&'static str]) -> Vec<&'static OsStr> {
+        a.iter().map(|s| OsStr::new(*s)).collect()
+    }
+    let cases: [Vec<&OsStr>; 15] = [
         vec!["backup".as_ref(), env.cipher.as_os_str(), b.as_os_str()],
+        // Vault commands that read, or act on a key or identity that must already exist
+        // (only `vault key create`/`import`, `identity create` and a settings change add).
+        v(&["vault", "key", "list"]),
+        v(&["vault", "key", "show", "k"]),
+        v(&["vault", "key", "versions", "k"]),
+        v(&["vault", "key", "rotate", "k"]),
+        v(&["vault", "key", "delete", "k"]),
+        v(&["vault", "key", "list-deleted"]),
+        v(&["vault", "identity", "list"]),
+        v(&["vault", "policy", "list"]),
+        v(&["vault", "config"]),
+        v(&["vault", "audit"]),
         vec!["fsck".as_ref(), env.cipher.as_os_str()],
         vec![
             "volume".as_ref(),
@@ -689,7 +694,11 @@ fn commands_that_use_a_vault_never_create_one() {
         vec!["mount".as_ref(), env.cipher.as_os_str(), mnt.as_os_str()],
     ];
     for args in cases {
-        let mut cmd = without_passphrase(env.command(&args));
+        // The vault commands keep the passphrase: with one, a vault could be created.
+        let mut cmd = match args[0].to_str() {
+            Some("vault") => env.command(&args),
+            _ => without_passphrase(env.command(&args)),
+        };
         cmd.env("CMKFS_HOME", &home);
         let out = run(cmd);
         if is_mounted(&mnt) {
@@ -701,6 +710,12 @@ fn commands_that_use_a_vault_never_create_one() {
                 out.stderr.contains("there is no vault in")
                     && out.stderr.contains(&*home.to_string_lossy())
                     && out.stderr.contains("cmkfs init"),
+                "{args:?}: {out}"
+            );
+        }
+        if args[0] == "vault" {
+            assert!(
+                out.stderr.contains("cmkfs vault key create"),
                 "{args:?}: {out}"
             );
         }

@@ -40,6 +40,13 @@ pub(super) enum IdentityCommand {
     },
 }
 
+impl IdentityCommand {
+    /// Whether this adds an identity (the only identity command that may start a vault).
+    pub(super) fn adds_an_identity(&self) -> bool {
+        matches!(self, IdentityCommand::Create { .. })
+    }
+}
+
 #[derive(Args, Debug)]
 #[command(group(ArgGroup::new("scope").required(true).args(["key", "all_keys"])))]
 pub(super) struct ScopeArgs {

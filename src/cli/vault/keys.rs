@@ -188,6 +188,14 @@ pub(super) enum KeyCommand {
     },
 }
 
+impl KeyCommand {
+    /// Whether this adds a key (`create`, `import`): the only key commands that may create
+    /// the embedded vault on first use.
+    pub(super) fn adds_a_key(&self) -> bool {
+        matches!(self, KeyCommand::Create { .. } | KeyCommand::Import { .. })
+    }
+}
+
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub(super) enum AlgArg {
     /// RSA-OAEP with SHA-256.

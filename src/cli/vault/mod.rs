@@ -124,7 +124,13 @@ pub fn run(a: VaultArgs) -> anyhow::Result<()> {
                 (None, Some(c)) => c.vault.clone(),
                 (None, None) => crate::vault::local::URL.to_string(),
             };
-            let v = crate::vault::connect(&url, &home, cred.as_ref())?;
+            // Only a command that adds a key may create the embedded vault; the others
+            // (list, show, rotate...) would leave an empty vault behind a "not found".
+            let v = match &cred {
+                Some(c) => crate::vault::connect(&url, &home, Some(c))?,
+                None if k.adds_a_key() => crate::vault::open_or_create(&url, &home)?,
+                None => crate::vault::open(&url, &home)?,
+            };
             return key(v.as_ref(), k);
         }
         other => other,
@@ -140,7 +146,10 @@ pub fn run(a: VaultArgs) -> anyhow::Result<()> {
         Some(path) => {
             LocalVault::open_with_credential(&home.vault_dir(), &Credential::load(path)?)?
         }
-        None => LocalVault::open(&home.vault_dir())?,
+        // Adding an identity or changing a setting may start a vault; reading or removing
+        // something from one that does not exist says so and creates nothing.
+        None if command_may_create(&command) => LocalVault::open(&home.vault_dir())?,
+        None => LocalVault::open_existing(&home.vault_dir())?,
     };
     match command {
         VaultCommand::Key(_)
@@ -156,6 +165,16 @@ pub fn run(a: VaultArgs) -> anyhow::Result<()> {
         VaultCommand::Policy(p) => policy(&vault, p),
         VaultCommand::Config(c) => config(&vault, c),
         VaultCommand::Audit(a) => audit(&vault, a),
+    }
+}
+
+/// Whether a command on the embedded vault's identities, policies or settings may create
+/// the vault on first use: one that adds an identity or changes a setting.
+fn command_may_create(c: &VaultCommand) -> bool {
+    match c {
+        VaultCommand::Identity(i) => i.adds_an_identity(),
+        VaultCommand::Config(c) => c.changes_something(),
+        _ => false,
     }
 }
 

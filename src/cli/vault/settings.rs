@@ -50,12 +50,18 @@ pub(super) struct AuditArgs {
     tail: Option<usize>,
 }
 
+impl ConfigArgs {
+    /// Whether any setting is given (a change), rather than a request to show them.
+    pub(super) fn changes_something(&self) -> bool {
+        self.retention_days.is_some()
+            || self.purge_protection.is_some()
+            || self.audit_max_size.is_some()
+            || self.audit_keep.is_some()
+    }
+}
+
 pub(super) fn config(v: &LocalVault, c: ConfigArgs) -> anyhow::Result<()> {
-    let props = if c.retention_days.is_none()
-        && c.purge_protection.is_none()
-        && c.audit_max_size.is_none()
-        && c.audit_keep.is_none()
-    {
+    let props = if !c.changes_something() {
         v.config()?
     } else {
         v.configure(&ConfigUpdate {

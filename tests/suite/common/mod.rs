@@ -1193,6 +1193,25 @@ pub fn find_markers(dir: &Path, markers: &[&[u8]]) -> Vec<String> {
     found
 }
 
+/// Replaces `to` (removed first when present) with a copy of `from` that keeps modes, owners,
+/// times and xattrs (`cp -a --preserve=all`): a test sets a state up once and puts it back
+/// before each case instead of rebuilding it.
+pub fn copy_tree(from: &Path, to: &Path) {
+    match fs::remove_dir_all(to) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            panic!("remove {}: {e}", to.display())
+        }
+        _ => {}
+    }
+    let st = Command::new("cp")
+        .args(["-a", "--preserve=all"])
+        .arg(from)
+        .arg(to)
+        .status()
+        .expect("run cp");
+    assert!(st.success(), "cp -a {} {}", from.display(), to.display());
+}
+
 /// A recursive listing of `dir` with modes, sizes, content hashes and symlink targets, for
 /// "nothing changed on disk" comparisons. A missing `dir` is recorded as such.
 pub fn snapshot(dir: &Path) -> BTreeMap<String, String> {
