@@ -50,6 +50,7 @@ fn double(c: &mut Criterion) {
             keys: &single,
             engine: &one,
             sector: UNIT as u64,
+            layout: content::Layout::V3,
         };
         content::write(&file, &st, &cx, 0, &vec![0x5a; SIZES[2]]).unwrap();
     }
@@ -73,6 +74,7 @@ fn double(c: &mut Criterion) {
                     keys,
                     engine,
                     sector: UNIT as u64,
+                    layout: content::Layout::V3,
                 };
                 g.bench_with_input(BenchmarkId::new(name.as_str(), size), &size, |b, _| {
                     b.iter(|| {

@@ -69,6 +69,7 @@ impl Fixture {
             keys: &self.keys,
             engine: &self.engine,
             sector: 4096,
+            layout: cmkfs::volume::layout::Layout::V3,
         }
     }
 

@@ -34,7 +34,9 @@
 #   seq-write-4k     sequential 4 KiB writes of SIZE/4 to a new file, fsync at the end
 #   parallel-4       4 jobs at once, each on its own file: random 4 KiB reads and writes
 #                    (half each), psync, RUNTIME seconds, cold
-#   metadata         extract a real source tarball, ls -lR, sha256 of every file (cold), rm -rf
+#   metadata         extract a real source tarball, ls -lR, sha256 of every file (cold), rm -rf;
+#                    also records what the extraction added to `du -sk` of the backing store
+#                    (stages.backing_kib in results.jsonl, and a line per filesystem at the end)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -128,6 +130,16 @@ wait_mounted() { # dir
     done
     echo "bench-fio.sh: $1 did not get mounted" >&2
     return 1
+}
+
+backing_dir() { # fs -> the directory holding its backing store ("" if unknown)
+    case $1 in
+    raw) echo "$W/raw" ;;
+    gocryptfs) echo "$W/gc-cipher" ;;
+    cmkfs | cmkfs-base) echo "$W/$1-cipher" ;;
+    passthrough) echo "$W/pt-backing" ;;
+    *) echo "" ;;
+    esac
 }
 
 cmkfs_pid() { # bin mountpoint -> daemon pid (from its run record)
@@ -234,13 +246,19 @@ run_job() { # job fs -> "bytes seconds iops"
             --runtime="$RUNTIME" --time_based
         rm -f "$d"/p4.* ;;
     metadata)
-        local t0 t1 t2 t3 t4 bytes
+        local t0 t1 t2 t3 t4 bytes kib0=0 kib=0 bdir
         rm -rf "$d/tree"
         mkdir "$d/tree"
+        bdir=$(backing_dir "$2")
+        sync
+        [[ -n $bdir && -d $bdir ]] && kib0=$(du -sk "$bdir" | cut -f1)
         t0=$(date +%s.%N)
         tar -xzf "$TARBALL" -C "$d/tree"
         t1=$(date +%s.%N)
         drop
+        # Space the extracted tree takes in the backing store (du after the drop's sync minus
+        # du before; not timed): the cost of a format's per-file overhead (v3's header area).
+        [[ -n $bdir && -d $bdir ]] && kib=$(($(du -sk "$bdir" | cut -f1) - kib0))
         t2=$(date +%s.%N)
         ls -lR "$d/tree" >/dev/null
         drop
@@ -256,8 +274,9 @@ run_job() { # job fs -> "bytes seconds iops"
 import json, sys
 a = [float(x) for x in sys.argv[1:7]]
 st = {"extract": a[1] - a[0], "ls": a[3] - a[2], "sum": a[4] - a[3], "rm": a[5] - a[4]}
-print(int(sys.argv[7]), sum(st.values()), 0, json.dumps(st, separators=(",", ":")))' \
-            "$t0" "$t1" "$t2" "$t3" "$t4" "$t5" "$bytes" ;;
+print(int(sys.argv[7]), sum(st.values()), 0,
+      json.dumps(dict(st, backing_kib=int(sys.argv[8])), separators=(",", ":")))' \
+            "$t0" "$t1" "$t2" "$t3" "$t4" "$t5" "$bytes" "$kib" ;;
     *) echo "unknown job $1" >&2; return 1 ;;
     esac
 }
@@ -300,6 +319,18 @@ LOAD1=$(cut -d' ' -f1-3 /proc/loadavg)
     echo "load average before: $LOAD0; after: $LOAD1; $(date -u +%Y-%m-%dT%H:%MZ)"
 } >"$OUT/env.txt"
 python3 "$ROOT/scripts/bench_fio_report.py" "$OUT" | tee "$OUT/table.md"
+python3 - "$RESULTS" <<'PY' | tee -a "$OUT/table.md"
+import json, statistics, sys
+kib = {}
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    st = r.get("stages") or {}
+    if r.get("job") == "metadata" and "backing_kib" in st:
+        kib.setdefault(r["fs"], []).append(st["backing_kib"])
+if kib:
+    print("\nwhat the metadata job's extraction added to the backing store (du -sk, KiB, median): "
+          + ", ".join(f"{fs} {int(statistics.median(v))}" for fs, v in kib.items()))
+PY
 if [[ -n $SVG ]]; then
     mkdir -p "$(dirname "$SVG")"
     cp "$OUT/plot.svg" "$SVG"

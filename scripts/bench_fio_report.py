@@ -107,7 +107,9 @@ def stage_medians(rows, fss):
     for f in fss:
         runs = [r["stages"] for r in rows if r["fs"] == f and r.get("stages")]
         if runs:
-            out[f] = {k: statistics.median(s[k] for s in runs) for k in runs[0]}
+            out[f] = {
+                k: statistics.median(s[k] for s in runs) for k in runs[0] if k != "backing_kib"
+            }
     return out
 
 

@@ -59,6 +59,8 @@ command -v setfacl >/dev/null 2>&1 || missing+=(acl)
 command -v setfattr >/dev/null 2>&1 || missing+=(attr)
 command -v setcap >/dev/null 2>&1 || missing+=(libcap2-bin)
 command -v rsync >/dev/null 2>&1 || missing+=(rsync)
+# strace: mount_format_v3 checks the offsets of the daemon's backing pwrites.
+command -v strace >/dev/null 2>&1 || missing+=(strace)
 # Later issues add their tools here, e.g.:
 #   comparison benches:   command -v gocryptfs >/dev/null 2>&1 || missing+=(gocryptfs)
 #                         command -v fio >/dev/null 2>&1 || missing+=(fio)

@@ -670,8 +670,9 @@ fn backing_holds_ciphertext(cipherdir: &Path, ino: u64, data: &[u8]) -> bool {
         let Ok(bytes) = std::fs::read(e.path()) else {
             return false;
         };
-        let right_size =
-            bytes.len() as u64 == crate::volume::layout::backing_len(data.len() as u64);
+        // The drill's volume is what `cmkfs init` makes: format v3.
+        let lay = crate::volume::layout::Layout::V3;
+        let right_size = bytes.len() as u64 == lay.backing_len(data.len() as u64);
         let no_plaintext = !bytes.windows(32).any(|w| w == &data[..32])
             && !bytes[FILE_HEADER_LEN..].starts_with(data);
         return right_size && no_plaintext;

@@ -149,10 +149,11 @@ impl Sealed {
         if man.source.volume_id != self.envelope.volume_id || man.source.double != double {
             return Err(corrupt("the key envelope belongs to another volume"));
         }
-        if man.source.format_version != crate::volume::header::FORMAT_VERSION {
+        if crate::volume::layout::Layout::for_format(man.source.format_version).is_none() {
             return Err(BackupError::Refused(format!(
-                "the archive holds a volume of on-disk format {}; this cmkfs restores {}",
+                "the archive holds a volume of on-disk format {}; this cmkfs restores {} and {}",
                 man.source.format_version,
+                crate::volume::header::FORMAT_V2,
                 crate::volume::header::FORMAT_VERSION
             )));
         }

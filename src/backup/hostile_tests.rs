@@ -66,7 +66,8 @@ fn raw(name: &str, kind: tar::EntryType) -> Raw {
 
 /// A data file's bytes: a valid cmkfs file header, then `tail`.
 fn ct(tail: &[u8]) -> Vec<u8> {
-    let mut b = crate::volume::layout::FileHeader::generate(0)
+    let mut b = crate::volume::layout::Layout::V3
+        .generate_header(0)
         .unwrap()
         .encode()
         .to_vec();

@@ -157,7 +157,7 @@ pub struct Source {
     pub volume_id: String,
     /// Creation time of the volume (Unix seconds).
     pub created: u64,
-    /// On-disk format version (2).
+    /// On-disk format version (2 or 3): the restored volume keeps it.
     pub format_version: u32,
     /// Data unit size.
     pub sector_size: u32,

@@ -29,7 +29,7 @@ use super::BackupError;
 use crate::crypto::{Dek, VolumeKeys};
 use crate::engine::SectorEngine;
 use crate::volume::content::{decrypt_with, encrypt_with, Ctx};
-use crate::volume::layout::{logical_size, units_end, FileHeader, FILE_HEADER_LEN, FILE_VERSION};
+use crate::volume::layout::{units_end, FileHeader, Layout, FILE_HEADER_LEN};
 use crate::volume::names::{self, DirId, EntryKind, DIRID_FILE};
 use crate::volume::symlink::{long_target_ref, LONG_TARGET_PREFIX};
 use crate::volume::sys;
@@ -67,6 +67,8 @@ pub(super) struct Keys<'a> {
     pub sector: u32,
     /// Key generation of the data (file headers carry its low 16 bits).
     pub generation: u32,
+    /// The volume's on-disk layout (where each file's data starts, its header version).
+    pub layout: Layout,
 }
 
 /// Gives the tree at `dir` fresh directory ids, file ids and long-target side-file names
@@ -81,6 +83,7 @@ pub(super) fn renumber(dir: &Path, k: &Keys<'_>) -> Result<Renumbered, BackupErr
         keys: &keys,
         engine: &engine,
         sector: u64::from(k.sector),
+        layout: k.layout,
     };
     let mut out = Renumbered::default();
     let root = sys::open_root(dir).map_err(|e| BackupError::io("", e))?;
@@ -215,7 +218,9 @@ fn retweak_file(
     let io = |e: std::io::Error| BackupError::io(shown, e);
     let (f, st) = sys::open_regular(d, bname, sys::Access::ReadWrite, None).map_err(io)?;
     let len = st.st_size as u64;
-    let size = logical_size(len)
+    let lay = cx.layout;
+    let size = lay
+        .logical_size(len)
         .map_err(|e| BackupError::Corrupt(format!("backing file {shown:?}: {e}")))?;
     if len == 0 {
         return Ok(None);
@@ -224,17 +229,19 @@ fn retweak_file(
     f.read_exact_at(&mut hb, 0).map_err(io)?;
     let old = FileHeader::decode(&hb)
         .map_err(|e| BackupError::Corrupt(format!("backing file {shown:?}: {e}")))?;
-    if old.version != FILE_VERSION || old.key_gen != generation as u16 || old.reencrypted != 0 {
+    if old.version != lay.file_version || old.key_gen != generation as u16 || old.reencrypted != 0 {
         return Err(BackupError::Refused(format!(
-            "backing file {shown:?} is not a complete format-{FILE_VERSION} file of key \
+            "backing file {shown:?} is not a complete format-{} file of key \
              generation {generation} (an interrupted upgrade or re-encryption in the source?): \
-             restore without --new-dek, then run `cmkfs volume reencrypt`"
+             restore without --new-dek, then run `cmkfs volume reencrypt`",
+            lay.file_version
         )));
     }
-    let mut new =
-        FileHeader::generate(generation).map_err(|e| BackupError::Internal(e.to_string()))?;
+    let mut new = lay
+        .generate_header(generation)
+        .map_err(|e| BackupError::Internal(e.to_string()))?;
     new.key_gen = old.key_gen;
-    let hdr = FILE_HEADER_LEN as u64;
+    let hdr = lay.data_offset;
     let end = hdr + units_end(size);
     let sector = cx.sector;
     let mut buf = vec![0u8; (CHUNK_UNITS * sector) as usize];

@@ -315,6 +315,9 @@ pub fn restore(
                 inner: first.inner.as_ref(),
                 sector: last.manifest.source.sector_size,
                 generation: last.manifest.source.key_generation,
+                layout: header.layout().ok_or_else(|| {
+                    BackupError::Internal("a restored header without a data layout".into())
+                })?,
             };
             let (r, ids) = reencrypt(req.home, &des_rec, &tmp, &keys)?;
             (Some(r), Some(ids))
@@ -444,9 +447,15 @@ fn header_for(
     let info = v.get_key(&kid.name, Some(&kid.version))?;
     let wrapped = v.wrap_key(&kid.name, Some(&kid.version), info.wrap_alg, dek.as_bytes())?;
     let s = &man.source;
+    let layout = crate::volume::layout::Layout::for_format(s.format_version).ok_or_else(|| {
+        BackupError::Refused(format!(
+            "the archive holds a volume of on-disk format {}",
+            s.format_version
+        ))
+    })?;
     let (volume_id, created) = ident;
     let mut h = match inner {
-        None => VolumeHeader::new(dek, volume_id, s.sector_size, &wrapped, created),
+        None => VolumeHeader::new(dek, volume_id, s.sector_size, &wrapped, created, layout),
         Some(i) => {
             let (pv, pinfo) = des::ensure_platform_key(home)?;
             let w = pv.wrap_key(des::PLATFORM_KEY, None, pinfo.wrap_alg, i.as_bytes())?;
@@ -457,6 +466,7 @@ fn header_for(
                 &wrapped,
                 created,
                 PlatformEnvelope::new(i, &w),
+                layout,
             )
         }
     };

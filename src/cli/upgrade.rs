@@ -44,6 +44,26 @@ pub fn run(a: UpgradeArgs) -> anyhow::Result<()> {
         );
     }
     let lock = VolumeLock::exclusive(&root)?;
+    if header.format_version > crate::volume::header::FORMAT_V2 {
+        // After the mount and lock checks, which refuse as for any volume: v3 is the newest
+        // format and no in-place conversion leads to or from it.
+        if a.json {
+            let v = serde_json::json!({
+                "cipherdir": a.cipherdir,
+                "from_version": header.format_version,
+                "to_version": header.format_version,
+                "files": 0,
+            });
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        } else {
+            println!(
+                "{} is already on-disk format v{}, the newest: nothing to upgrade",
+                a.cipherdir.display(),
+                header.format_version
+            );
+        }
+        return Ok(());
+    }
     // A damaged journal is refused before the vault is even opened.
     upgrade::pending_journal(&root, &header)?;
     let (vault, _) = super::volume::volume_vault(&home, &header, a.credential.as_deref())?;
@@ -132,7 +152,9 @@ pub(crate) fn summary(r: &Report) -> String {
 fn print_human(r: &Report) {
     if r.from_version == r.to_version && r.converted == 0 && r.header_only == 0 && r.resumed == 0 {
         println!(
-            "{} is already on-disk format v{} ({} files checked)",
+            "{} is already on-disk format v{} ({} files checked); `cmkfs upgrade` does not \
+             convert v2 to v3 (page-aligned data units): for v3, copy the files into a new \
+             volume (`cmkfs init`, mount both, copy)",
             r.cipherdir.display(),
             r.to_version,
             r.files

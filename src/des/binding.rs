@@ -3,7 +3,7 @@
 
 use super::*;
 
-/// `cmkfs init CIPHERDIR --des NAME`: creates a volume wrapped with the DES's active key, as
+/// `cmkfs init CIPHERDIR --des NAME`: creates a volume of on-disk `layout` wrapped with the DES's active key, as
 /// the DES identity (double-encrypted when the DES says so), records the DES in its header
 /// and the volume in the DES.
 ///
@@ -15,6 +15,7 @@ pub fn init_volume(
     des_name: &str,
     cipherdir: &Path,
     sector_size: u32,
+    layout: crate::volume::layout::Layout,
 ) -> Result<VolumeHeader, DesError> {
     let store = DesStore::new(home);
     store.load(des_name)?; // fail before the lock creates anything
@@ -35,6 +36,7 @@ pub fn init_volume(
         wrap_alg: info.wrap_alg,
         sector_size,
         des: Some(des.name.clone()),
+        layout,
     };
     let created = if des.encryption_type.is_double() {
         ensure_platform_key(home).and_then(|(pv, pinfo)| {

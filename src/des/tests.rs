@@ -91,9 +91,24 @@ fn platform_envelope_is_covered_by_the_mac_and_single_headers_are_unchanged() {
     let w = wrapped("local:/keys/k/00000000000000000000000000000001");
     let pw = wrapped("local:/keys/cmkfs-platform/00000000000000000000000000000002");
     let id = "ab".repeat(16);
-    let single = VolumeHeader::new(&outer, id.clone(), 4096, &w, 1);
+    let single = VolumeHeader::new(
+        &outer,
+        id.clone(),
+        4096,
+        &w,
+        1,
+        crate::volume::layout::Layout::V3,
+    );
     let env = crate::volume::header::PlatformEnvelope::new(&inner, &pw);
-    let double = VolumeHeader::new_double(&outer, id, 4096, &w, 1, env);
+    let double = VolumeHeader::new_double(
+        &outer,
+        id,
+        4096,
+        &w,
+        1,
+        env,
+        crate::volume::layout::Layout::V3,
+    );
     double.verify(&outer).unwrap();
     double.platform.as_ref().unwrap().verify(&inner).unwrap();
     assert!(double.platform.as_ref().unwrap().verify(&outer).is_err());

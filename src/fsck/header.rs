@@ -12,7 +12,7 @@ impl Checker {
             Ok(h) => {
                 self.report.volume_id = Some(h.volume_id.clone());
                 self.format = Some((h.format_version, h.sector_size as u64));
-                if h.format_version < FORMAT_VERSION {
+                if h.format_version < FORMAT_V2 {
                     self.problem(
                         ProblemKind::FormatV1,
                         &header_path,
@@ -20,7 +20,7 @@ impl Checker {
                         None,
                         format!(
                             "the volume is in on-disk format v{}; `cmkfs upgrade` (or a mount) \
-                             converts it to v{FORMAT_VERSION} in place",
+                             converts it to v{FORMAT_V2} in place",
                             h.format_version
                         ),
                         Fix::None,

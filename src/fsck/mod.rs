@@ -66,7 +66,7 @@ use crate::fsutil::{self, TEMP_PREFIX};
 use crate::home::Home;
 use crate::vault::{Vault, VaultError};
 use crate::volume::content::{FileHeader, FILE_HEADER_LEN};
-use crate::volume::header::{VolumeHeader, FORMAT_VERSION, HEADER_FILE};
+use crate::volume::header::{VolumeHeader, FORMAT_V2, HEADER_FILE};
 use crate::volume::lock::VolumeLock;
 use crate::volume::names::{self, DirId, EntryKind, DIRID_FILE, LONG_PREFIX, LONG_SUFFIX};
 use crate::volume::rename::REPLACED_MARKER;
@@ -241,8 +241,12 @@ pub enum ProblemKind {
     FileFormatV1,
     /// A v2 file in a v1 volume (an interrupted upgrade).
     FileFormatV2,
-    /// A backing length no v2 file can have.
+    /// A backing length no file of the volume's layout can have (v3: also 32..4095, inside
+    /// the header area).
     FileLengthInvalid,
+    /// A file whose header version is another format's than the volume's and that no upgrade
+    /// converts (a v2 file in a v3 volume): unreadable, quarantined by `--repair`.
+    FileFormatMismatch,
     /// The journal of an interrupted `cmkfs upgrade` (a mount or `cmkfs upgrade` finishes it).
     UpgradeInterrupted,
     /// An upgrade journal that cannot be used (damaged, or not this volume's): mounts and

@@ -343,8 +343,9 @@ impl Checker {
     }
 
     /// The format of a file with a valid header: v1 tails that read as zeros, versions that
-    /// do not match the volume's, lengths no v2 file has (volume::upgrade states the rules).
-    /// An invalid length is returned (the file goes to the quarantine like a corrupt header);
+    /// do not match the volume's, lengths no file of the volume's layout has (volume::upgrade
+    /// states the rules). An invalid length or a version of another format that no upgrade
+    /// converts is returned (the file goes to the quarantine like a corrupt header);
     /// the rest is recorded here with no automatic fix: `cmkfs upgrade` is the fix.
     pub(super) fn check_file_format(
         &mut self,
@@ -368,6 +369,10 @@ impl Checker {
         };
         let kind = match finding {
             FormatFinding::BadLength => return Some((ProblemKind::FileLengthInvalid, detail)),
+            // Unreadable for good, like a corrupt header: to the quarantine.
+            FormatFinding::FileFormatMismatch => {
+                return Some((ProblemKind::FileFormatMismatch, detail))
+            }
             FormatFinding::V1TailReadAsZeros => ProblemKind::V1TailReadAsZeros,
             FormatFinding::V1TailHole => ProblemKind::V1TailHole,
             FormatFinding::FileFormatV1 => ProblemKind::FileFormatV1,

@@ -274,7 +274,7 @@ impl Volume {
             });
         }
         let size = match st.st_mode & libc::S_IFMT {
-            libc::S_IFREG => super::content::logical_size(st.st_size as u64).map_err(|why| {
+            libc::S_IFREG => self.layout.logical_size(st.st_size as u64).map_err(|why| {
                 VolumeError::CorruptFile {
                     // The backing name, relative to its directory (the caller knows where
                     // that is).

@@ -1,10 +1,11 @@
-//! File contents (format v2): read / write / truncate / fallocate of one backing file.
+//! File contents (formats v2 and v3): read / write / truncate / fallocate of one backing file.
 //!
-//! The layout is in [`super::layout`]: the 32-byte file header, then the data units, then
-//! `S % 16` filler bytes, so the backing length says the logical size `S` exactly. Unit `i`
-//! is plain XTS (IEEE 1619, no ciphertext stealing) with tweak `file_id + i`; every unit is
-//! a whole number of 16-byte blocks, the last one ending at `roundup16(S)`. Three rules keep
-//! every file consistent (docs/FORMAT.md, "Files"):
+//! The layout is in [`super::layout`]: the header area (the 32-byte file header; in v3 padded
+//! with zeros to 4096 bytes), then the data units, then `S % 16` filler bytes, so the backing
+//! length says the logical size `S` exactly. Unit `i` is plain XTS (IEEE 1619, no ciphertext
+//! stealing) with tweak `file_id + i`; every unit is a whole number of 16-byte blocks, the last
+//! one ending at `roundup16(S)`. Three rules keep every file consistent (docs/FORMAT.md,
+//! "Files"):
 //!
 //! * **Whole units.** Any write that touches a unit re-encrypts the whole unit
 //!   (read-modify-write; only the blocks whose ciphertext changes go back to disk, since XTS
@@ -30,7 +31,7 @@ use std::sync::{Mutex, RwLock};
 use super::bufpool::PoolBuf;
 use super::direct::{self, DirectFile};
 use super::layout::{self, roundup_block, unit_extent, units_end, BLOCK};
-pub use super::layout::{logical_size, FileHeader, FILE_HEADER_LEN};
+pub use super::layout::{FileHeader, Layout, FILE_HEADER_LEN};
 use super::VolumeError;
 use crate::crypto::VolumeKeys;
 use crate::engine::{Holes, SectorEngine};
@@ -87,6 +88,8 @@ pub struct Ctx<'a> {
     pub engine: &'a SectorEngine,
     /// Sector (XTS data unit) size.
     pub sector: u64,
+    /// Where the data starts in the backing file, and the file header version.
+    pub layout: layout::Layout,
 }
 
 fn corrupt(why: impl Into<String>) -> VolumeError {
@@ -101,9 +104,9 @@ fn os_err(errno: i32) -> VolumeError {
 }
 
 /// The backing length and the logical size it encodes.
-fn backing_state(f: &File) -> Result<(u64, u64), VolumeError> {
+fn backing_state(f: &File, cx: &Ctx) -> Result<(u64, u64), VolumeError> {
     let len = f.metadata().map_err(VolumeError::Os)?.len();
-    Ok((len, logical_size(len).map_err(corrupt)?))
+    Ok((len, cx.layout.logical_size(len).map_err(corrupt)?))
 }
 
 /// The file header, from the cache or the file (written first when `create` and the file is
@@ -128,9 +131,13 @@ fn header(
         if !create {
             return Ok(None);
         }
-        let h = FileHeader::generate(cx.keys.generation)
+        let h = cx
+            .layout
+            .generate_header(cx.keys.generation)
             .map_err(|e| VolumeError::Internal(e.to_string()))?;
-        if let Err(e) = f.write_all_at(&h.encode(), 0) {
+        // The whole header area in one `pwrite` (v3: one page), so no length between the
+        // header and the data offset survives it but a torn write, which the decoder refuses.
+        if let Err(e) = f.write_all_at(&cx.layout.header_area(&h), 0) {
             // A torn header (full disk) would make the file unreadable: it stays empty.
             let _ = f.set_len(0);
             return Err(VolumeError::Os(e));
@@ -147,12 +154,22 @@ fn header(
         }
     })?;
     let h = FileHeader::decode(&b).map_err(corrupt)?;
-    if h.version != layout::FILE_VERSION {
-        // Its last unit follows another rule: reading it as v2 would return wrong bytes.
-        return Err(corrupt(format!(
-            "file is in format v{} (written by an older cmkfs); `cmkfs upgrade` converts it",
-            h.version
-        )));
+    if h.version != cx.layout.file_version {
+        // v1: its last unit follows another rule. Another current version: its data starts
+        // elsewhere. Either way reading it with this volume's layout would return wrong bytes.
+        return Err(corrupt(if h.version == layout::FILE_VERSION_V1 {
+            format!(
+                "file is in format v{} (written by an older cmkfs); `cmkfs upgrade` converts it",
+                h.version
+            )
+        } else {
+            format!(
+                "file header says format v{} in a format v{} volume (copied in from another \
+                 volume?): unreadable here; `cmkfs fsck --repair` moves it to the quarantine",
+                h.version,
+                cx.layout.format_version()
+            )
+        }));
     }
     *cached = Some(h);
     Ok(Some(h))
@@ -176,22 +193,22 @@ fn read_error(e: std::io::Error) -> VolumeError {
     }
 }
 
-fn read_exact(f: &File, buf: &mut [u8], off: u64) -> Result<(), VolumeError> {
-    f.read_exact_at(buf, FILE_HEADER_LEN as u64 + off)
+fn read_exact(f: &File, cx: &Ctx, buf: &mut [u8], off: u64) -> Result<(), VolumeError> {
+    f.read_exact_at(buf, cx.layout.data_offset + off)
         .map_err(read_error)
 }
 
-fn write_at(f: &File, buf: &[u8], off: u64) -> Result<(), VolumeError> {
-    f.write_all_at(buf, FILE_HEADER_LEN as u64 + off)
+fn write_at(f: &File, cx: &Ctx, buf: &[u8], off: u64) -> Result<(), VolumeError> {
+    f.write_all_at(buf, cx.layout.data_offset + off)
         .map_err(VolumeError::Os)
 }
 
 /// [`write_at`] that, when it fails, also says how many bytes landed before: a full backing
 /// disk (ENOSPC) or its file-size limit (EFBIG) stops a write midway, with a prefix stored.
-fn write_counted(f: &File, buf: &[u8], off: u64) -> Result<(), (usize, std::io::Error)> {
+fn write_counted(f: &File, cx: &Ctx, buf: &[u8], off: u64) -> Result<(), (usize, std::io::Error)> {
     let mut done = 0usize;
     while done < buf.len() {
-        match f.write_at(&buf[done..], FILE_HEADER_LEN as u64 + off + done as u64) {
+        match f.write_at(&buf[done..], cx.layout.data_offset + off + done as u64) {
             Ok(0) => return Err((done, std::io::Error::from_raw_os_error(libc::ENOSPC))),
             Ok(n) => done += n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
@@ -221,7 +238,7 @@ fn settle_torn(
     let mut pos = at + landed as u64;
     if !pos.is_multiple_of(BLOCK) {
         let stop = roundup_block(pos).min(at + buf.len() as u64);
-        if let Err((_, e)) = write_counted(f, &buf[landed..(stop - at) as usize], pos) {
+        if let Err((_, e)) = write_counted(f, cx, &buf[landed..(stop - at) as usize], pos) {
             tracing::error!(
                 offset = pos,
                 error = %e,
@@ -236,10 +253,10 @@ fn settle_torn(
     if pos != u_start && pos < old_end {
         let stop = (u_start + cx.sector).min(old_end);
         let mut rest = vec![0u8; (stop - pos) as usize];
-        read_exact(f, &mut rest, pos)?;
+        read_exact(f, cx, &mut rest, pos)?;
         if rest.iter().all(|b| *b == 0) {
             let from = u_start.max(at);
-            write_at(f, &vec![0u8; (pos - from) as usize], from)?;
+            write_at(f, cx, &vec![0u8; (pos - from) as usize], from)?;
             pos = u_start;
         }
     }
@@ -442,7 +459,7 @@ fn read_unit(
 ) -> Result<bool, VolumeError> {
     let (start, end) = unit_extent(s, cx.sector, size);
     let n = (end - start) as usize;
-    read_exact(f, &mut out[..n], start)?;
+    read_exact(f, cx, &mut out[..n], start)?;
     let hole = out[..n].iter().all(|b| *b == 0);
     decrypt(cx, h, s, &mut out[..n])?;
     let live = (size - start).min(n as u64) as usize;
@@ -490,7 +507,7 @@ pub fn read_buf(
     len: usize,
 ) -> Result<ReadBuf, VolumeError> {
     let _g = st.rmw.read().unwrap_or_else(|p| p.into_inner());
-    let (blen, size) = backing_state(f)?;
+    let (blen, size) = backing_state(f, cx)?;
     if off >= size || len == 0 {
         return Ok(ReadBuf::empty());
     }
@@ -503,11 +520,11 @@ pub fn read_buf(
     // Large requests read without the page-cache copy, the units at `at` in an aligned
     // buffer; the others buffered, at its start. Every byte of the units is read from the
     // file before it is used.
-    let (mut buf, at) = match direct::read(&st.direct, f, FILE_HEADER_LEN as u64 + start, n) {
+    let (mut buf, at) = match direct::read(&st.direct, f, cx.layout.data_offset + start, n) {
         Some(r) => r.map_err(read_error)?,
         None => {
             let mut buf = PoolBuf::take(n);
-            read_exact(f, &mut buf, start)?;
+            read_exact(f, cx, &mut buf, start)?;
             (buf, 0)
         }
     };
@@ -543,7 +560,7 @@ pub fn write(
     let end = off
         .checked_add(data.len() as u64)
         .ok_or_else(|| os_err(libc::EFBIG))?;
-    checked_backing_len(end)?;
+    checked_backing_len(cx, end)?;
     // Whole units inside the file (the last one counts when the write reaches the end of
     // file): no read-modify-write and no size change, so such writes run concurrently under
     // the shared lock. The last unit's padding is written as zeros; the filler is untouched.
@@ -552,7 +569,7 @@ pub fn write(
     // `fstat` instead of two.)
     if off.is_multiple_of(cx.sector) && !st.appending.load(Ordering::Relaxed) {
         let _g = st.rmw.read().unwrap_or_else(|p| p.into_inner());
-        let (blen, size) = backing_state(f)?;
+        let (blen, size) = backing_state(f, cx)?;
         if end <= size && (end % cx.sector == 0 || end == size) {
             return overwrite_units(f, st, cx, off, data, blen);
         }
@@ -575,12 +592,12 @@ fn overwrite_units(
     let mut buf = PoolBuf::take(roundup_block(data.len() as u64) as usize);
     buf[data.len()..].fill(0);
     encrypt_copying(cx, &h, off / cx.sector, &mut buf, data, 0)?;
-    match write_counted(f, &buf, off) {
+    match write_counted(f, cx, &buf, off) {
         Ok(()) => Ok(data.len()),
         Err((landed, e)) => {
             // A hole's units need new blocks: the disk may fill up midway. As a local
             // filesystem: the bytes that landed, or the error when none did.
-            let size = logical_size(blen).map_err(corrupt)?;
+            let size = cx.layout.logical_size(blen).map_err(corrupt)?;
             let pos = settle_torn(f, cx, &buf, off, landed, size)?;
             match pos.saturating_sub(off).min(data.len() as u64) {
                 0 => Err(VolumeError::Os(e)),
@@ -599,7 +616,7 @@ fn write_locked(
     data: &[u8],
 ) -> Result<usize, VolumeError> {
     let end = off + data.len() as u64;
-    let (old_len, size) = backing_state(f)?;
+    let (old_len, size) = backing_state(f, cx)?;
     st.appending.store(end > size, Ordering::Relaxed);
     let h = header(f, st, cx, true, Some(old_len))?
         .ok_or_else(|| corrupt("could not create the file header"))?;
@@ -664,11 +681,11 @@ fn write_locked(
         data,
         (off - start) as usize,
     )?;
-    let want = layout::backing_len(new_size);
+    let want = cx.layout.backing_len(new_size);
     if new_size != size {
         hi = buf.len() as u64;
     }
-    let torn = write_counted(f, &buf[lo as usize..hi as usize], start + lo);
+    let torn = write_counted(f, cx, &buf[lo as usize..hi as usize], start + lo);
     let (written, want) = match torn {
         Ok(()) => (data.len(), want),
         Err((landed, e)) => {
@@ -689,13 +706,13 @@ fn write_locked(
                     undo_growth(f, st, old_len);
                     return Err(VolumeError::Os(e));
                 }
-                n => (n as usize, layout::backing_len(size.max(off + n))),
+                n => (n as usize, cx.layout.backing_len(size.max(off + n))),
             }
         }
     };
     // Growth inside the old filler shortens the backing file (e.g. 10 → 16 bytes); a torn
     // write may have left the length anywhere.
-    if written < data.len() || old_len.max(FILE_HEADER_LEN as u64 + start + hi) != want {
+    if written < data.len() || old_len.max(cx.layout.data_offset + start + hi) != want {
         f.set_len(want).map_err(VolumeError::Os)?;
     }
     Ok(written)
@@ -731,19 +748,19 @@ fn extend_last_unit(
     let old_data_end = layout::data_len(size);
     let mut buf = vec![0u8; (new_end - start) as usize];
     let units_end = units_end(size);
-    read_exact(f, &mut buf[..(units_end - start) as usize], start)?;
+    read_exact(f, cx, &mut buf[..(units_end - start) as usize], start)?;
     if buf.iter().all(|b| *b == 0) {
         // A hole stays a hole (sparse files stay sparse): only the old filler, which the
         // grown unit or the next one now covers, must read as zeros.
         let filler = vec![0u8; (old_data_end - units_end) as usize];
-        return write_at(f, &filler, units_end);
+        return write_at(f, cx, &filler, units_end);
     }
     read_unit(f, cx, h, s, size, &mut buf)?;
     encrypt(cx, h, s, &mut buf)?;
     if old_data_end > new_end {
         buf.resize((old_data_end - start) as usize, 0);
     }
-    write_at(f, &buf, start)
+    write_at(f, cx, &buf, start)
 }
 
 /// After a shrink to `size`: overwrites the padding of the last block (plaintext past `size`,
@@ -756,10 +773,10 @@ fn scrub_tail(f: &File, cx: &Ctx, h: &FileHeader, size: u64) -> Result<(), Volum
     let s = (size - 1) / cx.sector;
     let (start, end) = unit_extent(s, cx.sector, size);
     let mut unit = vec![0u8; (end - start) as usize];
-    read_exact(f, &mut unit, start)?;
+    read_exact(f, cx, &mut unit, start)?;
     let filler = vec![0u8; layout::filler_len(size) as usize];
     if unit.iter().all(|b| *b == 0) {
-        return write_at(f, &filler, end);
+        return write_at(f, cx, &filler, end);
     }
     decrypt(cx, h, s, &mut unit)?;
     unit[(size - start) as usize..].fill(0);
@@ -767,7 +784,7 @@ fn scrub_tail(f: &File, cx: &Ctx, h: &FileHeader, size: u64) -> Result<(), Volum
     // Blocks are independent: only the last one changed.
     let mut tail = unit[unit.len() - BLOCK as usize..].to_vec();
     tail.extend_from_slice(&filler);
-    write_at(f, &tail, end - BLOCK)
+    write_at(f, cx, &tail, end - BLOCK)
 }
 
 /// Sets the logical size to `new_size` (shrink, or grow with zeros).
@@ -777,8 +794,8 @@ pub fn truncate(f: &File, st: &FileState, cx: &Ctx, new_size: u64) -> Result<(),
 }
 
 fn truncate_locked(f: &File, st: &FileState, cx: &Ctx, new_size: u64) -> Result<(), VolumeError> {
-    checked_backing_len(new_size)?;
-    let (blen, size) = backing_state(f)?;
+    checked_backing_len(cx, new_size)?;
+    let (blen, size) = backing_state(f, cx)?;
     if new_size == size {
         return Ok(());
     }
@@ -791,7 +808,7 @@ fn truncate_locked(f: &File, st: &FileState, cx: &Ctx, new_size: u64) -> Result<
     }
     let h = header(f, st, cx, true, Some(blen))?
         .ok_or_else(|| corrupt("could not create the file header"))?;
-    let want = layout::backing_len(new_size);
+    let want = cx.layout.backing_len(new_size);
     if new_size > size {
         if size > 0 {
             let s = (size - 1) / cx.sector;
@@ -811,10 +828,10 @@ fn truncate_locked(f: &File, st: &FileState, cx: &Ctx, new_size: u64) -> Result<
 /// The backing length of a file of logical size `size`, or EFBIG where it would pass the
 /// largest file offset (`i64::MAX`): a local filesystem's errno, never the EIO of a length
 /// the system call cannot take.
-fn checked_backing_len(size: u64) -> Result<u64, VolumeError> {
-    size.checked_add(FILE_HEADER_LEN as u64 + BLOCK)
+fn checked_backing_len(cx: &Ctx, size: u64) -> Result<u64, VolumeError> {
+    size.checked_add(cx.layout.data_offset + BLOCK)
         .filter(|n| *n <= i64::MAX as u64)
-        .map(|_| layout::backing_len(size))
+        .map(|_| cx.layout.backing_len(size))
         .ok_or_else(|| os_err(libc::EFBIG))
 }
 
@@ -822,8 +839,8 @@ fn checked_backing_len(size: u64) -> Result<u64, VolumeError> {
 /// limit, as the kernel answers an `fallocate` past it. The limit is the backing
 /// filesystem's own (ext4: 16 TiB - 4 KiB with 4 KiB blocks), asked with a one-byte
 /// `PUNCH_HOLE | KEEP_SIZE` past the backing file's end, which changes nothing.
-fn check_size_limit(f: &File, blen: u64, end: u64) -> Result<(), VolumeError> {
-    let want = checked_backing_len(end)?;
+fn check_size_limit(f: &File, cx: &Ctx, blen: u64, end: u64) -> Result<(), VolumeError> {
+    let want = checked_backing_len(cx, end)?;
     if want <= blen {
         return Ok(());
     }
@@ -856,8 +873,8 @@ pub fn fallocate(
     let end = off.checked_add(len).ok_or_else(|| os_err(libc::EFBIG))?;
     let keep = mode & libc::FALLOC_FL_KEEP_SIZE != 0;
     let _g = st.rmw.write().unwrap_or_else(|p| p.into_inner());
-    let (blen, size) = backing_state(f)?;
-    check_size_limit(f, blen, end)?;
+    let (blen, size) = backing_state(f, cx)?;
+    check_size_limit(f, cx, blen, end)?;
     if mode & (libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE) != 0 {
         zero_range(f, st, cx, off, end.min(size), size)?;
         if !keep && end > size {
@@ -874,7 +891,7 @@ pub fn fallocate(
         let r = sys_fallocate(
             f,
             libc::FALLOC_FL_KEEP_SIZE,
-            FILE_HEADER_LEN as u64 + off,
+            cx.layout.data_offset + off,
             len,
         );
         if let Err(e) = r {
@@ -921,7 +938,7 @@ fn zero_range(
     };
     if first_full < last_full_end {
         let (off, len) = (
-            FILE_HEADER_LEN as u64 + first_full,
+            cx.layout.data_offset + first_full,
             last_full_end - first_full,
         );
         let punched = sys_fallocate(
@@ -967,9 +984,15 @@ mod tests {
         keys: VolumeKeys,
         engine: SectorEngine,
         sector: u64,
+        lay: Layout,
     }
 
+    /// A file of a v3 volume (what `cmkfs init` makes).
     fn fixture_keys(sector: u64, threads: usize, double: bool) -> Fixture {
+        fixture_in(Layout::V3, sector, threads, double)
+    }
+
+    fn fixture_in(lay: Layout, sector: u64, threads: usize, double: bool) -> Fixture {
         let dir = tempfile::tempdir().unwrap();
         let file = std::fs::OpenOptions::new()
             .read(true)
@@ -992,6 +1015,7 @@ mod tests {
             keys,
             engine: SectorEngine::new(threads).unwrap(),
             sector,
+            lay,
         }
     }
 
@@ -1005,7 +1029,12 @@ mod tests {
                 keys: &self.keys,
                 engine: &self.engine,
                 sector: self.sector,
+                layout: self.lay,
             }
+        }
+        /// The data offset in the backing file.
+        fn h(&self) -> usize {
+            self.lay.data_offset as usize
         }
         fn all(&self) -> Vec<u8> {
             read(&self.file, &self.st, &self.cx(), 0, usize::MAX / 2).unwrap()
@@ -1025,25 +1054,31 @@ mod tests {
     }
 
     /// A write into a hole unit that reaches the disk only in part (ENOSPC after the first
-    /// page, or a power cut between the unit's two pages: behind the 32-byte header a unit
-    /// straddles two pages) leaves whole old (zero) and new blocks, never garbage. Found by a
-    /// hostile tester: the unfinished part decrypted to random bytes the user never wrote.
+    /// page, or a power cut between the unit's two pages: in format v2, behind the 32-byte
+    /// header, a unit straddles two pages) leaves whole old (zero) and new blocks, never
+    /// garbage. Found by a hostile tester: the unfinished part decrypted to random bytes the
+    /// user never wrote.
     #[test]
     fn a_torn_write_into_a_hole_leaves_zeros_where_it_did_not_land() {
-        for double in [false, true] {
-            let fx = fixture_keys(4096, 1, double);
+        for (lay, double) in [
+            (Layout::V2, false),
+            (Layout::V2, true),
+            (Layout::V3, false),
+            (Layout::V3, true),
+        ] {
+            let fx = fixture_in(lay, 4096, 1, double);
             fx.truncate(3 * 4096);
             let data: Vec<u8> = (0..4096u32).map(|i| (i % 251) as u8 + 1).collect();
             // What a full write of unit 1 stores; then only a part of it reaches the disk.
             fx.write(4096, &data);
             let raw = fx.raw();
-            let unit = FILE_HEADER_LEN + 4096..FILE_HEADER_LEN + 2 * 4096;
-            let page_end = 2 * 4096; // the backing page boundary inside unit 1
-            for cut in [
-                page_end,
-                FILE_HEADER_LEN + 4096 + 16,
-                FILE_HEADER_LEN + 4096 + 4080,
-            ] {
+            let unit = fx.h() + 4096..fx.h() + 2 * 4096;
+            // The backing page boundary inside unit 1 (v2); v3's unit 1 is one whole page.
+            let page_end = 2 * 4096;
+            for cut in [page_end, fx.h() + 4096 + 16, fx.h() + 4096 + 4080] {
+                if !unit.contains(&cut) {
+                    continue;
+                }
                 let mut torn = raw.clone();
                 torn[cut..unit.end].fill(0);
                 std::fs::write(fx._dir.path().join("f"), &torn).unwrap();
@@ -1066,14 +1101,15 @@ mod tests {
 
     #[test]
     fn random_writes_and_truncates_match_a_model() {
-        for (seed, sector, double) in [
-            (1u64, 512u64, false),
-            (2, 512, true),
-            (3, 4096, false),
-            (4, 4096, true),
-            (5, 1024, false),
+        for (seed, sector, double, lay) in [
+            (1u64, 512u64, false, Layout::V3),
+            (2, 512, true, Layout::V2),
+            (3, 4096, false, Layout::V3),
+            (4, 4096, true, Layout::V3),
+            (5, 1024, false, Layout::V2),
+            (6, 4096, false, Layout::V2),
         ] {
-            let fx = fixture_keys(sector, 2, double);
+            let fx = fixture_in(lay, sector, 2, double);
             let mut model: Vec<u8> = Vec::new();
             let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
             for step in 0..400 {
@@ -1117,7 +1153,7 @@ mod tests {
                 assert!(got == model, "seed {seed} step {step}: contents differ");
                 let backing = fx.file.metadata().unwrap().len();
                 assert!(
-                    backing == layout::backing_len(model.len() as u64)
+                    backing == fx.lay.backing_len(model.len() as u64)
                         || (model.is_empty() && backing == 0),
                     "seed {seed} step {step}: backing length {backing} for size {}",
                     model.len()
@@ -1138,8 +1174,13 @@ mod tests {
         // Units at every alignment in the direct buffer (sector 512: the units of a request
         // start at any multiple of 512, plus the 32-byte header), holes, the last partial
         // unit, both layers; the backing file's page cache dropped so the disk is read.
-        for (seed, sector, double) in [(1u64, 512u64, false), (2, 4096, true), (3, 1024, false)] {
-            let fx = fixture_keys(sector, 2, double);
+        for (seed, sector, double, lay) in [
+            (1u64, 512u64, false, Layout::V3),
+            (2, 4096, true, Layout::V3),
+            (3, 1024, false, Layout::V2),
+            (4, 4096, false, Layout::V2),
+        ] {
+            let fx = fixture_in(lay, sector, 2, double);
             let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
             let size = (700 << 10) + rng.gen_range(1..16);
             let mut model: Vec<u8> = (0..size).map(|_| rng.gen()).collect();
@@ -1188,14 +1229,10 @@ mod tests {
             let raw = fx.raw();
             assert_eq!(
                 raw.len() as u64,
-                layout::backing_len(len as u64),
+                fx.lay.backing_len(len as u64),
                 "len {len}"
             );
-            assert_ne!(
-                raw[FILE_HEADER_LEN..][..len],
-                data[..],
-                "len {len}: in the clear"
-            );
+            assert_ne!(raw[fx.h()..][..len], data[..], "len {len}: in the clear");
         }
     }
 
@@ -1222,7 +1259,7 @@ mod tests {
                 let all = fx.all();
                 assert_eq!(&all[off as usize..], &k[..], "r {r} unit {unit}");
                 let raw = fx.raw();
-                let stored = &raw[FILE_HEADER_LEN + off as usize..][..16];
+                let stored = &raw[fx.h() + off as usize..][..16];
                 assert!(stored.iter().any(|b| *b != 0), "r {r} unit {unit}");
                 // Appending after it keeps it (v1 re-encrypted the misread zeros).
                 fx.write(off + r as u64, b"more");
@@ -1236,9 +1273,9 @@ mod tests {
         let fx = fixture(4096, 1);
         let (a, b) = (*b"secret", *b"public");
         fx.write(0, &a);
-        let ca = fx.raw()[FILE_HEADER_LEN..][..16].to_vec();
+        let ca = fx.raw()[fx.h()..][..16].to_vec();
         fx.write(0, &b);
-        let cb = fx.raw()[FILE_HEADER_LEN..][..16].to_vec();
+        let cb = fx.raw()[fx.h()..][..16].to_vec();
         let xc: Vec<u8> = ca.iter().zip(&cb).map(|(x, y)| x ^ y).collect();
         let xp: Vec<u8> = a.iter().zip(&b).map(|(x, y)| x ^ y).collect();
         assert_ne!(
@@ -1248,7 +1285,7 @@ mod tests {
         );
         // A one-bit change of the plaintext changes about half of the stored block's bits.
         fx.write(0, b"secreu");
-        let cc = fx.raw()[FILE_HEADER_LEN..][..16].to_vec();
+        let cc = fx.raw()[fx.h()..][..16].to_vec();
         let flipped: u32 = ca.iter().zip(&cc).map(|(x, y)| (x ^ y).count_ones()).sum();
         assert!(flipped > 20, "only {flipped} stored bits changed");
     }
@@ -1260,7 +1297,7 @@ mod tests {
             let data: Vec<u8> = (0..len).map(|i| (i * 13 + 1) as u8).collect();
             fx.write(0, &data);
             // Flip one bit of the last stored block that holds data.
-            let at = FILE_HEADER_LEN + (len - 1) / 16 * 16 + 3;
+            let at = fx.h() + (len - 1) / 16 * 16 + 3;
             let mut raw = fx.raw();
             raw[at] ^= 0x10;
             fx.file.write_all_at(&raw, 0).unwrap();
@@ -1292,7 +1329,7 @@ mod tests {
         for n in [9_999u64, 8_193, 8_192, 4_100, 33, 17, 5, 1] {
             fx.truncate(n);
             assert_eq!(fx.all(), data[..n as usize], "shrink to {n}");
-            assert_eq!(fx.raw().len() as u64, layout::backing_len(n));
+            assert_eq!(fx.raw().len() as u64, fx.lay.backing_len(n));
             // Growth shows zeros, not the bytes that were cut off.
             fx.truncate(n + 20);
             let all = fx.all();
@@ -1320,7 +1357,7 @@ mod tests {
                 let mut raw = fx.raw();
                 let data_end = raw.len();
                 // Garbage in the filler (stale padding: see the next test).
-                for b in &mut raw[FILE_HEADER_LEN + units_end(size) as usize..data_end] {
+                for b in &mut raw[fx.h() + units_end(size) as usize..data_end] {
                     *b = 0xEE;
                 }
                 fx.file.write_all_at(&raw, 0).unwrap();
@@ -1348,7 +1385,7 @@ mod tests {
         // padding of the last block; growth still reads zeros there.
         let fx = fixture(4096, 1);
         fx.write(0, &[0x5A; 40]);
-        fx.file.set_len(layout::backing_len(20)).unwrap();
+        fx.file.set_len(fx.lay.backing_len(20)).unwrap();
         assert_eq!(fx.all(), vec![0x5A; 20]);
         fx.write(25, b"x");
         let all = fx.all();
@@ -1371,7 +1408,7 @@ mod tests {
         // Units 1..=4 were never written: they stay holes of the backing file.
         let raw = fx.raw();
         for u in 1..5 {
-            let unit = &raw[FILE_HEADER_LEN + u * 4096..][..4096];
+            let unit = &raw[fx.h() + u * 4096..][..4096];
             assert!(unit.iter().all(|b| *b == 0), "unit {u} was written");
         }
     }
@@ -1418,16 +1455,46 @@ mod tests {
             Err(VolumeError::CorruptFile { .. })
         ));
         // A data area of 1..15 bytes cannot be a v2 file.
-        let h = FileHeader::generate(0).unwrap();
+        let h = fx.lay.generate_header(0).unwrap();
         fx.file.set_len(0).unwrap();
         fx.file.write_all_at(&h.encode(), 0).unwrap();
-        fx.file.set_len(FILE_HEADER_LEN as u64 + 7).unwrap();
+        fx.file.set_len(fx.h() as u64 + 7).unwrap();
         assert!(matches!(
             read(&fx.file, &fx.st, &fx.cx(), 0, 10),
             Err(VolumeError::CorruptFile { .. })
         ));
-        // A v1 file is refused, not misread.
+        // v3: every length inside the header area is corrupt (1..4095), the bare area is an
+        // empty file.
+        for n in [1u64, 31, 32, 33, 48, 2048, 4095] {
+            let fx = fixture(4096, 1);
+            fx.file.write_all_at(&h.encode(), 0).unwrap();
+            fx.file.set_len(n).unwrap();
+            assert!(
+                matches!(
+                    read(&fx.file, &fx.st, &fx.cx(), 0, 10),
+                    Err(VolumeError::CorruptFile { .. })
+                ),
+                "length {n}"
+            );
+        }
         let fx = fixture(4096, 1);
+        fx.file.write_all_at(&fx.lay.header_area(&h), 0).unwrap();
+        assert_eq!(fx.all(), b"");
+        // A header of the other current version is refused, not read at the wrong offset.
+        for (lay, other) in [(Layout::V3, Layout::V2), (Layout::V2, Layout::V3)] {
+            let fx = fixture_in(lay, 4096, 1, false);
+            let foreign = other.generate_header(0).unwrap();
+            fx.file.write_all_at(&lay.header_area(&foreign), 0).unwrap();
+            fx.file.write_all_at(&[1; 48], lay.data_offset).unwrap();
+            let e = read(&fx.file, &fx.st, &fx.cx(), 0, 10).unwrap_err();
+            assert!(
+                matches!(e, VolumeError::CorruptFile { .. })
+                    && e.to_string().contains("says format"),
+                "{e}"
+            );
+        }
+        // A v1 file (in a v2 volume being upgraded) is refused, not misread.
+        let fx = fixture_in(Layout::V2, 4096, 1, false);
         let v1 = FileHeader {
             version: layout::FILE_VERSION_V1,
             ..h
@@ -1453,7 +1520,7 @@ mod tests {
             .xts
             .encrypt_unit(h.tweak().wrapping_add(1), &mut unit1)
             .unwrap();
-        assert_eq!(&raw[FILE_HEADER_LEN + 4096..][..32], &unit1[..]);
-        assert_eq!(raw.len(), FILE_HEADER_LEN + 4096 + 32 + 5);
+        assert_eq!(&raw[fx.h() + 4096..][..32], &unit1[..]);
+        assert_eq!(raw.len(), fx.h() + 4096 + 32 + 5);
     }
 }

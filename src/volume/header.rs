@@ -15,6 +15,7 @@ use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
+use super::layout::Layout;
 use super::VolumeError;
 use crate::crypto::Dek;
 use crate::vault::{KeyId, Vault, WrapAlg, Wrapped};
@@ -23,9 +24,13 @@ mod transitions;
 
 /// File name of the volume header in the backing directory.
 pub const HEADER_FILE: &str = "cmkfs.volume.json";
-/// The on-disk format this code writes and mounts: 2 (every data unit whole AES blocks, the
-/// size kept in the backing length; docs/FORMAT.md).
-pub const FORMAT_VERSION: u32 = 2;
+/// The newest on-disk format, which `cmkfs init` writes by default: 3 (format v2's data-unit
+/// rule with the data area at backing offset 4096, page-aligned; docs/FORMAT.md).
+pub const FORMAT_VERSION: u32 = 3;
+/// Format v2 (every data unit whole AES blocks, the size kept in the backing length, the data
+/// right after the 32-byte file header): the oldest format the data path mounts, the one
+/// `cmkfs upgrade` converts a v1 volume to, and what `cmkfs init --format 2` writes.
+pub const FORMAT_V2: u32 = 2;
 /// The oldest format this code still reads, to convert it (`cmkfs upgrade`).
 pub const OLDEST_FORMAT_VERSION: u32 = 1;
 /// Sector cipher name.
@@ -201,23 +206,32 @@ fn unwrap_envelope(
 }
 
 impl VolumeHeader {
-    /// A header for a new volume whose DEK the vault wrapped as `wrapped`.
+    /// The layout of this volume's backing files; `None` for a format the data path does not
+    /// mount (v1: `cmkfs upgrade` first). The header was validated on read, so
+    /// `file_header_len` agrees with it.
+    pub fn layout(&self) -> Option<Layout> {
+        Layout::for_format(self.format_version)
+    }
+
+    /// A header for a new volume of on-disk layout `layout` whose DEK the vault wrapped as
+    /// `wrapped`.
     pub fn new(
         dek: &Dek,
         volume_id: String,
         sector_size: u32,
         wrapped: &Wrapped,
         created: u64,
+        layout: Layout,
     ) -> VolumeHeader {
         let mut h = VolumeHeader {
             format: "cmkfs".into(),
-            format_version: FORMAT_VERSION,
+            format_version: layout.format_version(),
             volume_id,
             created,
             cipher: CIPHER.into(),
             sector_size,
             name_cipher: NAME_CIPHER.into(),
-            file_header_len: super::content::FILE_HEADER_LEN as u32,
+            file_header_len: layout.data_offset as u32,
             key_id: wrapped.kid.to_string(),
             wrap_alg: wrapped.alg,
             wrapped_dek: B64.encode(&wrapped.value),
@@ -233,7 +247,8 @@ impl VolumeHeader {
         h
     }
 
-    /// A header for a new double-encrypted volume: `dek` is the outer (customer) DEK,
+    /// A header for a new double-encrypted volume of layout `layout`: `dek` is the outer
+    /// (customer) DEK,
     /// `platform` the envelope of the inner one. The MAC covers the inner DEK's fingerprint,
     /// so the platform layer cannot be stripped or swapped unnoticed.
     pub fn new_double(
@@ -243,8 +258,9 @@ impl VolumeHeader {
         wrapped: &Wrapped,
         created: u64,
         platform: PlatformEnvelope,
+        layout: Layout,
     ) -> VolumeHeader {
-        let mut h = VolumeHeader::new(dek, volume_id, sector_size, wrapped, created);
+        let mut h = VolumeHeader::new(dek, volume_id, sector_size, wrapped, created, layout);
         h.platform = Some(platform);
         h.header_mac = h.mac(dek);
         h
@@ -321,10 +337,14 @@ impl VolumeHeader {
         if !(512..=65536).contains(&self.sector_size) || !self.sector_size.is_power_of_two() {
             return Err(format!("sector size {} is invalid", self.sector_size));
         }
-        if self.file_header_len != super::content::FILE_HEADER_LEN as u32 {
+        // The data offset is the format's: v1 and v2 keep the data right after the 32-byte
+        // file header, v3 at 4096.
+        let want = Layout::for_format(self.format_version)
+            .map_or(super::content::FILE_HEADER_LEN as u64, |l| l.data_offset);
+        if self.file_header_len as u64 != want {
             return Err(format!(
-                "file header length {} is invalid",
-                self.file_header_len
+                "file header length {} is invalid for format v{} (it is {want})",
+                self.file_header_len, self.format_version
             ));
         }
         self.key_id.parse::<KeyId>().map_err(|e| e.to_string())?;
@@ -699,6 +719,7 @@ mod tests {
             &wrapped("local:/keys/k/00000000000000000000000000000001"),
             1,
             env,
+            Layout::V3,
         )
         .with_des(Some("set-1".into()), &outer);
         (outer, h)

@@ -1,29 +1,36 @@
 //! The layout of one backing file: the per-file header, and how the logical size, the data
 //! units and the backing length relate (docs/FORMAT.md, "Files").
 //!
-//! Format v2, for a file of logical size `S` (bytes):
+//! For a file of logical size `S` (bytes), in a volume whose [`Layout`] puts the data at
+//! offset `H` (format v2: `H` = 32, right after the file header; format v3: `H` = 4096, the
+//! file header followed by zeros up to the first page boundary, so every data unit of 4096
+//! bytes or more starts on a page of the backing filesystem):
 //!
-//! * The backing file is the 32-byte file header followed by the data area of `data_len(S)`
-//!   bytes: `S` when `S % 16 == 0`, else `S + 16`. A 0-byte backing file is an empty file
-//!   without a header.
+//! * The backing file is the header area of `H` bytes followed by the data area of
+//!   `data_len(S)` bytes: `S` when `S % 16 == 0`, else `S + 16`. A 0-byte backing file is an
+//!   empty file without a header.
 //! * The data area holds the data units: unit `i` covers `[i·unit, (i+1)·unit)`, except the
 //!   last, which covers `[i·unit, roundup16(S))` — every unit is a whole number of 16-byte
 //!   AES blocks, at least one. The bytes of the last block past `S` are padding (unspecified
 //!   plaintext). After the units come `S % 16` filler bytes that belong to no unit: they only
 //!   make the length say `S`.
-//! * Decoding: `D = backing length − 32`; `D % 16 == 0` → `S = D`; otherwise `S = D − 16`, and
-//!   `D` in `1..=15` cannot happen (corrupt).
+//! * Decoding: `D = backing length − H`; `D % 16 == 0` → `S = D`; otherwise `S = D − 16`, and
+//!   `D` in `1..=15` cannot happen (corrupt), nor can a length in `1..H`.
 //!
 //! Keeping the size in the length means `stat` needs nothing but the backing `stat`, and no
 //! size record can disagree with the data after a crash.
 
-/// Bytes of the per-file header.
+/// Bytes of the per-file header's encoding (the data offset of formats v1 and v2).
 pub const FILE_HEADER_LEN: usize = 32;
+/// The data offset of format v3: one page of the backing filesystem.
+pub const V3_DATA_OFFSET: u64 = 4096;
 /// The AES block: every data unit is a whole number of these.
 pub const BLOCK: u64 = 16;
 const FILE_MAGIC: &[u8; 4] = b"CMKF";
-/// The file format version this code writes (the data-unit rule of format v2).
-pub const FILE_VERSION: u16 = 2;
+/// The file header version of format v2 volumes (the data-unit rule of format v2, data at 32).
+pub const FILE_VERSION_V2: u16 = 2;
+/// The file header version of format v3 volumes (v2's data-unit rule, data at 4096).
+pub const FILE_VERSION_V3: u16 = 3;
 /// Format v1's file version (short tails: ciphertext stealing / stream rule); read only by
 /// `cmkfs upgrade`.
 pub const FILE_VERSION_V1: u16 = 1;
@@ -32,8 +39,8 @@ pub const FILE_VERSION_V1: u16 = 1;
 /// used in the tweak, and a re-encryption's progress through the file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FileHeader {
-    /// [`FILE_VERSION`] for files the data path reads; [`FILE_VERSION_V1`] for files not yet
-    /// upgraded.
+    /// The volume layout's [`Layout::file_version`] for files the data path reads;
+    /// [`FILE_VERSION_V1`] for files of a v1 volume not yet upgraded.
     pub version: u16,
     /// The low 16 bits of the key generation (volume header `key_generation`) whose DEK
     /// encrypts the data: 0 on volumes never re-encrypted.
@@ -46,13 +53,13 @@ pub struct FileHeader {
 }
 
 impl FileHeader {
-    /// A current-version header with a fresh random file id, for data of key generation
-    /// `generation`.
-    pub fn generate(generation: u32) -> Result<FileHeader, getrandom::Error> {
+    /// A header of file version `version` (the volume's [`Layout::file_version`]) with a
+    /// fresh random file id, for data of key generation `generation`.
+    pub fn generate(version: u16, generation: u32) -> Result<FileHeader, getrandom::Error> {
         let mut file_id = [0u8; 16];
         super::idrand::fill(&mut file_id)?;
         Ok(FileHeader {
-            version: FILE_VERSION,
+            version,
             key_gen: generation as u16,
             file_id,
             reencrypted: 0,
@@ -71,7 +78,8 @@ impl FileHeader {
         b
     }
 
-    /// Parses a header of a known version (1 or 2); says what is wrong if it is not one.
+    /// Parses a header of a known version (1, 2 or 3); says what is wrong if it is not one.
+    /// Whether the version is the volume's is the caller's check.
     pub fn decode(b: &[u8]) -> Result<FileHeader, String> {
         if b.len() < FILE_HEADER_LEN {
             return Err(format!("file header truncated to {} bytes", b.len()));
@@ -80,7 +88,7 @@ impl FileHeader {
             return Err("file header has a wrong magic".into());
         }
         let version = u16::from_le_bytes([b[4], b[5]]);
-        if version != FILE_VERSION && version != FILE_VERSION_V1 {
+        if !(FILE_VERSION_V1..=FILE_VERSION_V3).contains(&version) {
             return Err(format!("file header version {version} is not supported"));
         }
         let mut file_id = [0u8; 16];
@@ -114,12 +122,6 @@ pub fn data_len(size: u64) -> u64 {
     }
 }
 
-/// Backing length of a file of logical size `size` that has a header (an empty file may also
-/// be a 0-byte backing file).
-pub fn backing_len(size: u64) -> u64 {
-    FILE_HEADER_LEN as u64 + data_len(size)
-}
-
 /// Where the data units of a file of logical size `size` end (the last block's end; the
 /// filler follows).
 pub fn units_end(size: u64) -> u64 {
@@ -131,24 +133,88 @@ pub fn filler_len(size: u64) -> u64 {
     data_len(size) - units_end(size)
 }
 
-/// Logical size of a file whose backing file is `backing_len` bytes long (format v2).
-pub fn logical_size(backing_len: u64) -> Result<u64, String> {
-    let hdr = FILE_HEADER_LEN as u64;
-    match backing_len {
-        0 => Ok(0),
-        n if n < hdr => Err(format!(
-            "backing file of {n} bytes is shorter than a file header"
-        )),
-        n => {
-            let d = n - hdr;
-            match d % BLOCK {
-                0 => Ok(d),
-                _ if d < BLOCK => Err(format!(
-                    "data area of {d} bytes is not a valid format v2 length (a file shorter \
-                     than 16 bytes is stored as one 16-byte block and its filler; a file written \
-                     by an older cmkfs needs `cmkfs upgrade`)"
-                )),
-                _ => Ok(d - BLOCK),
+/// Where a volume's backing files keep their data and which file header version they carry:
+/// fixed per volume by its format (volume header `format_version`, and `file_header_len`,
+/// which is the data offset and covered by the header MAC).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Layout {
+    /// Backing offset of data byte 0 (bytes): 32 (v2) or 4096 (v3).
+    pub data_offset: u64,
+    /// The version every file header of the volume carries.
+    pub file_version: u16,
+}
+
+impl Layout {
+    /// Format v2: the data right after the 32-byte file header.
+    pub const V2: Layout = Layout {
+        data_offset: FILE_HEADER_LEN as u64,
+        file_version: FILE_VERSION_V2,
+    };
+    /// Format v3: the file header, zeros up to 4096, then the data: unit `n` of 4096 bytes
+    /// sits at backing offset `4096·(n+1)`, on its own backing page.
+    pub const V3: Layout = Layout {
+        data_offset: V3_DATA_OFFSET,
+        file_version: FILE_VERSION_V3,
+    };
+
+    /// The layout of volume format `format_version` (2 or 3); `None` for others (v1 is read
+    /// by `cmkfs upgrade` only, through [`super::v1`]).
+    pub fn for_format(format_version: u32) -> Option<Layout> {
+        match format_version {
+            2 => Some(Layout::V2),
+            3 => Some(Layout::V3),
+            _ => None,
+        }
+    }
+
+    /// The volume format this layout belongs to (2 or 3).
+    pub fn format_version(&self) -> u32 {
+        self.file_version as u32
+    }
+
+    /// The header area a new file starts with: the encoding of `h`, then zeros up to the data
+    /// offset, written in one `pwrite` (one page at most) so that a torn creation leaves a
+    /// length the decoder refuses or a whole area, never a half-zeroed one that reads as data.
+    pub fn header_area(&self, h: &FileHeader) -> Vec<u8> {
+        let mut b = vec![0u8; self.data_offset as usize];
+        b[..FILE_HEADER_LEN].copy_from_slice(&h.encode());
+        b
+    }
+
+    /// A fresh header of this layout's version (see [`FileHeader::generate`]).
+    pub fn generate_header(&self, generation: u32) -> Result<FileHeader, getrandom::Error> {
+        FileHeader::generate(self.file_version, generation)
+    }
+
+    /// Backing length of a file of logical size `size` that has a header (an empty file may
+    /// also be a 0-byte backing file).
+    pub fn backing_len(&self, size: u64) -> u64 {
+        self.data_offset + data_len(size)
+    }
+
+    /// Logical size of a file whose backing file is `backing_len` bytes long; says what is
+    /// wrong with a length no file of this layout can have.
+    pub fn logical_size(&self, backing_len: u64) -> Result<u64, String> {
+        let hdr = self.data_offset;
+        match backing_len {
+            0 => Ok(0),
+            n if n < hdr => Err(format!(
+                "backing file of {n} bytes is shorter than its header area ({hdr} bytes in \
+                 format v{})",
+                self.format_version()
+            )),
+            n => {
+                let d = n - hdr;
+                match d % BLOCK {
+                    0 => Ok(d),
+                    _ if d < BLOCK => Err(format!(
+                        "data area of {d} bytes is not a valid format v{} length (a file shorter \
+                         than 16 bytes is stored as one 16-byte block and its filler; a file \
+                         written by an older cmkfs needs `cmkfs upgrade`)",
+                        self.format_version()
+                    )),
+                    _ => Ok(d - BLOCK),
+                }
             }
         }
     }
@@ -167,26 +233,56 @@ mod tests {
 
     #[test]
     fn sizes_round_trip_through_the_backing_length() {
-        for s in (0..=8200u64).chain([1 << 20, (1 << 20) + 1, u32::MAX as u64 + 7]) {
-            let len = backing_len(s);
-            assert_eq!(logical_size(len), Ok(s), "size {s}");
-            // The units end on a block boundary, at least one block past the start of the last
-            // unit, and never past the data area.
-            assert_eq!(units_end(s) % BLOCK, 0);
-            assert!(units_end(s) >= s && units_end(s) < s + BLOCK);
-            assert_eq!(units_end(s) + filler_len(s), data_len(s));
-            assert_eq!(filler_len(s), s % BLOCK);
+        for lay in [Layout::V2, Layout::V3] {
+            let h = lay.data_offset;
+            for s in (0..=8200u64).chain([1 << 20, (1 << 20) + 1, u32::MAX as u64 + 7]) {
+                let len = lay.backing_len(s);
+                assert_eq!(len, h + data_len(s));
+                assert_eq!(lay.logical_size(len), Ok(s), "size {s} in {lay:?}");
+                // The units end on a block boundary, at least one block past the start of the
+                // last unit, and never past the data area.
+                assert_eq!(units_end(s) % BLOCK, 0);
+                assert!(units_end(s) >= s && units_end(s) < s + BLOCK);
+                assert_eq!(units_end(s) + filler_len(s), data_len(s));
+                assert_eq!(filler_len(s), s % BLOCK);
+            }
+            assert_eq!(lay.logical_size(0), Ok(0));
+            assert_eq!(
+                lay.logical_size(h),
+                Ok(0),
+                "the bare header area is an empty file"
+            );
+            for bad in 1..h {
+                assert!(lay.logical_size(bad).is_err(), "{bad} in {lay:?}");
+            }
+            for d in 1..16 {
+                assert!(lay.logical_size(h + d).is_err(), "data area {d}");
+            }
+            assert_eq!(lay.logical_size(h + 16), Ok(16));
+            assert_eq!(lay.logical_size(h + 17), Ok(1));
+            assert_eq!(lay.logical_size(h + 31), Ok(15));
         }
-        assert_eq!(logical_size(0), Ok(0));
-        for bad in 1..32 {
-            assert!(logical_size(bad).is_err(), "{bad}");
+        // v3 puts unit n of 4096 bytes on a page of its own.
+        for n in 0..4u64 {
+            assert_eq!((Layout::V3.data_offset + n * 4096) % 4096, 0);
         }
-        for d in 1..16 {
-            assert!(logical_size(32 + d).is_err(), "data area {d}");
-        }
-        assert_eq!(logical_size(32 + 16), Ok(16));
-        assert_eq!(logical_size(32 + 17), Ok(1));
-        assert_eq!(logical_size(32 + 31), Ok(15));
+        assert_eq!(Layout::V2.data_offset, 32);
+        assert_eq!(Layout::for_format(2), Some(Layout::V2));
+        assert_eq!(Layout::for_format(3), Some(Layout::V3));
+        assert_eq!(Layout::for_format(1), None);
+        assert_eq!(Layout::for_format(4), None);
+    }
+
+    #[test]
+    fn header_area_is_the_header_then_zeros() {
+        let h = Layout::V3.generate_header(5).unwrap();
+        assert_eq!(h.version, FILE_VERSION_V3);
+        let a = Layout::V3.header_area(&h);
+        assert_eq!(a.len(), 4096);
+        assert_eq!(FileHeader::decode(&a), Ok(h));
+        assert!(a[FILE_HEADER_LEN..].iter().all(|b| *b == 0));
+        let h2 = Layout::V2.generate_header(0).unwrap();
+        assert_eq!(Layout::V2.header_area(&h2), h2.encode().to_vec());
     }
 
     #[test]
@@ -201,8 +297,8 @@ mod tests {
 
     #[test]
     fn header_round_trip_and_versions() {
-        let h = FileHeader::generate(0).unwrap();
-        assert_eq!(h.version, FILE_VERSION);
+        let h = FileHeader::generate(FILE_VERSION_V2, 0).unwrap();
+        assert_eq!(h.version, FILE_VERSION_V2);
         let g = FileHeader {
             key_gen: 7,
             reencrypted: 99,
@@ -215,8 +311,13 @@ mod tests {
             ..h
         };
         assert_eq!(FileHeader::decode(&v1.encode()), Ok(v1));
+        let v3 = FileHeader {
+            version: FILE_VERSION_V3,
+            ..h
+        };
+        assert_eq!(FileHeader::decode(&v3.encode()), Ok(v3));
         let mut b = h.encode();
-        b[4] = 3;
+        b[4] = 4;
         assert!(FileHeader::decode(&b).is_err());
         b = h.encode();
         b[0] = b'X';

@@ -204,6 +204,8 @@ pub struct CreateOptions {
     pub sector_size: u32,
     /// Disk Encryption Set to record.
     pub des: Option<String>,
+    /// On-disk layout: [`layout::Layout::V3`] unless `cmkfs init --format 2` asked for v2.
+    pub layout: layout::Layout,
 }
 
 /// The platform layer of a double-encrypted volume ([`Volume::create_double`]): which vault
@@ -225,6 +227,8 @@ pub struct Volume {
     keyring: Arc<Keyring>,
     engine: SectorEngine,
     sector: u64,
+    /// Where the data of every backing file starts (from the header's format).
+    layout: layout::Layout,
     as_root: bool,
     /// The backing root's device: inode numbers are unique on one filesystem only, and both
     /// the kernel's inodes and the per-file state below are keyed by them, so an entry on
@@ -555,6 +559,7 @@ impl Volume {
                 opts.sector_size,
                 &wrapped,
                 unix_now(),
+                opts.layout,
             ),
             Some(p) => {
                 let inner = Dek::generate().map_err(|e| VolumeError::Internal(e.to_string()))?;
@@ -569,6 +574,7 @@ impl Volume {
                     &wrapped,
                     unix_now(),
                     env,
+                    opts.layout,
                 )
             }
         };
@@ -617,14 +623,15 @@ impl Volume {
         threads: usize,
     ) -> Result<Volume, VolumeError> {
         let root = fs::canonicalize(dir).map_err(|e| VolumeError::io(dir, e))?;
-        // The data path knows the current unit rule only: an older volume's short tails
-        // would be misread (docs/FORMAT.md, "Upgrade from format v1").
-        if header.format_version != header::FORMAT_VERSION {
+        // The data path knows the v2 unit rule only (v2 and v3 differ in the data offset):
+        // an older volume's short tails would be misread (docs/FORMAT.md, "Upgrade from
+        // format v1").
+        let Some(layout) = header.layout() else {
             return Err(VolumeError::NeedsUpgrade {
                 path: root,
                 version: header.format_version,
             });
-        }
+        };
         let root_dir = Arc::new(Dir::open_root(&root)?);
         #[allow(clippy::unnecessary_cast)] // dev_t is not u64 everywhere
         let root_dev = sys::fstat(root_dir.fd()).map_err(VolumeError::Os)?.st_dev as u64;
@@ -634,6 +641,7 @@ impl Volume {
             root_dir,
             root_dev,
             sector: header.sector_size as u64,
+            layout,
             header,
             keyring,
             engine,
@@ -703,7 +711,13 @@ impl Volume {
             keys,
             engine: &self.engine,
             sector: self.sector,
+            layout: self.layout,
         }
+    }
+
+    /// The on-disk layout of this volume's backing files.
+    pub fn layout(&self) -> layout::Layout {
+        self.layout
     }
 
     /// Space figures of the backing filesystem.

@@ -45,7 +45,7 @@ pub use check::{check_file_format, FormatFinding};
 pub use journal::JOURNAL_FILE;
 use journal::{Entry, Journal, RootTimes};
 
-use super::header::{VolumeHeader, FORMAT_VERSION};
+use super::header::{VolumeHeader, FORMAT_V2};
 use super::layout::{self, FileHeader, FILE_HEADER_LEN};
 use super::lock::{LockError, VolumeLock};
 use super::names::{self, DirId, EntryKind, DIRID_FILE};
@@ -234,7 +234,7 @@ pub struct Report {
 /// Whether the volume at `dir` with header `header` needs (the rest of) an upgrade before it
 /// can be mounted: an older format version, or the journal of an interrupted run.
 pub fn needed(dir: &Path, header: &VolumeHeader) -> bool {
-    header.format_version < FORMAT_VERSION || Journal::path(dir).exists()
+    header.format_version < FORMAT_V2 || Journal::path(dir).exists()
 }
 
 /// The number of files the journal of an interrupted run names (`None`: no journal), or why
@@ -295,6 +295,15 @@ pub fn run(
     let root = fs::canonicalize(dir).map_err(io_at(dir))?;
     let header = VolumeHeader::read(&root)?;
     header.verify(dek)?;
+    if header.format_version > FORMAT_V2 {
+        // Nothing converts to or from v3 in place; its files would be taken for v1 ones.
+        return Err(UpgradeError::Refused(format!(
+            "{} is on-disk format v{}: `cmkfs upgrade` converts format v1 to v2 only, and \
+             this volume needs nothing",
+            root.display(),
+            header.format_version
+        )));
+    }
     let mut up = Upgrader {
         unit: header.sector_size as u64,
         keys,
@@ -519,9 +528,18 @@ impl Upgrader<'_, '_> {
             Ok(h) => h,
             Err(why) => return skip(self, &found, why),
         };
-        if h.version == layout::FILE_VERSION {
+        if h.version == layout::FILE_VERSION_V2 {
             self.report.already_v2 += 1;
             return Ok(None);
+        }
+        if h.version != layout::FILE_VERSION_V1 {
+            // A v3 file copied in: its data is at 4096, not v1's 32; converting it as v1
+            // would garble it.
+            return skip(
+                self,
+                &found,
+                format!("file header version {} is not v1 or v2", h.version),
+            );
         }
         let size = len - FILE_HEADER_LEN as u64;
         if !size.is_multiple_of(layout::BLOCK) {
@@ -529,7 +547,7 @@ impl Upgrader<'_, '_> {
         }
         // Whole blocks: v1 and v2 store the same bytes; only the version changes.
         let v2 = FileHeader {
-            version: layout::FILE_VERSION,
+            version: layout::FILE_VERSION_V2,
             ..h
         };
         f.write_all_at(&v2.encode()[4..6], 4)
@@ -661,7 +679,9 @@ impl Upgrader<'_, '_> {
             .map_err(VolumeError::Crypto)?;
         match plain {
             // Stays a hole: the stored bytes are zeros already; the length adds zeros.
-            None => f.set_len(layout::backing_len(size)).map_err(io_at(abs))?,
+            None => f
+                .set_len(layout::Layout::V2.backing_len(size))
+                .map_err(io_at(abs))?,
             Some(mut buf) => {
                 buf.resize(layout::roundup_block(buf.len() as u64) as usize, 0);
                 let t = tweak.wrapping_add(e.unit as u128);
@@ -685,7 +705,7 @@ impl Upgrader<'_, '_> {
         }
         self.hooks.step(Step::TailWritten, abs)?;
         let v2 = FileHeader {
-            version: layout::FILE_VERSION,
+            version: layout::FILE_VERSION_V2,
             key_gen: 0,
             file_id: e.file_id,
             reencrypted: 0,
@@ -708,15 +728,15 @@ impl Upgrader<'_, '_> {
             Err(e) => return Err(io_at(&path)(e)),
         }
         let header = VolumeHeader::read(&self.root)?;
-        if header.format_version < FORMAT_VERSION {
+        if header.format_version < FORMAT_V2 {
             header
                 .format_upgraded(dek)
                 .write_then(&self.root, &mut || self.put_back_root_times())?;
-            tracing::info!(cipherdir = %self.root.display(), "volume header now says format v{FORMAT_VERSION}");
+            tracing::info!(cipherdir = %self.root.display(), "volume header now says format v{FORMAT_V2}");
             self.hooks
                 .step(Step::VolumeHeaderWritten, &self.root.clone())?;
         }
-        self.report.to_version = FORMAT_VERSION;
+        self.report.to_version = FORMAT_V2;
         Ok(())
     }
 }

@@ -340,7 +340,7 @@ fn ciphertext_blocks(cipher: &Path) -> HashSet<[u8; 16]> {
     for p in data_files(cipher) {
         let b = fs::read(&p).unwrap();
         for c in b
-            .get(FILE_HEADER_LEN as usize..)
+            .get(data_offset(cipher) as usize..)
             .unwrap_or(&[])
             .chunks_exact(16)
         {

@@ -1,8 +1,8 @@
 //! In-process model test of the data path (issue 10): the volume's content operations on real
 //! backing files against byte vectors, fast enough for 100 000+ operations per CI run.
 //!
-//! * Every size 0..=8200, written in one to three pieces, reads back and has the v2 backing
-//!   length.
+//! * Every size 0..=8200, written in one to three pieces, reads back and has the backing
+//!   length of its layout (v3, what `cmkfs init` makes, and v2).
 //! * Random operations on four files of up to 2 MiB: write, append, overwrite, O_TRUNC
 //!   rewrite, truncate up and down (sizes biased to 4096·k + 1..15), punch hole, zero range,
 //!   fallocate (with and without KEEP_SIZE), copy_file_range (between and within files).
@@ -13,7 +13,7 @@
 //! * After every operation: the size (from the backing length alone, as `stat` sees it) and
 //!   the touched range (its edges when long); every 5000 operations: every file in full.
 //!   Single and double
-//!   encryption, 4096- and 512-byte units.
+//!   encryption, 4096- and 512-byte units, both layouts (v3: data at 4096; v2: at 32).
 //!
 //! Seed: printed; `CMKFS_TEST_SEED` replays it. `CMKFS_CONTENT_OPS` sets the operation count
 //! (default 100 000 in all).
@@ -25,7 +25,7 @@ use std::os::unix::fs::FileExt;
 use cmkfs::crypto::{Dek, VolumeKeys};
 use cmkfs::engine::SectorEngine;
 use cmkfs::volume::content::{self, Ctx, FileState};
-use cmkfs::volume::layout;
+use cmkfs::volume::layout::{self, Layout};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -62,13 +62,14 @@ struct World {
     keys: VolumeKeys,
     engine: SectorEngine,
     unit: u64,
+    lay: Layout,
     slots: Vec<Slot>,
     log: VecDeque<String>,
     seed: u64,
 }
 
 impl World {
-    fn new(unit: u64, double: bool, files: usize, seed: u64) -> World {
+    fn new(lay: Layout, unit: u64, double: bool, files: usize, seed: u64) -> World {
         let dir = tempfile::tempdir().unwrap();
         let inner = Dek::generate().unwrap();
         let keys = VolumeKeys::from_deks(
@@ -95,6 +96,7 @@ impl World {
             keys,
             engine: SectorEngine::new(2).unwrap(),
             unit,
+            lay,
             slots,
             log: VecDeque::new(),
             seed,
@@ -106,6 +108,7 @@ impl World {
             keys: &self.keys,
             engine: &self.engine,
             sector: self.unit,
+            layout: self.lay,
         }
     }
 
@@ -119,10 +122,11 @@ impl World {
     #[track_caller]
     fn fail(&self, what: String) -> ! {
         panic!(
-            "seed {} (unit {}, double {}): {what}\nlast operations:\n  {}",
+            "seed {} (unit {}, double {}, {:?}): {what}\nlast operations:\n  {}",
             self.seed,
             self.unit,
             self.keys.inner.is_some(),
+            self.lay,
             self.log.iter().cloned().collect::<Vec<_>>().join("\n  ")
         );
     }
@@ -182,12 +186,14 @@ impl World {
     fn check(&self, i: usize, a: usize, b: usize) {
         let m = &self.slots[i].model;
         let len = self.slots[i].file.metadata().unwrap().len();
-        let size = layout::logical_size(len)
+        let size = self
+            .lay
+            .logical_size(len)
             .unwrap_or_else(|e| self.fail(format!("f{i}: backing length {len}: {e}")));
         if size != m.len() as u64 {
             self.fail(format!("f{i}: size {size}, model {}", m.len()));
         }
-        if len != 0 && len != layout::backing_len(size) {
+        if len != 0 && len != self.lay.backing_len(size) {
             self.fail(format!("f{i}: backing length {len} for size {size}"));
         }
         let (a, b) = (a.min(m.len()), b.min(m.len()));
@@ -317,7 +323,7 @@ fn random_ops(w: &mut World, rng: &mut StdRng, ops: usize) {
                     w.note(format!("{step}: bare set_len f{i} {size} -> {n}"));
                     w.slots[i]
                         .file
-                        .set_len(layout::backing_len(n as u64))
+                        .set_len(w.lay.backing_len(n as u64))
                         .unwrap();
                     resize(&mut w.slots[i].model, n);
                     (a, b) = (n.saturating_sub(40), n);
@@ -401,11 +407,11 @@ fn random_ops(w: &mut World, rng: &mut StdRng, ops: usize) {
 }
 
 #[test]
-fn every_size_up_to_8200_round_trips_with_the_v2_length() {
+fn every_size_up_to_8200_round_trips_with_the_backing_length() {
     let seed = seed();
     let mut rng = StdRng::seed_from_u64(seed);
-    for (unit, double) in [(4096u64, false), (4096, true)] {
-        let mut w = World::new(unit, double, 1, seed);
+    for (lay, double) in [(Layout::V3, false), (Layout::V2, true)] {
+        let mut w = World::new(lay, 4096, double, 1, seed);
         for n in 0..=8200usize {
             let data = random_bytes(&mut rng, n);
             w.note(format!("size {n}"));
@@ -438,17 +444,18 @@ fn every_size_up_to_8200_round_trips_with_the_v2_length() {
 fn random_operations_match_the_model() {
     let seed = seed();
     let ops = total_ops();
-    // Most operations on the format's real shape; some on small units (more unit edges)
-    // and double encryption.
+    // Most operations on the format's real shape (v3, 4096-byte units); some on v2 volumes,
+    // small units (more unit edges) and double encryption.
     let plan = [
-        (4096u64, false, ops * 6 / 10),
-        (4096, true, ops * 2 / 10),
-        (512, false, ops * 2 / 10),
+        (Layout::V3, 4096u64, false, ops * 4 / 10),
+        (Layout::V2, 4096, false, ops * 2 / 10),
+        (Layout::V3, 4096, true, ops * 2 / 10),
+        (Layout::V2, 512, false, ops * 2 / 10),
     ];
     let started = std::time::Instant::now();
-    for (k, (unit, double, n)) in plan.into_iter().enumerate() {
+    for (k, (lay, unit, double, n)) in plan.into_iter().enumerate() {
         let mut rng = StdRng::seed_from_u64(seed.wrapping_add(k as u64));
-        let mut w = World::new(unit, double, 4, seed);
+        let mut w = World::new(lay, unit, double, 4, seed);
         random_ops(&mut w, &mut rng, n);
     }
     eprintln!(

@@ -971,7 +971,7 @@ fn double_encryption_round_trips_and_losing_either_key_denies_access() {
     let owner = LocalVault::open(&Home::at(&env.home).vault_dir()).unwrap();
     let backing = data_files(&env.cipher)
         .into_iter()
-        .find(|p| fs::metadata(p).unwrap().len() == backing_len(big.len() as u64))
+        .find(|p| fs::metadata(p).unwrap().len() == backing_len(&env.cipher, big.len() as u64))
         .expect("the backing file of big");
     let read_with = |keys: &cmkfs::crypto::VolumeKeys| {
         let f = fs::File::open(&backing).unwrap();
@@ -981,6 +981,7 @@ fn double_encryption_round_trips_and_losing_either_key_denies_access() {
             keys,
             engine: &engine,
             sector: SECTOR as u64,
+            layout: layout_of(&env.cipher),
         };
         cmkfs::volume::content::read(&f, &st, &cx, 0, big.len()).unwrap()
     };

@@ -24,6 +24,7 @@ mod mount_basic;
 mod mount_corrupt;
 mod mount_direct;
 mod mount_errors;
+mod mount_format_v3;
 mod mount_guards;
 mod mount_listing;
 mod mount_pkcs11;

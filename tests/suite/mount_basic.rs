@@ -67,7 +67,7 @@ fn verify_files(m: &Mount, files: &[(String, Vec<u8>)], rng: &mut StdRng) {
     }
 }
 
-/// Backing files carry the per-file header in front of the ciphertext, whose length is the
+/// Backing files carry the header area (per-file header; v3: zeros to 4096) in front of the ciphertext, whose length is the
 /// plaintext's when a multiple of 16, else the plaintext's + 16 (the last block padded, then
 /// the filler that makes the length say the size); empty files may be 0 bytes or header only. Assumes every file lives in the
 /// root and no name is long enough to need the long-name scheme.
@@ -87,13 +87,14 @@ fn check_backing_sizes(cipher: &Path, plain_sizes: &[usize]) {
     let empties = plain_sizes.iter().filter(|&&n| n == 0).count();
     let (small, big) = got.split_at(empties);
     assert!(
-        small.iter().all(|&n| n == 0 || n == FILE_HEADER_LEN),
-        "backing files of empty files must be 0 or {FILE_HEADER_LEN} bytes, got {small:?}"
+        small.iter().all(|&n| n == 0 || n == data_offset(cipher)),
+        "backing files of empty files must be 0 or {} bytes, got {small:?}",
+        data_offset(cipher)
     );
     let mut want: Vec<u64> = plain_sizes
         .iter()
         .filter(|&&n| n > 0)
-        .map(|&n| backing_len(n as u64))
+        .map(|&n| backing_len(cipher, n as u64))
         .collect();
     want.sort_unstable();
     assert_eq!(

@@ -122,6 +122,10 @@ fn mount_with_corrupt_or_truncated_header_fails_cleanly() {
             0.into()
         }),
         ("unknown format version", "format_version", |_| 99.into()),
+        // v3 → v2 would read every file 4064 bytes early: refused (the data offset no longer
+        // matches the version, and the MAC covers both).
+        ("format version 3 -> 2", "format_version", |_| 2.into()),
+        ("data offset 4096 -> 32", "file_header_len", |_| 32.into()),
         ("unknown cipher", "cipher", |_| "AES-128-XTS".into()),
         ("wrap algorithm altered", "wrap_alg", |_| "RSA-OAEP".into()),
         ("key id malformed", "key_id", |_| "not a key id".into()),
@@ -136,6 +140,12 @@ fn mount_with_corrupt_or_truncated_header_fails_cleanly() {
         fs::write(&header, serde_json::to_vec_pretty(&h).unwrap()).unwrap();
         expect_mount_fails(&env, &env.cipher, &env.mnt, case);
     }
+    // Both layout fields turned into a consistent v2 pair: only the MAC can tell.
+    let mut h = parsed.clone();
+    h["format_version"] = 2.into();
+    h["file_header_len"] = 32.into();
+    fs::write(&header, serde_json::to_vec_pretty(&h).unwrap()).unwrap();
+    expect_mount_fails(&env, &env.cipher, &env.mnt, "v3 header relabelled v2 (MAC)");
 
     fs::write(&header, &good).unwrap();
     assert_mounts_and_reads(&env, &env.cipher, "hello.txt", b"hello, volume");

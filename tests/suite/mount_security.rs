@@ -97,9 +97,9 @@ fn backing_dir_holds_no_plaintext() {
     m.unmount();
 }
 
-/// The ciphertext of a backing file (after the per-file header).
-fn body(p: &Path) -> Vec<u8> {
-    read(p)[FILE_HEADER_LEN as usize..].to_vec()
+/// The ciphertext of a backing file of the volume in `cipher` (after its header area).
+fn body(cipher: &Path, p: &Path) -> Vec<u8> {
+    read(p)[data_offset(cipher) as usize..].to_vec()
 }
 
 /// The non-metadata directories directly in `dir`.
@@ -136,13 +136,13 @@ fn same_plaintext_gives_different_ciphertext() {
     let files = data_files_in(&env.cipher);
     assert_eq!(files.len(), 2, "two backing files in the root: {files:?}");
     let (a, b) = (read(&files[0]), read(&files[1]));
-    assert_eq!(a.len() as u64, backing_len(plain.len() as u64));
+    assert_eq!(a.len() as u64, backing_len(&env.cipher, plain.len() as u64));
     assert_ne!(
         a[..FILE_HEADER_LEN as usize],
         b[..FILE_HEADER_LEN as usize],
         "two files share a file header (file id)"
     );
-    let (ba, bb) = (body(&files[0]), body(&files[1]));
+    let (ba, bb) = (body(&env.cipher, &files[0]), body(&env.cipher, &files[1]));
     assert_ne!(ba, bb, "identical plaintext gave identical ciphertext");
     let sectors = |v: &[u8]| -> Vec<Vec<u8>> { v.chunks(SECTOR).map(<[u8]>::to_vec).collect() };
     let all: Vec<Vec<u8>> = sectors(&ba).into_iter().chain(sectors(&bb)).collect();
@@ -171,7 +171,7 @@ fn same_plaintext_gives_different_ciphertext() {
         fb[0].file_name(),
         "the same name in two directories encrypted to the same name (names must be per-directory)"
     );
-    assert_ne!(body(&fa[0]), body(&fb[0]));
+    assert_ne!(body(&env.cipher, &fa[0]), body(&env.cipher, &fb[0]));
 }
 
 #[test]
@@ -197,7 +197,7 @@ fn foreign_ciphertext_does_not_decrypt() {
     // B's backing file of victim.bin is the one with victim's size.
     let fb: Vec<PathBuf> = data_files_in(&cb)
         .into_iter()
-        .filter(|p| fs::metadata(p).unwrap().len() == backing_len(secret.len() as u64))
+        .filter(|p| fs::metadata(p).unwrap().len() == backing_len(&cb, secret.len() as u64))
         .collect();
     assert_eq!(fb.len(), 1, "{fb:?}");
     // Attack 1: A's backing file over B's victim.bin (B's name, A's header + ciphertext).

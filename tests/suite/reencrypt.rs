@@ -265,10 +265,11 @@ fn ciphertext_blocks(cipher: &Path) -> HashSet<[u8; 16]> {
     let mut out = HashSet::new();
     for p in data_files(cipher) {
         let b = fs::read(&p).unwrap();
-        if b.len() <= FILE_HEADER_LEN as usize {
+        let at = data_offset(cipher) as usize;
+        if b.len() <= at {
             continue;
         }
-        for c in b[FILE_HEADER_LEN as usize..].chunks_exact(16) {
+        for c in b[at..].chunks_exact(16) {
             if c.iter().any(|x| *x != 0) {
                 out.insert(c.try_into().unwrap());
             }
@@ -734,7 +735,7 @@ fn a_batch_torn_at_any_sector_is_finished_from_the_journal_marks() {
                 }
                 for s in (0..new.len()).step_by(512) {
                     let e = (s + 512).min(new.len());
-                    let body = s.max(FILE_HEADER_LEN as usize);
+                    let body = s.max(data_offset(&env.cipher) as usize);
                     if body < e && old[body..e] != new[body..e] && rng.gen_bool(0.5) {
                         mixed[body..e].copy_from_slice(&old[body..e]);
                         torn += 1;

@@ -549,14 +549,14 @@ fn the_issues_deterministic_form_and_its_append_only_log() {
             write(&p, &data);
             let backing = backing_of(&env.cipher, &p);
             let stored = read(&backing);
-            let k = stored[FILE_HEADER_LEN as usize + head..][..r].to_vec();
+            let k = stored[data_offset(&env.cipher) as usize + head..][..r].to_vec();
             let h = OpenOptions::new().write(true).open(&p).unwrap();
             h.write_all_at(&k, head as u64).unwrap();
             drop(h);
             let got = read_direct(&p);
             assert_eq!(&got[head..], &k[..], "head {head}, tail {r}");
             let stored = read(&backing);
-            let block = &stored[FILE_HEADER_LEN as usize + head..][..16];
+            let block = &stored[data_offset(&env.cipher) as usize + head..][..16];
             assert!(
                 block.iter().any(|b| *b != 0),
                 "head {head}, tail {r}: a zero block"
@@ -586,7 +586,7 @@ fn stored_tails_leak_no_xor_and_a_flipped_bit_garbles_a_block() {
     let m = env.mount(&env.cipher, &env.mnt);
     let p = m.path("t");
     let stored_block = |at: usize| -> Vec<u8> {
-        read(&backing_of(&env.cipher, &p))[FILE_HEADER_LEN as usize + at..][..16].to_vec()
+        read(&backing_of(&env.cipher, &p))[data_offset(&env.cipher) as usize + at..][..16].to_vec()
     };
     // Same file (same file id) rewritten in place: two backups of it.
     write(&p, &[b'#'; 4096 + 6]);
@@ -619,7 +619,7 @@ fn stored_tails_leak_no_xor_and_a_flipped_bit_garbles_a_block() {
         .write(true)
         .open(&backing)
         .unwrap();
-    let at = FILE_HEADER_LEN + 4096 + 5;
+    let at = data_offset(&env.cipher) + 4096 + 5;
     let mut orig = [0u8; 1];
     raw.read_exact_at(&mut orig, at).unwrap();
     raw.write_all_at(&[orig[0] ^ 1], at).unwrap();

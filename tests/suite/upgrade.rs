@@ -294,6 +294,7 @@ fn read_v2(path: &Path, keys: &VolumeKeys, unit: u64) -> Result<Vec<u8>, String>
         keys,
         engine: &engine,
         sector: unit,
+        layout: cmkfs::volume::layout::Layout::V2,
     };
     content::read(&f, &FileState::default(), &cx, 0, usize::MAX / 2).map_err(|e| e.to_string())
 }
@@ -650,6 +651,7 @@ fn double_encrypted_v1_tails_decode_through_both_layers() {
         &wrapped(&outer, "test"),
         1,
         PlatformEnvelope::new(&inner, &wrapped(&inner, "cmkfs-platform")),
+        cmkfs::volume::layout::Layout::V2,
     )
     // As the v1 release wrote it: format 1, MAC version 1.
     .with_format_version(1, &outer)

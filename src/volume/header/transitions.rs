@@ -6,7 +6,7 @@
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 
-use super::{PlatformEnvelope, RetiringEnvelope, VolumeHeader, FORMAT_VERSION, MAC_VERSION};
+use super::{PlatformEnvelope, RetiringEnvelope, VolumeHeader, FORMAT_V2, MAC_VERSION};
 use crate::crypto::Dek;
 use crate::vault::Wrapped;
 
@@ -171,12 +171,12 @@ impl VolumeHeader {
         }
     }
 
-    /// The same header in the current on-disk format, with a current (version 2) MAC
-    /// recomputed with `dek` (the outer DEK): the last step of `cmkfs upgrade`, once every
-    /// file is converted.
+    /// The same header in on-disk format v2 (what `cmkfs upgrade` converts v1 to; the data
+    /// offset stays 32), with a current (version 2) MAC recomputed with `dek` (the outer
+    /// DEK): the last step of `cmkfs upgrade`, once every file is converted.
     pub fn format_upgraded(&self, dek: &Dek) -> VolumeHeader {
         let mut h = VolumeHeader {
-            format_version: FORMAT_VERSION,
+            format_version: FORMAT_V2,
             mac_version: MAC_VERSION,
             ..self.clone()
         };

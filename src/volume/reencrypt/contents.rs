@@ -365,7 +365,7 @@ fn run_batch(
         for r in &p.runs {
             f.read_exact_at(
                 &mut data[r.buf.clone()],
-                FILE_HEADER_LEN as u64 + r.from * cx.sector,
+                cx.layout.data_offset + r.from * cx.sector,
             )
             .map_err(|e| {
                 ReencryptError::Refused(format!("{}: {e}", display_path(&work[p.idx].path)))
@@ -403,7 +403,7 @@ fn run_batch(
                                 from: first,
                                 to: first + (part.len() as u64).div_ceil(cx.sector),
                                 marks: journal::encode_marks(
-                                    FILE_HEADER_LEN as u64 + first * cx.sector,
+                                    cx.layout.data_offset + first * cx.sector,
                                     part,
                                 ),
                             }
@@ -423,7 +423,13 @@ fn run_batch(
         let w = &work[p.idx];
         let f = w.of.file();
         for r in &p.runs {
-            write_units(f, cx.sector, r.from, &data[r.buf.clone()])?;
+            write_units(
+                f,
+                cx.layout.data_offset,
+                cx.sector,
+                r.from,
+                &data[r.buf.clone()],
+            )?;
             wrote += r.buf.len() as u64;
         }
         if n == 0 {
@@ -509,12 +515,21 @@ fn plan(
         });
     }
     let len = f.metadata().map_err(VolumeError::Os)?.len();
-    let size =
-        layout::logical_size(len).map_err(|why| VolumeError::CorruptFile { path: None, why })?;
+    let size = cx
+        .layout
+        .logical_size(len)
+        .map_err(|why| VolumeError::CorruptFile { path: None, why })?;
     let end = layout::units_end(size);
     let n_units = end.div_ceil(cx.sector);
     let from = h.reencrypted.min(n_units);
-    let (runs, to) = data_runs(f, cx.sector, from, n_units, max_units.max(1))?;
+    let (runs, to) = data_runs(
+        f,
+        cx.layout.data_offset,
+        cx.sector,
+        from,
+        n_units,
+        max_units.max(1),
+    )?;
     let runs = runs
         .into_iter()
         .map(|(a, b)| {
@@ -559,12 +574,12 @@ fn seek(f: &File, off: u64, whence: i32) -> std::io::Result<Option<u64>> {
 /// A filesystem that cannot tell holes makes the whole range one run.
 fn data_runs(
     f: &File,
+    hdr: u64,
     sector: u64,
     from: u64,
     n_units: u64,
     max_units: u64,
 ) -> Result<(Vec<(u64, u64)>, u64), VolumeError> {
-    let hdr = FILE_HEADER_LEN as u64;
     let unit_of = |backing: u64| backing.saturating_sub(hdr) / sector;
     let mut runs: Vec<(u64, u64)> = Vec::new();
     let mut taken = 0u64;
@@ -698,13 +713,17 @@ fn live_stretches(data: &[u8], sector: u64) -> Vec<(usize, usize)> {
 
 /// Writes the non-zero units of `data` (units from `from`) in runs: an all-zero unit was a
 /// hole inside an allocated extent and stays as it is (real ciphertext is never all zeros).
-fn write_units(f: &File, sector: u64, from: u64, data: &[u8]) -> Result<(), ReencryptError> {
+/// `hdr`: the volume's data offset.
+fn write_units(
+    f: &File,
+    hdr: u64,
+    sector: u64,
+    from: u64,
+    data: &[u8],
+) -> Result<(), ReencryptError> {
     for (a, b) in live_stretches(data, sector) {
-        f.write_all_at(
-            &data[a..b],
-            FILE_HEADER_LEN as u64 + from * sector + a as u64,
-        )
-        .map_err(ReencryptError::os)?;
+        f.write_all_at(&data[a..b], hdr + from * sector + a as u64)
+            .map_err(ReencryptError::os)?;
     }
     Ok(())
 }
@@ -737,7 +756,7 @@ pub(super) fn recover(s: &mut Session<'_>, j: &Journal) -> Result<u64, Reencrypt
             _ => continue,
         };
         let len = f.metadata().map_err(ReencryptError::os)?.len();
-        let size = layout::logical_size(len).unwrap_or(0);
+        let size = cx.layout.logical_size(len).unwrap_or(0);
         let end = layout::units_end(size);
         for run in &item.runs {
             let marks = run.marks().map_err(|why| ReencryptError::Journal { why })?;
@@ -746,7 +765,7 @@ pub(super) fn recover(s: &mut Session<'_>, j: &Journal) -> Result<u64, Reencrypt
             if start >= stop {
                 continue;
             }
-            let at = FILE_HEADER_LEN as u64 + start;
+            let at = cx.layout.data_offset + start;
             let mut data = vec![0u8; (stop - start) as usize];
             f.read_exact_at(&mut data, at).map_err(ReencryptError::os)?;
             let now = journal::marks_of(kind, at, &data);
@@ -776,7 +795,7 @@ pub(super) fn recover(s: &mut Session<'_>, j: &Journal) -> Result<u64, Reencrypt
                 }
                 content::encrypt_with(&cx, cx.keys, h.tweak(), u, unit)?;
             }
-            write_units(f, cx.sector, run.from, &data)?;
+            write_units(f, cx.layout.data_offset, cx.sector, run.from, &data)?;
         }
         let nh = next_header(&h, keys.generation, item.to, item.last);
         f.write_all_at(&nh.encode(), 0)

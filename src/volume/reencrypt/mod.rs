@@ -400,7 +400,7 @@ impl<'a> Session<'a> {
         header: &VolumeHeader,
         _closed: &Closed<'_>,
     ) -> Result<Unwrapped, ReencryptError> {
-        if header.format_version != super::header::FORMAT_VERSION {
+        if header.layout().is_none() {
             return Err(ReencryptError::Refused(
                 "the volume needs `cmkfs upgrade` first".into(),
             ));

@@ -1,14 +1,15 @@
 //! The format checks `cmkfs fsck` makes on each regular backing file (the rules of
 //! docs/FORMAT.md "Files" and "Upgrade from format v1"): the file version against the
-//! volume's, the v2 length rule, and on a v1 volume the tails v1 reads as zeros.
+//! volume's, the length rule of the volume's layout (v2: data at 32, v3: at 4096), and on a v1
+//! volume the tails v1 reads as zeros.
 
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 
 use crate::crypto::VolumeKeys;
-use crate::volume::header::FORMAT_VERSION;
-use crate::volume::layout::{self, FileHeader, FILE_HEADER_LEN};
+use crate::volume::header::FORMAT_V2;
+use crate::volume::layout::{self, FileHeader, Layout, FILE_HEADER_LEN};
 use crate::volume::v1::{self, TailDecision, TailFinding};
 
 /// What `cmkfs fsck` reports about one file's format.
@@ -24,7 +25,12 @@ pub enum FormatFinding {
     FileFormatV1,
     /// A v2 file in a v1 volume: an upgrade was interrupted.
     FileFormatV2,
-    /// A backing length that no v2 file has.
+    /// A file whose header version is another format's, which no upgrade converts (a v2 or
+    /// v1 file in a v3 volume, a v3 file in a v1 or v2 volume: copied in from another
+    /// volume?). Reading it with the volume's layout would give wrong bytes: the mount
+    /// refuses it.
+    FileFormatMismatch,
+    /// A backing length that no file of the volume's layout has.
     BadLength,
 }
 
@@ -46,27 +52,48 @@ pub fn check_file_format(
     let Ok(h) = FileHeader::decode(&b) else {
         return Ok(None);
     };
-    if h.version == layout::FILE_VERSION {
-        if let Err(why) = layout::logical_size(len) {
-            return Ok(Some((FormatFinding::BadLength, why)));
+    let mismatch = || {
+        Ok(Some((
+            FormatFinding::FileFormatMismatch,
+            format!(
+                "the file header says format v{} in a format v{volume_version} volume (copied \
+                 in from another volume?): its data would be read at the wrong offset, so \
+                 reads fail; no upgrade converts it",
+                h.version
+            ),
+        )))
+    };
+    if let Some(lay) = Layout::for_format(volume_version) {
+        if h.version == lay.file_version {
+            if let Err(why) = lay.logical_size(len) {
+                return Ok(Some((FormatFinding::BadLength, why)));
+            }
+            return Ok(None);
         }
-        if volume_version < FORMAT_VERSION {
+        if volume_version == FORMAT_V2 && h.version == layout::FILE_VERSION_V1 {
             return Ok(Some((
-                FormatFinding::FileFormatV2,
-                "already in format v2 in a v1 volume (an interrupted upgrade): `cmkfs upgrade` \
-                 finishes it"
+                FormatFinding::FileFormatV1,
+                "the file is in format v1 in a v2 volume (restored from an old copy?): reads \
+                 fail until `cmkfs upgrade` converts it"
                     .into(),
             )));
         }
-        return Ok(None);
+        return mismatch();
     }
-    if volume_version >= FORMAT_VERSION {
+    // A v1 volume (`cmkfs upgrade` converts it to v2).
+    if h.version == layout::FILE_VERSION_V2 {
+        if let Err(why) = Layout::V2.logical_size(len) {
+            return Ok(Some((FormatFinding::BadLength, why)));
+        }
         return Ok(Some((
-            FormatFinding::FileFormatV1,
-            "the file is in format v1 in a v2 volume (restored from an old copy?): reads fail \
-             until `cmkfs upgrade` converts it"
+            FormatFinding::FileFormatV2,
+            "already in format v2 in a v1 volume (an interrupted upgrade): `cmkfs upgrade` \
+             finishes it"
                 .into(),
         )));
+    }
+    if h.version != layout::FILE_VERSION_V1 {
+        return mismatch();
     }
     let size = len - FILE_HEADER_LEN as u64;
     Ok(

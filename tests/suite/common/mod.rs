@@ -67,15 +67,31 @@ pub const BUSY_RETRY: Duration = Duration::from_secs(10);
 pub const KEY_SIZE: &str = "2048";
 /// The volume header's file name at the backing dir root (docs/FORMAT.md).
 pub const HEADER_NAME: &str = "cmkfs.volume.json";
-/// Bytes of per-file header in front of the ciphertext of every non-empty backing file.
+/// Bytes of the per-file header (file id, version) at the start of every non-empty backing
+/// file. Where the data starts is the volume's: [`data_offset`].
 pub const FILE_HEADER_LEN: u64 = cmkfs::volume::FILE_HEADER_LEN as u64;
 /// AES-XTS data unit size of the volume format.
 pub const SECTOR: usize = 4096;
 
-/// Backing length of a non-empty file of `size` plaintext bytes (format v2: the header, the
-/// units padded to whole 16-byte blocks, then `size % 16` filler bytes; docs/FORMAT.md).
-pub fn backing_len(size: u64) -> u64 {
-    cmkfs::volume::layout::backing_len(size)
+/// The on-disk layout of the volume in `cipher`, from its header (v3 for what `cmkfs init`
+/// makes, v2 for `--format 2` and upgraded volumes).
+pub fn layout_of(cipher: &Path) -> cmkfs::volume::layout::Layout {
+    cmkfs::volume::header::VolumeHeader::read(cipher)
+        .expect("the volume header")
+        .layout()
+        .expect("a volume the data path mounts (v2 or v3)")
+}
+
+/// Backing offset of data byte 0 in the volume in `cipher` (v3: 4096, v2: 32).
+pub fn data_offset(cipher: &Path) -> u64 {
+    layout_of(cipher).data_offset
+}
+
+/// Backing length of a non-empty file of `size` plaintext bytes in the volume in `cipher`
+/// (the header area, the units padded to whole 16-byte blocks, then `size % 16` filler
+/// bytes; docs/FORMAT.md).
+pub fn backing_len(cipher: &Path, size: u64) -> u64 {
+    layout_of(cipher).backing_len(size)
 }
 
 /// How long a [`Mount`] may stay live before its watchdog aborts the FUSE connection.
