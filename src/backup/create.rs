@@ -390,6 +390,16 @@ pub(super) fn walk(root: &OwnedFd, visit: &mut Visit<'_>) -> Result<(), BackupEr
     Ok(())
 }
 
+/// The refusal of a backup of a volume with a damaged data file: a restore would refuse the
+/// whole archive for it, so no archive is made.
+fn damaged(root: &Path, path: &str, why: &str) -> BackupError {
+    BackupError::Refused(format!(
+        "{}: damaged data file ({why}); no archive was written, as a restore would refuse it: \
+         run `cmkfs fsck --repair` (it moves it to cmkfs.quarantine), then back up again",
+        root.join(path).display()
+    ))
+}
+
 /// Refuses a volume that is in the middle of something (a re-encryption, a format upgrade).
 pub fn check_quiet(root: &Path, header: &VolumeHeader) -> Result<(), BackupError> {
     if header.retiring.is_some() || root.join(crate::volume::reencrypt::JOURNAL_FILE).exists() {
@@ -560,6 +570,18 @@ fn write_archive(
             };
             no_atime(&f);
             m.size = fst.st_size as u64;
+            if let Some(why) = req.header.layout().and_then(|lay| {
+                super::screen::damaged_data_file(
+                    path,
+                    &f,
+                    m.size,
+                    &lay,
+                    req.header.key_generation,
+                    req.point_in_time,
+                )
+            }) {
+                return Err(damaged(req.root, path, &why));
+            }
             m.extents = extents(&f, m.size).map_err(|e| BackupError::io(path, e))?;
             totals.files += 1;
             totals.bytes += m.data_len();

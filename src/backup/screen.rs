@@ -26,7 +26,7 @@
 
 use super::manifest::{Kind, Member};
 use super::BackupError;
-use crate::volume::layout::{FileHeader, FILE_HEADER_LEN};
+use crate::volume::layout::{FileHeader, Layout, FILE_HEADER_LEN};
 use crate::volume::names::{DIRID_FILE, LONG_PREFIX, LONG_SUFFIX};
 use crate::volume::rename::REPLACED_MARKER;
 use crate::volume::symlink::LONG_TARGET_PREFIX;
@@ -308,6 +308,57 @@ impl Screen {
         })?;
         Ok(head)
     }
+}
+
+/// At backup time: checks data file `path` (its backing length `len`, read from `f`) as the
+/// volume of layout `lay` and key generation `generation` reads it, so that an archive never
+/// holds a member that [`Screen::header`] (or `restore --new-dek`) refuses at restore, which
+/// would refuse the whole archive. Entries of other classes (the quarantine, foreign names)
+/// are not data files and are stored as they are. `check_len`: whether the length is checked
+/// too (not in a backup that writers may run through, `--force`: a file being written may
+/// pass through lengths no file at rest has). Returns what is wrong with the file.
+pub(super) fn damaged_data_file(
+    path: &str,
+    f: &std::fs::File,
+    len: u64,
+    lay: &Layout,
+    generation: u32,
+    check_len: bool,
+) -> Option<String> {
+    use std::os::unix::fs::FileExt;
+    if len == 0 || class(path) != Class::Data {
+        return None;
+    }
+    if let Err(why) = lay.logical_size(len) {
+        if check_len || len < FILE_HEADER_LEN as u64 {
+            return Some(why);
+        }
+    }
+    let mut head = [0u8; FILE_HEADER_LEN];
+    if let Err(e) = f.read_exact_at(&mut head, 0) {
+        return Some(format!("its file header cannot be read: {e}"));
+    }
+    let h = match FileHeader::decode(&head) {
+        Ok(h) => h,
+        Err(why) => return Some(format!("its file header is not valid: {why}")),
+    };
+    if h.version != lay.file_version {
+        return Some(format!(
+            "its file header says file format v{} in a format v{} volume",
+            h.version,
+            lay.format_version()
+        ));
+    }
+    if h.key_gen != generation as u16 {
+        return Some(format!(
+            "its data is under key generation {}, the volume's keys are of generation {}",
+            h.key_gen, generation as u16
+        ));
+    }
+    if h.reencrypted != 0 {
+        return Some("it is half re-encrypted".into());
+    }
+    None
 }
 
 #[cfg(test)]

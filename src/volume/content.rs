@@ -80,6 +80,29 @@ pub(crate) fn file_header(
     header(f, st, cx, false, None)
 }
 
+/// Checks, when a file is opened, the header of a file whose backing length encodes size 0
+/// but is not 0 (exactly the header area: `data_offset` bytes): no read or write would
+/// otherwise look at it, and a bogus one (zeros a crash left, another volume's, another
+/// version's) would read as a valid empty file that no write can extend. Such a file is
+/// refused (`CorruptFile`, EIO) like every other corrupt header. A 0-byte backing file is an
+/// empty file without a header; any other length is checked by the first read or write.
+pub(crate) fn check_bare_header(
+    f: &File,
+    st: &FileState,
+    cx: &Ctx,
+    backing_len: u64,
+) -> Result<(), VolumeError> {
+    if backing_len == 0 || cx.layout.logical_size(backing_len) != Ok(0) {
+        return Ok(());
+    }
+    let h = existing_header(f, st, cx, Some(backing_len))?;
+    if let Err(e) = key_runs(cx, &h, 0, 0) {
+        st.set_cached_header(None);
+        return Err(e);
+    }
+    Ok(())
+}
+
 /// The cipher context a content operation needs.
 pub struct Ctx<'a> {
     /// Live keys.
@@ -509,6 +532,7 @@ pub fn read_buf(
     let _g = st.rmw.read().unwrap_or_else(|p| p.into_inner());
     let (blen, size) = backing_state(f, cx)?;
     if off >= size || len == 0 {
+        check_bare_header(f, st, cx, blen)?;
         return Ok(ReadBuf::empty());
     }
     let end = size.min(off.saturating_add(len as u64));

@@ -104,7 +104,19 @@ impl Volume {
             }
             Err(e) => return Err(os(e)),
         };
-        Ok(self.wrap_open(file, st.st_ino))
+        let of = self.wrap_open(file, st.st_ino);
+        self.check_bare(&of, st.st_size as u64)?;
+        Ok(of)
+    }
+
+    /// Refuses to open a file whose backing file is its header area alone with a header
+    /// that is not this volume's ([`content::check_bare_header`]).
+    fn check_bare(&self, of: &OpenFile, backing_len: u64) -> Result<(), VolumeError> {
+        if backing_len == 0 || self.layout().logical_size(backing_len) != Ok(0) {
+            return Ok(());
+        }
+        let keys = self.keys()?;
+        content::check_bare_header(&of.file, &of.shared.content, &self.ctx(&keys), backing_len)
     }
 
     /// Opens the file behind `of` again (a file with no name left that the kernel opens
@@ -118,8 +130,10 @@ impl Volume {
             }
             Err(e) => return Err(os(e)),
         };
-        let ino = sys::fstat(file.as_fd()).map_err(os)?.st_ino;
-        Ok(self.wrap_open(file, ino))
+        let st = sys::fstat(file.as_fd()).map_err(os)?;
+        let of = self.wrap_open(file, st.st_ino);
+        self.check_bare(&of, st.st_size as u64)?;
+        Ok(of)
     }
 
     fn wrap_open(&self, file: File, ino: u64) -> OpenFile {

@@ -9,6 +9,7 @@ mod azure_client;
 mod backup;
 mod backup_cached;
 mod backup_chain;
+mod backup_damaged;
 mod backup_freeze;
 mod backup_held_writes;
 mod content_model;

@@ -255,6 +255,64 @@ fn corrupt_v3_lengths_and_a_foreign_file_version_are_eio_reported_and_repaired()
     m.unmount();
 }
 
+/// A backing file of exactly the header area (4096 bytes in v3) whose header is not one of
+/// this volume (zeros, a v2 header, a key generation the volume does not have) is EIO at
+/// open and read, for writing (`echo hi > f`) too, and logged with its path (attack12 F4);
+/// a valid header alone is an empty file that reads and takes writes.
+#[test]
+fn a_bare_header_area_with_a_bogus_header_is_eio_and_a_valid_one_an_empty_file() {
+    let env = Env::new();
+    env.init(&env.cipher);
+    let m = env.mount(&env.cipher, &env.mnt);
+    let names = ["zeros", "v2hdr", "kg1", "bare"];
+    for (i, n) in names.iter().enumerate() {
+        fs::write(m.path(n), pattern(5000, i as u8)).unwrap();
+    }
+    let backing: Vec<PathBuf> = names
+        .iter()
+        .map(|n| backing_of(&env.cipher, &m.path(n)))
+        .collect();
+    m.unmount();
+    let h = Layout::V3.data_offset;
+    for (i, b) in backing.iter().enumerate() {
+        let f = OpenOptions::new().write(true).open(b).unwrap();
+        f.set_len(h).unwrap();
+        match i {
+            0 => f.write_all_at(&vec![0u8; h as usize], 0).unwrap(),
+            1 => f.write_all_at(&2u16.to_le_bytes(), 4).unwrap(),
+            2 => f.write_all_at(&1u16.to_le_bytes(), 6).unwrap(),
+            _ => {}
+        }
+    }
+
+    let m = env.mount_foreground(&env.cipher, &env.mnt);
+    for n in &names[..3] {
+        assert_eq!(fs::metadata(m.path(n)).unwrap().len(), 0, "{n}");
+        let e = fs::read(m.path(n)).expect_err(n);
+        assert_eq!(e.raw_os_error(), Some(libc::EIO), "{n}: {e}");
+        let e = OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .open(m.path(n))
+            .expect_err(n);
+        assert_eq!(e.raw_os_error(), Some(libc::EIO), "{n}: {e}");
+    }
+    assert_eq!(fs::read(m.path("bare")).unwrap(), b"");
+    fs::write(m.path("bare"), b"hi").unwrap();
+    assert_eq!(fs::read(m.path("bare")).unwrap(), b"hi");
+    let log = m.daemon_log();
+    for b in &backing[..3] {
+        let name = b.file_name().unwrap().to_string_lossy();
+        assert!(log.contains(&*name), "{name} not logged: {log}");
+    }
+    assert!(
+        log.contains("says format v2 in a format v3 volume"),
+        "{log}"
+    );
+    assert!(log.contains("key generation 1"), "{log}");
+    m.unmount();
+}
+
 /// `cmkfs init --format 2` makes a v2 volume that mounts, writes (backing lengths 32 + ...),
 /// re-encrypts, backs up and restores as a v2 volume; `cmkfs upgrade` says in one line that
 /// it does not convert v2 to v3, and has nothing to do on v3; `--format 4` is refused.
