@@ -251,14 +251,18 @@ fn tamper(src: &Path, dst: &Path, what: &[u8]) {
     fs::write(dst, b).unwrap();
 }
 
-/// What may stand in for a backing data file written straight into the backing store: a
-/// cmkfs file header (magic, version 2, a file id), then `body`. A restore copies ciphertext
-/// as it is, but checks that every data file starts with a file header.
+/// What may stand in for a backing data file written straight into the backing store: the
+/// header area of a format v3 file of key generation 0 (a file id), then `body` (a body of
+/// 1..15 bytes gets the 16 filler bytes that make its length a valid one). A restore copies
+/// ciphertext as it is, but a backup refuses a data file whose header or length the volume
+/// would refuse.
 fn data_file(body: &[u8]) -> Vec<u8> {
-    let mut b = b"CMKF\x02\0\0\0".to_vec();
-    b.extend_from_slice(&[7; 16]);
-    b.extend_from_slice(&[0; 8]);
+    let lay = cmkfs::volume::layout::Layout::V3;
+    let mut b = lay.header_area(&lay.generate_header(0).unwrap());
     b.extend_from_slice(body);
+    if (1..16).contains(&body.len()) {
+        b.extend_from_slice(&[0; 16]);
+    }
     b
 }
 
