@@ -365,6 +365,71 @@ pub(super) fn damaged_data_file(
 mod tests {
     use super::*;
 
+    /// The backup-time check refuses what a restore (plain or `--new-dek`) would: torn,
+    /// unknown or other version, another key generation, a half re-encrypted file, a length
+    /// the layout does not have (not under `--force`); and lets through an empty file, a
+    /// bare valid header area, and anything in the quarantine.
+    #[test]
+    fn backup_time_check_refuses_what_a_restore_would() {
+        let dir = tempfile::tempdir().unwrap();
+        let lay = Layout::V3;
+        let h = lay.generate_header(0).unwrap();
+        let check = |path: &str, bytes: &[u8], check_len: bool| {
+            let p = dir.path().join("f");
+            std::fs::write(&p, bytes).unwrap();
+            let f = std::fs::File::open(&p).unwrap();
+            damaged_data_file(path, &f, bytes.len() as u64, &lay, 0, check_len)
+        };
+        let file = |h: &FileHeader, data: usize| {
+            let mut b = lay.header_area(h);
+            b.resize(b.len() + data, 7);
+            b
+        };
+        assert_eq!(check("abc", b"", true), None);
+        assert_eq!(check("abc", &file(&h, 0), true), None);
+        assert_eq!(check("d/abc", &file(&h, 5016), true), None);
+        for (what, bytes, check_len) in [
+            ("shorter", file(&h, 0)[..10].to_vec(), false),
+            ("length", file(&h, 7), true),
+            (
+                "version 9",
+                file(&FileHeader { version: 9, ..h }, 32),
+                false,
+            ),
+            (
+                "format v2",
+                file(&FileHeader { version: 2, ..h }, 32),
+                false,
+            ),
+            (
+                "generation 1",
+                file(&FileHeader { key_gen: 1, ..h }, 32),
+                false,
+            ),
+            (
+                "re-encrypted",
+                file(
+                    &FileHeader {
+                        reencrypted: 1,
+                        ..h
+                    },
+                    32,
+                ),
+                false,
+            ),
+        ] {
+            let why = check("abc", &bytes, check_len).unwrap_or_else(|| panic!("{what}"));
+            assert!(why.contains(what), "{what}: {why}");
+            let q = format!("{}/20261130T000000Z/abc", crate::fsck::QUARANTINE_DIR);
+            assert_eq!(check(&q, &bytes, true), None, "{what} in the quarantine");
+        }
+        assert_eq!(
+            check("abc", &file(&h, 7), false),
+            None,
+            "length under --force"
+        );
+    }
+
     #[test]
     fn names_are_classed_as_the_volume_makes_them() {
         let long = format!("{LONG_PREFIX}{}", "A".repeat(43));

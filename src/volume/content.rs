@@ -1517,6 +1517,33 @@ mod tests {
                 "{e}"
             );
         }
+        // A bare header area (v3: 4096 bytes, v2: 32) is an empty file only under a header of
+        // this volume: zeros, random bytes, the other version or an unknown key generation
+        // are refused at open and read (attack12 F4), not served as an empty file.
+        for (lay, other) in [(Layout::V3, Layout::V2), (Layout::V2, Layout::V3)] {
+            let n = lay.data_offset as usize;
+            let good = lay.generate_header(0).unwrap();
+            let kg = FileHeader { key_gen: 1, ..good };
+            let mut foreign = lay.header_area(&other.generate_header(0).unwrap());
+            foreign.resize(n, 0);
+            for (what, area) in [
+                ("zeros", vec![0u8; n]),
+                ("random", vec![0x5A; n]),
+                ("other version", foreign),
+                ("key generation 1", lay.header_area(&kg)),
+            ] {
+                let fx = fixture_in(lay, 4096, 1, false);
+                fx.file.write_all_at(&area, 0).unwrap();
+                let e = check_bare_header(&fx.file, &fx.st, &fx.cx(), n as u64).unwrap_err();
+                assert!(matches!(e, VolumeError::CorruptFile { .. }), "{what}: {e}");
+                let e = read(&fx.file, &fx.st, &fx.cx(), 0, 10).unwrap_err();
+                assert!(matches!(e, VolumeError::CorruptFile { .. }), "{what}: {e}");
+            }
+            let fx = fixture_in(lay, 4096, 1, false);
+            fx.file.write_all_at(&lay.header_area(&good), 0).unwrap();
+            check_bare_header(&fx.file, &fx.st, &fx.cx(), n as u64).unwrap();
+            assert_eq!(fx.all(), b"");
+        }
         // A v1 file (in a v2 volume being upgraded) is refused, not misread.
         let fx = fixture_in(Layout::V2, 4096, 1, false);
         let v1 = FileHeader {
