@@ -21,6 +21,7 @@ use super::manifest::{
     self, BaseLink, ChangeKey, Delta, Digester, Entry, KeyEnvelope, Kind, Manifest, Member, Source,
     Stored, Totals,
 };
+use super::screen::Screen;
 use super::temp::ArchiveTemp;
 use super::{now, BackupError, BackupReport, Progress};
 use crate::fsutil::TEMP_PREFIX;
@@ -400,6 +401,21 @@ fn damaged(root: &Path, path: &str, why: &str) -> BackupError {
     ))
 }
 
+/// The refusal of a backup of a volume with an entry a restore's screen refuses (a side file
+/// of the wrong mode or owner, an executable file under a name cmkfs never makes): a restore
+/// would refuse the whole archive for it, so no archive is made.
+fn unrestorable(root: &Path, path: &str, e: BackupError) -> BackupError {
+    let why = match e {
+        BackupError::Corrupt(m) => m,
+        other => other.to_string(),
+    };
+    BackupError::Refused(format!(
+        "{}: {why}; no archive was written, as a restore would refuse it: run `cmkfs fsck` to \
+         see what the volume should not hold, fix or remove it, then back up again",
+        root.join(path).display()
+    ))
+}
+
 /// Refuses a volume that is in the middle of something (a re-encryption, a format upgrade).
 pub fn check_quiet(root: &Path, header: &VolumeHeader) -> Result<(), BackupError> {
     if header.retiring.is_some() || root.join(crate::volume::reencrypt::JOURNAL_FILE).exists() {
@@ -515,6 +531,14 @@ fn write_archive(
         delta: None,
     };
     let mut seen: HashMap<(u64, u64), String> = HashMap::new();
+    // What a restore screens, checked before anything of an entry is stored (device nodes
+    // pass: a restore takes them with `--allow-devices`).
+    let mut screen = Screen::new(true);
+    let mut screened = |m: &Member| {
+        screen
+            .record(m)
+            .map_err(|e| unrestorable(req.root, &m.path, e))
+    };
     walk(root, &mut |dir, name, path, st| {
         let fmt = st.st_mode & libc::S_IFMT;
         let xt = match name {
@@ -541,6 +565,7 @@ fn write_archive(
             if let Some(first) = seen.get(&key) {
                 m.kind = Kind::Hardlink;
                 m.target = Some(first.clone());
+                screened(&m)?;
                 totals.hardlinks += 1;
                 let (d, _) = Digester::new(&m, manifest::VERSION).finish();
                 if base.is_some_and(|b| b.entries.get(path).is_some_and(|e| e.sha256 == d)) {
@@ -582,6 +607,7 @@ fn write_archive(
             }) {
                 return Err(damaged(req.root, path, &why));
             }
+            screened(&m)?;
             m.extents = extents(&f, m.size).map_err(|e| BackupError::io(path, e))?;
             totals.files += 1;
             totals.bytes += m.data_len();
@@ -712,6 +738,7 @@ fn write_archive(
             Kind::Dir => totals.dirs += 1,
             _ => totals.special += 1,
         }
+        screened(&m)?;
         let (d, _) = Digester::new(&m, manifest::VERSION).finish();
         if base.is_some_and(|b| b.entries.get(path).is_some_and(|e| e.sha256 == d)) {
             stored.referenced += 1;

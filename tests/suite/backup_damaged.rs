@@ -1,13 +1,14 @@
 //! `cmkfs backup` of a volume with a damaged data file (attack12 F2): a restore refuses a
 //! whole archive for one member that is not a cmkfs data file of the volume, so the backup
-//! refuses first, naming the file and `cmkfs fsck --repair`, and leaves no archive; once fsck
-//! has set the file aside in `cmkfs.quarantine/`, the backup (quarantine included) restores.
+//! refuses first, naming the file and `cmkfs fsck --repair`, and leaves no archive (so does
+//! any other entry the restore's screen refuses); once fsck has set the file aside in
+//! `cmkfs.quarantine/`, the backup (quarantine included) restores.
 
 use crate::backup::{restore_to, setup};
 use crate::common;
 
 use std::fs::{self, OpenOptions};
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use common::*;
@@ -92,6 +93,18 @@ fn a_backup_of_a_volume_with_a_damaged_data_file_is_refused_and_restores_after_f
     poke(&b[2], 6, &1u16.to_le_bytes());
     refused(&b[2], "key generation 1");
     poke(&b[2], 6, &0u16.to_le_bytes());
+    // What the restore's screen refuses beyond data files: an executable file under a name
+    // cmkfs never makes.
+    let planted = env.cipher.join("run.sh");
+    fs::write(&planted, b"#!/bin/sh\n").unwrap();
+    fs::set_permissions(&planted, fs::Permissions::from_mode(0o755)).unwrap();
+    let out = backup();
+    assert!(!out.ok(), "{out}");
+    for want in ["run.sh", "not a cmkfs entry", "no archive was written"] {
+        assert!(out.stderr.contains(want), "{want:?} missing: {out}");
+    }
+    assert!(!archive.exists());
+    fs::remove_file(&planted).unwrap();
 
     backup().assert_ok();
     let r1 = env.root.join("r1");
