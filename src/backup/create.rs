@@ -1,7 +1,9 @@
 //! `cmkfs backup`: walks the backing store through directory descriptors (as the mount does:
 //! nothing followed, nothing but regular files opened for reading) and writes every entry's
 //! ciphertext and metadata as it is, never a byte of plaintext, to a temp file beside the
-//! archive that is renamed into place once complete and durable.
+//! archive that is renamed into place once complete and durable. Every entry is checked
+//! first as a restore would check it (`screen`): a backup refuses, writing no archive, where
+//! a restore of its archive would refuse the whole of it.
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
