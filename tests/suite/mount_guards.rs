@@ -1098,3 +1098,40 @@ fn copy_file_range_onto_a_full_backing_disk_returns_what_landed() {
     );
     m.unmount();
 }
+
+/// Attack session 13, F5: `fallocate` past the free space of the backing disk failed with
+/// ENOSPC, yet after a remount the file had the asked size (grown before the reservation,
+/// never undone). A failed `fallocate` now leaves the size it found, as on tmpfs or ext4.
+#[test]
+fn a_failed_fallocate_on_a_full_backing_disk_leaves_the_size() {
+    use std::os::unix::io::AsRawFd;
+    let env = Env::new();
+    let small = env.dir("small");
+    let _fs = Tmpfs::mount(&small);
+    env.init(&small);
+    let m = env.mount(&small, &env.mnt);
+    let body = b"one hundred bytes or so, enough to have a last unit with padding and filler";
+    let f = fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .open(m.path("f"))
+        .unwrap();
+    (&f).write_all(body).unwrap();
+    f.sync_all().unwrap();
+    // SAFETY: plain system call on our own descriptor.
+    let r = unsafe { libc::fallocate(f.as_raw_fd(), 0, 0, 12_000_000) };
+    let errno = std::io::Error::last_os_error().raw_os_error();
+    assert_eq!(
+        (r, errno),
+        (-1, Some(libc::ENOSPC)),
+        "12 MB on an 8 MiB disk"
+    );
+    assert_eq!(f.metadata().unwrap().len(), body.len() as u64);
+    drop(f);
+    m.unmount();
+    let m = env.mount(&small, &env.mnt);
+    assert_eq!(fs::read(m.path("f")).unwrap(), body, "after a remount");
+    m.unmount();
+}
