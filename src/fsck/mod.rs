@@ -722,10 +722,17 @@ mod tests {
             EntryKind::Hidden,
             "the quarantine is hidden from the plaintext view"
         );
-        // A second repair finds only the header problem.
+        // A second repair finds only the header problem, and notes what the first set aside.
         let r = run(&root, &repair).unwrap();
         let k = kinds(&r);
-        assert_eq!(k, vec![(ProblemKind::HeaderMissing, Fix::None, false)]);
+        assert_eq!(
+            k,
+            vec![
+                (ProblemKind::QuarantineNotEmpty, Fix::None, false),
+                (ProblemKind::HeaderMissing, Fix::None, false)
+            ]
+        );
+        assert_eq!(r.problems[0].severity, Severity::Warning);
     }
 
     /// A backing tree 30 000 levels deep (a directory a writer copied into itself) made fsck

@@ -356,7 +356,12 @@ fn a_file_under_a_generation_the_volume_lacks_is_found_by_fsck_and_refused_befor
     m.unmount();
     let files = backing_files(&env.cipher);
     assert_eq!(files.len(), 2);
-    let victim = files[0].clone();
+    // `a`'s (the longer one): `b` is read through the mount meanwhile.
+    let victim = files
+        .iter()
+        .max_by_key(|p| fs::metadata(p).unwrap().len())
+        .unwrap()
+        .clone();
     let header = fs::read(env.cipher.join(HEADER_NAME)).unwrap();
     let refused = |env: &Env, extra: &[&str], what: &str| {
         let out = reencrypt(env, extra);
