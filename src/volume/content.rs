@@ -896,6 +896,13 @@ pub fn fallocate(
         );
         if let Err(e) = r {
             if e.raw_os_error() != Some(libc::EOPNOTSUPP) {
+                // As a local filesystem: a failed `fallocate` leaves the size it found (attack
+                // session 13, F5: the file kept the grown size after ENOSPC).
+                if !keep && end > size {
+                    if let Err(undo) = truncate_locked(f, st, cx, size) {
+                        tracing::warn!(error = %undo, "cannot undo a failed fallocate's growth");
+                    }
+                }
                 return Err(VolumeError::Os(e));
             }
         }

@@ -215,7 +215,8 @@ impl Volume {
     }
 
     /// Copies up to `len` plaintext bytes between open files (`copy_file_range`), in 1 MiB
-    /// steps; returns the bytes copied (fewer at end of input).
+    /// steps; returns the bytes copied: fewer at end of input, and on a full backing disk
+    /// the bytes that landed (an error only when none did).
     pub fn copy_range(
         &self,
         from: &OpenFile,
@@ -224,15 +225,32 @@ impl Volume {
         off_out: u64,
         len: u64,
     ) -> Result<u64, VolumeError> {
+        // As `write(2)`: the count is what landed in the destination. A step that stores
+        // only a part (a full backing disk) ends the copy with that short count, and an
+        // error after some steps landed becomes the count so far (the caller's next call
+        // meets the error): a count larger than what is stored would make `cp` report
+        // success for a truncated copy (attack 13, F4), an error after stored steps would
+        // hide data that did land (F1).
         let mut done = 0u64;
         while done < len {
             let n = (len - done).min(1 << 20) as usize;
-            let buf = self.read(from, off_in + done, n)?;
-            if buf.is_empty() {
-                break;
+            let step = self
+                .read(from, off_in + done, n)
+                .and_then(|buf| match buf.is_empty() {
+                    true => Ok((0, 0)),
+                    false => self.write(to, off_out + done, &buf).map(|w| (w, buf.len())),
+                });
+            match step {
+                Ok((0, 0)) => break,
+                Ok((w, want)) => {
+                    done += w as u64;
+                    if w < want {
+                        break;
+                    }
+                }
+                Err(_) if done > 0 => break,
+                Err(e) => return Err(e),
             }
-            self.write(to, off_out + done, &buf)?;
-            done += buf.len() as u64;
         }
         Ok(done)
     }

@@ -1018,3 +1018,120 @@ fn a_process_that_only_looks_like_a_fuse_daemon_blocks_no_command() {
         out.assert_ok();
     }
 }
+
+/// Attack session 13, F4 and F1: `copy_file_range` onto a full backing disk returned the
+/// whole count (GNU `cp` exited 0) although only a part was stored, or an error although
+/// megabytes had landed. Now the count is what landed, as `write(2)`'s: after a remount the
+/// destination holds exactly the returned count of the source's bytes.
+#[test]
+fn copy_file_range_onto_a_full_backing_disk_returns_what_landed() {
+    use std::os::unix::io::AsRawFd;
+    let env = Env::new();
+    let small = env.dir("small");
+    let _fs = Tmpfs::mount(&small);
+    env.init(&small);
+    let m = env.mount(&small, &env.mnt);
+    let src: Vec<u8> = (0..3u32 << 20).map(|i| (i % 251) as u8).collect();
+    let mut f = fs::File::create(m.path("src")).unwrap();
+    f.write_all(&src).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    // Leave 1.5 MiB free on the backing disk: the 3 MiB copy must come out short.
+    let free = {
+        let st = rustix::fs::statvfs(&small).unwrap();
+        st.f_bavail * st.f_frsize
+    };
+    let mut fill = fs::File::create(m.path("filler")).unwrap();
+    fill.write_all(&vec![0x5au8; (free - (3 << 19)) as usize])
+        .unwrap();
+    fill.sync_all().unwrap();
+    drop(fill);
+
+    let from = fs::File::open(m.path("src")).unwrap();
+    let to = fs::File::create(m.path("dst")).unwrap();
+    let (mut copied, mut error) = (0u64, 0);
+    // As `cp` does: until the count is 0 or an error.
+    loop {
+        // SAFETY: plain system call on our own descriptors, NULL offsets (file positions).
+        let n = unsafe {
+            libc::copy_file_range(
+                from.as_raw_fd(),
+                std::ptr::null_mut(),
+                to.as_raw_fd(),
+                std::ptr::null_mut(),
+                src.len() - copied as usize,
+                0,
+            )
+        };
+        match n {
+            0 => break,
+            n if n < 0 => {
+                error = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
+                break;
+            }
+            n => copied += n as u64,
+        }
+    }
+    let synced = to.sync_all();
+    drop((from, to));
+    assert!(
+        copied < src.len() as u64,
+        "the copy reached the full disk ({copied} bytes, error {error})"
+    );
+    assert!(copied > 0, "1.5 MiB was free: a part landed");
+    assert_eq!(error, libc::ENOSPC, "the next call meets the full disk");
+    assert!(
+        synced.is_ok(),
+        "nothing was refused behind the count: {synced:?}"
+    );
+    m.unmount();
+    let m = env.mount(&small, &env.mnt);
+    let stored = fs::read(m.path("dst")).unwrap();
+    assert_eq!(
+        stored.len() as u64,
+        copied,
+        "stored length = the returned count"
+    );
+    assert!(
+        stored == src[..copied as usize],
+        "stored bytes = the source's"
+    );
+    m.unmount();
+}
+
+/// Attack session 13, F5: `fallocate` past the free space of the backing disk failed with
+/// ENOSPC, yet after a remount the file had the asked size (grown before the reservation,
+/// never undone). A failed `fallocate` now leaves the size it found, as on tmpfs or ext4.
+#[test]
+fn a_failed_fallocate_on_a_full_backing_disk_leaves_the_size() {
+    use std::os::unix::io::AsRawFd;
+    let env = Env::new();
+    let small = env.dir("small");
+    let _fs = Tmpfs::mount(&small);
+    env.init(&small);
+    let m = env.mount(&small, &env.mnt);
+    let body = b"one hundred bytes or so, enough to have a last unit with padding and filler";
+    let f = fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .open(m.path("f"))
+        .unwrap();
+    (&f).write_all(body).unwrap();
+    f.sync_all().unwrap();
+    // SAFETY: plain system call on our own descriptor.
+    let r = unsafe { libc::fallocate(f.as_raw_fd(), 0, 0, 12_000_000) };
+    let errno = std::io::Error::last_os_error().raw_os_error();
+    assert_eq!(
+        (r, errno),
+        (-1, Some(libc::ENOSPC)),
+        "12 MB on an 8 MiB disk"
+    );
+    assert_eq!(f.metadata().unwrap().len(), body.len() as u64);
+    drop(f);
+    m.unmount();
+    let m = env.mount(&small, &env.mnt);
+    assert_eq!(fs::read(m.path("f")).unwrap(), body, "after a remount");
+    m.unmount();
+}
