@@ -9,7 +9,9 @@ use std::path::PathBuf;
 
 use clap::Args;
 
-use crate::fsck::{self, Fix, KeyCheck, Options, Outcome, Report, Severity, EXIT_ERROR};
+use crate::fsck::{
+    self, Fix, KeyCheck, Options, Outcome, ProblemKind, Report, Severity, EXIT_ERROR,
+};
 use crate::home::Home;
 use crate::volume::header::VolumeHeader;
 
@@ -145,7 +147,18 @@ fn print_human(r: &Report) {
     }
     let errors = r.errors().count();
     match r.outcome {
-        Outcome::Clean => println!("clean"),
+        Outcome::Clean => {
+            // Not corruption, but the user's files may be there (see the warning above).
+            let set_aside = r
+                .problems
+                .iter()
+                .any(|p| p.kind == ProblemKind::QuarantineNotEmpty);
+            if set_aside {
+                println!("clean, but cmkfs.quarantine/ holds entries the mount does not show (see above)");
+            } else {
+                println!("clean");
+            }
+        }
         Outcome::Repaired => {
             print!("repaired: {errors} problem{}", plural(errors));
             if let Some(q) = &r.quarantine {

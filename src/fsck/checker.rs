@@ -100,7 +100,8 @@ impl Checker {
             | ProblemKind::FormatV1
             | ProblemKind::V1TailHole
             | ProblemKind::FileFormatV2
-            | ProblemKind::ReencryptInProgress => Severity::Warning,
+            | ProblemKind::ReencryptInProgress
+            | ProblemKind::QuarantineNotEmpty => Severity::Warning,
             _ => Severity::Error,
         };
         let mut p = Problem {

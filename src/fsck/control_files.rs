@@ -58,6 +58,7 @@ impl Checker {
         };
         let t = meta.file_type();
         let (what, fix) = if t.is_dir() {
+            self.note_quarantine(&path);
             return;
         } else if t.is_symlink() {
             ("a symlink", Fix::Remove)
@@ -80,6 +81,43 @@ impl Checker {
                  it is gone; {repair}"
             ),
             fix,
+            None,
+        );
+    }
+
+    /// A quarantine that holds entries: a warning (not corruption; the exit status stays
+    /// clean), so that a user whose files an earlier `--repair` set aside (an older cmkfs
+    /// quarantines every file of a volume in a format it does not know) learns where they
+    /// are and how to put them back.
+    fn note_quarantine(&mut self, path: &Path) {
+        let n = match crate::volume::reencrypt::quarantine_entries(&self.root) {
+            Ok(0) => return,
+            Ok(n) => n.to_string(),
+            Err(e) => format!("an unknown number of (cannot be read: {e})"),
+        };
+        let mut batches: Vec<String> = fs::read_dir(path)
+            .map(|rd| {
+                rd.filter_map(|e| e.ok())
+                    .map(|e| format!("{QUARANTINE_DIR}/{}", e.file_name().to_string_lossy()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        batches.sort();
+        self.problem(
+            ProblemKind::QuarantineNotEmpty,
+            path,
+            None,
+            None,
+            format!(
+                "{n} entries set aside by an earlier `cmkfs fsck --repair` (perhaps of an older \
+                 cmkfs that did not know this volume's format) are in {}: the mount does not \
+                 show them; each batch's {MANIFEST_FILE} lists their backing paths: move an \
+                 entry back to its path to make it visible again (then `cmkfs fsck`), or \
+                 delete the batch (`cmkfs volume reencrypt` refuses while it is there unless \
+                 given --discard-quarantine)",
+                batches.join(", ")
+            ),
+            Fix::None,
             None,
         );
     }

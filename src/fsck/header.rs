@@ -134,6 +134,18 @@ impl Checker {
                 }
             }
             None => {
+                // Nothing in a header is acted on before its DEK has verified it: the format
+                // it states may be the damage, and checking files against it would set every
+                // intact file aside.
+                let why = if vault.is_some() && self.format.take().is_some() {
+                    format!(
+                        "{why}; the files were not checked against the format it states \
+                         (nothing was moved): put back `{HEADER_FILE}` from a backup of the \
+                         volume, then run `cmkfs fsck` again"
+                    )
+                } else {
+                    why
+                };
                 self.problem(kind, &header_path, None, None, why, Fix::None, None);
                 // Keep the temp copies: without a usable header they may be all that is left.
                 for t in temps {

@@ -247,6 +247,14 @@ pub enum ProblemKind {
     /// A file whose header version is another format's than the volume's and that no upgrade
     /// converts (a v2 file in a v3 volume): unreadable, quarantined by `--repair`.
     FileFormatMismatch,
+    /// A file whose header names a key generation that is neither the volume's current one
+    /// nor, during a re-encryption, the retiring one: no DEK of the volume decrypts it
+    /// (checked with the key only); quarantined by `--repair`.
+    KeyGenerationUnknown,
+    /// `cmkfs.quarantine/` holds entries an earlier `--repair` (perhaps of an older cmkfs) set
+    /// aside: not corruption (a warning), but the plaintext view lacks them until they are
+    /// moved back (by the `cmkfs.fsck.json` of each batch) or deleted.
+    QuarantineNotEmpty,
     /// The journal of an interrupted `cmkfs upgrade` (a mount or `cmkfs upgrade` finishes it).
     UpgradeInterrupted,
     /// An upgrade journal that cannot be used (damaged, or not this volume's): mounts and
@@ -714,10 +722,17 @@ mod tests {
             EntryKind::Hidden,
             "the quarantine is hidden from the plaintext view"
         );
-        // A second repair finds only the header problem.
+        // A second repair finds only the header problem, and notes what the first set aside.
         let r = run(&root, &repair).unwrap();
         let k = kinds(&r);
-        assert_eq!(k, vec![(ProblemKind::HeaderMissing, Fix::None, false)]);
+        assert_eq!(
+            k,
+            vec![
+                (ProblemKind::QuarantineNotEmpty, Fix::None, false),
+                (ProblemKind::HeaderMissing, Fix::None, false)
+            ]
+        );
+        assert_eq!(r.problems[0].severity, Severity::Warning);
     }
 
     /// A backing tree 30 000 levels deep (a directory a writer copied into itself) made fsck

@@ -274,9 +274,11 @@ impl Checker {
                 self.check_dir(path, plaintext.as_deref())
             } else if ft.is_file() {
                 self.report.counts.files += 1;
-                check_file(&self.io(path), meta.len()).or_else(|| {
-                    self.check_file_format(path, meta.len(), plaintext.as_deref(), plain_dir)
-                })
+                check_file(&self.io(path), meta.len())
+                    .or_else(|| {
+                        self.check_file_format(path, meta.len(), plaintext.as_deref(), plain_dir)
+                    })
+                    .or_else(|| self.check_key_generation(path, meta.len()))
             } else if ft.is_symlink() {
                 self.report.counts.symlinks += 1;
                 self.check_symlink(path)
@@ -368,6 +370,26 @@ impl Checker {
             }
         };
         let kind = match finding {
+            // Without the key the header's format is unverified: reported, never acted on.
+            FormatFinding::BadLength | FormatFinding::FileFormatMismatch if self.keys.is_none() => {
+                let kind = match finding {
+                    FormatFinding::BadLength => ProblemKind::FileLengthInvalid,
+                    _ => ProblemKind::FileFormatMismatch,
+                };
+                self.problem(
+                    kind,
+                    path,
+                    plaintext.map(Path::to_path_buf),
+                    plain_dir,
+                    format!(
+                        "{detail} (not moved: without the key the volume header's format is \
+                         not verified; run `cmkfs fsck --repair` with the key)"
+                    ),
+                    Fix::None,
+                    None,
+                );
+                return None;
+            }
             FormatFinding::BadLength => return Some((ProblemKind::FileLengthInvalid, detail)),
             // Unreadable for good, like a corrupt header: to the quarantine.
             FormatFinding::FileFormatMismatch => {
@@ -388,6 +410,51 @@ impl Checker {
             None,
         );
         None
+    }
+
+    /// With the verified key: the generation a file header names for its data must be the
+    /// volume's current one or, while a re-encryption runs, the retiring one. Any other
+    /// (a flipped bit, a file put back from before a re-encryption) is data no DEK of the
+    /// volume decrypts: the mount refuses it, and a re-encryption would either stop on it
+    /// or, for the generation it is about to create, take it for converted and erase the
+    /// only DEK that might read it. To the quarantine, like a corrupt header.
+    pub(super) fn check_key_generation(
+        &mut self,
+        path: &Path,
+        len: u64,
+    ) -> Option<(ProblemKind, String)> {
+        let keys = self.keys.as_ref()?;
+        let (version, _) = self.format?;
+        let file_version = crate::volume::layout::Layout::for_format(version)?.file_version;
+        if len < FILE_HEADER_LEN as u64 {
+            return None;
+        }
+        let (f, _) = sys::open_regular_path(&self.io(path), Access::Read).ok()?;
+        let mut b = [0u8; FILE_HEADER_LEN];
+        std::os::unix::fs::FileExt::read_exact_at(&f, &mut b, 0).ok()?;
+        let h = FileHeader::decode(&b).ok()?;
+        if h.version != file_version {
+            return None;
+        }
+        let current = keys.generation as u16;
+        let retiring = keys.retiring.as_deref().map(|r| r.generation as u16);
+        if h.key_gen == current || Some(h.key_gen) == retiring {
+            return None;
+        }
+        let volume = match retiring {
+            Some(r) => format!("{current} (and {r}, retiring)"),
+            None => current.to_string(),
+        };
+        Some((
+            ProblemKind::KeyGenerationUnknown,
+            format!(
+                "the file header says its data is under key generation {} but the volume's \
+                 DEK is of generation {volume} (a damaged header, or a file put back from \
+                 before a re-encryption): no DEK of the volume decrypts it, reads fail, and a \
+                 re-encryption refuses the volume while it is there",
+                h.key_gen
+            ),
+        ))
     }
 
     /// Checks that a symlink's target decrypts (with the key); a long target's side file

@@ -236,3 +236,50 @@ fn a_key_name_with_another_case_is_not_called_purged() {
     );
     assert!(!is_mounted(&env.mnt));
 }
+
+/// Session 8, finding F1: a header whose MAC does not verify (its format edited 3 -> 2, a
+/// file header length of 32) is not acted on: `fsck --repair` reports the header and moves no
+/// file (it used to set every intact file aside as `file_format_mismatch`), with the key or
+/// without it (`--no-key`: the format findings are reported, not acted on).
+#[test]
+fn fsck_repair_moves_no_file_on_the_word_of_an_unverified_header() {
+    let env = Env::new();
+    env.init(&env.cipher).assert_ok();
+    let m = env.mount(&env.cipher, &env.mnt);
+    for i in 0..3 {
+        fs::write(env.mnt.join(format!("f{i}")), vec![i as u8; 5000]).unwrap();
+    }
+    m.unmount();
+    let path = env.cipher.join(HEADER_NAME);
+    let original = fs::read(&path).unwrap();
+    let mut h: serde_json::Value = serde_json::from_slice(&original).unwrap();
+    h["format_version"] = 2.into();
+    h["file_header_len"] = 32.into();
+    fs::write(&path, serde_json::to_vec_pretty(&h).unwrap()).unwrap();
+    let quarantine = env.cipher.join("cmkfs.quarantine");
+    for extra in [&[][..], &["--no-key"][..]] {
+        let mut args = vec!["fsck", env.cipher.to_str().unwrap(), "--repair", "--json"];
+        args.extend_from_slice(extra);
+        let out = env.cmkfs(&args);
+        assert_eq!(out.status.code(), Some(2), "{extra:?}: {out}");
+        let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+        assert!(
+            !quarantine.exists(),
+            "{extra:?}: files were set aside:\n{out}"
+        );
+        for p in v["problems"].as_array().unwrap() {
+            assert_eq!(p["repaired"], false, "{extra:?}: {p}");
+        }
+        if extra.is_empty() {
+            let p = &v["problems"][0];
+            assert_eq!(p["kind"], "header_mac_mismatch", "{out}");
+            assert!(
+                p["detail"].as_str().unwrap().contains("nothing was moved"),
+                "{out}"
+            );
+        }
+    }
+    fs::write(&path, &original).unwrap();
+    let out = env.cmkfs(&["fsck", env.cipher.to_str().unwrap()]);
+    assert!(out.ok() && out.stdout.contains("clean"), "{out}");
+}

@@ -291,3 +291,232 @@ fn a_batch_interrupted_by_a_crash_keeps_its_files_times_after_recovery_and_resum
     reencrypt(&env, &[]).assert_ok();
     mtimes("after the resumed run");
 }
+
+/// The backing files at the root that are entries (not metadata), sorted.
+fn backing_files(cipher: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = fs::read_dir(cipher)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.is_file() && !is_metadata_name(p.file_name().unwrap()))
+        .collect();
+    v.sort();
+    v
+}
+
+/// A backing file's header fields (key generation, units already re-encrypted).
+fn key_gen_of(p: &Path) -> (u16, u64) {
+    let b = fs::read(p).unwrap();
+    (
+        u16::from_le_bytes([b[6], b[7]]),
+        u64::from_le_bytes(b[24..32].try_into().unwrap()),
+    )
+}
+
+/// Writes a backing file's `key_gen` field (bytes 6..8 of the file header), as one flipped
+/// bit or a file put back from an older copy would leave it.
+fn set_key_gen(p: &Path, g: u16) {
+    use std::os::unix::fs::FileExt;
+    let f = fs::File::options().write(true).open(p).unwrap();
+    f.write_all_at(&g.to_le_bytes(), 6).unwrap();
+}
+
+/// `fsck --json` of the volume: exit code and the (kind, fix, severity) of every finding.
+fn fsck_kinds(env: &Env, extra: &[&str]) -> (i32, Vec<(String, String, String)>, Output) {
+    let mut args = vec!["fsck", env.cipher.to_str().unwrap(), "--json"];
+    args.extend_from_slice(extra);
+    let out = env.cmkfs(&args);
+    let v: serde_json::Value =
+        serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("{e}: {out}"));
+    let kinds = v["problems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            let s = |k: &str| p[k].as_str().unwrap_or_default().to_string();
+            (s("kind"), s("fix"), s("severity"))
+        })
+        .collect();
+    (out.status.code().unwrap(), kinds, out)
+}
+
+/// Session 8 findings F5, F6, F3, F7: a file header under a key generation the volume does
+/// not have (one flipped bit: 0 -> 1, the generation a re-encryption is about to create;
+/// or a file put back from before a re-encryption) or a corrupt file header. fsck reports it
+/// (`key_generation_unknown`, quarantined by `--repair`); `volume reencrypt`, offline and
+/// online, refuses before the header switches, naming the file and `cmkfs fsck --repair`;
+/// a quarantine left by a repair is a warning of a clean fsck (exit 0) saying where it is.
+#[test]
+fn a_file_under_a_generation_the_volume_lacks_is_found_by_fsck_and_refused_before_anything_changes()
+{
+    let env = Env::new();
+    env.init(&env.cipher).assert_ok();
+    let m = env.mount(&env.cipher, &env.mnt);
+    fs::write(env.mnt.join("a"), vec![7u8; 5000]).unwrap();
+    fs::write(env.mnt.join("b"), b"second file").unwrap();
+    m.unmount();
+    let files = backing_files(&env.cipher);
+    assert_eq!(files.len(), 2);
+    // `a`'s (the longer one): `b` is read through the mount meanwhile.
+    let victim = files
+        .iter()
+        .max_by_key(|p| fs::metadata(p).unwrap().len())
+        .unwrap()
+        .clone();
+    let header = fs::read(env.cipher.join(HEADER_NAME)).unwrap();
+    let refused = |env: &Env, extra: &[&str], what: &str| {
+        let out = reencrypt(env, extra);
+        out.assert_clear_error();
+        assert!(
+            out.stderr
+                .contains(victim.file_name().unwrap().to_str().unwrap())
+                && out.stderr.contains(what)
+                && out.stderr.contains("cmkfs fsck --repair")
+                && out.stderr.contains("nothing was changed"),
+            "{out}"
+        );
+        assert_eq!(
+            fs::read(env.cipher.join(HEADER_NAME)).unwrap(),
+            header,
+            "the header was changed"
+        );
+        assert!(!env.cipher.join(JOURNAL).exists(), "a journal was written");
+    };
+
+    // F5: key_gen 0 -> 1 in a generation-0 volume.
+    set_key_gen(&victim, 1);
+    let (code, kinds, out) = fsck_kinds(&env, &[]);
+    assert_eq!(code, 2, "{out}");
+    assert_eq!(
+        kinds,
+        [(
+            "key_generation_unknown".into(),
+            "quarantine".into(),
+            "error".into()
+        )],
+        "{out}"
+    );
+    refused(&env, &[], "key generation 1 where the volume expects 0");
+    let m = env.mount(&env.cipher, &env.mnt);
+    refused(
+        &env,
+        &["--online"],
+        "key generation 1 where the volume expects 0",
+    );
+    assert_eq!(fs::read(env.mnt.join("b")).unwrap(), b"second file");
+    m.unmount();
+
+    // F3: a corrupt file header (an unknown version).
+    set_key_gen(&victim, 0);
+    let saved = fs::read(&victim).unwrap();
+    let mut bad = saved.clone();
+    bad[4] = 9;
+    fs::write(&victim, &bad).unwrap();
+    refused(&env, &[], "file header version 9 is not supported");
+    fs::write(&victim, &saved).unwrap();
+
+    // F6: the volume re-encrypted (generation 1), then the file put back from before.
+    reencrypt(&env, &[]).assert_ok();
+    // Its backing name is under the new name key now: the one of the same length.
+    let victim = backing_files(&env.cipher)
+        .into_iter()
+        .find(|p| fs::metadata(p).unwrap().len() == saved.len() as u64)
+        .unwrap();
+    assert_eq!(key_gen_of(&victim), (1, 0));
+    fs::write(&victim, &saved).unwrap();
+    let header = fs::read(env.cipher.join(HEADER_NAME)).unwrap();
+    let out = reencrypt(&env, &[]);
+    assert!(
+        out.stderr
+            .contains("key generation 0 where the volume expects 1")
+            && out.stderr.contains("nothing was changed"),
+        "{out}"
+    );
+    assert_eq!(fs::read(env.cipher.join(HEADER_NAME)).unwrap(), header);
+    let (code, kinds, out) = fsck_kinds(&env, &["--repair"]);
+    assert_eq!(code, 1, "{out}");
+    assert_eq!(kinds[0].0, "key_generation_unknown", "{out}");
+
+    // F7: what was set aside is named by every later fsck, which stays clean (exit 0).
+    let (code, kinds, out) = fsck_kinds(&env, &[]);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(
+        kinds,
+        [(
+            "quarantine_not_empty".into(),
+            "none".into(),
+            "warning".into()
+        )],
+        "{out}"
+    );
+    assert!(
+        out.stdout.contains("1 entries") && out.stdout.contains("cmkfs.fsck.json"),
+        "{out}"
+    );
+    let out = env.cmkfs(&["fsck", env.cipher.to_str().unwrap()]);
+    assert!(
+        out.ok() && out.stdout.contains("clean, but cmkfs.quarantine/"),
+        "{out}"
+    );
+    reencrypt(&env, &["--discard-quarantine"]).assert_ok();
+    let m = env.mount(&env.cipher, &env.mnt);
+    let left: Vec<_> = fs::read_dir(&env.mnt)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(left.len(), 1, "{left:?}");
+    m.unmount();
+}
+
+/// F5, during a run: a resumed run refuses a file under neither the retiring nor the new
+/// generation, and the old DEK is never erased while a file is not wholly under the new
+/// one (a file set back to the retiring generation after its batch: the check before the
+/// header loses the old DEK stops the run, the old DEK kept).
+#[test]
+fn a_run_resumed_or_finishing_with_a_file_not_converted_keeps_the_old_dek() {
+    let env = Env::new();
+    env.init(&env.cipher).assert_ok();
+    let m = env.mount(&env.cipher, &env.mnt);
+    fs::write(env.mnt.join("a"), vec![7u8; 5000]).unwrap();
+    m.unmount();
+    let victim = backing_files(&env.cipher)[0].clone();
+    // Stopped right after the header switched (a crash there).
+    let r = run_in_process(&env, false, &mut |s| match s {
+        Step::HeaderStarted => Err(std::io::Error::other("crash")),
+        _ => Ok(()),
+    });
+    assert!(
+        matches!(r, Err(ReencryptError::Interrupted(_))),
+        "{:?}",
+        r.map(|_| ())
+    );
+    set_key_gen(&victim, 7);
+    let out = reencrypt(&env, &[]);
+    out.assert_clear_error();
+    assert!(
+        out.stderr
+            .contains("key generation 7 where the volume expects 0 or 1")
+            && out.stderr.contains("old DEK is kept")
+            && out.stderr.contains("cmkfs fsck --repair"),
+        "{out}"
+    );
+    assert!(VolumeHeader::read(&env.cipher).unwrap().retiring.is_some());
+    set_key_gen(&victim, 0);
+    // The file converted, then set back to the retiring generation before the end.
+    let cipher = env.cipher.clone();
+    let r = run_in_process(&env, false, &mut |s| {
+        // Its backing name is under the new name key by now.
+        let path = &backing_files(&cipher)[0];
+        if s == Step::JournalRetired && key_gen_of(path).0 == 1 {
+            set_key_gen(path, 0);
+        }
+        Ok(())
+    });
+    let e = r
+        .map(|_| ())
+        .expect_err("the old DEK was erased with a file under it");
+    assert!(
+        matches!(&e, ReencryptError::Refused(m) if m.contains("expects 1 (wholly converted)") && m.contains("old DEK is kept")),
+        "{e}"
+    );
+    assert!(VolumeHeader::read(&env.cipher).unwrap().retiring.is_some());
+}

@@ -52,11 +52,11 @@ pub const BATCH_FILES: usize = 512;
 
 /// A regular file found by the walk.
 pub(super) struct Found {
-    dir: Arc<Dir>,
-    bname: OsString,
-    path: Vec<String>,
+    pub(super) dir: Arc<Dir>,
+    pub(super) bname: OsString,
+    pub(super) path: Vec<String>,
     /// Backing length when found.
-    len: u64,
+    pub(super) len: u64,
     /// Backing bytes allocated when found (`st_blocks`): what a sparse file's data costs,
     /// for the budget and the progress total.
     pub(super) alloc: u64,

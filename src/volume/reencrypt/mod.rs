@@ -23,6 +23,7 @@ mod contents;
 pub mod journal;
 mod meta;
 mod preflight;
+use preflight::FilesAt;
 
 use std::io;
 use std::sync::Arc;
@@ -329,6 +330,15 @@ impl<'a> Session<'a> {
         let vol = self.vol;
         if header.retiring.is_none() {
             preflight::check_dirs(vol, true)?;
+            preflight::check_files(vol, FilesAt::Start(header.key_generation))?;
+        } else {
+            preflight::check_files(
+                vol,
+                FilesAt::Resume {
+                    retiring: header.key_generation.wrapping_sub(1),
+                    new: header.key_generation,
+                },
+            )?;
         }
         report.quarantine_discarded += preflight::check_quarantine(&self)?;
         let deks = match header.retiring {
@@ -606,6 +616,9 @@ impl<'a> Session<'a> {
                     .collect();
                 contents::convert_open(self, open)?;
             }
+            // The backstop of the rule above: not one file may be left under the old DEK
+            // (or under a generation the run did not write).
+            preflight::check_files(vol, FilesAt::Finish(deks.generation))?;
             contents::syncfs(&root)?;
             // The header in force (a rotation may have rewrapped it meanwhile).
             let done = self.access.current_header().reencrypted(&deks.outer);

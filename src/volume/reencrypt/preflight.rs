@@ -12,6 +12,15 @@
 //!   be sealed again; erasing the old DEK would make it unreadable for good (while a leaked
 //!   copy of that DEK still reads it). A re-encryption refuses while the quarantine holds
 //!   anything, unless told to discard it ([`Session::discard_quarantine`]), which deletes it.
+//! - **Files.** Every file header must decode and name a key generation the run expects:
+//!   before the header switches, the current one only; when a run resumes, the retiring or
+//!   the new one; before the old DEK is erased, the new one with no conversion in progress.
+//!   A file under any other generation (a flipped bit, a file put back from before an
+//!   earlier re-encryption) would stop the run half-way, or, claiming the generation the run
+//!   creates, be taken for converted and lose the only DEK that might read it. `cmkfs fsck
+//!   --repair` sets such a file aside (`key_generation_unknown`, `file_header_corrupt`).
+//!   What the check cannot see: a header whose generation flips from the retiring to the
+//!   new one *during* a run, before the run reaches that file (the data units carry no MAC).
 
 use std::ffi::OsString;
 use std::fs;
@@ -19,10 +28,12 @@ use std::io;
 use std::path::Path;
 use std::sync::Arc;
 
-use super::{ReencryptError, Session};
+use super::{contents, ReencryptError, Session};
 use crate::fsck::{MANIFEST_FILE, QUARANTINE_DIR, XATTRS_FILE};
+use crate::volume::layout::{FileHeader, FILE_HEADER_LEN};
 use crate::volume::names::{self, EntryKind};
-use crate::volume::{sys, Dir, Volume};
+use crate::volume::sys::{self, Access};
+use crate::volume::{Dir, Volume};
 
 /// Most bytes read of a quarantine manifest (to count its items).
 const MAX_MANIFEST: usize = 64 << 20;
@@ -62,6 +73,98 @@ pub(super) fn check_dirs(vol: &Volume, before_start: bool) -> Result<(), Reencry
         }
     }
     Ok(())
+}
+
+/// When a file check runs (which generations a file header may name, and what the refusal
+/// says was kept).
+#[derive(Clone, Copy)]
+pub(super) enum FilesAt {
+    /// Before the header switches: the current generation only; nothing was changed.
+    Start(u32),
+    /// A resumed run: `retiring` (not converted yet) or `new` (converted, or in progress).
+    Resume { retiring: u32, new: u32 },
+    /// Before the old DEK is erased: `new`, every file wholly converted.
+    Finish(u32),
+}
+
+/// Every regular file with data has a valid header of the volume's layout, under a key
+/// generation `at` allows; otherwise a one-line refusal naming the first that does not (by
+/// its backing path) and what to do. Reads 32 bytes per file (its atime is put back).
+pub(super) fn check_files(vol: &Volume, at: FilesAt) -> Result<(), ReencryptError> {
+    let layout = vol.layout();
+    for f in contents::walk(vol.root_dir(), vol, false)? {
+        let (file, st) = match sys::open_regular(f.dir.fd(), &f.bname, Access::Read, None) {
+            Ok(x) => x,
+            // Online a mount may have removed or renamed it meanwhile.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
+            Err(e) => return Err(bad_file(&f.path, &format!("cannot be opened: {e}"), at)),
+        };
+        let atime = sys::times_of(&st)[0];
+        let mut b = [0u8; FILE_HEADER_LEN];
+        let read = std::os::unix::fs::FileExt::read_exact_at(&file, &mut b, 0);
+        if sys::fstat(std::os::fd::AsFd::as_fd(&file))
+            .is_ok_and(|now| sys::times_of(&now)[0] != atime)
+        {
+            let _ = sys::utimens_fd(std::os::fd::AsFd::as_fd(&file), &[atime, None]);
+        }
+        let why = match read
+            .map_err(|e| e.to_string())
+            .and_then(|()| FileHeader::decode(&b))
+        {
+            Err(why) => Some(format!("its file header is corrupt ({why})")),
+            Ok(h) if h.version != layout.file_version => Some(format!(
+                "its file header is of file version {}, not this volume's {}",
+                h.version, layout.file_version
+            )),
+            Ok(_) if layout.logical_size(f.len).is_err() => {
+                Some(format!("its backing length {} is invalid", f.len))
+            }
+            Ok(h) => {
+                let g = |x: u32| x as u16;
+                let ok = match at {
+                    FilesAt::Start(cur) => h.key_gen == g(cur),
+                    FilesAt::Resume { retiring, new } => {
+                        h.key_gen == g(retiring) || h.key_gen == g(new)
+                    }
+                    FilesAt::Finish(new) => h.key_gen == g(new) && h.reencrypted == 0,
+                };
+                (!ok).then(|| {
+                    format!(
+                        "its file header says key generation {}{} where the volume expects {}",
+                        h.key_gen,
+                        if h.reencrypted != 0 {
+                            " (a conversion in progress)"
+                        } else {
+                            ""
+                        },
+                        match at {
+                            FilesAt::Start(c) => format!("{}", g(c)),
+                            FilesAt::Resume { retiring, new } =>
+                                format!("{} or {}", g(retiring), g(new)),
+                            FilesAt::Finish(n) => format!("{} (wholly converted)", g(n)),
+                        }
+                    )
+                })
+            }
+        };
+        if let Some(why) = why {
+            return Err(bad_file(&f.path, &why, at));
+        }
+    }
+    Ok(())
+}
+
+fn bad_file(path: &[String], why: &str, at: FilesAt) -> ReencryptError {
+    let then = match at {
+        FilesAt::Start(_) => "nothing was changed",
+        _ => "the old DEK is kept and the volume mounts meanwhile",
+    };
+    ReencryptError::Refused(format!(
+        "backing file {} cannot be re-encrypted: {why}; {then}; run `cmkfs fsck --repair` on \
+         the volume (it sets the file aside in cmkfs.quarantine/), then the re-encryption \
+         again (with --discard-quarantine once what was set aside is dealt with)",
+        path.join("/")
+    ))
 }
 
 /// A backing path for messages.
