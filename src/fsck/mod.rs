@@ -251,6 +251,10 @@ pub enum ProblemKind {
     /// nor, during a re-encryption, the retiring one: no DEK of the volume decrypts it
     /// (checked with the key only); quarantined by `--repair`.
     KeyGenerationUnknown,
+    /// A file header whose `reencrypted` progress is set although its data is not under the
+    /// retiring generation of a running re-encryption (damage: a re-encryption would skip
+    /// units it never converted); checked with the key only; quarantined by `--repair`.
+    ReencryptionProgressInvalid,
     /// `cmkfs.quarantine/` holds entries an earlier `--repair` (perhaps of an older cmkfs) set
     /// aside: not corruption (a warning), but the plaintext view lacks them until they are
     /// moved back (by the `cmkfs.fsck.json` of each batch) or deleted.

@@ -438,6 +438,21 @@ impl Checker {
         }
         let current = keys.generation as u16;
         let retiring = keys.retiring.as_deref().map(|r| r.generation as u16);
+        if h.reencrypted != 0 && Some(h.key_gen) != retiring {
+            // Only a file still under the retiring generation, during a re-encryption, has
+            // units already converted; anywhere else the field is damage that would make a
+            // re-encryption skip units (attack session 14, F2 and F3).
+            return Some((
+                ProblemKind::ReencryptionProgressInvalid,
+                format!(
+                    "the file header marks units before {} as re-encrypted, but its data is \
+                     under key generation {} and no re-encryption from it is running (a \
+                     damaged header): a re-encryption and a backup refuse the volume while it \
+                     is there",
+                    h.reencrypted, h.key_gen
+                ),
+            ));
+        }
         if h.key_gen == current || Some(h.key_gen) == retiring {
             return None;
         }

@@ -1135,3 +1135,39 @@ fn a_failed_fallocate_on_a_full_backing_disk_leaves_the_size() {
     assert_eq!(fs::read(m.path("f")).unwrap(), body, "after a remount");
     m.unmount();
 }
+
+/// Attack session 14, F1: `fallocate` with `KEEP_SIZE` of an empty file (a 0-byte backing
+/// file, no header yet) returned 0 but reserved nothing, so a later write into the range
+/// failed at fsync on a full disk. The header is written first; the reservation follows it.
+#[test]
+fn a_keep_size_fallocate_of_an_empty_file_reserves_or_fails() {
+    use std::os::unix::io::AsRawFd;
+    let env = Env::new();
+    let small = env.dir("small");
+    let _fs = Tmpfs::mount(&small);
+    env.init(&small);
+    let m = env.mount(&small, &env.mnt);
+    let f = fs::File::create(m.path("big")).unwrap();
+    // SAFETY: plain system call on our own descriptor.
+    let r = unsafe { libc::fallocate(f.as_raw_fd(), libc::FALLOC_FL_KEEP_SIZE, 0, 12 << 20) };
+    let errno = std::io::Error::last_os_error().raw_os_error();
+    assert_eq!(
+        (r, errno),
+        (-1, Some(libc::ENOSPC)),
+        "12 MiB on an 8 MiB disk"
+    );
+    let g = fs::File::create(m.path("reserved")).unwrap();
+    // SAFETY: as above.
+    let r = unsafe { libc::fallocate(g.as_raw_fd(), libc::FALLOC_FL_KEEP_SIZE, 0, 3 << 20) };
+    assert_eq!(r, 0, "3 MiB fit");
+    fill_backing_disk(&m);
+    (&g).write_all(&vec![0x33u8; 3 << 20]).unwrap();
+    g.sync_all()
+        .expect("the reserved range takes the write on a full disk");
+    drop((f, g));
+    m.unmount();
+    let m = env.mount(&small, &env.mnt);
+    assert_eq!(fs::read(m.path("reserved")).unwrap(), vec![0x33u8; 3 << 20]);
+    assert_eq!(fs::metadata(m.path("big")).unwrap().len(), 0);
+    m.unmount();
+}

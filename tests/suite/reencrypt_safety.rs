@@ -414,6 +414,25 @@ fn a_file_under_a_generation_the_volume_lacks_is_found_by_fsck_and_refused_befor
     refused(&env, &[], "file header version 9 is not supported");
     fs::write(&victim, &saved).unwrap();
 
+    // Attack 14, F2: `reencrypted` (header offset 24) set on a file at the current
+    // generation: the run took units before it as converted and retired the old DEK.
+    let mut bad = saved.clone();
+    bad[24] = 2;
+    fs::write(&victim, &bad).unwrap();
+    let (code, kinds, out) = fsck_kinds(&env, &[]);
+    assert_eq!(code, 2, "{out}");
+    assert_eq!(
+        kinds,
+        [(
+            "reencryption_progress_invalid".into(),
+            "quarantine".into(),
+            "error".into()
+        )],
+        "{out}"
+    );
+    refused(&env, &[], "with units before 2 marked converted");
+    fs::write(&victim, &saved).unwrap();
+
     // F6: the volume re-encrypted (generation 1), then the file put back from before.
     reencrypt(&env, &[]).assert_ok();
     // Its backing name is under the new name key now: the one of the same length.

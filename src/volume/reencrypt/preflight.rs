@@ -122,9 +122,13 @@ pub(super) fn check_files(vol: &Volume, at: FilesAt) -> Result<(), ReencryptErro
             Ok(h) => {
                 let g = |x: u32| x as u16;
                 let ok = match at {
-                    FilesAt::Start(cur) => h.key_gen == g(cur),
+                    // `reencrypted` counts units already under the new DEK: it may be set only
+                    // on a file still under the retiring generation, during a run. Set on any
+                    // other file it would make the run skip units it never converted (attack
+                    // session 14, F2: one edited field, and the old DEK retired under them).
+                    FilesAt::Start(cur) => h.key_gen == g(cur) && h.reencrypted == 0,
                     FilesAt::Resume { retiring, new } => {
-                        h.key_gen == g(retiring) || h.key_gen == g(new)
+                        h.key_gen == g(retiring) || (h.key_gen == g(new) && h.reencrypted == 0)
                     }
                     FilesAt::Finish(new) => h.key_gen == g(new) && h.reencrypted == 0,
                 };
@@ -133,9 +137,9 @@ pub(super) fn check_files(vol: &Volume, at: FilesAt) -> Result<(), ReencryptErro
                         "its file header says key generation {}{} where the volume expects {}",
                         h.key_gen,
                         if h.reencrypted != 0 {
-                            " (a conversion in progress)"
+                            format!(" with units before {} marked converted", h.reencrypted)
                         } else {
-                            ""
+                            String::new()
                         },
                         match at {
                             FilesAt::Start(c) => format!("{}", g(c)),
