@@ -8,19 +8,10 @@ use crate::backup::{restore_to, setup};
 use crate::common;
 
 use std::fs::{self, OpenOptions};
-use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use common::*;
-
-/// The backing file of the plaintext file `p` (same inode).
-fn backing_of(cipher: &Path, p: &Path) -> PathBuf {
-    let ino = fs::metadata(p).unwrap().ino();
-    data_files(cipher)
-        .into_iter()
-        .find(|b| fs::metadata(b).unwrap().ino() == ino)
-        .unwrap_or_else(|| panic!("no backing file for {}", p.display()))
-}
 
 fn poke(b: &Path, off: u64, bytes: &[u8]) {
     OpenOptions::new()

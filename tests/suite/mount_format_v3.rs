@@ -24,16 +24,6 @@ fn pattern(n: usize, salt: u8) -> Vec<u8> {
         .collect()
 }
 
-/// The backing file of the plaintext file `p` (same inode).
-fn backing_of(cipher: &Path, p: &Path) -> PathBuf {
-    use std::os::unix::fs::MetadataExt;
-    let ino = fs::metadata(p).unwrap().ino();
-    data_files(cipher)
-        .into_iter()
-        .find(|b| fs::metadata(b).unwrap().ino() == ino)
-        .unwrap_or_else(|| panic!("no backing file for {}", p.display()))
-}
-
 /// An strace attached to the daemon: stopped (SIGINT, so it flushes its output) within 10 s,
 /// killed on drop if still there (the kernel then detaches it from the daemon).
 struct Tracer(std::process::Child);

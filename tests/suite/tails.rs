@@ -18,21 +18,12 @@ use crate::common;
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use common::*;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-
-/// The backing file of the plaintext file at `p` (inode numbers are the backing ones).
-fn backing_of(cipher: &Path, p: &Path) -> PathBuf {
-    let ino = fs::metadata(p).unwrap().ino();
-    data_files(cipher)
-        .into_iter()
-        .find(|b| fs::metadata(b).unwrap().ino() == ino)
-        .unwrap_or_else(|| panic!("no backing file for {}", p.display()))
-}
 
 fn direct(p: &Path) -> File {
     OpenOptions::new()

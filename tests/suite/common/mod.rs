@@ -1137,6 +1137,15 @@ pub fn walk(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
+/// The backing file of the plaintext file at `p` (inode numbers are the backing ones).
+pub fn backing_of(cipher: &Path, p: &Path) -> PathBuf {
+    let ino = fs::metadata(p).unwrap().ino();
+    data_files(cipher)
+        .into_iter()
+        .find(|b| fs::metadata(b).unwrap().ino() == ino)
+        .unwrap_or_else(|| panic!("no backing file for {}", p.display()))
+}
+
 /// The regular files below `dir` whose names are encrypted names (not metadata): the backing
 /// files of plaintext files.
 pub fn data_files(dir: &Path) -> Vec<PathBuf> {
