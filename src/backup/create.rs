@@ -276,17 +276,10 @@ fn extents(f: &File, size: u64) -> io::Result<Vec<(u64, u64)>> {
     Ok(out)
 }
 
-/// Asks that reading `f` leave its access time alone (`O_NOATIME`), so a backup does not
-/// change the records the next incremental backup compares (the owner or root may; for
-/// anyone else the kernel refuses and the read moves atime as usual).
+/// Asks that reading `f` leave its access time alone, so a backup does not change the
+/// records the next incremental backup compares ([`sys::no_atime`]).
 fn no_atime(f: &File) {
-    // SAFETY: fcntl on a valid descriptor with integer arguments only.
-    unsafe {
-        let fl = libc::fcntl(f.as_raw_fd(), libc::F_GETFL);
-        if fl >= 0 {
-            libc::fcntl(f.as_raw_fd(), libc::F_SETFL, fl | libc::O_NOATIME);
-        }
-    }
+    sys::no_atime(std::os::fd::AsFd::as_fd(f));
 }
 
 /// The archive's output: each write that went through counts as progress ([`super::tick`]),

@@ -535,6 +535,18 @@ pub fn utimens_at(dir: BorrowedFd<'_>, name: &OsStr, t: &Times) -> io::Result<()
     )?)
 }
 
+/// Asks that reads through `fd` leave the file's access time alone (`O_NOATIME`, set with
+/// `fcntl`); `true` when the kernel took it (the file's owner or a process with
+/// `CAP_FOWNER`; for anyone else reads move atime as usual).
+pub fn no_atime(fd: BorrowedFd<'_>) -> bool {
+    use std::os::fd::AsRawFd;
+    // SAFETY: fcntl on a valid descriptor with integer arguments only.
+    unsafe {
+        let fl = libc::fcntl(fd.as_raw_fd(), libc::F_GETFL);
+        fl >= 0 && libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, fl | libc::O_NOATIME) == 0
+    }
+}
+
 /// The access and modification times of `st`, to set them back with [`utimens_fd`] or
 /// [`utimens_at`] (work done behind the user's back, a re-encryption, keeps them).
 pub fn times_of(st: &Stat) -> Times {

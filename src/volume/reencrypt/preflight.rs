@@ -89,7 +89,7 @@ pub(super) enum FilesAt {
 
 /// Every regular file with data has a valid header of the volume's layout, under a key
 /// generation `at` allows; otherwise a one-line refusal naming the first that does not (by
-/// its backing path) and what to do. Reads 32 bytes per file (its atime is put back).
+/// its backing path) and what to do. Reads 32 bytes per file (`O_NOATIME`).
 pub(super) fn check_files(vol: &Volume, at: FilesAt) -> Result<(), ReencryptError> {
     let layout = vol.layout();
     for f in contents::walk(vol.root_dir(), vol, false)? {
@@ -99,13 +99,17 @@ pub(super) fn check_files(vol: &Volume, at: FilesAt) -> Result<(), ReencryptErro
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
             Err(e) => return Err(bad_file(&f.path, &format!("cannot be opened: {e}"), at)),
         };
+        // Read without moving atime. Putting a moved one back instead would race a user's
+        // `utimensat` through the mount during an online run and undo it (found by
+        // `reencrypt_online::times_set_while_batches_rewrite_the_file_are_never_undone`);
+        // only where the kernel refuses O_NOATIME (not the owner) is it put back.
+        let fd = std::os::fd::AsFd::as_fd(&file);
+        let quiet = sys::no_atime(fd);
         let atime = sys::times_of(&st)[0];
         let mut b = [0u8; FILE_HEADER_LEN];
         let read = std::os::unix::fs::FileExt::read_exact_at(&file, &mut b, 0);
-        if sys::fstat(std::os::fd::AsFd::as_fd(&file))
-            .is_ok_and(|now| sys::times_of(&now)[0] != atime)
-        {
-            let _ = sys::utimens_fd(std::os::fd::AsFd::as_fd(&file), &[atime, None]);
+        if !quiet && sys::fstat(fd).is_ok_and(|now| sys::times_of(&now)[0] != atime) {
+            let _ = sys::utimens_fd(fd, &[atime, None]);
         }
         let why = match read
             .map_err(|e| e.to_string())
