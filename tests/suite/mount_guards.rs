@@ -77,6 +77,17 @@ impl Tmpfs {
     }
 }
 
+/// The full-disk tests' setup: a volume on an 8 MiB tmpfs of its own, mounted at `env.mnt`.
+/// Bind as `let (_fs, small, m)`: the mount goes first, then the tmpfs; `small` is the
+/// backing directory (for a remount).
+fn on_a_small_disk(env: &Env) -> (Mounted, std::path::PathBuf, Mount) {
+    let small = env.dir("small");
+    let fs = Tmpfs::mount(&small);
+    env.init(&small);
+    let m = env.mount(&small, &env.mnt);
+    (fs, small, m)
+}
+
 /// Inode numbers are unique on one filesystem only: with a backing subdirectory moved onto a
 /// filesystem of its own, a file there and one at the root had the same number and a write
 /// to one landed in the other. Such entries are refused (EIO, logged), never served.
@@ -194,10 +205,7 @@ fn a_full_backing_disk_fails_the_write_or_the_fsync_with_enospc() {
     // The writeback cache is the mode where the error moves to fsync; without it the write
     // itself fails (the same assertions hold).
     let env = Env::new().in_mode(&["--writeback-cache"]);
-    let small = env.dir("small");
-    let _fs = Tmpfs::mount(&small);
-    env.init(&small);
-    let m = env.mount(&small, &env.mnt);
+    let (_fs, _small, m) = on_a_small_disk(&env);
     let unit: Vec<u8> = (0..4096u32).map(|i| (i % 251) as u8).collect();
     let mut f = fs::File::create(m.path("big")).unwrap();
     // 16 MiB onto an 8 MiB filesystem.
@@ -315,10 +323,7 @@ fn fill_backing_disk(m: &Mount) {
 #[test]
 fn a_refused_write_back_fails_the_writers_close_after_another_fsync_or_close() {
     let env = Env::new().in_mode(&["--writeback-cache"]);
-    let small = env.dir("small");
-    let _fs = Tmpfs::mount(&small);
-    env.init(&small);
-    let m = env.mount(&small, &env.mnt);
+    let (_fs, _small, m) = on_a_small_disk(&env);
     fill_backing_disk(&m);
     let data = vec![0x44u8; 1 << 20];
     let mut closes = Vec::new();
@@ -381,10 +386,7 @@ fn a_refused_write_back_fails_the_writers_close_after_another_fsync_or_close() {
 #[test]
 fn a_refused_write_back_is_reported_once_to_each_writer_open_at_the_time() {
     let env = Env::new().in_mode(&["--writeback-cache"]);
-    let small = env.dir("small");
-    let _fs = Tmpfs::mount(&small);
-    env.init(&small);
-    let m = env.mount(&small, &env.mnt);
+    let (_fs, _small, m) = on_a_small_disk(&env);
     fill_backing_disk(&m);
     let p = m.path("shared");
     let a = raw::open(&p, libc::O_WRONLY | libc::O_CREAT);
@@ -413,10 +415,7 @@ fn a_refused_write_back_is_reported_once_to_each_writer_open_at_the_time() {
 #[test]
 fn a_refused_write_back_is_not_reported_to_descriptors_opened_after_it() {
     let env = Env::new().in_mode(&["--writeback-cache"]);
-    let small = env.dir("small");
-    let _fs = Tmpfs::mount(&small);
-    env.init(&small);
-    let m = env.mount(&small, &env.mnt);
+    let (_fs, _small, m) = on_a_small_disk(&env);
     fill_backing_disk(&m);
     let p = m.path("f2");
     let a = raw::open(&p, libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC);
@@ -494,10 +493,7 @@ fn a_refused_write_back_is_not_reported_to_descriptors_opened_after_it() {
 #[test]
 fn a_refused_write_back_is_reported_once_at_fsync_and_at_msync() {
     let env = Env::new().in_mode(&["--writeback-cache"]);
-    let small = env.dir("small");
-    let _fs = Tmpfs::mount(&small);
-    env.init(&small);
-    let m = env.mount(&small, &env.mnt);
+    let (_fs, _small, m) = on_a_small_disk(&env);
     const LEN: usize = 1 << 20;
     // Mapped files get their size while the disk has room (the pages fill in later).
     let sized = |name: &str| {
@@ -816,10 +812,7 @@ fn a_write_on_a_full_backing_disk_is_short_or_changes_nothing() {
     // (short writes, failed writes): every edge was reached.
     let want = (6, 1);
     assert_eq!(torn_writes_keep_their_promise(&plain), want, "tmpfs");
-    let small = env.dir("small");
-    let _fs = Tmpfs::mount(&small);
-    env.init(&small);
-    let m = env.mount(&small, &env.mnt);
+    let (_fs, _small, m) = on_a_small_disk(&env);
     assert_eq!(torn_writes_keep_their_promise(&env.mnt), want, "cmkfs");
     m.unmount();
 }
@@ -1027,10 +1020,7 @@ fn a_process_that_only_looks_like_a_fuse_daemon_blocks_no_command() {
 fn copy_file_range_onto_a_full_backing_disk_returns_what_landed() {
     use std::os::unix::io::AsRawFd;
     let env = Env::new();
-    let small = env.dir("small");
-    let _fs = Tmpfs::mount(&small);
-    env.init(&small);
-    let m = env.mount(&small, &env.mnt);
+    let (_fs, small, m) = on_a_small_disk(&env);
     let src: Vec<u8> = (0..3u32 << 20).map(|i| (i % 251) as u8).collect();
     let mut f = fs::File::create(m.path("src")).unwrap();
     f.write_all(&src).unwrap();
@@ -1106,10 +1096,7 @@ fn copy_file_range_onto_a_full_backing_disk_returns_what_landed() {
 fn a_failed_fallocate_on_a_full_backing_disk_leaves_the_size() {
     use std::os::unix::io::AsRawFd;
     let env = Env::new();
-    let small = env.dir("small");
-    let _fs = Tmpfs::mount(&small);
-    env.init(&small);
-    let m = env.mount(&small, &env.mnt);
+    let (_fs, small, m) = on_a_small_disk(&env);
     let body = b"one hundred bytes or so, enough to have a last unit with padding and filler";
     let f = fs::OpenOptions::new()
         .create(true)
@@ -1143,10 +1130,7 @@ fn a_failed_fallocate_on_a_full_backing_disk_leaves_the_size() {
 fn a_keep_size_fallocate_of_an_empty_file_reserves_or_fails() {
     use std::os::unix::io::AsRawFd;
     let env = Env::new();
-    let small = env.dir("small");
-    let _fs = Tmpfs::mount(&small);
-    env.init(&small);
-    let m = env.mount(&small, &env.mnt);
+    let (_fs, small, m) = on_a_small_disk(&env);
     let f = fs::File::create(m.path("big")).unwrap();
     // SAFETY: plain system call on our own descriptor.
     let r = unsafe { libc::fallocate(f.as_raw_fd(), libc::FALLOC_FL_KEEP_SIZE, 0, 12 << 20) };
