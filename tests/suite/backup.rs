@@ -26,12 +26,17 @@ const MARKER: &[u8] = b"PLAINTEXT-MARKER-b4ckup";
 /// A volume, a second key for backups, and a Disk Encryption Set `d` (key `dkey`).
 pub(crate) fn setup(env: &Env) {
     env.init(&env.cipher);
+    create_set_d(env);
+    env.cmkfs(&["vault", "key", "create", "bkey", "--key-size", KEY_SIZE])
+        .assert_ok();
+}
+
+/// A Disk Encryption Set `d` under a new key `dkey` (purge protection on, as a set needs).
+pub(crate) fn create_set_d(env: &Env) {
     env.cmkfs(&["vault", "config", "--purge-protection", "on"])
         .assert_ok();
-    for k in ["bkey", "dkey"] {
-        env.cmkfs(&["vault", "key", "create", k, "--key-size", KEY_SIZE])
-            .assert_ok();
-    }
+    env.cmkfs(&["vault", "key", "create", "dkey", "--key-size", KEY_SIZE])
+        .assert_ok();
     env.cmkfs(&["des", "create", "d", "--key", "dkey"])
         .assert_ok();
 }

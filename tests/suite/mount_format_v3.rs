@@ -373,12 +373,7 @@ fn a_format_2_volume_mounts_writes_reencrypts_backs_up_and_restores() {
     m.unmount();
 
     // Backup and restore under a set: a v2 volume again, byte-identical backing files.
-    env.cmkfs(&["vault", "config", "--purge-protection", "on"])
-        .assert_ok();
-    env.cmkfs(&["vault", "key", "create", "dkey", "--key-size", KEY_SIZE])
-        .assert_ok();
-    env.cmkfs(&["des", "create", "d", "--key", "dkey"])
-        .assert_ok();
+    crate::backup::create_set_d(&env);
     // Under the volume's own key (the default backup key).
     let archive = env.root.join("v2.tar");
     env.cmkfs(&[

@@ -829,12 +829,7 @@ fn holes_stay_holes_and_cost_nothing() {
 #[test]
 fn an_offline_reencryption_does_not_wait_for_ever_for_a_busy_disk_encryption_set() {
     let env = Env::new();
-    env.cmkfs(&["vault", "config", "--purge-protection", "on"])
-        .assert_ok();
-    env.cmkfs(&["vault", "key", "create", "dkey", "--key-size", KEY_SIZE])
-        .assert_ok();
-    env.cmkfs(&["des", "create", "d", "--key", "dkey"])
-        .assert_ok();
+    crate::backup::create_set_d(&env);
     env.cmkfs(&[
         "init".as_ref(),
         env.cipher.as_os_str(),
