@@ -57,6 +57,18 @@ fn keys_of(env: &Env, cipher: &Path) -> VolumeKeys {
     VolumeKeys::from_dek(&dek, SECTOR).unwrap()
 }
 
+/// Writes 5000 bytes of pattern `i` to each of `names` in the mount and returns their
+/// backing files, in order.
+fn write_files(env: &Env, m: &Mount, names: &[&str]) -> Vec<PathBuf> {
+    for (i, n) in names.iter().enumerate() {
+        fs::write(m.path(n), pattern(5000, i as u8)).unwrap();
+    }
+    names
+        .iter()
+        .map(|n| backing_of(&env.cipher, &m.path(n)))
+        .collect()
+}
+
 /// A v3 volume (what `init` makes): unit n is the XTS encryption of plaintext unit n at
 /// backing offset 4096·(n+1), the header area past the 32-byte header is zeros, and 4 KiB
 /// aligned writes reach the backing file as pwrites at page-aligned offsets (strace of the
@@ -157,13 +169,7 @@ fn corrupt_v3_lengths_and_a_foreign_file_version_are_eio_reported_and_repaired()
     env.init(&env.cipher);
     let m = env.mount(&env.cipher, &env.mnt);
     let names = ["l1", "l31", "l32", "l100", "l4095", "v2hdr", "good"];
-    for (i, n) in names.iter().enumerate() {
-        fs::write(m.path(n), pattern(5000, i as u8)).unwrap();
-    }
-    let backing: Vec<PathBuf> = names
-        .iter()
-        .map(|n| backing_of(&env.cipher, &m.path(n)))
-        .collect();
+    let backing = write_files(&env, &m, &names);
     m.unmount();
     for (b, len) in backing.iter().zip([1u64, 31, 32, 100, 4095]) {
         OpenOptions::new()
@@ -255,13 +261,7 @@ fn a_bare_header_area_with_a_bogus_header_is_eio_and_a_valid_one_an_empty_file()
     env.init(&env.cipher);
     let m = env.mount(&env.cipher, &env.mnt);
     let names = ["zeros", "v2hdr", "kg1", "bare"];
-    for (i, n) in names.iter().enumerate() {
-        fs::write(m.path(n), pattern(5000, i as u8)).unwrap();
-    }
-    let backing: Vec<PathBuf> = names
-        .iter()
-        .map(|n| backing_of(&env.cipher, &m.path(n)))
-        .collect();
+    let backing = write_files(&env, &m, &names);
     m.unmount();
     let h = Layout::V3.data_offset;
     for (i, b) in backing.iter().enumerate() {
