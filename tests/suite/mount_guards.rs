@@ -419,12 +419,19 @@ fn a_refused_write_back_is_not_reported_to_descriptors_opened_after_it() {
     fill_backing_disk(&m);
     let p = m.path("f2");
     let a = raw::open(&p, libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC);
+    // A reader open before the write: its `fsync` below is the barrier.
+    let before = raw::open(&p, libc::O_RDONLY);
     raw::pwrite_all(a, &vec![0x46u8; 1 << 20]);
-    // `syncfs` writes the mount's cached pages back and waits: the daemon refuses them
-    // (full disk). Its result is not this test's (README: it reports no refused write-back
-    // now; it did while the kernel was told).
+    // `syncfs` writes the mount's cached pages back: the daemon refuses them (full disk).
+    // Its result is not this test's (README: it reports no refused write-back now; it did
+    // while the kernel was told). Under load it returned once with pages still dirty, which
+    // the next close then wrote back, refused while `idle` below was open: so `before`'s
+    // `fsync` waits for every write-back of the file (it may report the refusal to
+    // `before`, which was open then; `a` keeps its own report).
     // SAFETY: plain system call on our own descriptor.
     unsafe { libc::syncfs(a) };
+    raw::fsync(before);
+    assert_eq!(raw::close(before), 0, "a reader's close");
     let reader = raw::open(&p, libc::O_RDONLY);
     let idle = raw::open(&p, libc::O_WRONLY);
     let late = raw::open(&p, libc::O_RDONLY);
