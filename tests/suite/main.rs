@@ -10,6 +10,7 @@ mod backup;
 mod backup_cached;
 mod backup_chain;
 mod backup_damaged;
+mod backup_drain;
 mod backup_freeze;
 mod backup_held_writes;
 mod content_model;
