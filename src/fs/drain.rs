@@ -17,16 +17,29 @@
 //!    attribute version, which the kernel drops (`fuse_change_attributes_i`).
 //! 2. **Drain**: a `write(2)` already past that point holds the inode lock while it
 //!    copies. A thread of the daemon opens every regular file with an open handle through
-//!    the mount (`open_by_handle_at`: the kernel finds the inode it holds by node id and
-//!    generation, `fuse_get_dentry`) and `fsync`s it: `fuse_fsync` takes the inode lock
-//!    (so waits for that `write(2)`), writes back and waits, then sends FSYNC. Two rounds
+//!    the mount and `fsync`s it: `fuse_fsync` takes the inode lock (so waits for that
+//!    `write(2)`), writes back and waits for every WRITE of the inode (`fuse_sync_writes`),
+//!    then sends FSYNC. The file is opened by its FUSE handle where the kernel allows it
+//!    (`open_by_handle_at`, which needs `CAP_DAC_READ_SEARCH`: the kernel finds the inode it
+//!    holds by node id and generation, `fuse_get_dentry`), else by one of its plaintext
+//!    paths from the node table (a mount run by another user than root, or root without
+//!    the capability): `openat2` below the mount's root, no symlink followed, read-only (or
+//!    write-only where reading is refused), and its `st_ino` checked to be the node id (a
+//!    rename may have given the name to another file meanwhile: the names are looked up
+//!    again). A file with no name left whose backing file has no link either (unlinked
+//!    while open) is in no backup and needs nothing; one that cannot be opened either way
+//!    (a name the mount never looked up, permissions that refuse the daemon's user both
+//!    reading and writing) leaves the drain not exact, logged. Two rounds
 //!    (a `write(2)` that had passed its attribute check but not yet taken the lock when the
 //!    first round's `fsync` took it is waited for by the second; one that still has not
 //!    taken it after a whole round, a few instructions of the writer's, is the window this
-//!    does not close), then `syncfs` of the mount (pages dirtied through `mmap` of closed
-//!    files). The drain's own requests pass the
-//!    quiesce (its thread id, [`crate::volume::Gates::set_drainer`]); WRITE, FSYNC,
-//!    RELEASE and every other request go on meanwhile.
+//!    does not close), then `syncfs` of the mount (it starts the write-back of pages
+//!    dirtied through `mmap` of closed files; on FUSE it waits for none of it). `syncfs`
+//!    alone is no drain: it returns while WRITEs still wait in the kernel's queue of
+//!    background requests (docs/ARCHITECTURE.md, "What `sync(2)` and `syncfs(2)` promise
+//!    on a FUSE mount"). The drain's own requests (LOOKUP, GETATTR, OPEN, FSYNC) pass the
+//!    quiesce (its thread id, [`crate::volume::Gates::set_drainer`]: only GETATTRs are
+//!    parked, and not its); WRITE, FSYNC, RELEASE and every other request go on meanwhile.
 //! 3. **Freeze** ([`crate::volume::Quiesced::freeze`]): every change waits, WRITE
 //!    included, then the parked GETATTRs are answered: new writes fill the kernel's pages
 //!    and their WRITEs wait for the thaw.
@@ -67,8 +80,9 @@ pub enum DrainError {
 pub struct Drained {
     /// Files opened and `fsync`ed through the mount (each round).
     pub files: usize,
-    /// False when a file could not be opened by handle (no `CAP_DAC_READ_SEARCH`): only
-    /// `syncfs` ran, and a `write(2)` running at the quiesce may be cut in two.
+    /// False when a file with an open handle could be opened neither by handle nor by a
+    /// path (see the module docs): a `write(2)` into it that returned before the freeze may
+    /// be missing from a backup, or in it in part.
     pub exact: bool,
 }
 
