@@ -678,11 +678,7 @@ fn write_locked(
     };
     // Zeros wherever neither the old units nor `data` will be put: before and after the
     // written range (the edge units read below overwrite parts of that), and the filler.
-    let mut buf = if direct::direct_writes_on() && units + filler >= direct::DIRECT_MIN {
-        PoolBuf::take_aligned(units + filler)
-    } else {
-        PoolBuf::take(units + filler)
-    };
+    let mut buf = PoolBuf::take(units + filler);
     buf[..(off - start) as usize].fill(0);
     buf[(end - start) as usize..].fill(0);
     // What must go back to disk: `buf[lo..hi]`. XTS is deterministic per block, so a block
@@ -721,11 +717,7 @@ fn write_locked(
     if new_size != size {
         hi = buf.len() as u64;
     }
-    let out = &buf[lo as usize..hi as usize];
-    let torn = match direct::write(&st.direct, f, out, cx.layout.data_offset + start + lo) {
-        Some(r) => r,
-        None => write_counted(f, cx, out, start + lo),
-    };
+    let torn = write_counted(f, cx, &buf[lo as usize..hi as usize], start + lo);
     let (written, want) = match torn {
         Ok(()) => (data.len(), want),
         Err((landed, e)) => {

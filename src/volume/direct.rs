@@ -68,8 +68,6 @@ fn refuse(dev: u64) {
 #[derive(Debug, Default)]
 pub struct DirectFile {
     fd: OnceLock<Option<(File, u64)>>,
-    /// EXPERIMENT: a read-write `O_DIRECT` descriptor for whole-page writes.
-    wfd: OnceLock<Option<(File, u64)>>,
     /// Set when a direct read of this file was refused: buffered from then on.
     off: AtomicBool,
 }
@@ -83,75 +81,6 @@ impl DirectFile {
         }
         self.fd.get_or_init(|| open(f)).as_ref()
     }
-}
-
-/// EXPERIMENT (session 9): direct writes, switched on by `CMKFS_DIRECT_WRITES=1`.
-pub fn direct_writes_on() -> bool {
-    static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| std::env::var("CMKFS_DIRECT_WRITES").is_ok_and(|v| v == "1"))
-}
-
-/// EXPERIMENT: writes `buf` at backing offset `pos` through the `O_DIRECT` descriptor when
-/// the write is whole aligned pages of at least [`DIRECT_MIN`] bytes. `None`: write it
-/// buffered (nothing was written). `Some(Err((landed, e)))`: stopped after `landed` bytes.
-pub fn write(
-    df: &DirectFile,
-    f: &File,
-    buf: &[u8],
-    pos: u64,
-) -> Option<Result<(), (usize, io::Error)>> {
-    let align = DIO_ALIGN as u64;
-    if !direct_writes_on()
-        || buf.len() < DIRECT_MIN
-        || !pos.is_multiple_of(align)
-        || !(buf.len() as u64).is_multiple_of(align)
-        || !(buf.as_ptr() as usize).is_multiple_of(DIO_ALIGN)
-        || df.off.load(Ordering::Relaxed)
-    {
-        return None;
-    }
-    let (d, dev) = df
-        .wfd
-        .get_or_init(|| {
-            let dev = f.metadata().ok()?.dev();
-            if refused(dev) {
-                return None;
-            }
-            match sys::reopen_direct_rw(f.as_fd()) {
-                Ok(d) => Some((d, dev)),
-                Err(e) => {
-                    if e.raw_os_error() == Some(libc::EINVAL) {
-                        refuse(dev);
-                    }
-                    None
-                }
-            }
-        })
-        .as_ref()?;
-    let mut done = 0usize;
-    while done < buf.len() {
-        match d.write_at(&buf[done..], pos + done as u64) {
-            Ok(0) => return Some(Err((done, io::Error::from_raw_os_error(libc::ENOSPC)))),
-            Ok(n) => done += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) && done == 0 => {
-                df.off.store(true, Ordering::Relaxed);
-                refuse(*dev);
-                return None;
-            }
-            Err(e) => return Some(Err((done, e))),
-        }
-    }
-    DIRECT_WRITES.fetch_add(1, Ordering::Relaxed);
-    Some(Ok(()))
-}
-
-/// Requests this process wrote with `O_DIRECT` (EXPERIMENT).
-static DIRECT_WRITES: AtomicU64 = AtomicU64::new(0);
-
-/// How many requests this process has written with `O_DIRECT` (EXPERIMENT).
-pub fn direct_writes() -> u64 {
-    DIRECT_WRITES.load(Ordering::Relaxed)
 }
 
 fn open(f: &File) -> Option<(File, u64)> {

@@ -213,16 +213,6 @@ pub fn reopen_direct(fd: BorrowedFd<'_>) -> io::Result<File> {
     Ok(File::from(fd))
 }
 
-/// Opens the file behind `fd` again, read-write with `O_DIRECT` (EXPERIMENT, direct writes).
-pub fn reopen_direct_rw(fd: BorrowedFd<'_>) -> io::Result<File> {
-    let fd = rfs::open(
-        proc_fd(fd).as_c_str(),
-        OFlags::RDWR | OFlags::DIRECT | OFlags::CLOEXEC | OFlags::NOCTTY,
-        Mode::empty(),
-    )?;
-    Ok(File::from(fd))
-}
-
 /// Creates regular file `name` in `dir` (`O_EXCL`: never opens an existing entry) with
 /// `mode`, open for reading and writing.
 pub fn create_regular(dir: BorrowedFd<'_>, name: &OsStr, mode: u32) -> io::Result<File> {
