@@ -86,7 +86,7 @@ fn streaming_writes_mixed_with_small_ones_truncates_and_remounts_match_a_model()
         assert!(
             d * 4096 <= 20 << 20,
             "{} MiB of 40 still dirty in the backing file: no write-out started",
-            d * 4096 >> 20
+            (d * 4096) >> 20
         );
     }
     let mut w = open_rw(&p);
