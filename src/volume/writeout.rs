@@ -10,7 +10,8 @@
 //! plus the disk's, where a plain file's is the copy's plus the disk's.
 //!
 //! `SYNC_FILE_RANGE_WRITE` only starts write-out (pages already under write-out are
-//! skipped, nothing waits for completion); a write-out error is recorded in the backing
+//! skipped; nothing waits for completion, though handing pages over may wait for room in the
+//! device queue, which is why the caller is outside the content lock); a write-out error is recorded in the backing
 //! file's mapping and reported by the next `fsync` of it as before, so durability and error
 //! reporting do not change. It is a hint: when it fails the data is written back later, as
 //! without it.
