@@ -32,6 +32,7 @@ mod mount_listing;
 mod mount_pkcs11;
 mod mount_security;
 mod mount_uring;
+mod mount_writeout;
 mod posix;
 mod posix_ext4;
 mod private_logs;
