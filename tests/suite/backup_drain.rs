@@ -237,9 +237,9 @@ fn a_backup_of_a_mount_without_open_by_handle_holds_every_write_that_returned_be
     // slot, so each is a WRITE of its own. The kernel puts 64 of them (`MAX_BACKGROUND`) in
     // the device's queue at once, the rest as those are answered; the drain's own requests
     // (and the SETATTR of the file's times that the backup's `syncfs` waits for) queue
-    // behind the first 64 only. So the old drain froze with about half of them not yet sent
-    // to the daemon (the archive's file was 1 044 480 bytes of about 2 MiB, in each of 3
-    // runs), held until the thaw. The file stays open across the backup, in a writer with
+    // behind the first 64 only. So the old drain froze with a quarter to a half of them not
+    // yet sent to the daemon, held until the thaw (the archive's file cut at 1 036 288 to
+    // 1 568 768 bytes of about 2 092 000; 8 of 8 runs failed). The file stays open across the backup, in a writer with
     // its own descriptor table (`Writer`).
     let mut data = Vec::new();
     let mut writes = Vec::new();
