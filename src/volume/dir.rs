@@ -2,11 +2,13 @@
 //! (a directory whose backing side holds only metadata is empty in the plaintext view).
 
 use std::ffi::{OsStr, OsString};
+use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
+use super::idsync::{self, IdDurability};
 use super::names::{self, DirId, EntryKind, DIRID_FILE};
 use super::{os, sys, Volume, VolumeError};
 use crate::fsutil;
@@ -71,11 +73,17 @@ pub(super) fn read_dir_id(dir: BorrowedFd<'_>) -> Result<DirId, VolumeError> {
         })
 }
 
-/// Writes a fresh random id into the new directory `dir` (fsynced).
+/// Writes a fresh random id into the new directory `dir`, durable before the caller renames
+/// `dir` into place: fsynced, or on ext4 in `data=ordered` mode its write-back waited for
+/// (`idsync`, where the kernel code this rests on is cited).
 pub(super) fn write_dir_id(dir: BorrowedFd<'_>) -> Result<(), VolumeError> {
     let mut id = [0u8; 16];
     super::idrand::fill(&mut id).map_err(|e| VolumeError::Internal(e.to_string()))?;
-    sys::write_new(dir, OsStr::new(DIRID_FILE), &id, 0o444).map_err(os)
+    let settle = match idsync::for_dir(dir) {
+        IdDurability::Fsync => File::sync_all,
+        IdDurability::WrittenBack => sys::written_back,
+    };
+    sys::write_new_then(dir, OsStr::new(DIRID_FILE), &id, 0o444, settle).map_err(os)
 }
 
 /// One plaintext entry of a listing, as the backing directory's listing gives it (no

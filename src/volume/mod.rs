@@ -20,6 +20,7 @@ pub mod direct;
 mod entries;
 pub mod header;
 pub mod idrand;
+pub mod idsync;
 pub mod layout;
 pub mod lock;
 pub mod names;
