@@ -38,38 +38,60 @@
 //! - An inherited `+j` (data journaling) or inline data puts the id's bytes in the journal at
 //!   `write` time, before the rename either way.
 //!
-//! Anything else keeps the `fsync`: tmpfs (where it is free), ext4 without a journal (no
+//! tmpfs keeps the `fsync` (free there). Everything else — ext4 without a journal (no
 //! ordering at all: the machine this was measured on), `data=writeback`, `data=journal`,
 //! `nobarrier`, DAX, fast commits (a rename within one directory may go into a fast commit,
 //! `ext4_rename` only marks moves of a directory to another parent ineligible; that path was
-//! not checked), xfs, btrfs, FUSE, an ext4 whose options cannot be read.
+//! not checked), xfs, btrfs, an ext4 whose options cannot be read — defers it
+//! ([`PendingIds`]): the id file is fsynced by a background thread within [`DEFER`] of the
+//! `mkdir`, and before the daemon does anything that could put an *existing* name under a
+//! pending id or promise durability: every rename and link (an old file or directory moved
+//! into the new directory or below it), every `fsync` and `fsyncdir`, and the unmount. The
+//! crash window that is left: a power loss or kernel crash within [`DEFER`] of a `mkdir`,
+//! before any of those, can bring the directory back with an empty or zero id; what is lost
+//! with it is what was created inside it in that window and never asked to be durable (the
+//! entries are still there for `fsck` to quarantine). Nothing that existed before the
+//! `mkdir` can be in it without the id having been fsynced first.
 
 use std::collections::HashMap;
+use std::fs::File;
+use std::io;
 use std::os::fd::BorrowedFd;
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Duration;
 
 use super::sys;
 
 /// `EXT4_SUPER_MAGIC` (also ext2/ext3, which the ext4 driver mounts: their options say
 /// whether a journal is there).
 const EXT4_MAGIC: i64 = 0xEF53;
+/// `TMPFS_MAGIC`.
+const TMPFS_MAGIC: i64 = 0x0102_1994;
+
+/// How long a deferred id may wait for its background fsync (the crash window of
+/// [`IdDurability::Deferred`]); `CMKFS_ID_DEFER_MS` changes it (tests hold ids back with it).
+pub const DEFER: Duration = Duration::from_millis(100);
 
 /// How a new id file is made durable before its directory is renamed into place.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum IdDurability {
-    /// `fsync` of the id file.
+    /// `fsync` of the id file (tmpfs).
     Fsync,
     /// Its write-back waited for (`sync_file_range` WAIT_BEFORE | WRITE | WAIT_AFTER): ext4
     /// with a journal, `data=ordered`, barriers on.
     WrittenBack,
+    /// fsynced later by [`PendingIds`]: in the background, and before any rename, link,
+    /// fsync or unmount.
+    Deferred,
 }
 
 /// The decision per backing filesystem (`st_dev`), taken on its first `mkdir`.
 static DECIDED: Mutex<Option<HashMap<u64, IdDurability>>> = Mutex::new(None);
 
 /// How ids of new directories inside `dir` are made durable (cached per `st_dev`). Any doubt
-/// (a failed `fstatfs`, unreadable options) answers [`IdDurability::Fsync`].
+/// (a failed `fstat`) answers [`IdDurability::Fsync`].
 pub fn for_dir(dir: BorrowedFd<'_>) -> IdDurability {
     let Ok(st) = sys::fstat(dir) else {
         return IdDurability::Fsync;
@@ -82,12 +104,12 @@ pub fn for_dir(dir: BorrowedFd<'_>) -> IdDurability {
 }
 
 fn decide(dir: BorrowedFd<'_>, dev: u64) -> IdDurability {
-    let ordered = sys::fs_magic(dir).is_ok_and(|m| m == EXT4_MAGIC)
-        && ext4_options(dev).is_some_and(|o| ordered_ext4(&o));
-    let d = if ordered {
-        IdDurability::WrittenBack
-    } else {
-        IdDurability::Fsync
+    let d = match sys::fs_magic(dir) {
+        Ok(EXT4_MAGIC) if ext4_options(dev).is_some_and(|o| ordered_ext4(&o)) => {
+            IdDurability::WrittenBack
+        }
+        Ok(TMPFS_MAGIC) | Err(_) => IdDurability::Fsync,
+        Ok(_) => IdDurability::Deferred,
     };
     tracing::debug!(dev, durability = ?d, "directory ids on this backing filesystem");
     d
@@ -126,6 +148,135 @@ pub fn ordered_ext4(options: &str) -> bool {
     ordered && barrier
 }
 
+/// Id files written but not fsynced yet ([`IdDurability::Deferred`]), and the thread that
+/// fsyncs them within [`DEFER`]. [`PendingIds::flush`] makes every one durable before it
+/// returns; dropping the set (the volume closing at unmount) flushes it too.
+pub struct PendingIds {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    files: Mutex<Vec<File>>,
+    /// Held for a whole flush, so a second caller waits for the ids the first one took
+    /// rather than finding the list empty and going on before they are durable.
+    flushing: Mutex<()>,
+    wake: Condvar,
+    closed: AtomicBool,
+    started: AtomicBool,
+    /// A background flush's failure, reported to the next caller of `flush`.
+    failed: Mutex<Option<io::Error>>,
+    defer: Duration,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Default for PendingIds {
+    fn default() -> PendingIds {
+        let defer = std::env::var("CMKFS_ID_DEFER_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map_or(DEFER, Duration::from_millis);
+        PendingIds {
+            inner: Arc::new(Inner {
+                files: Mutex::new(Vec::new()),
+                flushing: Mutex::new(()),
+                wake: Condvar::new(),
+                closed: AtomicBool::new(false),
+                started: AtomicBool::new(false),
+                failed: Mutex::new(None),
+                defer,
+            }),
+        }
+    }
+}
+
+impl std::fmt::Debug for PendingIds {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PendingIds({})", lock(&self.inner.files).len())
+    }
+}
+
+impl PendingIds {
+    /// Adds a written id file; the background thread starts on the first one.
+    pub fn push(&self, file: File) {
+        lock(&self.inner.files).push(file);
+        if !self.inner.started.swap(true, Ordering::SeqCst) {
+            let inner = Arc::clone(&self.inner);
+            let spawned = std::thread::Builder::new()
+                .name("cmkfs-dirids".into())
+                .spawn(move || inner.background());
+            if spawned.is_err() {
+                // No thread: the next rename, link, fsync or the unmount still flushes.
+                self.inner.started.store(false, Ordering::SeqCst);
+            }
+        }
+        self.inner.wake.notify_one();
+    }
+
+    /// fsyncs every pending id file; returns once all are durable. The first error (also
+    /// one the background thread met since the last call) is returned, after the rest were
+    /// tried.
+    pub fn flush(&self) -> io::Result<()> {
+        let r = self.inner.flush();
+        match lock(&self.inner.failed).take() {
+            Some(e) => Err(e),
+            None => r,
+        }
+    }
+}
+
+impl Inner {
+    fn flush(&self) -> io::Result<()> {
+        let _one = lock(&self.flushing);
+        let files = std::mem::take(&mut *lock(&self.files));
+        let mut first = Ok(());
+        for f in files {
+            if let Err(e) = f.sync_all() {
+                tracing::error!(error = %e, "fsync of a new directory's id failed");
+                if first.is_ok() {
+                    first = Err(e);
+                }
+            }
+        }
+        first
+    }
+
+    fn background(&self) {
+        while !self.closed.load(Ordering::SeqCst) {
+            {
+                let files = lock(&self.files);
+                let (files, _) = self
+                    .wake
+                    .wait_timeout_while(files, Duration::from_secs(1), |f| {
+                        f.is_empty() && !self.closed.load(Ordering::SeqCst)
+                    })
+                    .unwrap_or_else(|p| p.into_inner());
+                if files.is_empty() {
+                    continue;
+                }
+            }
+            // Later mkdirs join the same batch.
+            std::thread::sleep(self.defer);
+            if let Err(e) = self.flush() {
+                let mut failed = lock(&self.failed);
+                if failed.is_none() {
+                    *failed = Some(e);
+                }
+            }
+        }
+    }
+}
+
+impl Drop for PendingIds {
+    fn drop(&mut self) {
+        self.inner.closed.store(true, Ordering::SeqCst);
+        self.inner.wake.notify_all();
+        let _ = self.inner.flush();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -140,11 +291,37 @@ mod tests {
                        data=ordered\ncommit=5\n";
         assert!(!ordered_ext4(nojournal));
         assert!(ordered_ext4(ordered));
-        assert!(!ordered_ext4(&ordered.replace("data=ordered", "data=writeback")));
-        assert!(!ordered_ext4(&ordered.replace("data=ordered", "data=journal")));
+        assert!(!ordered_ext4(
+            &ordered.replace("data=ordered", "data=writeback")
+        ));
+        assert!(!ordered_ext4(
+            &ordered.replace("data=ordered", "data=journal")
+        ));
         assert!(!ordered_ext4(&ordered.replace("\nbarrier", "\nnobarrier")));
         assert!(!ordered_ext4(&format!("{ordered}dax=always\n")));
         assert!(!ordered_ext4(&format!("{ordered}fc_debug_force\n")));
         assert!(!ordered_ext4(""));
+    }
+
+    fn pending_len(p: &PendingIds) -> usize {
+        lock(&p.inner.files).len()
+    }
+
+    /// A flush takes every pending id; without one, the background thread does within
+    /// [`DEFER`] (waited for up to 10 s here, for a loaded machine).
+    #[test]
+    fn pending_ids_are_flushed_on_demand_and_in_the_background() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = PendingIds::default();
+        p.push(File::create(dir.path().join("a")).unwrap());
+        p.push(File::create(dir.path().join("b")).unwrap());
+        p.flush().unwrap();
+        assert_eq!(pending_len(&p), 0);
+        p.push(File::create(dir.path().join("c")).unwrap());
+        let t0 = std::time::Instant::now();
+        while pending_len(&p) > 0 && t0.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(pending_len(&p), 0, "the background thread flushed");
     }
 }
