@@ -90,8 +90,7 @@ pub(super) fn write_dir_id(dir: BorrowedFd<'_>, pending: &PendingIds) -> Result<
                 let _ = sys::unlink(dir, name);
                 return Err(os(e));
             }
-            pending.push(f);
-            Ok(())
+            pending.push(f)
         }
     }
     .map_err(os)

@@ -74,6 +74,10 @@ const TMPFS_MAGIC: i64 = 0x0102_1994;
 /// [`IdDurability::Deferred`]); `CMKFS_ID_DEFER_MS` changes it (tests hold ids back with it).
 pub const DEFER: Duration = Duration::from_millis(100);
 
+/// At most this many ids wait at once (each holds its file open): a `mkdir` that finds the
+/// list full flushes it itself, so a tree made faster than the disk fsyncs stays bounded.
+pub const MAX_PENDING: usize = 256;
+
 /// How a new id file is made durable before its directory is renamed into place.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum IdDurability {
@@ -199,9 +203,17 @@ impl std::fmt::Debug for PendingIds {
 }
 
 impl PendingIds {
-    /// Adds a written id file; the background thread starts on the first one.
-    pub fn push(&self, file: File) {
-        lock(&self.inner.files).push(file);
+    /// Adds a written id file; the background thread starts on the first one. With
+    /// [`MAX_PENDING`] waiting, flushes them all first (its error is returned).
+    pub fn push(&self, file: File) -> io::Result<()> {
+        let full = {
+            let mut files = lock(&self.inner.files);
+            files.push(file);
+            files.len() >= MAX_PENDING
+        };
+        if full {
+            return self.flush();
+        }
         if !self.inner.started.swap(true, Ordering::SeqCst) {
             let inner = Arc::clone(&self.inner);
             let spawned = std::thread::Builder::new()
@@ -213,6 +225,7 @@ impl PendingIds {
             }
         }
         self.inner.wake.notify_one();
+        Ok(())
     }
 
     /// fsyncs every pending id file; returns once all are durable. The first error (also
@@ -313,11 +326,11 @@ mod tests {
     fn pending_ids_are_flushed_on_demand_and_in_the_background() {
         let dir = tempfile::tempdir().unwrap();
         let p = PendingIds::default();
-        p.push(File::create(dir.path().join("a")).unwrap());
-        p.push(File::create(dir.path().join("b")).unwrap());
+        p.push(File::create(dir.path().join("a")).unwrap()).unwrap();
+        p.push(File::create(dir.path().join("b")).unwrap()).unwrap();
         p.flush().unwrap();
         assert_eq!(pending_len(&p), 0);
-        p.push(File::create(dir.path().join("c")).unwrap());
+        p.push(File::create(dir.path().join("c")).unwrap()).unwrap();
         let t0 = std::time::Instant::now();
         while pending_len(&p) > 0 && t0.elapsed() < Duration::from_secs(10) {
             std::thread::sleep(Duration::from_millis(10));
