@@ -43,14 +43,15 @@
 //! `nobarrier`, DAX, fast commits (a rename within one directory may go into a fast commit,
 //! `ext4_rename` only marks moves of a directory to another parent ineligible; that path was
 //! not checked), xfs, btrfs, an ext4 whose options cannot be read — defers it
-//! ([`PendingIds`]): the id file is fsynced by a background thread within [`DEFER`] of the
-//! `mkdir`, and before the daemon does anything that could put an *existing* name under a
+//! ([`PendingIds`]): the id file is fsynced by a background thread [`DEFER`] after the first
+//! id of its batch was written (plus the time the batch's fsyncs take; at most
+//! [`MAX_PENDING`] wait), and before the daemon does anything that could put an *existing* name under a
 //! pending id or promise durability: every rename and link (an old file or directory moved
 //! into the new directory or below it), every `fsync` and `fsyncdir`, and the unmount. The
-//! crash window that is left: a power loss or kernel crash within [`DEFER`] of a `mkdir`,
-//! before any of those, can bring the directory back with an empty or zero id; what is lost
+//! crash window that is left: a power loss or kernel crash in that time after a `mkdir`,
+//! with none of those in between, can bring the directory back with an empty or zero id; what is lost
 //! with it is what was created inside it in that window and never asked to be durable (the
-//! entries are still there for `fsck` to quarantine). Nothing that existed before the
+//! entries are still there, and `fsck` reports them). Nothing that existed before the
 //! `mkdir` can be in it without the id having been fsynced first.
 
 use std::collections::HashMap;
