@@ -29,6 +29,7 @@ use super::{now, BackupError, BackupReport, Progress};
 use crate::fsutil::TEMP_PREFIX;
 use crate::keyring::Unwrapped;
 use crate::vault::{Vault, WrapAlg};
+use crate::volume::file_check::{Expect, Generations};
 use crate::volume::header::{VolumeHeader, HEADER_FILE};
 use crate::volume::sys::{self, XTarget};
 
@@ -591,14 +592,16 @@ fn write_archive(
             no_atime(&f);
             m.size = fst.st_size as u64;
             if let Some(why) = req.header.layout().and_then(|lay| {
-                super::screen::damaged_data_file(
-                    path,
-                    &f,
-                    m.size,
-                    &lay,
+                let generations = Generations::of(
                     req.header.key_generation,
-                    req.point_in_time,
-                )
+                    req.header.retiring.as_ref().map(|r| r.key_generation),
+                );
+                let expect = Expect::new(lay, Some(generations));
+                let expect = match req.point_in_time {
+                    true => expect,
+                    false => expect.lengths_in_flux(),
+                };
+                super::screen::damaged_data_file(path, &f, m.size, &expect)
             }) {
                 return Err(damaged(req.root, path, &why));
             }

@@ -25,7 +25,7 @@ pub mod leftovers;
 pub mod manifest;
 mod renumber;
 pub mod restore;
-mod screen;
+pub(crate) mod screen;
 pub mod temp;
 
 use std::io;

@@ -29,7 +29,8 @@ use super::BackupError;
 use crate::crypto::{Dek, VolumeKeys};
 use crate::engine::SectorEngine;
 use crate::volume::content::{decrypt_with, encrypt_with, Ctx};
-use crate::volume::layout::{units_end, FileHeader, Layout, FILE_HEADER_LEN};
+use crate::volume::file_check::{self, Expect, FileDefect, Generations};
+use crate::volume::layout::{units_end, Layout};
 use crate::volume::names::{self, DirId, EntryKind, DIRID_FILE};
 use crate::volume::symlink::{long_target_ref, LONG_TARGET_PREFIX};
 use crate::volume::sys;
@@ -219,24 +220,29 @@ fn retweak_file(
     let (f, st) = sys::open_regular(d, bname, sys::Access::ReadWrite, None).map_err(io)?;
     let len = st.st_size as u64;
     let lay = cx.layout;
+    let head = file_check::read_head(&f, len).map_err(io)?;
+    let expect = Expect::new(lay, Some(Generations::Current(generation)));
+    let old = match file_check::judge(&expect, len, &head) {
+        Ok(Some(h)) => h,
+        Ok(None) => return Ok(None),
+        Err(
+            d @ (FileDefect::Truncated { .. }
+            | FileDefect::BadMagic
+            | FileDefect::UnknownVersion(_)
+            | FileDefect::BadLength { .. }),
+        ) => return Err(BackupError::Corrupt(format!("backing file {shown:?}: {d}"))),
+        Err(d) => {
+            return Err(BackupError::Refused(format!(
+                "backing file {shown:?} is not a complete format-{} file of key generation \
+                 {generation} ({d}: an interrupted upgrade or re-encryption in the source?): \
+                 restore without --new-dek, then run `cmkfs volume reencrypt`",
+                lay.file_version
+            )))
+        }
+    };
     let size = lay
         .logical_size(len)
         .map_err(|e| BackupError::Corrupt(format!("backing file {shown:?}: {e}")))?;
-    if len == 0 {
-        return Ok(None);
-    }
-    let mut hb = [0u8; FILE_HEADER_LEN];
-    f.read_exact_at(&mut hb, 0).map_err(io)?;
-    let old = FileHeader::decode(&hb)
-        .map_err(|e| BackupError::Corrupt(format!("backing file {shown:?}: {e}")))?;
-    if old.version != lay.file_version || old.key_gen != generation as u16 || old.reencrypted != 0 {
-        return Err(BackupError::Refused(format!(
-            "backing file {shown:?} is not a complete format-{} file of key \
-             generation {generation} (an interrupted upgrade or re-encryption in the source?): \
-             restore without --new-dek, then run `cmkfs volume reencrypt`",
-            lay.file_version
-        )));
-    }
     let mut new = lay
         .generate_header(generation)
         .map_err(|e| BackupError::Internal(e.to_string()))?;

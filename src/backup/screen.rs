@@ -26,7 +26,8 @@
 
 use super::manifest::{Kind, Member};
 use super::BackupError;
-use crate::volume::layout::{FileHeader, Layout, FILE_HEADER_LEN};
+use crate::volume::file_check::{self, Expect};
+use crate::volume::layout::{FileHeader, FILE_HEADER_LEN};
 use crate::volume::names::{DIRID_FILE, LONG_PREFIX, LONG_SUFFIX};
 use crate::volume::rename::REPLACED_MARKER;
 use crate::volume::symlink::LONG_TARGET_PREFIX;
@@ -311,123 +312,64 @@ impl Screen {
 }
 
 /// At backup time: checks data file `path` (its backing length `len`, read from `f`) as the
-/// volume of layout `lay` and key generation `generation` reads it, so that an archive never
-/// holds a member that [`Screen::header`] (or `restore --new-dek`) refuses at restore, which
-/// would refuse the whole archive. Entries of other classes (the quarantine, foreign names)
-/// are not data files and are stored as they are. `check_len`: whether the length is checked
-/// too (not in a backup that writers may run through, `--force`: a file being written may
-/// pass through lengths no file at rest has). Returns what is wrong with the file.
-pub(super) fn damaged_data_file(
+/// volume `expect` describes reads it ([`file_check::judge`], the judge fsck and
+/// re-encryption share), so that an archive never holds a member that [`Screen::header`] (or
+/// `restore --new-dek`) refuses at restore, which would refuse the whole archive. Entries of
+/// other classes (the quarantine, foreign names) are not data files and are stored as they
+/// are. A backup that writers may run through (`--force`) passes
+/// [`Expect::lengths_in_flux`]: a file being written may pass through lengths no file at rest
+/// has. Returns what is wrong with the file.
+pub(crate) fn damaged_data_file(
     path: &str,
     f: &std::fs::File,
     len: u64,
-    lay: &Layout,
-    generation: u32,
-    check_len: bool,
+    expect: &Expect,
 ) -> Option<String> {
-    use std::os::unix::fs::FileExt;
     if len == 0 || class(path) != Class::Data {
         return None;
     }
-    if let Err(why) = lay.logical_size(len) {
-        if check_len || len < FILE_HEADER_LEN as u64 {
-            return Some(why);
-        }
-    }
-    let mut head = [0u8; FILE_HEADER_LEN];
-    if let Err(e) = f.read_exact_at(&mut head, 0) {
-        return Some(format!("its file header cannot be read: {e}"));
-    }
-    let h = match FileHeader::decode(&head) {
+    let head = match file_check::read_head(f, len) {
         Ok(h) => h,
-        Err(why) => return Some(format!("its file header is not valid: {why}")),
+        Err(e) => return Some(format!("its file header cannot be read: {e}")),
     };
-    if h.version != lay.file_version {
-        return Some(format!(
-            "its file header says file format v{} in a format v{} volume",
-            h.version,
-            lay.format_version()
-        ));
-    }
-    if h.key_gen != generation as u16 {
-        return Some(format!(
-            "its data is under key generation {}, the volume's keys are of generation {}",
-            h.key_gen, generation as u16
-        ));
-    }
-    if h.reencrypted != 0 {
-        return Some("it is half re-encrypted".into());
-    }
-    None
+    file_check::judge(expect, len, &head)
+        .err()
+        .map(|d| d.to_string())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// The backup-time check refuses what a restore (plain or `--new-dek`) would: torn,
-    /// unknown or other version, another key generation, a half re-encrypted file, a length
-    /// the layout does not have (not under `--force`); and lets through an empty file, a
-    /// bare valid header area, and anything in the quarantine.
+    /// Only data files are judged at backup time: anything in the quarantine or under a
+    /// foreign name is stored as it is, and an empty file has no header (the defects
+    /// themselves: `volume::file_check`'s matrix, which runs this too).
     #[test]
-    fn backup_time_check_refuses_what_a_restore_would() {
+    fn only_data_files_are_judged_at_backup_time() {
+        use crate::volume::file_check::Generations;
+        use crate::volume::layout::Layout;
         let dir = tempfile::tempdir().unwrap();
         let lay = Layout::V3;
+        let expect = Expect::new(lay, Some(Generations::Current(0)));
         let h = lay.generate_header(0).unwrap();
-        let check = |path: &str, bytes: &[u8], check_len: bool| {
+        let check = |path: &str, bytes: &[u8], expect: &Expect| {
             let p = dir.path().join("f");
             std::fs::write(&p, bytes).unwrap();
             let f = std::fs::File::open(&p).unwrap();
-            damaged_data_file(path, &f, bytes.len() as u64, &lay, 0, check_len)
+            damaged_data_file(path, &f, bytes.len() as u64, expect)
         };
-        let file = |h: &FileHeader, data: usize| {
-            let mut b = lay.header_area(h);
-            b.resize(b.len() + data, 7);
-            b
-        };
-        assert_eq!(check("abc", b"", true), None);
-        assert_eq!(check("abc", &file(&h, 0), true), None);
-        assert_eq!(check("d/abc", &file(&h, 5016), true), None);
-        for (what, bytes, check_len) in [
-            ("shorter", file(&h, 0)[..10].to_vec(), false),
-            ("length", file(&h, 7), true),
-            (
-                "version 9",
-                file(&FileHeader { version: 9, ..h }, 32),
-                false,
-            ),
-            (
-                "format v2",
-                file(&FileHeader { version: 2, ..h }, 32),
-                false,
-            ),
-            (
-                "generation 1",
-                file(&FileHeader { key_gen: 1, ..h }, 32),
-                false,
-            ),
-            (
-                "re-encrypted",
-                file(
-                    &FileHeader {
-                        reencrypted: 1,
-                        ..h
-                    },
-                    32,
-                ),
-                false,
-            ),
-        ] {
-            let why = check("abc", &bytes, check_len).unwrap_or_else(|| panic!("{what}"));
-            assert!(why.contains(what), "{what}: {why}");
-            let q = format!("{}/20261130T000000Z/abc", crate::fsck::QUARANTINE_DIR);
-            assert_eq!(check(&q, &bytes, true), None, "{what} in the quarantine");
+        let mut torn = lay.header_area(&h);
+        torn.resize(torn.len() + 7, 7);
+        assert_eq!(check("abc", b"", &expect), None);
+        assert_eq!(check("abc", &lay.header_area(&h), &expect), None);
+        let why = check("abc", &torn, &expect).expect("a length no v3 file has");
+        assert!(why.contains("not a valid format v3 length"), "{why}");
+        assert_eq!(check("abc", &torn, &expect.lengths_in_flux()), None);
+        let q = format!("{}/20261130T000000Z/abc", crate::fsck::QUARANTINE_DIR);
+        for bytes in [&torn[..10], &torn] {
+            assert_eq!(check(&q, bytes, &expect), None, "in the quarantine");
+            assert_eq!(check("lost+found", bytes, &expect), None, "a foreign name");
         }
-        assert_eq!(
-            check("abc", &file(&h, 7), false),
-            None,
-            "length under --force"
-        );
     }
 
     #[test]

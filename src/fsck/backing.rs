@@ -31,31 +31,6 @@ pub(super) fn read_dir_id(dir: &Path) -> Result<DirId, (ProblemKind, String)> {
     })
 }
 
-/// Checks a regular file's per-file header. `None` = fine.
-pub(super) fn check_file(path: &Path, len: u64) -> Option<(ProblemKind, String)> {
-    match len {
-        0 => None, // an empty file: no header until the first write
-        n if n < FILE_HEADER_LEN as u64 => Some((
-            ProblemKind::FileHeaderTruncated,
-            format!("backing file of {n} bytes is shorter than a file header ({FILE_HEADER_LEN})"),
-        )),
-        _ => {
-            let mut b = [0u8; FILE_HEADER_LEN];
-            let read = sys::open_regular_path(path, Access::Read)
-                .and_then(|(mut f, _)| f.read_exact(&mut b));
-            match read {
-                Ok(()) => FileHeader::decode(&b)
-                    .err()
-                    .map(|why| (ProblemKind::FileHeaderCorrupt, why)),
-                Err(e) => Some((
-                    ProblemKind::Unreadable,
-                    format!("cannot read the file header: {e}"),
-                )),
-            }
-        }
-    }
-}
-
 /// The header temp files in the backing root.
 pub(super) fn header_temps(root: &Path) -> Result<Vec<PathBuf>, FsckError> {
     let prefix = format!("{TEMP_PREFIX}{HEADER_FILE}.");

@@ -8,9 +8,11 @@
 //! - every directory's `.cmkfs.dirid` (present, 16 bytes);
 //! - every regular file's per-file header (a 0-byte file is an empty file; 1..31 bytes is
 //!   corrupt; 32 bytes or more must start with a valid header), its version against the
-//!   volume's and its length (format v2: a data area of 1..15 bytes is corrupt); on a
+//!   volume's and its length (format v2: a data area of 1..15 bytes is corrupt), with the
+//!   key its key generation and a re-encryption's progress (`reencrypted`); on a
 //!   format v1 volume, every 1..15-byte tail stored as all zeros, which v1 reads as zeros
-//!   (`volume::upgrade::check_file_format`);
+//!   (`volume::upgrade::check_v1_volume_file`); every check of a file's header is
+//!   `volume::file_check::judge`'s, shared with re-encryption and backup (`data_file`);
 //! - the journal of an interrupted `cmkfs upgrade`;
 //! - every encrypted name decrypts in its directory (with the key);
 //! - long names: every `cmkfs.long.<hash>` entry has its side file, the side file's hash
@@ -51,7 +53,7 @@
 use std::collections::BTreeSet;
 use std::ffi::{OsStr, OsString};
 use std::fs;
-use std::io::{self, Read};
+use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -65,7 +67,7 @@ use crate::crypto::VolumeKeys;
 use crate::fsutil::{self, TEMP_PREFIX};
 use crate::home::Home;
 use crate::vault::{Vault, VaultError};
-use crate::volume::content::{FileHeader, FILE_HEADER_LEN};
+use crate::volume::content::FILE_HEADER_LEN;
 use crate::volume::header::{VolumeHeader, FORMAT_V2, HEADER_FILE};
 use crate::volume::lock::VolumeLock;
 use crate::volume::names::{self, DirId, EntryKind, DIRID_FILE, LONG_PREFIX, LONG_SUFFIX};
@@ -518,6 +520,7 @@ pub fn run(dir: &Path, opts: &Options<'_>) -> Result<Report, FsckError> {
 mod backing;
 mod checker;
 mod control_files;
+pub(crate) mod data_file;
 mod header;
 mod mounted;
 mod restore_temp;

@@ -274,11 +274,7 @@ impl Checker {
                 self.check_dir(path, plaintext.as_deref())
             } else if ft.is_file() {
                 self.report.counts.files += 1;
-                check_file(&self.io(path), meta.len())
-                    .or_else(|| {
-                        self.check_file_format(path, meta.len(), plaintext.as_deref(), plain_dir)
-                    })
-                    .or_else(|| self.check_key_generation(path, meta.len()))
+                self.check_data_file(path, meta.len(), plaintext.as_deref(), plain_dir)
             } else if ft.is_symlink() {
                 self.report.counts.symlinks += 1;
                 self.check_symlink(path)
@@ -342,134 +338,6 @@ impl Checker {
                 );
             }
         }
-    }
-
-    /// The format of a file with a valid header: v1 tails that read as zeros, versions that
-    /// do not match the volume's, lengths no file of the volume's layout has (volume::upgrade
-    /// states the rules). An invalid length or a version of another format that no upgrade
-    /// converts is returned (the file goes to the quarantine like a corrupt header);
-    /// the rest is recorded here with no automatic fix: `cmkfs upgrade` is the fix.
-    pub(super) fn check_file_format(
-        &mut self,
-        path: &Path,
-        len: u64,
-        plaintext: Option<&Path>,
-        plain_dir: Option<&Path>,
-    ) -> Option<(ProblemKind, String)> {
-        let (version, unit) = self.format?;
-        let found = sys::open_regular_path(&self.io(path), Access::Read).and_then(|(f, _)| {
-            upgrade::check_file_format(&f, len, version, self.keys.as_ref(), unit)
-        });
-        let (finding, detail) = match found {
-            Ok(f) => f?,
-            Err(e) => {
-                return Some((
-                    ProblemKind::Unreadable,
-                    format!("cannot read the file: {e}"),
-                ))
-            }
-        };
-        let kind = match finding {
-            // Without the key the header's format is unverified: reported, never acted on.
-            FormatFinding::BadLength | FormatFinding::FileFormatMismatch if self.keys.is_none() => {
-                let kind = match finding {
-                    FormatFinding::BadLength => ProblemKind::FileLengthInvalid,
-                    _ => ProblemKind::FileFormatMismatch,
-                };
-                self.problem(
-                    kind,
-                    path,
-                    plaintext.map(Path::to_path_buf),
-                    plain_dir,
-                    format!(
-                        "{detail} (not moved: without the key the volume header's format is \
-                         not verified; run `cmkfs fsck --repair` with the key)"
-                    ),
-                    Fix::None,
-                    None,
-                );
-                return None;
-            }
-            FormatFinding::BadLength => return Some((ProblemKind::FileLengthInvalid, detail)),
-            // Unreadable for good, like a corrupt header: to the quarantine.
-            FormatFinding::FileFormatMismatch => {
-                return Some((ProblemKind::FileFormatMismatch, detail))
-            }
-            FormatFinding::V1TailReadAsZeros => ProblemKind::V1TailReadAsZeros,
-            FormatFinding::V1TailHole => ProblemKind::V1TailHole,
-            FormatFinding::FileFormatV1 => ProblemKind::FileFormatV1,
-            FormatFinding::FileFormatV2 => ProblemKind::FileFormatV2,
-        };
-        self.problem(
-            kind,
-            path,
-            plaintext.map(Path::to_path_buf),
-            plain_dir,
-            detail,
-            Fix::None,
-            None,
-        );
-        None
-    }
-
-    /// With the verified key: the generation a file header names for its data must be the
-    /// volume's current one or, while a re-encryption runs, the retiring one. Any other
-    /// (a flipped bit, a file put back from before a re-encryption) is data no DEK of the
-    /// volume decrypts: the mount refuses it, and a re-encryption would either stop on it
-    /// or, for the generation it is about to create, take it for converted and erase the
-    /// only DEK that might read it. To the quarantine, like a corrupt header.
-    pub(super) fn check_key_generation(
-        &mut self,
-        path: &Path,
-        len: u64,
-    ) -> Option<(ProblemKind, String)> {
-        let keys = self.keys.as_ref()?;
-        let (version, _) = self.format?;
-        let file_version = crate::volume::layout::Layout::for_format(version)?.file_version;
-        if len < FILE_HEADER_LEN as u64 {
-            return None;
-        }
-        let (f, _) = sys::open_regular_path(&self.io(path), Access::Read).ok()?;
-        let mut b = [0u8; FILE_HEADER_LEN];
-        std::os::unix::fs::FileExt::read_exact_at(&f, &mut b, 0).ok()?;
-        let h = FileHeader::decode(&b).ok()?;
-        if h.version != file_version {
-            return None;
-        }
-        let current = keys.generation as u16;
-        let retiring = keys.retiring.as_deref().map(|r| r.generation as u16);
-        if h.reencrypted != 0 && Some(h.key_gen) != retiring {
-            // Only a file still under the retiring generation, during a re-encryption, has
-            // units already converted; anywhere else the field is damage that would make a
-            // re-encryption skip units (attack session 14, F2 and F3).
-            return Some((
-                ProblemKind::ReencryptionProgressInvalid,
-                format!(
-                    "the file header marks units before {} as re-encrypted, but its data is \
-                     under key generation {} and no re-encryption from it is running (a \
-                     damaged header): a re-encryption and a backup refuse the volume while it \
-                     is there",
-                    h.reencrypted, h.key_gen
-                ),
-            ));
-        }
-        if h.key_gen == current || Some(h.key_gen) == retiring {
-            return None;
-        }
-        let volume = match retiring {
-            Some(r) => format!("{current} (and {r}, retiring)"),
-            None => current.to_string(),
-        };
-        Some((
-            ProblemKind::KeyGenerationUnknown,
-            format!(
-                "the file header says its data is under key generation {} but the volume's \
-                 DEK is of generation {volume} (a damaged header, or a file put back from \
-                 before a re-encryption): no DEK of the volume decrypts it, reads fail, and a \
-                 re-encryption refuses the volume while it is there",
-                h.key_gen
-            ),
-        ))
     }
 
     /// Checks that a symlink's target decrypts (with the key); a long target's side file

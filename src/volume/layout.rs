@@ -81,15 +81,22 @@ impl FileHeader {
     /// Parses a header of a known version (1, 2 or 3); says what is wrong if it is not one.
     /// Whether the version is the volume's is the caller's check.
     pub fn decode(b: &[u8]) -> Result<FileHeader, String> {
+        FileHeader::parse(b).map_err(|e| e.to_string())
+    }
+
+    /// [`FileHeader::decode`] with a typed error: the one place that knows what a file
+    /// header's encoding is (docs/FORMAT.md, "Files"). Whether the header is acceptable in a
+    /// volume is [`super::file_check::judge`]'s question.
+    pub fn parse(b: &[u8]) -> Result<FileHeader, HeaderError> {
         if b.len() < FILE_HEADER_LEN {
-            return Err(format!("file header truncated to {} bytes", b.len()));
+            return Err(HeaderError::Short(b.len()));
         }
         if &b[..4] != FILE_MAGIC {
-            return Err("file header has a wrong magic".into());
+            return Err(HeaderError::BadMagic);
         }
         let version = u16::from_le_bytes([b[4], b[5]]);
         if !(FILE_VERSION_V1..=FILE_VERSION_V3).contains(&version) {
-            return Err(format!("file header version {version} is not supported"));
+            return Err(HeaderError::UnknownVersion(version));
         }
         let mut file_id = [0u8; 16];
         file_id.copy_from_slice(&b[8..24]);
@@ -107,6 +114,20 @@ impl FileHeader {
     pub fn tweak(&self) -> u128 {
         u128::from_le_bytes(self.file_id)
     }
+}
+
+/// Why bytes are not a file header's encoding ([`FileHeader::parse`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum HeaderError {
+    /// Fewer than [`FILE_HEADER_LEN`] bytes (the count given).
+    #[error("file header truncated to {0} bytes")]
+    Short(usize),
+    /// The first 4 bytes are not `CMKF`.
+    #[error("file header has a wrong magic")]
+    BadMagic,
+    /// A version no cmkfs writes (1, 2 and 3 exist).
+    #[error("file header version {0} is not supported")]
+    UnknownVersion(u16),
 }
 
 /// `n` rounded up to a whole number of AES blocks.

@@ -18,6 +18,7 @@ pub mod content;
 mod dir;
 pub mod direct;
 mod entries;
+pub mod file_check;
 pub mod header;
 pub mod idrand;
 pub mod idsync;

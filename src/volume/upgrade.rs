@@ -41,7 +41,7 @@ use std::rc::Rc;
 
 use serde::Serialize;
 
-pub use check::{check_file_format, FormatFinding};
+pub use check::{check_v1_volume_file, FormatFinding};
 pub use journal::JOURNAL_FILE;
 use journal::{Entry, Journal, RootTimes};
 

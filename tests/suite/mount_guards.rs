@@ -422,12 +422,13 @@ fn a_refused_write_back_is_not_reported_to_descriptors_opened_after_it() {
     // A reader open before the write: its `fsync` below is the barrier.
     let before = raw::open(&p, libc::O_RDONLY);
     raw::pwrite_all(a, &vec![0x46u8; 1 << 20]);
-    // `syncfs` writes the mount's cached pages back: the daemon refuses them (full disk).
-    // Its result is not this test's (README: it reports no refused write-back now; it did
-    // while the kernel was told). Under load it returned once with pages still dirty, which
-    // the next close then wrote back, refused while `idle` below was open: so `before`'s
-    // `fsync` waits for every write-back of the file (it may report the refusal to
-    // `before`, which was open then; `a` keeps its own report).
+    // `syncfs` starts the write-back of the mount's cached pages: the daemon refuses them
+    // (full disk). Its result is not this test's (README: it reports no refused write-back
+    // now; it did while the kernel was told). It does not wait for the write-back on a FUSE
+    // mount (docs/ARCHITECTURE.md, "What `sync(2)` and `syncfs(2)` promise on a FUSE
+    // mount"): under load a WRITE was once refused only after `idle` below was open. So
+    // `before`'s `fsync` waits for every write-back of the file (`fuse_sync_writes`; it may
+    // report the refusal to `before`, which was open then; `a` keeps its own report).
     // SAFETY: plain system call on our own descriptor.
     unsafe { libc::syncfs(a) };
     raw::fsync(before);

@@ -22,7 +22,7 @@
 mod contents;
 pub mod journal;
 mod meta;
-mod preflight;
+pub(crate) mod preflight;
 use preflight::FilesAt;
 
 use std::io;

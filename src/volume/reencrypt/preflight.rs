@@ -12,7 +12,8 @@
 //!   be sealed again; erasing the old DEK would make it unreadable for good (while a leaked
 //!   copy of that DEK still reads it). A re-encryption refuses while the quarantine holds
 //!   anything, unless told to discard it ([`Session::discard_quarantine`]), which deletes it.
-//! - **Files.** Every file header must decode and name a key generation the run expects:
+//! - **Files.** Every file header must be acceptable to [`file_check::judge`] (the judge
+//!   fsck and backup share) and name a key generation the run expects:
 //!   before the header switches, the current one only; when a run resumes, the retiring or
 //!   the new one; before the old DEK is erased, the new one with no conversion in progress.
 //!   A file under any other generation (a flipped bit, a file put back from before an
@@ -30,7 +31,8 @@ use std::sync::Arc;
 
 use super::{contents, ReencryptError, Session};
 use crate::fsck::{MANIFEST_FILE, QUARANTINE_DIR, XATTRS_FILE};
-use crate::volume::layout::{FileHeader, FILE_HEADER_LEN};
+use crate::volume::file_check::{self, Expect, Generations};
+use crate::volume::layout::{Layout, FILE_HEADER_LEN};
 use crate::volume::names::{self, EntryKind};
 use crate::volume::sys::{self, Access};
 use crate::volume::{Dir, Volume};
@@ -77,8 +79,8 @@ pub(super) fn check_dirs(vol: &Volume, before_start: bool) -> Result<(), Reencry
 
 /// When a file check runs (which generations a file header may name, and what the refusal
 /// says was kept).
-#[derive(Clone, Copy)]
-pub(super) enum FilesAt {
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum FilesAt {
     /// Before the header switches: the current generation only; nothing was changed.
     Start(u32),
     /// A resumed run: `retiring` (not converted yet) or `new` (converted, or in progress).
@@ -88,8 +90,9 @@ pub(super) enum FilesAt {
 }
 
 /// Every regular file with data has a valid header of the volume's layout, under a key
-/// generation `at` allows; otherwise a one-line refusal naming the first that does not (by
-/// its backing path) and what to do. Reads 32 bytes per file (`O_NOATIME`).
+/// generation `at` allows (judged by [`file_check::judge`]); otherwise a one-line refusal
+/// naming the first that does not (by its backing path) and what to do. Reads 32 bytes per
+/// file (`O_NOATIME`).
 pub(super) fn check_files(vol: &Volume, at: FilesAt) -> Result<(), ReencryptError> {
     let layout = vol.layout();
     for f in contents::walk(vol.root_dir(), vol, false)? {
@@ -106,60 +109,44 @@ pub(super) fn check_files(vol: &Volume, at: FilesAt) -> Result<(), ReencryptErro
         let fd = std::os::fd::AsFd::as_fd(&file);
         let quiet = sys::no_atime(fd);
         let atime = sys::times_of(&st)[0];
-        let mut b = [0u8; FILE_HEADER_LEN];
-        let read = std::os::unix::fs::FileExt::read_exact_at(&file, &mut b, 0);
+        let head = file_check::read_head(&file, f.len);
         if !quiet && sys::fstat(fd).is_ok_and(|now| sys::times_of(&now)[0] != atime) {
             let _ = sys::utimens_fd(fd, &[atime, None]);
         }
-        let why = match read
-            .map_err(|e| e.to_string())
-            .and_then(|()| FileHeader::decode(&b))
-        {
-            Err(why) => Some(format!("its file header is corrupt ({why})")),
-            Ok(h) if h.version != layout.file_version => Some(format!(
-                "its file header is of file version {}, not this volume's {}",
-                h.version, layout.file_version
-            )),
-            Ok(_) if layout.logical_size(f.len).is_err() => {
-                Some(format!("its backing length {} is invalid", f.len))
-            }
-            Ok(h) => {
-                let g = |x: u32| x as u16;
-                let ok = match at {
-                    // `reencrypted` counts units already under the new DEK: it may be set only
-                    // on a file still under the retiring generation, during a run. Set on any
-                    // other file it would make the run skip units it never converted (attack
-                    // session 14, F2: one edited field, and the old DEK retired under them).
-                    FilesAt::Start(cur) => h.key_gen == g(cur) && h.reencrypted == 0,
-                    FilesAt::Resume { retiring, new } => {
-                        h.key_gen == g(retiring) || (h.key_gen == g(new) && h.reencrypted == 0)
-                    }
-                    FilesAt::Finish(new) => h.key_gen == g(new) && h.reencrypted == 0,
-                };
-                (!ok).then(|| {
-                    format!(
-                        "its file header says key generation {}{} where the volume expects {}",
-                        h.key_gen,
-                        if h.reencrypted != 0 {
-                            format!(" with units before {} marked converted", h.reencrypted)
-                        } else {
-                            String::new()
-                        },
-                        match at {
-                            FilesAt::Start(c) => format!("{}", g(c)),
-                            FilesAt::Resume { retiring, new } =>
-                                format!("{} or {}", g(retiring), g(new)),
-                            FilesAt::Finish(n) => format!("{} (wholly converted)", g(n)),
-                        }
-                    )
-                })
-            }
-        };
-        if let Some(why) = why {
+        if let Some(why) = refusal(layout, at, f.len, head) {
             return Err(bad_file(&f.path, &why, at));
         }
     }
     Ok(())
+}
+
+/// Why a file of backing length `len`, whose first bytes were read as `head`, stops the run
+/// at `at`; `None` if it does not. The judgement is [`file_check::judge`]'s.
+pub(crate) fn refusal(
+    layout: Layout,
+    at: FilesAt,
+    len: u64,
+    head: io::Result<[u8; FILE_HEADER_LEN]>,
+) -> Option<String> {
+    let generations = match at {
+        FilesAt::Start(current) => Generations::Current(current),
+        FilesAt::Resume { retiring, new } => Generations::Converting {
+            retiring,
+            current: new,
+        },
+        // The header still names the retiring generation, `new − 1`: no file may be under it.
+        FilesAt::Finish(new) => Generations::Converted {
+            retiring: new.wrapping_sub(1),
+            current: new,
+        },
+    };
+    let head = match head {
+        Ok(h) => h,
+        Err(e) => return Some(format!("its file header cannot be read: {e}")),
+    };
+    file_check::judge(&Expect::new(layout, Some(generations)), len, &head)
+        .err()
+        .map(|d| d.to_string())
 }
 
 fn bad_file(path: &[String], why: &str, at: FilesAt) -> ReencryptError {

@@ -1,18 +1,17 @@
-//! The format checks `cmkfs fsck` makes on each regular backing file (the rules of
-//! docs/FORMAT.md "Files" and "Upgrade from format v1"): the file version against the
-//! volume's, the length rule of the volume's layout (v2: data at 32, v3: at 4096), and on a v1
-//! volume the tails v1 reads as zeros.
+//! The format checks `cmkfs fsck` makes on each regular backing file of a format v1 volume
+//! (the rules of docs/FORMAT.md "Files" and "Upgrade from format v1"): files an interrupted
+//! upgrade converted, files of another format, and the tails v1 reads as zeros. Files of
+//! v2 and v3 volumes are judged by `volume::file_check`.
 
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 
 use crate::crypto::VolumeKeys;
-use crate::volume::header::FORMAT_V2;
 use crate::volume::layout::{self, FileHeader, Layout, FILE_HEADER_LEN};
 use crate::volume::v1::{self, TailDecision, TailFinding};
 
-/// What `cmkfs fsck` reports about one file's format.
+/// What `cmkfs fsck` reports about one file's format in a format v1 volume.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FormatFinding {
     /// v1 volume: the last bytes are stored so that v1 reads them as zeros, and the upgrade
@@ -21,26 +20,21 @@ pub enum FormatFinding {
     /// v1 volume: the last bytes are stored as all zeros and taken for a hole (reported so
     /// the decision can be checked).
     V1TailHole,
-    /// A v1 file in a v2 volume: the mount refuses to read it.
-    FileFormatV1,
     /// A v2 file in a v1 volume: an upgrade was interrupted.
     FileFormatV2,
-    /// A file whose header version is another format's, which no upgrade converts (a v2 or
-    /// v1 file in a v3 volume, a v3 file in a v1 or v2 volume: copied in from another
-    /// volume?). Reading it with the volume's layout would give wrong bytes: the mount
-    /// refuses it.
+    /// A v3 file in a v1 volume (copied in from another volume?), which no upgrade converts.
     FileFormatMismatch,
-    /// A backing length that no file of the volume's layout has.
+    /// A v2 file in a v1 volume whose backing length no v2 file has.
     BadLength,
 }
 
-/// Checks the format of one regular backing file of `len` bytes in a volume of format
-/// `volume_version` (for `cmkfs fsck`; the file header was found valid). `keys` lets it see
-/// double-encrypted v1 tails whose inner layer looked like a hole.
-pub fn check_file_format(
+/// Checks the format of one regular backing file of `len` bytes in a volume of format v1
+/// (for `cmkfs fsck`; the file header was found valid). `keys` lets it see double-encrypted
+/// v1 tails whose inner layer looked like a hole. Files of v2 and v3 volumes are judged by
+/// [`crate::volume::file_check::judge`].
+pub fn check_v1_volume_file(
     f: &File,
     len: u64,
-    volume_version: u32,
     keys: Option<&VolumeKeys>,
     unit_size: u64,
 ) -> io::Result<Option<(FormatFinding, String)>> {
@@ -56,30 +50,13 @@ pub fn check_file_format(
         Ok(Some((
             FormatFinding::FileFormatMismatch,
             format!(
-                "the file header says format v{} in a format v{volume_version} volume (copied \
-                 in from another volume?): its data would be read at the wrong offset, so \
-                 reads fail; no upgrade converts it",
+                "the file header says format v{} in a format v1 volume (copied in from another \
+                 volume?): its data would be read at the wrong offset, so reads fail; no \
+                 upgrade converts it",
                 h.version
             ),
         )))
     };
-    if let Some(lay) = Layout::for_format(volume_version) {
-        if h.version == lay.file_version {
-            if let Err(why) = lay.logical_size(len) {
-                return Ok(Some((FormatFinding::BadLength, why)));
-            }
-            return Ok(None);
-        }
-        if volume_version == FORMAT_V2 && h.version == layout::FILE_VERSION_V1 {
-            return Ok(Some((
-                FormatFinding::FileFormatV1,
-                "the file is in format v1 in a v2 volume (restored from an old copy?): reads \
-                 fail until `cmkfs upgrade` converts it"
-                    .into(),
-            )));
-        }
-        return mismatch();
-    }
     // A v1 volume (`cmkfs upgrade` converts it to v2).
     if h.version == layout::FILE_VERSION_V2 {
         if let Err(why) = Layout::V2.logical_size(len) {
