@@ -1,19 +1,23 @@
 //! How `mkdir` makes a new directory's id durable before the directory gets its name
 //! (`src/volume/idsync.rs`): on ext4 with a journal in `data=ordered` mode the id file's
 //! write-back is waited for (`sync_file_range`, no `fsync`); on tmpfs it is fsynced; on ext4
-//! without a journal its fsync is deferred, but done before any rename and at the unmount. Each backing filesystem is a small one of the test's own
-//! (a loop-mounted ext4 image, a tmpfs), so the result does not depend on what the test
-//! machine's disk is; without root, `strace`, `mkfs.ext4` or loop devices the test says so
-//! and passes.
+//! without a journal its fsync is deferred, but done before any rename and at the unmount.
+//! Each backing filesystem is a small one of the test's own (a tmpfs, loop-mounted ext4
+//! images with and without a journal), so the result does not depend on the test machine's
+//! disk, which is checked too, against the decision the volume makes for it. Without root or
+//! `strace` the test says so and passes; without loop devices or `mkfs.ext4` it checks tmpfs
+//! and the machine's disk only.
 
 use crate::common;
 
 use std::ffi::OsStr;
 use std::fs;
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use cmkfs::volume::idsync::{self, IdDurability};
 use common::*;
 
 /// A kernel mount made by `mount(8)` for this test, lazily unmounted on drop (also on a
@@ -186,7 +190,7 @@ fn can_run() -> bool {
         eprintln!("skipped: loop-mounting test filesystems needs root");
         return false;
     }
-    for tool in ["strace", "mkfs.ext4", "mount"] {
+    for tool in ["strace", "mount"] {
         let found = Command::new("sh")
             .args(["-c", &format!("command -v {tool}")])
             .stdout(Stdio::null())
@@ -200,11 +204,35 @@ fn can_run() -> bool {
     true
 }
 
-/// ext4 with a journal (mkfs.ext4 defaults: `data=ordered`, `dioread_nolock`): each id's
-/// write-back waited for before its directory's rename, no fsync. tmpfs: each id fsynced
-/// before the rename. ext4 without a journal: no fsync on the way of a `mkdir`; every
-/// pending id fsynced before an existing file is moved (held back here for a minute, so the
-/// background thread does not take them first), and at the unmount.
+/// The calls `mkdir_calls` must see where ids are made durable the way `d` says: three
+/// mkdirs and a move of an existing file, then one mkdir and the unmount.
+fn expected(d: IdDurability) -> [&'static str; 2] {
+    match d {
+        // Each id's write-back waited for before its directory's rename.
+        IdDurability::WrittenBack => ["WRWRWRR", "WR"],
+        // Each id fsynced before its directory's rename.
+        IdDurability::Fsync => ["FRFRFRR", "FR"],
+        // No fsync on the way of a mkdir; all three before the existing file moves (held
+        // back here for a minute, so the background thread does not take them first), and
+        // the last one at the unmount.
+        IdDurability::Deferred => ["RRRFFFR", "RF"],
+    }
+}
+
+/// Runs `mkdir_calls` on `backing` and checks the calls against what `want` says.
+fn check(env: &Env, backing: &Path, label: &str, want: IdDurability) {
+    let d = fs::File::open(backing).unwrap();
+    assert_eq!(idsync::for_dir(d.as_fd()), want, "{label}: the decision");
+    let [(seq, log), (seq2, log2)] = mkdir_calls(env, backing, label);
+    let [want1, want2] = expected(want);
+    assert_eq!(seq, want1, "{label}:\n{log}");
+    assert_eq!(seq2, want2, "{label}, unmount:\n{log2}");
+}
+
+/// ext4 with a journal (mkfs.ext4 defaults: `data=ordered`, `dioread_nolock`): ids written
+/// back, no fsync. tmpfs: fsynced. ext4 without a journal: deferred. And the test machine's
+/// own disk, whatever it is, as the volume decides for it. The ext4 images need loop
+/// devices; without them only tmpfs and the machine's disk are checked.
 #[test]
 fn mkdir_fsyncs_the_id_only_where_the_journal_does_not_order_it() {
     if !can_run() {
@@ -214,13 +242,6 @@ fn mkdir_fsyncs_the_id_only_where_the_journal_does_not_order_it() {
     // (the daemons it spawns inherit it).
     unsafe { std::env::set_var("CMKFS_ID_DEFER_MS", "60000") };
     let env = Env::new();
-    let Some((_journaled, jdir)) = ext4(&env, "journaled", &[]) else {
-        eprintln!("skipped: no loop-mounted ext4 here");
-        return;
-    };
-    let [(seq, log), (seq2, log2)] = mkdir_calls(&env, &jdir, "ext4-ordered");
-    assert_eq!(seq, "WRWRWRR", "ext4 data=ordered:\n{log}");
-    assert_eq!(seq2, "WR", "ext4 data=ordered, unmount:\n{log2}");
 
     let tdir = env.dir("tmpfs");
     let _tmpfs = Mounted::with(
@@ -228,12 +249,19 @@ fn mkdir_fsyncs_the_id_only_where_the_journal_does_not_order_it() {
         &tdir,
     )
     .expect("tmpfs");
-    let [(seq, log), (seq2, log2)] = mkdir_calls(&env, &tdir, "tmpfs");
-    assert_eq!(seq, "FRFRFRR", "tmpfs:\n{log}");
-    assert_eq!(seq2, "FR", "tmpfs, unmount:\n{log2}");
+    check(&env, &tdir, "tmpfs", IdDurability::Fsync);
 
+    let own = env.dir("own");
+    let d = fs::File::open(&own).unwrap();
+    let decided = idsync::for_dir(d.as_fd());
+    eprintln!("this machine's test directory: ids {decided:?}");
+    check(&env, &own, "the test machine's disk", decided);
+
+    let Some((_journaled, jdir)) = ext4(&env, "journaled", &[]) else {
+        eprintln!("skipped the ext4 images: no loop-mounted ext4 here");
+        return;
+    };
+    check(&env, &jdir, "ext4-ordered", IdDurability::WrittenBack);
     let (_plain, ndir) = ext4(&env, "nojournal", &["-O", "^has_journal"]).expect("ext4 image");
-    let [(seq, log), (seq2, log2)] = mkdir_calls(&env, &ndir, "ext4-nojournal");
-    assert_eq!(seq, "RRRFFFR", "ext4 without a journal:\n{log}");
-    assert_eq!(seq2, "RF", "ext4 without a journal, unmount:\n{log2}");
+    check(&env, &ndir, "ext4-nojournal", IdDurability::Deferred);
 }
