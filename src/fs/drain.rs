@@ -17,31 +17,45 @@
 //!    attribute version, which the kernel drops (`fuse_change_attributes_i`).
 //! 2. **Drain**: a `write(2)` already past that point holds the inode lock while it
 //!    copies. A thread of the daemon opens every regular file with an open handle through
-//!    the mount (`open_by_handle_at`: the kernel finds the inode it holds by node id and
-//!    generation, `fuse_get_dentry`) and `fsync`s it: `fuse_fsync` takes the inode lock
-//!    (so waits for that `write(2)`), writes back and waits, then sends FSYNC. Two rounds
+//!    the mount and `fsync`s it: `fuse_fsync` takes the inode lock (so waits for that
+//!    `write(2)`), writes back and waits for every WRITE of the inode (`fuse_sync_writes`),
+//!    then sends FSYNC. The file is opened by its FUSE handle where the kernel allows it
+//!    (`open_by_handle_at`, which needs `CAP_DAC_READ_SEARCH`: the kernel finds the inode it
+//!    holds by node id and generation, `fuse_get_dentry`), else by one of its plaintext
+//!    paths from the node table (a mount run by another user than root, or root without
+//!    the capability): `openat2` below the mount's root, no symlink followed, read-only (or
+//!    write-only where reading is refused), and its `st_ino` checked to be the node id (a
+//!    rename may have given the name to another file meanwhile: the names are looked up
+//!    again). A file with no name left whose backing file has no link either (unlinked
+//!    while open) is in no backup and needs nothing; one that cannot be opened either way
+//!    (a name the mount never looked up, permissions that refuse the daemon's user both
+//!    reading and writing) leaves the drain not exact, logged. Two rounds
 //!    (a `write(2)` that had passed its attribute check but not yet taken the lock when the
 //!    first round's `fsync` took it is waited for by the second; one that still has not
 //!    taken it after a whole round, a few instructions of the writer's, is the window this
-//!    does not close), then `syncfs` of the mount (pages dirtied through `mmap` of closed
-//!    files). The drain's own requests pass the
-//!    quiesce (its thread id, [`crate::volume::Gates::set_drainer`]); WRITE, FSYNC,
-//!    RELEASE and every other request go on meanwhile.
+//!    does not close), then `syncfs` of the mount (it starts the write-back of pages
+//!    dirtied through `mmap` of closed files; on FUSE it waits for none of it). `syncfs`
+//!    alone is no drain: it returns while WRITEs still wait in the kernel's queue of
+//!    background requests (docs/ARCHITECTURE.md, "What `sync(2)` and `syncfs(2)` promise
+//!    on a FUSE mount"). The drain's own requests (LOOKUP, GETATTR, OPEN, FSYNC) pass the
+//!    quiesce (its thread id, [`crate::volume::Gates::set_drainer`]: only GETATTRs are
+//!    parked, and not its); WRITE, FSYNC, RELEASE and every other request go on meanwhile.
 //! 3. **Freeze** ([`crate::volume::Quiesced::freeze`]): every change waits, WRITE
 //!    included, then the parked GETATTRs are answered: new writes fill the kernel's pages
 //!    and their WRITEs wait for the thaw.
 
 use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd};
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use fuser::INodeNo;
 
-use super::{lock, CmkFs, OnlineHandle};
+use super::{lock, Files, NodeTable, OnlineHandle};
 use crate::volume::{Frozen, Volume};
 
 /// Why a backup's freeze could not be taken.
@@ -66,8 +80,9 @@ pub enum DrainError {
 pub struct Drained {
     /// Files opened and `fsync`ed through the mount (each round).
     pub files: usize,
-    /// False when a file could not be opened by handle (no `CAP_DAC_READ_SEARCH`): only
-    /// `syncfs` ran, and a `write(2)` running at the quiesce may be cut in two.
+    /// False when a file with an open handle could be opened neither by handle nor by a
+    /// path (see the module docs): a `write(2)` into it that returned before the freeze may
+    /// be missing from a backup, or in it in part.
     pub exact: bool,
 }
 
@@ -146,6 +161,11 @@ impl OnlineHandle {
         let (tid_tx, tid_rx) = mpsc::channel();
         let (go_tx, go_rx) = mpsc::channel::<()>();
         let (mp, thread_stop) = (mountpoint.to_path_buf(), stop.clone());
+        let reach = Reach {
+            table: self.table.clone(),
+            files: self.files.clone(),
+            vol: self.vol.clone(),
+        };
         let spawned = std::thread::Builder::new()
             .name("cmkfs-drain".into())
             .spawn(move || {
@@ -154,7 +174,7 @@ impl OnlineHandle {
                 if tid_tx.send(tid).is_err() || go_rx.recv().is_err() {
                     return;
                 }
-                let r = drain(&mp, &targets, &thread_stop);
+                let r = drain(&mp, &targets, &thread_stop, &reach);
                 let _ = tx.send(r);
             });
         if spawned.is_err() {
@@ -222,19 +242,7 @@ impl Drop for Unpark<'_> {
             n = parked.len(),
             "answering the GETATTRs parked by the quiesce"
         );
-        let fs = CmkFs {
-            opts: self.0.opts,
-            ttl: self.0.ttl,
-            vol: self.0.vol.clone(),
-            table: self.0.table.clone(),
-            files: self.0.files.clone(),
-            dirs: std::sync::Mutex::default(),
-            next_fh: std::sync::atomic::AtomicU64::new(0),
-            parked: self.0.parked.clone(),
-            // Only answers GETATTRs: no FLUSH or WRITE goes through it.
-            wb_refused: Arc::default(),
-            held: Arc::default(),
-        };
+        let fs = self.0.view();
         for (ino, fh, reply) in parked {
             let _pass = fs.vol.gates().read();
             fs.do_getattr(ino, fh, reply);
@@ -242,10 +250,36 @@ impl Drop for Unpark<'_> {
     }
 }
 
+/// What the drain thread reaches besides the mount: the node table (a file's names, to open
+/// it by path) and the open files (whether a file is still open, and whether one with no
+/// name left still has a name in the volume).
+struct Reach {
+    table: Arc<NodeTable>,
+    files: Arc<Mutex<Files>>,
+    vol: Arc<Volume>,
+}
+
+/// How one file fared in a round of the drain.
+enum Synced {
+    /// Opened through the mount and `fsync`ed.
+    Done,
+    /// Nothing of it can be in a backup's view: no handle open any more (its last `close`
+    /// wrote it back), or no name left in the volume.
+    Nothing,
+    /// Could not be opened as itself through the mount: why.
+    Missed(String),
+}
+
+/// Times the names of a file are looked up again when none opened it (a rename moved one
+/// between the look-up and the open).
+const PATH_TRIES: usize = 3;
+
 /// Opens each `(node id, generation)` through the mount at `mp` and `fsync`s it, `ROUNDS`
-/// times, then `syncfs`. A file gone meanwhile (`ESTALE`, `ENOENT`) has nothing to drain.
-/// Once `stop` is set (the freeze's preparation ended without it) nothing more is done.
-fn drain(mp: &Path, targets: &[(u64, u32)], stop: &AtomicBool) -> Drained {
+/// times, then `syncfs`. By handle while the kernel allows it (`CAP_DAC_READ_SEARCH`), else
+/// by one of its paths ([`sync_by_path`]). A file gone meanwhile (`ESTALE`, `ENOENT`) has
+/// nothing to drain. Once `stop` is set (the freeze's preparation ended without it) nothing
+/// more is done.
+fn drain(mp: &Path, targets: &[(u64, u32)], stop: &AtomicBool, reach: &Reach) -> Drained {
     let mut d = Drained {
         files: 0,
         exact: true,
@@ -254,24 +288,36 @@ fn drain(mp: &Path, targets: &[(u64, u32)], stop: &AtomicBool) -> Drained {
         d.exact = false;
         return d;
     };
-    'rounds: for _ in 0..ROUNDS {
+    let mut by_handle = true;
+    for _ in 0..ROUNDS {
         for &(ino, generation) in targets {
             if stop.load(Ordering::SeqCst) {
                 return d;
             }
-            match open_by_handle(&root, ino, generation) {
-                Ok(f) => {
-                    // Its error (a write-back that failed) is the writer's to see at its own
-                    // fsync; the drain only needs the wait.
-                    let _ = f.sync_all();
-                    d.files += 1;
+            if by_handle {
+                match open_by_handle(&root, ino, generation) {
+                    Ok(f) => {
+                        // Its error (a write-back that failed) is the writer's to see at its
+                        // own fsync; the drain only needs the wait.
+                        let _ = f.sync_all();
+                        d.files += 1;
+                        continue;
+                    }
+                    Err(e) if matches!(e.raw_os_error(), Some(libc::EPERM | libc::EOPNOTSUPP)) => {
+                        tracing::info!(error = %e, "cannot open files by handle through the mount (the daemon lacks CAP_DAC_READ_SEARCH): opening them by path");
+                        by_handle = false;
+                    }
+                    Err(_) => continue,
                 }
-                Err(e) if matches!(e.raw_os_error(), Some(libc::EPERM | libc::EOPNOTSUPP)) => {
-                    tracing::warn!(error = %e, "cannot open files by handle through the mount (the daemon needs CAP_DAC_READ_SEARCH): a write(2) running at the freeze may be in a backup in part");
+            }
+            match sync_by_path(&root, reach, ino) {
+                Synced::Done => d.files += 1,
+                Synced::Nothing => {}
+                Synced::Missed(why) => {
+                    // The node id only: a plaintext name never goes to the log.
+                    tracing::warn!(ino, why = %why, "cannot open a file with an open handle through the mount: a write(2) that returned before the backup may be in it in part, or missing");
                     d.exact = false;
-                    break 'rounds;
                 }
-                Err(_) => {}
             }
         }
     }
@@ -279,6 +325,108 @@ fn drain(mp: &Path, targets: &[(u64, u32)], stop: &AtomicBool) -> Drained {
         let _ = rustix::fs::syncfs(&root);
     }
     d
+}
+
+/// Opens node `ino` through the mount by one of the paths the node table knows for it and
+/// `fsync`s it. What is opened is checked to be `ino` (`st_ino` is the node id): a name that
+/// a rename gave another file meanwhile is not it, and the names are looked up again.
+fn sync_by_path(root: &File, reach: &Reach, ino: u64) -> Synced {
+    let mut why = String::new();
+    for _ in 0..PATH_TRIES {
+        if !lock(&reach.files).by_ino.contains_key(&ino) {
+            return Synced::Nothing;
+        }
+        let paths = reach.table.plain_paths(ino);
+        if paths.is_empty() {
+            return nameless(reach, ino);
+        }
+        for p in &paths {
+            match open_path(root, p) {
+                Ok(f) => match f.metadata() {
+                    Ok(m) if m.ino() == ino && m.file_type().is_file() => {
+                        let _ = f.sync_all();
+                        return Synced::Done;
+                    }
+                    Ok(_) => why = "its name now names another file".into(),
+                    Err(e) => why = e.to_string(),
+                },
+                Err(e) => why = e.to_string(),
+            }
+        }
+    }
+    if lock(&reach.files).by_ino.contains_key(&ino) {
+        Synced::Missed(why)
+    } else {
+        Synced::Nothing
+    }
+}
+
+/// A file with an open handle but no name the kernel knows: unlinked (or renamed over)
+/// while open, when its backing file has no link left, so no backup can hold it and its
+/// cached writes do not matter; otherwise it has a name the mount was never asked for (a
+/// hard link not looked up since the mount), which the drain cannot open.
+fn nameless(reach: &Reach, ino: u64) -> Synced {
+    let of = {
+        let files = lock(&reach.files);
+        let Some(fh) = files.by_ino.get(&ino).and_then(|v| v.first()) else {
+            return Synced::Nothing;
+        };
+        files.by_fh.get(fh).map(|(_, of)| of.clone())
+    };
+    let Some(of) = of else {
+        return Synced::Nothing;
+    };
+    match reach.vol.attr(crate::volume::Target::File(&of)) {
+        Ok(a) if a.nlink == 0 => Synced::Nothing,
+        Ok(_) => {
+            Synced::Missed("it has no name the mount knows (a hard link not looked up)".into())
+        }
+        Err(e) => Synced::Missed(e.to_string()),
+    }
+}
+
+/// Opens the file at `parts` below the mount's root `root`: read-only, or write-only where
+/// reading is refused (a file of mode 0200), never creating or truncating. No symlink is
+/// followed and the walk stays in the mount (`RESOLVE_BENEATH`, `RESOLVE_NO_SYMLINKS`,
+/// `RESOLVE_NO_XDEV`); `O_NONBLOCK`, so that a FIFO a rename put there does not block.
+/// Opening changes nothing of the file (no read: its atime stays). A path longer than
+/// `PATH_MAX` is walked in pieces, each directory held by an `O_PATH` descriptor.
+fn open_path(root: &File, parts: &[std::ffi::OsString]) -> std::io::Result<File> {
+    use rustix::fs::{openat2, Mode, OFlags, ResolveFlags};
+    // Bytes of a path argument, its NUL included (PATH_MAX).
+    const PATH_MAX: usize = 4096;
+    let resolve = ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_XDEV;
+    let base = OFlags::CLOEXEC | OFlags::NOCTTY | OFlags::NOFOLLOW | OFlags::NONBLOCK;
+    let mut dir: Option<std::os::fd::OwnedFd> = None;
+    let mut rest = parts;
+    loop {
+        let (mut n, mut len) = (0, 0);
+        while n < rest.len() && len + rest[n].len() + 1 < PATH_MAX {
+            len += rest[n].len() + 1;
+            n += 1;
+        }
+        if n == 0 {
+            return Err(std::io::Error::from_raw_os_error(libc::ENAMETOOLONG));
+        }
+        let path: std::path::PathBuf = rest[..n].iter().collect();
+        let at = match &dir {
+            Some(d) => d.as_fd(),
+            None => root.as_fd(),
+        };
+        if n < rest.len() {
+            let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC;
+            dir = Some(openat2(at, &path, flags, Mode::empty(), resolve)?);
+            rest = &rest[n..];
+            continue;
+        }
+        let fd = match openat2(at, &path, base | OFlags::RDONLY, Mode::empty(), resolve) {
+            Err(rustix::io::Errno::ACCESS) => {
+                openat2(at, &path, base | OFlags::WRONLY, Mode::empty(), resolve)?
+            }
+            r => r?,
+        };
+        return Ok(File::from(fd));
+    }
 }
 
 fn open_by_handle(root: &File, ino: u64, generation: u32) -> std::io::Result<File> {

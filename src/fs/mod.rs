@@ -158,6 +158,10 @@ pub struct OnlineHandle {
     /// Entry and attribute timeout given to the kernel.
     ttl: Duration,
     parked: Arc<Mutex<Parked>>,
+    /// The mount's [`CmkFs::wb_refused`] and [`CmkFs::held`], for the filesystem view that
+    /// answers the GETATTRs a backup's quiesce parked.
+    wb_refused: Arc<AtomicBool>,
+    held: Arc<held_writes::HeldWrites>,
 }
 
 impl crate::volume::reencrypt::Online for OnlineHandle {
@@ -198,6 +202,22 @@ impl OnlineHandle {
     /// The volume.
     pub fn volume(&self) -> &Arc<Volume> {
         &self.vol
+    }
+
+    /// The mount's filesystem for a thread of the daemon's own (as [`CmkFs::view`]).
+    fn view(&self) -> CmkFs {
+        CmkFs {
+            opts: self.opts,
+            ttl: self.ttl,
+            vol: self.vol.clone(),
+            table: self.table.clone(),
+            files: self.files.clone(),
+            dirs: Mutex::default(),
+            next_fh: AtomicU64::new(0),
+            parked: self.parked.clone(),
+            wb_refused: self.wb_refused.clone(),
+            held: self.held.clone(),
+        }
     }
 }
 
@@ -342,6 +362,8 @@ impl CmkFs {
             opts: self.opts,
             ttl: self.ttl,
             parked: self.parked.clone(),
+            wb_refused: self.wb_refused.clone(),
+            held: self.held.clone(),
         }
     }
 

@@ -495,6 +495,37 @@ impl NodeTable {
         }
     }
 
+    /// The plaintext paths of non-directory `ino` below the mount's root, as components,
+    /// one per name the kernel knows it by (freshest first), each reached through its
+    /// parents' most recent names. Empty when it has no name left (unlinked or renamed over
+    /// while open) or no chain of known parents reaches the root. For a backup's drain,
+    /// which opens the file through the mount by one of them: the caller checks that what
+    /// it opened is `ino` (a rename may move a name in between).
+    pub(super) fn plain_paths(&self, ino: u64) -> Vec<Vec<OsString>> {
+        let nodes = lock(&self.nodes);
+        let Some(node) = nodes.map.get(&ino) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        'links: for l in node.links.iter().rev() {
+            let mut parts = vec![l.name.clone()];
+            let mut cur = l.parent;
+            while cur != INodeNo::ROOT.0 {
+                let Some(up) = nodes.map.get(&cur).and_then(|n| n.links.last()) else {
+                    continue 'links;
+                };
+                parts.push(up.name.clone());
+                cur = up.parent;
+                if parts.len() > MAX_DEPTH {
+                    continue 'links;
+                }
+            }
+            parts.reverse();
+            out.push(parts);
+        }
+        out
+    }
+
     /// The backing path of `ino` below the backing root, for log lines only (nothing is
     /// ever opened by it).
     pub(super) fn backing_path(&self, ino: u64) -> Option<PathBuf> {

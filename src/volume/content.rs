@@ -32,6 +32,7 @@ use super::bufpool::PoolBuf;
 use super::direct::{self, DirectFile};
 use super::layout::{self, roundup_block, unit_extent, units_end, BLOCK};
 pub use super::layout::{FileHeader, Layout, FILE_HEADER_LEN};
+use super::writeout;
 use super::VolumeError;
 use crate::crypto::VolumeKeys;
 use crate::engine::{Holes, SectorEngine};
@@ -56,6 +57,8 @@ pub struct FileState {
     appending: AtomicBool,
     /// The file's `O_DIRECT` descriptor for large reads ([`direct`]).
     direct: DirectFile,
+    /// Bytes written since the last early write-out of the backing file ([`writeout`]).
+    pending: writeout::Pending,
 }
 
 impl FileState {
@@ -591,15 +594,20 @@ pub fn write(
     // (A write that starts inside a unit never is one, nor, most likely, is the next write of
     // a file that the last write grew: they go straight to the exclusive lock, with one
     // `fstat` instead of two.)
-    if off.is_multiple_of(cx.sector) && !st.appending.load(Ordering::Relaxed) {
-        let _g = st.rmw.read().unwrap_or_else(|p| p.into_inner());
-        let (blen, size) = backing_state(f, cx)?;
-        if end <= size && (end % cx.sector == 0 || end == size) {
-            return overwrite_units(f, st, cx, off, data, blen);
+    let n = 'done: {
+        if off.is_multiple_of(cx.sector) && !st.appending.load(Ordering::Relaxed) {
+            let _g = st.rmw.read().unwrap_or_else(|p| p.into_inner());
+            let (blen, size) = backing_state(f, cx)?;
+            if end <= size && (end % cx.sector == 0 || end == size) {
+                break 'done overwrite_units(f, st, cx, off, data, blen)?;
+            }
         }
-    }
-    let _g = st.rmw.write().unwrap_or_else(|p| p.into_inner());
-    write_locked(f, st, cx, off, data)
+        let _g = st.rmw.write().unwrap_or_else(|p| p.into_inner());
+        write_locked(f, st, cx, off, data)?
+    };
+    // Outside the content lock: starting the disk may wait for its queue.
+    writeout::wrote(&st.pending, f, n);
+    Ok(n)
 }
 
 /// Whole units inside the file, under the shared lock: encrypted in a pooled buffer (which

@@ -145,18 +145,11 @@ struct Cachestat {
     nr_recently_evicted: u64,
 }
 
-/// Whether a buffered read suits `[pos, pos + n)` better: the page cache holds half of it
-/// or more (a copy from memory beats the disk), or any page of it is dirty or being written
-/// back (a direct read would first write it back and wait: data just written through the
-/// mount is read from memory, as before). Asks `cachestat(2)`, which starts no I/O (a
-/// `RWF_NOWAIT` read would: it starts readahead on a miss). Where it is missing (before
-/// Linux 6.5), nothing counts as cached: correct, since a direct read writes back what is
-/// dirty first.
-fn cached(f: &File, pos: u64, n: usize) -> bool {
-    let range = CachestatRange {
-        off: pos,
-        len: n as u64,
-    };
+/// The page-cache state of backing bytes `[pos, pos + n)` of `f`: pages cached, dirty, and
+/// under write-back, from `cachestat(2)`, which starts no I/O. `None` where it is missing
+/// (before Linux 6.5).
+pub(crate) fn page_states(f: &File, pos: u64, n: u64) -> Option<PageStates> {
+    let range = CachestatRange { off: pos, len: n };
     let mut cs = Cachestat::default();
     // SAFETY: the kernel reads `range` and writes `cs`, both live `repr(C)` values of the
     // layout `cachestat(2)` documents; `f` is an open descriptor.
@@ -169,11 +162,36 @@ fn cached(f: &File, pos: u64, n: usize) -> bool {
             0u32,
         )
     };
-    if r != 0 {
+    (r == 0).then_some(PageStates {
+        cached: cs.nr_cache,
+        dirty: cs.nr_dirty,
+        writeback: cs.nr_writeback,
+    })
+}
+
+/// Page counts of a range of a file ([`page_states`]).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct PageStates {
+    /// Pages in the page cache.
+    pub cached: u64,
+    /// Dirty pages (not yet handed to the disk).
+    pub dirty: u64,
+    /// Pages being written to the disk.
+    pub writeback: u64,
+}
+
+/// Whether a buffered read suits `[pos, pos + n)` better: the page cache holds half of it
+/// or more (a copy from memory beats the disk), or any page of it is dirty or being written
+/// back (a direct read would first write it back and wait: data just written through the
+/// mount is read from memory, as before). Where `cachestat(2)` is missing (before Linux
+/// 6.5), nothing counts as cached: correct, since a direct read writes back what is dirty
+/// first. (A `RWF_NOWAIT` read would start readahead on a miss.)
+fn cached(f: &File, pos: u64, n: usize) -> bool {
+    let Some(cs) = page_states(f, pos, n as u64) else {
         return false;
-    }
+    };
     let pages = (pos + n as u64).div_ceil(4096) - pos / 4096;
-    cs.nr_dirty + cs.nr_writeback > 0 || cs.nr_cache * 2 >= pages
+    cs.dirty + cs.writeback > 0 || cs.cached * 2 >= pages
 }
 
 /// The direct read itself: the aligned superset of `[pos, pos + n)` into an aligned buffer.

@@ -35,6 +35,7 @@ pub mod sys;
 mod truncate;
 pub mod upgrade;
 pub mod v1;
+pub mod writeout;
 pub mod xattr;
 
 pub use attr::{Attr, Pinned, SetAttr, Target};

@@ -737,6 +737,19 @@ impl Env {
     /// `--key-check-interval 100ms`).
     #[track_caller]
     pub fn mount_foreground_with(&self, cipher: &Path, mnt: &Path, extra: &[&str]) -> Mount {
+        self.mount_foreground_by(cipher, mnt, extra, |_| {})
+    }
+
+    /// [`Env::mount_foreground_with`], with `tweak` applied to the daemon's command before
+    /// it is spawned (e.g. a `pre_exec` that drops a capability).
+    #[track_caller]
+    pub fn mount_foreground_by(
+        &self,
+        cipher: &Path,
+        mnt: &Path,
+        extra: &[&str],
+        tweak: impl FnOnce(&mut Command),
+    ) -> Mount {
         let mut args: Vec<OsString> = vec![
             "mount".into(),
             cipher.into(),
@@ -751,6 +764,7 @@ impl Env {
             .stdout(log.try_clone().unwrap())
             .stderr(log.try_clone().unwrap())
             .process_group(0);
+        tweak(&mut cmd);
         let what = describe(&cmd);
         let mut child = cmd.spawn().expect("spawn cmkfs mount --foreground");
         let before = mounts_at(mnt).len();
