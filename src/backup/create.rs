@@ -596,7 +596,8 @@ fn write_archive(
                     req.header.key_generation,
                     req.header.retiring.as_ref().map(|r| r.key_generation),
                 );
-                let expect = Expect::new(lay, Some(generations));
+                let expect = Expect::new(lay, Some(generations))
+                    .with_unit_size(u64::from(req.header.sector_size));
                 let expect = match req.point_in_time {
                     true => expect,
                     false => expect.lengths_in_flux(),

@@ -66,7 +66,7 @@ fn defect_finding(d: &FileDefect, verified: bool) -> (ProblemKind, String, Fix) 
             ),
         ),
         FileDefect::BadLength { .. } => format(ProblemKind::FileLengthInvalid, d.to_string()),
-        FileDefect::ProgressInvalid { .. } => (
+        FileDefect::ProgressInvalid { .. } | FileDefect::ProgressPastEnd { .. } => (
             ProblemKind::ReencryptionProgressInvalid,
             format!(
                 "{d} (a damaged header): a re-encryption would skip units it never converted, \
@@ -132,7 +132,8 @@ impl Checker {
             .keys
             .as_ref()
             .map(|k| Generations::of(k.generation, k.retiring.as_deref().map(|r| r.generation)));
-        let (kind, detail, fix) = finding(&Expect::new(layout, generations), len, &head)?;
+        let expect = Expect::new(layout, generations).with_unit_size(unit);
+        let (kind, detail, fix) = finding(&expect, len, &head)?;
         if fix == Fix::Quarantine {
             return Some((kind, detail));
         }

@@ -850,11 +850,49 @@ fn truncate_locked(f: &File, st: &FileState, cx: &Ctx, new_size: u64) -> Result<
         // Units past the old last one are holes of the backing file: they read as zeros.
         return f.set_len(want).map_err(VolumeError::Os);
     }
+    let h = lower_progress(f, st, cx, h, size, new_size)?;
     // Every unit keeps a valid prefix (XTS blocks are independent): shortening the backing
     // file is the whole truncate, atomic as one system call. The scrub after it only
     // overwrites bytes past the new end.
     f.set_len(want).map_err(VolumeError::Os)?;
     scrub_tail(f, cx, &h, new_size)
+}
+
+/// Before a file of logical `size` that a running re-encryption has converted in part
+/// shrinks to `new_size`: lowers its header's progress (`reencrypted`) to the new unit count,
+/// so that `reencrypted <= units` holds in every state a crash can leave (docs/FORMAT.md,
+/// "Re-encryption"; the file judge refuses a progress past the last unit, attack session
+/// 15, F1). Returns the header in force. The caller holds the exclusive lock.
+///
+/// Order, each step durable before the next: the converted units the cut removes are made
+/// holes (they read as zeros under either DEK, so none reads as garbage once the lowered
+/// header calls them unconverted), then the header is lowered, then the caller cuts.
+fn lower_progress(
+    f: &File,
+    st: &FileState,
+    cx: &Ctx,
+    h: FileHeader,
+    size: u64,
+    new_size: u64,
+) -> Result<FileHeader, VolumeError> {
+    let units = new_size.div_ceil(cx.sector);
+    if h.reencrypted <= units {
+        return Ok(h);
+    }
+    let converted_end = (h.reencrypted.saturating_mul(cx.sector)).min(size);
+    if units * cx.sector < converted_end {
+        zero_range(f, st, cx, units * cx.sector, converted_end, size)?;
+        f.sync_data().map_err(VolumeError::Os)?;
+    }
+    let lowered = FileHeader {
+        reencrypted: units,
+        ..h
+    };
+    f.write_all_at(&lowered.encode(), 0)
+        .map_err(VolumeError::Os)?;
+    f.sync_data().map_err(VolumeError::Os)?;
+    st.set_cached_header(Some(lowered));
+    Ok(lowered)
 }
 
 /// The backing length of a file of logical size `size`, or EFBIG where it would pass the

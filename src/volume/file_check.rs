@@ -23,10 +23,17 @@
 //!    `key_gen` names the current generation or, during a run, the retiring one; when a run
 //!    is about to erase the retiring DEK, every file is wholly under the current one.
 //!
-//! Not a defect: `reencrypted` past the file's last unit. A file shrunk through the mount
-//! while an online re-encryption had converted part of it keeps its header's progress, and
-//! every reader takes `min(reencrypted, units)` (the units past it are under the old DEK, as
-//! the header says). The data units themselves carry no MAC: what a header names cannot be
+//! 6. with the volume's data unit size ([`Expect::unit_size`]) and a length at rest: a file
+//!    still under the retiring generation marks no unit past its last converted
+//!    (`reencrypted <= units`, [`FileDefect::ProgressPastEnd`]). A run writes progress below
+//!    the file's unit count only, and a mount that shrinks such a file during a run lowers
+//!    its progress to the new unit count before it cuts the length (`content::truncate`), so
+//!    no state a crash can leave breaks it (attack session 15, F1: a flipped high bit made a
+//!    resumed run take the file as converted and erase the only DEK that read it).
+//!
+//! What cannot be told: `reencrypted` exactly equal to the unit count is what a file shrunk
+//! during a run holds until the run's next batch flips its generation, so a flip to that
+//! value passes. The data units themselves carry no MAC: what a header names cannot be
 //! checked against them here.
 
 use std::fmt;
@@ -100,6 +107,10 @@ pub struct Expect {
     /// Whether the backing length is at rest (a backup that writers may run through,
     /// `--force`, sees files pass through lengths no file at rest has: `false` there).
     pub settled_length: bool,
+    /// The volume's data unit size (bytes; the verified header's `sector_size`): with it and
+    /// a length at rest, a retiring file's progress is judged against its unit count;
+    /// `None`: not judged.
+    pub unit_size: Option<u64>,
 }
 
 impl Expect {
@@ -109,6 +120,16 @@ impl Expect {
             layout,
             generations,
             settled_length: true,
+            unit_size: None,
+        }
+    }
+
+    /// The same, with the volume's data unit size (bytes): a file under the retiring
+    /// generation whose progress passes its last unit is then a defect.
+    pub fn with_unit_size(self, unit_size: u64) -> Expect {
+        Expect {
+            unit_size: Some(unit_size).filter(|n| *n > 0),
+            ..self
         }
     }
 
@@ -162,6 +183,14 @@ pub enum FileDefect {
         reencrypted: u64,
         /// What the volume allows.
         expected: Generations,
+    },
+    /// A file still under the retiring generation whose progress (`reencrypted`) passes its
+    /// last unit (`units`): a run would take it as converted without converting it.
+    ProgressPastEnd {
+        /// The units the header marks converted.
+        reencrypted: u64,
+        /// The file's data units (its logical size over the unit size, rounded up).
+        units: u64,
     },
     /// A key generation the volume has no DEK of (a flipped bit, a file put back from before
     /// a re-encryption).
@@ -223,6 +252,12 @@ impl fmt::Display for FileDefect {
                     ),
                     Generations::Converted { .. } => "every file must be wholly converted".into(),
                 }
+            ),
+            FileDefect::ProgressPastEnd { reencrypted, units } => write!(
+                f,
+                "its file header marks units before {reencrypted} converted, past the file's \
+                 {units} data unit{}",
+                if *units == 1 { "" } else { "s" }
             ),
             FileDefect::UnknownGeneration { key_gen, expected } => write!(
                 f,
@@ -323,6 +358,19 @@ pub fn judge(expect: &Expect, len: u64, head: &[u8]) -> Result<Option<FileHeader
         }
         Generations::Converting { retiring, current } => {
             if h.key_gen == low(retiring) {
+                if let (true, Some(unit), Ok(size)) = (
+                    expect.settled_length,
+                    expect.unit_size,
+                    lay.logical_size(len),
+                ) {
+                    let units = size.div_ceil(unit);
+                    if h.reencrypted > units {
+                        return Err(FileDefect::ProgressPastEnd {
+                            reencrypted: h.reencrypted,
+                            units,
+                        });
+                    }
+                }
                 return Ok(Some(h));
             }
             if h.reencrypted != 0 {

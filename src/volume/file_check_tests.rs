@@ -14,6 +14,8 @@ use crate::volume::reencrypt::preflight::{refusal, FilesAt};
 /// The volume's current generation in the matrix (a re-encryption retires `CUR - 1`).
 const CUR: u32 = 5;
 const RET: u32 = CUR - 1;
+/// The volume's data unit size in the matrix (bytes).
+const UNIT: u64 = 4096;
 
 /// The volume states the callers see: fsck and backup take the header's generations
 /// ([`Generations::of`]); the run's preflight its phase.
@@ -78,12 +80,14 @@ fn verdicts(dir: &std::path::Path, lay: Layout, state: State, bytes: &[u8]) -> V
             retiring: RET,
             current: CUR,
         })),
-    );
+    )
+    .with_unit_size(UNIT);
+    let of = |g| Expect::new(lay, Some(g)).with_unit_size(UNIT);
     Verdicts {
         judge: judge(&expect, len, &head),
-        fsck: gens.and_then(|g| finding(&Expect::new(lay, Some(g)), len, &head)),
-        preflight: refusal(lay, state.phase(), len, read_head(&f, len)),
-        backup: gens.and_then(|g| damaged_data_file("abc", &f, len, &Expect::new(lay, Some(g)))),
+        fsck: gens.and_then(|g| finding(&of(g), len, &head)),
+        preflight: refusal(lay, UNIT, state.phase(), len, read_head(&f, len)),
+        backup: gens.and_then(|g| damaged_data_file("abc", &f, len, &of(g))),
     }
 }
 
@@ -236,6 +240,27 @@ fn every_defect_is_rejected_by_fsck_reencryption_and_backup_and_healthy_files_pa
                 q,
             ));
         }
+        // During a run, a file still under the retiring generation whose progress passes
+        // its last unit (attack session 15, F1: a flipped high bit; a resumed run took the
+        // file as converted and erased the only DEK that read it).
+        let units = lay
+            .logical_size(with(ok).len() as u64)
+            .unwrap()
+            .div_ceil(UNIT);
+        for reencrypted in [units + 1, units | 1 << 56, 1 << 40, u64::MAX] {
+            rows.push((
+                "a retiring file's progress past its last unit",
+                State::Running,
+                with(FileHeader {
+                    key_gen: RET as u16,
+                    reencrypted,
+                    ..ok
+                }),
+                FileDefect::ProgressPastEnd { reencrypted, units },
+                ProblemKind::ReencryptionProgressInvalid,
+                q,
+            ));
+        }
         if lay == Layout::V3 {
             // The v3 header area is a page: a length with the file header but not the area.
             rows.push((
@@ -351,7 +376,9 @@ fn every_defect_is_rejected_by_fsck_reencryption_and_backup_and_healthy_files_pa
                 healthy.push((state, file_bytes(lay, &ok, data_len(size) as usize)));
             }
         }
-        for reencrypted in [0, 1, 2, 1 << 40] {
+        // Up to its unit count: a file shrunk during the run holds exactly that until the
+        // run's next batch flips its generation.
+        for reencrypted in [0, 1, units - 1, units] {
             let h = FileHeader {
                 key_gen: RET as u16,
                 reencrypted,
@@ -403,5 +430,22 @@ fn unverified_and_in_flux_judgements_leave_out_what_they_cannot_know() {
     assert_eq!(
         judge(&flux, 20, &bytes[..20]),
         Err(FileDefect::Truncated { len: 20 })
+    );
+    // A retiring file's progress past its 1 unit: judged only with the unit size and a
+    // length at rest (a writer may be growing the file under a backup's `--force`).
+    let running = Expect::new(lay, Some(Generations::of(4, Some(3))));
+    assert!(judge(&running, 64, &good_len).is_ok());
+    assert!(judge(
+        &running.with_unit_size(4096).lengths_in_flux(),
+        64,
+        &good_len
+    )
+    .is_ok());
+    assert_eq!(
+        judge(&running.with_unit_size(4096), 64, &good_len),
+        Err(FileDefect::ProgressPastEnd {
+            reencrypted: 9,
+            units: 1
+        })
     );
 }

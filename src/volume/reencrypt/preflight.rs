@@ -93,8 +93,15 @@ pub(crate) enum FilesAt {
 /// generation `at` allows (judged by [`file_check::judge`]); otherwise a one-line refusal
 /// naming the first that does not (by its backing path) and what to do. Reads 32 bytes per
 /// file (`O_NOATIME`).
+///
+/// Each file's length and header are judged as one state: read under the file's content
+/// lock (shared), the lock a mount's writes and truncates and the run's batches take
+/// exclusively. Online, a file truncated or written through the mount between the walk and
+/// the read would otherwise be judged with the walk's length against a header read later
+/// (a short read: "failed to fill whole buffer", and a healthy volume refused).
 pub(super) fn check_files(vol: &Volume, at: FilesAt) -> Result<(), ReencryptError> {
     let layout = vol.layout();
+    let unit = vol.unit_size();
     for f in contents::walk(vol.root_dir(), vol, false)? {
         let (file, st) = match sys::open_regular(f.dir.fd(), &f.bname, Access::Read, None) {
             Ok(x) => x,
@@ -102,18 +109,25 @@ pub(super) fn check_files(vol: &Volume, at: FilesAt) -> Result<(), ReencryptErro
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
             Err(e) => return Err(bad_file(&f.path, &format!("cannot be opened: {e}"), at)),
         };
+        let fd = std::os::fd::AsFd::as_fd(&file);
+        let shared = vol.shared_of(st.st_ino);
+        let lock = shared.content.rmw.read().unwrap_or_else(|p| p.into_inner());
+        let len = match sys::fstat(fd) {
+            Ok(now) => now.st_size as u64,
+            Err(e) => return Err(bad_file(&f.path, &format!("cannot be read: {e}"), at)),
+        };
         // Read without moving atime. Putting a moved one back instead would race a user's
         // `utimensat` through the mount during an online run and undo it (found by
         // `reencrypt_online::times_set_while_batches_rewrite_the_file_are_never_undone`);
         // only where the kernel refuses O_NOATIME (not the owner) is it put back.
-        let fd = std::os::fd::AsFd::as_fd(&file);
         let quiet = sys::no_atime(fd);
         let atime = sys::times_of(&st)[0];
-        let head = file_check::read_head(&file, f.len);
+        let head = file_check::read_head(&file, len);
         if !quiet && sys::fstat(fd).is_ok_and(|now| sys::times_of(&now)[0] != atime) {
             let _ = sys::utimens_fd(fd, &[atime, None]);
         }
-        if let Some(why) = refusal(layout, at, f.len, head) {
+        drop(lock);
+        if let Some(why) = refusal(layout, unit, at, len, head) {
             return Err(bad_file(&f.path, &why, at));
         }
     }
@@ -121,9 +135,11 @@ pub(super) fn check_files(vol: &Volume, at: FilesAt) -> Result<(), ReencryptErro
 }
 
 /// Why a file of backing length `len`, whose first bytes were read as `head`, stops the run
-/// at `at`; `None` if it does not. The judgement is [`file_check::judge`]'s.
+/// at `at` in a volume of data units of `unit` bytes; `None` if it does not. The judgement
+/// is [`file_check::judge`]'s.
 pub(crate) fn refusal(
     layout: Layout,
+    unit: u64,
     at: FilesAt,
     len: u64,
     head: io::Result<[u8; FILE_HEADER_LEN]>,
@@ -144,7 +160,8 @@ pub(crate) fn refusal(
         Ok(h) => h,
         Err(e) => return Some(format!("its file header cannot be read: {e}")),
     };
-    file_check::judge(&Expect::new(layout, Some(generations)), len, &head)
+    let expect = Expect::new(layout, Some(generations)).with_unit_size(unit);
+    file_check::judge(&expect, len, &head)
         .err()
         .map(|d| d.to_string())
 }
