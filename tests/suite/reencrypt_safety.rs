@@ -539,3 +539,108 @@ fn a_run_resumed_or_finishing_with_a_file_not_converted_keeps_the_old_dek() {
     );
     assert!(VolumeHeader::read(&env.cipher).unwrap().retiring.is_some());
 }
+
+/// Sets a backing file's `reencrypted` field (bytes 24..32 of the file header).
+fn set_progress(p: &Path, units: u64) {
+    use std::os::unix::fs::FileExt;
+    let f = fs::File::options().write(true).open(p).unwrap();
+    f.write_all_at(&units.to_le_bytes(), 24).unwrap();
+}
+
+/// Attack session 15, F1: during an interrupted run, a file still under the retiring
+/// generation whose progress passes its last unit (one flipped high bit) is found by fsck
+/// and refused by the resumed run, offline and online, with the old DEK kept (a resume used
+/// to take it as converted and erase the only DEK that read it). A file shrunk through the
+/// mount meanwhile has its progress lowered to its new unit count in the same step: fsck
+/// stays clean and the resumed run ends with every byte intact.
+#[test]
+fn a_retiring_file_past_its_last_unit_is_refused_and_one_shrunk_mid_run_keeps_its_data() {
+    // Files span batches: the run stops between two batches of the big file.
+    std::env::set_var("CMKFS_REENCRYPT_BATCH_BYTES", "65536");
+    let env = Env::new();
+    env.init(&env.cipher).assert_ok();
+    let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(seed("past its end"));
+    let data = random_bytes(&mut rng, 300_000);
+    let m = env.mount(&env.cipher, &env.mnt);
+    fs::write(env.mnt.join("big"), &data).unwrap();
+    fs::write(env.mnt.join("small"), &data[..5000]).unwrap();
+    m.unmount();
+    let mut batches = 0;
+    let r = run_in_process(&env, false, &mut |s| {
+        if s == Step::JournalRetired {
+            batches += 1;
+            if batches == 2 {
+                return Err(std::io::Error::other("stopped"));
+            }
+        }
+        Ok(())
+    });
+    assert!(
+        matches!(r, Err(ReencryptError::Interrupted(_))),
+        "{:?}",
+        r.map(|_| ())
+    );
+    let big = backing_files(&env.cipher)
+        .into_iter()
+        .max_by_key(|p| fs::metadata(p).unwrap().len())
+        .unwrap();
+    let (gen, done) = key_gen_of(&big);
+    assert!(
+        gen == 0 && done >= 16,
+        "({gen}, {done}): not a part-converted file"
+    );
+
+    // One flipped high bit: fsck finds it, the resume refuses it (offline and online), the
+    // old DEK stays.
+    set_progress(&big, done | 1 << 56);
+    let (code, kinds, out) = fsck_kinds(&env, &[]);
+    assert_ne!(code, 0, "{out}");
+    assert!(
+        kinds.iter().any(|k| k.0 == "reencryption_progress_invalid"),
+        "{kinds:?}"
+    );
+    let out = reencrypt(&env, &[]);
+    out.assert_clear_error();
+    assert!(
+        out.stderr.contains("past the file's 74 data units")
+            && out.stderr.contains("old DEK is kept"),
+        "{out}"
+    );
+    assert!(VolumeHeader::read(&env.cipher).unwrap().retiring.is_some());
+    let m = env.mount(&env.cipher, &env.mnt);
+    set_progress(&big, done | 1 << 56);
+    let out = reencrypt(&env, &["--online"]);
+    out.assert_clear_error();
+    assert!(out.stderr.contains("past the file's"), "{out}");
+    assert!(VolumeHeader::read(&env.cipher).unwrap().retiring.is_some());
+
+    // Put back, then shrunk through the mount below its progress: lowered with the cut.
+    set_progress(&big, done);
+    let keep = 3 * 4096 + 7;
+    fs::File::options()
+        .write(true)
+        .open(env.mnt.join("big"))
+        .unwrap()
+        .set_len(keep as u64)
+        .unwrap();
+    assert_eq!(key_gen_of(&big), (0, 4), "the progress was not lowered");
+    assert_bytes_eq(
+        "shrunk",
+        &fs::read(env.mnt.join("big")).unwrap(),
+        &data[..keep],
+    );
+    m.unmount();
+    let (code, kinds, out) = fsck_kinds(&env, &[]);
+    assert!(
+        code == 0 && kinds.iter().all(|k| k.0 == "reencrypt_in_progress"),
+        "{out}"
+    );
+    reencrypt(&env, &[]).assert_ok();
+    let h = VolumeHeader::read(&env.cipher).unwrap();
+    assert!(h.retiring.is_none() && h.key_generation == 1);
+    assert_mount_reads(
+        &env,
+        &[("big", &data[..keep]), ("small", &data[..5000])],
+        "after the resumed run",
+    );
+}
