@@ -102,7 +102,9 @@ pub(crate) enum FilesAt {
 pub(super) fn check_files(vol: &Volume, at: FilesAt) -> Result<(), ReencryptError> {
     let layout = vol.layout();
     let unit = vol.unit_size();
-    for f in contents::walk(vol.root_dir(), vol, false)? {
+    let files = contents::walk(vol.root_dir(), vol, false)?;
+    test_pause(at);
+    for f in files {
         let (file, st) = match sys::open_regular(f.dir.fd(), &f.bname, Access::Read, None) {
             Ok(x) => x,
             // Online a mount may have removed or renamed it meanwhile.
@@ -132,6 +134,25 @@ pub(super) fn check_files(vol: &Volume, at: FilesAt) -> Result<(), ReencryptErro
         }
     }
     Ok(())
+}
+
+/// Test hook (debug builds only; a release build ignores the variable): with
+/// `CMKFS_TEST_PREFLIGHT_PAUSE_DIR=DIR`, the check before the header switches, once its walk
+/// has listed the tree, creates `DIR/walked` and waits (at most 5 s) for `DIR/go`, so that a
+/// test changes files through the mount between the walk and the reads.
+fn test_pause(at: FilesAt) {
+    #[cfg(debug_assertions)]
+    if let (FilesAt::Start(_), Some(dir)) = (at, std::env::var_os("CMKFS_TEST_PREFLIGHT_PAUSE_DIR"))
+    {
+        let dir = std::path::PathBuf::from(dir);
+        let _ = fs::write(dir.join("walked"), b"");
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !dir.join("go").exists() && std::time::Instant::now() < end {
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+    }
+    #[cfg(not(debug_assertions))]
+    let _ = at;
 }
 
 /// Why a file of backing length `len`, whose first bytes were read as `head`, stops the run
