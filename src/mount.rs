@@ -336,10 +336,10 @@ pub fn unmount(home: &Home, mp: &Path, lazy: bool, wait: Duration) -> Result<(),
             error: e,
         },
     })?;
-    if !is_cmkfs_mount(&abs) {
+    let record = RunRecord::load(home, &abs);
+    if !is_cmkfs_mount_of(&abs, record.as_ref()) {
         return Err(MountError::NotMounted(abs));
     }
-    let record = RunRecord::load(home, &abs);
     umount_syscall(&abs, lazy).map_err(|e| MountError::Unmount {
         path: abs.clone(),
         error: e,
@@ -354,15 +354,30 @@ pub fn unmount(home: &Home, mp: &Path, lazy: bool, wait: Duration) -> Result<(),
 }
 
 /// Whether a cmkfs volume is mounted at `mp`. The pure-Rust mount shows type `fuse` (the
-/// subtype is not passed to mount(2)), so the source — the cipher directory — decides.
+/// subtype is not passed to mount(2)) and the cipher directory as its source.
 pub fn is_cmkfs_mount(mp: &Path) -> bool {
-    match mount_type(mp) {
-        Some((t, source)) => {
-            (t == "fuse" || t == format!("fuse.{SUBTYPE}"))
-                && source.join(crate::volume::header::HEADER_FILE).exists()
-        }
-        None => false,
+    is_cmkfs_mount_of(mp, None)
+}
+
+/// [`is_cmkfs_mount`], also told the run record `record` of a daemon that mounted at `mp`.
+/// The kernel's word decides: a FUSE mount at `mp` whose source is a cmkfs volume, known by
+/// its header file, or, where that is gone (removed or renamed behind the mount, a backing
+/// disk answering errors: attack session 15, F2), by a live cmkfs daemon whose record names
+/// this mountpoint and this source. Another FUSE filesystem at `mp` is neither.
+fn is_cmkfs_mount_of(mp: &Path, record: Option<&RunRecord>) -> bool {
+    let Some((t, source)) = mount_type(mp) else {
+        return false;
+    };
+    if t == format!("fuse.{SUBTYPE}") {
+        return true;
     }
+    if t != "fuse" {
+        return false;
+    }
+    if source.join(crate::volume::header::HEADER_FILE).exists() {
+        return true;
+    }
+    record.is_some_and(|r| r.mountpoint == mp && r.cipherdir == source && pid_alive(r.pid))
 }
 
 /// Unmounts with umount2 as root, else through `fusermount3 -u`.

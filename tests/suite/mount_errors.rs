@@ -357,6 +357,48 @@ fn umount_of_a_busy_or_missing_mount_fails_cleanly() {
     m.unmount();
 }
 
+/// Attack session 15, F2: a live mount whose backing `cmkfs.volume.json` was removed (a sync
+/// client, a failing backing disk) is still a cmkfs mount: `cmkfs umount` unmounts it (the
+/// harness's `unmount` runs it and waits for the daemon's exit) instead of calling it "not a
+/// mounted cmkfs volume". A mount of another filesystem is still refused and left mounted.
+#[test]
+fn umount_takes_a_mount_whose_backing_header_is_gone_and_refuses_other_mounts() {
+    let env = Env::new();
+    volume_with_file(&env, &env.cipher);
+    let m = env.mount(&env.cipher, &env.mnt);
+    let header = env.cipher.join("cmkfs.volume.json");
+    let aside = env.root.join("header-aside.json");
+    fs::rename(&header, &aside).unwrap();
+    m.unmount();
+    fs::rename(&aside, &header).unwrap();
+    let m = env.mount(&env.cipher, &env.mnt);
+    assert_eq!(read(&m.path("hello.txt")), b"hello, volume");
+    m.unmount();
+
+    // Another filesystem (a tmpfs; detached at the end even if an assertion fails).
+    struct Detach<'a>(&'a Path);
+    impl Drop for Detach<'_> {
+        fn drop(&mut self) {
+            while is_mounted(self.0) && detach(self.0) {}
+        }
+    }
+    let other = env.dir("other-fs");
+    let status = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1m", "cmkfs-test-tmpfs"])
+        .arg(&other)
+        .status()
+        .unwrap();
+    assert!(status.success(), "mount -t tmpfs: {status}");
+    let _guard = Detach(&other);
+    let out = env.cmkfs(&[OsStr::new("umount"), other.as_os_str()]);
+    out.assert_clear_error();
+    assert!(
+        out.stderr.contains("is not a mounted cmkfs volume"),
+        "{out}"
+    );
+    assert!(is_mounted(&other), "cmkfs umount unmounted a tmpfs");
+}
+
 /// Second review, L1: `cmkfs mount C C` (or the backing directory inside the mountpoint, or
 /// the mountpoint inside it) was accepted and deadlocked on itself (SIGTERM did not end it).
 /// Refused with one line, in the daemonizing and the foreground form.
