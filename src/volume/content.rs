@@ -1400,6 +1400,84 @@ mod tests {
         }
     }
 
+    /// A shrink of a file a re-encryption has converted in part (attack session 15, F1):
+    /// the header's progress comes down to the new unit count before the length does, and
+    /// the state a crash can leave between the two (progress lowered, length not cut yet)
+    /// reads every kept byte right and the cut-off converted units as zeros, never as
+    /// garbage under the wrong DEK.
+    #[test]
+    fn a_shrink_during_a_reencryption_lowers_the_progress_before_the_length() {
+        for lay in [Layout::V2, Layout::V3] {
+            let fx = fixture_in(lay, 4096, 1, false);
+            let sector = fx.sector;
+            let old_dek = Dek::generate().unwrap();
+            let old = VolumeKeys::from_dek(&old_dek, 4096).unwrap();
+            let retiring =
+                VolumeKeys::from_dek(&Dek::from_slice(old_dek.as_bytes()).unwrap(), 4096).unwrap();
+            let new = VolumeKeys::from_dek(&Dek::generate().unwrap(), 4096)
+                .unwrap()
+                .with_generation(1, Some(retiring));
+            let cx_of = |keys| Ctx {
+                keys,
+                engine: &fx.engine,
+                sector,
+                layout: lay,
+            };
+            let size = 10 * sector + 7;
+            let plain: Vec<u8> = (0..size).map(|i| (i * 7 % 251) as u8).collect();
+            write(&fx.file, &fx.st, &cx_of(&old), 0, &plain).unwrap();
+            // Units [0, 6) converted, as a batch leaves them: rewritten under the new DEK,
+            // then the header's progress.
+            let h = fx.file_id();
+            assert_eq!(h.key_gen, 0);
+            let part = FileHeader {
+                reencrypted: 6,
+                ..h
+            };
+            fx.file.write_all_at(&part.encode(), 0).unwrap();
+            fx.st.set_cached_header(Some(part));
+            let cx = cx_of(&new);
+            write(&fx.file, &fx.st, &cx, 0, &plain[..6 * sector as usize]).unwrap();
+            assert_eq!(
+                read(&fx.file, &fx.st, &cx, 0, size as usize).unwrap(),
+                plain
+            );
+
+            // The crash state between the lowered header and the cut.
+            let cut = 2 * sector + 5;
+            let lowered = lower_progress(&fx.file, &fx.st, &cx, part, size, cut).unwrap();
+            assert_eq!((lowered.key_gen, lowered.reencrypted), (0, 3), "{lay:?}");
+            assert_eq!(fx.file_id(), lowered, "{lay:?}: not on disk");
+            let fresh = FileState::default();
+            let got = read(&fx.file, &fresh, &cx, 0, size as usize).unwrap();
+            assert_eq!(
+                &got[..3 * sector as usize],
+                &plain[..3 * sector as usize],
+                "{lay:?}"
+            );
+            assert!(
+                got[3 * sector as usize..6 * sector as usize]
+                    .iter()
+                    .all(|b| *b == 0),
+                "{lay:?}: a cut-off converted unit reads as garbage"
+            );
+            assert_eq!(
+                &got[6 * sector as usize..],
+                &plain[6 * sector as usize..],
+                "{lay:?}"
+            );
+
+            // The whole truncate, then a resumed conversion's view: progress within the file.
+            truncate(&fx.file, &fx.st, &cx, cut).unwrap();
+            assert_eq!(fx.file_id().reencrypted, 3, "{lay:?}");
+            let got = read(&fx.file, &FileState::default(), &cx, 0, size as usize).unwrap();
+            assert_eq!(got, &plain[..cut as usize], "{lay:?}");
+            // A shrink that keeps every converted unit leaves the progress alone.
+            truncate(&fx.file, &fx.st, &cx, 2 * sector + 1).unwrap();
+            assert_eq!(fx.file_id().reencrypted, 3, "{lay:?}");
+        }
+    }
+
     #[test]
     fn shrink_is_one_set_len_and_growth_reads_zeros() {
         let fx = fixture(4096, 1);
