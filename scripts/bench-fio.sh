@@ -24,6 +24,8 @@
 #   CMKFS_BASELINE_ARGS="..."  the same for the baseline (it may be the same binary)
 #   PASSTHROUGH_ARGS="..."  options of examples/passthrough.rs (e.g. --no-writeback-cache)
 #   TARBALL=path     the tarball of the metadata job (default: aws-lc-sys from the cargo cache)
+#   BENCH_DIR=dir    where the raw directory and the backing stores go (default /var/tmp): put
+#                    it on the filesystem to measure (e.g. a journaled ext4, see PERFORMANCE.md)
 #
 # Jobs (fio, one job unless said; caches dropped before every read job, so reads are cold):
 #   seq-write-1m     sequential 1 MiB writes of SIZE, fsync at the end (in the time)
@@ -99,7 +101,7 @@ if [[ -z "${TARBALL:-}" ]]; then
 fi
 [[ -f $TARBALL ]] || { echo "bench-fio.sh: no tarball for the metadata job (set TARBALL=...)" >&2; exit 1; }
 
-W=$(mktemp -d /var/tmp/cmkfs-fio-XXXXXX)
+W=$(mktemp -d "${BENCH_DIR:-/var/tmp}"/cmkfs-fio-XXXXXX)
 [[ -n $OUT ]] || OUT=$ROOT/target/bench-fio/$(date -u +%Y%m%dT%H%M%SZ)
 mkdir -p "$OUT"
 OUT=$(realpath "$OUT")

@@ -13,7 +13,7 @@
 # Stages: extract TARBALL (default: aws-lc-sys from the cargo cache), ls -lR (cold),
 # sha256sum of every file, rm -rf. STRACE=0 skips strace (it slows the daemon); TOPN=N
 # prints the N most frequent system calls of each stage. Needs root and a kernel with the
-# fuse tracepoints (6.x).
+# fuse tracepoints (6.x). BENCH_DIR=dir puts the backing store there (default /tmp).
 set -euo pipefail
 BIN=$1
 shift
@@ -28,7 +28,7 @@ T=/sys/kernel/tracing
     echo "bench-meta-requests.sh: this kernel has no fuse tracepoints" >&2
     exit 1
 }
-W=$(mktemp -d /tmp/cmkfs-benchm-XXXXXX)
+W=$(mktemp -d "${BENCH_DIR:-/tmp}"/cmkfs-benchm-XXXXXX)
 I=$T/instances/cmkfs-benchm-$$
 export CMKFS_HOME=$W/home
 # The embedded vault is sealed under a passphrase: a random one for this run (0600).

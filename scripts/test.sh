@@ -59,8 +59,11 @@ command -v setfacl >/dev/null 2>&1 || missing+=(acl)
 command -v setfattr >/dev/null 2>&1 || missing+=(attr)
 command -v setcap >/dev/null 2>&1 || missing+=(libcap2-bin)
 command -v rsync >/dev/null 2>&1 || missing+=(rsync)
-# strace: mount_format_v3 checks the offsets of the daemon's backing pwrites.
+# strace: mount_format_v3 checks the offsets of the daemon's backing pwrites, mount_dirid_sync
+# the order of its fsyncs and renames.
 command -v strace >/dev/null 2>&1 || missing+=(strace)
+# e2fsprogs: mount_dirid_sync makes small ext4 images (with and without a journal).
+command -v mkfs.ext4 >/dev/null 2>&1 || missing+=(e2fsprogs)
 # Later issues add their tools here, e.g.:
 #   comparison benches:   command -v gocryptfs >/dev/null 2>&1 || missing+=(gocryptfs)
 #                         command -v fio >/dev/null 2>&1 || missing+=(fio)

@@ -64,7 +64,12 @@ pub enum Answer {
     Progress(Progress),
     /// The re-encryption finished.
     Done(Report),
-    /// Writes are held back.
+    /// Writes are held back; `true` when the drain before it reached every file open
+    /// through the mount (or had none to do), `false` when it could not reach one (see
+    /// [`crate::fs::Drained::exact`]): a `write(2)` into that file that returned before the
+    /// freeze may be missing from a backup, or in it in part. (Older daemons always
+    /// sent `true`; an older client refuses a `false` as no freeze, so it never records
+    /// such a backup as one point in time.)
     Frozen(bool),
     /// Writes go on again, and why: `released` (the client said so or went away), or the
     /// freeze outlived its limit without a `renew` (a backup taken meanwhile is not a
@@ -241,22 +246,22 @@ fn serve(conn: UnixStream, ctl: &Control, busy: &Mutex<()>) {
         Request::Freeze => {
             let vol = ctl.online.volume().clone();
             let lifts = vol.gates().lifts();
-            let frozen = match ctl.online.freeze_for_backup(
+            let (frozen, exact) = match ctl.online.freeze_for_backup(
                 &vol,
                 &ctl.mountpoint,
                 DRAIN_LIMIT.min(ctl.freeze_limit),
                 &gone,
             ) {
-                Ok((f, _)) => f,
+                Ok((f, drained)) => (f, drained.is_none_or(|d| d.exact)),
                 Err(e) => {
                     tracing::warn!(error = %e, "no freeze for the backup");
                     let _ = answer(&conn, &Answer::Error(e.to_string()));
                     return;
                 }
             };
-            tracing::info!(limit = ?ctl.freeze_limit, "writes frozen for a backup");
+            tracing::info!(limit = ?ctl.freeze_limit, exact, "writes frozen for a backup");
             let mut why = "released";
-            if answer(&conn, &Answer::Frozen(true)).is_ok() {
+            if answer(&conn, &Answer::Frozen(exact)).is_ok() {
                 // A lease: each `renew` line holds the freeze for another `freeze_limit`.
                 // A client that is stuck (stopped, hung on something else) does not hold
                 // every writer of the mount forever. A cut-off ends it at once: its

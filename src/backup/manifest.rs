@@ -485,8 +485,9 @@ pub struct Manifest {
     /// When the backup was taken (Unix seconds).
     pub created: u64,
     /// Whether the archive is a point-in-time view: the volume was locked (not mounted) or
-    /// its writes were frozen through the mount; false only for `--force` on a mount that
-    /// could not freeze.
+    /// its writes were frozen through the mount after a drain that reached every file open
+    /// through it; false for `--force` on a mount that could not freeze, and for a freeze
+    /// whose drain could not reach such a file (the mount answered `{"frozen":false}`).
     pub point_in_time: bool,
     /// The source volume.
     pub source: Source,

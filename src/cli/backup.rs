@@ -130,6 +130,9 @@ const FREEZE_ANSWER: Duration = Duration::from_secs(30);
 /// within the mount's `--freeze-limit`: a thread renews it every second).
 struct Freeze {
     conn: UnixStream,
+    /// False when the mount's drain could not reach a file open through it (the mount's
+    /// answer `{"frozen":false}`): the archive is then no point-in-time view.
+    exact: bool,
     since: Instant,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     renewer: Option<std::thread::JoinHandle<()>>,
@@ -199,7 +202,7 @@ fn freeze(home: &Home, mountpoint: &Path) -> anyhow::Result<Freeze> {
         .context("the mount did not answer the freeze request")?;
     let v: serde_json::Value =
         serde_json::from_str(line.trim()).context("the mount's answer is not JSON")?;
-    if v.get("frozen") == Some(&serde_json::Value::Bool(true)) {
+    if let Some(exact) = v.get("frozen").and_then(serde_json::Value::as_bool) {
         conn.set_read_timeout(None)?;
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let renewer = {
@@ -232,6 +235,7 @@ fn freeze(home: &Home, mountpoint: &Path) -> anyhow::Result<Freeze> {
         };
         return Ok(Freeze {
             conn,
+            exact,
             since: Instant::now(),
             stop,
             renewer: Some(renewer),
@@ -442,6 +446,18 @@ pub fn run_backup(a: BackupArgs) -> anyhow::Result<()> {
             );
         }
     };
+    if let (Some(f), Some((mnt, _))) = (&frozen, &mount) {
+        if !f.exact {
+            eprintln!(
+                "cmkfs: warning: the mount at {} could not reach a file open through it before \
+                 the freeze (its only name one the mount never looked up, or a file its daemon \
+                 may neither read nor write; its log names the inode): a write(2) into it that \
+                 returned before the backup may be missing or in part, so the archive says \
+                 point_in_time: false; close that file and back up again for one point in time",
+                mnt.display()
+            );
+        }
+    }
     if header != before {
         unlocked = unlock_for_backup(&home, &root, &header, &a)?;
     }
@@ -472,7 +488,7 @@ pub fn run_backup(a: BackupArgs) -> anyhow::Result<()> {
             deks: &deks,
             key,
             archive: &a.archive,
-            point_in_time: frozen.is_some() || _lock.is_some(),
+            point_in_time: frozen.as_ref().is_some_and(|f| f.exact) || _lock.is_some(),
             base: base.as_ref(),
         },
         temp,
@@ -605,9 +621,13 @@ fn print_backup(root: &Path, r: &BackupReport, json: bool) -> anyhow::Result<()>
         );
     }
     match r.freeze_seconds {
-        Some(s) => {
+        Some(s) if r.point_in_time => {
             println!("  writes through the mount were frozen for {s:.2} s (a point-in-time view)")
         }
+        Some(s) => println!(
+            "  writes through the mount were frozen for {s:.2} s, but not a point-in-time view: \
+             the mount's drain missed a file open through it"
+        ),
         None if r.point_in_time => {}
         None => println!("  not a point-in-time view: the mount kept writing (--force)"),
     }
@@ -750,7 +770,10 @@ fn print_restore(r: &RestoreReport, json: bool) -> anyhow::Result<()> {
         );
     }
     if !r.backup_point_in_time {
-        println!("  note: the backup was taken with --force while the mount kept writing");
+        println!(
+            "  note: the backup is not one point in time (taken with --force while the mount \
+             kept writing, or its drain missed a file open through the mount)"
+        );
     }
     if r.quarantine_left_out > 0 {
         println!(

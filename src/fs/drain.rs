@@ -29,7 +29,8 @@
 //!    again). A file with no name left whose backing file has no link either (unlinked
 //!    while open) is in no backup and needs nothing; one that cannot be opened either way
 //!    (a name the mount never looked up, permissions that refuse the daemon's user both
-//!    reading and writing) leaves the drain not exact, logged. Two rounds
+//!    reading and writing) leaves the drain not exact: logged, and the freeze's answer says
+//!    so (`{"frozen":false}`), so the backup's archive says it is no point in time. Two rounds
 //!    (a `write(2)` that had passed its attribute check but not yet taken the lock when the
 //!    first round's `fsync` took it is waited for by the second; one that still has not
 //!    taken it after a whole round, a few instructions of the writer's, is the window this
@@ -108,6 +109,9 @@ impl OnlineHandle {
     ///
     /// `client_gone` is looked at while the drain runs (every 50 ms): once it is true (the
     /// backup that asked died or hung up) the quiesce ends at once.
+    ///
+    /// Returns the freeze and what the drain did (`None` without the writeback cache: nothing
+    /// to drain, an exact freeze).
     ///
     /// Errors: [`DrainError::Timeout`] when the drain took longer than `limit`,
     /// [`DrainError::Lifted`] when a cut-off came meanwhile, and [`DrainError::ClientGone`]
@@ -192,7 +196,15 @@ impl OnlineHandle {
             }
             match rx.recv_timeout(Duration::from_millis(if started { 50 } else { 1 })) {
                 Ok(d) => break Some(d),
-                Err(RecvTimeoutError::Disconnected) if started => break None,
+                // The drain thread ended without an answer (it panicked): what it reached
+                // is unknown, so the freeze is not an exact one.
+                Err(RecvTimeoutError::Disconnected) if started => {
+                    tracing::warn!("the drain of cached writes ended without an answer");
+                    break Some(Drained {
+                        files: 0,
+                        exact: false,
+                    });
+                }
                 Err(RecvTimeoutError::Disconnected) => return Err(DrainError::Timeout(0)),
                 Err(RecvTimeoutError::Timeout) => {
                     if vol.gates().lifted_since(quiet.lifts) {

@@ -622,6 +622,13 @@ impl Filesystem for CmkFs {
         Ok(())
     }
 
+    fn destroy(&mut self) {
+        // The unmount: every pending directory id becomes durable before the daemon goes.
+        if let Err(e) = self.vol.flush_ids() {
+            tracing::error!(error = %e, "directory ids not made durable at unmount");
+        }
+    }
+
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let _pass = self.vol.gates().read();
         self.do_lookup(parent, name, reply)

@@ -2,11 +2,13 @@
 //! (a directory whose backing side holds only metadata is empty in the plaintext view).
 
 use std::ffi::{OsStr, OsString};
-use std::io;
+use std::fs::File;
+use std::io::{self, Write};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
+use super::idsync::{self, IdDurability, PendingIds};
 use super::names::{self, DirId, EntryKind, DIRID_FILE};
 use super::{os, sys, Volume, VolumeError};
 use crate::fsutil;
@@ -71,11 +73,27 @@ pub(super) fn read_dir_id(dir: BorrowedFd<'_>) -> Result<DirId, VolumeError> {
         })
 }
 
-/// Writes a fresh random id into the new directory `dir` (fsynced).
-pub(super) fn write_dir_id(dir: BorrowedFd<'_>) -> Result<(), VolumeError> {
+/// Writes a fresh random id into the new directory `dir`, durable before the caller renames
+/// `dir` into place — fsynced, or on ext4 in `data=ordered` mode its write-back waited for —
+/// or, elsewhere, handed to `pending` to be fsynced before any rename, link, fsync or
+/// unmount (`idsync`, where the kernel code and the crash window are described).
+pub(super) fn write_dir_id(dir: BorrowedFd<'_>, pending: &PendingIds) -> Result<(), VolumeError> {
     let mut id = [0u8; 16];
     super::idrand::fill(&mut id).map_err(|e| VolumeError::Internal(e.to_string()))?;
-    sys::write_new(dir, OsStr::new(DIRID_FILE), &id, 0o444).map_err(os)
+    let name = OsStr::new(DIRID_FILE);
+    match idsync::for_dir(dir) {
+        IdDurability::Fsync => sys::write_new_then(dir, name, &id, 0o444, File::sync_all),
+        IdDurability::WrittenBack => sys::write_new_then(dir, name, &id, 0o444, sys::written_back),
+        IdDurability::Deferred => {
+            let mut f = sys::create_regular(dir, name, 0o444).map_err(os)?;
+            if let Err(e) = f.write_all(&id) {
+                let _ = sys::unlink(dir, name);
+                return Err(os(e));
+            }
+            pending.push(f)
+        }
+    }
+    .map_err(os)
 }
 
 /// One plaintext entry of a listing, as the backing directory's listing gives it (no

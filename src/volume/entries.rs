@@ -127,7 +127,7 @@ impl Volume {
             let built = (|| {
                 // Set up through its descriptor, never by name (see `Pinned`).
                 let new = self.pin_new(dir, &tmp, libc::S_IFDIR)?;
-                write_dir_id(new.fd())?;
+                write_dir_id(new.fd(), &self.ids)?;
                 self.chmod_target(Target::Pinned(&new), inherit.mode)?;
                 self.own(dir, &new, caller, inherit.mode)?;
                 self.apply_inherited(Target::Pinned(&new), &inherit)?;

@@ -21,6 +21,7 @@ mod entries;
 pub mod file_check;
 pub mod header;
 pub mod idrand;
+pub mod idsync;
 pub mod layout;
 pub mod lock;
 pub mod names;
@@ -242,6 +243,8 @@ pub struct Volume {
     gates: Gates,
     /// Renames and links (see [`Volume::moves`]).
     moves: Moves,
+    /// New directories' ids not yet fsynced (`idsync`: filesystems where that is deferred).
+    ids: idsync::PendingIds,
 }
 
 /// Renames and links started and finished so far. Both counts, not one: a walk that began
@@ -652,7 +655,14 @@ impl Volume {
             files: Mutex::new(HashMap::new()),
             gates: Gates::default(),
             moves: Moves::default(),
+            ids: idsync::PendingIds::default(),
         })
+    }
+
+    /// Makes every new directory's id that is still pending durable (`idsync`): before a
+    /// rename or link (an existing name could move under it), an fsync, and the unmount.
+    pub fn flush_ids(&self) -> Result<(), VolumeError> {
+        self.ids.flush().map_err(VolumeError::Os)
     }
 
     /// The gates requests pass (see [`Gates`]).

@@ -215,6 +215,8 @@ impl Volume {
 
     /// Flushes a file's data (and metadata unless `datasync`) to the backing store.
     pub fn fsync(&self, of: &OpenFile, datasync: bool) -> Result<(), VolumeError> {
+        // Durable means reachable again: the ids of directories made since are too.
+        self.flush_ids()?;
         if datasync {
             of.file.sync_data()
         } else {
@@ -225,6 +227,7 @@ impl Volume {
 
     /// fsyncs a directory (its entries become durable).
     pub fn fsync_dir(&self, dir: &Dir) -> Result<(), VolumeError> {
+        self.flush_ids()?;
         sys::fsync_dir(dir.fd()).map_err(os)
     }
 

@@ -39,6 +39,8 @@ impl Volume {
     ) -> Result<Renamed, VolumeError> {
         // Counted from before the move to after it: a re-encryption's walk that saw no move
         // in flight and none started missed nothing (see `Moves`).
+        // An existing entry must never land under a directory id that is not durable yet.
+        self.flush_ids()?;
         let _moving = self.note_move();
         super::reencrypt::test_rename_counted();
         let from = self.backing_name(dir, name)?;
@@ -131,6 +133,7 @@ impl Volume {
         newdir: &Dir,
         newname: &OsStr,
     ) -> Result<(OsString, Attr), VolumeError> {
+        self.flush_ids()?;
         let _moving = self.note_move();
         let (new, ()) = self.make_entry(newdir, newname, |nb| {
             sys::link(dir.fd(), bname, newdir.fd(), nb).map_err(os)

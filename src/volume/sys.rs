@@ -256,12 +256,46 @@ fn read_bounded_file(f: File, st: &Stat, max: usize) -> io::Result<Vec<u8>> {
 
 /// Writes a new file `name` in `dir` that must not exist, and fsyncs it (not the directory).
 pub fn write_new(dir: BorrowedFd<'_>, name: &OsStr, bytes: &[u8], mode: u32) -> io::Result<()> {
+    write_new_then(dir, name, bytes, mode, File::sync_all)
+}
+
+/// [`write_new`] with `settle` instead of the fsync (e.g. [`written_back`]); the file is
+/// removed again when writing or `settle` fails.
+pub fn write_new_then(
+    dir: BorrowedFd<'_>,
+    name: &OsStr,
+    bytes: &[u8],
+    mode: u32,
+    settle: fn(&File) -> io::Result<()>,
+) -> io::Result<()> {
     let mut f = create_regular(dir, name, mode)?;
-    let r = f.write_all(bytes).and_then(|()| f.sync_all());
+    let r = f.write_all(bytes).and_then(|()| settle(&f));
     if r.is_err() {
         let _ = unlink(dir, name);
     }
     r
+}
+
+/// Writes the dirty pages of `f` back and waits until that write-back has ended
+/// (`sync_file_range(fd, 0, 0, WAIT_BEFORE | WRITE | WAIT_AFTER)`): the bytes have reached
+/// the device, which may still hold them in its volatile cache, and the filesystem's own
+/// updates that placed them are done; no journal commit, no cache flush. A write-back error
+/// is reported as `fsync` reports it. Alone this makes nothing durable: see
+/// `volume::idsync` for the one place it is enough.
+pub fn written_back(f: &File) -> io::Result<()> {
+    let flags = libc::SYNC_FILE_RANGE_WAIT_BEFORE
+        | libc::SYNC_FILE_RANGE_WRITE
+        | libc::SYNC_FILE_RANGE_WAIT_AFTER;
+    // SAFETY: a system call on a descriptor `f` holds open; no memory is passed.
+    if unsafe { libc::sync_file_range(f.as_raw_fd(), 0, 0, flags) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The filesystem type (`f_type` of `fstatfs`, e.g. `0xEF53` for ext2/3/4) holding `fd`.
+pub fn fs_magic(fd: BorrowedFd<'_>) -> io::Result<i64> {
+    Ok(rfs::fstatfs(fd)?.f_type as i64)
 }
 
 /// Replaces `name` in `dir` with `bytes` atomically: a temp file beside it, fsync, rename

@@ -985,9 +985,11 @@ fn backup_of_a_mounted_volume_while_a_writer_runs_is_one_point_in_time() {
     // version behind `a`.
     const SIZE: usize = 1 << 20;
     let stop = Arc::new(AtomicBool::new(false));
+    // Its own descriptor table: the backups spawned below inherit none of its files (their
+    // close at `exec` would write the cached pages back before the freeze, drain or not).
     let writer = {
         let (stop, mnt) = (stop.clone(), env.mnt.clone());
-        std::thread::spawn(move || {
+        spawn_own_files(move || {
             use std::os::unix::fs::FileExt;
             let fa = fs::OpenOptions::new()
                 .create(true)

@@ -42,7 +42,8 @@ struct Logs {
 const TRUNC_LEN: usize = 256 << 10;
 const MMAP_LEN: usize = 1 << 20;
 
-/// Starts the writers in `mnt`; they run until `stop`. `aligned`: every offset and size a
+/// Starts the writers in `mnt`, each with a descriptor table of its own (the backups the
+/// test spawns inherit none of their files: [`spawn_own_files`]); they run until `stop`. `aligned`: every offset and size a
 /// multiple of 4 KiB (without the cache a `write(2)` that begins inside a page the kernel
 /// does not hold is sent as two WRITEs, and only each WRITE is atomic: README).
 fn writers(
@@ -57,7 +58,7 @@ fn writers(
     // Rewrites of 4 KiB..1 MiB (log-uniform) at random offsets below 4 MiB.
     {
         let (p, stop, done) = (mnt.join("r"), stop.clone(), done.clone());
-        out.push(std::thread::spawn(move || {
+        out.push(spawn_own_files(move || {
             let mut rng = StdRng::seed_from_u64(seed);
             let f = fs::File::create(p).unwrap();
             let mut logs = Logs::default();
@@ -78,7 +79,7 @@ fn writers(
     // O_APPEND records of 1..64 KiB.
     {
         let (p, stop) = (mnt.join("app"), stop.clone());
-        out.push(std::thread::spawn(move || {
+        out.push(spawn_own_files(move || {
             use std::io::Write;
             let mut rng = StdRng::seed_from_u64(seed + 1);
             let mut f = fs::OpenOptions::new()
@@ -101,7 +102,7 @@ fn writers(
     // Write 256 KiB, then truncate to a random size below.
     {
         let (p, stop) = (mnt.join("t"), stop.clone());
-        out.push(std::thread::spawn(move || {
+        out.push(spawn_own_files(move || {
             let mut rng = StdRng::seed_from_u64(seed + 2);
             let f = fs::File::create(p).unwrap();
             let mut logs = Logs::default();
@@ -118,7 +119,7 @@ fn writers(
     // An mmap writer: random pages of a 1 MiB file, each filled with one stamp.
     {
         let (p, stop) = (mnt.join("m"), stop.clone());
-        out.push(std::thread::spawn(move || {
+        out.push(spawn_own_files(move || {
             use std::os::fd::AsRawFd;
             let mut rng = StdRng::seed_from_u64(seed + 3);
             let f = fs::OpenOptions::new()
@@ -621,15 +622,21 @@ impl StuckWriter {
                 0,
                 "UFFDIO_REGISTER"
             );
-            let f = fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(path)
-                .unwrap();
+            let path = path.to_path_buf();
             let src = page as usize;
-            let thread = std::thread::spawn(move || {
+            // Its own descriptor table: the backup spawned next inherits no descriptor of
+            // the file (its close at `exec` would flush, and wait on the stuck writer).
+            let thread = spawn_own_files(move || {
                 use std::os::fd::AsRawFd;
+                // Its copy of the userfaultfd closed: the one `drop` closes must be the
+                // last, which releases the fault.
+                libc::close(uffd);
+                let f = fs::OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .open(path)
+                    .unwrap();
                 libc::write(f.as_raw_fd(), src as *const libc::c_void, PAGE);
             });
             // The fault arrives once the thread is inside write(2), the inode lock held.

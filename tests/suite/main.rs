@@ -25,6 +25,7 @@ mod model;
 mod mount_basic;
 mod mount_corrupt;
 mod mount_direct;
+mod mount_dirid_sync;
 mod mount_errors;
 mod mount_format_v3;
 mod mount_guards;

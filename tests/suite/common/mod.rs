@@ -32,7 +32,9 @@
 #![allow(dead_code)]
 
 pub mod gate;
+pub mod own_files;
 pub use gate::{run_across_a_gate, run_to_gate, AtGate};
+pub use own_files::spawn_own_files;
 pub mod sys;
 pub mod v1_fixture;
 

@@ -1,0 +1,341 @@
+//! How a new directory's id (`.cmkfs.dirid`) is made durable before `mkdir` renames the
+//! directory into place, decided once per backing filesystem.
+//!
+//! The promise: no crash can leave the directory under its final name with an id that is
+//! missing, short or zero — every name in it, old files later moved in included, is
+//! encrypted under that id and could never be decrypted again. `fsync` of the id file keeps
+//! it anywhere, at the price of a journal commit and a device cache flush per `mkdir`.
+//!
+//! On ext4 with a journal in `data=ordered` mode, waiting for the id's own write-back
+//! (`sync_file_range` with `WAIT_BEFORE | WRITE | WAIT_AFTER`, no commit, no flush) keeps it
+//! too. What that rests on, in Linux 6.18:
+//!
+//! - `fs/sync.c` `sync_file_range`: `WRITE` with both waits is a `WB_SYNC_ALL` write-out of
+//!   the range (`filemap_fdatawrite_range`), so `fs/ext4/inode.c` `ext4_do_writepages` → `mpage_map_one_extent` → `ext4_map_blocks`
+//!   allocates the delayed block and sets the on-disk size (`mpage_map_and_submit_extent`)
+//!   under a journal handle; `WAIT_AFTER` (`file_fdatawait_range`) returns once the page's
+//!   write-back has ended, and reports a write-back error as `fsync` would.
+//! - With `dioread_nolock` (the default) that block is allocated *unwritten*
+//!   (`EXT4_GET_BLOCKS_IO_CREATE_EXT`), which `ext4_map_blocks` does not put on the
+//!   transaction's ordered-data list (`!(map->m_flags & EXT4_MAP_UNWRITTEN)`); it becomes
+//!   written in `fs/ext4/page-io.c` `ext4_end_io_end` → `ext4_convert_unwritten_io_end_vec`
+//!   (its own handle, stopped) *before* `ext4_release_io_end` → `ext4_finish_bio` →
+//!   `folio_end_writeback`. Start-only write-out (`WRITE` alone) is therefore not enough: the
+//!   conversion could land in a transaction after the rename's, and a crash between them
+//!   would leave a 16-byte id that reads as zeros. With `WAIT_AFTER` every handle that placed
+//!   the id has stopped before the rename starts its own.
+//! - Without `dioread_nolock` the block is allocated written and `ext4_map_blocks` adds the
+//!   inode to the ordered list (`ext4_jbd2_inode_add_wait`); `fs/jbd2/commit.c`
+//!   `jbd2_journal_commit_transaction` waits for those pages
+//!   (`journal_finish_inode_data_buffers`) before it submits the commit record.
+//! - jbd2 commits transactions in tid order and recovery (`fs/jbd2/recovery.c`
+//!   `do_one_pass`) replays only up to the first transaction without a valid commit block;
+//!   the commit record goes out with `REQ_PREFLUSH | REQ_FUA` (`journal_submit_commit_record`,
+//!   barrier on, not `journal_async_commit`, which ext4 refuses with `data=ordered`:
+//!   `fs/ext4/super.c`), which flushes the id's completed data write from the device cache
+//!   first. So a recovered state that holds the rename holds the id's allocation, size,
+//!   written extent and bytes.
+//! - An inherited `+j` (data journaling) or inline data puts the id's bytes in the journal at
+//!   `write` time, before the rename either way.
+//!
+//! tmpfs keeps the `fsync` (free there). Everything else — ext4 without a journal (no
+//! ordering at all: the machine this was measured on), `data=writeback`, `data=journal`,
+//! `nobarrier`, DAX, fast commits (a rename within one directory may go into a fast commit,
+//! `ext4_rename` only marks moves of a directory to another parent ineligible; that path was
+//! not checked), xfs, btrfs, an ext4 whose options cannot be read — defers it
+//! ([`PendingIds`]): the id file is fsynced by a background thread [`DEFER`] after the first
+//! id of its batch was written (plus the time the batch's fsyncs take; at most
+//! [`MAX_PENDING`] wait), and before the daemon does anything that could put an *existing* name under a
+//! pending id or promise durability: every rename and link (an old file or directory moved
+//! into the new directory or below it), every `fsync` and `fsyncdir`, and the unmount. The
+//! crash window that is left: a power loss or kernel crash in that time after a `mkdir`,
+//! with none of those in between, can bring the directory back with an empty or zero id; what is lost
+//! with it is what was created inside it in that window and never asked to be durable (the
+//! entries are still there, and `fsck` reports them). Nothing that existed before the
+//! `mkdir` can be in it without the id having been fsynced first.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io;
+use std::os::fd::BorrowedFd;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Duration;
+
+use super::sys;
+
+/// `EXT4_SUPER_MAGIC` (also ext2/ext3, which the ext4 driver mounts: their options say
+/// whether a journal is there).
+const EXT4_MAGIC: i64 = 0xEF53;
+/// `TMPFS_MAGIC`.
+const TMPFS_MAGIC: i64 = 0x0102_1994;
+
+/// How long a deferred id may wait for its background fsync (the crash window of
+/// [`IdDurability::Deferred`]); `CMKFS_ID_DEFER_MS` changes it (tests hold ids back with it).
+pub const DEFER: Duration = Duration::from_millis(100);
+
+/// At most this many ids wait at once (each holds its file open): a `mkdir` that finds the
+/// list full flushes it itself, so a tree made faster than the disk fsyncs stays bounded.
+pub const MAX_PENDING: usize = 256;
+
+/// How a new id file is made durable before its directory is renamed into place.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IdDurability {
+    /// `fsync` of the id file (tmpfs).
+    Fsync,
+    /// Its write-back waited for (`sync_file_range` WAIT_BEFORE | WRITE | WAIT_AFTER): ext4
+    /// with a journal, `data=ordered`, barriers on.
+    WrittenBack,
+    /// fsynced later by [`PendingIds`]: in the background, and before any rename, link,
+    /// fsync or unmount.
+    Deferred,
+}
+
+/// The decision per backing filesystem (`st_dev`), taken on its first `mkdir`.
+static DECIDED: Mutex<Option<HashMap<u64, IdDurability>>> = Mutex::new(None);
+
+/// How ids of new directories inside `dir` are made durable (cached per `st_dev`). Any doubt
+/// (a failed `fstat`) answers [`IdDurability::Fsync`].
+pub fn for_dir(dir: BorrowedFd<'_>) -> IdDurability {
+    let Ok(st) = sys::fstat(dir) else {
+        return IdDurability::Fsync;
+    };
+    let dev = st.st_dev;
+    let mut map = DECIDED.lock().unwrap_or_else(|p| p.into_inner());
+    *map.get_or_insert_with(HashMap::new)
+        .entry(dev)
+        .or_insert_with(|| decide(dir, dev))
+}
+
+fn decide(dir: BorrowedFd<'_>, dev: u64) -> IdDurability {
+    let d = match sys::fs_magic(dir) {
+        Ok(EXT4_MAGIC) if ext4_options(dev).is_some_and(|o| ordered_ext4(&o)) => {
+            IdDurability::WrittenBack
+        }
+        Ok(TMPFS_MAGIC) | Err(_) => IdDurability::Fsync,
+        Ok(_) => IdDurability::Deferred,
+    };
+    tracing::debug!(dev, durability = ?d, "directory ids on this backing filesystem");
+    d
+}
+
+/// Every option of the ext4 filesystem on block device `dev`, defaults included
+/// (`/proc/fs/ext4/<device>/options`, one per line). `/proc/self/mountinfo` cannot decide
+/// this: it leaves out the default `data=ordered`, and shows no `data=` either when the
+/// filesystem has no journal (the ext4 driver clears the data mode then), so "none shown"
+/// means ordered or no journal at all.
+fn ext4_options(dev: u64) -> Option<String> {
+    let (maj, min) = (rustix::fs::major(dev), rustix::fs::minor(dev));
+    // The block device's kernel name (`vda`, `loop0`, `dm-1`) is the ext4 superblock's s_id.
+    let link = std::fs::read_link(format!("/sys/dev/block/{maj}:{min}")).ok()?;
+    let name = link.file_name()?;
+    std::fs::read_to_string(Path::new("/proc/fs/ext4").join(name).join("options")).ok()
+}
+
+/// Whether an ext4 options list (as `/proc/fs/ext4/<device>/options` prints it) has a
+/// journal in `data=ordered` mode with barriers, and nothing that changes how data reaches
+/// the disk (DAX) or how a rename is logged (fast commits).
+pub fn ordered_ext4(options: &str) -> bool {
+    let (mut ordered, mut barrier) = (false, false);
+    for o in options.lines().map(str::trim) {
+        match o {
+            "data=ordered" => ordered = true,
+            "barrier" => barrier = true,
+            // 6.18 prints the fast-commit mount flag as `fc_debug_force` (seen on an image
+            // made with `mkfs.ext4 -O fast_commit`).
+            "nobarrier" | "journal_async_commit" | "fc_debug_force" => return false,
+            _ if o.contains("fast_commit") => return false,
+            _ if o.starts_with("dax") => return false,
+            _ => {}
+        }
+    }
+    ordered && barrier
+}
+
+/// Id files written but not fsynced yet ([`IdDurability::Deferred`]), and the thread that
+/// fsyncs them within [`DEFER`]. [`PendingIds::flush`] makes every one durable before it
+/// returns; dropping the set (the volume closing at unmount) flushes it too.
+pub struct PendingIds {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    files: Mutex<Vec<File>>,
+    /// Held for a whole flush, so a second caller waits for the ids the first one took
+    /// rather than finding the list empty and going on before they are durable.
+    flushing: Mutex<()>,
+    wake: Condvar,
+    closed: AtomicBool,
+    started: AtomicBool,
+    /// A background flush's failure, reported to the next caller of `flush`.
+    failed: Mutex<Option<io::Error>>,
+    defer: Duration,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Default for PendingIds {
+    fn default() -> PendingIds {
+        let defer = std::env::var("CMKFS_ID_DEFER_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map_or(DEFER, Duration::from_millis);
+        PendingIds {
+            inner: Arc::new(Inner {
+                files: Mutex::new(Vec::new()),
+                flushing: Mutex::new(()),
+                wake: Condvar::new(),
+                closed: AtomicBool::new(false),
+                started: AtomicBool::new(false),
+                failed: Mutex::new(None),
+                defer,
+            }),
+        }
+    }
+}
+
+impl std::fmt::Debug for PendingIds {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PendingIds({})", lock(&self.inner.files).len())
+    }
+}
+
+impl PendingIds {
+    /// Adds a written id file; the background thread starts on the first one. With
+    /// [`MAX_PENDING`] waiting, flushes them all first (its error is returned).
+    pub fn push(&self, file: File) -> io::Result<()> {
+        let full = {
+            let mut files = lock(&self.inner.files);
+            files.push(file);
+            files.len() >= MAX_PENDING
+        };
+        if full {
+            return self.flush();
+        }
+        if !self.inner.started.swap(true, Ordering::SeqCst) {
+            let inner = Arc::clone(&self.inner);
+            let spawned = std::thread::Builder::new()
+                .name("cmkfs-dirids".into())
+                .spawn(move || inner.background());
+            if spawned.is_err() {
+                // No thread: the next rename, link, fsync or the unmount still flushes.
+                self.inner.started.store(false, Ordering::SeqCst);
+            }
+        }
+        self.inner.wake.notify_one();
+        Ok(())
+    }
+
+    /// fsyncs every pending id file; returns once all are durable. The first error (also
+    /// one the background thread met since the last call) is returned, after the rest were
+    /// tried.
+    pub fn flush(&self) -> io::Result<()> {
+        let r = self.inner.flush();
+        match lock(&self.inner.failed).take() {
+            Some(e) => Err(e),
+            None => r,
+        }
+    }
+}
+
+impl Inner {
+    fn flush(&self) -> io::Result<()> {
+        let _one = lock(&self.flushing);
+        let files = std::mem::take(&mut *lock(&self.files));
+        let mut first = Ok(());
+        for f in files {
+            if let Err(e) = f.sync_all() {
+                tracing::error!(error = %e, "fsync of a new directory's id failed");
+                if first.is_ok() {
+                    first = Err(e);
+                }
+            }
+        }
+        first
+    }
+
+    fn background(&self) {
+        while !self.closed.load(Ordering::SeqCst) {
+            {
+                let files = lock(&self.files);
+                let (files, _) = self
+                    .wake
+                    .wait_timeout_while(files, Duration::from_secs(1), |f| {
+                        f.is_empty() && !self.closed.load(Ordering::SeqCst)
+                    })
+                    .unwrap_or_else(|p| p.into_inner());
+                if files.is_empty() {
+                    continue;
+                }
+            }
+            // Later mkdirs join the same batch.
+            std::thread::sleep(self.defer);
+            if let Err(e) = self.flush() {
+                let mut failed = lock(&self.failed);
+                if failed.is_none() {
+                    *failed = Some(e);
+                }
+            }
+        }
+    }
+}
+
+impl Drop for PendingIds {
+    fn drop(&mut self) {
+        self.inner.closed.store(true, Ordering::SeqCst);
+        self.inner.wake.notify_all();
+        let _ = self.inner.flush();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// As this machine printed them (Linux 6.18): the root ext4 has no journal (no `data=`
+    /// line), a fresh `mkfs.ext4` image mounted with defaults has `data=ordered`.
+    #[test]
+    fn options_decide() {
+        let nojournal = "rw\nbsddf\ndioread_nolock\ndelalloc\nnojournal_checksum\nbarrier\n\
+                         errors=continue\ncommit=5\n";
+        let ordered = "rw\nbsddf\ndioread_nolock\ndelalloc\njournal_checksum\nbarrier\n\
+                       data=ordered\ncommit=5\n";
+        assert!(!ordered_ext4(nojournal));
+        assert!(ordered_ext4(ordered));
+        assert!(!ordered_ext4(
+            &ordered.replace("data=ordered", "data=writeback")
+        ));
+        assert!(!ordered_ext4(
+            &ordered.replace("data=ordered", "data=journal")
+        ));
+        assert!(!ordered_ext4(&ordered.replace("\nbarrier", "\nnobarrier")));
+        assert!(!ordered_ext4(&format!("{ordered}dax=always\n")));
+        assert!(!ordered_ext4(&format!("{ordered}fc_debug_force\n")));
+        assert!(!ordered_ext4(""));
+    }
+
+    fn pending_len(p: &PendingIds) -> usize {
+        lock(&p.inner.files).len()
+    }
+
+    /// A flush takes every pending id; without one, the background thread does within
+    /// [`DEFER`] (waited for up to 10 s here, for a loaded machine).
+    #[test]
+    fn pending_ids_are_flushed_on_demand_and_in_the_background() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = PendingIds::default();
+        p.push(File::create(dir.path().join("a")).unwrap()).unwrap();
+        p.push(File::create(dir.path().join("b")).unwrap()).unwrap();
+        p.flush().unwrap();
+        assert_eq!(pending_len(&p), 0);
+        p.push(File::create(dir.path().join("c")).unwrap()).unwrap();
+        let t0 = std::time::Instant::now();
+        while pending_len(&p) > 0 && t0.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(pending_len(&p), 0, "the background thread flushed");
+    }
+}

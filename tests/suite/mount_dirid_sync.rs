@@ -1,0 +1,267 @@
+//! How `mkdir` makes a new directory's id durable before the directory gets its name
+//! (`src/volume/idsync.rs`): on ext4 with a journal in `data=ordered` mode the id file's
+//! write-back is waited for (`sync_file_range`, no `fsync`); on tmpfs it is fsynced; on ext4
+//! without a journal its fsync is deferred, but done before any rename and at the unmount.
+//! Each backing filesystem is a small one of the test's own (a tmpfs, loop-mounted ext4
+//! images with and without a journal), so the result does not depend on the test machine's
+//! disk, which is checked too, against the decision the volume makes for it. Without root or
+//! `strace` the test says so and passes; without loop devices or `mkfs.ext4` it checks tmpfs
+//! and the machine's disk only.
+
+use crate::common;
+
+use std::ffi::OsStr;
+use std::fs;
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use cmkfs::volume::idsync::{self, IdDurability};
+use common::*;
+
+/// A kernel mount made by `mount(8)` for this test, lazily unmounted on drop (also on a
+/// failed assertion; a loop device made by `mount -o loop` is freed with it).
+struct Mounted(PathBuf);
+
+impl Mounted {
+    /// Runs `mount ARGS... AT`; `None` (with the reason printed) when mount refuses.
+    fn with(args: &[&OsStr], at: &Path) -> Option<Mounted> {
+        let out = Command::new("mount")
+            .args(args)
+            .arg(at)
+            .stdin(Stdio::null())
+            .output()
+            .ok()?;
+        if !out.status.success() {
+            eprintln!(
+                "mount {args:?} {}: {}",
+                at.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+            return None;
+        }
+        Some(Mounted(at.to_path_buf()))
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// A 32 MiB ext4 image made with `mkfs.ext4 MKFS_ARGS...`, loop-mounted at `env.root/name`.
+fn ext4(env: &Env, name: &str, mkfs_args: &[&str]) -> Option<(Mounted, PathBuf)> {
+    let img = env.root.join(format!("{name}.img"));
+    fs::File::create(&img)
+        .and_then(|f| f.set_len(32 << 20))
+        .ok()?;
+    let mut mkfs = Command::new("mkfs.ext4");
+    mkfs.args(["-q", "-F"]).args(mkfs_args).arg(&img);
+    let out = run_with_timeout(mkfs, CMD_TIMEOUT).ok()?;
+    if !out.ok() {
+        eprintln!("mkfs.ext4 failed: {out}");
+        return None;
+    }
+    let at = env.dir(name);
+    let m = Mounted::with(
+        &[OsStr::new("-o"), OsStr::new("loop"), img.as_os_str()],
+        &at,
+    )?;
+    Some((m, at))
+}
+
+/// An strace attached to a daemon, stopped with SIGINT (so it flushes its output) within
+/// 10 s, killed on drop if still there.
+struct Tracer(Child);
+
+impl Tracer {
+    /// Traces the id-durability calls and renames of process `pid` (all its threads) into
+    /// `out`, once strace has attached.
+    fn attach(pid: u32, out: &Path) -> Tracer {
+        let t = Tracer(
+            Command::new("strace")
+                .args([
+                    "-f",
+                    "-qq",
+                    "-e",
+                    "trace=fsync,fdatasync,sync_file_range,renameat2",
+                    "-o",
+                ])
+                .arg(out)
+                .args(["-p", &pid.to_string()])
+                .stdin(Stdio::null())
+                .spawn()
+                .expect("strace"),
+        );
+        // strace creates its output once attached; give it time to seize every thread.
+        wait_until(Duration::from_secs(10), || out.exists());
+        std::thread::sleep(Duration::from_millis(300));
+        t
+    }
+
+    fn stop(&mut self) {
+        // SAFETY: signalling the strace child this test started.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGINT) };
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(10) {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Tracer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The id-durability calls and renames of the daemon, in order, as letters: `F` fsync, `W`
+/// sync_file_range, `R` renameat2.
+fn sequence(trace: &Path) -> (String, String) {
+    let log = fs::read_to_string(trace).unwrap_or_default();
+    let seq = log
+        .lines()
+        .filter_map(|l| {
+            if l.contains(" fsync(") {
+                Some('F')
+            } else if l.contains(" sync_file_range(") {
+                Some('W')
+            } else if l.contains(" renameat2(") {
+                Some('R')
+            } else {
+                None
+            }
+        })
+        .collect();
+    (seq, log)
+}
+
+/// What the daemon calls on a volume in `backing` while it makes three directories (each a
+/// temp directory renamed into place) and then moves an existing file into one of them, and
+/// while it makes one more directory and is unmounted. Checks that the directories, their
+/// 16-byte ids and the moved file are all there after a remount.
+fn mkdir_calls(env: &Env, backing: &Path, label: &str) -> [(String, String); 2] {
+    let cipher = backing.join("cipher");
+    fs::create_dir(&cipher).unwrap();
+    env.init(&cipher).assert_ok();
+    let m = env.mount_foreground(&cipher, &env.mnt);
+    fs::write(m.path("old"), b"an existing file").unwrap();
+    let pid = m.daemon_pid().expect("the daemon's pid");
+    let trace = env.root.join(format!("strace-{label}.out"));
+    let mut st = Tracer::attach(pid, &trace);
+    fs::create_dir(m.path("a")).unwrap();
+    fs::create_dir(m.path("a/b")).unwrap();
+    fs::create_dir(m.path("c")).unwrap();
+    fs::rename(m.path("old"), m.path("a/b/old")).unwrap();
+    st.stop();
+    let first = sequence(&trace);
+    let trace = env.root.join(format!("strace-{label}-unmount.out"));
+    let mut st = Tracer::attach(pid, &trace);
+    fs::create_dir(m.path("d")).unwrap();
+    m.unmount();
+    st.stop();
+    let second = sequence(&trace);
+    let m = env.mount(&cipher, &env.mnt);
+    assert_eq!(
+        fs::read(m.path("a/b/old")).unwrap(),
+        b"an existing file",
+        "{label}"
+    );
+    assert!(m.path("c").is_dir() && m.path("d").is_dir(), "{label}");
+    m.unmount();
+    let ids: Vec<u64> = walk(&cipher)
+        .iter()
+        .filter(|p| p.file_name() == Some(OsStr::new(".cmkfs.dirid")))
+        .map(|p| fs::metadata(p).unwrap().len())
+        .collect();
+    assert_eq!(ids, vec![16; 5], "{label}: root + 4 directory ids");
+    [first, second]
+}
+
+fn can_run() -> bool {
+    // SAFETY: no arguments, no memory.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: loop-mounting test filesystems needs root");
+        return false;
+    }
+    for tool in ["strace", "mount"] {
+        let found = Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !found {
+            eprintln!("skipped: {tool} not installed");
+            return false;
+        }
+    }
+    true
+}
+
+/// The calls `mkdir_calls` must see where ids are made durable the way `d` says: three
+/// mkdirs and a move of an existing file, then one mkdir and the unmount.
+fn expected(d: IdDurability) -> [&'static str; 2] {
+    match d {
+        // Each id's write-back waited for before its directory's rename.
+        IdDurability::WrittenBack => ["WRWRWRR", "WR"],
+        // Each id fsynced before its directory's rename.
+        IdDurability::Fsync => ["FRFRFRR", "FR"],
+        // No fsync on the way of a mkdir; all three before the existing file moves (held
+        // back here for a minute, so the background thread does not take them first), and
+        // the last one at the unmount.
+        IdDurability::Deferred => ["RRRFFFR", "RF"],
+    }
+}
+
+/// Runs `mkdir_calls` on `backing` and checks the calls against what `want` says.
+fn check(env: &Env, backing: &Path, label: &str, want: IdDurability) {
+    let d = fs::File::open(backing).unwrap();
+    assert_eq!(idsync::for_dir(d.as_fd()), want, "{label}: the decision");
+    let [(seq, log), (seq2, log2)] = mkdir_calls(env, backing, label);
+    let [want1, want2] = expected(want);
+    assert_eq!(seq, want1, "{label}:\n{log}");
+    assert_eq!(seq2, want2, "{label}, unmount:\n{log2}");
+}
+
+/// ext4 with a journal (mkfs.ext4 defaults: `data=ordered`, `dioread_nolock`): ids written
+/// back, no fsync. tmpfs: fsynced. ext4 without a journal: deferred. And the test machine's
+/// own disk, whatever it is, as the volume decides for it. The ext4 images need loop
+/// devices; without them only tmpfs and the machine's disk are checked.
+#[test]
+fn mkdir_fsyncs_the_id_only_where_the_journal_does_not_order_it() {
+    if !can_run() {
+        return;
+    }
+    // SAFETY: set before this test process starts any thread that reads the environment
+    // (the daemons it spawns inherit it).
+    unsafe { std::env::set_var("CMKFS_ID_DEFER_MS", "60000") };
+    let env = Env::new();
+
+    let tdir = env.dir("tmpfs");
+    let _tmpfs = Mounted::with(
+        &["-t", "tmpfs", "-o", "size=8m", "cmkfs-test-tmpfs"].map(OsStr::new),
+        &tdir,
+    )
+    .expect("tmpfs");
+    check(&env, &tdir, "tmpfs", IdDurability::Fsync);
+
+    let own = env.dir("own");
+    let d = fs::File::open(&own).unwrap();
+    let decided = idsync::for_dir(d.as_fd());
+    eprintln!("this machine's test directory: ids {decided:?}");
+    check(&env, &own, "the test machine's disk", decided);
+
+    let Some((_journaled, jdir)) = ext4(&env, "journaled", &[]) else {
+        eprintln!("skipped the ext4 images: no loop-mounted ext4 here");
+        return;
+    };
+    check(&env, &jdir, "ext4-ordered", IdDurability::WrittenBack);
+    let (_plain, ndir) = ext4(&env, "nojournal", &["-O", "^has_journal"]).expect("ext4 image");
+    check(&env, &ndir, "ext4-nojournal", IdDurability::Deferred);
+}
