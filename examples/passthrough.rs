@@ -221,6 +221,8 @@ impl Filesystem for Passthrough {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let _ = config.set_max_write(1 << 20);
         let _ = config.add_capabilities(fuser::InitFlags::FUSE_PARALLEL_DIROPS);
+        // As cmkfs: a libaio/io_uring submitter's O_DIRECT requests in flight together.
+        let _ = config.add_capabilities(fuser::InitFlags::FUSE_ASYNC_DIO);
         if self.writeback {
             let _ = config.add_capabilities(fuser::InitFlags::FUSE_WRITEBACK_CACHE);
         }

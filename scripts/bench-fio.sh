@@ -6,11 +6,12 @@
 # and draws the same as an SVG plot. Needs root and /dev/fuse; installs fio and gocryptfs if
 # missing; builds the release binaries.
 #
-#   scripts/bench-fio.sh [--quick] [--size MIB] [--rounds N] [--out DIR] [--svg FILE]
-#                        [--only JOB,JOB] [--no-gocryptfs] [--no-passthrough]
+#   scripts/bench-fio.sh [--quick] [--size MIB] [--runtime SEC] [--rounds N] [--out DIR]
+#                        [--svg FILE] [--only JOB,JOB] [--no-gocryptfs] [--no-passthrough]
 #
 #   --quick          development mode: 128 MiB files, short random jobs, a small tarball
 #   --size MIB       file size of the sequential and random jobs (default 1024)
+#   --runtime SEC    seconds of each time-based random job (default 20; 5 with --quick)
 #   --rounds N       repeat every job N times (filesystems interleaved); medians are shown
 #   --out DIR        where results.jsonl, table.md and plot.svg go (default target/bench-fio/<time>)
 #   --svg FILE       also copy the plot there (e.g. docs/bench/fio.svg)
@@ -56,6 +57,7 @@ while [[ $# -gt 0 ]]; do
     case $1 in
     --quick) QUICK=1 SIZE=128 RUNTIME=5 ;;
     --size) SIZE=$2; shift ;;
+    --runtime) RUNTIME=$2; shift ;;
     --rounds) ROUNDS=$2; shift ;;
     --out) OUT=$2; shift ;;
     --svg) SVG=$2; shift ;;
@@ -68,6 +70,7 @@ while [[ $# -gt 0 ]]; do
     shift
 done
 [[ $SIZE =~ ^[0-9]+$ && $SIZE -ge 16 ]] || { echo "bench-fio.sh: --size wants MiB >= 16" >&2; exit 2; }
+[[ $RUNTIME =~ ^[1-9][0-9]*$ ]] || { echo "bench-fio.sh: --runtime wants seconds >= 1" >&2; exit 2; }
 [[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || { echo "bench-fio.sh: --rounds wants a positive number" >&2; exit 2; }
 [[ $(id -u) -eq 0 ]] || { echo "bench-fio.sh: run as root (drop_caches, mounts)" >&2; exit 1; }
 

@@ -591,6 +591,13 @@ impl Filesystem for CmkFs {
         // mtime differs from the cached one: a change behind the mount is not served stale
         // past the attribute timeout.
         let _ = config.add_capabilities(fuser::InitFlags::FUSE_AUTO_INVAL_DATA);
+        // Without it the kernel sends an O_DIRECT read or write of an asynchronous submitter
+        // (libaio, io_uring) as a synchronous request: `io_submit` waits for the reply, so a
+        // queue of 16 reaches the daemon one request at a time and extra FUSE threads have
+        // nothing to do. With it the requests of one submitter (and the pieces of one direct
+        // request above `max_read`) are in flight together; the kernel still sends a write
+        // that extends the file synchronously (docs/PERFORMANCE.md, "Session 9: threads").
+        let _ = config.add_capabilities(fuser::InitFlags::FUSE_ASYNC_DIO);
         if self.opts.writeback_cache {
             let _ = config.add_capabilities(fuser::InitFlags::FUSE_WRITEBACK_CACHE);
         }

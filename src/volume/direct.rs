@@ -223,7 +223,7 @@ fn read_direct(d: &File, pos: u64, n: usize) -> io::Result<(PoolBuf, usize)> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn data(n: usize) -> Vec<u8> {
@@ -231,7 +231,7 @@ mod tests {
     }
 
     /// A file in the target directory (a disk filesystem; `/tmp` may be tmpfs).
-    fn scratch(name: &str) -> (tempfile::TempDir, File) {
+    pub(crate) fn scratch(name: &str) -> (tempfile::TempDir, File) {
         let base = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target");
         let dir = tempfile::tempdir_in(base).unwrap();
         let f = std::fs::OpenOptions::new()

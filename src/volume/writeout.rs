@@ -84,15 +84,7 @@ mod tests {
     /// or `cachestat(2)` is missing (tmpfs, before Linux 6.5).
     #[test]
     fn large_writes_start_the_write_out_a_chunk_at_a_time() {
-        let base = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target");
-        let dir = tempfile::tempdir_in(base).unwrap();
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(dir.path().join("w"))
-            .unwrap();
+        let (_dir, f) = crate::volume::direct::tests::scratch("w");
         if chunk() == 0 {
             return; // switched off for a measurement
         }
