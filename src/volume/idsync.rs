@@ -156,21 +156,41 @@ pub fn ordered_ext4(options: &str) -> bool {
 /// Id files written but not fsynced yet ([`IdDurability::Deferred`]), and the thread that
 /// fsyncs them within [`DEFER`]. [`PendingIds::flush`] makes every one durable before it
 /// returns; dropping the set (the volume closing at unmount) flushes it too.
+///
+/// An id whose fsync failed stays pending, with its 16 bytes: Linux reports a write-back
+/// error once and marks the pages clean, so a second `fsync` would return 0 without the id
+/// being on the disk. Every later flush (the background thread's, and the one before each
+/// rename, link, fsync, fsyncdir and the unmount) rewrites those bytes (`pwrite` at 0) and
+/// fsyncs again, and fails with the first failure's errno until that succeeds: nothing
+/// moves under, or is promised durable below, a directory whose id may not be on the disk.
 pub struct PendingIds {
     inner: Arc<Inner>,
 }
 
+/// One id file waiting for its fsync.
+struct Pending {
+    file: File,
+    /// What was written (the daemon made it), to write again after a failed fsync.
+    id: [u8; 16],
+    /// The errno of the first failed fsync; `Some` means the bytes must be rewritten first.
+    failed: Option<i32>,
+}
+
 struct Inner {
-    files: Mutex<Vec<File>>,
+    files: Mutex<Vec<Pending>>,
     /// Held for a whole flush, so a second caller waits for the ids the first one took
     /// rather than finding the list empty and going on before they are durable.
     flushing: Mutex<()>,
     wake: Condvar,
     closed: AtomicBool,
     started: AtomicBool,
-    /// A background flush's failure, reported to the next caller of `flush`.
-    failed: Mutex<Option<io::Error>>,
     defer: Duration,
+    /// Tests: this many of the next fsyncs fail with `EIO`.
+    #[cfg(test)]
+    fail_next: std::sync::atomic::AtomicUsize,
+    /// Tests: how many failed ids were written again.
+    #[cfg(test)]
+    rewrites: std::sync::atomic::AtomicUsize,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -183,6 +203,12 @@ impl Default for PendingIds {
             .ok()
             .and_then(|v| v.parse().ok())
             .map_or(DEFER, Duration::from_millis);
+        PendingIds::with_defer(defer)
+    }
+}
+
+impl PendingIds {
+    fn with_defer(defer: Duration) -> PendingIds {
         PendingIds {
             inner: Arc::new(Inner {
                 files: Mutex::new(Vec::new()),
@@ -190,8 +216,11 @@ impl Default for PendingIds {
                 wake: Condvar::new(),
                 closed: AtomicBool::new(false),
                 started: AtomicBool::new(false),
-                failed: Mutex::new(None),
                 defer,
+                #[cfg(test)]
+                fail_next: std::sync::atomic::AtomicUsize::new(0),
+                #[cfg(test)]
+                rewrites: std::sync::atomic::AtomicUsize::new(0),
             }),
         }
     }
@@ -204,12 +233,16 @@ impl std::fmt::Debug for PendingIds {
 }
 
 impl PendingIds {
-    /// Adds a written id file; the background thread starts on the first one. With
-    /// [`MAX_PENDING`] waiting, flushes them all first (its error is returned).
-    pub fn push(&self, file: File) -> io::Result<()> {
+    /// Adds an id file to which `id` was written; the background thread starts on the first
+    /// one. With [`MAX_PENDING`] waiting, flushes them all first (its error is returned).
+    pub fn push(&self, file: File, id: [u8; 16]) -> io::Result<()> {
         let full = {
             let mut files = lock(&self.inner.files);
-            files.push(file);
+            files.push(Pending {
+                file,
+                id,
+                failed: None,
+            });
             files.len() >= MAX_PENDING
         };
         if full {
@@ -229,15 +262,12 @@ impl PendingIds {
         Ok(())
     }
 
-    /// fsyncs every pending id file; returns once all are durable. The first error (also
-    /// one the background thread met since the last call) is returned, after the rest were
-    /// tried.
+    /// Makes every pending id durable; returns once all are. While one is not (its fsync
+    /// failed, now or in an earlier flush or the background thread, and rewriting it did
+    /// not succeed yet), an error with the errno of its first failure; the others were
+    /// still tried.
     pub fn flush(&self) -> io::Result<()> {
-        let r = self.inner.flush();
-        match lock(&self.inner.failed).take() {
-            Some(e) => Err(e),
-            None => r,
-        }
+        self.inner.flush()
     }
 }
 
@@ -246,39 +276,81 @@ impl Inner {
         let _one = lock(&self.flushing);
         let files = std::mem::take(&mut *lock(&self.files));
         let mut first = Ok(());
-        for f in files {
-            if let Err(e) = f.sync_all() {
-                tracing::error!(error = %e, "fsync of a new directory's id failed");
-                if first.is_ok() {
-                    first = Err(e);
+        let mut kept = Vec::new();
+        for mut p in files {
+            if let Err(e) = self.make_durable(&p) {
+                let errno = *p
+                    .failed
+                    .get_or_insert(e.raw_os_error().unwrap_or(libc::EIO));
+                if self.unlinked(&p) {
+                    // Its directory is gone (a failed mkdir cleaned up, or an rmdir): no name
+                    // can ever be under this id.
+                    continue;
                 }
+                tracing::error!(error = %e, "fsync of a new directory's id failed; kept, to be written again");
+                if first.is_ok() {
+                    first = Err(io::Error::from_raw_os_error(errno));
+                }
+                kept.push(p);
             }
+        }
+        if !kept.is_empty() {
+            // Ahead of those pushed meanwhile: the oldest are retried first.
+            let mut files = lock(&self.files);
+            kept.append(&mut files);
+            *files = kept;
         }
         first
     }
 
+    /// fsyncs `p`'s file, after writing its id again if an earlier fsync failed.
+    fn make_durable(&self, p: &Pending) -> io::Result<()> {
+        if p.failed.is_some() {
+            use std::os::unix::fs::FileExt;
+            #[cfg(test)]
+            self.rewrites.fetch_add(1, Ordering::SeqCst);
+            p.file.write_all_at(&p.id, 0)?;
+        }
+        #[cfg(test)]
+        if self
+            .fail_next
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
+        p.file.sync_all()
+    }
+
+    /// Whether `p`'s file has no name left (`st_nlink` 0).
+    fn unlinked(&self, p: &Pending) -> bool {
+        p.file.metadata().is_ok_and(|m| {
+            use std::os::unix::fs::MetadataExt;
+            m.nlink() == 0
+        })
+    }
+
     fn background(&self) {
+        let mut failing = false;
         while !self.closed.load(Ordering::SeqCst) {
             {
                 let files = lock(&self.files);
+                // After a failure, the ids left are retried once a second, not in a loop.
                 let (files, _) = self
                     .wake
                     .wait_timeout_while(files, Duration::from_secs(1), |f| {
-                        f.is_empty() && !self.closed.load(Ordering::SeqCst)
+                        (f.is_empty() || failing) && !self.closed.load(Ordering::SeqCst)
                     })
                     .unwrap_or_else(|p| p.into_inner());
+                failing = false;
                 if files.is_empty() {
                     continue;
                 }
             }
             // Later mkdirs join the same batch.
             std::thread::sleep(self.defer);
-            if let Err(e) = self.flush() {
-                let mut failed = lock(&self.failed);
-                if failed.is_none() {
-                    *failed = Some(e);
-                }
-            }
+            // A failure stays with its ids: every later flush reports it until they are written.
+            failing = self.flush().is_err();
         }
     }
 }
@@ -327,15 +399,94 @@ mod tests {
     fn pending_ids_are_flushed_on_demand_and_in_the_background() {
         let dir = tempfile::tempdir().unwrap();
         let p = PendingIds::default();
-        p.push(File::create(dir.path().join("a")).unwrap()).unwrap();
-        p.push(File::create(dir.path().join("b")).unwrap()).unwrap();
+        p.push(File::create(dir.path().join("a")).unwrap(), [1; 16])
+            .unwrap();
+        p.push(File::create(dir.path().join("b")).unwrap(), [2; 16])
+            .unwrap();
         p.flush().unwrap();
         assert_eq!(pending_len(&p), 0);
-        p.push(File::create(dir.path().join("c")).unwrap()).unwrap();
+        p.push(File::create(dir.path().join("c")).unwrap(), [3; 16])
+            .unwrap();
         let t0 = std::time::Instant::now();
         while pending_len(&p) > 0 && t0.elapsed() < Duration::from_secs(10) {
             std::thread::sleep(Duration::from_millis(10));
         }
         assert_eq!(pending_len(&p), 0, "the background thread flushed");
+    }
+
+    /// Writes `id` into a new file `name` of `dir`, as `write_dir_id` does, and hands it on.
+    fn push_id(p: &PendingIds, dir: &Path, name: &str, id: [u8; 16]) {
+        use std::io::Write;
+        let mut f = File::create(dir.join(name)).unwrap();
+        f.write_all(&id).unwrap();
+        p.push(f, id).unwrap();
+    }
+
+    fn fail_next(p: &PendingIds, n: usize) {
+        p.inner.fail_next.store(n, Ordering::SeqCst);
+    }
+
+    /// Attack 16 F1: a failed id fsync is reported to every later flush, not to one, and
+    /// the id is written again (its pages were marked clean by the failed write-back, so a
+    /// bare second fsync would prove nothing) until an fsync after the rewrite succeeds.
+    #[test]
+    fn a_failed_id_fsync_fails_every_flush_until_the_id_is_rewritten_and_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        // No background flush in this test: every flush is one of these calls.
+        let p = PendingIds::with_defer(Duration::from_secs(3600));
+        let id = *b"0123456789abcdef";
+        push_id(&p, dir.path(), "a", id);
+        fail_next(&p, 3);
+        for i in 0..3 {
+            let e = p.flush().expect_err("an id not durable yet");
+            assert_eq!(e.raw_os_error(), Some(libc::EIO), "flush {i}");
+            assert_eq!(pending_len(&p), 1, "the failed id stays pending");
+            // As the kernel may leave it: the failed write-back's bytes never reached the disk.
+            std::fs::write(dir.path().join("a"), [0u8; 16]).unwrap();
+        }
+        assert_eq!(p.inner.rewrites.load(Ordering::SeqCst), 2);
+        p.flush().unwrap();
+        assert_eq!(p.inner.rewrites.load(Ordering::SeqCst), 3);
+        assert_eq!(pending_len(&p), 0);
+        assert_eq!(std::fs::read(dir.path().join("a")).unwrap(), id);
+        p.flush().unwrap();
+
+        // The id of a directory that is gone (its name unlinked) is given up.
+        push_id(&p, dir.path(), "b", [7; 16]);
+        fail_next(&p, 1);
+        assert!(p.flush().is_err());
+        std::fs::remove_file(dir.path().join("b")).unwrap();
+        fail_next(&p, 1);
+        p.flush().unwrap();
+        assert_eq!(pending_len(&p), 0);
+    }
+
+    /// The same when the background thread is the one whose fsync fails: the error is not
+    /// its to keep, every flush after it fails until a rewrite is durable.
+    #[test]
+    fn a_failed_background_id_fsync_fails_every_later_flush() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = PendingIds::default();
+        fail_next(&p, usize::MAX);
+        let id = [9; 16];
+        push_id(&p, dir.path(), "c", id);
+        let t0 = std::time::Instant::now();
+        while p.inner.fail_next.load(Ordering::SeqCst) == usize::MAX
+            && t0.elapsed() < Duration::from_secs(10)
+        {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(
+            p.inner.fail_next.load(Ordering::SeqCst) < usize::MAX,
+            "the background thread tried"
+        );
+        for _ in 0..3 {
+            assert_eq!(p.flush().unwrap_err().raw_os_error(), Some(libc::EIO));
+        }
+        std::fs::write(dir.path().join("c"), [0u8; 16]).unwrap();
+        fail_next(&p, 0);
+        p.flush().unwrap();
+        assert_eq!(std::fs::read(dir.path().join("c")).unwrap(), id);
+        assert_eq!(pending_len(&p), 0);
     }
 }
