@@ -53,6 +53,14 @@
 //! with it is what was created inside it in that window and never asked to be durable (the
 //! entries are still there, and `fsck` reports them). Nothing that existed before the
 //! `mkdir` can be in it without the id having been fsynced first.
+//!
+//! A failed fsync of a deferred id (EIO, ENOSPC: a failing disk) is not reported once and
+//! forgotten: the id stays pending with its bytes, and every later flush writes them again
+//! (`pwrite` at 0: the failed write-back left the pages clean, so a bare second `fsync`
+//! would return 0 with nothing on the disk) and fsyncs, failing with the first failure's
+//! errno until that succeeds. Until then every rename, link, `fsync` and `fsyncdir` of the
+//! volume fails (not only those under that directory: a failing disk, kept simple), and the
+//! unmount logs it. An id whose file has no name left (its directory removed) is dropped.
 
 use std::collections::HashMap;
 use std::fs::File;
