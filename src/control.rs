@@ -92,6 +92,10 @@ pub fn socket_path(home: &Home, mountpoint: &Path) -> PathBuf {
 /// The line a freezing client sends to hold its freeze for another `--freeze-limit`.
 pub const RENEW: &str = "renew";
 
+/// The reason in [`Answer::Thawed`] when a revocation (the KEK cut off) ended the freeze:
+/// the client names the revocation and its remedy rather than the freeze's time limit.
+pub const THAWED_REVOKED: &str = "the volume's key was revoked";
+
 /// A request line longer than this is refused (requests are a few dozen bytes).
 const MAX_REQUEST: u64 = 4096;
 /// The longest a backup's freeze waits for the kernel's cached writes to be written back
@@ -269,7 +273,7 @@ fn serve(conn: UnixStream, ctl: &Control, busy: &Mutex<()>) {
                 let mut renewed = std::time::Instant::now();
                 loop {
                     if vol.gates().lifted_since(lifts) {
-                        why = "the volume's key was revoked";
+                        why = THAWED_REVOKED;
                         break;
                     }
                     match lines.recv_timeout(LIFT_POLL) {

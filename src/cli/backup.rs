@@ -5,7 +5,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::{anyhow, bail, Context};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -140,30 +140,48 @@ struct Freeze {
 
 impl Freeze {
     /// Ends the freeze; an error if the mount lifted it before (its time limit passed while
-    /// this process could not renew it): then what was read is not one point in time.
-    fn release(mut self) -> anyhow::Result<()> {
+    /// this process could not renew it, or the volume's key was revoked): then what was read
+    /// is not one point in time.
+    fn release(mut self) -> Result<(), FreezeLost> {
         use std::sync::atomic::Ordering;
         self.stop.store(true, Ordering::SeqCst);
         if let Some(t) = self.renewer.take() {
             let _ = t.join();
         }
         let _ = send_nosignal(&self.conn, b"thaw\n");
-        self.conn.set_read_timeout(Some(FREEZE_ANSWER))?;
+        let lost = |why: anyhow::Error| FreezeLost {
+            revoked: false,
+            why,
+        };
+        self.conn
+            .set_read_timeout(Some(FREEZE_ANSWER))
+            .map_err(|e| lost(e.into()))?;
         let mut line = String::new();
         let _ = BufReader::new(&self.conn).read_line(&mut line);
         match serde_json::from_str::<crate::control::Answer>(line.trim()) {
             Ok(crate::control::Answer::Thawed(why)) if why == "released" => Ok(()),
-            Ok(crate::control::Answer::Thawed(why)) => bail!(
-                "the mount lifted the write freeze before the backup ended ({why}): the \
-                 archive is not a point-in-time view"
-            ),
-            _ => bail!(
+            Ok(crate::control::Answer::Thawed(why)) => Err(FreezeLost {
+                revoked: why == crate::control::THAWED_REVOKED,
+                why: anyhow!(
+                    "the mount lifted the write freeze before the backup ended ({why}): the \
+                     archive is not a point-in-time view"
+                ),
+            }),
+            _ => Err(lost(anyhow!(
                 "the mount did not confirm the write freeze at the end of the backup (answer: \
                  {:?}): the archive may not be a point-in-time view",
                 line.trim()
-            ),
+            ))),
         }
     }
+}
+
+/// Why a backup's write freeze ended before the backup did.
+struct FreezeLost {
+    /// The volume's key was revoked (the mount cut itself off): a larger --freeze-limit or
+    /// --force would not help, access to the key must come back first.
+    revoked: bool,
+    why: anyhow::Error,
 }
 
 /// `send(2)` with `MSG_NOSIGNAL`: a peer that closed the socket is an error, not a SIGPIPE.
@@ -498,13 +516,19 @@ pub fn run_backup(a: BackupArgs) -> anyhow::Result<()> {
     let held = frozen.map(Freeze::release).transpose();
     bar.done();
     let mut report = result.with_context(|| format!("backing up {}", root.display()))?;
-    if let Err(e) = held {
+    if let Err(lost) = held {
         // Not the view it claims to be: removed rather than left looking like one.
         let _ = std::fs::remove_file(&a.archive);
-        return Err(e).with_context(|| {
+        let remedy = if lost.revoked {
+            "the volume's key was revoked or disabled while the backup ran: restore access to \
+             the key, then back up again"
+        } else {
+            "mount with a larger --freeze-limit, or back up with --force to accept a view \
+             that is not one point in time"
+        };
+        return Err(lost.why).with_context(|| {
             format!(
-                "backing up {} ({} removed; mount with a larger --freeze-limit, or back up \
-                 with --force to accept a view that is not one point in time)",
+                "backing up {} ({} removed; {remedy})",
                 root.display(),
                 a.archive.display()
             )

@@ -347,11 +347,17 @@ fn a_backup_under_uncached_writers_is_one_point_in_time() {
 /// Starts `cmkfs backup CIPHER ARCHIVE` held at `stage` (`CMKFS_TEST_BACKUP_HOLD`) until
 /// `gate` exists; returns once it got there.
 fn held_backup(env: &Env, archive: &Path, stage: &str, gate: &Path) -> Child {
+    held_backup_with(env, archive, stage, gate, &[])
+}
+
+/// [`held_backup`] with more arguments for `cmkfs backup`.
+fn held_backup_with(env: &Env, archive: &Path, stage: &str, gate: &Path, extra: &[&str]) -> Child {
     let mut cmd = env.command(&[
         "backup".as_ref(),
         env.cipher.as_os_str(),
         archive.as_os_str(),
     ]);
+    cmd.args(extra);
     cmd.env(
         "CMKFS_TEST_BACKUP_HOLD",
         format!("{stage}:{}", gate.display()),
@@ -478,7 +484,8 @@ fn during_a_freeze_cached_writes_reads_and_listings_go_on_and_stay_out_of_the_ba
 
 /// A cut-off during a freeze with dirty pages: the cut-off's invalidation writes the pages
 /// back, which the freeze would hold; the cut-off ends the freeze instead, completes in
-/// time (the volume Inaccessible), and the backup fails with one line, no archive left.
+/// time (the volume Inaccessible), and the backup fails with one line that names the
+/// revocation and its remedy (not the freeze limit), no archive left.
 /// The writer is a forked child (any `close` of a descriptor of the file, also the `exec`
 /// of a command that inherited one, flushes its pages).
 #[test]
@@ -491,7 +498,9 @@ fn a_cut_off_during_a_freeze_with_dirty_pages_ends_the_freeze_and_fails_the_back
     fs::write(env.mnt.join("f"), repeated(b"<old>", 100_000)).unwrap();
     let archive = env.root.join("revoked.tar");
     let gate = env.root.join("gate");
-    let backup = held_backup(&env, &archive, "frozen", &gate);
+    // Under a backup key of its own, so the backup gets as far as the freeze's end (under
+    // the volume's key it would fail at the wrap, the key disabled).
+    let backup = held_backup_with(&env, &archive, "frozen", &gate, &["--key", "bkey"]);
 
     let path = CString::new(env.mnt.join("f").as_os_str().as_bytes()).unwrap();
     let data = repeated(b"<new>", 100_000);
@@ -543,6 +552,15 @@ fn a_cut_off_during_a_freeze_with_dirty_pages_ends_the_freeze_and_fails_the_back
     assert!(cut, "the cut-off did not complete during the freeze");
     assert!(!ok, "a backup whose freeze a cut-off ended succeeded");
     assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    // Attack 16 F3: the revocation and its remedy, not the freeze limit's.
+    assert!(
+        stderr.contains("revoked or disabled") && stderr.contains("restore access to the key"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("--freeze-limit") && !stderr.contains("--force"),
+        "{stderr}"
+    );
     assert!(!archive.exists(), "an archive was left");
     assert_eq!(
         find_markers(&env.cipher, &[b"<new>"]),
