@@ -50,6 +50,18 @@ pub enum MountError {
     /// mount through the backing store and wait on itself.
     #[error("{0}; use a mountpoint outside the backing directory (and not above it)")]
     Overlap(String),
+    /// Unmounted, but the daemon could not make some new directories' ids durable.
+    #[error(
+        "{} was unmounted, but {why}; directories made in its last moments may come back \
+         empty after a crash: check the backing disk, then run `cmkfs fsck`",
+        path.display()
+    )]
+    IdsLost {
+        /// Mountpoint.
+        path: PathBuf,
+        /// What the daemon said.
+        why: String,
+    },
     /// Other I/O.
     #[error("{}: {error}", path.display())]
     Io {
@@ -106,6 +118,13 @@ impl RunRecord {
         crate::fsutil::create_private_dir(&home.run_dir())?;
         let json = serde_json::to_vec_pretty(self).map_err(io::Error::other)?;
         crate::fsutil::write_atomic(&Self::path(home, &self.mountpoint), &json, 0o600)
+    }
+
+    /// Where the daemon of the mount at `mountpoint` leaves, as it exits, one line saying
+    /// that new directories' ids could not be made durable (their fsync failed: a failing
+    /// disk); `cmkfs umount` reports it and removes it (0600; a mount removes a stale one).
+    pub fn ids_lost_path(home: &Home, mountpoint: &Path) -> PathBuf {
+        Self::path(home, mountpoint).with_extension("ids-lost")
     }
 
     /// The live status file of the mount at `mountpoint` (written by its monitor).
@@ -349,6 +368,14 @@ pub fn unmount(home: &Home, mp: &Path, lazy: bool, wait: Duration) -> Result<(),
         while pid_alive(r.pid) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+    let lost = RunRecord::ids_lost_path(home, &abs);
+    if let Ok(why) = std::fs::read_to_string(&lost) {
+        let _ = std::fs::remove_file(&lost);
+        return Err(MountError::IdsLost {
+            path: abs,
+            why: why.trim().to_string(),
+        });
     }
     Ok(())
 }

@@ -728,6 +728,8 @@ fn serve(a: &MountArgs, ready_pipe: bool) -> anyhow::Result<()> {
         started: crate::volume::unix_now(),
         identity,
     };
+    let ids_lost = RunRecord::ids_lost_path(&home, &mp);
+    let _ = std::fs::remove_file(&ids_lost);
     if let Err(e) = record.save(&home) {
         tracing::warn!(error = %e, "could not write the run record");
     }
@@ -744,6 +746,7 @@ fn serve(a: &MountArgs, ready_pipe: bool) -> anyhow::Result<()> {
         on_state_change: a.on_state_change.clone(),
     };
     let notifier = session.notifier();
+    let ids_vol = online.volume().clone();
     online.set_notifier(session.notifier());
     let cut_vol = online.volume().clone();
     let cut_off = Box::new(move || {
@@ -779,6 +782,17 @@ fn serve(a: &MountArgs, ready_pipe: bool) -> anyhow::Result<()> {
     // SAFETY: umask has no preconditions.
     unsafe { libc::umask(0) };
     let result = session.run();
+    // The unmount flushed the pending directory ids (`CmkFs::destroy`); one last try of any
+    // whose fsync failed, and what is still not durable is left for `cmkfs umount` to say.
+    let ids = ids_vol.flush_ids().err().map(|e| {
+        let why = format!("directory ids not made durable at unmount: {e}");
+        tracing::error!("{why}");
+        // Not fsynced: it is for the `cmkfs umount` waiting now, and the disk may be failing.
+        if let Err(e) = crate::fsutil::replace_private(&ids_lost, why.as_bytes()) {
+            tracing::warn!(error = %e, "could not leave the unmount's error for `cmkfs umount`");
+        }
+        why
+    });
     monitor.stop();
     RunRecord::remove(&home, &mp);
     let _ = std::fs::remove_file(&control_path);
@@ -788,7 +802,11 @@ fn serve(a: &MountArgs, ready_pipe: bool) -> anyhow::Result<()> {
         io_uring_requests = fuser::uring_requests_served(),
         "unmounted"
     );
-    result.with_context(|| format!("FUSE session at {}", mp.display()))
+    result.with_context(|| format!("FUSE session at {}", mp.display()))?;
+    match ids {
+        Some(why) => bail!("{} was unmounted, but {why}", mp.display()),
+        None => Ok(()),
+    }
 }
 
 /// The vault connection that unwraps `header`'s DEK, and the identity it acts as (`None`: the

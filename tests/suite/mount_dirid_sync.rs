@@ -297,25 +297,7 @@ fn a_failed_deferred_id_fsync_fails_every_move_into_it_until_rewritten() {
     }
     let pid = m.daemon_pid().expect("the daemon's pid");
     let trace = env.root.join("strace-inject.out");
-    let mut st = Tracer(
-        Command::new("strace")
-            .args([
-                "-f",
-                "-qq",
-                "-e",
-                "trace=fsync,pwrite64",
-                "-e",
-                "inject=fsync:error=EIO",
-                "-o",
-            ])
-            .arg(&trace)
-            .args(["-p", &pid.to_string()])
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("strace"),
-    );
-    wait_until(Duration::from_secs(10), || trace.exists());
-    std::thread::sleep(Duration::from_millis(300));
+    let mut st = inject_fsync_eio(pid, &trace);
     fs::create_dir(m.path("new")).unwrap();
     let errno = |r: std::io::Result<()>| r.err().and_then(|e| e.raw_os_error());
     assert_eq!(
@@ -364,4 +346,52 @@ fn a_failed_deferred_id_fsync_fails_every_move_into_it_until_rewritten() {
         .collect();
     assert_eq!(ids.len(), 2, "root + new");
     assert!(ids.iter().all(|id| id.len() == 16 && id != &[0; 16]));
+
+    // Attack 16 F2: an id still not durable when the mount goes is `cmkfs umount`'s error
+    // (one line, non-zero exit), not only a line in the daemon's log.
+    let m = env.mount(&cipher, &env.mnt);
+    fs::create_dir(m.path("late")).unwrap();
+    let pid = m.daemon_pid().expect("the daemon's pid");
+    let trace = env.root.join("strace-umount.out");
+    let _st = inject_fsync_eio(pid, &trace);
+    let out = env.cmkfs(&["umount".as_ref(), env.mnt.as_os_str()]);
+    assert!(!out.ok(), "{out}");
+    assert_eq!(out.stderr.trim_end().lines().count(), 1, "{out}");
+    assert!(
+        out.stderr
+            .contains("was unmounted, but directory ids not made durable at unmount"),
+        "{out}"
+    );
+    assert!(wait_until(Duration::from_secs(10), || !is_mounted(
+        &env.mnt
+    )));
+    drop(m);
+    // Said once: the next unmount of that mountpoint does not repeat it.
+    let m = env.mount(&cipher, &env.mnt);
+    m.unmount();
+}
+
+/// An strace attached to `pid` (all its threads) that fails every `fsync` with EIO and logs
+/// `fsync` and `pwrite64` into `out`, once attached.
+fn inject_fsync_eio(pid: u32, out: &Path) -> Tracer {
+    let t = Tracer(
+        Command::new("strace")
+            .args([
+                "-f",
+                "-qq",
+                "-e",
+                "trace=fsync,pwrite64",
+                "-e",
+                "inject=fsync:error=EIO",
+                "-o",
+            ])
+            .arg(out)
+            .args(["-p", &pid.to_string()])
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("strace"),
+    );
+    wait_until(Duration::from_secs(10), || out.exists());
+    std::thread::sleep(Duration::from_millis(300));
+    t
 }
