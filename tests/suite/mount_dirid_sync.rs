@@ -293,7 +293,7 @@ fn a_failed_deferred_id_fsync_fails_every_move_into_it_until_rewritten() {
     env.init(&cipher).assert_ok();
     let m = env.mount_foreground(&cipher, &env.mnt);
     for i in 1..=5 {
-        fs::write(m.path(&format!("old{i}")), format!("file {i}")).unwrap();
+        fs::write(m.path(format!("old{i}")), format!("file {i}")).unwrap();
     }
     let pid = m.daemon_pid().expect("the daemon's pid");
     let trace = env.root.join("strace-inject.out");
@@ -334,7 +334,7 @@ fn a_failed_deferred_id_fsync_fails_every_move_into_it_until_rewritten() {
     let m = env.mount(&cipher, &env.mnt);
     for i in 4..=5 {
         assert_eq!(
-            fs::read(m.path(&format!("new/old{i}"))).unwrap(),
+            fs::read(m.path(format!("new/old{i}"))).unwrap(),
             format!("file {i}").as_bytes()
         );
     }
