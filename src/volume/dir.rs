@@ -90,7 +90,7 @@ pub(super) fn write_dir_id(dir: BorrowedFd<'_>, pending: &PendingIds) -> Result<
                 let _ = sys::unlink(dir, name);
                 return Err(os(e));
             }
-            pending.push(f, id)
+            pending.push(dir, f, id)
         }
     }
     .map_err(os)

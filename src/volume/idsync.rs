@@ -55,22 +55,26 @@
 //! `mkdir` can be in it without the id having been fsynced first.
 //!
 //! A failed fsync of a deferred id (EIO, ENOSPC: a failing disk) is not reported once and
-//! forgotten: the id stays pending with its bytes, and every later flush writes them again
-//! (`pwrite` at 0: the failed write-back left the pages clean, so a bare second `fsync`
-//! would return 0 with nothing on the disk) and fsyncs, failing with the first failure's
-//! errno until that succeeds. Until then every rename, link, `fsync` and `fsyncdir` of the
+//! forgotten: the id stays pending with its bytes, and every later flush writes them into a
+//! new file, fsyncs it, renames it over the id file and fsyncs the directory (a bare second
+//! `fsync` returns 0 once the failed write-back marked the pages clean, and an in-place
+//! rewrite was seen to leave the id file's inode without its extent on ext4 without a
+//! journal), failing with the first failure's errno until that succeeds. Until then every rename, link, `fsync` and `fsyncdir` of the
 //! volume fails (not only those under that directory: a failing disk, kept simple), and the
 //! unmount logs it. An id whose file has no name left (its directory removed) is dropped.
 
 use std::collections::HashMap;
+use std::ffi::OsStr;
 use std::fs::File;
 use std::io;
-use std::os::fd::BorrowedFd;
+use std::io::Write;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
+use super::names::DIRID_FILE;
 use super::sys;
 
 /// `EXT4_SUPER_MAGIC` (also ext2/ext3, which the ext4 driver mounts: their options say
@@ -165,12 +169,16 @@ pub fn ordered_ext4(options: &str) -> bool {
 /// fsyncs them within [`DEFER`]. [`PendingIds::flush`] makes every one durable before it
 /// returns; dropping the set (the volume closing at unmount) flushes it too.
 ///
-/// An id whose fsync failed stays pending, with its 16 bytes: Linux reports a write-back
-/// error once and marks the pages clean, so a second `fsync` would return 0 without the id
-/// being on the disk. Every later flush (the background thread's, and the one before each
-/// rename, link, fsync, fsyncdir and the unmount) rewrites those bytes (`pwrite` at 0) and
-/// fsyncs again, and fails with the first failure's errno until that succeeds: nothing
-/// moves under, or is promised durable below, a directory whose id may not be on the disk.
+/// An id whose fsync failed stays pending, with its 16 bytes and its directory: Linux
+/// reports a write-back error once and marks the pages clean, so a second `fsync` would
+/// return 0 without the id being on the disk. Rewriting the bytes in place is not enough
+/// either: on ext4 without a journal the failed fsync can leave the id file's inode
+/// unwritten (seen: size 16, no extent, so zeros after a power cut) while the retry finds
+/// it clean. Every later flush (the background thread's, and the one before each rename,
+/// link, fsync, fsyncdir and the unmount) therefore writes a new id file (a temp name in the
+/// directory), fsyncs it, renames it over `.cmkfs.dirid` and fsyncs the directory, and fails
+/// with the first failure's errno until that succeeds: nothing moves under, or is promised
+/// durable below, a directory whose id may not be on the disk.
 pub struct PendingIds {
     inner: Arc<Inner>,
 }
@@ -178,6 +186,9 @@ pub struct PendingIds {
 /// One id file waiting for its fsync.
 struct Pending {
     file: File,
+    /// The new directory (its descriptor follows it to its final name), where a failed id
+    /// is written anew.
+    dir: OwnedFd,
     /// What was written (the daemon made it), to write again after a failed fsync.
     id: [u8; 16],
     /// The errno of the first failed fsync; `Some` means the bytes must be rewritten first.
@@ -241,13 +252,16 @@ impl std::fmt::Debug for PendingIds {
 }
 
 impl PendingIds {
-    /// Adds an id file to which `id` was written; the background thread starts on the first
-    /// one. With [`MAX_PENDING`] waiting, flushes them all first (its error is returned).
-    pub fn push(&self, file: File, id: [u8; 16]) -> io::Result<()> {
+    /// Adds the id file (`.cmkfs.dirid`) of directory `dir` to which `id` was written; the
+    /// background thread starts on the first one. With [`MAX_PENDING`] waiting, flushes them
+    /// all first (its error is returned).
+    pub fn push(&self, dir: BorrowedFd<'_>, file: File, id: [u8; 16]) -> io::Result<()> {
+        let dir = dir.try_clone_to_owned()?;
         let full = {
             let mut files = lock(&self.inner.files);
             files.push(Pending {
                 file,
+                dir,
                 id,
                 failed: None,
             });
@@ -286,7 +300,7 @@ impl Inner {
         let mut first = Ok(());
         let mut kept = Vec::new();
         for mut p in files {
-            if let Err(e) = self.make_durable(&p) {
+            if let Err(e) = self.make_durable(&mut p) {
                 let errno = *p
                     .failed
                     .get_or_insert(e.raw_os_error().unwrap_or(libc::EIO));
@@ -311,14 +325,37 @@ impl Inner {
         first
     }
 
-    /// fsyncs `p`'s file, after writing its id again if an earlier fsync failed.
-    fn make_durable(&self, p: &Pending) -> io::Result<()> {
+    /// fsyncs `p`'s file; if an earlier fsync failed, writes the id anew instead.
+    fn make_durable(&self, p: &mut Pending) -> io::Result<()> {
         if p.failed.is_some() {
-            use std::os::unix::fs::FileExt;
-            #[cfg(test)]
-            self.rewrites.fetch_add(1, Ordering::SeqCst);
-            p.file.write_all_at(&p.id, 0)?;
+            return self.rewrite(p);
         }
+        self.sync(&p.file)
+    }
+
+    /// A new id file with `p`'s bytes, fsynced, renamed over the old one, the directory
+    /// fsynced: nothing of what the failed fsync may have left unwritten is relied on.
+    fn rewrite(&self, p: &mut Pending) -> io::Result<()> {
+        #[cfg(test)]
+        self.rewrites.fetch_add(1, Ordering::SeqCst);
+        let dir = p.dir.as_fd();
+        let tmp = sys::temp_name("dirid")?;
+        let r = (|| {
+            let mut f = sys::create_regular(dir, &tmp, 0o444)?;
+            f.write_all(&p.id)?;
+            self.sync(&f)?;
+            sys::rename(dir, &tmp, dir, OsStr::new(DIRID_FILE), 0)?;
+            p.file = f;
+            sys::fsync_dir(dir)
+        })();
+        if r.is_err() {
+            let _ = sys::unlink(dir, &tmp);
+        }
+        r
+    }
+
+    /// `fsync` (tests: failed on demand).
+    fn sync(&self, f: &File) -> io::Result<()> {
         #[cfg(test)]
         if self
             .fail_next
@@ -327,15 +364,13 @@ impl Inner {
         {
             return Err(io::Error::from_raw_os_error(libc::EIO));
         }
-        p.file.sync_all()
+        f.sync_all()
     }
 
-    /// Whether `p`'s file has no name left (`st_nlink` 0).
+    /// Whether `p`'s directory was removed (`st_nlink` 0: an `rmdir`, or a failed `mkdir`
+    /// cleaning up).
     fn unlinked(&self, p: &Pending) -> bool {
-        p.file.metadata().is_ok_and(|m| {
-            use std::os::unix::fs::MetadataExt;
-            m.nlink() == 0
-        })
+        sys::fstat(p.dir.as_fd()).is_ok_and(|st| st.st_nlink == 0)
     }
 
     fn background(&self) {
@@ -407,14 +442,11 @@ mod tests {
     fn pending_ids_are_flushed_on_demand_and_in_the_background() {
         let dir = tempfile::tempdir().unwrap();
         let p = PendingIds::default();
-        p.push(File::create(dir.path().join("a")).unwrap(), [1; 16])
-            .unwrap();
-        p.push(File::create(dir.path().join("b")).unwrap(), [2; 16])
-            .unwrap();
+        push_id(&p, dir.path(), "a", [1; 16]);
+        push_id(&p, dir.path(), "b", [2; 16]);
         p.flush().unwrap();
         assert_eq!(pending_len(&p), 0);
-        p.push(File::create(dir.path().join("c")).unwrap(), [3; 16])
-            .unwrap();
+        push_id(&p, dir.path(), "c", [3; 16]);
         let t0 = std::time::Instant::now();
         while pending_len(&p) > 0 && t0.elapsed() < Duration::from_secs(10) {
             std::thread::sleep(Duration::from_millis(10));
@@ -422,62 +454,79 @@ mod tests {
         assert_eq!(pending_len(&p), 0, "the background thread flushed");
     }
 
-    /// Writes `id` into a new file `name` of `dir`, as `write_dir_id` does, and hands it on.
-    fn push_id(p: &PendingIds, dir: &Path, name: &str, id: [u8; 16]) {
-        use std::io::Write;
-        let mut f = File::create(dir.join(name)).unwrap();
+    /// A directory `name` in `dir` with `id` written into its `.cmkfs.dirid`, as
+    /// `write_dir_id` does, handed on; returns the id file's path.
+    fn push_id(p: &PendingIds, dir: &Path, name: &str, id: [u8; 16]) -> std::path::PathBuf {
+        let d = dir.join(name);
+        std::fs::create_dir(&d).unwrap();
+        let path = d.join(DIRID_FILE);
+        let mut f = File::create(&path).unwrap();
         f.write_all(&id).unwrap();
-        p.push(f, id).unwrap();
+        let dfd = File::open(&d).unwrap();
+        p.push(dfd.as_fd(), f, id).unwrap();
+        path
     }
 
     fn fail_next(p: &PendingIds, n: usize) {
         p.inner.fail_next.store(n, Ordering::SeqCst);
     }
 
+    /// What the disk may hold after a failed fsync: not the id.
+    fn lose(path: &Path) {
+        std::fs::remove_file(path).unwrap();
+        std::fs::write(path, [0u8; 16]).unwrap();
+    }
+
     /// Attack 16 F1: a failed id fsync is reported to every later flush, not to one, and
-    /// the id is written again (its pages were marked clean by the failed write-back, so a
-    /// bare second fsync would prove nothing) until an fsync after the rewrite succeeds.
+    /// the id is written anew (a new file renamed over it: the failed write-back marked its
+    /// pages clean and may have left its inode unwritten, so a bare second fsync would prove
+    /// nothing) until its fsync succeeds.
     #[test]
     fn a_failed_id_fsync_fails_every_flush_until_the_id_is_rewritten_and_durable() {
         let dir = tempfile::tempdir().unwrap();
         // No background flush in this test: every flush is one of these calls.
         let p = PendingIds::with_defer(Duration::from_secs(3600));
         let id = *b"0123456789abcdef";
-        push_id(&p, dir.path(), "a", id);
+        let a = push_id(&p, dir.path(), "a", id);
         fail_next(&p, 3);
         for i in 0..3 {
             let e = p.flush().expect_err("an id not durable yet");
             assert_eq!(e.raw_os_error(), Some(libc::EIO), "flush {i}");
             assert_eq!(pending_len(&p), 1, "the failed id stays pending");
-            // As the kernel may leave it: the failed write-back's bytes never reached the disk.
-            std::fs::write(dir.path().join("a"), [0u8; 16]).unwrap();
+            lose(&a);
         }
         assert_eq!(p.inner.rewrites.load(Ordering::SeqCst), 2);
         p.flush().unwrap();
         assert_eq!(p.inner.rewrites.load(Ordering::SeqCst), 3);
         assert_eq!(pending_len(&p), 0);
-        assert_eq!(std::fs::read(dir.path().join("a")).unwrap(), id);
+        assert_eq!(std::fs::read(&a).unwrap(), id);
+        let names: Vec<_> = std::fs::read_dir(dir.path().join("a"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, [DIRID_FILE], "no temp file left");
         p.flush().unwrap();
 
-        // The id of a directory that is gone (its name unlinked) is given up.
-        push_id(&p, dir.path(), "b", [7; 16]);
+        // The id of a directory that is gone is given up.
+        let b = push_id(&p, dir.path(), "b", [7; 16]);
         fail_next(&p, 1);
         assert!(p.flush().is_err());
-        std::fs::remove_file(dir.path().join("b")).unwrap();
+        std::fs::remove_file(&b).unwrap();
+        std::fs::remove_dir(dir.path().join("b")).unwrap();
         fail_next(&p, 1);
         p.flush().unwrap();
         assert_eq!(pending_len(&p), 0);
     }
 
     /// The same when the background thread is the one whose fsync fails: the error is not
-    /// its to keep, every flush after it fails until a rewrite is durable.
+    /// its to keep, every flush after it fails until a new id file is durable.
     #[test]
     fn a_failed_background_id_fsync_fails_every_later_flush() {
         let dir = tempfile::tempdir().unwrap();
         let p = PendingIds::default();
         fail_next(&p, usize::MAX);
         let id = [9; 16];
-        push_id(&p, dir.path(), "c", id);
+        let c = push_id(&p, dir.path(), "c", id);
         let t0 = std::time::Instant::now();
         while p.inner.fail_next.load(Ordering::SeqCst) == usize::MAX
             && t0.elapsed() < Duration::from_secs(10)
@@ -491,10 +540,10 @@ mod tests {
         for _ in 0..3 {
             assert_eq!(p.flush().unwrap_err().raw_os_error(), Some(libc::EIO));
         }
-        std::fs::write(dir.path().join("c"), [0u8; 16]).unwrap();
+        lose(&c);
         fail_next(&p, 0);
         p.flush().unwrap();
-        assert_eq!(std::fs::read(dir.path().join("c")).unwrap(), id);
+        assert_eq!(std::fs::read(&c).unwrap(), id);
         assert_eq!(pending_len(&p), 0);
     }
 }
