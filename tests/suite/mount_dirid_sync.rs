@@ -80,15 +80,20 @@ impl Tracer {
     /// Traces the id-durability calls and renames of process `pid` (all its threads) into
     /// `out`, once strace has attached.
     fn attach(pid: u32, out: &Path) -> Tracer {
+        Tracer::attach_with(
+            pid,
+            out,
+            &["-e", "trace=fsync,fdatasync,sync_file_range,renameat2"],
+        )
+    }
+
+    /// `strace -f -qq ARGS -o out -p pid`, returned once strace has attached.
+    fn attach_with(pid: u32, out: &Path, args: &[&str]) -> Tracer {
         let t = Tracer(
             Command::new("strace")
-                .args([
-                    "-f",
-                    "-qq",
-                    "-e",
-                    "trace=fsync,fdatasync,sync_file_range,renameat2",
-                    "-o",
-                ])
+                .args(["-f", "-qq"])
+                .args(args)
+                .arg("-o")
                 .arg(out)
                 .args(["-p", &pid.to_string()])
                 .stdin(Stdio::null())
@@ -371,24 +376,9 @@ fn a_failed_deferred_id_fsync_fails_every_move_into_it_until_rewritten() {
 /// An strace attached to `pid` (all its threads) that fails every `fsync` with EIO and logs
 /// `fsync` and `openat` into `out`, once attached.
 fn inject_fsync_eio(pid: u32, out: &Path) -> Tracer {
-    let t = Tracer(
-        Command::new("strace")
-            .args([
-                "-f",
-                "-qq",
-                "-e",
-                "trace=fsync,openat",
-                "-e",
-                "inject=fsync:error=EIO",
-                "-o",
-            ])
-            .arg(out)
-            .args(["-p", &pid.to_string()])
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("strace"),
-    );
-    wait_until(Duration::from_secs(10), || out.exists());
-    std::thread::sleep(Duration::from_millis(300));
-    t
+    Tracer::attach_with(
+        pid,
+        out,
+        &["-e", "trace=fsync,openat", "-e", "inject=fsync:error=EIO"],
+    )
 }
