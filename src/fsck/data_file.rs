@@ -137,6 +137,19 @@ impl Checker {
         if fix == Fix::Quarantine {
             return Some((kind, detail));
         }
+        self.report_only(kind, path, plaintext, plain_dir, detail);
+        None
+    }
+
+    /// Records a finding about a data file that no `--repair` acts on.
+    fn report_only(
+        &mut self,
+        kind: ProblemKind,
+        path: &Path,
+        plaintext: Option<&Path>,
+        plain_dir: Option<&Path>,
+        detail: String,
+    ) {
         self.problem(
             kind,
             path,
@@ -146,7 +159,6 @@ impl Checker {
             Fix::None,
             None,
         );
-        None
     }
 
     /// A file with a valid header in a format v1 volume: v1 tails that read as zeros, files
@@ -180,17 +192,15 @@ impl Checker {
                     FormatFinding::BadLength => ProblemKind::FileLengthInvalid,
                     _ => ProblemKind::FileFormatMismatch,
                 };
-                self.problem(
+                self.report_only(
                     kind,
                     path,
-                    plaintext.map(Path::to_path_buf),
+                    plaintext,
                     plain_dir,
                     format!(
                         "{detail} (not moved: without the key the volume header's format is \
                          not verified; run `cmkfs fsck --repair` with the key)"
                     ),
-                    Fix::None,
-                    None,
                 );
                 return None;
             }
@@ -202,15 +212,7 @@ impl Checker {
             FormatFinding::V1TailHole => ProblemKind::V1TailHole,
             FormatFinding::FileFormatV2 => ProblemKind::FileFormatV2,
         };
-        self.problem(
-            kind,
-            path,
-            plaintext.map(Path::to_path_buf),
-            plain_dir,
-            detail,
-            Fix::None,
-            None,
-        );
+        self.report_only(kind, path, plaintext, plain_dir, detail);
         None
     }
 }
