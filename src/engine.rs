@@ -482,74 +482,15 @@ fn run_units_inner(
                 }
                 cipher.encrypt_unit(tweak, u)?
             }
-            Dir::Decrypt(Holes::Zero) => decrypt_keeping_zero_blocks(cipher, tweak, u)?,
+            Dir::Decrypt(Holes::Zero) => cipher.decrypt_unit_keeping_zero_blocks(tweak, u)?,
             Dir::Decrypt(Holes::Decrypt) => cipher.decrypt_unit(tweak, u)?,
         }
     }
     Ok(())
 }
 
-/// Decrypts one unit, leaving its all-zero 16-byte blocks as zeros ([`Holes::Zero`]). XTS
-/// decrypts each block on its own (no ciphertext stealing in whole-block units), so zeroing a
-/// block's plaintext afterwards is the same as never decrypting it.
-fn decrypt_keeping_zero_blocks(
-    cipher: &XtsCipher,
-    tweak: u128,
-    u: &mut [u8],
-) -> Result<(), CryptoError> {
-    if is_zero(u) {
-        return Ok(());
-    }
-    // Real ciphertext has no zero block: one cheap pass (a 16-byte compare per block, no
-    // allocation) settles the common case. Collecting the indices of every block, as the
-    // rare case below does, cost more than the cipher itself (51% of a 1 MiB read's
-    // instructions, docs/PERFORMANCE.md).
-    if !has_zero_block(u) {
-        return cipher.decrypt_unit(tweak, u);
-    }
-    let zero_blocks: Vec<usize> = if u.len().is_multiple_of(BLOCK) {
-        u.chunks_exact(BLOCK)
-            .enumerate()
-            .filter(|(_, b)| b.iter().fold(0u8, |a, &x| a | x) == 0)
-            .map(|(i, _)| i)
-            .collect()
-    } else {
-        Vec::new()
-    };
-    cipher.decrypt_unit(tweak, u)?;
-    for i in zero_blocks {
-        u[i * BLOCK..(i + 1) * BLOCK].fill(0);
-    }
-    Ok(())
-}
-
-/// True when some whole 16-byte block of `u` is all zeros (a trailing partial block is not
-/// looked at: units of format v2 are whole blocks).
-fn has_zero_block(u: &[u8]) -> bool {
-    u.chunks_exact(BLOCK).any(|b| {
-        let mut w = [0u8; BLOCK];
-        w.copy_from_slice(b);
-        u128::from_ne_bytes(w) == 0
-    })
-}
-
-/// The AES block size: the granularity of [`Holes::Zero`].
-const BLOCK: usize = 16;
-
-/// True when every byte is zero. Works 64 bytes at a time with an OR-fold the compiler
-/// vectorises, and stops at the first non-zero chunk (real ciphertext stops at the first).
-fn is_zero(buf: &[u8]) -> bool {
-    let mut chunks = buf.chunks_exact(64);
-    for c in &mut chunks {
-        if c.iter().fold(0u8, |a, &b| a | b) != 0 {
-            return false;
-        }
-    }
-    chunks.remainder().iter().all(|&b| b == 0)
-}
-
 /// The deepest the sector loop writes into the stack below its caller, in bytes, in this
-/// build, for both cipher backends and every path of the loop (encryption with a copy, hole
+/// build, for every cipher backend the CPU has and every path of the loop (encryption with a copy, hole
 /// keeping, ciphertext stealing, short tails): the stack below is painted with a pattern, the
 /// loop runs, and the deepest byte that changed is found. Conservative: whatever else runs in
 /// between (the painter's own calls, the allocator) counts too. For the test that pins
@@ -600,13 +541,10 @@ pub fn stack_depth() -> usize {
     let key: [u8; 64] = std::array::from_fn(|i| 0x42u8.wrapping_add(i as u8));
     let data = vec![0x5Au8; 4096];
     let mut worst = 0;
-    for portable in [false, true] {
-        let c = if portable {
-            XtsCipher::new_portable(&key, 4096)
-        } else {
-            XtsCipher::new(&key, 4096)
+    for imp in crate::crypto::xts::Implementation::ALL {
+        let Ok(c) = XtsCipher::with_implementation(&key, 4096, imp) else {
+            continue;
         };
-        let Ok(c) = c else { continue };
         for (dir, len) in [
             (Dir::Encrypt, 3 * 4096),
             (Dir::Encrypt, 4096 + 40),
@@ -637,37 +575,6 @@ mod tests {
     /// A 64-byte XTS key with distinct halves.
     fn key(seed: u8) -> [u8; 64] {
         std::array::from_fn(|i| seed.wrapping_add(i as u8))
-    }
-
-    #[test]
-    fn has_zero_block_finds_every_position() {
-        assert!(!has_zero_block(&[1u8; 4096]));
-        assert!(!has_zero_block(&[]));
-        for i in [0usize, 1, 100, 255] {
-            let mut u = [1u8; 4096];
-            u[i * 16..i * 16 + 16].fill(0);
-            assert!(has_zero_block(&u), "{i}");
-            // Fifteen zeros are not a zero block.
-            u[i * 16 + 7] = 9;
-            assert!(!has_zero_block(&u), "{i}");
-        }
-        // Zeros straddling two blocks are not a zero block either.
-        let mut u = [1u8; 64];
-        u[8..24].fill(0);
-        assert!(!has_zero_block(&u));
-    }
-
-    #[test]
-    fn is_zero_works() {
-        assert!(is_zero(&[]));
-        assert!(is_zero(&[0; 4096]));
-        assert!(is_zero(&[0; 5]));
-        for pos in [0, 63, 64, 100, 4095] {
-            let mut b = [0u8; 4096];
-            b[pos] = 1;
-            assert!(!is_zero(&b), "{pos}");
-        }
-        assert!(!is_zero(&[0, 0, 1]));
     }
 
     #[test]

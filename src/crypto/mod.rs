@@ -42,6 +42,18 @@ pub enum CryptoError {
     /// A ciphertext that does not authenticate (names, symlink targets).
     #[error("ciphertext does not authenticate")]
     Authentication,
+    /// `CMKFS_XTS` names no XTS implementation.
+    #[error("CMKFS_XTS={got:?} is not an XTS implementation; unset it or use auto, vaes, aes-ni or portable")]
+    UnknownImplementation {
+        /// The variable's value.
+        got: String,
+    },
+    /// An XTS implementation was asked for that this CPU cannot run.
+    #[error("the {implementation} XTS implementation needs CPU features this machine lacks")]
+    Unavailable {
+        /// [`xts::Implementation::name`].
+        implementation: &'static str,
+    },
     /// Encoded text that is not valid base64url.
     #[error("not valid base64url")]
     Encoding,

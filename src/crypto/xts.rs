@@ -17,13 +17,23 @@
 //!
 //! The last two exist to read volumes of format v1 (`cmkfs upgrade`, `volume::v1`).
 //!
-//! Two interchangeable implementations sit behind [`XtsCipher`]: an AES-NI one (x86_64, chosen
-//! at construction when the CPU has AES-NI) that keeps eight blocks in flight through the
-//! rounds, as OpenSSL's assembly does, and a portable one on the `aes` crate's batched block
-//! API. Both are tested against the IEEE 1619 vectors, the `xts-mode` crate, aws-lc's XTS and
-//! the `openssl` command (`tests/suite/xts.rs`).
+//! Three interchangeable implementations sit behind [`XtsCipher`] ([`Implementation`]), the
+//! best the CPU has chosen at construction:
+//!
+//! * VAES + AVX-512 (x86_64 with `vaes`, `vpclmulqdq`, `avx512f`): sixteen blocks in flight,
+//!   four per instruction, with the hole check of [`XtsCipher::decrypt_unit_keeping_zero_blocks`]
+//!   fused into decryption (`xts/vaes.rs`);
+//! * AES-NI (x86_64): eight blocks in flight through the rounds, as OpenSSL's assembly does;
+//! * portable, on the `aes` crate's batched block API.
+//!
+//! The environment variable `CMKFS_XTS` caps the choice, for benchmarks and as an escape
+//! hatch: `vaes` (the default, same as `auto` or unset), `aes-ni`, or `portable`; a capped
+//! choice the CPU cannot run falls to the next one down. Any other value is an error.
+//! All are tested against the IEEE 1619 vectors, the `xts-mode` crate, aws-lc's XTS, the
+//! `openssl` command and each other (`tests/suite/xts.rs`).
 
 use std::fmt;
+use std::sync::OnceLock;
 
 use super::secret::Secret;
 use super::CryptoError;
@@ -31,6 +41,8 @@ use super::CryptoError;
 #[cfg(target_arch = "x86_64")]
 mod aesni;
 mod portable;
+#[cfg(target_arch = "x86_64")]
+mod vaes;
 
 /// AES block size.
 const BLOCK: usize = 16;
@@ -54,6 +66,93 @@ enum Backend {
     Portable(Secret<portable::Keys>),
     #[cfg(target_arch = "x86_64")]
     AesNi(Secret<aesni::Keys>),
+    #[cfg(target_arch = "x86_64")]
+    Vaes(Secret<vaes::Keys>),
+}
+
+/// Runs `$body` with `$k` bound to the backend's keys (one monomorphic copy per backend).
+macro_rules! with_keys {
+    ($backend:expr, $k:ident => $body:expr) => {
+        match $backend {
+            Backend::Portable($k) => $body,
+            #[cfg(target_arch = "x86_64")]
+            Backend::AesNi($k) => $body,
+            #[cfg(target_arch = "x86_64")]
+            Backend::Vaes($k) => $body,
+        }
+    };
+}
+
+/// An implementation of the cipher; all produce the same bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Implementation {
+    /// VAES on 512-bit vectors (x86_64 with `vaes`, `vpclmulqdq` and `avx512f`).
+    Vaes,
+    /// AES-NI on 128-bit vectors (x86_64 with `aes`).
+    AesNi,
+    /// The `aes` crate (any CPU).
+    Portable,
+}
+
+impl Implementation {
+    /// Every implementation, fastest first.
+    pub const ALL: [Implementation; 3] = [
+        Implementation::Vaes,
+        Implementation::AesNi,
+        Implementation::Portable,
+    ];
+
+    /// The name [`XtsCipher::implementation`] reports and `CMKFS_XTS` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Implementation::Vaes => "vaes",
+            Implementation::AesNi => "aes-ni",
+            Implementation::Portable => "portable",
+        }
+    }
+
+    /// True when this CPU can run it.
+    pub fn available(self) -> bool {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Implementation::Vaes => vaes::available(),
+            #[cfg(target_arch = "x86_64")]
+            Implementation::AesNi => {
+                is_x86_feature_detected!("aes") && is_x86_feature_detected!("sse2")
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            Implementation::Vaes | Implementation::AesNi => false,
+            Implementation::Portable => true,
+        }
+    }
+
+    /// The best implementation this CPU has at or below `self` in [`Implementation::ALL`].
+    fn best_up_to(self) -> Implementation {
+        Implementation::ALL
+            .into_iter()
+            .skip_while(|i| *i != self)
+            .find(|i| i.available())
+            .unwrap_or(Implementation::Portable)
+    }
+}
+
+/// The environment variable that caps the implementation [`XtsCipher::new`] picks.
+pub const IMPLEMENTATION_ENV: &str = "CMKFS_XTS";
+
+/// `CMKFS_XTS` as read once per process: the cap, or the bad value.
+fn env_cap() -> Result<Implementation, CryptoError> {
+    static CAP: OnceLock<Result<Implementation, String>> = OnceLock::new();
+    CAP.get_or_init(|| {
+        let v = std::env::var(IMPLEMENTATION_ENV).unwrap_or_default();
+        match v.trim().to_ascii_lowercase().as_str() {
+            "" | "auto" | "vaes" => Ok(Implementation::Vaes),
+            "aes-ni" | "aesni" => Ok(Implementation::AesNi),
+            "portable" => Ok(Implementation::Portable),
+            _ => Err(v),
+        }
+    })
+    .clone()
+    .map_err(|got| CryptoError::UnknownImplementation { got })
 }
 
 /// XTS-AES-256 with a fixed data-unit size.
@@ -97,32 +196,42 @@ impl XtsCipher {
     /// A cipher for `key` = `K1 || K2` (64 bytes, `K1 != K2`) and data units of `unit_size`
     /// bytes (a power of two in 512..=65536).
     ///
-    /// Uses the AES-NI implementation when the CPU has it (checked once, here), the portable
-    /// one otherwise.
+    /// Uses the fastest implementation the CPU has (checked here), at most the one
+    /// `CMKFS_XTS` names; fails with [`CryptoError::UnknownImplementation`] when that variable
+    /// holds something else.
     pub fn new(key: &[u8], unit_size: usize) -> Result<Self, CryptoError> {
-        let (k1, k2) = check_params(key, unit_size)?;
-        #[cfg(target_arch = "x86_64")]
-        if let Some(keys) = aesni::Keys::new(k1, k2) {
-            return Ok(XtsCipher {
-                unit_size,
-                backend: Backend::AesNi(keys),
-            });
-        }
-        Ok(XtsCipher {
-            unit_size,
-            backend: Backend::Portable(portable::Keys::new(k1, k2)),
-        })
+        let imp = env_cap()?.best_up_to();
+        Self::with_implementation(key, unit_size, imp)
     }
 
     /// Like [`XtsCipher::new`] but always the portable (`aes` crate) implementation, so tests
     /// and benchmarks can exercise the fallback on a machine with AES-NI.
     #[doc(hidden)]
     pub fn new_portable(key: &[u8], unit_size: usize) -> Result<Self, CryptoError> {
+        Self::with_implementation(key, unit_size, Implementation::Portable)
+    }
+
+    /// Like [`XtsCipher::new`] with implementation `imp`, whatever `CMKFS_XTS` says (tests and
+    /// benchmarks compare them); [`CryptoError::Unavailable`] if the CPU cannot run it.
+    pub fn with_implementation(
+        key: &[u8],
+        unit_size: usize,
+        imp: Implementation,
+    ) -> Result<Self, CryptoError> {
         let (k1, k2) = check_params(key, unit_size)?;
-        Ok(XtsCipher {
-            unit_size,
-            backend: Backend::Portable(portable::Keys::new(k1, k2)),
-        })
+        let unavailable = CryptoError::Unavailable {
+            implementation: imp.name(),
+        };
+        let backend = match imp {
+            Implementation::Portable => Backend::Portable(portable::Keys::new(k1, k2)),
+            #[cfg(target_arch = "x86_64")]
+            Implementation::AesNi => Backend::AesNi(aesni::Keys::new(k1, k2).ok_or(unavailable)?),
+            #[cfg(target_arch = "x86_64")]
+            Implementation::Vaes => Backend::Vaes(vaes::Keys::new(k1, k2).ok_or(unavailable)?),
+            #[cfg(not(target_arch = "x86_64"))]
+            Implementation::Vaes | Implementation::AesNi => return Err(unavailable),
+        };
+        Ok(XtsCipher { unit_size, backend })
     }
 
     /// The data unit size in bytes.
@@ -130,13 +239,17 @@ impl XtsCipher {
         self.unit_size
     }
 
-    /// Which implementation this cipher runs: `"aes-ni"` or `"portable"`.
+    /// Which implementation this cipher runs: `"vaes"`, `"aes-ni"` or `"portable"`
+    /// ([`Implementation::name`]).
     pub fn implementation(&self) -> &'static str {
         match self.backend {
-            Backend::Portable(_) => "portable",
+            Backend::Portable(_) => Implementation::Portable,
             #[cfg(target_arch = "x86_64")]
-            Backend::AesNi(_) => "aes-ni",
+            Backend::AesNi(_) => Implementation::AesNi,
+            #[cfg(target_arch = "x86_64")]
+            Backend::Vaes(_) => Implementation::Vaes,
         }
+        .name()
     }
 
     fn check_len(&self, len: usize) -> Result<(), CryptoError> {
@@ -170,11 +283,7 @@ impl XtsCipher {
     /// that is rewritten in place, the same class of leak XTS already has for rewritten blocks.
     pub fn encrypt_unit(&self, tweak: u128, unit: &mut [u8]) -> Result<(), CryptoError> {
         self.check_len(unit.len())?;
-        match &self.backend {
-            Backend::Portable(k) => self.encrypt_with(&**k, tweak, unit),
-            #[cfg(target_arch = "x86_64")]
-            Backend::AesNi(k) => self.encrypt_with(&**k, tweak, unit),
-        }
+        with_keys!(&self.backend, k => self.encrypt_with(&**k, tweak, unit));
         Ok(())
     }
 
@@ -182,11 +291,33 @@ impl XtsCipher {
     /// lengths, same tweak).
     pub fn decrypt_unit(&self, tweak: u128, unit: &mut [u8]) -> Result<(), CryptoError> {
         self.check_len(unit.len())?;
-        match &self.backend {
-            Backend::Portable(k) => self.decrypt_with(&**k, tweak, unit),
-            #[cfg(target_arch = "x86_64")]
-            Backend::AesNi(k) => self.decrypt_with(&**k, tweak, unit),
+        with_keys!(&self.backend, k => self.decrypt_with(&**k, tweak, unit));
+        Ok(())
+    }
+
+    /// Decrypts one data unit in place as [`XtsCipher::decrypt_unit`] does, except that every
+    /// 16-byte block whose ciphertext is all zeros stays all zeros, and a unit that is all
+    /// zeros (of any length) stays zeros: the engine's `Holes::Zero` (docs/FORMAT.md: a
+    /// stored all-zero block reads as zeros). A unit of another length than 16·k bytes
+    /// (format v1's stealing and short tails) is otherwise decrypted whole.
+    ///
+    /// XTS decrypts each block on its own (no stealing in whole-block units), so leaving a
+    /// block's ciphertext in place is the same as zeroing its plaintext afterwards. The VAES
+    /// implementation checks for zero blocks on the ciphertext already in its registers; the
+    /// others scan the unit first.
+    pub fn decrypt_unit_keeping_zero_blocks(
+        &self,
+        tweak: u128,
+        unit: &mut [u8],
+    ) -> Result<(), CryptoError> {
+        self.check_len(unit.len())?;
+        if is_zero(unit) {
+            return Ok(());
         }
+        if !unit.len().is_multiple_of(BLOCK) {
+            return self.decrypt_unit(tweak, unit);
+        }
+        with_keys!(&self.backend, k => k.decrypt_blocks_keeping_zero_blocks(tweak, unit));
         Ok(())
     }
 
@@ -282,15 +413,90 @@ trait BlockOps {
     fn encrypt_blocks(&self, tweak: u128, data: &mut [u8]) -> u128;
     /// Inverse of [`BlockOps::encrypt_blocks`].
     fn decrypt_blocks(&self, tweak: u128, data: &mut [u8]) -> u128;
+    /// [`BlockOps::decrypt_blocks`] over `data` of whole blocks, leaving every all-zero
+    /// block as zeros. This default scans first; a backend can fuse the check into its loop.
+    fn decrypt_blocks_keeping_zero_blocks(&self, tweak: u128, data: &mut [u8]) {
+        // Real ciphertext has no zero block: one cheap pass (a 16-byte compare per block, no
+        // allocation) settles the common case. Collecting the indices of every block, as the
+        // rare case below does, cost more than the cipher itself (51% of a 1 MiB read's
+        // instructions, docs/PERFORMANCE.md).
+        if !has_zero_block(data) {
+            self.decrypt_blocks(tweak, data);
+            return;
+        }
+        let zero_blocks: Vec<usize> = data
+            .chunks_exact(BLOCK)
+            .enumerate()
+            .filter(|(_, b)| b.iter().fold(0u8, |a, &x| a | x) == 0)
+            .map(|(i, _)| i)
+            .collect();
+        self.decrypt_blocks(tweak, data);
+        for i in zero_blocks {
+            data[i * BLOCK..(i + 1) * BLOCK].fill(0);
+        }
+    }
     /// One raw AES-K1 encryption.
     fn encrypt_block(&self, block: &mut [u8; BLOCK]);
     /// One raw AES-K1 decryption.
     fn decrypt_block(&self, block: &mut [u8; BLOCK]);
 }
 
+/// True when some whole 16-byte block of `u` is all zeros (a trailing partial block is not
+/// looked at).
+fn has_zero_block(u: &[u8]) -> bool {
+    u.chunks_exact(BLOCK).any(|b| {
+        let mut w = [0u8; BLOCK];
+        w.copy_from_slice(b);
+        u128::from_ne_bytes(w) == 0
+    })
+}
+
+/// True when every byte is zero. Works 64 bytes at a time with an OR-fold the compiler
+/// vectorises, and stops at the first non-zero chunk (real ciphertext stops at the first).
+fn is_zero(buf: &[u8]) -> bool {
+    let mut chunks = buf.chunks_exact(64);
+    for c in &mut chunks {
+        if c.iter().fold(0u8, |a, &b| a | b) != 0 {
+            return false;
+        }
+    }
+    chunks.remainder().iter().all(|&b| b == 0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn has_zero_block_finds_every_position() {
+        assert!(!has_zero_block(&[1u8; 4096]));
+        assert!(!has_zero_block(&[]));
+        for i in [0usize, 1, 100, 255] {
+            let mut u = [1u8; 4096];
+            u[i * 16..i * 16 + 16].fill(0);
+            assert!(has_zero_block(&u), "{i}");
+            // Fifteen zeros are not a zero block.
+            u[i * 16 + 7] = 9;
+            assert!(!has_zero_block(&u), "{i}");
+        }
+        // Zeros straddling two blocks are not a zero block either.
+        let mut u = [1u8; 64];
+        u[8..24].fill(0);
+        assert!(!has_zero_block(&u));
+    }
+
+    #[test]
+    fn is_zero_works() {
+        assert!(is_zero(&[]));
+        assert!(is_zero(&[0; 4096]));
+        assert!(is_zero(&[0; 5]));
+        for pos in [0, 63, 64, 100, 4095] {
+            let mut b = [0u8; 4096];
+            b[pos] = 1;
+            assert!(!is_zero(&b), "{pos}");
+        }
+        assert!(!is_zero(&[0, 0, 1]));
+    }
 
     fn key() -> [u8; 64] {
         let mut k = [0u8; 64];

@@ -52,3 +52,4 @@ mod vault_seal;
 mod vault_server;
 mod vault_server_hardening;
 mod xts;
+mod xts_backends;

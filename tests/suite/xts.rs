@@ -1,20 +1,42 @@
 //! Correctness of the XTS-AES-256 sector cipher against independent references: the IEEE 1619
-//! vectors, the `xts-mode` crate, and the `openssl` command. Every test runs both the default
-//! implementation (AES-NI where the CPU has it) and the portable one.
+//! vectors, the `xts-mode` crate, and the `openssl` command. Every test runs the default
+//! implementation and each one this CPU has (VAES, AES-NI, portable); `xts_backends.rs`
+//! compares them with each other.
 
 use aes::cipher::KeyInit;
 use aes::Aes256;
+use cmkfs::crypto::xts::Implementation;
 use cmkfs::crypto::{CryptoError, XtsCipher};
 use rand::{Rng, RngCore, SeedableRng};
 use xts_mode::{get_tweak_default, Xts128};
 
 type Ctor = fn(&[u8], usize) -> Result<XtsCipher, CryptoError>;
 
-/// Both implementations, by name.
-const CTORS: [(&str, Ctor); 2] = [
-    ("default", XtsCipher::new),
-    ("portable", XtsCipher::new_portable),
-];
+fn vaes(key: &[u8], unit: usize) -> Result<XtsCipher, CryptoError> {
+    XtsCipher::with_implementation(key, unit, Implementation::Vaes)
+}
+
+fn aes_ni(key: &[u8], unit: usize) -> Result<XtsCipher, CryptoError> {
+    XtsCipher::with_implementation(key, unit, Implementation::AesNi)
+}
+
+/// The default implementation and every one this CPU has, by name (a missing one is noted).
+fn ctors() -> Vec<(&'static str, Ctor)> {
+    let all: [(&str, Ctor, Implementation); 3] = [
+        ("vaes", vaes, Implementation::Vaes),
+        ("aes-ni", aes_ni, Implementation::AesNi),
+        ("portable", XtsCipher::new_portable, Implementation::Portable),
+    ];
+    let mut v: Vec<(&'static str, Ctor)> = vec![("default", XtsCipher::new)];
+    for (name, ctor, imp) in all {
+        if imp.available() {
+            v.push((name, ctor));
+        } else {
+            eprintln!("NOTE: this CPU cannot run the {name} implementation; not tested");
+        }
+    }
+    v
+}
 
 fn unhex(s: &str) -> Vec<u8> {
     hex::decode(s).unwrap()
@@ -68,7 +90,7 @@ const CTS_VECTORS: [&str; 5] = [
 fn ieee1619_xts_aes_256_vectors() {
     let key = unhex(IEEE_KEY);
     let pt: Vec<u8> = (0..512).map(|i| i as u8).collect();
-    for (name, ctor) in CTORS {
+    for (name, ctor) in ctors() {
         let c = ctor(&key, 512).unwrap();
         for (tweak, ct) in IEEE_VECTORS {
             let ct = unhex(ct);
@@ -84,7 +106,7 @@ fn ieee1619_xts_aes_256_vectors() {
 #[test]
 fn ciphertext_stealing_vectors() {
     let key = unhex(CTS_KEY);
-    for (name, ctor) in CTORS {
+    for (name, ctor) in ctors() {
         let c = ctor(&key, 512).unwrap();
         for ct in CTS_VECTORS {
             let ct = unhex(ct);
@@ -120,7 +142,7 @@ fn xts_mode_tweak_encoding_is_le() {
 #[test]
 fn equals_xts_mode_random() {
     let mut r = rng();
-    for (name, ctor) in CTORS {
+    for (name, ctor) in ctors() {
         for unit_size in [512, 4096, 65536] {
             for _ in 0..40 {
                 let key = random_key(&mut r);
@@ -157,7 +179,7 @@ fn equals_xts_mode_decrypt_area() {
     let key = random_key(&mut r);
     let mut pt = vec![0u8; 4096 * 9];
     r.fill_bytes(&mut pt);
-    for (name, ctor) in CTORS {
+    for (name, ctor) in ctors() {
         let c = ctor(&key, 4096).unwrap();
         let mut ours = pt.clone();
         for (i, u) in ours.chunks_mut(4096).enumerate() {
@@ -214,7 +236,7 @@ fn short_tail_rule() {
         }
         let mut ks = GenericArray::from(t.to_le_bytes());
         k1.encrypt_block(&mut ks);
-        for (name, ctor) in CTORS {
+        for (name, ctor) in ctors() {
             let c = ctor(&key, unit_size).unwrap();
             for len in 1..16 {
                 let mut pt = vec![0u8; len];
@@ -234,7 +256,7 @@ fn short_tail_rule() {
 fn different_tweak_different_ciphertext() {
     let mut r = rng();
     let key = random_key(&mut r);
-    for (name, ctor) in CTORS {
+    for (name, ctor) in ctors() {
         let c = ctor(&key, 4096).unwrap();
         for len in [4096, 4000, 32, 17, 16, 5, 1] {
             let pt = vec![0x5au8; len];
@@ -273,7 +295,7 @@ fn different_key_different_ciphertext() {
 #[test]
 fn bad_input_is_a_typed_error() {
     let key = random_key(&mut rng());
-    for (_, ctor) in CTORS {
+    for (_, ctor) in ctors() {
         for len in [0, 32, 63, 65, 128] {
             assert_eq!(
                 ctor(&vec![1u8; len], 4096).unwrap_err(),
@@ -313,7 +335,7 @@ fn bad_input_is_a_typed_error() {
 #[test]
 fn extreme_tweaks() {
     let key = random_key(&mut rng());
-    for (name, ctor) in CTORS {
+    for (name, ctor) in ctors() {
         let c = ctor(&key, 4096).unwrap();
         for tweak in [0, 1, u64::MAX as u128, u128::MAX] {
             let pt = vec![0xa5u8; 4096];
@@ -445,7 +467,7 @@ fn equals_openssl_command() {
     if via_ecb {
         eprintln!("NOTE: `openssl enc` refuses XTS here; compared against XTS composed from `openssl enc -aes-256-ecb`");
     }
-    for (name, ctor) in CTORS {
+    for (name, ctor) in ctors() {
         let c = ctor(&key, 4096).unwrap();
         let mut ours = pt.clone();
         for (i, u) in ours.chunks_mut(4096).enumerate() {
@@ -505,7 +527,7 @@ fn aws_lc_xts(key: &[u8; 64], tweak: u128, data: &mut [u8], encrypt: bool) {
 #[test]
 fn equals_aws_lc_random() {
     let mut r = rng();
-    for (name, ctor) in CTORS {
+    for (name, ctor) in ctors() {
         for _ in 0..200 {
             let key = random_key(&mut r);
             let tweak: u128 = r.gen();

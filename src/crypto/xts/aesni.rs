@@ -29,18 +29,18 @@ use super::{BlockOps, BLOCK};
 use crate::crypto::secret::{Plain, Secret};
 
 /// AES-256 has 14 rounds: 15 round keys.
-const ROUNDS: usize = 14;
+pub(super) const ROUNDS: usize = 14;
 
-type Schedule = [__m128i; ROUNDS + 1];
+pub(super) type Schedule = [__m128i; ROUNDS + 1];
 
 /// The three key schedules. Round keys are wiped on drop.
 pub(super) struct Keys {
     /// K1, encryption.
-    enc: Schedule,
+    pub(super) enc: Schedule,
     /// K1, decryption (the "equivalent inverse cipher" schedule: AESIMC of the middle keys).
-    dec: Schedule,
+    pub(super) dec: Schedule,
     /// K2, encryption only: the tweak is always encrypted.
-    tweak: Schedule,
+    pub(super) tweak: Schedule,
 }
 
 // SAFETY: `__m128i` is plain data (16 bytes, no interior pointers); the schedules are only
@@ -76,10 +76,13 @@ impl Keys {
         Some(keys)
     }
 
+    /// Fills the three schedules in place (the VAES backend embeds a `Keys` and calls this
+    /// on its own secret pages).
+    ///
     /// # Safety
     /// The CPU has AES-NI and SSE2.
     #[target_feature(enable = "aes,sse2")]
-    unsafe fn expand(&mut self, k1: &[u8; 32], k2: &[u8; 32]) {
+    pub(super) unsafe fn expand(&mut self, k1: &[u8; 32], k2: &[u8; 32]) {
         expand_256(k1, &mut self.enc);
         expand_256(k2, &mut self.tweak);
         self.dec[0] = self.enc[ROUNDS];
@@ -223,7 +226,7 @@ fn double(lo: u64, hi: u64) -> (u64, u64) {
 /// calls of [`double`] there is no dependency chain, so the first batch of a unit does not
 /// wait for one.
 #[inline(always)]
-fn times_alpha_pow(lo: u64, hi: u64, i: u32) -> (u64, u64) {
+pub(super) fn times_alpha_pow(lo: u64, hi: u64, i: u32) -> (u64, u64) {
     debug_assert!((1..8).contains(&i));
     let h = hi >> (64 - i);
     let fold = h ^ (h << 1) ^ (h << 2) ^ (h << 7);
