@@ -159,14 +159,14 @@ fn implementations_agree_on_every_whole_block_length() {
 }
 
 /// A zero block at every position of a 4 KiB unit (and of short whole-block units, whose
-/// last blocks take the masked tail path), a zero half-block at every position, two zero
-/// blocks, and an all-zero unit: each implementation keeps exactly the zero blocks.
+/// last blocks take the masked tail path), zero half-blocks and two zero blocks at every
+/// fifth position, an all-zero unit and one with a single non-zero block: each implementation keeps exactly the zero blocks.
 #[test]
 fn hole_keeping_at_every_block_position() {
     let mut r = seeded("hole_keeping_at_every_block_position");
     let key = random_key(&mut r);
     let cs = ciphers(&key, 4096);
-    for len in [4096usize, 16, 48, 240, 272, 4096 - 16] {
+    for len in [4096usize, 16, 48, 240, 496, 528, 4096 - 16] {
         let mut pt = vec![0u8; len];
         r.fill_bytes(&mut pt);
         let t = tweak(&mut r);
@@ -175,7 +175,15 @@ fn hole_keeping_at_every_block_position() {
         let blocks = len / BLOCK;
         let mut cases: Vec<Vec<u8>> = Vec::new();
         for i in 0..blocks {
-            for (lo, hi) in [(0, BLOCK), (0, 8), (8, BLOCK), (1, BLOCK)] {
+            let mut h = ct.clone();
+            h[i * BLOCK..(i + 1) * BLOCK].fill(0);
+            cases.push(h);
+            // Partial zeros (not holes) and pairs at every fifth block: every lane of every
+            // vector of an iteration, at less cost.
+            if i % 5 != 0 {
+                continue;
+            }
+            for (lo, hi) in [(0, 8), (8, BLOCK), (1, BLOCK)] {
                 let mut h = ct.clone();
                 h[i * BLOCK + lo..i * BLOCK + hi].fill(0);
                 cases.push(h);

@@ -1,23 +1,25 @@
 //! XTS-AES-256 on VAES + AVX-512 (x86_64): four blocks per instruction in 512-bit registers,
 //! in the shape of Linux's `aes-xts-avx-x86_64.S` (the `avx10_512` variant, Eric Biggers).
 //!
-//! * Sixteen blocks per iteration: four zmm vectors of four blocks in flight through the
-//!   rounds, so a VAESENC of one vector issues while the others' are in the pipeline. As in
-//!   `aesni.rs`, each round over the four vectors is one `asm!` block, which pins that order
-//!   (LLVM would otherwise schedule the rounds vector by vector); the round key is a
-//!   memory operand of the instruction, broadcast to four lanes once, at key setup.
+//! * 32 blocks per iteration: eight zmm vectors of four blocks in flight through the rounds,
+//!   so the AES unit always has an independent VAESENC to issue (its latency is several
+//!   cycles). Linux keeps four vectors in flight; eight measured 1.03x four here (`cmkfs bench
+//!   sectors`, interleaved runs, docs/PERFORMANCE.md "Session 10"). As in `aesni.rs`, each
+//!   round over the vectors is one `asm!` block, which pins that order (LLVM would otherwise
+//!   schedule the rounds vector by vector); the round key is a memory operand of the
+//!   instruction, broadcast to four lanes once, at key setup.
 //! * Tweak masks: vector `j` holds the masks of blocks `4j..4j+3` of the iteration, and
-//!   steps to the next iteration by one multiplication by α^16 per 128-bit lane: a 128-bit
-//!   shift by 16 made of two 64-bit shifts and a qword move, the 16 bits shifted out folded
+//!   steps to the next iteration by one multiplication by α^32 per 128-bit lane: a 128-bit
+//!   shift by 32 made of two 64-bit shifts and a qword move, the 32 bits shifted out folded
 //!   back by one carry-less multiplication by 0x87 (VPCLMULQDQ), three inputs XORed by one
 //!   VPTERNLOGQ. Five instructions per four masks, off the AES port.
 //! * Whitening is one VPTERNLOGQ (block ⊕ mask ⊕ round key 0), and the mask is folded into
 //!   the last round key as in `aesni.rs`.
-//! * The last 1..15 blocks of a unit (file tails) run as one more iteration with masked
+//! * The last 1..31 blocks of a unit (file tails) run as one more iteration with masked
 //!   loads and stores, using the masks already computed: no scalar tail loop.
 //! * Hole keeping ([`BlockOps::decrypt_blocks_keeping_zero_blocks`]) is fused into
 //!   decryption: the ciphertext is already in registers, so VPTESTNMQ finds its all-zero
-//!   64-bit words, and only when one of the sixteen blocks has any (real ciphertext: never
+//!   64-bit words, and only when one of the iteration's blocks has any (real ciphertext: never
 //!   in practice) are exact block masks computed and the plaintext of the all-zero blocks
 //!   left unstored (in place, so those blocks stay the zeros they were). No separate pass
 //!   over the unit.
@@ -38,7 +40,7 @@ use crate::crypto::secret::{Plain, Secret};
 /// Blocks per zmm vector.
 const LANES: usize = 4;
 /// Vectors in flight per iteration.
-const VECS: usize = 4;
+const VECS: usize = 8;
 /// Blocks per iteration.
 const ITER_BLOCKS: usize = LANES * VECS;
 /// Bytes per vector.
@@ -166,42 +168,36 @@ unsafe fn mul_alpha_pow<const K: u32, const R: u32>(t: __m512i, poly: __m512i) -
     _mm512_ternarylogic_epi64::<0x96>(_mm512_slli_epi64::<K>(t), carry, fold)
 }
 
-/// One AES round over the four vectors of an iteration, as one `asm!` block (see the module
+/// One AES round over the vectors of an iteration, as one `asm!` block (see the module
 /// doc); the round key is read from its place in the broadcast schedule.
-macro_rules! round4 {
-    ($op:literal, $key:expr, $b:ident) => {
+macro_rules! round_all {
+    ($op:literal, $key:expr, $b:ident, [$($i:literal),*]) => {
         core::arch::asm!(
-            concat!($op, " {0}, {0}, zmmword ptr [{kp}]"),
-            concat!($op, " {1}, {1}, zmmword ptr [{kp}]"),
-            concat!($op, " {2}, {2}, zmmword ptr [{kp}]"),
-            concat!($op, " {3}, {3}, zmmword ptr [{kp}]"),
-            inout(zmm_reg) $b[0],
-            inout(zmm_reg) $b[1],
-            inout(zmm_reg) $b[2],
-            inout(zmm_reg) $b[3],
+            $(concat!($op, " {", $i, "}, {", $i, "}, zmmword ptr [{kp}]"),)*
+            $(inout(zmm_reg) $b[$i],)*
             kp = in(reg) $key,
             options(pure, readonly, nostack, preserves_flags),
         )
     };
 }
 
-/// XTS over the four vectors `b` (loaded blocks in, result out) with masks `tw` and the
+/// XTS over the vectors `b` (loaded blocks in, result out) with masks `tw` and the
 /// broadcast schedule `rk` (encryption when `ENC`, decryption otherwise).
 ///
 /// # Safety
 /// The CPU has VAES and AVX-512F.
 #[inline]
 #[target_feature(enable = "avx512f,vaes")]
-unsafe fn crypt4<const ENC: bool>(b: &mut [__m512i; VECS], tw: &[__m512i; VECS], rk: &Wide) {
+unsafe fn crypt_all<const ENC: bool>(b: &mut [__m512i; VECS], tw: &[__m512i; VECS], rk: &Wide) {
     for j in 0..VECS {
         b[j] = _mm512_ternarylogic_epi64::<0x96>(b[j], tw[j], rk[0]);
     }
     for k in &rk[1..ROUNDS] {
         let k: *const __m512i = k;
         if ENC {
-            round4!("vaesenc", k, b);
+            round_all!("vaesenc", k, b, [0, 1, 2, 3, 4, 5, 6, 7]);
         } else {
-            round4!("vaesdec", k, b);
+            round_all!("vaesdec", k, b, [0, 1, 2, 3, 4, 5, 6, 7]);
         }
     }
     for j in 0..VECS {
@@ -254,8 +250,8 @@ unsafe fn xts<const ENC: bool, const HOLES: bool>(
     debug_assert!(ENC || !HOLES || data.len().is_multiple_of(BLOCK));
     let rk = if ENC { &keys.enc } else { &keys.dec };
     let t = keys.ni.tweak(tweak);
-    // The first four masks from T without a dependency chain; the other three vectors from
-    // the first by α^4, α^8, α^12.
+    // The first four masks from T without a dependency chain; the next three vectors from
+    // the first by α^4, α^8, α^12, the others from those four by α^16.
     let (lo, hi) = (t as u64, (t >> 64) as u64);
     let (l1, h1) = aesni::times_alpha_pow(lo, hi, 1);
     let (l2, h2) = aesni::times_alpha_pow(lo, hi, 2);
@@ -264,18 +260,19 @@ unsafe fn xts<const ENC: bool, const HOLES: bool>(
     let tw0 = _mm512_set_epi64(
         h3 as i64, l3 as i64, h2 as i64, l2 as i64, h1 as i64, l1 as i64, hi as i64, lo as i64,
     );
-    let mut tw = [
-        tw0,
-        mul_alpha_pow::<4, 60>(tw0, poly),
-        mul_alpha_pow::<8, 56>(tw0, poly),
-        mul_alpha_pow::<12, 52>(tw0, poly),
-    ];
+    let mut tw = [tw0; VECS];
+    tw[1] = mul_alpha_pow::<4, 60>(tw0, poly);
+    tw[2] = mul_alpha_pow::<8, 56>(tw0, poly);
+    tw[3] = mul_alpha_pow::<12, 52>(tw0, poly);
+    for j in LANES..VECS {
+        tw[j] = mul_alpha_pow::<16, 48>(tw[j - LANES], poly);
+    }
 
     let blocks = data.len() / BLOCK;
     let full = blocks / ITER_BLOCKS;
     let p = data.as_mut_ptr();
     for it in 0..full {
-        // In bounds: iteration `it` covers bytes 256·it .. 256·(it+1) <= 16·blocks.
+        // In bounds: iteration `it` covers bytes 512·it .. 512·(it+1) <= 16·blocks.
         let q = p.add(it * ITER_BLOCKS * BLOCK);
         let mut b: [__m512i; VECS] =
             core::array::from_fn(|j| _mm512_loadu_si512(q.add(j * VEC_BYTES).cast()));
@@ -284,7 +281,7 @@ unsafe fn xts<const ENC: bool, const HOLES: bool>(
         } else {
             None
         };
-        crypt4::<ENC>(&mut b, &tw, rk);
+        crypt_all::<ENC>(&mut b, &tw, rk);
         match kept {
             None => {
                 for (j, v) in b.iter().enumerate() {
@@ -298,13 +295,13 @@ unsafe fn xts<const ENC: bool, const HOLES: bool>(
             }
         }
         for m in tw.iter_mut() {
-            *m = mul_alpha_pow::<16, 48>(*m, poly);
+            *m = mul_alpha_pow::<32, 32>(*m, poly);
         }
     }
 
     let rem = blocks - full * ITER_BLOCKS;
     if rem > 0 {
-        // One more iteration over the last 1..15 blocks with masked loads and stores: the
+        // One more iteration over the last 1..31 blocks with masked loads and stores: the
         // words of vector j that exist. A vector past the end is neither loaded nor stored
         // (its pointer is only formed with `wrapping_add`).
         let q = p.add(full * ITER_BLOCKS * BLOCK);
@@ -323,7 +320,7 @@ unsafe fn xts<const ENC: bool, const HOLES: bool>(
         } else {
             loaded
         };
-        crypt4::<ENC>(&mut b, &tw, rk);
+        crypt_all::<ENC>(&mut b, &tw, rk);
         for j in 0..VECS {
             if loaded[j] != 0 {
                 _mm512_mask_storeu_epi64(q.wrapping_add(j * VEC_BYTES).cast(), kept[j], b[j]);
@@ -415,6 +412,7 @@ mod tests {
                 assert_eq!(lanes::<8, 56>(v), pow(8));
                 assert_eq!(lanes::<12, 52>(v), pow(12));
                 assert_eq!(lanes::<16, 48>(v), pow(16));
+                assert_eq!(lanes::<32, 32>(v), pow(32));
             }
         }
     }
