@@ -151,6 +151,17 @@ fn print_human(d: &serde_json::Value) {
             println!("  {label:<14} {}", s(key));
         }
     }
+    if let Some(ids) = d.get("ids_not_durable").filter(|v| v.is_object()) {
+        let f = |k: &str| ids.get(k).and_then(|v| v.as_str()).unwrap_or("-");
+        println!(
+            "  directory ids  {} not durable since {} (last error: {}); renames, links and \
+             fsyncs fail with \"{}\" until the disk accepts them",
+            ids.get("count").and_then(|v| v.as_u64()).unwrap_or(0),
+            f("since"),
+            f("last_error"),
+            f("error"),
+        );
+    }
     if let Some(n) = d.get("requests_denied").and_then(|v| v.as_u64()) {
         println!("  denied         {n} requests");
     }

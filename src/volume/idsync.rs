@@ -60,8 +60,10 @@
 //! `fsync` returns 0 once the failed write-back marked the pages clean, and an in-place
 //! rewrite was seen to leave the id file's inode without its extent on ext4 without a
 //! journal), failing with the first failure's errno until that succeeds. Until then every rename, link, `fsync` and `fsyncdir` of the
-//! volume fails (not only those under that directory: a failing disk, kept simple), and the
-//! unmount logs it. An id whose file has no name left (its directory removed) is dropped.
+//! volume fails (not only those under that directory: a failing disk, kept simple), the
+//! mount's status says so ([`IdHealth`], `cmkfs status`), and the unmount logs it (and
+//! `cmkfs umount` reports it). An id whose file has no name left (its directory removed) is
+//! dropped.
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -72,7 +74,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use super::names::DIRID_FILE;
 use super::sys;
@@ -183,6 +185,33 @@ pub struct PendingIds {
     inner: Arc<Inner>,
 }
 
+/// New directories' ids whose fsync failed and that are not durable yet (see [`PendingIds`]):
+/// while there are any, every rename, link, `fsync` and `fsyncdir` of the volume fails.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NotDurable {
+    /// How many ids wait to be written again.
+    pub ids: usize,
+    /// The errno those requests fail with: the first failure of the oldest id.
+    pub errno: i32,
+    /// The error of the latest try, as the system words it (`No space left on device (os
+    /// error 28)`).
+    pub last_error: String,
+    /// When the flushes began to fail (the first failure since all ids were last durable).
+    pub since: SystemTime,
+}
+
+/// What the last flush of a volume's pending ids left not durable: a handle the mount's
+/// monitor reads for its status file ([`PendingIds::health`]); cheap to clone and to read.
+#[derive(Clone, Debug, Default)]
+pub struct IdHealth(Arc<Mutex<Option<NotDurable>>>);
+
+impl IdHealth {
+    /// The ids not durable after the latest flush (`None`: every id written so far is).
+    pub fn now(&self) -> Option<NotDurable> {
+        lock(&self.0).clone()
+    }
+}
+
 /// One id file waiting for its fsync.
 struct Pending {
     file: File,
@@ -204,6 +233,9 @@ struct Inner {
     closed: AtomicBool,
     started: AtomicBool,
     defer: Duration,
+    /// Set by each flush, under `flushing`: read while a flush runs (which takes the ids
+    /// out of `files`), it still says what the last one left.
+    health: IdHealth,
     /// Tests: this many of the next fsyncs fail with `EIO`.
     #[cfg(test)]
     fail_next: std::sync::atomic::AtomicUsize,
@@ -236,6 +268,7 @@ impl PendingIds {
                 closed: AtomicBool::new(false),
                 started: AtomicBool::new(false),
                 defer,
+                health: IdHealth::default(),
                 #[cfg(test)]
                 fail_next: std::sync::atomic::AtomicUsize::new(0),
                 #[cfg(test)]
@@ -291,6 +324,11 @@ impl PendingIds {
     pub fn flush(&self) -> io::Result<()> {
         self.inner.flush()
     }
+
+    /// What the flushes leave not durable, for the mount's status.
+    pub fn health(&self) -> IdHealth {
+        self.inner.health.clone()
+    }
 }
 
 impl Inner {
@@ -299,6 +337,7 @@ impl Inner {
         let files = std::mem::take(&mut *lock(&self.files));
         let mut first = Ok(());
         let mut kept = Vec::new();
+        let mut last_error = String::new();
         for mut p in files {
             if let Err(e) = self.make_durable(&mut p) {
                 let errno = *p
@@ -310,11 +349,24 @@ impl Inner {
                     continue;
                 }
                 tracing::error!(error = %e, "fsync of a new directory's id failed; kept, to be written again");
+                last_error = e.to_string();
                 if first.is_ok() {
                     first = Err(io::Error::from_raw_os_error(errno));
                 }
                 kept.push(p);
             }
+        }
+        {
+            let mut health = lock(&self.health.0);
+            *health = match (&first, kept.len()) {
+                (Err(e), ids) if ids > 0 => Some(NotDurable {
+                    ids,
+                    errno: e.raw_os_error().unwrap_or(libc::EIO),
+                    last_error,
+                    since: health.as_ref().map_or_else(SystemTime::now, |h| h.since),
+                }),
+                _ => None,
+            };
         }
         if !kept.is_empty() {
             // Ahead of those pushed meanwhile: the oldest are retried first.
@@ -488,17 +540,27 @@ mod tests {
         let p = PendingIds::with_defer(Duration::from_secs(3600));
         let id = *b"0123456789abcdef";
         let a = push_id(&p, dir.path(), "a", id);
+        let health = p.health();
+        assert_eq!(health.now(), None);
         fail_next(&p, 3);
+        let mut since = None;
         for i in 0..3 {
             let e = p.flush().expect_err("an id not durable yet");
             assert_eq!(e.raw_os_error(), Some(libc::EIO), "flush {i}");
             assert_eq!(pending_len(&p), 1, "the failed id stays pending");
+            // What `cmkfs status` shows: one id, the errno requests fail with, and the
+            // time of the first failure, kept over the retries.
+            let h = health.now().expect("reported as not durable");
+            assert_eq!((h.ids, h.errno), (1, libc::EIO), "flush {i}");
+            assert!(h.last_error.contains("os error 5"), "{}", h.last_error);
+            assert_eq!(*since.get_or_insert(h.since), h.since, "flush {i}");
             lose(&a);
         }
         assert_eq!(p.inner.rewrites.load(Ordering::SeqCst), 2);
         p.flush().unwrap();
         assert_eq!(p.inner.rewrites.load(Ordering::SeqCst), 3);
         assert_eq!(pending_len(&p), 0);
+        assert_eq!(health.now(), None, "cleared once the id is durable");
         assert_eq!(std::fs::read(&a).unwrap(), id);
         let names: Vec<_> = std::fs::read_dir(dir.path().join("a"))
             .unwrap()
