@@ -427,7 +427,7 @@ fn freeze(env: &Env) -> UnixStream {
     BufReader::new(s.try_clone().unwrap())
         .read_line(&mut line)
         .unwrap();
-    assert_eq!(line.trim(), "{\"frozen\":true}");
+    assert_eq!(line.trim(), "{\"frozen\":true,\"exact\":true}");
     s
 }
 
@@ -1041,7 +1041,7 @@ fn a_client_killed_while_holding_a_freeze_thaws_the_mount_at_once() {
         let _ = holder.kill();
         panic!("the holder never froze the mount")
     });
-    assert!(said.contains("{\"frozen\":true}"), "{said}");
+    assert!(said.contains("{\"frozen\":true,\"exact\":true}"), "{said}");
     let done = blocked_write(&env.mnt);
     // SAFETY: kill(2) of our own child.
     unsafe { libc::kill(holder.id() as i32, libc::SIGKILL) };
