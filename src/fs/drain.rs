@@ -126,32 +126,32 @@ impl OnlineHandle {
         limit: Duration,
         client_gone: &AtomicBool,
     ) -> Result<(Frozen<'v>, Option<Drained>), DrainError> {
-        if !self.shared.opts.writeback_cache {
+        if !self.parts.opts.writeback_cache {
             return Ok((vol.gates().freeze_writes(), None));
         }
         let quiet = vol.gates().quiesce();
-        lock(&self.shared.parked).on = true;
+        lock(&self.parts.parked).on = true;
         // Answers the parked GETATTRs however this ends (after the freeze when it is taken:
         // declared before it, dropped after).
         let _unpark = Unpark(self);
         if let Some(n) = self.notifier.get() {
-            let (inodes, _) = self.shared.table.invalidation_targets();
+            let (inodes, _) = self.parts.table.invalidation_targets();
             for ino in inodes {
                 // Offset < 0: attributes only, no page is touched (and none written back).
                 let _ = n.inval_inode(INodeNo(ino), -1, 0);
             }
         }
         let targets: Vec<(u64, u32)> = {
-            let files = lock(&self.shared.files);
+            let files = lock(&self.parts.files);
             files
                 .by_ino
                 .keys()
-                .filter(|ino| self.shared.table.kind(**ino) == Some(libc::S_IFREG))
-                .filter_map(|ino| Some((*ino, self.shared.table.generation(*ino)? as u32)))
+                .filter(|ino| self.parts.table.kind(**ino) == Some(libc::S_IFREG))
+                .filter_map(|ino| Some((*ino, self.parts.table.generation(*ino)? as u32)))
                 .collect()
         };
         tracing::debug!(
-            handles = lock(&self.shared.files).by_ino.len(),
+            handles = lock(&self.parts.files).by_ino.len(),
             files = targets.len(),
             "draining the kernel's cached writes"
         );
@@ -166,9 +166,9 @@ impl OnlineHandle {
         let (go_tx, go_rx) = mpsc::channel::<()>();
         let (mp, thread_stop) = (mountpoint.to_path_buf(), stop.clone());
         let reach = Reach {
-            table: self.shared.table.clone(),
-            files: self.shared.files.clone(),
-            vol: self.shared.vol.clone(),
+            table: self.parts.table.clone(),
+            files: self.parts.files.clone(),
+            vol: self.parts.vol.clone(),
         };
         let spawned = std::thread::Builder::new()
             .name("cmkfs-drain".into())
@@ -243,7 +243,7 @@ struct Unpark<'a>(&'a OnlineHandle);
 impl Drop for Unpark<'_> {
     fn drop(&mut self) {
         let parked = {
-            let mut p = lock(&self.0.shared.parked);
+            let mut p = lock(&self.0.parts.parked);
             p.on = false;
             std::mem::take(&mut p.getattrs)
         };
@@ -254,7 +254,7 @@ impl Drop for Unpark<'_> {
             n = parked.len(),
             "answering the GETATTRs parked by the quiesce"
         );
-        let fs = self.0.shared.view();
+        let fs = self.0.parts.view();
         for (ino, fh, reply) in parked {
             let _pass = fs.vol.gates().read();
             fs.do_getattr(ino, fh, reply);

@@ -147,9 +147,9 @@ pub struct CmkFs {
 
 /// What every handle on one mount's filesystem shares: the FUSE threads' [`CmkFs`], the
 /// control thread's [`OnlineHandle`], and the views either makes for a thread of the
-/// daemon's own ([`Shared::view`]).
+/// daemon's own ([`MountParts::view`]).
 #[derive(Clone)]
-struct Shared {
+struct MountParts {
     /// The mount's choices (a backup's freeze drains cached writes first).
     opts: FsOptions,
     /// Entry and attribute timeout given to the kernel.
@@ -163,10 +163,10 @@ struct Shared {
     held: Arc<held_writes::HeldWrites>,
 }
 
-impl Shared {
+impl MountParts {
     /// A filesystem on these parts whose new handles count from `next_fh`.
     fn fs(self, next_fh: u64) -> CmkFs {
-        let Shared {
+        let MountParts {
             opts,
             ttl,
             vol,
@@ -201,7 +201,7 @@ impl Shared {
 /// The filesystem's side of an online re-encryption
 /// ([`crate::volume::reencrypt::Online`]) and of a backup's freeze (`drain`).
 pub struct OnlineHandle {
-    shared: Shared,
+    parts: MountParts,
     /// The session's notifier, set once the session exists ([`OnlineHandle::set_notifier`]).
     notifier: std::sync::OnceLock<fuser::Notifier>,
 }
@@ -212,7 +212,7 @@ impl crate::volume::reencrypt::Online for OnlineHandle {
         ids: &crate::volume::reencrypt::DirIds,
         keys: &crate::crypto::VolumeKeys,
     ) {
-        self.shared.table.rekey(|parent, name| {
+        self.parts.table.rekey(|parent, name| {
             let id = ids.get(&parent)?;
             crate::volume::names::encrypt(&keys.names, id, name)
                 .ok()
@@ -221,11 +221,11 @@ impl crate::volume::reencrypt::Online for OnlineHandle {
     }
 
     fn symlinks_replaced(&self, replaced: Vec<crate::volume::reencrypt::ReplacedSymlink>) {
-        self.shared.table.symlinks_replaced(replaced);
+        self.parts.table.symlinks_replaced(replaced);
     }
 
     fn open_files(&self) -> Vec<Arc<OpenFile>> {
-        lock(&self.shared.files)
+        lock(&self.parts.files)
             .by_fh
             .values()
             .map(|(_, of)| of.clone())
@@ -237,13 +237,13 @@ impl OnlineHandle {
     /// Gives the handle the session's notifier (kernel cache invalidation); the
     /// filesystem's pages of refused write-backs are dropped from then on.
     pub fn set_notifier(&self, n: fuser::Notifier) {
-        lock(&self.shared.files).refused_pages.start(n.clone());
+        lock(&self.parts.files).refused_pages.start(n.clone());
         let _ = self.notifier.set(n);
     }
 
     /// The volume.
     pub fn volume(&self) -> &Arc<Volume> {
-        &self.shared.vol
+        &self.parts.vol
     }
 }
 
@@ -336,7 +336,7 @@ impl CmkFs {
     /// Wraps an open volume.
     pub fn with_options(vol: Arc<Volume>, opts: FsOptions) -> CmkFs {
         let table = Arc::new(NodeTable::new(&vol));
-        Shared {
+        MountParts {
             ttl: opts.cache_timeout.unwrap_or(DEFAULT_CACHE_TIMEOUT),
             opts,
             vol,
@@ -350,8 +350,8 @@ impl CmkFs {
     }
 
     /// What this filesystem shares with every other handle on the mount.
-    fn shared(&self) -> Shared {
-        Shared {
+    fn parts(&self) -> MountParts {
+        MountParts {
             opts: self.opts,
             ttl: self.ttl,
             vol: self.vol.clone(),
@@ -363,9 +363,9 @@ impl CmkFs {
         }
     }
 
-    /// The same filesystem for a thread of the daemon's own ([`Shared::view`]).
+    /// The same filesystem for a thread of the daemon's own ([`MountParts::view`]).
     fn view(&self) -> CmkFs {
-        self.shared().view()
+        self.parts().view()
     }
 
     /// The volume served.
@@ -382,7 +382,7 @@ impl CmkFs {
     /// filesystem.
     pub fn online(&self) -> OnlineHandle {
         OnlineHandle {
-            shared: self.shared(),
+            parts: self.parts(),
             notifier: std::sync::OnceLock::new(),
         }
     }

@@ -233,12 +233,7 @@ fn backup(env: &Env, archive: &Path, exact: bool) {
 /// must answer `"frozen":false` (`control::FrozenAnswer`), and an exact one `true`.
 fn older_client_freeze(env: &Env, exact: bool) {
     use std::io::{BufRead, BufReader};
-    let sock = fs::read_dir(env.home.join("run"))
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| p.extension().is_some_and(|x| x == "sock"))
-        .expect("the mount has a control socket");
+    let sock = env.control_socket();
     let mut s = std::os::unix::net::UnixStream::connect(sock).unwrap();
     s.set_read_timeout(Some(CMD_TIMEOUT)).unwrap();
     s.write_all(b"{\"op\":\"freeze\"}\n").unwrap();

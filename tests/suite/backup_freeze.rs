@@ -222,12 +222,7 @@ fn a_freeze_answered_by_an_older_daemon_is_never_taken_as_one_point_in_time() {
     env.init(&env.cipher);
     let m = env.mount(&env.cipher, &env.mnt);
     fs::write(env.mnt.join("f"), b"some data").unwrap();
-    let sock = fs::read_dir(env.home.join("run"))
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| p.extension().is_some_and(|x| x == "sock"))
-        .expect("the mount has a control socket");
+    let sock = env.control_socket();
     for (i, answer) in [r#"{"frozen":true}"#, r#"{"frozen":false}"#]
         .into_iter()
         .enumerate()

@@ -414,12 +414,7 @@ fn wait_state(env: &Env, want: &str) {
 /// Holds the mount's writes back through its control socket (`{"op":"freeze"}`) until the
 /// returned stream is dropped.
 fn freeze(env: &Env) -> UnixStream {
-    let sock = fs::read_dir(env.home.join("run"))
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| p.extension().is_some_and(|x| x == "sock"))
-        .expect("the mount has a control socket");
+    let sock = env.control_socket();
     let mut s = UnixStream::connect(sock).unwrap();
     s.set_read_timeout(Some(GUARD)).unwrap();
     s.write_all(b"{\"op\":\"freeze\"}\n").unwrap();
@@ -1011,12 +1006,7 @@ fn a_client_killed_while_holding_a_freeze_thaws_the_mount_at_once() {
     let env = Env::new();
     env.init(&env.cipher);
     let m = env.mount_with(&env.cipher, &env.mnt, &["--freeze-limit", "1h"]);
-    let sock = fs::read_dir(env.home.join("run"))
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| p.extension().is_some_and(|x| x == "sock"))
-        .expect("the mount has a control socket");
+    let sock = env.control_socket();
     let mut holder = std::process::Command::new(std::env::current_exe().unwrap())
         .args([
             "reencrypt_online::freeze_holder_process",

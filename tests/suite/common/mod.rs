@@ -616,6 +616,17 @@ impl Env {
         d
     }
 
+    /// The control socket of the one mount live in this env's home
+    /// (`home/run/mount-<hash>.sock`); panics when there is none.
+    pub fn control_socket(&self) -> PathBuf {
+        fs::read_dir(self.home.join("run"))
+            .expect("the home's run directory")
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.extension().is_some_and(|x| x == "sock"))
+            .expect("the mount has a control socket")
+    }
+
     /// A `Command` for the cmkfs binary with this env's `CMKFS_HOME` (and nothing inherited
     /// that could point it elsewhere).
     pub fn command<S: AsRef<OsStr>>(&self, args: &[S]) -> Command {
