@@ -1360,6 +1360,22 @@ pub fn write(path: &Path, data: &[u8]) {
     fs::write(path, data).unwrap_or_else(|e| panic!("write {}: {e}", path.display()))
 }
 
+/// `len` bytes of `f` from `off`, or fewer where the file ends first: `pread` until full
+/// or end of file (a read may return less than asked). Panics on an error.
+pub fn pread_all(f: &File, off: u64, len: usize) -> Vec<u8> {
+    let mut buf = vec![0u8; len];
+    let mut got = 0;
+    while got < len {
+        match f.read_at(&mut buf[got..], off + got as u64) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) => panic!("pread at {}: {e}", off + got as u64),
+        }
+    }
+    buf.truncate(got);
+    buf
+}
+
 /// Asserts two byte strings are equal, reporting lengths and the first difference instead of
 /// dumping megabytes.
 #[track_caller]
