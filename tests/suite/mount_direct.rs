@@ -89,10 +89,7 @@ fn reads_right_after_writes_through_the_mount_match_a_model() {
                 let off = rng.gen_range(0..model.len() + 8192);
                 let data = random_bytes(&mut rng, len);
                 w.write_all_at(&data, off as u64).unwrap();
-                if model.len() < off + len {
-                    model.resize(off + len, 0);
-                }
-                model[off..off + len].copy_from_slice(&data);
+                model_write(&mut model, off, &data);
             }
         }
         // Around a random point, or the end of file (its last partial unit).
@@ -156,10 +153,7 @@ fn direct_requests_split_into_pieces_in_flight_together_match_a_model() {
         if rng.gen_bool(0.5) {
             let data = random_bytes(&mut rng, len);
             f.write_all_at(&data, off as u64).unwrap();
-            if model.len() < off + len {
-                model.resize(off + len, 0);
-            }
-            model[off..off + len].copy_from_slice(&data);
+            model_write(&mut model, off, &data);
         }
         let want = &model[off.min(model.len())..(off + len).min(model.len())];
         assert_bytes_eq(&why, &pread_all(&f, off as u64, len), want);

@@ -129,10 +129,7 @@ fn streaming_writes_mixed_with_small_ones_truncates_and_remounts_match_a_model()
                 };
                 let data = random_bytes(&mut rng, len);
                 w.write_all_at(&data, off as u64).unwrap();
-                if model.len() < off + len {
-                    model.resize(off + len, 0);
-                }
-                model[off..off + len].copy_from_slice(&data);
+                model_write(&mut model, off, &data);
             }
         }
         // Read back around a random point or the end of file.

@@ -1360,6 +1360,15 @@ pub fn write(path: &Path, data: &[u8]) {
     fs::write(path, data).unwrap_or_else(|e| panic!("write {}: {e}", path.display()))
 }
 
+/// What a write of `data` at `off` makes of a file's contents `model`: grown with zeros to
+/// reach it where it is shorter.
+pub fn model_write(model: &mut Vec<u8>, off: usize, data: &[u8]) {
+    if model.len() < off + data.len() {
+        model.resize(off + data.len(), 0);
+    }
+    model[off..off + data.len()].copy_from_slice(data);
+}
+
 /// `len` bytes of `f` from `off`, or fewer where the file ends first: `pread` until full
 /// or end of file (a read may return less than asked). Panics on an error.
 pub fn pread_all(f: &File, off: u64, len: usize) -> Vec<u8> {
