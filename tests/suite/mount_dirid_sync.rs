@@ -209,6 +209,18 @@ fn can_run() -> bool {
     true
 }
 
+/// A test's env, its daemons' deferred ids held back for a minute (no background flush:
+/// the foreground ones only); `None` (and why, printed) where the test cannot run.
+fn env_with_ids_held() -> Option<Env> {
+    if !can_run() {
+        return None;
+    }
+    // SAFETY: set before this test process starts any thread that reads the environment
+    // (the daemons it spawns inherit it).
+    unsafe { std::env::set_var("CMKFS_ID_DEFER_MS", "60000") };
+    Some(Env::new())
+}
+
 /// The calls `mkdir_calls` must see where ids are made durable the way `d` says: three
 /// mkdirs and a move of an existing file, then one mkdir and the unmount.
 fn expected(d: IdDurability) -> [&'static str; 2] {
@@ -240,13 +252,9 @@ fn check(env: &Env, backing: &Path, label: &str, want: IdDurability) {
 /// devices; without them only tmpfs and the machine's disk are checked.
 #[test]
 fn mkdir_fsyncs_the_id_only_where_the_journal_does_not_order_it() {
-    if !can_run() {
+    let Some(env) = env_with_ids_held() else {
         return;
-    }
-    // SAFETY: set before this test process starts any thread that reads the environment
-    // (the daemons it spawns inherit it).
-    unsafe { std::env::set_var("CMKFS_ID_DEFER_MS", "60000") };
-    let env = Env::new();
+    };
 
     let tdir = env.dir("tmpfs");
     let _tmpfs = Mounted::with(
@@ -282,13 +290,9 @@ fn mkdir_fsyncs_the_id_only_where_the_journal_does_not_order_it() {
 /// and no longer once it was rewritten.
 #[test]
 fn a_failed_deferred_id_fsync_fails_every_move_into_it_until_rewritten() {
-    if !can_run() {
+    let Some(env) = env_with_ids_held() else {
         return;
-    }
-    // SAFETY: set before this test process starts any thread that reads the environment
-    // (the daemons it spawns inherit it). No background flush: the foreground ones only.
-    unsafe { std::env::set_var("CMKFS_ID_DEFER_MS", "60000") };
-    let env = Env::new();
+    };
     let Some((_plain, ndir)) = ext4(&env, "nojournal", &["-O", "^has_journal"]) else {
         eprintln!("skipped: no loop-mounted ext4 here");
         return;
