@@ -345,6 +345,7 @@ fn a_failed_deferred_id_fsync_fails_every_move_into_it_until_rewritten() {
     );
     let human = env.cmkfs(&["status".as_ref(), env.mnt.as_os_str()]);
     human.assert_ok();
+    eprintln!("cmkfs status meanwhile:\n{}", human.stdout);
     assert!(
         human.stdout.contains("directory ids  1 not durable since")
             && human.stdout.contains("renames, links and fsyncs fail with"),
