@@ -153,6 +153,8 @@ enum Wake {
     Push,
     /// The vault's push channel closed: periodic checks only from now on.
     PushClosed,
+    /// Something the status file shows changed (new directories' ids): rewrite it now.
+    Status,
     /// The mount ended: exit at once.
     Stop,
 }
@@ -173,8 +175,8 @@ impl Monitor {
 }
 
 /// Starts the monitor; it runs until [`Monitor::stop`]. `cut_off` invalidates the kernel's
-/// caches; `ids` is the volume's [`IdHealth`], published in the status file. Returns once the
-/// first status file is written (or after 10 s).
+/// caches; `ids` is the volume's [`IdHealth`], published in the status file (rewritten as soon
+/// as it changes). Returns once the first status file is written (or after 10 s).
 pub fn spawn(
     keyring: Arc<Keyring>,
     facts: MountFacts,
@@ -199,6 +201,13 @@ pub fn spawn(
                 }
                 let _ = wake.send(Wake::PushClosed);
             })?;
+    }
+    {
+        // A failing disk shows in `cmkfs status` at once, not at the next refresh.
+        let wake = wake.clone();
+        ids.on_change(move || {
+            let _ = wake.send(Wake::Status);
+        });
     }
     let handle = std::thread::Builder::new()
         .name("cmkfs-monitor".into())
@@ -235,7 +244,7 @@ pub fn spawn(
                         false
                     }
                     Ok(Wake::Stop) | Err(RecvTimeoutError::Disconnected) => break,
-                    Err(RecvTimeoutError::Timeout) => false,
+                    Ok(Wake::Status) | Err(RecvTimeoutError::Timeout) => false,
                 };
                 if pushed || SystemTime::now() >= keyring.next_check() {
                     let handle = |t: Option<Transition>| {

@@ -202,13 +202,57 @@ pub struct NotDurable {
 
 /// What the last flush of a volume's pending ids left not durable: a handle the mount's
 /// monitor reads for its status file ([`PendingIds::health`]); cheap to clone and to read.
-#[derive(Clone, Debug, Default)]
-pub struct IdHealth(Arc<Mutex<Option<NotDurable>>>);
+#[derive(Clone, Default)]
+pub struct IdHealth(Arc<HealthState>);
+
+#[derive(Default)]
+struct HealthState {
+    now: Mutex<Option<NotDurable>>,
+    /// Told when a flush changed the count or the errno ([`IdHealth::on_change`]).
+    changed: std::sync::OnceLock<Box<dyn Fn() + Send + Sync>>,
+}
+
+impl std::fmt::Debug for IdHealth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "IdHealth({:?})", self.now())
+    }
+}
 
 impl IdHealth {
     /// The ids not durable after the latest flush (`None`: every id written so far is).
     pub fn now(&self) -> Option<NotDurable> {
-        lock(&self.0).clone()
+        lock(&self.0.now).clone()
+    }
+
+    /// Has `f` called after each flush that changed how many ids are not durable, or the
+    /// errno they fail with (the monitor rewrites the status file at once). `f` runs on the
+    /// flushing thread (a request's, or the background one's): it must be quick and never
+    /// block. One only; a second is ignored.
+    pub fn on_change(&self, f: impl Fn() + Send + Sync + 'static) {
+        let _ = self.0.changed.set(Box::new(f));
+    }
+
+    /// Records what a flush left: `kept` ids not durable, failing with `errno` (`None`:
+    /// none), the latest try's error `last_error`.
+    fn flushed(&self, kept: usize, errno: Option<i32>, last_error: String) {
+        let changed = {
+            let mut now = lock(&self.0.now);
+            let next = errno.filter(|_| kept > 0).map(|errno| NotDurable {
+                ids: kept,
+                errno,
+                last_error,
+                since: now.as_ref().map_or_else(SystemTime::now, |n| n.since),
+            });
+            let key = |n: &Option<NotDurable>| n.as_ref().map(|n| (n.ids, n.errno));
+            let changed = key(&now) != key(&next);
+            *now = next;
+            changed
+        };
+        if changed {
+            if let Some(f) = self.0.changed.get() {
+                f();
+            }
+        }
     }
 }
 
@@ -356,18 +400,11 @@ impl Inner {
                 kept.push(p);
             }
         }
-        {
-            let mut health = lock(&self.health.0);
-            *health = match (&first, kept.len()) {
-                (Err(e), ids) if ids > 0 => Some(NotDurable {
-                    ids,
-                    errno: e.raw_os_error().unwrap_or(libc::EIO),
-                    last_error,
-                    since: health.as_ref().map_or_else(SystemTime::now, |h| h.since),
-                }),
-                _ => None,
-            };
-        }
+        self.health.flushed(
+            kept.len(),
+            first.as_ref().err().and_then(io::Error::raw_os_error),
+            last_error,
+        );
         if !kept.is_empty() {
             // Ahead of those pushed meanwhile: the oldest are retried first.
             let mut files = lock(&self.files);
@@ -542,6 +579,11 @@ mod tests {
         let a = push_id(&p, dir.path(), "a", id);
         let health = p.health();
         assert_eq!(health.now(), None);
+        let changes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let c = changes.clone();
+        health.on_change(move || {
+            c.fetch_add(1, Ordering::SeqCst);
+        });
         fail_next(&p, 3);
         let mut since = None;
         for i in 0..3 {
@@ -561,6 +603,9 @@ mod tests {
         assert_eq!(p.inner.rewrites.load(Ordering::SeqCst), 3);
         assert_eq!(pending_len(&p), 0);
         assert_eq!(health.now(), None, "cleared once the id is durable");
+        // Told twice: when the id became not durable, and when it became durable again;
+        // the failed retries between changed nothing the status shows but the latest error.
+        assert_eq!(changes.load(Ordering::SeqCst), 2);
         assert_eq!(std::fs::read(&a).unwrap(), id);
         let names: Vec<_> = std::fs::read_dir(dir.path().join("a"))
             .unwrap()
