@@ -632,7 +632,14 @@ impl Filesystem for CmkFs {
             ));
         }
         // We clear setuid/setgid and file capabilities on write ourselves; in exchange the
-        // kernel stops asking getxattr("security.capability") before every single write.
+        // kernel stops asking getxattr("security.capability") before every single write: the
+        // flag sets SB_NOSEC, so the first write that finds no capability marks the inode
+        // S_NOSEC (`file_remove_privs`) and later writes skip the question. Two per new file
+        // are left and no reply or flag removes them (6.18): the first write after CREATE
+        // (every attribute reply clears S_NOSEC, `fuse_change_attributes_common`) and each
+        // chown (`notify_change` asks for ATTR_KILL_PRIV whatever S_NOSEC says). Only ENOSYS
+        // to GETXATTR (`fc->no_getxattr`: every xattr and ACL gone) would stop them; the
+        // daemon answers them without a system call instead (`Shared::may_have_cap`).
         let _ = config.add_capabilities(fuser::InitFlags::FUSE_HANDLE_KILLPRIV_V2);
         // The kernel enforces POSIX ACLs (with default_permissions); we store them and keep
         // mode bits in step. With ACLs on, the umask is ours to apply (a default ACL
