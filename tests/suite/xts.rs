@@ -25,7 +25,11 @@ fn ctors() -> Vec<(&'static str, Ctor)> {
     let all: [(&str, Ctor, Implementation); 3] = [
         ("vaes", vaes, Implementation::Vaes),
         ("aes-ni", aes_ni, Implementation::AesNi),
-        ("portable", XtsCipher::new_portable, Implementation::Portable),
+        (
+            "portable",
+            XtsCipher::new_portable,
+            Implementation::Portable,
+        ),
     ];
     let mut v: Vec<(&'static str, Ctor)> = vec![("default", XtsCipher::new)];
     for (name, ctor, imp) in all {

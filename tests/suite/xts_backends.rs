@@ -223,7 +223,11 @@ fn engine_paths_agree_across_implementations() {
         let unit = if round % 3 == 2 { 512 } else { 4096 };
         let key = random_key(&mut r);
         let cs = ciphers(&key, unit);
-        let units = if round == 0 { 300 } else { r.gen_range(1..=300) };
+        let units = if round == 0 {
+            300
+        } else {
+            r.gen_range(1..=300)
+        };
         // Whole units, or a whole-block tail.
         let len = units * unit - BLOCK * r.gen_range(0..unit / BLOCK);
         let file_tweak = tweak(&mut r);

@@ -398,14 +398,19 @@ mod tests {
             out
         }
         let vals = [0u128, 1, u128::MAX, 1 << 127, 0xffff << 112, 0x8001 << 63];
-        for w in vals.windows(4).chain([[0x1234u128 << 100, 7, 1 << 64, u128::MAX >> 1].as_slice()]) {
+        for w in vals
+            .windows(4)
+            .chain([[0x1234u128 << 100, 7, 1 << 64, u128::MAX >> 1].as_slice()])
+        {
             let v: [u128; 4] = w.try_into().unwrap();
-            let pow = |k: u32| v.map(|mut x| {
-                for _ in 0..k {
-                    x = super::super::mul_alpha(x);
-                }
-                x
-            });
+            let pow = |k: u32| {
+                v.map(|mut x| {
+                    for _ in 0..k {
+                        x = super::super::mul_alpha(x);
+                    }
+                    x
+                })
+            };
             // SAFETY: the features were checked above.
             unsafe {
                 assert_eq!(lanes::<4, 60>(v), pow(4));
