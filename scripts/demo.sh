@@ -82,7 +82,7 @@ if ! command -v cargo >/dev/null 2>&1 && [[ -x "$HOME/.cargo/bin/cargo" ]]; then
     export PATH="$HOME/.cargo/bin:$PATH"
 fi
 command -v cargo >/dev/null 2>&1 || {
-    echo "demo.sh: cargo not found; install Rust >= 1.88 from https://rustup.rs and re-run" >&2
+    echo "demo.sh: cargo not found; install Rust >= 1.89 from https://rustup.rs and re-run" >&2
     exit 1
 }
 

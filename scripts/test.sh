@@ -106,7 +106,7 @@ if ! command -v cargo >/dev/null 2>&1 && [[ -x "$HOME/.cargo/bin/cargo" ]]; then
     export PATH="$HOME/.cargo/bin:$PATH"
 fi
 if ! command -v cargo >/dev/null 2>&1; then
-    echo "error: cargo not found; install Rust >= 1.88 with rustup (https://rustup.rs):" >&2
+    echo "error: cargo not found; install Rust >= 1.89 with rustup (https://rustup.rs):" >&2
     echo "  curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y" >&2
     exit 1
 fi

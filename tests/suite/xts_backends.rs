@@ -76,7 +76,7 @@ fn keeping_zero_blocks(reference: &XtsCipher, tweak: u128, ct: &[u8]) -> Vec<u8>
         return pt;
     }
     reference.decrypt_unit(tweak, &mut pt).unwrap();
-    if ct.len() % BLOCK == 0 {
+    if ct.len().is_multiple_of(BLOCK) {
         for (p, c) in pt.chunks_exact_mut(BLOCK).zip(ct.chunks_exact(BLOCK)) {
             if c.iter().all(|&b| b == 0) {
                 p.fill(0);
