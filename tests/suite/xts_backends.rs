@@ -2,7 +2,11 @@
 //! has), on random keys, tweaks near the 2^64 and 2^128 wraps, every unit size the volume
 //! uses and every whole-block length; the fused hole check of the VAES backend against the
 //! scan-first one, with zero blocks at every position; and the engine's multi-threaded paths
-//! over buffers of many units. The seed is printed (`XTS_SEED=<n>` replays a run).
+//! over buffers of many units; and `CMKFS_XTS`, end to end. The seed is printed
+//! (`CMKFS_TEST_SEED=<n>` replays a run).
+
+use std::process::Command;
+use std::time::Duration;
 
 use cmkfs::crypto::xts::Implementation;
 use cmkfs::crypto::XtsCipher;
@@ -13,17 +17,7 @@ use rand::{Rng, RngCore, SeedableRng};
 const BLOCK: usize = 16;
 
 fn seeded(test: &str) -> StdRng {
-    let seed = std::env::var("XTS_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(1)
-        });
-    eprintln!("{test}: XTS_SEED={seed}");
-    StdRng::seed_from_u64(seed)
+    StdRng::seed_from_u64(crate::common::seed(test))
 }
 
 /// Every implementation this CPU has (portable first: the reference), for `key`.
@@ -286,4 +280,45 @@ fn engine_paths_agree_across_implementations() {
             }
         }
     }
+}
+
+/// `CMKFS_XTS` caps the implementation the binary uses (`bench sectors` names it), and a
+/// value that names none is a one-line error.
+#[test]
+fn cmkfs_xts_caps_the_implementation() {
+    let run = |xts: &str| {
+        let mut cmd = Command::new(crate::common::bin());
+        cmd.args(["bench", "sectors", "--seconds", "0.01", "--rounds", "1"])
+            .args(["--threads", "1", "--no-openssl"])
+            .env("CMKFS_XTS", xts);
+        crate::common::run_with_timeout(cmd, Duration::from_secs(60)).unwrap()
+    };
+    let default = Implementation::ALL
+        .into_iter()
+        .find(|i| i.available())
+        .unwrap()
+        .name();
+    for (xts, want) in [
+        ("", default),
+        ("auto", default),
+        ("portable", "portable"),
+        (
+            "aes-ni",
+            if Implementation::AesNi.available() {
+                "aes-ni"
+            } else {
+                "portable"
+            },
+        ),
+    ] {
+        let out = run(xts);
+        out.assert_ok();
+        assert!(
+            out.stdout.contains(&format!("implementation {want},")),
+            "CMKFS_XTS={xts:?}: want {want}\n{out}"
+        );
+    }
+    let out = run("aes-nix");
+    out.assert_clear_error();
+    assert!(out.stderr.contains("CMKFS_XTS=\"aes-nix\""), "{out}");
 }
