@@ -12,7 +12,7 @@
 //!   steps to the next iteration by one multiplication by α^32 per 128-bit lane: a 128-bit
 //!   shift by 32 made of two 64-bit shifts and a qword move, the 32 bits shifted out folded
 //!   back by one carry-less multiplication by 0x87 (VPCLMULQDQ), three inputs XORed by one
-//!   VPTERNLOGQ. Five instructions per four masks, off the AES port.
+//!   VPTERNLOGQ. Five instructions per four masks, none of them an AES instruction.
 //! * Whitening is one VPTERNLOGQ (block ⊕ mask ⊕ round key 0), and the mask is folded into
 //!   the last round key as in `aesni.rs`.
 //! * The last 1..31 blocks of a unit (file tails) run as one more iteration with masked
