@@ -4,7 +4,7 @@ use super::write::lower_progress;
 use super::*;
 use crate::crypto::Dek;
 use crate::volume::direct;
-use crate::volume::layout::units_end;
+use crate::volume::layout::{units_end, BLOCK};
 use rand::{Rng, SeedableRng};
 
 struct Fixture {
@@ -75,11 +75,38 @@ impl Fixture {
     fn write(&self, off: u64, data: &[u8]) {
         write(&self.file, &self.st, &self.cx(), off, data).unwrap();
     }
+    /// [`write_mut`] of a copy of `data`, checking its promise: nothing of the plaintext
+    /// left in the buffer (each block either zeros or not the plaintext's).
+    fn write_mut(&self, off: u64, data: &[u8]) {
+        let mut buf = data.to_vec();
+        let n = write_mut(&self.file, &self.st, &self.cx(), off, &mut buf).unwrap();
+        assert_eq!(n, data.len());
+        assert_no_plaintext(off, data, &buf);
+    }
     fn truncate(&self, n: u64) {
         truncate(&self.file, &self.st, &self.cx(), n).unwrap();
     }
     fn file_id(&self) -> FileHeader {
         FileHeader::decode(&self.raw()[..FILE_HEADER_LEN]).unwrap()
+    }
+}
+
+/// Fails unless every AES block of the file that `buf` (written at `off`) covers is all
+/// zeros or differs from the plaintext `data` it held; zeros in `data` are no evidence.
+pub(super) fn assert_no_plaintext(off: u64, data: &[u8], buf: &[u8]) {
+    let mut i = 0usize;
+    while i < data.len() {
+        let next = ((off + i as u64) / BLOCK * BLOCK + BLOCK - off) as usize;
+        let j = next.min(data.len());
+        let (b, d) = (&buf[i..j], &data[i..j]);
+        assert!(
+            b.iter().all(|x| *x == 0) || b != d || d.iter().all(|x| *x == 0),
+            "plaintext left at {}..{} of a {}-byte write at {off}",
+            i,
+            j,
+            data.len()
+        );
+        i = j;
     }
 }
 
@@ -172,7 +199,11 @@ fn random_writes_and_truncates_match_a_model() {
                 let off = rng.gen_range(0..max);
                 let len = rng.gen_range(1..(sector as usize * 3));
                 let data: Vec<u8> = (0..len).map(|_| rng.gen()).collect();
-                fx.write(off as u64, &data);
+                if rng.gen() {
+                    fx.write(off as u64, &data);
+                } else {
+                    fx.write_mut(off as u64, &data);
+                }
                 if model.len() < off + len {
                     model.resize(off + len, 0);
                 }
