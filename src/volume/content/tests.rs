@@ -1,6 +1,7 @@
 //! Unit tests of the content rules (the model test is tests/suite/content_model.rs).
 
-use super::write::lower_progress;
+use super::cipher::encrypt;
+use super::write::{lower_progress, Src};
 use super::*;
 use crate::crypto::Dek;
 use crate::volume::direct;
@@ -107,6 +108,38 @@ pub(super) fn assert_no_plaintext(off: u64, data: &[u8], buf: &[u8]) {
             data.len()
         );
         i = j;
+    }
+}
+
+/// A short [`write_mut`] (the backing disk filled up midway) gives back, as the plaintext it
+/// was, every byte it did not write, even those of the units it had encrypted in place (the
+/// writeback cache's retry writes them again), and wipes what it wrote; a full one leaves
+/// ciphertext in the middle and zeros beside it.
+#[test]
+fn a_short_write_mut_gives_back_the_plaintext_it_did_not_write() {
+    for double in [false, true] {
+        let fx = fixture_keys(4096, 1, double);
+        let cx = fx.cx();
+        let h = cx.layout.generate_header(cx.keys.generation).unwrap();
+        // A write at 1000 of 5384 bytes: units 1..=3 whole, encrypted in place.
+        let data: Vec<u8> = (0..15384 + 2000).map(|i| (i % 253) as u8 + 1).collect();
+        let mid = 3096..15384;
+        for n in [0, 100, 3096, 5000, 15384, 16000, data.len()] {
+            let mut buf = data.clone();
+            encrypt(&cx, &h, 1, &mut buf[mid.clone()]).unwrap();
+            let got = Src::Mut(&mut buf)
+                .give_back(&cx, &h, mid.clone(), 1, n)
+                .unwrap();
+            assert_eq!(got, n);
+            if n == data.len() {
+                assert!(buf[..mid.start].iter().all(|&b| b == 0));
+                assert!(buf[mid.end..].iter().all(|&b| b == 0));
+                assert_no_plaintext(1000, &data, &buf);
+            } else {
+                assert!(buf[..n].iter().all(|&b| b == 0), "n {n}");
+                assert!(buf[n..] == data[n..], "n {n} double {double}");
+            }
+        }
     }
 }
 

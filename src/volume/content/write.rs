@@ -161,7 +161,7 @@ fn rounddown_block(n: u64) -> u64 {
 /// The plaintext of a write: borrowed ([`write`]: copied into a pooled buffer as it is
 /// encrypted), or a buffer the caller gives up ([`write_mut`]: the units it covers whole are
 /// encrypted in place in it).
-enum Src<'a> {
+pub(super) enum Src<'a> {
     Shared(&'a [u8]),
     Mut(&'a mut [u8]),
 }
@@ -194,7 +194,7 @@ impl Src<'_> {
     /// in place: keeps [`write_mut`]'s promise. All written: the plaintext left beside the
     /// middle (copied into the pooled buffer) is wiped. Short: the middle is decrypted back,
     /// so that what did not land is the plaintext as given, and the written prefix is wiped.
-    fn give_back(
+    pub(super) fn give_back(
         &mut self,
         cx: &Ctx,
         h: &FileHeader,
