@@ -8,8 +8,6 @@
 //! before the reply goes out. Over io_uring (and for a WRITE held by a backup's freeze before
 //! it is copied) the payload is borrowed: a copy the session wipes.
 
-use zeroize::Zeroize;
-
 use crate::volume::{OpenFile, Volume, VolumeError};
 
 /// The payload of one WRITE.
@@ -57,7 +55,9 @@ impl Payload<'_> {
     pub(super) fn wipe_from(&mut self, from: usize) {
         if let Payload::Mut(d) = self {
             if from < d.len() {
-                d[from..].zeroize();
+                // A `memset` of fuser's buffer, which outlives the request: not dropped.
+                d[from..].fill(0);
+                std::sync::atomic::compiler_fence(std::sync::atomic::Ordering::SeqCst);
             }
         }
     }

@@ -146,7 +146,7 @@ impl World {
     fn write(&mut self, i: usize, off: u64, data: &[u8]) {
         let s = &self.slots[i];
         self.writes += 1;
-        if self.writes % 2 == 0 {
+        if self.writes.is_multiple_of(2) {
             content::write(&s.file, &s.st, &self.cx(), off, data)
                 .unwrap_or_else(|e| self.fail(format!("write f{i} {off}+{}: {e}", data.len())));
         } else {

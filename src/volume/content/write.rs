@@ -14,7 +14,6 @@ use super::{
 };
 use crate::volume::bufpool::PoolBuf;
 use crate::volume::layout::{self, roundup_block, unit_extent, units_end, BLOCK};
-use zeroize::Zeroize;
 
 /// The ciphertext of one write as it goes to the backing file: up to three consecutive pieces
 /// (a pooled buffer's head unit, units encrypted in place in the request's own buffer, a
@@ -205,15 +204,18 @@ impl Src<'_> {
         let Src::Mut(d) = self else {
             return Ok(n);
         };
+        // `fill` (a `memset`), not byte-wise volatile writes: the buffer is the caller's and
+        // outlives this call, so the stores cannot be dropped; the fence keeps them in place.
         if n == d.len() {
-            d[..mid.start].zeroize();
-            d[mid.end..].zeroize();
+            d[..mid.start].fill(0);
+            d[mid.end..].fill(0);
         } else {
             if !mid.is_empty() {
                 decrypt(cx, h, unit, &mut d[mid])?;
             }
-            d[..n].zeroize();
+            d[..n].fill(0);
         }
+        std::sync::atomic::compiler_fence(std::sync::atomic::Ordering::SeqCst);
         Ok(n)
     }
 }
