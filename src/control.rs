@@ -12,7 +12,9 @@
 //!   go on; with the writeback cache, the kernel's cached writes are drained first, see
 //!   `crate::fs::drain`, and a drain that does not end in time is `{"error":".."}`; a
 //!   client that goes away during the drain ends it at once, the mount thawed),
-//!   `{"frozen":true}` is answered, and the gate opens again when the client sends
+//!   [`FrozenAnswer`] is answered (`{"frozen":true,"exact":true}`, or
+//!   `{"frozen":false,"exact":false}` when the drain missed a file), and the gate opens
+//!   again when the client sends
 //!   `thaw` (any line but `renew`) or goes away, or when no `renew` line came for the
 //!   mount's `--freeze-limit` (a lease: a stuck client cannot hold writers forever); then
 //!   `{"thawed":"<why>"}`. What a backup of a mounted volume reads meanwhile is one point
@@ -56,7 +58,7 @@ pub enum Request {
     KeepRootMtime,
 }
 
-/// An answer line.
+/// An answer line (but the one that says a freeze is held: [`FrozenAnswer`]).
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Answer {
@@ -64,13 +66,6 @@ pub enum Answer {
     Progress(Progress),
     /// The re-encryption finished.
     Done(Report),
-    /// Writes are held back; `true` when the drain before it reached every file open
-    /// through the mount (or had none to do), `false` when it could not reach one (see
-    /// [`crate::fs::Drained::exact`]): a `write(2)` into that file that returned before the
-    /// freeze may be missing from a backup, or in it in part. (Older daemons always
-    /// sent `true`; an older client refuses a `false` as no freeze, so it never records
-    /// such a backup as one point in time.)
-    Frozen(bool),
     /// Writes go on again, and why: `released` (the client said so or went away), or the
     /// freeze outlived its limit without a `renew` (a backup taken meanwhile is not a
     /// point-in-time view).
@@ -82,6 +77,55 @@ pub enum Answer {
     Released,
     /// What went wrong.
     Error(String),
+}
+
+/// The answer to `freeze` once writes are held back: `{"frozen":true,"exact":true}` when the
+/// drain before it reached every file open through the mount (or had none to do),
+/// `{"frozen":false,"exact":false}` when it could not reach one (see
+/// [`crate::fs::Drained::exact`]): a `write(2)` into that file that returned before the freeze
+/// may be missing from a backup, or in it in part.
+///
+/// Older versions spoke two shapes of it, and the line is kept one that each reads safely:
+///
+/// * Daemons before `exact` (up to d62fd71) answered `{"frozen":true}` even when their drain
+///   missed a file; session 9's daemons answered `{"frozen":<exact>}`. Neither can be told
+///   from the other, so an answer without `exact` is never taken as one point in time
+///   ([`FrozenAnswer::exact`]): the backup goes on, frozen, and says `point_in_time: false`.
+/// * Clients before `exact` took only `"frozen":true` as a freeze (anything else refused the
+///   backup, which then, with `--force`, is not one point in time); session 9's clients read
+///   `frozen` as `exact`. Hence `frozen` equals `exact`: neither records a backup whose drain
+///   missed a file as one point in time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FrozenAnswer {
+    /// The same as `exact` (what older clients read); every answer of this shape means that
+    /// writes are held back.
+    pub frozen: bool,
+    /// Whether the drain reached every file open through the mount (`None`: an older daemon
+    /// that did not say).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exact: Option<bool>,
+}
+
+impl FrozenAnswer {
+    /// What the daemon answers after a drain that was `exact` or not.
+    pub fn new(exact: bool) -> FrozenAnswer {
+        FrozenAnswer {
+            frozen: exact,
+            exact: Some(exact),
+        }
+    }
+
+    /// Whether what a backup reads under this freeze is one point in time: only when the
+    /// daemon says so in `exact` (older daemons' answers are not).
+    pub fn exact(&self) -> bool {
+        self.frozen && self.exact == Some(true)
+    }
+
+    /// Whether the daemon that answered predates `exact` (it cannot say whether its drain
+    /// reached every file).
+    pub fn from_older_daemon(&self) -> bool {
+        self.exact.is_none()
+    }
 }
 
 /// The control socket of the mount at `mountpoint`.
@@ -175,7 +219,12 @@ fn peer_allowed(conn: &UnixStream) -> bool {
     r == 0 && (cred.uid == me || cred.uid == 0)
 }
 
-fn answer(mut conn: &UnixStream, a: &Answer) -> io::Result<()> {
+fn answer(conn: &UnixStream, a: &Answer) -> io::Result<()> {
+    send_line(conn, a)
+}
+
+/// `a` as one JSON line.
+fn send_line(mut conn: &UnixStream, a: &impl Serialize) -> io::Result<()> {
     let mut line = serde_json::to_vec(a).map_err(io::Error::other)?;
     line.push(b'\n');
     conn.write_all(&line)
@@ -265,7 +314,7 @@ fn serve(conn: UnixStream, ctl: &Control, busy: &Mutex<()>) {
             };
             tracing::info!(limit = ?ctl.freeze_limit, exact, "writes frozen for a backup");
             let mut why = "released";
-            if answer(&conn, &Answer::Frozen(exact)).is_ok() {
+            if send_line(&conn, &FrozenAnswer::new(exact)).is_ok() {
                 // A lease: each `renew` line holds the freeze for another `freeze_limit`.
                 // A client that is stuck (stopped, hung on something else) does not hold
                 // every writer of the mount forever. A cut-off ends it at once: its
@@ -472,4 +521,74 @@ pub fn read_answer(r: &mut impl BufRead) -> io::Result<Option<Answer>> {
     serde_json::from_str(line.trim())
         .map(Some)
         .map_err(|e| io::Error::other(format!("bad answer from the mount: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{json, Value};
+
+    /// How `cmkfs backup` before `exact` (d62fd71) read a freeze answer: a freeze, and so one
+    /// point in time, on `{"frozen":true}` only; anything else refused the backup (or, with
+    /// `--force`, made it no point in time).
+    fn d62fd71_client_point_in_time(line: &str) -> bool {
+        let v: Value = serde_json::from_str(line).unwrap();
+        v.get("frozen") == Some(&Value::Bool(true))
+    }
+
+    /// How session 9's client (b8a38ae) read it: frozen on any boolean `frozen`, one point in
+    /// time when it is `true`.
+    fn b8a38ae_client_point_in_time(line: &str) -> bool {
+        let v: Value = serde_json::from_str(line).unwrap();
+        v.get("frozen").and_then(Value::as_bool) == Some(true)
+    }
+
+    fn line(a: FrozenAnswer) -> String {
+        serde_json::to_string(&a).unwrap()
+    }
+
+    /// A new daemon's answers, read by older clients: a drain that missed a file is one
+    /// point in time to neither (the d62fd71 client refuses it as no freeze), an exact one
+    /// is to both.
+    #[test]
+    fn older_clients_never_take_an_inexact_freeze_of_a_new_daemon_as_a_point_in_time() {
+        let inexact = line(FrozenAnswer::new(false));
+        let exact = line(FrozenAnswer::new(true));
+        assert_eq!(
+            serde_json::from_str::<Value>(&inexact).unwrap(),
+            json!({"frozen": false, "exact": false})
+        );
+        assert_eq!(
+            serde_json::from_str::<Value>(&exact).unwrap(),
+            json!({"frozen": true, "exact": true})
+        );
+        assert!(!d62fd71_client_point_in_time(&inexact));
+        assert!(!b8a38ae_client_point_in_time(&inexact));
+        assert!(d62fd71_client_point_in_time(&exact));
+        assert!(b8a38ae_client_point_in_time(&exact));
+    }
+
+    /// Older daemons' answers, read by this client: a freeze held, never one point in time
+    /// (d62fd71 answered `{"frozen":true}` after a drain that missed a file; session 9's
+    /// `{"frozen":true}` cannot be told from it), and said to come from an older daemon.
+    #[test]
+    fn an_older_daemons_freeze_answer_is_never_taken_as_exact() {
+        for old in [r#"{"frozen":true}"#, r#"{"frozen":false}"#] {
+            let a: FrozenAnswer = serde_json::from_str(old).unwrap();
+            assert!(!a.exact(), "{old}");
+            assert!(a.from_older_daemon(), "{old}");
+        }
+        let a: FrozenAnswer = serde_json::from_str(r#"{"frozen":true,"exact":true}"#).unwrap();
+        assert!(a.exact() && !a.from_older_daemon());
+        // Contradictions (no daemon sends them) are not exact either.
+        for odd in [
+            r#"{"frozen":true,"exact":false}"#,
+            r#"{"frozen":false,"exact":true}"#,
+        ] {
+            let a: FrozenAnswer = serde_json::from_str(odd).unwrap();
+            assert!(!a.exact(), "{odd}");
+        }
+        // An error is no freeze.
+        assert!(serde_json::from_str::<FrozenAnswer>(r#"{"error":"x"}"#).is_err());
+    }
 }

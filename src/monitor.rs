@@ -14,6 +14,7 @@ use std::time::{Duration, SystemTime};
 use serde::Serialize;
 
 use crate::keyring::{rfc3339, KeyState, Keyring, KeyringStatus, Transition};
+use crate::volume::idsync::IdHealth;
 
 /// Longest sleep between wake-ups: bounds how stale the status file's counters get.
 const STATUS_REFRESH: Duration = Duration::from_secs(1);
@@ -55,6 +56,11 @@ pub struct StatusFile {
     /// How the daemon keeps its keys out of reach (absent in files of older versions).
     #[serde(default)]
     pub memory: Option<MemoryStatus>,
+    /// New directories' ids whose fsync failed and that are not durable yet (`null`: none;
+    /// absent in files of older versions). While there are any, every rename, link, `fsync`
+    /// and `fsyncdir` of the volume fails with `errno`.
+    #[serde(default)]
+    pub ids_not_durable: Option<IdsNotDurable>,
     /// Keyring state and counters.
     #[serde(flatten)]
     pub keyring: serde_json::Value,
@@ -69,6 +75,34 @@ pub struct MemoryStatus {
     pub dumpable: bool,
     /// Whether a crash could write a core file (RLIMIT_CORE above 0).
     pub core_dumps: bool,
+}
+
+/// [`StatusFile::ids_not_durable`]: what the mount's last flush of new directories' ids
+/// left (`crate::volume::idsync::NotDurable`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct IdsNotDurable {
+    /// How many ids wait to be written again.
+    pub count: usize,
+    /// The errno renames, links and fsyncs fail with meanwhile (Linux numbering).
+    pub errno: i32,
+    /// That errno as the system words it.
+    pub error: String,
+    /// The error of the latest try to write them.
+    pub last_error: String,
+    /// Since when (RFC 3339).
+    pub since: String,
+}
+
+impl IdsNotDurable {
+    fn from_health(ids: &IdHealth) -> Option<IdsNotDurable> {
+        ids.now().map(|n| IdsNotDurable {
+            count: n.ids,
+            errno: n.errno,
+            error: std::io::Error::from_raw_os_error(n.errno).to_string(),
+            last_error: n.last_error,
+            since: rfc3339(n.since),
+        })
+    }
 }
 
 impl MemoryStatus {
@@ -119,6 +153,8 @@ enum Wake {
     Push,
     /// The vault's push channel closed: periodic checks only from now on.
     PushClosed,
+    /// Something the status file shows changed (new directories' ids): rewrite it now.
+    Status,
     /// The mount ended: exit at once.
     Stop,
 }
@@ -139,11 +175,13 @@ impl Monitor {
 }
 
 /// Starts the monitor; it runs until [`Monitor::stop`]. `cut_off` invalidates the kernel's
-/// caches. Returns once the first status file is written (or after 10 s).
+/// caches; `ids` is the volume's [`IdHealth`], published in the status file (rewritten as soon
+/// as it changes). Returns once the first status file is written (or after 10 s).
 pub fn spawn(
     keyring: Arc<Keyring>,
     facts: MountFacts,
     sinks: MonitorSinks,
+    ids: IdHealth,
     push: Option<Receiver<()>>,
     cut_off: Box<dyn Fn() + Send>,
 ) -> std::io::Result<Monitor> {
@@ -164,6 +202,13 @@ pub fn spawn(
                 let _ = wake.send(Wake::PushClosed);
             })?;
     }
+    {
+        // A failing disk shows in `cmkfs status` at once, not at the next refresh.
+        let wake = wake.clone();
+        ids.on_change(move || {
+            let _ = wake.send(Wake::Status);
+        });
+    }
     let handle = std::thread::Builder::new()
         .name("cmkfs-monitor".into())
         .spawn(move || {
@@ -181,7 +226,7 @@ pub fn spawn(
             // The status file first, and only then is the mount announced ready (below):
             // `cmkfs status` right after `cmkfs mount` finds it. The event's hook (a user
             // command) runs after.
-            last_status = write_status(&keyring, &facts, &sinks, last_status);
+            last_status = write_status(&keyring, &facts, &ids, &sinks, last_status);
             let _ = ready_tx.send(());
             publish_event(&keyring, &facts, &sinks, &initial);
             loop {
@@ -199,7 +244,7 @@ pub fn spawn(
                         false
                     }
                     Ok(Wake::Stop) | Err(RecvTimeoutError::Disconnected) => break,
-                    Err(RecvTimeoutError::Timeout) => false,
+                    Ok(Wake::Status) | Err(RecvTimeoutError::Timeout) => false,
                 };
                 if pushed || SystemTime::now() >= keyring.next_check() {
                     let handle = |t: Option<Transition>| {
@@ -241,7 +286,7 @@ pub fn spawn(
                         handle(keyring.check());
                     }
                 }
-                last_status = write_status(&keyring, &facts, &sinks, last_status);
+                last_status = write_status(&keyring, &facts, &ids, &sinks, last_status);
             }
         })?;
     // Bounded: a status file that cannot be written (a full disk) must not hold up the mount;
@@ -326,7 +371,7 @@ fn run_hook(cmd: String, event: String) {
 }
 
 /// The status document for the current moment.
-pub fn status_doc(keyring: &Keyring, facts: &MountFacts) -> StatusFile {
+pub fn status_doc(keyring: &Keyring, facts: &MountFacts, ids: &IdHealth) -> StatusFile {
     let ks: KeyringStatus = keyring.status();
     StatusFile {
         schema: 1,
@@ -337,6 +382,7 @@ pub fn status_doc(keyring: &Keyring, facts: &MountFacts) -> StatusFile {
         push: facts.push,
         updated: rfc3339(SystemTime::now()),
         memory: Some(MemoryStatus::now()),
+        ids_not_durable: IdsNotDurable::from_health(ids),
         keyring: serde_json::to_value(ks).unwrap_or_default(),
     }
 }
@@ -344,10 +390,11 @@ pub fn status_doc(keyring: &Keyring, facts: &MountFacts) -> StatusFile {
 fn write_status(
     keyring: &Keyring,
     facts: &MountFacts,
+    ids: &IdHealth,
     sinks: &MonitorSinks,
     last: String,
 ) -> String {
-    let mut doc = status_doc(keyring, facts);
+    let mut doc = status_doc(keyring, facts, ids);
     // Compare without the timestamp so an idle mount does not rewrite its file every second.
     doc.updated.clear();
     let key = serde_json::to_string(&doc).unwrap_or_default();

@@ -487,7 +487,8 @@ pub struct Manifest {
     /// Whether the archive is a point-in-time view: the volume was locked (not mounted) or
     /// its writes were frozen through the mount after a drain that reached every file open
     /// through it; false for `--force` on a mount that could not freeze, and for a freeze
-    /// whose drain could not reach such a file (the mount answered `{"frozen":false}`).
+    /// whose drain could not reach such a file or whose daemon does not say
+    /// ([`crate::control::FrozenAnswer::exact`]).
     pub point_in_time: bool,
     /// The source volume.
     pub source: Source,

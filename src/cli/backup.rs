@@ -130,9 +130,10 @@ const FREEZE_ANSWER: Duration = Duration::from_secs(30);
 /// within the mount's `--freeze-limit`: a thread renews it every second).
 struct Freeze {
     conn: UnixStream,
-    /// False when the mount's drain could not reach a file open through it (the mount's
-    /// answer `{"frozen":false}`): the archive is then no point-in-time view.
-    exact: bool,
+    /// What the mount answered: not [`crate::control::FrozenAnswer::exact`] when its drain
+    /// could not reach a file open through it, or it is an older daemon that does not say:
+    /// the archive is then no point-in-time view.
+    answer: crate::control::FrozenAnswer,
     since: Instant,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     renewer: Option<std::thread::JoinHandle<()>>,
@@ -220,7 +221,9 @@ fn freeze(home: &Home, mountpoint: &Path) -> anyhow::Result<Freeze> {
         .context("the mount did not answer the freeze request")?;
     let v: serde_json::Value =
         serde_json::from_str(line.trim()).context("the mount's answer is not JSON")?;
-    if let Some(exact) = v.get("frozen").and_then(serde_json::Value::as_bool) {
+    // Any answer with a boolean `frozen` holds writes back, whatever its age
+    // (`FrozenAnswer`); whether it is one point in time is for its `exact` to say.
+    if let Ok(answer) = serde_json::from_value::<crate::control::FrozenAnswer>(v.clone()) {
         conn.set_read_timeout(None)?;
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let renewer = {
@@ -253,7 +256,7 @@ fn freeze(home: &Home, mountpoint: &Path) -> anyhow::Result<Freeze> {
         };
         return Ok(Freeze {
             conn,
-            exact,
+            answer,
             since: Instant::now(),
             stop,
             renewer: Some(renewer),
@@ -464,8 +467,16 @@ pub fn run_backup(a: BackupArgs) -> anyhow::Result<()> {
             );
         }
     };
-    if let (Some(f), Some((mnt, _))) = (&frozen, &mount) {
-        if !f.exact {
+    if let (Some(f), Some((mnt, pid))) = (&frozen, &mount) {
+        if f.answer.from_older_daemon() {
+            eprintln!(
+                "cmkfs: warning: the mount at {} (daemon {pid}) is from an older cmkfs that \
+                 does not say whether its freeze reached every file open through it, so the \
+                 archive says point_in_time: false; unmount and mount it again with this cmkfs \
+                 for one point in time",
+                mnt.display()
+            );
+        } else if !f.answer.exact() {
             eprintln!(
                 "cmkfs: warning: the mount at {} could not reach a file open through it before \
                  the freeze (its only name one the mount never looked up, or a file its daemon \
@@ -506,7 +517,7 @@ pub fn run_backup(a: BackupArgs) -> anyhow::Result<()> {
             deks: &deks,
             key,
             archive: &a.archive,
-            point_in_time: frozen.as_ref().is_some_and(|f| f.exact) || _lock.is_some(),
+            point_in_time: frozen.as_ref().is_some_and(|f| f.answer.exact()) || _lock.is_some(),
             base: base.as_ref(),
         },
         temp,

@@ -39,9 +39,7 @@ pub(crate) fn reencrypt_online(
                     mountpoint.display()
                 )
             }
-            Some(
-                Answer::Frozen(_) | Answer::Thawed(_) | Answer::RootGate(_) | Answer::Released,
-            ) => {}
+            Some(Answer::Thawed(_) | Answer::RootGate(_) | Answer::Released) => {}
             None => {
                 bar.done();
                 bail!(

@@ -151,6 +151,21 @@ fn print_human(d: &serde_json::Value) {
             println!("  {label:<14} {}", s(key));
         }
     }
+    if let Some(ids) = d.get("ids_not_durable").filter(|v| v.is_object()) {
+        let f = |k: &str| ids.get(k).and_then(|v| v.as_str()).unwrap_or("-");
+        // The latest try's error only where it is not the one requests fail with.
+        let last = Some(f("last_error"))
+            .filter(|l| *l != f("error"))
+            .map(|l| format!(" (latest try: {l})"))
+            .unwrap_or_default();
+        println!(
+            "  directory ids  {} not durable since {}: renames, links and fsyncs fail with \
+             \"{}\" until the disk takes them{last}",
+            ids.get("count").and_then(|v| v.as_u64()).unwrap_or(0),
+            f("since"),
+            f("error"),
+        );
+    }
     if let Some(n) = d.get("requests_denied").and_then(|v| v.as_u64()) {
         println!("  denied         {n} requests");
     }

@@ -771,7 +771,7 @@ fn serve(a: &MountArgs, ready_pipe: bool) -> anyhow::Result<()> {
     ) {
         tracing::warn!(error = %e, "no control socket: online re-encryption and frozen backups are not available");
     }
-    let monitor = monitor::spawn(keyring, facts, sinks, push, cut_off)?;
+    let monitor = monitor::spawn(keyring, facts, sinks, ids_vol.id_health(), push, cut_off)?;
     tracing::info!(cipherdir = %cipherdir.display(), mountpoint = %mp.display(), "mounted");
     if ready_pipe {
         announce_ready();

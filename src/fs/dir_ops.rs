@@ -8,8 +8,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use fuser::{
-    FileHandle, FileType, FopenFlags, Generation, INodeNo, ReplyData, ReplyDirectory,
-    ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen,
+    FileHandle, FileType, FopenFlags, INodeNo, ReplyData, ReplyDirectory, ReplyDirectoryPlus,
+    ReplyEmpty, ReplyEntry, ReplyOpen,
 };
 
 use super::{kind_of, lock, CmkFs, DirEntry, DirSnapshot, FsResult, Resolved};
@@ -234,6 +234,16 @@ impl CmkFs {
         let stale = s.epoch != self.table.epoch();
         for (i, e) in s.entries.iter().enumerate().skip(offset as usize) {
             let off = (i + 1) as u64;
+            // "." and "..": sent without attributes. The kernel reads nothing of a
+            // READDIRPLUS entry by these names but the dirent (`fuse_direntplus_link`
+            // returns before the node id and attributes), so their `fstat`s (two per
+            // directory listed) bought nothing.
+            if e.name == "." || e.name == ".." {
+                if reply.add_bare(INodeNo(e.ino), off, e.kind, &e.name) {
+                    break;
+                }
+                continue;
+            }
             let fresh = dir.as_ref().and_then(|dir| {
                 let b = self.listed_bname(dir, e, stale)?;
                 match self.vol.attr_at(dir, &b) {
@@ -249,17 +259,6 @@ impl CmkFs {
             let (full, generation) = match fresh {
                 // Entries handed out with attributes count as lookups, as the kernel expects.
                 Some((b, a)) => self.remember(ino, &e.name, b.as_os_str(), &a, false),
-                // "." and "..": the kernel makes no dentry of them (nor looks at the
-                // generation).
-                None if e.name == "." || e.name == ".." => match self.getattr_of(ino, None) {
-                    Ok(a) => (a, Generation(0)),
-                    Err(_) => {
-                        if reply.add_bare(INodeNo(e.ino), off, e.kind, &e.name) {
-                            break;
-                        }
-                        continue;
-                    }
-                },
                 None => {
                     if reply.add_bare(INodeNo(e.ino), off, e.kind, &e.name) {
                         break;
@@ -267,12 +266,9 @@ impl CmkFs {
                     continue;
                 }
             };
-            let counted = !(e.name == "." || e.name == "..");
             if reply.add(full.ino, off, &e.name, self.attr_ttl(), &full, generation) {
                 // Buffer full, entry not sent: undo the lookup count just taken.
-                if counted {
-                    self.table.forget(full.ino.0, 1);
-                }
+                self.table.forget(full.ino.0, 1);
                 break;
             }
         }

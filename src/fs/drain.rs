@@ -51,12 +51,12 @@ use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fuser::INodeNo;
 
-use super::{lock, Files, NodeTable, OnlineHandle};
+use super::{lock, MountParts, OnlineHandle};
 use crate::volume::{Frozen, Volume};
 
 /// Why a backup's freeze could not be taken.
@@ -126,32 +126,32 @@ impl OnlineHandle {
         limit: Duration,
         client_gone: &AtomicBool,
     ) -> Result<(Frozen<'v>, Option<Drained>), DrainError> {
-        if !self.opts.writeback_cache {
+        if !self.parts.opts.writeback_cache {
             return Ok((vol.gates().freeze_writes(), None));
         }
         let quiet = vol.gates().quiesce();
-        lock(&self.parked).on = true;
+        lock(&self.parts.parked).on = true;
         // Answers the parked GETATTRs however this ends (after the freeze when it is taken:
         // declared before it, dropped after).
         let _unpark = Unpark(self);
         if let Some(n) = self.notifier.get() {
-            let (inodes, _) = self.table.invalidation_targets();
+            let (inodes, _) = self.parts.table.invalidation_targets();
             for ino in inodes {
                 // Offset < 0: attributes only, no page is touched (and none written back).
                 let _ = n.inval_inode(INodeNo(ino), -1, 0);
             }
         }
         let targets: Vec<(u64, u32)> = {
-            let files = lock(&self.files);
+            let files = lock(&self.parts.files);
             files
                 .by_ino
                 .keys()
-                .filter(|ino| self.table.kind(**ino) == Some(libc::S_IFREG))
-                .filter_map(|ino| Some((*ino, self.table.generation(*ino)? as u32)))
+                .filter(|ino| self.parts.table.kind(**ino) == Some(libc::S_IFREG))
+                .filter_map(|ino| Some((*ino, self.parts.table.generation(*ino)? as u32)))
                 .collect()
         };
         tracing::debug!(
-            handles = lock(&self.files).by_ino.len(),
+            handles = lock(&self.parts.files).by_ino.len(),
             files = targets.len(),
             "draining the kernel's cached writes"
         );
@@ -165,11 +165,10 @@ impl OnlineHandle {
         let (tid_tx, tid_rx) = mpsc::channel();
         let (go_tx, go_rx) = mpsc::channel::<()>();
         let (mp, thread_stop) = (mountpoint.to_path_buf(), stop.clone());
-        let reach = Reach {
-            table: self.table.clone(),
-            files: self.files.clone(),
-            vol: self.vol.clone(),
-        };
+        // What the drain thread reaches besides the mount: the node table (a file's names, to
+        // open it by path) and the open files (whether a file is still open, and whether one
+        // with no name left still has a name in the volume).
+        let reach = self.parts.clone();
         let spawned = std::thread::Builder::new()
             .name("cmkfs-drain".into())
             .spawn(move || {
@@ -243,7 +242,7 @@ struct Unpark<'a>(&'a OnlineHandle);
 impl Drop for Unpark<'_> {
     fn drop(&mut self) {
         let parked = {
-            let mut p = lock(&self.0.parked);
+            let mut p = lock(&self.0.parts.parked);
             p.on = false;
             std::mem::take(&mut p.getattrs)
         };
@@ -254,21 +253,12 @@ impl Drop for Unpark<'_> {
             n = parked.len(),
             "answering the GETATTRs parked by the quiesce"
         );
-        let fs = self.0.view();
+        let fs = self.0.parts.view();
         for (ino, fh, reply) in parked {
             let _pass = fs.vol.gates().read();
             fs.do_getattr(ino, fh, reply);
         }
     }
-}
-
-/// What the drain thread reaches besides the mount: the node table (a file's names, to open
-/// it by path) and the open files (whether a file is still open, and whether one with no
-/// name left still has a name in the volume).
-struct Reach {
-    table: Arc<NodeTable>,
-    files: Arc<Mutex<Files>>,
-    vol: Arc<Volume>,
 }
 
 /// How one file fared in a round of the drain.
@@ -291,7 +281,7 @@ const PATH_TRIES: usize = 3;
 /// by one of its paths ([`sync_by_path`]). A file gone meanwhile (`ESTALE`, `ENOENT`) has
 /// nothing to drain. Once `stop` is set (the freeze's preparation ended without it) nothing
 /// more is done.
-fn drain(mp: &Path, targets: &[(u64, u32)], stop: &AtomicBool, reach: &Reach) -> Drained {
+fn drain(mp: &Path, targets: &[(u64, u32)], stop: &AtomicBool, reach: &MountParts) -> Drained {
     let mut d = Drained {
         files: 0,
         exact: true,
@@ -342,7 +332,7 @@ fn drain(mp: &Path, targets: &[(u64, u32)], stop: &AtomicBool, reach: &Reach) ->
 /// Opens node `ino` through the mount by one of the paths the node table knows for it and
 /// `fsync`s it. What is opened is checked to be `ino` (`st_ino` is the node id): a name that
 /// a rename gave another file meanwhile is not it, and the names are looked up again.
-fn sync_by_path(root: &File, reach: &Reach, ino: u64) -> Synced {
+fn sync_by_path(root: &File, reach: &MountParts, ino: u64) -> Synced {
     let mut why = String::new();
     for _ in 0..PATH_TRIES {
         if !lock(&reach.files).by_ino.contains_key(&ino) {
@@ -377,7 +367,7 @@ fn sync_by_path(root: &File, reach: &Reach, ino: u64) -> Synced {
 /// while open, when its backing file has no link left, so no backup can hold it and its
 /// cached writes do not matter; otherwise it has a name the mount was never asked for (a
 /// hard link not looked up since the mount), which the drain cannot open.
-fn nameless(reach: &Reach, ino: u64) -> Synced {
+fn nameless(reach: &MountParts, ino: u64) -> Synced {
     let of = {
         let files = lock(&reach.files);
         let Some(fh) = files.by_ino.get(&ino).and_then(|v| v.first()) else {

@@ -147,23 +147,65 @@ pub struct CmkFs {
     held: Arc<held_writes::HeldWrites>,
 }
 
-/// The filesystem's side of an online re-encryption
-/// ([`crate::volume::reencrypt::Online`]).
-pub struct OnlineHandle {
-    vol: Arc<Volume>,
-    table: Arc<NodeTable>,
-    files: Arc<Mutex<Files>>,
-    /// The session's notifier, set once the session exists ([`OnlineHandle::set_notifier`]).
-    notifier: std::sync::OnceLock<fuser::Notifier>,
+/// What every handle on one mount's filesystem shares: the FUSE threads' [`CmkFs`], the
+/// control thread's [`OnlineHandle`], and the views either makes for a thread of the
+/// daemon's own ([`MountParts::view`]).
+#[derive(Clone)]
+struct MountParts {
     /// The mount's choices (a backup's freeze drains cached writes first).
     opts: FsOptions,
     /// Entry and attribute timeout given to the kernel.
     ttl: Duration,
+    vol: Arc<Volume>,
+    table: Arc<NodeTable>,
+    files: Arc<Mutex<Files>>,
     parked: Arc<Mutex<Parked>>,
-    /// The mount's [`CmkFs::wb_refused`] and [`CmkFs::held`], for the filesystem view that
-    /// answers the GETATTRs a backup's quiesce parked.
+    /// [`CmkFs::wb_refused`]: a held WRITE answered by a view may be refused.
     wb_refused: Arc<AtomicBool>,
     held: Arc<held_writes::HeldWrites>,
+}
+
+impl MountParts {
+    /// A filesystem on these parts whose new handles count from `next_fh`.
+    fn fs(self, next_fh: u64) -> CmkFs {
+        let MountParts {
+            opts,
+            ttl,
+            vol,
+            table,
+            files,
+            parked,
+            wb_refused,
+            held,
+        } = self;
+        CmkFs {
+            opts,
+            ttl,
+            vol,
+            table,
+            files,
+            dirs: Mutex::default(),
+            next_fh: AtomicU64::new(next_fh),
+            parked,
+            wb_refused,
+            held,
+        }
+    }
+
+    /// The mount's filesystem for a thread of the daemon's own (it answers requests kept
+    /// from the FUSE threads: a backup's parked GETATTRs, held WRITEs); directory listings
+    /// and new handles are not its business.
+    fn view(&self) -> CmkFs {
+        self.clone().fs(0)
+    }
+}
+
+/// The filesystem's side of an online re-encryption
+/// ([`crate::volume::reencrypt::Online`]) and of a backup's freeze (`drain`).
+pub struct OnlineHandle {
+    parts: MountParts,
+    /// The session's notifier, set once the session exists ([`OnlineHandle::set_notifier`]).
+    notifier: std::sync::OnceLock<fuser::Notifier>,
 }
 
 impl crate::volume::reencrypt::Online for OnlineHandle {
@@ -172,7 +214,7 @@ impl crate::volume::reencrypt::Online for OnlineHandle {
         ids: &crate::volume::reencrypt::DirIds,
         keys: &crate::crypto::VolumeKeys,
     ) {
-        self.table.rekey(|parent, name| {
+        self.parts.table.rekey(|parent, name| {
             let id = ids.get(&parent)?;
             crate::volume::names::encrypt(&keys.names, id, name)
                 .ok()
@@ -181,11 +223,11 @@ impl crate::volume::reencrypt::Online for OnlineHandle {
     }
 
     fn symlinks_replaced(&self, replaced: Vec<crate::volume::reencrypt::ReplacedSymlink>) {
-        self.table.symlinks_replaced(replaced);
+        self.parts.table.symlinks_replaced(replaced);
     }
 
     fn open_files(&self) -> Vec<Arc<OpenFile>> {
-        lock(&self.files)
+        lock(&self.parts.files)
             .by_fh
             .values()
             .map(|(_, of)| of.clone())
@@ -197,29 +239,13 @@ impl OnlineHandle {
     /// Gives the handle the session's notifier (kernel cache invalidation); the
     /// filesystem's pages of refused write-backs are dropped from then on.
     pub fn set_notifier(&self, n: fuser::Notifier) {
-        lock(&self.files).refused_pages.start(n.clone());
+        lock(&self.parts.files).refused_pages.start(n.clone());
         let _ = self.notifier.set(n);
     }
 
     /// The volume.
     pub fn volume(&self) -> &Arc<Volume> {
-        &self.vol
-    }
-
-    /// The mount's filesystem for a thread of the daemon's own (as [`CmkFs::view`]).
-    fn view(&self) -> CmkFs {
-        CmkFs {
-            opts: self.opts,
-            ttl: self.ttl,
-            vol: self.vol.clone(),
-            table: self.table.clone(),
-            files: self.files.clone(),
-            dirs: Mutex::default(),
-            next_fh: AtomicU64::new(0),
-            parked: self.parked.clone(),
-            wb_refused: self.wb_refused.clone(),
-            held: self.held.clone(),
-        }
+        &self.parts.vol
     }
 }
 
@@ -312,35 +338,36 @@ impl CmkFs {
     /// Wraps an open volume.
     pub fn with_options(vol: Arc<Volume>, opts: FsOptions) -> CmkFs {
         let table = Arc::new(NodeTable::new(&vol));
-        CmkFs {
+        MountParts {
             ttl: opts.cache_timeout.unwrap_or(DEFAULT_CACHE_TIMEOUT),
             opts,
             vol,
             table,
-            files: Arc::new(Mutex::new(Files::default())),
-            dirs: Mutex::new(HashMap::new()),
-            next_fh: AtomicU64::new(1),
+            files: Arc::default(),
             parked: Arc::default(),
             wb_refused: Arc::default(),
             held: Arc::default(),
         }
+        .fs(1)
     }
 
-    /// The same filesystem for a thread of the daemon's own (it answers requests kept from
-    /// the FUSE threads); directory listings and new handles are not its business.
-    fn view(&self) -> CmkFs {
-        CmkFs {
+    /// What this filesystem shares with every other handle on the mount.
+    fn parts(&self) -> MountParts {
+        MountParts {
             opts: self.opts,
             ttl: self.ttl,
             vol: self.vol.clone(),
             table: self.table.clone(),
             files: self.files.clone(),
-            dirs: Mutex::default(),
-            next_fh: AtomicU64::new(0),
             parked: self.parked.clone(),
             wb_refused: self.wb_refused.clone(),
             held: self.held.clone(),
         }
+    }
+
+    /// The same filesystem for a thread of the daemon's own ([`MountParts::view`]).
+    fn view(&self) -> CmkFs {
+        self.parts().view()
     }
 
     /// The volume served.
@@ -357,15 +384,8 @@ impl CmkFs {
     /// filesystem.
     pub fn online(&self) -> OnlineHandle {
         OnlineHandle {
-            vol: self.vol.clone(),
-            table: self.table.clone(),
-            files: self.files.clone(),
+            parts: self.parts(),
             notifier: std::sync::OnceLock::new(),
-            opts: self.opts,
-            ttl: self.ttl,
-            parked: self.parked.clone(),
-            wb_refused: self.wb_refused.clone(),
-            held: self.held.clone(),
         }
     }
 
@@ -614,7 +634,14 @@ impl Filesystem for CmkFs {
             ));
         }
         // We clear setuid/setgid and file capabilities on write ourselves; in exchange the
-        // kernel stops asking getxattr("security.capability") before every single write.
+        // kernel stops asking getxattr("security.capability") before every single write: the
+        // flag sets SB_NOSEC, so the first write that finds no capability marks the inode
+        // S_NOSEC (`file_remove_privs`) and later writes skip the question. Two per new file
+        // are left and no reply or flag removes them (6.18): the first write after CREATE
+        // (every attribute reply clears S_NOSEC, `fuse_change_attributes_common`) and each
+        // chown (`notify_change` asks for ATTR_KILL_PRIV whatever S_NOSEC says). Only ENOSYS
+        // to GETXATTR (`fc->no_getxattr`: every xattr and ACL gone) would stop them; the
+        // daemon answers them without a system call instead (`Shared::may_have_cap`).
         let _ = config.add_capabilities(fuser::InitFlags::FUSE_HANDLE_KILLPRIV_V2);
         // The kernel enforces POSIX ACLs (with default_permissions); we store them and keep
         // mode bits in step. With ACLs on, the umask is ours to apply (a default ACL

@@ -338,24 +338,25 @@ pub fn judge(expect: &Expect, len: u64, head: &[u8]) -> Result<Option<FileHeader
         return Ok(Some(h));
     };
     let low = |g: u32| g as u16;
-    let progress = || FileDefect::ProgressInvalid {
-        key_gen: h.key_gen,
-        reencrypted: h.reencrypted,
-        expected,
-    };
-    let unknown = || FileDefect::UnknownGeneration {
-        key_gen: h.key_gen,
-        expected,
+    // A file no run is converting: no progress recorded, under the current key.
+    let settled_under = |current: u32| {
+        if h.reencrypted != 0 {
+            Err(FileDefect::ProgressInvalid {
+                key_gen: h.key_gen,
+                reencrypted: h.reencrypted,
+                expected,
+            })
+        } else if h.key_gen != low(current) {
+            Err(FileDefect::UnknownGeneration {
+                key_gen: h.key_gen,
+                expected,
+            })
+        } else {
+            Ok(())
+        }
     };
     match expected {
-        Generations::Current(current) => {
-            if h.reencrypted != 0 {
-                return Err(progress());
-            }
-            if h.key_gen != low(current) {
-                return Err(unknown());
-            }
-        }
+        Generations::Current(current) => settled_under(current)?,
         Generations::Converting { retiring, current } => {
             if h.key_gen == low(retiring) {
                 if let (true, Some(unit), Ok(size)) = (
@@ -373,12 +374,7 @@ pub fn judge(expect: &Expect, len: u64, head: &[u8]) -> Result<Option<FileHeader
                 }
                 return Ok(Some(h));
             }
-            if h.reencrypted != 0 {
-                return Err(progress());
-            }
-            if h.key_gen != low(current) {
-                return Err(unknown());
-            }
+            settled_under(current)?
         }
         Generations::Converted { retiring, current } => {
             if h.key_gen == low(retiring) {
@@ -388,12 +384,7 @@ pub fn judge(expect: &Expect, len: u64, head: &[u8]) -> Result<Option<FileHeader
                     current: low(current),
                 });
             }
-            if h.reencrypted != 0 {
-                return Err(progress());
-            }
-            if h.key_gen != low(current) {
-                return Err(unknown());
-            }
+            settled_under(current)?
         }
     }
     Ok(Some(h))

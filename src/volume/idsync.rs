@@ -60,8 +60,10 @@
 //! `fsync` returns 0 once the failed write-back marked the pages clean, and an in-place
 //! rewrite was seen to leave the id file's inode without its extent on ext4 without a
 //! journal), failing with the first failure's errno until that succeeds. Until then every rename, link, `fsync` and `fsyncdir` of the
-//! volume fails (not only those under that directory: a failing disk, kept simple), and the
-//! unmount logs it. An id whose file has no name left (its directory removed) is dropped.
+//! volume fails (not only those under that directory: a failing disk, kept simple), the
+//! mount's status says so ([`IdHealth`], `cmkfs status`), and the unmount logs it (and
+//! `cmkfs umount` reports it). An id whose file has no name left (its directory removed) is
+//! dropped.
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -72,7 +74,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use super::names::DIRID_FILE;
 use super::sys;
@@ -183,6 +185,77 @@ pub struct PendingIds {
     inner: Arc<Inner>,
 }
 
+/// New directories' ids whose fsync failed and that are not durable yet (see [`PendingIds`]):
+/// while there are any, every rename, link, `fsync` and `fsyncdir` of the volume fails.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NotDurable {
+    /// How many ids wait to be written again.
+    pub ids: usize,
+    /// The errno those requests fail with: the first failure of the oldest id.
+    pub errno: i32,
+    /// The error of the latest try, as the system words it (`No space left on device (os
+    /// error 28)`).
+    pub last_error: String,
+    /// When the flushes began to fail (the first failure since all ids were last durable).
+    pub since: SystemTime,
+}
+
+/// What the last flush of a volume's pending ids left not durable: a handle the mount's
+/// monitor reads for its status file ([`PendingIds::health`]); cheap to clone and to read.
+#[derive(Clone, Default)]
+pub struct IdHealth(Arc<HealthState>);
+
+#[derive(Default)]
+struct HealthState {
+    now: Mutex<Option<NotDurable>>,
+    /// Told when a flush changed the count or the errno ([`IdHealth::on_change`]).
+    changed: std::sync::OnceLock<Box<dyn Fn() + Send + Sync>>,
+}
+
+impl std::fmt::Debug for IdHealth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "IdHealth({:?})", self.now())
+    }
+}
+
+impl IdHealth {
+    /// The ids not durable after the latest flush (`None`: every id written so far is).
+    pub fn now(&self) -> Option<NotDurable> {
+        lock(&self.0.now).clone()
+    }
+
+    /// Has `f` called after each flush that changed how many ids are not durable, or the
+    /// errno they fail with (the monitor rewrites the status file at once). `f` runs on the
+    /// flushing thread (a request's, or the background one's): it must be quick and never
+    /// block. One only; a second is ignored.
+    pub fn on_change(&self, f: impl Fn() + Send + Sync + 'static) {
+        let _ = self.0.changed.set(Box::new(f));
+    }
+
+    /// Records what a flush left: `kept` ids not durable, failing with `errno` (`None`:
+    /// none), the latest try's error `last_error`.
+    fn flushed(&self, kept: usize, errno: Option<i32>, last_error: String) {
+        let changed = {
+            let mut now = lock(&self.0.now);
+            let next = errno.filter(|_| kept > 0).map(|errno| NotDurable {
+                ids: kept,
+                errno,
+                last_error,
+                since: now.as_ref().map_or_else(SystemTime::now, |n| n.since),
+            });
+            let key = |n: &Option<NotDurable>| n.as_ref().map(|n| (n.ids, n.errno));
+            let changed = key(&now) != key(&next);
+            *now = next;
+            changed
+        };
+        if changed {
+            if let Some(f) = self.0.changed.get() {
+                f();
+            }
+        }
+    }
+}
+
 /// One id file waiting for its fsync.
 struct Pending {
     file: File,
@@ -204,6 +277,9 @@ struct Inner {
     closed: AtomicBool,
     started: AtomicBool,
     defer: Duration,
+    /// Set by each flush, under `flushing`: read while a flush runs (which takes the ids
+    /// out of `files`), it still says what the last one left.
+    health: IdHealth,
     /// Tests: this many of the next fsyncs fail with `EIO`.
     #[cfg(test)]
     fail_next: std::sync::atomic::AtomicUsize,
@@ -236,6 +312,7 @@ impl PendingIds {
                 closed: AtomicBool::new(false),
                 started: AtomicBool::new(false),
                 defer,
+                health: IdHealth::default(),
                 #[cfg(test)]
                 fail_next: std::sync::atomic::AtomicUsize::new(0),
                 #[cfg(test)]
@@ -291,6 +368,11 @@ impl PendingIds {
     pub fn flush(&self) -> io::Result<()> {
         self.inner.flush()
     }
+
+    /// What the flushes leave not durable, for the mount's status.
+    pub fn health(&self) -> IdHealth {
+        self.inner.health.clone()
+    }
 }
 
 impl Inner {
@@ -299,6 +381,7 @@ impl Inner {
         let files = std::mem::take(&mut *lock(&self.files));
         let mut first = Ok(());
         let mut kept = Vec::new();
+        let mut last_error = String::new();
         for mut p in files {
             if let Err(e) = self.make_durable(&mut p) {
                 let errno = *p
@@ -310,12 +393,18 @@ impl Inner {
                     continue;
                 }
                 tracing::error!(error = %e, "fsync of a new directory's id failed; kept, to be written again");
+                last_error = e.to_string();
                 if first.is_ok() {
                     first = Err(io::Error::from_raw_os_error(errno));
                 }
                 kept.push(p);
             }
         }
+        self.health.flushed(
+            kept.len(),
+            first.as_ref().err().and_then(io::Error::raw_os_error),
+            last_error,
+        );
         if !kept.is_empty() {
             // Ahead of those pushed meanwhile: the oldest are retried first.
             let mut files = lock(&self.files);
@@ -488,17 +577,35 @@ mod tests {
         let p = PendingIds::with_defer(Duration::from_secs(3600));
         let id = *b"0123456789abcdef";
         let a = push_id(&p, dir.path(), "a", id);
+        let health = p.health();
+        assert_eq!(health.now(), None);
+        let changes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let c = changes.clone();
+        health.on_change(move || {
+            c.fetch_add(1, Ordering::SeqCst);
+        });
         fail_next(&p, 3);
+        let mut since = None;
         for i in 0..3 {
             let e = p.flush().expect_err("an id not durable yet");
             assert_eq!(e.raw_os_error(), Some(libc::EIO), "flush {i}");
             assert_eq!(pending_len(&p), 1, "the failed id stays pending");
+            // What `cmkfs status` shows: one id, the errno requests fail with, and the
+            // time of the first failure, kept over the retries.
+            let h = health.now().expect("reported as not durable");
+            assert_eq!((h.ids, h.errno), (1, libc::EIO), "flush {i}");
+            assert!(h.last_error.contains("os error 5"), "{}", h.last_error);
+            assert_eq!(*since.get_or_insert(h.since), h.since, "flush {i}");
             lose(&a);
         }
         assert_eq!(p.inner.rewrites.load(Ordering::SeqCst), 2);
         p.flush().unwrap();
         assert_eq!(p.inner.rewrites.load(Ordering::SeqCst), 3);
         assert_eq!(pending_len(&p), 0);
+        assert_eq!(health.now(), None, "cleared once the id is durable");
+        // Told twice: when the id became not durable, and when it became durable again;
+        // the failed retries between changed nothing the status shows but the latest error.
+        assert_eq!(changes.load(Ordering::SeqCst), 2);
         assert_eq!(std::fs::read(&a).unwrap(), id);
         let names: Vec<_> = std::fs::read_dir(dir.path().join("a"))
             .unwrap()

@@ -665,6 +665,12 @@ impl Volume {
         self.ids.flush().map_err(VolumeError::Os)
     }
 
+    /// New directories' ids whose fsync failed and that are not durable yet, as the last
+    /// flush left them (`idsync`; the mount's status publishes it).
+    pub fn id_health(&self) -> idsync::IdHealth {
+        self.ids.health()
+    }
+
     /// The gates requests pass (see [`Gates`]).
     pub fn gates(&self) -> &Gates {
         &self.gates

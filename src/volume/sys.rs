@@ -123,6 +123,23 @@ fn file_kind(mode: u32) -> &'static str {
 /// symlink, `EIO` for a FIFO, socket or device planted in the backing store) before it is
 /// opened for I/O, and, when `expect_ino` is given, a file that is not that inode (`ENOENT`:
 /// the name now belongs to something else). Returns the file and its `fstat`.
+///
+/// Four system calls (`openat` `O_PATH`, `fstat`, `open` of `/proc/self/fd/N`, `close`),
+/// the cost of an OPEN (docs/PERFORMANCE.md, "Session 10"). No shorter way keeps the promise
+/// that a device node or FIFO in the backing store is never opened, on Linux 6.18:
+/// - a direct `openat`/`openat2` (`O_NOFOLLOW | O_NONBLOCK | O_NOCTTY`, `RESOLVE_BENEATH |
+///   RESOLVE_NO_MAGICLINKS`) followed by `fstat` and a refusal opens whatever holds the name
+///   first: a device driver's `open` runs (a tape drive rewinds at its close, a serial line
+///   hangs up, a watchdog arms), and a FIFO's blocked openers are woken. `RESOLVE_*` limit
+///   where a path leads, not what kind of inode is opened; the kernel has no `O_REGULAR`;
+/// - checking first by name (`fstatat`, or the inode the node table knows) and then opening
+///   the name leaves a window in which whoever can write the backing directory renames a
+///   device node or FIFO over it;
+/// - a `nodev` backing mount refuses devices in `may_open` before the driver is reached, but
+///   neither FIFOs nor a backing directory on a mount without `nodev`.
+///
+/// The `O_PATH` descriptor opens nothing (no driver call, no FIFO side); its `fstat` says
+/// what the inode is, and the reopen through its magic link reaches that inode and no other.
 pub fn open_regular(
     dir: BorrowedFd<'_>,
     name: &OsStr,

@@ -1015,11 +1015,7 @@ fn backup_of_a_mounted_volume_while_a_writer_runs_is_one_point_in_time() {
     std::thread::sleep(Duration::from_millis(300));
     // A mount that cannot freeze (its control socket gone): refused, unless --force, whose
     // archive says it is no point in time.
-    let sock = fs::read_dir(env.home.join("run"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .find(|p| p.extension().is_some_and(|x| x == "sock"))
-        .expect("the mount's control socket");
+    let sock = env.control_socket();
     let hidden = sock.with_extension("hidden");
     fs::rename(&sock, &hidden).unwrap();
     let forced = env.root.join("forced.tar");

@@ -226,6 +226,29 @@ fn backup(env: &Env, archive: &Path, exact: bool) {
     }
 }
 
+/// Mixed versions, the daemon's side: asks the mount for a freeze as `cmkfs backup` before
+/// the answer's `exact` did (`{"op":"freeze"}`, then `thaw`), and checks what it reads. A
+/// client of d62fd71 took only `"frozen":true` as a freeze (one point in time; anything
+/// else it refused), session 9's took `frozen` as `exact`: so a drain that missed a file
+/// must answer `"frozen":false` (`control::FrozenAnswer`), and an exact one `true`.
+fn older_client_freeze(env: &Env, exact: bool) {
+    use std::io::{BufRead, BufReader};
+    let sock = env.control_socket();
+    let mut s = std::os::unix::net::UnixStream::connect(sock).unwrap();
+    s.set_read_timeout(Some(CMD_TIMEOUT)).unwrap();
+    s.write_all(b"{\"op\":\"freeze\"}\n").unwrap();
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap();
+    let v: serde_json::Value = serde_json::from_str(line.trim()).unwrap();
+    assert_eq!(v["frozen"], exact, "what an older client reads: {line}");
+    assert_eq!(v["exact"], exact, "{line}");
+    s.write_all(b"thaw\n").unwrap();
+    line.clear();
+    r.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), r#"{"thawed":"released"}"#);
+}
+
 /// The manifest member of `archive` (plain JSON in the tar stream).
 fn manifest(archive: &Path) -> serde_json::Value {
     let b = fs::read(archive).unwrap();
@@ -305,7 +328,8 @@ fn a_backup_of_a_mount_without_open_by_handle_holds_every_write_that_returned_be
 /// link left, so in no archive: the drain stays exact), and one whose only remaining name
 /// is a hard link the mount never looked up (the drain cannot reach it: not exact, the
 /// daemon logs a warning; the backup still succeeds, says why on stderr, and its report
-/// and manifest say `point_in_time: false`, as README says).
+/// and manifest say `point_in_time: false`, as README says). Each freeze is also asked for
+/// as an older client would ([`older_client_freeze`]).
 #[test]
 fn a_drain_by_path_skips_unlinked_files_and_says_when_a_file_cannot_be_reached() {
     let env = Env::new().in_mode(&[]);
@@ -335,6 +359,7 @@ fn a_drain_by_path_skips_unlinked_files_and_says_when_a_file_cannot_be_reached()
     });
     let a1 = env.root.join("a1.tar");
     backup(&env, &a1, true);
+    older_client_freeze(&env, true);
     let log1 = m.daemon_log();
     assert!(
         log1.contains("exact=true") && !log1.contains("cannot open a file"),
@@ -352,6 +377,7 @@ fn a_drain_by_path_skips_unlinked_files_and_says_when_a_file_cannot_be_reached()
         h.write_all(b"new").unwrap();
         h
     });
+    older_client_freeze(&env, false);
     let a2 = env.root.join("a2.tar");
     backup(&env, &a2, false);
     let log2 = m.daemon_log();

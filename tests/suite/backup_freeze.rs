@@ -2,15 +2,19 @@
 //! F4, F6, F7): a backup that stops advancing loses the freeze after the mount's
 //! `--freeze-limit` and fails cleanly; an archive inside the volume is refused up front; a
 //! backup that waited for an online re-encryption backs up the finished volume; a
-//! `--key-credential` of another vault is refused, never used in the key's place.
+//! `--key-credential` of another vault is refused, never used in the key's place. And the
+//! freeze between versions: a daemon older than the freeze answer's `exact` is never taken
+//! as one point in time.
 
 use crate::common;
 
 use std::fs;
+use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::net::UnixListener;
 use std::path::Path;
 use std::sync::mpsc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::*;
 
@@ -167,4 +171,88 @@ fn a_key_credential_of_another_vault_is_refused(env: &Env) {
         "{out}"
     );
     assert!(!archive.exists() && temps_beside(&archive).is_empty());
+}
+
+/// Serves one freeze request on `listener` as a daemon of an older cmkfs would: answers
+/// `frozen` (its freeze answer line), then `{"thawed":"released"}` when the client sends a
+/// line other than `renew` or goes away. Returns the request line, or `None` when no client
+/// came within [`CMD_TIMEOUT`].
+fn older_daemon(
+    listener: UnixListener,
+    frozen: &'static str,
+) -> std::thread::JoinHandle<Option<String>> {
+    listener.set_nonblocking(true).unwrap();
+    std::thread::spawn(move || {
+        let t0 = Instant::now();
+        let conn = loop {
+            match listener.accept() {
+                Ok((c, _)) => break c,
+                Err(_) if t0.elapsed() < CMD_TIMEOUT => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                Err(_) => return None,
+            }
+        };
+        conn.set_nonblocking(false).unwrap();
+        conn.set_read_timeout(Some(CMD_TIMEOUT)).unwrap();
+        let mut r = BufReader::new(conn.try_clone().unwrap());
+        let mut req = String::new();
+        r.read_line(&mut req).ok()?;
+        (&conn).write_all(format!("{frozen}\n").as_bytes()).ok()?;
+        let mut l = String::new();
+        while r.read_line(&mut l).is_ok_and(|n| n > 0) && l.trim() == "renew" {
+            l.clear();
+        }
+        let _ = (&conn).write_all(b"{\"thawed\":\"released\"}\n");
+        Some(req)
+    })
+}
+
+/// Mixed versions, the new client's side (the daemon's side, older clients reading its
+/// answers, is `control::tests` and `backup_drain`): a mount whose daemon predates `exact`
+/// answered `{"frozen":true}` also after a drain that missed a file (d62fd71), and session
+/// 9's daemon `{"frozen":true}` when exact and `{"frozen":false}` when not; the first two
+/// cannot be told apart. Behind each answer (the mount's control socket replaced by this
+/// test's, the real daemon's binary being unavailable in CI; checked by hand against the
+/// d62fd71 binary too), the backup succeeds, frozen, with `point_in_time: false` in its
+/// report and a warning saying why and what to do.
+#[test]
+fn a_freeze_answered_by_an_older_daemon_is_never_taken_as_one_point_in_time() {
+    let env = Env::new();
+    env.init(&env.cipher);
+    let m = env.mount(&env.cipher, &env.mnt);
+    fs::write(env.mnt.join("f"), b"some data").unwrap();
+    let sock = env.control_socket();
+    for (i, answer) in [r#"{"frozen":true}"#, r#"{"frozen":false}"#]
+        .into_iter()
+        .enumerate()
+    {
+        fs::remove_file(&sock).unwrap();
+        let server = older_daemon(UnixListener::bind(&sock).unwrap(), answer);
+        let archive = env.root.join(format!("old-{i}.tar"));
+        let out = env.cmkfs(&[
+            "backup".as_ref(),
+            env.cipher.as_os_str(),
+            archive.as_os_str(),
+            "--json".as_ref(),
+        ]);
+        let req = server
+            .join()
+            .unwrap()
+            .expect("the backup asked the mount to freeze");
+        assert_eq!(req.trim(), r#"{"op":"freeze"}"#);
+        let b = json(&out);
+        assert_eq!(b["point_in_time"], false, "{answer}: {b}");
+        assert!(
+            b["freeze_seconds"].as_f64().is_some(),
+            "{answer}: not frozen: {b}"
+        );
+        assert!(
+            out.stderr.contains("is from an older cmkfs")
+                && out.stderr.contains("point_in_time: false")
+                && out.stderr.contains("mount it again"),
+            "{answer}: {out}"
+        );
+    }
+    m.unmount();
 }

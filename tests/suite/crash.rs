@@ -49,12 +49,7 @@ enum Op {
 
 fn apply(state: &mut Vec<u8>, op: &Op) {
     match op {
-        Op::Write { off, data } => {
-            if state.len() < off + data.len() {
-                state.resize(off + data.len(), 0);
-            }
-            state[*off..off + data.len()].copy_from_slice(data);
-        }
+        Op::Write { off, data } => model_write(state, *off, data),
         Op::Truncate(n) => state.resize(*n, 0),
     }
 }

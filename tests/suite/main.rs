@@ -30,6 +30,7 @@ mod mount_errors;
 mod mount_format_v3;
 mod mount_guards;
 mod mount_listing;
+mod mount_meta;
 mod mount_pkcs11;
 mod mount_security;
 mod mount_uring;

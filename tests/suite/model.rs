@@ -322,10 +322,7 @@ impl World {
         file.write_all_at(&data, off as u64)
             .map_err(|e| format!("write at {off}+{len}: {e}"))?;
         let d = &mut self.nodes.get_mut(&node).expect("node").data;
-        if d.len() < off + len {
-            d.resize(off + len, 0);
-        }
-        d[off..off + len].copy_from_slice(&data);
+        model_write(d, off, &data);
         Ok(vec![node])
     }
 

@@ -211,10 +211,7 @@ fn random_writes_and_truncates_match_model() {
                     log.push(format!("{name}: pwrite {off}+{len}"));
                     h.write_all_at(&data, off as u64)
                         .unwrap_or_else(|e| panic!("seed {seed}: {log:#?}: {e}"));
-                    if model.len() < off + len {
-                        model.resize(off + len, 0);
-                    }
-                    model[off..off + len].copy_from_slice(&data);
+                    model_write(model, off, &data);
                 }
                 // Truncate: shrink or extend, often to or next to a sector boundary.
                 11..=13 => {
@@ -242,10 +239,7 @@ fn random_writes_and_truncates_match_model() {
                     f.write_all_at(&data, off as u64)
                         .unwrap_or_else(|e| panic!("seed {seed}: {log:#?}: {e}"));
                     drop(f);
-                    if model.len() < off + len {
-                        model.resize(off + len, 0);
-                    }
-                    model[off..off + len].copy_from_slice(&data);
+                    model_write(model, off, &data);
                 }
                 // O_APPEND write.
                 16 => {

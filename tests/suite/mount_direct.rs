@@ -64,7 +64,6 @@ fn reads_right_after_writes_through_the_mount_match_a_model() {
         .custom_flags(libc::O_DIRECT)
         .open(&p)
         .unwrap();
-    let mut buf = vec![0u8; 2 << 20];
     for i in 0..150 {
         let why = format!("seed {seed} step {i}");
         if i % 5 == 0 {
@@ -90,10 +89,7 @@ fn reads_right_after_writes_through_the_mount_match_a_model() {
                 let off = rng.gen_range(0..model.len() + 8192);
                 let data = random_bytes(&mut rng, len);
                 w.write_all_at(&data, off as u64).unwrap();
-                if model.len() < off + len {
-                    model.resize(off + len, 0);
-                }
-                model[off..off + len].copy_from_slice(&data);
+                model_write(&mut model, off, &data);
             }
         }
         // Around a random point, or the end of file (its last partial unit).
@@ -103,16 +99,8 @@ fn reads_right_after_writes_through_the_mount_match_a_model() {
         } else {
             rng.gen_range(0..model.len())
         };
-        let mut got = 0;
-        while got < len {
-            let n = r.read_at(&mut buf[got..len], (off + got) as u64).unwrap();
-            if n == 0 {
-                break;
-            }
-            got += n;
-        }
         let want = &model[off.min(model.len())..(off + len).min(model.len())];
-        assert_bytes_eq(&why, &buf[..got], want);
+        assert_bytes_eq(&why, &pread_all(&r, off as u64, len), want);
     }
     assert_bytes_eq("whole file", &read(&p), &model);
     // Where the backing filesystem takes O_DIRECT (ext4, tmpfs since Linux 6.6), the reads
@@ -153,7 +141,6 @@ fn direct_requests_split_into_pieces_in_flight_together_match_a_model() {
         .open(&p)
         .unwrap();
     let mut model: Vec<u8> = Vec::new();
-    let mut buf = vec![0u8; (4 << 20) + 16];
     for i in 0..60 {
         let why = format!("seed {seed} step {i}");
         let len = match rng.gen_range(0..4) {
@@ -166,21 +153,10 @@ fn direct_requests_split_into_pieces_in_flight_together_match_a_model() {
         if rng.gen_bool(0.5) {
             let data = random_bytes(&mut rng, len);
             f.write_all_at(&data, off as u64).unwrap();
-            if model.len() < off + len {
-                model.resize(off + len, 0);
-            }
-            model[off..off + len].copy_from_slice(&data);
-        }
-        let mut got = 0;
-        while got < len {
-            let n = f.read_at(&mut buf[got..len], (off + got) as u64).unwrap();
-            if n == 0 {
-                break;
-            }
-            got += n;
+            model_write(&mut model, off, &data);
         }
         let want = &model[off.min(model.len())..(off + len).min(model.len())];
-        assert_bytes_eq(&why, &buf[..got], want);
+        assert_bytes_eq(&why, &pread_all(&f, off as u64, len), want);
         assert_eq!(f.metadata().unwrap().len(), model.len() as u64, "{why}");
     }
     drop(f);

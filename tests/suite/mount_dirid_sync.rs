@@ -209,6 +209,18 @@ fn can_run() -> bool {
     true
 }
 
+/// A test's env, its daemons' deferred ids held back for a minute (no background flush:
+/// the foreground ones only); `None` (and why, printed) where the test cannot run.
+fn env_with_ids_held() -> Option<Env> {
+    if !can_run() {
+        return None;
+    }
+    // SAFETY: set before this test process starts any thread that reads the environment
+    // (the daemons it spawns inherit it).
+    unsafe { std::env::set_var("CMKFS_ID_DEFER_MS", "60000") };
+    Some(Env::new())
+}
+
 /// The calls `mkdir_calls` must see where ids are made durable the way `d` says: three
 /// mkdirs and a move of an existing file, then one mkdir and the unmount.
 fn expected(d: IdDurability) -> [&'static str; 2] {
@@ -240,13 +252,9 @@ fn check(env: &Env, backing: &Path, label: &str, want: IdDurability) {
 /// devices; without them only tmpfs and the machine's disk are checked.
 #[test]
 fn mkdir_fsyncs_the_id_only_where_the_journal_does_not_order_it() {
-    if !can_run() {
+    let Some(env) = env_with_ids_held() else {
         return;
-    }
-    // SAFETY: set before this test process starts any thread that reads the environment
-    // (the daemons it spawns inherit it).
-    unsafe { std::env::set_var("CMKFS_ID_DEFER_MS", "60000") };
-    let env = Env::new();
+    };
 
     let tdir = env.dir("tmpfs");
     let _tmpfs = Mounted::with(
@@ -278,15 +286,13 @@ fn mkdir_fsyncs_the_id_only_where_the_journal_does_not_order_it() {
 /// they go on, and after a remount the moved files are there under a whole id. The old code failed the first move
 /// only and forgot the id. (strace counts `when=` per thread, and the requests go to
 /// several FUSE threads: every fsync fails while strace is attached, none once it is gone.)
+/// Meanwhile `cmkfs status` of the live mount reports the id not durable (human and JSON),
+/// and no longer once it was rewritten.
 #[test]
 fn a_failed_deferred_id_fsync_fails_every_move_into_it_until_rewritten() {
-    if !can_run() {
+    let Some(env) = env_with_ids_held() else {
         return;
-    }
-    // SAFETY: set before this test process starts any thread that reads the environment
-    // (the daemons it spawns inherit it). No background flush: the foreground ones only.
-    unsafe { std::env::set_var("CMKFS_ID_DEFER_MS", "60000") };
-    let env = Env::new();
+    };
     let Some((_plain, ndir)) = ext4(&env, "nojournal", &["-O", "^has_journal"]) else {
         eprintln!("skipped: no loop-mounted ext4 here");
         return;
@@ -320,6 +326,31 @@ fn a_failed_deferred_id_fsync_fails_every_move_into_it_until_rewritten() {
         Some(libc::EIO),
         "a link into it"
     );
+    // `cmkfs status` of the live mount says so, in its JSON and to a person (the monitor
+    // publishes it within its 1 s refresh).
+    let mut ids = None;
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            ids = ids_not_durable(&env);
+            ids.is_some()
+        }),
+        "status never reported the id that is not durable"
+    );
+    let ids = ids.unwrap();
+    assert_eq!(ids["count"], 1, "{ids}");
+    assert_eq!(ids["errno"], libc::EIO, "{ids}");
+    assert!(
+        ids["last_error"].as_str().unwrap().contains("os error 5"),
+        "{ids}"
+    );
+    let human = env.cmkfs(&["status".as_ref(), env.mnt.as_os_str()]);
+    human.assert_ok();
+    eprintln!("cmkfs status meanwhile:\n{}", human.stdout);
+    assert!(
+        human.stdout.contains("directory ids  1 not durable since")
+            && human.stdout.contains("renames, links and fsyncs fail with"),
+        "{human}"
+    );
     st.stop();
     let log = fs::read_to_string(&trace).unwrap_or_default();
     let injected = log.matches("(INJECTED)").count();
@@ -332,6 +363,12 @@ fn a_failed_deferred_id_fsync_fails_every_move_into_it_until_rewritten() {
     // No more injected failures: the rewritten id is durable, things go on.
     fs::rename(m.path("old4"), m.path("new/old4")).unwrap();
     fs::hard_link(m.path("old5"), m.path("new/old5")).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(10), || ids_not_durable(&env).is_none()),
+        "status still reports an id not durable once it was rewritten"
+    );
+    let human = env.cmkfs(&["status".as_ref(), env.mnt.as_os_str()]);
+    assert!(!human.stdout.contains("directory ids"), "{human}");
     m.unmount();
     let m = env.mount(&cipher, &env.mnt);
     for i in 4..=5 {
@@ -371,6 +408,19 @@ fn a_failed_deferred_id_fsync_fails_every_move_into_it_until_rewritten() {
     // Said once: the next unmount of that mountpoint does not repeat it.
     let m = env.mount(&cipher, &env.mnt);
     m.unmount();
+}
+
+/// The `ids_not_durable` object of `cmkfs status --json` of the mount at `env.mnt` (`None`
+/// when it is `null`).
+fn ids_not_durable(env: &Env) -> Option<serde_json::Value> {
+    let out = env.cmkfs(&["status".as_ref(), env.mnt.as_os_str(), "--json".as_ref()]);
+    out.assert_ok();
+    let doc: serde_json::Value = serde_json::from_str(&out.stdout).expect("status JSON");
+    assert!(
+        doc.get("ids_not_durable").is_some(),
+        "the field is always there: {doc}"
+    );
+    Some(doc["ids_not_durable"].clone()).filter(|v| !v.is_null())
 }
 
 /// An strace attached to `pid` (all its threads) that fails every `fsync` with EIO and logs

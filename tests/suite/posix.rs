@@ -65,21 +65,6 @@ fn file_with(p: &Path, data: &[u8]) {
     write(p, data);
 }
 
-/// Reads a file through a descriptor at an offset, `len` bytes (short at EOF).
-fn pread_all(f: &File, off: u64, len: usize) -> Vec<u8> {
-    let mut buf = vec![0u8; len];
-    let mut got = 0;
-    while got < len {
-        match f.read_at(&mut buf[got..], off + got as u64) {
-            Ok(0) => break,
-            Ok(n) => got += n,
-            Err(e) => panic!("pread at {}: {e}", off + got as u64),
-        }
-    }
-    buf.truncate(got);
-    buf
-}
-
 fn stat(p: &Path) -> fs::Metadata {
     fs::symlink_metadata(p).unwrap_or_else(|e| panic!("stat {}: {e}", p.display()))
 }

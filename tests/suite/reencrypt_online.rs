@@ -414,12 +414,7 @@ fn wait_state(env: &Env, want: &str) {
 /// Holds the mount's writes back through its control socket (`{"op":"freeze"}`) until the
 /// returned stream is dropped.
 fn freeze(env: &Env) -> UnixStream {
-    let sock = fs::read_dir(env.home.join("run"))
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| p.extension().is_some_and(|x| x == "sock"))
-        .expect("the mount has a control socket");
+    let sock = env.control_socket();
     let mut s = UnixStream::connect(sock).unwrap();
     s.set_read_timeout(Some(GUARD)).unwrap();
     s.write_all(b"{\"op\":\"freeze\"}\n").unwrap();
@@ -427,7 +422,7 @@ fn freeze(env: &Env) -> UnixStream {
     BufReader::new(s.try_clone().unwrap())
         .read_line(&mut line)
         .unwrap();
-    assert_eq!(line.trim(), "{\"frozen\":true}");
+    assert_eq!(line.trim(), "{\"frozen\":true,\"exact\":true}");
     s
 }
 
@@ -1011,12 +1006,7 @@ fn a_client_killed_while_holding_a_freeze_thaws_the_mount_at_once() {
     let env = Env::new();
     env.init(&env.cipher);
     let m = env.mount_with(&env.cipher, &env.mnt, &["--freeze-limit", "1h"]);
-    let sock = fs::read_dir(env.home.join("run"))
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| p.extension().is_some_and(|x| x == "sock"))
-        .expect("the mount has a control socket");
+    let sock = env.control_socket();
     let mut holder = std::process::Command::new(std::env::current_exe().unwrap())
         .args([
             "reencrypt_online::freeze_holder_process",
@@ -1041,7 +1031,7 @@ fn a_client_killed_while_holding_a_freeze_thaws_the_mount_at_once() {
         let _ = holder.kill();
         panic!("the holder never froze the mount")
     });
-    assert!(said.contains("{\"frozen\":true}"), "{said}");
+    assert!(said.contains("{\"frozen\":true,\"exact\":true}"), "{said}");
     let done = blocked_write(&env.mnt);
     // SAFETY: kill(2) of our own child.
     unsafe { libc::kill(holder.id() as i32, libc::SIGKILL) };
@@ -1110,6 +1100,18 @@ fn a_rename_in_flight_when_a_walk_begins_cannot_hide_its_file_from_the_walk() {
     assert!(out.ok(), "fsck: {out}");
 }
 
+/// A fresh volume, mounted, whose daemon's re-encryption stops where the debug-build hook
+/// `var` (`CMKFS_TEST_*_PAUSE_DIR`, inherited from this test's process) holds it, and that
+/// hook's directory.
+fn mounted_with_pause(var: &str) -> (Env, PathBuf, Mount) {
+    let env = Env::new();
+    let sync = env.dir("pause");
+    std::env::set_var(var, &sync);
+    env.init(&env.cipher);
+    let m = env.mount(&env.cipher, &env.mnt);
+    (env, sync, m)
+}
+
 /// F10's hang, forced. The first walk lists two files, `d1/a` and `d2/b`; before its batch
 /// opens them (a debug-build hook holds it: `CMKFS_TEST_REENCRYPT_PAUSE_DIR`), a hard link
 /// and a rename through the mount put `a`'s inode under `d2/b` too. The batch then opened
@@ -1119,12 +1121,7 @@ fn a_rename_in_flight_when_a_walk_begins_cannot_hide_its_file_from_the_walk() {
 /// run ends, both names read `a`'s bytes, and a write to the file goes through.
 #[test]
 fn one_inode_reached_by_two_listed_names_is_converted_once_without_a_hang() {
-    let env = Env::new();
-    let sync = env.dir("pause");
-    // The daemon inherits it from this test's process.
-    std::env::set_var("CMKFS_TEST_REENCRYPT_PAUSE_DIR", &sync);
-    env.init(&env.cipher);
-    let m = env.mount(&env.cipher, &env.mnt);
+    let (env, sync, m) = mounted_with_pause("CMKFS_TEST_REENCRYPT_PAUSE_DIR");
     let mnt = env.mnt.clone();
     for d in ["d1", "d2"] {
         fs::create_dir(mnt.join(d)).unwrap();
@@ -1167,12 +1164,7 @@ fn one_inode_reached_by_two_listed_names_is_converted_once_without_a_hang() {
 /// both read what the mount made of them.
 #[test]
 fn files_truncated_between_the_preflight_walk_and_its_reads_do_not_refuse_the_run() {
-    let env = Env::new();
-    let sync = env.dir("pause");
-    // The daemon inherits it from this test's process.
-    std::env::set_var("CMKFS_TEST_PREFLIGHT_PAUSE_DIR", &sync);
-    env.init(&env.cipher);
-    let m = env.mount(&env.cipher, &env.mnt);
+    let (env, sync, m) = mounted_with_pause("CMKFS_TEST_PREFLIGHT_PAUSE_DIR");
     let mnt = env.mnt.clone();
     let a: Vec<u8> = (0..3 * 4096 + 5).map(|i| (i % 253) as u8).collect();
     fs::write(mnt.join("emptied"), &a).unwrap();

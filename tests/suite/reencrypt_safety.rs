@@ -237,15 +237,22 @@ fn damage_met_mid_run_stops_it_with_the_old_dek_kept_and_the_volume_mounting() {
     assert!(out.ok(), "fsck: {out}");
 }
 
-#[test]
-fn a_batch_interrupted_by_a_crash_keeps_its_files_times_after_recovery_and_resume() {
-    // Files span batches: the crash lands inside one file's conversion.
+/// A fresh volume, mounted, whose re-encryption converts 64 KiB per batch (so a file of
+/// the returned 300 000 random bytes, seeded by `label`, spans batches).
+fn mounted_in_small_batches(label: &str) -> (Env, Vec<u8>, Mount) {
     std::env::set_var("CMKFS_REENCRYPT_BATCH_BYTES", "65536");
     let env = Env::new();
     env.init(&env.cipher).assert_ok();
-    let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(seed("reencrypt times"));
+    let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(seed(label));
     let data = random_bytes(&mut rng, 300_000);
     let m = env.mount(&env.cipher, &env.mnt);
+    (env, data, m)
+}
+
+#[test]
+fn a_batch_interrupted_by_a_crash_keeps_its_files_times_after_recovery_and_resume() {
+    // Files span batches: the crash lands inside one file's conversion.
+    let (env, data, m) = mounted_in_small_batches("reencrypt times");
     let (f, g) = (env.mnt.join("f"), env.mnt.join("g"));
     fs::write(&f, &data).unwrap();
     fs::write(&g, &data[..5000]).unwrap();
@@ -556,12 +563,7 @@ fn set_progress(p: &Path, units: u64) {
 #[test]
 fn a_retiring_file_past_its_last_unit_is_refused_and_one_shrunk_mid_run_keeps_its_data() {
     // Files span batches: the run stops between two batches of the big file.
-    std::env::set_var("CMKFS_REENCRYPT_BATCH_BYTES", "65536");
-    let env = Env::new();
-    env.init(&env.cipher).assert_ok();
-    let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(seed("past its end"));
-    let data = random_bytes(&mut rng, 300_000);
-    let m = env.mount(&env.cipher, &env.mnt);
+    let (env, data, m) = mounted_in_small_batches("past its end");
     fs::write(env.mnt.join("big"), &data).unwrap();
     fs::write(env.mnt.join("small"), &data[..5000]).unwrap();
     m.unmount();

@@ -80,6 +80,14 @@ impl FileState {
         *self.header.lock().unwrap_or_else(|p| p.into_inner()) = h;
     }
 
+    /// Whether the file header is cached (no system call).
+    pub(crate) fn header_cached(&self) -> bool {
+        self.header
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+    }
+
     /// Sets the appending hint (a file just created will most likely be written from its
     /// start to its end: its first write goes straight to the exclusive lock).
     pub(crate) fn expect_appends(&self) {
@@ -192,7 +200,14 @@ fn header(
             VolumeError::Os(e)
         }
     })?;
-    let h = FileHeader::decode(&b).map_err(corrupt)?;
+    let h = decode_header(cx, &b)?;
+    *cached = Some(h);
+    Ok(Some(h))
+}
+
+/// Decodes a stored file header and checks that it is this volume's file format.
+fn decode_header(cx: &Ctx, b: &[u8; FILE_HEADER_LEN]) -> Result<FileHeader, VolumeError> {
+    let h = FileHeader::decode(b).map_err(corrupt)?;
     if h.version != cx.layout.file_version {
         // v1: its last unit follows another rule. Another current version: its data starts
         // elsewhere. Either way reading it with this volume's layout would return wrong bytes.
@@ -210,6 +225,45 @@ fn header(
             )
         }));
     }
+    Ok(h)
+}
+
+/// The header area's largest size ([`layout::Layout::data_offset`]: 32 bytes in v2, one
+/// page in v3).
+const MAX_HEADER_AREA: usize = 4096;
+
+/// The file header and the first `buf.len()` bytes of data in one `preadv` (header area and
+/// data are contiguous), when the header is not cached yet: the first read of a file opened
+/// anew, at its start, costs one system call instead of two (`pread` of the header, `pread`
+/// of the units; docs/PERFORMANCE.md, "Session 10"). Checked as [`header`] checks it, then
+/// cached. `Ok(None)`, with `buf` in any state, when the header is cached already or the
+/// file gave fewer bytes than asked or an error (it shrank or changed behind the mount): the
+/// caller reads the two apart, which says what is wrong. The cache lives while some handle
+/// of the file is open, as before: nothing read here outlives what [`header`] would read.
+fn header_and_data(
+    f: &File,
+    st: &FileState,
+    cx: &Ctx,
+    buf: &mut [u8],
+) -> Result<Option<FileHeader>, VolumeError> {
+    let mut cached = st.header.lock().unwrap_or_else(|p| p.into_inner());
+    let area_len = cx.layout.data_offset as usize;
+    if cached.is_some() || !(FILE_HEADER_LEN..=MAX_HEADER_AREA).contains(&area_len) {
+        return Ok(None);
+    }
+    let mut area = [0u8; MAX_HEADER_AREA];
+    let want = area_len + buf.len();
+    let mut iov = [
+        std::io::IoSliceMut::new(&mut area[..area_len]),
+        std::io::IoSliceMut::new(buf),
+    ];
+    match rustix::io::preadv(f, &mut iov, 0) {
+        Ok(got) if got == want => {}
+        _ => return Ok(None),
+    }
+    let mut b = [0u8; FILE_HEADER_LEN];
+    b.copy_from_slice(&area[..FILE_HEADER_LEN]);
+    let h = decode_header(cx, &b)?;
     *cached = Some(h);
     Ok(Some(h))
 }

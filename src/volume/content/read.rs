@@ -5,8 +5,8 @@ use std::ops::{Deref, Range};
 
 use super::cipher::decrypt;
 use super::{
-    backing_state, check_bare_header, existing_header, read_error, read_exact, Ctx, FileHeader,
-    FileState, VolumeError,
+    backing_state, check_bare_header, existing_header, header_and_data, read_error, read_exact,
+    Ctx, FileHeader, FileState, VolumeError,
 };
 use crate::volume::bufpool::PoolBuf;
 use crate::volume::direct;
@@ -75,11 +75,23 @@ pub fn read_buf(
         return Ok(ReadBuf::empty());
     }
     let end = size.min(off.saturating_add(len as u64));
-    let h = existing_header(f, st, cx, Some(blen))?;
     let first = off / cx.sector;
     let start = first * cx.sector;
     let stop = units_end(size).min((end - 1) / cx.sector * cx.sector + cx.sector);
     let n = (stop - start) as usize;
+    // The first read of a file opened anew, at its start and buffered (a direct read needs
+    // an aligned buffer and offset): header and units in one system call.
+    if start == 0 && n < direct::DIRECT_MIN && !st.header_cached() {
+        let mut buf = PoolBuf::take(n);
+        if let Some(h) = header_and_data(f, st, cx, &mut buf[..n])? {
+            decrypt(cx, &h, first, &mut buf[..n])?;
+            return Ok(ReadBuf {
+                buf,
+                range: off as usize..(end - start) as usize,
+            });
+        }
+    }
+    let h = existing_header(f, st, cx, Some(blen))?;
     // Large requests read without the page-cache copy, the units at `at` in an aligned
     // buffer; the others buffered, at its start. Every byte of the units is read from the
     // file before it is used.

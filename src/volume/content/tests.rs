@@ -721,3 +721,41 @@ fn units_are_whole_block_xts_with_zero_padding() {
     assert_eq!(&raw[fx.h() + 4096..][..32], &unit1[..]);
     assert_eq!(raw.len(), fx.h() + 4096 + 32 + 5);
 }
+
+/// The first read of a file opened anew (a fresh `FileState`: header not cached) at offset 0
+/// takes header and units in one `preadv`; it must return what the two-step path returns
+/// (header `pread`, then units) for every size around the unit and block edges, in v2 and
+/// v3, and leave the header cached for the reads after it.
+#[test]
+fn a_first_read_at_the_start_matches_the_two_step_read() {
+    let seed = rand::random::<u64>();
+    eprintln!("seed {seed}");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    for lay in [Layout::V3, Layout::V2] {
+        let mut sizes: Vec<usize> = vec![1, 15, 16, 17, 4095, 4096, 4097, 8192, 8200];
+        sizes.extend((1..=15).map(|t| 4096 + t));
+        sizes.extend((0..8).map(|_| rng.gen_range(1..=8200)));
+        for n in sizes {
+            let fx = fixture_in(lay, 4096, 1, false);
+            let data: Vec<u8> = (0..n).map(|_| rng.gen()).collect();
+            fx.write(0, &data);
+            for len in [1usize, 7, 16, 4096, n, n + 100] {
+                let fresh = FileState::default();
+                assert!(!fresh.header_cached());
+                let got = read(&fx.file, &fresh, &fx.cx(), 0, len).unwrap();
+                assert_eq!(
+                    got,
+                    data[..len.min(n)],
+                    "{lay:?} size {n} len {len}, seed {seed}"
+                );
+                assert!(fresh.header_cached(), "header cached by the first read");
+                // The two-step path: header first (a read past the start), then the units.
+                let two = FileState::default();
+                let at = n as u64 / 2;
+                let tail = read(&fx.file, &two, &fx.cx(), at, len).unwrap();
+                assert_eq!(tail, data[at as usize..(at as usize + len).min(n)]);
+                assert_eq!(read(&fx.file, &two, &fx.cx(), 0, len).unwrap(), got);
+            }
+        }
+    }
+}

@@ -616,6 +616,17 @@ impl Env {
         d
     }
 
+    /// The control socket of the one mount live in this env's home
+    /// (`home/run/mount-<hash>.sock`); panics when there is none.
+    pub fn control_socket(&self) -> PathBuf {
+        fs::read_dir(self.home.join("run"))
+            .expect("the home's run directory")
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.extension().is_some_and(|x| x == "sock"))
+            .expect("the mount has a control socket")
+    }
+
     /// A `Command` for the cmkfs binary with this env's `CMKFS_HOME` (and nothing inherited
     /// that could point it elsewhere).
     pub fn command<S: AsRef<OsStr>>(&self, args: &[S]) -> Command {
@@ -1347,6 +1358,31 @@ pub fn read(path: &Path) -> Vec<u8> {
 #[track_caller]
 pub fn write(path: &Path, data: &[u8]) {
     fs::write(path, data).unwrap_or_else(|e| panic!("write {}: {e}", path.display()))
+}
+
+/// What a write of `data` at `off` makes of a file's contents `model`: grown with zeros to
+/// reach it where it is shorter.
+pub fn model_write(model: &mut Vec<u8>, off: usize, data: &[u8]) {
+    if model.len() < off + data.len() {
+        model.resize(off + data.len(), 0);
+    }
+    model[off..off + data.len()].copy_from_slice(data);
+}
+
+/// `len` bytes of `f` from `off`, or fewer where the file ends first: `pread` until full
+/// or end of file (a read may return less than asked). Panics on an error.
+pub fn pread_all(f: &File, off: u64, len: usize) -> Vec<u8> {
+    let mut buf = vec![0u8; len];
+    let mut got = 0;
+    while got < len {
+        match f.read_at(&mut buf[got..], off + got as u64) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) => panic!("pread at {}: {e}", off + got as u64),
+        }
+    }
+    buf.truncate(got);
+    buf
 }
 
 /// Asserts two byte strings are equal, reporting lengths and the first difference instead of
