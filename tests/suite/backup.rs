@@ -985,10 +985,11 @@ fn backup_of_a_mounted_volume_while_a_writer_runs_is_one_point_in_time() {
     // version behind `a`.
     const SIZE: usize = 1 << 20;
     let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(std::sync::atomic::AtomicU64::new(0));
     // Its own descriptor table: the backups spawned below inherit none of its files (their
     // close at `exec` would write the cached pages back before the freeze, drain or not).
     let writer = {
-        let (stop, mnt) = (stop.clone(), env.mnt.clone());
+        let (stop, done, mnt) = (stop.clone(), done.clone(), env.mnt.clone());
         spawn_own_files(move || {
             use std::os::unix::fs::FileExt;
             let fa = fs::OpenOptions::new()
@@ -1003,13 +1004,16 @@ fn backup_of_a_mounted_volume_while_a_writer_runs_is_one_point_in_time() {
                 .write(true)
                 .open(mnt.join("b"))
                 .unwrap();
-            let mut v = 0u8;
+            let (mut v, mut rounds) = (0u8, 0u64);
             while !stop.load(Ordering::SeqCst) {
                 v = v.wrapping_add(1).max(1);
                 fa.write_all_at(&vec![v; SIZE], 0).unwrap();
                 fb.write_all_at(&vec![v; SIZE], 0).unwrap();
+                rounds += 1;
+                done.store(rounds, Ordering::SeqCst);
             }
-            v
+            // The round count, not `v`: `v` wraps, and ended at 1 or 2 in one run of ~128.
+            rounds
         })
     };
     std::thread::sleep(Duration::from_millis(300));
@@ -1064,10 +1068,15 @@ fn backup_of_a_mounted_volume_while_a_writer_runs_is_one_point_in_time() {
         archive.as_os_str(),
         "--json".as_ref(),
     ]));
-    std::thread::sleep(Duration::from_millis(200));
+    // A few more rounds after the backup (a loaded machine may need seconds for them).
+    let after = done.load(Ordering::SeqCst) + 3;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while done.load(Ordering::SeqCst) < after && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
     stop.store(true, Ordering::SeqCst);
-    let last = writer.join().unwrap();
-    assert!(last > 2, "the writer did not run");
+    let rounds = writer.join().unwrap();
+    assert!(rounds > 2, "the writer did not run: {rounds} rounds");
     assert_eq!(b["point_in_time"], true, "{b}");
     assert!(b["freeze_seconds"].as_f64().is_some(), "{b}");
     m.unmount();
