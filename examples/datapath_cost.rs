@@ -6,7 +6,8 @@
 //!
 //! Workloads: `read1m` (sequential aligned 1 MiB reads), `read128k`, `read4k` (random),
 //! `write1m` (sequential 1 MiB overwrites inside the file), `write4k` (random 4 KiB
-//! overwrites), `append10k` (10 KiB appends at unaligned offsets, as `tar` writes). Without a
+//! overwrites), `write1m_mut` and `write4k_mut` (the same through `content::write_mut`, as
+//! the daemon serves a FUSE WRITE: whole units encrypted in place in the request buffer), `append10k` (10 KiB appends at unaligned offsets, as `tar` writes). Without a
 //! workload, runs each and prints the time per request (best of 3). Under
 //! `valgrind --tool=callgrind` the instruction counts compare two builds on a noisy machine:
 //! `valgrind --tool=callgrind target/release/examples/datapath_cost read1m 200`.
@@ -83,6 +84,11 @@ impl Fixture {
     fn write(&self, off: u64, data: &[u8]) {
         content::write(&self.file, &self.st, &self.cx(), off, data).expect("write");
     }
+
+    /// As the daemon writes a FUSE WRITE: in place in the request's buffer.
+    fn write_mut(&self, off: u64, data: &mut [u8]) {
+        content::write_mut(&self.file, &self.st, &self.cx(), off, data).expect("write");
+    }
 }
 
 /// A fixed pseudo-random sequence (xorshift), so every build does the same requests.
@@ -125,6 +131,19 @@ fn run(fx: &Fixture, workload: &str, n: u32) -> Duration {
                 fx.write((u64::from(i) << 20) % size, &data);
             }
         }
+        "write1m_mut" => {
+            // The buffer is encrypted again each time: what it holds costs the same.
+            let mut data = vec![0xa5u8; 1 << 20];
+            for i in 0..n {
+                fx.write_mut((u64::from(i) << 20) % size, &mut data);
+            }
+        }
+        "write4k_mut" => {
+            let mut data = vec![0xa5u8; 4096];
+            for off in offsets(n, size, 4096) {
+                fx.write_mut(off, &mut data);
+            }
+        }
         "write4k" => {
             let data = vec![0xa5u8; 4096];
             for off in offsets(n, size, 4096) {
@@ -147,12 +166,14 @@ fn run(fx: &Fixture, workload: &str, n: u32) -> Duration {
     t.elapsed() / n
 }
 
-const ALL: [(&str, u32); 6] = [
+const ALL: [(&str, u32); 8] = [
     ("read1m", 300),
     ("read128k", 2000),
     ("read4k", 20000),
     ("write1m", 300),
+    ("write1m_mut", 300),
     ("write4k", 20000),
+    ("write4k_mut", 20000),
     ("append10k", 5000),
 ];
 

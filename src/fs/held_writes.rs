@@ -21,7 +21,37 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use fuser::{FileHandle, INodeNo, ReplyWrite, WriteFlags};
 
+use super::payload::Payload;
 use super::{lock, CmkFs};
+
+impl CmkFs {
+    /// A WRITE through the write gate: a WRITE held by a backup's freeze must not take this
+    /// thread until the thaw; it is queued (a copy of its payload, which is then wiped), and
+    /// answered after the thaw.
+    pub(super) fn gated_write(
+        &self,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut data: Payload,
+        flags: WriteFlags,
+        reply: ReplyWrite,
+    ) {
+        let pass = match self.held.busy() {
+            false => self.vol.gates().try_write(),
+            true => None,
+        };
+        let reply = match pass {
+            Some(_pass) => return self.do_write(ino, fh, offset, data, flags, reply),
+            None => match self.held.hold(self, ino, fh, offset, &data, flags, reply) {
+                Ok(()) => return data.wipe_from(0),
+                Err(reply) => reply,
+            },
+        };
+        let _pass = self.vol.gates().write();
+        self.do_write(ino, fh, offset, data, flags, reply)
+    }
+}
 
 /// Bytes of held WRITEs kept in memory at most; a WRITE past it waits on its FUSE thread.
 pub(super) const MAX_HELD_BYTES: usize = 64 << 20;
@@ -31,7 +61,8 @@ struct Held {
     ino: INodeNo,
     fh: FileHandle,
     offset: u64,
-    data: Vec<u8>,
+    /// Wiped when dropped unwritten (a failed send); otherwise given up to the write.
+    data: zeroize::Zeroizing<Vec<u8>>,
     flags: WriteFlags,
     reply: ReplyWrite,
 }
@@ -61,7 +92,7 @@ impl HeldWrites {
         ino: INodeNo,
         fh: FileHandle,
         offset: u64,
-        data: &[u8],
+        data: &Payload,
         flags: WriteFlags,
         reply: ReplyWrite,
     ) -> Result<(), ReplyWrite> {
@@ -78,7 +109,7 @@ impl HeldWrites {
             ino,
             fh,
             offset,
-            data: data.to_vec(),
+            data: zeroize::Zeroizing::new(data.to_vec()),
             flags,
             reply,
         };
@@ -109,7 +140,11 @@ impl HeldWrites {
                     let len = h.data.len();
                     {
                         let _pass = view.vol.gates().write();
-                        view.do_write(h.ino, h.fh, h.offset, &h.data, h.flags, h.reply);
+                        // The copy is given up: written in place, then wiped where it
+                        // still holds plaintext.
+                        let mut data = h.data;
+                        let d = Payload::Mut(&mut data[..]);
+                        view.do_write(h.ino, h.fh, h.offset, d, h.flags, h.reply);
                     }
                     me.bytes.fetch_sub(len, Ordering::SeqCst);
                     me.count.fetch_sub(1, Ordering::SeqCst);

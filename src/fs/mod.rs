@@ -16,6 +16,7 @@ mod drain;
 mod held_writes;
 mod nodes;
 mod open_create;
+mod payload;
 mod rename_link;
 mod wb_errors;
 mod xattr;
@@ -38,6 +39,7 @@ pub use drain::{DrainError, Drained};
 pub use nodes::NodeTable;
 
 use crate::volume::{Attr, Caller, Dir, OpenFile, Target, Volume, VolumeError};
+use payload::Payload;
 
 /// How long the kernel may cache attributes and entries by default
 /// ([`FsOptions::cache_timeout`]). Everything done through the mount keeps the kernel's
@@ -828,24 +830,24 @@ impl Filesystem for CmkFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        // A WRITE held by a backup's freeze must not take this thread until the thaw
-        // (`held_writes`): it is queued, and answered after the thaw.
-        let pass = match self.held.busy() {
-            false => self.vol.gates().try_write(),
-            true => None,
-        };
-        let reply = match pass {
-            Some(_pass) => return self.do_write(ino, fh, offset, data, write_flags, reply),
-            None => match self
-                .held
-                .hold(self, ino, fh, offset, data, write_flags, reply)
-            {
-                Ok(()) => return,
-                Err(reply) => reply,
-            },
-        };
-        let _pass = self.vol.gates().write();
-        self.do_write(ino, fh, offset, data, write_flags, reply)
+        self.gated_write(ino, fh, offset, Payload::Shared(data), write_flags, reply)
+    }
+
+    /// Every WRITE over `/dev/fuse`: the payload is the request buffer, encrypted in place
+    /// where it covers whole units (`payload`).
+    fn write_mut(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &mut [u8],
+        write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        self.gated_write(ino, fh, offset, Payload::Mut(data), write_flags, reply)
     }
 
     fn flush(

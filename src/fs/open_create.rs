@@ -9,7 +9,7 @@ use fuser::{
     ReplyOpen, ReplyWrite, WriteFlags,
 };
 
-use super::{lock, CmkFs, Resolved};
+use super::{lock, payload::Payload, CmkFs, Resolved};
 use crate::volume::{Caller, OpenFile, VolumeError};
 
 impl CmkFs {
@@ -134,32 +134,35 @@ impl CmkFs {
         ino: INodeNo,
         fh: FileHandle,
         offset: u64,
-        data: &[u8],
+        mut data: Payload,
         write_flags: WriteFlags,
         reply: ReplyWrite,
     ) {
         let kill = write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID);
         // A write-back of the kernel's cache: the `write(2)` that made it returned long ago.
         let cached = write_flags.contains(WriteFlags::FUSE_WRITE_CACHE);
+        let len = data.len();
         let r = self.file(fh).and_then(|of| {
             if kill {
                 self.vol.kill_suidgid(&of)?;
             }
-            let mut n = self.vol.write(&of, offset, data)?;
+            let mut n = data.write(&self.vol, &of, offset, 0)?;
             // The kernel takes a write-back as all or nothing (it drops a short count): the
             // rest is written again, which stores it or says why not (a full backing disk,
             // `ENOSPC`; a file size limit, `EFBIG`).
-            while cached && n < data.len() {
-                match self.vol.write(&of, offset + n as u64, &data[n..])? {
+            while cached && n < len {
+                match data.write(&self.vol, &of, offset + n as u64, n)? {
                     0 => break,
                     k => n += k,
                 }
             }
             Ok(n)
         });
+        // No plaintext of the request outlives it (`payload`): what was not written is wiped.
+        data.wipe_from(*r.as_ref().unwrap_or(&0));
         let refused = match r {
             // Nothing more could be placed and no error said why: a full backing disk.
-            Ok(n) if n < data.len() && cached => fuser::Errno::ENOSPC,
+            Ok(n) if n < len && cached => fuser::Errno::ENOSPC,
             Ok(n) => return reply.written(n as u32),
             Err(e) => self.errno(&e, "write", Some(ino)),
         };
@@ -179,7 +182,7 @@ impl CmkFs {
             errno = refused.code(),
             "refused a write-back; its writers are told at fsync or close"
         );
-        reply.written(data.len() as u32);
+        reply.written(len as u32);
         lock(&self.files).refused_pages.refused(ino.0);
     }
 

@@ -11,6 +11,7 @@ use std::sync::{Arc, Weak};
 use super::content::{self, FileState, ReadBuf};
 use super::sys::{self, Access};
 use super::{lock, os, Attr, Caller, Dir, Target, Volume, VolumeError};
+use crate::crypto::VolumeKeys;
 
 /// State shared by every open handle of one backing inode.
 #[derive(Default)]
@@ -189,14 +190,33 @@ impl Volume {
 
     /// Writes plaintext at `off`.
     pub fn write(&self, of: &OpenFile, off: u64, data: &[u8]) -> Result<usize, VolumeError> {
+        let keys = self.write_keys(of)?;
+        content::write(&of.file, &of.shared.content, &self.ctx(&keys), off, data)
+    }
+
+    /// Writes plaintext at `off` from a buffer the caller gives up: [`content::write_mut`]
+    /// (whole units encrypted in place; on `Ok(n)` no plaintext in `data[..n]`, on `Err` the
+    /// caller wipes `data`).
+    pub fn write_mut(
+        &self,
+        of: &OpenFile,
+        off: u64,
+        data: &mut [u8],
+    ) -> Result<usize, VolumeError> {
+        let keys = self.write_keys(of)?;
+        content::write_mut(&of.file, &of.shared.content, &self.ctx(&keys), off, data)
+    }
+
+    /// The keys for a write, after dropping a file capability: a write drops one, whoever
+    /// writes (as the kernel does locally). The flag makes this free after the first write
+    /// of a file without one.
+    fn write_keys(&self, of: &OpenFile) -> Result<Arc<VolumeKeys>, VolumeError> {
         let keys = self.keys()?;
-        // A write drops a file capability, whoever writes (as the kernel does locally). The
-        // flag makes this free after the first write of a file without one.
         if of.shared.may_have_cap.load(Ordering::Relaxed) {
             self.kill_capability(Target::File(of))?;
             of.shared.may_have_cap.store(false, Ordering::Relaxed);
         }
-        content::write(&of.file, &of.shared.content, &self.ctx(&keys), off, data)
+        Ok(keys)
     }
 
     /// Clears setuid (and setgid when group-executable) before an unprivileged write, as a

@@ -438,8 +438,9 @@ fn pkcs11_vault_keys_leave_the_daemon_on_revocation() {
 /// Second review, M2: the plaintext of the last WRITE stayed in the daemon's memory after
 /// revocation (fuser's per-worker request buffer kept the payload until a later request of
 /// the same size overwrote it). Writes a 1 MiB payload that appears nowhere else (random,
-/// so every 32-byte window is unique), reads it back (a direct read of the backing file in
-/// the daemon), revokes, and scans the daemon for windows of it.
+/// so every 32-byte window is unique) and scans the daemon for windows of it at once (the
+/// WRITEs are encrypted in place in the request buffers: session 10), reads it back (a
+/// direct read of the backing file in the daemon), revokes, and scans again.
 #[test]
 fn the_last_write_leaves_no_plaintext_in_the_daemon_after_revocation() {
     use rand::RngCore as _;
@@ -466,6 +467,15 @@ fn the_last_write_leaves_no_plaintext_in_the_daemon_after_revocation() {
     assert_eq!(
         fs::metadata(m.path("written")).unwrap().len(),
         payload.len() as u64 + 7
+    );
+    // Right after the write, still mounted: the WRITEs' whole units were encrypted in place
+    // in fuser's request buffers and the partial ones' plaintext wiped (src/fs/payload.rs),
+    // so no window of the payload is anywhere in the daemon, revoked or not.
+    let found = scan(pid, &needles);
+    assert!(
+        found.is_empty(),
+        "plaintext of the last write in the daemon right after the write:\n{}",
+        found.join("\n")
     );
     // And the last large READ: with the backing file out of the page cache, the daemon reads
     // it with O_DIRECT into an aligned pooled buffer and decrypts it there (issue 15); the

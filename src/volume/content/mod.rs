@@ -48,7 +48,7 @@ use crate::engine::SectorEngine;
 use cipher::key_runs;
 pub(crate) use cipher::{decrypt_with, encrypt_with};
 pub use read::{read, read_buf, ReadBuf};
-pub use write::{fallocate, truncate, write};
+pub use write::{fallocate, truncate, write, write_mut};
 
 /// Shared state of one backing file, common to all its open handles: the lock that makes
 /// read-modify-write and size changes atomic, and the cached header.

@@ -1,10 +1,11 @@
 //! Unit tests of the content rules (the model test is tests/suite/content_model.rs).
 
-use super::write::lower_progress;
+use super::cipher::encrypt;
+use super::write::{lower_progress, Src};
 use super::*;
 use crate::crypto::Dek;
 use crate::volume::direct;
-use crate::volume::layout::units_end;
+use crate::volume::layout::{units_end, BLOCK};
 use rand::{Rng, SeedableRng};
 
 struct Fixture {
@@ -75,11 +76,70 @@ impl Fixture {
     fn write(&self, off: u64, data: &[u8]) {
         write(&self.file, &self.st, &self.cx(), off, data).unwrap();
     }
+    /// [`write_mut`] of a copy of `data`, checking its promise: nothing of the plaintext
+    /// left in the buffer (each block either zeros or not the plaintext's).
+    fn write_mut(&self, off: u64, data: &[u8]) {
+        let mut buf = data.to_vec();
+        let n = write_mut(&self.file, &self.st, &self.cx(), off, &mut buf).unwrap();
+        assert_eq!(n, data.len());
+        assert_no_plaintext(off, data, &buf);
+    }
     fn truncate(&self, n: u64) {
         truncate(&self.file, &self.st, &self.cx(), n).unwrap();
     }
     fn file_id(&self) -> FileHeader {
         FileHeader::decode(&self.raw()[..FILE_HEADER_LEN]).unwrap()
+    }
+}
+
+/// Fails unless every AES block of the file that `buf` (written at `off`) covers is all
+/// zeros or differs from the plaintext `data` it held; zeros in `data` are no evidence.
+pub(super) fn assert_no_plaintext(off: u64, data: &[u8], buf: &[u8]) {
+    let mut i = 0usize;
+    while i < data.len() {
+        let next = ((off + i as u64) / BLOCK * BLOCK + BLOCK - off) as usize;
+        let j = next.min(data.len());
+        let (b, d) = (&buf[i..j], &data[i..j]);
+        assert!(
+            b.iter().all(|x| *x == 0) || b != d || d.iter().all(|x| *x == 0),
+            "plaintext left at {}..{} of a {}-byte write at {off}",
+            i,
+            j,
+            data.len()
+        );
+        i = j;
+    }
+}
+
+/// A short [`write_mut`] (the backing disk filled up midway) gives back, as the plaintext it
+/// was, every byte it did not write, even those of the units it had encrypted in place (the
+/// writeback cache's retry writes them again), and wipes what it wrote; a full one leaves
+/// ciphertext in the middle and zeros beside it.
+#[test]
+fn a_short_write_mut_gives_back_the_plaintext_it_did_not_write() {
+    for double in [false, true] {
+        let fx = fixture_keys(4096, 1, double);
+        let cx = fx.cx();
+        let h = cx.layout.generate_header(cx.keys.generation).unwrap();
+        // A write at 1000 of 5384 bytes: units 1..=3 whole, encrypted in place.
+        let data: Vec<u8> = (0..15384 + 2000).map(|i| (i % 253) as u8 + 1).collect();
+        let mid = 3096..15384;
+        for n in [0, 100, 3096, 5000, 15384, 16000, data.len()] {
+            let mut buf = data.clone();
+            encrypt(&cx, &h, 1, &mut buf[mid.clone()]).unwrap();
+            let got = Src::Mut(&mut buf)
+                .give_back(&cx, &h, mid.clone(), 1, n)
+                .unwrap();
+            assert_eq!(got, n);
+            if n == data.len() {
+                assert!(buf[..mid.start].iter().all(|&b| b == 0));
+                assert!(buf[mid.end..].iter().all(|&b| b == 0));
+                assert_no_plaintext(1000, &data, &buf);
+            } else {
+                assert!(buf[..n].iter().all(|&b| b == 0), "n {n}");
+                assert!(buf[n..] == data[n..], "n {n} double {double}");
+            }
+        }
     }
 }
 
@@ -172,7 +232,11 @@ fn random_writes_and_truncates_match_a_model() {
                 let off = rng.gen_range(0..max);
                 let len = rng.gen_range(1..(sector as usize * 3));
                 let data: Vec<u8> = (0..len).map(|_| rng.gen()).collect();
-                fx.write(off as u64, &data);
+                if rng.gen() {
+                    fx.write(off as u64, &data);
+                } else {
+                    fx.write_mut(off as u64, &data);
+                }
                 if model.len() < off + len {
                     model.resize(off + len, 0);
                 }

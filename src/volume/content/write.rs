@@ -15,12 +15,68 @@ use super::{
 use crate::volume::bufpool::PoolBuf;
 use crate::volume::layout::{self, roundup_block, unit_extent, units_end, BLOCK};
 
-/// [`write_at`] that, when it fails, also says how many bytes landed before: a full backing
-/// disk (ENOSPC) or its file-size limit (EFBIG) stops a write midway, with a prefix stored.
-fn write_counted(f: &File, cx: &Ctx, buf: &[u8], off: u64) -> Result<(), (usize, std::io::Error)> {
+/// The ciphertext of one write as it goes to the backing file: up to three consecutive pieces
+/// (a pooled buffer's head unit, units encrypted in place in the request's own buffer, a
+/// pooled buffer's tail unit and filler) that one `pwritev` stores without copying them
+/// together first. Piece boundaries are block boundaries.
+#[derive(Clone, Copy)]
+struct Pieces<'b>([&'b [u8]; 3]);
+
+impl<'b> Pieces<'b> {
+    fn one(buf: &'b [u8]) -> Pieces<'b> {
+        Pieces([buf, &[], &[]])
+    }
+
+    fn len(&self) -> usize {
+        self.0.iter().map(|p| p.len()).sum()
+    }
+
+    /// The non-empty pieces of the bytes from `skip` on (at most three).
+    fn from(&self, mut skip: usize) -> ([std::io::IoSlice<'b>; 3], usize) {
+        let mut out = [std::io::IoSlice::new(&[]); 3];
+        let mut n = 0;
+        for p in self.0 {
+            if skip >= p.len() {
+                skip -= p.len();
+                continue;
+            }
+            out[n] = std::io::IoSlice::new(&p[skip..]);
+            skip = 0;
+            n += 1;
+        }
+        (out, n)
+    }
+
+    /// A copy of bytes `[a, b)`.
+    fn copy(&self, a: usize, b: usize) -> Vec<u8> {
+        let mut out = Vec::with_capacity(b - a);
+        let (mut pos, mut a) = (0usize, a);
+        for p in self.0 {
+            let end = pos + p.len();
+            if a < b && a < end {
+                let stop = b.min(end);
+                out.extend_from_slice(&p[a - pos..stop - pos]);
+                a = stop;
+            }
+            pos = end;
+        }
+        out
+    }
+}
+
+/// [`write_at`] of `buf`'s pieces (one `pwrite`, or one `pwritev` when there are several)
+/// that, when it fails, also says how many bytes landed before: a full backing disk (ENOSPC)
+/// or its file-size limit (EFBIG) stops a write midway, with a prefix stored.
+fn write_counted(f: &File, cx: &Ctx, buf: Pieces, off: u64) -> Result<(), (usize, std::io::Error)> {
+    let total = buf.len();
     let mut done = 0usize;
-    while done < buf.len() {
-        match f.write_at(&buf[done..], cx.layout.data_offset + off + done as u64) {
+    while done < total {
+        let at = cx.layout.data_offset + off + done as u64;
+        let r = match buf.from(done) {
+            (p, 1) => f.write_at(&p[0], at),
+            (p, n) => pwritev(f, &p[..n], at),
+        };
+        match r {
             Ok(0) => return Err((done, std::io::Error::from_raw_os_error(libc::ENOSPC))),
             Ok(n) => done += n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
@@ -28,6 +84,26 @@ fn write_counted(f: &File, cx: &Ctx, buf: &[u8], off: u64) -> Result<(), (usize,
         }
     }
     Ok(())
+}
+
+fn pwritev(f: &File, bufs: &[std::io::IoSlice], off: u64) -> std::io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    let off =
+        libc::off_t::try_from(off).map_err(|_| std::io::Error::from_raw_os_error(libc::EFBIG))?;
+    // SAFETY: `IoSlice` is ABI-compatible with `iovec` on Unix (std's guarantee); the slices
+    // outlive the call, which only reads them.
+    let r = unsafe {
+        libc::pwritev(
+            f.as_raw_fd(),
+            bufs.as_ptr().cast::<libc::iovec>(),
+            bufs.len() as libc::c_int,
+            off,
+        )
+    };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(r as usize)
 }
 
 /// A write of the ciphertext `buf` at data offset `at` into a file of old logical `size`
@@ -42,7 +118,7 @@ fn write_counted(f: &File, cx: &Ctx, buf: &[u8], off: u64) -> Result<(), (usize,
 fn settle_torn(
     f: &File,
     cx: &Ctx,
-    buf: &[u8],
+    buf: Pieces,
     at: u64,
     landed: usize,
     size: u64,
@@ -50,7 +126,8 @@ fn settle_torn(
     let mut pos = at + landed as u64;
     if !pos.is_multiple_of(BLOCK) {
         let stop = roundup_block(pos).min(at + buf.len() as u64);
-        if let Err((_, e)) = write_counted(f, cx, &buf[landed..(stop - at) as usize], pos) {
+        let rest = buf.copy(landed, (stop - at) as usize);
+        if let Err((_, e)) = write_counted(f, cx, Pieces::one(&rest), pos) {
             tracing::error!(
                 offset = pos,
                 error = %e,
@@ -80,6 +157,69 @@ fn rounddown_block(n: u64) -> u64 {
     n / BLOCK * BLOCK
 }
 
+/// The plaintext of a write: borrowed ([`write`]: copied into a pooled buffer as it is
+/// encrypted), or a buffer the caller gives up ([`write_mut`]: the units it covers whole are
+/// encrypted in place in it).
+pub(super) enum Src<'a> {
+    Shared(&'a [u8]),
+    Mut(&'a mut [u8]),
+}
+
+impl Src<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Src::Shared(d) => d.len(),
+            Src::Mut(d) => d.len(),
+        }
+    }
+
+    /// `(data[..a], data[a..b], data[b..])`, the middle to be encrypted in place: empty
+    /// (`a == b`) for a borrowed plaintext.
+    fn split3(&mut self, a: usize, b: usize) -> (&[u8], &mut [u8], &[u8]) {
+        match self {
+            Src::Shared(d) => {
+                debug_assert_eq!(a, b, "a borrowed plaintext is never encrypted in place");
+                (&d[..a], Default::default(), &d[a..])
+            }
+            Src::Mut(d) => {
+                let (pre, rest) = d.split_at_mut(a);
+                let (mid, post) = rest.split_at_mut(b - a);
+                (pre, mid, post)
+            }
+        }
+    }
+
+    /// After a write of `n` bytes of which `data[mid]` (units from `unit` on) were encrypted
+    /// in place: keeps [`write_mut`]'s promise. All written: the plaintext left beside the
+    /// middle (copied into the pooled buffer) is wiped. Short: the middle is decrypted back,
+    /// so that what did not land is the plaintext as given, and the written prefix is wiped.
+    pub(super) fn give_back(
+        &mut self,
+        cx: &Ctx,
+        h: &FileHeader,
+        mid: std::ops::Range<usize>,
+        unit: u64,
+        n: usize,
+    ) -> Result<usize, VolumeError> {
+        let Src::Mut(d) = self else {
+            return Ok(n);
+        };
+        // `fill` (a `memset`), not byte-wise volatile writes: the buffer is the caller's and
+        // outlives this call, so the stores cannot be dropped; the fence keeps them in place.
+        if n == d.len() {
+            d[..mid.start].fill(0);
+            d[mid.end..].fill(0);
+        } else {
+            if !mid.is_empty() {
+                decrypt(cx, h, unit, &mut d[mid])?;
+            }
+            d[..n].fill(0);
+        }
+        std::sync::atomic::compiler_fence(std::sync::atomic::Ordering::SeqCst);
+        Ok(n)
+    }
+}
+
 /// Writes `data` at `off`, growing the file as needed. Returns the bytes written.
 pub fn write(
     f: &File,
@@ -88,11 +228,40 @@ pub fn write(
     off: u64,
     data: &[u8],
 ) -> Result<usize, VolumeError> {
-    if data.is_empty() {
+    write_src(f, st, cx, off, Src::Shared(data))
+}
+
+/// [`write`] from a buffer the caller gives up (a FUSE request's own buffer): the units
+/// `data` covers whole are encrypted in place in it and stored from there, so they are
+/// neither copied into a pooled buffer nor left as plaintext to be wiped; only the partial
+/// units at its ends go through a pooled buffer (read-modify-write) as in [`write`].
+///
+/// On `Ok(n)`: `data[..n]` holds no plaintext (ciphertext, or zeros where it was copied out)
+/// and `data[n..]` the plaintext as given, to be written again after a short count. On
+/// `Err`: `data` may hold plaintext anywhere; the caller wipes it.
+pub fn write_mut(
+    f: &File,
+    st: &FileState,
+    cx: &Ctx,
+    off: u64,
+    data: &mut [u8],
+) -> Result<usize, VolumeError> {
+    write_src(f, st, cx, off, Src::Mut(data))
+}
+
+fn write_src(
+    f: &File,
+    st: &FileState,
+    cx: &Ctx,
+    off: u64,
+    mut data: Src,
+) -> Result<usize, VolumeError> {
+    let len = data.len();
+    if len == 0 {
         return Ok(0);
     }
     let end = off
-        .checked_add(data.len() as u64)
+        .checked_add(len as u64)
         .ok_or_else(|| os_err(libc::EFBIG))?;
     checked_backing_len(cx, end)?;
     // Whole units inside the file (the last one counts when the write reaches the end of
@@ -106,44 +275,57 @@ pub fn write(
             let _g = st.rmw.read().unwrap_or_else(|p| p.into_inner());
             let (blen, size) = backing_state(f, cx)?;
             if end <= size && (end % cx.sector == 0 || end == size) {
-                break 'done overwrite_units(f, st, cx, off, data, blen)?;
+                break 'done overwrite_units(f, st, cx, off, &mut data, blen)?;
             }
         }
         let _g = st.rmw.write().unwrap_or_else(|p| p.into_inner());
-        write_locked(f, st, cx, off, data)?
+        write_locked(f, st, cx, off, &mut data)?
     };
     // Outside the content lock: starting the disk may wait for its queue.
     writeout::wrote(&st.pending, f, n);
     Ok(n)
 }
 
-/// Whole units inside the file, under the shared lock: encrypted in a pooled buffer (which
-/// then holds ciphertext only), written back as they are.
+/// Whole units inside the file, under the shared lock: encrypted in place ([`write_mut`]) or
+/// in a pooled buffer (which then holds ciphertext only; so does the file's short last unit
+/// in either case), written back as they are.
 fn overwrite_units(
     f: &File,
     st: &FileState,
     cx: &Ctx,
     off: u64,
-    data: &[u8],
+    data: &mut Src,
     blen: u64,
 ) -> Result<usize, VolumeError> {
     let h = existing_header(f, st, cx, Some(blen))?;
-    let mut buf = PoolBuf::take(roundup_block(data.len() as u64) as usize);
-    buf[data.len()..].fill(0);
-    encrypt_copying(cx, &h, off / cx.sector, &mut buf, data, 0)?;
-    match write_counted(f, cx, &buf, off) {
-        Ok(()) => Ok(data.len()),
+    let len = data.len();
+    let whole = match data {
+        Src::Mut(_) => len / cx.sector as usize * cx.sector as usize,
+        Src::Shared(_) => 0,
+    };
+    let (_, mid, rest) = data.split3(0, whole);
+    let mut buf = PoolBuf::take(roundup_block(rest.len() as u64) as usize);
+    buf[rest.len()..].fill(0);
+    let m1 = off + whole as u64;
+    if !buf.is_empty() {
+        encrypt_copying(cx, &h, m1 / cx.sector, &mut buf, rest, 0)?;
+    }
+    encrypt(cx, &h, off / cx.sector, mid)?;
+    let pieces = Pieces([&*mid, &buf, &[]]);
+    let n = match write_counted(f, cx, pieces, off) {
+        Ok(()) => len,
         Err((landed, e)) => {
             // A hole's units need new blocks: the disk may fill up midway. As a local
             // filesystem: the bytes that landed, or the error when none did.
             let size = cx.layout.logical_size(blen).map_err(corrupt)?;
-            let pos = settle_torn(f, cx, &buf, off, landed, size)?;
-            match pos.saturating_sub(off).min(data.len() as u64) {
-                0 => Err(VolumeError::Os(e)),
-                n => Ok(n as usize),
+            let pos = settle_torn(f, cx, pieces, off, landed, size)?;
+            match pos.saturating_sub(off).min(len as u64) {
+                0 => return Err(VolumeError::Os(e)),
+                n => n as usize,
             }
         }
-    }
+    };
+    data.give_back(cx, &h, 0..whole, off / cx.sector, n)
 }
 
 /// The read-modify-write body of [`write`]; the caller holds the exclusive lock.
@@ -152,9 +334,10 @@ fn write_locked(
     st: &FileState,
     cx: &Ctx,
     off: u64,
-    data: &[u8],
+    data: &mut Src,
 ) -> Result<usize, VolumeError> {
-    let end = off + data.len() as u64;
+    let len = data.len();
+    let end = off + len as u64;
     let (old_len, size) = backing_state(f, cx)?;
     st.appending.store(end > size, Ordering::Relaxed);
     let h = header(f, st, cx, true, Some(old_len))?
@@ -175,7 +358,6 @@ fn write_locked(
     }
     let start = first * ss;
     let stop = units_end(new_size).min((last + 1) * ss);
-    let units = (stop - start) as usize;
     // Growth: the filler goes out in the same pwrite as the last unit, so the length moves
     // together with the data.
     let filler = if new_size != size {
@@ -183,23 +365,47 @@ fn write_locked(
     } else {
         0
     };
+    // The units `data` covers whole, `[m0, m1)`, are encrypted in place when it is given up
+    // ([`write_mut`]); the pooled buffer holds the units before and after them (at most one
+    // each: the partial ones) and the filler. With no such units, it holds everything.
+    let (m0, m1) = match data {
+        Src::Mut(_) if end / ss * ss > off.div_ceil(ss) * ss => {
+            (off.div_ceil(ss) * ss, end / ss * ss)
+        }
+        _ => (stop, stop),
+    };
+    let head = (m0 - start) as usize;
+    let gap = (m1 - m0) as usize;
+    // Index in the pooled buffer of a byte at `p` (from `start`) outside `[m0, m1)`.
+    let ix = |p: u64| -> usize {
+        if p >= m1 - start {
+            p as usize - gap
+        } else {
+            p as usize
+        }
+    };
+    let (pre, mid, post) = data.split3(
+        ((m0 - off) as usize).min(len),
+        ((m1 - off) as usize).min(len),
+    );
     // Zeros wherever neither the old units nor `data` will be put: before and after the
     // written range (the edge units read below overwrite parts of that), and the filler.
-    let mut buf = PoolBuf::take(units + filler);
+    let mut buf = PoolBuf::take((stop - start) as usize - gap + filler);
     buf[..(off - start) as usize].fill(0);
-    buf[(end - start) as usize..].fill(0);
-    // What must go back to disk: `buf[lo..hi]`. XTS is deterministic per block, so a block
-    // re-encrypted from the plaintext it already held comes out as the ciphertext stored:
-    // the blocks of a read unit before the write (and before the old end of file, past which
-    // the stale padding is zeroed) and after it (inside the old data) need no write. A hole
-    // unit is written whole: its zeros become ciphertext.
+    buf[ix(end - start)..].fill(0);
+    // What must go back to disk: bytes `[lo, hi)` from `start`. XTS is deterministic per
+    // block, so a block re-encrypted from the plaintext it already held comes out as the
+    // ciphertext stored: the blocks of a read unit before the write (and before the old end
+    // of file, past which the stale padding is zeroed) and after it (inside the old data)
+    // need no write. A hole unit is written whole: its zeros become ciphertext.
     let (mut lo, mut hi) = (0u64, stop - start);
-    // Keep the old bytes of the first and last units where the write does not cover them.
+    // Keep the old bytes of the first and last units where the write does not cover them
+    // (never units of `[m0, m1)`: those it covers whole).
     let edges = [first, last];
     for &s in &edges[..if first == last { 1 } else { 2 }] {
         let (s_start, s_old_end) = (s * ss, size.min(s * ss + ss));
         if s_start < size && !(off <= s_start && end >= s_old_end) {
-            let at = (s_start - start) as usize;
+            let at = ix(s_start - start);
             if read_unit(f, cx, &h, s, size, &mut buf[at..])? {
                 continue;
             }
@@ -212,35 +418,36 @@ fn write_locked(
             }
         }
     }
-    encrypt_copying(
-        cx,
-        &h,
-        first,
-        &mut buf[..units],
-        data,
-        (off - start) as usize,
-    )?;
+    if head > 0 {
+        encrypt_copying(cx, &h, first, &mut buf[..head], pre, (off - start) as usize)?;
+    }
+    if gap > 0 {
+        encrypt(cx, &h, m0 / ss, mid)?;
+        if stop > m1 {
+            let tail = head + (stop - m1) as usize;
+            encrypt_copying(cx, &h, m1 / ss, &mut buf[head..tail], post, 0)?;
+        }
+    }
     let want = cx.layout.backing_len(new_size);
     if new_size != size {
-        hi = buf.len() as u64;
+        hi = (buf.len() + gap) as u64;
     }
-    let torn = write_counted(f, cx, &buf[lo as usize..hi as usize], start + lo);
+    let pieces = if gap == 0 {
+        Pieces::one(&buf[lo as usize..hi as usize])
+    } else {
+        debug_assert!(lo <= m0 - start && hi >= m1 - start);
+        Pieces([&buf[lo as usize..head], &*mid, &buf[head..ix(hi)]])
+    };
+    let torn = write_counted(f, cx, pieces, start + lo);
     let (written, want) = match torn {
-        Ok(()) => (data.len(), want),
+        Ok(()) => (len, want),
         Err((landed, e)) => {
             // The backing disk filled up (or its file-size limit came) midway. As a local
             // filesystem: a short count of the bytes that landed, the size grown to their
             // end at most; when none landed, the error and the file as it was.
-            let pos = settle_torn(
-                f,
-                cx,
-                &buf[lo as usize..hi as usize],
-                start + lo,
-                landed,
-                size,
-            )
-            .inspect_err(|_| undo_growth(f, st, old_len))?;
-            match pos.saturating_sub(off).min(data.len() as u64) {
+            let pos = settle_torn(f, cx, pieces, start + lo, landed, size)
+                .inspect_err(|_| undo_growth(f, st, old_len))?;
+            match pos.saturating_sub(off).min(len as u64) {
                 0 => {
                     undo_growth(f, st, old_len);
                     return Err(VolumeError::Os(e));
@@ -251,10 +458,11 @@ fn write_locked(
     };
     // Growth inside the old filler shortens the backing file (e.g. 10 → 16 bytes); a torn
     // write may have left the length anywhere.
-    if written < data.len() || old_len.max(cx.layout.data_offset + start + hi) != want {
+    if written < len || old_len.max(cx.layout.data_offset + start + hi) != want {
         f.set_len(want).map_err(VolumeError::Os)?;
     }
-    Ok(written)
+    let mid = (m0.min(end) - off) as usize..(m1.min(end) - off) as usize;
+    data.give_back(cx, &h, mid, m0 / ss, written)
 }
 
 /// A growing write failed: sets the backing length back to `old_len` (best effort: a shrink
@@ -548,11 +756,13 @@ fn zero_range(
     // The partial edges, rewritten as encrypted zeros.
     let head_end = b.min(first_full);
     if a < head_end {
-        write_locked(f, st, cx, a, &vec![0u8; (head_end - a) as usize])?;
+        let zeros = vec![0u8; (head_end - a) as usize];
+        write_locked(f, st, cx, a, &mut Src::Shared(&zeros))?;
     }
     let tail_start = a.max(last_full_end);
     if tail_start < b && tail_start >= head_end {
-        write_locked(f, st, cx, tail_start, &vec![0u8; (b - tail_start) as usize])?;
+        let zeros = vec![0u8; (b - tail_start) as usize];
+        write_locked(f, st, cx, tail_start, &mut Src::Shared(&zeros))?;
     }
     Ok(())
 }

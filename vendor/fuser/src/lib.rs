@@ -643,6 +643,40 @@ pub trait Filesystem: Send + Sync + 'static {
         reply.error(Errno::ENOSYS);
     }
 
+    /// cmkfs patch (CMKFS-PATCH.md, fourth change): [`Filesystem::write`] with the payload
+    /// in the session's own request buffer, which the filesystem may change in place (e.g.
+    /// encrypt it and store it from there). The session no longer wipes the payload after
+    /// this returns: the filesystem must leave nothing in it that is not to stay in memory
+    /// until a later request overwrites it. The default calls [`Filesystem::write`] and then
+    /// zeroes the payload, as the session did. Requests that come over io_uring still go to
+    /// [`Filesystem::write`] (their payload is a copy the session wipes).
+    fn write_mut(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &mut [u8],
+        write_flags: WriteFlags,
+        flags: OpenFlags,
+        lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        self.write(
+            req,
+            ino,
+            fh,
+            offset,
+            data,
+            write_flags,
+            flags,
+            lock_owner,
+            reply,
+        );
+        data.fill(0);
+        std::sync::atomic::compiler_fence(std::sync::atomic::Ordering::SeqCst);
+    }
+
     /// Flush method.
     /// This is called on each `close()` of the opened file. Since file descriptors can
     /// be duplicated (dup, dup2, fork), for one open call there may be many flush

@@ -93,6 +93,59 @@ impl<'a> RequestWithSender<'a> {
         })
     }
 
+    /// cmkfs patch (CMKFS-PATCH.md, fourth change): a WRITE split by
+    /// [`ll::AnyRequest::split_write`], answered like any other request.
+    pub(crate) fn new_split(ch: ChannelSender, request: ll::AnyRequest<'a>) -> Self {
+        Self {
+            ch: ReplyTo::Channel(ch),
+            request,
+        }
+    }
+
+    /// cmkfs patch (CMKFS-PATCH.md, fourth change): dispatches a split WRITE to
+    /// [`Filesystem::write_mut`], which owns the payload from then on (it must leave nothing
+    /// secret in it). WRITE passes every `allowed` check, so there is none to make. Not
+    /// through `Display`: that parses the operation, which expects the payload after it.
+    pub(crate) fn dispatch_write<FS: Filesystem>(
+        &self,
+        se: &SessionEventLoop<FS>,
+        x: &ll::request::Write<'_>,
+        payload: &mut [u8],
+    ) {
+        debug!(
+            "FUSE({:3}) ino {:#018x} WRITE fh {:?} offset {:?} size {} thread={}",
+            self.request.unique().0,
+            self.request.nodeid().0,
+            x.file_handle(),
+            x.offset().ok(),
+            payload.len(),
+            se.thread_name
+        );
+        let Some(filesystem) = &se.filesystem.fs else {
+            error!("bug: filesystem must be initialized in dispatch_write");
+            payload.fill(0);
+            return self.reply::<ReplyRaw>().send_ll(&ResponseErrno(Errno::EIO));
+        };
+        let offset = match x.offset() {
+            Ok(o) => o,
+            Err(errno) => {
+                payload.fill(0);
+                return self.reply::<ReplyRaw>().send_ll(&ResponseErrno(errno));
+            }
+        };
+        filesystem.write_mut(
+            self.request_header(),
+            self.request.nodeid(),
+            x.file_handle(),
+            offset,
+            payload,
+            x.write_flags(),
+            x.flags(),
+            x.lock_owner(),
+            self.reply(),
+        );
+    }
+
     /// Dispatch request to the given filesystem.
     /// This calls the appropriate filesystem operation method for the
     /// request and sends back the returned reply to the kernel

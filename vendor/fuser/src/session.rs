@@ -580,6 +580,19 @@ impl<FS: Filesystem> SessionEventLoop<FS> {
             // The kernel driver makes sure that we get exactly one request per read
             match self.ch.receive_retrying(buf) {
                 Ok(size) => {
+                    // cmkfs patch (CMKFS-PATCH.md, fourth change): a WRITE's payload goes to
+                    // the filesystem as `&mut [u8]` (`Filesystem::write_mut`), which wipes
+                    // what it leaves there; only the header and arguments are wiped here.
+                    if let Some((request, write, payload)) =
+                        crate::ll::AnyRequest::split_write(&mut buf[..size])
+                    {
+                        let head = size - payload.len();
+                        RequestWithSender::new_split(self.ch.sender(), request)
+                            .dispatch_write(self, &write, payload);
+                        buf[..head].fill(0);
+                        std::sync::atomic::compiler_fence(std::sync::atomic::Ordering::SeqCst);
+                        continue;
+                    }
                     match RequestWithSender::new(self.ch.sender(), &buf[..size]) {
                         // Dispatch request
                         Some(req) => {

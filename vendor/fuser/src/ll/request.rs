@@ -735,6 +735,16 @@ mod op {
         pub(crate) fn data(&self) -> &'a [u8] {
             self.data
         }
+        /// cmkfs patch (CMKFS-PATCH.md, fourth change): the header and arguments of a WRITE
+        /// whose payload was split off ([`super::AnyRequest::split_write`]); `data()` is empty.
+        pub(crate) fn head(header: &'a fuse_in_header, args: &'a [u8]) -> Option<Write<'a>> {
+            let mut args = ArgumentIterator::new(args);
+            Some(Write {
+                header,
+                arg: args.fetch()?,
+                data: &[],
+            })
+        }
         /// Will contain `FUSE_WRITE_CACHE`, if this write is from the page cache. If set,
         /// the pid, uid, gid, and fh may not match the value that would have been sent if write caching
         /// is disabled
@@ -1876,6 +1886,8 @@ mod op {
     }
 }
 use op::*;
+// cmkfs patch (CMKFS-PATCH.md, fourth change): a split WRITE is dispatched outside `Operation`.
+pub(crate) use op::Write;
 
 /// Filesystem operation (and arguments) the kernel driver wants us to perform. The fields of each
 /// variant needs to match the actual arguments the kernel driver sends for the specific operation.
@@ -2129,6 +2141,42 @@ pub(crate) struct AnyRequest<'a> {
 }
 
 impl<'a> AnyRequest<'a> {
+    /// cmkfs patch (CMKFS-PATCH.md, fourth change): a well-formed WRITE request split into
+    /// its header with the parsed arguments and its payload, which the filesystem may change
+    /// in place (`Filesystem::write_mut`). `None` for any other request, or a WRITE whose
+    /// sizes do not add up (it goes the usual way, which reports it).
+    pub(crate) fn split_write(
+        data: &'a mut [u8],
+    ) -> Option<(AnyRequest<'a>, Write<'a>, &'a mut [u8])> {
+        let hdr = size_of::<fuse_in_header>();
+        let head_len = hdr + size_of::<abi::fuse_write_in>();
+        let word = |at: usize| -> Option<u32> {
+            Some(u32::from_ne_bytes(data.get(at..at + 4)?.try_into().ok()?))
+        };
+        let (len, opcode) = (word(0)? as usize, word(4)?);
+        // `fuse_write_in.size`: after `fh` and `offset`.
+        let size = word(hdr + 16)? as usize;
+        if opcode != fuse_opcode::FUSE_WRITE as u32
+            || len > data.len()
+            || len < head_len
+            || len - head_len != size
+        {
+            return None;
+        }
+        let (head, payload) = data[..len].split_at_mut(head_len);
+        let head: &'a [u8] = head;
+        let header: &fuse_in_header = ArgumentIterator::new(head).fetch()?;
+        let write = Write::head(header, &head[hdr..])?;
+        Some((
+            Self {
+                header,
+                data: &head[hdr..],
+            },
+            write,
+            payload,
+        ))
+    }
+
     /// Returns the unique identifier of this request.
     ///
     /// The FUSE kernel driver assigns a unique id to every concurrent request. This allows to
