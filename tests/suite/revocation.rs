@@ -312,6 +312,7 @@ fn status_json_schema_is_stable_and_the_hook_sees_events() {
             "cipherdir",
             "des",
             "grace_period_s",
+            "ids_not_durable",
             "key_check_interval_s",
             "key_id",
             "key_version",
@@ -334,6 +335,7 @@ fn status_json_schema_is_stable_and_the_hook_sees_events() {
     );
     assert_eq!(st["schema"], 1);
     assert_eq!(st["state"], "Accessible");
+    assert_eq!(st["ids_not_durable"], serde_json::Value::Null);
     assert_eq!(st["mounted"], true);
     assert_eq!(st["key_id"], env.info(&env.cipher)["key_id"]);
     // By cipher dir too, and as a list.
