@@ -12,7 +12,7 @@
 #   --quick          development mode: 128 MiB files, short random jobs, a small tarball
 #   --size MIB       file size of the sequential and random jobs (default 1024)
 #   --runtime SEC    seconds of each time-based random job (default 20; 5 with --quick)
-#   --rounds N       repeat every job N times (filesystems interleaved); medians are shown
+#   --rounds N       repeat every job N times (filesystems interleaved, their order rotated each round); medians are shown
 #   --out DIR        where results.jsonl, table.md and plot.svg go (default target/bench-fio/<time>)
 #   --svg FILE       also copy the plot there (e.g. docs/bench/fio.svg)
 #   --only JOBS      run only these jobs (names as in the table's first column)
@@ -299,8 +299,13 @@ fi
 LOAD0=$(cut -d' ' -f1-3 /proc/loadavg)
 echo "bench-fio: ${FSS[*]}; jobs ${JOBS[*]}; ${SIZE} MiB, ${ROUNDS} round(s); load $LOAD0; results in $OUT"
 for ((r = 1; r <= ROUNDS; r++)); do
+    # Each round starts one filesystem further on: what runs right after another pays for
+    # some of the disk work that one left (the metadata job took 1.15-1.2x its time in the
+    # slot after raw, session 10), so no filesystem keeps the same neighbour in every round.
+    ORDER=()
+    for ((i = 0; i < ${#FSS[@]}; i++)); do ORDER+=("${FSS[$(((i + r - 1) % ${#FSS[@]}))]}"); done
     for job in "${JOBS[@]}"; do
-        for fs in "${FSS[@]}"; do
+        for fs in "${ORDER[@]}"; do
             c0=$(ticks "$fs")
             read -r bytes secs iops stages < <(run_job "$job" "$fs")
             c1=$(ticks "$fs")
