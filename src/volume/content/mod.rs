@@ -55,13 +55,16 @@ pub use write::{fallocate, truncate, write, write_mut};
 ///
 /// The backing length is not cached: it is read (`fstat`) by every request, so a backing
 /// file changed behind the mount (a sync client, a restore) is seen at once, never written
-/// through with a stale length (docs/PERFORMANCE.md).
+/// through with a stale length (docs/PERFORMANCE.md). The cached header is only used while
+/// that same `fstat` shows the change time it was last checked at: a file rewritten in place
+/// behind the mount (`rsync --inplace`, a restore: another file's bytes, another file id) has
+/// its header read again before any unit is decrypted or encrypted (attack session 17, F1).
 #[derive(Debug, Default)]
 pub struct FileState {
     /// Shared for reads and whole-unit overwrites inside the file; exclusive for anything
     /// that reads-modifies-writes a unit or moves the end of the file.
     pub(crate) rmw: RwLock<()>,
-    header: Mutex<Option<FileHeader>>,
+    header: Mutex<Option<CachedHeader>>,
     /// Whether the last write through the exclusive lock grew the file: a hint that the
     /// next one will too (a sequential writer), so it takes the exclusive lock at once
     /// instead of first checking the length under the shared one (one `fstat` less per
@@ -74,13 +77,61 @@ pub struct FileState {
     pending: writeout::Pending,
 }
 
+/// A file header as last read or written, and the backing file's change time it was last
+/// checked at (`None`: not yet; the next request's `fstat` sets it after reading the header
+/// again, which costs one 32-byte `pread` from the page cache).
+#[derive(Debug, Clone, Copy)]
+struct CachedHeader {
+    h: FileHeader,
+    seen: Option<Ctime>,
+}
+
+/// A change time (`st_ctime`, `st_ctime_nsec`). Every write to a file moves it, and Linux
+/// (6.13+, multigrain timestamps) gives a change after a `stat` a fine-grained time that
+/// differs from the one that `stat` saw; on older kernels, or filesystems without
+/// multigrain timestamps, a rewrite within one clock tick (a few ms) of our last `fstat`
+/// can keep the time unchanged (docs/ARCHITECTURE.md, "File header cache").
+type Ctime = (i64, i64);
+
+/// The backing file's length and change time, both from the one `fstat` a request makes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Backing {
+    /// Length in bytes.
+    pub len: u64,
+    ctime: Ctime,
+}
+
+impl Backing {
+    /// `fstat` of `f`.
+    fn of(f: &File) -> Result<Backing, VolumeError> {
+        use std::os::unix::fs::MetadataExt;
+        let m = f.metadata().map_err(VolumeError::Os)?;
+        Ok(Backing {
+            len: m.len(),
+            ctime: (m.ctime(), m.ctime_nsec()),
+        })
+    }
+}
+
 impl FileState {
-    /// Replaces the cached file header (after writing it to disk).
+    /// Replaces the cached file header (after writing it to disk; writing it moved the
+    /// change time, so the next request reads it back once before trusting it again).
     pub(crate) fn set_cached_header(&self, h: Option<FileHeader>) {
-        *self.header.lock().unwrap_or_else(|p| p.into_inner()) = h;
+        *self.header.lock().unwrap_or_else(|p| p.into_inner()) =
+            h.map(|h| CachedHeader { h, seen: None });
     }
 
-    /// Whether the file header is cached (no system call).
+    /// Whether the file header is cached and was checked at change time `ctime` (no system
+    /// call).
+    fn header_current(&self, bk: &Backing) -> bool {
+        self.header
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some_and(|c| c.seen == Some(bk.ctime))
+    }
+
+    /// Whether a file header is cached, current or not (no system call).
+    #[cfg(test)]
     pub(crate) fn header_cached(&self) -> bool {
         self.header
             .lock()
@@ -119,7 +170,9 @@ pub(crate) fn check_bare_header(
     if backing_len == 0 || cx.layout.logical_size(backing_len) != Ok(0) {
         return Ok(());
     }
-    let h = existing_header(f, st, cx, Some(backing_len))?;
+    // The length alone came with the caller's `fstat`: one more for the change time (this
+    // is the rare file that is its header area alone).
+    let h = existing_header(f, st, cx, None)?;
     if let Err(e) = key_runs(cx, &h, 0, 0) {
         st.set_cached_header(None);
         return Err(e);
@@ -150,31 +203,46 @@ fn os_err(errno: i32) -> VolumeError {
     VolumeError::Os(std::io::Error::from_raw_os_error(errno))
 }
 
-/// The backing length and the logical size it encodes.
-fn backing_state(f: &File, cx: &Ctx) -> Result<(u64, u64), VolumeError> {
-    let len = f.metadata().map_err(VolumeError::Os)?.len();
-    Ok((len, cx.layout.logical_size(len).map_err(corrupt)?))
+/// The backing length and change time, and the logical size the length encodes.
+fn backing_state(f: &File, cx: &Ctx) -> Result<(Backing, u64), VolumeError> {
+    let bk = Backing::of(f)?;
+    Ok((bk, cx.layout.logical_size(bk.len).map_err(corrupt)?))
 }
 
 /// The file header, from the cache or the file (written first when `create` and the file is
-/// empty). `len`: the backing length if the caller has just read it under the content lock
-/// (saves an `fstat` on the first request of each open file).
+/// empty). `bk`: the backing length and change time if the caller has just read them under
+/// the content lock (else one `fstat` here).
+///
+/// The cache is used only while the change time is the one it was checked at. Another one
+/// (our own writes move it too) reads the header again: the same header is kept, with the
+/// new time. A different valid header means the whole file was replaced in place by another
+/// file of this volume (a sync client, `rsync --inplace`, a restore): its bytes are that
+/// file's units under that header, so the new header is used for this and later requests,
+/// reads return the new contents and writes are stored under the header that is on disk,
+/// as if the file had been replaced by a rename. Answering EIO instead would make a file
+/// that decrypts correctly unreadable until every handle closed, and would protect nothing:
+/// the units on disk are readable under the new header only. An invalid header fails as
+/// usual (`CorruptFile`, EIO) and is not cached.
 fn header(
     f: &File,
     st: &FileState,
     cx: &Ctx,
     create: bool,
-    len: Option<u64>,
+    bk: Option<Backing>,
 ) -> Result<Option<FileHeader>, VolumeError> {
     let mut cached = st.header.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some(h) = *cached {
-        return Ok(Some(h));
-    }
-    let len = match len {
-        Some(l) => l,
-        None => f.metadata().map_err(VolumeError::Os)?.len(),
+    let bk = match bk {
+        Some(b) => b,
+        None => Backing::of(f)?,
     };
-    if len == 0 {
+    let old = cached.take();
+    if let Some(c) = old {
+        if c.seen == Some(bk.ctime) && bk.len != 0 {
+            *cached = Some(c);
+            return Ok(Some(c.h));
+        }
+    }
+    if bk.len == 0 {
         if !create {
             return Ok(None);
         }
@@ -189,7 +257,7 @@ fn header(
             let _ = f.set_len(0);
             return Err(VolumeError::Os(e));
         }
-        *cached = Some(h);
+        *cached = Some(CachedHeader { h, seen: None });
         return Ok(Some(h));
     }
     let mut b = [0u8; FILE_HEADER_LEN];
@@ -201,8 +269,25 @@ fn header(
         }
     })?;
     let h = decode_header(cx, &b)?;
-    *cached = Some(h);
+    note_replaced(old.map(|c| c.h), &h);
+    *cached = Some(CachedHeader {
+        h,
+        seen: Some(bk.ctime),
+    });
     Ok(Some(h))
+}
+
+/// Logs a file header that changed behind the mount (not a change of ours: those update the
+/// cache as they write).
+fn note_replaced(old: Option<FileHeader>, new: &FileHeader) {
+    if let Some(old) = old {
+        if old != *new {
+            tracing::info!(
+                "a backing file's header changed behind the mount (the file was replaced in \
+                 place): its new header is used"
+            );
+        }
+    }
 }
 
 /// Decodes a stored file header and checks that it is this volume's file format.
@@ -236,7 +321,8 @@ const MAX_HEADER_AREA: usize = 4096;
 /// data are contiguous), when the header is not cached yet: the first read of a file opened
 /// anew, at its start, costs one system call instead of two (`pread` of the header, `pread`
 /// of the units; docs/PERFORMANCE.md, "Session 10"). Checked as [`header`] checks it, then
-/// cached. `Ok(None)`, with `buf` in any state, when the header is cached already or the
+/// cached as checked at `bk`'s change time. `Ok(None)`, with `buf` in any state, when the
+/// header is cached and current already or the
 /// file gave fewer bytes than asked or an error (it shrank or changed behind the mount): the
 /// caller reads the two apart, which says what is wrong. The cache lives while some handle
 /// of the file is open, as before: nothing read here outlives what [`header`] would read.
@@ -244,11 +330,14 @@ fn header_and_data(
     f: &File,
     st: &FileState,
     cx: &Ctx,
+    bk: &Backing,
     buf: &mut [u8],
 ) -> Result<Option<FileHeader>, VolumeError> {
     let mut cached = st.header.lock().unwrap_or_else(|p| p.into_inner());
     let area_len = cx.layout.data_offset as usize;
-    if cached.is_some() || !(FILE_HEADER_LEN..=MAX_HEADER_AREA).contains(&area_len) {
+    if cached.is_some_and(|c| c.seen == Some(bk.ctime))
+        || !(FILE_HEADER_LEN..=MAX_HEADER_AREA).contains(&area_len)
+    {
         return Ok(None);
     }
     let mut area = [0u8; MAX_HEADER_AREA];
@@ -263,8 +352,18 @@ fn header_and_data(
     }
     let mut b = [0u8; FILE_HEADER_LEN];
     b.copy_from_slice(&area[..FILE_HEADER_LEN]);
-    let h = decode_header(cx, &b)?;
-    *cached = Some(h);
+    let h = match decode_header(cx, &b) {
+        Ok(h) => h,
+        Err(e) => {
+            *cached = None;
+            return Err(e);
+        }
+    };
+    note_replaced(cached.map(|c| c.h), &h);
+    *cached = Some(CachedHeader {
+        h,
+        seen: Some(bk.ctime),
+    });
     Ok(Some(h))
 }
 
@@ -272,9 +371,9 @@ fn existing_header(
     f: &File,
     st: &FileState,
     cx: &Ctx,
-    len: Option<u64>,
+    bk: Option<Backing>,
 ) -> Result<FileHeader, VolumeError> {
-    header(f, st, cx, false, len)?.ok_or_else(|| corrupt("non-empty file without a header"))
+    header(f, st, cx, false, bk)?.ok_or_else(|| corrupt("non-empty file without a header"))
 }
 
 /// A read of the backing file failed: short (the file shrank behind the mount) or an error.

@@ -69,9 +69,9 @@ pub fn read_buf(
     len: usize,
 ) -> Result<ReadBuf, VolumeError> {
     let _g = st.rmw.read().unwrap_or_else(|p| p.into_inner());
-    let (blen, size) = backing_state(f, cx)?;
+    let (bk, size) = backing_state(f, cx)?;
     if off >= size || len == 0 {
-        check_bare_header(f, st, cx, blen)?;
+        check_bare_header(f, st, cx, bk.len)?;
         return Ok(ReadBuf::empty());
     }
     let end = size.min(off.saturating_add(len as u64));
@@ -81,9 +81,9 @@ pub fn read_buf(
     let n = (stop - start) as usize;
     // The first read of a file opened anew, at its start and buffered (a direct read needs
     // an aligned buffer and offset): header and units in one system call.
-    if start == 0 && n < direct::DIRECT_MIN && !st.header_cached() {
+    if start == 0 && n < direct::DIRECT_MIN && !st.header_current(&bk) {
         let mut buf = PoolBuf::take(n);
-        if let Some(h) = header_and_data(f, st, cx, &mut buf[..n])? {
+        if let Some(h) = header_and_data(f, st, cx, &bk, &mut buf[..n])? {
             decrypt(cx, &h, first, &mut buf[..n])?;
             return Ok(ReadBuf {
                 buf,
@@ -91,7 +91,7 @@ pub fn read_buf(
             });
         }
     }
-    let h = existing_header(f, st, cx, Some(blen))?;
+    let h = existing_header(f, st, cx, Some(bk))?;
     // Large requests read without the page-cache copy, the units at `at` in an aligned
     // buffer; the others buffered, at its start. Every byte of the units is read from the
     // file before it is used.

@@ -759,3 +759,105 @@ fn a_first_read_at_the_start_matches_the_two_step_read() {
         }
     }
 }
+
+/// Overwrites `f` in place with `bytes` (same inode: what `rsync --inplace` or a restore
+/// does) and returns once its change time differs from before, as it does on a kernel with
+/// multigrain timestamps; elsewhere a rewrite within one clock tick of the last `fstat`
+/// keeps the time, so the rewrite is repeated after a millisecond (the contract: a rewrite
+/// that finished, then a request).
+fn rewrite_in_place(f: &File, bytes: &[u8]) {
+    use std::os::unix::fs::MetadataExt;
+    let ctime = |f: &File| {
+        let m = f.metadata().unwrap();
+        (m.ctime(), m.ctime_nsec())
+    };
+    let before = ctime(f);
+    f.set_len(bytes.len() as u64).unwrap();
+    f.write_all_at(bytes, 0).unwrap();
+    while ctime(f) == before {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+        f.write_all_at(&bytes[..1], 0).unwrap();
+    }
+}
+
+/// Attack session 17, F1: a backing file rewritten in place behind the mount with another
+/// file's bytes (another file id in its header) while a `FileState` of it lives. The next
+/// request through that state must use the header now on disk: a read returns the other
+/// file's plaintext, never units decrypted under the stale file id, and a write is stored
+/// under the new header, so that it reads back through a state opened anew. Every first
+/// request kind: a read at the start (header and units in one `preadv`), a read inside the
+/// file, a whole-unit overwrite (shared lock) and a partial write (read-modify-write); same
+/// and other lengths; v2 and v3. Then an invalid header: EIO, not cached, and once a valid
+/// file is back, read as that one.
+#[test]
+fn a_file_rewritten_in_place_is_read_and_written_under_its_new_header() {
+    let seed = rand::random::<u64>();
+    eprintln!("seed {seed}");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    for lay in [Layout::V3, Layout::V2] {
+        for (first, other_len) in [(0, 3 * 4096 + 5), (1, 3 * 4096 + 5), (2, 9000), (3, 100)] {
+            let fx = fixture_in(lay, 4096, 1, false);
+            let ctx =
+                format!("{lay:?} first request {first}, other length {other_len}, seed {seed}");
+            let mine: Vec<u8> = (0..3 * 4096 + 5).map(|_| rng.gen()).collect();
+            fx.write(0, &mine);
+            assert_eq!(fx.all(), mine);
+            // Another file of the same volume, written through its own state.
+            let path_b = fx._dir.path().join("b");
+            let fb = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&path_b)
+                .unwrap();
+            let mut other: Vec<u8> = (0..other_len).map(|_| rng.gen()).collect();
+            write(&fb, &FileState::default(), &fx.cx(), 0, &other).unwrap();
+            let b_bytes = std::fs::read(&path_b).unwrap();
+            assert_ne!(b_bytes[..FILE_HEADER_LEN], fx.raw()[..FILE_HEADER_LEN]);
+            rewrite_in_place(&fx.file, &b_bytes);
+            match first {
+                0 => assert!(fx.all() == other, "{ctx}: not the new file's plaintext"),
+                1 => {
+                    let got = read(&fx.file, &fx.st, &fx.cx(), 4096 + 3, 100).unwrap();
+                    assert!(got == other[4096 + 3..4096 + 103], "{ctx}");
+                }
+                2 => {
+                    let unit: Vec<u8> = (0..4096).map(|_| rng.gen()).collect();
+                    fx.write(4096, &unit);
+                    other[4096..8192].copy_from_slice(&unit);
+                }
+                _ => {
+                    let bytes: Vec<u8> = (0..37).map(|_| rng.gen()).collect();
+                    fx.write(50, &bytes);
+                    other[50..87].copy_from_slice(&bytes);
+                }
+            }
+            // A write after it, then a state opened anew (what a remount sees).
+            let tail: Vec<u8> = (0..700).map(|_| rng.gen()).collect();
+            fx.write(10, &tail);
+            other.resize(other.len().max(710), 0);
+            other[10..710].copy_from_slice(&tail);
+            assert!(fx.all() == other, "{ctx}: not the new file's plaintext");
+            let fresh = FileState::default();
+            let got = read(&fx.file, &fresh, &fx.cx(), 0, usize::MAX / 2).unwrap();
+            assert!(got == other, "{ctx}: not stored under the header on disk");
+
+            // A header that is no file's: EIO, for every request, and nothing cached.
+            let good = fx.raw();
+            let mut bad = good.clone();
+            bad[..FILE_HEADER_LEN].fill(0x5a);
+            rewrite_in_place(&fx.file, &bad);
+            for _ in 0..2 {
+                let e = read(&fx.file, &fx.st, &fx.cx(), 0, 10).unwrap_err();
+                assert!(matches!(e, VolumeError::CorruptFile { .. }), "{ctx}: {e}");
+                let e = write(&fx.file, &fx.st, &fx.cx(), 4096, &[1; 4096]).unwrap_err();
+                assert!(matches!(e, VolumeError::CorruptFile { .. }), "{ctx}: {e}");
+            }
+            assert!(!fx.st.header_cached(), "{ctx}");
+            // A copy of the first file's bytes back: read as that file.
+            rewrite_in_place(&fx.file, &good);
+            assert!(fx.all() == other, "{ctx}: not the new file's plaintext");
+        }
+    }
+}

@@ -9,8 +9,8 @@ use std::sync::atomic::Ordering;
 use super::cipher::{decrypt, encrypt, encrypt_copying};
 use super::read::read_unit;
 use super::{
-    backing_state, corrupt, existing_header, header, os_err, read_exact, write_at, writeout, Ctx,
-    FileHeader, FileState, VolumeError,
+    backing_state, corrupt, existing_header, header, os_err, read_exact, write_at, writeout,
+    Backing, Ctx, FileHeader, FileState, VolumeError,
 };
 use crate::volume::bufpool::PoolBuf;
 use crate::volume::layout::{self, roundup_block, unit_extent, units_end, BLOCK};
@@ -273,9 +273,9 @@ fn write_src(
     let n = 'done: {
         if off.is_multiple_of(cx.sector) && !st.appending.load(Ordering::Relaxed) {
             let _g = st.rmw.read().unwrap_or_else(|p| p.into_inner());
-            let (blen, size) = backing_state(f, cx)?;
+            let (bk, size) = backing_state(f, cx)?;
             if end <= size && (end % cx.sector == 0 || end == size) {
-                break 'done overwrite_units(f, st, cx, off, &mut data, blen)?;
+                break 'done overwrite_units(f, st, cx, off, &mut data, bk)?;
             }
         }
         let _g = st.rmw.write().unwrap_or_else(|p| p.into_inner());
@@ -295,9 +295,10 @@ fn overwrite_units(
     cx: &Ctx,
     off: u64,
     data: &mut Src,
-    blen: u64,
+    bk: Backing,
 ) -> Result<usize, VolumeError> {
-    let h = existing_header(f, st, cx, Some(blen))?;
+    let blen = bk.len;
+    let h = existing_header(f, st, cx, Some(bk))?;
     let len = data.len();
     let whole = match data {
         Src::Mut(_) => len / cx.sector as usize * cx.sector as usize,
@@ -338,9 +339,10 @@ fn write_locked(
 ) -> Result<usize, VolumeError> {
     let len = data.len();
     let end = off + len as u64;
-    let (old_len, size) = backing_state(f, cx)?;
+    let (bk, size) = backing_state(f, cx)?;
+    let old_len = bk.len;
     st.appending.store(end > size, Ordering::Relaxed);
-    let h = header(f, st, cx, true, Some(old_len))?
+    let h = header(f, st, cx, true, Some(bk))?
         .ok_or_else(|| corrupt("could not create the file header"))?;
     let ss = cx.sector;
     let new_size = size.max(end);
@@ -542,7 +544,7 @@ pub fn truncate(f: &File, st: &FileState, cx: &Ctx, new_size: u64) -> Result<(),
 
 fn truncate_locked(f: &File, st: &FileState, cx: &Ctx, new_size: u64) -> Result<(), VolumeError> {
     checked_backing_len(cx, new_size)?;
-    let (blen, size) = backing_state(f, cx)?;
+    let (bk, size) = backing_state(f, cx)?;
     if new_size == size {
         return Ok(());
     }
@@ -553,7 +555,7 @@ fn truncate_locked(f: &File, st: &FileState, cx: &Ctx, new_size: u64) -> Result<
         *st.header.lock().unwrap_or_else(|p| p.into_inner()) = None;
         return Ok(());
     }
-    let h = header(f, st, cx, true, Some(blen))?
+    let h = header(f, st, cx, true, Some(bk))?
         .ok_or_else(|| corrupt("could not create the file header"))?;
     let want = cx.layout.backing_len(new_size);
     if new_size > size {
@@ -658,8 +660,8 @@ pub fn fallocate(
     let end = off.checked_add(len).ok_or_else(|| os_err(libc::EFBIG))?;
     let keep = mode & libc::FALLOC_FL_KEEP_SIZE != 0;
     let _g = st.rmw.write().unwrap_or_else(|p| p.into_inner());
-    let (blen, size) = backing_state(f, cx)?;
-    check_size_limit(f, cx, blen, end)?;
+    let (bk, size) = backing_state(f, cx)?;
+    check_size_limit(f, cx, bk.len, end)?;
     if mode & (libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE) != 0 {
         zero_range(f, st, cx, off, end.min(size), size)?;
         if !keep && end > size {
