@@ -3,7 +3,8 @@
 //! read of a freshly opened file taking its header and data in one system call.
 //!
 //! One mount per test, `--cache-timeout 0`: the kernel drops a file's pages at every open,
-//! so every read below reaches the daemon with nothing of the file cached there either.
+//! so every read below reaches the daemon with nothing of the file cached there either. And
+//! a backing file rewritten in place behind an open handle (attack session 17, F1).
 
 use crate::common;
 
@@ -190,4 +191,69 @@ fn first_reads_of_fresh_opens_match_a_plain_directory() {
     drop(w);
     assert_eq!(fs::read(m.path("f0")).unwrap(), b"!");
     m.unmount();
+}
+
+/// Attack session 17, F1: a backing file rewritten in place behind the mount (same inode,
+/// another file's bytes: another file id in its header, what `rsync --inplace`, a sync
+/// client or a restore does) while a handle of it is open. Reads through that handle and
+/// through a fresh open return the other file's contents (the kernel may still serve the
+/// handle's pages it holds of the old ones), never bytes decrypted under the stale file id;
+/// a `pwrite` + `fsync` through the handle is stored under the header on disk, so it reads
+/// back after a remount. With the kernel's writeback cache and without.
+#[test]
+fn a_file_rewritten_in_place_behind_an_open_handle_reads_and_writes_as_the_new_file() {
+    let env = Env::new();
+    env.init(&env.cipher).assert_ok();
+    let seed = seed("mount_meta::rewritten_in_place");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    for extra in [&["--no-writeback-cache"][..], &[][..]] {
+        let mut args = vec!["--cache-timeout", "0"];
+        args.extend_from_slice(extra);
+        let m = env.mount_with(&env.cipher, &env.mnt, &args);
+        let a = random_bytes(&mut rng, 3 * 4096);
+        let b = random_bytes(&mut rng, 3 * 4096);
+        fs::write(m.path("A"), &a).unwrap();
+        fs::write(m.path("B"), &b).unwrap();
+        let (ba, bb) = (
+            backing_of(&env.cipher, &m.path("A")),
+            backing_of(&env.cipher, &m.path("B")),
+        );
+        let h = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(m.path("A"))
+            .unwrap();
+        let mut buf = vec![0u8; 10];
+        h.read_exact_at(&mut buf, 0).unwrap();
+        assert_eq!(buf, a[..10]);
+        // In place: same inode, B's bytes (its header, its units).
+        let f = OpenOptions::new().write(true).open(&ba).unwrap();
+        let ino = f.metadata().unwrap().ino();
+        f.write_all_at(&fs::read(&bb).unwrap(), 0).unwrap();
+        drop(f);
+        assert_eq!(fs::metadata(&ba).unwrap().ino(), ino);
+        let mut got = vec![0u8; a.len()];
+        h.read_exact_at(&mut got, 0).unwrap();
+        assert!(
+            got == b || got == a,
+            "{extra:?}: the open handle read neither file's contents, seed {seed}"
+        );
+        assert!(
+            fs::read(m.path("A")).unwrap() == b,
+            "{extra:?}: a fresh open read garbage, seed {seed}"
+        );
+        let w = random_bytes(&mut rng, 4096);
+        h.write_all_at(&w, 4096).unwrap();
+        h.sync_all().unwrap();
+        drop(h);
+        m.unmount();
+        let m = env.mount_with(&env.cipher, &env.mnt, &args);
+        let mut want = b.clone();
+        want[4096..8192].copy_from_slice(&w);
+        assert!(
+            fs::read(m.path("A")).unwrap() == want,
+            "{extra:?}: the acknowledged write does not read back after a remount, seed {seed}"
+        );
+        m.unmount();
+    }
 }
