@@ -71,11 +71,13 @@ use std::fs::File;
 use std::io;
 use std::io::Write;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
+use super::bufpool::{PoolBuf, DIO_ALIGN};
 use super::names::DIRID_FILE;
 use super::sys;
 
@@ -283,9 +285,35 @@ struct Inner {
     /// Tests: this many of the next fsyncs fail with `EIO`.
     #[cfg(test)]
     fail_next: std::sync::atomic::AtomicUsize,
+    /// Tests: this many of the next read-backs find the id lost.
+    #[cfg(test)]
+    lose_next: std::sync::atomic::AtomicUsize,
     /// Tests: how many failed ids were written again.
     #[cfg(test)]
     rewrites: std::sync::atomic::AtomicUsize,
+}
+
+/// The first bytes of `f` (at most one [`DIO_ALIGN`] block) as the disk holds them: read
+/// through a second, `O_DIRECT` open of the same file.
+fn read_back(f: &File) -> io::Result<Vec<u8>> {
+    let d = sys::reopen_direct(f.as_fd())?;
+    let mut buf = PoolBuf::take_aligned(DIO_ALIGN);
+    loop {
+        match d.read_at(&mut buf[..], 0) {
+            Ok(n) => return Ok(buf[..n].to_vec()),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// A read-back that did not find the id just fsynced: `EIO`, worded for the status.
+fn lost_write() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::Other,
+        "the id read back from the disk is not the one written: the device lost the write \
+         (os error 5)",
+    )
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -315,6 +343,8 @@ impl PendingIds {
                 health: IdHealth::default(),
                 #[cfg(test)]
                 fail_next: std::sync::atomic::AtomicUsize::new(0),
+                #[cfg(test)]
+                lose_next: std::sync::atomic::AtomicUsize::new(0),
                 #[cfg(test)]
                 rewrites: std::sync::atomic::AtomicUsize::new(0),
             }),
@@ -419,7 +449,8 @@ impl Inner {
         if p.failed.is_some() {
             return self.rewrite(p);
         }
-        self.sync(&p.file)
+        self.sync(&p.file)?;
+        self.verify(&p.file, &p.id)
     }
 
     /// A new id file with `p`'s bytes, fsynced, renamed over the old one, the directory
@@ -433,6 +464,7 @@ impl Inner {
             let mut f = sys::create_regular(dir, &tmp, 0o444)?;
             f.write_all(&p.id)?;
             self.sync(&f)?;
+            self.verify(&f, &p.id)?;
             sys::rename(dir, &tmp, dir, OsStr::new(DIRID_FILE), 0)?;
             p.file = f;
             sys::fsync_dir(dir)
@@ -454,6 +486,31 @@ impl Inner {
             return Err(io::Error::from_raw_os_error(libc::EIO));
         }
         f.sync_all()
+    }
+
+    /// Reads the just-fsynced id back from the disk (`O_DIRECT`, past the page cache) and
+    /// fails with `EIO` unless it is `id`: a device may acknowledge a write it did not do.
+    /// Seen (attack 17 F2, Linux 6.18): a loop device whose image sits on a full tmpfs
+    /// completes a short write as a success (`drivers/block/loop.c` `lo_complete_rq` only
+    /// looks at short reads), so after a third party's `syncfs` merged several ids' blocks
+    /// into one request, every fsync returned 0 with the ids' blocks never written. A
+    /// filesystem that refuses `O_DIRECT` (`EINVAL`) or serves it from the page cache
+    /// (inline data) cannot be checked this way; the fsync's word is taken there.
+    fn verify(&self, f: &File, id: &[u8; 16]) -> io::Result<()> {
+        #[cfg(test)]
+        if self
+            .lose_next
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            return Err(lost_write());
+        }
+        match read_back(f) {
+            Ok(bytes) if bytes == id => Ok(()),
+            Ok(_) => Err(lost_write()),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(()),
+            Err(e) => Err(e),
+        }
     }
 
     /// Whether `p`'s directory was removed (`st_nlink` 0: an `rmdir`, or a failed `mkdir`
