@@ -311,8 +311,7 @@ fn read_back(f: &File) -> io::Result<Vec<u8>> {
 fn lost_write() -> io::Error {
     io::Error::new(
         io::ErrorKind::Other,
-        "the id read back from the disk is not the one written: the device lost the write \
-         (os error 5)",
+        "the id read back from the disk is not the one written: the device lost the write",
     )
 }
 
@@ -680,6 +679,38 @@ mod tests {
         fail_next(&p, 1);
         p.flush().unwrap();
         assert_eq!(pending_len(&p), 0);
+    }
+
+    /// Attack 17 F2: an fsync that returned 0 for an id the device never wrote (a loop
+    /// device completes a short write as a success) is caught by reading the id back past
+    /// the page cache: the flush fails with EIO, the status says so, and the next flush
+    /// writes a new id file. On a real disk the read-back finds the id and costs no retry.
+    #[test]
+    fn an_id_the_disk_lost_after_a_successful_fsync_is_written_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = PendingIds::with_defer(Duration::from_secs(3600));
+        let id = [5; 16];
+        let a = push_id(&p, dir.path(), "a", id);
+        p.inner.lose_next.store(1, Ordering::SeqCst);
+        assert_eq!(p.flush().unwrap_err().raw_os_error(), Some(libc::EIO));
+        let h = p.health().now().expect("reported as not durable");
+        assert_eq!((h.ids, h.errno), (1, libc::EIO));
+        assert!(h.last_error.contains("lost the write"), "{}", h.last_error);
+        assert_eq!(pending_len(&p), 1);
+        p.flush().unwrap();
+        assert_eq!(p.inner.rewrites.load(Ordering::SeqCst), 1);
+        assert_eq!(p.health().now(), None);
+        assert_eq!(std::fs::read(&a).unwrap(), id);
+        // The real read-back (no test hook): the disk has what was fsynced.
+        let b = push_id(&p, dir.path(), "b", [6; 16]);
+        p.flush().unwrap();
+        assert_eq!(p.inner.rewrites.load(Ordering::SeqCst), 1, "no retry");
+        assert_eq!(std::fs::read(&b).unwrap(), [6; 16]);
+        let f = File::open(&b).unwrap();
+        match read_back(&f) {
+            Ok(bytes) => assert_eq!(bytes, [6; 16]),
+            Err(e) => assert_eq!(e.raw_os_error(), Some(libc::EINVAL), "{e}"),
+        }
     }
 
     /// The same when the background thread is the one whose fsync fails: the error is not
