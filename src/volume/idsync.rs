@@ -64,6 +64,12 @@
 //! mount's status says so ([`IdHealth`], `cmkfs status`), and the unmount logs it (and
 //! `cmkfs umount` reports it). An id whose file has no name left (its directory removed) is
 //! dropped.
+//!
+//! An fsync that returned 0 is not taken as proof either: the id is read back from the disk
+//! (`Inner::verify`, `O_DIRECT`), and one the disk does not hold is a failed fsync (EIO,
+//! rewritten as above). Attack 17 F2: a loop device whose image sits on a full tmpfs
+//! acknowledged a third party's `syncfs` that wrote several ids in one request, short, and
+//! no error reached anyone (the ids' fsyncs found clean pages and an unset `wb_err`).
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -309,8 +315,7 @@ fn read_back(f: &File) -> io::Result<Vec<u8>> {
 
 /// A read-back that did not find the id just fsynced: `EIO`, worded for the status.
 fn lost_write() -> io::Error {
-    io::Error::new(
-        io::ErrorKind::Other,
+    io::Error::other(
         "the id read back from the disk is not the one written: the device lost the write",
     )
 }
