@@ -23,12 +23,22 @@ pub(super) fn read_dir_id(dir: &Path) -> Result<DirId, (ProblemKind, String)> {
     }
     let bytes = sys::read_bounded(&p, MAX_DIRID_FILE)
         .map_err(|e| (ProblemKind::DirIdCorrupt, format!("{DIRID_FILE}: {e}")))?;
-    bytes.as_slice().try_into().map_err(|_| {
+    let id: DirId = bytes.as_slice().try_into().map_err(|_| {
         (
             ProblemKind::DirIdCorrupt,
             format!("{DIRID_FILE} has {} bytes, expected 16", bytes.len()),
         )
-    })
+    })?;
+    if id == [0; 16] {
+        return Err((
+            ProblemKind::DirIdZero,
+            format!(
+                "{DIRID_FILE} is all zeros: its write never reached the disk (a lost write), \
+                 the id the names were encrypted under is gone"
+            ),
+        ));
+    }
+    Ok(id)
 }
 
 /// The header temp files in the backing root.

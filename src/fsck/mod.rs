@@ -196,6 +196,9 @@ pub enum ProblemKind {
     DirIdMissing,
     /// A `.cmkfs.dirid` that is not 16 bytes (or not a file).
     DirIdCorrupt,
+    /// A `.cmkfs.dirid` of 16 zero bytes: what a lost write leaves, never a random id; the
+    /// mount refuses the directory (EIO).
+    DirIdZero,
     /// A backing file of 1..31 bytes: shorter than a file header.
     FileHeaderTruncated,
     /// A backing file whose first 32 bytes are not a cmkfs file header.

@@ -64,13 +64,26 @@ pub(super) fn read_dir_id(dir: BorrowedFd<'_>) -> Result<DirId, VolumeError> {
             path: None,
             why: format!("directory id {DIRID_FILE} unreadable: {e}"),
         })?;
-    bytes
+    let id: DirId = bytes
         .as_slice()
         .try_into()
         .map_err(|_| VolumeError::CorruptFile {
             path: None,
             why: format!("directory id has {} bytes, expected 16", bytes.len()),
-        })
+        })?;
+    // What a lost write leaves (never a random id, p = 2^-128): the names inside were
+    // encrypted under the real id, so they cannot be decrypted, and names created under a
+    // zero id would hide that loss. Refused like a short id (EIO), `cmkfs fsck` reports it.
+    if id == [0; 16] {
+        return Err(VolumeError::CorruptFile {
+            path: None,
+            why: format!(
+                "directory id {DIRID_FILE} is all zeros (its write never reached the disk); \
+                 run `cmkfs fsck`"
+            ),
+        });
+    }
+    Ok(id)
 }
 
 /// Writes a fresh random id into the new directory `dir`, durable before the caller renames

@@ -64,6 +64,12 @@
 //! mount's status says so ([`IdHealth`], `cmkfs status`), and the unmount logs it (and
 //! `cmkfs umount` reports it). An id whose file has no name left (its directory removed) is
 //! dropped.
+//!
+//! An fsync that returned 0 is not taken as proof either: the id is read back from the disk
+//! (`Inner::verify`, `O_DIRECT`), and one the disk does not hold is a failed fsync (EIO,
+//! rewritten as above). Attack 17 F2: a loop device whose image sits on a full tmpfs
+//! acknowledged a third party's `syncfs` that wrote several ids in one request, short, and
+//! no error reached anyone (the ids' fsyncs found clean pages and an unset `wb_err`).
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -71,11 +77,13 @@ use std::fs::File;
 use std::io;
 use std::io::Write;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
+use super::bufpool::{PoolBuf, DIO_ALIGN};
 use super::names::DIRID_FILE;
 use super::sys;
 
@@ -283,9 +291,33 @@ struct Inner {
     /// Tests: this many of the next fsyncs fail with `EIO`.
     #[cfg(test)]
     fail_next: std::sync::atomic::AtomicUsize,
+    /// Tests: this many of the next read-backs find the id lost.
+    #[cfg(test)]
+    lose_next: std::sync::atomic::AtomicUsize,
     /// Tests: how many failed ids were written again.
     #[cfg(test)]
     rewrites: std::sync::atomic::AtomicUsize,
+}
+
+/// The first bytes of `f` (at most one [`DIO_ALIGN`] block) as the disk holds them: read
+/// through a second, `O_DIRECT` open of the same file.
+fn read_back(f: &File) -> io::Result<Vec<u8>> {
+    let d = sys::reopen_direct(f.as_fd())?;
+    let mut buf = PoolBuf::take_aligned(DIO_ALIGN);
+    loop {
+        match d.read_at(&mut buf[..], 0) {
+            Ok(n) => return Ok(buf[..n].to_vec()),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// A read-back that did not find the id just fsynced: `EIO`, worded for the status.
+fn lost_write() -> io::Error {
+    io::Error::other(
+        "the id read back from the disk is not the one written: the device lost the write",
+    )
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -315,6 +347,8 @@ impl PendingIds {
                 health: IdHealth::default(),
                 #[cfg(test)]
                 fail_next: std::sync::atomic::AtomicUsize::new(0),
+                #[cfg(test)]
+                lose_next: std::sync::atomic::AtomicUsize::new(0),
                 #[cfg(test)]
                 rewrites: std::sync::atomic::AtomicUsize::new(0),
             }),
@@ -419,7 +453,8 @@ impl Inner {
         if p.failed.is_some() {
             return self.rewrite(p);
         }
-        self.sync(&p.file)
+        self.sync(&p.file)?;
+        self.verify(&p.file, &p.id)
     }
 
     /// A new id file with `p`'s bytes, fsynced, renamed over the old one, the directory
@@ -433,6 +468,7 @@ impl Inner {
             let mut f = sys::create_regular(dir, &tmp, 0o444)?;
             f.write_all(&p.id)?;
             self.sync(&f)?;
+            self.verify(&f, &p.id)?;
             sys::rename(dir, &tmp, dir, OsStr::new(DIRID_FILE), 0)?;
             p.file = f;
             sys::fsync_dir(dir)
@@ -454,6 +490,31 @@ impl Inner {
             return Err(io::Error::from_raw_os_error(libc::EIO));
         }
         f.sync_all()
+    }
+
+    /// Reads the just-fsynced id back from the disk (`O_DIRECT`, past the page cache) and
+    /// fails with `EIO` unless it is `id`: a device may acknowledge a write it did not do.
+    /// Seen (attack 17 F2, Linux 6.18): a loop device whose image sits on a full tmpfs
+    /// completes a short write as a success (`drivers/block/loop.c` `lo_complete_rq` only
+    /// looks at short reads), so after a third party's `syncfs` merged several ids' blocks
+    /// into one request, every fsync returned 0 with the ids' blocks never written. A
+    /// filesystem that refuses `O_DIRECT` (`EINVAL`) or serves it from the page cache
+    /// (inline data) cannot be checked this way; the fsync's word is taken there.
+    fn verify(&self, f: &File, id: &[u8; 16]) -> io::Result<()> {
+        #[cfg(test)]
+        if self
+            .lose_next
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            return Err(lost_write());
+        }
+        match read_back(f) {
+            Ok(bytes) if bytes == id => Ok(()),
+            Ok(_) => Err(lost_write()),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(()),
+            Err(e) => Err(e),
+        }
     }
 
     /// Whether `p`'s directory was removed (`st_nlink` 0: an `rmdir`, or a failed `mkdir`
@@ -623,6 +684,38 @@ mod tests {
         fail_next(&p, 1);
         p.flush().unwrap();
         assert_eq!(pending_len(&p), 0);
+    }
+
+    /// Attack 17 F2: an fsync that returned 0 for an id the device never wrote (a loop
+    /// device completes a short write as a success) is caught by reading the id back past
+    /// the page cache: the flush fails with EIO, the status says so, and the next flush
+    /// writes a new id file. On a real disk the read-back finds the id and costs no retry.
+    #[test]
+    fn an_id_the_disk_lost_after_a_successful_fsync_is_written_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = PendingIds::with_defer(Duration::from_secs(3600));
+        let id = [5; 16];
+        let a = push_id(&p, dir.path(), "a", id);
+        p.inner.lose_next.store(1, Ordering::SeqCst);
+        assert_eq!(p.flush().unwrap_err().raw_os_error(), Some(libc::EIO));
+        let h = p.health().now().expect("reported as not durable");
+        assert_eq!((h.ids, h.errno), (1, libc::EIO));
+        assert!(h.last_error.contains("lost the write"), "{}", h.last_error);
+        assert_eq!(pending_len(&p), 1);
+        p.flush().unwrap();
+        assert_eq!(p.inner.rewrites.load(Ordering::SeqCst), 1);
+        assert_eq!(p.health().now(), None);
+        assert_eq!(std::fs::read(&a).unwrap(), id);
+        // The real read-back (no test hook): the disk has what was fsynced.
+        let b = push_id(&p, dir.path(), "b", [6; 16]);
+        p.flush().unwrap();
+        assert_eq!(p.inner.rewrites.load(Ordering::SeqCst), 1, "no retry");
+        assert_eq!(std::fs::read(&b).unwrap(), [6; 16]);
+        let f = File::open(&b).unwrap();
+        match read_back(&f) {
+            Ok(bytes) => assert_eq!(bytes, [6; 16]),
+            Err(e) => assert_eq!(e.raw_os_error(), Some(libc::EINVAL), "{e}"),
+        }
     }
 
     /// The same when the background thread is the one whose fsync fails: the error is not

@@ -353,3 +353,42 @@ fn list(p: &std::path::Path) -> Vec<String> {
     v.sort();
     v
 }
+
+/// Attack 17 F2: a `.cmkfs.dirid` of 16 zero bytes is what a lost write leaves (never a
+/// random id). The mount took it as an id: the directory listed empty (no name decrypts)
+/// and a file made in it would have been encrypted under the zero id, hiding the loss. Now
+/// the directory answers EIO like any corrupt id (the rest of the volume works), and `fsck`
+/// reports `dir_id_zero` with what happened; an empty directory gets a fresh id on repair.
+#[test]
+fn an_all_zero_directory_id_is_refused_by_the_mount_and_reported_by_fsck() {
+    let env = Env::new();
+    env.init(&env.cipher);
+    let m = env.mount(&env.cipher, &env.mnt);
+    for d in ["lost", "good"] {
+        fs::create_dir(m.path(d)).unwrap();
+        write(&m.path(format!("{d}/f")), b"inside");
+    }
+    let lost = backing_of(&env, &m.path("lost"));
+    m.unmount();
+    let id = lost.join(".cmkfs.dirid");
+    fs::remove_file(&id).unwrap();
+    fs::write(&id, [0u8; 16]).unwrap();
+
+    let m = env.mount(&env.cipher, &env.mnt);
+    let err = fs::read_dir(m.path("lost")).map(|_| ()).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    let err = fs::write(m.path("lost/new"), b"x").unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    assert_eq!(read(&m.path("good/f")), b"inside", "the rest keeps working");
+    m.unmount();
+
+    let out = env.cmkfs(&["fsck".as_ref(), env.cipher.as_os_str()]);
+    assert!(!out.ok(), "{out}");
+    assert!(
+        out.stdout.contains("dir_id_zero")
+            && out
+                .stdout
+                .contains("is all zeros: its write never reached the disk"),
+        "{out}"
+    );
+}
