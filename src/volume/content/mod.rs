@@ -93,6 +93,26 @@ struct CachedHeader {
 /// can keep the time unchanged (docs/ARCHITECTURE.md, "File header cache").
 type Ctime = (i64, i64);
 
+/// How long after its change time a header check is trusted for later requests at that
+/// same change time. A filesystem whose timestamps are coarse (ext4 with 128-byte inodes:
+/// 1 s; FAT: 2 s; any filesystem without multigrain timestamps: a clock tick) gives a
+/// rewrite in the same step as the last change the same ctime, so a check made within one
+/// step of the ctime proves nothing about later requests (attack session 18, F1: a rewrite
+/// in the second of our own write went unseen). Checked later than this, any further change
+/// must carry a later time.
+const CTIME_SETTLED: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// `Some(ctime)` when a header read now may be trusted while the file keeps change time
+/// `ctime` ([`CTIME_SETTLED`] has passed since it), else `None`: the next request reads the
+/// 32 bytes again. A change time in the future (a skewed clock) is never settled.
+fn settled(ctime: Ctime) -> Option<Ctime> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()?;
+    let at = std::time::Duration::new(u64::try_from(ctime.0).ok()?, u32::try_from(ctime.1).ok()?);
+    (now.checked_sub(at)? >= CTIME_SETTLED).then_some(ctime)
+}
+
 /// The backing file's length and change time, both from the one `fstat` a request makes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Backing {
@@ -272,7 +292,7 @@ fn header(
     note_replaced(old.map(|c| c.h), &h);
     *cached = Some(CachedHeader {
         h,
-        seen: Some(bk.ctime),
+        seen: settled(bk.ctime),
     });
     Ok(Some(h))
 }
@@ -362,7 +382,7 @@ fn header_and_data(
     note_replaced(cached.map(|c| c.h), &h);
     *cached = Some(CachedHeader {
         h,
-        seen: Some(bk.ctime),
+        seen: settled(bk.ctime),
     });
     Ok(Some(h))
 }

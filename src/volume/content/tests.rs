@@ -861,3 +861,21 @@ fn a_file_rewritten_in_place_is_read_and_written_under_its_new_header() {
         }
     }
 }
+
+#[test]
+fn a_header_checked_within_a_timestamp_step_of_its_change_time_is_not_trusted_later() {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    let at = |secs_ago: i64| (now.as_secs() as i64 - secs_ago, 0i64);
+    // Coarse timestamps (1 s, 2 s steps): a check in the same step as the change proves
+    // nothing about a rewrite in that step, so the next request reads the header again.
+    assert_eq!(super::settled(at(0)), None);
+    assert_eq!(super::settled(at(1)), None);
+    assert_eq!(super::settled(at(2)), None);
+    assert_eq!(super::settled(at(10)), Some(at(10)));
+    // A change time in the future (a skewed clock) is never trusted.
+    assert_eq!(super::settled(at(-60)), None);
+    assert_eq!(super::settled((-1, 0)), None);
+    assert_eq!(super::settled((0, -1)), None);
+}
